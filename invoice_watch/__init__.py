@@ -1,0 +1,16 @@
+"""invoice_watch: a billing watchdog for MongoDB Atlas organizations.
+
+One poll cycle is a pipeline, one module a stage::
+
+    fetch -> diff -> rules -> dedup -> commit -> deliver
+
+``fetch`` lists invoices through the Atlas Administration API, ``diff`` compares them
+with the SQLite snapshot, ``rules`` evaluates the configured conditions, ``dedup``
+decides which alert events to send, ``commit`` writes snapshot, alert state and outbox
+in one transaction, and ``deliver`` sends the outbox through the ``notify`` notifiers.
+``app`` schedules the cycle; ``cli`` is the command line.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"

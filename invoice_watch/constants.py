@@ -1,0 +1,50 @@
+"""Constants shared across the pipeline: API media types, defaults, statuses."""
+
+from __future__ import annotations
+
+from typing import Final
+
+ATLAS_BASE_URL: Final = "https://cloud.mongodb.com"
+ATLAS_UI_URL: Final = "https://cloud.mongodb.com"
+SLACK_API_URL: Final = "https://slack.com/api/"
+
+V2_MEDIA_TYPE: Final = "application/vnd.atlas.2023-01-01+json"
+V2_CSV_MEDIA_TYPE: Final = "application/vnd.atlas.2023-01-01+csv"
+
+# Path prefix of the invoice endpoints per API flavor (`atlas.api`).
+API_PREFIXES: Final = {
+    "v2": "/api/atlas/v2",
+    "v1": "/api/atlas/v1.0",
+    "cloud-manager": "/api/public/v1.0",
+}
+OAUTH_TOKEN_PATH: Final = "/api/oauth/token"
+
+ITEMS_PER_PAGE: Final = 500
+REQUIRED_ROLE: Final = "Organization Billing Viewer"
+
+# Invoice statuses (BillingInvoice.statusName in the official spec).
+INVOICE_STATUSES: Final = (
+    "PENDING",
+    "CLOSED",
+    "FORGIVEN",
+    "FAILED",
+    "PAID",
+    "FREE",
+    "PREPAID",
+    "INVOICED",
+)
+# An invoice in one of these states never changes again.
+FINAL_STATUSES: Final = frozenset({"PAID", "FORGIVEN", "FREE"})
+
+# The cents fields of an invoice that the diff compares.
+AMOUNT_FIELDS: Final = (
+    "amountBilledCents",
+    "amountPaidCents",
+    "creditsCents",
+    "salesTaxCents",
+    "startingBalanceCents",
+    "subtotalCents",
+)
+
+ONCE_DELIVERY_SECONDS: Final = 60.0
+SHUTDOWN_SECONDS: Final = 10.0

@@ -1,0 +1,107 @@
+"""Every exception invoice_watch raises on purpose, in one hierarchy::
+
+    InvoiceWatchError
+    ├── ConfigError              bad configuration file (all problems at once)
+    ├── StateError               the SQLite state file cannot be used
+    │   └── StateLockedError     another daemon holds the state file
+    ├── FetchError               one organization's read failed
+    │   ├── FetchTimeout         the API did not answer in time
+    │   ├── FetchAuthError       401/403: wrong key or missing role (never retried)
+    │   ├── FetchStatusError     any other unexpected HTTP status
+    │   └── FetchDataError       the body is not what the API promises
+    ├── RuleError                a rule could not be evaluated
+    └── NotifyError              a notification could not be sent
+        ├── RetryableNotifyError   try again later (maybe after ``retry_after``)
+        └── PermanentNotifyError   retrying cannot help (bad token, SMTP 5xx)
+
+Third-party exceptions (aiohttp, slack-sdk, aiosmtplib, sqlite3) are converted where our
+code calls the library, with ``raise ... from exc``; they never cross a module boundary.
+Messages say what to do about the problem, and never contain a secret.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class InvoiceWatchError(Exception):
+    """Base of every error raised by invoice_watch."""
+
+
+@dataclass(frozen=True)
+class ConfigProblem:
+    """One problem in a configuration file, located by file, line and column (from 1)."""
+
+    file: str
+    line: int
+    column: int
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}:{self.column}"
+        return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
+
+
+class ConfigError(InvoiceWatchError):
+    """The configuration is invalid; ``problems`` lists every problem found."""
+
+    def __init__(self, problems: list[ConfigProblem]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+class StateError(InvoiceWatchError):
+    """The state file cannot be opened, migrated or written."""
+
+
+class StateLockedError(StateError):
+    """Another invoice-watch daemon is using the same state file."""
+
+
+class FetchError(InvoiceWatchError):
+    """Reading one organization's invoices failed; other organizations are unaffected."""
+
+    def __init__(self, org_id: str, message: str) -> None:
+        self.org_id = org_id
+        super().__init__(f"organization {org_id}: {message}")
+
+
+class FetchTimeout(FetchError):
+    """The Atlas API did not answer in time."""
+
+
+class FetchAuthError(FetchError):
+    """401 or 403: the credentials are wrong or lack a role. Not retried."""
+
+
+class FetchStatusError(FetchError):
+    """An HTTP status the client cannot use."""
+
+    def __init__(self, org_id: str, status: int, message: str) -> None:
+        self.status = status
+        super().__init__(org_id, message)
+
+
+class FetchDataError(FetchError):
+    """The response body is malformed or does not match the API's schema."""
+
+
+class RuleError(InvoiceWatchError):
+    """A rule could not be evaluated."""
+
+
+class NotifyError(InvoiceWatchError):
+    """A notification could not be delivered."""
+
+
+class RetryableNotifyError(NotifyError):
+    """A transient failure; ``retry_after`` (seconds) is the receiver's wish, if it said."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        self.retry_after = retry_after
+        super().__init__(message)
+
+
+class PermanentNotifyError(NotifyError):
+    """Retrying cannot help: the notifier's settings or the receiver refused for good."""

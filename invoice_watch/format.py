@@ -1,0 +1,53 @@
+"""How amounts, periods and durations are written for people, everywhere alike."""
+
+from __future__ import annotations
+
+from datetime import date, datetime, timedelta
+
+
+def usd(cents: int | None) -> str:
+    """``123456`` -> ``$1,234.56``; negative amounts as ``-$12.00``."""
+    if cents is None:
+        return "—"
+    sign = "-" if cents < 0 else ""
+    dollars, rest = divmod(abs(cents), 100)
+    return f"{sign}${dollars:,}.{rest:02d}"
+
+
+def period(start: date | datetime | None, end: date | datetime | None) -> str:
+    """The billing period as ``YYYY-MM-DD – YYYY-MM-DD``."""
+    if start is None or end is None:
+        return "—"
+    s = start.date() if isinstance(start, datetime) else start
+    e = end.date() if isinstance(end, datetime) else end
+    return f"{s.isoformat()} – {e.isoformat()}"
+
+
+def duration(delta: timedelta) -> str:
+    """A short human duration: ``45s``, ``12m``, ``3h 5m``, ``2d 4h``."""
+    seconds = max(0, int(delta.total_seconds()))
+    days, seconds = divmod(seconds, 86400)
+    hours, seconds = divmod(seconds, 3600)
+    minutes, seconds = divmod(seconds, 60)
+    if days:
+        return f"{days}d {hours}h" if hours else f"{days}d"
+    if hours:
+        return f"{hours}h {minutes}m" if minutes else f"{hours}h"
+    if minutes:
+        return f"{minutes}m"
+    return f"{seconds}s"
+
+
+def ago(when: datetime | None, now: datetime) -> str:
+    """Relative time for tables: ``5m ago``, ``in 30s``, ``never``."""
+    if when is None:
+        return "never"
+    delta = now - when
+    if delta.total_seconds() < 0:
+        return f"in {duration(-delta)}"
+    return f"{duration(delta)} ago"
+
+
+def billing_url(ui_url: str, org_id: str) -> str:
+    """Link to the organization's billing overview in the Atlas UI."""
+    return f"{ui_url.rstrip('/')}/v2#/org/{org_id}/billing/overview"

@@ -1,0 +1,202 @@
+"""Domain types shared by every stage: invoices as the API reports them, the alert
+events the pipeline produces, and the protocols between stages."""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import date, datetime
+from typing import Any, Protocol
+
+# API field name -> Invoice attribute, for the cents fields the diff compares.
+AMOUNT_ATTRS: dict[str, str] = {
+    "amountBilledCents": "amount_billed_cents",
+    "amountPaidCents": "amount_paid_cents",
+    "creditsCents": "credits_cents",
+    "salesTaxCents": "sales_tax_cents",
+    "startingBalanceCents": "starting_balance_cents",
+    "subtotalCents": "subtotal_cents",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Invoice:
+    """One invoice, as listed by the Atlas API (``BillingInvoiceMetadata``).
+
+    ``source_org_id`` is the configured organization whose listing returned it: the
+    invoice's own ``org_id`` for its own invoices, the paying org for linked invoices.
+    """
+
+    id: str
+    org_id: str
+    status: str
+    start_date: datetime
+    end_date: datetime
+    amount_billed_cents: int = 0
+    amount_paid_cents: int = 0
+    credits_cents: int = 0
+    sales_tax_cents: int = 0
+    starting_balance_cents: int = 0
+    subtotal_cents: int = 0
+    created: datetime | None = None
+    updated: datetime | None = None
+    source_org_id: str = ""
+
+    def amounts(self) -> dict[str, int]:
+        """The cents fields, keyed by their API names."""
+        return {api: getattr(self, attr) for api, attr in AMOUNT_ATTRS.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class LineItem:
+    """One line of an invoice's usage (from the CSV or the pending invoice's lineItems)."""
+
+    project: str
+    sku: str
+    cluster: str
+    amount_cents: int
+
+
+class EventKind(enum.StrEnum):
+    FIRING = "FIRING"
+    REMINDER = "REMINDER"
+    RESOLVED = "RESOLVED"
+    NOTICE = "NOTICE"  # one-shot events (status_change)
+
+
+class Severity(enum.StrEnum):
+    INFO = "info"
+    WARNING = "warning"
+    CRITICAL = "critical"
+
+
+@dataclass(frozen=True, slots=True)
+class BreakdownLine:
+    """One row of "what is behind this amount": a project or SKU and its cents."""
+
+    dimension: str  # "project" | "sku"
+    name: str
+    amount_cents: int
+    growth_cents: int | None = None
+
+
+@dataclass(frozen=True)
+class AlertEvent:
+    """One thing to tell people: an alert firing, reminding, resolving, or a notice.
+
+    Everything a notifier renders is in here; it is stored as JSON in the outbox, so a
+    message sent after a restart says exactly what it would have said before.
+    """
+
+    kind: EventKind
+    key: str
+    rule: str
+    rule_type: str
+    severity: Severity
+    org_id: str
+    org_name: str
+    billing_url: str
+    summary: str
+    at: datetime
+    invoice_id: str | None = None
+    invoice_status: str | None = None
+    amount_cents: int | None = None
+    period_start: date | None = None
+    period_end: date | None = None
+    firing_since: datetime | None = None
+    details: tuple[tuple[str, str], ...] = ()
+    breakdown: tuple[BreakdownLine, ...] = ()
+    previous_status: str | None = None
+
+    @property
+    def event_id(self) -> str:
+        """Stable id of this event: the same event always gets the same id."""
+        raw = f"{self.key}|{self.kind}|{self.at.isoformat()}"
+        return hashlib.sha256(raw.encode()).hexdigest()[:32]
+
+    @property
+    def message_id(self) -> str:
+        """RFC 5322 Message-ID, stable per event (so resends thread, not duplicate)."""
+        return f"<{self.event_id}@invoice-watch>"
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        for name in ("at", "firing_since", "period_start", "period_end"):
+            value = data[name]
+            data[name] = value.isoformat() if value is not None else None
+        data["details"] = [list(d) for d in self.details]
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> AlertEvent:
+        def dt(value: str | None) -> datetime | None:
+            return datetime.fromisoformat(value) if value else None
+
+        def d(value: str | None) -> date | None:
+            return date.fromisoformat(value) if value else None
+
+        at = dt(data["at"])
+        assert at is not None
+        return cls(
+            kind=EventKind(data["kind"]),
+            key=data["key"],
+            rule=data["rule"],
+            rule_type=data["rule_type"],
+            severity=Severity(data["severity"]),
+            org_id=data["org_id"],
+            org_name=data["org_name"],
+            billing_url=data["billing_url"],
+            summary=data["summary"],
+            at=at,
+            invoice_id=data.get("invoice_id"),
+            invoice_status=data.get("invoice_status"),
+            amount_cents=data.get("amount_cents"),
+            period_start=d(data.get("period_start")),
+            period_end=d(data.get("period_end")),
+            firing_since=dt(data.get("firing_since")),
+            details=tuple((str(k), str(v)) for k, v in data.get("details") or ()),
+            breakdown=tuple(BreakdownLine(**b) for b in data.get("breakdown") or ()),
+            previous_status=data.get("previous_status"),
+        )
+
+
+def events_to_json(events: Sequence[AlertEvent]) -> str:
+    return json.dumps([e.to_json() for e in events], separators=(",", ":"))
+
+
+def events_from_json(text: str) -> list[AlertEvent]:
+    return [AlertEvent.from_json(item) for item in json.loads(text)]
+
+
+class Notifier(Protocol):
+    """The one contract every notifier (Slack, email, console) fulfils.
+
+    ``send`` delivers one message holding one event, or several as a grouped message.
+    It raises :class:`~invoice_watch.errors.RetryableNotifyError` for transient
+    failures and :class:`~invoice_watch.errors.PermanentNotifyError` when retrying
+    cannot help; any other exception is a bug.
+    """
+
+    name: str
+
+    async def send(self, events: Sequence[AlertEvent]) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class OrgRead:
+    """The outcome of reading one configured organization in one cycle."""
+
+    org_id: str
+    invoices: tuple[Invoice, ...] = ()
+    error: str | None = None
+    requests: int = 0
+    fields: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
