@@ -1,0 +1,245 @@
+"""Stage 4, dedup: the alert lifecycle. Pure.
+
+Given what holds now (:class:`~invoice_watch.rules.Evaluation`) and the stored alert
+state, decide for each alert whether people must hear about it, and why
+(:class:`Reason`): FIRING once, a REMINDER every ``repeat`` while it holds, RESOLVED
+when it stops (if ``send_resolved``). Alert state never expires, so a month-long
+condition never re-fires just because time passed; a resolved alert that holds again
+fires again.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from invoice_watch import format as fmt
+from invoice_watch.rules import Condition, Evaluation, resolution_summary
+from invoice_watch.types import AlertEvent, EventKind, Invoice
+
+if TYPE_CHECKING:
+    from invoice_watch.config import Config, Rule
+
+
+class Reason(enum.Enum):
+    NEW = "new"  # -> FIRING
+    REPEAT_DUE = "repeat due"  # -> REMINDER
+    RESOLVED = "resolved"  # -> RESOLVED
+    RESOLVED_QUIETLY = "resolved, send_resolved is off"
+    ALREADY_NOTIFIED = "already notified"
+    NOT_EVALUATED = "organization not read this cycle"
+    BASELINE = "baseline: recorded without sending"
+
+
+@dataclass(frozen=True)
+class AlertState:
+    """The stored state of one alert (one row of the ``alerts`` table)."""
+
+    key: str
+    rule: str
+    org_id: str
+    source_org_id: str
+    invoice_id: str | None
+    firing: bool
+    firing_since: datetime
+    last_notified: datetime | None
+    resolved_at: datetime | None = None
+    # The last event sent for it, so a RESOLVED message can say what had fired.
+    last_event: AlertEvent | None = None
+
+
+def decide(
+    state: AlertState | None,
+    holding: bool,
+    evaluated: bool,
+    rule: Rule,
+    now: datetime,
+) -> Reason | None:
+    """Whether an alert needs a message now; None when nothing is to be done."""
+    firing = state is not None and state.firing
+    if holding:
+        if not firing:
+            return Reason.NEW
+        assert state is not None
+        if rule.repeat is not None and (
+            state.last_notified is None or now - state.last_notified >= rule.repeat
+        ):
+            return Reason.REPEAT_DUE
+        return Reason.ALREADY_NOTIFIED
+    if not firing:
+        return None
+    if not evaluated:
+        return Reason.NOT_EVALUATED
+    return Reason.RESOLVED if rule.send_resolved else Reason.RESOLVED_QUIETLY
+
+
+@dataclass(frozen=True)
+class Transition:
+    """A change to one alert's stored state, and the event to send (if any)."""
+
+    state: AlertState
+    event: AlertEvent | None
+    reason: Reason
+
+
+class EventFactory:
+    """Builds AlertEvents with the facts people need (org name, billing link)."""
+
+    def __init__(self, config: Config) -> None:
+        self._config = config
+
+    def event(
+        self,
+        kind: EventKind,
+        rule: Rule,
+        condition: Condition,
+        now: datetime,
+        firing_since: datetime | None = None,
+    ) -> AlertEvent:
+        invoice = condition.invoice
+        return AlertEvent(
+            kind=kind,
+            key=condition.key,
+            rule=rule.name,
+            rule_type=rule.type,
+            severity=rule.severity,
+            org_id=condition.org_id,
+            org_name=self._config.org_name(condition.org_id),
+            billing_url=fmt.billing_url(self._config.atlas.ui_url, condition.org_id),
+            summary=condition.summary,
+            at=now,
+            invoice_id=invoice.id if invoice else None,
+            invoice_status=invoice.status if invoice else None,
+            amount_cents=invoice.amount_billed_cents if invoice else None,
+            period_start=invoice.start_date.date() if invoice else None,
+            period_end=invoice.end_date.date() if invoice else None,
+            firing_since=firing_since,
+            details=condition.details,
+            previous_status=condition.previous_status,
+        )
+
+
+def plan(
+    config: Config,
+    evaluation: Evaluation,
+    states: Mapping[str, AlertState],
+    invoices: Mapping[str, Invoice],
+    now: datetime,
+    *,
+    baseline: bool = False,
+) -> list[Transition]:
+    """Every alert-state change of this cycle, with the events to send.
+
+    ``invoices``: every invoice as it stands now, by id (for RESOLVED messages).
+    ``baseline``: record what fires as notified, but send nothing.
+    """
+    rules = {rule.name: rule for rule in config.rules}
+    factory = EventFactory(config)
+    transitions: list[Transition] = []
+
+    for key, condition in evaluation.holding.items():
+        rule = rules[condition.rule]
+        state = states.get(key)
+        reason = decide(state, True, True, rule, now)
+        if reason is Reason.NEW:
+            event = factory.event(EventKind.FIRING, rule, condition, now, firing_since=now)
+            new_state = AlertState(
+                key=key,
+                rule=rule.name,
+                org_id=condition.org_id,
+                source_org_id=condition.source_org_id,
+                invoice_id=condition.invoice.id if condition.invoice else None,
+                firing=True,
+                firing_since=now,
+                last_notified=now,
+                last_event=event,
+            )
+            if baseline:
+                transitions.append(Transition(new_state, None, Reason.BASELINE))
+            else:
+                transitions.append(Transition(new_state, event, reason))
+        elif reason is Reason.REPEAT_DUE:
+            assert state is not None
+            event = factory.event(
+                EventKind.REMINDER, rule, condition, now, firing_since=state.firing_since
+            )
+            sent = None if baseline else event
+            transitions.append(
+                Transition(replace(state, last_notified=now, last_event=event), sent, reason)
+            )
+
+    for key, state in states.items():
+        if not state.firing or key in evaluation.holding:
+            continue
+        stored_rule = rules.get(state.rule)
+        if stored_rule is None or not stored_rule.enabled:
+            continue  # a removed or disabled rule neither resolves nor fires
+        evaluated = (state.rule, state.source_org_id) in evaluation.evaluated
+        reason = decide(state, False, evaluated, stored_rule, now)
+        if reason not in (Reason.RESOLVED, Reason.RESOLVED_QUIETLY):
+            continue
+        resolved = replace(state, firing=False, resolved_at=now)
+        resolved_event = None
+        if reason is Reason.RESOLVED and not baseline:
+            resolved_event = _resolved_event(factory, stored_rule, state, invoices, now)
+        transitions.append(Transition(resolved, resolved_event, reason))
+
+    for notice in evaluation.notices:
+        rule = rules[notice.rule]
+        event = factory.event(EventKind.NOTICE, rule, notice, now)
+        state = AlertState(
+            key=notice.key,
+            rule=rule.name,
+            org_id=notice.org_id,
+            source_org_id=notice.source_org_id,
+            invoice_id=notice.invoice.id if notice.invoice else None,
+            firing=False,
+            firing_since=now,
+            last_notified=now,
+            resolved_at=now,
+            last_event=event,
+        )
+        transitions.append(Transition(state, None if baseline else event, Reason.NEW))
+    return transitions
+
+
+def _resolved_event(
+    factory: EventFactory,
+    rule: Rule,
+    state: AlertState,
+    invoices: Mapping[str, Invoice],
+    now: datetime,
+) -> AlertEvent:
+    invoice = invoices.get(state.invoice_id) if state.invoice_id else None
+    if state.invoice_id and invoice is None and state.last_event is not None:
+        last = state.last_event
+    else:
+        last = None
+    threshold = getattr(rule, "threshold_cents", None)
+    condition = Condition(
+        key=state.key,
+        rule=rule.name,
+        org_id=state.org_id,
+        source_org_id=state.source_org_id,
+        summary=resolution_summary(rule.type, invoice, threshold),
+        invoice=invoice,
+    )
+    event = factory.event(EventKind.RESOLVED, rule, condition, now, state.firing_since)
+    if last is not None:
+        # The invoice is gone from the listing: keep the facts of the last message.
+        event = replace(
+            event,
+            invoice_id=last.invoice_id,
+            invoice_status=last.invoice_status,
+            amount_cents=last.amount_cents,
+            period_start=last.period_start,
+            period_end=last.period_end,
+        )
+    return event
+
+
+def pending_events(transitions: Sequence[Transition]) -> list[AlertEvent]:
+    return [t.event for t in transitions if t.event is not None]

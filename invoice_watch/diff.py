@@ -1,0 +1,83 @@
+"""Stage 2, diff: what changed between the snapshot and a fresh listing. Pure.
+
+The diff of one organization's read: invoices added, status changed (from -> to), amounts
+changed (which fields, old -> new), and invoices no longer listed. Only a successful read
+is ever diffed, so a failed read can never make invoices "disappear".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from invoice_watch.types import Invoice
+
+
+@dataclass(frozen=True, slots=True)
+class StatusChange:
+    old: Invoice
+    new: Invoice
+
+
+@dataclass(frozen=True, slots=True)
+class AmountChange:
+    old: Invoice
+    new: Invoice
+    fields: dict[str, tuple[int, int]]  # API field name -> (old cents, new cents)
+
+
+@dataclass(frozen=True, slots=True)
+class Diff:
+    added: list[Invoice] = field(default_factory=list)
+    status_changed: list[StatusChange] = field(default_factory=list)
+    amounts_changed: list[AmountChange] = field(default_factory=list)
+    gone: list[Invoice] = field(default_factory=list)
+    # Invoices whose stored row must be rewritten (added or changed in any field).
+    changed: list[Invoice] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not self.changed and not self.gone
+
+
+def diff(
+    old: Mapping[str, Invoice],
+    new: Iterable[Invoice],
+    *,
+    listed_from: datetime | None = None,
+) -> Diff:
+    """Compare a stored snapshot with a fresh listing of the same organization.
+
+    ``listed_from``: the listing only covers invoices starting at or after this instant
+    (an incremental read with ``fromDate``), so older stored invoices are not "gone".
+    """
+    result = Diff()
+    seen: set[str] = set()
+    for invoice in new:
+        seen.add(invoice.id)
+        before = old.get(invoice.id)
+        if before is None:
+            result.added.append(invoice)
+            result.changed.append(invoice)
+            continue
+        if before == invoice:
+            continue
+        result.changed.append(invoice)
+        if before.status != invoice.status:
+            result.status_changed.append(StatusChange(before, invoice))
+        old_amounts, new_amounts = before.amounts(), invoice.amounts()
+        moved = {
+            name: (old_amounts[name], new_amounts[name])
+            for name in old_amounts
+            if old_amounts[name] != new_amounts[name]
+        }
+        if moved:
+            result.amounts_changed.append(AmountChange(before, invoice, moved))
+    for invoice_id, invoice in old.items():
+        if invoice_id in seen:
+            continue
+        if listed_from is not None and invoice.start_date < listed_from:
+            continue
+        result.gone.append(invoice)
+    return result

@@ -1,0 +1,310 @@
+"""Stage 3, rules: which configured conditions hold right now. Pure.
+
+Data and ``now`` in, :class:`Evaluation` out. State rules (``invoice_status``,
+``pending_amount``, ``amount_increase``, ``forecast``, ``poll_failure``) report the
+conditions that hold; the one-shot ``status_change`` rule reports notices. Whether a
+condition turns into a message is decided by :mod:`invoice_watch.dedup`.
+
+An organization whose read failed this cycle is not *evaluated* for invoice rules: its
+alerts neither fire nor resolve until it can be read again (only ``poll_failure`` speaks
+about it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
+
+from invoice_watch import format as fmt
+from invoice_watch.diff import Diff
+from invoice_watch.types import Invoice
+
+if TYPE_CHECKING:
+    from invoice_watch.config import (
+        AmountIncreaseRule,
+        ForecastRule,
+        InvoiceStatusRule,
+        PendingAmountRule,
+        PollFailureRule,
+        Rule,
+        StatusChangeRule,
+    )
+
+PENDING = "PENDING"
+
+# (observed at, amountBilledCents), oldest first.
+History = Sequence[tuple[datetime, int]]
+
+
+@dataclass(frozen=True)
+class OrgView:
+    """What the rules see of one configured organization in one cycle."""
+
+    org_id: str
+    ok: bool
+    # The organization's invoices (own and linked) as they stand after this read.
+    invoices: Mapping[str, Invoice] = field(default_factory=dict)
+    diff: Diff | None = None
+    # True when this is the first successful read (empty snapshot): change rules wait.
+    first_read: bool = False
+    # First failed read after the last success, while reads keep failing.
+    failing_since: datetime | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Condition:
+    """A rule's condition that holds (or a one-shot notice), with its facts."""
+
+    key: str
+    rule: str
+    org_id: str  # the invoice's own organization (poll_failure: the configured one)
+    source_org_id: str  # the configured organization whose read saw it
+    summary: str
+    invoice: Invoice | None = None
+    details: tuple[tuple[str, str], ...] = ()
+    previous_status: str | None = None
+
+
+@dataclass
+class Evaluation:
+    holding: dict[str, Condition] = field(default_factory=dict)
+    notices: list[Condition] = field(default_factory=list)
+    # (rule name, configured org id) pairs that were evaluated this cycle: an alert in
+    # such a scope that no longer holds has resolved.
+    evaluated: set[tuple[str, str]] = field(default_factory=set)
+
+
+def alert_key(rule: str, org_id: str, invoice_id: str | None = None) -> str:
+    """Stable identity of an alert: rule + org + invoice (or rule + org)."""
+    return f"{rule}/{org_id}/{invoice_id}" if invoice_id else f"{rule}/{org_id}"
+
+
+def _applies(rule: Rule, org_id: str) -> bool:
+    return rule.orgs is None or org_id in rule.orgs
+
+
+def growth(history: History, current: int, now: datetime, window: timedelta) -> tuple[int, int]:
+    """(base, growth) of a pending amount within ``window``.
+
+    base is the latest observation at or before ``now - window``, or the first
+    observation when the history is shorter than the window.
+    """
+    if not history:
+        return current, 0
+    cutoff = now - window
+    base = history[0][1]
+    for observed_at, cents in history:
+        if observed_at <= cutoff:
+            base = cents
+        else:
+            break
+    return base, current - base
+
+
+def forecast(invoice: Invoice, now: datetime) -> int | None:
+    """Linear extrapolation of a pending amount to the end of its period (cents)."""
+    length = (invoice.end_date - invoice.start_date).total_seconds()
+    elapsed = min((now - invoice.start_date).total_seconds(), length)
+    if elapsed <= 0 or length <= 0:
+        return None
+    return int(invoice.amount_billed_cents * length // elapsed)
+
+
+def evaluate(
+    rules: Sequence[Rule],
+    views: Sequence[OrgView],
+    history: Mapping[str, History],
+    now: datetime,
+) -> Evaluation:
+    """Evaluate every enabled rule against every organization view."""
+    result = Evaluation()
+    for rule in rules:
+        if not rule.enabled:
+            continue
+        for view in views:
+            if rule.type == "poll_failure":
+                _poll_failure(rule, view, now, result)
+                continue
+            if not view.ok:
+                continue
+            result.evaluated.add((rule.name, view.org_id))
+            if rule.type == "status_change":
+                _status_change(rule, view, result)
+                continue
+            for invoice in view.invoices.values():
+                if not _applies(rule, invoice.org_id):
+                    continue
+                condition = _check(rule, view, invoice, history.get(invoice.id, ()), now)
+                if condition is not None:
+                    result.holding[condition.key] = condition
+    return result
+
+
+def _condition(
+    rule: Rule, view: OrgView, invoice: Invoice, summary: str, *details: tuple[str, str]
+) -> Condition:
+    return Condition(
+        key=alert_key(rule.name, invoice.org_id, invoice.id),
+        rule=rule.name,
+        org_id=invoice.org_id,
+        source_org_id=view.org_id,
+        summary=summary,
+        invoice=invoice,
+        details=tuple(details),
+    )
+
+
+def _check(
+    rule: Rule, view: OrgView, invoice: Invoice, history: History, now: datetime
+) -> Condition | None:
+    if rule.type == "invoice_status":
+        return _invoice_status(rule, view, invoice)
+    if invoice.status != PENDING:
+        return None
+    if rule.type == "pending_amount":
+        return _pending_amount(rule, view, invoice)
+    if rule.type == "amount_increase":
+        return None if view.first_read else _amount_increase(rule, view, invoice, history, now)
+    if rule.type == "forecast":
+        return _forecast(rule, view, invoice, now)
+    return None
+
+
+def _invoice_status(rule: InvoiceStatusRule, view: OrgView, invoice: Invoice) -> Condition | None:
+    if invoice.status not in rule.statuses:
+        return None
+    due = invoice.amount_billed_cents - invoice.amount_paid_cents
+    summary = f"Invoice {invoice.id} is {invoice.status}."
+    if invoice.status == "FAILED":
+        summary += (
+            " Atlas could not charge the payment method on file: update it on the billing"
+            " page, or the organization's clusters may be suspended."
+        )
+    return _condition(rule, view, invoice, summary, ("Amount due", fmt.usd(due)))
+
+
+def _pending_amount(rule: PendingAmountRule, view: OrgView, invoice: Invoice) -> Condition | None:
+    if invoice.amount_billed_cents <= rule.threshold_cents:
+        return None
+    over = invoice.amount_billed_cents - rule.threshold_cents
+    return _condition(
+        rule,
+        view,
+        invoice,
+        f"Pending invoice is {fmt.usd(invoice.amount_billed_cents)}, "
+        f"{fmt.usd(over)} over the {fmt.usd(rule.threshold_cents)} threshold.",
+        ("Threshold", fmt.usd(rule.threshold_cents)),
+    )
+
+
+def _amount_increase(
+    rule: AmountIncreaseRule, view: OrgView, invoice: Invoice, history: History, now: datetime
+) -> Condition | None:
+    base, grew = growth(history, invoice.amount_billed_cents, now, rule.window)
+    over_amount = rule.threshold_cents is not None and grew > rule.threshold_cents
+    over_percent = rule.percent is not None and base > 0 and grew * 100 > rule.percent * base
+    if not (over_amount or over_percent):
+        return None
+    percent = f" ({grew * 100 / base:.1f}%)" if base > 0 else ""
+    details = [("Growth", f"{fmt.usd(grew)}{percent}"), ("Window", fmt.duration(rule.window))]
+    if rule.threshold_cents is not None:
+        details.append(("Threshold", fmt.usd(rule.threshold_cents)))
+    if rule.percent is not None:
+        details.append(("Threshold %", f"{rule.percent:g}%"))
+    return _condition(
+        rule,
+        view,
+        invoice,
+        f"Pending invoice grew {fmt.usd(grew)}{percent} within "
+        f"{fmt.duration(rule.window)}: {fmt.usd(base)} -> {fmt.usd(invoice.amount_billed_cents)}.",
+        *details,
+    )
+
+
+def _forecast(
+    rule: ForecastRule, view: OrgView, invoice: Invoice, now: datetime
+) -> Condition | None:
+    if now - invoice.start_date < rule.min_elapsed:
+        return None
+    projected = forecast(invoice, now)
+    if projected is None or projected <= rule.budget_cents:
+        return None
+    return _condition(
+        rule,
+        view,
+        invoice,
+        f"At this pace the period ends at {fmt.usd(projected)}, over the "
+        f"{fmt.usd(rule.budget_cents)} budget ({fmt.usd(invoice.amount_billed_cents)} so far).",
+        ("Forecast", fmt.usd(projected)),
+        ("Budget", fmt.usd(rule.budget_cents)),
+    )
+
+
+def _status_change(rule: StatusChangeRule, view: OrgView, result: Evaluation) -> None:
+    if view.first_read or view.diff is None:
+        return
+    for change in view.diff.status_changed:
+        old, new = change.old.status, change.new.status
+        if rule.from_statuses is not None and old not in rule.from_statuses:
+            continue
+        if rule.to_statuses is not None and new not in rule.to_statuses:
+            continue
+        if not _applies(rule, new_org := change.new.org_id):
+            continue
+        result.notices.append(
+            Condition(
+                key=f"{alert_key(rule.name, new_org, change.new.id)}/{old}->{new}",
+                rule=rule.name,
+                org_id=new_org,
+                source_org_id=view.org_id,
+                summary=f"Invoice {change.new.id} moved from {old} to {new}.",
+                invoice=change.new,
+                previous_status=old,
+            )
+        )
+
+
+def _poll_failure(rule: PollFailureRule, view: OrgView, now: datetime, result: Evaluation) -> None:
+    if not _applies(rule, view.org_id):
+        return
+    result.evaluated.add((rule.name, view.org_id))
+    if view.ok or view.failing_since is None or now - view.failing_since < rule.after:
+        return
+    key = alert_key(rule.name, view.org_id)
+    result.holding[key] = Condition(
+        key=key,
+        rule=rule.name,
+        org_id=view.org_id,
+        source_org_id=view.org_id,
+        summary=(
+            f"Invoices could not be read for {fmt.duration(now - view.failing_since)}: "
+            f"{view.error or 'unknown error'}. Billing alerts for this organization are "
+            "paused until reading works again."
+        ),
+        details=(("Failing since", view.failing_since.strftime("%Y-%m-%d %H:%M UTC")),),
+    )
+
+
+def resolution_summary(rule_type: str, invoice: Invoice | None, threshold_cents: int | None) -> str:
+    """What a RESOLVED message says happened, from the invoice as it is now."""
+    if rule_type == "poll_failure":
+        return "Invoices can be read again."
+    if invoice is None:
+        return "The invoice is no longer listed by Atlas."
+    if rule_type == "invoice_status":
+        return f"Invoice {invoice.id} is now {invoice.status}."
+    if invoice.status != PENDING:
+        return f"Invoice {invoice.id} is now {invoice.status}: the period is closed."
+    if rule_type == "pending_amount" and threshold_cents is not None:
+        return (
+            f"Pending invoice is {fmt.usd(invoice.amount_billed_cents)}, back under the "
+            f"{fmt.usd(threshold_cents)} threshold."
+        )
+    if rule_type == "forecast":
+        return "The forecast for this period is back under budget."
+    if rule_type == "amount_increase":
+        return "The growth within the window is back under the threshold."
+    return "The condition no longer holds."

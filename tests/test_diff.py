@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from invoice_watch.diff import diff
+from tests.conftest import inv
+
+
+def test_diff_identical_listing_is_empty():
+    old = {i.id: i for i in [inv(1), inv(2, status="PAID")]}
+    result = diff(old, list(old.values()))
+    assert result.empty
+    assert result.changed == [] and result.gone == []
+
+
+def test_diff_reports_added_status_amounts_and_gone():
+    old = {i.id: i for i in [inv(1), inv(2, status="CLOSED"), inv(3, status="PAID")]}
+    new = [inv(1, cents=150_00), inv(2, status="FAILED"), inv(4)]
+    result = diff(old, new)
+    assert [i.id for i in result.added] == [inv(4).id]
+    assert [(c.old.status, c.new.status) for c in result.status_changed] == [("CLOSED", "FAILED")]
+    assert [c.fields for c in result.amounts_changed] == [{"amountBilledCents": (100_00, 150_00)}]
+    assert [i.id for i in result.gone] == [inv(3).id]
+    assert {i.id for i in result.changed} == {inv(1).id, inv(2).id, inv(4).id}
+
+
+def test_diff_status_and_amount_change_together():
+    old = {inv(1).id: inv(1, status="PENDING", cents=10)}
+    result = diff(old, [inv(1, status="CLOSED", cents=20, amount_paid_cents=5)])
+    assert len(result.status_changed) == 1
+    assert result.amounts_changed[0].fields == {
+        "amountBilledCents": (10, 20),
+        "amountPaidCents": (0, 5),
+    }
+
+
+def test_diff_incremental_listing_does_not_make_old_invoices_gone():
+    old_invoice = inv(1, status="PAID", start=datetime(2025, 1, 1, tzinfo=UTC))
+    recent = inv(2, status="PAID", start=datetime(2026, 10, 1, tzinfo=UTC))
+    old = {old_invoice.id: old_invoice, recent.id: recent}
+    result = diff(old, [], listed_from=datetime(2026, 9, 1, tzinfo=UTC))
+    assert [i.id for i in result.gone] == [recent.id]
