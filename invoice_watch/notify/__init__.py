@@ -1,0 +1,53 @@
+"""The notifiers (Slack, email, console) and the one factory that builds them from the
+``notifiers:`` section of the configuration. Rendering lives in :mod:`.render`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from invoice_watch.notify.console import ConsoleNotifier
+from invoice_watch.notify.email import EmailNotifier
+from invoice_watch.notify.slack import SlackBotNotifier, SlackWebhookNotifier
+from invoice_watch.types import Notifier
+
+if TYPE_CHECKING:
+    from invoice_watch.config import NotifierConfig
+
+__all__ = [
+    "ConsoleNotifier",
+    "EmailNotifier",
+    "SlackBotNotifier",
+    "SlackWebhookNotifier",
+    "build_notifier",
+    "build_notifiers",
+]
+
+
+def build_notifier(name: str, config: NotifierConfig) -> Notifier:
+    """The notifier for one ``notifiers.<name>`` entry."""
+    if config.type == "slack":
+        if config.webhook_url is not None:
+            return SlackWebhookNotifier(name, config.webhook_url.get())
+        # config.py guarantees a token (with a channel) when there is no webhook_url.
+        assert config.token is not None and config.channel is not None
+        return SlackBotNotifier(name, config.token.get(), config.channel, config.api_url)
+    if config.type == "email":
+        return EmailNotifier(
+            name,
+            host=config.host,
+            port=config.port,
+            tls=config.tls,
+            ca_file=config.ca_file,
+            username=config.username,
+            password=config.password.get() if config.password is not None else None,
+            from_addr=config.from_addr,
+            to=config.to,
+            timeout=config.timeout.total_seconds(),
+        )
+    return ConsoleNotifier(name)
+
+
+def build_notifiers(configs: Mapping[str, NotifierConfig]) -> dict[str, Notifier]:
+    """One notifier per configured name."""
+    return {name: build_notifier(name, config) for name, config in configs.items()}

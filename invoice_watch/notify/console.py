@@ -1,0 +1,34 @@
+"""The console notifier: prints each message's plain text to stdout (demo, dry runs)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import TextIO
+
+from invoice_watch.notify import render
+from invoice_watch.types import AlertEvent
+
+SEPARATOR = "─" * 72
+
+
+class ConsoleNotifier:
+    """Writes every message to ``stream`` (stdout when not given), each after a rule."""
+
+    def __init__(self, name: str, stream: TextIO | None = None) -> None:
+        self.name = name
+        self._stream = stream
+
+    def __repr__(self) -> str:
+        return f"ConsoleNotifier(name={self.name!r})"
+
+    async def send(self, events: Sequence[AlertEvent]) -> None:
+        if not events:
+            return
+        # Looked up at each send, so a redirected sys.stdout (tests, --dry-run) is honoured.
+        stream = self._stream or sys.stdout
+        stream.write(f"{SEPARATOR}\n{render.text(events)}")
+        stream.flush()
+
+    async def aclose(self) -> None:
+        """Nothing to close: the stream belongs to the caller."""

@@ -1,0 +1,202 @@
+"""The email notifier: one message (plain text + HTML alternatives) per ``send``, over
+SMTP with STARTTLS, implicit TLS or none, via ``aiosmtplib``.
+
+:func:`classify_smtp_error` is the one place that decides whether a failure is worth
+retrying: 4xx replies, refused connections and timeouts are; 5xx replies, failed
+authentication and TLS failures (untrusted certificate, wrong ``tls`` mode) are not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import ssl
+from collections.abc import Sequence
+from email.message import EmailMessage
+from email.utils import format_datetime
+from pathlib import Path
+from typing import Literal
+
+import aiosmtplib
+
+from invoice_watch.errors import NotifyError, PermanentNotifyError, RetryableNotifyError
+from invoice_watch.notify import render
+from invoice_watch.types import AlertEvent
+
+logger = logging.getLogger(__name__)
+
+TlsMode = Literal["starttls", "implicit", "none"]
+
+_MESSAGE_MAX = 400  # server replies can be long
+
+
+def _ssl_error(exc: BaseException) -> ssl.SSLError | None:
+    """The TLS error behind ``exc``, if any: aiosmtplib wraps some in SMTPConnectError."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLError):
+            return seen
+        seen = seen.__cause__
+    return None
+
+
+def classify_smtp_error(exc: BaseException) -> type[NotifyError]:
+    """Whether a failed SMTP delivery can succeed later."""
+    tls_error = _ssl_error(exc)
+    if tls_error is not None:
+        # A connection cut mid-handshake is transient; every other TLS failure (the
+        # certificate, the protocol) needs a change of settings.
+        if isinstance(tls_error, ssl.SSLEOFError):
+            return RetryableNotifyError
+        return PermanentNotifyError
+    if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
+        codes = [refused.code for refused in exc.recipients]
+        temporary = bool(codes) and all(400 <= code < 500 for code in codes)
+        return RetryableNotifyError if temporary else PermanentNotifyError
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        return RetryableNotifyError if 400 <= exc.code < 500 else PermanentNotifyError
+    if isinstance(exc, TimeoutError | OSError):  # aiosmtplib's connection errors included
+        return RetryableNotifyError
+    # The server lacks something we need (AUTH, STARTTLS, SMTPUTF8): settings must change.
+    return PermanentNotifyError
+
+
+def group_message_id(events: Sequence[AlertEvent]) -> str:
+    """A Message-ID for a grouped message, the same for the same events in any order."""
+    if len(events) == 1:
+        return events[0].message_id
+    digest = hashlib.sha256("|".join(sorted(e.event_id for e in events)).encode())
+    return f"<group-{digest.hexdigest()[:32]}@invoice-watch>"
+
+
+class EmailNotifier:
+    """Sends alert mail through one SMTP server to a fixed list of recipients."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        host: str,
+        port: int,
+        tls: TlsMode = "starttls",
+        ca_file: Path | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        from_addr: str,
+        to: Sequence[str],
+        timeout: float = 30,
+    ) -> None:
+        self.name = name
+        self.host = host
+        self.port = port
+        self.tls = tls
+        self.ca_file = ca_file
+        self.username = username
+        self._password = password
+        self.from_addr = from_addr
+        self.to = list(to)
+        self.timeout = timeout
+
+    def __repr__(self) -> str:
+        password = "<secret>" if self._password is not None else None
+        return (
+            f"EmailNotifier(name={self.name!r}, host={self.host!r}, port={self.port}, "
+            f"tls={self.tls!r}, username={self.username!r}, password={password}, "
+            f"to={self.to!r})"
+        )
+
+    def build_message(self, events: Sequence[AlertEvent]) -> EmailMessage:
+        """The message for ``events``: plain text and HTML parts, stable Message-ID."""
+        message = EmailMessage()
+        message["Subject"] = render.email_subject(events)
+        message["From"] = self.from_addr
+        message["To"] = ", ".join(self.to)
+        # The events' time, not the send time: a retried message stays the same message.
+        message["Date"] = format_datetime(max(e.at for e in events))
+        message["Message-ID"] = group_message_id(events)
+        message.set_content(render.text(events))
+        message.add_alternative(render.email_html(events), subtype="html")
+        return message
+
+    def _tls_context(self) -> ssl.SSLContext:
+        """The system CAs, plus ``ca_file`` when set."""
+        context = ssl.create_default_context()
+        if self.ca_file is not None:
+            context.load_verify_locations(cafile=self.ca_file)
+        return context
+
+    async def send(self, events: Sequence[AlertEvent]) -> None:
+        if not events:
+            return
+        message = self.build_message(events)
+        if self.tls == "none":
+            context = None
+        else:
+            try:
+                context = self._tls_context()
+            except (OSError, ssl.SSLError) as exc:
+                raise PermanentNotifyError(
+                    f"email notifier {self.name!r}: cannot load ca_file {self.ca_file}: "
+                    f"{exc.strerror or exc}; fix the path or the file's contents"
+                ) from exc
+        try:
+            result, _ = await aiosmtplib.send(
+                message,
+                hostname=self.host,
+                port=self.port,
+                start_tls=self.tls == "starttls",
+                use_tls=self.tls == "implicit",
+                tls_context=context,
+                username=self.username,
+                password=self._password,
+                timeout=self.timeout,
+            )
+        except (aiosmtplib.SMTPException, ssl.SSLError, OSError, TimeoutError) as exc:
+            raise classify_smtp_error(exc)(self._describe(exc)) from exc
+        if result:
+            # Some recipients refused, the others have the message: sending again would
+            # duplicate it for them.
+            logger.warning(
+                "email notifier %r: refused by %s: %s",
+                self.name,
+                ", ".join(sorted(result)),
+                "; ".join(f"{r.code} {r.message}" for r in result.values()),
+            )
+        logger.debug("email notifier %r: sent %s", self.name, message["Message-ID"])
+
+    def _describe(self, exc: BaseException) -> str:
+        """What went wrong and what to do about it, without the password."""
+        where = f"email notifier {self.name!r} ({self.host}:{self.port}, tls {self.tls})"
+        tls_error = _ssl_error(exc)
+        if tls_error is not None:
+            what = f"TLS failed: {tls_error.reason or tls_error}"
+            hint = "check `tls` (starttls/implicit/none), `port` and `ca_file`"
+        elif isinstance(exc, aiosmtplib.SMTPAuthenticationError):
+            what = f"login refused: {exc.code} {exc.message}"
+            hint = "check `username` and `password`"
+        elif isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
+            what = "all recipients refused: " + "; ".join(
+                f"{r.recipient}: {r.code} {r.message}" for r in exc.recipients
+            )
+            hint = "check `to`"
+        elif isinstance(exc, aiosmtplib.SMTPResponseException):
+            what = f"server replied {exc.code} {exc.message}"
+            hint = "" if 400 <= exc.code < 500 else "the server refused the message"
+        elif isinstance(exc, aiosmtplib.SMTPConnectError | ConnectionError):
+            what = f"cannot connect: {exc}"
+            hint = "is the server up, and are `host` and `port` right?"
+        elif isinstance(exc, TimeoutError):
+            what = "timed out"
+            hint = "the server is slow or unreachable"
+        else:
+            what = str(exc) or type(exc).__name__
+            hint = ""
+        text = " ".join(f"{what}; {hint}".rstrip("; ").split())
+        if len(text) > _MESSAGE_MAX:
+            text = text[:_MESSAGE_MAX] + "…"
+        if self._password:
+            text = text.replace(self._password, "<secret>")
+        return f"{where}: {text}"
+
+    async def aclose(self) -> None:
+        """Nothing to close: each ``send`` opens and closes its own connection."""

@@ -1,0 +1,210 @@
+"""Slack notifiers: an incoming webhook, or a bot token posting with ``chat.postMessage``.
+
+Both send Block Kit blocks plus the plain-text fallback from :mod:`.render`, and turn
+every failure into :class:`RetryableNotifyError` or :class:`PermanentNotifyError` through
+:func:`classify_slack_status`, the one place that decides whether retrying can help.
+
+One ``send`` is exactly one HTTP attempt. slack-sdk can retry by itself (its default
+handlers retry connection errors, and optional ones sleep on 429 for ``Retry-After``),
+but that would sleep inside ``send``, hidden from the outbox, which owns retries and
+backoff across all notifiers and restarts (and caps it at ``delivery.max_backoff``). So
+the clients get ``retry_handlers=[]`` and a 429 comes back as
+``RetryableNotifyError(retry_after=...)`` for the outbox to schedule.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Mapping, Sequence
+
+import aiohttp
+from slack_sdk.errors import SlackApiError
+from slack_sdk.web.async_client import AsyncWebClient
+from slack_sdk.webhook.async_client import AsyncWebhookClient
+from slack_sdk.webhook.webhook_response import WebhookResponse
+
+from invoice_watch.errors import NotifyError, PermanentNotifyError, RetryableNotifyError
+from invoice_watch.notify import render
+from invoice_watch.types import AlertEvent
+
+logger = logging.getLogger(__name__)
+
+# slack-sdk's webhook client logs the full webhook URL (a secret) at debug level whenever
+# its logger's own level is NOTSET or DEBUG. It gets this logger, which never is.
+_sdk_logger = logging.getLogger(f"{__name__}.sdk")
+_sdk_logger.setLevel(logging.INFO)
+
+# Slack error codes worth retrying whatever the HTTP status says.
+_RETRYABLE_ERRORS = frozenset(
+    {"ratelimited", "rate_limited", "internal_error", "fatal_error", "service_unavailable",
+     "request_timeout", "rollup_error"}
+)  # fmt: skip
+
+# How to fix the permanent errors people actually hit.
+_HINTS = {
+    "invalid_auth": "the token is not valid; check the notifier's token",
+    "not_authed": "no token was sent; check the notifier's token",
+    "token_revoked": "the token was revoked; install the app again and update the token",
+    "token_expired": "the token expired; update the notifier's token",
+    "account_inactive": "the token's user or app was deactivated; update the token",
+    "missing_scope": "the app lacks the chat:write scope; add it and reinstall the app",
+    "channel_not_found": "check the notifier's channel, and invite the app to it",
+    "not_in_channel": "invite the app to the channel (/invite @app)",
+    "is_archived": "the channel is archived; pick another channel",
+    "no_service": "the webhook was removed or disabled; create a new one and update webhook_url",
+    "invalid_token": "the webhook's token is not valid; create a new webhook",
+    "action_prohibited": "a workspace admin restricted this webhook",
+    "channel_is_archived": "the webhook's channel is archived; create a new webhook",
+    "invalid_payload": "Slack rejected the message format (a bug: please report it)",
+    "invalid_blocks": "Slack rejected the message blocks (a bug: please report it)",
+}
+
+_ERROR_CODE = re.compile(r"[a-z_]{1,64}")
+
+
+def classify_slack_status(status: int | None, error_code: str | None) -> type[NotifyError] | None:
+    """Decide what one Slack answer means: ``None`` delivered, else the error to raise.
+
+    ``status`` is the HTTP status, ``None`` when no answer came at all (connection refused
+    or reset, timeout); ``error_code`` is Slack's ``error`` (Web API) or the webhook's body.
+    """
+    if status is None or status in (408, 429) or status >= 500:
+        return RetryableNotifyError
+    if error_code in _RETRYABLE_ERRORS:
+        return RetryableNotifyError
+    if 200 <= status < 300 and error_code is None:
+        return None
+    return PermanentNotifyError
+
+
+def _retry_after(headers: Mapping[str, str] | None) -> float | None:
+    value = (headers or {}).get("Retry-After")
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _error(
+    name: str,
+    status: int | None,
+    error_code: str | None,
+    headers: Mapping[str, str] | None = None,
+    reason: str = "",
+) -> NotifyError | None:
+    """The exception for one attempt's outcome, ``None`` if delivered. ``reason`` names
+    what went wrong when no answer came. Messages never carry the URL or the token."""
+    kind = classify_slack_status(status, error_code)
+    if kind is None:
+        return None
+    if status is None:
+        message = f"slack notifier {name!r}: Slack unreachable ({reason})"
+    else:
+        message = f"slack notifier {name!r}: HTTP {status}"
+        if error_code:
+            message += f" {error_code}"
+        if hint := _HINTS.get(error_code or ""):
+            message += f": {hint}"
+    if kind is RetryableNotifyError:
+        return RetryableNotifyError(message, retry_after=_retry_after(headers))
+    return kind(message)
+
+
+def _webhook_error_code(response: WebhookResponse) -> str | None:
+    """A webhook answers ``ok``, or an error code such as ``no_service`` as plain text."""
+    body = response.body.strip()
+    if response.status_code == 200 and body == "ok":
+        return None
+    if _ERROR_CODE.fullmatch(body):
+        return body
+    return "unexpected_response" if response.status_code == 200 else None
+
+
+def _seconds(timeout: float) -> int:
+    # slack-sdk takes whole seconds.
+    return max(1, math.ceil(timeout))
+
+
+class SlackWebhookNotifier:
+    """Posts to a Slack incoming webhook (``notifiers.<name>.webhook_url``)."""
+
+    def __init__(self, name: str, webhook_url: str, *, timeout: float = 10) -> None:
+        self.name = name
+        # retry_handlers=[]: one send is one attempt, the outbox retries (module docstring).
+        self._client = AsyncWebhookClient(
+            webhook_url, timeout=_seconds(timeout), logger=_sdk_logger, retry_handlers=[]
+        )
+
+    def __repr__(self) -> str:
+        return f"SlackWebhookNotifier(name={self.name!r}, webhook_url=<secret>)"
+
+    async def send(self, events: Sequence[AlertEvent]) -> None:
+        if not events:
+            return
+        try:
+            response = await self._client.send(
+                text=render.text(events), blocks=render.slack_blocks(events)
+            )
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            error = _error(self.name, None, None, reason=type(exc).__name__)
+        else:
+            error = _error(
+                self.name, response.status_code, _webhook_error_code(response), response.headers
+            )
+        if error is not None:
+            # Raised outside the `except` and without `from`: aiohttp's messages may quote
+            # the request URL, which for a webhook is the secret itself, and a logged
+            # traceback would show the cause.
+            raise error
+        logger.debug("slack notifier %r: sent %d event(s) by webhook", self.name, len(events))
+
+    async def aclose(self) -> None:
+        """Nothing to close: slack-sdk opens and closes a session per request."""
+
+
+class SlackBotNotifier:
+    """Posts with a bot token through the Web API's ``chat.postMessage``."""
+
+    def __init__(
+        self, name: str, token: str, channel: str, api_url: str, *, timeout: float = 10
+    ) -> None:
+        self.name = name
+        self.channel = channel
+        # retry_handlers=[]: one send is one attempt, the outbox retries (module docstring).
+        self._client = AsyncWebClient(
+            token=token, base_url=api_url, timeout=_seconds(timeout), retry_handlers=[]
+        )
+
+    def __repr__(self) -> str:
+        return f"SlackBotNotifier(name={self.name!r}, channel={self.channel!r}, token=<secret>)"
+
+    async def send(self, events: Sequence[AlertEvent]) -> None:
+        if not events:
+            return
+        try:
+            await self._client.chat_postMessage(
+                channel=self.channel, text=render.text(events), blocks=render.slack_blocks(events)
+            )
+        except SlackApiError as exc:
+            cause: Exception | None = exc
+            response = exc.response
+            data = response.data if isinstance(response.data, dict) else {}
+            code = data.get("error") if isinstance(data.get("error"), str) else None
+            if code is None and response.status_code == 200:
+                code = "unexpected_response"
+            error = _error(self.name, response.status_code, code, response.headers)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            cause = exc
+            error = _error(self.name, None, None, reason=type(exc).__name__)
+        else:
+            error = None
+        if error is not None:
+            raise error from cause
+        logger.debug(
+            "slack notifier %r: sent %d event(s) to %s", self.name, len(events), self.channel
+        )
+
+    async def aclose(self) -> None:
+        """Nothing to close: slack-sdk opens and closes a session per request."""

@@ -1,0 +1,157 @@
+"""A fake Slack: a real aiohttp server on 127.0.0.1 (port 0) with an incoming-webhook
+route and the Web API's ``chat.postMessage``, recording every request it receives.
+
+    async with FakeSlack() as slack:
+        notifier = SlackWebhookNotifier("ops", slack.webhook_url)
+        slack.script_webhook(Reply(500), Reply(429, headers={"Retry-After": "3"}))
+        ...
+        assert slack.received[-1].body["text"]
+
+Answers are scripted per route (first in, first out); when the script is empty the
+route answers like Slack on success. ``chat.postMessage`` checks the bearer token like
+Slack does (``not_authed`` / ``invalid_auth``, HTTP 200), and both routes reject
+messages that break Slack's Block Kit limits (``invalid_blocks``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from aiohttp import web
+
+Route = Literal["webhook", "chat.postMessage"]
+
+WEBHOOK_PATH = "/services/T000/B000/XXXX"
+TOKEN = "xoxb-0000-fake-token"
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One scripted answer: HTTP status, Slack error code, extra headers.
+
+    For the webhook, ``error`` is the plain-text body (``ok`` when None). For the Web
+    API, the body is ``{"ok": false, "error": error}``; ``raw`` replaces either body with
+    an HTML page (what a proxy or load balancer in front of Slack answers).
+    """
+
+    status: int = 200
+    error: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    raw: str | None = None
+
+
+@dataclass(frozen=True)
+class Received:
+    route: Route
+    headers: dict[str, str]
+    body: dict[str, Any]
+
+
+def _blocks_problem(body: dict[str, Any]) -> str | None:
+    """The Block Kit limits Slack enforces that a renderer can plausibly break."""
+    blocks = body.get("blocks", [])
+    if not body.get("text") and not blocks:
+        return "no_text"
+    if len(blocks) > 50:
+        return "invalid_blocks"
+    for block in blocks:
+        text = (block.get("text") or {}).get("text", "")
+        fields = block.get("fields") or []
+        if block["type"] == "header" and len(text) > 150:
+            return "invalid_blocks"
+        if len(text) > 3000 or len(fields) > 10:
+            return "invalid_blocks"
+        if any(len(f["text"]) > 2000 for f in fields):
+            return "invalid_blocks"
+    return None
+
+
+class FakeSlack:
+    def __init__(self, token: str = TOKEN) -> None:
+        self.token = token
+        self.received: list[Received] = []
+        self._scripts: dict[Route, deque[Reply]] = {
+            "webhook": deque(),
+            "chat.postMessage": deque(),
+        }
+        app = web.Application()
+        app.router.add_post(WEBHOOK_PATH, self._webhook)
+        app.router.add_post("/api/chat.postMessage", self._post_message)
+        self._runner = web.AppRunner(app, access_log=None)  # Slack's own log, not ours
+        self._port = 0
+
+    async def __aenter__(self) -> FakeSlack:
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self._port = self._runner.addresses[0][1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._runner.cleanup()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self._port}"
+
+    @property
+    def webhook_url(self) -> str:
+        return self.base_url + WEBHOOK_PATH
+
+    @property
+    def api_url(self) -> str:
+        return self.base_url + "/api/"
+
+    def script_webhook(self, *replies: Reply) -> None:
+        self._scripts["webhook"].extend(replies)
+
+    def script_api(self, *replies: Reply) -> None:
+        self._scripts["chat.postMessage"].extend(replies)
+
+    def _next(self, route: Route) -> Reply | None:
+        script = self._scripts[route]
+        return script.popleft() if script else None
+
+    async def _record(self, route: Route, request: web.Request) -> dict[str, Any]:
+        body: dict[str, Any] = json.loads(await request.text())
+        self.received.append(Received(route, dict(request.headers), body))
+        return body
+
+    async def _webhook(self, request: web.Request) -> web.Response:
+        body = await self._record("webhook", request)
+        reply = self._next("webhook")
+        if reply is None:
+            problem = _blocks_problem(body)
+            reply = Reply(400, problem) if problem else Reply()
+        if reply.raw is not None:
+            return web.Response(
+                status=reply.status, text=reply.raw, content_type="text/html", headers=reply.headers
+            )
+        return web.Response(status=reply.status, text=reply.error or "ok", headers=reply.headers)
+
+    async def _post_message(self, request: web.Request) -> web.Response:
+        body = await self._record("chat.postMessage", request)
+        reply = self._next("chat.postMessage")
+        if reply is None:
+            auth = request.headers.get("Authorization")
+            if auth is None:
+                reply = Reply(error="not_authed")
+            elif auth != f"Bearer {self.token}":
+                reply = Reply(error="invalid_auth")
+            elif not body.get("channel"):
+                reply = Reply(error="channel_not_found")
+            else:
+                problem = _blocks_problem(body)
+                reply = Reply(error=problem) if problem else Reply()
+        if reply.raw is not None:
+            return web.Response(
+                status=reply.status, text=reply.raw, content_type="text/html", headers=reply.headers
+            )
+        if reply.error is not None:
+            answer: dict[str, Any] = {"ok": False, "error": reply.error}
+        else:
+            answer = {"ok": True, "channel": "C0000000000", "ts": "1700000000.000100"}
+        return web.json_response(answer, status=reply.status, headers=reply.headers)
