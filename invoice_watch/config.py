@@ -1,0 +1,1072 @@
+"""The configuration file (SPEC §6): the frozen pydantic models every stage reads, and
+the loader that turns YAML into them.
+
+Loading is a small pipeline that keeps every problem it finds, each located by line,
+column and dotted path, and raises them together as one :class:`ConfigError`::
+
+    yaml.compose (node tree, with marks)
+      -> plain data: ${VAR} interpolation on scalar values, duplicate keys
+      -> `<secret>_file` keys read into their secret field
+      -> cross-references (notify names, duplicate rule names and org ids)
+      -> pydantic validation, each error's `loc` mapped back to its node's mark
+
+Money is USD in the file and integer cents in the models (``threshold_cents``, read from
+the YAML key ``threshold``); durations are ``90s``/``15m``/``1h``/``1d`` in the file and
+``timedelta`` in the models; secrets are :class:`Secret`, which never shows its value.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from decimal import Decimal, InvalidOperation
+from email.utils import parseaddr
+from pathlib import Path
+from types import NoneType, UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    GetCoreSchemaHandler,
+    PrivateAttr,
+    Tag,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import core_schema
+from yaml.constructor import SafeConstructor
+from yaml.error import Mark, MarkedYAMLError
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from invoice_watch import constants
+from invoice_watch.errors import ConfigError, ConfigProblem
+from invoice_watch.format import duration, usd
+from invoice_watch.types import Severity
+
+__all__ = [
+    "AmountIncreaseRule",
+    "AtlasConfig",
+    "Config",
+    "ConsoleNotifierConfig",
+    "DeliveryConfig",
+    "DigestAuth",
+    "EmailNotifierConfig",
+    "ForecastRule",
+    "HttpConfig",
+    "InvoiceStatusRule",
+    "LogConfig",
+    "NotifierConfig",
+    "OrgConfig",
+    "PendingAmountRule",
+    "PollConfig",
+    "PollFailureRule",
+    "Rule",
+    "Secret",
+    "ServiceAccountAuth",
+    "SlackNotifierConfig",
+    "StateConfig",
+    "StatusChangeRule",
+    "find_config_file",
+    "load",
+    "load_file",
+    "summary",
+]
+
+DEFAULT_CONFIG_PATH = Path("/etc/invoice-watch/config.yaml")
+# The fields that hold secrets; each also accepts `<field>_file: path`.
+SECRET_FIELDS = ("private_key", "client_secret", "webhook_url", "token", "password")
+
+
+class Secret:
+    """A secret string: ``get()`` returns it; ``repr``, ``str`` and JSON dumps show
+    ``<secret>``. Compares by value. Usable as a pydantic field type (from ``str``)."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def get(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "<secret>"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    @classmethod
+    def __get_pydantic_core_schema__(
+        cls, source: type[Any], handler: GetCoreSchemaHandler
+    ) -> core_schema.CoreSchema:
+        return core_schema.no_info_plain_validator_function(
+            cls._validate,
+            serialization=core_schema.plain_serializer_function_ser_schema(repr, when_used="json"),
+        )
+
+    @classmethod
+    def _validate(cls, value: object) -> Secret:
+        if isinstance(value, Secret):
+            return value
+        if not isinstance(value, str):
+            raise ValueError("expected a text value (quote it)")
+        if not value:
+            raise ValueError("the secret is empty; set it, or use `<key>_file: path`")
+        return cls(value)
+
+
+# --- value types ---------------------------------------------------------------------
+
+_DURATION = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
+_DURATION_HELP = "use a number and a unit s, m, h or d, e.g. 90s, 15m, 1h, 1d or 1h30m"
+
+
+def _parse_duration(value: object) -> timedelta:
+    if isinstance(value, timedelta):
+        delta = value
+    elif (
+        isinstance(value, str)
+        and (m := _DURATION.fullmatch(value.replace(" ", "")))
+        and any(m.groups())
+    ):
+        days, hours, minutes, seconds = (int(g or 0) for g in m.groups())
+        delta = timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        raise ValueError(
+            f"a duration needs a unit: write `{value}s` for {value} seconds; units are "
+            "s, m, h and d (e.g. 90s, 15m, 1h, 1d)"
+        )
+    else:
+        raise ValueError(f"invalid duration `{value}`; {_DURATION_HELP}")
+    if delta < timedelta(0):
+        raise ValueError("a duration cannot be negative")
+    return delta
+
+
+def _parse_positive_duration(value: object) -> timedelta:
+    delta = _parse_duration(value)
+    if delta < timedelta(seconds=1):
+        raise ValueError(f"must be at least 1s; {_DURATION_HELP}")
+    return delta
+
+
+# A duration of at least one second; `DurationOrZero` also allows `0s`.
+Duration = Annotated[timedelta, BeforeValidator(_parse_positive_duration)]
+DurationOrZero = Annotated[timedelta, BeforeValidator(_parse_duration)]
+
+_MONEY = re.compile(r"-?\$?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
+_MONEY_HELP = 'write an amount in USD like 5000, 5000.50 or "$5,000.50"'
+
+
+def _parse_money(value: object) -> int:
+    """USD (int, Decimal or text) -> integer cents, without float arithmetic."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        amount = Decimal(value)
+    elif isinstance(value, Decimal) and value.is_finite():
+        amount = value
+    elif isinstance(value, str) and _MONEY.fullmatch(value.strip()):
+        amount = Decimal(value.strip().replace("$", "").replace(",", ""))
+    else:
+        raise ValueError(f"invalid amount `{value}`: {_MONEY_HELP}")
+    if amount < 0:
+        raise ValueError(f"the amount cannot be negative: {_MONEY_HELP}")
+    cents = amount * 100
+    if cents != cents.to_integral_value():
+        raise ValueError("an amount has at most 2 decimals (cents), e.g. 5000.50")
+    return int(cents)
+
+
+# Money in USD in the file, integer cents in the model.
+Money = Annotated[int, BeforeValidator(_parse_money)]
+
+_ORG_ID = re.compile(r"[0-9a-f]{24}")
+
+
+def _check_org_id(value: str) -> str:
+    if not _ORG_ID.fullmatch(value):
+        raise ValueError(
+            f"`{value}` is not an organization id: ids are 24 lowercase hex characters "
+            "(Atlas UI: Organization Settings)"
+        )
+    return value
+
+
+OrgId = Annotated[str, AfterValidator(_check_org_id)]
+
+
+def _check_status(value: str) -> str:
+    if value.upper() not in constants.INVOICE_STATUSES:
+        raise ValueError(
+            f"unknown invoice status `{value}`; use one of: "
+            + ", ".join(constants.INVOICE_STATUSES)
+        )
+    return value.upper()
+
+
+InvoiceStatus = Annotated[str, AfterValidator(_check_status)]
+
+
+def _check_url(value: str) -> str:
+    if not value.startswith(("https://", "http://")):
+        raise ValueError(f"`{value}` is not a URL: write it like https://cloud.mongodb.com")
+    return value.rstrip("/")
+
+
+Url = Annotated[str, AfterValidator(_check_url)]
+
+
+def _check_address(value: str) -> str:
+    if "@" not in parseaddr(value)[1]:
+        raise ValueError(f"`{value}` is not an email address: write it like alerts@example.com")
+    return value
+
+
+EmailAddress = Annotated[str, AfterValidator(_check_address)]
+
+
+def _resolve_path(value: Path, info: ValidationInfo) -> Path:
+    """Relative paths resolve against the config file's folder (context ``base_dir``)."""
+    base = info.context.get("base_dir") if isinstance(info.context, dict) else None
+    return base / value if base is not None and not value.is_absolute() else value
+
+
+ConfigPath = Annotated[Path, AfterValidator(_resolve_path)]
+
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+
+
+def _split_listen(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(
+            f"`{listen}` is not HOST:PORT: write e.g. 127.0.0.1:9100 (or 0.0.0.0:9100 "
+            "to listen on every interface)"
+        )
+    return host, int(port)
+
+
+# --- models --------------------------------------------------------------------------
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
+
+
+class DigestAuth(_Model):
+    """Programmatic API key, sent with HTTP Digest."""
+
+    public_key: NonEmptyStr
+    private_key: Secret
+
+
+class ServiceAccountAuth(_Model):
+    """Service account, OAuth 2.0 client credentials."""
+
+    client_id: NonEmptyStr
+    client_secret: Secret
+
+
+def _auth_kind(value: Any) -> str | None:
+    if isinstance(value, DigestAuth | ServiceAccountAuth):
+        return "digest" if isinstance(value, DigestAuth) else "service_account"
+    if isinstance(value, dict):
+        digest = {"public_key", "private_key"} & value.keys()
+        service_account = {"client_id", "client_secret"} & value.keys()
+        if digest and not service_account:
+            return "digest"
+        if service_account and not digest:
+            return "service_account"
+    return None  # neither, or both: the error says to pick one
+
+
+class AtlasConfig(_Model):
+    base_url: Url = constants.ATLAS_BASE_URL
+    ui_url: Url = constants.ATLAS_UI_URL
+    api: Literal["v2", "v1", "cloud-manager"] = "v2"
+    auth: Annotated[
+        Annotated[DigestAuth, Tag("digest")]
+        | Annotated[ServiceAccountAuth, Tag("service_account")],
+        Discriminator(
+            _auth_kind,
+            custom_error_type="auth_kind",
+            custom_error_message="set either public_key and private_key (API key), "
+            "or client_id and client_secret (service account)",
+        ),
+    ]
+    timeout: Duration = timedelta(seconds=30)
+    max_concurrency: int = Field(4, ge=1, le=64)
+    retries: int = Field(5, ge=0, le=20)
+    max_backoff: Duration = timedelta(seconds=30)
+
+
+class OrgConfig(_Model):
+    id: OrgId
+    name: NonEmptyStr | None = None
+
+    @property
+    def display_name(self) -> str:
+        return self.name or self.id
+
+
+class PollConfig(_Model):
+    interval: Duration = timedelta(minutes=15)
+    jitter: DurationOrZero = timedelta(0)
+
+    @model_validator(mode="after")
+    def _jitter_below_interval(self) -> PollConfig:
+        if self.jitter >= self.interval:
+            raise ValueError("jitter must be shorter than interval")
+        return self
+
+
+class StateConfig(_Model):
+    path: ConfigPath
+
+
+class DeliveryConfig(_Model):
+    max_age: Duration = timedelta(hours=24)
+    max_backoff: Duration = timedelta(seconds=60)
+    group_over: int = Field(5, ge=1)
+
+
+class SlackNotifierConfig(_Model):
+    """Slack by incoming webhook (``webhook_url``) or Web API (``token`` + ``channel``)."""
+
+    type: Literal["slack"]
+    webhook_url: Secret | None = None
+    token: Secret | None = None
+    channel: NonEmptyStr | None = None
+    api_url: Url = constants.SLACK_API_URL
+
+    @field_validator("api_url")
+    @classmethod
+    def _trailing_slash(cls, value: str) -> str:
+        return value + "/"  # slack-sdk joins method names onto it
+
+    @model_validator(mode="after")
+    def _one_transport(self) -> SlackNotifierConfig:
+        if (self.webhook_url is None) == (self.token is None):
+            raise ValueError("set exactly one of webhook_url (incoming webhook) or token (bot)")
+        if self.token is not None and self.channel is None:
+            raise ValueError('token needs a channel, e.g. channel: "#billing-alerts"')
+        if self.webhook_url is not None and self.channel is not None:
+            raise ValueError("channel is only used with token: a webhook posts to its own channel")
+        if self.webhook_url is not None and not self.webhook_url.get().startswith("http"):
+            raise ValueError("webhook_url must be an https:// URL (Slack: Incoming Webhooks)")
+        return self
+
+
+_SMTP_PORTS = {"starttls": 587, "implicit": 465, "none": 25}
+
+
+class EmailNotifierConfig(_Model):
+    """SMTP; ``port`` defaults by ``tls``: starttls 587, implicit 465, none 25."""
+
+    type: Literal["email"]
+    host: NonEmptyStr
+    port: int = Field(_SMTP_PORTS["starttls"], ge=1, le=65535)
+    tls: Literal["starttls", "implicit", "none"] = "starttls"
+    ca_file: ConfigPath | None = None
+    username: NonEmptyStr | None = None
+    password: Secret | None = None
+    from_addr: EmailAddress = Field(alias="from")
+    to: Annotated[list[EmailAddress], Field(min_length=1)]
+    timeout: Duration = timedelta(seconds=30)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_port(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "port" not in data and data.get("tls") in _SMTP_PORTS:
+            return {**data, "port": _SMTP_PORTS[data["tls"]]}
+        return data
+
+    @field_validator("ca_file")
+    @classmethod
+    def _ca_file_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"CA file {value} does not exist; give the path of a PEM bundle")
+        return value
+
+    @model_validator(mode="after")
+    def _login_pair(self) -> EmailNotifierConfig:
+        if (self.username is None) != (self.password is None):
+            raise ValueError("set both username and password, or neither")
+        return self
+
+
+class ConsoleNotifierConfig(_Model):
+    type: Literal["console"]
+
+
+NotifierConfig = Annotated[
+    SlackNotifierConfig | EmailNotifierConfig | ConsoleNotifierConfig,
+    Field(discriminator="type"),
+]
+
+
+class _RuleBase(_Model):
+    name: NonEmptyStr
+    notify: Annotated[list[str], Field(min_length=1)]
+    orgs: Annotated[list[OrgId], Field(min_length=1)] | None = None
+    severity: Severity = Severity.WARNING
+    repeat: Duration | None = None
+    send_resolved: bool = True
+    enabled: bool = True
+
+
+class InvoiceStatusRule(_RuleBase):
+    """Fires while an invoice is in one of ``statuses``."""
+
+    type: Literal["invoice_status"]
+    statuses: Annotated[list[InvoiceStatus], Field(min_length=1)] = ["FAILED"]
+
+
+class PendingAmountRule(_RuleBase):
+    """Fires while a PENDING invoice's amount is over ``threshold_cents``."""
+
+    type: Literal["pending_amount"]
+    threshold_cents: Money = Field(alias="threshold")
+
+
+class StatusChangeRule(_RuleBase):
+    """A one-shot notice when an invoice moves between statuses (None = any)."""
+
+    type: Literal["status_change"]
+    from_statuses: Annotated[list[InvoiceStatus], Field(min_length=1)] | None = Field(
+        None, alias="from"
+    )
+    to_statuses: Annotated[list[InvoiceStatus], Field(min_length=1)] | None = Field(
+        None, alias="to"
+    )
+
+
+class AmountIncreaseRule(_RuleBase):
+    """Fires while a pending invoice grew by more than a threshold or percent in ``window``."""
+
+    type: Literal["amount_increase"]
+    threshold_cents: Money | None = Field(None, alias="threshold")
+    percent: float | None = Field(None, gt=0)
+    window: Duration = timedelta(hours=24)
+
+    @model_validator(mode="after")
+    def _threshold_or_percent(self) -> AmountIncreaseRule:
+        if self.threshold_cents is None and self.percent is None:
+            raise ValueError("set threshold (USD), percent, or both")
+        return self
+
+
+class ForecastRule(_RuleBase):
+    """Fires while a pending invoice's linear forecast exceeds ``budget_cents``."""
+
+    type: Literal["forecast"]
+    budget_cents: Money = Field(alias="budget")
+    min_elapsed: Duration = timedelta(days=3)
+
+
+class PollFailureRule(_RuleBase):
+    """Fires when an organization has been unreadable for ``after``."""
+
+    type: Literal["poll_failure"]
+    after: Duration = timedelta(hours=1)
+
+
+Rule = Annotated[
+    InvoiceStatusRule
+    | PendingAmountRule
+    | StatusChangeRule
+    | AmountIncreaseRule
+    | ForecastRule
+    | PollFailureRule,
+    Field(discriminator="type"),
+]
+
+
+class HttpConfig(_Model):
+    listen: str
+
+    @field_validator("listen", mode="before")
+    @classmethod
+    def _host_port(cls, value: object) -> str:
+        _split_listen(str(value))  # `listen: 9100` reads as a number
+        return str(value)
+
+    @property
+    def host(self) -> str:
+        return _split_listen(self.listen)[0]
+
+    @property
+    def port(self) -> int:
+        return _split_listen(self.listen)[1]
+
+
+class LogConfig(_Model):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["text", "json"] = "text"
+
+
+class Config(_Model):
+    """The whole configuration. Cross-references between sections (notify names, unique
+    rule names and org ids) are checked by :func:`load`."""
+
+    atlas: AtlasConfig
+    organizations: Annotated[list[OrgConfig], Field(min_length=1)]
+    poll: PollConfig = Field(default_factory=PollConfig)
+    state: StateConfig
+    delivery: DeliveryConfig = Field(default_factory=DeliveryConfig)
+    notifiers: Annotated[dict[str, NotifierConfig], Field(min_length=1)]
+    rules: Annotated[list[Rule], Field(min_length=1)]
+    http: HttpConfig | None = None
+    log: LogConfig = Field(default_factory=LogConfig)
+    _source: Path | None = PrivateAttr(default=None)
+
+    @property
+    def source(self) -> Path | None:
+        """The file this configuration was loaded from (None for ``load(text)``)."""
+        return self._source
+
+    def org_name(self, org_id: str) -> str:
+        """The display name of a configured organization, else the id itself."""
+        for org in self.organizations:
+            if org.id == org_id:
+                return org.display_name
+        return org_id
+
+
+# --- loading -------------------------------------------------------------------------
+
+_Loc = tuple[str | int, ...]
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+_TYPED_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("null", "bool", "int")}
+_VARIABLE = re.compile(
+    r"\$(?:(?P<dollar>\$)|\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}"
+    r"|(?P<bad>\{))"
+)
+
+
+class _InterpolationError(Exception):
+    pass
+
+
+def _interpolate(text: str, env: Mapping[str, str]) -> str:
+    """Compose-spec interpolation of one string; raises _InterpolationError."""
+
+    def substitute(m: re.Match[str]) -> str:
+        if m["dollar"]:
+            return "$"
+        if m["bad"]:
+            raise _InterpolationError(
+                "invalid ${...}: write ${NAME}, ${NAME:-default} or ${NAME:?message}, "
+                "and $$ for a literal $"
+            )
+        name, op, arg = m["name"], m["op"], m["arg"]
+        value = env.get(name)
+        missing = value is None or (op is not None and op.startswith(":") and value == "")
+        if op is None and value is None:
+            raise _InterpolationError(
+                f"environment variable {name} is not set; set it, or give a default "
+                f"with ${{{name}:-default}}"
+            )
+        if op is not None and op.endswith("-") and missing:
+            return str(arg)
+        if op is not None and op.endswith("?") and missing:
+            raise _InterpolationError(f"{name}: {arg or 'environment variable is not set'}")
+        return str(value)
+
+    return _VARIABLE.sub(substitute, text)
+
+
+@dataclass
+class _Document:
+    """What the loader knows about one file: marks per dotted path, and problems."""
+
+    filename: str
+    env: Mapping[str, str]
+    base_dir: Path
+    problems: list[ConfigProblem] = field(default_factory=list)
+    marks: dict[_Loc, Mark] = field(default_factory=dict)  # start of each value
+    key_marks: dict[_Loc, Mark] = field(default_factory=dict)  # start of each mapping key
+    broken: set[_Loc] = field(default_factory=set)  # values already reported
+    constructor: SafeConstructor = field(default_factory=SafeConstructor)
+    open_nodes: set[Node] = field(default_factory=set)  # being built: catches alias cycles
+
+    def report(self, mark: Mark | None, loc: _Loc, message: str) -> None:
+        line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        path = ".".join(str(p) for p in loc)
+        self.problems.append(ConfigProblem(self.filename, line, column, path, message))
+
+    def build(self, node: Node, loc: _Loc) -> Any:
+        """The plain data of ``node``; interpolates scalar values."""
+        self.marks[loc] = node.start_mark
+        if isinstance(node, ScalarNode):
+            return self._scalar(node, loc)
+        if node in self.open_nodes:
+            self.report(node.start_mark, loc, "an alias cannot refer to a node that holds it")
+            self.broken.add(loc)
+            return None
+        self.open_nodes.add(node)
+        data: Any
+        if isinstance(node, SequenceNode):
+            data = [self.build(item, (*loc, i)) for i, item in enumerate(node.value)]
+        else:
+            data = {}
+            for key_node, value_node in node.value:
+                key = key_node.value if isinstance(key_node, ScalarNode) else None
+                if key is None:
+                    self.report(key_node.start_mark, loc, "keys must be plain names")
+                elif key in data:
+                    first = self.key_marks[(*loc, key)].line + 1
+                    self.report(
+                        key_node.start_mark,
+                        (*loc, key),
+                        f"duplicate key `{key}` (first at line {first}); keep only one",
+                    )
+                else:
+                    self.key_marks[(*loc, key)] = key_node.start_mark
+                    data[key] = self.build(value_node, (*loc, key))
+        self.open_nodes.remove(node)
+        return data
+
+    def _scalar(self, node: ScalarNode, loc: _Loc) -> Any:
+        if "$" in node.value:
+            try:
+                return _interpolate(node.value, self.env)
+            except _InterpolationError as exc:
+                self.report(node.start_mark, loc, str(exc))
+                self.broken.add(loc)
+                return node.value
+        if node.tag == _FLOAT_TAG:
+            try:  # keep the decimal text exact (money)
+                return Decimal(node.value.replace("_", ""))
+            except InvalidOperation:
+                return self.constructor.construct_object(node)
+        if node.tag in _TYPED_TAGS:
+            return self.constructor.construct_object(node)
+        return node.value
+
+    def read_secret_files(self, data: Any, loc: _Loc) -> None:
+        """Replace every `<secret>_file: path` by `<secret>: <file content>`."""
+        if isinstance(data, list):
+            for i, item in enumerate(data):
+                self.read_secret_files(item, (*loc, i))
+        if not isinstance(data, dict):
+            return
+        for key in list(data):
+            name = key.removesuffix("_file")
+            if name not in SECRET_FIELDS or key == name:
+                self.read_secret_files(data[key], (*loc, key))
+                continue
+            file_loc, secret_loc = (*loc, key), (*loc, name)
+            mark = self.key_marks[file_loc]
+            if name in data:
+                self.report(mark, file_loc, f"set either {name} or {key}, not both")
+                del data[key]
+                continue
+            value = data.pop(key)
+            self.marks[secret_loc] = self.marks[file_loc]
+            self.key_marks[secret_loc] = mark
+            data[name] = self._read_secret(value, file_loc)
+
+    def _read_secret(self, value: Any, loc: _Loc) -> str:
+        placeholder = "<unreadable>"  # keeps the rest valid; load() fails anyway
+        if not isinstance(value, str) or not value:
+            self.report(self.marks[loc], loc, "expected the path of a file holding the secret")
+            return placeholder
+        path = Path(value)
+        if not path.is_absolute():
+            credentials = self.env.get("CREDENTIALS_DIRECTORY")
+            path = (Path(credentials) if credentials else self.base_dir) / path
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            self.report(
+                self.marks[loc],
+                loc,
+                f"cannot read {path}: {reason}; check the path and permissions",
+            )
+            return placeholder
+        return text.removesuffix("\n").removesuffix("\r")
+
+    def add_defaults(self, data: dict[str, Any]) -> None:
+        """Empty sections (``poll:`` with every key commented out) mean their defaults;
+        the state path's default depends on the environment and the file's folder."""
+        for key, value in data.items():
+            if value is None and key in Config.model_fields and key != "http":
+                data[key] = [] if key in ("organizations", "rules") else {}
+        state = data.setdefault("state", {})
+        if isinstance(state, dict) and "path" not in state:
+            state_dir = self.env.get("STATE_DIRECTORY", "").split(":")[0]
+            state["path"] = (
+                Path(state_dir) / "state.db" if state_dir else self.base_dir / "invoice-watch.db"
+            )
+
+    def check_references(self, data: dict[str, Any]) -> None:
+        """Checks across sections, on the raw data, so they add to pydantic's problems."""
+        orgs = data.get("organizations")
+        seen_ids: dict[str, int] = {}
+        for i, org in enumerate(orgs if isinstance(orgs, list) else []):
+            if isinstance(org, dict) and isinstance(org.get("id"), str):
+                loc = ("organizations", i, "id")
+                if org["id"] in seen_ids:
+                    self.report(
+                        self.marks[loc],
+                        loc,
+                        f"duplicate organization id {org['id']} (first at line "
+                        f"{seen_ids[org['id']]}); list each organization once",
+                    )
+                else:
+                    seen_ids[org["id"]] = self.marks[loc].line + 1
+        notifiers = data.get("notifiers")
+        known = sorted(notifiers) if isinstance(notifiers, dict) and notifiers else None
+        rules = data.get("rules")
+        seen_names: dict[str, int] = {}
+        for i, rule in enumerate(rules if isinstance(rules, list) else []):
+            if not isinstance(rule, dict):
+                continue
+            name = rule.get("name")
+            if isinstance(name, str):
+                loc = ("rules", i, "name")
+                if name in seen_names:
+                    self.report(
+                        self.marks[loc],
+                        loc,
+                        f"duplicate rule name `{name}` (first at line {seen_names[name]}); "
+                        "rule names must be unique",
+                    )
+                else:
+                    seen_names[name] = self.marks[loc].line + 1
+            notify = rule.get("notify")
+            for j, target in enumerate(notify if isinstance(notify, list) else []):
+                if known is not None and isinstance(target, str) and target not in known:
+                    target_loc = ("rules", i, "notify", j)
+                    self.report(
+                        self.marks[target_loc],
+                        target_loc,
+                        f"unknown notifier `{target}`; the notifiers defined under "
+                        f"`notifiers:` are: {', '.join(known)}",
+                    )
+
+    def report_validation(self, exc: ValidationError, data: Any) -> None:
+        for error in exc.errors(include_url=False, include_input=False):
+            kind = error["type"]
+            loc, missing = _document_loc(error["loc"], data, kind == "missing")
+            # A value already reported: skip its errors and its mappings' model checks.
+            if any(loc[: len(b)] == b or b[: len(loc)] == loc for b in self.broken):
+                continue
+            if kind in ("union_tag_invalid", "union_tag_not_found"):
+                missing = kind == "union_tag_not_found"
+                loc = (*loc, "type")
+            if missing:
+                mark = self.marks.get(loc[:-1])
+            elif kind == "extra_forbidden":
+                mark = self.key_marks.get(loc)
+            else:
+                mark = self.marks.get(loc)
+            self.report(mark, loc, _message(error, loc, error["loc"]))
+
+
+def _document_loc(loc: tuple[int | str, ...], data: Any, missing: bool) -> tuple[_Loc, bool]:
+    """A pydantic ``loc`` as a path in the document: union tags dropped; for a missing
+    key, the key's path and True."""
+    path: list[str | int] = []
+    node = data
+    for i, part in enumerate(loc):
+        in_dict = isinstance(node, dict) and part in node
+        in_list = isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
+        if in_dict or in_list:
+            node = node[part]
+            path.append(part)
+        elif missing and i == len(loc) - 1:
+            return (*path, part), True
+        # else: a union tag such as "invoice_status", not part of the document
+    return tuple(path), False
+
+
+def _message(error: Any, loc: _Loc, pydantic_loc: tuple[int | str, ...]) -> str:
+    """A message for one pydantic error that says how to fix it."""
+    kind, ctx = error["type"], error.get("ctx") or {}
+    key = loc[-1] if loc else ""
+    if kind == "missing":
+        return f"missing required key `{key}`"
+    if kind == "extra_forbidden":
+        allowed = _keys(_type_at(pydantic_loc[:-1]))
+        close = difflib.get_close_matches(str(key), allowed, n=1)
+        hint = f"did you mean `{close[0]}`? " if close else ""
+        return f"unknown key `{key}`; {hint}allowed here: {', '.join(allowed)}"
+    if kind in ("union_tag_invalid", "union_tag_not_found"):
+        tags = ", ".join(_tags(_type_at(pydantic_loc)))
+        if kind == "union_tag_not_found":
+            return f"missing required key `type`; one of: {tags}"
+        return f"unknown type `{ctx.get('tag')}`; use one of: {tags}"
+    if kind == "value_error":
+        return str(ctx["error"])
+    if kind in ("literal_error", "enum"):
+        return f"use one of: {ctx['expected']}"
+    if kind in ("greater_than_equal", "less_than_equal", "greater_than"):
+        bound = {"greater_than_equal": "at least", "less_than_equal": "at most"}
+        limit = ctx.get("ge", ctx.get("le", ctx.get("gt")))
+        return f"must be {bound.get(kind, 'more than')} {limit}"
+    hints = {
+        "string_type": "expected text (quote the value)",
+        "int_type": "expected a whole number",
+        "int_parsing": "expected a whole number",
+        "int_from_float": "expected a whole number",
+        "float_type": "expected a number",
+        "float_parsing": "expected a number",
+        "bool_type": "expected true or false",
+        "bool_parsing": "expected true or false",
+        "list_type": "expected a list (`- item` lines or [a, b])",
+        "dict_type": "expected a mapping (`key: value` lines)",
+        "model_type": "expected a mapping (`key: value` lines)",
+        "model_attributes_type": "expected a mapping (`key: value` lines)",
+        "path_type": "expected a file path",
+        "too_short": "must not be empty: give at least one entry",
+        "string_too_short": "must not be empty",
+    }
+    return hints.get(kind, str(error["msg"]))
+
+
+def _type_at(loc: tuple[int | str, ...]) -> Any:
+    """The annotated type found at a pydantic ``loc`` under Config (None if unknown)."""
+    tp: Any = Config
+    for part in loc:
+        tp = _unwrap(tp)
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            fields = tp.model_fields.items()
+            tp = next((f.annotation for n, f in fields if part in (n, f.alias)), None)
+        elif get_origin(tp) is list:
+            tp = get_args(tp)[0]
+        elif get_origin(tp) is dict:
+            tp = get_args(tp)[1]
+        elif get_origin(tp) in (Union, UnionType):
+            tp = next((m for m in get_args(tp) if part in _tags(m)), None)
+        else:
+            return None
+    return tp
+
+
+def _unwrap(tp: Any) -> Any:
+    """Strip Annotated and Optional (a union with None and one other member)."""
+    while True:
+        if get_origin(tp) is Annotated:
+            tp = get_args(tp)[0]
+        elif get_origin(tp) in (Union, UnionType) and NoneType in get_args(tp):
+            (tp,) = (m for m in get_args(tp) if m is not NoneType)
+        else:
+            return tp
+
+
+def _tags(tp: Any) -> list[str]:
+    """The discriminator tags a union member (or every member of a union) answers to."""
+    if get_origin(tp) is Annotated:
+        tags = [m.tag for m in get_args(tp)[1:] if isinstance(m, Tag)]
+        if tags:
+            return tags
+    tp = _unwrap(tp)
+    if get_origin(tp) in (Union, UnionType):
+        return [tag for member in get_args(tp) for tag in _tags(member)]
+    if isinstance(tp, type) and issubclass(tp, BaseModel) and "type" in tp.model_fields:
+        return [str(a) for a in get_args(tp.model_fields["type"].annotation)]
+    return []
+
+
+def _keys(tp: Any) -> list[str]:
+    tp = _unwrap(tp)
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return [f.alias or name for name, f in tp.model_fields.items()]
+    return []
+
+
+def _yaml_problem(exc: yaml.YAMLError, text: str, filename: str) -> list[ConfigProblem]:
+    """YAML syntax errors: tabs in indentation get their own message, one per line."""
+    tabbed = [
+        ConfigProblem(
+            filename,
+            number,
+            line.index("\t") + 1,
+            "",
+            "tab character in indentation: YAML indents with spaces only",
+        )
+        for number, line in enumerate(text.splitlines(), start=1)
+        if "\t" in line[: len(line) - len(line.lstrip(" \t"))]
+    ]
+    if tabbed:
+        return tabbed
+    mark = exc.problem_mark if isinstance(exc, MarkedYAMLError) else None
+    problem = exc.problem if isinstance(exc, MarkedYAMLError) else None
+    line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+    message = f"invalid YAML: {problem or exc}"
+    if isinstance(exc, MarkedYAMLError) and exc.context and exc.context_mark:
+        message += f" ({exc.context} at line {exc.context_mark.line + 1})"
+    return [ConfigProblem(filename, line, column, "", message + "; check indentation and quotes")]
+
+
+def load(
+    text: str,
+    *,
+    filename: str = "<string>",
+    env: Mapping[str, str] | None = None,
+    base_dir: Path | None = None,
+) -> Config:
+    """Parse and validate a configuration; raises ConfigError with every problem found.
+
+    Relative paths (``state.path``, ``ca_file``, ``*_file`` secrets) resolve against
+    ``base_dir`` (default: the working directory). ``env`` defaults to ``os.environ``.
+    """
+    doc = _Document(filename, os.environ if env is None else env, base_dir or Path())
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        raise ConfigError(_yaml_problem(exc, text, filename)) from None
+    if root is None:
+        doc.report(None, (), "the file is empty; see config.example.yaml for a start")
+        raise ConfigError(doc.problems)
+    if not isinstance(root, MappingNode):
+        doc.report(root.start_mark, (), "expected a mapping of sections (atlas:, rules:, ...)")
+        raise ConfigError(doc.problems)
+    data: dict[str, Any] = doc.build(root, ())
+    doc.read_secret_files(data, ())
+    doc.add_defaults(data)
+    doc.check_references(data)
+    config: Config | None = None
+    try:
+        config = Config.model_validate(data, context={"base_dir": base_dir})
+    except ValidationError as exc:
+        doc.report_validation(exc, data)
+    if doc.problems or config is None:
+        problems = sorted(doc.problems, key=lambda p: (p.line, p.column, p.path))
+        raise ConfigError(problems)
+    return config
+
+
+def load_file(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
+    """Load the configuration file at ``path``; relative paths resolve against its folder."""
+    filename = os.fspath(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(
+            [
+                ConfigProblem(
+                    filename,
+                    1,
+                    1,
+                    "",
+                    f"cannot read the configuration file: {reason}; give its path with "
+                    "-c FILE or $INVOICE_WATCH_CONFIG",
+                )
+            ]
+        ) from None
+    config = load(text, filename=filename, env=env, base_dir=Path(path).absolute().parent)
+    config._source = Path(path).absolute()
+    return config
+
+
+def find_config_file(explicit: str | None, env: Mapping[str, str]) -> Path:
+    """``-c`` value, else $INVOICE_WATCH_CONFIG, else ./config.yaml if it exists, else
+    /etc/invoice-watch/config.yaml."""
+    if explicit:
+        return Path(explicit)
+    if env.get("INVOICE_WATCH_CONFIG"):
+        return Path(env["INVOICE_WATCH_CONFIG"])
+    local = Path("config.yaml")
+    return local if local.is_file() else DEFAULT_CONFIG_PATH
+
+
+# --- summary -------------------------------------------------------------------------
+
+
+def _notifier_line(name: str, notifier: NotifierConfig) -> str:
+    if isinstance(notifier, SlackNotifierConfig):
+        if notifier.webhook_url is not None:
+            return f"{name}: slack webhook {notifier.webhook_url}"
+        return (
+            f"{name}: slack {notifier.api_url} channel {notifier.channel}, token {notifier.token}"
+        )
+    if isinstance(notifier, EmailNotifierConfig):
+        login = (
+            f", user {notifier.username} password {notifier.password}" if notifier.username else ""
+        )
+        ca = f", CA {notifier.ca_file}" if notifier.ca_file else ""
+        return (
+            f"{name}: email via {notifier.host}:{notifier.port} ({notifier.tls}{ca}{login}), "
+            f"from {notifier.from_addr} to {', '.join(notifier.to)}"
+        )
+    return f"{name}: console (stdout)"
+
+
+def _rule_params(rule: Rule) -> str:
+    def statuses(values: list[str] | None) -> str:
+        return "|".join(values) if values else "any"
+
+    if isinstance(rule, InvoiceStatusRule):
+        return f"statuses {statuses(rule.statuses)}"
+    if isinstance(rule, PendingAmountRule):
+        return f"pending amount over {usd(rule.threshold_cents)}"
+    if isinstance(rule, StatusChangeRule):
+        return f"from {statuses(rule.from_statuses)} to {statuses(rule.to_statuses)}"
+    if isinstance(rule, AmountIncreaseRule):
+        limits = [usd(rule.threshold_cents)] if rule.threshold_cents is not None else []
+        limits += [f"{rule.percent:g}%"] if rule.percent is not None else []
+        return f"growth over {' or '.join(limits)} within {duration(rule.window)}"
+    if isinstance(rule, ForecastRule):
+        return f"forecast over {usd(rule.budget_cents)} after {duration(rule.min_elapsed)}"
+    return f"reads failing for {duration(rule.after)}"
+
+
+def summary(config: Config) -> str:
+    """A human summary for ``invoice-watch check-config``; secrets show as ``<secret>``."""
+    atlas = config.atlas
+    auth = atlas.auth
+    credentials = (
+        f"API key {auth.public_key} / {auth.private_key}"
+        if isinstance(auth, DigestAuth)
+        else f"service account {auth.client_id} / {auth.client_secret}"
+    )
+    lines = [
+        f"Configuration: {config.source or '<string>'}",
+        f"Atlas: {atlas.base_url} (api {atlas.api}), {credentials}",
+        f"  timeout {duration(atlas.timeout)}, concurrency {atlas.max_concurrency}, "
+        f"retries {atlas.retries}, max backoff {duration(atlas.max_backoff)}",
+        f"Organizations ({len(config.organizations)}):",
+        *(f"  - {org.display_name} ({org.id})" for org in config.organizations),
+        f"Poll: every {duration(config.poll.interval)}, jitter {duration(config.poll.jitter)}",
+        f"State: {config.state.path}",
+        f"Delivery: give up after {duration(config.delivery.max_age)}, max backoff "
+        f"{duration(config.delivery.max_backoff)}, group over {config.delivery.group_over}",
+        f"Notifiers ({len(config.notifiers)}):",
+        *(f"  - {_notifier_line(name, n)}" for name, n in config.notifiers.items()),
+        f"Rules ({len(config.rules)}):",
+    ]
+    for rule in config.rules:
+        options = [rule.severity.value]
+        options += [f"orgs {', '.join(rule.orgs)}"] if rule.orgs else []
+        options += [f"repeat {duration(rule.repeat)}"] if rule.repeat else []
+        options += [] if rule.send_resolved else ["no resolved"]
+        options += [] if rule.enabled else ["DISABLED"]
+        lines.append(
+            f"  - {rule.name} [{rule.type}] {_rule_params(rule)} -> {', '.join(rule.notify)}"
+            f" ({', '.join(options)})"
+        )
+    lines.append(f"HTTP: {config.http.listen}" if config.http else "HTTP: off")
+    lines.append(f"Log: {config.log.level}, {config.log.format}")
+    return "\n".join(lines)

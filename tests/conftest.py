@@ -1,0 +1,99 @@
+"""Shared fixtures: a config builder, invoice factory, clean environment."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from invoice_watch.config import Config, load
+from invoice_watch.types import Invoice
+
+ORG_A = "aaaaaaaaaaaaaaaaaaaaaaaa"
+ORG_B = "bbbbbbbbbbbbbbbbbbbbbbbb"
+NOW = datetime(2026, 11, 15, 12, 0, tzinfo=UTC)
+PERIOD_START = datetime(2026, 11, 1, tzinfo=UTC)
+PERIOD_END = datetime(2026, 12, 1, tzinfo=UTC)
+
+_ENV_VARS = (
+    "INVOICE_WATCH_CONFIG",
+    "STATE_DIRECTORY",
+    "CREDENTIALS_DIRECTORY",
+    "SLACK_WEBHOOK_URL",
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+)
+
+
+@pytest.fixture(autouse=True)
+def clean_environ(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Tests never see the developer's or CI's environment for our variables."""
+    for name in _ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
+    yield
+
+
+def base_config(**overrides: Any) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "atlas": {
+            "base_url": "http://127.0.0.1:9",
+            "auth": {"public_key": "pubkey", "private_key": "privkey-secret"},
+        },
+        "organizations": [{"id": ORG_A, "name": "Production"}, {"id": ORG_B, "name": "Analytics"}],
+        "notifiers": {"console": {"type": "console"}},
+        "rules": [
+            {"name": "failed-invoice", "type": "invoice_status", "notify": ["console"]},
+            {
+                "name": "pending-over-budget",
+                "type": "pending_amount",
+                "threshold": 5000,
+                "notify": ["console"],
+            },
+        ],
+    }
+    data.update(overrides)
+    return data
+
+
+def make_config(tmp_path: Path, data: dict[str, Any] | None = None, **overrides: Any) -> Config:
+    data = data if data is not None else base_config(**overrides)
+    data.setdefault("state", {"path": str(tmp_path / "state.db")})
+    return load(
+        yaml.safe_dump(data, sort_keys=False), filename="test.yaml", env={}, base_dir=tmp_path
+    )
+
+
+@pytest.fixture
+def config_factory(tmp_path: Path) -> Callable[..., Config]:
+    def factory(data: dict[str, Any] | None = None, **overrides: Any) -> Config:
+        return make_config(tmp_path, data, **overrides)
+
+    return factory
+
+
+def inv(
+    n: int = 1,
+    *,
+    org: str = ORG_A,
+    status: str = "PENDING",
+    cents: int = 100_00,
+    start: datetime = PERIOD_START,
+    end: datetime = PERIOD_END,
+    source: str | None = None,
+    **amounts: int,
+) -> Invoice:
+    """An invoice with a readable id: inv(3) -> id '000...003'."""
+    return Invoice(
+        id=f"{n:024x}",
+        org_id=org,
+        status=status,
+        start_date=start,
+        end_date=end,
+        amount_billed_cents=cents,
+        source_org_id=source or org,
+        **amounts,
+    )
