@@ -1,0 +1,581 @@
+"""Stage 1, fetch: read invoices from the Atlas Administration API.
+
+Owns the HTTP side of the product: the aiohttp session, authentication (HTTP Digest API
+keys or an OAuth service account), the three API flavors, paging, bounded concurrency,
+retries with backoff, and turning every failure into a :class:`FetchError` for the one
+organization it hit. Nothing outside this module sees an aiohttp type.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import enum
+import io
+import json
+import logging
+import random
+import re
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from decimal import Decimal, InvalidOperation
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+from aiohttp import ClientHandlerType, ClientRequest, ClientResponse, hdrs
+
+from invoice_watch import __version__
+from invoice_watch.clock import Clock, SystemClock
+from invoice_watch.constants import (
+    API_PREFIXES,
+    ITEMS_PER_PAGE,
+    OAUTH_TOKEN_PATH,
+    REQUIRED_ROLE,
+    V2_CSV_MEDIA_TYPE,
+    V2_MEDIA_TYPE,
+)
+from invoice_watch.errors import (
+    FetchAuthError,
+    FetchDataError,
+    FetchError,
+    FetchStatusError,
+    FetchTimeout,
+)
+from invoice_watch.types import AMOUNT_ATTRS, Invoice, LineItem, OrgRead
+
+if TYPE_CHECKING:
+    from invoice_watch.config import AtlasConfig
+
+log = logging.getLogger(__name__)
+
+_HEX24 = re.compile(r"^[a-f0-9]{24}$")
+_INT64_MAX = 2**63 - 1
+_BACKOFF_BASE = 1.0
+_MAX_RETRY_AFTER = 300.0
+
+
+class Decision(enum.Enum):
+    """What to do with an HTTP status: the one place retry-or-give-up is decided."""
+
+    OK = "ok"
+    RETRY_AFTER = "retry-after"  # honour Retry-After when given, else back off
+    BACKOFF = "backoff"  # exponential backoff with jitter
+    AUTH = "auth"  # 401/403: credentials or role; never retried
+    FAIL = "fail"  # retrying cannot help
+
+
+def classify_status(status: int) -> Decision:
+    if 200 <= status < 300:
+        return Decision.OK
+    if status in (429, 503):
+        return Decision.RETRY_AFTER
+    if status in (401, 403):
+        return Decision.AUTH
+    if status >= 500 or status == 408:
+        return Decision.BACKOFF
+    return Decision.FAIL
+
+
+def backoff_delay(attempt: int, cap: float, rng: random.Random) -> float:
+    """Full-jitter exponential backoff: uniform in [base*2^attempt / 2, base*2^attempt],
+    never above ``cap``."""
+    ceiling = min(cap, _BACKOFF_BASE * (2**attempt))
+    return rng.uniform(ceiling / 2, ceiling)
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return min(max(seconds, 0.0), _MAX_RETRY_AFTER)
+
+
+class OAuthMiddleware:
+    """aiohttp client middleware for Atlas service accounts (OAuth 2.0 client credentials).
+
+    The token is fetched lazily, reused until shortly before it expires, and refreshed
+    once when the API answers 401 (revoked or expired early). The token request itself
+    bypasses this middleware.
+    """
+
+    def __init__(self, token_url: str, client_id: str, client_secret: str, clock: Clock) -> None:
+        self._token_url = token_url
+        self._basic = aiohttp.encode_basic_auth(client_id, client_secret)
+        self._clock = clock
+        self._token: str | None = None
+        self._expires_at: datetime | None = None
+        self._lock = asyncio.Lock()
+        self.token_requests = 0
+
+    def __repr__(self) -> str:
+        return f"OAuthMiddleware(token_url={self._token_url!r}, token=<secret>)"
+
+    def _valid(self) -> bool:
+        return (
+            self._token is not None
+            and self._expires_at is not None
+            and self._clock.now() < self._expires_at
+        )
+
+    async def _token_for(self, session: aiohttp.ClientSession, stale: str | None) -> str:
+        async with self._lock:
+            if self._valid() and self._token != stale:
+                assert self._token is not None
+                return self._token
+            self.token_requests += 1
+            async with session.post(
+                self._token_url,
+                data={"grant_type": "client_credentials"},
+                headers={hdrs.AUTHORIZATION: self._basic, hdrs.ACCEPT: "application/json"},
+                middlewares=(),
+            ) as resp:
+                body = await resp.read()
+                if resp.status in (400, 401, 403):
+                    raise _TokenRefused(resp.status)
+                if resp.status != 200:
+                    raise _TokenUnavailable(resp.status, resp.headers.get(hdrs.RETRY_AFTER))
+            try:
+                data = json.loads(body)
+                token = str(data["access_token"])
+                lifetime = float(data.get("expires_in", 3600))
+            except (ValueError, KeyError, TypeError) as exc:
+                raise _TokenUnavailable(200, None) from exc
+            # Refresh a minute early (or at 90% of a short lifetime).
+            margin = min(60.0, lifetime * 0.1)
+            self._token = token
+            self._expires_at = self._clock.now() + timedelta(seconds=lifetime - margin)
+            return token
+
+    async def __call__(self, request: ClientRequest, handler: ClientHandlerType) -> ClientResponse:
+        token = await self._token_for(request.session, stale=None)
+        request.headers[hdrs.AUTHORIZATION] = f"Bearer {token}"
+        response = await handler(request)
+        if response.status != 401:
+            return response
+        response.release()
+        token = await self._token_for(request.session, stale=token)
+        request.headers[hdrs.AUTHORIZATION] = f"Bearer {token}"
+        return await handler(request)
+
+
+class _TokenRefused(Exception):
+    def __init__(self, status: int) -> None:
+        self.status = status
+        super().__init__(f"token endpoint answered {status}")
+
+
+class _TokenUnavailable(Exception):
+    def __init__(self, status: int, retry_after: str | None) -> None:
+        self.status = status
+        self.retry_after = retry_after
+        super().__init__(f"token endpoint answered {status}")
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    status: int
+    body: bytes
+    retry_after: str | None
+
+
+class AtlasClient:
+    """Lists invoices of Atlas (or Cloud Manager) organizations.
+
+    One long-lived aiohttp session; at most ``max_concurrency`` requests in flight; with
+    Digest keys, the first request authenticates alone so the others reuse its nonce
+    instead of each drawing its own 401 challenge.
+    """
+
+    def __init__(
+        self,
+        config: AtlasConfig,
+        *,
+        clock: Clock | None = None,
+        rng: random.Random | None = None,
+        org_names: Mapping[str, str] | None = None,
+    ) -> None:
+        self._config = config
+        self._clock = clock or SystemClock()
+        self._rng = rng or random.Random()
+        self._org_names = dict(org_names or {})
+        self._base = config.base_url.rstrip("/")
+        self._prefix = API_PREFIXES[config.api]
+        self._semaphore = asyncio.Semaphore(config.max_concurrency)
+        self._authenticated = False
+        self._auth_lock = asyncio.Lock()
+        self._session: aiohttp.ClientSession | None = None
+        self.requests_sent = 0
+
+    def __repr__(self) -> str:
+        return f"AtlasClient(base_url={self._base!r}, api={self._config.api!r})"
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def _open(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            from invoice_watch.config import DigestAuth
+
+            auth = self._config.auth
+            middleware: Any
+            if isinstance(auth, DigestAuth):
+                middleware = aiohttp.DigestAuthMiddleware(auth.public_key, auth.private_key.get())
+            else:
+                middleware = OAuthMiddleware(
+                    self._base + OAUTH_TOKEN_PATH,
+                    auth.client_id,
+                    auth.client_secret.get(),
+                    self._clock,
+                )
+            seconds = self._config.timeout.total_seconds()
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(
+                    total=seconds, connect=min(10.0, seconds), sock_read=seconds
+                ),
+                connector=aiohttp.TCPConnector(
+                    limit=self._config.max_concurrency,
+                    limit_per_host=self._config.max_concurrency,
+                ),
+                middlewares=(middleware,),
+                headers={hdrs.USER_AGENT: f"invoice-watch/{__version__}"},
+            )
+        return self._session
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def __aenter__(self) -> AtlasClient:
+        self._open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # -- requests --------------------------------------------------------------------
+
+    def _org_label(self, org_id: str) -> str:
+        name = self._org_names.get(org_id)
+        return f"{name} ({org_id})" if name and name != org_id else org_id
+
+    def _accept(self, csv_body: bool = False) -> str:
+        if self._config.api == "v2":
+            return V2_CSV_MEDIA_TYPE if csv_body else V2_MEDIA_TYPE
+        return "text/csv" if csv_body else "application/json"
+
+    async def _send_once(self, url: str, params: Mapping[str, str], accept: str) -> _Answer:
+        session = self._open()
+        async with self._semaphore:
+            self.requests_sent += 1
+            async with session.get(url, params=params, headers={hdrs.ACCEPT: accept}) as resp:
+                body = await resp.read()
+                return _Answer(resp.status, body, resp.headers.get(hdrs.RETRY_AFTER))
+
+    async def _send(self, url: str, params: Mapping[str, str], accept: str) -> _Answer:
+        """Send one request. Until one has been answered without a 401/403, requests go
+        one at a time, so that the others reuse its Digest nonce or OAuth token instead
+        of each drawing a challenge of its own."""
+        if self._authenticated:
+            return await self._send_once(url, params, accept)
+        async with self._auth_lock:
+            answer = await self._send_once(url, params, accept)
+            if answer.status not in (401, 403):
+                self._authenticated = True
+            return answer
+
+    async def _get(
+        self, org_id: str, path: str, params: Mapping[str, str], *, csv_body: bool = False
+    ) -> bytes:
+        """GET with retries; returns the body of a 2xx answer or raises FetchError."""
+        url = f"{self._base}{self._prefix}{path}"
+        accept = self._accept(csv_body)
+        label = self._org_label(org_id)
+        retries = self._config.retries
+        cap = self._config.max_backoff.total_seconds()
+        last_problem = ""
+        for attempt in range(retries + 1):
+            retry_after: float | None = None
+            try:
+                answer = await self._send(url, params, accept)
+            except _TokenRefused as exc:
+                raise FetchAuthError(
+                    org_id,
+                    f"the OAuth token endpoint refused the service account ({exc.status}): "
+                    "check atlas.auth.client_id and client_secret",
+                ) from None
+            except _TokenUnavailable as exc:
+                last_problem = f"the OAuth token endpoint answered {exc.status}"
+                retry_after = parse_retry_after(exc.retry_after)
+            except TimeoutError:
+                last_problem = (
+                    f"no answer within {self._config.timeout.total_seconds():g}s (atlas.timeout)"
+                )
+            except aiohttp.ClientError as exc:
+                last_problem = f"connection failed: {type(exc).__name__}"
+            else:
+                decision = classify_status(answer.status)
+                if decision is Decision.OK:
+                    if attempt:
+                        log.info("%s: %s succeeded after %d retries", label, path, attempt)
+                    return answer.body
+                detail = _api_error_detail(answer.body)
+                if decision is Decision.AUTH:
+                    raise FetchAuthError(org_id, _auth_message(answer.status, label, detail))
+                if decision is Decision.FAIL:
+                    raise FetchStatusError(
+                        org_id,
+                        answer.status,
+                        f"{path} answered HTTP {answer.status}{detail}",
+                    )
+                last_problem = f"HTTP {answer.status}{detail}"
+                if decision is Decision.RETRY_AFTER:
+                    retry_after = parse_retry_after(answer.retry_after)
+            if attempt == retries:
+                break
+            delay = (
+                retry_after if retry_after is not None else backoff_delay(attempt, cap, self._rng)
+            )
+            log.warning(
+                "%s: %s: %s; retry %d of %d in %.1fs",
+                label,
+                path,
+                last_problem,
+                attempt + 1,
+                retries,
+                delay,
+            )
+            await self._clock.sleep(delay)
+        message = f"{path}: {last_problem} (gave up after {retries + 1} attempts)"
+        if last_problem.startswith("no answer"):
+            raise FetchTimeout(org_id, message)
+        raise FetchError(org_id, message)
+
+    # -- operations ------------------------------------------------------------------
+
+    async def list_invoices(self, org_id: str, from_date: date | None = None) -> list[Invoice]:
+        """Every invoice of the organization (and of its linked organizations), by id.
+
+        Pages of ``itemsPerPage=500`` sorted by start date ascending (new invoices land on
+        the last page, so an invoice created while paging cannot shift another one out of
+        view), until a page comes back shorter than asked.
+        """
+        found: dict[str, Invoice] = {}
+        page = 1
+        while True:
+            params = {
+                "itemsPerPage": str(ITEMS_PER_PAGE),
+                "pageNum": str(page),
+                "includeCount": "false",
+                "viewLinkedInvoices": "true",
+                "sortBy": "START_DATE",
+                "orderBy": "asc",
+            }
+            if from_date is not None:
+                params["fromDate"] = from_date.isoformat()
+            body = await self._get(org_id, f"/orgs/{org_id}/invoices", params)
+            results = _results(org_id, body)
+            for item in results:
+                for invoice in _flatten(org_id, item):
+                    found[invoice.id] = invoice
+            if len(results) < ITEMS_PER_PAGE:
+                return list(found.values())
+            page += 1
+
+    async def read_org(self, org_id: str, from_date: date | None = None) -> OrgRead:
+        """List one organization's invoices; a failure is reported, never raised."""
+        before = self.requests_sent
+        try:
+            invoices = await self.list_invoices(org_id, from_date)
+        except FetchError as exc:
+            return OrgRead(org_id, error=str(exc), requests=self.requests_sent - before)
+        return OrgRead(org_id, tuple(invoices), requests=self.requests_sent - before)
+
+    async def read_orgs(
+        self, org_ids: Sequence[str], from_dates: Mapping[str, date | None] | None = None
+    ) -> dict[str, OrgRead]:
+        """Read every organization concurrently; one failing never blocks the others."""
+        from_dates = from_dates or {}
+        reads: dict[str, OrgRead] = {}
+
+        async def one(org_id: str) -> None:
+            reads[org_id] = await self.read_org(org_id, from_dates.get(org_id))
+
+        async with asyncio.TaskGroup() as group:
+            for org_id in org_ids:
+                group.create_task(one(org_id))
+        return {org_id: reads[org_id] for org_id in org_ids}
+
+    async def pending_line_items(self, org_id: str) -> dict[str, list[LineItem]]:
+        """Line items of the organization's pending invoices, by invoice id (for breakdowns
+        in messages; fetched only when a message needs them)."""
+        body = await self._get(org_id, f"/orgs/{org_id}/invoices/pending", {})
+        items: dict[str, list[LineItem]] = {}
+        for raw in _results(org_id, body):
+            queue = [raw]
+            while queue:
+                entry = queue.pop()
+                if not isinstance(entry, dict):
+                    continue
+                queue.extend(entry.get("linkedInvoices") or [])
+                if isinstance(entry.get("id"), str):
+                    items[entry["id"]] = _line_items_json(entry.get("lineItems") or [])
+        return items
+
+    async def invoice_line_items(self, org_id: str, invoice_id: str) -> list[LineItem]:
+        """Line items of one invoice, from its CSV."""
+        body = await self._get(
+            org_id, f"/orgs/{org_id}/invoices/{invoice_id}/csv", {}, csv_body=True
+        )
+        try:
+            return parse_invoice_csv(body.decode("utf-8-sig"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise FetchDataError(org_id, f"the invoice CSV is malformed: {exc}") from None
+
+
+# -- parsing ---------------------------------------------------------------------------
+
+
+def _api_error_detail(body: bytes) -> str:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return ""
+    if not isinstance(data, dict):
+        return ""
+    parts = [str(data[k]) for k in ("errorCode", "detail") if isinstance(data.get(k), str)]
+    return f" ({': '.join(parts)})" if parts else ""
+
+
+def _auth_message(status: int, label: str, detail: str) -> str:
+    if status == 401:
+        return (
+            f"Atlas refused the credentials for {label} (HTTP 401{detail}): check "
+            "atlas.auth (API key pair or service account) and that the key is not revoked"
+        )
+    return (
+        f"the credentials may not read invoices of {label} (HTTP 403{detail}): grant the "
+        f"API key or service account the {REQUIRED_ROLE} role on this organization"
+    )
+
+
+def _results(org_id: str, body: bytes) -> list[Any]:
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise FetchDataError(org_id, "the API answered with a body that is not JSON") from None
+    if isinstance(data, dict) and "content" in data and "status" in data:
+        data = data["content"]  # envelope=true
+    if not isinstance(data, dict) or not isinstance(data.get("results"), list):
+        raise FetchDataError(org_id, "the API answer has no `results` list")
+    results: list[Any] = data["results"]
+    return results
+
+
+def _flatten(source_org_id: str, item: Any) -> Iterable[Invoice]:
+    """The invoice and, recursively, the linked invoices nested in it."""
+    yield parse_invoice(source_org_id, item)
+    for linked in item.get("linkedInvoices") or []:
+        yield from _flatten(source_org_id, linked)
+
+
+def _timestamp(org_id: str, item: dict[str, Any], key: str, *, required: bool) -> datetime | None:
+    value = item.get(key)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str):
+        raise FetchDataError(org_id, f"invoice {item.get('id')!s:.40}: `{key}` is missing")
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise FetchDataError(
+            org_id, f"invoice {item.get('id')!s:.40}: `{key}` is not a timestamp"
+        ) from None
+    if parsed.tzinfo is None:
+        raise FetchDataError(org_id, f"invoice {item.get('id')!s:.40}: `{key}` has no timezone")
+    return parsed
+
+
+def parse_invoice(source_org_id: str, item: Any) -> Invoice:
+    """One ``BillingInvoiceMetadata`` object -> :class:`Invoice`, checked field by field."""
+    org = source_org_id
+    if not isinstance(item, dict):
+        raise FetchDataError(org, "an entry of `results` is not an object")
+    invoice_id = item.get("id")
+    if not isinstance(invoice_id, str) or not _HEX24.match(invoice_id):
+        raise FetchDataError(org, f"an invoice id is not 24 hex digits: {invoice_id!r:.40}")
+    owner = item.get("orgId")
+    if not isinstance(owner, str) or not _HEX24.match(owner):
+        raise FetchDataError(org, f"invoice {invoice_id}: `orgId` is not 24 hex digits")
+    status = item.get("statusName")
+    if not isinstance(status, str) or not status:
+        raise FetchDataError(org, f"invoice {invoice_id}: `statusName` is missing")
+    amounts: dict[str, int] = {}
+    for api_name, attr in AMOUNT_ATTRS.items():
+        value = item.get(api_name, 0)
+        if value is None:
+            value = 0
+        if isinstance(value, bool) or not isinstance(value, int) or abs(value) > _INT64_MAX:
+            raise FetchDataError(org, f"invoice {invoice_id}: `{api_name}` is not an int64")
+        amounts[attr] = value
+    start = _timestamp(org, item, "startDate", required=True)
+    end = _timestamp(org, item, "endDate", required=True)
+    assert start is not None and end is not None
+    return Invoice(
+        id=invoice_id,
+        org_id=owner,
+        status=status,
+        start_date=start,
+        end_date=end,
+        created=_timestamp(org, item, "created", required=False),
+        updated=_timestamp(org, item, "updated", required=False),
+        source_org_id=source_org_id,
+        **amounts,
+    )
+
+
+def _line_items_json(raw: list[Any]) -> list[LineItem]:
+    items = []
+    for entry in raw:
+        if not isinstance(entry, dict):
+            continue
+        cents = entry.get("totalPriceCents")
+        items.append(
+            LineItem(
+                project=str(entry.get("groupName") or entry.get("groupId") or "—"),
+                sku=str(entry.get("sku") or "—"),
+                cluster=str(entry.get("clusterName") or ""),
+                amount_cents=cents if isinstance(cents, int) else 0,
+            )
+        )
+    return items
+
+
+def parse_invoice_csv(text: str) -> list[LineItem]:
+    """The invoice CSV: a header block, a blank line, then one row per line item."""
+    blocks = re.split(r"\r?\n\r?\n", text, maxsplit=1)
+    if len(blocks) != 2:
+        raise ValueError("no blank line between the header block and the line items")
+    rows = list(csv.DictReader(io.StringIO(blocks[1])))
+    items = []
+    for row in rows:
+        amount = (row.get("Amount") or "").replace("$", "").replace(",", "").strip()
+        try:
+            cents = int((Decimal(amount or "0") * 100).to_integral_value())
+        except InvalidOperation:
+            raise ValueError(f"amount {amount!r:.20} is not a number") from None
+        items.append(
+            LineItem(
+                project=(row.get("Project") or "—").strip() or "—",
+                sku=(row.get("SKU") or "—").strip() or "—",
+                cluster=(row.get("Cluster") or "").strip(),
+                amount_cents=cents,
+            )
+        )
+    return items
+
+
+ReadOrgs = Callable[[Sequence[str], Mapping[str, date | None]], Awaitable[dict[str, OrgRead]]]
