@@ -1,0 +1,724 @@
+"""Stage 5, commit: the SQLite state file.
+
+Owns the snapshot of invoices, the history of pending amounts, the per-organization read
+state, the alert state and the outbox of notifications. A cycle's snapshot update,
+alert-state changes and the notifications they cause are written in ONE transaction
+(:meth:`StateStore.commit_cycle`); delivery reads the outbox afterwards. WAL mode,
+``synchronous=FULL``, versioned migrations, file mode 0600, and an exclusive lock so
+that one daemon owns one file.
+
+stdlib ``sqlite3`` with one connection, called through ``asyncio.to_thread`` behind a
+lock. What the poll cycle reads (snapshot, history, firing alerts) is cached in memory
+after the first load and updated only once a commit succeeded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import sqlite3
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+from invoice_watch.dedup import AlertState, Transition
+from invoice_watch.errors import StateError, StateLockedError
+from invoice_watch.types import AlertEvent, Invoice, events_from_json, events_to_json
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: the first schema
+    """
+    CREATE TABLE invoices (
+        id TEXT PRIMARY KEY,
+        org_id TEXT NOT NULL,
+        source_org_id TEXT NOT NULL,
+        status TEXT NOT NULL,
+        start_date TEXT NOT NULL,
+        end_date TEXT NOT NULL,
+        amount_billed_cents INTEGER NOT NULL,
+        amount_paid_cents INTEGER NOT NULL,
+        credits_cents INTEGER NOT NULL,
+        sales_tax_cents INTEGER NOT NULL,
+        starting_balance_cents INTEGER NOT NULL,
+        subtotal_cents INTEGER NOT NULL,
+        created TEXT,
+        updated TEXT,
+        first_seen TEXT NOT NULL,
+        last_changed TEXT NOT NULL
+    );
+    CREATE INDEX invoices_by_source ON invoices (source_org_id);
+    CREATE TABLE amount_history (
+        invoice_id TEXT NOT NULL,
+        observed_at TEXT NOT NULL,
+        amount_cents INTEGER NOT NULL,
+        PRIMARY KEY (invoice_id, observed_at)
+    );
+    CREATE TABLE orgs (
+        org_id TEXT PRIMARY KEY,
+        last_attempt TEXT,
+        last_success TEXT,
+        failing_since TEXT,
+        last_error TEXT,
+        invoice_count INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE alerts (
+        key TEXT PRIMARY KEY,
+        rule TEXT NOT NULL,
+        org_id TEXT NOT NULL,
+        source_org_id TEXT NOT NULL,
+        invoice_id TEXT,
+        firing INTEGER NOT NULL,
+        firing_since TEXT NOT NULL,
+        last_notified TEXT,
+        resolved_at TEXT,
+        last_event TEXT
+    );
+    CREATE INDEX alerts_firing ON alerts (firing);
+    CREATE TABLE outbox (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        notifier TEXT NOT NULL,
+        events TEXT NOT NULL,
+        summary TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        next_attempt_at TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        state TEXT NOT NULL DEFAULT 'pending',
+        last_error TEXT,
+        done_at TEXT
+    );
+    CREATE INDEX outbox_due ON outbox (state, next_attempt_at);
+    CREATE TABLE cycles (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        started_at TEXT NOT NULL,
+        finished_at TEXT NOT NULL,
+        orgs_ok INTEGER NOT NULL,
+        orgs_failed INTEGER NOT NULL,
+        events INTEGER NOT NULL
+    );
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+_OUR_TABLES = {"invoices", "amount_history", "orgs", "alerts", "outbox", "cycles"}
+
+_INVOICE_COLUMNS = (
+    "id, org_id, source_org_id, status, start_date, end_date, amount_billed_cents, "
+    "amount_paid_cents, credits_cents, sales_tax_cents, starting_balance_cents, "
+    "subtotal_cents, created, updated"
+)
+
+
+def _ts(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def _dt(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value) if value else None
+
+
+def _invoice_row(invoice: Invoice) -> tuple[Any, ...]:
+    return (
+        invoice.id,
+        invoice.org_id,
+        invoice.source_org_id,
+        invoice.status,
+        invoice.start_date.isoformat(),
+        invoice.end_date.isoformat(),
+        invoice.amount_billed_cents,
+        invoice.amount_paid_cents,
+        invoice.credits_cents,
+        invoice.sales_tax_cents,
+        invoice.starting_balance_cents,
+        invoice.subtotal_cents,
+        _ts(invoice.created),
+        _ts(invoice.updated),
+    )
+
+
+def _invoice_from_row(row: Sequence[Any]) -> Invoice:
+    start, end = _dt(row[4]), _dt(row[5])
+    assert start is not None and end is not None
+    return Invoice(
+        id=row[0],
+        org_id=row[1],
+        source_org_id=row[2],
+        status=row[3],
+        start_date=start,
+        end_date=end,
+        amount_billed_cents=row[6],
+        amount_paid_cents=row[7],
+        credits_cents=row[8],
+        sales_tax_cents=row[9],
+        starting_balance_cents=row[10],
+        subtotal_cents=row[11],
+        created=_dt(row[12]),
+        updated=_dt(row[13]),
+    )
+
+
+@dataclass(frozen=True)
+class OrgState:
+    org_id: str
+    last_attempt: datetime | None = None
+    last_success: datetime | None = None
+    failing_since: datetime | None = None
+    last_error: str | None = None
+    invoice_count: int = 0
+
+
+@dataclass
+class OrgWrite:
+    """What one organization's read changes in the state file."""
+
+    org_id: str
+    ok: bool
+    upserts: list[Invoice] = field(default_factory=list)
+    gone: list[str] = field(default_factory=list)
+    observations: list[tuple[str, int]] = field(default_factory=list)  # pending amounts seen
+    error: str | None = None
+
+
+@dataclass
+class CycleWrite:
+    started_at: datetime
+    finished_at: datetime
+    orgs: list[OrgWrite]
+    transitions: list[Transition]
+    outbox: list[tuple[str, list[AlertEvent]]]  # (notifier name, events of one message)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    id: int
+    notifier: str
+    events: list[AlertEvent]
+    created_at: datetime
+    attempts: int
+
+
+@dataclass(frozen=True)
+class OutboxRow:
+    id: int
+    notifier: str
+    summary: str
+    created_at: datetime
+    state: str
+    attempts: int
+    next_attempt_at: datetime
+    last_error: str | None
+    done_at: datetime | None
+
+
+def summarize(events: Sequence[AlertEvent]) -> str:
+    """One line naming a message, for `history` and logs (no secrets in events)."""
+    if len(events) == 1:
+        e = events[0]
+        parts = [str(e.kind), e.rule, e.org_name]
+        if e.invoice_id:
+            parts.append(e.invoice_id)
+        return " ".join(parts)
+    return f"{len(events)} alerts (grouped)"
+
+
+class StateStore:
+    """The state file. Use :meth:`open`; ``path=None`` keeps everything in memory."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path | None, lock_fd: int | None) -> None:
+        self._conn = conn
+        self.path = path
+        self._lock_fd = lock_fd
+        self._lock = asyncio.Lock()
+        self._snapshot: dict[str, dict[str, Invoice]] | None = None
+        self._history: dict[str, list[tuple[datetime, int]]] = {}
+        self._alerts: dict[str, AlertState] = {}
+        self._orgs: dict[str, OrgState] = {}
+
+    # -- opening ---------------------------------------------------------------------
+
+    @classmethod
+    async def open(cls, path: Path | None, *, exclusive: bool = True) -> StateStore:
+        """Open (creating and migrating) the state file; ``exclusive`` takes the lock
+        that keeps a second daemon off the same file."""
+        return await asyncio.to_thread(cls._open_sync, path, exclusive)
+
+    @classmethod
+    def open_copy(cls, path: Path) -> StateStore:
+        """An in-memory copy of an existing state file (for --dry-run): writes go
+        nowhere, and the file itself is only read."""
+        memory = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+        if path.exists():
+            try:
+                source = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+                try:
+                    source.backup(memory)
+                finally:
+                    source.close()
+            except sqlite3.DatabaseError as exc:
+                raise StateError(f"cannot read state file {path}: {exc}") from None
+        store = cls(memory, None, None)
+        store._migrate()
+        store._load()
+        return store
+
+    @classmethod
+    def _open_sync(cls, path: Path | None, exclusive: bool) -> StateStore:
+        if path is None:
+            conn = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+            store = cls(conn, None, None)
+            store._migrate()
+            store._load()
+            return store
+        lock_fd = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            lock_fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise StateError(
+                f"cannot create or open state file {path}: {exc.strerror}; check state.path "
+                "and that its folder is writable by this user"
+            ) from None
+        try:
+            if exclusive:
+                try:
+                    fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise StateLockedError(
+                        f"state file {path} is in use by another invoice-watch daemon; run "
+                        "one daemon per state file (or point state.path elsewhere)"
+                    ) from None
+            os.fchmod(lock_fd, 0o600)
+            try:
+                conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+                store = cls(conn, path, lock_fd)
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=FULL")
+                conn.execute("PRAGMA busy_timeout=5000")
+                store._migrate()
+                store._load()
+            except sqlite3.DatabaseError as exc:
+                with contextlib.suppress(Exception):
+                    conn.close()
+                raise StateError(
+                    f"state file {path} cannot be used: {exc}. If it is not an invoice-watch "
+                    "state file, point state.path elsewhere; if it is damaged, move it aside "
+                    "(the next run starts a new snapshot)"
+                ) from None
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        return store
+
+    def _migrate(self) -> None:
+        conn = self._conn
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StateError(
+                f"state file {self.path} has schema version {version}, newer than this "
+                f"invoice-watch understands ({SCHEMA_VERSION}): upgrade invoice-watch"
+            )
+        if version == 0:
+            tables = {
+                row[0]
+                for row in conn.execute(
+                    "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%'"
+                )
+            }
+            if tables - _OUR_TABLES:
+                raise StateError(
+                    f"{self.path} is an SQLite file of another program (tables: "
+                    f"{', '.join(sorted(tables)[:5])}); point state.path elsewhere"
+                )
+        for number in range(version + 1, SCHEMA_VERSION + 1):
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in MIGRATIONS[number - 1].split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute(f"PRAGMA user_version={number}")
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            log.info("state file migrated to schema version %d", number)
+
+    def _load(self) -> None:
+        conn = self._conn
+        snapshot: dict[str, dict[str, Invoice]] = {}
+        for row in conn.execute(f"SELECT {_INVOICE_COLUMNS} FROM invoices"):
+            invoice = _invoice_from_row(row)
+            snapshot.setdefault(invoice.source_org_id, {})[invoice.id] = invoice
+        self._snapshot = snapshot
+        self._history = {}
+        for invoice_id, observed_at, cents in conn.execute(
+            "SELECT invoice_id, observed_at, amount_cents FROM amount_history "
+            "ORDER BY invoice_id, observed_at"
+        ):
+            at = _dt(observed_at)
+            assert at is not None
+            self._history.setdefault(invoice_id, []).append((at, cents))
+        self._alerts = {}
+        for row in conn.execute(
+            "SELECT key, rule, org_id, source_org_id, invoice_id, firing, firing_since, "
+            "last_notified, resolved_at, last_event FROM alerts WHERE firing = 1"
+        ):
+            self._alerts[row[0]] = _alert_from_row(row)
+        self._orgs = {}
+        for row in conn.execute(
+            "SELECT org_id, last_attempt, last_success, failing_since, last_error, "
+            "invoice_count FROM orgs"
+        ):
+            self._orgs[row[0]] = OrgState(
+                row[0], _dt(row[1]), _dt(row[2]), _dt(row[3]), row[4], row[5]
+            )
+
+    async def close(self) -> None:
+        async with self._lock:
+            await asyncio.to_thread(self._conn.close)
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
+
+    async def _run(self, fn: Callable[[], T]) -> T:
+        async with self._lock:
+            return await asyncio.to_thread(fn)
+
+    # -- what the cycle reads (cached) -----------------------------------------------
+
+    def snapshot(self, org_id: str) -> dict[str, Invoice]:
+        assert self._snapshot is not None
+        return self._snapshot.get(org_id, {})
+
+    def history(self, invoice_id: str) -> list[tuple[datetime, int]]:
+        return self._history.get(invoice_id, [])
+
+    def all_history(self) -> dict[str, list[tuple[datetime, int]]]:
+        return self._history
+
+    def org_state(self, org_id: str) -> OrgState:
+        return self._orgs.get(org_id) or OrgState(org_id)
+
+    def firing_alerts(self) -> dict[str, AlertState]:
+        return dict(self._alerts)
+
+    # -- the cycle's one transaction -------------------------------------------------
+
+    async def commit_cycle(self, write: CycleWrite) -> list[int]:
+        """Write snapshot, alert state and outbox in one transaction; return outbox ids.
+
+        The in-memory caches change only after the commit succeeded: a failed commit
+        (disk full, I/O error) leaves both the file and the caches as they were.
+        """
+        try:
+            ids = await self._run(lambda: self._commit_sync(write))
+        except sqlite3.Error as exc:
+            raise StateError(
+                f"could not write state file {self.path or ':memory:'}: {exc}; nothing of "
+                "this cycle was recorded (it will be evaluated again)"
+            ) from None
+        self._apply(write)
+        return ids
+
+    def _commit_sync(self, write: CycleWrite) -> list[int]:
+        conn = self._conn
+        now = write.finished_at.isoformat()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            ids = self._write(conn, write, now)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return ids
+
+    def _write(self, conn: sqlite3.Connection, write: CycleWrite, now: str) -> list[int]:
+        for org in write.orgs:
+            if org.ok:
+                if org.upserts:
+                    conn.executemany(
+                        f"INSERT INTO invoices ({_INVOICE_COLUMNS}, first_seen, last_changed) "
+                        "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+                        "ON CONFLICT (id) DO UPDATE SET org_id=excluded.org_id, "
+                        "source_org_id=excluded.source_org_id, status=excluded.status, "
+                        "start_date=excluded.start_date, end_date=excluded.end_date, "
+                        "amount_billed_cents=excluded.amount_billed_cents, "
+                        "amount_paid_cents=excluded.amount_paid_cents, "
+                        "credits_cents=excluded.credits_cents, "
+                        "sales_tax_cents=excluded.sales_tax_cents, "
+                        "starting_balance_cents=excluded.starting_balance_cents, "
+                        "subtotal_cents=excluded.subtotal_cents, created=excluded.created, "
+                        "updated=excluded.updated, last_changed=excluded.last_changed",
+                        [(*_invoice_row(i), now, now) for i in org.upserts],
+                    )
+                    finished = [(i.id,) for i in org.upserts if i.status != "PENDING"]
+                    conn.executemany("DELETE FROM amount_history WHERE invoice_id=?", finished)
+                if org.gone:
+                    conn.executemany("DELETE FROM invoices WHERE id=?", [(g,) for g in org.gone])
+                    conn.executemany(
+                        "DELETE FROM amount_history WHERE invoice_id=?", [(g,) for g in org.gone]
+                    )
+                conn.executemany(
+                    "INSERT OR REPLACE INTO amount_history VALUES (?,?,?)",
+                    [(invoice_id, now, cents) for invoice_id, cents in org.observations],
+                )
+                count = (
+                    len(self.snapshot(org.org_id))
+                    + sum(1 for i in org.upserts if i.id not in self.snapshot(org.org_id))
+                    - len(org.gone)
+                )
+                conn.execute(
+                    "INSERT INTO orgs (org_id, last_attempt, last_success, failing_since, "
+                    "last_error, invoice_count) VALUES (?,?,?,NULL,NULL,?) "
+                    "ON CONFLICT (org_id) DO UPDATE SET last_attempt=excluded.last_attempt, "
+                    "last_success=excluded.last_success, failing_since=NULL, last_error=NULL, "
+                    "invoice_count=excluded.invoice_count",
+                    (org.org_id, now, now, count),
+                )
+            else:
+                conn.execute(
+                    "INSERT INTO orgs (org_id, last_attempt, failing_since, last_error) "
+                    "VALUES (?,?,?,?) ON CONFLICT (org_id) DO UPDATE SET "
+                    "last_attempt=excluded.last_attempt, "
+                    "failing_since=COALESCE(orgs.failing_since, excluded.failing_since), "
+                    "last_error=excluded.last_error",
+                    (org.org_id, now, now, org.error),
+                )
+        if write.transitions:
+            conn.executemany(
+                "INSERT OR REPLACE INTO alerts (key, rule, org_id, source_org_id, invoice_id, "
+                "firing, firing_since, last_notified, resolved_at, last_event) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?)",
+                [_alert_row(t.state) for t in write.transitions],
+            )
+        ids = []
+        for notifier, events in write.outbox:
+            cursor = conn.execute(
+                "INSERT INTO outbox (notifier, events, summary, created_at, next_attempt_at) "
+                "VALUES (?,?,?,?,?)",
+                (notifier, events_to_json(events), summarize(events), now, now),
+            )
+            assert cursor.lastrowid is not None
+            ids.append(cursor.lastrowid)
+        conn.execute(
+            "INSERT INTO cycles (started_at, finished_at, orgs_ok, orgs_failed, events) "
+            "VALUES (?,?,?,?,?)",
+            (
+                write.started_at.isoformat(),
+                now,
+                sum(1 for o in write.orgs if o.ok),
+                sum(1 for o in write.orgs if not o.ok),
+                sum(len(events) for _, events in write.outbox),
+            ),
+        )
+        return ids
+
+    def _apply(self, write: CycleWrite) -> None:
+        """Bring the caches in line with what was just committed."""
+        assert self._snapshot is not None
+        at = write.finished_at
+        for org in write.orgs:
+            before = self._orgs.get(org.org_id) or OrgState(org.org_id)
+            if not org.ok:
+                self._orgs[org.org_id] = OrgState(
+                    org.org_id,
+                    last_attempt=at,
+                    last_success=before.last_success,
+                    failing_since=before.failing_since or at,
+                    last_error=org.error,
+                    invoice_count=before.invoice_count,
+                )
+                continue
+            current = self._snapshot.setdefault(org.org_id, {})
+            for invoice in org.upserts:
+                current[invoice.id] = invoice
+                if invoice.status != "PENDING":
+                    self._history.pop(invoice.id, None)
+            for invoice_id in org.gone:
+                current.pop(invoice_id, None)
+                self._history.pop(invoice_id, None)
+            for invoice_id, cents in org.observations:
+                self._history.setdefault(invoice_id, []).append((at, cents))
+            self._orgs[org.org_id] = OrgState(org.org_id, at, at, None, None, len(current))
+        for transition in write.transitions:
+            state = transition.state
+            if state.firing:
+                self._alerts[state.key] = state
+            else:
+                self._alerts.pop(state.key, None)
+
+    # -- the outbox ------------------------------------------------------------------
+
+    async def due_deliveries(self, now: datetime, limit: int = 100) -> list[Delivery]:
+        def query() -> list[Delivery]:
+            rows = self._conn.execute(
+                "SELECT id, notifier, events, created_at, attempts FROM outbox "
+                "WHERE state='pending' AND next_attempt_at <= ? ORDER BY id LIMIT ?",
+                (now.isoformat(), limit),
+            ).fetchall()
+            out = []
+            for row in rows:
+                created = _dt(row[3])
+                assert created is not None
+                out.append(Delivery(row[0], row[1], events_from_json(row[2]), created, row[4]))
+            return out
+
+        return await self._run(query)
+
+    async def next_attempt_at(self) -> datetime | None:
+        def query() -> datetime | None:
+            row = self._conn.execute(
+                "SELECT MIN(next_attempt_at) FROM outbox WHERE state='pending'"
+            ).fetchone()
+            return _dt(row[0]) if row else None
+
+        return await self._run(query)
+
+    async def mark_sent(self, delivery_id: int, now: datetime) -> None:
+        await self._update(
+            "UPDATE outbox SET state='sent', attempts=attempts+1, done_at=?, last_error=NULL "
+            "WHERE id=?",
+            (now.isoformat(), delivery_id),
+        )
+
+    async def mark_retry(self, delivery_id: int, next_attempt_at: datetime, error: str) -> None:
+        """Schedule the row's next attempt; the same notifier's other pending rows that
+        were due earlier wait until then too."""
+        at = next_attempt_at.isoformat()
+
+        def run() -> None:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._conn.execute(
+                    "UPDATE outbox SET attempts=attempts+1, next_attempt_at=?, last_error=? "
+                    "WHERE id=?",
+                    (at, error, delivery_id),
+                )
+                self._conn.execute(
+                    "UPDATE outbox SET next_attempt_at=? WHERE state='pending' AND "
+                    "notifier=(SELECT notifier FROM outbox WHERE id=?) AND next_attempt_at<?",
+                    (at, delivery_id, at),
+                )
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+
+        try:
+            await self._run(run)
+        except sqlite3.Error as exc:
+            raise StateError(f"could not update the outbox: {exc}") from None
+
+    async def mark_failed(self, delivery_id: int, now: datetime, error: str) -> None:
+        await self._update(
+            "UPDATE outbox SET state='failed', attempts=attempts+1, done_at=?, last_error=? "
+            "WHERE id=?",
+            (now.isoformat(), error, delivery_id),
+        )
+
+    async def _update(self, sql: str, params: tuple[Any, ...]) -> None:
+        def run() -> None:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._conn.execute(sql, params)
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+
+        try:
+            await self._run(run)
+        except sqlite3.Error as exc:
+            raise StateError(f"could not update the outbox: {exc}") from None
+
+    # -- reads for operator commands -------------------------------------------------
+
+    async def outbox(self, states: Iterable[str], limit: int = 50) -> list[OutboxRow]:
+        wanted = tuple(states)
+        marks = ",".join("?" * len(wanted))
+
+        def query() -> list[OutboxRow]:
+            rows = self._conn.execute(
+                "SELECT id, notifier, summary, created_at, state, attempts, next_attempt_at, "
+                f"last_error, done_at FROM outbox WHERE state IN ({marks}) "
+                "ORDER BY id DESC LIMIT ?",
+                (*wanted, limit),
+            ).fetchall()
+            result = []
+            for r in rows:
+                created, next_at = _dt(r[3]), _dt(r[6])
+                assert created is not None and next_at is not None
+                result.append(
+                    OutboxRow(r[0], r[1], r[2], created, r[4], r[5], next_at, r[7], _dt(r[8]))
+                )
+            return result
+
+        return await self._run(query)
+
+    async def outbox_counts(self) -> dict[str, int]:
+        def query() -> dict[str, int]:
+            rows = self._conn.execute("SELECT state, COUNT(*) FROM outbox GROUP BY state")
+            return {state: count for state, count in rows}
+
+        return await self._run(query)
+
+    async def last_cycle(self) -> tuple[datetime, int, int] | None:
+        """(finished at, orgs ok, orgs failed) of the last committed cycle."""
+
+        def query() -> tuple[datetime, int, int] | None:
+            row = self._conn.execute(
+                "SELECT finished_at, orgs_ok, orgs_failed FROM cycles ORDER BY id DESC LIMIT 1"
+            ).fetchone()
+            if row is None:
+                return None
+            finished = _dt(row[0])
+            assert finished is not None
+            return finished, row[1], row[2]
+
+        return await self._run(query)
+
+    def org_states(self) -> list[OrgState]:
+        return sorted(self._orgs.values(), key=lambda o: o.org_id)
+
+    def all_invoices(self) -> list[Invoice]:
+        assert self._snapshot is not None
+        return [i for org in self._snapshot.values() for i in org.values()]
+
+
+def _alert_row(state: AlertState) -> tuple[Any, ...]:
+    return (
+        state.key,
+        state.rule,
+        state.org_id,
+        state.source_org_id,
+        state.invoice_id,
+        int(state.firing),
+        state.firing_since.isoformat(),
+        _ts(state.last_notified),
+        _ts(state.resolved_at),
+        json.dumps(state.last_event.to_json()) if state.last_event else None,
+    )
+
+
+def _alert_from_row(row: Sequence[Any]) -> AlertState:
+    firing_since = _dt(row[6])
+    assert firing_since is not None
+    return AlertState(
+        key=row[0],
+        rule=row[1],
+        org_id=row[2],
+        source_org_id=row[3],
+        invoice_id=row[4],
+        firing=bool(row[5]),
+        firing_since=firing_since,
+        last_notified=_dt(row[7]),
+        resolved_at=_dt(row[8]),
+        last_event=AlertEvent.from_json(json.loads(row[9])) if row[9] else None,
+    )

@@ -1,0 +1,206 @@
+"""The SQLite state file: one transaction per cycle, migrations, lock, and faults."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+from datetime import timedelta
+
+import pytest
+
+from invoice_watch.commit import SCHEMA_VERSION, CycleWrite, OrgWrite, StateStore
+from invoice_watch.dedup import AlertState, Reason, Transition
+from invoice_watch.errors import StateError, StateLockedError
+from invoice_watch.types import AlertEvent, EventKind, Severity
+from tests.conftest import NOW, ORG_A, ORG_B, inv
+
+
+def event(key: str = "k") -> AlertEvent:
+    return AlertEvent(
+        kind=EventKind.FIRING,
+        key=key,
+        rule="failed",
+        rule_type="invoice_status",
+        severity=Severity.CRITICAL,
+        org_id=ORG_A,
+        org_name="Production",
+        billing_url="https://example.invalid/billing",
+        summary="Invoice is FAILED.",
+        at=NOW,
+    )
+
+
+def firing(key: str = "k") -> Transition:
+    state = AlertState(key, "failed", ORG_A, ORG_A, inv(1).id, True, NOW, NOW, None, event(key))
+    return Transition(state, event(key), Reason.NEW)
+
+
+def cycle(*orgs: OrgWrite, transitions=(), outbox=()) -> CycleWrite:
+    return CycleWrite(NOW, NOW, list(orgs), list(transitions), list(outbox))
+
+
+async def test_store_commit_then_reopen_restores_everything(tmp_path):
+    path = tmp_path / "state.db"
+    store = await StateStore.open(path)
+    ids = await store.commit_cycle(
+        cycle(
+            OrgWrite(
+                ORG_A,
+                True,
+                upserts=[inv(1), inv(2, status="FAILED")],
+                observations=[(inv(1).id, 100_00)],
+            ),
+            OrgWrite(ORG_B, False, error="HTTP 503"),
+            transitions=[firing()],
+            outbox=[("console", [event()])],
+        )
+    )
+    assert len(ids) == 1
+    await store.close()
+
+    again = await StateStore.open(path)
+    try:
+        assert set(again.snapshot(ORG_A)) == {inv(1).id, inv(2).id}
+        assert again.snapshot(ORG_A)[inv(2).id].status == "FAILED"
+        assert again.history(inv(1).id) == [(NOW, 100_00)]
+        assert list(again.firing_alerts()) == ["k"]
+        assert again.firing_alerts()["k"].last_event == event()
+        assert again.org_state(ORG_B).failing_since == NOW
+        assert again.org_state(ORG_A).last_success == NOW
+        due = await again.due_deliveries(NOW)
+        assert [d.events for d in due] == [[event()]]
+    finally:
+        await again.close()
+
+
+async def test_store_file_mode_is_0600_and_wal(tmp_path):
+    path = tmp_path / "state.db"
+    store = await StateStore.open(path)
+    await store.close()
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    conn.close()
+
+
+async def test_store_second_daemon_is_refused(tmp_path):
+    path = tmp_path / "state.db"
+    first = await StateStore.open(path)
+    try:
+        with pytest.raises(StateLockedError, match="in use by another invoice-watch"):
+            await StateStore.open(path)
+        reader = await StateStore.open(path, exclusive=False)  # operator commands may read
+        await reader.close()
+    finally:
+        await first.close()
+    second = await StateStore.open(path)  # released on close
+    await second.close()
+
+
+async def test_store_read_only_directory_is_a_clear_error(tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        if os.access(folder, os.W_OK):
+            pytest.skip("running as root: a read-only directory is still writable")
+        with pytest.raises(StateError, match="cannot create or open state file"):
+            await StateStore.open(folder / "state.db")
+    finally:
+        folder.chmod(0o700)
+
+
+async def test_store_unusable_folder_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    with pytest.raises(StateError, match="cannot create or open state file"):
+        await StateStore.open(blocker / "state.db")
+
+
+async def test_store_corrupted_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "state.db"
+    path.write_bytes(b"this is not a database at all" * 100)
+    with pytest.raises(StateError, match="cannot be used"):
+        await StateStore.open(path)
+    assert path.read_bytes().startswith(b"this is not")  # untouched
+
+
+async def test_store_foreign_sqlite_file_is_refused(tmp_path):
+    path = tmp_path / "other.db"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE customers (id INTEGER)")
+    conn.commit()
+    conn.close()
+    with pytest.raises(StateError, match="another program"):
+        await StateStore.open(path)
+
+
+async def test_store_newer_schema_is_refused(tmp_path):
+    path = tmp_path / "state.db"
+    store = await StateStore.open(path)
+    await store.close()
+    conn = sqlite3.connect(path)
+    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    conn.commit()
+    conn.close()
+    with pytest.raises(StateError, match="upgrade invoice-watch"):
+        await StateStore.open(path, exclusive=False)
+
+
+async def test_store_disk_full_rolls_back_file_and_cache(tmp_path):
+    path = tmp_path / "state.db"
+    store = await StateStore.open(path)
+    try:
+        await store.commit_cycle(cycle(OrgWrite(ORG_A, True, upserts=[inv(1)])))
+        # SQLite's own size limit produces the real "database or disk is full" error.
+        pages = store._conn.execute("PRAGMA page_count").fetchone()[0]
+        store._conn.execute(f"PRAGMA max_page_count={pages}")
+        big = [inv(n, cents=n) for n in range(2, 3000)]
+        with pytest.raises(StateError, match="full"):
+            await store.commit_cycle(
+                cycle(
+                    OrgWrite(ORG_A, True, upserts=big),
+                    transitions=[firing()],
+                    outbox=[("console", [event()])],
+                )
+            )
+        assert set(store.snapshot(ORG_A)) == {inv(1).id}  # cache unchanged
+        assert store.firing_alerts() == {}
+        assert await store.due_deliveries(NOW + timedelta(days=1)) == []
+    finally:
+        await store.close()
+
+
+async def test_store_mark_retry_defers_the_notifiers_other_rows(tmp_path):
+    store = await StateStore.open(tmp_path / "state.db")
+    try:
+        await store.commit_cycle(
+            cycle(outbox=[("slack", [event("a")]), ("slack", [event("b")]), ("mail", [event("c")])])
+        )
+        first, *_ = await store.due_deliveries(NOW)
+        await store.mark_retry(first.id, NOW + timedelta(seconds=30), "HTTP 503")
+        due = await store.due_deliveries(NOW)
+        assert [d.notifier for d in due] == ["mail"]
+        later = await store.due_deliveries(NOW + timedelta(seconds=30))
+        assert [d.notifier for d in later] == ["slack", "slack", "mail"]
+        assert later[0].attempts == 1
+    finally:
+        await store.close()
+
+
+async def test_store_open_copy_writes_nothing(tmp_path):
+    path = tmp_path / "state.db"
+    store = await StateStore.open(path)
+    await store.commit_cycle(cycle(OrgWrite(ORG_A, True, upserts=[inv(1)])))
+    await store.close()
+    before = path.read_bytes()
+    copy = StateStore.open_copy(path)
+    await copy.commit_cycle(cycle(OrgWrite(ORG_A, True, upserts=[inv(2)])))
+    assert set(copy.snapshot(ORG_A)) == {inv(1).id, inv(2).id}
+    await copy.close()
+    assert path.read_bytes() == before
+    missing = StateStore.open_copy(tmp_path / "nothing.db")
+    await missing.close()
+    assert not (tmp_path / "nothing.db").exists()
