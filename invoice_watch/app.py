@@ -1,0 +1,419 @@
+"""The application: one poll cycle through every stage, and the daemon around it.
+
+:meth:`App.run_cycle` is the pipeline (fetch -> diff -> rules -> dedup -> commit, then
+wake delivery). :meth:`App.serve` is the daemon: APScheduler runs the cycle on its
+interval (first one at start), the deliverer runs as its own task, and a stop event
+(set by the CLI on SIGTERM/SIGINT) ends it gracefully: no new cycle starts, the cycle in
+flight finishes (or is rolled back when it cannot finish in time), then everything
+closes in reverse order. Signals are the CLI's business, so tests embed the App.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from datetime import time as dtime
+from typing import TextIO
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.triggers.interval import IntervalTrigger
+
+from invoice_watch.clock import Clock, SystemClock
+from invoice_watch.commit import CycleWrite, OrgWrite, StateStore
+from invoice_watch.config import Config
+from invoice_watch.constants import FINAL_STATUSES, ONCE_DELIVERY_SECONDS, SHUTDOWN_SECONDS
+from invoice_watch.dedup import pending_events, plan
+from invoice_watch.deliver import Deliverer
+from invoice_watch.diff import diff
+from invoice_watch.errors import StateError
+from invoice_watch.fetch import AtlasClient
+from invoice_watch.health import Metrics, health
+from invoice_watch.rules import History, OrgView, evaluate
+from invoice_watch.types import AlertEvent, Invoice, Notifier, OrgRead
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CycleResult:
+    started_at: datetime
+    finished_at: datetime
+    reads: dict[str, OrgRead]
+    events: list[AlertEvent] = field(default_factory=list)
+    messages: list[tuple[str, list[AlertEvent]]] = field(default_factory=list)
+    invoices: int = 0
+    changes: int = 0
+
+    @property
+    def orgs_failed(self) -> list[str]:
+        return [org_id for org_id, read in self.reads.items() if not read.ok]
+
+    @property
+    def orgs_ok(self) -> int:
+        return len(self.reads) - len(self.orgs_failed)
+
+
+def incremental_from(snapshot: Mapping[str, Invoice]) -> date | None:
+    """The ``fromDate`` of an incremental read: the start of the oldest invoice that can
+    still change (not PAID, FORGIVEN or FREE), else of the newest invoice (so new ones
+    are still seen); None (a full listing) when nothing is known yet."""
+    if not snapshot:
+        return None
+    open_starts = [i.start_date for i in snapshot.values() if i.status not in FINAL_STATUSES]
+    start = min(open_starts) if open_starts else max(i.start_date for i in snapshot.values())
+    return start.astimezone(UTC).date()
+
+
+def group_messages(
+    events: list[AlertEvent], routes: Mapping[str, list[str]], group_over: int
+) -> list[tuple[str, list[AlertEvent]]]:
+    """Outbox messages: one per (event, notifier), or one grouped message per notifier
+    when a cycle produced more than ``group_over`` events for it (flood control)."""
+    per_notifier: dict[str, list[AlertEvent]] = defaultdict(list)
+    for event in events:
+        for name in routes[event.rule]:
+            per_notifier[name].append(event)
+    messages: list[tuple[str, list[AlertEvent]]] = []
+    for name, batch in per_notifier.items():
+        if len(batch) > group_over:
+            messages.append((name, batch))
+        else:
+            messages.extend((name, [event]) for event in batch)
+    return messages
+
+
+class App:
+    """invoice_watch, embeddable: ``async with App(config) as app: await app.serve(stop)``."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        clock: Clock | None = None,
+        notifiers: Mapping[str, Notifier] | None = None,
+        rng: random.Random | None = None,
+        dry_run: bool = False,
+        out: TextIO | None = None,
+    ) -> None:
+        self.config = config
+        self.clock = clock or SystemClock()
+        self._rng = rng or random.Random()
+        self._notifiers_given = notifiers
+        self.dry_run = dry_run
+        self._out = out or sys.stdout
+        self._stack = contextlib.AsyncExitStack()
+        self._store: StateStore | None = None
+        self._client: AtlasClient | None = None
+        self._deliverer: Deliverer | None = None
+        self.notifiers: Mapping[str, Notifier] = {}
+        self._cycle_lock = asyncio.Lock()
+        self.last_cycle: CycleResult | None = None
+        self.metrics = Metrics()
+        self._in_flight: asyncio.Task[object] | None = None
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def __aenter__(self) -> App:
+        try:
+            await self._start()
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._stack.aclose()
+
+    async def _start(self) -> None:
+        config = self.config
+        if self.dry_run:
+            store = await asyncio.to_thread(StateStore.open_copy, config.state.path)
+        else:
+            store = await StateStore.open(config.state.path)
+        self._store = store
+        self._stack.push_async_callback(store.close)
+        client = AtlasClient(
+            config.atlas,
+            clock=self.clock,
+            rng=self._rng,
+            org_names={o.id: o.display_name for o in config.organizations},
+        )
+        self._client = client
+        self._stack.push_async_callback(client.aclose)
+        if self._notifiers_given is not None:
+            self.notifiers = self._notifiers_given
+        else:
+            from invoice_watch.notify import build_notifiers
+
+            self.notifiers = build_notifiers(config.notifiers)
+            for notifier in self.notifiers.values():
+                self._stack.push_async_callback(notifier.aclose)
+        self._deliverer = Deliverer(
+            store,
+            self.notifiers,
+            clock=self.clock,
+            max_age=config.delivery.max_age,
+            max_backoff=config.delivery.max_backoff,
+            rng=self._rng,
+            metrics=self.metrics,
+        )
+
+    @property
+    def store(self) -> StateStore:
+        assert self._store is not None, "use App inside `async with`"
+        return self._store
+
+    @property
+    def client(self) -> AtlasClient:
+        assert self._client is not None, "use App inside `async with`"
+        return self._client
+
+    @property
+    def deliverer(self) -> Deliverer:
+        assert self._deliverer is not None, "use App inside `async with`"
+        return self._deliverer
+
+    # -- one cycle -------------------------------------------------------------------
+
+    async def run_cycle(self, *, baseline: bool = False) -> CycleResult:
+        """fetch -> diff -> rules -> dedup -> commit; then wake the deliverer."""
+        began = time.monotonic()
+        async with self._cycle_lock:
+            try:
+                result = await self._cycle(baseline)
+            except BaseException:
+                self.metrics.cycles.labels(outcome="error").inc()
+                raise
+        self.last_cycle = result
+        self._record(result, time.monotonic() - began)
+        self.deliverer.wake.set()
+        return result
+
+    def _record(self, result: CycleResult, seconds: float) -> None:
+        m = self.metrics
+        failed = len(result.orgs_failed)
+        outcome = "ok" if not failed else ("partial" if result.orgs_ok else "failed")
+        m.cycles.labels(outcome=outcome).inc()
+        m.cycle_seconds.observe(seconds)
+        m.orgs_failing.set(failed)
+        m.invoices_seen.set(len(self.store.all_invoices()))
+        m.last_cycle_finished.set(result.finished_at.timestamp())
+        firing: dict[str, int] = {rule.name: 0 for rule in self.config.rules}
+        for alert in self.store.firing_alerts().values():
+            firing[alert.rule] = firing.get(alert.rule, 0) + 1
+        for rule_name, count in firing.items():
+            m.alerts_firing.labels(rule=rule_name).set(count)
+
+    def health(self) -> tuple[bool, str]:
+        """The daemon's health, from its last cycle (see :func:`health.health`)."""
+        last = self.last_cycle
+        return health(
+            last.finished_at if last else None,
+            last.orgs_ok if last else 0,
+            len(last.orgs_failed) if last else 0,
+            self.config.poll.interval,
+            self.clock.now(),
+        )
+
+    async def _cycle(self, baseline: bool) -> CycleResult:
+        store, config = self.store, self.config
+        started = self.clock.now()
+        began = time.monotonic()
+        org_ids = [org.id for org in config.organizations]
+        from_dates = {org_id: incremental_from(store.snapshot(org_id)) for org_id in org_ids}
+        reads = await self.client.read_orgs(org_ids, from_dates)
+        now = self.clock.now()
+
+        views: list[OrgView] = []
+        writes: list[OrgWrite] = []
+        history: dict[str, History] = {}
+        changes = 0
+        for org_id, read in reads.items():
+            old = store.snapshot(org_id)
+            org_state = store.org_state(org_id)
+            if not read.ok:
+                log.warning("%s: %s", config.org_name(org_id), read.error)
+                views.append(
+                    OrgView(
+                        org_id,
+                        ok=False,
+                        invoices=old,
+                        failing_since=org_state.failing_since or now,
+                        error=read.error,
+                    )
+                )
+                writes.append(OrgWrite(org_id, ok=False, error=read.error))
+                continue
+            from_date = from_dates[org_id]
+            listed_from = datetime.combine(from_date, dtime(), UTC) if from_date else None
+            change = diff(old, read.invoices, listed_from=listed_from)
+            current = dict(old)
+            for invoice in change.changed:
+                current[invoice.id] = invoice
+            for invoice in change.gone:
+                del current[invoice.id]
+            observations = [
+                (i.id, i.amount_billed_cents)
+                for i in change.changed
+                if i.status == "PENDING"
+                and (i.id not in old or old[i.id].amount_billed_cents != i.amount_billed_cents)
+            ]
+            for invoice in current.values():
+                if invoice.status == "PENDING":
+                    history[invoice.id] = store.history(invoice.id)
+            for invoice_id, cents in observations:
+                history[invoice_id] = [*history.get(invoice_id, ()), (now, cents)]
+            changes += len(change.changed) + len(change.gone)
+            views.append(
+                OrgView(
+                    org_id,
+                    ok=True,
+                    invoices=current,
+                    diff=change,
+                    first_read=org_state.last_success is None,
+                )
+            )
+            writes.append(
+                OrgWrite(
+                    org_id,
+                    ok=True,
+                    upserts=change.changed,
+                    gone=[i.id for i in change.gone],
+                    observations=observations,
+                )
+            )
+
+        evaluation = evaluate(config.rules, views, history, now)
+        invoices_now = {i.id: i for view in views for i in view.invoices.values()}
+        transitions = plan(
+            config, evaluation, store.firing_alerts(), invoices_now, now, baseline=baseline
+        )
+        events = pending_events(transitions)
+        routes = {rule.name: list(rule.notify) for rule in config.rules}
+        messages = group_messages(events, routes, config.delivery.group_over)
+        finished = self.clock.now()
+        result = CycleResult(
+            started,
+            finished,
+            reads,
+            events,
+            messages,
+            invoices=len(invoices_now),
+            changes=changes,
+        )
+        if self.dry_run:
+            self._print_dry_run(result)
+        write = CycleWrite(started, finished, writes, transitions, messages)
+        # Shielded: once the transaction has begun it completes even if the daemon is
+        # told to stop; it is atomic either way.
+        await asyncio.shield(store.commit_cycle(write))
+        log.info(
+            "cycle: %d orgs read, %d failed, %d invoices, %d changes, %d events, "
+            "%d messages, %.2fs",
+            result.orgs_ok,
+            len(result.orgs_failed),
+            result.invoices,
+            changes,
+            len(events),
+            len(messages),
+            time.monotonic() - began,
+        )
+        return result
+
+    def _print_dry_run(self, result: CycleResult) -> None:
+        from invoice_watch.notify.render import text
+
+        out = self._out
+        if not result.messages:
+            print("dry run: nothing would be sent.", file=out)
+        for notifier, events in result.messages:
+            print(f"--- dry run: would send to {notifier} ---", file=out)
+            print(text(events), file=out)
+        print("dry run: nothing was sent and nothing was written.", file=out)
+
+    # -- entry points ----------------------------------------------------------------
+
+    async def run_once(self, *, baseline: bool = False) -> int:
+        """``run --once``: one cycle, then deliver for up to 60 s. Exit status 1 when an
+        organization could not be read or a message is still waiting in the outbox."""
+        result = await self.run_cycle(baseline=baseline)
+        status = 0
+        for org_id in result.orgs_failed:
+            print(
+                f"error: {self.config.org_name(org_id)}: {result.reads[org_id].error}",
+                file=sys.stderr,
+            )
+            status = 1
+        if self.dry_run:
+            return status
+        pending = await self.deliverer.drain(ONCE_DELIVERY_SECONDS)
+        if pending:
+            print(
+                f"error: {pending} notification(s) could not be delivered yet; they stay in "
+                "the outbox for the next run (see `invoice-watch status`)",
+                file=sys.stderr,
+            )
+            status = 1
+        return status
+
+    async def _scheduled_cycle(self) -> None:
+        self._in_flight = asyncio.current_task()
+        try:
+            await self.run_cycle()
+        except StateError as exc:
+            log.error("cycle not recorded: %s", exc)
+        except Exception:
+            log.exception("cycle failed")
+        finally:
+            self._in_flight = None
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        """Run the daemon until ``stop`` is set."""
+        interval = self.config.poll.interval.total_seconds()
+        jitter = self.config.poll.jitter.total_seconds()
+        scheduler = AsyncIOScheduler(timezone=UTC)
+        scheduler.add_job(
+            self._scheduled_cycle,
+            IntervalTrigger(seconds=interval, jitter=jitter or None, timezone=UTC),
+            id="poll",
+            next_run_time=datetime.now(UTC),
+            misfire_grace_time=None,
+            coalesce=True,
+            max_instances=1,
+        )
+        delivery = asyncio.create_task(self.deliverer.run(), name="deliver")
+        scheduler.start()
+        log.info(
+            "watching %d organization(s) every %s",
+            len(self.config.organizations),
+            timedelta(seconds=interval),
+        )
+        try:
+            await stop.wait()
+        finally:
+            log.info("stopping: no new cycle starts; finishing the cycle in flight")
+            scheduler.pause()
+            await self._finish_cycle_in_flight(SHUTDOWN_SECONDS - 2)
+            scheduler.shutdown(wait=False)
+            delivery.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await delivery
+            log.info("stopped")
+
+    async def _finish_cycle_in_flight(self, budget: float) -> None:
+        task = self._in_flight
+        if task is None or task.done():
+            return
+        _, pending = await asyncio.wait({task}, timeout=budget)
+        if pending:
+            log.warning("the cycle in flight did not finish in %.0fs: rolled back", budget)
+            task.cancel()
+            await asyncio.wait({task}, timeout=2)

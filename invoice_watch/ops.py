@@ -1,0 +1,159 @@
+"""Operator commands over the state file: ``status``, ``invoices``, ``history``.
+
+They read the file the daemon writes (WAL lets them read while it runs) and never take
+the daemon's lock. Tables have aligned columns, amounts as $1,234.56, relative times.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import TextIO
+
+from invoice_watch import format as fmt
+from invoice_watch.commit import StateStore
+from invoice_watch.config import Config
+from invoice_watch.errors import StateError
+from invoice_watch.health import health
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Left-aligned columns; columns whose header starts with '$' align right."""
+    widths = [len(h.lstrip("$")) for h in headers]
+    for row in rows:
+        widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
+
+    def line(cells: Sequence[str], header: bool = False) -> str:
+        out = []
+        for h, w, cell in zip(headers, widths, cells, strict=True):
+            out.append(cell.rjust(w) if h.startswith("$") and not header else cell.ljust(w))
+        return "  ".join(out).rstrip()
+
+    lines = [line([h.lstrip("$") for h in headers], header=True)]
+    lines += [line(row) for row in rows]
+    return "\n".join(lines)
+
+
+async def _open(config: Config) -> StateStore:
+    path = config.state.path
+    if not path.exists():
+        raise StateError(
+            f"no state file at {path} yet: the daemon has not run a cycle with this config"
+        )
+    return await StateStore.open(path, exclusive=False)
+
+
+async def status(config: Config, *, check: bool = False, out: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    now = datetime.now(UTC)
+    store = await _open(config)
+    try:
+        finished, orgs_ok, orgs_failed = await store.last_cycle() or (None, 0, 0)
+        ok, why = health(finished, orgs_ok, orgs_failed, config.poll.interval, now)
+        if check:
+            print(("healthy: " if ok else "unhealthy: ") + why, file=out)
+            return 0 if ok else 1
+        print(f"Health: {'OK' if ok else 'UNHEALTHY'} ({why})\n", file=out)
+        orgs = {o.org_id: o for o in store.org_states()}
+        rows = []
+        for org in config.organizations:
+            state = orgs.get(org.id)
+            rows.append(
+                [
+                    org.display_name,
+                    org.id,
+                    fmt.ago(state.last_success if state else None, now),
+                    str(state.invoice_count if state else 0),
+                    (state.last_error or "") if state and state.failing_since else "ok",
+                ]
+            )
+        print(table(["Organization", "Id", "Last read", "Invoices", "State"], rows), file=out)
+        firing = sorted(store.firing_alerts().values(), key=lambda a: a.firing_since)
+        print(f"\nFiring alerts: {len(firing)}", file=out)
+        if firing:
+            rows = [
+                [
+                    a.rule,
+                    config.org_name(a.org_id),
+                    a.invoice_id or "—",
+                    fmt.ago(a.firing_since, now),
+                ]
+                for a in firing
+            ]
+            print(table(["Rule", "Organization", "Invoice", "Since"], rows), file=out)
+        waiting = await store.outbox(("pending", "failed"))
+        print(f"\nUndelivered notifications: {len(waiting)}", file=out)
+        if waiting:
+            rows = [
+                [
+                    r.state.upper(),
+                    r.notifier,
+                    r.summary,
+                    str(r.attempts),
+                    fmt.ago(r.created_at, now),
+                    (r.last_error or "")[:80],
+                ]
+                for r in waiting
+            ]
+            print(
+                table(["State", "Notifier", "Message", "Tries", "Queued", "Last error"], rows),
+                file=out,
+            )
+        return 0
+    finally:
+        await store.close()
+
+
+async def invoices(
+    config: Config, *, org: str | None = None, status: str | None = None, out: TextIO | None = None
+) -> int:
+    out = out or sys.stdout
+    store = await _open(config)
+    try:
+        selected = [
+            i
+            for i in store.all_invoices()
+            if (org is None or i.org_id == org) and (status is None or i.status == status.upper())
+        ]
+        selected.sort(key=lambda i: (config.org_name(i.org_id), i.start_date), reverse=True)
+        rows = [
+            [
+                config.org_name(i.org_id),
+                i.id,
+                fmt.period(i.start_date, i.end_date),
+                i.status,
+                fmt.usd(i.amount_billed_cents),
+                fmt.usd(i.amount_paid_cents),
+            ]
+            for i in selected
+        ]
+        print(
+            table(["Organization", "Invoice", "Period", "Status", "$Billed", "$Paid"], rows),
+            file=out,
+        )
+        print(f"\n{len(rows)} invoice(s)", file=out)
+        return 0
+    finally:
+        await store.close()
+
+
+async def history(config: Config, *, limit: int = 50, out: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    now = datetime.now(UTC)
+    store = await _open(config)
+    try:
+        rows_ = await store.outbox(("sent", "failed", "pending"), limit=limit)
+        rows = [
+            [
+                fmt.ago(r.done_at or r.created_at, now),
+                r.state,
+                r.notifier,
+                r.summary,
+            ]
+            for r in rows_
+        ]
+        print(table(["When", "State", "Notifier", "Message"], rows), file=out)
+        return 0
+    finally:
+        await store.close()
