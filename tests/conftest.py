@@ -26,6 +26,7 @@ _ENV_VARS = (
     "SLACK_WEBHOOK_URL",
     "NOTIFY_SOCKET",
     "WATCHDOG_USEC",
+    "WATCHDOG_PID",
 )
 
 

@@ -1,0 +1,314 @@
+"""The deployment files, checked as far as they can be without a Docker engine or a running
+systemd: Dockerfile structure, the Compose example, .dockerignore, and the systemd unit's
+keys (.ci/check-service runs systemd-analyze on the unit)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+from fnmatch import fnmatch
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG_PATH = "/etc/invoice-watch/config.yaml"
+STATE_DIR = "/var/lib/invoice-watch"
+
+
+# --- Dockerfile ---------------------------------------------------------------------------
+
+
+def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs: comments dropped, `\\` continuations joined."""
+    instructions: list[tuple[str, str]] = []
+    pending = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        keyword, _, args = (pending + line).partition(" ")
+        instructions.append((keyword.upper(), " ".join(args.split())))
+        pending = ""
+    assert not pending, "Dockerfile ends inside a line continuation"
+    return instructions
+
+
+@pytest.fixture(scope="module")
+def dockerfile() -> list[tuple[str, str]]:
+    return dockerfile_instructions((ROOT / "Dockerfile").read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def final_stage(dockerfile: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    starts = [i for i, (keyword, _) in enumerate(dockerfile) if keyword == "FROM"]
+    return dockerfile[starts[-1] :]
+
+
+def args_of(instructions: list[tuple[str, str]], keyword: str) -> list[str]:
+    return [args for kw, args in instructions if kw == keyword]
+
+
+def env_of(instructions: list[tuple[str, str]]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for args in args_of(instructions, "ENV"):
+        for word in shlex.split(args):
+            name, _, value = word.partition("=")
+            env[name] = value
+    return env
+
+
+def test_dockerfile_parser_joins_continuations_and_drops_comments() -> None:
+    text = '# c\nFROM x AS b\nRUN a \\\n    && b\n\n# d\nCMD ["run"]\n'
+    assert dockerfile_instructions(text) == [
+        ("FROM", "x AS b"),
+        ("RUN", "a && b"),
+        ("CMD", '["run"]'),
+    ]
+
+
+def test_dockerfile_bases_on_python_311_slim(dockerfile: list[tuple[str, str]]) -> None:
+    bases = [args.split()[0] for args in args_of(dockerfile, "FROM")]
+    assert bases and all(base == "python:3.11-slim" for base in bases)
+
+
+def test_dockerfile_installs_project_without_pip_cache(dockerfile: list[tuple[str, str]]) -> None:
+    assert any(
+        re.search(r"pip install --no-cache-dir \.$", run) for run in args_of(dockerfile, "RUN")
+    )
+
+
+def test_dockerfile_copies_only_existing_files_not_ignored(
+    dockerfile: list[tuple[str, str]],
+) -> None:
+    """Every COPY source from the build context exists and .dockerignore keeps it."""
+    ignored = dockerignore_patterns()
+    for args in args_of(dockerfile, "COPY"):
+        if args.startswith("--from="):
+            continue
+        *sources, _dest = args.split()
+        for source in sources:
+            assert (ROOT / source).exists(), f"COPY {source}: not in the source tree"
+            assert not any(fnmatch(source, p) for p in ignored), f"COPY {source}: ignored"
+
+
+def test_dockerfile_runs_as_non_root_user(final_stage: list[tuple[str, str]]) -> None:
+    keywords = [keyword for keyword, _ in final_stage]
+    users = args_of(final_stage, "USER")
+    assert users, "the final stage never switches to a non-root USER"
+    assert max(i for i, kw in enumerate(keywords) if kw == "USER") < keywords.index("ENTRYPOINT")
+    assert any("useradd --system --uid 10001" in run for run in args_of(final_stage, "RUN"))
+    assert users[-1].split(":")[0] in ("10001", "invoice-watch")
+
+
+def test_dockerfile_keeps_state_on_a_volume(final_stage: list[tuple[str, str]]) -> None:
+    volumes = [v for args in args_of(final_stage, "VOLUME") for v in args.split()]
+    assert STATE_DIR in volumes
+    assert env_of(final_stage)["STATE_DIRECTORY"] == STATE_DIR
+
+
+def test_dockerfile_sets_environment(final_stage: list[tuple[str, str]]) -> None:
+    env = env_of(final_stage)
+    assert env["INVOICE_WATCH_CONFIG"] == CONFIG_PATH
+    assert env["PYTHONUNBUFFERED"] == "1"
+    secret_words = ("key", "secret", "token", "password", "webhook")
+    assert not [name for name in env if any(w in name.lower() for w in secret_words)]
+
+
+def test_dockerfile_healthcheck_runs_status_check(final_stage: list[tuple[str, str]]) -> None:
+    (healthcheck,) = args_of(final_stage, "HEALTHCHECK")
+    options, _, command = healthcheck.partition(" CMD ")
+    assert all(option.startswith("--") for option in options.split())
+    assert json.loads(command) == ["invoice-watch", "status", "--check"]
+
+
+def test_dockerfile_entrypoint_and_cmd_use_exec_form(final_stage: list[tuple[str, str]]) -> None:
+    (entrypoint,) = args_of(final_stage, "ENTRYPOINT")
+    (cmd,) = args_of(final_stage, "CMD")
+    assert json.loads(entrypoint) == ["invoice-watch"]
+    assert json.loads(cmd) == ["run"]
+    keywords = [keyword for keyword, _ in final_stage]
+    assert keywords[-2:] == ["ENTRYPOINT", "CMD"]
+
+
+# --- .dockerignore ------------------------------------------------------------------------
+
+
+def dockerignore_patterns() -> list[str]:
+    lines = (ROOT / ".dockerignore").read_text(encoding="utf-8").splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+@pytest.mark.parametrize(
+    "path",
+    [".venv", ".git", "state.db", "state.db-wal", ".pytest_cache", ".mypy_cache", ".ruff_cache"],
+)
+def test_dockerignore_excludes(path: str) -> None:
+    assert any(fnmatch(path, pattern) for pattern in dockerignore_patterns())
+
+
+# --- docker-compose.example.yml -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    data = yaml.safe_load((ROOT / "docker-compose.example.yml").read_text(encoding="utf-8"))
+    assert isinstance(data, dict)
+    return data
+
+
+def test_compose_mounts_config_read_only_and_state_volume(compose: dict[str, Any]) -> None:
+    service = compose["services"]["invoice-watch"]
+    mounts = [volume.split(":") for volume in service["volumes"]]
+    assert any(m[1:] == [CONFIG_PATH, "ro"] for m in mounts), "config must be mounted :ro"
+    state = [m for m in mounts if m[1] == STATE_DIR]
+    assert len(state) == 1 and state[0][0] in compose["volumes"], "state needs a named volume"
+
+
+def test_compose_uses_secrets_for_atlas_key_and_slack_webhook(compose: dict[str, Any]) -> None:
+    service = compose["services"]["invoice-watch"]
+    assert set(service["secrets"]) == {"atlas-private-key", "slack-webhook-url"}
+    for name in service["secrets"]:
+        assert "file" in compose["secrets"][name]
+    secret_words = ("key", "secret", "token", "password", "webhook")
+    environment = service.get("environment") or {}
+    assert not [name for name in environment if any(w in name.lower() for w in secret_words)]
+
+
+def test_compose_restarts_and_allows_graceful_stop(compose: dict[str, Any]) -> None:
+    service = compose["services"]["invoice-watch"]
+    assert service["restart"] in ("unless-stopped", "always", "on-failure")
+    grace = re.fullmatch(r"(\d+)s", service["stop_grace_period"])
+    assert grace and int(grace.group(1)) > 10, "the daemon may take 10 s to stop"
+
+
+# --- systemd unit -------------------------------------------------------------------------
+
+
+def parse_unit(text: str) -> dict[str, dict[str, list[str]]]:
+    """Sections -> key -> every value in order (systemd allows repeated keys)."""
+    sections: dict[str, dict[str, list[str]]] = {}
+    current: dict[str, list[str]] | None = None
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            current = sections.setdefault(line[1:-1], {})
+            continue
+        assert current is not None, f"key outside a section: {line}"
+        key, sep, value = line.partition("=")
+        assert sep, f"not a key=value line: {line}"
+        current.setdefault(key.strip(), []).append(value.strip())
+    return sections
+
+
+@pytest.fixture(scope="module")
+def unit() -> dict[str, dict[str, list[str]]]:
+    return parse_unit((ROOT / "systemd/invoice-watch.service").read_text(encoding="utf-8"))
+
+
+def test_unit_parser_keeps_repeated_keys() -> None:
+    text = "[Service]\n# c\nSystemCallFilter=@a\nSystemCallFilter=~@b @c\nEmpty=\n"
+    assert parse_unit(text) == {"Service": {"SystemCallFilter": ["@a", "~@b @c"], "Empty": [""]}}
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("Type", "notify"),
+        ("NotifyAccess", "main"),
+        ("Restart", "on-failure"),
+        ("TimeoutStopSec", "15s"),
+        ("DynamicUser", "yes"),
+        ("StateDirectory", "invoice-watch"),
+        ("StateDirectoryMode", "0700"),
+        ("ConfigurationDirectory", "invoice-watch"),
+        ("UMask", "0077"),
+        ("ProtectSystem", "strict"),
+        ("ProtectHome", "yes"),
+        ("PrivateTmp", "yes"),
+        ("PrivateDevices", "yes"),
+        ("PrivateUsers", "yes"),
+        ("NoNewPrivileges", "yes"),
+        ("ProtectKernelTunables", "yes"),
+        ("ProtectKernelModules", "yes"),
+        ("ProtectKernelLogs", "yes"),
+        ("ProtectControlGroups", "yes"),
+        ("ProtectClock", "yes"),
+        ("ProtectHostname", "yes"),
+        ("ProtectProc", "invisible"),
+        ("ProcSubset", "pid"),
+        ("RestrictAddressFamilies", "AF_UNIX AF_INET AF_INET6"),
+        ("RestrictNamespaces", "yes"),
+        ("RestrictRealtime", "yes"),
+        ("RestrictSUIDSGID", "yes"),
+        ("LockPersonality", "yes"),
+        ("MemoryDenyWriteExecute", "yes"),
+        ("SystemCallArchitectures", "native"),
+        ("CapabilityBoundingSet", ""),
+        ("AmbientCapabilities", ""),
+        ("DevicePolicy", "closed"),
+    ],
+)
+def test_unit_sets_service_key(unit: dict[str, dict[str, list[str]]], key: str, value: str) -> None:
+    assert unit["Service"].get(key) == [value]
+
+
+def test_unit_runs_the_daemon_with_the_etc_config(unit: dict[str, dict[str, list[str]]]) -> None:
+    (exec_start,) = unit["Service"]["ExecStart"]
+    assert shlex.split(exec_start)[1:] == ["run", "-c", CONFIG_PATH]
+    assert shlex.split(exec_start)[0].endswith("/invoice-watch")
+
+
+def test_unit_has_watchdog_and_restart_delay(unit: dict[str, dict[str, list[str]]]) -> None:
+    for key in ("WatchdogSec", "RestartSec"):
+        (value,) = unit["Service"][key]
+        assert re.fullmatch(r"[1-9]\d*(s|min)", value), f"{key}={value}"
+    assert unit["Service"]["RestartPreventExitStatus"] == ["2"]
+
+
+def test_unit_filters_system_calls(unit: dict[str, dict[str, list[str]]]) -> None:
+    assert unit["Service"]["SystemCallFilter"] == ["@system-service", "~@privileged @resources"]
+
+
+def test_unit_keeps_network_reachable(unit: dict[str, dict[str, list[str]]]) -> None:
+    # Atlas, Slack and SMTP are elsewhere: no IP deny list, no private network.
+    assert "IPAddressDeny" not in unit["Service"]
+    assert "PrivateNetwork" not in unit["Service"]
+    assert "network-online.target" in unit["Unit"]["After"]
+
+
+def test_unit_loads_secrets_as_credentials(unit: dict[str, dict[str, list[str]]]) -> None:
+    names = [value.split(":")[0] for value in unit["Service"]["LoadCredential"]]
+    assert "atlas-private-key" in names
+    text = (ROOT / "systemd/invoice-watch.service").read_text(encoding="utf-8")
+    for example in ("slack-webhook-url", "smtp-password"):
+        assert f"LoadCredential={example}:" in text
+    secret_words = ("key", "secret", "token", "password", "webhook")
+    for assignment in unit["Service"].get("Environment", []):
+        assert not any(word in assignment.lower() for word in secret_words), assignment
+
+
+def test_unit_is_enabled_for_multi_user_target(unit: dict[str, dict[str, list[str]]]) -> None:
+    assert unit["Install"]["WantedBy"] == ["multi-user.target"]
+
+
+# --- .ci/check-service --------------------------------------------------------------------
+
+
+def test_check_service_is_strict_executable_bash() -> None:
+    script = ROOT / ".ci/check-service"
+    assert os.access(script, os.X_OK)
+    lines = script.read_text(encoding="utf-8").splitlines()
+    assert lines[0] == "#!/usr/bin/env bash"
+    assert "set -euo pipefail" in lines
+    subprocess.run(["bash", "-n", str(script)], check=True)
