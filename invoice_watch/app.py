@@ -19,13 +19,14 @@ import time
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime
 from datetime import time as dtime
 from typing import TextIO
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
+from invoice_watch import sdnotify
 from invoice_watch.clock import Clock, SystemClock
 from invoice_watch.commit import CycleWrite, OrgWrite, StateStore
 from invoice_watch.config import Config
@@ -35,7 +36,7 @@ from invoice_watch.deliver import Deliverer
 from invoice_watch.diff import diff
 from invoice_watch.errors import StateError
 from invoice_watch.fetch import AtlasClient
-from invoice_watch.health import Metrics, health
+from invoice_watch.health import Metrics, health, serve_http
 from invoice_watch.rules import History, OrgView, evaluate
 from invoice_watch.types import AlertEvent, Invoice, Notifier, OrgRead
 
@@ -116,8 +117,11 @@ class App:
         self.notifiers: Mapping[str, Notifier] = {}
         self._cycle_lock = asyncio.Lock()
         self.last_cycle: CycleResult | None = None
+        self.cycle_done = asyncio.Event()  # set after every committed cycle
         self.metrics = Metrics()
         self._in_flight: asyncio.Task[object] | None = None
+        self._scheduler: AsyncIOScheduler | None = None
+        self._started = time.monotonic()
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -194,6 +198,11 @@ class App:
                 raise
         self.last_cycle = result
         self._record(result, time.monotonic() - began)
+        self.cycle_done.set()
+        sdnotify.status(
+            f"last cycle {result.finished_at:%H:%M:%S} UTC: {result.orgs_ok} org(s) read, "
+            f"{len(result.orgs_failed)} failed, {len(self.store.firing_alerts())} alert(s) firing"
+        )
         self.deliverer.wake.set()
         return result
 
@@ -377,36 +386,119 @@ class App:
 
     async def serve(self, stop: asyncio.Event) -> None:
         """Run the daemon until ``stop`` is set."""
-        interval = self.config.poll.interval.total_seconds()
-        jitter = self.config.poll.jitter.total_seconds()
         scheduler = AsyncIOScheduler(timezone=UTC)
+        self._scheduler = scheduler
         scheduler.add_job(
             self._scheduled_cycle,
-            IntervalTrigger(seconds=interval, jitter=jitter or None, timezone=UTC),
+            self._trigger(),
             id="poll",
             next_run_time=datetime.now(UTC),
             misfire_grace_time=None,
             coalesce=True,
             max_instances=1,
         )
-        delivery = asyncio.create_task(self.deliverer.run(), name="deliver")
-        scheduler.start()
-        log.info(
-            "watching %d organization(s) every %s",
-            len(self.config.organizations),
-            timedelta(seconds=interval),
+        async with contextlib.AsyncExitStack() as stack:
+            if self.config.http is not None:
+                runner, port = await serve_http(
+                    self.metrics, self.health, self.config.http.host, self.config.http.port
+                )
+                stack.push_async_callback(runner.cleanup)
+                log.info("serving /healthz and /metrics on %s:%d", self.config.http.host, port)
+            delivery = asyncio.create_task(self.deliverer.run(), name="deliver")
+            watchdog = asyncio.create_task(self._watchdog(), name="watchdog")
+            scheduler.start()
+            self._started = time.monotonic()
+            sdnotify.ready(f"watching {len(self.config.organizations)} organization(s)")
+            log.info(
+                "watching %d organization(s) every %s",
+                len(self.config.organizations),
+                self.config.poll.interval,
+            )
+            try:
+                await stop.wait()
+            finally:
+                sdnotify.stopping()
+                log.info("stopping: no new cycle starts; finishing the cycle in flight")
+                deadline = time.monotonic() + SHUTDOWN_SECONDS - 1
+                scheduler.pause()
+                await self._finish_cycle_in_flight(SHUTDOWN_SECONDS - 4)
+                scheduler.shutdown(wait=False)
+                # Deliver what is due in the time left; the rest stays in the outbox.
+                self.deliverer.stop()
+                await asyncio.wait({delivery}, timeout=max(0.1, deadline - time.monotonic()))
+                for task in (delivery, watchdog):
+                    task.cancel()
+                await asyncio.gather(delivery, watchdog, return_exceptions=True)
+                log.info("stopped")
+
+    def _trigger(self) -> IntervalTrigger:
+        jitter = self.config.poll.jitter.total_seconds()
+        return IntervalTrigger(
+            seconds=self.config.poll.interval.total_seconds(),
+            jitter=jitter or None,
+            timezone=UTC,
         )
-        try:
-            await stop.wait()
-        finally:
-            log.info("stopping: no new cycle starts; finishing the cycle in flight")
-            scheduler.pause()
-            await self._finish_cycle_in_flight(SHUTDOWN_SECONDS - 2)
-            scheduler.shutdown(wait=False)
-            delivery.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await delivery
-            log.info("stopped")
+
+    async def _watchdog(self) -> None:
+        """Ping systemd's watchdog while healthy (or still within the first interval)."""
+        interval = sdnotify.watchdog_interval()
+        if interval is None:
+            return
+        while True:
+            ok, _ = self.health()
+            starting = self.last_cycle is None and time.monotonic() - self._started < max(
+                2 * self.config.poll.interval.total_seconds(), 60.0
+            )
+            if ok or starting:
+                sdnotify.watchdog()
+            await asyncio.sleep(interval)
+
+    async def reload(self, config: Config) -> bool:
+        """Take a new configuration between cycles (SIGHUP). The state file cannot move
+        while running; everything else is replaced."""
+        if config.state.path != self.config.state.path:
+            log.error(
+                "config reload refused: state.path changed (%s -> %s); restart to move it",
+                self.config.state.path,
+                config.state.path,
+            )
+            return False
+        async with self._cycle_lock:
+            old_client = self._client
+            client = AtlasClient(
+                config.atlas,
+                clock=self.clock,
+                rng=self._rng,
+                org_names={o.id: o.display_name for o in config.organizations},
+            )
+            self._client = client
+            self._stack.push_async_callback(client.aclose)
+            if self._notifiers_given is None:
+                from invoice_watch.notify import build_notifiers
+
+                old_notifiers = self.notifiers
+                self.notifiers = build_notifiers(config.notifiers)
+                for notifier in self.notifiers.values():
+                    self._stack.push_async_callback(notifier.aclose)
+                for notifier in old_notifiers.values():
+                    await notifier.aclose()
+            self.deliverer.configure(
+                self.notifiers,
+                max_age=config.delivery.max_age,
+                max_backoff=config.delivery.max_backoff,
+            )
+            self.config = config
+            if old_client is not None:
+                await old_client.aclose()
+            if self._scheduler is not None and self._scheduler.running:
+                self._scheduler.reschedule_job("poll", trigger=self._trigger())
+        log.info(
+            "configuration reloaded: %d organization(s), %d rule(s), %d notifier(s)",
+            len(config.organizations),
+            len(config.rules),
+            len(config.notifiers),
+        )
+        return True
 
     async def _finish_cycle_in_flight(self, budget: float) -> None:
         task = self._in_flight

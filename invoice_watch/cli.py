@@ -160,20 +160,39 @@ def _with_config(args: argparse.Namespace) -> int:
 
 async def _run(config: object, args: argparse.Namespace) -> int:
     from invoice_watch.app import App
-    from invoice_watch.config import Config
+    from invoice_watch.config import Config, load_file
 
     assert isinstance(config, Config)
     async with App(config, dry_run=args.dry_run) as app:
         if args.once:
             return await app.run_once(baseline=args.baseline)
         stop = asyncio.Event()
+        reloads: set[asyncio.Task[None]] = set()
+
+        async def reload() -> None:
+            assert config.source is not None
+            try:
+                new = load_file(config.source)
+            except ConfigError as exc:
+                for problem in exc.problems:
+                    log.error("config reload refused: %s", problem)
+                log.error("keeping the running configuration")
+                return
+            await app.reload(new)
+
+        def on_hup() -> None:
+            task = asyncio.create_task(reload())
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+        signals = {signal.SIGTERM: stop.set, signal.SIGINT: stop.set, signal.SIGHUP: on_hup}
+        for sig, handler in signals.items():
+            loop.add_signal_handler(sig, handler)
         try:
             await app.serve(stop)
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in signals:
                 loop.remove_signal_handler(sig)
     return 0
 

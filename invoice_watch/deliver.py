@@ -71,7 +71,16 @@ class Deliverer:
         self._cap = max_backoff.total_seconds()
         self._rng = rng or random.Random()
         self.wake = asyncio.Event()
+        self._stopping = False
         self.totals = DeliveryStats()
+
+    def configure(
+        self, notifiers: Mapping[str, Notifier], *, max_age: timedelta, max_backoff: timedelta
+    ) -> None:
+        """Take new notifiers and limits (configuration reload)."""
+        self._notifiers = notifiers
+        self._max_age = max_age
+        self._cap = max_backoff.total_seconds()
 
     async def deliver_due(self) -> DeliveryStats:
         """One pass over the due rows: each gets one attempt."""
@@ -180,7 +189,9 @@ class Deliverer:
 
     async def run(self) -> None:
         """The daemon's delivery loop: deliver, then sleep until the next row is due or
-        a cycle committed new rows (``wake``). Cancel to stop."""
+        a cycle committed new rows (``wake``). :meth:`stop` ends it after one last pass
+        over what is due (the caller bounds that in time and cancels beyond)."""
+        self._stopping = False
         while True:
             self.wake.clear()
             try:
@@ -189,19 +200,26 @@ class Deliverer:
                 log.exception("delivery pass failed; trying again shortly")
                 await self._wait(5.0)
                 continue
+            if self._stopping:
+                return
             next_at = await self._store.next_attempt_at()
-            timeout = None
+            seconds = None
             if next_at is not None:
-                timeout = max(0.0, (next_at - self._clock.now()).total_seconds())
-            await self._wait(timeout)
+                seconds = max(0.0, (next_at - self._clock.now()).total_seconds())
+            await self._wait(seconds)
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to make one last pass and return."""
+        self._stopping = True
+        self.wake.set()
 
     async def _wake_wait(self) -> None:
         await self.wake.wait()
 
-    async def _wait(self, timeout: float | None) -> None:
+    async def _wait(self, seconds: float | None) -> None:
         tasks: set[asyncio.Future[object]] = {asyncio.ensure_future(self._wake_wait())}
-        if timeout is not None:
-            tasks.add(asyncio.ensure_future(self._clock.sleep(timeout)))
+        if seconds is not None:
+            tasks.add(asyncio.ensure_future(self._clock.sleep(seconds)))
         try:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
