@@ -72,7 +72,8 @@ def _blocks_problem(body: dict[str, Any]) -> str | None:
 class FakeSlack:
     def __init__(self, token: str = TOKEN) -> None:
         self.token = token
-        self.received: list[Received] = []
+        self.received: list[Received] = []  # every request, answered or refused
+        self.accepted: list[dict[str, Any]] = []  # bodies of the messages Slack took
         self._scripts: dict[Route, deque[Reply]] = {
             "webhook": deque(),
             "chat.postMessage": deque(),
@@ -111,6 +112,11 @@ class FakeSlack:
     def script_api(self, *replies: Reply) -> None:
         self._scripts["chat.postMessage"].extend(replies)
 
+    def clear_scripts(self) -> None:
+        """Forget the scripted replies still queued: Slack is healthy again."""
+        for script in self._scripts.values():
+            script.clear()
+
     def _next(self, route: Route) -> Reply | None:
         script = self._scripts[route]
         return script.popleft() if script else None
@@ -126,6 +132,8 @@ class FakeSlack:
         if reply is None:
             problem = _blocks_problem(body)
             reply = Reply(400, problem) if problem else Reply()
+        if reply.status == 200 and reply.raw is None and reply.error is None:
+            self.accepted.append(body)
         if reply.raw is not None:
             return web.Response(
                 status=reply.status, text=reply.raw, content_type="text/html", headers=reply.headers
@@ -153,5 +161,7 @@ class FakeSlack:
         if reply.error is not None:
             answer: dict[str, Any] = {"ok": False, "error": reply.error}
         else:
+            if reply.status == 200:
+                self.accepted.append(body)
             answer = {"ok": True, "channel": "C0000000000", "ts": "1700000000.000100"}
         return web.json_response(answer, status=reply.status, headers=reply.headers)

@@ -4,15 +4,11 @@ the retry-or-give-up table, and the password kept out of errors and logs."""
 
 from __future__ import annotations
 
-import asyncio
-import email
-import email.policy
 import logging
 import socket
 import ssl
 import traceback
-from collections.abc import AsyncIterator, Awaitable, Callable
-from email.message import EmailMessage
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,34 +21,13 @@ from invoice_watch.config import Config
 from invoice_watch.errors import NotifyError, PermanentNotifyError, RetryableNotifyError
 from invoice_watch.notify import build_notifiers, render
 from invoice_watch.notify.email import EmailNotifier, TlsMode, classify_smtp_error, group_message_id
+from tests.fakes_smtp import Sink, StartServer
 from tests.test_notify_render import grouped_events, pending_event, resolved_failed_event
 
 USERNAME = "alerts@example.com"
 PASSWORD = "s3cret-Smtp-Passw0rd"
 FROM = "invoice-watch <alerts@example.com>"
 TO = ["oncall@example.com", "finance@example.com"]
-
-
-class Sink:
-    """An aiosmtpd handler keeping every message, or answering DATA with ``reply``."""
-
-    def __init__(self, reply: str = "250 OK") -> None:
-        self.reply = reply
-        self.envelopes: list[Envelope] = []
-        self.sessions: list[Session] = []
-
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        if self.reply.startswith("250"):
-            self.envelopes.append(envelope)
-            self.sessions.append(session)
-        return self.reply
-
-    def message(self, index: int = -1) -> EmailMessage:
-        content = self.envelopes[index].original_content
-        assert isinstance(content, bytes)
-        message = email.message_from_bytes(content, policy=email.policy.default)
-        assert isinstance(message, EmailMessage)
-        return message
 
 
 class PickySink(Sink):
@@ -100,34 +75,6 @@ class Pki:
 @pytest.fixture
 def pki(tmp_path: Path) -> Pki:
     return Pki(tmp_path)
-
-
-StartServer = Callable[..., Awaitable[int]]
-
-
-@pytest.fixture
-async def smtp_server() -> AsyncIterator[StartServer]:
-    """Starts aiosmtpd servers on 127.0.0.1, port 0; returns each one's port."""
-    servers: list[asyncio.Server] = []
-    loop = asyncio.get_running_loop()
-
-    async def start(
-        handler: Sink, *, implicit_tls: ssl.SSLContext | None = None, **smtp: Any
-    ) -> int:
-        server = await loop.create_server(
-            lambda: SMTP(handler, hostname="smtp.test", loop=loop, **smtp),
-            "127.0.0.1",
-            0,
-            ssl=implicit_tls,
-        )
-        servers.append(server)
-        port: int = server.sockets[0].getsockname()[1]
-        return port
-
-    yield start
-    for server in servers:
-        server.close()
-        await server.wait_closed()
 
 
 def notifier(
