@@ -13,6 +13,9 @@ import yaml
 from invoice_watch.config import Config, load
 from invoice_watch.types import Invoice
 
+# Fixtures other test modules share: the SMTP sink (aiosmtpd on 127.0.0.1).
+pytest_plugins = ["tests.fakes_smtp"]
+
 ORG_A = "aaaaaaaaaaaaaaaaaaaaaaaa"
 ORG_B = "bbbbbbbbbbbbbbbbbbbbbbbb"
 NOW = datetime(2026, 11, 15, 12, 0, tzinfo=UTC)
@@ -85,7 +88,7 @@ def inv(
     start: datetime = PERIOD_START,
     end: datetime = PERIOD_END,
     source: str | None = None,
-    **amounts: int,
+    **amounts: Any,
 ) -> Invoice:
     """An invoice with a readable id: inv(3) -> id '000...003'."""
     return Invoice(

@@ -1,0 +1,337 @@
+"""End to end, on loopback: the Atlas simulator (real Digest and OAuth), a real HTTP
+Slack endpoint and aiosmtpd, driven through `run --once` and the daemon loop.
+
+Each `run --once` is a fresh App on the same state file, as separate runs would be.
+Time that the client would sleep (Retry-After, backoff) goes through a FakeClock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from invoice_watch.app import App
+from invoice_watch.clock import FakeClock
+from invoice_watch.config import Config, load
+from invoice_watch.simulator import Simulator
+from invoice_watch.simulator.scenario import Scenario
+from tests.fakes_slack import FakeSlack
+from tests.fakes_smtp import Sink, StartServer
+
+PROD = "5f8a1c2e9b3d4a6f7e0c1b2a"
+ANALYTICS = "6a7b8c9d0e1f2a3b4c5d6e7f"
+SMTP_PASSWORD = "smtp-passw0rd-never-logged"
+
+
+def scenario() -> Scenario:
+    s = Scenario()
+    s.add_org("Production", id=PROD)
+    s.add_org("Analytics", id=ANALYTICS)
+    s.add_invoice("Production", period=-2, status="PAID", amount_cents=3900_00)
+    s.add_invoice("Production", period=-1, status="FAILED", amount_cents=4350_20, name="failed")
+    s.add_invoice("Production", period=0, status="PENDING", amount_cents=6000_00, name="pending")
+    s.add_invoice("Analytics", period=-1, status="PAID", amount_cents=900_00)
+    s.add_invoice("Analytics", period=0, status="PENDING", amount_cents=700_00, name="small")
+    return s
+
+
+class World:
+    """The simulator, Slack, SMTP and a config pointing at them."""
+
+    def __init__(self, sim: Simulator, slack: FakeSlack, sink: Sink, smtp_port: int, tmp: Path):
+        self.sim, self.slack, self.sink, self.smtp_port, self.tmp = sim, slack, sink, smtp_port, tmp
+        self.clock = FakeClock(sim.scenario.now)
+
+    def config_data(
+        self,
+        *,
+        service_account: bool = False,
+        rules: list[dict[str, Any]] | None = None,
+        **sections: Any,
+    ) -> dict[str, Any]:
+        auth = (
+            {"client_id": self.sim.client_id, "client_secret": self.sim.client_secret}
+            if service_account
+            else {"public_key": self.sim.public_key, "private_key": self.sim.private_key}
+        )
+        default_rules = [
+            {"name": "failed-charge", "type": "invoice_status", "notify": ["slack", "mail"]},
+            {
+                "name": "pending-over-budget",
+                "type": "pending_amount",
+                "threshold": 5000,
+                "notify": ["slack", "mail"],
+            },
+        ]
+        return {
+            "atlas": {"base_url": self.sim.base_url, "auth": auth},
+            "organizations": [
+                {"id": PROD, "name": "Production"},
+                {"id": ANALYTICS, "name": "Analytics"},
+            ],
+            "state": {"path": str(self.tmp / "state.db")},
+            "notifiers": {
+                "slack": {"type": "slack", "webhook_url": self.slack.webhook_url},
+                "mail": {
+                    "type": "email",
+                    "host": "127.0.0.1",
+                    "port": self.smtp_port,
+                    "tls": "none",
+                    "from": "invoice-watch@example.com",
+                    "to": ["finops@example.com"],
+                },
+            },
+            "rules": default_rules if rules is None else rules,
+            **sections,
+        }
+
+    def config(self, **kw: Any) -> Config:
+        text = yaml.safe_dump(self.config_data(**kw))
+        return load(text, filename="e2e.yaml", env={}, base_dir=self.tmp)
+
+    def write_config(self, **kw: Any) -> Path:
+        path = self.tmp / "config.yaml"
+        path.write_text(yaml.safe_dump(self.config_data(**kw)))
+        return path
+
+    async def run_once(self, config: Config) -> int:
+        async with App(config, clock=self.clock) as app:
+            return await app.run_once()
+
+    def slack_texts(self) -> list[str]:
+        return [body["text"] for body in self.slack.accepted]
+
+    def kinds(self) -> list[tuple[str, str]]:
+        """(kind, rule) of every Slack message, in order."""
+        out = []
+        for text in self.slack_texts():
+            kind, rule = text.split("\n", 1)[0].split(": ", 1)
+            out.append((kind, rule))
+        return out
+
+
+@pytest.fixture
+async def world(tmp_path: Path, smtp_server: StartServer) -> AsyncIterator[World]:
+    sink = Sink()
+    port = await smtp_server(sink)
+    async with Simulator(scenario()) as sim, FakeSlack() as slack:
+        yield World(sim, slack, sink, port, tmp_path)
+
+
+async def check_full_lifecycle(world: World, config: Config) -> None:
+    # First run: one FIRING per condition, through both notifiers.
+    assert await world.run_once(config) == 0
+    assert sorted(world.kinds()) == [
+        ("FIRING", "failed-charge"),
+        ("FIRING", "pending-over-budget"),
+    ]
+    assert len(world.sink.envelopes) == 2
+    subjects = sorted(world.sink.message(i)["Subject"] for i in range(2))
+    assert subjects == [
+        "[invoice-watch] FIRING failed-charge: Production $4,350.20",
+        "[invoice-watch] FIRING pending-over-budget: Production $6,000.00",
+    ]
+
+    # Unchanged second run: nothing.
+    assert await world.run_once(config) == 0
+    assert len(world.slack.accepted) == 2 and len(world.sink.envelopes) == 2
+
+    # Paid, and the pending amount drops: RESOLVED for both.
+    world.sim.set_status(world.sim.scenario.invoice("failed").id, "PAID")
+    world.sim.set_amount(world.sim.scenario.invoice("pending").id, 4000_00)
+    assert await world.run_once(config) == 0
+    assert sorted(world.kinds()[2:]) == [
+        ("RESOLVED", "failed-charge"),
+        ("RESOLVED", "pending-over-budget"),
+    ]
+    assert len(world.sink.envelopes) == 4
+    resolved = "\n".join(world.slack_texts()[2:])
+    assert "Fired for:" in resolved and "$4,000.00" in resolved
+
+    # And quiet again.
+    assert await world.run_once(config) == 0
+    assert len(world.slack.accepted) == 4
+
+
+async def test_e2e_digest_fires_once_stays_quiet_and_resolves(world: World):
+    await check_full_lifecycle(world, world.config())
+    challenges = [r for r in world.sim.requests if r.challenge]
+    assert len(challenges) == 4  # one Digest challenge per run, not one per request
+
+
+async def test_e2e_service_account_through_two_429s(world: World):
+    world.sim.faults.status(429, times=2, path="/api/atlas/v2/orgs/*/invoices", retry_after=7)
+    await check_full_lifecycle(world, world.config(service_account=True))
+    assert world.clock.sleeps.count(7.0) == 2  # Retry-After honoured, through the clock
+    assert all(r.auth in ("bearer", "basic") for r in world.sim.requests)
+    assert sum(1 for r in world.sim.requests if r.path == "/api/oauth/token") == 4
+
+
+async def test_e2e_one_org_failing_leaves_the_other_and_its_snapshot_alone(world: World):
+    config = world.config()
+    assert await world.run_once(config) == 0
+    world.sim.faults.status(500, times=100, path=f"/api/atlas/v2/orgs/{PROD}/invoices")
+    world.sim.set_status(world.sim.scenario.invoice("failed").id, "PAID")
+    world.sim.set_amount(world.sim.scenario.invoice("small").id, 5100_00)
+    assert await world.run_once(config) == 1  # an org unreadable: exit 1
+    # Production's alerts neither resolved nor vanished; Analytics still evaluated.
+    assert world.kinds()[2:] == [("FIRING", "pending-over-budget")]
+    assert "Analytics" in world.slack_texts()[2]
+    async with App(config, clock=world.clock) as app:
+        assert len(app.store.snapshot(PROD)) == 3
+        assert app.store.org_state(PROD).failing_since is not None
+        assert len(app.store.firing_alerts()) == 3
+    world.sim.faults.clear()
+    assert await world.run_once(config) == 0
+    assert world.kinds()[3:] == [("RESOLVED", "failed-charge")]
+
+
+async def test_e2e_forbidden_org_names_the_role(world: World, capsys):
+    world.sim.scenario.org("Analytics").forbidden = True
+    assert await world.run_once(world.config()) == 1
+    err = capsys.readouterr().err
+    assert "Analytics" in err and "Organization Billing Viewer" in err
+
+
+async def test_e2e_slack_down_keeps_the_message_for_the_next_run(world: World):
+    from tests.fakes_slack import Reply
+
+    world.slack.script_webhook(*[Reply(status=500)] * 50)
+    config = world.config()
+    assert await world.run_once(config) == 1  # undelivered after 60 s of (fake) time
+    assert len(world.sink.envelopes) == 2  # email is not held up by Slack
+    assert world.slack.accepted == [] and len(world.slack.received) > 2  # it kept trying
+    world.slack.clear_scripts()  # Slack is back
+    assert await world.run_once(config) == 0
+    assert sorted(world.kinds()[-2:]) == [
+        ("FIRING", "failed-charge"),
+        ("FIRING", "pending-over-budget"),
+    ]
+    assert len(world.sink.envelopes) == 2  # and email was not sent twice
+
+
+async def test_e2e_baseline_records_without_sending_then_only_changes_alert(world: World):
+    config = world.config()
+    async with App(config, clock=world.clock) as app:
+        assert await app.run_once(baseline=True) == 0
+    assert world.slack.accepted == [] and world.sink.envelopes == []
+    world.sim.set_status(world.sim.scenario.invoice("failed").id, "PAID")
+    assert await world.run_once(config) == 0
+    assert world.kinds() == [("RESOLVED", "failed-charge")]
+
+
+async def test_e2e_dry_run_prints_and_creates_no_file(world: World, capsys):
+    config = world.config()
+    async with App(config, clock=world.clock, dry_run=True) as app:
+        assert await app.run_once() == 0
+    out = capsys.readouterr().out
+    assert "would send to slack" in out and "FIRING: failed-charge" in out
+    assert "nothing was sent and nothing was written" in out
+    assert not (world.tmp / "state.db").exists()
+    assert world.slack.received == [] and world.sink.envelopes == []
+
+
+async def test_e2e_daemon_runs_first_cycle_at_start_and_stops_cleanly(world: World):
+    config = world.config()
+    stop = asyncio.Event()
+    async with App(config, clock=world.clock) as app:
+        daemon = asyncio.create_task(app.serve(stop))
+        async with asyncio.timeout(10):  # the first cycle runs at start, not after a timer
+            await app.cycle_done.wait()
+        stop.set()
+        async with asyncio.timeout(10):
+            await daemon
+        # What the cycle committed was delivered before the daemon stopped.
+        assert len(world.slack.accepted) == 2 and len(world.sink.envelopes) == 2
+        assert app.last_cycle is not None and not app.last_cycle.orgs_failed
+        assert app.health()[0]
+
+
+async def test_e2e_no_secret_reaches_the_logs(world: World, caplog, capsys):
+    caplog.set_level(logging.DEBUG)
+    world.sim.faults.status(503, times=1, path="/api/atlas/v2/orgs/*/invoices")
+    world.sim.faults.status(401, times=1, path="/api/atlas/v2/orgs/*/invoices/pending")
+    await world.run_once(world.config(service_account=True))
+    await world.run_once(world.config())
+    captured = caplog.text + "".join(capsys.readouterr())
+    assert "cycle:" in caplog.text  # the logs were captured at all
+    for secret in (
+        world.sim.private_key,
+        world.sim.client_secret,
+        world.slack.webhook_url,
+        "/services/T000",
+    ):
+        assert secret not in captured
+
+
+async def test_e2e_cli_run_once_and_sigterm(world: World):
+    """The real command line in a subprocess: --once exits 0, the daemon exits 0 on
+    SIGTERM after its first cycle, and the state file is kept."""
+    path = world.write_config()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    once = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "invoice_watch", "run", "--once", "-c", str(path), env=env
+    )
+    assert await asyncio.wait_for(once.wait(), 60) == 0
+    assert len(world.slack.accepted) == 2
+
+    world.sim.set_status(world.sim.scenario.invoice("failed").id, "PAID")
+    daemon = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "invoice_watch",
+        "run",
+        "-c",
+        str(path),
+        env=env,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert daemon.stderr is not None
+    async with asyncio.timeout(30):
+        while b"cycle:" not in await daemon.stderr.readline():
+            pass
+    daemon.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(daemon.wait(), 10) == 0
+    assert [k for k, _ in world.kinds()] == ["FIRING", "FIRING", "RESOLVED"]
+
+    status = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "invoice_watch",
+        "status",
+        "-c",
+        str(path),
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await status.communicate()
+    assert status.returncode == 0
+    assert b"Production" in out and b"Firing alerts: 1" in out
+
+
+async def test_e2e_cli_bad_config_exits_2_with_located_errors(tmp_path: Path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(json.dumps({"atlas": {"auth": {}}, "organizations": []}))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "invoice_watch",
+        "check-config",
+        "-c",
+        str(path),
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await proc.communicate()
+    assert proc.returncode == 2
+    assert f"{path}:1:" in err.decode()
+    assert b"Traceback" not in err
