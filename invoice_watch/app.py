@@ -18,7 +18,7 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime
 from datetime import time as dtime
 from typing import TextIO
@@ -31,14 +31,14 @@ from invoice_watch.clock import Clock, SystemClock
 from invoice_watch.commit import CycleWrite, OrgWrite, StateStore
 from invoice_watch.config import Config
 from invoice_watch.constants import FINAL_STATUSES, ONCE_DELIVERY_SECONDS, SHUTDOWN_SECONDS
-from invoice_watch.dedup import pending_events, plan
+from invoice_watch.dedup import Transition, pending_events, plan
 from invoice_watch.deliver import Deliverer
 from invoice_watch.diff import diff
-from invoice_watch.errors import StateError
+from invoice_watch.errors import FetchError, StateError
 from invoice_watch.fetch import AtlasClient
 from invoice_watch.health import Metrics, health, serve_http
-from invoice_watch.rules import History, OrgView, evaluate
-from invoice_watch.types import AlertEvent, Invoice, Notifier, OrgRead
+from invoice_watch.rules import BREAKDOWN_RULES, History, OrgView, breakdown, evaluate
+from invoice_watch.types import AlertEvent, EventKind, Invoice, LineItem, Notifier, OrgRead
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +118,7 @@ class App:
         self._cycle_lock = asyncio.Lock()
         self.last_cycle: CycleResult | None = None
         self.cycle_done = asyncio.Event()  # set after every committed cycle
+        self.http_port: int | None = None  # bound port of /healthz and /metrics
         self.metrics = Metrics()
         self._in_flight: asyncio.Task[object] | None = None
         self._scheduler: AsyncIOScheduler | None = None
@@ -305,6 +306,7 @@ class App:
         transitions = plan(
             config, evaluation, store.firing_alerts(), invoices_now, now, baseline=baseline
         )
+        transitions = await self._add_breakdowns(transitions)
         events = pending_events(transitions)
         routes = {rule.name: list(rule.notify) for rule in config.rules}
         messages = group_messages(events, routes, config.delivery.group_over)
@@ -336,6 +338,43 @@ class App:
             time.monotonic() - began,
         )
         return result
+
+    async def _add_breakdowns(self, transitions: list[Transition]) -> list[Transition]:
+        """Attach the top projects and SKUs to FIRING/REMINDER messages about amounts.
+
+        Line items come from the pending endpoint, fetched only here (never every cycle),
+        once per organization. A failure to fetch them costs the breakdown, never the
+        message.
+        """
+        wanted = [
+            t
+            for t in transitions
+            if t.event is not None
+            and t.event.rule_type in BREAKDOWN_RULES
+            and t.event.kind in (EventKind.FIRING, EventKind.REMINDER)
+            and t.event.invoice_id
+        ]
+        if not wanted:
+            return transitions
+        wanted_ids = {id(t) for t in wanted}
+        items: dict[str, list[LineItem]] = {}
+        for org_id in sorted({t.state.source_org_id for t in wanted}):
+            try:
+                items.update(await self.client.pending_line_items(org_id))
+            except FetchError as exc:
+                log.warning("no breakdown for %s: %s", self.config.org_name(org_id), exc)
+        previous = self.store.firing_alerts()
+        out = []
+        for t in transitions:
+            event = t.event
+            if id(t) in wanted_ids and event is not None and event.invoice_id in items:
+                before = previous.get(t.state.key)
+                last = before.last_event.breakdown if before and before.last_event else ()
+                lines = breakdown(items[event.invoice_id], last)
+                event = replace(event, breakdown=lines)
+                t = replace(t, event=event, state=replace(t.state, last_event=event))
+            out.append(t)
+        return out
 
     def _print_dry_run(self, result: CycleResult) -> None:
         from invoice_watch.notify.render import text
@@ -403,6 +442,7 @@ class App:
                     self.metrics, self.health, self.config.http.host, self.config.http.port
                 )
                 stack.push_async_callback(runner.cleanup)
+                self.http_port = port
                 log.info("serving /healthz and /metrics on %s:%d", self.config.http.host, port)
             delivery = asyncio.create_task(self.deliverer.run(), name="deliver")
             watchdog = asyncio.create_task(self._watchdog(), name="watchdog")

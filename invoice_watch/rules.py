@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from invoice_watch import format as fmt
 from invoice_watch.diff import Diff
-from invoice_watch.types import Invoice
+from invoice_watch.types import BreakdownLine, Invoice, LineItem
 
 if TYPE_CHECKING:
     from invoice_watch.config import (
@@ -33,6 +33,8 @@ if TYPE_CHECKING:
     )
 
 PENDING = "PENDING"
+# Rule types whose messages say what is behind the amount (top projects and SKUs).
+BREAKDOWN_RULES = frozenset({"pending_amount", "amount_increase", "forecast"})
 
 # (observed at, amountBilledCents), oldest first.
 History = Sequence[tuple[datetime, int]]
@@ -308,3 +310,25 @@ def resolution_summary(rule_type: str, invoice: Invoice | None, threshold_cents:
     if rule_type == "amount_increase":
         return "The growth within the window is back under the threshold."
     return "The condition no longer holds."
+
+
+def breakdown(
+    items: Sequence[LineItem],
+    previous: Sequence[BreakdownLine] = (),
+    top: int = 3,
+) -> tuple[BreakdownLine, ...]:
+    """The ``top`` projects and SKUs by amount; with ``previous`` (the breakdown of the
+    last message about this alert), how much each grew since."""
+    before = {(line.dimension, line.name): line.amount_cents for line in previous}
+    lines: list[BreakdownLine] = []
+    for dimension in ("project", "sku"):
+        totals: dict[str, int] = {}
+        for item in items:
+            name = item.project if dimension == "project" else item.sku
+            totals[name] = totals.get(name, 0) + item.amount_cents
+        ranked = sorted(totals.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
+        for name, cents in ranked:
+            old = before.get((dimension, name))
+            growth_cents = cents - old if previous and old is not None else None
+            lines.append(BreakdownLine(dimension, name, cents, growth_cents))
+    return tuple(lines)

@@ -185,3 +185,32 @@ def test_poll_failure_after(config_factory, failing_for, fires):
 def test_alert_keys_are_stable_per_rule_org_and_invoice():
     assert alert_key("r", ORG_A, "0" * 24) == f"r/{ORG_A}/{'0' * 24}"
     assert alert_key("r", ORG_A) == f"r/{ORG_A}"
+
+
+def test_breakdown_top_three_projects_and_skus_with_growth():
+    from invoice_watch.rules import breakdown
+    from invoice_watch.types import LineItem
+
+    items = [
+        LineItem("shop", "M30", "orders", 300_00),
+        LineItem("shop", "M10", "orders", 100_00),
+        LineItem("analytics", "M30", "sink", 250_00),
+        LineItem("web", "TRANSFER", "", 50_00),
+        LineItem("batch", "BACKUP", "", 10_00),
+    ]
+    first = breakdown(items)
+    assert [(b.dimension, b.name, b.amount_cents) for b in first] == [
+        ("project", "shop", 400_00),
+        ("project", "analytics", 250_00),
+        ("project", "web", 50_00),
+        ("sku", "M30", 550_00),
+        ("sku", "M10", 100_00),
+        ("sku", "TRANSFER", 50_00),
+    ]
+    assert all(b.growth_cents is None for b in first)
+    grown = breakdown([*items, LineItem("analytics", "M30", "sink", 100_00)], first)
+    assert [(b.name, b.growth_cents) for b in grown if b.dimension == "project"] == [
+        ("shop", 0),
+        ("analytics", 100_00),
+        ("web", 0),
+    ]
