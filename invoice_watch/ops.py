@@ -19,20 +19,21 @@ from invoice_watch.health import health
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """Left-aligned columns; columns whose header starts with '$' align right."""
-    widths = [len(h.lstrip("$")) for h in headers]
+    """Aligned columns; a column whose header starts with '$' is right-aligned."""
+    names = [h.lstrip("$") for h in headers]
+    right = [h.startswith("$") for h in headers]
+    widths = [len(n) for n in names]
     for row in rows:
         widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
 
-    def line(cells: Sequence[str], header: bool = False) -> str:
-        out = []
-        for h, w, cell in zip(headers, widths, cells, strict=True):
-            out.append(cell.rjust(w) if h.startswith("$") and not header else cell.ljust(w))
-        return "  ".join(out).rstrip()
+    def line(cells: Sequence[str]) -> str:
+        parts = [
+            cell.rjust(w) if r else cell.ljust(w)
+            for cell, w, r in zip(cells, widths, right, strict=True)
+        ]
+        return "  ".join(parts).rstrip()
 
-    lines = [line([h.lstrip("$") for h in headers], header=True)]
-    lines += [line(row) for row in rows]
-    return "\n".join(lines)
+    return "\n".join([line(names), *(line(row) for row in rows)])
 
 
 async def _open(config: Config) -> StateStore:
