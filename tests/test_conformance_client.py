@@ -34,7 +34,7 @@ def _template_of(spec: dict[str, Any], path: str) -> str:
     for template in spec["paths"]:
         pattern = "^" + re.sub(r"\\{[^}]+\\}", "[^/]+", re.escape(template)) + "$"
         if re.match(pattern, path):
-            return template
+            return str(template)
     raise AssertionError(f"the client requested {path}, which the spec does not declare")
 
 

@@ -105,12 +105,13 @@ async def test_sighup_reloads_and_a_bad_config_is_refused(world: World):
         sys.executable, "-m", "invoice_watch", "run", "-c", str(path),
         env=env, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
-    assert proc.stderr is not None
+    stderr = proc.stderr
+    assert stderr is not None
 
     async def wait_for(text: bytes) -> bytes:
         async with asyncio.timeout(30):
             while True:
-                line = await proc.stderr.readline()
+                line = await stderr.readline()
                 assert line, f"daemon exited before printing {text!r}"
                 if text in line:
                     return line
