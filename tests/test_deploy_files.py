@@ -269,6 +269,10 @@ def test_unit_runs_the_daemon_with_the_etc_config(unit: dict[str, dict[str, list
     assert shlex.split(exec_start)[0].endswith("/invoice-watch")
 
 
+def test_unit_reload_sends_sighup(unit: dict[str, dict[str, list[str]]]) -> None:
+    assert unit["Service"]["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+
+
 def test_unit_has_watchdog_and_restart_delay(unit: dict[str, dict[str, list[str]]]) -> None:
     for key in ("WatchdogSec", "RestartSec"):
         (value,) = unit["Service"][key]
