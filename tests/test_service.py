@@ -21,7 +21,7 @@ from invoice_watch import ops
 from invoice_watch.app import App
 from invoice_watch.cli import JsonFormatter
 from invoice_watch.simulator import Simulator
-from tests.fakes_slack import FakeSlack
+from tests.fakes_slack import FakeSlack, Reply
 from tests.fakes_smtp import Sink, StartServer
 from tests.test_e2e import ANALYTICS, PROD, World, scenario
 
@@ -188,3 +188,20 @@ def test_json_log_lines():
     data = json.loads(JsonFormatter().format(record))
     assert data["level"] == "info" and data["message"] == "cycle: 2 orgs"
     assert data["logger"] == "invoice_watch.app" and data["time"].endswith("+00:00")
+
+
+async def test_test_notify_sends_through_each_notifier(world: World, capsys):
+    from invoice_watch.cli import _test_notify
+
+    assert await _test_notify(world.config(), None) == 0
+    out = capsys.readouterr().out
+    assert "slack: sent" in out and "mail: sent" in out
+    assert "test message" in world.slack.accepted[0]["text"]
+    assert len(world.sink.envelopes) == 1
+
+    assert await _test_notify(world.config(), "nope") == 2
+    assert "configured: mail, slack" in capsys.readouterr().err
+
+    world.slack.script_webhook(Reply(status=404, error="no_service"))
+    assert await _test_notify(world.config(), "slack") == 1
+    assert "slack: FAILED" in capsys.readouterr().err
