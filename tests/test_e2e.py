@@ -169,6 +169,14 @@ async def test_e2e_digest_fires_once_stays_quiet_and_resolves(world: World):
     assert len(challenges) == 4  # one Digest challenge per run, not one per request
 
 
+@pytest.mark.parametrize("api", ["v1", "cloud-manager"])
+async def test_e2e_legacy_api_flavors_behave_like_v2(world: World, api: str):
+    atlas = {**world.config_data()["atlas"], "api": api}
+    await check_full_lifecycle(world, world.config(atlas=atlas))
+    prefix = {"v1": "/api/atlas/v1.0/", "cloud-manager": "/api/public/v1.0/"}[api]
+    assert world.sim.requests and all(r.path.startswith(prefix) for r in world.sim.requests)
+
+
 async def test_e2e_service_account_through_two_429s(world: World):
     world.sim.faults.status(429, times=2, path="/api/atlas/v2/orgs/*/invoices", retry_after=7)
     await check_full_lifecycle(world, world.config(service_account=True))
