@@ -146,17 +146,7 @@ def plan(
         reason = decide(state, True, True, rule, now)
         if reason is Reason.NEW:
             event = factory.event(EventKind.FIRING, rule, condition, now, firing_since=now)
-            new_state = AlertState(
-                key=key,
-                rule=rule.name,
-                org_id=condition.org_id,
-                source_org_id=condition.source_org_id,
-                invoice_id=condition.invoice.id if condition.invoice else None,
-                firing=True,
-                firing_since=now,
-                last_notified=now,
-                last_event=event,
-            )
+            new_state = _new_state(condition, event, now, firing=True)
             if baseline:
                 transitions.append(Transition(new_state, None, Reason.BASELINE))
             else:
@@ -190,20 +180,27 @@ def plan(
     for notice in evaluation.notices:
         rule = rules[notice.rule]
         event = factory.event(EventKind.NOTICE, rule, notice, now)
-        state = AlertState(
-            key=notice.key,
-            rule=rule.name,
-            org_id=notice.org_id,
-            source_org_id=notice.source_org_id,
-            invoice_id=notice.invoice.id if notice.invoice else None,
-            firing=False,
-            firing_since=now,
-            last_notified=now,
-            resolved_at=now,
-            last_event=event,
-        )
+        state = _new_state(notice, event, now, firing=False)
         transitions.append(Transition(state, None if baseline else event, Reason.NEW))
     return transitions
+
+
+def _new_state(
+    condition: Condition, event: AlertEvent, now: datetime, *, firing: bool
+) -> AlertState:
+    """The state of an alert notified now: firing, or (a one-shot notice) already over."""
+    return AlertState(
+        key=condition.key,
+        rule=condition.rule,
+        org_id=condition.org_id,
+        source_org_id=condition.source_org_id,
+        invoice_id=condition.invoice.id if condition.invoice else None,
+        firing=firing,
+        firing_since=now,
+        last_notified=now,
+        resolved_at=None if firing else now,
+        last_event=event,
+    )
 
 
 def _resolved_event(
