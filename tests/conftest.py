@@ -13,8 +13,9 @@ import yaml
 from invoice_watch.config import Config, load
 from invoice_watch.types import Invoice
 
-# Fixtures other test modules share: the SMTP sink (aiosmtpd on 127.0.0.1).
-pytest_plugins = ["tests.fakes_smtp"]
+# Fixtures test modules share: the SMTP sink (aiosmtpd on 127.0.0.1) and the `world`
+# of the end-to-end tests (simulator + fake Slack + SMTP + config builder).
+pytest_plugins = ["tests.fakes_smtp", "tests.world"]
 
 ORG_A = "aaaaaaaaaaaaaaaaaaaaaaaa"
 ORG_B = "bbbbbbbbbbbbbbbbbbbbbbbb"

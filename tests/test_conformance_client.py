@@ -18,7 +18,7 @@ from invoice_watch.constants import V2_CSV_MEDIA_TYPE, V2_MEDIA_TYPE
 from invoice_watch.fetch import AtlasClient
 from invoice_watch.simulator import Simulator
 from tests.test_conformance import declared_media_types, load_spec
-from tests.test_e2e import PROD, scenario
+from tests.world import PROD, scenario
 
 
 def _parameters(spec: dict[str, Any], template: str) -> dict[str, dict[str, Any]]:

@@ -3,26 +3,15 @@ real Slack endpoint, with time driven by a FakeClock between `run --once` runs."
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from invoice_watch.simulator import Simulator
 from invoice_watch.simulator.scenario import Scenario
 from tests.fakes_slack import FakeSlack
 from tests.fakes_smtp import Sink, StartServer
-from tests.test_e2e import ANALYTICS, PROD, World, scenario
-
-
-@pytest.fixture
-async def world(tmp_path: Path, smtp_server: StartServer) -> AsyncIterator[World]:
-    sink = Sink()
-    port = await smtp_server(sink)
-    async with Simulator(scenario()) as sim, FakeSlack() as slack:
-        yield World(sim, slack, sink, port, tmp_path)
+from tests.world import ANALYTICS, PROD, World
 
 
 def slack_rule(**rule: Any) -> dict[str, Any]:

@@ -10,8 +10,6 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import aiohttp
 import pytest
@@ -20,18 +18,8 @@ import yaml
 from invoice_watch import ops
 from invoice_watch.app import App
 from invoice_watch.cli import JsonFormatter
-from invoice_watch.simulator import Simulator
-from tests.fakes_slack import FakeSlack, Reply
-from tests.fakes_smtp import Sink, StartServer
-from tests.test_e2e import ANALYTICS, PROD, World, scenario
-
-
-@pytest.fixture
-async def world(tmp_path: Path, smtp_server: StartServer) -> AsyncIterator[World]:
-    sink = Sink()
-    port = await smtp_server(sink)
-    async with Simulator(scenario()) as sim, FakeSlack() as slack:
-        yield World(sim, slack, sink, port, tmp_path)
+from tests.fakes_slack import Reply
+from tests.world import ANALYTICS, PROD, World
 
 
 async def test_http_healthz_and_metrics_while_running(world: World):
