@@ -229,8 +229,17 @@ class Scenario:
     def __init__(self, now: datetime | None = None) -> None:
         self.now = now or datetime.now(UTC)
         self.orgs: list[ScenarioOrg] = []
-        self.invoices: list[ScenarioInvoice] = []
         self.timeline: list[Step] = []
+        # Indexes, so that scenarios of 100k invoices stay fast to build and serve.
+        self._org_refs: dict[str, ScenarioOrg] = {}  # by id and by name
+        self._invoices: dict[str, ScenarioInvoice] = {}  # by id, in order of addition
+        self._invoice_names: dict[str, ScenarioInvoice] = {}
+        self._by_org: dict[str, list[ScenarioInvoice]] = {}
+
+    @property
+    def invoices(self) -> list[ScenarioInvoice]:
+        """Every current invoice (a new list: change the set with add and remove)."""
+        return list(self._invoices.values())
 
     # ---- building -------------------------------------------------------------------
 
@@ -245,11 +254,12 @@ class Scenario:
         org_id = id or stable_id("org", name)
         if not HEX24.match(org_id):
             raise ValueError(f"org {name!r}: id {org_id!r} is not 24 lowercase hex digits")
-        if any(o.id == org_id or o.name == name for o in self.orgs):
+        if org_id in self._org_refs or name in self._org_refs:
             raise ValueError(f"org {name!r} ({org_id}) is defined twice")
         payer = self.org(linked_to).id if linked_to is not None else None
         org = ScenarioOrg(id=org_id, name=name, linked_to=payer, forbidden=forbidden)
         self.orgs.append(org)
+        self._org_refs[org_id] = self._org_refs[name] = org
         return org
 
     def new_invoice(
@@ -395,13 +405,14 @@ class Scenario:
 
     def org(self, ref: str) -> ScenarioOrg:
         """The org named ``ref`` or with id ``ref``."""
-        for org in self.orgs:
-            if ref in (org.id, org.name):
-                return org
-        raise ValueError(f"unknown organization {ref!r}")
+        org = self._org_refs.get(ref)
+        if org is None:
+            raise ValueError(f"unknown organization {ref!r}")
+        return org
 
     def find_org(self, org_id: str) -> ScenarioOrg | None:
-        return next((org for org in self.orgs if org.id == org_id), None)
+        org = self._org_refs.get(org_id)
+        return org if org is not None and org.id == org_id else None
 
     def invoice(self, ref: str) -> ScenarioInvoice:
         """The current invoice with id or name ``ref``."""
@@ -410,11 +421,19 @@ class Scenario:
             raise KeyError(f"unknown invoice {ref!r}")
         return invoice
 
+    def find_invoice(self, invoice_id: str) -> ScenarioInvoice | None:
+        return self._invoices.get(invoice_id)
+
+    def invoices_of(self, org_id: str) -> list[ScenarioInvoice]:
+        """The org's own current invoices, in order of addition."""
+        return list(self._by_org.get(org_id, ()))
+
     def linked_orgs(self, payer_id: str) -> list[ScenarioOrg]:
+        """The orgs whose invoices ``payer_id`` pays (cross-organization billing)."""
         return [org for org in self.orgs if org.linked_to == payer_id]
 
     def _find_invoice(self, ref: str) -> ScenarioInvoice | None:
-        return next((i for i in self.invoices if ref in (i.id, i.name)), None)
+        return self._invoices.get(ref) or self._invoice_names.get(ref)
 
     def _find_scheduled(self, ref: str) -> ScenarioInvoice | None:
         for step in self.timeline:
@@ -423,9 +442,11 @@ class Scenario:
         return None
 
     def _free_invoice_id(self, org_id: str, label: str) -> str:
-        taken = {i.id for i in self.invoices} | {s.invoice_id for s in self.timeline}
+        scheduled = {step.invoice_id for step in self.timeline}
         n = 0
-        while (candidate := stable_id("invoice", org_id, label, str(n))) in taken:
+        while (candidate := stable_id("invoice", org_id, label, str(n))) in self._invoices or (
+            candidate in scheduled
+        ):
             n += 1
         return candidate
 
@@ -444,13 +465,21 @@ class Scenario:
     def add(self, invoice: ScenarioInvoice) -> None:
         if self.find_org(invoice.org_id) is None:
             raise ValueError(f"invoice {invoice.id}: unknown organization {invoice.org_id}")
-        if self._find_invoice(invoice.id) is not None:
+        if invoice.id in self._invoices:
             raise ValueError(f"invoice {invoice.id} exists already")
-        self.invoices.append(invoice)
+        if invoice.name is not None and invoice.name in self._invoice_names:
+            raise ValueError(f"invoice name {invoice.name!r} is used twice")
+        self._invoices[invoice.id] = invoice
+        self._by_org.setdefault(invoice.org_id, []).append(invoice)
+        if invoice.name is not None:
+            self._invoice_names[invoice.name] = invoice
 
     def remove(self, invoice_id: str) -> ScenarioInvoice:
         invoice = self.invoice(invoice_id)
-        self.invoices.remove(invoice)
+        del self._invoices[invoice.id]
+        self._by_org[invoice.org_id].remove(invoice)
+        if invoice.name is not None:
+            del self._invoice_names[invoice.name]
         return invoice
 
     def set_status(self, invoice_id: str, status: str, now: datetime) -> str:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import json
 import logging
 import math
@@ -227,8 +226,8 @@ class _Query:
 
 
 class Simulator:
-    """The simulator server and its live state (a private copy of ``scenario``; the
-    built-in demo when None).
+    """The simulator server. It serves and changes ``scenario`` itself (the built-in
+    demo when None): give each simulator a scenario of its own.
 
     Credentials are generated unless given. ``clock`` drives nonce and token expiry, the
     rate limit, ``updated`` timestamps and :meth:`run_timeline`; tests pass a
@@ -252,7 +251,7 @@ class Simulator:
         nonce_lifetime: float = 300.0,
         clock: Clock | None = None,
     ) -> None:
-        self.scenario = copy.deepcopy(scenario) if scenario is not None else demo_scenario()
+        self.scenario = scenario if scenario is not None else demo_scenario()
         self._clock: Clock = clock or SystemClock()
         self._host = host
         self._port = port
@@ -400,7 +399,7 @@ class Simulator:
     def invoices(self, org_id: str) -> list[dict[str, Any]]:
         """The org's own invoices now, as the v2 listing shows them (newest first,
         without ``links`` and ``linkedInvoices``)."""
-        own = [i for i in self.scenario.invoices if i.org_id == org_id]
+        own = self.scenario.invoices_of(org_id)
         own.sort(key=lambda i: (i.end, i.id), reverse=True)
         return [invoice_json(invoice, full=False) for invoice in own]
 
@@ -621,7 +620,8 @@ class Simulator:
                 owner = self.scenario.find_org(invoice.org_id)
                 assert owner is not None
                 return web.Response(text=invoice_csv(invoice, owner.name), content_type=media_type)
-            body = self._render(invoice, full=True, v2=v2, base=base, linked=True)
+            payees = self.scenario.linked_orgs(invoice.org_id)
+            body = self._render(invoice, full=True, v2=v2, base=base, payees=payees)
             if envelope:
                 body = {"content": body, "status": 200}
         else:
@@ -672,14 +672,12 @@ class Simulator:
             )
         return org
 
-    def _own_invoices(self, org: ScenarioOrg) -> list[ScenarioInvoice]:
-        return [invoice for invoice in self.scenario.invoices if invoice.org_id == org.id]
-
     def _invoice(self, org: ScenarioOrg, invoice_id: str) -> ScenarioInvoice:
         """An invoice of ``org`` or of an org it pays for."""
-        readable = {org.id} | {linked.id for linked in self.scenario.linked_orgs(org.id)}
-        for invoice in self.scenario.invoices:
-            if invoice.id == invoice_id and invoice.org_id in readable:
+        invoice = self.scenario.find_invoice(invoice_id)
+        if invoice is not None:
+            owner = self.scenario.find_org(invoice.org_id)
+            if invoice.org_id == org.id or (owner is not None and owner.linked_to == org.id):
                 return invoice
         raise ApiProblem(
             404,
@@ -688,15 +686,22 @@ class Simulator:
         )
 
     def _render(
-        self, invoice: ScenarioInvoice, *, full: bool, v2: bool, base: str, linked: bool
+        self,
+        invoice: ScenarioInvoice,
+        *,
+        full: bool,
+        v2: bool,
+        base: str,
+        payees: list[ScenarioOrg] | None,
     ) -> dict[str, Any]:
-        """One invoice; with ``linked``, the same period's invoices of the orgs it pays for."""
+        """One invoice; with ``payees`` (the orgs its org pays for, None to leave out
+        ``linkedInvoices``), their invoices of the same period nested."""
         nested = None
-        if linked:
+        if payees is not None:
             nested = [
-                self._render(other, full=full, v2=v2, base=base, linked=False)
-                for org in self.scenario.linked_orgs(invoice.org_id)
-                for other in self._own_invoices(org)
+                self._render(other, full=full, v2=v2, base=base, payees=None)
+                for payee in payees
+                for other in self.scenario.invoices_of(payee.id)
                 if other.start == invoice.start
             ]
         href = f"{base}/orgs/{invoice.org_id}/invoices/{invoice.id}"
@@ -705,9 +710,10 @@ class Simulator:
     def _pending_body(
         self, request: web.Request, org: ScenarioOrg, v2: bool, base: str
     ) -> dict[str, Any]:
+        payees = self.scenario.linked_orgs(org.id)
         pending = [
-            self._render(invoice, full=True, v2=v2, base=base, linked=True)
-            for invoice in self._own_invoices(org)
+            self._render(invoice, full=True, v2=v2, base=base, payees=payees)
+            for invoice in self.scenario.invoices_of(org.id)
             if invoice.status == "PENDING"
         ]
         return {
@@ -730,7 +736,7 @@ class Simulator:
 
         invoices = [
             invoice
-            for invoice in self._own_invoices(org)
+            for invoice in self.scenario.invoices_of(org.id)
             if (not statuses or invoice.status in statuses)
             and (from_date is None or invoice.start >= from_date)
             and (to_date is None or invoice.end <= to_date)
@@ -750,10 +756,11 @@ class Simulator:
             links.append(page_link(page - 1, "previous"))
         if page * items_per_page < total:
             links.append(page_link(page + 1, "next"))
+        payees = self.scenario.linked_orgs(org.id) if view_linked else None
         body: dict[str, Any] = {
             "links": links,
             "results": [
-                self._render(invoice, full=False, v2=v2, base=base, linked=view_linked)
+                self._render(invoice, full=False, v2=v2, base=base, payees=payees)
                 for invoice in shown
             ],
         }
