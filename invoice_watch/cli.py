@@ -250,7 +250,7 @@ def _simulate(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"invoice-watch simulate: {exc}", file=sys.stderr)
         return 1
-    except InvoiceWatchError as exc:
+    except (InvoiceWatchError, ValueError) as exc:  # a bad scenario file
         print(f"invoice-watch simulate: {exc}", file=sys.stderr)
         return 2
     return 0
