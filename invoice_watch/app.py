@@ -402,7 +402,15 @@ class App:
             status = 1
         if self.dry_run:
             return status
+        failed_before = self.deliverer.totals.failed
         pending = await self.deliverer.drain(ONCE_DELIVERY_SECONDS)
+        failed = self.deliverer.totals.failed - failed_before
+        if failed:
+            print(
+                f"error: {failed} notification(s) failed for good (see `invoice-watch status`)",
+                file=sys.stderr,
+            )
+            status = 1
         if pending:
             print(
                 f"error: {pending} notification(s) could not be delivered yet; they stay in "
