@@ -193,6 +193,9 @@ class Deliverer:
         over what is due (the caller bounds that in time and cancels beyond)."""
         self._stopping = False
         while True:
+            # A pass that began before stop() may have missed rows committed since: the
+            # last pass is one that begins after stop() was asked.
+            last_pass = self._stopping
             self.wake.clear()
             try:
                 await self.deliver_due()
@@ -200,7 +203,7 @@ class Deliverer:
                 log.exception("delivery pass failed; trying again shortly")
                 await self._wait(5.0)
                 continue
-            if self._stopping:
+            if last_pass:
                 return
             next_at = await self._store.next_attempt_at()
             seconds = None

@@ -13,9 +13,10 @@ import yaml
 from invoice_watch.config import Config, load
 from invoice_watch.types import Invoice
 
-# Fixtures test modules share: the SMTP sink (aiosmtpd on 127.0.0.1) and the `world`
-# of the end-to-end tests (simulator + fake Slack + SMTP + config builder).
-pytest_plugins = ["tests.fakes_smtp", "tests.world"]
+# Fixtures test modules share: the SMTP sink (aiosmtpd on 127.0.0.1), the `world` of the
+# end-to-end tests (simulator + fake Slack + SMTP + config builder), and the guard that
+# fails any test whose captured logs show a secret.
+pytest_plugins = ["tests.fakes_smtp", "tests.world", "tests.secret_guard"]
 
 ORG_A = "aaaaaaaaaaaaaaaaaaaaaaaa"
 ORG_B = "bbbbbbbbbbbbbbbbbbbbbbbb"

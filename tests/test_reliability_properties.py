@@ -1,0 +1,293 @@
+"""Property-based tests (hypothesis) of the pure stages: diff, rules and the alert
+lifecycle, over arbitrary sequences of listings and failed reads.
+
+Properties:
+- the diff of two listings, applied to the old one, gives the new one (and keeps what
+  an incremental listing did not cover);
+- a condition that keeps holding never fires twice (no duplicate FIRING);
+- an alert firing in an organization that was read is backed by a condition that holds
+  now, so every FIRING is followed by RESOLVED once its condition ends;
+- a cycle is deterministic and replaying it after its commit changes nothing.
+
+The cycle here is the pipeline of ``App._cycle`` without I/O: diff -> apply -> amount
+history -> evaluate -> plan -> apply the transitions as the store does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from invoice_watch.config import Config, load
+from invoice_watch.dedup import AlertState, Transition, plan
+from invoice_watch.diff import diff
+from invoice_watch.rules import Evaluation, History, OrgView, evaluate
+from invoice_watch.types import EventKind, Invoice
+from tests.conftest import NOW, ORG_A, ORG_B, PERIOD_END, PERIOD_START
+
+ORG_LINKED = "cccccccccccccccccccccccc"  # billed through ORG_A (a linked invoice)
+STATUSES = ("PENDING", "PENDING", "PENDING", "FAILED", "PAID", "CLOSED")  # mostly pending
+AMOUNTS = (0, 1000_00, 4999_99, 5000_00, 5000_01, 7500_00, 20000_00)
+# invoice number -> (its own org, the configured org whose listing shows it)
+INVOICES = {1: (ORG_A, ORG_A), 2: (ORG_A, ORG_A), 3: (ORG_LINKED, ORG_A), 4: (ORG_B, ORG_B)}
+STEPS = (
+    timedelta(minutes=1),
+    timedelta(minutes=30),
+    timedelta(hours=2),
+    timedelta(days=1),
+)
+
+CONFIG_YAML = f"""
+atlas:
+  auth: {{public_key: pub, private_key: secret}}
+organizations: [{{id: {ORG_A}}}, {{id: {ORG_B}}}]
+state: {{path: /nonexistent/state.db}}
+notifiers: {{console: {{type: console}}}}
+rules:
+  - {{name: failed, type: invoice_status, notify: [console]}}
+  - {{name: over, type: pending_amount, threshold: 5000, notify: [console]}}
+  - {{name: jump, type: amount_increase, threshold: 1000, percent: 50, window: 1d,
+     notify: [console]}}
+  - {{name: forecast, type: forecast, budget: 15000, min_elapsed: 3d, notify: [console]}}
+  - {{name: unreadable, type: poll_failure, after: 1h, notify: [console]}}
+  - {{name: moves, type: status_change, notify: [console]}}
+"""
+CONFIG: Config = load(CONFIG_YAML, filename="properties.yaml", env={})
+
+
+def invoice(number: int, status: str, cents: int, start: datetime = PERIOD_START) -> Invoice:
+    org, source = INVOICES[number]
+    return Invoice(
+        id=f"{number:024x}",
+        org_id=org,
+        status=status,
+        start_date=start,
+        end_date=PERIOD_END if start == PERIOD_START else start + timedelta(days=30),
+        amount_billed_cents=cents,
+        source_org_id=source,
+    )
+
+
+# A listing: the invoices an organization's read returned; None: the read failed.
+Listing = tuple[Invoice, ...] | None
+# What a cycle writes per organization read: its invoices now, the amounts observed.
+Writes = dict[str, tuple[dict[str, Invoice], list[tuple[str, int]]]]
+
+
+@st.composite
+def listings(draw: st.DrawFn, org: str) -> Listing:
+    if draw(st.integers(0, 5)) == 0:
+        return None
+    numbers = [n for n, (_, source) in INVOICES.items() if source == org]
+    chosen = draw(st.lists(st.sampled_from(numbers), unique=True))
+    return tuple(
+        invoice(n, draw(st.sampled_from(STATUSES)), draw(st.sampled_from(AMOUNTS))) for n in chosen
+    )
+
+
+@dataclass(frozen=True)
+class Step:
+    advance: timedelta
+    reads: dict[str, Listing]
+
+
+steps = st.builds(
+    Step,
+    advance=st.sampled_from(STEPS),
+    reads=st.fixed_dictionaries({ORG_A: listings(ORG_A), ORG_B: listings(ORG_B)}),
+)
+
+
+@dataclass
+class Pipeline:
+    """The state one daemon keeps between cycles, and one cycle over it."""
+
+    now: datetime = NOW
+    snapshot: dict[str, dict[str, Invoice]] = field(default_factory=dict)
+    history: dict[str, list[tuple[datetime, int]]] = field(default_factory=dict)
+    failing_since: dict[str, datetime] = field(default_factory=dict)
+    read_once: set[str] = field(default_factory=set)
+    alerts: dict[str, AlertState] = field(default_factory=dict)
+    sent: list[tuple[str, EventKind]] = field(default_factory=list)  # (alert key, kind)
+
+    def plan(self, reads: Mapping[str, Listing]) -> tuple[Evaluation, list[Transition], Writes]:
+        """One cycle up to the commit: what it would write, without writing it."""
+        views: list[OrgView] = []
+        writes: Writes = {}
+        history: dict[str, History] = {}
+        for org, listing in reads.items():
+            old = self.snapshot.get(org, {})
+            if listing is None:
+                since = self.failing_since.get(org, self.now)
+                views.append(OrgView(org, ok=False, invoices=old, failing_since=since, error="x"))
+                continue
+            change = diff(old, listing)
+            current = {**old, **{i.id: i for i in change.changed}}
+            for gone in change.gone:
+                del current[gone.id]
+            seen = [
+                (i.id, i.amount_billed_cents)
+                for i in change.changed
+                if i.status == "PENDING"
+                and (i.id not in old or old[i.id].amount_billed_cents != i.amount_billed_cents)
+            ]
+            for inv in current.values():
+                if inv.status == "PENDING":
+                    history[inv.id] = self.history.get(inv.id, [])
+            for invoice_id, cents in seen:
+                history[invoice_id] = [*history.get(invoice_id, ()), (self.now, cents)]
+            views.append(
+                OrgView(
+                    org,
+                    ok=True,
+                    invoices=current,
+                    diff=change,
+                    first_read=org not in self.read_once,
+                )
+            )
+            writes[org] = (current, seen)
+        evaluation = evaluate(CONFIG.rules, views, history, self.now)
+        invoices_now = {i.id: i for view in views for i in view.invoices.values()}
+        transitions = plan(CONFIG, evaluation, self.alerts, invoices_now, self.now)
+        return evaluation, transitions, writes
+
+    def commit(
+        self, reads: Mapping[str, Listing], transitions: Sequence[Transition], writes: Writes
+    ):
+        """What ``StateStore.commit_cycle`` records, in memory."""
+        for org, listing in reads.items():
+            if listing is None:
+                self.failing_since.setdefault(org, self.now)
+                continue
+            current, seen = writes[org]
+            self.snapshot[org] = current
+            self.failing_since.pop(org, None)
+            self.read_once.add(org)
+            for inv in current.values():
+                if inv.status != "PENDING":
+                    self.history.pop(inv.id, None)
+            for invoice_id, cents in seen:
+                self.history.setdefault(invoice_id, []).append((self.now, cents))
+        for t in transitions:
+            if t.state.firing:
+                self.alerts[t.state.key] = t.state
+            else:
+                self.alerts.pop(t.state.key, None)
+            if t.event is not None:
+                self.sent.append((t.state.key, t.event.kind))
+
+    def cycle(self, step: Step) -> tuple[Evaluation, list[Transition]]:
+        self.now += step.advance
+        evaluation, transitions, writes = self.plan(step.reads)
+        self.commit(step.reads, transitions, writes)
+        return evaluation, transitions
+
+
+def by_id(invoices: Sequence[Invoice]) -> dict[str, Invoice]:
+    return {i.id: i for i in invoices}
+
+
+def all_paid() -> Step:
+    """Every organization readable, every invoice PAID: no condition can hold."""
+    return Step(
+        timedelta(minutes=1),
+        {
+            org: tuple(invoice(n, "PAID", 100) for n, (_, src) in INVOICES.items() if src == org)
+            for org in (ORG_A, ORG_B)
+        },
+    )
+
+
+# --- diff ----------------------------------------------------------------------------
+
+org_a_listing = listings(ORG_A).filter(lambda listing: listing is not None)
+
+
+@settings(max_examples=300, deadline=None)
+@given(old=org_a_listing, new=org_a_listing)
+def test_diff_applied_to_the_old_listing_gives_the_new_one(old, new):
+    before = by_id(old)
+    change = diff(before, new)
+    after = {**before, **by_id(change.changed)}
+    for gone in change.gone:
+        del after[gone.id]
+    assert after == by_id(new)
+    assert {i.id for i in change.added} == by_id(new).keys() - before.keys()
+    assert {i.id for i in change.gone} == before.keys() - by_id(new).keys()
+    assert all(c.old.status != c.new.status for c in change.status_changed)
+    assert all(old != new for c in change.amounts_changed for old, new in c.fields.values())
+    assert diff(by_id(new), new).empty
+
+
+@settings(max_examples=200, deadline=None)
+@given(old=org_a_listing, new=org_a_listing, older=st.sets(st.sampled_from([1, 2, 3])))
+def test_diff_of_an_incremental_listing_keeps_what_it_did_not_cover(old, new, older):
+    """Invoices starting before ``listed_from`` that the listing skipped are not gone."""
+    listed_from = PERIOD_START
+    early = PERIOD_START - timedelta(days=60)
+    before = by_id(old) | {
+        f"{n + 100:024x}": replace(invoice(n, "PAID", 1), id=f"{n + 100:024x}", start_date=early)
+        for n in older
+    }
+    change = diff(before, new, listed_from=listed_from)
+    assert all(i.start_date >= listed_from for i in change.gone)
+    assert {i.id for i in change.gone} == by_id(old).keys() - by_id(new).keys()
+
+
+# --- rules and the alert lifecycle --------------------------------------------------
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(steps, min_size=1, max_size=12))
+def test_lifecycle_never_fires_twice_for_a_held_condition(sequence):
+    pipeline = Pipeline()
+    for step in sequence:
+        pipeline.cycle(step)
+    pipeline.cycle(all_paid())
+    kinds: dict[str, list[EventKind]] = {}
+    for key, kind in pipeline.sent:
+        if kind in (EventKind.FIRING, EventKind.RESOLVED):
+            kinds.setdefault(key, []).append(kind)
+    for key, sequence_of_kinds in kinds.items():
+        expected = [EventKind.FIRING, EventKind.RESOLVED] * (len(sequence_of_kinds) // 2 + 1)
+        assert sequence_of_kinds == expected[: len(sequence_of_kinds)], key
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(steps, min_size=1, max_size=12))
+def test_lifecycle_every_firing_alert_resolves_when_its_condition_ends(sequence):
+    pipeline = Pipeline()
+    for step in sequence:
+        evaluation, _ = pipeline.cycle(step)
+        for key, alert in pipeline.alerts.items():
+            # Still firing: its condition holds, or its organization was not read.
+            assert key in evaluation.holding or (
+                (alert.rule, alert.source_org_id) not in evaluation.evaluated
+            ), key
+    pipeline.cycle(all_paid())
+    assert pipeline.alerts == {}
+    last: dict[str, EventKind] = {}
+    for key, kind in pipeline.sent:
+        last[key] = kind
+    assert EventKind.FIRING not in last.values()
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(steps, min_size=1, max_size=10))
+def test_lifecycle_cycle_is_deterministic_and_replaying_it_changes_nothing(sequence):
+    pipeline = Pipeline()
+    for step in sequence:
+        pipeline.now += step.advance
+        # A cycle that crashed before its commit runs again from the same state: the
+        # same transitions, the same events.
+        first = pipeline.plan(step.reads)
+        again = pipeline.plan(step.reads)
+        assert first[1] == again[1]
+        pipeline.commit(step.reads, first[1], first[2])
+        # The same listing again after the commit: nothing to send, nothing to change.
+        _, transitions, _ = pipeline.plan(step.reads)
+        assert transitions == []
