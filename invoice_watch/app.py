@@ -467,7 +467,7 @@ class App:
             finally:
                 sdnotify.stopping()
                 log.info("stopping: no new cycle starts; finishing the cycle in flight")
-                deadline = time.monotonic() + SHUTDOWN_SECONDS - 1
+                deadline = time.monotonic() + SHUTDOWN_SECONDS - 2
                 scheduler.pause()
                 await self._finish_cycle_in_flight(SHUTDOWN_SECONDS - 4)
                 scheduler.shutdown(wait=False)
