@@ -193,3 +193,35 @@ async def test_test_notify_sends_through_each_notifier(world: World, capsys):
     world.slack.script_webhook(Reply(status=404, error="no_service"))
     assert await _test_notify(world.config(), "slack") == 1
     assert "slack: FAILED" in capsys.readouterr().err
+
+
+async def test_daemon_speaks_the_systemd_notify_protocol(world: World, tmp_path, monkeypatch):
+    import socket
+
+    address = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(address)
+    sock.setblocking(False)
+    monkeypatch.setenv("NOTIFY_SOCKET", address)
+    monkeypatch.setenv("WATCHDOG_USEC", "60000000")
+    stop = asyncio.Event()
+    try:
+        async with App(world.config(), clock=world.clock) as app:
+            daemon = asyncio.create_task(app.serve(stop))
+            async with asyncio.timeout(10):
+                await app.cycle_done.wait()
+            stop.set()
+            await asyncio.wait_for(daemon, 10)
+        messages = []
+        while True:
+            try:
+                messages.append(sock.recv(4096).decode())
+            except BlockingIOError:
+                break
+    finally:
+        sock.close()
+    assert messages[0].startswith("READY=1\nSTATUS=watching 2 organization(s)")
+    assert "WATCHDOG=1" in messages  # pinged while starting up, before a cycle finished
+    status = [m for m in messages if m.startswith("STATUS=last cycle")]
+    assert status and "2 org(s) read, 0 failed, 2 alert(s) firing" in status[0]
+    assert messages[-1] == "STOPPING=1"
