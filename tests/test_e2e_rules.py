@@ -7,11 +7,14 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from invoice_watch.config import load
 from invoice_watch.simulator import Simulator
 from invoice_watch.simulator.scenario import Scenario
 from tests.fakes_slack import FakeSlack
 from tests.fakes_smtp import Sink, StartServer
-from tests.world import ANALYTICS, PROD, World
+from tests.world import ANALYTICS, PROD, World, scenario
 
 
 def slack_rule(**rule: Any) -> dict[str, Any]:
@@ -129,3 +132,67 @@ async def test_flood_control_groups_a_30_event_cycle_per_notifier(
         assert len(slack.accepted) == 1 and len(sink.envelopes) == 1
         assert slack.accepted[0]["text"].startswith("30 alerts: 30 FIRING")
         assert sink.message()["Subject"] == "[invoice-watch] 30 alerts: 30 FIRING"
+
+
+async def test_every_state_rule_fires_reminds_and_resolves(
+    tmp_path: Path, smtp_server: StartServer
+):
+    s = scenario()
+    sandbox = "c" * 24
+    s.add_org("Sandbox", id=sandbox)
+    s.add_invoice("Sandbox", period=0, status="PENDING", amount_cents=10_00)
+    sink = Sink()
+    port = await smtp_server(sink)
+    async with Simulator(s) as sim, FakeSlack() as slack:
+        world = World(sim, slack, sink, port, tmp_path)
+        small = sim.scenario.invoice("small")
+        every = {"notify": ["slack"], "repeat": "1h"}
+        rules = [
+            {"name": "failed", "type": "invoice_status", **every},
+            {"name": "budget", "type": "pending_amount", "threshold": 5000, **every},
+            {"name": "jump", "type": "amount_increase", "threshold": 500, **every},
+            {"name": "month", "type": "forecast", "budget": 3000, "orgs": [ANALYTICS], **every},
+            {"name": "unreadable", "type": "poll_failure", "after": "1h", **every},
+        ]
+        data = world.config_data(rules=rules)
+        data["organizations"].append({"id": sandbox, "name": "Sandbox"})
+        data["atlas"]["retries"] = 0
+        config = load(yaml.safe_dump(data), env={}, base_dir=tmp_path)
+        sim.faults.status(503, times=10_000, path=f"/api/atlas/v2/orgs/{sandbox}/invoices")
+
+        def by_rule(start: int) -> dict[str, list[str]]:
+            out: dict[str, list[str]] = {}
+            for kind, rule in world.kinds()[start:]:
+                out.setdefault(rule, []).append(kind)
+            return out
+
+        world.clock.set(small.start + timedelta(days=5))
+        sim.set_amount(small.id, 1000_00)
+        await world.run_once(config)
+        assert by_rule(0) == {"failed": ["FIRING"], "budget": ["FIRING"], "month": ["FIRING"]}
+
+        seen = len(world.kinds())
+        sim.set_amount(small.id, 1600_00)  # +$600 within 24 h
+        world.clock.advance(timedelta(hours=1))
+        await world.run_once(config)
+        assert by_rule(seen) == {
+            "failed": ["REMINDER"],
+            "budget": ["REMINDER"],
+            "month": ["REMINDER"],
+            "jump": ["FIRING"],
+            "unreadable": ["FIRING"],
+        }
+
+        seen = len(world.kinds())
+        world.clock.advance(timedelta(hours=1))
+        await world.run_once(config)
+        assert by_rule(seen) == {rule["name"]: ["REMINDER"] for rule in rules}
+
+        seen = len(world.kinds())
+        sim.set_status(sim.scenario.invoice("failed").id, "PAID")
+        sim.set_amount(sim.scenario.invoice("pending").id, 4000_00)
+        sim.set_amount(small.id, 100_00)  # no growth, and a forecast far under budget
+        sim.faults.clear()
+        world.clock.advance(timedelta(hours=1))
+        assert await world.run_once(config) == 0
+        assert by_rule(seen) == {rule["name"]: ["RESOLVED"] for rule in rules}
