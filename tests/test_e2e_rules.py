@@ -146,8 +146,8 @@ async def test_every_state_rule_fires_reminds_and_resolves(
     async with Simulator(s) as sim, FakeSlack() as slack:
         world = World(sim, slack, sink, port, tmp_path)
         small = sim.scenario.invoice("small")
-        every = {"notify": ["slack"], "repeat": "1h"}
-        rules = [
+        every: dict[str, Any] = {"notify": ["slack"], "repeat": "1h"}
+        rules: list[dict[str, Any]] = [
             {"name": "failed", "type": "invoice_status", **every},
             {"name": "budget", "type": "pending_amount", "threshold": 5000, **every},
             {"name": "jump", "type": "amount_increase", "threshold": 500, **every},
