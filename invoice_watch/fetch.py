@@ -11,11 +11,14 @@ from __future__ import annotations
 import asyncio
 import csv
 import enum
+import functools
+import hashlib
 import io
 import json
 import logging
 import random
 import re
+import sys
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
@@ -53,6 +56,9 @@ _HEX24 = re.compile(r"^[a-f0-9]{24}$")
 _INT64_MAX = 2**63 - 1
 _BACKOFF_BASE = 1.0
 _MAX_RETRY_AFTER = 300.0
+# At most this many pages are requested together on the strength of `totalCount` (an
+# estimate: a wild one must not turn into thousands of requests); paging goes on past it.
+_PAGES_AT_ONCE = 100
 
 
 class Decision(enum.Enum):
@@ -182,6 +188,23 @@ class _Answer:
     retry_after: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class Page:
+    """One page of an invoice listing, parsed."""
+
+    size: int  # entries in `results` (linked invoices not counted)
+    total: int | None  # `totalCount`, an estimate, when the API gave one
+    invoices: tuple[Invoice, ...]  # linked invoices flattened in
+
+    @property
+    def full(self) -> bool:
+        return self.size >= ITEMS_PER_PAGE
+
+
+# A parsed page with the SHA-256 of the body it came from.
+_Seen = tuple[bytes, Page]
+
+
 class AtlasClient:
     """Lists invoices of Atlas (or Cloud Manager) organizations.
 
@@ -204,10 +227,16 @@ class AtlasClient:
         self._org_names = dict(org_names or {})
         self._base = config.base_url.rstrip("/")
         self._prefix = API_PREFIXES[config.api]
+        from invoice_watch.config import DigestAuth
+
+        self._digest = isinstance(config.auth, DigestAuth)
         self._semaphore = asyncio.Semaphore(config.max_concurrency)
         self._authenticated = False
         self._auth_lock = asyncio.Lock()
         self._session: aiohttp.ClientSession | None = None
+        # Each org's listing pages of the last successful read, by page number: a page
+        # whose body comes back byte for byte the same is not parsed again.
+        self._seen: dict[str, dict[int, _Seen]] = {}
         self.requests_sent = 0
 
     def __repr__(self) -> str:
@@ -273,19 +302,23 @@ class AtlasClient:
             self.requests_sent += 1
             async with session.get(url, params=params, headers={hdrs.ACCEPT: accept}) as resp:
                 body = await resp.read()
-                return _Answer(resp.status, body, resp.headers.get(hdrs.RETRY_AFTER))
+                answer = _Answer(resp.status, body, resp.headers.get(hdrs.RETRY_AFTER))
+        # Let the request waiting for this slot go out before this answer is parsed.
+        await asyncio.sleep(0)
+        return answer
 
     async def _send(self, url: str, params: Mapping[str, str], accept: str) -> _Answer:
         """Send one request. Until one has been answered without a 401/403, requests go
         one at a time, so that the others reuse its Digest nonce or OAuth token instead
         of each drawing a challenge of its own."""
-        if self._authenticated:
-            return await self._send_once(url, params, accept)
-        async with self._auth_lock:
-            answer = await self._send_once(url, params, accept)
-            if answer.status not in (401, 403):
-                self._authenticated = True
-            return answer
+        if not self._authenticated:
+            async with self._auth_lock:
+                if not self._authenticated:  # else another request did it while we waited
+                    answer = await self._send_once(url, params, accept)
+                    if answer.status not in (401, 403):
+                        self._authenticated = True
+                    return answer
+        return await self._send_once(url, params, accept)
 
     async def _get(
         self, org_id: str, path: str, params: Mapping[str, str], *, csv_body: bool = False
@@ -356,53 +389,105 @@ class AtlasClient:
 
     # -- operations ------------------------------------------------------------------
 
-    async def list_invoices(self, org_id: str, from_date: date | None = None) -> list[Invoice]:
+    async def list_invoices(
+        self,
+        org_id: str,
+        from_date: date | None = None,
+        known: Mapping[str, Invoice] | None = None,
+    ) -> list[Invoice]:
         """Every invoice of the organization (and of its linked organizations), by id.
 
         Pages of ``itemsPerPage=500`` sorted by start date ascending (new invoices land on
         the last page, so an invoice created while paging cannot shift another one out of
-        view), until a page comes back shorter than asked.
-        """
-        found: dict[str, Invoice] = {}
-        page = 1
-        while True:
-            params = {
-                "itemsPerPage": str(ITEMS_PER_PAGE),
-                "pageNum": str(page),
-                "includeCount": "false",
-                "viewLinkedInvoices": "true",
-                "sortBy": "START_DATE",
-                "orderBy": "asc",
-            }
-            if from_date is not None:
-                params["fromDate"] = from_date.isoformat()
-            body = await self._get(org_id, f"/orgs/{org_id}/invoices", params)
-            results = _results(org_id, body)
-            for item in results:
-                for invoice in _flatten(org_id, item):
-                    found[invoice.id] = invoice
-            if len(results) < ITEMS_PER_PAGE:
-                return list(found.values())
-            page += 1
+        view), until a page comes back shorter than asked. Page 1 asks for
+        ``totalCount``; when that estimate promises more pages, they are requested
+        together (each within the concurrency bound), then paging goes on one page at a
+        time for as long as the estimate fell short.
 
-    async def read_org(self, org_id: str, from_date: date | None = None) -> OrgRead:
+        ``known``: the invoices as last stored; one listed unchanged comes back as that
+        very object, so that it is kept in memory once.
+        """
+        known = known or {}
+        seen = {1: await self._page(org_id, 1, from_date, known)}
+        first = seen[1][1]
+        if first.full and first.total:
+            promised = min(first.total // ITEMS_PER_PAGE + 1, _PAGES_AT_ONCE)
+            try:
+                async with asyncio.TaskGroup() as group:
+                    tasks = {
+                        number: group.create_task(self._page(org_id, number, from_date, known))
+                        for number in range(2, promised + 1)
+                    }
+            except* FetchError as errors:
+                raise errors.exceptions[0] from None
+            seen.update((number, task.result()) for number, task in tasks.items())
+        number = 1
+        while seen[number][1].full:
+            number += 1
+            if number not in seen:
+                seen[number] = await self._page(org_id, number, from_date, known)
+        self._seen[org_id] = seen
+        found: dict[str, Invoice] = {}
+        for _, page in seen.values():
+            for invoice in page.invoices:
+                found[invoice.id] = invoice
+        return list(found.values())
+
+    async def _page(
+        self, org_id: str, number: int, from_date: date | None, known: Mapping[str, Invoice]
+    ) -> _Seen:
+        """One page of the listing; parsed only when its body differs from the one this
+        page had in the last successful listing."""
+        params = {
+            "itemsPerPage": str(ITEMS_PER_PAGE),
+            "pageNum": str(number),
+            "includeCount": "true" if number == 1 else "false",
+            "viewLinkedInvoices": "true",
+            "sortBy": "START_DATE",
+            "orderBy": "asc",
+        }
+        if from_date is not None:
+            params["fromDate"] = from_date.isoformat()
+        body = await self._get(org_id, f"/orgs/{org_id}/invoices", params)
+        digest = hashlib.sha256(body).digest()
+        before = self._seen.get(org_id, {}).get(number)
+        if before is not None and before[0] == digest:
+            return before
+        return digest, parse_page(org_id, body, known)
+
+    async def read_org(
+        self,
+        org_id: str,
+        from_date: date | None = None,
+        known: Mapping[str, Invoice] | None = None,
+    ) -> OrgRead:
         """List one organization's invoices; a failure is reported, never raised."""
         before = self.requests_sent
         try:
-            invoices = await self.list_invoices(org_id, from_date)
+            invoices = await self.list_invoices(org_id, from_date, known)
         except FetchError as exc:
             return OrgRead(org_id, error=str(exc), requests=self.requests_sent - before)
         return OrgRead(org_id, tuple(invoices), requests=self.requests_sent - before)
 
     async def read_orgs(
-        self, org_ids: Sequence[str], from_dates: Mapping[str, date | None] | None = None
+        self,
+        org_ids: Sequence[str],
+        from_dates: Mapping[str, date | None] | None = None,
+        known: Mapping[str, Mapping[str, Invoice]] | None = None,
     ) -> dict[str, OrgRead]:
-        """Read every organization concurrently; one failing never blocks the others."""
+        """Read every organization concurrently; one failing never blocks the others.
+
+        With Digest keys the first request goes alone again: the nonce of the last
+        cycle may have gone stale since, and only one request should learn it.
+        """
         from_dates = from_dates or {}
+        known = known or {}
         reads: dict[str, OrgRead] = {}
+        if self._digest:
+            self._authenticated = False
 
         async def one(org_id: str) -> None:
-            reads[org_id] = await self.read_org(org_id, from_dates.get(org_id))
+            reads[org_id] = await self.read_org(org_id, from_dates.get(org_id), known.get(org_id))
 
         async with asyncio.TaskGroup() as group:
             for org_id in org_ids:
@@ -462,7 +547,8 @@ def _auth_message(status: int, label: str, detail: str) -> str:
     )
 
 
-def _results(org_id: str, body: bytes) -> list[Any]:
+def _listing(org_id: str, body: bytes) -> dict[str, Any]:
+    """A list endpoint's answer, checked to hold a `results` list."""
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError):
@@ -471,8 +557,30 @@ def _results(org_id: str, body: bytes) -> list[Any]:
         data = data["content"]  # envelope=true
     if not isinstance(data, dict) or not isinstance(data.get("results"), list):
         raise FetchDataError(org_id, "the API answer has no `results` list")
-    results: list[Any] = data["results"]
+    return data
+
+
+def _results(org_id: str, body: bytes) -> list[Any]:
+    results: list[Any] = _listing(org_id, body)["results"]
     return results
+
+
+def parse_page(org_id: str, body: bytes, known: Mapping[str, Invoice] | None = None) -> Page:
+    """One page of the organization's invoice listing -> :class:`Page`.
+
+    An invoice equal to its namesake in ``known`` is returned as that object.
+    """
+    data = _listing(org_id, body)
+    results = data["results"]
+    total = data.get("totalCount")
+    invoices = []
+    for item in results:
+        for invoice in _flatten(org_id, item):
+            before = known.get(invoice.id) if known else None
+            invoices.append(before if before == invoice else invoice)
+    return Page(
+        size=len(results), total=total if type(total) is int else None, invoices=tuple(invoices)
+    )
 
 
 def _flatten(source_org_id: str, item: Any) -> Iterable[Invoice]:
@@ -482,6 +590,13 @@ def _flatten(source_org_id: str, item: Any) -> Iterable[Invoice]:
         yield from _flatten(source_org_id, linked)
 
 
+@functools.lru_cache(maxsize=4096)
+def _instant(value: str) -> datetime:
+    """``datetime.fromisoformat``, remembered: invoices share their period bounds, so
+    the same few values come back again and again (and are kept once in memory)."""
+    return datetime.fromisoformat(value)
+
+
 def _timestamp(org_id: str, item: dict[str, Any], key: str, *, required: bool) -> datetime | None:
     value = item.get(key)
     if value is None and not required:
@@ -489,7 +604,7 @@ def _timestamp(org_id: str, item: dict[str, Any], key: str, *, required: bool) -
     if not isinstance(value, str):
         raise FetchDataError(org_id, f"invoice {item.get('id')!s:.40}: `{key}` is missing")
     try:
-        parsed = datetime.fromisoformat(value)
+        parsed = _instant(value)
     except ValueError:
         raise FetchDataError(
             org_id, f"invoice {item.get('id')!s:.40}: `{key}` is not a timestamp"
@@ -500,7 +615,10 @@ def _timestamp(org_id: str, item: dict[str, Any], key: str, *, required: bool) -
 
 
 def parse_invoice(source_org_id: str, item: Any) -> Invoice:
-    """One ``BillingInvoiceMetadata`` object -> :class:`Invoice`, checked field by field."""
+    """One ``BillingInvoiceMetadata`` object -> :class:`Invoice`, checked field by field.
+
+    The organization id and the status are interned: thousands of invoices share them.
+    """
     org = source_org_id
     if not isinstance(item, dict):
         raise FetchDataError(org, "an entry of `results` is not an object")
@@ -514,20 +632,21 @@ def parse_invoice(source_org_id: str, item: Any) -> Invoice:
     if not isinstance(status, str) or not status:
         raise FetchDataError(org, f"invoice {invoice_id}: `statusName` is missing")
     amounts: dict[str, int] = {}
+    values: dict[int, int] = {}  # equal amounts (billed and paid, say) share one int
     for api_name, attr in AMOUNT_ATTRS.items():
-        value = item.get(api_name, 0)
+        value = item.get(api_name)
         if value is None:
             value = 0
-        if isinstance(value, bool) or not isinstance(value, int) or abs(value) > _INT64_MAX:
+        elif type(value) is not int or abs(value) > _INT64_MAX:  # bool is not an int here
             raise FetchDataError(org, f"invoice {invoice_id}: `{api_name}` is not an int64")
-        amounts[attr] = value
+        amounts[attr] = values.setdefault(value, value)
     start = _timestamp(org, item, "startDate", required=True)
     end = _timestamp(org, item, "endDate", required=True)
     assert start is not None and end is not None
     return Invoice(
         id=invoice_id,
-        org_id=owner,
-        status=status,
+        org_id=sys.intern(owner),
+        status=sys.intern(status),
         start_date=start,
         end_date=end,
         created=_timestamp(org, item, "created", required=False),

@@ -1,0 +1,260 @@
+"""Reading less, and reading once: the incremental listing (``fromDate`` from the oldest
+invoice that can still change), pages reused when unchanged, a big organization's pages
+requested together, and one Digest challenge per cycle.
+
+The cycles run through the real App and AtlasClient against the simulator (or, for
+``totalCount`` estimates the simulator never gets wrong, a small listing server here).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from aiohttp import web
+
+from invoice_watch.app import App, CycleResult
+from invoice_watch.clock import FakeClock
+from invoice_watch.config import Config, load
+from invoice_watch.fetch import AtlasClient
+from invoice_watch.simulator import Scenario, Simulator
+from invoice_watch.types import AlertEvent, EventKind
+from tests.conftest import base_config, make_config
+
+ORG = "0123456789abcdef01234567"
+NOW = datetime(2026, 11, 15, 12, 0, tzinfo=UTC)
+RULES: list[dict[str, Any]] = [
+    {"name": "failed-charge", "type": "invoice_status", "notify": ["console"]},
+    {"name": "status-moves", "type": "status_change", "notify": ["console"]},
+]
+
+
+def two_years(*, open_age: int = 14) -> Scenario:
+    """24 monthly invoices: this month PENDING, the one ``open_age`` months old still
+    CLOSED (unpaid, so it can change), every other one PAID (final)."""
+    scenario = Scenario(now=NOW)
+    scenario.add_org("Payer", id=ORG)
+    for age in range(23, -1, -1):
+        status = "PENDING" if age == 0 else "CLOSED" if age == open_age else "PAID"
+        scenario.add_invoice(ORG, period=-age, status=status, amount_cents=1000_00, name=f"m{age}")
+    return scenario
+
+
+def app_config(sim: Simulator, tmp: Path, orgs: list[str] | None = None) -> Config:
+    data = {
+        "atlas": {
+            "base_url": sim.base_url,
+            "auth": {"public_key": sim.public_key, "private_key": sim.private_key},
+        },
+        "organizations": [{"id": org} for org in orgs or [ORG]],
+        "state": {"path": str(tmp / "state.db")},
+        "notifiers": {"console": {"type": "console"}},
+        "rules": RULES,
+    }
+    return load(yaml.safe_dump(data), filename="incremental.yaml", env={}, base_dir=tmp)
+
+
+class Silent:
+    name = "console"
+
+    async def send(self, events: Any) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[Simulator]:
+    async with Simulator(two_years(), clock=FakeClock(NOW)) as simulator:
+        yield simulator
+
+
+def listing_queries(sim: Simulator) -> list[dict[str, list[str]]]:
+    queries = [r.query for r in sim.requests if r.path.endswith("/invoices") and r.status == 200]
+    sim.requests.clear()
+    return queries
+
+
+def events(result: CycleResult) -> list[tuple[EventKind, str, str | None]]:
+    return sorted((e.kind, e.rule, e.invoice_id) for e in result.events)
+
+
+def by_kind(result: CycleResult, kind: EventKind) -> list[AlertEvent]:
+    return [e for e in result.events if e.kind == kind]
+
+
+async def test_incremental_read_starts_at_the_oldest_open_invoice_and_sees_it_change(
+    sim: Simulator, tmp_path: Path
+):
+    closed = sim.scenario.invoice("m14")
+    async with App(
+        app_config(sim, tmp_path), clock=FakeClock(NOW), notifiers={"console": Silent()}
+    ) as app:
+        await app.run_cycle()
+        assert [q.get("fromDate") for q in listing_queries(sim)] == [None]  # a full listing
+
+        quiet = await app.run_cycle()
+        assert [q["fromDate"] for q in listing_queries(sim)] == [[f"{closed.start:%Y-%m-%d}"]]
+        assert quiet.events == [] and quiet.changes == 0
+        assert len(quiet.reads[ORG].invoices) == 15  # m14 .. m0, not the 9 older PAID ones
+
+        sim.set_status(closed.id, "FAILED")
+        changed = await app.run_cycle()
+        assert events(changed) == [
+            (EventKind.FIRING, "failed-charge", closed.id),
+            (EventKind.NOTICE, "status-moves", closed.id),
+        ]
+        assert by_kind(changed, EventKind.NOTICE)[0].previous_status == "CLOSED"
+        assert len(app.store.snapshot(ORG)) == 24
+
+
+async def test_incremental_read_never_reports_old_final_invoices_as_gone(
+    sim: Simulator, tmp_path: Path
+):
+    closed, pending = sim.scenario.invoice("m14"), sim.scenario.invoice("m0")
+    async with App(
+        app_config(sim, tmp_path), clock=FakeClock(NOW), notifiers={"console": Silent()}
+    ) as app:
+        await app.run_cycle()
+        sim.set_status(closed.id, "PAID")  # now every invoice but this month's is final
+        paid = await app.run_cycle()
+        assert events(paid) == [(EventKind.NOTICE, "status-moves", closed.id)]
+        listing_queries(sim)
+
+        for _ in range(2):
+            result = await app.run_cycle()
+            assert [q["fromDate"] for q in listing_queries(sim)] == [[f"{pending.start:%Y-%m-%d}"]]
+            assert [i.id for i in result.reads[ORG].invoices] == [pending.id]
+            assert result.events == [] and result.changes == 0
+            assert len(app.store.snapshot(ORG)) == 24
+            assert app.store.snapshot(ORG)[closed.id].status == "PAID"
+
+
+async def test_incremental_read_hands_back_the_stored_invoices_when_nothing_changed(
+    sim: Simulator, tmp_path: Path
+):
+    async with App(
+        app_config(sim, tmp_path), clock=FakeClock(NOW), notifiers={"console": Silent()}
+    ) as app:
+        await app.run_cycle()
+        for _ in range(2):  # a page parsed anew, then a page known byte for byte
+            result = await app.run_cycle()
+            stored = app.store.snapshot(ORG)
+            assert all(invoice is stored[invoice.id] for invoice in result.reads[ORG].invoices)
+
+        sim.set_amount(sim.scenario.invoice("m0").id, 1234_00)
+        result = await app.run_cycle()
+        assert result.changes == 1
+        assert app.store.snapshot(ORG)[sim.scenario.invoice("m0").id].amount_billed_cents == 1234_00
+
+
+async def test_steady_cycles_draw_one_digest_challenge_each_even_with_a_stale_nonce(
+    tmp_path: Path,
+):
+    scenario = Scenario(now=NOW)
+    orgs = [f"{n:024x}" for n in range(1, 9)]
+    for org in orgs:
+        scenario.add_org(f"Org {org[-1]}", id=org)
+        scenario.add_invoice(org, period=0, status="PENDING", amount_cents=10_00)
+    sim_clock = FakeClock(NOW)
+    async with Simulator(scenario, clock=sim_clock, nonce_lifetime=300) as sim:
+        config = app_config(sim, tmp_path, orgs)
+        async with App(config, clock=FakeClock(NOW), notifiers={"console": Silent()}) as app:
+            challenges = []
+            for advance in (0, 0, 301, 0):  # the third cycle finds the nonce stale
+                sim_clock.advance(advance)
+                sim.requests.clear()
+                await app.run_cycle()
+                challenges.append(sum(r.challenge for r in sim.requests))
+                assert sum(r.status == 200 for r in sim.requests) == len(orgs)
+            assert challenges == [1, 0, 1, 0]
+
+
+# -- a big organization: pages requested together, totalCount only an estimate -----------
+
+BIG_ORG = "abcdefabcdefabcdefabcdef"
+
+
+class Listing:
+    """A listing server for one org: ``count`` invoices, 500 a page, and whatever
+    ``totalCount`` the test wants it to claim. Pages 2 and 3 each wait until the other
+    has been asked for, so a client that pages one after the other times out."""
+
+    def __init__(self, count: int, claimed: int | None) -> None:
+        self.count, self.claimed = count, claimed
+        self.pages: list[int] = []
+        self.arrived = {2: asyncio.Event(), 3: asyncio.Event()}
+        app = web.Application()
+        app.router.add_get("/api/atlas/v2/orgs/{org}/invoices", self._list)
+        self._runner = web.AppRunner(app, access_log=None)
+        self.url = ""
+
+    async def __aenter__(self) -> Listing:
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
+        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._runner.cleanup()
+
+    async def _list(self, request: web.Request) -> web.Response:
+        page = int(request.query["pageNum"])
+        self.pages.append(page)
+        if page in self.arrived and self.claimed and self.claimed > 1000:
+            self.arrived[page].set()
+            await asyncio.wait_for(self.arrived[5 - page].wait(), 10)
+        numbers = range((page - 1) * 500, min(page * 500, self.count))
+        body: dict[str, Any] = {"results": [invoice(n) for n in numbers], "links": []}
+        if self.claimed is not None and request.query.get("includeCount") == "true":
+            body["totalCount"] = self.claimed
+        return web.json_response(body)
+
+
+def invoice(n: int) -> dict[str, Any]:
+    start = date(2000, 1, 1) + timedelta(days=n)
+    return {
+        "id": f"{n:024x}",
+        "orgId": BIG_ORG,
+        "statusName": "PAID",
+        "startDate": f"{start}T00:00:00Z",
+        "endDate": f"{start + timedelta(days=1)}T00:00:00Z",
+        "amountBilledCents": n,
+        "amountPaidCents": n,
+    }
+
+
+@pytest.mark.parametrize(
+    ("claimed", "pages"),
+    [
+        (1600, [1, 2, 3, 4]),  # right: pages 2-4 together
+        (1200, [1, 2, 3, 4]),  # short: pages 2-3 together, then page 4 on its own
+        (4000, [1, 2, 3, 4, 5, 6, 7, 8, 9]),  # long: pages 5-9 come back empty
+    ],
+)
+async def test_list_invoices_of_a_big_org_asks_for_pages_together(
+    tmp_path: Path, claimed: int, pages: list[int]
+):
+    async with Listing(1600, claimed) as server:
+        atlas = base_config()["atlas"] | {"base_url": server.url}
+        config = make_config(tmp_path, base_config(atlas=atlas))
+        async with AtlasClient(config.atlas) as client:
+            invoices = await client.list_invoices(BIG_ORG)
+    assert sorted(server.pages) == pages
+    assert sorted(i.id for i in invoices) == [f"{n:024x}" for n in range(1600)]
+
+
+async def test_list_invoices_without_a_count_pages_one_after_the_other(tmp_path: Path):
+    async with Listing(1000, None) as server:
+        atlas = base_config()["atlas"] | {"base_url": server.url}
+        config = make_config(tmp_path, base_config(atlas=atlas))
+        async with AtlasClient(config.atlas) as client:
+            invoices = await client.list_invoices(BIG_ORG)
+    assert server.pages == [1, 2, 3]  # 500, 500, then the short (empty) page
+    assert len(invoices) == 1000
