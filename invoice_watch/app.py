@@ -16,12 +16,12 @@ import logging
 import random
 import sys
 import time
-from collections import defaultdict
+from collections import ChainMap, defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime
 from datetime import time as dtime
-from typing import TextIO
+from typing import TextIO, cast
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.interval import IntervalTrigger
@@ -239,7 +239,9 @@ class App:
         began = time.monotonic()
         org_ids = [org.id for org in config.organizations]
         from_dates = {org_id: incremental_from(store.snapshot(org_id)) for org_id in org_ids}
-        reads = await self.client.read_orgs(org_ids, from_dates)
+        reads = await self.client.read_orgs(
+            org_ids, from_dates, {org_id: store.snapshot(org_id) for org_id in org_ids}
+        )
         now = self.clock.now()
 
         views: list[OrgView] = []
@@ -265,11 +267,13 @@ class App:
             from_date = from_dates[org_id]
             listed_from = datetime.combine(from_date, dtime(), UTC) if from_date else None
             change = diff(old, read.invoices, listed_from=listed_from)
-            current = dict(old)
-            for invoice in change.changed:
-                current[invoice.id] = invoice
-            for invoice in change.gone:
-                del current[invoice.id]
+            current = old  # read only; copied only when something changed
+            if not change.empty:
+                current = dict(old)
+                for invoice in change.changed:
+                    current[invoice.id] = invoice
+                for invoice in change.gone:
+                    del current[invoice.id]
             observations = [
                 (i.id, i.amount_billed_cents)
                 for i in change.changed
@@ -302,7 +306,12 @@ class App:
             )
 
         evaluation = evaluate(config.rules, views, history, now)
-        invoices_now = {i.id: i for view in views for i in view.invoices.values()}
+        # Every invoice by id, without copying them all into one dict (as in a dict
+        # built from the views in order, a later view wins). Only read, so the views'
+        # read-only mappings will do.
+        invoices_now: Mapping[str, Invoice] = ChainMap(
+            *(cast(dict[str, Invoice], view.invoices) for view in reversed(views))
+        )
         transitions = plan(
             config, evaluation, store.firing_alerts(), invoices_now, now, baseline=baseline
         )
@@ -343,8 +352,8 @@ class App:
         """Attach the top projects and SKUs to FIRING/REMINDER messages about amounts.
 
         Line items come from the pending endpoint, fetched only here (never every cycle),
-        once per organization. A failure to fetch them costs the breakdown, never the
-        message.
+        once per organization, all organizations concurrently. A failure to fetch them
+        costs the breakdown, never the message.
         """
         wanted = [
             t
@@ -357,12 +366,22 @@ class App:
         if not wanted:
             return transitions
         wanted_ids = {id(t) for t in wanted}
-        items: dict[str, list[LineItem]] = {}
-        for org_id in sorted({t.state.source_org_id for t in wanted}):
+
+        async def line_items(org_id: str) -> dict[str, list[LineItem]]:
             try:
-                items.update(await self.client.pending_line_items(org_id))
+                return await self.client.pending_line_items(org_id)
             except FetchError as exc:
                 log.warning("no breakdown for %s: %s", self.config.org_name(org_id), exc)
+                return {}
+
+        async with asyncio.TaskGroup() as group:  # every organization at once
+            fetches = [
+                group.create_task(line_items(org_id))
+                for org_id in sorted({t.state.source_org_id for t in wanted})
+            ]
+        items: dict[str, list[LineItem]] = {}
+        for fetch in fetches:
+            items.update(fetch.result())
         previous = self.store.firing_alerts()
         out = []
         for t in transitions:

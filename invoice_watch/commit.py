@@ -17,13 +17,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import json
 import logging
 import os
 import sqlite3
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -125,43 +127,61 @@ def _dt(value: str | None) -> datetime | None:
     return datetime.fromisoformat(value) if value else None
 
 
+# Invoices share their period bounds: these two remember the last few thousand
+# conversions (keyed with the UTC offset, which the text shows and equality ignores), so
+# that each is done once and each value is kept once in memory.
+@functools.lru_cache(maxsize=4096)
+def _iso(value: datetime, offset: timedelta | None) -> str:
+    return value.isoformat()
+
+
+@functools.lru_cache(maxsize=4096)
+def _instant(value: str) -> datetime:
+    return datetime.fromisoformat(value)
+
+
 def _invoice_row(invoice: Invoice) -> tuple[Any, ...]:
+    created, updated = invoice.created, invoice.updated
     return (
         invoice.id,
         invoice.org_id,
         invoice.source_org_id,
         invoice.status,
-        invoice.start_date.isoformat(),
-        invoice.end_date.isoformat(),
+        _iso(invoice.start_date, invoice.start_date.utcoffset()),
+        _iso(invoice.end_date, invoice.end_date.utcoffset()),
         invoice.amount_billed_cents,
         invoice.amount_paid_cents,
         invoice.credits_cents,
         invoice.sales_tax_cents,
         invoice.starting_balance_cents,
         invoice.subtotal_cents,
-        _ts(invoice.created),
-        _ts(invoice.updated),
+        None if created is None else _iso(created, created.utcoffset()),
+        None if updated is None else _iso(updated, updated.utcoffset()),
     )
 
 
 def _invoice_from_row(row: Sequence[Any]) -> Invoice:
-    start, end = _dt(row[4]), _dt(row[5])
-    assert start is not None and end is not None
+    """A stored invoice, its strings and amounts shared where equal (thousands of
+    invoices share an organization and a status; billed and paid are often equal)."""
+    amounts: dict[int, int] = {}
+    billed, paid, credits, tax, balance, subtotal = (
+        amounts.setdefault(value, value) for value in row[6:12]
+    )
     return Invoice(
         id=row[0],
-        org_id=row[1],
-        source_org_id=row[2],
-        status=row[3],
-        start_date=start,
-        end_date=end,
-        amount_billed_cents=row[6],
-        amount_paid_cents=row[7],
-        credits_cents=row[8],
-        sales_tax_cents=row[9],
-        starting_balance_cents=row[10],
-        subtotal_cents=row[11],
-        created=_dt(row[12]),
-        updated=_dt(row[13]),
+        org_id=sys.intern(row[1]),
+        source_org_id=sys.intern(row[2]),
+        status=sys.intern(row[3]),
+        start_date=_instant(row[4]),
+        end_date=_instant(row[5]),
+        amount_billed_cents=billed,
+        amount_paid_cents=paid,
+        credits_cents=credits,
+        sales_tax_cents=tax,
+        starting_balance_cents=balance,
+        subtotal_cents=subtotal,
+        created=_instant(row[12]) if row[12] else None,
+        updated=_instant(row[13]) if row[13] else None,
     )
 
 
@@ -456,9 +476,13 @@ class StateStore:
                         "starting_balance_cents=excluded.starting_balance_cents, "
                         "subtotal_cents=excluded.subtotal_cents, created=excluded.created, "
                         "updated=excluded.updated, last_changed=excluded.last_changed",
-                        [(*_invoice_row(i), now, now) for i in org.upserts],
+                        ((*_invoice_row(i), now, now) for i in org.upserts),
                     )
-                    finished = [(i.id,) for i in org.upserts if i.status != "PENDING"]
+                    finished = [
+                        (i.id,)
+                        for i in org.upserts
+                        if i.status != "PENDING" and i.id in self._history
+                    ]
                     conn.executemany("DELETE FROM amount_history WHERE invoice_id=?", finished)
                 if org.gone:
                     conn.executemany("DELETE FROM invoices WHERE id=?", [(g,) for g in org.gone])
@@ -496,7 +520,7 @@ class StateStore:
                 "INSERT OR REPLACE INTO alerts (key, rule, org_id, source_org_id, invoice_id, "
                 "firing, firing_since, last_notified, resolved_at, last_event) "
                 "VALUES (?,?,?,?,?,?,?,?,?,?)",
-                [_alert_row(t.state) for t in write.transitions],
+                (_alert_row(t.state) for t in write.transitions),
             )
         ids = []
         for notifier, events in write.outbox:

@@ -7,7 +7,7 @@ is ever diffed, so a failed read can never make invoices "disappear".
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -43,25 +43,27 @@ class Diff:
 
 def diff(
     old: Mapping[str, Invoice],
-    new: Iterable[Invoice],
+    new: Collection[Invoice],
     *,
     listed_from: datetime | None = None,
 ) -> Diff:
-    """Compare a stored snapshot with a fresh listing of the same organization.
+    """Compare a stored snapshot with a fresh listing of the same organization (ids in
+    ``new`` are unique, as :meth:`AtlasClient.list_invoices` returns them).
 
     ``listed_from``: the listing only covers invoices starting at or after this instant
     (an incremental read with ``fromDate``), so older stored invoices are not "gone".
     """
     result = Diff()
-    seen: set[str] = set()
+    matched = 0  # invoices of `new` already in `old`
     for invoice in new:
-        seen.add(invoice.id)
         before = old.get(invoice.id)
         if before is None:
             result.added.append(invoice)
             result.changed.append(invoice)
             continue
-        if before == invoice:
+        matched += 1
+        # The client hands back the stored object itself for a page that did not change.
+        if before is invoice or before == invoice:
             continue
         result.changed.append(invoice)
         if before.status != invoice.status:
@@ -74,6 +76,9 @@ def diff(
         }
         if moved:
             result.amounts_changed.append(AmountChange(before, invoice, moved))
+    if matched == len(old):  # every stored invoice was listed again
+        return result
+    seen = {invoice.id for invoice in new}
     for invoice_id, invoice in old.items():
         if invoice_id in seen:
             continue
