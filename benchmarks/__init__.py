@@ -1,0 +1,1 @@
+"""Benchmarks of invoice_watch (not tests): run ``python -m benchmarks.cycle``."""
