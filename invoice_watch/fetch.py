@@ -636,6 +636,9 @@ def parse_invoice(source_org_id: str, item: Any) -> Invoice:
     for api_name, attr in AMOUNT_ATTRS.items():
         value = item.get(api_name)
         if value is None:
+            if api_name == "amountBilledCents":
+                # Reading it as $0 would resolve a pending-amount alert that still holds.
+                raise FetchDataError(org, f"invoice {invoice_id}: `{api_name}` is missing")
             value = 0
         elif type(value) is not int or abs(value) > _INT64_MAX:  # bool is not an int here
             raise FetchDataError(org, f"invoice {invoice_id}: `{api_name}` is not an int64")

@@ -95,6 +95,8 @@ def test_parse_invoice_accepts_an_unknown_status_as_is():
         (good(startDate=...), "startDate"),
         (good(endDate="yesterday"), "not a timestamp"),
         (good(endDate="2026-12-01T00:00:00"), "no timezone"),
+        (good(amountBilledCents=...), "amountBilledCents` is missing"),
+        (good(amountBilledCents=None), "amountBilledCents` is missing"),
         (good(amountBilledCents="12.00"), "not an int64"),
         (good(amountBilledCents=1.5), "not an int64"),
         (good(amountBilledCents=True), "not an int64"),
