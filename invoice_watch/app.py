@@ -30,7 +30,12 @@ from invoice_watch import sdnotify
 from invoice_watch.clock import Clock, SystemClock
 from invoice_watch.commit import CycleWrite, OrgWrite, StateStore
 from invoice_watch.config import Config
-from invoice_watch.constants import FINAL_STATUSES, ONCE_DELIVERY_SECONDS, SHUTDOWN_SECONDS
+from invoice_watch.constants import (
+    FINAL_STATUSES,
+    INVOICE_STATUSES,
+    ONCE_DELIVERY_SECONDS,
+    SHUTDOWN_SECONDS,
+)
 from invoice_watch.dedup import Transition, pending_events, plan
 from invoice_watch.deliver import Deliverer
 from invoice_watch.diff import diff
@@ -267,6 +272,15 @@ class App:
             from_date = from_dates[org_id]
             listed_from = datetime.combine(from_date, dtime(), UTC) if from_date else None
             change = diff(old, read.invoices, listed_from=listed_from)
+            for invoice in (*change.added, *(c.new for c in change.status_changed)):
+                if invoice.status not in INVOICE_STATUSES:  # said once, when it appears
+                    log.warning(
+                        "%s: invoice %s has status %r, which invoice-watch does not know: "
+                        "it is kept, and no rule can match it",
+                        config.org_name(invoice.org_id),
+                        invoice.id,
+                        invoice.status,
+                    )
             current = old  # read only; copied only when something changed
             if not change.empty:
                 current = dict(old)

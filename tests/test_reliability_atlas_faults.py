@@ -401,9 +401,6 @@ async def test_atlas_unknown_status_and_odd_amounts_are_kept_without_alerting(
     assert stored[f"{6:024x}"].amount_billed_cents == 2**63 - 1
 
 
-@pytest.mark.xfail(
-    strict=True, reason="nothing tells the operator an invoice has a status no rule can match"
-)
 async def test_atlas_unknown_status_is_logged_once(
     world: World, atlas: HandMadeAtlas, caplog: pytest.LogCaptureFixture
 ):
@@ -420,10 +417,6 @@ async def test_atlas_unknown_status_is_logged_once(
     assert len(said) == 1 and f"{5:024x}" in said[0] and "Analytics" in said[0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="fetch.parse_invoice reads a missing amountBilledCents as 0: a false RESOLVED",
-)
 async def test_atlas_missing_amount_does_not_resolve_a_pending_alert(
     world: World, atlas: HandMadeAtlas
 ):
