@@ -7,7 +7,7 @@ import enum
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any, Protocol
 
@@ -123,12 +123,41 @@ class AlertEvent:
         return f"<{self.event_id}@invoice-watch>"
 
     def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        for name in ("at", "firing_since", "period_start", "period_end"):
-            value = data[name]
-            data[name] = value.isoformat() if value is not None else None
-        data["details"] = [list(d) for d in self.details]
-        return data
+        """The event as JSON-ready data (field by field: ``dataclasses.asdict`` deep-copies
+        and costs a cold cycle of 900 events a tenth of a second)."""
+
+        def iso(value: date | None) -> str | None:
+            return value.isoformat() if value is not None else None
+
+        return {
+            "kind": str(self.kind),
+            "key": self.key,
+            "rule": self.rule,
+            "rule_type": self.rule_type,
+            "severity": str(self.severity),
+            "org_id": self.org_id,
+            "org_name": self.org_name,
+            "billing_url": self.billing_url,
+            "summary": self.summary,
+            "at": self.at.isoformat(),
+            "invoice_id": self.invoice_id,
+            "invoice_status": self.invoice_status,
+            "amount_cents": self.amount_cents,
+            "period_start": iso(self.period_start),
+            "period_end": iso(self.period_end),
+            "firing_since": iso(self.firing_since),
+            "details": [list(d) for d in self.details],
+            "breakdown": [
+                {
+                    "dimension": b.dimension,
+                    "name": b.name,
+                    "amount_cents": b.amount_cents,
+                    "growth_cents": b.growth_cents,
+                }
+                for b in self.breakdown
+            ],
+            "previous_status": self.previous_status,
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> AlertEvent:

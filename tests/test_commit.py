@@ -204,3 +204,25 @@ async def test_store_open_copy_writes_nothing(tmp_path):
     missing = StateStore.open_copy(tmp_path / "nothing.db")
     await missing.close()
     assert not (tmp_path / "nothing.db").exists()
+
+
+def test_alert_event_json_round_trip_keeps_every_field():
+    from dataclasses import fields, replace
+
+    from invoice_watch.types import BreakdownLine
+
+    full = replace(
+        event(),
+        invoice_id="1" * 24,
+        invoice_status="PENDING",
+        amount_cents=123,
+        period_start=NOW.date(),
+        period_end=NOW.date(),
+        firing_since=NOW,
+        details=(("Threshold", "$1.00"),),
+        breakdown=(BreakdownLine("sku", "M30", 100, 5),),
+        previous_status="CLOSED",
+    )
+    data = full.to_json()
+    assert set(data) == {f.name for f in fields(AlertEvent)}  # a new field is not forgotten
+    assert AlertEvent.from_json(data) == full
