@@ -150,22 +150,7 @@ class App:
             store = await StateStore.open(config.state.path)
         self._store = store
         self._stack.push_async_callback(store.close)
-        client = AtlasClient(
-            config.atlas,
-            clock=self.clock,
-            rng=self._rng,
-            org_names={o.id: o.display_name for o in config.organizations},
-        )
-        self._client = client
-        self._stack.push_async_callback(client.aclose)
-        if self._notifiers_given is not None:
-            self.notifiers = self._notifiers_given
-        else:
-            from invoice_watch.notify import build_notifiers
-
-            self.notifiers = build_notifiers(config.notifiers)
-            for notifier in self.notifiers.values():
-                self._stack.push_async_callback(notifier.aclose)
+        self._client, self.notifiers = self._connect(config)
         self._deliverer = Deliverer(
             store,
             self.notifiers,
@@ -175,6 +160,24 @@ class App:
             rng=self._rng,
             metrics=self.metrics,
         )
+
+    def _connect(self, config: Config) -> tuple[AtlasClient, Mapping[str, Notifier]]:
+        """The Atlas client and the notifiers for ``config``, closed when the App is."""
+        client = AtlasClient(
+            config.atlas,
+            clock=self.clock,
+            rng=self._rng,
+            org_names={o.id: o.display_name for o in config.organizations},
+        )
+        self._stack.push_async_callback(client.aclose)
+        if self._notifiers_given is not None:
+            return client, self._notifiers_given
+        from invoice_watch.notify import build_notifiers
+
+        notifiers = build_notifiers(config.notifiers)
+        for notifier in notifiers.values():
+            self._stack.push_async_callback(notifier.aclose)
+        return client, notifiers
 
     @property
     def store(self) -> StateStore:
@@ -545,22 +548,9 @@ class App:
             )
             return False
         async with self._cycle_lock:
-            old_client = self._client
-            client = AtlasClient(
-                config.atlas,
-                clock=self.clock,
-                rng=self._rng,
-                org_names={o.id: o.display_name for o in config.organizations},
-            )
-            self._client = client
-            self._stack.push_async_callback(client.aclose)
-            if self._notifiers_given is None:
-                from invoice_watch.notify import build_notifiers
-
-                old_notifiers = self.notifiers
-                self.notifiers = build_notifiers(config.notifiers)
-                for notifier in self.notifiers.values():
-                    self._stack.push_async_callback(notifier.aclose)
+            old_client, old_notifiers = self._client, self.notifiers
+            self._client, self.notifiers = self._connect(config)
+            if self.notifiers is not old_notifiers:
                 for notifier in old_notifiers.values():
                     await notifier.aclose()
             self.deliverer.configure(
