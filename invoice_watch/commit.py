@@ -23,7 +23,7 @@ import logging
 import os
 import sqlite3
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -337,6 +337,20 @@ class StateStore:
             raise
         return store
 
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """``BEGIN IMMEDIATE`` ... ``COMMIT``, rolled back on any error (COMMIT's own
+        included: a full disk can refuse the commit itself)."""
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
     def _migrate(self) -> None:
         conn = self._conn
         version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -358,16 +372,11 @@ class StateStore:
                     f"{', '.join(sorted(tables)[:5])}); point state.path elsewhere"
                 )
         for number in range(version + 1, SCHEMA_VERSION + 1):
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with self._transaction():
                 for statement in MIGRATIONS[number - 1].split(";"):
                     if statement.strip():
                         conn.execute(statement)
                 conn.execute(f"PRAGMA user_version={number}")
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
             log.info("state file migrated to schema version %d", number)
 
     def _load(self) -> None:
@@ -448,16 +457,8 @@ class StateStore:
         return ids
 
     def _commit_sync(self, write: CycleWrite) -> list[int]:
-        conn = self._conn
-        now = write.finished_at.isoformat()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            ids = self._write(conn, write, now)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        return ids
+        with self._transaction() as conn:
+            return self._write(conn, write, write.finished_at.isoformat())
 
     def _write(self, conn: sqlite3.Connection, write: CycleWrite, now: str) -> list[int]:
         for org in write.orgs:
@@ -607,55 +608,45 @@ class StateStore:
 
     async def mark_sent(self, delivery_id: int, now: datetime) -> None:
         await self._update(
-            "UPDATE outbox SET state='sent', attempts=attempts+1, done_at=?, last_error=NULL "
-            "WHERE id=?",
-            (now.isoformat(), delivery_id),
+            (
+                "UPDATE outbox SET state='sent', attempts=attempts+1, done_at=?, "
+                "last_error=NULL WHERE id=?",
+                (now.isoformat(), delivery_id),
+            )
         )
 
     async def mark_retry(self, delivery_id: int, next_attempt_at: datetime, error: str) -> None:
         """Schedule the row's next attempt; the same notifier's other pending rows that
         were due earlier wait until then too."""
         at = next_attempt_at.isoformat()
-
-        def run() -> None:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                self._conn.execute(
-                    "UPDATE outbox SET attempts=attempts+1, next_attempt_at=?, last_error=? "
-                    "WHERE id=?",
-                    (at, error, delivery_id),
-                )
-                self._conn.execute(
-                    "UPDATE outbox SET next_attempt_at=? WHERE state='pending' AND "
-                    "notifier=(SELECT notifier FROM outbox WHERE id=?) AND next_attempt_at<?",
-                    (at, delivery_id, at),
-                )
-                self._conn.execute("COMMIT")
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-
-        try:
-            await self._run(run)
-        except sqlite3.Error as exc:
-            raise StateError(f"could not update the outbox: {exc}") from None
+        await self._update(
+            (
+                "UPDATE outbox SET attempts=attempts+1, next_attempt_at=?, last_error=? WHERE id=?",
+                (at, error, delivery_id),
+            ),
+            (
+                "UPDATE outbox SET next_attempt_at=? WHERE state='pending' AND "
+                "notifier=(SELECT notifier FROM outbox WHERE id=?) AND next_attempt_at<?",
+                (at, delivery_id, at),
+            ),
+        )
 
     async def mark_failed(self, delivery_id: int, now: datetime, error: str) -> None:
         await self._update(
-            "UPDATE outbox SET state='failed', attempts=attempts+1, done_at=?, last_error=? "
-            "WHERE id=?",
-            (now.isoformat(), error, delivery_id),
+            (
+                "UPDATE outbox SET state='failed', attempts=attempts+1, done_at=?, "
+                "last_error=? WHERE id=?",
+                (now.isoformat(), error, delivery_id),
+            )
         )
 
-    async def _update(self, sql: str, params: tuple[Any, ...]) -> None:
+    async def _update(self, *statements: tuple[str, tuple[Any, ...]]) -> None:
+        """Run outbox updates in one transaction."""
+
         def run() -> None:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                self._conn.execute(sql, params)
-                self._conn.execute("COMMIT")
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
+            with self._transaction() as conn:
+                for sql, params in statements:
+                    conn.execute(sql, params)
 
         try:
             await self._run(run)
