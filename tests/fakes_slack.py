@@ -22,6 +22,8 @@ from typing import Any, Literal
 
 from aiohttp import web
 
+from tests.loopback import LoopbackServer
+
 Route = Literal["webhook", "chat.postMessage"]
 
 WEBHOOK_PATH = "/services/T000/B000/XXXX"
@@ -69,7 +71,7 @@ def _blocks_problem(body: dict[str, Any]) -> str | None:
     return None
 
 
-class FakeSlack:
+class FakeSlack(LoopbackServer):
     def __init__(self, token: str = TOKEN) -> None:
         self.token = token
         self.received: list[Received] = []  # every request, answered or refused
@@ -81,22 +83,11 @@ class FakeSlack:
         app = web.Application()
         app.router.add_post(WEBHOOK_PATH, self._webhook)
         app.router.add_post("/api/chat.postMessage", self._post_message)
-        self._runner = web.AppRunner(app, access_log=None)  # Slack's own log, not ours
-        self._port = 0
-
-    async def __aenter__(self) -> FakeSlack:
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self._port = self._runner.addresses[0][1]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self._runner.cleanup()
+        super().__init__(app)
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self._port}"
+        return self.url
 
     @property
     def webhook_url(self) -> str:

@@ -25,6 +25,7 @@ from invoice_watch.fetch import AtlasClient
 from invoice_watch.simulator import Scenario, Simulator
 from invoice_watch.types import AlertEvent, EventKind
 from tests.conftest import base_config, make_config
+from tests.loopback import LoopbackServer
 
 ORG = "0123456789abcdef01234567"
 NOW = datetime(2026, 11, 15, 12, 0, tzinfo=UTC)
@@ -181,7 +182,7 @@ async def test_steady_cycles_draw_one_digest_challenge_each_even_with_a_stale_no
 BIG_ORG = "abcdefabcdefabcdefabcdef"
 
 
-class Listing:
+class Listing(LoopbackServer):
     """A listing server for one org: ``count`` invoices, 500 a page, and whatever
     ``totalCount`` the test wants it to claim. Pages 2 and 3 each wait until the other
     has been asked for, so a client that pages one after the other times out."""
@@ -192,17 +193,7 @@ class Listing:
         self.arrived = {2: asyncio.Event(), 3: asyncio.Event()}
         app = web.Application()
         app.router.add_get("/api/atlas/v2/orgs/{org}/invoices", self._list)
-        self._runner = web.AppRunner(app, access_log=None)
-        self.url = ""
-
-    async def __aenter__(self) -> Listing:
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
-        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self._runner.cleanup()
+        super().__init__(app)
 
     async def _list(self, request: web.Request) -> web.Response:
         page = int(request.query["pageNum"])

@@ -26,6 +26,7 @@ from invoice_watch.simulator import Scenario, Simulator
 from invoice_watch.types import Invoice
 from tests.fakes_slack import FakeSlack
 from tests.fakes_smtp import Sink
+from tests.loopback import LoopbackServer
 from tests.world import ANALYTICS, PROD, World
 
 SLACK_RULES: list[dict[str, Any]] = [
@@ -253,7 +254,7 @@ def without(data: dict[str, Any], key: str) -> dict[str, Any]:
     return {k: v for k, v in data.items() if k != key}
 
 
-class HandMadeAtlas:
+class HandMadeAtlas(LoopbackServer):
     """The v2 listing and pending endpoints, serving whatever the test puts in
     ``invoices`` (raw JSON objects, paged by ``itemsPerPage``) or, per org, a raw
     ``body``. ``before_page(org, page)`` runs before each page is cut (to shift it)."""
@@ -269,17 +270,7 @@ class HandMadeAtlas:
         app = web.Application()
         app.router.add_get("/api/atlas/v2/orgs/{org}/invoices", self._list)
         app.router.add_get("/api/atlas/v2/orgs/{org}/invoices/pending", self._pending)
-        self._runner = web.AppRunner(app, access_log=None)
-        self.url = ""
-
-    async def __aenter__(self) -> HandMadeAtlas:
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
-        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self._runner.cleanup()
+        super().__init__(app)
 
     async def _list(self, request: web.Request) -> web.Response:
         org = request.match_info["org"]
