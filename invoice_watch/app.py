@@ -17,7 +17,7 @@ import random
 import sys
 import time
 from collections import ChainMap, defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime
 from datetime import time as dtime
@@ -28,7 +28,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from invoice_watch import sdnotify
 from invoice_watch.clock import Clock, SystemClock
-from invoice_watch.commit import CycleWrite, OrgWrite, StateStore
+from invoice_watch.commit import CycleWrite, OrgState, OrgWrite, StateStore
 from invoice_watch.config import Config
 from invoice_watch.constants import (
     FINAL_STATUSES,
@@ -94,6 +94,70 @@ def group_messages(
         else:
             messages.extend((name, [event]) for event in batch)
     return messages
+
+
+@dataclass(frozen=True)
+class OrgStep:
+    """What one organization's read means for a cycle: what the rules see of it, what the
+    commit writes for it, and the amount histories of its pending invoices."""
+
+    view: OrgView
+    write: OrgWrite
+    history: dict[str, History]
+
+
+def step_org(
+    read: OrgRead,
+    old: Mapping[str, Invoice],
+    state: OrgState,
+    history_of: Callable[[str], History],
+    now: datetime,
+    *,
+    listed_from: datetime | None = None,
+) -> OrgStep:
+    """Diff one organization's read against its snapshot. Pure: the stored snapshot,
+    read state and histories in; nothing is changed. A failed read leaves the snapshot
+    as it was (no invoice "disappears") and only dates the failure."""
+    org_id = read.org_id
+    if not read.ok:
+        view = OrgView(
+            org_id,
+            ok=False,
+            invoices=old,
+            failing_since=state.failing_since or now,
+            error=read.error,
+        )
+        return OrgStep(view, OrgWrite(org_id, ok=False, error=read.error), {})
+    change = diff(old, read.invoices, listed_from=listed_from)
+    current = old  # read only; copied only when something changed
+    if not change.empty:
+        current = dict(old)
+        for invoice in change.changed:
+            current[invoice.id] = invoice
+        for invoice in change.gone:
+            del current[invoice.id]
+    observations = [
+        (i.id, i.amount_billed_cents)
+        for i in change.changed
+        if i.status == "PENDING"
+        and (i.id not in old or old[i.id].amount_billed_cents != i.amount_billed_cents)
+    ]
+    history: dict[str, History] = {
+        i.id: history_of(i.id) for i in current.values() if i.status == "PENDING"
+    }
+    for invoice_id, cents in observations:
+        history[invoice_id] = [*history.get(invoice_id, ()), (now, cents)]
+    view = OrgView(
+        org_id, ok=True, invoices=current, diff=change, first_read=state.last_success is None
+    )
+    write = OrgWrite(
+        org_id,
+        ok=True,
+        upserts=change.changed,
+        gone=[i.id for i in change.gone],
+        observations=observations,
+    )
+    return OrgStep(view, write, history)
 
 
 class App:
@@ -257,24 +321,23 @@ class App:
         history: dict[str, History] = {}
         changes = 0
         for org_id, read in reads.items():
-            old = store.snapshot(org_id)
-            org_state = store.org_state(org_id)
-            if not read.ok:
-                log.warning("%s: %s", config.org_name(org_id), read.error)
-                views.append(
-                    OrgView(
-                        org_id,
-                        ok=False,
-                        invoices=old,
-                        failing_since=org_state.failing_since or now,
-                        error=read.error,
-                    )
-                )
-                writes.append(OrgWrite(org_id, ok=False, error=read.error))
-                continue
             from_date = from_dates[org_id]
-            listed_from = datetime.combine(from_date, dtime(), UTC) if from_date else None
-            change = diff(old, read.invoices, listed_from=listed_from)
+            step = step_org(
+                read,
+                store.snapshot(org_id),
+                store.org_state(org_id),
+                store.history,
+                now,
+                listed_from=datetime.combine(from_date, dtime(), UTC) if from_date else None,
+            )
+            views.append(step.view)
+            writes.append(step.write)
+            history.update(step.history)
+            change = step.view.diff
+            if change is None:
+                log.warning("%s: %s", config.org_name(org_id), read.error)
+                continue
+            changes += len(change.changed) + len(change.gone)
             for invoice in (*change.added, *(c.new for c in change.status_changed)):
                 if invoice.status not in INVOICE_STATUSES:  # said once, when it appears
                     log.warning(
@@ -284,43 +347,6 @@ class App:
                         invoice.id,
                         invoice.status,
                     )
-            current = old  # read only; copied only when something changed
-            if not change.empty:
-                current = dict(old)
-                for invoice in change.changed:
-                    current[invoice.id] = invoice
-                for invoice in change.gone:
-                    del current[invoice.id]
-            observations = [
-                (i.id, i.amount_billed_cents)
-                for i in change.changed
-                if i.status == "PENDING"
-                and (i.id not in old or old[i.id].amount_billed_cents != i.amount_billed_cents)
-            ]
-            for invoice in current.values():
-                if invoice.status == "PENDING":
-                    history[invoice.id] = store.history(invoice.id)
-            for invoice_id, cents in observations:
-                history[invoice_id] = [*history.get(invoice_id, ()), (now, cents)]
-            changes += len(change.changed) + len(change.gone)
-            views.append(
-                OrgView(
-                    org_id,
-                    ok=True,
-                    invoices=current,
-                    diff=change,
-                    first_read=org_state.last_success is None,
-                )
-            )
-            writes.append(
-                OrgWrite(
-                    org_id,
-                    ok=True,
-                    upserts=change.changed,
-                    gone=[i.id for i in change.gone],
-                    observations=observations,
-                )
-            )
 
         evaluation = evaluate(config.rules, views, history, now)
         # Every invoice by id, without copying them all into one dict (as in a dict
