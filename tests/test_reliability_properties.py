@@ -22,11 +22,13 @@ from datetime import datetime, timedelta
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from invoice_watch.app import step_org
+from invoice_watch.commit import OrgState
 from invoice_watch.config import Config, load
 from invoice_watch.dedup import AlertState, Transition, plan
 from invoice_watch.diff import diff
 from invoice_watch.rules import Evaluation, History, OrgView, evaluate
-from invoice_watch.types import EventKind, Invoice
+from invoice_watch.types import EventKind, Invoice, OrgRead
 from tests.conftest import NOW, ORG_A, ORG_B, PERIOD_END, PERIOD_START
 
 ORG_LINKED = "cccccccccccccccccccccccc"  # billed through ORG_A (a linked invoice)
@@ -120,36 +122,23 @@ class Pipeline:
         writes: Writes = {}
         history: dict[str, History] = {}
         for org, listing in reads.items():
-            old = self.snapshot.get(org, {})
-            if listing is None:
-                since = self.failing_since.get(org, self.now)
-                views.append(OrgView(org, ok=False, invoices=old, failing_since=since, error="x"))
-                continue
-            change = diff(old, listing)
-            current = {**old, **{i.id: i for i in change.changed}}
-            for gone in change.gone:
-                del current[gone.id]
-            seen = [
-                (i.id, i.amount_billed_cents)
-                for i in change.changed
-                if i.status == "PENDING"
-                and (i.id not in old or old[i.id].amount_billed_cents != i.amount_billed_cents)
-            ]
-            for inv in current.values():
-                if inv.status == "PENDING":
-                    history[inv.id] = self.history.get(inv.id, [])
-            for invoice_id, cents in seen:
-                history[invoice_id] = [*history.get(invoice_id, ()), (self.now, cents)]
-            views.append(
-                OrgView(
-                    org,
-                    ok=True,
-                    invoices=current,
-                    diff=change,
-                    first_read=org not in self.read_once,
-                )
+            read = OrgRead(org, error="x") if listing is None else OrgRead(org, listing)
+            known = OrgState(
+                org,
+                last_success=self.now if org in self.read_once else None,
+                failing_since=self.failing_since.get(org),
             )
-            writes[org] = (current, seen)
+            step = step_org(
+                read,
+                self.snapshot.get(org, {}),
+                known,
+                lambda invoice_id: self.history.get(invoice_id, []),
+                self.now,
+            )
+            views.append(step.view)
+            history.update(step.history)
+            if listing is not None:
+                writes[org] = (dict(step.view.invoices), step.write.observations)
         evaluation = evaluate(CONFIG.rules, views, history, self.now)
         invoices_now = {i.id: i for view in views for i in view.invoices.values()}
         transitions = plan(CONFIG, evaluation, self.alerts, invoices_now, self.now)
@@ -291,3 +280,18 @@ def test_lifecycle_cycle_is_deterministic_and_replaying_it_changes_nothing(seque
         # The same listing again after the commit: nothing to send, nothing to change.
         _, transitions, _ = pipeline.plan(step.reads)
         assert transitions == []
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(steps, min_size=1, max_size=12))
+def test_lifecycle_a_failed_read_never_fires_or_resolves_that_orgs_invoice_alerts(sequence):
+    """No information is not news: while an organization cannot be read, only
+    `poll_failure` may speak about it (no phantom RESOLVED, no re-FIRING after)."""
+    types = {rule.name: rule.type for rule in CONFIG.rules}
+    pipeline = Pipeline()
+    for step in sequence:
+        _, transitions = pipeline.cycle(step)
+        failed = {org for org, listing in step.reads.items() if listing is None}
+        for t in transitions:
+            if t.state.source_org_id in failed:
+                assert types[t.state.rule] == "poll_failure", t.state.key
