@@ -16,7 +16,7 @@ from typing import TextIO
 
 from invoice_watch import __version__
 from invoice_watch import format as fmt
-from invoice_watch.errors import ConfigError, InvoiceWatchError, StateError
+from invoice_watch.errors import ConfigError, InvoiceWatchError
 
 log = logging.getLogger(__name__)
 
@@ -149,10 +149,7 @@ def _with_config(args: argparse.Namespace) -> int:
             return asyncio.run(ops.invoices(config, org=args.org, status=args.status))
         if args.command == "history":
             return asyncio.run(ops.history(config, limit=args.limit))
-    except StateError as exc:
-        print(f"invoice-watch: {exc}", file=sys.stderr)
-        return 1
-    except InvoiceWatchError as exc:
+    except InvoiceWatchError as exc:  # a state file in use, unreadable, ...
         print(f"invoice-watch: {exc}", file=sys.stderr)
         return 1
     raise AssertionError(args.command)
