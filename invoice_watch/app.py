@@ -286,7 +286,7 @@ class App:
         m.cycles.labels(outcome=outcome).inc()
         m.cycle_seconds.observe(seconds)
         m.orgs_failing.set(failed)
-        m.invoices_seen.set(len(self.store.all_invoices()))
+        m.invoices_seen.set(result.invoices)  # counted by the cycle already
         m.last_cycle_finished.set(result.finished_at.timestamp())
         firing: dict[str, int] = {rule.name: 0 for rule in self.config.rules}
         for alert in self.store.firing_alerts().values():
