@@ -277,7 +277,8 @@ class StateStore:
         memory = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
         if path.exists():
             try:
-                source = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+                # as_uri() escapes what a URI would misread (?, #, %, spaces)
+                source = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
                 try:
                     source.backup(memory)
                 finally:

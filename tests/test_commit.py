@@ -226,3 +226,17 @@ def test_alert_event_json_round_trip_keeps_every_field():
     data = full.to_json()
     assert set(data) == {f.name for f in fields(AlertEvent)}  # a new field is not forgotten
     assert AlertEvent.from_json(data) == full
+
+
+async def test_store_open_copy_reads_a_path_with_uri_characters(tmp_path):
+    folder = tmp_path / "billing #1?"
+    folder.mkdir()
+    path = folder / "state.db"
+    store = await StateStore.open(path)
+    await store.commit_cycle(cycle(OrgWrite(ORG_A, True, upserts=[inv(1)])))
+    await store.close()
+    copy = StateStore.open_copy(path)  # what --dry-run reads
+    try:
+        assert set(copy.snapshot(ORG_A)) == {inv(1).id}
+    finally:
+        await copy.close()
