@@ -11,7 +11,7 @@ fires again.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import TYPE_CHECKING
@@ -136,6 +136,31 @@ def plan(
     ``invoices``: every invoice as it stands now, by id (for RESOLVED messages).
     ``baseline``: record what fires as notified, but send nothing.
     """
+    transitions = plan_holding(config, evaluation, states, now, baseline=baseline)
+    held = set(evaluation.holding)
+    transitions += plan_resolved(
+        config,
+        states,
+        held,
+        evaluation.evaluated,
+        lambda state: invoices.get(state.invoice_id or ""),
+        now,
+        baseline=baseline,
+    )
+    return transitions
+
+
+def plan_holding(
+    config: Config,
+    evaluation: Evaluation,
+    states: Mapping[str, AlertState],
+    now: datetime,
+    *,
+    baseline: bool = False,
+) -> list[Transition]:
+    """The FIRING, REMINDER and NOTICE half of :func:`plan`: what the conditions that
+    hold (and the notices) of ``evaluation`` change. A cycle can run it organization by
+    organization, as each one is read, keeping ``states`` up to date in between."""
     rules = {rule.name: rule for rule in config.rules}
     factory = EventFactory(config)
     transitions: list[Transition] = []
@@ -161,27 +186,48 @@ def plan(
                 Transition(replace(state, last_notified=now, last_event=event), sent, reason)
             )
 
-    for key, state in states.items():
-        if not state.firing or key in evaluation.holding:
-            continue
-        stored_rule = rules.get(state.rule)
-        if stored_rule is None or not stored_rule.enabled:
-            continue  # a removed or disabled rule neither resolves nor fires
-        evaluated = (state.rule, state.source_org_id) in evaluation.evaluated
-        reason = decide(state, False, evaluated, stored_rule, now)
-        if reason not in (Reason.RESOLVED, Reason.RESOLVED_QUIETLY):
-            continue
-        resolved = replace(state, firing=False, resolved_at=now)
-        resolved_event = None
-        if reason is Reason.RESOLVED and not baseline:
-            resolved_event = _resolved_event(factory, stored_rule, state, invoices, now)
-        transitions.append(Transition(resolved, resolved_event, reason))
-
     for notice in evaluation.notices:
         rule = rules[notice.rule]
         event = factory.event(EventKind.NOTICE, rule, notice, now)
         state = _new_state(notice, event, now, firing=False)
         transitions.append(Transition(state, None if baseline else event, Reason.NEW))
+    return transitions
+
+
+def plan_resolved(
+    config: Config,
+    states: Mapping[str, AlertState],
+    held: Collection[str],
+    evaluated: Collection[tuple[str, str]],
+    invoice: Callable[[AlertState], Invoice | None],
+    now: datetime,
+    *,
+    baseline: bool = False,
+) -> list[Transition]:
+    """The RESOLVED half of :func:`plan`, once the whole cycle is known: a firing alert
+    whose condition no ``held`` key holds any more, in a scope (rule, configured
+    organization) that was ``evaluated``. ``invoice`` finds an alert's invoice as it
+    stands now (for the RESOLVED message)."""
+    rules = {rule.name: rule for rule in config.rules}
+    factory = EventFactory(config)
+    transitions: list[Transition] = []
+    for key, state in states.items():
+        if not state.firing or key in held:
+            continue
+        stored_rule = rules.get(state.rule)
+        if stored_rule is None or not stored_rule.enabled:
+            continue  # a removed or disabled rule neither resolves nor fires
+        reason = decide(
+            state, False, (state.rule, state.source_org_id) in evaluated, stored_rule, now
+        )
+        if reason not in (Reason.RESOLVED, Reason.RESOLVED_QUIETLY):
+            continue
+        resolved = replace(state, firing=False, resolved_at=now)
+        resolved_event = None
+        if reason is Reason.RESOLVED and not baseline:
+            now_invoice = invoice(state) if state.invoice_id else None
+            resolved_event = _resolved_event(factory, stored_rule, state, now_invoice, now)
+        transitions.append(Transition(resolved, resolved_event, reason))
     return transitions
 
 
@@ -207,10 +253,9 @@ def _resolved_event(
     factory: EventFactory,
     rule: Rule,
     state: AlertState,
-    invoices: Mapping[str, Invoice],
+    invoice: Invoice | None,
     now: datetime,
 ) -> AlertEvent:
-    invoice = invoices.get(state.invoice_id) if state.invoice_id else None
     if state.invoice_id and invoice is None and state.last_event is not None:
         last = state.last_event
     else:
