@@ -23,7 +23,7 @@ import logging
 import os
 import sqlite3
 import sys
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -107,6 +107,11 @@ MIGRATIONS: tuple[str, ...] = (
         orgs_failed INTEGER NOT NULL,
         events INTEGER NOT NULL
     );
+    """,
+    # 2: outbox rows written while a cycle runs are held until it ends (then released,
+    # or merged into one grouped message); ``cycle`` tells which cycle holds them
+    """
+    ALTER TABLE outbox ADD COLUMN cycle INTEGER;
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -205,6 +210,13 @@ class OrgWrite:
     gone: list[str] = field(default_factory=list)
     observations: list[tuple[str, int]] = field(default_factory=list)  # pending amounts seen
     error: str | None = None
+    # The organization's invoices once this write is done, when the caller has them
+    # already: the cache takes this mapping instead of rebuilding it.
+    invoices: dict[str, Invoice] | None = None
+
+    @property
+    def changes_snapshot(self) -> bool:
+        return bool(self.upserts or self.gone or self.observations)
 
 
 @dataclass
@@ -261,6 +273,7 @@ class StateStore:
         self._history: dict[str, list[tuple[datetime, int]]] = {}
         self._alerts: dict[str, AlertState] = {}
         self._orgs: dict[str, OrgState] = {}
+        self._cycle_id = 0  # the last cycle's number
 
     # -- opening ---------------------------------------------------------------------
 
@@ -395,6 +408,7 @@ class StateStore:
             at = _dt(observed_at)
             assert at is not None
             self._history.setdefault(invoice_id, []).append((at, cents))
+        self._cycle_id = conn.execute("SELECT COALESCE(MAX(id), 0) FROM cycles").fetchone()[0]
         self._alerts = {}
         for row in conn.execute(
             "SELECT key, rule, org_id, source_org_id, invoice_id, firing, firing_since, "
@@ -447,68 +461,184 @@ class StateStore:
         The in-memory caches change only after the commit succeeded: a failed commit
         (disk full, I/O error) leaves both the file and the caches as they were.
         """
+
+        def run() -> list[int]:
+            now = write.finished_at.isoformat()
+            with self._transaction() as conn:
+                self._write_orgs(conn, write.orgs, now)
+                self._write_alerts(conn, write.transitions)
+                ids = []
+                for notifier, events in write.outbox:
+                    cursor = conn.execute(
+                        "INSERT INTO outbox (notifier, events, summary, created_at, "
+                        "next_attempt_at) VALUES (?,?,?,?,?)",
+                        (notifier, events_to_json(events), summarize(events), now, now),
+                    )
+                    assert cursor.lastrowid is not None
+                    ids.append(cursor.lastrowid)
+                self._write_cycle_row(
+                    conn, write.started_at, now, write.orgs, sum(len(e) for _, e in write.outbox)
+                )
+                return ids
+
+        ids = await self._commit(run)
+        self._apply(write.orgs, write.transitions, write.finished_at)
+        return ids
+
+    # -- a cycle committed organization by organization ------------------------------
+    #
+    # A cycle that commits each organization's part as soon as it is read (snapshot,
+    # alert state and events of that organization, in one transaction) holds the events
+    # in the outbox (state 'held', tagged with the cycle) until the cycle ends: only
+    # then is it known how many messages each notifier gets, and so whether they go out
+    # one by one or as one grouped message. A cycle that never ends (a crash, a stop)
+    # leaves held rows that :meth:`release_held` releases.
+
+    def begin_cycle(self) -> int:
+        """A number for a new cycle, to tag the rows it holds."""
+        self._cycle_id += 1
+        return self._cycle_id
+
+    async def commit_orgs(
+        self,
+        cycle: int,
+        at: datetime,
+        orgs: Sequence[OrgWrite],
+        transitions: Sequence[Transition],
+        routes: Mapping[str, Sequence[str]],
+    ) -> None:
+        """One transaction of a running cycle: these organizations' snapshot changes,
+        alert-state changes and their events, held (one row per event and notifier;
+        ``routes``: rule name -> notifier names)."""
+        now = at.isoformat()
+
+        def run() -> None:
+            with self._transaction() as conn:
+                self._write_orgs(conn, orgs, now)
+                written = self._write_alerts(conn, transitions)
+                self._hold(conn, cycle, transitions, routes, now, written)
+
+        await self._commit(run)
+        self._apply(orgs, transitions, at)
+
+    async def finish_cycle(
+        self,
+        cycle: int,
+        started_at: datetime,
+        finished_at: datetime,
+        orgs: Sequence[OrgWrite],
+        transitions: Sequence[Transition],
+        routes: Mapping[str, Sequence[str]],
+        group_over: int,
+        *,
+        orgs_ok: int,
+        orgs_failed: int,
+    ) -> None:
+        """The last transaction of a running cycle: what is left to write (``orgs`` and
+        ``transitions``, as in :meth:`commit_orgs`), then every held row is released
+        (see :meth:`release_held`) and the cycle is recorded."""
+        now = finished_at.isoformat()
+
+        def run() -> None:
+            with self._transaction() as conn:
+                self._write_orgs(conn, orgs, now)
+                written = self._write_alerts(conn, transitions)
+                self._hold(conn, cycle, transitions, routes, now, written)
+                events = self._release(conn, group_over, now, cycle)
+                conn.execute(
+                    "INSERT INTO cycles (id, started_at, finished_at, orgs_ok, orgs_failed, "
+                    "events) VALUES (?,?,?,?,?,?)",
+                    (cycle, started_at.isoformat(), now, orgs_ok, orgs_failed, events),
+                )
+
+        await self._commit(run)
+        self._apply(orgs, transitions, finished_at)
+
+    async def release_held(self, group_over: int, now: datetime) -> int:
+        """Release the rows held by cycles that never ended (a crash, a stop, a failed
+        commit): per cycle and notifier, as they are, or merged into one grouped
+        message when there are more than ``group_over``. Returns how many rows were
+        held."""
+
+        def run() -> int:
+            with self._transaction() as conn:
+                return self._release(conn, group_over, now.isoformat())
+
+        return await self._commit(run)
+
+    def _hold(
+        self,
+        conn: sqlite3.Connection,
+        cycle: int,
+        transitions: Iterable[Transition],
+        routes: Mapping[str, Sequence[str]],
+        now: str,
+        written: Mapping[int, str],
+    ) -> None:
+        rows: list[tuple[str, str, str, str, str, int]] = []
+        for t in transitions:
+            event = t.event
+            if event is None:
+                continue
+            text = written.get(id(event))
+            events = f"[{text if text is not None else _event_json(event)}]"
+            summary = summarize((event,))
+            rows.extend(
+                (notifier, events, summary, now, now, cycle) for notifier in routes[event.rule]
+            )
+        conn.executemany(
+            "INSERT INTO outbox (notifier, events, summary, created_at, next_attempt_at, "
+            "state, cycle) VALUES (?,?,?,?,?,'held',?)",
+            rows,
+        )
+
+    @staticmethod
+    def _release(
+        conn: sqlite3.Connection, group_over: int, now: str, cycle: int | None = None
+    ) -> int:
+        """Release held rows (of every cycle; ``cycle``'s own count is returned, or all
+        of them). More than ``group_over`` of one cycle for one notifier become one
+        grouped message, their events in the order they were held."""
+        counted = 0
+        groups = conn.execute(
+            "SELECT cycle, notifier, COUNT(*) FROM outbox WHERE state='held' "
+            "GROUP BY cycle, notifier ORDER BY MIN(id)"
+        ).fetchall()
+        for held_by, notifier, count in groups:
+            if cycle is None or held_by == cycle:
+                counted += count
+            where = "state='held' AND cycle IS ? AND notifier=?"
+            if count <= max(group_over, 1):
+                conn.execute(
+                    f"UPDATE outbox SET state='pending' WHERE {where}", (held_by, notifier)
+                )
+                continue
+            parts = [
+                row[0][1:-1]
+                for row in conn.execute(
+                    f"SELECT events FROM outbox WHERE {where} ORDER BY id", (held_by, notifier)
+                )
+            ]
+            conn.execute(f"DELETE FROM outbox WHERE {where}", (held_by, notifier))
+            conn.execute(
+                "INSERT INTO outbox (notifier, events, summary, created_at, next_attempt_at, "
+                "cycle) VALUES (?,?,?,?,?,?)",
+                (notifier, f"[{','.join(parts)}]", f"{count} alerts (grouped)", now, now, held_by),
+            )
+        return counted
+
+    async def _commit(self, run: Callable[[], T]) -> T:
         try:
-            ids = await self._run(lambda: self._commit_sync(write))
+            return await self._run(run)
         except sqlite3.Error as exc:
             raise StateError(
                 f"could not write state file {self.path or ':memory:'}: {exc}; nothing of "
                 "this cycle was recorded (it will be evaluated again)"
             ) from None
-        self._apply(write)
-        return ids
 
-    def _commit_sync(self, write: CycleWrite) -> list[int]:
-        with self._transaction() as conn:
-            return self._write(conn, write, write.finished_at.isoformat())
-
-    def _write(self, conn: sqlite3.Connection, write: CycleWrite, now: str) -> list[int]:
-        for org in write.orgs:
-            if org.ok:
-                if org.upserts:
-                    conn.executemany(
-                        f"INSERT INTO invoices ({_INVOICE_COLUMNS}, first_seen, last_changed) "
-                        "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
-                        "ON CONFLICT (id) DO UPDATE SET org_id=excluded.org_id, "
-                        "source_org_id=excluded.source_org_id, status=excluded.status, "
-                        "start_date=excluded.start_date, end_date=excluded.end_date, "
-                        "amount_billed_cents=excluded.amount_billed_cents, "
-                        "amount_paid_cents=excluded.amount_paid_cents, "
-                        "credits_cents=excluded.credits_cents, "
-                        "sales_tax_cents=excluded.sales_tax_cents, "
-                        "starting_balance_cents=excluded.starting_balance_cents, "
-                        "subtotal_cents=excluded.subtotal_cents, created=excluded.created, "
-                        "updated=excluded.updated, last_changed=excluded.last_changed",
-                        ((*_invoice_row(i), now, now) for i in org.upserts),
-                    )
-                    finished = [
-                        (i.id,)
-                        for i in org.upserts
-                        if i.status != "PENDING" and i.id in self._history
-                    ]
-                    conn.executemany("DELETE FROM amount_history WHERE invoice_id=?", finished)
-                if org.gone:
-                    conn.executemany("DELETE FROM invoices WHERE id=?", [(g,) for g in org.gone])
-                    conn.executemany(
-                        "DELETE FROM amount_history WHERE invoice_id=?", [(g,) for g in org.gone]
-                    )
-                conn.executemany(
-                    "INSERT OR REPLACE INTO amount_history VALUES (?,?,?)",
-                    [(invoice_id, now, cents) for invoice_id, cents in org.observations],
-                )
-                count = (
-                    len(self.snapshot(org.org_id))
-                    + sum(1 for i in org.upserts if i.id not in self.snapshot(org.org_id))
-                    - len(org.gone)
-                )
-                conn.execute(
-                    "INSERT INTO orgs (org_id, last_attempt, last_success, failing_since, "
-                    "last_error, invoice_count) VALUES (?,?,?,NULL,NULL,?) "
-                    "ON CONFLICT (org_id) DO UPDATE SET last_attempt=excluded.last_attempt, "
-                    "last_success=excluded.last_success, failing_since=NULL, last_error=NULL, "
-                    "invoice_count=excluded.invoice_count",
-                    (org.org_id, now, now, count),
-                )
-            else:
+    def _write_orgs(self, conn: sqlite3.Connection, orgs: Iterable[OrgWrite], now: str) -> None:
+        for org in orgs:
+            if not org.ok:
                 conn.execute(
                     "INSERT INTO orgs (org_id, last_attempt, failing_since, last_error) "
                     "VALUES (?,?,?,?) ON CONFLICT (org_id) DO UPDATE SET "
@@ -517,40 +647,103 @@ class StateStore:
                     "last_error=excluded.last_error",
                     (org.org_id, now, now, org.error),
                 )
-        if write.transitions:
+                continue
+            before = self.snapshot(org.org_id)
+            if org.upserts:
+                conn.executemany(
+                    f"INSERT INTO invoices ({_INVOICE_COLUMNS}, first_seen, last_changed) "
+                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+                    "ON CONFLICT (id) DO UPDATE SET org_id=excluded.org_id, "
+                    "source_org_id=excluded.source_org_id, status=excluded.status, "
+                    "start_date=excluded.start_date, end_date=excluded.end_date, "
+                    "amount_billed_cents=excluded.amount_billed_cents, "
+                    "amount_paid_cents=excluded.amount_paid_cents, "
+                    "credits_cents=excluded.credits_cents, "
+                    "sales_tax_cents=excluded.sales_tax_cents, "
+                    "starting_balance_cents=excluded.starting_balance_cents, "
+                    "subtotal_cents=excluded.subtotal_cents, created=excluded.created, "
+                    "updated=excluded.updated, last_changed=excluded.last_changed",
+                    ((*_invoice_row(i), now, now) for i in org.upserts),
+                )
+                finished = [
+                    (i.id,) for i in org.upserts if i.status != "PENDING" and i.id in self._history
+                ]
+                conn.executemany("DELETE FROM amount_history WHERE invoice_id=?", finished)
+            if org.gone:
+                conn.executemany("DELETE FROM invoices WHERE id=?", [(g,) for g in org.gone])
+                conn.executemany(
+                    "DELETE FROM amount_history WHERE invoice_id=?", [(g,) for g in org.gone]
+                )
             conn.executemany(
-                "INSERT OR REPLACE INTO alerts (key, rule, org_id, source_org_id, invoice_id, "
-                "firing, firing_since, last_notified, resolved_at, last_event) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?)",
-                (_alert_row(t.state) for t in write.transitions),
+                "INSERT OR REPLACE INTO amount_history VALUES (?,?,?)",
+                [(invoice_id, now, cents) for invoice_id, cents in org.observations],
             )
-        ids = []
-        for notifier, events in write.outbox:
-            cursor = conn.execute(
-                "INSERT INTO outbox (notifier, events, summary, created_at, next_attempt_at) "
-                "VALUES (?,?,?,?,?)",
-                (notifier, events_to_json(events), summarize(events), now, now),
+            if org.invoices is not None:
+                count = len(org.invoices)
+            else:
+                count = (
+                    len(before) + sum(1 for i in org.upserts if i.id not in before) - len(org.gone)
+                )
+            conn.execute(
+                "INSERT INTO orgs (org_id, last_attempt, last_success, failing_since, "
+                "last_error, invoice_count) VALUES (?,?,?,NULL,NULL,?) "
+                "ON CONFLICT (org_id) DO UPDATE SET last_attempt=excluded.last_attempt, "
+                "last_success=excluded.last_success, failing_since=NULL, last_error=NULL, "
+                "invoice_count=excluded.invoice_count",
+                (org.org_id, now, now, count),
             )
-            assert cursor.lastrowid is not None
-            ids.append(cursor.lastrowid)
-        conn.execute(
+
+    @staticmethod
+    def _write_alerts(
+        conn: sqlite3.Connection, transitions: Iterable[Transition]
+    ) -> dict[int, str]:
+        """The alerts' rows; returns the JSON of each event written, by ``id(event)``
+        (an event is stored as its alert's last event and as an outbox message)."""
+        written: dict[int, str] = {}
+
+        def rows() -> Iterator[tuple[Any, ...]]:
+            for t in transitions:
+                event = t.state.last_event
+                text = None
+                if event is not None:
+                    text = written[id(event)] = _event_json(event)
+                yield _alert_row(t.state, text)
+
+        conn.executemany(
+            "INSERT OR REPLACE INTO alerts (key, rule, org_id, source_org_id, invoice_id, "
+            "firing, firing_since, last_notified, resolved_at, last_event) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?)",
+            rows(),
+        )
+        return written
+
+    def _write_cycle_row(
+        self,
+        conn: sqlite3.Connection,
+        started_at: datetime,
+        now: str,
+        orgs: Sequence[OrgWrite],
+        events: int,
+    ) -> None:
+        cursor = conn.execute(
             "INSERT INTO cycles (started_at, finished_at, orgs_ok, orgs_failed, events) "
             "VALUES (?,?,?,?,?)",
             (
-                write.started_at.isoformat(),
+                started_at.isoformat(),
                 now,
-                sum(1 for o in write.orgs if o.ok),
-                sum(1 for o in write.orgs if not o.ok),
-                sum(len(events) for _, events in write.outbox),
+                sum(1 for o in orgs if o.ok),
+                sum(1 for o in orgs if not o.ok),
+                events,
             ),
         )
-        return ids
+        self._cycle_id = max(self._cycle_id, cursor.lastrowid or 0)
 
-    def _apply(self, write: CycleWrite) -> None:
+    def _apply(
+        self, orgs: Iterable[OrgWrite], transitions: Iterable[Transition], at: datetime
+    ) -> None:
         """Bring the caches in line with what was just committed."""
         assert self._snapshot is not None
-        at = write.finished_at
-        for org in write.orgs:
+        for org in orgs:
             before = self._orgs.get(org.org_id) or OrgState(org.org_id)
             if not org.ok:
                 self._orgs[org.org_id] = OrgState(
@@ -562,18 +755,23 @@ class StateStore:
                     invoice_count=before.invoice_count,
                 )
                 continue
-            current = self._snapshot.setdefault(org.org_id, {})
+            if org.invoices is not None:
+                current = self._snapshot[org.org_id] = org.invoices
+            else:
+                current = self._snapshot.setdefault(org.org_id, {})
+                for invoice in org.upserts:
+                    current[invoice.id] = invoice
+                for invoice_id in org.gone:
+                    current.pop(invoice_id, None)
             for invoice in org.upserts:
-                current[invoice.id] = invoice
                 if invoice.status != "PENDING":
                     self._history.pop(invoice.id, None)
             for invoice_id in org.gone:
-                current.pop(invoice_id, None)
                 self._history.pop(invoice_id, None)
             for invoice_id, cents in org.observations:
                 self._history.setdefault(invoice_id, []).append((at, cents))
             self._orgs[org.org_id] = OrgState(org.org_id, at, at, None, None, len(current))
-        for transition in write.transitions:
+        for transition in transitions:
             state = transition.state
             if state.firing:
                 self._alerts[state.key] = state
@@ -708,7 +906,7 @@ class StateStore:
         return [i for org in self._snapshot.values() for i in org.values()]
 
 
-def _alert_row(state: AlertState) -> tuple[Any, ...]:
+def _alert_row(state: AlertState, last_event: str | None) -> tuple[Any, ...]:
     return (
         state.key,
         state.rule,
@@ -719,8 +917,12 @@ def _alert_row(state: AlertState) -> tuple[Any, ...]:
         state.firing_since.isoformat(),
         _ts(state.last_notified),
         _ts(state.resolved_at),
-        json.dumps(state.last_event.to_json()) if state.last_event else None,
+        last_event,
     )
+
+
+def _event_json(event: AlertEvent) -> str:
+    return json.dumps(event.to_json(), separators=(",", ":"))
 
 
 def _alert_from_row(row: Sequence[Any]) -> AlertState:

@@ -240,3 +240,117 @@ async def test_store_open_copy_reads_a_path_with_uri_characters(tmp_path):
         assert set(copy.snapshot(ORG_A)) == {inv(1).id}
     finally:
         await copy.close()
+
+
+# -- a cycle committed organization by organization -------------------------------------
+
+ROUTES = {"failed": ["slack", "email"]}
+
+
+async def test_store_held_messages_wait_for_the_end_of_their_cycle(tmp_path):
+    store = await StateStore.open(tmp_path / "state.db")
+    try:
+        number = store.begin_cycle()
+        await store.commit_orgs(
+            number, NOW, [OrgWrite(ORG_A, True, upserts=[inv(1)])], [firing("a")], ROUTES
+        )
+        # Committed: the snapshot and the alert are there, the messages are not due yet.
+        assert set(store.snapshot(ORG_A)) == {inv(1).id}
+        assert list(store.firing_alerts()) == ["a"]
+        assert await store.due_deliveries(NOW) == []
+        assert (await store.outbox_counts()) == {"held": 2}
+
+        await store.finish_cycle(
+            number,
+            NOW,
+            NOW,
+            [OrgWrite(ORG_B, True)],
+            [firing("b")],
+            ROUTES,
+            5,
+            orgs_ok=2,
+            orgs_failed=0,
+        )
+        due = await store.due_deliveries(NOW)
+        assert [(d.notifier, [e.key for e in d.events]) for d in due] == [
+            ("slack", ["a"]),
+            ("email", ["a"]),
+            ("slack", ["b"]),
+            ("email", ["b"]),
+        ]
+        assert store.org_state(ORG_B).last_success == NOW
+        assert await store.last_cycle() == (NOW, 2, 0)
+    finally:
+        await store.close()
+
+
+async def test_store_more_than_group_over_held_messages_go_as_one_grouped_message(tmp_path):
+    store = await StateStore.open(tmp_path / "state.db")
+    try:
+        number = store.begin_cycle()
+        for key in "abc":  # one transaction per organization's part
+            await store.commit_orgs(number, NOW, [], [firing(key)], {"failed": ["slack"]})
+        await store.commit_orgs(number, NOW, [], [firing("d")], ROUTES)
+        await store.finish_cycle(number, NOW, NOW, [], [], ROUTES, 3, orgs_ok=1, orgs_failed=0)
+        due = await store.due_deliveries(NOW)
+        # slack got 4 > 3: one message, in the order they were held; email got 1.
+        by_notifier = {d.notifier: [e.key for e in d.events] for d in due}
+        assert len(due) == 2
+        assert by_notifier == {"slack": ["a", "b", "c", "d"], "email": ["d"]}
+        grouped = next(d for d in due if d.notifier == "slack")
+        assert grouped.events == [event(k) for k in "abcd"]
+        rows = await store.outbox(("pending",))
+        assert sorted(r.summary for r in rows) == [
+            "4 alerts (grouped)",
+            "FIRING failed Production",
+        ]
+    finally:
+        await store.close()
+
+
+async def test_store_a_cycle_cut_short_keeps_its_parts_and_releases_their_messages(tmp_path):
+    """A crash between two organizations' transactions: what was committed is whole
+    (snapshot, alert and its messages), and its held messages are released when the
+    state file is next opened, grouped as the cycle would have grouped them."""
+    path = tmp_path / "state.db"
+    store = await StateStore.open(path)
+    number = store.begin_cycle()
+    await store.commit_orgs(
+        number,
+        NOW,
+        [OrgWrite(ORG_A, True, upserts=[inv(1)])],
+        [firing("a"), firing("b")],
+        {"failed": ["slack"]},
+    )
+    await store.close()  # the cycle never ends
+
+    again = await StateStore.open(path)
+    try:
+        assert set(again.snapshot(ORG_A)) == {inv(1).id}
+        assert set(again.firing_alerts()) == {"a", "b"}
+        assert await again.due_deliveries(NOW) == []
+        assert await again.release_held(1, NOW) == 2
+        due = await again.due_deliveries(NOW)
+        assert [[e.key for e in d.events] for d in due] == [["a", "b"]]
+        assert await again.release_held(1, NOW) == 0
+        # The next cycle's number is new, and its end releases only its own rows.
+        assert again.begin_cycle() >= 1
+    finally:
+        await again.close()
+
+
+async def test_store_a_failed_part_of_a_cycle_changes_nothing(tmp_path):
+    store = await StateStore.open(tmp_path / "state.db")
+    try:
+        number = store.begin_cycle()
+        await store.commit_orgs(number, NOW, [OrgWrite(ORG_A, True, upserts=[inv(1)])], [], ROUTES)
+        store._conn.execute("DROP TABLE alerts")  # the next transaction fails midway
+        with pytest.raises(StateError):
+            await store.commit_orgs(
+                number, NOW, [OrgWrite(ORG_B, True, upserts=[inv(2)])], [firing()], ROUTES
+            )
+        assert store.snapshot(ORG_B) == {}
+        assert store.firing_alerts() == {}
+        assert set(store.snapshot(ORG_A)) == {inv(1).id}
+    finally:
+        await store.close()
