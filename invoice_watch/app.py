@@ -16,19 +16,19 @@ import logging
 import random
 import sys
 import time
-from collections import ChainMap, defaultdict
-from collections.abc import Callable, Mapping
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime
 from datetime import time as dtime
-from typing import TextIO, cast
+from typing import TextIO
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
 from invoice_watch import sdnotify
 from invoice_watch.clock import Clock, SystemClock
-from invoice_watch.commit import CycleWrite, OrgState, OrgWrite, StateStore
+from invoice_watch.commit import OrgState, OrgWrite, StateStore
 from invoice_watch.config import Config
 from invoice_watch.constants import (
     FINAL_STATUSES,
@@ -36,7 +36,7 @@ from invoice_watch.constants import (
     ONCE_DELIVERY_SECONDS,
     SHUTDOWN_SECONDS,
 )
-from invoice_watch.dedup import Transition, pending_events, plan
+from invoice_watch.dedup import AlertState, Transition, plan_holding, plan_resolved
 from invoice_watch.deliver import Deliverer
 from invoice_watch.diff import diff
 from invoice_watch.errors import FetchError, StateError
@@ -129,13 +129,14 @@ def step_org(
         )
         return OrgStep(view, OrgWrite(org_id, ok=False, error=read.error), {})
     change = diff(old, read.invoices, listed_from=listed_from)
-    current = old  # read only; copied only when something changed
+    new: dict[str, Invoice] | None = None  # copied only when something changed
     if not change.empty:
-        current = dict(old)
+        new = dict(old)
         for invoice in change.changed:
-            current[invoice.id] = invoice
+            new[invoice.id] = invoice
         for invoice in change.gone:
-            del current[invoice.id]
+            del new[invoice.id]
+    current = old if new is None else new  # read only
     observations = [
         (i.id, i.amount_billed_cents)
         for i in change.changed
@@ -156,8 +157,77 @@ def step_org(
         upserts=change.changed,
         gone=[i.id for i in change.gone],
         observations=observations,
+        invoices=new,
     )
     return OrgStep(view, write, history)
+
+
+def _wants_breakdown(t: Transition) -> bool:
+    """A FIRING or REMINDER message about an invoice's amount, which says what is
+    behind it."""
+    event = t.event
+    return (
+        event is not None
+        and event.rule_type in BREAKDOWN_RULES
+        and event.kind in (EventKind.FIRING, EventKind.REMINDER)
+        and bool(event.invoice_id)
+    )
+
+
+def _update(states: dict[str, AlertState], transitions: list[Transition]) -> None:
+    for t in transitions:
+        if t.state.firing:
+            states[t.state.key] = t.state
+        else:
+            states.pop(t.state.key, None)
+
+
+class _Writer:
+    """Commits organizations' results as they come in, each batch in one transaction:
+    whatever arrived while the previous batch was being written (a group commit: as
+    few transactions as keep up with the reads). A failed batch stops the writer;
+    :meth:`flush` raises its error."""
+
+    def __init__(
+        self, commit: Callable[[list[OrgWrite], list[Transition]], Awaitable[None]]
+    ) -> None:
+        self._commit = commit
+        self._orgs: list[OrgWrite] = []
+        self._transitions: list[Transition] = []
+        self._task: asyncio.Task[None] | None = None
+        self._error: BaseException | None = None
+        self._closed = False
+
+    def add(self, write: OrgWrite, transitions: list[Transition]) -> None:
+        self._orgs.append(write)
+        self._transitions.extend(transitions)
+        if self._task is None and self._error is None and not self._closed:
+            self._task = asyncio.create_task(self._drain(), name="commit")
+
+    async def _drain(self) -> None:
+        try:
+            while self._orgs and not self._closed:
+                orgs, transitions = self._orgs, self._transitions
+                self._orgs, self._transitions = [], []
+                await self._commit(orgs, transitions)
+        except BaseException as exc:  # kept for flush(): nobody awaits this task
+            self._error = exc
+        finally:
+            self._task = None
+
+    def close(self) -> None:
+        """No new batch starts (the one being written completes)."""
+        self._closed = True
+
+    async def flush(self) -> None:
+        """Wait until everything added is committed; raise what a batch raised."""
+        while self._task is not None:
+            await asyncio.shield(self._task)
+        if self._error is not None:
+            raise self._error
+        if self._orgs and not self._closed:  # added while the last batch ended
+            self._task = asyncio.create_task(self._drain(), name="commit")
+            await self.flush()
 
 
 class App:
@@ -214,6 +284,12 @@ class App:
             store = await StateStore.open(config.state.path)
         self._store = store
         self._stack.push_async_callback(store.close)
+        if not self.dry_run:
+            # Messages of a cycle that a crash cut short (its organizations committed,
+            # its end not reached) go out now.
+            held = await store.release_held(config.delivery.group_over, self.clock.now())
+            if held:
+                log.info("released %d message(s) held by a cycle that did not end", held)
         self._client, self.notifiers = self._connect(config)
         self._deliverer = Deliverer(
             store,
@@ -306,21 +382,37 @@ class App:
         )
 
     async def _cycle(self, baseline: bool) -> CycleResult:
+        """One cycle, pipelined: each organization is diffed, evaluated, planned and
+        committed (in its own transaction, with the other organizations read by then) as
+        soon as its read is complete, while the others are still being read. What needs
+        the whole cycle comes last, in one transaction: alerts that resolved (no
+        organization holds them any more), the release of the cycle's held messages
+        (grouped above ``group_over``), and the organizations that changed nothing."""
         store, config = self.store, self.config
         started = self.clock.now()
         began = time.monotonic()
         org_ids = [org.id for org in config.organizations]
         from_dates = {org_id: incremental_from(store.snapshot(org_id)) for org_id in org_ids}
-        reads = await self.client.read_orgs(
-            org_ids, from_dates, {org_id: store.snapshot(org_id) for org_id in org_ids}
+        routes = {rule.name: list(rule.notify) for rule in config.rules}
+        cycle = store.begin_cycle()
+        writer = _Writer(
+            lambda orgs, ts: store.commit_orgs(cycle, self.clock.now(), orgs, ts, routes)
         )
-        now = self.clock.now()
-
-        views: list[OrgView] = []
-        writes: list[OrgWrite] = []
-        history: dict[str, History] = {}
+        # The alert states as this cycle changes them, organization after organization
+        # (so that an invoice two configured organizations list fires once).
+        states = store.firing_alerts()
+        held: set[str] = set()
+        evaluated: set[tuple[str, str]] = set()
+        invoices_of: dict[str, Mapping[str, Invoice]] = {}
+        unchanged: list[OrgWrite] = []  # written with the last transaction
+        later: list[tuple[OrgWrite, list[Transition], dict[str, AlertState | None]]] = []
+        events: list[AlertEvent] = []
         changes = 0
-        for org_id, read in reads.items():
+
+        async def take(read: OrgRead) -> None:
+            nonlocal changes
+            org_id = read.org_id
+            now = self.clock.now()
             from_date = from_dates[org_id]
             step = step_org(
                 read,
@@ -330,54 +422,96 @@ class App:
                 now,
                 listed_from=datetime.combine(from_date, dtime(), UTC) if from_date else None,
             )
-            views.append(step.view)
-            writes.append(step.write)
-            history.update(step.history)
-            change = step.view.diff
-            if change is None:
-                log.warning("%s: %s", config.org_name(org_id), read.error)
-                continue
-            changes += len(change.changed) + len(change.gone)
-            for invoice in (*change.added, *(c.new for c in change.status_changed)):
-                if invoice.status not in INVOICE_STATUSES:  # said once, when it appears
-                    log.warning(
-                        "%s: invoice %s has status %r, which invoice-watch does not know: "
-                        "it is kept, and no rule can match it",
-                        config.org_name(invoice.org_id),
-                        invoice.id,
-                        invoice.status,
-                    )
+            invoices_of[org_id] = step.view.invoices
+            self._log_read(step.view)
+            if step.view.diff is not None:
+                changes += len(step.view.diff.changed) + len(step.view.diff.gone)
+            evaluation = evaluate(config.rules, [step.view], step.history, now)
+            held.update(evaluation.holding)
+            evaluated.update(evaluation.evaluated)
+            transitions = plan_holding(config, evaluation, states, now, baseline=baseline)
+            previous = {t.state.key: states.get(t.state.key) for t in transitions}
+            _update(states, transitions)  # the next organization sees them
+            if any(_wants_breakdown(t) for t in transitions):
+                # Line items are fetched once every listing is read (never competing
+                # with a listing for Atlas's rate limit); this org is committed then.
+                later.append((step.write, transitions, previous))
+            elif transitions or step.write.changes_snapshot or not step.write.ok:
+                writer.add(step.write, transitions)
+                events.extend(t.event for t in transitions if t.event is not None)
+            else:
+                unchanged.append(step.write)
 
-        evaluation = evaluate(config.rules, views, history, now)
-        # Every invoice by id, without copying them all into one dict (as in a dict
-        # built from the views in order, a later view wins). Only read, so the views'
-        # read-only mappings will do.
-        invoices_now: Mapping[str, Invoice] = ChainMap(
-            *(cast(dict[str, Invoice], view.invoices) for view in reversed(views))
-        )
-        transitions = plan(
-            config, evaluation, store.firing_alerts(), invoices_now, now, baseline=baseline
-        )
-        transitions = await self._add_breakdowns(transitions)
-        events = pending_events(transitions)
-        routes = {rule.name: list(rule.notify) for rule in config.rules}
-        messages = group_messages(events, routes, config.delivery.group_over)
-        finished = self.clock.now()
-        result = CycleResult(
-            started,
-            finished,
-            reads,
-            events,
-            messages,
-            invoices=len(invoices_now),
-            changes=changes,
-        )
-        if self.dry_run:
-            self._print_dry_run(result)
-        write = CycleWrite(started, finished, writes, transitions, messages)
-        # Shielded: once the transaction has begun it completes even if the daemon is
-        # told to stop; it is atomic either way.
-        await asyncio.shield(store.commit_cycle(write))
+        try:
+            reads = await self.client.read_orgs(
+                org_ids,
+                from_dates,
+                {org_id: store.snapshot(org_id) for org_id in org_ids},
+                on_read=take,
+            )
+            if later:
+                combined = await self._add_breakdowns(
+                    [t for _, transitions, _ in later for t in transitions],
+                    {k: v for _, _, previous in later for k, v in previous.items()},
+                )
+                done = iter(combined)
+                for write, transitions, _ in later:
+                    mine = [next(done) for _ in transitions]
+                    _update(states, mine)
+                    writer.add(write, mine)
+                    events.extend(t.event for t in mine if t.event is not None)
+            await writer.flush()
+            now = self.clock.now()
+            resolved = plan_resolved(
+                config,
+                states,
+                held,
+                evaluated,
+                lambda s: invoices_of.get(s.source_org_id, {}).get(s.invoice_id or ""),
+                now,
+                baseline=baseline,
+            )
+            events.extend(t.event for t in resolved if t.event is not None)
+            messages = group_messages(events, routes, config.delivery.group_over)
+            finished = self.clock.now()
+            result = CycleResult(
+                started,
+                finished,
+                reads,
+                events,
+                messages,
+                invoices=sum(len(invoices) for invoices in invoices_of.values()),
+                changes=changes,
+            )
+            if self.dry_run:
+                self._print_dry_run(result)
+            failed = sum(1 for read in reads.values() if not read.ok)
+            # Shielded: once the transaction has begun it completes even if the daemon is
+            # told to stop; it is atomic either way.
+            await asyncio.shield(
+                store.finish_cycle(
+                    cycle,
+                    started,
+                    finished,
+                    unchanged,
+                    resolved,
+                    routes,
+                    config.delivery.group_over,
+                    orgs_ok=len(reads) - failed,
+                    orgs_failed=failed,
+                )
+            )
+        except BaseException:
+            # What was committed stays (organization by organization, it is whole);
+            # its held messages go out now, or when the state file is next opened.
+            writer.close()
+            with contextlib.suppress(Exception):
+                await asyncio.shield(writer.flush())
+            with contextlib.suppress(Exception):
+                await asyncio.shield(
+                    store.release_held(config.delivery.group_over, self.clock.now())
+                )
+            raise
         log.info(
             "cycle: %d orgs read, %d failed, %d invoices, %d changes, %d events, "
             "%d messages, %.2fs",
@@ -391,21 +525,32 @@ class App:
         )
         return result
 
-    async def _add_breakdowns(self, transitions: list[Transition]) -> list[Transition]:
+    def _log_read(self, view: OrgView) -> None:
+        change = view.diff
+        if change is None:
+            log.warning("%s: %s", self.config.org_name(view.org_id), view.error)
+            return
+        for invoice in (*change.added, *(c.new for c in change.status_changed)):
+            if invoice.status not in INVOICE_STATUSES:  # said once, when it appears
+                log.warning(
+                    "%s: invoice %s has status %r, which invoice-watch does not know: "
+                    "it is kept, and no rule can match it",
+                    self.config.org_name(invoice.org_id),
+                    invoice.id,
+                    invoice.status,
+                )
+
+    async def _add_breakdowns(
+        self, transitions: list[Transition], previous: Mapping[str, AlertState | None]
+    ) -> list[Transition]:
         """Attach the top projects and SKUs to FIRING/REMINDER messages about amounts.
 
         Line items come from the pending endpoint, fetched only here (never every cycle),
         once per organization, all organizations concurrently. A failure to fetch them
-        costs the breakdown, never the message.
+        costs the breakdown, never the message. ``previous``: the alerts' states before
+        these transitions (a reminder says how the breakdown moved since).
         """
-        wanted = [
-            t
-            for t in transitions
-            if t.event is not None
-            and t.event.rule_type in BREAKDOWN_RULES
-            and t.event.kind in (EventKind.FIRING, EventKind.REMINDER)
-            and t.event.invoice_id
-        ]
+        wanted = [t for t in transitions if _wants_breakdown(t)]
         if not wanted:
             return transitions
         wanted_ids = {id(t) for t in wanted}
@@ -425,7 +570,6 @@ class App:
         items: dict[str, list[LineItem]] = {}
         for fetch in fetches:
             items.update(fetch.result())
-        previous = self.store.firing_alerts()
         out = []
         for t in transitions:
             event = t.event

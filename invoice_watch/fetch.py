@@ -474,8 +474,12 @@ class AtlasClient:
         org_ids: Sequence[str],
         from_dates: Mapping[str, date | None] | None = None,
         known: Mapping[str, Mapping[str, Invoice]] | None = None,
+        on_read: Callable[[OrgRead], Awaitable[None]] | None = None,
     ) -> dict[str, OrgRead]:
         """Read every organization concurrently; one failing never blocks the others.
+
+        ``on_read`` is awaited with each organization's read as soon as it is complete,
+        while the others are still being read (it must not raise).
 
         With Digest keys the first request goes alone again: the nonce of the last
         cycle may have gone stale since, and only one request should learn it.
@@ -487,7 +491,11 @@ class AtlasClient:
             self._authenticated = False
 
         async def one(org_id: str) -> None:
-            reads[org_id] = await self.read_org(org_id, from_dates.get(org_id), known.get(org_id))
+            read = reads[org_id] = await self.read_org(
+                org_id, from_dates.get(org_id), known.get(org_id)
+            )
+            if on_read is not None:
+                await on_read(read)
 
         async with asyncio.TaskGroup() as group:
             for org_id in org_ids:

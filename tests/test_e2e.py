@@ -19,7 +19,7 @@ import pytest
 
 from invoice_watch.app import App
 from invoice_watch.config import Config
-from tests.world import PROD, World
+from tests.world import ANALYTICS, PROD, World
 
 
 async def check_full_lifecycle(world: World, config: Config) -> None:
@@ -237,3 +237,75 @@ async def test_e2e_cli_bad_config_exits_2_with_located_errors(tmp_path: Path):
     assert proc.returncode == 2
     assert f"{path}:1:" in err.decode()
     assert b"Traceback" not in err
+
+
+async def test_e2e_an_invoice_two_configured_orgs_list_fires_once(tmp_path, smtp_server):
+    """Analytics is billed through Production: its FAILED invoice is in both listings.
+    Organizations are processed one by one as their reads end, and still one alert
+    fires, and one resolves."""
+    from invoice_watch.simulator import Simulator
+    from invoice_watch.simulator.scenario import Scenario
+    from tests.fakes_slack import FakeSlack
+    from tests.fakes_smtp import Sink
+
+    linked = Scenario()
+    linked.add_org("Production", id=PROD)
+    linked.add_org("Analytics", id=ANALYTICS, linked_to="Production")
+    linked.add_invoice("Production", period=-1, status="PAID", amount_cents=900_00)
+    linked.add_invoice("Analytics", period=-1, status="FAILED", amount_cents=120_00, name="bad")
+    sink = Sink()
+    port = await smtp_server(sink)
+    async with Simulator(linked) as sim, FakeSlack() as slack:
+        world = World(sim, slack, sink, port, tmp_path)
+        config = world.config()
+        assert await world.run_once(config) == 0
+        assert world.kinds() == [("FIRING", "failed-charge")]
+        bad = sim.scenario.invoice("bad").id
+        assert await world.run_once(config) == 0
+        assert world.kinds() == [("FIRING", "failed-charge")]
+        sim.set_status(bad, "PAID")
+        assert await world.run_once(config) == 0
+        assert world.kinds() == [("FIRING", "failed-charge"), ("RESOLVED", "failed-charge")]
+
+
+async def test_e2e_a_cycle_cut_short_still_delivers_what_it_committed(world: World):
+    """Production is read and committed; Analytics hangs; the cycle is cancelled (a stop
+    that could not wait). Production's messages, held until the cycle's end, go out
+    anyway, once; Analytics is read by the next run."""
+    rules = [{"name": "failed-charge", "type": "invoice_status", "notify": ["slack", "mail"]}]
+    config = world.config(rules=rules)
+    world.sim.faults.hang(org_id=ANALYTICS, path="/api/atlas/v2/orgs/*/invoices")
+    async with App(config, clock=world.clock) as app:
+        cycle = asyncio.create_task(app.run_cycle())
+        for _ in range(500):  # until Production's part is committed (real time, <5 s)
+            if app.store.firing_alerts():
+                break
+            await asyncio.sleep(0.01)
+        assert len(app.store.firing_alerts()) == 1
+        assert (await app.store.outbox_counts()) == {"held": 2}
+        cycle.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cycle
+        assert (await app.store.outbox_counts()) == {"pending": 2}
+        assert await app.deliverer.drain(10) == 0
+    assert world.kinds() == [("FIRING", "failed-charge")]
+    assert len(world.sink.envelopes) == 1
+    assert await world.run_once(config) == 0
+    assert len(world.slack.accepted) == 1
+    async with App(config, clock=world.clock) as app:
+        assert app.store.org_state(ANALYTICS).last_success is not None
+
+
+async def test_e2e_messages_held_by_a_crashed_cycle_go_out_at_the_next_start(world: World):
+    from invoice_watch.commit import StateStore
+    from tests.test_commit import firing
+
+    config = world.config()
+    # What a crash between two organizations' transactions leaves behind.
+    store = await StateStore.open(config.state.path)
+    await store.commit_orgs(
+        store.begin_cycle(), world.clock.now(), [], [firing()], {"failed": ["slack"]}
+    )
+    await store.close()
+    async with App(config, clock=world.clock) as app:
+        assert (await app.store.outbox_counts()) == {"pending": 1}
