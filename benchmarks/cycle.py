@@ -71,6 +71,15 @@ LATENCY = 0.020
 CONCURRENCY = 4  # atlas.max_concurrency, the default
 # What turns a page body into invoices (in invoice_watch.fetch), timed as "parse".
 PARSE = "parse_page"
+# What diffs, evaluates, plans and groups (in invoice_watch.app), timed with it.
+WORK = (
+    "incremental_from",
+    "step_org",
+    "evaluate",
+    "plan_holding",
+    "plan_resolved",
+    "group_messages",
+)
 CYCLES = ("cold", "2nd", "steady")
 RULES: list[dict[str, Any]] = [
     {"name": "failed-charge", "type": "invoice_status"},
@@ -232,8 +241,7 @@ class CycleFigures:
     pages: int = 0
     challenges: int = 0
     cpu_cycle: float = 0.0
-    cpu_parse: float = 0.0
-    cpu_after_fetch: float = 0.0
+    cpu_work: float = 0.0  # parse + diff + rules + commit
     rss_start_mb: float = 0.0  # after imports, before the App opens
     rss_peak_mb: float = 0.0
     replay: list[tuple[str, list[tuple[str, str]]]] = field(default_factory=list)
@@ -289,24 +297,61 @@ def _rss_mb() -> float:
 
 
 class _Timed:
-    """Counts the CPU seconds spent in ``module.name`` until undone."""
+    """Counts the CPU seconds spent in ``owner.name`` until undone: the CPU time of the
+    thread that runs it (the cycle's work runs in the event loop's thread, its SQLite
+    transactions in a worker thread, both at once), so nothing is counted twice."""
 
-    def __init__(self, module: Any, name: str) -> None:
+    def __init__(self, owner: Any, name: str) -> None:
         self.cpu = 0.0
-        self._module, self._name = module, name
-        self._original: Callable[..., Any] = getattr(module, name)
+        self._owner, self._name = owner, name
+        self._original: Callable[..., Any] = getattr(owner, name)
 
         def timed(*args: Any, **kwargs: Any) -> Any:
-            start = time.process_time()
+            start = time.thread_time()
             try:
                 return self._original(*args, **kwargs)
             finally:
-                self.cpu += time.process_time() - start
+                self.cpu += time.thread_time() - start
 
-        setattr(module, name, timed)
+        setattr(owner, name, timed)
 
     def undo(self) -> None:
-        setattr(self._module, self._name, self._original)
+        setattr(self._owner, self._name, self._original)
+
+
+class _TimedStore(_Timed):
+    """Counts the CPU seconds of the functions ``StateStore._run`` runs in its thread
+    (every SQLite transaction of the cycle)."""
+
+    def __init__(self, store_class: Any) -> None:
+        self.cpu = 0.0
+        self._owner, self._name = store_class, "_run"
+        original = self._original = store_class._run
+
+        async def run(store: Any, fn: Callable[[], Any]) -> Any:
+            def timed() -> Any:
+                start = time.thread_time()
+                try:
+                    return fn()
+                finally:
+                    self.cpu += time.thread_time() - start
+
+            return await original(store, timed)
+
+        store_class._run = run
+
+
+def _time_work() -> list[_Timed]:
+    """Timers around the parse + diff + rules + commit part of a cycle: parsing pages,
+    each organization's step (diff), rules and alert planning, grouping, and the
+    state file's transactions and caches."""
+    from invoice_watch import app, fetch
+    from invoice_watch.commit import StateStore
+
+    timers = [_Timed(fetch, PARSE), _TimedStore(StateStore), _Timed(StateStore, "_apply")]
+    for name in WORK:
+        timers.append(_Timed(app, name))
+    return timers
 
 
 class _EndOf:
@@ -339,7 +384,6 @@ async def run_cycles(
 ) -> list[CycleFigures]:
     """Run one cycle per label on one App; ``sim`` is reset before each when given (else
     the caller does it)."""
-    from invoice_watch import fetch
     from invoice_watch.app import App
     from invoice_watch.config import load
 
@@ -351,7 +395,7 @@ async def run_cycles(
             figures = CycleFigures(label, rss_start_mb=rss_start)
             if sim is not None:
                 await sim.acall("reset")
-            parse, fetched = _Timed(fetch, PARSE), _EndOf(app.client, "read_orgs")
+            timers, fetched = _time_work(), _EndOf(app.client, "read_orgs")
             profiler = _start_profile() if profile else None
             cpu0, wall0 = time.process_time(), time.perf_counter()
             result = await app.run_cycle()
@@ -359,12 +403,12 @@ async def run_cycles(
             figures.cpu_cycle = time.process_time() - cpu0
             if profiler is not None:
                 _stop_profile(profiler, label)
-            parse.undo()
+            for timer in timers:
+                timer.undo()
             fetched.undo()
             assert not result.orgs_failed, result.orgs_failed
             figures.fetch_wall = fetched.wall - wall0
-            figures.cpu_parse = parse.cpu
-            figures.cpu_after_fetch = cpu0 + figures.cpu_cycle - fetched.cpu
+            figures.cpu_work = sum(timer.cpu for timer in timers)
             figures.invoices = len(app.store.all_invoices())
             figures.rss_peak_mb = _rss_mb()
             if sim is not None:
@@ -574,7 +618,7 @@ def report_lines(figures: CaseFigures) -> list[str]:
             f"{c.sim_cpu:.2f}",
             f"{c.requests}/{c.pages} = {c.requests / c.pages:.3f} ({c.challenges})",
             f"{c.per_100k(c.cpu_cycle):.2f}",
-            f"{c.per_100k(c.cpu_parse + c.cpu_after_fetch):.2f}",
+            f"{c.per_100k(c.cpu_work):.2f}",
             f"{c.rss_peak_mb:.0f} ({c.rss_start_mb:.0f})",
             f"{peer:.2f}" if peer is not None else "-",
             f"{peer / c.wall:.1f}x" if peer is not None else "-",
