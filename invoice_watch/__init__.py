@@ -6,8 +6,9 @@ One poll cycle is a pipeline, one module a stage::
 
 ``fetch`` lists invoices through the Atlas Administration API, ``diff`` compares them
 with the SQLite snapshot, ``rules`` evaluates the configured conditions, ``dedup``
-decides which alert events to send, ``commit`` writes snapshot, alert state and outbox
-in one transaction, and ``deliver`` sends the outbox through the ``notify`` notifiers.
+decides which alert events to send, ``commit`` writes an organization's snapshot, alert
+state and outbox rows in one transaction (each organization as soon as it is read), and
+``deliver`` sends the outbox through the ``notify`` notifiers.
 ``app`` schedules the cycle; ``cli`` is the command line.
 """
 

@@ -1,11 +1,13 @@
 """The application: one poll cycle through every stage, and the daemon around it.
 
-:meth:`App.run_cycle` is the pipeline (fetch -> diff -> rules -> dedup -> commit, then
-wake delivery). :meth:`App.serve` is the daemon: APScheduler runs the cycle on its
-interval (first one at start), the deliverer runs as its own task, and a stop event
-(set by the CLI on SIGTERM/SIGINT) ends it gracefully: no new cycle starts, the cycle in
-flight finishes (or is rolled back when it cannot finish in time), then everything
-closes in reverse order. Signals are the CLI's business, so tests embed the App.
+:meth:`App.run_cycle` is the pipeline (fetch -> diff -> rules -> dedup -> commit, each
+organization as soon as it is read; then wake delivery). :meth:`App.serve` is the
+daemon: APScheduler runs the cycle on its interval (first one at start), the deliverer
+runs as its own task, and a stop event (set by the CLI on SIGTERM/SIGINT) ends it
+gracefully: no new cycle starts, the cycle in flight finishes (or stops where it is when
+it cannot finish in time: the organizations it committed stay committed), then
+everything closes in reverse order. Signals are the CLI's business, so tests embed the
+App.
 """
 
 from __future__ import annotations
@@ -747,6 +749,10 @@ class App:
             return
         _, pending = await asyncio.wait({task}, timeout=budget)
         if pending:
-            log.warning("the cycle in flight did not finish in %.0fs: rolled back", budget)
+            log.warning(
+                "the cycle in flight did not finish in %.0fs: stopped; the organizations it "
+                "had not committed are read by the next cycle",
+                budget,
+            )
             task.cancel()
             await asyncio.wait({task}, timeout=2)

@@ -1,11 +1,13 @@
 """Stage 5, commit: the SQLite state file.
 
 Owns the snapshot of invoices, the history of pending amounts, the per-organization read
-state, the alert state and the outbox of notifications. A cycle's snapshot update,
-alert-state changes and the notifications they cause are written in ONE transaction
-(:meth:`StateStore.commit_cycle`); delivery reads the outbox afterwards. WAL mode,
-``synchronous=FULL``, versioned migrations, file mode 0600, and an exclusive lock so
-that one daemon owns one file.
+state, the alert state and the outbox of notifications. An organization's snapshot
+update, its alert-state changes and the notifications they cause are written in ONE
+transaction (:meth:`StateStore.commit_orgs`, as soon as the cycle has read it; the
+notifications are held until the cycle ends, :meth:`StateStore.finish_cycle`);
+delivery reads the outbox afterwards. :meth:`StateStore.commit_cycle` writes a whole
+cycle at once. WAL mode, ``synchronous=FULL``, versioned migrations, file mode 0600,
+and an exclusive lock so that one daemon owns one file.
 
 stdlib ``sqlite3`` with one connection, called through ``asyncio.to_thread`` behind a
 lock. What the poll cycle reads (snapshot, history, firing alerts) is cached in memory
@@ -453,7 +455,7 @@ class StateStore:
     def firing_alerts(self) -> dict[str, AlertState]:
         return dict(self._alerts)
 
-    # -- the cycle's one transaction -------------------------------------------------
+    # -- a cycle in one transaction -------------------------------------------------
 
     async def commit_cycle(self, write: CycleWrite) -> list[int]:
         """Write snapshot, alert state and outbox in one transaction; return outbox ids.
