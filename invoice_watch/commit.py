@@ -115,6 +115,35 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE outbox ADD COLUMN cycle INTEGER;
     """,
+    # 3: an invoice is kept once per configured organization that lists it (a linked
+    # organization's invoice is in its own listing and in its payer's)
+    """
+    CREATE TABLE invoices_v3 (
+        id TEXT NOT NULL,
+        org_id TEXT NOT NULL,
+        source_org_id TEXT NOT NULL,
+        status TEXT NOT NULL,
+        start_date TEXT NOT NULL,
+        end_date TEXT NOT NULL,
+        amount_billed_cents INTEGER NOT NULL,
+        amount_paid_cents INTEGER NOT NULL,
+        credits_cents INTEGER NOT NULL,
+        sales_tax_cents INTEGER NOT NULL,
+        starting_balance_cents INTEGER NOT NULL,
+        subtotal_cents INTEGER NOT NULL,
+        created TEXT,
+        updated TEXT,
+        first_seen TEXT NOT NULL,
+        last_changed TEXT NOT NULL,
+        PRIMARY KEY (source_org_id, id)
+    );
+    INSERT INTO invoices_v3 SELECT id, org_id, source_org_id, status, start_date,
+        end_date, amount_billed_cents, amount_paid_cents, credits_cents, sales_tax_cents,
+        starting_balance_cents, subtotal_cents, created, updated, first_seen, last_changed
+        FROM invoices;
+    DROP TABLE invoices;
+    ALTER TABLE invoices_v3 RENAME TO invoices;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 _OUR_TABLES = {"invoices", "amount_history", "orgs", "alerts", "outbox", "cycles"}
@@ -655,8 +684,8 @@ class StateStore:
                 conn.executemany(
                     f"INSERT INTO invoices ({_INVOICE_COLUMNS}, first_seen, last_changed) "
                     "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
-                    "ON CONFLICT (id) DO UPDATE SET org_id=excluded.org_id, "
-                    "source_org_id=excluded.source_org_id, status=excluded.status, "
+                    "ON CONFLICT (source_org_id, id) DO UPDATE SET org_id=excluded.org_id, "
+                    "status=excluded.status, "
                     "start_date=excluded.start_date, end_date=excluded.end_date, "
                     "amount_billed_cents=excluded.amount_billed_cents, "
                     "amount_paid_cents=excluded.amount_paid_cents, "
@@ -672,9 +701,13 @@ class StateStore:
                 ]
                 conn.executemany("DELETE FROM amount_history WHERE invoice_id=?", finished)
             if org.gone:
-                conn.executemany("DELETE FROM invoices WHERE id=?", [(g,) for g in org.gone])
                 conn.executemany(
-                    "DELETE FROM amount_history WHERE invoice_id=?", [(g,) for g in org.gone]
+                    "DELETE FROM invoices WHERE source_org_id=? AND id=?",
+                    [(org.org_id, g) for g in org.gone],
+                )
+                conn.executemany(
+                    "DELETE FROM amount_history WHERE invoice_id=?",
+                    [(g,) for g in org.gone if not self._listed_elsewhere(org.org_id, g)],
                 )
             conn.executemany(
                 "INSERT OR REPLACE INTO amount_history VALUES (?,?,?)",
@@ -694,6 +727,14 @@ class StateStore:
                 "invoice_count=excluded.invoice_count",
                 (org.org_id, now, now, count),
             )
+
+    def _listed_elsewhere(self, org_id: str, invoice_id: str) -> bool:
+        """Whether another configured organization still lists the invoice (a linked
+        invoice, in its payer's listing too): its amount history is theirs as well."""
+        assert self._snapshot is not None
+        return any(
+            invoice_id in invoices for other, invoices in self._snapshot.items() if other != org_id
+        )
 
     @staticmethod
     def _write_alerts(
@@ -769,7 +810,8 @@ class StateStore:
                 if invoice.status != "PENDING":
                     self._history.pop(invoice.id, None)
             for invoice_id in org.gone:
-                self._history.pop(invoice_id, None)
+                if not self._listed_elsewhere(org.org_id, invoice_id):
+                    self._history.pop(invoice_id, None)
             for invoice_id, cents in org.observations:
                 self._history.setdefault(invoice_id, []).append((at, cents))
             self._orgs[org.org_id] = OrgState(org.org_id, at, at, None, None, len(current))

@@ -112,9 +112,11 @@ async def invoices(
     out = out or sys.stdout
     store = await _open(config)
     try:
+        # An invoice two configured organizations list (a linked one) is shown once.
+        unique = {i.id: i for i in store.all_invoices()}
         selected = [
             i
-            for i in store.all_invoices()
+            for i in unique.values()
             if (org is None or i.org_id == org) and (status is None or i.status == status.upper())
         ]
         selected.sort(key=lambda i: (config.org_name(i.org_id), i.start_date), reverse=True)

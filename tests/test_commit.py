@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import stat
+from dataclasses import replace
 from datetime import timedelta
 
 import pytest
@@ -352,5 +354,68 @@ async def test_store_a_failed_part_of_a_cycle_changes_nothing(tmp_path):
         assert store.snapshot(ORG_B) == {}
         assert store.firing_alerts() == {}
         assert set(store.snapshot(ORG_A)) == {inv(1).id}
+    finally:
+        await store.close()
+
+
+async def test_store_a_schema_1_file_is_migrated_with_everything_in_it(tmp_path):
+    """A state file written by the first schema (invoices keyed by id alone, no outbox
+    cycle) opens with its invoices, alerts and pending messages intact."""
+    from invoice_watch.commit import MIGRATIONS
+
+    path = tmp_path / "state.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(MIGRATIONS[0])
+    conn.execute(
+        "INSERT INTO invoices VALUES (?,?,?,'FAILED','2026-10-01T00:00:00+00:00',"
+        "'2026-11-01T00:00:00+00:00',500,0,0,0,0,500,NULL,NULL,'x','x')",
+        (inv(1).id, ORG_A, ORG_A),
+    )
+    conn.execute(
+        "INSERT INTO outbox (notifier, events, summary, created_at, next_attempt_at) "
+        "VALUES ('slack', ?, 's', ?, ?)",
+        (f"[{json.dumps(event().to_json())}]", NOW.isoformat(), NOW.isoformat()),
+    )
+    conn.execute("PRAGMA user_version=1")
+    conn.commit()
+    conn.close()
+
+    store = await StateStore.open(path)
+    try:
+        assert store.snapshot(ORG_A)[inv(1).id].status == "FAILED"
+        assert [d.events for d in await store.due_deliveries(NOW)] == [[event()]]
+    finally:
+        await store.close()
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    conn.close()
+
+
+async def test_store_keeps_an_invoice_once_per_organization_that_lists_it(tmp_path):
+    """A linked invoice is in its own organization's listing and in its payer's: each
+    keeps it, across a restart, and one forgetting it leaves the other's (and its
+    amount history) alone."""
+    path = tmp_path / "state.db"
+    linked = inv(1, status="PENDING")
+    store = await StateStore.open(path)
+    await store.commit_cycle(
+        cycle(
+            OrgWrite(ORG_A, True, upserts=[linked], observations=[(linked.id, 100)]),
+            OrgWrite(ORG_B, True, upserts=[replace(linked, source_org_id=ORG_B)]),
+        )
+    )
+    await store.close()
+    store = await StateStore.open(path)
+    try:
+        assert linked.id in store.snapshot(ORG_A) and linked.id in store.snapshot(ORG_B)
+        await store.commit_cycle(cycle(OrgWrite(ORG_B, True, gone=[linked.id])))
+        assert store.snapshot(ORG_B) == {} and linked.id in store.snapshot(ORG_A)
+        assert store.history(linked.id) == [(NOW, 100)]
+    finally:
+        await store.close()
+    store = await StateStore.open(path)
+    try:
+        assert store.snapshot(ORG_B) == {} and linked.id in store.snapshot(ORG_A)
+        assert store.history(linked.id) == [(NOW, 100)]
     finally:
         await store.close()

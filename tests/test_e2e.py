@@ -242,7 +242,8 @@ async def test_e2e_cli_bad_config_exits_2_with_located_errors(tmp_path: Path):
 async def test_e2e_an_invoice_two_configured_orgs_list_fires_once(tmp_path, smtp_server):
     """Analytics is billed through Production: its FAILED invoice is in both listings.
     Organizations are processed one by one as their reads end, and still one alert
-    fires, and one resolves."""
+    fires, and one resolves; the state file keeps the invoice for each of them (it
+    used to keep it for one, so every run found it "new" for the other)."""
     from invoice_watch.simulator import Simulator
     from invoice_watch.simulator.scenario import Scenario
     from tests.fakes_slack import FakeSlack
@@ -261,6 +262,8 @@ async def test_e2e_an_invoice_two_configured_orgs_list_fires_once(tmp_path, smtp
         assert await world.run_once(config) == 0
         assert world.kinds() == [("FIRING", "failed-charge")]
         bad = sim.scenario.invoice("bad").id
+        async with App(config, clock=world.clock) as app:  # kept under both, once each
+            assert bad in app.store.snapshot(PROD) and bad in app.store.snapshot(ANALYTICS)
         assert await world.run_once(config) == 0
         assert world.kinds() == [("FIRING", "failed-charge")]
         sim.set_status(bad, "PAID")
