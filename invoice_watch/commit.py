@@ -144,7 +144,15 @@ MIGRATIONS: tuple[str, ...] = (
     DROP TABLE invoices;
     ALTER TABLE invoices_v3 RENAME TO invoices;
     """,
+    # 4: a grouped message is its events' rows, led by the first one (``grp`` = the
+    # leader's id): grouping a burst rewrites nothing
+    """
+    ALTER TABLE outbox ADD COLUMN grp INTEGER;
+    CREATE INDEX outbox_group ON outbox (grp) WHERE grp IS NOT NULL;
+    """,
 )
+# A row that is a message of its own, or leads a group (the others follow it).
+_MESSAGE = "(grp IS NULL OR grp = id)"
 SCHEMA_VERSION = len(MIGRATIONS)
 _OUR_TABLES = {"invoices", "amount_history", "orgs", "alerts", "outbox", "cycles"}
 
@@ -629,13 +637,14 @@ class StateStore:
     ) -> int:
         """Release held rows (of every cycle; ``cycle``'s own count is returned, or all
         of them). More than ``group_over`` of one cycle for one notifier become one
-        grouped message, their events in the order they were held."""
+        grouped message: the first row leads it (its summary says so), the others follow
+        (``grp``), and they are sent, retried and marked together, in order."""
         counted = 0
         groups = conn.execute(
-            "SELECT cycle, notifier, COUNT(*) FROM outbox WHERE state='held' "
-            "GROUP BY cycle, notifier ORDER BY MIN(id)"
+            "SELECT cycle, notifier, COUNT(*), MIN(id) FROM outbox WHERE state='held' "
+            "GROUP BY cycle, notifier"
         ).fetchall()
-        for held_by, notifier, count in groups:
+        for held_by, notifier, count, leader in groups:
             if cycle is None or held_by == cycle:
                 counted += count
             where = "state='held' AND cycle IS ? AND notifier=?"
@@ -644,17 +653,12 @@ class StateStore:
                     f"UPDATE outbox SET state='pending' WHERE {where}", (held_by, notifier)
                 )
                 continue
-            parts = [
-                row[0][1:-1]
-                for row in conn.execute(
-                    f"SELECT events FROM outbox WHERE {where} ORDER BY id", (held_by, notifier)
-                )
-            ]
-            conn.execute(f"DELETE FROM outbox WHERE {where}", (held_by, notifier))
             conn.execute(
-                "INSERT INTO outbox (notifier, events, summary, created_at, next_attempt_at, "
-                "cycle) VALUES (?,?,?,?,?,?)",
-                (notifier, f"[{','.join(parts)}]", f"{count} alerts (grouped)", now, now, held_by),
+                f"UPDATE outbox SET state='pending', grp=?, next_attempt_at=? WHERE {where}",
+                (leader, now, held_by, notifier),
+            )
+            conn.execute(
+                "UPDATE outbox SET summary=? WHERE id=?", (f"{count} alerts (grouped)", leader)
             )
         return counted
 
@@ -826,16 +830,25 @@ class StateStore:
 
     async def due_deliveries(self, now: datetime, limit: int = 100) -> list[Delivery]:
         def query() -> list[Delivery]:
-            rows = self._conn.execute(
-                "SELECT id, notifier, events, created_at, attempts FROM outbox "
-                "WHERE state='pending' AND next_attempt_at <= ? ORDER BY id LIMIT ?",
+            conn = self._conn
+            rows = conn.execute(
+                "SELECT id, notifier, events, created_at, attempts, grp FROM outbox "
+                f"WHERE state='pending' AND next_attempt_at <= ? AND {_MESSAGE} "
+                "ORDER BY id LIMIT ?",
                 (now.isoformat(), limit),
             ).fetchall()
             out = []
             for row in rows:
                 created = _dt(row[3])
                 assert created is not None
-                out.append(Delivery(row[0], row[1], events_from_json(row[2]), created, row[4]))
+                events = events_from_json(row[2])
+                if row[5] is not None:  # a group: its leader's events, then the others'
+                    for (more,) in conn.execute(
+                        "SELECT events FROM outbox WHERE grp=? AND id!=? ORDER BY id",
+                        (row[0], row[0]),
+                    ):
+                        events.extend(events_from_json(more))
+                out.append(Delivery(row[0], row[1], events, created, row[4]))
             return out
 
         return await self._run(query)
@@ -853,8 +866,8 @@ class StateStore:
         await self._update(
             (
                 "UPDATE outbox SET state='sent', attempts=attempts+1, done_at=?, "
-                "last_error=NULL WHERE id=?",
-                (now.isoformat(), delivery_id),
+                "last_error=NULL WHERE id=? OR grp=?",
+                (now.isoformat(), delivery_id, delivery_id),
             )
         )
 
@@ -864,8 +877,9 @@ class StateStore:
         at = next_attempt_at.isoformat()
         await self._update(
             (
-                "UPDATE outbox SET attempts=attempts+1, next_attempt_at=?, last_error=? WHERE id=?",
-                (at, error, delivery_id),
+                "UPDATE outbox SET attempts=attempts+1, next_attempt_at=?, last_error=? "
+                "WHERE id=? OR grp=?",
+                (at, error, delivery_id, delivery_id),
             ),
             (
                 "UPDATE outbox SET next_attempt_at=? WHERE state='pending' AND "
@@ -878,8 +892,8 @@ class StateStore:
         await self._update(
             (
                 "UPDATE outbox SET state='failed', attempts=attempts+1, done_at=?, "
-                "last_error=? WHERE id=?",
-                (now.isoformat(), error, delivery_id),
+                "last_error=? WHERE id=? OR grp=?",
+                (now.isoformat(), error, delivery_id, delivery_id),
             )
         )
 
@@ -905,7 +919,7 @@ class StateStore:
         def query() -> list[OutboxRow]:
             rows = self._conn.execute(
                 "SELECT id, notifier, summary, created_at, state, attempts, next_attempt_at, "
-                f"last_error, done_at FROM outbox WHERE state IN ({marks}) "
+                f"last_error, done_at FROM outbox WHERE state IN ({marks}) AND {_MESSAGE} "
                 "ORDER BY id DESC LIMIT ?",
                 (*wanted, limit),
             ).fetchall()
@@ -922,7 +936,9 @@ class StateStore:
 
     async def outbox_counts(self) -> dict[str, int]:
         def query() -> dict[str, int]:
-            rows = self._conn.execute("SELECT state, COUNT(*) FROM outbox GROUP BY state")
+            rows = self._conn.execute(
+                f"SELECT state, COUNT(*) FROM outbox WHERE {_MESSAGE} GROUP BY state"
+            )
             return {state: count for state, count in rows}
 
         return await self._run(query)

@@ -419,3 +419,29 @@ async def test_store_keeps_an_invoice_once_per_organization_that_lists_it(tmp_pa
         assert store.history(linked.id) == [(NOW, 100)]
     finally:
         await store.close()
+
+
+async def test_store_a_grouped_message_is_retried_sent_and_counted_as_one(tmp_path):
+    store = await StateStore.open(tmp_path / "state.db")
+    try:
+        number = store.begin_cycle()
+        for key in "abc":
+            await store.commit_orgs(number, NOW, [], [firing(key)], {"failed": ["slack"]})
+        await store.finish_cycle(number, NOW, NOW, [], [], ROUTES, 2, orgs_ok=1, orgs_failed=0)
+        assert await store.outbox_counts() == {"pending": 1}
+        (message,) = await store.due_deliveries(NOW)
+        assert [e.key for e in message.events] == ["a", "b", "c"]
+
+        later = NOW + timedelta(minutes=1)
+        await store.mark_retry(message.id, later, "HTTP 503")
+        assert await store.due_deliveries(NOW) == []  # the whole group waits
+        (again,) = await store.due_deliveries(later)
+        assert again.id == message.id and again.attempts == 1 and len(again.events) == 3
+
+        await store.mark_sent(message.id, later)
+        assert await store.outbox_counts() == {"sent": 1}
+        assert await store.next_attempt_at() is None
+        (row,) = await store.outbox(("sent",))
+        assert row.summary == "3 alerts (grouped)"
+    finally:
+        await store.close()
