@@ -11,12 +11,14 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
 
-from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.aiohttp import make_aiohttp_handler
 
 from invoice_watch import format as fmt
+
+if TYPE_CHECKING:
+    from aiohttp import web
 
 
 class Metrics:
@@ -74,6 +76,11 @@ HealthProbe = Callable[[], tuple[bool, str]]
 
 
 def make_http_app(metrics: Metrics, probe: HealthProbe) -> web.Application:
+    # Imported here: a daemon without `http:` (and `run --once`) never loads the server
+    # side of aiohttp (2 MB).
+    from aiohttp import web
+    from prometheus_client.aiohttp import make_aiohttp_handler
+
     async def healthz(request: web.Request) -> web.Response:
         ok, reason = probe()
         return web.Response(
@@ -92,6 +99,8 @@ async def serve_http(
     metrics: Metrics, probe: HealthProbe, host: str, port: int
 ) -> tuple[web.AppRunner, int]:
     """Start the endpoint; returns the runner (to clean up) and the bound port."""
+    from aiohttp import web
+
     runner = web.AppRunner(make_http_app(metrics, probe), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
