@@ -19,7 +19,7 @@ import logging
 import random
 import re
 import sys
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
@@ -581,21 +581,63 @@ def parse_page(org_id: str, body: bytes, known: Mapping[str, Invoice] | None = N
     data = _listing(org_id, body)
     results = data["results"]
     total = data.get("totalCount")
-    invoices = []
+    invoices: list[Invoice] = []
     for item in results:
-        for invoice in _flatten(org_id, item):
-            before = known.get(invoice.id) if known else None
-            invoices.append(before if before == invoice else invoice)
+        _flatten(org_id, item, known or {}, invoices)
     return Page(
         size=len(results), total=total if type(total) is int else None, invoices=tuple(invoices)
     )
 
 
-def _flatten(source_org_id: str, item: Any) -> Iterable[Invoice]:
-    """The invoice and, recursively, the linked invoices nested in it."""
-    yield parse_invoice(source_org_id, item)
+def _flatten(
+    source_org_id: str, item: Any, known: Mapping[str, Invoice], out: list[Invoice]
+) -> None:
+    """The invoice and, recursively, the linked invoices nested in it, appended to
+    ``out``: the known object when nothing in the item differs from it (checked field by
+    field, without building a new invoice: most of a listing is unchanged), else the
+    item parsed."""
+    before = None
+    if type(item) is dict and type(invoice_id := item.get("id")) is str:
+        before = known.get(invoice_id)
+    if before is not None and _unchanged(before, item):
+        out.append(before)
+    else:
+        invoice = parse_invoice(source_org_id, item)
+        out.append(before if before == invoice else invoice)
     for linked in item.get("linkedInvoices") or []:
-        yield from _flatten(source_org_id, linked)
+        _flatten(source_org_id, linked, known, out)
+
+
+def _unchanged(before: Invoice, item: dict[str, Any]) -> bool:
+    """Whether :func:`parse_invoice` would make of ``item`` an invoice equal to
+    ``before`` (which passed its checks when it was parsed)."""
+    if item.get("statusName") != before.status or item.get("orgId") != before.org_id:
+        return False
+    for api_name, attr in AMOUNT_ATTRS.items():
+        value = item.get(api_name)
+        if value is None:
+            if api_name == "amountBilledCents" or getattr(before, attr) != 0:
+                return False
+        elif type(value) is not int or value != getattr(before, attr):
+            return False
+    return (
+        _same_instant(item.get("startDate"), before.start_date)
+        and _same_instant(item.get("endDate"), before.end_date)
+        and _same_instant(item.get("created"), before.created)
+        and _same_instant(item.get("updated"), before.updated)
+    )
+
+
+def _same_instant(value: Any, known: datetime | None) -> bool:
+    if value is None or known is None:
+        return value is None and known is None
+    if type(value) is not str:
+        return False
+    try:
+        parsed = _instant(value)
+    except ValueError:
+        return False
+    return parsed == known  # a naive timestamp never equals the stored aware one
 
 
 @functools.lru_cache(maxsize=4096)

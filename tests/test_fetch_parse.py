@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 from typing import Any
 
 import pytest
@@ -146,3 +147,62 @@ def test_parse_invoice_csv_of_the_spec_example_has_no_items():
 def test_parse_invoice_csv_without_the_blank_line_is_an_error():
     with pytest.raises(ValueError, match="blank line"):
         parse_invoice_csv("Invoice Number,1,\nDate,Amount\n")
+
+
+# A field of a listed invoice, changed to something else (valid or not), or removed.
+_CHANGES: list[tuple[str, Any]] = [
+    ("statusName", "PAID"),
+    ("statusName", ""),
+    ("statusName", 7),
+    ("orgId", ORG_B),
+    ("orgId", "nope"),
+    ("startDate", "2026-10-01T00:00:00Z"),
+    ("startDate", "2026-11-01T01:00:00+01:00"),  # the same instant, another offset
+    ("startDate", "2026-11-01T00:00:00"),
+    ("startDate", "yesterday"),
+    ("startDate", 20261101),
+    ("endDate", ...),
+    ("created", "2026-11-01T00:00:00Z"),
+    ("created", None),
+    ("updated", "2026-11-02T00:00:00Z"),
+    ("updated", "garbage"),
+    ("amountBilledCents", 1235),
+    ("amountBilledCents", ...),
+    ("amountBilledCents", True),
+    ("amountBilledCents", 1234.0),
+    ("amountPaidCents", ...),
+    ("amountPaidCents", 1),
+    ("amountPaidCents", None),
+    ("creditsCents", 0),
+    ("creditsCents", 5),
+    ("salesTaxCents", False),
+    ("subtotalCents", 2**70),
+]
+
+
+@pytest.mark.parametrize(("field", "value"), _CHANGES, ids=[f"{f}={v!r}" for f, v in _CHANGES])
+def test_parse_page_with_known_invoices_reads_exactly_what_parse_invoice_reads(field, value):
+    """A listed invoice that equals the stored one comes back as that very object, without
+    being parsed again; any change, valid or not, reads as parse_invoice reads it."""
+    import json
+
+    from invoice_watch.fetch import parse_page
+
+    stored = parse_invoice(ORG_A, good(created="2026-11-01T00:00:00Z", updated=None))
+    known = {stored.id: stored}
+    unchanged = parse_page(
+        ORG_A, json.dumps({"results": [good(created="2026-11-01T00:00:00Z")]}).encode(), known
+    )
+    assert unchanged.invoices[0] is stored
+
+    item = good(**{"created": "2026-11-01T00:00:00Z", field: value})
+    body = json.dumps({"results": [item]}).encode()
+    try:
+        expected = parse_invoice(ORG_A, item)
+    except FetchDataError as exc:
+        with pytest.raises(FetchDataError, match=re.escape(str(exc).split(": ", 1)[-1])):
+            parse_page(ORG_A, body, known)
+        return
+    (got,) = parse_page(ORG_A, body, known).invoices
+    assert got == expected
+    assert (got is stored) == (expected == stored)
