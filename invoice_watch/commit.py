@@ -453,7 +453,7 @@ class StateStore:
             "SELECT key, rule, org_id, source_org_id, invoice_id, firing, firing_since, "
             "last_notified, resolved_at, last_event FROM alerts WHERE firing = 1"
         ):
-            self._alerts[row[0]] = _alert_from_row(row)
+            self._alerts[row[0]] = _alert_from_row(row, snapshot.get(row[3], {}))
         self._orgs = {}
         for row in conn.execute(
             "SELECT org_id, last_attempt, last_success, failing_since, last_error, "
@@ -985,18 +985,29 @@ def _event_json(event: AlertEvent) -> str:
     return json.dumps(event.to_json(), separators=(",", ":"))
 
 
-def _alert_from_row(row: Sequence[Any]) -> AlertState:
-    firing_since = _dt(row[6])
-    assert firing_since is not None
+def _alert_from_row(row: Sequence[Any], invoice_ids: Mapping[str, Invoice]) -> AlertState:
+    """A stored alert; its rule, organizations and times shared with the others', its
+    invoice id with the snapshot's (``invoice_ids``: the source organization's)."""
+    invoice_id = row[4]
+    if invoice_id is not None and (known := invoice_ids.get(invoice_id)) is not None:
+        invoice_id = known.id
+    last_event = None
+    if row[9]:
+        data = json.loads(row[9])
+        if data.get("key") == row[0]:
+            data["key"] = row[0]
+        if invoice_id is not None and data.get("invoice_id") == invoice_id:
+            data["invoice_id"] = invoice_id
+        last_event = AlertEvent.from_json(data)
     return AlertState(
         key=row[0],
-        rule=row[1],
-        org_id=row[2],
-        source_org_id=row[3],
-        invoice_id=row[4],
+        rule=sys.intern(row[1]),
+        org_id=sys.intern(row[2]),
+        source_org_id=sys.intern(row[3]),
+        invoice_id=invoice_id,
         firing=bool(row[5]),
-        firing_since=firing_since,
-        last_notified=_dt(row[7]),
-        resolved_at=_dt(row[8]),
-        last_event=AlertEvent.from_json(json.loads(row[9])) if row[9] else None,
+        firing_since=_instant(row[6]),
+        last_notified=_instant(row[7]) if row[7] else None,
+        resolved_at=_instant(row[8]) if row[8] else None,
+        last_event=last_event,
     )

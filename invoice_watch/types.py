@@ -4,8 +4,10 @@ events the pipeline produces, and the protocols between stages."""
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import json
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
@@ -161,35 +163,51 @@ class AlertEvent:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> AlertEvent:
+        """The event back from :meth:`to_json`. Thousands of stored events share their
+        rule, organization, link, times and periods: those are kept once in memory."""
+
         def dt(value: str | None) -> datetime | None:
-            return datetime.fromisoformat(value) if value else None
+            return _datetime(value) if value else None
 
         def d(value: str | None) -> date | None:
-            return date.fromisoformat(value) if value else None
+            return _date(value) if value else None
+
+        def shared(value: str | None) -> str | None:
+            return sys.intern(value) if value is not None else None
 
         at = dt(data["at"])
         assert at is not None
         return cls(
             kind=EventKind(data["kind"]),
             key=data["key"],
-            rule=data["rule"],
-            rule_type=data["rule_type"],
+            rule=sys.intern(data["rule"]),
+            rule_type=sys.intern(data["rule_type"]),
             severity=Severity(data["severity"]),
-            org_id=data["org_id"],
-            org_name=data["org_name"],
-            billing_url=data["billing_url"],
+            org_id=sys.intern(data["org_id"]),
+            org_name=sys.intern(data["org_name"]),
+            billing_url=sys.intern(data["billing_url"]),
             summary=data["summary"],
             at=at,
             invoice_id=data.get("invoice_id"),
-            invoice_status=data.get("invoice_status"),
+            invoice_status=shared(data.get("invoice_status")),
             amount_cents=data.get("amount_cents"),
             period_start=d(data.get("period_start")),
             period_end=d(data.get("period_end")),
             firing_since=dt(data.get("firing_since")),
             details=tuple((str(k), str(v)) for k, v in data.get("details") or ()),
             breakdown=tuple(BreakdownLine(**b) for b in data.get("breakdown") or ()),
-            previous_status=data.get("previous_status"),
+            previous_status=shared(data.get("previous_status")),
         )
+
+
+@functools.lru_cache(maxsize=1024)
+def _datetime(value: str) -> datetime:
+    return datetime.fromisoformat(value)
+
+
+@functools.lru_cache(maxsize=1024)
+def _date(value: str) -> date:
+    return date.fromisoformat(value)
 
 
 def events_to_json(events: Sequence[AlertEvent]) -> str:
