@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 
 from invoice_watch.dedup import AlertState, Transition
 from invoice_watch.errors import StateError, StateLockedError
-from invoice_watch.types import AlertEvent, Invoice, events_from_json, events_to_json
+from invoice_watch.types import AlertEvent, Invoice, events_from_json, events_to_json, instant
 
 log = logging.getLogger(__name__)
 
@@ -171,17 +171,12 @@ def _dt(value: str | None) -> datetime | None:
     return datetime.fromisoformat(value) if value else None
 
 
-# Invoices share their period bounds: these two remember the last few thousand
-# conversions (keyed with the UTC offset, which the text shows and equality ignores), so
-# that each is done once and each value is kept once in memory.
+# Invoices share their period bounds: this remembers the last few thousand conversions
+# (keyed with the UTC offset, which the text shows and equality ignores), so that each is
+# done once; types.instant does the same the other way.
 @functools.lru_cache(maxsize=4096)
 def _iso(value: datetime, offset: timedelta | None) -> str:
     return value.isoformat()
-
-
-@functools.lru_cache(maxsize=4096)
-def _instant(value: str) -> datetime:
-    return datetime.fromisoformat(value)
 
 
 def _invoice_row(invoice: Invoice) -> tuple[Any, ...]:
@@ -216,16 +211,16 @@ def _invoice_from_row(row: Sequence[Any]) -> Invoice:
         org_id=sys.intern(row[1]),
         source_org_id=sys.intern(row[2]),
         status=sys.intern(row[3]),
-        start_date=_instant(row[4]),
-        end_date=_instant(row[5]),
+        start_date=instant(row[4]),
+        end_date=instant(row[5]),
         amount_billed_cents=billed,
         amount_paid_cents=paid,
         credits_cents=credits,
         sales_tax_cents=tax,
         starting_balance_cents=balance,
         subtotal_cents=subtotal,
-        created=_instant(row[12]) if row[12] else None,
-        updated=_instant(row[13]) if row[13] else None,
+        created=instant(row[12]) if row[12] else None,
+        updated=instant(row[13]) if row[13] else None,
     )
 
 
@@ -1006,8 +1001,8 @@ def _alert_from_row(row: Sequence[Any], invoice_ids: Mapping[str, Invoice]) -> A
         source_org_id=sys.intern(row[3]),
         invoice_id=invoice_id,
         firing=bool(row[5]),
-        firing_since=_instant(row[6]),
-        last_notified=_instant(row[7]) if row[7] else None,
-        resolved_at=_instant(row[8]) if row[8] else None,
+        firing_since=instant(row[6]),
+        last_notified=instant(row[7]) if row[7] else None,
+        resolved_at=instant(row[8]) if row[8] else None,
         last_event=last_event,
     )

@@ -34,7 +34,7 @@ class Reason(enum.Enum):
     BASELINE = "baseline: recorded without sending"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class AlertState:
     """The stored state of one alert (one row of the ``alerts`` table)."""
 
@@ -90,6 +90,16 @@ class EventFactory:
 
     def __init__(self, config: Config) -> None:
         self._config = config
+        self._orgs: dict[str, tuple[str, str]] = {}  # org id -> (name, billing link)
+
+    def _org(self, org_id: str) -> tuple[str, str]:
+        """The organization's name and billing link, made once for all its events."""
+        facts = self._orgs.get(org_id)
+        if facts is None:
+            config = self._config
+            facts = (config.org_name(org_id), fmt.billing_url(config.atlas.ui_url, org_id))
+            self._orgs[org_id] = facts
+        return facts
 
     def event(
         self,
@@ -100,6 +110,7 @@ class EventFactory:
         firing_since: datetime | None = None,
     ) -> AlertEvent:
         invoice = condition.invoice
+        org_name, billing_url = self._org(condition.org_id)
         return AlertEvent(
             kind=kind,
             key=condition.key,
@@ -107,8 +118,8 @@ class EventFactory:
             rule_type=rule.type,
             severity=rule.severity,
             org_id=condition.org_id,
-            org_name=self._config.org_name(condition.org_id),
-            billing_url=fmt.billing_url(self._config.atlas.ui_url, condition.org_id),
+            org_name=org_name,
+            billing_url=billing_url,
             summary=condition.summary,
             at=now,
             invoice_id=invoice.id if invoice else None,

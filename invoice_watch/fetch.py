@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import csv
 import enum
-import functools
 import hashlib
 import io
 import json
@@ -45,7 +44,7 @@ from invoice_watch.errors import (
     FetchStatusError,
     FetchTimeout,
 )
-from invoice_watch.types import AMOUNT_ATTRS, Invoice, LineItem, OrgRead
+from invoice_watch.types import AMOUNT_ATTRS, Invoice, LineItem, OrgRead, instant
 
 if TYPE_CHECKING:
     from invoice_watch.config import AtlasConfig
@@ -634,17 +633,10 @@ def _same_instant(value: Any, known: datetime | None) -> bool:
     if type(value) is not str:
         return False
     try:
-        parsed = _instant(value)
+        parsed = instant(value)
     except ValueError:
         return False
     return parsed == known  # a naive timestamp never equals the stored aware one
-
-
-@functools.lru_cache(maxsize=4096)
-def _instant(value: str) -> datetime:
-    """``datetime.fromisoformat``, remembered: invoices share their period bounds, so
-    the same few values come back again and again (and are kept once in memory)."""
-    return datetime.fromisoformat(value)
 
 
 def _timestamp(org_id: str, item: dict[str, Any], key: str, *, required: bool) -> datetime | None:
@@ -654,7 +646,7 @@ def _timestamp(org_id: str, item: dict[str, Any], key: str, *, required: bool) -
     if not isinstance(value, str):
         raise FetchDataError(org_id, f"invoice {item.get('id')!s:.40}: `{key}` is missing")
     try:
-        parsed = _instant(value)
+        parsed = instant(value)
     except ValueError:
         raise FetchDataError(
             org_id, f"invoice {item.get('id')!s:.40}: `{key}` is not a timestamp"

@@ -85,7 +85,7 @@ class BreakdownLine:
     growth_cents: int | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class AlertEvent:
     """One thing to tell people: an alert firing, reminding, resolving, or a notice.
 
@@ -167,7 +167,7 @@ class AlertEvent:
         rule, organization, link, times and periods: those are kept once in memory."""
 
         def dt(value: str | None) -> datetime | None:
-            return _datetime(value) if value else None
+            return instant(value) if value else None
 
         def d(value: str | None) -> date | None:
             return _date(value) if value else None
@@ -200,8 +200,11 @@ class AlertEvent:
         )
 
 
-@functools.lru_cache(maxsize=1024)
-def _datetime(value: str) -> datetime:
+@functools.lru_cache(maxsize=4096)
+def instant(value: str) -> datetime:
+    """``datetime.fromisoformat``, remembered: invoices share their period bounds and a
+    cycle's events their time, so the same values come back again and again (parsed
+    once, and kept once in memory). One cache for every stage."""
     return datetime.fromisoformat(value)
 
 
