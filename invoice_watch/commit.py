@@ -9,7 +9,7 @@ delivery reads the outbox afterwards. :meth:`StateStore.commit_cycle` writes a w
 cycle at once. WAL mode, ``synchronous=FULL``, versioned migrations, file mode 0600,
 and an exclusive lock so that one daemon owns one file.
 
-stdlib ``sqlite3`` with one connection, called through ``asyncio.to_thread`` behind a
+stdlib ``sqlite3`` with one connection, called in one worker thread of its own behind a
 lock. What the poll cycle reads (snapshot, history, firing alerts) is cached in memory
 after the first load and updated only once a commit succeeded.
 """
@@ -26,6 +26,7 @@ import os
 import sqlite3
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -308,6 +309,9 @@ class StateStore:
         self._alerts: dict[str, AlertState] = {}
         self._orgs: dict[str, OrgState] = {}
         self._cycle_id = 0  # the last cycle's number
+        # One thread for every statement: the connection stays on it, and its memory in
+        # one malloc arena (asyncio.to_thread would spread it over the pool's threads).
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="state-file")
 
     # -- opening ---------------------------------------------------------------------
 
@@ -460,14 +464,15 @@ class StateStore:
 
     async def close(self) -> None:
         async with self._lock:
-            await asyncio.to_thread(self._conn.close)
+            await asyncio.get_running_loop().run_in_executor(self._thread, self._conn.close)
+            self._thread.shutdown()
             if self._lock_fd is not None:
                 os.close(self._lock_fd)
                 self._lock_fd = None
 
     async def _run(self, fn: Callable[[], T]) -> T:
         async with self._lock:
-            return await asyncio.to_thread(fn)
+            return await asyncio.get_running_loop().run_in_executor(self._thread, fn)
 
     # -- what the cycle reads (cached) -----------------------------------------------
 
