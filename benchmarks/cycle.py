@@ -257,6 +257,7 @@ class CaseFigures:
     cycles: list[CycleFigures]
     peer_wall: float | None = None
     org_names: dict[str, str] = field(default_factory=dict)
+    daemon_rss: dict[str, float] = field(default_factory=dict)  # see daemon_peak_rss
 
 
 class NullNotifier:
@@ -509,10 +510,11 @@ def run_case(case: Case, profile: bool = False) -> CaseFigures:
             for figures in cycles:
                 figures.raw_wall = raw["cold" if figures.label == "cold" else "steady"]
             peer_wall = naive_cycle(sim, Path(tmp) / "peer.db") if case.peer else None
+            daemon = daemon_peak_rss(sim, Path(tmp))
     finally:
         sim.stop()
     names = dict(zip(sim.org_ids, ("typical", "month-start"), strict=True)) if case.history else {}
-    return CaseFigures(case, cycles, peer_wall, names)
+    return CaseFigures(case, cycles, peer_wall, names, daemon)
 
 
 def _restart(
@@ -528,6 +530,63 @@ def _restart(
     records, sim_cpu = sim.call("requests")
     _count_requests(figures, records, sim_cpu, sim, case.latency)
     return figures
+
+
+# ---- the daemon itself ---------------------------------------------------------------
+
+DAEMON_RUNS = (("fresh", 4), ("restarted", 2))  # (state file, cycles to wait for)
+
+
+def daemon_peak_rss(sim: SimulatorProcess, tmp: Path) -> dict[str, float]:
+    """Peak RSS (MB) of the product itself, ``python -m invoice_watch run``, a process of
+    its own (nothing of this harness in it), polling every second: on a fresh state file
+    for 4 cycles (cold, then steady ones, delivering the cold cycle's messages to the
+    console), then restarted on that file for 2 more. VmHWM is read from /proc until the
+    process exits (SIGTERM after the last cycle)."""
+    import signal
+    import subprocess
+
+    import yaml
+
+    config = yaml.safe_load(_config_text(sim, tmp / "daemon.db"))
+    config["poll"] = {"interval": "1s"}
+    path = tmp / "daemon.yaml"
+    path.write_text(yaml.safe_dump(config))
+    peaks = {}
+    for label, cycles in DAEMON_RUNS:
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "invoice_watch", "run", "--config", str(path)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert daemon.stderr is not None
+        status = Path(f"/proc/{daemon.pid}/status")
+        peak, seen = 0.0, 0
+        for line in daemon.stderr:
+            peak = max(peak, _hwm_mb(status))
+            seen += " cycle: " in line
+            if seen == cycles:
+                daemon.send_signal(signal.SIGTERM)
+                break
+        while daemon.poll() is None:
+            peak = max(peak, _hwm_mb(status))
+            time.sleep(0.01)
+        daemon.stderr.close()
+        assert daemon.returncode == 0, f"the daemon exited {daemon.returncode}"
+        peaks[label] = peak
+    return peaks
+
+
+def _hwm_mb(status: Path) -> float:
+    try:
+        text = status.read_text()
+    except OSError:  # it has exited
+        return 0.0
+    for line in text.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
 
 
 # ---- the naive peer ------------------------------------------------------------------
@@ -682,6 +741,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("|" + "---|" * len(COLUMNS))
     context = multiprocessing.get_context("spawn")
     history: list[str] = []
+    daemon_rss: list[str] = []
     started = time.perf_counter()
     for name in args.cases or list(CASES):
         case = dataclasses.replace(
@@ -696,8 +756,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         process.join()
         for line in report_lines(figures):
             print(line, flush=True)
+        daemon_rss.append(
+            f"- {case.name}: "
+            + ", ".join(
+                f"{label} ({cycles} cycles) {figures.daemon_rss[label]:.0f} MB"
+                for label, cycles in DAEMON_RUNS
+            )
+        )
         if case.history:
             history.extend(history_lines(figures))
+    print("peak RSS of the daemon (`python -m invoice_watch run`, polling every second):")
+    for line in daemon_rss:
+        print(line)
     for line in history:
         print(line)
     print(f"({time.perf_counter() - started:.0f} s)")
