@@ -446,7 +446,10 @@ class StateStore:
             at = _dt(observed_at)
             assert at is not None
             self._history.setdefault(invoice_id, []).append((at, cents))
-        self._cycle_id = conn.execute("SELECT COALESCE(MAX(id), 0) FROM cycles").fetchone()[0]
+        self._cycle_id = conn.execute(  # above every number a held row may carry
+            "SELECT MAX((SELECT COALESCE(MAX(id), 0) FROM cycles), "
+            "(SELECT COALESCE(MAX(cycle), 0) FROM outbox))"
+        ).fetchone()[0]
         self._alerts = {}
         for row in conn.execute(
             "SELECT key, rule, org_id, source_org_id, invoice_id, firing, firing_since, "
@@ -534,7 +537,8 @@ class StateStore:
     # leaves held rows that :meth:`release_held` releases.
 
     def begin_cycle(self) -> int:
-        """A number for a new cycle, to tag the rows it holds."""
+        """A number for a new cycle, to tag the rows it holds (unique among them; the
+        ``cycles`` table numbers the cycles that ended on its own)."""
         self._cycle_id += 1
         return self._cycle_id
 
@@ -585,9 +589,9 @@ class StateStore:
                 self._hold(conn, cycle, transitions, routes, now, written)
                 events = self._release(conn, group_over, now, cycle)
                 conn.execute(
-                    "INSERT INTO cycles (id, started_at, finished_at, orgs_ok, orgs_failed, "
-                    "events) VALUES (?,?,?,?,?,?)",
-                    (cycle, started_at.isoformat(), now, orgs_ok, orgs_failed, events),
+                    "INSERT INTO cycles (started_at, finished_at, orgs_ok, orgs_failed, "
+                    "events) VALUES (?,?,?,?,?)",
+                    (started_at.isoformat(), now, orgs_ok, orgs_failed, events),
                 )
 
         await self._commit(run)
@@ -772,7 +776,7 @@ class StateStore:
         orgs: Sequence[OrgWrite],
         events: int,
     ) -> None:
-        cursor = conn.execute(
+        conn.execute(
             "INSERT INTO cycles (started_at, finished_at, orgs_ok, orgs_failed, events) "
             "VALUES (?,?,?,?,?)",
             (
@@ -783,7 +787,6 @@ class StateStore:
                 events,
             ),
         )
-        self._cycle_id = max(self._cycle_id, cursor.lastrowid or 0)
 
     def _apply(
         self, orgs: Iterable[OrgWrite], transitions: Iterable[Transition], at: datetime
