@@ -25,18 +25,21 @@ For each it prints:
   first page shorter than 500) for the ``fromDate`` the cycle asked for;
 - raw / floor: the same requests replayed by a bare aiohttp loop (4 at a time, already
   authenticated, bodies read and dropped): what this machine and harness allow at best;
-- fetch s: when the fetch ended (the rest is diff, rules, dedup and commit);
+- reads s: when the last organization's read ended (each organization is diffed,
+  evaluated and committed as soon as it is read, so this includes all but the cycle's
+  last transaction);
 - sim CPU s: the simulator's CPU time in the cycle (it serves from one process: a floor
   of its own when larger than the network's);
 - requests / pages: every request the simulator received (401 challenges, retries and
   breakdown fetches included) over the pages needed;
 - CPU per 100k invoices (of the snapshot), of our process: the whole cycle (HTTP client
-  included), and the parse + diff + rules + commit part (parse timed around
-  ``fetch.parse_page``; diff, rules, dedup and commit from the end of the fetch to the end
-  of the cycle);
+  included), and the parse + diff + rules + commit part (each function of it timed with
+  the CPU clock of the thread it runs in: the event loop's, the state file's);
 - peak RSS of the process when the cycle ended (VmHWM in /proc/self/status, the
   figure ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` gives; cold, 2nd and steady share
-  a process, so only a higher peak shows), and its RSS after imports;
+  a process, so only a higher peak shows), and its RSS after imports; and, per case, the
+  peak RSS of the daemon itself (``python -m invoice_watch run``, see
+  :func:`daemon_peak_rss`);
 - the naive peer's wall time for the same cycle (one org after another, one page after
   another, ``requests`` with HTTPDigestAuth, full listings, every row rewritten; its
   cycle is the same every time) and how many times slower it is than ours;
@@ -356,10 +359,10 @@ def _time_work() -> list[_Timed]:
 
 
 class _EndOf:
-    """Notes the CPU and wall clocks when the coroutine method ``obj.name`` returns."""
+    """Notes the wall clock when the coroutine method ``obj.name`` returns."""
 
     def __init__(self, obj: Any, name: str) -> None:
-        self.cpu = self.wall = 0.0
+        self.wall = 0.0
         self._obj, self._name = obj, name
         original: Handler = getattr(obj, name)
 
@@ -367,7 +370,7 @@ class _EndOf:
             try:
                 return await original(*args, **kwargs)
             finally:
-                self.cpu, self.wall = time.process_time(), time.perf_counter()
+                self.wall = time.perf_counter()
 
         setattr(obj, name, noted)
 
@@ -646,7 +649,7 @@ COLUMNS = (
     "cycle",
     "invoices",
     "wall s",
-    "fetch s",
+    "reads s",
     "floor s",
     "wall/floor",
     "raw/floor",
