@@ -5,9 +5,8 @@ state, the alert state and the outbox of notifications. An organization's snapsh
 update, its alert-state changes and the notifications they cause are written in ONE
 transaction (:meth:`StateStore.commit_orgs`, as soon as the cycle has read it; the
 notifications are held until the cycle ends, :meth:`StateStore.finish_cycle`);
-delivery reads the outbox afterwards. :meth:`StateStore.commit_cycle` writes a whole
-cycle at once. WAL mode, ``synchronous=FULL``, versioned migrations, file mode 0600,
-and an exclusive lock so that one daemon owns one file.
+delivery reads the outbox afterwards. WAL mode, ``synchronous=FULL``, versioned
+migrations, file mode 0600, and an exclusive lock so that one daemon owns one file.
 
 stdlib ``sqlite3`` with one connection, called in one worker thread of its own behind a
 lock. What the poll cycle reads (snapshot, history, firing alerts) is cached in memory
@@ -34,7 +33,7 @@ from typing import Any, TypeVar
 
 from invoice_watch.dedup import AlertState, Transition
 from invoice_watch.errors import StateError, StateLockedError
-from invoice_watch.types import AlertEvent, Invoice, events_from_json, events_to_json, instant
+from invoice_watch.types import AlertEvent, Invoice, events_from_json, instant
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +111,7 @@ MIGRATIONS: tuple[str, ...] = (
     );
     """,
     # 2: outbox rows written while a cycle runs are held until it ends (then released,
-    # or merged into one grouped message); ``cycle`` tells which cycle holds them
+    # one by one or as a group: see 4); ``cycle`` tells which cycle holds them
     """
     ALTER TABLE outbox ADD COLUMN cycle INTEGER;
     """,
@@ -252,15 +251,6 @@ class OrgWrite:
     @property
     def changes_snapshot(self) -> bool:
         return bool(self.upserts or self.gone or self.observations)
-
-
-@dataclass
-class CycleWrite:
-    started_at: datetime
-    finished_at: datetime
-    orgs: list[OrgWrite]
-    transitions: list[Transition]
-    outbox: list[tuple[str, list[AlertEvent]]]  # (notifier name, events of one message)
 
 
 @dataclass(frozen=True)
@@ -495,38 +485,6 @@ class StateStore:
     def firing_alerts(self) -> dict[str, AlertState]:
         return dict(self._alerts)
 
-    # -- a cycle in one transaction -------------------------------------------------
-
-    async def commit_cycle(self, write: CycleWrite) -> list[int]:
-        """Write snapshot, alert state and outbox in one transaction; return outbox ids.
-
-        The in-memory caches change only after the commit succeeded: a failed commit
-        (disk full, I/O error) leaves both the file and the caches as they were.
-        """
-
-        def run() -> list[int]:
-            now = write.finished_at.isoformat()
-            with self._transaction() as conn:
-                self._write_orgs(conn, write.orgs, now)
-                self._write_alerts(conn, write.transitions)
-                ids = []
-                for notifier, events in write.outbox:
-                    cursor = conn.execute(
-                        "INSERT INTO outbox (notifier, events, summary, created_at, "
-                        "next_attempt_at) VALUES (?,?,?,?,?)",
-                        (notifier, events_to_json(events), summarize(events), now, now),
-                    )
-                    assert cursor.lastrowid is not None
-                    ids.append(cursor.lastrowid)
-                self._write_cycle_row(
-                    conn, write.started_at, now, write.orgs, sum(len(e) for _, e in write.outbox)
-                )
-                return ids
-
-        ids = await self._commit(run)
-        self._apply(write.orgs, write.transitions, write.finished_at)
-        return ids
-
     # -- a cycle committed organization by organization ------------------------------
     #
     # A cycle that commits each organization's part as soon as it is read (snapshot,
@@ -557,9 +515,7 @@ class StateStore:
 
         def run() -> None:
             with self._transaction() as conn:
-                self._write_orgs(conn, orgs, now)
-                written = self._write_alerts(conn, transitions)
-                self._hold(conn, cycle, transitions, routes, now, written)
+                self._write_part(conn, cycle, orgs, transitions, routes, now)
 
         await self._commit(run)
         self._apply(orgs, transitions, at)
@@ -584,9 +540,7 @@ class StateStore:
 
         def run() -> None:
             with self._transaction() as conn:
-                self._write_orgs(conn, orgs, now)
-                written = self._write_alerts(conn, transitions)
-                self._hold(conn, cycle, transitions, routes, now, written)
+                self._write_part(conn, cycle, orgs, transitions, routes, now)
                 events = self._release(conn, group_over, now, cycle)
                 conn.execute(
                     "INSERT INTO cycles (started_at, finished_at, orgs_ok, orgs_failed, "
@@ -599,9 +553,8 @@ class StateStore:
 
     async def release_held(self, group_over: int, now: datetime) -> int:
         """Release the rows held by cycles that never ended (a crash, a stop, a failed
-        commit): per cycle and notifier, as they are, or merged into one grouped
-        message when there are more than ``group_over``. Returns how many rows were
-        held."""
+        commit): per cycle and notifier, one by one, or as one grouped message when
+        there are more than ``group_over``. Returns how many rows were held."""
 
         def run() -> int:
             with self._transaction() as conn:
@@ -609,8 +562,22 @@ class StateStore:
 
         return await self._commit(run)
 
-    def _hold(
+    def _write_part(
         self,
+        conn: sqlite3.Connection,
+        cycle: int,
+        orgs: Iterable[OrgWrite],
+        transitions: Sequence[Transition],
+        routes: Mapping[str, Sequence[str]],
+        now: str,
+    ) -> None:
+        """Organizations' snapshot changes, alert states, and their events held."""
+        self._write_orgs(conn, orgs, now)
+        written = self._write_alerts(conn, transitions)
+        self._hold(conn, cycle, transitions, routes, now, written)
+
+    @staticmethod
+    def _hold(
         conn: sqlite3.Connection,
         cycle: int,
         transitions: Iterable[Transition],
@@ -767,26 +734,6 @@ class StateStore:
             rows(),
         )
         return written
-
-    def _write_cycle_row(
-        self,
-        conn: sqlite3.Connection,
-        started_at: datetime,
-        now: str,
-        orgs: Sequence[OrgWrite],
-        events: int,
-    ) -> None:
-        conn.execute(
-            "INSERT INTO cycles (started_at, finished_at, orgs_ok, orgs_failed, events) "
-            "VALUES (?,?,?,?,?)",
-            (
-                started_at.isoformat(),
-                now,
-                sum(1 for o in orgs if o.ok),
-                sum(1 for o in orgs if not o.ok),
-                events,
-            ),
-        )
 
     def _apply(
         self, orgs: Iterable[OrgWrite], transitions: Iterable[Transition], at: datetime

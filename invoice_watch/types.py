@@ -213,10 +213,6 @@ def _date(value: str) -> date:
     return date.fromisoformat(value)
 
 
-def events_to_json(events: Sequence[AlertEvent]) -> str:
-    return json.dumps([e.to_json() for e in events], separators=(",", ":"))
-
-
 def events_from_json(text: str) -> list[AlertEvent]:
     return [AlertEvent.from_json(item) for item in json.loads(text)]
 

@@ -1,4 +1,4 @@
-"""The SQLite state file: one transaction per cycle, migrations, lock, and faults."""
+"""The SQLite state file: a cycle's transactions and held messages, migrations, lock, faults."""
 
 from __future__ import annotations
 
@@ -6,12 +6,13 @@ import json
 import os
 import sqlite3
 import stat
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from datetime import timedelta
 
 import pytest
 
-from invoice_watch.commit import SCHEMA_VERSION, CycleWrite, OrgWrite, StateStore
+from invoice_watch.commit import SCHEMA_VERSION, OrgWrite, StateStore
 from invoice_watch.dedup import AlertState, Reason, Transition
 from invoice_watch.errors import StateError, StateLockedError
 from invoice_watch.types import AlertEvent, EventKind, Severity
@@ -38,27 +39,42 @@ def firing(key: str = "k") -> Transition:
     return Transition(state, event(key), Reason.NEW)
 
 
-def cycle(*orgs: OrgWrite, transitions=(), outbox=()) -> CycleWrite:
-    return CycleWrite(NOW, NOW, list(orgs), list(transitions), list(outbox))
+async def commit(
+    store: StateStore,
+    *orgs: OrgWrite,
+    transitions: Sequence[Transition] = (),
+    routes: Mapping[str, list[str]] | None = None,
+) -> None:
+    """One whole cycle in one transaction: its organizations, alerts and messages (the
+    rule "failed" goes to "console")."""
+    failed = sum(1 for o in orgs if not o.ok)
+    await store.finish_cycle(
+        store.begin_cycle(),
+        NOW,
+        NOW,
+        list(orgs),
+        list(transitions),
+        routes or {"failed": ["console"]},
+        10,
+        orgs_ok=len(orgs) - failed,
+        orgs_failed=failed,
+    )
 
 
 async def test_store_commit_then_reopen_restores_everything(tmp_path):
     path = tmp_path / "state.db"
     store = await StateStore.open(path)
-    ids = await store.commit_cycle(
-        cycle(
-            OrgWrite(
-                ORG_A,
-                True,
-                upserts=[inv(1), inv(2, status="FAILED")],
-                observations=[(inv(1).id, 100_00)],
-            ),
-            OrgWrite(ORG_B, False, error="HTTP 503"),
-            transitions=[firing()],
-            outbox=[("console", [event()])],
-        )
+    await commit(
+        store,
+        OrgWrite(
+            ORG_A,
+            True,
+            upserts=[inv(1), inv(2, status="FAILED")],
+            observations=[(inv(1).id, 100_00)],
+        ),
+        OrgWrite(ORG_B, False, error="HTTP 503"),
+        transitions=[firing()],
     )
-    assert len(ids) == 1
     await store.close()
 
     again = await StateStore.open(path)
@@ -155,19 +171,13 @@ async def test_store_disk_full_rolls_back_file_and_cache(tmp_path):
     path = tmp_path / "state.db"
     store = await StateStore.open(path)
     try:
-        await store.commit_cycle(cycle(OrgWrite(ORG_A, True, upserts=[inv(1)])))
+        await commit(store, OrgWrite(ORG_A, True, upserts=[inv(1)]))
         # SQLite's own size limit produces the real "database or disk is full" error.
         pages = store._conn.execute("PRAGMA page_count").fetchone()[0]
         store._conn.execute(f"PRAGMA max_page_count={pages}")
         big = [inv(n, cents=n) for n in range(2, 3000)]
         with pytest.raises(StateError, match="full"):
-            await store.commit_cycle(
-                cycle(
-                    OrgWrite(ORG_A, True, upserts=big),
-                    transitions=[firing()],
-                    outbox=[("console", [event()])],
-                )
-            )
+            await commit(store, OrgWrite(ORG_A, True, upserts=big), transitions=[firing()])
         assert set(store.snapshot(ORG_A)) == {inv(1).id}  # cache unchanged
         assert store.firing_alerts() == {}
         assert await store.due_deliveries(NOW + timedelta(days=1)) == []
@@ -178,9 +188,10 @@ async def test_store_disk_full_rolls_back_file_and_cache(tmp_path):
 async def test_store_mark_retry_defers_the_notifiers_other_rows(tmp_path):
     store = await StateStore.open(tmp_path / "state.db")
     try:
-        await store.commit_cycle(
-            cycle(outbox=[("slack", [event("a")]), ("slack", [event("b")]), ("mail", [event("c")])])
-        )
+        number = store.begin_cycle()
+        await store.commit_orgs(number, NOW, [], [firing("a"), firing("b")], {"failed": ["slack"]})
+        await store.commit_orgs(number, NOW, [], [firing("c")], {"failed": ["mail"]})
+        await store.finish_cycle(number, NOW, NOW, [], [], {}, 5, orgs_ok=0, orgs_failed=0)
         first, *_ = await store.due_deliveries(NOW)
         await store.mark_retry(first.id, NOW + timedelta(seconds=30), "HTTP 503")
         due = await store.due_deliveries(NOW)
@@ -195,11 +206,11 @@ async def test_store_mark_retry_defers_the_notifiers_other_rows(tmp_path):
 async def test_store_open_copy_writes_nothing(tmp_path):
     path = tmp_path / "state.db"
     store = await StateStore.open(path)
-    await store.commit_cycle(cycle(OrgWrite(ORG_A, True, upserts=[inv(1)])))
+    await commit(store, OrgWrite(ORG_A, True, upserts=[inv(1)]))
     await store.close()
     before = path.read_bytes()
     copy = StateStore.open_copy(path)
-    await copy.commit_cycle(cycle(OrgWrite(ORG_A, True, upserts=[inv(2)])))
+    await commit(copy, OrgWrite(ORG_A, True, upserts=[inv(2)]))
     assert set(copy.snapshot(ORG_A)) == {inv(1).id, inv(2).id}
     await copy.close()
     assert path.read_bytes() == before
@@ -235,7 +246,7 @@ async def test_store_open_copy_reads_a_path_with_uri_characters(tmp_path):
     folder.mkdir()
     path = folder / "state.db"
     store = await StateStore.open(path)
-    await store.commit_cycle(cycle(OrgWrite(ORG_A, True, upserts=[inv(1)])))
+    await commit(store, OrgWrite(ORG_A, True, upserts=[inv(1)]))
     await store.close()
     copy = StateStore.open_copy(path)  # what --dry-run reads
     try:
@@ -398,17 +409,16 @@ async def test_store_keeps_an_invoice_once_per_organization_that_lists_it(tmp_pa
     path = tmp_path / "state.db"
     linked = inv(1, status="PENDING")
     store = await StateStore.open(path)
-    await store.commit_cycle(
-        cycle(
-            OrgWrite(ORG_A, True, upserts=[linked], observations=[(linked.id, 100)]),
-            OrgWrite(ORG_B, True, upserts=[replace(linked, source_org_id=ORG_B)]),
-        )
+    await commit(
+        store,
+        OrgWrite(ORG_A, True, upserts=[linked], observations=[(linked.id, 100)]),
+        OrgWrite(ORG_B, True, upserts=[replace(linked, source_org_id=ORG_B)]),
     )
     await store.close()
     store = await StateStore.open(path)
     try:
         assert linked.id in store.snapshot(ORG_A) and linked.id in store.snapshot(ORG_B)
-        await store.commit_cycle(cycle(OrgWrite(ORG_B, True, gone=[linked.id])))
+        await commit(store, OrgWrite(ORG_B, True, gone=[linked.id]))
         assert store.snapshot(ORG_B) == {} and linked.id in store.snapshot(ORG_A)
         assert store.history(linked.id) == [(NOW, 100)]
     finally:

@@ -147,7 +147,7 @@ class Pipeline:
     def commit(
         self, reads: Mapping[str, Listing], transitions: Sequence[Transition], writes: Writes
     ):
-        """What ``StateStore.commit_cycle`` records, in memory."""
+        """What the state file records of a cycle, in memory."""
         for org, listing in reads.items():
             if listing is None:
                 self.failing_since.setdefault(org, self.now)
