@@ -19,7 +19,7 @@ import random
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime
 from datetime import time as dtime
@@ -164,6 +164,69 @@ def step_org(
     return OrgStep(view, write, history)
 
 
+class CyclePlan:
+    """What a cycle decides, organization by organization as each one is read, then for
+    the whole cycle. Pure: stored alert states and each organization's step in,
+    transitions out; nothing is written.
+
+    The alert states are kept as the cycle changes them, so that an invoice listed by two
+    configured organizations (a linked one) fires once. Resolutions wait for the whole
+    cycle: an alert resolves only when no organization holds its condition any more.
+    """
+
+    def __init__(
+        self, config: Config, states: Mapping[str, AlertState], *, baseline: bool = False
+    ) -> None:
+        self.config = config
+        self.baseline = baseline
+        self.states = dict(states)
+        self.held: set[str] = set()  # keys of the conditions that hold
+        self.evaluated: set[tuple[str, str]] = set()  # (rule, configured org) scopes
+        self.invoices_of: dict[str, Mapping[str, Invoice]] = {}
+        self.changes = 0  # invoices added, changed or gone
+
+    def org(
+        self, step: OrgStep, now: datetime
+    ) -> tuple[list[Transition], dict[str, AlertState | None]]:
+        """One organization's FIRING, REMINDER and NOTICE transitions, and the states
+        they replace (a reminder's breakdown says what moved since)."""
+        view = step.view
+        self.invoices_of[view.org_id] = view.invoices
+        if view.diff is not None:
+            self.changes += len(view.diff.changed) + len(view.diff.gone)
+        evaluation = evaluate(self.config.rules, [view], step.history, now)
+        self.held.update(evaluation.holding)
+        self.evaluated.update(evaluation.evaluated)
+        transitions = plan_holding(
+            self.config, evaluation, self.states, now, baseline=self.baseline
+        )
+        previous = {t.state.key: self.states.get(t.state.key) for t in transitions}
+        self.apply(transitions)
+        return transitions, previous
+
+    def apply(self, transitions: Sequence[Transition]) -> None:
+        """Take transitions as the state file will (a breakdown added to an event)."""
+        for t in transitions:
+            if t.state.firing:
+                self.states[t.state.key] = t.state
+            else:
+                self.states.pop(t.state.key, None)
+
+    def resolved(self, now: datetime) -> list[Transition]:
+        """The whole cycle's RESOLVED transitions, once every organization is planned."""
+        transitions = plan_resolved(
+            self.config,
+            self.states,
+            self.held,
+            self.evaluated,
+            lambda s: self.invoices_of.get(s.source_org_id, {}).get(s.invoice_id or ""),
+            now,
+            baseline=self.baseline,
+        )
+        self.apply(transitions)
+        return transitions
+
+
 def _wants_breakdown(t: Transition) -> bool:
     """A FIRING or REMINDER message about an invoice's amount, which says what is
     behind it."""
@@ -174,14 +237,6 @@ def _wants_breakdown(t: Transition) -> bool:
         and event.kind in (EventKind.FIRING, EventKind.REMINDER)
         and bool(event.invoice_id)
     )
-
-
-def _update(states: dict[str, AlertState], transitions: list[Transition]) -> None:
-    for t in transitions:
-        if t.state.firing:
-            states[t.state.key] = t.state
-        else:
-            states.pop(t.state.key, None)
 
 
 class _Writer:
@@ -400,19 +455,12 @@ class App:
         writer = _Writer(
             lambda orgs, ts: store.commit_orgs(cycle, self.clock.now(), orgs, ts, routes)
         )
-        # The alert states as this cycle changes them, organization after organization
-        # (so that an invoice two configured organizations list fires once).
-        states = store.firing_alerts()
-        held: set[str] = set()
-        evaluated: set[tuple[str, str]] = set()
-        invoices_of: dict[str, Mapping[str, Invoice]] = {}
+        decide = CyclePlan(config, store.firing_alerts(), baseline=baseline)
         unchanged: list[OrgWrite] = []  # written with the last transaction
         later: list[tuple[OrgWrite, list[Transition], dict[str, AlertState | None]]] = []
         events: list[AlertEvent] = []
-        changes = 0
 
         async def take(read: OrgRead) -> None:
-            nonlocal changes
             org_id = read.org_id
             now = self.clock.now()
             from_date = from_dates[org_id]
@@ -424,16 +472,8 @@ class App:
                 now,
                 listed_from=datetime.combine(from_date, dtime(), UTC) if from_date else None,
             )
-            invoices_of[org_id] = step.view.invoices
             self._log_read(step.view)
-            if step.view.diff is not None:
-                changes += len(step.view.diff.changed) + len(step.view.diff.gone)
-            evaluation = evaluate(config.rules, [step.view], step.history, now)
-            held.update(evaluation.holding)
-            evaluated.update(evaluation.evaluated)
-            transitions = plan_holding(config, evaluation, states, now, baseline=baseline)
-            previous = {t.state.key: states.get(t.state.key) for t in transitions}
-            _update(states, transitions)  # the next organization sees them
+            transitions, previous = decide.org(step, now)
             if any(_wants_breakdown(t) for t in transitions):
                 # Line items are fetched once every listing is read (never competing
                 # with a listing for Atlas's rate limit); this org is committed then.
@@ -459,20 +499,11 @@ class App:
                 done = iter(combined)
                 for write, transitions, _ in later:
                     mine = [next(done) for _ in transitions]
-                    _update(states, mine)
+                    decide.apply(mine)
                     writer.add(write, mine)
                     events.extend(t.event for t in mine if t.event is not None)
             await writer.flush()
-            now = self.clock.now()
-            resolved = plan_resolved(
-                config,
-                states,
-                held,
-                evaluated,
-                lambda s: invoices_of.get(s.source_org_id, {}).get(s.invoice_id or ""),
-                now,
-                baseline=baseline,
-            )
+            resolved = decide.resolved(self.clock.now())
             events.extend(t.event for t in resolved if t.event is not None)
             messages = group_messages(events, routes, config.delivery.group_over)
             finished = self.clock.now()
@@ -482,8 +513,8 @@ class App:
                 reads,
                 events,
                 messages,
-                invoices=sum(len(invoices) for invoices in invoices_of.values()),
-                changes=changes,
+                invoices=sum(len(invoices) for invoices in decide.invoices_of.values()),
+                changes=decide.changes,
             )
             if self.dry_run:
                 self._print_dry_run(result)
@@ -520,7 +551,7 @@ class App:
             result.orgs_ok,
             len(result.orgs_failed),
             result.invoices,
-            changes,
+            result.changes,
             len(events),
             len(messages),
             time.monotonic() - began,

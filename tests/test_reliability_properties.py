@@ -9,8 +9,9 @@ Properties:
   now, so every FIRING is followed by RESOLVED once its condition ends;
 - a cycle is deterministic and replaying it after its commit changes nothing.
 
-The cycle here is the pipeline of ``App._cycle`` without I/O: diff -> apply -> amount
-history -> evaluate -> plan -> apply the transitions as the store does.
+The cycle here is ``App._cycle`` without I/O: each organization through ``step_org``
+and ``CyclePlan.org`` (diff, amount history, evaluate, plan), then
+``CyclePlan.resolved``; the transitions applied as the store does.
 """
 
 from __future__ import annotations
@@ -22,12 +23,11 @@ from datetime import datetime, timedelta
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from invoice_watch.app import step_org
+from invoice_watch.app import CyclePlan, step_org
 from invoice_watch.commit import OrgState
 from invoice_watch.config import Config, load
-from invoice_watch.dedup import AlertState, Transition, plan
+from invoice_watch.dedup import AlertState, Transition
 from invoice_watch.diff import diff
-from invoice_watch.rules import Evaluation, History, OrgView, evaluate
 from invoice_watch.types import EventKind, Invoice, OrgRead
 from tests.conftest import NOW, ORG_A, ORG_B, PERIOD_END, PERIOD_START
 
@@ -116,11 +116,12 @@ class Pipeline:
     alerts: dict[str, AlertState] = field(default_factory=dict)
     sent: list[tuple[str, EventKind]] = field(default_factory=list)  # (alert key, kind)
 
-    def plan(self, reads: Mapping[str, Listing]) -> tuple[Evaluation, list[Transition], Writes]:
-        """One cycle up to the commit: what it would write, without writing it."""
-        views: list[OrgView] = []
+    def plan(self, reads: Mapping[str, Listing]) -> tuple[CyclePlan, list[Transition], Writes]:
+        """One cycle up to the commit, as ``App._cycle`` runs it (organization by
+        organization, then the resolutions): what it would write, without writing it."""
+        decide = CyclePlan(CONFIG, self.alerts)
         writes: Writes = {}
-        history: dict[str, History] = {}
+        transitions: list[Transition] = []
         for org, listing in reads.items():
             read = OrgRead(org, error="x") if listing is None else OrgRead(org, listing)
             known = OrgState(
@@ -135,14 +136,11 @@ class Pipeline:
                 lambda invoice_id: self.history.get(invoice_id, []),
                 self.now,
             )
-            views.append(step.view)
-            history.update(step.history)
+            transitions += decide.org(step, self.now)[0]
             if listing is not None:
                 writes[org] = (dict(step.view.invoices), step.write.observations)
-        evaluation = evaluate(CONFIG.rules, views, history, self.now)
-        invoices_now = {i.id: i for view in views for i in view.invoices.values()}
-        transitions = plan(CONFIG, evaluation, self.alerts, invoices_now, self.now)
-        return evaluation, transitions, writes
+        transitions += decide.resolved(self.now)
+        return decide, transitions, writes
 
     def commit(
         self, reads: Mapping[str, Listing], transitions: Sequence[Transition], writes: Writes
@@ -169,11 +167,11 @@ class Pipeline:
             if t.event is not None:
                 self.sent.append((t.state.key, t.event.kind))
 
-    def cycle(self, step: Step) -> tuple[Evaluation, list[Transition]]:
+    def cycle(self, step: Step) -> tuple[CyclePlan, list[Transition]]:
         self.now += step.advance
-        evaluation, transitions, writes = self.plan(step.reads)
+        decided, transitions, writes = self.plan(step.reads)
         self.commit(step.reads, transitions, writes)
-        return evaluation, transitions
+        return decided, transitions
 
 
 def by_id(invoices: Sequence[Invoice]) -> dict[str, Invoice]:
@@ -251,11 +249,11 @@ def test_lifecycle_never_fires_twice_for_a_held_condition(sequence):
 def test_lifecycle_every_firing_alert_resolves_when_its_condition_ends(sequence):
     pipeline = Pipeline()
     for step in sequence:
-        evaluation, _ = pipeline.cycle(step)
+        decided, _ = pipeline.cycle(step)
         for key, alert in pipeline.alerts.items():
             # Still firing: its condition holds, or its organization was not read.
-            assert key in evaluation.holding or (
-                (alert.rule, alert.source_org_id) not in evaluation.evaluated
+            assert key in decided.held or (
+                (alert.rule, alert.source_org_id) not in decided.evaluated
             ), key
     pipeline.cycle(all_paid())
     assert pipeline.alerts == {}
