@@ -83,7 +83,9 @@ async def status(config: Config, *, check: bool = False, out: TextIO | None = No
                 for a in firing
             ]
             print(table(["Rule", "Organization", "Invoice", "Since"], rows), file=out)
-        waiting = await store.outbox(("pending", "failed"))
+        # held: written by a cycle that has not ended (or was cut short: they go out at
+        # the end of the next cycle, or when the daemon next starts)
+        waiting = await store.outbox(("held", "pending", "failed"))
         print(f"\nUndelivered notifications: {len(waiting)}", file=out)
         if waiting:
             rows = [

@@ -8,6 +8,7 @@ Time that the client would sleep (Retry-After, backoff) goes through a FakeClock
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from invoice_watch import ops
 from invoice_watch.app import App
 from invoice_watch.config import Config
 from tests.world import ANALYTICS, PROD, World
@@ -310,5 +312,8 @@ async def test_e2e_messages_held_by_a_crashed_cycle_go_out_at_the_next_start(wor
         store.begin_cycle(), world.clock.now(), [], [firing()], {"failed": ["slack"]}
     )
     await store.close()
+    shown = io.StringIO()
+    await ops.status(config, out=shown)  # the operator sees it waiting
+    assert "Undelivered notifications: 1" in shown.getvalue() and "HELD" in shown.getvalue()
     async with App(config, clock=world.clock) as app:
         assert (await app.store.outbox_counts()) == {"pending": 1}
