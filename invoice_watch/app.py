@@ -30,7 +30,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from invoice_watch import sdnotify
 from invoice_watch.clock import Clock, SystemClock
-from invoice_watch.commit import OrgState, OrgWrite, StateStore
+from invoice_watch.commit import OrgState, OrgWrite, StateStore, grouped
 from invoice_watch.config import Config
 from invoice_watch.constants import (
     FINAL_STATUSES,
@@ -91,7 +91,7 @@ def group_messages(
             per_notifier[name].append(event)
     messages: list[tuple[str, list[AlertEvent]]] = []
     for name, batch in per_notifier.items():
-        if len(batch) > group_over:
+        if grouped(len(batch), group_over):
             messages.append((name, batch))
         else:
             messages.extend((name, [event]) for event in batch)
@@ -282,9 +282,6 @@ class _Writer:
             await asyncio.shield(self._task)
         if self._error is not None:
             raise self._error
-        if self._orgs and not self._closed:  # added while the last batch ended
-            self._task = asyncio.create_task(self._drain(), name="commit")
-            await self.flush()
 
 
 class App:

@@ -275,6 +275,12 @@ class OutboxRow:
     done_at: datetime | None
 
 
+def grouped(count: int, group_over: int) -> bool:
+    """Whether a notifier's ``count`` messages of one cycle go as one grouped message
+    (flood control): more than ``group_over`` of them, and more than one."""
+    return count > max(group_over, 1)
+
+
 def summarize(events: Sequence[AlertEvent]) -> str:
     """One line naming a message, for `history` and logs (no secrets in events)."""
     if len(events) == 1:
@@ -619,7 +625,7 @@ class StateStore:
             if cycle is None or held_by == cycle:
                 counted += count
             where = "state='held' AND cycle IS ? AND notifier=?"
-            if count <= max(group_over, 1):
+            if not grouped(count, group_over):
                 conn.execute(
                     f"UPDATE outbox SET state='pending' WHERE {where}", (held_by, notifier)
                 )

@@ -346,8 +346,8 @@ async def test_store_a_cycle_cut_short_keeps_its_parts_and_releases_their_messag
         due = await again.due_deliveries(NOW)
         assert [[e.key for e in d.events] for d in due] == [["a", "b"]]
         assert await again.release_held(1, NOW) == 0
-        # The next cycle's number is new, and its end releases only its own rows.
-        assert again.begin_cycle() >= 1
+        # The next cycle's number is above the one its rows were held by.
+        assert again.begin_cycle() > number
     finally:
         await again.close()
 
