@@ -413,7 +413,7 @@ async def run_cycles(
             assert not result.orgs_failed, result.orgs_failed
             figures.fetch_wall = fetched.wall - wall0
             figures.cpu_work = sum(timer.cpu for timer in timers)
-            figures.invoices = len(app.store.all_invoices())
+            figures.invoices = app.store.invoice_count()
             figures.rss_peak_mb = _rss_mb()
             if sim is not None:
                 records, sim_cpu = await sim.acall("requests")

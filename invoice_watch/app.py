@@ -40,12 +40,27 @@ from invoice_watch.constants import (
 )
 from invoice_watch.dedup import AlertState, Transition, plan_holding, plan_resolved
 from invoice_watch.deliver import Deliverer
-from invoice_watch.diff import diff
+from invoice_watch.diff import diff, settled_to_load
 from invoice_watch.errors import FetchError, StateError
 from invoice_watch.fetch import AtlasClient
 from invoice_watch.health import Metrics, health, serve_http
-from invoice_watch.rules import BREAKDOWN_RULES, History, OrgView, breakdown, evaluate
-from invoice_watch.types import AlertEvent, EventKind, Invoice, LineItem, Notifier, OrgRead
+from invoice_watch.rules import (
+    BREAKDOWN_RULES,
+    History,
+    OrgView,
+    breakdown,
+    evaluate,
+    settled_statuses,
+)
+from invoice_watch.types import (
+    AlertEvent,
+    EventKind,
+    Invoice,
+    LineItem,
+    Notifier,
+    OrgRead,
+    Snapshot,
+)
 
 log = logging.getLogger(__name__)
 
@@ -69,15 +84,19 @@ class CycleResult:
         return len(self.reads) - len(self.orgs_failed)
 
 
-def incremental_from(snapshot: Mapping[str, Invoice]) -> date | None:
+def incremental_from(snapshot: Snapshot) -> date | None:
     """The ``fromDate`` of an incremental read: the start of the oldest invoice that can
     still change (not PAID, FORGIVEN or FREE), else of the newest invoice (so new ones
     are still seen); None (a full listing) when nothing is known yet."""
     if not snapshot:
         return None
-    open_starts = [i.start_date for i in snapshot.values() if i.status not in FINAL_STATUSES]
-    start = min(open_starts) if open_starts else max(i.start_date for i in snapshot.values())
-    return start.astimezone(UTC).date()
+    live = snapshot.live.values()
+    open_starts = [i.start_date for i in live if i.status not in FINAL_STATUSES]
+    if open_starts:
+        return min(open_starts).astimezone(UTC).date()
+    days = [i.start_date.astimezone(UTC).date() for i in live]
+    newest_settled = snapshot.newest_settled_day()
+    return max([*days, newest_settled] if newest_settled else days)
 
 
 def group_messages(
@@ -106,30 +125,36 @@ class OrgStep:
     view: OrgView
     write: OrgWrite
     history: dict[str, History]
+    invoices: int  # in the organization's snapshot once the write is done
 
 
 def step_org(
     read: OrgRead,
-    old: Mapping[str, Invoice],
+    snapshot: Snapshot,
     state: OrgState,
     history_of: Callable[[str], History],
     now: datetime,
     *,
     listed_from: datetime | None = None,
+    stored: Mapping[str, Invoice] | None = None,
 ) -> OrgStep:
     """Diff one organization's read against its snapshot. Pure: the stored snapshot,
     read state and histories in; nothing is changed. A failed read leaves the snapshot
-    as it was (no invoice "disappears") and only dates the failure."""
+    as it was (no invoice "disappears") and only dates the failure.
+
+    ``stored``: the settled invoices that the read changed or no longer lists, as the
+    state file holds them (:func:`~invoice_watch.diff.settled_to_load` names them)."""
     org_id = read.org_id
     if not read.ok:
         view = OrgView(
             org_id,
             ok=False,
-            invoices=old,
+            invoices=snapshot.live,
             failing_since=state.failing_since or now,
             error=read.error,
         )
-        return OrgStep(view, OrgWrite(org_id, ok=False, error=read.error), {})
+        return OrgStep(view, OrgWrite(org_id, ok=False, error=read.error), {}, len(snapshot))
+    old = {**snapshot.live, **stored} if stored else snapshot.live
     change = diff(old, read.invoices, listed_from=listed_from)
     new: dict[str, Invoice] | None = None  # copied only when something changed
     if not change.empty:
@@ -159,9 +184,8 @@ def step_org(
         upserts=change.changed,
         gone=[i.id for i in change.gone],
         observations=observations,
-        invoices=new,
     )
-    return OrgStep(view, write, history)
+    return OrgStep(view, write, history, len(snapshot) + len(change.added) - len(change.gone))
 
 
 class CyclePlan:
@@ -182,8 +206,13 @@ class CyclePlan:
         self.states = dict(states)
         self.held: set[str] = set()  # keys of the conditions that hold
         self.evaluated: set[tuple[str, str]] = set()  # (rule, configured org) scopes
+        # What a resolution may look up, per configured organization: its live invoices
+        # and those of the alerts firing (an invoice may have settled this cycle).
         self.invoices_of: dict[str, Mapping[str, Invoice]] = {}
+        self._settles = settled_statuses(config.rules)
+        self._alerted = {(s.source_org_id, s.invoice_id) for s in states.values()}
         self.changes = 0  # invoices added, changed or gone
+        self.invoices = 0  # in the snapshots, once the cycle is committed
 
     def org(
         self, step: OrgStep, now: datetime
@@ -191,9 +220,17 @@ class CyclePlan:
         """One organization's FIRING, REMINDER and NOTICE transitions, and the states
         they replace (a reminder's breakdown says what moved since)."""
         view = step.view
+        self.invoices += step.invoices
         self.invoices_of[view.org_id] = view.invoices
         if view.diff is not None:
             self.changes += len(view.diff.changed) + len(view.diff.gone)
+            if any(i.status in self._settles for i in view.diff.changed):
+                self.invoices_of[view.org_id] = {
+                    invoice_id: invoice
+                    for invoice_id, invoice in view.invoices.items()
+                    if invoice.status not in self._settles
+                    or (view.org_id, invoice_id) in self._alerted
+                }
         evaluation = evaluate(self.config.rules, [view], step.history, now)
         self.held.update(evaluation.holding)
         self.evaluated.update(evaluation.evaluated)
@@ -332,10 +369,13 @@ class App:
 
     async def _start(self) -> None:
         config = self.config
+        settles = settled_statuses(config.rules)
         if self.dry_run:
-            store = await asyncio.to_thread(StateStore.open_copy, config.state.path)
+            store = await asyncio.to_thread(
+                StateStore.open_copy, config.state.path, settles=settles
+            )
         else:
-            store = await StateStore.open(config.state.path)
+            store = await StateStore.open(config.state.path, settles=settles)
         self._store = store
         self._stack.push_async_callback(store.close)
         if not self.dry_run:
@@ -446,7 +486,8 @@ class App:
         started = self.clock.now()
         began = time.monotonic()
         org_ids = [org.id for org in config.organizations]
-        from_dates = {org_id: incremental_from(store.snapshot(org_id)) for org_id in org_ids}
+        known = {org_id: store.snapshot(org_id) for org_id in org_ids}
+        from_dates = {org_id: incremental_from(known[org_id]) for org_id in org_ids}
         routes = {rule.name: list(rule.notify) for rule in config.rules}
         cycle = store.begin_cycle()
         writer = _Writer(
@@ -456,18 +497,27 @@ class App:
         unchanged: list[OrgWrite] = []  # written with the last transaction
         later: list[tuple[OrgWrite, list[Transition], dict[str, AlertState | None]]] = []
         events: list[AlertEvent] = []
+        unreadable: list[StateError] = []  # the state file, when a settled invoice is read
 
         async def take(read: OrgRead) -> None:
-            org_id = read.org_id
+            org_id, from_date = read.org_id, from_dates[read.org_id]
+            listed_from = datetime.combine(from_date, dtime(), UTC) if from_date else None
+            stored = None
+            if read.ok and (load := settled_to_load(known[org_id], read, listed_from=listed_from)):
+                try:
+                    stored = {i.id: i for i in await store.stored_invoices(org_id, load)}
+                except StateError as exc:
+                    unreadable.append(exc)  # this organization waits for the next cycle
+                    return
             now = self.clock.now()
-            from_date = from_dates[org_id]
             step = step_org(
                 read,
-                store.snapshot(org_id),
+                known[org_id],
                 store.org_state(org_id),
                 store.history,
                 now,
-                listed_from=datetime.combine(from_date, dtime(), UTC) if from_date else None,
+                listed_from=listed_from,
+                stored=stored,
             )
             self._log_read(step.view)
             transitions, previous = decide.org(step, now)
@@ -482,12 +532,9 @@ class App:
                 unchanged.append(step.write)
 
         try:
-            reads = await self.client.read_orgs(
-                org_ids,
-                from_dates,
-                {org_id: store.snapshot(org_id) for org_id in org_ids},
-                on_read=take,
-            )
+            reads = await self.client.read_orgs(org_ids, from_dates, known, on_read=take)
+            if unreadable:
+                raise unreadable[0]
             if later:
                 combined = await self._add_breakdowns(
                     [t for _, transitions, _ in later for t in transitions],
@@ -510,7 +557,7 @@ class App:
                 reads,
                 events,
                 messages,
-                invoices=sum(len(invoices) for invoices in decide.invoices_of.values()),
+                invoices=decide.invoices,
                 changes=decide.changes,
             )
             if self.dry_run:
@@ -759,6 +806,8 @@ class App:
                 max_backoff=config.delivery.max_backoff,
             )
             self.config = config
+            # What the rules watch may have changed; the new client has no pages yet.
+            await self.store.settle(settled_statuses(config.rules))
             if old_client is not None:
                 await old_client.aclose()
             if self._scheduler is not None and self._scheduler.running:

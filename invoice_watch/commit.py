@@ -10,7 +10,9 @@ migrations, file mode 0600, and an exclusive lock so that one daemon owns one fi
 
 stdlib ``sqlite3`` with one connection, called in one worker thread of its own behind a
 lock. What the poll cycle reads (snapshot, history, firing alerts) is cached in memory
-after the first load and updated only once a commit succeeded.
+after the first load and updated only once a commit succeeded; of the snapshot's
+settled invoices (final, and watched by no rule) only a key each, the file keeping them
+whole (:class:`~invoice_watch.types.Snapshot`).
 """
 
 from __future__ import annotations
@@ -31,9 +33,10 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
+from invoice_watch.constants import FINAL_STATUSES
 from invoice_watch.dedup import AlertState, Transition
 from invoice_watch.errors import StateError, StateLockedError
-from invoice_watch.types import AlertEvent, Invoice, events_from_json, instant
+from invoice_watch.types import AlertEvent, Invoice, Snapshot, events_from_json, instant
 
 log = logging.getLogger(__name__)
 
@@ -244,9 +247,6 @@ class OrgWrite:
     gone: list[str] = field(default_factory=list)
     observations: list[tuple[str, int]] = field(default_factory=list)  # pending amounts seen
     error: str | None = None
-    # The organization's invoices once this write is done, when the caller has them
-    # already: the cache takes this mapping instead of rebuilding it.
-    invoices: dict[str, Invoice] | None = None
 
     @property
     def changes_snapshot(self) -> bool:
@@ -295,12 +295,20 @@ def summarize(events: Sequence[AlertEvent]) -> str:
 class StateStore:
     """The state file. Use :meth:`open`; ``path=None`` keeps everything in memory."""
 
-    def __init__(self, conn: sqlite3.Connection, path: Path | None, lock_fd: int | None) -> None:
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        path: Path | None,
+        lock_fd: int | None,
+        settles: frozenset[str] = FINAL_STATUSES,
+    ) -> None:
         self._conn = conn
         self.path = path
         self._lock_fd = lock_fd
         self._lock = asyncio.Lock()
-        self._snapshot: dict[str, dict[str, Invoice]] | None = None
+        # Which statuses the in-memory snapshot keeps settled (see Snapshot).
+        self._settles = settles
+        self._snapshot: dict[str, Snapshot] | None = None
         self._history: dict[str, list[tuple[datetime, int]]] = {}
         self._alerts: dict[str, AlertState] = {}
         self._orgs: dict[str, OrgState] = {}
@@ -312,13 +320,18 @@ class StateStore:
     # -- opening ---------------------------------------------------------------------
 
     @classmethod
-    async def open(cls, path: Path | None, *, exclusive: bool = True) -> StateStore:
+    async def open(
+        cls, path: Path | None, *, exclusive: bool = True, settles: frozenset[str] = FINAL_STATUSES
+    ) -> StateStore:
         """Open (creating and migrating) the state file; ``exclusive`` takes the lock
-        that keeps a second daemon off the same file."""
-        return await asyncio.to_thread(cls._open_sync, path, exclusive)
+        that keeps a second daemon off the same file. ``settles``: the invoice statuses
+        the in-memory snapshot keeps settled (:class:`Snapshot`; by default every final
+        one: :func:`~invoice_watch.rules.settled_statuses` says which a configuration's
+        rules let be)."""
+        return await asyncio.to_thread(cls._open_sync, path, exclusive, settles)
 
     @classmethod
-    def open_copy(cls, path: Path) -> StateStore:
+    def open_copy(cls, path: Path, *, settles: frozenset[str] = FINAL_STATUSES) -> StateStore:
         """An in-memory copy of an existing state file (for --dry-run): writes go
         nowhere, and the file itself is only read."""
         memory = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
@@ -332,16 +345,16 @@ class StateStore:
                     source.close()
             except sqlite3.DatabaseError as exc:
                 raise StateError(f"cannot read state file {path}: {exc}") from None
-        store = cls(memory, None, None)
+        store = cls(memory, None, None, settles)
         store._migrate()
         store._load()
         return store
 
     @classmethod
-    def _open_sync(cls, path: Path | None, exclusive: bool) -> StateStore:
+    def _open_sync(cls, path: Path | None, exclusive: bool, settles: frozenset[str]) -> StateStore:
         if path is None:
             conn = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
-            store = cls(conn, None, None)
+            store = cls(conn, None, None, settles)
             store._migrate()
             store._load()
             return store
@@ -366,7 +379,7 @@ class StateStore:
             os.fchmod(lock_fd, 0o600)
             try:
                 conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-                store = cls(conn, path, lock_fd)
+                store = cls(conn, path, lock_fd, settles)
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=FULL")
                 conn.execute("PRAGMA busy_timeout=5000")
@@ -427,13 +440,23 @@ class StateStore:
                 conn.execute(f"PRAGMA user_version={number}")
             log.info("state file migrated to schema version %d", number)
 
+    def _load_snapshot(self) -> dict[str, Snapshot]:
+        live: dict[str, dict[str, Invoice]] = {}
+        settled: dict[str, dict[str, int]] = {}
+        for row in self._conn.execute(f"SELECT {_INVOICE_COLUMNS} FROM invoices"):
+            invoice = _invoice_from_row(row)
+            if invoice.status in self._settles:
+                settled.setdefault(invoice.source_org_id, {})[invoice.id] = invoice.settled_key()
+            else:
+                live.setdefault(invoice.source_org_id, {})[invoice.id] = invoice
+        return {
+            org_id: Snapshot(live.get(org_id, {}), settled.get(org_id, {}), self._settles)
+            for org_id in live.keys() | settled.keys()
+        }
+
     def _load(self) -> None:
         conn = self._conn
-        snapshot: dict[str, dict[str, Invoice]] = {}
-        for row in conn.execute(f"SELECT {_INVOICE_COLUMNS} FROM invoices"):
-            invoice = _invoice_from_row(row)
-            snapshot.setdefault(invoice.source_org_id, {})[invoice.id] = invoice
-        self._snapshot = snapshot
+        snapshot = self._snapshot = self._load_snapshot()
         self._history = {}
         for invoice_id, observed_at, cents in conn.execute(
             "SELECT invoice_id, observed_at, amount_cents FROM amount_history "
@@ -451,7 +474,7 @@ class StateStore:
             "SELECT key, rule, org_id, source_org_id, invoice_id, firing, firing_since, "
             "last_notified, resolved_at, last_event FROM alerts WHERE firing = 1"
         ):
-            self._alerts[row[0]] = _alert_from_row(row, snapshot.get(row[3], {}))
+            self._alerts[row[0]] = _alert_from_row(row, snapshot.get(row[3], Snapshot()).live)
         self._orgs = {}
         for row in conn.execute(
             "SELECT org_id, last_attempt, last_success, failing_since, last_error, "
@@ -475,9 +498,51 @@ class StateStore:
 
     # -- what the cycle reads (cached) -----------------------------------------------
 
-    def snapshot(self, org_id: str) -> dict[str, Invoice]:
+    def snapshot(self, org_id: str) -> Snapshot:
         assert self._snapshot is not None
-        return self._snapshot.get(org_id, {})
+        snapshot = self._snapshot.get(org_id)
+        return snapshot if snapshot is not None else Snapshot(settles=self._settles)
+
+    async def settle(self, statuses: frozenset[str]) -> None:
+        """Keep invoices of these statuses settled from now on (a configuration reload
+        changed what the rules watch): the snapshot is read again from the file."""
+        if statuses == self._settles:
+            return
+
+        def load() -> dict[str, Snapshot]:
+            self._settles = statuses
+            return self._load_snapshot()
+
+        self._snapshot = await self._run(load)
+
+    async def stored_invoices(
+        self, org_id: str | None = None, ids: Sequence[str] | None = None
+    ) -> list[Invoice]:
+        """Invoices as the state file holds them: every one, one configured
+        organization's (``org_id``), or some of its (``ids``)."""
+
+        def query() -> list[Invoice]:
+            sql = f"SELECT {_INVOICE_COLUMNS} FROM invoices"
+            if org_id is None:
+                return [_invoice_from_row(row) for row in self._conn.execute(sql)]
+            sql += " WHERE source_org_id=?"
+            if ids is None:
+                return [_invoice_from_row(row) for row in self._conn.execute(sql, (org_id,))]
+            found: list[Invoice] = []
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                rows = self._conn.execute(
+                    f"{sql} AND id IN ({','.join('?' * len(chunk))})", (org_id, *chunk)
+                )
+                found.extend(_invoice_from_row(row) for row in rows)
+            return found
+
+        try:
+            return await self._run(query)
+        except sqlite3.Error as exc:
+            raise StateError(
+                f"could not read state file {self.path or ':memory:'}: {exc}"
+            ) from None
 
     def history(self, invoice_id: str) -> list[tuple[datetime, int]]:
         return self._history.get(invoice_id, [])
@@ -694,12 +759,7 @@ class StateStore:
                 "INSERT OR REPLACE INTO amount_history VALUES (?,?,?)",
                 [(invoice_id, now, cents) for invoice_id, cents in org.observations],
             )
-            if org.invoices is not None:
-                count = len(org.invoices)
-            else:
-                count = (
-                    len(before) + sum(1 for i in org.upserts if i.id not in before) - len(org.gone)
-                )
+            count = len(before) + sum(1 for i in org.upserts if i.id not in before) - len(org.gone)
             conn.execute(
                 "INSERT INTO orgs (org_id, last_attempt, last_success, failing_since, "
                 "last_error, invoice_count) VALUES (?,?,?,NULL,NULL,?) "
@@ -714,7 +774,7 @@ class StateStore:
         invoice, in its payer's listing too): its amount history is theirs as well."""
         assert self._snapshot is not None
         return any(
-            invoice_id in invoices for other, invoices in self._snapshot.items() if other != org_id
+            invoice_id in snapshot for other, snapshot in self._snapshot.items() if other != org_id
         )
 
     @staticmethod
@@ -758,14 +818,9 @@ class StateStore:
                     invoice_count=before.invoice_count,
                 )
                 continue
-            if org.invoices is not None:
-                current = self._snapshot[org.org_id] = org.invoices
-            else:
-                current = self._snapshot.setdefault(org.org_id, {})
-                for invoice in org.upserts:
-                    current[invoice.id] = invoice
-                for invoice_id in org.gone:
-                    current.pop(invoice_id, None)
+            current = self._snapshot[org.org_id] = self.snapshot(org.org_id).updated(
+                org.upserts, org.gone
+            )
             for invoice in org.upserts:
                 if invoice.status != "PENDING":
                     self._history.pop(invoice.id, None)
@@ -917,9 +972,10 @@ class StateStore:
     def org_states(self) -> list[OrgState]:
         return sorted(self._orgs.values(), key=lambda o: o.org_id)
 
-    def all_invoices(self) -> list[Invoice]:
+    def invoice_count(self) -> int:
+        """Invoices in the snapshot (one listed by two configured organizations twice)."""
         assert self._snapshot is not None
-        return [i for org in self._snapshot.values() for i in org.values()]
+        return sum(len(snapshot) for snapshot in self._snapshot.values())
 
 
 def _alert_row(state: AlertState, last_event: str | None) -> tuple[Any, ...]:

@@ -9,9 +9,28 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 
-from invoice_watch.types import Invoice
+from invoice_watch.types import Invoice, OrgRead, Snapshot, day_number, settled_day
+
+
+def settled_to_load(
+    snapshot: Snapshot, read: OrgRead, *, listed_from: datetime | None = None
+) -> list[str]:
+    """Ids of the settled invoices whose stored version the diff of ``read`` needs:
+    those it lists changed, and those it no longer lists (those that start before
+    ``listed_from`` excepted, as in :func:`diff`, which decides). Usually none."""
+    settled = snapshot.settled
+    changed = [i.id for i in read.invoices if i.id in settled]
+    if len(read.settled) + len(changed) == len(settled):
+        return changed  # every settled invoice is listed
+    listed, changed_ids = read.settled, set(changed)
+    first_day = day_number(listed_from.astimezone(UTC).date()) if listed_from else -1
+    return changed + [
+        invoice_id
+        for invoice_id, key in settled.items()
+        if key not in listed and invoice_id not in changed_ids and settled_day(key) >= first_day
+    ]
 
 
 @dataclass(frozen=True, slots=True)

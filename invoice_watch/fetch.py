@@ -44,7 +44,15 @@ from invoice_watch.errors import (
     FetchStatusError,
     FetchTimeout,
 )
-from invoice_watch.types import AMOUNT_ATTRS, Invoice, LineItem, OrgRead, instant
+from invoice_watch.types import (
+    AMOUNT_ATTRS,
+    Invoice,
+    LineItem,
+    OrgRead,
+    Snapshot,
+    instant,
+    settled_key,
+)
 
 if TYPE_CHECKING:
     from invoice_watch.config import AtlasConfig
@@ -193,7 +201,8 @@ class Page:
 
     size: int  # entries in `results` (linked invoices not counted)
     total: int | None  # `totalCount`, an estimate, when the API gave one
-    invoices: tuple[Invoice, ...]  # linked invoices flattened in
+    invoices: tuple[Invoice, ...]  # linked invoices flattened in, settled ones excepted
+    settled: tuple[int, ...] = ()  # keys of the snapshot's settled invoices listed unchanged
 
     @property
     def full(self) -> bool:
@@ -388,13 +397,16 @@ class AtlasClient:
 
     # -- operations ------------------------------------------------------------------
 
-    async def list_invoices(
-        self,
-        org_id: str,
-        from_date: date | None = None,
-        known: Mapping[str, Invoice] | None = None,
-    ) -> list[Invoice]:
-        """Every invoice of the organization (and of its linked organizations), by id.
+    async def list_invoices(self, org_id: str, from_date: date | None = None) -> list[Invoice]:
+        """Every invoice of the organization (and of its linked organizations)."""
+        invoices, _ = await self._list(org_id, from_date, Snapshot())
+        return invoices
+
+    async def _list(
+        self, org_id: str, from_date: date | None, known: Snapshot
+    ) -> tuple[list[Invoice], frozenset[int]]:
+        """The organization's listing: its invoices (linked ones included), but those of
+        ``known``'s settled invoices that are listed unchanged: their keys.
 
         Pages of ``itemsPerPage=500`` sorted by start date ascending (new invoices land on
         the last page, so an invoice created while paging cannot shift another one out of
@@ -403,10 +415,11 @@ class AtlasClient:
         together (each within the concurrency bound), then paging goes on one page at a
         time for as long as the estimate fell short.
 
-        ``known``: the invoices as last stored; one listed unchanged comes back as that
-        very object, so that it is kept in memory once.
+        ``known``: the invoices as last stored; a live one listed unchanged comes back as
+        that very object, so that it is kept in memory once. A page is parsed again only
+        when its body changed, or when it held an invoice that the snapshot is about to
+        keep settled (so that it is not kept in memory as an object until then).
         """
-        known = known or {}
         seen = {1: await self._page(org_id, 1, from_date, known)}
         first = seen[1][1]
         if first.full and first.total:
@@ -425,15 +438,21 @@ class AtlasClient:
             number += 1
             if number not in seen:
                 seen[number] = await self._page(org_id, number, from_date, known)
-        self._seen[org_id] = seen
+        self._seen[org_id] = {
+            number: (digest, page)
+            for number, (digest, page) in seen.items()
+            if not any(invoice.status in known.settles for invoice in page.invoices)
+        }
         found: dict[str, Invoice] = {}
+        settled: set[int] = set()
         for _, page in seen.values():
             for invoice in page.invoices:
                 found[invoice.id] = invoice
-        return list(found.values())
+            settled.update(page.settled)
+        return list(found.values()), frozenset(settled)
 
     async def _page(
-        self, org_id: str, number: int, from_date: date | None, known: Mapping[str, Invoice]
+        self, org_id: str, number: int, from_date: date | None, known: Snapshot
     ) -> _Seen:
         """One page of the listing; parsed only when its body differs from the one this
         page had in the last successful listing."""
@@ -455,30 +474,38 @@ class AtlasClient:
         return digest, parse_page(org_id, body, known)
 
     async def read_org(
-        self,
-        org_id: str,
-        from_date: date | None = None,
-        known: Mapping[str, Invoice] | None = None,
+        self, org_id: str, from_date: date | None = None, known: Snapshot | None = None
     ) -> OrgRead:
-        """List one organization's invoices; a failure is reported, never raised."""
+        """List one organization's invoices; a failure is reported, never raised.
+        ``known``: its snapshot (see :meth:`_list`)."""
         before = self.requests_sent
         try:
-            invoices = await self.list_invoices(org_id, from_date, known)
+            invoices, settled = await self._list(
+                org_id, from_date, known if known is not None else Snapshot()
+            )
         except FetchError as exc:
             return OrgRead(org_id, error=str(exc), requests=self.requests_sent - before)
-        return OrgRead(org_id, tuple(invoices), requests=self.requests_sent - before)
+        return OrgRead(
+            org_id,
+            tuple(invoices),
+            settled,
+            requests=self.requests_sent - before,
+            listed=len(invoices) + len(settled),
+        )
 
     async def read_orgs(
         self,
         org_ids: Sequence[str],
         from_dates: Mapping[str, date | None] | None = None,
-        known: Mapping[str, Mapping[str, Invoice]] | None = None,
+        known: Mapping[str, Snapshot] | None = None,
         on_read: Callable[[OrgRead], Awaitable[None]] | None = None,
     ) -> dict[str, OrgRead]:
         """Read every organization concurrently; one failing never blocks the others.
 
         ``on_read`` is awaited with each organization's read as soon as it is complete,
-        while the others are still being read (it must not raise).
+        while the others are still being read (it must not raise); the reads returned
+        are then their outcomes only (:meth:`OrgRead.outcome`), so that no organization's
+        listing is held until the last one is read.
 
         With Digest keys the first request goes alone again: the nonce of the last
         cycle may have gone stale since, and only one request should learn it.
@@ -495,6 +522,7 @@ class AtlasClient:
             )
             if on_read is not None:
                 await on_read(read)
+                reads[org_id] = read.outcome()
 
         async with asyncio.TaskGroup() as group:
             for org_id in org_ids:
@@ -572,39 +600,47 @@ def _results(org_id: str, body: bytes) -> list[Any]:
     return results
 
 
-def parse_page(org_id: str, body: bytes, known: Mapping[str, Invoice] | None = None) -> Page:
+def parse_page(org_id: str, body: bytes, known: Snapshot | None = None) -> Page:
     """One page of the organization's invoice listing -> :class:`Page`.
 
-    An invoice equal to its namesake in ``known`` is returned as that object.
+    A live invoice equal to its namesake in ``known`` is returned as that object; a
+    settled one listed unchanged, as its key.
     """
     data = _listing(org_id, body)
     results = data["results"]
     total = data.get("totalCount")
     invoices: list[Invoice] = []
+    settled: list[int] = []
     for item in results:
-        _flatten(org_id, item, known or {}, invoices)
+        _flatten(org_id, item, known if known is not None else Snapshot(), invoices, settled)
     return Page(
-        size=len(results), total=total if type(total) is int else None, invoices=tuple(invoices)
+        size=len(results),
+        total=total if type(total) is int else None,
+        invoices=tuple(invoices),
+        settled=tuple(settled),
     )
 
 
 def _flatten(
-    source_org_id: str, item: Any, known: Mapping[str, Invoice], out: list[Invoice]
+    source_org_id: str, item: Any, known: Snapshot, out: list[Invoice], settled: list[int]
 ) -> None:
     """The invoice and, recursively, the linked invoices nested in it, appended to
     ``out``: the known object when nothing in the item differs from it (checked field by
     field, without building a new invoice: most of a listing is unchanged), else the
-    item parsed."""
-    before = None
+    item parsed; or to ``settled``, the key of a settled invoice that is unchanged."""
+    before = key = None
     if type(item) is dict and type(invoice_id := item.get("id")) is str:
-        before = known.get(invoice_id)
+        before = known.live.get(invoice_id)
+        key = known.settled.get(invoice_id)
     if before is not None and _unchanged(before, item):
         out.append(before)
+    elif key is not None and _settled_key(item) == key:
+        settled.append(key)
     else:
         invoice = parse_invoice(source_org_id, item)
         out.append(before if before == invoice else invoice)
     for linked in item.get("linkedInvoices") or []:
-        _flatten(source_org_id, linked, known, out)
+        _flatten(source_org_id, linked, known, out, settled)
 
 
 def _unchanged(before: Invoice, item: dict[str, Any]) -> bool:
@@ -625,6 +661,45 @@ def _unchanged(before: Invoice, item: dict[str, Any]) -> bool:
         and _same_instant(item.get("created"), before.created)
         and _same_instant(item.get("updated"), before.updated)
     )
+
+
+def _settled_key(item: dict[str, Any]) -> int | None:
+    """The settled key (:func:`~invoice_watch.types.settled_key`) of the invoice that
+    :func:`parse_invoice` would make of ``item``, or None where it would refuse the item
+    or might (then it is parsed, and what is wrong is reported)."""
+    invoice_id, owner, status = item.get("id"), item.get("orgId"), item.get("statusName")
+    if type(invoice_id) is not str or type(owner) is not str or type(status) is not str:
+        return None
+    amounts = []
+    for api_name in AMOUNT_ATTRS:
+        value = item.get(api_name)
+        if value is None:
+            if api_name == "amountBilledCents":
+                return None
+            value = 0
+        elif type(value) is not int:
+            return None
+        amounts.append(value)
+    start, end = _aware(item.get("startDate")), _aware(item.get("endDate"))
+    created, updated = item.get("created"), item.get("updated")
+    if start is None or end is None:
+        return None
+    if created is not None and (created := _aware(created)) is None:
+        return None
+    if updated is not None and (updated := _aware(updated)) is None:
+        return None
+    return settled_key(invoice_id, owner, status, tuple(amounts), start, end, created, updated)
+
+
+def _aware(value: Any) -> datetime | None:
+    """A timestamp as :func:`parse_invoice` reads it, or None where it would not."""
+    if type(value) is not str:
+        return None
+    try:
+        parsed = instant(value)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo is not None else None
 
 
 def _same_instant(value: Any, known: datetime | None) -> bool:

@@ -115,7 +115,7 @@ async def invoices(
     store = await _open(config)
     try:
         # An invoice two configured organizations list (a linked one) is shown once.
-        unique = {i.id: i for i in store.all_invoices()}
+        unique = {i.id: i for i in await store.stored_invoices()}
         selected = [
             i
             for i in unique.values()

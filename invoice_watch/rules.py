@@ -18,6 +18,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from invoice_watch import format as fmt
+from invoice_watch.constants import FINAL_STATUSES
 from invoice_watch.diff import Diff
 from invoice_watch.types import BreakdownLine, Invoice, LineItem
 
@@ -77,6 +78,20 @@ class Evaluation:
     # (rule name, configured org id) pairs that were evaluated this cycle: an alert in
     # such a scope that no longer holds has resolved.
     evaluated: set[tuple[str, str]] = field(default_factory=set)
+
+
+def settled_statuses(rules: Sequence[Rule]) -> frozenset[str]:
+    """The statuses of invoices that no rule needs to see: the final ones (PAID,
+    FORGIVEN, FREE) but those an enabled ``invoice_status`` rule watches. Only a state
+    rule looks at every invoice; ``status_change`` sees a move in the diff, which reads
+    a settled invoice that changed from the state file."""
+    watched = {
+        status
+        for rule in rules
+        if rule.enabled and rule.type == "invoice_status"
+        for status in rule.statuses
+    }
+    return FINAL_STATUSES - watched
 
 
 def alert_key(rule: str, org_id: str, invoice_id: str | None = None) -> str:

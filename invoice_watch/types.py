@@ -8,9 +8,9 @@ import functools
 import hashlib
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from typing import Any, Protocol
 
 # API field name -> Invoice attribute, for the cents fields the diff compares.
@@ -50,6 +50,125 @@ class Invoice:
     def amounts(self) -> dict[str, int]:
         """The cents fields, keyed by their API names."""
         return {api: getattr(self, attr) for api, attr in AMOUNT_ATTRS.items()}
+
+    def settled_key(self) -> int:
+        """This invoice as a settled snapshot keeps it: see :func:`settled_key`."""
+        return settled_key(
+            self.id,
+            self.org_id,
+            self.status,
+            (
+                self.amount_billed_cents,
+                self.amount_paid_cents,
+                self.credits_cents,
+                self.sales_tax_cents,
+                self.starting_balance_cents,
+                self.subtotal_cents,
+            ),
+            self.start_date,
+            self.end_date,
+            self.created,
+            self.updated,
+        )
+
+
+# A settled invoice's key: the day its period starts, then a 42-bit fingerprint.
+_FINGERPRINT_BITS = 42
+_FINGERPRINT_MASK = (1 << _FINGERPRINT_BITS) - 1
+_DAY_ONE = datetime(1, 1, 1, tzinfo=UTC)
+
+
+def settled_key(
+    invoice_id: str,
+    org_id: str,
+    status: str,
+    amounts: tuple[int, ...],
+    start: datetime,
+    end: datetime,
+    created: datetime | None,
+    updated: datetime | None,
+) -> int:
+    """What the snapshot keeps in memory of a settled invoice (one that can no longer
+    change and that no rule watches): one int instead of an :class:`Invoice`.
+
+    Its high bits are the day the invoice's period starts (UTC, so that an incremental
+    listing's window applies to it), its low 42 bits a fingerprint of every field
+    (``amounts`` in :data:`AMOUNT_ATTRS` order): two invoices that are equal have the
+    same key; two that differ have the same key once in 4 * 10^12. The fingerprint is
+    Python's ``hash``, so keys are only ever compared within one process (the state
+    file keeps the invoices themselves).
+    """
+    fingerprint = hash((invoice_id, org_id, status, amounts, start, end, created, updated))
+    return ((start - _DAY_ONE).days << _FINGERPRINT_BITS) | (fingerprint & _FINGERPRINT_MASK)
+
+
+def settled_day(key: int) -> int:
+    """The day on which the period of the invoice with this settled key starts (UTC),
+    as :func:`day_number` counts days."""
+    return key >> _FINGERPRINT_BITS
+
+
+def day_number(day: date) -> int:
+    """Days from 0001-01-01 to ``day``: how :func:`settled_day` counts."""
+    return day.toordinal() - 1
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """One configured organization's stored invoices, as a cycle holds them in memory.
+
+    ``live``: the invoices that can still change, or whose status a rule watches, as
+    :class:`Invoice` objects: what the rules see. ``settled``: the others (PAID,
+    FORGIVEN or FREE, and no rule watches that status), most of an organization's
+    history, as one int each (:func:`~invoice_watch.types.settled_key`): enough to tell
+    that a listing shows one unchanged, or no longer shows it. The state file keeps them
+    whole; the few that a read finds changed or gone are read from it
+    (:func:`settled_to_load`). ``settles``: the statuses kept settled.
+
+    Never changed in place (a cycle may still be looking at it): see :meth:`updated`.
+    """
+
+    live: dict[str, Invoice] = field(default_factory=dict)
+    settled: dict[str, int] = field(default_factory=dict)
+    settles: frozenset[str] = frozenset()
+
+    def __len__(self) -> int:
+        return len(self.live) + len(self.settled)
+
+    def __contains__(self, invoice_id: object) -> bool:
+        return invoice_id in self.live or invoice_id in self.settled
+
+    def __iter__(self) -> Iterator[str]:
+        """The ids, live ones first."""
+        yield from self.live
+        yield from self.settled
+
+    def newest_settled_day(self) -> date | None:
+        """The (UTC) day on which the newest settled invoice's period starts."""
+        if not self.settled:
+            return None
+        return date.fromordinal(settled_day(max(self.settled.values())) + 1)
+
+    def updated(self, upserts: Collection[Invoice], gone: Collection[str]) -> Snapshot:
+        """A new snapshot: this one once ``upserts`` are stored and ``gone`` deleted."""
+        if not upserts and not gone:
+            return self
+        live, settled = dict(self.live), self.settled
+        if any(i.status in self.settles or i.id in settled for i in upserts) or any(
+            invoice_id in settled for invoice_id in gone
+        ):
+            settled = dict(settled)
+        for invoice in upserts:
+            if invoice.status in self.settles:
+                live.pop(invoice.id, None)
+                settled[invoice.id] = invoice.settled_key()
+            else:
+                settled.pop(invoice.id, None)
+                live[invoice.id] = invoice
+        for invoice_id in gone:
+            live.pop(invoice_id, None)
+            settled.pop(invoice_id, None)
+        return Snapshot(live, settled, self.settles)
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,11 +357,23 @@ class OrgRead:
     """The outcome of reading one configured organization in one cycle."""
 
     org_id: str
+    # Every invoice listed, but the settled ones listed unchanged: their keys.
     invoices: tuple[Invoice, ...] = ()
+    settled: frozenset[int] = frozenset()
     error: str | None = None
     requests: int = 0
-    fields: dict[str, Any] = field(default_factory=dict)
+    listed: int = 0  # invoices listed (linked ones included)
 
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    def outcome(self) -> OrgRead:
+        """This read without what it listed (once that is taken): ok or not, why,
+        requests sent, how many invoices it listed."""
+        return OrgRead(
+            self.org_id,
+            error=self.error,
+            requests=self.requests,
+            listed=self.listed,
+        )

@@ -307,7 +307,7 @@ async def check_state(state_path: Path, sim: Simulator) -> list[str]:
     store = await StateStore.open(state_path)
     try:
         problems = []
-        stored = {i.id: (i.org_id, i.status, i.amounts()) for i in store.all_invoices()}
+        stored = {i.id: (i.org_id, i.status, i.amounts()) for i in await store.stored_invoices()}
         actual = {
             i.id: (
                 i.org_id,

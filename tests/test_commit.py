@@ -80,7 +80,7 @@ async def test_store_commit_then_reopen_restores_everything(tmp_path):
     again = await StateStore.open(path)
     try:
         assert set(again.snapshot(ORG_A)) == {inv(1).id, inv(2).id}
-        assert again.snapshot(ORG_A)[inv(2).id].status == "FAILED"
+        assert again.snapshot(ORG_A).live[inv(2).id].status == "FAILED"
         assert again.history(inv(1).id) == [(NOW, 100_00)]
         assert list(again.firing_alerts()) == ["k"]
         assert again.firing_alerts()["k"].last_event == event()
@@ -362,7 +362,7 @@ async def test_store_a_failed_part_of_a_cycle_changes_nothing(tmp_path):
             await store.commit_orgs(
                 number, NOW, [OrgWrite(ORG_B, True, upserts=[inv(2)])], [firing()], ROUTES
             )
-        assert store.snapshot(ORG_B) == {}
+        assert not store.snapshot(ORG_B)
         assert store.firing_alerts() == {}
         assert set(store.snapshot(ORG_A)) == {inv(1).id}
     finally:
@@ -393,7 +393,7 @@ async def test_store_a_schema_1_file_is_migrated_with_everything_in_it(tmp_path)
 
     store = await StateStore.open(path)
     try:
-        assert store.snapshot(ORG_A)[inv(1).id].status == "FAILED"
+        assert store.snapshot(ORG_A).live[inv(1).id].status == "FAILED"
         assert [d.events for d in await store.due_deliveries(NOW)] == [[event()]]
     finally:
         await store.close()
@@ -419,13 +419,13 @@ async def test_store_keeps_an_invoice_once_per_organization_that_lists_it(tmp_pa
     try:
         assert linked.id in store.snapshot(ORG_A) and linked.id in store.snapshot(ORG_B)
         await commit(store, OrgWrite(ORG_B, True, gone=[linked.id]))
-        assert store.snapshot(ORG_B) == {} and linked.id in store.snapshot(ORG_A)
+        assert not store.snapshot(ORG_B) and linked.id in store.snapshot(ORG_A)
         assert store.history(linked.id) == [(NOW, 100)]
     finally:
         await store.close()
     store = await StateStore.open(path)
     try:
-        assert store.snapshot(ORG_B) == {} and linked.id in store.snapshot(ORG_A)
+        assert not store.snapshot(ORG_B) and linked.id in store.snapshot(ORG_A)
         assert store.history(linked.id) == [(NOW, 100)]
     finally:
         await store.close()
@@ -455,3 +455,35 @@ async def test_store_a_grouped_message_is_retried_sent_and_counted_as_one(tmp_pa
         assert row.summary == "3 alerts (grouped)"
     finally:
         await store.close()
+
+
+async def test_store_keeps_settled_invoices_as_keys_in_memory_and_whole_in_the_file(tmp_path):
+    """PAID (final, and no rule watches it) is kept in memory as a key; the file keeps
+    the invoice, read back whole on demand, and live again when a rule comes to watch
+    PAID."""
+    path = tmp_path / "state.db"
+    paid, pending = inv(1, status="PAID"), inv(2, status="PENDING")
+    store = await StateStore.open(path)
+    await commit(store, OrgWrite(ORG_A, True, upserts=[paid, pending]))
+    await store.close()
+
+    copy = StateStore.open_copy(path)  # --dry-run's
+    store = await StateStore.open(path)
+    try:
+        for snapshot in (store.snapshot(ORG_A), copy.snapshot(ORG_A)):
+            assert snapshot.live == {pending.id: pending}
+            assert snapshot.settled == {paid.id: paid.settled_key()}
+        assert store.invoice_count() == 2
+        assert await store.stored_invoices(ORG_A, [paid.id]) == [paid]
+        assert sorted(await store.stored_invoices(), key=lambda i: i.id) == [paid, pending]
+
+        await store.settle(frozenset({"FORGIVEN", "FREE"}))  # a rule watches PAID now
+        assert store.snapshot(ORG_A).live == {paid.id: paid, pending.id: pending}
+        assert not store.snapshot(ORG_A).settled
+        moved = replace(pending, status="FREE")
+        await commit(store, OrgWrite(ORG_A, True, upserts=[moved]))
+        assert store.snapshot(ORG_A).live == {paid.id: paid}
+        assert store.snapshot(ORG_A).settled == {moved.id: moved.settled_key()}
+    finally:
+        await store.close()
+        await copy.close()

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
-from invoice_watch.diff import diff
-from tests.conftest import inv
+from invoice_watch.constants import FINAL_STATUSES
+from invoice_watch.diff import diff, settled_to_load
+from invoice_watch.types import OrgRead, Snapshot
+from tests.conftest import ORG_A, PERIOD_START, inv
 
 
 def test_diff_identical_listing_is_empty():
@@ -40,3 +42,24 @@ def test_diff_incremental_listing_does_not_make_old_invoices_gone():
     old = {old_invoice.id: old_invoice, recent.id: recent}
     result = diff(old, [], listed_from=datetime(2026, 9, 1, tzinfo=UTC))
     assert [i.id for i in result.gone] == [recent.id]
+
+
+def test_settled_to_load_names_the_settled_invoices_listed_changed_or_no_longer_listed():
+    """A listing that shows every settled invoice unchanged needs nothing from the state
+    file; one changed, or missing within the listing's window, is read from it."""
+    early = PERIOD_START - timedelta(days=90)
+    paid = [inv(1, status="PAID"), inv(2, status="PAID"), inv(3, status="PAID", start=early)]
+    snapshot = Snapshot(settles=FINAL_STATUSES).updated([*paid, inv(4)], [])
+    keys = {i.id: i.settled_key() for i in paid}
+
+    def read(*listed: str, changed: tuple[str, ...] = ()) -> OrgRead:
+        changes = tuple(inv(int(i, 16), status="FAILED") for i in changed)
+        return OrgRead(ORG_A, (inv(4), *changes), frozenset(keys[i] for i in listed))
+
+    one, two, three = (i.id for i in paid)
+    assert settled_to_load(snapshot, read(one, two, three)) == []
+    assert settled_to_load(snapshot, read(one, three, changed=(two,))) == [two]
+    assert settled_to_load(snapshot, read(one, two)) == [three]
+    # an incremental listing from PERIOD_START does not show `three`: not gone
+    assert settled_to_load(snapshot, read(one, two), listed_from=PERIOD_START) == []
+    assert settled_to_load(snapshot, read(two), listed_from=PERIOD_START) == [one]

@@ -11,12 +11,14 @@ import pytest
 from invoice_watch.errors import FetchDataError
 from invoice_watch.fetch import (
     Decision,
+    Page,
     backoff_delay,
     classify_status,
     parse_invoice,
     parse_invoice_csv,
     parse_retry_after,
 )
+from invoice_watch.types import Invoice, Snapshot
 from tests.conftest import ORG_A, ORG_B
 
 
@@ -180,20 +182,32 @@ _CHANGES: list[tuple[str, Any]] = [
 ]
 
 
+@pytest.mark.parametrize("kept", ["live", "settled"])
 @pytest.mark.parametrize(("field", "value"), _CHANGES, ids=[f"{f}={v!r}" for f, v in _CHANGES])
-def test_parse_page_with_known_invoices_reads_exactly_what_parse_invoice_reads(field, value):
-    """A listed invoice that equals the stored one comes back as that very object, without
-    being parsed again; any change, valid or not, reads as parse_invoice reads it."""
+def test_parse_page_with_known_invoices_reads_exactly_what_parse_invoice_reads(field, value, kept):
+    """A listed invoice that equals the stored one comes back as that very object (a
+    live one) or as its key (a settled one), without being parsed again; any change,
+    valid or not, reads as parse_invoice reads it."""
     import json
 
     from invoice_watch.fetch import parse_page
 
     stored = parse_invoice(ORG_A, good(created="2026-11-01T00:00:00Z", updated=None))
-    known = {stored.id: stored}
+    key = stored.settled_key()
+    if kept == "live":
+        known = Snapshot(live={stored.id: stored})
+    else:
+        known = Snapshot(settled={stored.id: key}, settles=frozenset({stored.status}))
+
+    def listed(page: Page) -> Invoice | int:
+        found: list[Invoice | int] = [*page.invoices, *page.settled]
+        assert len(found) == 1
+        return found[0]
+
     unchanged = parse_page(
         ORG_A, json.dumps({"results": [good(created="2026-11-01T00:00:00Z")]}).encode(), known
     )
-    assert unchanged.invoices[0] is stored
+    assert listed(unchanged) is (stored if kept == "live" else key)
 
     item = good(**{"created": "2026-11-01T00:00:00Z", field: value})
     body = json.dumps({"results": [item]}).encode()
@@ -203,6 +217,8 @@ def test_parse_page_with_known_invoices_reads_exactly_what_parse_invoice_reads(f
         with pytest.raises(FetchDataError, match=re.escape(str(exc).split(": ", 1)[-1])):
             parse_page(ORG_A, body, known)
         return
-    (got,) = parse_page(ORG_A, body, known).invoices
-    assert got == expected
-    assert (got is stored) == (expected == stored)
+    got = listed(parse_page(ORG_A, body, known))
+    if expected != stored:
+        assert got == expected and got is not stored
+    else:
+        assert got is (stored if kept == "live" else key)

@@ -21,9 +21,10 @@ from aiohttp import web
 from invoice_watch.app import App, CycleResult
 from invoice_watch.clock import FakeClock
 from invoice_watch.config import Config, load
+from invoice_watch.constants import FINAL_STATUSES
 from invoice_watch.fetch import AtlasClient
 from invoice_watch.simulator import Scenario, Simulator
-from invoice_watch.types import AlertEvent, EventKind
+from invoice_watch.types import AlertEvent, EventKind, OrgRead, Snapshot
 from tests.conftest import base_config, make_config
 from tests.loopback import LoopbackServer
 
@@ -46,7 +47,9 @@ def two_years(*, open_age: int = 14) -> Scenario:
     return scenario
 
 
-def app_config(sim: Simulator, tmp: Path, orgs: list[str] | None = None) -> Config:
+def app_config(
+    sim: Simulator, tmp: Path, orgs: list[str] | None = None, rules: list[dict[str, Any]] = RULES
+) -> Config:
     data = {
         "atlas": {
             "base_url": sim.base_url,
@@ -55,7 +58,7 @@ def app_config(sim: Simulator, tmp: Path, orgs: list[str] | None = None) -> Conf
         "organizations": [{"id": org} for org in orgs or [ORG]],
         "state": {"path": str(tmp / "state.db")},
         "notifiers": {"console": {"type": "console"}},
-        "rules": RULES,
+        "rules": rules,
     }
     return load(yaml.safe_dump(data), filename="incremental.yaml", env={}, base_dir=tmp)
 
@@ -103,7 +106,7 @@ async def test_incremental_read_starts_at_the_oldest_open_invoice_and_sees_it_ch
         quiet = await app.run_cycle()
         assert [q["fromDate"] for q in listing_queries(sim)] == [[f"{closed.start:%Y-%m-%d}"]]
         assert quiet.events == [] and quiet.changes == 0
-        assert len(quiet.reads[ORG].invoices) == 15  # m14 .. m0, not the 9 older PAID ones
+        assert quiet.reads[ORG].listed == 15  # m14 .. m0, not the 9 older PAID ones
 
         sim.set_status(closed.id, "FAILED")
         changed = await app.run_cycle()
@@ -131,10 +134,11 @@ async def test_incremental_read_never_reports_old_final_invoices_as_gone(
         for _ in range(2):
             result = await app.run_cycle()
             assert [q["fromDate"] for q in listing_queries(sim)] == [[f"{pending.start:%Y-%m-%d}"]]
-            assert [i.id for i in result.reads[ORG].invoices] == [pending.id]
+            assert result.reads[ORG].listed == 1  # this month's
             assert result.events == [] and result.changes == 0
             assert len(app.store.snapshot(ORG)) == 24
-            assert app.store.snapshot(ORG)[closed.id].status == "PAID"
+            (stored,) = await app.store.stored_invoices(ORG, [closed.id])
+            assert stored.status == "PAID"
 
 
 async def test_incremental_read_hands_back_the_stored_invoices_when_nothing_changed(
@@ -144,15 +148,106 @@ async def test_incremental_read_hands_back_the_stored_invoices_when_nothing_chan
         app_config(sim, tmp_path), clock=FakeClock(NOW), notifiers={"console": Silent()}
     ) as app:
         await app.run_cycle()
+        reads = record_reads(app)
         for _ in range(2):  # a page parsed anew, then a page known byte for byte
-            result = await app.run_cycle()
+            await app.run_cycle()
+            (read,) = reads
+            reads.clear()
             stored = app.store.snapshot(ORG)
-            assert all(invoice is stored[invoice.id] for invoice in result.reads[ORG].invoices)
+            assert read.listed == 15
+            assert all(invoice is stored.live[invoice.id] for invoice in read.invoices)
+            assert read.settled <= set(stored.settled.values())
 
         sim.set_amount(sim.scenario.invoice("m0").id, 1234_00)
         result = await app.run_cycle()
         assert result.changes == 1
-        assert app.store.snapshot(ORG)[sim.scenario.invoice("m0").id].amount_billed_cents == 1234_00
+        pending = app.store.snapshot(ORG).live[sim.scenario.invoice("m0").id]
+        assert pending.amount_billed_cents == 1234_00
+
+
+async def test_settled_invoices_are_kept_as_keys_and_a_change_to_one_is_noticed(
+    sim: Simulator, tmp_path: Path
+):
+    """PAID invoices are kept in memory as keys only; one that Atlas lists changed (PAID
+    -> FAILED) is read back from the state file and reported as a move from PAID, and
+    resolves with the invoice as it is once it is PAID again."""
+    paid = sim.scenario.invoice("m5")  # newer than m14 (CLOSED): within every listing
+    async with App(
+        app_config(sim, tmp_path), clock=FakeClock(NOW), notifiers={"console": Silent()}
+    ) as app:
+        await app.run_cycle()
+        snapshot = app.store.snapshot(ORG)
+        assert set(snapshot.live) == {sim.scenario.invoice(n).id for n in ("m14", "m0")}
+        assert len(snapshot.settled) == 22 and paid.id in snapshot.settled
+
+        sim.set_status(paid.id, "FAILED")
+        failed = await app.run_cycle()
+        assert events(failed) == [
+            (EventKind.FIRING, "failed-charge", paid.id),
+            (EventKind.NOTICE, "status-moves", paid.id),
+        ]
+        assert by_kind(failed, EventKind.NOTICE)[0].previous_status == "PAID"
+        assert app.store.snapshot(ORG).live[paid.id].status == "FAILED"
+
+        sim.set_status(paid.id, "PAID")
+        again = await app.run_cycle()
+        assert events(again) == [
+            (EventKind.NOTICE, "status-moves", paid.id),
+            (EventKind.RESOLVED, "failed-charge", paid.id),
+        ]
+        assert by_kind(again, EventKind.RESOLVED)[0].summary == f"Invoice {paid.id} is now PAID."
+        assert paid.id in app.store.snapshot(ORG).settled
+        assert (await app.run_cycle()).changes == 0
+
+
+async def test_a_settled_invoice_no_longer_listed_is_gone_from_the_state_file(
+    sim: Simulator, tmp_path: Path
+):
+    paid, old = sim.scenario.invoice("m5"), sim.scenario.invoice("m20")  # m20: before m14
+    async with App(
+        app_config(sim, tmp_path), clock=FakeClock(NOW), notifiers={"console": Silent()}
+    ) as app:
+        await app.run_cycle()
+        sim.remove_invoice(paid.id)
+        result = await app.run_cycle()
+        assert result.changes == 1 and result.events == []
+        assert paid.id not in app.store.snapshot(ORG)
+        assert paid.id not in {i.id for i in await app.store.stored_invoices(ORG)}
+        assert old.id in app.store.snapshot(ORG)  # not listed by the incremental read: kept
+        assert len(app.store.snapshot(ORG)) == 23
+
+
+async def test_a_rule_that_comes_to_watch_paid_sees_the_settled_invoices(
+    sim: Simulator, tmp_path: Path
+):
+    """What is settled follows the rules: a reload that adds a rule on PAID invoices
+    makes them live again (read from the state file), and the rule sees them."""
+    config = app_config(sim, tmp_path)
+    async with App(config, clock=FakeClock(NOW), notifiers={"console": Silent()}) as app:
+        await app.run_cycle()
+        assert len(app.store.snapshot(ORG).settled) == 22
+        paid_rule = {"name": "paid", "type": "invoice_status", "statuses": ["PAID"]}
+        watching = app_config(sim, tmp_path, rules=[*RULES, {**paid_rule, "notify": ["console"]}])
+        assert await app.reload(watching)
+        assert not app.store.snapshot(ORG).settled
+        result = await app.run_cycle()
+        assert len(by_kind(result, EventKind.FIRING)) == 22
+        assert result.changes == 0
+
+
+def record_reads(app: App) -> list[OrgRead]:
+    """Every organization's read, as the client hands it to the cycle (the cycle's
+    result keeps only their outcomes)."""
+    reads: list[OrgRead] = []
+    read_org = app.client.read_org
+
+    async def recording(*args: Any, **kwargs: Any) -> OrgRead:
+        read = await read_org(*args, **kwargs)
+        reads.append(read)
+        return read
+
+    app.client.read_org = recording  # type: ignore[method-assign]
+    return reads
 
 
 async def test_steady_cycles_draw_one_digest_challenge_each_even_with_a_stale_nonce(
@@ -249,3 +344,24 @@ async def test_list_invoices_without_a_count_pages_one_after_the_other(tmp_path:
             invoices = await client.list_invoices(BIG_ORG)
     assert server.pages == [1, 2, 3]  # 500, 500, then the short (empty) page
     assert len(invoices) == 1000
+
+
+async def test_a_page_is_not_kept_with_invoices_the_snapshot_settles(tmp_path: Path):
+    """A first listing's pages hold its PAID invoices as objects. They are not reused as
+    they are (that would keep them in memory, and have each cycle read them back from
+    the state file as if changed): the same pages are parsed again against the
+    snapshot that keeps them settled, which lists them as its keys."""
+    async with Listing(1200, 1200) as server:
+        atlas = base_config()["atlas"] | {"base_url": server.url}
+        config = make_config(tmp_path, base_config(atlas=atlas))
+        async with AtlasClient(config.atlas) as client:
+            empty = Snapshot(settles=FINAL_STATUSES)
+            first = await client.read_org(BIG_ORG, None, empty)
+            assert len(first.invoices) == 1200 and not first.settled
+            settled = empty.updated(first.invoices, [])
+            assert len(settled.settled) == 1200
+            for _ in range(2):  # parsed again, then the same pages reused
+                again = await client.read_org(BIG_ORG, None, settled)
+                assert again.invoices == ()
+                assert again.settled == set(settled.settled.values())
+                assert again.listed == 1200

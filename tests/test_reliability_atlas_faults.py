@@ -47,8 +47,12 @@ async def run(world: World, cfg: Config, advance: timedelta = timedelta(0)) -> i
 
 
 async def snapshot(cfg: Config, org_id: str) -> dict[str, Invoice]:
+    """The organization's invoices as the state file holds them; its snapshot in memory
+    must name the same ones."""
     async with App(cfg) as app:
-        return dict(app.store.snapshot(org_id))
+        stored = {i.id: i for i in await app.store.stored_invoices(org_id)}
+        assert set(app.store.snapshot(org_id)) == set(stored)
+        return stored
 
 
 def org_warnings(caplog: pytest.LogCaptureFixture, org_name: str) -> list[str]:

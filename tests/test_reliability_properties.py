@@ -11,7 +11,9 @@ Properties:
 
 The cycle here is ``App._cycle`` without I/O: each organization through ``step_org``
 and ``CyclePlan.org`` (diff, amount history, evaluate, plan), then
-``CyclePlan.resolved``; the transitions applied as the store does.
+``CyclePlan.resolved``; the transitions applied as the store does. The snapshot is the
+store's: PAID invoices settled (keys only), their stored versions read when a listing
+changes them or no longer shows them, as the client and ``App._cycle`` do.
 """
 
 from __future__ import annotations
@@ -24,11 +26,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from invoice_watch.app import CyclePlan, step_org
-from invoice_watch.commit import OrgState
+from invoice_watch.commit import OrgState, OrgWrite
 from invoice_watch.config import Config, load
 from invoice_watch.dedup import AlertState, Transition
-from invoice_watch.diff import diff
-from invoice_watch.types import EventKind, Invoice, OrgRead
+from invoice_watch.diff import diff, settled_to_load
+from invoice_watch.rules import settled_statuses
+from invoice_watch.types import EventKind, Invoice, OrgRead, Snapshot
 from tests.conftest import NOW, ORG_A, ORG_B, PERIOD_END, PERIOD_START
 
 ORG_LINKED = "cccccccccccccccccccccccc"  # billed through ORG_A (a linked invoice)
@@ -76,8 +79,8 @@ def invoice(number: int, status: str, cents: int, start: datetime = PERIOD_START
 
 # A listing: the invoices an organization's read returned; None: the read failed.
 Listing = tuple[Invoice, ...] | None
-# What a cycle writes per organization read: its invoices now, the amounts observed.
-Writes = dict[str, tuple[dict[str, Invoice], list[tuple[str, int]]]]
+# What a cycle writes per organization read.
+Writes = dict[str, OrgWrite]
 
 
 @st.composite
@@ -109,7 +112,8 @@ class Pipeline:
     """The state one daemon keeps between cycles, and one cycle over it."""
 
     now: datetime = NOW
-    snapshot: dict[str, dict[str, Invoice]] = field(default_factory=dict)
+    snapshot: dict[str, Snapshot] = field(default_factory=dict)
+    stored: dict[str, dict[str, Invoice]] = field(default_factory=dict)  # the state file
     history: dict[str, list[tuple[datetime, int]]] = field(default_factory=dict)
     failing_since: dict[str, datetime] = field(default_factory=dict)
     read_once: set[str] = field(default_factory=set)
@@ -123,22 +127,25 @@ class Pipeline:
         writes: Writes = {}
         transitions: list[Transition] = []
         for org, listing in reads.items():
-            read = OrgRead(org, error="x") if listing is None else OrgRead(org, listing)
+            snapshot = self.snapshot.get(org) or Snapshot(settles=settled_statuses(CONFIG.rules))
+            read = OrgRead(org, error="x") if listing is None else as_listed(org, snapshot, listing)
             known = OrgState(
                 org,
                 last_success=self.now if org in self.read_once else None,
                 failing_since=self.failing_since.get(org),
             )
+            stored = self.stored.get(org, {})
             step = step_org(
                 read,
-                self.snapshot.get(org, {}),
+                snapshot,
                 known,
                 lambda invoice_id: self.history.get(invoice_id, []),
                 self.now,
+                stored={i: stored[i] for i in settled_to_load(snapshot, read)} if read.ok else None,
             )
             transitions += decide.org(step, self.now)[0]
             if listing is not None:
-                writes[org] = (dict(step.view.invoices), step.write.observations)
+                writes[org] = step.write
         transitions += decide.resolved(self.now)
         return decide, transitions, writes
 
@@ -150,14 +157,19 @@ class Pipeline:
             if listing is None:
                 self.failing_since.setdefault(org, self.now)
                 continue
-            current, seen = writes[org]
-            self.snapshot[org] = current
+            write = writes[org]
+            before = self.snapshot.get(org) or Snapshot(settles=settled_statuses(CONFIG.rules))
+            self.snapshot[org] = before.updated(write.upserts, write.gone)
+            stored = self.stored[org] = {**self.stored.get(org, {}), **by_id(write.upserts)}
+            for invoice_id in write.gone:
+                del stored[invoice_id]
+            assert set(self.snapshot[org]) == set(stored)
             self.failing_since.pop(org, None)
             self.read_once.add(org)
-            for inv in current.values():
+            for inv in stored.values():
                 if inv.status != "PENDING":
                     self.history.pop(inv.id, None)
-            for invoice_id, cents in seen:
+            for invoice_id, cents in write.observations:
                 self.history.setdefault(invoice_id, []).append((self.now, cents))
         for t in transitions:
             if t.state.firing:
@@ -176,6 +188,15 @@ class Pipeline:
 
 def by_id(invoices: Sequence[Invoice]) -> dict[str, Invoice]:
     return {i.id: i for i in invoices}
+
+
+def as_listed(org: str, snapshot: Snapshot, listing: Sequence[Invoice]) -> OrgRead:
+    """The read the client makes of ``listing``: a settled invoice listed unchanged
+    as its key, every other one as an invoice."""
+    keys = {i.id: i.settled_key() for i in listing}
+    settled = frozenset(k for i, k in keys.items() if snapshot.settled.get(i) == k)
+    invoices = tuple(i for i in listing if snapshot.settled.get(i.id) != keys[i.id])
+    return OrgRead(org, invoices, settled, listed=len(listing))
 
 
 def all_paid() -> Step:
