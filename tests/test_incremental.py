@@ -1,6 +1,7 @@
 """Reading less, and reading once: the incremental listing (``fromDate`` from the oldest
 invoice that can still change), pages reused when unchanged, a big organization's pages
-requested together, and one Digest challenge per cycle.
+requested together, and one Digest challenge per cycle; and holding less: invoices that
+can no longer change kept as keys (settled), still watched.
 
 The cycles run through the real App and AtlasClient against the simulator (or, for
 ``totalCount`` estimates the simulator never gets wrong, a small listing server here).
@@ -165,7 +166,7 @@ async def test_incremental_read_hands_back_the_stored_invoices_when_nothing_chan
         assert pending.amount_billed_cents == 1234_00
 
 
-async def test_settled_invoices_are_kept_as_keys_and_a_change_to_one_is_noticed(
+async def test_settled_invoices_are_keys_and_a_change_to_one_is_noticed(
     sim: Simulator, tmp_path: Path
 ):
     """PAID invoices are kept in memory as keys only; one that Atlas lists changed (PAID
@@ -200,7 +201,7 @@ async def test_settled_invoices_are_kept_as_keys_and_a_change_to_one_is_noticed(
         assert (await app.run_cycle()).changes == 0
 
 
-async def test_a_settled_invoice_no_longer_listed_is_gone_from_the_state_file(
+async def test_settled_invoice_no_longer_listed_is_gone_from_the_state_file(
     sim: Simulator, tmp_path: Path
 ):
     paid, old = sim.scenario.invoice("m5"), sim.scenario.invoice("m20")  # m20: before m14
@@ -217,7 +218,7 @@ async def test_a_settled_invoice_no_longer_listed_is_gone_from_the_state_file(
         assert len(app.store.snapshot(ORG)) == 23
 
 
-async def test_a_rule_that_comes_to_watch_paid_sees_the_settled_invoices(
+async def test_settled_follows_the_rules_a_rule_on_paid_sees_paid_invoices(
     sim: Simulator, tmp_path: Path
 ):
     """What is settled follows the rules: a reload that adds a rule on PAID invoices
@@ -346,7 +347,7 @@ async def test_list_invoices_without_a_count_pages_one_after_the_other(tmp_path:
     assert len(invoices) == 1000
 
 
-async def test_a_page_is_not_kept_with_invoices_the_snapshot_settles(tmp_path: Path):
+async def test_settled_invoices_are_not_kept_as_objects_in_cached_pages(tmp_path: Path):
     """A first listing's pages hold its PAID invoices as objects. They are not reused as
     they are (that would keep them in memory, and have each cycle read them back from
     the state file as if changed): the same pages are parsed again against the
