@@ -123,7 +123,7 @@ class Snapshot:
     history, as one int each (:func:`~invoice_watch.types.settled_key`): enough to tell
     that a listing shows one unchanged, or no longer shows it. The state file keeps them
     whole; the few that a read finds changed or gone are read from it
-    (:func:`settled_to_load`). ``settles``: the statuses kept settled.
+    (:func:`~invoice_watch.diff.settled_to_load`). ``settles``: the statuses kept settled.
 
     Never changed in place (a cycle may still be looking at it): see :meth:`updated`.
     """
