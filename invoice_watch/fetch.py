@@ -705,13 +705,7 @@ def _aware(value: Any) -> datetime | None:
 def _same_instant(value: Any, known: datetime | None) -> bool:
     if value is None or known is None:
         return value is None and known is None
-    if type(value) is not str:
-        return False
-    try:
-        parsed = instant(value)
-    except ValueError:
-        return False
-    return parsed == known  # a naive timestamp never equals the stored aware one
+    return _aware(value) == known  # None (not a timestamp, or naive) never equals it
 
 
 def _timestamp(org_id: str, item: dict[str, Any], key: str, *, required: bool) -> datetime | None:
