@@ -23,6 +23,7 @@ from invoice_watch.clock import Clock
 from invoice_watch.commit import Delivery, StateStore, summarize
 from invoice_watch.errors import PermanentNotifyError, RetryableNotifyError
 from invoice_watch.health import Metrics
+from invoice_watch.retry import retry_delay
 from invoice_watch.types import Notifier
 
 log = logging.getLogger(__name__)
@@ -40,15 +41,6 @@ class DeliveryStats:
         self.sent += other.sent
         self.retried += other.retried
         self.failed += other.failed
-
-
-def retry_delay(attempts: int, retry_after: float | None, cap: float, rng: random.Random) -> float:
-    """Seconds before the next attempt: the receiver's Retry-After when it gave one,
-    else exponential backoff with jitter; never more than ``cap``."""
-    if retry_after is not None:
-        return min(max(retry_after, 0.0), cap)
-    ceiling = min(cap, _BASE_BACKOFF * 2**attempts)
-    return rng.uniform(ceiling / 2, ceiling)
 
 
 class Deliverer:
@@ -152,7 +144,9 @@ class Deliverer:
             self._count(delivery, "failed")
             stats.failed += 1
             return True
-        delay = retry_delay(delivery.attempts, retry_after, self._cap, self._rng)
+        delay = retry_delay(
+            delivery.attempts, retry_after, base=_BASE_BACKOFF, cap=self._cap, rng=self._rng
+        )
         if delivery.attempts == 0 or retry_after is not None:
             log.warning("%s: %s; retrying in %.0fs", what, error, delay)
         else:

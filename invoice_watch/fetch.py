@@ -44,6 +44,7 @@ from invoice_watch.errors import (
     FetchStatusError,
     FetchTimeout,
 )
+from invoice_watch.retry import parse_retry_after, retry_delay
 from invoice_watch.types import (
     AMOUNT_ATTRS,
     Invoice,
@@ -62,6 +63,8 @@ log = logging.getLogger(__name__)
 _HEX24 = re.compile(r"^[a-f0-9]{24}$")
 _INT64_MAX = 2**63 - 1
 _BACKOFF_BASE = 1.0
+# Atlas's Retry-After is honoured up to this (beyond atlas.max_backoff: retrying sooner
+# than asked only draws another 429).
 _MAX_RETRY_AFTER = 300.0
 # At most this many pages are requested together on the strength of `totalCount` (an
 # estimate: a wild one must not turn into thousands of requests); paging goes on past it.
@@ -88,23 +91,6 @@ def classify_status(status: int) -> Decision:
     if status >= 500 or status == 408:
         return Decision.BACKOFF
     return Decision.FAIL
-
-
-def backoff_delay(attempt: int, cap: float, rng: random.Random) -> float:
-    """Full-jitter exponential backoff: uniform in [base*2^attempt / 2, base*2^attempt],
-    never above ``cap``."""
-    ceiling = min(cap, _BACKOFF_BASE * (2**attempt))
-    return rng.uniform(ceiling / 2, ceiling)
-
-
-def parse_retry_after(value: str | None) -> float | None:
-    if value is None:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        return None
-    return min(max(seconds, 0.0), _MAX_RETRY_AFTER)
 
 
 class OAuthMiddleware:
@@ -350,7 +336,7 @@ class AtlasClient:
                 ) from None
             except _TokenUnavailable as exc:
                 last_problem = f"the OAuth token endpoint answered {exc.status}"
-                retry_after = parse_retry_after(exc.retry_after)
+                retry_after = parse_retry_after(exc.retry_after, self._clock.now())
             except TimeoutError:
                 last_problem = (
                     f"no answer within {self._config.timeout.total_seconds():g}s (atlas.timeout)"
@@ -374,11 +360,16 @@ class AtlasClient:
                     )
                 last_problem = f"HTTP {answer.status}{detail}"
                 if decision is Decision.RETRY_AFTER:
-                    retry_after = parse_retry_after(answer.retry_after)
+                    retry_after = parse_retry_after(answer.retry_after, self._clock.now())
             if attempt == retries:
                 break
-            delay = (
-                retry_after if retry_after is not None else backoff_delay(attempt, cap, self._rng)
+            delay = retry_delay(
+                attempt,
+                retry_after,
+                base=_BACKOFF_BASE,
+                cap=cap,
+                rng=self._rng,
+                retry_after_cap=_MAX_RETRY_AFTER,
             )
             log.warning(
                 "%s: %s: %s; retry %d of %d in %.1fs",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 import re
 from typing import Any
 
@@ -12,11 +11,9 @@ from invoice_watch.errors import FetchDataError
 from invoice_watch.fetch import (
     Decision,
     Page,
-    backoff_delay,
     classify_status,
     parse_invoice,
     parse_invoice_csv,
-    parse_retry_after,
 )
 from invoice_watch.types import Invoice, Snapshot
 from tests.conftest import ORG_A, ORG_B
@@ -43,22 +40,6 @@ from tests.conftest import ORG_A, ORG_B
 )
 def test_classify_status_table(status, decision):
     assert classify_status(status) is decision
-
-
-@pytest.mark.parametrize(
-    ("value", "seconds"),
-    [(None, None), ("3", 3.0), ("0", 0.0), ("-5", 0.0), ("abc", None), ("99999", 300.0)],
-)
-def test_parse_retry_after(value, seconds):
-    assert parse_retry_after(value) == seconds
-
-
-def test_backoff_delay_grows_with_jitter_and_respects_the_cap():
-    rng = random.Random(7)
-    for attempt in range(12):
-        delay = backoff_delay(attempt, 30.0, rng)
-        ceiling = min(30.0, 2.0**attempt)
-        assert ceiling / 2 <= delay <= ceiling
 
 
 def good(**overrides: Any) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import logging
 import math
 import re
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 
 import aiohttp
 from slack_sdk.errors import SlackApiError
@@ -27,6 +28,7 @@ from slack_sdk.webhook.webhook_response import WebhookResponse
 
 from invoice_watch.errors import NotifyError, PermanentNotifyError, RetryableNotifyError
 from invoice_watch.notify import render
+from invoice_watch.retry import parse_retry_after
 from invoice_watch.types import AlertEvent
 
 logger = logging.getLogger(__name__)
@@ -79,14 +81,6 @@ def classify_slack_status(status: int | None, error_code: str | None) -> type[No
     return PermanentNotifyError
 
 
-def _retry_after(headers: Mapping[str, str] | None) -> float | None:
-    value = (headers or {}).get("Retry-After")
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:
-        return None
-
-
 def _error(
     name: str,
     status: int | None,
@@ -108,7 +102,8 @@ def _error(
         if hint := _HINTS.get(error_code or ""):
             message += f": {hint}"
     if kind is RetryableNotifyError:
-        return RetryableNotifyError(message, retry_after=_retry_after(headers))
+        retry_after = parse_retry_after((headers or {}).get("Retry-After"), datetime.now(UTC))
+        return RetryableNotifyError(message, retry_after=retry_after)
     return kind(message)
 
 
