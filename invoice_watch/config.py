@@ -50,7 +50,7 @@ from yaml.constructor import SafeConstructor
 from yaml.error import Mark, MarkedYAMLError
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from invoice_watch import constants
+from invoice_watch import constants, redact
 from invoice_watch.errors import ConfigError, ConfigProblem
 from invoice_watch.format import duration, usd
 from invoice_watch.types import Severity
@@ -97,6 +97,7 @@ class Secret:
 
     def __init__(self, value: str) -> None:
         self._value = value
+        redact.register(value)  # so that no server can echo it into a log
 
     def get(self) -> str:
         return self._value
