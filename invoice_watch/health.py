@@ -57,19 +57,46 @@ class Metrics:
         )
 
 
+# A last cycle that finished further than this ahead of the wall clock: the clock was
+# set back since (an NTP fix, a VM restore), so the time says nothing of the daemon.
+FUTURE_TOLERANCE = timedelta(seconds=5)
+
+
 def health(
-    finished: datetime | None, orgs_ok: int, orgs_failed: int, interval: timedelta, now: datetime
+    finished: datetime | None,
+    orgs_ok: int,
+    orgs_failed: int,
+    interval: timedelta,
+    now: datetime,
+    *,
+    age: timedelta | None = None,
 ) -> tuple[bool, str]:
     """Healthy while the last cycle finished within 2 x ``poll.interval`` (at least 60 s)
-    and read at least one organization."""
+    and read at least one organization (SPEC §8).
+
+    ``age``: how long ago the last cycle finished, measured on the monotonic clock: the
+    daemon's own view (``/healthz``, the watchdog), which no wall-clock step can fool.
+    Without it (``status --check``: another process, reading wall times from the state
+    file) the age is ``now - finished``, and a last cycle more than
+    :data:`FUTURE_TOLERANCE` in the future is unhealthy: the wall clock was set back since,
+    and the time can no longer show that the daemon still polls.
+    """
     if finished is None:
         return False, "no cycle has finished yet"
     limit = max(2 * interval, timedelta(seconds=60))
-    if now - finished > limit:
-        return False, f"last cycle finished {fmt.ago(finished, now)} (limit {fmt.duration(limit)})"
+    if age is None:
+        age = now - finished
+        if age < -FUTURE_TOLERANCE:
+            return False, (
+                f"the last cycle finished in the future ({fmt.ago(finished, now)}): the wall "
+                "clock was set back since; healthy again once a cycle finishes"
+            )
+    ago = f"{fmt.duration(max(age, timedelta(0)))} ago"
+    if age > limit:
+        return False, f"last cycle finished {ago} (limit {fmt.duration(limit)})"
     if orgs_ok == 0:
         return False, f"the last cycle could read none of {orgs_failed} organization(s)"
-    return True, f"last cycle {fmt.ago(finished, now)}: {orgs_ok} read, {orgs_failed} failed"
+    return True, f"last cycle {ago}: {orgs_ok} read, {orgs_failed} failed"
 
 
 HealthProbe = Callable[[], tuple[bool, str]]
