@@ -502,6 +502,11 @@ Rule = Annotated[
 
 class HttpConfig(_Model):
     listen: str
+    # Bounds against a flood or slow clients (issue 12 §3): connections open at once
+    # (beyond, new ones are closed at once), and how long a connection may stay without
+    # a complete request (from its start, or from its last answer).
+    max_connections: int = Field(64, ge=1, le=10_000)
+    idle_timeout: Duration = Field(timedelta(seconds=10), le=timedelta(hours=1))
 
     @field_validator("listen", mode="before")
     @classmethod
@@ -1068,6 +1073,11 @@ def summary(config: Config) -> str:
             f"  - {rule.name} [{rule.type}] {_rule_params(rule)} -> {', '.join(rule.notify)}"
             f" ({', '.join(options)})"
         )
-    lines.append(f"HTTP: {config.http.listen}" if config.http else "HTTP: off")
+    lines.append(
+        f"HTTP: {config.http.listen} (at most {config.http.max_connections} connections, "
+        f"idle timeout {duration(config.http.idle_timeout)})"
+        if config.http
+        else "HTTP: off"
+    )
     lines.append(f"Log: {config.log.level}, {config.log.format}")
     return "\n".join(lines)
