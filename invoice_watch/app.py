@@ -2,12 +2,12 @@
 
 :meth:`App.run_cycle` is the pipeline (fetch -> diff -> rules -> dedup -> commit, each
 organization as soon as it is read; then wake delivery). :meth:`App.serve` is the
-daemon: APScheduler runs the cycle on its interval (first one at start), the deliverer
-runs as its own task, and a stop event (set by the CLI on SIGTERM/SIGINT) ends it
-gracefully: no new cycle starts, the cycle in flight finishes (or stops where it is when
-it cannot finish in time: the organizations it committed stay committed), then
-everything closes in reverse order. Signals are the CLI's business, so tests embed the
-App.
+daemon: a :class:`~invoice_watch.schedule.PollLoop` runs the cycle on its interval,
+timed on the injected clock's monotonic time (first one at start), the deliverer runs as
+its own task, and a stop event (set by the CLI on SIGTERM/SIGINT) ends it gracefully: no
+new cycle starts, the cycle in flight finishes (or stops where it is when it cannot
+finish in time: the organizations it committed stay committed), then everything closes
+in reverse order. Signals are the CLI's business, so tests embed the App.
 """
 
 from __future__ import annotations
@@ -21,12 +21,9 @@ import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from datetime import time as dtime
 from typing import TextIO
-
-from apscheduler.schedulers.asyncio import AsyncIOScheduler
-from apscheduler.triggers.interval import IntervalTrigger
 
 from invoice_watch import sdnotify
 from invoice_watch.clock import Clock, SystemClock
@@ -52,6 +49,7 @@ from invoice_watch.rules import (
     evaluate,
     settled_statuses,
 )
+from invoice_watch.schedule import PollLoop, PollSchedule
 from invoice_watch.types import (
     AlertEvent,
     EventKind,
@@ -350,9 +348,14 @@ class App:
         self.cycle_done = asyncio.Event()  # set after every committed cycle
         self.http_port: int | None = None  # bound port of /healthz and /metrics
         self.metrics = Metrics()
-        self._in_flight: asyncio.Task[object] | None = None
-        self._scheduler: AsyncIOScheduler | None = None
-        self._started = time.monotonic()
+        self._poll = PollLoop(
+            self.clock,
+            PollSchedule(config.poll.interval, config.poll.jitter, self._rng),
+            self._scheduled_cycle,
+            self.metrics.cycles_late,
+        )
+        self._started = self.clock.monotonic()
+        self._finished_at: float | None = None  # monotonic end of the last cycle
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -440,6 +443,7 @@ class App:
                 self.metrics.cycles.labels(outcome="error").inc()
                 raise
         self.last_cycle = result
+        self._finished_at = self.clock.monotonic()
         self._record(result, time.monotonic() - began)
         self.cycle_done.set()
         sdnotify.status(
@@ -465,14 +469,19 @@ class App:
             m.alerts_firing.labels(rule=rule_name).set(count)
 
     def health(self) -> tuple[bool, str]:
-        """The daemon's health, from its last cycle (see :func:`health.health`)."""
+        """The daemon's health, from its last cycle (see :func:`health.health`), its age
+        measured on the monotonic clock (a wall-clock step cannot make it look fresh)."""
         last = self.last_cycle
+        age = None
+        if self._finished_at is not None:
+            age = timedelta(seconds=self.clock.monotonic() - self._finished_at)
         return health(
             last.finished_at if last else None,
             last.orgs_ok if last else 0,
             len(last.orgs_failed) if last else 0,
             self.config.poll.interval,
             self.clock.now(),
+            age=age,
         )
 
     async def _cycle(self, baseline: bool) -> CycleResult:
@@ -704,29 +713,15 @@ class App:
         return status
 
     async def _scheduled_cycle(self) -> None:
-        self._in_flight = asyncio.current_task()
         try:
             await self.run_cycle()
         except StateError as exc:
             log.error("cycle not recorded: %s", exc)
         except Exception:
             log.exception("cycle failed")
-        finally:
-            self._in_flight = None
 
     async def serve(self, stop: asyncio.Event) -> None:
         """Run the daemon until ``stop`` is set."""
-        scheduler = AsyncIOScheduler(timezone=UTC)
-        self._scheduler = scheduler
-        scheduler.add_job(
-            self._scheduled_cycle,
-            self._trigger(),
-            id="poll",
-            next_run_time=datetime.now(UTC),
-            misfire_grace_time=None,
-            coalesce=True,
-            max_instances=1,
-        )
         async with contextlib.AsyncExitStack() as stack:
             if self.config.http is not None:
                 runner, port = await serve_http(
@@ -735,10 +730,10 @@ class App:
                 stack.push_async_callback(runner.cleanup)
                 self.http_port = port
                 log.info("serving /healthz and /metrics on %s:%d", self.config.http.host, port)
+            poll = asyncio.create_task(self._poll.run(), name="poll")
             delivery = asyncio.create_task(self.deliverer.run(), name="deliver")
             watchdog = asyncio.create_task(self._watchdog(), name="watchdog")
-            scheduler.start()
-            self._started = time.monotonic()
+            self._started = self.clock.monotonic()
             sdnotify.ready(f"watching {len(self.config.organizations)} organization(s)")
             log.info(
                 "watching %d organization(s) every %s",
@@ -751,9 +746,9 @@ class App:
                 sdnotify.stopping()
                 log.info("stopping: no new cycle starts; finishing the cycle in flight")
                 deadline = time.monotonic() + SHUTDOWN_SECONDS - 2
-                scheduler.pause()
+                poll.cancel()
+                await asyncio.gather(poll, return_exceptions=True)
                 await self._finish_cycle_in_flight(SHUTDOWN_SECONDS - 4)
-                scheduler.shutdown(wait=False)
                 # Deliver what is due in the time left; the rest stays in the outbox.
                 self.deliverer.stop()
                 await asyncio.wait({delivery}, timeout=max(0.1, deadline - time.monotonic()))
@@ -762,31 +757,26 @@ class App:
                 await asyncio.gather(delivery, watchdog, return_exceptions=True)
                 log.info("stopped")
 
-    def _trigger(self) -> IntervalTrigger:
-        jitter = self.config.poll.jitter.total_seconds()
-        return IntervalTrigger(
-            seconds=self.config.poll.interval.total_seconds(),
-            jitter=jitter or None,
-            timezone=UTC,
-        )
-
     async def _watchdog(self) -> None:
-        """Ping systemd's watchdog while healthy (or still within the first interval)."""
+        """Ping systemd's watchdog while healthy (or still within the first interval).
+        Health is judged on the monotonic clock, so a wall-clock step neither stops the
+        pings of a daemon that polls nor keeps pinging for one that stopped polling."""
         interval = sdnotify.watchdog_interval()
         if interval is None:
             return
         while True:
             ok, _ = self.health()
-            starting = self.last_cycle is None and time.monotonic() - self._started < max(
+            starting = self.last_cycle is None and self.clock.monotonic() - self._started < max(
                 2 * self.config.poll.interval.total_seconds(), 60.0
             )
             if ok or starting:
                 sdnotify.watchdog()
-            await asyncio.sleep(interval)
+            await self.clock.sleep(interval)
 
     async def reload(self, config: Config) -> bool:
         """Take a new configuration between cycles (SIGHUP). The state file cannot move
-        while running; everything else is replaced."""
+        while running; everything else is replaced. A new poll interval counts from the
+        last cycle's start: a reload never postpones a cycle."""
         if config.state.path != self.config.state.path:
             log.error(
                 "config reload refused: state.path changed (%s -> %s); restart to move it",
@@ -810,8 +800,7 @@ class App:
             await self.store.settle(settled_statuses(config.rules))
             if old_client is not None:
                 await old_client.aclose()
-            if self._scheduler is not None and self._scheduler.running:
-                self._scheduler.reschedule_job("poll", trigger=self._trigger())
+            self._poll.configure(config.poll.interval, config.poll.jitter)
         log.info(
             "configuration reloaded: %d organization(s), %d rule(s), %d notifier(s)",
             len(config.organizations),
@@ -821,7 +810,7 @@ class App:
         return True
 
     async def _finish_cycle_in_flight(self, budget: float) -> None:
-        task = self._in_flight
+        task = self._poll.in_flight
         if task is None or task.done():
             return
         _, pending = await asyncio.wait({task}, timeout=budget)

@@ -45,8 +45,6 @@ def setup_logging(level: str = "info", style: str = "text", stream: TextIO | Non
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # Library chatter (scheduler job lines, aiohttp access logs) stays out of info logs.
-    logging.getLogger("apscheduler").setLevel(max(logging.WARNING, root.level))
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -50,6 +50,11 @@ class Metrics:
         self.outbox_depth = Gauge(
             "invoice_watch_outbox_depth", "Notifications waiting or failed", ["state"], registry=r
         )
+        self.cycles_late = Counter(
+            "invoice_watch_cycles_late",
+            "Poll cycles that ran past the start of the next one (longer than poll.interval)",
+            registry=r,
+        )
         self.last_cycle_finished = Gauge(
             "invoice_watch_last_cycle_timestamp_seconds",
             "When the last cycle finished (Unix time)",

@@ -21,6 +21,7 @@ import pytest
 from invoice_watch import ops
 from invoice_watch.app import App
 from invoice_watch.config import Config
+from tests.manual_clock import ManualClock
 from tests.world import ANALYTICS, PROD, World
 
 
@@ -148,7 +149,7 @@ async def test_e2e_dry_run_prints_and_creates_no_file(world: World, capsys):
 async def test_e2e_daemon_runs_first_cycle_at_start_and_stops_cleanly(world: World):
     config = world.config()
     stop = asyncio.Event()
-    async with App(config, clock=world.clock) as app:
+    async with App(config, clock=ManualClock(world.clock.now())) as app:
         daemon = asyncio.create_task(app.serve(stop))
         async with asyncio.timeout(10):  # the first cycle runs at start, not after a timer
             await app.cycle_done.wait()

@@ -19,13 +19,14 @@ from invoice_watch import ops
 from invoice_watch.app import App
 from invoice_watch.cli import JsonFormatter
 from tests.fakes_slack import Reply
+from tests.manual_clock import ManualClock
 from tests.world import ANALYTICS, PROD, World
 
 
 async def test_http_healthz_and_metrics_while_running(world: World):
     config = world.config(http={"listen": "127.0.0.1:0"})
     stop = asyncio.Event()
-    async with App(config, clock=world.clock) as app:
+    async with App(config, clock=ManualClock(world.clock.now())) as app:
         daemon = asyncio.create_task(app.serve(stop))
         async with asyncio.timeout(10):
             await app.cycle_done.wait()
@@ -55,7 +56,7 @@ async def test_http_healthz_is_503_when_no_org_can_be_read(world: World):
     atlas = {**world.config_data()["atlas"], "retries": 0}
     config = world.config(http={"listen": "127.0.0.1:0"}, atlas=atlas)
     stop = asyncio.Event()
-    async with App(config, clock=world.clock) as app:
+    async with App(config, clock=ManualClock(world.clock.now())) as app:
         daemon = asyncio.create_task(app.serve(stop))
         async with asyncio.timeout(10):
             await app.cycle_done.wait()
@@ -206,7 +207,7 @@ async def test_daemon_speaks_the_systemd_notify_protocol(world: World, tmp_path,
     monkeypatch.setenv("WATCHDOG_USEC", "60000000")
     stop = asyncio.Event()
     try:
-        async with App(world.config(), clock=world.clock) as app:
+        async with App(world.config(), clock=ManualClock(world.clock.now())) as app:
             daemon = asyncio.create_task(app.serve(stop))
             async with asyncio.timeout(10):
                 await app.cycle_done.wait()
