@@ -28,7 +28,7 @@ from typing import TextIO
 from invoice_watch import sdnotify
 from invoice_watch.clock import Clock, SystemClock
 from invoice_watch.commit import OrgState, OrgWrite, StateStore, grouped
-from invoice_watch.config import Config
+from invoice_watch.config import Config, HttpConfig
 from invoice_watch.constants import (
     FINAL_STATUSES,
     INVOICE_STATUSES,
@@ -40,7 +40,7 @@ from invoice_watch.deliver import Deliverer
 from invoice_watch.diff import diff, settled_to_load
 from invoice_watch.errors import FetchError, StateError
 from invoice_watch.fetch import AtlasClient
-from invoice_watch.health import Metrics, health, serve_http
+from invoice_watch.health import HttpEndpoint, Metrics, health
 from invoice_watch.rules import (
     BREAKDOWN_RULES,
     History,
@@ -354,6 +354,7 @@ class App:
             self._scheduled_cycle,
             self.metrics.cycles_late,
         )
+        self._http: HttpEndpoint | None = None
         self._started = self.clock.monotonic()
         self._finished_at: float | None = None  # monotonic end of the last cycle
 
@@ -721,41 +722,53 @@ class App:
             log.exception("cycle failed")
 
     async def serve(self, stop: asyncio.Event) -> None:
-        """Run the daemon until ``stop`` is set."""
-        async with contextlib.AsyncExitStack() as stack:
-            if self.config.http is not None:
-                runner, port = await serve_http(
-                    self.metrics, self.health, self.config.http.host, self.config.http.port
-                )
-                stack.push_async_callback(runner.cleanup)
-                self.http_port = port
-                log.info("serving /healthz and /metrics on %s:%d", self.config.http.host, port)
-            poll = asyncio.create_task(self._poll.run(), name="poll")
-            delivery = asyncio.create_task(self.deliverer.run(), name="deliver")
-            watchdog = asyncio.create_task(self._watchdog(), name="watchdog")
-            self._started = self.clock.monotonic()
-            sdnotify.ready(f"watching {len(self.config.organizations)} organization(s)")
-            log.info(
-                "watching %d organization(s) every %s",
-                len(self.config.organizations),
-                self.config.poll.interval,
-            )
-            try:
-                await stop.wait()
-            finally:
-                sdnotify.stopping()
-                log.info("stopping: no new cycle starts; finishing the cycle in flight")
-                deadline = time.monotonic() + SHUTDOWN_SECONDS - 2
-                poll.cancel()
-                await asyncio.gather(poll, return_exceptions=True)
-                await self._finish_cycle_in_flight(SHUTDOWN_SECONDS - 4)
-                # Deliver what is due in the time left; the rest stays in the outbox.
-                self.deliverer.stop()
-                await asyncio.wait({delivery}, timeout=max(0.1, deadline - time.monotonic()))
-                for task in (delivery, watchdog):
-                    task.cancel()
-                await asyncio.gather(delivery, watchdog, return_exceptions=True)
-                log.info("stopped")
+        """Run the daemon until ``stop`` is set. Raises :class:`ListenError` (before any
+        cycle) when ``http.listen`` cannot be used."""
+        if self.config.http is not None:
+            self._http, self.http_port = await self._listen(self.config.http)
+        poll = asyncio.create_task(self._poll.run(), name="poll")
+        delivery = asyncio.create_task(self.deliverer.run(), name="deliver")
+        watchdog = asyncio.create_task(self._watchdog(), name="watchdog")
+        self._started = self.clock.monotonic()
+        sdnotify.ready(f"watching {len(self.config.organizations)} organization(s)")
+        log.info(
+            "watching %d organization(s) every %s",
+            len(self.config.organizations),
+            self.config.poll.interval,
+        )
+        try:
+            await stop.wait()
+        finally:
+            sdnotify.stopping()
+            log.info("stopping: no new cycle starts; finishing the cycle in flight")
+            deadline = time.monotonic() + SHUTDOWN_SECONDS - 2
+            poll.cancel()
+            await asyncio.gather(poll, return_exceptions=True)
+            await self._finish_cycle_in_flight(SHUTDOWN_SECONDS - 4)
+            # Deliver what is due in the time left; the rest stays in the outbox.
+            self.deliverer.stop()
+            await asyncio.wait({delivery}, timeout=max(0.1, deadline - time.monotonic()))
+            for task in (delivery, watchdog):
+                task.cancel()
+            await asyncio.gather(delivery, watchdog, return_exceptions=True)
+            if self._http is not None:
+                await self._http.stop()
+                self._http = None
+            log.info("stopped")
+
+    async def _listen(self, http: HttpConfig) -> tuple[HttpEndpoint, int]:
+        endpoint = HttpEndpoint(
+            self.metrics,
+            self.health,
+            http.host,
+            http.port,
+            max_connections=http.max_connections,
+            idle_timeout=http.idle_timeout.total_seconds(),
+            monotonic=self.clock.monotonic,
+        )
+        port = await endpoint.start()
+        log.info("serving /healthz and /metrics on %s:%d", http.host, port)
+        return endpoint, port
 
     async def _watchdog(self) -> None:
         """Ping systemd's watchdog while healthy (or still within the first interval).

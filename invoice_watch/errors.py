@@ -10,6 +10,7 @@
     │   ├── FetchStatusError     any other unexpected HTTP status
     │   └── FetchDataError       the body is not what the API promises
     ├── RuleError                a rule could not be evaluated
+    ├── ListenError              the HTTP endpoint cannot listen on http.listen
     └── NotifyError              a notification could not be sent
         ├── RetryableNotifyError   try again later (maybe after ``retry_after``)
         └── PermanentNotifyError   retrying cannot help (bad token, SMTP 5xx)
@@ -105,3 +106,7 @@ class RetryableNotifyError(NotifyError):
 
 class PermanentNotifyError(NotifyError):
     """Retrying cannot help: the notifier's settings or the receiver refused for good."""
+
+
+class ListenError(InvoiceWatchError):
+    """The HTTP endpoint cannot listen on ``http.listen`` (port in use, no permission)."""

@@ -2,13 +2,18 @@
 
 :class:`Metrics` holds the Prometheus series in a private registry (so tests and two
 daemons in one process never collide); :func:`health` is the one definition of healthy,
-shared by ``/healthz``, ``status --check`` and the systemd watchdog; :func:`serve_http`
-serves ``/healthz`` and ``/metrics`` inside the daemon's own event loop.
+shared by ``/healthz``, ``status --check`` and the systemd watchdog; :class:`HttpEndpoint`
+serves ``/healthz`` and ``/metrics`` inside the daemon's own event loop, with bounded
+connections and read time (issue 12 §3), so that nothing a client does to it reaches the
+poll cycle or delivery.
 """
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import json
+import logging
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
@@ -16,9 +21,12 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from invoice_watch import format as fmt
+from invoice_watch.errors import ListenError
 
 if TYPE_CHECKING:
     from aiohttp import web
+
+log = logging.getLogger(__name__)
 
 
 class Metrics:
@@ -53,6 +61,11 @@ class Metrics:
         self.cycles_late = Counter(
             "invoice_watch_cycles_late",
             "Poll cycles that ran past the start of the next one (longer than poll.interval)",
+            registry=r,
+        )
+        self.http_refused = Counter(
+            "invoice_watch_http_connections_refused",
+            "Connections to /healthz and /metrics closed at once: http.max_connections were open",
             registry=r,
         )
         self.last_cycle_finished = Gauge(
@@ -127,15 +140,152 @@ def make_http_app(metrics: Metrics, probe: HealthProbe) -> web.Application:
     return app
 
 
-async def serve_http(
-    metrics: Metrics, probe: HealthProbe, host: str, port: int
-) -> tuple[web.AppRunner, int]:
-    """Start the endpoint; returns the runner (to clean up) and the bound port."""
-    from aiohttp import web
+# What a bad client makes aiohttp log (a malformed request line, oversized headers: an
+# ERROR with a traceback each) and what the connection cap logs: once per this many
+# seconds at most, so a flood cannot fill the disk with logs.
+LOG_EVERY_SECONDS = 60.0
 
-    runner = web.AppRunner(make_http_app(metrics, probe), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
-    bound: int = runner.addresses[0][1]
-    return runner, bound
+
+class _Throttle(logging.Filter):
+    """Lets one record through per :data:`LOG_EVERY_SECONDS`, without its traceback."""
+
+    def __init__(self, monotonic: Callable[[], float]) -> None:
+        super().__init__()
+        self._monotonic = monotonic
+        self._last: float | None = None
+
+    def ready(self) -> bool:
+        """True at most once per :data:`LOG_EVERY_SECONDS`."""
+        now = self._monotonic()
+        if self._last is not None and now - self._last < LOG_EVERY_SECONDS:
+            return False
+        self._last = now
+        return True
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self.ready():
+            return False
+        record.exc_info, record.exc_text = None, None
+        record.msg = f"{record.msg} (HTTP endpoint; more of these are not logged for a minute)"
+        return True
+
+
+class HttpEndpoint:
+    """``/healthz`` and ``/metrics`` on ``host:port`` (``http.listen``), bounded:
+
+    - at most ``max_connections`` connections at once: beyond, a new connection is
+      closed as soon as it is accepted (so a flood holds at most that many file
+      descriptors, and never those the Atlas client, Slack or SMTP need);
+    - a connection that has not completed a request within ``idle_timeout`` of its start
+      or of its last answer is closed (the slowloris bound: aiohttp's ``keepalive_timeout``
+      runs from the connection's start too), and header lines, fields and counts are
+      capped (a 400 at once);
+    - what a flood makes the server log is throttled to one line a minute.
+
+    It shares nothing with the poll cycle or delivery but the event loop; its handlers
+    only read the last cycle's result and the metrics. LIBRARIES.md "aiohttp 3.14.5 ...
+    server side" has the measurements behind each bound.
+    """
+
+    def __init__(
+        self,
+        metrics: Metrics,
+        probe: HealthProbe,
+        host: str,
+        port: int,
+        *,
+        max_connections: int,
+        idle_timeout: float,
+        monotonic: Callable[[], float],
+    ) -> None:
+        self.host, self.port = host, port
+        self._metrics = metrics
+        self._probe = probe
+        self._cap = max_connections
+        self._idle_timeout = idle_timeout
+        self._throttle = _Throttle(monotonic)
+        self._refusals = _Throttle(monotonic)
+        self._runner: web.AppRunner | None = None
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        """Listen; returns the bound port. Raises :class:`ListenError` (one line naming
+        ``http.listen``) when the address cannot be used."""
+        from aiohttp import web
+
+        runner = web.AppRunner(
+            make_http_app(self._metrics, self._probe),
+            access_log=None,
+            keepalive_timeout=self._idle_timeout,
+            max_line_size=4096,
+            max_field_size=4096,
+            max_headers=32,
+        )
+        await runner.setup()
+        handler = runner.server
+        assert handler is not None
+        refused = self._metrics.http_refused
+
+        class Refuse(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                assert isinstance(transport, asyncio.Transport)
+                transport.abort()
+
+        def protocol() -> asyncio.BaseProtocol:
+            if len(handler.connections) < self._cap:
+                return handler()
+            refused.inc()
+            if self._refusals.ready():
+                log.warning(
+                    "http.listen: %d connections open (http.max_connections): new ones are "
+                    "closed until some end (idle ones are closed after http.idle_timeout); "
+                    "the poll cycle and delivery are not affected",
+                    self._cap,
+                )
+            return Refuse()
+
+        logging.getLogger("aiohttp.server").addFilter(self._throttle)
+        try:
+            self._server = await asyncio.get_running_loop().create_server(
+                protocol, self.host, self.port
+            )
+        except OSError as exc:
+            logging.getLogger("aiohttp.server").removeFilter(self._throttle)
+            await runner.cleanup()
+            raise listen_error(self.host, self.port, exc) from None
+        self._runner = runner
+        bound: int = self._server.sockets[0].getsockname()[1]
+        return bound
+
+    async def stop(self) -> None:
+        """Stop listening and close every connection. Idempotent."""
+        server, runner = self._server, self._runner
+        self._server = self._runner = None
+        if server is not None:
+            server.close()
+        if runner is not None:
+            await runner.cleanup()
+        if server is not None:
+            await server.wait_closed()
+        logging.getLogger("aiohttp.server").removeFilter(self._throttle)
+
+
+def listen_error(host: str, port: int, exc: OSError) -> ListenError:
+    """``http.listen`` cannot be used: one line saying why and what to do."""
+    where = f"http.listen: cannot listen on {host}:{port}"
+    if exc.errno == errno.EADDRINUSE:
+        return ListenError(
+            f"{where}: the port is already in use by another program (9100, for example, "
+            "is node_exporter's); choose a free port in http.listen, or stop that program"
+        )
+    if exc.errno == errno.EACCES:
+        return ListenError(
+            f"{where}: permission denied (ports below 1024 need privileges); choose a "
+            "port from 1024 up in http.listen"
+        )
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return ListenError(
+            f"{where}: {host} is not an address of this machine; use 127.0.0.1, 0.0.0.0 "
+            "or one of its addresses in http.listen"
+        )
+    return ListenError(f"{where}: {exc.strerror or exc}; check http.listen")

@@ -1,7 +1,8 @@
 """The daemon around the cycle: the poll schedule on the monotonic clock (wall-clock
-steps, reloads, cycles slower than the interval) and health judged on the same clock.
-Time is a ManualClock: the test moves it; nothing waits for a timer on the wall clock,
-except the end-to-end run of the real command (libfaketime), said where it is."""
+steps, reloads, cycles slower than the interval), health judged on the same clock, the
+bounded HTTP endpoint, and `http.listen` errors. Time is a ManualClock: the test moves
+it; nothing waits for a timer on the wall clock, except the end-to-end runs of the real
+command (libfaketime) and aiohttp's own idle timer, each said where it is."""
 
 from __future__ import annotations
 
@@ -12,12 +13,14 @@ import itertools
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import aiohttp
 import pytest
 from aiohttp import web
 
@@ -233,6 +236,85 @@ async def test_a_cycle_slower_than_the_interval_is_explained_once_and_the_next_s
     ]
     assert "poll cycles fit in poll.interval (2s) again: the last took 0.5s" in caplog.messages
     assert not any("maximum number of running instances" in m for m in caplog.messages)
+
+
+# -- the HTTP endpoint: bounded, and apart from the cycle (issue 12 §3) ---------------
+
+
+async def test_http_flood_is_bounded_and_the_cycle_and_delivery_go_on(
+    world: World, caplog: pytest.LogCaptureFixture
+):
+    """200 connections, half idle, half sending headers that never end (slowloris),
+    against /healthz with max_connections 8: at most 8 are held, the others are closed
+    at once; the next cycle runs and Slack gets its message; the held ones are closed
+    after idle_timeout (aiohttp's timer: 1 s of real time), then /healthz answers; the
+    flood left a bounded number of log lines."""
+    caplog.set_level(logging.DEBUG)
+    clock = ManualClock(world.clock.now())
+    http = {"listen": "127.0.0.1:0", "max_connections": 8, "idle_timeout": "1s"}
+    config = world.config(http=http, poll={"interval": "10m"})
+    async with App(config, clock=clock) as app, serving(app):
+        await until_cycles(app, 1)
+        await eventually(lambda: len(world.slack.accepted) == 2)
+        before = len(caplog.records)
+        flood = []
+        for n in range(200):
+            reader, writer = await asyncio.open_connection("127.0.0.1", app.http_port)
+            if n % 2:
+                writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            flood.append((reader, writer))
+        await eventually(lambda: app.metrics.http_refused._value.get() >= 192)
+        # The cycle and delivery do not notice.
+        world.sim.set_status(world.sim.scenario.invoice("failed").id, "PAID")
+        await clock.sleeping()
+        clock.advance(600)
+        await until_cycles(app, 2)
+        await eventually(lambda: len(world.slack.accepted) == 3)
+        assert world.kinds()[-1] == ("RESOLVED", "failed-charge")
+        # Every connection of the flood ends: closed at once, or after idle_timeout.
+        async with asyncio.timeout(10):
+            ends = await asyncio.gather(
+                *(reader.read() for reader, _ in flood), return_exceptions=True
+            )
+        assert all(end == b"" or isinstance(end, ConnectionError) for end in ends)
+        async with aiohttp.ClientSession() as session:
+            url = f"http://127.0.0.1:{app.http_port}/healthz"
+            async with session.get(url) as resp:
+                assert resp.status == 200
+        for _, writer in flood:
+            writer.close()
+        flood_logs = [
+            r for r in caplog.records[before:] if r.name.startswith(("aiohttp", "asyncio"))
+        ]
+        ours = [r for r in caplog.records[before:] if r.name == "invoice_watch.health"]
+    assert len(flood_logs) <= 2, [r.getMessage() for r in flood_logs]
+    assert len(ours) == 1 and "8 connections open (http.max_connections)" in ours[0].getMessage()
+
+
+# -- http.listen errors (issue 14 §1) --------------------------------------------------
+
+
+async def test_run_on_a_port_in_use_is_one_line_naming_http_listen(world: World):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        path = world.write_config(http={"listen": f"127.0.0.1:{port}"})
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "invoice_watch", "run", "-c", str(path),
+            stderr=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )  # fmt: skip
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+    text = err.decode()
+    assert proc.returncode == 1
+    assert "Traceback" not in text
+    last = text.strip().splitlines()[-1]
+    assert last == (
+        f"invoice-watch: http.listen: cannot listen on 127.0.0.1:{port}: the port is already "
+        "in use by another program (9100, for example, is node_exporter's); choose a free "
+        "port in http.listen, or stop that program"
+    )
+    assert world.slack.received == []  # it stopped before any cycle
 
 
 # -- end to end under libfaketime (issue 12 §2) ----------------------------------------
