@@ -7,7 +7,9 @@ timed on the injected clock's monotonic time (first one at start), the deliverer
 its own task, and a stop event (set by the CLI on SIGTERM/SIGINT) ends it gracefully: no
 new cycle starts, the cycle in flight finishes (or stops where it is when it cannot
 finish in time: the organizations it committed stay committed), then everything closes
-in reverse order. Signals are the CLI's business, so tests embed the App.
+in reverse order. A reload (SIGHUP) parses the file off the event loop, one at a time,
+and applies each changed setting as :mod:`invoice_watch.reload` says, or refuses it.
+Signals are the CLI's business, so tests embed the App.
 """
 
 from __future__ import annotations
@@ -17,18 +19,20 @@ import contextlib
 import logging
 import random
 import sys
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from datetime import time as dtime
-from typing import TextIO
+from pathlib import Path
+from typing import TextIO, TypeVar
 
 from invoice_watch import sdnotify
 from invoice_watch.clock import Clock, SystemClock
 from invoice_watch.commit import OrgState, OrgWrite, StateStore, grouped
-from invoice_watch.config import Config, HttpConfig
+from invoice_watch.config import Config, HttpConfig, LogConfig, load_file
 from invoice_watch.constants import (
     FINAL_STATUSES,
     INVOICE_STATUSES,
@@ -38,9 +42,10 @@ from invoice_watch.constants import (
 from invoice_watch.dedup import AlertState, Transition, plan_holding, plan_resolved
 from invoice_watch.deliver import Deliverer
 from invoice_watch.diff import diff, settled_to_load
-from invoice_watch.errors import FetchError, StateError
+from invoice_watch.errors import ConfigError, FetchError, ListenError, StateError
 from invoice_watch.fetch import AtlasClient
 from invoice_watch.health import HttpEndpoint, Metrics, health
+from invoice_watch.reload import Apply, changes
 from invoice_watch.rules import (
     BREAKDOWN_RULES,
     History,
@@ -61,6 +66,8 @@ from invoice_watch.types import (
 )
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -320,7 +327,11 @@ class _Writer:
 
 
 class App:
-    """invoice_watch, embeddable: ``async with App(config) as app: await app.serve(stop)``."""
+    """invoice_watch, embeddable: ``async with App(config) as app: await app.serve(stop)``.
+
+    ``load_config`` reads the config file again on :meth:`request_reload` (SIGHUP);
+    ``configure_logging`` applies a reload's ``log`` section (the CLI's; an embedded App
+    leaves logging alone)."""
 
     def __init__(
         self,
@@ -331,6 +342,8 @@ class App:
         rng: random.Random | None = None,
         dry_run: bool = False,
         out: TextIO | None = None,
+        load_config: Callable[[Path], Config] = load_file,
+        configure_logging: Callable[[LogConfig], None] | None = None,
     ) -> None:
         self.config = config
         self.clock = clock or SystemClock()
@@ -338,6 +351,8 @@ class App:
         self._notifiers_given = notifiers
         self.dry_run = dry_run
         self._out = out or sys.stdout
+        self._load_config = load_config
+        self._configure_logging = configure_logging
         self._stack = contextlib.AsyncExitStack()
         self._store: StateStore | None = None
         self._client: AtlasClient | None = None
@@ -355,8 +370,11 @@ class App:
             self.metrics.cycles_late,
         )
         self._http: HttpEndpoint | None = None
+        self._serving = False
         self._started = self.clock.monotonic()
         self._finished_at: float | None = None  # monotonic end of the last cycle
+        self._reload_task: asyncio.Task[None] | None = None
+        self._reload_wanted = False
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -401,6 +419,9 @@ class App:
 
     def _connect(self, config: Config) -> tuple[AtlasClient, Mapping[str, Notifier]]:
         """The Atlas client and the notifiers for ``config``, closed when the App is."""
+        return self._new_client(config), self._new_notifiers(config)
+
+    def _new_client(self, config: Config) -> AtlasClient:
         client = AtlasClient(
             config.atlas,
             clock=self.clock,
@@ -408,14 +429,17 @@ class App:
             org_names={o.id: o.display_name for o in config.organizations},
         )
         self._stack.push_async_callback(client.aclose)
+        return client
+
+    def _new_notifiers(self, config: Config) -> Mapping[str, Notifier]:
         if self._notifiers_given is not None:
-            return client, self._notifiers_given
+            return self._notifiers_given
         from invoice_watch.notify import build_notifiers
 
         notifiers = build_notifiers(config.notifiers)
         for notifier in notifiers.values():
             self._stack.push_async_callback(notifier.aclose)
-        return client, notifiers
+        return notifiers
 
     @property
     def store(self) -> StateStore:
@@ -726,6 +750,7 @@ class App:
         cycle) when ``http.listen`` cannot be used."""
         if self.config.http is not None:
             self._http, self.http_port = await self._listen(self.config.http)
+        self._serving = True
         poll = asyncio.create_task(self._poll.run(), name="poll")
         delivery = asyncio.create_task(self.deliverer.run(), name="deliver")
         watchdog = asyncio.create_task(self._watchdog(), name="watchdog")
@@ -744,6 +769,9 @@ class App:
             deadline = time.monotonic() + SHUTDOWN_SECONDS - 2
             poll.cancel()
             await asyncio.gather(poll, return_exceptions=True)
+            if self._reload_task is not None:  # a parse in its thread is abandoned
+                self._reload_task.cancel()
+                await asyncio.gather(self._reload_task, return_exceptions=True)
             await self._finish_cycle_in_flight(SHUTDOWN_SECONDS - 4)
             # Deliver what is due in the time left; the rest stays in the outbox.
             self.deliverer.stop()
@@ -751,6 +779,7 @@ class App:
             for task in (delivery, watchdog):
                 task.cancel()
             await asyncio.gather(delivery, watchdog, return_exceptions=True)
+            self._serving = False
             if self._http is not None:
                 await self._http.stop()
                 self._http = None
@@ -786,41 +815,118 @@ class App:
                 sdnotify.watchdog()
             await self.clock.sleep(interval)
 
+    # -- reload ----------------------------------------------------------------------
+
+    def request_reload(self) -> asyncio.Task[None]:
+        """Read the config file again and take it (SIGHUP). The file is parsed in a
+        thread, off the event loop (a huge or hostile file cannot freeze the daemon);
+        at most one reload runs at a time, and requests that arrive meanwhile make one
+        more reload once it ends (the file as it is then), whatever their number.
+        Returns the task that takes this request (done once it is taken or refused)."""
+        self._reload_wanted = True
+        if self._reload_task is None or self._reload_task.done():
+            self._reload_task = asyncio.create_task(self._reloads(), name="reload")
+        return self._reload_task
+
+    async def _reloads(self) -> None:
+        while self._reload_wanted:
+            self._reload_wanted = False
+            source = self.config.source
+            if source is None:
+                log.error("config reload refused: the configuration was not read from a file")
+                return
+            try:
+                config = await _in_thread(self._load_config, source)
+            except ConfigError as exc:
+                for problem in exc.problems:
+                    log.error("config reload refused: %s", problem)
+                log.error("keeping the running configuration")
+                continue
+            except Exception as exc:  # an unreadable file, a bug: the daemon goes on
+                log.error("config reload refused: %s: %s", source, exc)
+                log.error("keeping the running configuration")
+                continue
+            await self.reload(config)
+
     async def reload(self, config: Config) -> bool:
-        """Take a new configuration between cycles (SIGHUP). The state file cannot move
-        while running; everything else is replaced. A new poll interval counts from the
-        last cycle's start: a reload never postpones a cycle."""
-        if config.state.path != self.config.state.path:
+        """Take a new configuration between cycles. Each changed setting is applied as
+        :data:`invoice_watch.reload.APPLY` says; when one needs a restart (``state.path``),
+        or the new ``http.listen`` cannot be used, nothing changes and the reload is
+        refused, naming the setting. Returns whether the configuration was taken."""
+        changed = changes(self.config, config)
+        restart = [key for key, how in changed.items() if how is Apply.RESTART]
+        if restart:
             log.error(
-                "config reload refused: state.path changed (%s -> %s); restart to move it",
-                self.config.state.path,
-                config.state.path,
+                "config reload refused: %s changed, which takes a restart; keeping the "
+                "running configuration",
+                ", ".join(restart),
             )
             return False
+        kinds = set(changed.values())
         async with self._cycle_lock:
+            moved: tuple[HttpEndpoint | None, int | None] | None = None
+            if Apply.HTTP in kinds and self._serving:
+                try:
+                    moved = await self._move_http(config.http)
+                except ListenError as exc:
+                    log.error("config reload refused: %s; keeping the running configuration", exc)
+                    return False
             old_client, old_notifiers = self._client, self.notifiers
-            self._client, self.notifiers = self._connect(config)
+            if Apply.ATLAS in kinds:
+                self._client = self._new_client(config)
+            if Apply.NOTIFIERS in kinds:
+                self.notifiers = self._new_notifiers(config)
+            if kinds & {Apply.NOTIFIERS, Apply.DELIVERY}:
+                self.deliverer.configure(
+                    self.notifiers,
+                    max_age=config.delivery.max_age,
+                    max_backoff=config.delivery.max_backoff,
+                )
+            self.config = config
+            if Apply.RULES in kinds:  # what the rules watch may have changed
+                await self.store.settle(settled_statuses(config.rules))
+            if Apply.SCHEDULE in kinds:
+                self._poll.configure(config.poll.interval, config.poll.jitter)
+            if Apply.LOGGING in kinds and self._configure_logging is not None:
+                self._configure_logging(config.log)
             if self.notifiers is not old_notifiers:
                 for notifier in old_notifiers.values():
                     await notifier.aclose()
-            self.deliverer.configure(
-                self.notifiers,
-                max_age=config.delivery.max_age,
-                max_backoff=config.delivery.max_backoff,
-            )
-            self.config = config
-            # What the rules watch may have changed; the new client has no pages yet.
-            await self.store.settle(settled_statuses(config.rules))
-            if old_client is not None:
+            if self._client is not old_client and old_client is not None:
                 await old_client.aclose()
-            self._poll.configure(config.poll.interval, config.poll.jitter)
+            if moved is not None:
+                old_http, self._http = self._http, moved[0]
+                self.http_port = moved[1]
+                if old_http is not None:
+                    await old_http.stop()
         log.info(
-            "configuration reloaded: %d organization(s), %d rule(s), %d notifier(s)",
+            "configuration reloaded: %d organization(s), %d rule(s), %d notifier(s)%s",
             len(config.organizations),
             len(config.rules),
             len(config.notifiers),
+            _changed_text(list(changed)),
         )
         return True
+
+    async def _move_http(self, http: HttpConfig | None) -> tuple[HttpEndpoint | None, int | None]:
+        """The endpoint of a reload's ``http`` section, listening (None when the section
+        is gone); the caller stops the old one. On the address the old one holds, the
+        old one stops first, and starts again if the new one then cannot listen."""
+        if http is None:
+            return None, None
+        old, before = self._http, self.config.http
+        if old is None or before is None or before.listen != http.listen or not http.port:
+            return await self._listen(http)
+        await old.stop()
+        try:
+            return await self._listen(http)
+        except ListenError:
+            try:
+                self._http, self.http_port = await self._listen(before)
+            except ListenError as exc:
+                self._http = self.http_port = None
+                log.error("the HTTP endpoint is down until the next reload or restart: %s", exc)
+            raise
 
     async def _finish_cycle_in_flight(self, budget: float) -> None:
         task = self._poll.in_flight
@@ -835,3 +941,40 @@ class App:
             )
             task.cancel()
             await asyncio.wait({task}, timeout=2)
+
+
+def _changed_text(keys: list[str], most: int = 10) -> str:
+    """``; changed: a, b`` for the reload's log line, at most ``most`` keys named."""
+    if not keys:
+        return "; nothing changed"
+    more = f" and {len(keys) - most} more" if len(keys) > most else ""
+    return f"; changed: {', '.join(keys[:most])}{more}"
+
+
+async def _in_thread(function: Callable[[Path], _T], path: Path) -> _T:
+    """``function(path)`` in a daemon thread: the event loop goes on meanwhile, and a
+    thread still parsing at exit does not hold the process (``asyncio.to_thread``'s
+    executor is joined by ``asyncio.run``)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[_T] = loop.create_future()
+
+    def settle(result: _T | None, error: BaseException | None) -> None:
+        if future.done():  # cancelled: the daemon is stopping
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+
+    def run() -> None:
+        result: _T | None = None
+        error: BaseException | None = None
+        try:
+            result = function(path)
+        except BaseException as exc:
+            error = exc
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=run, name="config-reload", daemon=True).start()
+    return await future

@@ -155,33 +155,23 @@ def _with_config(args: argparse.Namespace) -> int:
 
 async def _run(config: object, args: argparse.Namespace) -> int:
     from invoice_watch.app import App
-    from invoice_watch.config import Config, load_file
+    from invoice_watch.config import Config, LogConfig
 
     assert isinstance(config, Config)
-    async with App(config, dry_run=args.dry_run) as app:
+
+    def configure_logging(settings: LogConfig) -> None:
+        setup_logging(settings.level, settings.format)
+
+    async with App(config, dry_run=args.dry_run, configure_logging=configure_logging) as app:
         if args.once:
             return await app.run_once(baseline=args.baseline)
         stop = asyncio.Event()
-        reloads: set[asyncio.Task[None]] = set()
-
-        async def reload() -> None:
-            assert config.source is not None
-            try:
-                new = load_file(config.source)
-            except ConfigError as exc:
-                for problem in exc.problems:
-                    log.error("config reload refused: %s", problem)
-                log.error("keeping the running configuration")
-                return
-            await app.reload(new)
-
-        def on_hup() -> None:
-            task = asyncio.create_task(reload())
-            reloads.add(task)
-            task.add_done_callback(reloads.discard)
-
         loop = asyncio.get_running_loop()
-        signals = {signal.SIGTERM: stop.set, signal.SIGINT: stop.set, signal.SIGHUP: on_hup}
+        signals = {
+            signal.SIGTERM: stop.set,
+            signal.SIGINT: stop.set,
+            signal.SIGHUP: app.request_reload,
+        }
         for sig, handler in signals.items():
             loop.add_signal_handler(sig, handler)
         try:

@@ -1,9 +1,23 @@
 """A configuration reload (SIGHUP): every setting is applied or the reload is refused
-naming it (issue 14 §2)."""
+naming it (issue 14 §2), the file is parsed off the event loop and one reload runs at a
+time (issue 12 §3)."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import socket
+import threading
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from invoice_watch.app import App
+from invoice_watch.config import Config, LogConfig, load_file
 from invoice_watch.reload import APPLY, Apply, changes, keys
+from tests.manual_clock import ManualClock
 from tests.world import World
 
 
@@ -52,3 +66,126 @@ def test_changes_name_each_changed_setting_and_how_it_applies(world: World):
         "rules.1.threshold": Apply.RULES,
         "state.path": Apply.RESTART,
     }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+async def healthz(port: int) -> int:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{port}/healthz") as resp,
+    ):
+        return resp.status
+
+
+async def test_reload_moves_the_http_endpoint_or_is_refused_naming_http_listen(
+    world: World, caplog: pytest.LogCaptureFixture
+):
+    first, second = free_port(), free_port()
+    clock = ManualClock(world.clock.now())
+    config = world.config(http={"listen": f"127.0.0.1:{first}"})
+    stop = asyncio.Event()
+    async with App(config, clock=clock) as app:
+        daemon = asyncio.create_task(app.serve(stop))
+        try:
+            async with asyncio.timeout(10):
+                await app.cycle_done.wait()
+            assert await healthz(first) == 200
+            moved = world.config(http={"listen": f"127.0.0.1:{second}"})
+            assert await app.reload(moved)
+            assert app.http_port == second and await healthz(second) == 200
+            with pytest.raises(aiohttp.ClientConnectionError):
+                await healthz(first)
+            with socket.socket() as busy:  # a port another program holds
+                busy.bind(("127.0.0.1", 0))
+                busy.listen()
+                taken = busy.getsockname()[1]
+                refused = world.config(
+                    http={"listen": f"127.0.0.1:{taken}"}, poll={"interval": "1h"}
+                )
+                assert not await app.reload(refused)
+            assert app.config is moved  # nothing of the refused file was taken
+            assert app.http_port == second and await healthz(second) == 200
+            # The same address with other limits: stopped, then listening again.
+            again = world.config(http={"listen": f"127.0.0.1:{second}", "max_connections": 2})
+            assert await app.reload(again)
+            assert await healthz(second) == 200
+            assert await app.reload(world.config())  # no `http:` any more
+            with pytest.raises(aiohttp.ClientConnectionError):
+                await healthz(second)
+        finally:
+            stop.set()
+            await asyncio.wait_for(daemon, 10)
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [
+        f"config reload refused: http.listen: cannot listen on 127.0.0.1:{taken}: the port is "
+        "already in use by another program (9100, for example, is node_exporter's); choose a "
+        "free port in http.listen, or stop that program; keeping the running configuration"
+    ]
+
+
+async def test_reload_applies_what_changed_and_only_that(world: World):
+    applied: list[LogConfig] = []
+    config = world.config()
+    async with App(config, clock=world.clock, configure_logging=applied.append) as app:
+        client, notifiers = app.client, app.notifiers
+        only = [{"name": "only", "type": "invoice_status", "notify": ["mail"]}]
+        assert await app.reload(world.config(rules=only))
+        assert app.client is client and app.notifiers is notifiers and applied == []
+        data = world.config_data(rules=only)
+        data["atlas"]["timeout"] = "5s"
+        data["log"] = {"level": "debug", "format": "json"}
+        data["delivery"] = {"max_age": "2h"}
+        from tests.conftest import make_config
+
+        assert await app.reload(make_config(world.tmp, data))
+        assert app.client is not client and app.client._config.timeout.total_seconds() == 5
+        assert app.notifiers is notifiers  # unchanged
+        assert applied == [LogConfig(level="debug", format="json")]
+        assert app.deliverer._max_age.total_seconds() == 7200  # no public view of it
+
+
+async def test_a_reload_parses_off_the_event_loop_and_a_storm_makes_one_more(world: World):
+    """A config file that takes long to parse (huge, or hostile) does not freeze the
+    daemon, and 100 SIGHUPs meanwhile make one more reload, not 100."""
+    path = world.write_config()
+    started, release = threading.Event(), threading.Event()
+    parses: list[str] = []
+
+    def slow_load(source: Path) -> Config:
+        parses.append(threading.current_thread().name)
+        started.set()
+        release.wait(10)
+        return load_file(source)
+
+    async with App(load_file(path), clock=world.clock, load_config=slow_load) as app:
+        began = time.monotonic()
+        first = app.request_reload()
+        assert await asyncio.to_thread(started.wait, 10)
+        assert time.monotonic() - began < 5  # the loop ran while the file was parsed
+        assert all(app.request_reload() is first for _ in range(100))
+        release.set()
+        await asyncio.wait_for(first, 10)
+    assert parses == ["config-reload", "config-reload"]
+
+
+async def test_reload_that_needs_a_restart_is_refused_naming_the_setting(
+    world: World, caplog: pytest.LogCaptureFixture
+):
+    config = world.config()
+    moved = world.config_data(poll={"interval": "1h"})
+    moved["state"] = {"path": str(world.tmp / "elsewhere.db")}
+    from tests.conftest import make_config
+
+    async with App(config, clock=world.clock) as app:
+        assert not await app.reload(make_config(world.tmp, moved))
+        assert app.config is config  # not even poll.interval was taken
+    assert (
+        "config reload refused: state.path changed, which takes a restart; keeping the "
+        "running configuration"
+    ) in caplog.messages
