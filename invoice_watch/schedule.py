@@ -25,7 +25,6 @@ from datetime import timedelta
 
 from prometheus_client import Counter
 
-from invoice_watch import format as fmt
 from invoice_watch.clock import Clock
 
 log = logging.getLogger(__name__)
@@ -138,7 +137,7 @@ class PollLoop:
     def _check_late(self, began: float, ended: float) -> None:
         due = self.schedule.due()
         took = ended - began
-        interval = fmt.duration(timedelta(seconds=self.schedule.interval))
+        interval = _as_configured(self.schedule.interval)
         if due is not None and ended > due:
             if self._late_cycles is not None:
                 self._late_cycles.inc()
@@ -157,3 +156,14 @@ class PollLoop:
                 "poll cycles fit in poll.interval (%s) again: the last took %.1fs", interval, took
             )
             self._late = False
+
+
+def _as_configured(seconds: float) -> str:
+    """A duration as the config file writes it: ``90`` -> ``1m30s``, ``900`` -> ``15m``."""
+    rest = round(seconds)
+    parts = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        count, rest = divmod(rest, size)
+        if count:
+            parts.append(f"{count}{unit}")
+    return "".join(parts) or "0s"
