@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
+import math
 import random
 import sys
 import threading
@@ -92,7 +94,11 @@ class CycleResult:
 def incremental_from(snapshot: Snapshot) -> date | None:
     """The ``fromDate`` of an incremental read: the start of the oldest invoice that can
     still change (not PAID, FORGIVEN or FREE), else of the newest invoice (so new ones
-    are still seen); None (a full listing) when nothing is known yet."""
+    are still seen); None (a full listing) when nothing is known yet.
+
+    A change Atlas makes to an older invoice all the same (a refund, a PAID invoice
+    FORGIVEN, one removed) is outside this window: the periodic full listing sees it
+    (:class:`FullListings`)."""
     if not snapshot:
         return None
     live = snapshot.live.values()
@@ -102,6 +108,60 @@ def incremental_from(snapshot: Snapshot) -> date | None:
     days = [i.start_date.astimezone(UTC).date() for i in live]
     newest_settled = snapshot.newest_settled_day()
     return max([*days, newest_settled] if newest_settled else days)
+
+
+def _phase(org_id: str) -> float:
+    """Where in each period an organization's full listing falls, in [0, 1): a stable
+    hash of its id (the same in every process), so that organizations spread theirs."""
+    digest = hashlib.blake2b(org_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+class FullListings:
+    """When an organization's read is a full listing (every invoice, however old: no
+    ``fromDate``) instead of an incremental one (:func:`incremental_from`): what makes the
+    snapshot converge to Atlas for the invoices an incremental read no longer lists.
+
+    Every organization is listed in full by the first cycle of a process (a start, a
+    reload that adds it, each ``run --once``), then once per ``every`` (config
+    ``poll.full_listing_every``), timed on the monotonic clock (:meth:`Clock.monotonic`:
+    a wall-clock step neither postpones nor hurries it). Each organization's period is
+    shifted by its own phase (:func:`_phase`), so that 1,000 organizations do theirs over
+    the cycles of a period, not all in one cycle. A full listing that fails is due again
+    at the next cycle. So two successful full listings of an organization are at most
+    ``every`` apart, plus the wait for the next cycle and the failed reads between.
+    """
+
+    def __init__(self, every: timedelta, clock: Clock) -> None:
+        self._clock = clock
+        self._origin = clock.monotonic()
+        self._seconds = every.total_seconds()
+        self._done: dict[str, int] = {}  # org id -> period of its last full listing
+
+    def _period(self, org_id: str, at: float) -> int:
+        return math.floor((at - self._origin) / self._seconds + _phase(org_id))
+
+    def due(self, org_id: str, at: float) -> bool:
+        """Whether a read of ``org_id`` starting at monotonic ``at`` lists in full."""
+        done = self._done.get(org_id)
+        return done is None or self._period(org_id, at) > done
+
+    def listed(self, org_id: str, at: float) -> None:
+        """A full listing of ``org_id`` that started at monotonic ``at`` was committed."""
+        self._done[org_id] = self._period(org_id, at)
+
+    def configure(self, every: timedelta) -> None:
+        """A new period (a reload): each organization's next full listing is due at the
+        next boundary of its phase under it, at most ``every`` away."""
+        if every.total_seconds() == self._seconds:
+            return
+        now = self._clock.monotonic()
+        self._origin, self._seconds = now, every.total_seconds()
+        self._done = {org_id: self._period(org_id, now) for org_id in self._done}
+
+    def force(self) -> None:
+        """Every organization lists in full at the next cycle (as after a start)."""
+        self._done.clear()
 
 
 def group_messages(
@@ -375,6 +435,8 @@ class App:
         self._finished_at: float | None = None  # monotonic end of the last cycle
         self._reload_task: asyncio.Task[None] | None = None
         self._reload_wanted = False
+        # Which organizations list in full at the next cycle: all of them at first.
+        self.full_listings = FullListings(config.poll.full_listing_every, self.clock)
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -521,7 +583,15 @@ class App:
         began = time.monotonic()
         org_ids = [org.id for org in config.organizations]
         known = {org_id: store.snapshot(org_id) for org_id in org_ids}
-        from_dates = {org_id: incremental_from(known[org_id]) for org_id in org_ids}
+        # Incremental reads, but a full listing at start and once a day (FullListings).
+        full = self.full_listings
+        full.configure(config.poll.full_listing_every)
+        decided_at = self.clock.monotonic()
+        from_dates = {
+            org_id: None if full.due(org_id, decided_at) else incremental_from(known[org_id])
+            for org_id in org_ids
+        }
+        listed_in_full: list[str] = []  # marked done once the cycle is committed
         routes = {rule.name: list(rule.notify) for rule in config.rules}
         cycle = store.begin_cycle()
         writer = _Writer(
@@ -543,6 +613,8 @@ class App:
                 except StateError as exc:
                     unreadable.append(exc)  # this organization waits for the next cycle
                     return
+            if read.ok and from_date is None:
+                listed_in_full.append(org_id)
             now = self.clock.now()
             step = step_org(
                 read,
@@ -612,6 +684,8 @@ class App:
                     orgs_failed=failed,
                 )
             )
+            for org_id in listed_in_full:
+                full.listed(org_id, decided_at)
         except BaseException:
             # What was committed stays (organization by organization, it is whole);
             # its held messages go out now, or when the state file is next opened.
@@ -624,9 +698,10 @@ class App:
                 )
             raise
         log.info(
-            "cycle: %d orgs read, %d failed, %d invoices, %d changes, %d events, "
-            "%d messages, %.2fs",
+            "cycle: %d orgs read (%d in full), %d failed, %d invoices, %d changes, "
+            "%d events, %d messages, %.2fs",
             result.orgs_ok,
+            len(listed_in_full),
             len(result.orgs_failed),
             result.invoices,
             result.changes,

@@ -330,6 +330,10 @@ class OrgConfig(_Model):
 class PollConfig(_Model):
     interval: Duration = timedelta(minutes=15)
     jitter: DurationOrZero = timedelta(0)
+    # How often each organization's listing is a full one (every invoice, however old)
+    # instead of an incremental one (from its oldest invoice that can still change):
+    # what sees a refund or any late change to a settled invoice. Also at every start.
+    full_listing_every: Duration = timedelta(days=1)
 
     @model_validator(mode="after")
     def _jitter_below_interval(self) -> PollConfig:
@@ -1055,7 +1059,8 @@ def summary(config: Config) -> str:
         f"retries {atlas.retries}, max backoff {duration(atlas.max_backoff)}",
         f"Organizations ({len(config.organizations)}):",
         *(f"  - {org.display_name} ({org.id})" for org in config.organizations),
-        f"Poll: every {duration(config.poll.interval)}, jitter {duration(config.poll.jitter)}",
+        f"Poll: every {duration(config.poll.interval)}, jitter {duration(config.poll.jitter)}, "
+        f"full listing every {duration(config.poll.full_listing_every)} and at start",
         f"State: {config.state.path}",
         f"Delivery: give up after {duration(config.delivery.max_age)}, max backoff "
         f"{duration(config.delivery.max_backoff)}, group over {config.delivery.group_over}",

@@ -54,6 +54,7 @@ APPLY: dict[str, Apply] = {
     "organizations.*.name": Apply.ATLAS,  # the client names organizations in its errors
     "poll.interval": Apply.SCHEDULE,
     "poll.jitter": Apply.SCHEDULE,
+    "poll.full_listing_every": Apply.CYCLE,  # FullListings takes it at each cycle
     "state.path": Apply.RESTART,  # the open, locked state file cannot move
     "delivery.max_age": Apply.DELIVERY,
     "delivery.max_backoff": Apply.DELIVERY,

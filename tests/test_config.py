@@ -486,6 +486,21 @@ def test_load_zero_duration_only_where_it_makes_sense():
     )
 
 
+def test_load_poll_full_listing_every_defaults_to_a_day_and_is_summarized():
+    cfg = config.load(MINIMAL.format(private_key="p"), env={})
+    assert cfg.poll.full_listing_every == timedelta(days=1)
+    assert "Poll: every 15m, jitter 0s, full listing every 1d and at start" in (config.summary(cfg))
+    six = config.load(MINIMAL.format(private_key="p") + "poll:\n  full_listing_every: 6h\n", env={})
+    assert six.poll.full_listing_every == timedelta(hours=6)
+
+    (problem,) = problems_of(MINIMAL.format(private_key="p") + "poll:\n  full_listing_every: 0s\n")
+    assert (problem.path, problem.line, problem.message.split(";")[0]) == (
+        "poll.full_listing_every",
+        15,
+        "must be at least 1s",
+    )
+
+
 @pytest.mark.parametrize(
     ("value", "cents"),
     [
