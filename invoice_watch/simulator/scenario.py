@@ -17,6 +17,7 @@ current month, ``0`` being the current month)::
     orgs:
       - {name: Production}                      # id: 24-hex, derived from the name if omitted
       - {name: Analytics, linked_to: Production, forbidden: false}
+      - {name: Finance, billing_viewer: true}   # linked invoices hidden, as for that role
     invoices:
       - {name: prod-pending, org: Production, period: 0, status: PENDING, amount: 3900}
       - org: Production
@@ -77,6 +78,10 @@ class ScenarioOrg:
     name: str
     linked_to: str | None = None  # id of the paying organization (cross-org billing)
     forbidden: bool = False  # the simulator's credentials lack the billing role here
+    # The credentials are only Organization Billing Viewer here: as Atlas does, the
+    # listings, the pending invoices and a GET show no invoices of linked organizations
+    # (Organization Billing Admin or Owner on the paying organization sees them).
+    billing_viewer: bool = False
 
 
 @dataclass
@@ -250,6 +255,7 @@ class Scenario:
         id: str | None = None,
         linked_to: str | None = None,
         forbidden: bool = False,
+        billing_viewer: bool = False,
     ) -> ScenarioOrg:
         org_id = id or stable_id("org", name)
         if not HEX24.match(org_id):
@@ -257,7 +263,13 @@ class Scenario:
         if org_id in self._org_refs or name in self._org_refs:
             raise ValueError(f"org {name!r} ({org_id}) is defined twice")
         payer = self.org(linked_to).id if linked_to is not None else None
-        org = ScenarioOrg(id=org_id, name=name, linked_to=payer, forbidden=forbidden)
+        org = ScenarioOrg(
+            id=org_id,
+            name=name,
+            linked_to=payer,
+            forbidden=forbidden,
+            billing_viewer=billing_viewer,
+        )
         self.orgs.append(org)
         self._org_refs[org_id] = self._org_refs[name] = org
         return org
@@ -545,6 +557,7 @@ class _OrgIn(_Model):
     id: str | None = None
     linked_to: str | None = None
     forbidden: bool = False
+    billing_viewer: bool = False
 
 
 class _LineItemIn(_Model):
@@ -656,7 +669,9 @@ def parse_scenario(
     scenario = Scenario(now=now)
     try:
         for org in spec.orgs:  # payers may be listed after the orgs they pay for
-            scenario.add_org(org.name, id=org.id, forbidden=org.forbidden)
+            scenario.add_org(
+                org.name, id=org.id, forbidden=org.forbidden, billing_viewer=org.billing_viewer
+            )
         for org in spec.orgs:
             if org.linked_to is not None:
                 scenario.org(org.name).linked_to = scenario.org(org.linked_to).id

@@ -620,7 +620,7 @@ class Simulator:
                 owner = self.scenario.find_org(invoice.org_id)
                 assert owner is not None
                 return web.Response(text=invoice_csv(invoice, owner.name), content_type=media_type)
-            payees = self.scenario.linked_orgs(invoice.org_id)
+            payees = [] if org.billing_viewer else self.scenario.linked_orgs(invoice.org_id)
             body = self._render(invoice, full=True, v2=v2, base=base, payees=payees)
             if envelope:
                 body = {"content": body, "status": 200}
@@ -677,13 +677,20 @@ class Simulator:
         invoice = self.scenario.find_invoice(invoice_id)
         if invoice is not None:
             owner = self.scenario.find_org(invoice.org_id)
-            if invoice.org_id == org.id or (owner is not None and owner.linked_to == org.id):
+            if invoice.org_id == org.id or (
+                owner is not None and owner.linked_to == org.id and not org.billing_viewer
+            ):
                 return invoice
         raise ApiProblem(
             404,
             "INVOICE_NOT_FOUND",
             f"Invoice {invoice_id} not found in organization {org.id}.",
         )
+
+    def _payees(self, org: ScenarioOrg) -> list[ScenarioOrg]:
+        """The organizations whose invoices ``org``'s answers nest (none for a Billing
+        Viewer: Atlas shows linked invoices to Billing Admin or Owner only)."""
+        return [] if org.billing_viewer else self.scenario.linked_orgs(org.id)
 
     def _render(
         self,
@@ -710,7 +717,7 @@ class Simulator:
     def _pending_body(
         self, request: web.Request, org: ScenarioOrg, v2: bool, base: str
     ) -> dict[str, Any]:
-        payees = self.scenario.linked_orgs(org.id)
+        payees = self._payees(org)
         pending = [
             self._render(invoice, full=True, v2=v2, base=base, payees=payees)
             for invoice in self.scenario.invoices_of(org.id)
@@ -756,7 +763,7 @@ class Simulator:
             links.append(page_link(page - 1, "previous"))
         if page * items_per_page < total:
             links.append(page_link(page + 1, "next"))
-        payees = self.scenario.linked_orgs(org.id) if view_linked else None
+        payees = self._payees(org) if view_linked else None
         body: dict[str, Any] = {
             "links": links,
             "results": [
