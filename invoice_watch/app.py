@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from datetime import time as dtime
@@ -41,9 +41,9 @@ from invoice_watch.constants import (
     ONCE_DELIVERY_SECONDS,
     SHUTDOWN_SECONDS,
 )
-from invoice_watch.dedup import AlertState, Transition, plan_holding, plan_resolved
+from invoice_watch.dedup import AlertState, Reason, Transition, plan_holding, plan_resolved
 from invoice_watch.deliver import Deliverer
-from invoice_watch.diff import diff, settled_to_load
+from invoice_watch.diff import Diff, diff, settled_to_load, without_news
 from invoice_watch.errors import ConfigError, FetchError, ListenError, StateError
 from invoice_watch.fetch import AtlasClient
 from invoice_watch.health import HttpEndpoint, Metrics, health
@@ -183,6 +183,48 @@ def group_messages(
 
 
 @dataclass(frozen=True)
+class Shared:
+    """What the other configured organizations already hold of the invoices one read
+    found changed, when they list them too (a linked organization's invoice is in its own
+    listing and nested in its payer's): see :meth:`CyclePlan.shared`."""
+
+    # Invoices whose listed version another configured organization already holds or
+    # told (it listed it in this cycle, or a cycle before): no news.
+    told: frozenset[str] = frozenset()
+    # Invoices whose listed version another listing of this cycle added (it held none):
+    # their amount is observed already; a move from this organization's copy is news.
+    observed: frozenset[str] = frozenset()
+    # Invoices this organization holds no copy of, and another one does: what this read
+    # is compared with (the other's copy), so that a move is news here too.
+    baseline: Mapping[str, Invoice] = field(default_factory=dict)
+    # Organization -> its settled copies to read from the state file into ``baseline``
+    # (:meth:`loaded`): settled invoices are kept in memory as keys only.
+    load: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # Invoice id -> the other organizations whose stored copy differs from this listing.
+    mirror: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def loaded(self, invoices: Iterable[Invoice]) -> Shared:
+        """These, with the copies :attr:`load` names (as the state file holds them)."""
+        return replace(self, baseline={**self.baseline, **{i.id: i for i in invoices}}, load={})
+
+
+NOTHING_SHARED = Shared()
+
+
+def same_invoice(a: Invoice, b: Invoice) -> bool:
+    """Whether two listings show one invoice alike (whichever organization listed it)."""
+    if a.source_org_id != b.source_org_id:
+        a = replace(a, source_org_id=b.source_org_id)
+    return a == b
+
+
+def _observed(history: History, cents: int) -> bool:
+    """Whether ``cents`` is the last amount the history holds (another listing of the
+    invoice observed it already: a new observation would add nothing)."""
+    return bool(history) and history[-1][1] == cents
+
+
+@dataclass(frozen=True)
 class OrgStep:
     """What one organization's read means for a cycle: what the rules see of it, what the
     commit writes for it, and the amount histories of its pending invoices."""
@@ -191,6 +233,19 @@ class OrgStep:
     write: OrgWrite
     history: dict[str, History]
     invoices: int  # in the organization's snapshot once the write is done
+
+
+def listing_change(
+    read: OrgRead,
+    snapshot: Snapshot,
+    *,
+    listed_from: datetime | None = None,
+    stored: Mapping[str, Invoice] | None = None,
+) -> Diff:
+    """What a successful read changes in its organization's snapshot (the diff
+    :func:`step_org` makes of it; arguments as there)."""
+    old = {**snapshot.live, **stored} if stored else snapshot.live
+    return diff(old, read.invoices, listed_from=listed_from)
 
 
 def step_org(
@@ -202,13 +257,21 @@ def step_org(
     *,
     listed_from: datetime | None = None,
     stored: Mapping[str, Invoice] | None = None,
+    shared: Shared = NOTHING_SHARED,
+    change: Diff | None = None,
 ) -> OrgStep:
     """Diff one organization's read against its snapshot. Pure: the stored snapshot,
     read state and histories in; nothing is changed. A failed read leaves the snapshot
     as it was (no invoice "disappears") and only dates the failure.
 
     ``stored``: the settled invoices that the read changed or no longer lists, as the
-    state file holds them (:func:`~invoice_watch.diff.settled_to_load` names them)."""
+    state file holds them (:func:`~invoice_watch.diff.settled_to_load` names them).
+    ``shared``: what other configured organizations that list some of these invoices
+    already hold (:meth:`CyclePlan.shared`): a change one of them told already is no news
+    (no status change for the rules, no amount observation), though this organization's
+    copy is rewritten; a copy of theirs this read finds out of date is updated with it
+    (``OrgWrite.mirrors``). ``change``: the read's :func:`listing_change`, when the
+    caller has it already."""
     org_id = read.org_id
     if not read.ok:
         view = OrgView(
@@ -220,7 +283,8 @@ def step_org(
         )
         return OrgStep(view, OrgWrite(org_id, ok=False, error=read.error), {}, len(snapshot))
     old = {**snapshot.live, **stored} if stored else snapshot.live
-    change = diff(old, read.invoices, listed_from=listed_from)
+    if change is None:
+        change = diff(old, read.invoices, listed_from=listed_from)
     new: dict[str, Invoice] | None = None  # copied only when something changed
     if not change.empty:
         new = dict(old)
@@ -229,26 +293,50 @@ def step_org(
         for invoice in change.gone:
             del new[invoice.id]
     current = old if new is None else new  # read only
+    # The news: compared with the other organization's copy where this one holds none.
+    base, news = old, change
+    if shared.baseline:
+        base = {**old, **shared.baseline}
+        news = diff(base, read.invoices, listed_from=listed_from)
+    told, observed = shared.told, shared.observed
     observations = [
         (i.id, i.amount_billed_cents)
-        for i in change.changed
+        for i in news.changed
         if i.status == "PENDING"
-        and (i.id not in old or old[i.id].amount_billed_cents != i.amount_billed_cents)
+        and (i.id not in base or base[i.id].amount_billed_cents != i.amount_billed_cents)
+        and i.id not in told
+        and i.id not in observed
+        and not _observed(history_of(i.id), i.amount_billed_cents)
     ]
     history: dict[str, History] = {
         i.id: history_of(i.id) for i in current.values() if i.status == "PENDING"
     }
     for invoice_id, cents in observations:
         history[invoice_id] = [*history.get(invoice_id, ()), (now, cents)]
+    if told:
+        news = without_news(news, told)
     view = OrgView(
-        org_id, ok=True, invoices=current, diff=change, first_read=state.last_success is None
+        org_id,
+        ok=True,
+        invoices=current,
+        diff=news,
+        first_read=state.last_success is None and not shared.baseline,
     )
+    mirrors = shared.mirror
     write = OrgWrite(
         org_id,
         ok=True,
         upserts=change.changed,
         gone=[i.id for i in change.gone],
         observations=observations,
+        mirrors=[
+            replace(i, source_org_id=other)
+            for i in change.changed
+            if i.id in mirrors
+            for other in mirrors[i.id]
+        ]
+        if mirrors
+        else [],
     )
     return OrgStep(view, write, history, len(snapshot) + len(change.added) - len(change.gone))
 
@@ -258,26 +346,138 @@ class CyclePlan:
     the whole cycle. Pure: stored alert states and each organization's step in,
     transitions out; nothing is written.
 
-    The alert states are kept as the cycle changes them, so that an invoice listed by two
-    configured organizations (a linked one) fires once. Resolutions wait for the whole
-    cycle: an alert resolves only when no organization holds its condition any more.
+    One invoice is one alert subject, whichever configured organization's listing shows
+    it: a linked organization's invoice is in its own listing and nested in its payer's
+    (``payers``: linked organization -> paying organization, as the state file knows
+    them). Alert keys name the invoice's own organization, and the alert states are kept
+    as the cycle changes them, so that it fires once; a change is news from the first
+    listing that shows it only (:meth:`shared`), so that it is one NOTICE and one amount
+    observation, in this cycle or when the other listing catches up in a later one; and
+    an alert resolves on whichever successful read lists its invoice (:meth:`scope`).
+    Resolutions wait for the whole cycle: an alert resolves only when no organization
+    holds its condition any more.
     """
 
     def __init__(
-        self, config: Config, states: Mapping[str, AlertState], *, baseline: bool = False
+        self,
+        config: Config,
+        states: Mapping[str, AlertState],
+        *,
+        baseline: bool = False,
+        payers: Mapping[str, str] | None = None,
     ) -> None:
         self.config = config
         self.baseline = baseline
         self.states = dict(states)
         self.held: set[str] = set()  # keys of the conditions that hold
         self.evaluated: set[tuple[str, str]] = set()  # (rule, configured org) scopes
+        self.read_ok: set[str] = set()  # configured organizations read this cycle
         # What a resolution may look up, per configured organization: its live invoices
         # and those of the alerts firing (an invoice may have settled this cycle).
         self.invoices_of: dict[str, Mapping[str, Invoice]] = {}
         self._settles = settled_statuses(config.rules)
-        self._alerted = {(s.source_org_id, s.invoice_id) for s in states.values()}
+        self._alerted = {s.invoice_id for s in states.values() if s.invoice_id}
+        self._configured = frozenset(org.id for org in config.organizations)
+        # Linked organization -> its payer, both configured: they list the same invoices.
+        self._payer = {
+            linked: payer
+            for linked, payer in (payers or {}).items()
+            if linked != payer and linked in self._configured and payer in self._configured
+        }
+        self._payees: dict[str, set[str]] = defaultdict(set)
+        for linked, payer in self._payer.items():
+            self._payees[payer].add(linked)
+        # Invoices found changed this cycle (those of linked organizations, and those
+        # that can still change), and whether their read compared them with a copy.
+        self._listed: dict[str, tuple[Invoice, bool]] = {}
+        self._noticed: set[str] = set()  # keys of this cycle's notices
         self.changes = 0  # invoices added, changed or gone
         self.invoices = 0  # in the snapshots, once the cycle is committed
+
+    def shared(
+        self,
+        org_id: str,
+        changed: Iterable[Invoice],
+        own: Snapshot,
+        snapshot_of: Callable[[str], Snapshot],
+    ) -> Shared:
+        """What the other configured organizations that list some invoices of a read of
+        ``org_id`` (its payer, or the linked organization whose invoice it is) already
+        hold of those it found ``changed`` (added or changed: its
+        :func:`listing_change`; ``own``: the reading organization's snapshot;
+        ``snapshot_of``: any organization's, as committed): whether one listed the same
+        version earlier in this cycle, or holds it already (no news), which of their copies
+        are out of date (updated with this read's), and, for an invoice this organization
+        holds no copy of, the other's copy to compare this read with (its first read, or
+        a payer that did not list its linked invoices before). Call it once per read, in
+        the order reads are taken: it remembers what each read found changed (of an
+        organization not known to be linked yet, as in a first cycle, the invoices that
+        can still change: a pending amount is then observed once too). Costs nothing
+        when nothing changed."""
+        payer = self._payer.get(org_id)
+        listed, settles = self._listed, self._settles
+        told: set[str] = set()
+        observed: set[str] = set()
+        baseline: dict[str, Invoice] = {}
+        load: dict[str, list[str]] = defaultdict(list)
+        mirror: dict[str, tuple[str, ...]] = {}
+        for invoice in changed:
+            invoice_id = invoice.id
+            earlier = listed.get(invoice_id)
+            owner = invoice.org_id
+            if earlier is None and owner == org_id and payer is None:
+                # Not known to be linked (most organizations): remember what can still
+                # change, in case a payer not known yet lists it later in this cycle.
+                if invoice.status not in settles:
+                    listed[invoice_id] = (invoice, invoice_id in own)
+                continue
+            held = invoice_id in own
+            if earlier is not None and same_invoice(earlier[0], invoice):
+                # Listed so by another one in this cycle: news it told, or only added.
+                (told if earlier[1] else observed).add(invoice_id)
+                listed[invoice_id] = (invoice, earlier[1] or held)
+                continue
+            if owner == org_id:
+                other = payer
+            elif owner in self._configured:  # a linked organization's, nested in this one
+                other = owner
+                if self._payer.get(owner) != org_id:  # learnt now (a first read)
+                    self._payer[owner] = org_id
+                    self._payees[org_id].add(owner)
+            else:
+                other = None
+            compared = held  # whether this read's news says what moved (not just "added")
+            if other is not None:
+                theirs = snapshot_of(other)
+                copy = theirs.live.get(invoice_id)
+                key = theirs.settled.get(invoice_id) if copy is None else None
+                if copy is not None or key is not None:
+                    compared = True
+                    if (
+                        same_invoice(copy, invoice)
+                        if copy is not None
+                        else key == invoice.settled_key()
+                    ):
+                        told.add(invoice_id)  # it holds this version: no news
+                    else:
+                        mirror[invoice_id] = (other,)
+                        if held:
+                            pass  # compared with this organization's copy
+                        elif copy is not None:
+                            baseline[invoice_id] = copy
+                        else:
+                            load[other].append(invoice_id)
+            if other is not None or invoice.status not in settles:
+                listed[invoice_id] = (invoice, compared)
+        if not (told or observed or baseline or load or mirror):
+            return NOTHING_SHARED
+        return Shared(
+            frozenset(told),
+            frozenset(observed),
+            baseline,
+            {org: tuple(ids) for org, ids in load.items()},
+            mirror,
+        )
 
     def org(
         self, step: OrgStep, now: datetime
@@ -293,15 +493,25 @@ class CyclePlan:
                 self.invoices_of[view.org_id] = {
                     invoice_id: invoice
                     for invoice_id, invoice in view.invoices.items()
-                    if invoice.status not in self._settles
-                    or (view.org_id, invoice_id) in self._alerted
+                    if invoice.status not in self._settles or invoice_id in self._alerted
                 }
+        if view.ok:
+            self.read_ok.add(view.org_id)
         evaluation = evaluate(self.config.rules, [view], step.history, now)
         self.held.update(evaluation.holding)
         self.evaluated.update(evaluation.evaluated)
         transitions = plan_holding(
             self.config, evaluation, self.states, now, baseline=self.baseline
         )
+        if evaluation.notices:  # one notice per invoice and move, whoever listed it
+            kept = []
+            for t in transitions:
+                if not t.state.firing and t.reason is Reason.NEW:
+                    if t.state.key in self._noticed:
+                        continue
+                    self._noticed.add(t.state.key)
+                kept.append(t)
+            transitions = kept
         previous = {t.state.key: self.states.get(t.state.key) for t in transitions}
         self.apply(transitions)
         return transitions, previous
@@ -317,16 +527,31 @@ class CyclePlan:
     def resolved(self, now: datetime) -> list[Transition]:
         """The whole cycle's RESOLVED transitions, once every organization is planned."""
         transitions = plan_resolved(
-            self.config,
-            self.states,
-            self.held,
-            self.evaluated,
-            lambda s: self.invoices_of.get(s.source_org_id, {}).get(s.invoice_id or ""),
-            now,
-            baseline=self.baseline,
+            self.config, self.states, self.held, self.scope, now, baseline=self.baseline
         )
         self.apply(transitions)
         return transitions
+
+    def scope(self, state: AlertState) -> tuple[bool, Invoice | None]:
+        """Whether this cycle evaluated the alert's rule on what the alert is about, and
+        its invoice as it stands now.
+
+        An invoice alert is evaluated by any successful read that lists its invoice:
+        the organization whose read fired it, the invoice's own organization, or its
+        payer. When none lists it, by the read that would have to: the invoice's own
+        organization when it is configured (its listing always shows its own invoices;
+        a payer's may stop showing linked ones when its role changes), else the
+        organization that fired it. Other alerts: by that organization's read."""
+        if not state.invoice_id:
+            return (state.rule, state.source_org_id) in self.evaluated, None
+        for org_id in (state.source_org_id, state.org_id, self._payer.get(state.org_id)):
+            if org_id is None or org_id not in self.read_ok:
+                continue
+            invoice = self.invoices_of.get(org_id, {}).get(state.invoice_id)
+            if invoice is not None:
+                return (state.rule, org_id) in self.evaluated, invoice
+        owner = state.org_id if state.org_id in self._configured else state.source_org_id
+        return (state.rule, owner) in self.evaluated, None
 
 
 def _wants_breakdown(t: Transition) -> bool:
@@ -437,6 +662,7 @@ class App:
         self._reload_wanted = False
         # Which organizations list in full at the next cycle: all of them at first.
         self.full_listings = FullListings(config.poll.full_listing_every, self.clock)
+        self._linked_hidden: set[str] = set()  # paying orgs warned about (once each)
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -597,7 +823,8 @@ class App:
         writer = _Writer(
             lambda orgs, ts: store.commit_orgs(cycle, self.clock.now(), orgs, ts, routes)
         )
-        decide = CyclePlan(config, store.firing_alerts(), baseline=baseline)
+        payers = store.payers()
+        decide = CyclePlan(config, store.firing_alerts(), baseline=baseline, payers=payers)
         unchanged: list[OrgWrite] = []  # written with the last transaction
         later: list[tuple[OrgWrite, list[Transition], dict[str, AlertState | None]]] = []
         events: list[AlertEvent] = []
@@ -613,8 +840,20 @@ class App:
                 except StateError as exc:
                     unreadable.append(exc)  # this organization waits for the next cycle
                     return
+            change = None
+            shared = NOTHING_SHARED
+            if read.ok:
+                change = listing_change(read, known[org_id], listed_from=listed_from, stored=stored)
+                shared = decide.shared(org_id, change.changed, known[org_id], store.snapshot)
+            try:
+                for other, ids in shared.load.items():
+                    shared = shared.loaded(await store.stored_invoices(other, ids))
+            except StateError as exc:
+                unreadable.append(exc)
+                return
             if read.ok and from_date is None:
                 listed_in_full.append(org_id)
+                self._check_linked_visible(read, payers)
             now = self.clock.now()
             step = step_org(
                 read,
@@ -624,6 +863,8 @@ class App:
                 now,
                 listed_from=listed_from,
                 stored=stored,
+                shared=shared,
+                change=change,
             )
             self._log_read(step.view)
             transitions, previous = decide.org(step, now)
@@ -710,6 +951,32 @@ class App:
             time.monotonic() - began,
         )
         return result
+
+    def _check_linked_visible(self, read: OrgRead, payers: Mapping[str, str]) -> None:
+        """Warn once when a full listing of a paying organization shows no linked invoice
+        while organizations are known to be linked to it (their invoices were listed
+        nested in its listing before): Atlas shows linked invoices only to Organization
+        Billing Admin or Organization Owner on the paying organization."""
+        org_id = read.org_id
+        if read.linked:
+            self._linked_hidden.discard(org_id)  # said again if they vanish again
+            return
+        linked = sorted(linked for linked, payer in payers.items() if payer == org_id)
+        if not linked or org_id in self._linked_hidden:
+            return
+        self._linked_hidden.add(org_id)
+        log.warning(
+            "%s: Atlas listed no linked invoices for this paying organization, though it "
+            "listed invoices of %s nested in its listing before. Atlas shows linked "
+            "invoices only to Organization Billing Admin or Organization Owner on the "
+            "paying organization (Organization Billing Viewer sees none): grant the API "
+            "key or service account one of those roles on %s, or, if the organizations "
+            "were unlinked, ignore this. A linked organization under `organizations:` "
+            "is still read through its own listing.",
+            self.config.org_name(org_id),
+            ", ".join(self.config.org_name(other) for other in linked),
+            org_id,
+        )
 
     def _log_read(self, view: OrgView) -> None:
         change = view.diff

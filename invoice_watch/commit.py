@@ -247,10 +247,15 @@ class OrgWrite:
     gone: list[str] = field(default_factory=list)
     observations: list[tuple[str, int]] = field(default_factory=list)  # pending amounts seen
     error: str | None = None
+    # Invoices another configured organization lists too (a linked one: in its own
+    # organization's listing and in its payer's), as this read found them changed: that
+    # organization's stored copy (``source_org_id``: that organization) is updated with
+    # it, when it still holds one, so that the next read through it is no news.
+    mirrors: list[Invoice] = field(default_factory=list)
 
     @property
     def changes_snapshot(self) -> bool:
-        return bool(self.upserts or self.gone or self.observations)
+        return bool(self.upserts or self.gone or self.observations or self.mirrors)
 
 
 @dataclass(frozen=True)
@@ -312,6 +317,9 @@ class StateStore:
         self._history: dict[str, list[tuple[datetime, int]]] = {}
         self._alerts: dict[str, AlertState] = {}
         self._orgs: dict[str, OrgState] = {}
+        # Linked organization -> the configured organization whose listing showed its
+        # invoices nested (its payer), as the snapshot has ever held them.
+        self._payers: dict[str, str] = {}
         self._cycle_id = 0  # the last cycle's number
         # One thread for every statement: the connection stays on it, and its memory in
         # one malloc arena (asyncio.to_thread would spread it over the pool's threads).
@@ -443,8 +451,11 @@ class StateStore:
     def _load_snapshot(self) -> dict[str, Snapshot]:
         live: dict[str, dict[str, Invoice]] = {}
         settled: dict[str, dict[str, int]] = {}
+        payers = self._payers
         for row in self._conn.execute(f"SELECT {_INVOICE_COLUMNS} FROM invoices"):
             invoice = _invoice_from_row(row)
+            if invoice.org_id != invoice.source_org_id:
+                payers[invoice.org_id] = invoice.source_org_id
             if invoice.status in self._settles:
                 settled.setdefault(invoice.source_org_id, {})[invoice.id] = invoice.settled_key()
             else:
@@ -552,6 +563,12 @@ class StateStore:
 
     def org_state(self, org_id: str) -> OrgState:
         return self._orgs.get(org_id) or OrgState(org_id)
+
+    def payers(self) -> Mapping[str, str]:
+        """Linked organization -> the organization that pays for it: whose listing
+        showed its invoices nested (``linkedInvoices``), as the state file held them when
+        opened or a read has shown them since (never forgotten while the process runs)."""
+        return self._payers
 
     def firing_alerts(self) -> dict[str, AlertState]:
         return dict(self._alerts)
@@ -755,6 +772,17 @@ class StateStore:
                     "DELETE FROM amount_history WHERE invoice_id=?",
                     [(g,) for g in org.gone if not self._listed_elsewhere(org.org_id, g)],
                 )
+            if org.mirrors:  # only the copies another organization still holds
+                conn.executemany(
+                    "UPDATE invoices SET org_id=?, status=?, start_date=?, end_date=?, "
+                    "amount_billed_cents=?, amount_paid_cents=?, credits_cents=?, "
+                    "sales_tax_cents=?, starting_balance_cents=?, subtotal_cents=?, "
+                    "created=?, updated=?, last_changed=? WHERE source_org_id=? AND id=?",
+                    (
+                        (row[1], *row[3:], now, row[2], row[0])
+                        for row in map(_invoice_row, org.mirrors)
+                    ),
+                )
             conn.executemany(
                 "INSERT OR REPLACE INTO amount_history VALUES (?,?,?)",
                 [(invoice_id, now, cents) for invoice_id, cents in org.observations],
@@ -824,6 +852,12 @@ class StateStore:
             for invoice in org.upserts:
                 if invoice.status != "PENDING":
                     self._history.pop(invoice.id, None)
+                if invoice.org_id != org.org_id:
+                    self._payers[invoice.org_id] = org.org_id
+            for mirror in org.mirrors:
+                holder = self._snapshot.get(mirror.source_org_id)
+                if holder is not None and mirror.id in holder:
+                    self._snapshot[mirror.source_org_id] = holder.updated([mirror], ())
             for invoice_id in org.gone:
                 if not self._listed_elsewhere(org.org_id, invoice_id):
                     self._history.pop(invoice_id, None)

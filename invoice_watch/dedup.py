@@ -153,8 +153,10 @@ def plan(
         config,
         states,
         held,
-        evaluation.evaluated,
-        lambda state: invoices.get(state.invoice_id or ""),
+        lambda state: (
+            (state.rule, state.source_org_id) in evaluation.evaluated,
+            invoices.get(state.invoice_id or ""),
+        ),
         now,
         baseline=baseline,
     )
@@ -209,16 +211,16 @@ def plan_resolved(
     config: Config,
     states: Mapping[str, AlertState],
     held: Collection[str],
-    evaluated: Collection[tuple[str, str]],
-    invoice: Callable[[AlertState], Invoice | None],
+    scope: Callable[[AlertState], tuple[bool, Invoice | None]],
     now: datetime,
     *,
     baseline: bool = False,
 ) -> list[Transition]:
     """The RESOLVED half of :func:`plan`, once the whole cycle is known: a firing alert
-    whose condition no ``held`` key holds any more, in a scope (rule, configured
-    organization) that was ``evaluated``. ``invoice`` finds an alert's invoice as it
-    stands now (for the RESOLVED message)."""
+    whose condition no ``held`` key holds any more, and that was evaluated this cycle.
+    ``scope`` tells, for an alert, whether a successful read evaluated its rule on what
+    it is about this cycle, and its invoice as it stands now (for the RESOLVED message;
+    None when no read lists it)."""
     rules = {rule.name: rule for rule in config.rules}
     factory = EventFactory(config)
     transitions: list[Transition] = []
@@ -228,15 +230,15 @@ def plan_resolved(
         stored_rule = rules.get(state.rule)
         if stored_rule is None or not stored_rule.enabled:
             continue  # a removed or disabled rule neither resolves nor fires
-        reason = decide(
-            state, False, (state.rule, state.source_org_id) in evaluated, stored_rule, now
-        )
+        evaluated, now_invoice = scope(state)
+        reason = decide(state, False, evaluated, stored_rule, now)
         if reason not in (Reason.RESOLVED, Reason.RESOLVED_QUIETLY):
             continue
         resolved = replace(state, firing=False, resolved_at=now)
         resolved_event = None
         if reason is Reason.RESOLVED and not baseline:
-            now_invoice = invoice(state) if state.invoice_id else None
+            if not state.invoice_id:
+                now_invoice = None
             resolved_event = _resolved_event(factory, stored_rule, state, now_invoice, now)
         transitions.append(Transition(resolved, resolved_event, reason))
     return transitions

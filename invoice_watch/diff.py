@@ -7,7 +7,7 @@ is ever diffed, so a failed read can never make invoices "disappear".
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Container, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -105,3 +105,17 @@ def diff(
             continue
         result.gone.append(invoice)
     return result
+
+
+def without_news(change: Diff, told: Container[str]) -> Diff:
+    """``change`` with what it says about the invoices ``told`` left out of its news
+    (added, status and amount changes): another listing told it already (a linked
+    invoice, listed by its own organization and by its payer). They stay in ``changed``
+    (this listing's stored copy is rewritten all the same) and in ``gone``."""
+    return Diff(
+        added=[i for i in change.added if i.id not in told],
+        status_changed=[c for c in change.status_changed if c.new.id not in told],
+        amounts_changed=[c for c in change.amounts_changed if c.new.id not in told],
+        gone=change.gone,
+        changed=change.changed,
+    )

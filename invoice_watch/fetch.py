@@ -390,14 +390,15 @@ class AtlasClient:
 
     async def list_invoices(self, org_id: str, from_date: date | None = None) -> list[Invoice]:
         """Every invoice of the organization (and of its linked organizations)."""
-        invoices, _ = await self._list(org_id, from_date, Snapshot())
+        invoices, _, _ = await self._list(org_id, from_date, Snapshot())
         return invoices
 
     async def _list(
         self, org_id: str, from_date: date | None, known: Snapshot
-    ) -> tuple[list[Invoice], frozenset[int]]:
+    ) -> tuple[list[Invoice], frozenset[int], int]:
         """The organization's listing: its invoices (linked ones included), but those of
-        ``known``'s settled invoices that are listed unchanged: their keys.
+        ``known``'s settled invoices that are listed unchanged: their keys; and how many
+        entries were nested in another's ``linkedInvoices``.
 
         Pages of ``itemsPerPage=500`` sorted by start date ascending (new invoices land on
         the last page, so an invoice created while paging cannot shift another one out of
@@ -436,11 +437,13 @@ class AtlasClient:
         }
         found: dict[str, Invoice] = {}
         settled: set[int] = set()
+        nested = 0  # a page holds one entry per result, and one per linked invoice in it
         for _, page in seen.values():
             for invoice in page.invoices:
                 found[invoice.id] = invoice
             settled.update(page.settled)
-        return list(found.values()), frozenset(settled)
+            nested += len(page.invoices) + len(page.settled) - page.size
+        return list(found.values()), frozenset(settled), nested
 
     async def _page(
         self, org_id: str, number: int, from_date: date | None, known: Snapshot
@@ -471,7 +474,7 @@ class AtlasClient:
         ``known``: its snapshot (see :meth:`_list`)."""
         before = self.requests_sent
         try:
-            invoices, settled = await self._list(
+            invoices, settled, linked = await self._list(
                 org_id, from_date, known if known is not None else Snapshot()
             )
         except FetchError as exc:
@@ -482,6 +485,7 @@ class AtlasClient:
             settled,
             requests=self.requests_sent - before,
             listed=len(invoices) + len(settled),
+            linked=linked,
         )
 
     async def read_orgs(

@@ -363,6 +363,7 @@ class OrgRead:
     error: str | None = None
     requests: int = 0
     listed: int = 0  # invoices listed (linked ones included)
+    linked: int = 0  # of those, nested in another's ``linkedInvoices``
 
     @property
     def ok(self) -> bool:
@@ -370,10 +371,11 @@ class OrgRead:
 
     def outcome(self) -> OrgRead:
         """This read without what it listed (once that is taken): ok or not, why,
-        requests sent, how many invoices it listed."""
+        requests sent, how many invoices it listed (and how many of them linked)."""
         return OrgRead(
             self.org_id,
             error=self.error,
             requests=self.requests,
             listed=self.listed,
+            linked=self.linked,
         )

@@ -7,7 +7,11 @@ Properties:
 - a condition that keeps holding never fires twice (no duplicate FIRING);
 - an alert firing in an organization that was read is backed by a condition that holds
   now, so every FIRING is followed by RESOLVED once its condition ends;
-- a cycle is deterministic and replaying it after its commit changes nothing.
+- a cycle is deterministic and replaying it after its commit changes nothing;
+- an invoice listed by two configured organizations (a linked one, in its own listing
+  and its payer's) is one alert subject: one NOTICE per move and one amount observation
+  per change, whichever listing shows it first, in whatever order reads end and
+  whichever of them fail.
 
 The cycle here is ``App._cycle`` without I/O: each organization through ``step_org``
 and ``CyclePlan.org`` (diff, amount history, evaluate, plan), then
@@ -18,6 +22,7 @@ changes them or no longer shows them, as the client and ``App._cycle`` do.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -25,7 +30,7 @@ from datetime import datetime, timedelta
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from invoice_watch.app import CyclePlan, step_org
+from invoice_watch.app import CyclePlan, Shared, listing_change, step_org
 from invoice_watch.commit import OrgState, OrgWrite
 from invoice_watch.config import Config, load
 from invoice_watch.dedup import AlertState, Transition
@@ -112,6 +117,8 @@ class Pipeline:
     """The state one daemon keeps between cycles, and one cycle over it."""
 
     now: datetime = NOW
+    config: Config = CONFIG
+    payers: dict[str, str] = field(default_factory=dict)  # as the store learns them
     snapshot: dict[str, Snapshot] = field(default_factory=dict)
     stored: dict[str, dict[str, Invoice]] = field(default_factory=dict)  # the state file
     history: dict[str, list[tuple[datetime, int]]] = field(default_factory=dict)
@@ -123,11 +130,11 @@ class Pipeline:
     def plan(self, reads: Mapping[str, Listing]) -> tuple[CyclePlan, list[Transition], Writes]:
         """One cycle up to the commit, as ``App._cycle`` runs it (organization by
         organization, then the resolutions): what it would write, without writing it."""
-        decide = CyclePlan(CONFIG, self.alerts)
+        decide = CyclePlan(self.config, self.alerts, payers=self.payers)
         writes: Writes = {}
         transitions: list[Transition] = []
         for org, listing in reads.items():
-            snapshot = self.snapshot.get(org) or Snapshot(settles=settled_statuses(CONFIG.rules))
+            snapshot = self.snapshot_of(org)
             read = OrgRead(org, error="x") if listing is None else as_listed(org, snapshot, listing)
             known = OrgState(
                 org,
@@ -135,19 +142,37 @@ class Pipeline:
                 failing_since=self.failing_since.get(org),
             )
             stored = self.stored.get(org, {})
+            loaded = {i: stored[i] for i in settled_to_load(snapshot, read)} if read.ok else {}
             step = step_org(
                 read,
                 snapshot,
                 known,
                 lambda invoice_id: self.history.get(invoice_id, []),
                 self.now,
-                stored={i: stored[i] for i in settled_to_load(snapshot, read)} if read.ok else None,
+                stored=loaded,
+                shared=self.shared(decide, read, snapshot, loaded),
             )
             transitions += decide.org(step, self.now)[0]
             if listing is not None:
                 writes[org] = step.write
         transitions += decide.resolved(self.now)
         return decide, transitions, writes
+
+    def shared(
+        self, decide: CyclePlan, read: OrgRead, snapshot: Snapshot, stored: dict[str, Invoice]
+    ) -> Shared:
+        """What the other organizations hold of this read's linked invoices, the
+        settled copies it names read from the state file, as ``App._cycle`` does."""
+        if not read.ok:
+            return Shared()
+        change = listing_change(read, snapshot, stored=stored)
+        shared = decide.shared(read.org_id, change.changed, snapshot, self.snapshot_of)
+        for other, ids in shared.load.items():
+            shared = shared.loaded(self.stored[other][i] for i in ids)
+        return shared
+
+    def snapshot_of(self, org: str) -> Snapshot:
+        return self.snapshot.get(org) or Snapshot(settles=settled_statuses(self.config.rules))
 
     def commit(
         self, reads: Mapping[str, Listing], transitions: Sequence[Transition], writes: Writes
@@ -158,8 +183,7 @@ class Pipeline:
                 self.failing_since.setdefault(org, self.now)
                 continue
             write = writes[org]
-            before = self.snapshot.get(org) or Snapshot(settles=settled_statuses(CONFIG.rules))
-            self.snapshot[org] = before.updated(write.upserts, write.gone)
+            self.snapshot[org] = self.snapshot_of(org).updated(write.upserts, write.gone)
             stored = self.stored[org] = {**self.stored.get(org, {}), **by_id(write.upserts)}
             for invoice_id in write.gone:
                 del stored[invoice_id]
@@ -171,6 +195,14 @@ class Pipeline:
                     self.history.pop(inv.id, None)
             for invoice_id, cents in write.observations:
                 self.history.setdefault(invoice_id, []).append((self.now, cents))
+            for upsert in write.upserts:
+                if upsert.org_id != org:
+                    self.payers[upsert.org_id] = org
+            for mirror in write.mirrors:  # the copies other organizations still hold
+                holder = mirror.source_org_id
+                if mirror.id in self.snapshot_of(holder):
+                    self.snapshot[holder] = self.snapshot[holder].updated([mirror], [])
+                    self.stored[holder][mirror.id] = mirror
         for t in transitions:
             if t.state.firing:
                 self.alerts[t.state.key] = t.state
@@ -314,3 +346,77 @@ def test_lifecycle_a_failed_read_never_fires_or_resolves_that_orgs_invoice_alert
         for t in transitions:
             if t.state.source_org_id in failed:
                 assert types[t.state.rule] == "poll_failure", t.state.key
+
+
+# --- linked invoices: one alert subject ----------------------------------------------
+
+LINKED_CONFIG: Config = load(
+    CONFIG_YAML.replace(
+        f"organizations: [{{id: {ORG_A}}}, {{id: {ORG_B}}}]",
+        f"organizations: [{{id: {ORG_A}}}, {{id: {ORG_LINKED}}}]",
+    ),
+    filename="properties-linked.yaml",
+    env={},
+)
+
+
+@dataclass(frozen=True)
+class Truth:
+    """One step of Atlas's truth about invoice 3 (ORG_LINKED's, billed through ORG_A):
+    its status and amount, which of the two listings of it fail, and in which order
+    the reads end."""
+
+    advance: timedelta
+    status: str
+    cents: int
+    failed: frozenset[str]
+    order: tuple[str, ...]
+
+    def reads(self) -> dict[str, Listing]:
+        nested = invoice(3, self.status, self.cents)  # in ORG_A's listing
+        own = replace(nested, source_org_id=ORG_LINKED)
+        listings = {ORG_A: (nested,), ORG_LINKED: (own,)}
+        return {org: None if org in self.failed else listings[org] for org in self.order}
+
+
+truths = st.builds(
+    Truth,
+    advance=st.sampled_from(STEPS),
+    status=st.sampled_from(STATUSES),
+    cents=st.sampled_from(AMOUNTS),
+    failed=st.sampled_from(
+        [frozenset(), frozenset(), frozenset({ORG_A}), frozenset({ORG_LINKED}), frozenset()]
+    ),
+    order=st.permutations([ORG_A, ORG_LINKED]).map(tuple),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(truths, min_size=1, max_size=12))
+def test_lifecycle_a_linked_invoice_is_one_subject_whichever_listing_shows_it(sequence):
+    pipeline = Pipeline(config=LINKED_CONFIG)
+    linked_id = invoice(3, "PENDING", 0).id
+    observed: list[Truth] = []  # the truths a successful read saw
+    for truth in sequence:
+        pipeline.now += truth.advance
+        before = len(pipeline.sent)
+        _, transitions, writes = pipeline.plan(truth.reads())
+        pipeline.commit(truth.reads(), transitions, writes)
+        notices = [k for k, kind in pipeline.sent[before:] if kind is EventKind.NOTICE]
+        if len(truth.failed) < 2:
+            moved = bool(observed) and observed[-1].status != truth.status
+            observed.append(truth)
+            # One NOTICE for a move, none otherwise; whichever listing told it.
+            assert len(notices) == (1 if moved else 0), (notices, truth)
+        else:
+            assert notices == []
+        if observed:
+            # The alerts follow what was last seen, however it was listed.
+            last = observed[-1]
+            firing = {key.split("/")[0] for key in pipeline.alerts}
+            assert ("failed" in firing) == (last.status == "FAILED")
+            over = last.status == "PENDING" and last.cents > 5000_00
+            assert ("over" in firing) == over, (firing, last)
+        # Each change of the pending amount is observed once.
+        amounts = [cents for _, cents in pipeline.history.get(linked_id, [])]
+        assert all(a != b for a, b in itertools.pairwise(amounts)), amounts

@@ -1,0 +1,195 @@
+"""One invoice is one alert subject, whichever listing shows it (issue 13, section 1).
+
+A paying organization (Production) and a linked one (Analytics) are both configured:
+Analytics's invoices are in its own listing and nested in Production's
+(``linkedInvoices``). A change is news once (one NOTICE, one amount observation), in
+the cycle that first sees it or when the other listing catches up later; an alert fires,
+reminds and resolves once, on whichever successful read lists its invoice. Atlas shows
+linked invoices to Organization Billing Admin or Owner only: a payer whose listing
+stops showing them is warned about, once.
+
+Through the real App and AtlasClient against the simulator on loopback (its
+``billing_viewer`` organizations hide linked invoices, as Atlas does for that role).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from invoice_watch.app import App, CycleResult
+from invoice_watch.clock import FakeClock
+from invoice_watch.config import Config, load
+from invoice_watch.simulator import Scenario, Simulator
+from invoice_watch.types import EventKind
+from tests.test_convergence import Recorder
+
+PAYER = "5f8a1c2e9b3d4a6f7e0c0016"
+LINKED = "6a7b8c9d0e1f2a3b4c5d6e7f"
+NOW = datetime(2026, 11, 15, 12, 0, tzinfo=UTC)
+RULES: list[dict[str, Any]] = [
+    {"name": "failed-charge", "type": "invoice_status"},
+    {"name": "moves", "type": "status_change"},
+    {"name": "jump", "type": "amount_increase", "threshold": 100, "window": "1d"},
+    {"name": "over", "type": "pending_amount", "threshold": 1000},
+    {"name": "month", "type": "forecast", "budget": 1500, "min_elapsed": "3d"},
+]
+
+
+def linked() -> Scenario:
+    scenario = Scenario(now=NOW)
+    scenario.add_org("Production", id=PAYER)
+    scenario.add_org("Analytics", id=LINKED, linked_to="Production")
+    scenario.add_invoice(PAYER, period=-1, status="PAID", amount_cents=900_00)
+    scenario.add_invoice(PAYER, period=0, status="PENDING", amount_cents=200_00)
+    scenario.add_invoice(LINKED, period=-1, status="FAILED", amount_cents=120_00, name="bad")
+    scenario.add_invoice(LINKED, period=0, status="PENDING", amount_cents=700_00, name="small")
+    return scenario
+
+
+def config_of(sim: Simulator, tmp: Path, *, repeat: str | None = None) -> Config:
+    rules = [{**rule, "notify": ["console"]} for rule in RULES]
+    if repeat is not None:
+        rules[0]["repeat"] = repeat
+    data = {
+        "atlas": {
+            "base_url": sim.base_url,
+            "auth": {"public_key": sim.public_key, "private_key": sim.private_key},
+            "retries": 0,
+        },
+        "organizations": [{"id": PAYER, "name": "Production"}, {"id": LINKED, "name": "Analytics"}],
+        "state": {"path": str(tmp / "state.db")},
+        "notifiers": {"console": {"type": "console"}},
+        "rules": rules,
+    }
+    return load(yaml.safe_dump(data), filename="linked.yaml", env={}, base_dir=tmp)
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[Simulator]:
+    async with Simulator(linked(), clock=FakeClock(NOW)) as simulator:
+        yield simulator
+
+
+def events(result: CycleResult) -> list[tuple[EventKind, str, str | None]]:
+    return sorted((e.kind, e.rule, e.invoice_id) for e in result.events)
+
+
+def fail_reads_of(sim: Simulator, org_id: str) -> None:
+    sim.faults.status(503, path="*/invoices", org_id=org_id)
+
+
+async def test_linked_invoice_move_is_one_notice_in_one_cycle(sim: Simulator, tmp_path: Path):
+    """The issue's example: Analytics's invoice goes FAILED -> PAID; both listings show
+    it; one NOTICE, one RESOLVED (the NOTICE used to be sent twice)."""
+    bad = sim.scenario.invoice("bad").id
+    clock = FakeClock(NOW)
+    async with App(config_of(sim, tmp_path), clock=clock, notifiers={"console": Recorder()}) as app:
+        first = await app.run_cycle()
+        assert (EventKind.FIRING, "failed-charge", bad) in events(first)
+        sim.set_status(bad, "PAID")
+        clock.advance(timedelta(minutes=15))
+        paid = await app.run_cycle()
+        assert events(paid) == [
+            (EventKind.NOTICE, "moves", bad),
+            (EventKind.RESOLVED, "failed-charge", bad),
+        ]
+        clock.advance(timedelta(minutes=15))
+        assert (await app.run_cycle()).events == []
+
+
+@pytest.mark.parametrize("failing", [PAYER, LINKED], ids=["payer-fails", "linked-fails"])
+async def test_linked_invoice_move_seen_by_one_listing_is_not_news_to_the_other(
+    sim: Simulator, tmp_path: Path, failing: str
+):
+    """One listing fails while the invoice moves: the other tells it (NOTICE and
+    RESOLVED at once, whichever organization fired the alert), and the failing one,
+    read again a cycle later, finds nothing new (it used to send the NOTICE again, and
+    the RESOLVED waited for the organization that had fired it)."""
+    bad = sim.scenario.invoice("bad").id
+    clock = FakeClock(NOW)
+    async with App(config_of(sim, tmp_path), clock=clock, notifiers={"console": Recorder()}) as app:
+        await app.run_cycle()
+        sim.set_status(bad, "PAID")
+        fail_reads_of(sim, failing)
+        clock.advance(timedelta(minutes=15))
+        paid = await app.run_cycle()
+        assert paid.orgs_failed == [failing]
+        assert events(paid) == [
+            (EventKind.NOTICE, "moves", bad),
+            (EventKind.RESOLVED, "failed-charge", bad),
+        ]
+        (copy,) = await app.store.stored_invoices(failing, [bad])  # brought up to date
+        assert copy.status == "PAID"
+        clock.advance(timedelta(minutes=15))
+        caught_up = await app.run_cycle()
+        assert caught_up.orgs_failed == []
+        assert caught_up.events == [] and caught_up.changes == 0
+
+
+async def test_linked_invoice_amount_is_observed_once_and_fires_once(
+    sim: Simulator, tmp_path: Path
+):
+    """Analytics's pending invoice grows: both listings show it; its amount history has
+    one observation per change (amount_increase measures growth from it), and
+    amount_increase, pending_amount and forecast fire once each."""
+    small = sim.scenario.invoice("small").id
+    clock = FakeClock(NOW)
+    async with App(config_of(sim, tmp_path), clock=clock, notifiers={"console": Recorder()}) as app:
+        await app.run_cycle()
+        first = clock.now()
+        assert app.store.history(small) == [(first, 700_00)]
+        clock.advance(timedelta(hours=1))
+        sim.set_amount(small, 1600_00)
+        grew = await app.run_cycle()
+        assert app.store.history(small) == [(first, 700_00), (clock.now(), 1600_00)]
+        assert events(grew) == [
+            (EventKind.FIRING, "jump", small),
+            (EventKind.FIRING, "month", small),
+            (EventKind.FIRING, "over", small),
+        ]
+
+
+async def test_linked_invoice_reminds_once(sim: Simulator, tmp_path: Path):
+    bad = sim.scenario.invoice("bad").id
+    clock = FakeClock(NOW)
+    config = config_of(sim, tmp_path, repeat="1h")
+    async with App(config, clock=clock, notifiers={"console": Recorder()}) as app:
+        await app.run_cycle()
+        clock.advance(timedelta(hours=1))
+        reminded = await app.run_cycle()
+        assert events(reminded) == [(EventKind.REMINDER, "failed-charge", bad)]
+
+
+async def test_linked_invoices_hidden_from_a_billing_viewer_are_warned_about_once(
+    sim: Simulator, tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    """The key is only Organization Billing Viewer on Production now: its listing shows
+    no linked invoice. invoice-watch says so once (at the start's full listing, not at
+    the next), and Analytics's alert, still listed by Analytics itself, neither resolves
+    nor fires again, even in a cycle where Analytics cannot be read."""
+    bad = sim.scenario.invoice("bad").id
+    clock = FakeClock(NOW)
+    config = config_of(sim, tmp_path)
+    async with App(config, clock=clock, notifiers={"console": Recorder()}) as app:
+        await app.run_cycle()
+    sim.scenario.org(PAYER).billing_viewer = True
+    caplog.set_level(logging.WARNING, logger="invoice_watch.app")
+    async with App(config, clock=clock, notifiers={"console": Recorder()}) as app:
+        assert (await app.run_cycle()).events == []
+        clock.advance(timedelta(days=2))  # the next full listings
+        assert (await app.run_cycle()).events == []
+        fail_reads_of(sim, LINKED)
+        clock.advance(timedelta(minutes=15))
+        assert (await app.run_cycle()).events == []
+        assert [key.split("/")[-1] for key in app.store.firing_alerts()] == [bad]
+    warnings = [r.getMessage() for r in caplog.records if "no linked invoices" in r.getMessage()]
+    assert len(warnings) == 1
+    assert warnings[0].startswith("Production: Atlas listed no linked invoices")
+    assert "Analytics" in warnings[0] and "Organization Billing Admin" in warnings[0]
