@@ -15,8 +15,11 @@ file, WAL, synchronous=FULL) it runs, on one App:
 - cold: a cycle on an empty state file (full listings);
 - 2nd: the first incremental cycle (its ``fromDate`` is new, so every page is parsed);
 - steady: a cycle with nothing changed since the one before;
+- full: the full reconciliation listing, every organization at once (as at a start;
+  the daemon spreads them over ``poll.full_listing_every``), nothing changed;
 - restart: a new process on the same state file (a daemon restart, or the next
-  ``run --once``): it loads the snapshot and runs one cycle, nothing changed.
+  ``run --once``): it loads the snapshot and runs one cycle, nothing changed (a start
+  lists in full).
 
 For each it prints:
 
@@ -77,13 +80,14 @@ PARSE = "parse_page"
 # What diffs, evaluates, plans and groups (in invoice_watch.app), timed with it.
 WORK = (
     "incremental_from",
+    "listing_change",
     "step_org",
     "evaluate",
     "plan_holding",
     "plan_resolved",
     "group_messages",
 )
-CYCLES = ("cold", "2nd", "steady")
+CYCLES = ("cold", "2nd", "steady", "full")
 RULES: list[dict[str, Any]] = [
     {"name": "failed-charge", "type": "invoice_status"},
     {"name": "pending-over-budget", "type": "pending_amount", "threshold": 25000},
@@ -355,6 +359,7 @@ def _time_work() -> list[_Timed]:
     timers = [_Timed(fetch, PARSE), _TimedStore(StateStore), _Timed(StateStore, "_apply")]
     for name in WORK:
         timers.append(_Timed(app, name))
+    timers.append(_Timed(app.CyclePlan, "shared"))  # linked invoices: what others hold
     return timers
 
 
@@ -399,6 +404,8 @@ async def run_cycles(
             figures = CycleFigures(label, rss_start_mb=rss_start)
             if sim is not None:
                 await sim.acall("reset")
+            if label == "full":
+                app.full_listings.force()  # every organization lists in full
             timers, fetched = _time_work(), _EndOf(app.client, "read_orgs")
             profiler = _start_profile() if profile else None
             cpu0, wall0 = time.process_time(), time.perf_counter()
@@ -508,10 +515,12 @@ def run_case(case: Case, profile: bool = False) -> CaseFigures:
             config_text = _config_text(sim, state)
             cycles = asyncio.run(run_cycles(config_text, state, CYCLES, sim, profile, case.latency))
             cycles.append(_restart(case, sim, config_text, state, profile))
-            raw = {"cold": asyncio.run(raw_fetch(sim, cycles[0].replay))}
-            raw["steady"] = asyncio.run(raw_fetch(sim, cycles[-1].replay))
+            # The same requests replayed: those of full listings, and of incremental ones.
+            raw = {"full": asyncio.run(raw_fetch(sim, cycles[-1].replay))}
+            raw["incremental"] = asyncio.run(raw_fetch(sim, cycles[2].replay))
             for figures in cycles:
-                figures.raw_wall = raw["cold" if figures.label == "cold" else "steady"]
+                incremental = figures.label in ("2nd", "steady")
+                figures.raw_wall = raw["incremental" if incremental else "full"]
             peer_wall = naive_cycle(sim, Path(tmp) / "peer.db") if case.peer else None
             daemon = daemon_peak_rss(sim, Path(tmp))
     finally:
