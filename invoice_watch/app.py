@@ -384,9 +384,6 @@ class CyclePlan:
             for linked, payer in (payers or {}).items()
             if linked != payer and linked in self._configured and payer in self._configured
         }
-        self._payees: dict[str, set[str]] = defaultdict(set)
-        for linked, payer in self._payer.items():
-            self._payees[payer].add(linked)
         # Invoices found changed this cycle (those of linked organizations, and those
         # that can still change), and whether their read compared them with a copy.
         self._listed: dict[str, tuple[Invoice, bool]] = {}
@@ -441,9 +438,7 @@ class CyclePlan:
                 other = payer
             elif owner in self._configured:  # a linked organization's, nested in this one
                 other = owner
-                if self._payer.get(owner) != org_id:  # learnt now (a first read)
-                    self._payer[owner] = org_id
-                    self._payees[org_id].add(owner)
+                self._payer[owner] = org_id  # learnt here if the state file did not know
             else:
                 other = None
             compared = held  # whether this read's news says what moved (not just "added")
@@ -461,12 +456,11 @@ class CyclePlan:
                         told.add(invoice_id)  # it holds this version: no news
                     else:
                         mirror[invoice_id] = (other,)
-                        if held:
-                            pass  # compared with this organization's copy
-                        elif copy is not None:
-                            baseline[invoice_id] = copy
-                        else:
-                            load[other].append(invoice_id)
+                        if not held:  # compared with the other's copy, none being here
+                            if copy is not None:
+                                baseline[invoice_id] = copy
+                            else:
+                                load[other].append(invoice_id)
             if other is not None or invoice.status not in settles:
                 listed[invoice_id] = (invoice, compared)
         if not (told or observed or baseline or load or mirror):

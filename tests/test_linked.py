@@ -33,6 +33,7 @@ from tests.test_convergence import Recorder
 PAYER = "5f8a1c2e9b3d4a6f7e0c0016"
 LINKED = "6a7b8c9d0e1f2a3b4c5d6e7f"
 NOW = datetime(2026, 11, 15, 12, 0, tzinfo=UTC)
+NAMES = {PAYER: "Production", LINKED: "Analytics"}
 RULES: list[dict[str, Any]] = [
     {"name": "failed-charge", "type": "invoice_status"},
     {"name": "moves", "type": "status_change"},
@@ -46,14 +47,18 @@ def linked() -> Scenario:
     scenario = Scenario(now=NOW)
     scenario.add_org("Production", id=PAYER)
     scenario.add_org("Analytics", id=LINKED, linked_to="Production")
+    scenario.add_invoice(PAYER, period=-2, status="PAID", amount_cents=800_00)
     scenario.add_invoice(PAYER, period=-1, status="PAID", amount_cents=900_00)
     scenario.add_invoice(PAYER, period=0, status="PENDING", amount_cents=200_00)
+    scenario.add_invoice(LINKED, period=-2, status="PAID", amount_cents=300_00, name="old")
     scenario.add_invoice(LINKED, period=-1, status="FAILED", amount_cents=120_00, name="bad")
     scenario.add_invoice(LINKED, period=0, status="PENDING", amount_cents=700_00, name="small")
     return scenario
 
 
-def config_of(sim: Simulator, tmp: Path, *, repeat: str | None = None) -> Config:
+def config_of(
+    sim: Simulator, tmp: Path, *, repeat: str | None = None, orgs: tuple[str, ...] = ()
+) -> Config:
     rules = [{**rule, "notify": ["console"]} for rule in RULES]
     if repeat is not None:
         rules[0]["repeat"] = repeat
@@ -63,7 +68,9 @@ def config_of(sim: Simulator, tmp: Path, *, repeat: str | None = None) -> Config
             "auth": {"public_key": sim.public_key, "private_key": sim.private_key},
             "retries": 0,
         },
-        "organizations": [{"id": PAYER, "name": "Production"}, {"id": LINKED, "name": "Analytics"}],
+        "organizations": [
+            {"id": org_id, "name": NAMES[org_id]} for org_id in orgs or (PAYER, LINKED)
+        ],
         "state": {"path": str(tmp / "state.db")},
         "notifiers": {"console": {"type": "console"}},
         "rules": rules,
@@ -193,3 +200,29 @@ async def test_linked_invoices_hidden_from_a_billing_viewer_are_warned_about_onc
     assert len(warnings) == 1
     assert warnings[0].startswith("Production: Atlas listed no linked invoices")
     assert "Analytics" in warnings[0] and "Organization Billing Admin" in warnings[0]
+
+
+async def test_linked_organization_added_later_tells_a_move_its_payer_did_not_list(
+    sim: Simulator, tmp_path: Path
+):
+    """Only Production is configured: it keeps Analytics's old PAID invoice (settled).
+    Atlas forgives that invoice; Analytics is added to the configuration, and its first
+    read (Production's failing) is compared with Production's copy, read back from the
+    state file: one NOTICE PAID -> FORGIVEN, none when Production is read again."""
+    old = sim.scenario.invoice("old").id
+    clock = FakeClock(NOW)
+    payer_only = config_of(sim, tmp_path, orgs=(PAYER,))
+    async with App(payer_only, clock=clock, notifiers={"console": Recorder()}) as app:
+        await app.run_cycle()
+        assert old in app.store.snapshot(PAYER).settled
+    sim.set_status(old, "FORGIVEN")
+    fail_reads_of(sim, PAYER)
+    async with App(config_of(sim, tmp_path), clock=clock, notifiers={"console": Recorder()}) as app:
+        first = await app.run_cycle()
+        assert first.orgs_failed == [PAYER]
+        assert [(e.kind, e.rule, e.invoice_id, e.previous_status) for e in first.events] == [
+            (EventKind.NOTICE, "moves", old, "PAID")
+        ]
+        clock.advance(timedelta(minutes=15))
+        again = await app.run_cycle()
+        assert again.orgs_failed == [] and again.events == []
