@@ -202,6 +202,11 @@ class Shared:
     load: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     # Invoice id -> the other organizations whose stored copy differs from this listing.
     mirror: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # The organizations whose listing of this cycle told (their write must come first).
+    tellers: frozenset[str] = frozenset()
+    # What this read found changed, for the reads after it: invoice id -> (the invoice,
+    # whether it was compared with a copy), taken when its step is planned.
+    listed: Mapping[str, tuple[Invoice, bool]] = field(default_factory=dict)
 
     def loaded(self, invoices: Iterable[Invoice]) -> Shared:
         """These, with the copies :attr:`load` names (as the state file holds them)."""
@@ -233,6 +238,8 @@ class OrgStep:
     write: OrgWrite
     history: dict[str, History]
     invoices: int  # in the organization's snapshot once the write is done
+    # What the read found changed, for the reads of the cycle after it (Shared.listed).
+    listed: Mapping[str, tuple[Invoice, bool]] = field(default_factory=dict)
 
 
 def listing_change(
@@ -338,7 +345,8 @@ def step_org(
         if mirrors
         else [],
     )
-    return OrgStep(view, write, history, len(snapshot) + len(change.added) - len(change.gone))
+    count = len(snapshot) + len(change.added) - len(change.gone)
+    return OrgStep(view, write, history, count, shared.listed)
 
 
 class CyclePlan:
@@ -385,8 +393,9 @@ class CyclePlan:
             if linked != payer and linked in self._configured and payer in self._configured
         }
         # Invoices found changed this cycle (those of linked organizations, and those
-        # that can still change), and whether their read compared them with a copy.
-        self._listed: dict[str, tuple[Invoice, bool]] = {}
+        # that can still change), whether their read compared them with a copy, and the
+        # organization whose read it was.
+        self._listed: dict[str, tuple[Invoice, bool, str]] = {}
         self._noticed: set[str] = set()  # keys of this cycle's notices
         self.changes = 0  # invoices added, changed or gone
         self.invoices = 0  # in the snapshots, once the cycle is committed
@@ -407,14 +416,16 @@ class CyclePlan:
         are out of date (updated with this read's), and, for an invoice this organization
         holds no copy of, the other's copy to compare this read with (its first read, or
         a payer that did not list its linked invoices before). Call it once per read, in
-        the order reads are taken: it remembers what each read found changed (of an
-        organization not known to be linked yet, as in a first cycle, the invoices that
-        can still change: a pending amount is then observed once too). Costs nothing
-        when nothing changed."""
+        the order reads are taken: what each read found changed is remembered once its
+        step is planned (:meth:`org`; of an organization not known to be linked yet, as
+        in a first cycle, the invoices that can still change: a pending amount is then
+        observed once too). Costs nothing when nothing changed."""
         payer = self._payer.get(org_id)
         listed, settles = self._listed, self._settles
         told: set[str] = set()
         observed: set[str] = set()
+        tellers: set[str] = set()
+        remember: dict[str, tuple[Invoice, bool]] = {}
         baseline: dict[str, Invoice] = {}
         load: dict[str, list[str]] = defaultdict(list)
         mirror: dict[str, tuple[str, ...]] = {}
@@ -426,13 +437,14 @@ class CyclePlan:
                 # Not known to be linked (most organizations): remember what can still
                 # change, in case a payer not known yet lists it later in this cycle.
                 if invoice.status not in settles:
-                    listed[invoice_id] = (invoice, invoice_id in own)
+                    remember[invoice_id] = (invoice, invoice_id in own)
                 continue
             held = invoice_id in own
             if earlier is not None and same_invoice(earlier[0], invoice):
                 # Listed so by another one in this cycle: news it told, or only added.
                 (told if earlier[1] else observed).add(invoice_id)
-                listed[invoice_id] = (invoice, earlier[1] or held)
+                tellers.add(earlier[2])
+                remember[invoice_id] = (invoice, earlier[1] or held)
                 continue
             if owner == org_id:
                 other = payer
@@ -462,8 +474,8 @@ class CyclePlan:
                             else:
                                 load[other].append(invoice_id)
             if other is not None or invoice.status not in settles:
-                listed[invoice_id] = (invoice, compared)
-        if not (told or observed or baseline or load or mirror):
+                remember[invoice_id] = (invoice, compared)
+        if not (told or observed or baseline or load or mirror or remember):
             return NOTHING_SHARED
         return Shared(
             frozenset(told),
@@ -471,6 +483,8 @@ class CyclePlan:
             baseline,
             {org: tuple(ids) for org, ids in load.items()},
             mirror,
+            frozenset(tellers),
+            remember,
         )
 
     def org(
@@ -479,6 +493,8 @@ class CyclePlan:
         """One organization's FIRING, REMINDER and NOTICE transitions, and the states
         they replace (a reminder's breakdown says what moved since)."""
         view = step.view
+        for invoice_id, (invoice, compared) in step.listed.items():
+            self._listed[invoice_id] = (invoice, compared, view.org_id)
         self.invoices += step.invoices
         self.invoices_of[view.org_id] = view.invoices
         if view.diff is not None:
@@ -821,6 +837,7 @@ class App:
         decide = CyclePlan(config, store.firing_alerts(), baseline=baseline, payers=payers)
         unchanged: list[OrgWrite] = []  # written with the last transaction
         later: list[tuple[OrgWrite, list[Transition], dict[str, AlertState | None]]] = []
+        deferred: set[str] = set()  # the organizations in `later`
         events: list[AlertEvent] = []
         unreadable: list[StateError] = []  # the state file, when a settled invoice is read
 
@@ -862,10 +879,12 @@ class App:
             )
             self._log_read(step.view)
             transitions, previous = decide.org(step, now)
-            if any(_wants_breakdown(t) for t in transitions):
+            if any(_wants_breakdown(t) for t in transitions) or shared.tellers & deferred:
                 # Line items are fetched once every listing is read (never competing
-                # with a listing for Atlas's rate limit); this org is committed then.
+                # with a listing for Atlas's rate limit); this org is committed then,
+                # and so is one whose news another org deferred so told (after it).
                 later.append((step.write, transitions, previous))
+                deferred.add(org_id)
             elif transitions or step.write.changes_snapshot or not step.write.ok:
                 writer.add(step.write, transitions)
                 events.extend(t.event for t in transitions if t.event is not None)

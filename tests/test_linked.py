@@ -226,3 +226,30 @@ async def test_linked_organization_added_later_tells_a_move_its_payer_did_not_li
         clock.advance(timedelta(minutes=15))
         again = await app.run_cycle()
         assert again.orgs_failed == [] and again.events == []
+
+
+async def test_linked_invoice_news_is_committed_before_the_listing_it_made_no_news(
+    sim: Simulator, tmp_path: Path
+):
+    """Production's read tells that Analytics's pending invoice grew over the threshold;
+    its part waits for the breakdown (line items, fetched once every listing is read).
+    Analytics's read, no news now, is committed after it, not before: a crash in
+    between must not leave the quiet copy committed and the news lost."""
+    small = sim.scenario.invoice("small").id
+    clock = FakeClock(NOW)
+    async with App(config_of(sim, tmp_path), clock=clock, notifiers={"console": Recorder()}) as app:
+        await app.run_cycle()
+        sim.set_amount(small, 1600_00)
+        sim.faults.hang(seconds=0.3, path="*/invoices", org_id=LINKED)  # read second
+        committed: list[str] = []
+        commit_orgs = app.store.commit_orgs
+
+        async def recording(cycle: int, at: Any, orgs: Any, *rest: Any) -> None:
+            committed.extend(write.org_id for write in orgs)
+            await commit_orgs(cycle, at, orgs, *rest)
+
+        app.store.commit_orgs = recording  # type: ignore[method-assign,assignment]
+        clock.advance(timedelta(minutes=15))
+        grew = await app.run_cycle()
+        assert (EventKind.FIRING, "over", small) in events(grew)
+        assert committed == [PAYER, LINKED]
