@@ -1,14 +1,18 @@
 """The application: one poll cycle through every stage, and the daemon around it.
 
 :meth:`App.run_cycle` is the pipeline (fetch -> diff -> rules -> dedup -> commit, each
-organization as soon as it is read; then wake delivery). :meth:`App.serve` is the
-daemon: a :class:`~invoice_watch.schedule.PollLoop` runs the cycle on its interval,
-timed on the injected clock's monotonic time (first one at start), the deliverer runs as
-its own task, and a stop event (set by the CLI on SIGTERM/SIGINT) ends it gracefully: no
-new cycle starts, the cycle in flight finishes (or stops where it is when it cannot
-finish in time: the organizations it committed stay committed), then everything closes
-in reverse order. A reload (SIGHUP) parses the file off the event loop, one at a time,
-and applies each changed setting as :mod:`invoice_watch.reload` says, or refuses it.
+organization as soon as it is read; then wake delivery). Reads are incremental, and a
+full reconciliation listing at every start and once per ``poll.full_listing_every``
+(:class:`FullListings`) makes the snapshot converge to Atlas for old invoices too; an
+invoice that two configured organizations list (a linked one) is one alert subject
+(:class:`CyclePlan`). :meth:`App.serve` is the daemon: a
+:class:`~invoice_watch.schedule.PollLoop` runs the cycle on its interval, timed on the
+injected clock's monotonic time (first one at start), the deliverer runs as its own
+task, and a stop event (set by the CLI on SIGTERM/SIGINT) ends it gracefully: no new
+cycle starts, the cycle in flight finishes (or stops where it is when it cannot finish
+in time: the organizations it committed stay committed), then everything closes in
+reverse order. A reload (SIGHUP) parses the file off the event loop, one at a time, and
+applies each changed setting as :mod:`invoice_watch.reload` says, or refuses it.
 Signals are the CLI's business, so tests embed the App.
 """
 
