@@ -4,7 +4,9 @@ and a corpus of broken files (tests/data/conf.bad_*.yml) whose leading
 
 from __future__ import annotations
 
+import itertools
 import re
+import time
 from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -717,3 +719,164 @@ def test_summary_lists_orgs_notifiers_and_one_line_per_rule():
         "  - unreadable [poll_failure] reads failing for 30m -> out (warning)",
     ]
     assert "HTTP: [::1]:9100" in text
+
+
+# --- YAML bounds: size, nesting, alias bombs (issue 12 §3) --------------------------
+
+
+def alias_bomb(levels: int) -> str:
+    """The "billion laughs": 9 levels of 9 aliases each expand to 9^levels strings."""
+    lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for previous, name in itertools.pairwise("abcdefghijklmnop"[: levels + 1]):
+        lines.append(f"{name}: &{name} [" + ", ".join([f"*{previous}"] * 9) + "]")
+    return "\n".join(lines) + "\n"
+
+
+def test_load_alias_bomb_is_one_problem_at_once(tmp_path: Path):
+    path = tmp_path / "bomb.yaml"
+    path.write_text(alias_bomb(9))  # 9^9 strings once expanded; 565 bytes in the issue
+    assert len(path.read_bytes()) < 600
+
+    started = time.perf_counter()
+    with pytest.raises(ConfigError) as info:
+        config.load_file(path, env={})
+    elapsed = time.perf_counter() - started
+
+    (problem,) = info.value.problems
+    assert (problem.file, problem.line, problem.column) == (str(path), 6, 4)
+    assert "expands to more than 100,000 values through aliases" in problem.message
+    assert elapsed < 1.0
+
+
+def test_load_aliases_within_the_bound_are_walked_once_each(tmp_path: Path):
+    """Aliases expanding to ~60,000 values: valid YAML, but nothing walks it for long."""
+    bomb = "".join(f"  {line}\n" for line in alias_bomb(4).splitlines())
+    text = MINIMAL.format(private_key="p") + "x-extra:\n" + bomb
+
+    started = time.perf_counter()
+    problems = problems_of(text)
+    elapsed = time.perf_counter() - started
+
+    assert [p.path for p in problems] == ["x-extra"]
+    assert elapsed < 2.0
+
+
+def test_load_file_larger_than_1_mib_is_refused_unread(tmp_path: Path):
+    path = tmp_path / "big.yaml"
+    path.write_text(MINIMAL.format(private_key="p") + "#" * config.MAX_CONFIG_BYTES)
+
+    with pytest.raises(ConfigError) as info:
+        config.load_file(path, env={})
+
+    (problem,) = info.value.problems
+    assert (problem.line, problem.column, problem.path) == (1, 1, "")
+    assert "larger than 1024 KiB" in problem.message
+    with pytest.raises(ConfigError, match="larger than 1024 KiB"):
+        config.load(path.read_text(), env={})
+
+
+def test_load_file_endless_device_is_refused(tmp_path: Path):
+    with pytest.raises(ConfigError, match="larger than 1024 KiB"):
+        config.load_file("/dev/zero", env={})
+
+
+@pytest.mark.parametrize(
+    "text", ["[" * 5000 + "]" * 5000, "a:\n" + "".join("  " * i + "- a:\n" for i in range(1, 200))]
+)
+def test_load_deep_nesting_is_a_problem_not_a_recursion_error(text: str):
+    (problem,) = problems_of(text)
+
+    assert "nested more than 64 levels deep" in problem.message
+    assert problem.line >= 1
+
+
+# --- YAML merge keys (issue 14 §2) ---------------------------------------------------
+
+MERGED_RULES = MINIMAL.format(private_key="p") + (
+    "  - &pending\n"  # 14
+    "    name: pending-a\n"
+    "    type: pending_amount\n"
+    "    threshold: 100\n"
+    "    notify: [out]\n"
+    "    severity: critical\n"  # 19
+    "  - <<: *pending\n"  # 20
+    "    name: pending-b\n"
+    "    threshold: 200\n"
+)
+
+
+def test_load_merge_key_takes_the_anchor_and_local_keys_override():
+    cfg = config.load(MERGED_RULES, env={})
+
+    a, b = cfg.rules[1:]
+    assert isinstance(a, PendingAmountRule) and isinstance(b, PendingAmountRule)
+    assert (a.name, a.threshold_cents, a.severity) == ("pending-a", 10000, Severity.CRITICAL)
+    assert (b.name, b.threshold_cents, b.severity) == ("pending-b", 20000, Severity.CRITICAL)
+    assert b.notify == ["out"]
+
+
+def test_load_merge_key_list_earlier_mapping_wins():
+    text = MINIMAL.format(private_key="p") + (
+        "  - <<: [{type: pending_amount, threshold: 1}, {threshold: 2, notify: [out]}]\n"
+        "    name: merged\n"
+    )
+
+    rule = config.load(text, env={}).rules[1]
+
+    assert isinstance(rule, PendingAmountRule)
+    assert (rule.threshold_cents, rule.notify) == (100, ["out"])
+
+
+def test_load_merge_key_errors_point_at_the_merged_or_the_local_value():
+    text = MERGED_RULES.replace("threshold: 100", "threshold: lots").replace(
+        "    threshold: 200\n", "    threshold: 200\n    severity: critcal\n"
+    )
+
+    problems = problems_of(text)
+
+    assert [(p.line, p.path) for p in problems] == [
+        (17, "rules.1.threshold"),  # the anchor's own value
+        (23, "rules.2.severity"),  # the local override
+    ]
+
+
+def test_load_merge_key_error_in_a_merged_value_is_reported_where_it_is_used():
+    text = MERGED_RULES.replace("threshold: 100", "threshold: lots").replace(
+        "    threshold: 200\n", ""
+    )
+
+    problems = problems_of(text)
+
+    assert [(p.line, p.path) for p in problems] == [
+        (17, "rules.1.threshold"),
+        (17, "rules.2.threshold"),  # merged from line 17
+    ]
+
+
+def test_load_merge_key_real_duplicate_is_still_an_error():
+    text = MERGED_RULES + "    name: pending-c\n"
+
+    (problem,) = problems_of(text)
+
+    assert (problem.line, problem.column, problem.path) == (23, 5, "rules.2.name")
+    assert "duplicate key `name` (first at line 21)" in problem.message
+
+
+def test_load_merge_key_of_a_scalar_is_a_problem():
+    text = MINIMAL.format(private_key="p").replace("  out:\n", "  out:\n    <<: 5\n")
+
+    (problem,) = problems_of(text)
+
+    assert (problem.line, problem.column, problem.path) == (9, 9, "notifiers.out")
+    assert "`<<` merges a mapping" in problem.message
+
+
+def test_load_anchor_merging_into_itself_is_a_problem():
+    text = MINIMAL.format(private_key="p").replace(
+        "  out:\n    type: console\n", "  out: &out\n    type: console\n    x:\n      <<: *out\n"
+    )
+
+    problems = problems_of(text)
+
+    assert [p.path for p in problems] == ["notifiers.out.x.x"]
+    assert "an alias cannot refer to a node that holds it" in problems[0].message
