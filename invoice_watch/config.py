@@ -18,13 +18,14 @@ the YAML key ``threshold``); durations are ``90s``/``15m``/``1h``/``1d`` in the 
 from __future__ import annotations
 
 import difflib
+import email.policy
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from decimal import Decimal, InvalidOperation
-from email.utils import parseaddr
 from pathlib import Path
 from types import NoneType, UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
@@ -49,6 +50,7 @@ from pydantic_core import core_schema
 from yaml.constructor import SafeConstructor
 from yaml.error import Mark, MarkedYAMLError
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+from yarl import URL
 
 from invoice_watch import constants, redact
 from invoice_watch.errors import ConfigError, ConfigProblem
@@ -130,13 +132,231 @@ class Secret:
             raise ValueError("expected a text value (quote it)")
         if not value:
             raise ValueError("the secret is empty; set it, or use `<key>_file: path`")
+        if problem := _control_problem(value):  # never the value itself: it is a secret
+            raise ValueError(f"the secret {problem}")
         return cls(value)
 
 
-# --- value types ---------------------------------------------------------------------
+# --- value types: each accepts what its consumer accepts -----------------------------
+#
+# Every text value reaches a log line, and most reach an HTTP or SMTP header, so none
+# may hold a control character (a CR/LF from `${VAR}` would crash or inject a header).
+# Messages quote the value, except for secrets.
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+
+
+def _control_problem(value: str) -> str | None:
+    """What is wrong with a control character in ``value`` (None if there is none)."""
+    found = _CONTROL.search(value)
+    if found is None:
+        return None
+    char = found.group()
+    what = (
+        "a line break"
+        if char in _LINE_BREAKS
+        else "a tab"
+        if char == "\t"
+        else f"the control character U+{ord(char):04X}"
+    )
+    return f"contains {what}; remove it"
+
+
+def _text(value: str) -> str:
+    if problem := _control_problem(value):
+        raise ValueError(problem)
+    return value
+
+
+MAX_NAME = 200
+
+
+def _check_name(value: str) -> str:
+    _text(value)
+    if not value.strip():
+        raise ValueError("must not be empty")
+    if len(value) > MAX_NAME:
+        raise ValueError(f"is {len(value)} characters long; keep it under {MAX_NAME}")
+    return value
+
+
+# A name shown in messages, logs and email subjects: rules, organizations, notifiers.
+Name = Annotated[str, AfterValidator(_check_name)]
+
+_HEADER_TOKEN = re.compile(r"[!-9;-~]{1,256}")  # visible ASCII but `:`
+
+
+def _check_login(value: str) -> str:
+    _text(value)
+    if not _HEADER_TOKEN.fullmatch(value):
+        raise ValueError(
+            f"`{value}` cannot be an HTTP user name: use printable ASCII without spaces "
+            "or `:` (up to 256 characters); check for a stray character"
+        )
+    return value
+
+
+# The user name of HTTP Digest (public_key) or Basic (client_id) authentication.
+HttpLogin = Annotated[str, AfterValidator(_check_login)]
+
+
+def _check_smtp_login(value: str) -> str:
+    _text(value)
+    if not value or len(value) > 256:
+        raise ValueError("must be 1 to 256 characters long")
+    return value
+
+
+SmtpLogin = Annotated[str, AfterValidator(_check_smtp_login)]
+
+
+_BEARER = re.compile(r"[A-Za-z0-9._~+/-]{1,1024}=*")  # b64token, RFC 6750 §2.1
+
+
+def _check_bearer(value: Secret) -> Secret:
+    if not _BEARER.fullmatch(value.get()):
+        raise ValueError(
+            "the token cannot be sent as `Authorization: Bearer`: it holds a space, a "
+            "quote or another character tokens never have; copy it again"
+        )
+    return value
+
+
+# A secret sent as ``Authorization: Bearer <token>`` (Slack).
+BearerToken = Annotated[Secret, AfterValidator(_check_bearer)]
+
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
+
+
+def _host_problem(host: str) -> str | None:
+    """Why ``host`` is neither an IP address nor a DNS name (None when it is one)."""
+    try:
+        ipaddress.ip_address(host)
+        return None
+    except ValueError:
+        pass
+    try:
+        ascii_host = host.encode("idna").decode("ascii")
+    except UnicodeError:
+        return "is not a valid host name"
+    labels = ascii_host.removesuffix(".").split(".")
+    if len(ascii_host) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in labels):
+        return "is not a host name or an IP address"
+    return None
+
+
+def _check_host(value: str) -> str:
+    _text(value)
+    if problem := _host_problem(value):
+        raise ValueError(f"`{value}` {problem}: write e.g. smtp.example.com or 192.0.2.10")
+    return value
+
+
+Hostname = Annotated[str, AfterValidator(_check_host)]
+
+
+def _check_channel(value: str) -> str:
+    _text(value)
+    if not value or len(value) > 81 or any(c.isspace() for c in value):
+        raise ValueError(
+            f"`{value}` is not a Slack channel: give its name (#billing-alerts, no spaces, "
+            "80 characters at most) or its id (C0123456789)"
+        )
+    return value
+
+
+SlackChannel = Annotated[str, AfterValidator(_check_channel)]
+
+
+def _url_problem(value: str, *, endpoint: bool) -> str | None:
+    """Why aiohttp cannot use ``value`` as a URL (None when it can). An ``endpoint`` is a
+    base that paths are appended to: no user info, query or fragment."""
+    if problem := _control_problem(value):
+        return problem
+    if any(c.isspace() for c in value):
+        return "contains a space"
+    if not value.startswith(("https://", "http://")):
+        return "does not start with https:// (or http://): write it like https://cloud.mongodb.com"
+    try:
+        url = URL(value)  # what aiohttp makes of it
+        port = url.explicit_port
+    except ValueError as exc:
+        return f"is not a valid URL ({exc})"
+    if not url.raw_host or _host_problem(url.raw_host):
+        return "has no valid host name: write it like https://cloud.mongodb.com"
+    if port == 0:
+        return "has port 0: give a port from 1 to 65535, or none"
+    if endpoint and (url.user is not None or url.password is not None):
+        return "holds user:password@: credentials go in their own settings"
+    if endpoint and (url.query_string or url.fragment or "?" in value or "#" in value):
+        return "has a query (?...) or a fragment (#...): give the base URL only"
+    return None
+
+
+def _check_url(value: str) -> str:
+    if problem := _url_problem(value, endpoint=True):
+        raise ValueError(f"`{value}` {problem}" if not _CONTROL.search(value) else problem)
+    return value.rstrip("/")
+
+
+# An http(s) base URL that paths are appended to (Atlas API and UI, Slack API).
+Url = Annotated[str, AfterValidator(_check_url)]
+
+
+def _check_secret_url(value: Secret) -> Secret:
+    if problem := _url_problem(value.get(), endpoint=False):
+        raise ValueError(f"the URL {problem}")  # never the value itself: it is a secret
+    return value
+
+
+# A secret http(s) URL, used as it is (a Slack incoming webhook).
+SecretUrl = Annotated[Secret, AfterValidator(_check_secret_url)]
+
+
+def _address_problem(value: str) -> str | None:
+    """Why ``value`` is not one address the email package and SMTP accept."""
+    if problem := _control_problem(value):
+        return problem
+    try:
+        header = email.policy.default.header_factory("To", value)
+        addresses = header.addresses
+    except Exception:  # the stdlib parser raises IndexError, ValueError...
+        return _NOT_AN_ADDRESS
+    if len(addresses) != 1:
+        return "must be one address (give several as a list: [a@example.com, b@example.com])"
+    address = addresses[0]
+    if not address.username.isascii() or not address.domain.isascii():
+        return (
+            "has non-ASCII characters in the address: SMTP needs the domain in its "
+            "xn-- form and an ASCII user part"
+        )
+    if header.defects or not address.username or not address.domain:
+        return _NOT_AN_ADDRESS
+    domain = address.domain
+    literal = domain.startswith("[") and domain.endswith("]")
+    if _host_problem(domain[1:-1] if literal else domain):
+        return "has an invalid domain: write it like alerts@example.com"
+    return None
+
+
+_NOT_AN_ADDRESS = "is not an email address: write it like alerts@example.com"
+
+
+def _check_address(value: str) -> str:
+    if problem := _address_problem(value):
+        raise ValueError(problem if _CONTROL.search(value) else f"`{value}` {problem}")
+    return value
+
+
+EmailAddress = Annotated[str, AfterValidator(_check_address)]
 
 _DURATION = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
 _DURATION_HELP = "use a number and a unit s, m, h or d, e.g. 90s, 15m, 1h, 1d or 1h30m"
+# Longer than any setting may be (each field has its own bound, `_at_most`), short
+# enough for any datetime arithmetic (a date plus it stays within year 9999).
+_DURATION_LIMIT = timedelta(days=3660)
+_SECONDS = (86400, 3600, 60, 1)
 
 
 def _parse_duration(value: object) -> timedelta:
@@ -147,8 +367,15 @@ def _parse_duration(value: object) -> timedelta:
         and (m := _DURATION.fullmatch(value.replace(" ", "")))
         and any(m.groups())
     ):
-        days, hours, minutes, seconds = (int(g or 0) for g in m.groups())
-        delta = timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
+        # Past the limit (or timedelta's range), every value is just "too long": the
+        # field's own bound (`_at_most`) says by how much.
+        limit = int(_DURATION_LIMIT.total_seconds()) + 1
+        numbers = [(g or "0").lstrip("0") or "0" for g in m.groups()]
+        if any(len(n) > 12 for n in numbers):
+            seconds = limit
+        else:
+            seconds = min(limit, sum(int(n) * u for n, u in zip(numbers, _SECONDS, strict=True)))
+        delta = timedelta(seconds=seconds)
     elif isinstance(value, int) and not isinstance(value, bool):
         raise ValueError(
             f"a duration needs a unit: write `{value}s` for {value} seconds; units are "
@@ -168,12 +395,33 @@ def _parse_positive_duration(value: object) -> timedelta:
     return delta
 
 
-# A duration of at least one second; `DurationOrZero` also allows `0s`.
+# A duration of at least one second; `DurationOrZero` also allows `0s`. Each field adds
+# its upper bound with `_at_most`.
 Duration = Annotated[timedelta, BeforeValidator(_parse_positive_duration)]
 DurationOrZero = Annotated[timedelta, BeforeValidator(_parse_duration)]
 
+
+@dataclass(frozen=True)
+class _AtMost:
+    """A duration field's upper bound; ``why`` completes "must be at most LIMIT: "."""
+
+    limit: timedelta
+    why: str
+
+    def __call__(self, value: timedelta) -> timedelta:
+        if value > self.limit:
+            raise ValueError(f"must be at most {duration(self.limit)}: {self.why}")
+        return value
+
+
+def _at_most(limit: timedelta, why: str) -> AfterValidator:
+    return AfterValidator(_AtMost(limit, why))
+
+
 _MONEY = re.compile(r"-?\$?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
 _MONEY_HELP = 'write an amount in USD like 5000, 5000.50 or "$5,000.50"'
+# Far above any invoice, far below SQLite's INTEGER (int64) limit.
+MAX_MONEY_CENTS = 100 * 10**12
 
 
 def _parse_money(value: object) -> int:
@@ -188,6 +436,8 @@ def _parse_money(value: object) -> int:
         raise ValueError(f"invalid amount `{value}`: {_MONEY_HELP}")
     if amount < 0:
         raise ValueError(f"the amount cannot be negative: {_MONEY_HELP}")
+    if amount > MAX_MONEY_CENTS // 100:  # before any arithmetic: 1e999999 is a Decimal
+        raise ValueError(f"must be at most {usd(MAX_MONEY_CENTS)}")
     cents = amount * 100
     if cents != cents.to_integral_value():
         raise ValueError("an amount has at most 2 decimals (cents), e.g. 5000.50")
@@ -201,6 +451,7 @@ _ORG_ID = re.compile(r"[0-9a-f]{24}")
 
 
 def _check_org_id(value: str) -> str:
+    _text(value)
     if not _ORG_ID.fullmatch(value):
         raise ValueError(
             f"`{value}` is not an organization id: ids are 24 lowercase hex characters "
@@ -213,6 +464,7 @@ OrgId = Annotated[str, AfterValidator(_check_org_id)]
 
 
 def _check_status(value: str) -> str:
+    _text(value)
     if value.upper() not in constants.INVOICE_STATUSES:
         raise ValueError(
             f"unknown invoice status `{value}`; use one of: "
@@ -224,39 +476,28 @@ def _check_status(value: str) -> str:
 InvoiceStatus = Annotated[str, AfterValidator(_check_status)]
 
 
-def _check_url(value: str) -> str:
-    if not value.startswith(("https://", "http://")):
-        raise ValueError(f"`{value}` is not a URL: write it like https://cloud.mongodb.com")
-    return value.rstrip("/")
-
-
-Url = Annotated[str, AfterValidator(_check_url)]
-
-
-def _check_address(value: str) -> str:
-    if "@" not in parseaddr(value)[1]:
-        raise ValueError(f"`{value}` is not an email address: write it like alerts@example.com")
-    return value
-
-
-EmailAddress = Annotated[str, AfterValidator(_check_address)]
-
-
 def _resolve_path(value: Path, info: ValidationInfo) -> Path:
     """Relative paths resolve against the config file's folder (context ``base_dir``)."""
+    _text(str(value))
     base = info.context.get("base_dir") if isinstance(info.context, dict) else None
     return base / value if base is not None and not value.is_absolute() else value
 
 
 ConfigPath = Annotated[Path, AfterValidator(_resolve_path)]
 
-NonEmptyStr = Annotated[str, Field(min_length=1)]
-
 
 def _split_listen(listen: str) -> tuple[str, int]:
+    _text(listen)
     host, sep, port = listen.rpartition(":")
     host = host.removeprefix("[").removesuffix("]")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
+    if (
+        not sep
+        or not host
+        or _host_problem(host)
+        or not (port.isascii() and port.isdigit())
+        or len(port) > 5
+        or int(port) > 65535
+    ):
         raise ValueError(
             f"`{listen}` is not HOST:PORT: write e.g. 127.0.0.1:9100 (or 0.0.0.0:9100 "
             "to listen on every interface)"
@@ -271,17 +512,26 @@ class _Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
 
+# Upper bounds of durations, by what they time.
+_REQUEST_LIMIT = timedelta(minutes=10)
+_REQUEST_WHY = "one request or conversation that has not answered by then will not"
+_BACKOFF_LIMIT = timedelta(hours=1)
+_BACKOFF_WHY = "a longer wait between retries only delays the answer"
+_RULE_LIMIT = timedelta(days=366)
+_RULE_WHY = "invoices are monthly; a year covers every use"
+
+
 class DigestAuth(_Model):
     """Programmatic API key, sent with HTTP Digest."""
 
-    public_key: NonEmptyStr
+    public_key: HttpLogin
     private_key: Secret
 
 
 class ServiceAccountAuth(_Model):
     """Service account, OAuth 2.0 client credentials."""
 
-    client_id: NonEmptyStr
+    client_id: HttpLogin
     client_secret: Secret
 
 
@@ -312,15 +562,15 @@ class AtlasConfig(_Model):
             "or client_id and client_secret (service account)",
         ),
     ]
-    timeout: Duration = timedelta(seconds=30)
+    timeout: Annotated[Duration, _at_most(_REQUEST_LIMIT, _REQUEST_WHY)] = timedelta(seconds=30)
     max_concurrency: int = Field(4, ge=1, le=64)
     retries: int = Field(5, ge=0, le=20)
-    max_backoff: Duration = timedelta(seconds=30)
+    max_backoff: Annotated[Duration, _at_most(_BACKOFF_LIMIT, _BACKOFF_WHY)] = timedelta(seconds=30)
 
 
 class OrgConfig(_Model):
     id: OrgId
-    name: NonEmptyStr | None = None
+    name: Name | None = None
 
     @property
     def display_name(self) -> str:
@@ -328,12 +578,20 @@ class OrgConfig(_Model):
 
 
 class PollConfig(_Model):
-    interval: Duration = timedelta(minutes=15)
-    jitter: DurationOrZero = timedelta(0)
+    interval: Annotated[
+        Duration,
+        _at_most(timedelta(days=7), "invoices change a few times a day; poll every 15m to 1d"),
+    ] = timedelta(minutes=15)
+    jitter: Annotated[
+        DurationOrZero, _at_most(timedelta(days=1), "it must also stay below interval")
+    ] = timedelta(0)
     # How often each organization's listing is a full one (every invoice, however old)
     # instead of an incremental one (from its oldest invoice that can still change):
     # what sees a refund or any late change to a settled invoice. Also at every start.
-    full_listing_every: Duration = timedelta(days=1)
+    full_listing_every: Annotated[
+        Duration,
+        _at_most(timedelta(days=31), "a late change to an old invoice must not wait longer"),
+    ] = timedelta(days=1)
 
     @model_validator(mode="after")
     def _jitter_below_interval(self) -> PollConfig:
@@ -347,18 +605,20 @@ class StateConfig(_Model):
 
 
 class DeliveryConfig(_Model):
-    max_age: Duration = timedelta(hours=24)
-    max_backoff: Duration = timedelta(seconds=60)
-    group_over: int = Field(5, ge=1)
+    max_age: Annotated[
+        Duration, _at_most(timedelta(days=30), "an alert older than that is no news")
+    ] = timedelta(hours=24)
+    max_backoff: Annotated[Duration, _at_most(_BACKOFF_LIMIT, _BACKOFF_WHY)] = timedelta(seconds=60)
+    group_over: int = Field(5, ge=1, le=10_000)
 
 
 class SlackNotifierConfig(_Model):
     """Slack by incoming webhook (``webhook_url``) or Web API (``token`` + ``channel``)."""
 
     type: Literal["slack"]
-    webhook_url: Secret | None = None
-    token: Secret | None = None
-    channel: NonEmptyStr | None = None
+    webhook_url: SecretUrl | None = None
+    token: BearerToken | None = None
+    channel: SlackChannel | None = None
     api_url: Url = constants.SLACK_API_URL
 
     @field_validator("api_url")
@@ -386,15 +646,15 @@ class EmailNotifierConfig(_Model):
     """SMTP; ``port`` defaults by ``tls``: starttls 587, implicit 465, none 25."""
 
     type: Literal["email"]
-    host: NonEmptyStr
+    host: Hostname
     port: int = Field(_SMTP_PORTS["starttls"], ge=1, le=65535)
     tls: Literal["starttls", "implicit", "none"] = "starttls"
     ca_file: ConfigPath | None = None
-    username: NonEmptyStr | None = None
+    username: SmtpLogin | None = None
     password: Secret | None = None
     from_addr: EmailAddress = Field(alias="from")
-    to: Annotated[list[EmailAddress], Field(min_length=1)]
-    timeout: Duration = timedelta(seconds=30)
+    to: Annotated[list[EmailAddress], Field(min_length=1, max_length=100)]
+    timeout: Annotated[Duration, _at_most(_REQUEST_LIMIT, _REQUEST_WHY)] = timedelta(seconds=30)
 
     @model_validator(mode="before")
     @classmethod
@@ -428,11 +688,11 @@ NotifierConfig = Annotated[
 
 
 class _RuleBase(_Model):
-    name: NonEmptyStr
-    notify: Annotated[list[str], Field(min_length=1)]
+    name: Name
+    notify: Annotated[list[Name], Field(min_length=1)]
     orgs: Annotated[list[OrgId], Field(min_length=1)] | None = None
     severity: Severity = Severity.WARNING
-    repeat: Duration | None = None
+    repeat: Annotated[Duration, _at_most(_RULE_LIMIT, _RULE_WHY)] | None = None
     send_resolved: bool = True
     enabled: bool = True
 
@@ -468,8 +728,8 @@ class AmountIncreaseRule(_RuleBase):
 
     type: Literal["amount_increase"]
     threshold_cents: Money | None = Field(None, alias="threshold")
-    percent: float | None = Field(None, gt=0)
-    window: Duration = timedelta(hours=24)
+    percent: float | None = Field(None, gt=0, le=1_000_000, allow_inf_nan=False)
+    window: Annotated[Duration, _at_most(_RULE_LIMIT, _RULE_WHY)] = timedelta(hours=24)
 
     @model_validator(mode="after")
     def _threshold_or_percent(self) -> AmountIncreaseRule:
@@ -483,14 +743,14 @@ class ForecastRule(_RuleBase):
 
     type: Literal["forecast"]
     budget_cents: Money = Field(alias="budget")
-    min_elapsed: Duration = timedelta(days=3)
+    min_elapsed: Annotated[Duration, _at_most(_RULE_LIMIT, _RULE_WHY)] = timedelta(days=3)
 
 
 class PollFailureRule(_RuleBase):
     """Fires when an organization has been unreadable for ``after``."""
 
     type: Literal["poll_failure"]
-    after: Duration = timedelta(hours=1)
+    after: Annotated[Duration, _at_most(_RULE_LIMIT, _RULE_WHY)] = timedelta(hours=1)
 
 
 Rule = Annotated[
@@ -510,7 +770,9 @@ class HttpConfig(_Model):
     # (beyond, new ones are closed at once), and how long a connection may stay without
     # a complete request (from its start, or from its last answer).
     max_connections: int = Field(64, ge=1, le=10_000)
-    idle_timeout: Duration = Field(timedelta(seconds=10), le=timedelta(hours=1))
+    idle_timeout: Annotated[
+        Duration, _at_most(timedelta(hours=1), "a request takes seconds to arrive")
+    ] = timedelta(seconds=10)
 
     @field_validator("listen", mode="before")
     @classmethod
@@ -541,7 +803,7 @@ class Config(_Model):
     poll: PollConfig = Field(default_factory=PollConfig)
     state: StateConfig
     delivery: DeliveryConfig = Field(default_factory=DeliveryConfig)
-    notifiers: Annotated[dict[str, NotifierConfig], Field(min_length=1)]
+    notifiers: Annotated[dict[Name, NotifierConfig], Field(min_length=1)]
     rules: Annotated[list[Rule], Field(min_length=1)]
     http: HttpConfig | None = None
     log: LogConfig = Field(default_factory=LogConfig)
@@ -611,6 +873,7 @@ def _interpolate(text: str, env: Mapping[str, str]) -> str:
 MAX_CONFIG_BYTES = 1024 * 1024
 MAX_EXPANDED_NODES = 100_000  # nodes once every alias is expanded
 MAX_DEPTH = 64  # collections nested in each other
+MAX_SECRET_BYTES = 64 * 1024  # a `<secret>_file`
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
@@ -789,6 +1052,8 @@ class _Document:
             key = key_node.value if isinstance(key_node, ScalarNode) else None
             if key is None:
                 self.report(key_node.start_mark, loc, "keys must be plain names")
+            elif problem := _control_problem(key):
+                self.report(key_node.start_mark, loc, f"the key {problem}")
             elif key in own:
                 first = own[key][0].start_mark.line + 1
                 self.report(
@@ -805,18 +1070,33 @@ class _Document:
     def _scalar(self, node: ScalarNode, loc: _Loc) -> Any:
         if "$" in node.value:
             try:
-                return _interpolate(node.value, self.env)
+                value = _interpolate(node.value, self.env)
             except _InterpolationError as exc:
                 self.report(node.start_mark, loc, str(exc))
                 self.broken.add(loc)
                 return node.value
-        if node.tag == _FLOAT_TAG:
-            try:  # keep the decimal text exact (money)
-                return Decimal(node.value.replace("_", ""))
-            except InvalidOperation:
+            # Checked here, not only by the model, to name the variable and skip the
+            # field's own errors: none may quote a control character (or a secret).
+            if problem := _control_problem(value):
+                self.report(
+                    node.start_mark, loc, f"the value of the environment variable {problem}"
+                )
+                self.broken.add(loc)
+            return value
+        if problem := _control_problem(node.value):
+            self.report(node.start_mark, loc, f"the value {problem}")
+            self.broken.add(loc)
+            return node.value
+        try:
+            if node.tag == _FLOAT_TAG:
+                try:  # keep the decimal text exact (money)
+                    return Decimal(node.value.replace("_", ""))
+                except InvalidOperation:
+                    return self.constructor.construct_object(node)
+            if node.tag in _TYPED_TAGS:
                 return self.constructor.construct_object(node)
-        if node.tag in _TYPED_TAGS:
-            return self.constructor.construct_object(node)
+        except ValueError:  # an int of more than 4300 digits: the field says what it wants
+            pass
         return node.value
 
     def read_secret_files(self, data: Any, loc: _Loc) -> None:
@@ -852,16 +1132,33 @@ class _Document:
             credentials = self.env.get("CREDENTIALS_DIRECTORY")
             path = (Path(credentials) if credentials else self.base_dir) / path
         try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            with path.open("rb") as file:
+                raw = file.read(MAX_SECRET_BYTES + 1)
+            if len(raw) > MAX_SECRET_BYTES:
+                raise ValueError(f"larger than {MAX_SECRET_BYTES // 1024} KiB; is it the secret?")
+            text = raw.decode("utf-8").removesuffix("\n").removesuffix("\r")
+        except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+            reason = (
+                exc.strerror
+                if isinstance(exc, OSError)
+                else "not UTF-8 text"
+                if isinstance(exc, UnicodeDecodeError)
+                else str(exc)
+            )
             self.report(
                 self.marks[loc],
                 loc,
                 f"cannot read {path}: {reason}; check the path and permissions",
             )
             return placeholder
-        return text.removesuffix("\n").removesuffix("\r")
+        if problem := _control_problem(text):
+            self.report(
+                self.marks[loc],
+                loc,
+                f"the content of {path} {problem} (one trailing newline is dropped)",
+            )
+            return placeholder
+        return text
 
     def add_defaults(self, data: dict[str, Any]) -> None:
         """Empty sections (``poll:`` with every key commented out) mean their defaults;
@@ -883,6 +1180,8 @@ class _Document:
         for i, org in enumerate(orgs if isinstance(orgs, list) else []):
             if isinstance(org, dict) and isinstance(org.get("id"), str):
                 loc = ("organizations", i, "id")
+                if loc in self.broken:
+                    continue
                 if org["id"] in seen_ids:
                     self.report(
                         self.marks[loc],
@@ -900,7 +1199,7 @@ class _Document:
             if not isinstance(rule, dict):
                 continue
             name = rule.get("name")
-            if isinstance(name, str):
+            if isinstance(name, str) and ("rules", i, "name") not in self.broken:
                 loc = ("rules", i, "name")
                 if name in seen_names:
                     self.report(
@@ -913,8 +1212,10 @@ class _Document:
                     seen_names[name] = self.marks[loc].line + 1
             notify = rule.get("notify")
             for j, target in enumerate(notify if isinstance(notify, list) else []):
+                target_loc = ("rules", i, "notify", j)
+                if target_loc in self.broken:
+                    continue
                 if known is not None and isinstance(target, str) and target not in known:
-                    target_loc = ("rules", i, "notify", j)
                     self.report(
                         self.marks[target_loc],
                         target_loc,
@@ -986,6 +1287,8 @@ def _message(error: Any, loc: _Loc, pydantic_loc: tuple[int | str, ...]) -> str:
         "string_type": "expected text (quote the value)",
         "int_type": "expected a whole number",
         "int_parsing": "expected a whole number",
+        "int_parsing_size": "expected a whole number, and this one is far too large",
+        "finite_number": "must be a finite number",
         "int_from_float": "expected a whole number",
         "float_type": "expected a number",
         "float_parsing": "expected a number",

@@ -5,14 +5,17 @@ and a corpus of broken files (tests/data/conf.bad_*.yml) whose leading
 from __future__ import annotations
 
 import itertools
+import random
 import re
 import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
+from typing import Annotated, Literal, get_args, get_origin
 
 import pytest
-from pydantic import ValidationError
+import yaml
+from pydantic import BaseModel, ValidationError
 
 from invoice_watch import config
 from invoice_watch.config import (
@@ -30,7 +33,9 @@ from invoice_watch.config import (
     StatusChangeRule,
 )
 from invoice_watch.errors import ConfigError, ConfigProblem
+from invoice_watch.schedule import PollSchedule
 from invoice_watch.types import Severity
+from tests.world import World
 
 DATA = Path(__file__).parent / "data"
 EXAMPLE = Path(__file__).parent.parent / "config.example.yaml"
@@ -342,7 +347,7 @@ def test_load_secret_files_resolve_against_config_folder():
 def test_load_secret_files_resolve_against_credentials_directory(tmp_path: Path):
     credentials = tmp_path / "credentials"
     credentials.mkdir()
-    (credentials / "client-secret").write_text("from-credentials\n\n")
+    (credentials / "client-secret").write_text("from-credentials\n")
     text = MINIMAL.replace(
         "    public_key: pub\n    private_key: {private_key}",
         "    client_id: sa\n    client_secret_file: client-secret",
@@ -351,7 +356,21 @@ def test_load_secret_files_resolve_against_credentials_directory(tmp_path: Path)
     cfg = config.load(text, env={"CREDENTIALS_DIRECTORY": str(credentials)}, base_dir=DATA)
 
     assert isinstance(cfg.atlas.auth, ServiceAccountAuth)
-    assert cfg.atlas.auth.client_secret.get() == "from-credentials\n"  # one newline dropped
+    assert cfg.atlas.auth.client_secret.get() == "from-credentials"  # one newline dropped
+
+
+def test_load_secret_file_with_a_line_break_left_is_an_error(tmp_path: Path):
+    (tmp_path / "client-secret").write_text("from-credentials\n\n")
+    text = MINIMAL.replace(
+        "    public_key: pub\n    private_key: {private_key}",
+        "    client_id: sa\n    client_secret_file: client-secret",
+    )
+
+    (problem,) = problems_of(text, {"CREDENTIALS_DIRECTORY": str(tmp_path)})
+
+    assert (problem.line, problem.path) == (4, "atlas.auth.client_secret_file")
+    assert "contains a line break" in problem.message
+    assert "from-credentials" not in str(problem)
 
 
 def test_load_secret_file_absolute_path_ignores_credentials_directory(tmp_path: Path):
@@ -790,6 +809,15 @@ def test_load_deep_nesting_is_a_problem_not_a_recursion_error(text: str):
     assert problem.line >= 1
 
 
+def test_load_secret_file_endless_device_is_refused():
+    text = MINIMAL.replace("private_key: {private_key}", "private_key_file: /dev/zero")
+
+    (problem,) = problems_of(text)
+
+    assert problem.path == "atlas.auth.private_key_file"
+    assert "larger than 64 KiB" in problem.message
+
+
 # --- YAML merge keys (issue 14 §2) ---------------------------------------------------
 
 MERGED_RULES = MINIMAL.format(private_key="p") + (
@@ -880,3 +908,396 @@ def test_load_anchor_merging_into_itself_is_a_problem():
 
     assert [p.path for p in problems] == ["notifiers.out.x.x"]
     assert "an alias cannot refer to a node that holds it" in problems[0].message
+
+
+# --- every value as its consumer takes it (issue 12 §6) ------------------------------
+
+# Every field of every model, each as a `{placeholder}`; FIELD_VALUES holds good values.
+EVERY_FIELD = """\
+atlas:
+  base_url: {base_url}
+  ui_url: {ui_url}
+  api: {api}
+  auth:
+    public_key: {public_key}
+    private_key: {private_key}
+  timeout: {atlas_timeout}
+  max_concurrency: {max_concurrency}
+  retries: {retries}
+  max_backoff: {atlas_max_backoff}
+organizations:
+  - id: {org_id}
+    name: {org_name}
+poll:
+  interval: {interval}
+  jitter: {jitter}
+  full_listing_every: {full_listing_every}
+state:
+  path: {state_path}
+delivery:
+  max_age: {max_age}
+  max_backoff: {delivery_max_backoff}
+  group_over: {group_over}
+notifiers:
+  {notifier_name}:
+    type: slack
+    webhook_url: {webhook_url}
+  bot:
+    type: slack
+    token: {token}
+    channel: {channel}
+    api_url: {api_url}
+  mail:
+    type: email
+    host: {host}
+    port: {port}
+    tls: {tls}
+    username: {username}
+    password: {password}
+    from: {from_addr}
+    to: [{to}]
+    timeout: {email_timeout}
+rules:
+  - name: {rule_name}
+    type: invoice_status
+    statuses: [{status}]
+    notify: [{notify}]
+    orgs: [{rule_org}]
+    severity: {severity}
+    repeat: {repeat}
+    send_resolved: {send_resolved}
+    enabled: {enabled}
+  - name: jump
+    type: amount_increase
+    threshold: {threshold}
+    percent: {percent}
+    window: {window}
+    notify: [hook]
+  - name: forecast
+    type: forecast
+    budget: {budget}
+    min_elapsed: {min_elapsed}
+    notify: [hook]
+  - name: unreadable
+    type: poll_failure
+    after: {after}
+    notify: [hook]
+http:
+  listen: {listen}
+  max_connections: {max_connections}
+  idle_timeout: {idle_timeout}
+log:
+  level: {level}
+  format: {format}
+"""
+FIELD_VALUES = {
+    "base_url": "https://cloud.mongodb.com",
+    "ui_url": "https://cloud.mongodb.com",
+    "api": "v2",
+    "public_key": "abcdefgh",
+    "private_key": "0f9e8d7c-6b5a-4321-8765-43210fedcba9",
+    "atlas_timeout": "30s",
+    "max_concurrency": "4",
+    "retries": "5",
+    "atlas_max_backoff": "30s",
+    "org_id": "5f1e0c0a9b8d7e6f5a4b3c2d",
+    "org_name": "Production",
+    "interval": "15m",
+    "jitter": "30s",
+    "full_listing_every": "1d",
+    "state_path": "state.db",
+    "max_age": "24h",
+    "delivery_max_backoff": "60s",
+    "group_over": "5",
+    "notifier_name": "hook",
+    "webhook_url": "https://hooks.slack.com/services/T000/B000/XXXX",
+    "token": "xoxb-1234-5678-abcdef",
+    "channel": '"#billing-alerts"',
+    "api_url": "https://slack.com/api/",
+    "host": "smtp.example.com",
+    "port": "587",
+    "tls": "starttls",
+    "username": "alerts@example.com",
+    "password": "pw-1a2b3c4d",
+    "from_addr": "invoice-watch <alerts@example.com>",
+    "to": "finops@example.com",
+    "email_timeout": "30s",
+    "rule_name": "failed-charge",
+    "status": "FAILED",
+    "notify": "hook",
+    "rule_org": "5f1e0c0a9b8d7e6f5a4b3c2d",
+    "severity": "critical",
+    "repeat": "1d",
+    "send_resolved": "true",
+    "enabled": "true",
+    "threshold": "500",
+    "percent": "20",
+    "window": "24h",
+    "budget": "12000",
+    "min_elapsed": "3d",
+    "after": "1h",
+    "listen": "127.0.0.1:9100",
+    "max_connections": "64",
+    "idle_timeout": "10s",
+    "level": "info",
+    "format": "text",
+}
+SECRET_VALUE = "s3cr3t-9f8e7d"
+
+
+def every_field(**values: str) -> str:
+    return EVERY_FIELD.format(**{**FIELD_VALUES, **values})
+
+
+def line_of(placeholder: str) -> int:
+    return next(
+        n for n, line in enumerate(EVERY_FIELD.splitlines(), 1) if f"{{{placeholder}}}" in line
+    )
+
+
+def test_every_field_template_is_valid_and_covers_every_field():
+    cfg = config.load(every_field(), env={})
+
+    assert len(cfg.rules) == 4
+    assert set(FIELD_VALUES) == set(re.findall(r"\{(\w+)\}", EVERY_FIELD))
+
+
+BAD_VALUES = [
+    # (placeholder, value, environment, path, message fragment) - one per kind of value
+    ("public_key", '"abc:def"', {}, "atlas.auth.public_key", "cannot be an HTTP user name"),
+    ("public_key", "${PK}", {"PK": "abc\r\n"}, "atlas.auth.public_key", "a line break"),
+    ("public_key", "abcdéfgh", {}, "atlas.auth.public_key", "printable ASCII"),
+    ("private_key", "${PK}", {"PK": SECRET_VALUE + "\n"}, "atlas.auth.private_key", "line break"),
+    ("private_key", f'"{SECRET_VALUE}\\t"', {}, "atlas.auth.private_key", "a tab"),
+    ("org_name", '"Prod\\u2028uction"', {}, "organizations.0.name", "a line break"),
+    ("org_name", '"  "', {}, "organizations.0.name", "must not be empty"),
+    ("rule_name", "x" * 201, {}, "rules.0.name", "keep it under 200"),
+    ("notify", '"hook\\x85"', {}, "rules.0.notify.0", "a line break"),
+    ("token", f'"{SECRET_VALUE} x"', {}, "notifiers.bot.token", "Authorization: Bearer"),
+    ("token", "${T}", {"T": SECRET_VALUE + "é"}, "notifiers.bot.token", "Authorization"),
+    (
+        "webhook_url",
+        f'"https://hooks.slack.com/{SECRET_VALUE} x"',
+        {},
+        "notifiers.hook.webhook_url",
+        "contains a space",
+    ),
+    (
+        "webhook_url",
+        f"https://h:99999/{SECRET_VALUE}",
+        {},
+        "notifiers.hook.webhook_url",
+        "Port out of range",
+    ),
+    ("webhook_url", f"ftp://{SECRET_VALUE}", {}, "notifiers.hook.webhook_url", "https://"),
+    ("base_url", "https://cloud.mongodb.com/?x=1", {}, "atlas.base_url", "a query"),
+    ("base_url", "https://user:pw@cloud.mongodb.com", {}, "atlas.base_url", "user:password@"),
+    ("ui_url", '"https://cloud mongodb.com"', {}, "atlas.ui_url", "contains a space"),
+    ("ui_url", "https://-bad-.test", {}, "atlas.ui_url", "no valid host name"),
+    ("api_url", "https://slack.com:0/api/", {}, "notifiers.bot.api_url", "port 0"),
+    ("api_url", "slack.com/api/", {}, "notifiers.bot.api_url", "does not start with https://"),
+    ("host", '"smtp example.com"', {}, "notifiers.mail.host", "is not a host name"),
+    ("channel", '"#billing alerts"', {}, "notifiers.bot.channel", "is not a Slack channel"),
+    ("username", "u" * 257, {}, "notifiers.mail.username", "1 to 256 characters"),
+    ("password", "${PW}", {"PW": "\r" + SECRET_VALUE}, "notifiers.mail.password", "line break"),
+    ("from_addr", "alerts@", {}, "notifiers.mail.from", "is not an email address"),
+    ("from_addr", '"a@example.com, b@example.com"', {}, "notifiers.mail.from", "one address"),
+    (
+        "to",
+        '"${TO}"',
+        {"TO": "a@example.com\r\nBcc: x@evil.test"},
+        "notifiers.mail.to.0",
+        "a line break",
+    ),
+    ("to", "é@example.com", {}, "notifiers.mail.to.0", "non-ASCII"),
+    ("to", "a@-example.com", {}, "notifiers.mail.to.0", "invalid domain"),
+    ("interval", "${IV}", {"IV": "99999999999d"}, "poll.interval", "must be at most 7d"),
+    ("interval", "3000000d", {}, "poll.interval", "must be at most 7d"),
+    ("jitter", "2d", {}, "poll.jitter", "must be at most 1d"),
+    ("full_listing_every", "32d", {}, "poll.full_listing_every", "must be at most 31d"),
+    ("atlas_timeout", "11m", {}, "atlas.timeout", "must be at most 10m"),
+    ("atlas_max_backoff", "2h", {}, "atlas.max_backoff", "must be at most 1h"),
+    ("max_age", "31d", {}, "delivery.max_age", "must be at most 30d"),
+    ("delivery_max_backoff", "1d", {}, "delivery.max_backoff", "must be at most 1h"),
+    ("email_timeout", "1h", {}, "notifiers.mail.timeout", "must be at most 10m"),
+    ("repeat", "400d", {}, "rules.0.repeat", "must be at most 366d"),
+    ("window", "9999999999999999999999999d", {}, "rules.1.window", "must be at most 366d"),
+    ("min_elapsed", "367d", {}, "rules.2.min_elapsed", "must be at most 366d"),
+    ("after", "1000d", {}, "rules.3.after", "must be at most 366d"),
+    ("group_over", "9" * 30, {}, "delivery.group_over", "at most 10000"),
+    ("max_concurrency", "9" * 5000, {}, "atlas.max_concurrency", "far too large"),
+    ("port", "70000", {}, "notifiers.mail.port", "at most 65535"),
+    ("percent", ".inf", {}, "rules.1.percent", "finite"),
+    ("percent", "1e7", {}, "rules.1.percent", "at most 1000000"),
+    ("threshold", "2000000000000", {}, "rules.1.threshold", "at most $1,000,000,000,000.00"),
+    ("budget", '"' + "9" * 5000 + '"', {}, "rules.2.budget", "at most $1,000,000,000,000.00"),
+    ("state_path", '"state\\0.db"', {}, "state.path", "U+0000"),
+    ("idle_timeout", "2h", {}, "http.idle_timeout", "must be at most 1h"),
+    ("listen", '"local host:9100"', {}, "http.listen", "is not HOST:PORT"),
+    ("listen", '"[::1]:99999"', {}, "http.listen", "is not HOST:PORT"),
+    ("status", '"FAILED\\n"', {}, "rules.0.statuses.0", "a line break"),
+    ("rule_org", '"${ORG}"', {"ORG": "5f1e0c0a9b8d7e6f5a4b3c2d\n"}, "rules.0.orgs.0", "line break"),
+]
+
+
+@pytest.mark.parametrize(
+    ("placeholder", "value", "env", "path", "fragment"),
+    BAD_VALUES,
+    ids=[f"{case[0]}-{i}" for i, case in enumerate(BAD_VALUES)],
+)
+def test_load_bad_value_is_one_problem_at_its_line(
+    placeholder: str, value: str, env: dict[str, str], path: str, fragment: str
+):
+    (problem,) = problems_of(every_field(**{placeholder: value}), env)
+
+    assert (problem.line, problem.path) == (line_of(placeholder), path)
+    assert fragment in problem.message
+    assert SECRET_VALUE not in str(problem)
+    assert "\n" not in str(problem) and "\r" not in str(problem)
+
+
+def _models(tp: object, found: dict[str, type[BaseModel]]) -> dict[str, type[BaseModel]]:
+    """Every model class reachable from ``tp``'s annotations."""
+    if isinstance(tp, type) and issubclass(tp, BaseModel) and tp.__name__ not in found:
+        found[tp.__name__] = tp
+        for info in tp.model_fields.values():
+            _models(info.annotation, found)
+    for arg in get_args(tp):
+        _models(arg, found)
+    return found
+
+
+MODELS = _models(config.Config, {})
+
+
+def _leaves(tp: object) -> set[object]:
+    """The innermost types of an annotation (lists, unions, Optional unwrapped)."""
+    args = [a for a in get_args(tp) if a is not type(None)]
+    if get_origin(tp) is Literal or not args:
+        return {tp}
+    if get_origin(tp) is Annotated:
+        return _leaves(args[0])
+    return set().union(*(_leaves(a) for a in args))
+
+
+# A hostile value per leaf type; every field of that type must refuse it.
+HOSTILE: dict[object, object] = {
+    str: "a\r\nb",
+    Secret: "a\r\nb",
+    Path: "a\nb",
+    timedelta: "3660d",
+    int: 2**63,
+    float: float("inf"),
+}
+
+
+def test_models_cover_every_model_class():
+    assert set(MODELS) >= {"Config", "AtlasConfig", "DigestAuth", "EmailNotifierConfig"}
+    assert {"InvoiceStatusRule", "PollFailureRule", "HttpConfig", "LogConfig"} <= set(MODELS)
+
+
+@pytest.mark.parametrize(
+    ("model", "key"),
+    [
+        (name, info.alias or key)
+        for name, model in MODELS.items()
+        for key, info in model.model_fields.items()
+    ],
+)
+def test_every_field_refuses_what_its_consumer_cannot_take(model: str, key: str):
+    """Walks every field of every model: each text refuses a CR/LF, each duration a
+    decade, each integer more than int64, each float infinity."""
+    cls = MODELS[model]
+    info = next(i for k, i in cls.model_fields.items() if (i.alias or k) == key)
+    leaves = _leaves(info.annotation)
+    hostile = [HOSTILE[leaf] for leaf in leaves if leaf in HOSTILE]
+    if key == "notifiers":  # a mapping: the names are the keys
+        hostile = [{"a\r\nb": {"type": "console"}}]
+    elif get_origin(info.annotation) is list or any(
+        get_origin(a) is list for a in get_args(info.annotation)
+    ):
+        hostile = [[value] for value in hostile]
+    for value in hostile:
+        with pytest.raises(ValidationError) as raised:
+            cls.model_validate({key: value}, context={"base_dir": Path()})
+        assert any(e["loc"][:1] == (key,) for e in raised.value.errors()), (model, key, value)
+    others = leaves - set(HOSTILE) - {bool, Severity, type(None)}
+    # The rest: Literal choices, nested models (walked themselves) and dicts of them.
+    for leaf in others:
+        assert get_origin(leaf) is Literal or (
+            isinstance(leaf, type) and issubclass(leaf, BaseModel)
+        ), leaf
+
+
+def test_load_key_with_a_control_character_is_a_problem_at_the_key():
+    text = every_field(notifier_name='"ho\\x00ok"')
+
+    problems = problems_of(text)
+
+    assert (problems[0].line, problems[0].path) == (line_of("notifier_name"), "notifiers")
+    assert problems[0].message == "the key contains the control character U+0000; remove it"
+    assert {p.message for p in problems[1:]} == {
+        "unknown notifier `hook`; the notifiers defined under `notifiers:` are: bot, mail"
+    }
+
+
+def _duration_bounds() -> dict[str, timedelta]:
+    """The upper bound of every duration field, by "Model.field"."""
+    return {
+        f"{name}.{key}": meta.func.limit
+        for name, model in MODELS.items()
+        for key, info in model.model_fields.items()
+        for meta in [*info.metadata, *(m for a in get_args(info.annotation) for m in get_args(a))]
+        if isinstance(getattr(meta, "func", None), config._AtMost)
+    }
+
+
+def test_every_duration_field_has_an_upper_bound_its_consumers_can_add():
+    bounds = _duration_bounds()
+    durations = {
+        f"{name}.{key}"
+        for name, model in MODELS.items()
+        for key, info in model.model_fields.items()
+        if timedelta in _leaves(info.annotation)
+    }
+
+    assert set(bounds) == durations
+    now = datetime.now(UTC)
+    for limit in bounds.values():
+        assert now + limit < datetime.max.replace(tzinfo=UTC)
+        assert now - limit > datetime.min.replace(tzinfo=UTC)
+    # The scheduler arms the longest poll interval (3000000d crashed `run`).
+    schedule = PollSchedule(
+        bounds["PollConfig.interval"], bounds["PollConfig.jitter"], random.Random(0)
+    )
+    schedule.started(time.monotonic())
+    assert (
+        0
+        < schedule.wait(time.monotonic())
+        <= (bounds["PollConfig.interval"] + bounds["PollConfig.jitter"]).total_seconds()
+    )
+
+
+async def test_extreme_values_the_config_accepts_reach_atlas_slack_and_smtp(world: World):
+    """What check-config passes, the consumers take: a Digest user name with quotes and
+    backslashes, 200-character names in email subjects and Slack headers."""
+    data = world.config_data(
+        rules=[
+            {
+                "name": "ü" * 200,
+                "type": "invoice_status",
+                "notify": ["slack", "mail"],
+            }
+        ]
+    )
+    data["atlas"]["auth"]["public_key"] = "!\"#$%&'()*+,-./;<=>?@[\\]^_`{|}~"
+    data["organizations"][0]["name"] = "Prod 🚀 " + "x" * 190
+    data["notifiers"]["mail"]["from"] = "Ünïcode Sender <alerts@[127.0.0.1]>"
+    cfg = config.load(yaml.safe_dump(data), env={}, base_dir=world.tmp)
+
+    assert await world.run_once(cfg) == 1  # Atlas refuses the key: a failed read, no crash
+
+    data["atlas"]["auth"]["public_key"] = world.sim.public_key
+    cfg = config.load(yaml.safe_dump(data), env={}, base_dir=world.tmp)
+    assert await world.run_once(cfg) == 0
+    assert world.slack.accepted and world.sink.envelopes
