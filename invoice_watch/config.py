@@ -41,11 +41,13 @@ from pydantic import (
     GetCoreSchemaHandler,
     PrivateAttr,
     Tag,
+    TypeAdapter,
     ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
+from pydantic.fields import FieldInfo
 from pydantic_core import core_schema
 from yaml.constructor import SafeConstructor
 from yaml.error import Mark, MarkedYAMLError
@@ -507,11 +509,6 @@ def _split_listen(listen: str) -> tuple[str, int]:
 
 # --- models --------------------------------------------------------------------------
 
-
-class _Model(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
-
-
 # Upper bounds of durations, by what they time.
 _REQUEST_LIMIT = timedelta(minutes=10)
 _REQUEST_WHY = "one request or conversation that has not answered by then will not"
@@ -519,6 +516,10 @@ _BACKOFF_LIMIT = timedelta(hours=1)
 _BACKOFF_WHY = "a longer wait between retries only delays the answer"
 _RULE_LIMIT = timedelta(days=366)
 _RULE_WHY = "invoices are monthly; a year covers every use"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
 
 class DigestAuth(_Model):
@@ -1230,6 +1231,10 @@ class _Document:
             # A value already reported: skip its errors and its mappings' model checks.
             if any(loc[: len(b)] == b or b[: len(loc)] == loc for b in self.broken):
                 continue
+            value = _value_at(data, loc)
+            if kind in _UNTAGGED and isinstance(value, dict):
+                # The type is unknown: still report what is wrong whatever the type.
+                self.report_untagged(_type_at(error["loc"]), value, loc)
             if kind in ("union_tag_invalid", "union_tag_not_found"):
                 missing = kind == "union_tag_not_found"
                 loc = (*loc, "type")
@@ -1240,6 +1245,98 @@ class _Document:
             else:
                 mark = self.marks.get(loc)
             self.report(mark, loc, _message(error, loc, error["loc"]))
+
+    def report_untagged(self, union: Any, value: dict[str, Any], loc: _Loc) -> None:
+        """The problems of a mapping whose type (the union's tag) is unknown: keys that no
+        type has, required keys every type has, and values that no type accepts."""
+        fields = _union_fields(union)
+        for key in value.keys() - fields.keys():
+            close = difflib.get_close_matches(key, list(fields), n=1)
+            hint = f"did you mean `{close[0]}`? " if close else ""
+            self.report(
+                self.key_marks.get((*loc, key)),
+                (*loc, key),
+                f"unknown key `{key}`; {hint}{_NO_TYPE.get(str(loc[0]), 'no type has it')} "
+                f"(keys: {', '.join(fields)})",
+            )
+        models = _union_members(union)
+        for key, owners in fields.items():
+            key_loc = (*loc, key)
+            if key == "type":  # the tag: pydantic's own error says what is wrong
+                continue
+            if key not in value:
+                required = all(info.is_required() for info in owners.values())
+                if required and len(owners) == len(models):
+                    self.report(self.marks.get(loc), key_loc, f"missing required key `{key}`")
+                continue
+            if any(key_loc[: len(b)] == b for b in self.broken):
+                continue
+            for error in _field_errors(key, owners, value[key], self.base_dir) or []:
+                error_loc = (*key_loc, *error["loc"])
+                self.report(
+                    self.marks.get(error_loc, self.marks.get(key_loc)),
+                    error_loc,
+                    _message(error, error_loc, error_loc),
+                )
+
+
+# Errors of a discriminated union whose tag is unknown or missing (rules, notifiers) or
+# ambiguous (atlas.auth, discriminated by its keys).
+_UNTAGGED = ("union_tag_invalid", "union_tag_not_found", "auth_kind")
+_NO_TYPE = {
+    "rules": "no rule type has it",
+    "notifiers": "no notifier type has it",
+    "atlas": "neither an API key nor a service account has it",
+}
+
+
+def _union_members(union: Any) -> list[type[BaseModel]]:
+    union = _unwrap(union)
+    members = [_unwrap(m) for m in get_args(union)] if get_origin(union) else []
+    return [m for m in members if isinstance(m, type) and issubclass(m, BaseModel)]
+
+
+def _union_fields(union: Any) -> dict[str, dict[type[BaseModel], FieldInfo]]:
+    """Each key any member of ``union`` has -> the members that have it, and its field."""
+    fields: dict[str, dict[type[BaseModel], FieldInfo]] = {}
+    for model in _union_members(union):
+        for name, info in model.model_fields.items():
+            fields.setdefault(info.alias or name, {})[model] = info
+    return fields
+
+
+_ADAPTERS: dict[tuple[type[BaseModel], str], TypeAdapter[Any]] = {}
+
+
+def _field_errors(
+    key: str, owners: Mapping[type[BaseModel], FieldInfo], value: Any, base_dir: Path
+) -> list[Any] | None:
+    """None if the field ``key`` of any model in ``owners`` accepts ``value``, else the
+    first one's errors (each ``loc`` relative to the value)."""
+    first: list[Any] | None = None
+    for model, info in owners.items():
+        adapter = _ADAPTERS.get((model, key))
+        if adapter is None:
+            annotation: Any = info.annotation
+            if info.metadata:
+                annotation = Annotated[annotation, *info.metadata]
+            adapter = TypeAdapter(annotation)
+            _ADAPTERS[(model, key)] = adapter
+        try:
+            adapter.validate_python(value, context={"base_dir": base_dir})
+            return None
+        except ValidationError as exc:
+            first = first or exc.errors(include_url=False, include_input=False)
+    return first
+
+
+def _value_at(data: Any, loc: _Loc) -> Any:
+    for part in loc:
+        try:
+            data = data[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return data
 
 
 def _document_loc(loc: tuple[int | str, ...], data: Any, missing: bool) -> tuple[_Loc, bool]:
