@@ -131,9 +131,14 @@ def _with_config(args: argparse.Namespace) -> int:
         return 2
     setup_logging(config.log.level, config.log.format)
     if args.command == "check-config":
+        for warning in config.warnings:  # valid, almost surely wrong: not a failure
+            print(warning, file=sys.stderr)
         print(summary(config))
         print("configuration OK")
         return 0
+    if args.command == "run":
+        for warning in config.warnings:
+            log.warning("%s", warning)
     try:
         if args.command == "run":
             return asyncio.run(_run(config, args))

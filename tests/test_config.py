@@ -17,7 +17,7 @@ import pytest
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from invoice_watch import config
+from invoice_watch import cli, config
 from invoice_watch.config import (
     AmountIncreaseRule,
     Config,
@@ -1301,3 +1301,165 @@ async def test_extreme_values_the_config_accepts_reach_atlas_slack_and_smtp(worl
     cfg = config.load(yaml.safe_dump(data), env={}, base_dir=world.tmp)
     assert await world.run_once(cfg) == 0
     assert world.slack.accepted and world.sink.envelopes
+
+
+# --- warnings: valid but almost surely wrong (issue 14 §2) ---------------------------
+
+MAIL = (
+    "  mail:\n    type: email\n    host: {host}\n{extra}"
+    "    from: a@example.com\n    to: [b@example.com]\n"
+)
+
+
+def with_notifier(host: str = "smtp.example.com", **keys: str) -> str:
+    extra = "".join(f"    {key}: {value}\n" for key, value in keys.items())
+    return MINIMAL.format(private_key="p").replace(
+        "    type: console\n", "    type: console\n" + MAIL.format(host=host, extra=extra)
+    )
+
+
+def with_rule(**keys: str) -> str:
+    lines = "".join(f"    {key}: {value}\n" for key, value in keys.items())
+    return MINIMAL.format(private_key="p") + f"  - name: extra\n    notify: [out]\n{lines}"
+
+
+def with_atlas(line: str) -> str:
+    return MINIMAL.format(private_key="p").replace("atlas:\n", f"atlas:\n  {line}\n")
+
+
+WARNINGS = [
+    # (text, path, message fragment)
+    (with_notifier(port="465", tls="starttls"), "notifiers.mail.port", "use tls: implicit"),
+    (with_notifier(port="465", tls="none"), "notifiers.mail.port", "use tls: implicit"),
+    (with_notifier(port="587", tls="implicit"), "notifiers.mail.port", "use tls: starttls"),
+    (with_notifier(port="25", tls="implicit"), "notifiers.mail.port", "use tls: starttls"),
+    (
+        with_notifier(tls="none", username="u", password="pw"),
+        "notifiers.mail.tls",
+        "sends the password to smtp.example.com in clear text",
+    ),
+    (with_atlas("base_url: http://atlas.example.test"), "atlas.base_url", "unencrypted"),
+    (
+        MINIMAL.format(private_key="p").replace(
+            "    type: console\n",
+            "    type: slack\n    token: xoxb-1\n    channel: C1\n"
+            "    api_url: http://slack.example.test/api/\n",
+        ),
+        "notifiers.out.api_url",
+        "sends the bot token to slack.example.test unencrypted",
+    ),
+    (
+        MINIMAL.format(private_key="p").replace(
+            "    type: console\n", "    type: slack\n    webhook_url: http://hooks.example.test/x\n"
+        ),
+        "notifiers.out.webhook_url",
+        "the webhook URL is http://",
+    ),
+    (MINIMAL.format(private_key="p") + "poll:\n  interval: 30s\n", "poll.interval", "429"),
+    (with_rule(type="invoice_status", repeat="5m"), "rules.1.repeat", "shorter than poll"),
+    (with_rule(type="status_change", repeat="1d"), "rules.1.repeat", "no effect"),
+    (with_rule(type="status_change", send_resolved="true"), "rules.1.send_resolved", "no effect"),
+    (
+        with_rule(type="status_change", **{"from": "[PAID]", "to": "[paid]"}),
+        "rules.1.to",
+        "never fires",
+    ),
+    (
+        with_rule(type="forecast", budget="1", min_elapsed="32d"),
+        "rules.1.min_elapsed",
+        "never fire",
+    ),
+    (with_rule(type="invoice_status", statuses="[FAILED, PAID]"), "rules.1.statuses.1", "final"),
+    (
+        with_rule(type="invoice_status", orgs="[60a1b2c3d4e5f60718293a4b]"),
+        "rules.1.orgs.0",
+        "is not under organizations",
+    ),
+    (
+        MINIMAL.format(private_key="p") + "    enabled: false\n",
+        "rules",
+        "nothing will ever be sent",
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "path", "fragment"), WARNINGS, ids=[w[1] for w in WARNINGS])
+def test_load_warns_of_a_valid_setting_almost_surely_wrong(text: str, path: str, fragment: str):
+    cfg = config.load(text, filename="c.yaml", env={})
+
+    (warning,) = cfg.warnings
+    assert warning.path == path
+    assert warning.message.startswith("warning: ")
+    assert fragment in warning.message
+    line = text.splitlines()[warning.line - 1]
+    assert line[warning.column - 1 :].strip(), "points at a value"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        MINIMAL.format(private_key="p"),
+        with_notifier(port="465", tls="implicit"),
+        with_notifier(port="587"),
+        with_notifier(port="25", tls="starttls"),
+        with_notifier(port="2525", tls="implicit"),
+        with_notifier(host="127.0.0.1", tls="none", username="u", password="pw"),
+        with_notifier(host="localhost", tls="none", username="u", password="pw"),
+        with_atlas("base_url: http://127.0.0.1:8080") + "poll:\n  interval: 2s\n",  # the simulator
+        with_rule(type="status_change", send_resolved="false"),
+        with_rule(type="invoice_status", repeat="15m"),
+        with_rule(type="status_change", **{"from": "[PAID, FAILED]", "to": "[PAID, FAILED]"}),
+        with_rule(type="forecast", budget="1", min_elapsed="31d"),
+        with_rule(type="invoice_status", orgs="[5f1e0c0a9b8d7e6f5a4b3c2d]"),
+        MINIMAL.format(private_key="p") + "  - name: paused\n    type: forecast\n    budget: 1\n"
+        "    notify: [out]\n    enabled: false\n",
+    ],
+)
+def test_load_does_not_warn_of_sensible_settings(text: str):
+    assert config.load(text, env={}).warnings == ()
+
+
+def test_load_example_and_full_configs_have_no_warnings():
+    env = {
+        "ATLAS_PUBLIC_KEY": "pub",
+        "ATLAS_PRIVATE_KEY": "priv",
+        "SLACK_WEBHOOK_URL": "https://hooks.slack.com/services/T000/B000/XXXX",
+        "SLACK_TOKEN": "xoxb-1",
+        "SMTP_PASSWORD": "pw",
+    }
+
+    assert config.load_file(EXAMPLE, env=env).warnings == ()
+    assert config.load_file(DATA / "conf.full.yml", env=env).warnings == ()
+
+
+def test_check_config_prints_warnings_on_stderr_and_succeeds(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    path = tmp_path / "config.yaml"
+    path.write_text(with_notifier(port="465", tls="starttls"))
+
+    assert cli.main(["check-config", "-c", str(path)]) == 0
+
+    out, err = capsys.readouterr()
+    assert out.endswith("configuration OK\n")
+    assert err.splitlines() == [
+        f"{path}:13:11: notifiers.mail.port: warning: port 465 expects TLS from the first "
+        "byte (implicit TLS), but tls is starttls: the connection will hang or fail; use "
+        "tls: implicit"
+    ]
+
+
+def test_run_logs_the_warnings_once_at_start(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    path = tmp_path / "config.yaml"
+    text = with_rule(type="invoice_status", repeat="5m").replace(
+        "atlas:\n", "atlas:\n  base_url: http://127.0.0.1:9\n  retries: 0\n  timeout: 1s\n"
+    )
+    path.write_text(text + f"state:\n  path: {tmp_path / 'state.db'}\n")
+
+    assert cli.main(["run", "--once", "-c", str(path)]) == 1  # Atlas is unreachable
+
+    _, err = capsys.readouterr()
+    warnings = [line for line in err.splitlines() if ": warning: " in line]
+    assert len(warnings) == 1
+    assert "WARNING" in warnings[0]
+    assert f"{path}:20:13: rules.1.repeat: warning: repeat 5m is shorter" in warnings[0]
