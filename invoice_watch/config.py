@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import difflib
 import email.policy
+import functools
 import ipaddress
 import os
 import re
@@ -231,6 +232,7 @@ BearerToken = Annotated[Secret, AfterValidator(_check_bearer)]
 _HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
 
 
+@functools.lru_cache(maxsize=256)  # pure; tests and reloads load the same values
 def _host_problem(host: str) -> str | None:
     """Why ``host`` is neither an IP address nor a DNS name (None when it is one)."""
     try:
@@ -271,6 +273,7 @@ def _check_channel(value: str) -> str:
 SlackChannel = Annotated[str, AfterValidator(_check_channel)]
 
 
+@functools.lru_cache(maxsize=256)  # pure; tests and reloads load the same values
 def _url_problem(value: str, *, endpoint: bool) -> str | None:
     """Why aiohttp cannot use ``value`` as a URL (None when it can). An ``endpoint`` is a
     base that paths are appended to: no user info, query or fragment."""
@@ -316,6 +319,7 @@ def _check_secret_url(value: Secret) -> Secret:
 SecretUrl = Annotated[Secret, AfterValidator(_check_secret_url)]
 
 
+@functools.lru_cache(maxsize=256)  # pure; tests and reloads load the same values
 def _address_problem(value: str) -> str | None:
     """Why ``value`` is not one address the email package and SMTP accept."""
     if problem := _control_problem(value):
@@ -984,10 +988,21 @@ class _Document:
     marks: dict[_Loc, Mark] = field(default_factory=dict)  # start of each value
     key_marks: dict[_Loc, Mark] = field(default_factory=dict)  # start of each mapping key
     broken: set[_Loc] = field(default_factory=set)  # values already reported
+    holds_broken: set[_Loc] = field(default_factory=set)  # and every path above them
     constructor: SafeConstructor = field(default_factory=SafeConstructor)
     open_nodes: set[Node] = field(default_factory=set)  # being built: catches alias cycles
     merged: dict[int, dict[str, tuple[Node, Node]]] = field(default_factory=dict)  # by node id
     merging: set[int] = field(default_factory=set)  # ids of mappings being merged
+
+    def set_broken(self, loc: _Loc) -> None:
+        """``loc`` was reported: its other errors and its mappings' checks would only
+        repeat it (or quote a value that must not be shown)."""
+        self.broken.add(loc)
+        self.holds_broken.update(loc[:n] for n in range(len(loc)))
+
+    def is_broken(self, loc: _Loc) -> bool:
+        """Whether ``loc``, a value inside it, or a value holding it was reported."""
+        return loc in self.holds_broken or any(loc[:n] in self.broken for n in range(len(loc) + 1))
 
     def report(self, mark: Mark | None, loc: _Loc, message: str) -> None:
         line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
@@ -1002,7 +1017,7 @@ class _Document:
             return self._scalar(node, loc)
         if node in self.open_nodes:
             self.report(node.start_mark, loc, "an alias cannot refer to a node that holds it")
-            self.broken.add(loc)
+            self.set_broken(loc)
             return None
         self.open_nodes.add(node)
         data: Any
@@ -1081,7 +1096,7 @@ class _Document:
                 value = _interpolate(node.value, self.env)
             except _InterpolationError as exc:
                 self.report(node.start_mark, loc, str(exc))
-                self.broken.add(loc)
+                self.set_broken(loc)
                 return node.value
             # Checked here, not only by the model, to name the variable and skip the
             # field's own errors: none may quote a control character (or a secret).
@@ -1089,11 +1104,11 @@ class _Document:
                 self.report(
                     node.start_mark, loc, f"the value of the environment variable {problem}"
                 )
-                self.broken.add(loc)
+                self.set_broken(loc)
             return value
         if problem := _control_problem(node.value):
             self.report(node.start_mark, loc, f"the value {problem}")
-            self.broken.add(loc)
+            self.set_broken(loc)
             return node.value
         try:
             if node.tag == _FLOAT_TAG:
@@ -1236,7 +1251,7 @@ class _Document:
             kind = error["type"]
             loc, missing = _document_loc(error["loc"], data, kind == "missing")
             # A value already reported: skip its errors and its mappings' model checks.
-            if any(loc[: len(b)] == b or b[: len(loc)] == loc for b in self.broken):
+            if self.is_broken(loc):
                 continue
             value = _value_at(data, loc)
             if kind in _UNTAGGED and isinstance(value, dict):
@@ -1276,7 +1291,7 @@ class _Document:
                 if required and len(owners) == len(models):
                     self.report(self.marks.get(loc), key_loc, f"missing required key `{key}`")
                 continue
-            if any(key_loc[: len(b)] == b for b in self.broken):
+            if any(key_loc[:n] in self.broken for n in range(len(key_loc) + 1)):
                 continue
             for error in _field_errors(key, owners, value[key], self.base_dir) or []:
                 error_loc = (*key_loc, *error["loc"])
