@@ -1101,9 +1101,10 @@ class _Document:
             # Checked here, not only by the model, to name the variable and skip the
             # field's own errors: none may quote a control character (or a secret).
             if problem := _control_problem(value):
-                self.report(
-                    node.start_mark, loc, f"the value of the environment variable {problem}"
+                names = ", ".join(
+                    f"${{{m['name']}}}" for m in _VARIABLE.finditer(node.value) if m["name"]
                 )
+                self.report(node.start_mark, loc, f"the value from {names or '$'} {problem}")
                 self.set_broken(loc)
             return value
         if problem := _control_problem(node.value):

@@ -1065,7 +1065,13 @@ def test_every_field_template_is_valid_and_covers_every_field():
 BAD_VALUES = [
     # (placeholder, value, environment, path, message fragment) - one per kind of value
     ("public_key", '"abc:def"', {}, "atlas.auth.public_key", "cannot be an HTTP user name"),
-    ("public_key", "${PK}", {"PK": "abc\r\n"}, "atlas.auth.public_key", "a line break"),
+    (
+        "public_key",
+        "${PK}",
+        {"PK": "abc\r\n"},
+        "atlas.auth.public_key",
+        "from ${PK} contains a line",
+    ),
     ("public_key", "abcdéfgh", {}, "atlas.auth.public_key", "printable ASCII"),
     ("private_key", "${PK}", {"PK": SECRET_VALUE + "\n"}, "atlas.auth.private_key", "line break"),
     ("private_key", f'"{SECRET_VALUE}\\t"', {}, "atlas.auth.private_key", "a tab"),
