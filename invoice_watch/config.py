@@ -286,8 +286,8 @@ def _url_problem(value: str, *, endpoint: bool) -> str | None:
     try:
         url = URL(value)  # what aiohttp makes of it
         port = url.explicit_port
-    except ValueError as exc:
-        return f"is not a valid URL ({exc})"
+    except ValueError:  # yarl's message may quote a part of a secret URL
+        return "is not a valid URL: check the host name and the port (1 to 65535)"
     if not url.raw_host or _host_problem(url.raw_host):
         return "has no valid host name: write it like https://cloud.mongodb.com"
     if port == 0:

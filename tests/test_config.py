@@ -1093,7 +1093,7 @@ BAD_VALUES = [
         f"https://h:99999/{SECRET_VALUE}",
         {},
         "notifiers.hook.webhook_url",
-        "Port out of range",
+        "check the host name and the port",
     ),
     ("webhook_url", f"ftp://{SECRET_VALUE}", {}, "notifiers.hook.webhook_url", "https://"),
     ("base_url", "https://cloud.mongodb.com/?x=1", {}, "atlas.base_url", "a query"),
