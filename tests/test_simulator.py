@@ -572,7 +572,7 @@ async def test_rate_limit_bucket_answers_429_with_retry_after(clock: FakeClock, 
 
         status, body, response_headers = await get(plain, url(sim, "Payer"), headers)
         assert status == 429
-        assert body["errorCode"] == "RATE_LIMITED"
+        assert body["errorCode"] == "RATE_LIMITED_TOKEN_BUCKET"
         assert response_headers["Retry-After"] == "2"  # one token at 0.5/s
 
         clock.advance(timedelta(seconds=2))

@@ -4,8 +4,11 @@ Manager), with real Digest and OAuth authentication, paging, filters, linked inv
 CSV, a token-bucket rate limit and injectable faults.
 
 Order of checks on an API request, as Atlas answers: authentication (401 with a Digest
-challenge), rate limit (429), queued fault, ``Accept`` (v2: 406), organization (404,
-403), query parameters (400), then the resource (404 for an unknown invoice).
+challenge), the API access list (403 ``IP_ADDRESS_NOT_ON_ACCESS_LIST``), a retired API
+version (410), rate limit (429 ``RATE_LIMITED_TOKEN_BUCKET``), queued fault, ``Accept``
+(v2: 406), organization (404, 403), query parameters (400), then the resource (404 for
+an unknown invoice). A deprecated API version (:meth:`Simulator.deprecate`) adds
+``Deprecation`` and ``Sunset`` headers to every API answer.
 
 Stricter than Atlas on purpose: an unknown or repeated query parameter is a 400, so a
 client typo (``itemPerPage``) fails loudly instead of silently paging by 100.
@@ -23,6 +26,7 @@ import struct
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from email.utils import format_datetime
 from typing import Any, NoReturn, TextIO
 
 from aiohttp import hdrs, web
@@ -119,10 +123,13 @@ class ApiProblem(Exception):
         *,
         bad_fields: list[tuple[str, str]] | None = None,
         headers: dict[str, str] | None = None,
+        parameters: list[Any] | None = None,
     ) -> None:
         super().__init__(detail)
         self.status = status
-        self.body = api_error(status, error_code, detail, bad_fields=bad_fields)
+        self.body = api_error(
+            status, error_code, detail, bad_fields=bad_fields, parameters=parameters
+        )
         self.headers = headers or {}
 
     def response(self) -> web.Response:
@@ -233,6 +240,13 @@ class Simulator:
     rate limit, ``updated`` timestamps and :meth:`run_timeline`; tests pass a
     ``FakeClock``. ``nonce_lifetime`` is how long a Digest nonce is good for (seconds).
     ``rate_limit`` is ``(requests per second, burst)``, off when None.
+
+    What an operator's Atlas may also answer: ``access_list`` (the API access list of the
+    credentials: other client addresses get 403 ``IP_ADDRESS_NOT_ON_ACCESS_LIST``; None
+    lets every address in), :meth:`deprecate` and :meth:`retire_version`. With
+    ``atlas_parameters``, error bodies carry ``parameters`` as Atlas fills them (strings
+    and numbers, which the spec's schema does not allow: off by default, so that every
+    body validates).
     """
 
     def __init__(
@@ -250,6 +264,8 @@ class Simulator:
         rate_limit: tuple[float, int] | None = None,
         nonce_lifetime: float = 300.0,
         clock: Clock | None = None,
+        access_list: set[str] | None = None,
+        atlas_parameters: bool = False,
     ) -> None:
         self.scenario = scenario if scenario is not None else demo_scenario()
         self._clock: Clock = clock or SystemClock()
@@ -268,6 +284,10 @@ class Simulator:
         )
         self._tokens = TokenIssuer(self.client_id, self.client_secret, token_lifetime, self._clock)
         self._bucket = TokenBucket(*rate_limit, self._clock) if rate_limit else None
+        self.access_list = access_list
+        self.atlas_parameters = atlas_parameters
+        self.deprecated: tuple[datetime, datetime | None] | None = None
+        self.retired = False
         self.faults = Faults()
         self.requests: list[RequestRecord] = []
         self._timeline: list[Step] = sorted(self.scenario.timeline, key=lambda step: step.at)
@@ -396,6 +416,19 @@ class Simulator:
         self._digest.revoked = False
         self._tokens.revoked = False
 
+    def deprecate(self, since: datetime, sunset: datetime | None = None) -> None:
+        """From now on the API version is deprecated: every API answer carries
+        ``Deprecation`` (RFC 9745: ``@<epoch>``) and, when given, ``Sunset`` (RFC 8594:
+        an HTTP-date)."""
+        self.deprecated = (since, sunset)
+
+    def retire_version(self) -> None:
+        """From now on the API version is gone: every API request is answered 410."""
+        self.retired = True
+
+    def _parameters(self, *values: Any) -> list[Any]:
+        return list(values) if self.atlas_parameters else []
+
     def invoices(self, org_id: str) -> list[dict[str, Any]]:
         """The org's own invoices now, as the v2 listing shows them (newest first,
         without ``links`` and ``linkedInvoices``)."""
@@ -454,6 +487,11 @@ class Simulator:
             limit, remaining = self._bucket.burst, self._bucket.remaining
         response.headers["RateLimit-Limit"] = str(limit)
         response.headers["RateLimit-Remaining"] = str(remaining)
+        if self.deprecated is not None and request.path != OAUTH_TOKEN_PATH:
+            since, sunset = self.deprecated
+            response.headers["Deprecation"] = f"@{int(since.timestamp())}"
+            if sunset is not None:
+                response.headers["Sunset"] = format_datetime(sunset.astimezone(UTC), usegmt=True)
 
     def _api_handler(
         self, flavor: str, operation: str
@@ -462,7 +500,9 @@ class Simulator:
             record = request[RECORD_KEY]
             await self._delay()
             self._authenticate(request, record)
-            self._rate_limit()
+            self._check_access_list(request)
+            self._check_version()
+            self._rate_limit(request)
             return await self._with_faults(
                 request, lambda: self._serve(request, flavor == "v2", operation)
             )
@@ -536,16 +576,38 @@ class Simulator:
             headers={hdrs.WWW_AUTHENTICATE: self._digest.challenge(stale=stale)},
         )
 
-    def _rate_limit(self) -> None:
+    def _check_access_list(self, request: web.Request) -> None:
+        address = request.remote or ""
+        if self.access_list is not None and address not in self.access_list:
+            raise ApiProblem(
+                403,
+                "IP_ADDRESS_NOT_ON_ACCESS_LIST",
+                f"IP address {address} is not allowed to access this resource.",
+                parameters=self._parameters(address),
+            )
+
+    def _check_version(self) -> None:
+        if self.retired:
+            raise ApiProblem(
+                410,
+                "API_VERSION_REMOVED",
+                "The requested API version was removed. Use a supported API version.",
+            )
+
+    def _rate_limit(self, request: web.Request) -> None:
         if self._bucket is None:
             return
         wait = self._bucket.take()
         if wait > 0:
             raise ApiProblem(
                 429,
-                "RATE_LIMITED",
-                "You have exceeded the rate limit. Try again later.",
+                "RATE_LIMITED_TOKEN_BUCKET",
+                f"Resource {request.path} is limited to {self._bucket.burst} requests every "
+                f"{self._bucket.burst / self._bucket.rate:g} seconds.",
                 headers={"Retry-After": str(max(1, math.ceil(wait)))},
+                parameters=self._parameters(
+                    request.path, self._bucket.burst, self._bucket.burst / self._bucket.rate
+                ),
             )
 
     async def _with_faults(

@@ -145,9 +145,12 @@ def api_error(
     detail: str,
     *,
     bad_fields: list[tuple[str, str]] | None = None,
+    parameters: list[Any] | None = None,
 ) -> dict[str, Any]:
     """An ``ApiError`` body; ``bad_fields`` (field, why) fill ``badRequestDetail``.
-    ``parameters`` stays empty: the spec types its items as objects, not strings."""
+    ``parameters`` is empty unless given: Atlas puts strings and numbers there (the IP
+    address refused, the rate-limited path), but the spec types its items as objects, so
+    a body with them does not validate (see ``Simulator(atlas_parameters=...)``)."""
     body: dict[str, Any] = {}
     if bad_fields:
         body["badRequestDetail"] = {
@@ -158,7 +161,7 @@ def api_error(
             "detail": detail,
             "error": status,
             "errorCode": error_code,
-            "parameters": [],
+            "parameters": list(parameters or ()),
             "reason": HTTPStatus(status).phrase,
         }
     )
