@@ -58,6 +58,7 @@ from yarl import URL
 from invoice_watch import constants, redact
 from invoice_watch.errors import ConfigError, ConfigProblem
 from invoice_watch.format import duration, usd
+from invoice_watch.proxy import ProxyUrl
 from invoice_watch.types import Severity
 
 __all__ = [
@@ -424,6 +425,32 @@ def _at_most(limit: timedelta, why: str) -> AfterValidator:
     return AfterValidator(_AtMost(limit, why))
 
 
+_SIZE = re.compile(r"(\d+)\s*([KMG]i?B|B)?", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20,
+               "gib": 2**30}  # fmt: skip
+_SIZE_HELP = "write a size like 64MiB, 512KiB or 1GiB (or a number of bytes)"
+
+
+def _parse_size(value: object) -> int:
+    """A size in bytes: an int, or text with a unit (B, KB, MB, GB, KiB, MiB, GiB)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    elif isinstance(value, str) and (m := _SIZE.fullmatch(value.strip())):
+        size = int(m[1]) * _SIZE_UNITS[(m[2] or "").lower()]
+    else:
+        raise ValueError(f"invalid size `{value}`; {_SIZE_HELP}")
+    return size
+
+
+def _check_response_size(size: int) -> int:
+    if not 64 * 2**10 <= size <= 2**30:
+        raise ValueError(f"must be between 64KiB and 1GiB; {_SIZE_HELP}")
+    return size
+
+
+# A response size cap, in bytes.
+ResponseSize = Annotated[int, BeforeValidator(_parse_size), AfterValidator(_check_response_size)]
+
 _MONEY = re.compile(r"-?\$?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
 _MONEY_HELP = 'write an amount in USD like 5000, 5000.50 or "$5,000.50"'
 # Far above any invoice, far below SQLite's INTEGER (int64) limit.
@@ -571,6 +598,8 @@ class AtlasConfig(_Model):
     max_concurrency: int = Field(4, ge=1, le=64)
     retries: int = Field(5, ge=0, le=20)
     max_backoff: Annotated[Duration, _at_most(_BACKOFF_LIMIT, _BACKOFF_WHY)] = timedelta(seconds=30)
+    max_response_size: ResponseSize = constants.MAX_RESPONSE_SIZE
+    proxy: ProxyUrl | None = None
 
 
 class OrgConfig(_Model):
@@ -625,6 +654,7 @@ class SlackNotifierConfig(_Model):
     token: BearerToken | None = None
     channel: SlackChannel | None = None
     api_url: Url = constants.SLACK_API_URL
+    proxy: ProxyUrl | None = None
 
     @field_validator("api_url")
     @classmethod
@@ -1762,12 +1792,17 @@ def _warnings(config: Config, doc: _Document) -> tuple[ConfigProblem, ...]:
 # --- summary -------------------------------------------------------------------------
 
 
+def _via(proxy: ProxyUrl | None) -> str:
+    return f", proxy {proxy}" if proxy is not None else ""  # its password masked
+
+
 def _notifier_line(name: str, notifier: NotifierConfig) -> str:
     if isinstance(notifier, SlackNotifierConfig):
         if notifier.webhook_url is not None:
-            return f"{name}: slack webhook {notifier.webhook_url}"
+            return f"{name}: slack webhook {notifier.webhook_url}{_via(notifier.proxy)}"
         return (
             f"{name}: slack {notifier.api_url} channel {notifier.channel}, token {notifier.token}"
+            f"{_via(notifier.proxy)}"
         )
     if isinstance(notifier, EmailNotifierConfig):
         login = (
@@ -1813,7 +1848,8 @@ def summary(config: Config) -> str:
         f"Configuration: {config.source or '<string>'}",
         f"Atlas: {atlas.base_url} (api {atlas.api}), {credentials}",
         f"  timeout {duration(atlas.timeout)}, concurrency {atlas.max_concurrency}, "
-        f"retries {atlas.retries}, max backoff {duration(atlas.max_backoff)}",
+        f"retries {atlas.retries}, max backoff {duration(atlas.max_backoff)}, "
+        f"max response {atlas.max_response_size // 2**10:,} KiB{_via(atlas.proxy)}",
         f"Organizations ({len(config.organizations)}):",
         *(f"  - {org.display_name} ({org.id})" for org in config.organizations),
         f"Poll: every {duration(config.poll.interval)}, jitter {duration(config.poll.jitter)}, "

@@ -8,8 +8,10 @@ ATLAS_BASE_URL: Final = "https://cloud.mongodb.com"
 ATLAS_UI_URL: Final = "https://cloud.mongodb.com"
 SLACK_API_URL: Final = "https://slack.com/api/"
 
-V2_MEDIA_TYPE: Final = "application/vnd.atlas.2023-01-01+json"
-V2_CSV_MEDIA_TYPE: Final = "application/vnd.atlas.2023-01-01+csv"
+# The Atlas Administration API resource version this release speaks (v2 flavor).
+V2_API_VERSION: Final = "2023-01-01"
+V2_MEDIA_TYPE: Final = f"application/vnd.atlas.{V2_API_VERSION}+json"
+V2_CSV_MEDIA_TYPE: Final = f"application/vnd.atlas.{V2_API_VERSION}+csv"
 
 # Path prefix of the invoice endpoints per API flavor (`atlas.api`).
 API_PREFIXES: Final = {
@@ -20,7 +22,15 @@ API_PREFIXES: Final = {
 OAUTH_TOKEN_PATH: Final = "/api/oauth/token"
 
 ITEMS_PER_PAGE: Final = 500
+# A listing never runs past this many pages (500 invoices each), whatever `totalCount` says.
+MAX_PAGES: Final = 1000
+# Default cap on one Atlas answer's decoded body (`atlas.max_response_size`); a full
+# listing page is well under 1 MiB.
+MAX_RESPONSE_SIZE: Final = 64 * 2**20
 REQUIRED_ROLE: Final = "Organization Billing Viewer"
+# Linked invoices (cross-organization billing) are listed only to these roles on the
+# paying organization.
+LINKED_INVOICES_ROLES: Final = "Organization Billing Admin or Organization Owner"
 
 # Invoice statuses (BillingInvoice.statusName in the official spec).
 INVOICE_STATUSES: Final = (

@@ -32,7 +32,11 @@ _ENV_VARS = (
     "NOTIFY_SOCKET",
     "WATCHDOG_USEC",
     "WATCHDOG_PID",
-)
+    # Proxies and ~/.netrc: tests never go through the developer's or CI's.
+    *(name for base in ("http_proxy", "https_proxy", "no_proxy", "all_proxy")
+      for name in (base, base.upper())),
+    "NETRC",
+)  # fmt: skip
 
 
 @pytest.fixture(autouse=True)

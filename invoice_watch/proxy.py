@@ -1,0 +1,186 @@
+"""Which forward proxy an outbound HTTP request goes through: the one answer for the
+Atlas client (its OAuth token request included) and the Slack notifiers.
+
+A configured proxy (``atlas.proxy``, ``notifiers.<name>.proxy``) wins. Otherwise the
+environment decides, as curl and most tools read it: ``http_proxy``/``HTTP_PROXY`` for
+``http://`` URLs, ``https_proxy``/``HTTPS_PROXY`` for ``https://`` ones (the lowercase
+name first), and ``no_proxy``/``NO_PROXY`` lists the hosts reached directly: ``*``,
+host names (``example.com`` also covers its subdomains; a leading ``.`` or ``*.`` is
+allowed), IP addresses and CIDR ranges (``10.0.0.0/8``, ``::1``), each optionally with
+``:port``.
+
+Why not aiohttp's ``trust_env=True``: it also reads ``~/.netrc`` and sends its
+password as ``Authorization: Basic`` to any matching host, and it does not understand
+CIDR ranges in ``NO_PROXY``. slack-sdk reads ``HTTPS_PROXY`` but ignores ``NO_PROXY``.
+
+User info in a proxy URL (``http://user:password@proxy:3128``) becomes the
+``Proxy-Authorization`` header sent to the proxy only; the password is registered with
+:mod:`invoice_watch.redact`, so that no log line or stored error shows it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from pydantic import GetCoreSchemaHandler
+from pydantic_core import core_schema
+
+from invoice_watch import redact
+
+_NOT_A_PROXY = "is not a proxy URL: write it like http://proxy.example.com:3128"
+
+
+def check_proxy_url(value: str) -> str:
+    """``value`` if it is a usable proxy URL (``http://[user:password@]host[:port]``, or
+    ``https://``), else :class:`ValueError` saying what is wrong. Registers the password
+    for redaction. A URL without a scheme (``proxy:3128``, as some environments write
+    it) is read as ``http://``."""
+    text = value.strip()
+    if "://" not in text:
+        text = "http://" + text
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError:
+        raise ValueError(_NOT_A_PROXY) from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(_NOT_A_PROXY)
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError("a proxy URL has no path: write it like http://proxy.example.com:3128")
+    if port == 0:
+        raise ValueError("the proxy's port cannot be 0")
+    if parts.password:
+        redact.register(unquote(parts.password))
+        redact.register(parts.password)
+    return text.rstrip("/")
+
+
+def masked(url: str) -> str:
+    """``url`` with the password of its user info replaced by ``<secret>``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{user}:{redact.REDACTED}@{host}").geturl()
+
+
+class ProxyUrl:
+    """A configured proxy URL (``atlas.proxy``, ``notifiers.<name>.proxy``), checked by
+    :func:`check_proxy_url`. ``url`` is the URL to use; ``repr``, ``str`` and dumps show
+    it with its password masked. Usable as a pydantic field type (from ``str``)."""
+
+    __slots__ = ("url",)
+
+    def __init__(self, value: str) -> None:
+        self.url = check_proxy_url(value)
+
+    def __repr__(self) -> str:
+        return repr(masked(self.url))
+
+    def __str__(self) -> str:
+        return masked(self.url)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ProxyUrl) and other.url == self.url
+
+    def __hash__(self) -> int:
+        return hash(self.url)
+
+    @classmethod
+    def __get_pydantic_core_schema__(
+        cls, source: type[Any], handler: GetCoreSchemaHandler
+    ) -> core_schema.CoreSchema:
+        return core_schema.no_info_plain_validator_function(
+            cls._validate,
+            serialization=core_schema.plain_serializer_function_ser_schema(str),
+        )
+
+    @classmethod
+    def _validate(cls, value: object) -> ProxyUrl:
+        if isinstance(value, ProxyUrl):
+            return value
+        if not isinstance(value, str):
+            raise ValueError("expected a proxy URL like http://proxy.example.com:3128")
+        return cls(value)
+
+
+def _env(environ: Mapping[str, str], name: str) -> str | None:
+    for key in (name.lower(), name.upper()):
+        value = environ.get(key)
+        if value is not None and value.strip():
+            return value.strip()
+    return None
+
+
+def bypassed(host: str, port: int | None, no_proxy: str) -> bool:
+    """Whether ``no_proxy`` (the ``NO_PROXY`` syntax, see the module docstring) sends a
+    request to ``host``:``port`` directly."""
+    host = host.lower().strip("[]").rstrip(".")
+    try:
+        address: ipaddress.IPv4Address | ipaddress.IPv6Address | None = ipaddress.ip_address(host)
+    except ValueError:
+        address = None
+    for raw in no_proxy.replace(" ", ",").split(","):
+        entry = raw.strip().lower()
+        if not entry:
+            continue
+        if entry == "*":
+            return True
+        entry_port: int | None = None
+        if entry.startswith("["):  # [::1]:8080
+            inner, _, rest = entry[1:].partition("]")
+            entry = inner
+            if rest.startswith(":") and rest[1:].isdigit():
+                entry_port = int(rest[1:])
+        elif entry.count(":") == 1:  # host:port (an IPv6 address has several colons)
+            name, _, number = entry.partition(":")
+            if number.isdigit():
+                entry, entry_port = name, int(number)
+        if entry_port is not None and entry_port != port:
+            continue
+        if address is not None:
+            try:
+                if address in ipaddress.ip_network(entry, strict=False):
+                    return True
+            except ValueError:
+                pass
+            continue
+        name = entry.removeprefix("*").lstrip(".").rstrip(".")
+        if name and (host == name or host.endswith("." + name)):
+            return True
+    return False
+
+
+def proxy_for(
+    url: str, configured: str | None = None, environ: Mapping[str, str] | None = None
+) -> str | None:
+    """The proxy URL to send a request for ``url`` through, or None to go directly.
+
+    ``configured``: the configuration's proxy for this client, which wins; ``environ``:
+    the environment (default ``os.environ``). An environment proxy URL that is not
+    usable raises :class:`ValueError` naming the variable.
+    """
+    if configured:
+        return configured
+    env = os.environ if environ is None else environ
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or not parts.hostname:
+        return None
+    name = f"{scheme}_proxy"
+    value = _env(env, name)
+    if value is None:
+        return None
+    no_proxy = _env(env, "no_proxy")
+    port = parts.port or (443 if scheme == "https" else 80)
+    if no_proxy and bypassed(parts.hostname, port, no_proxy):
+        return None
+    try:
+        return check_proxy_url(value)
+    except ValueError as exc:
+        raise ValueError(f"{name.upper()} {exc}") from None
