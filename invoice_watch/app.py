@@ -729,6 +729,7 @@ class App:
             clock=self.clock,
             rng=self._rng,
             org_names={o.id: o.display_name for o in config.organizations},
+            metrics=self.metrics,
         )
         self._stack.push_async_callback(client.aclose)
         return client

@@ -4,36 +4,55 @@ Owns the HTTP side of the product: the aiohttp session, authentication (HTTP Dig
 keys or an OAuth service account), the three API flavors, paging, bounded concurrency,
 retries with backoff, and turning every failure into a :class:`FetchError` for the one
 organization it hit. Nothing outside this module sees an aiohttp type.
+
+Containment and bounds (SPEC §10 "Bounds"): whatever one organization's answers hold, its
+read ends as an :class:`OrgRead`, ok or failed, and never cancels another org's read
+(an exception no check foresaw included: it is logged with its traceback). Every answer's
+decoded body is capped (``atlas.max_response_size``), a listing stops at a repeated page
+and at a page cap, redirects are never followed (no credential leaves
+``atlas.base_url``'s origin), and every text taken from a server is redacted
+(:func:`invoice_watch.redact.redact`), put on one line and shortened before it is
+logged or stored. What each Atlas answer means for the operator is in one table,
+:data:`FIXES`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import enum
 import hashlib
 import io
+import ipaddress
 import json
 import logging
+import math
 import random
 import re
 import sys
+import traceback
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
-from typing import TYPE_CHECKING, Any
+from email.utils import parsedate_to_datetime
+from typing import TYPE_CHECKING, Any, Final
 
 import aiohttp
 from aiohttp import ClientHandlerType, ClientRequest, ClientResponse, hdrs
+from yarl import URL
 
 from invoice_watch import __version__
 from invoice_watch.clock import Clock, SystemClock
 from invoice_watch.constants import (
     API_PREFIXES,
     ITEMS_PER_PAGE,
+    LINKED_INVOICES_ROLES,
+    MAX_PAGES,
     OAUTH_TOKEN_PATH,
     REQUIRED_ROLE,
+    V2_API_VERSION,
     V2_CSV_MEDIA_TYPE,
     V2_MEDIA_TYPE,
 )
@@ -44,7 +63,9 @@ from invoice_watch.errors import (
     FetchStatusError,
     FetchTimeout,
 )
-from invoice_watch.retry import parse_retry_after, retry_delay
+from invoice_watch.proxy import masked, proxy_for
+from invoice_watch.redact import redact
+from invoice_watch.retry import backoff, parse_retry_after, retry_delay
 from invoice_watch.types import (
     AMOUNT_ATTRS,
     Invoice,
@@ -57,6 +78,7 @@ from invoice_watch.types import (
 
 if TYPE_CHECKING:
     from invoice_watch.config import AtlasConfig
+    from invoice_watch.health import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +91,21 @@ _MAX_RETRY_AFTER = 300.0
 # At most this many pages are requested together on the strength of `totalCount` (an
 # estimate: a wild one must not turn into thousands of requests); paging goes on past it.
 _PAGES_AT_ONCE = 100
+# Bodies that are only read for a message (error answers, the OAuth token) are read up
+# to this much; the rest is dropped.
+_SMALL_BODY = 64 * 1024
+_CHUNK = 64 * 1024
+# Text taken from a server (an error's `detail`, a Location) is cut to this length.
+_SERVER_TEXT = 300
+# Atlas nests linked invoices one level deep; a deeper nesting is refused.
+_MAX_LINK_DEPTH = 8
+# After an answer whose `RateLimit-Remaining` says the token bucket is empty, the next
+# request waits this much, or as long as the longest Retry-After of a 429 so far (how
+# long the bucket takes to refill), up to atlas.max_backoff.
+_PACE_SECONDS = 1.0
+_ERROR_CODE = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
+_IP_CANDIDATE = re.compile(r"[0-9A-Fa-f:.]{3,45}")
+_TOKEN = re.compile(r"[\x21-\x7e]{1,4096}")
 
 
 class Decision(enum.Enum):
@@ -78,7 +115,7 @@ class Decision(enum.Enum):
     RETRY_AFTER = "retry-after"  # honour Retry-After when given, else back off
     BACKOFF = "backoff"  # exponential backoff with jitter
     AUTH = "auth"  # 401/403: credentials or role; never retried
-    FAIL = "fail"  # retrying cannot help
+    FAIL = "fail"  # retrying cannot help (a redirect, 404, 410, ...)
 
 
 def classify_status(status: int) -> Decision:
@@ -93,16 +130,255 @@ def classify_status(status: int) -> Decision:
     return Decision.FAIL
 
 
+# -- what Atlas's answers mean: the one table of fixes ---------------------------------
+
+# (HTTP status, Atlas `errorCode`) -> what is wrong and what to do about it. A status
+# without a row of its own uses (status, None), then its class, (400, None) or (500, None).
+# Rows whose key is a word are the answers that are not an HTTP status: the transport
+# (connection refused, DNS, TLS, timeout, proxy), the OAuth token endpoint, redirects and
+# the bounds of this module. Fields: {org} ("Name (id)"), {org_id}, {credentials} (API
+# key or service account), {where} (its config keys), {role}, {linked_roles}, {ip}
+# (" 203.0.113.5" when Atlas named it), {version}, {host}, {port}, {cause}, {timeout},
+# {via} (", through the proxy ..."), {proxy}, {location}, {limit}, {page}, {cap}.
+FIXES: Final[dict[tuple[int | str, str | None], str]] = {
+    (401, None): (
+        "Atlas refused the credentials: the {credentials} is wrong or was revoked, its "
+        "secret is wrong, or it expired; check {where}"
+    ),
+    ("token", None): (
+        "the OAuth token endpoint refused the service account: its client_id or "
+        "client_secret is wrong, or the service account was deleted or its secret expired; "
+        "check {where}"
+    ),
+    (403, "IP_ADDRESS_NOT_ON_ACCESS_LIST"): (
+        "Atlas refused requests from this machine's IP address{ip}: add it to the API "
+        "access list of the {credentials} (Atlas: Organization Access Manager > "
+        "Applications > the API key or service account > API Access List)"
+    ),
+    (403, "ORG_REQUIRES_ACCESS_LIST"): (
+        "{org} requires an API access list and the {credentials} has none: add this "
+        "machine's IP address{ip} to its API access list"
+    ),
+    (403, None): (
+        "the {credentials} may not read the invoices of {org}: grant it the {role} role on "
+        "this organization ({linked_roles} to see its linked invoices too)"
+    ),
+    (404, "INVOICE_NOT_FOUND"): "Atlas no longer knows this invoice of {org}",
+    (404, None): (
+        "Atlas knows no organization {org_id} that the {credentials} can see: check "
+        "organizations[].id in the configuration against the id in the organization's "
+        "settings, and that the {credentials} belongs to that organization"
+    ),
+    (407, None): (
+        "the proxy {proxy} wants credentials it was not given or refused them: check the "
+        "user and password in its URL (atlas.proxy, or HTTPS_PROXY/HTTP_PROXY)"
+    ),
+    (406, None): (
+        "Atlas does not accept the API version this release of invoice-watch speaks "
+        "({version}): upgrade invoice-watch"
+    ),
+    (410, None): (
+        "Atlas retired the API version this release of invoice-watch speaks ({version}): "
+        "upgrade invoice-watch"
+    ),
+    (429, None): (
+        "Atlas kept rate-limiting the requests: lower atlas.max_concurrency or poll less "
+        "often, or share the {credentials} with fewer clients"
+    ),
+    (400, None): (
+        "Atlas refused the request: this release may not speak this Atlas (upgrade "
+        "invoice-watch) or it is a bug (please report it with this message)"
+    ),
+    (500, None): "Atlas failed to answer (an error on its side)",
+    ("redirect", None): (
+        "Atlas answered with a redirect to {location}, which invoice-watch does not follow "
+        "(credentials never leave atlas.base_url): if the API lives there, set "
+        "atlas.base_url to it"
+    ),
+    ("refused", None): (
+        "cannot connect to {host}:{port}{via}: connection refused (nothing listens "
+        "there); check atlas.base_url"
+    ),
+    ("dns", None): (
+        "the host name {host} does not resolve ({cause}); check atlas.base_url and this "
+        "machine's DNS"
+    ),
+    ("tls", None): (
+        "TLS with {host}:{port} failed ({cause}); check atlas.base_url, and behind a "
+        "TLS-inspecting proxy add its CA to the system's trust store (or SSL_CERT_FILE)"
+    ),
+    ("timeout", None): "no answer within {timeout} (atlas.timeout) from {host}:{port}{via}",
+    ("unreachable", None): (
+        "cannot connect to {host}:{port}{via} ({cause}); check the network route and firewalls"
+    ),
+    ("broken", None): "the connection to {host}:{port}{via} broke off ({cause})",
+    ("proxy", None): (
+        "cannot go through the proxy {proxy} ({cause}); check atlas.proxy, or "
+        "HTTPS_PROXY/HTTP_PROXY and NO_PROXY"
+    ),
+    ("proxy_auth", None): (
+        "the proxy {proxy} refused the request ({cause}); check the user and password in "
+        "its URL (atlas.proxy, or HTTPS_PROXY/HTTP_PROXY)"
+    ),
+    ("too_large", None): (
+        "the answer is larger than {limit} (atlas.max_response_size) and was dropped: a "
+        "page of Atlas's listing is far smaller, so something else may be answering (a "
+        "proxy, a captive portal); raise atlas.max_response_size if it really is Atlas"
+    ),
+    ("repeated_page", None): (
+        "page {page} of the listing repeats invoices of earlier pages only: the server "
+        "ignores pageNum; the listing was stopped"
+    ),
+    ("page_cap", None): "the listing did not end within {cap} pages; it was stopped",
+    ("unexpected", None): (
+        "reading or parsing the answer failed unexpectedly ({cause}); the traceback is in the log"
+    ),
+}
+
+
+class _Fields(dict[str, str]):
+    """Format fields; one a message does not know reads as ``?``."""
+
+    def __missing__(self, key: str) -> str:
+        return "?"
+
+
+def explain(status: int | str, error_code: str | None = None, **fields: str) -> str:
+    """What to fix for an Atlas answer (``status`` and ``errorCode``) or for one of the
+    word-keyed rows of :data:`FIXES`, with ``fields`` filled in."""
+    for key in (
+        (status, error_code),
+        (status, None),
+        ((status // 100) * 100 if isinstance(status, int) else status, None),
+    ):
+        template = FIXES.get(key)
+        if template is not None:
+            return template.format_map(_Fields(fields))
+    return f"Atlas answered HTTP {status}"
+
+
+def server_text(value: object, limit: int = _SERVER_TEXT) -> str:
+    """Text taken from a server, fit for a log line or the state file: redacted (no
+    secret, no HTTP credential), on one line, at most ``limit`` characters."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) > 4 * limit:
+        text = text[: 4 * limit]
+    text = redact(" ".join(text.split()))
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+@dataclass(frozen=True, slots=True)
+class ApiError:
+    """What an error answer's ``ApiError`` body says (all optional)."""
+
+    code: str | None = None
+    detail: str = ""  # through server_text
+    parameters: tuple[str, ...] = ()  # through server_text
+
+    def evidence(self, status: int) -> str:
+        """``HTTP 403 IP_ADDRESS_NOT_ON_ACCESS_LIST: <detail>``."""
+        text = f"HTTP {status}"
+        if self.code:
+            text += f" {self.code}"
+        if self.detail:
+            text += f": {self.detail}"
+        return text
+
+    def ip(self) -> str:
+        """The first IP address named by the detail or the parameters, else ``""``."""
+        for text in (self.detail, *self.parameters):
+            for candidate in _IP_CANDIDATE.findall(text):
+                try:
+                    return str(ipaddress.ip_address(candidate.strip(".:")))
+                except ValueError:
+                    continue
+        return ""
+
+
+def parse_api_error(body: bytes) -> ApiError:
+    """An error answer's ``ApiError`` (``errorCode``, ``detail``, ``parameters``: Atlas
+    sends strings and numbers there, the spec says objects); empty when the body is not
+    one. Never raises."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return ApiError()
+    if not isinstance(data, dict):
+        return ApiError()
+    code = data.get("errorCode")
+    detail = data.get("detail")
+    if not isinstance(detail, str):
+        detail = data.get("reason") if isinstance(data.get("reason"), str) else ""
+    raw = data.get("parameters")
+    parameters = [p for p in raw[:10] if isinstance(p, str | int)] if isinstance(raw, list) else []
+    return ApiError(
+        code if isinstance(code, str) and _ERROR_CODE.fullmatch(code) else None,
+        server_text(detail),
+        tuple(server_text(str(p), 60) for p in parameters),
+    )
+
+
+def _size(limit: int) -> str:
+    return f"{limit / 2**20:g} MiB" if limit >= 2**20 else f"{limit / 2**10:g} KiB"
+
+
+class _BadProxy(Exception):
+    """The environment names a proxy URL that cannot be used."""
+
+
+class _TooLarge(Exception):
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        super().__init__(f"the answer is larger than {limit} bytes")
+
+
+async def _read_body(resp: ClientResponse, limit: int, *, truncate: bool = False) -> bytes:
+    """The decoded body, read in chunks: at most ``limit`` bytes. Beyond it the
+    connection is closed and :class:`_TooLarge` raised, or with ``truncate`` the first
+    ``limit`` bytes are returned. (``read()`` has no cap: aiohttp's notes in
+    LIBRARIES.md; the chunks are already decompressed, so a gzip bomb stops here.)"""
+    length = resp.content_length
+    # With a Content-Encoding, the wire size says little about the decoded one.
+    plain = hdrs.CONTENT_ENCODING not in resp.headers
+    if length is not None and length > limit and plain and not truncate:
+        resp.close()
+        raise _TooLarge(limit)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in resp.content.iter_chunked(_CHUNK):
+        size += len(chunk)
+        if size > limit:
+            resp.close()
+            if not truncate:
+                raise _TooLarge(limit)
+            chunks.append(chunk[: limit - (size - len(chunk))])
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 class OAuthMiddleware:
     """aiohttp client middleware for Atlas service accounts (OAuth 2.0 client credentials).
 
     The token is fetched lazily, reused until shortly before it expires, and refreshed
     once when the API answers 401 (revoked or expired early). The token request itself
-    bypasses this middleware.
+    bypasses this middleware. The bearer token is only ever added to requests for the
+    token URL's origin (RFC 6750 §5.3: a token is sent only where it belongs), so a
+    redirect or a link elsewhere never carries it.
     """
 
-    def __init__(self, token_url: str, client_id: str, client_secret: str, clock: Clock) -> None:
+    def __init__(
+        self,
+        token_url: str,
+        client_id: str,
+        client_secret: str,
+        clock: Clock,
+        *,
+        proxy: str | None = None,
+    ) -> None:
         self._token_url = token_url
+        self._origin = URL(token_url).origin()
+        self._proxy = proxy
         self._basic = aiohttp.encode_basic_auth(client_id, client_secret)
         self._clock = clock
         self._token: str | None = None
@@ -131,18 +407,15 @@ class OAuthMiddleware:
                 data={"grant_type": "client_credentials"},
                 headers={hdrs.AUTHORIZATION: self._basic, hdrs.ACCEPT: "application/json"},
                 middlewares=(),
+                allow_redirects=False,
+                proxy=self._proxy,
             ) as resp:
-                body = await resp.read()
+                body = await _read_body(resp, _SMALL_BODY, truncate=True)
                 if resp.status in (400, 401, 403):
-                    raise _TokenRefused(resp.status)
+                    raise _TokenRefused(resp.status, _oauth_error(body))
                 if resp.status != 200:
                     raise _TokenUnavailable(resp.status, resp.headers.get(hdrs.RETRY_AFTER))
-            try:
-                data = json.loads(body)
-                token = str(data["access_token"])
-                lifetime = float(data.get("expires_in", 3600))
-            except (ValueError, KeyError, TypeError) as exc:
-                raise _TokenUnavailable(200, None) from exc
+            token, lifetime = _parse_token(body)
             # Refresh a minute early (or at 90% of a short lifetime).
             margin = min(60.0, lifetime * 0.1)
             self._token = token
@@ -150,6 +423,8 @@ class OAuthMiddleware:
             return token
 
     async def __call__(self, request: ClientRequest, handler: ClientHandlerType) -> ClientResponse:
+        if request.url.origin() != self._origin:
+            return await handler(request)  # never a bearer token for another origin
         token = await self._token_for(request.session, stale=None)
         request.headers[hdrs.AUTHORIZATION] = f"Bearer {token}"
         response = await handler(request)
@@ -161,9 +436,36 @@ class OAuthMiddleware:
         return await handler(request)
 
 
+def _oauth_error(body: bytes) -> str:
+    """The RFC 6749 §5.2 ``error`` code of a token endpoint's refusal, else ``""``."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return ""
+    code = data.get("error") if isinstance(data, dict) else None
+    return code if isinstance(code, str) and re.fullmatch(r"[a-z_]{1,40}", code) else ""
+
+
+def _parse_token(body: bytes) -> tuple[str, float]:
+    """``access_token`` and ``expires_in`` (seconds, within 30 s .. 1 day) of a token
+    answer (RFC 6749 §5.1); :class:`_TokenUnavailable` for anything else."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        raise _TokenUnavailable(200, None) from None
+    token = data.get("access_token") if isinstance(data, dict) else None
+    if not isinstance(token, str) or not _TOKEN.fullmatch(token):
+        raise _TokenUnavailable(200, None)  # also keeps CR/LF out of a header
+    lifetime = data.get("expires_in", 3600)
+    if type(lifetime) not in (int, float) or not math.isfinite(lifetime):
+        lifetime = 3600
+    return token, min(max(float(lifetime), 30.0), 86400.0)
+
+
 class _TokenRefused(Exception):
-    def __init__(self, status: int) -> None:
+    def __init__(self, status: int, code: str = "") -> None:
         self.status = status
+        self.code = code
         super().__init__(f"token endpoint answered {status}")
 
 
@@ -179,6 +481,7 @@ class _Answer:
     status: int
     body: bytes
     retry_after: str | None
+    location: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,9 +497,45 @@ class Page:
     def full(self) -> bool:
         return self.size >= ITEMS_PER_PAGE
 
+    def identity(self) -> frozenset[str | int]:
+        """What the page lists: its invoices' ids and its settled keys."""
+        return frozenset([*(i.id for i in self.invoices), *self.settled])
+
 
 # A parsed page with the SHA-256 of the body it came from.
 _Seen = tuple[bytes, Page]
+
+
+def page_cap(total: int | None) -> int:
+    """The most pages a listing may take: what ``totalCount`` promises (one page more
+    for an invoice created while paging) plus a quarter, at least 3 more; at most
+    :data:`~invoice_watch.constants.MAX_PAGES`, which is also the cap when page 1 gave
+    no usable estimate."""
+    if total is None or total < ITEMS_PER_PAGE:  # none, or contradicted by a full page 1
+        return MAX_PAGES
+    promised = total // ITEMS_PER_PAGE + 1
+    return min(MAX_PAGES, promised + max(3, promised // 4))
+
+
+@dataclass
+class _Deprecation:
+    """``Deprecation`` / ``Sunset`` headers seen on one endpoint (RFC 9745, RFC 8594)."""
+
+    deprecated: str = ""
+    sunset: datetime | None = None
+    sunset_text: str = ""
+
+
+def _http_date(value: str) -> datetime | None:
+    """An RFC 9745 ``@<epoch>`` date or an HTTP-date (RFC 9110 §5.6.7), else None."""
+    text = value.strip()
+    try:
+        if text.startswith("@"):
+            return datetime.fromtimestamp(int(text[1:]), UTC)
+        when = parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError, OverflowError, OSError):
+        return None
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
 
 
 class AtlasClient:
@@ -204,7 +543,14 @@ class AtlasClient:
 
     One long-lived aiohttp session; at most ``max_concurrency`` requests in flight; with
     Digest keys, the first request authenticates alone so the others reuse its nonce
-    instead of each drawing its own 401 challenge.
+    instead of each drawing its own 401 challenge. Requests go through the proxy that
+    :func:`invoice_watch.proxy.proxy_for` names (``atlas.proxy``, else ``HTTPS_PROXY``/
+    ``HTTP_PROXY`` and ``NO_PROXY`` from ``environ``); ``~/.netrc`` is never read.
+
+    Rate limits: a 429 waits for its ``Retry-After``, and longer when 429s repeat; while
+    ``RateLimit-Remaining`` says fewer requests are left than may be in flight, requests
+    go one at a time, waiting first when none is left. ``Deprecation``/``Sunset``
+    headers are warned about once per :meth:`read_orgs`, and counted in ``metrics``.
     """
 
     def __init__(
@@ -214,23 +560,42 @@ class AtlasClient:
         clock: Clock | None = None,
         rng: random.Random | None = None,
         org_names: Mapping[str, str] | None = None,
+        metrics: Metrics | None = None,
+        environ: Mapping[str, str] | None = None,
     ) -> None:
         self._config = config
         self._clock = clock or SystemClock()
         self._rng = rng or random.Random()
         self._org_names = dict(org_names or {})
+        self._metrics = metrics
+        self._environ = environ
         self._base = config.base_url.rstrip("/")
         self._prefix = API_PREFIXES[config.api]
         from invoice_watch.config import DigestAuth
 
         self._digest = isinstance(config.auth, DigestAuth)
+        self._credentials = "API key" if self._digest else "service account"
+        self._where = (
+            "atlas.auth.public_key and private_key (or private_key_file)"
+            if self._digest
+            else "atlas.auth.client_id and client_secret (or client_secret_file)"
+        )
+        self._version = V2_API_VERSION if config.api == "v2" else f"{config.api} (v1.0)"
         self._semaphore = asyncio.Semaphore(config.max_concurrency)
         self._authenticated = False
         self._auth_lock = asyncio.Lock()
         self._session: aiohttp.ClientSession | None = None
+        self._proxy: str | None = None
         # Each org's listing pages of the last successful read, by page number: a page
         # whose body comes back byte for byte the same is not parsed again.
         self._seen: dict[str, dict[int, _Seen]] = {}
+        # Rate limits: RateLimit-Remaining of the last answer that had it, the pause
+        # after an answer that took the last token, when (monotonic) requests may go on.
+        self._remaining: int | None = None
+        self._pause = _PACE_SECONDS
+        self._resume_at = 0.0
+        self._pace_lock = asyncio.Lock()
+        self._deprecations: dict[str, _Deprecation] = {}
         self.requests_sent = 0
 
     def __repr__(self) -> str:
@@ -242,6 +607,11 @@ class AtlasClient:
         if self._session is None:
             from invoice_watch.config import DigestAuth
 
+            configured = self._config.proxy.url if self._config.proxy is not None else None
+            try:
+                self._proxy = proxy_for(self._base, configured, self._environ)
+            except ValueError as exc:  # a malformed HTTPS_PROXY: every org's read says so
+                raise _BadProxy(f"{exc}; fix or unset it") from None
             auth = self._config.auth
             middleware: Any
             if isinstance(auth, DigestAuth):
@@ -252,6 +622,7 @@ class AtlasClient:
                     auth.client_id,
                     auth.client_secret.get(),
                     self._clock,
+                    proxy=self._proxy,
                 )
             seconds = self._config.timeout.total_seconds()
             self._session = aiohttp.ClientSession(
@@ -264,6 +635,7 @@ class AtlasClient:
                 ),
                 middlewares=(middleware,),
                 headers={hdrs.USER_AGENT: f"invoice-watch/{__version__}"},
+                trust_env=False,  # no ~/.netrc; proxies come from proxy_for
             )
         return self._session
 
@@ -273,7 +645,8 @@ class AtlasClient:
             self._session = None
 
     async def __aenter__(self) -> AtlasClient:
-        self._open()
+        with contextlib.suppress(_BadProxy):  # each read reports it
+            self._open()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -290,77 +663,242 @@ class AtlasClient:
             return V2_CSV_MEDIA_TYPE if csv_body else V2_MEDIA_TYPE
         return "text/csv" if csv_body else "application/json"
 
-    async def _send_once(self, url: str, params: Mapping[str, str], accept: str) -> _Answer:
+    def _fields(self, org_id: str, url: URL) -> dict[str, str]:
+        """What :func:`explain` may name about a request of ``org_id`` to ``url``."""
+        return {
+            "org": self._org_label(org_id),
+            "org_id": org_id,
+            "credentials": self._credentials,
+            "where": self._where,
+            "role": REQUIRED_ROLE,
+            "linked_roles": LINKED_INVOICES_ROLES,
+            "version": self._version,
+            "host": url.host or "?",
+            "port": str(url.port),
+            "timeout": f"{self._config.timeout.total_seconds():g}s",
+            "via": f", through the proxy {masked(self._proxy)}" if self._proxy else "",
+            "proxy": masked(self._proxy) if self._proxy else "?",
+            "ip": "",
+        }
+
+    async def _pace(self) -> None:
+        """Wait until requests may go again: the ``Retry-After`` of the last 429, or a
+        short pause after an answer said the token bucket is empty."""
+        wait = self._resume_at - self._clock.monotonic()
+        if wait > 0:
+            log.debug("Atlas's rate limit: waiting %.1fs before the next request", wait)
+            await self._clock.sleep(wait)
+
+    async def _send_once(
+        self, url: str, params: Mapping[str, str], accept: str, endpoint: str
+    ) -> _Answer:
         session = self._open()
         async with self._semaphore:
-            self.requests_sent += 1
-            async with session.get(url, params=params, headers={hdrs.ACCEPT: accept}) as resp:
-                body = await resp.read()
-                answer = _Answer(resp.status, body, resp.headers.get(hdrs.RETRY_AFTER))
+            remaining = self._remaining
+            if remaining is not None and remaining < self._config.max_concurrency:
+                async with self._pace_lock:  # fewer requests left than may be in flight
+                    await self._pace()
+                    answer = await self._exchange(session, url, params, accept, endpoint)
+            else:
+                await self._pace()
+                answer = await self._exchange(session, url, params, accept, endpoint)
         # Let the request waiting for this slot go out before this answer is parsed.
         await asyncio.sleep(0)
         return answer
 
-    async def _send(self, url: str, params: Mapping[str, str], accept: str) -> _Answer:
+    async def _exchange(
+        self,
+        session: aiohttp.ClientSession,
+        url: str,
+        params: Mapping[str, str],
+        accept: str,
+        endpoint: str,
+    ) -> _Answer:
+        """One request and its answer, its body read within the bounds."""
+        self.requests_sent += 1
+        async with session.get(
+            url,
+            params=params,
+            headers={hdrs.ACCEPT: accept},
+            allow_redirects=False,  # a credential never follows a redirect elsewhere
+            proxy=self._proxy,
+        ) as resp:
+            self._note_headers(resp, endpoint)
+            if 200 <= resp.status < 300:
+                body = await _read_body(resp, self._config.max_response_size)
+            else:
+                body = await _read_body(resp, _SMALL_BODY, truncate=True)
+            return _Answer(
+                resp.status,
+                body,
+                resp.headers.get(hdrs.RETRY_AFTER),
+                resp.headers.get(hdrs.LOCATION),
+            )
+
+    def _note_headers(self, resp: ClientResponse, endpoint: str) -> None:
+        """Take what the answer's headers say about rate limits and deprecation."""
+        now = self._clock.monotonic()
+        remaining = resp.headers.get("RateLimit-Remaining", "")
+        if remaining.isdigit() and len(remaining) < 10:
+            self._remaining = int(remaining)
+            if self._remaining == 0 and resp.status != 429:
+                # That was the last token: slow down rather than draw a 429.
+                self._resume_at = max(self._resume_at, now + self._pause)
+        if resp.status == 429:  # nobody goes before its Retry-After
+            wait = parse_retry_after(resp.headers.get(hdrs.RETRY_AFTER), self._clock.now())
+            if wait is not None:
+                self._resume_at = max(self._resume_at, now + min(wait, _MAX_RETRY_AFTER))
+                cap = self._config.max_backoff.total_seconds()
+                self._pause = min(max(wait, self._pause), cap)
+        deprecation = resp.headers.get("Deprecation")
+        sunset = resp.headers.get("Sunset")
+        if deprecation is None and sunset is None:
+            return
+        seen = self._deprecations.setdefault(endpoint, _Deprecation())
+        if deprecation is not None:
+            when = _http_date(deprecation)
+            seen.deprecated = f"{when:%Y-%m-%d}" if when else server_text(deprecation, 40)
+        if sunset is not None:
+            seen.sunset = _http_date(sunset)
+            seen.sunset_text = f"{seen.sunset:%Y-%m-%d}" if seen.sunset else server_text(sunset, 40)
+
+    def _report_deprecations(self) -> None:
+        """One warning per deprecated endpoint seen since the last report, and the
+        metrics (``invoice_watch_atlas_deprecated_endpoint_sunset_timestamp_seconds``)."""
+        seen, self._deprecations = self._deprecations, {}
+        for endpoint, dep in sorted(seen.items()):
+            when = f"; Atlas will remove it on {dep.sunset_text}" if dep.sunset_text else ""
+            since = f" since {dep.deprecated}" if dep.deprecated else ""
+            log.warning(
+                "Atlas marks %s (API version %s) as deprecated%s%s: upgrade invoice-watch "
+                "before then",
+                endpoint,
+                self._version,
+                since,
+                when or "; no removal date yet",
+            )
+            if self._metrics is not None:
+                self._metrics.atlas_deprecations.labels(endpoint=endpoint).inc()
+                self._metrics.atlas_sunset.labels(endpoint=endpoint).set(
+                    dep.sunset.timestamp() if dep.sunset else 0
+                )
+
+    async def _send(
+        self, url: str, params: Mapping[str, str], accept: str, endpoint: str
+    ) -> _Answer:
         """Send one request. Until one has been answered without a 401/403, requests go
         one at a time, so that the others reuse its Digest nonce or OAuth token instead
         of each drawing a challenge of its own."""
         if not self._authenticated:
             async with self._auth_lock:
                 if not self._authenticated:  # else another request did it while we waited
-                    answer = await self._send_once(url, params, accept)
+                    answer = await self._send_once(url, params, accept, endpoint)
                     if answer.status not in (401, 403):
                         self._authenticated = True
                     return answer
-        return await self._send_once(url, params, accept)
+        return await self._send_once(url, params, accept, endpoint)
+
+    def _transport(self, exc: BaseException, url: URL) -> tuple[str, dict[str, str]]:
+        """The :data:`FIXES` row of a request that got no usable answer, and its fields:
+        host and port (of the proxy when it is the one that failed) and the cause."""
+        host, port = url.host or "?", url.port
+        if isinstance(exc, aiohttp.ClientConnectorError):
+            host, port = exc.host, exc.port
+        os_error = getattr(exc, "os_error", None)
+        strerror = getattr(os_error, "strerror", None) or str(os_error or exc)
+        fields = {"host": host, "port": str(port), "cause": server_text(strerror, 120)}
+        if isinstance(exc, aiohttp.ClientHttpProxyError):
+            fields["cause"] = f"HTTP {exc.status}"
+            return ("proxy_auth" if exc.status == 407 else "proxy"), fields
+        if isinstance(exc, aiohttp.ClientProxyConnectionError):
+            return "proxy", fields
+        if isinstance(exc, aiohttp.ClientConnectorDNSError):
+            return "dns", fields
+        if isinstance(exc, aiohttp.ClientSSLError):
+            return "tls", fields
+        if isinstance(exc, TimeoutError):
+            return "timeout", fields
+        if isinstance(exc, aiohttp.ClientConnectorError):
+            if isinstance(os_error, ConnectionRefusedError):
+                return "refused", fields
+            return "unreachable", fields
+        if isinstance(exc, aiohttp.ClientPayloadError):
+            fields["cause"] = "the answer was cut short"
+        elif isinstance(exc, aiohttp.ServerDisconnectedError):
+            fields["cause"] = "the server closed the connection"
+        elif not isinstance(exc, aiohttp.ClientOSError):
+            fields["cause"] = type(exc).__name__
+        return "broken", fields
 
     async def _get(
-        self, org_id: str, path: str, params: Mapping[str, str], *, csv_body: bool = False
+        self,
+        org_id: str,
+        path: str,
+        params: Mapping[str, str],
+        *,
+        endpoint: str,
+        csv_body: bool = False,
     ) -> bytes:
-        """GET with retries; returns the body of a 2xx answer or raises FetchError."""
+        """GET with retries; returns the body of a 2xx answer or raises FetchError whose
+        message says what to fix (:data:`FIXES`). ``endpoint``: the path's template
+        (``/orgs/{orgId}/invoices``), for deprecation warnings."""
         url = f"{self._base}{self._prefix}{path}"
+        endpoint = self._prefix + endpoint
+        fields = self._fields(org_id, URL(url))
         accept = self._accept(csv_body)
         label = self._org_label(org_id)
         retries = self._config.retries
         cap = self._config.max_backoff.total_seconds()
-        last_problem = ""
+        fix = evidence = ""
+        timed_out = False
+        throttled = 0  # 429s in a row
         for attempt in range(retries + 1):
             retry_after: float | None = None
             try:
-                answer = await self._send(url, params, accept)
+                answer = await self._send(url, params, accept, endpoint)
             except _TokenRefused as exc:
+                cause = f"HTTP {exc.status}" + (f" {exc.code}" if exc.code else "")
                 raise FetchAuthError(
-                    org_id,
-                    f"the OAuth token endpoint refused the service account ({exc.status}): "
-                    "check atlas.auth.client_id and client_secret",
+                    org_id, f"{path}: {explain('token', **fields)} ({cause})"
                 ) from None
             except _TokenUnavailable as exc:
-                last_problem = f"the OAuth token endpoint answered {exc.status}"
+                fix, evidence = "the OAuth token endpoint failed", f"HTTP {exc.status}"
                 retry_after = parse_retry_after(exc.retry_after, self._clock.now())
-            except TimeoutError:
-                last_problem = (
-                    f"no answer within {self._config.timeout.total_seconds():g}s (atlas.timeout)"
-                )
-            except aiohttp.ClientError as exc:
-                last_problem = f"connection failed: {type(exc).__name__}"
+            except _BadProxy as exc:
+                raise FetchError(org_id, str(exc)) from None
+            except _TooLarge as exc:
+                raise FetchDataError(
+                    org_id, f"{path}: {explain('too_large', limit=_size(exc.limit))}"
+                ) from None
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                kind, where = self._transport(exc, URL(url))
+                fix, evidence = explain(kind, **{**fields, **where}), ""
+                timed_out = kind == "timeout"
             else:
                 decision = classify_status(answer.status)
                 if decision is Decision.OK:
                     if attempt:
                         log.info("%s: %s succeeded after %d retries", label, path, attempt)
                     return answer.body
-                detail = _api_error_detail(answer.body)
-                if decision is Decision.AUTH:
-                    raise FetchAuthError(org_id, _auth_message(answer.status, label, detail))
-                if decision is Decision.FAIL:
+                timed_out = False
+                error = parse_api_error(answer.body)
+                evidence = error.evidence(answer.status)
+                if 300 <= answer.status < 400:
+                    location = server_text(answer.location or "(no Location)", 120)
                     raise FetchStatusError(
                         org_id,
                         answer.status,
-                        f"{path} answered HTTP {answer.status}{detail}",
+                        f"{path}: {explain('redirect', location=location)} (HTTP {answer.status})",
                     )
-                last_problem = f"HTTP {answer.status}{detail}"
+                ip = error.ip()
+                fix = explain(answer.status, error.code, **{**fields, "ip": f" {ip}" if ip else ""})
+                if decision is Decision.AUTH:
+                    raise FetchAuthError(org_id, f"{path}: {fix} ({evidence})")
+                if decision is Decision.FAIL:
+                    raise FetchStatusError(org_id, answer.status, f"{path}: {fix} ({evidence})")
                 if decision is Decision.RETRY_AFTER:
                     retry_after = parse_retry_after(answer.retry_after, self._clock.now())
+                throttled = throttled + 1 if answer.status == 429 else 0
             if attempt == retries:
                 break
             delay = retry_delay(
@@ -371,20 +909,42 @@ class AtlasClient:
                 rng=self._rng,
                 retry_after_cap=_MAX_RETRY_AFTER,
             )
+            if throttled > 1:
+                # 429s in a row: wait longer than asked, more each time (and spread
+                # out), as Atlas's documentation advises.
+                more = backoff(throttled - 2, base=_BACKOFF_BASE, cap=cap, rng=self._rng)
+                delay = min(delay + more, _MAX_RETRY_AFTER)
             log.warning(
                 "%s: %s: %s; retry %d of %d in %.1fs",
                 label,
                 path,
-                last_problem,
+                f"{fix} ({evidence})" if evidence else fix,
                 attempt + 1,
                 retries,
                 delay,
             )
             await self._clock.sleep(delay)
-        message = f"{path}: {last_problem} (gave up after {retries + 1} attempts)"
-        if last_problem.startswith("no answer"):
+        attempts = f"gave up after {retries + 1} attempt{'s' if retries else ''}"
+        message = f"{path}: {fix} ({f'{evidence}; ' if evidence else ''}{attempts})"
+        if timed_out:
             raise FetchTimeout(org_id, message)
         raise FetchError(org_id, message)
+
+    def _unexpected(self, org_id: str, doing: str, exc: BaseException) -> FetchError:
+        """An exception no check foresaw, while ``doing`` something for ``org_id``:
+        logged with its traceback (redacted), returned as that org's FetchError."""
+        lines = traceback.format_exception(exc)
+        text = redact("".join(line if len(line) < 2000 else line[:2000] + "…\n" for line in lines))
+        if len(text) > 20_000:
+            text = text[:10_000] + "\n[…]\n" + text[-10_000:]
+        log.error(
+            "%s: %s failed unexpectedly; this organization's read counts as failed:\n%s",
+            self._org_label(org_id),
+            doing,
+            text.rstrip(),
+        )
+        cause = server_text(f"{type(exc).__name__}: {exc}", 200)
+        return FetchDataError(org_id, explain("unexpected", cause=cause))
 
     # -- operations ------------------------------------------------------------------
 
@@ -407,6 +967,9 @@ class AtlasClient:
         together (each within the concurrency bound), then paging goes on one page at a
         time for as long as the estimate fell short.
 
+        Bounded: a full page that lists nothing new (a server repeating page 1) ends the
+        listing as a failed read, and so does going past :func:`page_cap` pages.
+
         ``known``: the invoices as last stored; a live one listed unchanged comes back as
         that very object, so that it is kept in memory once. A page is parsed again only
         when its body changed, or when it held an invoice that the snapshot is about to
@@ -414,22 +977,32 @@ class AtlasClient:
         """
         seen = {1: await self._page(org_id, 1, from_date, known)}
         first = seen[1][1]
+        cap = page_cap(first.total)
         if first.full and first.total:
-            promised = min(first.total // ITEMS_PER_PAGE + 1, _PAGES_AT_ONCE)
+            promised = min(first.total // ITEMS_PER_PAGE + 1, _PAGES_AT_ONCE, cap)
             try:
                 async with asyncio.TaskGroup() as group:
                     tasks = {
                         number: group.create_task(self._page(org_id, number, from_date, known))
                         for number in range(2, promised + 1)
                     }
-            except* FetchError as errors:
-                raise errors.exceptions[0] from None
+            except* Exception as errors:
+                failures = errors.exceptions
+                first_error = next((e for e in failures if isinstance(e, FetchError)), None)
+                raise first_error or failures[0] from None
             seen.update((number, task.result()) for number, task in tasks.items())
+        listed: set[str | int] = set(first.identity())
         number = 1
         while seen[number][1].full:
             number += 1
+            if number > cap:
+                raise FetchDataError(org_id, explain("page_cap", cap=str(cap)))
             if number not in seen:
                 seen[number] = await self._page(org_id, number, from_date, known)
+            identity = seen[number][1].identity()
+            if seen[number][1].full and identity <= listed:
+                raise FetchDataError(org_id, explain("repeated_page", page=str(number)))
+            listed |= identity
         self._seen[org_id] = {
             number: (digest, page)
             for number, (digest, page) in seen.items()
@@ -460,7 +1033,9 @@ class AtlasClient:
         }
         if from_date is not None:
             params["fromDate"] = from_date.isoformat()
-        body = await self._get(org_id, f"/orgs/{org_id}/invoices", params)
+        body = await self._get(
+            org_id, f"/orgs/{org_id}/invoices", params, endpoint="/orgs/{orgId}/invoices"
+        )
         digest = hashlib.sha256(body).digest()
         before = self._seen.get(org_id, {}).get(number)
         if before is not None and before[0] == digest:
@@ -470,15 +1045,19 @@ class AtlasClient:
     async def read_org(
         self, org_id: str, from_date: date | None = None, known: Snapshot | None = None
     ) -> OrgRead:
-        """List one organization's invoices; a failure is reported, never raised.
-        ``known``: its snapshot (see :meth:`_list`)."""
+        """List one organization's invoices; a failure is reported, never raised (an
+        unexpected exception included: it is logged with its traceback). Cancellation
+        propagates. ``known``: its snapshot (see :meth:`_list`)."""
         before = self.requests_sent
         try:
             invoices, settled, linked = await self._list(
                 org_id, from_date, known if known is not None else Snapshot()
             )
         except FetchError as exc:
-            return OrgRead(org_id, error=str(exc), requests=self.requests_sent - before)
+            return OrgRead(org_id, error=redact(str(exc)), requests=self.requests_sent - before)
+        except Exception as exc:  # any body whatsoever fails this org only
+            error = self._unexpected(org_id, "reading its invoices", exc)
+            return OrgRead(org_id, error=str(error), requests=self.requests_sent - before)
         return OrgRead(
             org_id,
             tuple(invoices),
@@ -498,9 +1077,13 @@ class AtlasClient:
         """Read every organization concurrently; one failing never blocks the others.
 
         ``on_read`` is awaited with each organization's read as soon as it is complete,
-        while the others are still being read (it must not raise); the reads returned
-        are then their outcomes only (:meth:`OrgRead.outcome`), so that no organization's
-        listing is held until the last one is read.
+        while the others are still being read; the reads returned are then their
+        outcomes only (:meth:`OrgRead.outcome`), so that no organization's listing is
+        held until the last one is read. An exception from ``on_read`` for one
+        organization is logged with its traceback and makes that organization's read a
+        failed one, which ``on_read`` is given again (so that it is recorded as any
+        failed read is); it never stops another organization's read. Cancellation
+        propagates.
 
         With Digest keys the first request goes alone again: the nonce of the last
         cycle may have gone stale since, and only one request should learn it.
@@ -515,74 +1098,90 @@ class AtlasClient:
             read = reads[org_id] = await self.read_org(
                 org_id, from_dates.get(org_id), known.get(org_id)
             )
-            if on_read is not None:
+            if on_read is None:
+                return
+            try:
                 await on_read(read)
-                reads[org_id] = read.outcome()
+            except Exception as exc:  # this org fails; the others go on
+                error = self._unexpected(org_id, "taking its read", exc)
+                failed = reads[org_id] = OrgRead(org_id, error=str(error), requests=read.requests)
+                try:
+                    await on_read(failed)
+                except Exception as again:
+                    self._unexpected(org_id, "recording its failed read", again)
+                return
+            reads[org_id] = read.outcome()
 
-        async with asyncio.TaskGroup() as group:
-            for org_id in org_ids:
-                group.create_task(one(org_id))
+        try:
+            async with asyncio.TaskGroup() as group:
+                for org_id in org_ids:
+                    group.create_task(one(org_id))
+        finally:
+            self._report_deprecations()
         return {org_id: reads[org_id] for org_id in org_ids}
 
     async def pending_line_items(self, org_id: str) -> dict[str, list[LineItem]]:
         """Line items of the organization's pending invoices, by invoice id (for breakdowns
-        in messages; fetched only when a message needs them)."""
-        body = await self._get(org_id, f"/orgs/{org_id}/invoices/pending", {})
-        items: dict[str, list[LineItem]] = {}
-        for raw in _results(org_id, body):
-            queue = [raw]
-            while queue:
-                entry = queue.pop()
-                if not isinstance(entry, dict):
-                    continue
-                queue.extend(entry.get("linkedInvoices") or [])
-                if isinstance(entry.get("id"), str):
-                    items[entry["id"]] = _line_items_json(entry.get("lineItems") or [])
-        return items
+        in messages; fetched only when a message needs them). Raises FetchError only."""
+        body = await self._get(
+            org_id,
+            f"/orgs/{org_id}/invoices/pending",
+            {},
+            endpoint="/orgs/{orgId}/invoices/pending",
+        )
+        try:
+            return _pending_items(org_id, body)
+        except FetchError:
+            raise
+        except Exception as exc:  # a body no check foresaw
+            raise self._unexpected(org_id, "reading its pending invoices", exc) from None
 
     async def invoice_line_items(self, org_id: str, invoice_id: str) -> list[LineItem]:
-        """Line items of one invoice, from its CSV."""
+        """Line items of one invoice, from its CSV. Raises FetchError only."""
         body = await self._get(
-            org_id, f"/orgs/{org_id}/invoices/{invoice_id}/csv", {}, csv_body=True
+            org_id,
+            f"/orgs/{org_id}/invoices/{invoice_id}/csv",
+            {},
+            endpoint="/orgs/{orgId}/invoices/{invoiceId}/csv",
+            csv_body=True,
         )
         try:
             return parse_invoice_csv(body.decode("utf-8-sig"))
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise FetchDataError(org_id, f"the invoice CSV is malformed: {exc}") from None
+        except (UnicodeDecodeError, ValueError, csv.Error, ArithmeticError) as exc:
+            raise FetchDataError(
+                org_id, f"the invoice CSV is malformed: {server_text(exc, 120)}"
+            ) from None
+        except Exception as exc:
+            raise self._unexpected(org_id, "reading an invoice's CSV", exc) from None
 
 
 # -- parsing ---------------------------------------------------------------------------
 
 
-def _api_error_detail(body: bytes) -> str:
-    try:
-        data = json.loads(body)
-    except ValueError:
-        return ""
-    if not isinstance(data, dict):
-        return ""
-    parts = [str(data[k]) for k in ("errorCode", "detail") if isinstance(data.get(k), str)]
-    return f" ({': '.join(parts)})" if parts else ""
-
-
-def _auth_message(status: int, label: str, detail: str) -> str:
-    if status == 401:
-        return (
-            f"Atlas refused the credentials for {label} (HTTP 401{detail}): check "
-            "atlas.auth (API key pair or service account) and that the key is not revoked"
-        )
-    return (
-        f"the credentials may not read invoices of {label} (HTTP 403{detail}): grant the "
-        f"API key or service account the {REQUIRED_ROLE} role on this organization"
-    )
+def _pending_items(org_id: str, body: bytes) -> dict[str, list[LineItem]]:
+    items: dict[str, list[LineItem]] = {}
+    queue: list[tuple[Any, int]] = [(raw, 0) for raw in _results(org_id, body)]
+    while queue:
+        entry, depth = queue.pop()
+        if not isinstance(entry, dict):
+            continue
+        linked = entry.get("linkedInvoices")
+        if isinstance(linked, list) and depth < _MAX_LINK_DEPTH:
+            queue.extend((nested, depth + 1) for nested in linked)
+        line_items = entry.get("lineItems")
+        if isinstance(entry.get("id"), str) and isinstance(line_items, list):
+            items[entry["id"]] = _line_items_json(line_items)
+    return items
 
 
 def _listing(org_id: str, body: bytes) -> dict[str, Any]:
     """A list endpoint's answer, checked to hold a `results` list."""
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except ValueError:  # UnicodeDecodeError included
         raise FetchDataError(org_id, "the API answered with a body that is not JSON") from None
+    except RecursionError:
+        raise FetchDataError(org_id, "the API answered with JSON nested too deeply") from None
     if isinstance(data, dict) and "content" in data and "status" in data:
         data = data["content"]  # envelope=true
     if not isinstance(data, dict) or not isinstance(data.get("results"), list):
@@ -617,12 +1216,18 @@ def parse_page(org_id: str, body: bytes, known: Snapshot | None = None) -> Page:
 
 
 def _flatten(
-    source_org_id: str, item: Any, known: Snapshot, out: list[Invoice], settled: list[int]
+    source_org_id: str,
+    item: Any,
+    known: Snapshot,
+    out: list[Invoice],
+    settled: list[int],
+    depth: int = 0,
 ) -> None:
     """The invoice and, recursively, the linked invoices nested in it, appended to
     ``out``: the known object when nothing in the item differs from it (checked field by
     field, without building a new invoice: most of a listing is unchanged), else the
-    item parsed; or to ``settled``, the key of a settled invoice that is unchanged."""
+    item parsed; or to ``settled``, the key of a settled invoice that is unchanged.
+    ``linkedInvoices`` must be a list, nested at most :data:`_MAX_LINK_DEPTH` deep."""
     before = key = None
     if type(item) is dict and type(invoice_id := item.get("id")) is str:
         before = known.live.get(invoice_id)
@@ -634,8 +1239,16 @@ def _flatten(
     else:
         invoice = parse_invoice(source_org_id, item)
         out.append(before if before == invoice else invoice)
-    for linked in item.get("linkedInvoices") or []:
-        _flatten(source_org_id, linked, known, out, settled)
+    linked = item.get("linkedInvoices")
+    if linked:
+        if type(linked) is not list:
+            raise FetchDataError(
+                source_org_id, f"invoice {item.get('id')!s:.40}: `linkedInvoices` is not a list"
+            )
+        if depth >= _MAX_LINK_DEPTH:
+            raise FetchDataError(source_org_id, "`linkedInvoices` are nested too deeply")
+        for nested in linked:
+            _flatten(source_org_id, nested, known, out, settled, depth + 1)
 
 
 def _unchanged(before: Invoice, item: dict[str, Any]) -> bool:
@@ -717,6 +1330,12 @@ def _timestamp(org_id: str, item: dict[str, Any], key: str, *, required: bool) -
         ) from None
     if parsed.tzinfo is None:
         raise FetchDataError(org_id, f"invoice {item.get('id')!s:.40}: `{key}` has no timezone")
+    try:
+        parsed.astimezone(UTC)  # later stages work in UTC
+    except OverflowError:
+        raise FetchDataError(
+            org_id, f"invoice {item.get('id')!s:.40}: `{key}` is out of range"
+        ) from None
     return parsed
 
 

@@ -68,6 +68,18 @@ class Metrics:
             "Connections to /healthz and /metrics closed at once: http.max_connections were open",
             registry=r,
         )
+        self.atlas_deprecations = Counter(
+            "invoice_watch_atlas_deprecation_warnings",
+            "Cycles in which Atlas marked an endpoint deprecated (Deprecation/Sunset headers)",
+            ["endpoint"],
+            registry=r,
+        )
+        self.atlas_sunset = Gauge(
+            "invoice_watch_atlas_endpoint_sunset_timestamp_seconds",
+            "When Atlas says it will remove a deprecated endpoint (Unix time; 0: no date yet)",
+            ["endpoint"],
+            registry=r,
+        )
         self.last_cycle_finished = Gauge(
             "invoice_watch_last_cycle_timestamp_seconds",
             "When the last cycle finished (Unix time)",

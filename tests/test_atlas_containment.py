@@ -1,0 +1,383 @@
+"""One organization's answer, whatever it holds, fails that organization's read only
+(issue 12 §1, SPEC §10 "Bounds"): the parser and the per-org read turn any body into an
+:class:`OrgRead` (ok, or with an error), never an exception; the other organizations are
+read; an ``on_read`` that raises for one organization makes that one a failed read.
+
+Bodies come from a hand-made listing server on loopback; hypothesis writes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from invoice_watch.config import Config
+from invoice_watch.errors import FetchError
+from invoice_watch.fetch import AtlasClient, parse_invoice, parse_page
+from invoice_watch.types import OrgRead, Snapshot
+from tests.conftest import ORG_A, ORG_B, base_config, make_config
+from tests.loopback import LoopbackServer
+
+START, END = "2026-11-01T00:00:00Z", "2026-12-01T00:00:00Z"
+DEEP = 100_000
+
+
+def item(n: int, org: str = ORG_B, status: str = "FAILED", **extra: Any) -> dict[str, Any]:
+    return {
+        "id": f"{n:024x}",
+        "orgId": org,
+        "statusName": status,
+        "startDate": START,
+        "endDate": END,
+        "amountBilledCents": 100_00,
+        "amountPaidCents": 0,
+        **extra,
+    }
+
+
+def nested(depth: int, inner: bytes = b"1") -> bytes:
+    return b"[" * depth + inner + b"]" * depth
+
+
+def linked_chain(depth: int) -> dict[str, Any]:
+    """An invoice whose linked invoice has a linked invoice ... ``depth`` levels deep."""
+    top = link = item(1, ORG_A)
+    for n in range(2, depth + 2):
+        link["linkedInvoices"] = [item(n, ORG_A)]
+        link = link["linkedInvoices"][0]
+    return top
+
+
+class Listings(LoopbackServer):
+    """The v2 listing, pending, CSV and token endpoints; per org a status and a raw body
+    (default: one invoice of that org), or a callable making the answer."""
+
+    def __init__(self) -> None:
+        self.answers: dict[str, tuple[int, bytes]] = {}
+        self.pending: dict[str, bytes] = {}
+        self.csv: bytes = b""
+        app = web.Application()
+        app.router.add_get("/api/atlas/v2/orgs/{org}/invoices", self._list)
+        app.router.add_get("/api/atlas/v2/orgs/{org}/invoices/pending", self._pending)
+        app.router.add_get("/api/atlas/v2/orgs/{org}/invoices/{invoice}/csv", self._csv)
+        super().__init__(app)
+
+    async def _list(self, request: web.Request) -> web.Response:
+        org = request.match_info["org"]
+        status, body = self.answers.get(
+            org, (200, json.dumps({"results": [item(7, org)], "totalCount": 1}).encode())
+        )
+        return web.Response(status=status, body=body, content_type="application/json")
+
+    async def _pending(self, request: web.Request) -> web.Response:
+        body = self.pending.get(request.match_info["org"], b'{"results": []}')
+        return web.Response(body=body, content_type="application/json")
+
+    async def _csv(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.csv, content_type="text/csv")
+
+
+@pytest.fixture
+async def listings() -> AsyncIterator[Listings]:
+    async with Listings() as server:
+        yield server
+
+
+def client_config(tmp_path: Path, url: str, **atlas: Any) -> Config:
+    data = base_config()
+    data["atlas"] |= {"base_url": url, "retries": 0, **atlas}
+    return make_config(tmp_path, data)
+
+
+BROKEN: dict[str, tuple[int, bytes, str]] = {
+    "linkedInvoices is a number": (
+        200,
+        json.dumps({"results": [item(1, ORG_A, linkedInvoices=5)]}).encode(),
+        "`linkedInvoices` is not a list",
+    ),
+    "linkedInvoices holds a number": (
+        200,
+        json.dumps({"results": [item(1, ORG_A, linkedInvoices=[5])]}).encode(),
+        "not an object",
+    ),
+    "JSON nested 100,000 deep on a 200": (200, nested(DEEP), "nested too deeply"),
+    "results nested 100,000 deep": (
+        200,
+        b'{"results": ' + nested(DEEP, b"{}") + b"}",
+        "nested too deeply",
+    ),
+    "JSON nested 100,000 deep on a 500": (500, nested(DEEP), "HTTP 500"),
+    "linked invoices nested 50 deep": (
+        200,
+        json.dumps({"results": [linked_chain(50)]}).encode(),
+        "nested too deeply",
+    ),
+    "timestamp beyond year 9999 in UTC": (
+        200,
+        json.dumps({"results": [item(1, ORG_A, startDate="9999-12-31T23:00:00-05:00")]}).encode(),
+        "out of range",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN))
+async def test_read_orgs_one_org_broken_body_fails_that_org_only(
+    tmp_path: Path, listings: Listings, caplog: pytest.LogCaptureFixture, case: str
+):
+    status, body, reason = BROKEN[case]
+    listings.answers[ORG_A] = (status, body)
+    taken: list[OrgRead] = []
+
+    async def take(read: OrgRead) -> None:
+        taken.append(read)
+
+    async with AtlasClient(client_config(tmp_path, listings.url).atlas) as client:
+        reads = await client.read_orgs([ORG_A, ORG_B], on_read=take)
+    assert not reads[ORG_A].ok and reads[ORG_B].ok
+    assert reason in (reads[ORG_A].error or ""), reads[ORG_A].error
+    assert ORG_A in (reads[ORG_A].error or "")
+    (b,) = [r for r in taken if r.org_id == ORG_B]
+    assert [i.status for i in b.invoices] == ["FAILED"]  # org B's invoice was read
+    assert len((reads[ORG_A].error or "").splitlines()) == 1
+
+
+async def test_read_org_unexpected_exception_is_a_failed_read_with_its_traceback_logged(
+    tmp_path: Path, listings: Listings, caplog: pytest.LogCaptureFixture, monkeypatch
+):
+    """An exception no check foresaw (a bug) while reading one org: that org's read
+    fails, naming the exception; the traceback is logged; the other org is read."""
+
+    def broken(org_id: str, body: bytes, known: Snapshot | None = None) -> Any:
+        if org_id == ORG_A:
+            raise TypeError("'int' object is not iterable")
+        return parse_page(org_id, body, known)
+
+    monkeypatch.setattr("invoice_watch.fetch.parse_page", broken)
+    async with AtlasClient(client_config(tmp_path, listings.url).atlas) as client:
+        reads = await client.read_orgs([ORG_A, ORG_B])
+    assert reads[ORG_B].ok
+    error = reads[ORG_A].error or ""
+    assert "failed unexpectedly" in error and "TypeError" in error
+    (logged,) = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert "Traceback" in logged.getMessage() and "in broken" in logged.getMessage()
+
+
+async def test_read_orgs_on_read_raising_fails_that_org_through_on_read_again(
+    tmp_path: Path, listings: Listings, caplog: pytest.LogCaptureFixture
+):
+    """``on_read`` (the cycle's `take`) raising for org A: A's read becomes a failed
+    read handed to on_read again (so it is recorded like any failed read), with the
+    traceback logged; org B is read and taken; the TaskGroup is never cancelled."""
+    taken: list[OrgRead] = []
+
+    async def take(read: OrgRead) -> None:
+        if read.org_id == ORG_A and read.ok:
+            await asyncio.sleep(0)
+            raise KeyError("a bug in the cycle")
+        taken.append(read)
+
+    async with AtlasClient(client_config(tmp_path, listings.url).atlas) as client:
+        reads = await client.read_orgs([ORG_A, ORG_B], on_read=take)
+    assert {r.org_id: r.ok for r in taken} == {ORG_A: False, ORG_B: True}
+    assert not reads[ORG_A].ok and "KeyError" in (reads[ORG_A].error or "")
+    assert reads[ORG_B].ok
+    (logged,) = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert "Traceback" in logged.getMessage() and "a bug in the cycle" in logged.getMessage()
+
+
+async def test_read_orgs_on_read_failing_twice_still_spares_the_other_org(
+    tmp_path: Path, listings: Listings
+):
+    taken: list[str] = []
+
+    async def take(read: OrgRead) -> None:
+        if read.org_id == ORG_A:
+            raise RuntimeError("the state file is gone")
+        taken.append(read.org_id)
+
+    async with AtlasClient(client_config(tmp_path, listings.url).atlas) as client:
+        reads = await client.read_orgs([ORG_A, ORG_B], on_read=take)
+    assert taken == [ORG_B] and not reads[ORG_A].ok
+
+
+async def test_read_orgs_cancellation_still_propagates(tmp_path: Path, listings: Listings):
+    started = asyncio.Event()
+
+    async def take(read: OrgRead) -> None:
+        started.set()
+        await asyncio.sleep(3600)
+
+    async with AtlasClient(client_config(tmp_path, listings.url).atlas) as client:
+        task = asyncio.create_task(client.read_orgs([ORG_A, ORG_B], on_read=take))
+        await asyncio.wait_for(started.wait(), 10)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+async def test_pending_line_items_with_a_broken_body_is_a_fetch_error(
+    tmp_path: Path, listings: Listings
+):
+    """The breakdown's pending endpoint: odd shapes are skipped, and only FetchError
+    ever leaves (the cycle catches that one: it costs the breakdown only)."""
+    async with AtlasClient(client_config(tmp_path, listings.url).atlas) as client:
+        listings.pending[ORG_A] = json.dumps(
+            {"results": [{"id": "x", "linkedInvoices": 5, "lineItems": 5}, 3]}
+        ).encode()
+        assert await client.pending_line_items(ORG_A) == {}
+        listings.pending[ORG_A] = nested(DEEP)
+        with pytest.raises(FetchError, match="nested too deeply"):
+            await client.pending_line_items(ORG_A)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"Invoice Number,1,\n\nAmount\n" + b"x" * 200_000 + b"\n",  # beyond csv's field limit
+        b"Invoice Number,1,\n\nAmount\n1e999999999\n",  # beyond Decimal's exponent range
+        b"Invoice Number,1,\n\nAmount\n\x00\n",
+        b"\xff\xfe",
+    ],
+    ids=["field too large", "huge exponent", "NUL byte", "not UTF-8"],
+)
+async def test_invoice_csv_malformed_is_a_fetch_error(
+    tmp_path: Path, listings: Listings, body: bytes
+):
+    listings.csv = body
+    async with AtlasClient(client_config(tmp_path, listings.url).atlas) as client:
+        with pytest.raises(FetchError, match="the invoice CSV is malformed"):
+            await client.invoice_line_items(ORG_A, "1" * 24)
+
+
+# --- property: any JSON whatsoever ----------------------------------------------------
+
+KEYS = [
+    "id",
+    "orgId",
+    "statusName",
+    "startDate",
+    "endDate",
+    "created",
+    "updated",
+    "amountBilledCents",
+    "amountPaidCents",
+    "creditsCents",
+    "salesTaxCents",
+    "linkedInvoices",
+    "results",
+    "totalCount",
+    "content",
+    "status",
+]
+SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False)
+    | st.sampled_from(["1" * 24, ORG_A, "PAID", "FAILED", START, "9999-12-31T23:59:59-14:00"])
+    | st.text(max_size=30)
+)
+JSON = st.recursive(
+    SCALARS,
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(st.sampled_from(KEYS) | st.text(max_size=8), children, max_size=6)
+    ),
+    max_leaves=20,
+)
+SHALLOW = (
+    SCALARS
+    | st.lists(SCALARS, max_size=3)
+    | st.dictionaries(st.sampled_from(KEYS), SCALARS, max_size=3)
+)
+
+
+def mostly(valid: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """``valid`` three times in four, else anything shallow. (Not ``one_of``: it would
+    flatten SHALLOW's branches and draw ``valid`` once in a dozen.)"""
+    return st.integers(0, 3).flatmap(lambda k: SHALLOW if k == 0 else valid)
+
+
+# Invoice-shaped objects (every field present, most of them valid), so that the checks
+# after the first field's are reached too.
+INVOICE_LIKE = st.fixed_dictionaries(
+    {
+        "id": mostly(st.sampled_from(["1" * 24, "2" * 24])),
+        "orgId": mostly(st.just(ORG_A)),
+        "statusName": mostly(st.sampled_from(["PAID", "FAILED", "PENDING"])),
+        "startDate": mostly(st.just(START)),
+        "endDate": mostly(st.just(END)),
+        "amountBilledCents": mostly(st.integers(-(2**64), 2**64)),
+    },
+    optional={
+        "linkedInvoices": SHALLOW,
+        "amountPaidCents": mostly(st.integers(0, 10**6)),
+        "updated": mostly(st.just(END)),
+    },
+)
+LISTINGS = st.builds(
+    lambda results, total: {"results": results, "totalCount": total},
+    st.lists(st.integers(0, 2).flatmap(lambda k: JSON if k == 0 else INVOICE_LIKE), max_size=4),
+    JSON,
+)
+ENVELOPED = st.builds(
+    lambda results: {"content": {"results": results}, "status": 200},
+    st.lists(INVOICE_LIKE, max_size=3),
+)
+BODIES = st.integers(0, 3).flatmap(lambda k: (JSON, LISTINGS, LISTINGS, ENVELOPED)[k])
+
+
+def known_snapshot() -> Snapshot:
+    """A snapshot that knows invoice "1..1" live and "2..2" settled, so that the
+    unchanged-field checks (`_unchanged`, `_settled_key`) are reached too."""
+    live = parse_invoice(ORG_A, {**item(0, ORG_A), "id": "1" * 24})
+    paid = parse_invoice(ORG_A, {**item(0, ORG_A, "PAID", amountPaidCents=100_00), "id": "2" * 24})
+    return Snapshot(settles=frozenset({"PAID"})).updated([live, paid], [])
+
+
+KNOWN = known_snapshot()
+
+
+@settings(max_examples=200, deadline=None)
+@given(body=BODIES)
+def test_parse_page_any_json_is_a_page_or_a_fetch_data_error(body: Any):
+    raw = json.dumps(body).encode()
+    for known in (None, KNOWN):
+        with contextlib.suppress(FetchError):  # anything else fails the test
+            parse_page(ORG_A, raw, known)
+
+
+@settings(
+    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(raw=BODIES.map(lambda body: json.dumps(body).encode()), status=st.sampled_from([200, 500]))
+@example(raw=json.dumps({"results": [item(1, ORG_A, linkedInvoices=5)]}).encode(), status=200)
+@example(raw=nested(DEEP), status=200)
+@example(raw=nested(DEEP), status=500)
+def test_read_org_any_json_through_a_real_server_ends_as_an_org_read(
+    tmp_path: Path, raw: bytes, status: int
+):
+    """The per-org read against a real loopback server answering ``raw``: an OrgRead,
+    ok or with a one-line error, and org B (read in the same call) is unaffected."""
+
+    async def run() -> dict[str, OrgRead]:
+        async with Listings() as server:
+            server.answers[ORG_A] = (status, raw)
+            config = client_config(tmp_path, server.url)
+            async with AtlasClient(config.atlas) as client:
+                return await client.read_orgs([ORG_A, ORG_B], known={ORG_A: KNOWN})
+
+    reads = asyncio.run(run())
+    assert isinstance(reads[ORG_A], OrgRead) and reads[ORG_B].ok
+    if not reads[ORG_A].ok:
+        assert len((reads[ORG_A].error or "").splitlines()) == 1
