@@ -10,6 +10,11 @@ but that would sleep inside ``send``, hidden from the outbox, which owns retries
 backoff across all notifiers and restarts (and caps it at ``delivery.max_backoff``). So
 the clients get ``retry_handlers=[]`` and a 429 comes back as
 ``RetryableNotifyError(retry_after=...)`` for the outbox to schedule.
+
+Proxies: each client is given the proxy :func:`invoice_watch.proxy.proxy_for` names
+(the notifier's ``proxy``, else ``HTTPS_PROXY``/``HTTP_PROXY`` and ``NO_PROXY``), or none;
+slack-sdk's own lookup reads ``HTTPS_PROXY`` but ignores ``NO_PROXY``, and logs the
+proxy URL (with its password) at debug level, so it gets a logger that never does.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from slack_sdk.webhook.webhook_response import WebhookResponse
 
 from invoice_watch.errors import NotifyError, PermanentNotifyError, RetryableNotifyError
 from invoice_watch.notify import render
+from invoice_watch.proxy import proxy_for
 from invoice_watch.retry import parse_retry_after
 from invoice_watch.types import AlertEvent
 
@@ -122,15 +128,31 @@ def _seconds(timeout: float) -> int:
     return max(1, math.ceil(timeout))
 
 
+def _proxy(name: str, url: str, configured: str | None) -> tuple[str | None, str | None]:
+    """The proxy for ``url`` (None: directly), or the problem with the environment's."""
+    try:
+        return proxy_for(url, configured), None
+    except ValueError as exc:
+        return None, f"slack notifier {name!r}: {exc}; fix or unset it"
+
+
 class SlackWebhookNotifier:
     """Posts to a Slack incoming webhook (``notifiers.<name>.webhook_url``)."""
 
-    def __init__(self, name: str, webhook_url: str, *, timeout: float = 10) -> None:
+    def __init__(
+        self, name: str, webhook_url: str, *, timeout: float = 10, proxy: str | None = None
+    ) -> None:
         self.name = name
+        resolved, self._proxy_problem = _proxy(name, webhook_url, proxy)
         # retry_handlers=[]: one send is one attempt, the outbox retries (module docstring).
         self._client = AsyncWebhookClient(
-            webhook_url, timeout=_seconds(timeout), logger=_sdk_logger, retry_handlers=[]
+            webhook_url,
+            timeout=_seconds(timeout),
+            logger=_sdk_logger,
+            retry_handlers=[],
+            proxy=resolved,
         )
+        self._client.proxy = resolved  # None too: its own lookup ignores NO_PROXY
 
     def __repr__(self) -> str:
         return f"SlackWebhookNotifier(name={self.name!r}, webhook_url=<secret>)"
@@ -138,6 +160,8 @@ class SlackWebhookNotifier:
     async def send(self, events: Sequence[AlertEvent]) -> None:
         if not events:
             return
+        if self._proxy_problem is not None:
+            raise PermanentNotifyError(self._proxy_problem)
         try:
             response = await self._client.send(
                 text=render.text(events), blocks=render.slack_blocks(events)
@@ -163,14 +187,28 @@ class SlackBotNotifier:
     """Posts with a bot token through the Web API's ``chat.postMessage``."""
 
     def __init__(
-        self, name: str, token: str, channel: str, api_url: str, *, timeout: float = 10
+        self,
+        name: str,
+        token: str,
+        channel: str,
+        api_url: str,
+        *,
+        timeout: float = 10,
+        proxy: str | None = None,
     ) -> None:
         self.name = name
         self.channel = channel
+        resolved, self._proxy_problem = _proxy(name, api_url, proxy)
         # retry_handlers=[]: one send is one attempt, the outbox retries (module docstring).
         self._client = AsyncWebClient(
-            token=token, base_url=api_url, timeout=_seconds(timeout), retry_handlers=[]
+            token=token,
+            base_url=api_url,
+            timeout=_seconds(timeout),
+            retry_handlers=[],
+            proxy=resolved,
+            logger=_sdk_logger,
         )
+        self._client.proxy = resolved  # None too: its own lookup ignores NO_PROXY
 
     def __repr__(self) -> str:
         return f"SlackBotNotifier(name={self.name!r}, channel={self.channel!r}, token=<secret>)"
@@ -178,6 +216,8 @@ class SlackBotNotifier:
     async def send(self, events: Sequence[AlertEvent]) -> None:
         if not events:
             return
+        if self._proxy_problem is not None:
+            raise PermanentNotifyError(self._proxy_problem)
         try:
             await self._client.chat_postMessage(
                 channel=self.channel, text=render.text(events), blocks=render.slack_blocks(events)

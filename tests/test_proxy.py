@@ -1,0 +1,322 @@
+"""Outbound HTTP honours the environment's proxy (issue 13 §3): the Atlas client (its
+OAuth token request included) and both Slack notifiers go through ``HTTP_PROXY`` /
+``HTTPS_PROXY`` unless ``NO_PROXY`` (CIDR ranges too) says otherwise, and
+``atlas.proxy`` / a notifier's ``proxy`` override the environment. A real forward proxy
+on loopback (:mod:`tests.fakes_proxy`) records what passed through it. ``~/.netrc`` is
+never read; proxy credentials reach the proxy only, never a log.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from invoice_watch.clock import FakeClock
+from invoice_watch.config import summary
+from invoice_watch.errors import ConfigError, PermanentNotifyError
+from invoice_watch.fetch import AtlasClient
+from invoice_watch.notify import build_notifiers
+from invoice_watch.proxy import bypassed, masked, proxy_for
+from invoice_watch.simulator import Scenario, Simulator
+from invoice_watch.types import AlertEvent, EventKind, Severity
+from tests.conftest import base_config, make_config
+from tests.fakes_proxy import FakeProxy
+from tests.fakes_slack import FakeSlack
+
+NOW = datetime(2026, 11, 15, 12, 0, tzinfo=UTC)
+ORG = "5f8a1c2e9b3d4a6f7e0c1b2a"
+PROXY_PASSWORD = "proxy-passw0rd-never-logged"
+
+
+def scenario() -> Scenario:
+    s = Scenario(now=NOW)
+    s.add_org("Production", id=ORG)
+    s.add_invoice(ORG, period=0, status="PENDING", amount_cents=100_00)
+    return s
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[Simulator]:
+    async with Simulator(scenario(), clock=FakeClock(NOW)) as server:
+        yield server
+
+
+@pytest.fixture
+async def proxy() -> AsyncIterator[FakeProxy]:
+    async with FakeProxy() as server:
+        yield server
+
+
+def atlas_config(sim: Simulator, tmp_path: Path, *, service_account: bool = False, **atlas: Any):
+    auth = (
+        {"client_id": sim.client_id, "client_secret": sim.client_secret}
+        if service_account
+        else {"public_key": sim.public_key, "private_key": sim.private_key}
+    )
+    data = base_config()
+    data["atlas"] = {"base_url": sim.base_url, "auth": auth, "retries": 0, **atlas}
+    return make_config(tmp_path, data)
+
+
+async def read(config: Any) -> Any:
+    async with AtlasClient(config.atlas, clock=FakeClock(NOW)) as client:
+        return await client.read_org(ORG)
+
+
+# --- NO_PROXY and the choice of proxy -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("host", "port", "no_proxy", "direct"),
+    [
+        ("127.0.0.1", 80, "127.0.0.0/8", True),  # CIDR (aiohttp's trust_env misses it)
+        ("10.1.2.3", 80, "10.0.0.0/8, 192.168.0.0/16", True),
+        ("10.1.2.3", 80, "192.168.0.0/16", False),
+        ("::1", 80, "::1/128", True),
+        ("[::1]", 80, "[::1]:80", True),
+        ("cloud.mongodb.com", 443, "mongodb.com", True),  # a domain covers its subdomains
+        ("cloud.mongodb.com", 443, ".mongodb.com", True),
+        ("cloud.mongodb.com", 443, "*.mongodb.com", True),
+        ("notmongodb.com", 443, "mongodb.com", False),
+        ("cloud.mongodb.com", 443, "cloud.mongodb.com:8443", False),  # another port
+        ("cloud.mongodb.com", 443, "cloud.mongodb.com:443", True),
+        ("hooks.slack.com", 443, "*", True),
+        ("hooks.slack.com", 443, "", False),
+        ("hooks.slack.com", 443, "not a cidr/99, slack.com", True),
+    ],
+)
+def test_no_proxy_matching(host: str, port: int, no_proxy: str, direct: bool):
+    assert bypassed(host, port, no_proxy) is direct
+
+
+def test_proxy_for_reads_the_scheme_variable_lowercase_first():
+    env = {"HTTPS_PROXY": "http://upper:3128", "https_proxy": "http://lower:3128"}
+    assert proxy_for("https://cloud.mongodb.com", environ=env) == "http://lower:3128"
+    assert proxy_for("http://127.0.0.1:9", environ=env) is None  # no HTTP_PROXY
+    assert proxy_for("http://x", environ={"HTTP_PROXY": "proxy:3128"}) == "http://proxy:3128"
+    assert proxy_for("https://x", "http://configured:1", env) == "http://configured:1"
+    with pytest.raises(ValueError, match="HTTPS_PROXY is not a proxy URL"):
+        proxy_for("https://x", environ={"HTTPS_PROXY": "http://:99999"})
+
+
+def test_masked_hides_only_the_password():
+    assert masked("http://user:pa%40ss@proxy:3128") == "http://user:<secret>@proxy:3128"
+    assert masked("http://proxy:3128") == "http://proxy:3128"
+
+
+# --- the Atlas client -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("service_account", [False, True], ids=["api key", "service account"])
+async def test_atlas_goes_through_http_proxy_from_the_environment(
+    sim: Simulator,
+    proxy: FakeProxy,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    service_account: bool,
+):
+    monkeypatch.setenv("HTTP_PROXY", proxy.url)
+    result = await read(atlas_config(sim, tmp_path, service_account=service_account))
+    assert result.ok
+    paths = [p.url.removeprefix(sim.base_url) for p in proxy.seen]
+    assert f"/api/atlas/v2/orgs/{ORG}/invoices" in " ".join(paths)
+    if service_account:
+        assert "/api/oauth/token" in paths  # the token request too
+    assert len(proxy.seen) == len(sim.requests)  # everything went through it
+
+
+async def test_atlas_no_proxy_cidr_goes_directly(
+    sim: Simulator, proxy: FakeProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setenv("HTTP_PROXY", proxy.url)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.0/8")
+    assert (await read(atlas_config(sim, tmp_path))).ok
+    assert proxy.seen == []
+
+
+async def test_atlas_proxy_setting_overrides_the_environment_and_keeps_its_password(
+    sim: Simulator,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    no_secret_in_logs: set[str],
+):
+    no_secret_in_logs.add(PROXY_PASSWORD)
+    async with FakeProxy(("relay", PROXY_PASSWORD)) as proxy:
+        monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")  # nothing listens there
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")  # and the setting ignores this too
+        configured = proxy.url.replace("http://", f"http://relay:{PROXY_PASSWORD}@")
+        config = atlas_config(sim, tmp_path, proxy=configured)
+        assert (await read(config)).ok
+        assert proxy.seen  # through the configured proxy, with its credentials
+        expected = base64.b64encode(f"relay:{PROXY_PASSWORD}".encode()).decode()
+        assert {p.headers["Proxy-Authorization"] for p in proxy.seen} == {f"Basic {expected}"}
+        # The password never shows: not in the summary, the config's repr, or the logs
+        # (a 407 from the proxy, quoted in the error, included).
+        shown = summary(config) + repr(config) + config.model_dump_json()
+        assert PROXY_PASSWORD not in shown and "relay:<secret>@127.0.0.1" in summary(config)
+        wrong = atlas_config(sim, tmp_path, proxy=proxy.url.replace("http://", "http://relay:x@"))
+        result = await read(wrong)
+    assert not result.ok and "proxy" in (result.error or "") and "407" in (result.error or "")
+    assert PROXY_PASSWORD not in caplog.text
+
+
+async def test_netrc_is_never_read(
+    sim: Simulator, proxy: FakeProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """aiohttp's trust_env would send ~/.netrc's password as Authorization: Basic to a
+    matching host; with slack-sdk, to the webhook's host."""
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine 127.0.0.1 login netrc-user password netrc-secret-password\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    monkeypatch.setenv("HTTP_PROXY", proxy.url)
+    assert (await read(atlas_config(sim, tmp_path))).ok
+    async with FakeSlack() as slack:
+        notifiers = build_notifiers(
+            load_notifiers(tmp_path, {"hook": {"type": "slack", "webhook_url": slack.webhook_url}})
+        )
+        await notifiers["hook"].send([event()])
+        assert slack.accepted
+        assert all("Authorization" not in r.headers for r in slack.received)
+    assert proxy.seen and not [a for a in proxy.authorizations if a.startswith("Basic")]
+
+
+def test_proxy_setting_errors_are_located(tmp_path: Path):
+    data = base_config()
+    data["atlas"]["proxy"] = "ftp://proxy:21"
+    with pytest.raises(ConfigError, match=r"test.yaml:\d+:\d+: atlas.proxy: .*not a proxy URL"):
+        make_config(tmp_path, data)
+
+
+async def test_malformed_proxy_in_the_environment_fails_each_read_clearly(
+    sim: Simulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setenv("HTTP_PROXY", "http://user:pw@proxy:notaport")
+    result = await read(atlas_config(sim, tmp_path))
+    assert not result.ok and "HTTP_PROXY is not a proxy URL" in (result.error or "")
+    assert "pw" not in (result.error or "").replace("proxy", "")
+
+
+# --- the Slack notifiers --------------------------------------------------------------
+
+
+def event() -> AlertEvent:
+    return AlertEvent(
+        kind=EventKind.FIRING,
+        key="failed-charge|" + ORG,
+        rule="failed-charge",
+        rule_type="invoice_status",
+        severity=Severity.CRITICAL,
+        org_id=ORG,
+        org_name="Production",
+        billing_url="https://cloud.mongodb.com/v2#/org/x/billing/overview",
+        summary="invoice FAILED",
+        at=NOW,
+        invoice_id="1" * 24,
+        invoice_status="FAILED",
+        amount_cents=100_00,
+    )
+
+
+def load_notifiers(tmp_path: Path, notifiers: dict[str, Any]) -> Any:
+    data = base_config(notifiers=notifiers)
+    data["rules"] = [{"name": "r", "type": "invoice_status", "notify": list(notifiers)}]
+    return make_config(tmp_path, data).notifiers
+
+
+def slack_notifiers(slack: FakeSlack, **extra: Any) -> dict[str, Any]:
+    return {
+        "hook": {"type": "slack", "webhook_url": slack.webhook_url, **extra},
+        "bot": {
+            "type": "slack",
+            "token": "xoxb-0000-fake-token",
+            "channel": "#billing",
+            "api_url": slack.api_url,
+            **extra,
+        },
+    }
+
+
+async def test_slack_goes_through_the_environment_proxy_unless_no_proxy(
+    proxy: FakeProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setenv("HTTP_PROXY", proxy.url)
+    async with FakeSlack() as slack:
+        notifiers = build_notifiers(load_notifiers(tmp_path, slack_notifiers(slack)))
+        for notifier in notifiers.values():
+            await notifier.send([event()])
+        assert len(slack.accepted) == 2 and len(proxy.seen) == 2
+        assert any("chat.postMessage" in p.url for p in proxy.seen)
+
+        monkeypatch.setenv("NO_PROXY", "localhost,127.0.0.0/8")  # slack-sdk ignores it
+        notifiers = build_notifiers(load_notifiers(tmp_path, slack_notifiers(slack)))
+        for notifier in notifiers.values():
+            await notifier.send([event()])
+        assert len(slack.accepted) == 4 and len(proxy.seen) == 2  # directly
+
+
+async def test_slack_notifier_proxy_setting_overrides_the_environment(
+    proxy: FakeProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    async with FakeSlack() as slack:
+        configs = load_notifiers(tmp_path, slack_notifiers(slack, proxy=proxy.url))
+        for notifier in build_notifiers(configs).values():
+            await notifier.send([event()])
+        assert len(slack.accepted) == 2 and len(proxy.seen) == 2
+
+
+async def test_slack_with_a_malformed_environment_proxy_is_a_permanent_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setenv("HTTP_PROXY", "http://[::1")
+    async with FakeSlack() as slack:
+        notifiers = build_notifiers(load_notifiers(tmp_path, slack_notifiers(slack)))
+        with pytest.raises(PermanentNotifyError, match="HTTP_PROXY is not a proxy URL"):
+            await notifiers["hook"].send([event()])
+
+
+async def test_slack_sdk_never_logs_the_proxy_password(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    no_secret_in_logs: set[str],
+):
+    """slack-sdk logs the proxy URL it takes from the environment at DEBUG."""
+    no_secret_in_logs.add(PROXY_PASSWORD)
+    caplog.set_level(logging.DEBUG)
+    async with FakeProxy(("relay", PROXY_PASSWORD)) as proxy, FakeSlack() as slack:
+        with_password = proxy.url.replace("http://", f"http://relay:{PROXY_PASSWORD}@")
+        monkeypatch.setenv("HTTPS_PROXY", with_password)
+        monkeypatch.setenv("HTTP_PROXY", with_password)
+        notifiers = build_notifiers(load_notifiers(tmp_path, slack_notifiers(slack)))
+        for notifier in notifiers.values():
+            await notifier.send([event()])
+        assert len(slack.accepted) == 2
+    assert PROXY_PASSWORD not in caplog.text
+
+
+def test_email_has_no_proxy_setting(tmp_path: Path):
+    """SMTP is not HTTP: `proxy` is refused there (config.example.yaml says so)."""
+    data = base_config(
+        notifiers={
+            "mail": {
+                "type": "email",
+                "host": "smtp.example.com",
+                "from": "a@example.com",
+                "to": ["b@example.com"],
+                "proxy": "http://proxy:3128",
+            }
+        }
+    )
+    data["rules"] = [{"name": "r", "type": "invoice_status", "notify": ["mail"]}]
+    with pytest.raises(ConfigError, match=r"notifiers\.mail\.proxy"):
+        make_config(tmp_path, data)
