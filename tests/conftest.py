@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
+from invoice_watch import redact
 from invoice_watch.config import Config, load
 from invoice_watch.types import Invoice
 
@@ -37,6 +38,15 @@ _ENV_VARS = (
       for name in (base, base.upper())),
     "NETRC",
 )  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def own_secrets_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts with no registered secret (invoice_watch.redact): a config a
+    module loads at import (say, with `private_key: secret`) must not redact the word
+    "secret" out of every later test's messages."""
+    monkeypatch.setattr(redact, "_known", set())
+    monkeypatch.setattr(redact, "_known_pattern", None)
 
 
 @pytest.fixture(autouse=True)
