@@ -381,3 +381,76 @@ def test_read_org_any_json_through_a_real_server_ends_as_an_org_read(
     assert isinstance(reads[ORG_A], OrgRead) and reads[ORG_B].ok
     if not reads[ORG_A].ok:
         assert len((reads[ORG_A].error or "").splitlines()) == 1
+
+
+# --- the OAuth token answer -----------------------------------------------------------
+
+
+class TokenServer(Listings):
+    """Listings behind a service account whose token endpoint answers ``token_body``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.token_body = b""
+        self.app = self._runner.app
+        self.app.router.add_post("/api/oauth/token", self._token)
+
+    async def _token(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.token_body, content_type="application/json")
+
+
+@pytest.mark.parametrize(
+    ("token_body", "ok"),
+    [
+        (b'{"access_token": "abcdef0123456789", "expires_in": 1e400}', True),  # inf: clamped
+        (b'{"access_token": "abcdef0123456789", "expires_in": -5}', True),
+        (b'{"access_token": "abcdef0123456789", "expires_in": "soon"}', True),
+        (b'{"access_token": "abc\\r\\nX-Injected: 1", "expires_in": 60}', False),
+        (b'{"access_token": 12345678901234}', False),
+        (nested(DEEP), False),
+        (b'["access_token"]', False),
+    ],
+    ids=["expires_in inf", "expires_in negative", "expires_in text", "CR LF in token",
+         "token a number", "nested 100,000 deep", "a list"],
+)  # fmt: skip
+async def test_oauth_token_answer_of_any_shape_is_contained(
+    tmp_path: Path, token_body: bytes, ok: bool
+):
+    async with TokenServer() as server:
+        server.token_body = token_body
+        sa = {"client_id": "mdb_sa_id_1", "client_secret": "mdb_sa_sk_0123456789"}
+        config = client_config(tmp_path, server.url, auth=sa)
+        async with AtlasClient(config.atlas) as client:
+            reads = await client.read_orgs([ORG_A, ORG_B])
+    assert all(read.ok is ok for read in reads.values()), reads
+    if not ok:
+        assert "the OAuth token endpoint failed" in (reads[ORG_A].error or "")
+
+
+# --- the cycle around it --------------------------------------------------------------
+
+
+async def test_cycle_error_while_taking_one_org_records_it_as_failed(
+    tmp_path: Path, listings: Listings, monkeypatch: pytest.MonkeyPatch
+):
+    """The App's `take` failing for org A (a bug there): A is recorded as a failed read
+    (poll_failure counts from it, `status` shows it), org B is read and alerts, and the
+    cycle ends."""
+    from invoice_watch import app as app_module
+    from invoice_watch.app import App
+
+    real_step = app_module.step_org
+
+    def step_org(read: OrgRead, *args: Any, **kwargs: Any) -> Any:
+        if read.org_id == ORG_A and read.ok:
+            raise ZeroDivisionError("a bug in the diff")
+        return real_step(read, *args, **kwargs)
+
+    monkeypatch.setattr(app_module, "step_org", step_org)
+    config = client_config(tmp_path, listings.url)
+    async with App(config) as app:
+        result = await app.run_cycle()
+        assert result.orgs_failed == [ORG_A]
+        assert [e.invoice_id for e in result.events] == [f"{7:024x}"]  # B's FAILED invoice
+        state = app.store.org_state(ORG_A)
+        assert state.failing_since is not None and "ZeroDivisionError" in (state.last_error or "")

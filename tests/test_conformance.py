@@ -400,9 +400,56 @@ async def test_bucket_429_conforms(sim: Simulator, client) -> None:
         async with aiohttp.ClientSession(middlewares=(digest,)) as session:
             assert (await fetch(session, address(limited, "list")))[0] == 200
             status, _, body, resp = await fetch(session, address(limited, "list"))
-    assert status == 429
+    assert status == 429 and body["errorCode"] == "RATE_LIMITED_TOKEN_BUCKET"
     assert int(resp.headers["Retry-After"]) >= 1
     validate_against_spec(TEMPLATES["list"], "GET", 429, "application/json", body)
+
+
+@pytest.mark.parametrize("operation", list(OPERATIONS))
+async def test_access_list_403_and_retired_410_conform(sim: Simulator, client, operation: str):
+    """What an operator's Atlas also answers: 403 IP_ADDRESS_NOT_ON_ACCESS_LIST (a
+    declared status) and 410 for a retired API version (undeclared: an ApiError all
+    the same)."""
+    accept = V2_CSV_MEDIA_TYPE if operation == "csv" else V2_MEDIA_TYPE
+    sim.access_list = {"203.0.113.7"}
+    status, media_type, body, _ = await fetch(client, address(sim, operation), accept=accept)
+    assert (status, media_type, body["errorCode"]) == (
+        403,
+        "application/json",
+        "IP_ADDRESS_NOT_ON_ACCESS_LIST",
+    )
+    validate_against_spec(TEMPLATES[operation], "GET", 403, media_type, body)
+    sim.access_list = None
+    sim.retire_version()
+    status, media_type, body, _ = await fetch(client, address(sim, operation), accept=accept)
+    assert (status, media_type) == (410, "application/json")
+    assert "410" not in _operation(TEMPLATES[operation], "GET")["responses"]
+    validate_schema("ApiError", body)
+
+
+async def test_deprecated_version_headers(sim: Simulator, client) -> None:
+    sim.deprecate(NOW, datetime(2027, 11, 1, tzinfo=UTC))
+    status, _, body, resp = await fetch(client, address(sim, "list"))
+    assert status == 200
+    validate_against_spec(TEMPLATES["list"], "GET", 200, V2_MEDIA_TYPE, body)
+    assert resp.headers["Deprecation"] == f"@{int(NOW.timestamp())}"  # RFC 9745
+    assert resp.headers["Sunset"] == "Mon, 01 Nov 2027 00:00:00 GMT"  # RFC 8594
+
+
+async def test_atlas_parameters_are_the_one_divergence_from_the_spec() -> None:
+    """With ``atlas_parameters``, `parameters` holds strings and numbers as Atlas's
+    answers do; the spec types its items as objects. Nothing else differs."""
+    async with Simulator(scenario(), clock=FakeClock(NOW), atlas_parameters=True) as real:
+        real.access_list = {"203.0.113.7"}
+        digest = aiohttp.DigestAuthMiddleware(real.public_key, real.private_key)
+        async with aiohttp.ClientSession(middlewares=(digest,)) as session:
+            status, _, body, _ = await fetch(session, address(real, "list"))
+    assert status == 403 and body["parameters"] == ["127.0.0.1"]
+    with pytest.raises(jsonschema.ValidationError, match="is not of type 'object'"):
+        validate_against_spec(TEMPLATES["list"], "GET", 403, "application/json", body)
+    validate_against_spec(
+        TEMPLATES["list"], "GET", 403, "application/json", {**body, "parameters": []}
+    )
 
 
 @pytest.mark.parametrize("operation", list(OPERATIONS))
