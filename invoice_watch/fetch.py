@@ -844,6 +844,10 @@ class AtlasClient:
         (``/orgs/{orgId}/invoices``), for deprecation warnings."""
         url = f"{self._base}{self._prefix}{path}"
         endpoint = self._prefix + endpoint
+        try:
+            self._open()  # so that the proxy is known to the messages below
+        except _BadProxy as exc:
+            raise FetchError(org_id, str(exc)) from None
         fields = self._fields(org_id, URL(url))
         accept = self._accept(csv_body)
         label = self._org_label(org_id)
@@ -864,8 +868,6 @@ class AtlasClient:
             except _TokenUnavailable as exc:
                 fix, evidence = "the OAuth token endpoint failed", f"HTTP {exc.status}"
                 retry_after = parse_retry_after(exc.retry_after, self._clock.now())
-            except _BadProxy as exc:
-                raise FetchError(org_id, str(exc)) from None
             except _TooLarge as exc:
                 raise FetchDataError(
                     org_id, f"{path}: {explain('too_large', limit=_size(exc.limit))}"
