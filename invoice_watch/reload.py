@@ -50,6 +50,8 @@ APPLY: dict[str, Apply] = {
     "atlas.max_concurrency": Apply.ATLAS,
     "atlas.retries": Apply.ATLAS,
     "atlas.max_backoff": Apply.ATLAS,
+    "atlas.max_response_size": Apply.ATLAS,
+    "atlas.proxy": Apply.ATLAS,
     "organizations.*.id": Apply.ATLAS,
     "organizations.*.name": Apply.ATLAS,  # the client names organizations in its errors
     "poll.interval": Apply.SCHEDULE,
@@ -65,6 +67,7 @@ APPLY: dict[str, Apply] = {
     "notifiers.*.token": Apply.NOTIFIERS,
     "notifiers.*.channel": Apply.NOTIFIERS,
     "notifiers.*.api_url": Apply.NOTIFIERS,
+    "notifiers.*.proxy": Apply.NOTIFIERS,
     "notifiers.*.host": Apply.NOTIFIERS,
     "notifiers.*.port": Apply.NOTIFIERS,
     "notifiers.*.tls": Apply.NOTIFIERS,
