@@ -40,6 +40,9 @@ def check_proxy_url(value: str) -> str:
     for redaction. A URL without a scheme (``proxy:3128``, as some environments write
     it) is read as ``http://``."""
     text = value.strip()
+    if any(ord(c) < 0x21 or ord(c) == 0x7F for c in text):
+        # urlsplit drops CR, LF and tabs silently; the URL given would still carry them.
+        raise ValueError("contains a space or a control character: " + _NOT_A_PROXY)
     if "://" not in text:
         text = "http://" + text
     try:

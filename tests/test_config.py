@@ -33,6 +33,7 @@ from invoice_watch.config import (
     StatusChangeRule,
 )
 from invoice_watch.errors import ConfigError, ConfigProblem
+from invoice_watch.proxy import ProxyUrl
 from invoice_watch.schedule import PollSchedule
 from invoice_watch.types import Severity
 from tests.world import World
@@ -1194,6 +1195,7 @@ HOSTILE: dict[object, object] = {
     timedelta: "3660d",
     int: 2**63,
     float: float("inf"),
+    ProxyUrl: "http://proxy\r\nX-Injected: 1@x:3128",
 }
 
 
