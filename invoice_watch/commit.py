@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import functools
 import json
 import logging
 import os
+import pwd
 import sqlite3
+import stat
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -35,7 +38,7 @@ from typing import Any, TypeVar
 
 from invoice_watch.constants import FINAL_STATUSES
 from invoice_watch.dedup import AlertState, Transition
-from invoice_watch.errors import StateError, StateLockedError
+from invoice_watch.errors import StateError, StateFileGoneError, StateLockedError
 from invoice_watch.types import AlertEvent, Invoice, Snapshot, events_from_json, instant
 
 log = logging.getLogger(__name__)
@@ -331,31 +334,43 @@ class StateStore:
     async def open(
         cls, path: Path | None, *, exclusive: bool = True, settles: frozenset[str] = FINAL_STATUSES
     ) -> StateStore:
-        """Open (creating and migrating) the state file; ``exclusive`` takes the lock
-        that keeps a second daemon off the same file. ``settles``: the invoice statuses
-        the in-memory snapshot keeps settled (:class:`Snapshot`; by default every final
-        one: :func:`~invoice_watch.rules.settled_statuses` says which a configuration's
-        rules let be)."""
+        """Open the state file. ``exclusive`` (the daemon): create it (mode 0600) and its
+        folder when missing, migrate it, and take the lock that keeps a second daemon off
+        it. Otherwise (operator commands) only read it: nothing is created, locked,
+        chmod-ed or migrated (an older schema is read through a migrated copy in memory).
+
+        Before anything is touched, the file (and SQLite's ``-wal``/``-shm``/``-journal``
+        beside it) must be a regular file, not a symbolic link, and (unless running as
+        root) belong to this user. Every problem is a :class:`StateError` saying what to
+        do; :class:`StateLockedError` when another daemon holds the file. ``settles``:
+        the invoice statuses the in-memory snapshot keeps settled (:class:`Snapshot`; by
+        default every final one: :func:`~invoice_watch.rules.settled_statuses` says
+        which a configuration's rules let be)."""
         return await asyncio.to_thread(cls._open_sync, path, exclusive, settles)
 
     @classmethod
     def open_copy(cls, path: Path, *, settles: frozenset[str] = FINAL_STATUSES) -> StateStore:
         """An in-memory copy of an existing state file (for --dry-run): writes go
-        nowhere, and the file itself is only read."""
+        nowhere, and the file itself is only read (checked as :meth:`open` checks it)."""
         memory = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
-        if path.exists():
+        if _existing(path) is not None:
+            _check_readable(path)
             try:
-                # as_uri() escapes what a URI would misread (?, #, %, spaces)
-                source = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+                source = _connect_read_only(path)
                 try:
                     source.backup(memory)
                 finally:
                     source.close()
-            except sqlite3.DatabaseError as exc:
-                raise StateError(f"cannot read state file {path}: {exc}") from None
+            except sqlite3.Error as exc:
+                memory.close()
+                raise StateError(_sqlite_problem(path, exc)) from None
         store = cls(memory, None, None, settles)
-        store._migrate()
-        store._load()
+        try:
+            store._migrate()
+            store._load()
+        except sqlite3.Error as exc:
+            memory.close()
+            raise StateError(_sqlite_problem(path, exc)) from None
         return store
 
     @classmethod
@@ -366,45 +381,93 @@ class StateStore:
             store._migrate()
             store._load()
             return store
-        lock_fd = None
+        if not exclusive:
+            return cls._open_reader(path, settles)
+        lock_fd = _open_for_daemon(path)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            lock_fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError as exc:
-            raise StateError(
-                f"cannot create or open state file {path}: {exc.strerror}; check state.path "
-                "and that its folder is writable by this user"
-            ) from None
-        try:
-            if exclusive:
-                try:
-                    fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    raise StateLockedError(
-                        f"state file {path} is in use by another invoice-watch daemon; run "
-                        "one daemon per state file (or point state.path elsewhere)"
-                    ) from None
-            os.fchmod(lock_fd, 0o600)
+            _lock(lock_fd, path)
+            if stat.S_IMODE(os.fstat(lock_fd).st_mode) != 0o600:
+                os.fchmod(lock_fd, 0o600)
+            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             try:
-                conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
                 store = cls(conn, path, lock_fd, settles)
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=FULL")
                 conn.execute("PRAGMA busy_timeout=5000")
                 store._migrate()
                 store._load()
-            except sqlite3.DatabaseError as exc:
+            except BaseException as exc:
                 with contextlib.suppress(Exception):
                     conn.close()
-                raise StateError(
-                    f"state file {path} cannot be used: {exc}. If it is not an invoice-watch "
-                    "state file, point state.path elsewhere; if it is damaged, move it aside "
-                    "(the next run starts a new snapshot)"
-                ) from None
+                if isinstance(exc, sqlite3.Error):
+                    raise StateError(_sqlite_problem(path, exc)) from None
+                raise
+        except OSError as exc:
+            os.close(lock_fd)
+            raise StateError(f"cannot use state file {path}: {_reason(exc)}") from None
         except BaseException:
             os.close(lock_fd)
             raise
         return store
+
+    @classmethod
+    def _open_reader(cls, path: Path, settles: frozenset[str]) -> StateStore:
+        """The state file opened read-only, for the operator commands."""
+        if _existing(path) is None:
+            raise StateError(
+                f"no state file at {path} yet: the daemon has not run a cycle with this "
+                "config (or state.path points elsewhere than the daemon's)"
+            )
+        _check_readable(path)
+        try:
+            conn = _connect_read_only(path)
+        except sqlite3.Error as exc:
+            raise StateError(_sqlite_problem(path, exc)) from None
+        try:
+            conn.execute("PRAGMA busy_timeout=5000")
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version < SCHEMA_VERSION:
+                # Written by an older invoice-watch (the daemon migrates it when it
+                # next starts): read a migrated copy, leave the file as it is.
+                conn.close()
+                return cls.open_copy(path, settles=settles)
+            store = cls(conn, path, None, settles)
+            store._migrate()  # only checks: the version is not older
+            store._load()
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                conn.close()
+            if isinstance(exc, sqlite3.Error):
+                raise StateError(_sqlite_problem(path, exc)) from None
+            raise
+        return store
+
+    def check_file(self) -> None:
+        """Raise :class:`StateFileGoneError` when the file at ``self.path`` is no longer
+        the file this store has open and locked: deleted, moved, or replaced (a restore,
+        another program). What the daemon holds in memory then matches no file, and a
+        second daemon could start on the path and send every alert again: the daemon
+        must stop. Called at the start of every cycle (two ``stat`` calls); a store not
+        opened by a daemon (in memory, read-only) has nothing to check."""
+        if self.path is None or self._lock_fd is None:
+            return
+        held = os.fstat(self._lock_fd)
+        try:
+            there = os.lstat(self.path)
+        except FileNotFoundError:
+            there = None
+        except OSError as exc:
+            raise StateError(f"cannot check state file {self.path}: {_reason(exc)}") from None
+        if there is not None and (there.st_dev, there.st_ino) == (held.st_dev, held.st_ino):
+            return
+        what = "was deleted" if there is None else "was replaced by another file"
+        raise StateFileGoneError(
+            f"state file {self.path} {what} while this daemon was running; stopping, since "
+            "its state no longer matches the file and another daemon could start on the "
+            "path and send every alert again. Restore the file, or start invoice-watch "
+            "again on a new one (`run --once --baseline` first records the current alerts "
+            "without sending them)"
+        )
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -1010,6 +1073,207 @@ class StateStore:
         """Invoices in the snapshot (one listed by two configured organizations twice)."""
         assert self._snapshot is not None
         return sum(len(snapshot) for snapshot in self._snapshot.values())
+
+
+# -- opening the state file: checks before anything is touched ----------------------------
+
+# Files SQLite keeps beside the state file (WAL mode; a rollback journal before it).
+_SIDE_FILES = ("-wal", "-shm", "-journal")
+
+
+def _user(uid: int) -> str:
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _reason(exc: OSError) -> str:
+    """An OS error in words, with what to do about it when the error says."""
+    code = exc.errno
+    if code in (errno.EACCES, errno.EPERM):
+        return f"permission denied for {_user(os.geteuid())}: run as the user that owns it"
+    if code == errno.ENOSPC:
+        return "the disk is full: free some space on it"
+    if code == errno.EDQUOT:
+        return "the disk quota of this user is exhausted"
+    if code == errno.EROFS:
+        return "the file system is read-only: point state.path at a writable one"
+    if code == errno.ENOTDIR:
+        return "a part of the path is a file, not a folder: check state.path"
+    if code == errno.EEXIST:
+        return "a file of that name is in the way of a folder: check state.path"
+    if code == errno.ELOOP:
+        return "it is a symbolic link, which invoice-watch does not follow"
+    return exc.strerror or str(exc)
+
+
+def _existing(path: Path) -> os.stat_result | None:
+    """``lstat`` of a state file (or one beside it): None when there is none; a
+    StateError when it cannot be looked at, is a symbolic link (never followed: a link
+    would have invoice-watch chmod and write a file elsewhere), or is not a regular
+    file."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StateError(f"cannot reach state file {path}: {_reason(exc)}") from None
+    if stat.S_ISLNK(info.st_mode):
+        try:
+            target = f" (to {os.readlink(path)})"
+        except OSError:
+            target = ""
+        raise StateError(
+            f"{path} is a symbolic link{target}: invoice-watch does not follow links to "
+            "its state; set state.path to the real file's path (its folder may be a link)"
+        )
+    if stat.S_ISDIR(info.st_mode):
+        raise StateError(
+            f"state.path {path} is a folder, not a file: name a file in it, e.g. "
+            f"{path / 'state.db'}"
+        )
+    if not stat.S_ISREG(info.st_mode):
+        raise StateError(f"{path} is not a regular file: point state.path at a file")
+    return info
+
+
+def _check_owner(path: Path, info: os.stat_result) -> None:
+    """The daemon keeps its state private (0600) to the user it runs as; a file of
+    another user (root excepted) is refused before anything is changed."""
+    me = os.geteuid()
+    if me != 0 and info.st_uid != me:
+        raise StateError(
+            f"{path} belongs to {_user(info.st_uid)}, not to {_user(me)} that runs "
+            "invoice-watch (mode "
+            f"{stat.S_IMODE(info.st_mode):04o}): the state must be private to the daemon's "
+            "user; run invoice-watch as its owner, or move the file aside (a new state "
+            "file sends the firing alerts again unless you start with `run --once "
+            "--baseline`)"
+        )
+
+
+def _open_for_daemon(path: Path) -> int:
+    """The state file opened read-write (created 0600 when missing, with its folder),
+    checked before anything is touched: not a link, a regular file, this user's, in a
+    folder this user can write (SQLite creates its -wal and -shm there)."""
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StateError(f"cannot create the state folder {folder}: {_reason(exc)}") from None
+    info = _existing(path)
+    if info is not None:
+        _check_owner(path, info)
+    for suffix in _SIDE_FILES:
+        side = Path(f"{path}{suffix}")
+        if (side_info := _existing(side)) is not None:
+            _check_owner(side, side_info)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise StateError(
+            f"the state folder {folder} is not writable by {_user(os.geteuid())}: SQLite "
+            f"creates {path.name}-wal and {path.name}-shm beside the state file; make the "
+            "folder this user's, or point state.path elsewhere"
+        )
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError as exc:
+        raise StateError(f"cannot create or open state file {path}: {_reason(exc)}") from None
+    opened = os.fstat(fd)
+    try:
+        if not stat.S_ISREG(opened.st_mode):  # swapped since the checks above
+            raise StateError(f"{path} is not a regular file: point state.path at a file")
+        _check_owner(path, opened)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _lock(fd: int, path: Path) -> None:
+    """The daemon's exclusive lock on its state file (one daemon per file)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise StateLockedError(
+            f"state file {path} is in use by another invoice-watch daemon; run "
+            "one daemon per state file (or point state.path elsewhere)"
+        ) from None
+    except OSError as exc:
+        if exc.errno == errno.ENOLCK:
+            raise StateError(
+                f"state file {path} is on a file system that cannot lock files (NFS or "
+                "CIFS without a lock manager?): invoice-watch locks its state so that one "
+                "daemon uses it, and SQLite needs locks too. Keep the state on a local "
+                "disk: point state.path there"
+            ) from None
+        raise StateError(f"cannot lock state file {path}: {_reason(exc)}") from None
+
+
+def _check_readable(path: Path) -> None:
+    """An operator command's checks before reading: the file and its -wal/-shm are no
+    links, and this user may read them."""
+    for suffix in _SIDE_FILES:
+        _existing(Path(f"{path}{suffix}"))
+    if not os.access(path, os.R_OK):
+        raise StateError(
+            f"cannot read state file {path}: permission denied for "
+            f"{_user(os.geteuid())}; run this command as the daemon's user, or with sudo"
+        )
+
+
+def _connect_read_only(path: Path) -> sqlite3.Connection:
+    # as_uri() escapes what a URI would misread (?, #, %, spaces); absolute(), not
+    # resolve(): the folder may be a link (systemd's DynamicUser), the file is not.
+    return sqlite3.connect(
+        f"{path.absolute().as_uri()}?mode=ro",
+        uri=True,
+        isolation_level=None,
+        check_same_thread=False,
+    )
+
+
+def _disk_full(path: Path) -> bool:
+    """Whether the file system holding ``path`` has (next to) no space left for this
+    user: less than 64 KiB."""
+    try:
+        info = os.statvfs(path.parent)
+    except OSError:
+        return False
+    return info.f_bavail * info.f_frsize < 64 * 1024
+
+
+def _sqlite_problem(path: Path, exc: sqlite3.Error) -> str:
+    """What an SQLite error on opening the state file means, and what to do."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    primary = code & 0xFF if isinstance(code, int) else None
+    if primary == sqlite3.SQLITE_FULL or (primary == sqlite3.SQLITE_IOERR and _disk_full(path)):
+        # (a full disk may also show as an I/O error: growing the -shm file failed)
+        return f"cannot write state file {path}: the disk is full; free some space on it"
+    if primary == sqlite3.SQLITE_CANTOPEN:
+        return (
+            f"SQLite cannot open state file {path} or the -wal/-shm files beside it: the "
+            "folder must be readable and writable by the daemon's user"
+        )
+    if primary == sqlite3.SQLITE_READONLY:
+        return (
+            f"state file {path} (or its -wal/-shm) is read-only for {_user(os.geteuid())}: "
+            "run as the file's owner"
+        )
+    if primary in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+        return f"state file {path} stayed locked by another program for 5 s: try again"
+    if primary == sqlite3.SQLITE_IOERR:
+        return (
+            f"I/O error on state file {path} ({exc}): check that its disk is healthy and "
+            "has space (and that no file size limit applies), or, on a network file "
+            "system, keep the state on a local disk"
+        )
+    return (
+        f"state file {path} cannot be used: {exc}. If it is not an invoice-watch state "
+        "file, point state.path elsewhere; if it is damaged, move it aside (the next run "
+        "starts a new snapshot)"
+    )
 
 
 def _alert_row(state: AlertState, last_event: str | None) -> tuple[Any, ...]:

@@ -3,7 +3,8 @@
     InvoiceWatchError
     ├── ConfigError              bad configuration file (all problems at once)
     ├── StateError               the SQLite state file cannot be used
-    │   └── StateLockedError     another daemon holds the state file
+    │   ├── StateLockedError     another daemon holds the state file
+    │   └── StateFileGoneError   the state file was deleted or replaced under the daemon
     ├── FetchError               one organization's read failed
     │   ├── FetchTimeout         the API did not answer in time
     │   ├── FetchAuthError       401/403: wrong key or missing role (never retried)
@@ -58,6 +59,11 @@ class StateError(InvoiceWatchError):
 
 class StateLockedError(StateError):
     """Another invoice-watch daemon is using the same state file."""
+
+
+class StateFileGoneError(StateError):
+    """The open state file is no longer the file at ``state.path`` (deleted, moved or
+    replaced while the daemon ran): the daemon must stop (see StateStore.check_file)."""
 
 
 class FetchError(InvoiceWatchError):

@@ -12,9 +12,9 @@ from datetime import timedelta
 
 import pytest
 
-from invoice_watch.commit import SCHEMA_VERSION, OrgWrite, StateStore
+from invoice_watch.commit import MIGRATIONS, SCHEMA_VERSION, OrgWrite, StateStore
 from invoice_watch.dedup import AlertState, Reason, Transition
-from invoice_watch.errors import StateError, StateLockedError
+from invoice_watch.errors import StateError, StateFileGoneError, StateLockedError
 from invoice_watch.types import AlertEvent, EventKind, Severity
 from tests.conftest import NOW, ORG_A, ORG_B, inv
 
@@ -133,7 +133,7 @@ async def test_store_read_only_directory_is_a_clear_error(tmp_path):
 async def test_store_unusable_folder_is_a_clear_error(tmp_path):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("")
-    with pytest.raises(StateError, match="cannot create or open state file"):
+    with pytest.raises(StateError, match=r"cannot create the state folder .*in the way"):
         await StateStore.open(blocker / "state.db")
 
 
@@ -487,3 +487,131 @@ async def test_store_keeps_settled_invoices_as_keys_in_memory_and_whole_in_the_f
     finally:
         await store.close()
         await copy.close()
+
+
+# -- opening: links, owners, locks, a file that goes away --------------------------------
+
+
+@pytest.mark.parametrize("exclusive", [True, False], ids=["daemon", "operator"])
+async def test_store_refuses_a_symlinked_state_file_before_touching_its_target(tmp_path, exclusive):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    empty = elsewhere / "empty"
+    empty.write_bytes(b"")
+    empty.chmod(0o644)
+    path = tmp_path / "state.db"
+    path.symlink_to(empty)
+    with pytest.raises(StateError, match="symbolic link"):
+        await StateStore.open(path, exclusive=exclusive)
+    assert empty.read_bytes() == b""  # not turned into a database
+    assert stat.S_IMODE(empty.stat().st_mode) == 0o644  # not chmod-ed
+    with pytest.raises(StateError, match="symbolic link"):
+        StateStore.open_copy(path)  # --dry-run reads what the daemon would
+
+
+async def test_store_refuses_a_dangling_symlink_without_creating_its_target(tmp_path):
+    target = tmp_path / "nowhere" / "state.db"
+    path = tmp_path / "state.db"
+    path.symlink_to(target)
+    with pytest.raises(StateError, match="symbolic link"):
+        await StateStore.open(path)
+    assert not target.parent.exists()
+
+
+@pytest.mark.parametrize("suffix", ["-wal", "-shm", "-journal"])
+async def test_store_refuses_a_symlinked_side_file(tmp_path, suffix):
+    path = tmp_path / "state.db"
+    store = await StateStore.open(path)
+    await store.close()
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep")
+    os.symlink(victim, f"{path}{suffix}")
+    for exclusive in (True, False):
+        with pytest.raises(StateError, match=f"state.db{suffix} is a symbolic link"):
+            await StateStore.open(path, exclusive=exclusive)
+    assert victim.read_bytes() == b"keep"
+
+
+async def test_store_state_path_that_is_a_folder_is_a_clear_error(tmp_path):
+    path = tmp_path / "state.db"
+    path.mkdir()
+    for exclusive in (True, False):
+        with pytest.raises(StateError, match="is a folder, not a file"):
+            await StateStore.open(path, exclusive=exclusive)
+
+
+async def test_store_file_of_another_user_is_refused_before_any_change(tmp_path, monkeypatch):
+    """A state file created 0666 by another user: the daemon (not root) cannot make it
+    private, so it refuses it, naming the owner, instead of a PermissionError."""
+    path = tmp_path / "state.db"
+    store = await StateStore.open(path)
+    await store.close()
+    path.chmod(0o666)
+    monkeypatch.setattr(os, "geteuid", lambda: os.stat(path).st_uid + 4242)
+    with pytest.raises(StateError, match=r"belongs to .*not to uid \d+ .*mode 0666"):
+        await StateStore.open(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666
+
+
+async def test_store_side_file_of_another_user_is_refused(tmp_path, monkeypatch):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give files to other users")
+    path = tmp_path / "state.db"
+    store = await StateStore.open(path)
+    await store.close()
+    wal = f"{path}-wal"
+    os.close(os.open(wal, os.O_CREAT | os.O_WRONLY, 0o600))
+    os.chown(path, 4242, -1)  # the daemon's user
+    os.chown(wal, 4343, -1)  # someone else's
+    monkeypatch.setattr(os, "geteuid", lambda: 4242)
+    with pytest.raises(StateError, match=r"state.db-wal belongs to uid 4343, not to uid 4242"):
+        await StateStore.open(path)
+
+
+async def test_store_on_a_file_system_without_locks_says_so(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    def no_locks(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.raises(StateError, match=r"cannot lock files .*local disk") as caught:
+        await StateStore.open(tmp_path / "state.db")
+    assert "Traceback" not in str(caught.value)
+
+
+async def test_store_operator_read_creates_migrates_and_chmods_nothing(tmp_path):
+    path = tmp_path / "state.db"
+    with pytest.raises(StateError, match="no state file at"):
+        await StateStore.open(path, exclusive=False)
+    assert not path.exists()
+    conn = sqlite3.connect(path)  # an old (schema 1) file, group-readable
+    conn.executescript(MIGRATIONS[0])
+    conn.execute("PRAGMA user_version=1")
+    conn.close()
+    path.chmod(0o640)
+    before = path.read_bytes()
+    reader = await StateStore.open(path, exclusive=False)
+    try:
+        assert await reader.outbox(("sent",)) == []
+    finally:
+        await reader.close()
+    assert path.read_bytes() == before
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+
+
+async def test_store_check_file_notices_a_deleted_or_replaced_file(tmp_path):
+    path = tmp_path / "state.db"
+    store = await StateStore.open(path)
+    try:
+        store.check_file()  # the same file: nothing to say
+        path.unlink()
+        with pytest.raises(StateFileGoneError, match="was deleted"):
+            store.check_file()
+        other = await StateStore.open(path)  # a second daemon on a new file
+        await other.close()
+        with pytest.raises(StateFileGoneError, match="was replaced"):
+            store.check_file()
+    finally:
+        await store.close()
