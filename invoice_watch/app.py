@@ -48,7 +48,13 @@ from invoice_watch.constants import (
 from invoice_watch.dedup import AlertState, Reason, Transition, plan_holding, plan_resolved
 from invoice_watch.deliver import Deliverer
 from invoice_watch.diff import Diff, diff, settled_to_load, without_news
-from invoice_watch.errors import ConfigError, FetchError, ListenError, StateError
+from invoice_watch.errors import (
+    ConfigError,
+    FetchError,
+    ListenError,
+    StateError,
+    StateFileGoneError,
+)
 from invoice_watch.fetch import AtlasClient
 from invoice_watch.health import HttpEndpoint, Metrics, health
 from invoice_watch.reload import Apply, changes
@@ -677,6 +683,9 @@ class App:
         # Which organizations list in full at the next cycle: all of them at first.
         self.full_listings = FullListings(config.poll.full_listing_every, self.clock)
         self._linked_hidden: set[str] = set()  # paying orgs warned about (once each)
+        # An error that stops the daemon (the state file gone): serve() raises it.
+        self.fatal: StateFileGoneError | None = None
+        self._stop: asyncio.Event | None = None
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -766,6 +775,7 @@ class App:
         began = time.monotonic()
         async with self._cycle_lock:
             try:
+                self.store.check_file()  # deleted or replaced under us: stop
                 result = await self._cycle(baseline)
             except BaseException:
                 self.metrics.cycles.labels(outcome="error").inc()
@@ -1100,6 +1110,11 @@ class App:
     async def _scheduled_cycle(self) -> None:
         try:
             await self.run_cycle()
+        except StateFileGoneError as exc:
+            log.error("%s", exc)
+            self.fatal = exc
+            if self._stop is not None:
+                self._stop.set()
         except StateError as exc:
             log.error("cycle not recorded: %s", exc)
         except Exception:
@@ -1107,7 +1122,9 @@ class App:
 
     async def serve(self, stop: asyncio.Event) -> None:
         """Run the daemon until ``stop`` is set. Raises :class:`ListenError` (before any
-        cycle) when ``http.listen`` cannot be used."""
+        cycle) when ``http.listen`` cannot be used, and :class:`StateFileGoneError`
+        (after stopping) when the state file was deleted or replaced under it."""
+        self._stop = stop
         if self.config.http is not None:
             self._http, self.http_port = await self._listen(self.config.http)
         self._serving = True
@@ -1144,6 +1161,8 @@ class App:
                 await self._http.stop()
                 self._http = None
             log.info("stopped")
+        if self.fatal is not None:
+            raise self.fatal
 
     async def _listen(self, http: HttpConfig) -> tuple[HttpEndpoint, int]:
         endpoint = HttpEndpoint(
