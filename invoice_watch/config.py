@@ -636,6 +636,18 @@ class PollConfig(_Model):
 
 class StateConfig(_Model):
     path: ConfigPath
+    # Where ``path`` came from: "state.path" when the file sets it, else what
+    # default_state_path chose (shown by check-config).
+    _origin: str = PrivateAttr(default="state.path")
+
+    @property
+    def origin(self) -> str:
+        return self._origin
+
+    @property
+    def explicit(self) -> bool:
+        """Whether the configuration file sets ``state.path`` itself."""
+        return self._origin == "state.path"
 
 
 class DeliveryConfig(_Model):
@@ -1023,6 +1035,7 @@ class _Document:
     open_nodes: set[Node] = field(default_factory=set)  # being built: catches alias cycles
     merged: dict[int, dict[str, tuple[Node, Node]]] = field(default_factory=dict)  # by node id
     merging: set[int] = field(default_factory=set)  # ids of mappings being merged
+    state_origin: str = "state.path"  # see StateConfig.origin
 
     def set_broken(self, loc: _Loc) -> None:
         """``loc`` was reported: its other errors and its mappings' checks would only
@@ -1222,10 +1235,7 @@ class _Document:
                 data[key] = [] if key in ("organizations", "rules") else {}
         state = data.setdefault("state", {})
         if isinstance(state, dict) and "path" not in state:
-            state_dir = self.env.get("STATE_DIRECTORY", "").split(":")[0]
-            state["path"] = (
-                Path(state_dir) / "state.db" if state_dir else self.base_dir / "invoice-watch.db"
-            )
+            state["path"], self.state_origin = default_state_path(self.env, self.base_dir)
 
     def check_references(self, data: dict[str, Any]) -> None:
         """Checks across sections, on the raw data, so they add to pydantic's problems."""
@@ -1562,8 +1572,46 @@ def load(
     if doc.problems or config is None:
         problems = sorted(doc.problems, key=lambda p: (p.line, p.column, p.path))
         raise ConfigError(problems)
+    config.state._origin = doc.state_origin
     config._warnings = _warnings(config, doc)
     return config
+
+
+def _lexists(path: Path) -> bool:
+    """Whether something is at ``path`` (an unreadable file counts: reading it then
+    says why)."""
+    try:
+        os.lstat(path)
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def default_state_path(env: Mapping[str, str], config_dir: Path) -> tuple[Path, str]:
+    """The state file when ``state.path`` is not set, and why (SPEC §6, extended so that
+    a shell finds the service's state): ``$STATE_DIRECTORY/state.db`` when set (systemd's
+    ``StateDirectory=``, the container image); else the service's state file,
+    :data:`~invoice_watch.constants.SERVICE_STATE_PATH`, when it exists (an operator's
+    ``invoice-watch status -c /etc/invoice-watch/config.yaml`` has no $STATE_DIRECTORY,
+    and must read the daemon's file, not start a second one); else ``invoice-watch.db``
+    beside the config file."""
+    state_dir = env.get("STATE_DIRECTORY", "").split(":")[0]
+    if state_dir:
+        return Path(state_dir) / "state.db", "$STATE_DIRECTORY"
+    service = constants.SERVICE_STATE_PATH
+    if service_state_exists():
+        return service, "the service's state file"
+    return config_dir / "invoice-watch.db", "beside the config file"
+
+
+def service_state_exists() -> bool:
+    """Whether :data:`~invoice_watch.constants.SERVICE_STATE_PATH` holds a state file.
+    A folder this user may not enter counts as holding one (systemd keeps a
+    ``DynamicUser`` service's state under /var/lib/private, root only): opening it then
+    says "permission denied" rather than this user silently getting a second file."""
+    return _lexists(constants.SERVICE_STATE_PATH)
 
 
 def load_file(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
@@ -1854,7 +1902,8 @@ def summary(config: Config) -> str:
         *(f"  - {org.display_name} ({org.id})" for org in config.organizations),
         f"Poll: every {duration(config.poll.interval)}, jitter {duration(config.poll.jitter)}, "
         f"full listing every {duration(config.poll.full_listing_every)} and at start",
-        f"State: {config.state.path}",
+        f"State: {config.state.path}"
+        + ("" if config.state.explicit else f" (default: {config.state.origin})"),
         f"Delivery: give up after {duration(config.delivery.max_age)}, max backoff "
         f"{duration(config.delivery.max_backoff)}, group over {config.delivery.group_over}",
         f"Notifiers ({len(config.notifiers)}):",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Final
 
 ATLAS_BASE_URL: Final = "https://cloud.mongodb.com"
@@ -58,3 +59,9 @@ AMOUNT_FIELDS: Final = (
 
 ONCE_DELIVERY_SECONDS: Final = 60.0
 SHUTDOWN_SECONDS: Final = 10.0
+
+# Where the systemd unit (StateDirectory=invoice-watch) and the container image
+# (STATE_DIRECTORY, a volume) keep the state file: the default state.path when
+# $STATE_DIRECTORY is unset and this file exists, so that an operator's shell finds the
+# service's state (config.py). Tests point it elsewhere (tests/conftest.py).
+SERVICE_STATE_PATH: Path = Path("/var/lib/invoice-watch/state.db")

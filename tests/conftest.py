@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from invoice_watch import redact
+from invoice_watch import constants, redact
 from invoice_watch.config import Config, load
 from invoice_watch.types import Invoice
 
@@ -49,11 +49,18 @@ def own_secrets_only(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(redact, "_known_pattern", None)
 
 
+# Where tests pretend the service keeps its state: nothing is there, unless a test puts
+# a file there (tests never look at the machine's real /var/lib/invoice-watch).
+NO_SERVICE_STATE = Path("/nonexistent-invoice-watch-service/state.db")
+
+
 @pytest.fixture(autouse=True)
 def clean_environ(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Tests never see the developer's or CI's environment for our variables."""
+    """Tests never see the developer's or CI's environment for our variables, nor the
+    state file of an invoice-watch service installed on the machine."""
     for name in _ENV_VARS:
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(constants, "SERVICE_STATE_PATH", NO_SERVICE_STATE)
     yield
 
 
