@@ -15,12 +15,20 @@ def usd(cents: int | None) -> str:
 
 
 def period(start: date | datetime | None, end: date | datetime | None) -> str:
-    """The billing period as ``YYYY-MM-DD – YYYY-MM-DD``."""
+    """The billing period as its first and last day, ``YYYY-MM-DD – YYYY-MM-DD``.
+
+    Atlas's ``endDate`` is exclusive: October's invoice runs from 2026-10-01T00:00Z to
+    2026-11-01T00:00Z, and a reader takes "– 2026-11-01" to include November 1. So the
+    last day shown is the day of the last instant before ``end`` (a ``date`` end is
+    taken as exclusive too): ``2026-10-01 – 2026-10-31``."""
     if start is None or end is None:
         return "—"
-    s = start.date() if isinstance(start, datetime) else start
-    e = end.date() if isinstance(end, datetime) else end
-    return f"{s.isoformat()} – {e.isoformat()}"
+    first = start.date() if isinstance(start, datetime) else start
+    if isinstance(end, datetime):
+        last = (end - timedelta(microseconds=1)).date()
+    else:
+        last = end - timedelta(days=1)
+    return f"{first.isoformat()} – {max(first, last).isoformat()}"
 
 
 def duration(delta: timedelta) -> str:

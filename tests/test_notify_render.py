@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from invoice_watch import format as fmt
 from invoice_watch.format import billing_url
 from invoice_watch.notify import ConsoleNotifier, render
 from invoice_watch.types import AlertEvent, BreakdownLine, EventKind, Severity
@@ -198,7 +199,7 @@ def test_text_states_every_fact(event: AlertEvent) -> None:
         event.invoice_id,
         event.invoice_status,
         "$1,234.56" if event.amount_cents == 123_456 else "$6,000.00",
-        f"{event.period_start} – {event.period_end}",
+        fmt.period(event.period_start, event.period_end),
         event.billing_url,
         event.summary,
     ):
