@@ -273,13 +273,12 @@ def _resolved_event(
         last = state.last_event
     else:
         last = None
-    threshold = getattr(rule, "threshold_cents", None)
     condition = Condition(
         key=state.key,
         rule=rule.name,
         org_id=state.org_id,
         source_org_id=state.source_org_id,
-        summary=resolution_summary(rule.type, invoice, threshold),
+        summary=resolution_summary(rule, invoice, state.last_event, now),
         invoice=invoice,
     )
     event = factory.event(EventKind.RESOLVED, rule, condition, now, state.firing_since)

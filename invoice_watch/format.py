@@ -14,6 +14,18 @@ def usd(cents: int | None) -> str:
     return f"{sign}${dollars:,}.{rest:02d}"
 
 
+def parse_usd(text: str) -> int | None:
+    """The cents of an amount :func:`usd` wrote (``$1,234.56`` -> ``123456``); None for
+    any other text."""
+    negative = text.startswith("-")
+    digits = text.removeprefix("-").removeprefix("$").replace(",", "")
+    dollars, dot, rest = digits.partition(".")
+    if not (dollars.isdigit() and dot and len(rest) == 2 and rest.isdigit()):
+        return None
+    cents = int(dollars) * 100 + int(rest)
+    return -cents if negative else cents
+
+
 def period(start: date | datetime | None, end: date | datetime | None) -> str:
     """The billing period as its first and last day, ``YYYY-MM-DD – YYYY-MM-DD``.
 

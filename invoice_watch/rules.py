@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from invoice_watch import format as fmt
 from invoice_watch.constants import FINAL_STATUSES
 from invoice_watch.diff import Diff
-from invoice_watch.types import BreakdownLine, Invoice, LineItem
+from invoice_watch.types import AlertEvent, BreakdownLine, Invoice, LineItem
 
 if TYPE_CHECKING:
     from invoice_watch.config import (
@@ -226,11 +226,7 @@ def _amount_increase(
     if not (over_amount or over_percent):
         return None
     percent = f" ({grew * 100 / base:.1f}%)" if base > 0 else ""
-    details = [("Growth", f"{fmt.usd(grew)}{percent}"), ("Window", fmt.duration(rule.window))]
-    if rule.threshold_cents is not None:
-        details.append(("Threshold", fmt.usd(rule.threshold_cents)))
-    if rule.percent is not None:
-        details.append(("Threshold %", f"{rule.percent:g}%"))
+    details = [("Growth", f"{fmt.usd(grew)}{percent}"), *_increase_limits(rule)]
     return _condition(
         rule,
         view,
@@ -305,26 +301,89 @@ def _poll_failure(rule: PollFailureRule, view: OrgView, now: datetime, result: E
     )
 
 
-def resolution_summary(rule_type: str, invoice: Invoice | None, threshold_cents: int | None) -> str:
-    """What a RESOLVED message says happened, from the invoice as it is now."""
-    if rule_type == "poll_failure":
+def resolution_summary(
+    rule: Rule, invoice: Invoice | None, fired: AlertEvent | None, now: datetime
+) -> str:
+    """What a RESOLVED message says happened, and why the alert resolved: from the
+    invoice as it is now, ``rule`` as configured now, and ``fired``, the alert's last
+    message (the amount and the limits it named). A reload may have changed the rule
+    since it fired: then the message says the rule changed, not that the amount fell."""
+    if rule.type == "poll_failure":
         return "Invoices can be read again."
     if invoice is None:
         return "The invoice is no longer listed by Atlas."
-    if rule_type == "invoice_status":
+    said = dict(fired.details) if fired is not None else {}
+    if rule.type == "invoice_status":
+        if fired is not None and fired.invoice_status == invoice.status:
+            return (
+                f"The rule no longer watches {invoice.status} invoices (its statuses "
+                f"changed); invoice {invoice.id} is still {invoice.status}."
+            )
         return f"Invoice {invoice.id} is now {invoice.status}."
     if invoice.status != PENDING:
         return f"Invoice {invoice.id} is now {invoice.status}: the period is closed."
-    if rule_type == "pending_amount" and threshold_cents is not None:
-        return (
-            f"Pending invoice is {fmt.usd(invoice.amount_billed_cents)}, back under the "
-            f"{fmt.usd(threshold_cents)} threshold."
-        )
-    if rule_type == "forecast":
-        return "The forecast for this period is back under budget."
-    if rule_type == "amount_increase":
+    amount = invoice.amount_billed_cents
+    if rule.type == "pending_amount":
+        limit = fmt.usd(rule.threshold_cents)
+        before = fmt.parse_usd(said.get("Threshold", ""))
+        if before is not None and before != rule.threshold_cents and amount > before:
+            return (
+                f"The rule's threshold changed from {fmt.usd(before)} to {limit}: the pending "
+                f"invoice ({fmt.usd(amount)}) is under the new one{_was(fired, amount)}."
+            )
+        return f"Pending invoice is {fmt.usd(amount)}, back under the {limit} threshold."
+    if rule.type == "forecast":
+        budget = fmt.usd(rule.budget_cents)
+        if now - invoice.start_date < rule.min_elapsed:
+            return (
+                f"The rule now forecasts only after {fmt.duration(rule.min_elapsed)} of the "
+                "period (its min_elapsed changed)."
+            )
+        projected = forecast(invoice, now)
+        before = fmt.parse_usd(said.get("Budget", ""))
+        pace = f" ({fmt.usd(projected)} at this pace)" if projected is not None else ""
+        if (
+            before is not None
+            and before != rule.budget_cents
+            and projected is not None
+            and projected > before
+        ):
+            return (
+                f"The rule's budget changed from {fmt.usd(before)} to {budget}: the forecast "
+                f"for this period{pace} is under the new one."
+            )
+        return f"The forecast for this period{pace} is back under the {budget} budget."
+    if rule.type == "amount_increase":
+        limits = dict(_increase_limits(rule))
+        if fired is not None and {k: said.get(k) for k in limits} != limits:
+            return (
+                f"The rule's limits changed ({_limits_text(said)} -> {_limits_text(limits)}): "
+                "the growth within the window is not over the new ones."
+            )
         return "The growth within the window is back under the threshold."
     return "The condition no longer holds."
+
+
+def _was(fired: AlertEvent | None, amount: int) -> str:
+    """``, though it rose from $X`` when the amount grew since the alert's message."""
+    if fired is None or fired.amount_cents is None or amount <= fired.amount_cents:
+        return ""
+    return f", though it rose from {fmt.usd(fired.amount_cents)}"
+
+
+def _increase_limits(rule: AmountIncreaseRule) -> list[tuple[str, str]]:
+    """An ``amount_increase`` rule's limits as its messages' details name them."""
+    limits = [("Window", fmt.duration(rule.window))]
+    if rule.threshold_cents is not None:
+        limits.append(("Threshold", fmt.usd(rule.threshold_cents)))
+    if rule.percent is not None:
+        limits.append(("Threshold %", f"{rule.percent:g}%"))
+    return limits
+
+
+def _limits_text(limits: Mapping[str, str]) -> str:
+    over = [limits[k] for k in ("Threshold", "Threshold %") if limits.get(k)]
+    return f"over {' or '.join(over) or 'nothing'} within {limits.get('Window', '?')}"
 
 
 def breakdown(
