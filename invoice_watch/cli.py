@@ -16,7 +16,7 @@ from typing import TextIO
 
 from invoice_watch import __version__
 from invoice_watch import format as fmt
-from invoice_watch.errors import ConfigError, InvoiceWatchError
+from invoice_watch.errors import ConfigError, InvoiceWatchError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def _parser() -> argparse.ArgumentParser:
         "--check", action="store_true", help="exit 1 unless the daemon is healthy (for HEALTHCHECK)"
     )
     invoices = with_config(commands.add_parser("invoices", help="the snapshot as a table"))
-    invoices.add_argument("--org", help="only this organization id")
+    invoices.add_argument("--org", help="only this organization (its id or configured name)")
     invoices.add_argument("--status", help="only invoices in this status (e.g. FAILED)")
     history = with_config(commands.add_parser("history", help="notifications sent, newest first"))
     history.add_argument("--limit", type=int, default=50)
@@ -152,6 +152,9 @@ def _with_config(args: argparse.Namespace) -> int:
             return asyncio.run(ops.invoices(config, org=args.org, status=args.status))
         if args.command == "history":
             return asyncio.run(ops.history(config, limit=args.limit))
+    except UsageError as exc:  # an unknown organization or status
+        print(f"invoice-watch {args.command}: {exc}", file=sys.stderr)
+        return 2
     except InvoiceWatchError as exc:  # a state file in use, unreadable, ...
         print(f"invoice-watch: {exc}", file=sys.stderr)
         return 1

@@ -1,6 +1,7 @@
 """Every exception invoice_watch raises on purpose, in one hierarchy::
 
     InvoiceWatchError
+    ├── UsageError               a command-line argument names nothing that exists
     ├── ConfigError              bad configuration file (all problems at once)
     ├── StateError               the SQLite state file cannot be used
     │   ├── StateLockedError     another daemon holds the state file
@@ -28,6 +29,11 @@ from dataclasses import dataclass
 
 class InvoiceWatchError(Exception):
     """Base of every error raised by invoice_watch."""
+
+
+class UsageError(InvoiceWatchError):
+    """A command-line argument is wrong (an unknown organization or status): exit 2.
+    The message lists what would be accepted."""
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,10 @@
 """Operator commands over the state file: ``status``, ``invoices``, ``history``.
 
-They read the file the daemon writes (WAL lets them read while it runs) and never take
-the daemon's lock. Tables have aligned columns, amounts as $1,234.56, relative times.
+They read the file the daemon writes (WAL lets them read while it runs), read-only: they
+never take the daemon's lock, create, migrate or chmod anything. Tables have aligned
+columns, amounts as $1,234.56, relative times. An argument naming an organization or a
+status that does not exist is a :class:`~invoice_watch.errors.UsageError` listing those
+that do.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from typing import TextIO
 from invoice_watch import format as fmt
 from invoice_watch.commit import StateStore
 from invoice_watch.config import Config
-from invoice_watch.errors import StateError
+from invoice_watch.constants import INVOICE_STATUSES
+from invoice_watch.errors import UsageError
 from invoice_watch.health import health
 
 
@@ -37,12 +41,34 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 async def _open(config: Config) -> StateStore:
-    path = config.state.path
-    if not path.exists():
-        raise StateError(
-            f"no state file at {path} yet: the daemon has not run a cycle with this config"
+    """The daemon's state file, read-only (StateError when missing or unusable)."""
+    return await StateStore.open(config.state.path, exclusive=False)
+
+
+def _status_arg(status: str | None) -> str | None:
+    """``--status``: an Atlas invoice status, any case (UsageError otherwise)."""
+    if status is None:
+        return None
+    if status.upper() not in INVOICE_STATUSES:
+        raise UsageError(
+            f"--status {status}: no such invoice status; Atlas's are {', '.join(INVOICE_STATUSES)}"
         )
-    return await StateStore.open(path, exclusive=False)
+    return status.upper()
+
+
+def _org_arg(config: Config, org: str | None, stored: set[str]) -> str | None:
+    """``--org``: a configured organization's id or name, or the id of one whose
+    invoices the snapshot holds (a linked organization); UsageError otherwise."""
+    if org is None:
+        return None
+    for known in config.organizations:
+        if org in (known.id, known.name):
+            return known.id
+    if org in stored:
+        return org
+    names = [f"{o.id} ({o.display_name})" for o in config.organizations]
+    names += sorted(stored - {o.id for o in config.organizations})
+    raise UsageError(f"--org {org}: no such organization; known: {', '.join(names)}")
 
 
 async def status(config: Config, *, check: bool = False, out: TextIO | None = None) -> int:
@@ -112,14 +138,17 @@ async def invoices(
     config: Config, *, org: str | None = None, status: str | None = None, out: TextIO | None = None
 ) -> int:
     out = out or sys.stdout
+    wanted_status = _status_arg(status)
     store = await _open(config)
     try:
         # An invoice two configured organizations list (a linked one) is shown once.
         unique = {i.id: i for i in await store.stored_invoices()}
+        wanted_org = _org_arg(config, org, {i.org_id for i in unique.values()})
         selected = [
             i
             for i in unique.values()
-            if (org is None or i.org_id == org) and (status is None or i.status == status.upper())
+            if (wanted_org is None or i.org_id == wanted_org)
+            and (wanted_status is None or i.status == wanted_status)
         ]
         selected.sort(key=lambda i: (config.org_name(i.org_id), i.start_date), reverse=True)
         rows = [
