@@ -5,20 +5,28 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import errno
+import io
 import json
 import logging
 import os
 import signal
+import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import TextIO
 
-from invoice_watch import __version__
+from invoice_watch import __version__, constants
 from invoice_watch import format as fmt
+from invoice_watch.constants import INVOICE_STATUSES
 from invoice_watch.errors import ConfigError, InvoiceWatchError, UsageError
+from invoice_watch.redact import redact
 
 log = logging.getLogger(__name__)
+
+MAX_HISTORY = 100_000  # `history --limit`: rows read into one table
 
 
 class JsonFormatter(logging.Formatter):
@@ -47,13 +55,48 @@ def setup_logging(level: str = "info", style: str = "text", stream: TextIO | Non
     root.setLevel(level.upper())
 
 
+EPILOG = """\
+exit status: 0 success (a reader that closes the output early, as `| head` does, too);
+1 a runtime failure (an organization unreadable, a notification still undelivered after
+--once, the state file unusable or held by another daemon); 2 a usage or configuration
+error. `invoice-watch COMMAND -h` explains a command."""
+
+
+def _bounded_int(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an integer from ``low`` to ``high`` (a usage error otherwise)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is not between {low} and {high}")
+        return value
+
+    return parse
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="invoice-watch",
-        description="Billing watchdog for MongoDB Atlas organizations.",
+        description="Billing watchdog for MongoDB Atlas organizations: alerts on failed "
+        "charges, pending invoices over budget, spend jumps and forecasts, via Slack, "
+        "email or the console.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def command(name: str, summary: str, description: str) -> argparse.ArgumentParser:
+        return commands.add_parser(
+            name,
+            help=summary,
+            description=description,
+            epilog=EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument(
@@ -65,8 +108,17 @@ def _parser() -> argparse.ArgumentParser:
         )
         return p
 
-    run = with_config(commands.add_parser("run", help="run the daemon"))
-    run.add_argument("--once", action="store_true", help="run one cycle, deliver, exit")
+    run = with_config(
+        command(
+            "run",
+            "run the daemon",
+            "Run the daemon: poll every poll.interval, send alerts, until SIGTERM or Ctrl-C. "
+            "SIGHUP rereads the config. One daemon per state file.",
+        )
+    )
+    run.add_argument(
+        "--once", action="store_true", help="run one cycle, deliver (up to 60 s), exit"
+    )
     run.add_argument(
         "--dry-run",
         action="store_true",
@@ -77,27 +129,135 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with --once: record the snapshot, mark current alerts notified, send nothing",
     )
-    with_config(commands.add_parser("check-config", help="validate the config and summarize it"))
-    notify = with_config(commands.add_parser("test-notify", help="send a test message"))
-    notify.add_argument("notifier", nargs="?", help="one notifier (default: all)")
-    status = with_config(commands.add_parser("status", help="show polls, alerts and the outbox"))
-    status.add_argument(
-        "--check", action="store_true", help="exit 1 unless the daemon is healthy (for HEALTHCHECK)"
+    with_config(
+        command(
+            "check-config",
+            "validate the config and summarize it",
+            "Validate the config file: every problem at once as FILE:LINE:COL: path: "
+            "message (exit 2), else a summary with secrets masked.",
+        )
     )
-    invoices = with_config(commands.add_parser("invoices", help="the snapshot as a table"))
-    invoices.add_argument("--org", help="only this organization (its id or configured name)")
-    invoices.add_argument("--status", help="only invoices in this status (e.g. FAILED)")
-    history = with_config(commands.add_parser("history", help="notifications sent, newest first"))
-    history.add_argument("--limit", type=int, default=50)
-    simulate = commands.add_parser("simulate", help="serve the built-in Atlas simulator")
-    simulate.add_argument("--host", default="127.0.0.1")
-    simulate.add_argument("--port", type=int, default=8080)
-    simulate.add_argument("--scenario", metavar="FILE", help="scenario YAML (default: the demo)")
-    commands.add_parser("demo", help="see alerts fire and resolve (no credentials needed)")
+    notify = with_config(
+        command(
+            "test-notify",
+            "send a test message",
+            "Send a test message through every notifier, or the one named.",
+        )
+    )
+    notify.add_argument(
+        "notifier", nargs="?", metavar="NOTIFIER", help="a notifier's name (default: all)"
+    )
+    status = with_config(
+        command(
+            "status",
+            "show polls, alerts and the outbox",
+            "Show the daemon's health, the last read of each organization, the firing "
+            "alerts and the notifications not delivered yet, from its state file.",
+        )
+    )
+    status.add_argument(
+        "--check",
+        action="store_true",
+        help="print one line and exit 1 unless the daemon is healthy (for HEALTHCHECK)",
+    )
+    invoices = with_config(
+        command(
+            "invoices",
+            "the snapshot as a table",
+            "List the invoices of the snapshot (as last read from Atlas), newest first.",
+        )
+    )
+    invoices.add_argument(
+        "--org", metavar="ORG", help="only this organization (its id or configured name)"
+    )
+    invoices.add_argument(
+        "--status",
+        metavar="STATUS",
+        help=f"only invoices in this status, one of {', '.join(INVOICE_STATUSES)}",
+    )
+    history = with_config(
+        command(
+            "history",
+            "notifications sent, newest first",
+            "List the notifications sent, failed or waiting, newest first.",
+        )
+    )
+    history.add_argument(
+        "--limit",
+        type=_bounded_int(1, MAX_HISTORY),
+        default=50,
+        metavar="N",
+        help=f"show the N newest (default: 50, at most {MAX_HISTORY})",
+    )
+    simulate = command(
+        "simulate",
+        "serve the built-in Atlas simulator",
+        "Serve the built-in Atlas simulator (Digest and OAuth, paging, 429s) until Ctrl-C, "
+        "and print what a config needs to use it. Its timeline of changes starts with the "
+        "first request.",
+    )
+    simulate.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default: 127.0.0.1, this machine only)",
+    )
+    simulate.add_argument(
+        "--port",
+        type=_bounded_int(0, 65535),
+        default=8080,
+        help="TCP port to listen on (default: 8080; 0 picks a free one)",
+    )
+    simulate.add_argument(
+        "--scenario",
+        metavar="FILE",
+        help="scenario YAML: organizations, invoices and a timeline (default: the demo's)",
+    )
+    simulate.add_argument(
+        "--write-config",
+        metavar="FILE",
+        help="write a ready config for it to FILE (console notifier, its keys and "
+        "organizations; the keys are kept when FILE is written again)",
+    )
+    command(
+        "demo",
+        "see alerts fire and resolve (no credentials needed)",
+        "Run the simulator and the daemon together: alerts fire and resolve on the console "
+        "in under a minute, then it exits.",
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; returns the exit status. No command ends in a traceback: every
+    error an operator can cause is one line on stderr saying what to do, and a reader
+    that stops reading (``| head``) ends the command quietly, exit 0."""
+    real_stdout = sys.stdout
+    sys.stdout = _Output(real_stdout)
+    try:
+        status = _main(argv)
+        sys.stdout.flush()  # a write error shows here, not as "Exception ignored" at exit
+        return status
+    except OutputError as exc:
+        if exc.errno == errno.EPIPE:
+            _discard_output(real_stdout)
+            return 0
+        _error(f"invoice-watch: cannot write to standard output: {exc.strerror}")
+        _discard_output(real_stdout)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    except Exception as exc:  # a bug: still no traceback, but say where to look
+        log.debug("unexpected error", exc_info=True)
+        _error(
+            f"invoice-watch: unexpected error: {type(exc).__name__}: {redact(str(exc))}. "
+            "This is a bug: please report it (log.level: debug logs where it happened)"
+        )
+        return 1
+    finally:
+        sys.stdout = real_stdout
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -107,16 +267,60 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--dry-run and --baseline go with --once")
     if args.command == "run" and args.dry_run and args.baseline:
         parser.error("--dry-run and --baseline exclude each other")
-    try:
-        if args.command == "simulate":
-            return _simulate(args)
-        if args.command == "demo":
-            from invoice_watch.demo import run_demo
+    if args.command == "simulate":
+        return _simulate(args)
+    if args.command == "demo":
+        return _demo()
+    return _with_config(args)
 
-            return asyncio.run(run_demo())
-        return _with_config(args)
-    except KeyboardInterrupt:
-        return 0
+
+class OutputError(OSError):
+    """Standard output could not be written (``errno`` says why: EPIPE when the reader
+    went away)."""
+
+
+class _Output(io.TextIOBase):
+    """``sys.stdout`` while a command runs: a failed write raises :class:`OutputError`,
+    so that :func:`main` tells a closed or full output from any other OS error."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except OSError as exc:
+            raise OutputError(exc.errno, exc.strerror) from None
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError as exc:
+            raise OutputError(exc.errno, exc.strerror) from None
+
+    def writable(self) -> bool:
+        return True
+
+    def isatty(self) -> bool:
+        return self._stream.isatty()
+
+    def fileno(self) -> int:
+        return self._stream.fileno()
+
+
+def _discard_output(stream: TextIO) -> None:
+    """Point standard output at /dev/null, so that what is still buffered (and
+    Python's flush at exit) goes nowhere instead of failing again."""
+    with contextlib.suppress(OSError, ValueError, io.UnsupportedOperation):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+
+
+def _error(text: str) -> None:
+    """One line on stderr (which may itself be closed: then nothing)."""
+    with contextlib.suppress(OSError, ValueError):
+        print(text, file=sys.stderr, flush=True)
 
 
 def _with_config(args: argparse.Namespace) -> int:
@@ -126,8 +330,8 @@ def _with_config(args: argparse.Namespace) -> int:
         config: Config = load_file(find_config_file(args.config, os.environ))
     except ConfigError as exc:
         for problem in exc.problems:
-            print(problem, file=sys.stderr)
-        print(f"invoice-watch: {len(exc.problems)} configuration problem(s)", file=sys.stderr)
+            _error(str(problem))
+        _error(f"invoice-watch: {len(exc.problems)} configuration problem(s)")
         return 2
     setup_logging(config.log.level, config.log.format)
     if args.command == "check-config":
@@ -141,6 +345,9 @@ def _with_config(args: argparse.Namespace) -> int:
             log.warning("%s", warning)
     try:
         if args.command == "run":
+            if not args.dry_run and not args.baseline and (second := _second_state(config)):
+                _error(f"invoice-watch: {second}")
+                return 2
             return asyncio.run(_run(config, args))
         if args.command == "test-notify":
             return asyncio.run(_test_notify(config, args.notifier))
@@ -153,12 +360,41 @@ def _with_config(args: argparse.Namespace) -> int:
         if args.command == "history":
             return asyncio.run(ops.history(config, limit=args.limit))
     except UsageError as exc:  # an unknown organization or status
-        print(f"invoice-watch {args.command}: {exc}", file=sys.stderr)
+        _error(f"invoice-watch {args.command}: {exc}")
         return 2
     except InvoiceWatchError as exc:  # a state file in use, unreadable, ...
-        print(f"invoice-watch: {exc}", file=sys.stderr)
+        _error(f"invoice-watch: {exc}")
         return 1
     raise AssertionError(args.command)
+
+
+def _second_state(config: object) -> str | None:
+    """Why ``run`` must not create its state file, if it must not: the configuration
+    leaves ``state.path`` to its default (here $STATE_DIRECTORY), which names no file
+    yet, while the service's state file exists. A second state file would send every
+    firing alert again, and no lock would keep two daemons apart."""
+    from invoice_watch.config import Config, service_state_exists
+
+    assert isinstance(config, Config)
+    path, service = config.state.path, constants.SERVICE_STATE_PATH
+    if config.state.explicit or path == service or not service_state_exists():
+        return None
+    try:
+        os.lstat(path)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return None  # opening it says what is wrong
+    else:
+        return None
+    return (
+        f"state file {path} ({config.state.origin}) does not exist yet, and {service} "
+        "holds the state of the invoice-watch service on this machine: a second state "
+        "file would send every firing alert again. Set state.path to "
+        f"{service} to use it, or set state.path to a file of its own to start a "
+        "separate watcher (`run --once --baseline` first records the firing alerts "
+        "without sending them)"
+    )
 
 
 async def _run(config: object, args: argparse.Namespace) -> int:
@@ -239,11 +475,54 @@ def _simulate(args: argparse.Namespace) -> int:
 
     setup_logging("info")
     try:
-        asyncio.run(serve(args.scenario, args.host, args.port))
+        asyncio.run(serve(args.scenario, args.host, args.port, write_config=args.write_config))
+    except OutputError:
+        raise
+    except UsageError as exc:  # --write-config names a file that is not ours
+        _error(f"invoice-watch simulate: {exc}")
+        return 2
     except OSError as exc:
-        print(f"invoice-watch simulate: {exc}", file=sys.stderr)
+        _error(f"invoice-watch simulate: {_simulate_problem(args.host, args.port, exc)}")
         return 1
     except (InvoiceWatchError, ValueError) as exc:  # a bad scenario file
-        print(f"invoice-watch simulate: {exc}", file=sys.stderr)
+        _error(f"invoice-watch simulate: {exc}")
         return 2
     return 0
+
+
+def _simulate_problem(host: str, port: int, exc: OSError) -> str:
+    """Why ``simulate`` could not start (listen on host:port, write its config), and what
+    to do."""
+    if exc.filename:  # --write-config's file or folder
+        return f"cannot write {exc.filename}: {exc.strerror}; check --write-config"
+    where = f"cannot listen on {host}:{port}"
+    if exc.errno == errno.EADDRINUSE:
+        return f"{where}: the port is in use; choose another with --port (0 picks a free one)"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return f"{where}: ports below 1024 need root; choose --port 1024 or above"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"{where}: {host} is not an address of this machine; check --host"
+    if isinstance(exc, socket.gaierror):
+        return f"{where}: unknown host {host!r} ({exc.strerror}); check --host"
+    return f"{where}: {exc.strerror or exc}"
+
+
+def _demo() -> int:
+    from invoice_watch.demo import run_demo
+
+    try:
+        return asyncio.run(run_demo())
+    except ConfigError as exc:  # $SLACK_WEBHOOK_URL is not a webhook URL
+        for problem in exc.problems:
+            _error(f"invoice-watch demo: {problem.message}")
+        return 2
+    except InvoiceWatchError as exc:
+        _error(f"invoice-watch demo: {exc}")
+        return 1
+    except OutputError:
+        raise
+    except OSError as exc:  # no temporary folder, no loopback port
+        if exc.errno == errno.EPIPE:  # the demo saw its reader go (see demo._Watched)
+            raise OutputError(exc.errno, exc.strerror) from None
+        _error(f"invoice-watch demo: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "))
+        return 1

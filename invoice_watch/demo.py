@@ -1,47 +1,62 @@
-"""``invoice-watch demo``: the whole product in under a minute, no credentials needed.
+"""``invoice-watch demo``: the whole product in under a minute, no credentials needed;
+and the config that ``invoice-watch simulate --write-config`` writes.
 
-Starts the built-in Atlas simulator on a free loopback port, runs the real daemon
-against it (Digest auth, a 2 s poll interval, a throw-away state file) with the console
-notifier (and Slack too when ``SLACK_WEBHOOK_URL`` is set), plays the demo scenario so a
-charge FAILS and is paid, and a pending invoice crosses $5,000 and drops back, then
-exits 0 by itself.
+The demo starts the built-in Atlas simulator on a free loopback port, runs the real
+daemon against it (Digest auth, a 2 s poll interval, a throw-away state file) with the
+console notifier (and Slack too when ``SLACK_WEBHOOK_URL`` is set), plays the demo
+scenario so a charge FAILS and is paid, and a pending invoice crosses $5,000 and drops
+back, then exits 0 by itself. A reader that closes its output (``| head``) ends it at
+once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
+import io
 import logging
 import os
+import select
+import stat
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 import yaml
 
 from invoice_watch.app import App
 from invoice_watch.config import Config, load
+from invoice_watch.errors import UsageError
+from invoice_watch.notify import ConsoleNotifier, build_notifiers
 from invoice_watch.simulator import Simulator, demo_scenario
 
 TIME_LIMIT = 55.0
 INTERVAL = "2s"
+# `simulate --write-config`: a poll interval short enough to watch the timeline play.
+SIMULATOR_INTERVAL = "5s"
+# The first line of a config `simulate --write-config` wrote: only such a file is
+# overwritten, and its keys are kept (so that a config keeps working across restarts).
+WRITTEN_BY = "# Written by `invoice-watch simulate --write-config`"
 
 
-def demo_config(sim: Simulator, state_dir: Path, slack_webhook: str | None) -> Config:
+def simulator_config_data(
+    sim: Simulator, *, state_path: str, interval: str, notifiers: dict[str, Any]
+) -> dict[str, Any]:
+    """A configuration watching every organization of ``sim`` with its API key: a FAILED
+    charge and a pending invoice over $5,000 alert through ``notifiers``."""
     org_names = {org.id: org.name for org in sim.scenario.orgs}
-    notifiers: dict[str, Any] = {"console": {"type": "console"}}
-    if slack_webhook:
-        notifiers["slack"] = {"type": "slack", "webhook_url": slack_webhook}
-    data: dict[str, Any] = {
+    return {
         "atlas": {
             "base_url": sim.base_url,
             "auth": {"public_key": sim.public_key, "private_key": sim.private_key},
             "retries": 2,
         },
         "organizations": [{"id": i, "name": org_names.get(i, i)} for i in sim.org_ids],
-        "poll": {"interval": INTERVAL},
-        "state": {"path": str(state_dir / "demo.db")},
+        "poll": {"interval": interval},
+        "state": {"path": state_path},
         "notifiers": notifiers,
         "rules": [
             {
@@ -58,52 +73,169 @@ def demo_config(sim: Simulator, state_dir: Path, slack_webhook: str | None) -> C
                 "notify": list(notifiers),
             },
         ],
-        "log": {"level": "warning"},
     }
+
+
+def demo_config(sim: Simulator, state_dir: Path, slack_webhook: str | None) -> Config:
+    notifiers: dict[str, Any] = {"console": {"type": "console"}}
+    if slack_webhook:
+        notifiers["slack"] = {"type": "slack", "webhook_url": slack_webhook}
+    data = simulator_config_data(
+        sim, state_path=str(state_dir / "demo.db"), interval=INTERVAL, notifiers=notifiers
+    )
+    data["log"] = {"level": "warning"}
     return load(yaml.safe_dump(data), filename="<demo>", env={}, base_dir=state_dir)
 
 
+def written_keys(path: Path) -> dict[str, str]:
+    """The API key pair of a config ``simulate --write-config`` wrote before (none when
+    there is no file). A file that ``simulate`` did not write is never overwritten:
+    :class:`UsageError` (OSError when it cannot be read)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}
+    except UnicodeDecodeError:
+        text = ""
+    if not text.startswith(WRITTEN_BY):
+        raise UsageError(
+            f"--write-config {path}: the file exists and was not written by `invoice-watch "
+            "simulate`; it is left as it is: name another file"
+        )
+    with contextlib.suppress(yaml.YAMLError, AttributeError, TypeError):
+        auth = yaml.safe_load(text)["atlas"]["auth"]
+        keys = {"public_key": auth["public_key"], "private_key": auth["private_key"]}
+        if all(isinstance(value, str) and value for value in keys.values()):
+            return keys
+    return {}
+
+
+def write_simulator_config(sim: Simulator, path: Path) -> None:
+    """Write a ready config for ``sim`` to ``path`` (mode 0600, replaced atomically):
+    the console notifier, the simulator's key pair and organizations, a state file of
+    its own beside it, a 5 s poll interval."""
+    data = simulator_config_data(
+        sim,
+        state_path=f"{path.stem}.state.db",
+        interval=SIMULATOR_INTERVAL,
+        notifiers={"console": {"type": "console"}},
+    )
+    text = (
+        f"{WRITTEN_BY} for the simulator at {sim.base_url}.\n"
+        f"# Run it: invoice-watch run -c {path}\n"
+        "# Its keys are kept when simulate writes this file again; edit a copy.\n"
+        + yaml.safe_dump(data, sort_keys=False)
+    )
+    folder = path.absolute().parent
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            file.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+
+
+class _Watched(io.TextIOBase):
+    """The demo's output: a write that fails (the reader went away) is remembered and
+    dropped, and the demo ends at its next tick with it (:func:`run_demo`)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__()
+        self.stream = stream
+        self.failed: OSError | None = None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        if self.failed is None:
+            try:
+                self.stream.write(text)
+            except OSError as exc:
+                self.failed = exc
+        return len(text)
+
+    def flush(self) -> None:
+        if self.failed is None:
+            try:
+                self.stream.flush()
+            except OSError as exc:
+                self.failed = exc
+
+    def reader_gone(self) -> bool:
+        """Whether the output is a pipe whose reader went away (``| head`` exited): the
+        next write would fail. Asked every tick, so the demo ends without waiting for
+        its next line."""
+        with contextlib.suppress(OSError, ValueError, io.UnsupportedOperation):
+            fd = self.stream.fileno()
+            if stat.S_ISFIFO(os.fstat(fd).st_mode):
+                poller = select.poll()
+                poller.register(fd, 0)  # POLLERR and POLLHUP are always reported
+                return any(event & select.POLLERR for _, event in poller.poll(0))
+        return False
+
+
 async def run_demo(out: TextIO | None = None, time_limit: float = TIME_LIMIT) -> int:
-    out = out or sys.stdout
+    """Run the demo; returns its exit status. Raises the OSError of a failed write to
+    ``out`` (stdout by default) as soon as it happens: the demo has no one to show to.
+    A bad ``$SLACK_WEBHOOK_URL`` is a ConfigError."""
+    watched = _Watched(out or sys.stdout)
     logging.getLogger().setLevel(logging.WARNING)
     began = time.monotonic()
 
     def say(text: str) -> None:
-        print(f"[demo {time.monotonic() - began:4.0f}s] {text}", file=out, flush=True)
+        print(f"[demo {time.monotonic() - began:4.0f}s] {text}", file=watched, flush=True)
+        if watched.failed is not None:
+            raise watched.failed
 
     scenario = demo_scenario()
     last_step = max((step.at for step in scenario.timeline), default=0.0)
     with tempfile.TemporaryDirectory(prefix="invoice-watch-demo-") as folder:
         async with Simulator(scenario) as sim:
             config = demo_config(sim, Path(folder), os.environ.get("SLACK_WEBHOOK_URL"))
+            notifiers = build_notifiers(config.notifiers)
+            notifiers["console"] = ConsoleNotifier("console", stream=cast(TextIO, watched))
             say(f"Atlas simulator serving {len(sim.org_ids)} organizations at {sim.base_url}")
             say(
                 "watching them every 2 s: a FAILED charge and a pending invoice over "
                 "$5,000 raise alerts; they resolve when paid / back under budget"
             )
-            async with App(config) as app:
-                stop = asyncio.Event()
-                daemon = asyncio.create_task(app.serve(stop))
-                timeline = asyncio.create_task(sim.run_timeline())
-                try:
-                    while time.monotonic() - began < time_limit:
-                        await asyncio.sleep(0.5)
-                        elapsed = time.monotonic() - began
-                        settled = (
-                            timeline.done()
-                            and elapsed > last_step + 4
-                            and not app.store.firing_alerts()
-                            and not (await app.store.outbox_counts()).get("pending")
-                        )
-                        if settled:
-                            break
-                finally:
-                    stop.set()
-                    await daemon
-                    timeline.cancel()
-                    await asyncio.gather(timeline, return_exceptions=True)
-                totals = app.deliverer.totals
-                firing = len(app.store.firing_alerts())
+            try:
+                async with App(config, notifiers=notifiers) as app:
+                    stop = asyncio.Event()
+                    daemon = asyncio.create_task(app.serve(stop))
+                    timeline = asyncio.create_task(sim.run_timeline())
+                    try:
+                        while time.monotonic() - began < time_limit:
+                            await asyncio.sleep(0.5)
+                            if watched.failed is None and watched.reader_gone():
+                                watched.failed = BrokenPipeError(
+                                    errno.EPIPE, os.strerror(errno.EPIPE)
+                                )
+                            if watched.failed is not None:
+                                raise watched.failed
+                            elapsed = time.monotonic() - began
+                            settled = (
+                                timeline.done()
+                                and elapsed > last_step + 4
+                                and not app.store.firing_alerts()
+                                and not (await app.store.outbox_counts()).get("pending")
+                            )
+                            if settled:
+                                break
+                    finally:
+                        stop.set()
+                        await daemon
+                        timeline.cancel()
+                        await asyncio.gather(timeline, return_exceptions=True)
+                    totals = app.deliverer.totals
+                    firing = len(app.store.firing_alerts())
+            finally:
+                for notifier in notifiers.values():
+                    await notifier.aclose()
     say(
         f"done: {totals.sent} notification(s) sent, {totals.failed} failed, "
         f"{firing} alert(s) still firing"

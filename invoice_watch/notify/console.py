@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import sys
 from collections.abc import Sequence
 from typing import TextIO
 
+from invoice_watch.errors import PermanentNotifyError, RetryableNotifyError
 from invoice_watch.notify import render
 from invoice_watch.types import AlertEvent
 
@@ -27,8 +29,14 @@ class ConsoleNotifier:
             return
         # Looked up at each send, so a redirected sys.stdout (tests, --dry-run) is honoured.
         stream = self._stream or sys.stdout
-        stream.write(f"{SEPARATOR}\n{render.text(events)}")
-        stream.flush()
+        try:
+            stream.write(f"{SEPARATOR}\n{render.text(events)}")
+            stream.flush()
+        except OSError as exc:  # a closed pipe stays closed; a full disk may clear
+            error = f"cannot write to standard output: {exc.strerror or exc}"
+            if exc.errno in (errno.EPIPE, errno.EBADF):
+                raise PermanentNotifyError(error) from None
+            raise RetryableNotifyError(error) from None
 
     async def aclose(self) -> None:
         """Nothing to close: the stream belongs to the caller."""

@@ -701,7 +701,10 @@ def load_scenario(path: str | Path, *, now: datetime | None = None) -> Scenario:
     except OSError as exc:
         raise ValueError(f"{source}: cannot read scenario: {exc.strerror}") from None
     except yaml.YAMLError as exc:
-        raise ValueError(f"{source}: not valid YAML: {exc}") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else source
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ValueError(f"{where}: not valid YAML: {problem}") from None
     return parse_scenario(data, source=source, now=now)
 
 

@@ -27,6 +27,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from email.utils import format_datetime
+from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
 from aiohttp import hdrs, web
@@ -290,6 +291,7 @@ class Simulator:
         self.retired = False
         self.faults = Faults()
         self.requests: list[RequestRecord] = []
+        self.first_request = asyncio.Event()  # set by the first request served
         self._timeline: list[Step] = sorted(self.scenario.timeline, key=lambda step: step.at)
         self._next_step = 0
         self._stopping = asyncio.Event()
@@ -463,6 +465,7 @@ class Simulator:
             org_id=request.match_info.get("orgId"),
         )
         self.requests.append(record)
+        self.first_request.set()
         request[RECORD_KEY] = record
         try:
             response = await handler(request)
@@ -838,15 +841,36 @@ class Simulator:
         return body
 
 
-async def serve(scenario_path: str | None, host: str, port: int, out: TextIO = sys.stdout) -> None:
+async def serve(
+    scenario_path: str | None,
+    host: str,
+    port: int,
+    out: TextIO = sys.stdout,
+    *,
+    write_config: str | None = None,
+) -> None:
     """``invoice-watch simulate``: serve a scenario (the demo when None), print how to
-    reach it, follow its timeline in real time, and run until cancelled."""
+    reach it, write a ready config to ``write_config`` (keeping the keys of one written
+    before: UsageError for a file it did not write), and follow the scenario's timeline
+    in real time from the first request on (so that it is still ahead when a daemon
+    arrives), until cancelled."""
+    from invoice_watch.demo import write_simulator_config, written_keys
+
     scenario = load_scenario(scenario_path) if scenario_path else demo_scenario()
+    config_path = Path(write_config) if write_config else None
+    keys = written_keys(config_path) if config_path is not None else {}
 
     def say(line: str) -> None:
         print(line, file=out, flush=True)
 
-    async with Simulator(scenario, host=host, port=port) as sim:
+    simulator = Simulator(
+        scenario,
+        host=host,
+        port=port,
+        public_key=keys.get("public_key"),
+        private_key=keys.get("private_key"),
+    )
+    async with simulator as sim:
         say(f"Atlas simulator listening on {sim.base_url}")
         say(f"API key (HTTP Digest): public_key={sim.public_key} private_key={sim.private_key}")
         say(
@@ -854,5 +878,13 @@ async def serve(scenario_path: str | None, host: str, port: int, out: TextIO = s
             f"client_secret={sim.client_secret}"
         )
         say("Organizations: " + ", ".join(f"{o.id} ({o.name})" for o in sim.scenario.orgs))
-        await sim.run_timeline(on_step=say)
+        if config_path is not None:
+            write_simulator_config(sim, config_path)
+            say(f"Config written to {config_path}: invoice-watch run -c {config_path}")
+        steps = sim.scenario.timeline
+        if steps:
+            last = max(step.at for step in steps)
+            say(f"Timeline: {len(steps)} change(s) over {last:g}s, from the first request on")
+            await sim.first_request.wait()
+            await sim.run_timeline(on_step=say)
         await asyncio.Event().wait()
