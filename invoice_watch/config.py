@@ -879,6 +879,8 @@ class Config(_Model):
 # --- loading -------------------------------------------------------------------------
 
 _Loc = tuple[str | int, ...]
+# Where the systemd setup keeps the secrets beside the config (see _read_secret).
+CREDENTIALS_FOLDER = "credentials"
 _FLOAT_TAG = "tag:yaml.org,2002:float"
 _TYPED_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("null", "bool", "int")}
 _VARIABLE = re.compile(
@@ -1198,6 +1200,12 @@ class _Document:
         if not path.is_absolute():
             credentials = self.env.get("CREDENTIALS_DIRECTORY")
             path = (Path(credentials) if credentials else self.base_dir) / path
+            # From a shell, a systemd setup's credentials are in credentials/ beside the
+            # config (LoadCredential= copies them from there): `invoice-watch status -c
+            # /etc/invoice-watch/config.yaml` reads what the service reads.
+            kept = self.base_dir / CREDENTIALS_FOLDER / value
+            if not credentials and not _lexists(path) and _lexists(kept):
+                path = kept
         try:
             with path.open("rb") as file:
                 raw = file.read(MAX_SECRET_BYTES + 1)

@@ -971,3 +971,28 @@ def test_pytest_says_how_many_conformance_tests_it_skipped(tmp_path):
         r"\.\./shared/atlas-openapi/invoices\.openapi\.json, which is not beside",
         run.stdout,
     ), run.stdout
+
+
+def test_secrets_from_a_shell_are_read_where_the_unit_reads_them(tmp_path, monkeypatch):
+    """The systemd layout keeps secrets in /etc/invoice-watch/credentials (the unit's
+    LoadCredential= source); from a root shell, without $CREDENTIALS_DIRECTORY, the
+    config's relative `private_key_file` finds them there, as the daemon does."""
+    from invoice_watch.config import DigestAuth, load_file
+
+    etc = tmp_path / "etc/invoice-watch"
+    (etc / "credentials").mkdir(parents=True, mode=0o700)
+    (etc / "credentials/atlas-private-key").write_text("from-credentials\n")
+    place = Place(etc, 0)
+    place.write_config(
+        atlas={"auth": {"public_key": "pub", "private_key_file": "atlas-private-key"}}
+    )
+    auth = load_file(place.config).atlas.auth
+    assert isinstance(auth, DigestAuth) and auth.private_key.get() == "from-credentials"
+    (etc / "atlas-private-key").write_text("beside\n")  # a file beside the config wins
+    auth = load_file(place.config).atlas.auth
+    assert isinstance(auth, DigestAuth) and auth.private_key.get() == "beside"
+    run = tmp_path / "run-credentials"  # under systemd, only $CREDENTIALS_DIRECTORY
+    run.mkdir()
+    (run / "atlas-private-key").write_text("from-systemd\n")
+    auth = load_file(place.config, env={"CREDENTIALS_DIRECTORY": str(run)}).atlas.auth
+    assert isinstance(auth, DigestAuth) and auth.private_key.get() == "from-systemd"
