@@ -1,12 +1,14 @@
 # invoice-watch container image.
 #
 #   docker build -t invoice-watch .
-#   docker run -d --name invoice-watch \
+#   docker run -d --name invoice-watch --stop-timeout 15 \
 #     -v "$PWD/config.yaml:/etc/invoice-watch/config.yaml:ro" \
+#     -v "$PWD/secrets:/run/secrets:ro" \
 #     -v invoice-watch-state:/var/lib/invoice-watch \
 #     invoice-watch
 #
-# See docker-compose.example.yml for secrets, restart policy and the stop timeout.
+# (secrets/: one file per secret, mode 0400, owned by uid 10001; see README.md.)
+# See docker-compose.example.yml for Compose secrets, restart policy and the stop timeout.
 
 # --- Build stage: install the project and its dependencies into a virtualenv -----------
 FROM python:3.11-slim AS build
@@ -38,11 +40,12 @@ ENV PATH=/opt/invoice-watch/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1
 VOLUME /var/lib/invoice-watch
 
-# Secrets: mount them as Docker secrets (they appear as /run/secrets/<name>) and point the
-# config's `<field>_file` keys at them, e.g.
+# Secrets: files under /run/secrets/<name> (Compose secrets, or a folder mounted read-only
+# there), named by the config's `<field>_file` keys, e.g.
 #   atlas.auth.private_key_file: /run/secrets/atlas-private-key
 #   notifiers.<slack>.webhook_url_file: /run/secrets/slack-webhook-url
-# Never pass secrets as ENV or build args: both are visible in `docker inspect`.
+# Never pass secrets as ENV (`docker run -e`) or build args: both are visible in
+# `docker inspect`.
 
 USER 10001:10001
 WORKDIR /var/lib/invoice-watch

@@ -194,13 +194,15 @@ def test_load_minimal_config_takes_defaults():
     assert (jump.threshold_cents, jump.percent, jump.window) == (None, 10.0, timedelta(hours=24))
 
 
-def test_load_example_config_is_valid_with_every_rule_type():
-    env = {
-        "ATLAS_PUBLIC_KEY": "pub",
-        "ATLAS_PRIVATE_KEY": "priv",
-        "SLACK_WEBHOOK_URL": "https://hooks.slack.com/services/T000/B000/XXXX",
-        "SMTP_PASSWORD": "pw",
+def test_load_example_config_is_valid_with_every_rule_type(tmp_path: Path):
+    secrets = {
+        "atlas-private-key": "priv",
+        "slack-webhook-url": "https://hooks.slack.com/services/T000/B000/XXXX",
+        "smtp-password": "pw",
     }
+    for name, value in secrets.items():
+        (tmp_path / name).write_text(value + "\n")
+    env = {"ATLAS_PUBLIC_KEY": "pub", "CREDENTIALS_DIRECTORY": str(tmp_path)}
     cfg = config.load_file(EXAMPLE, env=env)
 
     assert {rule.type for rule in cfg.rules} == {

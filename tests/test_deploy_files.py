@@ -316,3 +316,56 @@ def test_check_service_is_strict_executable_bash() -> None:
     assert lines[0] == "#!/usr/bin/env bash"
     assert "set -euo pipefail" in lines
     subprocess.run(["bash", "-n", str(script)], check=True)
+
+
+# --- the README's recipes agree with the files they install ---------------------------
+
+
+def readme_block_after(marker: str) -> str:
+    """The first ```sh block after ``marker`` in README.md."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    after = text[text.index(marker) :]
+    start = after.index("```sh\n") + len("```sh\n")
+    return after[start : after.index("```", start)]
+
+
+def test_readme_install_recipe_uses_a_virtualenv_the_unit_runs(
+    unit: dict[str, dict[str, list[str]]],
+) -> None:
+    """PEP 668 systems (Debian 12, Ubuntu 24.04) refuse `sudo pip install`: the recipe
+    installs into its own virtualenv, and the unit starts the script from there
+    (.ci/check-install runs the recipe)."""
+    recipe = readme_block_after("<!-- .ci/check-install runs this block")
+    (venv,) = re.findall(r"python3 -m venv (\S+)", recipe)
+    for line in recipe.splitlines():
+        if re.search(r"\bpip3? install\b", line):
+            assert f"{venv}/bin/pip install" in line, line
+    (exec_start,) = unit["Service"]["ExecStart"]
+    assert shlex.split(exec_start)[0] == f"{venv}/bin/invoice-watch"
+
+
+def test_readme_credentials_folder_is_private_as_the_unit_expects() -> None:
+    recipe = readme_block_after("<!-- .ci/check-install runs this block")
+    (line,) = [
+        line for line in recipe.splitlines() if "install -d" in line and "credentials" in line
+    ]
+    assert "-m 0700" in line and "/etc/invoice-watch/credentials" in line
+    unit = (ROOT / "systemd/invoice-watch.service").read_text(encoding="utf-8")
+    assert "LoadCredential=atlas-private-key:/etc/invoice-watch/credentials/" in unit
+
+
+@pytest.mark.parametrize(
+    "path", ["README.md", "Dockerfile", "docker-compose.example.yml", "config.example.yaml"]
+)
+def test_secrets_come_from_files_everywhere(path: str) -> None:
+    """One recommended way: secrets in files (`<key>_file`), never a container's
+    environment (`docker run -e`, compose `environment:`), as the Dockerfile says."""
+    text = (ROOT / path).read_text(encoding="utf-8")
+    secrets = ("PRIVATE_KEY", "CLIENT_SECRET", "WEBHOOK_URL", "TOKEN", "PASSWORD")
+    for match in re.finditer(r"(?:-e|--env)\s+([A-Z_]+)", text):
+        assert not any(word in match.group(1) for word in secrets), match.group(0)
+    if path == "config.example.yaml":
+        active = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
+        for key in ("private_key", "webhook_url", "password"):
+            assert any(f"{key}_file:" in line for line in active), key
+            assert not any(re.search(rf"\b{key}: \$\{{", line) for line in active), key
