@@ -228,6 +228,12 @@ def http_port_in_use(place: Place) -> None:
     place.write_config(http={"listen": f"127.0.0.1:{place.env['BUSY_PORT']}"})
 
 
+def http_port_privileged(place: Place) -> None:
+    state_folder(place)
+    place.state.parent.chmod(0o777)  # the daemon (nobody) may create its state there
+    place.write_config(http={"listen": "127.0.0.1:80"})
+
+
 def hanging_atlas(place: Place) -> None:
     place.write_config(
         atlas={
@@ -499,13 +505,21 @@ CASES: dict[str, Case] = {
         ("simulate", "--port", "0"), 0, interrupt_when="listening", quick=10
     ),
     "demo/interrupted": Case(("demo",), 0, interrupt_when="[demo", quick=10),
-    # -- the daemon helper's part of issue 14 §1: `http.listen` errors (app.py/health.py).
-    # Remove the xfail mark when it lands (xfail_strict turns its pass into a failure). --
+    # -- the daemon helper's part of issue 14 §1: `http.listen` errors (app.py/health.py) --
+    "run/http-listen-port-privileged": Case(
+        ("run", *CONFIG),
+        1,
+        r"http.listen: cannot listen on 127.0.0.1:80: ",
+        setup=http_port_privileged,
+        unprivileged=True,
+    ),
     "run/http-listen-port-in-use": Case(
-        ("run", *CONFIG), (1, 2), "http.listen", setup=http_port_in_use
+        ("run", *CONFIG),
+        1,
+        r"http.listen: cannot listen on 127.0.0.1:\d+: the port is already in use",
+        setup=http_port_in_use,
     ),
 }
-DAEMON_HELPER = {"run/http-listen-port-in-use"}
 
 
 @pytest.fixture
@@ -528,15 +542,7 @@ def place() -> Iterator[Place]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _marks(name: str) -> list[pytest.MarkDecorator]:
-    if name in DAEMON_HELPER:
-        return [pytest.mark.xfail(reason="http.listen errors: the daemon helper's part")]
-    return []
-
-
-@pytest.mark.parametrize(
-    "name", [pytest.param(name, id=name, marks=_marks(name)) for name in CASES]
-)
+@pytest.mark.parametrize("name", [pytest.param(name, id=name) for name in CASES])
 def test_command_fault_ends_without_traceback(name: str, place: Place) -> None:
     case = CASES[name]
     if case.needs_root and not ROOT:
