@@ -238,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()  # a write error shows here, not as "Exception ignored" at exit
         return status
     except OutputError as exc:
-        if exc.errno == errno.EPIPE:
+        if exc.errno in (errno.EPIPE, errno.EBADF):  # no one reads it (| head, >&-)
             _discard_output(real_stdout)
             return 0
         _error(f"invoice-watch: cannot write to standard output: {exc.strerror}")
@@ -281,18 +281,28 @@ class OutputError(OSError):
 
 class _Output(io.TextIOBase):
     """``sys.stdout`` while a command runs: a failed write raises :class:`OutputError`,
-    so that :func:`main` tells a closed or full output from any other OS error."""
+    so that :func:`main` tells a closed or full output from any other OS error. (Python
+    sets ``sys.stdout`` to None when the process starts with it closed: ``>&-``.)"""
 
-    def __init__(self, stream: TextIO) -> None:
+    def __init__(self, stream: TextIO | None) -> None:
         self._stream = stream
+
+    def _open(self) -> TextIO:
+        if self._stream is None:
+            raise OutputError(errno.EBADF, "standard output is closed")
+        return self._stream
 
     def write(self, text: str) -> int:
         try:
-            return self._stream.write(text)
+            return self._open().write(text)
+        except OutputError:
+            raise
         except OSError as exc:
             raise OutputError(exc.errno, exc.strerror) from None
 
     def flush(self) -> None:
+        if self._stream is None:  # nothing was written: nothing to flush
+            return
         try:
             self._stream.flush()
         except OSError as exc:
@@ -302,15 +312,17 @@ class _Output(io.TextIOBase):
         return True
 
     def isatty(self) -> bool:
-        return self._stream.isatty()
+        return self._stream is not None and self._stream.isatty()
 
     def fileno(self) -> int:
-        return self._stream.fileno()
+        return self._open().fileno()
 
 
-def _discard_output(stream: TextIO) -> None:
+def _discard_output(stream: TextIO | None) -> None:
     """Point standard output at /dev/null, so that what is still buffered (and
     Python's flush at exit) goes nowhere instead of failing again."""
+    if stream is None:
+        return
     with contextlib.suppress(OSError, ValueError, io.UnsupportedOperation):
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, stream.fileno())
@@ -319,6 +331,8 @@ def _discard_output(stream: TextIO) -> None:
 
 def _error(text: str) -> None:
     """One line on stderr (which may itself be closed: then nothing)."""
+    if sys.stderr is None:
+        return
     with contextlib.suppress(OSError, ValueError):
         print(text, file=sys.stderr, flush=True)
 

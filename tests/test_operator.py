@@ -86,7 +86,8 @@ class Case:
     code: int | tuple[int, ...]
     says: str = ""  # regex the stderr must match ("" = stderr must be empty)
     setup: Callable[[Place], None] = lambda place: None
-    stdout: str = "pipe"  # pipe | closed | full | two-lines (read two, then close)
+    stdout: str = "pipe"  # pipe | closed | full | two-lines (read two, then close) |
+    # none (started with it closed: `>&-`)
     unprivileged: bool = False  # as `nobody` when root (files of "another user")
     needs_root: bool = False  # the fault needs a file of another user
     prelude: str = ""  # Python run first: only for faults no server can produce
@@ -325,6 +326,12 @@ CASES: dict[str, Case] = {
         ("history", *CONFIG), 0, setup=state_with_an_invoice, stdout="closed", quick=10
     ),
     "check-config/stdout-closed": Case(("check-config", *CONFIG), 0, stdout="closed"),
+    "invoices/started-without-stdout": Case(
+        ("invoices", *CONFIG), 0, setup=state_with_an_invoice, stdout="none"
+    ),
+    "status/started-without-stdout-config-missing": Case(
+        ("status", "-c", "nowhere.yaml"), 2, "cannot read the configuration file", stdout="none"
+    ),
     "run-once-dry-run/stdout-closed": Case(  # ends at its first line, quietly
         ("run", "--once", "--dry-run", *CONFIG),
         0,
@@ -572,6 +579,9 @@ def test_command_fault_ends_without_traceback(name: str, place: Place) -> None:
     if case.limit_file_size is not None:
         size = case.limit_file_size
         options["preexec_fn"] = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+    if case.stdout == "none":
+        stdout = subprocess.DEVNULL
+        options["preexec_fn"] = lambda: os.close(1)
     proc = subprocess.Popen(
         [*python, *argv],
         cwd=place.dir,
@@ -600,7 +610,7 @@ def test_command_fault_ends_without_traceback(name: str, place: Place) -> None:
     assert proc.returncode in codes, f"exit {proc.returncode}, expected {codes}:\n{shown}"
     if case.says:
         assert re.search(case.says, text), f"stderr lacks {case.says!r}:\n{text}"
-    elif case.stdout in ("closed", "two-lines"):
+    elif case.stdout in ("closed", "two-lines", "none"):
         assert text == "", f"a closed output ends the command quietly:\n{text}"
     if case.quick is not None:
         assert ended < case.quick, f"took {ended:.1f}s after its fault"
