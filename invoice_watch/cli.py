@@ -528,7 +528,7 @@ def _demo() -> int:
         return asyncio.run(run_demo())
     except ConfigError as exc:  # $SLACK_WEBHOOK_URL is not a webhook URL
         for problem in exc.problems:
-            _error(f"invoice-watch demo: {problem.message}")
+            _error(f"invoice-watch demo: $SLACK_WEBHOOK_URL: {problem.message}")
         return 2
     except InvoiceWatchError as exc:
         _error(f"invoice-watch demo: {exc}")

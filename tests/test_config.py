@@ -194,15 +194,20 @@ def test_load_minimal_config_takes_defaults():
     assert (jump.threshold_cents, jump.percent, jump.window) == (None, 10.0, timedelta(hours=24))
 
 
-def test_load_example_config_is_valid_with_every_rule_type(tmp_path: Path):
+def example_credentials(folder: Path) -> str:
+    """The secret files config.example.yaml names (by `_file`), in ``folder``."""
     secrets = {
         "atlas-private-key": "priv",
         "slack-webhook-url": "https://hooks.slack.com/services/T000/B000/XXXX",
         "smtp-password": "pw",
     }
     for name, value in secrets.items():
-        (tmp_path / name).write_text(value + "\n")
-    env = {"ATLAS_PUBLIC_KEY": "pub", "CREDENTIALS_DIRECTORY": str(tmp_path)}
+        (folder / name).write_text(value + "\n")
+    return str(folder)
+
+
+def test_load_example_config_is_valid_with_every_rule_type(tmp_path: Path):
+    env = {"ATLAS_PUBLIC_KEY": "pub", "CREDENTIALS_DIRECTORY": example_credentials(tmp_path)}
     cfg = config.load_file(EXAMPLE, env=env)
 
     assert {rule.type for rule in cfg.rules} == {
@@ -1429,8 +1434,9 @@ def test_load_does_not_warn_of_sensible_settings(text: str):
     assert config.load(text, env={}).warnings == ()
 
 
-def test_load_example_and_full_configs_have_no_warnings():
+def test_load_example_and_full_configs_have_no_warnings(tmp_path: Path):
     env = {
+        "CREDENTIALS_DIRECTORY": example_credentials(tmp_path),
         "ATLAS_PUBLIC_KEY": "pub",
         "ATLAS_PRIVATE_KEY": "priv",
         "SLACK_WEBHOOK_URL": "https://hooks.slack.com/services/T000/B000/XXXX",

@@ -501,7 +501,7 @@ CASES: dict[str, Case] = {
     "demo/bad-slack-webhook-url": Case(
         ("demo",),
         2,
-        "webhook_url must be an https:// URL",
+        r"demo: \$SLACK_WEBHOOK_URL: .*https://",
         setup=lambda place: place.env.update(SLACK_WEBHOOK_URL="not-a-url"),
     ),
     # -- Ctrl-C --
