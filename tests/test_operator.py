@@ -335,7 +335,7 @@ CASES: dict[str, Case] = {
     "run-once-dry-run/stdout-closed": Case(  # ends at its first line, quietly
         ("run", "--once", "--dry-run", *CONFIG),
         0,
-        "WARNING .*connection failed",
+        "WARNING .*Production: .*127.0.0.1:9",
         stdout="closed",
     ),
     "simulate/stdout-closed": Case(("simulate", "--port", "0"), 0, stdout="closed", quick=10),
