@@ -37,7 +37,7 @@ from typing import TextIO, TypeVar
 
 from invoice_watch import sdnotify
 from invoice_watch.clock import Clock, SystemClock
-from invoice_watch.commit import OrgState, OrgWrite, StateStore, grouped
+from invoice_watch.commit import OrgState, OrgWrite, StateStore, message_parts
 from invoice_watch.config import Config, HttpConfig, LogConfig, load_file
 from invoice_watch.constants import (
     FINAL_STATUSES,
@@ -74,6 +74,7 @@ from invoice_watch.types import (
     LineItem,
     Notifier,
     OrgRead,
+    Part,
     Snapshot,
 )
 
@@ -88,7 +89,7 @@ class CycleResult:
     finished_at: datetime
     reads: dict[str, OrgRead]
     events: list[AlertEvent] = field(default_factory=list)
-    messages: list[tuple[str, list[AlertEvent]]] = field(default_factory=list)
+    messages: list[tuple[str, list[AlertEvent], Part | None]] = field(default_factory=list)
     invoices: int = 0
     changes: int = 0
 
@@ -176,19 +177,25 @@ class FullListings:
 
 def group_messages(
     events: list[AlertEvent], routes: Mapping[str, list[str]], group_over: int
-) -> list[tuple[str, list[AlertEvent]]]:
-    """Outbox messages: one per (event, notifier), or one grouped message per notifier
-    when a cycle produced more than ``group_over`` events for it (flood control)."""
+) -> list[tuple[str, list[AlertEvent], Part | None]]:
+    """Outbox messages: one per (event, notifier), or grouped messages per notifier
+    when a cycle produced more than ``group_over`` events for it (flood control): one,
+    or parts when too many for one message (:func:`~invoice_watch.commit.message_parts`)."""
     per_notifier: dict[str, list[AlertEvent]] = defaultdict(list)
     for event in events:
         for name in routes[event.rule]:
             per_notifier[name].append(event)
-    messages: list[tuple[str, list[AlertEvent]]] = []
+    messages: list[tuple[str, list[AlertEvent], Part | None]] = []
     for name, batch in per_notifier.items():
-        if grouped(len(batch), group_over):
-            messages.append((name, batch))
-        else:
-            messages.extend((name, [event]) for event in batch)
+        sizes = message_parts(len(batch), group_over)
+        if sizes is None:
+            messages.extend((name, [event], None) for event in batch)
+            continue
+        start = 0
+        for number, size in enumerate(sizes, 1):
+            part = Part(number, len(sizes)) if len(sizes) > 1 else None
+            messages.append((name, batch[start : start + size], part))
+            start += size
     return messages
 
 
@@ -1069,9 +1076,9 @@ class App:
         out = self._out
         if not result.messages:
             print("dry run: nothing would be sent.", file=out)
-        for notifier, events in result.messages:
+        for notifier, events, part in result.messages:
             print(f"--- dry run: would send to {notifier} ---", file=out)
-            print(text(events), file=out)
+            print(text(events, part), file=out)
         print("dry run: nothing was sent and nothing was written.", file=out)
 
     # -- entry points ----------------------------------------------------------------

@@ -36,10 +36,10 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from invoice_watch.constants import FINAL_STATUSES
+from invoice_watch.constants import FINAL_STATUSES, MESSAGE_MAX_EVENTS
 from invoice_watch.dedup import AlertState, Transition
 from invoice_watch.errors import StateError, StateFileGoneError, StateLockedError
-from invoice_watch.types import AlertEvent, Invoice, Snapshot, events_from_json, instant
+from invoice_watch.types import AlertEvent, Invoice, Part, Snapshot, events_from_json, instant
 
 log = logging.getLogger(__name__)
 
@@ -263,11 +263,17 @@ class OrgWrite:
 
 @dataclass(frozen=True)
 class Delivery:
+    """One outbox message due: ``id`` is its row's (a group's leader's), ``part`` which
+    part it is of a group split for size (None when whole), ``last_error`` what its last
+    attempt met."""
+
     id: int
     notifier: str
     events: list[AlertEvent]
     created_at: datetime
     attempts: int
+    part: Part | None = None
+    last_error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -289,7 +295,20 @@ def grouped(count: int, group_over: int) -> bool:
     return count > max(group_over, 1)
 
 
-def summarize(events: Sequence[AlertEvent]) -> str:
+def message_parts(count: int, group_over: int) -> list[int] | None:
+    """How a notifier's ``count`` messages of one cycle go out: one by one (None: not
+    :func:`grouped`), or grouped, as messages of these sizes in order: one, or parts of
+    at most :data:`~invoice_watch.constants.MESSAGE_MAX_EVENTS` events, as even as can
+    be (120 -> 40, 40, 40; 81 -> 27, 27, 27), each a message of its own in the outbox,
+    so that each fits its channel and is sent and recorded on its own."""
+    if not grouped(count, group_over):
+        return None
+    parts = -(-count // MESSAGE_MAX_EVENTS)
+    size, extra = divmod(count, parts)
+    return [size + 1 if number < extra else size for number in range(parts)]
+
+
+def summarize(events: Sequence[AlertEvent], part: Part | None = None) -> str:
     """One line naming a message, for `history` and logs (no secrets in events)."""
     if len(events) == 1:
         e = events[0]
@@ -297,7 +316,35 @@ def summarize(events: Sequence[AlertEvent]) -> str:
         if e.invoice_id:
             parts.append(e.invoice_id)
         return " ".join(parts)
-    return f"{len(events)} alerts (grouped)"
+    return _group_summary(len(events), part)
+
+
+def _group_summary(count: int, part: Part | None) -> str:
+    return f"{count} alerts (grouped, {part})" if part else f"{count} alerts (grouped)"
+
+
+def _group(
+    conn: sqlite3.Connection, ids: Sequence[int], sizes: Sequence[int], now: str | None
+) -> None:
+    """Make the rows ``ids`` (in order) grouped messages of ``sizes`` (at most
+    MESSAGE_MAX_EVENTS each): each part led by its first row, pending (due ``now`` when
+    given, else when it already was)."""
+    start = 0
+    for number, size in enumerate(sizes, 1):
+        members = ids[start : start + size]
+        start += size
+        first = members[0]
+        marks = ",".join("?" * len(members))
+        if now is None:
+            conn.execute(f"UPDATE outbox SET grp=? WHERE id IN ({marks})", (first, *members))
+        else:
+            conn.execute(
+                f"UPDATE outbox SET state='pending', grp=?, next_attempt_at=? "
+                f"WHERE id IN ({marks})",
+                (first, now, *members),
+            )
+        part = Part(number, len(sizes)) if len(sizes) > 1 else None
+        conn.execute("UPDATE outbox SET summary=? WHERE id=?", (_group_summary(size, part), first))
 
 
 class StateStore:
@@ -704,11 +751,14 @@ class StateStore:
 
     async def release_held(self, group_over: int, now: datetime) -> int:
         """Release the rows held by cycles that never ended (a crash, a stop, a failed
-        commit): per cycle and notifier, one by one, or as one grouped message when
-        there are more than ``group_over``. Returns how many rows were held."""
+        commit): per cycle and notifier, one by one, or as grouped messages when there
+        are more than ``group_over`` (:func:`message_parts`). Returns how many rows were
+        held. A pending group larger than a message may be (written by an earlier
+        version) is split into parts as well."""
 
         def run() -> int:
             with self._transaction() as conn:
+                self._split_oversized(conn)
                 return self._release(conn, group_over, now.isoformat())
 
         return await self._commit(run)
@@ -758,31 +808,48 @@ class StateStore:
         conn: sqlite3.Connection, group_over: int, now: str, cycle: int | None = None
     ) -> int:
         """Release held rows (of every cycle; ``cycle``'s own count is returned, or all
-        of them). More than ``group_over`` of one cycle for one notifier become one
-        grouped message: the first row leads it (its summary says so), the others follow
-        (``grp``), and they are sent, retried and marked together, in order."""
+        of them). More than ``group_over`` of one cycle for one notifier become grouped
+        messages (:func:`message_parts`): the first row of each leads it (its summary
+        says so), the others follow (``grp``), and they are sent, retried and marked
+        together, in order; the parts of a group go in order, each on its own."""
         counted = 0
         groups = conn.execute(
-            "SELECT cycle, notifier, COUNT(*), MIN(id) FROM outbox WHERE state='held' "
+            "SELECT cycle, notifier, COUNT(*) FROM outbox WHERE state='held' "
             "GROUP BY cycle, notifier"
         ).fetchall()
-        for held_by, notifier, count, leader in groups:
+        for held_by, notifier, count in groups:
             if cycle is None or held_by == cycle:
                 counted += count
             where = "state='held' AND cycle IS ? AND notifier=?"
-            if not grouped(count, group_over):
+            sizes = message_parts(count, group_over)
+            if sizes is None:
                 conn.execute(
                     f"UPDATE outbox SET state='pending' WHERE {where}", (held_by, notifier)
                 )
                 continue
-            conn.execute(
-                f"UPDATE outbox SET state='pending', grp=?, next_attempt_at=? WHERE {where}",
-                (leader, now, held_by, notifier),
-            )
-            conn.execute(
-                "UPDATE outbox SET summary=? WHERE id=?", (f"{count} alerts (grouped)", leader)
-            )
+            ids = [
+                row[0]
+                for row in conn.execute(
+                    f"SELECT id FROM outbox WHERE {where} ORDER BY id", (held_by, notifier)
+                )
+            ]
+            _group(conn, ids, sizes, now)
         return counted
+
+    @staticmethod
+    def _split_oversized(conn: sqlite3.Connection) -> None:
+        """Split each pending group larger than a message may be into parts."""
+        oversized = conn.execute(
+            "SELECT grp FROM outbox WHERE grp IS NOT NULL AND state='pending' "
+            "GROUP BY grp HAVING COUNT(*) > ?",
+            (MESSAGE_MAX_EVENTS,),
+        ).fetchall()
+        for (leader,) in oversized:
+            rows = conn.execute("SELECT id FROM outbox WHERE grp=? ORDER BY id", (leader,))
+            ids = [row[0] for row in rows]
+            sizes = message_parts(len(ids), 1)
+            assert sizes is not None
+            _group(conn, ids, sizes, None)
 
     async def _commit(self, run: Callable[[], T]) -> T:
         try:
@@ -937,11 +1004,13 @@ class StateStore:
     # -- the outbox ------------------------------------------------------------------
 
     async def due_deliveries(self, now: datetime, limit: int = 100) -> list[Delivery]:
+        """The pending messages due at ``now``, oldest first."""
+
         def query() -> list[Delivery]:
             conn = self._conn
             rows = conn.execute(
-                "SELECT id, notifier, events, created_at, attempts, grp FROM outbox "
-                f"WHERE state='pending' AND next_attempt_at <= ? AND {_MESSAGE} "
+                "SELECT id, notifier, events, created_at, attempts, grp, cycle, last_error "
+                f"FROM outbox WHERE state='pending' AND next_attempt_at <= ? AND {_MESSAGE} "
                 "ORDER BY id LIMIT ?",
                 (now.isoformat(), limit),
             ).fetchall()
@@ -950,13 +1019,15 @@ class StateStore:
                 created = _dt(row[3])
                 assert created is not None
                 events = events_from_json(row[2])
+                part = None
                 if row[5] is not None:  # a group: its leader's events, then the others'
                     for (more,) in conn.execute(
                         "SELECT events FROM outbox WHERE grp=? AND id!=? ORDER BY id",
                         (row[0], row[0]),
                     ):
                         events.extend(events_from_json(more))
-                out.append(Delivery(row[0], row[1], events, created, row[4]))
+                    part = _part_of(conn, row[0], row[6], row[1])
+                out.append(Delivery(row[0], row[1], events, created, row[4], part, row[7]))
             return out
 
         return await self._run(query)
@@ -1274,6 +1345,34 @@ def _sqlite_problem(path: Path, exc: sqlite3.Error) -> str:
         "file, point state.path elsewhere; if it is damaged, move it aside (the next run "
         "starts a new snapshot)"
     )
+
+
+def _part_of(
+    conn: sqlite3.Connection, leader: int, cycle: int | None, notifier: str
+) -> Part | None:
+    """Which part the grouped message led by ``leader`` is of its cycle's grouped
+    messages to ``notifier`` (None: the only one). A cycle's rows are numbered together
+    (cycles commit one after another, and nothing else adds rows), so its parts lie
+    between the nearest rows of other cycles: found by rowid, without a scan."""
+    before = conn.execute(
+        "SELECT id FROM outbox WHERE id < ? AND cycle IS NOT ? ORDER BY id DESC LIMIT 1",
+        (leader, cycle),
+    ).fetchone()
+    after = conn.execute(
+        "SELECT id FROM outbox WHERE id > ? AND cycle IS NOT ? ORDER BY id LIMIT 1",
+        (leader, cycle),
+    ).fetchone()
+    leaders = [
+        row[0]
+        for row in conn.execute(
+            "SELECT id FROM outbox WHERE id > ? AND id < ? AND cycle IS ? AND notifier=? "
+            "AND grp=id ORDER BY id",
+            (before[0] if before else 0, after[0] if after else sys.maxsize, cycle, notifier),
+        )
+    ]
+    if len(leaders) < 2 or leader not in leaders:
+        return None
+    return Part(leaders.index(leader) + 1, len(leaders))
 
 
 def _alert_row(state: AlertState, last_event: str | None) -> tuple[Any, ...]:

@@ -65,3 +65,8 @@ SHUTDOWN_SECONDS: Final = 10.0
 # $STATE_DIRECTORY is unset and this file exists, so that an operator's shell finds the
 # service's state (config.py). Tests point it elsewhere (tests/conftest.py).
 SERVICE_STATE_PATH: Path = Path("/var/lib/invoice-watch/state.db")
+
+# A grouped message holds at most this many events: a larger group is split into parts,
+# each a message of its own (commit.message_parts), and every renderer fits this many in
+# its channel's limits (notify/render.py).
+MESSAGE_MAX_EVENTS: Final = 40

@@ -102,7 +102,7 @@ class Deliverer:
 
     async def _attempt(self, delivery: Delivery, stats: DeliveryStats) -> bool:
         """One attempt; True when the notifier may be tried again in this pass."""
-        what = f"{delivery.notifier}: {summarize(delivery.events)}"
+        what = f"{delivery.notifier}: {summarize(delivery.events, delivery.part)}"
         notifier = self._notifiers.get(delivery.notifier)
         if notifier is None:
             await self._mark_failed(
@@ -111,7 +111,7 @@ class Deliverer:
             stats.failed += 1
             return True
         try:
-            await notifier.send(delivery.events)
+            await notifier.send(delivery.events, part=delivery.part)
         except PermanentNotifyError as exc:
             log.error("%s: not delivered, and retrying cannot help: %s", what, exc)
             await self._mark_failed(delivery, str(exc))

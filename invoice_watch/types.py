@@ -336,10 +336,25 @@ def events_from_json(text: str) -> list[AlertEvent]:
     return [AlertEvent.from_json(item) for item in json.loads(text)]
 
 
+@dataclass(frozen=True, slots=True)
+class Part:
+    """Which part a message is of a grouped message too large for one: ``number`` of
+    ``count`` (from 1). Each part is a message of its own in the outbox, complete, sent
+    and recorded on its own, in order (see ``commit.message_parts``)."""
+
+    number: int
+    count: int
+
+    def __str__(self) -> str:
+        return f"part {self.number} of {self.count}"
+
+
 class Notifier(Protocol):
     """The one contract every notifier (Slack, email, console) fulfils.
 
-    ``send`` delivers one message holding one event, or several as a grouped message.
+    ``send`` delivers one message holding one event, or several as a grouped message
+    (``part``: which part of a larger group it is, said in the message; None when the
+    group is whole). The message fits the channel's size limits by construction.
     It raises :class:`~invoice_watch.errors.RetryableNotifyError` for transient
     failures and :class:`~invoice_watch.errors.PermanentNotifyError` when retrying
     cannot help; any other exception is a bug.
@@ -347,7 +362,7 @@ class Notifier(Protocol):
 
     name: str
 
-    async def send(self, events: Sequence[AlertEvent]) -> None: ...
+    async def send(self, events: Sequence[AlertEvent], *, part: Part | None = None) -> None: ...
 
     async def aclose(self) -> None: ...
 

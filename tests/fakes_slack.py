@@ -9,8 +9,10 @@ route and the Web API's ``chat.postMessage``, recording every request it receive
 
 Answers are scripted per route (first in, first out); when the script is empty the
 route answers like Slack on success. ``chat.postMessage`` checks the bearer token like
-Slack does (``not_authed`` / ``invalid_auth``, HTTP 200), and both routes reject
-messages that break Slack's Block Kit limits (``invalid_blocks``).
+Slack does (``not_authed`` / ``invalid_auth``, HTTP 200), and both routes refuse a
+message that breaks Slack's documented limits as Slack does (:func:`slack_problem`:
+``invalid_blocks``, ``msg_blocks_too_long``, ``msg_too_long``), so that every test that
+sends through this fake also proves its messages fit.
 """
 
 from __future__ import annotations
@@ -52,22 +54,87 @@ class Received:
     body: dict[str, Any]
 
 
-def _blocks_problem(body: dict[str, Any]) -> str | None:
-    """The Block Kit limits Slack enforces that a renderer can plausibly break."""
-    blocks = body.get("blocks", [])
-    if not body.get("text") and not blocks:
-        return "no_text"
-    if len(blocks) > 50:
-        return "invalid_blocks"
-    for block in blocks:
-        text = (block.get("text") or {}).get("text", "")
+# Slack's documented limits (docs.slack.dev: reference/block-kit/blocks, the blocks'
+# pages, reference/methods/chat.postMessage). BLOCK_TEXT_MAX: all the text of a message's
+# blocks together; Slack refuses about 13,000 characters (msg_blocks_too_long, as Slack
+# users report); the fake refuses above 12,000, the budget the renderer keeps to.
+TEXT_MAX = 40_000
+BLOCKS_MAX = 50
+HEADER_MAX = 150
+SECTION_MAX = 3000
+FIELDS_MAX = 10
+FIELD_MAX = 2000
+CONTEXT_ELEMENTS_MAX = 10
+ACTIONS_ELEMENTS_MAX = 25
+BUTTON_TEXT_MAX = 75
+URL_MAX = 3000
+BLOCK_TEXT_MAX = 12_000
+
+
+def block_text(blocks: list[dict[str, Any]]) -> int:
+    """Characters of every text object in ``blocks`` (what msg_blocks_too_long counts)."""
+    total = 0
+
+    def walk(value: Any) -> None:
+        nonlocal total
+        if isinstance(value, dict):
+            if value.get("type") in ("plain_text", "mrkdwn") and isinstance(value.get("text"), str):
+                total += len(value["text"])
+                return
+            for item in value.values():
+                walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+
+    walk(blocks)
+    return total
+
+
+def _block_problem(block: dict[str, Any]) -> bool:
+    """Whether one block breaks its type's limits (or is not a block we know)."""
+    kind = block.get("type")
+    text = (block.get("text") or {}).get("text")
+    if kind == "header":
+        return not isinstance(text, str) or not 0 < len(text) <= HEADER_MAX
+    if kind == "section":
         fields = block.get("fields") or []
-        if block["type"] == "header" and len(text) > 150:
-            return "invalid_blocks"
-        if len(text) > 3000 or len(fields) > 10:
-            return "invalid_blocks"
-        if any(len(f["text"]) > 2000 for f in fields):
-            return "invalid_blocks"
+        if text is None and not fields:
+            return True
+        if text is not None and not 0 < len(text) <= SECTION_MAX:
+            return True
+        return len(fields) > FIELDS_MAX or any(
+            not 0 < len(f.get("text", "")) <= FIELD_MAX for f in fields
+        )
+    if kind == "context":
+        elements = block.get("elements") or []
+        return not 0 < len(elements) <= CONTEXT_ELEMENTS_MAX or any(
+            len(e.get("text", "")) > SECTION_MAX for e in elements
+        )
+    if kind == "actions":
+        elements = block.get("elements") or []
+        return not 0 < len(elements) <= ACTIONS_ELEMENTS_MAX or any(
+            len(e.get("text", {}).get("text", "")) > BUTTON_TEXT_MAX
+            or len(e.get("url", "")) > URL_MAX
+            for e in elements
+        )
+    return kind != "divider"
+
+
+def slack_problem(body: dict[str, Any]) -> str | None:
+    """The error Slack answers to this message body, or None when it fits."""
+    blocks = body.get("blocks") or []
+    text = body.get("text") or ""
+    if not text and not blocks:
+        return "no_text"
+    if len(text) > TEXT_MAX:
+        return "msg_too_long"
+    if not isinstance(blocks, list) or len(blocks) > BLOCKS_MAX:
+        return "invalid_blocks"
+    if any(not isinstance(b, dict) or _block_problem(b) for b in blocks):
+        return "invalid_blocks"
+    if block_text(blocks) > BLOCK_TEXT_MAX:
+        return "msg_blocks_too_long"
     return None
 
 
@@ -121,7 +188,7 @@ class FakeSlack(LoopbackServer):
         body = await self._record("webhook", request)
         reply = self._next("webhook")
         if reply is None:
-            problem = _blocks_problem(body)
+            problem = slack_problem(body)
             reply = Reply(400, problem) if problem else Reply()
         if reply.status == 200 and reply.raw is None and reply.error is None:
             self.accepted.append(body)
@@ -143,7 +210,7 @@ class FakeSlack(LoopbackServer):
             elif not body.get("channel"):
                 reply = Reply(error="channel_not_found")
             else:
-                problem = _blocks_problem(body)
+                problem = slack_problem(body)
                 reply = Reply(error=problem) if problem else Reply()
         if reply.raw is not None:
             return web.Response(

@@ -615,3 +615,93 @@ async def test_store_check_file_notices_a_deleted_or_replaced_file(tmp_path):
             store.check_file()
     finally:
         await store.close()
+
+
+# -- a group too large for one message is split into parts --------------------------------
+
+
+async def test_store_a_group_larger_than_a_message_goes_as_parts_in_order(tmp_path):
+    """120 messages of one cycle for one notifier: three grouped messages of 40, each a
+    message of its own (sent, retried and marked on its own), in order, each knowing
+    which part it is; a second notifier's one message and the next cycle's group are
+    numbered apart."""
+    store = await StateStore.open(tmp_path / "state.db")
+    try:
+        number = store.begin_cycle()
+        keys = [f"k{n:03d}" for n in range(120)]
+        for start in range(0, 120, 30):  # four organizations' transactions
+            part = [firing(k) for k in keys[start : start + 30]]
+            await store.commit_orgs(number, NOW, [], part, {"failed": ["slack"]})
+        await store.commit_orgs(number, NOW, [], [firing("other")], {"failed": ["email"]})
+        await store.finish_cycle(number, NOW, NOW, [], [], {}, 5, orgs_ok=1, orgs_failed=0)
+        again = store.begin_cycle()
+        await store.commit_orgs(again, NOW, [], [firing(k) for k in "abc"], {"failed": ["slack"]})
+        await store.finish_cycle(again, NOW, NOW, [], [], {}, 2, orgs_ok=1, orgs_failed=0)
+
+        due = await store.due_deliveries(NOW)
+        slack = [d for d in due if d.notifier == "slack"]
+        assert [[e.key for e in d.events] for d in slack[:3]] == [
+            keys[:40],
+            keys[40:80],
+            keys[80:],
+        ]
+        assert [(d.part.number, d.part.count) for d in slack[:3] if d.part] == [
+            (1, 3),
+            (2, 3),
+            (3, 3),
+        ]
+        assert [e.key for e in slack[3].events] == ["a", "b", "c"] and slack[3].part is None
+        assert [d.part for d in due if d.notifier == "email"] == [None]
+        rows = await store.outbox(("pending",))
+        assert sorted(r.summary for r in rows if r.notifier == "slack") == [
+            "3 alerts (grouped)",
+            "40 alerts (grouped, part 1 of 3)",
+            "40 alerts (grouped, part 2 of 3)",
+            "40 alerts (grouped, part 3 of 3)",
+        ]
+        # Part 2 failing leaves parts 1 and 3 alone: each is recorded on its own.
+        await store.mark_sent(slack[0].id, NOW)
+        await store.mark_retry(slack[1].id, NOW + timedelta(minutes=1), "HTTP 503")
+        later = await store.due_deliveries(NOW + timedelta(minutes=1))
+        assert [d.part for d in later if d.notifier == "slack"][:2] == [
+            slack[1].part,
+            slack[2].part,
+        ]
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize(("count", "sizes"), [(41, [21, 20]), (81, [27, 27, 27]), (120, [40] * 3)])
+def test_message_parts_are_even_and_never_larger_than_a_message(count, sizes):
+    from invoice_watch.commit import message_parts
+
+    assert message_parts(count, 5) == sizes
+    assert message_parts(5, 5) is None  # not more than group_over: one by one
+    assert message_parts(40, 5) == [40]
+
+
+async def test_store_a_pending_group_too_large_from_an_earlier_version_is_split(tmp_path):
+    """A grouped message of 100 written before groups were split (one leader, 99
+    followers) is split into parts when the state file is next opened."""
+    path = tmp_path / "state.db"
+    store = await StateStore.open(path)
+    number = store.begin_cycle()
+    await store.commit_orgs(
+        number, NOW, [], [firing(f"k{n:03d}") for n in range(100)], {"failed": ["slack"]}
+    )
+    await store.close()
+    conn = sqlite3.connect(path)  # what the earlier version's release wrote
+    leader = conn.execute("SELECT MIN(id) FROM outbox").fetchone()[0]
+    conn.execute("UPDATE outbox SET state='pending', grp=?", (leader,))
+    conn.commit()
+    conn.close()
+
+    store = await StateStore.open(path)
+    try:
+        await store.release_held(5, NOW)
+        due = await store.due_deliveries(NOW)
+        assert [len(d.events) for d in due] == [34, 33, 33]
+        assert [str(d.part) for d in due] == ["part 1 of 3", "part 2 of 3", "part 3 of 3"]
+        assert [e.key for d in due for e in d.events] == [f"k{n:03d}" for n in range(100)]
+    finally:
+        await store.close()

@@ -25,7 +25,7 @@ from invoice_watch.app import App, CycleResult, FullListings, _phase
 from invoice_watch.clock import FakeClock
 from invoice_watch.config import Config, load
 from invoice_watch.simulator import Scenario, Simulator
-from invoice_watch.types import AlertEvent, EventKind
+from invoice_watch.types import AlertEvent, EventKind, Part
 
 # Its phase (where in each period its full listing falls) is 0.0026: after the full
 # listing at start, its next one is due 0.9974 of a period later (23 h 56 min).
@@ -74,7 +74,7 @@ class Recorder:
     def __init__(self) -> None:
         self.sent: list[AlertEvent] = []
 
-    async def send(self, events: Sequence[AlertEvent]) -> None:
+    async def send(self, events: Sequence[AlertEvent], *, part: Part | None = None) -> None:
         self.sent.extend(events)
 
     async def aclose(self) -> None:

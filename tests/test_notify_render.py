@@ -15,11 +15,16 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from aiosmtplib.email import flatten_message
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from invoice_watch import format as fmt
+from invoice_watch.constants import MESSAGE_MAX_EVENTS
 from invoice_watch.format import billing_url
-from invoice_watch.notify import ConsoleNotifier, render
-from invoice_watch.types import AlertEvent, BreakdownLine, EventKind, Severity
+from invoice_watch.notify import ConsoleNotifier, EmailNotifier, render
+from invoice_watch.types import AlertEvent, BreakdownLine, EventKind, Part, Severity
+from tests.fakes_slack import BLOCK_TEXT_MAX, TEXT_MAX, block_text, slack_problem
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -295,20 +300,114 @@ def test_slack_blocks_has_billing_button() -> None:
     assert button["url"] == billing_url("https://cloud.mongodb.com", PROD)
 
 
-def test_slack_blocks_huge_group_stays_within_limits() -> None:
+def test_slack_blocks_more_events_than_a_message_holds_stay_within_limits() -> None:
+    """The outbox never groups more than MESSAGE_MAX_EVENTS (it splits into parts); a
+    renderer given more all the same still fits, and says how many it left out."""
     events = [pending_event(key=str(i), rule="r" * 100) for i in range(2000)]
     blocks = render.slack_blocks(events)
-    assert len(blocks) <= 50
-    assert all(len(b.get("text", {}).get("text", "")) <= 3000 for b in blocks)
-    assert "more, see `invoice-watch history`" in blocks[-2]["text"]["text"]
-    assert len(blocks[0]["text"]["text"]) <= 150
+    assert slack_problem({"text": render.text(events), "blocks": blocks}) is None
+    assert "…and 1960 more" in blocks[-2]["text"]["text"]
 
 
 def test_slack_blocks_long_names_are_clipped() -> None:
     event = pending_event(rule="x" * 500, summary="y" * 5000)
     blocks = render.slack_blocks([event])
-    assert len(blocks[0]["text"]["text"]) == 150
-    assert len(blocks[1]["text"]["text"]) == 3000
+    assert len(blocks[0]["text"]["text"]) <= 150 and blocks[0]["text"]["text"].endswith("…")
+    assert blocks[1]["text"]["text"] == "y" * 999 + "…"
+
+
+# -- every message fits its channel, whatever the values --------------------------------
+
+# Values of every length, with the characters that escaping makes longer.
+_LONG = st.one_of(
+    st.text(max_size=40),
+    st.builds(
+        lambda chunk, n: chunk * n,
+        st.sampled_from(["x", "&", "<>", "é", " a", "*_`", "|", "\r\n"]),
+        st.integers(0, 5000),
+    ),
+)
+
+
+@st.composite
+def any_event(draw: st.DrawFn) -> AlertEvent:
+    event = pending_event(
+        kind=draw(st.sampled_from(list(EventKind))),
+        rule=draw(_LONG),
+        rule_type=draw(_LONG),
+        org_name=draw(_LONG),
+        org_id=draw(_LONG),
+        summary=draw(_LONG),
+        invoice_id=draw(st.none() | _LONG),
+        invoice_status=draw(st.none() | _LONG),
+        previous_status=draw(st.none() | _LONG),
+        amount_cents=draw(st.none() | st.integers(-(10**15), 10**15)),
+        billing_url="https://cloud.mongodb.com/" + draw(_LONG),
+        details=tuple(draw(st.lists(st.tuples(_LONG, _LONG), max_size=15))),
+        breakdown=tuple(
+            BreakdownLine(dim, name, cents, growth)
+            for dim, name, cents, growth in draw(
+                st.lists(
+                    st.tuples(
+                        st.sampled_from(["project", "sku", "cluster"]),
+                        _LONG,
+                        st.integers(0, 10**12),
+                        st.none() | st.integers(-(10**12), 10**12),
+                    ),
+                    max_size=30,
+                )
+            )
+        ),
+    )
+    return event
+
+
+@st.composite
+def any_message(draw: st.DrawFn) -> tuple[list[AlertEvent], Part | None]:
+    events = draw(st.lists(any_event(), min_size=1, max_size=MESSAGE_MAX_EVENTS))
+    part = None
+    if len(events) > 1 and draw(st.booleans()):
+        count = draw(st.integers(2, 1000))
+        part = Part(draw(st.integers(1, count)), count)
+    return events, part
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(any_message())
+def test_render_fits_slack_limits_whatever_the_values(
+    message: tuple[list[AlertEvent], Part | None],
+) -> None:
+    """Up to MESSAGE_MAX_EVENTS events with values of any length (Slack's limits as the
+    fake Slack enforces them), and each fallback form the notifier may send."""
+    events, part = message
+    blocks = render.slack_blocks(events, part)
+    text = render.text(events, part)
+    assert slack_problem({"text": text, "blocks": blocks}) is None
+    assert block_text(blocks) <= BLOCK_TEXT_MAX
+    assert len(text) <= TEXT_MAX
+    assert slack_problem({"text": render.brief_text(events, part)}) is None
+    if part is not None:
+        assert str(part) in blocks[0]["text"]["text"] or len(blocks[0]["text"]["text"]) == 150
+        assert str(part) in text.splitlines()[0]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(any_message())
+def test_render_fits_email_limits_whatever_the_values(
+    message: tuple[list[AlertEvent], Part | None],
+) -> None:
+    """RFC 5322: no line of the message as aiosmtplib puts it on the wire is longer than
+    998 characters (headers are folded at 78); the subject is at most SUBJECT_MAX."""
+    events, part = message
+    mailer = EmailNotifier(
+        "mail", host="127.0.0.1", port=25, from_addr="a@example.com", to=["b@example.com"]
+    )
+    message_ = mailer.build_message(events, part)
+    assert len(render.email_subject(events, part)) <= render.SUBJECT_MAX
+    wire = flatten_message(message_, cte_type="8bit")
+    assert max(len(line) for line in wire.split(b"\r\n")) <= 998
+    for name in ("Subject", "From", "To", "Date", "Message-ID"):
+        assert name in message_
 
 
 async def test_console_notifier_separates_messages(capsys: pytest.CaptureFixture[str]) -> None:

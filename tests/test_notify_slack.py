@@ -19,6 +19,7 @@ from invoice_watch.notify.slack import (
     SlackWebhookNotifier,
     classify_slack_status,
 )
+from invoice_watch.types import Part
 from tests.fakes_slack import TOKEN, FakeSlack, Reply
 from tests.test_notify_render import grouped_events, pending_event, resolved_failed_event
 
@@ -171,6 +172,65 @@ async def test_webhook_send_refusals_are_permanent(
     message = str(info.value)
     assert f"HTTP {reply.status} {reply.error}" in message
     assert hint in message
+
+
+def _refusal(kind: str, code: str) -> Reply:
+    """How each route refuses a message's form: the webhook with HTTP 400 and the code
+    as its body, the Web API with HTTP 200 and ``ok: false``."""
+    return Reply(400, code) if kind == "webhook" else Reply(error=code)
+
+
+def _script(slack: FakeSlack, kind: str, *replies: Reply) -> None:
+    (slack.script_webhook if kind == "webhook" else slack.script_api)(*replies)
+
+
+@pytest.mark.parametrize("make", [webhook, bot], ids=["webhook", "bot"])
+@pytest.mark.parametrize("code", ["msg_blocks_too_long", "invalid_blocks", "msg_too_long"])
+async def test_send_refused_for_size_falls_back_to_plain_text(
+    slack: FakeSlack, make, code: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Slack refusing a message's blocks or size (a limit it changed) is never the end of
+    an alert: nothing was posted, so the same message goes again as plain text."""
+    kind = "webhook" if make is webhook else "bot"
+    _script(slack, kind, _refusal(kind, code))
+    events = grouped_events()
+    part = Part(2, 3)
+    await make(slack).send(events, part=part)
+    first, second = slack.received
+    assert "blocks" in first.body and "blocks" not in second.body
+    assert second.body["text"] == render.text(events, part)
+    assert slack.accepted == [second.body]
+    assert f"Slack refused the message ({code}); sending it as plain text" in caplog.text
+
+
+@pytest.mark.parametrize("make", [webhook, bot], ids=["webhook", "bot"])
+async def test_send_refused_in_every_form_is_retryable_not_failed(slack: FakeSlack, make) -> None:
+    kind = "webhook" if make is webhook else "bot"
+    _script(
+        slack,
+        kind,
+        _refusal(kind, "msg_blocks_too_long"),
+        _refusal(kind, "msg_too_long"),
+        _refusal(kind, "msg_too_long"),
+    )
+    with pytest.raises(RetryableNotifyError, match="msg_too_long"):
+        await make(slack).send([pending_event()])
+    texts = [r.body["text"] for r in slack.received]
+    assert len(texts) == 3 and texts[2] == render.brief_text([pending_event()])
+    assert len(texts[2]) < len(texts[1])
+    await make(slack).send([pending_event()])  # Slack takes it again: delivered
+    assert len(slack.accepted) == 1
+
+
+@pytest.mark.parametrize("make", [webhook, bot], ids=["webhook", "bot"])
+async def test_send_says_which_part_of_a_split_group_it_is(slack: FakeSlack, make) -> None:
+    events = grouped_events()
+    await make(slack).send(events, part=Part(2, 3))
+    [body] = slack.accepted
+    assert body["blocks"][0]["text"]["text"].endswith(
+        "12 alerts: 9 FIRING, 3 RESOLVED (part 2 of 3)"
+    )
+    assert body["text"].startswith("12 alerts: 9 FIRING, 3 RESOLVED (part 2 of 3)\n")
 
 
 async def test_bot_send_wrong_token_is_permanent(slack: FakeSlack) -> None:

@@ -1,4 +1,6 @@
-"""The console notifier: prints each message's plain text to stdout (demo, dry runs)."""
+"""The console notifier: prints each message's plain text to stdout (demo, dry runs).
+
+A terminal has no size limit; a message is as bounded as every other (:mod:`.render`)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from typing import TextIO
 
 from invoice_watch.errors import PermanentNotifyError, RetryableNotifyError
 from invoice_watch.notify import render
-from invoice_watch.types import AlertEvent
+from invoice_watch.types import AlertEvent, Part
 
 SEPARATOR = "─" * 72
 
@@ -24,13 +26,13 @@ class ConsoleNotifier:
     def __repr__(self) -> str:
         return f"ConsoleNotifier(name={self.name!r})"
 
-    async def send(self, events: Sequence[AlertEvent]) -> None:
+    async def send(self, events: Sequence[AlertEvent], *, part: Part | None = None) -> None:
         if not events:
             return
         # Looked up at each send, so a redirected sys.stdout (tests, --dry-run) is honoured.
         stream = self._stream or sys.stdout
         try:
-            stream.write(f"{SEPARATOR}\n{render.text(events)}")
+            stream.write(f"{SEPARATOR}\n{render.text(events, part)}")
             stream.flush()
         except OSError as exc:  # a closed pipe stays closed; a full disk may clear
             error = f"cannot write to standard output: {exc.strerror or exc}"

@@ -21,7 +21,7 @@ import aiosmtplib
 
 from invoice_watch.errors import NotifyError, PermanentNotifyError, RetryableNotifyError
 from invoice_watch.notify import render
-from invoice_watch.types import AlertEvent
+from invoice_watch.types import AlertEvent, Part
 
 logger = logging.getLogger(__name__)
 
@@ -105,17 +105,23 @@ class EmailNotifier:
             f"to={self.to!r})"
         )
 
-    def build_message(self, events: Sequence[AlertEvent]) -> EmailMessage:
-        """The message for ``events``: plain text and HTML parts, stable Message-ID."""
+    def build_message(self, events: Sequence[AlertEvent], part: Part | None = None) -> EmailMessage:
+        """The message for ``events``: plain text and HTML parts, stable Message-ID.
+
+        Within RFC 5322's limits by construction: the subject is clipped
+        (:data:`render.SUBJECT_MAX`), headers are folded at 78 characters, and a body
+        with a line longer than 78 is sent quoted-printable (``email``'s content manager
+        decides), so no line on the wire exceeds 998; a grouped message holds at most
+        ``MESSAGE_MAX_EVENTS`` events."""
         message = EmailMessage()
-        message["Subject"] = render.email_subject(events)
+        message["Subject"] = render.email_subject(events, part)
         message["From"] = self.from_addr
         message["To"] = ", ".join(self.to)
         # The events' time, not the send time: a retried message stays the same message.
         message["Date"] = format_datetime(max(e.at for e in events))
         message["Message-ID"] = group_message_id(events)
-        message.set_content(render.text(events))
-        message.add_alternative(render.email_html(events), subtype="html")
+        message.set_content(render.text(events, part))
+        message.add_alternative(render.email_html(events, part), subtype="html")
         return message
 
     def _tls_context(self) -> ssl.SSLContext:
@@ -125,10 +131,10 @@ class EmailNotifier:
             context.load_verify_locations(cafile=self.ca_file)
         return context
 
-    async def send(self, events: Sequence[AlertEvent]) -> None:
+    async def send(self, events: Sequence[AlertEvent], *, part: Part | None = None) -> None:
         if not events:
             return
-        message = self.build_message(events)
+        message = self.build_message(events, part)
         if self.tls == "none":
             context = None
         else:

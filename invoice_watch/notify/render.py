@@ -3,13 +3,24 @@ subject and an HTML body. Pure functions, no I/O; every notifier renders through
 a message says the same facts everywhere.
 
 One event is one message. Several events are one grouped message (flood control): a
-title with the counts per kind and one compact line per event.
+title with the counts per kind and one compact line per event. A group larger than
+:data:`~invoice_watch.constants.MESSAGE_MAX_EVENTS` is split into parts by the outbox
+(``commit.message_parts``), each its own message saying "part i of n".
+
+Every message fits its channel's limits by construction: each value an event carries
+(names, summary, details, breakdown, link) is clipped to a bound of its own below, so one
+event renders within every limit, and so do up to ``MESSAGE_MAX_EVENTS`` of them as one
+grouped message (``tests/test_notify_render.py::test_render_fits_*`` proves it for any
+values). Slack's limits are :data:`SLACK_LIMITS`; email headers are folded by the
+``email`` package (RFC 5322 lines of at most 78 characters, bodies quoted-printable when
+a line is longer); the subject is clipped to :data:`SUBJECT_MAX`.
 """
 
 from __future__ import annotations
 
 import html
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,18 +35,53 @@ from slack_sdk.models.blocks import (
     SectionBlock,
 )
 
+from invoice_watch.constants import MESSAGE_MAX_EVENTS
 from invoice_watch.format import duration, period, usd
-from invoice_watch.types import AlertEvent, BreakdownLine, EventKind, Severity
+from invoice_watch.types import AlertEvent, BreakdownLine, EventKind, Part, Severity
 
 SUBJECT_PREFIX = "[invoice-watch]"
+SUBJECT_MAX = 150  # characters of an email subject (folded at 78 by the email package)
 BUTTON_LABEL = "Open billing in Atlas"
 
-# Slack Block Kit limits (https://api.slack.com/reference/block-kit/blocks).
-_SLACK_HEADER_MAX = 150
-_SLACK_SECTION_MAX = 3000
-_SLACK_FIELD_MAX = 2000
-_SLACK_MAX_LIST_SECTIONS = 40  # of the 50 blocks a message may hold
-_SLACK_LINE_MAX = 1000  # one event's line in a grouped message
+
+@dataclass(frozen=True)
+class SlackLimits:
+    """What Slack accepts in one message (https://docs.slack.dev/reference/block-kit/blocks,
+    https://docs.slack.dev/reference/methods/chat.postMessage). ``block_text``: the
+    characters of every text object of the blocks together; Slack refuses a message
+    above about 13,000 (``msg_blocks_too_long``, as reported by Slack users), so a
+    message keeps within 12,000."""
+
+    blocks: int = 50
+    header: int = 150
+    section: int = 3000
+    fields: int = 10
+    field: int = 2000
+    context_elements: int = 10
+    button_text: int = 75
+    url: int = 3000
+    block_text: int = 12_000
+    text: int = 40_000  # the top-level `text` (msg_too_long)
+
+
+SLACK_LIMITS = SlackLimits()
+
+# Bounds on what one event contributes to any message (characters), so that one event,
+# and MESSAGE_MAX_EVENTS of them grouped, fit every channel (see the module docstring).
+_NAME_MAX = 100  # a rule's or an organization's name, an invoice id, a breakdown name
+_SUMMARY_MAX = 1000
+_DETAILS_MAX = 10  # details shown, each label _NAME_MAX and value _DETAIL_MAX
+_DETAIL_MAX = 300
+_BREAKDOWN_MAX = 10  # breakdown lines shown per dimension
+_URL_MAX = 300  # a longer billing link is not shown (the organization's name still is)
+_SLACK_FIELD_MAX = 300  # one fact of a single-event message, label included
+_SLACK_SECTION_MAX = 1500  # the summary, details and each breakdown section
+_SLACK_LINE_MAX = 270  # one event's line in a grouped message
+# Checked at import: the worst grouped part fits (header, lines, context).
+assert (
+    SLACK_LIMITS.header + MESSAGE_MAX_EVENTS * (_SLACK_LINE_MAX + 1) + 400
+    <= SLACK_LIMITS.block_text
+)
 
 _DIMENSION_TITLES = {"project": "Top projects", "sku": "Top SKUs"}
 
@@ -70,6 +116,28 @@ def _clip(value: str, limit: int) -> str:
     return value if len(value) <= limit else value[: limit - 1] + "…"
 
 
+def _name(value: str) -> str:
+    """A name on one line, within its bound."""
+    return _clip(_one_line(value), _NAME_MAX)
+
+
+def _summary(event: AlertEvent) -> str:
+    return _clip(_one_line(event.summary), _SUMMARY_MAX)
+
+
+def _link(event: AlertEvent) -> str | None:
+    """The billing link, unless it is too long to show anywhere."""
+    url = event.billing_url
+    return url if len(url) <= _URL_MAX else None
+
+
+def _details(event: AlertEvent) -> list[tuple[str, str]]:
+    return [
+        (_name(label), _clip(_one_line(value), _DETAIL_MAX))
+        for label, value in event.details[:_DETAILS_MAX]
+    ]
+
+
 def _when(at: datetime) -> str:
     aware = at if at.tzinfo is not None else at.replace(tzinfo=UTC)
     return aware.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -90,12 +158,16 @@ def _group_state(events: Sequence[AlertEvent]) -> str:
 
 def _org(event: AlertEvent) -> str:
     if event.org_name and event.org_name != event.org_id:
-        return f"{_one_line(event.org_name)} ({event.org_id})"
-    return event.org_id
+        return f"{_name(event.org_name)} ({_name(event.org_id)})"
+    return _name(event.org_id)
 
 
 def _org_name(event: AlertEvent) -> str:
-    return _one_line(event.org_name) or event.org_id
+    return _name(event.org_name) or _name(event.org_id)
+
+
+def _invoice_id(event: AlertEvent) -> str | None:
+    return _name(event.invoice_id) if event.invoice_id else None
 
 
 def _status(event: AlertEvent) -> str | None:
@@ -108,10 +180,10 @@ def _facts(event: AlertEvent) -> list[tuple[str, str]]:
     """The label/value pairs of one event, in display order; absent values are left out."""
     status = _status(event)
     facts = [("Organization", _org(event))]
-    if event.invoice_id:
-        facts.append(("Invoice", event.invoice_id))
+    if invoice_id := _invoice_id(event):
+        facts.append(("Invoice", invoice_id))
     if status:
-        facts.append(("Status", status))
+        facts.append(("Status", _clip(_one_line(status), 2 * _NAME_MAX)))
     if event.amount_cents is not None:
         facts.append(("Amount", usd(event.amount_cents)))
     if event.period_start is not None and event.period_end is not None:
@@ -123,11 +195,12 @@ def _facts(event: AlertEvent) -> list[tuple[str, str]]:
 
 
 def _title(event: AlertEvent) -> str:
-    return f"{event.kind.value}: {_one_line(event.rule)}"
+    return f"{event.kind.value}: {_name(event.rule)}"
 
 
 def _footer(event: AlertEvent) -> str:
-    return f"Severity {event.severity.value} · rule type {event.rule_type} · {_when(event.at)}"
+    rule_type = _name(event.rule_type)
+    return f"Severity {event.severity.value} · rule type {rule_type} · {_when(event.at)}"
 
 
 def _counts(events: Sequence[AlertEvent]) -> str:
@@ -135,8 +208,9 @@ def _counts(events: Sequence[AlertEvent]) -> str:
     return ", ".join(f"{n} {kind.value}" for kind, n in counts if n)
 
 
-def _group_title(events: Sequence[AlertEvent]) -> str:
-    return f"{len(events)} alerts: {_counts(events)}"
+def _group_title(events: Sequence[AlertEvent], part: Part | None = None) -> str:
+    title = f"{len(events)} alerts: {_counts(events)}"
+    return f"{title} ({part})" if part is not None else title
 
 
 def _group_footer(events: Sequence[AlertEvent]) -> str:
@@ -147,8 +221,13 @@ def _breakdown(event: AlertEvent) -> list[tuple[str, list[BreakdownLine]]]:
     """The breakdown lines grouped by dimension, dimensions in order of appearance."""
     groups: dict[str, list[BreakdownLine]] = {}
     for line in event.breakdown:
-        groups.setdefault(line.dimension, []).append(line)
-    return [(_DIMENSION_TITLES.get(dim, dim.capitalize()), lines) for dim, lines in groups.items()]
+        lines = groups.setdefault(_name(line.dimension), [])
+        if len(lines) < _BREAKDOWN_MAX:
+            lines.append(line)
+    return [
+        (_DIMENSION_TITLES.get(dim, dim.capitalize()), lines)
+        for dim, lines in list(groups.items())[:2]
+    ]
 
 
 def _growth(line: BreakdownLine) -> str:
@@ -160,11 +239,12 @@ def _growth(line: BreakdownLine) -> str:
 
 def _compact(event: AlertEvent) -> list[str]:
     """One event of a grouped message as columns: kind, rule, org, invoice, amount."""
+    invoice_id = _invoice_id(event)
     return [
         event.kind.value,
-        _one_line(event.rule),
+        _name(event.rule),
         _org_name(event),
-        f"invoice {event.invoice_id}" if event.invoice_id else "",
+        f"invoice {invoice_id}" if invoice_id else "",
         usd(event.amount_cents) if event.amount_cents is not None else "",
     ]
 
@@ -184,29 +264,51 @@ def _columns(rows: list[list[str]], right: frozenset[int] = frozenset()) -> list
 # --- plain text ----------------------------------------------------------------------
 
 
-def text(events: Sequence[AlertEvent]) -> str:
+def text(events: Sequence[AlertEvent], part: Part | None = None) -> str:
     """The plain-text message (console, email plain part, Slack fallback text) for one
-    or more events."""
+    or more events (``part``: which part of a split group they are)."""
     if len(events) == 1:
         return _text_one(events[0])
-    lines = [_group_title(events), ""]
-    lines += ["  " + row for row in _columns([_compact(e) for e in events], frozenset({4}))]
-    links = {_org_name(e): e.billing_url for e in events}
-    lines += ["", f"{BUTTON_LABEL}:"]
-    lines += ["  " + row for row in _columns([[name, url] for name, url in links.items()])]
+    shown = events[:MESSAGE_MAX_EVENTS]
+    lines = [_group_title(events, part), ""]
+    lines += ["  " + row for row in _columns([_compact(e) for e in shown], frozenset({4}))]
+    if len(shown) < len(events):
+        lines.append(f"  …and {len(events) - len(shown)} more")
+    links = {_org_name(e): link for e in shown if (link := _link(e))}
+    if links:
+        lines += ["", f"{BUTTON_LABEL}:"]
+        lines += ["  " + row for row in _columns([[name, url] for name, url in links.items()])]
     lines += ["", _group_footer(events)]
     return "\n".join(lines) + "\n"
 
 
 def _text_one(event: AlertEvent) -> str:
-    lines = [_title(event), _one_line(event.summary), ""]
-    facts = [(f"{label}:", value) for label, value in (*_facts(event), *event.details)]
+    lines = [_title(event), _summary(event), ""]
+    facts = [(f"{label}:", value) for label, value in (*_facts(event), *_details(event))]
     lines += _columns([list(fact) for fact in facts])
     for title, items in _breakdown(event):
-        rows = [[line.name, usd(line.amount_cents), _growth(line)] for line in items]
+        rows = [[_name(line.name), usd(line.amount_cents), _growth(line)] for line in items]
         lines += ["", f"{title}:"]
         lines += ["  " + row for row in _columns(rows, frozenset({1}))]
-    lines += ["", f"{BUTTON_LABEL}: {event.billing_url}", _footer(event)]
+    lines.append("")
+    if link := _link(event):
+        lines.append(f"{BUTTON_LABEL}: {link}")
+    lines.append(_footer(event))
+    return "\n".join(lines) + "\n"
+
+
+def brief_text(events: Sequence[AlertEvent], part: Part | None = None) -> str:
+    """The shortest complete message (a Slack refusal's last fallback): the title and
+    one line per event with its kind, rule, organization, invoice and amount; at most
+    a few thousand characters for up to ``MESSAGE_MAX_EVENTS`` events."""
+    if len(events) == 1:
+        event = events[0]
+        rows = [_compact(event)]
+        title = _title(event)
+    else:
+        rows = [_compact(e) for e in events[:MESSAGE_MAX_EVENTS]]
+        title = _group_title(events, part)
+    lines = [title, *(" ".join(cell for cell in row if cell) for row in rows)]
     return "\n".join(lines) + "\n"
 
 
@@ -222,87 +324,87 @@ def _mrkdwn_link(url: str, label: str) -> str:
     return f"<{url}|{_mrkdwn_escape(label).replace('|', '¦')}>"
 
 
-def _md(value: str) -> MarkdownTextObject:
-    return MarkdownTextObject(text=_clip(value, _SLACK_SECTION_MAX))
+def _md(value: str, limit: int = _SLACK_SECTION_MAX) -> MarkdownTextObject:
+    return MarkdownTextObject(text=_clip(value, limit))
 
 
-def slack_blocks(events: Sequence[AlertEvent]) -> list[dict[str, Any]]:
-    """The Block Kit blocks for one or more events (sent with :func:`text` as fallback)."""
-    blocks = _slack_one(events[0]) if len(events) == 1 else _slack_group(events)
+def slack_blocks(events: Sequence[AlertEvent], part: Part | None = None) -> list[dict[str, Any]]:
+    """The Block Kit blocks for one or more events (sent with :func:`text` as fallback;
+    ``part``: which part of a split group they are). Within :data:`SLACK_LIMITS`."""
+    blocks = _slack_one(events[0]) if len(events) == 1 else _slack_group(events, part)
     return [block.to_dict() for block in blocks]
 
 
 def _header(emoji: str, title: str) -> HeaderBlock:
     return HeaderBlock(
-        text=PlainTextObject(text=_clip(f"{emoji} {title}", _SLACK_HEADER_MAX), emoji=True)
+        text=PlainTextObject(text=_clip(f"{emoji} {title}", SLACK_LIMITS.header), emoji=True)
     )
 
 
 def _slack_one(event: AlertEvent) -> list[Block]:
     esc = _mrkdwn_escape
-    fields = [
-        _md(_clip(f"*{label}*\n{esc(value)}", _SLACK_FIELD_MAX)) for label, value in _facts(event)
-    ]
-    blocks: list[Block] = [
-        _header(_EMOJI[_state(event)], _title(event)),
-        SectionBlock(text=_md(esc(_one_line(event.summary)))),
-        SectionBlock(fields=fields),
-    ]
-    if event.details:
-        details = "\n".join(f"*{esc(label)}:* {esc(value)}" for label, value in event.details)
-        blocks.append(SectionBlock(text=_md(details)))
+    fields = [_md(f"*{label}*\n{esc(value)}", _SLACK_FIELD_MAX) for label, value in _facts(event)]
+    blocks: list[Block] = [_header(_EMOJI[_state(event)], _title(event))]
+    if summary := _summary(event):  # Slack refuses an empty text
+        blocks.append(SectionBlock(text=_md(esc(summary))))
+    blocks.append(SectionBlock(fields=fields[: SLACK_LIMITS.fields]))
+    if details := _details(event):
+        lines = "\n".join(f"*{esc(label)}:* {esc(value)}" for label, value in details)
+        blocks.append(SectionBlock(text=_md(lines)))
     for title, items in _breakdown(event):
         rows = [
             " ".join(
                 part
-                for part in (f"• {esc(line.name)}", usd(line.amount_cents), _growth(line))
+                for part in (f"• {esc(_name(line.name))}", usd(line.amount_cents), _growth(line))
                 if part
             )
             for line in items
         ]
         blocks.append(SectionBlock(text=_md("\n".join([f"*{title}*", *rows]))))
-    context = (
-        f"Severity *{event.severity.value}* · rule type `{event.rule_type}` · {_when(event.at)}"
-    )
+    rule_type = esc(_name(event.rule_type))
+    context = f"Severity *{event.severity.value}* · rule type `{rule_type}` · {_when(event.at)}"
     blocks.append(ContextBlock(elements=[_md(context)]))
-    blocks.append(
-        ActionsBlock(
-            elements=[
-                ButtonElement(text=BUTTON_LABEL, url=event.billing_url, action_id="open_billing")
-            ]
+    if link := _link(event):
+        blocks.append(
+            ActionsBlock(
+                elements=[ButtonElement(text=BUTTON_LABEL, url=link, action_id="open_billing")]
+            )
         )
-    )
     return blocks
 
 
 def _slack_line(event: AlertEvent) -> str:
-    parts = [
-        f"*{event.kind.value}*",
-        _mrkdwn_escape(_one_line(event.rule)),
-        _mrkdwn_link(event.billing_url, _org_name(event)),
-    ]
-    if event.invoice_id:
-        parts.append(f"invoice `{event.invoice_id}`")
-    if event.amount_cents is not None:
-        parts.append(usd(event.amount_cents))
-    return "• " + " · ".join(parts)
+    """One event of a grouped message, within ``_SLACK_LINE_MAX`` characters: the
+    organization is a link when the line has room for it."""
+
+    def line(org: str) -> str:
+        parts = [f"*{event.kind.value}*", _mrkdwn_escape(_name(event.rule)), org]
+        if invoice_id := _invoice_id(event):
+            parts.append(f"invoice `{_mrkdwn_escape(invoice_id)}`")
+        if event.amount_cents is not None:
+            parts.append(usd(event.amount_cents))
+        return "• " + " · ".join(parts)
+
+    link = _link(event)
+    if link is not None:
+        linked = line(_mrkdwn_link(link, _org_name(event)))
+        if len(linked) <= _SLACK_LINE_MAX:
+            return linked
+    return _clip(line(_mrkdwn_escape(_org_name(event))), _SLACK_LINE_MAX)
 
 
-def _slack_group(events: Sequence[AlertEvent]) -> list[Block]:
+def _slack_group(events: Sequence[AlertEvent], part: Part | None) -> list[Block]:
     chunks: list[list[str]] = [[]]
-    shown = 0
-    for event in events:
-        line = _clip(_slack_line(event), _SLACK_LINE_MAX)
-        if sum(len(x) + 1 for x in chunks[-1]) + len(line) > _SLACK_SECTION_MAX:
-            if len(chunks) == _SLACK_MAX_LIST_SECTIONS:
-                break
+    shown = events[:MESSAGE_MAX_EVENTS]  # the outbox never groups more (commit.py)
+    for event in shown:
+        line = _slack_line(event)
+        if sum(len(x) + 1 for x in chunks[-1]) + len(line) > SLACK_LIMITS.section:
             chunks.append([])
         chunks[-1].append(line)
-        shown += 1
-    if shown < len(events):
-        chunks.append([f"_…and {len(events) - shown} more, see `invoice-watch history`_"])
-    blocks: list[Block] = [_header(_EMOJI[_group_state(events)], _group_title(events))]
-    blocks += [SectionBlock(text=_md("\n".join(chunk))) for chunk in chunks]
+    if len(shown) < len(events):
+        chunks.append([f"_…and {len(events) - len(shown)} more_"])
+    blocks: list[Block] = [_header(_EMOJI[_group_state(events)], _group_title(events, part))]
+    blocks += [SectionBlock(text=_md("\n".join(chunk), SLACK_LIMITS.section)) for chunk in chunks]
     blocks.append(ContextBlock(elements=[_md(_group_footer(events))]))
     return blocks
 
@@ -310,15 +412,20 @@ def _slack_group(events: Sequence[AlertEvent]) -> list[Block]:
 # --- email ---------------------------------------------------------------------------
 
 
-def email_subject(events: Sequence[AlertEvent]) -> str:
-    """``[invoice-watch] KIND rule-name: Org name $amount``, or the group's counts."""
+def email_subject(events: Sequence[AlertEvent], part: Part | None = None) -> str:
+    """``[invoice-watch] KIND rule-name: Org name $amount``, or the group's counts (and
+    its part); at most :data:`SUBJECT_MAX` characters, the amount always whole."""
     if len(events) != 1:
-        return f"{SUBJECT_PREFIX} {_group_title(events)}"
+        return _clip(f"{SUBJECT_PREFIX} {_group_title(events, part)}", SUBJECT_MAX)
     event = events[0]
-    subject = f"{SUBJECT_PREFIX} {event.kind.value} {_one_line(event.rule)}: {_org_name(event)}"
-    if event.amount_cents is not None:
-        subject += f" {usd(event.amount_cents)}"
-    return subject
+    amount = f" {usd(event.amount_cents)}" if event.amount_cents is not None else ""
+    head = f"{SUBJECT_PREFIX} {event.kind.value} "
+    rule, org = _name(event.rule), _org_name(event)
+    room = SUBJECT_MAX - len(head) - len(amount) - 2  # ": "
+    if len(rule) + len(org) > room:
+        rule = _clip(rule, max(room // 2, room - len(org)))
+        org = _clip(org, room - len(rule))
+    return f"{head}{rule}: {org}{amount}"
 
 
 _BODY_STYLE = (
@@ -339,9 +446,9 @@ def _e(value: str) -> str:
     return html.escape(value, quote=True)
 
 
-def email_html(events: Sequence[AlertEvent]) -> str:
+def email_html(events: Sequence[AlertEvent], part: Part | None = None) -> str:
     """The HTML part: the same facts as :func:`text`, as an inline-styled table."""
-    body = _html_one(events[0]) if len(events) == 1 else _html_group(events)
+    body = _html_one(events[0]) if len(events) == 1 else _html_group(events, part)
     return (
         '<!DOCTYPE html>\n<html>\n<head><meta charset="utf-8"></head>\n'
         f'<body style="{_BODY_STYLE}">\n{body}</body>\n</html>\n'
@@ -364,40 +471,47 @@ def _html_rows(rows: Sequence[tuple[str, str]]) -> str:
 def _html_one(event: AlertEvent) -> str:
     parts = [
         _html_heading(_title(event), _state(event)),
-        f'<p style="margin: 0 0 12px">{_e(_one_line(event.summary))}</p>\n',
-        _html_rows([*_facts(event), *event.details]),
+        f'<p style="margin: 0 0 12px">{_e(_summary(event))}</p>\n',
+        _html_rows([*_facts(event), *_details(event)]),
     ]
     for title, items in _breakdown(event):
         rows = "".join(
-            f'<tr><td style="{_TD_STYLE}">{_e(line.name)}</td>'
+            f'<tr><td style="{_TD_STYLE}">{_e(_name(line.name))}</td>'
             f'<td style="{_TD_STYLE}; text-align: right">{_e(usd(line.amount_cents))}</td>'
             f'<td style="{_TD_STYLE}">{_e(_growth(line))}</td></tr>\n'
             for line in items
         )
         parts.append(f'<h3 style="margin: 0 0 4px; font-size: 14px">{_e(title)}</h3>\n')
         parts.append(f'<table style="{_TABLE_STYLE}">\n{rows}</table>\n')
-    parts.append(
-        f'<p><a href="{_e(event.billing_url)}" style="{_BUTTON_STYLE}">{_e(BUTTON_LABEL)}</a></p>\n'
-    )
+    if link := _link(event):
+        parts.append(
+            f'<p><a href="{_e(link)}" style="{_BUTTON_STYLE}">{_e(BUTTON_LABEL)}</a></p>\n'
+        )
     parts.append(f'<p style="{_FOOTER_STYLE}">{_e(_footer(event))}</p>\n')
     return "".join(parts)
 
 
-def _html_group(events: Sequence[AlertEvent]) -> str:
+def _html_group(events: Sequence[AlertEvent], part: Part | None) -> str:
     head = "".join(
         f'<th style="{_TH_STYLE}">{label}</th>'
         for label in ("Kind", "Rule", "Organization", "Invoice", "Amount")
     )
     rows = []
-    for event in events:
+    shown = events[:MESSAGE_MAX_EVENTS]  # the outbox never groups more (commit.py)
+    for event in shown:
         kind, rule, _, _, amount = _compact(event)
-        org = f'<a href="{_e(event.billing_url)}">{_e(_org_name(event))}</a>'
-        cells = [_e(kind), _e(rule), org, _e(event.invoice_id or ""), _e(amount)]
+        link = _link(event)
+        org = _e(_org_name(event))
+        if link is not None:
+            org = f'<a href="{_e(link)}">{org}</a>'
+        cells = [_e(kind), _e(rule), org, _e(_invoice_id(event) or ""), _e(amount)]
         rows.append(
             "<tr>" + "".join(f'<td style="{_TD_STYLE}">{cell}</td>' for cell in cells) + "</tr>\n"
         )
+    if len(shown) < len(events):
+        rows.append(f'<tr><td colspan="5">…and {len(events) - len(shown)} more</td></tr>\n')
     return (
-        _html_heading(_group_title(events), _group_state(events))
+        _html_heading(_group_title(events, part), _group_state(events))
         + f'<table style="{_TABLE_STYLE}">\n<tr>{head}</tr>\n{"".join(rows)}</table>\n'
         + f'<p style="{_FOOTER_STYLE}">{_e(_group_footer(events))}</p>\n'
     )

@@ -15,6 +15,12 @@ Proxies: each client is given the proxy :func:`invoice_watch.proxy.proxy_for` na
 (the notifier's ``proxy``, else ``HTTPS_PROXY``/``HTTP_PROXY`` and ``NO_PROXY``), or none;
 slack-sdk's own lookup reads ``HTTPS_PROXY`` but ignores ``NO_PROXY``, and logs the
 proxy URL (with its password) at debug level, so it gets a logger that never does.
+
+Every message fits Slack's limits by construction (:mod:`.render`). Should Slack refuse
+one all the same for its size or its blocks (``msg_blocks_too_long``, ``invalid_blocks``,
+``msg_too_long``: a limit Slack changed), nothing was posted, so ``send`` posts the same
+message again as plain text, then as its briefest form: a size refusal is never the end
+of an alert. These fallbacks are the only second POST of a ``send``.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 import aiohttp
 from slack_sdk.errors import SlackApiError
@@ -35,7 +42,7 @@ from invoice_watch.errors import NotifyError, PermanentNotifyError, RetryableNot
 from invoice_watch.notify import render
 from invoice_watch.proxy import proxy_for
 from invoice_watch.retry import parse_retry_after
-from invoice_watch.types import AlertEvent
+from invoice_watch.types import AlertEvent, Part
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +74,15 @@ _HINTS = {
     "channel_is_archived": "the webhook's channel is archived; create a new webhook",
     "invalid_payload": "Slack rejected the message format (a bug: please report it)",
     "invalid_blocks": "Slack rejected the message blocks (a bug: please report it)",
+    "msg_too_long": "Slack refused the message's length (a bug: please report it)",
 }
+
+# Slack's refusals of a message's blocks or size: nothing was posted, and the same
+# message in a plainer, shorter form can get through (module docstring).
+_REFUSED_FORM = frozenset(
+    {"invalid_blocks", "invalid_blocks_format", "msg_blocks_too_long", "msg_too_long",
+     "too_many_blocks", "invalid_attachments"}
+)  # fmt: skip
 
 _ERROR_CODE = re.compile(r"[a-z_]{1,64}")
 
@@ -136,6 +151,25 @@ def _proxy(name: str, url: str, configured: str | None) -> tuple[str | None, str
         return None, f"slack notifier {name!r}: {exc}; fix or unset it"
 
 
+def _forms(events: Sequence[AlertEvent], part: Part | None) -> list[dict[str, Any]]:
+    """The message in the forms ``send`` tries, in order: Block Kit with its fallback
+    text; plain text; the briefest text (:func:`render.brief_text`)."""
+    limit = render.SLACK_LIMITS.text
+    text = render.text(events, part)[:limit]
+    return [
+        {"text": text, "blocks": render.slack_blocks(events, part)},
+        {"text": text},
+        {"text": render.brief_text(events, part)[:limit]},
+    ]
+
+
+def _log_fallback(name: str, code: str | None, forms_left: int) -> None:
+    how = "as plain text" if forms_left == 2 else "in its briefest form"
+    logger.warning(
+        "slack notifier %r: Slack refused the message (%s); sending it %s", name, code, how
+    )
+
+
 class SlackWebhookNotifier:
     """Posts to a Slack incoming webhook (``notifiers.<name>.webhook_url``)."""
 
@@ -157,21 +191,27 @@ class SlackWebhookNotifier:
     def __repr__(self) -> str:
         return f"SlackWebhookNotifier(name={self.name!r}, webhook_url=<secret>)"
 
-    async def send(self, events: Sequence[AlertEvent]) -> None:
+    async def send(self, events: Sequence[AlertEvent], *, part: Part | None = None) -> None:
         if not events:
             return
         if self._proxy_problem is not None:
             raise PermanentNotifyError(self._proxy_problem)
-        try:
-            response = await self._client.send(
-                text=render.text(events), blocks=render.slack_blocks(events)
-            )
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            error = _error(self.name, None, None, reason=type(exc).__name__)
-        else:
-            error = _error(
-                self.name, response.status_code, _webhook_error_code(response), response.headers
-            )
+        forms = _forms(events, part)
+        while True:
+            form = forms.pop(0)
+            try:
+                response = await self._client.send(**form)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                error = _error(self.name, None, None, reason=type(exc).__name__)
+                break
+            code = _webhook_error_code(response)
+            if code in _REFUSED_FORM and forms:
+                _log_fallback(self.name, code, len(forms))
+                continue
+            error = _error(self.name, response.status_code, code, response.headers)
+            if code in _REFUSED_FORM:  # even the briefest form: never the end of an alert
+                error = RetryableNotifyError(str(error))
+            break
         if error is not None:
             # Raised outside the `except` and without `from`: aiohttp's messages may quote
             # the request URL, which for a webhook is the secret itself, and a logged
@@ -213,28 +253,36 @@ class SlackBotNotifier:
     def __repr__(self) -> str:
         return f"SlackBotNotifier(name={self.name!r}, channel={self.channel!r}, token=<secret>)"
 
-    async def send(self, events: Sequence[AlertEvent]) -> None:
+    async def send(self, events: Sequence[AlertEvent], *, part: Part | None = None) -> None:
         if not events:
             return
         if self._proxy_problem is not None:
             raise PermanentNotifyError(self._proxy_problem)
-        try:
-            await self._client.chat_postMessage(
-                channel=self.channel, text=render.text(events), blocks=render.slack_blocks(events)
-            )
-        except SlackApiError as exc:
-            cause: Exception | None = exc
-            response = exc.response
-            data = response.data if isinstance(response.data, dict) else {}
-            code = data.get("error") if isinstance(data.get("error"), str) else None
-            if code is None and response.status_code == 200:
-                code = "unexpected_response"
-            error = _error(self.name, response.status_code, code, response.headers)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            cause = exc
-            error = _error(self.name, None, None, reason=type(exc).__name__)
-        else:
-            error = None
+        forms = _forms(events, part)
+        while True:
+            form = forms.pop(0)
+            cause: Exception | None = None
+            try:
+                await self._client.chat_postMessage(channel=self.channel, **form)
+            except SlackApiError as exc:
+                cause = exc
+                response = exc.response
+                data = response.data if isinstance(response.data, dict) else {}
+                code = data.get("error") if isinstance(data.get("error"), str) else None
+                if code is None and response.status_code == 200:
+                    code = "unexpected_response"
+                if code in _REFUSED_FORM and forms:
+                    _log_fallback(self.name, code, len(forms))
+                    continue
+                error = _error(self.name, response.status_code, code, response.headers)
+                if code in _REFUSED_FORM and error is not None:
+                    error = RetryableNotifyError(str(error))
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                cause = exc
+                error = _error(self.name, None, None, reason=type(exc).__name__)
+            else:
+                error = None
+            break
         if error is not None:
             raise error from cause
         logger.debug(
