@@ -131,7 +131,7 @@ def _error(
 def _webhook_error_code(response: WebhookResponse) -> str | None:
     """A webhook answers ``ok``, or an error code such as ``no_service`` as plain text."""
     body = response.body.strip()
-    if response.status_code == 200 and body == "ok":
+    if body == "ok":  # an error status's body "ok" names no error
         return None
     if _ERROR_CODE.fullmatch(body):
         return body
