@@ -1112,6 +1112,14 @@ class App:
                 file=sys.stderr,
             )
             status = 1
+        if unrecorded := self.deliverer.unrecorded:
+            print(
+                f"error: the state file {self.config.state.path} could not record the outcome "
+                f"of {unrecorded} notification(s) (is its disk full?): those sent may be sent "
+                "again by the next run",
+                file=sys.stderr,
+            )
+            status = 1
         return status
 
     async def _scheduled_cycle(self) -> None:

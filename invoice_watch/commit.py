@@ -29,7 +29,7 @@ import pwd
 import sqlite3
 import stat
 import sys
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -1003,16 +1003,21 @@ class StateStore:
 
     # -- the outbox ------------------------------------------------------------------
 
-    async def due_deliveries(self, now: datetime, limit: int = 100) -> list[Delivery]:
-        """The pending messages due at ``now``, oldest first."""
+    async def due_deliveries(
+        self, now: datetime, limit: int = 100, *, exclude: Collection[int] = ()
+    ) -> list[Delivery]:
+        """The pending messages due at ``now``, oldest first, but for those ``exclude``
+        names (by id: messages whose outcome is not recorded yet)."""
+        skip = sorted(exclude)
+        marks = ",".join("?" * len(skip))
 
         def query() -> list[Delivery]:
             conn = self._conn
             rows = conn.execute(
                 "SELECT id, notifier, events, created_at, attempts, grp, cycle, last_error "
                 f"FROM outbox WHERE state='pending' AND next_attempt_at <= ? AND {_MESSAGE} "
-                "ORDER BY id LIMIT ?",
-                (now.isoformat(), limit),
+                f"AND id NOT IN ({marks}) ORDER BY id LIMIT ?",
+                (now.isoformat(), *skip, limit),
             ).fetchall()
             out = []
             for row in rows:
@@ -1030,7 +1035,7 @@ class StateStore:
                 out.append(Delivery(row[0], row[1], events, created, row[4], part, row[7]))
             return out
 
-        return await self._run(query)
+        return await self._read(query)
 
     async def next_attempt_at(self) -> datetime | None:
         def query() -> datetime | None:
@@ -1039,7 +1044,7 @@ class StateStore:
             ).fetchone()
             return _dt(row[0]) if row else None
 
-        return await self._run(query)
+        return await self._read(query)
 
     async def mark_sent(self, delivery_id: int, now: datetime) -> None:
         await self._update(
@@ -1089,6 +1094,14 @@ class StateStore:
         except sqlite3.Error as exc:
             raise StateError(f"could not update the outbox: {exc}") from None
 
+    async def _read(self, fn: Callable[[], T]) -> T:
+        try:
+            return await self._run(fn)
+        except sqlite3.Error as exc:
+            raise StateError(
+                f"could not read the outbox of state file {self.path or ':memory:'}: {exc}"
+            ) from None
+
     # -- reads for operator commands -------------------------------------------------
 
     async def outbox(self, states: Iterable[str], limit: int = 50) -> list[OutboxRow]:
@@ -1111,7 +1124,7 @@ class StateStore:
                 )
             return result
 
-        return await self._run(query)
+        return await self._read(query)
 
     async def outbox_counts(self) -> dict[str, int]:
         def query() -> dict[str, int]:
@@ -1120,7 +1133,7 @@ class StateStore:
             )
             return {state: count for state, count in rows}
 
-        return await self._run(query)
+        return await self._read(query)
 
     async def last_cycle(self) -> tuple[datetime, int, int] | None:
         """(finished at, orgs ok, orgs failed) of the last committed cycle."""

@@ -7,6 +7,14 @@ failure is retried with exponential backoff (honouring Retry-After, capped at
 ``delivery.max_backoff``) across restarts until ``delivery.max_age``, then marked failed;
 a permanent failure is marked failed at once. Nothing leaves the outbox unsent but by
 being marked failed, which ``status`` shows.
+
+An outcome the state file cannot record (a full disk: Slack took the message, but its
+"sent" mark cannot be written; the same for a failed or retry mark) is kept in memory:
+the message is not attempted again while it is, the write is retried with backoff, and
+the operator is told once, by a log line and by the ``invoice_watch_outbox_unrecorded``
+gauge (each failed write counts in ``invoice_watch_outbox_write_errors_total``). Only a
+process that ends before the state is writable again can send such a message twice
+(once more, at its next start), as a crash between a send and its mark can.
 """
 
 from __future__ import annotations
@@ -17,18 +25,21 @@ import random
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
+from typing import Literal
 
 from invoice_watch.clock import Clock
 from invoice_watch.commit import Delivery, StateStore, summarize
-from invoice_watch.errors import PermanentNotifyError, RetryableNotifyError
+from invoice_watch.errors import PermanentNotifyError, RetryableNotifyError, StateError
 from invoice_watch.health import Metrics
-from invoice_watch.retry import retry_delay
+from invoice_watch.retry import backoff, retry_delay
 from invoice_watch.types import Notifier
 
 log = logging.getLogger(__name__)
 
 _BASE_BACKOFF = 2.0
+_WRITE_BACKOFF = 1.0  # seconds before an unrecorded outcome's first new write
+_PASS_LIMIT = 500  # messages one pass reads
 
 
 @dataclass
@@ -41,6 +52,25 @@ class DeliveryStats:
         self.sent += other.sent
         self.retried += other.retried
         self.failed += other.failed
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """A message's outcome, to be recorded: ``at`` is when it was sent or failed, or
+    (``retry``) when it is due again."""
+
+    delivery: Delivery
+    what: str
+    state: Literal["sent", "failed", "retry"]
+    at: datetime
+    error: str | None = None
+
+    @property
+    def retry(self) -> bool:
+        return self.state == "retry"
+
+
+_DONE = {"sent": "delivered", "failed": "marked failed", "retry": "to be retried"}
 
 
 class Deliverer:
@@ -65,22 +95,42 @@ class Deliverer:
         self.wake = asyncio.Event()
         self._stopping = False
         self.totals = DeliveryStats()
+        # Outcomes the state file refused to record, by message id (module docstring).
+        self._unrecorded: dict[int, _Outcome] = {}
+        self._write_failures = 0  # failed writes since the state file last took one
+        self._write_at = 0.0  # monotonic time of the next write of those outcomes
+        self._pass_failures = 0  # passes failed in a row
 
     def configure(
-        self, notifiers: Mapping[str, Notifier], *, max_age: timedelta, max_backoff: timedelta
+        self,
+        notifiers: Mapping[str, Notifier],
+        *,
+        max_age: timedelta,
+        max_backoff: timedelta,
     ) -> None:
         """Take new notifiers and limits (configuration reload)."""
         self._notifiers = notifiers
         self._max_age = max_age
         self._cap = max_backoff.total_seconds()
 
+    @property
+    def unrecorded(self) -> int:
+        """Outcomes kept in memory because the state file could not record them."""
+        return len(self._unrecorded)
+
     async def deliver_due(self) -> DeliveryStats:
-        """One pass over the due rows: each gets one attempt."""
+        """One pass over the due rows: each gets one attempt. Outcomes kept in memory
+        are written first when their backoff is over."""
+        await self._record_kept()
         now = self._clock.now()
-        due = await self._store.due_deliveries(now, limit=500)
+        due = await self._store.due_deliveries(now, limit=_PASS_LIMIT, exclude=self._unrecorded)
+        # A notifier whose retry is kept in memory waits for the state file, as the
+        # recorded retry would have it wait: its rows go in order, that one first.
+        paused = {kept.delivery.notifier for kept in self._unrecorded.values() if kept.retry}
         by_notifier: dict[str, list[Delivery]] = defaultdict(list)
         for delivery in due:
-            by_notifier[delivery.notifier].append(delivery)
+            if delivery.notifier not in paused:
+                by_notifier[delivery.notifier].append(delivery)
         stats = DeliveryStats()
         async with asyncio.TaskGroup() as group:
             for name, rows in by_notifier.items():
@@ -105,16 +155,15 @@ class Deliverer:
         what = f"{delivery.notifier}: {summarize(delivery.events, delivery.part)}"
         notifier = self._notifiers.get(delivery.notifier)
         if notifier is None:
-            await self._mark_failed(
-                delivery, f"notifier {delivery.notifier!r} is no longer in the configuration"
-            )
+            error = f"notifier {delivery.notifier!r} is no longer in the configuration"
+            await self._record(_Outcome(delivery, what, "failed", self._clock.now(), error))
             stats.failed += 1
             return True
         try:
             await notifier.send(delivery.events, part=delivery.part)
         except PermanentNotifyError as exc:
             log.error("%s: not delivered, and retrying cannot help: %s", what, exc)
-            await self._mark_failed(delivery, str(exc))
+            await self._record(_Outcome(delivery, what, "failed", self._clock.now(), str(exc)))
             self._count(delivery, "failed")
             stats.failed += 1
             return True
@@ -123,7 +172,7 @@ class Deliverer:
         except Exception as exc:  # a bug in a notifier must not lose the message
             log.exception("%s: unexpected error while sending", what)
             return await self._retry_later(delivery, what, repr(exc), None, stats)
-        await asyncio.shield(self._store.mark_sent(delivery.id, self._clock.now()))
+        await self._record(_Outcome(delivery, what, "sent", self._clock.now()))
         log.info("%s: delivered", what)
         self._count(delivery, "sent")
         stats.sent += 1
@@ -140,22 +189,24 @@ class Deliverer:
         now = self._clock.now()
         if now - delivery.created_at >= self._max_age:
             log.error("%s: giving up after %s: %s", what, self._max_age, error)
-            await self._mark_failed(delivery, f"gave up after {self._max_age}: {error}")
+            error = f"gave up after {self._max_age}: {error}"
+            await self._record(_Outcome(delivery, what, "failed", now, error))
             self._count(delivery, "failed")
             stats.failed += 1
             return True
         delay = retry_delay(
             delivery.attempts, retry_after, base=_BASE_BACKOFF, cap=self._cap, rng=self._rng
         )
-        if delivery.attempts == 0 or retry_after is not None:
-            log.warning("%s: %s; retrying in %.0fs", what, error, delay)
-        else:
-            log.debug("%s: %s; retrying in %.0fs", what, error, delay)
+        # Said once per message and error: a receiver failing the same way again (a
+        # 429 storm, an outage) is not a log line per attempt.
+        level = logging.WARNING
+        if delivery.attempts and error == delivery.last_error:
+            level = logging.DEBUG
+        log.log(level, "%s: %s; retrying in %.0fs", what, error, delay)
         # This row and the notifier's other pending rows wait together: a receiver
         # that is down or rate-limiting is not sent the rest of the queue meanwhile.
-        await asyncio.shield(
-            self._store.mark_retry(delivery.id, now + timedelta(seconds=delay), error)
-        )
+        retry_at = now + timedelta(seconds=delay)
+        await self._record(_Outcome(delivery, what, "retry", retry_at, error))
         self._count(delivery, "retry")
         stats.retried += 1
         return False
@@ -163,28 +214,107 @@ class Deliverer:
     def _count(self, delivery: Delivery, outcome: str) -> None:
         self._metrics.notifications.labels(notifier=delivery.notifier, outcome=outcome).inc()
 
-    async def _mark_failed(self, delivery: Delivery, error: str) -> None:
-        await asyncio.shield(self._store.mark_failed(delivery.id, self._clock.now(), error))
+    # -- recording outcomes ----------------------------------------------------------
+
+    async def _write(self, outcome: _Outcome) -> None:
+        """Record one outcome (shielded: once begun, the transaction completes)."""
+        store, row = self._store, outcome.delivery.id
+        if outcome.state == "sent":
+            write = store.mark_sent(row, outcome.at)
+        elif outcome.state == "failed":
+            write = store.mark_failed(row, outcome.at, outcome.error or "")
+        else:
+            write = store.mark_retry(row, outcome.at, outcome.error or "")
+        await asyncio.shield(write)
+
+    async def _record(self, outcome: _Outcome) -> None:
+        """Record an outcome, or keep it in memory when the state file refuses."""
+        if self._unrecorded:  # the state file refused: kept ones are written first
+            self._keep(outcome)
+            return
+        try:
+            await self._write(outcome)
+        except StateError as exc:
+            told = bool(self._unrecorded)  # another notifier's write failed meanwhile
+            self._write_failed()
+            self._keep(outcome)
+            if told:
+                return
+            log.error(
+                "%s: %s, but the state file cannot record it (%s). Kept in memory: it is "
+                "not attempted again, and the write is retried with backoff (see the "
+                "invoice_watch_outbox_unrecorded metric); only a stop before the state "
+                "file is writable again can send it twice",
+                outcome.what,
+                _DONE[outcome.state],
+                exc,
+            )
+
+    def _keep(self, outcome: _Outcome) -> None:
+        self._unrecorded[outcome.delivery.id] = outcome
+        self._metrics.outbox_unrecorded.set(len(self._unrecorded))
+
+    def _write_failed(self) -> None:
+        self._metrics.outbox_write_errors.inc()
+        delay = backoff(self._write_failures, base=_WRITE_BACKOFF, cap=self._cap, rng=self._rng)
+        self._write_failures += 1
+        self._write_at = self._clock.monotonic() + delay
+
+    async def _record_kept(self, *, now: bool = False) -> None:
+        """Write the outcomes kept in memory, oldest first, once their backoff is over
+        (``now``: whatever it says); stop at the first the state file refuses."""
+        if not self._unrecorded or (not now and self._clock.monotonic() < self._write_at):
+            return
+        count = len(self._unrecorded)
+        for row, outcome in list(self._unrecorded.items()):
+            try:
+                await self._write(outcome)
+            except StateError as exc:
+                self._write_failed()
+                log.debug("state file still refuses delivery outcomes: %s", exc)
+                return
+            del self._unrecorded[row]
+            self._metrics.outbox_unrecorded.set(len(self._unrecorded))
+        self._write_failures = 0
+        log.warning(
+            "the state file is writable again: recorded %d delivery outcome(s) kept in memory",
+            count,
+        )
+
+    # -- loops -----------------------------------------------------------------------
+
+    async def _next_wait(self) -> float | None:
+        """Seconds until the next pass is due: until the next write of outcomes kept in
+        memory while there are any (passes then go at the pace of those writes), else
+        until the next pending message; None when nothing is pending at all."""
+        if self._unrecorded:
+            return max(0.0, self._write_at - self._clock.monotonic())
+        next_at = await self._store.next_attempt_at()
+        if next_at is None:
+            return None
+        return max(0.0, (next_at - self._clock.now()).total_seconds())
 
     async def drain(self, budget: float) -> int:
-        """Deliver until the outbox is empty or no row can be retried within ``budget``
-        seconds (``run --once``); returns how many rows are still pending."""
+        """Deliver until the outbox is empty or nothing more can be done within
+        ``budget`` seconds (``run --once``); returns how many messages are still
+        undelivered (:attr:`unrecorded` says how many outcomes are not recorded)."""
         deadline = self._clock.now() + timedelta(seconds=budget)
         while True:
             await self.deliver_due()
-            next_at = await self._store.next_attempt_at()
-            if next_at is None:
-                return 0
-            if next_at > deadline:
+            wait = await self._next_wait()
+            if wait is None or self._clock.now() + timedelta(seconds=wait) > deadline:
                 break
-            await self._clock.sleep(max(0.0, (next_at - self._clock.now()).total_seconds()))
+            await self._clock.sleep(wait)
+        await self._record_kept(now=True)
         counts = await self._store.outbox_counts()
-        return counts.get("pending", 0)
+        delivered = sum(1 for kept in self._unrecorded.values() if not kept.retry)
+        return max(0, counts.get("pending", 0) - delivered)
 
     async def run(self) -> None:
         """The daemon's delivery loop: deliver, then sleep until the next row is due or
-        a cycle committed new rows (``wake``). :meth:`stop` ends it after one last pass
-        over what is due (the caller bounds that in time and cancels beyond)."""
+        a cycle committed new rows (``wake``). :meth:`stop` ends
+        it after one last pass over what is due (the caller bounds that in time and
+        cancels beyond)."""
         self._stopping = False
         while True:
             # A pass that began before stop() may have missed rows committed since: the
@@ -192,18 +322,44 @@ class Deliverer:
             last_pass = self._stopping
             self.wake.clear()
             try:
+                if last_pass:
+                    await self._record_kept(now=True)
                 await self.deliver_due()
-            except Exception:
-                log.exception("delivery pass failed; trying again shortly")
-                await self._wait(5.0)
+                wait = None if last_pass else await self._next_wait()
+            except Exception as exc:
+                if last_pass:
+                    log.error("the last delivery pass failed: %s", exc)
+                    return
+                await self._wait(self._pass_failed(exc))
                 continue
+            if self._pass_failures:
+                log.info("delivery passes work again")
+                self._pass_failures = 0
             if last_pass:
+                if self._unrecorded:
+                    log.error(
+                        "stopping with %d delivery outcome(s) the state file could not "
+                        "record: the messages among them that were sent may be sent again "
+                        "at the next start",
+                        len(self._unrecorded),
+                    )
                 return
-            next_at = await self._store.next_attempt_at()
-            seconds = None
-            if next_at is not None:
-                seconds = max(0.0, (next_at - self._clock.now()).total_seconds())
-            await self._wait(seconds)
+            await self._wait(wait)
+
+    def _pass_failed(self, exc: Exception) -> float:
+        """Log a failed pass (once until passes work again) and say how long to wait."""
+        delay = backoff(self._pass_failures, base=_BASE_BACKOFF, cap=self._cap, rng=self._rng)
+        if self._pass_failures == 0:
+            log.error(
+                "delivery pass failed: %s; trying again with backoff (up to %.0fs)",
+                exc,
+                self._cap,
+                exc_info=not isinstance(exc, StateError),
+            )
+        else:
+            log.debug("delivery pass failed again: %s", exc)
+        self._pass_failures += 1
+        return delay
 
     def stop(self) -> None:
         """Ask :meth:`run` to make one last pass and return."""

@@ -80,6 +80,17 @@ class Metrics:
             ["endpoint"],
             registry=r,
         )
+        # A full disk after a send: outcomes kept in memory until the state file takes them.
+        self.outbox_unrecorded = Gauge(
+            "invoice_watch_outbox_unrecorded",
+            "Delivery outcomes the state file could not record yet (kept in memory)",
+            registry=r,
+        )
+        self.outbox_write_errors = Counter(
+            "invoice_watch_outbox_write_errors",
+            "Writes of a delivery outcome the state file refused",
+            registry=r,
+        )
         self.last_cycle_finished = Gauge(
             "invoice_watch_last_cycle_timestamp_seconds",
             "When the last cycle finished (Unix time)",
