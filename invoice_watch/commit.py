@@ -1046,6 +1046,26 @@ class StateStore:
 
         return await self._read(query)
 
+    async def bound_schedule(self, now: datetime, latest: datetime) -> int:
+        """Make every pending message scheduled after ``latest`` due ``now``: a retry is
+        never further away than ``delivery.max_backoff``, so a later one was scheduled by
+        a wall clock that has since been set back (an NTP fix, a VM restore), or before a
+        reload shortened ``max_backoff``. Returns how many were brought forward."""
+
+        def run() -> int:
+            with self._transaction() as conn:
+                cursor = conn.execute(
+                    "UPDATE outbox SET next_attempt_at=? "
+                    "WHERE state='pending' AND next_attempt_at > ?",
+                    (now.isoformat(), latest.isoformat()),
+                )
+                return cursor.rowcount
+
+        try:
+            return await self._run(run)
+        except sqlite3.Error as exc:
+            raise StateError(f"could not update the outbox: {exc}") from None
+
     async def mark_sent(self, delivery_id: int, now: datetime) -> None:
         await self._update(
             (

@@ -8,6 +8,12 @@ failure is retried with exponential backoff (honouring Retry-After, capped at
 a permanent failure is marked failed at once. Nothing leaves the outbox unsent but by
 being marked failed, which ``status`` shows.
 
+Every wait is bounded by ``delivery.max_backoff`` whatever the wall clock does: no wait
+is longer, a message scheduled further than that from now (by a wall clock since set
+back, an NTP fix or a VM restore) is due at once (:meth:`StateStore.bound_schedule`), and
+``drain``'s budget is measured on the monotonic clock. A wall clock set forward makes
+messages due early, once; their ``max_age`` is wall time (a suspended VM's days count).
+
 An outcome the state file cannot record (a full disk: Slack took the message, but its
 "sent" mark cannot be written; the same for a failed or retry mark) is kept in memory:
 the message is not attempted again while it is, the write is retried with backoff, and
@@ -123,6 +129,7 @@ class Deliverer:
         are written first when their backoff is over."""
         await self._record_kept()
         now = self._clock.now()
+        await self._bound_schedule(now)
         due = await self._store.due_deliveries(now, limit=_PASS_LIMIT, exclude=self._unrecorded)
         # A notifier whose retry is kept in memory waits for the state file, as the
         # recorded retry would have it wait: its rows go in order, that one first.
@@ -140,6 +147,20 @@ class Deliverer:
         for state in ("pending", "failed"):
             self._metrics.outbox_depth.labels(state=state).set(counts.get(state, 0))
         return stats
+
+    async def _bound_schedule(self, now: datetime) -> None:
+        try:
+            moved = await self._store.bound_schedule(now, now + timedelta(seconds=self._cap))
+        except StateError as exc:  # the waits stay bounded: tried again next pass
+            log.debug("could not bring forward messages scheduled too far ahead: %s", exc)
+            return
+        if moved:
+            log.warning(
+                "%d message(s) were scheduled more than %s ahead (the wall clock was set "
+                "back?): they are due now",
+                moved,
+                timedelta(seconds=self._cap),
+            )
 
     async def _deliver_in_order(
         self, name: str, rows: list[Delivery], stats: DeliveryStats
@@ -284,25 +305,27 @@ class Deliverer:
     # -- loops -----------------------------------------------------------------------
 
     async def _next_wait(self) -> float | None:
-        """Seconds until the next pass is due: until the next write of outcomes kept in
-        memory while there are any (passes then go at the pace of those writes), else
-        until the next pending message; None when nothing is pending at all."""
+        """Seconds until the next pass is due, never more than ``max_backoff``: until
+        the next write of outcomes kept in memory while there are any (passes then go
+        at the pace of those writes), else until the next pending message; None when
+        nothing is pending at all."""
         if self._unrecorded:
-            return max(0.0, self._write_at - self._clock.monotonic())
+            return min(max(0.0, self._write_at - self._clock.monotonic()), self._cap)
         next_at = await self._store.next_attempt_at()
         if next_at is None:
             return None
-        return max(0.0, (next_at - self._clock.now()).total_seconds())
+        return min(max(0.0, (next_at - self._clock.now()).total_seconds()), self._cap)
 
     async def drain(self, budget: float) -> int:
         """Deliver until the outbox is empty or nothing more can be done within
-        ``budget`` seconds (``run --once``); returns how many messages are still
-        undelivered (:attr:`unrecorded` says how many outcomes are not recorded)."""
-        deadline = self._clock.now() + timedelta(seconds=budget)
+        ``budget`` seconds of monotonic time (``run --once``); returns how many messages
+        are still undelivered (:attr:`unrecorded` says how many outcomes are not
+        recorded)."""
+        end = self._clock.monotonic() + budget
         while True:
             await self.deliver_due()
             wait = await self._next_wait()
-            if wait is None or self._clock.now() + timedelta(seconds=wait) > deadline:
+            if wait is None or self._clock.monotonic() + wait > end:
                 break
             await self._clock.sleep(wait)
         await self._record_kept(now=True)
@@ -312,7 +335,7 @@ class Deliverer:
 
     async def run(self) -> None:
         """The daemon's delivery loop: deliver, then sleep until the next row is due or
-        a cycle committed new rows (``wake``). :meth:`stop` ends
+        a cycle committed new rows (``wake``), at most ``max_backoff``. :meth:`stop` ends
         it after one last pass over what is due (the caller bounds that in time and
         cancels beyond)."""
         self._stopping = False
@@ -372,7 +395,7 @@ class Deliverer:
     async def _wait(self, seconds: float | None) -> None:
         tasks: set[asyncio.Future[object]] = {asyncio.ensure_future(self._wake_wait())}
         if seconds is not None:
-            tasks.add(asyncio.ensure_future(self._clock.sleep(seconds)))
+            tasks.add(asyncio.ensure_future(self._clock.sleep(min(seconds, self._cap))))
         try:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:

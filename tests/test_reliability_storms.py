@@ -1,4 +1,5 @@
-"""No storm, whatever fails (issue 12 §4, delivery's part).
+"""No storm, whatever fails; no wait longer than ``delivery.max_backoff``, whatever the
+wall clock does (issue 12 §4 and §2, delivery's part).
 
 - A full disk after a send: the message's "sent" mark cannot be written. The outcome is
   kept in memory, the message is not sent again, the write is retried with backoff, the
@@ -8,6 +9,8 @@
   (``PRAGMA max_page_count``), which gives the same SQLITE_FULL anywhere.
 - Slack answering 429 with ``Retry-After: 0``, negative, ``nan`` or a day: a bounded
   number of POSTs and of log lines.
+- The wall clock set back or forward while a retry is pending: the delivery loop never
+  waits longer than ``max_backoff``, and the retry goes out.
 
 The real pipeline against the simulator, the fake Slack and aiosmtpd, and the daemon's
 own delivery loop (``Deliverer.run``), its time a FakeClock.
@@ -23,6 +26,7 @@ import resource
 import signal
 import subprocess
 from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -265,3 +269,43 @@ async def test_storm_slack_429_with_any_retry_after_is_bounded(
         if r.name == "invoice_watch.deliver" and r.levelno >= logging.WARNING
     ]
     assert len(warnings) == 1 and "HTTP 429 ratelimited" in warnings[0].getMessage()
+
+
+# -- the wall clock steps ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("step", [-2, 2], ids=["set back 2 days", "set forward 2 days"])
+async def test_storm_wall_clock_step_never_stretches_a_retry(world: World, step: int):
+    """Issue 12 §2: a pending Slack retry waited a day when the wall clock was set back.
+    Whichever way it steps, the delivery loop never sleeps longer than max_backoff and the
+    retry goes out within it."""
+    world.slack.script_webhook(Reply(503))
+    config = world.config(delivery={"max_backoff": "60s"})
+    async with App(config, clock=world.clock) as app:
+        await app.run_cycle()
+        await app.deliverer.deliver_due()  # Slack: 503, retried in a few seconds
+        assert len(world.slack.received) == 1
+        world.clock.step(timedelta(days=step))
+        world.clock.sleeps.clear()
+        began = world.clock.monotonic()
+        await run_delivery(
+            app, world.clock, seconds=3600, until=lambda: len(world.slack.accepted) == 2
+        )
+        assert sorted(world.kinds()) == FIRST_RUN
+        assert world.clock.monotonic() - began <= 60
+        assert all(s <= 60 for s in world.clock.sleeps)
+        assert await app.store.outbox_counts() == {"sent": 4}
+
+
+async def test_storm_wall_clock_set_back_does_not_stall_run_once(world: World):
+    """``run --once`` (drain): a retry scheduled before the wall clock went back 2 days
+    is due within its budget, not after it."""
+    world.slack.script_webhook(Reply(503))
+    async with App(world.config(), clock=world.clock) as app:
+        await app.run_cycle()
+        await app.deliverer.deliver_due()
+        world.clock.step(timedelta(days=-2))
+        began = world.clock.monotonic()
+        assert await app.deliverer.drain(60) == 0
+        assert world.clock.monotonic() - began <= 60
+    assert sorted(world.kinds()) == FIRST_RUN
