@@ -731,6 +731,7 @@ class App:
             clock=self.clock,
             max_age=config.delivery.max_age,
             max_backoff=config.delivery.max_backoff,
+            retention=config.delivery.retention,
             rng=self._rng,
             metrics=self.metrics,
         )
@@ -1275,6 +1276,7 @@ class App:
                     self.notifiers,
                     max_age=config.delivery.max_age,
                     max_backoff=config.delivery.max_backoff,
+                    retention=config.delivery.retention,
                 )
             self.config = config
             if Apply.RULES in kinds:  # what the rules watch may have changed

@@ -1122,6 +1122,77 @@ class StateStore:
                 f"could not read the outbox of state file {self.path or ':memory:'}: {exc}"
             ) from None
 
+    # -- retention -------------------------------------------------------------------
+
+    async def prune(self, before: datetime, *, limit: int = 500) -> int:
+        """Forget what is older than ``before`` (now - ``delivery.retention``) and that
+        nothing needs any more, in one transaction of bounded work (at most ``limit``
+        messages, alerts and cycles; call again while it returns that many):
+
+        - messages sent or failed before (a grouped one whole); pending and held ones
+          are never touched;
+        - alerts resolved before, and notices (one-shot, never firing) sent before: a
+          firing alert is never touched (SPEC §3: its state does not expire), and the
+          cycle reads only firing ones;
+        - cycles that finished before, but the last (``status`` reads it);
+        - amount observations made before, but each invoice's newest one made before:
+          an ``amount_increase`` window within the retention finds the same base
+          (:func:`~invoice_watch.rules.growth`); a longer one sees the retention. (A
+          history ends anyway when its invoice leaves PENDING: only an invoice pending
+          for longer than the retention has any to prune.)
+
+        The snapshot is not: it mirrors what Atlas lists. Returns how many rows were
+        deleted."""
+        cutoff = before.isoformat()
+
+        def run() -> int:
+            with self._transaction() as conn:
+                done = [
+                    row[0]
+                    for row in conn.execute(
+                        "SELECT id FROM outbox WHERE state IN ('sent', 'failed') "
+                        f"AND next_attempt_at < ? AND done_at < ? AND {_MESSAGE} LIMIT ?",
+                        (cutoff, cutoff, limit),
+                    )
+                ]
+                deleted = 0
+                for start in range(0, len(done), 400):
+                    chunk = done[start : start + 400]
+                    marks = ",".join("?" * len(chunk))
+                    deleted += conn.execute(
+                        f"DELETE FROM outbox WHERE id IN ({marks}) OR grp IN ({marks})",
+                        (*chunk, *chunk),
+                    ).rowcount
+                deleted += conn.execute(
+                    "DELETE FROM alerts WHERE rowid IN (SELECT rowid FROM alerts "
+                    "WHERE firing=0 AND resolved_at < ? LIMIT ?)",
+                    (cutoff, limit),
+                ).rowcount
+                deleted += conn.execute(
+                    "DELETE FROM cycles WHERE id IN (SELECT id FROM cycles WHERE "
+                    "finished_at < ? AND id < (SELECT MAX(id) FROM cycles) ORDER BY id LIMIT ?)",
+                    (cutoff, limit),
+                ).rowcount
+                deleted += conn.execute(
+                    "DELETE FROM amount_history WHERE rowid IN (SELECT h.rowid FROM "
+                    "amount_history h WHERE h.observed_at < ? AND EXISTS (SELECT 1 FROM "
+                    "amount_history n WHERE n.invoice_id = h.invoice_id "
+                    "AND n.observed_at > h.observed_at AND n.observed_at < ?) LIMIT ?)",
+                    (cutoff, cutoff, limit),
+                ).rowcount
+                return deleted
+
+        try:
+            deleted = await self._run(run)
+        except sqlite3.Error as exc:
+            raise StateError(f"could not prune the state file: {exc}") from None
+        for invoice_id, observed in list(self._history.items()):
+            if len(observed) > 1 and observed[1][0] < before:
+                kept = [o for o in observed if o[0] >= before]
+                older = [o for o in observed if o[0] < before]
+                self._history[invoice_id] = [older[-1], *kept]
+        return deleted
+
     # -- reads for operator commands -------------------------------------------------
 
     async def outbox(self, states: Iterable[str], limit: int = 50) -> list[OutboxRow]:

@@ -656,6 +656,12 @@ class DeliveryConfig(_Model):
     ] = timedelta(hours=24)
     max_backoff: Annotated[Duration, _at_most(_BACKOFF_LIMIT, _BACKOFF_WHY)] = timedelta(seconds=60)
     group_over: int = Field(5, ge=1, le=10_000)
+    # Sent and failed notifications, resolved alerts, cycle records and amount observations
+    # older than this are pruned from the state file (deliver.py, StateStore.prune); pending
+    # messages and firing alerts never are.
+    retention: Annotated[
+        Duration, _at_most(timedelta(days=3650), "ten years of history is plenty")
+    ] = timedelta(days=180)
 
 
 class SlackNotifierConfig(_Model):
@@ -1913,7 +1919,8 @@ def summary(config: Config) -> str:
         f"State: {config.state.path}"
         + ("" if config.state.explicit else f" (default: {config.state.origin})"),
         f"Delivery: give up after {duration(config.delivery.max_age)}, max backoff "
-        f"{duration(config.delivery.max_backoff)}, group over {config.delivery.group_over}",
+        f"{duration(config.delivery.max_backoff)}, group over {config.delivery.group_over}, "
+        f"keep history {duration(config.delivery.retention)}",
         f"Notifiers ({len(config.notifiers)}):",
         *(f"  - {_notifier_line(name, n)}" for name, n in config.notifiers.items()),
         f"Rules ({len(config.rules)}):",

@@ -21,6 +21,9 @@ the operator is told once, by a log line and by the ``invoice_watch_outbox_unrec
 gauge (each failed write counts in ``invoice_watch_outbox_write_errors_total``). Only a
 process that ends before the state is writable again can send such a message twice
 (once more, at its next start), as a crash between a send and its mark can.
+
+Sent and failed messages older than ``delivery.retention`` are pruned a bounded batch at
+a time, as a pass ends (:meth:`StateStore.prune`), never in a cycle's way.
 """
 
 from __future__ import annotations
@@ -46,6 +49,9 @@ log = logging.getLogger(__name__)
 _BASE_BACKOFF = 2.0
 _WRITE_BACKOFF = 1.0  # seconds before an unrecorded outcome's first new write
 _PASS_LIMIT = 500  # messages one pass reads
+_PRUNE_BATCH = 500  # rows of each kind one prune deletes
+_PRUNE_EVERY = 3600.0  # monotonic seconds between prunes once nothing is left to prune
+DEFAULT_RETENTION = timedelta(days=180)
 
 
 @dataclass
@@ -88,6 +94,7 @@ class Deliverer:
         clock: Clock,
         max_age: timedelta,
         max_backoff: timedelta,
+        retention: timedelta = DEFAULT_RETENTION,
         rng: random.Random | None = None,
         metrics: Metrics | None = None,
     ) -> None:
@@ -97,6 +104,7 @@ class Deliverer:
         self._clock = clock
         self._max_age = max_age
         self._cap = max_backoff.total_seconds()
+        self._retention = retention
         self._rng = rng or random.Random()
         self.wake = asyncio.Event()
         self._stopping = False
@@ -106,6 +114,7 @@ class Deliverer:
         self._write_failures = 0  # failed writes since the state file last took one
         self._write_at = 0.0  # monotonic time of the next write of those outcomes
         self._pass_failures = 0  # passes failed in a row
+        self._prune_at = 0.0  # monotonic time of the next prune
 
     def configure(
         self,
@@ -113,11 +122,13 @@ class Deliverer:
         *,
         max_age: timedelta,
         max_backoff: timedelta,
+        retention: timedelta = DEFAULT_RETENTION,
     ) -> None:
         """Take new notifiers and limits (configuration reload)."""
         self._notifiers = notifiers
         self._max_age = max_age
         self._cap = max_backoff.total_seconds()
+        self._retention = retention
 
     @property
     def unrecorded(self) -> int:
@@ -126,7 +137,7 @@ class Deliverer:
 
     async def deliver_due(self) -> DeliveryStats:
         """One pass over the due rows: each gets one attempt. Outcomes kept in memory
-        are written first when their backoff is over."""
+        are written first when their backoff is over; old rows are pruned last."""
         await self._record_kept()
         now = self._clock.now()
         await self._bound_schedule(now)
@@ -146,6 +157,7 @@ class Deliverer:
         counts = await self._store.outbox_counts()
         for state in ("pending", "failed"):
             self._metrics.outbox_depth.labels(state=state).set(counts.get(state, 0))
+        await self._prune()
         return stats
 
     async def _bound_schedule(self, now: datetime) -> None:
@@ -301,6 +313,23 @@ class Deliverer:
             "the state file is writable again: recorded %d delivery outcome(s) kept in memory",
             count,
         )
+
+    # -- retention -------------------------------------------------------------------
+
+    async def _prune(self) -> None:
+        if self._clock.monotonic() < self._prune_at:
+            return
+        before = self._clock.now() - self._retention
+        try:
+            deleted = await self._store.prune(before, limit=_PRUNE_BATCH)
+        except StateError as exc:
+            log.warning("could not prune the state file: %s", exc)
+            deleted = 0
+        # A full batch may leave more: the next pass goes on, else in an hour.
+        more = deleted >= _PRUNE_BATCH
+        self._prune_at = self._clock.monotonic() + (0.0 if more else _PRUNE_EVERY)
+        if deleted:
+            log.info("pruned %d row(s) older than %s from the state file", deleted, self._retention)
 
     # -- loops -----------------------------------------------------------------------
 

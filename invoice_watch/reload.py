@@ -60,6 +60,7 @@ APPLY: dict[str, Apply] = {
     "state.path": Apply.RESTART,  # the open, locked state file cannot move
     "delivery.max_age": Apply.DELIVERY,
     "delivery.max_backoff": Apply.DELIVERY,
+    "delivery.retention": Apply.DELIVERY,
     "delivery.group_over": Apply.CYCLE,
     # notifiers.*: every notifier is built anew from its section
     "notifiers.*.type": Apply.NOTIFIERS,
