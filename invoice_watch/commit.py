@@ -1083,7 +1083,7 @@ class StateStore:
             (
                 "UPDATE outbox SET attempts=attempts+1, next_attempt_at=?, last_error=? "
                 "WHERE id=? OR grp=?",
-                (at, error, delivery_id, delivery_id),
+                (at, _error_text(error), delivery_id, delivery_id),
             ),
             (
                 "UPDATE outbox SET next_attempt_at=? WHERE state='pending' AND "
@@ -1097,7 +1097,7 @@ class StateStore:
             (
                 "UPDATE outbox SET state='failed', attempts=attempts+1, done_at=?, "
                 "last_error=? WHERE id=? OR grp=?",
-                (now.isoformat(), error, delivery_id, delivery_id),
+                (now.isoformat(), _error_text(error), delivery_id, delivery_id),
             )
         )
 
@@ -1449,6 +1449,13 @@ def _sqlite_problem(path: Path, exc: sqlite3.Error) -> str:
         "file, point state.path elsewhere; if it is damaged, move it aside (the next run "
         "starts a new snapshot)"
     )
+
+
+_ERROR_MAX = 1000  # characters of a delivery error kept (a receiver's answer can be long)
+
+
+def _error_text(error: str) -> str:
+    return error if len(error) <= _ERROR_MAX else error[: _ERROR_MAX - 1] + "…"
 
 
 def _part_of(
