@@ -28,6 +28,7 @@ from invoice_watch.config import Config, load
 from invoice_watch.simulator import Simulator
 from tests.fakes_slack import TOKEN, WEBHOOK_PATH, FakeSlack, Reply
 from tests.fakes_smtp import Sink, StartServer
+from tests.manual_clock import ManualClock
 from tests.world import World, scenario
 
 FIRST_RUN = [("FIRING", "failed-charge"), ("FIRING", "pending-over-budget")]
@@ -276,7 +277,8 @@ async def test_outage_hanging_slack_never_delays_the_poll_cycle(world: World):
     async with HangingSlack() as hanging:
         config = config_with(world, slack={"webhook_url": hanging.url})
         stop = asyncio.Event()
-        async with App(config, clock=world.clock) as app:
+        # A clock whose sleeps wait for the test: no second cycle runs by itself.
+        async with App(config, clock=ManualClock(world.clock.now())) as app:
             daemon = asyncio.create_task(app.serve(stop))
             async with asyncio.timeout(10):
                 await app.cycle_done.wait()

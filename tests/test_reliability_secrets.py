@@ -28,6 +28,7 @@ from invoice_watch.fetch import AtlasClient, OAuthMiddleware
 from invoice_watch.notify import build_notifiers
 from tests.fakes_slack import TOKEN, WEBHOOK_PATH, Reply
 from tests.fakes_smtp import Sink, StartServer
+from tests.manual_clock import ManualClock
 from tests.secret_guard import leaked
 from tests.world import SMTP_PASSWORD, World
 
@@ -115,7 +116,7 @@ async def test_secrets_never_reach_logs_output_or_status_in_the_main_flows(
     unreachable["notifiers"]["slack"]["webhook_url"] = "http://127.0.0.1:9" + WEBHOOK_PATH
     world.sim.set_amount(world.sim.scenario.invoice("pending").id, 1000_00)
     stop = asyncio.Event()
-    async with App(config_of(world, unreachable), clock=world.clock) as app:
+    async with App(config_of(world, unreachable), clock=ManualClock(world.clock.now())) as app:
         daemon = asyncio.create_task(app.serve(stop))
         async with asyncio.timeout(10):
             await app.cycle_done.wait()
