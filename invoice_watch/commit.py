@@ -392,8 +392,20 @@ class StateStore:
         do; :class:`StateLockedError` when another daemon holds the file. ``settles``:
         the invoice statuses the in-memory snapshot keeps settled (:class:`Snapshot`; by
         default every final one: :func:`~invoice_watch.rules.settled_statuses` says
-        which a configuration's rules let be)."""
-        return await asyncio.to_thread(cls._open_sync, path, exclusive, settles)
+        which a configuration's rules let be).
+
+        Cancelled while the file is being opened, it waits for the opening to end and
+        closes the file before it lets the cancellation through: no thread goes on
+        writing it (a demo's temporary folder is removed right after), and its lock is
+        let go."""
+        opening = asyncio.ensure_future(asyncio.to_thread(cls._open_sync, path, exclusive, settles))
+        try:
+            return await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                store = await opening
+                await store.close()
+            raise
 
     @classmethod
     def open_copy(cls, path: Path, *, settles: frozenset[str] = FINAL_STATUSES) -> StateStore:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sqlite3
@@ -115,6 +116,21 @@ async def test_store_second_daemon_is_refused(tmp_path):
         await first.close()
     second = await StateStore.open(path)  # released on close
     await second.close()
+
+
+async def test_store_open_cancelled_midway_closes_the_file_and_lets_go_of_its_lock(tmp_path):
+    """Ctrl-C while the state file is being opened (a demo stopped at once): the opening
+    thread is waited for and the file closed, so nothing writes it afterwards (the demo
+    then removes its folder) and a new daemon can take it at once."""
+    path = tmp_path / "state.db"
+    for _ in range(5):
+        opening = asyncio.create_task(StateStore.open(path))
+        await asyncio.sleep(0)  # the opening thread is under way
+        opening.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await opening
+        store = await StateStore.open(path)  # the lock was let go
+        await store.close()
 
 
 async def test_store_read_only_directory_is_a_clear_error(tmp_path):
