@@ -1,0 +1,340 @@
+"""The text values of the configuration, each checked for what its consumer accepts:
+:class:`Secret`, and the ``Annotated`` types the models use for names, HTTP and SMTP
+logins, host names, URLs, email addresses, Slack channels, organization ids, invoice
+statuses, paths and ``http.listen``.
+
+Every text value reaches a log line, and most reach an HTTP or SMTP header, so none may
+hold a control character (a CR/LF from ``${VAR}`` would crash or inject a header).
+Messages quote the value, except for secrets. Durations, sizes and money are in
+:mod:`invoice_watch.config.quantities`.
+"""
+
+from __future__ import annotations
+
+import email.policy
+import functools
+import ipaddress
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, GetCoreSchemaHandler, ValidationInfo
+from pydantic_core import core_schema
+from yarl import URL
+
+from invoice_watch import constants, redact
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+
+
+def control_problem(value: str) -> str | None:
+    """What is wrong with a control character in ``value`` (None if there is none)."""
+    found = _CONTROL.search(value)
+    if found is None:
+        return None
+    char = found.group()
+    what = (
+        "a line break"
+        if char in _LINE_BREAKS
+        else "a tab"
+        if char == "\t"
+        else f"the control character U+{ord(char):04X}"
+    )
+    return f"contains {what}; remove it"
+
+
+def _text(value: str) -> str:
+    if problem := control_problem(value):
+        raise ValueError(problem)
+    return value
+
+
+class Secret:
+    """A secret string: ``get()`` returns it; ``repr``, ``str`` and JSON dumps show
+    ``<secret>``. Compares by value. Usable as a pydantic field type (from ``str``)."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+        redact.register(value)  # so that no server can echo it into a log
+
+    def get(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "<secret>"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    @classmethod
+    def __get_pydantic_core_schema__(
+        cls, source: type[Any], handler: GetCoreSchemaHandler
+    ) -> core_schema.CoreSchema:
+        return core_schema.no_info_plain_validator_function(
+            cls._validate,
+            serialization=core_schema.plain_serializer_function_ser_schema(repr, when_used="json"),
+        )
+
+    @classmethod
+    def _validate(cls, value: object) -> Secret:
+        if isinstance(value, Secret):
+            return value
+        if not isinstance(value, str):
+            raise ValueError("expected a text value (quote it)")
+        if not value:
+            raise ValueError("the secret is empty; set it, or use `<key>_file: path`")
+        if problem := control_problem(value):  # never the value itself: it is a secret
+            raise ValueError(f"the secret {problem}")
+        return cls(value)
+
+
+MAX_NAME = 200
+
+
+def _check_name(value: str) -> str:
+    _text(value)
+    if not value.strip():
+        raise ValueError("must not be empty")
+    if len(value) > MAX_NAME:
+        raise ValueError(f"is {len(value)} characters long; keep it under {MAX_NAME}")
+    return value
+
+
+# A name shown in messages, logs and email subjects: rules, organizations, notifiers.
+Name = Annotated[str, AfterValidator(_check_name)]
+
+_HEADER_TOKEN = re.compile(r"[!-9;-~]{1,256}")  # visible ASCII but `:`
+
+
+def _check_login(value: str) -> str:
+    _text(value)
+    if not _HEADER_TOKEN.fullmatch(value):
+        raise ValueError(
+            f"`{value}` cannot be an HTTP user name: use printable ASCII without spaces "
+            "or `:` (up to 256 characters); check for a stray character"
+        )
+    return value
+
+
+# The user name of HTTP Digest (public_key) or Basic (client_id) authentication.
+HttpLogin = Annotated[str, AfterValidator(_check_login)]
+
+
+def _check_smtp_login(value: str) -> str:
+    _text(value)
+    if not value or len(value) > 256:
+        raise ValueError("must be 1 to 256 characters long")
+    return value
+
+
+SmtpLogin = Annotated[str, AfterValidator(_check_smtp_login)]
+
+
+_BEARER = re.compile(r"[A-Za-z0-9._~+/-]{1,1024}=*")  # b64token, RFC 6750 §2.1
+
+
+def _check_bearer(value: Secret) -> Secret:
+    if not _BEARER.fullmatch(value.get()):
+        raise ValueError(
+            "the token cannot be sent as `Authorization: Bearer`: it holds a space, a "
+            "quote or another character tokens never have; copy it again"
+        )
+    return value
+
+
+# A secret sent as ``Authorization: Bearer <token>`` (Slack).
+BearerToken = Annotated[Secret, AfterValidator(_check_bearer)]
+
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
+
+
+@functools.lru_cache(maxsize=256)  # pure; tests and reloads load the same values
+def _host_problem(host: str) -> str | None:
+    """Why ``host`` is neither an IP address nor a DNS name (None when it is one)."""
+    try:
+        ipaddress.ip_address(host)
+        return None
+    except ValueError:
+        pass
+    try:
+        ascii_host = host.encode("idna").decode("ascii")
+    except UnicodeError:
+        return "is not a valid host name"
+    labels = ascii_host.removesuffix(".").split(".")
+    if len(ascii_host) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in labels):
+        return "is not a host name or an IP address"
+    return None
+
+
+def _check_host(value: str) -> str:
+    _text(value)
+    if problem := _host_problem(value):
+        raise ValueError(f"`{value}` {problem}: write e.g. smtp.example.com or 192.0.2.10")
+    return value
+
+
+Hostname = Annotated[str, AfterValidator(_check_host)]
+
+
+def _check_channel(value: str) -> str:
+    _text(value)
+    if not value or len(value) > 81 or any(c.isspace() for c in value):
+        raise ValueError(
+            f"`{value}` is not a Slack channel: give its name (#billing-alerts, no spaces, "
+            "80 characters at most) or its id (C0123456789)"
+        )
+    return value
+
+
+SlackChannel = Annotated[str, AfterValidator(_check_channel)]
+
+
+@functools.lru_cache(maxsize=256)  # pure; tests and reloads load the same values
+def _url_problem(value: str, *, endpoint: bool) -> str | None:
+    """Why aiohttp cannot use ``value`` as a URL (None when it can). An ``endpoint`` is a
+    base that paths are appended to: no user info, query or fragment."""
+    if problem := control_problem(value):
+        return problem
+    if any(c.isspace() for c in value):
+        return "contains a space"
+    if not value.startswith(("https://", "http://")):
+        return "does not start with https:// (or http://): write it like https://cloud.mongodb.com"
+    try:
+        url = URL(value)  # what aiohttp makes of it
+        port = url.explicit_port
+    except ValueError:  # yarl's message may quote a part of a secret URL
+        return "is not a valid URL: check the host name and the port (1 to 65535)"
+    if not url.raw_host or _host_problem(url.raw_host):
+        return "has no valid host name: write it like https://cloud.mongodb.com"
+    if port == 0:
+        return "has port 0: give a port from 1 to 65535, or none"
+    if endpoint and (url.user is not None or url.password is not None):
+        return "holds user:password@: credentials go in their own settings"
+    if endpoint and (url.query_string or url.fragment or "?" in value or "#" in value):
+        return "has a query (?...) or a fragment (#...): give the base URL only"
+    return None
+
+
+def _check_url(value: str) -> str:
+    if problem := _url_problem(value, endpoint=True):
+        raise ValueError(f"`{value}` {problem}" if not _CONTROL.search(value) else problem)
+    return value.rstrip("/")
+
+
+# An http(s) base URL that paths are appended to (Atlas API and UI, Slack API).
+Url = Annotated[str, AfterValidator(_check_url)]
+
+
+def _check_secret_url(value: Secret) -> Secret:
+    if problem := _url_problem(value.get(), endpoint=False):
+        raise ValueError(f"the URL {problem}")  # never the value itself: it is a secret
+    return value
+
+
+# A secret http(s) URL, used as it is (a Slack incoming webhook).
+SecretUrl = Annotated[Secret, AfterValidator(_check_secret_url)]
+
+
+@functools.lru_cache(maxsize=256)  # pure; tests and reloads load the same values
+def _address_problem(value: str) -> str | None:
+    """Why ``value`` is not one address the email package and SMTP accept."""
+    if problem := control_problem(value):
+        return problem
+    try:
+        header = email.policy.default.header_factory("To", value)
+        addresses = header.addresses
+    except Exception:  # the stdlib parser raises IndexError, ValueError...
+        return _NOT_AN_ADDRESS
+    if len(addresses) != 1:
+        return "must be one address (give several as a list: [a@example.com, b@example.com])"
+    address = addresses[0]
+    if not address.username.isascii() or not address.domain.isascii():
+        return (
+            "has non-ASCII characters in the address: SMTP needs the domain in its "
+            "xn-- form and an ASCII user part"
+        )
+    if header.defects or not address.username or not address.domain:
+        return _NOT_AN_ADDRESS
+    domain = address.domain
+    literal = domain.startswith("[") and domain.endswith("]")
+    if _host_problem(domain[1:-1] if literal else domain):
+        return "has an invalid domain: write it like alerts@example.com"
+    return None
+
+
+_NOT_AN_ADDRESS = "is not an email address: write it like alerts@example.com"
+
+
+def _check_address(value: str) -> str:
+    if problem := _address_problem(value):
+        raise ValueError(problem if _CONTROL.search(value) else f"`{value}` {problem}")
+    return value
+
+
+EmailAddress = Annotated[str, AfterValidator(_check_address)]
+
+
+_ORG_ID = re.compile(r"[0-9a-f]{24}")
+
+
+def _check_org_id(value: str) -> str:
+    _text(value)
+    if not _ORG_ID.fullmatch(value):
+        raise ValueError(
+            f"`{value}` is not an organization id: ids are 24 lowercase hex characters "
+            "(Atlas UI: Organization Settings)"
+        )
+    return value
+
+
+OrgId = Annotated[str, AfterValidator(_check_org_id)]
+
+
+def _check_status(value: str) -> str:
+    _text(value)
+    if value.upper() not in constants.INVOICE_STATUSES:
+        raise ValueError(
+            f"unknown invoice status `{value}`; use one of: "
+            + ", ".join(constants.INVOICE_STATUSES)
+        )
+    return value.upper()
+
+
+InvoiceStatus = Annotated[str, AfterValidator(_check_status)]
+
+
+def _resolve_path(value: Path, info: ValidationInfo) -> Path:
+    """Relative paths resolve against the config file's folder (context ``base_dir``)."""
+    _text(str(value))
+    base = info.context.get("base_dir") if isinstance(info.context, dict) else None
+    return base / value if base is not None and not value.is_absolute() else value
+
+
+ConfigPath = Annotated[Path, AfterValidator(_resolve_path)]
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    _text(listen)
+    host, sep, port = listen.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if (
+        not sep
+        or not host
+        or _host_problem(host)
+        or not (port.isascii() and port.isdigit())
+        or len(port) > 5
+        or int(port) > 65535
+    ):
+        raise ValueError(
+            f"`{listen}` is not HOST:PORT: write e.g. 127.0.0.1:9100 (or 0.0.0.0:9100 "
+            "to listen on every interface)"
+        )
+    return host, int(port)
