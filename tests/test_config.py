@@ -31,6 +31,7 @@ from invoice_watch.config import (
     ServiceAccountAuth,
     SlackNotifierConfig,
     StatusChangeRule,
+    quantities,
 )
 from invoice_watch.errors import ConfigError, ConfigProblem
 from invoice_watch.proxy import ProxyUrl
@@ -482,7 +483,7 @@ def test_load_string_problems_name_the_given_filename():
     ],
 )
 def test_parse_duration_accepts_units(text: object, expected: timedelta):
-    assert config._parse_duration(text) == expected
+    assert quantities._parse_duration(text) == expected
 
 
 @pytest.mark.parametrize(
@@ -501,7 +502,7 @@ def test_parse_duration_accepts_units(text: object, expected: timedelta):
 )
 def test_parse_duration_rejects_numbers_and_junk(value: object, message: str):
     with pytest.raises(ValueError, match=re.escape(message)):
-        config._parse_duration(value)
+        quantities._parse_duration(value)
 
 
 def test_load_zero_duration_only_where_it_makes_sense():
@@ -546,7 +547,7 @@ def test_load_poll_full_listing_every_defaults_to_a_day_and_is_summarized():
     ],
 )
 def test_parse_money_gives_exact_cents(value: object, cents: int):
-    assert config._parse_money(value) == cents
+    assert quantities._parse_money(value) == cents
 
 
 @pytest.mark.parametrize(
@@ -566,7 +567,7 @@ def test_parse_money_gives_exact_cents(value: object, cents: int):
 )
 def test_parse_money_rejects_bad_amounts(value: object, message: str):
     with pytest.raises(ValueError, match=re.escape(message)):
-        config._parse_money(value)
+        quantities._parse_money(value)
 
 
 @pytest.mark.parametrize(("tls", "port"), [("starttls", 587), ("implicit", 465), ("none", 25)])
@@ -1263,7 +1264,7 @@ def _duration_bounds() -> dict[str, timedelta]:
         for name, model in MODELS.items()
         for key, info in model.model_fields.items()
         for meta in [*info.metadata, *(m for a in get_args(info.annotation) for m in get_args(a))]
-        if isinstance(getattr(meta, "func", None), config._AtMost)
+        if isinstance(getattr(meta, "func", None), quantities._AtMost)
     }
 
 

@@ -31,9 +31,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
-    AfterValidator,
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
@@ -51,6 +49,13 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from yarl import URL
 
 from invoice_watch import constants
+from invoice_watch.config.quantities import (
+    Duration,
+    DurationOrZero,
+    Money,
+    ResponseSize,
+    at_most,
+)
 from invoice_watch.config.values import (
     BearerToken,
     ConfigPath,
@@ -105,131 +110,6 @@ __all__ = [
 DEFAULT_CONFIG_PATH = Path("/etc/invoice-watch/config.yaml")
 # The fields that hold secrets; each also accepts `<field>_file: path`.
 SECRET_FIELDS = ("private_key", "client_secret", "webhook_url", "token", "password")
-
-
-# --- quantities ----------------------------------------------------------------------
-
-_DURATION = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
-_DURATION_HELP = "use a number and a unit s, m, h or d, e.g. 90s, 15m, 1h, 1d or 1h30m"
-# Longer than any setting may be (each field has its own bound, `_at_most`), short
-# enough for any datetime arithmetic (a date plus it stays within year 9999).
-_DURATION_LIMIT = timedelta(days=3660)
-_SECONDS = (86400, 3600, 60, 1)
-
-
-def _parse_duration(value: object) -> timedelta:
-    if isinstance(value, timedelta):
-        delta = value
-    elif (
-        isinstance(value, str)
-        and (m := _DURATION.fullmatch(value.replace(" ", "")))
-        and any(m.groups())
-    ):
-        # Past the limit (or timedelta's range), every value is just "too long": the
-        # field's own bound (`_at_most`) says by how much.
-        limit = int(_DURATION_LIMIT.total_seconds()) + 1
-        numbers = [(g or "0").lstrip("0") or "0" for g in m.groups()]
-        if any(len(n) > 12 for n in numbers):
-            seconds = limit
-        else:
-            seconds = min(limit, sum(int(n) * u for n, u in zip(numbers, _SECONDS, strict=True)))
-        delta = timedelta(seconds=seconds)
-    elif isinstance(value, int) and not isinstance(value, bool):
-        raise ValueError(
-            f"a duration needs a unit: write `{value}s` for {value} seconds; units are "
-            "s, m, h and d (e.g. 90s, 15m, 1h, 1d)"
-        )
-    else:
-        raise ValueError(f"invalid duration `{value}`; {_DURATION_HELP}")
-    if delta < timedelta(0):
-        raise ValueError("a duration cannot be negative")
-    return delta
-
-
-def _parse_positive_duration(value: object) -> timedelta:
-    delta = _parse_duration(value)
-    if delta < timedelta(seconds=1):
-        raise ValueError(f"must be at least 1s; {_DURATION_HELP}")
-    return delta
-
-
-# A duration of at least one second; `DurationOrZero` also allows `0s`. Each field adds
-# its upper bound with `_at_most`.
-Duration = Annotated[timedelta, BeforeValidator(_parse_positive_duration)]
-DurationOrZero = Annotated[timedelta, BeforeValidator(_parse_duration)]
-
-
-@dataclass(frozen=True)
-class _AtMost:
-    """A duration field's upper bound; ``why`` completes "must be at most LIMIT: "."""
-
-    limit: timedelta
-    why: str
-
-    def __call__(self, value: timedelta) -> timedelta:
-        if value > self.limit:
-            raise ValueError(f"must be at most {duration(self.limit)}: {self.why}")
-        return value
-
-
-def _at_most(limit: timedelta, why: str) -> AfterValidator:
-    return AfterValidator(_AtMost(limit, why))
-
-
-_SIZE = re.compile(r"(\d+)\s*([KMG]i?B|B)?", re.IGNORECASE)
-_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20,
-               "gib": 2**30}  # fmt: skip
-_SIZE_HELP = "write a size like 64MiB, 512KiB or 1GiB (or a number of bytes)"
-
-
-def _parse_size(value: object) -> int:
-    """A size in bytes: an int, or text with a unit (B, KB, MB, GB, KiB, MiB, GiB)."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        size = value
-    elif isinstance(value, str) and (m := _SIZE.fullmatch(value.strip())):
-        size = int(m[1]) * _SIZE_UNITS[(m[2] or "").lower()]
-    else:
-        raise ValueError(f"invalid size `{value}`; {_SIZE_HELP}")
-    return size
-
-
-def _check_response_size(size: int) -> int:
-    if not 64 * 2**10 <= size <= 2**30:
-        raise ValueError(f"must be between 64KiB and 1GiB; {_SIZE_HELP}")
-    return size
-
-
-# A response size cap, in bytes.
-ResponseSize = Annotated[int, BeforeValidator(_parse_size), AfterValidator(_check_response_size)]
-
-_MONEY = re.compile(r"-?\$?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
-_MONEY_HELP = 'write an amount in USD like 5000, 5000.50 or "$5,000.50"'
-# Far above any invoice, far below SQLite's INTEGER (int64) limit.
-MAX_MONEY_CENTS = 100 * 10**12
-
-
-def _parse_money(value: object) -> int:
-    """USD (int, Decimal or text) -> integer cents, without float arithmetic."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        amount = Decimal(value)
-    elif isinstance(value, Decimal) and value.is_finite():
-        amount = value
-    elif isinstance(value, str) and _MONEY.fullmatch(value.strip()):
-        amount = Decimal(value.strip().replace("$", "").replace(",", ""))
-    else:
-        raise ValueError(f"invalid amount `{value}`: {_MONEY_HELP}")
-    if amount < 0:
-        raise ValueError(f"the amount cannot be negative: {_MONEY_HELP}")
-    if amount > MAX_MONEY_CENTS // 100:  # before any arithmetic: 1e999999 is a Decimal
-        raise ValueError(f"must be at most {usd(MAX_MONEY_CENTS)}")
-    cents = amount * 100
-    if cents != cents.to_integral_value():
-        raise ValueError("an amount has at most 2 decimals (cents), e.g. 5000.50")
-    return int(cents)
-
-
-# Money in USD in the file, integer cents in the model.
-Money = Annotated[int, BeforeValidator(_parse_money)]
 
 
 # --- models --------------------------------------------------------------------------
@@ -288,10 +168,10 @@ class AtlasConfig(_Model):
             "or client_id and client_secret (service account)",
         ),
     ]
-    timeout: Annotated[Duration, _at_most(_REQUEST_LIMIT, _REQUEST_WHY)] = timedelta(seconds=30)
+    timeout: Annotated[Duration, at_most(_REQUEST_LIMIT, _REQUEST_WHY)] = timedelta(seconds=30)
     max_concurrency: int = Field(4, ge=1, le=64)
     retries: int = Field(5, ge=0, le=20)
-    max_backoff: Annotated[Duration, _at_most(_BACKOFF_LIMIT, _BACKOFF_WHY)] = timedelta(seconds=30)
+    max_backoff: Annotated[Duration, at_most(_BACKOFF_LIMIT, _BACKOFF_WHY)] = timedelta(seconds=30)
     max_response_size: ResponseSize = constants.MAX_RESPONSE_SIZE
     proxy: ProxyUrl | None = None
 
@@ -308,17 +188,17 @@ class OrgConfig(_Model):
 class PollConfig(_Model):
     interval: Annotated[
         Duration,
-        _at_most(timedelta(days=7), "invoices change a few times a day; poll every 15m to 1d"),
+        at_most(timedelta(days=7), "invoices change a few times a day; poll every 15m to 1d"),
     ] = timedelta(minutes=15)
     jitter: Annotated[
-        DurationOrZero, _at_most(timedelta(days=1), "it must also stay below interval")
+        DurationOrZero, at_most(timedelta(days=1), "it must also stay below interval")
     ] = timedelta(0)
     # How often each organization's listing is a full one (every invoice, however old)
     # instead of an incremental one (from its oldest invoice that can still change):
     # what sees a refund or any late change to a settled invoice. Also at every start.
     full_listing_every: Annotated[
         Duration,
-        _at_most(timedelta(days=31), "a late change to an old invoice must not wait longer"),
+        at_most(timedelta(days=31), "a late change to an old invoice must not wait longer"),
     ] = timedelta(days=1)
 
     @model_validator(mode="after")
@@ -346,15 +226,15 @@ class StateConfig(_Model):
 
 class DeliveryConfig(_Model):
     max_age: Annotated[
-        Duration, _at_most(timedelta(days=30), "an alert older than that is no news")
+        Duration, at_most(timedelta(days=30), "an alert older than that is no news")
     ] = timedelta(hours=24)
-    max_backoff: Annotated[Duration, _at_most(_BACKOFF_LIMIT, _BACKOFF_WHY)] = timedelta(seconds=60)
+    max_backoff: Annotated[Duration, at_most(_BACKOFF_LIMIT, _BACKOFF_WHY)] = timedelta(seconds=60)
     group_over: int = Field(5, ge=1, le=10_000)
     # Sent and failed notifications, resolved alerts, cycle records and amount observations
     # older than this are pruned from the state file (deliver.py, StateStore.prune); pending
     # messages and firing alerts never are.
     retention: Annotated[
-        Duration, _at_most(timedelta(days=3650), "ten years of history is plenty")
+        Duration, at_most(timedelta(days=3650), "ten years of history is plenty")
     ] = timedelta(days=180)
 
 
@@ -401,7 +281,7 @@ class EmailNotifierConfig(_Model):
     password: Secret | None = None
     from_addr: EmailAddress = Field(alias="from")
     to: Annotated[list[EmailAddress], Field(min_length=1, max_length=100)]
-    timeout: Annotated[Duration, _at_most(_REQUEST_LIMIT, _REQUEST_WHY)] = timedelta(seconds=30)
+    timeout: Annotated[Duration, at_most(_REQUEST_LIMIT, _REQUEST_WHY)] = timedelta(seconds=30)
 
     @model_validator(mode="before")
     @classmethod
@@ -439,7 +319,7 @@ class _RuleBase(_Model):
     notify: Annotated[list[Name], Field(min_length=1)]
     orgs: Annotated[list[OrgId], Field(min_length=1)] | None = None
     severity: Severity = Severity.WARNING
-    repeat: Annotated[Duration, _at_most(_RULE_LIMIT, _RULE_WHY)] | None = None
+    repeat: Annotated[Duration, at_most(_RULE_LIMIT, _RULE_WHY)] | None = None
     send_resolved: bool = True
     enabled: bool = True
 
@@ -476,7 +356,7 @@ class AmountIncreaseRule(_RuleBase):
     type: Literal["amount_increase"]
     threshold_cents: Money | None = Field(None, alias="threshold")
     percent: float | None = Field(None, gt=0, le=1_000_000, allow_inf_nan=False)
-    window: Annotated[Duration, _at_most(_RULE_LIMIT, _RULE_WHY)] = timedelta(hours=24)
+    window: Annotated[Duration, at_most(_RULE_LIMIT, _RULE_WHY)] = timedelta(hours=24)
 
     @model_validator(mode="after")
     def _threshold_or_percent(self) -> AmountIncreaseRule:
@@ -490,14 +370,14 @@ class ForecastRule(_RuleBase):
 
     type: Literal["forecast"]
     budget_cents: Money = Field(alias="budget")
-    min_elapsed: Annotated[Duration, _at_most(_RULE_LIMIT, _RULE_WHY)] = timedelta(days=3)
+    min_elapsed: Annotated[Duration, at_most(_RULE_LIMIT, _RULE_WHY)] = timedelta(days=3)
 
 
 class PollFailureRule(_RuleBase):
     """Fires when an organization has been unreadable for ``after``."""
 
     type: Literal["poll_failure"]
-    after: Annotated[Duration, _at_most(_RULE_LIMIT, _RULE_WHY)] = timedelta(hours=1)
+    after: Annotated[Duration, at_most(_RULE_LIMIT, _RULE_WHY)] = timedelta(hours=1)
 
 
 Rule = Annotated[
@@ -518,7 +398,7 @@ class HttpConfig(_Model):
     # a complete request (from its start, or from its last answer).
     max_connections: int = Field(64, ge=1, le=10_000)
     idle_timeout: Annotated[
-        Duration, _at_most(timedelta(hours=1), "a request takes seconds to arrive")
+        Duration, at_most(timedelta(hours=1), "a request takes seconds to arrive")
     ] = timedelta(seconds=10)
 
     @field_validator("listen", mode="before")

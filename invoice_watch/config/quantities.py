@@ -1,0 +1,140 @@
+"""The quantities of the configuration, each with its unit: durations (``90s``, ``15m``,
+``1h``, ``1d`` or ``1h30m`` in the file, ``timedelta`` in the models, each field with its
+own upper bound, :func:`at_most`), sizes (``64MiB`` in the file, bytes in the models) and
+money (USD in the file, integer cents in the models, without float arithmetic).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import timedelta
+from decimal import Decimal
+from typing import Annotated
+
+from pydantic import AfterValidator, BeforeValidator
+
+from invoice_watch.format import duration, usd
+
+_DURATION = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
+_DURATION_HELP = "use a number and a unit s, m, h or d, e.g. 90s, 15m, 1h, 1d or 1h30m"
+# Longer than any setting may be (each field has its own bound, `at_most`), short
+# enough for any datetime arithmetic (a date plus it stays within year 9999).
+_DURATION_LIMIT = timedelta(days=3660)
+_SECONDS = (86400, 3600, 60, 1)
+
+
+def _parse_duration(value: object) -> timedelta:
+    if isinstance(value, timedelta):
+        delta = value
+    elif (
+        isinstance(value, str)
+        and (m := _DURATION.fullmatch(value.replace(" ", "")))
+        and any(m.groups())
+    ):
+        # Past the limit (or timedelta's range), every value is just "too long": the
+        # field's own bound (`at_most`) says by how much.
+        limit = int(_DURATION_LIMIT.total_seconds()) + 1
+        numbers = [(g or "0").lstrip("0") or "0" for g in m.groups()]
+        if any(len(n) > 12 for n in numbers):
+            seconds = limit
+        else:
+            seconds = min(limit, sum(int(n) * u for n, u in zip(numbers, _SECONDS, strict=True)))
+        delta = timedelta(seconds=seconds)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        raise ValueError(
+            f"a duration needs a unit: write `{value}s` for {value} seconds; units are "
+            "s, m, h and d (e.g. 90s, 15m, 1h, 1d)"
+        )
+    else:
+        raise ValueError(f"invalid duration `{value}`; {_DURATION_HELP}")
+    if delta < timedelta(0):
+        raise ValueError("a duration cannot be negative")
+    return delta
+
+
+def _parse_positive_duration(value: object) -> timedelta:
+    delta = _parse_duration(value)
+    if delta < timedelta(seconds=1):
+        raise ValueError(f"must be at least 1s; {_DURATION_HELP}")
+    return delta
+
+
+# A duration of at least one second; `DurationOrZero` also allows `0s`. Each field adds
+# its upper bound with `at_most`.
+Duration = Annotated[timedelta, BeforeValidator(_parse_positive_duration)]
+DurationOrZero = Annotated[timedelta, BeforeValidator(_parse_duration)]
+
+
+@dataclass(frozen=True)
+class _AtMost:
+    """A duration field's upper bound; ``why`` completes "must be at most LIMIT: "."""
+
+    limit: timedelta
+    why: str
+
+    def __call__(self, value: timedelta) -> timedelta:
+        if value > self.limit:
+            raise ValueError(f"must be at most {duration(self.limit)}: {self.why}")
+        return value
+
+
+def at_most(limit: timedelta, why: str) -> AfterValidator:
+    """The upper bound of one duration field: ``Annotated[Duration, at_most(limit, why)]``."""
+    return AfterValidator(_AtMost(limit, why))
+
+
+_SIZE = re.compile(r"(\d+)\s*([KMG]i?B|B)?", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20,
+               "gib": 2**30}  # fmt: skip
+_SIZE_HELP = "write a size like 64MiB, 512KiB or 1GiB (or a number of bytes)"
+
+
+def _parse_size(value: object) -> int:
+    """A size in bytes: an int, or text with a unit (B, KB, MB, GB, KiB, MiB, GiB)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    elif isinstance(value, str) and (m := _SIZE.fullmatch(value.strip())):
+        size = int(m[1]) * _SIZE_UNITS[(m[2] or "").lower()]
+    else:
+        raise ValueError(f"invalid size `{value}`; {_SIZE_HELP}")
+    return size
+
+
+def _check_response_size(size: int) -> int:
+    if not 64 * 2**10 <= size <= 2**30:
+        raise ValueError(f"must be between 64KiB and 1GiB; {_SIZE_HELP}")
+    return size
+
+
+# A response size cap, in bytes.
+ResponseSize = Annotated[int, BeforeValidator(_parse_size), AfterValidator(_check_response_size)]
+
+_MONEY = re.compile(r"-?\$?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
+_MONEY_HELP = 'write an amount in USD like 5000, 5000.50 or "$5,000.50"'
+# Far above any invoice, far below SQLite's INTEGER (int64) limit.
+MAX_MONEY_CENTS = 100 * 10**12
+
+
+def _parse_money(value: object) -> int:
+    """USD (int, Decimal or text) -> integer cents, without float arithmetic."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        amount = Decimal(value)
+    elif isinstance(value, Decimal) and value.is_finite():
+        amount = value
+    elif isinstance(value, str) and _MONEY.fullmatch(value.strip()):
+        amount = Decimal(value.strip().replace("$", "").replace(",", ""))
+    else:
+        raise ValueError(f"invalid amount `{value}`: {_MONEY_HELP}")
+    if amount < 0:
+        raise ValueError(f"the amount cannot be negative: {_MONEY_HELP}")
+    if amount > MAX_MONEY_CENTS // 100:  # before any arithmetic: 1e999999 is a Decimal
+        raise ValueError(f"must be at most {usd(MAX_MONEY_CENTS)}")
+    cents = amount * 100
+    if cents != cents.to_integral_value():
+        raise ValueError("an amount has at most 2 decimals (cents), e.g. 5000.50")
+    return int(cents)
+
+
+# Money in USD in the file, integer cents in the model.
+Money = Annotated[int, BeforeValidator(_parse_money)]
