@@ -1,0 +1,396 @@
+"""The frozen pydantic models every stage reads (SPEC §6): :class:`Config` and its
+sections (``atlas``, ``organizations``, ``poll``, ``state``, ``delivery``, ``http``,
+``log``), the notifiers (a union tagged by ``type``) and the rules (likewise).
+
+Each field is typed with a value from :mod:`~invoice_watch.config.values` or
+:mod:`~invoice_watch.config.quantities`, so that what a model holds is what its consumer
+accepts; each duration field has its own upper bound. Unknown keys are refused, and no
+error quotes its input (it may be a secret). Checks across sections (notify names,
+unique rule names and org ids) are the loader's (:mod:`~invoice_watch.config.loader`).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    PrivateAttr,
+    Tag,
+    field_validator,
+    model_validator,
+)
+
+from invoice_watch import constants
+from invoice_watch.config.quantities import (
+    Duration,
+    DurationOrZero,
+    Money,
+    ResponseSize,
+    at_most,
+)
+from invoice_watch.config.values import (
+    BearerToken,
+    ConfigPath,
+    EmailAddress,
+    Hostname,
+    HttpLogin,
+    InvoiceStatus,
+    Name,
+    OrgId,
+    Secret,
+    SecretUrl,
+    SlackChannel,
+    SmtpLogin,
+    Url,
+    split_listen,
+)
+from invoice_watch.errors import ConfigProblem
+from invoice_watch.proxy import ProxyUrl
+from invoice_watch.types import Severity
+
+# Upper bounds of durations, by what they time.
+_REQUEST_LIMIT = timedelta(minutes=10)
+_REQUEST_WHY = "one request or conversation that has not answered by then will not"
+_BACKOFF_LIMIT = timedelta(hours=1)
+_BACKOFF_WHY = "a longer wait between retries only delays the answer"
+_RULE_LIMIT = timedelta(days=366)
+_RULE_WHY = "invoices are monthly; a year covers every use"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
+
+
+class DigestAuth(_Model):
+    """Programmatic API key, sent with HTTP Digest."""
+
+    public_key: HttpLogin
+    private_key: Secret
+
+
+class ServiceAccountAuth(_Model):
+    """Service account, OAuth 2.0 client credentials."""
+
+    client_id: HttpLogin
+    client_secret: Secret
+
+
+def _auth_kind(value: Any) -> str | None:
+    if isinstance(value, DigestAuth | ServiceAccountAuth):
+        return "digest" if isinstance(value, DigestAuth) else "service_account"
+    if isinstance(value, dict):
+        digest = {"public_key", "private_key"} & value.keys()
+        service_account = {"client_id", "client_secret"} & value.keys()
+        if digest and not service_account:
+            return "digest"
+        if service_account and not digest:
+            return "service_account"
+    return None  # neither, or both: the error says to pick one
+
+
+class AtlasConfig(_Model):
+    base_url: Url = constants.ATLAS_BASE_URL
+    ui_url: Url = constants.ATLAS_UI_URL
+    api: Literal["v2", "v1", "cloud-manager"] = "v2"
+    auth: Annotated[
+        Annotated[DigestAuth, Tag("digest")]
+        | Annotated[ServiceAccountAuth, Tag("service_account")],
+        Discriminator(
+            _auth_kind,
+            custom_error_type="auth_kind",
+            custom_error_message="set either public_key and private_key (API key), "
+            "or client_id and client_secret (service account)",
+        ),
+    ]
+    timeout: Annotated[Duration, at_most(_REQUEST_LIMIT, _REQUEST_WHY)] = timedelta(seconds=30)
+    max_concurrency: int = Field(4, ge=1, le=64)
+    retries: int = Field(5, ge=0, le=20)
+    max_backoff: Annotated[Duration, at_most(_BACKOFF_LIMIT, _BACKOFF_WHY)] = timedelta(seconds=30)
+    max_response_size: ResponseSize = constants.MAX_RESPONSE_SIZE
+    proxy: ProxyUrl | None = None
+
+
+class OrgConfig(_Model):
+    id: OrgId
+    name: Name | None = None
+
+    @property
+    def display_name(self) -> str:
+        return self.name or self.id
+
+
+class PollConfig(_Model):
+    interval: Annotated[
+        Duration,
+        at_most(timedelta(days=7), "invoices change a few times a day; poll every 15m to 1d"),
+    ] = timedelta(minutes=15)
+    jitter: Annotated[
+        DurationOrZero, at_most(timedelta(days=1), "it must also stay below interval")
+    ] = timedelta(0)
+    # How often each organization's listing is a full one (every invoice, however old)
+    # instead of an incremental one (from its oldest invoice that can still change):
+    # what sees a refund or any late change to a settled invoice. Also at every start.
+    full_listing_every: Annotated[
+        Duration,
+        at_most(timedelta(days=31), "a late change to an old invoice must not wait longer"),
+    ] = timedelta(days=1)
+
+    @model_validator(mode="after")
+    def _jitter_below_interval(self) -> PollConfig:
+        if self.jitter >= self.interval:
+            raise ValueError("jitter must be shorter than interval")
+        return self
+
+
+class StateConfig(_Model):
+    path: ConfigPath
+    # Where ``path`` came from: "state.path" when the file sets it, else what
+    # default_state_path chose (shown by check-config).
+    _origin: str = PrivateAttr(default="state.path")
+
+    @property
+    def origin(self) -> str:
+        return self._origin
+
+    @property
+    def explicit(self) -> bool:
+        """Whether the configuration file sets ``state.path`` itself."""
+        return self._origin == "state.path"
+
+
+class DeliveryConfig(_Model):
+    max_age: Annotated[
+        Duration, at_most(timedelta(days=30), "an alert older than that is no news")
+    ] = timedelta(hours=24)
+    max_backoff: Annotated[Duration, at_most(_BACKOFF_LIMIT, _BACKOFF_WHY)] = timedelta(seconds=60)
+    group_over: int = Field(5, ge=1, le=10_000)
+    # Sent and failed notifications, resolved alerts, cycle records and amount observations
+    # older than this are pruned from the state file (deliver.py, StateStore.prune); pending
+    # messages and firing alerts never are.
+    retention: Annotated[
+        Duration, at_most(timedelta(days=3650), "ten years of history is plenty")
+    ] = timedelta(days=180)
+
+
+class SlackNotifierConfig(_Model):
+    """Slack by incoming webhook (``webhook_url``) or Web API (``token`` + ``channel``)."""
+
+    type: Literal["slack"]
+    webhook_url: SecretUrl | None = None
+    token: BearerToken | None = None
+    channel: SlackChannel | None = None
+    api_url: Url = constants.SLACK_API_URL
+    proxy: ProxyUrl | None = None
+
+    @field_validator("api_url")
+    @classmethod
+    def _trailing_slash(cls, value: str) -> str:
+        return value + "/"  # slack-sdk joins method names onto it
+
+    @model_validator(mode="after")
+    def _one_transport(self) -> SlackNotifierConfig:
+        if (self.webhook_url is None) == (self.token is None):
+            raise ValueError("set exactly one of webhook_url (incoming webhook) or token (bot)")
+        if self.token is not None and self.channel is None:
+            raise ValueError('token needs a channel, e.g. channel: "#billing-alerts"')
+        if self.webhook_url is not None and self.channel is not None:
+            raise ValueError("channel is only used with token: a webhook posts to its own channel")
+        if self.webhook_url is not None and not self.webhook_url.get().startswith("http"):
+            raise ValueError("webhook_url must be an https:// URL (Slack: Incoming Webhooks)")
+        return self
+
+
+_SMTP_PORTS = {"starttls": 587, "implicit": 465, "none": 25}
+
+
+class EmailNotifierConfig(_Model):
+    """SMTP; ``port`` defaults by ``tls``: starttls 587, implicit 465, none 25."""
+
+    type: Literal["email"]
+    host: Hostname
+    port: int = Field(_SMTP_PORTS["starttls"], ge=1, le=65535)
+    tls: Literal["starttls", "implicit", "none"] = "starttls"
+    ca_file: ConfigPath | None = None
+    username: SmtpLogin | None = None
+    password: Secret | None = None
+    from_addr: EmailAddress = Field(alias="from")
+    to: Annotated[list[EmailAddress], Field(min_length=1, max_length=100)]
+    timeout: Annotated[Duration, at_most(_REQUEST_LIMIT, _REQUEST_WHY)] = timedelta(seconds=30)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_port(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "port" not in data and data.get("tls") in _SMTP_PORTS:
+            return {**data, "port": _SMTP_PORTS[data["tls"]]}
+        return data
+
+    @field_validator("ca_file")
+    @classmethod
+    def _ca_file_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"CA file {value} does not exist; give the path of a PEM bundle")
+        return value
+
+    @model_validator(mode="after")
+    def _login_pair(self) -> EmailNotifierConfig:
+        if (self.username is None) != (self.password is None):
+            raise ValueError("set both username and password, or neither")
+        return self
+
+
+class ConsoleNotifierConfig(_Model):
+    type: Literal["console"]
+
+
+NotifierConfig = Annotated[
+    SlackNotifierConfig | EmailNotifierConfig | ConsoleNotifierConfig,
+    Field(discriminator="type"),
+]
+
+
+class _RuleBase(_Model):
+    name: Name
+    notify: Annotated[list[Name], Field(min_length=1)]
+    orgs: Annotated[list[OrgId], Field(min_length=1)] | None = None
+    severity: Severity = Severity.WARNING
+    repeat: Annotated[Duration, at_most(_RULE_LIMIT, _RULE_WHY)] | None = None
+    send_resolved: bool = True
+    enabled: bool = True
+
+
+class InvoiceStatusRule(_RuleBase):
+    """Fires while an invoice is in one of ``statuses``."""
+
+    type: Literal["invoice_status"]
+    statuses: Annotated[list[InvoiceStatus], Field(min_length=1)] = ["FAILED"]
+
+
+class PendingAmountRule(_RuleBase):
+    """Fires while a PENDING invoice's amount is over ``threshold_cents``."""
+
+    type: Literal["pending_amount"]
+    threshold_cents: Money = Field(alias="threshold")
+
+
+class StatusChangeRule(_RuleBase):
+    """A one-shot notice when an invoice moves between statuses (None = any)."""
+
+    type: Literal["status_change"]
+    from_statuses: Annotated[list[InvoiceStatus], Field(min_length=1)] | None = Field(
+        None, alias="from"
+    )
+    to_statuses: Annotated[list[InvoiceStatus], Field(min_length=1)] | None = Field(
+        None, alias="to"
+    )
+
+
+class AmountIncreaseRule(_RuleBase):
+    """Fires while a pending invoice grew by more than a threshold or percent in ``window``."""
+
+    type: Literal["amount_increase"]
+    threshold_cents: Money | None = Field(None, alias="threshold")
+    percent: float | None = Field(None, gt=0, le=1_000_000, allow_inf_nan=False)
+    window: Annotated[Duration, at_most(_RULE_LIMIT, _RULE_WHY)] = timedelta(hours=24)
+
+    @model_validator(mode="after")
+    def _threshold_or_percent(self) -> AmountIncreaseRule:
+        if self.threshold_cents is None and self.percent is None:
+            raise ValueError("set threshold (USD), percent, or both")
+        return self
+
+
+class ForecastRule(_RuleBase):
+    """Fires while a pending invoice's linear forecast exceeds ``budget_cents``."""
+
+    type: Literal["forecast"]
+    budget_cents: Money = Field(alias="budget")
+    min_elapsed: Annotated[Duration, at_most(_RULE_LIMIT, _RULE_WHY)] = timedelta(days=3)
+
+
+class PollFailureRule(_RuleBase):
+    """Fires when an organization has been unreadable for ``after``."""
+
+    type: Literal["poll_failure"]
+    after: Annotated[Duration, at_most(_RULE_LIMIT, _RULE_WHY)] = timedelta(hours=1)
+
+
+Rule = Annotated[
+    InvoiceStatusRule
+    | PendingAmountRule
+    | StatusChangeRule
+    | AmountIncreaseRule
+    | ForecastRule
+    | PollFailureRule,
+    Field(discriminator="type"),
+]
+
+
+class HttpConfig(_Model):
+    listen: str
+    # Bounds against a flood or slow clients (issue 12 §3): connections open at once
+    # (beyond, new ones are closed at once), and how long a connection may stay without
+    # a complete request (from its start, or from its last answer).
+    max_connections: int = Field(64, ge=1, le=10_000)
+    idle_timeout: Annotated[
+        Duration, at_most(timedelta(hours=1), "a request takes seconds to arrive")
+    ] = timedelta(seconds=10)
+
+    @field_validator("listen", mode="before")
+    @classmethod
+    def _host_port(cls, value: object) -> str:
+        split_listen(str(value))  # `listen: 9100` reads as a number
+        return str(value)
+
+    @property
+    def host(self) -> str:
+        return split_listen(self.listen)[0]
+
+    @property
+    def port(self) -> int:
+        return split_listen(self.listen)[1]
+
+
+class LogConfig(_Model):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["text", "json"] = "text"
+
+
+class Config(_Model):
+    """The whole configuration. Cross-references between sections (notify names, unique
+    rule names and org ids) are checked by :func:`load`."""
+
+    atlas: AtlasConfig
+    organizations: Annotated[list[OrgConfig], Field(min_length=1)]
+    poll: PollConfig = Field(default_factory=PollConfig)
+    state: StateConfig
+    delivery: DeliveryConfig = Field(default_factory=DeliveryConfig)
+    notifiers: Annotated[dict[Name, NotifierConfig], Field(min_length=1)]
+    rules: Annotated[list[Rule], Field(min_length=1)]
+    http: HttpConfig | None = None
+    log: LogConfig = Field(default_factory=LogConfig)
+    _source: Path | None = PrivateAttr(default=None)
+    _warnings: tuple[ConfigProblem, ...] = PrivateAttr(default=())
+
+    @property
+    def source(self) -> Path | None:
+        """The file this configuration was loaded from (None for ``load(text)``)."""
+        return self._source
+
+    @property
+    def warnings(self) -> tuple[ConfigProblem, ...]:
+        """Settings that are valid but almost surely wrong, found by :func:`load`; each
+        message starts with ``warning:``. check-config prints them, ``run`` logs them."""
+        return self._warnings
+
+    def org_name(self, org_id: str) -> str:
+        """The display name of a configured organization, else the id itself."""
+        for org in self.organizations:
+            if org.id == org_id:
+                return org.display_name
+        return org_id
