@@ -31,6 +31,7 @@ from invoice_watch.config import (
     ServiceAccountAuth,
     SlackNotifierConfig,
     StatusChangeRule,
+    interpolation,
     quantities,
 )
 from invoice_watch.errors import ConfigError, ConfigProblem
@@ -280,7 +281,7 @@ def test_config_org_name_uses_name_else_id():
     ],
 )
 def test_interpolate_compose_forms(value: str, env: dict[str, str], expected: str):
-    assert config._interpolate(value, env) == expected
+    assert interpolation.interpolate(value, env) == expected
 
 
 @pytest.mark.parametrize(
@@ -296,8 +297,8 @@ def test_interpolate_compose_forms(value: str, env: dict[str, str], expected: st
     ],
 )
 def test_interpolate_errors_say_what_to_set(value: str, env: dict[str, str], message: str):
-    with pytest.raises(config._InterpolationError, match=re.escape(message)):
-        config._interpolate(value, env)
+    with pytest.raises(interpolation.InterpolationError, match=re.escape(message)):
+        interpolation.interpolate(value, env)
 
 
 def test_load_interpolated_values_are_typed_by_the_model():

@@ -20,7 +20,6 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import os
-import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -38,6 +37,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from yarl import URL
 
 from invoice_watch import constants
+from invoice_watch.config.interpolation import InterpolationError, interpolate, variables
 from invoice_watch.config.models import (
     AmountIncreaseRule,
     AtlasConfig,
@@ -107,42 +107,6 @@ _Loc = tuple[str | int, ...]
 CREDENTIALS_FOLDER = "credentials"
 _FLOAT_TAG = "tag:yaml.org,2002:float"
 _TYPED_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("null", "bool", "int")}
-_VARIABLE = re.compile(
-    r"\$(?:(?P<dollar>\$)|\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}"
-    r"|(?P<bad>\{))"
-)
-
-
-class _InterpolationError(Exception):
-    pass
-
-
-def _interpolate(text: str, env: Mapping[str, str]) -> str:
-    """Compose-spec interpolation of one string; raises _InterpolationError."""
-
-    def substitute(m: re.Match[str]) -> str:
-        if m["dollar"]:
-            return "$"
-        if m["bad"]:
-            raise _InterpolationError(
-                "invalid ${...}: write ${NAME}, ${NAME:-default} or ${NAME:?message}, "
-                "and $$ for a literal $"
-            )
-        name, op, arg = m["name"], m["op"], m["arg"]
-        value = env.get(name)
-        missing = value is None or (op is not None and op.startswith(":") and value == "")
-        if op is None and value is None:
-            raise _InterpolationError(
-                f"environment variable {name} is not set; set it, or give a default "
-                f"with ${{{name}:-default}}"
-            )
-        if op is not None and op.endswith("-") and missing:
-            return str(arg)
-        if op is not None and op.endswith("?") and missing:
-            raise _InterpolationError(f"{name}: {arg or 'environment variable is not set'}")
-        return str(value)
-
-    return _VARIABLE.sub(substitute, text)
 
 
 # --- YAML: bounds on size, nesting and aliases; merge keys -----------------------------
@@ -362,17 +326,15 @@ class _Document:
     def _scalar(self, node: ScalarNode, loc: _Loc) -> Any:
         if "$" in node.value:
             try:
-                value = _interpolate(node.value, self.env)
-            except _InterpolationError as exc:
+                value = interpolate(node.value, self.env)
+            except InterpolationError as exc:
                 self.report(node.start_mark, loc, str(exc))
                 self.set_broken(loc)
                 return node.value
             # Checked here, not only by the model, to name the variable and skip the
             # field's own errors: none may quote a control character (or a secret).
             if problem := control_problem(value):
-                names = ", ".join(
-                    f"${{{m['name']}}}" for m in _VARIABLE.finditer(node.value) if m["name"]
-                )
+                names = ", ".join(f"${{{name}}}" for name in variables(node.value))
                 self.report(node.start_mark, loc, f"the value from {names or '$'} {problem}")
                 self.set_broken(loc)
             return value

@@ -1,0 +1,52 @@
+"""``${VAR}`` interpolation of the configuration's scalar values, as the Compose
+specification defines it (https://compose-spec.io, "Interpolation"): ``${NAME}``,
+``${NAME:-default}`` / ``${NAME-default}``, ``${NAME:?message}`` / ``${NAME?message}``,
+and ``$$`` for a literal ``$``; a ``$`` before anything else stays as it is.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+_VARIABLE = re.compile(
+    r"\$(?:(?P<dollar>\$)|\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}"
+    r"|(?P<bad>\{))"
+)
+
+
+class InterpolationError(Exception):
+    """A ``${...}`` that cannot be replaced; the message says what to set or write."""
+
+
+def interpolate(text: str, env: Mapping[str, str]) -> str:
+    """``text`` with every ``${...}`` replaced from ``env``; raises InterpolationError."""
+
+    def substitute(m: re.Match[str]) -> str:
+        if m["dollar"]:
+            return "$"
+        if m["bad"]:
+            raise InterpolationError(
+                "invalid ${...}: write ${NAME}, ${NAME:-default} or ${NAME:?message}, "
+                "and $$ for a literal $"
+            )
+        name, op, arg = m["name"], m["op"], m["arg"]
+        value = env.get(name)
+        missing = value is None or (op is not None and op.startswith(":") and value == "")
+        if op is None and value is None:
+            raise InterpolationError(
+                f"environment variable {name} is not set; set it, or give a default "
+                f"with ${{{name}:-default}}"
+            )
+        if op is not None and op.endswith("-") and missing:
+            return str(arg)
+        if op is not None and op.endswith("?") and missing:
+            raise InterpolationError(f"{name}: {arg or 'environment variable is not set'}")
+        return str(value)
+
+    return _VARIABLE.sub(substitute, text)
+
+
+def variables(text: str) -> list[str]:
+    """The names of the variables that ``text`` refers to, in order."""
+    return [m["name"] for m in _VARIABLE.finditer(text) if m["name"]]
