@@ -61,6 +61,12 @@ from invoice_watch.config.models import (
     StateConfig,
     StatusChangeRule,
 )
+from invoice_watch.config.paths import (
+    default_state_path,
+    find_config_file,
+    secret_file_path,
+    service_state_exists,
+)
 from invoice_watch.config.values import Secret, control_problem
 from invoice_watch.errors import ConfigError, ConfigProblem
 from invoice_watch.format import duration, usd
@@ -92,10 +98,10 @@ __all__ = [
     "find_config_file",
     "load",
     "load_file",
+    "service_state_exists",
     "summary",
 ]
 
-DEFAULT_CONFIG_PATH = Path("/etc/invoice-watch/config.yaml")
 # The fields that hold secrets; each also accepts `<field>_file: path`.
 SECRET_FIELDS = ("private_key", "client_secret", "webhook_url", "token", "password")
 
@@ -103,8 +109,6 @@ SECRET_FIELDS = ("private_key", "client_secret", "webhook_url", "token", "passwo
 # --- loading -------------------------------------------------------------------------
 
 _Loc = tuple[str | int, ...]
-# Where the systemd setup keeps the secrets beside the config (see _read_secret).
-CREDENTIALS_FOLDER = "credentials"
 _FLOAT_TAG = "tag:yaml.org,2002:float"
 _TYPED_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("null", "bool", "int")}
 
@@ -382,16 +386,7 @@ class _Document:
         if not isinstance(value, str) or not value:
             self.report(self.marks[loc], loc, "expected the path of a file holding the secret")
             return placeholder
-        path = Path(value)
-        if not path.is_absolute():
-            credentials = self.env.get("CREDENTIALS_DIRECTORY")
-            path = (Path(credentials) if credentials else self.base_dir) / path
-            # From a shell, a systemd setup's credentials are in credentials/ beside the
-            # config (LoadCredential= copies them from there): `invoice-watch status -c
-            # /etc/invoice-watch/config.yaml` reads what the service reads.
-            kept = self.base_dir / CREDENTIALS_FOLDER / value
-            if not credentials and not _lexists(path) and _lexists(kept):
-                path = kept
+        path = secret_file_path(value, self.env, self.base_dir)
         try:
             with path.open("rb") as file:
                 raw = file.read(MAX_SECRET_BYTES + 1)
@@ -771,43 +766,6 @@ def load(
     return config
 
 
-def _lexists(path: Path) -> bool:
-    """Whether something is at ``path`` (an unreadable file counts: reading it then
-    says why)."""
-    try:
-        os.lstat(path)
-    except PermissionError:
-        return True
-    except OSError:
-        return False
-    return True
-
-
-def default_state_path(env: Mapping[str, str], config_dir: Path) -> tuple[Path, str]:
-    """The state file when ``state.path`` is not set, and why (SPEC §6, extended so that
-    a shell finds the service's state): ``$STATE_DIRECTORY/state.db`` when set (systemd's
-    ``StateDirectory=``, the container image); else the service's state file,
-    :data:`~invoice_watch.constants.SERVICE_STATE_PATH`, when it exists (an operator's
-    ``invoice-watch status -c /etc/invoice-watch/config.yaml`` has no $STATE_DIRECTORY,
-    and must read the daemon's file, not start a second one); else ``invoice-watch.db``
-    beside the config file."""
-    state_dir = env.get("STATE_DIRECTORY", "").split(":")[0]
-    if state_dir:
-        return Path(state_dir) / "state.db", "$STATE_DIRECTORY"
-    service = constants.SERVICE_STATE_PATH
-    if service_state_exists():
-        return service, "the service's state file"
-    return config_dir / "invoice-watch.db", "beside the config file"
-
-
-def service_state_exists() -> bool:
-    """Whether :data:`~invoice_watch.constants.SERVICE_STATE_PATH` holds a state file.
-    A folder this user may not enter counts as holding one (systemd keeps a
-    ``DynamicUser`` service's state under /var/lib/private, root only): opening it then
-    says "permission denied" rather than this user silently getting a second file."""
-    return _lexists(constants.SERVICE_STATE_PATH)
-
-
 def load_file(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
     """Load the configuration file at ``path``; relative paths resolve against its folder."""
     filename = os.fspath(path)
@@ -834,17 +792,6 @@ def load_file(path: str | os.PathLike[str], env: Mapping[str, str] | None = None
     config = load(text, filename=filename, env=env, base_dir=Path(path).absolute().parent)
     config._source = Path(path).absolute()
     return config
-
-
-def find_config_file(explicit: str | None, env: Mapping[str, str]) -> Path:
-    """``-c`` value, else $INVOICE_WATCH_CONFIG, else ./config.yaml if it exists, else
-    /etc/invoice-watch/config.yaml."""
-    if explicit:
-        return Path(explicit)
-    if env.get("INVOICE_WATCH_CONFIG"):
-        return Path(env["INVOICE_WATCH_CONFIG"])
-    local = Path("config.yaml")
-    return local if local.is_file() else DEFAULT_CONFIG_PATH
 
 
 # --- warnings: valid settings that are almost surely mistakes ------------------------
