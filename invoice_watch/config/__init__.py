@@ -17,7 +17,6 @@ the YAML key ``threshold``); durations are ``90s``/``15m``/``1h``/``1d`` in the 
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
 import os
 from collections.abc import Callable, Iterator, Mapping
@@ -25,12 +24,10 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from types import NoneType, UnionType
-from typing import Annotated, Any, Union, get_args, get_origin
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, Tag, TypeAdapter, ValidationError
-from pydantic.fields import FieldInfo
+from pydantic import ValidationError
 from yaml.constructor import SafeConstructor
 from yaml.error import Mark, MarkedYAMLError
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
@@ -38,6 +35,7 @@ from yarl import URL
 
 from invoice_watch import constants
 from invoice_watch.config.interpolation import InterpolationError, interpolate, variables
+from invoice_watch.config.locations import Loc, Locations, in_file_order, located
 from invoice_watch.config.models import (
     AmountIncreaseRule,
     AtlasConfig,
@@ -108,7 +106,6 @@ SECRET_FIELDS = ("private_key", "client_secret", "webhook_url", "token", "passwo
 
 # --- loading -------------------------------------------------------------------------
 
-_Loc = tuple[str | int, ...]
 _FLOAT_TAG = "tag:yaml.org,2002:float"
 _TYPED_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("null", "bool", "int")}
 
@@ -217,44 +214,24 @@ def _too_large(filename: str) -> ConfigProblem:
 class _Document:
     """What the loader knows about one file: marks per dotted path, and problems."""
 
-    filename: str
+    where: Locations
     env: Mapping[str, str]
     base_dir: Path
-    problems: list[ConfigProblem] = field(default_factory=list)
-    marks: dict[_Loc, Mark] = field(default_factory=dict)  # start of each value
-    key_marks: dict[_Loc, Mark] = field(default_factory=dict)  # start of each mapping key
-    broken: set[_Loc] = field(default_factory=set)  # values already reported
-    holds_broken: set[_Loc] = field(default_factory=set)  # and every path above them
     constructor: SafeConstructor = field(default_factory=SafeConstructor)
     open_nodes: set[Node] = field(default_factory=set)  # being built: catches alias cycles
     merged: dict[int, dict[str, tuple[Node, Node]]] = field(default_factory=dict)  # by node id
     merging: set[int] = field(default_factory=set)  # ids of mappings being merged
     state_origin: str = "state.path"  # see StateConfig.origin
 
-    def set_broken(self, loc: _Loc) -> None:
-        """``loc`` was reported: its other errors and its mappings' checks would only
-        repeat it (or quote a value that must not be shown)."""
-        self.broken.add(loc)
-        self.holds_broken.update(loc[:n] for n in range(len(loc)))
-
-    def is_broken(self, loc: _Loc) -> bool:
-        """Whether ``loc``, a value inside it, or a value holding it was reported."""
-        return loc in self.holds_broken or any(loc[:n] in self.broken for n in range(len(loc) + 1))
-
-    def report(self, mark: Mark | None, loc: _Loc, message: str) -> None:
-        line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
-        path = ".".join(str(p) for p in loc)
-        self.problems.append(ConfigProblem(self.filename, line, column, path, message))
-
-    def build(self, node: Node, loc: _Loc) -> Any:
+    def build(self, node: Node, loc: Loc) -> Any:
         """The plain data of ``node``; interpolates scalar values, resolves merge keys.
         Walks each alias again: the composer bounded the expanded size."""
-        self.marks[loc] = node.start_mark
+        self.where.marks[loc] = node.start_mark
         if isinstance(node, ScalarNode):
             return self._scalar(node, loc)
         if node in self.open_nodes:
-            self.report(node.start_mark, loc, "an alias cannot refer to a node that holds it")
-            self.set_broken(loc)
+            self.where.report(node.start_mark, loc, "an alias cannot refer to a node that holds it")
+            self.where.set_broken(loc)
             return None
         self.open_nodes.add(node)
         data: Any
@@ -269,14 +246,14 @@ class _Document:
         self.open_nodes.remove(node)
         return data
 
-    def _pairs(self, node: MappingNode, loc: _Loc) -> dict[str, Node]:
+    def _pairs(self, node: MappingNode, loc: Loc) -> dict[str, Node]:
         """The keys and value nodes of a mapping, merge keys resolved."""
         pairs = self._merged(node, loc, 0)
         for key, (key_node, _) in pairs.items():
-            self.key_marks[(*loc, key)] = key_node.start_mark
+            self.where.key_marks[(*loc, key)] = key_node.start_mark
         return {key: value_node for key, (_, value_node) in pairs.items()}
 
-    def _merged(self, node: MappingNode, loc: _Loc, depth: int) -> dict[str, tuple[Node, Node]]:
+    def _merged(self, node: MappingNode, loc: Loc, depth: int) -> dict[str, tuple[Node, Node]]:
         """The pairs of ``node`` by key after YAML 1.1 merge keys (``<<: *a``, ``<<: [*a,
         *b]``; https://yaml.org/type/merge.html): the mapping's own keys override merged
         ones, and a mapping earlier in a ``<<`` list overrides a later one. Only a key
@@ -287,7 +264,7 @@ class _Document:
         if done is not None:
             return done
         if id(node) in self.merging or depth > MAX_DEPTH:
-            self.report(node.start_mark, loc, "an alias cannot refer to a node that holds it")
+            self.where.report(node.start_mark, loc, "an alias cannot refer to a node that holds it")
             return {}
         self.merging.add(id(node))
         merged: dict[str, tuple[Node, Node]] = {}
@@ -299,7 +276,7 @@ class _Document:
                 sources = value_node.value if isinstance(value_node, SequenceNode) else [value_node]
                 for source in sources:
                     if not isinstance(source, MappingNode):
-                        self.report(
+                        self.where.report(
                             source.start_mark,
                             loc,
                             "`<<` merges a mapping (`<<: *name`) or a list of them "
@@ -311,12 +288,12 @@ class _Document:
                 continue
             key = key_node.value if isinstance(key_node, ScalarNode) else None
             if key is None:
-                self.report(key_node.start_mark, loc, "keys must be plain names")
+                self.where.report(key_node.start_mark, loc, "keys must be plain names")
             elif problem := control_problem(key):
-                self.report(key_node.start_mark, loc, f"the key {problem}")
+                self.where.report(key_node.start_mark, loc, f"the key {problem}")
             elif key in own:
                 first = own[key][0].start_mark.line + 1
-                self.report(
+                self.where.report(
                     key_node.start_mark,
                     (*loc, key),
                     f"duplicate key `{key}` (first at line {first}); keep only one",
@@ -327,24 +304,24 @@ class _Document:
         self.merged[id(node)] = pairs = merged | own
         return pairs
 
-    def _scalar(self, node: ScalarNode, loc: _Loc) -> Any:
+    def _scalar(self, node: ScalarNode, loc: Loc) -> Any:
         if "$" in node.value:
             try:
                 value = interpolate(node.value, self.env)
             except InterpolationError as exc:
-                self.report(node.start_mark, loc, str(exc))
-                self.set_broken(loc)
+                self.where.report(node.start_mark, loc, str(exc))
+                self.where.set_broken(loc)
                 return node.value
             # Checked here, not only by the model, to name the variable and skip the
             # field's own errors: none may quote a control character (or a secret).
             if problem := control_problem(value):
                 names = ", ".join(f"${{{name}}}" for name in variables(node.value))
-                self.report(node.start_mark, loc, f"the value from {names or '$'} {problem}")
-                self.set_broken(loc)
+                self.where.report(node.start_mark, loc, f"the value from {names or '$'} {problem}")
+                self.where.set_broken(loc)
             return value
         if problem := control_problem(node.value):
-            self.report(node.start_mark, loc, f"the value {problem}")
-            self.set_broken(loc)
+            self.where.report(node.start_mark, loc, f"the value {problem}")
+            self.where.set_broken(loc)
             return node.value
         try:
             if node.tag == _FLOAT_TAG:
@@ -358,7 +335,7 @@ class _Document:
             pass
         return node.value
 
-    def read_secret_files(self, data: Any, loc: _Loc) -> None:
+    def read_secret_files(self, data: Any, loc: Loc) -> None:
         """Replace every `<secret>_file: path` by `<secret>: <file content>`."""
         if isinstance(data, list):
             for i, item in enumerate(data):
@@ -371,20 +348,22 @@ class _Document:
                 self.read_secret_files(data[key], (*loc, key))
                 continue
             file_loc, secret_loc = (*loc, key), (*loc, name)
-            mark = self.key_marks[file_loc]
+            mark = self.where.key_marks[file_loc]
             if name in data:
-                self.report(mark, file_loc, f"set either {name} or {key}, not both")
+                self.where.report(mark, file_loc, f"set either {name} or {key}, not both")
                 del data[key]
                 continue
             value = data.pop(key)
-            self.marks[secret_loc] = self.marks[file_loc]
-            self.key_marks[secret_loc] = mark
+            self.where.marks[secret_loc] = self.where.marks[file_loc]
+            self.where.key_marks[secret_loc] = mark
             data[name] = self._read_secret(value, file_loc)
 
-    def _read_secret(self, value: Any, loc: _Loc) -> str:
+    def _read_secret(self, value: Any, loc: Loc) -> str:
         placeholder = "<unreadable>"  # keeps the rest valid; load() fails anyway
         if not isinstance(value, str) or not value:
-            self.report(self.marks[loc], loc, "expected the path of a file holding the secret")
+            self.where.report(
+                self.where.marks[loc], loc, "expected the path of a file holding the secret"
+            )
             return placeholder
         path = secret_file_path(value, self.env, self.base_dir)
         try:
@@ -401,15 +380,15 @@ class _Document:
                 if isinstance(exc, UnicodeDecodeError)
                 else str(exc)
             )
-            self.report(
-                self.marks[loc],
+            self.where.report(
+                self.where.marks[loc],
                 loc,
                 f"cannot read {path}: {reason}; check the path and permissions",
             )
             return placeholder
         if problem := control_problem(text):
-            self.report(
-                self.marks[loc],
+            self.where.report(
+                self.where.marks[loc],
                 loc,
                 f"the content of {path} {problem} (one trailing newline is dropped)",
             )
@@ -433,17 +412,17 @@ class _Document:
         for i, org in enumerate(orgs if isinstance(orgs, list) else []):
             if isinstance(org, dict) and isinstance(org.get("id"), str):
                 loc = ("organizations", i, "id")
-                if loc in self.broken:
+                if loc in self.where.broken:
                     continue
                 if org["id"] in seen_ids:
-                    self.report(
-                        self.marks[loc],
+                    self.where.report(
+                        self.where.marks[loc],
                         loc,
                         f"duplicate organization id {org['id']} (first at line "
                         f"{seen_ids[org['id']]}); list each organization once",
                     )
                 else:
-                    seen_ids[org["id"]] = self.marks[loc].line + 1
+                    seen_ids[org["id"]] = self.where.marks[loc].line + 1
         notifiers = data.get("notifiers")
         known = sorted(notifiers) if isinstance(notifiers, dict) and notifiers else None
         rules = data.get("rules")
@@ -452,257 +431,29 @@ class _Document:
             if not isinstance(rule, dict):
                 continue
             name = rule.get("name")
-            if isinstance(name, str) and ("rules", i, "name") not in self.broken:
+            if isinstance(name, str) and ("rules", i, "name") not in self.where.broken:
                 loc = ("rules", i, "name")
                 if name in seen_names:
-                    self.report(
-                        self.marks[loc],
+                    self.where.report(
+                        self.where.marks[loc],
                         loc,
                         f"duplicate rule name `{name}` (first at line {seen_names[name]}); "
                         "rule names must be unique",
                     )
                 else:
-                    seen_names[name] = self.marks[loc].line + 1
+                    seen_names[name] = self.where.marks[loc].line + 1
             notify = rule.get("notify")
             for j, target in enumerate(notify if isinstance(notify, list) else []):
                 target_loc = ("rules", i, "notify", j)
-                if target_loc in self.broken:
+                if target_loc in self.where.broken:
                     continue
                 if known is not None and isinstance(target, str) and target not in known:
-                    self.report(
-                        self.marks[target_loc],
+                    self.where.report(
+                        self.where.marks[target_loc],
                         target_loc,
                         f"unknown notifier `{target}`; the notifiers defined under "
                         f"`notifiers:` are: {', '.join(known)}",
                     )
-
-    def report_validation(self, exc: ValidationError, data: Any) -> None:
-        for error in exc.errors(include_url=False, include_input=False):
-            kind = error["type"]
-            loc, missing = _document_loc(error["loc"], data, kind == "missing")
-            # A value already reported: skip its errors and its mappings' model checks.
-            if self.is_broken(loc):
-                continue
-            value = _value_at(data, loc)
-            if kind in _UNTAGGED and isinstance(value, dict):
-                # The type is unknown: still report what is wrong whatever the type.
-                self.report_untagged(_type_at(error["loc"]), value, loc)
-            if kind in ("union_tag_invalid", "union_tag_not_found"):
-                missing = kind == "union_tag_not_found"
-                loc = (*loc, "type")
-            if missing:
-                mark = self.marks.get(loc[:-1])
-            elif kind == "extra_forbidden":
-                mark = self.key_marks.get(loc)
-            else:
-                mark = self.marks.get(loc)
-            self.report(mark, loc, _message(error, loc, error["loc"]))
-
-    def report_untagged(self, union: Any, value: dict[str, Any], loc: _Loc) -> None:
-        """The problems of a mapping whose type (the union's tag) is unknown: keys that no
-        type has, required keys every type has, and values that no type accepts."""
-        fields = _union_fields(union)
-        for key in value.keys() - fields.keys():
-            close = difflib.get_close_matches(key, list(fields), n=1)
-            hint = f"did you mean `{close[0]}`? " if close else ""
-            self.report(
-                self.key_marks.get((*loc, key)),
-                (*loc, key),
-                f"unknown key `{key}`; {hint}{_NO_TYPE.get(str(loc[0]), 'no type has it')} "
-                f"(keys: {', '.join(fields)})",
-            )
-        models = _union_members(union)
-        for key, owners in fields.items():
-            key_loc = (*loc, key)
-            if key == "type":  # the tag: pydantic's own error says what is wrong
-                continue
-            if key not in value:
-                required = all(info.is_required() for info in owners.values())
-                if required and len(owners) == len(models):
-                    self.report(self.marks.get(loc), key_loc, f"missing required key `{key}`")
-                continue
-            if any(key_loc[:n] in self.broken for n in range(len(key_loc) + 1)):
-                continue
-            for error in _field_errors(key, owners, value[key], self.base_dir) or []:
-                error_loc = (*key_loc, *error["loc"])
-                self.report(
-                    self.marks.get(error_loc, self.marks.get(key_loc)),
-                    error_loc,
-                    _message(error, error_loc, error_loc),
-                )
-
-
-# Errors of a discriminated union whose tag is unknown or missing (rules, notifiers) or
-# ambiguous (atlas.auth, discriminated by its keys).
-_UNTAGGED = ("union_tag_invalid", "union_tag_not_found", "auth_kind")
-_NO_TYPE = {
-    "rules": "no rule type has it",
-    "notifiers": "no notifier type has it",
-    "atlas": "neither an API key nor a service account has it",
-}
-
-
-def _union_members(union: Any) -> list[type[BaseModel]]:
-    union = _unwrap(union)
-    members = [_unwrap(m) for m in get_args(union)] if get_origin(union) else []
-    return [m for m in members if isinstance(m, type) and issubclass(m, BaseModel)]
-
-
-def _union_fields(union: Any) -> dict[str, dict[type[BaseModel], FieldInfo]]:
-    """Each key any member of ``union`` has -> the members that have it, and its field."""
-    fields: dict[str, dict[type[BaseModel], FieldInfo]] = {}
-    for model in _union_members(union):
-        for name, info in model.model_fields.items():
-            fields.setdefault(info.alias or name, {})[model] = info
-    return fields
-
-
-_ADAPTERS: dict[tuple[type[BaseModel], str], TypeAdapter[Any]] = {}
-
-
-def _field_errors(
-    key: str, owners: Mapping[type[BaseModel], FieldInfo], value: Any, base_dir: Path
-) -> list[Any] | None:
-    """None if the field ``key`` of any model in ``owners`` accepts ``value``, else the
-    first one's errors (each ``loc`` relative to the value)."""
-    first: list[Any] | None = None
-    for model, info in owners.items():
-        adapter = _ADAPTERS.get((model, key))
-        if adapter is None:
-            annotation: Any = info.annotation
-            if info.metadata:
-                annotation = Annotated[annotation, *info.metadata]
-            adapter = TypeAdapter(annotation)
-            _ADAPTERS[(model, key)] = adapter
-        try:
-            adapter.validate_python(value, context={"base_dir": base_dir})
-            return None
-        except ValidationError as exc:
-            first = first or exc.errors(include_url=False, include_input=False)
-    return first
-
-
-def _value_at(data: Any, loc: _Loc) -> Any:
-    for part in loc:
-        try:
-            data = data[part]
-        except (KeyError, IndexError, TypeError):
-            return None
-    return data
-
-
-def _document_loc(loc: tuple[int | str, ...], data: Any, missing: bool) -> tuple[_Loc, bool]:
-    """A pydantic ``loc`` as a path in the document: union tags dropped; for a missing
-    key, the key's path and True."""
-    path: list[str | int] = []
-    node = data
-    for i, part in enumerate(loc):
-        in_dict = isinstance(node, dict) and part in node
-        in_list = isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
-        if in_dict or in_list:
-            node = node[part]
-            path.append(part)
-        elif missing and i == len(loc) - 1:
-            return (*path, part), True
-        # else: a union tag such as "invoice_status", not part of the document
-    return tuple(path), False
-
-
-def _message(error: Any, loc: _Loc, pydantic_loc: tuple[int | str, ...]) -> str:
-    """A message for one pydantic error that says how to fix it."""
-    kind, ctx = error["type"], error.get("ctx") or {}
-    key = loc[-1] if loc else ""
-    if kind == "missing":
-        return f"missing required key `{key}`"
-    if kind == "extra_forbidden":
-        allowed = _keys(_type_at(pydantic_loc[:-1]))
-        close = difflib.get_close_matches(str(key), allowed, n=1)
-        hint = f"did you mean `{close[0]}`? " if close else ""
-        return f"unknown key `{key}`; {hint}allowed here: {', '.join(allowed)}"
-    if kind in ("union_tag_invalid", "union_tag_not_found"):
-        tags = ", ".join(_tags(_type_at(pydantic_loc)))
-        if kind == "union_tag_not_found":
-            return f"missing required key `type`; one of: {tags}"
-        return f"unknown type `{ctx.get('tag')}`; use one of: {tags}"
-    if kind == "value_error":
-        return str(ctx["error"])
-    if kind in ("literal_error", "enum"):
-        return f"use one of: {ctx['expected']}"
-    if kind in ("greater_than_equal", "less_than_equal", "greater_than"):
-        bound = {"greater_than_equal": "at least", "less_than_equal": "at most"}
-        limit = ctx.get("ge", ctx.get("le", ctx.get("gt")))
-        return f"must be {bound.get(kind, 'more than')} {limit}"
-    hints = {
-        "string_type": "expected text (quote the value)",
-        "int_type": "expected a whole number",
-        "int_parsing": "expected a whole number",
-        "int_parsing_size": "expected a whole number, and this one is far too large",
-        "finite_number": "must be a finite number",
-        "int_from_float": "expected a whole number",
-        "float_type": "expected a number",
-        "float_parsing": "expected a number",
-        "bool_type": "expected true or false",
-        "bool_parsing": "expected true or false",
-        "list_type": "expected a list (`- item` lines or [a, b])",
-        "dict_type": "expected a mapping (`key: value` lines)",
-        "model_type": "expected a mapping (`key: value` lines)",
-        "model_attributes_type": "expected a mapping (`key: value` lines)",
-        "path_type": "expected a file path",
-        "too_short": "must not be empty: give at least one entry",
-        "string_too_short": "must not be empty",
-    }
-    return hints.get(kind, str(error["msg"]))
-
-
-def _type_at(loc: tuple[int | str, ...]) -> Any:
-    """The annotated type found at a pydantic ``loc`` under Config (None if unknown)."""
-    tp: Any = Config
-    for part in loc:
-        tp = _unwrap(tp)
-        if isinstance(tp, type) and issubclass(tp, BaseModel):
-            fields = tp.model_fields.items()
-            tp = next((f.annotation for n, f in fields if part in (n, f.alias)), None)
-        elif get_origin(tp) is list:
-            tp = get_args(tp)[0]
-        elif get_origin(tp) is dict:
-            tp = get_args(tp)[1]
-        elif get_origin(tp) in (Union, UnionType):
-            tp = next((m for m in get_args(tp) if part in _tags(m)), None)
-        else:
-            return None
-    return tp
-
-
-def _unwrap(tp: Any) -> Any:
-    """Strip Annotated and Optional (a union with None and one other member)."""
-    while True:
-        if get_origin(tp) is Annotated:
-            tp = get_args(tp)[0]
-        elif get_origin(tp) in (Union, UnionType) and NoneType in get_args(tp):
-            (tp,) = (m for m in get_args(tp) if m is not NoneType)
-        else:
-            return tp
-
-
-def _tags(tp: Any) -> list[str]:
-    """The discriminator tags a union member (or every member of a union) answers to."""
-    if get_origin(tp) is Annotated:
-        tags = [m.tag for m in get_args(tp)[1:] if isinstance(m, Tag)]
-        if tags:
-            return tags
-    tp = _unwrap(tp)
-    if get_origin(tp) in (Union, UnionType):
-        return [tag for member in get_args(tp) for tag in _tags(member)]
-    if isinstance(tp, type) and issubclass(tp, BaseModel) and "type" in tp.model_fields:
-        return [str(a) for a in get_args(tp.model_fields["type"].annotation)]
-    return []
-
-
-def _keys(tp: Any) -> list[str]:
-    tp = _unwrap(tp)
-    if isinstance(tp, type) and issubclass(tp, BaseModel):
-        return [f.alias or name for name, f in tp.model_fields.items()]
-    return []
 
 
 def _yaml_problem(exc: yaml.YAMLError, text: str, filename: str) -> list[ConfigProblem]:
@@ -742,13 +493,14 @@ def load(
     ``base_dir`` (default: the working directory). ``env`` defaults to ``os.environ``.
     """
     root = _compose(text, filename)
-    doc = _Document(filename, os.environ if env is None else env, base_dir or Path())
+    where = Locations(filename)
+    doc = _Document(where, os.environ if env is None else env, base_dir or Path())
     if root is None:
-        doc.report(None, (), "the file is empty; see config.example.yaml for a start")
-        raise ConfigError(doc.problems)
+        where.report(None, (), "the file is empty; see config.example.yaml for a start")
+        raise ConfigError(where.problems)
     if not isinstance(root, MappingNode):
-        doc.report(root.start_mark, (), "expected a mapping of sections (atlas:, rules:, ...)")
-        raise ConfigError(doc.problems)
+        where.report(root.start_mark, (), "expected a mapping of sections (atlas:, rules:, ...)")
+        raise ConfigError(where.problems)
     data: dict[str, Any] = doc.build(root, ())
     doc.read_secret_files(data, ())
     doc.add_defaults(data)
@@ -757,12 +509,11 @@ def load(
     try:
         config = Config.model_validate(data, context={"base_dir": base_dir})
     except ValidationError as exc:
-        doc.report_validation(exc, data)
-    if doc.problems or config is None:
-        problems = sorted(doc.problems, key=lambda p: (p.line, p.column, p.path))
-        raise ConfigError(problems)
+        where.report_validation(exc, data, doc.base_dir)
+    if where.problems or config is None:
+        raise ConfigError(in_file_order(where.problems))
     config.state._origin = doc.state_origin
-    config._warnings = _warnings(config, doc)
+    config._warnings = _warnings(config, where)
     return config
 
 
@@ -799,8 +550,8 @@ def load_file(path: str | os.PathLike[str], env: Mapping[str, str] | None = None
 # Each check yields (dotted path, message) for a valid configuration; keep each one a
 # setting that is almost never meant (a warning an operator learns to ignore is noise).
 
-_Warning = tuple[_Loc, str]
-_Given = Callable[[_Loc], bool]  # whether the file sets this key (not a default)
+_Warning = tuple[Loc, str]
+_Given = Callable[[Loc], bool]  # whether the file sets this key (not a default)
 
 
 def _is_loopback(host: str) -> bool:
@@ -837,7 +588,7 @@ def _email_warnings(config: Config, given: _Given) -> Iterator[_Warning]:
     for name, notifier in config.notifiers.items():
         if not isinstance(notifier, EmailNotifierConfig):
             continue
-        loc: _Loc = ("notifiers", name)
+        loc: Loc = ("notifiers", name)
         mismatch = _SMTP_MISMATCH.get((notifier.port, notifier.tls))
         if mismatch and given((*loc, "port")):
             yield (*loc, "port"), mismatch
@@ -897,7 +648,7 @@ def _rule_warnings(config: Config, given: _Given) -> Iterator[_Warning]:
     listed = {org.id for org in config.organizations}
     interval = config.poll.interval
     for i, rule in enumerate(config.rules):
-        loc: _Loc = ("rules", i)
+        loc: Loc = ("rules", i)
         if isinstance(rule, StatusChangeRule):
             if given((*loc, "repeat")):
                 yield (
@@ -964,18 +715,15 @@ _WARNING_CHECKS: tuple[Callable[[Config, _Given], Iterator[_Warning]], ...] = (
 )
 
 
-def _warnings(config: Config, doc: _Document) -> tuple[ConfigProblem, ...]:
+def _warnings(config: Config, where: Locations) -> tuple[ConfigProblem, ...]:
     """The warnings of a valid configuration, located like problems (the key when the
     file sets it, else the closest enclosing value), in file order."""
     found = []
     for check in _WARNING_CHECKS:
-        for loc, message in check(config, doc.marks.__contains__):
-            where = next((loc[:n] for n in range(len(loc), -1, -1) if loc[:n] in doc.marks), ())
-            mark = doc.marks.get(where)
-            line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
-            path = ".".join(str(p) for p in loc)
-            found.append(ConfigProblem(doc.filename, line, column, path, f"warning: {message}"))
-    return tuple(sorted(found, key=lambda p: (p.line, p.column, p.path)))
+        for loc, message in check(config, where.marks.__contains__):
+            at = next((loc[:n] for n in range(len(loc), -1, -1) if loc[:n] in where.marks), ())
+            found.append(located(where.filename, where.marks.get(at), loc, f"warning: {message}"))
+    return tuple(in_file_order(found))
 
 
 # --- summary -------------------------------------------------------------------------
