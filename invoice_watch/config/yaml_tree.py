@@ -1,0 +1,272 @@
+"""The YAML side of loading a configuration: from text to plain data.
+
+The composer is PyYAML's, bounded (file size, nesting depth, and the number of values
+once aliases are expanded), so that a hostile or broken file cannot take the memory or
+the event loop of the process that reads it. :class:`Builder` then walks the node tree
+into plain data: YAML 1.1 merge keys (``<<``), duplicate keys refused, ``${VAR}``
+interpolation on scalar values, exact decimals for floats (money); it records each
+value's mark in a :class:`~invoice_watch.config.locations.Locations` and reports there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+import yaml
+from yaml.constructor import SafeConstructor
+from yaml.error import Mark, MarkedYAMLError
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from invoice_watch.config.interpolation import InterpolationError, interpolate, variables
+from invoice_watch.config.locations import Loc, Locations
+from invoice_watch.config.values import control_problem
+from invoice_watch.errors import ConfigError, ConfigProblem
+
+# A configuration is a few KiB and a few hundred nodes; these bounds are far above any
+# real one and keep a hostile or broken file (an alias bomb, 10^9 nodes from 565 bytes)
+# from taking the memory or the event loop of the process that reads it.
+MAX_CONFIG_BYTES = 1024 * 1024
+MAX_EXPANDED_NODES = 100_000  # nodes once every alias is expanded
+MAX_DEPTH = 64  # collections nested in each other
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+_TYPED_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("null", "bool", "int")}
+
+
+class _BoundExceeded(Exception):
+    """The document exceeds one of the bounds above; ``mark`` is where."""
+
+    def __init__(self, mark: Mark, message: str) -> None:
+        self.mark = mark
+        super().__init__(message)
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` (pure Python: the C loader has no hook) composing a node tree
+    whose walk is bounded: each node's size with aliases expanded is memoized by node
+    id (so counting is linear), and composing stops past ``MAX_EXPANDED_NODES`` or
+    ``MAX_DEPTH``. Source: PyYAML 6.0.4 ``Composer.compose_node``; LIBRARIES.md "merge
+    keys and alias bombs"."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.sizes: dict[int, int] = {}  # id(collection node) -> nodes once expanded
+        self.depth = 0
+
+    def compose_node(self, parent: Node | None, index: int) -> Node | None:
+        alias = self.check_event(yaml.AliasEvent)
+        if self.depth >= MAX_DEPTH:
+            mark: Mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
+            raise _BoundExceeded(
+                mark,
+                f"values nested more than {MAX_DEPTH} levels deep; a configuration "
+                "needs about 5: check the brackets and indentation",
+            )
+        self.depth += 1
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+        if node is None:
+            return None
+        if alias:  # an anchored node, counted already (unless it holds this alias)
+            size = self.sizes.get(id(node), 1)
+        elif isinstance(node, SequenceNode):
+            size = 1 + sum(self.sizes.get(id(item), 1) for item in node.value)
+            self.sizes[id(node)] = size
+        elif isinstance(node, MappingNode):
+            size = 1 + sum(
+                self.sizes.get(id(key), 1) + self.sizes.get(id(value), 1)
+                for key, value in node.value
+            )
+            self.sizes[id(node)] = size
+        else:
+            return node
+        if size > MAX_EXPANDED_NODES:
+            raise _BoundExceeded(
+                node.start_mark,
+                f"this value expands to more than {MAX_EXPANDED_NODES:,} values through "
+                "aliases (*name); a configuration needs a few hundred: use fewer aliases",
+            )
+        return node
+
+
+def compose(text: str, filename: str) -> Node | None:
+    """The node tree of ``text``; raises ConfigError past a bound or on invalid YAML."""
+    size = len(text.encode("utf-8")) if len(text) <= MAX_CONFIG_BYTES else len(text)
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError([too_large(filename)])
+    loader = _BoundedLoader(text)
+    try:
+        return loader.get_single_node()
+    except _BoundExceeded as exc:
+        mark = exc.mark
+        raise ConfigError(
+            [ConfigProblem(filename, mark.line + 1, mark.column + 1, "", str(exc))]
+        ) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(_yaml_problem(exc, text, filename)) from None
+    finally:
+        loader.dispose()
+
+
+def too_large(filename: str) -> ConfigProblem:
+    return ConfigProblem(
+        filename,
+        1,
+        1,
+        "",
+        f"the file is larger than {MAX_CONFIG_BYTES // 1024} KiB; a configuration is a "
+        "few KiB: is this the configuration file?",
+    )
+
+
+def _yaml_problem(exc: yaml.YAMLError, text: str, filename: str) -> list[ConfigProblem]:
+    """YAML syntax errors: tabs in indentation get their own message, one per line."""
+    tabbed = [
+        ConfigProblem(
+            filename,
+            number,
+            line.index("\t") + 1,
+            "",
+            "tab character in indentation: YAML indents with spaces only",
+        )
+        for number, line in enumerate(text.splitlines(), start=1)
+        if "\t" in line[: len(line) - len(line.lstrip(" \t"))]
+    ]
+    if tabbed:
+        return tabbed
+    mark = exc.problem_mark if isinstance(exc, MarkedYAMLError) else None
+    problem = exc.problem if isinstance(exc, MarkedYAMLError) else None
+    line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+    message = f"invalid YAML: {problem or exc}"
+    if isinstance(exc, MarkedYAMLError) and exc.context and exc.context_mark:
+        message += f" ({exc.context} at line {exc.context_mark.line + 1})"
+    return [ConfigProblem(filename, line, column, "", message + "; check indentation and quotes")]
+
+
+@dataclass
+class Builder:
+    """The plain data of one document's nodes; marks and problems go to ``where``."""
+
+    where: Locations
+    env: Mapping[str, str]  # for ${VAR}
+    constructor: SafeConstructor = field(default_factory=SafeConstructor)
+    open_nodes: set[Node] = field(default_factory=set)  # being built: catches alias cycles
+    merged: dict[int, dict[str, tuple[Node, Node]]] = field(default_factory=dict)  # by node id
+    merging: set[int] = field(default_factory=set)  # ids of mappings being merged
+
+    def build(self, node: Node, loc: Loc) -> Any:
+        """The plain data of ``node``; interpolates scalar values, resolves merge keys.
+        Walks each alias again: the composer bounded the expanded size."""
+        self.where.marks[loc] = node.start_mark
+        if isinstance(node, ScalarNode):
+            return self._scalar(node, loc)
+        if node in self.open_nodes:
+            self.where.report(node.start_mark, loc, "an alias cannot refer to a node that holds it")
+            self.where.set_broken(loc)
+            return None
+        self.open_nodes.add(node)
+        data: Any
+        if isinstance(node, SequenceNode):
+            data = [self.build(item, (*loc, i)) for i, item in enumerate(node.value)]
+        else:
+            assert isinstance(node, MappingNode)
+            data = {
+                key: self.build(value_node, (*loc, key))
+                for key, value_node in self._pairs(node, loc).items()
+            }
+        self.open_nodes.remove(node)
+        return data
+
+    def _pairs(self, node: MappingNode, loc: Loc) -> dict[str, Node]:
+        """The keys and value nodes of a mapping, merge keys resolved."""
+        pairs = self._merged(node, loc, 0)
+        for key, (key_node, _) in pairs.items():
+            self.where.key_marks[(*loc, key)] = key_node.start_mark
+        return {key: value_node for key, (_, value_node) in pairs.items()}
+
+    def _merged(self, node: MappingNode, loc: Loc, depth: int) -> dict[str, tuple[Node, Node]]:
+        """The pairs of ``node`` by key after YAML 1.1 merge keys (``<<: *a``, ``<<: [*a,
+        *b]``; https://yaml.org/type/merge.html): the mapping's own keys override merged
+        ones, and a mapping earlier in a ``<<`` list overrides a later one. Only a key
+        given twice among the mapping's own is a duplicate. Memoized per node, so each
+        alias is resolved once. (PyYAML's ``flatten_mapping`` is not used: in 6.0.4 which
+        merged key wins depends on whether Python interned the key's string.)"""
+        done = self.merged.get(id(node))
+        if done is not None:
+            return done
+        if id(node) in self.merging or depth > MAX_DEPTH:
+            self.where.report(node.start_mark, loc, "an alias cannot refer to a node that holds it")
+            return {}
+        self.merging.add(id(node))
+        merged: dict[str, tuple[Node, Node]] = {}
+        own: dict[str, tuple[Node, Node]] = {}
+        merge_seen = False
+        for key_node, value_node in node.value:
+            if key_node.tag == _MERGE_TAG and not merge_seen:
+                merge_seen = True
+                sources = value_node.value if isinstance(value_node, SequenceNode) else [value_node]
+                for source in sources:
+                    if not isinstance(source, MappingNode):
+                        self.where.report(
+                            source.start_mark,
+                            loc,
+                            "`<<` merges a mapping (`<<: *name`) or a list of them "
+                            "(`<<: [*a, *b]`)",
+                        )
+                        continue
+                    for merged_key, pair in self._merged(source, loc, depth + 1).items():
+                        merged.setdefault(merged_key, pair)
+                continue
+            key = key_node.value if isinstance(key_node, ScalarNode) else None
+            if key is None:
+                self.where.report(key_node.start_mark, loc, "keys must be plain names")
+            elif problem := control_problem(key):
+                self.where.report(key_node.start_mark, loc, f"the key {problem}")
+            elif key in own:
+                first = own[key][0].start_mark.line + 1
+                self.where.report(
+                    key_node.start_mark,
+                    (*loc, key),
+                    f"duplicate key `{key}` (first at line {first}); keep only one",
+                )
+            else:
+                own[key] = (key_node, value_node)
+        self.merging.discard(id(node))
+        self.merged[id(node)] = pairs = merged | own
+        return pairs
+
+    def _scalar(self, node: ScalarNode, loc: Loc) -> Any:
+        if "$" in node.value:
+            try:
+                value = interpolate(node.value, self.env)
+            except InterpolationError as exc:
+                self.where.report(node.start_mark, loc, str(exc))
+                self.where.set_broken(loc)
+                return node.value
+            # Checked here, not only by the model, to name the variable and skip the
+            # field's own errors: none may quote a control character (or a secret).
+            if problem := control_problem(value):
+                names = ", ".join(f"${{{name}}}" for name in variables(node.value))
+                self.where.report(node.start_mark, loc, f"the value from {names or '$'} {problem}")
+                self.where.set_broken(loc)
+            return value
+        if problem := control_problem(node.value):
+            self.where.report(node.start_mark, loc, f"the value {problem}")
+            self.where.set_broken(loc)
+            return node.value
+        try:
+            if node.tag == _FLOAT_TAG:
+                try:  # keep the decimal text exact (money)
+                    return Decimal(node.value.replace("_", ""))
+                except InvalidOperation:
+                    return self.constructor.construct_object(node)
+            if node.tag in _TYPED_TAGS:
+                return self.constructor.construct_object(node)
+        except ValueError:  # an int of more than 4300 digits: the field says what it wants
+            pass
+        return node.value
