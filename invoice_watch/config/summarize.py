@@ -1,0 +1,113 @@
+"""The human summary of a configuration that ``invoice-watch check-config`` prints:
+one line per section, organization, notifier and rule, every default made visible;
+secrets show as ``<secret>`` and a proxy's password masked.
+"""
+
+from __future__ import annotations
+
+from invoice_watch.config.models import (
+    AmountIncreaseRule,
+    Config,
+    DigestAuth,
+    EmailNotifierConfig,
+    ForecastRule,
+    InvoiceStatusRule,
+    NotifierConfig,
+    PendingAmountRule,
+    Rule,
+    SlackNotifierConfig,
+    StatusChangeRule,
+)
+from invoice_watch.format import duration, usd
+from invoice_watch.proxy import ProxyUrl
+
+
+def _via(proxy: ProxyUrl | None) -> str:
+    return f", proxy {proxy}" if proxy is not None else ""  # its password masked
+
+
+def _notifier_line(name: str, notifier: NotifierConfig) -> str:
+    if isinstance(notifier, SlackNotifierConfig):
+        if notifier.webhook_url is not None:
+            return f"{name}: slack webhook {notifier.webhook_url}{_via(notifier.proxy)}"
+        return (
+            f"{name}: slack {notifier.api_url} channel {notifier.channel}, token {notifier.token}"
+            f"{_via(notifier.proxy)}"
+        )
+    if isinstance(notifier, EmailNotifierConfig):
+        login = (
+            f", user {notifier.username} password {notifier.password}" if notifier.username else ""
+        )
+        ca = f", CA {notifier.ca_file}" if notifier.ca_file else ""
+        return (
+            f"{name}: email via {notifier.host}:{notifier.port} ({notifier.tls}{ca}{login}), "
+            f"from {notifier.from_addr} to {', '.join(notifier.to)}"
+        )
+    return f"{name}: console (stdout)"
+
+
+def _rule_params(rule: Rule) -> str:
+    def statuses(values: list[str] | None) -> str:
+        return "|".join(values) if values else "any"
+
+    if isinstance(rule, InvoiceStatusRule):
+        return f"statuses {statuses(rule.statuses)}"
+    if isinstance(rule, PendingAmountRule):
+        return f"pending amount over {usd(rule.threshold_cents)}"
+    if isinstance(rule, StatusChangeRule):
+        return f"from {statuses(rule.from_statuses)} to {statuses(rule.to_statuses)}"
+    if isinstance(rule, AmountIncreaseRule):
+        limits = [usd(rule.threshold_cents)] if rule.threshold_cents is not None else []
+        limits += [f"{rule.percent:g}%"] if rule.percent is not None else []
+        return f"growth over {' or '.join(limits)} within {duration(rule.window)}"
+    if isinstance(rule, ForecastRule):
+        return f"forecast over {usd(rule.budget_cents)} after {duration(rule.min_elapsed)}"
+    return f"reads failing for {duration(rule.after)}"
+
+
+def summary(config: Config) -> str:
+    """A human summary for ``invoice-watch check-config``; secrets show as ``<secret>``."""
+    atlas = config.atlas
+    auth = atlas.auth
+    credentials = (
+        f"API key {auth.public_key} / {auth.private_key}"
+        if isinstance(auth, DigestAuth)
+        else f"service account {auth.client_id} / {auth.client_secret}"
+    )
+    lines = [
+        f"Configuration: {config.source or '<string>'}",
+        f"Atlas: {atlas.base_url} (api {atlas.api}), {credentials}",
+        f"  timeout {duration(atlas.timeout)}, concurrency {atlas.max_concurrency}, "
+        f"retries {atlas.retries}, max backoff {duration(atlas.max_backoff)}, "
+        f"max response {atlas.max_response_size // 2**10:,} KiB{_via(atlas.proxy)}",
+        f"Organizations ({len(config.organizations)}):",
+        *(f"  - {org.display_name} ({org.id})" for org in config.organizations),
+        f"Poll: every {duration(config.poll.interval)}, jitter {duration(config.poll.jitter)}, "
+        f"full listing every {duration(config.poll.full_listing_every)} and at start",
+        f"State: {config.state.path}"
+        + ("" if config.state.explicit else f" (default: {config.state.origin})"),
+        f"Delivery: give up after {duration(config.delivery.max_age)}, max backoff "
+        f"{duration(config.delivery.max_backoff)}, group over {config.delivery.group_over}, "
+        f"keep history {duration(config.delivery.retention)}",
+        f"Notifiers ({len(config.notifiers)}):",
+        *(f"  - {_notifier_line(name, n)}" for name, n in config.notifiers.items()),
+        f"Rules ({len(config.rules)}):",
+    ]
+    for rule in config.rules:
+        options = [rule.severity.value]
+        options += [f"orgs {', '.join(rule.orgs)}"] if rule.orgs else []
+        options += [f"repeat {duration(rule.repeat)}"] if rule.repeat else []
+        options += [] if rule.send_resolved else ["no resolved"]
+        options += [] if rule.enabled else ["DISABLED"]
+        lines.append(
+            f"  - {rule.name} [{rule.type}] {_rule_params(rule)} -> {', '.join(rule.notify)}"
+            f" ({', '.join(options)})"
+        )
+    lines.append(
+        f"HTTP: {config.http.listen} (at most {config.http.max_connections} connections, "
+        f"idle timeout {duration(config.http.idle_timeout)})"
+        if config.http
+        else "HTTP: off"
+    )
+    lines.append(f"Log: {config.log.level}, {config.log.format}")
+    return "\n".join(lines)
