@@ -1,14 +1,17 @@
 """The configuration file (SPEC §6): the frozen pydantic models every stage reads, and
-the loader that turns YAML into them.
+the loader that turns YAML into them. Import from here; the modules are::
 
-Loading is a small pipeline that keeps every problem it finds, each located by line,
-column and dotted path, and raises them together as one :class:`ConfigError`::
-
-    yaml.compose (node tree, with marks)
-      -> plain data: ${VAR} interpolation on scalar values, duplicate keys
-      -> `<secret>_file` keys read into their secret field
-      -> cross-references (notify names, duplicate rule names and org ids)
-      -> pydantic validation, each error's `loc` mapped back to its node's mark
+    values.py         Secret and the text values (names, logins, hosts, URLs, addresses...)
+    quantities.py     durations (with their bounds), sizes and money
+    models.py         Config, its sections, the notifiers and the rules
+    loader.py         load(text) and load_file(path): the pipeline, `<secret>_file`,
+                      defaults, cross-references
+    yaml_tree.py      the bounded YAML composer, and nodes -> plain data (merge keys)
+    interpolation.py  ${VAR} interpolation (Compose spec)
+    locations.py      where each value is; pydantic errors mapped back to file:line
+    warnings.py       valid settings that are almost surely mistakes
+    paths.py          where the config, state and secret files are
+    summarize.py      the human summary check-config prints
 
 Money is USD in the file and integer cents in the models (``threshold_cents``, read from
 the YAML key ``threshold``); durations are ``90s``/``15m``/``1h``/``1d`` in the file and
@@ -17,16 +20,7 @@ the YAML key ``threshold``); durations are ``90s``/``15m``/``1h``/``1d`` in the 
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
-
-from pydantic import ValidationError
-from yaml.nodes import MappingNode
-
-from invoice_watch.config.locations import Loc, Locations, in_file_order
+from invoice_watch.config.loader import load, load_file
 from invoice_watch.config.models import (
     AmountIncreaseRule,
     AtlasConfig,
@@ -50,17 +44,10 @@ from invoice_watch.config.models import (
     StateConfig,
     StatusChangeRule,
 )
-from invoice_watch.config.paths import (
-    default_state_path,
-    find_config_file,
-    secret_file_path,
-    service_state_exists,
-)
+from invoice_watch.config.paths import find_config_file, service_state_exists
 from invoice_watch.config.summarize import summary
-from invoice_watch.config.values import Secret, control_problem
-from invoice_watch.config.warnings import find_warnings
-from invoice_watch.config.yaml_tree import MAX_CONFIG_BYTES, Builder, compose, too_large
-from invoice_watch.errors import ConfigError, ConfigProblem
+from invoice_watch.config.values import Secret
+from invoice_watch.config.yaml_tree import MAX_CONFIG_BYTES
 
 __all__ = [
     "MAX_CONFIG_BYTES",
@@ -92,202 +79,3 @@ __all__ = [
     "service_state_exists",
     "summary",
 ]
-
-# The fields that hold secrets; each also accepts `<field>_file: path`.
-SECRET_FIELDS = ("private_key", "client_secret", "webhook_url", "token", "password")
-MAX_SECRET_BYTES = 64 * 1024  # a `<secret>_file`
-
-
-@dataclass
-class _Document:
-    """What the loader knows about one file: marks per dotted path, and problems."""
-
-    where: Locations
-    env: Mapping[str, str]
-    base_dir: Path
-    state_origin: str = "state.path"  # see StateConfig.origin
-
-    def read_secret_files(self, data: Any, loc: Loc) -> None:
-        """Replace every `<secret>_file: path` by `<secret>: <file content>`."""
-        if isinstance(data, list):
-            for i, item in enumerate(data):
-                self.read_secret_files(item, (*loc, i))
-        if not isinstance(data, dict):
-            return
-        for key in list(data):
-            name = key.removesuffix("_file")
-            if name not in SECRET_FIELDS or key == name:
-                self.read_secret_files(data[key], (*loc, key))
-                continue
-            file_loc, secret_loc = (*loc, key), (*loc, name)
-            mark = self.where.key_marks[file_loc]
-            if name in data:
-                self.where.report(mark, file_loc, f"set either {name} or {key}, not both")
-                del data[key]
-                continue
-            value = data.pop(key)
-            self.where.marks[secret_loc] = self.where.marks[file_loc]
-            self.where.key_marks[secret_loc] = mark
-            data[name] = self._read_secret(value, file_loc)
-
-    def _read_secret(self, value: Any, loc: Loc) -> str:
-        placeholder = "<unreadable>"  # keeps the rest valid; load() fails anyway
-        if not isinstance(value, str) or not value:
-            self.where.report(
-                self.where.marks[loc], loc, "expected the path of a file holding the secret"
-            )
-            return placeholder
-        path = secret_file_path(value, self.env, self.base_dir)
-        try:
-            with path.open("rb") as file:
-                raw = file.read(MAX_SECRET_BYTES + 1)
-            if len(raw) > MAX_SECRET_BYTES:
-                raise ValueError(f"larger than {MAX_SECRET_BYTES // 1024} KiB; is it the secret?")
-            text = raw.decode("utf-8").removesuffix("\n").removesuffix("\r")
-        except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
-            reason = (
-                exc.strerror
-                if isinstance(exc, OSError)
-                else "not UTF-8 text"
-                if isinstance(exc, UnicodeDecodeError)
-                else str(exc)
-            )
-            self.where.report(
-                self.where.marks[loc],
-                loc,
-                f"cannot read {path}: {reason}; check the path and permissions",
-            )
-            return placeholder
-        if problem := control_problem(text):
-            self.where.report(
-                self.where.marks[loc],
-                loc,
-                f"the content of {path} {problem} (one trailing newline is dropped)",
-            )
-            return placeholder
-        return text
-
-    def add_defaults(self, data: dict[str, Any]) -> None:
-        """Empty sections (``poll:`` with every key commented out) mean their defaults;
-        the state path's default depends on the environment and the file's folder."""
-        for key, value in data.items():
-            if value is None and key in Config.model_fields and key != "http":
-                data[key] = [] if key in ("organizations", "rules") else {}
-        state = data.setdefault("state", {})
-        if isinstance(state, dict) and "path" not in state:
-            state["path"], self.state_origin = default_state_path(self.env, self.base_dir)
-
-    def check_references(self, data: dict[str, Any]) -> None:
-        """Checks across sections, on the raw data, so they add to pydantic's problems."""
-        orgs = data.get("organizations")
-        seen_ids: dict[str, int] = {}
-        for i, org in enumerate(orgs if isinstance(orgs, list) else []):
-            if isinstance(org, dict) and isinstance(org.get("id"), str):
-                loc = ("organizations", i, "id")
-                if loc in self.where.broken:
-                    continue
-                if org["id"] in seen_ids:
-                    self.where.report(
-                        self.where.marks[loc],
-                        loc,
-                        f"duplicate organization id {org['id']} (first at line "
-                        f"{seen_ids[org['id']]}); list each organization once",
-                    )
-                else:
-                    seen_ids[org["id"]] = self.where.marks[loc].line + 1
-        notifiers = data.get("notifiers")
-        known = sorted(notifiers) if isinstance(notifiers, dict) and notifiers else None
-        rules = data.get("rules")
-        seen_names: dict[str, int] = {}
-        for i, rule in enumerate(rules if isinstance(rules, list) else []):
-            if not isinstance(rule, dict):
-                continue
-            name = rule.get("name")
-            if isinstance(name, str) and ("rules", i, "name") not in self.where.broken:
-                loc = ("rules", i, "name")
-                if name in seen_names:
-                    self.where.report(
-                        self.where.marks[loc],
-                        loc,
-                        f"duplicate rule name `{name}` (first at line {seen_names[name]}); "
-                        "rule names must be unique",
-                    )
-                else:
-                    seen_names[name] = self.where.marks[loc].line + 1
-            notify = rule.get("notify")
-            for j, target in enumerate(notify if isinstance(notify, list) else []):
-                target_loc = ("rules", i, "notify", j)
-                if target_loc in self.where.broken:
-                    continue
-                if known is not None and isinstance(target, str) and target not in known:
-                    self.where.report(
-                        self.where.marks[target_loc],
-                        target_loc,
-                        f"unknown notifier `{target}`; the notifiers defined under "
-                        f"`notifiers:` are: {', '.join(known)}",
-                    )
-
-
-def load(
-    text: str,
-    *,
-    filename: str = "<string>",
-    env: Mapping[str, str] | None = None,
-    base_dir: Path | None = None,
-) -> Config:
-    """Parse and validate a configuration; raises ConfigError with every problem found.
-
-    Relative paths (``state.path``, ``ca_file``, ``*_file`` secrets) resolve against
-    ``base_dir`` (default: the working directory). ``env`` defaults to ``os.environ``.
-    """
-    root = compose(text, filename)
-    where = Locations(filename)
-    doc = _Document(where, os.environ if env is None else env, base_dir or Path())
-    if root is None:
-        where.report(None, (), "the file is empty; see config.example.yaml for a start")
-        raise ConfigError(where.problems)
-    if not isinstance(root, MappingNode):
-        where.report(root.start_mark, (), "expected a mapping of sections (atlas:, rules:, ...)")
-        raise ConfigError(where.problems)
-    data: dict[str, Any] = Builder(where, doc.env).build(root, ())
-    doc.read_secret_files(data, ())
-    doc.add_defaults(data)
-    doc.check_references(data)
-    config: Config | None = None
-    try:
-        config = Config.model_validate(data, context={"base_dir": base_dir})
-    except ValidationError as exc:
-        where.report_validation(exc, data, doc.base_dir)
-    if where.problems or config is None:
-        raise ConfigError(in_file_order(where.problems))
-    config.state._origin = doc.state_origin
-    config._warnings = find_warnings(config, where)
-    return config
-
-
-def load_file(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
-    """Load the configuration file at ``path``; relative paths resolve against its folder."""
-    filename = os.fspath(path)
-    try:
-        with open(path, "rb") as file:
-            raw = file.read(MAX_CONFIG_BYTES + 1)
-        if len(raw) > MAX_CONFIG_BYTES:
-            raise ConfigError([too_large(filename)])
-        text = raw.decode("utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-        raise ConfigError(
-            [
-                ConfigProblem(
-                    filename,
-                    1,
-                    1,
-                    "",
-                    f"cannot read the configuration file: {reason}; give its path with "
-                    "-c FILE or $INVOICE_WATCH_CONFIG",
-                )
-            ]
-        ) from None
-    config = load(text, filename=filename, env=env, base_dir=Path(path).absolute().parent)
-    config._source = Path(path).absolute()
-    return config

@@ -94,7 +94,7 @@ class _BoundedLoader(yaml.SafeLoader):
         return node
 
 
-def compose(text: str, filename: str) -> Node | None:
+def _compose(text: str, filename: str) -> Node | None:
     """The node tree of ``text``; raises ConfigError past a bound or on invalid YAML."""
     size = len(text.encode("utf-8")) if len(text) <= MAX_CONFIG_BYTES else len(text)
     if size > MAX_CONFIG_BYTES:
@@ -111,6 +111,21 @@ def compose(text: str, filename: str) -> Node | None:
         raise ConfigError(_yaml_problem(exc, text, filename)) from None
     finally:
         loader.dispose()
+
+
+def read(text: str, where: Locations, env: Mapping[str, str]) -> dict[str, Any]:
+    """The plain data of a configuration document, a mapping of sections; its problems
+    go to ``where``. Raises ConfigError past a bound, on invalid YAML, and for an empty
+    file or one that is not a mapping."""
+    root = _compose(text, where.filename)
+    if root is None:
+        where.report(None, (), "the file is empty; see config.example.yaml for a start")
+        raise ConfigError(where.problems)
+    if not isinstance(root, MappingNode):
+        where.report(root.start_mark, (), "expected a mapping of sections (atlas:, rules:, ...)")
+        raise ConfigError(where.problems)
+    data: dict[str, Any] = Builder(where, env).build(root, ())
+    return data
 
 
 def too_large(filename: str) -> ConfigProblem:

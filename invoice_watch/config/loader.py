@@ -1,0 +1,230 @@
+"""Loading a configuration file (SPEC §6): :func:`load` (text) and :func:`load_file`.
+
+Loading is a pipeline that keeps every problem it finds, each located by line, column
+and dotted path (:class:`~invoice_watch.config.locations.Locations`), and raises them
+together as one :class:`~invoice_watch.errors.ConfigError`::
+
+    yaml_tree.read: bounded YAML -> plain data (merge keys, ${VAR}, duplicate keys)
+      -> `<secret>_file` keys read into their secret field (paths.secret_file_path)
+      -> empty sections mean their defaults; the default state path (paths.py)
+      -> cross-references (notify names, duplicate rule names and org ids)
+      -> pydantic validation (models.py), each error located (locations.py)
+      -> the warnings of a valid configuration (warnings.py)
+
+Relative paths resolve against the configuration file's folder.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from invoice_watch.config.locations import Loc, Locations, in_file_order
+from invoice_watch.config.models import Config
+from invoice_watch.config.paths import default_state_path, secret_file_path
+from invoice_watch.config.values import control_problem
+from invoice_watch.config.warnings import find_warnings
+from invoice_watch.config.yaml_tree import MAX_CONFIG_BYTES, read, too_large
+from invoice_watch.errors import ConfigError, ConfigProblem
+
+# The fields that hold secrets; each also accepts `<field>_file: path`.
+SECRET_FIELDS = ("private_key", "client_secret", "webhook_url", "token", "password")
+MAX_SECRET_BYTES = 64 * 1024  # a `<secret>_file`
+
+
+def load(
+    text: str,
+    *,
+    filename: str = "<string>",
+    env: Mapping[str, str] | None = None,
+    base_dir: Path | None = None,
+) -> Config:
+    """Parse and validate a configuration; raises ConfigError with every problem found.
+
+    Relative paths (``state.path``, ``ca_file``, ``*_file`` secrets) resolve against
+    ``base_dir`` (default: the working directory). ``env`` defaults to ``os.environ``.
+    """
+    where = Locations(filename)
+    env = os.environ if env is None else env
+    folder = base_dir or Path()
+    data = read(text, where, env)
+    _SecretFiles(where, env, folder).read_into(data, ())
+    state_origin = _add_defaults(data, env, folder)
+    _check_references(data, where)
+    config: Config | None = None
+    try:
+        config = Config.model_validate(data, context={"base_dir": base_dir})
+    except ValidationError as exc:
+        where.report_validation(exc, data, folder)
+    if where.problems or config is None:
+        raise ConfigError(in_file_order(where.problems))
+    config.state._origin = state_origin
+    config._warnings = find_warnings(config, where)
+    return config
+
+
+def load_file(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
+    """Load the configuration file at ``path``; relative paths resolve against its folder."""
+    filename = os.fspath(path)
+    try:
+        with open(path, "rb") as file:
+            raw = file.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError([too_large(filename)])
+        text = raw.decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(
+            [
+                ConfigProblem(
+                    filename,
+                    1,
+                    1,
+                    "",
+                    f"cannot read the configuration file: {reason}; give its path with "
+                    "-c FILE or $INVOICE_WATCH_CONFIG",
+                )
+            ]
+        ) from None
+    config = load(text, filename=filename, env=env, base_dir=Path(path).absolute().parent)
+    config._source = Path(path).absolute()
+    return config
+
+
+@dataclass(frozen=True)
+class _SecretFiles:
+    """Reads each ``<secret>_file: path`` of a document into ``<secret>``."""
+
+    where: Locations
+    env: Mapping[str, str]
+    base_dir: Path
+
+    def read_into(self, data: Any, loc: Loc) -> None:
+        """Replace every `<secret>_file: path` by `<secret>: <file content>`."""
+        if isinstance(data, list):
+            for i, item in enumerate(data):
+                self.read_into(item, (*loc, i))
+        if not isinstance(data, dict):
+            return
+        for key in list(data):
+            name = key.removesuffix("_file")
+            if name not in SECRET_FIELDS or key == name:
+                self.read_into(data[key], (*loc, key))
+                continue
+            file_loc, secret_loc = (*loc, key), (*loc, name)
+            mark = self.where.key_marks[file_loc]
+            if name in data:
+                self.where.report(mark, file_loc, f"set either {name} or {key}, not both")
+                del data[key]
+                continue
+            value = data.pop(key)
+            self.where.marks[secret_loc] = self.where.marks[file_loc]
+            self.where.key_marks[secret_loc] = mark
+            data[name] = self._read(value, file_loc)
+
+    def _read(self, value: Any, loc: Loc) -> str:
+        placeholder = "<unreadable>"  # keeps the rest valid; load() fails anyway
+        if not isinstance(value, str) or not value:
+            self.where.report(
+                self.where.marks[loc], loc, "expected the path of a file holding the secret"
+            )
+            return placeholder
+        path = secret_file_path(value, self.env, self.base_dir)
+        try:
+            with path.open("rb") as file:
+                raw = file.read(MAX_SECRET_BYTES + 1)
+            if len(raw) > MAX_SECRET_BYTES:
+                raise ValueError(f"larger than {MAX_SECRET_BYTES // 1024} KiB; is it the secret?")
+            text = raw.decode("utf-8").removesuffix("\n").removesuffix("\r")
+        except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+            reason = (
+                exc.strerror
+                if isinstance(exc, OSError)
+                else "not UTF-8 text"
+                if isinstance(exc, UnicodeDecodeError)
+                else str(exc)
+            )
+            self.where.report(
+                self.where.marks[loc],
+                loc,
+                f"cannot read {path}: {reason}; check the path and permissions",
+            )
+            return placeholder
+        if problem := control_problem(text):
+            self.where.report(
+                self.where.marks[loc],
+                loc,
+                f"the content of {path} {problem} (one trailing newline is dropped)",
+            )
+            return placeholder
+        return text
+
+
+def _add_defaults(data: dict[str, Any], env: Mapping[str, str], base_dir: Path) -> str:
+    """Empty sections (``poll:`` with every key commented out) mean their defaults;
+    the state path's default depends on the environment and the file's folder. Returns
+    where ``state.path`` comes from (see StateConfig.origin)."""
+    for key, value in data.items():
+        if value is None and key in Config.model_fields and key != "http":
+            data[key] = [] if key in ("organizations", "rules") else {}
+    state = data.setdefault("state", {})
+    if isinstance(state, dict) and "path" not in state:
+        state["path"], origin = default_state_path(env, base_dir)
+        return origin
+    return "state.path"
+
+
+def _check_references(data: dict[str, Any], where: Locations) -> None:
+    """Checks across sections, on the raw data, so they add to pydantic's problems."""
+    orgs = data.get("organizations")
+    seen_ids: dict[str, int] = {}
+    for i, org in enumerate(orgs if isinstance(orgs, list) else []):
+        if isinstance(org, dict) and isinstance(org.get("id"), str):
+            loc = ("organizations", i, "id")
+            if loc in where.broken:
+                continue
+            if org["id"] in seen_ids:
+                where.report(
+                    where.marks[loc],
+                    loc,
+                    f"duplicate organization id {org['id']} (first at line "
+                    f"{seen_ids[org['id']]}); list each organization once",
+                )
+            else:
+                seen_ids[org["id"]] = where.marks[loc].line + 1
+    notifiers = data.get("notifiers")
+    known = sorted(notifiers) if isinstance(notifiers, dict) and notifiers else None
+    rules = data.get("rules")
+    seen_names: dict[str, int] = {}
+    for i, rule in enumerate(rules if isinstance(rules, list) else []):
+        if not isinstance(rule, dict):
+            continue
+        name = rule.get("name")
+        if isinstance(name, str) and ("rules", i, "name") not in where.broken:
+            loc = ("rules", i, "name")
+            if name in seen_names:
+                where.report(
+                    where.marks[loc],
+                    loc,
+                    f"duplicate rule name `{name}` (first at line {seen_names[name]}); "
+                    "rule names must be unique",
+                )
+            else:
+                seen_names[name] = where.marks[loc].line + 1
+        notify = rule.get("notify")
+        for j, target in enumerate(notify if isinstance(notify, list) else []):
+            target_loc = ("rules", i, "notify", j)
+            if target_loc in where.broken:
+                continue
+            if known is not None and isinstance(target, str) and target not in known:
+                where.report(
+                    where.marks[target_loc],
+                    target_loc,
+                    f"unknown notifier `{target}`; the notifiers defined under "
+                    f"`notifiers:` are: {', '.join(known)}",
+                )
