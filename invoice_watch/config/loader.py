@@ -24,13 +24,13 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from invoice_watch.config.locations import Loc, Locations, in_file_order
+from invoice_watch.config.locations import Loc, Locations, in_file_order, located
 from invoice_watch.config.models import Config
 from invoice_watch.config.paths import default_state_path, secret_file_path
 from invoice_watch.config.values import control_problem
 from invoice_watch.config.warnings import find_warnings
 from invoice_watch.config.yaml_tree import MAX_CONFIG_BYTES, read, too_large
-from invoice_watch.errors import ConfigError, ConfigProblem
+from invoice_watch.errors import ConfigError
 
 # The fields that hold secrets; each also accepts `<field>_file: path`.
 SECRET_FIELDS = ("private_key", "client_secret", "webhook_url", "token", "password")
@@ -79,18 +79,11 @@ def load_file(path: str | os.PathLike[str], env: Mapping[str, str] | None = None
         text = raw.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-        raise ConfigError(
-            [
-                ConfigProblem(
-                    filename,
-                    1,
-                    1,
-                    "",
-                    f"cannot read the configuration file: {reason}; give its path with "
-                    "-c FILE or $INVOICE_WATCH_CONFIG",
-                )
-            ]
-        ) from None
+        message = (
+            f"cannot read the configuration file: {reason}; give its path with -c FILE or "
+            "$INVOICE_WATCH_CONFIG"
+        )
+        raise ConfigError([located(filename, None, (), message)]) from None
     config = load(text, filename=filename, env=env, base_dir=Path(path).absolute().parent)
     config._source = Path(path).absolute()
     return config
@@ -130,9 +123,7 @@ class _SecretFiles:
     def _read(self, value: Any, loc: Loc) -> str:
         placeholder = "<unreadable>"  # keeps the rest valid; load() fails anyway
         if not isinstance(value, str) or not value:
-            self.where.report(
-                self.where.marks[loc], loc, "expected the path of a file holding the secret"
-            )
+            self.where.report_at(loc, "expected the path of a file holding the secret")
             return placeholder
         path = secret_file_path(value, self.env, self.base_dir)
         try:
@@ -149,17 +140,13 @@ class _SecretFiles:
                 if isinstance(exc, UnicodeDecodeError)
                 else str(exc)
             )
-            self.where.report(
-                self.where.marks[loc],
-                loc,
-                f"cannot read {path}: {reason}; check the path and permissions",
+            self.where.report_at(
+                loc, f"cannot read {path}: {reason}; check the path and permissions"
             )
             return placeholder
         if problem := control_problem(text):
-            self.where.report(
-                self.where.marks[loc],
-                loc,
-                f"the content of {path} {problem} (one trailing newline is dropped)",
+            self.where.report_at(
+                loc, f"the content of {path} {problem} (one trailing newline is dropped)"
             )
             return placeholder
         return text
@@ -182,49 +169,43 @@ def _add_defaults(data: dict[str, Any], env: Mapping[str, str], base_dir: Path) 
 def _check_references(data: dict[str, Any], where: Locations) -> None:
     """Checks across sections, on the raw data, so they add to pydantic's problems."""
     orgs = data.get("organizations")
-    seen_ids: dict[str, int] = {}
+    ids: dict[str, int] = {}
     for i, org in enumerate(orgs if isinstance(orgs, list) else []):
         if isinstance(org, dict) and isinstance(org.get("id"), str):
-            loc = ("organizations", i, "id")
-            if loc in where.broken:
-                continue
-            if org["id"] in seen_ids:
-                where.report(
-                    where.marks[loc],
-                    loc,
-                    f"duplicate organization id {org['id']} (first at line "
-                    f"{seen_ids[org['id']]}); list each organization once",
-                )
-            else:
-                seen_ids[org["id"]] = where.marks[loc].line + 1
+            what, fix = f"organization id {org['id']}", "list each organization once"
+            _check_unique(where, ids, org["id"], ("organizations", i, "id"), what, fix)
     notifiers = data.get("notifiers")
     known = sorted(notifiers) if isinstance(notifiers, dict) and notifiers else None
     rules = data.get("rules")
-    seen_names: dict[str, int] = {}
+    names: dict[str, int] = {}
     for i, rule in enumerate(rules if isinstance(rules, list) else []):
         if not isinstance(rule, dict):
             continue
         name = rule.get("name")
-        if isinstance(name, str) and ("rules", i, "name") not in where.broken:
-            loc = ("rules", i, "name")
-            if name in seen_names:
-                where.report(
-                    where.marks[loc],
-                    loc,
-                    f"duplicate rule name `{name}` (first at line {seen_names[name]}); "
-                    "rule names must be unique",
-                )
-            else:
-                seen_names[name] = where.marks[loc].line + 1
+        if isinstance(name, str):
+            what, fix = f"rule name `{name}`", "rule names must be unique"
+            _check_unique(where, names, name, ("rules", i, "name"), what, fix)
         notify = rule.get("notify")
         for j, target in enumerate(notify if isinstance(notify, list) else []):
             target_loc = ("rules", i, "notify", j)
             if target_loc in where.broken:
                 continue
             if known is not None and isinstance(target, str) and target not in known:
-                where.report(
-                    where.marks[target_loc],
+                where.report_at(
                     target_loc,
                     f"unknown notifier `{target}`; the notifiers defined under "
                     f"`notifiers:` are: {', '.join(known)}",
                 )
+
+
+def _check_unique(
+    where: Locations, seen: dict[str, int], value: str, loc: Loc, what: str, fix: str
+) -> None:
+    """Report the value at ``loc`` if an earlier one in ``seen`` (value -> line) is the
+    same, else add it there. ``what`` names it, ``fix`` says what to do."""
+    if loc in where.broken:
+        return
+    if value in seen:
+        where.report_at(loc, f"duplicate {what} (first at line {seen[value]}); {fix}")
+    else:
+        seen[value] = where.marks[loc].line + 1

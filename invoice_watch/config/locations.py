@@ -68,6 +68,10 @@ class Locations:
         """Add a problem of the value at ``loc``, found at ``mark``."""
         self.problems.append(located(self.filename, mark, loc, message))
 
+    def report_at(self, loc: Loc, message: str) -> None:
+        """Add a problem of the value at ``loc``, found where that value starts."""
+        self.report(self.marks[loc], loc, message)
+
     def report_validation(self, exc: ValidationError, data: Any, base_dir: Path) -> None:
         """Report each error of ``exc``, raised by validating ``data``, at its value."""
         for error in exc.errors(include_url=False, include_input=False):

@@ -21,7 +21,7 @@ from yaml.error import Mark, MarkedYAMLError
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from invoice_watch.config.interpolation import InterpolationError, interpolate, variables
-from invoice_watch.config.locations import Loc, Locations
+from invoice_watch.config.locations import Loc, Locations, located
 from invoice_watch.config.values import control_problem
 from invoice_watch.errors import ConfigError, ConfigProblem
 
@@ -103,10 +103,7 @@ def _compose(text: str, filename: str) -> Node | None:
     try:
         return loader.get_single_node()
     except _BoundExceeded as exc:
-        mark = exc.mark
-        raise ConfigError(
-            [ConfigProblem(filename, mark.line + 1, mark.column + 1, "", str(exc))]
-        ) from None
+        raise ConfigError([located(filename, exc.mark, (), str(exc))]) from None
     except yaml.YAMLError as exc:
         raise ConfigError(_yaml_problem(exc, text, filename)) from None
     finally:
@@ -129,14 +126,11 @@ def read(text: str, where: Locations, env: Mapping[str, str]) -> dict[str, Any]:
 
 
 def too_large(filename: str) -> ConfigProblem:
-    return ConfigProblem(
-        filename,
-        1,
-        1,
-        "",
-        f"the file is larger than {MAX_CONFIG_BYTES // 1024} KiB; a configuration is a "
-        "few KiB: is this the configuration file?",
+    message = (
+        f"the file is larger than {MAX_CONFIG_BYTES // 1024} KiB; a configuration is a few "
+        "KiB: is this the configuration file?"
     )
+    return located(filename, None, (), message)
 
 
 def _yaml_problem(exc: yaml.YAMLError, text: str, filename: str) -> list[ConfigProblem]:
@@ -156,11 +150,10 @@ def _yaml_problem(exc: yaml.YAMLError, text: str, filename: str) -> list[ConfigP
         return tabbed
     mark = exc.problem_mark if isinstance(exc, MarkedYAMLError) else None
     problem = exc.problem if isinstance(exc, MarkedYAMLError) else None
-    line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
     message = f"invalid YAML: {problem or exc}"
     if isinstance(exc, MarkedYAMLError) and exc.context and exc.context_mark:
         message += f" ({exc.context} at line {exc.context_mark.line + 1})"
-    return [ConfigProblem(filename, line, column, "", message + "; check indentation and quotes")]
+    return [located(filename, mark, (), message + "; check indentation and quotes")]
 
 
 @dataclass
