@@ -114,18 +114,28 @@ Name = Annotated[str, AfterValidator(_check_name)]
 _HEADER_TOKEN = re.compile(r"[!-9;-~]{1,256}")  # visible ASCII but `:`
 
 
-def _check_login(value: str) -> str:
-    _text(value)
-    if not _HEADER_TOKEN.fullmatch(value):
-        raise ValueError(
-            f"`{value}` cannot be an HTTP user name: use printable ASCII without spaces "
-            "or `:` (up to 256 characters); check for a stray character"
-        )
-    return value
+def _matching(pattern: re.Pattern[str], problem: str) -> AfterValidator:
+    """A check that the whole text matches ``pattern``; else the error is the quoted
+    value followed by ``problem``."""
+
+    def check(value: str) -> str:
+        _text(value)
+        if not pattern.fullmatch(value):
+            raise ValueError(f"`{value}` {problem}")
+        return value
+
+    return AfterValidator(check)
 
 
 # The user name of HTTP Digest (public_key) or Basic (client_id) authentication.
-HttpLogin = Annotated[str, AfterValidator(_check_login)]
+HttpLogin = Annotated[
+    str,
+    _matching(
+        _HEADER_TOKEN,
+        "cannot be an HTTP user name: use printable ASCII without spaces or `:` (up to 256 "
+        "characters); check for a stray character",
+    ),
+]
 
 
 def _check_smtp_login(value: str) -> str:
@@ -285,17 +295,14 @@ EmailAddress = Annotated[str, AfterValidator(_check_address)]
 _ORG_ID = re.compile(r"[0-9a-f]{24}")
 
 
-def _check_org_id(value: str) -> str:
-    _text(value)
-    if not _ORG_ID.fullmatch(value):
-        raise ValueError(
-            f"`{value}` is not an organization id: ids are 24 lowercase hex characters "
-            "(Atlas UI: Organization Settings)"
-        )
-    return value
-
-
-OrgId = Annotated[str, AfterValidator(_check_org_id)]
+OrgId = Annotated[
+    str,
+    _matching(
+        _ORG_ID,
+        "is not an organization id: ids are 24 lowercase hex characters (Atlas UI: "
+        "Organization Settings)",
+    ),
+]
 
 
 def _check_status(value: str) -> str:
