@@ -467,6 +467,28 @@ def test_load_string_problems_name_the_given_filename():
     assert str(info.value).startswith("inline.yaml:1:9: invalid YAML")
 
 
+def test_load_errors_chain_their_cause_unless_it_would_show_a_secret(tmp_path: Path):
+    """errors.py: `raise ... from exc`; not where the cause quotes the file's text."""
+    secret = CORPUS_ENV["ATLAS_PRIVATE_KEY"]
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(f"private_key: {secret}\n".encode() + b"\xff\n")
+
+    with pytest.raises(ConfigError) as unreadable:
+        config.load_file(tmp_path / "nope.yaml", env={})
+    with pytest.raises(ConfigError) as bomb:
+        config.load(alias_bomb(9), env={})
+    with pytest.raises(ConfigError) as invalid:
+        config.load(f'atlas:\n  private_key: "{secret}\n  x: [', env={})
+    with pytest.raises(ConfigError) as undecodable:
+        config.load_file(binary, env={})
+
+    assert isinstance(unreadable.value.__cause__, FileNotFoundError)
+    assert "expands to more than" in str(bomb.value.__cause__)
+    for quoting in (invalid.value, undecodable.value):
+        assert quoting.__cause__ is None and quoting.__suppress_context__
+        assert secret not in str(quoting)
+
+
 # --- values --------------------------------------------------------------------------
 
 

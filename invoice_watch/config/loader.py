@@ -83,7 +83,9 @@ def load_file(path: str | os.PathLike[str], env: Mapping[str, str] | None = None
             f"cannot read the configuration file: {reason}; give its path with -c FILE or "
             "$INVOICE_WATCH_CONFIG"
         )
-        raise ConfigError([located(filename, None, (), message)]) from None
+        # A UnicodeDecodeError is not chained: it holds the file's bytes, secrets included.
+        cause = exc if isinstance(exc, OSError) else None
+        raise ConfigError([located(filename, None, (), message)]) from cause
     config = load(text, filename=filename, env=env, base_dir=Path(path).absolute().parent)
     config._source = Path(path).absolute()
     return config

@@ -103,8 +103,9 @@ def _compose(text: str, filename: str) -> Node | None:
     try:
         return loader.get_single_node()
     except _BoundExceeded as exc:
-        raise ConfigError([located(filename, exc.mark, (), str(exc))]) from None
+        raise ConfigError([located(filename, exc.mark, (), str(exc))]) from exc
     except yaml.YAMLError as exc:
+        # Not chained: PyYAML's message quotes the line, which may hold a secret.
         raise ConfigError(_yaml_problem(exc, text, filename)) from None
     finally:
         loader.dispose()
