@@ -2,7 +2,7 @@
 
 The composer is PyYAML's, bounded (file size, nesting depth, and the number of values
 once aliases are expanded), so that a hostile or broken file cannot take the memory or
-the event loop of the process that reads it. :class:`Builder` then walks the node tree
+the event loop of the process that reads it. A builder then walks the node tree
 into plain data: YAML 1.1 merge keys (``<<``), duplicate keys refused, ``${VAR}``
 interpolation on scalar values, exact decimals for floats (money); it records each
 value's mark in a :class:`~invoice_watch.config.locations.Locations` and reports there.
@@ -122,7 +122,7 @@ def read(text: str, where: Locations, env: Mapping[str, str]) -> dict[str, Any]:
     if not isinstance(root, MappingNode):
         where.report(root.start_mark, (), "expected a mapping of sections (atlas:, rules:, ...)")
         raise ConfigError(where.problems)
-    data: dict[str, Any] = Builder(where, env).build(root, ())
+    data: dict[str, Any] = _Builder(where, env).build(root, ())
     return data
 
 
@@ -158,7 +158,7 @@ def _yaml_problem(exc: yaml.YAMLError, text: str, filename: str) -> list[ConfigP
 
 
 @dataclass
-class Builder:
+class _Builder:
     """The plain data of one document's nodes; marks and problems go to ``where``."""
 
     where: Locations
