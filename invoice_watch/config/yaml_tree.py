@@ -127,6 +127,7 @@ def read(text: str, where: Locations, env: Mapping[str, str]) -> dict[str, Any]:
 
 
 def too_large(filename: str) -> ConfigProblem:
+    """The problem of a file over :data:`MAX_CONFIG_BYTES` (read no further)."""
     message = (
         f"the file is larger than {MAX_CONFIG_BYTES // 1024} KiB; a configuration is a few "
         "KiB: is this the configuration file?"
