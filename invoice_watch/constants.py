@@ -63,7 +63,7 @@ SHUTDOWN_SECONDS: Final = 10.0
 # Where the systemd unit (StateDirectory=invoice-watch) and the container image
 # (STATE_DIRECTORY, a volume) keep the state file: the default state.path when
 # $STATE_DIRECTORY is unset and this file exists, so that an operator's shell finds the
-# service's state (config.py). Tests point it elsewhere (tests/conftest.py).
+# service's state (config/paths.py). Tests point it elsewhere (tests/conftest.py).
 SERVICE_STATE_PATH: Path = Path("/var/lib/invoice-watch/state.db")
 
 # A grouped message holds at most this many events: a larger group is split into parts,

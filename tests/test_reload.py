@@ -22,7 +22,7 @@ from tests.world import World
 
 
 def test_every_config_key_says_how_a_reload_applies_it():
-    """Walks the pydantic models: a key added to config.py without a line in
+    """Walks the pydantic models: a key added to the config models without a line in
     invoice_watch/reload.py's APPLY (or a line left for a key that is gone) fails."""
     model_keys = set(keys())
     assert not model_keys - APPLY.keys(), (
