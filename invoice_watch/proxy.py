@@ -7,15 +7,20 @@ environment decides, as curl and most tools read it: ``http_proxy``/``HTTP_PROXY
 name first), and ``no_proxy``/``NO_PROXY`` lists the hosts reached directly: ``*``,
 host names (``example.com`` also covers its subdomains; a leading ``.`` or ``*.`` is
 allowed), IP addresses and CIDR ranges (``10.0.0.0/8``, ``::1``), each optionally with
-``:port``.
+``:port``. Loopback (``localhost`` and names under it, ``127.0.0.0/8``, ``::1``) is
+always reached directly, as Go's net/http and most tools do: a proxy elsewhere cannot
+reach this machine's own servers (the demo's simulator, ``simulate``). A configured
+proxy still applies there: the operator asked for it.
 
 Why not aiohttp's ``trust_env=True``: it also reads ``~/.netrc`` and sends its
 password as ``Authorization: Basic`` to any matching host, and it does not understand
 CIDR ranges in ``NO_PROXY``. slack-sdk reads ``HTTPS_PROXY`` but ignores ``NO_PROXY``.
 
 User info in a proxy URL (``http://user:password@proxy:3128``) becomes the
-``Proxy-Authorization`` header sent to the proxy only; the password is registered with
-:mod:`invoice_watch.redact`, so that no log line or stored error shows it.
+``Proxy-Authorization`` header sent to the proxy only. It is a credential as a whole
+(some proxies take a token as the user name: ``http://APIKEY:@proxy``): the user name
+and the password are registered with :mod:`invoice_watch.redact`, and :func:`masked`
+shows neither, so that no log line, stored error or summary shows them.
 """
 
 from __future__ import annotations
@@ -56,20 +61,24 @@ def check_proxy_url(value: str) -> str:
         raise ValueError("a proxy URL has no path: write it like http://proxy.example.com:3128")
     if port == 0:
         raise ValueError("the proxy's port cannot be 0")
-    if parts.password:
-        redact.register(unquote(parts.password))
-        redact.register(parts.password)
+    for part in (parts.username, parts.password):
+        if part:
+            redact.register(unquote(part))
+            redact.register(part)
     return text.rstrip("/")
 
 
 def masked(url: str) -> str:
-    """``url`` with the password of its user info replaced by ``<secret>``."""
-    parts = urlsplit(url)
-    if parts.password is None:
+    """``url`` with its whole user info (user name and password: either may be the
+    credential) replaced by ``<secret>``."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return redact.REDACTED  # not a URL: nothing of it is shown
+    if "@" not in parts.netloc:
         return url
-    user = parts.username or ""
     host = parts.netloc.rpartition("@")[2]
-    return parts._replace(netloc=f"{user}:{redact.REDACTED}@{host}").geturl()
+    return parts._replace(netloc=f"{redact.REDACTED}@{host}").geturl()
 
 
 class ProxyUrl:
@@ -159,21 +168,37 @@ def bypassed(host: str, port: int | None, no_proxy: str) -> bool:
     return False
 
 
+def loopback(host: str) -> bool:
+    """Whether ``host`` is this machine: ``localhost`` or a name under it (RFC 6761
+    §6.3), an address in ``127.0.0.0/8``, ``::1``, or an IPv4-mapped loopback address."""
+    name = host.lower().strip("[]").rstrip(".")
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(name.partition("%")[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
+
+
 def proxy_for(
     url: str, configured: str | None = None, environ: Mapping[str, str] | None = None
 ) -> str | None:
     """The proxy URL to send a request for ``url`` through, or None to go directly.
 
-    ``configured``: the configuration's proxy for this client, which wins; ``environ``:
-    the environment (default ``os.environ``). An environment proxy URL that is not
-    usable raises :class:`ValueError` naming the variable.
+    ``configured``: the configuration's proxy for this client, which wins (loopback
+    included); ``environ``: the environment (default ``os.environ``), never used for a
+    :func:`loopback` host. An environment proxy URL that is not usable raises
+    :class:`ValueError` naming the variable.
     """
     if configured:
         return configured
     env = os.environ if environ is None else environ
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
-    if scheme not in ("http", "https") or not parts.hostname:
+    if scheme not in ("http", "https") or not parts.hostname or loopback(parts.hostname):
         return None
     name = f"{scheme}_proxy"
     value = _env(env, name)

@@ -7,9 +7,14 @@ bytes, compression included). ``Proxy-Authorization`` is checked against ``crede
 when given (407 otherwise) and never forwarded. ``CONNECT`` (tunnels for ``https://``)
 is not served: tests stay on plain HTTP over loopback.
 
+A client never sends loopback traffic through an environment proxy
+(:func:`invoice_watch.proxy.loopback`), so tests name their servers by a host name the
+proxy alone resolves: :data:`ALIAS` (``atlas.test``, ``slack.test``), which the proxy
+forwards to 127.0.0.1 (the client never looks the name up).
+
     async with FakeProxy() as proxy:
-        ...HTTP_PROXY=proxy.url...
-        assert proxy.seen[0].url.startswith("http://127.0.0.1:")
+        ...HTTP_PROXY=proxy.url, base_url=aliased(sim.base_url)...
+        assert proxy.seen[0].url.startswith("http://atlas.test:")
 """
 
 from __future__ import annotations
@@ -19,8 +24,18 @@ from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import hdrs, web
+from yarl import URL
 
 from tests.loopback import LoopbackServer
+
+# Host names only this proxy resolves (to 127.0.0.1); reserved names (RFC 6761 `.test`).
+ALIAS = {"atlas.test", "slack.test"}
+
+
+def aliased(url: str, name: str = "atlas.test") -> str:
+    """``url`` (``http://127.0.0.1:PORT/...``) with its host written as ``name``."""
+    return url.replace("://127.0.0.1:", f"://{name}:", 1)
+
 
 # Hop-by-hop headers (RFC 9110 §7.6.1) and what the proxy sets itself.
 _NOT_FORWARDED = {
@@ -81,9 +96,12 @@ class FakeProxy(LoopbackServer):
             self._client = aiohttp.ClientSession(auto_decompress=False)
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _NOT_FORWARDED}
         body = await request.read()
+        upstream_url = URL(target, encoded=True)
+        if upstream_url.host in ALIAS:
+            upstream_url = upstream_url.with_host("127.0.0.1")
         async with self._client.request(
             request.method,
-            target,
+            upstream_url,
             headers=headers,
             data=body or None,
             allow_redirects=False,

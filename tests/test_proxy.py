@@ -1,9 +1,12 @@
 """Outbound HTTP honours the environment's proxy (issue 13 §3): the Atlas client (its
 OAuth token request included) and both Slack notifiers go through ``HTTP_PROXY`` /
 ``HTTPS_PROXY`` unless ``NO_PROXY`` (CIDR ranges too) says otherwise, and
-``atlas.proxy`` / a notifier's ``proxy`` override the environment. A real forward proxy
-on loopback (:mod:`tests.fakes_proxy`) records what passed through it. ``~/.netrc`` is
-never read; proxy credentials reach the proxy only, never a log.
+``atlas.proxy`` / a notifier's ``proxy`` override the environment. Loopback is always
+reached directly (issue 13 A13-6: the demo's and ``simulate``'s servers), unless a
+proxy is configured. A real forward proxy on loopback (:mod:`tests.fakes_proxy`)
+records what passed through it; tests reach their servers through it by a host name
+only the proxy resolves (``atlas.test``). ``~/.netrc`` is never read; proxy credentials
+(user name and password) reach the proxy only, never a log, an error or a summary.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from invoice_watch.proxy import bypassed, masked, proxy_for
 from invoice_watch.simulator import Scenario, Simulator
 from invoice_watch.types import AlertEvent, EventKind, Severity
 from tests.conftest import base_config, make_config
-from tests.fakes_proxy import FakeProxy
+from tests.fakes_proxy import FakeProxy, aliased
 from tests.fakes_slack import FakeSlack
 
 NOW = datetime(2026, 11, 15, 12, 0, tzinfo=UTC)
@@ -53,14 +56,21 @@ async def proxy() -> AsyncIterator[FakeProxy]:
         yield server
 
 
-def atlas_config(sim: Simulator, tmp_path: Path, *, service_account: bool = False, **atlas: Any):
+def atlas_config(
+    sim: Simulator,
+    tmp_path: Path,
+    *,
+    service_account: bool = False,
+    base_url: str | None = None,
+    **atlas: Any,
+):
     auth = (
         {"client_id": sim.client_id, "client_secret": sim.client_secret}
         if service_account
         else {"public_key": sim.public_key, "private_key": sim.private_key}
     )
     data = base_config()
-    data["atlas"] = {"base_url": sim.base_url, "auth": auth, "retries": 0, **atlas}
+    data["atlas"] = {"base_url": base_url or sim.base_url, "auth": auth, "retries": 0, **atlas}
     return make_config(tmp_path, data)
 
 
@@ -105,9 +115,45 @@ def test_proxy_for_reads_the_scheme_variable_lowercase_first():
         proxy_for("https://x", environ={"HTTPS_PROXY": "http://:99999"})
 
 
-def test_masked_hides_only_the_password():
-    assert masked("http://user:pa%40ss@proxy:3128") == "http://user:<secret>@proxy:3128"
-    assert masked("http://proxy:3128") == "http://proxy:3128"
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("http://user:pa%40ss@proxy:3128", "http://<secret>@proxy:3128"),
+        ("http://tok_9f8e7d6c5b4a@proxy:3128", "http://<secret>@proxy:3128"),  # a token
+        ("http://APIKEY0123456789:@proxy", "http://<secret>@proxy"),  # empty password
+        ("http://proxy:3128", "http://proxy:3128"),
+        ("http://[::1", "<secret>"),  # not a URL at all: nothing of it shown
+    ],
+)
+def test_masked_hides_the_whole_user_info(url: str, shown: str):
+    assert masked(url) == shown
+
+
+@pytest.mark.parametrize(
+    ("url", "direct"),
+    [
+        ("http://127.0.0.1:9/x", True),
+        ("http://127.1.2.3/x", True),
+        ("http://[::1]:9/x", True),
+        ("http://[::ffff:127.0.0.1]:9/x", True),
+        ("https://localhost/x", True),
+        ("http://LocalHost.:8080/x", True),
+        ("http://demo.localhost/x", True),
+        ("http://10.0.0.1/x", False),
+        ("http://localhost.example.com/x", False),
+        ("https://cloud.mongodb.com/x", False),
+    ],
+)
+def test_proxy_for_never_sends_loopback_through_the_environment(url: str, direct: bool):
+    env = {"HTTP_PROXY": "http://proxy:3128", "HTTPS_PROXY": "http://proxy:3128"}
+    assert (proxy_for(url, environ=env) is None) is direct
+    assert proxy_for(url, "http://configured:1", env) == "http://configured:1"  # asked for
+
+
+def test_proxy_for_no_proxy_cidr_goes_directly():
+    env = {"HTTPS_PROXY": "http://proxy:3128", "NO_PROXY": "10.0.0.0/8"}
+    assert proxy_for("https://10.1.2.3/x", environ=env) is None
+    assert proxy_for("https://11.1.2.3/x", environ=env) == "http://proxy:3128"
 
 
 # --- the Atlas client -----------------------------------------------------------------
@@ -122,22 +168,57 @@ async def test_atlas_goes_through_http_proxy_from_the_environment(
     service_account: bool,
 ):
     monkeypatch.setenv("HTTP_PROXY", proxy.url)
-    result = await read(atlas_config(sim, tmp_path, service_account=service_account))
+    base_url = aliased(sim.base_url)
+    config = atlas_config(sim, tmp_path, service_account=service_account, base_url=base_url)
+    result = await read(config)
     assert result.ok
-    paths = [p.url.removeprefix(sim.base_url) for p in proxy.seen]
+    paths = [p.url.removeprefix(base_url) for p in proxy.seen]
     assert f"/api/atlas/v2/orgs/{ORG}/invoices" in " ".join(paths)
     if service_account:
         assert "/api/oauth/token" in paths  # the token request too
     assert len(proxy.seen) == len(sim.requests)  # everything went through it
 
 
-async def test_atlas_no_proxy_cidr_goes_directly(
-    sim: Simulator, proxy: FakeProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("service_account", [False, True], ids=["api key", "service account"])
+async def test_atlas_on_loopback_never_goes_through_the_environment_proxy(
+    sim: Simulator,
+    proxy: FakeProxy,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    service_account: bool,
 ):
-    monkeypatch.setenv("HTTP_PROXY", proxy.url)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.0/8")
-    assert (await read(atlas_config(sim, tmp_path))).ok
+    """The demo's or `simulate`'s simulator on 127.0.0.1, with HTTP_PROXY set (a proxy
+    that would forward, and one where nothing listens): read directly, no NO_PROXY
+    needed."""
+    for url in (proxy.url, "http://127.0.0.1:9"):
+        monkeypatch.setenv("HTTP_PROXY", url)
+        monkeypatch.setenv("HTTPS_PROXY", url)
+        assert (await read(atlas_config(sim, tmp_path, service_account=service_account))).ok
     assert proxy.seen == []
+
+
+@pytest.mark.parametrize("which", ["demo", "simulate --write-config"])
+async def test_demo_and_simulate_configs_work_with_a_proxy_in_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, which: str
+):
+    """Attack 13, A13-6: with HTTP_PROXY set (here to a port where nothing listens),
+    the demo read nothing ("cannot go through the proxy") and ended "done: 0
+    notification(s) sent"; its simulator on 127.0.0.1 is now reached directly."""
+    from invoice_watch.app import App
+    from invoice_watch.config import load_file
+    from invoice_watch.demo import demo_config, write_simulator_config
+    from invoice_watch.simulator import demo_scenario
+
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")
+    async with Simulator(demo_scenario()) as sim:
+        if which == "demo":
+            config = demo_config(sim, tmp_path, slack_webhook=None)
+        else:
+            write_simulator_config(sim, tmp_path / "sim.yaml")
+            config = load_file(tmp_path / "sim.yaml")
+        async with App(config) as app:
+            assert await app.run_once() == 0  # every organization read
 
 
 async def test_atlas_proxy_setting_overrides_the_environment_and_keeps_its_password(
@@ -160,11 +241,49 @@ async def test_atlas_proxy_setting_overrides_the_environment_and_keeps_its_passw
         # The password never shows: not in the summary, the config's repr, or the logs
         # (a 407 from the proxy, quoted in the error, included).
         shown = summary(config) + repr(config) + config.model_dump_json()
-        assert PROXY_PASSWORD not in shown and "relay:<secret>@127.0.0.1" in summary(config)
+        assert PROXY_PASSWORD not in shown and "proxy http://<secret>@127.0.0.1" in summary(config)
         wrong = atlas_config(sim, tmp_path, proxy=proxy.url.replace("http://", "http://relay:x@"))
         result = await read(wrong)
     assert not result.ok and "proxy" in (result.error or "") and "407" in (result.error or "")
     assert PROXY_PASSWORD not in caplog.text
+
+
+PROXY_TOKEN = "tok_9f8e7d6c5b4a3210"
+
+
+async def test_proxy_user_name_is_never_printed(
+    sim: Simulator,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    no_secret_in_logs: set[str],
+):
+    """Attack 13, A13-7: a token as the proxy's user name (`http://TOKEN@proxy`, or
+    `http://TOKEN:@proxy`) was printed by the log, the `run --once` error line,
+    `status` and check-config: the whole user info is masked."""
+    import io
+
+    from invoice_watch import ops
+    from invoice_watch.app import App
+
+    no_secret_in_logs.add(PROXY_TOKEN)
+    async with FakeProxy(("someone", "else")) as proxy:  # refuses the token: 407
+        for url in (f"http://{PROXY_TOKEN}@", f"http://{PROXY_TOKEN}:@"):
+            monkeypatch.setenv("HTTP_PROXY", proxy.url.replace("http://", url))
+            config = atlas_config(sim, tmp_path, base_url=aliased(sim.base_url))
+            async with App(config, clock=FakeClock(NOW)) as app:
+                assert await app.run_once() == 1
+            report = io.StringIO()
+            assert await ops.status(config, out=report) == 0
+            _, err = capsys.readouterr()
+            for where, text in {"stderr": err, "status": report.getvalue()}.items():
+                assert PROXY_TOKEN not in text, where
+                assert "the proxy http://<secret>@127.0.0.1" in text, where
+        configured = atlas_config(sim, tmp_path, proxy=f"http://{PROXY_TOKEN}:@proxy:3128")
+        assert "proxy http://<secret>@proxy:3128" in summary(configured)
+        assert PROXY_TOKEN not in summary(configured) + repr(configured)
+    assert PROXY_TOKEN not in caplog.text
 
 
 async def test_netrc_is_never_read(
@@ -173,11 +292,14 @@ async def test_netrc_is_never_read(
     """aiohttp's trust_env would send ~/.netrc's password as Authorization: Basic to a
     matching host; with slack-sdk, to the webhook's host."""
     netrc = tmp_path / "netrc"
-    netrc.write_text("machine 127.0.0.1 login netrc-user password netrc-secret-password\n")
+    netrc.write_text(
+        "machine 127.0.0.1 login netrc-user password netrc-secret-password\n"
+        "machine atlas.test login netrc-user password netrc-secret-password\n"
+    )
     netrc.chmod(0o600)
     monkeypatch.setenv("NETRC", str(netrc))
     monkeypatch.setenv("HTTP_PROXY", proxy.url)
-    assert (await read(atlas_config(sim, tmp_path))).ok
+    assert (await read(atlas_config(sim, tmp_path, base_url=aliased(sim.base_url)))).ok
     async with FakeSlack() as slack:
         notifiers = build_notifiers(
             load_notifiers(tmp_path, {"hook": {"type": "slack", "webhook_url": slack.webhook_url}})
@@ -199,7 +321,7 @@ async def test_malformed_proxy_in_the_environment_fails_each_read_clearly(
     sim: Simulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     monkeypatch.setenv("HTTP_PROXY", "http://user:pw@proxy:notaport")
-    result = await read(atlas_config(sim, tmp_path))
+    result = await read(atlas_config(sim, tmp_path, base_url=aliased(sim.base_url)))
     assert not result.ok and "HTTP_PROXY is not a proxy URL" in (result.error or "")
     assert "pw" not in (result.error or "").replace("proxy", "")
 
@@ -231,31 +353,37 @@ def load_notifiers(tmp_path: Path, notifiers: dict[str, Any]) -> Any:
     return make_config(tmp_path, data).notifiers
 
 
-def slack_notifiers(slack: FakeSlack, **extra: Any) -> dict[str, Any]:
+def slack_notifiers(slack: FakeSlack, host: str | None = None, **extra: Any) -> dict[str, Any]:
+    """A webhook and a bot on ``slack``, named by ``host`` (an alias only the proxy
+    resolves) when given."""
+
+    def url(address: str) -> str:
+        return aliased(address, host) if host else address
+
     return {
-        "hook": {"type": "slack", "webhook_url": slack.webhook_url, **extra},
+        "hook": {"type": "slack", "webhook_url": url(slack.webhook_url), **extra},
         "bot": {
             "type": "slack",
             "token": "xoxb-0000-fake-token",
             "channel": "#billing",
-            "api_url": slack.api_url,
+            "api_url": url(slack.api_url),
             **extra,
         },
     }
 
 
-async def test_slack_goes_through_the_environment_proxy_unless_no_proxy(
+async def test_slack_goes_through_the_environment_proxy_but_never_for_loopback(
     proxy: FakeProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     monkeypatch.setenv("HTTP_PROXY", proxy.url)
     async with FakeSlack() as slack:
-        notifiers = build_notifiers(load_notifiers(tmp_path, slack_notifiers(slack)))
-        for notifier in notifiers.values():
+        configs = load_notifiers(tmp_path, slack_notifiers(slack, "slack.test"))
+        for notifier in build_notifiers(configs).values():
             await notifier.send([event()])
         assert len(slack.accepted) == 2 and len(proxy.seen) == 2
         assert any("chat.postMessage" in p.url for p in proxy.seen)
 
-        monkeypatch.setenv("NO_PROXY", "localhost,127.0.0.0/8")  # slack-sdk ignores it
+        # slack-sdk would take HTTP_PROXY for 127.0.0.1 itself: loopback goes directly.
         notifiers = build_notifiers(load_notifiers(tmp_path, slack_notifiers(slack)))
         for notifier in notifiers.values():
             await notifier.send([event()])
@@ -279,7 +407,8 @@ async def test_slack_with_a_malformed_environment_proxy_is_a_permanent_error(
 ):
     monkeypatch.setenv("HTTP_PROXY", "http://[::1")
     async with FakeSlack() as slack:
-        notifiers = build_notifiers(load_notifiers(tmp_path, slack_notifiers(slack)))
+        configs = load_notifiers(tmp_path, slack_notifiers(slack, "slack.test"))
+        notifiers = build_notifiers(configs)
         with pytest.raises(PermanentNotifyError, match="HTTP_PROXY is not a proxy URL"):
             await notifiers["hook"].send([event()])
 
@@ -297,10 +426,10 @@ async def test_slack_sdk_never_logs_the_proxy_password(
         with_password = proxy.url.replace("http://", f"http://relay:{PROXY_PASSWORD}@")
         monkeypatch.setenv("HTTPS_PROXY", with_password)
         monkeypatch.setenv("HTTP_PROXY", with_password)
-        notifiers = build_notifiers(load_notifiers(tmp_path, slack_notifiers(slack)))
-        for notifier in notifiers.values():
+        configs = load_notifiers(tmp_path, slack_notifiers(slack, "slack.test"))
+        for notifier in build_notifiers(configs).values():
             await notifier.send([event()])
-        assert len(slack.accepted) == 2
+        assert len(slack.accepted) == 2 and len(proxy.seen) == 2
     assert PROXY_PASSWORD not in caplog.text
 
 
