@@ -579,6 +579,40 @@ async def test_rate_limit_bucket_answers_429_with_retry_after(clock: FakeClock, 
         assert (await get(plain, url(sim, "Payer"), headers))[0] == 200
 
 
+async def test_rate_limit_headers_on_429s_only_as_the_spec_documents(
+    clock: FakeClock, plain
+) -> None:
+    """``rate_limit_headers="429"``: the spec declares RateLimit-Limit/-Remaining on its
+    tooManyRequests answer only; a 429 always says 0 remain (the bucket's or an
+    injected one)."""
+    async with Simulator(
+        small_scenario(), clock=clock, rate_limit=(0.5, 2), rate_limit_headers="429"
+    ) as sim:
+        headers = {**JSON_V2, "Authorization": f"Bearer {await bearer_token(plain, sim)}"}
+        for _ in range(2):
+            status, _, response_headers = await get(plain, url(sim, "Payer"), headers)
+            assert status == 200 and "RateLimit-Remaining" not in response_headers
+        status, _, response_headers = await get(plain, url(sim, "Payer"), headers)
+        assert status == 429
+        assert response_headers["RateLimit-Limit"] == "2"
+        assert response_headers["RateLimit-Remaining"] == "0"
+    async with Simulator(small_scenario(), clock=clock, rate_limit_headers="429") as sim:
+        sim.faults.status(429, path="*/invoices")
+        headers = {**JSON_V2, "Authorization": f"Bearer {await bearer_token(plain, sim)}"}
+        status, _, response_headers = await get(plain, url(sim, "Payer"), headers)
+        assert (status, response_headers["RateLimit-Remaining"]) == (429, "0")
+        status, _, response_headers = await get(plain, url(sim, "Payer"), headers)
+        assert status == 200 and "RateLimit-Limit" not in response_headers
+    with pytest.raises(ValueError, match="rate_limit_headers"):
+        Simulator(small_scenario(), rate_limit_headers="sometimes")  # type: ignore[arg-type]
+
+
+async def test_in_flight_counts_requests_answered_at_once(sim: Simulator, client) -> None:
+    sim.faults.latency = 0.05
+    await asyncio.gather(*(get(client, url(sim, "Payer")) for _ in range(3)))
+    assert sim.in_flight == 0 and sim.max_in_flight == 3
+
+
 # ---- faults -----------------------------------------------------------------------------
 
 

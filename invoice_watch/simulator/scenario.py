@@ -54,8 +54,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 from invoice_watch.constants import INVOICE_STATUSES
 from invoice_watch.format import usd
 
-HEX24 = re.compile(r"^[a-f0-9]{24}$")
-CLUSTER_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9-]*$")
+HEX24 = re.compile(r"[a-f0-9]{24}")  # fullmatch: `$` would let a trailing newline in
+CLUSTER_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9-]*")
 CLOUD_PROVIDERS = ("AWS", "GCP", "AZURE", "ATLAS")
 
 StepAction = Literal["set_status", "set_amount", "add_invoice", "remove_invoice"]
@@ -102,7 +102,7 @@ class ScenarioLineItem:
     def __post_init__(self) -> None:
         if self.total_cents < 0:
             raise ValueError(f"line item {self.sku}: amount must not be negative")
-        if not CLUSTER_NAME.match(self.cluster):
+        if not CLUSTER_NAME.fullmatch(self.cluster):
             raise ValueError(f"line item {self.sku}: invalid cluster name {self.cluster!r}")
         if self.cloud_provider not in CLOUD_PROVIDERS:
             raise ValueError(
@@ -139,7 +139,7 @@ class ScenarioInvoice:
     name: str | None = None  # label the timeline can refer to
 
     def __post_init__(self) -> None:
-        if not HEX24.match(self.id):
+        if not HEX24.fullmatch(self.id):
             raise ValueError(f"invoice id {self.id!r} is not 24 lowercase hex digits")
         if self.status not in INVOICE_STATUSES:
             raise ValueError(f"invoice {self.id}: unknown status {self.status!r}")
@@ -258,7 +258,7 @@ class Scenario:
         billing_viewer: bool = False,
     ) -> ScenarioOrg:
         org_id = id or stable_id("org", name)
-        if not HEX24.match(org_id):
+        if not HEX24.fullmatch(org_id):
             raise ValueError(f"org {name!r}: id {org_id!r} is not 24 lowercase hex digits")
         if org_id in self._org_refs or name in self._org_refs:
             raise ValueError(f"org {name!r} ({org_id}) is defined twice")

@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from pathlib import Path
-from typing import Any, NoReturn, TextIO
+from typing import Any, Literal, NoReturn, TextIO
 
 from aiohttp import hdrs, web
 from multidict import MultiMapping
@@ -248,6 +248,12 @@ class Simulator:
     ``atlas_parameters``, error bodies carry ``parameters`` as Atlas fills them (strings
     and numbers, which the spec's schema does not allow: off by default, so that every
     body validates).
+
+    ``rate_limit_headers``: which answers carry ``RateLimit-Limit`` and
+    ``RateLimit-Remaining``: ``"always"`` (every API answer, the default), or ``"429"``
+    (only the 429s, as the spec documents them). A 429 always says 0 remain.
+    ``in_flight`` and ``max_in_flight`` count the API requests being answered (how many
+    a client sent at once).
     """
 
     def __init__(
@@ -267,7 +273,10 @@ class Simulator:
         clock: Clock | None = None,
         access_list: set[str] | None = None,
         atlas_parameters: bool = False,
+        rate_limit_headers: Literal["always", "429"] = "always",
     ) -> None:
+        if rate_limit_headers not in ("always", "429"):
+            raise ValueError("rate_limit_headers is 'always' or '429'")
         self.scenario = scenario if scenario is not None else demo_scenario()
         self._clock: Clock = clock or SystemClock()
         self._host = host
@@ -287,6 +296,9 @@ class Simulator:
         self._bucket = TokenBucket(*rate_limit, self._clock) if rate_limit else None
         self.access_list = access_list
         self.atlas_parameters = atlas_parameters
+        self.rate_limit_headers = rate_limit_headers
+        self.in_flight = 0
+        self.max_in_flight = 0
         self.deprecated: tuple[datetime, datetime | None] | None = None
         self.retired = False
         self.faults = Faults()
@@ -467,6 +479,8 @@ class Simulator:
         self.requests.append(record)
         self.first_request.set()
         request[RECORD_KEY] = record
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
             response = await handler(request)
         except ApiProblem as problem:
@@ -477,6 +491,8 @@ class Simulator:
             code = "RESOURCE_NOT_FOUND" if exc.status == 404 else "INVALID_METHOD"
             detail = f"Cannot {request.method} {request.path}."
             response = ApiProblem(exc.status, code, detail).response()
+        finally:
+            self.in_flight -= 1
         record.status = response.status
         logger.debug("%s %s -> %d", request.method, request.path, response.status)
         return response
@@ -484,12 +500,16 @@ class Simulator:
     async def _add_rate_limit_headers(
         self, request: web.Request, response: web.StreamResponse
     ) -> None:
-        if self._bucket is None:
-            limit = remaining = NOMINAL_RATE_LIMIT
-        else:
-            limit, remaining = self._bucket.burst, self._bucket.remaining
-        response.headers["RateLimit-Limit"] = str(limit)
-        response.headers["RateLimit-Remaining"] = str(remaining)
+        if self.rate_limit_headers == "always" or response.status == 429:
+            if self._bucket is None:
+                limit = remaining = NOMINAL_RATE_LIMIT
+            else:
+                limit, remaining = self._bucket.burst, self._bucket.remaining
+            response.headers["RateLimit-Limit"] = str(limit)
+            # A 429 means the bucket is empty, whatever refilled since it was checked.
+            response.headers["RateLimit-Remaining"] = str(
+                0 if response.status == 429 else remaining
+            )
         if self.deprecated is not None and request.path != OAUTH_TOKEN_PATH:
             since, sunset = self.deprecated
             response.headers["Deprecation"] = f"@{int(since.timestamp())}"
@@ -721,7 +741,7 @@ class Simulator:
         raise ApiProblem(406, "INVALID_VERSION_DATE", "Invalid accept header or version date.")
 
     def _org(self, org_id: str) -> ScenarioOrg:
-        org = self.scenario.find_org(org_id) if HEX24.match(org_id) else None
+        org = self.scenario.find_org(org_id) if HEX24.fullmatch(org_id) else None
         if org is None:
             raise ApiProblem(
                 404,
