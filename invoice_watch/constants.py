@@ -25,9 +25,10 @@ OAUTH_TOKEN_PATH: Final = "/api/oauth/token"
 ITEMS_PER_PAGE: Final = 500
 # A listing never runs past this many pages (500 invoices each), whatever `totalCount` says.
 MAX_PAGES: Final = 1000
-# Default cap on one Atlas answer's decoded body (`atlas.max_response_size`); a full
-# listing page is well under 1 MiB.
-MAX_RESPONSE_SIZE: Final = 64 * 2**20
+# Default cap on one Atlas answer's decoded body (`atlas.max_response_size`): a full
+# listing page of 500 invoices is about 260 KB; 16 MiB holds one whose invoices each
+# nest some 60 linked invoices.
+MAX_RESPONSE_SIZE: Final = 16 * 2**20
 REQUIRED_ROLE: Final = "Organization Billing Viewer"
 # Linked invoices (cross-organization billing) are listed only to these roles on the
 # paying organization.

@@ -43,13 +43,14 @@ import aiohttp
 from aiohttp import ClientHandlerType, ClientRequest, ClientResponse, hdrs
 from yarl import URL
 
-from invoice_watch import __version__
+from invoice_watch import __version__, redact
 from invoice_watch.clock import Clock, SystemClock
 from invoice_watch.constants import (
     API_PREFIXES,
     ITEMS_PER_PAGE,
     LINKED_INVOICES_ROLES,
     MAX_PAGES,
+    MAX_RESPONSE_SIZE,
     OAUTH_TOKEN_PATH,
     REQUIRED_ROLE,
     V2_API_VERSION,
@@ -64,7 +65,7 @@ from invoice_watch.errors import (
     FetchTimeout,
 )
 from invoice_watch.proxy import masked, proxy_for
-from invoice_watch.redact import redact
+from invoice_watch.redact import printable
 from invoice_watch.retry import backoff, parse_retry_after, retry_delay
 from invoice_watch.types import (
     AMOUNT_ATTRS,
@@ -82,8 +83,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_HEX24 = re.compile(r"^[a-f0-9]{24}$")
+_HEX24 = re.compile(r"[a-f0-9]{24}")  # fullmatch: `$` would let a trailing newline in
+# Atlas's statusName values (PENDING, CLOSED, FORGIVEN, ...): a status it adds later is
+# kept as is, provided it is one of these words.
+_STATUS = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
 _INT64_MAX = 2**63 - 1
+_INT64_DOLLARS = Decimal(_INT64_MAX).scaleb(-2)  # int64 cents, in dollars
+# A line item's project, SKU or cluster name is cut to this length (Atlas allows 64).
+_LABEL = 120
 _BACKOFF_BASE = 1.0
 # Atlas's Retry-After is honoured up to this (beyond atlas.max_backoff: retrying sooner
 # than asked only draws another 429).
@@ -95,6 +102,18 @@ _PAGES_AT_ONCE = 100
 # to this much; the rest is dropped.
 _SMALL_BODY = 64 * 1024
 _CHUNK = 64 * 1024
+# Memory, not only bytes: an answer of empty arrays (`[],[],...`, 3 bytes each) takes
+# some 40 times its size once parsed (about 120 bytes a value), where Atlas's answers
+# hold one JSON value per 26 bytes or so (a listing page of 500 invoices: about 260 KB,
+# 10,000 values). An answer with more than one value per this many bytes of
+# atlas.max_response_size is refused before it is parsed: with the default of 16 MiB,
+# at most 838,860 values (about 100 MB once parsed, in well under a second).
+_BYTES_PER_VALUE = 20
+_MAX_VALUES = MAX_RESPONSE_SIZE // _BYTES_PER_VALUE
+# Answers larger than this are parsed in a worker thread, so that the event loop
+# (health checks, signals, other organizations' reads) goes on meanwhile; smaller ones,
+# every real listing page among them, are parsed on the loop.
+_PARSE_INLINE = 2**20
 # Text taken from a server (an error's `detail`, a Location) is cut to this length.
 _SERVER_TEXT = 300
 # Atlas nests linked invoices one level deep; a deeper nesting is refused.
@@ -225,6 +244,12 @@ FIXES: Final[dict[tuple[int | str, str | None], str]] = {
         "page of Atlas's listing is far smaller, so something else may be answering (a "
         "proxy, a captive portal); raise atlas.max_response_size if it really is Atlas"
     ),
+    ("too_many_values", None): (
+        "the answer holds up to {values} JSON values, more than the {cap} allowed (one per "
+        "{per} bytes of atlas.max_response_size), and was dropped unparsed: Atlas's "
+        "answers hold far fewer, so something else may be answering; raise "
+        "atlas.max_response_size if it really is Atlas"
+    ),
     ("repeated_page", None): (
         "page {page} of the listing repeats invoices of earlier pages only: the server "
         "ignores pageNum; the listing was stopped"
@@ -263,7 +288,7 @@ def server_text(value: object, limit: int = _SERVER_TEXT) -> str:
     text = value if isinstance(value, str) else str(value)
     if len(text) > 4 * limit:
         text = text[: 4 * limit]
-    text = redact(" ".join(text.split()))
+    text = redact.redact(" ".join(text.split()))
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
@@ -310,7 +335,11 @@ def parse_api_error(body: bytes) -> ApiError:
     if not isinstance(detail, str):
         detail = data.get("reason") if isinstance(data.get("reason"), str) else ""
     raw = data.get("parameters")
-    parameters = [p for p in raw[:10] if isinstance(p, str | int)] if isinstance(raw, list) else []
+    parameters = (
+        [p for p in raw[:10] if type(p) is str or (type(p) is int and abs(p) <= _INT64_MAX)]
+        if isinstance(raw, list)
+        else []
+    )
     return ApiError(
         code if isinstance(code, str) and _ERROR_CODE.fullmatch(code) else None,
         server_text(detail),
@@ -582,6 +611,7 @@ class AtlasClient:
         )
         self._version = V2_API_VERSION if config.api == "v2" else f"{config.api} (v1.0)"
         self._semaphore = asyncio.Semaphore(config.max_concurrency)
+        self._max_values = config.max_response_size // _BYTES_PER_VALUE
         self._authenticated = False
         self._auth_lock = asyncio.Lock()
         self._session: aiohttp.ClientSession | None = None
@@ -936,7 +966,9 @@ class AtlasClient:
         """An exception no check foresaw, while ``doing`` something for ``org_id``:
         logged with its traceback (redacted), returned as that org's FetchError."""
         lines = traceback.format_exception(exc)
-        text = redact("".join(line if len(line) < 2000 else line[:2000] + "…\n" for line in lines))
+        text = redact.redact(
+            "".join(line if len(line) < 2000 else line[:2000] + "…\n" for line in lines)
+        )
         if len(text) > 20_000:
             text = text[:10_000] + "\n[…]\n" + text[-10_000:]
         log.error(
@@ -1042,7 +1074,11 @@ class AtlasClient:
         before = self._seen.get(org_id, {}).get(number)
         if before is not None and before[0] == digest:
             return before
-        return digest, parse_page(org_id, body, known)
+        if len(body) > _PARSE_INLINE:  # off the event loop
+            page = await asyncio.to_thread(parse_page, org_id, body, known, self._max_values)
+        else:
+            page = parse_page(org_id, body, known, self._max_values)
+        return digest, page
 
     async def read_org(
         self, org_id: str, from_date: date | None = None, known: Snapshot | None = None
@@ -1132,7 +1168,9 @@ class AtlasClient:
             endpoint="/orgs/{orgId}/invoices/pending",
         )
         try:
-            return _pending_items(org_id, body)
+            if len(body) > _PARSE_INLINE:  # off the event loop
+                return await asyncio.to_thread(_pending_items, org_id, body, self._max_values)
+            return _pending_items(org_id, body, self._max_values)
         except FetchError:
             raise
         except Exception as exc:  # a body no check foresaw
@@ -1148,7 +1186,9 @@ class AtlasClient:
             csv_body=True,
         )
         try:
-            return parse_invoice_csv(body.decode("utf-8-sig"))
+            if len(body) > _PARSE_INLINE:  # off the event loop
+                return await asyncio.to_thread(_parse_csv_body, body, self._max_values)
+            return _parse_csv_body(body, self._max_values)
         except (UnicodeDecodeError, ValueError, csv.Error, ArithmeticError) as exc:
             raise FetchDataError(
                 org_id, f"the invoice CSV is malformed: {server_text(exc, 120)}"
@@ -1160,9 +1200,11 @@ class AtlasClient:
 # -- parsing ---------------------------------------------------------------------------
 
 
-def _pending_items(org_id: str, body: bytes) -> dict[str, list[LineItem]]:
+def _pending_items(
+    org_id: str, body: bytes, max_values: int = _MAX_VALUES
+) -> dict[str, list[LineItem]]:
     items: dict[str, list[LineItem]] = {}
-    queue: list[tuple[Any, int]] = [(raw, 0) for raw in _results(org_id, body)]
+    queue: list[tuple[Any, int]] = [(raw, 0) for raw in _results(org_id, body, max_values)]
     while queue:
         entry, depth = queue.pop()
         if not isinstance(entry, dict):
@@ -1171,13 +1213,40 @@ def _pending_items(org_id: str, body: bytes) -> dict[str, list[LineItem]]:
         if isinstance(linked, list) and depth < _MAX_LINK_DEPTH:
             queue.extend((nested, depth + 1) for nested in linked)
         line_items = entry.get("lineItems")
-        if isinstance(entry.get("id"), str) and isinstance(line_items, list):
-            items[entry["id"]] = _line_items_json(line_items)
+        invoice_id = entry.get("id")
+        if isinstance(invoice_id, str) and isinstance(line_items, list):
+            if not _HEX24.fullmatch(invoice_id):
+                continue  # no invoice of the listing has this id: no message asks for it
+            items[invoice_id] = _line_items_json(org_id, invoice_id, line_items)
     return items
 
 
-def _listing(org_id: str, body: bytes) -> dict[str, Any]:
-    """A list endpoint's answer, checked to hold a `results` list."""
+def json_values(body: bytes) -> int:
+    """How many JSON values ``body`` may hold, counted without parsing it: every array
+    and object opens with a bracket, every value but the first of one follows a comma
+    (those within strings are counted too: an overestimate, never an underestimate of
+    what parsing it would build)."""
+    return body.count(b",") + body.count(b"[") + body.count(b"{")
+
+
+class _TooManyValues(FetchDataError):
+    pass
+
+
+def _listing(org_id: str, body: bytes, max_values: int = _MAX_VALUES) -> dict[str, Any]:
+    """A list endpoint's answer, checked to hold a `results` list; FetchDataError for
+    an answer of more than ``max_values`` JSON values (:func:`json_values`), before it is
+    parsed."""
+    if len(body) > max_values and (values := json_values(body)) > max_values:
+        raise _TooManyValues(
+            org_id,
+            explain(
+                "too_many_values",
+                values=f"{values:,}",
+                cap=f"{max_values:,}",
+                per=str(_BYTES_PER_VALUE),
+            ),
+        )
     try:
         data = json.loads(body)
     except ValueError:  # UnicodeDecodeError included
@@ -1191,20 +1260,25 @@ def _listing(org_id: str, body: bytes) -> dict[str, Any]:
     return data
 
 
-def _results(org_id: str, body: bytes) -> list[Any]:
-    results: list[Any] = _listing(org_id, body)["results"]
+def _results(org_id: str, body: bytes, max_values: int = _MAX_VALUES) -> list[Any]:
+    results: list[Any] = _listing(org_id, body, max_values)["results"]
     return results
 
 
-def parse_page(org_id: str, body: bytes, known: Snapshot | None = None) -> Page:
+def parse_page(
+    org_id: str, body: bytes, known: Snapshot | None = None, max_values: int = _MAX_VALUES
+) -> Page:
     """One page of the organization's invoice listing -> :class:`Page`.
 
     A live invoice equal to its namesake in ``known`` is returned as that object; a
-    settled one listed unchanged, as its key.
+    settled one listed unchanged, as its key. FetchDataError for anything malformed,
+    and for more than ``max_values`` JSON values (refused before parsing).
     """
-    data = _listing(org_id, body)
+    data = _listing(org_id, body, max_values)
     results = data["results"]
     total = data.get("totalCount")
+    if type(total) is int and abs(total) > _INT64_MAX:
+        raise FetchDataError(org_id, "`totalCount` is not an int64")
     invoices: list[Invoice] = []
     settled: list[int] = []
     for item in results:
@@ -1350,14 +1424,20 @@ def parse_invoice(source_org_id: str, item: Any) -> Invoice:
     if not isinstance(item, dict):
         raise FetchDataError(org, "an entry of `results` is not an object")
     invoice_id = item.get("id")
-    if not isinstance(invoice_id, str) or not _HEX24.match(invoice_id):
+    if not isinstance(invoice_id, str) or not _HEX24.fullmatch(invoice_id):
         raise FetchDataError(org, f"an invoice id is not 24 hex digits: {invoice_id!r:.40}")
     owner = item.get("orgId")
-    if not isinstance(owner, str) or not _HEX24.match(owner):
+    if not isinstance(owner, str) or not _HEX24.fullmatch(owner):
         raise FetchDataError(org, f"invoice {invoice_id}: `orgId` is not 24 hex digits")
     status = item.get("statusName")
     if not isinstance(status, str) or not status:
         raise FetchDataError(org, f"invoice {invoice_id}: `statusName` is missing")
+    if not _STATUS.fullmatch(status):
+        raise FetchDataError(
+            org,
+            f"invoice {invoice_id}: `statusName` {status!r:.40} is not a status name "
+            "(capital letters, digits and _, as PENDING or FAILED)",
+        )
     amounts: dict[str, int] = {}
     values: dict[int, int] = {}  # equal amounts (billed and paid, say) share one int
     for api_name, attr in AMOUNT_ATTRS.items():
@@ -1386,42 +1466,76 @@ def parse_invoice(source_org_id: str, item: Any) -> Invoice:
     )
 
 
-def _line_items_json(raw: list[Any]) -> list[LineItem]:
+def _label(value: object, default: str) -> str:
+    """A line item's project, SKU or cluster name as messages show it: printable
+    (:func:`invoice_watch.redact.printable`), on one line, at most :data:`_LABEL`
+    characters; ``default`` when empty. Never raises."""
+    if value is None or value == "":
+        return default
+    text = value if isinstance(value, str) else str(value)
+    text = printable(" ".join(text[: 4 * _LABEL].split()))
+    if not text:
+        return default
+    return text if len(text) <= _LABEL else text[: _LABEL - 1] + "…"
+
+
+def _line_items_json(org_id: str, invoice_id: str, raw: list[Any]) -> list[LineItem]:
+    """A pending invoice's ``lineItems``. ``totalPriceCents`` must be an int64 (absent:
+    0); FetchDataError otherwise."""
     items = []
     for entry in raw:
         if not isinstance(entry, dict):
             continue
-        cents = entry.get("totalPriceCents")
+        cents = entry.get("totalPriceCents", 0)
+        if cents is None:
+            cents = 0
+        if type(cents) is not int or abs(cents) > _INT64_MAX:
+            raise FetchDataError(
+                org_id,
+                f"invoice {invoice_id}: a line item's `totalPriceCents` is not an int64",
+            )
+        group = entry.get("groupName") or entry.get("groupId")
         items.append(
             LineItem(
-                project=str(entry.get("groupName") or entry.get("groupId") or "—"),
-                sku=str(entry.get("sku") or "—"),
-                cluster=str(entry.get("clusterName") or ""),
-                amount_cents=cents if isinstance(cents, int) else 0,
+                project=_label(group, "—"),
+                sku=_label(entry.get("sku"), "—"),
+                cluster=_label(entry.get("clusterName"), ""),
+                amount_cents=cents,
             )
         )
     return items
 
 
-def parse_invoice_csv(text: str) -> list[LineItem]:
-    """The invoice CSV: a header block, a blank line, then one row per line item."""
+def _parse_csv_body(body: bytes, max_rows: int) -> list[LineItem]:
+    return parse_invoice_csv(body.decode("utf-8-sig"), max_rows)
+
+
+def parse_invoice_csv(text: str, max_rows: int | None = None) -> list[LineItem]:
+    """The invoice CSV: a header block, a blank line, then one row per line item.
+    :class:`ValueError` for a malformed one: an amount that is not a number of dollars
+    within int64 cents, or more than ``max_rows`` rows (default: as many as
+    ``atlas.max_response_size``'s default holds values, :data:`_MAX_VALUES`)."""
+    limit = _MAX_VALUES if max_rows is None else max_rows
     blocks = re.split(r"\r?\n\r?\n", text, maxsplit=1)
     if len(blocks) != 2:
         raise ValueError("no blank line between the header block and the line items")
-    rows = list(csv.DictReader(io.StringIO(blocks[1])))
-    items = []
-    for row in rows:
+    items: list[LineItem] = []
+    for row in csv.DictReader(io.StringIO(blocks[1])):  # one row at a time
+        if len(items) >= limit:
+            raise ValueError(f"more than {limit:,} line items")
         amount = (row.get("Amount") or "").replace("$", "").replace(",", "").strip()
         try:
-            cents = int((Decimal(amount or "0") * 100).to_integral_value())
+            dollars = Decimal(amount or "0")
+            if not dollars.is_finite() or abs(dollars) > _INT64_DOLLARS:
+                raise InvalidOperation
         except InvalidOperation:
-            raise ValueError(f"amount {amount!r:.20} is not a number") from None
+            raise ValueError(f"amount {amount!r:.20} is not a number of dollars") from None
         items.append(
             LineItem(
-                project=(row.get("Project") or "—").strip() or "—",
-                sku=(row.get("SKU") or "—").strip() or "—",
-                cluster=(row.get("Cluster") or "").strip(),
-                amount_cents=cents,
+                project=_label((row.get("Project") or "").strip(), "—"),
+                sku=_label((row.get("SKU") or "").strip(), "—"),
+                cluster=_label((row.get("Cluster") or "").strip(), ""),
+                amount_cents=int((dollars * 100).to_integral_value()),
             )
         )
     return items

@@ -220,11 +220,75 @@ async def test_gzip_bomb_stops_at_the_cap_without_the_memory(tmp_path: Path, bod
     assert peak < 16 * 2**20, f"peak {peak / 2**20:.1f} MiB"
 
 
+async def test_answer_of_empty_containers_is_refused_before_it_is_parsed(
+    tmp_path: Path, body_server: Body
+):
+    """Attack 12, A12-7: `{"results":[[],[],...]}` under the byte cap took some 28 times
+    its size once parsed (60 MiB: 1.7 GB, and the event loop frozen for 10 s). More
+    JSON values than one per 20 bytes of the cap: refused unparsed, the memory never
+    more than the body's."""
+    body_server.body = b'{"results":[' + b"[]," * (4 * 2**20 // 3 - 10) + b"[]]}"
+    tracemalloc.start()
+    try:
+        read = await read_a(tmp_path, body_server, max_response_size="4MiB")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert not read.ok
+    assert "JSON values, more than the 209,715 allowed" in (read.error or "")
+    assert "atlas.max_response_size" in (read.error or "")
+    assert peak < 3 * 4 * 2**20, f"peak {peak / 2**20:.1f} MiB"  # 4 MiB body: ~110 MiB before
+
+
+def linked_page(count: int, linked: int) -> bytes:
+    """A full page as Atlas writes it (`links` included), each invoice nesting
+    ``linked`` invoices of linked organizations."""
+
+    def one(n: int, org: str) -> dict[str, Any]:
+        href = f"https://cloud.mongodb.com/api/atlas/v2/orgs/{org}/invoices/{n:024x}"
+        return {**invoice(n, org), "links": [{"href": href, "rel": "self"}]}
+
+    results = [
+        {
+            **one(n, ORG_A),
+            "linkedInvoices": [one(10**6 * (k + 1) + n, f"{k + 1:024x}") for k in range(linked)],
+        }
+        for n in range(count)
+    ]
+    return json.dumps({"results": results, "totalCount": count}).encode()
+
+
+async def test_large_real_page_is_parsed_off_the_event_loop(
+    tmp_path: Path, body_server: Body, monkeypatch: pytest.MonkeyPatch
+):
+    """A real page stays well within the JSON value cap (Atlas writes some 26 bytes a
+    value); one over 1 MiB is parsed in a worker thread, a small one on the loop."""
+    import threading
+
+    from invoice_watch import fetch
+
+    threads: list[bool] = []
+    real = fetch.parse_page
+
+    def spy(*args: Any) -> Any:
+        threads.append(threading.current_thread() is threading.main_thread())
+        return real(*args)
+
+    monkeypatch.setattr(fetch, "parse_page", spy)
+    body_server.body = linked_page(499, 5)  # 2,994 invoices, about 1.1 MB
+    assert 2**20 < len(body_server.body) < 2 * 2**20
+    read = await read_a(tmp_path, body_server, max_response_size="2MiB")
+    assert read.ok and read.listed == 2994
+    body_server.body = linked_page(10, 0)
+    assert (await read_a(tmp_path, body_server)).ok
+    assert threads == [False, True]
+
+
 def test_max_response_size_setting_is_parsed_and_bounded(tmp_path: Path):
     from invoice_watch.errors import ConfigError
 
     config = config_for(tmp_path, "http://127.0.0.1:9")
-    assert config.atlas.max_response_size == 64 * 2**20  # the default
+    assert config.atlas.max_response_size == 16 * 2**20  # the default
     assert config_for(tmp_path, "http://x", max_response_size="512KiB").atlas.max_response_size == (
         512 * 2**10
     )

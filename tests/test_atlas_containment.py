@@ -9,7 +9,6 @@ Bodies come from a hand-made listing server on loopback; hypothesis writes them.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -23,7 +22,14 @@ from hypothesis import strategies as st
 
 from invoice_watch.config import Config
 from invoice_watch.errors import FetchError
-from invoice_watch.fetch import AtlasClient, parse_invoice, parse_page
+from invoice_watch.fetch import (
+    AtlasClient,
+    _pending_items,
+    parse_api_error,
+    parse_invoice,
+    parse_page,
+)
+from invoice_watch.redact import printable
 from invoice_watch.types import OrgRead, Snapshot
 from tests.conftest import ORG_A, ORG_B, base_config, make_config
 from tests.loopback import LoopbackServer
@@ -157,10 +163,10 @@ async def test_read_org_unexpected_exception_is_a_failed_read_with_its_traceback
     """An exception no check foresaw (a bug) while reading one org: that org's read
     fails, naming the exception; the traceback is logged; the other org is read."""
 
-    def broken(org_id: str, body: bytes, known: Snapshot | None = None) -> Any:
+    def broken(org_id: str, body: bytes, known: Snapshot | None = None, *more: Any) -> Any:
         if org_id == ORG_A:
             raise TypeError("'int' object is not iterable")
-        return parse_page(org_id, body, known)
+        return parse_page(org_id, body, known, *more)
 
     monkeypatch.setattr("invoice_watch.fetch.parse_page", broken)
     async with AtlasClient(client_config(tmp_path, listings.url).atlas) as client:
@@ -259,6 +265,63 @@ async def test_invoice_csv_malformed_is_a_fetch_error(
             await client.invoice_line_items(ORG_A, "1" * 24)
 
 
+# --- text a server sends: storable and printable, or refused ------------------------
+
+HOSTILE = "\ud800 \x1b[2J\x1b]0;pwned\x07 \u202eevil\u202c \x00 end"
+TEXT_FAULTS: dict[str, tuple[int, bytes]] = {
+    "statusName with a lone surrogate": (
+        200,
+        json.dumps({"results": [item(1, ORG_A, status="FAILED\ud800")]}).encode(),
+    ),
+    "statusName with NUL and ESC": (
+        200,
+        json.dumps({"results": [item(1, ORG_A, status="PENDING\x00\x1b[31m")]}).encode(),
+    ),
+    "id with a trailing newline": (
+        200,
+        json.dumps({"results": [{**item(1, ORG_A), "id": "1" * 24 + "\n"}]}).encode(),
+    ),
+    "500 detail": (
+        500,
+        json.dumps({"error": 500, "errorCode": "UNEXPECTED_ERROR", "detail": HOSTILE}).encode(),
+    ),
+    "400 detail and errorCode": (
+        400,
+        json.dumps({"error": 400, "errorCode": "INVALID_QUERY\ud800", "detail": HOSTILE}).encode(),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(TEXT_FAULTS))
+async def test_text_no_log_state_file_or_terminal_can_take_fails_that_org_only(
+    tmp_path: Path, listings: Listings, capsys: pytest.CaptureFixture[str], case: str
+):
+    """Attack 12, A12-1 and A12-15: a lone surrogate, NUL or escape sequence in one
+    org's answer. Before, it reached SQLite (UnicodeEncodeError: the cycle failed for
+    every org, `run --once` ended in "This is a bug") or a terminal raw (`status`
+    cleared the screen). Now: that org's failed read, with the text escaped; org B's
+    FAILED invoice alerts; `status` shows nothing a terminal acts on."""
+    import io
+
+    from invoice_watch import ops
+    from invoice_watch.app import App
+
+    listings.answers[ORG_A] = TEXT_FAULTS[case]
+    config = client_config(tmp_path, listings.url)
+    async with App(config) as app:
+        assert await app.run_once() == 1  # org A unreadable
+    out, err = capsys.readouterr()
+    assert "FIRING" in out and "Analytics" in out  # org B's FAILED invoice
+    report = io.StringIO()
+    assert await ops.status(config, out=report) == 0
+    for where, text in {"stderr": err, "status": report.getvalue()}.items():
+        text.encode("utf-8")  # no lone surrogate
+        for raw in ("\x1b", "\x07", "\x00", "\u202e"):
+            assert raw not in text, (where, raw)
+    if case.endswith("detail") or case.endswith("errorCode"):
+        assert "\\x1b[2J" in report.getvalue() and "\\u202eevil" in report.getvalue()
+
+
 # --- property: any JSON whatsoever ----------------------------------------------------
 
 KEYS = [
@@ -278,23 +341,39 @@ KEYS = [
     "totalCount",
     "content",
     "status",
+    "errorCode",
+    "detail",
+    "parameters",
 ]
+# Any text at all: st.text() never draws a lone surrogate (category Cs), and rarely a
+# control character; these do, often (attack 12, A12-1).
+NASTY = ["\ud800", "\udfff", "\x00", "\x1b", "\x07", "\x9b", "\u202e", "\u2028", "\n", "\r"]
+TEXT = st.text(st.characters(exclude_categories=()) | st.sampled_from(NASTY), max_size=30)
 SCALARS = (
     st.none()
     | st.booleans()
     | st.integers(min_value=-(2**70), max_value=2**70)
     | st.floats(allow_nan=False)
     | st.sampled_from(["1" * 24, ORG_A, "PAID", "FAILED", START, "9999-12-31T23:59:59-14:00"])
-    | st.text(max_size=30)
+    | TEXT
+    | st.builds("{}{}".format, st.sampled_from(["PAID", "1" * 24, "RATE_LIMITED"]), TEXT)
 )
 JSON = st.recursive(
     SCALARS,
     lambda children: (
         st.lists(children, max_size=4)
-        | st.dictionaries(st.sampled_from(KEYS) | st.text(max_size=8), children, max_size=6)
+        | st.dictionaries(st.sampled_from(KEYS) | TEXT, children, max_size=6)
     ),
     max_leaves=20,
 )
+
+
+def assert_storable(text: str) -> None:
+    """What is kept or printed: valid UTF-8, nothing a terminal acts on."""
+    text.encode("utf-8")
+    assert printable(text) == text, text
+
+
 SHALLOW = (
     SCALARS
     | st.lists(SCALARS, max_size=3)
@@ -314,7 +393,7 @@ INVOICE_LIKE = st.fixed_dictionaries(
     {
         "id": mostly(st.sampled_from(["1" * 24, "2" * 24])),
         "orgId": mostly(st.just(ORG_A)),
-        "statusName": mostly(st.sampled_from(["PAID", "FAILED", "PENDING"])),
+        "statusName": mostly(st.sampled_from(["PAID", "FAILED", "PENDING"]) | TEXT),
         "startDate": mostly(st.just(START)),
         "endDate": mostly(st.just(END)),
         "amountBilledCents": mostly(st.integers(-(2**64), 2**64)),
@@ -350,11 +429,47 @@ KNOWN = known_snapshot()
 
 @settings(max_examples=200, deadline=None)
 @given(body=BODIES)
+@example(body={"results": [item(1, ORG_A, status="PAID\ud800")]})
+@example(body={"results": [item(1, ORG_A, status="PAID\x1b[2J")]})
 def test_parse_page_any_json_is_a_page_or_a_fetch_data_error(body: Any):
+    """Any JSON: a Page whose text is storable and printable, or a FetchError whose
+    message is."""
     raw = json.dumps(body).encode()
     for known in (None, KNOWN):
-        with contextlib.suppress(FetchError):  # anything else fails the test
-            parse_page(ORG_A, raw, known)
+        try:
+            page = parse_page(ORG_A, raw, known)
+        except FetchError as exc:  # anything else fails the test
+            assert_storable(str(exc))
+            continue
+        for invoice in page.invoices:
+            for text in (invoice.id, invoice.org_id, invoice.status, invoice.source_org_id):
+                assert_storable(text)
+
+
+@settings(max_examples=200, deadline=None)
+@given(body=BODIES)
+@example(body=[{"groupName": "p\ud800", "sku": "\x1b[2J", "totalPriceCents": 1}])
+@example(body=[{"totalPriceCents": 10**30}])
+def test_pending_line_items_any_json_are_printable_or_a_fetch_data_error(body: Any):
+    raw = json.dumps({"results": [{"id": "2" * 24, "lineItems": body}]}).encode()
+    try:
+        found = _pending_items(ORG_A, raw)
+    except FetchError as exc:
+        assert_storable(str(exc))
+        return
+    for line in found.get("2" * 24, []):
+        for text in (line.project, line.sku, line.cluster):
+            assert_storable(text)
+        assert abs(line.amount_cents) < 2**63
+
+
+@settings(max_examples=200, deadline=None)
+@given(body=BODIES)
+@example(body={"errorCode": "X", "detail": "\ud800 \x1b[2J \u202e", "parameters": ["\x07"]})
+def test_api_error_any_json_gives_printable_text(body: Any):
+    error = parse_api_error(json.dumps(body).encode())
+    for text in (error.evidence(500), *error.parameters):
+        assert_storable(text)
 
 
 @settings(
@@ -364,6 +479,8 @@ def test_parse_page_any_json_is_a_page_or_a_fetch_data_error(body: Any):
 @example(raw=json.dumps({"results": [item(1, ORG_A, linkedInvoices=5)]}).encode(), status=200)
 @example(raw=nested(DEEP), status=200)
 @example(raw=nested(DEEP), status=500)
+@example(raw=json.dumps({"results": [item(1, ORG_A, status="PAID\ud800")]}).encode(), status=200)
+@example(raw=json.dumps({"detail": "\ud800 \x1b[2J"}).encode(), status=500)
 def test_read_org_any_json_through_a_real_server_ends_as_an_org_read(
     tmp_path: Path, raw: bytes, status: int
 ):
@@ -381,6 +498,9 @@ def test_read_org_any_json_through_a_real_server_ends_as_an_org_read(
     assert isinstance(reads[ORG_A], OrgRead) and reads[ORG_B].ok
     if not reads[ORG_A].ok:
         assert len((reads[ORG_A].error or "").splitlines()) == 1
+        assert_storable(reads[ORG_A].error or "")
+    for invoice in reads[ORG_A].invoices:
+        assert_storable(invoice.status)
 
 
 # --- the OAuth token answer -----------------------------------------------------------

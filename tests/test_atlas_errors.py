@@ -199,6 +199,14 @@ def test_every_fix_fills_its_fields():
         "limit": "64 MiB",
         "page": "2",
         "cap": "6",
+        "values": "4,000,000",
+        "per": "20",
+        "what": "the answer",
+        "content_type": "text/html",
+        "url": "https://cloud.mongodb.com/api/atlas/v2/api/atlas/v2/orgs/x/invoices",
+        "base_url": "https://cloud.mongodb.com/api/atlas/v2",
+        "prefix": "/api/atlas/v2",
+        "origin": "https://cloud.mongodb.com",
     }
     for status, code in FIXES:
         message = explain(status, code, **fields)

@@ -15,6 +15,7 @@ from invoice_watch.fetch import (
     parse_invoice,
     parse_invoice_csv,
 )
+from invoice_watch.redact import printable
 from invoice_watch.types import Invoice, Snapshot
 from tests.conftest import ORG_A, ORG_B
 
@@ -85,12 +86,31 @@ def test_parse_invoice_accepts_an_unknown_status_as_is():
         (good(amountBilledCents=1.5), "not an int64"),
         (good(amountBilledCents=True), "not an int64"),
         (good(amountBilledCents=2**70), "not an int64"),
+        # Text that SQLite, a log line or a terminal cannot take raw (attack 12, A12-1):
+        # ids and statusName have a grammar, checked whole.
+        (good(id="1" * 24 + "\n"), "not 24 hex"),
+        (good(orgId=ORG_A + "\n"), "orgId"),
+        (good(statusName="FAILED\ud800"), "not a status name"),
+        (good(statusName="PENDING\x00\x1b[31m"), "not a status name"),
+        (good(statusName="PAID\u202e"), "not a status name"),
+        (good(statusName="X" * 100_000), "not a status name"),
+        (good(statusName="paid"), "not a status name"),
     ],
 )
 def test_parse_invoice_rejects_malformed_items(item, message):
     with pytest.raises(FetchDataError, match=message) as info:
         parse_invoice(ORG_A, item)
     assert info.value.org_id == ORG_A
+
+
+def test_parse_invoice_error_text_is_storable_and_printable():
+    """The message that refuses a bad statusName quotes it escaped: it is stored (the
+    org's last error) and printed by `status`."""
+    with pytest.raises(FetchDataError) as info:
+        parse_invoice(ORG_A, good(statusName="FAILED\ud800\x1b[2J"))
+    text = str(info.value)
+    text.encode("utf-8")  # no lone surrogate
+    assert "\x1b" not in text and printable(text) == text
 
 
 def test_parse_invoice_accepts_negative_amounts():
@@ -132,11 +152,80 @@ def test_parse_invoice_csv_without_the_blank_line_is_an_error():
         parse_invoice_csv("Invoice Number,1,\nDate,Amount\n")
 
 
+CSV_ROW = (
+    "06/02/2024,06/01/2024,M30,,Test 2,666acb8787ba43606905dcac,{project},"
+    "666acb8787ba43606905dca0,{sku},US_EAST_1,{cluster},,,,server hours,0.54,24,,{amount}\n"
+)
+
+
+def csv_with(**row: str) -> str:
+    fields = {"project": "shop", "sku": "SKU", "cluster": "orders", "amount": "1.00", **row}
+    return CSV.split("06/02/2024")[0] + CSV_ROW.format(**fields)
+
+
+@pytest.mark.parametrize("amount", ["1e999999", "-1e30", "Infinity", "NaN", "9" * 4300])
+def test_parse_invoice_csv_refuses_amounts_outside_int64_cents(amount: str):
+    with pytest.raises(ValueError, match="not a number of dollars"):
+        parse_invoice_csv(csv_with(amount=amount))
+
+
+def test_parse_invoice_csv_names_are_printable():
+    [item] = parse_invoice_csv(csv_with(project="shop\x1b[2J\u202e", sku="SKU\x00", cluster="c"))
+    assert (item.project, item.sku) == ("shop\\x1b[2J\\u202e", "SKU\\x00")
+
+
+def test_parse_invoice_csv_rows_are_bounded():
+    text = csv_with() + CSV_ROW.format(project="p", sku="s", cluster="c", amount="1") * 20
+    assert len(parse_invoice_csv(text, max_rows=21)) == 21
+    with pytest.raises(ValueError, match="more than 20 line items"):
+        parse_invoice_csv(text, max_rows=20)
+
+
+def pending_body(*line_items: dict[str, Any]) -> bytes:
+    import json
+
+    return json.dumps({"results": [{"id": "2" * 24, "lineItems": list(line_items)}]}).encode()
+
+
+@pytest.mark.parametrize(
+    "cents",
+    [2**63, -(2**63), 10**4299, True, 12.5, "100"],
+    ids=["2**63", "-2**63", "4300 digits", "true", "a float", "a string"],
+)
+def test_pending_line_items_refuse_amounts_that_are_not_int64(cents: Any):
+    """Attack 12, A12-2: a 4,300-digit totalPriceCents is that org's FetchDataError,
+    never passed on to a message (where json.dumps of it failed the whole commit)."""
+    from invoice_watch.fetch import _pending_items
+
+    body = pending_body({"groupName": "p", "sku": "s", "totalPriceCents": cents})
+    with pytest.raises(FetchDataError, match="totalPriceCents` is not an int64") as info:
+        _pending_items(ORG_A, body)
+    assert info.value.org_id == ORG_A
+
+
+def test_pending_line_items_text_is_printable():
+    from invoice_watch.fetch import _pending_items
+
+    body = pending_body(
+        {"groupName": "proj\ud800", "sku": "SKU\u0000\u001b[31m", "totalPriceCents": 5000},
+        {"groupName": "x" * 1000, "clusterName": "c\u202e", "totalPriceCents": 1},
+        {"totalPriceCents": 2**63 - 1},
+    )
+    items = _pending_items(ORG_A, body)["2" * 24]
+    assert [(i.project, i.sku, i.cluster, i.amount_cents) for i in items] == [
+        ("proj\\ud800", "SKU\\x00\\x1b[31m", "", 5000),
+        ("x" * 119 + "…", "—", "c\\u202e", 1),
+        ("—", "—", "", 2**63 - 1),
+    ]
+
+
 # A field of a listed invoice, changed to something else (valid or not), or removed.
 _CHANGES: list[tuple[str, Any]] = [
     ("statusName", "PAID"),
     ("statusName", ""),
     ("statusName", 7),
+    ("statusName", "PAID\ud800"),
+    ("statusName", "PA ID"),
     ("orgId", ORG_B),
     ("orgId", "nope"),
     ("startDate", "2026-10-01T00:00:00Z"),
