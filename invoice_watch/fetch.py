@@ -32,6 +32,7 @@ import random
 import re
 import sys
 import traceback
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -122,6 +123,12 @@ _MAX_LINK_DEPTH = 8
 # request waits this much, or as long as the longest Retry-After of a 429 so far (how
 # long the bucket takes to refill), up to atlas.max_backoff.
 _PACE_SECONDS = 1.0
+# `RateLimit-Remaining` (Atlas documents it on 429 answers only) is a hint about now: it
+# holds until the next answer (one without it clears it), and at most until the window
+# it counts has passed (Atlas's limits are per minute), or the 429's Retry-After when
+# that is longer.
+_COUNT = re.compile(r"[0-9]{1,9}")
+_RATE_WINDOW = 60.0
 _ERROR_CODE = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
 _IP_CANDIDATE = re.compile(r"[0-9A-Fa-f:.]{3,45}")
 _TOKEN = re.compile(r"[\x21-\x7e]{1,4096}")
@@ -169,6 +176,21 @@ FIXES: Final[dict[tuple[int | str, str | None], str]] = {
         "client_secret is wrong, or the service account was deleted or its secret expired; "
         "check {where}"
     ),
+    ("token_not_oauth", None): (
+        "the OAuth token endpoint {url} answered with something that is not an OAuth "
+        "token ({content_type}): a proxy or a captive portal may be answering in Atlas's "
+        "place, or atlas.base_url may name another server"
+    ),
+    ("not_atlas", None): (
+        "{what} is not Atlas's ({content_type}, not an Atlas error): something between "
+        "this machine and Atlas answered instead (a proxy, a firewall or a captive "
+        "portal); check atlas.base_url and the proxy (atlas.proxy, or "
+        "HTTPS_PROXY/HTTP_PROXY and NO_PROXY)"
+    ),
+    ("base_path", None): (
+        "Atlas has no {url}: atlas.base_url ({base_url}) has a path, and invoice-watch "
+        "adds the API's ({prefix}) itself; set atlas.base_url to {origin}"
+    ),
     (403, "IP_ADDRESS_NOT_ON_ACCESS_LIST"): (
         "Atlas refused requests from this machine's IP address{ip}: add it to the API "
         "access list of the {credentials} (Atlas: Organization Access Manager > "
@@ -204,6 +226,11 @@ FIXES: Final[dict[tuple[int | str, str | None], str]] = {
         "Atlas kept rate-limiting the requests: lower atlas.max_concurrency or poll less "
         "often, or share the {credentials} with fewer clients"
     ),
+    ("rate_limited", None): (
+        "Atlas is rate-limiting the requests (should it go on: lower "
+        "atlas.max_concurrency or poll less often, or share the {credentials} with fewer "
+        "clients)"
+    ),
     (400, None): (
         "Atlas refused the request: this release may not speak this Atlas (upgrade "
         "invoice-watch) or it is a bug (please report it with this message)"
@@ -234,6 +261,11 @@ FIXES: Final[dict[tuple[int | str, str | None], str]] = {
     ("proxy", None): (
         "cannot go through the proxy {proxy} ({cause}); check atlas.proxy, or "
         "HTTPS_PROXY/HTTP_PROXY and NO_PROXY"
+    ),
+    ("proxy_plain", None): (
+        "TLS with the proxy {proxy} failed ({cause}): it speaks plain HTTP; write its URL "
+        "with http:// (atlas.proxy, or HTTPS_PROXY/HTTP_PROXY), as is usual even for "
+        "https:// requests, which go through it encrypted all the same"
     ),
     ("proxy_auth", None): (
         "the proxy {proxy} refused the request ({cause}); check the user and password in "
@@ -347,6 +379,13 @@ def parse_api_error(body: bytes) -> ApiError:
     )
 
 
+def _foreign(content_type: str) -> bool:
+    """Whether an error answer's media type says a web page or text, not the JSON of an
+    Atlas (or OAuth) error: a proxy's, a firewall's or a captive portal's answer."""
+    media = content_type.lower()
+    return media.startswith("text/") or "html" in media
+
+
 def _size(limit: int) -> str:
     return f"{limit / 2**20:g} MiB" if limit >= 2**20 else f"{limit / 2**10:g} KiB"
 
@@ -413,6 +452,9 @@ class OAuthMiddleware:
         self._token: str | None = None
         self._expires_at: datetime | None = None
         self._lock = asyncio.Lock()
+        # Tokens registered for redaction, newest last: the one in use and the one
+        # before it (an answer to a request sent with it may still echo it).
+        self._redacted: deque[str] = deque()
         self.token_requests = 0
 
     def __repr__(self) -> str:
@@ -440,16 +482,38 @@ class OAuthMiddleware:
                 proxy=self._proxy,
             ) as resp:
                 body = await _read_body(resp, _SMALL_BODY, truncate=True)
+                content_type = resp.content_type
                 if resp.status in (400, 401, 403):
-                    raise _TokenRefused(resp.status, _oauth_error(body))
+                    raise _TokenRefused(
+                        resp.status, _oauth_error(body), parse_api_error(body), content_type
+                    )
                 if resp.status != 200:
-                    raise _TokenUnavailable(resp.status, resp.headers.get(hdrs.RETRY_AFTER))
-            token, lifetime = _parse_token(body)
+                    raise _TokenUnavailable(
+                        resp.status, resp.headers.get(hdrs.RETRY_AFTER), content_type
+                    )
+            token, lifetime = _parse_token(body, content_type)
+            self._remember(token)
             # Refresh a minute early (or at 90% of a short lifetime).
             margin = min(60.0, lifetime * 0.1)
             self._token = token
             self._expires_at = self._clock.now() + timedelta(seconds=lifetime - margin)
             return token
+
+    def _remember(self, token: str) -> None:
+        """Register ``token`` for redaction as soon as it is received (a server may echo
+        it without its ``Bearer`` prefix); forget the one before the last, so that
+        hourly refreshes do not grow the set of secrets."""
+        if token in self._redacted:
+            return
+        redact.register(token)
+        self._redacted.append(token)
+        while len(self._redacted) > 2:
+            redact.forget(self._redacted.popleft())
+
+    def forget_tokens(self) -> None:
+        """Forget every token this middleware registered (its session is closed)."""
+        while self._redacted:
+            redact.forget(self._redacted.popleft())
 
     async def __call__(self, request: ClientRequest, handler: ClientHandlerType) -> ClientResponse:
         if request.url.origin() != self._origin:
@@ -475,33 +539,60 @@ def _oauth_error(body: bytes) -> str:
     return code if isinstance(code, str) and re.fullmatch(r"[a-z_]{1,40}", code) else ""
 
 
-def _parse_token(body: bytes) -> tuple[str, float]:
-    """``access_token`` and ``expires_in`` (seconds, within 30 s .. 1 day) of a token
-    answer (RFC 6749 §5.1); :class:`_TokenUnavailable` for anything else."""
+def _parse_token(body: bytes, content_type: str = "application/json") -> tuple[str, float]:
+    """``access_token`` and ``expires_in`` (seconds, within 30 s .. 1 day; a number
+    that is not one, or outside int64, reads as an hour) of a token answer (RFC 6749
+    §5.1); :class:`_TokenUnavailable` for anything else."""
     try:
         data = json.loads(body)
     except (ValueError, RecursionError):
-        raise _TokenUnavailable(200, None) from None
+        raise _TokenUnavailable(200, None, content_type, not_oauth=True) from None
     token = data.get("access_token") if isinstance(data, dict) else None
     if not isinstance(token, str) or not _TOKEN.fullmatch(token):
-        raise _TokenUnavailable(200, None)  # also keeps CR/LF out of a header
+        # Also keeps CR/LF out of a header.
+        raise _TokenUnavailable(200, None, content_type, not_oauth=True)
     lifetime = data.get("expires_in", 3600)
+    if type(lifetime) is int and abs(lifetime) > _INT64_MAX:
+        lifetime = 3600  # float() of it would overflow
     if type(lifetime) not in (int, float) or not math.isfinite(lifetime):
         lifetime = 3600
     return token, min(max(float(lifetime), 30.0), 86400.0)
 
 
 class _TokenRefused(Exception):
-    def __init__(self, status: int, code: str = "") -> None:
+    """The token endpoint answered 400, 401 or 403: its RFC 6749 ``error`` code, the
+    Atlas ``ApiError`` it may hold instead, and its media type."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str = "",
+        api_error: ApiError | None = None,
+        content_type: str = "application/json",
+    ) -> None:
         self.status = status
         self.code = code
+        self.api_error = api_error or ApiError()
+        self.content_type = content_type
         super().__init__(f"token endpoint answered {status}")
 
 
 class _TokenUnavailable(Exception):
-    def __init__(self, status: int, retry_after: str | None) -> None:
+    """No token: the endpoint answered another status, or a 200 that is not an OAuth
+    token answer (``not_oauth``)."""
+
+    def __init__(
+        self,
+        status: int,
+        retry_after: str | None,
+        content_type: str = "application/json",
+        *,
+        not_oauth: bool = False,
+    ) -> None:
         self.status = status
         self.retry_after = retry_after
+        self.content_type = content_type
+        self.not_oauth = not_oauth
         super().__init__(f"token endpoint answered {status}")
 
 
@@ -511,6 +602,7 @@ class _Answer:
     body: bytes
     retry_after: str | None
     location: str | None = None
+    content_type: str = "application/json"
 
 
 @dataclass(frozen=True, slots=True)
@@ -548,23 +640,59 @@ def page_cap(total: int | None) -> int:
 
 @dataclass
 class _Deprecation:
-    """``Deprecation`` / ``Sunset`` headers seen on one endpoint (RFC 9745, RFC 8594)."""
+    """``Deprecation`` / ``Sunset`` headers seen on one endpoint (RFC 9745, RFC 8594):
+    their dates, or their text (printable, shortened) when it is not a date."""
 
-    deprecated: str = ""
+    deprecated_at: datetime | None = None
+    deprecated_text: str = ""  # a Deprecation header that is neither a date nor `true`
     sunset: datetime | None = None
-    sunset_text: str = ""
+    sunset_text: str = ""  # a Sunset header that is not a date
 
 
-def _http_date(value: str) -> datetime | None:
-    """An RFC 9745 ``@<epoch>`` date or an HTTP-date (RFC 9110 §5.6.7), else None."""
+_SF_DATE = re.compile(r"@(-?[0-9]{1,15})")
+_ISO_DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+
+
+def header_date(value: str) -> datetime | None:
+    """The date a ``Deprecation`` or ``Sunset`` header gives, else None: an RFC 9651
+    structured-field date (``@1688169599``, RFC 9745's form), an HTTP-date (RFC 9110
+    §5.6.7, RFC 8594's form and the older Deprecation drafts'), or an ISO 8601 date or
+    timestamp (``2027-10-01``, ``2027-10-01T00:00:00Z``: not what the RFCs say, but
+    unambiguous; one without a timezone is read as UTC)."""
     text = value.strip()
     try:
-        if text.startswith("@"):
-            return datetime.fromtimestamp(int(text[1:]), UTC)
-        when = parsedate_to_datetime(text)
+        if m := _SF_DATE.fullmatch(text):
+            return datetime.fromtimestamp(int(m[1]), UTC)
+        iso = _ISO_DAY.match(text)
+        when = datetime.fromisoformat(text) if iso else parsedate_to_datetime(text)
     except (TypeError, ValueError, IndexError, OverflowError, OSError):
         return None
     return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+
+
+def _deprecation_text(dep: _Deprecation, now: datetime) -> str:
+    """``deprecated since 2026-10-01; Atlas will remove it on 2027-10-01: upgrade
+    invoice-watch before then`` and its variants (a date to come or gone, none, a header
+    that is not a date)."""
+    text = "deprecated"
+    if dep.deprecated_at is not None:
+        text += f" {'since' if dep.deprecated_at <= now else 'from'} {dep.deprecated_at:%Y-%m-%d}"
+    elif dep.deprecated_text:
+        text += f" (its Deprecation header is not a date: {dep.deprecated_text!r})"
+    if dep.sunset is None and dep.sunset_text:
+        return text + (
+            f"; its Sunset header is not a date ({dep.sunset_text!r}): upgrade invoice-watch"
+        )
+    if dep.sunset is None:
+        return text + "; no removal date yet: upgrade invoice-watch"
+    if dep.sunset <= now:
+        return text + (
+            f"; Atlas was to remove it on {dep.sunset:%Y-%m-%d}, which has passed: "
+            "upgrade invoice-watch now"
+        )
+    return (
+        text + f"; Atlas will remove it on {dep.sunset:%Y-%m-%d}: upgrade invoice-watch before then"
+    )
 
 
 class AtlasClient:
@@ -615,13 +743,16 @@ class AtlasClient:
         self._authenticated = False
         self._auth_lock = asyncio.Lock()
         self._session: aiohttp.ClientSession | None = None
+        self._oauth: OAuthMiddleware | None = None
         self._proxy: str | None = None
         # Each org's listing pages of the last successful read, by page number: a page
         # whose body comes back byte for byte the same is not parsed again.
         self._seen: dict[str, dict[int, _Seen]] = {}
-        # Rate limits: RateLimit-Remaining of the last answer that had it, the pause
-        # after an answer that took the last token, when (monotonic) requests may go on.
+        # Rate limits: RateLimit-Remaining of the last answer, until when (monotonic) it
+        # holds, the pause after an answer that took the last token, when (monotonic)
+        # requests may go on.
         self._remaining: int | None = None
+        self._remaining_until = 0.0
         self._pause = _PACE_SECONDS
         self._resume_at = 0.0
         self._pace_lock = asyncio.Lock()
@@ -647,7 +778,7 @@ class AtlasClient:
             if isinstance(auth, DigestAuth):
                 middleware = aiohttp.DigestAuthMiddleware(auth.public_key, auth.private_key.get())
             else:
-                middleware = OAuthMiddleware(
+                middleware = self._oauth = OAuthMiddleware(
                     self._base + OAUTH_TOKEN_PATH,
                     auth.client_id,
                     auth.client_secret.get(),
@@ -673,6 +804,9 @@ class AtlasClient:
         if self._session is not None:
             await self._session.close()
             self._session = None
+        if self._oauth is not None:
+            self._oauth.forget_tokens()
+            self._oauth = None
 
     async def __aenter__(self) -> AtlasClient:
         with contextlib.suppress(_BadProxy):  # each read reports it
@@ -725,6 +859,8 @@ class AtlasClient:
         session = self._open()
         async with self._semaphore:
             remaining = self._remaining
+            if remaining is not None and self._clock.monotonic() >= self._remaining_until:
+                remaining = self._remaining = None  # the bucket has refilled since
             if remaining is not None and remaining < self._config.max_concurrency:
                 async with self._pace_lock:  # fewer requests left than may be in flight
                     await self._pace()
@@ -763,55 +899,65 @@ class AtlasClient:
                 body,
                 resp.headers.get(hdrs.RETRY_AFTER),
                 resp.headers.get(hdrs.LOCATION),
+                resp.content_type,
             )
 
     def _note_headers(self, resp: ClientResponse, endpoint: str) -> None:
         """Take what the answer's headers say about rate limits and deprecation."""
         now = self._clock.monotonic()
-        remaining = resp.headers.get("RateLimit-Remaining", "")
-        if remaining.isdigit() and len(remaining) < 10:
-            self._remaining = int(remaining)
-            if self._remaining == 0 and resp.status != 429:
-                # That was the last token: slow down rather than draw a 429.
-                self._resume_at = max(self._resume_at, now + self._pause)
+        wait = None
         if resp.status == 429:  # nobody goes before its Retry-After
             wait = parse_retry_after(resp.headers.get(hdrs.RETRY_AFTER), self._clock.now())
             if wait is not None:
-                self._resume_at = max(self._resume_at, now + min(wait, _MAX_RETRY_AFTER))
+                wait = min(wait, _MAX_RETRY_AFTER)
+                self._resume_at = max(self._resume_at, now + wait)
                 cap = self._config.max_backoff.total_seconds()
                 self._pause = min(max(wait, self._pause), cap)
+        remaining = resp.headers.get("RateLimit-Remaining", "").strip()
+        if _COUNT.fullmatch(remaining):
+            self._remaining = int(remaining)
+            self._remaining_until = now + max(wait or 0.0, _RATE_WINDOW)
+            if self._remaining == 0 and resp.status != 429:
+                # That was the last token: slow down rather than draw a 429.
+                self._resume_at = max(self._resume_at, now + self._pause)
+        elif self._remaining is not None:
+            # An answer without the hint: nothing says the bucket is low any more.
+            self._remaining = None
+            self._pause = _PACE_SECONDS
         deprecation = resp.headers.get("Deprecation")
         sunset = resp.headers.get("Sunset")
         if deprecation is None and sunset is None:
             return
         seen = self._deprecations.setdefault(endpoint, _Deprecation())
         if deprecation is not None:
-            when = _http_date(deprecation)
-            seen.deprecated = f"{when:%Y-%m-%d}" if when else server_text(deprecation, 40)
+            seen.deprecated_at = header_date(deprecation)
+            # RFC 9745 is a date; drafts before it also allowed `true` (`?1`: a
+            # structured-field boolean).
+            flag = deprecation.strip().lower() in ("true", "?1")
+            malformed = seen.deprecated_at is None and not flag
+            seen.deprecated_text = server_text(deprecation, 40) if malformed else ""
         if sunset is not None:
-            seen.sunset = _http_date(sunset)
-            seen.sunset_text = f"{seen.sunset:%Y-%m-%d}" if seen.sunset else server_text(sunset, 40)
+            seen.sunset = header_date(sunset)
+            seen.sunset_text = "" if seen.sunset else server_text(sunset, 40)
 
     def _report_deprecations(self) -> None:
         """One warning per deprecated endpoint seen since the last report, and the
         metrics (``invoice_watch_atlas_deprecated_endpoint_sunset_timestamp_seconds``)."""
         seen, self._deprecations = self._deprecations, {}
+        now = self._clock.now()
         for endpoint, dep in sorted(seen.items()):
-            when = f"; Atlas will remove it on {dep.sunset_text}" if dep.sunset_text else ""
-            since = f" since {dep.deprecated}" if dep.deprecated else ""
             log.warning(
-                "Atlas marks %s (API version %s) as deprecated%s%s: upgrade invoice-watch "
-                "before then",
+                "Atlas marks %s (API version %s) as %s",
                 endpoint,
                 self._version,
-                since,
-                when or "; no removal date yet",
+                _deprecation_text(dep, now),
             )
             if self._metrics is not None:
                 self._metrics.atlas_deprecations.labels(endpoint=endpoint).inc()
-                self._metrics.atlas_sunset.labels(endpoint=endpoint).set(
-                    dep.sunset.timestamp() if dep.sunset else 0
-                )
+                if not dep.sunset_text:  # a malformed Sunset is said, not exported as 0
+                    self._metrics.atlas_sunset.labels(endpoint=endpoint).set(
+                        dep.sunset.timestamp() if dep.sunset else 0
+                    )
 
     async def _send(
         self, url: str, params: Mapping[str, str], accept: str, endpoint: str
@@ -844,9 +990,19 @@ class AtlasClient:
             return "proxy", fields
         if isinstance(exc, aiohttp.ClientConnectorDNSError):
             return "dns", fields
+        proxy = URL(self._proxy) if self._proxy else None
         if isinstance(exc, aiohttp.ClientSSLError):
+            if proxy is not None and (host, port) == (proxy.host, proxy.port):
+                # TLS with the proxy itself (an https:// proxy URL) failed.
+                plain = getattr(os_error, "reason", None) == "WRONG_VERSION_NUMBER"
+                return ("proxy_plain" if plain else "proxy"), fields
             return "tls", fields
         if isinstance(exc, TimeoutError):
+            if proxy is not None and proxy.scheme == "https":
+                fields["via"] = (
+                    f", through the proxy {masked(self._proxy or '')} (its URL says "
+                    "https://, but most proxies speak plain HTTP: then write http://)"
+                )
             return "timeout", fields
         if isinstance(exc, aiohttp.ClientConnectorError):
             if isinstance(os_error, ConnectionRefusedError):
@@ -891,12 +1047,19 @@ class AtlasClient:
             try:
                 answer = await self._send(url, params, accept, endpoint)
             except _TokenRefused as exc:
-                cause = f"HTTP {exc.status}" + (f" {exc.code}" if exc.code else "")
                 raise FetchAuthError(
-                    org_id, f"{path}: {explain('token', **fields)} ({cause})"
+                    org_id, f"{path}: {self._token_refused(exc, fields)}"
                 ) from None
             except _TokenUnavailable as exc:
-                fix, evidence = "the OAuth token endpoint failed", f"HTTP {exc.status}"
+                if exc.not_oauth:
+                    fix = explain(
+                        "token_not_oauth",
+                        url=self._base + OAUTH_TOKEN_PATH,
+                        content_type=server_text(exc.content_type, 60),
+                    )
+                else:
+                    fix = "the OAuth token endpoint failed"
+                evidence = f"HTTP {exc.status}"
                 retry_after = parse_retry_after(exc.retry_after, self._clock.now())
             except _TooLarge as exc:
                 raise FetchDataError(
@@ -924,13 +1087,34 @@ class AtlasClient:
                     )
                 ip = error.ip()
                 fix = explain(answer.status, error.code, **{**fields, "ip": f" {ip}" if ip else ""})
+                throttled = throttled + 1 if answer.status == 429 else 0
+                if throttled == 1:  # not "kept rate-limiting" yet
+                    fix = explain("rate_limited", **fields)
+                if answer.status == 404 and URL(self._base).path not in ("", "/"):
+                    fix = explain(
+                        "base_path",
+                        url=url,
+                        base_url=self._base,
+                        prefix=self._prefix,
+                        origin=str(URL(self._base).origin()),
+                    )
+                elif (
+                    decision in (Decision.AUTH, Decision.FAIL)
+                    and answer.status != 407
+                    and error.code is None
+                    and _foreign(answer.content_type)
+                ):
+                    fix = explain(
+                        "not_atlas",
+                        what="the answer",
+                        content_type=server_text(answer.content_type, 60),
+                    )
                 if decision is Decision.AUTH:
                     raise FetchAuthError(org_id, f"{path}: {fix} ({evidence})")
                 if decision is Decision.FAIL:
                     raise FetchStatusError(org_id, answer.status, f"{path}: {fix} ({evidence})")
                 if decision is Decision.RETRY_AFTER:
                     retry_after = parse_retry_after(answer.retry_after, self._clock.now())
-                throttled = throttled + 1 if answer.status == 429 else 0
             if attempt == retries:
                 break
             delay = retry_delay(
@@ -961,6 +1145,26 @@ class AtlasClient:
         if timed_out:
             raise FetchTimeout(org_id, message)
         raise FetchError(org_id, message)
+
+    def _token_refused(self, exc: _TokenRefused, fields: dict[str, str]) -> str:
+        """What to fix when the OAuth token endpoint refused the token request: what
+        its Atlas ``errorCode`` means when :data:`FIXES` has a row for it (an API access
+        list, say), a word that the answer is not Atlas's (a proxy's or a firewall's
+        page), else that the service account was refused; with the evidence."""
+        api = exc.api_error
+        if api.code and (exc.status, api.code) in FIXES:
+            ip = api.ip()
+            fix = explain(exc.status, api.code, **{**fields, "ip": f" {ip}" if ip else ""})
+            return f"{fix} (the OAuth token endpoint: {api.evidence(exc.status)})"
+        if not exc.code and not api.code and _foreign(exc.content_type):
+            fix = explain(
+                "not_atlas",
+                what="the OAuth token endpoint's answer",
+                content_type=server_text(exc.content_type, 60),
+            )
+            return f"{fix} (HTTP {exc.status})"
+        cause = f"HTTP {exc.status}" + (f" {exc.code}" if exc.code else "")
+        return f"{explain('token', **fields)} ({cause})"
 
     def _unexpected(self, org_id: str, doing: str, exc: BaseException) -> FetchError:
         """An exception no check foresaw, while ``doing`` something for ``org_id``:

@@ -438,3 +438,66 @@ async def test_server_text_echoing_credentials_is_redacted_in_logs_stderr_and_st
         assert "Bearer <secret>" in text, where  # the echo is still shown, redacted
     line = next(line for line in err.splitlines() if line.startswith("error:"))
     assert f"HTTP {status}" in line and "rejected; Authorization: Bearer <secret>" in line
+
+
+class BareTokenEcho(LoopbackServer):
+    """A token endpoint issuing a new token each time (``runtime-token-<n>-...``, for 30
+    s), and a listing answering 400 with the bearer token echoed without its prefix."""
+
+    def __init__(self) -> None:
+        self.issued: list[str] = []
+        app = web.Application()
+        app.router.add_post("/api/oauth/token", self._token)
+        app.router.add_get("/api/atlas/v2/orgs/{org}/invoices", self._list)
+        super().__init__(app)
+
+    async def _token(self, request: web.Request) -> web.Response:
+        self.issued.append(f"runtime-token-{len(self.issued)}-abcdef0123456789")
+        return web.json_response({"access_token": self.issued[-1], "expires_in": 30})
+
+    async def _list(self, request: web.Request) -> web.Response:
+        token = request.headers.get(hdrs.AUTHORIZATION, "").removeprefix("Bearer ")
+        return web.json_response(
+            {"error": 400, "errorCode": "INVALID_ATTRIBUTE", "detail": f"token {token} rejected"},
+            status=400,
+        )
+
+
+async def test_oauth_access_token_echoed_without_its_prefix_is_redacted(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    no_secret_in_logs: set[str],
+):
+    """Attack 12, A12-4: the runtime token is registered for redaction when it is
+    received, so an echo of it is redacted in the log, the stderr line and `status`."""
+    async with BareTokenEcho() as atlas:
+        config = config_for(tmp_path, atlas.url, auth=SERVICE_ACCOUNT)
+        async with App(config) as app:
+            assert await app.run_once() == 1
+        report = io.StringIO()
+        assert await ops.status(config, out=report) == 0
+    token = atlas.issued[0]
+    no_secret_in_logs.add(token)
+    _, err = capsys.readouterr()
+    for where, text in {"stderr": err, "status": report.getvalue(), "logs": caplog.text}.items():
+        assert token not in text, where
+        assert "token <secret> rejected" in text, where
+
+
+async def test_oauth_tokens_replaced_by_a_refresh_are_forgotten(tmp_path: Path):
+    """The set of secrets stays bounded: the token in use and the one before it are
+    redacted; older ones, and all of them once the client is closed, are let go."""
+    from invoice_watch.clock import FakeClock
+    from invoice_watch.redact import redact
+
+    clock = FakeClock()
+    async with BareTokenEcho() as atlas:
+        config = config_for(tmp_path, atlas.url, auth=SERVICE_ACCOUNT)
+        async with AtlasClient(config.atlas, clock=clock) as client:
+            for _ in range(4):
+                await client.read_org(ORG_A)
+                clock.advance(40)  # past the token's 30 s
+            assert len(atlas.issued) == 4
+            assert [redact(t) == "<secret>" for t in atlas.issued] == [False, False, True, True]
+        assert all(redact(t) == t for t in atlas.issued)

@@ -8,6 +8,7 @@ warned about once per cycle and counted; a retired API version says to upgrade.
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import ssl
@@ -30,6 +31,7 @@ from invoice_watch.fetch import FIXES, AtlasClient, explain, parse_api_error
 from invoice_watch.health import Metrics
 from invoice_watch.simulator import Scenario, Simulator
 from tests.conftest import base_config, make_config
+from tests.loopback import LoopbackServer
 
 NOW = datetime(2026, 11, 15, 12, 0, tzinfo=UTC)
 PAYER = "5f8a1c2e9b3d4a6f7e0c1b2a"
@@ -167,6 +169,115 @@ async def test_tls_failure_names_host_port_and_the_certificate_problem(tmp_path:
     assert "certificate" in error.lower()
 
 
+class Gateway(LoopbackServer):
+    """What answers in Atlas's place: ``token`` and ``listing`` are (status, content
+    type, body) for the OAuth token endpoint and the invoice listing."""
+
+    def __init__(self) -> None:
+        self.token = (200, "application/json", b'{"access_token": "tok-0123456789abcdef"}')
+        self.listing = (200, "application/json", b'{"results": []}')
+        self.headers: dict[str, str] = {}  # on the listing
+        app = web.Application()
+        app.router.add_post("/api/oauth/token", self._token)
+        app.router.add_get("/api/atlas/v2/orgs/{org}/invoices", self._listing)
+        super().__init__(app)
+
+    @staticmethod
+    def _answer(answer: tuple[int, str, bytes], **headers: str) -> web.Response:
+        status, content_type, body = answer
+        return web.Response(
+            status=status, body=body, headers={"Content-Type": content_type, **headers}
+        )
+
+    async def _token(self, request: web.Request) -> web.Response:
+        return self._answer(self.token)
+
+    async def _listing(self, request: web.Request) -> web.Response:
+        return self._answer(self.listing, **self.headers)
+
+
+WAF_PAGE = b"<html><body><h1>403 Forbidden</h1>Request blocked by policy.</body></html>"
+
+
+async def gateway_error(gateway: Gateway, tmp_path: Path, *, service_account: bool) -> str:
+    data = base_config()
+    data["atlas"] |= {"base_url": gateway.url, "retries": 0}
+    if service_account:
+        data["atlas"]["auth"] = {"client_id": "mdb_sa_id_1", "client_secret": "mdb_sa_sk_01234"}
+    return await read(make_config(tmp_path, data))
+
+
+async def test_token_endpoint_answering_html_is_not_an_oauth_answer(tmp_path: Path):
+    """Attack 13, A13-8: "the OAuth token endpoint failed (HTTP 200)" said nothing."""
+    async with Gateway() as gateway:
+        gateway.token = (200, "text/html", b"<html>Please sign in</html>")
+        error = await gateway_error(gateway, tmp_path, service_account=True)
+    assert f"the OAuth token endpoint {gateway.url}/api/oauth/token" in error
+    assert "is not an OAuth token (text/html)" in error and "proxy" in error
+    assert "atlas.base_url" in error
+
+
+async def test_token_endpoint_refusal_with_an_atlas_error_code_uses_its_fix(tmp_path: Path):
+    """A 403 IP_ADDRESS_NOT_ON_ACCESS_LIST from the token endpoint is about the access
+    list, not "client_id or client_secret is wrong"."""
+    body = json.dumps(
+        {
+            "error": 403,
+            "errorCode": "IP_ADDRESS_NOT_ON_ACCESS_LIST",
+            "detail": "IP address 203.0.113.9 is not allowed to access this resource.",
+        }
+    ).encode()
+    async with Gateway() as gateway:
+        gateway.token = (403, "application/json", body)
+        error = await gateway_error(gateway, tmp_path, service_account=True)
+    assert "API access list of the service account" in error and "203.0.113.9" in error
+    assert "client_secret is wrong" not in error
+    assert "IP_ADDRESS_NOT_ON_ACCESS_LIST" in error
+
+
+@pytest.mark.parametrize("where", ["listing", "token endpoint"])
+async def test_a_waf_page_is_not_atlas_refusing(tmp_path: Path, where: str):
+    """A 403 HTML page from a firewall or proxy: not "grant it the role" (nor "the
+    client secret is wrong"): the answer is not Atlas's."""
+    async with Gateway() as gateway:
+        if where == "listing":
+            gateway.listing = (403, "text/html; charset=utf-8", WAF_PAGE)
+        else:
+            gateway.token = (403, "text/html", WAF_PAGE)
+        error = await gateway_error(gateway, tmp_path, service_account=where != "listing")
+    assert "is not Atlas's (text/html, not an Atlas error)" in error
+    assert "a proxy, a firewall or a captive portal" in error
+    assert REQUIRED_ROLE not in error and "client_secret is wrong" not in error
+
+
+async def test_404_from_a_base_url_with_a_path_names_the_setting_and_the_url(
+    sim: Simulator, tmp_path: Path
+):
+    """Attack 13, A13-8: `atlas.base_url: https://.../api/atlas/v2` doubled the API's
+    path; the 404 blamed organizations[].id."""
+    config = config_for(sim, tmp_path, base_url=sim.base_url + "/api/atlas/v2")
+    error = await read(config)
+    doubled = f"{sim.base_url}/api/atlas/v2/api/atlas/v2/orgs/{PAYER}/invoices"
+    assert f"Atlas has no {doubled}" in error
+    assert f"atlas.base_url ({sim.base_url}/api/atlas/v2) has a path" in error
+    assert f"set atlas.base_url to {sim.base_url}" in error
+    assert "organizations[].id" not in error
+
+
+async def test_https_proxy_url_for_a_plain_http_proxy_says_to_write_http(
+    sim: Simulator, tmp_path: Path
+):
+    """`HTTPS_PROXY=https://proxy` (or atlas.proxy) for a proxy that speaks plain HTTP:
+    TLS "wrong version number" with the proxy; the fix is http:// in its URL."""
+    from tests.fakes_proxy import FakeProxy
+
+    async with FakeProxy() as proxy:
+        https = proxy.url.replace("http://", "https://")
+        error = await read(config_for(sim, tmp_path, proxy=https))
+    assert f"TLS with the proxy {https} failed" in error
+    assert "it speaks plain HTTP; write its URL with http://" in error
+
+
 def test_dns_failure_names_the_host(tmp_path: Path):
     """Name resolution is the one answer no loopback server gives (and tests send no
     DNS query): the exception aiohttp raises is built here."""
@@ -255,7 +366,128 @@ async def test_rate_limit_remaining_slows_down_before_a_429(clock: FakeClock, tm
         assert sum(clock.sleeps) >= 3  # it did wait, about a second a request
 
 
+async def test_one_429_with_no_token_left_does_not_pace_reads_for_good(
+    clock: FakeClock, tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    """Attack 13, A13-3: Atlas sends RateLimit-* on 429s only (as its spec documents).
+    One 429 saying `RateLimit-Remaining: 0` made every later request go one at a time,
+    for the life of the process (cycles of 1.5 s became 4-5.5 s). The hint is cleared
+    by the next answer without it (and would expire with the window it counts): the
+    next reads go four at a time again. The first 429 is not "kept rate-limiting"."""
+    orgs = [f"{n:024x}" for n in range(1, 9)]
+    async with Simulator(scenario(*orgs), clock=clock, rate_limit_headers="429") as sim:
+        sim.faults.latency = 0.02  # so that requests sent together overlap
+        config = config_for(sim, tmp_path, retries=2, max_concurrency=4)
+        async with AtlasClient(config.atlas, clock=clock) as client:
+            sim.faults.status(429, org_id=orgs[0], retry_after=1)
+            reads = await client.read_orgs(orgs)
+            assert all(read.ok for read in reads.values())
+            sim.max_in_flight = 0
+            reads = await client.read_orgs(orgs)  # the next cycle
+            assert all(read.ok for read in reads.values())
+        assert sim.max_in_flight == 4  # before: 1, for good
+    [throttled] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "Atlas is rate-limiting the requests" in throttled and "kept" not in throttled
+
+
+async def test_rate_limit_hint_expires_with_its_window(clock: FakeClock, tmp_path: Path):
+    """With RateLimit-* on every answer, the last answer of a cycle said none remain:
+    a minute later (the window it counts), the next cycle's reads go four at a time
+    again from the start, without a 429 (before: one at a time)."""
+    orgs = [f"{n:024x}" for n in range(1, 5)]
+    async with Simulator(scenario(*orgs), clock=clock, rate_limit=(1.0, 4)) as sim:
+        sim.faults.latency = 0.02  # so that requests sent together overlap
+        config = config_for(sim, tmp_path, service_account=True, retries=5)
+        async with AtlasClient(config.atlas, clock=clock) as client:
+            assert all(r.ok for r in (await client.read_orgs(orgs)).values())
+            assert sim.requests[-1].status == 200  # it took the bucket's last token
+            clock.advance(61)
+            sim.max_in_flight = 0
+            assert all(r.ok for r in (await client.read_orgs(orgs)).values())
+        assert sim.max_in_flight == 4
+        assert [r.status for r in sim.requests if r.status == 429] == []
+
+
+@pytest.mark.parametrize("value", ["²", "٣", "-1", "1e3", "99999999999", " 7 x"])
+async def test_malformed_rate_limit_remaining_is_ignored(tmp_path: Path, value: str):
+    """`'²'.isdigit()` is true but `int('²')` fails: the header is read as ASCII digits
+    only, anything else is no hint (it never fails the read)."""
+
+    async def listing(request: web.Request) -> web.Response:
+        return web.json_response({"results": []}, headers={"RateLimit-Remaining": value})
+
+    app = web.Application()
+    app.router.add_get("/api/atlas/v2/orgs/{org}/invoices", listing)
+    async with LoopbackServer(app) as server:
+        data = base_config()
+        data["atlas"] |= {"base_url": server.url, "retries": 0}
+        async with AtlasClient(make_config(tmp_path, data).atlas) as client:
+            assert (await client.read_org(PAYER)).ok
+
+
 # --- deprecation ----------------------------------------------------------------------
+
+LISTING = "/api/atlas/v2/orgs/{orgId}/invoices"
+
+
+@pytest.mark.parametrize(
+    ("headers", "said", "sunset"),
+    [
+        # Drafts before RFC 9745 sent `true` (attack 13: "deprecated since true").
+        ({"Deprecation": "true"}, "as deprecated; no removal date yet: upgrade", 0),
+        ({"Deprecation": "?1"}, "as deprecated; no removal date yet", 0),
+        ({"Deprecation": "@1790812800"}, "as deprecated since 2026-10-01;", 0),  # RFC 9745
+        ({"Deprecation": "Thu, 01 Oct 2026 00:00:00 GMT"}, "deprecated since 2026-10-01;", 0),
+        ({"Deprecation": "@1893456000"}, "as deprecated from 2030-01-01;", 0),  # to come
+        ({"Deprecation": "maybe"}, "(its Deprecation header is not a date: 'maybe')", 0),
+        # A past Sunset no longer says "before then" (attack 13).
+        (
+            {"Deprecation": "true", "Sunset": "Sun, 01 Nov 2026 00:00:00 GMT"},
+            "Atlas was to remove it on 2026-11-01, which has passed: upgrade invoice-watch now",
+            datetime(2026, 11, 1, tzinfo=UTC).timestamp(),
+        ),
+        (
+            {"Sunset": "Fri, 01 Oct 2027 00:00:00 GMT"},  # RFC 8594
+            "Atlas will remove it on 2027-10-01: upgrade invoice-watch before then",
+            datetime(2027, 10, 1, tzinfo=UTC).timestamp(),
+        ),
+        # An ISO date was exported as 0 (attack 13): read, or said to be no date.
+        (
+            {"Sunset": "2027-10-01"},
+            "Atlas will remove it on 2027-10-01",
+            datetime(2027, 10, 1, tzinfo=UTC).timestamp(),
+        ),
+        (
+            {"Sunset": "2027-10-01T12:00:00+02:00"},
+            "Atlas will remove it on 2027-10-01",
+            datetime(2027, 10, 1, 10, tzinfo=UTC).timestamp(),
+        ),
+        ({"Sunset": "soon"}, "its Sunset header is not a date ('soon'): upgrade", None),
+    ],
+)
+async def test_deprecation_and_sunset_headers_in_every_form(
+    clock: FakeClock,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    headers: dict[str, str],
+    said: str,
+    sunset: float | None,
+):
+    metrics = Metrics()
+    async with Gateway() as gateway:
+        gateway.headers = headers
+        data = base_config()
+        data["atlas"] |= {"base_url": gateway.url, "retries": 0}
+        config = make_config(tmp_path, data)
+        async with AtlasClient(config.atlas, clock=clock, metrics=metrics) as client:
+            assert all(r.ok for r in (await client.read_orgs([PAYER])).values())
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert said in warning, warning
+    assert "since true" not in warning and ("before then" in warning) == ("will remove" in said)
+    value = metrics.registry.get_sample_value(
+        "invoice_watch_atlas_endpoint_sunset_timestamp_seconds", {"endpoint": LISTING}
+    )
+    assert value == sunset
 
 
 async def test_deprecated_endpoint_is_warned_once_per_cycle_and_counted(
