@@ -290,6 +290,19 @@ def test_dns_failure_names_the_host(tmp_path: Path):
     assert "Name or service not known" in message and "atlas.base_url" in message
 
 
+def test_timeout_through_an_https_proxy_url_says_most_proxies_speak_http(tmp_path: Path):
+    """A silent proxy named https:// (attack 13, A13-8): the timeout message says
+    what to try. (A timeout is built here: a real one takes wall-clock time.)"""
+    data = base_config()
+    data["atlas"] |= {"proxy": "https://proxy.example:3128"}
+    client = AtlasClient(make_config(tmp_path, data).atlas)
+    client._proxy = "https://proxy.example:3128"
+    kind, fields = client._transport(TimeoutError(), URL("https://cloud.mongodb.com/x"))
+    message = explain(kind, **{**client._fields("x", URL("https://x")), **fields})
+    assert "through the proxy https://proxy.example:3128" in message
+    assert "most proxies speak plain HTTP: then write http://" in message
+
+
 def test_every_fix_fills_its_fields():
     fields = {
         "org": "Production (5f8a1c2e9b3d4a6f7e0c1b2a)",
