@@ -48,6 +48,7 @@ from invoice_watch import __version__, redact
 from invoice_watch.clock import Clock, SystemClock
 from invoice_watch.constants import (
     API_PREFIXES,
+    INVOICE_STATUSES,
     ITEMS_PER_PAGE,
     LINKED_INVOICES_ROLES,
     MAX_PAGES,
@@ -88,6 +89,7 @@ _HEX24 = re.compile(r"[a-f0-9]{24}")  # fullmatch: `$` would let a trailing newl
 # Atlas's statusName values (PENDING, CLOSED, FORGIVEN, ...): a status it adds later is
 # kept as is, provided it is one of these words.
 _STATUS = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
+_KNOWN_STATUSES = frozenset(INVOICE_STATUSES)  # the usual ones need no regex
 _INT64_MAX = 2**63 - 1
 _INT64_DOLLARS = Decimal(_INT64_MAX).scaleb(-2)  # int64 cents, in dollars
 # A line item's project, SKU or cluster name is cut to this length (Atlas allows 64).
@@ -1636,7 +1638,7 @@ def parse_invoice(source_org_id: str, item: Any) -> Invoice:
     status = item.get("statusName")
     if not isinstance(status, str) or not status:
         raise FetchDataError(org, f"invoice {invoice_id}: `statusName` is missing")
-    if not _STATUS.fullmatch(status):
+    if status not in _KNOWN_STATUSES and not _STATUS.fullmatch(status):
         raise FetchDataError(
             org,
             f"invoice {invoice_id}: `statusName` {status!r:.40} is not a status name "
