@@ -8,12 +8,18 @@ organization it hit. Nothing outside this module sees an aiohttp type.
 Containment and bounds (SPEC §10 "Bounds"): whatever one organization's answers hold, its
 read ends as an :class:`OrgRead`, ok or failed, and never cancels another org's read
 (an exception no check foresaw included: it is logged with its traceback). Every answer's
-decoded body is capped (``atlas.max_response_size``), a listing stops at a repeated page
-and at a page cap, redirects are never followed (no credential leaves
-``atlas.base_url``'s origin), and every text taken from a server is redacted
-(:func:`invoice_watch.redact.redact`), put on one line and shortened before it is
-logged or stored. What each Atlas answer means for the operator is in one table,
-:data:`FIXES`.
+decoded body is capped (``atlas.max_response_size``), and so is the number of JSON values
+it may hold before it is parsed (memory, not only bytes; a large one is parsed in a
+worker thread); a listing stops at a repeated page and at a page cap, redirects are
+never followed (no credential leaves ``atlas.base_url``'s origin).
+
+What a server sends leaves this module storable and printable, or not at all: ids and
+``statusName`` have a grammar (an invoice that breaks it is refused as malformed),
+numbers are int64 (else refused), line item names are escaped, and every other text
+(an error's ``detail``, a header) is redacted and escaped
+(:func:`invoice_watch.redact.redact`: no secret, no control character, bidi override or
+lone surrogate), put on one line and shortened before it is logged or stored. What each
+Atlas answer means for the operator is in one table, :data:`FIXES`.
 """
 
 from __future__ import annotations
@@ -317,8 +323,10 @@ def explain(status: int | str, error_code: str | None = None, **fields: str) -> 
 
 
 def server_text(value: object, limit: int = _SERVER_TEXT) -> str:
-    """Text taken from a server, fit for a log line or the state file: redacted (no
-    secret, no HTTP credential), on one line, at most ``limit`` characters."""
+    """Text taken from a server, fit for a log line, the state file and a terminal:
+    redacted (no secret, no HTTP credential) and escaped (no control character, bidi
+    override or lone surrogate: :func:`invoice_watch.redact.redact`), on one line, at
+    most ``limit`` characters."""
     text = value if isinstance(value, str) else str(value)
     if len(text) > 4 * limit:
         text = text[: 4 * limit]
@@ -708,7 +716,10 @@ class AtlasClient:
 
     Rate limits: a 429 waits for its ``Retry-After``, and longer when 429s repeat; while
     ``RateLimit-Remaining`` says fewer requests are left than may be in flight, requests
-    go one at a time, waiting first when none is left. ``Deprecation``/``Sunset``
+    go one at a time, waiting first when none is left. That hint lasts until an answer
+    without it (Atlas documents it on 429s only), at most a minute (its window) or the
+    429's ``Retry-After``. An OAuth access token is registered for redaction as soon as
+    it is received. ``Deprecation``/``Sunset``
     headers are warned about once per :meth:`read_orgs`, and counted in ``metrics``.
     """
 
