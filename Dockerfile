@@ -32,7 +32,8 @@ RUN groupadd --system --gid 10001 invoice-watch \
     && install -d -m 0700 -o invoice-watch -g invoice-watch /var/lib/invoice-watch
 
 # The config is mounted read-only at $INVOICE_WATCH_CONFIG; the SQLite state lives in
-# $STATE_DIRECTORY (state.db), which is a volume so it survives the container.
+# $STATE_DIRECTORY (state.db), which is a volume so it survives the container. The config
+# names it too (`state: {path: /var/lib/invoice-watch/state.db}`, as under systemd).
 ENV PATH=/opt/invoice-watch/bin:$PATH \
     STATE_DIRECTORY=/var/lib/invoice-watch \
     INVOICE_WATCH_CONFIG=/etc/invoice-watch/config.yaml \

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import TextIO
 
-from invoice_watch import __version__, constants
+from invoice_watch import __version__
 from invoice_watch import format as fmt
 from invoice_watch.constants import INVOICE_STATUSES
 from invoice_watch.errors import ConfigError, InvoiceWatchError, UsageError
@@ -349,8 +349,12 @@ def _with_config(args: argparse.Namespace) -> int:
         return 2
     setup_logging(config.log.level, config.log.format)
     if args.command == "check-config":
+        from invoice_watch.ops import refuse_second_state
+
         for warning in config.warnings:  # valid, almost surely wrong: not a failure
             print(warning, file=sys.stderr)
+        if second := refuse_second_state(config):  # `run` would refuse: say it now
+            print(f"warning: {second}", file=sys.stderr)
         print(summary(config))
         print("configuration OK")
         return 0
@@ -359,7 +363,9 @@ def _with_config(args: argparse.Namespace) -> int:
             log.warning("%s", warning)
     try:
         if args.command == "run":
-            if not args.dry_run and not args.baseline and (second := _second_state(config)):
+            from invoice_watch.ops import refuse_second_state
+
+            if second := refuse_second_state(config):
                 _error(f"invoice-watch: {second}")
                 return 2
             return asyncio.run(_run(config, args))
@@ -380,35 +386,6 @@ def _with_config(args: argparse.Namespace) -> int:
         _error(f"invoice-watch: {exc}")
         return 1
     raise AssertionError(args.command)
-
-
-def _second_state(config: object) -> str | None:
-    """Why ``run`` must not create its state file, if it must not: the configuration
-    leaves ``state.path`` to its default (here $STATE_DIRECTORY), which names no file
-    yet, while the service's state file exists. A second state file would send every
-    firing alert again, and no lock would keep two daemons apart."""
-    from invoice_watch.config import Config, service_state_exists
-
-    assert isinstance(config, Config)
-    path, service = config.state.path, constants.SERVICE_STATE_PATH
-    if config.state.explicit or path == service or not service_state_exists():
-        return None
-    try:
-        os.lstat(path)
-    except FileNotFoundError:
-        pass
-    except OSError:
-        return None  # opening it says what is wrong
-    else:
-        return None
-    return (
-        f"state file {path} ({config.state.origin}) does not exist yet, and {service} "
-        "holds the state of the invoice-watch service on this machine: a second state "
-        "file would send every firing alert again. Set state.path to "
-        f"{service} to use it, or set state.path to a file of its own to start a "
-        "separate watcher (`run --once --baseline` first records the firing alerts "
-        "without sending them)"
-    )
 
 
 async def _run(config: object, args: argparse.Namespace) -> int:

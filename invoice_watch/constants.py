@@ -62,9 +62,10 @@ ONCE_DELIVERY_SECONDS: Final = 60.0
 SHUTDOWN_SECONDS: Final = 10.0
 
 # Where the systemd unit (StateDirectory=invoice-watch) and the container image
-# (STATE_DIRECTORY, a volume) keep the state file: the default state.path when
-# $STATE_DIRECTORY is unset and this file exists, so that an operator's shell finds the
-# service's state (config/paths.py). Tests point it elsewhere (tests/conftest.py).
+# (STATE_DIRECTORY, a volume) keep the state file, and what the service's config sets as
+# state.path (README). A command whose default state file does not exist while this one
+# does refuses to start a second state (config/paths.py: state_files_elsewhere). Tests
+# point it elsewhere (tests/conftest.py).
 SERVICE_STATE_PATH: Path = Path("/var/lib/invoice-watch/state.db")
 
 # A grouped message holds at most this many events: a larger group is split into parts,

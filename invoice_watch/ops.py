@@ -9,16 +9,18 @@ that do.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TextIO
 
 from invoice_watch import format as fmt
 from invoice_watch.commit import StateStore
-from invoice_watch.config import Config
+from invoice_watch.config import Config, state_files_elsewhere
 from invoice_watch.constants import INVOICE_STATUSES
-from invoice_watch.errors import UsageError
+from invoice_watch.errors import StateError, UsageError
 from invoice_watch.health import health
 
 
@@ -41,8 +43,63 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 async def _open(config: Config) -> StateStore:
-    """The daemon's state file, read-only (StateError when missing or unusable)."""
+    """The daemon's state file, read-only (StateError when missing or unusable, or when
+    the default names none while another documented place holds one)."""
+    if (elsewhere := state_elsewhere(config)) is not None:
+        path, _ = elsewhere[0]
+        raise StateError(
+            f"no state file at {config.state.path} ({config.state.origin}) yet, while "
+            f"{_places(elsewhere)}: set state.path in {_config_name(config)} to "
+            f"{path} to read it"
+        )
     return await StateStore.open(config.state.path, exclusive=False)
+
+
+def state_elsewhere(config: Config) -> list[tuple[Path, str]] | None:
+    """The other documented places that hold a state file (see
+    :func:`~invoice_watch.config.state_files_elsewhere`) when ``state.path`` is left
+    to its default and that names no file yet; None otherwise. A command must then not
+    guess: a new state file would send every firing alert again, and reading another
+    would show a state that ``run`` with this config does not use."""
+    if config.state.explicit:
+        return None
+    try:
+        os.lstat(config.state.path)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return None  # opening it says what is wrong
+    else:
+        return None
+    folder = config.source.parent if config.source is not None else Path()
+    return state_files_elsewhere(config.state.path, os.environ, folder) or None
+
+
+def refuse_second_state(config: Config) -> str | None:
+    """Why ``run`` (``--once``, ``--baseline`` and ``--dry-run`` too) must not start:
+    its default state file does not exist yet while another documented place holds
+    one (:func:`state_elsewhere`), or None."""
+    elsewhere = state_elsewhere(config)
+    if elsewhere is None:
+        return None
+    path, new = elsewhere[0][0], config.state.path
+    return (
+        f"state file {new} ({config.state.origin}) does not exist yet, while "
+        f"{_places(elsewhere)}: a second state file would send every firing alert again. "
+        f"Set state.path in {_config_name(config)} to {path} to go on with it, or to {new} "
+        "to start a new one (`run --once --baseline` first records the firing alerts "
+        "without sending them)"
+    )
+
+
+def _places(found: Sequence[tuple[Path, str]]) -> str:
+    names = [f"{path} ({what})" for path, what in found]
+    held = "holds one" if len(names) == 1 else "hold one each"
+    return f"{' and '.join(names)} {held}"
+
+
+def _config_name(config: Config) -> str:
+    return str(config.source) if config.source is not None else "the config"
 
 
 def _status_arg(status: str | None) -> str | None:

@@ -433,7 +433,8 @@ CASES: dict[str, Case] = {
     "run-once/second-state-beside-the-service": Case(
         ("run", "--once", *CONFIG),
         2,
-        r"does not exist yet, and .*var-lib/state.db holds",
+        r"does not exist yet, while .*var-lib/state.db \(the invoice-watch service.s "
+        r"state file\) holds one",
         setup=service_state_elsewhere,
         prelude=SERVICE_HERE,
     ),
@@ -762,44 +763,154 @@ def service_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Pa
     return service, etc / "config.yaml"
 
 
-def test_status_from_a_shell_reads_the_service_state(tmp_path, monkeypatch, capsys):
-    """`invoice-watch status -c /etc/invoice-watch/config.yaml`, no $STATE_DIRECTORY:
-    the daemon's file (systemd's StateDirectory), not "no state file yet"."""
+def test_the_services_config_names_its_state_for_the_daemon_and_a_shell(
+    tmp_path, monkeypatch, capsys
+):
+    """The documented service config sets state.path to the service's file: the daemon
+    ($STATE_DIRECTORY set) and `invoice-watch status -c /etc/invoice-watch/config.yaml`
+    from a shell (nothing exported) use that one file."""
     from invoice_watch.cli import main
     from invoice_watch.config import load_file
 
     service, config = service_install(tmp_path, monkeypatch)
+    data = yaml.safe_load(config.read_text())
+    config.write_text(yaml.safe_dump({**data, "state": {"path": str(service)}}))
     assert load_file(config).state.path == service
+    assert load_file(config, env={"STATE_DIRECTORY": str(service.parent)}).state.path == service
     assert main(["invoices", "-c", str(config)]) == 0
     assert "1 invoice(s)" in capsys.readouterr().out
-    assert main(["check-config", "-c", str(config)]) == 0
-    assert f"State: {service} (default: the service's state file)" in capsys.readouterr().out
     assert not (config.parent / "invoice-watch.db").exists()
 
 
-def test_default_state_path_without_a_service_is_beside_the_config(tmp_path, monkeypatch):
+def test_a_default_that_names_no_file_never_reads_or_starts_another(tmp_path, monkeypatch, capsys):
+    """A config without state.path whose default (beside the config) names no file,
+    while the service's state exists: `status` does not read a state that `run` with
+    this config would not use, and `run` does not start a second one; both name the
+    two files and the setting to write, and nothing is created."""
+    from invoice_watch.cli import main
+
+    service, config = service_install(tmp_path, monkeypatch)
+    beside = config.parent / "invoice-watch.db"
+    for argv in (["status"], ["status", "--check"], ["invoices"], ["history"]):
+        assert main([*argv, "-c", str(config)]) == 1
+        err = capsys.readouterr().err
+        assert f"no state file at {beside} (beside the config file) yet, while" in err
+        assert f"{service} (the invoice-watch service's state file) holds one" in err
+        assert f"set state.path in {config} to {service}" in err
+    for argv in (["run"], ["run", "--once"], ["run", "--once", "--baseline"]):
+        assert main([*argv, "-c", str(config)]) == 2
+        err = capsys.readouterr().err
+        assert f"state file {beside} (beside the config file) does not exist yet" in err
+        assert f"Set state.path in {config} to {service} to go on with it" in err
+    assert main(["run", "--once", "--dry-run", "-c", str(config)]) == 2
+    assert main(["check-config", "-c", str(config)]) == 0
+    captured = capsys.readouterr()
+    assert f"State: {beside} (default: beside the config file)" in captured.out
+    assert f"warning: state file {beside} (beside the config file) does not exist" in (captured.err)
+    assert not beside.exists()
+
+
+def test_the_default_state_never_depends_on_which_files_exist(tmp_path, monkeypatch):
+    """SPEC §6: $STATE_DIRECTORY/state.db when set, else invoice-watch.db beside the
+    config, whether or not the service's file exists (A14-2 b: a file beside the config
+    used to be swapped for the service's once that appeared)."""
     from invoice_watch.config import load_file
 
     service, config = service_install(tmp_path, monkeypatch)
+    assert load_file(config).state.path == config.parent / "invoice-watch.db"
     service.unlink()
     assert load_file(config).state.path == config.parent / "invoice-watch.db"
     monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path / "units-own"))
     assert load_file(config).state.path == tmp_path / "units-own/state.db"
 
 
-def test_run_refuses_a_second_state_file_beside_the_service(tmp_path, monkeypatch, capsys):
-    """$STATE_DIRECTORY names a folder without a state file while the service keeps one:
-    `run --once` would start a second state and send every firing alert again."""
+def test_an_existing_state_beside_the_config_is_never_swapped_for_the_services(
+    tmp_path, monkeypatch, capsys
+):
+    """A14-2 b: `run --once -c user/config.yaml` made user/invoice-watch.db; then the
+    service's state appeared. `invoices` and `run` with that config go on with the
+    user's file, not the service's."""
+    from invoice_watch.cli import main
+    from invoice_watch.config import load_file
+
+    _, config = service_install(tmp_path, monkeypatch)
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "config.yaml").write_text(config.read_text())
+    place = Place(tmp_path / "mine", 0)
+    place.dir.mkdir()
+    place.write_config()
+    place.state.parent.mkdir()
+    state_with_an_invoice(place)
+    place.state.rename(user / "invoice-watch.db")
+    assert load_file(user / "config.yaml").state.path == user / "invoice-watch.db"
+    assert main(["status", "-c", str(user / "config.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "Production" in out
+    assert main(["invoices", "-c", str(user / "config.yaml")]) == 0
+    assert "1 invoice(s)" in capsys.readouterr().out
+    assert main(["check-config", "-c", str(user / "config.yaml")]) == 0
+    captured = capsys.readouterr()
+    assert f"State: {user / 'invoice-watch.db'} (default: beside the config file)" in (captured.out)
+    assert "warning" not in captured.err
+
+
+def test_a_baseline_from_a_shell_is_not_lost_to_the_services_default(tmp_path, monkeypatch, capsys):
+    """A14-2 a: `run --once --baseline -c etc/config.yaml` (no state.path) recorded
+    etc/invoice-watch.db; the service ($STATE_DIRECTORY) would start var/state.db
+    afresh and send every firing alert again. It refuses, naming both, and creates
+    nothing."""
     from invoice_watch.cli import main
 
     service, config = service_install(tmp_path, monkeypatch)
-    monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path / "fresh"))
-    for argv in (["run", "--once"], ["run"]):
-        assert main([*argv, "-c", str(config)]) == 2
-        err = capsys.readouterr().err
-        assert f"{tmp_path}/fresh/state.db ($STATE_DIRECTORY) does not exist yet" in err
-        assert f"{service} holds the state of the invoice-watch service" in err
-    assert not (tmp_path / "fresh").exists()
+    service.rename(config.parent / "invoice-watch.db")  # the baseline's file
+    monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path / "unit"))
+    assert main(["run", "--once", "-c", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert f"state file {tmp_path}/unit/state.db ($STATE_DIRECTORY) does not exist yet" in err
+    assert f"{config.parent}/invoice-watch.db (beside the config file) holds one" in err
+    assert not (tmp_path / "unit").exists()
+
+
+def test_a_daemon_on_its_default_state_reloads_after_the_service_state_appears(place):
+    """A14-2 c: a daemon on the default state path (beside its config) keeps taking
+    reloads after the service's state file appears; the default is not recomputed
+    into another file."""
+    config = yaml.safe_load(place.config.read_text())
+    del config["state"]
+    config["poll"] = {"interval": "1h"}
+    place.config.write_text(yaml.safe_dump(config))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SERVICE_HERE + RUN_MAIN, "run", *CONFIG],
+        cwd=place.dir,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert proc.stderr is not None
+        _wait_for(proc.stderr, "cycle:")
+        service = place.dir / "var-lib" / "state.db"
+        service.parent.mkdir()
+        service.write_bytes(b"")
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + EXIT_TIMEOUT
+        line = b""
+        while time.monotonic() < deadline and b"config" not in line:
+            line = proc.stderr.readline()
+            assert line, "the daemon ended"
+        assert b"configuration reloaded" in line and b"nothing changed" in line, line
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=EXIT_TIMEOUT)
+        assert proc.returncode == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
+    assert (place.dir / "invoice-watch.db").exists()
 
 
 # -- usage errors and help (issue 14 §2, §5) ---------------------------------------------

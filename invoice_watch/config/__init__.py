@@ -44,7 +44,7 @@ from invoice_watch.config.models import (
     StateConfig,
     StatusChangeRule,
 )
-from invoice_watch.config.paths import find_config_file, service_state_exists
+from invoice_watch.config.paths import find_config_file, state_files_elsewhere
 from invoice_watch.config.summarize import summary
 from invoice_watch.config.values import Secret
 from invoice_watch.config.yaml_tree import MAX_CONFIG_BYTES
@@ -76,6 +76,6 @@ __all__ = [
     "find_config_file",
     "load",
     "load_file",
-    "service_state_exists",
+    "state_files_elsewhere",
     "summary",
 ]

@@ -1,7 +1,7 @@
 """Where the files of a configuration are: the configuration file itself
 (:func:`find_config_file`), the state file when ``state.path`` is not set
-(:func:`default_state_path`, the service's state file) and a ``<secret>_file``
-(:func:`secret_file_path`, systemd credentials).
+(:func:`default_state_path`; :func:`state_files_elsewhere` for the other places one may
+be) and a ``<secret>_file`` (:func:`secret_file_path`, systemd credentials).
 """
 
 from __future__ import annotations
@@ -41,28 +41,44 @@ def _lexists(path: Path) -> bool:
 
 
 def default_state_path(env: Mapping[str, str], config_dir: Path) -> tuple[Path, str]:
-    """The state file when ``state.path`` is not set, and why (SPEC §6, extended so that
-    a shell finds the service's state): ``$STATE_DIRECTORY/state.db`` when set (systemd's
-    ``StateDirectory=``, the container image); else the service's state file,
-    :data:`~invoice_watch.constants.SERVICE_STATE_PATH`, when it exists (an operator's
-    ``invoice-watch status -c /etc/invoice-watch/config.yaml`` has no $STATE_DIRECTORY,
-    and must read the daemon's file, not start a second one); else ``invoice-watch.db``
-    beside the config file."""
+    """The state file when ``state.path`` is not set, and why (SPEC §6):
+    ``$STATE_DIRECTORY/state.db`` when set (systemd's ``StateDirectory=``, the container
+    image), else ``invoice-watch.db`` beside the config file.
+
+    It depends on the environment and the config's folder only, never on which files
+    exist: a daemon's reload computes the path it started with, and a state file that
+    appears elsewhere (the service's) never moves another one onto it. Where the default
+    names no file yet while another documented place holds one, the commands refuse to
+    guess (:func:`state_files_elsewhere`); the service's own config sets ``state.path``."""
     state_dir = env.get("STATE_DIRECTORY", "").split(":")[0]
     if state_dir:
-        return Path(state_dir) / "state.db", "$STATE_DIRECTORY"
-    service = constants.SERVICE_STATE_PATH
-    if service_state_exists():
-        return service, "the service's state file"
-    return config_dir / "invoice-watch.db", "beside the config file"
+        return Path(state_dir).absolute() / "state.db", "$STATE_DIRECTORY"
+    return config_dir.absolute() / "invoice-watch.db", "beside the config file"
 
 
-def service_state_exists() -> bool:
-    """Whether :data:`~invoice_watch.constants.SERVICE_STATE_PATH` holds a state file.
-    A folder this user may not enter counts as holding one (systemd keeps a
-    ``DynamicUser`` service's state under /var/lib/private, root only): opening it then
-    says "permission denied" rather than this user silently getting a second file."""
-    return _lexists(constants.SERVICE_STATE_PATH)
+def state_files_elsewhere(
+    path: Path, env: Mapping[str, str], config_dir: Path
+) -> list[tuple[Path, str]]:
+    """The documented places of a state file other than ``path`` that hold one, each with
+    what it is: the service's (:data:`~invoice_watch.constants.SERVICE_STATE_PATH`, the
+    systemd unit's and the container's), ``$STATE_DIRECTORY/state.db`` and
+    ``invoice-watch.db`` beside the config file. A place this user may not look into
+    counts as holding one (systemd keeps a ``DynamicUser`` service's state under
+    /var/lib/private, root only): opening it then says "permission denied" rather than
+    this user silently getting a second file."""
+    places = [(constants.SERVICE_STATE_PATH, "the invoice-watch service's state file")]
+    state_dir = env.get("STATE_DIRECTORY", "").split(":")[0]
+    if state_dir:
+        places.append((Path(state_dir).absolute() / "state.db", "in $STATE_DIRECTORY"))
+    places.append((config_dir.absolute() / "invoice-watch.db", "beside the config file"))
+    seen = {os.path.abspath(path)}
+    found = []
+    for place, what in places:
+        key = os.path.abspath(place)
+        if key not in seen and _lexists(place):
+            found.append((place, what))
+        seen.add(key)
+    return found
 
 
 def secret_file_path(value: str, env: Mapping[str, str], config_dir: Path) -> Path:
