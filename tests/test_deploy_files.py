@@ -16,9 +16,14 @@ from typing import Any
 import pytest
 import yaml
 
+from invoice_watch import constants
+
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG_PATH = "/etc/invoice-watch/config.yaml"
 STATE_DIR = "/var/lib/invoice-watch"
+# The service's state file as the code knows it (read before tests/conftest.py points it
+# elsewhere for each test).
+SERVICE_STATE = str(constants.SERVICE_STATE_PATH)
 
 
 # --- Dockerfile ---------------------------------------------------------------------------
@@ -296,7 +301,7 @@ def test_unit_loads_secrets_as_credentials(unit: dict[str, dict[str, list[str]]]
     assert "atlas-private-key" in names
     text = (ROOT / "systemd/invoice-watch.service").read_text(encoding="utf-8")
     for example in ("slack-webhook-url", "smtp-password"):
-        assert f"LoadCredential={example}:" in text
+        assert f"LoadCredential={example}:" in text or f"#LoadCredential={example}:" in text
     secret_words = ("key", "secret", "token", "password", "webhook")
     for assignment in unit["Service"].get("Environment", []):
         assert not any(word in assignment.lower() for word in secret_words), assignment
@@ -369,3 +374,50 @@ def test_secrets_come_from_files_everywhere(path: str) -> None:
         for key in ("private_key", "webhook_url", "password"):
             assert any(f"{key}_file:" in line for line in active), key
             assert not any(re.search(rf"\b{key}: \$\{{", line) for line in active), key
+
+
+def readme_yaml_after(marker: str) -> str:
+    """The first ```yaml block after ``marker`` in README.md."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    after = text[text.index(marker) :]
+    start = after.index("```yaml\n") + len("```yaml\n")
+    return after[start : after.index("```", start)]
+
+
+def test_readme_config_starts_under_the_unit_as_the_recipe_installs_it(
+    tmp_path: Path, unit: dict[str, dict[str, list[str]]]
+) -> None:
+    """A14-6: the README's config (its minimal one, plus the service's state.path) with
+    the recipe's files and the unit unchanged: every file the unit's LoadCredential=
+    lines name is one the recipe installs (a missing one stops the unit), and the config
+    loads with only those in $CREDENTIALS_DIRECTORY, as the service sees it. It then
+    uses the unit's StateDirectory (the container's volume too)."""
+    from invoice_watch.config import load_file
+
+    recipe = readme_block_after("<!-- .ci/check-install runs this block")
+    installed = set(re.findall(r"/etc/invoice-watch/credentials/([\w.-]+) <<<", recipe))
+    loaded = dict(value.split(":", 1) for value in unit["Service"]["LoadCredential"])
+    assert set(loaded) <= installed, "the unit loads a credential the recipe does not install"
+    for name, source in loaded.items():
+        assert source == f"/etc/invoice-watch/credentials/{name}"
+    credentials = tmp_path / "run-credentials"  # what systemd hands the service
+    credentials.mkdir()
+    for name in loaded:
+        value = "https://hooks.slack.com/services/T0/B0/x" if "webhook" in name else "k"
+        (credentials / name).write_text(value + "\n")
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    config = readme_yaml_after("## Use it") + readme_yaml_after("## Run it as a systemd service")
+    (etc / "config.yaml").write_text(config)
+    (state_dir,) = unit["Service"]["StateDirectory"]
+    env = {"CREDENTIALS_DIRECTORY": str(credentials), "STATE_DIRECTORY": f"/var/lib/{state_dir}"}
+    loaded_config = load_file(etc / "config.yaml", env=env)  # no ConfigError
+    assert str(loaded_config.state.path) == f"{STATE_DIR}/state.db" == SERVICE_STATE
+    assert loaded_config.state.explicit
+
+
+def test_readme_says_a_changed_secret_needs_a_restart_under_systemd() -> None:
+    """LoadCredential= copies the files at start: a reload rereads the old copies."""
+    text = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
+    assert "A changed **secret** needs `systemctl restart invoice-watch`" in text
+    assert "Every setting takes effect on reload" not in text
