@@ -1,5 +1,44 @@
-"""``python -m invoice_watch`` runs the command line."""
+"""The ``invoice-watch`` script and ``python -m invoice_watch``: the command line
+(:func:`invoice_watch.cli.main`), quiet under Ctrl-C and SIGTERM from its first instant.
 
-from invoice_watch.cli import main
+This module imports nothing heavy, so that a signal that comes while the command line is
+still being imported ends it as it would a moment later: exit 0, no traceback (SPEC §7:
+"0 success (SIGTERM included)"; Ctrl-C alike).
+"""
 
-raise SystemExit(main())
+from __future__ import annotations
+
+import signal
+import sys
+from types import FrameType
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM, until a command takes it itself (the daemon does): handled as Ctrl-C is
+    at that moment (asyncio.run cancels its task, so that ``finally`` blocks run: the
+    demo removes its temporary folder), or a KeyboardInterrupt where SIGINT is ignored
+    (a background job of a shell without job control) or not handled in Python."""
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler):
+        signal.raise_signal(signal.SIGINT)
+    else:
+        raise KeyboardInterrupt
+
+
+def main() -> int:
+    """Run the command line; returns its exit status."""
+    try:
+        signal.signal(signal.SIGTERM, _terminate)
+        from invoice_watch.cli import main as command_line
+
+        status = command_line()
+    except KeyboardInterrupt:  # before cli.main could take it (it says 0 too)
+        status = 0
+    # The status is known: a signal now (while Python flushes and exits) changes nothing.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1084,21 +1084,69 @@ class App:
 
     # -- entry points ----------------------------------------------------------------
 
-    async def run_once(self, *, baseline: bool = False) -> int:
+    async def run_once(self, *, baseline: bool = False, stop: asyncio.Event | None = None) -> int:
         """``run --once``: one cycle, then deliver for up to 60 s. Exit status 1 when an
-        organization could not be read or a message is still waiting in the outbox."""
-        result = await self.run_cycle(baseline=baseline)
+        organization could not be read or a message is still waiting in the outbox.
+
+        ``stop`` (SIGTERM, Ctrl-C or SIGHUP) ends it as the daemon's stop does: the cycle
+        in flight finishes or is cut short (what it committed stays committed), what is
+        due is delivered within :data:`SHUTDOWN_SECONDS`, and a message still waiting is
+        said (exit 1)."""
+        stop = stop if stop is not None else asyncio.Event()
+        stopped_at: float | None = None  # monotonic
+
+        async def bounded(work: Awaitable[_T], reserve: float | None) -> tuple[bool, _T | None]:
+            """``work``'s result, or (False, None) when it was cut short: once ``stop``
+            is set, it has until ``reserve`` seconds before the shutdown deadline (None:
+            it ends at once)."""
+            nonlocal stopped_at
+            task = asyncio.ensure_future(work)
+            stopping = asyncio.ensure_future(stop.wait())
+            try:
+                await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stopping.cancel()
+            if not task.done():
+                if stopped_at is None:
+                    stopped_at = time.monotonic()
+                    log.info("stopping: finishing the cycle in flight, delivering what is due")
+                if reserve is not None:
+                    left = stopped_at + SHUTDOWN_SECONDS - 2 - reserve - time.monotonic()
+                    await asyncio.wait({task}, timeout=max(0.1, left))
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                return False, None
+            return True, task.result()
+
         status = 0
-        for org_id in result.orgs_failed:
-            print(
-                f"error: {self.config.org_name(org_id)}: {result.reads[org_id].error}",
-                file=sys.stderr,
-            )
-            status = 1
+        if not stop.is_set():
+            _, result = await bounded(self.run_cycle(baseline=baseline), reserve=2)
+            if result is None:
+                log.warning(
+                    "the cycle was stopped before it ended; the organizations it had not "
+                    "committed are read by the next run"
+                )
+            else:
+                for org_id in result.orgs_failed:
+                    print(
+                        f"error: {self.config.org_name(org_id)}: {result.reads[org_id].error}",
+                        file=sys.stderr,
+                    )
+                    status = 1
         if self.dry_run:
             return status
         failed_before = self.deliverer.totals.failed
-        pending = await self.deliverer.drain(ONCE_DELIVERY_SECONDS)
+        pending: int | None = None
+        if not stop.is_set():
+            _, pending = await bounded(self.deliverer.drain(ONCE_DELIVERY_SECONDS), None)
+        if stop.is_set():  # one last pass over what is due, in the time left
+            if stopped_at is None:
+                stopped_at = time.monotonic()
+            _, pending = await bounded(self.deliverer.drain(0), reserve=0)  # stop is set
+            if pending is None:
+                pending = (await self.store.outbox_counts()).get("pending", 0)
+        assert pending is not None
         failed = self.deliverer.totals.failed - failed_before
         if failed:
             print(
@@ -1107,9 +1155,14 @@ class App:
             )
             status = 1
         if pending:
+            why = (
+                "stopped before they could be delivered"
+                if stop.is_set()
+                else ("could not be delivered yet")
+            )
             print(
-                f"error: {pending} notification(s) could not be delivered yet; they stay in "
-                "the outbox for the next run (see `invoice-watch status`)",
+                f"error: {pending} notification(s) {why}; they stay in the outbox for the "
+                "next run (see `invoice-watch status`)",
                 file=sys.stderr,
             )
             status = 1

@@ -56,10 +56,11 @@ def setup_logging(level: str = "info", style: str = "text", stream: TextIO | Non
 
 
 EPILOG = """\
-exit status: 0 success (a reader that closes the output early, as `| head` does, too);
-1 a runtime failure (an organization unreadable, a notification still undelivered after
---once, the state file unusable or held by another daemon); 2 a usage or configuration
-error. `invoice-watch COMMAND -h` explains a command."""
+exit status: 0 success (Ctrl-C, SIGTERM, and a reader that closes the output early, as
+`| head` does, too); 1 a runtime failure (an organization unreadable, a notification
+still undelivered after --once, even one stopped by a signal, the state file unusable or
+held by another daemon); 2 a usage or configuration error. `invoice-watch COMMAND -h`
+explains a command."""
 
 
 def _bounded_int(low: int, high: int) -> Callable[[str], int]:
@@ -389,6 +390,11 @@ def _with_config(args: argparse.Namespace) -> int:
 
 
 async def _run(config: object, args: argparse.Namespace) -> int:
+    """``run``: the daemon, or one cycle (``--once``). Its signal handlers are in place
+    before anything is opened: SIGTERM or Ctrl-C while it starts stops it as it would a
+    moment later (exit 0), and a SIGHUP then is a reload once the daemon runs. Under
+    ``--once``, SIGTERM, Ctrl-C and SIGHUP (the terminal closed) end the run as the
+    daemon's stop does (:meth:`App.run_once <invoice_watch.app.App.run_once>`)."""
     from invoice_watch.app import App
     from invoice_watch.config import Config, LogConfig
 
@@ -397,23 +403,37 @@ async def _run(config: object, args: argparse.Namespace) -> int:
     def configure_logging(settings: LogConfig) -> None:
         setup_logging(settings.level, settings.format)
 
-    async with App(config, dry_run=args.dry_run, configure_logging=configure_logging) as app:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    running: list[App] = []  # the daemon, once it is up
+    reload_asked = False
+
+    def hang_up() -> None:
+        nonlocal reload_asked
         if args.once:
-            return await app.run_once(baseline=args.baseline)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        signals = {
-            signal.SIGTERM: stop.set,
-            signal.SIGINT: stop.set,
-            signal.SIGHUP: app.request_reload,
-        }
-        for sig, handler in signals.items():
-            loop.add_signal_handler(sig, handler)
-        try:
+            stop.set()
+        elif running:
+            running[0].request_reload()
+        else:
+            reload_asked = True
+
+    handlers = {signal.SIGTERM: stop.set, signal.SIGINT: stop.set, signal.SIGHUP: hang_up}
+    before = {sig: signal.getsignal(sig) for sig in handlers}
+    for sig, handler in handlers.items():
+        loop.add_signal_handler(sig, handler)
+    try:
+        async with App(config, dry_run=args.dry_run, configure_logging=configure_logging) as app:
+            if args.once:
+                return await app.run_once(baseline=args.baseline, stop=stop)
+            running.append(app)
+            if reload_asked:
+                app.request_reload()
             await app.serve(stop)
-        finally:
-            for sig in signals:
-                loop.remove_signal_handler(sig)
+    finally:
+        for sig, previous in before.items():
+            loop.remove_signal_handler(sig)
+            if previous is not None:  # (None: not set from Python)
+                signal.signal(sig, previous)
     return 0
 
 

@@ -95,6 +95,8 @@ class Case:
     tiny_disk: bool = False  # the state folder on a 16 KiB tmpfs (a private mount)
     interrupt_when: str = ""  # send SIGINT once this shows on stdout/stderr ("connect"
     # = once the hanging Atlas gets a connection)
+    sends: int = signal.SIGINT  # the signal interrupt_when sends
+    after: Callable[[Place], None] | None = None  # checks once the command ended
     during: Callable[[Place], None] | None = None  # once "cycle:" is logged
     quick: float | None = None  # seconds it must end within, after its fault
 
@@ -283,6 +285,32 @@ SERVICE_HERE = (
     "from invoice_watch import constants\n"
     "constants.SERVICE_STATE_PATH = pathlib.Path(os.getcwd(), 'var-lib', 'state.db')\n"
 )
+
+
+def signal_while_importing(module: str, signum: int) -> str:
+    """A prelude that sends ``signum`` to the process while ``module`` is being
+    imported: Ctrl-C or SIGTERM in the first instant of a command."""
+    return (
+        "import importlib.abc, os, sys\n"
+        "class _Interrupt(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        f"        if name == {module!r}:\n"
+        f"            os.kill(os.getpid(), {int(signum)})\n"
+        "        return None\n"
+        "sys.meta_path.insert(0, _Interrupt())\n"
+    )
+
+
+def demo_folder(place: Place) -> None:
+    """The demo's temporary folder goes under the place's own tmp/."""
+    (place.dir / "tmp").mkdir()
+    place.env["TMPDIR"] = str(place.dir / "tmp")
+
+
+def demo_folder_removed(place: Place) -> None:
+    left = list((place.dir / "tmp").iterdir())
+    assert not left, f"the demo left {left}"
+
 
 CONFIG = ("-c", "config.yaml")
 CASES: dict[str, Case] = {
@@ -512,7 +540,39 @@ CASES: dict[str, Case] = {
     "simulate/interrupted": Case(
         ("simulate", "--port", "0"), 0, interrupt_when="listening", quick=10
     ),
-    "demo/interrupted": Case(("demo",), 0, interrupt_when="[demo", quick=10),
+    "demo/interrupted": Case(
+        ("demo",), 0, setup=demo_folder, interrupt_when="[demo", quick=10, after=demo_folder_removed
+    ),
+    "demo/terminated": Case(
+        ("demo",),
+        0,
+        setup=demo_folder,
+        interrupt_when="[demo",
+        sends=signal.SIGTERM,
+        quick=10,
+        after=demo_folder_removed,
+    ),
+    "simulate/terminated": Case(
+        ("simulate", "--port", "0"), 0, interrupt_when="listening", sends=signal.SIGTERM, quick=10
+    ),
+    "run/terminated": Case(
+        ("run", *CONFIG), 0, setup=hanging_atlas, interrupt_when="connect", sends=signal.SIGTERM
+    ),
+    "status/interrupted-while-importing": Case(
+        ("status", *CONFIG),
+        0,
+        prelude=signal_while_importing("invoice_watch.redact", signal.SIGINT),
+    ),
+    "status/terminated-while-importing": Case(
+        ("status", *CONFIG),
+        0,
+        prelude=signal_while_importing("invoice_watch.redact", signal.SIGTERM),
+    ),
+    "run/terminated-while-starting": Case(
+        ("run", *CONFIG),
+        0,
+        prelude=signal_while_importing("invoice_watch.app", signal.SIGTERM),
+    ),
     # -- the daemon helper's part of issue 14 §1: `http.listen` errors (app.py/health.py) --
     "run/http-listen-port-privileged": Case(
         ("run", *CONFIG),
@@ -615,6 +675,8 @@ def test_command_fault_ends_without_traceback(name: str, place: Place) -> None:
         assert text == "", f"a closed output ends the command quietly:\n{text}"
     if case.quick is not None:
         assert ended < case.quick, f"took {ended:.1f}s after its fault"
+    if case.after is not None:
+        case.after(place)
 
 
 @functools.cache
@@ -706,11 +768,11 @@ def _apply_fault(case: Case, proc: subprocess.Popen[bytes], place: Place) -> flo
         hang.settimeout(EXIT_TIMEOUT)
         conn, _ = hang.accept()  # the cycle has started reading Atlas
         place.holds.append(conn)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(case.sends)
     elif case.interrupt_when:
         assert proc.stdout is not None
         _wait_for(proc.stdout, case.interrupt_when)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(case.sends)
     elif case.during is not None:
         _wait_for(proc.stderr, "cycle:")
         case.during(place)
@@ -1123,3 +1185,72 @@ def test_secrets_from_a_shell_are_read_where_the_unit_reads_them(tmp_path, monke
     (run / "atlas-private-key").write_text("from-systemd\n")
     auth = load_file(place.config, env={"CREDENTIALS_DIRECTORY": str(run)}).atlas.auth
     assert isinstance(auth, DigestAuth) and auth.private_key.get() == "from-systemd"
+
+
+# -- signals at odd moments (A14-11) ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["ctrl-c", "sigterm", "sighup"]
+)
+async def test_run_once_stopped_with_a_message_pending_says_so_and_exits_1(place, signum):
+    """`run --once` whose FIRING cannot be delivered yet (Slack refuses connections, so
+    it waits for a retry): Ctrl-C, SIGTERM or SIGHUP end it as the daemon's stop does,
+    within its 10 s, saying what is still waiting; SPEC §7: pending after --once is 1."""
+    from invoice_watch.simulator import Simulator
+    from invoice_watch.simulator.scenario import parse_scenario
+
+    scenario = parse_scenario(
+        {
+            "orgs": [{"name": "Production", "id": ORG}],
+            "invoices": [{"name": "due", "org": "Production", "period": -1, "status": "FAILED"}],
+        }
+    )
+    async with Simulator(scenario) as sim:
+        place.write_config(
+            atlas={
+                "base_url": sim.base_url,
+                "auth": {"public_key": sim.public_key, "private_key": sim.private_key},
+            },
+            notifiers={"team": {"type": "slack", "webhook_url": "http://127.0.0.1:9/hook"}},
+            rules=[{"name": "failed", "type": "invoice_status", "notify": ["team"]}],
+        )
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "invoice_watch",
+            "run",
+            "--once",
+            *CONFIG,
+            cwd=place.dir,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert proc.stderr is not None and proc.stdout is not None
+        try:
+            seen = b""
+            while b"cycle:" not in seen:
+                line = await asyncio.wait_for(proc.stderr.readline(), EXIT_TIMEOUT)
+                assert line, f"ended before its cycle:\n{seen.decode()}"
+                seen += line
+            await asyncio.sleep(0.5)  # its first delivery attempt was refused
+            proc.send_signal(signum)
+            began = time.monotonic()
+            rest, _ = await asyncio.wait_for(
+                asyncio.gather(proc.stderr.read(), proc.stdout.read()), EXIT_TIMEOUT
+            )
+            await proc.wait()
+            ended = time.monotonic() - began
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    text = (seen + rest).decode()
+    assert "Traceback" not in text
+    assert proc.returncode == 1, f"exit {proc.returncode}:\n{text}"
+    assert "error: 1 notification(s) stopped before they could be delivered; they stay in " in (
+        text
+    )
+    assert ended < 10, f"took {ended:.1f}s after the signal"
