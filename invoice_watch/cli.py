@@ -232,19 +232,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The command line; returns the exit status. No command ends in a traceback: every
     error an operator can cause is one line on stderr saying what to do, and a reader
     that stops reading (``| head``) ends the command quietly, exit 0."""
-    real_stdout = sys.stdout
+    real_stdout, real_stderr = sys.stdout, sys.stderr
+    for stream in (real_stdout, real_stderr):
+        _tolerant(stream)
     sys.stdout = _Output(real_stdout)
+    sys.stderr = _Diagnostics(real_stderr)
+    status = 0
     try:
         status = _main(argv)
         sys.stdout.flush()  # a write error shows here, not as "Exception ignored" at exit
         return status
     except OutputError as exc:
+        # The command's own status stands (a failed notification after `run --once`
+        # is 1, even when its reader left); otherwise a reader that left is no failure.
         if exc.errno in (errno.EPIPE, errno.EBADF):  # no one reads it (| head, >&-)
             _discard_output(real_stdout)
-            return 0
+            return status
         _error(f"invoice-watch: cannot write to standard output: {exc.strerror}")
         _discard_output(real_stdout)
-        return 1
+        return max(status, 1)
     except KeyboardInterrupt:
         return 0
     except Exception as exc:  # a bug: still no traceback, but say where to look
@@ -255,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 1
     finally:
-        sys.stdout = real_stdout
+        sys.stdout, sys.stderr = real_stdout, real_stderr
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -317,6 +323,49 @@ class _Output(io.TextIOBase):
 
     def fileno(self) -> int:
         return self._open().fileno()
+
+
+class _Diagnostics(io.TextIOBase):
+    """``sys.stderr`` while a command runs: what cannot be written there (closed, ``2>&-``,
+    or full) is dropped. An error line that cannot be shown must not fail the command or
+    change its exit status (``print(file=None)`` would write it to stdout instead)."""
+
+    def __init__(self, stream: TextIO | None) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        if self._stream is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self._stream.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        if self._stream is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self._stream.flush()
+
+    def writable(self) -> bool:
+        return True
+
+    def isatty(self) -> bool:
+        with contextlib.suppress(OSError, ValueError):
+            return self._stream is not None and self._stream.isatty()
+        return False
+
+    def fileno(self) -> int:
+        if self._stream is None:
+            raise io.UnsupportedOperation("standard error is closed")
+        return self._stream.fileno()
+
+
+def _tolerant(stream: TextIO | None) -> None:
+    """Write what the output's encoding cannot hold as ``\\u2013`` escapes rather than
+    fail (``PYTHONIOENCODING=latin-1``, an old Python under ``LANG=C``): every line the
+    commands print, the console notifier's messages included."""
+    reconfigure = getattr(stream, "reconfigure", None)
+    if reconfigure is not None:
+        with contextlib.suppress(OSError, ValueError, io.UnsupportedOperation):
+            reconfigure(errors="backslashreplace")
 
 
 def _discard_output(stream: TextIO | None) -> None:

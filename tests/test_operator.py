@@ -51,6 +51,7 @@ class Place:
     hang_port: int
     env: dict[str, str] = field(default_factory=dict)
     holds: list[Any] = field(default_factory=list)  # kept open while the command runs
+    output: bytes = b""  # what the command wrote to stdout
 
     @property
     def config(self) -> Path:
@@ -87,7 +88,7 @@ class Case:
     says: str = ""  # regex the stderr must match ("" = stderr must be empty)
     setup: Callable[[Place], None] = lambda place: None
     stdout: str = "pipe"  # pipe | closed | full | two-lines (read two, then close) |
-    # none (started with it closed: `>&-`)
+    # none (started with it closed: `>&-`) | none-both (stderr too: `>&- 2>&-`)
     unprivileged: bool = False  # as `nobody` when root (files of "another user")
     needs_root: bool = False  # the fault needs a file of another user
     prelude: str = ""  # Python run first: only for faults no server can produce
@@ -301,6 +302,23 @@ def signal_while_importing(module: str, signum: int) -> str:
     )
 
 
+def ascii_output_with_an_invoice(place: Place) -> None:
+    """Output in ASCII (PYTHONIOENCODING; LANG=C on Pythons before 3.7); the state holds
+    an invoice, whose period is written with an en dash, of an organization whose name
+    is not ASCII either."""
+    place.write_config(organizations=[{"id": ORG, "name": "Produção"}])
+    state_folder(place)
+    state_with_an_invoice(place)
+    place.env["PYTHONIOENCODING"] = "ascii"
+
+
+def escaped_dash(place: Place) -> None:
+    """What the command wrote holds no character ASCII lacks: the en dash of periods and
+    the rules around console messages are escaped (``\\u2013``)."""
+    text = place.output.decode("ascii")
+    assert re.search(r"\\(x[0-9a-f]{2}|u[0-9a-f]{4})", text), text
+
+
 def demo_folder(place: Place) -> None:
     """The demo's temporary folder goes under the place's own tmp/."""
     (place.dir / "tmp").mkdir()
@@ -357,6 +375,12 @@ CASES: dict[str, Case] = {
     "invoices/started-without-stdout": Case(
         ("invoices", *CONFIG), 0, setup=state_with_an_invoice, stdout="none"
     ),
+    "run-once/started-without-stdout-or-stderr": Case(  # its error lines go nowhere
+        ("run", "--once", *CONFIG), 1, stdout="none-both"
+    ),
+    "run-once-dry-run/started-without-stdout-or-stderr": Case(  # its output has no reader
+        ("run", "--once", "--dry-run", *CONFIG), 0, stdout="none-both"
+    ),
     "status/started-without-stdout-config-missing": Case(
         ("status", "-c", "nowhere.yaml"), 2, "cannot read the configuration file", stdout="none"
     ),
@@ -380,6 +404,16 @@ CASES: dict[str, Case] = {
         1,
         "out: FAILED: cannot write to standard output",
         stdout="full",
+    ),
+    # -- an output encoding that cannot write every character (A14-7) --
+    "invoices/ascii-output": Case(
+        ("invoices", *CONFIG), 0, setup=ascii_output_with_an_invoice, after=escaped_dash
+    ),
+    "status/ascii-output": Case(
+        ("status", *CONFIG), 0, setup=ascii_output_with_an_invoice, after=escaped_dash
+    ),
+    "test-notify/ascii-output": Case(
+        ("test-notify", *CONFIG), 0, setup=ascii_output_with_an_invoice, after=escaped_dash
     ),
     # -- the state file --
     "status/no-state-yet": Case(("status", *CONFIG), 1, "no state file at .*state.db yet"),
@@ -640,22 +674,27 @@ def test_command_fault_ends_without_traceback(name: str, place: Place) -> None:
     if case.limit_file_size is not None:
         size = case.limit_file_size
         options["preexec_fn"] = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+    stderr: Any = subprocess.PIPE
     if case.stdout == "none":
         stdout = subprocess.DEVNULL
         options["preexec_fn"] = lambda: os.close(1)
+    if case.stdout == "none-both":
+        stdout = stderr = subprocess.DEVNULL
+        options["preexec_fn"] = lambda: os.closerange(1, 3)
     proc = subprocess.Popen(
         [*python, *argv],
         cwd=place.dir,
         env=env,
         stdin=subprocess.DEVNULL,
         stdout=stdout,
-        stderr=subprocess.PIPE,
+        stderr=stderr,
         **options,
     )
     try:
         faulted = _apply_fault(case, proc, place)
         out, err = _finish(proc)
         ended = time.monotonic() - faulted
+        place.output = out
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -671,7 +710,7 @@ def test_command_fault_ends_without_traceback(name: str, place: Place) -> None:
     assert proc.returncode in codes, f"exit {proc.returncode}, expected {codes}:\n{shown}"
     if case.says:
         assert re.search(case.says, text), f"stderr lacks {case.says!r}:\n{text}"
-    elif case.stdout in ("closed", "two-lines", "none"):
+    elif case.stdout in ("closed", "two-lines", "none", "none-both"):
         assert text == "", f"a closed output ends the command quietly:\n{text}"
     if case.quick is not None:
         assert ended < case.quick, f"took {ended:.1f}s after its fault"
@@ -754,7 +793,6 @@ RUN_MAIN = (
 
 def _apply_fault(case: Case, proc: subprocess.Popen[bytes], place: Place) -> float:
     """Cause the fault that happens while the command runs; returns when it happened."""
-    assert proc.stderr is not None
     if case.stdout == "closed":
         assert proc.stdout is not None
         proc.stdout.close()
@@ -774,6 +812,7 @@ def _apply_fault(case: Case, proc: subprocess.Popen[bytes], place: Place) -> flo
         _wait_for(proc.stdout, case.interrupt_when)
         proc.send_signal(case.sends)
     elif case.during is not None:
+        assert proc.stderr is not None
         _wait_for(proc.stderr, "cycle:")
         case.during(place)
     return time.monotonic()
@@ -795,9 +834,8 @@ def _finish(proc: subprocess.Popen[bytes]) -> tuple[bytes, bytes]:
         stdout_data, err = proc.communicate(timeout=EXIT_TIMEOUT)
         out = stdout_data or b""
     else:
-        assert proc.stderr is not None
         proc.wait(timeout=EXIT_TIMEOUT)
-        err = proc.stderr.read()
+        err = proc.stderr.read() if proc.stderr is not None else b""
     return out, err
 
 
@@ -1254,3 +1292,19 @@ async def test_run_once_stopped_with_a_message_pending_says_so_and_exits_1(place
         text
     )
     assert ended < 10, f"took {ended:.1f}s after the signal"
+
+
+def test_a_reader_gone_at_the_end_does_not_hide_a_failure(place, monkeypatch):
+    """A14-12: `run --once | head -1` whose run failed (here: Atlas unreadable) exits 1,
+    although the last flush of its output finds the reader gone."""
+    import errno
+    import io
+
+    from invoice_watch.cli import main
+
+    class ReaderGone(io.StringIO):
+        def flush(self) -> None:
+            raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stdout", ReaderGone())
+    assert main(["run", "--once", "-c", str(place.config)]) == 1
