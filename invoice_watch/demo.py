@@ -30,6 +30,7 @@ import yaml
 from invoice_watch.app import App
 from invoice_watch.config import Config, load
 from invoice_watch.errors import UsageError
+from invoice_watch.files import FileTooLarge, NotARegularFile, read_regular
 from invoice_watch.notify import ConsoleNotifier, build_notifiers
 from invoice_watch.simulator import Simulator, demo_scenario
 
@@ -87,16 +88,32 @@ def demo_config(sim: Simulator, state_dir: Path, slack_webhook: str | None) -> C
     return load(yaml.safe_dump(data), filename="<demo>", env={}, base_dir=state_dir)
 
 
+# A config `simulate --write-config` wrote is about 1 KiB; a larger file is not one.
+_WRITTEN_MAX_BYTES = 64 * 1024
+
+
 def written_keys(path: Path) -> dict[str, str]:
     """The API key pair of a config ``simulate --write-config`` wrote before (none when
-    there is no file). A file that ``simulate`` did not write is never overwritten:
-    :class:`UsageError` (OSError when it cannot be read)."""
+    there is no file). A file that ``simulate`` did not write is never overwritten, nor
+    anything but a regular file (a folder, ``/dev/stdout``...): :class:`UsageError`
+    (OSError when it cannot be read). Reads at most 64 KiB, and never waits on a FIFO."""
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = read_regular(path, _WRITTEN_MAX_BYTES)
     except FileNotFoundError:
         return {}
-    except UnicodeDecodeError:
-        text = ""
+    except NotARegularFile as exc:
+        fix = (
+            f"name a file in it, e.g. {path / 'sim.yaml'}"
+            if exc.kind == "a folder"
+            else ("name a regular file")
+        )
+        raise UsageError(f"--write-config {path}: it is {exc.kind}, not a file; {fix}") from None
+    except FileTooLarge:
+        raw = b""  # not one simulate wrote
+    except OSError as exc:
+        exc.filename = str(path)
+        raise
+    text = raw.decode("utf-8", errors="replace")
     if not text.startswith(WRITTEN_BY):
         raise UsageError(
             f"--write-config {path}: the file exists and was not written by `invoice-watch "
@@ -113,7 +130,8 @@ def written_keys(path: Path) -> dict[str, str]:
 def write_simulator_config(sim: Simulator, path: Path) -> None:
     """Write a ready config for ``sim`` to ``path`` (mode 0600, replaced atomically):
     the console notifier, the simulator's key pair and organizations, a state file of
-    its own beside it, a 5 s poll interval."""
+    its own beside it, a 5 s poll interval. An OSError names ``path`` (not the temporary
+    file beside it that is renamed onto it)."""
     data = simulator_config_data(
         sim,
         state_path=f"{path.stem}.state.db",
@@ -127,14 +145,21 @@ def write_simulator_config(sim: Simulator, path: Path) -> None:
         + yaml.safe_dump(data, sort_keys=False)
     )
     folder = path.absolute().parent
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=folder)
+    temporary: str | None = None
     try:
+        fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=folder)
         with os.fdopen(fd, "w", encoding="utf-8") as file:
             file.write(text)
         os.replace(temporary, path)
+    except OSError as exc:
+        if temporary is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
     except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
+        if temporary is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
         raise
 
 

@@ -252,6 +252,10 @@ def scenario_broken(place: Place) -> None:
     (place.dir / "scenario.yaml").write_text("orgs: [\n")
 
 
+def not_a_scenario(place: Place) -> None:
+    (place.dir / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+
+
 def write_config_folder_closed(place: Place) -> None:
     (place.dir / "closed").mkdir(mode=0o555)
 
@@ -554,6 +558,41 @@ CASES: dict[str, Case] = {
         "cannot write .*closed.*Permission denied",
         setup=write_config_folder_closed,
         unprivileged=True,
+    ),
+    "simulate/write-config-is-a-device": Case(  # not read without end (A14-8)
+        ("simulate", "--port", "0", "--write-config", "/dev/zero"),
+        2,
+        "--write-config /dev/zero: it is a character device, not a file",
+        quick=10,
+    ),
+    "simulate/write-config-is-a-pipe": Case(  # `--write-config /dev/stdout | cat`: no hang
+        ("simulate", "--port", "0", "--write-config", "/dev/stdout"),
+        2,
+        r"--write-config /dev/stdout: it is a named pipe \(FIFO\), not a file",
+        quick=10,
+    ),
+    "simulate/write-config-onto-a-folder": Case(
+        ("simulate", "--port", "0", "--write-config", "closed"),
+        2,
+        "--write-config closed: it is a folder, not a file; name a file in it, e.g. closed/sim",
+        setup=write_config_folder_closed,
+    ),
+    "simulate/write-config-folder-missing": Case(  # names the file, not its temporary one
+        ("simulate", "--port", "0", "--write-config", "nowhere/sim.yaml"),
+        1,
+        r"cannot write nowhere/sim.yaml: No such file or directory; check --write-config$",
+    ),
+    "simulate/scenario-is-a-device": Case(
+        ("simulate", "--scenario", "/dev/zero"),
+        2,
+        "/dev/zero: cannot read scenario: it is a character device, not a file; name a",
+        quick=10,
+    ),
+    "simulate/scenario-not-a-mapping": Case(
+        ("simulate", "--scenario", "passwd"),
+        2,
+        "passwd: not a scenario: a scenario is a mapping of orgs, invoices and timeline",
+        setup=not_a_scenario,
     ),
     "simulate/write-config-over-a-foreign-file": Case(
         ("simulate", "--port", "0", "--write-config", "mine.yaml"),

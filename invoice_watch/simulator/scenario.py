@@ -52,6 +52,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from invoice_watch.constants import INVOICE_STATUSES
+from invoice_watch.files import FileTooLarge, NotARegularFile, read_regular
 from invoice_watch.format import usd
 
 HEX24 = re.compile(r"[a-f0-9]{24}")  # fullmatch: `$` would let a trailing newline in
@@ -658,6 +659,11 @@ def parse_scenario(
     data: Any, *, source: str = "<scenario>", now: datetime | None = None
 ) -> Scenario:
     """Build a scenario from parsed YAML data; any problem raises ``ValueError``."""
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"{source}: not a scenario: a scenario is a mapping of orgs, invoices and "
+            "timeline (see invoice_watch/simulator/scenarios/demo.yaml)"
+        )
     try:
         spec = _ScenarioIn.model_validate(data)
     except ValidationError as exc:
@@ -693,13 +699,31 @@ def parse_scenario(
     return scenario
 
 
+# A scenario file is read up to this size (the demo's is 3 KiB).
+MAX_SCENARIO_BYTES = 4 * 2**20
+
+
 def load_scenario(path: str | Path, *, now: datetime | None = None) -> Scenario:
-    """Load a scenario YAML file; a problem raises ``ValueError`` naming the file."""
+    """Load a scenario YAML file, a regular file of at most :data:`MAX_SCENARIO_BYTES`
+    (never a FIFO or device read without end); a problem raises ``ValueError`` naming
+    the file."""
     source = str(path)
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        raw = read_regular(Path(path), MAX_SCENARIO_BYTES)
+        data = yaml.safe_load(raw.decode("utf-8"))
     except OSError as exc:
         raise ValueError(f"{source}: cannot read scenario: {exc.strerror}") from None
+    except NotARegularFile as exc:
+        raise ValueError(
+            f"{source}: cannot read scenario: it is {exc.kind}, not a file; name a scenario "
+            "YAML file"
+        ) from None
+    except FileTooLarge as exc:
+        raise ValueError(
+            f"{source}: cannot read scenario: it is larger than {exc.limit // 2**20} MiB"
+        ) from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{source}: not a scenario: not UTF-8 text") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else source
