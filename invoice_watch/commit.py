@@ -371,6 +371,9 @@ class StateStore:
         # invoices nested (its payer), as the snapshot has ever held them.
         self._payers: dict[str, str] = {}
         self._cycle_id = 0  # the last cycle's number
+        # (st_dev, st_ino) of the -wal and -shm files SQLite keeps open beside a daemon's
+        # state file (see check_file).
+        self._side_files: dict[str, tuple[int, int]] = {}
         # One thread for every statement: the connection stays on it, and its memory in
         # one malloc arena (asyncio.to_thread would spread it over the pool's threads).
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="state-file")
@@ -455,6 +458,7 @@ class StateStore:
                 conn.execute("PRAGMA busy_timeout=5000")
                 store._migrate()
                 store._load()
+                store._side_files = _wal_files(path)
             except BaseException as exc:
                 with contextlib.suppress(Exception):
                     conn.close()
@@ -504,29 +508,56 @@ class StateStore:
     def check_file(self) -> None:
         """Raise :class:`StateFileGoneError` when the file at ``self.path`` is no longer
         the file this store has open and locked: deleted, moved, or replaced (a restore,
-        another program). What the daemon holds in memory then matches no file, and a
-        second daemon could start on the path and send every alert again: the daemon
-        must stop. Called at the start of every cycle (two ``stat`` calls); a store not
-        opened by a daemon (in memory, read-only) has nothing to check."""
+        another program); or when SQLite's ``-wal`` or ``-shm`` beside it, which the
+        daemon's connection keeps open, was deleted or replaced. What the daemon holds
+        then matches no file (the recent commits live in the deleted ``-wal`` until the
+        connection is closed: stopping writes them back), and a second daemon could start
+        on the path and send every alert again: the daemon must stop. Called at the start
+        of every cycle (a few ``stat`` calls); a store not opened by a daemon (in memory,
+        read-only) has nothing to check.
+
+        A backup copied over the file in place (``cp backup.db state.db``) keeps its
+        inode, and SQLite offers no cheap sign of it in WAL mode (the header's change
+        counter is not kept up to date there): the README says to stop the daemon
+        before restoring."""
         if self.path is None or self._lock_fd is None:
             return
         held = os.fstat(self._lock_fd)
+        there = self._identity(self.path)
+        if there is None or there != (held.st_dev, held.st_ino):
+            what = "was deleted" if there is None else "was replaced by another file"
+            raise StateFileGoneError(
+                f"state file {self.path} {what} while this daemon was running; stopping, "
+                "since its state no longer matches the file and another daemon could start "
+                "on the path and send every alert again. Restore the file (with the daemon "
+                "stopped), or start invoice-watch again on a new one (`run --once "
+                "--baseline` first records the current alerts without sending them)"
+            )
+        for suffix, known in self._side_files.items():
+            side = Path(f"{self.path}{suffix}")
+            found = self._identity(side)
+            if found == known:
+                continue
+            what = "was deleted" if found is None else "was replaced by another file"
+            role = "write-ahead log" if suffix == "-wal" else "shared-memory index"
+            raise StateFileGoneError(
+                f"{side}, the {role} SQLite keeps beside state file {self.path}, {what} "
+                "while this daemon was running: it holds the latest alert states and "
+                "pending notifications until they are written back into the state file. "
+                "Stopping, which writes them back (delete none of the state's files while "
+                "the daemon runs); then start invoice-watch again"
+            )
+
+    @staticmethod
+    def _identity(path: Path) -> tuple[int, int] | None:
+        """(st_dev, st_ino) of the file at ``path``, None when there is none."""
         try:
-            there = os.lstat(self.path)
+            info = os.lstat(path)
         except FileNotFoundError:
-            there = None
+            return None
         except OSError as exc:
-            raise StateError(f"cannot check state file {self.path}: {_reason(exc)}") from None
-        if there is not None and (there.st_dev, there.st_ino) == (held.st_dev, held.st_ino):
-            return
-        what = "was deleted" if there is None else "was replaced by another file"
-        raise StateFileGoneError(
-            f"state file {self.path} {what} while this daemon was running; stopping, since "
-            "its state no longer matches the file and another daemon could start on the "
-            "path and send every alert again. Restore the file, or start invoice-watch "
-            "again on a new one (`run --once --baseline` first records the current alerts "
-            "without sending them)"
-        )
+            raise StateError(f"cannot check state file {path}: {_reason(exc)}") from None
+        return info.st_dev, info.st_ino
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -1266,6 +1297,17 @@ class StateStore:
 
 # Files SQLite keeps beside the state file (WAL mode; a rollback journal before it).
 _SIDE_FILES = ("-wal", "-shm", "-journal")
+
+
+def _wal_files(path: Path) -> dict[str, tuple[int, int]]:
+    """(st_dev, st_ino) of the ``-wal`` and ``-shm`` beside an open WAL-mode state file
+    (SQLite keeps both open and in place until its last connection closes)."""
+    found = {}
+    for suffix in ("-wal", "-shm"):
+        with contextlib.suppress(OSError):
+            info = os.lstat(f"{path}{suffix}")
+            found[suffix] = (info.st_dev, info.st_ino)
+    return found
 
 
 def _user(uid: int) -> str:

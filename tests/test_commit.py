@@ -10,6 +10,7 @@ import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 
@@ -628,6 +629,51 @@ async def test_store_check_file_notices_a_deleted_or_replaced_file(tmp_path):
         other = await StateStore.open(path)  # a second daemon on a new file
         await other.close()
         with pytest.raises(StateFileGoneError, match="was replaced"):
+            store.check_file()
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("suffix", ["-wal", "-shm"])
+async def test_store_check_file_notices_its_wal_or_shm_deleted_and_a_stop_keeps_the_state(
+    tmp_path, suffix
+):
+    """A12-13: `rm state.db-wal state.db-shm` under a running daemon: the next check
+    stops it, and closing (as the daemon does when it stops) writes what the deleted
+    log held back into the state file: the pending notification and the firing alert
+    are still there."""
+    path = tmp_path / "state.db"
+    store = await StateStore.open(path)
+    try:
+        store.check_file()
+        number = store.begin_cycle()
+        await store.commit_orgs(number, NOW, [], [firing("k1")], {"failed": ["slack"]})
+        await store.finish_cycle(
+            number, NOW, NOW, [], [], {"failed": ["slack"]}, 5, orgs_ok=1, orgs_failed=0
+        )
+        Path(f"{path}{suffix}").unlink()
+        with pytest.raises(StateFileGoneError, match=f"state.db{suffix}, the .* was deleted"):
+            store.check_file()
+    finally:
+        await store.close()
+    reader = await StateStore.open(path, exclusive=False)
+    try:
+        assert set(reader.firing_alerts()) == {"k1"}
+        assert len(await reader.outbox(("pending",))) == 1
+    finally:
+        await reader.close()
+
+
+async def test_store_check_file_notices_its_wal_replaced(tmp_path):
+    path = tmp_path / "state.db"
+    store = await StateStore.open(path)
+    try:
+        wal = Path(f"{path}-wal")
+        wal.rename(tmp_path / "elsewhere")
+        wal.write_bytes(b"")
+        with pytest.raises(
+            StateFileGoneError, match="state.db-wal, the write-ahead log .*replaced"
+        ):
             store.check_file()
     finally:
         await store.close()

@@ -279,6 +279,25 @@ def delete_state(place: Place) -> None:
     place.state.unlink()
 
 
+def delete_wal_and_shm(place: Place) -> None:
+    for suffix in ("-wal", "-shm"):
+        Path(f"{place.state}{suffix}").unlink()
+
+
+def state_kept_its_cycle(place: Place) -> None:
+    """What the daemon committed before its -wal was deleted is in the state file."""
+
+    async def read() -> None:
+        store = await StateStore.open(place.state, exclusive=False)
+        try:
+            assert await store.last_cycle() is not None
+            assert store.org_states(), "the organization's read state was lost"
+        finally:
+            await store.close()
+
+    asyncio.run(read())
+
+
 NO_LOCKS = (
     "import errno, fcntl, os\n"
     "def flock(fd, operation):\n"
@@ -511,6 +530,15 @@ CASES: dict[str, Case] = {
         setup=lambda place: place.write_config(poll={"interval": "1s"}),
         during=delete_state,
         quick=15,
+    ),
+    "run/state-wal-deleted-under-the-daemon": Case(  # A12-13
+        ("run", *CONFIG),
+        1,
+        r"state.db-wal, the write-ahead log SQLite keeps beside state file .* was deleted",
+        setup=lambda place: place.write_config(poll={"interval": "1s"}),
+        during=delete_wal_and_shm,
+        quick=15,
+        after=state_kept_its_cycle,
     ),
     # -- arguments --
     "invoices/unknown-org": Case(
