@@ -425,14 +425,18 @@ class StateStore:
                     source.close()
             except sqlite3.Error as exc:
                 memory.close()
-                raise StateError(_sqlite_problem(path, exc)) from None
+                raise StateError(_sqlite_problem(path, exc, reader=True)) from None
         store = cls(memory, None, None, settles)
         try:
-            store._migrate()
+            # (the copy is migrated in memory: nothing to log, the file stays as it is)
+            store._migrate(name=path, quiet=True)
             store._load()
         except sqlite3.Error as exc:
             memory.close()
-            raise StateError(_sqlite_problem(path, exc)) from None
+            raise StateError(_sqlite_problem(path, exc, reader=True)) from None
+        except StateError:
+            memory.close()
+            raise
         return store
 
     @classmethod
@@ -485,7 +489,7 @@ class StateStore:
         try:
             conn = _connect_read_only(path)
         except sqlite3.Error as exc:
-            raise StateError(_sqlite_problem(path, exc)) from None
+            raise StateError(_sqlite_problem(path, exc, reader=True)) from None
         try:
             conn.execute("PRAGMA busy_timeout=5000")
             version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -501,7 +505,7 @@ class StateStore:
             with contextlib.suppress(Exception):
                 conn.close()
             if isinstance(exc, sqlite3.Error):
-                raise StateError(_sqlite_problem(path, exc)) from None
+                raise StateError(_sqlite_problem(path, exc, reader=True)) from None
             raise
         return store
 
@@ -573,12 +577,16 @@ class StateStore:
                 conn.execute("ROLLBACK")
             raise
 
-    def _migrate(self) -> None:
+    def _migrate(self, *, name: Path | None = None, quiet: bool = False) -> None:
+        """Bring the schema up to :data:`SCHEMA_VERSION`. ``name``: the file messages
+        name (default: ``self.path``; an in-memory copy has none of its own); ``quiet``:
+        log no migration (a copy's, which changes no file)."""
         conn = self._conn
+        name = name or self.path
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             raise StateError(
-                f"state file {self.path} has schema version {version}, newer than this "
+                f"state file {name} has schema version {version}, newer than this "
                 f"invoice-watch understands ({SCHEMA_VERSION}): upgrade invoice-watch"
             )
         if version == 0:
@@ -590,7 +598,7 @@ class StateStore:
             }
             if tables - _OUR_TABLES:
                 raise StateError(
-                    f"{self.path} is an SQLite file of another program (tables: "
+                    f"{name} is an SQLite file of another program (tables: "
                     f"{', '.join(sorted(tables)[:5])}); point state.path elsewhere"
                 )
         for number in range(version + 1, SCHEMA_VERSION + 1):
@@ -599,7 +607,8 @@ class StateStore:
                     if statement.strip():
                         conn.execute(statement)
                 conn.execute(f"PRAGMA user_version={number}")
-            log.info("state file migrated to schema version %d", number)
+            if not quiet:
+                log.info("state file migrated to schema version %d", number)
 
     def _load_snapshot(self) -> dict[str, Snapshot]:
         live: dict[str, dict[str, Invoice]] = {}
@@ -1443,13 +1452,19 @@ def _lock(fd: int, path: Path) -> None:
 def _check_readable(path: Path) -> None:
     """An operator command's checks before reading: the file and its -wal/-shm are no
     links, and this user may read them."""
-    for suffix in _SIDE_FILES:
-        _existing(Path(f"{path}{suffix}"))
     if not os.access(path, os.R_OK):
         raise StateError(
             f"cannot read state file {path}: permission denied for "
             f"{_user(os.geteuid())}; run this command as the daemon's user, or with sudo"
         )
+    for suffix in _SIDE_FILES:
+        side = Path(f"{path}{suffix}")
+        if _existing(side) is not None and not os.access(side, os.R_OK):
+            raise StateError(
+                f"cannot open state file {side} (SQLite's, beside {path.name}, while the "
+                f"daemon runs): permission denied for {_user(os.geteuid())}; run this "
+                "command as the daemon's user, or with sudo"
+            )
 
 
 def _connect_read_only(path: Path) -> sqlite3.Connection:
@@ -1473,13 +1488,19 @@ def _disk_full(path: Path) -> bool:
     return info.f_bavail * info.f_frsize < 64 * 1024
 
 
-def _sqlite_problem(path: Path, exc: sqlite3.Error) -> str:
-    """What an SQLite error on opening the state file means, and what to do."""
+def _sqlite_problem(path: Path, exc: sqlite3.Error, *, reader: bool = False) -> str:
+    """What an SQLite error on opening the state file means, and what to do (``reader``:
+    for an operator command, which only reads it, rather than the daemon)."""
     code = getattr(exc, "sqlite_errorcode", None)
     primary = code & 0xFF if isinstance(code, int) else None
     if primary == sqlite3.SQLITE_FULL or (primary == sqlite3.SQLITE_IOERR and _disk_full(path)):
         # (a full disk may also show as an I/O error: growing the -shm file failed)
         return f"cannot write state file {path}: the disk is full; free some space on it"
+    if primary == sqlite3.SQLITE_CANTOPEN and reader:
+        return (
+            f"SQLite cannot open state file {path} or the -wal/-shm files beside it for "
+            f"{_user(os.geteuid())}: run this command as the daemon's user, or with sudo"
+        )
     if primary == sqlite3.SQLITE_CANTOPEN:
         return (
             f"SQLite cannot open state file {path} or the -wal/-shm files beside it: the "

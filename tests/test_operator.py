@@ -20,6 +20,7 @@ import resource
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import sysconfig
@@ -86,6 +87,7 @@ class Case:
     argv: tuple[str, ...]
     code: int | tuple[int, ...]
     says: str = ""  # regex the stderr must match ("" = stderr must be empty)
+    never: str = ""  # regex the stderr must not match
     setup: Callable[[Place], None] = lambda place: None
     stdout: str = "pipe"  # pipe | closed | full | two-lines (read two, then close) |
     # none (started with it closed: `>&-`) | none-both (stderr too: `>&- 2>&-`)
@@ -158,6 +160,20 @@ def state_garbage(place: Place) -> None:
     place.state.write_bytes(b"not a database" * 100)
 
 
+def state_of_another_program(place: Place) -> None:
+    state_folder(place)
+    with sqlite3.connect(place.state) as conn:
+        conn.execute("CREATE TABLE notes (body TEXT)")
+    conn.close()
+
+
+def state_of_a_newer_invoice_watch(place: Place) -> None:
+    state_with_an_invoice(place)
+    with sqlite3.connect(place.state) as conn:
+        conn.execute("PRAGMA user_version=99")
+    conn.close()
+
+
 def state_of_another_user(place: Place) -> None:
     """A state file created 0666 by root; the command runs as nobody."""
     state_folder(place)
@@ -169,6 +185,18 @@ def state_of_another_user(place: Place) -> None:
 def state_unreadable(place: Place) -> None:
     state_with_an_invoice(place)
     place.state.chmod(0)
+
+
+def state_shm_private(place: Place) -> None:
+    """The daemon (root here) holds the state open: its -shm is 0600, while the state
+    file itself is readable by others (the operator, nobody)."""
+    state_with_an_invoice(place)
+    place.state.chmod(0o644)
+    conn = sqlite3.connect(place.state)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("SELECT COUNT(*) FROM invoices").fetchone()
+    place.holds.append(conn)
+    Path(f"{place.state}-shm").chmod(0o600)
 
 
 def state_folder_closed(place: Place) -> None:
@@ -470,6 +498,24 @@ CASES: dict[str, Case] = {
         "cannot be used: file is not a database",
         setup=state_garbage,
     ),
+    "status/state-of-another-program": Case(  # names the file (A14-13: it said None)
+        ("status", *CONFIG),
+        1,
+        r"/state/state.db is an SQLite file of another program \(tables: notes\)",
+        setup=state_of_another_program,
+    ),
+    "run-once-dry-run/state-of-a-newer-invoice-watch": Case(
+        ("run", "--once", "--dry-run", *CONFIG),
+        1,
+        r"state file /.*/state/state.db has schema version 99, newer than",
+        setup=state_of_a_newer_invoice_watch,
+    ),
+    "run-once-dry-run/no-state-yet": Case(  # it migrates nothing: it writes nothing
+        ("run", "--once", "--dry-run", *CONFIG),
+        1,
+        "dry run|Production",
+        never="migrated",
+    ),
     "run-once/state-of-another-user": Case(
         ("run", "--once", *CONFIG),
         1,
@@ -491,6 +537,15 @@ CASES: dict[str, Case] = {
         "cannot read state file .*permission denied .*sudo",
         setup=state_unreadable,
         unprivileged=True,
+    ),
+    "status/state-shm-of-the-daemon": Case(  # an operator's message, not the daemon's
+        ("status", *CONFIG),
+        1,
+        r"cannot open state file .*state.db-shm .*for nobody .*run this command as the "
+        r"daemon's user, or with sudo",
+        setup=state_shm_private,
+        unprivileged=True,
+        needs_root=True,
     ),
     "history/state-folder-closed": Case(
         ("history", *CONFIG),
@@ -779,6 +834,8 @@ def test_command_fault_ends_without_traceback(name: str, place: Place) -> None:
         assert re.search(case.says, text), f"stderr lacks {case.says!r}:\n{text}"
     elif case.stdout in ("closed", "two-lines", "none", "none-both"):
         assert text == "", f"a closed output ends the command quietly:\n{text}"
+    if case.never:
+        assert not re.search(case.never, text), f"stderr says {case.never!r}:\n{text}"
     if case.quick is not None:
         assert ended < case.quick, f"took {ended:.1f}s after its fault"
     if case.after is not None:
