@@ -289,7 +289,9 @@ class OutputError(OSError):
 class _Output(io.TextIOBase):
     """``sys.stdout`` while a command runs: a failed write raises :class:`OutputError`,
     so that :func:`main` tells a closed or full output from any other OS error. (Python
-    sets ``sys.stdout`` to None when the process starts with it closed: ``>&-``.)"""
+    sets ``sys.stdout`` to None when the process starts with it closed: ``>&-``.) What a
+    terminal would act on (ESC, BEL, bidi controls: text from Atlas or a receiver) is
+    written escaped (:func:`~invoice_watch.format.terminal_safe`)."""
 
     def __init__(self, stream: TextIO | None) -> None:
         self._stream = stream
@@ -301,11 +303,12 @@ class _Output(io.TextIOBase):
 
     def write(self, text: str) -> int:
         try:
-            return self._open().write(text)
+            self._open().write(fmt.terminal_safe(text))
         except OutputError:
             raise
         except OSError as exc:
             raise OutputError(exc.errno, exc.strerror) from None
+        return len(text)
 
     def flush(self) -> None:
         if self._stream is None:  # nothing was written: nothing to flush
@@ -326,7 +329,8 @@ class _Output(io.TextIOBase):
 
 
 class _Diagnostics(io.TextIOBase):
-    """``sys.stderr`` while a command runs: what cannot be written there (closed, ``2>&-``,
+    """``sys.stderr`` while a command runs, control characters escaped as on stdout
+    (error lines and logs quote servers): what cannot be written there (closed, ``2>&-``,
     or full) is dropped. An error line that cannot be shown must not fail the command or
     change its exit status (``print(file=None)`` would write it to stdout instead)."""
 
@@ -336,7 +340,7 @@ class _Diagnostics(io.TextIOBase):
     def write(self, text: str) -> int:
         if self._stream is not None:
             with contextlib.suppress(OSError, ValueError):
-                self._stream.write(text)
+                self._stream.write(fmt.terminal_safe(text))
         return len(text)
 
     def flush(self) -> None:

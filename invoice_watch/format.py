@@ -1,8 +1,35 @@
-"""How amounts, periods and durations are written for people, everywhere alike."""
+"""How amounts, periods and durations are written for people, everywhere alike; and how
+text from elsewhere (an Atlas answer, a receiver's error) is made safe for a terminal."""
 
 from __future__ import annotations
 
+import re
 from datetime import date, datetime, timedelta
+
+# What a terminal would act on rather than show: C0 and C1 controls (ESC starts the
+# sequences that clear the screen or set the title, BEL rings, NUL...), DEL, the Unicode
+# bidirectional controls that reorder what is shown (Trojan Source: U+202E...), the
+# line and paragraph separators, and lone surrogates.
+_UNSAFE = re.compile(
+    "[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e"
+    "\u2066-\u2069\ud800-\udfff]"
+)
+_UNSAFE_IN_A_CELL = re.compile(f"[\t\n{_UNSAFE.pattern[1:-1]}]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    return f"\\u{ord(match.group()):04x}"  # (valid in a JSON string too: JSON logs)
+
+
+def terminal_safe(text: str) -> str:
+    """``text`` with every character a terminal would act on written as an escape
+    (``ESC`` as ``\\u001b``, U+202E as ``\\u202e``); line breaks and tabs are kept."""
+    return _UNSAFE.sub(_escape, text)
+
+
+def cell(text: str) -> str:
+    """:func:`terminal_safe`, line breaks and tabs escaped too: one line of a table."""
+    return _UNSAFE_IN_A_CELL.sub(_escape, text)
 
 
 def usd(cents: int | None) -> str:

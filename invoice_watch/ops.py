@@ -2,7 +2,8 @@
 
 They read the file the daemon writes (WAL lets them read while it runs), read-only: they
 never take the daemon's lock, create, migrate or chmod anything. Tables have aligned
-columns, amounts as $1,234.56, relative times. An argument naming an organization or a
+columns, amounts as $1,234.56, relative times, and text from Atlas or a receiver with
+its control characters escaped. An argument naming an organization or a
 status that does not exist is a :class:`~invoice_watch.errors.UsageError` listing those
 that do.
 """
@@ -25,9 +26,12 @@ from invoice_watch.health import health
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """Aligned columns; a column whose header starts with '$' is right-aligned."""
+    """Aligned columns; a column whose header starts with '$' is right-aligned. Each cell
+    is one line with nothing a terminal would act on (:func:`~invoice_watch.format.cell`):
+    last errors, summaries and ids come from Atlas and the receivers."""
     names = [h.lstrip("$") for h in headers]
     right = [h.startswith("$") for h in headers]
+    rows = [[fmt.cell(value) for value in row] for row in rows]
     widths = [len(n) for n in names]
     for row in rows:
         widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]

@@ -160,6 +160,45 @@ def state_garbage(place: Place) -> None:
     place.state.write_bytes(b"not a database" * 100)
 
 
+HOSTILE = "\x1b[2J\x1b]0;pwned\x07 \u202egnp.exe\x00 two\nlines"
+
+
+def state_with_hostile_text(place: Place) -> None:
+    """Text from Atlas and a receiver that a terminal would act on (A12-15): an
+    organization's last error, a message's summary and error, an invoice's id."""
+    state_folder(place)
+
+    async def make() -> None:
+        from tests.conftest import NOW
+
+        store = await StateStore.open(place.state)
+        cycle = store.begin_cycle()
+        invoice = inv(1, org=ORG)
+        await store.commit_orgs(cycle, NOW, [OrgWrite(ORG, True, upserts=[invoice])], [], {})
+        cycle = store.begin_cycle()
+        await store.commit_orgs(cycle, NOW, [OrgWrite(ORG, False, error=HOSTILE)], [], {})
+        await store.close()
+
+    asyncio.run(make())
+    with sqlite3.connect(place.state) as conn:
+        conn.execute("UPDATE invoices SET id = ? || id", (HOSTILE,))
+        conn.execute(
+            "INSERT INTO outbox (notifier, events, summary, created_at, next_attempt_at, "
+            "state, last_error) VALUES ('out', '[]', ?, '2026-01-01T00:00:00+00:00', "
+            "'2026-01-01T00:00:00+00:00', 'pending', ?)",
+            (HOSTILE, HOSTILE),
+        )
+    conn.close()
+
+
+def nothing_a_terminal_acts_on(place: Place) -> None:
+    text = place.output.decode()
+    assert "pwned" in text, text  # shown...
+    for raw in ("\x1b", "\x07", "\x00", "\u202e"):
+        assert raw not in text, text  # ...but escaped
+    assert "\\u001b[2J\\u001b]0;pwned\\u0007 \\u202egnp.exe\\u0000 two\\u000alines" in text
+
+
 def state_of_another_program(place: Place) -> None:
     state_folder(place)
     with sqlite3.connect(place.state) as conn:
@@ -465,6 +504,16 @@ CASES: dict[str, Case] = {
     ),
     "test-notify/ascii-output": Case(
         ("test-notify", *CONFIG), 0, setup=ascii_output_with_an_invoice, after=escaped_dash
+    ),
+    # -- text from servers holds what a terminal would act on (A12-15) --
+    "status/hostile-text": Case(
+        ("status", *CONFIG), 0, setup=state_with_hostile_text, after=nothing_a_terminal_acts_on
+    ),
+    "history/hostile-text": Case(
+        ("history", *CONFIG), 0, setup=state_with_hostile_text, after=nothing_a_terminal_acts_on
+    ),
+    "invoices/hostile-text": Case(
+        ("invoices", *CONFIG), 0, setup=state_with_hostile_text, after=nothing_a_terminal_acts_on
     ),
     # -- the state file --
     "status/no-state-yet": Case(("status", *CONFIG), 1, "no state file at .*state.db yet"),
@@ -1432,3 +1481,21 @@ def test_a_reader_gone_at_the_end_does_not_hide_a_failure(place, monkeypatch):
 
     monkeypatch.setattr(sys, "stdout", ReaderGone())
     assert main(["run", "--once", "-c", str(place.config)]) == 1
+
+
+async def test_tables_escape_what_a_terminal_acts_on_whatever_the_stream(tmp_path):
+    """ops' tables escape server text themselves (a cell is one line), not only the
+    command line's stdout: `status` written to any stream shows no control character."""
+    import io
+
+    from invoice_watch import ops
+    from tests.conftest import make_config
+
+    place = Place(tmp_path, 0)
+    await asyncio.to_thread(state_with_hostile_text, place)
+    config = make_config(tmp_path, state={"path": str(place.state)})
+    for command in (ops.status, ops.history, ops.invoices):
+        out = io.StringIO()
+        assert await command(config, out=out) == 0
+        place.output = out.getvalue().encode()
+        nothing_a_terminal_acts_on(place)
