@@ -5,8 +5,8 @@ The demo starts the built-in Atlas simulator on a free loopback port, runs the r
 daemon against it (Digest auth, a 2 s poll interval, a throw-away state file) with the
 console notifier (and Slack too when ``SLACK_WEBHOOK_URL`` is set), plays the demo
 scenario so a charge FAILS and is paid, and a pending invoice crosses $5,000 and drops
-back, then exits 0 by itself. A reader that closes its output (``| head``) ends it at
-once.
+back, then exits 0 by itself (1, saying why, when it could show no alert). A reader
+that closes its output (``| head``) ends it at once.
 """
 
 from __future__ import annotations
@@ -258,9 +258,24 @@ async def run_demo(out: TextIO | None = None, time_limit: float = TIME_LIMIT) ->
                         await asyncio.gather(timeline, return_exceptions=True)
                     totals = app.deliverer.totals
                     firing = len(app.store.firing_alerts())
+                    last = app.last_cycle
+                    unread = (
+                        [f"{config.org_name(o)}: {last.reads[o].error}" for o in last.orgs_failed]
+                        if last is not None
+                        else ["no cycle ended"]
+                    )
             finally:
                 for notifier in notifiers.values():
                     await notifier.aclose()
+    if totals.sent == 0:  # the demo is its alerts: one that showed none failed
+        if unread:
+            say(
+                f"done: the demo showed no alert: {len(unread)} organization(s) of the "
+                f"simulator could not be read ({unread[0]})"
+            )
+        else:
+            say("done: the demo showed no alert, although its scenario fires some")
+        return 1
     say(
         f"done: {totals.sent} notification(s) sent, {totals.failed} failed, "
         f"{firing} alert(s) still firing"

@@ -37,3 +37,31 @@ async def test_demo_scenario_fires_and_resolves_both_alerts(tmp_path: Path):
         "RESOLVED: pending-over-budget",
     ]
     assert "Production" in text and "Analytics" not in text
+
+
+async def test_a_demo_that_shows_no_alert_says_why_and_exits_1(monkeypatch):
+    """A13-6: every read of the simulator failing (a proxy in the way, here the API key
+    refused everywhere): the demo does not end as if it had shown something, exit 0,
+    but says what it could not read, exit 1."""
+    from invoice_watch import demo
+    from invoice_watch.simulator.scenario import parse_scenario
+
+    def refused() -> object:
+        return parse_scenario(
+            {
+                "orgs": [{"name": "Production", "forbidden": True}],
+                "invoices": [
+                    {"name": "due", "org": "Production", "period": -1, "status": "FAILED"}
+                ],
+            }
+        )
+
+    monkeypatch.setattr(demo, "demo_scenario", refused)
+    out = io.StringIO()
+    assert await demo.run_demo(out=out, time_limit=2) == 1
+    text = out.getvalue()
+    assert "the demo showed no alert: 1 organization(s) of the simulator could not be read" in (
+        text
+    ), text
+    assert "Production: " in text.splitlines()[-1]
+    assert "next: copy config.example.yaml" not in text
