@@ -126,7 +126,7 @@ class EventFactory:
             invoice_status=invoice.status if invoice else None,
             amount_cents=invoice.amount_billed_cents if invoice else None,
             period_start=invoice.start_date.date() if invoice else None,
-            period_end=invoice.end_date.date() if invoice else None,
+            period_end=fmt.end_day(invoice.end_date) if invoice else None,
             firing_since=firing_since,
             details=condition.details,
             previous_status=condition.previous_status,

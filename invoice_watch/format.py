@@ -53,21 +53,34 @@ def parse_usd(text: str) -> int | None:
     return -cents if negative else cents
 
 
+def last_day(end: date | datetime) -> date:
+    """The last day of a billing period that ends at ``end`` (Atlas's ``endDate``, which
+    is exclusive): the day of the last instant before it. October's invoice ends at
+    2026-11-01T00:00Z: its last day is 2026-10-31; one that ends at 2026-10-31T23:59:59Z
+    includes October 31 too. A ``date`` end is exclusive as well: the day before it.
+    The one rule for every place that shows a period (tables, messages)."""
+    if isinstance(end, datetime):
+        return (end - timedelta(microseconds=1)).date()
+    return end - timedelta(days=1)
+
+
+def end_day(end: datetime) -> date:
+    """A billing period's exclusive end as a date (what an alert event keeps): the day
+    after its :func:`last_day`, so that :func:`period` shows the same last day from it
+    as from ``end`` itself."""
+    return last_day(end) + timedelta(days=1)
+
+
 def period(start: date | datetime | None, end: date | datetime | None) -> str:
     """The billing period as its first and last day, ``YYYY-MM-DD – YYYY-MM-DD``.
 
     Atlas's ``endDate`` is exclusive: October's invoice runs from 2026-10-01T00:00Z to
     2026-11-01T00:00Z, and a reader takes "– 2026-11-01" to include November 1. So the
-    last day shown is the day of the last instant before ``end`` (a ``date`` end is
-    taken as exclusive too): ``2026-10-01 – 2026-10-31``."""
+    last day shown is :func:`last_day`: ``2026-10-01 – 2026-10-31``."""
     if start is None or end is None:
         return "—"
     first = start.date() if isinstance(start, datetime) else start
-    if isinstance(end, datetime):
-        last = (end - timedelta(microseconds=1)).date()
-    else:
-        last = end - timedelta(days=1)
-    return f"{first.isoformat()} – {max(first, last).isoformat()}"
+    return f"{first.isoformat()} – {max(first, last_day(end)).isoformat()}"
 
 
 def duration(delta: timedelta) -> str:

@@ -1321,6 +1321,42 @@ def test_period_shows_the_last_day_not_atlas_exclusive_end():
     assert fmt.period(None, date(2026, 2, 1)) == "—"
 
 
+@pytest.mark.parametrize(
+    ("end", "last"),
+    [
+        ("2026-11-01T00:00:00+00:00", "2026-10-31"),  # Atlas's usual exclusive end
+        ("2026-10-31T23:59:59+00:00", "2026-10-31"),  # the last second of October
+        ("2026-10-31T12:00:00+00:00", "2026-10-31"),  # part of October 31 is billed
+    ],
+)
+def test_a_message_and_the_invoices_table_show_one_last_day(tmp_path, end, last):
+    """A14-13: the billing period is computed once: a message (from the alert event,
+    which keeps dates) and the `invoices` table (from the stored datetimes) show the
+    same last day, whatever time of day the period ends."""
+    from datetime import UTC, datetime
+
+    from invoice_watch import format as fmt
+    from invoice_watch.dedup import EventFactory
+    from invoice_watch.notify import render
+    from invoice_watch.rules import Condition
+    from invoice_watch.types import EventKind
+    from tests.conftest import make_config
+
+    config = make_config(tmp_path)
+    invoice = inv(
+        1,
+        org=config.organizations[0].id,
+        start=datetime(2026, 10, 1, tzinfo=UTC),
+        end=datetime.fromisoformat(end),
+    )
+    rule = config.rules[0]
+    condition = Condition("k", rule.name, invoice.org_id, invoice.org_id, "s", invoice)
+    event = EventFactory(config).event(EventKind.FIRING, rule, condition, invoice.end_date)
+    shown = f"2026-10-01 – {last}"
+    assert fmt.period(invoice.start_date, invoice.end_date) == shown  # the table's
+    assert shown in render.text([event])  # the message's
+
+
 async def test_invoices_table_prints_the_last_day_of_the_period(tmp_path):
     import io
 
