@@ -63,6 +63,11 @@ held by another daemon); 2 a usage or configuration error. `invoice-watch COMMAN
 explains a command."""
 
 
+CONFIG_HELP = (
+    "config file (default: $INVOICE_WATCH_CONFIG, ./config.yaml, /etc/invoice-watch/config.yaml)"
+)
+
+
 def _bounded_int(low: int, high: int) -> Callable[[str], int]:
     """An argparse type: an integer from ``low`` to ``high`` (a usage error otherwise)."""
 
@@ -88,6 +93,9 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(  # also after the command: `invoice-watch -c FILE status` works too
+        "-c", "--config", metavar="FILE", help=CONFIG_HELP
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def command(name: str, summary: str, description: str) -> argparse.ArgumentParser:
@@ -100,12 +108,9 @@ def _parser() -> argparse.ArgumentParser:
         )
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        # SUPPRESS: when not given here, the value given before the command stands
         p.add_argument(
-            "-c",
-            "--config",
-            metavar="FILE",
-            help="config file (default: $INVOICE_WATCH_CONFIG, ./config.yaml, "
-            "/etc/invoice-watch/config.yaml)",
+            "-c", "--config", metavar="FILE", default=argparse.SUPPRESS, help=CONFIG_HELP
         )
         return p
 
@@ -270,6 +275,10 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if args.config == "":  # (an unset variable in `-c "$CONFIG"`): not the default
+        parser.error("-c/--config: the path is empty; name the config file")
+    if args.config is not None and args.command in ("simulate", "demo"):
+        parser.error(f"{args.command} reads no config file: drop -c/--config")
     if args.command == "run" and (args.dry_run or args.baseline) and not args.once:
         parser.error("--dry-run and --baseline go with --once")
     if args.command == "run" and args.dry_run and args.baseline:

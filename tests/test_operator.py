@@ -657,6 +657,13 @@ CASES: dict[str, Case] = {
         "--status BOGUS: no such invoice status; Atlas's are PENDING, CLOSED",
         setup=state_with_an_invoice,
     ),
+    "invoices/config-before-the-command": Case(  # `invoice-watch -c FILE invoices` (A14-13)
+        ("-c", "config.yaml", "invoices"), 0, "", setup=state_with_an_invoice
+    ),
+    "status/config-empty": Case(  # `-c "$UNSET"` is no reason to read another config
+        ("status", "-c", ""), 2, "-c/--config: the path is empty; name the config file"
+    ),
+    "demo/config-given": Case(("-c", "config.yaml", "demo"), 2, "demo reads no config file"),
     "history/limit-zero": Case(
         ("history", "--limit", "0", *CONFIG), 2, "--limit: 0 is not between 1 and"
     ),
