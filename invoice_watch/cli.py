@@ -93,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument(  # also after the command: `invoice-watch -c FILE status` works too
+    parser.add_argument(  # before the command (`-c FILE status`); each takes it after too
         "-c", "--config", metavar="FILE", help=CONFIG_HELP
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -236,7 +236,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line; returns the exit status. No command ends in a traceback: every
     error an operator can cause is one line on stderr saying what to do, and a reader
-    that stops reading (``| head``) ends the command quietly, exit 0."""
+    that stops reading (``| head``) ends the command quietly, exit 0 (unless the command
+    had failed already: its status stands, as it does when stderr cannot show why)."""
     real_stdout, real_stderr = sys.stdout, sys.stderr
     for stream in (real_stdout, real_stderr):
         _tolerant(stream)
