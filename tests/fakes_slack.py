@@ -8,11 +8,14 @@ route and the Web API's ``chat.postMessage``, recording every request it receive
         assert slack.received[-1].body["text"]
 
 Answers are scripted per route (first in, first out); when the script is empty the
-route answers like Slack on success. ``chat.postMessage`` checks the bearer token like
-Slack does (``not_authed`` / ``invalid_auth``, HTTP 200), and both routes refuse a
-message that breaks Slack's documented limits as Slack does (:func:`slack_problem`:
-``invalid_blocks``, ``msg_blocks_too_long``, ``msg_too_long``), so that every test that
-sends through this fake also proves its messages fit.
+route answers like Slack on success. A scripted ``Reply`` may also answer what Slack
+never does (``raw`` HTML, any ``body`` bytes with any headers: a gzip bomb, ``ok\xff``),
+for the tests of what the notifiers make of an answer. ``chat.postMessage`` checks the
+bearer token like Slack does (``not_authed`` / ``invalid_auth``, HTTP 200), and both
+routes refuse a message that breaks Slack's documented limits as Slack does
+(:func:`slack_problem`: ``invalid_blocks``, ``msg_blocks_too_long``, ``msg_too_long``),
+counted in UTF-16 code units as Slack may count them (an emoji counts twice), so that
+every test that sends through this fake also proves its messages fit.
 """
 
 from __future__ import annotations
@@ -38,13 +41,17 @@ class Reply:
 
     For the webhook, ``error`` is the plain-text body (``ok`` when None). For the Web
     API, the body is ``{"ok": false, "error": error}``; ``raw`` replaces either body with
-    an HTML page (what a proxy or load balancer in front of Slack answers).
+    an HTML page (what a proxy or load balancer in front of Slack answers), ``body``
+    with these bytes as they are, sent with ``content_type`` and ``headers`` (a
+    ``Content-Encoding`` among them is not applied: ``body`` is already encoded).
     """
 
     status: int = 200
     error: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
     raw: str | None = None
+    body: bytes | None = None
+    content_type: str = "text/plain; charset=utf-8"
 
 
 @dataclass(frozen=True)
@@ -71,15 +78,21 @@ URL_MAX = 3000
 BLOCK_TEXT_MAX = 12_000
 
 
+def units(text: str) -> int:
+    """``text``'s length in UTF-16 code units (JavaScript's ``length``): how Slack may
+    count its limits, never less than the characters."""
+    return len(text.encode("utf-16-le", "surrogatepass")) // 2
+
+
 def block_text(blocks: list[dict[str, Any]]) -> int:
-    """Characters of every text object in ``blocks`` (what msg_blocks_too_long counts)."""
+    """Code units of every text object in ``blocks`` (what msg_blocks_too_long counts)."""
     total = 0
 
     def walk(value: Any) -> None:
         nonlocal total
         if isinstance(value, dict):
             if value.get("type") in ("plain_text", "mrkdwn") and isinstance(value.get("text"), str):
-                total += len(value["text"])
+                total += units(value["text"])
                 return
             for item in value.values():
                 walk(item)
@@ -96,26 +109,26 @@ def _block_problem(block: dict[str, Any]) -> bool:
     kind = block.get("type")
     text = (block.get("text") or {}).get("text")
     if kind == "header":
-        return not isinstance(text, str) or not 0 < len(text) <= HEADER_MAX
+        return not isinstance(text, str) or not 0 < units(text) <= HEADER_MAX
     if kind == "section":
         fields = block.get("fields") or []
         if text is None and not fields:
             return True
-        if text is not None and not 0 < len(text) <= SECTION_MAX:
+        if text is not None and not 0 < units(text) <= SECTION_MAX:
             return True
         return len(fields) > FIELDS_MAX or any(
-            not 0 < len(f.get("text", "")) <= FIELD_MAX for f in fields
+            not 0 < units(f.get("text", "")) <= FIELD_MAX for f in fields
         )
     if kind == "context":
         elements = block.get("elements") or []
         return not 0 < len(elements) <= CONTEXT_ELEMENTS_MAX or any(
-            len(e.get("text", "")) > SECTION_MAX for e in elements
+            units(e.get("text", "")) > SECTION_MAX for e in elements
         )
     if kind == "actions":
         elements = block.get("elements") or []
         return not 0 < len(elements) <= ACTIONS_ELEMENTS_MAX or any(
-            len(e.get("text", {}).get("text", "")) > BUTTON_TEXT_MAX
-            or len(e.get("url", "")) > URL_MAX
+            units(e.get("text", {}).get("text", "")) > BUTTON_TEXT_MAX
+            or units(e.get("url", "")) > URL_MAX
             for e in elements
         )
     return kind != "divider"
@@ -127,7 +140,7 @@ def slack_problem(body: dict[str, Any]) -> str | None:
     text = body.get("text") or ""
     if not text and not blocks:
         return "no_text"
-    if len(text) > TEXT_MAX:
+    if units(text) > TEXT_MAX:
         return "msg_too_long"
     if not isinstance(blocks, list) or len(blocks) > BLOCKS_MAX:
         return "invalid_blocks"
@@ -135,6 +148,18 @@ def slack_problem(body: dict[str, Any]) -> str | None:
         return "invalid_blocks"
     if block_text(blocks) > BLOCK_TEXT_MAX:
         return "msg_blocks_too_long"
+    return None
+
+
+def _as_is(reply: Reply) -> web.Response | None:
+    """The answer of a reply that is not Slack's own (``raw`` or ``body``), else None."""
+    if reply.raw is not None:
+        return web.Response(
+            status=reply.status, text=reply.raw, content_type="text/html", headers=reply.headers
+        )
+    if reply.body is not None:
+        headers = {"Content-Type": reply.content_type, **reply.headers}
+        return web.Response(status=reply.status, body=reply.body, headers=headers)
     return None
 
 
@@ -190,12 +215,10 @@ class FakeSlack(LoopbackServer):
         if reply is None:
             problem = slack_problem(body)
             reply = Reply(400, problem) if problem else Reply()
-        if reply.status == 200 and reply.raw is None and reply.error is None:
+        if reply.status == 200 and reply.raw is None and reply.body is None and reply.error is None:
             self.accepted.append(body)
-        if reply.raw is not None:
-            return web.Response(
-                status=reply.status, text=reply.raw, content_type="text/html", headers=reply.headers
-            )
+        if (answer := _as_is(reply)) is not None:
+            return answer
         return web.Response(status=reply.status, text=reply.error or "ok", headers=reply.headers)
 
     async def _post_message(self, request: web.Request) -> web.Response:
@@ -212,10 +235,8 @@ class FakeSlack(LoopbackServer):
             else:
                 problem = slack_problem(body)
                 reply = Reply(error=problem) if problem else Reply()
-        if reply.raw is not None:
-            return web.Response(
-                status=reply.status, text=reply.raw, content_type="text/html", headers=reply.headers
-            )
+        if (answer := _as_is(reply)) is not None:
+            return answer
         if reply.error is not None:
             answer: dict[str, Any] = {"ok": False, "error": reply.error}
         else:

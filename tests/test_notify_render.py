@@ -24,7 +24,7 @@ from invoice_watch.constants import MESSAGE_MAX_EVENTS
 from invoice_watch.format import billing_url
 from invoice_watch.notify import ConsoleNotifier, EmailNotifier, render
 from invoice_watch.types import AlertEvent, BreakdownLine, EventKind, Part, Severity
-from tests.fakes_slack import BLOCK_TEXT_MAX, TEXT_MAX, block_text, slack_problem
+from tests.fakes_slack import BLOCK_TEXT_MAX, TEXT_MAX, block_text, slack_problem, units
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -316,14 +316,64 @@ def test_slack_blocks_long_names_are_clipped() -> None:
     assert blocks[1]["text"]["text"] == "y" * 999 + "…"
 
 
+def test_slack_limits_count_emoji_as_slack_does() -> None:
+    """Issue 13 §10: Slack may count UTF-16 code units (an emoji counts twice): 200-emoji
+    names made blocks Slack refuses (msg_blocks_too_long, a header over 150), so every
+    message fell back to plain text. Every limit is kept in code units."""
+    name = "🚀" * 200
+    one = pending_event(rule=name, org_name=name, summary="💸" * 3000, invoice_id=name)
+    many = [replace(one, key=str(i), rule=f"{i}{name}") for i in range(MESSAGE_MAX_EVENTS)]
+    for events in ([one], many):
+        body = {"text": render.slack_text(events), "blocks": render.slack_blocks(events)}
+        assert slack_problem(body) is None
+    assert render.units("🚀a") == 3 and render.units("") == 0
+
+
+def test_slack_text_escapes_what_a_server_says() -> None:
+    """Issue 12 §16: the blocks were escaped, the top-level ``text`` (what Slack shows
+    when it refuses the blocks, and in notifications) was not: an Atlas error carrying
+    ``<!channel>`` or a link with a fake label went out as it came."""
+    hostile = "<!channel> log in at <https://evil.example/login|cloud.mongodb.com> & <@U1>"
+    event = pending_event(summary=hostile, org_name=hostile, details=(("Error", hostile),))
+    for events in ([event], [event, event]):
+        for text in (render.slack_text(events), render.slack_brief_text(events)):
+            assert "<!channel>" not in text and "<https://evil" not in text
+            assert "<@U1>" not in text and "<" not in text.replace("&lt;", "")
+        assert "&lt;!channel&gt;" in render.slack_text(events)
+    assert "<!channel>" in render.text([event])  # plain text elsewhere (email, console)
+
+
+def test_text_shows_control_characters_visibly() -> None:
+    """Issue 12 §15, in messages: an Atlas detail with ``ESC [2J`` (clears a terminal),
+    an OSC title, a right-to-left override, a NUL or a lone surrogate is shown as
+    escapes, on the console as in Slack and email, and every form encodes as UTF-8."""
+    hostile = "boom\x1b[2J\x1b]0;pwned\x07\u202eevil\x00\ud800"
+    event = pending_event(summary=hostile, org_name=hostile, details=(("Error", hostile),))
+    for events in ([event], [event, event]):
+        outputs = [
+            render.text(events),
+            render.slack_text(events),
+            json.dumps(render.slack_blocks(events), ensure_ascii=False),
+            render.email_html(events),
+            render.email_subject(events),
+        ]
+        for out in outputs:
+            assert not any(c in out for c in "\x1b\x07\u202e\x00\ud800")
+            out.encode("utf-8")
+    assert "boom\\x1b[2J\\x1b]0;pwned\\x07\\u202eevil\\x00\\ud800" in render.text([event])
+
+
 # -- every message fits its channel, whatever the values --------------------------------
 
-# Values of every length, with the characters that escaping makes longer.
+# Values of every length, with the characters that escaping makes longer, and those
+# Slack may count twice (UTF-16: an emoji beyond the Basic Multilingual Plane).
 _LONG = st.one_of(
     st.text(max_size=40),
     st.builds(
         lambda chunk, n: chunk * n,
-        st.sampled_from(["x", "&", "<>", "é", " a", "*_`", "|", "\r\n"]),
+        st.sampled_from(
+            ["x", "&", "<>", "é", " a", "*_`", "|", "\r\n", "😀", "\x1b[2J", "\u202e", "\ud800"]
+        ),
         st.integers(0, 5000),
     ),
 )
@@ -381,11 +431,11 @@ def test_render_fits_slack_limits_whatever_the_values(
     fake Slack enforces them), and each fallback form the notifier may send."""
     events, part = message
     blocks = render.slack_blocks(events, part)
-    text = render.text(events, part)
+    text = render.slack_text(events, part)
     assert slack_problem({"text": text, "blocks": blocks}) is None
     assert block_text(blocks) <= BLOCK_TEXT_MAX
-    assert len(text) <= TEXT_MAX
-    assert slack_problem({"text": render.brief_text(events, part)}) is None
+    assert units(text) <= TEXT_MAX
+    assert slack_problem({"text": render.slack_brief_text(events, part)}) is None
     if part is not None:
         assert str(part) in blocks[0]["text"]["text"] or len(blocks[0]["text"]["text"]) == 150
         assert str(part) in text.splitlines()[0]

@@ -11,9 +11,16 @@ Every message fits its channel's limits by construction: each value an event car
 (names, summary, details, breakdown, link) is clipped to a bound of its own below, so one
 event renders within every limit, and so do up to ``MESSAGE_MAX_EVENTS`` of them as one
 grouped message (``tests/test_notify_render.py::test_render_fits_*`` proves it for any
-values). Slack's limits are :data:`SLACK_LIMITS`; email headers are folded by the
-``email`` package (RFC 5322 lines of at most 78 characters, bodies quoted-printable when
-a line is longer); the subject is clipped to :data:`SUBJECT_MAX`.
+values). Slack's limits are :data:`SLACK_LIMITS`, kept in UTF-16 code units; email
+headers are folded by the ``email`` package (RFC 5322 lines of at most 78 characters,
+bodies quoted-printable when a line is longer); the subject is clipped to
+:data:`SUBJECT_MAX`.
+
+Every value an event carries may come from a server (an Atlas error's detail, a name in
+a listing): it is shown with its control characters written visibly
+(:func:`~invoice_watch.safe_text.printable`), HTML-escaped in email and mrkdwn-escaped
+in Slack, blocks and top-level ``text`` alike (:func:`slack_text`), so that it can
+neither drive a terminal nor mention (``<!channel>``) or link in Slack.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from slack_sdk.models.blocks import (
 
 from invoice_watch.constants import MESSAGE_MAX_EVENTS
 from invoice_watch.format import duration, period, usd
+from invoice_watch.safe_text import printable
 from invoice_watch.types import AlertEvent, BreakdownLine, EventKind, Part, Severity
 
 SUBJECT_PREFIX = "[invoice-watch]"
@@ -50,7 +58,9 @@ class SlackLimits:
     https://docs.slack.dev/reference/methods/chat.postMessage). ``block_text``: the
     characters of every text object of the blocks together; Slack refuses a message
     above about 13,000 (``msg_blocks_too_long``, as reported by Slack users), so a
-    message keeps within 12,000."""
+    message keeps within 12,000. Every limit is kept in UTF-16 code units
+    (:func:`units`), the most Slack may count a character as (it is written in
+    JavaScript, whose string length counts them): an emoji-heavy name stays within."""
 
     blocks: int = 50
     header: int = 150
@@ -66,8 +76,9 @@ class SlackLimits:
 
 SLACK_LIMITS = SlackLimits()
 
-# Bounds on what one event contributes to any message (characters), so that one event,
-# and MESSAGE_MAX_EVENTS of them grouped, fit every channel (see the module docstring).
+# Bounds on what one event contributes to any message (UTF-16 code units, :func:`units`),
+# so that one event, and MESSAGE_MAX_EVENTS of them grouped, fit every channel (see the
+# module docstring).
 _NAME_MAX = 100  # a rule's or an organization's name, an invoice id, a breakdown name
 _SUMMARY_MAX = 1000
 _DETAILS_MAX = 10  # details shown, each label _NAME_MAX and value _DETAIL_MAX
@@ -108,12 +119,30 @@ _COLOR = {
 
 
 def _one_line(value: str) -> str:
-    """Collapse whitespace, so names and summaries cannot break a header or a line."""
-    return " ".join(value.split())
+    """Collapse whitespace, so names and summaries cannot break a header or a line, and
+    write control characters visibly (:func:`~invoice_watch.safe_text.printable`: a
+    name or an Atlas error's detail cannot drive a terminal or hide in a message)."""
+    return " ".join(printable(value, one_line=True).split())
+
+
+def units(value: str) -> int:
+    """The length of ``value`` in UTF-16 code units, as Slack counts its limits (a
+    character beyond the Basic Multilingual Plane, as most emoji, counts twice): never
+    less than its characters, so a bound kept in units is kept in characters too."""
+    return len(value) + sum(1 for c in value if ord(c) > 0xFFFF)
 
 
 def _clip(value: str, limit: int) -> str:
-    return value if len(value) <= limit else value[: limit - 1] + "…"
+    """``value`` within ``limit`` UTF-16 code units (:func:`units`), an ellipsis
+    marking the cut."""
+    if len(value) <= limit // 2 or units(value) <= limit:
+        return value
+    count = 0
+    for index, char in enumerate(value):
+        count += 2 if ord(char) > 0xFFFF else 1
+        if count > limit - 1:
+            return value[:index] + "…"
+    return value  # not reached: value is longer than limit units
 
 
 def _name(value: str) -> str:
@@ -126,9 +155,9 @@ def _summary(event: AlertEvent) -> str:
 
 
 def _link(event: AlertEvent) -> str | None:
-    """The billing link, unless it is too long to show anywhere."""
+    """The billing link, unless it is too long to show anywhere or not printable."""
     url = event.billing_url
-    return url if len(url) <= _URL_MAX else None
+    return url if units(url) <= _URL_MAX and printable(url, one_line=True) == url else None
 
 
 def _details(event: AlertEvent) -> list[tuple[str, str]]:
@@ -316,8 +345,21 @@ def brief_text(events: Sequence[AlertEvent], part: Part | None = None) -> str:
 
 
 def _mrkdwn_escape(value: str) -> str:
-    """Slack mrkdwn needs only these three escaped."""
+    """Slack mrkdwn needs only these three escaped: what is left cannot mention
+    (``<!channel>``, ``<@U123>``) or link (``<https://evil.example|label>``)."""
     return value.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def slack_text(events: Sequence[AlertEvent], part: Part | None = None) -> str:
+    """Slack's top-level ``text`` for a message: :func:`text`, mrkdwn-escaped (Slack
+    parses it as mrkdwn, and shows it alone when it refuses the blocks: a server's text
+    in it must not mention or link), within ``SLACK_LIMITS.text``."""
+    return _clip(_mrkdwn_escape(text(events, part)), SLACK_LIMITS.text)
+
+
+def slack_brief_text(events: Sequence[AlertEvent], part: Part | None = None) -> str:
+    """:func:`brief_text` as Slack's top-level ``text`` (see :func:`slack_text`)."""
+    return _clip(_mrkdwn_escape(brief_text(events, part)), SLACK_LIMITS.text)
 
 
 def _mrkdwn_link(url: str, label: str) -> str:
@@ -374,7 +416,7 @@ def _slack_one(event: AlertEvent) -> list[Block]:
 
 
 def _slack_line(event: AlertEvent) -> str:
-    """One event of a grouped message, within ``_SLACK_LINE_MAX`` characters: the
+    """One event of a grouped message, within ``_SLACK_LINE_MAX`` code units: the
     organization is a link when the line has room for it."""
 
     def line(org: str) -> str:
@@ -388,7 +430,7 @@ def _slack_line(event: AlertEvent) -> str:
     link = _link(event)
     if link is not None:
         linked = line(_mrkdwn_link(link, _org_name(event)))
-        if len(linked) <= _SLACK_LINE_MAX:
+        if units(linked) <= _SLACK_LINE_MAX:
             return linked
     return _clip(line(_mrkdwn_escape(_org_name(event))), _SLACK_LINE_MAX)
 
@@ -398,7 +440,7 @@ def _slack_group(events: Sequence[AlertEvent], part: Part | None) -> list[Block]
     shown = events[:MESSAGE_MAX_EVENTS]  # the outbox never groups more (commit.py)
     for event in shown:
         line = _slack_line(event)
-        if sum(len(x) + 1 for x in chunks[-1]) + len(line) > SLACK_LIMITS.section:
+        if sum(units(x) + 1 for x in chunks[-1]) + units(line) > SLACK_LIMITS.section:
             chunks.append([])
         chunks[-1].append(line)
     if len(shown) < len(events):
