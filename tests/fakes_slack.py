@@ -235,8 +235,8 @@ class FakeSlack(LoopbackServer):
             else:
                 problem = slack_problem(body)
                 reply = Reply(error=problem) if problem else Reply()
-        if (answer := _as_is(reply)) is not None:
-            return answer
+        if (as_is := _as_is(reply)) is not None:
+            return as_is
         if reply.error is not None:
             answer: dict[str, Any] = {"ok": False, "error": reply.error}
         else:

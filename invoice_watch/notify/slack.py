@@ -1,55 +1,81 @@
 """Slack notifiers: an incoming webhook, or a bot token posting with ``chat.postMessage``.
 
-Both send Block Kit blocks plus the plain-text fallback from :mod:`.render`, and turn
-every failure into :class:`RetryableNotifyError` or :class:`PermanentNotifyError` through
-:func:`classify_slack_status`, the one place that decides whether retrying can help.
+Both send Block Kit blocks plus the fallback ``text`` from :mod:`.render`, one HTTP POST
+per attempt, and turn every outcome into "delivered", :class:`RetryableNotifyError` or
+:class:`PermanentNotifyError`. :func:`classify_slack_status` is the one place that
+decides whether retrying can help when Slack itself answered.
 
-One ``send`` is exactly one HTTP attempt. slack-sdk can retry by itself (its default
-handlers retry connection errors, and optional ones sleep on 429 for ``Retry-After``),
-but that would sleep inside ``send``, hidden from the outbox, which owns retries and
-backoff across all notifiers and restarts (and caps it at ``delivery.max_backoff``). So
-the clients get ``retry_handlers=[]`` and a 429 comes back as
-``RetryableNotifyError(retry_after=...)`` for the outbox to schedule.
+Why not slack-sdk's clients (its Block Kit models build the blocks in :mod:`.render`):
+they read an answer whole whatever its size (a gzip bomb decoding to 1 GiB took the
+daemon to 3.2 GB), follow a redirect to any host with the message, fail inside on a
+body Slack never sends (``AttributeError`` on a non-JSON 200 from ``chat.postMessage``,
+``UnicodeDecodeError`` on a body that is not UTF-8), sleep and retry by themselves, and
+read ``HTTPS_PROXY`` without ``NO_PROXY``. What they did for us is one JSON POST. So an
+attempt is one aiohttp POST here: redirects never followed, the answer read up to
+:data:`REPLY_MAX` bytes (decoded: a gzip bomb stops there), ``trust_env`` off (no
+``~/.netrc``), the proxy from :func:`invoice_watch.proxy.proxy_for`.
 
-Proxies: each client is given the proxy :func:`invoice_watch.proxy.proxy_for` names
-(the notifier's ``proxy``, else ``HTTPS_PROXY``/``HTTP_PROXY`` and ``NO_PROXY``), or none;
-slack-sdk's own lookup reads ``HTTPS_PROXY`` but ignores ``NO_PROXY``, and logs the
-proxy URL (with its password) at debug level, so it gets a logger that never does.
+What an answer means (:meth:`_SlackNotifier._judge`):
+
+- Slack's own answer (a webhook's ``ok`` or error code; the Web API's JSON object with
+  a boolean ``ok``): what Slack says, through :func:`classify_slack_status`.
+- A page (HTML: a proxy's block page, a captive portal) with a 2xx status: not Slack's
+  answer; the message did not reach Slack, so it is retried with backoff ("not Slack's
+  answer (a proxy or captive portal?)"). With an error status, the status decides.
+- A redirect is never followed (the message would go wherever it points). To another
+  host, something is in the way (a captive portal, a proxy's login page): retried. On
+  the same host, the address moved: permanent, the setting must change.
+- Any other 2xx answer (a body that is not UTF-8 such as ``ok\\xff``, JSON cut short
+  such as ``{``, ``ok`` as plain text from the Web API, an empty or oversized body, a
+  body that broke off while read): delivered, with a warning. Something took the POST
+  and said 2xx without being a page in the way, and Slack posts a message before it
+  answers: this is Slack's answer damaged on the way, or a relay that took the message.
+  Sending again would post it once more at every backoff until ``delivery.max_age``
+  (the resend storm of issue 12); marking it failed would report an alert lost that
+  most likely arrived. The warning names the answer, so the channel can be checked.
+
+Every error names the notifier, what happened (host, port, the proxy, the cause) and
+what to check. No message carries the webhook URL or the token, and any text taken from
+an answer goes through :func:`invoice_watch.safe_text.server_text` (secrets removed,
+control characters escaped, bounded), so it can be logged and stored as it is.
 
 Every message fits Slack's limits by construction (:mod:`.render`). Should Slack refuse
 one all the same for its size or its blocks (``msg_blocks_too_long``, ``invalid_blocks``,
 ``msg_too_long``: a limit Slack changed), nothing was posted, so ``send`` posts the same
 message again as plain text, then as its briefest form: a size refusal is never the end
-of an alert. These fallbacks are the only second POST of a ``send``.
+of an alert. These fallbacks are the only second POST of a ``send``; the outbox owns
+retries and backoff (a 429's ``Retry-After`` comes back as ``retry_after``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import math
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from functools import cached_property
+from typing import Any, NamedTuple
+from urllib.parse import urljoin
 
 import aiohttp
-from slack_sdk.errors import SlackApiError
-from slack_sdk.web.async_client import AsyncWebClient
-from slack_sdk.webhook.async_client import AsyncWebhookClient
-from slack_sdk.webhook.webhook_response import WebhookResponse
+from aiohttp import hdrs
+from yarl import URL
 
+from invoice_watch import __version__
 from invoice_watch.errors import NotifyError, PermanentNotifyError, RetryableNotifyError
 from invoice_watch.notify import render
-from invoice_watch.proxy import proxy_for
+from invoice_watch.proxy import masked, proxy_for
 from invoice_watch.retry import parse_retry_after
+from invoice_watch.safe_text import server_text
 from invoice_watch.types import AlertEvent, Part
 
 logger = logging.getLogger(__name__)
 
-# slack-sdk's webhook client logs the full webhook URL (a secret) at debug level whenever
-# its logger's own level is NOTSET or DEBUG. It gets this logger, which never is.
-_sdk_logger = logging.getLogger(f"{__name__}.sdk")
-_sdk_logger.setLevel(logging.INFO)
+REPLY_MAX = 1 << 20  # bytes of an answer read, decoded; Slack's are at most a few 100 KB
+_CHUNK = 64 * 1024
+_SNIPPET = 100  # characters of an answer quoted in a message
 
 # Slack error codes worth retrying whatever the HTTP status says.
 _RETRYABLE_ERRORS = frozenset(
@@ -84,7 +110,10 @@ _REFUSED_FORM = frozenset(
      "too_many_blocks", "invalid_attachments"}
 )  # fmt: skip
 
+# What a Slack error code looks like; anything else in its place is not one.
 _ERROR_CODE = re.compile(r"[a-z_]{1,64}")
+_TITLE = re.compile(r"<title[^>]*>(.*?)</title", re.IGNORECASE | re.DOTALL)
+_NOT_SLACK = "not Slack's answer (a proxy or captive portal?)"
 
 
 def classify_slack_status(status: int | None, error_code: str | None) -> type[NotifyError] | None:
@@ -102,94 +131,136 @@ def classify_slack_status(status: int | None, error_code: str | None) -> type[No
     return PermanentNotifyError
 
 
-def _error(
-    name: str,
-    status: int | None,
-    error_code: str | None,
-    headers: Mapping[str, str] | None = None,
-    reason: str = "",
-) -> NotifyError | None:
-    """The exception for one attempt's outcome, ``None`` if delivered. ``reason`` names
-    what went wrong when no answer came. Messages never carry the URL or the token."""
-    kind = classify_slack_status(status, error_code)
-    if kind is None:
-        return None
-    if status is None:
-        message = f"slack notifier {name!r}: Slack unreachable ({reason})"
-    else:
-        message = f"slack notifier {name!r}: HTTP {status}"
-        if error_code:
-            message += f" {error_code}"
-        if hint := _HINTS.get(error_code or ""):
-            message += f": {hint}"
-    if kind is RetryableNotifyError:
-        retry_after = parse_retry_after((headers or {}).get("Retry-After"), datetime.now(UTC))
-        return RetryableNotifyError(message, retry_after=retry_after)
-    return kind(message)
+@dataclass(frozen=True)
+class _Reply:
+    """One answer: its status, headers, and body read up to :data:`REPLY_MAX` bytes
+    (``cut``: why the body is incomplete, None when it was read whole)."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+    cut: str | None = None
+
+    @property
+    def success(self) -> bool:
+        return 200 <= self.status < 300
+
+    @cached_property
+    def text(self) -> str:
+        return self.body.decode("utf-8", "backslashreplace")
+
+    @property
+    def page(self) -> bool:
+        """Whether the body is a page (HTML or XML), which Slack never answers here."""
+        return self.text.lstrip()[:1] == "<"
+
+    @property
+    def content_type(self) -> str:
+        value = self.headers.get(hdrs.CONTENT_TYPE, "")
+        return value.split(";")[0].strip().lower() or "no Content-Type"
 
 
-def _webhook_error_code(response: WebhookResponse) -> str | None:
-    """A webhook answers ``ok``, or an error code such as ``no_service`` as plain text."""
-    body = response.body.strip()
-    if body == "ok":  # an error status's body "ok" names no error
-        return None
-    if _ERROR_CODE.fullmatch(body):
-        return body
-    return "unexpected_response" if response.status_code == 200 else None
+class _SlackSays(NamedTuple):
+    """Slack's own answer: whether it says ok, its error code (None when it names
+    none), and the text in place of a code when that is not one (quoted, safe)."""
+
+    ok: bool
+    code: str | None = None
+    odd: str = ""
 
 
-def _seconds(timeout: float) -> int:
-    # slack-sdk takes whole seconds.
-    return max(1, math.ceil(timeout))
+@dataclass(frozen=True)
+class _Outcome:
+    """What an answer means: delivered (``error`` None; ``doubt`` says why it counts as
+    delivered when the answer was not Slack's plain success), or ``error`` to raise;
+    ``code`` is Slack's error code when it named one."""
+
+    error: NotifyError | None = None
+    code: str | None = None
+    doubt: str | None = None
 
 
-def _proxy(name: str, url: str, configured: str | None) -> tuple[str | None, str | None]:
-    """The proxy for ``url`` (None: directly), or the problem with the environment's."""
+async def _read(response: aiohttp.ClientResponse) -> tuple[bytes, str | None]:
+    """The body, decoded, up to :data:`REPLY_MAX` bytes, and why it is incomplete (None
+    when read whole). ``read()`` has no bound; the chunks are already decompressed, so a
+    gzip bomb stops here (LIBRARIES.md, aiohttp). A body that breaks off or times out
+    while read is returned as far as it came."""
+    chunks: list[bytes] = []
+    size = 0
     try:
-        return proxy_for(url, configured), None
-    except ValueError as exc:
-        return None, f"slack notifier {name!r}: {exc}; fix or unset it"
+        async for chunk in response.content.iter_chunked(_CHUNK):
+            if size + len(chunk) > REPLY_MAX:
+                chunks.append(chunk[: REPLY_MAX - size])
+                response.close()
+                return b"".join(chunks), f"longer than {REPLY_MAX // 1024} KiB, read that far"
+            chunks.append(chunk)
+            size += len(chunk)
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        return b"".join(chunks), f"it broke off while read ({type(exc).__name__})"
+    return b"".join(chunks), None
+
+
+def _json_object(body: bytes) -> dict[str, Any] | None:
+    """The body as a JSON object, None when it is not one (or not UTF-8)."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def _forms(events: Sequence[AlertEvent], part: Part | None) -> list[dict[str, Any]]:
     """The message in the forms ``send`` tries, in order: Block Kit with its fallback
-    text; plain text; the briefest text (:func:`render.brief_text`)."""
-    limit = render.SLACK_LIMITS.text
-    text = render.text(events, part)[:limit]
+    text; plain text; the briefest text (:func:`render.brief_text`). The ``text`` is
+    mrkdwn-escaped (:func:`render.slack_text`): Slack shows it alone when it refuses
+    the blocks, and it may carry a server's text."""
+    text = render.slack_text(events, part)
     return [
         {"text": text, "blocks": render.slack_blocks(events, part)},
         {"text": text},
-        {"text": render.brief_text(events, part)[:limit]},
+        {"text": render.slack_brief_text(events, part)},
     ]
 
 
-def _log_fallback(name: str, code: str | None, forms_left: int) -> None:
-    how = "as plain text" if forms_left == 2 else "in its briefest form"
-    logger.warning(
-        "slack notifier %r: Slack refused the message (%s); sending it %s", name, code, how
-    )
+class _SlackNotifier:
+    """One POST per attempt to ``url`` and what its answer means (module docstring).
+    Subclasses say what the body is and how Slack's own answer reads."""
 
-
-class SlackWebhookNotifier:
-    """Posts to a Slack incoming webhook (``notifiers.<name>.webhook_url``)."""
+    setting = "webhook_url"  # the config key of the address, for messages
 
     def __init__(
-        self, name: str, webhook_url: str, *, timeout: float = 10, proxy: str | None = None
+        self,
+        name: str,
+        url: str,
+        *,
+        timeout: float,
+        proxy: str | None,
+        secrets: Sequence[str],
     ) -> None:
         self.name = name
-        resolved, self._proxy_problem = _proxy(name, webhook_url, proxy)
-        # retry_handlers=[]: one send is one attempt, the outbox retries (module docstring).
-        self._client = AsyncWebhookClient(
-            webhook_url,
-            timeout=_seconds(timeout),
-            logger=_sdk_logger,
-            retry_handlers=[],
-            proxy=resolved,
-        )
-        self._client.proxy = resolved  # None too: its own lookup ignores NO_PROXY
+        self._url = url
+        self._timeout = timeout
+        self._secrets = tuple(secrets)
+        self._proxy: str | None = None
+        self._proxy_problem: str | None = None
+        try:
+            self._proxy = proxy_for(url, proxy)
+        except ValueError as exc:
+            self._proxy_problem = f"slack notifier {name!r}: {exc}; fix or unset it"
 
-    def __repr__(self) -> str:
-        return f"SlackWebhookNotifier(name={self.name!r}, webhook_url=<secret>)"
+    # -- what subclasses say ------------------------------------------------------------
+
+    def _payload(self, form: dict[str, Any]) -> dict[str, Any]:
+        return form
+
+    def _headers(self) -> dict[str, str]:
+        return {}
+
+    def _slack_says(self, reply: _Reply) -> _SlackSays | None:
+        """What ``reply`` says if it is Slack's own answer, else None."""
+        raise NotImplementedError
+
+    # -- sending ------------------------------------------------------------------------
 
     async def send(self, events: Sequence[AlertEvent], *, part: Part | None = None) -> None:
         if not events:
@@ -199,32 +270,243 @@ class SlackWebhookNotifier:
         forms = _forms(events, part)
         while True:
             form = forms.pop(0)
-            try:
-                response = await self._client.send(**form)
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                error = _error(self.name, None, None, reason=type(exc).__name__)
-                break
-            code = _webhook_error_code(response)
-            if code in _REFUSED_FORM and forms:
-                _log_fallback(self.name, code, len(forms))
-                continue
-            error = _error(self.name, response.status_code, code, response.headers)
-            if code in _REFUSED_FORM:  # even the briefest form: never the end of an alert
-                error = RetryableNotifyError(str(error))
+            outcome = self._judge(await self._post(self._payload(form)))
+            if outcome.code in _REFUSED_FORM:
+                if forms:
+                    how = "as plain text" if len(forms) == 2 else "in its briefest form"
+                    logger.warning(
+                        "slack notifier %r: Slack refused the message (%s); sending it %s",
+                        self.name,
+                        outcome.code,
+                        how,
+                    )
+                    continue
+                # Even the briefest form: never the end of an alert.
+                raise RetryableNotifyError(str(outcome.error))
             break
-        if error is not None:
-            # Raised outside the `except` and without `from`: aiohttp's messages may quote
-            # the request URL, which for a webhook is the secret itself, and a logged
-            # traceback would show the cause.
-            raise error
-        logger.debug("slack notifier %r: sent %d event(s) by webhook", self.name, len(events))
+        if outcome.error is not None:
+            raise outcome.error
+        if outcome.doubt is not None:
+            logger.warning(
+                "slack notifier %r: %s; the message counts as delivered (Slack posts a "
+                "message before it answers, and sending it again would post it twice): "
+                "check the channel",
+                self.name,
+                outcome.doubt,
+            )
+        logger.debug("slack notifier %r: sent %d event(s)", self.name, len(events))
+
+    async def _post(self, payload: dict[str, Any]) -> _Reply:
+        """One POST; its answer, or :class:`RetryableNotifyError` when none came."""
+        timeout = aiohttp.ClientTimeout(
+            total=self._timeout, connect=min(10.0, self._timeout), sock_read=self._timeout
+        )
+        headers = {
+            hdrs.CONTENT_TYPE: "application/json; charset=utf-8",
+            hdrs.USER_AGENT: f"invoice-watch/{__version__}",
+            **self._headers(),
+        }
+        # ASCII JSON: any character reaches Slack as an escape, none can fail to encode.
+        data = json.dumps(payload, separators=(",", ":"))
+        error: str
+        async with aiohttp.ClientSession(timeout=timeout, trust_env=False) as session:
+            try:
+                async with session.post(
+                    self._url,
+                    data=data,
+                    headers=headers,
+                    allow_redirects=False,  # the message never follows a redirect
+                    proxy=self._proxy,
+                ) as response:
+                    body, cut = await _read(response)
+                    return _Reply(response.status, response.headers.copy(), body, cut)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                error = self._unreachable(exc)
+        # Raised outside the `except`, without its cause: aiohttp's messages may quote
+        # the request URL, which for a webhook is the secret itself.
+        raise RetryableNotifyError(error)
+
+    # -- what an answer means -----------------------------------------------------------
+
+    def _where(self) -> str:
+        return f"notifiers.{self.name}.{self.setting}"
+
+    def _quote(self, reply: _Reply) -> str:
+        """The answer's gist for a message: a page's title, else its first characters."""
+        text = reply.text
+        if reply.page and (title := _TITLE.search(text[:20_000])) is not None:
+            text = title.group(1)
+        quoted = server_text(text, _SNIPPET, secrets=self._secrets)
+        return f"{quoted!r}" if quoted else "an empty body"
+
+    def _judge(self, reply: _Reply) -> _Outcome:
+        """What ``reply`` means (module docstring)."""
+        name, status = self.name, reply.status
+        says = self._slack_says(reply)
+        if says is not None and says.ok and reply.success:
+            return _Outcome()
+        if 300 <= status < 400:
+            return _Outcome(self._redirect(reply))
+        head = f"slack notifier {name!r}: HTTP {status}"
+        if says is not None:
+            if says.odd:
+                head += f": Slack answered an error code it does not use: {says.odd}"
+            elif says.code is None and not says.ok:
+                head += ": Slack refused the message without naming an error"
+            return _Outcome(self._refused(reply, head, says.code), says.code)
+        if status == 407:
+            head += (
+                ": the proxy wants credentials it was not given or refused them; check the "
+                f"user and password in its URL (notifiers.{name}.proxy, or HTTPS_PROXY/"
+                "HTTP_PROXY)"
+            )
+            return _Outcome(self._refused(reply, head, None))
+        if not reply.success:
+            if reply.page:
+                head += f" {reply.content_type} ({self._quote(reply)}): {_NOT_SLACK}"
+            return _Outcome(self._refused(reply, head, None))
+        if reply.page:
+            message = (
+                f"{head} {reply.content_type} ({self._quote(reply)}): {_NOT_SLACK}; the "
+                f"message did not reach Slack. Check {self._where()} and the network's "
+                f"proxy (notifiers.{name}.proxy, HTTPS_PROXY/HTTP_PROXY)"
+            )
+            return _Outcome(RetryableNotifyError(message))
+        what = reply.cut or f"{reply.content_type}, {len(reply.body)} bytes"
+        doubt = f"HTTP {status} with an answer that is not Slack's ({what}: {self._quote(reply)})"
+        return _Outcome(doubt=doubt)
+
+    def _refused(self, reply: _Reply, head: str, code: str | None) -> NotifyError:
+        """The error for an answer that is not a success: retry or not by its status and
+        Slack's code (:func:`classify_slack_status`), with the hint for that code."""
+        kind = classify_slack_status(reply.status, code)
+        if kind is None:  # a success status naming no error: not Slack's success either
+            kind = PermanentNotifyError
+        message = head + (f" {code}" if code else "")
+        if hint := _HINTS.get(code or ""):
+            message += f": {hint}"
+        if kind is RetryableNotifyError:
+            retry_after = parse_retry_after(reply.headers.get(hdrs.RETRY_AFTER), datetime.now(UTC))
+            return RetryableNotifyError(message, retry_after=retry_after)
+        return PermanentNotifyError(message)
+
+    def _redirect(self, reply: _Reply) -> NotifyError:
+        """A redirect, never followed: to another host something is in the way (retried);
+        on the same host the address moved (permanent)."""
+        here = URL(self._url)
+        try:
+            target = here.join(URL(reply.headers.get(hdrs.LOCATION, "")))
+        except ValueError:
+            target = here
+        where = "another address" if target.host is None else str(target.origin())
+        where = server_text(where, 120, secrets=self._secrets)
+        message = (
+            f"slack notifier {self.name!r}: HTTP {reply.status}: the answer is a redirect to "
+            f"{where}, which invoice-watch does not follow (the message would go there)"
+        )
+        if target.host is not None and target.host != here.host:
+            return RetryableNotifyError(
+                f"{message}: {_NOT_SLACK}; check the network and {self._where()}"
+            )
+        return PermanentNotifyError(f"{message}; the address moved: update {self._where()}")
+
+    def _unreachable(self, exc: BaseException) -> str:
+        """What went wrong when no answer came, and what to check: host and port (of the
+        proxy when it is the one that failed), the proxy, the cause."""
+        url = URL(self._url)
+        host, port = url.host or "?", url.port
+        proxy = masked(self._proxy) if self._proxy else None
+        via = f", through the proxy {proxy}" if proxy else ""
+        os_error = getattr(exc, "os_error", None)
+        cause = server_text(
+            getattr(os_error, "strerror", None) or os_error or type(exc).__name__,
+            120,
+            secrets=self._secrets,
+        )
+        name, where = self.name, self._where()
+        proxies = f"notifiers.{name}.proxy, or HTTPS_PROXY/HTTP_PROXY and NO_PROXY"
+        if isinstance(exc, aiohttp.ClientHttpProxyError):
+            if exc.status == 407:
+                detail = (
+                    f"the proxy {proxy} wants credentials it was not given or refused them "
+                    f"(HTTP 407); check the user and password in its URL ({proxies})"
+                )
+            else:
+                detail = (
+                    f"the proxy {proxy} refused to connect to {host}:{port} (HTTP "
+                    f"{exc.status}); check {proxies}"
+                )
+        elif isinstance(exc, aiohttp.ClientProxyConnectionError):
+            detail = f"cannot connect to the proxy {proxy} ({cause}); check {proxies}"
+        elif isinstance(exc, aiohttp.ClientConnectorDNSError):
+            detail = (
+                f"the host name {exc.host} does not resolve ({cause}); check {where} and "
+                "this machine's DNS"
+            )
+        elif isinstance(exc, aiohttp.ClientSSLError):
+            detail = (
+                f"TLS with {host}:{port}{via} failed ({cause}); behind a TLS-inspecting "
+                "proxy, add its CA to the system's trust store (or SSL_CERT_FILE); a proxy "
+                "URL written https:// for a plain-HTTP proxy must say http://"
+            )
+        elif isinstance(exc, TimeoutError):
+            detail = (
+                f"no answer within {self._timeout:g}s from {host}:{port}{via}: Slack or the "
+                "network is slow, or a firewall drops the traffic"
+            )
+        elif isinstance(exc, aiohttp.ClientConnectorError):
+            if isinstance(os_error, ConnectionRefusedError):
+                detail = (
+                    f"cannot connect to {host}:{port}{via}: connection refused (nothing "
+                    f"listens there); check {where}"
+                )
+            else:
+                detail = (
+                    f"cannot connect to {host}:{port}{via} ({cause}); check the network "
+                    "route and firewalls"
+                )
+        elif isinstance(exc, aiohttp.ServerDisconnectedError):
+            detail = f"{host}:{port}{via} closed the connection without answering"
+        elif isinstance(exc, aiohttp.ClientResponseError):
+            detail = f"the answer from {host}:{port}{via} is not valid HTTP ({type(exc).__name__})"
+        else:
+            detail = f"the connection to {host}:{port}{via} broke off ({cause})"
+        return f"slack notifier {name!r}: Slack unreachable: {detail}"
+
+
+class SlackWebhookNotifier(_SlackNotifier):
+    """Posts to a Slack incoming webhook (``notifiers.<name>.webhook_url``)."""
+
+    def __init__(
+        self, name: str, webhook_url: str, *, timeout: float = 10, proxy: str | None = None
+    ) -> None:
+        # The URL is the secret; its path alone is too (an answer may echo it).
+        path = URL(webhook_url).path
+        secrets = [webhook_url] + ([path] if len(path) > 1 else [])
+        super().__init__(name, webhook_url, timeout=timeout, proxy=proxy, secrets=secrets)
+
+    def __repr__(self) -> str:
+        return f"SlackWebhookNotifier(name={self.name!r}, webhook_url=<secret>)"
+
+    def _slack_says(self, reply: _Reply) -> _SlackSays | None:
+        """A webhook answers ``ok``, or an error code such as ``no_service``, as text."""
+        if reply.cut is not None:
+            return None
+        text = reply.text.strip()
+        if text == "ok":
+            return _SlackSays(ok=True)
+        if _ERROR_CODE.fullmatch(text):
+            return _SlackSays(ok=False, code=text)
+        return None
 
     async def aclose(self) -> None:
-        """Nothing to close: slack-sdk opens and closes a session per request."""
+        """Nothing to close: each attempt opens and closes its own connection."""
 
 
-class SlackBotNotifier:
+class SlackBotNotifier(_SlackNotifier):
     """Posts with a bot token through the Web API's ``chat.postMessage``."""
+
+    setting = "api_url"
 
     def __init__(
         self,
@@ -236,58 +518,38 @@ class SlackBotNotifier:
         timeout: float = 10,
         proxy: str | None = None,
     ) -> None:
-        self.name = name
+        base = api_url if api_url.endswith("/") else api_url + "/"
+        self._token = token
         self.channel = channel
-        resolved, self._proxy_problem = _proxy(name, api_url, proxy)
-        # retry_handlers=[]: one send is one attempt, the outbox retries (module docstring).
-        self._client = AsyncWebClient(
-            token=token,
-            base_url=api_url,
-            timeout=_seconds(timeout),
-            retry_handlers=[],
-            proxy=resolved,
-            logger=_sdk_logger,
+        super().__init__(
+            name,
+            urljoin(base, "chat.postMessage"),
+            timeout=timeout,
+            proxy=proxy,
+            secrets=[token],
         )
-        self._client.proxy = resolved  # None too: its own lookup ignores NO_PROXY
 
     def __repr__(self) -> str:
         return f"SlackBotNotifier(name={self.name!r}, channel={self.channel!r}, token=<secret>)"
 
-    async def send(self, events: Sequence[AlertEvent], *, part: Part | None = None) -> None:
-        if not events:
-            return
-        if self._proxy_problem is not None:
-            raise PermanentNotifyError(self._proxy_problem)
-        forms = _forms(events, part)
-        while True:
-            form = forms.pop(0)
-            cause: Exception | None = None
-            try:
-                await self._client.chat_postMessage(channel=self.channel, **form)
-            except SlackApiError as exc:
-                cause = exc
-                response = exc.response
-                data = response.data if isinstance(response.data, dict) else {}
-                code = data.get("error") if isinstance(data.get("error"), str) else None
-                if code is None and response.status_code == 200:
-                    code = "unexpected_response"
-                if code in _REFUSED_FORM and forms:
-                    _log_fallback(self.name, code, len(forms))
-                    continue
-                error = _error(self.name, response.status_code, code, response.headers)
-                if code in _REFUSED_FORM and error is not None:
-                    error = RetryableNotifyError(str(error))
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                cause = exc
-                error = _error(self.name, None, None, reason=type(exc).__name__)
-            else:
-                error = None
-            break
-        if error is not None:
-            raise error from cause
-        logger.debug(
-            "slack notifier %r: sent %d event(s) to %s", self.name, len(events), self.channel
-        )
+    def _payload(self, form: dict[str, Any]) -> dict[str, Any]:
+        return {"channel": self.channel, **form}
+
+    def _headers(self) -> dict[str, str]:
+        return {hdrs.AUTHORIZATION: f"Bearer {self._token}"}
+
+    def _slack_says(self, reply: _Reply) -> _SlackSays | None:
+        """The Web API answers a JSON object with a boolean ``ok`` and, when false, an
+        ``error`` code (https://docs.slack.dev/apis/web-api/#responses)."""
+        data = _json_object(reply.body) if reply.cut is None else None
+        if data is None or not isinstance(data.get("ok"), bool):
+            return None
+        ok: bool = data["ok"]
+        error = data.get("error")
+        if isinstance(error, str) and _ERROR_CODE.fullmatch(error):
+            return _SlackSays(ok, error)
+        odd = "" if error is None else server_text(error, _SNIPPET, secrets=self._secrets)
+        return _SlackSays(ok, None, repr(odd) if odd else "")
 
     async def aclose(self) -> None:
-        """Nothing to close: slack-sdk opens and closes a session per request."""
+        """Nothing to close: each attempt opens and closes its own connection."""
