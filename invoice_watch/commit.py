@@ -39,6 +39,7 @@ from typing import Any, TypeVar
 from invoice_watch.constants import FINAL_STATUSES, MESSAGE_MAX_EVENTS
 from invoice_watch.dedup import AlertState, Transition
 from invoice_watch.errors import StateError, StateFileGoneError, StateLockedError
+from invoice_watch.safe_text import printable, storable
 from invoice_watch.types import AlertEvent, Invoice, Part, Snapshot, events_from_json, instant
 
 log = logging.getLogger(__name__)
@@ -309,13 +310,15 @@ def message_parts(count: int, group_over: int) -> list[int] | None:
 
 
 def summarize(events: Sequence[AlertEvent], part: Part | None = None) -> str:
-    """One line naming a message, for `history` and logs (no secrets in events)."""
+    """One line naming a message, for `history` and logs (no secrets in events), and
+    storable: its names may come from a server (:func:`~invoice_watch.safe_text.
+    printable`)."""
     if len(events) == 1:
         e = events[0]
         parts = [str(e.kind), e.rule, e.org_name]
         if e.invoice_id:
             parts.append(e.invoice_id)
-        return " ".join(parts)
+        return printable(" ".join(parts), one_line=True)
     return _group_summary(len(events), part)
 
 
@@ -1144,6 +1147,53 @@ class StateStore:
             ),
         )
 
+    async def postpone(self, delivery_id: int, until: datetime, error: str) -> None:
+        """Look at the row again at ``until``, as :meth:`mark_retry` does, but without
+        counting an attempt: none was made (its notifier is not configured)."""
+        at = until.isoformat()
+        await self._update(
+            (
+                "UPDATE outbox SET next_attempt_at=?, last_error=? WHERE id=? OR grp=?",
+                (at, _error_text(error), delivery_id, delivery_id),
+            ),
+            (
+                "UPDATE outbox SET next_attempt_at=? WHERE state='pending' AND "
+                "notifier=(SELECT notifier FROM outbox WHERE id=?) AND next_attempt_at<?",
+                (at, delivery_id, at),
+            ),
+        )
+
+    async def make_due(self, notifiers: Collection[str], now: datetime) -> int:
+        """Make every pending message for ``notifiers`` due ``now`` (a notifier configured
+        again); returns how many."""
+        names = sorted(notifiers)
+        marks = ",".join("?" * len(names))
+
+        def run() -> int:
+            with self._transaction() as conn:
+                return conn.execute(
+                    f"UPDATE outbox SET next_attempt_at=? WHERE state='pending' "
+                    f"AND notifier IN ({marks})",
+                    (now.isoformat(), *names),
+                ).rowcount
+
+        try:
+            return await self._run(run)
+        except sqlite3.Error as exc:
+            raise StateError(f"could not update the outbox: {exc}") from None
+
+    async def pending_by_notifier(self) -> dict[str, int]:
+        """How many messages are pending, per notifier."""
+
+        def query() -> dict[str, int]:
+            rows = self._conn.execute(
+                f"SELECT notifier, COUNT(*) FROM outbox WHERE state='pending' AND {_MESSAGE} "
+                "GROUP BY notifier"
+            )
+            return {notifier: count for notifier, count in rows}
+
+        return await self._read(query)
+
     async def mark_failed(self, delivery_id: int, now: datetime, error: str) -> None:
         await self._update(
             (
@@ -1526,11 +1576,14 @@ def _sqlite_problem(path: Path, exc: sqlite3.Error, *, reader: bool = False) -> 
     )
 
 
-_ERROR_MAX = 1000  # characters of a delivery error kept (a receiver's answer can be long)
+ERROR_MAX = 1000  # characters of a delivery error kept (a receiver's answer can be long)
 
 
 def _error_text(error: str) -> str:
-    return error if len(error) <= _ERROR_MAX else error[: _ERROR_MAX - 1] + "…"
+    """A delivery error as the outbox keeps it: storable whatever a receiver put in it
+    (a lone surrogate would make the mark fail, and the message be sent again for
+    ever), at most :data:`ERROR_MAX` characters."""
+    return storable(error, ERROR_MAX)
 
 
 def _part_of(

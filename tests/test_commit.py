@@ -766,3 +766,48 @@ async def test_store_a_pending_group_too_large_from_an_earlier_version_is_split(
         assert [e.key for d in due for e in d.events] == [f"k{n:03d}" for n in range(100)]
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize(
+    "error",
+    ["ratelimited\ud800", "busy \udcff\udcfe", "nul\x00 esc\x1b[2J bidi\u202e", "x" * 5000],
+    ids=["surrogate", "surrogateescape", "controls", "long"],
+)
+async def test_store_outbox_marks_store_any_error_text(tmp_path, error: str):
+    """Issue 12 §14: a receiver's error text with a lone surrogate could not be stored, so
+    the "failed" mark failed and the message was sent again for ever. Whatever the text,
+    the retry and failed marks are written (escaped, bounded) and read back."""
+    store = await StateStore.open(tmp_path / "state.db")
+    try:
+        number = store.begin_cycle()
+        await store.commit_orgs(number, NOW, [], [firing("a"), firing("b")], {"failed": ["x"]})
+        await store.finish_cycle(number, NOW, NOW, [], [], {}, 5, orgs_ok=0, orgs_failed=0)
+        first, second = await store.due_deliveries(NOW)
+        await store.mark_retry(first.id, NOW, error)
+        await store.mark_failed(second.id, NOW, error)
+        await store.postpone(first.id, NOW, error)
+        rows = await store.outbox(("pending", "failed"))
+        for row in rows:
+            assert row.last_error is not None and len(row.last_error) <= 1000
+            row.last_error.encode("utf-8")
+            assert not any(c in row.last_error for c in "\x00\x1b\u202e")
+    finally:
+        await store.close()
+
+
+async def test_store_postpone_counts_no_attempt_and_make_due_brings_rows_back(tmp_path):
+    store = await StateStore.open(tmp_path / "state.db")
+    try:
+        number = store.begin_cycle()
+        await store.commit_orgs(number, NOW, [], [firing("a"), firing("b")], {"failed": ["gone"]})
+        await store.finish_cycle(number, NOW, NOW, [], [], {}, 5, orgs_ok=0, orgs_failed=0)
+        first, _ = await store.due_deliveries(NOW)
+        await store.postpone(first.id, NOW + timedelta(minutes=1), "notifier 'gone' is missing")
+        assert await store.due_deliveries(NOW) == []  # the notifier's rows wait together
+        assert await store.pending_by_notifier() == {"gone": 2}
+        assert await store.make_due({"gone"}, NOW) == 2
+        due = await store.due_deliveries(NOW)
+        assert [d.attempts for d in due] == [0, 0]
+        assert due[0].last_error == "notifier 'gone' is missing"
+    finally:
+        await store.close()
