@@ -4,10 +4,17 @@ SMTP with STARTTLS, implicit TLS or none, via ``aiosmtplib``.
 :func:`classify_smtp_error` is the one place that decides whether a failure is worth
 retrying: 4xx replies, refused connections and timeouts are; 5xx replies, failed
 authentication and TLS failures (untrusted certificate, wrong ``tls`` mode) are not.
+
+A server's reply text is the server's: it may echo the credentials (``535 … <base64 of
+the password>``), and aiosmtplib decodes bytes that are not UTF-8 as lone surrogates.
+Every error and warning goes through :func:`invoice_watch.safe_text.server_text` with
+the password and the forms AUTH sends it in (base64 alone for LOGIN, with the user
+name for PLAIN) as secrets: redacted, printable, bounded.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import logging
 import ssl
@@ -21,6 +28,7 @@ import aiosmtplib
 
 from invoice_watch.errors import NotifyError, PermanentNotifyError, RetryableNotifyError
 from invoice_watch.notify import render
+from invoice_watch.safe_text import server_text
 from invoice_watch.types import AlertEvent, Part
 
 logger = logging.getLogger(__name__)
@@ -162,11 +170,12 @@ class EmailNotifier:
         if result:
             # Some recipients refused, the others have the message: sending again would
             # duplicate it for them.
+            refused = "; ".join(f"{r.code} {r.message}" for r in result.values())
             logger.warning(
                 "email notifier %r: refused by %s: %s",
                 self.name,
-                ", ".join(sorted(result)),
-                "; ".join(f"{r.code} {r.message}" for r in result.values()),
+                server_text(", ".join(sorted(result)), _MESSAGE_MAX),
+                server_text(refused, _MESSAGE_MAX, secrets=self._secrets()),
             )
         logger.debug("email notifier %r: sent %s", self.name, message["Message-ID"])
 
@@ -197,12 +206,16 @@ class EmailNotifier:
         else:
             what = str(exc) or type(exc).__name__
             hint = ""
-        text = " ".join(f"{what}; {hint}".rstrip("; ").split())
-        if len(text) > _MESSAGE_MAX:
-            text = text[:_MESSAGE_MAX] + "…"
-        if self._password:
-            text = text.replace(self._password, "<secret>")
+        text = server_text(f"{what}; {hint}".rstrip("; "), _MESSAGE_MAX, secrets=self._secrets())
         return f"{where}: {text}"
+
+    def _secrets(self) -> list[str]:
+        """The password, and the forms AUTH sends it in, which a server may echo."""
+        if not self._password:
+            return []
+        user, password = (self.username or "").encode(), self._password.encode()
+        forms = [password, b"\0" + user + b"\0" + password, user + b"\0" + user + b"\0" + password]
+        return [self._password, *(base64.b64encode(form).decode() for form in forms)]
 
     async def aclose(self) -> None:
         """Nothing to close: each ``send`` opens and closes its own connection."""
