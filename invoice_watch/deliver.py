@@ -24,6 +24,22 @@ process that ends before the state is writable again can send such a message twi
 
 Sent and failed messages older than ``delivery.retention`` are pruned a bounded batch at
 a time, as a pass ends (:meth:`StateStore.prune`), never in a cycle's way.
+
+A message for a notifier that is no longer configured (renamed or removed by a reload,
+or since the last run) is kept, pending, until ``delivery.max_age``, so that putting the
+notifier back (renaming it back) delivers it: it is looked at again every
+``max_backoff``, its last error says why it waits (``status`` shows it), one ERROR line
+per notifier says so, and the ``invoice_watch_outbox_unrouted`` gauge counts such
+messages. At ``max_age`` it is marked failed, as any message is, loudly.
+
+Repeated 429s escalate: the wait is the longer of the receiver's ``Retry-After`` and the
+backoff for the attempts made so far, as the Atlas client does, so ``Retry-After: 0``
+answered again and again is not one request a second for ever.
+
+Every error text a notifier gives is redacted and made printable
+(:func:`~invoice_watch.safe_text.server_text`) before it is logged or stored; the
+state file's outbox columns are made storable again as they are written
+(``commit.py``), so no character a receiver sends can make a mark fail.
 """
 
 from __future__ import annotations
@@ -31,6 +47,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import traceback
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -38,10 +55,12 @@ from datetime import datetime, timedelta
 from typing import Literal
 
 from invoice_watch.clock import Clock
-from invoice_watch.commit import Delivery, StateStore, summarize
+from invoice_watch.commit import ERROR_MAX, Delivery, StateStore, summarize
 from invoice_watch.errors import PermanentNotifyError, RetryableNotifyError, StateError
 from invoice_watch.health import Metrics
+from invoice_watch.redact import redact
 from invoice_watch.retry import backoff, retry_delay
+from invoice_watch.safe_text import printable, server_text
 from invoice_watch.types import Notifier
 
 log = logging.getLogger(__name__)
@@ -51,7 +70,16 @@ _WRITE_BACKOFF = 1.0  # seconds before an unrecorded outcome's first new write
 _PASS_LIMIT = 500  # messages one pass reads
 _PRUNE_BATCH = 500  # rows of each kind one prune deletes
 _PRUNE_EVERY = 3600.0  # monotonic seconds between prunes once nothing is left to prune
+_TRACEBACK_MAX = 20_000  # characters of an unexpected error's traceback logged
 DEFAULT_RETENTION = timedelta(days=180)
+
+
+def _traceback(exc: BaseException) -> str:
+    """``exc``'s traceback for the log: redacted, printable, bounded."""
+    text = "".join(traceback.format_exception(exc))
+    if len(text) > _TRACEBACK_MAX:
+        text = text[: _TRACEBACK_MAX // 2] + "\n[…]\n" + text[-_TRACEBACK_MAX // 2 :]
+    return printable(redact(text)).rstrip()
 
 
 @dataclass
@@ -73,16 +101,22 @@ class _Outcome:
 
     delivery: Delivery
     what: str
-    state: Literal["sent", "failed", "retry"]
+    state: Literal["sent", "failed", "retry", "postponed"]
     at: datetime
     error: str | None = None
 
     @property
     def retry(self) -> bool:
-        return self.state == "retry"
+        """Whether the message stays pending (retried, or postponed: no attempt made)."""
+        return self.state in ("retry", "postponed")
 
 
-_DONE = {"sent": "delivered", "failed": "marked failed", "retry": "to be retried"}
+_DONE = {
+    "sent": "delivered",
+    "failed": "marked failed",
+    "retry": "to be retried",
+    "postponed": "kept for its notifier",
+}
 
 
 class Deliverer:
@@ -115,6 +149,10 @@ class Deliverer:
         self._write_at = 0.0  # monotonic time of the next write of those outcomes
         self._pass_failures = 0  # passes failed in a row
         self._prune_at = 0.0  # monotonic time of the next prune
+        # Notifiers no longer configured that messages wait for: told once each.
+        self._missing: set[str] = set()
+        self._unrouted_labels: set[str] = set()  # notifiers the unrouted gauge names
+        self._returned: set[str] = set()  # configured again: their messages due now
 
     def configure(
         self,
@@ -125,6 +163,17 @@ class Deliverer:
         retention: timedelta = DEFAULT_RETENTION,
     ) -> None:
         """Take new notifiers and limits (configuration reload)."""
+        back = self._missing & set(notifiers)
+        if back:
+            log.warning(
+                "notifier(s) %s are configured again: the messages waiting for them go out "
+                "within %s",
+                ", ".join(sorted(back)),
+                max_backoff,
+            )
+            self._missing -= back
+            self._returned |= back
+            self.wake.set()
         self._notifiers = notifiers
         self._max_age = max_age
         self._cap = max_backoff.total_seconds()
@@ -141,6 +190,12 @@ class Deliverer:
         await self._record_kept()
         now = self._clock.now()
         await self._bound_schedule(now)
+        if self._returned:
+            try:
+                await self._store.make_due(self._returned, now)
+                self._returned = set()
+            except StateError as exc:  # due within max_backoff anyway
+                log.debug("could not make the messages of returned notifiers due: %s", exc)
         due = await self._store.due_deliveries(now, limit=_PASS_LIMIT, exclude=self._unrecorded)
         # A notifier whose retry is kept in memory waits for the state file, as the
         # recorded retry would have it wait: its rows go in order, that one first.
@@ -157,8 +212,25 @@ class Deliverer:
         counts = await self._store.outbox_counts()
         for state in ("pending", "failed"):
             self._metrics.outbox_depth.labels(state=state).set(counts.get(state, 0))
+        await self._count_unrouted()
         await self._prune()
         return stats
+
+    async def _count_unrouted(self) -> None:
+        """Set the unrouted gauge: pending messages per notifier no longer configured."""
+        if not self._missing and not self._unrouted_labels:
+            return
+        try:
+            pending = await self._store.pending_by_notifier()
+        except StateError as exc:
+            log.debug("could not count the messages waiting for a notifier: %s", exc)
+            return
+        unrouted = {n: c for n, c in pending.items() if n not in self._notifiers}
+        for name in self._unrouted_labels - set(unrouted):
+            self._metrics.outbox_unrouted.labels(notifier=name).set(0)
+        for name, count in unrouted.items():
+            self._metrics.outbox_unrouted.labels(notifier=name).set(count)
+        self._unrouted_labels = set(unrouted)
 
     async def _bound_schedule(self, now: datetime) -> None:
         try:
@@ -185,31 +257,65 @@ class Deliverer:
 
     async def _attempt(self, delivery: Delivery, stats: DeliveryStats) -> bool:
         """One attempt; True when the notifier may be tried again in this pass."""
-        what = f"{delivery.notifier}: {summarize(delivery.events, delivery.part)}"
+        what = printable(f"{delivery.notifier}: {summarize(delivery.events, delivery.part)}")
         notifier = self._notifiers.get(delivery.notifier)
         if notifier is None:
-            error = f"notifier {delivery.notifier!r} is no longer in the configuration"
-            await self._record(_Outcome(delivery, what, "failed", self._clock.now(), error))
-            stats.failed += 1
-            return True
+            return await self._unrouted(delivery, what, stats)
         try:
             await notifier.send(delivery.events, part=delivery.part)
         except PermanentNotifyError as exc:
-            log.error("%s: not delivered, and retrying cannot help: %s", what, exc)
-            await self._record(_Outcome(delivery, what, "failed", self._clock.now(), str(exc)))
+            error = server_text(exc, ERROR_MAX)
+            log.error("%s: not delivered, and retrying cannot help: %s", what, error)
+            await self._record(_Outcome(delivery, what, "failed", self._clock.now(), error))
             self._count(delivery, "failed")
             stats.failed += 1
             return True
         except RetryableNotifyError as exc:
-            return await self._retry_later(delivery, what, str(exc), exc.retry_after, stats)
+            error = server_text(exc, ERROR_MAX)
+            return await self._retry_later(delivery, what, error, exc.retry_after, stats)
         except Exception as exc:  # a bug in a notifier must not lose the message
-            log.exception("%s: unexpected error while sending", what)
-            return await self._retry_later(delivery, what, repr(exc), None, stats)
+            error = server_text(f"unexpected error: {exc!r}", ERROR_MAX)
+            if error != delivery.last_error:  # once per message and error, as any error
+                log.error(
+                    "%s: unexpected error while sending (a bug: please report it); the "
+                    "message is kept and retried:\n%s",
+                    what,
+                    _traceback(exc),
+                )
+            return await self._retry_later(delivery, what, error, None, stats)
         await self._record(_Outcome(delivery, what, "sent", self._clock.now()))
         log.info("%s: delivered", what)
         self._count(delivery, "sent")
         stats.sent += 1
         return True
+
+    async def _unrouted(self, delivery: Delivery, what: str, stats: DeliveryStats) -> bool:
+        """A message for a notifier no longer configured: kept until ``max_age``, looked
+        at again every ``max_backoff`` (module docstring)."""
+        name = delivery.notifier
+        now = self._clock.now()
+        if now - delivery.created_at >= self._max_age:
+            error = f"notifier {name!r} is no longer in the configuration"
+            return await self._retry_later(delivery, what, error, None, stats)
+        if name not in self._missing:
+            self._missing.add(name)
+            log.error(
+                "notifier %r is no longer in the configuration, but messages wait for it "
+                "(%s, and maybe more): they are kept until delivery.max_age (%s) and go out "
+                "if it is configured again under that name (renamed? rename it back); "
+                "then they are marked failed. `status` lists them",
+                name,
+                what,
+                self._max_age,
+            )
+        error = (
+            f"notifier {name!r} is no longer in the configuration: kept until "
+            f"delivery.max_age ({self._max_age}) in case it comes back"
+        )
+        # The notifier's other rows wait with this one (postpone): one look a pass.
+        later = now + timedelta(seconds=self._cap)
+        await self._record(_Outcome(delivery, what, "postponed", later, error))
+        return False
 
     async def _retry_later(
         self,
@@ -230,6 +336,12 @@ class Deliverer:
         delay = retry_delay(
             delivery.attempts, retry_after, base=_BASE_BACKOFF, cap=self._cap, rng=self._rng
         )
+        if retry_after is not None:
+            # Asked to wait again and again (429s in a row): the wait grows with the
+            # attempts as backoff does, whatever Retry-After says (0 would be a request
+            # a second for ever).
+            growing = backoff(delivery.attempts, base=_BASE_BACKOFF, cap=self._cap, rng=self._rng)
+            delay = max(delay, growing)
         # Said once per message and error: a receiver failing the same way again (a
         # 429 storm, an outage) is not a log line per attempt.
         level = logging.WARNING
@@ -256,6 +368,8 @@ class Deliverer:
             write = store.mark_sent(row, outcome.at)
         elif outcome.state == "failed":
             write = store.mark_failed(row, outcome.at, outcome.error or "")
+        elif outcome.state == "postponed":
+            write = store.postpone(row, outcome.at, outcome.error or "")
         else:
             write = store.mark_retry(row, outcome.at, outcome.error or "")
         await asyncio.shield(write)

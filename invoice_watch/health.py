@@ -80,6 +80,13 @@ class Metrics:
             ["endpoint"],
             registry=r,
         )
+        # Messages for a notifier a reload (or an edit) removed or renamed (deliver.py).
+        self.outbox_unrouted = Gauge(
+            "invoice_watch_outbox_unrouted",
+            "Pending notifications whose notifier is no longer configured (kept until max_age)",
+            ["notifier"],
+            registry=r,
+        )
         # A full disk after a send: outcomes kept in memory until the state file takes them.
         self.outbox_unrecorded = Gauge(
             "invoice_watch_outbox_unrecorded",
