@@ -7,6 +7,7 @@ Registered in conftest (``pytest_plugins``), so any test can ask for ``world``.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from html import unescape
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +103,9 @@ class World:
             return await app.run_once()
 
     def slack_texts(self) -> list[str]:
-        return [body["text"] for body in self.slack.accepted]
+        """The ``text`` of every message Slack took, as Slack shows it (mrkdwn's
+        ``&amp;``, ``&lt;`` and ``&gt;`` read back)."""
+        return [unescape(body["text"]) for body in self.slack.accepted]
 
     def kinds(self) -> list[tuple[str, str]]:
         """(kind, rule) of every Slack message, in order."""
