@@ -39,7 +39,7 @@ from typing import Any, TypeVar
 from invoice_watch.constants import FINAL_STATUSES, MESSAGE_MAX_EVENTS
 from invoice_watch.dedup import AlertState, Transition
 from invoice_watch.errors import StateError, StateFileGoneError, StateLockedError
-from invoice_watch.safe_text import printable, storable
+from invoice_watch.safe_text import one_line, storable
 from invoice_watch.types import AlertEvent, Invoice, Part, Snapshot, events_from_json, instant
 
 log = logging.getLogger(__name__)
@@ -312,13 +312,13 @@ def message_parts(count: int, group_over: int) -> list[int] | None:
 def summarize(events: Sequence[AlertEvent], part: Part | None = None) -> str:
     """One line naming a message, for `history` and logs (no secrets in events), and
     storable: its names may come from a server (:func:`~invoice_watch.safe_text.
-    printable`)."""
+    one_line`)."""
     if len(events) == 1:
         e = events[0]
         parts = [str(e.kind), e.rule, e.org_name]
         if e.invoice_id:
             parts.append(e.invoice_id)
-        return printable(" ".join(parts), one_line=True)
+        return one_line(" ".join(parts))
     return _group_summary(len(events), part)
 
 

@@ -36,7 +36,7 @@ Repeated 429s escalate: the wait is the longer of the receiver's ``Retry-After``
 backoff for the attempts made so far, as the Atlas client does, so ``Retry-After: 0``
 answered again and again is not one request a second for ever.
 
-Every error text a notifier gives is redacted and made printable
+Every error text a notifier gives is redacted and its control characters escaped
 (:func:`~invoice_watch.safe_text.server_text`) before it is logged or stored; the
 state file's outbox columns are made storable again as they are written
 (``commit.py``), so no character a receiver sends can make a mark fail.
@@ -60,7 +60,7 @@ from invoice_watch.errors import PermanentNotifyError, RetryableNotifyError, Sta
 from invoice_watch.health import Metrics
 from invoice_watch.redact import redact
 from invoice_watch.retry import backoff, retry_delay
-from invoice_watch.safe_text import printable, server_text
+from invoice_watch.safe_text import one_line, server_text
 from invoice_watch.types import Notifier
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def _traceback(exc: BaseException) -> str:
     text = "".join(traceback.format_exception(exc))
     if len(text) > _TRACEBACK_MAX:
         text = text[: _TRACEBACK_MAX // 2] + "\n[…]\n" + text[-_TRACEBACK_MAX // 2 :]
-    return printable(redact(text)).rstrip()
+    return redact(text).rstrip()
 
 
 @dataclass
@@ -257,7 +257,7 @@ class Deliverer:
 
     async def _attempt(self, delivery: Delivery, stats: DeliveryStats) -> bool:
         """One attempt; True when the notifier may be tried again in this pass."""
-        what = printable(f"{delivery.notifier}: {summarize(delivery.events, delivery.part)}")
+        what = one_line(f"{delivery.notifier}: {summarize(delivery.events, delivery.part)}")
         notifier = self._notifiers.get(delivery.notifier)
         if notifier is None:
             return await self._unrouted(delivery, what, stats)

@@ -1,53 +1,23 @@
-"""Text from outside made safe to show, log and store: the one place that decides what
-a character a server sent may do.
+"""Text from a server or a receiver, made fit to log, store and show: what the notifiers,
+the outbox and the messages they render use, built on :mod:`invoice_watch.redact` (the
+one redaction, and the one rule for the characters a terminal, a log or SQLite cannot
+take: :func:`~invoice_watch.redact.printable`).
 
 A receiver's answer (Slack's ``error``, an SMTP reply, an HTML page), an Atlas error's
-``detail`` or a name in a listing can hold anything JSON or the wire allows:
-
-- a lone surrogate (``"\\ud800"`` in JSON, or an invalid UTF-8 byte that aiosmtplib
-  decodes with ``surrogateescape``): SQLite, a log file and a terminal cannot encode it,
-  so a row holding it cannot be written (a message whose "failed" mark cannot be stored
-  is sent again forever, A12-14);
-- control characters: ``ESC [2J`` clears the operator's terminal, ``ESC ]0;…BEL`` sets
-  its title, a NUL cuts a line in some tools, a CR overwrites it;
-- Unicode bidirectional controls (U+202E RIGHT-TO-LEFT OVERRIDE and the like), which
-  make a line read other than it is (CVE-2021-42574, "Trojan Source").
-
-:func:`printable` writes each of those as a visible escape (``\\x1b``, ``\\u202e``,
-``\\ud800``) and keeps everything else as it is; :func:`server_text` also removes
-secrets (:func:`~invoice_watch.redact.redact`), puts the text on one line and bounds
-its length, for text that goes into a log line, an error message or the state file.
+detail carried by a ``poll_failure`` alert, or a name in a listing can hold anything the
+wire allows: a secret echoed back, a lone surrogate (``"\\ud800"`` in JSON, or an
+invalid UTF-8 byte that aiosmtplib decodes with ``surrogateescape``: a row holding one
+cannot be written, and a message whose "failed" mark cannot be stored is sent again for
+ever), terminal control sequences, bidirectional overrides.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 
-from invoice_watch.redact import redact
+from invoice_watch.redact import printable, redact
 
-# C0 controls but tab, LF and CR (whitespace, handled by the caller), DEL and the C1
-# controls; the bidirectional formatting characters (Unicode TR9: LRM, RLM, ALM, the
-# embeddings and overrides, the isolates); every surrogate (a Python str holds one
-# only when it is lone: UTF-8 cannot encode it).
-_UNPRINTABLE = re.compile(
-    "[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]"
-)
-_LINE_BREAKS = re.compile("[\t\n\r]")
-
-
-def _escape(match: re.Match[str]) -> str:
-    code = ord(match.group())
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
-
-
-def printable(text: str, *, one_line: bool = False) -> str:
-    """``text`` with every control character (tab, LF and CR aside), bidirectional
-    control and lone surrogate written as a visible escape (``\\x1b``, ``\\u202e``,
-    ``\\ud800``): encodable as UTF-8, and harmless on a terminal. ``one_line``: tabs, LFs
-    and CRs become spaces too (a text meant for one line: a name, a log line)."""
-    text = _UNPRINTABLE.sub(_escape, text)
-    return _LINE_BREAKS.sub(" ", text) if one_line else text
+__all__ = ["clip", "one_line", "printable", "server_text", "storable"]
 
 
 def clip(text: str, limit: int) -> str:
@@ -55,21 +25,26 @@ def clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: max(limit - 1, 0)] + "…"
 
 
+def one_line(text: str) -> str:
+    """``text`` with its whitespace runs (line breaks, CR, form feeds included) collapsed
+    to one space, then :func:`printable`: a name, a summary, a log line."""
+    return printable(" ".join(text.split()))
+
+
 def server_text(value: object, limit: int = 300, *, secrets: Iterable[str] = ()) -> str:
     """Text taken from a server (or a receiver), fit for a log line, an error message or
-    a column of the state file: secrets and HTTP credentials removed (``secrets``: more
-    values to remove than the configuration's), :func:`printable`, whitespace runs
-    collapsed to one space, at most ``limit`` characters."""
+    a column of the state file: secrets, their base64 forms and HTTP credentials removed
+    (``secrets``: values to remove beyond the registered ones), :func:`one_line`, at
+    most ``limit`` characters."""
     text = value if isinstance(value, str) else str(value)
     if len(text) > 4 * limit:  # bounded work whatever the server sent
         text = text[: 4 * limit]
-    text = " ".join(printable(redact(text, secrets), one_line=True).split())
-    return clip(text, limit)
+    return clip(redact(" ".join(text.split()), secrets), limit)
 
 
 def storable(text: str, limit: int) -> str:
-    """``text`` as a column of the state file may hold it: :func:`printable` (so that
-    SQLite can encode it: no write fails for a character a server sent) and at most
-    ``limit`` characters. Redaction is the writer's business (:func:`server_text`);
-    this is the last guard before SQLite."""
+    """``text`` as a column of the state file may hold it: :func:`printable` (SQLite
+    can encode it: no write fails for a character a server sent) and at most ``limit``
+    characters. Redaction is the writer's business (:func:`server_text`); this is the
+    last guard before SQLite."""
     return clip(printable(text[: 4 * limit]), limit)

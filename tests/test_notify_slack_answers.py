@@ -325,7 +325,7 @@ async def test_unreachable_through_a_proxy_that_is_down_names_the_proxy(closed_p
     proxy = f"http://relay:proxy-secret-123@127.0.0.1:{closed_port}"
     notifier = SlackWebhookNotifier("w", "http://hooks.example" + WEBHOOK_PATH, proxy=proxy)
     message = await unreachable(notifier)
-    assert f"cannot connect to the proxy http://relay:<secret>@127.0.0.1:{closed_port}" in message
+    assert f"cannot connect to the proxy http://<secret>@127.0.0.1:{closed_port}" in message
     assert "notifiers.w.proxy, or HTTPS_PROXY/HTTP_PROXY and NO_PROXY" in message
     assert "proxy-secret-123" not in message
 

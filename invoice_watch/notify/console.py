@@ -65,6 +65,10 @@ class ConsoleNotifier:
             raise self._closed("it was closed when invoice-watch started")
         text = f"{SEPARATOR}\n{render.text(events, part)}"
         encoding = getattr(stream, "encoding", None)
+        if encoding is None and self._stream is None:
+            # sys.stdout may be a wrapper that does not say (the CLI's): the process's
+            # standard output is sys.__stdout__.
+            encoding = getattr(sys.__stdout__, "encoding", None)
         if isinstance(encoding, str):
             text = _fit(text, encoding)
         try:

@@ -8,13 +8,12 @@ authentication and TLS failures (untrusted certificate, wrong ``tls`` mode) are 
 A server's reply text is the server's: it may echo the credentials (``535 … <base64 of
 the password>``), and aiosmtplib decodes bytes that are not UTF-8 as lone surrogates.
 Every error and warning goes through :func:`invoice_watch.safe_text.server_text` with
-the password and the forms AUTH sends it in (base64 alone for LOGIN, with the user
-name for PLAIN) as secrets: redacted, printable, bounded.
+the password as a secret (its base64 forms, alone for AUTH LOGIN or with the user name
+for AUTH PLAIN, are removed too): redacted, control characters escaped, bounded.
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import logging
 import ssl
@@ -210,12 +209,9 @@ class EmailNotifier:
         return f"{where}: {text}"
 
     def _secrets(self) -> list[str]:
-        """The password, and the forms AUTH sends it in, which a server may echo."""
-        if not self._password:
-            return []
-        user, password = (self.username or "").encode(), self._password.encode()
-        forms = [password, b"\0" + user + b"\0" + password, user + b"\0" + user + b"\0" + password]
-        return [self._password, *(base64.b64encode(form).decode() for form in forms)]
+        """The password: :func:`~invoice_watch.redact.redact` removes its base64 forms
+        too, alone (AUTH LOGIN) or within another (AUTH PLAIN), which a server may echo."""
+        return [self._password] if self._password else []
 
     async def aclose(self) -> None:
         """Nothing to close: each ``send`` opens and closes its own connection."""

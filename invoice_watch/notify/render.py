@@ -18,7 +18,7 @@ bodies quoted-printable when a line is longer); the subject is clipped to
 
 Every value an event carries may come from a server (an Atlas error's detail, a name in
 a listing): it is shown with its control characters written visibly
-(:func:`~invoice_watch.safe_text.printable`), HTML-escaped in email and mrkdwn-escaped
+(:func:`~invoice_watch.redact.printable`), HTML-escaped in email and mrkdwn-escaped
 in Slack, blocks and top-level ``text`` alike (:func:`slack_text`), so that it can
 neither drive a terminal nor mention (``<!channel>``) or link in Slack.
 """
@@ -44,7 +44,7 @@ from slack_sdk.models.blocks import (
 
 from invoice_watch.constants import MESSAGE_MAX_EVENTS
 from invoice_watch.format import duration, period, usd
-from invoice_watch.safe_text import printable
+from invoice_watch.safe_text import one_line
 from invoice_watch.types import AlertEvent, BreakdownLine, EventKind, Part, Severity
 
 SUBJECT_PREFIX = "[invoice-watch]"
@@ -120,9 +120,9 @@ _COLOR = {
 
 def _one_line(value: str) -> str:
     """Collapse whitespace, so names and summaries cannot break a header or a line, and
-    write control characters visibly (:func:`~invoice_watch.safe_text.printable`: a
+    write control characters visibly (:func:`~invoice_watch.safe_text.one_line`: a
     name or an Atlas error's detail cannot drive a terminal or hide in a message)."""
-    return " ".join(printable(value, one_line=True).split())
+    return one_line(value)
 
 
 def units(value: str) -> int:
@@ -157,7 +157,7 @@ def _summary(event: AlertEvent) -> str:
 def _link(event: AlertEvent) -> str | None:
     """The billing link, unless it is too long to show anywhere or not printable."""
     url = event.billing_url
-    return url if units(url) <= _URL_MAX and printable(url, one_line=True) == url else None
+    return url if units(url) <= _URL_MAX and one_line(url) == url else None
 
 
 def _details(event: AlertEvent) -> list[tuple[str, str]]:
