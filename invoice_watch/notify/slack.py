@@ -337,7 +337,7 @@ class _SlackNotifier:
         if reply.page and (title := _TITLE.search(text[:20_000])) is not None:
             text = title.group(1)
         quoted = server_text(text, _SNIPPET, secrets=self._secrets)
-        return f"{quoted!r}" if quoted else "an empty body"
+        return f"'{quoted}'" if quoted else "an empty body"
 
     def _judge(self, reply: _Reply) -> _Outcome:
         """What ``reply`` means (module docstring)."""
@@ -549,7 +549,7 @@ class SlackBotNotifier(_SlackNotifier):
         if isinstance(error, str) and _ERROR_CODE.fullmatch(error):
             return _SlackSays(ok, error)
         odd = "" if error is None else server_text(error, _SNIPPET, secrets=self._secrets)
-        return _SlackSays(ok, None, repr(odd) if odd else "")
+        return _SlackSays(ok, None, f"'{odd}'" if odd else "")
 
     async def aclose(self) -> None:
         """Nothing to close: each attempt opens and closes its own connection."""
