@@ -102,10 +102,18 @@ class CycleResult:
         return len(self.reads) - len(self.orgs_failed)
 
 
+# How much earlier than the window it needs an incremental read asks Atlas to list
+# (``fromDate``): a server that reads the boundary another way (exclusive, another time
+# zone) then lists a few more rows, and never misses the oldest invoice of the window.
+FROM_DATE_MARGIN = timedelta(days=1)
+
+
 def incremental_from(snapshot: Snapshot) -> date | None:
-    """The ``fromDate`` of an incremental read: the start of the oldest invoice that can
-    still change (not PAID, FORGIVEN or FREE), else of the newest invoice (so new ones
-    are still seen); None (a full listing) when nothing is known yet.
+    """The window of an incremental read: the (UTC) day on which the oldest invoice that
+    can still change starts (not PAID, FORGIVEN or FREE), else the newest
+    invoice's (so new ones are still seen); None (a full listing) when nothing is known
+    yet. The read asks ``fromDate`` :data:`FROM_DATE_MARGIN` earlier (:func:`asked_from`),
+    and only invoices starting on this day or later can be "gone" from it.
 
     A change Atlas makes to an older invoice all the same (a refund, a PAID invoice
     FORGIVEN, one removed) is outside this window: the periodic full listing sees it
@@ -119,6 +127,12 @@ def incremental_from(snapshot: Snapshot) -> date | None:
     days = [i.start_date.astimezone(UTC).date() for i in live]
     newest_settled = snapshot.newest_settled_day()
     return max([*days, newest_settled] if newest_settled else days)
+
+
+def asked_from(window: date | None) -> date | None:
+    """The ``fromDate`` a read of the window :func:`incremental_from` gives asks for (see
+    :data:`FROM_DATE_MARGIN`); None (a full listing) for None."""
+    return None if window is None else window - FROM_DATE_MARGIN
 
 
 def _phase(org_id: str) -> float:
@@ -846,10 +860,11 @@ class App:
         full = self.full_listings
         full.configure(config.poll.full_listing_every)
         decided_at = self.clock.monotonic()
-        from_dates = {
+        windows = {
             org_id: None if full.due(org_id, decided_at) else incremental_from(known[org_id])
             for org_id in org_ids
         }
+        from_dates = {org_id: asked_from(window) for org_id, window in windows.items()}
         listed_in_full: list[str] = []  # marked done once the cycle is committed
         routes = {rule.name: list(rule.notify) for rule in config.rules}
         cycle = store.begin_cycle()
@@ -865,7 +880,7 @@ class App:
         unreadable: list[StateError] = []  # the state file, when a settled invoice is read
 
         async def take(read: OrgRead) -> None:
-            org_id, from_date = read.org_id, from_dates[read.org_id]
+            org_id, from_date = read.org_id, windows[read.org_id]
             listed_from = datetime.combine(from_date, dtime(), UTC) if from_date else None
             stored = None
             if read.ok and (load := settled_to_load(known[org_id], read, listed_from=listed_from)):

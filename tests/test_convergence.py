@@ -129,7 +129,7 @@ async def test_full_listing_sees_a_paid_invoice_of_an_earlier_month_forgiven(
         for _ in range(4):  # an hour of incremental reads: October is not listed
             clock.advance(timedelta(minutes=15))
             assert (await app.run_cycle()).events == []
-            assert from_dates(sim) == ["2026-11-01"]
+            assert from_dates(sim) == ["2026-10-31"]  # a day early
 
         clock.advance(timedelta(days=1))
         result = await app.run_cycle()
@@ -206,7 +206,7 @@ async def test_full_listing_is_timed_on_the_monotonic_clock(sim: Simulator, tmp_
         clock.step(timedelta(days=-30))  # and back a month: the time passed still counts
         clock.advance(due - timedelta(minutes=1))
         await app.run_cycle()
-        assert from_dates(sim) == ["2026-11-01", "2026-11-01"]
+        assert from_dates(sim) == ["2026-10-31", "2026-10-31"]
         clock.advance(timedelta(minutes=2))
         await app.run_cycle()
         assert from_dates(sim) == [None]

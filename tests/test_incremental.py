@@ -26,7 +26,9 @@ from invoice_watch.constants import FINAL_STATUSES
 from invoice_watch.fetch import AtlasClient
 from invoice_watch.simulator import Scenario, Simulator
 from invoice_watch.types import AlertEvent, EventKind, OrgRead, Snapshot
-from tests.conftest import base_config, make_config
+from tests.conftest import ORG_A, base_config, make_config
+from tests.hand_atlas import HandAtlas, hand_config
+from tests.hand_atlas import invoice as listed
 from tests.loopback import LoopbackServer
 
 ORG = "0123456789abcdef01234567"
@@ -105,7 +107,8 @@ async def test_incremental_read_starts_at_the_oldest_open_invoice_and_sees_it_ch
         assert [q.get("fromDate") for q in listing_queries(sim)] == [None]  # a full listing
 
         quiet = await app.run_cycle()
-        assert [q["fromDate"] for q in listing_queries(sim)] == [[f"{closed.start:%Y-%m-%d}"]]
+        day_before = closed.start - timedelta(days=1)  # FROM_DATE_MARGIN
+        assert [q["fromDate"] for q in listing_queries(sim)] == [[f"{day_before:%Y-%m-%d}"]]
         assert quiet.events == [] and quiet.changes == 0
         assert quiet.reads[ORG].listed == 15  # m14 .. m0, not the 9 older PAID ones
 
@@ -134,12 +137,41 @@ async def test_incremental_read_never_reports_old_final_invoices_as_gone(
 
         for _ in range(2):
             result = await app.run_cycle()
-            assert [q["fromDate"] for q in listing_queries(sim)] == [[f"{pending.start:%Y-%m-%d}"]]
+            day_before = pending.start - timedelta(days=1)
+            assert [q["fromDate"] for q in listing_queries(sim)] == [[f"{day_before:%Y-%m-%d}"]]
             assert result.reads[ORG].listed == 1  # this month's
             assert result.events == [] and result.changes == 0
             assert len(app.store.snapshot(ORG)) == 24
             (stored,) = await app.store.stored_invoices(ORG, [closed.id])
             assert stored.status == "PAID"
+
+
+async def test_incremental_read_asks_a_day_early_so_an_exclusive_boundary_loses_nothing(
+    tmp_path: Path,
+):
+    """A13-9: a server that reads ``fromDate`` as exclusive (Atlas documents "greater
+    than or equal") would leave out the oldest open invoice, the one the window starts
+    at: asked a day earlier, it lists it, and its alert neither resolves nor fires again.
+    An invoice of the margin day that such a server leaves out is not "gone" either."""
+    async with HandAtlas() as atlas:
+        atlas.from_exclusive = True
+        atlas.invoices[ORG_A] = [
+            listed(1, ORG_A, "PAID", start="2026-10-01", end="2026-11-01"),
+            listed(2, ORG_A, "PAID", start="2026-10-31", end="2026-11-01"),
+            listed(3, ORG_A, "PENDING", 900_00),
+        ]
+        rules = [
+            {"name": "over", "type": "pending_amount", "threshold": 500, "notify": ["console"]}
+        ]
+        config = hand_config(tmp_path, atlas.url, rules=rules, orgs=(ORG_A,))
+        async with App(config, clock=FakeClock(NOW), notifiers={"console": Silent()}) as app:
+            first = await app.run_cycle()
+            assert events(first) == [(EventKind.FIRING, "over", f"{3:024x}")]
+            for _ in range(2):
+                again = await app.run_cycle()
+                assert again.events == [] and again.changes == 0
+                assert len(app.store.snapshot(ORG_A)) == 3
+        assert atlas.asked == [(ORG_A, None), (ORG_A, "2026-10-31"), (ORG_A, "2026-10-31")]
 
 
 async def test_incremental_read_hands_back_the_stored_invoices_when_nothing_changed(
