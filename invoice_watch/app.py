@@ -110,7 +110,7 @@ FROM_DATE_MARGIN = timedelta(days=1)
 
 def incremental_from(snapshot: Snapshot) -> date | None:
     """The window of an incremental read: the (UTC) day on which the oldest invoice that
-    can still change starts (not PAID, FORGIVEN or FREE), else the newest
+    can still change starts (not PAID, FORGIVEN, FREE or PREPAID), else the newest
     invoice's (so new ones are still seen); None (a full listing) when nothing is known
     yet. The read asks ``fromDate`` :data:`FROM_DATE_MARGIN` earlier (:func:`asked_from`),
     and only invoices starting on this day or later can be "gone" from it.
@@ -1038,10 +1038,11 @@ class App:
             if invoice.status not in INVOICE_STATUSES:  # said once, when it appears
                 log.warning(
                     "%s: invoice %s has status %r, which invoice-watch does not know: "
-                    "it is kept, and no rule can match it",
+                    "it is kept (and read as an invoice that can still change); %s",
                     self.config.org_name(invoice.org_id),
                     invoice.id,
                     invoice.status,
+                    _unknown_status_rules(self.config),
                 )
 
     async def _add_breakdowns(
@@ -1405,6 +1406,25 @@ class App:
             )
             task.cancel()
             await asyncio.wait({task}, timeout=2)
+
+
+def _unknown_status_rules(config: Config) -> str:
+    """Which rules can match an invoice whose status invoice-watch does not know, in
+    words: only a ``status_change`` rule that accepts any status on one side (no ``to``,
+    or no ``from``) can; the other rules name the statuses they watch (or PENDING)."""
+    names = [
+        rule.name
+        for rule in config.rules
+        if rule.enabled
+        and rule.type == "status_change"
+        and (rule.to_statuses is None or rule.from_statuses is None)
+    ]
+    if not names:
+        return "no rule can match it"
+    return (
+        f"only the status_change rule(s) {', '.join(names)} (without `to:` or `from:`) "
+        "tell when an invoice moves to or from it; no other rule can match it"
+    )
 
 
 def _changed_text(keys: list[str], most: int = 10) -> str:

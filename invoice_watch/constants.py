@@ -45,8 +45,13 @@ INVOICE_STATUSES: Final = (
     "PREPAID",
     "INVOICED",
 )
-# An invoice in one of these states never changes again.
-FINAL_STATUSES: Final = frozenset({"PAID", "FORGIVEN", "FREE"})
+# An invoice in one of these states is not expected to change again: incremental reads
+# start after the last of them (app.incremental_from), and the snapshot keeps them as
+# keys (types.Snapshot). PREPAID ("Customer has a pre-paid plan so they won't be
+# charged", the official spec's BillingInvoice.statusName) is as final as FREE: nothing
+# is charged, and no move out of it is documented. One that changes all the same is
+# seen by the periodic full listing (poll.full_listing_every).
+FINAL_STATUSES: Final = frozenset({"PAID", "FORGIVEN", "FREE", "PREPAID"})
 
 # The cents fields of an invoice that the diff compares.
 AMOUNT_FIELDS: Final = (

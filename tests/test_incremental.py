@@ -174,6 +174,53 @@ async def test_incremental_read_asks_a_day_early_so_an_exclusive_boundary_loses_
         assert atlas.asked == [(ORG_A, None), (ORG_A, "2026-10-31"), (ORG_A, "2026-10-31")]
 
 
+async def test_incremental_read_of_a_prepaid_organization_lists_only_what_can_change(
+    tmp_path: Path,
+):
+    """A13-10: an organization on a prepaid plan has every closed month PREPAID ("won't
+    be charged", as final as FREE): its incremental reads start at this month's invoice,
+    not two years back (before, every one of its reads was a full listing)."""
+    scenario = Scenario(now=NOW)
+    scenario.add_org("Prepaid", id=ORG)
+    for age in range(23, -1, -1):
+        status = "PENDING" if age == 0 else "PREPAID"
+        scenario.add_invoice(ORG, period=-age, status=status, amount_cents=1000_00, name=f"m{age}")
+    async with Simulator(scenario, clock=FakeClock(NOW)) as sim:
+        config = app_config(sim, tmp_path)
+        async with App(config, clock=FakeClock(NOW), notifiers={"console": Silent()}) as app:
+            await app.run_cycle()
+            listing_queries(sim)
+            quiet = await app.run_cycle()
+            assert [q["fromDate"] for q in listing_queries(sim)] == [["2026-10-31"]]
+            assert quiet.reads[ORG].listed == 1 and quiet.events == []
+            assert len(app.store.snapshot(ORG).settled) == 23
+
+
+async def test_unknown_status_warning_names_the_rules_that_still_match_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    """A13-10: a status invoice-watch does not know is kept, and a status_change rule
+    without ``to:`` tells the move to it: the warning says so, not "no rule can match
+    it"."""
+    async with HandAtlas() as atlas:
+        atlas.invoices[ORG_A] = [listed(1, ORG_A, "PAID")]
+        rules = [
+            {"name": "moves", "type": "status_change", "notify": ["console"]},
+            {"name": "failed-charge", "type": "invoice_status", "notify": ["console"]},
+        ]
+        config = hand_config(tmp_path, atlas.url, rules=rules, orgs=(ORG_A,))
+        async with App(config, clock=FakeClock(NOW), notifiers={"console": Silent()}) as app:
+            await app.run_cycle()
+            atlas.invoices[ORG_A] = [listed(1, ORG_A, "REFUNDED")]
+            moved = await app.run_cycle()
+    assert [(e.kind, e.rule, e.previous_status) for e in moved.events] == [
+        (EventKind.NOTICE, "moves", "PAID")
+    ]
+    (warning,) = [r.getMessage() for r in caplog.records if "does not know" in r.getMessage()]
+    assert "'REFUNDED'" in warning and "no rule can match it" not in warning
+    assert "only the status_change rule(s) moves (without `to:` or `from:`)" in warning
+
+
 async def test_incremental_read_hands_back_the_stored_invoices_when_nothing_changed(
     sim: Simulator, tmp_path: Path
 ):
