@@ -48,6 +48,7 @@ from invoice_watch.constants import (
 from invoice_watch.dedup import AlertState, Reason, Transition, plan_holding, plan_resolved
 from invoice_watch.deliver import Deliverer
 from invoice_watch.diff import Diff, diff, settled_to_load, without_news
+from invoice_watch.elapsed import Elapsed
 from invoice_watch.errors import (
     ConfigError,
     FetchError,
@@ -60,6 +61,7 @@ from invoice_watch.health import HttpEndpoint, Metrics, health
 from invoice_watch.reload import Apply, changes
 from invoice_watch.rules import (
     BREAKDOWN_RULES,
+    Age,
     History,
     OrgView,
     breakdown,
@@ -404,9 +406,11 @@ class CyclePlan:
         *,
         baseline: bool = False,
         payers: Mapping[str, str] | None = None,
+        age: Age | None = None,
     ) -> None:
         self.config = config
         self.baseline = baseline
+        self._age = age  # how long ago a stored time was (the wall clock's when None)
         self.states = dict(states)
         self.held: set[str] = set()  # keys of the conditions that hold
         self.evaluated: set[tuple[str, str]] = set()  # (rule, configured org) scopes
@@ -538,11 +542,11 @@ class CyclePlan:
                 }
         if view.ok:
             self.read_ok.add(view.org_id)
-        evaluation = evaluate(self.config.rules, [view], step.history, now)
+        evaluation = evaluate(self.config.rules, [view], step.history, now, age=self._age)
         self.held.update(evaluation.holding)
         self.evaluated.update(evaluation.evaluated)
         transitions = plan_holding(
-            self.config, evaluation, self.states, now, baseline=self.baseline
+            self.config, evaluation, self.states, now, baseline=self.baseline, age=self._age
         )
         if evaluation.notices:  # one notice per invoice and move, whoever listed it
             kept = []
@@ -704,6 +708,8 @@ class App:
         # Which organizations list in full at the next cycle: all of them at first.
         self.full_listings = FullListings(config.poll.full_listing_every, self.clock)
         self._linked_hidden: set[str] = set()  # paying orgs warned about (once each)
+        # How long ago stored times were, on the monotonic clock (poll_failure, repeat).
+        self._elapsed = Elapsed(self.clock)
         # An error that stops the daemon (the state file gone): serve() raises it.
         self.fatal: StateFileGoneError | None = None
         self._stop: asyncio.Event | None = None
@@ -868,11 +874,15 @@ class App:
         listed_in_full: list[str] = []  # marked done once the cycle is committed
         routes = {rule.name: list(rule.notify) for rule in config.rules}
         cycle = store.begin_cycle()
+        elapsed = self._elapsed
+        elapsed.sweep()
         writer = _Writer(
-            lambda orgs, ts: store.commit_orgs(cycle, self.clock.now(), orgs, ts, routes)
+            lambda orgs, ts: store.commit_orgs(cycle, elapsed.stamp(), orgs, ts, routes)
         )
         payers = store.payers()
-        decide = CyclePlan(config, store.firing_alerts(), baseline=baseline, payers=payers)
+        decide = CyclePlan(
+            config, store.firing_alerts(), baseline=baseline, payers=payers, age=elapsed.age
+        )
         unchanged: list[OrgWrite] = []  # written with the last transaction
         later: list[tuple[OrgWrite, list[Transition], dict[str, AlertState | None]]] = []
         deferred: set[str] = set()  # the organizations in `later`
@@ -903,7 +913,7 @@ class App:
             if read.ok and from_date is None:
                 listed_in_full.append(org_id)
                 self._check_linked_visible(read, payers)
-            now = self.clock.now()
+            now = elapsed.stamp()
             step = step_org(
                 read,
                 known[org_id],

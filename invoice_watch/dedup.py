@@ -17,7 +17,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from invoice_watch import format as fmt
-from invoice_watch.rules import Condition, Evaluation, resolution_summary
+from invoice_watch.rules import Age, Condition, Evaluation, resolution_summary, wall_age
 from invoice_watch.types import AlertEvent, EventKind, Invoice
 
 if TYPE_CHECKING:
@@ -57,15 +57,19 @@ def decide(
     evaluated: bool,
     rule: Rule,
     now: datetime,
+    age: Age | None = None,
 ) -> Reason | None:
-    """Whether an alert needs a message now; None when nothing is to be done."""
+    """Whether an alert needs a message now; None when nothing is to be done. ``age``:
+    how long ago a stored time was (the last notification), measured so that a
+    wall-clock step moves no duration (default: on the wall clock)."""
     firing = state is not None and state.firing
     if holding:
         if not firing:
             return Reason.NEW
         assert state is not None
         if rule.repeat is not None and (
-            state.last_notified is None or now - state.last_notified >= rule.repeat
+            state.last_notified is None
+            or (age or wall_age(now))(state.last_notified) >= rule.repeat
         ):
             return Reason.REPEAT_DUE
         return Reason.ALREADY_NOTIFIED
@@ -170,10 +174,12 @@ def plan_holding(
     now: datetime,
     *,
     baseline: bool = False,
+    age: Age | None = None,
 ) -> list[Transition]:
     """The FIRING, REMINDER and NOTICE half of :func:`plan`: what the conditions that
     hold (and the notices) of ``evaluation`` change. A cycle can run it organization by
-    organization, as each one is read, keeping ``states`` up to date in between."""
+    organization, as each one is read, keeping ``states`` up to date in between.
+    ``age``: as for :func:`decide`."""
     rules = {rule.name: rule for rule in config.rules}
     factory = EventFactory(config)
     transitions: list[Transition] = []
@@ -181,7 +187,7 @@ def plan_holding(
     for key, condition in evaluation.holding.items():
         rule = rules[condition.rule]
         state = states.get(key)
-        reason = decide(state, True, True, rule, now)
+        reason = decide(state, True, True, rule, now, age)
         if reason is Reason.NEW:
             event = factory.event(EventKind.FIRING, rule, condition, now, firing_since=now)
             new_state = _new_state(condition, event, now, firing=True)

@@ -12,7 +12,7 @@ about it).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
@@ -39,6 +39,15 @@ BREAKDOWN_RULES = frozenset({"pending_amount", "amount_increase", "forecast"})
 
 # (observed at, amountBilledCents), oldest first.
 History = Sequence[tuple[datetime, int]]
+# How long ago a stored wall time was (see invoice_watch.elapsed.Elapsed.age: measured
+# on the monotonic clock, so that a wall-clock step moves no duration).
+Age = Callable[[datetime], timedelta]
+
+
+def wall_age(now: datetime) -> Age:
+    """Ages on the wall clock alone (``now - when``, never negative): for callers that
+    have no :class:`~invoice_watch.elapsed.Elapsed` (a one-off evaluation)."""
+    return lambda when: max(now - when, timedelta(0))
 
 
 @dataclass(frozen=True)
@@ -103,18 +112,21 @@ def _applies(rule: Rule, org_id: str) -> bool:
     return rule.orgs is None or org_id in rule.orgs
 
 
-def growth(history: History, current: int, now: datetime, window: timedelta) -> tuple[int, int]:
+def growth(
+    history: History, current: int, now: datetime, window: timedelta, age: Age | None = None
+) -> tuple[int, int]:
     """(base, growth) of a pending amount within ``window``.
 
-    base is the latest observation at or before ``now - window``, or the first
-    observation when the history is shorter than the window.
+    base is the latest observation at least ``window`` old (at or before ``now -
+    window``), or the first observation when the history is shorter than the window.
+    ``age``: how old an observation is (default: on the wall clock, :func:`wall_age`).
     """
     if not history:
         return current, 0
-    cutoff = now - window
+    age = age or wall_age(now)
     base = history[0][1]
     for observed_at, cents in history:
-        if observed_at <= cutoff:
+        if age(observed_at) >= window:
             base = cents
         else:
             break
@@ -135,15 +147,20 @@ def evaluate(
     views: Sequence[OrgView],
     history: Mapping[str, History],
     now: datetime,
+    *,
+    age: Age | None = None,
 ) -> Evaluation:
-    """Evaluate every enabled rule against every organization view."""
+    """Evaluate every enabled rule against every organization view. ``age``: how long
+    ago a stored time was (a failure's start, an amount's observation), measured so that
+    a wall-clock step moves no duration (default: on the wall clock)."""
     result = Evaluation()
+    age = age or wall_age(now)
     for rule in rules:
         if not rule.enabled:
             continue
         for view in views:
             if rule.type == "poll_failure":
-                _poll_failure(rule, view, now, result)
+                _poll_failure(rule, view, age, result)
                 continue
             if not view.ok:
                 continue
@@ -154,7 +171,7 @@ def evaluate(
             for invoice in view.invoices.values():
                 if not _applies(rule, invoice.org_id):
                     continue
-                condition = _check(rule, view, invoice, history.get(invoice.id, ()), now)
+                condition = _check(rule, view, invoice, history.get(invoice.id, ()), now, age)
                 if condition is not None:
                     result.holding[condition.key] = condition
     return result
@@ -175,7 +192,7 @@ def _condition(
 
 
 def _check(
-    rule: Rule, view: OrgView, invoice: Invoice, history: History, now: datetime
+    rule: Rule, view: OrgView, invoice: Invoice, history: History, now: datetime, age: Age
 ) -> Condition | None:
     if rule.type == "invoice_status":
         return _invoice_status(rule, view, invoice)
@@ -184,7 +201,9 @@ def _check(
     if rule.type == "pending_amount":
         return _pending_amount(rule, view, invoice)
     if rule.type == "amount_increase":
-        return None if view.first_read else _amount_increase(rule, view, invoice, history, now)
+        if view.first_read:
+            return None
+        return _amount_increase(rule, view, invoice, history, now, age)
     if rule.type == "forecast":
         return _forecast(rule, view, invoice, now)
     return None
@@ -218,9 +237,14 @@ def _pending_amount(rule: PendingAmountRule, view: OrgView, invoice: Invoice) ->
 
 
 def _amount_increase(
-    rule: AmountIncreaseRule, view: OrgView, invoice: Invoice, history: History, now: datetime
+    rule: AmountIncreaseRule,
+    view: OrgView,
+    invoice: Invoice,
+    history: History,
+    now: datetime,
+    age: Age,
 ) -> Condition | None:
-    base, grew = growth(history, invoice.amount_billed_cents, now, rule.window)
+    base, grew = growth(history, invoice.amount_billed_cents, now, rule.window, age)
     over_amount = rule.threshold_cents is not None and grew > rule.threshold_cents
     over_percent = rule.percent is not None and base > 0 and grew * 100 > rule.percent * base
     if not (over_amount or over_percent):
@@ -280,11 +304,14 @@ def _status_change(rule: StatusChangeRule, view: OrgView, result: Evaluation) ->
         )
 
 
-def _poll_failure(rule: PollFailureRule, view: OrgView, now: datetime, result: Evaluation) -> None:
+def _poll_failure(rule: PollFailureRule, view: OrgView, age: Age, result: Evaluation) -> None:
     if not _applies(rule, view.org_id):
         return
     result.evaluated.add((rule.name, view.org_id))
-    if view.ok or view.failing_since is None or now - view.failing_since < rule.after:
+    if view.ok or view.failing_since is None:
+        return
+    failing_for = age(view.failing_since)
+    if failing_for < rule.after:
         return
     key = alert_key(rule.name, view.org_id)
     result.holding[key] = Condition(
@@ -293,7 +320,7 @@ def _poll_failure(rule: PollFailureRule, view: OrgView, now: datetime, result: E
         org_id=view.org_id,
         source_org_id=view.org_id,
         summary=(
-            f"Invoices could not be read for {fmt.duration(now - view.failing_since)}: "
+            f"Invoices could not be read for {fmt.duration(failing_for)}: "
             f"{view.error or 'unknown error'}. Billing alerts for this organization are "
             "paused until reading works again."
         ),

@@ -1,0 +1,69 @@
+"""How long ago a stored wall time was, whichever way the wall clock steps.
+
+The state file keeps wall times (an organization failing since, an alert last notified,
+an amount observed at): a duration measured as ``now - stored`` on the wall clock would
+be two days short after the clock is set back two days (an NTP fix, a VM restore), and
+``poll_failure`` or a ``repeat`` reminder would wait two days more. :class:`Elapsed`
+measures each such duration on the monotonic clock from the moment this process first
+knew the time: a time it made itself (:meth:`Elapsed.stamp`) is 0 s old then; a time
+read from the state file is as old as the wall clock says when first asked, and a time
+in the future counts as now (logged once). From then on only monotonic time counts.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timedelta
+
+from invoice_watch.clock import Clock
+
+log = logging.getLogger(__name__)
+
+
+class Elapsed:
+    """Ages of wall times, measured on ``clock``'s monotonic clock (see the module).
+
+    Remembers each time it was asked about or stamped, until :meth:`sweep` finds it
+    unused for two sweeps (the cycle calls it once per cycle): bounded by what two
+    cycles use."""
+
+    def __init__(self, clock: Clock) -> None:
+        self._clock = clock
+        # wall time -> (its age when first known, in seconds; monotonic then; last sweep used)
+        self._known: dict[datetime, tuple[float, float, int]] = {}
+        self._sweeps = 0
+        self._warned = False
+
+    def stamp(self) -> datetime:
+        """The wall-clock time now, known from now on to be 0 s old at this monotonic
+        instant: what the caller stores with it ages on the monotonic clock."""
+        now = self._clock.now()
+        self._known[now] = (0.0, self._clock.monotonic(), self._sweeps)
+        return now
+
+    def age(self, when: datetime) -> timedelta:
+        """How long ago ``when`` was (never negative)."""
+        monotonic = self._clock.monotonic()
+        known = self._known.get(when)
+        if known is None:
+            seconds = (self._clock.now() - when).total_seconds()
+            if seconds < 0:
+                if not self._warned:
+                    self._warned = True
+                    log.warning(
+                        "the wall clock reads %s, earlier than %s found in the state file "
+                        "(was the clock set back?): durations from such times count from "
+                        "now",
+                        self._clock.now().isoformat(timespec="seconds"),
+                        when.isoformat(timespec="seconds"),
+                    )
+                seconds = 0.0
+            known = (seconds, monotonic, self._sweeps)
+        self._known[when] = (known[0], known[1], self._sweeps)
+        return timedelta(seconds=known[0] + max(0.0, monotonic - known[1]))
+
+    def sweep(self) -> None:
+        """Forget the times not stamped or asked about since the sweep before last."""
+        self._sweeps += 1
+        oldest = self._sweeps - 2
+        self._known = {when: known for when, known in self._known.items() if known[2] >= oldest}

@@ -1,0 +1,151 @@
+"""Durations between a stored wall time and now survive wall-clock steps (A12-11):
+``poll_failure`` (failing since), ``repeat`` reminders (last notified) and
+``amount_increase`` windows (observed at) count time that passed on the monotonic clock,
+not what the wall clock says; a stored time in the future counts as now, logged once.
+
+The App's real cycle against a hand-made Atlas on loopback; time is a FakeClock, whose
+``step`` sets the wall clock without time passing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from invoice_watch.app import App
+from invoice_watch.clock import FakeClock
+from invoice_watch.types import EventKind
+from tests.conftest import ORG_A, ORG_B
+from tests.hand_atlas import HandAtlas, hand_config, invoice
+from tests.test_convergence import Recorder
+
+NOW = datetime(2026, 11, 15, 12, 0, tzinfo=UTC)
+DAYS_2 = timedelta(days=2)
+
+
+@pytest.fixture
+async def atlas() -> AsyncIterator[HandAtlas]:
+    async with HandAtlas() as server:
+        server.invoices[ORG_B] = [invoice(2, ORG_B, "PAID")]
+        yield server
+
+
+def kinds(events: Any) -> list[tuple[EventKind, str]]:
+    return sorted((e.kind, e.rule) for e in events)
+
+
+@pytest.mark.parametrize("step", [-DAYS_2, DAYS_2], ids=["set-back", "set-forward"])
+async def test_poll_failure_counts_time_that_passed_whichever_way_the_clock_steps(
+    tmp_path: Path, atlas: HandAtlas, step: timedelta
+):
+    """Org A fails from the first cycle on (``after: 1h``). The wall clock is set two
+    days back (or forward) 12 minutes later: poll_failure still fires 1 h after the
+    first failure, not 2 days later (nor at once)."""
+    atlas.answers[ORG_A] = (500, b'{"detail": "down"}')
+    clock = FakeClock(NOW)
+    config = hand_config(tmp_path, atlas.url)
+    async with App(config, clock=clock, notifiers={"console": Recorder()}) as app:
+        assert (await app.run_cycle()).events == []
+        clock.advance(timedelta(minutes=12))
+        clock.step(step)
+        clock.advance(timedelta(minutes=30))
+        assert (await app.run_cycle()).events == []  # 42 min of failing
+        clock.advance(timedelta(minutes=17))
+        assert (await app.run_cycle()).events == []  # 59 min
+        clock.advance(timedelta(minutes=2))
+        fired = await app.run_cycle()  # 61 min
+        assert kinds(fired.events) == [(EventKind.FIRING, "atlas-down")]
+        assert "could not be read for 1h 1m" in fired.events[0].summary
+
+
+@pytest.mark.parametrize("step", [-DAYS_2, DAYS_2], ids=["set-back", "set-forward"])
+async def test_repeat_reminds_after_the_time_that_passed_whichever_way_the_clock_steps(
+    tmp_path: Path, atlas: HandAtlas, step: timedelta
+):
+    """A FAILED invoice's alert reminds every hour: with the wall clock set two days
+    back (or forward) in between, the reminder still comes an hour after the FIRING."""
+    atlas.invoices[ORG_A] = [invoice(1, ORG_A, "FAILED")]
+    rules: list[dict[str, Any]] = [
+        {"name": "failed-charge", "type": "invoice_status", "repeat": "1h", "notify": ["console"]}
+    ]
+    clock = FakeClock(NOW)
+    config = hand_config(tmp_path, atlas.url, rules=rules)
+    async with App(config, clock=clock, notifiers={"console": Recorder()}) as app:
+        assert kinds((await app.run_cycle()).events) == [(EventKind.FIRING, "failed-charge")]
+        clock.advance(timedelta(minutes=20))
+        clock.step(step)
+        clock.advance(timedelta(minutes=39))
+        assert (await app.run_cycle()).events == []  # 59 min
+        clock.advance(timedelta(minutes=2))
+        reminded = await app.run_cycle()
+        assert kinds(reminded.events) == [(EventKind.REMINDER, "failed-charge")]
+
+
+async def test_amount_increase_window_counts_time_that_passed_when_the_clock_steps_back(
+    tmp_path: Path, atlas: HandAtlas
+):
+    """A pending invoice grows $300 within a 1h window, then the wall clock is set two
+    days back: the observation before the growth is still an hour old an hour later
+    (the window is over), not two days in the future (which would keep the growth
+    "within the window" for two more days)."""
+    atlas.invoices[ORG_A] = [invoice(1, ORG_A, "PENDING", 1000_00)]
+    rules: list[dict[str, Any]] = [
+        {"name": "jump", "type": "amount_increase", "threshold": 200, "window": "1h"}
+    ]
+    rules[0]["notify"] = ["console"]
+    clock = FakeClock(NOW)
+    config = hand_config(tmp_path, atlas.url, rules=rules)
+    async with App(config, clock=clock, notifiers={"console": Recorder()}) as app:
+        await app.run_cycle()
+        clock.advance(timedelta(minutes=10))
+        atlas.invoices[ORG_A] = [invoice(1, ORG_A, "PENDING", 1300_00)]
+        assert kinds((await app.run_cycle()).events) == [(EventKind.FIRING, "jump")]
+        clock.step(-DAYS_2)
+        clock.advance(timedelta(minutes=61))
+        over = await app.run_cycle()
+        assert kinds(over.events) == [(EventKind.RESOLVED, "jump")]
+
+
+async def test_a_stored_failure_in_the_future_counts_from_now_and_is_said_once(
+    tmp_path: Path, atlas: HandAtlas, caplog: pytest.LogCaptureFixture
+):
+    """The daemon restarts with the wall clock set two days back: the state file says
+    org A fails since a time two days ahead. That time counts as now (one warning says
+    so): poll_failure fires an hour later, not two days and an hour later."""
+    atlas.answers[ORG_A] = (500, b'{"detail": "down"}')
+    clock = FakeClock(NOW)
+    config = hand_config(tmp_path, atlas.url)
+    async with App(config, clock=clock, notifiers={"console": Recorder()}) as app:
+        await app.run_cycle()
+    clock.step(-DAYS_2)
+    caplog.set_level(logging.WARNING, logger="invoice_watch.elapsed")
+    async with App(config, clock=clock, notifiers={"console": Recorder()}) as app:
+        assert (await app.run_cycle()).events == []
+        clock.advance(timedelta(minutes=59))
+        assert (await app.run_cycle()).events == []
+        clock.advance(timedelta(minutes=2))
+        assert kinds((await app.run_cycle()).events) == [(EventKind.FIRING, "atlas-down")]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "invoice_watch.elapsed"]
+    assert len(warnings) == 1 and "was the clock set back?" in warnings[0]
+
+
+def test_elapsed_forgets_times_no_cycle_asks_about():
+    from invoice_watch.elapsed import Elapsed
+
+    clock = FakeClock(NOW)
+    elapsed = Elapsed(clock)
+    stamped = elapsed.stamp()
+    old = NOW - timedelta(hours=1)
+    assert elapsed.age(old) == timedelta(hours=1)
+    clock.step(-DAYS_2)
+    clock.advance(60)
+    assert elapsed.age(stamped) == timedelta(seconds=60)
+    assert elapsed.age(old) == timedelta(hours=1, seconds=60)
+    for _ in range(3):
+        elapsed.sweep()
+    assert elapsed.age(stamped) == timedelta(0)  # forgotten: now from the wall clock
