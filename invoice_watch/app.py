@@ -27,6 +27,7 @@ import random
 import sys
 import threading
 import time
+import traceback
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -37,7 +38,14 @@ from typing import TextIO, TypeVar
 
 from invoice_watch import sdnotify
 from invoice_watch.clock import Clock, SystemClock
-from invoice_watch.commit import OrgState, OrgWrite, StateStore, message_parts
+from invoice_watch.commit import (
+    OrgState,
+    OrgWrite,
+    StateStore,
+    message_parts,
+    storable_text,
+    unstorable,
+)
 from invoice_watch.config import Config, HttpConfig, LogConfig, load_file
 from invoice_watch.constants import (
     FINAL_STATUSES,
@@ -55,9 +63,11 @@ from invoice_watch.errors import (
     ListenError,
     StateError,
     StateFileGoneError,
+    UnstorableError,
 )
 from invoice_watch.fetch import AtlasClient
 from invoice_watch.health import HttpEndpoint, Metrics, health
+from invoice_watch.redact import redact
 from invoice_watch.reload import Apply, changes
 from invoice_watch.rules import (
     BREAKDOWN_RULES,
@@ -412,7 +422,8 @@ class CyclePlan:
         self.baseline = baseline
         self._age = age  # how long ago a stored time was (the wall clock's when None)
         self.states = dict(states)
-        self.held: set[str] = set()  # keys of the conditions that hold
+        # Keys of the conditions that hold -> the organizations whose reads hold them.
+        self.held: dict[str, set[str]] = {}
         self.evaluated: set[tuple[str, str]] = set()  # (rule, configured org) scopes
         self.read_ok: set[str] = set()  # configured organizations read this cycle
         # What a resolution may look up, per configured organization: its live invoices
@@ -434,6 +445,7 @@ class CyclePlan:
         self._noticed: set[str] = set()  # keys of this cycle's notices
         self.changes = 0  # invoices added, changed or gone
         self.invoices = 0  # in the snapshots, once the cycle is committed
+        self._counted: dict[str, tuple[int, int]] = {}  # org -> its (invoices, changes)
 
     def shared(
         self,
@@ -526,40 +538,82 @@ class CyclePlan:
         self, step: OrgStep, now: datetime
     ) -> tuple[list[Transition], dict[str, AlertState | None]]:
         """One organization's FIRING, REMINDER and NOTICE transitions, and the states
-        they replace (a reminder's breakdown says what moved since)."""
+        they replace (a reminder's breakdown says what moved since). Raises before it
+        changes anything (a read that cannot be evaluated is then taken as a failed
+        one)."""
         view = step.view
-        for invoice_id, (invoice, compared) in step.listed.items():
-            self._listed[invoice_id] = (invoice, compared, view.org_id)
-        self.invoices += step.invoices
-        self.invoices_of[view.org_id] = view.invoices
-        if view.diff is not None:
-            self.changes += len(view.diff.changed) + len(view.diff.gone)
-            if any(i.status in self._settles for i in view.diff.changed):
-                self.invoices_of[view.org_id] = {
-                    invoice_id: invoice
-                    for invoice_id, invoice in view.invoices.items()
-                    if invoice.status not in self._settles or invoice_id in self._alerted
-                }
-        if view.ok:
-            self.read_ok.add(view.org_id)
         evaluation = evaluate(self.config.rules, [view], step.history, now, age=self._age)
-        self.held.update(evaluation.holding)
-        self.evaluated.update(evaluation.evaluated)
         transitions = plan_holding(
             self.config, evaluation, self.states, now, baseline=self.baseline, age=self._age
         )
+        noticed: set[str] = set()
         if evaluation.notices:  # one notice per invoice and move, whoever listed it
             kept = []
             for t in transitions:
                 if not t.state.firing and t.reason is Reason.NEW:
-                    if t.state.key in self._noticed:
+                    if t.state.key in self._noticed or t.state.key in noticed:
                         continue
-                    self._noticed.add(t.state.key)
+                    noticed.add(t.state.key)
                 kept.append(t)
             transitions = kept
+        invoices_of = view.invoices
+        changes = 0
+        if view.diff is not None:
+            changes = len(view.diff.changed) + len(view.diff.gone)
+            if any(i.status in self._settles for i in view.diff.changed):
+                invoices_of = {
+                    invoice_id: invoice
+                    for invoice_id, invoice in view.invoices.items()
+                    if invoice.status not in self._settles or invoice_id in self._alerted
+                }
+        # Nothing below raises: the cycle takes this read.
+        self._noticed |= noticed
+        for invoice_id, (invoice, compared) in step.listed.items():
+            self._listed[invoice_id] = (invoice, compared, view.org_id)
+        self.invoices_of[view.org_id] = invoices_of
+        if view.ok:
+            self.read_ok.add(view.org_id)
+        invoices_before, changes_before = self._counted.get(view.org_id, (0, 0))
+        self._counted[view.org_id] = (invoices_before + step.invoices, changes_before + changes)
+        self.invoices += step.invoices
+        self.changes += changes
+        for key in evaluation.holding:
+            self.held.setdefault(key, set()).add(view.org_id)
+        self.evaluated.update(evaluation.evaluated)
         previous = {t.state.key: self.states.get(t.state.key) for t in transitions}
         self.apply(transitions)
         return transitions, previous
+
+    def withdraw(
+        self,
+        org_id: str,
+        transitions: Sequence[Transition],
+        previous: Mapping[str, AlertState | None],
+    ) -> None:
+        """Forget what :meth:`org` planned of ``org_id``'s read, whose part of the cycle
+        could not be committed (``transitions`` and the states they replaced, as it
+        returned them): as if it had not been read yet; plan its failed read next. What
+        a read of another organization planned meanwhile from it stays (a linked
+        invoice's news it told: that one's read then tells it again, or the next)."""
+        self.read_ok.discard(org_id)
+        self.evaluated = {scope for scope in self.evaluated if scope[1] != org_id}
+        for key in [key for key, orgs in self.held.items() if org_id in orgs]:
+            self.held[key].discard(org_id)
+            if not self.held[key]:
+                del self.held[key]
+        self.invoices_of.pop(org_id, None)
+        for invoice_id in [i for i, listed in self._listed.items() if listed[2] == org_id]:
+            del self._listed[invoice_id]
+        invoices, changes = self._counted.pop(org_id, (0, 0))
+        self.invoices -= invoices
+        self.changes -= changes
+        for t in transitions:
+            before = previous.get(t.state.key)
+            if before is None:
+                self.states.pop(t.state.key, None)
+            else:
+                self.states[t.state.key] = before
+            self._noticed.discard(t.state.key)
 
     def apply(self, transitions: Sequence[Transition]) -> None:
         """Take transitions as the state file will (a breakdown added to an event)."""
@@ -611,45 +665,75 @@ def _wants_breakdown(t: Transition) -> bool:
     )
 
 
+@dataclass(frozen=True)
+class _Part:
+    """One organization's part of a cycle, as the writer commits it: its snapshot write,
+    its alerts' transitions, and the states they replace (see :meth:`CyclePlan.org`)."""
+
+    write: OrgWrite
+    transitions: list[Transition]
+    previous: Mapping[str, AlertState | None] = field(default_factory=dict)
+
+
 class _Writer:
-    """Commits organizations' results as they come in, each batch in one transaction:
+    """Commits organizations' parts as they come in, each batch in one transaction:
     whatever arrived while the previous batch was being written (a group commit: as
-    few transactions as keep up with the reads). A failed batch stops the writer;
-    :meth:`flush` raises its error."""
+    few transactions as keep up with the reads).
+
+    A batch refused for a value its data holds (:class:`UnstorableError`, or any other
+    error but the state file's) is written again one part at a time, and the part that
+    is refused on its own is replaced by what ``contain`` makes of it (that
+    organization's failed read, recorded with its cause): one organization's data never
+    holds back another's. An error of the state file (:class:`StateError`), or a
+    replacement refused too, stops the writer; :meth:`flush` raises it."""
 
     def __init__(
-        self, commit: Callable[[list[OrgWrite], list[Transition]], Awaitable[None]]
+        self,
+        commit: Callable[[list[OrgWrite], list[Transition]], Awaitable[None]],
+        contain: Callable[[_Part, Exception], _Part],
     ) -> None:
         self._commit = commit
-        self._orgs: list[OrgWrite] = []
-        self._transitions: list[Transition] = []
+        self._contain = contain
+        self._parts: list[_Part] = []
         self._task: asyncio.Task[None] | None = None
         self._error: BaseException | None = None
         self._closed = False
 
-    def add(self, write: OrgWrite, transitions: list[Transition]) -> None:
-        self._orgs.append(write)
-        self._transitions.extend(transitions)
+    def add(self, part: _Part) -> None:
+        self._parts.append(part)
         if self._task is None and self._error is None and not self._closed:
             self._task = asyncio.create_task(self._drain(), name="commit")
 
     async def _drain(self) -> None:
         try:
-            while self._orgs and not self._closed:
-                orgs, transitions = self._orgs, self._transitions
-                self._orgs, self._transitions = [], []
-                await self._commit(orgs, transitions)
+            while self._parts and not self._closed:
+                parts, self._parts = self._parts, []
+                await self._write(parts)
         except BaseException as exc:  # kept for flush(): nobody awaits this task
             self._error = exc
         finally:
             self._task = None
+
+    async def _write(self, parts: list[_Part]) -> None:
+        try:
+            await self._commit([p.write for p in parts], [t for p in parts for t in p.transitions])
+            return
+        except StateError:
+            raise  # the state file itself: the whole cycle
+        except Exception as exc:
+            if len(parts) == 1:
+                replacement = self._contain(parts[0], exc)
+                await self._commit([replacement.write], replacement.transitions)
+                return
+        for part in parts:  # whose data it is: each on its own
+            await self._write([part])
 
     def close(self) -> None:
         """No new batch starts (the one being written completes)."""
         self._closed = True
 
     async def flush(self) -> None:
-        """Wait until everything added is committed; raise what a batch raised."""
+        """Wait until everything added is committed; raise what stopped the writer."""
         while self._task is not None:
             await asyncio.shield(self._task)
         if self._error is not None:
@@ -876,18 +960,47 @@ class App:
         cycle = store.begin_cycle()
         elapsed = self._elapsed
         elapsed.sweep()
-        writer = _Writer(
-            lambda orgs, ts: store.commit_orgs(cycle, elapsed.stamp(), orgs, ts, routes)
-        )
         payers = store.payers()
         decide = CyclePlan(
             config, store.firing_alerts(), baseline=baseline, payers=payers, age=elapsed.age
         )
         unchanged: list[OrgWrite] = []  # written with the last transaction
-        later: list[tuple[OrgWrite, list[Transition], dict[str, AlertState | None]]] = []
+        later: list[_Part] = []  # committed once their breakdowns are added
         deferred: set[str] = set()  # the organizations in `later`
         events: list[AlertEvent] = []
         unreadable: list[StateError] = []  # the state file, when a settled invoice is read
+        contained: dict[str, str] = {}  # org -> why its part could not be committed
+
+        def contain(part: _Part, exc: Exception) -> _Part:
+            """An organization's part that the state file refused for what its read
+            holds: that read counts as failed (recorded, poll_failure counts it), and
+            what the cycle planned of it is withdrawn."""
+            org_id = part.write.org_id
+            cause = storable_text(str(exc) if isinstance(exc, UnstorableError) else _cause(exc))
+            log.error(
+                "%s: what Atlas listed could not be recorded (%s); this organization's "
+                "read counts as failed, the others are recorded%s",
+                config.org_name(org_id),
+                cause,
+                "" if isinstance(exc, UnstorableError) else ":\n" + _traceback(exc),
+            )
+            decide.withdraw(org_id, part.transitions, part.previous)
+            dropped = {id(t.event) for t in part.transitions if t.event is not None}
+            events[:] = [event for event in events if id(event) not in dropped]
+            if org_id in listed_in_full:
+                listed_in_full.remove(org_id)
+            error = contained[org_id] = f"what Atlas listed could not be recorded: {cause}"
+            now = elapsed.stamp()
+            failed = OrgRead(org_id, error=error)
+            step = step_org(failed, known[org_id], store.org_state(org_id), store.history, now)
+            transitions, previous = decide.org(step, now)
+            events.extend(t.event for t in transitions if t.event is not None)
+            return _Part(step.write, transitions, previous)
+
+        writer = _Writer(
+            lambda orgs, ts: store.commit_orgs(cycle, elapsed.stamp(), orgs, ts, routes),
+            contain,
+        )
 
         async def take(read: OrgRead) -> None:
             org_id, from_date = read.org_id, windows[read.org_id]
@@ -931,10 +1044,10 @@ class App:
                 # Line items are fetched once every listing is read (never competing
                 # with a listing for Atlas's rate limit); this org is committed then,
                 # and so is one whose news another org deferred so told (after it).
-                later.append((step.write, transitions, previous))
+                later.append(_Part(step.write, transitions, previous))
                 deferred.add(org_id)
             elif transitions or step.write.changes_snapshot or not step.write.ok:
-                writer.add(step.write, transitions)
+                writer.add(_Part(step.write, transitions, previous))
                 events.extend(t.event for t in transitions if t.event is not None)
             else:
                 unchanged.append(step.write)
@@ -945,16 +1058,18 @@ class App:
                 raise unreadable[0]
             if later:
                 combined = await self._add_breakdowns(
-                    [t for _, transitions, _ in later for t in transitions],
-                    {k: v for _, _, previous in later for k, v in previous.items()},
+                    [t for part in later for t in part.transitions],
+                    {k: v for part in later for k, v in part.previous.items()},
                 )
                 done = iter(combined)
-                for write, transitions, _ in later:
-                    mine = [next(done) for _ in transitions]
+                for part in later:
+                    mine = [next(done) for _ in part.transitions]
                     decide.apply(mine)
-                    writer.add(write, mine)
+                    writer.add(replace(part, transitions=mine))
                     events.extend(t.event for t in mine if t.event is not None)
             await writer.flush()
+            for org_id, error in contained.items():  # counted as failed reads
+                reads[org_id] = OrgRead(org_id, error=error, requests=reads[org_id].requests)
             resolved = decide.resolved(self.clock.now())
             events.extend(t.event for t in resolved if t.event is not None)
             messages = group_messages(events, routes, config.delivery.group_over)
@@ -1061,9 +1176,10 @@ class App:
         """Attach the top projects and SKUs to FIRING/REMINDER messages about amounts.
 
         Line items come from the pending endpoint, fetched only here (never every cycle),
-        once per organization, all organizations concurrently. A failure to fetch them
-        costs the breakdown, never the message. ``previous``: the alerts' states before
-        these transitions (a reminder says how the breakdown moved since).
+        once per organization, all organizations concurrently. A breakdown that cannot be
+        fetched, built or stored (whatever the answer holds) costs the breakdown, never
+        the message. ``previous``: the alerts' states before these transitions (a
+        reminder says how the breakdown moved since).
         """
         wanted = [t for t in transitions if _wants_breakdown(t)]
         if not wanted:
@@ -1075,7 +1191,14 @@ class App:
                 return await self.client.pending_line_items(org_id)
             except FetchError as exc:
                 log.warning("no breakdown for %s: %s", self.config.org_name(org_id), exc)
-                return {}
+            except Exception as exc:  # a bug an answer triggers: this org's breakdowns
+                log.error(
+                    "no breakdown for %s: %s\n%s",
+                    self.config.org_name(org_id),
+                    _cause(exc),
+                    _traceback(exc),
+                )
+            return {}
 
         async with asyncio.TaskGroup() as group:  # every organization at once
             fetches = [
@@ -1089,13 +1212,33 @@ class App:
         for t in transitions:
             event = t.event
             if id(t) in wanted_ids and event is not None and event.invoice_id in items:
-                before = previous.get(t.state.key)
-                last = before.last_event.breakdown if before and before.last_event else ()
-                lines = breakdown(items[event.invoice_id], last)
-                event = replace(event, breakdown=lines)
-                t = replace(t, event=event, state=replace(t.state, last_event=event))
+                t = self._with_breakdown(t, items[event.invoice_id], previous.get(t.state.key))
             out.append(t)
         return out
+
+    def _with_breakdown(
+        self, t: Transition, items: list[LineItem], before: AlertState | None
+    ) -> Transition:
+        """``t`` with its event's breakdown of ``items``, or as it is when the breakdown
+        cannot be built or stored (logged)."""
+        event = t.event
+        assert event is not None
+        try:
+            last = before.last_event.breakdown if before and before.last_event else ()
+            with_lines = replace(event, breakdown=breakdown(items, last))
+            why = unstorable(with_lines)
+        except Exception as exc:  # a bug the line items trigger
+            why = _cause(exc)
+        if why is not None:
+            log.warning(
+                "no breakdown for %s (invoice %s): its line items cannot be stored (%s); "
+                "the message goes without it",
+                event.org_name,
+                event.invoice_id,
+                storable_text(why),
+            )
+            return t
+        return replace(t, event=with_lines, state=replace(t.state, last_event=with_lines))
 
     def _print_dry_run(self, result: CycleResult) -> None:
         from invoice_watch.notify.render import text
@@ -1416,6 +1559,17 @@ class App:
             )
             task.cancel()
             await asyncio.wait({task}, timeout=2)
+
+
+def _cause(exc: BaseException) -> str:
+    """An unforeseen exception in one line (its type and message, redacted, clipped)."""
+    return redact(f"{type(exc).__name__}: {exc}")[:300]
+
+
+def _traceback(exc: BaseException) -> str:
+    """An unforeseen exception's traceback for the log, redacted and bounded."""
+    text = redact("".join(traceback.format_exception(exc)))
+    return text if len(text) <= 20_000 else text[:10_000] + "\n[…]\n" + text[-10_000:]
 
 
 def _unknown_status_rules(config: Config) -> str:

@@ -38,7 +38,12 @@ from typing import Any, TypeVar
 
 from invoice_watch.constants import FINAL_STATUSES, MESSAGE_MAX_EVENTS
 from invoice_watch.dedup import AlertState, Transition
-from invoice_watch.errors import StateError, StateFileGoneError, StateLockedError
+from invoice_watch.errors import (
+    StateError,
+    StateFileGoneError,
+    StateLockedError,
+    UnstorableError,
+)
 from invoice_watch.safe_text import one_line, storable
 from invoice_watch.types import AlertEvent, Invoice, Part, Snapshot, events_from_json, instant
 
@@ -907,13 +912,30 @@ class StateStore:
             _group(conn, ids, sizes, None)
 
     async def _commit(self, run: Callable[[], T]) -> T:
+        """Run a transaction of the cycle. An error of the state file (a full disk, an I/O
+        error) is a :class:`StateError`; a value it cannot take (what was read holds it:
+        a string SQLite cannot encode, an integer beyond 64 bits, a string over SQLite's
+        size limit) is an :class:`UnstorableError`, which the cycle keeps to the
+        organization whose data it is. Either way the transaction is rolled back."""
         try:
             return await self._run(run)
+        except (sqlite3.DataError, sqlite3.InterfaceError) as exc:
+            raise UnstorableError(f"the state file cannot store a value: {exc}") from None
+        except sqlite3.ProgrammingError as exc:
+            if "binding" not in str(exc):  # e.g. the connection was closed
+                raise StateError(
+                    f"could not write state file {self.path or ':memory:'}: {exc}"
+                ) from None
+            raise UnstorableError(f"the state file cannot store a value: {exc}") from None
         except sqlite3.Error as exc:
             raise StateError(
                 f"could not write state file {self.path or ':memory:'}: {exc}; nothing of "
                 "this cycle was recorded (it will be evaluated again)"
             ) from None
+        except (ValueError, OverflowError, TypeError) as exc:  # from sqlite3 or json
+            raise UnstorableError(
+                f"the state file cannot store a value: {type(exc).__name__}: {exc}"
+            ) from exc
 
     def _write_orgs(self, conn: sqlite3.Connection, orgs: Iterable[OrgWrite], now: str) -> None:
         for org in orgs:
@@ -924,7 +946,7 @@ class StateStore:
                     "last_attempt=excluded.last_attempt, "
                     "failing_since=COALESCE(orgs.failing_since, excluded.failing_since), "
                     "last_error=excluded.last_error",
-                    (org.org_id, now, now, org.error),
+                    (org.org_id, now, now, None if org.error is None else storable_text(org.error)),
                 )
                 continue
             before = self.snapshot(org.org_id)
@@ -1584,6 +1606,26 @@ def _error_text(error: str) -> str:
     (a lone surrogate would make the mark fail, and the message be sent again for
     ever), at most :data:`ERROR_MAX` characters."""
     return storable(error, ERROR_MAX)
+
+
+def storable_text(text: str) -> str:
+    """``text`` as SQLite can store it: a lone surrogate (which ``json.loads`` lets
+    through, and UTF-8 cannot encode) written as its ``\\udXXX`` escape."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode()
+    return text
+
+
+def unstorable(event: AlertEvent) -> str | None:
+    """Why the state file could not store ``event`` (its JSON cannot be made: an amount
+    of more than 4,300 digits), or None when it can."""
+    try:
+        _event_json(event)
+    except (ValueError, OverflowError, TypeError, RecursionError) as exc:
+        return f"{type(exc).__name__}: {exc}"[:300]
+    return None
 
 
 def _part_of(

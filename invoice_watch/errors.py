@@ -6,6 +6,7 @@
     ├── StateError               the SQLite state file cannot be used
     │   ├── StateLockedError     another daemon holds the state file
     │   └── StateFileGoneError   the state file was deleted or replaced under the daemon
+    ├── UnstorableError          a value read cannot be stored (that organization's fault)
     ├── FetchError               one organization's read failed
     │   ├── FetchTimeout         the API did not answer in time
     │   ├── FetchAuthError       401/403: wrong key or missing role (never retried)
@@ -70,6 +71,12 @@ class StateLockedError(StateError):
 class StateFileGoneError(StateError):
     """The open state file is no longer the file at ``state.path`` (deleted, moved or
     replaced while the daemon ran): the daemon must stop (see StateStore.check_file)."""
+
+
+class UnstorableError(InvoiceWatchError):
+    """The state file cannot take a value that was read (a string UTF-8 cannot encode, an
+    integer beyond 64 bits): the fault is the data's, not the file's, so the cycle fails
+    the part of the organization whose data it is, and commits the others."""
 
 
 class FetchError(InvoiceWatchError):
