@@ -49,6 +49,7 @@ from invoice_watch.commit import (
 from invoice_watch.config import Config, HttpConfig, LogConfig, load_file
 from invoice_watch.constants import (
     FINAL_STATUSES,
+    HOLD_SECONDS,
     INVOICE_STATUSES,
     ONCE_DELIVERY_SECONDS,
     SHUTDOWN_SECONDS,
@@ -740,6 +741,55 @@ class _Writer:
             raise self._error
 
 
+class _Hold:
+    """Releases what a running cycle holds (:meth:`StateStore.release_cycle`) ``seconds``
+    after a commit first held a message (:meth:`held`), on the clock's monotonic time, and
+    again after the next one that holds more: no message waits longer for the cycle to
+    end (one slow organization never holds back another's). :meth:`stop` at the cycle's
+    end: what is held then goes with the end (:meth:`StateStore.finish_cycle`)."""
+
+    def __init__(
+        self,
+        release: Callable[[], Awaitable[int]],
+        clock: Clock,
+        seconds: float,
+        released: Callable[[], None],
+    ) -> None:
+        self._release = release
+        self._clock = clock
+        self._seconds = seconds
+        self._on_released = released
+        self._task: asyncio.Task[None] | None = None
+        self._releasing = False
+        self.released = 0  # rows released before the cycle's end
+
+    def held(self) -> None:
+        """A commit held messages: they are released within ``seconds``."""
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._later(), name="release-held")
+
+    async def _later(self) -> None:
+        await self._clock.sleep(self._seconds)
+        self._releasing = True
+        try:
+            self.released += await self._release()
+        except Exception as exc:  # they wait for the cycle's end (or the next start)
+            log.error("could not release the messages of the cycle in flight: %s", exc)
+            return
+        finally:
+            self._releasing = False
+        self._on_released()
+
+    async def stop(self) -> None:
+        """No release after this one (one in progress completes)."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        if not self._releasing:
+            task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
 class App:
     """invoice_watch, embeddable: ``async with App(config) as app: await app.serve(stop)``.
 
@@ -940,7 +990,9 @@ class App:
         soon as its read is complete, while the others are still being read. What needs
         the whole cycle comes last, in one transaction: alerts that resolved (no
         organization holds them any more), the release of the cycle's held messages
-        (grouped above ``group_over``), and the organizations that changed nothing."""
+        (grouped above ``group_over``), and the organizations that changed nothing. A
+        daemon's cycle still running :data:`HOLD_SECONDS` after a commit held messages
+        releases what it holds then (:class:`_Hold`)."""
         store, config = self.store, self.config
         started = self.clock.now()
         began = time.monotonic()
@@ -997,10 +1049,20 @@ class App:
             events.extend(t.event for t in transitions if t.event is not None)
             return _Part(step.write, transitions, previous)
 
-        writer = _Writer(
-            lambda orgs, ts: store.commit_orgs(cycle, elapsed.stamp(), orgs, ts, routes),
-            contain,
+        hold = _Hold(
+            lambda: store.release_cycle(cycle, config.delivery.group_over, self.clock.now()),
+            self.clock,
+            HOLD_SECONDS,
+            self.deliverer.wake.set,
         )
+
+        async def commit(orgs: list[OrgWrite], transitions: list[Transition]) -> None:
+            await store.commit_orgs(cycle, elapsed.stamp(), orgs, transitions, routes)
+            # Only a daemon delivers while a cycle runs (`run --once` delivers after it).
+            if self._serving and any(t.event is not None for t in transitions):
+                hold.held()
+
+        writer = _Writer(commit, contain)
 
         async def take(read: OrgRead) -> None:
             org_id, from_date = read.org_id, windows[read.org_id]
@@ -1086,6 +1148,7 @@ class App:
             if self.dry_run:
                 self._print_dry_run(result)
             failed = sum(1 for read in reads.values() if not read.ok)
+            await hold.stop()
             # Shielded: once the transaction has begun it completes even if the daemon is
             # told to stop; it is atomic either way.
             await asyncio.shield(
@@ -1099,6 +1162,7 @@ class App:
                     config.delivery.group_over,
                     orgs_ok=len(reads) - failed,
                     orgs_failed=failed,
+                    released=hold.released,
                 )
             )
             for org_id in listed_in_full:
@@ -1109,6 +1173,8 @@ class App:
             writer.close()
             with contextlib.suppress(Exception):
                 await asyncio.shield(writer.flush())
+            with contextlib.suppress(Exception):
+                await asyncio.shield(hold.stop())
             with contextlib.suppress(Exception):
                 await asyncio.shield(
                     store.release_held(config.delivery.group_over, self.clock.now())

@@ -4,7 +4,8 @@ Owns the snapshot of invoices, the history of pending amounts, the per-organizat
 state, the alert state and the outbox of notifications. An organization's snapshot
 update, its alert-state changes and the notifications they cause are written in ONE
 transaction (:meth:`StateStore.commit_orgs`, as soon as the cycle has read it; the
-notifications are held until the cycle ends, :meth:`StateStore.finish_cycle`);
+notifications are held until the cycle ends, :meth:`StateStore.finish_cycle`, or for
+at most ``HOLD_SECONDS`` while it goes on, :meth:`StateStore.release_cycle`);
 delivery reads the outbox afterwards. WAL mode, ``synchronous=FULL``, versioned
 migrations, file mode 0600, and an exclusive lock so that one daemon owns one file.
 
@@ -790,16 +791,18 @@ class StateStore:
         *,
         orgs_ok: int,
         orgs_failed: int,
+        released: int = 0,
     ) -> None:
         """The last transaction of a running cycle: what is left to write (``orgs`` and
         ``transitions``, as in :meth:`commit_orgs`), then every held row is released
-        (see :meth:`release_held`) and the cycle is recorded."""
+        (see :meth:`release_held`) and the cycle is recorded (with its events: those
+        held at its end, and ``released`` by :meth:`release_cycle` before)."""
         now = finished_at.isoformat()
 
         def run() -> None:
             with self._transaction() as conn:
                 self._write_part(conn, cycle, orgs, transitions, routes, now)
-                events = self._release(conn, group_over, now, cycle)
+                events = released + self._release(conn, group_over, now, cycle)
                 conn.execute(
                     "INSERT INTO cycles (started_at, finished_at, orgs_ok, orgs_failed, "
                     "events) VALUES (?,?,?,?,?)",
@@ -808,6 +811,25 @@ class StateStore:
 
         await self._commit(run)
         self._apply(orgs, transitions, finished_at)
+
+    async def release_cycle(self, cycle: int, group_over: int, now: datetime) -> int:
+        """Release the rows ``cycle`` holds so far, while it goes on (its messages are not
+        held longer than :data:`~invoice_watch.constants.HOLD_SECONDS`): per notifier, one
+        by one, or as grouped messages when there are more than ``group_over``, as
+        :meth:`finish_cycle` does with the rows held at its end. The rows released get a
+        tag of their own (a new number, as :meth:`begin_cycle` gives), so that their
+        grouped messages' parts are numbered apart from those of the rows the cycle
+        holds after. Returns how many rows were released."""
+        tag = self.begin_cycle()
+
+        def run() -> int:
+            with self._transaction() as conn:
+                conn.execute(
+                    "UPDATE outbox SET cycle=? WHERE state='held' AND cycle=?", (tag, cycle)
+                )
+                return self._release(conn, group_over, now.isoformat(), tag, only=True)
+
+        return await self._commit(run)
 
     async def release_held(self, group_over: int, now: datetime) -> int:
         """Release the rows held by cycles that never ended (a crash, a stop, a failed
@@ -865,18 +887,31 @@ class StateStore:
 
     @staticmethod
     def _release(
-        conn: sqlite3.Connection, group_over: int, now: str, cycle: int | None = None
+        conn: sqlite3.Connection,
+        group_over: int,
+        now: str,
+        cycle: int | None = None,
+        *,
+        only: bool = False,
     ) -> int:
-        """Release held rows (of every cycle; ``cycle``'s own count is returned, or all
-        of them). More than ``group_over`` of one cycle for one notifier become grouped
-        messages (:func:`message_parts`): the first row of each leads it (its summary
-        says so), the others follow (``grp``), and they are sent, retried and marked
-        together, in order; the parts of a group go in order, each on its own."""
+        """Release held rows (of every cycle, or of ``cycle`` ``only``; ``cycle``'s own
+        count is returned, or all of them). More than ``group_over`` of one cycle for one
+        notifier become grouped messages (:func:`message_parts`): the first row of each
+        leads it (its summary says so), the others follow (``grp``), and they are sent,
+        retried and marked together, in order; the parts of a group go in order, each on
+        its own."""
         counted = 0
-        groups = conn.execute(
-            "SELECT cycle, notifier, COUNT(*) FROM outbox WHERE state='held' "
-            "GROUP BY cycle, notifier"
-        ).fetchall()
+        if only:
+            groups = conn.execute(
+                "SELECT cycle, notifier, COUNT(*) FROM outbox WHERE state='held' AND "
+                "cycle=? GROUP BY notifier",
+                (cycle,),
+            ).fetchall()
+        else:
+            groups = conn.execute(
+                "SELECT cycle, notifier, COUNT(*) FROM outbox WHERE state='held' "
+                "GROUP BY cycle, notifier"
+            ).fetchall()
         for held_by, notifier, count in groups:
             if cycle is None or held_by == cycle:
                 counted += count

@@ -64,6 +64,12 @@ AMOUNT_FIELDS: Final = (
 )
 
 ONCE_DELIVERY_SECONDS: Final = 60.0
+# A cycle holds the messages of the organizations it committed until it ends, to know
+# how many each notifier gets (more than delivery.group_over: one grouped message); a
+# message is held at most this long (seconds) after its organization was committed:
+# then what the cycle holds is released (grouped the same way) while it goes on, so that
+# one slow organization (429s, timeouts, long paging) never holds back the others'.
+HOLD_SECONDS: Final = 30.0
 SHUTDOWN_SECONDS: Final = 10.0
 
 # Where the systemd unit (StateDirectory=invoice-watch) and the container image

@@ -16,7 +16,7 @@ import pytest
 from invoice_watch.commit import MIGRATIONS, SCHEMA_VERSION, OrgWrite, StateStore
 from invoice_watch.dedup import AlertState, Reason, Transition
 from invoice_watch.errors import StateError, StateFileGoneError, StateLockedError
-from invoice_watch.types import AlertEvent, EventKind, Severity
+from invoice_watch.types import AlertEvent, EventKind, Part, Severity
 from tests.conftest import NOW, ORG_A, ORG_B, inv
 
 
@@ -728,6 +728,37 @@ async def test_store_a_group_larger_than_a_message_goes_as_parts_in_order(tmp_pa
             slack[1].part,
             slack[2].part,
         ]
+    finally:
+        await store.close()
+
+
+async def test_store_a_cycle_released_while_it_runs_numbers_each_releases_parts_apart(tmp_path):
+    """What a running cycle holds is released before its end (a slow organization, see
+    App's HOLD_SECONDS): 50 held then, two parts of one grouped message; 45 more held
+    at the end, two parts of another. Each release's parts say "of 2", in order; the
+    cycle counts all 95 events."""
+    store = await StateStore.open(tmp_path / "state.db")
+    try:
+        number = store.begin_cycle()
+        early = [f"e{n:02d}" for n in range(50)]
+        late = [f"l{n:02d}" for n in range(45)]
+        await store.commit_orgs(number, NOW, [], [firing(k) for k in early], {"failed": ["slack"]})
+        released = await store.release_cycle(number, 5, NOW)
+        assert released == 50
+        first = await store.due_deliveries(NOW)
+        assert [[e.key for e in d.events] for d in first] == [early[:25], early[25:]]
+        assert [d.part for d in first] == [Part(1, 2), Part(2, 2)]
+        await store.commit_orgs(number, NOW, [], [firing(k) for k in late], {"failed": ["slack"]})
+        assert len(await store.due_deliveries(NOW)) == 2  # the late ones are held
+        await store.finish_cycle(
+            number, NOW, NOW, [], [], {}, 5, orgs_ok=2, orgs_failed=0, released=released
+        )
+        due = await store.due_deliveries(NOW)
+        assert [[e.key for e in d.events] for d in due[2:]] == [late[:23], late[23:]]
+        assert [d.part for d in due] == [Part(1, 2), Part(2, 2), Part(1, 2), Part(2, 2)]
+        conn = sqlite3.connect(tmp_path / "state.db")
+        assert conn.execute("SELECT events FROM cycles").fetchall() == [(95,)]
+        conn.close()
     finally:
         await store.close()
 
