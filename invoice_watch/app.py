@@ -70,6 +70,7 @@ from invoice_watch.fetch import AtlasClient
 from invoice_watch.health import HttpEndpoint, Metrics, health
 from invoice_watch.redact import redact
 from invoice_watch.reload import Apply, changes
+from invoice_watch.retry import backoff
 from invoice_watch.rules import (
     BREAKDOWN_RULES,
     Age,
@@ -148,6 +149,13 @@ def asked_from(window: date | None) -> date | None:
     return None if window is None else window - FROM_DATE_MARGIN
 
 
+# A full listing that fails (a timeout on a long history) while an incremental read can
+# stand in for it is tried again after a backoff: from this many seconds, doubling up to
+# FULL_RETRY_CAP (or poll.full_listing_every when shorter), with jitter.
+FULL_RETRY_BASE = 300.0
+FULL_RETRY_CAP = 6 * 3600.0
+
+
 def _phase(org_id: str) -> float:
     """Where in each period an organization's full listing falls, in [0, 1): a stable
     hash of its id (the same in every process), so that organizations spread theirs."""
@@ -165,28 +173,49 @@ class FullListings:
     ``poll.full_listing_every``), timed on the monotonic clock (:meth:`Clock.monotonic`:
     a wall-clock step neither postpones nor hurries it). Each organization's period is
     shifted by its own phase (:func:`_phase`), so that 1,000 organizations do theirs over
-    the cycles of a period, not all in one cycle. A full listing that fails is due again
-    at the next cycle. So two successful full listings of an organization are at most
-    ``every`` apart, plus the wait for the next cycle and the failed reads between.
+    the cycles of a period, not all in one cycle. A full listing that fails while an
+    incremental read can stand in for it (the organization was read before: the cycle
+    reads it so, :meth:`failed`) is tried again after a backoff (from
+    :data:`FULL_RETRY_BASE`, doubling up to :data:`FULL_RETRY_CAP` or ``every``); one that
+    fails with nothing to stand in for it, at the next cycle. So two successful full
+    listings of an organization are at most ``every`` apart, plus the wait for the next
+    cycle and the failures between.
     """
 
-    def __init__(self, every: timedelta, clock: Clock) -> None:
+    def __init__(self, every: timedelta, clock: Clock, rng: random.Random | None = None) -> None:
         self._clock = clock
+        self._rng = rng or random.Random()
         self._origin = clock.monotonic()
         self._seconds = every.total_seconds()
         self._done: dict[str, int] = {}  # org id -> period of its last full listing
+        # org id -> (full listings failed in a row, monotonic time the next one is due)
+        self._retry: dict[str, tuple[int, float]] = {}
 
     def _period(self, org_id: str, at: float) -> int:
         return math.floor((at - self._origin) / self._seconds + _phase(org_id))
 
     def due(self, org_id: str, at: float) -> bool:
         """Whether a read of ``org_id`` starting at monotonic ``at`` lists in full."""
+        retry = self._retry.get(org_id)
+        if retry is not None:
+            return at >= retry[1]
         done = self._done.get(org_id)
         return done is None or self._period(org_id, at) > done
 
     def listed(self, org_id: str, at: float) -> None:
         """A full listing of ``org_id`` that started at monotonic ``at`` was committed."""
         self._done[org_id] = self._period(org_id, at)
+        self._retry.pop(org_id, None)
+
+    def failed(self, org_id: str, at: float) -> float:
+        """A full listing of ``org_id`` that started at monotonic ``at`` failed, and an
+        incremental read stood in for it: the next one is due after a backoff. Returns
+        the seconds until then."""
+        failures = self._retry.get(org_id, (0, 0.0))[0]
+        cap = max(FULL_RETRY_BASE, min(FULL_RETRY_CAP, self._seconds))
+        delay = backoff(failures, base=FULL_RETRY_BASE, cap=cap, rng=self._rng)
+        self._retry[org_id] = (failures + 1, at + delay)
+        return delay
 
     def configure(self, every: timedelta) -> None:
         """A new period (a reload): each organization's next full listing is due at the
@@ -200,6 +229,7 @@ class FullListings:
     def force(self) -> None:
         """Every organization lists in full at the next cycle (as after a start)."""
         self._done.clear()
+        self._retry.clear()
 
 
 def group_messages(
@@ -840,7 +870,7 @@ class App:
         self._reload_task: asyncio.Task[None] | None = None
         self._reload_wanted = False
         # Which organizations list in full at the next cycle: all of them at first.
-        self.full_listings = FullListings(config.poll.full_listing_every, self.clock)
+        self.full_listings = FullListings(config.poll.full_listing_every, self.clock, self._rng)
         self._linked_hidden: set[str] = set()  # paying orgs warned about (once each)
         # How long ago stored times were, on the monotonic clock (poll_failure, repeat).
         self._elapsed = Elapsed(self.clock)
@@ -1008,6 +1038,9 @@ class App:
         }
         from_dates = {org_id: asked_from(window) for org_id, window in windows.items()}
         listed_in_full: list[str] = []  # marked done once the cycle is committed
+        full_failed: list[str] = []  # read incrementally instead: tried again later
+        instead: dict[str, OrgRead] = {}  # org -> the incremental read that stood in
+        taken: set[str] = set()  # the organizations whose read `take` was given
         routes = {rule.name: list(rule.notify) for rule in config.rules}
         cycle = store.begin_cycle()
         elapsed = self._elapsed
@@ -1049,6 +1082,25 @@ class App:
             events.extend(t.event for t in transitions if t.event is not None)
             return _Part(step.write, transitions, previous)
 
+        async def stand_in(failed: OrgRead) -> OrgRead:
+            """A full listing that failed (a timeout on a long history): the
+            organization is read incrementally instead, when it was read before."""
+            org_id = failed.org_id
+            window = incremental_from(known[org_id])
+            if window is None:
+                return failed  # nothing to stand in for it: tried again next cycle
+            full_failed.append(org_id)
+            log.warning(
+                "%s: the full listing failed (%s); reading the invoices that can still "
+                "change instead, and trying the full listing again later",
+                config.org_name(org_id),
+                failed.error,
+            )
+            windows[org_id] = window
+            read = await self.client.read_org(org_id, asked_from(window), known[org_id])
+            instead[org_id] = read.outcome()
+            return read
+
         hold = _Hold(
             lambda: store.release_cycle(cycle, config.delivery.group_over, self.clock.now()),
             self.clock,
@@ -1065,7 +1117,14 @@ class App:
         writer = _Writer(commit, contain)
 
         async def take(read: OrgRead) -> None:
-            org_id, from_date = read.org_id, windows[read.org_id]
+            org_id = read.org_id
+            if org_id in taken:  # taking its read raised: it comes again, failed
+                instead.pop(org_id, None)
+            else:
+                taken.add(org_id)
+                if not read.ok and windows[org_id] is None:
+                    read = await stand_in(read)
+            from_date = windows[org_id]
             listed_from = datetime.combine(from_date, dtime(), UTC) if from_date else None
             stored = None
             if read.ok and (load := settled_to_load(known[org_id], read, listed_from=listed_from)):
@@ -1129,6 +1188,7 @@ class App:
                     decide.apply(mine)
                     writer.add(replace(part, transitions=mine))
                     events.extend(t.event for t in mine if t.event is not None)
+            reads.update(instead)
             await writer.flush()
             for org_id, error in contained.items():  # counted as failed reads
                 reads[org_id] = OrgRead(org_id, error=error, requests=reads[org_id].requests)
@@ -1167,6 +1227,8 @@ class App:
             )
             for org_id in listed_in_full:
                 full.listed(org_id, decided_at)
+            for org_id in full_failed:
+                full.failed(org_id, decided_at)
         except BaseException:
             # What was committed stays (organization by organization, it is whole);
             # its held messages go out now, or when the state file is next opened.

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,9 +53,10 @@ class HandAtlas(LoopbackServer):
     """Per organization: the invoices it lists (``invoices``), or a raw answer
     (``answers``: status and body), a gate its listing waits on (``gates``), and the body
     of its pending invoices (``pending``). ``from_exclusive``: list only invoices that
-    start after ``fromDate`` (Atlas documents "greater than or equal"). ``slow_full``:
-    a full listing (no ``fromDate``) of these organizations waits on ``full_gate``.
-    Every listing's ``fromDate`` (None: full) is recorded in ``asked``."""
+    start after ``fromDate`` (Atlas documents "greater than or equal").
+    ``full_answers``: the answer to a full listing (no ``fromDate``) of that
+    organization, as a gateway that times out on a long listing gives. Every listing's
+    ``fromDate`` (None: full) is recorded in ``asked``."""
 
     def __init__(self) -> None:
         self.invoices: dict[str, list[dict[str, Any]]] = {}
@@ -64,10 +64,8 @@ class HandAtlas(LoopbackServer):
         self.gates: dict[str, asyncio.Event] = {}
         self.pending: dict[str, bytes] = {}
         self.from_exclusive = False
-        self.slow_full: set[str] = set()
-        self.full_gate = asyncio.Event()
+        self.full_answers: dict[str, tuple[int, bytes]] = {}
         self.asked: list[tuple[str, str | None]] = []
-        self.on_list: Callable[[str], None] | None = None
         app = web.Application()
         app.router.add_get("/api/atlas/v2/orgs/{org}/invoices", self._list)
         app.router.add_get("/api/atlas/v2/orgs/{org}/invoices/pending", self._pending)
@@ -77,14 +75,13 @@ class HandAtlas(LoopbackServer):
         org = request.match_info["org"]
         from_date = request.query.get("fromDate")
         self.asked.append((org, from_date))
-        if self.on_list is not None:
-            self.on_list(org)
         if org in self.gates:
             await self.gates[org].wait()
-        if from_date is None and org in self.slow_full:
-            await self.full_gate.wait()
-        if org in self.answers:
-            status, body = self.answers[org]
+        answer = self.answers.get(org)
+        if from_date is None and org in self.full_answers:
+            answer = self.full_answers[org]
+        if answer is not None:
+            status, body = answer
             return web.Response(status=status, body=body, content_type="application/json")
         listed = [
             entry

@@ -12,6 +12,7 @@ FakeClock.
 from __future__ import annotations
 
 import io
+import random
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -26,6 +27,9 @@ from invoice_watch.clock import FakeClock
 from invoice_watch.config import Config, load
 from invoice_watch.simulator import Scenario, Simulator
 from invoice_watch.types import AlertEvent, EventKind, Part
+from tests.conftest import ORG_A
+from tests.hand_atlas import HandAtlas, hand_config
+from tests.hand_atlas import invoice as listed
 
 # Its phase (where in each period its full listing falls) is 0.0026: after the full
 # listing at start, its next one is due 0.9974 of a period later (23 h 56 min).
@@ -212,7 +216,12 @@ async def test_full_listing_is_timed_on_the_monotonic_clock(sim: Simulator, tmp_
         assert from_dates(sim) == [None]
 
 
-async def test_full_listing_that_fails_is_tried_again_next_cycle(sim: Simulator, tmp_path: Path):
+async def test_full_listing_that_fails_is_tried_again_after_a_short_backoff(
+    sim: Simulator, tmp_path: Path
+):
+    """The daily full listing fails once: an incremental read stands in (the
+    organization is read), and the full listing comes again within 5 minutes (the
+    next cycle here) and sees the late change."""
     clock = FakeClock(NOW)
     config = config_of(sim, tmp_path)
     async with App(config, clock=clock, notifiers={"console": Recorder()}) as app:
@@ -220,11 +229,85 @@ async def test_full_listing_that_fails_is_tried_again_next_cycle(sim: Simulator,
         october = forgive(sim, "october")
         clock.advance(timedelta(days=1))
         sim.faults.status(500, path="*/invoices", org_id=ORG)
-        assert (await app.run_cycle()).orgs_failed == [ORG]
+        assert (await app.run_cycle()).orgs_failed == []
         clock.advance(timedelta(minutes=15))
         result = await app.run_cycle()
-        assert from_dates(sim) == [None, None, None]
+        assert from_dates(sim) == [None, None, "2026-10-31", None]
         assert (EventKind.NOTICE, "forgiven", october, "PAID") in events(result)
+
+
+async def test_full_listing_that_keeps_failing_gives_way_to_incremental_reads(tmp_path: Path):
+    """A13-5: after a good start, Atlas (or a gateway before it) times out on every full
+    listing of the organization, though the short incremental listing works. At every
+    start (`run --once` too) the full listing fails and an incremental read stands in,
+    so the organization is read (a new FAILED invoice alerts, exit 0); a daemon tries
+    the full listing again with a growing backoff, never making the organization
+    unreadable; once it works again, a late change to an old invoice is seen."""
+    clock = FakeClock(NOW)
+    async with HandAtlas() as atlas:
+        atlas.invoices[ORG_A] = [
+            listed(1, ORG_A, "PAID", start="2026-10-01", end="2026-11-01"),
+            listed(2, ORG_A, "PENDING", 100_00),
+        ]
+        rules = [
+            {"name": "moves", "type": "status_change", "notify": ["console"]},
+            {"name": "failed-charge", "type": "invoice_status", "notify": ["console"]},
+            {"name": "atlas-down", "type": "poll_failure", "after": "20m", "notify": ["console"]},
+        ]
+        config = hand_config(tmp_path, atlas.url, rules=rules, orgs=(ORG_A,))
+        async with App(config, clock=clock, notifiers={"console": Recorder()}) as app:
+            await app.run_cycle()
+        atlas.full_answers[ORG_A] = (504, b'{"detail": "Gateway Timeout"}')
+        atlas.invoices[ORG_A].append(listed(3, ORG_A, "FAILED"))
+        atlas.asked.clear()
+
+        recorder = Recorder()
+        async with App(config, clock=clock, notifiers={"console": recorder}) as app:
+            assert await app.run_once() == 0
+        assert atlas.asked == [(ORG_A, None), (ORG_A, "2026-10-31")]
+        assert [(e.kind, e.rule) for e in recorder.sent] == [(EventKind.FIRING, "failed-charge")]
+
+        atlas.asked.clear()
+        daemon = App(config, clock=clock, notifiers={"console": Recorder()}, rng=random.Random(7))
+        async with daemon as app:
+            for _ in range(12):  # three hours
+                result = await app.run_cycle()
+                assert result.orgs_failed == [] and result.events == []
+                clock.advance(timedelta(minutes=15))
+            full = [n for n, (_, asked) in enumerate(atlas.asked) if asked is None]
+            assert 3 <= len(full) <= 8  # the start, then less and less often
+            assert len(atlas.asked) == 12 + len(full)
+
+            del atlas.full_answers[ORG_A]
+            atlas.invoices[ORG_A][0]["statusName"] = "FORGIVEN"
+            seen: list[CycleResult] = []
+            for _ in range(6 * 4 + 1):  # within the longest backoff (6 h), and a cycle
+                seen.append(await app.run_cycle())
+                if seen[-1].events:
+                    break
+                clock.advance(timedelta(minutes=15))
+            assert events(seen[-1]) == [(EventKind.NOTICE, "moves", f"{1:024x}", "PAID")]
+            clock.advance(timedelta(minutes=15))
+            await app.run_cycle()
+            assert atlas.asked[-1] == (ORG_A, "2026-10-31")  # listed in full: done
+
+
+async def test_full_listing_that_fails_at_a_first_start_is_tried_again_next_cycle(
+    tmp_path: Path,
+):
+    """Nothing is known of the organization yet: no incremental read can stand in, so
+    the full listing is tried again at the next cycle, not after a backoff."""
+    clock = FakeClock(NOW)
+    async with HandAtlas() as atlas:
+        atlas.invoices[ORG_A] = [listed(2, ORG_A, "PENDING", 100_00)]
+        atlas.full_answers[ORG_A] = (504, b'{"detail": "Gateway Timeout"}')
+        config = hand_config(tmp_path, atlas.url, orgs=(ORG_A,))
+        async with App(config, clock=clock, notifiers={"console": Recorder()}) as app:
+            assert (await app.run_cycle()).orgs_failed == [ORG_A]
+            del atlas.full_answers[ORG_A]
+            clock.advance(timedelta(minutes=15))
+            assert (await app.run_cycle()).orgs_failed == []
+        assert atlas.asked == [(ORG_A, None), (ORG_A, None)]
 
 
 def test_full_listings_spread_over_the_period_and_come_every_period():
