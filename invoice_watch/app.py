@@ -29,7 +29,7 @@ import threading
 import time
 import traceback
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from datetime import time as dtime
@@ -314,6 +314,8 @@ class OrgStep:
     invoices: int  # in the organization's snapshot once the write is done
     # What the read found changed, for the reads of the cycle after it (Shared.listed).
     listed: Mapping[str, tuple[Invoice, bool]] = field(default_factory=dict)
+    # Linked invoices Atlas hid from the read (hidden_linked): their alerts wait.
+    hidden: frozenset[str] = frozenset()
 
 
 def listing_change(
@@ -322,11 +324,44 @@ def listing_change(
     *,
     listed_from: datetime | None = None,
     stored: Mapping[str, Invoice] | None = None,
+    hidden: Collection[str] = frozenset(),
 ) -> Diff:
     """What a successful read changes in its organization's snapshot (the diff
     :func:`step_org` makes of it; arguments as there)."""
     old = {**snapshot.live, **stored} if stored else snapshot.live
-    return diff(old, read.invoices, listed_from=listed_from)
+    return diff(old, read.invoices, listed_from=listed_from, hidden=hidden)
+
+
+def hidden_linked(
+    read: OrgRead,
+    snapshot: Snapshot,
+    payers: Mapping[str, str],
+    *,
+    listed_from: datetime | None = None,
+    stored: Mapping[str, Invoice] | None = None,
+) -> frozenset[str]:
+    """The linked invoices a paying organization's successful read does not show
+    because Atlas hides them, not because they are gone: its listing shows none of the
+    linked invoices (nested in ``linkedInvoices``) at all, while its snapshot holds some
+    that the listing's window covers. Atlas lists linked invoices only to Organization
+    Billing Admin or Owner on the paying organization: a role that drops to Billing
+    Viewer hides every one of them at once, and they are kept as they are (not gone,
+    their alerts neither resolved nor fired again) until a listing shows them again.
+    ``payers``: linked organization -> paying one, as the state file knows them;
+    ``stored``, ``listed_from``: as for :func:`step_org`. Costs nothing for an
+    organization that pays for no other."""
+    org_id = read.org_id
+    if not read.ok or read.linked or org_id not in payers.values():
+        return frozenset()
+    listed = {invoice.id for invoice in read.invoices}
+    candidates = (*snapshot.live.values(), *(stored or {}).values())
+    return frozenset(
+        invoice.id
+        for invoice in candidates
+        if invoice.org_id != org_id
+        and invoice.id not in listed
+        and (listed_from is None or invoice.start_date >= listed_from)
+    )
 
 
 def step_org(
@@ -340,6 +375,7 @@ def step_org(
     stored: Mapping[str, Invoice] | None = None,
     shared: Shared = NOTHING_SHARED,
     change: Diff | None = None,
+    hidden: frozenset[str] = frozenset(),
 ) -> OrgStep:
     """Diff one organization's read against its snapshot. Pure: the stored snapshot,
     read state and histories in; nothing is changed. A failed read leaves the snapshot
@@ -352,7 +388,9 @@ def step_org(
     (no status change for the rules, no amount observation), though this organization's
     copy is rewritten; a copy of theirs this read finds out of date is updated with it
     (``OrgWrite.mirrors``). ``change``: the read's :func:`listing_change`, when the
-    caller has it already."""
+    caller has it already. ``hidden``: linked invoices Atlas hides from this read
+    (:func:`hidden_linked`): kept in the snapshot as they are, and left out of what the
+    rules see (their alerts wait, as for a failed read)."""
     org_id = read.org_id
     if not read.ok:
         view = OrgView(
@@ -365,7 +403,7 @@ def step_org(
         return OrgStep(view, OrgWrite(org_id, ok=False, error=read.error), {}, len(snapshot))
     old = {**snapshot.live, **stored} if stored else snapshot.live
     if change is None:
-        change = diff(old, read.invoices, listed_from=listed_from)
+        change = diff(old, read.invoices, listed_from=listed_from, hidden=hidden)
     new: dict[str, Invoice] | None = None  # copied only when something changed
     if not change.empty:
         new = dict(old)
@@ -396,10 +434,13 @@ def step_org(
         history[invoice_id] = [*history.get(invoice_id, ()), (now, cents)]
     if told:
         news = without_news(news, told)
+    seen = current
+    if hidden:  # kept as they are, but no rule looks at them until they are listed
+        seen = {i: invoice for i, invoice in current.items() if i not in hidden}
     view = OrgView(
         org_id,
         ok=True,
-        invoices=current,
+        invoices=seen,
         diff=news,
         first_read=state.last_success is None and not shared.baseline,
     )
@@ -420,7 +461,7 @@ def step_org(
         else [],
     )
     count = len(snapshot) + len(change.added) - len(change.gone)
-    return OrgStep(view, write, history, count, shared.listed)
+    return OrgStep(view, write, history, count, shared.listed, hidden)
 
 
 class CyclePlan:
@@ -474,6 +515,7 @@ class CyclePlan:
         # organization whose read it was.
         self._listed: dict[str, tuple[Invoice, bool, str]] = {}
         self._noticed: set[str] = set()  # keys of this cycle's notices
+        self.hidden: set[str] = set()  # invoices a read did not show: Atlas hid them
         self.changes = 0  # invoices added, changed or gone
         self.invoices = 0  # in the snapshots, once the cycle is committed
         self._counted: dict[str, tuple[int, int]] = {}  # org -> its (invoices, changes)
@@ -602,6 +644,7 @@ class CyclePlan:
         for invoice_id, (invoice, compared) in step.listed.items():
             self._listed[invoice_id] = (invoice, compared, view.org_id)
         self.invoices_of[view.org_id] = invoices_of
+        self.hidden |= step.hidden
         if view.ok:
             self.read_ok.add(view.org_id)
         invoices_before, changes_before = self._counted.get(view.org_id, (0, 0))
@@ -671,7 +714,9 @@ class CyclePlan:
         payer. When none lists it, by the read that would have to: the invoice's own
         organization when it is configured (its listing always shows its own invoices;
         a payer's may stop showing linked ones when its role changes), else the
-        organization that fired it. Other alerts: by that organization's read."""
+        organization that fired it; but an invoice a read did not show because Atlas
+        hid it (:func:`hidden_linked`) is not evaluated. Other alerts: by that
+        organization's read."""
         if not state.invoice_id:
             return (state.rule, state.source_org_id) in self.evaluated, None
         for org_id in (state.source_org_id, state.org_id, self._payer.get(state.org_id)):
@@ -680,6 +725,8 @@ class CyclePlan:
             invoice = self.invoices_of.get(org_id, {}).get(state.invoice_id)
             if invoice is not None:
                 return (state.rule, org_id) in self.evaluated, invoice
+        if state.invoice_id in self.hidden:
+            return False, None
         owner = state.org_id if state.org_id in self._configured else state.source_org_id
         return (state.rule, owner) in self.evaluated, None
 
@@ -1135,8 +1182,13 @@ class App:
                     return
             change = None
             shared = NOTHING_SHARED
+            hidden = hidden_linked(
+                read, known[org_id], payers, listed_from=listed_from, stored=stored
+            )
             if read.ok:
-                change = listing_change(read, known[org_id], listed_from=listed_from, stored=stored)
+                change = listing_change(
+                    read, known[org_id], listed_from=listed_from, stored=stored, hidden=hidden
+                )
                 shared = decide.shared(org_id, change.changed, known[org_id], store.snapshot)
             try:
                 for other, ids in shared.load.items():
@@ -1146,7 +1198,8 @@ class App:
                 return
             if read.ok and from_date is None:
                 listed_in_full.append(org_id)
-                self._check_linked_visible(read, payers)
+            if read.ok:
+                self._check_linked_visible(read, payers, hidden, full=from_date is None)
             now = elapsed.stamp()
             step = step_org(
                 read,
@@ -1158,6 +1211,7 @@ class App:
                 stored=stored,
                 shared=shared,
                 change=change,
+                hidden=hidden,
             )
             self._log_read(step.view)
             transitions, previous = decide.org(step, now)
@@ -1256,17 +1310,20 @@ class App:
         )
         return result
 
-    def _check_linked_visible(self, read: OrgRead, payers: Mapping[str, str]) -> None:
-        """Warn once when a full listing of a paying organization shows no linked invoice
-        while organizations are known to be linked to it (their invoices were listed
-        nested in its listing before): Atlas shows linked invoices only to Organization
-        Billing Admin or Organization Owner on the paying organization."""
+    def _check_linked_visible(
+        self, read: OrgRead, payers: Mapping[str, str], hidden: Collection[str], *, full: bool
+    ) -> None:
+        """Warn once, at the first read that shows it (incremental or full), when a
+        paying organization's listing shows none of the linked invoices it showed before
+        (``hidden``: :func:`hidden_linked`; a ``full`` listing: none of the
+        organizations known to be linked to it): Atlas shows linked invoices only to
+        Organization Billing Admin or Organization Owner on the paying organization."""
         org_id = read.org_id
         if read.linked:
             self._linked_hidden.discard(org_id)  # said again if they vanish again
             return
         linked = sorted(linked for linked, payer in payers.items() if payer == org_id)
-        if not linked or org_id in self._linked_hidden:
+        if not (hidden or (full and linked)) or org_id in self._linked_hidden:
             return
         self._linked_hidden.add(org_id)
         log.warning(
@@ -1274,12 +1331,16 @@ class App:
             "listed invoices of %s nested in its listing before. Atlas shows linked "
             "invoices only to Organization Billing Admin or Organization Owner on the "
             "paying organization (Organization Billing Viewer sees none): grant the API "
-            "key or service account one of those roles on %s, or, if the organizations "
-            "were unlinked, ignore this. A linked organization under `organizations:` "
-            "is still read through its own listing.",
+            "key or service account one of those roles on %s.%s A linked organization "
+            "under `organizations:` is still read through its own listing.",
             self.config.org_name(org_id),
-            ", ".join(self.config.org_name(other) for other in linked),
+            ", ".join(self.config.org_name(other) for other in linked) or "other organizations",
             org_id,
+            f" Until Atlas lists them again, the {len(hidden)} linked invoice(s) "
+            "invoice-watch holds for it are kept as they were, and their alerts neither "
+            "resolve nor fire."
+            if hidden
+            else "",
         )
 
     def _log_read(self, view: OrgView) -> None:

@@ -65,12 +65,15 @@ def diff(
     new: Collection[Invoice],
     *,
     listed_from: datetime | None = None,
+    hidden: Container[str] = frozenset(),
 ) -> Diff:
     """Compare a stored snapshot with a fresh listing of the same organization (ids in
     ``new`` are unique, as :meth:`AtlasClient.list_invoices` returns them).
 
     ``listed_from``: the listing only covers invoices starting at or after this instant
     (an incremental read with ``fromDate``), so older stored invoices are not "gone".
+    ``hidden``: stored invoices the listing does not show though they exist (linked
+    invoices Atlas hides from a role): not "gone" either.
     """
     result = Diff()
     matched = 0  # invoices of `new` already in `old`
@@ -99,7 +102,7 @@ def diff(
         return result
     seen = {invoice.id for invoice in new}
     for invoice_id, invoice in old.items():
-        if invoice_id in seen:
+        if invoice_id in seen or invoice_id in hidden:
             continue
         if listed_from is not None and invoice.start_date < listed_from:
             continue

@@ -88,8 +88,10 @@ def events(result: CycleResult) -> list[tuple[EventKind, str, str | None]]:
     return sorted((e.kind, e.rule, e.invoice_id) for e in result.events)
 
 
-def fail_reads_of(sim: Simulator, org_id: str) -> None:
-    sim.faults.status(503, path="*/invoices", org_id=org_id)
+def fail_reads_of(sim: Simulator, org_id: str, times: int = 1) -> None:
+    """The next ``times`` listings of the organization fail (a full listing that fails
+    is followed by an incremental one in the same cycle: two)."""
+    sim.faults.status(503, path="*/invoices", org_id=org_id, times=times)
 
 
 async def test_linked_invoice_move_is_one_notice_in_one_cycle(sim: Simulator, tmp_path: Path):
@@ -202,6 +204,52 @@ async def test_linked_invoices_hidden_from_a_billing_viewer_are_warned_about_onc
     assert "Analytics" in warnings[0] and "Organization Billing Admin" in warnings[0]
 
 
+async def test_linked_invoices_hidden_from_a_paying_org_alone_keep_their_alerts(
+    sim: Simulator, tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    """A13-1: only Production (the payer) is configured; Analytics's invoices are seen
+    nested in its listing, and two of them alert. The key's role drops to Billing
+    Viewer: every linked invoice vanishes from the listing at once. That is a change of
+    what Atlas shows, not of the invoices: no RESOLVED (nor, when they show again, a
+    second FIRING), and a warning at the first read that shows it (an incremental one),
+    not only with the daily full listing. A change made while hidden is told once they
+    show again."""
+    bad, small = sim.scenario.invoice("bad").id, sim.scenario.invoice("small").id
+    sim.set_amount(small, 1200_00)
+    clock = FakeClock(NOW)
+    config = config_of(sim, tmp_path, orgs=(PAYER,))
+    caplog.set_level(logging.WARNING, logger="invoice_watch.app")
+    async with App(config, clock=clock, notifiers={"console": Recorder()}) as app:
+        first = await app.run_cycle()
+        assert events(first) == [
+            (EventKind.FIRING, "failed-charge", bad),
+            (EventKind.FIRING, "month", small),
+            (EventKind.FIRING, "over", small),
+        ]
+        firing = sorted(app.store.firing_alerts())
+        sim.scenario.org(PAYER).billing_viewer = True
+        for advance in (timedelta(minutes=15), timedelta(minutes=15), timedelta(days=1)):
+            clock.advance(advance)
+            hidden = await app.run_cycle()
+            assert hidden.events == [] and hidden.orgs_failed == []
+            assert sorted(app.store.firing_alerts()) == firing
+            assert {bad, small} <= set(app.store.snapshot(PAYER))
+            warnings = [r.getMessage() for r in caplog.records if "no linked" in r.getMessage()]
+            assert len(warnings) == 1  # at the first read that shows it, an incremental one
+        assert "the 2 linked invoice(s) invoice-watch holds for it are kept" in warnings[0]
+
+        sim.set_status(bad, "PAID")  # while hidden
+        sim.scenario.org(PAYER).billing_viewer = False
+        clock.advance(timedelta(minutes=15))
+        shown = await app.run_cycle()
+        assert events(shown) == [
+            (EventKind.NOTICE, "moves", bad),
+            (EventKind.RESOLVED, "failed-charge", bad),
+        ]
+        clock.advance(timedelta(minutes=15))
+        assert (await app.run_cycle()).events == []
+
+
 async def test_linked_organization_added_later_tells_a_move_its_payer_did_not_list(
     sim: Simulator, tmp_path: Path
 ):
@@ -216,7 +264,7 @@ async def test_linked_organization_added_later_tells_a_move_its_payer_did_not_li
         await app.run_cycle()
         assert old in app.store.snapshot(PAYER).settled
     sim.set_status(old, "FORGIVEN")
-    fail_reads_of(sim, PAYER)
+    fail_reads_of(sim, PAYER, times=2)  # the start's full listing and its stand-in
     async with App(config_of(sim, tmp_path), clock=clock, notifiers={"console": Recorder()}) as app:
         first = await app.run_cycle()
         assert first.orgs_failed == [PAYER]
