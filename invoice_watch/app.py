@@ -54,7 +54,14 @@ from invoice_watch.constants import (
     ONCE_DELIVERY_SECONDS,
     SHUTDOWN_SECONDS,
 )
-from invoice_watch.dedup import AlertState, Reason, Transition, plan_holding, plan_resolved
+from invoice_watch.dedup import (
+    AlertState,
+    Reason,
+    Scope,
+    Transition,
+    plan_holding,
+    plan_resolved,
+)
 from invoice_watch.deliver import Deliverer
 from invoice_watch.diff import Diff, diff, settled_to_load, without_news
 from invoice_watch.elapsed import Elapsed
@@ -79,6 +86,7 @@ from invoice_watch.rules import (
     breakdown,
     evaluate,
     settled_statuses,
+    wall_age,
 )
 from invoice_watch.schedule import PollLoop, PollSchedule
 from invoice_watch.types import (
@@ -233,15 +241,18 @@ class FullListings:
 
 
 def group_messages(
-    events: list[AlertEvent], routes: Mapping[str, list[str]], group_over: int
+    transitions: Iterable[Transition], group_over: int
 ) -> list[tuple[str, list[AlertEvent], Part | None]]:
-    """Outbox messages: one per (event, notifier), or grouped messages per notifier
-    when a cycle produced more than ``group_over`` events for it (flood control): one,
-    or parts when too many for one message (:func:`~invoice_watch.commit.message_parts`)."""
+    """Outbox messages: one per (event, notifier its alert's messages go to:
+    ``state.notifiers``), or grouped messages per notifier when a cycle produced more
+    than ``group_over`` events for it (flood control): one, or parts when too many for
+    one message (:func:`~invoice_watch.commit.message_parts`)."""
     per_notifier: dict[str, list[AlertEvent]] = defaultdict(list)
-    for event in events:
-        for name in routes[event.rule]:
-            per_notifier[name].append(event)
+    for t in transitions:
+        if t.event is None:
+            continue
+        for name in t.state.notifiers:
+            per_notifier[name].append(t.event)
     messages: list[tuple[str, list[AlertEvent], Part | None]] = []
     for name, batch in per_notifier.items():
         sizes = message_parts(len(batch), group_over)
@@ -504,6 +515,7 @@ class CyclePlan:
         self._settles = settled_statuses(config.rules)
         self._alerted = {s.invoice_id for s in states.values() if s.invoice_id}
         self._configured = frozenset(org.id for org in config.organizations)
+        self._payers = dict(payers or {})  # linked -> payer, configured or not
         # Linked organization -> its payer, both configured: they list the same invoices.
         self._payer = {
             linked: payer
@@ -516,6 +528,7 @@ class CyclePlan:
         self._listed: dict[str, tuple[Invoice, bool, str]] = {}
         self._noticed: set[str] = set()  # keys of this cycle's notices
         self.hidden: set[str] = set()  # invoices a read did not show: Atlas hid them
+        self.failing: dict[str, timedelta] = {}  # org whose read failed -> for how long
         self.changes = 0  # invoices added, changed or gone
         self.invoices = 0  # in the snapshots, once the cycle is committed
         self._counted: dict[str, tuple[int, int]] = {}  # org -> its (invoices, changes)
@@ -647,6 +660,9 @@ class CyclePlan:
         self.hidden |= step.hidden
         if view.ok:
             self.read_ok.add(view.org_id)
+            self.failing.pop(view.org_id, None)
+        elif view.failing_since is not None:
+            self.failing[view.org_id] = (self._age or wall_age(now))(view.failing_since)
         invoices_before, changes_before = self._counted.get(view.org_id, (0, 0))
         self._counted[view.org_id] = (invoices_before + step.invoices, changes_before + changes)
         self.invoices += step.invoices
@@ -670,6 +686,7 @@ class CyclePlan:
         a read of another organization planned meanwhile from it stays (a linked
         invoice's news it told: that one's read then tells it again, or the next)."""
         self.read_ok.discard(org_id)
+        self.failing.pop(org_id, None)
         self.evaluated = {scope for scope in self.evaluated if scope[1] != org_id}
         for key in [key for key, orgs in self.held.items() if org_id in orgs]:
             self.held[key].discard(org_id)
@@ -705,9 +722,9 @@ class CyclePlan:
         self.apply(transitions)
         return transitions
 
-    def scope(self, state: AlertState) -> tuple[bool, Invoice | None]:
+    def scope(self, state: AlertState) -> Scope:
         """Whether this cycle evaluated the alert's rule on what the alert is about, and
-        its invoice as it stands now.
+        its invoice as it stands now (:class:`~invoice_watch.dedup.Scope`).
 
         An invoice alert is evaluated by any successful read that lists its invoice:
         the organization whose read fired it, the invoice's own organization, or its
@@ -716,19 +733,27 @@ class CyclePlan:
         a payer's may stop showing linked ones when its role changes), else the
         organization that fired it; but an invoice a read did not show because Atlas
         hid it (:func:`hidden_linked`) is not evaluated. Other alerts: by that
-        organization's read."""
+        organization's read. An alert none of whose organizations (the one that read
+        it, its invoice's, that one's payer) is configured any more is
+        ``unconfigured``."""
+        payer = self._payers.get(state.org_id)
+        if not ({state.source_org_id, state.org_id, payer} & self._configured):
+            return Scope(False, unconfigured=True)
         if not state.invoice_id:
-            return (state.rule, state.source_org_id) in self.evaluated, None
+            return Scope(
+                (state.rule, state.source_org_id) in self.evaluated,
+                failing_for=self.failing.get(state.source_org_id),
+            )
         for org_id in (state.source_org_id, state.org_id, self._payer.get(state.org_id)):
             if org_id is None or org_id not in self.read_ok:
                 continue
             invoice = self.invoices_of.get(org_id, {}).get(state.invoice_id)
             if invoice is not None:
-                return (state.rule, org_id) in self.evaluated, invoice
+                return Scope((state.rule, org_id) in self.evaluated, invoice)
         if state.invoice_id in self.hidden:
-            return False, None
+            return Scope(False)
         owner = state.org_id if state.org_id in self._configured else state.source_org_id
-        return (state.rule, owner) in self.evaluated, None
+        return Scope((state.rule, owner) in self.evaluated)
 
 
 def _wants_breakdown(t: Transition) -> bool:
@@ -919,6 +944,7 @@ class App:
         # Which organizations list in full at the next cycle: all of them at first.
         self.full_listings = FullListings(config.poll.full_listing_every, self.clock, self._rng)
         self._linked_hidden: set[str] = set()  # paying orgs warned about (once each)
+        self._firing_labels: set[str] = set()  # rules the alerts_firing gauge names
         # How long ago stored times were, on the monotonic clock (poll_failure, repeat).
         self._elapsed = Elapsed(self.clock)
         # An error that stops the daemon (the state file gone): serve() raises it.
@@ -1042,8 +1068,12 @@ class App:
         firing: dict[str, int] = {rule.name: 0 for rule in self.config.rules}
         for alert in self.store.firing_alerts().values():
             firing[alert.rule] = firing.get(alert.rule, 0) + 1
+        for rule_name in self._firing_labels - firing.keys():  # a rule gone, none firing
+            with contextlib.suppress(KeyError):
+                m.alerts_firing.remove(rule_name)
         for rule_name, count in firing.items():
             m.alerts_firing.labels(rule=rule_name).set(count)
+        self._firing_labels = set(firing)
 
     def health(self) -> tuple[bool, str]:
         """The daemon's health, from its last cycle (see :func:`health.health`), its age
@@ -1099,7 +1129,7 @@ class App:
         unchanged: list[OrgWrite] = []  # written with the last transaction
         later: list[_Part] = []  # committed once their breakdowns are added
         deferred: set[str] = set()  # the organizations in `later`
-        events: list[AlertEvent] = []
+        outgoing: list[Transition] = []  # those with an event, in the order they came
         unreadable: list[StateError] = []  # the state file, when a settled invoice is read
         contained: dict[str, str] = {}  # org -> why its part could not be committed
 
@@ -1117,8 +1147,8 @@ class App:
                 "" if isinstance(exc, UnstorableError) else ":\n" + _traceback(exc),
             )
             decide.withdraw(org_id, part.transitions, part.previous)
-            dropped = {id(t.event) for t in part.transitions if t.event is not None}
-            events[:] = [event for event in events if id(event) not in dropped]
+            dropped = {id(t) for t in part.transitions}
+            outgoing[:] = [t for t in outgoing if id(t) not in dropped]
             if org_id in listed_in_full:
                 listed_in_full.remove(org_id)
             error = contained[org_id] = f"what Atlas listed could not be recorded: {cause}"
@@ -1126,7 +1156,7 @@ class App:
             failed = OrgRead(org_id, error=error)
             step = step_org(failed, known[org_id], store.org_state(org_id), store.history, now)
             transitions, previous = decide.org(step, now)
-            events.extend(t.event for t in transitions if t.event is not None)
+            outgoing.extend(t for t in transitions if t.event is not None)
             return _Part(step.write, transitions, previous)
 
         async def stand_in(failed: OrgRead) -> OrgRead:
@@ -1223,7 +1253,7 @@ class App:
                 deferred.add(org_id)
             elif transitions or step.write.changes_snapshot or not step.write.ok:
                 writer.add(_Part(step.write, transitions, previous))
-                events.extend(t.event for t in transitions if t.event is not None)
+                outgoing.extend(t for t in transitions if t.event is not None)
             else:
                 unchanged.append(step.write)
 
@@ -1241,14 +1271,15 @@ class App:
                     mine = [next(done) for _ in part.transitions]
                     decide.apply(mine)
                     writer.add(replace(part, transitions=mine))
-                    events.extend(t.event for t in mine if t.event is not None)
+                    outgoing.extend(t for t in mine if t.event is not None)
             reads.update(instead)
             await writer.flush()
             for org_id, error in contained.items():  # counted as failed reads
                 reads[org_id] = OrgRead(org_id, error=error, requests=reads[org_id].requests)
             resolved = decide.resolved(self.clock.now())
-            events.extend(t.event for t in resolved if t.event is not None)
-            messages = group_messages(events, routes, config.delivery.group_over)
+            outgoing.extend(t for t in resolved if t.event is not None)
+            events = [t.event for t in outgoing if t.event is not None]
+            messages = group_messages(outgoing, config.delivery.group_over)
             finished = self.clock.now()
             result = CycleResult(
                 started,

@@ -876,9 +876,10 @@ class StateStore:
             text = written.get(id(event))
             events = f"[{text if text is not None else _event_json(event)}]"
             summary = summarize((event,))
-            rows.extend(
-                (notifier, events, summary, now, now, cycle) for notifier in routes[event.rule]
-            )
+            # The notifiers its alert's messages go to (dedup.recipients); the rule's
+            # route for a transition made without them.
+            notifiers = t.state.notifiers or routes.get(event.rule, ())
+            rows.extend((notifier, events, summary, now, now, cycle) for notifier in notifiers)
         conn.executemany(
             "INSERT INTO outbox (notifier, events, summary, created_at, next_attempt_at, "
             "state, cycle) VALUES (?,?,?,?,?,'held',?)",
@@ -1057,11 +1058,13 @@ class StateStore:
 
         def rows() -> Iterator[tuple[Any, ...]]:
             for t in transitions:
-                event = t.state.last_event
+                state = t.state
+                event = state.last_event
                 text = None
                 if event is not None:
                     text = written[id(event)] = _event_json(event)
-                yield _alert_row(t.state, text)
+                    text = _with_recipients(text, state)
+                yield _alert_row(state, text)
 
         conn.executemany(
             "INSERT OR REPLACE INTO alerts (key, rule, org_id, source_org_id, invoice_id, "
@@ -1710,6 +1713,19 @@ def _event_json(event: AlertEvent) -> str:
     return json.dumps(event.to_json(), separators=(",", ":"))
 
 
+def _with_recipients(text: str, state: AlertState) -> str:
+    """An alert's last event as its row keeps it: the event's JSON (``text``, an object)
+    and, beside the event's own keys, the notifiers its messages went to and whether its
+    rule sends RESOLVED (which :meth:`AlertEvent.from_json` leaves alone: no schema
+    change, and an older invoice-watch reads the row as before)."""
+    extra = ""
+    if state.notifiers:
+        extra += ',"notifiers":' + json.dumps(list(state.notifiers), separators=(",", ":"))
+    if not state.send_resolved:
+        extra += ',"send_resolved":false'
+    return text[:-1] + extra + "}" if extra else text
+
+
 def _alert_from_row(row: Sequence[Any], invoice_ids: Mapping[str, Invoice]) -> AlertState:
     """A stored alert; its rule, organizations and times shared with the others', its
     invoice id with the snapshot's (``invoice_ids``: the source organization's)."""
@@ -1717,6 +1733,8 @@ def _alert_from_row(row: Sequence[Any], invoice_ids: Mapping[str, Invoice]) -> A
     if invoice_id is not None and (known := invoice_ids.get(invoice_id)) is not None:
         invoice_id = known.id
     last_event = None
+    notifiers: tuple[str, ...] = ()
+    send_resolved = True
     if row[9]:
         data = json.loads(row[9])
         if data.get("key") == row[0]:
@@ -1724,6 +1742,10 @@ def _alert_from_row(row: Sequence[Any], invoice_ids: Mapping[str, Invoice]) -> A
         if invoice_id is not None and data.get("invoice_id") == invoice_id:
             data["invoice_id"] = invoice_id
         last_event = AlertEvent.from_json(data)
+        named = data.get("notifiers")
+        if isinstance(named, list):
+            notifiers = tuple(sys.intern(str(name)) for name in named)
+        send_resolved = data.get("send_resolved") is not False
     return AlertState(
         key=row[0],
         rule=sys.intern(row[1]),
@@ -1735,4 +1757,6 @@ def _alert_from_row(row: Sequence[Any], invoice_ids: Mapping[str, Invoice]) -> A
         last_notified=instant(row[7]) if row[7] else None,
         resolved_at=instant(row[8]) if row[8] else None,
         last_event=last_event,
+        notifiers=notifiers,
+        send_resolved=send_resolved,
     )

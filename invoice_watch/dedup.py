@@ -13,8 +13,8 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime
-from typing import TYPE_CHECKING
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, NamedTuple
 
 from invoice_watch import format as fmt
 from invoice_watch.rules import Age, Condition, Evaluation, resolution_summary, wall_age
@@ -49,6 +49,39 @@ class AlertState:
     resolved_at: datetime | None = None
     # The last event sent for it, so a RESOLVED message can say what had fired.
     last_event: AlertEvent | None = None
+    # The notifiers its messages went to (its FIRING's, and those its reminders added):
+    # a RESOLVED or REMINDER goes to them too, whatever the rule's `notify` says now
+    # (:func:`recipients`); () for an alert stored before they were remembered.
+    notifiers: tuple[str, ...] = ()
+    # Its rule's send_resolved when it fired: whether a RESOLVED is sent once the rule
+    # is gone from the configuration.
+    send_resolved: bool = True
+
+
+class Scope(NamedTuple):
+    """What a cycle knows of a firing alert whose condition no read holds any more (see
+    :func:`plan_resolved`)."""
+
+    # Whether a successful read evaluated its rule on what it is about this cycle.
+    evaluated: bool
+    # Its invoice as it stands now (None: no read lists it, or not an invoice alert).
+    invoice: Invoice | None = None
+    # The configuration no longer names any organization that could read it.
+    unconfigured: bool = False
+    # For a poll_failure alert: how long its organization has been failing (None: it
+    # was read this cycle).
+    failing_for: timedelta | None = None
+
+
+def recipients(config: Config, rule: Rule | None, state: AlertState | None) -> tuple[str, ...]:
+    """The notifiers a message about an alert goes to: those that got its earlier
+    messages (``state.notifiers``), then the rule's ``notify`` now (``rule``; None when
+    the rule is gone), but only notifiers still configured (a message to one that is
+    not could never be sent)."""
+    names = list(state.notifiers) if state is not None else []
+    if rule is not None:
+        names += [name for name in rule.notify if name not in names]
+    return tuple(name for name in names if name in config.notifiers)
 
 
 def decide(
@@ -95,6 +128,9 @@ class EventFactory:
     def __init__(self, config: Config) -> None:
         self._config = config
         self._orgs: dict[str, tuple[str, str]] = {}  # org id -> (name, billing link)
+
+    def org_name(self, org_id: str) -> str:
+        return self._org(org_id)[0]
 
     def _org(self, org_id: str) -> tuple[str, str]:
         """The organization's name and billing link, made once for all its events."""
@@ -157,7 +193,7 @@ def plan(
         config,
         states,
         held,
-        lambda state: (
+        lambda state: Scope(
             (state.rule, state.source_org_id) in evaluation.evaluated,
             invoices.get(state.invoice_id or ""),
         ),
@@ -190,7 +226,7 @@ def plan_holding(
         reason = decide(state, True, True, rule, now, age)
         if reason is Reason.NEW:
             event = factory.event(EventKind.FIRING, rule, condition, now, firing_since=now)
-            new_state = _new_state(condition, event, now, firing=True)
+            new_state = _new_state(condition, event, now, firing=True, rule=rule, config=config)
             if baseline:
                 transitions.append(Transition(new_state, None, Reason.BASELINE))
             else:
@@ -201,14 +237,19 @@ def plan_holding(
                 EventKind.REMINDER, rule, condition, now, firing_since=state.firing_since
             )
             sent = None if baseline else event
-            transitions.append(
-                Transition(replace(state, last_notified=now, last_event=event), sent, reason)
+            reminded = replace(
+                state,
+                last_notified=now,
+                last_event=event,
+                notifiers=recipients(config, rule, state),
+                send_resolved=rule.send_resolved,
             )
+            transitions.append(Transition(reminded, sent, reason))
 
     for notice in evaluation.notices:
         rule = rules[notice.rule]
         event = factory.event(EventKind.NOTICE, rule, notice, now)
-        state = _new_state(notice, event, now, firing=False)
+        state = _new_state(notice, event, now, firing=False, rule=rule, config=config)
         transitions.append(Transition(state, None if baseline else event, Reason.NEW))
     return transitions
 
@@ -217,16 +258,22 @@ def plan_resolved(
     config: Config,
     states: Mapping[str, AlertState],
     held: Collection[str],
-    scope: Callable[[AlertState], tuple[bool, Invoice | None]],
+    scope: Callable[[AlertState], Scope],
     now: datetime,
     *,
     baseline: bool = False,
 ) -> list[Transition]:
     """The RESOLVED half of :func:`plan`, once the whole cycle is known: a firing alert
     whose condition no ``held`` key holds any more, and that was evaluated this cycle.
-    ``scope`` tells, for an alert, whether a successful read evaluated its rule on what
-    it is about this cycle, and its invoice as it stands now (for the RESOLVED message;
-    None when no read lists it)."""
+    ``scope`` tells what the cycle knows of an alert (:class:`Scope`: whether a
+    successful read evaluated its rule on what it is about, and its invoice as it
+    stands now, for the RESOLVED message).
+
+    An alert whose rule was removed (a renamed rule is a removed one and a new one) or
+    disabled, or whose organizations are all gone from the configuration, can never be
+    evaluated again: it resolves now, its message saying why (sent unless the rule's
+    ``send_resolved`` was false). Each RESOLVED goes to the notifiers the alert's
+    messages went to, and to its rule's ``notify`` now (:func:`recipients`)."""
     rules = {rule.name: rule for rule in config.rules}
     factory = EventFactory(config)
     transitions: list[Transition] = []
@@ -235,23 +282,78 @@ def plan_resolved(
             continue
         stored_rule = rules.get(state.rule)
         if stored_rule is None or not stored_rule.enabled:
-            continue  # a removed or disabled rule neither resolves nor fires
-        evaluated, now_invoice = scope(state)
-        reason = decide(state, False, evaluated, stored_rule, now)
+            transitions.append(_ended(config, state, stored_rule, now, baseline=baseline))
+            continue
+        known = scope(state)
+        if known.unconfigured:
+            transitions.append(_ended(config, state, stored_rule, now, baseline=baseline))
+            continue
+        reason = decide(state, False, known.evaluated, stored_rule, now)
         if reason not in (Reason.RESOLVED, Reason.RESOLVED_QUIETLY):
             continue
-        resolved = replace(state, firing=False, resolved_at=now)
+        resolved = replace(
+            state,
+            firing=False,
+            resolved_at=now,
+            notifiers=recipients(config, stored_rule, state),
+        )
         resolved_event = None
         if reason is Reason.RESOLVED and not baseline:
-            if not state.invoice_id:
-                now_invoice = None
-            resolved_event = _resolved_event(factory, stored_rule, state, now_invoice, now)
+            now_invoice = known.invoice if state.invoice_id else None
+            resolved_event = _resolved_event(
+                factory, stored_rule, state, now_invoice, now, known.failing_for
+            )
         transitions.append(Transition(resolved, resolved_event, reason))
     return transitions
 
 
+def _ended(
+    config: Config, state: AlertState, rule: Rule | None, now: datetime, *, baseline: bool
+) -> Transition:
+    """A firing alert that no cycle can evaluate any more (its rule removed or disabled,
+    its organizations no longer configured), resolved now, saying why."""
+    if rule is None:
+        why = (
+            f"The rule {state.rule} is no longer in the configuration (removed, or renamed: "
+            "a renamed rule is a new one): this alert ends with it."
+        )
+        send = state.send_resolved
+    elif not rule.enabled:
+        why = f"The rule {rule.name} was disabled (enabled: false): this alert ends with it."
+        send = rule.send_resolved
+    else:
+        org = state.last_event.org_name if state.last_event else state.source_org_id
+        why = (
+            f"The organization {org} is no longer under `organizations:` in the "
+            "configuration: its alerts end."
+        )
+        send = rule.send_resolved
+    notifiers = recipients(config, rule, state)
+    resolved = replace(state, firing=False, resolved_at=now, notifiers=notifiers)
+    last = state.last_event
+    if not send or baseline or last is None or not notifiers:
+        return Transition(resolved, None, Reason.RESOLVED_QUIETLY)
+    event = replace(
+        last,
+        kind=EventKind.RESOLVED,
+        summary=why,
+        at=now,
+        firing_since=state.firing_since,
+        details=(),
+        breakdown=(),
+        previous_status=None,
+    )
+    return Transition(resolved, event, Reason.RESOLVED)
+
+
 def _new_state(
-    condition: Condition, event: AlertEvent, now: datetime, *, firing: bool
+    condition: Condition,
+    event: AlertEvent,
+    now: datetime,
+    *,
+    firing: bool,
+    rule: Rule,
+    config: Config,
 ) -> AlertState:
     """The state of an alert notified now: firing, or (a one-shot notice) already over."""
     return AlertState(
@@ -265,6 +367,8 @@ def _new_state(
         last_notified=now,
         resolved_at=None if firing else now,
         last_event=event,
+        notifiers=recipients(config, rule, None),
+        send_resolved=rule.send_resolved,
     )
 
 
@@ -274,6 +378,7 @@ def _resolved_event(
     state: AlertState,
     invoice: Invoice | None,
     now: datetime,
+    failing_for: timedelta | None = None,
 ) -> AlertEvent:
     if state.invoice_id and invoice is None and state.last_event is not None:
         last = state.last_event
@@ -284,7 +389,15 @@ def _resolved_event(
         rule=rule.name,
         org_id=state.org_id,
         source_org_id=state.source_org_id,
-        summary=resolution_summary(rule, invoice, state.last_event, now),
+        summary=resolution_summary(
+            rule,
+            invoice,
+            state.last_event,
+            now,
+            org_id=state.org_id,
+            org_name=factory.org_name(state.org_id),
+            failing_for=failing_for,
+        ),
         invoice=invoice,
     )
     event = factory.event(EventKind.RESOLVED, rule, condition, now, state.firing_since)

@@ -305,9 +305,9 @@ def _status_change(rule: StatusChangeRule, view: OrgView, result: Evaluation) ->
 
 
 def _poll_failure(rule: PollFailureRule, view: OrgView, age: Age, result: Evaluation) -> None:
+    result.evaluated.add((rule.name, view.org_id))  # an org it no longer covers resolves
     if not _applies(rule, view.org_id):
         return
-    result.evaluated.add((rule.name, view.org_id))
     if view.ok or view.failing_since is None:
         return
     failing_for = age(view.failing_since)
@@ -329,13 +329,40 @@ def _poll_failure(rule: PollFailureRule, view: OrgView, age: Age, result: Evalua
 
 
 def resolution_summary(
-    rule: Rule, invoice: Invoice | None, fired: AlertEvent | None, now: datetime
+    rule: Rule,
+    invoice: Invoice | None,
+    fired: AlertEvent | None,
+    now: datetime,
+    *,
+    org_id: str | None = None,
+    org_name: str | None = None,
+    failing_for: timedelta | None = None,
 ) -> str:
     """What a RESOLVED message says happened, and why the alert resolved: from the
     invoice as it is now, ``rule`` as configured now, and ``fired``, the alert's last
     message (the amount and the limits it named). A reload may have changed the rule
-    since it fired: then the message says the rule changed, not that the amount fell."""
+    since it fired: then the message says the rule changed (its type, the organizations
+    it covers, its limits), not that the amount fell. ``org_id``: the alert's
+    organization (the invoice's own, or the one poll_failure watches), ``org_name`` its
+    name; ``failing_for``: for poll_failure, how long that organization has been failing
+    (None: it was read)."""
+    org = org_name or org_id or "this organization"
+    if fired is not None and fired.rule_type and fired.rule_type != rule.type:
+        return (
+            f"The rule {rule.name} is now a {rule.type} rule (it was {fired.rule_type}): "
+            "this alert of the old rule ends."
+        )
+    if org_id is not None and not _applies(rule, org_id):
+        return (
+            f"The rule no longer covers {org} (its `orgs` changed): this alert ends"
+            f"{_as_it_stands(invoice)}."
+        )
     if rule.type == "poll_failure":
+        if failing_for is not None:
+            return (
+                f"The rule's `after` is now {fmt.duration(rule.after)}: {org} has failed "
+                f"to be read for {fmt.duration(failing_for)}, not that long yet."
+            )
         return "Invoices can be read again."
     if invoice is None:
         return "The invoice is no longer listed by Atlas."
@@ -389,6 +416,17 @@ def resolution_summary(
             )
         return "The growth within the window is back under the threshold."
     return "The condition no longer holds."
+
+
+def _as_it_stands(invoice: Invoice | None) -> str:
+    """``, though invoice X is still FAILED ($1.00)``: the invoice now, for a message
+    whose alert ended for another reason than the invoice."""
+    if invoice is None:
+        return ""
+    return (
+        f", though invoice {invoice.id} is still {invoice.status} "
+        f"({fmt.usd(invoice.amount_billed_cents)})"
+    )
 
 
 def _was(fired: AlertEvent | None, amount: int) -> str:
