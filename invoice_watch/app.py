@@ -1164,18 +1164,19 @@ class App:
             organization is read incrementally instead, when it was read before."""
             org_id = failed.org_id
             window = incremental_from(known[org_id])
-            if window is None:
-                return failed  # nothing to stand in for it: tried again next cycle
+            if window is None or failed.refused:
+                return failed  # nothing can stand in for it: tried again next cycle
             full_failed.append(org_id)
-            log.warning(
-                "%s: the full listing failed (%s); reading the invoices that can still "
-                "change instead, and trying the full listing again later",
-                config.org_name(org_id),
-                failed.error,
-            )
             windows[org_id] = window
             read = await self.client.read_org(org_id, asked_from(window), known[org_id])
             instead[org_id] = read.outcome()
+            if read.ok:  # (a failed one is logged as any failed read is)
+                log.warning(
+                    "%s: the full listing failed (%s); the invoices that can still change "
+                    "were read instead, and the full listing is tried again later",
+                    config.org_name(org_id),
+                    failed.error,
+                )
             return read
 
         hold = _Hold(

@@ -1309,7 +1309,10 @@ class AtlasClient:
                 org_id, from_date, known if known is not None else Snapshot()
             )
         except FetchError as exc:  # its server text went through server_text()
-            return OrgRead(org_id, error=str(exc), requests=self.requests_sent - before)
+            refused = isinstance(exc, FetchAuthError | FetchStatusError)
+            return OrgRead(
+                org_id, error=str(exc), requests=self.requests_sent - before, refused=refused
+            )
         except Exception as exc:  # any body whatsoever fails this org only
             error = self._unexpected(org_id, "reading its invoices", exc)
             return OrgRead(org_id, error=str(error), requests=self.requests_sent - before)

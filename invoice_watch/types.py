@@ -379,6 +379,9 @@ class OrgRead:
     requests: int = 0
     listed: int = 0  # invoices listed (linked ones included)
     linked: int = 0  # of those, nested in another's ``linkedInvoices``
+    # Failed because Atlas refuses the request itself (401/403, another 4xx): any other
+    # listing of the organization would be refused too.
+    refused: bool = False
 
     @property
     def ok(self) -> bool:
@@ -393,4 +396,5 @@ class OrgRead:
             requests=self.requests,
             listed=self.listed,
             linked=self.linked,
+            refused=self.refused,
         )

@@ -187,12 +187,14 @@ async def test_atlas_rate_limit_storm_is_ridden_out_with_retry_after(tmp_path):
 async def test_atlas_timeout_is_contained_and_poll_failure_fires(
     world: World, caplog: pytest.LogCaptureFixture
 ):
-    """A hung request ends at atlas.timeout (real time: kept to two one-second hangs)."""
+    """A hung request ends at atlas.timeout (real time: kept to four one-second hangs:
+    each `run --once` starts with a full listing, and an incremental read stands in for
+    it when it fails, which hangs too)."""
     atlas = {**world.config_data()["atlas"], "timeout": "1s", "retries": 0}
     cfg = config(world, atlas=atlas)
     assert await run(world, cfg) == 0
     before = await snapshot(cfg, PROD)
-    world.sim.faults.hang(times=2, org_id=PROD, path=LISTING)
+    world.sim.faults.hang(times=4, org_id=PROD, path=LISTING)
     assert await run(world, cfg, timedelta(minutes=15)) == 1
     assert await snapshot(cfg, PROD) == before
     assert len(world.kinds()) == 2
