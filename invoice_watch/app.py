@@ -346,7 +346,7 @@ def listing_change(
 def hidden_linked(
     read: OrgRead,
     snapshot: Snapshot,
-    payers: Mapping[str, str],
+    paying: Collection[str],
     *,
     listed_from: datetime | None = None,
     stored: Mapping[str, Invoice] | None = None,
@@ -358,11 +358,11 @@ def hidden_linked(
     Billing Admin or Owner on the paying organization: a role that drops to Billing
     Viewer hides every one of them at once, and they are kept as they are (not gone,
     their alerts neither resolved nor fired again) until a listing shows them again.
-    ``payers``: linked organization -> paying one, as the state file knows them;
-    ``stored``, ``listed_from``: as for :func:`step_org`. Costs nothing for an
-    organization that pays for no other."""
+    ``paying``: the organizations known to pay for another (whose listing showed
+    linked invoices, as the state file knows them); ``stored``, ``listed_from``: as for
+    :func:`step_org`. Costs nothing for an organization that pays for no other."""
     org_id = read.org_id
-    if not read.ok or read.linked or org_id not in payers.values():
+    if not read.ok or read.linked or org_id not in paying:
         return frozenset()
     listed = {invoice.id for invoice in read.invoices}
     candidates = (*snapshot.live.values(), *(stored or {}).values())
@@ -1123,6 +1123,7 @@ class App:
         elapsed = self._elapsed
         elapsed.sweep()
         payers = store.payers()
+        paying = frozenset(payers.values())  # as the cycle starts
         decide = CyclePlan(
             config, store.firing_alerts(), baseline=baseline, payers=payers, age=elapsed.age
         )
@@ -1214,7 +1215,7 @@ class App:
             change = None
             shared = NOTHING_SHARED
             hidden = hidden_linked(
-                read, known[org_id], payers, listed_from=listed_from, stored=stored
+                read, known[org_id], paying, listed_from=listed_from, stored=stored
             )
             if read.ok:
                 change = listing_change(
