@@ -1713,6 +1713,11 @@ def _event_json(event: AlertEvent) -> str:
     return json.dumps(event.to_json(), separators=(",", ":"))
 
 
+@functools.lru_cache(maxsize=256)
+def _notifiers_json(notifiers: tuple[str, ...]) -> str:
+    return ',"notifiers":' + json.dumps(list(notifiers), separators=(",", ":"))
+
+
 def _with_recipients(text: str, state: AlertState) -> str:
     """An alert's last event as its row keeps it: the event's JSON (``text``, an object)
     and, beside the event's own keys, the notifiers its messages went to and whether its
@@ -1720,7 +1725,7 @@ def _with_recipients(text: str, state: AlertState) -> str:
     change, and an older invoice-watch reads the row as before)."""
     extra = ""
     if state.notifiers:
-        extra += ',"notifiers":' + json.dumps(list(state.notifiers), separators=(",", ":"))
+        extra += _notifiers_json(state.notifiers)
     if not state.send_resolved:
         extra += ',"send_resolved":false'
     return text[:-1] + extra + "}" if extra else text

@@ -78,9 +78,14 @@ def recipients(config: Config, rule: Rule | None, state: AlertState | None) -> t
     messages (``state.notifiers``), then the rule's ``notify`` now (``rule``; None when
     the rule is gone), but only notifiers still configured (a message to one that is
     not could never be sent)."""
-    names = list(state.notifiers) if state is not None else []
-    if rule is not None:
-        names += [name for name in rule.notify if name not in names]
+    before = state.notifiers if state is not None else ()
+    now = tuple(rule.notify) if rule is not None else ()
+    if before == now or not before:
+        names: tuple[str, ...] = now
+    else:
+        names = before + tuple(name for name in now if name not in before)
+    if all(name in config.notifiers for name in names):
+        return names
     return tuple(name for name in names if name in config.notifiers)
 
 
