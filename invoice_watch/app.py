@@ -198,6 +198,9 @@ class FullListings:
         self._done: dict[str, int] = {}  # org id -> period of its last full listing
         # org id -> (full listings failed in a row, monotonic time the next one is due)
         self._retry: dict[str, tuple[int, float]] = {}
+        self._last: dict[str, float] = {}  # org id -> when its last full listing started
+        # org id -> the latest its next full listing is due (after a shorter period)
+        self._latest: dict[str, float] = {}
 
     def _period(self, org_id: str, at: float) -> int:
         return math.floor((at - self._origin) / self._seconds + _phase(org_id))
@@ -208,12 +211,17 @@ class FullListings:
         if retry is not None:
             return at >= retry[1]
         done = self._done.get(org_id)
-        return done is None or self._period(org_id, at) > done
+        latest = self._latest.get(org_id)
+        return (
+            done is None or self._period(org_id, at) > done or (latest is not None and at >= latest)
+        )
 
     def listed(self, org_id: str, at: float) -> None:
         """A full listing of ``org_id`` that started at monotonic ``at`` was committed."""
         self._done[org_id] = self._period(org_id, at)
+        self._last[org_id] = at
         self._retry.pop(org_id, None)
+        self._latest.pop(org_id, None)
 
     def failed(self, org_id: str, at: float) -> float:
         """A full listing of ``org_id`` that started at monotonic ``at`` failed, and an
@@ -227,17 +235,21 @@ class FullListings:
 
     def configure(self, every: timedelta) -> None:
         """A new period (a reload): each organization's next full listing is due at the
-        next boundary of its phase under it, at most ``every`` away."""
+        next boundary of its phase under it, at most ``every`` away, but no later than
+        ``every`` after its last one (a shorter period: 7d -> 1d must not leave 7d + 1d
+        between two)."""
         if every.total_seconds() == self._seconds:
             return
         now = self._clock.monotonic()
         self._origin, self._seconds = now, every.total_seconds()
         self._done = {org_id: self._period(org_id, now) for org_id in self._done}
+        self._latest = {org_id: last + self._seconds for org_id, last in self._last.items()}
 
     def force(self) -> None:
         """Every organization lists in full at the next cycle (as after a start)."""
         self._done.clear()
         self._retry.clear()
+        self._latest.clear()
 
 
 def group_messages(

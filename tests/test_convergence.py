@@ -338,6 +338,24 @@ def test_full_listings_spread_over_the_period_and_come_every_period():
     assert min(gaps[1000:]) >= (every - interval).total_seconds()  # after the first round
 
 
+def test_full_listings_after_a_shorter_period_are_due_a_period_after_the_last_one():
+    """A13-10: full_listing_every reloaded from 7d to 1d, 6 days after an
+    organization's last full listing: its next one is due now (a period after the last
+    is past), not at the next boundary of its phase (up to 7d + 1d after the last); one
+    listed an hour before the reload, within a day of it."""
+    clock = FakeClock(NOW)
+    full = FullListings(timedelta(days=7), clock)
+    old, recent = "a" * 24, "b" * 24
+    full.listed(old, clock.monotonic())
+    clock.advance(timedelta(days=6))
+    full.listed(recent, clock.monotonic())
+    clock.advance(timedelta(hours=1))
+    full.configure(timedelta(days=1))
+    assert full.due(old, clock.monotonic())
+    assert not full.due(recent, clock.monotonic())
+    assert full.due(recent, clock.monotonic() + timedelta(hours=23).total_seconds())
+
+
 def test_full_listings_follow_a_new_period_and_can_be_forced():
     clock = FakeClock(NOW)
     full = FullListings(timedelta(days=1), clock)
