@@ -763,6 +763,37 @@ async def test_store_a_cycle_released_while_it_runs_numbers_each_releases_parts_
         await store.close()
 
 
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"status": "FAILED\ud800"},  # UTF-8 cannot encode a lone surrogate
+        {"amount_billed_cents": 2**64},  # beyond SQLite's INTEGER
+    ],
+    ids=["lone surrogate", "beyond int64"],
+)
+async def test_store_a_value_it_cannot_take_is_unstorable_not_a_state_error(tmp_path, value):
+    """What a read holds and SQLite cannot take is an UnstorableError (the cycle keeps it
+    to that organization), not a StateError (the whole cycle); nothing is written, and
+    the failed read recorded instead stores its cause, surrogate and all."""
+    from invoice_watch.errors import UnstorableError
+
+    store = await StateStore.open(tmp_path / "state.db")
+    try:
+        bad = replace(inv(1), **value)
+        with pytest.raises(UnstorableError, match="cannot store a value"):
+            await commit(store, OrgWrite(ORG_A, True, upserts=[bad]))
+        assert list(store.snapshot(ORG_A)) == []
+        await commit(store, OrgWrite(ORG_A, False, error="bad status 'FAILED\ud800'"))
+        assert store.org_state(ORG_A).last_error == "bad status 'FAILED\ud800'"
+    finally:
+        await store.close()
+    reopened = await StateStore.open(tmp_path / "state.db")
+    try:
+        assert reopened.org_state(ORG_A).last_error == "bad status 'FAILED\\ud800'"
+    finally:
+        await reopened.close()
+
+
 @pytest.mark.parametrize(("count", "sizes"), [(41, [21, 20]), (81, [27, 27, 27]), (120, [40] * 3)])
 def test_message_parts_are_even_and_never_larger_than_a_message(count, sizes):
     from invoice_watch.commit import message_parts
