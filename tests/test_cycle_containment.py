@@ -196,3 +196,41 @@ async def test_cycle_a_state_file_error_still_fails_the_whole_cycle(
         with pytest.raises(StateError, match="disk is full"):
             await app.run_cycle()
         assert app.store.org_state(ORG_A).last_attempt is None
+
+
+@pytest.mark.parametrize("fault", ["unstorable line items", "a bug building it"])
+async def test_cycle_a_breakdown_that_slips_through_the_fetch_still_costs_only_itself(
+    tmp_path: Path, atlas: HandAtlas, monkeypatch: pytest.MonkeyPatch, fault: str
+):
+    """The fetch refuses numbers outside int64 now; line items it would let through
+    that cannot be stored (their sum has more than 4,300 digits), or a bug building the
+    breakdown, cost A's breakdown only: both messages go, B's with its breakdown."""
+    from invoice_watch import app as app_module
+    from invoice_watch import rules
+    from invoice_watch.types import LineItem
+
+    atlas.invoices[ORG_A] = [invoice(1, ORG_A, "PENDING", MILLION)]
+    config = hand_config(tmp_path, atlas.url, rules=RULES)
+    async with App(config, clock=FakeClock(NOW), notifiers={"console": Recorder()}) as app:
+        real_items = app.client.pending_line_items
+        real_breakdown = rules.breakdown
+
+        async def items(org_id: str) -> dict[str, list[LineItem]]:
+            if org_id == ORG_A and fault == "unstorable line items":
+                huge = LineItem("p", "CLUSTER", "c", int("9" * 4300))
+                return {f"{1:024x}": [huge] * 20}
+            return await real_items(org_id)
+
+        def building(lines: Any, *args: Any) -> Any:
+            if fault == "a bug building it" and lines and lines[0].amount_cents == 0:
+                raise ZeroDivisionError("a bug")
+            return real_breakdown(lines, *args)
+
+        monkeypatch.setattr(app.client, "pending_line_items", items)
+        monkeypatch.setattr(app_module, "breakdown", building)
+        atlas.pending[ORG_A] = pending(ORG_A, 1, [0])
+        result = await app.run_cycle()
+    assert result.orgs_failed == []
+    over = {e.org_id: e for e in result.events if e.rule == "over"}
+    assert over[ORG_A].breakdown == ()
+    assert [line.name for line in over[ORG_B].breakdown][:2] == ["p0", "p1"]
