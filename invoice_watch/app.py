@@ -43,7 +43,6 @@ from invoice_watch.commit import (
     OrgWrite,
     StateStore,
     message_parts,
-    storable_text,
     unstorable,
 )
 from invoice_watch.config import Config, HttpConfig, LogConfig, load_file
@@ -75,7 +74,7 @@ from invoice_watch.errors import (
 )
 from invoice_watch.fetch import AtlasClient
 from invoice_watch.health import HttpEndpoint, Metrics, health
-from invoice_watch.redact import redact
+from invoice_watch.redact import printable, redact
 from invoice_watch.reload import Apply, changes
 from invoice_watch.retry import backoff
 from invoice_watch.rules import (
@@ -1151,7 +1150,7 @@ class App:
             holds: that read counts as failed (recorded, poll_failure counts it), and
             what the cycle planned of it is withdrawn."""
             org_id = part.write.org_id
-            cause = storable_text(str(exc) if isinstance(exc, UnstorableError) else _cause(exc))
+            cause = printable(str(exc) if isinstance(exc, UnstorableError) else _cause(exc))
             log.error(
                 "%s: what Atlas listed could not be recorded (%s); this organization's "
                 "read counts as failed, the others are recorded%s",
@@ -1469,7 +1468,7 @@ class App:
                 "the message goes without it",
                 event.org_name,
                 event.invoice_id,
-                storable_text(why),
+                printable(why),
             )
             return t
         return replace(t, event=with_lines, state=replace(t.state, last_event=with_lines))

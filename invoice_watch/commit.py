@@ -982,7 +982,12 @@ class StateStore:
                     "last_attempt=excluded.last_attempt, "
                     "failing_since=COALESCE(orgs.failing_since, excluded.failing_since), "
                     "last_error=excluded.last_error",
-                    (org.org_id, now, now, None if org.error is None else storable_text(org.error)),
+                    (
+                        org.org_id,
+                        now,
+                        now,
+                        None if org.error is None else storable(org.error, ERROR_MAX),
+                    ),
                 )
                 continue
             before = self.snapshot(org.org_id)
@@ -1644,16 +1649,6 @@ def _error_text(error: str) -> str:
     (a lone surrogate would make the mark fail, and the message be sent again for
     ever), at most :data:`ERROR_MAX` characters."""
     return storable(error, ERROR_MAX)
-
-
-def storable_text(text: str) -> str:
-    """``text`` as SQLite can store it: a lone surrogate (which ``json.loads`` lets
-    through, and UTF-8 cannot encode) written as its ``\\udXXX`` escape."""
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "backslashreplace").decode()
-    return text
 
 
 def unstorable(event: AlertEvent) -> str | None:
