@@ -173,12 +173,20 @@ class Snapshot:
 
 @dataclass(frozen=True, slots=True)
 class LineItem:
-    """One line of an invoice's usage (from the CSV or the pending invoice's lineItems)."""
+    """One line of an invoice's usage (from the CSV, the pending invoice's lineItems, or
+    ``lineItems:search``).
+
+    ``project`` is the project's name as messages show it (its id when no name is
+    known); ``project_id`` the project's 24-hex id (``groupId``) when the source gives
+    it, else empty. ``usage_date``: the (UTC) day of the usage, for the daily line items
+    of ``lineItems:search`` (None for a whole period's lines)."""
 
     project: str
     sku: str
     cluster: str
     amount_cents: int
+    project_id: str = ""
+    usage_date: date | None = None
 
 
 class EventKind(enum.StrEnum):
