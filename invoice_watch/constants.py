@@ -13,6 +13,10 @@ SLACK_API_URL: Final = "https://slack.com/api/"
 V2_API_VERSION: Final = "2023-01-01"
 V2_MEDIA_TYPE: Final = f"application/vnd.atlas.{V2_API_VERSION}+json"
 V2_CSV_MEDIA_TYPE: Final = f"application/vnd.atlas.{V2_API_VERSION}+csv"
+# `lineItems:search` (daily usage of an invoice) exists from this resource version on: its
+# request body and its answer are both of this media type (v2 flavor only).
+USAGE_API_VERSION: Final = "2024-08-05"
+USAGE_MEDIA_TYPE: Final = f"application/vnd.atlas.{USAGE_API_VERSION}+json"
 
 # Path prefix of the invoice endpoints per API flavor (`atlas.api`).
 API_PREFIXES: Final = {

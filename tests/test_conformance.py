@@ -30,7 +30,7 @@ import pytest
 from invoice_watch.clock import FakeClock
 from invoice_watch.constants import V2_CSV_MEDIA_TYPE, V2_MEDIA_TYPE
 from invoice_watch.simulator import Scenario, Simulator
-from invoice_watch.simulator.server import OPERATIONS, QUERY_PARAMS
+from invoice_watch.simulator.server import OPERATIONS, QUERY_PARAMS, USAGE_PATH
 
 SPEC_PATH = (
     Path(__file__).resolve().parents[2] / "shared" / "atlas-openapi" / "invoices.openapi.json"
@@ -484,7 +484,8 @@ def test_served_v2_routes_are_declared_paths() -> None:
         for route in Simulator(scenario()).app.router.routes()
         if route.resource is not None and route.resource.canonical.startswith(V2 + "/")
     }
-    assert routes == {("GET", template) for template in TEMPLATES.values()}
+    usage = ("GET", V2 + USAGE_PATH)  # lineItems:search: tests/test_simulator_usage.py
+    assert routes == {("GET", template) for template in TEMPLATES.values()} | {usage}
     for method, path in routes:
         assert method.lower() in spec["paths"][path]
 

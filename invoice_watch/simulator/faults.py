@@ -109,6 +109,7 @@ class RequestRecord:
     ``status`` stays 0 when no answer was sent (the client went away during a hang).
     ``challenge`` is true for a 401 carrying a ``WWW-Authenticate`` challenge. ``auth``
     is the scheme the request presented (``"digest"``, ``"bearer"``, ``"basic"``) or None.
+    ``body``: the request body, for the one operation that takes one (``lineItems:search``).
     """
 
     method: str
@@ -119,3 +120,4 @@ class RequestRecord:
     challenge: bool = False
     auth: str | None = None
     fault: FaultKind | None = None
+    body: str | None = None

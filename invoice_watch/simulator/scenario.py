@@ -26,6 +26,11 @@ current month, ``0`` being the current month)::
         sales_tax: 80.50
         line_items:
           - {sku: ATLAS_AWS_INSTANCE_M30, amount: 3000, unit: server hours, unit_price: 0.54}
+          # daily usage (lineItems:search): weekdays and weekends alike (flat, the default)
+          # or weekends at 60% (weekly); `spike` makes one day cost `times` as much as
+          # usual: `day` 1..31, or -1 for the latest day of usage (yesterday), -2 ...
+          - {sku: ATLAS_AWS_BACKUP_SNAPSHOT_STORAGE, amount: 90, daily: weekly,
+             spike: {day: -1, times: 5}}
     timeline:
       - {at: 5, invoice: prod-pending, set_status: FAILED}
       - {at: 10, invoice: prod-pending, set_amount: 5240}
@@ -99,10 +104,22 @@ class ScenarioLineItem:
     region: str = "US_EAST_1"
     cloud_provider: str = "AWS"
     description: str = ""
+    # How its amount spreads over the days of usage (lineItems:search): "flat", or
+    # "weekly" (weekends at 60% of weekdays); and one day at `spike_times` the usual
+    # (`spike_day` 1..31, or -1 for the latest day of usage, -2 the one before...).
+    daily: Literal["flat", "weekly"] = "flat"
+    spike_day: int | None = None
+    spike_times: float = 1.0
 
     def __post_init__(self) -> None:
         if self.total_cents < 0:
             raise ValueError(f"line item {self.sku}: amount must not be negative")
+        if self.daily not in ("flat", "weekly"):
+            raise ValueError(f"line item {self.sku}: daily must be flat or weekly")
+        if self.spike_day is not None and not (1 <= self.spike_day <= 31 or self.spike_day < 0):
+            raise ValueError(f"line item {self.sku}: spike day must be 1..31, or -1, -2, ...")
+        if not 0 < self.spike_times <= 1000:
+            raise ValueError(f"line item {self.sku}: spike times must be above 0, at most 1000")
         if not CLUSTER_NAME.fullmatch(self.cluster):
             raise ValueError(f"line item {self.sku}: invalid cluster name {self.cluster!r}")
         if self.cloud_provider not in CLOUD_PROVIDERS:
@@ -120,6 +137,11 @@ class ScenarioLineItem:
     @property
     def quantity(self) -> float:
         return round(self.total_cents / (self.unit_price_dollars * 100), 6)
+
+    @property
+    def cluster_id(self) -> str:
+        """The cluster's 24-hex id (``clusterIds`` filters by it)."""
+        return stable_id("cluster", self.project_id, self.cluster)
 
 
 @dataclass
@@ -561,6 +583,11 @@ class _OrgIn(_Model):
     billing_viewer: bool = False
 
 
+class _SpikeIn(_Model):
+    day: int
+    times: float
+
+
 class _LineItemIn(_Model):
     sku: str
     amount: Decimal
@@ -571,6 +598,8 @@ class _LineItemIn(_Model):
     region: str = "US_EAST_1"
     cloud_provider: str = "AWS"
     description: str = ""
+    daily: Literal["flat", "weekly"] = "flat"
+    spike: _SpikeIn | None = None
 
 
 class _InvoiceIn(_Model):
@@ -635,6 +664,9 @@ def _build_invoice(scenario: Scenario, spec: _InvoiceIn) -> ScenarioInvoice:
                 region=item.region,
                 cloud_provider=item.cloud_provider,
                 description=item.description,
+                daily=item.daily,
+                spike_day=item.spike.day if item.spike is not None else None,
+                spike_times=item.spike.times if item.spike is not None else 1.0,
             )
             for item in spec.line_items
         ]

@@ -39,6 +39,7 @@ from invoice_watch.constants import (
     INVOICE_STATUSES,
     OAUTH_TOKEN_PATH,
     REQUIRED_ROLE,
+    USAGE_MEDIA_TYPE,
     V2_CSV_MEDIA_TYPE,
     V2_MEDIA_TYPE,
 )
@@ -62,6 +63,8 @@ from invoice_watch.simulator.scenario import (
     demo_scenario,
     load_scenario,
 )
+from invoice_watch.simulator.usage import MAX_BODY_BYTES as MAX_USAGE_BODY
+from invoice_watch.simulator.usage import BadQuery, item_json, parse_query, search
 from invoice_watch.simulator.views import api_error, invoice_csv, invoice_json
 
 logger = logging.getLogger(__name__)
@@ -95,6 +98,10 @@ QUERY_PARAMS: dict[str, frozenset[str]] = {
     "csv": frozenset({"envelope", "pretty"}),
 }
 REPEATABLE_PARAMS = frozenset({"statusNames"})
+# `lineItems:search` (simulator/usage.py): v2 only, GET with a JSON body of filters.
+USAGE_OPERATION = "line_items"
+USAGE_PATH = "/orgs/{orgId}/invoices/{invoiceId}/lineItems:search"
+QUERY_PARAMS[USAGE_OPERATION] = frozenset({"envelope", "itemsPerPage", "pageNum"})
 # Operation -> media types it serves, preferred first ("json" or "csv" per flavor).
 OPERATION_FORMATS: dict[str, tuple[str, ...]] = {
     "list": ("json",),
@@ -463,6 +470,7 @@ class Simulator:
                     self._api_handler(flavor, operation),
                     allow_head=False,  # the spec declares GET only
                 )
+        app.router.add_get(API_PREFIXES["v2"] + USAGE_PATH, self._usage, allow_head=False)
         app.router.add_post(OAUTH_TOKEN_PATH, self._token)
         return app
 
@@ -531,6 +539,71 @@ class Simulator:
             )
 
         return handle
+
+    async def _usage(self, request: web.Request) -> web.StreamResponse:
+        """``lineItems:search``: the checks of every API request, then the body (at most
+        :data:`~invoice_watch.simulator.usage.MAX_BODY_BYTES`), then the answer."""
+        record = request[RECORD_KEY]
+        await self._delay()
+        self._authenticate(request, record)
+        self._check_access_list(request)
+        self._check_version()
+        self._rate_limit(request)
+        body = await request.content.read(MAX_USAGE_BODY + 1)
+        record.body = body.decode("utf-8", "replace")
+        return await self._with_faults(request, lambda: self._serve_usage(request, body))
+
+    def _serve_usage(self, request: web.Request, body: bytes) -> web.Response:
+        if USAGE_MEDIA_TYPE not in self._accepted(request):
+            raise ApiProblem(406, "INVALID_VERSION_DATE", "Invalid accept header or version date.")
+        org = self._org(request.match_info["orgId"])
+        query = _Query(request.query, USAGE_OPERATION)
+        envelope = query.flag("envelope", False)
+        items_per_page = query.integer("itemsPerPage", 100, 1, MAX_ITEMS_PER_PAGE)
+        page = query.integer("pageNum", 1, 1)
+        content_type = request.headers.get(hdrs.CONTENT_TYPE, "").split(";")[0].strip().lower()
+        if content_type != USAGE_MEDIA_TYPE:
+            why = f"must be {USAGE_MEDIA_TYPE}"
+            raise ApiProblem(
+                400,
+                "INVALID_CONTENT_TYPE",
+                f"Invalid Content-Type {content_type or '(none)'!r}: {why}.",
+                bad_fields=[("Content-Type", why)],
+            )
+        if len(body) > MAX_USAGE_BODY:
+            raise ApiProblem(400, "INVALID_JSON", "The request body is too large.")
+        try:
+            search_query = parse_query(body)
+        except BadQuery as bad:
+            raise ApiProblem(
+                400,
+                "INVALID_JSON_ATTRIBUTE" if bad.field != "body" else "INVALID_JSON",
+                f"Invalid request body: {bad}.",
+                bad_fields=[(bad.field, bad.why)],
+            ) from None
+        invoice = self._invoice(org, request.match_info["invoiceId"])
+        found = search(invoice, search_query, self._clock.now())
+        shown = found[(page - 1) * items_per_page : page * items_per_page]
+
+        def page_link(number: int, rel: str) -> dict[str, str]:
+            url = request.url.update_query(pageNum=number, itemsPerPage=items_per_page)
+            return {"href": str(url), "rel": rel}
+
+        links = [page_link(page, "self")]
+        if page > 1:
+            links.append(page_link(page - 1, "previous"))
+        if page * items_per_page < len(found):
+            links.append(page_link(page + 1, "next"))
+        answer: dict[str, Any] = {
+            "links": links,
+            "results": [item_json(daily) for daily in shown],
+            "totalCount": len(found),
+        }
+        if envelope:
+            answer["status"] = 200
+        return web.Response(
+            text=json.dumps(answer, separators=(",", ":")), content_type=USAGE_MEDIA_TYPE
+        )
 
     async def _token(self, request: web.Request) -> web.StreamResponse:
         """``POST /api/oauth/token``: OAuth 2.0 client credentials grant (RFC 6749 4.4)."""
@@ -724,14 +797,19 @@ class Simulator:
         return next(p for p in API_PREFIXES.values() if request.path.startswith(p + "/"))
 
     @staticmethod
-    def _negotiate(request: web.Request, v2: bool, operation: str) -> str:
-        """The media type to answer with. v2 serves only its versioned media types (406
-        otherwise); v1.0 and Cloud Manager fall back to their first format."""
-        accepted = [
+    def _accepted(request: web.Request) -> list[str]:
+        """The media types of the request's ``Accept`` headers, in order."""
+        return [
             part.split(";")[0].strip().lower()
             for header in request.headers.getall(hdrs.ACCEPT, [])
             for part in header.split(",")
         ]
+
+    @classmethod
+    def _negotiate(cls, request: web.Request, v2: bool, operation: str) -> str:
+        """The media type to answer with. v2 serves only its versioned media types (406
+        otherwise); v1.0 and Cloud Manager fall back to their first format."""
+        accepted = cls._accepted(request)
         offered = [MEDIA_TYPES[v2][fmt] for fmt in OPERATION_FORMATS[operation]]
         for media_type in accepted:
             if media_type in offered:
