@@ -219,6 +219,7 @@ def test_load_example_config_is_valid_with_every_rule_type(tmp_path: Path):
         "amount_increase",
         "forecast",
         "poll_failure",
+        "usage_anomaly",
     }
     assert set(cfg.notifiers) == {"ops-slack", "ops-mail", "stdout"}
 

@@ -7,7 +7,7 @@ together as one :class:`~invoice_watch.errors.ConfigError`::
     yaml_tree.read: bounded YAML -> plain data (merge keys, ${VAR}, duplicate keys)
       -> `<secret>_file` keys read into their secret field (paths.secret_file_path)
       -> empty sections mean their defaults; the default state path (paths.py)
-      -> cross-references (notify names, duplicate rule names and org ids)
+      -> cross-references (notify names, duplicate rule and report names, org ids)
       -> pydantic validation (models.py), each error located (locations.py)
       -> the warnings of a valid configuration (warnings.py)
 
@@ -160,7 +160,7 @@ def _add_defaults(data: dict[str, Any], env: Mapping[str, str], base_dir: Path) 
     where ``state.path`` comes from (see StateConfig.origin)."""
     for key, value in data.items():
         if value is None and key in Config.model_fields and key != "http":
-            data[key] = [] if key in ("organizations", "rules") else {}
+            data[key] = [] if key in ("organizations", "rules", "reports") else {}
     state = data.setdefault("state", {})
     if isinstance(state, dict) and "path" not in state:
         state["path"], origin = default_state_path(env, base_dir)
@@ -178,18 +178,25 @@ def _check_references(data: dict[str, Any], where: Locations) -> None:
             _check_unique(where, ids, org["id"], ("organizations", i, "id"), what, fix)
     notifiers = data.get("notifiers")
     known = sorted(notifiers) if isinstance(notifiers, dict) and notifiers else None
-    rules = data.get("rules")
+    for section, kind in (("rules", "rule"), ("reports", "report")):
+        _check_section(data.get(section), section, kind, known, where)
+
+
+def _check_section(
+    entries: Any, section: str, kind: str, known: list[str] | None, where: Locations
+) -> None:
+    """Unique names and known notifiers in the entries of ``section`` (rules, reports)."""
     names: dict[str, int] = {}
-    for i, rule in enumerate(rules if isinstance(rules, list) else []):
-        if not isinstance(rule, dict):
+    for i, entry in enumerate(entries if isinstance(entries, list) else []):
+        if not isinstance(entry, dict):
             continue
-        name = rule.get("name")
+        name = entry.get("name")
         if isinstance(name, str):
-            what, fix = f"rule name `{name}`", "rule names must be unique"
-            _check_unique(where, names, name, ("rules", i, "name"), what, fix)
-        notify = rule.get("notify")
+            what, fix = f"{kind} name `{name}`", f"{kind} names must be unique"
+            _check_unique(where, names, name, (section, i, "name"), what, fix)
+        notify = entry.get("notify")
         for j, target in enumerate(notify if isinstance(notify, list) else []):
-            target_loc = ("rules", i, "notify", j)
+            target_loc = (section, i, "notify", j)
             if target_loc in where.broken:
                 continue
             if known is not None and isinstance(target, str) and target not in known:

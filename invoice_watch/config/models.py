@@ -1,6 +1,7 @@
 """The frozen pydantic models every stage reads (SPEC §6): :class:`Config` and its
-sections (``atlas``, ``organizations``, ``poll``, ``state``, ``delivery``, ``http``,
-``log``), the notifiers (a union tagged by ``type``) and the rules (likewise).
+sections (``atlas``, ``organizations``, ``poll``, ``state``, ``delivery``, ``usage``,
+``reports``, ``http``, ``log``), the notifiers (a union tagged by ``type``) and the
+rules (likewise).
 
 Each field is typed with a value from :mod:`~invoice_watch.config.values` or
 :mod:`~invoice_watch.config.quantities`, so that what a model holds is what its consumer
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Discriminator,
@@ -52,6 +54,7 @@ from invoice_watch.config.values import (
 )
 from invoice_watch.errors import ConfigProblem
 from invoice_watch.proxy import ProxyUrl
+from invoice_watch.report.schedule import ReportSchedule, parse_schedule, zone
 from invoice_watch.types import Severity
 
 # Upper bounds of durations, by what they time.
@@ -320,15 +323,82 @@ class PollFailureRule(_RuleBase):
     after: Annotated[Duration, at_most(_RULE_LIMIT, _RULE_WHY)] = timedelta(hours=1)
 
 
+class UsageAnomalyRule(_RuleBase):
+    """Fires while a project's, cluster's or SKU's (``by``) latest day of usage is over
+    its own recent spend: the median of the trailing ``baseline`` days (a number of days)
+    by more than ``min_increase_cents`` and the spread ``sensitivity`` allows
+    (:mod:`invoice_watch.anomaly`); and for a new one already over ``min_increase``."""
+
+    type: Literal["usage_anomaly"]
+    by: Literal["project", "cluster", "sku"] = "project"
+    baseline: int = Field(14, ge=7, le=60)
+    min_increase_cents: Money = Field(100_00, alias="min_increase")
+    sensitivity: Literal["low", "medium", "high"] = "medium"
+
+
 Rule = Annotated[
     InvoiceStatusRule
     | PendingAmountRule
     | StatusChangeRule
     | AmountIncreaseRule
     | ForecastRule
-    | PollFailureRule,
+    | PollFailureRule
+    | UsageAnomalyRule,
     Field(discriminator="type"),
 ]
+
+
+def _check_schedule(value: str) -> str:
+    parse_schedule(value)  # the zone is checked on its own (`timezone`)
+    return value
+
+
+def _check_zone(value: str) -> str:
+    zone(value)
+    return value
+
+
+# A report schedule ("mon 09:00", "daily 08:00", "monthly 1 09:00") and an IANA zone.
+ScheduleText = Annotated[str, AfterValidator(_check_schedule)]
+TimeZoneName = Annotated[str, AfterValidator(_check_zone)]
+
+
+class UsageConfig(_Model):
+    """Daily line items (``lineItems:search``, or the invoice CSV for v1 and Cloud
+    Manager): read at most once per organization per ``refresh``."""
+
+    refresh: Annotated[
+        Duration, at_most(timedelta(days=7), "line items post once a day; 6h is the default")
+    ] = timedelta(hours=6)
+
+    @field_validator("refresh")
+    @classmethod
+    def _at_least_an_hour(cls, value: timedelta) -> timedelta:
+        if value < timedelta(hours=1):
+            raise ValueError(
+                "must be at least 1h: line items post once a day, and reading them every "
+                "poll would cost one request per page; the default is 6h"
+            )
+        return value
+
+
+class ReportConfig(_Model):
+    """A spend report on a ``schedule`` in ``timezone``, to ``notify``: one per
+    organization of ``orgs`` (default: every configured one), or one for them all
+    (``combined``)."""
+
+    name: Name
+    schedule: ScheduleText
+    timezone: TimeZoneName = "UTC"
+    notify: Annotated[list[Name], Field(min_length=1)]
+    orgs: Annotated[list[OrgId], Field(min_length=1)] | None = None
+    combined: bool = False
+    enabled: bool = True
+
+    @property
+    def when(self) -> ReportSchedule:
+        """The parsed schedule, in its zone."""
+        return parse_schedule(self.schedule, self.timezone)
 
 
 class HttpConfig(_Model):
@@ -372,6 +442,8 @@ class Config(_Model):
     delivery: DeliveryConfig = Field(default_factory=DeliveryConfig)
     notifiers: Annotated[dict[Name, NotifierConfig], Field(min_length=1)]
     rules: Annotated[list[Rule], Field(min_length=1)]
+    usage: UsageConfig = Field(default_factory=UsageConfig)
+    reports: Annotated[list[ReportConfig], Field(max_length=100)] = []
     http: HttpConfig | None = None
     log: LogConfig = Field(default_factory=LogConfig)
     _source: Path | None = PrivateAttr(default=None)

@@ -14,9 +14,11 @@ from invoice_watch.config.models import (
     InvoiceStatusRule,
     NotifierConfig,
     PendingAmountRule,
+    ReportConfig,
     Rule,
     SlackNotifierConfig,
     StatusChangeRule,
+    UsageAnomalyRule,
 )
 from invoice_watch.format import duration, usd
 from invoice_watch.proxy import ProxyUrl
@@ -62,7 +64,22 @@ def _rule_params(rule: Rule) -> str:
         return f"growth over {' or '.join(limits)} within {duration(rule.window)}"
     if isinstance(rule, ForecastRule):
         return f"forecast over {usd(rule.budget_cents)} after {duration(rule.min_elapsed)}"
+    if isinstance(rule, UsageAnomalyRule):
+        return (
+            f"daily spend by {rule.by} over its {rule.baseline}-day baseline by more than "
+            f"{usd(rule.min_increase_cents)}, {rule.sensitivity} sensitivity"
+        )
     return f"reads failing for {duration(rule.after)}"
+
+
+def _report_line(report: ReportConfig) -> str:
+    orgs = ", ".join(report.orgs) if report.orgs else "every organization"
+    scope = f"one for {orgs}" if report.combined else f"one per organization ({orgs})"
+    disabled = " (DISABLED)" if not report.enabled else ""
+    return (
+        f"{report.name}: {report.schedule} {report.timezone}, {scope} -> "
+        f"{', '.join(report.notify)}{disabled}"
+    )
 
 
 def summary(config: Config) -> str:
@@ -103,6 +120,9 @@ def summary(config: Config) -> str:
             f"  - {rule.name} [{rule.type}] {_rule_params(rule)} -> {', '.join(rule.notify)}"
             f" ({', '.join(options)})"
         )
+    lines.append(f"Usage: daily line items read at most every {duration(config.usage.refresh)}")
+    lines.append(f"Reports ({len(config.reports)}):" if config.reports else "Reports: none")
+    lines.extend(f"  - {_report_line(report)}" for report in config.reports)
     lines.append(
         f"HTTP: {config.http.listen} (at most {config.http.max_connections} connections, "
         f"idle timeout {duration(config.http.idle_timeout)})"

@@ -24,6 +24,7 @@ from invoice_watch.config.models import (
     InvoiceStatusRule,
     SlackNotifierConfig,
     StatusChangeRule,
+    UsageAnomalyRule,
 )
 from invoice_watch.errors import ConfigProblem
 from invoice_watch.format import duration
@@ -184,12 +185,39 @@ def _rule_warnings(config: Config, given: _Given) -> Iterator[_Warning]:
         yield ("rules",), "every rule has enabled: false: nothing will ever be sent"
 
 
+def _insight_warnings(config: Config, given: _Given) -> Iterator[_Warning]:
+    """usage_anomaly rules and reports are checked, but this release does not act on
+    them yet (issue 19: the daemon does not read daily line items nor send reports)."""
+    listed = {org.id for org in config.organizations}
+    for i, rule in enumerate(config.rules):
+        if isinstance(rule, UsageAnomalyRule) and rule.enabled:
+            yield (
+                ("rules", i, "type"),
+                "usage_anomaly rules are checked but not evaluated by this release yet "
+                "(daily line items are not read): this rule never fires",
+            )
+    for i, report in enumerate(config.reports):
+        if report.enabled:
+            yield (
+                ("reports", i, "schedule"),
+                "reports are checked but not sent by this release yet: this one is never sent",
+            )
+        for j, org_id in enumerate(report.orgs or []):
+            if org_id not in listed:
+                yield (
+                    ("reports", i, "orgs", j),
+                    f"organization {org_id} is not under organizations: a report reads only "
+                    "the organizations listed there; check the id",
+                )
+
+
 _LONGEST_PERIOD = timedelta(days=31)
 _WARNING_CHECKS: tuple[Callable[[Config, _Given], Iterator[_Warning]], ...] = (
     _email_warnings,
     _cleartext_warnings,
     _poll_warnings,
     _rule_warnings,
+    _insight_warnings,
 )
 
 
