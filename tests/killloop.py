@@ -91,6 +91,7 @@ class Timeline:
         self.sim = sim
         self.rng = rng
         self.changes: list[str] = []
+        self.changed = asyncio.Event()  # set at each change
         self.events: list[Event] = [(r, i, "FIRING") for r, i in sorted(conditions(sim.scenario))]
 
     def change(self) -> str:
@@ -100,6 +101,7 @@ class Timeline:
         self.events += [(rule, inv, "RESOLVED") for rule, inv in sorted(before - after)]
         self.events += [(rule, inv, "FIRING") for rule, inv in sorted(after - before)]
         self.changes.append(what)
+        self.changed.set()
         return what
 
     def _random_change(self) -> str:
@@ -340,8 +342,16 @@ async def check_state(state_path: Path, sim: Simulator) -> list[str]:
 
 
 async def kill_loop(
-    workdir: Path, *, kills: int, seed: int, say: Callable[[str], None] = lambda _: None
+    workdir: Path,
+    *,
+    kills: int,
+    seed: int,
+    min_changes: int = 5,
+    say: Callable[[str], None] = lambda _: None,
 ) -> Outcome:
+    """SIGKILL ``kills`` daemons in turn while the scenario changes; at least
+    ``min_changes`` changes happen (the last daemon watches them when the kills went by
+    faster, on a loaded machine), so that a passing loop has always tested something."""
     rng = random.Random(seed)
     driver = Driver(workdir)
     triggers: dict[str, int] = dict.fromkeys(TRIGGERS, 0)
@@ -383,12 +393,17 @@ async def kill_loop(
                 killed += 1
                 triggers[trigger] += 1
                 say(f"kill {killed}/{kills} ({trigger}) after {len(daemon.cycles)} cycle(s)")
+            # The last daemon may finish: it sees the final state, delivers, and stops.
+            final = await driver.spawn()
+            with contextlib.suppress(TimeoutError):  # too few changes show below
+                async with asyncio.timeout(60):
+                    while len(timeline.changes) < min_changes:
+                        timeline.changed.clear()
+                        await timeline.changed.wait()
             changer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await changer
             last_change = datetime.now(UTC)
-            # The last daemon may finish: it sees the final state, delivers, and stops.
-            final = await driver.spawn()
             with contextlib.suppress(TimeoutError):  # a missing message shows below
                 async with asyncio.timeout(60):
                     await driver.wait_observed(last_change)
@@ -408,6 +423,8 @@ async def kill_loop(
 
         events = delivered(slack)
         problems = compare(timeline.events, events, kills)
+        if len(timeline.changes) < min_changes:
+            problems.append(f"only {len(timeline.changes)} change(s) in 60 s after the kills")
         if len(events) < len(slack.accepted):
             problems.append(f"{len(slack.accepted) - len(events)} unreadable Slack message(s)")
         problems += await check_state(driver.state_path, sim)
