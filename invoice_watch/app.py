@@ -1002,6 +1002,7 @@ class App:
             retention=config.delivery.retention,
             rng=self._rng,
             metrics=self.metrics,
+            elapsed=self._elapsed,
         )
 
     def _connect(self, config: Config) -> tuple[AtlasClient, Mapping[str, Notifier]]:

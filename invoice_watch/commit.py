@@ -1157,6 +1157,20 @@ class StateStore:
 
         return await self._read(query)
 
+    async def waiting_since(self, limit: int = 10_000) -> list[datetime]:
+        """When the messages waiting (held or pending) were created: each distinct time
+        once, oldest first, at most ``limit`` of them."""
+
+        def query() -> list[datetime]:
+            rows = self._conn.execute(
+                "SELECT DISTINCT created_at FROM outbox WHERE state IN ('held', 'pending') "
+                f"AND {_MESSAGE} ORDER BY created_at LIMIT ?",
+                (limit,),
+            )
+            return [when for (text,) in rows if (when := _dt(text)) is not None]
+
+        return await self._read(query)
+
     async def next_attempt_at(self) -> datetime | None:
         def query() -> datetime | None:
             row = self._conn.execute(

@@ -12,7 +12,17 @@ Every wait is bounded by ``delivery.max_backoff`` whatever the wall clock does: 
 is longer, a message scheduled further than that from now (by a wall clock since set
 back, an NTP fix or a VM restore) is due at once (:meth:`StateStore.bound_schedule`), and
 ``drain``'s budget is measured on the monotonic clock. A wall clock set forward makes
-messages due early, once; their ``max_age`` is wall time (a suspended VM's days count).
+messages due early, once.
+
+A message's age (against ``delivery.max_age``) is measured on the monotonic clock too
+(:class:`~invoice_watch.elapsed.Elapsed`), so a wall clock set forward a day never gives
+up a message seconds old, nor does one set back keep it past ``max_age``: exact from
+its commit for a message this process's cycle made (the cycle's ``Elapsed`` stamped
+it), else from when a delivery pass first saw it, by the wall clock then (a message
+found at start). Every pass asks the age of every waiting message, so none is forgotten
+while it waits, however long its notifier makes it wait. The time a machine spends
+suspended does not count (its monotonic clock stops): a message is kept longer, never
+given up early.
 
 An outcome the state file cannot record (a full disk: Slack took the message, but its
 "sent" mark cannot be written; the same for a failed or retry mark) is kept in memory:
@@ -56,6 +66,7 @@ from typing import Literal
 
 from invoice_watch.clock import Clock
 from invoice_watch.commit import ERROR_MAX, Delivery, StateStore, summarize
+from invoice_watch.elapsed import Elapsed
 from invoice_watch.errors import PermanentNotifyError, RetryableNotifyError, StateError
 from invoice_watch.health import Metrics
 from invoice_watch.redact import redact
@@ -70,6 +81,7 @@ _WRITE_BACKOFF = 1.0  # seconds before an unrecorded outcome's first new write
 _PASS_LIMIT = 500  # messages one pass reads
 _PRUNE_BATCH = 500  # rows of each kind one prune deletes
 _PRUNE_EVERY = 3600.0  # monotonic seconds between prunes once nothing is left to prune
+_AGED_MAX = 10_000  # creation times of waiting messages one pass keeps the age of
 _TRACEBACK_MAX = 20_000  # characters of an unexpected error's traceback logged
 DEFAULT_RETENTION = timedelta(days=180)
 
@@ -131,11 +143,16 @@ class Deliverer:
         retention: timedelta = DEFAULT_RETENTION,
         rng: random.Random | None = None,
         metrics: Metrics | None = None,
+        elapsed: Elapsed | None = None,
     ) -> None:
+        """``elapsed``: the cycle's, which stamped the messages' creation times (module
+        docstring)."""
         self._metrics = metrics or Metrics()
         self._store = store
         self._notifiers = notifiers
         self._clock = clock
+        # The messages' ages, on the monotonic clock, for as long as they wait.
+        self._ages = Elapsed(clock, origin=elapsed)
         self._max_age = max_age
         self._cap = max_backoff.total_seconds()
         self._retention = retention
@@ -188,6 +205,7 @@ class Deliverer:
         """One pass over the due rows: each gets one attempt. Outcomes kept in memory
         are written first when their backoff is over; old rows are pruned last."""
         await self._record_kept()
+        await self._age_waiting()
         now = self._clock.now()
         await self._bound_schedule(now)
         if self._returned:
@@ -231,6 +249,24 @@ class Deliverer:
         for name, count in unrouted.items():
             self._metrics.outbox_unrouted.labels(notifier=name).set(count)
         self._unrouted_labels = set(unrouted)
+
+    async def _age_waiting(self) -> None:
+        """Ask the age of every waiting message (the first time: it is known from then
+        on, on the monotonic clock), and forget the ages of messages no longer waiting
+        (:meth:`Elapsed.sweep <invoice_watch.elapsed.Elapsed.sweep>`: not asked for two
+        passes)."""
+        try:
+            times = await self._store.waiting_since(_AGED_MAX)
+        except StateError as exc:  # asked again next pass; a message attempted is anyway
+            log.debug("could not read when the waiting messages were created: %s", exc)
+            return
+        for when in times:
+            self._ages.age(when)
+        self._ages.sweep()
+
+    def _too_old(self, delivery: Delivery) -> bool:
+        """Whether ``delivery`` has waited ``max_age`` (module docstring)."""
+        return self._ages.age(delivery.created_at) >= self._max_age
 
     async def _bound_schedule(self, now: datetime) -> None:
         try:
@@ -294,7 +330,7 @@ class Deliverer:
         at again every ``max_backoff`` (module docstring)."""
         name = delivery.notifier
         now = self._clock.now()
-        if now - delivery.created_at >= self._max_age:
+        if self._too_old(delivery):
             error = f"notifier {name!r} is no longer in the configuration"
             return await self._retry_later(delivery, what, error, None, stats)
         if name not in self._missing:
@@ -326,7 +362,7 @@ class Deliverer:
         stats: DeliveryStats,
     ) -> bool:
         now = self._clock.now()
-        if now - delivery.created_at >= self._max_age:
+        if self._too_old(delivery):
             log.error("%s: giving up after %s: %s", what, self._max_age, error)
             error = f"gave up after {self._max_age}: {error}"
             await self._record(_Outcome(delivery, what, "failed", now, error))

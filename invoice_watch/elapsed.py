@@ -8,6 +8,10 @@ measures each such duration on the monotonic clock from the moment this process 
 knew the time: a time it made itself (:meth:`Elapsed.stamp`) is 0 s old then; a time
 read from the state file is as old as the wall clock says when first asked, and a time
 in the future counts as now (logged once). From then on only monotonic time counts.
+
+A second user with a memory of its own (the deliverer keeps a message's age for as long
+as it is pending, longer than two cycles) learns a time from the cycle's
+(``origin``): a time the cycle stamped is then exact there too.
 """
 
 from __future__ import annotations
@@ -25,10 +29,11 @@ class Elapsed:
 
     Remembers each time it was asked about or stamped, until :meth:`sweep` finds it
     unused for two sweeps (the cycle calls it once per cycle): bounded by what two
-    cycles use."""
+    cycles use. A time it does not know is asked of ``origin`` first, when given."""
 
-    def __init__(self, clock: Clock) -> None:
+    def __init__(self, clock: Clock, *, origin: Elapsed | None = None) -> None:
         self._clock = clock
+        self._origin = origin
         # wall time -> (its age when first known, in seconds; monotonic then; last sweep used)
         self._known: dict[datetime, tuple[float, float, int]] = {}
         self._sweeps = 0
@@ -45,6 +50,8 @@ class Elapsed:
         """How long ago ``when`` was (never negative)."""
         monotonic = self._clock.monotonic()
         known = self._known.get(when)
+        if known is None and self._origin is not None:
+            known = (self._origin.age(when).total_seconds(), monotonic, self._sweeps)
         if known is None:
             seconds = (self._clock.now() - when).total_seconds()
             if seconds < 0:
