@@ -272,7 +272,8 @@ class OrgWrite:
 class Delivery:
     """One outbox message due: ``id`` is its row's (a group's leader's), ``part`` which
     part it is of a group split for size (None when whole), ``last_error`` what its last
-    attempt met."""
+    attempt met (as stored: :func:`outbox_error`), ``owed`` the recipients within the
+    notifier still owed it when an attempt reached only some (None: all of them)."""
 
     id: int
     notifier: str
@@ -281,6 +282,7 @@ class Delivery:
     attempts: int
     part: Part | None = None
     last_error: str | None = None
+    owed: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -1152,7 +1154,8 @@ class StateStore:
                     ):
                         events.extend(events_from_json(more))
                     part = _part_of(conn, row[0], row[6], row[1])
-                out.append(Delivery(row[0], row[1], events, created, row[4], part, row[7]))
+                owed = owed_of(row[7])
+                out.append(Delivery(row[0], row[1], events, created, row[4], part, row[7], owed))
             return out
 
         return await self._read(query)
@@ -1209,15 +1212,22 @@ class StateStore:
             )
         )
 
-    async def mark_retry(self, delivery_id: int, next_attempt_at: datetime, error: str) -> None:
-        """Schedule the row's next attempt; the same notifier's other pending rows that
-        were due earlier wait until then too."""
+    async def mark_retry(
+        self,
+        delivery_id: int,
+        next_attempt_at: datetime,
+        error: str,
+        owed: Sequence[str] | None = None,
+    ) -> None:
+        """Schedule the row's next attempt (for the recipients ``owed``, when some got it
+        already: :func:`outbox_error`); the same notifier's other pending rows that were
+        due earlier wait until then too."""
         at = next_attempt_at.isoformat()
         await self._update(
             (
                 "UPDATE outbox SET attempts=attempts+1, next_attempt_at=?, last_error=? "
                 "WHERE id=? OR grp=?",
-                (at, _error_text(error), delivery_id, delivery_id),
+                (at, outbox_error(error, owed), delivery_id, delivery_id),
             ),
             (
                 "UPDATE outbox SET next_attempt_at=? WHERE state='pending' AND "
@@ -1226,14 +1236,16 @@ class StateStore:
             ),
         )
 
-    async def postpone(self, delivery_id: int, until: datetime, error: str) -> None:
+    async def postpone(
+        self, delivery_id: int, until: datetime, error: str, owed: Sequence[str] | None = None
+    ) -> None:
         """Look at the row again at ``until``, as :meth:`mark_retry` does, but without
         counting an attempt: none was made (its notifier is not configured)."""
         at = until.isoformat()
         await self._update(
             (
                 "UPDATE outbox SET next_attempt_at=?, last_error=? WHERE id=? OR grp=?",
-                (at, _error_text(error), delivery_id, delivery_id),
+                (at, outbox_error(error, owed), delivery_id, delivery_id),
             ),
             (
                 "UPDATE outbox SET next_attempt_at=? WHERE state='pending' AND "
@@ -1273,12 +1285,15 @@ class StateStore:
 
         return await self._read(query)
 
-    async def mark_failed(self, delivery_id: int, now: datetime, error: str) -> None:
+    async def mark_failed(
+        self, delivery_id: int, now: datetime, error: str, owed: Sequence[str] | None = None
+    ) -> None:
+        """Mark the message failed (for the recipients ``owed`` only, when some got it)."""
         await self._update(
             (
                 "UPDATE outbox SET state='failed', attempts=attempts+1, done_at=?, "
                 "last_error=? WHERE id=? OR grp=?",
-                (now.isoformat(), _error_text(error), delivery_id, delivery_id),
+                (now.isoformat(), outbox_error(error, owed), delivery_id, delivery_id),
             )
         )
 
@@ -1663,6 +1678,37 @@ def _error_text(error: str) -> str:
     (a lone surrogate would make the mark fail, and the message be sent again for
     ever), at most :data:`ERROR_MAX` characters."""
     return storable(error, ERROR_MAX)
+
+
+# A message that reached some of its notifier's recipients (an email some took and
+# another refused for now) is still owed to the others: its ``last_error`` says so first,
+# as a JSON list, which is how the outbox remembers them (no column of their own).
+_OWED = "still owed to "
+
+
+def outbox_error(error: str, owed: Sequence[str] | None = None) -> str:
+    """The ``last_error`` the outbox stores for ``error``: made storable and bounded
+    (:data:`ERROR_MAX`), after ``still owed to ["a@example.com"]: `` when ``owed`` says
+    which recipients still need the message (:func:`owed_of` reads them back; the list
+    is the configured ``to``'s, so bounded by it, and kept whole)."""
+    text = _error_text(error)
+    if owed is None:
+        return text
+    return f"{_OWED}{json.dumps(list(owed))}: {text}"
+
+
+def owed_of(last_error: str | None) -> tuple[str, ...] | None:
+    """The recipients a stored ``last_error`` says are still owed the message, None
+    when it names none (all of them are)."""
+    if not last_error or not last_error.startswith(_OWED):
+        return None
+    try:
+        value, _ = json.JSONDecoder().raw_decode(last_error, len(_OWED))
+    except ValueError:
+        return None
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return tuple(value)
+    return None
 
 
 def unstorable(event: AlertEvent) -> str | None:

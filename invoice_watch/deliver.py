@@ -42,6 +42,14 @@ notifier back (renaming it back) delivers it: it is looked at again every
 per notifier says so, and the ``invoice_watch_outbox_unrouted`` gauge counts such
 messages. At ``max_age`` it is marked failed, as any message is, loudly.
 
+A notifier with recipients of its own (email's ``to``) may deliver a message to some of
+them and be refused for now by others (a greylisting server): it raises
+:class:`RetryableNotifyError` with ``owed``, the outbox keeps that list with the message
+(:func:`~invoice_watch.commit.outbox_error`), and every later attempt is for those
+recipients only (``send(recipients=...)``), so the others get no duplicate; the message
+stays pending (``status`` and ``history`` say so) until they have it too, or it is
+failed at ``max_age`` saying whom it never reached.
+
 Repeated 429s escalate: the wait is the longer of the receiver's ``Retry-After`` and the
 backoff for the attempts made so far, as the Atlas client does, so ``Retry-After: 0``
 answered again and again is not one request a second for ever.
@@ -65,7 +73,7 @@ from datetime import datetime, timedelta
 from typing import Literal
 
 from invoice_watch.clock import Clock
-from invoice_watch.commit import ERROR_MAX, Delivery, StateStore, summarize
+from invoice_watch.commit import ERROR_MAX, Delivery, StateStore, outbox_error, summarize
 from invoice_watch.elapsed import Elapsed
 from invoice_watch.errors import PermanentNotifyError, RetryableNotifyError, StateError
 from invoice_watch.health import Metrics
@@ -94,6 +102,11 @@ def _traceback(exc: BaseException) -> str:
     return redact(text).rstrip()
 
 
+def _to(owed: tuple[str, ...] | None) -> str:
+    """`` to a@x, b@y`` for the recipients a message is still owed to, else nothing."""
+    return f" to {', '.join(owed)}" if owed is not None else ""
+
+
 @dataclass
 class DeliveryStats:
     sent: int = 0
@@ -116,6 +129,7 @@ class _Outcome:
     state: Literal["sent", "failed", "retry", "postponed"]
     at: datetime
     error: str | None = None
+    owed: tuple[str, ...] | None = None  # the recipients still owed it (None: all)
 
     @property
     def retry(self) -> bool:
@@ -297,28 +311,35 @@ class Deliverer:
         notifier = self._notifiers.get(delivery.notifier)
         if notifier is None:
             return await self._unrouted(delivery, what, stats)
+        owed = delivery.owed
         try:
-            await notifier.send(delivery.events, part=delivery.part)
+            if owed is None:
+                await notifier.send(delivery.events, part=delivery.part)
+            else:  # some of the notifier's recipients have it already
+                await notifier.send(delivery.events, part=delivery.part, recipients=owed)
         except PermanentNotifyError as exc:
             error = server_text(exc, ERROR_MAX)
-            log.error("%s: not delivered, and retrying cannot help: %s", what, error)
-            await self._record(_Outcome(delivery, what, "failed", self._clock.now(), error))
+            log.error("%s: not delivered%s, and retrying cannot help: %s", what, _to(owed), error)
+            await self._record(_Outcome(delivery, what, "failed", self._clock.now(), error, owed))
             self._count(delivery, "failed")
             stats.failed += 1
             return True
         except RetryableNotifyError as exc:
             error = server_text(exc, ERROR_MAX)
-            return await self._retry_later(delivery, what, error, exc.retry_after, stats)
+            if exc.owed is not None:  # this attempt reached some: owed to the others
+                owed = exc.owed
+            return await self._retry_later(delivery, what, error, exc.retry_after, stats, owed)
         except Exception as exc:  # a bug in a notifier must not lose the message
             error = server_text(f"unexpected error: {exc!r}", ERROR_MAX)
-            if error != delivery.last_error:  # once per message and error, as any error
+            # Once per message and error, as any error.
+            if outbox_error(error, owed) != delivery.last_error:
                 log.error(
                     "%s: unexpected error while sending (a bug: please report it); the "
                     "message is kept and retried:\n%s",
                     what,
                     _traceback(exc),
                 )
-            return await self._retry_later(delivery, what, error, None, stats)
+            return await self._retry_later(delivery, what, error, None, stats, owed)
         await self._record(_Outcome(delivery, what, "sent", self._clock.now()))
         log.info("%s: delivered", what)
         self._count(delivery, "sent")
@@ -332,7 +353,7 @@ class Deliverer:
         now = self._clock.now()
         if self._too_old(delivery):
             error = f"notifier {name!r} is no longer in the configuration"
-            return await self._retry_later(delivery, what, error, None, stats)
+            return await self._retry_later(delivery, what, error, None, stats, delivery.owed)
         if name not in self._missing:
             self._missing.add(name)
             log.error(
@@ -350,7 +371,7 @@ class Deliverer:
         )
         # The notifier's other rows wait with this one (postpone): one look a pass.
         later = now + timedelta(seconds=self._cap)
-        await self._record(_Outcome(delivery, what, "postponed", later, error))
+        await self._record(_Outcome(delivery, what, "postponed", later, error, delivery.owed))
         return False
 
     async def _retry_later(
@@ -360,12 +381,15 @@ class Deliverer:
         error: str,
         retry_after: float | None,
         stats: DeliveryStats,
+        owed: tuple[str, ...] | None,
     ) -> bool:
+        """Retry the message later (for the recipients ``owed``), or give it up at
+        ``max_age``."""
         now = self._clock.now()
         if self._too_old(delivery):
-            log.error("%s: giving up after %s: %s", what, self._max_age, error)
+            log.error("%s: giving up after %s%s: %s", what, self._max_age, _to(owed), error)
             error = f"gave up after {self._max_age}: {error}"
-            await self._record(_Outcome(delivery, what, "failed", now, error))
+            await self._record(_Outcome(delivery, what, "failed", now, error, owed))
             self._count(delivery, "failed")
             stats.failed += 1
             return True
@@ -381,13 +405,13 @@ class Deliverer:
         # Said once per message and error: a receiver failing the same way again (a
         # 429 storm, an outage) is not a log line per attempt.
         level = logging.WARNING
-        if delivery.attempts and error == delivery.last_error:
+        if delivery.attempts and outbox_error(error, owed) == delivery.last_error:
             level = logging.DEBUG
         log.log(level, "%s: %s; retrying in %.0fs", what, error, delay)
         # This row and the notifier's other pending rows wait together: a receiver
         # that is down or rate-limiting is not sent the rest of the queue meanwhile.
         retry_at = now + timedelta(seconds=delay)
-        await self._record(_Outcome(delivery, what, "retry", retry_at, error))
+        await self._record(_Outcome(delivery, what, "retry", retry_at, error, owed))
         self._count(delivery, "retry")
         stats.retried += 1
         return False
@@ -400,14 +424,15 @@ class Deliverer:
     async def _write(self, outcome: _Outcome) -> None:
         """Record one outcome (shielded: once begun, the transaction completes)."""
         store, row = self._store, outcome.delivery.id
+        error, owed = outcome.error or "", outcome.owed
         if outcome.state == "sent":
             write = store.mark_sent(row, outcome.at)
         elif outcome.state == "failed":
-            write = store.mark_failed(row, outcome.at, outcome.error or "")
+            write = store.mark_failed(row, outcome.at, error, owed)
         elif outcome.state == "postponed":
-            write = store.postpone(row, outcome.at, outcome.error or "")
+            write = store.postpone(row, outcome.at, error, owed)
         else:
-            write = store.mark_retry(row, outcome.at, outcome.error or "")
+            write = store.mark_retry(row, outcome.at, error, owed)
         await asyncio.shield(write)
 
     async def _record(self, outcome: _Outcome) -> None:

@@ -15,7 +15,8 @@
     ├── RuleError                a rule could not be evaluated
     ├── ListenError              the HTTP endpoint cannot listen on http.listen
     └── NotifyError              a notification could not be sent
-        ├── RetryableNotifyError   try again later (maybe after ``retry_after``)
+        ├── RetryableNotifyError   try again later (maybe after ``retry_after``; for
+        │                          the recipients ``owed`` only, when some got it)
         └── PermanentNotifyError   retrying cannot help (bad token, SMTP 5xx)
 
 Third-party exceptions (aiohttp, slack-sdk, aiosmtplib, sqlite3) are converted where our
@@ -116,10 +117,20 @@ class NotifyError(InvoiceWatchError):
 
 
 class RetryableNotifyError(NotifyError):
-    """A transient failure; ``retry_after`` (seconds) is the receiver's wish, if it said."""
+    """A transient failure; ``retry_after`` (seconds) is the receiver's wish, if it said.
+    ``owed``: the recipients the next attempt is for, when this one reached some of
+    them (an email some recipients took and others refused for now); None when it
+    reached none, so the next attempt is for the same ones as this one."""
 
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        retry_after: float | None = None,
+        *,
+        owed: tuple[str, ...] | None = None,
+    ) -> None:
         self.retry_after = retry_after
+        self.owed = owed
         super().__init__(message)
 
 

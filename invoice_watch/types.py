@@ -365,12 +365,22 @@ class Notifier(Protocol):
     group is whole). The message fits the channel's size limits by construction.
     It raises :class:`~invoice_watch.errors.RetryableNotifyError` for transient
     failures and :class:`~invoice_watch.errors.PermanentNotifyError` when retrying
-    cannot help; any other exception is a bug.
+    cannot help; any other exception is a bug. ``recipients``: the notifier's own
+    recipients still owed the message, as an earlier attempt's
+    ``RetryableNotifyError.owed`` said (an email's ``to`` some of whom have it); None
+    for all of them. A notifier with a single destination (Slack, the console) never
+    says ``owed`` and ignores it.
     """
 
     name: str
 
-    async def send(self, events: Sequence[AlertEvent], *, part: Part | None = None) -> None: ...
+    async def send(
+        self,
+        events: Sequence[AlertEvent],
+        *,
+        part: Part | None = None,
+        recipients: Sequence[str] | None = None,
+    ) -> None: ...
 
     async def aclose(self) -> None: ...
 

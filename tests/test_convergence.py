@@ -78,7 +78,13 @@ class Recorder:
     def __init__(self) -> None:
         self.sent: list[AlertEvent] = []
 
-    async def send(self, events: Sequence[AlertEvent], *, part: Part | None = None) -> None:
+    async def send(
+        self,
+        events: Sequence[AlertEvent],
+        *,
+        part: Part | None = None,
+        recipients: Sequence[str] | None = None,
+    ) -> None:
         self.sent.extend(events)
 
     async def aclose(self) -> None:

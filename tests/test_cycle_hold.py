@@ -37,7 +37,13 @@ class Batches:
     def __init__(self) -> None:
         self.messages: list[list[AlertEvent]] = []
 
-    async def send(self, events: Sequence[AlertEvent], *, part: Part | None = None) -> None:
+    async def send(
+        self,
+        events: Sequence[AlertEvent],
+        *,
+        part: Part | None = None,
+        recipients: Sequence[str] | None = None,
+    ) -> None:
         self.messages.append(list(events))
 
     async def aclose(self) -> None:

@@ -271,7 +271,13 @@ class Broken:
         self.failures = failures
         self.sent = 0
 
-    async def send(self, events: Sequence[AlertEvent], *, part: Part | None = None) -> None:
+    async def send(
+        self,
+        events: Sequence[AlertEvent],
+        *,
+        part: Part | None = None,
+        recipients: Sequence[str] | None = None,
+    ) -> None:
         if self.failures:
             self.failures -= 1
             raise KeyError(f"Bearer {TOKEN} \x1b[2J")

@@ -69,7 +69,7 @@ def app_config(
 class Silent:
     name = "console"
 
-    async def send(self, events: Any, *, part: Any = None) -> None:
+    async def send(self, events: Any, *, part: Any = None, recipients: Any = None) -> None:
         return None
 
     async def aclose(self) -> None:

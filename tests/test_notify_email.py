@@ -151,7 +151,8 @@ def _refused(*codes: int) -> aiosmtplib.SMTPRecipientsRefused:
         (aiosmtplib.SMTPAuthenticationError(530, "auth required"), PermanentNotifyError),
         (aiosmtplib.SMTPHeloError(501, "bad helo"), PermanentNotifyError),
         (aiosmtplib.SMTPConnectResponseError(554, "go away"), PermanentNotifyError),
-        (_refused(550, 451), PermanentNotifyError),
+        (_refused(550, 451), RetryableNotifyError),  # the 451 one is worth retrying
+        (_refused(550, 553), PermanentNotifyError),
         (_refused(), PermanentNotifyError),
         (aiosmtplib.SMTPConnectError("refused"), RetryableNotifyError),
         (_wrapped(ConnectionRefusedError(111, "refused")), RetryableNotifyError),
@@ -264,9 +265,76 @@ async def test_send_some_recipients_refused_is_delivered_and_logged(
     [record] = [
         r
         for r in caplog.records
-        if r.name == "invoice_watch.notify.email" and r.levelno == logging.WARNING
+        if r.name == "invoice_watch.notify.email" and r.levelno >= logging.WARNING
     ]
-    assert "refused by finance@example.com: 550" in record.getMessage()
+    assert record.levelno == logging.ERROR
+    assert "finance@example.com refused the message for good: 550 5.1.1" in record.getMessage()
+
+
+class GreySink(PickySink):
+    """Refuses ``grey`` for now (450) while it is set, and the ``refused`` for good."""
+
+    def __init__(self, grey: str | None, refused: set[str] = set()) -> None:  # noqa: B006
+        super().__init__(refused)
+        self.grey = grey
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        if address == self.grey:
+            return "450 4.2.0 greylisted, try again later"
+        return await super().handle_RCPT(server, session, envelope, address, options)
+
+
+async def test_send_a_recipient_refused_for_now_is_owed_the_message_alone(
+    smtp_server: StartServer,
+) -> None:
+    """NEW-2: a 450 for one recipient while the other took the message: retryable, for
+    that recipient only (``owed``); sent again with ``recipients``, only it is asked."""
+    sink = GreySink("finance@example.com")
+    mailer = notifier(await smtp_server(sink))
+    with pytest.raises(RetryableNotifyError) as info:
+        await mailer.send([pending_event()])
+    assert info.value.owed == ("finance@example.com",)
+    assert "refused for now by finance@example.com: 450 4.2.0 greylisted" in str(info.value)
+    assert [e.rcpt_tos for e in sink.envelopes] == [["oncall@example.com"]]
+    sink.grey = None
+    await mailer.send([pending_event()], recipients=info.value.owed)
+    assert [e.rcpt_tos for e in sink.envelopes] == [["oncall@example.com"], ["finance@example.com"]]
+    assert sink.message()["To"] == ", ".join(TO)  # the same message, to the same list
+
+
+async def test_send_every_recipient_refused_for_now_owes_no_subset(
+    smtp_server: StartServer,
+) -> None:
+    """Refused for now by the only recipients asked: retryable, for the same ones."""
+    sink = GreySink("finance@example.com")
+    with pytest.raises(RetryableNotifyError) as info:
+        await notifier(await smtp_server(sink)).send(
+            [pending_event()], recipients=["finance@example.com"]
+        )
+    assert info.value.owed is None
+
+
+async def test_send_refused_for_now_and_for_good_retries_the_one_for_now(
+    smtp_server: StartServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """NEW-2: one 450 and one 550, no recipient took it: not failed for good, but
+    retried for the 450 one; the 550 one is logged with the server's reply."""
+    sink = GreySink("finance@example.com", {"oncall@example.com"})
+    with pytest.raises(RetryableNotifyError) as info:
+        await notifier(await smtp_server(sink)).send([pending_event()])
+    assert info.value.owed == ("finance@example.com",)
+    [error] = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert "oncall@example.com refused the message for good: 550 5.1.1 No such user" in error
+
+
+async def test_send_owed_recipients_no_longer_in_to_are_not_sent_to(
+    smtp_server: StartServer,
+) -> None:
+    sink = Sink()
+    await notifier(await smtp_server(sink)).send([pending_event()], recipients=["gone@x.org"])
+    assert sink.envelopes == []
 
 
 async def test_send_all_recipients_refused_is_permanent(smtp_server: StartServer) -> None:

@@ -56,7 +56,14 @@ class ConsoleNotifier:
     def __repr__(self) -> str:
         return f"ConsoleNotifier(name={self.name!r})"
 
-    async def send(self, events: Sequence[AlertEvent], *, part: Part | None = None) -> None:
+    async def send(
+        self,
+        events: Sequence[AlertEvent],
+        *,
+        part: Part | None = None,
+        recipients: Sequence[str] | None = None,
+    ) -> None:
+        """Print the message (one destination: ``recipients`` does not apply)."""
         if not events:
             return
         # Looked up at each send, so a redirected sys.stdout (tests, --dry-run) is honoured.

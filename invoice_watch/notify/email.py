@@ -5,6 +5,19 @@ SMTP with STARTTLS, implicit TLS or none, via ``aiosmtplib``.
 retrying: 4xx replies, refused connections and timeouts are; 5xx replies, failed
 authentication and TLS failures (untrusted certificate, wrong ``tls`` mode) are not.
 
+A server answers each recipient on its own (RFC 5321 §4.2.5: RCPT TO), and the message
+is the server's for those it accepted. So, per recipient, as an operator expects:
+
+- accepted: done; never sent to again for this message (no duplicate);
+- refused for now (4xx: greylisted, a full mailbox): retried, with the outbox's backoff
+  until ``delivery.max_age``, for those recipients only: ``send`` raises
+  :class:`RetryableNotifyError` with ``owed`` naming them, the outbox keeps the list,
+  and the next ``send`` gets it as ``recipients`` (one no longer in ``to`` is dropped);
+- refused for good (5xx: no such user): an ERROR line with the server's reply, once,
+  and never tried again for this message; it holds up no one else. Only when every
+  recipient is refused for good is the message failed
+  (:class:`PermanentNotifyError`).
+
 A server's reply text is the server's: it may echo the credentials (``535 … <base64 of
 the password>``), and aiosmtplib decodes bytes that are not UTF-8 as lone surrogates.
 Every error and warning goes through :func:`invoice_watch.safe_text.server_text` with
@@ -57,8 +70,9 @@ def classify_smtp_error(exc: BaseException) -> type[NotifyError]:
             return RetryableNotifyError
         return PermanentNotifyError
     if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
+        # Any recipient refused for now (4xx) is worth retrying, for it alone.
         codes = [refused.code for refused in exc.recipients]
-        temporary = bool(codes) and all(400 <= code < 500 for code in codes)
+        temporary = any(400 <= code < 500 for code in codes)
         return RetryableNotifyError if temporary else PermanentNotifyError
     if isinstance(exc, aiosmtplib.SMTPResponseException):
         return RetryableNotifyError if 400 <= exc.code < 500 else PermanentNotifyError
@@ -138,9 +152,29 @@ class EmailNotifier:
             context.load_verify_locations(cafile=self.ca_file)
         return context
 
-    async def send(self, events: Sequence[AlertEvent], *, part: Part | None = None) -> None:
+    async def send(
+        self,
+        events: Sequence[AlertEvent],
+        *,
+        part: Part | None = None,
+        recipients: Sequence[str] | None = None,
+    ) -> None:
+        """Send the message to ``recipients`` (those of ``to`` still owed it; None: all
+        of ``to``): see the module docstring for what each recipient's answer does."""
         if not events:
             return
+        to = self.to
+        if recipients is not None:
+            owed = set(recipients)
+            to = [address for address in self.to if address in owed]
+            if not to:  # `to` changed since: those still owed are no longer recipients
+                logger.info(
+                    "email notifier %r: the recipients still owed a message (%s) are no "
+                    "longer in `to`: nothing left to send",
+                    self.name,
+                    ", ".join(recipients),
+                )
+                return
         message = self.build_message(events, part)
         if self.tls == "none":
             context = None
@@ -153,8 +187,9 @@ class EmailNotifier:
                     f"{exc.strerror or exc}; fix the path or the file's contents"
                 ) from exc
         try:
-            result, _ = await aiosmtplib.send(
+            refused, _ = await aiosmtplib.send(
                 message,
+                recipients=to,
                 hostname=self.host,
                 port=self.port,
                 start_tls=self.tls == "starttls",
@@ -164,19 +199,52 @@ class EmailNotifier:
                 password=self._password,
                 timeout=self.timeout,
             )
+        except aiosmtplib.SMTPRecipientsRefused as exc:  # every recipient refused
+            answers = {r.recipient: (r.code, r.message) for r in exc.recipients}
+            error = self._refusals(to, answers)
+            raise error or PermanentNotifyError(self._describe(exc)) from exc
         except (aiosmtplib.SMTPException, ssl.SSLError, OSError, TimeoutError) as exc:
             raise classify_smtp_error(exc)(self._describe(exc)) from exc
-        if result:
-            # Some recipients refused, the others have the message: sending again would
-            # duplicate it for them.
-            refused = "; ".join(f"{r.code} {r.message}" for r in result.values())
-            logger.warning(
-                "email notifier %r: refused by %s: %s",
-                self.name,
-                server_text(", ".join(sorted(result)), _MESSAGE_MAX),
-                server_text(refused, _MESSAGE_MAX, secrets=self._secrets()),
-            )
+        if refused:  # the others have it: sending it again would duplicate it for them
+            answers = {r: (answer.code, answer.message) for r, answer in refused.items()}
+            if error := self._refusals(to, answers):
+                raise error
         logger.debug("email notifier %r: sent %s", self.name, message["Message-ID"])
+
+    def _refusals(
+        self, to: list[str], answers: dict[str, tuple[int, str]]
+    ) -> RetryableNotifyError | None:
+        """What the refusals of some recipients (``answers``: recipient -> (code,
+        reply)) make of the message sent to ``to`` (module docstring): the error to
+        raise when some are owed it still, None when it is done (or, every recipient
+        refused for good, failed: the caller's error says why)."""
+        later = [r for r in to if r in answers and 400 <= answers[r][0] < 500]
+        never = [r for r in to if r in answers and r not in later]
+        took = len(to) - len(later) - len(never)
+        where = f"email notifier {self.name!r} ({self.host}:{self.port}, tls {self.tls})"
+        if not later and not took:
+            return None
+        for recipient in never:
+            code, reply = answers[recipient]
+            logger.error(
+                "%s: %s refused the message for good: %s; it is not sent to that "
+                "recipient again, and the others are not held up; check `to`",
+                where,
+                server_text(recipient, _MESSAGE_MAX),
+                server_text(f"{code} {reply}", _MESSAGE_MAX, secrets=self._secrets()),
+            )
+        if not later:
+            return None
+        # The same words at every attempt for the same answers: logged once (deliver.py).
+        replies = "; ".join(f"{r}: {answers[r][0]} {answers[r][1]}" for r in later)
+        text = server_text(
+            f"refused for now by {replies}; retried for "
+            f"{'those' if len(later) > 1 else 'that'} recipient{'s' * (len(later) > 1)} only",
+            _MESSAGE_MAX,
+            secrets=self._secrets(),
+        )
+        # Owed to fewer than this attempt was for: the outbox remembers whom.
+        return RetryableNotifyError(f"{where}: {text}", owed=tuple(later) if later != to else None)
 
     def _describe(self, exc: BaseException) -> str:
         """What went wrong and what to do about it, without the password."""

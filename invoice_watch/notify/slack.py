@@ -262,7 +262,14 @@ class _SlackNotifier:
 
     # -- sending ------------------------------------------------------------------------
 
-    async def send(self, events: Sequence[AlertEvent], *, part: Part | None = None) -> None:
+    async def send(
+        self,
+        events: Sequence[AlertEvent],
+        *,
+        part: Part | None = None,
+        recipients: Sequence[str] | None = None,
+    ) -> None:
+        """Post the message (one destination: ``recipients`` does not apply)."""
         if not events:
             return
         if self._proxy_problem is not None:
