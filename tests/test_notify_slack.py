@@ -200,7 +200,32 @@ async def test_send_refused_for_size_falls_back_to_plain_text(
     assert "blocks" in first.body and "blocks" not in second.body
     assert second.body["text"] == render.text(events, part)
     assert slack.accepted == [second.body]
-    assert f"Slack refused the message ({code}); sending it as plain text" in caplog.text
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert f"Slack refused the message as blocks ({code}): it was sent as plain text" in warning
+
+
+@pytest.mark.parametrize("make", [webhook, bot], ids=["webhook", "bot"])
+async def test_send_refused_in_every_form_logs_nothing_of_its_own(
+    slack: FakeSlack, make, caplog: pytest.LogCaptureFixture
+) -> None:
+    """NEW-3: every attempt logged two WARNING lines ("sending it as plain text", "in
+    its briefest form"), about 2,900 a day for one message. The notifier now logs no
+    failure of its own: its error names each refusal, in the same words every time,
+    and the outbox logs it once."""
+    kind = "webhook" if make is webhook else "bot"
+    notifier = make(slack)
+    errors = []
+    for _ in range(3):
+        _script(slack, kind, *[_refusal(kind, "msg_too_long")] * 3)
+        with pytest.raises(RetryableNotifyError) as info:
+            await notifier.send([pending_event()])
+        errors.append(str(info.value))
+    assert errors[0] == errors[1] == errors[2]
+    assert (
+        "Slack refused it in every form: as blocks (msg_too_long), as plain text "
+        "(msg_too_long), in its briefest form (msg_too_long)" in errors[0]
+    )
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 @pytest.mark.parametrize("make", [webhook, bot], ids=["webhook", "bot"])

@@ -44,7 +44,10 @@ one all the same for its size or its blocks (``msg_blocks_too_long``, ``invalid_
 ``msg_too_long``: a limit Slack changed), nothing was posted, so ``send`` posts the same
 message again as plain text, then as its briefest form: a size refusal is never the end
 of an alert. These fallbacks are the only second POST of a ``send``; the outbox owns
-retries and backoff (a 429's ``Retry-After`` comes back as ``retry_after``).
+retries and backoff (a 429's ``Retry-After`` comes back as ``retry_after``). A message
+that went in a plainer form is logged once, as a WARNING naming Slack's refusal; one
+refused in every form raises an error naming each refusal (the same words at every
+attempt, which the outbox logs once), never a log line per attempt of its own.
 """
 
 from __future__ import annotations
@@ -209,6 +212,9 @@ def _json_object(body: bytes) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+_FORM_NAMES = ("as blocks", "as plain text", "in its briefest form")  # of _forms, in order
+
+
 def _forms(events: Sequence[AlertEvent], part: Part | None) -> list[dict[str, Any]]:
     """The message in the forms ``send`` tries, in order: Block Kit with its fallback
     text; plain text; the briefest text (:func:`render.brief_text`). The ``text`` is
@@ -274,25 +280,28 @@ class _SlackNotifier:
             return
         if self._proxy_problem is not None:
             raise PermanentNotifyError(self._proxy_problem)
-        forms = _forms(events, part)
-        while True:
-            form = forms.pop(0)
+        refusals: list[str] = []  # "as blocks (invalid_blocks)", ...: Slack's, per form
+        for form, how in zip(_forms(events, part), _FORM_NAMES, strict=True):
             outcome = self._judge(await self._post(self._payload(form)))
-            if outcome.code in _REFUSED_FORM:
-                if forms:
-                    how = "as plain text" if len(forms) == 2 else "in its briefest form"
-                    logger.warning(
-                        "slack notifier %r: Slack refused the message (%s); sending it %s",
-                        self.name,
-                        outcome.code,
-                        how,
-                    )
-                    continue
-                # Even the briefest form: never the end of an alert.
-                raise RetryableNotifyError(str(outcome.error))
-            break
+            if outcome.code not in _REFUSED_FORM:
+                break
+            refusals.append(f"{how} ({outcome.code})")
+            logger.debug("slack notifier %r: Slack refused the message %s", self.name, refusals[-1])
+        else:
+            # Even the briefest form: never the end of an alert.
+            raise RetryableNotifyError(
+                f"{outcome.error}; Slack refused it in every form: {', '.join(refusals)}; "
+                "it is kept and sent again"
+            )
         if outcome.error is not None:
             raise outcome.error
+        if refusals:
+            logger.warning(
+                "slack notifier %r: Slack refused the message %s: it was sent %s instead",
+                self.name,
+                ", ".join(refusals),
+                _FORM_NAMES[len(refusals)],
+            )
         if outcome.doubt is not None:
             logger.warning(
                 "slack notifier %r: %s; the message counts as delivered (Slack posts a "
