@@ -50,6 +50,14 @@ recipients only (``send(recipients=...)``), so the others get no duplicate; the 
 stays pending (``status`` and ``history`` say so) until they have it too, or it is
 failed at ``max_age`` saying whom it never reached.
 
+A message failing again is not a log line per attempt: a failure is logged as a WARNING
+when it is the message's first, or unlike its last one (the stored ``last_error``, so a
+restart does not say it again), and no other about that message was logged within the
+hour (``_TELL_EVERY``: a receiver whose every answer differs, a session id in each SMTP
+reply, is told about once an hour); otherwise at DEBUG. ``status`` always shows the last
+error. Notifiers log no failure of their own (they raise it, with the same words for
+the same answer), so this is the one place that says it.
+
 Repeated 429s escalate: the wait is the longer of the receiver's ``Retry-After`` and the
 backoff for the attempts made so far, as the Atlas client does, so ``Retry-After: 0``
 answered again and again is not one request a second for ever.
@@ -90,6 +98,7 @@ _PASS_LIMIT = 500  # messages one pass reads
 _PRUNE_BATCH = 500  # rows of each kind one prune deletes
 _PRUNE_EVERY = 3600.0  # monotonic seconds between prunes once nothing is left to prune
 _AGED_MAX = 10_000  # creation times of waiting messages one pass keeps the age of
+_TELL_EVERY = 3600.0  # monotonic seconds: at most one WARNING a message in that time
 _TRACEBACK_MAX = 20_000  # characters of an unexpected error's traceback logged
 DEFAULT_RETENTION = timedelta(days=180)
 
@@ -167,6 +176,8 @@ class Deliverer:
         self._clock = clock
         # The messages' ages, on the monotonic clock, for as long as they wait.
         self._ages = Elapsed(clock, origin=elapsed)
+        # Message id -> monotonic time its last failure was logged as a WARNING.
+        self._told: dict[int, float] = {}
         self._max_age = max_age
         self._cap = max_backoff.total_seconds()
         self._retention = retention
@@ -220,6 +231,8 @@ class Deliverer:
         are written first when their backoff is over; old rows are pruned last."""
         await self._record_kept()
         await self._age_waiting()
+        since = self._clock.monotonic() - _TELL_EVERY
+        self._told = {row: told for row, told in self._told.items() if told > since}
         now = self._clock.now()
         await self._bound_schedule(now)
         if self._returned:
@@ -331,15 +344,15 @@ class Deliverer:
             return await self._retry_later(delivery, what, error, exc.retry_after, stats, owed)
         except Exception as exc:  # a bug in a notifier must not lose the message
             error = server_text(f"unexpected error: {exc!r}", ERROR_MAX)
-            # Once per message and error, as any error.
-            if outbox_error(error, owed) != delivery.last_error:
+            tell = self._tell(delivery, error, owed)  # as any error (module docstring)
+            if tell:
                 log.error(
                     "%s: unexpected error while sending (a bug: please report it); the "
                     "message is kept and retried:\n%s",
                     what,
                     _traceback(exc),
                 )
-            return await self._retry_later(delivery, what, error, None, stats, owed)
+            return await self._retry_later(delivery, what, error, None, stats, owed, tell=tell)
         await self._record(_Outcome(delivery, what, "sent", self._clock.now()))
         log.info("%s: delivered", what)
         self._count(delivery, "sent")
@@ -382,9 +395,11 @@ class Deliverer:
         retry_after: float | None,
         stats: DeliveryStats,
         owed: tuple[str, ...] | None,
+        *,
+        tell: bool | None = None,
     ) -> bool:
         """Retry the message later (for the recipients ``owed``), or give it up at
-        ``max_age``."""
+        ``max_age``. ``tell``: whether to log it as a WARNING, when already decided."""
         now = self._clock.now()
         if self._too_old(delivery):
             log.error("%s: giving up after %s%s: %s", what, self._max_age, _to(owed), error)
@@ -402,11 +417,10 @@ class Deliverer:
             # a second for ever).
             growing = backoff(delivery.attempts, base=_BASE_BACKOFF, cap=self._cap, rng=self._rng)
             delay = max(delay, growing)
-        # Said once per message and error: a receiver failing the same way again (a
-        # 429 storm, an outage) is not a log line per attempt.
-        level = logging.WARNING
-        if delivery.attempts and outbox_error(error, owed) == delivery.last_error:
-            level = logging.DEBUG
+        # A receiver failing again (a 429 storm, an outage) is not a line per attempt.
+        if tell is None:
+            tell = self._tell(delivery, error, owed)
+        level = logging.WARNING if tell else logging.DEBUG
         log.log(level, "%s: %s; retrying in %.0fs", what, error, delay)
         # This row and the notifier's other pending rows wait together: a receiver
         # that is down or rate-limiting is not sent the rest of the queue meanwhile.
@@ -415,6 +429,19 @@ class Deliverer:
         self._count(delivery, "retry")
         stats.retried += 1
         return False
+
+    def _tell(self, delivery: Delivery, error: str, owed: tuple[str, ...] | None) -> bool:
+        """Whether this failure of ``delivery`` is logged as a WARNING (else at DEBUG):
+        its first, or one unlike its last, and the first about it within
+        :data:`_TELL_EVERY` (module docstring)."""
+        if delivery.attempts and outbox_error(error, owed) == delivery.last_error:
+            return False
+        now = self._clock.monotonic()
+        told = self._told.get(delivery.id)
+        if told is not None and now - told < _TELL_EVERY:
+            return False
+        self._told[delivery.id] = now
+        return True
 
     def _count(self, delivery: Delivery, outcome: str) -> None:
         self._metrics.notifications.labels(notifier=delivery.notifier, outcome=outcome).inc()
@@ -437,6 +464,8 @@ class Deliverer:
 
     async def _record(self, outcome: _Outcome) -> None:
         """Record an outcome, or keep it in memory when the state file refuses."""
+        if not outcome.retry:
+            self._told.pop(outcome.delivery.id, None)
         if self._unrecorded:  # the state file refused: kept ones are written first
             self._keep(outcome)
             return
