@@ -1218,23 +1218,30 @@ class StateStore:
         next_attempt_at: datetime,
         error: str,
         owed: Sequence[str] | None = None,
+        *,
+        hold: bool = True,
     ) -> None:
         """Schedule the row's next attempt (for the recipients ``owed``, when some got it
         already: :func:`outbox_error`); the same notifier's other pending rows that were
-        due earlier wait until then too."""
+        due earlier wait until then too (``hold``; not when the failure was only some
+        recipients')."""
         at = next_attempt_at.isoformat()
-        await self._update(
+        statements: list[tuple[str, tuple[Any, ...]]] = [
             (
                 "UPDATE outbox SET attempts=attempts+1, next_attempt_at=?, last_error=? "
                 "WHERE id=? OR grp=?",
                 (at, outbox_error(error, owed), delivery_id, delivery_id),
-            ),
-            (
-                "UPDATE outbox SET next_attempt_at=? WHERE state='pending' AND "
-                "notifier=(SELECT notifier FROM outbox WHERE id=?) AND next_attempt_at<?",
-                (at, delivery_id, at),
-            ),
-        )
+            )
+        ]
+        if hold:
+            statements.append(
+                (
+                    "UPDATE outbox SET next_attempt_at=? WHERE state='pending' AND "
+                    "notifier=(SELECT notifier FROM outbox WHERE id=?) AND next_attempt_at<?",
+                    (at, delivery_id, at),
+                )
+            )
+        await self._update(*statements)
 
     async def postpone(
         self, delivery_id: int, until: datetime, error: str, owed: Sequence[str] | None = None

@@ -48,7 +48,9 @@ them and be refused for now by others (a greylisting server): it raises
 (:func:`~invoice_watch.commit.outbox_error`), and every later attempt is for those
 recipients only (``send(recipients=...)``), so the others get no duplicate; the message
 stays pending (``status`` and ``history`` say so) until they have it too, or it is
-failed at ``max_age`` saying whom it never reached.
+failed at ``max_age`` saying whom it never reached. Such a retry does not hold up the
+notifier's other messages (its server works: one full mailbox must not delay everyone's
+alerts for days).
 
 A message failing again is not a log line per attempt: a failure is logged as a WARNING
 when it is the message's first, or unlike its last one (the stored ``last_error``, so a
@@ -139,6 +141,7 @@ class _Outcome:
     at: datetime
     error: str | None = None
     owed: tuple[str, ...] | None = None  # the recipients still owed it (None: all)
+    alone: bool = False  # a retry that holds up none of the notifier's other messages
 
     @property
     def retry(self) -> bool:
@@ -244,7 +247,11 @@ class Deliverer:
         due = await self._store.due_deliveries(now, limit=_PASS_LIMIT, exclude=self._unrecorded)
         # A notifier whose retry is kept in memory waits for the state file, as the
         # recorded retry would have it wait: its rows go in order, that one first.
-        paused = {kept.delivery.notifier for kept in self._unrecorded.values() if kept.retry}
+        paused = {
+            kept.delivery.notifier
+            for kept in self._unrecorded.values()
+            if kept.retry and not kept.alone
+        }
         by_notifier: dict[str, list[Delivery]] = defaultdict(list)
         for delivery in due:
             if delivery.notifier not in paused:
@@ -339,9 +346,11 @@ class Deliverer:
             return True
         except RetryableNotifyError as exc:
             error = server_text(exc, ERROR_MAX)
-            if exc.owed is not None:  # this attempt reached some: owed to the others
+            if exc.owed is not None:  # only some recipients' failure: owed to them
                 owed = exc.owed
-            return await self._retry_later(delivery, what, error, exc.retry_after, stats, owed)
+            return await self._retry_later(
+                delivery, what, error, exc.retry_after, stats, owed, alone=exc.owed is not None
+            )
         except Exception as exc:  # a bug in a notifier must not lose the message
             error = server_text(f"unexpected error: {exc!r}", ERROR_MAX)
             tell = self._tell(delivery, error, owed)  # as any error (module docstring)
@@ -397,9 +406,12 @@ class Deliverer:
         owed: tuple[str, ...] | None,
         *,
         tell: bool | None = None,
+        alone: bool = False,
     ) -> bool:
         """Retry the message later (for the recipients ``owed``), or give it up at
-        ``max_age``. ``tell``: whether to log it as a WARNING, when already decided."""
+        ``max_age``. ``tell``: whether to log it as a WARNING, when already decided;
+        ``alone``: the failure was only some recipients', so the notifier's other
+        messages do not wait for this one (True is returned: they go on now)."""
         now = self._clock.now()
         if self._too_old(delivery):
             log.error("%s: giving up after %s%s: %s", what, self._max_age, _to(owed), error)
@@ -424,11 +436,13 @@ class Deliverer:
         log.log(level, "%s: %s; retrying in %.0fs", what, error, delay)
         # This row and the notifier's other pending rows wait together: a receiver
         # that is down or rate-limiting is not sent the rest of the queue meanwhile.
+        # Unless it works, and refused only some recipients for now (one full mailbox
+        # must not hold up everyone's alerts for days).
         retry_at = now + timedelta(seconds=delay)
-        await self._record(_Outcome(delivery, what, "retry", retry_at, error, owed))
+        await self._record(_Outcome(delivery, what, "retry", retry_at, error, owed, alone))
         self._count(delivery, "retry")
         stats.retried += 1
-        return False
+        return alone
 
     def _tell(self, delivery: Delivery, error: str, owed: tuple[str, ...] | None) -> bool:
         """Whether this failure of ``delivery`` is logged as a WARNING (else at DEBUG):
@@ -459,7 +473,7 @@ class Deliverer:
         elif outcome.state == "postponed":
             write = store.postpone(row, outcome.at, error, owed)
         else:
-            write = store.mark_retry(row, outcome.at, error, owed)
+            write = store.mark_retry(row, outcome.at, error, owed, hold=not outcome.alone)
         await asyncio.shield(write)
 
     async def _record(self, outcome: _Outcome) -> None:

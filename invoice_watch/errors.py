@@ -118,9 +118,10 @@ class NotifyError(InvoiceWatchError):
 
 class RetryableNotifyError(NotifyError):
     """A transient failure; ``retry_after`` (seconds) is the receiver's wish, if it said.
-    ``owed``: the recipients the next attempt is for, when this one reached some of
-    them (an email some recipients took and others refused for now); None when it
-    reached none, so the next attempt is for the same ones as this one."""
+    ``owed``: when the failure is only some recipients' (an email some recipients took,
+    or that was for some only, and that others refused for now), those recipients: the
+    next attempt is for them alone, and the notifier's other messages are not held up
+    by it (its server works). None when the failure is the whole attempt's."""
 
     def __init__(
         self,

@@ -106,6 +106,34 @@ async def test_deliver_a_greylisted_recipient_gets_the_message_the_others_once(
     assert "sent" in await history_text(config)
 
 
+async def test_deliver_a_recipient_refused_for_now_holds_up_no_later_message(
+    world: World, smtp_server: StartServer
+) -> None:
+    """A full mailbox (452) for days must not hold up everyone's alerts: the messages
+    after one still owed to it go out to the others at once, in order, each once."""
+    sink = Greylisting({GREY})
+    config = mail_config(world, await smtp_server(sink), [GREY, OK])
+    async with App(config, clock=world.clock) as app:
+        await app.run_cycle()
+        await app.deliverer.deliver_due()
+        world.clock.advance(60)
+        world.sim.set_status(world.sim.scenario.invoice("small").id, "FAILED")
+        await app.run_cycle()
+        await app.deliverer.deliver_due()
+        world.sim.set_status(world.sim.scenario.invoice("failed").id, "PAID")
+        world.clock.advance(60)
+        await app.run_cycle()
+        await app.deliverer.deliver_due()
+        assert await app.store.outbox_counts() == {"pending": 3}
+    subjects = [str(sink.message(i)["Subject"]) for i in range(len(sink.envelopes))]
+    assert len(subjects) == 3 and all(e.rcpt_tos == [OK] for e in sink.envelopes)
+    assert [subject.split(" ")[1:4] for subject in subjects] == [
+        ["FIRING", "failed-charge:", "Production"],
+        ["FIRING", "failed-charge:", "Analytics"],
+        ["RESOLVED", "failed-charge:", "Production"],
+    ]
+
+
 async def test_deliver_a_mix_of_temporary_and_permanent_refusals_retries_the_temporary(
     world: World, smtp_server: StartServer, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -304,16 +304,23 @@ async def test_send_a_recipient_refused_for_now_is_owed_the_message_alone(
     assert sink.message()["To"] == ", ".join(TO)  # the same message, to the same list
 
 
-async def test_send_every_recipient_refused_for_now_owes_no_subset(
+async def test_send_every_recipient_refused_for_now_is_the_whole_attempts_failure(
     smtp_server: StartServer,
 ) -> None:
-    """Refused for now by the only recipients asked: retryable, for the same ones."""
+    """Every recipient of `to` refused for now: no recipient's alone (``owed`` None),
+    so the outbox holds the notifier's queue as for a server down; a retry for some
+    recipients only, refused again, is still theirs alone."""
     sink = GreySink("finance@example.com")
+    mailer = notifier(await smtp_server(sink))
+    mailer.to = ["finance@example.com"]
     with pytest.raises(RetryableNotifyError) as info:
-        await notifier(await smtp_server(sink)).send(
-            [pending_event()], recipients=["finance@example.com"]
-        )
+        await mailer.send([pending_event()])
     assert info.value.owed is None
+    mailer.to = TO
+    with pytest.raises(RetryableNotifyError) as info:
+        await mailer.send([pending_event()], recipients=["finance@example.com"])
+    assert info.value.owed == ("finance@example.com",)
+    assert sink.envelopes == []
 
 
 async def test_send_refused_for_now_and_for_good_retries_the_one_for_now(

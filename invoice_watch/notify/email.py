@@ -13,6 +13,8 @@ is the server's for those it accepted. So, per recipient, as an operator expects
   until ``delivery.max_age``, for those recipients only: ``send`` raises
   :class:`RetryableNotifyError` with ``owed`` naming them, the outbox keeps the list,
   and the next ``send`` gets it as ``recipients`` (one no longer in ``to`` is dropped);
+  the later messages do not wait for them (one full mailbox for days must not hold up
+  everyone's alerts), and each carries its events' time as its ``Date``;
 - refused for good (5xx: no such user): an ERROR line with the server's reply, once,
   and never tried again for this message; it holds up no one else. Only when every
   recipient is refused for good is the message failed
@@ -243,8 +245,10 @@ class EmailNotifier:
             _MESSAGE_MAX,
             secrets=self._secrets(),
         )
-        # Owed to fewer than this attempt was for: the outbox remembers whom.
-        return RetryableNotifyError(f"{where}: {text}", owed=tuple(later) if later != to else None)
+        # Owed to fewer than all of `to` (others took it, or it was only for them):
+        # the outbox remembers whom, and the server works for the others.
+        owed = tuple(later) if later != self.to else None
+        return RetryableNotifyError(f"{where}: {text}", owed=owed)
 
     def _describe(self, exc: BaseException) -> str:
         """What went wrong and what to do about it, without the password."""
