@@ -25,7 +25,9 @@ neither drive a terminal nor mention (``<!channel>``) or link in Slack.
 
 from __future__ import annotations
 
+import hashlib
 import html
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -557,3 +559,359 @@ def _html_group(events: Sequence[AlertEvent], part: Part | None) -> str:
         + f'<table style="{_TABLE_STYLE}">\n<tr>{head}</tr>\n{"".join(rows)}</table>\n'
         + f'<p style="{_FOOTER_STYLE}">{_e(_group_footer(events))}</p>\n'
     )
+
+
+# --- JSON receivers: the webhook body, Teams, PagerDuty, Alertmanager ------------------
+#
+# The same facts as the text above, as data. Every text value is the bounded, printable
+# one the other renderings show (names at most 200 characters, the summary 1,000, ten
+# details of 300, ten breakdown lines per dimension), so every body is bounded too.
+
+WEBHOOK_VERSION = 1
+WEBHOOK_TYPE = "invoice_watch.notification"
+_MACHINE_NAME_MAX = 200  # a rule's name may be that long (config), and is a routing key
+_PD_SUMMARY_MAX = 1024  # PagerDuty: payload.summary
+_PD_FIELD_MAX = 255  # PagerDuty: dedup_key, source, component, group, class
+_AM_VALUE_MAX = 2000  # an Alertmanager annotation: no limit is documented; ours
+TEAMS_MAX_BYTES = 27_000  # a Workflows message: "about 28 KB" (msteams-docs), in UTF-8
+_TEAMS_LINE_MAX = 200  # one event's line in a grouped card
+
+_TEAMS_COLOR = {
+    "critical": "Attention",
+    "warning": "Warning",
+    "reminder": "Warning",
+    "info": "Accent",
+    "resolved": "Good",
+}
+_PD_SEVERITY = {Severity.CRITICAL: "critical", Severity.WARNING: "warning", Severity.INFO: "info"}
+
+
+def _iso(at: datetime) -> str:
+    """An instant as RFC 3339 in UTC, ``2026-11-15T12:00:00Z``."""
+    aware = at if at.tzinfo is not None else at.replace(tzinfo=UTC)
+    return aware.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _machine(value: str, limit: int = _MACHINE_NAME_MAX) -> str:
+    """A name as a machine keeps it: printable, on one line, within ``limit``."""
+    return _clip(_one_line(value), limit)
+
+
+def message_id(events: Sequence[AlertEvent]) -> str:
+    """A stable id for a message: the event's id, or one made of its events' ids (in
+    any order) for a grouped message; the same when the message is sent again. Letters,
+    digits and ``_`` only (Standard Webhooks' ``webhook-id`` may hold no ``.``)."""
+    if len(events) == 1:
+        return f"msg_{events[0].event_id}"
+    digest = hashlib.sha256("|".join(sorted(e.event_id for e in events)).encode())
+    return f"msg_group_{digest.hexdigest()[:32]}"
+
+
+def _event_data(event: AlertEvent) -> dict[str, Any]:
+    """One event of the webhook body (``notify/webhook-v1.schema.json``, ``event``)."""
+    invoice = None
+    if event.invoice_id:
+        invoice = {
+            "id": _machine(event.invoice_id),
+            "status": _machine(event.invoice_status) if event.invoice_status else None,
+            "previous_status": (_machine(event.previous_status) if event.previous_status else None),
+        }
+    amount = None
+    if event.amount_cents is not None:
+        amount = {"cents": event.amount_cents, "text": usd(event.amount_cents), "currency": "USD"}
+    billing_period = None
+    if event.period_start is not None and event.period_end is not None:
+        billing_period = {
+            "start": event.period_start.isoformat(),
+            "end": event.period_end.isoformat(),
+            "text": period(event.period_start, event.period_end),
+        }
+    return {
+        "id": event.event_id,
+        "kind": event.kind.value,
+        "alert_key": _machine(event.key, 1000),
+        "rule": _machine(event.rule),
+        "rule_type": _machine(event.rule_type),
+        "severity": event.severity.value,
+        "summary": _summary(event),
+        "at": _iso(event.at),
+        "firing_since": _iso(event.firing_since) if event.firing_since else None,
+        "org": {"id": _machine(event.org_id), "name": _machine(event.org_name or event.org_id)},
+        "invoice": invoice,
+        "amount": amount,
+        "period": billing_period,
+        "link": _link(event),
+        "details": [{"label": label, "value": value} for label, value in _details(event)],
+        "breakdown": [
+            {
+                "dimension": _machine(line.dimension, _NAME_MAX),
+                "name": _name(line.name),
+                "amount_cents": line.amount_cents,
+                "amount_text": usd(line.amount_cents),
+                "growth_cents": line.growth_cents,
+            }
+            for _, lines in _breakdown(event)
+            for line in lines
+        ],
+    }
+
+
+def webhook_body(
+    events: Sequence[AlertEvent], part: Part | None = None, *, notifier: str
+) -> dict[str, Any]:
+    """The generic webhook's JSON body for one or more events (version
+    :data:`WEBHOOK_VERSION`, described by ``invoice_watch/notify/webhook-v1.schema.json``
+    and README "Receivers"): the message's stable ``id`` (also the ``webhook-id``
+    header), its ``title`` and plain ``text`` (:func:`text`), and each event's facts."""
+    shown = events[:MESSAGE_MAX_EVENTS]
+    title = _title(events[0]) if len(events) == 1 else _group_title(events, part)
+    return {
+        "version": WEBHOOK_VERSION,
+        "type": WEBHOOK_TYPE,
+        "id": message_id(events),
+        "timestamp": _iso(max(e.at for e in events)),
+        "notifier": _machine(notifier),
+        "part": {"number": part.number, "count": part.count} if part is not None else None,
+        "title": title,
+        "text": text(events, part),
+        "events": [_event_data(event) for event in shown],
+    }
+
+
+# Teams: an Adaptive Card (https://adaptivecards.io/explorer). A server's text goes in a
+# TextRun of a RichTextBlock, the one element that renders no Markdown ("Text to display.
+# Markdown is not supported."), so a name can neither link nor format.
+
+
+def _run(value: str, **style: Any) -> dict[str, Any]:
+    return {"type": "TextRun", "text": value, **style}
+
+
+def _rich(*runs: dict[str, Any], **props: Any) -> dict[str, Any]:
+    return {"type": "RichTextBlock", "inlines": list(runs), **props}
+
+
+def _open_url(url: str, title: str = BUTTON_LABEL) -> dict[str, Any]:
+    return {"type": "Action.OpenUrl", "title": title, "url": url}
+
+
+def _teams_fact(label: str, value: str) -> dict[str, Any]:
+    """A label and its value side by side (a FactSet would render the value as
+    Markdown): two columns, the label's of a fixed width so that values align."""
+    return {
+        "type": "ColumnSet",
+        "spacing": "None",
+        "columns": [
+            {"type": "Column", "width": "120px", "items": [_rich(_run(label, weight="Bolder"))]},
+            {"type": "Column", "width": "stretch", "items": [_rich(_run(value))]},
+        ],
+    }
+
+
+def _teams_head(title: str, state: str) -> dict[str, Any]:
+    color = _TEAMS_COLOR[state]
+    return _rich(
+        _run(_clip(title, SLACK_LIMITS.header), weight="Bolder", size="Medium", color=color)
+    )
+
+
+def _teams_one(event: AlertEvent, *, full: bool) -> tuple[list[dict[str, Any]], list[str]]:
+    body = [_teams_head(_title(event), _state(event))]
+    if summary := _summary(event):
+        body.append(_rich(_run(summary)))
+    facts = _facts(event) + (_details(event) if full else [])
+    body += [_teams_fact(label, value) for label, value in facts]
+    if full:
+        for title, items in _breakdown(event):
+            body.append(_rich(_run(title, weight="Bolder"), spacing="Medium"))
+            for line in items:
+                amount = " ".join(p for p in (usd(line.amount_cents), _growth(line)) if p)
+                body.append(_rich(_run(f"• {_name(line.name)}  "), _run(amount), spacing="None"))
+    body.append(_rich(_run(_footer(event), isSubtle=True, size="Small"), spacing="Medium"))
+    link = _link(event)
+    return body, [link] if link else []
+
+
+def _teams_line(event: AlertEvent) -> dict[str, Any]:
+    """One event of a grouped card, as the Slack line says it (kind, rule, organization,
+    invoice, amount), within ``_TEAMS_LINE_MAX`` units: the organization links to its
+    billing page."""
+    kind, rule, org, invoice, amount = _compact(event)
+    tail = " · ".join(cell for cell in (invoice, amount) if cell)
+    org_run = _run(_clip(org, 60))
+    if link := _link(event):
+        org_run["selectAction"] = _open_url(link)
+    runs = [_run(f"{kind}  ", weight="Bolder"), _run(f"{_clip(rule, 60)} · "), org_run]
+    if tail:
+        runs.append(_run(_clip(f" · {tail}", _TEAMS_LINE_MAX - 140)))
+    return _rich(*runs, spacing="None")
+
+
+def _teams_group(
+    events: Sequence[AlertEvent], part: Part | None, *, full: bool
+) -> tuple[list[dict[str, Any]], list[str]]:
+    body = [_teams_head(_group_title(events, part), _group_state(events))]
+    shown = events[:MESSAGE_MAX_EVENTS] if full else []
+    body += [_teams_line(event) for event in shown]
+    if len(shown) < len(events):
+        more = len(events) - len(shown)
+        body.append(_rich(_run(f"…and {more} more", italic=True), spacing="None"))
+    body.append(_rich(_run(_group_footer(events), isSubtle=True, size="Small"), spacing="Medium"))
+    links = list(dict.fromkeys(link for e in events if (link := _link(e))))
+    return body, links[:1] if len(links) == 1 else []
+
+
+def teams_message(events: Sequence[AlertEvent], part: Part | None = None) -> dict[str, Any]:
+    """The Teams Workflows message for one or more events: an Adaptive Card 1.2 in the
+    envelope Workflows take (LIBRARIES.md, "PagerDuty Events API v2 and Teams
+    Workflows"), with the same facts as the Slack message, within
+    :data:`TEAMS_MAX_BYTES` of UTF-8 JSON: a message too large for the whole card
+    drops its details and breakdown (one event) or its lines (a group), which leaves
+    the title, the facts or counts, and the link."""
+    for full in (True, False):
+        if len(events) == 1:
+            body, links = _teams_one(events[0], full=full)
+        else:
+            body, links = _teams_group(events, part, full=full)
+        card: dict[str, Any] = {
+            "$schema": "http://adaptivecards.io/schemas/adaptive-card.json",
+            "type": "AdaptiveCard",
+            "version": "1.2",
+            "body": body,
+        }
+        if links:
+            card["actions"] = [_open_url(link) for link in links]
+        message = {
+            "type": "message",
+            "attachments": [
+                {
+                    "contentType": "application/vnd.microsoft.card.adaptive",
+                    "contentUrl": None,
+                    "content": card,
+                }
+            ],
+        }
+        if len(teams_json(message)) <= TEAMS_MAX_BYTES:
+            break
+    return message
+
+
+def teams_json(message: dict[str, Any]) -> bytes:
+    """The message as sent: compact UTF-8 JSON (not ASCII escapes, which would make a
+    non-Latin name six bytes a character)."""
+    return json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+# PagerDuty Events API v2 (developer.pagerduty.com "Send an Alert Event";
+# PagerDuty/api-schema reference/events-v2/openapiv3.json).
+
+
+def pagerduty_dedup_key(event: AlertEvent) -> str:
+    """The ``dedup_key`` of an event: its alert key, so that a FIRING, its REMINDERs
+    and its RESOLVED are one PagerDuty alert (a key longer than PagerDuty's 255
+    characters as its SHA-256); a NOTICE's key has its time added, so that each notice
+    is an alert of its own."""
+    key = event.key
+    if event.kind is EventKind.NOTICE:
+        key = f"{key}@{_iso(event.at)}"
+    if len(key) > _PD_FIELD_MAX:
+        key = "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+    return key
+
+
+def pagerduty_event(event: AlertEvent) -> dict[str, Any]:
+    """The Events API v2 event for ``event``, without its ``routing_key``: a RESOLVED
+    resolves its alert; any other kind triggers (or updates) it, with the facts as
+    ``custom_details`` and the billing page as a link."""
+    dedup_key = pagerduty_dedup_key(event)
+    if event.kind is EventKind.RESOLVED:
+        return {"event_action": "resolve", "dedup_key": dedup_key}
+    org = _org(event)
+    summary = f"{_title(event)} · {_org_name(event)}: {_summary(event)}"
+    details: dict[str, Any] = {"kind": event.kind.value, "summary": _summary(event)}
+    details.update(_facts(event))
+    details.update(_details(event))
+    for title, items in _breakdown(event):
+        details[title] = [
+            " ".join(p for p in (_name(line.name), usd(line.amount_cents), _growth(line)) if p)
+            for line in items
+        ]
+    details["Alert key"] = _machine(event.key, 1000)
+    result: dict[str, Any] = {
+        "event_action": "trigger",
+        "dedup_key": dedup_key,
+        "payload": {
+            "summary": _clip(summary, _PD_SUMMARY_MAX),
+            "severity": _PD_SEVERITY[event.severity],
+            "source": _clip(f"MongoDB Atlas organization {org}", _PD_FIELD_MAX),
+            "timestamp": _iso(event.at),
+            "component": _clip(f"invoice {_invoice_id(event)}", _PD_FIELD_MAX)
+            if event.invoice_id
+            else "billing",
+            "group": _clip(_org_name(event), _PD_FIELD_MAX),
+            "class": _clip(_name(event.rule_type), _PD_FIELD_MAX),
+            "custom_details": details,
+        },
+        "client": "invoice-watch",
+    }
+    if link := _link(event):
+        result["client_url"] = link
+        result["links"] = [{"href": link, "text": BUTTON_LABEL}]
+    return result
+
+
+# Alertmanager API v2 (prometheus/alertmanager api/v2/openapi.yaml: postableAlert).
+
+
+def alertname(rule_type: str) -> str:
+    """The ``alertname`` label of a rule type: ``invoice_status`` -> ``AtlasInvoiceStatus``."""
+    return "Atlas" + "".join(word.capitalize() for word in rule_type.split("_"))
+
+
+def alertmanager_labels(event: AlertEvent) -> dict[str, str]:
+    """The labels that identify an event's alert in Alertmanager (the same for its
+    FIRING, REMINDERs and RESOLVED): ``alertname``, ``rule``, ``org_id``, ``org``,
+    ``invoice_id`` (when it is about one), ``severity``; a NOTICE adds ``transition``
+    (``PENDING->CLOSED``). Empty values are left out, as Alertmanager ignores them."""
+    labels = {
+        "alertname": alertname(_machine(event.rule_type)),
+        "rule": _machine(event.rule),
+        "org_id": _machine(event.org_id),
+        "org": _machine(event.org_name or event.org_id),
+        "invoice_id": _machine(event.invoice_id or ""),
+        "severity": event.severity.value,
+    }
+    if event.kind is EventKind.NOTICE and event.previous_status:
+        labels["transition"] = _machine(f"{event.previous_status}->{event.invoice_status or '?'}")
+    return {name: value for name, value in labels.items() if value}
+
+
+def alertmanager_alert(event: AlertEvent, *, ends_at: datetime) -> dict[str, Any]:
+    """The ``postableAlert`` for ``event``: its labels, the text as annotations
+    (``summary``, ``description``, and one per fact), ``startsAt`` when it began to fire,
+    ``endsAt`` (``ends_at``: the caller's; a RESOLVED's is its own time), and the billing
+    page as ``generatorURL``."""
+    starts = event.firing_since or event.at
+    ends = event.at if event.kind is EventKind.RESOLVED else ends_at
+    annotations = {
+        "summary": _clip(f"{_name(event.rule)} · {_org(event)}", _AM_VALUE_MAX),
+        "description": _summary(event),
+        "alert_key": _machine(event.key, 1000),
+    }
+    for label, value in (*_facts(event), *_details(event)):
+        annotations[_annotation_name(label)] = _clip(value, _AM_VALUE_MAX)
+    alert: dict[str, Any] = {
+        "labels": alertmanager_labels(event),
+        "annotations": {name: value for name, value in annotations.items() if value},
+        "startsAt": _iso(starts),
+        "endsAt": _iso(max(ends, starts)),
+    }
+    if link := _link(event):
+        alert["generatorURL"] = link
+    return alert
+
+
+def _annotation_name(label: str) -> str:
+    """A fact's label as an annotation name: ``Fired for`` -> ``fired_for``."""
+    name = "".join(c if c.isascii() and c.isalnum() else "_" for c in label.lower()).strip("_")
+    return name if name and not name[0].isdigit() else f"fact_{name}"
