@@ -8,6 +8,8 @@ from typing import Final
 ATLAS_BASE_URL: Final = "https://cloud.mongodb.com"
 ATLAS_UI_URL: Final = "https://cloud.mongodb.com"
 SLACK_API_URL: Final = "https://slack.com/api/"
+# PagerDuty's Events API v2 (developer.pagerduty.com, "Send an Alert Event").
+PAGERDUTY_EVENTS_URL: Final = "https://events.pagerduty.com/v2/enqueue"
 
 # The Atlas Administration API resource version this release speaks (v2 flavor).
 V2_API_VERSION: Final = "2023-01-01"

@@ -78,6 +78,12 @@ APPLY: dict[str, Apply] = {
     "notifiers.*.from": Apply.NOTIFIERS,
     "notifiers.*.to": Apply.NOTIFIERS,
     "notifiers.*.timeout": Apply.NOTIFIERS,
+    "notifiers.*.url": Apply.NOTIFIERS,
+    "notifiers.*.secret": Apply.NOTIFIERS,
+    "notifiers.*.headers": Apply.NOTIFIERS,
+    "notifiers.*.routing_key": Apply.NOTIFIERS,
+    "notifiers.*.notices": Apply.NOTIFIERS,
+    "notifiers.*.resend_every": Apply.NOTIFIERS,
     # rules.*: evaluated by every cycle; what is kept settled follows them
     "rules.*.name": Apply.RULES,
     "rules.*.type": Apply.RULES,

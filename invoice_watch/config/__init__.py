@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from invoice_watch.config.loader import load, load_file
 from invoice_watch.config.models import (
+    AlertmanagerNotifierConfig,
     AmountIncreaseRule,
     AtlasConfig,
     Config,
@@ -35,6 +36,7 @@ from invoice_watch.config.models import (
     LogConfig,
     NotifierConfig,
     OrgConfig,
+    PagerDutyNotifierConfig,
     PendingAmountRule,
     PollConfig,
     PollFailureRule,
@@ -44,8 +46,10 @@ from invoice_watch.config.models import (
     SlackNotifierConfig,
     StateConfig,
     StatusChangeRule,
+    TeamsNotifierConfig,
     UsageAnomalyRule,
     UsageConfig,
+    WebhookNotifierConfig,
 )
 from invoice_watch.config.paths import find_config_file, state_files_elsewhere
 from invoice_watch.config.summarize import summary
@@ -54,6 +58,7 @@ from invoice_watch.config.yaml_tree import MAX_CONFIG_BYTES
 
 __all__ = [
     "MAX_CONFIG_BYTES",
+    "AlertmanagerNotifierConfig",
     "AmountIncreaseRule",
     "AtlasConfig",
     "Config",
@@ -67,6 +72,7 @@ __all__ = [
     "LogConfig",
     "NotifierConfig",
     "OrgConfig",
+    "PagerDutyNotifierConfig",
     "PendingAmountRule",
     "PollConfig",
     "PollFailureRule",
@@ -77,8 +83,10 @@ __all__ = [
     "SlackNotifierConfig",
     "StateConfig",
     "StatusChangeRule",
+    "TeamsNotifierConfig",
     "UsageAnomalyRule",
     "UsageConfig",
+    "WebhookNotifierConfig",
     "find_config_file",
     "load",
     "load_file",

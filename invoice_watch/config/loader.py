@@ -33,7 +33,10 @@ from invoice_watch.config.yaml_tree import MAX_CONFIG_BYTES, read, too_large
 from invoice_watch.errors import ConfigError
 
 # The fields that hold secrets; each also accepts `<field>_file: path`.
-SECRET_FIELDS = ("private_key", "client_secret", "webhook_url", "token", "password")
+SECRET_FIELDS = (
+    "private_key", "client_secret", "webhook_url", "token", "password", "url", "secret",
+    "routing_key",
+)  # fmt: skip
 MAX_SECRET_BYTES = 64 * 1024  # a `<secret>_file`
 
 

@@ -40,13 +40,17 @@ from invoice_watch.config.values import (
     BearerToken,
     ConfigPath,
     EmailAddress,
+    HeaderName,
+    HeaderValue,
     Hostname,
     HttpLogin,
     InvoiceStatus,
     Name,
     OrgId,
+    RoutingKey,
     Secret,
     SecretUrl,
+    SigningSecret,
     SlackChannel,
     SmtpLogin,
     Url,
@@ -251,8 +255,81 @@ class ConsoleNotifierConfig(_Model):
     type: Literal["console"]
 
 
+_HTTP_TIMEOUT = timedelta(seconds=10)
+
+
+class WebhookNotifierConfig(_Model):
+    """Any HTTP receiver: POSTs the documented JSON body (``notify/webhook-v1.schema.json``),
+    signed as Standard Webhooks says when ``secret`` is set; ``headers`` are added to
+    every request (their values are secrets: never shown)."""
+
+    type: Literal["webhook"]
+    url: SecretUrl
+    secret: SigningSecret | None = None
+    headers: Annotated[dict[HeaderName, HeaderValue], Field(max_length=20)] = Field(
+        default_factory=dict
+    )
+    # Standard Webhooks recommends 15 to 30 s for a receiver to answer.
+    timeout: Annotated[Duration, at_most(_REQUEST_LIMIT, _REQUEST_WHY)] = timedelta(seconds=15)
+    proxy: ProxyUrl | None = None
+
+
+class PagerDutyNotifierConfig(_Model):
+    """PagerDuty's Events API v2: FIRING and REMINDER trigger, RESOLVED resolves (the
+    alert key is the ``dedup_key``); a NOTICE triggers with its own key, or is skipped."""
+
+    type: Literal["pagerduty"]
+    routing_key: RoutingKey
+    url: Url = constants.PAGERDUTY_EVENTS_URL
+    notices: Literal["send", "skip"] = "send"
+    timeout: Annotated[Duration, at_most(_REQUEST_LIMIT, _REQUEST_WHY)] = _HTTP_TIMEOUT
+    proxy: ProxyUrl | None = None
+
+
+class TeamsNotifierConfig(_Model):
+    """A Microsoft Teams channel through a Workflows (Power Automate) webhook: an
+    Adaptive Card per message."""
+
+    type: Literal["msteams"]
+    webhook_url: SecretUrl
+    timeout: Annotated[Duration, at_most(_REQUEST_LIMIT, _REQUEST_WHY)] = _HTTP_TIMEOUT
+    proxy: ProxyUrl | None = None
+
+
+class AlertmanagerNotifierConfig(_Model):
+    """An Alertmanager (``POST /api/v2/alerts`` under ``url``): firing alerts are posted
+    again every ``resend_every``, each valid for four times that, as Prometheus does."""
+
+    type: Literal["alertmanager"]
+    url: Url
+    username: HttpLogin | None = None
+    password: Secret | None = None
+    token: BearerToken | None = None
+    resend_every: Annotated[
+        Duration,
+        at_most(timedelta(hours=1), "Alertmanager ends an alert not posted again in time"),
+    ] = timedelta(minutes=1)
+    notices: Literal["send", "skip"] = "send"
+    timeout: Annotated[Duration, at_most(_REQUEST_LIMIT, _REQUEST_WHY)] = _HTTP_TIMEOUT
+    proxy: ProxyUrl | None = None
+
+    @model_validator(mode="after")
+    def _one_login(self) -> AlertmanagerNotifierConfig:
+        if (self.username is None) != (self.password is None):
+            raise ValueError("set both username and password (HTTP Basic), or neither")
+        if self.token is not None and self.username is not None:
+            raise ValueError("set either token (Bearer) or username and password, not both")
+        return self
+
+
 NotifierConfig = Annotated[
-    SlackNotifierConfig | EmailNotifierConfig | ConsoleNotifierConfig,
+    SlackNotifierConfig
+    | EmailNotifierConfig
+    | ConsoleNotifierConfig
+    | WebhookNotifierConfig
+    | PagerDutyNotifierConfig
+    | TeamsNotifierConfig
+    | AlertmanagerNotifierConfig,
     Field(discriminator="type"),
 ]
 

@@ -6,6 +6,7 @@ secrets show as ``<secret>`` and a proxy's password masked.
 from __future__ import annotations
 
 from invoice_watch.config.models import (
+    AlertmanagerNotifierConfig,
     AmountIncreaseRule,
     Config,
     DigestAuth,
@@ -13,12 +14,15 @@ from invoice_watch.config.models import (
     ForecastRule,
     InvoiceStatusRule,
     NotifierConfig,
+    PagerDutyNotifierConfig,
     PendingAmountRule,
     ReportConfig,
     Rule,
     SlackNotifierConfig,
     StatusChangeRule,
+    TeamsNotifierConfig,
     UsageAnomalyRule,
+    WebhookNotifierConfig,
 )
 from invoice_watch.format import duration, usd
 from invoice_watch.proxy import ProxyUrl
@@ -44,6 +48,33 @@ def _notifier_line(name: str, notifier: NotifierConfig) -> str:
         return (
             f"{name}: email via {notifier.host}:{notifier.port} ({notifier.tls}{ca}{login}), "
             f"from {notifier.from_addr} to {', '.join(notifier.to)}"
+        )
+    if isinstance(notifier, WebhookNotifierConfig):
+        signed = "signed (Standard Webhooks)" if notifier.secret else "unsigned"
+        headers = f", headers {', '.join(notifier.headers)}" if notifier.headers else ""
+        return (
+            f"{name}: webhook {notifier.url}, {signed}{headers}, timeout "
+            f"{duration(notifier.timeout)}{_via(notifier.proxy)}"
+        )
+    if isinstance(notifier, PagerDutyNotifierConfig):
+        return (
+            f"{name}: pagerduty {notifier.url}, routing key {notifier.routing_key}, notices "
+            f"{notifier.notices}{_via(notifier.proxy)}"
+        )
+    if isinstance(notifier, TeamsNotifierConfig):
+        return f"{name}: msteams workflow {notifier.webhook_url}{_via(notifier.proxy)}"
+    if isinstance(notifier, AlertmanagerNotifierConfig):
+        login = (
+            f", token {notifier.token}"
+            if notifier.token
+            else f", user {notifier.username} password {notifier.password}"
+            if notifier.username
+            else ""
+        )
+        return (
+            f"{name}: alertmanager {notifier.url}/api/v2/alerts{login}, firing alerts "
+            f"posted again every {duration(notifier.resend_every)}, notices "
+            f"{notifier.notices}{_via(notifier.proxy)}"
         )
     return f"{name}: console (stdout)"
 

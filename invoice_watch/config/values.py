@@ -11,6 +11,7 @@ Messages quote the value, except for secrets. Durations, sizes and money are in
 
 from __future__ import annotations
 
+import base64
 import email.policy
 import functools
 import ipaddress
@@ -163,6 +164,91 @@ def _check_bearer(value: Secret) -> Secret:
 # A secret sent as ``Authorization: Bearer <token>`` (Slack).
 BearerToken = Annotated[Secret, AfterValidator(_check_bearer)]
 
+_WHSEC = "whsec_"
+_WHSEC_BYTES = (24, 64)  # Standard Webhooks 1.0, "Signature scheme": 192 to 512 bits
+_BASE64 = re.compile(r"[A-Za-z0-9+/]+={0,2}")
+_NOT_WHSEC = (
+    "is not a Standard Webhooks signing secret: write whsec_ followed by the base64 of 24 "
+    "to 64 random bytes, e.g. `echo whsec_$(openssl rand -base64 32)`, and give the "
+    "receiver the same"
+)
+
+
+def signing_key(secret: str) -> bytes:
+    """The HMAC key of a Standard Webhooks secret (``whsec_`` + base64): the decoded
+    bytes. :class:`ValueError` when it is not one (never quoting it)."""
+    body = secret.removeprefix(_WHSEC)
+    if body == secret or not _BASE64.fullmatch(body):
+        raise ValueError(f"the secret {_NOT_WHSEC}")
+    try:
+        key = base64.b64decode(body + "=" * (-len(body) % 4), validate=True)
+    except ValueError:
+        raise ValueError(f"the secret {_NOT_WHSEC}") from None
+    low, high = _WHSEC_BYTES
+    if not low <= len(key) <= high:
+        raise ValueError(f"the secret holds {len(key)} bytes and {_NOT_WHSEC}")
+    return key
+
+
+def _check_signing_secret(value: Secret) -> Secret:
+    signing_key(value.get())
+    return value
+
+
+# A webhook's signing secret (Standard Webhooks: ``whsec_`` + base64 of 24 to 64 bytes).
+SigningSecret = Annotated[Secret, AfterValidator(_check_signing_secret)]
+
+_ROUTING_KEY = re.compile(r"[A-Za-z0-9]{32}")
+
+
+def _check_routing_key(value: Secret) -> Secret:
+    if not _ROUTING_KEY.fullmatch(value.get()):
+        raise ValueError(
+            "a PagerDuty routing key is the 32 letters and digits of an Events API v2 "
+            "integration's Integration Key (Service > Integrations); copy it again"
+        )
+    return value
+
+
+# PagerDuty's Events API v2 integration key (``routing_key``).
+RoutingKey = Annotated[Secret, AfterValidator(_check_routing_key)]
+
+# RFC 9110 §5.6.2: a field name is a token.
+_FIELD_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}")
+# Headers a webhook's own sending sets: configured ones may not replace them.
+RESERVED_HEADERS = frozenset(
+    {"content-type", "content-length", "content-encoding", "transfer-encoding", "host",
+     "connection", "user-agent", "webhook-id", "webhook-timestamp", "webhook-signature"}
+)  # fmt: skip
+
+
+def _check_header_name(value: str) -> str:
+    _text(value)
+    if not _FIELD_NAME.fullmatch(value):
+        raise ValueError(
+            f"`{value}` is not an HTTP header name: letters, digits and !#$%&'*+.^_`|~- "
+            "only, up to 64"
+        )
+    if value.lower() in RESERVED_HEADERS:
+        raise ValueError(f"`{value}` is set by invoice-watch itself; remove it")
+    return value
+
+
+HeaderName = Annotated[str, AfterValidator(_check_header_name)]
+
+
+def _check_header_value(value: Secret) -> Secret:
+    text = value.get()
+    if not text.isascii() or not text.isprintable() or text != text.strip():
+        raise ValueError(
+            "a header value must be printable ASCII without leading or trailing spaces"
+        )
+    return value
+
+
+# A configured header's value: may be a credential, so a secret (never shown).
+HeaderValue = Annotated[Secret, AfterValidator(_check_header_value)]
+
 _HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
 
 
@@ -246,6 +332,11 @@ Url = Annotated[str, AfterValidator(_check_url)]
 def _check_secret_url(value: Secret) -> Secret:
     if problem := _url_problem(value.get(), endpoint=False):
         raise ValueError(f"the URL {problem}")  # never the value itself: it is a secret
+    # Its token may be echoed alone: its path, its query and each query value are
+    # secrets too (a Slack webhook's path, a Teams workflow's `sig=`).
+    url = URL(value.get())
+    for piece in (url.path, url.query_string, *url.query.values()):
+        redact.register(piece)  # shorter than a secret can be: ignored
     return value
 
 

@@ -18,13 +18,17 @@ from yarl import URL
 from invoice_watch import constants
 from invoice_watch.config.locations import Loc, Locations, in_file_order, located
 from invoice_watch.config.models import (
+    AlertmanagerNotifierConfig,
     Config,
     EmailNotifierConfig,
     ForecastRule,
     InvoiceStatusRule,
+    PagerDutyNotifierConfig,
     SlackNotifierConfig,
     StatusChangeRule,
+    TeamsNotifierConfig,
     UsageAnomalyRule,
+    WebhookNotifierConfig,
 )
 from invoice_watch.errors import ConfigProblem
 from invoice_watch.format import duration
@@ -90,6 +94,7 @@ def _cleartext_warnings(config: Config, given: _Given) -> Iterator[_Warning]:
                 "unencrypted; use https://",
             )
     for name, notifier in config.notifiers.items():
+        yield from _receiver_cleartext(name, notifier)
         if not isinstance(notifier, SlackNotifierConfig):
             continue
         if notifier.token is not None and notifier.api_url.startswith("http://"):
@@ -107,6 +112,33 @@ def _cleartext_warnings(config: Config, given: _Given) -> Iterator[_Warning]:
                     "the webhook URL is http://: the URL, which is the webhook's secret, "
                     "travels unencrypted; use the https:// URL Slack gave",
                 )
+
+
+def _receiver_cleartext(name: str, notifier: object) -> Iterator[_Warning]:
+    """The receivers' credentials over http:// to another machine."""
+    loc: Loc = ("notifiers", name)
+    if isinstance(notifier, WebhookNotifierConfig):
+        if notifier.headers and _cleartext(notifier.url.get()):
+            yield (
+                (*loc, "headers"),
+                "url is http://: the headers (credentials?) travel unencrypted; use https://",
+            )
+    elif isinstance(notifier, PagerDutyNotifierConfig) and _cleartext(notifier.url):
+        yield (*loc, "url"), "http:// sends the routing key unencrypted; use https://"
+    elif isinstance(notifier, TeamsNotifierConfig) and _cleartext(notifier.webhook_url.get()):
+        yield (
+            (*loc, "webhook_url"),
+            "the webhook URL is http://: the URL, which is the webhook's secret, travels "
+            "unencrypted; use the https:// URL the workflow gave",
+        )
+    elif isinstance(notifier, AlertmanagerNotifierConfig):
+        what = "token" if notifier.token is not None else "password"
+        if (notifier.token or notifier.password) and _cleartext(notifier.url):
+            yield (*loc, "url"), f"http:// sends the {what} unencrypted; use https://"
+
+
+def _cleartext(url: str) -> bool:
+    return url.startswith("http://") and not _is_loopback(_url_host(url))
 
 
 _FAST_POLL = timedelta(minutes=1)
