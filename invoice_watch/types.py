@@ -11,7 +11,7 @@ import sys
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 # API field name -> Invoice attribute, for the cents fields the diff compares.
 AMOUNT_ATTRS: dict[str, str] = {
@@ -383,6 +383,19 @@ class Notifier(Protocol):
     ) -> None: ...
 
     async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class FiringMirror(Protocol):
+    """A notifier that mirrors what is firing (Alertmanager), besides the messages the
+    outbox gives it: the deliverer posts it every firing alert whose messages go to it,
+    every ``resend_every`` seconds (``repost``, :mod:`invoice_watch.deliver`), so that
+    the receiver keeps them firing. ``repost`` raises as ``send`` does."""
+
+    name: str
+    resend_every: float
+
+    async def repost(self, events: Sequence[AlertEvent]) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)

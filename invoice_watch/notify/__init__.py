@@ -1,24 +1,34 @@
-"""The notifiers (Slack, email, console) and the one factory that builds them from the
-``notifiers:`` section of the configuration. Rendering lives in :mod:`.render`."""
+"""The notifiers (Slack, email, console, webhook, PagerDuty, Teams, Alertmanager) and the
+one factory that builds them from the ``notifiers:`` section of the configuration.
+Rendering lives in :mod:`.render`; one HTTP POST and the reading of its answer, shared by
+every HTTP notifier, in :mod:`.http`."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+from invoice_watch.notify.alertmanager import AlertmanagerNotifier
 from invoice_watch.notify.console import ConsoleNotifier
 from invoice_watch.notify.email import EmailNotifier
+from invoice_watch.notify.msteams import TeamsNotifier
+from invoice_watch.notify.pagerduty import PagerDutyNotifier
 from invoice_watch.notify.slack import SlackBotNotifier, SlackWebhookNotifier
+from invoice_watch.notify.webhook import WebhookNotifier
 from invoice_watch.types import Notifier
 
 if TYPE_CHECKING:
     from invoice_watch.config import NotifierConfig
 
 __all__ = [
+    "AlertmanagerNotifier",
     "ConsoleNotifier",
     "EmailNotifier",
+    "PagerDutyNotifier",
     "SlackBotNotifier",
     "SlackWebhookNotifier",
+    "TeamsNotifier",
+    "WebhookNotifier",
     "build_notifier",
     "build_notifiers",
 ]
@@ -26,15 +36,8 @@ __all__ = [
 
 def build_notifier(name: str, config: NotifierConfig) -> Notifier:
     """The notifier for one ``notifiers.<name>`` entry."""
-    if config.type == "slack":
-        proxy = config.proxy.url if config.proxy is not None else None
-        if config.webhook_url is not None:
-            return SlackWebhookNotifier(name, config.webhook_url.get(), proxy=proxy)
-        # config/models.py guarantees a token (with a channel) when there is no webhook_url.
-        assert config.token is not None and config.channel is not None
-        return SlackBotNotifier(
-            name, config.token.get(), config.channel, config.api_url, proxy=proxy
-        )
+    if config.type == "console":
+        return ConsoleNotifier(name)
     if config.type == "email":
         return EmailNotifier(
             name,
@@ -48,7 +51,47 @@ def build_notifier(name: str, config: NotifierConfig) -> Notifier:
             to=config.to,
             timeout=config.timeout.total_seconds(),
         )
-    return ConsoleNotifier(name)
+    proxy = config.proxy.url if config.proxy is not None else None
+    if config.type == "slack":
+        if config.webhook_url is not None:
+            return SlackWebhookNotifier(name, config.webhook_url.get(), proxy=proxy)
+        # config/models.py guarantees a token (with a channel) when there is no webhook_url.
+        assert config.token is not None and config.channel is not None
+        return SlackBotNotifier(
+            name, config.token.get(), config.channel, config.api_url, proxy=proxy
+        )
+    timeout = config.timeout.total_seconds()
+    if config.type == "webhook":
+        return WebhookNotifier(
+            name,
+            config.url.get(),
+            secret=config.secret.get() if config.secret is not None else None,
+            headers={key: value.get() for key, value in config.headers.items()},
+            timeout=timeout,
+            proxy=proxy,
+        )
+    if config.type == "pagerduty":
+        return PagerDutyNotifier(
+            name,
+            config.routing_key.get(),
+            url=config.url,
+            notices=config.notices,
+            timeout=timeout,
+            proxy=proxy,
+        )
+    if config.type == "msteams":
+        return TeamsNotifier(name, config.webhook_url.get(), timeout=timeout, proxy=proxy)
+    return AlertmanagerNotifier(
+        name,
+        config.url,
+        username=config.username,
+        password=config.password.get() if config.password is not None else None,
+        token=config.token.get() if config.token is not None else None,
+        resend_every=config.resend_every.total_seconds(),
+        notices=config.notices,
+        timeout=timeout,
+        proxy=proxy,
+    )
 
 
 def build_notifiers(configs: Mapping[str, NotifierConfig]) -> dict[str, Notifier]:

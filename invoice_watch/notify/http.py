@@ -52,6 +52,7 @@ _CHUNK = 64 * 1024
 SNIPPET = 100  # characters of an answer quoted in a message
 USER_AGENT = f"invoice-watch/{__version__}"
 
+_SECRET_MIN = 6  # characters: shorter pieces of a URL are not its secret (redact.py)
 _TITLE = re.compile(r"<title[^>]*>(.*?)</title", re.IGNORECASE | re.DOTALL)
 
 
@@ -111,6 +112,19 @@ def json_object(body: bytes) -> dict[str, Any] | None:
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return None
     return data if isinstance(data, dict) else None
+
+
+def url_secrets(url: str) -> list[str]:
+    """What of a secret URL (a webhook's, which holds its token) an answer may echo
+    apart from the URL itself: its path and its query string, and each query value
+    (Teams' ``sig=``), those long enough to be a secret (as :mod:`~invoice_watch.redact`
+    counts)."""
+    try:
+        parts = URL(url)
+        pieces = [url, parts.path, parts.query_string, *parts.query.values()]
+    except (ValueError, TypeError):
+        pieces = [url]
+    return [piece for piece in dict.fromkeys(pieces) if len(piece) >= _SECRET_MIN]
 
 
 def classify_status(status: int | None) -> type[NotifyError] | None:
@@ -232,6 +246,40 @@ class Receiver:
             f"user and password in its URL (notifiers.{self.name}.proxy, or HTTPS_PROXY/"
             "HTTP_PROXY)"
         )
+
+    def judge(
+        self, reply: Reply, *, json_api: bool, hints: Mapping[int, str] | None = None
+    ) -> NotifyError | None:
+        """What an answer means for a receiver that answers by its status: None
+        delivered, else the error to raise, saying what to check (``hints``: by status).
+
+        A 2xx is delivered, but for a ``json_api`` (a service that never answers a page)
+        a 2xx page is a proxy's or a captive portal's: the message did not get there, so
+        it is retried. A redirect is never followed (:meth:`redirect`); 407 is the
+        proxy's; any other status goes by :func:`classify_status`, the answer quoted."""
+        status = reply.status
+        if 300 <= status < 400:
+            return self.redirect(reply)
+        head = f"{self.who}: HTTP {status}"
+        if status == 407:
+            return self.refused(reply, head, self.proxy_wants_credentials())
+        if reply.success:
+            if not (json_api and reply.page):
+                return None
+            return RetryableNotifyError(
+                f"{head} {reply.content_type} ({self.quote(reply)}): {self.not_ours}; the "
+                f"message did not reach {self.label}. Check {self.where} and the network's "
+                f"proxy (notifiers.{self.name}.proxy, HTTPS_PROXY/HTTP_PROXY)"
+            )
+        head += f" {reply.content_type} ({self.quote(reply)})"
+        if reply.page:
+            head += f": {self.not_ours}"
+        hint = (hints or {}).get(status, "")
+        if not hint and status in (404, 410):
+            hint = f"nothing takes messages at that address: check {self.where}"
+        elif not hint and 400 <= status < 500 and status not in (408, 429):
+            hint = f"{self.label} refused the message; check {self.where} and its settings"
+        return self.refused(reply, head, hint)
 
     def redirect(self, reply: Reply) -> NotifyError:
         """A redirect, never followed: to another host something is in the way (retried);

@@ -62,11 +62,17 @@ from typing import Any, NamedTuple
 from urllib.parse import urljoin
 
 from aiohttp import hdrs
-from yarl import URL
 
 from invoice_watch.errors import NotifyError, PermanentNotifyError, RetryableNotifyError
 from invoice_watch.notify import render
-from invoice_watch.notify.http import REPLY_MAX, SNIPPET, Receiver, Reply, json_object
+from invoice_watch.notify.http import (
+    REPLY_MAX,
+    SNIPPET,
+    Receiver,
+    Reply,
+    json_object,
+    url_secrets,
+)
 from invoice_watch.safe_text import server_text
 from invoice_watch.types import AlertEvent, Part
 
@@ -312,8 +318,7 @@ class SlackWebhookNotifier(_SlackNotifier):
         self, name: str, webhook_url: str, *, timeout: float = 10, proxy: str | None = None
     ) -> None:
         # The URL is the secret; its path alone is too (an answer may echo it).
-        path = URL(webhook_url).path
-        secrets = [webhook_url] + ([path] if len(path) > 1 else [])
+        secrets = url_secrets(webhook_url)
         super().__init__(name, webhook_url, timeout=timeout, proxy=proxy, secrets=secrets)
 
     def __repr__(self) -> str:

@@ -1,0 +1,67 @@
+"""The Microsoft Teams notifier: a channel's Workflows webhook ("When a Teams webhook
+request is received", Power Automate), one Adaptive Card per message.
+
+The old Office 365 connectors (MessageCard, what pymsteams sends) are retired, and a
+Workflows webhook takes Adaptive Cards only (LIBRARIES.md): the card is
+:func:`invoice_watch.notify.render.teams_message`, with the same facts as the Slack
+message, within the size Teams takes (about 28 KB). It is one POST through
+:class:`~invoice_watch.notify.http.Receiver`: any 2xx is sent (the trigger answers 202
+and runs the flow afterwards); 408, 429 (Teams throttles beyond about 4 requests a
+second) and 5xx are retried by the outbox; any other status is permanent; a page in
+place of the trigger's answer is a proxy's, retried.
+
+The webhook URL holds its signature (``sig=``): it is the secret, never shown.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from invoice_watch.notify import render
+from invoice_watch.notify.http import Receiver, url_secrets
+from invoice_watch.types import AlertEvent, Part
+
+logger = logging.getLogger(__name__)
+
+_HINTS = {
+    400: "the workflow refused the card (a bug: please report it) or the URL is not a "
+    "Workflows webhook's: check webhook_url",
+    401: "the workflow refused the URL's signature: copy webhook_url again from the workflow",
+    403: "the workflow refused the URL's signature: copy webhook_url again from the workflow",
+}
+
+
+class TeamsNotifier:
+    """Posts each message to a Teams Workflows webhook as an Adaptive Card."""
+
+    def __init__(
+        self, name: str, webhook_url: str, *, timeout: float = 10, proxy: str | None = None
+    ) -> None:
+        self.name = name
+        self._receiver = Receiver(
+            kind="msteams",
+            label="Teams",
+            name=name,
+            url=webhook_url,
+            setting="webhook_url",
+            timeout=timeout,
+            proxy=proxy,
+            secrets=url_secrets(webhook_url),
+        )
+
+    def __repr__(self) -> str:
+        return f"TeamsNotifier(name={self.name!r}, webhook_url=<secret>)"
+
+    async def send(self, events: Sequence[AlertEvent], *, part: Part | None = None) -> None:
+        if not events:
+            return
+        body = render.teams_json(render.teams_message(events, part))
+        reply = await self._receiver.post(body)
+        error = self._receiver.judge(reply, json_api=True, hints=_HINTS)
+        if error is not None:
+            raise error
+        logger.debug("msteams notifier %r: sent %d event(s)", self.name, len(events))
+
+    async def aclose(self) -> None:
+        """Nothing to close: each attempt opens and closes its own connection."""
