@@ -233,7 +233,10 @@ def plan_holding(
             event = factory.event(EventKind.FIRING, rule, condition, now, firing_since=now)
             new_state = _new_state(condition, event, now, firing=True, rule=rule, config=config)
             if baseline:
-                transitions.append(Transition(new_state, None, Reason.BASELINE))
+                # No message went anywhere: no notifier has it yet (a mirror such as
+                # Alertmanager learns of it with its first message, deliver.py).
+                baselined = replace(new_state, notifiers=())
+                transitions.append(Transition(baselined, None, Reason.BASELINE))
             else:
                 transitions.append(Transition(new_state, event, reason))
         elif reason is Reason.REPEAT_DUE:

@@ -64,6 +64,14 @@ Repeated 429s escalate: the wait is the longer of the receiver's ``Retry-After``
 backoff for the attempts made so far, as the Atlas client does, so ``Retry-After: 0``
 answered again and again is not one request a second for ever.
 
+A notifier that mirrors what is firing (Alertmanager, :class:`~invoice_watch.types.
+FiringMirror`) is also given, every ``resend_every``, every firing alert whose messages
+go to it (the alert state's last event: what was notified), so that it keeps them
+firing; after a restart too, since they come from the state file. Such a re-post is
+not a message: it is not in the outbox, and one that fails is tried again at the next
+``resend_every`` (said once until it works again). It comes before the notifier's due
+messages in a pass, so a RESOLVED always follows the last re-post of its alert.
+
 Every error text a notifier gives is redacted and its control characters escaped
 (:func:`~invoice_watch.safe_text.server_text`) before it is logged or stored; the
 state file's outbox columns are made storable again as they are written
@@ -85,12 +93,17 @@ from typing import Literal
 from invoice_watch.clock import Clock
 from invoice_watch.commit import ERROR_MAX, Delivery, StateStore, outbox_error, summarize
 from invoice_watch.elapsed import Elapsed
-from invoice_watch.errors import PermanentNotifyError, RetryableNotifyError, StateError
+from invoice_watch.errors import (
+    NotifyError,
+    PermanentNotifyError,
+    RetryableNotifyError,
+    StateError,
+)
 from invoice_watch.health import Metrics
 from invoice_watch.redact import redact
 from invoice_watch.retry import backoff, retry_delay
 from invoice_watch.safe_text import one_line, server_text
-from invoice_watch.types import Notifier
+from invoice_watch.types import AlertEvent, EventKind, FiringMirror, Notifier
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +211,10 @@ class Deliverer:
         self._missing: set[str] = set()
         self._unrouted_labels: set[str] = set()  # notifiers the unrouted gauge names
         self._returned: set[str] = set()  # configured again: their messages due now
+        # Mirrors (FiringMirror): monotonic time of each one's next re-post, and the
+        # ones whose last re-post failed (told once until one works again).
+        self._repost_at: dict[str, float] = {}
+        self._repost_failing: set[str] = set()
 
     def configure(
         self,
@@ -256,10 +273,13 @@ class Deliverer:
         for delivery in due:
             if delivery.notifier not in paused:
                 by_notifier[delivery.notifier].append(delivery)
+        mirrors = self._mirrors_due()
         stats = DeliveryStats()
         async with asyncio.TaskGroup() as group:
-            for name, rows in by_notifier.items():
-                group.create_task(self._deliver_in_order(name, rows, stats))
+            for name in by_notifier.keys() | mirrors.keys():
+                group.create_task(
+                    self._notifier_pass(name, mirrors.get(name), by_notifier[name], stats)
+                )
         self.totals.add(stats)
         counts = await self._store.outbox_counts()
         for state in ("pending", "failed"):
@@ -315,6 +335,80 @@ class Deliverer:
                 moved,
                 timedelta(seconds=self._cap),
             )
+
+    async def _notifier_pass(
+        self,
+        name: str,
+        mirror: FiringMirror | None,
+        rows: list[Delivery],
+        stats: DeliveryStats,
+    ) -> None:
+        """One notifier's share of a pass: its re-post of what fires, when due, then
+        its due messages in order."""
+        if mirror is not None:
+            await self._repost(name, mirror)
+        if rows:
+            await self._deliver_in_order(name, rows, stats)
+
+    # -- mirrors: what fires, posted again -------------------------------------------
+
+    def _mirrors(self) -> dict[str, FiringMirror]:
+        return {n: m for n, m in self._notifiers.items() if isinstance(m, FiringMirror)}
+
+    def _mirrors_due(self) -> dict[str, FiringMirror]:
+        now = self._clock.monotonic()
+        return {
+            name: mirror
+            for name, mirror in self._mirrors().items()
+            if now >= self._repost_at.get(name, 0.0)
+        }
+
+    def _firing_for(self, name: str) -> list[AlertEvent]:
+        """The last event of each firing alert whose messages go to notifier ``name``,
+        oldest alert first."""
+        states = sorted(self._store.firing_alerts().values(), key=lambda s: s.firing_since)
+        return [
+            state.last_event
+            for state in states
+            if state.firing
+            and name in state.notifiers
+            and state.last_event is not None
+            and state.last_event.kind in (EventKind.FIRING, EventKind.REMINDER)
+        ]
+
+    async def _repost(self, name: str, mirror: FiringMirror) -> None:
+        self._repost_at[name] = self._clock.monotonic() + mirror.resend_every
+        events = self._firing_for(name)
+        if not events:
+            return
+        try:
+            await mirror.repost(events)
+        except NotifyError as exc:
+            error = server_text(exc, ERROR_MAX)
+            level = logging.DEBUG if name in self._repost_failing else logging.WARNING
+            log.log(
+                level,
+                "%s: could not post the %d firing alert(s) again: %s; trying again in %.0fs",
+                name,
+                len(events),
+                error,
+                mirror.resend_every,
+            )
+            self._repost_failing.add(name)
+            return
+        except Exception as exc:  # a bug in a notifier must not stop delivery
+            if name not in self._repost_failing:
+                log.error(
+                    "%s: unexpected error while posting the firing alerts again (a bug: "
+                    "please report it):\n%s",
+                    name,
+                    _traceback(exc),
+                )
+            self._repost_failing.add(name)
+            return
+        if name in self._repost_failing:
+            self._repost_failing.discard(name)
+            log.info("%s: posting the firing alerts again works again", name)
 
     async def _deliver_in_order(
         self, name: str, rows: list[Delivery], stats: DeliveryStats
@@ -551,17 +645,23 @@ class Deliverer:
 
     # -- loops -----------------------------------------------------------------------
 
-    async def _next_wait(self) -> float | None:
+    async def _next_wait(self, *, reposts: bool = True) -> float | None:
         """Seconds until the next pass is due, never more than ``max_backoff``: until
         the next write of outcomes kept in memory while there are any (passes then go
-        at the pace of those writes), else until the next pending message; None when
-        nothing is pending at all."""
+        at the pace of those writes), else until the next pending message, or the next
+        re-post of a mirror (``reposts``); None when nothing is due at all."""
+        monotonic = self._clock.monotonic()
         if self._unrecorded:
-            return min(max(0.0, self._write_at - self._clock.monotonic()), self._cap)
+            return min(max(0.0, self._write_at - monotonic), self._cap)
+        waits = []
         next_at = await self._store.next_attempt_at()
-        if next_at is None:
+        if next_at is not None:
+            waits.append((next_at - self._clock.now()).total_seconds())
+        if reposts:
+            waits += [self._repost_at.get(name, 0.0) - monotonic for name in self._mirrors()]
+        if not waits:
             return None
-        return min(max(0.0, (next_at - self._clock.now()).total_seconds()), self._cap)
+        return min(max(0.0, min(waits)), self._cap)
 
     async def drain(self, budget: float) -> int:
         """Deliver until the outbox is empty or nothing more can be done within
@@ -571,7 +671,9 @@ class Deliverer:
         end = self._clock.monotonic() + budget
         while True:
             await self.deliver_due()
-            wait = await self._next_wait()
+            # Mirrors got what fires in the first pass; waiting for their next re-post
+            # would only use the budget up.
+            wait = await self._next_wait(reposts=False)
             if wait is None or self._clock.monotonic() + wait > end:
                 break
             await self._clock.sleep(wait)
