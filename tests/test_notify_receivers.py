@@ -676,3 +676,39 @@ def test_config_warns_of_receiver_credentials_over_plain_http(tmp_path: Any) -> 
     warnings = {(w.line, w.message) for w in cfg.warnings}
     assert any(line == 17 and "webhook's secret, travels unencrypted" in m for line, m in warnings)
     assert (20, "warning: http:// sends the token unencrypted; use https://") in warnings
+
+
+def test_config_example_receivers_load_when_uncommented(tmp_path: Any) -> None:
+    """config.example.yaml shows each receiver commented out: uncommented (the lines
+    that are keys), they load, with their secrets from the files they name."""
+    import re
+    from pathlib import Path
+
+    from invoice_watch.config import load
+
+    example = (Path(__file__).parent.parent / "config.example.yaml").read_text()
+    head, _, rest = example.partition("\nnotifiers:\n")
+    section, _, tail = rest.partition("\nrules:\n")
+    key = re.compile(r"^  # (  )?([a-z][a-z0-9_-]*:.*)$")
+    section = "\n".join(
+        f"  {m.group(1) or ''}{m.group(2)}" if (m := key.match(line)) else line
+        for line in section.splitlines()
+    )
+    text = f"{head}\nnotifiers:\n{section}\nrules:\n{tail}"
+    files = {
+        "atlas-private-key": "priv",
+        "slack-webhook-url": "https://hooks.slack.com/services/T000/B000/XXXX",
+        "slack-bot-token": "xoxb-0000",
+        "smtp-password": "pw",
+        "webhook-url": "https://hooks.example/in/t0ken",
+        "webhook-secret": WEBHOOK_SECRET,
+        "pagerduty-routing-key": ROUTING_KEY,
+        "teams-webhook-url": "https://x.example/workflows/1/invoke?sig=abcdefgh",
+        "alertmanager-token": AM_TOKEN,
+    }
+    for name, value in files.items():
+        (tmp_path / name).write_text(value + "\n")
+    env = {"ATLAS_PUBLIC_KEY": "pub", "CREDENTIALS_DIRECTORY": str(tmp_path)}
+    cfg = load(text, filename="config.example.yaml", env=env, base_dir=tmp_path)
+    types = {name: n.type for name, n in cfg.notifiers.items()}
+    assert {"webhook", "pagerduty", "msteams", "alertmanager"} <= set(types.values()), types
