@@ -358,7 +358,8 @@ class Part:
 
 
 class Notifier(Protocol):
-    """The one contract every notifier (Slack, email, console) fulfils.
+    """The one contract every notifier (Slack, email, console, webhook, PagerDuty, Teams,
+    Alertmanager) fulfils.
 
     ``send`` delivers one message holding one event, or several as a grouped message
     (``part``: which part of a larger group it is, said in the message; None when the

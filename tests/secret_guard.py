@@ -2,10 +2,11 @@
 
 The autouse fixture ``no_secret_in_logs`` collects the secrets of the test: the fixed
 ones of the test suite (config private key, SMTP password, Slack token and webhook
-path) and every credential the Atlas simulator is given or issues (Digest private key,
-service account secret, bearer tokens). It captures invoice_watch's logs down to DEBUG,
-and after the test fails it if any secret appears in a log record (message or
-traceback) of the setup or call phase.
+path, the receivers' routing key, tokens, signing secret and header) and every
+credential the Atlas simulator is given or issues (Digest private key, service account
+secret, bearer tokens). It captures invoice_watch's logs down to DEBUG, and after the
+test fails it if any secret appears in a log record (message or traceback) of the setup
+or call phase.
 
 Enable it for the whole suite by adding ``"tests.secret_guard"`` to ``pytest_plugins`` in
 ``tests/conftest.py``; ``tests/test_reliability_secrets.py`` imports it for its own tests.
@@ -29,11 +30,19 @@ def suite_secrets() -> set[str]:
     """Secrets written into the test suite's own configs and fakes. (Imported here, not
     at the top: a plugin given with ``-p`` must not import test modules early.)"""
     from tests.conftest import base_config
+    from tests.fakes_receivers import (
+        AM_TOKEN,
+        ROUTING_KEY,
+        TEAMS_QUERY,
+        WEBHOOK_HEADER_VALUE,
+        WEBHOOK_SECRET,
+    )
     from tests.fakes_slack import TOKEN, WEBHOOK_PATH
     from tests.world import SMTP_PASSWORD
 
     private_key: str = base_config()["atlas"]["auth"]["private_key"]
-    return {private_key, SMTP_PASSWORD, TOKEN, WEBHOOK_PATH}
+    receivers = {AM_TOKEN, ROUTING_KEY, TEAMS_QUERY, WEBHOOK_HEADER_VALUE, WEBHOOK_SECRET}
+    return {private_key, SMTP_PASSWORD, TOKEN, WEBHOOK_PATH, *receivers}
 
 
 def _recording(method: Callable[..., Any], record: Callable[..., None]) -> Callable[..., Any]:

@@ -31,6 +31,7 @@ from invoice_watch.notify import (
 from invoice_watch.types import AlertEvent, EventKind, Notifier, Part, Severity
 from tests.fakes_receivers import (
     AM_TOKEN,
+    PAGERDUTY_EVENT,
     ROUTING_KEY,
     WEBHOOK_HEADER,
     WEBHOOK_HEADER_VALUE,
@@ -40,10 +41,12 @@ from tests.fakes_receivers import (
     FakePagerDuty,
     FakeTeams,
     FakeWebhook,
+    Received,
     _Fake,
 )
 from tests.test_notify_render import (
     AT,
+    any_event,
     any_message,
     grouped_events,
     notice_event,
@@ -279,7 +282,7 @@ def test_webhook_schema_is_shipped_in_the_package_and_is_a_valid_schema() -> Non
     }
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(any_message())
 def test_webhook_every_body_validates_against_the_schema(
     message: tuple[list[AlertEvent], Part | None],
@@ -350,6 +353,14 @@ def test_pagerduty_a_key_longer_than_pagerduty_takes_is_hashed() -> None:
     key = render.pagerduty_event(event)["dedup_key"]
     assert key.startswith("sha256:") and len(key) <= 255
     assert key == render.pagerduty_event(replace(event, kind=EventKind.RESOLVED))["dedup_key"]
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(any_event())
+def test_pagerduty_every_event_is_one_pagerduty_takes(event: AlertEvent) -> None:
+    body = {"routing_key": ROUTING_KEY, **render.pagerduty_event(event)}
+    jsonschema.validate(body, PAGERDUTY_EVENT)
+    assert body["dedup_key"]
 
 
 # -- Teams ---------------------------------------------------------------------------
@@ -469,6 +480,14 @@ async def test_alertmanager_notice_ends_by_itself_or_is_skipped() -> None:
     [stored] = fake.alerts.values()
     assert stored.labels["transition"] == "PENDING->FAILED"
     assert stored.ends_at == AT + timedelta(minutes=4)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(any_event())
+def test_alertmanager_every_alert_is_one_alertmanager_takes(event: AlertEvent) -> None:
+    alerts = [render.alertmanager_alert(event, ends_at=AT + timedelta(minutes=4))]
+    received = Received({}, b"", json.loads(json.dumps(alerts)))
+    assert FakeAlertmanager().problem(received) is None
 
 
 async def test_alertmanager_sends_basic_or_bearer_credentials() -> None:

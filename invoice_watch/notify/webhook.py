@@ -100,7 +100,9 @@ class WebhookNotifier:
         if not events:
             return
         data = render.webhook_body(events, part, notifier=self.name)
-        body = json.dumps(data, separators=(",", ":")).encode()
+        # UTF-8 (JSON's own encoding), not ASCII escapes: a non-Latin name is 2 to 4
+        # bytes a character, not 6 or 12; the signature covers these very bytes.
+        body = json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
         timestamp = int(self._clock())
         headers = {
             **self._headers,
