@@ -430,6 +430,7 @@ def test_teams_message_fits_28_kb_whatever_the_values(
     events, part = message
     sent = render.teams_json(render.teams_message(events, part))
     assert len(sent) <= render.TEAMS_MAX_BYTES
+    assert FakeTeams().problem(Received({}, sent, json.loads(sent))) is None
 
 
 # -- Alertmanager --------------------------------------------------------------------

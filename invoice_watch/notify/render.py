@@ -684,7 +684,9 @@ def webhook_body(
 
 
 def _run(value: str, **style: Any) -> dict[str, Any]:
-    return {"type": "TextRun", "text": value, **style}
+    """A TextRun: plain text, never Markdown (an empty one shows a dash: a TextRun
+    needs text)."""
+    return {"type": "TextRun", "text": value or "—", **style}
 
 
 def _rich(*runs: dict[str, Any], **props: Any) -> dict[str, Any]:
