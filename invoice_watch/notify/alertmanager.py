@@ -121,7 +121,13 @@ class AlertmanagerNotifier:
         if error is not None:
             raise error
 
-    async def send(self, events: Sequence[AlertEvent], *, part: Part | None = None) -> None:
+    async def send(
+        self,
+        events: Sequence[AlertEvent],
+        *,
+        part: Part | None = None,
+        recipients: Sequence[str] | None = None,  # one destination: does not apply
+    ) -> None:
         alerts = self._alerts(events)
         if alerts:
             await self._post(alerts)

@@ -53,7 +53,13 @@ class TeamsNotifier:
     def __repr__(self) -> str:
         return f"TeamsNotifier(name={self.name!r}, webhook_url=<secret>)"
 
-    async def send(self, events: Sequence[AlertEvent], *, part: Part | None = None) -> None:
+    async def send(
+        self,
+        events: Sequence[AlertEvent],
+        *,
+        part: Part | None = None,
+        recipients: Sequence[str] | None = None,  # one destination: does not apply
+    ) -> None:
         if not events:
             return
         body = render.teams_json(render.teams_message(events, part))

@@ -77,7 +77,13 @@ class PagerDutyNotifier:
             "routing_key=<secret>)"
         )
 
-    async def send(self, events: Sequence[AlertEvent], *, part: Part | None = None) -> None:
+    async def send(
+        self,
+        events: Sequence[AlertEvent],
+        *,
+        part: Part | None = None,
+        recipients: Sequence[str] | None = None,  # one destination: does not apply
+    ) -> None:
         for event in events:
             if event.kind is EventKind.NOTICE and self.notices == "skip":
                 continue

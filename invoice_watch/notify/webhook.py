@@ -96,7 +96,13 @@ class WebhookNotifier:
         headers = f", headers={sorted(self._headers)}" if self._headers else ""
         return f"WebhookNotifier(name={self.name!r}, url=<secret>{signed}{headers})"
 
-    async def send(self, events: Sequence[AlertEvent], *, part: Part | None = None) -> None:
+    async def send(
+        self,
+        events: Sequence[AlertEvent],
+        *,
+        part: Part | None = None,
+        recipients: Sequence[str] | None = None,  # one destination: does not apply
+    ) -> None:
         if not events:
             return
         data = render.webhook_body(events, part, notifier=self.name)
