@@ -328,15 +328,15 @@ class _Timed:
 
 
 class _TimedStore(_Timed):
-    """Counts the CPU seconds of the functions ``StateStore._run`` runs in its thread
+    """Counts the CPU seconds of the functions ``Database.run`` runs in its thread
     (every SQLite transaction of the cycle)."""
 
-    def __init__(self, store_class: Any) -> None:
+    def __init__(self, database_class: Any) -> None:
         self.cpu = 0.0
-        self._owner, self._name = store_class, "_run"
-        original = self._original = store_class._run
+        self._owner, self._name = database_class, "run"
+        original = self._original = database_class.run
 
-        async def run(store: Any, fn: Callable[[], Any]) -> Any:
+        async def run(database: Any, fn: Callable[[], Any]) -> Any:
             def timed() -> Any:
                 start = time.thread_time()
                 try:
@@ -344,9 +344,9 @@ class _TimedStore(_Timed):
                 finally:
                     self.cpu += time.thread_time() - start
 
-            return await original(store, timed)
+            return await original(database, timed)
 
-        store_class._run = run
+        database_class.run = run
 
 
 def _time_work() -> list[_Timed]:
@@ -354,9 +354,10 @@ def _time_work() -> list[_Timed]:
     each organization's step (diff), rules and alert planning, grouping, and the
     state file's transactions and caches."""
     from invoice_watch import app, fetch
-    from invoice_watch.commit import StateStore
+    from invoice_watch.store.sqlite import SqliteStore
+    from invoice_watch.store.sqlite.database import Database
 
-    timers = [_Timed(fetch, PARSE), _TimedStore(StateStore), _Timed(StateStore, "_apply")]
+    timers = [_Timed(fetch, PARSE), _TimedStore(Database), _Timed(SqliteStore, "_apply")]
     for name in WORK:
         timers.append(_Timed(app, name))
     timers.append(_Timed(app.CyclePlan, "shared"))  # linked invoices: what others hold
@@ -420,7 +421,7 @@ async def run_cycles(
             assert not result.orgs_failed, result.orgs_failed
             figures.fetch_wall = fetched.wall - wall0
             figures.cpu_work = sum(timer.cpu for timer in timers)
-            figures.invoices = app.store.invoice_count()
+            figures.invoices = app.store.snapshot.invoice_count()
             figures.rss_peak_mb = _rss_mb()
             if sim is not None:
                 records, sim_cpu = await sim.acall("requests")

@@ -38,13 +38,6 @@ from typing import TextIO, TypeVar
 
 from invoice_watch import sdnotify
 from invoice_watch.clock import Clock, SystemClock
-from invoice_watch.commit import (
-    OrgState,
-    OrgWrite,
-    StateStore,
-    message_parts,
-    unstorable,
-)
 from invoice_watch.config import Config, HttpConfig, LogConfig, load_file
 from invoice_watch.constants import (
     FINAL_STATUSES,
@@ -54,7 +47,6 @@ from invoice_watch.constants import (
     SHUTDOWN_SECONDS,
 )
 from invoice_watch.dedup import (
-    AlertState,
     Reason,
     Scope,
     Transition,
@@ -88,6 +80,16 @@ from invoice_watch.rules import (
     wall_age,
 )
 from invoice_watch.schedule import PollLoop, PollSchedule
+from invoice_watch.store import (
+    AlertState,
+    OrgState,
+    OrgWrite,
+    Store,
+    message_parts,
+    open_copy,
+    open_store,
+    unstorable,
+)
 from invoice_watch.types import (
     AlertEvent,
     EventKind,
@@ -257,7 +259,7 @@ def group_messages(
     """Outbox messages: one per (event, notifier its alert's messages go to:
     ``state.notifiers``), or grouped messages per notifier when a cycle produced more
     than ``group_over`` events for it (flood control): one, or parts when too many for
-    one message (:func:`~invoice_watch.commit.message_parts`)."""
+    one message (:func:`~invoice_watch.store.message_parts`)."""
     per_notifier: dict[str, list[AlertEvent]] = defaultdict(list)
     for t in transitions:
         if t.event is None:
@@ -855,11 +857,11 @@ class _Writer:
 
 
 class _Hold:
-    """Releases what a running cycle holds (:meth:`StateStore.release_cycle`) ``seconds``
+    """Releases what a running cycle holds (:meth:`Store.release_cycle`) ``seconds``
     after a commit first held a message (:meth:`held`), on the clock's monotonic time, and
     again after the next one that holds more: no message waits longer for the cycle to
     end (one slow organization never holds back another's). :meth:`stop` at the cycle's
-    end: what is held then goes with the end (:meth:`StateStore.finish_cycle`)."""
+    end: what is held then goes with the end (:meth:`Store.finish_cycle`)."""
 
     def __init__(
         self,
@@ -931,7 +933,7 @@ class App:
         self._load_config = load_config
         self._configure_logging = configure_logging
         self._stack = contextlib.AsyncExitStack()
-        self._store: StateStore | None = None
+        self._store: Store | None = None
         self._client: AtlasClient | None = None
         self._deliverer: Deliverer | None = None
         self.notifiers: Mapping[str, Notifier] = {}
@@ -979,11 +981,9 @@ class App:
         config = self.config
         settles = settled_statuses(config.rules)
         if self.dry_run:
-            store = await asyncio.to_thread(
-                StateStore.open_copy, config.state.path, settles=settles
-            )
+            store = await open_copy(config.state.path, settles=settles)
         else:
-            store = await StateStore.open(config.state.path, settles=settles)
+            store = await open_store(config.state.path, settles=settles)
         self._store = store
         self._stack.push_async_callback(store.close)
         if not self.dry_run:
@@ -1031,7 +1031,7 @@ class App:
         return notifiers
 
     @property
-    def store(self) -> StateStore:
+    def store(self) -> Store:
         assert self._store is not None, "use App inside `async with`"
         return self._store
 
@@ -1052,7 +1052,7 @@ class App:
         began = time.monotonic()
         async with self._cycle_lock:
             try:
-                self.store.check_file()  # deleted or replaced under us: stop
+                self.store.check_held()  # deleted or replaced under us: stop
                 result = await self._cycle(baseline)
             except BaseException:
                 self.metrics.cycles.labels(outcome="error").inc()
@@ -1063,7 +1063,7 @@ class App:
         self.cycle_done.set()
         sdnotify.status(
             f"last cycle {result.finished_at:%H:%M:%S} UTC: {result.orgs_ok} org(s) read, "
-            f"{len(result.orgs_failed)} failed, {len(self.store.firing_alerts())} alert(s) firing"
+            f"{len(result.orgs_failed)} failed, {len(self.store.alerts.firing())} alert(s) firing"
         )
         self.deliverer.wake.set()
         return result
@@ -1078,7 +1078,7 @@ class App:
         m.invoices_seen.set(result.invoices)  # counted by the cycle already
         m.last_cycle_finished.set(result.finished_at.timestamp())
         firing: dict[str, int] = {rule.name: 0 for rule in self.config.rules}
-        for alert in self.store.firing_alerts().values():
+        for alert in self.store.alerts.firing().values():
             firing[alert.rule] = firing.get(alert.rule, 0) + 1
         for rule_name in self._firing_labels - firing.keys():  # a rule gone, none firing
             with contextlib.suppress(KeyError):
@@ -1116,7 +1116,7 @@ class App:
         started = self.clock.now()
         began = time.monotonic()
         org_ids = [org.id for org in config.organizations]
-        known = {org_id: store.snapshot(org_id) for org_id in org_ids}
+        known = {org_id: store.snapshot.get(org_id) for org_id in org_ids}
         # Incremental reads, but a full listing at start and once a day (FullListings).
         full = self.full_listings
         full.configure(config.poll.full_listing_every)
@@ -1134,10 +1134,10 @@ class App:
         cycle = store.begin_cycle()
         elapsed = self._elapsed
         elapsed.sweep()
-        payers = store.payers()
+        payers = store.snapshot.payers()
         paying = frozenset(payers.values())  # as the cycle starts
         decide = CyclePlan(
-            config, store.firing_alerts(), baseline=baseline, payers=payers, age=elapsed.age
+            config, store.alerts.firing(), baseline=baseline, payers=payers, age=elapsed.age
         )
         unchanged: list[OrgWrite] = []  # written with the last transaction
         later: list[_Part] = []  # committed once their breakdowns are added
@@ -1167,7 +1167,9 @@ class App:
             error = contained[org_id] = f"what Atlas listed could not be recorded: {cause}"
             now = elapsed.stamp()
             failed = OrgRead(org_id, error=error)
-            step = step_org(failed, known[org_id], store.org_state(org_id), store.history, now)
+            step = step_org(
+                failed, known[org_id], store.snapshot.org_state(org_id), store.snapshot.history, now
+            )
             transitions, previous = decide.org(step, now)
             outgoing.extend(t for t in transitions if t.event is not None)
             return _Part(step.write, transitions, previous)
@@ -1220,7 +1222,7 @@ class App:
             stored = None
             if read.ok and (load := settled_to_load(known[org_id], read, listed_from=listed_from)):
                 try:
-                    stored = {i.id: i for i in await store.stored_invoices(org_id, load)}
+                    stored = {i.id: i for i in await store.snapshot.stored_invoices(org_id, load)}
                 except StateError as exc:
                     unreadable.append(exc)  # this organization waits for the next cycle
                     return
@@ -1233,10 +1235,10 @@ class App:
                 change = listing_change(
                     read, known[org_id], listed_from=listed_from, stored=stored, hidden=hidden
                 )
-                shared = decide.shared(org_id, change.changed, known[org_id], store.snapshot)
+                shared = decide.shared(org_id, change.changed, known[org_id], store.snapshot.get)
             try:
                 for other, ids in shared.load.items():
-                    shared = shared.loaded(await store.stored_invoices(other, ids))
+                    shared = shared.loaded(await store.snapshot.stored_invoices(other, ids))
             except StateError as exc:
                 unreadable.append(exc)
                 return
@@ -1248,8 +1250,8 @@ class App:
             step = step_org(
                 read,
                 known[org_id],
-                store.org_state(org_id),
-                store.history,
+                store.snapshot.org_state(org_id),
+                store.snapshot.history,
                 now,
                 listed_from=listed_from,
                 stored=stored,
@@ -1548,7 +1550,7 @@ class App:
                 stopped_at = time.monotonic()
             _, pending = await bounded(self.deliverer.drain(0), reserve=0)  # stop is set
             if pending is None:
-                pending = (await self.store.outbox_counts()).get("pending", 0)
+                pending = (await self.store.outbox.counts()).get("pending", 0)
         assert pending is not None
         failed = self.deliverer.totals.failed - failed_before
         if failed:
@@ -1736,7 +1738,7 @@ class App:
                 )
             self.config = config
             if Apply.RULES in kinds:  # what the rules watch may have changed
-                await self.store.settle(settled_statuses(config.rules))
+                await self.store.snapshot.settle(settled_statuses(config.rules))
             if Apply.SCHEDULE in kinds:
                 self._poll.configure(config.poll.interval, config.poll.jitter)
             if Apply.LOGGING in kinds and self._configure_logging is not None:

@@ -86,6 +86,6 @@ SHUTDOWN_SECONDS: Final = 10.0
 SERVICE_STATE_PATH: Path = Path("/var/lib/invoice-watch/state.db")
 
 # A grouped message holds at most this many events: a larger group is split into parts,
-# each a message of its own (commit.message_parts), and every renderer fits this many in
+# each a message of its own (store.message_parts), and every renderer fits this many in
 # its channel's limits (notify/render.py).
 MESSAGE_MAX_EVENTS: Final = 40

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from invoice_watch import format as fmt
 from invoice_watch.rules import Age, Condition, Evaluation, resolution_summary, wall_age
+from invoice_watch.store.records import AlertState
 from invoice_watch.types import AlertEvent, EventKind, Invoice
 
 if TYPE_CHECKING:
@@ -32,30 +33,6 @@ class Reason(enum.Enum):
     ALREADY_NOTIFIED = "already notified"
     NOT_EVALUATED = "organization not read this cycle"
     BASELINE = "baseline: recorded without sending"
-
-
-@dataclass(frozen=True, slots=True)
-class AlertState:
-    """The stored state of one alert (one row of the ``alerts`` table)."""
-
-    key: str
-    rule: str
-    org_id: str
-    source_org_id: str
-    invoice_id: str | None
-    firing: bool
-    firing_since: datetime
-    last_notified: datetime | None
-    resolved_at: datetime | None = None
-    # The last event sent for it, so a RESOLVED message can say what had fired.
-    last_event: AlertEvent | None = None
-    # The notifiers its messages went to (its FIRING's, and those its reminders added):
-    # a RESOLVED or REMINDER goes to them too, whatever the rule's `notify` says now
-    # (:func:`recipients`); () for an alert stored before they were remembered.
-    notifiers: tuple[str, ...] = ()
-    # Its rule's send_resolved when it fired: whether a RESOLVED is sent once the rule
-    # is gone from the configuration.
-    send_resolved: bool = True
 
 
 class Scope(NamedTuple):

@@ -10,7 +10,7 @@ being marked failed, which ``status`` shows.
 
 Every wait is bounded by ``delivery.max_backoff`` whatever the wall clock does: no wait
 is longer, a message scheduled further than that from now (by a wall clock since set
-back, an NTP fix or a VM restore) is due at once (:meth:`StateStore.bound_schedule`), and
+back, an NTP fix or a VM restore) is due at once (:meth:`Outbox.bound_schedule`), and
 ``drain``'s budget is measured on the monotonic clock. A wall clock set forward makes
 messages due early, once.
 
@@ -33,7 +33,7 @@ process that ends before the state is writable again can send such a message twi
 (once more, at its next start), as a crash between a send and its mark can.
 
 Sent and failed messages older than ``delivery.retention`` are pruned a bounded batch at
-a time, as a pass ends (:meth:`StateStore.prune`), never in a cycle's way.
+a time, as a pass ends (:meth:`Store.prune`), never in a cycle's way.
 
 A message for a notifier that is no longer configured (renamed or removed by a reload,
 or since the last run) is kept, pending, until ``delivery.max_age``, so that putting the
@@ -45,7 +45,7 @@ messages. At ``max_age`` it is marked failed, as any message is, loudly.
 A notifier with recipients of its own (email's ``to``) may deliver a message to some of
 them and be refused for now by others (a greylisting server): it raises
 :class:`RetryableNotifyError` with ``owed``, the outbox keeps that list with the message
-(:func:`~invoice_watch.commit.outbox_error`), and every later attempt is for those
+(:func:`~invoice_watch.store.encoding.outbox_error`), and every later attempt is for those
 recipients only (``send(recipients=...)``), so the others get no duplicate; the message
 stays pending (``status`` and ``history`` say so) until they have it too, or it is
 failed at ``max_age`` saying whom it never reached. Such a retry does not hold up the
@@ -75,7 +75,7 @@ messages in a pass, so a RESOLVED always follows the last re-post of its alert.
 Every error text a notifier gives is redacted and its control characters escaped
 (:func:`~invoice_watch.safe_text.server_text`) before it is logged or stored; the
 state file's outbox columns are made storable again as they are written
-(``commit.py``), so no character a receiver sends can make a mark fail.
+(``invoice_watch.store``), so no character a receiver sends can make a mark fail.
 """
 
 from __future__ import annotations
@@ -91,7 +91,6 @@ from datetime import datetime, timedelta
 from typing import Literal
 
 from invoice_watch.clock import Clock
-from invoice_watch.commit import ERROR_MAX, Delivery, StateStore, outbox_error, summarize
 from invoice_watch.elapsed import Elapsed
 from invoice_watch.errors import (
     NotifyError,
@@ -103,6 +102,7 @@ from invoice_watch.health import Metrics
 from invoice_watch.redact import redact
 from invoice_watch.retry import backoff, retry_delay
 from invoice_watch.safe_text import one_line, server_text
+from invoice_watch.store import ERROR_MAX, Delivery, Store, outbox_error, summarize
 from invoice_watch.types import AlertEvent, EventKind, FiringMirror, Notifier
 
 log = logging.getLogger(__name__)
@@ -173,7 +173,7 @@ _DONE = {
 class Deliverer:
     def __init__(
         self,
-        store: StateStore,
+        store: Store,
         notifiers: Mapping[str, Notifier],
         *,
         clock: Clock,
@@ -257,11 +257,11 @@ class Deliverer:
         await self._bound_schedule(now)
         if self._returned:
             try:
-                await self._store.make_due(self._returned, now)
+                await self._store.outbox.make_due(self._returned, now)
                 self._returned = set()
             except StateError as exc:  # due within max_backoff anyway
                 log.debug("could not make the messages of returned notifiers due: %s", exc)
-        due = await self._store.due_deliveries(now, limit=_PASS_LIMIT, exclude=self._unrecorded)
+        due = await self._store.outbox.due(now, limit=_PASS_LIMIT, exclude=self._unrecorded)
         # A notifier whose retry is kept in memory waits for the state file, as the
         # recorded retry would have it wait: its rows go in order, that one first.
         paused = {
@@ -281,7 +281,7 @@ class Deliverer:
                     self._notifier_pass(name, mirrors.get(name), by_notifier[name], stats)
                 )
         self.totals.add(stats)
-        counts = await self._store.outbox_counts()
+        counts = await self._store.outbox.counts()
         for state in ("pending", "failed"):
             self._metrics.outbox_depth.labels(state=state).set(counts.get(state, 0))
         await self._count_unrouted()
@@ -293,7 +293,7 @@ class Deliverer:
         if not self._missing and not self._unrouted_labels:
             return
         try:
-            pending = await self._store.pending_by_notifier()
+            pending = await self._store.outbox.pending_by_notifier()
         except StateError as exc:
             log.debug("could not count the messages waiting for a notifier: %s", exc)
             return
@@ -310,7 +310,7 @@ class Deliverer:
         (:meth:`Elapsed.sweep <invoice_watch.elapsed.Elapsed.sweep>`: not asked for two
         passes)."""
         try:
-            times = await self._store.waiting_since(_AGED_MAX)
+            times = await self._store.outbox.waiting_since(_AGED_MAX)
         except StateError as exc:  # asked again next pass; a message attempted is anyway
             log.debug("could not read when the waiting messages were created: %s", exc)
             return
@@ -324,7 +324,7 @@ class Deliverer:
 
     async def _bound_schedule(self, now: datetime) -> None:
         try:
-            moved = await self._store.bound_schedule(now, now + timedelta(seconds=self._cap))
+            moved = await self._store.outbox.bound_schedule(now, now + timedelta(seconds=self._cap))
         except StateError as exc:  # the waits stay bounded: tried again next pass
             log.debug("could not bring forward messages scheduled too far ahead: %s", exc)
             return
@@ -366,7 +366,7 @@ class Deliverer:
     def _firing_for(self, name: str) -> list[AlertEvent]:
         """The last event of each firing alert whose messages go to notifier ``name``,
         oldest alert first."""
-        states = sorted(self._store.firing_alerts().values(), key=lambda s: s.firing_since)
+        states = sorted(self._store.alerts.firing().values(), key=lambda s: s.firing_since)
         return [
             state.last_event
             for state in states
@@ -558,16 +558,16 @@ class Deliverer:
 
     async def _write(self, outcome: _Outcome) -> None:
         """Record one outcome (shielded: once begun, the transaction completes)."""
-        store, row = self._store, outcome.delivery.id
+        outbox, row = self._store.outbox, outcome.delivery.id
         error, owed = outcome.error or "", outcome.owed
         if outcome.state == "sent":
-            write = store.mark_sent(row, outcome.at)
+            write = outbox.mark_sent(row, outcome.at)
         elif outcome.state == "failed":
-            write = store.mark_failed(row, outcome.at, error, owed)
+            write = outbox.mark_failed(row, outcome.at, error, owed)
         elif outcome.state == "postponed":
-            write = store.postpone(row, outcome.at, error, owed)
+            write = outbox.postpone(row, outcome.at, error, owed)
         else:
-            write = store.mark_retry(row, outcome.at, error, owed, hold=not outcome.alone)
+            write = outbox.mark_retry(row, outcome.at, error, owed, hold=not outcome.alone)
         await asyncio.shield(write)
 
     async def _record(self, outcome: _Outcome) -> None:
@@ -654,7 +654,7 @@ class Deliverer:
         if self._unrecorded:
             return min(max(0.0, self._write_at - monotonic), self._cap)
         waits = []
-        next_at = await self._store.next_attempt_at()
+        next_at = await self._store.outbox.next_attempt_at()
         if next_at is not None:
             waits.append((next_at - self._clock.now()).total_seconds())
         if reposts:
@@ -678,7 +678,7 @@ class Deliverer:
                 break
             await self._clock.sleep(wait)
         await self._record_kept(now=True)
-        counts = await self._store.outbox_counts()
+        counts = await self._store.outbox.counts()
         delivered = sum(1 for kept in self._unrecorded.values() if not kept.retry)
         return max(0, counts.get("pending", 0) - delivered)
 

@@ -246,8 +246,8 @@ async def run_demo(out: TextIO | None = None, time_limit: float = TIME_LIMIT) ->
                             settled = (
                                 timeline.done()
                                 and elapsed > last_step + 4
-                                and not app.store.firing_alerts()
-                                and not (await app.store.outbox_counts()).get("pending")
+                                and not app.store.alerts.firing()
+                                and not (await app.store.outbox.counts()).get("pending")
                             )
                             if settled:
                                 break
@@ -257,7 +257,7 @@ async def run_demo(out: TextIO | None = None, time_limit: float = TIME_LIMIT) ->
                         timeline.cancel()
                         await asyncio.gather(timeline, return_exceptions=True)
                     totals = app.deliverer.totals
-                    firing = len(app.store.firing_alerts())
+                    firing = len(app.store.alerts.firing())
                     last = app.last_cycle
                     unread = (
                         [f"{config.org_name(o)}: {last.reads[o].error}" for o in last.orgs_failed]

@@ -71,7 +71,7 @@ class StateLockedError(StateError):
 
 class StateFileGoneError(StateError):
     """The open state file is no longer the file at ``state.path`` (deleted, moved or
-    replaced while the daemon ran): the daemon must stop (see StateStore.check_file)."""
+    replaced while the daemon ran): the daemon must stop (see Store.check_held)."""
 
 
 class UnstorableError(InvoiceWatchError):

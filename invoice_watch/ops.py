@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import TextIO
 
 from invoice_watch import format as fmt
-from invoice_watch.commit import StateStore
 from invoice_watch.config import Config, state_files_elsewhere
 from invoice_watch.constants import INVOICE_STATUSES
 from invoice_watch.errors import StateError, UsageError
 from invoice_watch.health import health
+from invoice_watch.store import Store, open_store
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -46,7 +46,7 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join([line(names), *(line(row) for row in rows)])
 
 
-async def _open(config: Config) -> StateStore:
+async def _open(config: Config) -> Store:
     """The daemon's state file, read-only (StateError when missing or unusable, or when
     the default names none while another documented place holds one)."""
     if (elsewhere := state_elsewhere(config)) is not None:
@@ -56,7 +56,7 @@ async def _open(config: Config) -> StateStore:
             f"{_places(elsewhere)}: set state.path in {_config_name(config)} to "
             f"{path} to read it"
         )
-    return await StateStore.open(config.state.path, exclusive=False)
+    return await open_store(config.state.path, exclusive=False)
 
 
 def state_elsewhere(config: Config) -> list[tuple[Path, str]] | None:
@@ -137,13 +137,13 @@ async def status(config: Config, *, check: bool = False, out: TextIO | None = No
     now = datetime.now(UTC)
     store = await _open(config)
     try:
-        finished, orgs_ok, orgs_failed = await store.last_cycle() or (None, 0, 0)
+        finished, orgs_ok, orgs_failed = await store.cycles.last() or (None, 0, 0)
         ok, why = health(finished, orgs_ok, orgs_failed, config.poll.interval, now)
         if check:
             print(("healthy: " if ok else "unhealthy: ") + why, file=out)
             return 0 if ok else 1
         print(f"Health: {'OK' if ok else 'UNHEALTHY'} ({why})\n", file=out)
-        orgs = {o.org_id: o for o in store.org_states()}
+        orgs = {o.org_id: o for o in store.snapshot.org_states()}
         rows = []
         for org in config.organizations:
             state = orgs.get(org.id)
@@ -157,7 +157,7 @@ async def status(config: Config, *, check: bool = False, out: TextIO | None = No
                 ]
             )
         print(table(["Organization", "Id", "Last read", "Invoices", "State"], rows), file=out)
-        firing = sorted(store.firing_alerts().values(), key=lambda a: a.firing_since)
+        firing = sorted(store.alerts.firing().values(), key=lambda a: a.firing_since)
         print(f"\nFiring alerts: {len(firing)}", file=out)
         if firing:
             rows = [
@@ -172,7 +172,7 @@ async def status(config: Config, *, check: bool = False, out: TextIO | None = No
             print(table(["Rule", "Organization", "Invoice", "Since"], rows), file=out)
         # held: written by a cycle that has not ended (or was cut short: they go out at
         # the end of the next cycle, or when the daemon next starts)
-        waiting = await store.outbox(("held", "pending", "failed"))
+        waiting = await store.outbox.messages(("held", "pending", "failed"))
         print(f"\nUndelivered notifications: {len(waiting)}", file=out)
         if waiting:
             rows = [
@@ -203,7 +203,7 @@ async def invoices(
     store = await _open(config)
     try:
         # An invoice two configured organizations list (a linked one) is shown once.
-        unique = {i.id: i for i in await store.stored_invoices()}
+        unique = {i.id: i for i in await store.snapshot.stored_invoices()}
         wanted_org = _org_arg(config, org, {i.org_id for i in unique.values()})
         selected = [
             i
@@ -238,7 +238,7 @@ async def history(config: Config, *, limit: int = 50, out: TextIO | None = None)
     now = datetime.now(UTC)
     store = await _open(config)
     try:
-        rows_ = await store.outbox(("sent", "failed", "pending"), limit=limit)
+        rows_ = await store.outbox.messages(("sent", "failed", "pending"), limit=limit)
         rows = [
             [
                 fmt.ago(r.done_at or r.created_at, now),

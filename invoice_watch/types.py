@@ -348,7 +348,7 @@ def events_from_json(text: str) -> list[AlertEvent]:
 class Part:
     """Which part a message is of a grouped message too large for one: ``number`` of
     ``count`` (from 1). Each part is a message of its own in the outbox, complete, sent
-    and recorded on its own, in order (see ``commit.message_parts``)."""
+    and recorded on its own, in order (see ``store.message_parts``)."""
 
     number: int
     count: int

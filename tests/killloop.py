@@ -46,9 +46,9 @@ from typing import Any
 import yaml
 from aiohttp import web
 
-from invoice_watch.commit import StateStore
 from invoice_watch.simulator import Simulator
 from invoice_watch.simulator.scenario import Scenario
+from invoice_watch.store.sqlite import SqliteStore
 from tests.fakes_slack import FakeSlack, Route
 
 PROD = "5f8a1c2e9b3d4a6f7e0c1b2a"
@@ -306,10 +306,12 @@ def compare(expected: list[Event], delivered: list[Event], kills: int) -> list[s
 
 
 async def check_state(state_path: Path, sim: Simulator) -> list[str]:
-    store = await StateStore.open(state_path)
+    store = await SqliteStore.open(state_path)
     try:
         problems = []
-        stored = {i.id: (i.org_id, i.status, i.amounts()) for i in await store.stored_invoices()}
+        stored = {
+            i.id: (i.org_id, i.status, i.amounts()) for i in await store.snapshot.stored_invoices()
+        }
         actual = {
             i.id: (
                 i.org_id,
@@ -330,10 +332,10 @@ async def check_state(state_path: Path, sim: Simulator) -> list[str]:
                 k for k in stored.keys() | actual.keys() if stored.get(k) != actual.get(k)
             )
             problems.append(f"snapshot differs from the simulator for {differ}")
-        firing = {(a.rule, a.invoice_id or "") for a in store.firing_alerts().values()}
+        firing = {(a.rule, a.invoice_id or "") for a in store.alerts.firing().values()}
         if firing != conditions(sim.scenario):
             problems.append(f"firing alerts {sorted(firing)} != {sorted(conditions(sim.scenario))}")
-        counts = await store.outbox_counts()
+        counts = await store.outbox.counts()
         if counts.get("pending") or counts.get("failed"):
             problems.append(f"outbox not empty: {counts}")
         return problems

@@ -573,5 +573,5 @@ async def test_cycle_error_while_taking_one_org_records_it_as_failed(
         result = await app.run_cycle()
         assert result.orgs_failed == [ORG_A]
         assert [e.invoice_id for e in result.events] == [f"{7:024x}"]  # B's FAILED invoice
-        state = app.store.org_state(ORG_A)
+        state = app.store.snapshot.org_state(ORG_A)
         assert state.failing_since is not None and "ZeroDivisionError" in (state.last_error or "")

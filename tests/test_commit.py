@@ -13,9 +13,11 @@ from datetime import timedelta
 
 import pytest
 
-from invoice_watch.commit import MIGRATIONS, SCHEMA_VERSION, OrgWrite, StateStore
-from invoice_watch.dedup import AlertState, Reason, Transition
+from invoice_watch.dedup import Reason, Transition
 from invoice_watch.errors import StateError, StateFileGoneError, StateLockedError
+from invoice_watch.store import AlertState, OrgWrite
+from invoice_watch.store.sqlite import SqliteStore
+from invoice_watch.store.sqlite.schema import MIGRATIONS, SCHEMA_VERSION
 from invoice_watch.types import AlertEvent, EventKind, Part, Severity
 from tests.conftest import NOW, ORG_A, ORG_B, inv
 
@@ -41,7 +43,7 @@ def firing(key: str = "k") -> Transition:
 
 
 async def commit(
-    store: StateStore,
+    store: SqliteStore,
     *orgs: OrgWrite,
     transitions: Sequence[Transition] = (),
     routes: Mapping[str, list[str]] | None = None,
@@ -64,7 +66,7 @@ async def commit(
 
 async def test_store_commit_then_reopen_restores_everything(tmp_path):
     path = tmp_path / "state.db"
-    store = await StateStore.open(path)
+    store = await SqliteStore.open(path)
     await commit(
         store,
         OrgWrite(
@@ -78,16 +80,16 @@ async def test_store_commit_then_reopen_restores_everything(tmp_path):
     )
     await store.close()
 
-    again = await StateStore.open(path)
+    again = await SqliteStore.open(path)
     try:
-        assert set(again.snapshot(ORG_A)) == {inv(1).id, inv(2).id}
-        assert again.snapshot(ORG_A).live[inv(2).id].status == "FAILED"
-        assert again.history(inv(1).id) == [(NOW, 100_00)]
-        assert list(again.firing_alerts()) == ["k"]
-        assert again.firing_alerts()["k"].last_event == event()
-        assert again.org_state(ORG_B).failing_since == NOW
-        assert again.org_state(ORG_A).last_success == NOW
-        due = await again.due_deliveries(NOW)
+        assert set(again.snapshot.get(ORG_A)) == {inv(1).id, inv(2).id}
+        assert again.snapshot.get(ORG_A).live[inv(2).id].status == "FAILED"
+        assert again.snapshot.history(inv(1).id) == [(NOW, 100_00)]
+        assert list(again.alerts.firing()) == ["k"]
+        assert again.alerts.firing()["k"].last_event == event()
+        assert again.snapshot.org_state(ORG_B).failing_since == NOW
+        assert again.snapshot.org_state(ORG_A).last_success == NOW
+        due = await again.outbox.due(NOW)
         assert [d.events for d in due] == [[event()]]
     finally:
         await again.close()
@@ -95,7 +97,7 @@ async def test_store_commit_then_reopen_restores_everything(tmp_path):
 
 async def test_store_file_mode_is_0600_and_wal(tmp_path):
     path = tmp_path / "state.db"
-    store = await StateStore.open(path)
+    store = await SqliteStore.open(path)
     await store.close()
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     conn = sqlite3.connect(path)
@@ -106,15 +108,15 @@ async def test_store_file_mode_is_0600_and_wal(tmp_path):
 
 async def test_store_second_daemon_is_refused(tmp_path):
     path = tmp_path / "state.db"
-    first = await StateStore.open(path)
+    first = await SqliteStore.open(path)
     try:
         with pytest.raises(StateLockedError, match="in use by another invoice-watch"):
-            await StateStore.open(path)
-        reader = await StateStore.open(path, exclusive=False)  # operator commands may read
+            await SqliteStore.open(path)
+        reader = await SqliteStore.open(path, exclusive=False)  # operator commands may read
         await reader.close()
     finally:
         await first.close()
-    second = await StateStore.open(path)  # released on close
+    second = await SqliteStore.open(path)  # released on close
     await second.close()
 
 
@@ -124,12 +126,12 @@ async def test_store_open_cancelled_midway_closes_the_file_and_lets_go_of_its_lo
     then removes its folder) and a new daemon can take it at once."""
     path = tmp_path / "state.db"
     for _ in range(5):
-        opening = asyncio.create_task(StateStore.open(path))
+        opening = asyncio.create_task(SqliteStore.open(path))
         await asyncio.sleep(0)  # the opening thread is under way
         opening.cancel()
         with pytest.raises(asyncio.CancelledError):
             await opening
-        store = await StateStore.open(path)  # the lock was let go
+        store = await SqliteStore.open(path)  # the lock was let go
         await store.close()
 
 
@@ -141,7 +143,7 @@ async def test_store_read_only_directory_is_a_clear_error(tmp_path):
         if os.access(folder, os.W_OK):
             pytest.skip("running as root: a read-only directory is still writable")
         with pytest.raises(StateError, match="cannot create or open state file"):
-            await StateStore.open(folder / "state.db")
+            await SqliteStore.open(folder / "state.db")
     finally:
         folder.chmod(0o700)
 
@@ -150,14 +152,14 @@ async def test_store_unusable_folder_is_a_clear_error(tmp_path):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("")
     with pytest.raises(StateError, match=r"cannot create the state folder .*in the way"):
-        await StateStore.open(blocker / "state.db")
+        await SqliteStore.open(blocker / "state.db")
 
 
 async def test_store_corrupted_file_is_a_clear_error(tmp_path):
     path = tmp_path / "state.db"
     path.write_bytes(b"this is not a database at all" * 100)
     with pytest.raises(StateError, match="cannot be used"):
-        await StateStore.open(path)
+        await SqliteStore.open(path)
     assert path.read_bytes().startswith(b"this is not")  # untouched
 
 
@@ -168,51 +170,51 @@ async def test_store_foreign_sqlite_file_is_refused(tmp_path):
     conn.commit()
     conn.close()
     with pytest.raises(StateError, match="another program"):
-        await StateStore.open(path)
+        await SqliteStore.open(path)
 
 
 async def test_store_newer_schema_is_refused(tmp_path):
     path = tmp_path / "state.db"
-    store = await StateStore.open(path)
+    store = await SqliteStore.open(path)
     await store.close()
     conn = sqlite3.connect(path)
     conn.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
     conn.commit()
     conn.close()
     with pytest.raises(StateError, match="upgrade invoice-watch"):
-        await StateStore.open(path, exclusive=False)
+        await SqliteStore.open(path, exclusive=False)
 
 
 async def test_store_disk_full_rolls_back_file_and_cache(tmp_path):
     path = tmp_path / "state.db"
-    store = await StateStore.open(path)
+    store = await SqliteStore.open(path)
     try:
         await commit(store, OrgWrite(ORG_A, True, upserts=[inv(1)]))
         # SQLite's own size limit produces the real "database or disk is full" error.
-        pages = store._conn.execute("PRAGMA page_count").fetchone()[0]
-        store._conn.execute(f"PRAGMA max_page_count={pages}")
+        pages = store.database.connection.execute("PRAGMA page_count").fetchone()[0]
+        store.database.connection.execute(f"PRAGMA max_page_count={pages}")
         big = [inv(n, cents=n) for n in range(2, 3000)]
         with pytest.raises(StateError, match="full"):
             await commit(store, OrgWrite(ORG_A, True, upserts=big), transitions=[firing()])
-        assert set(store.snapshot(ORG_A)) == {inv(1).id}  # cache unchanged
-        assert store.firing_alerts() == {}
-        assert await store.due_deliveries(NOW + timedelta(days=1)) == []
+        assert set(store.snapshot.get(ORG_A)) == {inv(1).id}  # cache unchanged
+        assert store.alerts.firing() == {}
+        assert await store.outbox.due(NOW + timedelta(days=1)) == []
     finally:
         await store.close()
 
 
 async def test_store_mark_retry_defers_the_notifiers_other_rows(tmp_path):
-    store = await StateStore.open(tmp_path / "state.db")
+    store = await SqliteStore.open(tmp_path / "state.db")
     try:
         number = store.begin_cycle()
         await store.commit_orgs(number, NOW, [], [firing("a"), firing("b")], {"failed": ["slack"]})
         await store.commit_orgs(number, NOW, [], [firing("c")], {"failed": ["mail"]})
         await store.finish_cycle(number, NOW, NOW, [], [], {}, 5, orgs_ok=0, orgs_failed=0)
-        first, *_ = await store.due_deliveries(NOW)
-        await store.mark_retry(first.id, NOW + timedelta(seconds=30), "HTTP 503")
-        due = await store.due_deliveries(NOW)
+        first, *_ = await store.outbox.due(NOW)
+        await store.outbox.mark_retry(first.id, NOW + timedelta(seconds=30), "HTTP 503")
+        due = await store.outbox.due(NOW)
         assert [d.notifier for d in due] == ["mail"]
-        later = await store.due_deliveries(NOW + timedelta(seconds=30))
+        later = await store.outbox.due(NOW + timedelta(seconds=30))
         assert [d.notifier for d in later] == ["slack", "slack", "mail"]
         assert later[0].attempts == 1
     finally:
@@ -221,16 +223,16 @@ async def test_store_mark_retry_defers_the_notifiers_other_rows(tmp_path):
 
 async def test_store_open_copy_writes_nothing(tmp_path):
     path = tmp_path / "state.db"
-    store = await StateStore.open(path)
+    store = await SqliteStore.open(path)
     await commit(store, OrgWrite(ORG_A, True, upserts=[inv(1)]))
     await store.close()
     before = path.read_bytes()
-    copy = StateStore.open_copy(path)
+    copy = SqliteStore.copy(path)
     await commit(copy, OrgWrite(ORG_A, True, upserts=[inv(2)]))
-    assert set(copy.snapshot(ORG_A)) == {inv(1).id, inv(2).id}
+    assert set(copy.snapshot.get(ORG_A)) == {inv(1).id, inv(2).id}
     await copy.close()
     assert path.read_bytes() == before
-    missing = StateStore.open_copy(tmp_path / "nothing.db")
+    missing = SqliteStore.copy(tmp_path / "nothing.db")
     await missing.close()
     assert not (tmp_path / "nothing.db").exists()
 
@@ -261,12 +263,12 @@ async def test_store_open_copy_reads_a_path_with_uri_characters(tmp_path):
     folder = tmp_path / "billing #1?"
     folder.mkdir()
     path = folder / "state.db"
-    store = await StateStore.open(path)
+    store = await SqliteStore.open(path)
     await commit(store, OrgWrite(ORG_A, True, upserts=[inv(1)]))
     await store.close()
-    copy = StateStore.open_copy(path)  # what --dry-run reads
+    copy = SqliteStore.copy(path)  # what --dry-run reads
     try:
-        assert set(copy.snapshot(ORG_A)) == {inv(1).id}
+        assert set(copy.snapshot.get(ORG_A)) == {inv(1).id}
     finally:
         await copy.close()
 
@@ -277,17 +279,17 @@ ROUTES = {"failed": ["slack", "email"]}
 
 
 async def test_store_held_messages_wait_for_the_end_of_their_cycle(tmp_path):
-    store = await StateStore.open(tmp_path / "state.db")
+    store = await SqliteStore.open(tmp_path / "state.db")
     try:
         number = store.begin_cycle()
         await store.commit_orgs(
             number, NOW, [OrgWrite(ORG_A, True, upserts=[inv(1)])], [firing("a")], ROUTES
         )
         # Committed: the snapshot and the alert are there, the messages are not due yet.
-        assert set(store.snapshot(ORG_A)) == {inv(1).id}
-        assert list(store.firing_alerts()) == ["a"]
-        assert await store.due_deliveries(NOW) == []
-        assert (await store.outbox_counts()) == {"held": 2}
+        assert set(store.snapshot.get(ORG_A)) == {inv(1).id}
+        assert list(store.alerts.firing()) == ["a"]
+        assert await store.outbox.due(NOW) == []
+        assert (await store.outbox.counts()) == {"held": 2}
 
         await store.finish_cycle(
             number,
@@ -300,35 +302,35 @@ async def test_store_held_messages_wait_for_the_end_of_their_cycle(tmp_path):
             orgs_ok=2,
             orgs_failed=0,
         )
-        due = await store.due_deliveries(NOW)
+        due = await store.outbox.due(NOW)
         assert [(d.notifier, [e.key for e in d.events]) for d in due] == [
             ("slack", ["a"]),
             ("email", ["a"]),
             ("slack", ["b"]),
             ("email", ["b"]),
         ]
-        assert store.org_state(ORG_B).last_success == NOW
-        assert await store.last_cycle() == (NOW, 2, 0)
+        assert store.snapshot.org_state(ORG_B).last_success == NOW
+        assert await store.cycles.last() == (NOW, 2, 0)
     finally:
         await store.close()
 
 
 async def test_store_more_than_group_over_held_messages_go_as_one_grouped_message(tmp_path):
-    store = await StateStore.open(tmp_path / "state.db")
+    store = await SqliteStore.open(tmp_path / "state.db")
     try:
         number = store.begin_cycle()
         for key in "abc":  # one transaction per organization's part
             await store.commit_orgs(number, NOW, [], [firing(key)], {"failed": ["slack"]})
         await store.commit_orgs(number, NOW, [], [firing("d")], ROUTES)
         await store.finish_cycle(number, NOW, NOW, [], [], ROUTES, 3, orgs_ok=1, orgs_failed=0)
-        due = await store.due_deliveries(NOW)
+        due = await store.outbox.due(NOW)
         # slack got 4 > 3: one message, in the order they were held; email got 1.
         by_notifier = {d.notifier: [e.key for e in d.events] for d in due}
         assert len(due) == 2
         assert by_notifier == {"slack": ["a", "b", "c", "d"], "email": ["d"]}
         grouped = next(d for d in due if d.notifier == "slack")
         assert grouped.events == [event(k) for k in "abcd"]
-        rows = await store.outbox(("pending",))
+        rows = await store.outbox.messages(("pending",))
         assert sorted(r.summary for r in rows) == [
             "4 alerts (grouped)",
             "FIRING failed Production",
@@ -342,7 +344,7 @@ async def test_store_a_cycle_cut_short_keeps_its_parts_and_releases_their_messag
     (snapshot, alert and its messages), and its held messages are released when the
     state file is next opened, grouped as the cycle would have grouped them."""
     path = tmp_path / "state.db"
-    store = await StateStore.open(path)
+    store = await SqliteStore.open(path)
     number = store.begin_cycle()
     await store.commit_orgs(
         number,
@@ -353,13 +355,13 @@ async def test_store_a_cycle_cut_short_keeps_its_parts_and_releases_their_messag
     )
     await store.close()  # the cycle never ends
 
-    again = await StateStore.open(path)
+    again = await SqliteStore.open(path)
     try:
-        assert set(again.snapshot(ORG_A)) == {inv(1).id}
-        assert set(again.firing_alerts()) == {"a", "b"}
-        assert await again.due_deliveries(NOW) == []
+        assert set(again.snapshot.get(ORG_A)) == {inv(1).id}
+        assert set(again.alerts.firing()) == {"a", "b"}
+        assert await again.outbox.due(NOW) == []
         assert await again.release_held(1, NOW) == 2
-        due = await again.due_deliveries(NOW)
+        due = await again.outbox.due(NOW)
         assert [[e.key for e in d.events] for d in due] == [["a", "b"]]
         assert await again.release_held(1, NOW) == 0
         # The next cycle's number is above the one its rows were held by.
@@ -369,18 +371,18 @@ async def test_store_a_cycle_cut_short_keeps_its_parts_and_releases_their_messag
 
 
 async def test_store_a_failed_part_of_a_cycle_changes_nothing(tmp_path):
-    store = await StateStore.open(tmp_path / "state.db")
+    store = await SqliteStore.open(tmp_path / "state.db")
     try:
         number = store.begin_cycle()
         await store.commit_orgs(number, NOW, [OrgWrite(ORG_A, True, upserts=[inv(1)])], [], ROUTES)
-        store._conn.execute("DROP TABLE alerts")  # the next transaction fails midway
+        store.database.connection.execute("DROP TABLE alerts")  # the next transaction fails midway
         with pytest.raises(StateError):
             await store.commit_orgs(
                 number, NOW, [OrgWrite(ORG_B, True, upserts=[inv(2)])], [firing()], ROUTES
             )
-        assert not store.snapshot(ORG_B)
-        assert store.firing_alerts() == {}
-        assert set(store.snapshot(ORG_A)) == {inv(1).id}
+        assert not store.snapshot.get(ORG_B)
+        assert store.alerts.firing() == {}
+        assert set(store.snapshot.get(ORG_A)) == {inv(1).id}
     finally:
         await store.close()
 
@@ -388,8 +390,6 @@ async def test_store_a_failed_part_of_a_cycle_changes_nothing(tmp_path):
 async def test_store_a_schema_1_file_is_migrated_with_everything_in_it(tmp_path):
     """A state file written by the first schema (invoices keyed by id alone, no outbox
     cycle) opens with its invoices, alerts and pending messages intact."""
-    from invoice_watch.commit import MIGRATIONS
-
     path = tmp_path / "state.db"
     conn = sqlite3.connect(path)
     conn.executescript(MIGRATIONS[0])
@@ -407,10 +407,10 @@ async def test_store_a_schema_1_file_is_migrated_with_everything_in_it(tmp_path)
     conn.commit()
     conn.close()
 
-    store = await StateStore.open(path)
+    store = await SqliteStore.open(path)
     try:
-        assert store.snapshot(ORG_A).live[inv(1).id].status == "FAILED"
-        assert [d.events for d in await store.due_deliveries(NOW)] == [[event()]]
+        assert store.snapshot.get(ORG_A).live[inv(1).id].status == "FAILED"
+        assert [d.events for d in await store.outbox.due(NOW)] == [[event()]]
     finally:
         await store.close()
     conn = sqlite3.connect(path)
@@ -424,50 +424,50 @@ async def test_store_keeps_an_invoice_once_per_organization_that_lists_it(tmp_pa
     amount history) alone."""
     path = tmp_path / "state.db"
     linked = inv(1, status="PENDING")
-    store = await StateStore.open(path)
+    store = await SqliteStore.open(path)
     await commit(
         store,
         OrgWrite(ORG_A, True, upserts=[linked], observations=[(linked.id, 100)]),
         OrgWrite(ORG_B, True, upserts=[replace(linked, source_org_id=ORG_B)]),
     )
     await store.close()
-    store = await StateStore.open(path)
+    store = await SqliteStore.open(path)
     try:
-        assert linked.id in store.snapshot(ORG_A) and linked.id in store.snapshot(ORG_B)
+        assert linked.id in store.snapshot.get(ORG_A) and linked.id in store.snapshot.get(ORG_B)
         await commit(store, OrgWrite(ORG_B, True, gone=[linked.id]))
-        assert not store.snapshot(ORG_B) and linked.id in store.snapshot(ORG_A)
-        assert store.history(linked.id) == [(NOW, 100)]
+        assert not store.snapshot.get(ORG_B) and linked.id in store.snapshot.get(ORG_A)
+        assert store.snapshot.history(linked.id) == [(NOW, 100)]
     finally:
         await store.close()
-    store = await StateStore.open(path)
+    store = await SqliteStore.open(path)
     try:
-        assert not store.snapshot(ORG_B) and linked.id in store.snapshot(ORG_A)
-        assert store.history(linked.id) == [(NOW, 100)]
+        assert not store.snapshot.get(ORG_B) and linked.id in store.snapshot.get(ORG_A)
+        assert store.snapshot.history(linked.id) == [(NOW, 100)]
     finally:
         await store.close()
 
 
 async def test_store_a_grouped_message_is_retried_sent_and_counted_as_one(tmp_path):
-    store = await StateStore.open(tmp_path / "state.db")
+    store = await SqliteStore.open(tmp_path / "state.db")
     try:
         number = store.begin_cycle()
         for key in "abc":
             await store.commit_orgs(number, NOW, [], [firing(key)], {"failed": ["slack"]})
         await store.finish_cycle(number, NOW, NOW, [], [], ROUTES, 2, orgs_ok=1, orgs_failed=0)
-        assert await store.outbox_counts() == {"pending": 1}
-        (message,) = await store.due_deliveries(NOW)
+        assert await store.outbox.counts() == {"pending": 1}
+        (message,) = await store.outbox.due(NOW)
         assert [e.key for e in message.events] == ["a", "b", "c"]
 
         later = NOW + timedelta(minutes=1)
-        await store.mark_retry(message.id, later, "HTTP 503")
-        assert await store.due_deliveries(NOW) == []  # the whole group waits
-        (again,) = await store.due_deliveries(later)
+        await store.outbox.mark_retry(message.id, later, "HTTP 503")
+        assert await store.outbox.due(NOW) == []  # the whole group waits
+        (again,) = await store.outbox.due(later)
         assert again.id == message.id and again.attempts == 1 and len(again.events) == 3
 
-        await store.mark_sent(message.id, later)
-        assert await store.outbox_counts() == {"sent": 1}
-        assert await store.next_attempt_at() is None
-        (row,) = await store.outbox(("sent",))
+        await store.outbox.mark_sent(message.id, later)
+        assert await store.outbox.counts() == {"sent": 1}
+        assert await store.outbox.next_attempt_at() is None
+        (row,) = await store.outbox.messages(("sent",))
         assert row.summary == "3 alerts (grouped)"
     finally:
         await store.close()
@@ -479,27 +479,27 @@ async def test_store_keeps_settled_invoices_as_keys_in_memory_and_whole_in_the_f
     PAID."""
     path = tmp_path / "state.db"
     paid, pending = inv(1, status="PAID"), inv(2, status="PENDING")
-    store = await StateStore.open(path)
+    store = await SqliteStore.open(path)
     await commit(store, OrgWrite(ORG_A, True, upserts=[paid, pending]))
     await store.close()
 
-    copy = StateStore.open_copy(path)  # --dry-run's
-    store = await StateStore.open(path)
+    copy = SqliteStore.copy(path)  # --dry-run's
+    store = await SqliteStore.open(path)
     try:
-        for snapshot in (store.snapshot(ORG_A), copy.snapshot(ORG_A)):
+        for snapshot in (store.snapshot.get(ORG_A), copy.snapshot.get(ORG_A)):
             assert snapshot.live == {pending.id: pending}
             assert snapshot.settled == {paid.id: paid.settled_key()}
-        assert store.invoice_count() == 2
-        assert await store.stored_invoices(ORG_A, [paid.id]) == [paid]
-        assert sorted(await store.stored_invoices(), key=lambda i: i.id) == [paid, pending]
+        assert store.snapshot.invoice_count() == 2
+        assert await store.snapshot.stored_invoices(ORG_A, [paid.id]) == [paid]
+        assert sorted(await store.snapshot.stored_invoices(), key=lambda i: i.id) == [paid, pending]
 
-        await store.settle(frozenset({"FORGIVEN", "FREE"}))  # a rule watches PAID now
-        assert store.snapshot(ORG_A).live == {paid.id: paid, pending.id: pending}
-        assert not store.snapshot(ORG_A).settled
+        await store.snapshot.settle(frozenset({"FORGIVEN", "FREE"}))  # a rule watches PAID now
+        assert store.snapshot.get(ORG_A).live == {paid.id: paid, pending.id: pending}
+        assert not store.snapshot.get(ORG_A).settled
         moved = replace(pending, status="FREE")
         await commit(store, OrgWrite(ORG_A, True, upserts=[moved]))
-        assert store.snapshot(ORG_A).live == {paid.id: paid}
-        assert store.snapshot(ORG_A).settled == {moved.id: moved.settled_key()}
+        assert store.snapshot.get(ORG_A).live == {paid.id: paid}
+        assert store.snapshot.get(ORG_A).settled == {moved.id: moved.settled_key()}
     finally:
         await store.close()
         await copy.close()
@@ -518,11 +518,11 @@ async def test_store_refuses_a_symlinked_state_file_before_touching_its_target(t
     path = tmp_path / "state.db"
     path.symlink_to(empty)
     with pytest.raises(StateError, match="symbolic link"):
-        await StateStore.open(path, exclusive=exclusive)
+        await SqliteStore.open(path, exclusive=exclusive)
     assert empty.read_bytes() == b""  # not turned into a database
     assert stat.S_IMODE(empty.stat().st_mode) == 0o644  # not chmod-ed
     with pytest.raises(StateError, match="symbolic link"):
-        StateStore.open_copy(path)  # --dry-run reads what the daemon would
+        SqliteStore.copy(path)  # --dry-run reads what the daemon would
 
 
 async def test_store_refuses_a_dangling_symlink_without_creating_its_target(tmp_path):
@@ -530,21 +530,21 @@ async def test_store_refuses_a_dangling_symlink_without_creating_its_target(tmp_
     path = tmp_path / "state.db"
     path.symlink_to(target)
     with pytest.raises(StateError, match="symbolic link"):
-        await StateStore.open(path)
+        await SqliteStore.open(path)
     assert not target.parent.exists()
 
 
 @pytest.mark.parametrize("suffix", ["-wal", "-shm", "-journal"])
 async def test_store_refuses_a_symlinked_side_file(tmp_path, suffix):
     path = tmp_path / "state.db"
-    store = await StateStore.open(path)
+    store = await SqliteStore.open(path)
     await store.close()
     victim = tmp_path / "victim"
     victim.write_bytes(b"keep")
     os.symlink(victim, f"{path}{suffix}")
     for exclusive in (True, False):
         with pytest.raises(StateError, match=f"state.db{suffix} is a symbolic link"):
-            await StateStore.open(path, exclusive=exclusive)
+            await SqliteStore.open(path, exclusive=exclusive)
     assert victim.read_bytes() == b"keep"
 
 
@@ -553,19 +553,19 @@ async def test_store_state_path_that_is_a_folder_is_a_clear_error(tmp_path):
     path.mkdir()
     for exclusive in (True, False):
         with pytest.raises(StateError, match="is a folder, not a file"):
-            await StateStore.open(path, exclusive=exclusive)
+            await SqliteStore.open(path, exclusive=exclusive)
 
 
 async def test_store_file_of_another_user_is_refused_before_any_change(tmp_path, monkeypatch):
     """A state file created 0666 by another user: the daemon (not root) cannot make it
     private, so it refuses it, naming the owner, instead of a PermissionError."""
     path = tmp_path / "state.db"
-    store = await StateStore.open(path)
+    store = await SqliteStore.open(path)
     await store.close()
     path.chmod(0o666)
     monkeypatch.setattr(os, "geteuid", lambda: os.stat(path).st_uid + 4242)
     with pytest.raises(StateError, match=r"belongs to .*not to uid \d+ .*mode 0666"):
-        await StateStore.open(path)
+        await SqliteStore.open(path)
     assert stat.S_IMODE(path.stat().st_mode) == 0o666
 
 
@@ -573,7 +573,7 @@ async def test_store_side_file_of_another_user_is_refused(tmp_path, monkeypatch)
     if os.geteuid() != 0:
         pytest.skip("needs root to give files to other users")
     path = tmp_path / "state.db"
-    store = await StateStore.open(path)
+    store = await SqliteStore.open(path)
     await store.close()
     wal = f"{path}-wal"
     os.close(os.open(wal, os.O_CREAT | os.O_WRONLY, 0o600))
@@ -581,7 +581,7 @@ async def test_store_side_file_of_another_user_is_refused(tmp_path, monkeypatch)
     os.chown(wal, 4343, -1)  # someone else's
     monkeypatch.setattr(os, "geteuid", lambda: 4242)
     with pytest.raises(StateError, match=r"state.db-wal belongs to uid 4343, not to uid 4242"):
-        await StateStore.open(path)
+        await SqliteStore.open(path)
 
 
 async def test_store_on_a_file_system_without_locks_says_so(tmp_path, monkeypatch):
@@ -593,14 +593,14 @@ async def test_store_on_a_file_system_without_locks_says_so(tmp_path, monkeypatc
 
     monkeypatch.setattr(fcntl, "flock", no_locks)
     with pytest.raises(StateError, match=r"cannot lock files .*local disk") as caught:
-        await StateStore.open(tmp_path / "state.db")
+        await SqliteStore.open(tmp_path / "state.db")
     assert "Traceback" not in str(caught.value)
 
 
 async def test_store_operator_read_creates_migrates_and_chmods_nothing(tmp_path):
     path = tmp_path / "state.db"
     with pytest.raises(StateError, match="no state file at"):
-        await StateStore.open(path, exclusive=False)
+        await SqliteStore.open(path, exclusive=False)
     assert not path.exists()
     conn = sqlite3.connect(path)  # an old (schema 1) file, group-readable
     conn.executescript(MIGRATIONS[0])
@@ -608,9 +608,9 @@ async def test_store_operator_read_creates_migrates_and_chmods_nothing(tmp_path)
     conn.close()
     path.chmod(0o640)
     before = path.read_bytes()
-    reader = await StateStore.open(path, exclusive=False)
+    reader = await SqliteStore.open(path, exclusive=False)
     try:
-        assert await reader.outbox(("sent",)) == []
+        assert await reader.outbox.messages(("sent",)) == []
     finally:
         await reader.close()
     assert path.read_bytes() == before
@@ -619,16 +619,16 @@ async def test_store_operator_read_creates_migrates_and_chmods_nothing(tmp_path)
 
 async def test_store_check_file_notices_a_deleted_or_replaced_file(tmp_path):
     path = tmp_path / "state.db"
-    store = await StateStore.open(path)
+    store = await SqliteStore.open(path)
     try:
-        store.check_file()  # the same file: nothing to say
+        store.check_held()  # the same file: nothing to say
         path.unlink()
         with pytest.raises(StateFileGoneError, match="was deleted"):
-            store.check_file()
-        other = await StateStore.open(path)  # a second daemon on a new file
+            store.check_held()
+        other = await SqliteStore.open(path)  # a second daemon on a new file
         await other.close()
         with pytest.raises(StateFileGoneError, match="was replaced"):
-            store.check_file()
+            store.check_held()
     finally:
         await store.close()
 
@@ -642,9 +642,9 @@ async def test_store_check_file_notices_its_wal_or_shm_deleted_and_a_stop_keeps_
     log held back into the state file: the pending notification and the firing alert
     are still there."""
     path = tmp_path / "state.db"
-    store = await StateStore.open(path)
+    store = await SqliteStore.open(path)
     try:
-        store.check_file()
+        store.check_held()
         number = store.begin_cycle()
         await store.commit_orgs(number, NOW, [], [firing("k1")], {"failed": ["slack"]})
         await store.finish_cycle(
@@ -652,20 +652,20 @@ async def test_store_check_file_notices_its_wal_or_shm_deleted_and_a_stop_keeps_
         )
         os.unlink(f"{path}{suffix}")
         with pytest.raises(StateFileGoneError, match=rf"state.db{suffix}, the .* was deleted"):
-            store.check_file()
+            store.check_held()
     finally:
         await store.close()
-    reader = await StateStore.open(path, exclusive=False)
+    reader = await SqliteStore.open(path, exclusive=False)
     try:
-        assert set(reader.firing_alerts()) == {"k1"}
-        assert len(await reader.outbox(("pending",))) == 1
+        assert set(reader.alerts.firing()) == {"k1"}
+        assert len(await reader.outbox.messages(("pending",))) == 1
     finally:
         await reader.close()
 
 
 async def test_store_check_file_notices_its_wal_replaced(tmp_path):
     path = tmp_path / "state.db"
-    store = await StateStore.open(path)
+    store = await SqliteStore.open(path)
     try:
         wal = f"{path}-wal"
         os.rename(wal, tmp_path / "elsewhere")
@@ -673,7 +673,7 @@ async def test_store_check_file_notices_its_wal_replaced(tmp_path):
         with pytest.raises(
             StateFileGoneError, match=r"state.db-wal, the write-ahead log .*replaced"
         ):
-            store.check_file()
+            store.check_held()
     finally:
         await store.close()
 
@@ -686,7 +686,7 @@ async def test_store_a_group_larger_than_a_message_goes_as_parts_in_order(tmp_pa
     message of its own (sent, retried and marked on its own), in order, each knowing
     which part it is; a second notifier's one message and the next cycle's group are
     numbered apart."""
-    store = await StateStore.open(tmp_path / "state.db")
+    store = await SqliteStore.open(tmp_path / "state.db")
     try:
         number = store.begin_cycle()
         keys = [f"k{n:03d}" for n in range(120)]
@@ -699,7 +699,7 @@ async def test_store_a_group_larger_than_a_message_goes_as_parts_in_order(tmp_pa
         await store.commit_orgs(again, NOW, [], [firing(k) for k in "abc"], {"failed": ["slack"]})
         await store.finish_cycle(again, NOW, NOW, [], [], {}, 2, orgs_ok=1, orgs_failed=0)
 
-        due = await store.due_deliveries(NOW)
+        due = await store.outbox.due(NOW)
         slack = [d for d in due if d.notifier == "slack"]
         assert [[e.key for e in d.events] for d in slack[:3]] == [
             keys[:40],
@@ -713,7 +713,7 @@ async def test_store_a_group_larger_than_a_message_goes_as_parts_in_order(tmp_pa
         ]
         assert [e.key for e in slack[3].events] == ["a", "b", "c"] and slack[3].part is None
         assert [d.part for d in due if d.notifier == "email"] == [None]
-        rows = await store.outbox(("pending",))
+        rows = await store.outbox.messages(("pending",))
         assert sorted(r.summary for r in rows if r.notifier == "slack") == [
             "3 alerts (grouped)",
             "40 alerts (grouped, part 1 of 3)",
@@ -721,9 +721,9 @@ async def test_store_a_group_larger_than_a_message_goes_as_parts_in_order(tmp_pa
             "40 alerts (grouped, part 3 of 3)",
         ]
         # Part 2 failing leaves parts 1 and 3 alone: each is recorded on its own.
-        await store.mark_sent(slack[0].id, NOW)
-        await store.mark_retry(slack[1].id, NOW + timedelta(minutes=1), "HTTP 503")
-        later = await store.due_deliveries(NOW + timedelta(minutes=1))
+        await store.outbox.mark_sent(slack[0].id, NOW)
+        await store.outbox.mark_retry(slack[1].id, NOW + timedelta(minutes=1), "HTTP 503")
+        later = await store.outbox.due(NOW + timedelta(minutes=1))
         assert [d.part for d in later if d.notifier == "slack"][:2] == [
             slack[1].part,
             slack[2].part,
@@ -737,7 +737,7 @@ async def test_store_a_cycle_released_while_it_runs_numbers_each_releases_parts_
     App's HOLD_SECONDS): 50 held then, two parts of one grouped message; 45 more held
     at the end, two parts of another. Each release's parts say "of 2", in order; the
     cycle counts all 95 events."""
-    store = await StateStore.open(tmp_path / "state.db")
+    store = await SqliteStore.open(tmp_path / "state.db")
     try:
         number = store.begin_cycle()
         early = [f"e{n:02d}" for n in range(50)]
@@ -745,15 +745,15 @@ async def test_store_a_cycle_released_while_it_runs_numbers_each_releases_parts_
         await store.commit_orgs(number, NOW, [], [firing(k) for k in early], {"failed": ["slack"]})
         released = await store.release_cycle(number, 5, NOW)
         assert released == 50
-        first = await store.due_deliveries(NOW)
+        first = await store.outbox.due(NOW)
         assert [[e.key for e in d.events] for d in first] == [early[:25], early[25:]]
         assert [d.part for d in first] == [Part(1, 2), Part(2, 2)]
         await store.commit_orgs(number, NOW, [], [firing(k) for k in late], {"failed": ["slack"]})
-        assert len(await store.due_deliveries(NOW)) == 2  # the late ones are held
+        assert len(await store.outbox.due(NOW)) == 2  # the late ones are held
         await store.finish_cycle(
             number, NOW, NOW, [], [], {}, 5, orgs_ok=2, orgs_failed=0, released=released
         )
-        due = await store.due_deliveries(NOW)
+        due = await store.outbox.due(NOW)
         assert [[e.key for e in d.events] for d in due[2:]] == [late[:23], late[23:]]
         assert [d.part for d in due] == [Part(1, 2), Part(2, 2), Part(1, 2), Part(2, 2)]
         conn = sqlite3.connect(tmp_path / "state.db")
@@ -777,26 +777,26 @@ async def test_store_a_value_it_cannot_take_is_unstorable_not_a_state_error(tmp_
     the failed read recorded instead stores its cause, surrogate and all."""
     from invoice_watch.errors import UnstorableError
 
-    store = await StateStore.open(tmp_path / "state.db")
+    store = await SqliteStore.open(tmp_path / "state.db")
     try:
         bad = replace(inv(1), **value)
         with pytest.raises(UnstorableError, match="cannot store a value"):
             await commit(store, OrgWrite(ORG_A, True, upserts=[bad]))
-        assert list(store.snapshot(ORG_A)) == []
+        assert list(store.snapshot.get(ORG_A)) == []
         await commit(store, OrgWrite(ORG_A, False, error="bad status 'FAILED\ud800'"))
-        assert store.org_state(ORG_A).last_error == "bad status 'FAILED\ud800'"
+        assert store.snapshot.org_state(ORG_A).last_error == "bad status 'FAILED\ud800'"
     finally:
         await store.close()
-    reopened = await StateStore.open(tmp_path / "state.db")
+    reopened = await SqliteStore.open(tmp_path / "state.db")
     try:
-        assert reopened.org_state(ORG_A).last_error == "bad status 'FAILED\\ud800'"
+        assert reopened.snapshot.org_state(ORG_A).last_error == "bad status 'FAILED\\ud800'"
     finally:
         await reopened.close()
 
 
 @pytest.mark.parametrize(("count", "sizes"), [(41, [21, 20]), (81, [27, 27, 27]), (120, [40] * 3)])
 def test_message_parts_are_even_and_never_larger_than_a_message(count, sizes):
-    from invoice_watch.commit import message_parts
+    from invoice_watch.store import message_parts
 
     assert message_parts(count, 5) == sizes
     assert message_parts(5, 5) is None  # not more than group_over: one by one
@@ -807,7 +807,7 @@ async def test_store_a_pending_group_too_large_from_an_earlier_version_is_split(
     """A grouped message of 100 written before groups were split (one leader, 99
     followers) is split into parts when the state file is next opened."""
     path = tmp_path / "state.db"
-    store = await StateStore.open(path)
+    store = await SqliteStore.open(path)
     number = store.begin_cycle()
     await store.commit_orgs(
         number, NOW, [], [firing(f"k{n:03d}") for n in range(100)], {"failed": ["slack"]}
@@ -819,10 +819,10 @@ async def test_store_a_pending_group_too_large_from_an_earlier_version_is_split(
     conn.commit()
     conn.close()
 
-    store = await StateStore.open(path)
+    store = await SqliteStore.open(path)
     try:
         await store.release_held(5, NOW)
-        due = await store.due_deliveries(NOW)
+        due = await store.outbox.due(NOW)
         assert [len(d.events) for d in due] == [34, 33, 33]
         assert [str(d.part) for d in due] == ["part 1 of 3", "part 2 of 3", "part 3 of 3"]
         assert [e.key for d in due for e in d.events] == [f"k{n:03d}" for n in range(100)]
@@ -839,16 +839,16 @@ async def test_store_outbox_marks_store_any_error_text(tmp_path, error: str):
     """Issue 12 §14: a receiver's error text with a lone surrogate could not be stored, so
     the "failed" mark failed and the message was sent again for ever. Whatever the text,
     the retry and failed marks are written (escaped, bounded) and read back."""
-    store = await StateStore.open(tmp_path / "state.db")
+    store = await SqliteStore.open(tmp_path / "state.db")
     try:
         number = store.begin_cycle()
         await store.commit_orgs(number, NOW, [], [firing("a"), firing("b")], {"failed": ["x"]})
         await store.finish_cycle(number, NOW, NOW, [], [], {}, 5, orgs_ok=0, orgs_failed=0)
-        first, second = await store.due_deliveries(NOW)
-        await store.mark_retry(first.id, NOW, error)
-        await store.mark_failed(second.id, NOW, error)
-        await store.postpone(first.id, NOW, error)
-        rows = await store.outbox(("pending", "failed"))
+        first, second = await store.outbox.due(NOW)
+        await store.outbox.mark_retry(first.id, NOW, error)
+        await store.outbox.mark_failed(second.id, NOW, error)
+        await store.outbox.postpone(first.id, NOW, error)
+        rows = await store.outbox.messages(("pending", "failed"))
         for row in rows:
             assert row.last_error is not None and len(row.last_error) <= 1000
             row.last_error.encode("utf-8")
@@ -858,17 +858,19 @@ async def test_store_outbox_marks_store_any_error_text(tmp_path, error: str):
 
 
 async def test_store_postpone_counts_no_attempt_and_make_due_brings_rows_back(tmp_path):
-    store = await StateStore.open(tmp_path / "state.db")
+    store = await SqliteStore.open(tmp_path / "state.db")
     try:
         number = store.begin_cycle()
         await store.commit_orgs(number, NOW, [], [firing("a"), firing("b")], {"failed": ["gone"]})
         await store.finish_cycle(number, NOW, NOW, [], [], {}, 5, orgs_ok=0, orgs_failed=0)
-        first, _ = await store.due_deliveries(NOW)
-        await store.postpone(first.id, NOW + timedelta(minutes=1), "notifier 'gone' is missing")
-        assert await store.due_deliveries(NOW) == []  # the notifier's rows wait together
-        assert await store.pending_by_notifier() == {"gone": 2}
-        assert await store.make_due({"gone"}, NOW) == 2
-        due = await store.due_deliveries(NOW)
+        first, _ = await store.outbox.due(NOW)
+        await store.outbox.postpone(
+            first.id, NOW + timedelta(minutes=1), "notifier 'gone' is missing"
+        )
+        assert await store.outbox.due(NOW) == []  # the notifier's rows wait together
+        assert await store.outbox.pending_by_notifier() == {"gone": 2}
+        assert await store.outbox.make_due({"gone"}, NOW) == 2
+        due = await store.outbox.due(NOW)
         assert [d.attempts for d in due] == [0, 0]
         assert due[0].last_error == "notifier 'gone' is missing"
     finally:

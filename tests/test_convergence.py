@@ -196,10 +196,10 @@ async def test_full_listing_converges_amounts_and_removals_of_old_invoices(
         result = await app.run_cycle()
         assert from_dates(sim)[-1] is None
         assert result.changes == 2 and result.events == []
-        assert september.id not in app.store.snapshot(ORG)
-        (stored,) = await app.store.stored_invoices(ORG, [august.id])
+        assert september.id not in app.store.snapshot.get(ORG)
+        (stored,) = await app.store.snapshot.stored_invoices(ORG, [august.id])
         assert (stored.status, stored.amount_paid_cents) == ("PAID", 2000_00)
-        assert len(await app.store.stored_invoices(ORG)) == 3
+        assert len(await app.store.snapshot.stored_invoices(ORG)) == 3
 
 
 async def test_full_listing_is_timed_on_the_monotonic_clock(sim: Simulator, tmp_path: Path):

@@ -92,10 +92,10 @@ async def test_cycle_an_unstorable_listing_fails_that_org_and_the_others_alert(
             (EventKind.FIRING, "failed-charge", ORG_B),
             (EventKind.FIRING, "over", ORG_B),
         ]
-        state = app.store.org_state(ORG_A)
+        state = app.store.snapshot.org_state(ORG_A)
         assert state.failing_since is not None and state.last_success is None
         assert "FAILED\\ud800" in (state.last_error or "")  # its cause, storable
-        assert sorted(key.split("/")[0] for key in app.store.firing_alerts()) == [
+        assert sorted(key.split("/")[0] for key in app.store.alerts.firing()) == [
             "failed-charge",
             "over",
         ]
@@ -157,17 +157,17 @@ async def test_cycle_a_bug_an_orgs_data_triggers_in_the_commit_is_that_orgs_fail
     """Whatever the commit of one organization's part raises (here: a bug writing its
     invoices, as a value the fetch lets through would make), that organization's read
     counts as failed and the others commit; the error is logged with its traceback."""
-    from invoice_watch import commit
+    from invoice_watch.store.sqlite import snapshot
 
     atlas.invoices[ORG_A] = [invoice(1, ORG_A, "PENDING", MILLION)]
-    real = commit._invoice_row
+    real = snapshot._invoice_row
 
     def row(item: Any) -> tuple[Any, ...]:
         if item.org_id == ORG_A:
             raise KeyError("a bug")
         return real(item)
 
-    monkeypatch.setattr(commit, "_invoice_row", row)
+    monkeypatch.setattr(snapshot, "_invoice_row", row)
     config = hand_config(tmp_path, atlas.url, rules=RULES)
     async with App(config, clock=FakeClock(NOW), notifiers={"console": Recorder()}) as app:
         result = await app.run_cycle()
@@ -177,7 +177,7 @@ async def test_cycle_a_bug_an_orgs_data_triggers_in_the_commit_is_that_orgs_fail
             (EventKind.FIRING, "failed-charge", ORG_B),
             (EventKind.FIRING, "over", ORG_B),
         ]
-        assert ORG_A not in {key.split("/")[1] for key in app.store.firing_alerts()}
+        assert ORG_A not in {key.split("/")[1] for key in app.store.alerts.firing()}
 
 
 async def test_cycle_a_state_file_error_still_fails_the_whole_cycle(
@@ -195,7 +195,7 @@ async def test_cycle_a_state_file_error_still_fails_the_whole_cycle(
         monkeypatch.setattr(app.store, "commit_orgs", full)
         with pytest.raises(StateError, match="disk is full"):
             await app.run_cycle()
-        assert app.store.org_state(ORG_A).last_attempt is None
+        assert app.store.snapshot.org_state(ORG_A).last_attempt is None
 
 
 @pytest.mark.parametrize("fault", ["unstorable line items", "a bug building it"])

@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
-from invoice_watch.dedup import AlertState, Reason, decide, plan
+from invoice_watch.dedup import Reason, decide, plan
 from invoice_watch.rules import OrgView, evaluate
+from invoice_watch.store import AlertState
 from invoice_watch.types import EventKind
 from tests.conftest import NOW, ORG_A, inv
 

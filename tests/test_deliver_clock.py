@@ -52,13 +52,13 @@ async def test_deliver_a_wall_clock_set_forward_a_day_gives_up_no_message_second
         await app.run_cycle()
         if attempted:
             await app.deliverer.deliver_due()
-            assert await app.store.outbox_counts() == {"pending": 1}
+            assert await app.store.outbox.counts() == {"pending": 1}
         world.clock.advance(8)
         world.clock.step(DAY_AND_2H)
         await app.deliverer.deliver_due()  # Slack still down: retried, not given up
-        assert await app.store.outbox_counts() == {"pending": 1}
+        assert await app.store.outbox.counts() == {"pending": 1}
         assert await app.deliverer.drain(120) == 0  # Slack comes back
-        assert await app.store.outbox_counts() == {"sent": 1}
+        assert await app.store.outbox.counts() == {"sent": 1}
     assert world.kinds() == [("FIRING", "failed-charge")]
     assert not [m for m in errors(caplog) if "giving up" in m]
 
@@ -77,7 +77,7 @@ async def test_deliver_a_wall_clock_set_back_keeps_no_message_past_max_age(
         world.clock.step(timedelta(days=-2))
         began = world.clock.monotonic()
         await app.deliverer.drain(15 * 60)
-        assert await app.store.outbox_counts() == {"failed": 1}
+        assert await app.store.outbox.counts() == {"failed": 1}
         assert world.clock.monotonic() - began <= 11 * 60
     [gave_up] = [m for m in errors(caplog) if "giving up" in m]
     assert "giving up after 0:10:00" in gave_up
@@ -99,10 +99,10 @@ async def test_deliver_a_wall_clock_set_forward_keeps_a_removed_notifiers_messag
         world.clock.step(DAY_AND_2H)
         world.clock.advance(60)
         await app.deliverer.deliver_due()
-        assert await app.store.outbox_counts() == {"pending": 1}
+        assert await app.store.outbox.counts() == {"pending": 1}
         assert await app.reload(slack_only(world))
         await app.deliverer.drain(60)
-        assert await app.store.outbox_counts() == {"sent": 1}
+        assert await app.store.outbox.counts() == {"sent": 1}
     assert world.kinds() == [("FIRING", "failed-charge")]
     assert not [m for m in errors(caplog) if "giving up" in m]
 
@@ -128,6 +128,6 @@ async def test_deliver_a_message_waiting_behind_another_keeps_its_age(
         world.clock.step(DAY_AND_2H)
         world.slack.script_webhook(Reply(200), DOWN)  # the first goes, the second: 503
         await app.deliverer.drain(120)
-        assert await app.store.outbox_counts() == {"sent": 2}
+        assert await app.store.outbox.counts() == {"sent": 2}
     assert world.kinds() == [("FIRING", "failed-charge")] * 2
     assert not [m for m in errors(caplog) if "giving up" in m]

@@ -99,8 +99,8 @@ async def test_deliver_a_bot_error_with_a_surrogate_fails_once_not_forever(
     async with App(config_of(world, bot_data(world)), clock=world.clock) as app:
         await app.run_cycle()
         assert await app.deliverer.drain(60) == 0
-        assert await app.store.outbox_counts() == {"failed": 2, "sent": 2}
-        rows = await app.store.outbox(("failed",))
+        assert await app.store.outbox.counts() == {"failed": 2, "sent": 2}
+        rows = await app.store.outbox.messages(("failed",))
     assert len(world.slack.received) == 2
     assert all("'ratelimited\\ud800\\x1b[2J'" in (row.last_error or "") for row in rows)
     assert len(logged(caplog)) == 2 and "\x1b" not in caplog.text
@@ -117,7 +117,7 @@ async def test_deliver_an_smtp_reply_that_is_not_utf8_is_stored(
     async with App(config_of(world, data), clock=world.clock) as app:
         await app.run_cycle()
         await app.deliverer.deliver_due()
-        rows = await app.store.outbox(("pending",))
+        rows = await app.store.outbox.messages(("pending",))
     assert [row.notifier for row in rows] == ["mail", "mail"]
     [error] = [row.last_error for row in rows if row.attempts]  # the other one waits
     assert error is not None
@@ -145,7 +145,7 @@ async def test_deliver_an_smtp_server_echoing_the_password_never_shows_it(
     async with App(config, clock=world.clock) as app:
         await app.run_cycle()
         await app.deliverer.drain(10)
-        rows = await app.store.outbox(("failed",))
+        rows = await app.store.outbox.messages(("failed",))
     shown = [row.last_error or "" for row in rows] + [caplog.text, await status_text(config)]
     assert len(rows) == 2 and "535 5.7.8 credentials <secret> <secret> rejected" in shown[0]
     for text in shown:
@@ -203,7 +203,7 @@ async def test_deliver_a_renamed_notifier_keeps_its_messages_until_renamed_back(
         for _ in range(5):  # five passes, a minute apart: one look each, one ERROR in all
             world.clock.advance(60)
             await app.deliverer.deliver_due()
-        assert await app.store.outbox_counts() == {"pending": 2, "sent": 2}
+        assert await app.store.outbox.counts() == {"pending": 2, "sent": 2}
         gauge = app.metrics.registry.get_sample_value(
             "invoice_watch_outbox_unrouted", {"notifier": "slack"}
         )
@@ -215,7 +215,7 @@ async def test_deliver_a_renamed_notifier_keeps_its_messages_until_renamed_back(
         assert metric(app, "slack", "failed") == 0
         assert await app.reload(world.config())  # the old name is back, Slack is up
         await app.deliverer.deliver_due()
-        assert await app.store.outbox_counts() == {"sent": 4}
+        assert await app.store.outbox.counts() == {"sent": 4}
         assert (
             app.metrics.registry.get_sample_value(
                 "invoice_watch_outbox_unrouted", {"notifier": "slack"}
@@ -242,7 +242,7 @@ async def test_deliver_a_removed_notifier_fails_its_messages_loudly_at_max_age(
         assert await app.reload(config_of(world, data))
         world.clock.advance(timedelta(days=1).total_seconds())
         await app.deliverer.drain(60)
-        assert await app.store.outbox_counts() == {"failed": 2, "sent": 2}
+        assert await app.store.outbox.counts() == {"failed": 2, "sent": 2}
         assert metric(app, "slack", "failed") == 2
     gave_up = [m for m in logged(caplog) if "giving up after 1 day" in m]
     assert len(gave_up) == 2 and all("no longer in the configuration" in m for m in gave_up)
@@ -302,7 +302,7 @@ async def test_deliver_an_unexpected_error_logs_one_redacted_traceback_and_retri
         )
         await app.run_cycle()
         await run_delivery(app, world.clock, seconds=300, until=lambda: broken.sent == 1)
-        assert await app.store.outbox_counts() == {"sent": 1}
+        assert await app.store.outbox.counts() == {"sent": 1}
     [error] = logged(caplog)
     assert "unexpected error while sending (a bug: please report it)" in error
     assert "Traceback" in error and "KeyError" in error

@@ -88,7 +88,7 @@ async def test_deliver_a_greylisted_recipient_gets_the_message_the_others_once(
         for _ in range(3):  # greylisted for a few attempts
             world.clock.advance(60)
             await app.deliverer.deliver_due()
-        assert await app.store.outbox_counts() == {"pending": 1}
+        assert await app.store.outbox.counts() == {"pending": 1}
         status = await status_text(config)
         [line] = [line for line in status.splitlines() if line.startswith("PENDING")]
         assert f'still owed to ["{GREY}"]' in line
@@ -97,7 +97,7 @@ async def test_deliver_a_greylisted_recipient_gets_the_message_the_others_once(
         assert (sink.got(OK), sink.got(GREY)) == (1, 0)
         sink.grey.clear()  # the greylisting ends
         assert await app.deliverer.drain(120) == 0
-        assert await app.store.outbox_counts() == {"sent": 1}
+        assert await app.store.outbox.counts() == {"sent": 1}
     assert (sink.got(OK), sink.got(GREY)) == (1, 1)
     assert sink.rcpts[OK] == 1
     # One message, the same for both: To names both, the Message-ID is the same.
@@ -124,7 +124,7 @@ async def test_deliver_a_recipient_refused_for_now_holds_up_no_later_message(
         world.clock.advance(60)
         await app.run_cycle()
         await app.deliverer.deliver_due()
-        assert await app.store.outbox_counts() == {"pending": 3}
+        assert await app.store.outbox.counts() == {"pending": 3}
     subjects = [str(sink.message(i)["Subject"]) for i in range(len(sink.envelopes))]
     assert len(subjects) == 3 and all(e.rcpt_tos == [OK] for e in sink.envelopes)
     assert [subject.split(" ")[1:4] for subject in subjects] == [
@@ -145,12 +145,12 @@ async def test_deliver_a_mix_of_temporary_and_permanent_refusals_retries_the_tem
     async with App(config, clock=world.clock) as app:
         await app.run_cycle()
         await app.deliverer.deliver_due()
-        assert await app.store.outbox_counts() == {"pending": 1}
+        assert await app.store.outbox.counts() == {"pending": 1}
         world.clock.advance(60)
         await app.deliverer.deliver_due()
         sink.grey.clear()
         assert await app.deliverer.drain(120) == 0
-        assert await app.store.outbox_counts() == {"sent": 1}
+        assert await app.store.outbox.counts() == {"sent": 1}
     assert (sink.got(GREY), sink.got(TYPO)) == (1, 0)
     assert sink.rcpts[TYPO] == 1
     [refused] = [m for m in logged(caplog, logging.ERROR) if TYPO in m]
@@ -169,8 +169,8 @@ async def test_deliver_a_recipient_greylisted_past_max_age_is_failed_naming_it(
     async with App(config, clock=world.clock) as app:
         await app.run_cycle()
         await app.deliverer.drain(15 * 60)
-        assert await app.store.outbox_counts() == {"failed": 1}
-        [row] = await app.store.outbox(("failed",))
+        assert await app.store.outbox.counts() == {"failed": 1}
+        [row] = await app.store.outbox.messages(("failed",))
     assert (sink.got(OK), sink.got(GREY)) == (1, 0)
     assert sink.rcpts[OK] == 1
     assert row.last_error is not None and GREY in row.last_error
@@ -195,5 +195,5 @@ async def test_deliver_owed_recipients_survive_a_restart_and_a_to_change(
     world.clock.advance(timedelta(minutes=5))
     async with App(mail_config(world, port, [GREY, OK]), clock=world.clock) as app:
         assert await app.deliverer.drain(60) == 0
-        assert await app.store.outbox_counts() == {"sent": 1}
+        assert await app.store.outbox.counts() == {"sent": 1}
     assert (sink.got(OK), sink.got(GREY), sink.got(other)) == (1, 1, 0)

@@ -95,9 +95,9 @@ async def test_e2e_one_org_failing_leaves_the_other_and_its_snapshot_alone(world
     assert world.kinds()[2:] == [("FIRING", "pending-over-budget")]
     assert "Analytics" in world.slack_texts()[2]
     async with App(config, clock=world.clock) as app:
-        assert len(app.store.snapshot(PROD)) == 3
-        assert app.store.org_state(PROD).failing_since is not None
-        assert len(app.store.firing_alerts()) == 3
+        assert len(app.store.snapshot.get(PROD)) == 3
+        assert app.store.snapshot.org_state(PROD).failing_since is not None
+        assert len(app.store.alerts.firing()) == 3
     world.sim.faults.clear()
     assert await world.run_once(config) == 0
     assert world.kinds()[3:] == [("RESOLVED", "failed-charge")]
@@ -268,7 +268,7 @@ async def test_e2e_an_invoice_two_configured_orgs_list_fires_once(tmp_path, smtp
         assert world.kinds() == [("FIRING", "failed-charge")]
         bad = sim.scenario.invoice("bad").id
         async with App(config, clock=world.clock) as app:  # kept under both, once each
-            assert bad in app.store.snapshot(PROD) and bad in app.store.snapshot(ANALYTICS)
+            assert bad in app.store.snapshot.get(PROD) and bad in app.store.snapshot.get(ANALYTICS)
         assert await world.run_once(config) == 0
         assert world.kinds() == [("FIRING", "failed-charge")]
         sim.set_status(bad, "PAID")
@@ -286,31 +286,31 @@ async def test_e2e_a_cycle_cut_short_still_delivers_what_it_committed(world: Wor
     async with App(config, clock=world.clock) as app:
         cycle = asyncio.create_task(app.run_cycle())
         for _ in range(500):  # until Production's part is committed (real time, <5 s)
-            if app.store.firing_alerts():
+            if app.store.alerts.firing():
                 break
             await asyncio.sleep(0.01)
-        assert len(app.store.firing_alerts()) == 1
-        assert (await app.store.outbox_counts()) == {"held": 2}
+        assert len(app.store.alerts.firing()) == 1
+        assert (await app.store.outbox.counts()) == {"held": 2}
         cycle.cancel()
         with pytest.raises(asyncio.CancelledError):
             await cycle
-        assert (await app.store.outbox_counts()) == {"pending": 2}
+        assert (await app.store.outbox.counts()) == {"pending": 2}
         assert await app.deliverer.drain(10) == 0
     assert world.kinds() == [("FIRING", "failed-charge")]
     assert len(world.sink.envelopes) == 1
     assert await world.run_once(config) == 0
     assert len(world.slack.accepted) == 1
     async with App(config, clock=world.clock) as app:
-        assert app.store.org_state(ANALYTICS).last_success is not None
+        assert app.store.snapshot.org_state(ANALYTICS).last_success is not None
 
 
 async def test_e2e_messages_held_by_a_crashed_cycle_go_out_at_the_next_start(world: World):
-    from invoice_watch.commit import StateStore
+    from invoice_watch.store.sqlite import SqliteStore
     from tests.test_commit import firing
 
     config = world.config()
     # What a crash between two organizations' transactions leaves behind.
-    store = await StateStore.open(config.state.path)
+    store = await SqliteStore.open(config.state.path)
     await store.commit_orgs(
         store.begin_cycle(), world.clock.now(), [], [firing()], {"failed": ["slack"]}
     )
@@ -319,4 +319,4 @@ async def test_e2e_messages_held_by_a_crashed_cycle_go_out_at_the_next_start(wor
     await ops.status(config, out=shown)  # the operator sees it waiting
     assert "Undelivered notifications: 1" in shown.getvalue() and "HELD" in shown.getvalue()
     async with App(config, clock=world.clock) as app:
-        assert (await app.store.outbox_counts()) == {"pending": 1}
+        assert (await app.store.outbox.counts()) == {"pending": 1}

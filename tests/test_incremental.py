@@ -119,7 +119,7 @@ async def test_incremental_read_starts_at_the_oldest_open_invoice_and_sees_it_ch
             (EventKind.NOTICE, "status-moves", closed.id),
         ]
         assert by_kind(changed, EventKind.NOTICE)[0].previous_status == "CLOSED"
-        assert len(app.store.snapshot(ORG)) == 24
+        assert len(app.store.snapshot.get(ORG)) == 24
 
 
 async def test_incremental_read_never_reports_old_final_invoices_as_gone(
@@ -141,8 +141,8 @@ async def test_incremental_read_never_reports_old_final_invoices_as_gone(
             assert [q["fromDate"] for q in listing_queries(sim)] == [[f"{day_before:%Y-%m-%d}"]]
             assert result.reads[ORG].listed == 1  # this month's
             assert result.events == [] and result.changes == 0
-            assert len(app.store.snapshot(ORG)) == 24
-            (stored,) = await app.store.stored_invoices(ORG, [closed.id])
+            assert len(app.store.snapshot.get(ORG)) == 24
+            (stored,) = await app.store.snapshot.stored_invoices(ORG, [closed.id])
             assert stored.status == "PAID"
 
 
@@ -170,7 +170,7 @@ async def test_incremental_read_asks_a_day_early_so_an_exclusive_boundary_loses_
             for _ in range(2):
                 again = await app.run_cycle()
                 assert again.events == [] and again.changes == 0
-                assert len(app.store.snapshot(ORG_A)) == 3
+                assert len(app.store.snapshot.get(ORG_A)) == 3
         assert atlas.asked == [(ORG_A, None), (ORG_A, "2026-10-31"), (ORG_A, "2026-10-31")]
 
 
@@ -193,7 +193,7 @@ async def test_incremental_read_of_a_prepaid_organization_lists_only_what_can_ch
             quiet = await app.run_cycle()
             assert [q["fromDate"] for q in listing_queries(sim)] == [["2026-10-31"]]
             assert quiet.reads[ORG].listed == 1 and quiet.events == []
-            assert len(app.store.snapshot(ORG).settled) == 23
+            assert len(app.store.snapshot.get(ORG).settled) == 23
 
 
 async def test_unknown_status_warning_names_the_rules_that_still_match_it(
@@ -233,7 +233,7 @@ async def test_incremental_read_hands_back_the_stored_invoices_when_nothing_chan
             await app.run_cycle()
             (read,) = reads
             reads.clear()
-            stored = app.store.snapshot(ORG)
+            stored = app.store.snapshot.get(ORG)
             assert read.listed == 15
             assert all(invoice is stored.live[invoice.id] for invoice in read.invoices)
             assert read.settled <= set(stored.settled.values())
@@ -241,7 +241,7 @@ async def test_incremental_read_hands_back_the_stored_invoices_when_nothing_chan
         sim.set_amount(sim.scenario.invoice("m0").id, 1234_00)
         result = await app.run_cycle()
         assert result.changes == 1
-        pending = app.store.snapshot(ORG).live[sim.scenario.invoice("m0").id]
+        pending = app.store.snapshot.get(ORG).live[sim.scenario.invoice("m0").id]
         assert pending.amount_billed_cents == 1234_00
 
 
@@ -256,7 +256,7 @@ async def test_settled_invoices_are_keys_and_a_change_to_one_is_noticed(
         app_config(sim, tmp_path), clock=FakeClock(NOW), notifiers={"console": Silent()}
     ) as app:
         await app.run_cycle()
-        snapshot = app.store.snapshot(ORG)
+        snapshot = app.store.snapshot.get(ORG)
         assert set(snapshot.live) == {sim.scenario.invoice(n).id for n in ("m14", "m0")}
         assert len(snapshot.settled) == 22 and paid.id in snapshot.settled
 
@@ -267,7 +267,7 @@ async def test_settled_invoices_are_keys_and_a_change_to_one_is_noticed(
             (EventKind.NOTICE, "status-moves", paid.id),
         ]
         assert by_kind(failed, EventKind.NOTICE)[0].previous_status == "PAID"
-        assert app.store.snapshot(ORG).live[paid.id].status == "FAILED"
+        assert app.store.snapshot.get(ORG).live[paid.id].status == "FAILED"
 
         sim.set_status(paid.id, "PAID")
         again = await app.run_cycle()
@@ -276,7 +276,7 @@ async def test_settled_invoices_are_keys_and_a_change_to_one_is_noticed(
             (EventKind.RESOLVED, "failed-charge", paid.id),
         ]
         assert by_kind(again, EventKind.RESOLVED)[0].summary == f"Invoice {paid.id} is now PAID."
-        assert paid.id in app.store.snapshot(ORG).settled
+        assert paid.id in app.store.snapshot.get(ORG).settled
         assert (await app.run_cycle()).changes == 0
 
 
@@ -291,10 +291,10 @@ async def test_settled_invoice_no_longer_listed_is_gone_from_the_state_file(
         sim.remove_invoice(paid.id)
         result = await app.run_cycle()
         assert result.changes == 1 and result.events == []
-        assert paid.id not in app.store.snapshot(ORG)
-        assert paid.id not in {i.id for i in await app.store.stored_invoices(ORG)}
-        assert old.id in app.store.snapshot(ORG)  # not listed by the incremental read: kept
-        assert len(app.store.snapshot(ORG)) == 23
+        assert paid.id not in app.store.snapshot.get(ORG)
+        assert paid.id not in {i.id for i in await app.store.snapshot.stored_invoices(ORG)}
+        assert old.id in app.store.snapshot.get(ORG)  # not listed by the incremental read: kept
+        assert len(app.store.snapshot.get(ORG)) == 23
 
 
 async def test_settled_follows_the_rules_a_rule_on_paid_sees_paid_invoices(
@@ -305,11 +305,11 @@ async def test_settled_follows_the_rules_a_rule_on_paid_sees_paid_invoices(
     config = app_config(sim, tmp_path)
     async with App(config, clock=FakeClock(NOW), notifiers={"console": Silent()}) as app:
         await app.run_cycle()
-        assert len(app.store.snapshot(ORG).settled) == 22
+        assert len(app.store.snapshot.get(ORG).settled) == 22
         paid_rule = {"name": "paid", "type": "invoice_status", "statuses": ["PAID"]}
         watching = app_config(sim, tmp_path, rules=[*RULES, {**paid_rule, "notify": ["console"]}])
         assert await app.reload(watching)
-        assert not app.store.snapshot(ORG).settled
+        assert not app.store.snapshot.get(ORG).settled
         result = await app.run_cycle()
         assert len(by_kind(result, EventKind.FIRING)) == 22
         assert result.changes == 0

@@ -134,7 +134,7 @@ async def test_linked_invoice_move_seen_by_one_listing_is_not_news_to_the_other(
             (EventKind.NOTICE, "moves", bad),
             (EventKind.RESOLVED, "failed-charge", bad),
         ]
-        (copy,) = await app.store.stored_invoices(failing, [bad])  # brought up to date
+        (copy,) = await app.store.snapshot.stored_invoices(failing, [bad])  # brought up to date
         assert copy.status == "PAID"
         clock.advance(timedelta(minutes=15))
         caught_up = await app.run_cycle()
@@ -153,11 +153,11 @@ async def test_linked_invoice_amount_is_observed_once_and_fires_once(
     async with App(config_of(sim, tmp_path), clock=clock, notifiers={"console": Recorder()}) as app:
         await app.run_cycle()
         first = clock.now()
-        assert app.store.history(small) == [(first, 700_00)]
+        assert app.store.snapshot.history(small) == [(first, 700_00)]
         clock.advance(timedelta(hours=1))
         sim.set_amount(small, 1600_00)
         grew = await app.run_cycle()
-        assert app.store.history(small) == [(first, 700_00), (clock.now(), 1600_00)]
+        assert app.store.snapshot.history(small) == [(first, 700_00), (clock.now(), 1600_00)]
         assert events(grew) == [
             (EventKind.FIRING, "jump", small),
             (EventKind.FIRING, "month", small),
@@ -197,7 +197,7 @@ async def test_linked_invoices_hidden_from_a_billing_viewer_are_warned_about_onc
         fail_reads_of(sim, LINKED)
         clock.advance(timedelta(minutes=15))
         assert (await app.run_cycle()).events == []
-        assert [key.split("/")[-1] for key in app.store.firing_alerts()] == [bad]
+        assert [key.split("/")[-1] for key in app.store.alerts.firing()] == [bad]
     warnings = [r.getMessage() for r in caplog.records if "no linked invoices" in r.getMessage()]
     assert len(warnings) == 1
     assert warnings[0].startswith("Production: Atlas listed no linked invoices")
@@ -226,14 +226,14 @@ async def test_linked_invoices_hidden_from_a_paying_org_alone_keep_their_alerts(
             (EventKind.FIRING, "month", small),
             (EventKind.FIRING, "over", small),
         ]
-        firing = sorted(app.store.firing_alerts())
+        firing = sorted(app.store.alerts.firing())
         sim.scenario.org(PAYER).billing_viewer = True
         for advance in (timedelta(minutes=15), timedelta(minutes=15), timedelta(days=1)):
             clock.advance(advance)
             hidden = await app.run_cycle()
             assert hidden.events == [] and hidden.orgs_failed == []
-            assert sorted(app.store.firing_alerts()) == firing
-            assert {bad, small} <= set(app.store.snapshot(PAYER))
+            assert sorted(app.store.alerts.firing()) == firing
+            assert {bad, small} <= set(app.store.snapshot.get(PAYER))
             warnings = [r.getMessage() for r in caplog.records if "no linked" in r.getMessage()]
             assert len(warnings) == 1  # at the first read that shows it, an incremental one
         assert "the 2 linked invoice(s) invoice-watch holds for it are kept" in warnings[0]
@@ -262,7 +262,7 @@ async def test_linked_organization_added_later_tells_a_move_its_payer_did_not_li
     payer_only = config_of(sim, tmp_path, orgs=(PAYER,))
     async with App(payer_only, clock=clock, notifiers={"console": Recorder()}) as app:
         await app.run_cycle()
-        assert old in app.store.snapshot(PAYER).settled
+        assert old in app.store.snapshot.get(PAYER).settled
     sim.set_status(old, "FORGIVEN")
     fail_reads_of(sim, PAYER, times=2)  # the start's full listing and its stand-in
     async with App(config_of(sim, tmp_path), clock=clock, notifiers={"console": Recorder()}) as app:

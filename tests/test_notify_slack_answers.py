@@ -432,7 +432,7 @@ async def test_deliver_an_unreadable_2xx_is_posted_once(
     async with App(slack_config(world, bot_token), clock=world.clock) as app:
         await app.run_cycle()
         assert await app.deliverer.drain(100) == 0
-        assert await app.store.outbox_counts() == {"sent": 4}
+        assert await app.store.outbox.counts() == {"sent": 4}
     assert len(world.slack.received) == 2  # one per message, never again
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == [] and "Traceback" not in caplog.text
@@ -452,7 +452,7 @@ async def test_deliver_a_block_page_is_retried_until_slack_answers(
     async with App(slack_config(world, bot_token), clock=world.clock) as app:
         await app.run_cycle()
         await run_delivery(app, world.clock, seconds=300)
-        counts = await app.store.outbox_counts()
+        counts = await app.store.outbox.counts()
         assert counts == {"pending": 2, "sent": 2}  # Slack's two; the email went out
         tries = len(world.slack.received)
         assert 2 <= tries <= 20  # backoff, not a storm
@@ -460,7 +460,7 @@ async def test_deliver_a_block_page_is_retried_until_slack_answers(
         await run_delivery(
             app, world.clock, seconds=120, until=lambda: len(world.slack.accepted) == 2
         )
-        assert await app.store.outbox_counts() == {"sent": 4}
+        assert await app.store.outbox.counts() == {"sent": 4}
     warnings = [m for m in said(caplog) if "not Slack's answer" in m]
     assert len(warnings) == 1  # once per message and error: the group of two waits as one
 

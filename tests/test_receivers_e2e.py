@@ -114,7 +114,7 @@ async def test_e2e_receiver_gets_firing_then_resolved_and_its_secret_is_never_sh
             world.sim.set_status(world.sim.scenario.invoice("failed").id, "PAID")
             await app.run_cycle()
             assert await app.deliverer.drain(60) == 0
-            rows = await app.store.outbox(("sent", "failed", "pending"))
+            rows = await app.store.outbox.messages(("sent", "failed", "pending"))
     assert fake.refused == []
     assert [row.state for row in rows] == ["sent"] * 3  # FIRING x2, then a RESOLVED
     assert "HTTP 503" in caplog.text  # the 503 was logged, redacted

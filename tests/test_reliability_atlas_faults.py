@@ -53,8 +53,8 @@ async def snapshot(cfg: Config, org_id: str) -> dict[str, Invoice]:
     """The organization's invoices as the state file holds them; its snapshot in memory
     must name the same ones."""
     async with App(cfg) as app:
-        stored = {i.id: i for i in await app.store.stored_invoices(org_id)}
-        assert set(app.store.snapshot(org_id)) == set(stored)
+        stored = {i.id: i for i in await app.store.snapshot.stored_invoices(org_id)}
+        assert set(app.store.snapshot.get(org_id)) == set(stored)
         return stored
 
 
@@ -181,7 +181,7 @@ async def test_atlas_rate_limit_storm_is_ridden_out_with_retry_after(tmp_path):
         assert limited  # the bucket did run dry
         assert max(clock.sleeps) <= 30.0  # each wait bounded (atlas.max_backoff)
         async with App(cfg) as app:
-            assert all(app.store.org_state(o).last_success for o in sim.org_ids)
+            assert all(app.store.snapshot.org_state(o).last_success for o in sim.org_ids)
 
 
 async def test_atlas_timeout_is_contained_and_poll_failure_fires(

@@ -99,7 +99,7 @@ async def status_text(config: Config) -> str:
 
 async def step_to_next_attempt(app: App, world: World) -> bool:
     """Move the fake clock to the outbox's next due row; False when nothing is pending."""
-    next_at = await app.store.next_attempt_at()
+    next_at = await app.store.outbox.next_attempt_at()
     if next_at is None:
         return False
     world.clock.set(max(world.clock.now(), next_at))
@@ -216,7 +216,7 @@ async def test_outage_permanent_failure_is_not_retried_and_shows_in_status_and_m
         assert stats.failed == 2 and stats.retried == 0
         world.clock.advance(timedelta(days=2))
         await app.deliverer.deliver_due()
-        assert await app.store.next_attempt_at() is None  # nothing is waiting to retry
+        assert await app.store.outbox.next_attempt_at() is None  # nothing is waiting to retry
         metrics = generate_latest(app.metrics.registry).decode()
     assert f'invoice_watch_notifications_total{{notifier="{notifier}",outcome="failed"}} 2.0' in (
         metrics

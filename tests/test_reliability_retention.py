@@ -16,8 +16,9 @@ from pathlib import Path
 
 from invoice_watch import ops
 from invoice_watch.app import App
-from invoice_watch.commit import OrgWrite, StateStore
 from invoice_watch.dedup import Reason, Transition
+from invoice_watch.store import OrgWrite
+from invoice_watch.store.sqlite import SqliteStore
 from invoice_watch.types import EventKind
 from tests.conftest import NOW, ORG_A, inv
 from tests.test_commit import event, firing
@@ -33,7 +34,7 @@ def resolved(key: str) -> Transition:
 
 
 async def cycle(
-    store: StateStore,
+    store: SqliteStore,
     transitions: Sequence[Transition] = (),
     orgs: Sequence[OrgWrite] = (),
     group_over: int = 10,
@@ -62,7 +63,7 @@ def rows(path: Path, table: str, where: str = "1") -> int:
 
 async def test_retention_prunes_what_is_done_and_keeps_what_the_lifecycle_needs(tmp_path):
     path = tmp_path / "state.db"
-    store = await StateStore.open(path)
+    store = await SqliteStore.open(path)
     try:
         pending_id = inv(1).id
         await cycle(
@@ -71,11 +72,11 @@ async def test_retention_prunes_what_is_done_and_keeps_what_the_lifecycle_needs(
             [OrgWrite(ORG_A, True, upserts=[inv(1)], observations=[(pending_id, 100)])],
         )
         await cycle(store, [firing(k) for k in "abc"], group_over=2)  # one grouped message
-        due = await store.due_deliveries(NOW)
+        due = await store.outbox.due(NOW)
         sent, failed, grouped, waiting = due[0], due[1], due[-1], due[2:4]
-        await store.mark_sent(sent.id, NOW)
-        await store.mark_failed(failed.id, NOW, "HTTP 404 no_service")
-        await store.mark_sent(grouped.id, NOW)
+        await store.outbox.mark_sent(sent.id, NOW)
+        await store.outbox.mark_failed(failed.id, NOW, "HTTP 404 no_service")
+        await store.outbox.mark_sent(grouped.id, NOW)
         for days, cents in ((5, 200), (10, 300), (40, 400)):
             await store.commit_orgs(
                 store.begin_cycle(),
@@ -90,38 +91,38 @@ async def test_retention_prunes_what_is_done_and_keeps_what_the_lifecycle_needs(
 
         # Sent and failed messages go (a grouped one whole); the one waiting stays.
         assert rows(path, "outbox") == before["outbox"] - 2 - 3
-        assert await store.due_deliveries(NOW) == waiting
+        assert await store.outbox.due(NOW) == waiting
         # The resolved alert goes; firing ones stay, however old.
         assert rows(path, "alerts", "key='old-resolved'") == 0
-        assert set(store.firing_alerts()) == {"old-firing", "x", "y", "a", "b", "c"}
+        assert set(store.alerts.firing()) == {"old-firing", "x", "y", "a", "b", "c"}
         assert rows(path, "alerts", "firing=1") == 6
         # The last cycle stays (status reads it).
-        assert rows(path, "cycles") == 1 and await store.last_cycle() is not None
+        assert rows(path, "cycles") == 1 and await store.cycles.last() is not None
         # Observations before the cutoff go but the newest of them (a window's base).
-        assert [c for _, c in store.history(pending_id)] == [300, 400]
+        assert [c for _, c in store.snapshot.history(pending_id)] == [300, 400]
         assert rows(path, "amount_history") == 2
         assert deleted == sum(before.values()) - sum(
             rows(path, t) for t in ("outbox", "alerts", "cycles", "amount_history")
         )
     finally:
         await store.close()
-    again = await StateStore.open(path)  # the file holds what the cache holds
+    again = await SqliteStore.open(path)  # the file holds what the cache holds
     try:
-        assert [c for _, c in again.history(pending_id)] == [300, 400]
+        assert [c for _, c in again.snapshot.history(pending_id)] == [300, 400]
     finally:
         await again.close()
 
 
 async def test_retention_prunes_a_bounded_batch_at_a_time(tmp_path):
-    store = await StateStore.open(tmp_path / "state.db")
+    store = await SqliteStore.open(tmp_path / "state.db")
     try:
         await cycle(store, [firing(f"k{n}") for n in range(30)], group_over=100)
-        for delivery in await store.due_deliveries(NOW):
-            await store.mark_sent(delivery.id, NOW)
+        for delivery in await store.outbox.due(NOW):
+            await store.outbox.mark_sent(delivery.id, NOW)
         counts = []
         while deleted := await store.prune(NOW + DAY, limit=8):
             counts.append(deleted)
-        assert counts == [8, 8, 8, 6] and await store.outbox_counts() == {}
+        assert counts == [8, 8, 8, 6] and await store.outbox.counts() == {}
     finally:
         await store.close()
 
@@ -152,7 +153,7 @@ async def test_retention_the_state_file_stops_growing_under_a_steady_alert_load(
             assert await app.deliverer.drain(60) == 0
             pages.append(rows_pages(config.state.path))
             world.clock.advance(timedelta(hours=12))
-        kept = await app.store.outbox_counts()
+        kept = await app.store.outbox.counts()
     sent = len(world.slack.accepted) + len(world.sink.envelopes)
     assert sent >= 4 * 79  # the load: every cycle sent something
     assert kept["sent"] <= 4 * 22  # 10 days of it, and a pass's worth

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 
 from invoice_watch.app import App
-from invoice_watch.commit import StateStore
+from invoice_watch.store.sqlite import SqliteStore
 from tests.fakes_slack import BLOCK_TEXT_MAX, Reply, block_text, slack_problem
 from tests.world import World
 
@@ -55,9 +55,9 @@ async def test_size_a_burst_of_120_alerts_arrives_whole_in_parts(world: World):
 
     subjects = [world.sink.message(i)["Subject"] for i in range(len(world.sink.envelopes))]
     assert subjects == [f"[invoice-watch] 40 alerts: 40 FIRING (part {n} of 3)" for n in (1, 2, 3)]
-    store = await StateStore.open(config.state.path, exclusive=False)
+    store = await SqliteStore.open(config.state.path, exclusive=False)
     try:
-        rows = await store.outbox(("sent",))
+        rows = await store.outbox.messages(("sent",))
         assert sorted({r.summary for r in rows}) == [
             f"40 alerts (grouped, part {n} of 3)" for n in (1, 2, 3)
         ]

@@ -34,7 +34,6 @@ import pytest
 
 from invoice_watch.app import App
 from invoice_watch.clock import FakeClock
-from invoice_watch.commit import StateStore
 from invoice_watch.simulator import Simulator
 from tests.fakes_slack import FakeSlack, Reply
 from tests.fakes_smtp import StartServer
@@ -85,9 +84,9 @@ def metric(app: App, name: str, labels: dict[str, str] | None = None) -> float:
 class Disk(Protocol):
     folder: Path
 
-    def fill(self, store: StateStore) -> None: ...
+    def fill(self, state: Path) -> None: ...
 
-    def free(self, store: StateStore) -> None: ...
+    def free(self, state: Path) -> None: ...
 
 
 class Tmpfs:
@@ -98,7 +97,7 @@ class Tmpfs:
         self.folder = folder
         self.filler = folder / "filler"
 
-    def fill(self, store: StateStore) -> None:
+    def fill(self, state: Path) -> None:
         with open(self.filler, "wb", buffering=0) as out:
             for chunk in (1 << 16, 1 << 12, 1 << 9):
                 try:
@@ -107,7 +106,7 @@ class Tmpfs:
                 except OSError as exc:
                     assert exc.errno == errno.ENOSPC
 
-    def free(self, store: StateStore) -> None:
+    def free(self, state: Path) -> None:
         self.filler.unlink()
 
 
@@ -122,13 +121,12 @@ class FileSizeLimit:
         self._limit = resource.getrlimit(resource.RLIMIT_FSIZE)
         self._signal: Any = None
 
-    def fill(self, store: StateStore) -> None:
-        assert store.path is not None
-        log_size = os.path.getsize(f"{store.path}-wal")
+    def fill(self, state: Path) -> None:
+        log_size = os.path.getsize(f"{state}-wal")
         self._signal = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (log_size + 100, self._limit[1]))
 
-    def free(self, store: StateStore) -> None:
+    def free(self, state: Path) -> None:
         self.free_if_filled()
 
     def free_if_filled(self) -> None:
@@ -169,7 +167,7 @@ async def test_storm_disk_full_after_a_send_sends_nothing_twice(
     config = world.config(state={"path": str(disk.folder / "state.db")})
     async with App(config, clock=world.clock) as app:
         await app.run_cycle()  # two alerts, for Slack and email: four messages
-        disk.fill(app.store)
+        disk.fill(app.config.state.path)
         await run_delivery(app, world.clock, seconds=600)
 
         assert len(world.slack.received) == 2 and len(world.sink.envelopes) == 2
@@ -186,10 +184,10 @@ async def test_storm_disk_full_after_a_send_sends_nothing_twice(
             caplog.text
         )
 
-        disk.free(app.store)
+        disk.free(app.config.state.path)
         assert await app.deliverer.drain(120) == 0
         assert metric(app, "invoice_watch_outbox_unrecorded") == 0
-        counts = await app.store.outbox_counts()
+        counts = await app.store.outbox.counts()
         assert counts["sent"] == 4 and "pending" not in counts
         assert "the state file is writable again: recorded 4" in caplog.text
     assert len(world.slack.received) == 2 and len(world.sink.envelopes) == 2
@@ -203,12 +201,12 @@ async def test_storm_disk_full_run_once_delivers_once_and_says_what_it_kept(
     config = world.config(state={"path": str(disk.folder / "state.db")})
     async with App(config, clock=world.clock) as app:
         await app.run_cycle()
-        disk.fill(app.store)
+        disk.fill(app.config.state.path)
         assert await app.deliverer.drain(60) == 0  # nothing is left undelivered
         assert app.deliverer.unrecorded == 4
-        disk.free(app.store)
+        disk.free(app.config.state.path)
         assert await app.deliverer.drain(60) == 0 and app.deliverer.unrecorded == 0
-        assert await app.store.outbox_counts() == {"sent": 4}
+        assert await app.store.outbox.counts() == {"sent": 4}
     assert len(world.slack.received) == 2 and counting(world).attempts == 2
 
 
@@ -221,17 +219,17 @@ async def test_storm_disk_full_keeps_a_retry_and_a_failure_in_memory_too(world: 
     config = world.config(state={"path": str(disk.folder / "state.db")})
     async with App(config, clock=world.clock) as app:
         await app.run_cycle()
-        disk.fill(app.store)
+        disk.fill(app.config.state.path)
         await run_delivery(app, world.clock, seconds=600)
         # Slack: one failed for good, one 503 whose retry waits for the disk; email: one
         # 451, the other waiting behind it.
         assert len(world.slack.received) == 2 and counting(world).attempts == 1
         assert metric(app, "invoice_watch_outbox_unrecorded") == 3
-        disk.free(app.store)
+        disk.free(app.config.state.path)
         world.sink.reply = "250 OK"
         world.slack.clear_scripts()
         assert await app.deliverer.drain(600) == 0
-        counts = await app.store.outbox_counts()
+        counts = await app.store.outbox.counts()
         assert counts == {"sent": 3, "failed": 1}
     assert len(world.slack.accepted) == 1 and len(world.sink.envelopes) == 2
     assert len(world.slack.received) == 3 and counting(world).attempts == 3
@@ -294,7 +292,7 @@ async def test_storm_wall_clock_step_never_stretches_a_retry(world: World, step:
         assert sorted(world.kinds()) == FIRST_RUN
         assert world.clock.monotonic() - began <= 60
         assert all(s <= 60 for s in world.clock.sleeps)
-        assert await app.store.outbox_counts() == {"sent": 4}
+        assert await app.store.outbox.counts() == {"sent": 4}
 
 
 async def test_storm_wall_clock_set_back_does_not_stall_run_once(world: World):

@@ -13,8 +13,9 @@ import yaml
 
 from invoice_watch.app import App
 from invoice_watch.config import load
-from invoice_watch.dedup import AlertState, plan
+from invoice_watch.dedup import plan
 from invoice_watch.rules import OrgView, evaluate
+from invoice_watch.store import AlertState
 from invoice_watch.types import AlertEvent, EventKind, Invoice
 from tests.conftest import NOW, ORG_A, ORG_B, PERIOD_START, inv
 from tests.world import ANALYTICS, PROD, World
@@ -245,7 +246,7 @@ async def test_alerts_of_a_rule_or_org_gone_from_the_config_resolve_saying_why(
     pend = pending_rule(notify=["mail"], send_resolved=change != "remove-quiet")
     async with App(world.config(rules=[failed, pend]), clock=world.clock) as app:
         await cycle_and_deliver(app)
-        assert sorted(k.split("/")[0] for k in app.store.firing_alerts()) == [
+        assert sorted(k.split("/")[0] for k in app.store.alerts.firing()) == [
             "failed-charge",
             "pend",
             "pend",
@@ -265,7 +266,7 @@ async def test_alerts_of_a_rule_or_org_gone_from_the_config_resolve_saying_why(
         assert await app.reload(config)
         result = await cycle_and_deliver(app)
         again = await cycle_and_deliver(app)
-        firing = sorted(k.split("/")[:2] for k in app.store.firing_alerts())
+        firing = sorted(k.split("/")[:2] for k in app.store.alerts.firing())
         metric = app.metrics.registry.get_sample_value(
             "invoice_watch_alerts_firing", {"rule": "pend"}
         )

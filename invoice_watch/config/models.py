@@ -178,7 +178,7 @@ class DeliveryConfig(_Model):
     max_backoff: Annotated[Duration, at_most(_BACKOFF_LIMIT, _BACKOFF_WHY)] = timedelta(seconds=60)
     group_over: int = Field(5, ge=1, le=10_000)
     # Sent and failed notifications, resolved alerts, cycle records and amount observations
-    # older than this are pruned from the state file (deliver.py, StateStore.prune); pending
+    # older than this are pruned from the state file (deliver.py, Store.prune); pending
     # messages and firing alerts never are.
     retention: Annotated[
         Duration, at_most(timedelta(days=3650), "ten years of history is plenty")

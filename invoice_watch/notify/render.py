@@ -5,7 +5,7 @@ a message says the same facts everywhere.
 One event is one message. Several events are one grouped message (flood control): a
 title with the counts per kind and one compact line per event. A group larger than
 :data:`~invoice_watch.constants.MESSAGE_MAX_EVENTS` is split into parts by the outbox
-(``commit.message_parts``), each its own message saying "part i of n".
+(``store.message_parts``), each its own message saying "part i of n".
 
 Every message fits its channel's limits by construction: each value an event carries
 (names, summary, details, breakdown, link) is clipped to a bound of its own below, so one
@@ -439,7 +439,7 @@ def _slack_line(event: AlertEvent) -> str:
 
 def _slack_group(events: Sequence[AlertEvent], part: Part | None) -> list[Block]:
     chunks: list[list[str]] = [[]]
-    shown = events[:MESSAGE_MAX_EVENTS]  # the outbox never groups more (commit.py)
+    shown = events[:MESSAGE_MAX_EVENTS]  # the outbox never groups more (store/grouping.py)
     for event in shown:
         line = _slack_line(event)
         if sum(units(x) + 1 for x in chunks[-1]) + units(line) > SLACK_LIMITS.section:
@@ -541,7 +541,7 @@ def _html_group(events: Sequence[AlertEvent], part: Part | None) -> str:
         for label in ("Kind", "Rule", "Organization", "Invoice", "Amount")
     )
     rows = []
-    shown = events[:MESSAGE_MAX_EVENTS]  # the outbox never groups more (commit.py)
+    shown = events[:MESSAGE_MAX_EVENTS]  # the outbox never groups more (store/grouping.py)
     for event in shown:
         kind, rule, _, _, amount = _compact(event)
         link = _link(event)

@@ -1,0 +1,84 @@
+"""The state invoice_watch keeps between cycles and across restarts, and its one owner.
+
+Each piece of state has one repository that reads, writes and caches it:
+
+=========================  =========================================  ==============
+state                      repository (Protocol)                      SQLite table
+=========================  =========================================  ==============
+invoices per organization  :class:`~.protocols.SnapshotRepository`    invoices
+pending amounts seen       :class:`~.protocols.SnapshotRepository`    amount_history
+organizations' read state  :class:`~.protocols.SnapshotRepository`    orgs
+state per alert            :class:`~.protocols.NotificationLog`       alerts
+messages and attempts      :class:`~.protocols.Outbox`                outbox
+cycles that ended          :class:`~.protocols.CycleLog`              cycles
+=========================  =========================================  ==============
+
+and :class:`~.protocols.UnitOfWork` writes across them in ONE transaction (an
+organization's snapshot, its alert changes and its notifications; retention). The
+rest of invoice_watch sees only :class:`Store` (:mod:`.protocols`) and the plain values
+of :mod:`.records`; how messages are grouped and named is :mod:`.grouping`, how values
+become text :mod:`.encoding`. The backend is :mod:`.sqlite` (a file, WAL, locked by one
+daemon); :func:`open_store` opens it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from invoice_watch.constants import FINAL_STATUSES
+from invoice_watch.store.encoding import ERROR_MAX, outbox_error, owed_of, unstorable
+from invoice_watch.store.grouping import message_parts, summarize
+from invoice_watch.store.protocols import (
+    AlertChange,
+    CycleLog,
+    NotificationLog,
+    Outbox,
+    SnapshotRepository,
+    Store,
+    UnitOfWork,
+)
+from invoice_watch.store.records import AlertState, Delivery, OrgState, OrgWrite, OutboxRow
+
+__all__ = [
+    "ERROR_MAX",
+    "AlertChange",
+    "AlertState",
+    "CycleLog",
+    "Delivery",
+    "NotificationLog",
+    "OrgState",
+    "OrgWrite",
+    "Outbox",
+    "OutboxRow",
+    "SnapshotRepository",
+    "Store",
+    "UnitOfWork",
+    "message_parts",
+    "open_copy",
+    "open_store",
+    "outbox_error",
+    "owed_of",
+    "summarize",
+    "unstorable",
+]
+
+
+async def open_store(
+    path: Path | None, *, exclusive: bool = True, settles: frozenset[str] = FINAL_STATUSES
+) -> Store:
+    """The state at ``path`` (None: in memory): the daemon's (``exclusive``: created,
+    migrated and locked) or an operator command's (read only). ``settles``: the invoice
+    statuses the snapshot keeps settled in memory. See
+    :meth:`~invoice_watch.store.sqlite.SqliteStore.open`; a
+    :class:`~invoice_watch.errors.StateError` says what is wrong."""
+    from invoice_watch.store.sqlite import SqliteStore  # the backend, loaded when used
+
+    return await SqliteStore.open(path, exclusive=exclusive, settles=settles)
+
+
+async def open_copy(path: Path, *, settles: frozenset[str] = FINAL_STATUSES) -> Store:
+    """A copy in memory of the state at ``path`` (``--dry-run``): read, never written."""
+    from invoice_watch.store.sqlite import SqliteStore
+
+    return await asyncio.to_thread(SqliteStore.copy, path, settles=settles)

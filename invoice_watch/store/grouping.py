@@ -1,0 +1,53 @@
+"""How a cycle's messages to one notifier go out (flood control), and how a message is
+named in the outbox: pure, the same for every backend.
+
+More than ``delivery.group_over`` messages of one cycle for one notifier go as one
+grouped message (:func:`grouped`), split into parts of at most
+:data:`~invoice_watch.constants.MESSAGE_MAX_EVENTS` events when too many for one
+(:func:`message_parts`); each message's summary is :func:`summarize`'s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from invoice_watch.constants import MESSAGE_MAX_EVENTS
+from invoice_watch.safe_text import one_line
+from invoice_watch.types import AlertEvent, Part
+
+
+def grouped(count: int, group_over: int) -> bool:
+    """Whether a notifier's ``count`` messages of one cycle go as one grouped message
+    (flood control): more than ``group_over`` of them, and more than one."""
+    return count > max(group_over, 1)
+
+
+def message_parts(count: int, group_over: int) -> list[int] | None:
+    """How a notifier's ``count`` messages of one cycle go out: one by one (None: not
+    :func:`grouped`), or grouped, as messages of these sizes in order: one, or parts of
+    at most :data:`~invoice_watch.constants.MESSAGE_MAX_EVENTS` events, as even as can
+    be (120 -> 40, 40, 40; 81 -> 27, 27, 27), each a message of its own in the outbox,
+    so that each fits its channel and is sent and recorded on its own."""
+    if not grouped(count, group_over):
+        return None
+    parts = -(-count // MESSAGE_MAX_EVENTS)
+    size, extra = divmod(count, parts)
+    return [size + 1 if number < extra else size for number in range(parts)]
+
+
+def summarize(events: Sequence[AlertEvent], part: Part | None = None) -> str:
+    """One line naming a message, for `history` and logs (no secrets in events), and
+    storable: its names may come from a server (:func:`~invoice_watch.safe_text.
+    one_line`)."""
+    if len(events) == 1:
+        e = events[0]
+        parts = [str(e.kind), e.rule, e.org_name]
+        if e.invoice_id:
+            parts.append(e.invoice_id)
+        return one_line(" ".join(parts))
+    return group_summary(len(events), part)
+
+
+def group_summary(count: int, part: Part | None) -> str:
+    """The summary of a grouped message of ``count`` events (``part``: which part)."""
+    return f"{count} alerts (grouped, {part})" if part else f"{count} alerts (grouped)"

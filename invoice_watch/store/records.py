@@ -1,0 +1,110 @@
+"""What the state holds, as plain values: every backend reads and writes these, and
+nothing in them names a database.
+
+- :class:`AlertState`: one alert's entry in the notification log (Alertmanager's
+  ``nflog``): whether it fires, since when, when people last heard of it, and where.
+- :class:`OrgState`: one configured organization's read state (last attempt, last
+  success, failing since, invoices held).
+- :class:`OrgWrite`: what one organization's read changes in the snapshot.
+- :class:`Delivery`: one outbox message due; :class:`OutboxRow`: one as the operator
+  commands list it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from invoice_watch.types import AlertEvent, Invoice, Part
+
+
+@dataclass(frozen=True, slots=True)
+class AlertState:
+    """The stored state of one alert (its entry in the notification log)."""
+
+    key: str
+    rule: str
+    org_id: str
+    source_org_id: str
+    invoice_id: str | None
+    firing: bool
+    firing_since: datetime
+    last_notified: datetime | None
+    resolved_at: datetime | None = None
+    # The last event sent for it, so a RESOLVED message can say what had fired.
+    last_event: AlertEvent | None = None
+    # The notifiers its messages went to (its FIRING's, and those its reminders added):
+    # a RESOLVED or REMINDER goes to them too, whatever the rule's `notify` says now
+    # (:func:`~invoice_watch.dedup.recipients`); () for an alert stored before they were
+    # remembered.
+    notifiers: tuple[str, ...] = ()
+    # Its rule's send_resolved when it fired: whether a RESOLVED is sent once the rule
+    # is gone from the configuration.
+    send_resolved: bool = True
+
+
+@dataclass(frozen=True)
+class OrgState:
+    """One configured organization's read state (times are wall-clock, aware)."""
+
+    org_id: str
+    last_attempt: datetime | None = None
+    last_success: datetime | None = None
+    failing_since: datetime | None = None
+    last_error: str | None = None
+    invoice_count: int = 0
+
+
+@dataclass
+class OrgWrite:
+    """What one organization's read changes in the snapshot."""
+
+    org_id: str
+    ok: bool
+    upserts: list[Invoice] = field(default_factory=list)
+    gone: list[str] = field(default_factory=list)
+    observations: list[tuple[str, int]] = field(default_factory=list)  # pending amounts seen
+    error: str | None = None
+    # Invoices another configured organization lists too (a linked one: in its own
+    # organization's listing and in its payer's), as this read found them changed: that
+    # organization's stored copy (``source_org_id``: that organization) is updated with
+    # it, when it still holds one, so that the next read through it is no news.
+    mirrors: list[Invoice] = field(default_factory=list)
+
+    @property
+    def changes_snapshot(self) -> bool:
+        return bool(self.upserts or self.gone or self.observations or self.mirrors)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One outbox message due: ``id`` is its row's (a group's leader's), ``part`` which
+    part it is of a group split for size (None when whole), ``last_error`` what its last
+    attempt met (as stored: :func:`~invoice_watch.store.encoding.outbox_error`), ``owed``
+    the recipients within the notifier still owed it when an attempt reached only some
+    (None: all of them)."""
+
+    id: int
+    notifier: str
+    events: list[AlertEvent]
+    created_at: datetime
+    attempts: int
+    part: Part | None = None
+    last_error: str | None = None
+    owed: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class OutboxRow:
+    """One outbox message as ``status`` and ``history`` list it (a grouped message's
+    leader stands for the group)."""
+
+    id: int
+    notifier: str
+    summary: str
+    created_at: datetime
+    state: str
+    attempts: int
+    next_attempt_at: datetime
+    last_error: str | None
+    done_at: datetime | None

@@ -1,0 +1,431 @@
+"""The outbox in the SQLite state file: one row per event and notifier (``outbox``).
+
+A running cycle's rows are held (state ``held``, tagged with the cycle) and released when
+it ends, or while it runs (:meth:`SqliteOutbox.release`): per notifier one by one, or,
+above ``group_over``, as grouped messages (:func:`~invoice_watch.store.grouping.
+message_parts`), each led by its first row (``grp`` = the leader's id) so that grouping
+rewrites nothing. Delivery reads the due messages, and marks each sent, failed, or to be
+retried; retention deletes those done long ago. The outbox is not cached: delivery reads
+it a bounded batch at a time.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import sys
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from datetime import datetime
+from typing import Any, TypeVar
+
+from invoice_watch.constants import MESSAGE_MAX_EVENTS
+from invoice_watch.store.encoding import event_json, outbox_error, owed_of
+from invoice_watch.store.grouping import group_summary, message_parts, summarize
+from invoice_watch.store.protocols import AlertChange
+from invoice_watch.store.records import Delivery, OutboxRow
+from invoice_watch.store.sqlite.database import Database
+from invoice_watch.types import Part, events_from_json
+
+T = TypeVar("T")
+
+# A row that is a message of its own, or leads a group (the others follow it).
+_MESSAGE = "(grp IS NULL OR grp = id)"
+
+
+def _dt(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value) if value else None
+
+
+def _group(
+    conn: sqlite3.Connection, ids: Sequence[int], sizes: Sequence[int], now: str | None
+) -> None:
+    """Make the rows ``ids`` (in order) grouped messages of ``sizes`` (at most
+    MESSAGE_MAX_EVENTS each): each part led by its first row, pending (due ``now`` when
+    given, else when it already was)."""
+    start = 0
+    for number, size in enumerate(sizes, 1):
+        members = ids[start : start + size]
+        start += size
+        first = members[0]
+        marks = ",".join("?" * len(members))
+        if now is None:
+            conn.execute(f"UPDATE outbox SET grp=? WHERE id IN ({marks})", (first, *members))
+        else:
+            conn.execute(
+                f"UPDATE outbox SET state='pending', grp=?, next_attempt_at=? "
+                f"WHERE id IN ({marks})",
+                (first, now, *members),
+            )
+        part = Part(number, len(sizes)) if len(sizes) > 1 else None
+        conn.execute("UPDATE outbox SET summary=? WHERE id=?", (group_summary(size, part), first))
+
+
+def _part_of(
+    conn: sqlite3.Connection, leader: int, cycle: int | None, notifier: str
+) -> Part | None:
+    """Which part the grouped message led by ``leader`` is of its cycle's grouped
+    messages to ``notifier`` (None: the only one). A cycle's rows are numbered together
+    (cycles commit one after another, and nothing else adds rows), so its parts lie
+    between the nearest rows of other cycles: found by rowid, without a scan."""
+    before = conn.execute(
+        "SELECT id FROM outbox WHERE id < ? AND cycle IS NOT ? ORDER BY id DESC LIMIT 1",
+        (leader, cycle),
+    ).fetchone()
+    after = conn.execute(
+        "SELECT id FROM outbox WHERE id > ? AND cycle IS NOT ? ORDER BY id LIMIT 1",
+        (leader, cycle),
+    ).fetchone()
+    leaders = [
+        row[0]
+        for row in conn.execute(
+            "SELECT id FROM outbox WHERE id > ? AND id < ? AND cycle IS ? AND notifier=? "
+            "AND grp=id ORDER BY id",
+            (before[0] if before else 0, after[0] if after else sys.maxsize, cycle, notifier),
+        )
+    ]
+    if len(leaders) < 2 or leader not in leaders:
+        return None
+    return Part(leaders.index(leader) + 1, len(leaders))
+
+
+class SqliteOutbox:
+    """The outbox (:class:`~invoice_watch.store.protocols.Outbox`)."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    # -- holding and releasing (in a transaction of the unit of work) ----------------
+
+    @staticmethod
+    def hold(
+        conn: sqlite3.Connection,
+        cycle: int,
+        transitions: Iterable[AlertChange],
+        routes: Mapping[str, Sequence[str]],
+        now: str,
+        written: Mapping[int, str],
+    ) -> None:
+        """The transitions' events, held by ``cycle``: one row per notifier
+        (``written``: the JSON already made of an event, by ``id(event)``)."""
+        rows: list[tuple[str, str, str, str, str, int]] = []
+        for t in transitions:
+            event = t.event
+            if event is None:
+                continue
+            text = written.get(id(event))
+            events = f"[{text if text is not None else event_json(event)}]"
+            summary = summarize((event,))
+            # The notifiers its alert's messages go to (dedup.recipients); the rule's
+            # route for a transition made without them.
+            notifiers = t.state.notifiers or routes.get(event.rule, ())
+            rows.extend((notifier, events, summary, now, now, cycle) for notifier in notifiers)
+        conn.executemany(
+            "INSERT INTO outbox (notifier, events, summary, created_at, next_attempt_at, "
+            "state, cycle) VALUES (?,?,?,?,?,'held',?)",
+            rows,
+        )
+
+    @staticmethod
+    def retag(conn: sqlite3.Connection, cycle: int, tag: int) -> None:
+        """The rows ``cycle`` holds so far are held by ``tag`` now."""
+        conn.execute("UPDATE outbox SET cycle=? WHERE state='held' AND cycle=?", (tag, cycle))
+
+    @staticmethod
+    def release(
+        conn: sqlite3.Connection,
+        group_over: int,
+        now: str,
+        cycle: int | None = None,
+        *,
+        only: bool = False,
+    ) -> int:
+        """Release held rows (of every cycle, or of ``cycle`` ``only``; ``cycle``'s own
+        count is returned, or all of them). More than ``group_over`` of one cycle for one
+        notifier become grouped messages (:func:`message_parts`): the first row of each
+        leads it (its summary says so), the others follow (``grp``), and they are sent,
+        retried and marked together, in order; the parts of a group go in order, each on
+        its own."""
+        counted = 0
+        if only:
+            groups = conn.execute(
+                "SELECT cycle, notifier, COUNT(*) FROM outbox WHERE state='held' AND "
+                "cycle=? GROUP BY notifier",
+                (cycle,),
+            ).fetchall()
+        else:
+            groups = conn.execute(
+                "SELECT cycle, notifier, COUNT(*) FROM outbox WHERE state='held' "
+                "GROUP BY cycle, notifier"
+            ).fetchall()
+        for held_by, notifier, count in groups:
+            if cycle is None or held_by == cycle:
+                counted += count
+            where = "state='held' AND cycle IS ? AND notifier=?"
+            sizes = message_parts(count, group_over)
+            if sizes is None:
+                conn.execute(
+                    f"UPDATE outbox SET state='pending' WHERE {where}", (held_by, notifier)
+                )
+                continue
+            ids = [
+                row[0]
+                for row in conn.execute(
+                    f"SELECT id FROM outbox WHERE {where} ORDER BY id", (held_by, notifier)
+                )
+            ]
+            _group(conn, ids, sizes, now)
+        return counted
+
+    @staticmethod
+    def split_oversized(conn: sqlite3.Connection) -> None:
+        """Split each pending group larger than a message may be into parts (written
+        by an earlier version)."""
+        oversized = conn.execute(
+            "SELECT grp FROM outbox WHERE grp IS NOT NULL AND state='pending' "
+            "GROUP BY grp HAVING COUNT(*) > ?",
+            (MESSAGE_MAX_EVENTS,),
+        ).fetchall()
+        for (leader,) in oversized:
+            rows = conn.execute("SELECT id FROM outbox WHERE grp=? ORDER BY id", (leader,))
+            ids = [row[0] for row in rows]
+            sizes = message_parts(len(ids), 1)
+            assert sizes is not None
+            _group(conn, ids, sizes, None)
+
+    # -- delivery --------------------------------------------------------------------
+
+    async def due(
+        self, now: datetime, limit: int = 100, *, exclude: Collection[int] = ()
+    ) -> list[Delivery]:
+        """The pending messages due at ``now``, oldest first, but for those ``exclude``
+        names (by id: messages whose outcome is not recorded yet)."""
+        skip = sorted(exclude)
+        marks = ",".join("?" * len(skip))
+
+        def query(conn: sqlite3.Connection) -> list[Delivery]:
+            rows = conn.execute(
+                "SELECT id, notifier, events, created_at, attempts, grp, cycle, last_error "
+                f"FROM outbox WHERE state='pending' AND next_attempt_at <= ? AND {_MESSAGE} "
+                f"AND id NOT IN ({marks}) ORDER BY id LIMIT ?",
+                (now.isoformat(), *skip, limit),
+            ).fetchall()
+            out = []
+            for row in rows:
+                created = _dt(row[3])
+                assert created is not None
+                events = events_from_json(row[2])
+                part = None
+                if row[5] is not None:  # a group: its leader's events, then the others'
+                    for (more,) in conn.execute(
+                        "SELECT events FROM outbox WHERE grp=? AND id!=? ORDER BY id",
+                        (row[0], row[0]),
+                    ):
+                        events.extend(events_from_json(more))
+                    part = _part_of(conn, row[0], row[6], row[1])
+                owed = owed_of(row[7])
+                out.append(Delivery(row[0], row[1], events, created, row[4], part, row[7], owed))
+            return out
+
+        return await self._read(query)
+
+    async def waiting_since(self, limit: int = 10_000) -> list[datetime]:
+        """When the messages waiting (held or pending) were created: each distinct time
+        once, oldest first, at most ``limit`` of them."""
+
+        def query(conn: sqlite3.Connection) -> list[datetime]:
+            rows = conn.execute(
+                "SELECT DISTINCT created_at FROM outbox WHERE state IN ('held', 'pending') "
+                f"AND {_MESSAGE} ORDER BY created_at LIMIT ?",
+                (limit,),
+            )
+            return [when for (text,) in rows if (when := _dt(text)) is not None]
+
+        return await self._read(query)
+
+    async def next_attempt_at(self) -> datetime | None:
+        def query(conn: sqlite3.Connection) -> datetime | None:
+            row = conn.execute(
+                "SELECT MIN(next_attempt_at) FROM outbox WHERE state='pending'"
+            ).fetchone()
+            return _dt(row[0]) if row else None
+
+        return await self._read(query)
+
+    async def bound_schedule(self, now: datetime, latest: datetime) -> int:
+        """Make every pending message scheduled after ``latest`` due ``now``: a retry is
+        never further away than ``delivery.max_backoff``, so a later one was scheduled by
+        a wall clock that has since been set back (an NTP fix, a VM restore), or before a
+        reload shortened ``max_backoff``. Returns how many were brought forward."""
+
+        def run(conn: sqlite3.Connection) -> int:
+            return conn.execute(
+                "UPDATE outbox SET next_attempt_at=? WHERE state='pending' AND next_attempt_at > ?",
+                (now.isoformat(), latest.isoformat()),
+            ).rowcount
+
+        return await self._db.write(run, "update the outbox")
+
+    async def mark_sent(self, delivery_id: int, now: datetime) -> None:
+        await self._update(
+            (
+                "UPDATE outbox SET state='sent', attempts=attempts+1, done_at=?, "
+                "last_error=NULL WHERE id=? OR grp=?",
+                (now.isoformat(), delivery_id, delivery_id),
+            )
+        )
+
+    async def mark_retry(
+        self,
+        delivery_id: int,
+        next_attempt_at: datetime,
+        error: str,
+        owed: Sequence[str] | None = None,
+        *,
+        hold: bool = True,
+    ) -> None:
+        """Schedule the row's next attempt (for the recipients ``owed``, when some got it
+        already: :func:`~invoice_watch.store.encoding.outbox_error`); the same
+        notifier's other pending rows that were due earlier wait until then too
+        (``hold``; not when the failure was only some recipients')."""
+        at = next_attempt_at.isoformat()
+        statements: list[tuple[str, tuple[Any, ...]]] = [
+            (
+                "UPDATE outbox SET attempts=attempts+1, next_attempt_at=?, last_error=? "
+                "WHERE id=? OR grp=?",
+                (at, outbox_error(error, owed), delivery_id, delivery_id),
+            )
+        ]
+        if hold:
+            statements.append(self._defer_notifier(delivery_id, at))
+        await self._update(*statements)
+
+    async def postpone(
+        self, delivery_id: int, until: datetime, error: str, owed: Sequence[str] | None = None
+    ) -> None:
+        """Look at the row again at ``until``, as :meth:`mark_retry` does, but without
+        counting an attempt: none was made (its notifier is not configured)."""
+        at = until.isoformat()
+        await self._update(
+            (
+                "UPDATE outbox SET next_attempt_at=?, last_error=? WHERE id=? OR grp=?",
+                (at, outbox_error(error, owed), delivery_id, delivery_id),
+            ),
+            self._defer_notifier(delivery_id, at),
+        )
+
+    @staticmethod
+    def _defer_notifier(delivery_id: int, at: str) -> tuple[str, tuple[Any, ...]]:
+        """The statement that makes the row's notifier's other pending rows due at
+        ``at`` at the earliest."""
+        return (
+            "UPDATE outbox SET next_attempt_at=? WHERE state='pending' AND "
+            "notifier=(SELECT notifier FROM outbox WHERE id=?) AND next_attempt_at<?",
+            (at, delivery_id, at),
+        )
+
+    async def mark_failed(
+        self, delivery_id: int, now: datetime, error: str, owed: Sequence[str] | None = None
+    ) -> None:
+        """Mark the message failed (for the recipients ``owed`` only, when some got it)."""
+        await self._update(
+            (
+                "UPDATE outbox SET state='failed', attempts=attempts+1, done_at=?, "
+                "last_error=? WHERE id=? OR grp=?",
+                (now.isoformat(), outbox_error(error, owed), delivery_id, delivery_id),
+            )
+        )
+
+    async def make_due(self, notifiers: Collection[str], now: datetime) -> int:
+        """Make every pending message for ``notifiers`` due ``now`` (a notifier configured
+        again); returns how many."""
+        names = sorted(notifiers)
+        marks = ",".join("?" * len(names))
+
+        def run(conn: sqlite3.Connection) -> int:
+            return conn.execute(
+                f"UPDATE outbox SET next_attempt_at=? WHERE state='pending' "
+                f"AND notifier IN ({marks})",
+                (now.isoformat(), *names),
+            ).rowcount
+
+        return await self._db.write(run, "update the outbox")
+
+    async def pending_by_notifier(self) -> dict[str, int]:
+        """How many messages are pending, per notifier."""
+
+        def query(conn: sqlite3.Connection) -> dict[str, int]:
+            rows = conn.execute(
+                f"SELECT notifier, COUNT(*) FROM outbox WHERE state='pending' AND {_MESSAGE} "
+                "GROUP BY notifier"
+            )
+            return {notifier: count for notifier, count in rows}
+
+        return await self._read(query)
+
+    async def _update(self, *statements: tuple[str, tuple[Any, ...]]) -> None:
+        """Run outbox updates in one transaction."""
+
+        def run(conn: sqlite3.Connection) -> None:
+            for sql, params in statements:
+                conn.execute(sql, params)
+
+        await self._db.write(run, "update the outbox")
+
+    async def _read(self, query: Callable[[sqlite3.Connection], T]) -> T:
+        return await self._db.read(query, f"the outbox of state file {self._db.name}")
+
+    # -- for the operator ------------------------------------------------------------
+
+    async def counts(self) -> dict[str, int]:
+        def query(conn: sqlite3.Connection) -> dict[str, int]:
+            rows = conn.execute(
+                f"SELECT state, COUNT(*) FROM outbox WHERE {_MESSAGE} GROUP BY state"
+            )
+            return {state: count for state, count in rows}
+
+        return await self._read(query)
+
+    async def messages(self, states: Iterable[str], limit: int = 50) -> list[OutboxRow]:
+        wanted = tuple(states)
+        marks = ",".join("?" * len(wanted))
+
+        def query(conn: sqlite3.Connection) -> list[OutboxRow]:
+            rows = conn.execute(
+                "SELECT id, notifier, summary, created_at, state, attempts, next_attempt_at, "
+                f"last_error, done_at FROM outbox WHERE state IN ({marks}) AND {_MESSAGE} "
+                "ORDER BY id DESC LIMIT ?",
+                (*wanted, limit),
+            ).fetchall()
+            result = []
+            for r in rows:
+                created, next_at = _dt(r[3]), _dt(r[6])
+                assert created is not None and next_at is not None
+                result.append(
+                    OutboxRow(r[0], r[1], r[2], created, r[4], r[5], next_at, r[7], _dt(r[8]))
+                )
+            return result
+
+        return await self._read(query)
+
+    # -- retention (in a transaction of the unit of work) ----------------------------
+
+    @staticmethod
+    def prune(conn: sqlite3.Connection, cutoff: str, limit: int) -> int:
+        """Delete messages sent or failed before ``cutoff`` (a grouped one whole; at most
+        ``limit``); pending and held ones are never touched. Returns how many rows."""
+        done = [
+            row[0]
+            for row in conn.execute(
+                "SELECT id FROM outbox WHERE state IN ('sent', 'failed') "
+                f"AND next_attempt_at < ? AND done_at < ? AND {_MESSAGE} LIMIT ?",
+                (cutoff, cutoff, limit),
+            )
+        ]
+        deleted = 0
+        for start in range(0, len(done), 400):
+            chunk = done[start : start + 400]
+            marks = ",".join("?" * len(chunk))
+            deleted += conn.execute(
+                f"DELETE FROM outbox WHERE id IN ({marks}) OR grp IN ({marks})",
+                (*chunk, *chunk),
+            ).rowcount
+        return deleted

@@ -1,0 +1,340 @@
+"""The snapshot in the SQLite state file: the invoices each configured organization
+listed (``invoices``, one row per organization that lists it), the pending amounts seen
+(``amount_history``), and each organization's read state (``orgs``).
+
+Cached in memory from the opening on, and updated only once a transaction committed
+(:meth:`SqliteSnapshot.apply`): the cycle reads it per invoice. Of the settled invoices
+(final, and watched by no rule) only a key each is kept in memory, the file keeping them
+whole (:class:`~invoice_watch.types.Snapshot`); :meth:`SqliteSnapshot.stored_invoices`
+reads them back.
+"""
+
+from __future__ import annotations
+
+import functools
+import sqlite3
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from invoice_watch.constants import FINAL_STATUSES
+from invoice_watch.safe_text import storable
+from invoice_watch.store.encoding import ERROR_MAX
+from invoice_watch.store.records import OrgState, OrgWrite
+from invoice_watch.store.sqlite.database import Database
+from invoice_watch.types import Invoice, Snapshot, instant
+
+_INVOICE_COLUMNS = (
+    "id, org_id, source_org_id, status, start_date, end_date, amount_billed_cents, "
+    "amount_paid_cents, credits_cents, sales_tax_cents, starting_balance_cents, "
+    "subtotal_cents, created, updated"
+)
+
+
+def _dt(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value) if value else None
+
+
+# Invoices share their period bounds: this remembers the last few thousand conversions
+# (keyed with the UTC offset, which the text shows and equality ignores), so that each is
+# done once; types.instant does the same the other way.
+@functools.lru_cache(maxsize=4096)
+def _iso(value: datetime, offset: timedelta | None) -> str:
+    return value.isoformat()
+
+
+def _invoice_row(invoice: Invoice) -> tuple[Any, ...]:
+    created, updated = invoice.created, invoice.updated
+    return (
+        invoice.id,
+        invoice.org_id,
+        invoice.source_org_id,
+        invoice.status,
+        _iso(invoice.start_date, invoice.start_date.utcoffset()),
+        _iso(invoice.end_date, invoice.end_date.utcoffset()),
+        invoice.amount_billed_cents,
+        invoice.amount_paid_cents,
+        invoice.credits_cents,
+        invoice.sales_tax_cents,
+        invoice.starting_balance_cents,
+        invoice.subtotal_cents,
+        None if created is None else _iso(created, created.utcoffset()),
+        None if updated is None else _iso(updated, updated.utcoffset()),
+    )
+
+
+def _invoice_from_row(row: Sequence[Any]) -> Invoice:
+    """A stored invoice, its strings and amounts shared where equal (thousands of
+    invoices share an organization and a status; billed and paid are often equal)."""
+    amounts: dict[int, int] = {}
+    billed, paid, credits, tax, balance, subtotal = (
+        amounts.setdefault(value, value) for value in row[6:12]
+    )
+    return Invoice(
+        id=row[0],
+        org_id=sys.intern(row[1]),
+        source_org_id=sys.intern(row[2]),
+        status=sys.intern(row[3]),
+        start_date=instant(row[4]),
+        end_date=instant(row[5]),
+        amount_billed_cents=billed,
+        amount_paid_cents=paid,
+        credits_cents=credits,
+        sales_tax_cents=tax,
+        starting_balance_cents=balance,
+        subtotal_cents=subtotal,
+        created=instant(row[12]) if row[12] else None,
+        updated=instant(row[13]) if row[13] else None,
+    )
+
+
+class SqliteSnapshot:
+    """The snapshot (:class:`~invoice_watch.store.protocols.SnapshotRepository`) and its
+    cache. ``settles``: the statuses kept settled in memory."""
+
+    def __init__(self, db: Database, settles: frozenset[str] = FINAL_STATUSES) -> None:
+        self._db = db
+        self._settles = settles
+        self._snapshot: dict[str, Snapshot] = {}
+        self._history: dict[str, list[tuple[datetime, int]]] = {}
+        self._orgs: dict[str, OrgState] = {}
+        # Linked organization -> the configured organization whose listing showed its
+        # invoices nested (its payer), as the snapshot has ever held them.
+        self._payers: dict[str, str] = {}
+
+    # -- loading (in the database's thread) ------------------------------------------
+
+    def load(self, conn: sqlite3.Connection) -> None:
+        self._snapshot = self._load_snapshot(conn)
+        self._history = {}
+        for invoice_id, observed_at, cents in conn.execute(
+            "SELECT invoice_id, observed_at, amount_cents FROM amount_history "
+            "ORDER BY invoice_id, observed_at"
+        ):
+            at = _dt(observed_at)
+            assert at is not None
+            self._history.setdefault(invoice_id, []).append((at, cents))
+        self._orgs = {}
+        for row in conn.execute(
+            "SELECT org_id, last_attempt, last_success, failing_since, last_error, "
+            "invoice_count FROM orgs"
+        ):
+            self._orgs[row[0]] = OrgState(
+                row[0], _dt(row[1]), _dt(row[2]), _dt(row[3]), row[4], row[5]
+            )
+
+    def _load_snapshot(self, conn: sqlite3.Connection) -> dict[str, Snapshot]:
+        live: dict[str, dict[str, Invoice]] = {}
+        settled: dict[str, dict[str, int]] = {}
+        payers = self._payers
+        for row in conn.execute(f"SELECT {_INVOICE_COLUMNS} FROM invoices"):
+            invoice = _invoice_from_row(row)
+            if invoice.org_id != invoice.source_org_id:
+                payers[invoice.org_id] = invoice.source_org_id
+            if invoice.status in self._settles:
+                settled.setdefault(invoice.source_org_id, {})[invoice.id] = invoice.settled_key()
+            else:
+                live.setdefault(invoice.source_org_id, {})[invoice.id] = invoice
+        return {
+            org_id: Snapshot(live.get(org_id, {}), settled.get(org_id, {}), self._settles)
+            for org_id in live.keys() | settled.keys()
+        }
+
+    # -- what the cycle reads (cached) -----------------------------------------------
+
+    def get(self, org_id: str) -> Snapshot:
+        snapshot = self._snapshot.get(org_id)
+        return snapshot if snapshot is not None else Snapshot(settles=self._settles)
+
+    def org_state(self, org_id: str) -> OrgState:
+        return self._orgs.get(org_id) or OrgState(org_id)
+
+    def org_states(self) -> list[OrgState]:
+        return sorted(self._orgs.values(), key=lambda o: o.org_id)
+
+    def history(self, invoice_id: str) -> list[tuple[datetime, int]]:
+        return self._history.get(invoice_id, [])
+
+    def payers(self) -> Mapping[str, str]:
+        """Linked organization -> the organization that pays for it: whose listing
+        showed its invoices nested (``linkedInvoices``), as the state file held them when
+        opened or a read has shown them since (never forgotten while the process runs)."""
+        return self._payers
+
+    def invoice_count(self) -> int:
+        """Invoices in the snapshot (one listed by two configured organizations twice)."""
+        return sum(len(snapshot) for snapshot in self._snapshot.values())
+
+    async def settle(self, statuses: frozenset[str]) -> None:
+        """Keep invoices of these statuses settled from now on (a configuration reload
+        changed what the rules watch): the snapshot is read again from the file."""
+        if statuses == self._settles:
+            return
+
+        def load(conn: sqlite3.Connection) -> dict[str, Snapshot]:
+            self._settles = statuses
+            return self._load_snapshot(conn)
+
+        self._snapshot = await self._db.read(load, f"state file {self._db.name}")
+
+    async def stored_invoices(
+        self, org_id: str | None = None, ids: Sequence[str] | None = None
+    ) -> list[Invoice]:
+        """Invoices as the state file holds them: every one, one configured
+        organization's (``org_id``), or some of its (``ids``)."""
+
+        def query(conn: sqlite3.Connection) -> list[Invoice]:
+            sql = f"SELECT {_INVOICE_COLUMNS} FROM invoices"
+            if org_id is None:
+                return [_invoice_from_row(row) for row in conn.execute(sql)]
+            sql += " WHERE source_org_id=?"
+            if ids is None:
+                return [_invoice_from_row(row) for row in conn.execute(sql, (org_id,))]
+            found: list[Invoice] = []
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                rows = conn.execute(
+                    f"{sql} AND id IN ({','.join('?' * len(chunk))})", (org_id, *chunk)
+                )
+                found.extend(_invoice_from_row(row) for row in rows)
+            return found
+
+        return await self._db.read(query, f"state file {self._db.name}")
+
+    # -- writing (in a transaction of the unit of work) ------------------------------
+
+    def write(self, conn: sqlite3.Connection, orgs: Iterable[OrgWrite], now: str) -> None:
+        """Organizations' reads: their invoices, amount observations and read state."""
+        for org in orgs:
+            if not org.ok:
+                conn.execute(
+                    "INSERT INTO orgs (org_id, last_attempt, failing_since, last_error) "
+                    "VALUES (?,?,?,?) ON CONFLICT (org_id) DO UPDATE SET "
+                    "last_attempt=excluded.last_attempt, "
+                    "failing_since=COALESCE(orgs.failing_since, excluded.failing_since), "
+                    "last_error=excluded.last_error",
+                    (
+                        org.org_id,
+                        now,
+                        now,
+                        None if org.error is None else storable(org.error, ERROR_MAX),
+                    ),
+                )
+                continue
+            before = self.get(org.org_id)
+            if org.upserts:
+                conn.executemany(
+                    f"INSERT INTO invoices ({_INVOICE_COLUMNS}, first_seen, last_changed) "
+                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+                    "ON CONFLICT (source_org_id, id) DO UPDATE SET org_id=excluded.org_id, "
+                    "status=excluded.status, "
+                    "start_date=excluded.start_date, end_date=excluded.end_date, "
+                    "amount_billed_cents=excluded.amount_billed_cents, "
+                    "amount_paid_cents=excluded.amount_paid_cents, "
+                    "credits_cents=excluded.credits_cents, "
+                    "sales_tax_cents=excluded.sales_tax_cents, "
+                    "starting_balance_cents=excluded.starting_balance_cents, "
+                    "subtotal_cents=excluded.subtotal_cents, created=excluded.created, "
+                    "updated=excluded.updated, last_changed=excluded.last_changed",
+                    ((*_invoice_row(i), now, now) for i in org.upserts),
+                )
+                finished = [
+                    (i.id,) for i in org.upserts if i.status != "PENDING" and i.id in self._history
+                ]
+                conn.executemany("DELETE FROM amount_history WHERE invoice_id=?", finished)
+            if org.gone:
+                conn.executemany(
+                    "DELETE FROM invoices WHERE source_org_id=? AND id=?",
+                    [(org.org_id, g) for g in org.gone],
+                )
+                conn.executemany(
+                    "DELETE FROM amount_history WHERE invoice_id=?",
+                    [(g,) for g in org.gone if not self._listed_elsewhere(org.org_id, g)],
+                )
+            if org.mirrors:  # only the copies another organization still holds
+                conn.executemany(
+                    "UPDATE invoices SET org_id=?, status=?, start_date=?, end_date=?, "
+                    "amount_billed_cents=?, amount_paid_cents=?, credits_cents=?, "
+                    "sales_tax_cents=?, starting_balance_cents=?, subtotal_cents=?, "
+                    "created=?, updated=?, last_changed=? WHERE source_org_id=? AND id=?",
+                    (
+                        (row[1], *row[3:], now, row[2], row[0])
+                        for row in map(_invoice_row, org.mirrors)
+                    ),
+                )
+            conn.executemany(
+                "INSERT OR REPLACE INTO amount_history VALUES (?,?,?)",
+                [(invoice_id, now, cents) for invoice_id, cents in org.observations],
+            )
+            count = len(before) + sum(1 for i in org.upserts if i.id not in before) - len(org.gone)
+            conn.execute(
+                "INSERT INTO orgs (org_id, last_attempt, last_success, failing_since, "
+                "last_error, invoice_count) VALUES (?,?,?,NULL,NULL,?) "
+                "ON CONFLICT (org_id) DO UPDATE SET last_attempt=excluded.last_attempt, "
+                "last_success=excluded.last_success, failing_since=NULL, last_error=NULL, "
+                "invoice_count=excluded.invoice_count",
+                (org.org_id, now, now, count),
+            )
+
+    def _listed_elsewhere(self, org_id: str, invoice_id: str) -> bool:
+        """Whether another configured organization still lists the invoice (a linked
+        invoice, in its payer's listing too): its amount history is theirs as well."""
+        return any(
+            invoice_id in snapshot for other, snapshot in self._snapshot.items() if other != org_id
+        )
+
+    def apply(self, orgs: Iterable[OrgWrite], at: datetime) -> None:
+        """Bring the cache in line with what was just committed."""
+        for org in orgs:
+            before = self._orgs.get(org.org_id) or OrgState(org.org_id)
+            if not org.ok:
+                self._orgs[org.org_id] = OrgState(
+                    org.org_id,
+                    last_attempt=at,
+                    last_success=before.last_success,
+                    failing_since=before.failing_since or at,
+                    last_error=org.error,
+                    invoice_count=before.invoice_count,
+                )
+                continue
+            current = self._snapshot[org.org_id] = self.get(org.org_id).updated(
+                org.upserts, org.gone
+            )
+            for invoice in org.upserts:
+                if invoice.status != "PENDING":
+                    self._history.pop(invoice.id, None)
+                if invoice.org_id != org.org_id:
+                    self._payers[invoice.org_id] = org.org_id
+            for mirror in org.mirrors:
+                holder = self._snapshot.get(mirror.source_org_id)
+                if holder is not None and mirror.id in holder:
+                    self._snapshot[mirror.source_org_id] = holder.updated([mirror], ())
+            for invoice_id in org.gone:
+                if not self._listed_elsewhere(org.org_id, invoice_id):
+                    self._history.pop(invoice_id, None)
+            for invoice_id, cents in org.observations:
+                self._history.setdefault(invoice_id, []).append((at, cents))
+            self._orgs[org.org_id] = OrgState(org.org_id, at, at, None, None, len(current))
+
+    # -- retention -------------------------------------------------------------------
+
+    @staticmethod
+    def prune(conn: sqlite3.Connection, cutoff: str, limit: int) -> int:
+        """Delete amount observations made before ``cutoff`` but each invoice's newest
+        one made before (at most ``limit``); returns how many."""
+        return conn.execute(
+            "DELETE FROM amount_history WHERE rowid IN (SELECT h.rowid FROM "
+            "amount_history h WHERE h.observed_at < ? AND EXISTS (SELECT 1 FROM "
+            "amount_history n WHERE n.invoice_id = h.invoice_id "
+            "AND n.observed_at > h.observed_at AND n.observed_at < ?) LIMIT ?)",
+            (cutoff, cutoff, limit),
+        ).rowcount
+
+    def pruned(self, before: datetime) -> None:
+        """Bring the cache in line with :meth:`prune`'s commit."""
+        for invoice_id, observed in list(self._history.items()):
+            if len(observed) > 1 and observed[1][0] < before:
+                kept = [o for o in observed if o[0] >= before]
+                older = [o for o in observed if o[0] < before]
+                self._history[invoice_id] = [older[-1], *kept]
