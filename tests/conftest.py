@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 import yaml
 
 from invoice_watch import constants, redact
 from invoice_watch.config import Config, load
+from invoice_watch.store import Store, open_copy, open_store
 from invoice_watch.types import Invoice
 
 # Fixtures test modules share: the SMTP sink (aiosmtpd on 127.0.0.1), the `world` of the
@@ -62,6 +63,42 @@ def clean_environ(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(constants, "SERVICE_STATE_PATH", NO_SERVICE_STATE)
     yield
+
+
+class OpenState(Protocol):
+    """The ``open_state`` fixture: ``await open_state(path)`` opens a state as the daemon
+    does, ``exclusive=False`` as an operator command does, ``copy=True`` as --dry-run
+    does (:func:`~invoice_watch.store.open_copy`); ``path`` None: ``tmp_path/state.db``."""
+
+    def __call__(
+        self, path: Path | None = None, *, exclusive: bool = True, copy: bool = False
+    ) -> Awaitable[Store]: ...
+
+
+@pytest.fixture
+async def open_state(tmp_path: Path) -> AsyncIterator[OpenState]:
+    """Opens states for a test and closes each after it (closing one the test closed
+    already does nothing): no test opens and closes a state by hand."""
+    opened: list[Store] = []
+
+    async def open_(
+        path: Path | None = None, *, exclusive: bool = True, copy: bool = False
+    ) -> Store:
+        where = tmp_path / "state.db" if path is None else path
+        state = await (open_copy(where) if copy else open_store(where, exclusive=exclusive))
+        opened.append(state)
+        return state
+
+    yield open_
+    for state in reversed(opened):
+        await state.close()
+
+
+@pytest.fixture
+async def store(open_state: OpenState) -> Store:
+    """A new state, the daemon's (``tmp_path/state.db``), closed after the test: what the
+    store tests take, so that another backend runs them by parametrizing this."""
+    return await open_state()
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

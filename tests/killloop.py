@@ -48,7 +48,7 @@ from aiohttp import web
 
 from invoice_watch.simulator import Simulator
 from invoice_watch.simulator.scenario import Scenario
-from invoice_watch.store.sqlite import SqliteStore
+from invoice_watch.store import open_store
 from tests.fakes_slack import FakeSlack, Route
 
 PROD = "5f8a1c2e9b3d4a6f7e0c1b2a"
@@ -306,7 +306,7 @@ def compare(expected: list[Event], delivered: list[Event], kills: int) -> list[s
 
 
 async def check_state(state_path: Path, sim: Simulator) -> list[str]:
-    store = await SqliteStore.open(state_path)
+    store = await open_store(state_path)
     try:
         problems = []
         stored = {

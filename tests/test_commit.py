@@ -15,7 +15,7 @@ import pytest
 
 from invoice_watch.dedup import Reason, Transition
 from invoice_watch.errors import StateError, StateFileGoneError, StateLockedError
-from invoice_watch.store import AlertState, OrgWrite
+from invoice_watch.store import AlertState, OrgWrite, Store
 from invoice_watch.store.sqlite import SqliteStore
 from invoice_watch.store.sqlite.schema import MIGRATIONS, SCHEMA_VERSION
 from invoice_watch.types import AlertEvent, EventKind, Part, Severity
@@ -43,7 +43,7 @@ def firing(key: str = "k") -> Transition:
 
 
 async def commit(
-    store: SqliteStore,
+    store: Store,
     *orgs: OrgWrite,
     transitions: Sequence[Transition] = (),
     routes: Mapping[str, list[str]] | None = None,
@@ -64,9 +64,9 @@ async def commit(
     )
 
 
-async def test_store_commit_then_reopen_restores_everything(tmp_path):
+async def test_store_commit_then_reopen_restores_everything(tmp_path, open_state):
     path = tmp_path / "state.db"
-    store = await SqliteStore.open(path)
+    store = await open_state(path)
     await commit(
         store,
         OrgWrite(
@@ -80,24 +80,21 @@ async def test_store_commit_then_reopen_restores_everything(tmp_path):
     )
     await store.close()
 
-    again = await SqliteStore.open(path)
-    try:
-        assert set(again.snapshot.get(ORG_A)) == {inv(1).id, inv(2).id}
-        assert again.snapshot.get(ORG_A).live[inv(2).id].status == "FAILED"
-        assert again.snapshot.history(inv(1).id) == [(NOW, 100_00)]
-        assert list(again.alerts.firing()) == ["k"]
-        assert again.alerts.firing()["k"].last_event == event()
-        assert again.snapshot.org_state(ORG_B).failing_since == NOW
-        assert again.snapshot.org_state(ORG_A).last_success == NOW
-        due = await again.outbox.due(NOW)
-        assert [d.events for d in due] == [[event()]]
-    finally:
-        await again.close()
+    again = await open_state(path)
+    assert set(again.snapshot.get(ORG_A)) == {inv(1).id, inv(2).id}
+    assert again.snapshot.get(ORG_A).live[inv(2).id].status == "FAILED"
+    assert again.snapshot.history(inv(1).id) == [(NOW, 100_00)]
+    assert list(again.alerts.firing()) == ["k"]
+    assert again.alerts.firing()["k"].last_event == event()
+    assert again.snapshot.org_state(ORG_B).failing_since == NOW
+    assert again.snapshot.org_state(ORG_A).last_success == NOW
+    due = await again.outbox.due(NOW)
+    assert [d.events for d in due] == [[event()]]
 
 
-async def test_store_file_mode_is_0600_and_wal(tmp_path):
+async def test_store_file_mode_is_0600_and_wal(tmp_path, open_state):
     path = tmp_path / "state.db"
-    store = await SqliteStore.open(path)
+    store = await open_state(path)
     await store.close()
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     conn = sqlite3.connect(path)
@@ -106,21 +103,21 @@ async def test_store_file_mode_is_0600_and_wal(tmp_path):
     conn.close()
 
 
-async def test_store_second_daemon_is_refused(tmp_path):
+async def test_store_second_daemon_is_refused(tmp_path, open_state):
     path = tmp_path / "state.db"
-    first = await SqliteStore.open(path)
-    try:
-        with pytest.raises(StateLockedError, match="in use by another invoice-watch"):
-            await SqliteStore.open(path)
-        reader = await SqliteStore.open(path, exclusive=False)  # operator commands may read
-        await reader.close()
-    finally:
-        await first.close()
-    second = await SqliteStore.open(path)  # released on close
+    first = await open_state(path)
+    with pytest.raises(StateLockedError, match="in use by another invoice-watch"):
+        await open_state(path)
+    reader = await open_state(path, exclusive=False)  # operator commands may read
+    await reader.close()
+    await first.close()
+    second = await open_state(path)  # released on close
     await second.close()
 
 
-async def test_store_open_cancelled_midway_closes_the_file_and_lets_go_of_its_lock(tmp_path):
+async def test_store_open_cancelled_midway_closes_the_file_and_lets_go_of_its_lock(
+    tmp_path, open_state
+):
     """Ctrl-C while the state file is being opened (a demo stopped at once): the opening
     thread is waited for and the file closed, so nothing writes it afterwards (the demo
     then removes its folder) and a new daemon can take it at once."""
@@ -131,11 +128,11 @@ async def test_store_open_cancelled_midway_closes_the_file_and_lets_go_of_its_lo
         opening.cancel()
         with pytest.raises(asyncio.CancelledError):
             await opening
-        store = await SqliteStore.open(path)  # the lock was let go
+        store = await open_state(path)  # the lock was let go
         await store.close()
 
 
-async def test_store_read_only_directory_is_a_clear_error(tmp_path):
+async def test_store_read_only_directory_is_a_clear_error(tmp_path, open_state):
     folder = tmp_path / "ro"
     folder.mkdir()
     folder.chmod(0o500)
@@ -143,96 +140,89 @@ async def test_store_read_only_directory_is_a_clear_error(tmp_path):
         if os.access(folder, os.W_OK):
             pytest.skip("running as root: a read-only directory is still writable")
         with pytest.raises(StateError, match="cannot create or open state file"):
-            await SqliteStore.open(folder / "state.db")
+            await open_state(folder / "state.db")
     finally:
         folder.chmod(0o700)
 
 
-async def test_store_unusable_folder_is_a_clear_error(tmp_path):
+async def test_store_unusable_folder_is_a_clear_error(tmp_path, open_state):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("")
     with pytest.raises(StateError, match=r"cannot create the state folder .*in the way"):
-        await SqliteStore.open(blocker / "state.db")
+        await open_state(blocker / "state.db")
 
 
-async def test_store_corrupted_file_is_a_clear_error(tmp_path):
+async def test_store_corrupted_file_is_a_clear_error(tmp_path, open_state):
     path = tmp_path / "state.db"
     path.write_bytes(b"this is not a database at all" * 100)
     with pytest.raises(StateError, match="cannot be used"):
-        await SqliteStore.open(path)
+        await open_state(path)
     assert path.read_bytes().startswith(b"this is not")  # untouched
 
 
-async def test_store_foreign_sqlite_file_is_refused(tmp_path):
+async def test_store_foreign_sqlite_file_is_refused(tmp_path, open_state):
     path = tmp_path / "other.db"
     conn = sqlite3.connect(path)
     conn.execute("CREATE TABLE customers (id INTEGER)")
     conn.commit()
     conn.close()
     with pytest.raises(StateError, match="another program"):
-        await SqliteStore.open(path)
+        await open_state(path)
 
 
-async def test_store_newer_schema_is_refused(tmp_path):
+async def test_store_newer_schema_is_refused(tmp_path, open_state):
     path = tmp_path / "state.db"
-    store = await SqliteStore.open(path)
+    store = await open_state(path)
     await store.close()
     conn = sqlite3.connect(path)
     conn.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
     conn.commit()
     conn.close()
     with pytest.raises(StateError, match="upgrade invoice-watch"):
-        await SqliteStore.open(path, exclusive=False)
+        await open_state(path, exclusive=False)
 
 
-async def test_store_disk_full_rolls_back_file_and_cache(tmp_path):
+async def test_store_disk_full_rolls_back_file_and_cache(tmp_path, open_state):
     path = tmp_path / "state.db"
-    store = await SqliteStore.open(path)
-    try:
-        await commit(store, OrgWrite(ORG_A, True, upserts=[inv(1)]))
-        # SQLite's own size limit produces the real "database or disk is full" error.
-        pages = store.database.connection.execute("PRAGMA page_count").fetchone()[0]
-        store.database.connection.execute(f"PRAGMA max_page_count={pages}")
-        big = [inv(n, cents=n) for n in range(2, 3000)]
-        with pytest.raises(StateError, match="full"):
-            await commit(store, OrgWrite(ORG_A, True, upserts=big), transitions=[firing()])
-        assert set(store.snapshot.get(ORG_A)) == {inv(1).id}  # cache unchanged
-        assert store.alerts.firing() == {}
-        assert await store.outbox.due(NOW + timedelta(days=1)) == []
-    finally:
-        await store.close()
+    store = await open_state(path)
+    await commit(store, OrgWrite(ORG_A, True, upserts=[inv(1)]))
+    # SQLite's own size limit produces the real "database or disk is full" error.
+    pages = store.database.connection.execute("PRAGMA page_count").fetchone()[0]
+    store.database.connection.execute(f"PRAGMA max_page_count={pages}")
+    big = [inv(n, cents=n) for n in range(2, 3000)]
+    with pytest.raises(StateError, match="full"):
+        await commit(store, OrgWrite(ORG_A, True, upserts=big), transitions=[firing()])
+    assert set(store.snapshot.get(ORG_A)) == {inv(1).id}  # cache unchanged
+    assert store.alerts.firing() == {}
+    assert await store.outbox.due(NOW + timedelta(days=1)) == []
 
 
-async def test_store_mark_retry_defers_the_notifiers_other_rows(tmp_path):
-    store = await SqliteStore.open(tmp_path / "state.db")
-    try:
-        number = store.begin_cycle()
-        await store.commit_orgs(number, NOW, [], [firing("a"), firing("b")], {"failed": ["slack"]})
-        await store.commit_orgs(number, NOW, [], [firing("c")], {"failed": ["mail"]})
-        await store.finish_cycle(number, NOW, NOW, [], [], {}, 5, orgs_ok=0, orgs_failed=0)
-        first, *_ = await store.outbox.due(NOW)
-        await store.outbox.mark_retry(first.id, NOW + timedelta(seconds=30), "HTTP 503")
-        due = await store.outbox.due(NOW)
-        assert [d.notifier for d in due] == ["mail"]
-        later = await store.outbox.due(NOW + timedelta(seconds=30))
-        assert [d.notifier for d in later] == ["slack", "slack", "mail"]
-        assert later[0].attempts == 1
-    finally:
-        await store.close()
+async def test_store_mark_retry_defers_the_notifiers_other_rows(store):
+    number = store.begin_cycle()
+    await store.commit_orgs(number, NOW, [], [firing("a"), firing("b")], {"failed": ["slack"]})
+    await store.commit_orgs(number, NOW, [], [firing("c")], {"failed": ["mail"]})
+    await store.finish_cycle(number, NOW, NOW, [], [], {}, 5, orgs_ok=0, orgs_failed=0)
+    first, *_ = await store.outbox.due(NOW)
+    await store.outbox.mark_retry(first.id, NOW + timedelta(seconds=30), "HTTP 503")
+    due = await store.outbox.due(NOW)
+    assert [d.notifier for d in due] == ["mail"]
+    later = await store.outbox.due(NOW + timedelta(seconds=30))
+    assert [d.notifier for d in later] == ["slack", "slack", "mail"]
+    assert later[0].attempts == 1
 
 
-async def test_store_open_copy_writes_nothing(tmp_path):
+async def test_store_open_copy_writes_nothing(tmp_path, open_state):
     path = tmp_path / "state.db"
-    store = await SqliteStore.open(path)
+    store = await open_state(path)
     await commit(store, OrgWrite(ORG_A, True, upserts=[inv(1)]))
     await store.close()
     before = path.read_bytes()
-    copy = SqliteStore.copy(path)
+    copy = await open_state(path, copy=True)
     await commit(copy, OrgWrite(ORG_A, True, upserts=[inv(2)]))
     assert set(copy.snapshot.get(ORG_A)) == {inv(1).id, inv(2).id}
     await copy.close()
     assert path.read_bytes() == before
-    missing = SqliteStore.copy(tmp_path / "nothing.db")
+    missing = await open_state(tmp_path / "nothing.db", copy=True)
     await missing.close()
     assert not (tmp_path / "nothing.db").exists()
 
@@ -259,18 +249,15 @@ def test_alert_event_json_round_trip_keeps_every_field():
     assert AlertEvent.from_json(data) == full
 
 
-async def test_store_open_copy_reads_a_path_with_uri_characters(tmp_path):
+async def test_store_open_copy_reads_a_path_with_uri_characters(tmp_path, open_state):
     folder = tmp_path / "billing #1?"
     folder.mkdir()
     path = folder / "state.db"
-    store = await SqliteStore.open(path)
+    store = await open_state(path)
     await commit(store, OrgWrite(ORG_A, True, upserts=[inv(1)]))
     await store.close()
-    copy = SqliteStore.copy(path)  # what --dry-run reads
-    try:
-        assert set(copy.snapshot.get(ORG_A)) == {inv(1).id}
-    finally:
-        await copy.close()
+    copy = await open_state(path, copy=True)  # what --dry-run reads
+    assert set(copy.snapshot.get(ORG_A)) == {inv(1).id}
 
 
 # -- a cycle committed organization by organization -------------------------------------
@@ -278,73 +265,67 @@ async def test_store_open_copy_reads_a_path_with_uri_characters(tmp_path):
 ROUTES = {"failed": ["slack", "email"]}
 
 
-async def test_store_held_messages_wait_for_the_end_of_their_cycle(tmp_path):
-    store = await SqliteStore.open(tmp_path / "state.db")
-    try:
-        number = store.begin_cycle()
-        await store.commit_orgs(
-            number, NOW, [OrgWrite(ORG_A, True, upserts=[inv(1)])], [firing("a")], ROUTES
-        )
-        # Committed: the snapshot and the alert are there, the messages are not due yet.
-        assert set(store.snapshot.get(ORG_A)) == {inv(1).id}
-        assert list(store.alerts.firing()) == ["a"]
-        assert await store.outbox.due(NOW) == []
-        assert (await store.outbox.counts()) == {"held": 2}
+async def test_store_held_messages_wait_for_the_end_of_their_cycle(store):
+    number = store.begin_cycle()
+    await store.commit_orgs(
+        number, NOW, [OrgWrite(ORG_A, True, upserts=[inv(1)])], [firing("a")], ROUTES
+    )
+    # Committed: the snapshot and the alert are there, the messages are not due yet.
+    assert set(store.snapshot.get(ORG_A)) == {inv(1).id}
+    assert list(store.alerts.firing()) == ["a"]
+    assert await store.outbox.due(NOW) == []
+    assert (await store.outbox.counts()) == {"held": 2}
 
-        await store.finish_cycle(
-            number,
-            NOW,
-            NOW,
-            [OrgWrite(ORG_B, True)],
-            [firing("b")],
-            ROUTES,
-            5,
-            orgs_ok=2,
-            orgs_failed=0,
-        )
-        due = await store.outbox.due(NOW)
-        assert [(d.notifier, [e.key for e in d.events]) for d in due] == [
-            ("slack", ["a"]),
-            ("email", ["a"]),
-            ("slack", ["b"]),
-            ("email", ["b"]),
-        ]
-        assert store.snapshot.org_state(ORG_B).last_success == NOW
-        assert await store.cycles.last() == (NOW, 2, 0)
-    finally:
-        await store.close()
+    await store.finish_cycle(
+        number,
+        NOW,
+        NOW,
+        [OrgWrite(ORG_B, True)],
+        [firing("b")],
+        ROUTES,
+        5,
+        orgs_ok=2,
+        orgs_failed=0,
+    )
+    due = await store.outbox.due(NOW)
+    assert [(d.notifier, [e.key for e in d.events]) for d in due] == [
+        ("slack", ["a"]),
+        ("email", ["a"]),
+        ("slack", ["b"]),
+        ("email", ["b"]),
+    ]
+    assert store.snapshot.org_state(ORG_B).last_success == NOW
+    assert await store.cycles.last() == (NOW, 2, 0)
 
 
-async def test_store_more_than_group_over_held_messages_go_as_one_grouped_message(tmp_path):
-    store = await SqliteStore.open(tmp_path / "state.db")
-    try:
-        number = store.begin_cycle()
-        for key in "abc":  # one transaction per organization's part
-            await store.commit_orgs(number, NOW, [], [firing(key)], {"failed": ["slack"]})
-        await store.commit_orgs(number, NOW, [], [firing("d")], ROUTES)
-        await store.finish_cycle(number, NOW, NOW, [], [], ROUTES, 3, orgs_ok=1, orgs_failed=0)
-        due = await store.outbox.due(NOW)
-        # slack got 4 > 3: one message, in the order they were held; email got 1.
-        by_notifier = {d.notifier: [e.key for e in d.events] for d in due}
-        assert len(due) == 2
-        assert by_notifier == {"slack": ["a", "b", "c", "d"], "email": ["d"]}
-        grouped = next(d for d in due if d.notifier == "slack")
-        assert grouped.events == [event(k) for k in "abcd"]
-        rows = await store.outbox.messages(("pending",))
-        assert sorted(r.summary for r in rows) == [
-            "4 alerts (grouped)",
-            "FIRING failed Production",
-        ]
-    finally:
-        await store.close()
+async def test_store_more_than_group_over_held_messages_go_as_one_grouped_message(store):
+    number = store.begin_cycle()
+    for key in "abc":  # one transaction per organization's part
+        await store.commit_orgs(number, NOW, [], [firing(key)], {"failed": ["slack"]})
+    await store.commit_orgs(number, NOW, [], [firing("d")], ROUTES)
+    await store.finish_cycle(number, NOW, NOW, [], [], ROUTES, 3, orgs_ok=1, orgs_failed=0)
+    due = await store.outbox.due(NOW)
+    # slack got 4 > 3: one message, in the order they were held; email got 1.
+    by_notifier = {d.notifier: [e.key for e in d.events] for d in due}
+    assert len(due) == 2
+    assert by_notifier == {"slack": ["a", "b", "c", "d"], "email": ["d"]}
+    grouped = next(d for d in due if d.notifier == "slack")
+    assert grouped.events == [event(k) for k in "abcd"]
+    rows = await store.outbox.messages(("pending",))
+    assert sorted(r.summary for r in rows) == [
+        "4 alerts (grouped)",
+        "FIRING failed Production",
+    ]
 
 
-async def test_store_a_cycle_cut_short_keeps_its_parts_and_releases_their_messages(tmp_path):
+async def test_store_a_cycle_cut_short_keeps_its_parts_and_releases_their_messages(
+    tmp_path, open_state
+):
     """A crash between two organizations' transactions: what was committed is whole
     (snapshot, alert and its messages), and its held messages are released when the
     state file is next opened, grouped as the cycle would have grouped them."""
     path = tmp_path / "state.db"
-    store = await SqliteStore.open(path)
+    store = await open_state(path)
     number = store.begin_cycle()
     await store.commit_orgs(
         number,
@@ -355,39 +336,32 @@ async def test_store_a_cycle_cut_short_keeps_its_parts_and_releases_their_messag
     )
     await store.close()  # the cycle never ends
 
-    again = await SqliteStore.open(path)
-    try:
-        assert set(again.snapshot.get(ORG_A)) == {inv(1).id}
-        assert set(again.alerts.firing()) == {"a", "b"}
-        assert await again.outbox.due(NOW) == []
-        assert await again.release_held(1, NOW) == 2
-        due = await again.outbox.due(NOW)
-        assert [[e.key for e in d.events] for d in due] == [["a", "b"]]
-        assert await again.release_held(1, NOW) == 0
-        # The next cycle's number is above the one its rows were held by.
-        assert again.begin_cycle() > number
-    finally:
-        await again.close()
+    again = await open_state(path)
+    assert set(again.snapshot.get(ORG_A)) == {inv(1).id}
+    assert set(again.alerts.firing()) == {"a", "b"}
+    assert await again.outbox.due(NOW) == []
+    assert await again.release_held(1, NOW) == 2
+    due = await again.outbox.due(NOW)
+    assert [[e.key for e in d.events] for d in due] == [["a", "b"]]
+    assert await again.release_held(1, NOW) == 0
+    # The next cycle's number is above the one its rows were held by.
+    assert again.begin_cycle() > number
 
 
-async def test_store_a_failed_part_of_a_cycle_changes_nothing(tmp_path):
-    store = await SqliteStore.open(tmp_path / "state.db")
-    try:
-        number = store.begin_cycle()
-        await store.commit_orgs(number, NOW, [OrgWrite(ORG_A, True, upserts=[inv(1)])], [], ROUTES)
-        store.database.connection.execute("DROP TABLE alerts")  # the next transaction fails midway
-        with pytest.raises(StateError):
-            await store.commit_orgs(
-                number, NOW, [OrgWrite(ORG_B, True, upserts=[inv(2)])], [firing()], ROUTES
-            )
-        assert not store.snapshot.get(ORG_B)
-        assert store.alerts.firing() == {}
-        assert set(store.snapshot.get(ORG_A)) == {inv(1).id}
-    finally:
-        await store.close()
+async def test_store_a_failed_part_of_a_cycle_changes_nothing(store):
+    number = store.begin_cycle()
+    await store.commit_orgs(number, NOW, [OrgWrite(ORG_A, True, upserts=[inv(1)])], [], ROUTES)
+    store.database.connection.execute("DROP TABLE alerts")  # the next transaction fails midway
+    with pytest.raises(StateError):
+        await store.commit_orgs(
+            number, NOW, [OrgWrite(ORG_B, True, upserts=[inv(2)])], [firing()], ROUTES
+        )
+    assert not store.snapshot.get(ORG_B)
+    assert store.alerts.firing() == {}
+    assert set(store.snapshot.get(ORG_A)) == {inv(1).id}
 
 
-async def test_store_a_schema_1_file_is_migrated_with_everything_in_it(tmp_path):
+async def test_store_a_schema_1_file_is_migrated_with_everything_in_it(tmp_path, open_state):
     """A state file written by the first schema (invoices keyed by id alone, no outbox
     cycle) opens with its invoices, alerts and pending messages intact."""
     path = tmp_path / "state.db"
@@ -407,109 +381,99 @@ async def test_store_a_schema_1_file_is_migrated_with_everything_in_it(tmp_path)
     conn.commit()
     conn.close()
 
-    store = await SqliteStore.open(path)
-    try:
-        assert store.snapshot.get(ORG_A).live[inv(1).id].status == "FAILED"
-        assert [d.events for d in await store.outbox.due(NOW)] == [[event()]]
-    finally:
-        await store.close()
+    store = await open_state(path)
+    assert store.snapshot.get(ORG_A).live[inv(1).id].status == "FAILED"
+    assert [d.events for d in await store.outbox.due(NOW)] == [[event()]]
+    await store.close()
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     conn.close()
 
 
-async def test_store_keeps_an_invoice_once_per_organization_that_lists_it(tmp_path):
+async def test_store_keeps_an_invoice_once_per_organization_that_lists_it(tmp_path, open_state):
     """A linked invoice is in its own organization's listing and in its payer's: each
     keeps it, across a restart, and one forgetting it leaves the other's (and its
     amount history) alone."""
     path = tmp_path / "state.db"
     linked = inv(1, status="PENDING")
-    store = await SqliteStore.open(path)
+    store = await open_state(path)
     await commit(
         store,
         OrgWrite(ORG_A, True, upserts=[linked], observations=[(linked.id, 100)]),
         OrgWrite(ORG_B, True, upserts=[replace(linked, source_org_id=ORG_B)]),
     )
     await store.close()
-    store = await SqliteStore.open(path)
-    try:
-        assert linked.id in store.snapshot.get(ORG_A) and linked.id in store.snapshot.get(ORG_B)
-        await commit(store, OrgWrite(ORG_B, True, gone=[linked.id]))
-        assert not store.snapshot.get(ORG_B) and linked.id in store.snapshot.get(ORG_A)
-        assert store.snapshot.history(linked.id) == [(NOW, 100)]
-    finally:
-        await store.close()
-    store = await SqliteStore.open(path)
-    try:
-        assert not store.snapshot.get(ORG_B) and linked.id in store.snapshot.get(ORG_A)
-        assert store.snapshot.history(linked.id) == [(NOW, 100)]
-    finally:
-        await store.close()
+    store = await open_state(path)
+    assert linked.id in store.snapshot.get(ORG_A) and linked.id in store.snapshot.get(ORG_B)
+    await commit(store, OrgWrite(ORG_B, True, gone=[linked.id]))
+    assert not store.snapshot.get(ORG_B) and linked.id in store.snapshot.get(ORG_A)
+    assert store.snapshot.history(linked.id) == [(NOW, 100)]
+    await store.close()
+    store = await open_state(path)
+    assert not store.snapshot.get(ORG_B) and linked.id in store.snapshot.get(ORG_A)
+    assert store.snapshot.history(linked.id) == [(NOW, 100)]
 
 
-async def test_store_a_grouped_message_is_retried_sent_and_counted_as_one(tmp_path):
-    store = await SqliteStore.open(tmp_path / "state.db")
-    try:
-        number = store.begin_cycle()
-        for key in "abc":
-            await store.commit_orgs(number, NOW, [], [firing(key)], {"failed": ["slack"]})
-        await store.finish_cycle(number, NOW, NOW, [], [], ROUTES, 2, orgs_ok=1, orgs_failed=0)
-        assert await store.outbox.counts() == {"pending": 1}
-        (message,) = await store.outbox.due(NOW)
-        assert [e.key for e in message.events] == ["a", "b", "c"]
+async def test_store_a_grouped_message_is_retried_sent_and_counted_as_one(store):
+    number = store.begin_cycle()
+    for key in "abc":
+        await store.commit_orgs(number, NOW, [], [firing(key)], {"failed": ["slack"]})
+    await store.finish_cycle(number, NOW, NOW, [], [], ROUTES, 2, orgs_ok=1, orgs_failed=0)
+    assert await store.outbox.counts() == {"pending": 1}
+    (message,) = await store.outbox.due(NOW)
+    assert [e.key for e in message.events] == ["a", "b", "c"]
 
-        later = NOW + timedelta(minutes=1)
-        await store.outbox.mark_retry(message.id, later, "HTTP 503")
-        assert await store.outbox.due(NOW) == []  # the whole group waits
-        (again,) = await store.outbox.due(later)
-        assert again.id == message.id and again.attempts == 1 and len(again.events) == 3
+    later = NOW + timedelta(minutes=1)
+    await store.outbox.mark_retry(message.id, later, "HTTP 503")
+    assert await store.outbox.due(NOW) == []  # the whole group waits
+    (again,) = await store.outbox.due(later)
+    assert again.id == message.id and again.attempts == 1 and len(again.events) == 3
 
-        await store.outbox.mark_sent(message.id, later)
-        assert await store.outbox.counts() == {"sent": 1}
-        assert await store.outbox.next_attempt_at() is None
-        (row,) = await store.outbox.messages(("sent",))
-        assert row.summary == "3 alerts (grouped)"
-    finally:
-        await store.close()
+    await store.outbox.mark_sent(message.id, later)
+    assert await store.outbox.counts() == {"sent": 1}
+    assert await store.outbox.next_attempt_at() is None
+    (row,) = await store.outbox.messages(("sent",))
+    assert row.summary == "3 alerts (grouped)"
 
 
-async def test_store_keeps_settled_invoices_as_keys_in_memory_and_whole_in_the_file(tmp_path):
+async def test_store_keeps_settled_invoices_as_keys_in_memory_and_whole_in_the_file(
+    tmp_path, open_state
+):
     """PAID (final, and no rule watches it) is kept in memory as a key; the file keeps
     the invoice, read back whole on demand, and live again when a rule comes to watch
     PAID."""
     path = tmp_path / "state.db"
     paid, pending = inv(1, status="PAID"), inv(2, status="PENDING")
-    store = await SqliteStore.open(path)
+    store = await open_state(path)
     await commit(store, OrgWrite(ORG_A, True, upserts=[paid, pending]))
     await store.close()
 
-    copy = SqliteStore.copy(path)  # --dry-run's
-    store = await SqliteStore.open(path)
-    try:
-        for snapshot in (store.snapshot.get(ORG_A), copy.snapshot.get(ORG_A)):
-            assert snapshot.live == {pending.id: pending}
-            assert snapshot.settled == {paid.id: paid.settled_key()}
-        assert store.snapshot.invoice_count() == 2
-        assert await store.snapshot.stored_invoices(ORG_A, [paid.id]) == [paid]
-        assert sorted(await store.snapshot.stored_invoices(), key=lambda i: i.id) == [paid, pending]
+    copy = await open_state(path, copy=True)  # --dry-run's
+    store = await open_state(path)
+    for snapshot in (store.snapshot.get(ORG_A), copy.snapshot.get(ORG_A)):
+        assert snapshot.live == {pending.id: pending}
+        assert snapshot.settled == {paid.id: paid.settled_key()}
+    assert store.snapshot.invoice_count() == 2
+    assert await store.snapshot.stored_invoices(ORG_A, [paid.id]) == [paid]
+    assert sorted(await store.snapshot.stored_invoices(), key=lambda i: i.id) == [paid, pending]
 
-        await store.snapshot.settle(frozenset({"FORGIVEN", "FREE"}))  # a rule watches PAID now
-        assert store.snapshot.get(ORG_A).live == {paid.id: paid, pending.id: pending}
-        assert not store.snapshot.get(ORG_A).settled
-        moved = replace(pending, status="FREE")
-        await commit(store, OrgWrite(ORG_A, True, upserts=[moved]))
-        assert store.snapshot.get(ORG_A).live == {paid.id: paid}
-        assert store.snapshot.get(ORG_A).settled == {moved.id: moved.settled_key()}
-    finally:
-        await store.close()
-        await copy.close()
+    await store.snapshot.settle(frozenset({"FORGIVEN", "FREE"}))  # a rule watches PAID now
+    assert store.snapshot.get(ORG_A).live == {paid.id: paid, pending.id: pending}
+    assert not store.snapshot.get(ORG_A).settled
+    moved = replace(pending, status="FREE")
+    await commit(store, OrgWrite(ORG_A, True, upserts=[moved]))
+    assert store.snapshot.get(ORG_A).live == {paid.id: paid}
+    assert store.snapshot.get(ORG_A).settled == {moved.id: moved.settled_key()}
+    await copy.close()
 
 
 # -- opening: links, owners, locks, a file that goes away --------------------------------
 
 
 @pytest.mark.parametrize("exclusive", [True, False], ids=["daemon", "operator"])
-async def test_store_refuses_a_symlinked_state_file_before_touching_its_target(tmp_path, exclusive):
+async def test_store_refuses_a_symlinked_state_file_before_touching_its_target(
+    tmp_path, exclusive, open_state
+):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     empty = elsewhere / "empty"
@@ -518,62 +482,64 @@ async def test_store_refuses_a_symlinked_state_file_before_touching_its_target(t
     path = tmp_path / "state.db"
     path.symlink_to(empty)
     with pytest.raises(StateError, match="symbolic link"):
-        await SqliteStore.open(path, exclusive=exclusive)
+        await open_state(path, exclusive=exclusive)
     assert empty.read_bytes() == b""  # not turned into a database
     assert stat.S_IMODE(empty.stat().st_mode) == 0o644  # not chmod-ed
     with pytest.raises(StateError, match="symbolic link"):
-        SqliteStore.copy(path)  # --dry-run reads what the daemon would
+        await open_state(path, copy=True)  # --dry-run reads what the daemon would
 
 
-async def test_store_refuses_a_dangling_symlink_without_creating_its_target(tmp_path):
+async def test_store_refuses_a_dangling_symlink_without_creating_its_target(tmp_path, open_state):
     target = tmp_path / "nowhere" / "state.db"
     path = tmp_path / "state.db"
     path.symlink_to(target)
     with pytest.raises(StateError, match="symbolic link"):
-        await SqliteStore.open(path)
+        await open_state(path)
     assert not target.parent.exists()
 
 
 @pytest.mark.parametrize("suffix", ["-wal", "-shm", "-journal"])
-async def test_store_refuses_a_symlinked_side_file(tmp_path, suffix):
+async def test_store_refuses_a_symlinked_side_file(tmp_path, suffix, open_state):
     path = tmp_path / "state.db"
-    store = await SqliteStore.open(path)
+    store = await open_state(path)
     await store.close()
     victim = tmp_path / "victim"
     victim.write_bytes(b"keep")
     os.symlink(victim, f"{path}{suffix}")
     for exclusive in (True, False):
         with pytest.raises(StateError, match=f"state.db{suffix} is a symbolic link"):
-            await SqliteStore.open(path, exclusive=exclusive)
+            await open_state(path, exclusive=exclusive)
     assert victim.read_bytes() == b"keep"
 
 
-async def test_store_state_path_that_is_a_folder_is_a_clear_error(tmp_path):
+async def test_store_state_path_that_is_a_folder_is_a_clear_error(tmp_path, open_state):
     path = tmp_path / "state.db"
     path.mkdir()
     for exclusive in (True, False):
         with pytest.raises(StateError, match="is a folder, not a file"):
-            await SqliteStore.open(path, exclusive=exclusive)
+            await open_state(path, exclusive=exclusive)
 
 
-async def test_store_file_of_another_user_is_refused_before_any_change(tmp_path, monkeypatch):
+async def test_store_file_of_another_user_is_refused_before_any_change(
+    tmp_path, monkeypatch, open_state
+):
     """A state file created 0666 by another user: the daemon (not root) cannot make it
     private, so it refuses it, naming the owner, instead of a PermissionError."""
     path = tmp_path / "state.db"
-    store = await SqliteStore.open(path)
+    store = await open_state(path)
     await store.close()
     path.chmod(0o666)
     monkeypatch.setattr(os, "geteuid", lambda: os.stat(path).st_uid + 4242)
     with pytest.raises(StateError, match=r"belongs to .*not to uid \d+ .*mode 0666"):
-        await SqliteStore.open(path)
+        await open_state(path)
     assert stat.S_IMODE(path.stat().st_mode) == 0o666
 
 
-async def test_store_side_file_of_another_user_is_refused(tmp_path, monkeypatch):
+async def test_store_side_file_of_another_user_is_refused(tmp_path, monkeypatch, open_state):
     if os.geteuid() != 0:
         pytest.skip("needs root to give files to other users")
     path = tmp_path / "state.db"
-    store = await SqliteStore.open(path)
+    store = await open_state(path)
     await store.close()
     wal = f"{path}-wal"
     os.close(os.open(wal, os.O_CREAT | os.O_WRONLY, 0o600))
@@ -581,10 +547,10 @@ async def test_store_side_file_of_another_user_is_refused(tmp_path, monkeypatch)
     os.chown(wal, 4343, -1)  # someone else's
     monkeypatch.setattr(os, "geteuid", lambda: 4242)
     with pytest.raises(StateError, match=r"state.db-wal belongs to uid 4343, not to uid 4242"):
-        await SqliteStore.open(path)
+        await open_state(path)
 
 
-async def test_store_on_a_file_system_without_locks_says_so(tmp_path, monkeypatch):
+async def test_store_on_a_file_system_without_locks_says_so(tmp_path, monkeypatch, open_state):
     import errno
     import fcntl
 
@@ -593,14 +559,14 @@ async def test_store_on_a_file_system_without_locks_says_so(tmp_path, monkeypatc
 
     monkeypatch.setattr(fcntl, "flock", no_locks)
     with pytest.raises(StateError, match=r"cannot lock files .*local disk") as caught:
-        await SqliteStore.open(tmp_path / "state.db")
+        await open_state(tmp_path / "state.db")
     assert "Traceback" not in str(caught.value)
 
 
-async def test_store_operator_read_creates_migrates_and_chmods_nothing(tmp_path):
+async def test_store_operator_read_creates_migrates_and_chmods_nothing(tmp_path, open_state):
     path = tmp_path / "state.db"
     with pytest.raises(StateError, match="no state file at"):
-        await SqliteStore.open(path, exclusive=False)
+        await open_state(path, exclusive=False)
     assert not path.exists()
     conn = sqlite3.connect(path)  # an old (schema 1) file, group-readable
     conn.executescript(MIGRATIONS[0])
@@ -608,159 +574,138 @@ async def test_store_operator_read_creates_migrates_and_chmods_nothing(tmp_path)
     conn.close()
     path.chmod(0o640)
     before = path.read_bytes()
-    reader = await SqliteStore.open(path, exclusive=False)
-    try:
-        assert await reader.outbox.messages(("sent",)) == []
-    finally:
-        await reader.close()
+    reader = await open_state(path, exclusive=False)
+    assert await reader.outbox.messages(("sent",)) == []
+    await reader.close()
     assert path.read_bytes() == before
     assert stat.S_IMODE(path.stat().st_mode) == 0o640
 
 
-async def test_store_check_file_notices_a_deleted_or_replaced_file(tmp_path):
+async def test_store_check_file_notices_a_deleted_or_replaced_file(tmp_path, open_state):
     path = tmp_path / "state.db"
-    store = await SqliteStore.open(path)
-    try:
-        store.check_held()  # the same file: nothing to say
-        path.unlink()
-        with pytest.raises(StateFileGoneError, match="was deleted"):
-            store.check_held()
-        other = await SqliteStore.open(path)  # a second daemon on a new file
-        await other.close()
-        with pytest.raises(StateFileGoneError, match="was replaced"):
-            store.check_held()
-    finally:
-        await store.close()
+    store = await open_state(path)
+    store.check_held()  # the same file: nothing to say
+    path.unlink()
+    with pytest.raises(StateFileGoneError, match="was deleted"):
+        store.check_held()
+    other = await open_state(path)  # a second daemon on a new file
+    await other.close()
+    with pytest.raises(StateFileGoneError, match="was replaced"):
+        store.check_held()
 
 
 @pytest.mark.parametrize("suffix", ["-wal", "-shm"])
 async def test_store_check_file_notices_its_wal_or_shm_deleted_and_a_stop_keeps_the_state(
-    tmp_path, suffix
+    tmp_path, suffix, open_state
 ):
     """A12-13: `rm state.db-wal state.db-shm` under a running daemon: the next check
     stops it, and closing (as the daemon does when it stops) writes what the deleted
     log held back into the state file: the pending notification and the firing alert
     are still there."""
     path = tmp_path / "state.db"
-    store = await SqliteStore.open(path)
-    try:
+    store = await open_state(path)
+    store.check_held()
+    number = store.begin_cycle()
+    await store.commit_orgs(number, NOW, [], [firing("k1")], {"failed": ["slack"]})
+    await store.finish_cycle(
+        number, NOW, NOW, [], [], {"failed": ["slack"]}, 5, orgs_ok=1, orgs_failed=0
+    )
+    os.unlink(f"{path}{suffix}")
+    with pytest.raises(StateFileGoneError, match=rf"state.db{suffix}, the .* was deleted"):
         store.check_held()
-        number = store.begin_cycle()
-        await store.commit_orgs(number, NOW, [], [firing("k1")], {"failed": ["slack"]})
-        await store.finish_cycle(
-            number, NOW, NOW, [], [], {"failed": ["slack"]}, 5, orgs_ok=1, orgs_failed=0
-        )
-        os.unlink(f"{path}{suffix}")
-        with pytest.raises(StateFileGoneError, match=rf"state.db{suffix}, the .* was deleted"):
-            store.check_held()
-    finally:
-        await store.close()
-    reader = await SqliteStore.open(path, exclusive=False)
-    try:
-        assert set(reader.alerts.firing()) == {"k1"}
-        assert len(await reader.outbox.messages(("pending",))) == 1
-    finally:
-        await reader.close()
+    await store.close()
+    reader = await open_state(path, exclusive=False)
+    assert set(reader.alerts.firing()) == {"k1"}
+    assert len(await reader.outbox.messages(("pending",))) == 1
 
 
-async def test_store_check_file_notices_its_wal_replaced(tmp_path):
+async def test_store_check_file_notices_its_wal_replaced(tmp_path, open_state):
     path = tmp_path / "state.db"
-    store = await SqliteStore.open(path)
-    try:
-        wal = f"{path}-wal"
-        os.rename(wal, tmp_path / "elsewhere")
-        os.close(os.open(wal, os.O_CREAT | os.O_WRONLY, 0o600))
-        with pytest.raises(
-            StateFileGoneError, match=r"state.db-wal, the write-ahead log .*replaced"
-        ):
-            store.check_held()
-    finally:
-        await store.close()
+    store = await open_state(path)
+    wal = f"{path}-wal"
+    os.rename(wal, tmp_path / "elsewhere")
+    os.close(os.open(wal, os.O_CREAT | os.O_WRONLY, 0o600))
+    with pytest.raises(StateFileGoneError, match=r"state.db-wal, the write-ahead log .*replaced"):
+        store.check_held()
 
 
 # -- a group too large for one message is split into parts --------------------------------
 
 
-async def test_store_a_group_larger_than_a_message_goes_as_parts_in_order(tmp_path):
+async def test_store_a_group_larger_than_a_message_goes_as_parts_in_order(store):
     """120 messages of one cycle for one notifier: three grouped messages of 40, each a
     message of its own (sent, retried and marked on its own), in order, each knowing
     which part it is; a second notifier's one message and the next cycle's group are
     numbered apart."""
-    store = await SqliteStore.open(tmp_path / "state.db")
-    try:
-        number = store.begin_cycle()
-        keys = [f"k{n:03d}" for n in range(120)]
-        for start in range(0, 120, 30):  # four organizations' transactions
-            part = [firing(k) for k in keys[start : start + 30]]
-            await store.commit_orgs(number, NOW, [], part, {"failed": ["slack"]})
-        await store.commit_orgs(number, NOW, [], [firing("other")], {"failed": ["email"]})
-        await store.finish_cycle(number, NOW, NOW, [], [], {}, 5, orgs_ok=1, orgs_failed=0)
-        again = store.begin_cycle()
-        await store.commit_orgs(again, NOW, [], [firing(k) for k in "abc"], {"failed": ["slack"]})
-        await store.finish_cycle(again, NOW, NOW, [], [], {}, 2, orgs_ok=1, orgs_failed=0)
+    number = store.begin_cycle()
+    keys = [f"k{n:03d}" for n in range(120)]
+    for start in range(0, 120, 30):  # four organizations' transactions
+        part = [firing(k) for k in keys[start : start + 30]]
+        await store.commit_orgs(number, NOW, [], part, {"failed": ["slack"]})
+    await store.commit_orgs(number, NOW, [], [firing("other")], {"failed": ["email"]})
+    await store.finish_cycle(number, NOW, NOW, [], [], {}, 5, orgs_ok=1, orgs_failed=0)
+    again = store.begin_cycle()
+    await store.commit_orgs(again, NOW, [], [firing(k) for k in "abc"], {"failed": ["slack"]})
+    await store.finish_cycle(again, NOW, NOW, [], [], {}, 2, orgs_ok=1, orgs_failed=0)
 
-        due = await store.outbox.due(NOW)
-        slack = [d for d in due if d.notifier == "slack"]
-        assert [[e.key for e in d.events] for d in slack[:3]] == [
-            keys[:40],
-            keys[40:80],
-            keys[80:],
-        ]
-        assert [(d.part.number, d.part.count) for d in slack[:3] if d.part] == [
-            (1, 3),
-            (2, 3),
-            (3, 3),
-        ]
-        assert [e.key for e in slack[3].events] == ["a", "b", "c"] and slack[3].part is None
-        assert [d.part for d in due if d.notifier == "email"] == [None]
-        rows = await store.outbox.messages(("pending",))
-        assert sorted(r.summary for r in rows if r.notifier == "slack") == [
-            "3 alerts (grouped)",
-            "40 alerts (grouped, part 1 of 3)",
-            "40 alerts (grouped, part 2 of 3)",
-            "40 alerts (grouped, part 3 of 3)",
-        ]
-        # Part 2 failing leaves parts 1 and 3 alone: each is recorded on its own.
-        await store.outbox.mark_sent(slack[0].id, NOW)
-        await store.outbox.mark_retry(slack[1].id, NOW + timedelta(minutes=1), "HTTP 503")
-        later = await store.outbox.due(NOW + timedelta(minutes=1))
-        assert [d.part for d in later if d.notifier == "slack"][:2] == [
-            slack[1].part,
-            slack[2].part,
-        ]
-    finally:
-        await store.close()
+    due = await store.outbox.due(NOW)
+    slack = [d for d in due if d.notifier == "slack"]
+    assert [[e.key for e in d.events] for d in slack[:3]] == [
+        keys[:40],
+        keys[40:80],
+        keys[80:],
+    ]
+    assert [(d.part.number, d.part.count) for d in slack[:3] if d.part] == [
+        (1, 3),
+        (2, 3),
+        (3, 3),
+    ]
+    assert [e.key for e in slack[3].events] == ["a", "b", "c"] and slack[3].part is None
+    assert [d.part for d in due if d.notifier == "email"] == [None]
+    rows = await store.outbox.messages(("pending",))
+    assert sorted(r.summary for r in rows if r.notifier == "slack") == [
+        "3 alerts (grouped)",
+        "40 alerts (grouped, part 1 of 3)",
+        "40 alerts (grouped, part 2 of 3)",
+        "40 alerts (grouped, part 3 of 3)",
+    ]
+    # Part 2 failing leaves parts 1 and 3 alone: each is recorded on its own.
+    await store.outbox.mark_sent(slack[0].id, NOW)
+    await store.outbox.mark_retry(slack[1].id, NOW + timedelta(minutes=1), "HTTP 503")
+    later = await store.outbox.due(NOW + timedelta(minutes=1))
+    assert [d.part for d in later if d.notifier == "slack"][:2] == [
+        slack[1].part,
+        slack[2].part,
+    ]
 
 
-async def test_store_a_cycle_released_while_it_runs_numbers_each_releases_parts_apart(tmp_path):
+async def test_store_a_cycle_released_while_it_runs_numbers_each_releases_parts_apart(
+    tmp_path, store
+):
     """What a running cycle holds is released before its end (a slow organization, see
     App's HOLD_SECONDS): 50 held then, two parts of one grouped message; 45 more held
     at the end, two parts of another. Each release's parts say "of 2", in order; the
     cycle counts all 95 events."""
-    store = await SqliteStore.open(tmp_path / "state.db")
-    try:
-        number = store.begin_cycle()
-        early = [f"e{n:02d}" for n in range(50)]
-        late = [f"l{n:02d}" for n in range(45)]
-        await store.commit_orgs(number, NOW, [], [firing(k) for k in early], {"failed": ["slack"]})
-        released = await store.release_cycle(number, 5, NOW)
-        assert released == 50
-        first = await store.outbox.due(NOW)
-        assert [[e.key for e in d.events] for d in first] == [early[:25], early[25:]]
-        assert [d.part for d in first] == [Part(1, 2), Part(2, 2)]
-        await store.commit_orgs(number, NOW, [], [firing(k) for k in late], {"failed": ["slack"]})
-        assert len(await store.outbox.due(NOW)) == 2  # the late ones are held
-        await store.finish_cycle(
-            number, NOW, NOW, [], [], {}, 5, orgs_ok=2, orgs_failed=0, released=released
-        )
-        due = await store.outbox.due(NOW)
-        assert [[e.key for e in d.events] for d in due[2:]] == [late[:23], late[23:]]
-        assert [d.part for d in due] == [Part(1, 2), Part(2, 2), Part(1, 2), Part(2, 2)]
-        conn = sqlite3.connect(tmp_path / "state.db")
-        assert conn.execute("SELECT events FROM cycles").fetchall() == [(95,)]
-        conn.close()
-    finally:
-        await store.close()
+    number = store.begin_cycle()
+    early = [f"e{n:02d}" for n in range(50)]
+    late = [f"l{n:02d}" for n in range(45)]
+    await store.commit_orgs(number, NOW, [], [firing(k) for k in early], {"failed": ["slack"]})
+    released = await store.release_cycle(number, 5, NOW)
+    assert released == 50
+    first = await store.outbox.due(NOW)
+    assert [[e.key for e in d.events] for d in first] == [early[:25], early[25:]]
+    assert [d.part for d in first] == [Part(1, 2), Part(2, 2)]
+    await store.commit_orgs(number, NOW, [], [firing(k) for k in late], {"failed": ["slack"]})
+    assert len(await store.outbox.due(NOW)) == 2  # the late ones are held
+    await store.finish_cycle(
+        number, NOW, NOW, [], [], {}, 5, orgs_ok=2, orgs_failed=0, released=released
+    )
+    due = await store.outbox.due(NOW)
+    assert [[e.key for e in d.events] for d in due[2:]] == [late[:23], late[23:]]
+    assert [d.part for d in due] == [Part(1, 2), Part(2, 2), Part(1, 2), Part(2, 2)]
+    conn = sqlite3.connect(tmp_path / "state.db")
+    assert conn.execute("SELECT events FROM cycles").fetchall() == [(95,)]
+    conn.close()
 
 
 @pytest.mark.parametrize(
@@ -771,27 +716,24 @@ async def test_store_a_cycle_released_while_it_runs_numbers_each_releases_parts_
     ],
     ids=["lone surrogate", "beyond int64"],
 )
-async def test_store_a_value_it_cannot_take_is_unstorable_not_a_state_error(tmp_path, value):
+async def test_store_a_value_it_cannot_take_is_unstorable_not_a_state_error(
+    tmp_path, value, open_state
+):
     """What a read holds and SQLite cannot take is an UnstorableError (the cycle keeps it
     to that organization), not a StateError (the whole cycle); nothing is written, and
     the failed read recorded instead stores its cause, surrogate and all."""
     from invoice_watch.errors import UnstorableError
 
-    store = await SqliteStore.open(tmp_path / "state.db")
-    try:
-        bad = replace(inv(1), **value)
-        with pytest.raises(UnstorableError, match="cannot store a value"):
-            await commit(store, OrgWrite(ORG_A, True, upserts=[bad]))
-        assert list(store.snapshot.get(ORG_A)) == []
-        await commit(store, OrgWrite(ORG_A, False, error="bad status 'FAILED\ud800'"))
-        assert store.snapshot.org_state(ORG_A).last_error == "bad status 'FAILED\ud800'"
-    finally:
-        await store.close()
-    reopened = await SqliteStore.open(tmp_path / "state.db")
-    try:
-        assert reopened.snapshot.org_state(ORG_A).last_error == "bad status 'FAILED\\ud800'"
-    finally:
-        await reopened.close()
+    store = await open_state(tmp_path / "state.db")
+    bad = replace(inv(1), **value)
+    with pytest.raises(UnstorableError, match="cannot store a value"):
+        await commit(store, OrgWrite(ORG_A, True, upserts=[bad]))
+    assert list(store.snapshot.get(ORG_A)) == []
+    await commit(store, OrgWrite(ORG_A, False, error="bad status 'FAILED\ud800'"))
+    assert store.snapshot.org_state(ORG_A).last_error == "bad status 'FAILED\ud800'"
+    await store.close()
+    reopened = await open_state(tmp_path / "state.db")
+    assert reopened.snapshot.org_state(ORG_A).last_error == "bad status 'FAILED\\ud800'"
 
 
 @pytest.mark.parametrize(("count", "sizes"), [(41, [21, 20]), (81, [27, 27, 27]), (120, [40] * 3)])
@@ -803,11 +745,13 @@ def test_message_parts_are_even_and_never_larger_than_a_message(count, sizes):
     assert message_parts(40, 5) == [40]
 
 
-async def test_store_a_pending_group_too_large_from_an_earlier_version_is_split(tmp_path):
+async def test_store_a_pending_group_too_large_from_an_earlier_version_is_split(
+    tmp_path, open_state
+):
     """A grouped message of 100 written before groups were split (one leader, 99
     followers) is split into parts when the state file is next opened."""
     path = tmp_path / "state.db"
-    store = await SqliteStore.open(path)
+    store = await open_state(path)
     number = store.begin_cycle()
     await store.commit_orgs(
         number, NOW, [], [firing(f"k{n:03d}") for n in range(100)], {"failed": ["slack"]}
@@ -819,15 +763,12 @@ async def test_store_a_pending_group_too_large_from_an_earlier_version_is_split(
     conn.commit()
     conn.close()
 
-    store = await SqliteStore.open(path)
-    try:
-        await store.release_held(5, NOW)
-        due = await store.outbox.due(NOW)
-        assert [len(d.events) for d in due] == [34, 33, 33]
-        assert [str(d.part) for d in due] == ["part 1 of 3", "part 2 of 3", "part 3 of 3"]
-        assert [e.key for d in due for e in d.events] == [f"k{n:03d}" for n in range(100)]
-    finally:
-        await store.close()
+    store = await open_state(path)
+    await store.release_held(5, NOW)
+    due = await store.outbox.due(NOW)
+    assert [len(d.events) for d in due] == [34, 33, 33]
+    assert [str(d.part) for d in due] == ["part 1 of 3", "part 2 of 3", "part 3 of 3"]
+    assert [e.key for d in due for e in d.events] == [f"k{n:03d}" for n in range(100)]
 
 
 @pytest.mark.parametrize(
@@ -835,43 +776,33 @@ async def test_store_a_pending_group_too_large_from_an_earlier_version_is_split(
     ["ratelimited\ud800", "busy \udcff\udcfe", "nul\x00 esc\x1b[2J bidi\u202e", "x" * 5000],
     ids=["surrogate", "surrogateescape", "controls", "long"],
 )
-async def test_store_outbox_marks_store_any_error_text(tmp_path, error: str):
+async def test_store_outbox_marks_store_any_error_text(error: str, store):
     """Issue 12 §14: a receiver's error text with a lone surrogate could not be stored, so
     the "failed" mark failed and the message was sent again for ever. Whatever the text,
     the retry and failed marks are written (escaped, bounded) and read back."""
-    store = await SqliteStore.open(tmp_path / "state.db")
-    try:
-        number = store.begin_cycle()
-        await store.commit_orgs(number, NOW, [], [firing("a"), firing("b")], {"failed": ["x"]})
-        await store.finish_cycle(number, NOW, NOW, [], [], {}, 5, orgs_ok=0, orgs_failed=0)
-        first, second = await store.outbox.due(NOW)
-        await store.outbox.mark_retry(first.id, NOW, error)
-        await store.outbox.mark_failed(second.id, NOW, error)
-        await store.outbox.postpone(first.id, NOW, error)
-        rows = await store.outbox.messages(("pending", "failed"))
-        for row in rows:
-            assert row.last_error is not None and len(row.last_error) <= 1000
-            row.last_error.encode("utf-8")
-            assert not any(c in row.last_error for c in "\x00\x1b\u202e")
-    finally:
-        await store.close()
+    number = store.begin_cycle()
+    await store.commit_orgs(number, NOW, [], [firing("a"), firing("b")], {"failed": ["x"]})
+    await store.finish_cycle(number, NOW, NOW, [], [], {}, 5, orgs_ok=0, orgs_failed=0)
+    first, second = await store.outbox.due(NOW)
+    await store.outbox.mark_retry(first.id, NOW, error)
+    await store.outbox.mark_failed(second.id, NOW, error)
+    await store.outbox.postpone(first.id, NOW, error)
+    rows = await store.outbox.messages(("pending", "failed"))
+    for row in rows:
+        assert row.last_error is not None and len(row.last_error) <= 1000
+        row.last_error.encode("utf-8")
+        assert not any(c in row.last_error for c in "\x00\x1b\u202e")
 
 
-async def test_store_postpone_counts_no_attempt_and_make_due_brings_rows_back(tmp_path):
-    store = await SqliteStore.open(tmp_path / "state.db")
-    try:
-        number = store.begin_cycle()
-        await store.commit_orgs(number, NOW, [], [firing("a"), firing("b")], {"failed": ["gone"]})
-        await store.finish_cycle(number, NOW, NOW, [], [], {}, 5, orgs_ok=0, orgs_failed=0)
-        first, _ = await store.outbox.due(NOW)
-        await store.outbox.postpone(
-            first.id, NOW + timedelta(minutes=1), "notifier 'gone' is missing"
-        )
-        assert await store.outbox.due(NOW) == []  # the notifier's rows wait together
-        assert await store.outbox.pending_by_notifier() == {"gone": 2}
-        assert await store.outbox.make_due({"gone"}, NOW) == 2
-        due = await store.outbox.due(NOW)
-        assert [d.attempts for d in due] == [0, 0]
-        assert due[0].last_error == "notifier 'gone' is missing"
-    finally:
-        await store.close()
+async def test_store_postpone_counts_no_attempt_and_make_due_brings_rows_back(store):
+    number = store.begin_cycle()
+    await store.commit_orgs(number, NOW, [], [firing("a"), firing("b")], {"failed": ["gone"]})
+    await store.finish_cycle(number, NOW, NOW, [], [], {}, 5, orgs_ok=0, orgs_failed=0)
+    first, _ = await store.outbox.due(NOW)
+    await store.outbox.postpone(first.id, NOW + timedelta(minutes=1), "notifier 'gone' is missing")
+    assert await store.outbox.due(NOW) == []  # the notifier's rows wait together
+    assert await store.outbox.pending_by_notifier() == {"gone": 2}
+    assert await store.outbox.make_due({"gone"}, NOW) == 2
+    due = await store.outbox.due(NOW)
+    assert [d.attempts for d in due] == [0, 0]
+    assert due[0].last_error == "notifier 'gone' is missing"

@@ -304,13 +304,14 @@ async def test_e2e_a_cycle_cut_short_still_delivers_what_it_committed(world: Wor
         assert app.store.snapshot.org_state(ANALYTICS).last_success is not None
 
 
-async def test_e2e_messages_held_by_a_crashed_cycle_go_out_at_the_next_start(world: World):
-    from invoice_watch.store.sqlite import SqliteStore
+async def test_e2e_messages_held_by_a_crashed_cycle_go_out_at_the_next_start(
+    world: World, open_state
+):
     from tests.test_commit import firing
 
     config = world.config()
     # What a crash between two organizations' transactions leaves behind.
-    store = await SqliteStore.open(config.state.path)
+    store = await open_state(config.state.path)
     await store.commit_orgs(
         store.begin_cycle(), world.clock.now(), [], [firing()], {"failed": ["slack"]}
     )

@@ -34,8 +34,7 @@ from typing import Any
 import pytest
 import yaml
 
-from invoice_watch.store import OrgWrite
-from invoice_watch.store.sqlite import SqliteStore
+from invoice_watch.store import OrgWrite, open_store
 from tests.conftest import inv
 
 ORG = "5f8a1c2e9b3d4a6f7e0c1b2a"
@@ -110,7 +109,7 @@ class Case:
 
 def state_with_an_invoice(place: Place) -> None:
     async def make() -> None:
-        store = await SqliteStore.open(place.state)
+        store = await open_store(place.state)
         cycle = store.begin_cycle()
         from tests.conftest import NOW
 
@@ -126,7 +125,7 @@ def many_rows(place: Place) -> None:
     """A state file whose tables overflow a pipe's buffer (64 KiB)."""
 
     async def make() -> None:
-        store = await SqliteStore.open(place.state)
+        store = await open_store(place.state)
         cycle = store.begin_cycle()
         from tests.conftest import NOW
 
@@ -172,7 +171,7 @@ def state_with_hostile_text(place: Place) -> None:
     async def make() -> None:
         from tests.conftest import NOW
 
-        store = await SqliteStore.open(place.state)
+        store = await open_store(place.state)
         cycle = store.begin_cycle()
         invoice = inv(1, org=ORG)
         await store.commit_orgs(cycle, NOW, [OrgWrite(ORG, True, upserts=[invoice])], [], {})
@@ -356,7 +355,7 @@ def state_kept_its_cycle(place: Place) -> None:
     """What the daemon committed before its -wal was deleted is in the state file."""
 
     async def read() -> None:
-        store = await SqliteStore.open(place.state, exclusive=False)
+        store = await open_store(place.state, exclusive=False)
         try:
             assert await store.cycles.last() is not None
             assert store.snapshot.org_states(), "the organization's read state was lost"

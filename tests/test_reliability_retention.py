@@ -17,8 +17,7 @@ from pathlib import Path
 from invoice_watch import ops
 from invoice_watch.app import App
 from invoice_watch.dedup import Reason, Transition
-from invoice_watch.store import OrgWrite
-from invoice_watch.store.sqlite import SqliteStore
+from invoice_watch.store import OrgWrite, Store
 from invoice_watch.types import EventKind
 from tests.conftest import NOW, ORG_A, inv
 from tests.test_commit import event, firing
@@ -34,7 +33,7 @@ def resolved(key: str) -> Transition:
 
 
 async def cycle(
-    store: SqliteStore,
+    store: Store,
     transitions: Sequence[Transition] = (),
     orgs: Sequence[OrgWrite] = (),
     group_over: int = 10,
@@ -61,70 +60,63 @@ def rows(path: Path, table: str, where: str = "1") -> int:
         conn.close()
 
 
-async def test_retention_prunes_what_is_done_and_keeps_what_the_lifecycle_needs(tmp_path):
+async def test_retention_prunes_what_is_done_and_keeps_what_the_lifecycle_needs(
+    tmp_path, open_state
+):
     path = tmp_path / "state.db"
-    store = await SqliteStore.open(path)
-    try:
-        pending_id = inv(1).id
-        await cycle(
-            store,
-            [firing("old-firing"), resolved("old-resolved"), firing("x"), firing("y")],
-            [OrgWrite(ORG_A, True, upserts=[inv(1)], observations=[(pending_id, 100)])],
+    store = await open_state(path)
+    pending_id = inv(1).id
+    await cycle(
+        store,
+        [firing("old-firing"), resolved("old-resolved"), firing("x"), firing("y")],
+        [OrgWrite(ORG_A, True, upserts=[inv(1)], observations=[(pending_id, 100)])],
+    )
+    await cycle(store, [firing(k) for k in "abc"], group_over=2)  # one grouped message
+    due = await store.outbox.due(NOW)
+    sent, failed, grouped, waiting = due[0], due[1], due[-1], due[2:4]
+    await store.outbox.mark_sent(sent.id, NOW)
+    await store.outbox.mark_failed(failed.id, NOW, "HTTP 404 no_service")
+    await store.outbox.mark_sent(grouped.id, NOW)
+    for days, cents in ((5, 200), (10, 300), (40, 400)):
+        await store.commit_orgs(
+            store.begin_cycle(),
+            NOW + days * DAY,
+            [OrgWrite(ORG_A, True, observations=[(pending_id, cents)])],
+            [],
+            {},
         )
-        await cycle(store, [firing(k) for k in "abc"], group_over=2)  # one grouped message
-        due = await store.outbox.due(NOW)
-        sent, failed, grouped, waiting = due[0], due[1], due[-1], due[2:4]
-        await store.outbox.mark_sent(sent.id, NOW)
-        await store.outbox.mark_failed(failed.id, NOW, "HTTP 404 no_service")
-        await store.outbox.mark_sent(grouped.id, NOW)
-        for days, cents in ((5, 200), (10, 300), (40, 400)):
-            await store.commit_orgs(
-                store.begin_cycle(),
-                NOW + days * DAY,
-                [OrgWrite(ORG_A, True, observations=[(pending_id, cents)])],
-                [],
-                {},
-            )
-        before = {t: rows(path, t) for t in ("outbox", "alerts", "cycles", "amount_history")}
+    before = {t: rows(path, t) for t in ("outbox", "alerts", "cycles", "amount_history")}
 
-        deleted = await store.prune(NOW + 30 * DAY, limit=500)
+    deleted = await store.prune(NOW + 30 * DAY, limit=500)
 
-        # Sent and failed messages go (a grouped one whole); the one waiting stays.
-        assert rows(path, "outbox") == before["outbox"] - 2 - 3
-        assert await store.outbox.due(NOW) == waiting
-        # The resolved alert goes; firing ones stay, however old.
-        assert rows(path, "alerts", "key='old-resolved'") == 0
-        assert set(store.alerts.firing()) == {"old-firing", "x", "y", "a", "b", "c"}
-        assert rows(path, "alerts", "firing=1") == 6
-        # The last cycle stays (status reads it).
-        assert rows(path, "cycles") == 1 and await store.cycles.last() is not None
-        # Observations before the cutoff go but the newest of them (a window's base).
-        assert [c for _, c in store.snapshot.history(pending_id)] == [300, 400]
-        assert rows(path, "amount_history") == 2
-        assert deleted == sum(before.values()) - sum(
-            rows(path, t) for t in ("outbox", "alerts", "cycles", "amount_history")
-        )
-    finally:
-        await store.close()
-    again = await SqliteStore.open(path)  # the file holds what the cache holds
-    try:
-        assert [c for _, c in again.snapshot.history(pending_id)] == [300, 400]
-    finally:
-        await again.close()
+    # Sent and failed messages go (a grouped one whole); the one waiting stays.
+    assert rows(path, "outbox") == before["outbox"] - 2 - 3
+    assert await store.outbox.due(NOW) == waiting
+    # The resolved alert goes; firing ones stay, however old.
+    assert rows(path, "alerts", "key='old-resolved'") == 0
+    assert set(store.alerts.firing()) == {"old-firing", "x", "y", "a", "b", "c"}
+    assert rows(path, "alerts", "firing=1") == 6
+    # The last cycle stays (status reads it).
+    assert rows(path, "cycles") == 1 and await store.cycles.last() is not None
+    # Observations before the cutoff go but the newest of them (a window's base).
+    assert [c for _, c in store.snapshot.history(pending_id)] == [300, 400]
+    assert rows(path, "amount_history") == 2
+    assert deleted == sum(before.values()) - sum(
+        rows(path, t) for t in ("outbox", "alerts", "cycles", "amount_history")
+    )
+    await store.close()
+    again = await open_state(path)  # the file holds what the cache holds
+    assert [c for _, c in again.snapshot.history(pending_id)] == [300, 400]
 
 
-async def test_retention_prunes_a_bounded_batch_at_a_time(tmp_path):
-    store = await SqliteStore.open(tmp_path / "state.db")
-    try:
-        await cycle(store, [firing(f"k{n}") for n in range(30)], group_over=100)
-        for delivery in await store.outbox.due(NOW):
-            await store.outbox.mark_sent(delivery.id, NOW)
-        counts = []
-        while deleted := await store.prune(NOW + DAY, limit=8):
-            counts.append(deleted)
-        assert counts == [8, 8, 8, 6] and await store.outbox.counts() == {}
-    finally:
-        await store.close()
+async def test_retention_prunes_a_bounded_batch_at_a_time(store):
+    await cycle(store, [firing(f"k{n}") for n in range(30)], group_over=100)
+    for delivery in await store.outbox.due(NOW):
+        await store.outbox.mark_sent(delivery.id, NOW)
+    counts = []
+    while deleted := await store.prune(NOW + DAY, limit=8):
+        counts.append(deleted)
+    assert counts == [8, 8, 8, 6] and await store.outbox.counts() == {}
 
 
 async def test_retention_the_state_file_stops_growing_under_a_steady_alert_load(world: World):

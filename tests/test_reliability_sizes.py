@@ -12,7 +12,6 @@ from __future__ import annotations
 import re
 
 from invoice_watch.app import App
-from invoice_watch.store.sqlite import SqliteStore
 from tests.fakes_slack import BLOCK_TEXT_MAX, Reply, block_text, slack_problem
 from tests.world import World
 
@@ -31,7 +30,7 @@ def invoice_ids(text: str) -> list[str]:
     return re.findall(r"invoice `?([0-9a-f]{24})", text)
 
 
-async def test_size_a_burst_of_120_alerts_arrives_whole_in_parts(world: World):
+async def test_size_a_burst_of_120_alerts_arrives_whole_in_parts(world: World, open_state):
     """The issue's example: 120 alerts for one Slack notifier were one message of ~27k
     characters of block text, refused (msg_blocks_too_long) as permanent: none arrived.
     Now three messages of 40, in order, each within Slack's limits; email alike."""
@@ -55,14 +54,11 @@ async def test_size_a_burst_of_120_alerts_arrives_whole_in_parts(world: World):
 
     subjects = [world.sink.message(i)["Subject"] for i in range(len(world.sink.envelopes))]
     assert subjects == [f"[invoice-watch] 40 alerts: 40 FIRING (part {n} of 3)" for n in (1, 2, 3)]
-    store = await SqliteStore.open(config.state.path, exclusive=False)
-    try:
-        rows = await store.outbox.messages(("sent",))
-        assert sorted({r.summary for r in rows}) == [
-            f"40 alerts (grouped, part {n} of 3)" for n in (1, 2, 3)
-        ]
-    finally:
-        await store.close()
+    store = await open_state(config.state.path, exclusive=False)
+    rows = await store.outbox.messages(("sent",))
+    assert sorted({r.summary for r in rows}) == [
+        f"40 alerts (grouped, part {n} of 3)" for n in (1, 2, 3)
+    ]
 
 
 async def test_size_a_part_that_fails_is_retried_alone(world: World):
