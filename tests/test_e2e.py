@@ -307,7 +307,7 @@ async def test_e2e_a_cycle_cut_short_still_delivers_what_it_committed(world: Wor
 async def test_e2e_messages_held_by_a_crashed_cycle_go_out_at_the_next_start(
     world: World, open_state
 ):
-    from tests.test_commit import firing
+    from tests.test_store import firing
 
     config = world.config()
     # What a crash between two organizations' transactions leaves behind.

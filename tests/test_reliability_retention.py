@@ -20,7 +20,7 @@ from invoice_watch.dedup import Reason, Transition
 from invoice_watch.store import OrgWrite, Store
 from invoice_watch.types import EventKind
 from tests.conftest import NOW, ORG_A, inv
-from tests.test_commit import event, firing
+from tests.test_store import event, firing
 from tests.world import World
 
 DAY = timedelta(days=1)

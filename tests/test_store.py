@@ -1,4 +1,5 @@
-"""The SQLite state file: a cycle's transactions and held messages, migrations, lock, faults."""
+"""The state (invoice_watch.store and its SQLite backend): a cycle's transactions and held
+messages, migrations, lock, faults."""
 
 from __future__ import annotations
 
