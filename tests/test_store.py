@@ -198,6 +198,33 @@ async def test_store_disk_full_rolls_back_file_and_cache(tmp_path, open_state):
     assert await store.outbox.due(NOW + timedelta(days=1)) == []
 
 
+async def test_store_errors_are_chained_to_the_sqlite_or_os_error_behind_them(tmp_path, open_state):
+    """errors.py: a library's exception is converted where our code calls it with
+    ``raise ... from exc``; the StateError says what to do, and its cause keeps what
+    SQLite or the OS said (no secret is in either: paths and SQLite's own words)."""
+    corrupted = tmp_path / "corrupted.db"
+    corrupted.write_bytes(b"this is not a database at all" * 100)
+    with pytest.raises(StateError) as opening:
+        await open_state(corrupted)
+    assert isinstance(opening.value.__cause__, sqlite3.DatabaseError)
+
+    held = tmp_path / "held.db"
+    await open_state(held)
+    with pytest.raises(StateLockedError) as locked:
+        await open_state(held)
+    assert isinstance(locked.value.__cause__, BlockingIOError)
+
+    store = await open_state(tmp_path / "state.db")
+    store.database.connection.execute("DROP TABLE alerts")  # the next transaction fails
+    with pytest.raises(StateError) as writing:
+        await commit(store, OrgWrite(ORG_A, True), transitions=[firing()])
+    assert isinstance(writing.value.__cause__, sqlite3.OperationalError)
+    store.database.connection.execute("DROP TABLE outbox")
+    with pytest.raises(StateError) as reading:
+        await store.outbox.counts()
+    assert isinstance(reading.value.__cause__, sqlite3.OperationalError)
+
+
 async def test_store_mark_retry_defers_the_notifiers_other_rows(store):
     number = store.begin_cycle()
     await store.commit_orgs(number, NOW, [], [firing("a"), firing("b")], {"failed": ["slack"]})

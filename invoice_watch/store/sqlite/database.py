@@ -85,11 +85,11 @@ class Database:
                 with contextlib.suppress(Exception):
                     conn.close()
                 if isinstance(exc, sqlite3.Error):
-                    raise StateError(files.sqlite_problem(path, exc)) from None
+                    raise StateError(files.sqlite_problem(path, exc)) from exc
                 raise
         except OSError as exc:
             os.close(lock_fd)
-            raise StateError(f"cannot use state file {path}: {files.reason(exc)}") from None
+            raise StateError(f"cannot use state file {path}: {files.reason(exc)}") from exc
         except BaseException:
             os.close(lock_fd)
             raise
@@ -107,7 +107,7 @@ class Database:
         try:
             conn = files.connect_read_only(path)
         except sqlite3.Error as exc:
-            raise StateError(files.sqlite_problem(path, exc, reader=True)) from None
+            raise StateError(files.sqlite_problem(path, exc, reader=True)) from exc
         try:
             conn.execute("PRAGMA busy_timeout=5000")
             version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -123,7 +123,7 @@ class Database:
             with contextlib.suppress(Exception):
                 conn.close()
             if isinstance(exc, sqlite3.Error):
-                raise StateError(files.sqlite_problem(path, exc, reader=True)) from None
+                raise StateError(files.sqlite_problem(path, exc, reader=True)) from exc
             raise
 
     @classmethod
@@ -141,7 +141,7 @@ class Database:
                     source.close()
             except sqlite3.Error as exc:
                 memory.close()
-                raise StateError(files.sqlite_problem(path, exc, reader=True)) from None
+                raise StateError(files.sqlite_problem(path, exc, reader=True)) from exc
         db = cls(memory, None, None)
         try:
             # (the copy is migrated in memory: nothing to log, the file stays as it is)
@@ -149,7 +149,7 @@ class Database:
             return build(db)
         except sqlite3.Error as exc:
             memory.close()
-            raise StateError(files.sqlite_problem(path, exc, reader=True)) from None
+            raise StateError(files.sqlite_problem(path, exc, reader=True)) from exc
         except StateError:
             memory.close()
             raise
@@ -216,7 +216,7 @@ class Database:
         try:
             return await self.run(lambda: fn(self.connection))
         except sqlite3.Error as exc:
-            raise StateError(f"could not read {what}: {exc}") from None
+            raise StateError(f"could not read {what}: {exc}") from exc
 
     async def write(self, fn: Callable[[sqlite3.Connection], T], what: str) -> T:
         """``fn(connection)`` in one transaction; an SQLite error is a StateError saying
@@ -229,7 +229,7 @@ class Database:
         try:
             return await self.run(run)
         except sqlite3.Error as exc:
-            raise StateError(f"could not {what}: {exc}") from None
+            raise StateError(f"could not {what}: {exc}") from exc
 
     async def commit(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """A transaction of the cycle: ``fn(connection)`` in one transaction. An error of
@@ -246,16 +246,16 @@ class Database:
         try:
             return await self.run(run)
         except (sqlite3.DataError, sqlite3.InterfaceError) as exc:
-            raise UnstorableError(f"the state file cannot store a value: {exc}") from None
+            raise UnstorableError(f"the state file cannot store a value: {exc}") from exc
         except sqlite3.ProgrammingError as exc:
             if "binding" not in str(exc):  # e.g. the connection was closed
-                raise StateError(f"could not write state file {self.name}: {exc}") from None
-            raise UnstorableError(f"the state file cannot store a value: {exc}") from None
+                raise StateError(f"could not write state file {self.name}: {exc}") from exc
+            raise UnstorableError(f"the state file cannot store a value: {exc}") from exc
         except sqlite3.Error as exc:
             raise StateError(
                 f"could not write state file {self.name}: {exc}; nothing of "
                 "this cycle was recorded (it will be evaluated again)"
-            ) from None
+            ) from exc
         except (ValueError, OverflowError, TypeError) as exc:  # from sqlite3 or json
             raise UnstorableError(
                 f"the state file cannot store a value: {type(exc).__name__}: {exc}"

@@ -74,7 +74,7 @@ def existing(path: Path) -> os.stat_result | None:
     except FileNotFoundError:
         return None
     except OSError as exc:
-        raise StateError(f"cannot reach state file {path}: {reason(exc)}") from None
+        raise StateError(f"cannot reach state file {path}: {reason(exc)}") from exc
     if stat.S_ISLNK(info.st_mode):
         try:
             target = f" (to {os.readlink(path)})"
@@ -117,7 +117,7 @@ def open_for_daemon(path: Path) -> int:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise StateError(f"cannot create the state folder {folder}: {reason(exc)}") from None
+        raise StateError(f"cannot create the state folder {folder}: {reason(exc)}") from exc
     info = existing(path)
     if info is not None:
         check_owner(path, info)
@@ -135,7 +135,7 @@ def open_for_daemon(path: Path) -> int:
     try:
         fd = os.open(path, flags, 0o600)
     except OSError as exc:
-        raise StateError(f"cannot create or open state file {path}: {reason(exc)}") from None
+        raise StateError(f"cannot create or open state file {path}: {reason(exc)}") from exc
     opened = os.fstat(fd)
     try:
         if not stat.S_ISREG(opened.st_mode):  # swapped since the checks above
@@ -151,11 +151,11 @@ def lock_file(fd: int, path: Path) -> None:
     """The daemon's exclusive lock on its state file (one daemon per file)."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    except BlockingIOError as exc:
         raise StateLockedError(
             f"state file {path} is in use by another invoice-watch daemon; run "
             "one daemon per state file (or point state.path elsewhere)"
-        ) from None
+        ) from exc
     except OSError as exc:
         if exc.errno == errno.ENOLCK:
             raise StateError(
@@ -163,8 +163,8 @@ def lock_file(fd: int, path: Path) -> None:
                 "CIFS without a lock manager?): invoice-watch locks its state so that one "
                 "daemon uses it, and SQLite needs locks too. Keep the state on a local "
                 "disk: point state.path there"
-            ) from None
-        raise StateError(f"cannot lock state file {path}: {reason(exc)}") from None
+            ) from exc
+        raise StateError(f"cannot lock state file {path}: {reason(exc)}") from exc
 
 
 def check_readable(path: Path) -> None:
@@ -251,5 +251,5 @@ def identity(path: Path) -> tuple[int, int] | None:
     except FileNotFoundError:
         return None
     except OSError as exc:
-        raise StateError(f"cannot check state file {path}: {reason(exc)}") from None
+        raise StateError(f"cannot check state file {path}: {reason(exc)}") from exc
     return info.st_dev, info.st_ino
