@@ -35,8 +35,7 @@ T = TypeVar("T")
 
 class Database:
     """The state file's connection (``path`` None: in memory). Open it with
-    :meth:`open` or :meth:`copy`; ``build`` makes what uses it (the repositories,
-    loading their caches) in the opening thread, under the opening's error handling."""
+    :func:`open_database` or :func:`copy_database`."""
 
     def __init__(self, conn: sqlite3.Connection, path: Path | None, lock_fd: int | None) -> None:
         self.connection = conn
@@ -53,106 +52,6 @@ class Database:
     def name(self) -> str:
         """The file, as messages name it."""
         return str(self.path or ":memory:")
-
-    # -- opening (in a worker thread) -------------------------------------------------
-
-    @classmethod
-    def open(cls, path: Path | None, *, exclusive: bool, build: Callable[[Database], T]) -> T:
-        """Open the state file (see :meth:`SqliteStore.open
-        <invoice_watch.store.sqlite.store.SqliteStore.open>`) and ``build`` on it."""
-        if path is None:
-            conn = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
-            db = cls(conn, None, None)
-            db.migrate()
-            return build(db)
-        if not exclusive:
-            return cls._open_reader(path, build)
-        lock_fd = files.open_for_daemon(path)
-        try:
-            files.lock_file(lock_fd, path)
-            if stat.S_IMODE(os.fstat(lock_fd).st_mode) != 0o600:
-                os.fchmod(lock_fd, 0o600)
-            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-            try:
-                db = cls(conn, path, lock_fd)
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute("PRAGMA synchronous=FULL")
-                conn.execute("PRAGMA busy_timeout=5000")
-                db.migrate()
-                built = build(db)
-                db._side_files = files.wal_files(path)
-            except BaseException as exc:
-                with contextlib.suppress(Exception):
-                    conn.close()
-                if isinstance(exc, sqlite3.Error):
-                    raise StateError(files.sqlite_problem(path, exc)) from exc
-                raise
-        except OSError as exc:
-            os.close(lock_fd)
-            raise StateError(f"cannot use state file {path}: {files.reason(exc)}") from exc
-        except BaseException:
-            os.close(lock_fd)
-            raise
-        return built
-
-    @classmethod
-    def _open_reader(cls, path: Path, build: Callable[[Database], T]) -> T:
-        """The state file opened read-only, for the operator commands."""
-        if files.existing(path) is None:
-            raise StateError(
-                f"no state file at {path} yet: the daemon has not run a cycle with this "
-                "config (or state.path points elsewhere than the daemon's)"
-            )
-        files.check_readable(path)
-        try:
-            conn = files.connect_read_only(path)
-        except sqlite3.Error as exc:
-            raise StateError(files.sqlite_problem(path, exc, reader=True)) from exc
-        try:
-            conn.execute("PRAGMA busy_timeout=5000")
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version < SCHEMA_VERSION:
-                # Written by an older invoice-watch (the daemon migrates it when it
-                # next starts): read a migrated copy, leave the file as it is.
-                conn.close()
-                return cls.copy(path, build=build)
-            db = cls(conn, path, None)
-            db.migrate()  # only checks: the version is not older
-            return build(db)
-        except BaseException as exc:
-            with contextlib.suppress(Exception):
-                conn.close()
-            if isinstance(exc, sqlite3.Error):
-                raise StateError(files.sqlite_problem(path, exc, reader=True)) from exc
-            raise
-
-    @classmethod
-    def copy(cls, path: Path, *, build: Callable[[Database], T]) -> T:
-        """An in-memory copy of an existing state file (for --dry-run): writes go
-        nowhere, and the file itself is only read (checked as :meth:`open` checks it)."""
-        memory = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
-        if files.existing(path) is not None:
-            files.check_readable(path)
-            try:
-                source = files.connect_read_only(path)
-                try:
-                    source.backup(memory)
-                finally:
-                    source.close()
-            except sqlite3.Error as exc:
-                memory.close()
-                raise StateError(files.sqlite_problem(path, exc, reader=True)) from exc
-        db = cls(memory, None, None)
-        try:
-            # (the copy is migrated in memory: nothing to log, the file stays as it is)
-            db.migrate(name=path, quiet=True)
-            return build(db)
-        except sqlite3.Error as exc:
-            memory.close()
-            raise StateError(files.sqlite_problem(path, exc, reader=True)) from exc
-        except StateError:
-            memory.close()
-            raise
 
     # -- the schema ------------------------------------------------------------------
 
@@ -306,6 +205,12 @@ class Database:
                 "the daemon runs); then start invoice-watch again"
             )
 
+    def watch_side_files(self) -> None:
+        """Remember the -wal and -shm beside the daemon's file, as :meth:`check_held`
+        expects to find them."""
+        if self.path is not None:
+            self._side_files = files.wal_files(self.path)
+
     async def close(self) -> None:
         """Close the connection and let go of the lock (a second call does nothing)."""
         async with self._lock:
@@ -317,3 +222,105 @@ class Database:
             if self._lock_fd is not None:
                 os.close(self._lock_fd)
                 self._lock_fd = None
+
+
+# -- opening (in a worker thread) ------------------------------------------------------
+
+
+def open_database(path: Path | None, *, exclusive: bool, build: Callable[[Database], T]) -> T:
+    """Open the state file (``path`` None: a database in memory) and ``build`` on it
+    (in this thread, under the same error handling): see
+    :meth:`~invoice_watch.store.sqlite.store.SqliteStore.open`."""
+    if path is None:
+        conn = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+        db = Database(conn, None, None)
+        db.migrate()
+        return build(db)
+    if not exclusive:
+        return _open_reader(path, build)
+    lock_fd = files.open_for_daemon(path)
+    try:
+        files.lock_file(lock_fd, path)
+        if stat.S_IMODE(os.fstat(lock_fd).st_mode) != 0o600:
+            os.fchmod(lock_fd, 0o600)
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        try:
+            db = Database(conn, path, lock_fd)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA busy_timeout=5000")
+            db.migrate()
+            built = build(db)
+            db.watch_side_files()
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                conn.close()
+            if isinstance(exc, sqlite3.Error):
+                raise StateError(files.sqlite_problem(path, exc)) from exc
+            raise
+    except OSError as exc:
+        os.close(lock_fd)
+        raise StateError(f"cannot use state file {path}: {files.reason(exc)}") from exc
+    except BaseException:
+        os.close(lock_fd)
+        raise
+    return built
+
+
+def _open_reader(path: Path, build: Callable[[Database], T]) -> T:
+    """The state file opened read-only, for the operator commands."""
+    if files.existing(path) is None:
+        raise StateError(
+            f"no state file at {path} yet: the daemon has not run a cycle with this "
+            "config (or state.path points elsewhere than the daemon's)"
+        )
+    files.check_readable(path)
+    try:
+        conn = files.connect_read_only(path)
+    except sqlite3.Error as exc:
+        raise StateError(files.sqlite_problem(path, exc, reader=True)) from exc
+    try:
+        conn.execute("PRAGMA busy_timeout=5000")
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version < SCHEMA_VERSION:
+            # Written by an older invoice-watch (the daemon migrates it when it
+            # next starts): read a migrated copy, leave the file as it is.
+            conn.close()
+            return copy_database(path, build=build)
+        db = Database(conn, path, None)
+        db.migrate()  # only checks: the version is not older
+        return build(db)
+    except BaseException as exc:
+        with contextlib.suppress(Exception):
+            conn.close()
+        if isinstance(exc, sqlite3.Error):
+            raise StateError(files.sqlite_problem(path, exc, reader=True)) from exc
+        raise
+
+
+def copy_database(path: Path, *, build: Callable[[Database], T]) -> T:
+    """An in-memory copy of an existing state file (for --dry-run): writes go
+    nowhere, and the file itself is only read (checked as :func:`open_database` checks it)."""
+    memory = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+    if files.existing(path) is not None:
+        files.check_readable(path)
+        try:
+            source = files.connect_read_only(path)
+            try:
+                source.backup(memory)
+            finally:
+                source.close()
+        except sqlite3.Error as exc:
+            memory.close()
+            raise StateError(files.sqlite_problem(path, exc, reader=True)) from exc
+    db = Database(memory, None, None)
+    try:
+        # (the copy is migrated in memory: nothing to log, the file stays as it is)
+        db.migrate(name=path, quiet=True)
+        return build(db)
+    except sqlite3.Error as exc:
+        memory.close()
+        raise StateError(files.sqlite_problem(path, exc, reader=True)) from exc
+    except StateError:
+        memory.close()
+        raise

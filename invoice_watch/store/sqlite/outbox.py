@@ -1,12 +1,13 @@
 """The outbox in the SQLite state file: one row per event and notifier (``outbox``).
 
 A running cycle's rows are held (state ``held``, tagged with the cycle) and released when
-it ends, or while it runs (:meth:`SqliteOutbox.release`): per notifier one by one, or,
-above ``group_over``, as grouped messages (:func:`~invoice_watch.store.grouping.
-message_parts`), each led by its first row (``grp`` = the leader's id) so that grouping
-rewrites nothing. Delivery reads the due messages, and marks each sent, failed, or to be
-retried; retention deletes those done long ago. The outbox is not cached: delivery reads
-it a bounded batch at a time.
+it ends, or while it runs: per notifier one by one, or, above ``group_over``, as grouped
+messages (:func:`~invoice_watch.store.grouping.message_parts`), each led by its first row
+(``grp`` = the leader's id) so that grouping rewrites nothing. The unit of work does this
+in its transactions (:func:`hold_events`, :func:`release_held`). Delivery reads the due
+messages (:class:`SqliteOutbox`), and marks each sent, failed, or to be retried;
+retention deletes those done long ago (:func:`prune_done`). The outbox is not cached:
+delivery reads it a bounded batch at a time.
 """
 
 from __future__ import annotations
@@ -87,109 +88,130 @@ def _part_of(
     return Part(leaders.index(leader) + 1, len(leaders))
 
 
+# -- written in a transaction of the unit of work -------------------------------------
+
+
+def hold_events(
+    conn: sqlite3.Connection,
+    cycle: int,
+    transitions: Iterable[AlertChange],
+    routes: Mapping[str, Sequence[str]],
+    now: str,
+    written: Mapping[int, str],
+) -> None:
+    """The transitions' events, held by ``cycle``: one row per notifier
+    (``written``: the JSON already made of an event, by ``id(event)``)."""
+    rows: list[tuple[str, str, str, str, str, int]] = []
+    for t in transitions:
+        event = t.event
+        if event is None:
+            continue
+        text = written.get(id(event))
+        events = f"[{text if text is not None else event_json(event)}]"
+        summary = summarize((event,))
+        # The notifiers its alert's messages go to (dedup.recipients); the rule's
+        # route for a transition made without them.
+        notifiers = t.state.notifiers or routes.get(event.rule, ())
+        rows.extend((notifier, events, summary, now, now, cycle) for notifier in notifiers)
+    conn.executemany(
+        "INSERT INTO outbox (notifier, events, summary, created_at, next_attempt_at, "
+        "state, cycle) VALUES (?,?,?,?,?,'held',?)",
+        rows,
+    )
+
+
+def retag_held(conn: sqlite3.Connection, cycle: int, tag: int) -> None:
+    """The rows ``cycle`` holds so far are held by ``tag`` now."""
+    conn.execute("UPDATE outbox SET cycle=? WHERE state='held' AND cycle=?", (tag, cycle))
+
+
+def release_held(
+    conn: sqlite3.Connection,
+    group_over: int,
+    now: str,
+    cycle: int | None = None,
+    *,
+    only: bool = False,
+) -> int:
+    """Release held rows (of every cycle, or of ``cycle`` ``only``; ``cycle``'s own
+    count is returned, or all of them). More than ``group_over`` of one cycle for one
+    notifier become grouped messages (:func:`message_parts`): the first row of each
+    leads it (its summary says so), the others follow (``grp``), and they are sent,
+    retried and marked together, in order; the parts of a group go in order, each on
+    its own."""
+    counted = 0
+    if only:
+        groups = conn.execute(
+            "SELECT cycle, notifier, COUNT(*) FROM outbox WHERE state='held' AND "
+            "cycle=? GROUP BY notifier",
+            (cycle,),
+        ).fetchall()
+    else:
+        groups = conn.execute(
+            "SELECT cycle, notifier, COUNT(*) FROM outbox WHERE state='held' "
+            "GROUP BY cycle, notifier"
+        ).fetchall()
+    for held_by, notifier, count in groups:
+        if cycle is None or held_by == cycle:
+            counted += count
+        where = "state='held' AND cycle IS ? AND notifier=?"
+        sizes = message_parts(count, group_over)
+        if sizes is None:
+            conn.execute(f"UPDATE outbox SET state='pending' WHERE {where}", (held_by, notifier))
+            continue
+        ids = [
+            row[0]
+            for row in conn.execute(
+                f"SELECT id FROM outbox WHERE {where} ORDER BY id", (held_by, notifier)
+            )
+        ]
+        _group(conn, ids, sizes, now)
+    return counted
+
+
+def split_oversized(conn: sqlite3.Connection) -> None:
+    """Split each pending group larger than a message may be into parts (written
+    by an earlier version)."""
+    oversized = conn.execute(
+        "SELECT grp FROM outbox WHERE grp IS NOT NULL AND state='pending' "
+        "GROUP BY grp HAVING COUNT(*) > ?",
+        (MESSAGE_MAX_EVENTS,),
+    ).fetchall()
+    for (leader,) in oversized:
+        rows = conn.execute("SELECT id FROM outbox WHERE grp=? ORDER BY id", (leader,))
+        ids = [row[0] for row in rows]
+        sizes = message_parts(len(ids), 1)
+        assert sizes is not None
+        _group(conn, ids, sizes, None)
+
+
+def prune_done(conn: sqlite3.Connection, cutoff: str, limit: int) -> int:
+    """Delete messages sent or failed before ``cutoff`` (a grouped one whole; at most
+    ``limit``); pending and held ones are never touched. Returns how many rows."""
+    done = [
+        row[0]
+        for row in conn.execute(
+            "SELECT id FROM outbox WHERE state IN ('sent', 'failed') "
+            f"AND next_attempt_at < ? AND done_at < ? AND {_MESSAGE} LIMIT ?",
+            (cutoff, cutoff, limit),
+        )
+    ]
+    deleted = 0
+    for start in range(0, len(done), 400):
+        chunk = done[start : start + 400]
+        marks = ",".join("?" * len(chunk))
+        deleted += conn.execute(
+            f"DELETE FROM outbox WHERE id IN ({marks}) OR grp IN ({marks})",
+            (*chunk, *chunk),
+        ).rowcount
+    return deleted
+
+
 class SqliteOutbox:
     """The outbox (:class:`~invoice_watch.store.protocols.Outbox`)."""
 
     def __init__(self, db: Database) -> None:
         self._db = db
-
-    # -- holding and releasing (in a transaction of the unit of work) ----------------
-
-    @staticmethod
-    def hold(
-        conn: sqlite3.Connection,
-        cycle: int,
-        transitions: Iterable[AlertChange],
-        routes: Mapping[str, Sequence[str]],
-        now: str,
-        written: Mapping[int, str],
-    ) -> None:
-        """The transitions' events, held by ``cycle``: one row per notifier
-        (``written``: the JSON already made of an event, by ``id(event)``)."""
-        rows: list[tuple[str, str, str, str, str, int]] = []
-        for t in transitions:
-            event = t.event
-            if event is None:
-                continue
-            text = written.get(id(event))
-            events = f"[{text if text is not None else event_json(event)}]"
-            summary = summarize((event,))
-            # The notifiers its alert's messages go to (dedup.recipients); the rule's
-            # route for a transition made without them.
-            notifiers = t.state.notifiers or routes.get(event.rule, ())
-            rows.extend((notifier, events, summary, now, now, cycle) for notifier in notifiers)
-        conn.executemany(
-            "INSERT INTO outbox (notifier, events, summary, created_at, next_attempt_at, "
-            "state, cycle) VALUES (?,?,?,?,?,'held',?)",
-            rows,
-        )
-
-    @staticmethod
-    def retag(conn: sqlite3.Connection, cycle: int, tag: int) -> None:
-        """The rows ``cycle`` holds so far are held by ``tag`` now."""
-        conn.execute("UPDATE outbox SET cycle=? WHERE state='held' AND cycle=?", (tag, cycle))
-
-    @staticmethod
-    def release(
-        conn: sqlite3.Connection,
-        group_over: int,
-        now: str,
-        cycle: int | None = None,
-        *,
-        only: bool = False,
-    ) -> int:
-        """Release held rows (of every cycle, or of ``cycle`` ``only``; ``cycle``'s own
-        count is returned, or all of them). More than ``group_over`` of one cycle for one
-        notifier become grouped messages (:func:`message_parts`): the first row of each
-        leads it (its summary says so), the others follow (``grp``), and they are sent,
-        retried and marked together, in order; the parts of a group go in order, each on
-        its own."""
-        counted = 0
-        if only:
-            groups = conn.execute(
-                "SELECT cycle, notifier, COUNT(*) FROM outbox WHERE state='held' AND "
-                "cycle=? GROUP BY notifier",
-                (cycle,),
-            ).fetchall()
-        else:
-            groups = conn.execute(
-                "SELECT cycle, notifier, COUNT(*) FROM outbox WHERE state='held' "
-                "GROUP BY cycle, notifier"
-            ).fetchall()
-        for held_by, notifier, count in groups:
-            if cycle is None or held_by == cycle:
-                counted += count
-            where = "state='held' AND cycle IS ? AND notifier=?"
-            sizes = message_parts(count, group_over)
-            if sizes is None:
-                conn.execute(
-                    f"UPDATE outbox SET state='pending' WHERE {where}", (held_by, notifier)
-                )
-                continue
-            ids = [
-                row[0]
-                for row in conn.execute(
-                    f"SELECT id FROM outbox WHERE {where} ORDER BY id", (held_by, notifier)
-                )
-            ]
-            _group(conn, ids, sizes, now)
-        return counted
-
-    @staticmethod
-    def split_oversized(conn: sqlite3.Connection) -> None:
-        """Split each pending group larger than a message may be into parts (written
-        by an earlier version)."""
-        oversized = conn.execute(
-            "SELECT grp FROM outbox WHERE grp IS NOT NULL AND state='pending' "
-            "GROUP BY grp HAVING COUNT(*) > ?",
-            (MESSAGE_MAX_EVENTS,),
-        ).fetchall()
-        for (leader,) in oversized:
-            rows = conn.execute("SELECT id FROM outbox WHERE grp=? ORDER BY id", (leader,))
-            ids = [row[0] for row in rows]
-            sizes = message_parts(len(ids), 1)
-            assert sizes is not None
-            _group(conn, ids, sizes, None)
 
     # -- delivery --------------------------------------------------------------------
 
@@ -405,27 +427,3 @@ class SqliteOutbox:
             return result
 
         return await self._read(query)
-
-    # -- retention (in a transaction of the unit of work) ----------------------------
-
-    @staticmethod
-    def prune(conn: sqlite3.Connection, cutoff: str, limit: int) -> int:
-        """Delete messages sent or failed before ``cutoff`` (a grouped one whole; at most
-        ``limit``); pending and held ones are never touched. Returns how many rows."""
-        done = [
-            row[0]
-            for row in conn.execute(
-                "SELECT id FROM outbox WHERE state IN ('sent', 'failed') "
-                f"AND next_attempt_at < ? AND done_at < ? AND {_MESSAGE} LIMIT ?",
-                (cutoff, cutoff, limit),
-            )
-        ]
-        deleted = 0
-        for start in range(0, len(done), 400):
-            chunk = done[start : start + 400]
-            marks = ",".join("?" * len(chunk))
-            deleted += conn.execute(
-                f"DELETE FROM outbox WHERE id IN ({marks}) OR grp IN ({marks})",
-                (*chunk, *chunk),
-            ).rowcount
-        return deleted

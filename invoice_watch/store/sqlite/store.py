@@ -26,9 +26,16 @@ from invoice_watch.constants import FINAL_STATUSES
 from invoice_watch.store.protocols import AlertChange
 from invoice_watch.store.records import OrgWrite
 from invoice_watch.store.sqlite.cycles import SqliteCycleLog
-from invoice_watch.store.sqlite.database import Database
+from invoice_watch.store.sqlite.database import Database, copy_database, open_database
 from invoice_watch.store.sqlite.notification_log import SqliteNotificationLog
-from invoice_watch.store.sqlite.outbox import SqliteOutbox
+from invoice_watch.store.sqlite.outbox import (
+    SqliteOutbox,
+    hold_events,
+    prune_done,
+    release_held,
+    retag_held,
+    split_oversized,
+)
 from invoice_watch.store.sqlite.snapshot import SqliteSnapshot
 
 
@@ -92,7 +99,7 @@ class SqliteStore:
             return cls._loaded(db, settles)
 
         opening = asyncio.ensure_future(
-            asyncio.to_thread(Database.open, path, exclusive=exclusive, build=build)
+            asyncio.to_thread(open_database, path, exclusive=exclusive, build=build)
         )
         try:
             return await asyncio.shield(opening)
@@ -106,7 +113,7 @@ class SqliteStore:
     def copy(cls, path: Path, *, settles: frozenset[str] = FINAL_STATUSES) -> SqliteStore:
         """An in-memory copy of an existing state file (for --dry-run): writes go
         nowhere, and the file itself is only read (checked as :meth:`open` checks it)."""
-        return Database.copy(path, build=lambda db: cls._loaded(db, settles))
+        return copy_database(path, build=lambda db: cls._loaded(db, settles))
 
     @classmethod
     def _loaded(cls, db: Database, settles: frozenset[str]) -> SqliteStore:
@@ -178,7 +185,7 @@ class SqliteStore:
 
         def run(conn: sqlite3.Connection) -> None:
             self._write_part(conn, cycle, orgs, transitions, routes, now)
-            events = released + self._outbox.release(conn, group_over, now, cycle)
+            events = released + release_held(conn, group_over, now, cycle)
             self._cycles.record(conn, started_at, now, orgs_ok, orgs_failed, events)
 
         await self.database.commit(run)
@@ -195,8 +202,8 @@ class SqliteStore:
         tag = self.begin_cycle()
 
         def run(conn: sqlite3.Connection) -> int:
-            self._outbox.retag(conn, cycle, tag)
-            return self._outbox.release(conn, group_over, now.isoformat(), tag, only=True)
+            retag_held(conn, cycle, tag)
+            return release_held(conn, group_over, now.isoformat(), tag, only=True)
 
         return await self.database.commit(run)
 
@@ -208,8 +215,8 @@ class SqliteStore:
         message may be (written by an earlier version) is split into parts as well."""
 
         def run(conn: sqlite3.Connection) -> int:
-            self._outbox.split_oversized(conn)
-            return self._outbox.release(conn, group_over, now.isoformat())
+            split_oversized(conn)
+            return release_held(conn, group_over, now.isoformat())
 
         return await self.database.commit(run)
 
@@ -225,7 +232,7 @@ class SqliteStore:
         """Organizations' snapshot changes, alert states, and their events held."""
         self._snapshot.write(conn, orgs, now)
         written = self._alerts.write(conn, transitions)
-        self._outbox.hold(conn, cycle, transitions, routes, now, written)
+        hold_events(conn, cycle, transitions, routes, now, written)
 
     def _apply(
         self, orgs: Sequence[OrgWrite], transitions: Sequence[AlertChange], at: datetime
@@ -259,7 +266,7 @@ class SqliteStore:
 
         def run(conn: sqlite3.Connection) -> int:
             return (
-                self._outbox.prune(conn, cutoff, limit)
+                prune_done(conn, cutoff, limit)
                 + self._alerts.prune(conn, cutoff, limit)
                 + self._cycles.prune(conn, cutoff, limit)
                 + self._snapshot.prune(conn, cutoff, limit)
