@@ -9,7 +9,7 @@ Atlas simulator in another process (so that the server's CPU is not counted as o
 a real server's would not be). Every request takes a fixed round trip of 20 ms: the
 simulator's answer leaves 20 ms after the request arrived, its own processing included
 (``--latency-model sim`` uses ``Simulator.faults.latency`` instead, which sleeps before
-processing; see README.md). Through the real App, AtlasClient and StateStore (a SQLite
+processing; see README.md). Through the real App, AtlasClient and SQLite store (a
 file, WAL, synchronous=FULL) it runs, on one App:
 
 - cold: a cycle on an empty state file (full listings);
