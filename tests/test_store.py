@@ -103,6 +103,31 @@ async def test_store_mark_retry_defers_the_notifiers_other_rows(store):
     assert later[0].attempts == 1
 
 
+async def test_store_a_retry_owed_to_some_recipients_keeps_them_and_holds_up_no_other_row(
+    store,
+):
+    """An attempt that reached some of the notifier's recipients: the outbox gives back
+    whom the message is still owed to (``Delivery.owed``), and a retry that does not
+    ``hold`` leaves the notifier's other messages due; a failed mark keeps them too."""
+    number = store.begin_cycle()
+    await store.commit_orgs(number, NOW, [], [firing("a"), firing("b")], {"failed": ["email"]})
+    await store.finish_cycle(number, NOW, NOW, [], [], {}, 5, orgs_ok=0, orgs_failed=0)
+    assert await store.outbox.waiting_since() == [NOW]
+    first, second = await store.outbox.due(NOW)
+    assert first.owed is None
+    later = NOW + timedelta(minutes=5)
+    await store.outbox.mark_retry(first.id, later, "452 mailbox full", ["b@x.test"], hold=False)
+    assert [d.id for d in await store.outbox.due(NOW)] == [second.id]
+    [again] = await store.outbox.due(later, exclude=[second.id])
+    assert again.owed == ("b@x.test",) and again.attempts == 1
+    assert again.last_error is not None and again.last_error.endswith("452 mailbox full")
+    await store.outbox.mark_failed(first.id, later, "gave up", again.owed)
+    await store.outbox.mark_sent(second.id, later)
+    assert await store.outbox.waiting_since() == []
+    [failed] = await store.outbox.messages(("failed",))
+    assert failed.last_error is not None and "b@x.test" in failed.last_error
+
+
 def test_alert_event_json_round_trip_keeps_every_field():
     from dataclasses import fields, replace
 
