@@ -27,13 +27,18 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from yarl import URL
 
 from invoice_watch import constants
+from invoice_watch.config.files import FileProblem, check_regular_file
 from invoice_watch.config.quantities import (
     Duration,
     DurationOrZero,
+    Flag,
     Money,
+    Number,
     ResponseSize,
+    Whole,
     at_most,
 )
 from invoice_watch.config.values import (
@@ -116,11 +121,38 @@ class AtlasConfig(_Model):
         ),
     ]
     timeout: Annotated[Duration, at_most(_REQUEST_LIMIT, _REQUEST_WHY)] = timedelta(seconds=30)
-    max_concurrency: int = Field(4, ge=1, le=64)
-    retries: int = Field(5, ge=0, le=20)
+    max_concurrency: Whole = Field(4, ge=1, le=64)
+    retries: Whole = Field(5, ge=0, le=20)
     max_backoff: Annotated[Duration, at_most(_BACKOFF_LIMIT, _BACKOFF_WHY)] = timedelta(seconds=30)
     max_response_size: ResponseSize = constants.MAX_RESPONSE_SIZE
     proxy: ProxyUrl | None = None
+
+    @field_validator("base_url")
+    @classmethod
+    def _no_api_path(cls, value: str) -> str:
+        """``https://cloud.mongodb.com/api/atlas/v2`` (copied from Atlas's documentation)
+        would send every request to ``…/api/atlas/v2/api/atlas/v2/orgs/…``: a 404 that
+        blames the organization id."""
+        path = URL(value).path.rstrip("/")
+        if path == "/api" or path.startswith("/api/"):
+            root = str(URL(value).with_path("/")).rstrip("/")
+            raise ValueError(
+                f"`{value}` has the API's path, which invoice-watch adds itself (it "
+                f"would ask {value}/api/atlas/v2/orgs/…): write {root}"
+            )
+        return value
+
+    @field_validator("ui_url")
+    @classmethod
+    def _no_ui_path(cls, value: str) -> str:
+        path = URL(value).path.rstrip("/")
+        if path.endswith("/v2"):
+            root = str(URL(value).with_path("/")).rstrip("/")
+            raise ValueError(
+                f"`{value}` ends with /v2, which invoice-watch adds itself to link to "
+                f"the billing page ({value}/v2#/org/…): write {root}"
+            )
+        return value
 
 
 class OrgConfig(_Model):
@@ -176,7 +208,7 @@ class DeliveryConfig(_Model):
         Duration, at_most(timedelta(days=30), "an alert older than that is no news")
     ] = timedelta(hours=24)
     max_backoff: Annotated[Duration, at_most(_BACKOFF_LIMIT, _BACKOFF_WHY)] = timedelta(seconds=60)
-    group_over: int = Field(5, ge=1, le=10_000)
+    group_over: Whole = Field(5, ge=1, le=10_000)
     # Sent and failed notifications, resolved alerts, cycle records and amount observations
     # older than this are pruned from the state file (deliver.py, Store.prune); pending
     # messages and firing alerts never are.
@@ -221,7 +253,7 @@ class EmailNotifierConfig(_Model):
 
     type: Literal["email"]
     host: Hostname
-    port: int = Field(_SMTP_PORTS["starttls"], ge=1, le=65535)
+    port: Whole = Field(_SMTP_PORTS["starttls"], ge=1, le=65535)
     tls: Literal["starttls", "implicit", "none"] = "starttls"
     ca_file: ConfigPath | None = None
     username: SmtpLogin | None = None
@@ -340,8 +372,8 @@ class _RuleBase(_Model):
     orgs: Annotated[list[OrgId], Field(min_length=1)] | None = None
     severity: Severity = Severity.WARNING
     repeat: Annotated[Duration, at_most(_RULE_LIMIT, _RULE_WHY)] | None = None
-    send_resolved: bool = True
-    enabled: bool = True
+    send_resolved: Flag = True
+    enabled: Flag = True
 
 
 class InvoiceStatusRule(_RuleBase):
@@ -375,7 +407,7 @@ class AmountIncreaseRule(_RuleBase):
 
     type: Literal["amount_increase"]
     threshold_cents: Money | None = Field(None, alias="threshold")
-    percent: float | None = Field(None, gt=0, le=1_000_000, allow_inf_nan=False)
+    percent: Number | None = Field(None, gt=0, le=1_000_000)
     window: Annotated[Duration, at_most(_RULE_LIMIT, _RULE_WHY)] = timedelta(hours=24)
 
     @model_validator(mode="after")
@@ -483,7 +515,7 @@ class HttpConfig(_Model):
     # Bounds against a flood or slow clients (issue 12 §3): connections open at once
     # (beyond, new ones are closed at once), and how long a connection may stay without
     # a complete request (from its start, or from its last answer).
-    max_connections: int = Field(64, ge=1, le=10_000)
+    max_connections: Whole = Field(64, ge=1, le=10_000)
     idle_timeout: Annotated[
         Duration, at_most(timedelta(hours=1), "a request takes seconds to arrive")
     ] = timedelta(seconds=10)

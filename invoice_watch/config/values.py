@@ -112,7 +112,10 @@ def _check_name(value: str) -> str:
 # A name shown in messages, logs and email subjects: rules, organizations, notifiers.
 Name = Annotated[str, AfterValidator(_check_name)]
 
-_HEADER_TOKEN = re.compile(r"[!-9;-~]{1,256}")  # visible ASCII but `:`
+# Visible ASCII but `:` (it ends the user name of Basic and Digest), and `"` and `\`:
+# no Atlas key or client id has them, so one is a stray character from a quoting slip
+# (aiohttp would escape them in Digest's `username="..."`, RFC 7616 §3.4).
+_HEADER_TOKEN = re.compile(r"[!#-9;-\[\]-~]{1,256}")
 
 
 def _matching(pattern: re.Pattern[str], problem: str) -> AfterValidator:
@@ -133,8 +136,8 @@ HttpLogin = Annotated[
     str,
     _matching(
         _HEADER_TOKEN,
-        "cannot be an HTTP user name: use printable ASCII without spaces or `:` (up to 256 "
-        "characters); check for a stray character",
+        'cannot be an HTTP user name: use printable ASCII without spaces, `:`, `"` or '
+        "`\\` (up to 256 characters); check for a stray character",
     ),
 ]
 
@@ -419,20 +422,29 @@ def _resolve_path(value: Path, info: ValidationInfo) -> Path:
 ConfigPath = Annotated[Path, AfterValidator(_resolve_path)]
 
 
+_LISTEN = re.compile(r"(?:\[(?P<ipv6>[^\[\]]+)\]|(?P<host>[^\[\]:]+)):(?P<port>[0-9]{1,5})")
+
+
 def split_listen(listen: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``http.listen``) -> (host, port); an IPv6 address in brackets,
+    ``[::1]:9100``, as in a URL (RFC 3986 §3.2.2). Raises ValueError."""
     _text(listen)
-    host, sep, port = listen.rpartition(":")
-    host = host.removeprefix("[").removesuffix("]")
+    m = _LISTEN.fullmatch(listen)
+    host = (m["ipv6"] or m["host"]) if m else ""
+    ipv6 = m is not None and m["ipv6"] is not None
     if (
-        not sep
-        or not host
+        m is None
         or _host_problem(host)
-        or not (port.isascii() and port.isdigit())
-        or len(port) > 5
-        or int(port) > 65535
+        or (ipv6 and ":" not in host)  # [name]:port
+        or int(m["port"]) > 65535
     ):
+        hint = (
+            " (an IPv6 address goes in brackets: [::1]:9100)"
+            if listen.count(":") > 1 or "[" in listen or "]" in listen
+            else ""
+        )
         raise ValueError(
-            f"`{listen}` is not HOST:PORT: write e.g. 127.0.0.1:9100 (or 0.0.0.0:9100 "
+            f"`{listen}` is not HOST:PORT{hint}: write e.g. 127.0.0.1:9100 (or 0.0.0.0:9100 "
             "to listen on every interface)"
         )
-    return host, int(port)
+    return host, int(m["port"])
