@@ -924,6 +924,8 @@ class App:
         load_config: Callable[[Path], Config] = load_file,
         configure_logging: Callable[[LogConfig], None] | None = None,
     ) -> None:
+        if not config.secrets_read:
+            raise ValueError("a configuration loaded without its secrets cannot run")
         self.config = config
         self.clock = clock or SystemClock()
         self._rng = rng or random.Random()
@@ -1705,7 +1707,10 @@ class App:
         """Take a new configuration between cycles. Each changed setting is applied as
         :data:`invoice_watch.reload.APPLY` says; when one needs a restart (``state.path``),
         or the new ``http.listen`` cannot be used, nothing changes and the reload is
-        refused, naming the setting. Returns whether the configuration was taken."""
+        refused, naming the setting. Returns whether the configuration was taken; logs
+        the keys the files changed, and the new configuration's warnings."""
+        if not config.secrets_read:
+            raise ValueError("a configuration loaded without its secrets cannot run")
         changed = changes(self.config, config)
         restart = [key for key, how in changed.items() if how is Apply.RESTART]
         if restart:

@@ -404,8 +404,11 @@ def _error(text: str) -> None:
 def _with_config(args: argparse.Namespace) -> int:
     from invoice_watch.config import Config, find_config_file, load_file, summary
 
+    # Read-only commands need no secret: an operator who may read the state file but
+    # not the secrets (LoadCredentialEncrypted=, a missing *_file) can still look.
+    secrets = args.command not in ("status", "history", "invoices")
     try:
-        config: Config = load_file(find_config_file(args.config, os.environ))
+        config: Config = load_file(find_config_file(args.config, os.environ), secrets=secrets)
     except ConfigError as exc:
         for problem in exc.problems:
             _error(str(problem))

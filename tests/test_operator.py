@@ -448,7 +448,7 @@ CASES: dict[str, Case] = {
     "test-notify/ca-file-not-a-certificate": Case(
         ("test-notify", *CONFIG),
         (1, 2),
-        "mail: .*ca_file",
+        "mail.ca_file: .*holds no certificate",
         setup=config_unsafe,
     ),
     # -- standard output closed (`| head`) or full --

@@ -19,8 +19,10 @@ class InterpolationError(Exception):
     """A ``${...}`` that cannot be replaced; the message says what to set or write."""
 
 
-def interpolate(text: str, env: Mapping[str, str]) -> str:
-    """``text`` with every ``${...}`` replaced from ``env``; raises InterpolationError."""
+def interpolate(text: str, env: Mapping[str, str], *, limit: int | None = None) -> str:
+    """``text`` with every ``${...}`` replaced from ``env``; raises InterpolationError,
+    also when the result would be longer than ``limit`` characters (a value that names
+    a long variable thousands of times), before building it."""
 
     def substitute(m: re.Match[str]) -> str:
         if m["dollar"]:
@@ -44,7 +46,20 @@ def interpolate(text: str, env: Mapping[str, str]) -> str:
             raise InterpolationError(f"{name}: {arg or 'environment variable is not set'}")
         return str(value)
 
-    return _VARIABLE.sub(substitute, text)
+    parts: list[str] = []
+    size = end = 0
+    for m in _VARIABLE.finditer(text):
+        for part in (text[end : m.start()], substitute(m)):
+            size += len(part)
+            parts.append(part)
+        end = m.end()
+        if limit is not None and size > limit:
+            raise InterpolationError(
+                f"the value is longer than {limit:,} characters once its ${{...}} are "
+                "replaced; is a variable named many times, or a variable too long?"
+            )
+    parts.append(text[end:])
+    return "".join(parts)
 
 
 def variables(text: str) -> list[str]:

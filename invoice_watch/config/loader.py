@@ -4,7 +4,9 @@ Loading is a pipeline that keeps every problem it finds, each located by line, c
 and dotted path (:class:`~invoice_watch.config.locations.Locations`), and raises them
 together as one :class:`~invoice_watch.errors.ConfigError`::
 
-    yaml_tree.read: bounded YAML -> plain data (merge keys, ${VAR}, duplicate keys)
+    files.read_regular_file: the file, if it is a regular one (never a FIFO's wait)
+      -> yaml_tree.read: bounded YAML -> plain data (merge keys, ${VAR}, duplicate keys)
+      -> top-level `x-...` keys dropped (extension fields: anchors live there)
       -> `<secret>_file` keys read into their secret field (paths.secret_file_path)
       -> empty sections mean their defaults; the default state path (paths.py)
       -> cross-references (notify names, duplicate rule and report names, org ids)
@@ -16,6 +18,7 @@ Relative paths resolve against the configuration file's folder.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -24,9 +27,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from invoice_watch.config.files import FileProblem, read_regular_file
 from invoice_watch.config.locations import Loc, Locations, in_file_order, located
 from invoice_watch.config.models import Config
-from invoice_watch.config.paths import default_state_path, secret_file_path
+from invoice_watch.config.paths import CREDENTIALS_FOLDER, default_state_path, secret_file_path
 from invoice_watch.config.values import control_problem
 from invoice_watch.config.warnings import find_warnings
 from invoice_watch.config.yaml_tree import MAX_CONFIG_BYTES, read, too_large
@@ -38,6 +42,8 @@ SECRET_FIELDS = (
     "routing_key",
 )  # fmt: skip
 MAX_SECRET_BYTES = 64 * 1024  # a `<secret>_file`
+# Top-level keys starting with this are ignored (Docker Compose's extension fields).
+EXTENSION_PREFIX = "x-"
 
 
 def load(
@@ -46,61 +52,94 @@ def load(
     filename: str = "<string>",
     env: Mapping[str, str] | None = None,
     base_dir: Path | None = None,
+    secrets: bool = True,
 ) -> Config:
     """Parse and validate a configuration; raises ConfigError with every problem found.
 
     Relative paths (``state.path``, ``ca_file``, ``*_file`` secrets) resolve against
     ``base_dir`` (default: the working directory). ``env`` defaults to ``os.environ``.
+    ``secrets=False`` (the read-only commands: ``status``, ``history``, ``invoices``)
+    reads no ``<secret>_file`` and no ``ca_file``, and takes a secret whose ``${VAR}``
+    is unset: each secret is then a placeholder (:attr:`Config.secrets_read` is False),
+    so that an operator who may read the state file but not the secrets can still look.
+    Top-level keys starting with ``x-`` are ignored (extension fields, as Docker Compose
+    has them: a place for anchors).
     """
     where = Locations(filename)
     env = os.environ if env is None else env
     folder = base_dir or Path()
-    data = read(text, where, env)
-    _SecretFiles(where, env, folder).read_into(data, ())
+    unread = None if secrets else {name: unread_secret(name) for name in SECRET_FIELDS}
+    data = read(text, where, env, unread=unread)
+    for key in [key for key in data if key.startswith(EXTENSION_PREFIX)]:
+        del data[key]
+    _SecretFiles(where, env, folder, read=secrets).read_into(data, ())
     state_origin = _add_defaults(data, env, folder)
     _check_references(data, where)
     config: Config | None = None
+    context = {"base_dir": base_dir, "read_files": secrets}
     try:
-        config = Config.model_validate(data, context={"base_dir": base_dir})
+        config = Config.model_validate(data, context=context)
     except ValidationError as exc:
-        where.report_validation(exc, data, folder)
+        where.report_validation(exc, data, context)
     if where.problems or config is None:
         raise ConfigError(in_file_order(where.problems))
     config.state._origin = state_origin
+    config._secrets_read = secrets
     config._warnings = find_warnings(config, where)
     return config
 
 
-def load_file(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
-    """Load the configuration file at ``path``; relative paths resolve against its folder."""
+def load_file(
+    path: str | os.PathLike[str], env: Mapping[str, str] | None = None, *, secrets: bool = True
+) -> Config:
+    """Load the configuration file at ``path``; relative paths resolve against its folder.
+    ``secrets``: as :func:`load`. A FIFO, a device or a folder is refused, never read."""
     filename = os.fspath(path)
     try:
-        with open(path, "rb") as file:
-            raw = file.read(MAX_CONFIG_BYTES + 1)
+        raw = read_regular_file(path, MAX_CONFIG_BYTES)
         if len(raw) > MAX_CONFIG_BYTES:
             raise ConfigError([too_large(filename)])
         text = raw.decode("utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+    except (FileProblem, UnicodeDecodeError) as exc:
+        reason = str(exc) if isinstance(exc, FileProblem) else "not UTF-8 text"
         message = (
             f"cannot read the configuration file: {reason}; give its path with -c FILE or "
             "$INVOICE_WATCH_CONFIG"
         )
         # A UnicodeDecodeError is not chained: it holds the file's bytes, secrets included.
-        cause = exc if isinstance(exc, OSError) else None
+        cause = (exc.__cause__ or exc) if isinstance(exc, FileProblem) else None
         raise ConfigError([located(filename, None, (), message)]) from cause
-    config = load(text, filename=filename, env=env, base_dir=Path(path).absolute().parent)
+    config = load(
+        text,
+        filename=filename,
+        env=env,
+        base_dir=Path(path).absolute().parent,
+        secrets=secrets,
+    )
     config._source = Path(path).absolute()
     return config
 
 
+# What a secret holds when the command reads none (load(secrets=False)): valid for its
+# field, and never sent anywhere (App refuses such a configuration).
+UNREAD_SECRET = "invoice-watch-secret-not-read"
+_UNREAD = {"webhook_url": "https://unread.invalid/invoice-watch-secret-not-read"}
+
+
+def unread_secret(field: str) -> str:
+    """The placeholder of the secret ``field`` when secrets are not read."""
+    return _UNREAD.get(field, UNREAD_SECRET)
+
+
 @dataclass(frozen=True)
 class _SecretFiles:
-    """Reads each ``<secret>_file: path`` of a document into ``<secret>``."""
+    """Reads each ``<secret>_file: path`` of a document into ``<secret>`` (with
+    ``read=False``, puts the placeholder there instead)."""
 
     where: Locations
     env: Mapping[str, str]
     base_dir: Path
+    read: bool = True
 
     def read_into(self, data: Any, loc: Loc) -> None:
         """Replace every `<secret>_file: path` by `<secret>: <file content>`."""
@@ -123,38 +162,66 @@ class _SecretFiles:
             value = data.pop(key)
             self.where.marks[secret_loc] = self.where.marks[file_loc]
             self.where.key_marks[secret_loc] = mark
-            data[name] = self._read(value, file_loc)
+            if not self.read:
+                data[name] = unread_secret(name)
+                continue
+            text = self._read(value, file_loc)
+            if text is None:
+                # Reported: the placeholder keeps the rest valid, and the field's own
+                # checks (a URL, a token) must not report it again.
+                self.where.set_broken(secret_loc)
+                text = unread_secret(name)
+            data[name] = text
 
-    def _read(self, value: Any, loc: Loc) -> str:
-        placeholder = "<unreadable>"  # keeps the rest valid; load() fails anyway
+    def _read(self, value: Any, loc: Loc) -> str | None:
+        """The secret in the file ``value`` names; None once a problem is reported."""
         if not isinstance(value, str) or not value:
             self.where.report_at(loc, "expected the path of a file holding the secret")
-            return placeholder
+            return None
         path = secret_file_path(value, self.env, self.base_dir)
         try:
-            with path.open("rb") as file:
-                raw = file.read(MAX_SECRET_BYTES + 1)
+            raw = read_regular_file(path, MAX_SECRET_BYTES)
             if len(raw) > MAX_SECRET_BYTES:
-                raise ValueError(f"larger than {MAX_SECRET_BYTES // 1024} KiB; is it the secret?")
+                raise FileProblem(f"larger than {MAX_SECRET_BYTES // 1024} KiB; is it the secret?")
             text = raw.decode("utf-8").removesuffix("\n").removesuffix("\r")
-        except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
-            reason = (
-                exc.strerror
-                if isinstance(exc, OSError)
-                else "not UTF-8 text"
-                if isinstance(exc, UnicodeDecodeError)
-                else str(exc)
-            )
+        except FileProblem as exc:
+            if exc.errno == errno.ENOENT and not Path(value).is_absolute():
+                self.where.report_at(loc, f"cannot read {path}: {self._not_found(value)}")
+            else:
+                self.where.report_at(
+                    loc, f"cannot read {path}: {exc}; check the path and permissions"
+                )
+            return None
+        except UnicodeDecodeError:  # not chained: it holds the file's bytes
+            self.where.report_at(loc, f"cannot read {path}: not UTF-8 text; is it the secret?")
+            return None
+        if not text:
             self.where.report_at(
-                loc, f"cannot read {path}: {reason}; check the path and permissions"
+                loc, f"{path} is empty: write the secret into it (one trailing newline is fine)"
             )
-            return placeholder
+            return None
         if problem := control_problem(text):
             self.where.report_at(
                 loc, f"the content of {path} {problem} (one trailing newline is dropped)"
             )
-            return placeholder
+            return None
         return text
+
+    def _not_found(self, value: str) -> str:
+        """A relative ``<secret>_file`` found nowhere: where it was looked for, and how
+        it gets there."""
+        kept = self.base_dir / CREDENTIALS_FOLDER / value
+        if self.env.get("CREDENTIALS_DIRECTORY"):
+            return (
+                "no such file in $CREDENTIALS_DIRECTORY, where systemd puts the credentials "
+                f"the unit loads: add `LoadCredential={value}:{kept.absolute()}` to the "
+                "unit (`systemctl edit invoice-watch`; is that line commented out?), or "
+                "give the file's full path"
+            )
+        return (
+            f"no such file, nor {kept} (the systemd setup's credentials folder); create "
+            "it, readable by the daemon's user only, or give the file's full path"
+        )
 
 
 def _add_defaults(data: dict[str, Any], env: Mapping[str, str], base_dir: Path) -> str:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import NoneType, UnionType
 from typing import Annotated, Any, Union, get_args, get_origin
 
@@ -72,8 +71,11 @@ class Locations:
         """Add a problem of the value at ``loc``, found where that value starts."""
         self.report(self.marks[loc], loc, message)
 
-    def report_validation(self, exc: ValidationError, data: Any, base_dir: Path) -> None:
-        """Report each error of ``exc``, raised by validating ``data``, at its value."""
+    def report_validation(
+        self, exc: ValidationError, data: Any, context: Mapping[str, Any]
+    ) -> None:
+        """Report each error of ``exc``, raised by validating ``data`` with the validation
+        ``context``, at its value."""
         for error in exc.errors(include_url=False, include_input=False):
             kind = error["type"]
             loc, missing = _document_loc(error["loc"], data, kind == "missing")
@@ -83,7 +85,7 @@ class Locations:
             value = _value_at(data, loc)
             if kind in _UNTAGGED and isinstance(value, dict):
                 # The type is unknown: still report what is wrong whatever the type.
-                self._report_untagged(_type_at(error["loc"]), value, loc, base_dir)
+                self._report_untagged(_type_at(error["loc"]), value, loc, context)
             if kind in ("union_tag_invalid", "union_tag_not_found"):
                 missing = kind == "union_tag_not_found"
                 loc = (*loc, "type")
@@ -95,7 +97,9 @@ class Locations:
                 mark = self.marks.get(loc)
             self.report(mark, loc, _message(error, loc, error["loc"]))
 
-    def _report_untagged(self, union: Any, value: dict[str, Any], loc: Loc, base_dir: Path) -> None:
+    def _report_untagged(
+        self, union: Any, value: dict[str, Any], loc: Loc, context: Mapping[str, Any]
+    ) -> None:
         """The problems of a mapping whose type (the union's tag) is unknown: keys that no
         type has, required keys every type has, and values that no type accepts."""
         fields = _union_fields(union)
@@ -120,7 +124,7 @@ class Locations:
                 continue
             if self._in_broken(key_loc):
                 continue
-            for error in _field_errors(key, owners, value[key], base_dir) or []:
+            for error in _field_errors(key, owners, value[key], context) or []:
                 error_loc = (*key_loc, *error["loc"])
                 self.report(
                     self.marks.get(error_loc, self.marks.get(key_loc)),
@@ -158,7 +162,7 @@ _ADAPTERS: dict[tuple[type[BaseModel], str], TypeAdapter[Any]] = {}
 
 
 def _field_errors(
-    key: str, owners: Mapping[type[BaseModel], FieldInfo], value: Any, base_dir: Path
+    key: str, owners: Mapping[type[BaseModel], FieldInfo], value: Any, context: Mapping[str, Any]
 ) -> list[Any] | None:
     """None if the field ``key`` of any model in ``owners`` accepts ``value``, else the
     first one's errors (each ``loc`` relative to the value)."""
@@ -172,7 +176,7 @@ def _field_errors(
             adapter = TypeAdapter(annotation)
             _ADAPTERS[(model, key)] = adapter
         try:
-            adapter.validate_python(value, context={"base_dir": base_dir})
+            adapter.validate_python(value, context=dict(context))
             return None
         except ValidationError as exc:
             first = first or exc.errors(include_url=False, include_input=False)

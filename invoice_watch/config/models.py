@@ -12,6 +12,7 @@ unique rule names and org ids) are the loader's (:mod:`~invoice_watch.config.loa
 
 from __future__ import annotations
 
+import ssl
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -24,6 +25,7 @@ from pydantic import (
     Field,
     PrivateAttr,
     Tag,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -248,6 +250,26 @@ class SlackNotifierConfig(_Model):
 _SMTP_PORTS = {"starttls": 587, "implicit": 465, "none": 25}
 
 
+def ca_file_problem(path: Path) -> str | None:
+    """Why ``ca_file`` cannot serve as the email notifier's CA bundle (None when it
+    can): loaded as the notifier loads it (``SSLContext.load_verify_locations``), so
+    what check-config accepts works at run time."""
+    try:
+        check_regular_file(path)
+    except FileProblem as exc:
+        return f"cannot read the CA file {path}: {exc}; give the path of a PEM bundle"
+    context = ssl.create_default_context()
+    try:
+        context.load_verify_locations(cafile=path)
+    except (ssl.SSLError, ValueError, OSError) as exc:
+        reason = getattr(exc, "reason", None) or type(exc).__name__
+        return (
+            f"CA file {path} holds no certificate OpenSSL can load ({reason}): give a PEM "
+            "bundle (-----BEGIN CERTIFICATE----- blocks)"
+        )
+    return None
+
+
 class EmailNotifierConfig(_Model):
     """SMTP; ``port`` defaults by ``tls``: starttls 587, implicit 465, none 25."""
 
@@ -271,9 +293,10 @@ class EmailNotifierConfig(_Model):
 
     @field_validator("ca_file")
     @classmethod
-    def _ca_file_exists(cls, value: Path | None) -> Path | None:
-        if value is not None and not value.is_file():
-            raise ValueError(f"CA file {value} does not exist; give the path of a PEM bundle")
+    def _ca_file_loads(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        reads = not isinstance(info.context, dict) or info.context.get("read_files", True)
+        if value is not None and reads and (problem := ca_file_problem(value)):
+            raise ValueError(problem)
         return value
 
     @model_validator(mode="after")
@@ -557,6 +580,7 @@ class Config(_Model):
     log: LogConfig = Field(default_factory=LogConfig)
     _source: Path | None = PrivateAttr(default=None)
     _warnings: tuple[ConfigProblem, ...] = PrivateAttr(default=())
+    _secrets_read: bool = PrivateAttr(default=True)
 
     @property
     def source(self) -> Path | None:
@@ -568,6 +592,12 @@ class Config(_Model):
         """Settings that are valid but almost surely wrong, found by :func:`load`; each
         message starts with ``warning:``. check-config prints them, ``run`` logs them."""
         return self._warnings
+
+    @property
+    def secrets_read(self) -> bool:
+        """False when loaded without its secrets (``load(secrets=False)``, the read-only
+        commands): each secret is a placeholder, and nothing may be sent with it."""
+        return self._secrets_read
 
     def org_name(self, org_id: str) -> str:
         """The display name of a configured organization, else the id itself."""

@@ -30,6 +30,10 @@ from invoice_watch.errors import ConfigError, ConfigProblem
 # from taking the memory or the event loop of the process that reads it.
 MAX_CONFIG_BYTES = 1024 * 1024
 MAX_EXPANDED_NODES = 100_000  # nodes once every alias is expanded
+# Bytes of text (keys and values, ${VAR} replaced) once every alias is expanded: a
+# 400 KB string aliased 95,000 times is under the node bound, and 38 GB of text for
+# whatever walks the data (pydantic, the checks) after the builder.
+MAX_EXPANDED_BYTES = 4 * MAX_CONFIG_BYTES
 MAX_DEPTH = 64  # collections nested in each other
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 _FLOAT_TAG = "tag:yaml.org,2002:float"
@@ -111,10 +115,14 @@ def _compose(text: str, filename: str) -> Node | None:
         loader.dispose()
 
 
-def read(text: str, where: Locations, env: Mapping[str, str]) -> dict[str, Any]:
+def read(
+    text: str, where: Locations, env: Mapping[str, str], *, unread: Mapping[str, str] | None = None
+) -> dict[str, Any]:
     """The plain data of a configuration document, a mapping of sections; its problems
     go to ``where``. Raises ConfigError past a bound, on invalid YAML, and for an empty
-    file or one that is not a mapping."""
+    file or one that is not a mapping. A value under a key of ``unread`` (the secrets,
+    when they are not read) whose ``${VAR}`` cannot be replaced is no problem: it
+    becomes that key's value in ``unread``."""
     root = _compose(text, where.filename)
     if root is None:
         where.report(None, (), "the file is empty; see config.example.yaml for a start")
@@ -122,7 +130,8 @@ def read(text: str, where: Locations, env: Mapping[str, str]) -> dict[str, Any]:
     if not isinstance(root, MappingNode):
         where.report(root.start_mark, (), "expected a mapping of sections (atlas:, rules:, ...)")
         raise ConfigError(where.problems)
-    data: dict[str, Any] = _Builder(where, env).build(root, ())
+    builder = _Builder(where, env, unread=dict(unread or {}))
+    data: dict[str, Any] = builder.build(root, ())
     return data
 
 
@@ -159,38 +168,73 @@ def _yaml_problem(exc: yaml.YAMLError, text: str, filename: str) -> list[ConfigP
 
 
 @dataclass
+class _Scalar:
+    """A scalar node's value, built once however many aliases refer to it."""
+
+    value: Any
+    broken: bool  # its problem was reported (at its first place)
+
+
+@dataclass
 class _Builder:
-    """The plain data of one document's nodes; marks and problems go to ``where``."""
+    """The plain data of one document's nodes; marks and problems go to ``where``.
+
+    Each scalar node is built (interpolated, checked, constructed) once, however many
+    aliases refer to it, and the text of every place it appears at is counted against
+    :data:`MAX_EXPANDED_BYTES`: time and memory stay linear in the file."""
 
     where: Locations
     env: Mapping[str, str]  # for ${VAR}
+    unread: dict[str, str] = field(default_factory=dict)  # key -> value if ${VAR} fails
     constructor: SafeConstructor = field(default_factory=SafeConstructor)
     open_nodes: set[Node] = field(default_factory=set)  # being built: catches alias cycles
     merged: dict[int, dict[str, tuple[Node, Node]]] = field(default_factory=dict)  # by node id
     merging: set[int] = field(default_factory=set)  # ids of mappings being merged
+    scalars: dict[int, _Scalar] = field(default_factory=dict)  # by node id
+    building: list[Node] = field(default_factory=list)  # the collections being built
+    expanded: int = 0  # bytes of text so far, aliases expanded
 
     def build(self, node: Node, loc: Loc) -> Any:
         """The plain data of ``node``; interpolates scalar values, resolves merge keys.
-        Walks each alias again: the composer bounded the expanded size."""
+        Walks each alias again (the composer bounded the number of places), building
+        each scalar once. Raises ConfigError past :data:`MAX_EXPANDED_BYTES`."""
         self.where.marks[loc] = node.start_mark
         if isinstance(node, ScalarNode):
-            return self._scalar(node, loc)
+            scalar = self.scalars.get(id(node))
+            if scalar is None:
+                scalar = self.scalars[id(node)] = self._scalar(node, loc)
+            elif scalar.broken:
+                self.where.set_broken(loc)
+            self._count(scalar.value, self.building[-1] if self.building else node)
+            return scalar.value
         if node in self.open_nodes:
             self.where.report(node.start_mark, loc, "an alias cannot refer to a node that holds it")
             self.where.set_broken(loc)
             return None
         self.open_nodes.add(node)
+        self.building.append(node)
         data: Any
         if isinstance(node, SequenceNode):
             data = [self.build(item, (*loc, i)) for i, item in enumerate(node.value)]
         else:
             assert isinstance(node, MappingNode)
-            data = {
-                key: self.build(value_node, (*loc, key))
-                for key, value_node in self._pairs(node, loc).items()
-            }
+            data = {}
+            for key, value_node in self._pairs(node, loc).items():
+                self._count(key, node)
+                data[key] = self.build(value_node, (*loc, key))
         self.open_nodes.remove(node)
+        self.building.pop()
         return data
+
+    def _count(self, value: Any, node: Node) -> None:
+        self.expanded += len(value) if isinstance(value, str) else 8
+        if self.expanded > MAX_EXPANDED_BYTES:
+            message = (
+                f"the values expand to more than {MAX_EXPANDED_BYTES // 2**20} MiB of text "
+                "through aliases (*name) or ${VAR}; a configuration is a few KiB: use "
+                "fewer aliases of long values"
+            )
+            raise ConfigError([located(self.where.filename, node.start_mark, (), message)])
 
     def _pairs(self, node: MappingNode, loc: Loc) -> dict[str, Node]:
         """The keys and value nodes of a mapping, merge keys resolved."""
@@ -250,25 +294,33 @@ class _Builder:
         self.merged[id(node)] = pairs = merged | own
         return pairs
 
-    def _scalar(self, node: ScalarNode, loc: Loc) -> Any:
+    def _scalar(self, node: ScalarNode, loc: Loc) -> _Scalar:
         if "$" in node.value:
             try:
-                value = interpolate(node.value, self.env)
+                value = interpolate(node.value, self.env, limit=MAX_CONFIG_BYTES)
             except InterpolationError as exc:
+                if loc and str(loc[-1]) in self.unread:
+                    return _Scalar(self.unread[str(loc[-1])], broken=False)
                 self.where.report(node.start_mark, loc, str(exc))
                 self.where.set_broken(loc)
-                return node.value
+                return _Scalar(node.value, broken=True)
             # Checked here, not only by the model, to name the variable and skip the
             # field's own errors: none may quote a control character (or a secret).
             if problem := control_problem(value):
                 names = ", ".join(f"${{{name}}}" for name in variables(node.value))
                 self.where.report(node.start_mark, loc, f"the value from {names or '$'} {problem}")
                 self.where.set_broken(loc)
-            return value
+                return _Scalar(value, broken=True)
+            return _Scalar(value, broken=False)
         if problem := control_problem(node.value):
             self.where.report(node.start_mark, loc, f"the value {problem}")
             self.where.set_broken(loc)
-            return node.value
+            return _Scalar(node.value, broken=True)
+        return _Scalar(self._construct(node), broken=False)
+
+    def _construct(self, node: ScalarNode) -> Any:
+        """A plain scalar's value: text, or the null, bool, int or (exact) decimal its
+        YAML tag says."""
         try:
             if node.tag == _FLOAT_TAG:
                 try:  # keep the decimal text exact (money)
