@@ -29,6 +29,22 @@ _DURATION_HELP = "use a number and a unit s, m, h or d, e.g. 90s, 15m, 1h, 1d or
 # enough for any datetime arithmetic (a date plus it stays within year 9999).
 _DURATION_LIMIT = timedelta(days=3660)
 _SECONDS = (86400, 3600, 60, 1)
+_UNITS = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
+
+
+def config_duration(value: timedelta | float) -> str:
+    """A duration (or seconds) written as the configuration file writes it, to the
+    second: ``90`` -> ``1m30s``, ``900`` -> ``15m``, ``0.4`` -> ``0s``; what every log
+    line and message that names a duration shows, so that it can be searched for in
+    the file and written back (``str(timedelta)`` gives ``0:00:02``)."""
+    seconds = value.total_seconds() if isinstance(value, timedelta) else value
+    rest = max(0, round(seconds))
+    parts = []
+    for unit, size in _UNITS:
+        count, rest = divmod(rest, size)
+        if count:
+            parts.append(f"{count}{unit}")
+    return "".join(parts) or "0s"
 
 
 def _parse_duration(value: object) -> timedelta:
@@ -82,7 +98,7 @@ class _AtMost:
 
     def __call__(self, value: timedelta) -> timedelta:
         if value > self.limit:
-            raise ValueError(f"must be at most {duration(self.limit)}: {self.why}")
+            raise ValueError(f"must be at most {config_duration(self.limit)}: {self.why}")
         return value
 
 

@@ -24,7 +24,8 @@ from invoice_watch.config.models import (
     UsageAnomalyRule,
     WebhookNotifierConfig,
 )
-from invoice_watch.format import duration, usd
+from invoice_watch.config.quantities import config_duration as duration
+from invoice_watch.format import usd
 from invoice_watch.proxy import ProxyUrl
 
 

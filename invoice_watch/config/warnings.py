@@ -30,8 +30,8 @@ from invoice_watch.config.models import (
     UsageAnomalyRule,
     WebhookNotifierConfig,
 )
+from invoice_watch.config.quantities import config_duration as duration
 from invoice_watch.errors import ConfigProblem
-from invoice_watch.format import duration
 
 _Warning = tuple[Loc, str]
 _Given = Callable[[Loc], bool]  # whether the file sets this key (not a default)
@@ -141,6 +141,39 @@ def _cleartext(url: str) -> bool:
     return url.startswith("http://") and not _is_loopback(_url_host(url))
 
 
+def _path_warnings(config: Config, given: _Given) -> Iterator[_Warning]:
+    """A path before Atlas's own (``/api/atlas/v2/...``): an API path is refused (see
+    AtlasConfig), any other is a gateway's, or a mistake."""
+    base = URL(config.atlas.base_url)
+    if base.path.strip("/"):
+        yield (
+            ("atlas", "base_url"),
+            f"{config.atlas.base_url} has a path: requests go to {config.atlas.base_url}"
+            f"{constants.API_PREFIXES[config.atlas.api]}/orgs/…, while Atlas has none before "
+            f"/api; write {base.with_path('/')} unless a gateway in front of Atlas needs it",
+        )
+
+
+def _http_warnings(config: Config, given: _Given) -> Iterator[_Warning]:
+    """``http.max_connections`` above what this machine lets a process open: the
+    daemon holds fewer (health.connection_cap), which check-config says here."""
+    if config.http is None:
+        return
+    from invoice_watch.health import FD_RESERVE, fd_limits
+
+    _, hard = fd_limits()
+    most = hard - FD_RESERVE - 32  # 32: about what the daemon has open before it listens
+    if config.http.max_connections > most:
+        yield (
+            ("http", "max_connections"),
+            f"{config.http.max_connections} connections are more than a process may open "
+            f"here (RLIMIT_NOFILE hard limit {hard}, less {FD_RESERVE} kept for Atlas, the "
+            f"notifiers and the state file): the daemon will hold at most about "
+            f"{max(1, most)}; raise LimitNOFILE= in the systemd unit (or `ulimit -Hn`), or "
+            "lower http.max_connections",
+        )
+
+
 _FAST_POLL = timedelta(minutes=1)
 
 
@@ -247,6 +280,8 @@ _LONGEST_PERIOD = timedelta(days=31)
 _WARNING_CHECKS: tuple[Callable[[Config, _Given], Iterator[_Warning]], ...] = (
     _email_warnings,
     _cleartext_warnings,
+    _path_warnings,
+    _http_warnings,
     _poll_warnings,
     _rule_warnings,
     _insight_warnings,
