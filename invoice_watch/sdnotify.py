@@ -2,7 +2,8 @@
 is ready, what it is doing, that it is still alive (watchdog) and that it is stopping.
 
 Stdlib only. Outside systemd ($NOTIFY_SOCKET unset) every call is a no-op returning False;
-no call ever raises.
+no call ever raises or waits: a message the socket cannot take at once (its queue full,
+a manager that does not read) is dropped and logged, never a freeze of the event loop.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def notify(message: str, *, env: Mapping[str, str] | None = None) -> bool:
     target = os.fsencode("\0" + address[1:] if address.startswith("@") else address)
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            sock.sendto(message.encode(), target)
+            sock.sendto(message.encode(), socket.MSG_DONTWAIT, target)
     except OSError as exc:
         log.warning("cannot notify systemd at %s: %s", address, exc)
         return False

@@ -87,6 +87,20 @@ def test_notify_missing_socket_returns_false_and_warns(
     assert "cannot notify systemd" in caplog.text
 
 
+def test_notify_to_a_manager_that_does_not_read_never_waits(
+    listener: tuple[socket.socket, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A notify socket nobody reads fills up (net.unix.max_dgram_qlen, 10 by default):
+    the next message is dropped and logged, where a blocking send froze the daemon's
+    event loop (found by a watchdog test whose socket was read only at the end)."""
+    _, address = listener
+    env = {"NOTIFY_SOCKET": address}
+    with caplog.at_level(logging.WARNING, logger="invoice_watch.sdnotify"):
+        sent = [sdnotify.watchdog(env=env) for _ in range(1000)]
+    assert sent[0] is True and sent[-1] is False
+    assert "cannot notify systemd" in caplog.text
+
+
 def test_notify_non_unix_address_returns_false(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="invoice_watch.sdnotify"):
         assert sdnotify.ready(env={"NOTIFY_SOCKET": "vsock:2:1234"}) is False
