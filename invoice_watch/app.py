@@ -39,6 +39,7 @@ from typing import TextIO, TypeVar
 from invoice_watch import sdnotify
 from invoice_watch.clock import Clock, SystemClock
 from invoice_watch.config import Config, HttpConfig, LogConfig, load_file
+from invoice_watch.config.quantities import config_duration
 from invoice_watch.constants import (
     FINAL_STATUSES,
     HOLD_SECONDS,
@@ -1612,7 +1613,7 @@ class App:
         log.info(
             "watching %d organization(s) every %s",
             len(self.config.organizations),
-            self.config.poll.interval,
+            config_duration(self.config.poll.interval),
         )
         try:
             await stop.wait()

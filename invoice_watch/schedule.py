@@ -4,7 +4,8 @@ the monotonic clock of the injected :class:`~invoice_watch.clock.Clock`.
 A wall-clock step (an NTP fix, a VM restore) changes nothing here: no wait is ever longer
 than ``interval + jitter`` (issue 12 §2). The first cycle runs at start; two never run
 at once; a cycle that outlasts the interval is followed at once by the next one (never
-skipped), with one warning naming its duration and the interval (issue 13 §5); a
+skipped), with one warning when it runs past the next one's start, while it runs (issue
+13 §5, issue 13 §4), and a line naming its duration when it ends; a
 reload's new interval counts from the last cycle's start (a SIGHUP never postpones a
 cycle).
 
@@ -18,6 +19,7 @@ module's few lines.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 from collections.abc import Callable, Coroutine
@@ -26,6 +28,7 @@ from datetime import timedelta
 from prometheus_client import Counter
 
 from invoice_watch.clock import Clock
+from invoice_watch.config.quantities import config_duration
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +80,12 @@ class PollSchedule:
 class PollLoop:
     """Runs ``cycle`` on a :class:`PollSchedule` until cancelled.
 
-    Each cycle runs as its own task (:attr:`in_flight`): cancelling the loop stops new
-    cycles without touching the one in flight, which the daemon then lets finish within
-    its shutdown budget. ``cycle`` must not raise (the daemon logs a failed cycle and
-    goes on).
+    Each cycle runs as its own task (:attr:`in_flight`, started at :attr:`started_at`
+    on the monotonic clock): cancelling the loop stops new cycles without touching the
+    one in flight, which the daemon then lets finish within its shutdown budget.
+    ``cycle`` must not raise (the daemon logs a failed cycle and goes on). A cycle
+    still running when the next one is due is warned about then, once while cycles run
+    late (not only when it ends: it may run for hours).
     """
 
     def __init__(
@@ -95,8 +100,10 @@ class PollLoop:
         self._cycle = cycle
         self._late_cycles = late_cycles
         self._changed = asyncio.Event()
-        self._late = False  # the last cycle ran past the next one's start
+        self._late = False  # cycles run late: warned about
+        self._warned_during = False  # ... during the cycle in flight
         self.in_flight: asyncio.Task[None] | None = None
+        self.started_at: float | None = None  # monotonic start of the cycle in flight
 
     def configure(self, interval: timedelta, jitter: timedelta) -> None:
         """A reload's poll settings: the wait in progress is measured again, from the
@@ -110,18 +117,37 @@ class PollLoop:
             self._changed.clear()
             wait = schedule.wait(clock.monotonic())
             if wait > 0:
+                # Also while a cycle runs: the next one is due on time, whatever it does.
                 await self._sleep(wait)
                 continue  # due now, or the settings changed: measure again
+            cycle = self.in_flight
+            if cycle is not None:  # due, and the last one still runs
+                self._warn_late()
+                # asyncio.wait leaves the cycle running if this loop is cancelled.
+                await asyncio.wait({cycle})
+                continue  # _ended has run: its done callback was added first
             began = clock.monotonic()
             schedule.started(began)
+            self.started_at = began
             self.in_flight = asyncio.create_task(self._cycle(), name="cycle")
-            try:
-                # asyncio.wait leaves the cycle running if this loop is cancelled.
-                await asyncio.wait({self.in_flight})
-            finally:
-                if self.in_flight.done():
-                    self.in_flight = None
-            self._check_late(began, clock.monotonic())
+            self.in_flight.add_done_callback(functools.partial(self._ended, began))
+
+    def _ended(self, began: float, _: asyncio.Task[None]) -> None:
+        """The cycle in flight ended (its task's done callback)."""
+        self.in_flight = self.started_at = None
+        self._check_late(began, self._clock.monotonic())
+
+    def _warn_late(self) -> None:
+        if self._late:
+            return
+        self._late = self._warned_during = True
+        log.warning(
+            "a poll cycle is still running at the start of the next one (poll.interval "
+            "%s): the next cycle starts as soon as it ends, and cycles run back to back "
+            "while this lasts (counted in invoice_watch_cycles_late_total); set a longer "
+            "poll.interval, or raise atlas.max_concurrency if Atlas answers slowly",
+            config_duration(self.schedule.interval),
+        )
 
     async def _sleep(self, seconds: float) -> None:
         """Sleep ``seconds`` on the clock, or until :meth:`configure` is called."""
@@ -136,34 +162,19 @@ class PollLoop:
 
     def _check_late(self, began: float, ended: float) -> None:
         due = self.schedule.due()
-        took = ended - began
-        interval = _as_configured(self.schedule.interval)
+        seconds = ended - began
+        took = f"{seconds:.1f}s" if seconds < 60 else config_duration(seconds)
+        interval = config_duration(self.schedule.interval)
         if due is not None and ended > due:
             if self._late_cycles is not None:
                 self._late_cycles.inc()
-            if not self._late:
-                log.warning(
-                    "a poll cycle took %.1fs, longer than poll.interval (%s): the next cycle "
-                    "starts now, and cycles run back to back while this lasts (counted in "
-                    "invoice_watch_cycles_late_total); set a longer poll.interval, or raise "
-                    "atlas.max_concurrency if Atlas answers slowly",
-                    took,
-                    interval,
-                )
-            self._late = True
+            if not self._late:  # the wait for it missed the due time (a reload?)
+                self._warn_late()
+            if self._warned_during:
+                log.info("the late poll cycle took %s (poll.interval %s)", took, interval)
         elif self._late:
             log.info(
-                "poll cycles fit in poll.interval (%s) again: the last took %.1fs", interval, took
+                "poll cycles fit in poll.interval (%s) again: the last took %s", interval, took
             )
             self._late = False
-
-
-def _as_configured(seconds: float) -> str:
-    """A duration as the config file writes it: ``90`` -> ``1m30s``, ``900`` -> ``15m``."""
-    rest = round(seconds)
-    parts = []
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
-        count, rest = divmod(rest, size)
-        if count:
-            parts.append(f"{count}{unit}")
-    return "".join(parts) or "0s"
+        self._warned_during = False
