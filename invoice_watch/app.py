@@ -66,7 +66,14 @@ from invoice_watch.errors import (
     UnstorableError,
 )
 from invoice_watch.fetch import AtlasClient
-from invoice_watch.health import HttpEndpoint, Metrics, health
+from invoice_watch.health import (
+    HttpEndpoint,
+    InFlight,
+    Metrics,
+    health,
+    liveness,
+    progress_limit,
+)
 from invoice_watch.redact import printable, redact
 from invoice_watch.reload import Apply, changes
 from invoice_watch.retry import backoff
@@ -1091,8 +1098,9 @@ class App:
         self._firing_labels = set(firing)
 
     def health(self) -> tuple[bool, str]:
-        """The daemon's health, from its last cycle (see :func:`health.health`), its age
-        measured on the monotonic clock (a wall-clock step cannot make it look fresh)."""
+        """The daemon's health (``/healthz``), from its last cycle and the one in flight
+        (see :func:`health.health`), times measured on the monotonic clock (a wall-clock
+        step cannot make a stale cycle look fresh)."""
         last = self.last_cycle
         age = None
         if self._finished_at is not None:
@@ -1104,6 +1112,33 @@ class App:
             self.config.poll.interval,
             self.clock.now(),
             age=age,
+            in_flight=self._in_flight(),
+        )
+
+    def liveness(self) -> tuple[bool, str]:
+        """Whether the poll loop is alive (the systemd watchdog, ``/livez``; see
+        :func:`health.liveness`): Atlas's answers play no part."""
+        now = self.clock.monotonic()
+        last = self._finished_at if self._finished_at is not None else self._started
+        return liveness(
+            timedelta(seconds=max(0.0, now - last)), self.config.poll.interval, self._in_flight()
+        )
+
+    def _in_flight(self) -> InFlight | None:
+        """The scheduled cycle running now, with its last sign of progress: a request to
+        Atlas starting (on the monotonic clock), or the cycle's own start."""
+        began = self._poll.started_at
+        if began is None or self._client is None:
+            return None
+        now = self.clock.monotonic()
+        last = self._client.last_request_at
+        progress = began if last is None else max(last, began)
+        atlas = self.config.atlas
+        return InFlight(
+            progress=timedelta(seconds=max(0.0, now - progress)),
+            what="the last request to Atlas started",
+            limit=progress_limit(atlas.timeout, atlas.max_backoff),
+            running=timedelta(seconds=max(0.0, now - began)),
         )
 
     async def _cycle(self, baseline: bool) -> CycleResult:
@@ -1650,25 +1685,36 @@ class App:
             max_connections=http.max_connections,
             idle_timeout=http.idle_timeout.total_seconds(),
             monotonic=self.clock.monotonic,
+            live=self.liveness,
         )
         port = await endpoint.start()
         log.info("serving /healthz and /metrics on %s:%d", http.host, port)
         return endpoint, port
 
     async def _watchdog(self) -> None:
-        """Ping systemd's watchdog while healthy (or still within the first interval).
-        Health is judged on the monotonic clock, so a wall-clock step neither stops the
-        pings of a daemon that polls nor keeps pinging for one that stopped polling."""
+        """Ping systemd's watchdog while the poll loop is alive (:meth:`liveness`):
+        cycles finish, or the one in flight makes progress. Not while Atlas answers: a
+        revoked key or an Atlas outage would get the daemon killed every WatchdogSec
+        until the unit's start limit leaves it failed, and poll_failure would never
+        fire (issue 14 §1). Judged on the monotonic clock, so a wall-clock step neither
+        stops the pings of a daemon that polls nor keeps pinging for one that stopped."""
         interval = sdnotify.watchdog_interval()
         if interval is None:
             return
+        stopped = False
         while True:
-            ok, _ = self.health()
-            starting = self.last_cycle is None and self.clock.monotonic() - self._started < max(
-                2 * self.config.poll.interval.total_seconds(), 60.0
-            )
-            if ok or starting:
+            alive, why = self.liveness()
+            if alive:
                 sdnotify.watchdog()
+                if stopped:
+                    log.info("pinging systemd's watchdog again: %s", why)
+            elif not stopped:
+                log.error(
+                    "not pinging systemd's watchdog: %s; systemd restarts the daemon once "
+                    "WatchdogSec passes",
+                    why,
+                )
+            stopped = not alive
             await self.clock.sleep(interval)
 
     # -- reload ----------------------------------------------------------------------

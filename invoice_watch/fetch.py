@@ -771,6 +771,7 @@ class AtlasClient:
         self._pace_lock = asyncio.Lock()
         self._deprecations: dict[str, _Deprecation] = {}
         self.requests_sent = 0
+        self.last_request_at: float | None = None  # monotonic start of the last request
 
     def __repr__(self) -> str:
         return f"AtlasClient(base_url={self._base!r}, api={self._config.api!r})"
@@ -895,6 +896,7 @@ class AtlasClient:
     ) -> _Answer:
         """One request and its answer, its body read within the bounds."""
         self.requests_sent += 1
+        self.last_request_at = self._clock.monotonic()
         async with session.get(
             url,
             params=params,

@@ -1,11 +1,19 @@
 """Health and metrics: what the daemon tells systemd, containers and Prometheus.
 
 :class:`Metrics` holds the Prometheus series in a private registry (so tests and two
-daemons in one process never collide); :func:`health` is the one definition of healthy,
-shared by ``/healthz``, ``status --check`` and the systemd watchdog; :class:`HttpEndpoint`
-serves ``/healthz`` and ``/metrics`` inside the daemon's own event loop, with bounded
-connections and read time (issue 12 §3), so that nothing a client does to it reaches the
-poll cycle or delivery.
+daemons in one process never collide). Two judgments, kept apart (issue 14 §1):
+
+- :func:`health`, healthy: the daemon watches (SPEC §8: its last cycle read at least
+  one organization, and finished lately or a cycle in flight makes progress), shared
+  by ``/healthz`` and ``status --check``;
+- :func:`liveness`, alive: its poll loop runs (cycles finish, or the one in flight
+  makes progress), whatever Atlas answers: the systemd watchdog and ``/livez``. A
+  restart cannot mend a revoked key or an Atlas outage, and restarts in a loop would
+  keep poll_failure from ever firing.
+
+:class:`HttpEndpoint` serves ``/healthz``, ``/livez`` and ``/metrics`` inside the
+daemon's own event loop, with bounded connections and read time (issue 12 §3), so that
+nothing a client does to it reaches the poll cycle or delivery.
 """
 
 from __future__ import annotations
@@ -14,13 +22,15 @@ import asyncio
 import errno
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from invoice_watch import format as fmt
+from invoice_watch.config.quantities import config_duration
 from invoice_watch.errors import ListenError
 
 if TYPE_CHECKING:
@@ -108,6 +118,68 @@ class Metrics:
 # A last cycle that finished further than this ahead of the wall clock: the clock was
 # set back since (an NTP fix, a VM restore), so the time says nothing of the daemon.
 FUTURE_TOLERANCE = timedelta(seconds=5)
+# The longest wait before a retry the Atlas client makes on its own: Retry-After is
+# honoured up to this (fetch._MAX_RETRY_AFTER); atlas.max_backoff may be longer.
+LONGEST_RETRY_AFTER = timedelta(seconds=300)
+
+
+def cycle_limit(interval: timedelta) -> timedelta:
+    """How long after the last cycle finished the daemon is still healthy without a
+    cycle in flight: 2 x ``poll.interval``, at least a minute (SPEC §8)."""
+    return max(2 * interval, timedelta(seconds=60))
+
+
+def progress_limit(timeout: timedelta, max_backoff: timedelta) -> timedelta:
+    """The longest a working cycle goes without a sign of progress (a request to Atlas
+    starting): two requests' ``atlas.timeout`` (one, then the OAuth token's before the
+    next), twice the longest wait before a retry (a Retry-After, or ``atlas.max_backoff``),
+    and a minute. Longer, the cycle is stuck: nothing it awaits is unbounded but a bug."""
+    wait = max(max_backoff, LONGEST_RETRY_AFTER)
+    return 2 * timeout + 2 * wait + timedelta(minutes=1)
+
+
+@dataclass(frozen=True)
+class InFlight:
+    """A cycle that started and has not finished: how long since its last sign of
+    progress (``what``: "the last request to Atlas", "Production read"), the most that
+    may pass without one (:func:`progress_limit`), and how long it has been running
+    (None when unknown: ``status --check`` sees only what the state file holds)."""
+
+    progress: timedelta
+    what: str
+    limit: timedelta
+    running: timedelta | None = None
+
+    @property
+    def stuck(self) -> bool:
+        return self.progress > self.limit
+
+    def text(self) -> str:
+        running = f" for {config_duration(self.running)}" if self.running is not None else ""
+        if self.stuck:
+            return (
+                f"a cycle has been running{running} with no progress for "
+                f"{config_duration(self.progress)} (the last: {self.what}; limit "
+                f"{config_duration(self.limit)}, from atlas.timeout and atlas.max_backoff)"
+            )
+        return (
+            f"a cycle has been running{running}, {self.what} {config_duration(self.progress)} ago"
+        )
+
+
+def in_flight_from_reads(
+    finished: datetime | None, reads: Iterable[datetime | None], now: datetime, limit: timedelta
+) -> InFlight | None:
+    """A cycle in flight as another process sees it in the state file (``status
+    --check``): an organization's read recorded after the last cycle finished. The
+    daemon records a read that changed something, or failed, as soon as it is done;
+    one that changed nothing, with the cycle's end."""
+    latest = max((at for at in reads if at and (finished is None or at > finished)), default=None)
+    if latest is None:
+        return None
+    return InFlight(
+        progress=max(now - latest, timedelta(0)), what="an organization read", limit=limit
+    )
 
 
 def health(
@@ -118,20 +190,29 @@ def health(
     now: datetime,
     *,
     age: timedelta | None = None,
+    in_flight: InFlight | None = None,
 ) -> tuple[bool, str]:
-    """Healthy while the last cycle finished within 2 x ``poll.interval`` (at least 60 s)
-    and read at least one organization (SPEC §8).
+    """Healthy while the last cycle read at least one organization and finished within
+    2 x ``poll.interval`` (at least 60 s; SPEC §8), or a cycle in flight since then
+    makes progress (a cycle may outlast the interval: 429s, slow answers).
 
     ``age``: how long ago the last cycle finished, measured on the monotonic clock: the
-    daemon's own view (``/healthz``, the watchdog), which no wall-clock step can fool.
-    Without it (``status --check``: another process, reading wall times from the state
-    file) the age is ``now - finished``, and a last cycle more than
-    :data:`FUTURE_TOLERANCE` in the future is unhealthy: the wall clock was set back since,
-    and the time can no longer show that the daemon still polls.
+    daemon's own view (``/healthz``), which no wall-clock step can fool. Without it
+    (``status --check``: another process, reading wall times from the state file) the
+    age is ``now - finished``, and a last cycle more than :data:`FUTURE_TOLERANCE` in the
+    future is unhealthy: the wall clock was set back since, and the time can no longer
+    show that the daemon still polls. ``in_flight``: the cycle running now, if any.
+
+    Whether Atlas answers is part of health (a daemon that reads nothing watches
+    nothing), not of liveness (:func:`liveness`, the watchdog's).
     """
+    if in_flight is not None and in_flight.stuck:
+        return False, in_flight.text()
     if finished is None:
+        if in_flight is not None:
+            return False, f"no cycle has finished yet: {in_flight.text()}"
         return False, "no cycle has finished yet"
-    limit = max(2 * interval, timedelta(seconds=60))
+    limit = cycle_limit(interval)
     if age is None:
         age = now - finished
         if age < -FUTURE_TOLERANCE:
@@ -139,33 +220,66 @@ def health(
                 f"the last cycle finished in the future ({fmt.ago(finished, now)}): the wall "
                 "clock was set back since; healthy again once a cycle finishes"
             )
-    ago = f"{fmt.duration(max(age, timedelta(0)))} ago"
-    if age > limit:
-        return False, f"last cycle finished {ago} (limit {fmt.duration(limit)})"
+    ago = f"{config_duration(max(age, timedelta(0)))} ago"
+    if age > limit and in_flight is None:
+        return False, (
+            f"the last cycle finished {ago} (the limit is {config_duration(limit)}: 2 x "
+            "poll.interval, at least 1m)"
+        )
     if orgs_ok == 0:
         return False, f"the last cycle could read none of {orgs_failed} organization(s)"
-    return True, f"last cycle {ago}: {orgs_ok} read, {orgs_failed} failed"
+    last = f"{orgs_ok} read, {orgs_failed} failed"
+    if age > limit and in_flight is not None:
+        return True, f"{in_flight.text()}; the last cycle finished {ago}: {last}"
+    return True, f"last cycle {ago}: {last}"
+
+
+def liveness(idle: timedelta, interval: timedelta, in_flight: InFlight | None) -> tuple[bool, str]:
+    """Whether the daemon's poll loop is alive (what the systemd watchdog and
+    ``/livez`` report): a cycle in flight makes progress, or the last one finished (the
+    daemon started, if none has) at most :func:`cycle_limit` ago (``idle``), so the next
+    one is due. Whether Atlas answers plays no part: a revoked key or an Atlas outage
+    must not get the daemon restarted in a loop, which would keep poll_failure from
+    ever firing."""
+    if in_flight is not None:
+        if in_flight.stuck:
+            return False, in_flight.text()
+        return True, in_flight.text()
+    limit = cycle_limit(interval)
+    if idle > limit:
+        return False, (
+            f"no cycle has run for {config_duration(idle)}, more than "
+            f"{config_duration(limit)} (2 x poll.interval, at least 1m): the poll loop is stuck"
+        )
+    return True, f"the poll loop is alive: the last cycle ended {config_duration(idle)} ago"
 
 
 HealthProbe = Callable[[], tuple[bool, str]]
 
 
-def make_http_app(metrics: Metrics, probe: HealthProbe) -> web.Application:
+def make_http_app(metrics: Metrics, probe: HealthProbe, live: HealthProbe) -> web.Application:
+    """``/healthz`` (``probe``: :func:`health`, SPEC §8), ``/livez`` (``live``:
+    :func:`liveness`, for a restart policy such as a Kubernetes liveness probe) and
+    ``/metrics``."""
     # Imported here: a daemon without `http:` (and `run --once`) never loads the server
     # side of aiohttp (2 MB).
     from aiohttp import web
     from prometheus_client.aiohttp import make_aiohttp_handler
 
-    async def healthz(request: web.Request) -> web.Response:
-        ok, reason = probe()
-        return web.Response(
-            status=200 if ok else 503,
-            text=json.dumps({"status": "ok" if ok else "unhealthy", "reason": reason}),
-            content_type="application/json",
-        )
+    def answer(check: HealthProbe) -> Callable[[web.Request], Awaitable[web.Response]]:
+        async def handler(request: web.Request) -> web.Response:
+            ok, reason = check()
+            return web.Response(
+                status=200 if ok else 503,
+                text=json.dumps({"status": "ok" if ok else "unhealthy", "reason": reason}),
+                content_type="application/json",
+            )
+
+        return handler
 
     app = web.Application()
-    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/healthz", answer(probe))
+    app.router.add_get("/livez", answer(live))
     app.router.add_get("/metrics", make_aiohttp_handler(metrics.registry))
     return app
 
@@ -201,7 +315,8 @@ class _Throttle(logging.Filter):
 
 
 class HttpEndpoint:
-    """``/healthz`` and ``/metrics`` on ``host:port`` (``http.listen``), bounded:
+    """``/healthz``, ``/livez`` and ``/metrics`` on ``host:port`` (``http.listen``),
+    bounded:
 
     - at most ``max_connections`` connections at once: beyond, a new connection is
       closed as soon as it is accepted (so a flood holds at most that many file
@@ -227,10 +342,12 @@ class HttpEndpoint:
         max_connections: int,
         idle_timeout: float,
         monotonic: Callable[[], float],
+        live: HealthProbe | None = None,
     ) -> None:
         self.host, self.port = host, port
         self._metrics = metrics
         self._probe = probe
+        self._live = live or probe
         self._cap = max_connections
         self._idle_timeout = idle_timeout
         self._throttle = _Throttle(monotonic)
@@ -244,7 +361,7 @@ class HttpEndpoint:
         from aiohttp import web
 
         runner = web.AppRunner(
-            make_http_app(self._metrics, self._probe),
+            make_http_app(self._metrics, self._probe, self._live),
             access_log=None,
             keepalive_timeout=self._idle_timeout,
             max_line_size=4096,

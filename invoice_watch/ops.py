@@ -21,7 +21,7 @@ from invoice_watch import format as fmt
 from invoice_watch.config import Config, state_files_elsewhere
 from invoice_watch.constants import INVOICE_STATUSES
 from invoice_watch.errors import StateError, UsageError
-from invoice_watch.health import health
+from invoice_watch.health import health, in_flight_from_reads, progress_limit
 from invoice_watch.store import Store, open_store
 
 
@@ -138,7 +138,12 @@ async def status(config: Config, *, check: bool = False, out: TextIO | None = No
     store = await _open(config)
     try:
         finished, orgs_ok, orgs_failed = await store.cycles.last() or (None, 0, 0)
-        ok, why = health(finished, orgs_ok, orgs_failed, config.poll.interval, now)
+        reads = (org.last_attempt for org in store.snapshot.org_states())
+        limit = progress_limit(config.atlas.timeout, config.atlas.max_backoff)
+        in_flight = in_flight_from_reads(finished, reads, now, limit)
+        ok, why = health(
+            finished, orgs_ok, orgs_failed, config.poll.interval, now, in_flight=in_flight
+        )
         if check:
             print(("healthy: " if ok else "unhealthy: ") + why, file=out)
             return 0 if ok else 1

@@ -15,10 +15,11 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -27,7 +28,7 @@ from aiohttp import web
 from invoice_watch import ops
 from invoice_watch.app import App
 from invoice_watch.clock import FakeClock
-from invoice_watch.health import health
+from invoice_watch.health import health, in_flight_from_reads, progress_limit
 from invoice_watch.schedule import PollSchedule
 from tests.conftest import base_config, make_config
 from tests.loopback import LoopbackServer
@@ -128,7 +129,9 @@ async def test_health_judges_the_last_cycle_on_the_monotonic_clock(world: World)
         clock.advance(timedelta(minutes=21))  # and no cycle since: past 2 x interval
         ok, why = app.health()
     assert not ok
-    assert why == "last cycle finished 21m ago (limit 20m)"
+    assert (
+        why == "the last cycle finished 21m ago (the limit is 20m: 2 x poll.interval, at least 1m)"
+    )
 
 
 def test_health_of_a_last_cycle_in_the_future_is_unhealthy():
@@ -390,3 +393,209 @@ async def test_e2e_daemon_keeps_polling_when_its_wall_clock_is_set_back_two_days
         code = await asyncio.wait_for(daemon.wait(), 15)
     assert code == 0
     assert not any("Traceback" in line for line in seen)
+
+
+# -- the watchdog means "the poll loop is alive", not "Atlas answers" (issue 14 §1) ------
+
+
+class NotifySocket:
+    """systemd's notify socket: a datagram socket in tmp_path (tests/test_sdnotify.py)."""
+
+    def __init__(self, path: Path) -> None:
+        self.address = str(path)
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.bind(self.address)
+        self._sock.setblocking(False)
+        self.messages: list[str] = []
+
+    def read(self) -> list[str]:
+        while True:
+            try:
+                self.messages.append(self._sock.recv(4096).decode())
+            except BlockingIOError:
+                return self.messages
+
+    def pings(self) -> int:
+        return self.read().count("WATCHDOG=1")
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[NotifySocket]:
+    sock = NotifySocket(tmp_path / "notify.sock")
+    monkeypatch.setenv("NOTIFY_SOCKET", sock.address)
+    monkeypatch.setenv("WATCHDOG_USEC", "20000000")  # WatchdogSec=20s: a ping every 10 s
+    try:
+        yield sock
+    finally:
+        sock.close()
+
+
+async def test_a_revoked_key_keeps_the_watchdog_fed_and_poll_failure_fires(
+    world: World, notify_socket: NotifySocket, caplog: pytest.LogCaptureFixture
+):
+    """Atlas refuses the key at every cycle: /healthz says so (503), but the watchdog
+    keeps getting pinged (the daemon works: restarting it cannot mend the key), so the
+    poll_failure rule gets its `after` and fires. Before, the pings stopped with the
+    first cycle that read no organization: systemd killed the daemon every ~71 s until
+    the start limit left the unit failed, and poll_failure never fired."""
+    data = world.config_data(
+        poll={"interval": "1m"},
+        rules=[{"name": "atlas-down", "type": "poll_failure", "after": "3m", "notify": ["slack"]}],
+    )
+    data["atlas"]["auth"]["private_key"] = "revoked-key"
+    from tests.conftest import make_config
+
+    clock = ManualClock(world.clock.now())
+    async with App(make_config(world.tmp, data), clock=clock) as app, serving(app):
+        await until_cycles(app, 1)
+        pings = 0
+        for _ in range(30):  # 5 minutes, in the watchdog's 10 s steps
+            await clock.sleeping()
+            pings = notify_socket.pings()  # read as systemd does (its queue holds 10)
+            clock.advance(10)
+        await eventually(lambda: ("FIRING", "atlas-down") in world.kinds())
+        healthy, why = app.health()
+        alive, _ = app.liveness()
+    assert not healthy and why == "the last cycle could read none of 2 organization(s)"
+    assert alive
+    assert pings >= 30
+    assert not any("not pinging systemd's watchdog" in m for m in caplog.messages)
+
+
+class HeldAtlas(LoopbackServer):
+    """One organization with no invoices. From the ``hold_from``-th listing on, a
+    listing moves the test's clock by ``seconds`` (Atlas "thinks") and then waits for
+    :attr:`release` before it answers."""
+
+    def __init__(self, clock: ManualClock, seconds: float, hold_from: int = 2) -> None:
+        self.clock, self.seconds, self.hold_from = clock, seconds, hold_from
+        self.listings = 0
+        self.holding = asyncio.Event()
+        self.release = asyncio.Event()
+        app = web.Application()
+        app.router.add_get("/api/atlas/v2/orgs/{org}/invoices", self._list)
+        super().__init__(app)
+
+    async def _list(self, request: web.Request) -> web.Response:
+        self.listings += 1
+        if self.listings >= self.hold_from:
+            self.clock.advance(self.seconds)
+            self.holding.set()
+            await self.release.wait()
+        return web.json_response({"results": [], "links": [], "totalCount": 0})
+
+
+@asynccontextmanager
+async def held_daemon(
+    tmp_path: Path, seconds: float, **sections: Any
+) -> AsyncIterator[tuple[App, HeldAtlas, ManualClock]]:
+    """A daemon polling every 2 s whose second cycle is held ``seconds`` into it."""
+    clock = ManualClock()
+    async with HeldAtlas(clock, seconds) as atlas:
+        data = base_config(
+            atlas={**base_config()["atlas"], "base_url": atlas.url},
+            organizations=[{"id": SLOW_ORG}],
+            poll={"interval": "2s"},
+            **sections,
+        )
+        async with App(make_config(tmp_path, data), clock=clock) as app, serving(app):
+            await until_cycles(app, 1)
+            await clock.sleeping()
+            clock.advance(2)
+            async with asyncio.timeout(10):
+                await atlas.holding.wait()
+            try:
+                yield app, atlas, clock
+            finally:
+                atlas.release.set()
+
+
+async def test_a_long_cycle_in_flight_is_healthy_alive_and_warned_about_while_it_runs(
+    tmp_path: Path, notify_socket: NotifySocket, caplog: pytest.LogCaptureFixture
+):
+    """70 s into a cycle, with a 2 s interval (issue 13 §4): /healthz 200 (it said 503
+    "last cycle finished 1m ago (limit 1m)"), the watchdog pinged, and the late-cycle
+    warning logged already, not only when the cycle ends."""
+    caplog.set_level(logging.INFO)
+    http = {"listen": "127.0.0.1:0"}
+    async with held_daemon(tmp_path, 70, http=http) as (app, _, clock):
+        await clock.sleeping()  # the watchdog, woken by the 70 s, pinged and sleeps
+        healthy, why = app.health()
+        alive, _ = app.liveness()
+        async with aiohttp.ClientSession() as session:
+            url = f"http://127.0.0.1:{app.http_port}"
+            async with session.get(f"{url}/healthz") as resp:
+                healthz = resp.status, await resp.json()
+            async with session.get(f"{url}/livez") as resp:
+                livez = resp.status
+        warned = [m for m in caplog.messages if "still running at the start of the next" in m]
+    assert healthy and alive
+    assert why == (
+        "a cycle has been running for 1m10s, the last request to Atlas started 1m10s ago; "
+        "the last cycle finished 1m12s ago: 1 read, 0 failed"
+    )
+    assert healthz == (200, {"status": "ok", "reason": why}) and livez == 200
+    assert warned == [LATE_WARNING]
+    assert notify_socket.pings() >= 2
+    assert "watching 1 organization(s) every 2s" in caplog.messages  # was "every 0:00:02"
+
+
+async def test_a_cycle_that_makes_no_progress_is_unhealthy_and_the_watchdog_stops(
+    tmp_path: Path, notify_socket: NotifySocket, caplog: pytest.LogCaptureFixture
+):
+    """No request to Atlas for longer than two timeouts and two of the longest retry
+    waits (2 x 30s + 2 x 300s + 1m = 12m): the cycle is stuck (a bug), and systemd
+    restarts the daemon."""
+    async with held_daemon(tmp_path, 12 * 60 + 1) as (app, _, clock):
+        await clock.sleeping()
+        healthy, why = app.health()
+        alive, _ = app.liveness()
+        pings = notify_socket.pings()
+        clock.advance(10)
+        await clock.sleeping()
+        assert notify_socket.pings() == pings  # no ping since
+    assert not healthy and not alive
+    assert why == (
+        "a cycle has been running for 12m1s with no progress for 12m1s (the last: the last "
+        "request to Atlas started; limit 12m, from atlas.timeout and atlas.max_backoff)"
+    )
+    stopped = [m for m in caplog.messages if m.startswith("not pinging systemd's watchdog")]
+    assert stopped == [
+        f"not pinging systemd's watchdog: {why}; systemd restarts the daemon once "
+        "WatchdogSec passes"
+    ]
+
+
+def test_status_check_sees_a_cycle_in_flight_by_the_reads_it_recorded():
+    """`status --check` (another process) reads the state file: a read recorded after
+    the last cycle finished is a cycle in flight, healthy while recent."""
+    now = datetime(2026, 11, 15, 12, 0, tzinfo=UTC)
+    finished = now - timedelta(minutes=40)
+    interval, limit = timedelta(minutes=15), progress_limit(timedelta(seconds=30), timedelta(0))
+    reads = [finished - timedelta(seconds=5), now - timedelta(seconds=20)]
+
+    in_flight = in_flight_from_reads(finished, reads, now, limit)
+    ok, why = health(finished, 2, 0, interval, now, in_flight=in_flight)
+    stale = in_flight_from_reads(finished, reads, now + limit, limit)
+    none = in_flight_from_reads(finished, reads[:1], now, limit)
+
+    assert ok and why == (
+        "a cycle has been running, an organization read 20s ago; the last cycle finished "
+        "40m ago: 2 read, 0 failed"
+    )
+    assert stale is not None and not health(finished, 2, 0, interval, now, in_flight=stale)[0]
+    assert none is None
+    assert health(finished, 2, 0, interval, now) == (
+        False,
+        "the last cycle finished 40m ago (the limit is 30m: 2 x poll.interval, at least 1m)",
+    )
+
+
+def test_the_progress_limit_counts_the_atlas_clients_longest_retry_wait():
+    from invoice_watch import fetch
+    from invoice_watch.health import LONGEST_RETRY_AFTER
+
+    assert LONGEST_RETRY_AFTER.total_seconds() == fetch._MAX_RETRY_AFTER
