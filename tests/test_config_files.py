@@ -426,5 +426,5 @@ def test_check_config_warns_of_max_connections_above_the_open_files_limit(tmp_pa
     assert done.returncode == 0, done.stderr
     assert (
         "http.max_connections: warning: 5000 connections are more than a process may open "
-        "here (RLIMIT_NOFILE hard limit 512, less 128" in done.stderr
+        "here (RLIMIT_NOFILE hard limit 512, less 224" in done.stderr
     )

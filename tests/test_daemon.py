@@ -7,6 +7,7 @@ command (libfaketime) and aiohttp's own idle timer, each said where it is."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import glob
 import io
 import itertools
@@ -14,7 +15,9 @@ import logging
 import os
 import signal
 import socket
+import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -599,3 +602,278 @@ def test_the_progress_limit_counts_the_atlas_clients_longest_retry_wait():
     from invoice_watch.health import LONGEST_RETRY_AFTER
 
     assert LONGEST_RETRY_AFTER.total_seconds() == fetch._MAX_RETRY_AFTER
+
+
+# -- clients that never read their answers (issue 12 §A12-8) ----------------------------
+
+
+def slow_reader(port: int, requests: int) -> socket.socket:
+    """The attack's slowread.py: pipelined GET /metrics, a 4 KB receive buffer, never
+    a byte read."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    sock.setblocking(False)
+    data = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * requests
+    sent, deadline = 0, time.monotonic() + 2
+    while sent < len(data) and time.monotonic() < deadline:
+        try:
+            sent += sock.send(data[sent:])
+        except BlockingIOError:
+            time.sleep(0.01)
+    return sock
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    """Whether the server closed (FIN) or reset the connection, from the TCP state
+    (Linux's TCP_INFO): reading would take answers and unblock the server, and the
+    answers still queued hide a reset from a peek."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)
+    return info[0] != 1  # TCP_ESTABLISHED
+
+
+async def test_clients_that_never_read_their_answers_are_closed_after_idle_timeout(
+    world: World, caplog: pytest.LogCaptureFixture
+):
+    """Connections filling the cap (2 here; the attack's 64 with the default cap), each
+    pipelining 3,000 GET /metrics and reading nothing: the server ends up blocked
+    writing, where aiohttp's keep-alive timer is off, so they held /healthz forever.
+    Once idle_timeout passes on the daemon's clock, they are closed (checked every
+    second of real time, as aiohttp checks its own timer)."""
+    clock = ManualClock(world.clock.now())
+    http = {"listen": "127.0.0.1:0", "max_connections": 2, "idle_timeout": "10s"}
+    config = world.config(http=http, poll={"interval": "10m"})
+    async with App(config, clock=clock) as app, serving(app):
+        await until_cycles(app, 1)
+        port, endpoint = app.http_port, app._http
+        assert port is not None and endpoint is not None and endpoint._runner is not None
+        server = endpoint._runner.server
+        assert server is not None
+        readers = await asyncio.gather(*(asyncio.to_thread(slow_reader, port, 3000) for _ in "ab"))
+        try:
+            # The answers fill the kernel's buffers (a few seconds of /metrics), then
+            # wait unsent in the server's: it is blocked writing.
+            async with asyncio.timeout(60):
+                while not (  # noqa: ASYNC110 (no event says a buffer filled)
+                    len(server.connections) == 2
+                    and all(
+                        c.transport is not None and c.transport.get_write_buffer_size() > 0
+                        for c in server.connections
+                    )
+                ):
+                    await asyncio.sleep(0.1)
+            await asyncio.sleep(1.5)  # a check or two: still held before idle_timeout
+            assert not any(closed_by_server(r) for r in readers)
+            with pytest.raises(aiohttp.ServerDisconnectedError):  # the cap is full
+                async with aiohttp.ClientSession() as session:
+                    await session.get(f"http://127.0.0.1:{port}/healthz")
+            clock.advance(11)
+            await eventually(lambda: all(closed_by_server(r) for r in readers))
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(f"http://127.0.0.1:{port}/healthz") as resp,
+            ):
+                assert resp.status == 200
+        finally:
+            for reader in readers:
+                reader.close()
+        stalled = app.metrics.registry.get_sample_value(
+            "invoice_watch_http_connections_stalled_total"
+        )
+    assert stalled == 2
+    assert (
+        "http.listen: closed 2 connection(s) whose client did not read its answers for 10s "
+        "(http.idle_timeout)"
+    ) in caplog.messages
+
+
+# -- http.max_connections and the open files limit (issue 12 §A12-9) ---------------------
+
+ENDPOINT = """
+import asyncio, logging, sys, resource
+from invoice_watch.health import HttpEndpoint, Metrics
+logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(message)s")
+resource.setrlimit(resource.RLIMIT_NOFILE, (512, 512))
+
+async def main():
+    metrics = Metrics()
+    endpoint = HttpEndpoint(
+        metrics, lambda: (True, "ok"), "127.0.0.1", 0, max_connections=int(sys.argv[1]),
+        idle_timeout=60.0, monotonic=asyncio.get_running_loop().time,
+    )
+    port = await endpoint.start()
+    print(port, endpoint.max_connections, flush=True)
+    loop = asyncio.get_running_loop()
+    while line := await loop.run_in_executor(None, sys.stdin.readline):
+        if line == "hold\\n":  # the event loop stops until the next line
+            print("holding", flush=True)
+            sys.stdin.readline()
+            continue
+        held = len(endpoint._runner.server.connections)  # any other line: the counts
+        print(held, int(metrics.http_refused._value.get()), flush=True)
+    await endpoint.stop()
+
+asyncio.run(main())
+"""
+
+
+class EndpointProcess:
+    """HttpEndpoint alone in a process allowed 512 open files (:data:`ENDPOINT`),
+    driven through its stdin: its port, its connection cap, its log once it ended."""
+
+    def __init__(self, max_connections: int) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", ENDPOINT, str(max_connections)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
+        )
+        self.port, self.cap = map(int, self._line().split())
+        self.log = ""
+
+    def counts(self) -> tuple[int, int]:
+        """Connections held now, and refused so far."""
+        self._send("\n")
+        held, refused = map(int, self._line().split())
+        return held, refused
+
+    def hold(self) -> None:
+        """Stop the server's event loop (it accepts nothing) until :meth:`release`."""
+        self._send("hold\n")
+        assert self._line() == "holding\n"
+
+    def release(self) -> None:
+        self._send("\n")
+
+    def end(self) -> None:
+        """Stop it (it must exit 0) and keep its log."""
+        assert self.process.stdin is not None and self.process.stderr is not None
+        self.process.stdin.close()
+        try:
+            assert self.process.wait(20) == 0
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+            self.log = self.process.stderr.read()
+            self.process.__exit__(None, None, None)
+
+    def _send(self, line: str) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(line)
+        self.process.stdin.flush()
+
+    def _line(self) -> str:
+        assert self.process.stdout is not None
+        return self.process.stdout.readline()
+
+
+@contextlib.contextmanager
+def endpoint_process(max_connections: int) -> Iterator[EndpointProcess]:
+    endpoint = EndpointProcess(max_connections)
+    try:
+        yield endpoint
+    finally:
+        endpoint.end()
+
+
+def test_max_connections_above_the_open_files_limit_is_capped_below_it():
+    """A daemon allowed 512 open files (soft and hard) and `max_connections: 5000`, as
+    the attack's `ulimit -n 1024` with 1,100 connections: the cap is lowered below the
+    limit (and said), and of 600 connections kept open (each answered once, so that the
+    server has taken it before the next comes) `cap` are held and the rest closed at
+    once, never an `accept() out of system resource` storm (the cap did not count the
+    descriptors the rest of the daemon needs)."""
+    clients: list[socket.socket] = []
+    held = closed = 0
+    try:
+        with endpoint_process(5000) as endpoint:
+            cap = endpoint.cap
+            assert 64 < cap < 512 - 128
+            for _ in range(600):
+                sock = socket.create_connection(("127.0.0.1", endpoint.port), timeout=5)
+                clients.append(sock)
+                try:
+                    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                    answer = sock.recv(4096)
+                except ConnectionError:
+                    answer = b""
+                if answer.startswith(b"HTTP/1.1 200"):
+                    held += 1  # kept alive: the connection stays open
+                else:
+                    assert answer == b""
+                    closed += 1
+            assert endpoint.counts() == (cap, 600 - cap)
+    finally:
+        for sock in clients:
+            sock.close()
+    assert (held, closed) == (cap, 600 - cap)
+    assert "http.max_connections 5000 is more than this process can hold" in endpoint.log
+    assert f"so at most {cap} connections are held" in endpoint.log
+    assert "out of system resource" not in endpoint.log
+    assert "Too many open files" not in endpoint.log
+
+
+def test_a_burst_of_connections_is_held_to_the_cap():
+    """90 connections held, then 30 more arriving at once, with a cap of 100: asyncio
+    accepts a batch before any of it counts as open, so the cap was overshot by up to a
+    batch (120 held; and up to 100 descriptors more than the cap: the listen backlog)."""
+    clients: list[socket.socket] = []
+    try:
+        with endpoint_process(100) as endpoint:
+            for _ in range(90):
+                sock = socket.create_connection(("127.0.0.1", endpoint.port), timeout=5)
+                clients.append(sock)
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+            endpoint.hold()
+            for _ in range(30):  # queued by the kernel: accepted together once released
+                clients.append(socket.create_connection(("127.0.0.1", endpoint.port), timeout=5))
+            endpoint.release()
+            deadline = time.monotonic() + 10
+            while sum(counts := endpoint.counts()) < 120 and time.monotonic() < deadline:
+                pass  # the server's accepts: no event of theirs reaches this process
+            assert endpoint.cap == 100 and counts == (100, 20)
+    finally:
+        for sock in clients:
+            sock.close()
+    assert "out of system resource" not in endpoint.log
+
+
+async def test_accepts_out_of_open_files_are_logged_once_a_minute(
+    caplog: pytest.LogCaptureFixture,
+):
+    """Should the rest of the daemon use up the open files anyway, asyncio logs
+    "socket.accept() out of system resource" with a traceback at each retry (every
+    second: the attack's 94,186 tracebacks, 51 MB of log in 30 s): one a minute."""
+    from invoice_watch.health import HttpEndpoint, Metrics
+
+    now = [0.0]
+    endpoint = HttpEndpoint(
+        Metrics(), lambda: (True, "ok"), "127.0.0.1", 0,
+        max_connections=8, idle_timeout=10.0, monotonic=lambda: now[0],
+    )  # fmt: skip
+    await endpoint.start()
+    loop = asyncio.get_running_loop()
+    error = OSError(24, "Too many open files")
+    try:
+        for second in range(120):
+            now[0] = float(second)
+            loop.call_exception_handler(
+                {"message": "socket.accept() out of system resource", "exception": error}
+            )
+        loop.call_exception_handler({"message": "another asyncio error"})
+    finally:
+        await endpoint.stop()
+    loop.call_exception_handler({"message": "socket.accept() out of system resource"})
+    logged = [r for r in caplog.records if r.name == "asyncio"]
+    assert [r.getMessage() for r in logged] == [
+        "socket.accept() out of system resource (HTTP endpoint; more of these are not "
+        "logged for a minute)",
+        "socket.accept() out of system resource (HTTP endpoint; more of these are not "
+        "logged for a minute)",
+        "another asyncio error",
+        "socket.accept() out of system resource",  # the endpoint stopped: not its own
+    ]
+    assert [r.exc_info for r in logged[:2]] == [None, None]

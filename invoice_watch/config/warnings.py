@@ -168,9 +168,9 @@ def _http_warnings(config: Config, given: _Given) -> Iterator[_Warning]:
             ("http", "max_connections"),
             f"{config.http.max_connections} connections are more than a process may open "
             f"here (RLIMIT_NOFILE hard limit {hard}, less {FD_RESERVE} kept for Atlas, the "
-            f"notifiers and the state file): the daemon will hold at most about "
-            f"{max(1, most)}; raise LimitNOFILE= in the systemd unit (or `ulimit -Hn`), or "
-            "lower http.max_connections",
+            f"notifiers, the state file and connections being accepted): the daemon will "
+            f"hold at most about {max(1, most)}; raise LimitNOFILE= in the systemd unit "
+            "(or `ulimit -Hn`), or lower http.max_connections",
         )
 
 
