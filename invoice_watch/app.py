@@ -113,6 +113,13 @@ log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
+# A reload's read of the configuration file (and its secret files) that takes longer is
+# abandoned, logged, and the running configuration kept (a file on a hung network file
+# system): one stuck read never blocks the reloads after it. Past this many abandoned
+# reads still stuck, reloads are refused until a restart (each holds a thread).
+RELOAD_SECONDS = 30.0
+MAX_STUCK_RELOADS = 4
+
 
 @dataclass
 class CycleResult:
@@ -964,6 +971,7 @@ class App:
         self._finished_at: float | None = None  # monotonic end of the last cycle
         self._reload_task: asyncio.Task[None] | None = None
         self._reload_wanted = False
+        self._parsing: set[threading.Thread] = set()  # reload reads, maybe stuck
         # Which organizations list in full at the next cycle: all of them at first.
         self.full_listings = FullListings(config.poll.full_listing_every, self.clock, self._rng)
         self._linked_hidden: set[str] = set()  # paying orgs warned about (once each)
@@ -1723,8 +1731,9 @@ class App:
         """Read the config file again and take it (SIGHUP). The file is parsed in a
         thread, off the event loop (a huge or hostile file cannot freeze the daemon);
         at most one reload runs at a time, and requests that arrive meanwhile make one
-        more reload once it ends (the file as it is then), whatever their number.
-        Returns the task that takes this request (done once it is taken or refused)."""
+        more reload once it ends (the file as it is then), whatever their number; a
+        read that takes :data:`RELOAD_SECONDS` is abandoned (logged). Returns the task
+        that takes this request (done once it is taken or refused)."""
         self._reload_wanted = True
         if self._reload_task is None or self._reload_task.done():
             self._reload_task = asyncio.create_task(self._reloads(), name="reload")
@@ -1737,8 +1746,26 @@ class App:
             if source is None:
                 log.error("config reload refused: the configuration was not read from a file")
                 return
+            self._parsing = {thread for thread in self._parsing if thread.is_alive()}
+            if len(self._parsing) >= MAX_STUCK_RELOADS:
+                log.error(
+                    "config reload refused: %d earlier reads of %s never finished (a file "
+                    "on a hung network file system?); restart the daemon to read it again",
+                    len(self._parsing),
+                    source,
+                )
+                continue
             try:
-                config = await _in_thread(self._load_config, source)
+                config = await self._parse(source)
+            except TimeoutError:
+                log.error(
+                    "config reload abandoned: reading %s has not finished after %s (a file "
+                    "on a hung network file system?); keeping the running configuration%s",
+                    source,
+                    config_duration(RELOAD_SECONDS),
+                    "; reading it again" if self._reload_wanted else "",
+                )
+                continue
             except ConfigError as exc:
                 for problem in exc.problems:
                     log.error("config reload refused: %s", problem)
@@ -1749,6 +1776,23 @@ class App:
                 log.error("keeping the running configuration")
                 continue
             await self.reload(config)
+
+    async def _parse(self, source: Path) -> Config:
+        """The configuration file, read and validated in a thread of its own (off the
+        event loop). Raises TimeoutError when that takes :data:`RELOAD_SECONDS` on the
+        daemon's clock (the thread is left to itself: a daemon thread, holding nothing)."""
+        parse = asyncio.ensure_future(_in_thread(self._load_config, source, self._parsing))
+        timer = asyncio.ensure_future(self.clock.sleep(RELOAD_SECONDS))
+        try:
+            await asyncio.wait({parse, timer}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            timer.cancel()
+            if not parse.done():
+                parse.cancel()
+            await asyncio.gather(timer, parse, return_exceptions=True)
+        if parse.cancelled():
+            raise TimeoutError
+        return parse.result()
 
     async def reload(self, config: Config) -> bool:
         """Take a new configuration between cycles. Each changed setting is applied as
@@ -1887,10 +1931,13 @@ def _changed_text(keys: list[str], most: int = 10) -> str:
     return f"; changed: {', '.join(keys[:most])}{more}"
 
 
-async def _in_thread(function: Callable[[Path], _T], path: Path) -> _T:
-    """``function(path)`` in a daemon thread: the event loop goes on meanwhile, and a
-    thread still parsing at exit does not hold the process (``asyncio.to_thread``'s
-    executor is joined by ``asyncio.run``)."""
+async def _in_thread(
+    function: Callable[[Path], _T], path: Path, threads: set[threading.Thread]
+) -> _T:
+    """``function(path)`` in a daemon thread, added to ``threads``: the event loop goes
+    on meanwhile, and a thread still parsing at exit does not hold the process
+    (``asyncio.to_thread``'s executor is joined by ``asyncio.run``). Cancelling the
+    wait leaves the thread to end by itself."""
     loop = asyncio.get_running_loop()
     future: asyncio.Future[_T] = loop.create_future()
 
@@ -1912,5 +1959,7 @@ async def _in_thread(function: Callable[[Path], _T], path: Path) -> _T:
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
             loop.call_soon_threadsafe(settle, result, error)
 
-    threading.Thread(target=run, name="config-reload", daemon=True).start()
+    thread = threading.Thread(target=run, name="config-reload", daemon=True)
+    threads.add(thread)
+    thread.start()
     return await future

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import threading
 import time
@@ -13,8 +14,9 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import yaml
 
-from invoice_watch.app import App
+from invoice_watch.app import MAX_STUCK_RELOADS, RELOAD_SECONDS, App
 from invoice_watch.config import Config, LogConfig, load_file
 from invoice_watch.reload import APPLY, Apply, changes, keys
 from tests.manual_clock import ManualClock
@@ -163,7 +165,8 @@ async def test_a_reload_parses_off_the_event_loop_and_a_storm_makes_one_more(wor
         release.wait(10)
         return load_file(source)
 
-    async with App(load_file(path), clock=world.clock, load_config=slow_load) as app:
+    clock = ManualClock(world.clock.now())  # no time passes: the read is not abandoned
+    async with App(load_file(path), clock=clock, load_config=slow_load) as app:
         began = time.monotonic()
         first = app.request_reload()
         assert await asyncio.to_thread(started.wait, 10)
@@ -189,3 +192,99 @@ async def test_reload_that_needs_a_restart_is_refused_naming_the_setting(
         "config reload refused: state.path changed, which takes a restart; keeping the "
         "running configuration"
     ) in caplog.messages
+
+
+# -- a read that never ends, or a file that is no regular file (issue 12 §A12-12) --------
+
+
+async def test_a_reload_whose_read_never_ends_is_abandoned_and_the_next_one_applies(
+    world: World, caplog: pytest.LogCaptureFixture
+):
+    """The attack's SIGHUP with a FIFO as a secret file, then two with a fixed config:
+    the first read never ended (blocked in open()) and every later reload queued
+    behind it until a restart. Now a read is abandoned after RELOAD_SECONDS on the
+    daemon's clock (what no server can produce here, a read hung on a network file
+    system, is the load function waiting), and the SIGHUP that came meanwhile reads
+    the file again and takes it."""
+    path = world.write_config()
+    hung = threading.Event()  # set: released at the end of the test
+    loads: list[int] = []
+
+    def load(source: Path) -> Config:
+        loads.append(1)
+        if len(loads) == 1:
+            hung.wait(30)
+        return load_file(source)
+
+    clock = ManualClock(world.clock.now())
+    async with App(load_file(path), clock=clock, load_config=load) as app:
+        try:
+            first = app.request_reload()
+            await clock.sleeping()  # the reload's timer
+            world.write_config(poll={"interval": "1h"})
+            assert app.request_reload() is first  # queued behind the stuck read
+            clock.advance(RELOAD_SECONDS)
+            await asyncio.wait_for(first, 10)
+            assert app.config.poll.interval.total_seconds() == 3600
+        finally:
+            hung.set()
+    assert len(loads) == 2
+    assert (
+        f"config reload abandoned: reading {path} has not finished after 30s (a file on a "
+        "hung network file system?); keeping the running configuration; reading it again"
+    ) in caplog.messages
+    assert any(m.startswith("configuration reloaded: ") for m in caplog.messages)
+
+
+async def test_reads_stuck_past_the_bound_refuse_reloads_until_a_restart(
+    world: World, caplog: pytest.LogCaptureFixture
+):
+    """Each abandoned read holds a thread: past MAX_STUCK_RELOADS of them still stuck,
+    a reload is refused at once, saying so, rather than piling up threads."""
+    path = world.write_config()
+    hung = threading.Event()
+
+    def load(source: Path) -> Config:
+        hung.wait(30)
+        return load_file(source)
+
+    clock = ManualClock(world.clock.now())
+    async with App(load_file(path), clock=clock, load_config=load) as app:
+        try:
+            for _ in range(MAX_STUCK_RELOADS):
+                reload = app.request_reload()
+                await clock.sleeping()
+                clock.advance(RELOAD_SECONDS)
+                await asyncio.wait_for(reload, 10)
+            await asyncio.wait_for(app.request_reload(), 10)  # refused at once
+            threads = [t for t in threading.enumerate() if t.name == "config-reload"]
+        finally:
+            hung.set()
+    assert len(threads) == MAX_STUCK_RELOADS
+    abandoned = [m for m in caplog.messages if m.startswith("config reload abandoned")]
+    assert len(abandoned) == MAX_STUCK_RELOADS
+    assert caplog.messages[-1] == (
+        f"config reload refused: {MAX_STUCK_RELOADS} earlier reads of {path} never finished "
+        "(a file on a hung network file system?); restart the daemon to read it again"
+    )
+
+
+async def test_a_reload_of_a_config_naming_a_fifo_is_refused_at_once_and_the_next_applies(
+    world: World, caplog: pytest.LogCaptureFixture
+):
+    """The attack itself, with the real loader: a FIFO as the private key file."""
+    fifo = world.tmp / "pkfifo"
+    os.mkfifo(fifo)
+    path = world.write_config()
+    data = world.config_data()
+    data["atlas"]["auth"] = {"public_key": "pub", "private_key_file": str(fifo)}
+    clock = ManualClock(world.clock.now())
+    async with App(load_file(path), clock=clock) as app:
+        path.write_text(yaml.safe_dump(data))
+        await asyncio.wait_for(app.request_reload(), 10)
+        world.write_config(poll={"interval": "1h"})
+        await asyncio.wait_for(app.request_reload(), 10)
+        assert app.config.poll.interval.total_seconds() == 3600
+    refused = [m for m in caplog.messages if m.startswith("config reload refused")]
+    assert len(refused) == 1
+    assert f"atlas.auth.private_key_file: cannot read {fifo}: not a regular file" in refused[0]
