@@ -1820,7 +1820,7 @@ class App:
                 except ListenError as exc:
                     log.error("config reload refused: %s; keeping the running configuration", exc)
                     return False
-            old_client, old_notifiers = self._client, self.notifiers
+            old_client, old_notifiers, old_config = self._client, self.notifiers, self.config
             if Apply.ATLAS in kinds:
                 self._client = self._new_client(config)
             if Apply.NOTIFIERS in kinds:
@@ -1854,8 +1854,10 @@ class App:
             len(config.organizations),
             len(config.rules),
             len(config.notifiers),
-            _changed_text(list(changed)),
+            _changed_text(list(changes(old_config, config, given=True))),
         )
+        for warning in config.warnings:
+            log.warning("%s", warning)
         return True
 
     async def _move_http(self, http: HttpConfig | None) -> tuple[HttpEndpoint | None, int | None]:

@@ -161,16 +161,19 @@ def _is_model_like(tp: Any) -> bool:
     return isinstance(tp, type) and issubclass(tp, BaseModel)
 
 
-def values(config: Config, key: str) -> dict[str, object]:
+def values(config: Config, key: str, *, given: bool = False) -> dict[str, object]:
     """The values of ``key`` (a pattern of :data:`APPLY`) in ``config``, by concrete
     path: ``values(c, "notifiers.*.to") == {"notifiers.mail.to": [...]}``. A section or
-    a union member without the key has no value."""
+    a union member without the key has no value. ``given``: only the values the file
+    sets (not the defaults)."""
     out: dict[str, object] = {}
-    _values(config, key.split("."), (), out)
+    _values(config, key.split("."), (), out, given)
     return out
 
 
-def _values(value: object, parts: list[str], path: tuple[str, ...], out: dict[str, object]) -> None:
+def _values(
+    value: object, parts: list[str], path: tuple[str, ...], out: dict[str, object], given: bool
+) -> None:
     if not parts:
         out[".".join(path)] = value
         return
@@ -183,24 +186,31 @@ def _values(value: object, parts: list[str], path: tuple[str, ...], out: dict[st
         else:
             return
         for name, item in items:
-            _values(item, rest, (*path, name), out)
+            _values(item, rest, (*path, name), out, given)
         return
     if not isinstance(value, BaseModel):  # an absent optional section
         return
     fields = type(value).model_fields
     field = next((n for n, f in fields.items() if part in (n, f.alias)), None)
-    if field is not None:
-        _values(getattr(value, field), rest, (*path, part), out)
+    if field is None or (given and not rest and field not in value.model_fields_set):
+        return
+    _values(getattr(value, field), rest, (*path, part), out, given)
 
 
-def changes(old: Config, new: Config) -> dict[str, Apply]:
+def changes(old: Config, new: Config, *, given: bool = False) -> dict[str, Apply]:
     """The keys whose values differ between ``old`` and ``new`` (concrete paths, e.g.
-    ``notifiers.mail.to``), each with how a reload applies it."""
+    ``notifiers.mail.to``), each with how a reload applies it. ``given``: only those
+    that one of the two files sets (what a person changed: renaming a webhook notifier
+    changes its ``token`` from unset to absent, which is no news)."""
     changed: dict[str, Apply] = {}
     for key, how in APPLY.items():
         before, after = values(old, key), values(new, key)
+        if given:
+            named = values(old, key, given=True).keys() | values(new, key, given=True).keys()
         for path in sorted(before.keys() | after.keys()):
-            if before.get(path, _ABSENT) != after.get(path, _ABSENT):
+            if before.get(path, _ABSENT) != after.get(path, _ABSENT) and (
+                not given or path in named
+            ):
                 changed[path] = how
     return changed
 

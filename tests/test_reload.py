@@ -288,3 +288,33 @@ async def test_a_reload_of_a_config_naming_a_fifo_is_refused_at_once_and_the_nex
     refused = [m for m in caplog.messages if m.startswith("config reload refused")]
     assert len(refused) == 1
     assert f"atlas.auth.private_key_file: cannot read {fifo}: not a regular file" in refused[0]
+
+
+# -- what a reload says (issue 14 §3, §10) ------------------------------------------------
+
+
+async def test_a_reload_names_the_keys_the_files_set_and_logs_the_new_warnings(
+    world: World, caplog: pytest.LogCaptureFixture
+):
+    """Renaming a notifier listed keys neither file sets (`notifiers.slack.token`, the
+    defaults of the other notifier kind); and a reload did not log the warnings `run`
+    logs at start (a `repeat` shorter than the interval printed only `changed:`)."""
+    from tests.conftest import make_config
+
+    caplog.set_level(logging.INFO)
+    data = world.config_data(poll={"interval": "10m"})
+    data["notifiers"]["team-slack"] = data["notifiers"].pop("slack")
+    for rule in data["rules"]:
+        rule["notify"] = ["team-slack", "mail"]
+    data["rules"][0]["repeat"] = "1m"
+    async with App(world.config(poll={"interval": "10m"}), clock=world.clock) as app:
+        assert await app.reload(make_config(world.tmp, data))
+    (line,) = [m for m in caplog.messages if m.startswith("configuration reloaded")]
+    assert line == (
+        "configuration reloaded: 2 organization(s), 2 rule(s), 2 notifier(s); changed: "
+        "notifiers.slack.type, notifiers.team-slack.type, notifiers.slack.webhook_url, "
+        "notifiers.team-slack.webhook_url, rules.0.notify, rules.1.notify, rules.0.repeat"
+    )
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert ": rules.0.repeat: warning: repeat 1m is shorter than poll.interval 10m" in warnings[0]
