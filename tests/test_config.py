@@ -1253,7 +1253,7 @@ BAD_VALUES = [
     ("public_key", "'a\"b,c=d'", {}, "atlas.auth.public_key", 'without spaces, `:`, `"`'),
     ("public_key", "'a\\b'", {}, "atlas.auth.public_key", "cannot be an HTTP user name"),
     # 5.000: five thousand where a point groups thousands, five in the US (issue 14).
-    ("threshold", "5.000", {}, "rules.1.threshold", "write 5000 (or \"5,000\")"),
+    ("threshold", "5.000", {}, "rules.1.threshold", 'write 5000 (or "5,000")'),
     ("threshold", '"5.000"', {}, "rules.1.threshold", "or 5.00 for $5.00"),
     ("budget", "12.500", {}, "rules.2.budget", "3 decimals, so it is ambiguous"),
     ("threshold", "0.500", {}, "rules.1.threshold", "at most 2 decimals (cents), e.g."),

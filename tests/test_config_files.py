@@ -154,7 +154,9 @@ def test_check_config_on_a_fifo_ends_at_once_with_one_line(where: str, fifo: Pat
 def test_a_missing_webhook_url_file_is_one_problem_saying_where_it_looked(tmp_path: Path):
     """Not also the placeholder's "does not start with https://"; under systemd, the
     `LoadCredential=` line that would put it there."""
-    text = MINIMAL.format(private_key="p").replace("    type: console\n", "    type: console\n" + WEBHOOK)
+    text = MINIMAL.format(private_key="p").replace(
+        "    type: console\n", "    type: console\n" + WEBHOOK
+    )
     (etc := tmp_path / "etc").mkdir()
     (run := tmp_path / "run").mkdir()
 
@@ -203,7 +205,9 @@ def test_an_empty_secret_file_names_the_file(tmp_path: Path):
     (problem,) = problems_of(text, base_dir=tmp_path)
 
     assert problem.path == "atlas.auth.private_key_file"
-    assert problem.message.startswith(f"{tmp_path / 'atlas-private-key'} is empty: write the secret")
+    assert problem.message.startswith(
+        f"{tmp_path / 'atlas-private-key'} is empty: write the secret"
+    )
 
 
 # --- the read-only commands read no secret (issue 14 §A14-9) ---------------------------
