@@ -103,6 +103,31 @@ async def test_store_mark_retry_defers_the_notifiers_other_rows(store):
     assert later[0].attempts == 1
 
 
+async def test_store_a_message_released_while_its_notifier_waits_waits_behind_it(store):
+    """Rows of one notifier go in order: a message released (a later cycle's RESOLVED)
+    while the notifier's earlier message waits for its retry is due after it, never
+    before (else the RESOLVED could reach the receiver before its FIRING)."""
+    number = store.begin_cycle()
+    await store.commit_orgs(number, NOW, [], [firing("a")], {"failed": ["slack"]})
+    await store.finish_cycle(number, NOW, NOW, [], [], {}, 5, orgs_ok=0, orgs_failed=0)
+    [first] = await store.outbox.due(NOW)
+    retry_at = NOW + timedelta(minutes=1)
+    await store.outbox.mark_retry(first.id, retry_at, "HTTP 503")
+
+    later = NOW + timedelta(seconds=10)
+    number = store.begin_cycle()
+    await store.commit_orgs(number, later, [], [firing("b")], {"failed": ["slack", "mail"]})
+    await store.finish_cycle(number, later, later, [], [], {}, 5, orgs_ok=0, orgs_failed=0)
+    assert [d.notifier for d in await store.outbox.due(later)] == ["mail"]
+    assert await store.outbox.next_attempt_at() == later  # mail's, then slack's at retry_at
+    due = await store.outbox.due(retry_at)
+    assert [(d.notifier, d.id > first.id) for d in due] == [
+        ("slack", False),
+        ("slack", True),
+        ("mail", True),
+    ]
+
+
 async def test_store_a_retry_owed_to_some_recipients_keeps_them_and_holds_up_no_other_row(
     store,
 ):

@@ -30,7 +30,7 @@ def _error_text(error: str) -> str:
 # A message that reached some of its notifier's recipients (an email some took and
 # another refused for now) is still owed to the others: its ``last_error`` says so first,
 # as a JSON list, which is how the outbox remembers them (no column of their own).
-_OWED = "still owed to "
+OWED_PREFIX = "still owed to "
 
 
 def outbox_error(error: str, owed: Sequence[str] | None = None) -> str:
@@ -41,16 +41,16 @@ def outbox_error(error: str, owed: Sequence[str] | None = None) -> str:
     text = _error_text(error)
     if owed is None:
         return text
-    return f"{_OWED}{json.dumps(list(owed))}: {text}"
+    return f"{OWED_PREFIX}{json.dumps(list(owed))}: {text}"
 
 
 def owed_of(last_error: str | None) -> tuple[str, ...] | None:
     """The recipients a stored ``last_error`` says are still owed the message, None
     when it names none (all of them are)."""
-    if not last_error or not last_error.startswith(_OWED):
+    if not last_error or not last_error.startswith(OWED_PREFIX):
         return None
     try:
-        value, _ = json.JSONDecoder().raw_decode(last_error, len(_OWED))
+        value, _ = json.JSONDecoder().raw_decode(last_error, len(OWED_PREFIX))
     except ValueError:
         return None
     if isinstance(value, list) and all(isinstance(item, str) for item in value):

@@ -19,7 +19,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from invoice_watch.constants import MESSAGE_MAX_EVENTS
-from invoice_watch.store.encoding import event_json, outbox_error, owed_of
+from invoice_watch.store.encoding import OWED_PREFIX, event_json, outbox_error, owed_of
 from invoice_watch.store.grouping import group_summary, message_parts, summarize
 from invoice_watch.store.protocols import AlertChange
 from invoice_watch.store.records import Delivery, OutboxRow
@@ -155,9 +155,14 @@ def release_held(
         if cycle is None or held_by == cycle:
             counted += count
         where = "state='held' AND cycle IS ? AND notifier=?"
+        due = max(now, _waiting_behind(conn, notifier))
         sizes = message_parts(count, group_over)
         if sizes is None:
-            conn.execute(f"UPDATE outbox SET state='pending' WHERE {where}", (held_by, notifier))
+            conn.execute(
+                f"UPDATE outbox SET state='pending', next_attempt_at=MAX(next_attempt_at, ?) "
+                f"WHERE {where}",
+                (due, held_by, notifier),
+            )
             continue
         ids = [
             row[0]
@@ -165,8 +170,21 @@ def release_held(
                 f"SELECT id FROM outbox WHERE {where} ORDER BY id", (held_by, notifier)
             )
         ]
-        _group(conn, ids, sizes, now)
+        _group(conn, ids, sizes, due)
     return counted
+
+
+def _waiting_behind(conn: sqlite3.Connection, notifier: str) -> str:
+    """When the notifier's pending messages that wait for a retry are next tried ('' when
+    none does): a message released now waits until then too, so that one notifier's
+    messages go in order (a RESOLVED never overtakes its FIRING). A retry owed to some
+    recipients only holds up nothing (deliver.py)."""
+    row = conn.execute(
+        "SELECT MAX(next_attempt_at) FROM outbox WHERE notifier=? AND state='pending' "
+        "AND attempts > 0 AND (last_error IS NULL OR last_error NOT LIKE ?)",
+        (notifier, OWED_PREFIX + "%"),
+    ).fetchone()
+    return row[0] or ""
 
 
 def split_oversized(conn: sqlite3.Connection) -> None:
