@@ -9,6 +9,7 @@ import random
 import re
 import time
 from datetime import UTC, datetime, timedelta
+from datetime import time as clock_time
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Literal, get_args, get_origin
@@ -1317,6 +1318,7 @@ HOSTILE: dict[object, object] = {
     Secret: "a\r\nb",
     Path: "a\nb",
     timedelta: "3660d",
+    clock_time: "a\r\nb",
     int: 2**63,
     float: float("inf"),
     ProxyUrl: "http://proxy\r\nX-Injected: 1@x:3128",

@@ -12,14 +12,16 @@ unique rule names and org ids) are the loader's (:mod:`~invoice_watch.config.loa
 
 from __future__ import annotations
 
+import re
 import ssl
-from datetime import timedelta
+from datetime import time, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
@@ -65,6 +67,8 @@ from invoice_watch.config.values import (
 )
 from invoice_watch.errors import ConfigProblem
 from invoice_watch.proxy import ProxyUrl
+from invoice_watch.quiet import DAYS as QUIET_DAYS
+from invoice_watch.quiet import QuietWindow
 from invoice_watch.report.schedule import ReportSchedule, parse_schedule, zone
 from invoice_watch.types import Severity
 
@@ -219,7 +223,71 @@ class DeliveryConfig(_Model):
     ] = timedelta(days=180)
 
 
-class SlackNotifierConfig(_Model):
+def _check_zone(value: str) -> str:
+    zone(value)
+    return value
+
+
+TimeZoneName = Annotated[str, AfterValidator(_check_zone)]
+
+
+def _clock_time(value: object) -> time:
+    if isinstance(value, time):
+        return value
+    if isinstance(value, str) and (m := _HHMM.fullmatch(value.strip())):
+        hour, minute = int(m.group(1)), int(m.group(2))
+        if hour < 24 and minute < 60:
+            return time(hour, minute)
+    raise ValueError(f'use a 24-hour time "HH:MM" in quotes, e.g. "20:00" (got {value!r})')
+
+
+_HHMM = re.compile(r"(\d{1,2}):(\d{2})")
+ClockTime = Annotated[time, BeforeValidator(_clock_time)]
+Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+
+
+class QuietHoursConfig(_Model):
+    """A notifier's quiet hours (:mod:`invoice_watch.quiet`): from ``from`` to ``to``
+    (local times in ``timezone``; across midnight when ``to`` is earlier), on the
+    ``days`` a window starts (every day when empty); messages wait and go as one
+    summary when the window ends, but those of the severities in ``except``."""
+
+    timezone: TimeZoneName
+    from_: ClockTime = Field(alias="from")
+    to: ClockTime
+    days: Annotated[list[Weekday], Field(max_length=7)] = Field(default_factory=list)
+    except_: Annotated[list[Severity], Field(max_length=3)] = Field(
+        default_factory=list, alias="except"
+    )
+
+    @model_validator(mode="after")
+    def _not_always(self) -> QuietHoursConfig:
+        if self.from_ == self.to and not self.days:
+            raise ValueError(
+                "from equal to to is a whole day: with no days that is quiet for ever; "
+                "name the days (e.g. days: [sat, sun]) or remove quiet_hours"
+            )
+        return self
+
+    def window(self) -> QuietWindow:
+        """The pure window :mod:`invoice_watch.quiet` works with."""
+        return QuietWindow(
+            tz=zone(self.timezone),
+            start=self.from_,
+            end=self.to,
+            days=frozenset(QUIET_DAYS.index(d) for d in self.days),
+            except_=frozenset(self.except_),
+            zone_name=self.timezone,
+        )
+
+
+class _NotifierModel(_Model):
+    """What every notifier may have: ``quiet_hours``."""
+
+    quiet_hours: QuietHoursConfig | None = None
+
+
+class SlackNotifierConfig(_NotifierModel):
     """Slack by incoming webhook (``webhook_url``) or Web API (``token`` + ``channel``)."""
 
     type: Literal["slack"]
@@ -270,7 +338,7 @@ def ca_file_problem(path: Path) -> str | None:
     return None
 
 
-class EmailNotifierConfig(_Model):
+class EmailNotifierConfig(_NotifierModel):
     """SMTP; ``port`` defaults by ``tls``: starttls 587, implicit 465, none 25."""
 
     type: Literal["email"]
@@ -306,14 +374,14 @@ class EmailNotifierConfig(_Model):
         return self
 
 
-class ConsoleNotifierConfig(_Model):
+class ConsoleNotifierConfig(_NotifierModel):
     type: Literal["console"]
 
 
 _HTTP_TIMEOUT = timedelta(seconds=10)
 
 
-class WebhookNotifierConfig(_Model):
+class WebhookNotifierConfig(_NotifierModel):
     """Any HTTP receiver: POSTs the documented JSON body (``notify/webhook-v1.schema.json``),
     signed as Standard Webhooks says when ``secret`` is set; ``headers`` are added to
     every request (their values are secrets: never shown)."""
@@ -329,7 +397,7 @@ class WebhookNotifierConfig(_Model):
     proxy: ProxyUrl | None = None
 
 
-class PagerDutyNotifierConfig(_Model):
+class PagerDutyNotifierConfig(_NotifierModel):
     """PagerDuty's Events API v2: FIRING and REMINDER trigger, RESOLVED resolves (the
     alert key is the ``dedup_key``); a NOTICE triggers with its own key, or is skipped."""
 
@@ -341,7 +409,7 @@ class PagerDutyNotifierConfig(_Model):
     proxy: ProxyUrl | None = None
 
 
-class TeamsNotifierConfig(_Model):
+class TeamsNotifierConfig(_NotifierModel):
     """A Microsoft Teams channel through a Workflows (Power Automate) webhook: an
     Adaptive Card per message."""
 
@@ -351,7 +419,7 @@ class TeamsNotifierConfig(_Model):
     proxy: ProxyUrl | None = None
 
 
-class AlertmanagerNotifierConfig(_Model):
+class AlertmanagerNotifierConfig(_NotifierModel):
     """An Alertmanager (``POST /api/v2/alerts`` under ``url``): firing alerts are posted
     again every ``resend_every``, each valid for four times that, as Prometheus does."""
 
@@ -485,14 +553,8 @@ def _check_schedule(value: str) -> str:
     return value
 
 
-def _check_zone(value: str) -> str:
-    zone(value)
-    return value
-
-
 # A report schedule ("mon 09:00", "daily 08:00", "monthly 1 09:00") and an IANA zone.
 ScheduleText = Annotated[str, AfterValidator(_check_schedule)]
-TimeZoneName = Annotated[str, AfterValidator(_check_zone)]
 
 
 class UsageConfig(_Model):

@@ -11,6 +11,7 @@ organizations' read state  :class:`~.protocols.SnapshotRepository`    orgs
 state per alert            :class:`~.protocols.NotificationLog`       alerts
 messages and attempts      :class:`~.protocols.Outbox`                outbox
 cycles that ended          :class:`~.protocols.CycleLog`              cycles
+silences                   :class:`~.protocols.SilenceRepository`     silences
 =========================  =========================================  ==============
 
 and :class:`~.protocols.UnitOfWork` writes across them in ONE transaction (an
@@ -24,6 +25,8 @@ daemon); :func:`open_store` opens it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from invoice_watch.constants import FINAL_STATUSES
@@ -34,6 +37,7 @@ from invoice_watch.store.protocols import (
     CycleLog,
     NotificationLog,
     Outbox,
+    SilenceRepository,
     SnapshotRepository,
     Store,
     UnitOfWork,
@@ -51,6 +55,7 @@ __all__ = [
     "OrgWrite",
     "Outbox",
     "OutboxRow",
+    "SilenceRepository",
     "SnapshotRepository",
     "Store",
     "UnitOfWork",
@@ -59,6 +64,7 @@ __all__ = [
     "open_store",
     "outbox_error",
     "owed_of",
+    "silences_writer",
     "summarize",
     "unstorable",
 ]
@@ -82,3 +88,18 @@ async def open_copy(path: Path, *, settles: frozenset[str] = FINAL_STATUSES) -> 
     from invoice_watch.store.sqlite import SqliteStore
 
     return await asyncio.to_thread(SqliteStore.copy, path, settles=settles)
+
+
+@contextlib.asynccontextmanager
+async def silences_writer(path: Path) -> AsyncIterator[SilenceRepository]:
+    """The silences of the state at ``path``, writable beside a running daemon (the
+    ``silence`` commands; see :func:`~invoice_watch.store.sqlite.database.open_writer`);
+    closed on leaving. A :class:`~invoice_watch.errors.StateError` says what is wrong."""
+    from invoice_watch.store.sqlite.database import open_writer
+    from invoice_watch.store.sqlite.silences import SqliteSilences
+
+    db = await asyncio.to_thread(open_writer, path)
+    try:
+        yield SqliteSilences(db)
+    finally:
+        await db.close()

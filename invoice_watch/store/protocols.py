@@ -14,6 +14,8 @@ against any backend through the ``store`` fixture.
 - :class:`Outbox`: the messages to send, with their delivery attempts; what the
   operator commands list of them.
 - :class:`CycleLog`: the cycles that ended, for ``status`` and the health check.
+- :class:`SilenceRepository`: the silences (issue 18), written by the ``silence``
+  commands also while the daemon runs, and their lifting.
 - :class:`UnitOfWork`: what spans them in ONE transaction: an organization's snapshot
   update, its alert changes and the messages they cause (held until the cycle ends, or
   released while it runs), the release of held messages, and retention.
@@ -32,7 +34,15 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Protocol
 
-from invoice_watch.store.records import AlertState, Delivery, OrgState, OrgWrite, OutboxRow
+from invoice_watch.store.records import (
+    AlertState,
+    Delivery,
+    Lifted,
+    OrgState,
+    OrgWrite,
+    OutboxRow,
+    Silence,
+)
 from invoice_watch.types import AlertEvent, Invoice, Snapshot
 
 
@@ -177,6 +187,37 @@ class CycleLog(Protocol):
         ...
 
 
+class SilenceRepository(Protocol):
+    """The silences (:mod:`invoice_watch.silences`). Not cached: a ``silence`` command
+    writes them while the daemon runs, and the daemon reads them where it uses them.
+
+    Releasing held messages (:meth:`UnitOfWork.finish_cycle`, :meth:`UnitOfWork.
+    release_cycle`, :meth:`UnitOfWork.release_held`) applies the active silences to each
+    message before grouping, as :func:`~invoice_watch.silences.on_release` says: a
+    silenced one waits in state ``silenced``, a RESOLVED whose FIRING was silenced and
+    never sent is ``muted`` with the silenced messages of its episode."""
+
+    async def add(self, silence: Silence) -> None: ...
+
+    async def expire(self, silence_id: str, now: datetime) -> Silence | None:
+        """End the silence ``now`` (one that ended already stays as it is); None when no
+        silence has that id."""
+        ...
+
+    async def listing(
+        self, now: datetime, *, expired: bool = False, limit: int = 100
+    ) -> list[Silence]:
+        """The silences that have not ended at ``now``, ending first first; with
+        ``expired``, every one kept, the latest ending first."""
+        ...
+
+    async def lift(self, now: datetime) -> Lifted:
+        """Each silenced message that no active silence matches at ``now``: pending now
+        (a FIRING whose alert still fires in the same episode) or ``muted``
+        (:func:`~invoice_watch.silences.on_lift`)."""
+        ...
+
+
 class UnitOfWork(Protocol):
     """What is written in ONE transaction across the repositories. Each organization's
     part of a cycle (its snapshot changes, its alerts' changes and the messages they
@@ -254,6 +295,9 @@ class Store(UnitOfWork, Protocol):
 
     @property
     def cycles(self) -> CycleLog: ...
+
+    @property
+    def silences(self) -> SilenceRepository: ...
 
     def check_held(self) -> None:
         """Raise :class:`~invoice_watch.errors.StateFileGoneError` when what this

@@ -108,3 +108,30 @@ class OutboxRow:
     next_attempt_at: datetime
     last_error: str | None
     done_at: datetime | None
+
+
+@dataclass(frozen=True)
+class Silence:
+    """A silence (:mod:`invoice_watch.silences`): mutes the events of ``rule`` (for the
+    organization and invoice it names, if any) from ``starts_at`` until ``ends_at``
+    (aware times; expiring it sets ``ends_at`` to then)."""
+
+    id: str
+    rule: str
+    org_id: str | None
+    invoice_id: str | None
+    starts_at: datetime
+    ends_at: datetime
+    comment: str
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class Lifted:
+    """What :meth:`~invoice_watch.store.protocols.SilenceRepository.lift` did: messages
+    made pending (``sent``), muted for good (``muted``), and still silenced
+    (``waiting``)."""
+
+    sent: int = 0
+    muted: int = 0
+    waiting: int = 0

@@ -267,6 +267,57 @@ def open_database(path: Path | None, *, exclusive: bool, build: Callable[[Databa
     return built
 
 
+def open_writer(path: Path) -> Database:
+    """The state file opened read-write for one short write beside the daemon (the
+    ``silence`` commands): not created, not locked (the daemon's ``flock`` is its own;
+    SQLite's locks and WAL let this connection write between the daemon's transactions,
+    ``busy_timeout`` waits for them), not migrated (an older schema is refused: the
+    daemon migrates it when it starts). Checked as the daemon checks it: a regular
+    file, not a link, this user's."""
+    info = files.existing(path)
+    if info is None:
+        raise StateError(
+            f"no state file at {path} yet: start the daemon once with this config (or "
+            "state.path points elsewhere than the daemon's)"
+        )
+    files.check_owner(path, info)
+    for suffix in files.SIDE_FILES:
+        side = Path(f"{path}{suffix}")
+        if (side_info := files.existing(side)) is not None:
+            files.check_owner(side, side_info)
+    try:
+        conn = sqlite3.connect(
+            f"{path.absolute().as_uri()}?mode=rw",
+            uri=True,
+            isolation_level=None,
+            check_same_thread=False,
+        )
+    except sqlite3.Error as exc:
+        raise StateError(files.sqlite_problem(path, exc)) from exc
+    try:
+        conn.execute("PRAGMA busy_timeout=5000")
+        conn.execute("PRAGMA synchronous=FULL")
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version != SCHEMA_VERSION:
+            newer = version > SCHEMA_VERSION
+            raise StateError(
+                f"state file {path} has schema version {version}, "
+                + (
+                    "newer than this invoice-watch understands: upgrade invoice-watch"
+                    if newer
+                    else f"older than {SCHEMA_VERSION}: start the upgraded daemon once "
+                    "(it migrates the file), then run this command again"
+                )
+            )
+    except BaseException as exc:
+        with contextlib.suppress(Exception):
+            conn.close()
+        if isinstance(exc, sqlite3.Error):
+            raise StateError(files.sqlite_problem(path, exc)) from exc
+        raise
+    return Database(conn, path, None)
+
+
 def _open_reader(path: Path, build: Callable[[Database], T]) -> T:
     """The state file opened read-only, for the operator commands."""
     if files.existing(path) is None:

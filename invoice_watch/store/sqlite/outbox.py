@@ -24,7 +24,8 @@ from invoice_watch.store.grouping import group_summary, message_parts, summarize
 from invoice_watch.store.protocols import AlertChange
 from invoice_watch.store.records import Delivery, OutboxRow
 from invoice_watch.store.sqlite.database import Database
-from invoice_watch.types import Part, events_from_json
+from invoice_watch.store.sqlite.silences import silence_held
+from invoice_watch.types import Part, events_from_json, instant
 
 T = TypeVar("T")
 
@@ -139,6 +140,7 @@ def release_held(
     leads it (its summary says so), the others follow (``grp``), and they are sent,
     retried and marked together, in order; the parts of a group go in order, each on
     its own."""
+    silence_held(conn, instant(now), cycle, only=only)
     counted = 0
     if only:
         groups = conn.execute(
@@ -209,7 +211,7 @@ def prune_done(conn: sqlite3.Connection, cutoff: str, limit: int) -> int:
     done = [
         row[0]
         for row in conn.execute(
-            "SELECT id FROM outbox WHERE state IN ('sent', 'failed') "
+            "SELECT id FROM outbox WHERE state IN ('sent', 'failed', 'muted') "
             f"AND next_attempt_at < ? AND done_at < ? AND {_MESSAGE} LIMIT ?",
             (cutoff, cutoff, limit),
         )

@@ -116,8 +116,23 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE outbox ADD COLUMN grp INTEGER;
     CREATE INDEX outbox_group ON outbox (grp) WHERE grp IS NOT NULL;
     """,
+    # 5: silences (written by the `silence` commands, also while the daemon runs); an
+    # outbox row may be 'silenced' (waits for its silence to end) or 'muted' (never sent)
+    """
+    CREATE TABLE silences (
+        id TEXT PRIMARY KEY,
+        rule TEXT NOT NULL,
+        org_id TEXT,
+        invoice_id TEXT,
+        starts_at TEXT NOT NULL,
+        ends_at TEXT NOT NULL,
+        comment TEXT NOT NULL,
+        created_at TEXT NOT NULL
+    );
+    CREATE INDEX silences_ends ON silences (ends_at);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 # The tables of every version: a file at version 0 holding any other is another
 # program's.
-OUR_TABLES = {"invoices", "amount_history", "orgs", "alerts", "outbox", "cycles"}
+OUR_TABLES = {"invoices", "amount_history", "orgs", "alerts", "outbox", "cycles", "silences"}

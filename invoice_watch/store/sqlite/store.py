@@ -36,6 +36,7 @@ from invoice_watch.store.sqlite.outbox import (
     retag_held,
     split_oversized,
 )
+from invoice_watch.store.sqlite.silences import SqliteSilences, prune_silences
 from invoice_watch.store.sqlite.snapshot import SqliteSnapshot
 
 
@@ -49,6 +50,7 @@ class SqliteStore:
         self._alerts = SqliteNotificationLog()
         self._outbox = SqliteOutbox(db)
         self._cycles = SqliteCycleLog(db)
+        self._silences = SqliteSilences(db)
 
     @property
     def snapshot(self) -> SqliteSnapshot:
@@ -65,6 +67,10 @@ class SqliteStore:
     @property
     def cycles(self) -> SqliteCycleLog:
         return self._cycles
+
+    @property
+    def silences(self) -> SqliteSilences:
+        return self._silences
 
     @property
     def path(self) -> Path | None:
@@ -270,6 +276,7 @@ class SqliteStore:
                 + self._alerts.prune(conn, cutoff, limit)
                 + self._cycles.prune(conn, cutoff, limit)
                 + self._snapshot.prune(conn, cutoff, limit)
+                + prune_silences(conn, cutoff, limit)
             )
 
         deleted = await self.database.write(run, "prune the state file")
