@@ -1021,6 +1021,7 @@ class App:
             rng=self._rng,
             metrics=self.metrics,
             elapsed=self._elapsed,
+            quiet=config.quiet_windows(),
         )
 
     def _connect(self, config: Config) -> tuple[AtlasClient, Mapping[str, Notifier]]:
@@ -1831,6 +1832,7 @@ class App:
                     max_age=config.delivery.max_age,
                     max_backoff=config.delivery.max_backoff,
                     retention=config.delivery.retention,
+                    quiet=config.quiet_windows(),
                 )
             self.config = config
             if Apply.RULES in kinds:  # what the rules watch may have changed

@@ -86,11 +86,12 @@ import random
 import traceback
 from collections import defaultdict
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Literal
 
 from invoice_watch.clock import Clock
+from invoice_watch.constants import MESSAGE_MAX_EVENTS
 from invoice_watch.elapsed import Elapsed
 from invoice_watch.errors import (
     NotifyError,
@@ -99,6 +100,7 @@ from invoice_watch.errors import (
     StateError,
 )
 from invoice_watch.health import Metrics
+from invoice_watch.quiet import QUIET_PREFIX, QuietWindow, holds
 from invoice_watch.redact import redact
 from invoice_watch.retry import backoff, retry_delay
 from invoice_watch.safe_text import one_line, server_text
@@ -183,9 +185,10 @@ class Deliverer:
         rng: random.Random | None = None,
         metrics: Metrics | None = None,
         elapsed: Elapsed | None = None,
+        quiet: Mapping[str, QuietWindow] | None = None,
     ) -> None:
         """``elapsed``: the cycle's, which stamped the messages' creation times (module
-        docstring)."""
+        docstring); ``quiet``: the notifiers' quiet hours, by name."""
         self._metrics = metrics or Metrics()
         self._store = store
         self._notifiers = notifiers
@@ -215,6 +218,10 @@ class Deliverer:
         # ones whose last re-post failed (told once until one works again).
         self._repost_at: dict[str, float] = {}
         self._repost_failing: set[str] = set()
+        self._quiet: Mapping[str, QuietWindow] = quiet or {}
+        self._silenced = 0  # messages silenced at the last pass
+        # A quiet-hours summary's first message id -> the other messages it carries.
+        self._merged: dict[int, tuple[Delivery, ...]] = {}
 
     def configure(
         self,
@@ -223,8 +230,10 @@ class Deliverer:
         max_age: timedelta,
         max_backoff: timedelta,
         retention: timedelta = DEFAULT_RETENTION,
+        quiet: Mapping[str, QuietWindow] | None = None,
     ) -> None:
         """Take new notifiers and limits (configuration reload)."""
+        self._quiet = quiet or {}
         back = self._missing & set(notifiers)
         if back:
             log.warning(
@@ -261,6 +270,7 @@ class Deliverer:
                 self._returned = set()
             except StateError as exc:  # due within max_backoff anyway
                 log.debug("could not make the messages of returned notifiers due: %s", exc)
+        await self._lift(now)
         due = await self._store.outbox.due(now, limit=_PASS_LIMIT, exclude=self._unrecorded)
         # A notifier whose retry is kept in memory waits for the state file, as the
         # recorded retry would have it wait: its rows go in order, that one first.
@@ -287,6 +297,23 @@ class Deliverer:
         await self._count_unrouted()
         await self._prune()
         return stats
+
+    async def _lift(self, now: datetime) -> None:
+        """Silenced messages no silence matches any more: sent now or muted
+        (:meth:`SilenceRepository.lift`)."""
+        try:
+            lifted = await self._store.silences.lift(now)
+        except StateError as exc:  # tried again next pass
+            log.debug("could not look at the silenced messages: %s", exc)
+            return
+        self._silenced = lifted.waiting
+        if lifted.sent or lifted.muted:
+            log.info(
+                "silences ended: %d silenced message(s) go out now (their alerts still "
+                "fire), %d muted",
+                lifted.sent,
+                lifted.muted,
+            )
 
     async def _count_unrouted(self) -> None:
         """Set the unrouted gauge: pending messages per notifier no longer configured."""
@@ -413,11 +440,83 @@ class Deliverer:
     async def _deliver_in_order(
         self, name: str, rows: list[Delivery], stats: DeliveryStats
     ) -> None:
+        window = self._quiet.get(name)
+        if window is not None:
+            rows = await self._quiet_hours(window, rows)
         for delivery in rows:
-            if not await self._attempt(delivery, stats):
+            if not await self._attempt_merged(delivery, stats):
                 # The receiver is down or rate-limiting: the rest of this notifier's rows
                 # wait for the next pass instead of hammering it.
                 return
+
+    async def _quiet_hours(self, window: QuietWindow, rows: list[Delivery]) -> list[Delivery]:
+        """Quiet hours (:mod:`invoice_watch.quiet`): inside a window, the messages wait
+        (postponed to its end, or ``max_backoff`` when sooner: no wait is longer), but
+        those with an event of a severity in ``except``; when it has ended, the
+        messages that waited go as one summary (as few messages as
+        :data:`~invoice_watch.constants.MESSAGE_MAX_EVENTS` allows)."""
+        now = self._clock.now()
+        go: list[Delivery] = []
+        for delivery in rows:
+            until = holds(window, delivery.events, now)
+            if until is None:
+                go.append(delivery)
+                continue
+            at = min(until, now + timedelta(seconds=self._cap))
+            why = f"{QUIET_PREFIX} until {until.astimezone(window.tz):%Y-%m-%d %H:%M %Z}"
+            try:
+                await self._store.outbox.postpone(delivery.id, at, why, delivery.owed)
+            except StateError as exc:  # looked at again next pass
+                log.debug("%s: could not hold a message for quiet hours: %s", delivery.id, exc)
+        return self._summaries(go)
+
+    def _summaries(self, rows: list[Delivery]) -> list[Delivery]:
+        """``rows``, with those that waited for quiet hours to end (their last error
+        says so) joined into summaries of at most MESSAGE_MAX_EVENTS events each, in
+        place of the first of them (:meth:`_attempt_merged` records the others)."""
+        out: list[Delivery] = []
+        summary: list[Delivery] = []
+
+        def flush() -> None:
+            if len(summary) == 1:
+                out.append(summary[0])
+            elif summary:
+                first = summary[0]
+                events = [event for d in summary for event in d.events]
+                out.append(replace(first, events=events, part=None))
+                self._merged[first.id] = tuple(summary[1:])
+            summary.clear()
+
+        for delivery in rows:
+            waited = (delivery.last_error or "").startswith(QUIET_PREFIX)
+            if not waited or delivery.owed is not None:
+                out.append(delivery)
+                continue
+            count = sum(len(d.events) for d in summary)
+            if summary and count + len(delivery.events) > MESSAGE_MAX_EVENTS:
+                flush()
+            summary.append(delivery)
+        flush()
+        return out
+
+    async def _attempt_merged(self, delivery: Delivery, stats: DeliveryStats) -> bool:
+        """:meth:`_attempt`, for a summary of messages held by quiet hours too: the
+        others get its outcome once it is sent or failed (a retry of the first holds
+        them back with it)."""
+        others = self._merged.pop(delivery.id, ())
+        sent, failed = stats.sent, stats.failed
+        more = await self._attempt(delivery, stats)
+        state: Literal["sent", "failed"] | None = None
+        if stats.sent > sent:
+            state = "sent"
+        elif stats.failed > failed:
+            state = "failed"
+        if state is not None:
+            error = None if state == "sent" else "failed with the summary it was part of"
+            for other in others:
+                what = f"{other.notifier}: {summarize(other.events, other.part)}"
+                await self._record(_Outcome(other, what, state, self._clock.now(), error))
+        return more
 
     async def _attempt(self, delivery: Delivery, stats: DeliveryStats) -> bool:
         """One attempt; True when the notifier may be tried again in this pass."""
@@ -659,6 +758,8 @@ class Deliverer:
             waits.append((next_at - self._clock.now()).total_seconds())
         if reposts:
             waits += [self._repost_at.get(name, 0.0) - monotonic for name in self._mirrors()]
+        if self._silenced:  # silenced messages: looked at again when a silence may end
+            waits.append(self._cap)
         if not waits:
             return None
         return min(max(0.0, min(waits)), self._cap)

@@ -18,6 +18,8 @@ from datetime import UTC, date, datetime, time, timedelta, tzinfo
 
 from invoice_watch.types import AlertEvent, Severity
 
+# How the last error of a message waiting for quiet hours to end begins.
+QUIET_PREFIX = "quiet hours"
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 
 

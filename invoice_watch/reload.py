@@ -84,6 +84,11 @@ APPLY: dict[str, Apply] = {
     "notifiers.*.routing_key": Apply.NOTIFIERS,
     "notifiers.*.notices": Apply.NOTIFIERS,
     "notifiers.*.resend_every": Apply.NOTIFIERS,
+    "notifiers.*.quiet_hours.timezone": Apply.DELIVERY,
+    "notifiers.*.quiet_hours.from": Apply.DELIVERY,
+    "notifiers.*.quiet_hours.to": Apply.DELIVERY,
+    "notifiers.*.quiet_hours.days": Apply.DELIVERY,
+    "notifiers.*.quiet_hours.except": Apply.DELIVERY,
     # rules.*: evaluated by every cycle; what is kept settled follows them
     "rules.*.name": Apply.RULES,
     "rules.*.type": Apply.RULES,

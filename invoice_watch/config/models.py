@@ -661,6 +661,14 @@ class Config(_Model):
         commands): each secret is a placeholder, and nothing may be sent with it."""
         return self._secrets_read
 
+    def quiet_windows(self) -> dict[str, QuietWindow]:
+        """Each notifier's quiet hours that has them, by name."""
+        return {
+            name: notifier.quiet_hours.window()
+            for name, notifier in self.notifiers.items()
+            if notifier.quiet_hours is not None
+        }
+
     def org_name(self, org_id: str) -> str:
         """The display name of a configured organization, else the id itself."""
         for org in self.organizations:
