@@ -195,6 +195,30 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help=f"show the N newest (default: 50, at most {MAX_HISTORY})",
     )
+    silence = with_config(
+        command(
+            "silence",
+            "pause an alert's notifications for a while",
+            "Add, list or expire silences. A silenced alert is recorded (history shows "
+            "it) and, if it still fires when the silence ends, notified then. The daemon "
+            "needs no restart.",
+        )
+    )
+    silence_verbs = silence.add_subparsers(
+        dest="verb", metavar="VERB", required=True, help="add, list or expire"
+    )
+    silence_add = with_config(silence_verbs.add_parser("add", help="add a silence"))
+    silence_add.add_argument("--rule", required=True, help="the rule whose alerts to silence")
+    silence_add.add_argument("--org", metavar="ID", help="only this organization's")
+    silence_add.add_argument("--invoice", metavar="ID", help="only this invoice's")
+    lasting = silence_add.add_mutually_exclusive_group(required=True)
+    lasting.add_argument("--for", dest="duration", metavar="DURATION", help="e.g. 4h, 2d")
+    lasting.add_argument("--until", metavar="TIME", help="e.g. 2025-07-01T08:00+02:00")
+    silence_add.add_argument("--comment", required=True, help="why (e.g. a ticket)")
+    silence_list = with_config(silence_verbs.add_parser("list", help="list the silences"))
+    silence_list.add_argument("--expired", action="store_true", help="ended ones too")
+    silence_expire = with_config(silence_verbs.add_parser("expire", help="end a silence now"))
+    silence_expire.add_argument("id", help="the silence's id (silence list shows it)")
     simulate = command(
         "simulate",
         "serve the built-in Atlas simulator",
@@ -446,6 +470,8 @@ def _with_config(args: argparse.Namespace) -> int:
             return asyncio.run(ops.invoices(config, org=args.org, status=args.status))
         if args.command == "history":
             return asyncio.run(ops.history(config, limit=args.limit))
+        if args.command == "silence":
+            return asyncio.run(_silence(config, args))
     except UsageError as exc:  # an unknown organization or status
         _error(f"invoice-watch {args.command}: {exc}")
         return 2
@@ -453,6 +479,27 @@ def _with_config(args: argparse.Namespace) -> int:
         _error(f"invoice-watch: {exc}")
         return 1
     raise AssertionError(args.command)
+
+
+async def _silence(config: object, args: argparse.Namespace) -> int:
+    """``silence add|list|expire`` (:mod:`invoice_watch.silence_cmd`)."""
+    from invoice_watch import silence_cmd
+    from invoice_watch.config import Config
+
+    assert isinstance(config, Config)
+    if args.verb == "add":
+        return await silence_cmd.add(
+            config,
+            rule=args.rule,
+            org=args.org,
+            invoice=args.invoice,
+            duration=args.duration,
+            until=args.until,
+            comment=args.comment,
+        )
+    if args.verb == "list":
+        return await silence_cmd.listing(config, expired=args.expired)
+    return await silence_cmd.expire(config, args.id)
 
 
 async def _run(config: object, args: argparse.Namespace) -> int:

@@ -177,7 +177,13 @@ async def status(config: Config, *, check: bool = False, out: TextIO | None = No
             print(table(["Rule", "Organization", "Invoice", "Since"], rows), file=out)
         # held: written by a cycle that has not ended (or was cut short: they go out at
         # the end of the next cycle, or when the daemon next starts)
-        waiting = await store.outbox.messages(("held", "pending", "failed"))
+        silences = await store.silences.listing(now)
+        print(f"\nActive silences: {len(silences)}", file=out)
+        if silences:
+            from invoice_watch.silence_cmd import silence_rows
+
+            print(silence_rows(silences, now), file=out)
+        waiting = await store.outbox.messages(("held", "pending", "silenced", "failed"))
         print(f"\nUndelivered notifications: {len(waiting)}", file=out)
         if waiting:
             rows = [
@@ -243,7 +249,9 @@ async def history(config: Config, *, limit: int = 50, out: TextIO | None = None)
     now = datetime.now(UTC)
     store = await _open(config)
     try:
-        rows_ = await store.outbox.messages(("sent", "failed", "pending"), limit=limit)
+        rows_ = await store.outbox.messages(
+            ("sent", "failed", "pending", "silenced", "muted"), limit=limit
+        )
         rows = [
             [
                 fmt.ago(r.done_at or r.created_at, now),
