@@ -1,0 +1,370 @@
+"""Silences and quiet hours (issue 18): the pure decisions as tables, DST and windows
+across midnight with real zoneinfo, and the whole pipeline against the Atlas simulator
+and a loopback webhook, with the ``silence`` commands writing beside a running daemon.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, time, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+import yaml
+
+from invoice_watch import silence_cmd
+from invoice_watch.app import App
+from invoice_watch.config import Config, load
+from invoice_watch.errors import UsageError
+from invoice_watch.quiet import QuietWindow, holds, window_end
+from invoice_watch.silences import Effect, new_silence, on_lift, on_release, parse_for
+from invoice_watch.store.records import Silence
+from invoice_watch.types import AlertEvent, EventKind, Severity
+from tests.fakes_receivers import FakeWebhook
+from tests.world import PROD, World
+
+T0 = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
+BERLIN = ZoneInfo("Europe/Berlin")
+
+
+def event(kind: EventKind = EventKind.FIRING, **kw: Any) -> AlertEvent:
+    data: dict[str, Any] = {
+        "kind": kind,
+        "key": "failed-charge/org1/inv1",
+        "rule": "failed-charge",
+        "rule_type": "invoice_status",
+        "severity": Severity.WARNING,
+        "org_id": "org1",
+        "org_name": "Production",
+        "billing_url": "https://cloud.mongodb.com/billing",
+        "summary": "s",
+        "at": T0,
+        "invoice_id": "inv1",
+        "firing_since": T0,
+    }
+    data.update(kw)
+    return AlertEvent(**data)
+
+
+def silence(**kw: Any) -> Silence:
+    data: dict[str, Any] = {
+        "id": "s1",
+        "rule": "failed-charge",
+        "org_id": None,
+        "invoice_id": None,
+        "starts_at": T0 - timedelta(hours=1),
+        "ends_at": T0 + timedelta(hours=4),
+        "comment": "billing dispute",
+        "created_at": T0 - timedelta(hours=1),
+    }
+    data.update(kw)
+    return Silence(**data)
+
+
+H = timedelta(hours=1)
+# (what, event, silences, now, firing_silenced, effect)
+RELEASE = [
+    ("no silence", event(), [], T0, False, Effect.SEND),
+    ("rule matches", event(), [silence()], T0, False, Effect.SILENCE),
+    ("other rule", event(), [silence(rule="pending-over-budget")], T0, False, Effect.SEND),
+    ("org matches", event(), [silence(org_id="org1")], T0, False, Effect.SILENCE),
+    ("other org", event(), [silence(org_id="org2")], T0, False, Effect.SEND),
+    ("invoice matches", event(), [silence(invoice_id="inv1")], T0, False, Effect.SILENCE),
+    ("other invoice", event(), [silence(invoice_id="inv2")], T0, False, Effect.SEND),
+    ("not started", event(), [silence(starts_at=T0 + H)], T0, False, Effect.SEND),
+    ("ended", event(), [silence(ends_at=T0)], T0, False, Effect.SEND),
+    ("reminder", event(EventKind.REMINDER), [silence()], T0, False, Effect.SILENCE),
+    ("notice", event(EventKind.NOTICE), [silence()], T0, False, Effect.SILENCE),
+    ("resolved, firing sent", event(EventKind.RESOLVED), [silence()], T0, False, Effect.SEND),
+    ("resolved, firing silenced", event(EventKind.RESOLVED), [], T0, True, Effect.MUTE),
+    (
+        "resolved, firing silenced, silence on",
+        event(EventKind.RESOLVED),
+        [silence()],
+        T0,
+        True,
+        Effect.MUTE,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("event_", "silences", "now", "firing_silenced", "effect"),
+    [row[1:] for row in RELEASE],
+    ids=[row[0] for row in RELEASE],
+)
+def test_on_release(event_, silences, now, firing_silenced, effect):
+    assert on_release(event_, silences, now, firing_silenced=firing_silenced) == effect
+
+
+# (what, event, silences, now, still_firing, effect)
+LIFT = [
+    ("still silenced", event(), [silence()], T0, True, Effect.SILENCE),
+    ("ended, still fires", event(), [silence(ends_at=T0)], T0, True, Effect.SEND),
+    ("ended, resolved since", event(), [silence(ends_at=T0)], T0, False, Effect.MUTE),
+    ("expired by hand", event(), [], T0, True, Effect.SEND),
+    (
+        "another silence holds",
+        event(),
+        [silence(ends_at=T0), silence(id="s2")],
+        T0,
+        True,
+        Effect.SILENCE,
+    ),
+    ("reminder ended", event(EventKind.REMINDER), [], T0, True, Effect.MUTE),
+    ("notice ended", event(EventKind.NOTICE), [], T0, False, Effect.MUTE),
+]
+
+
+@pytest.mark.parametrize(
+    ("event_", "silences", "now", "still_firing", "effect"),
+    [row[1:] for row in LIFT],
+    ids=[row[0] for row in LIFT],
+)
+def test_on_lift(event_, silences, now, still_firing, effect):
+    assert on_lift(event_, silences, now, still_firing=still_firing) == effect
+
+
+@pytest.mark.parametrize(
+    ("kw", "error"),
+    [
+        ({}, "one of --for"),
+        ({"duration": H, "until": T0 + H}, "one of --for"),
+        ({"until": T0 - H}, "not in the future"),
+        ({"duration": timedelta(days=400)}, "at most 366 days"),
+        ({"duration": H, "comment": "  "}, "--comment is required"),
+        ({"until": datetime(2026, 3, 3, 8, 0)}, "needs a time zone"),
+    ],
+)
+def test_new_silence_refuses_what_makes_no_silence(kw, error):
+    args: dict[str, Any] = {"org_id": None, "invoice_id": None, "comment": "why", "now": T0}
+    args.update(kw)
+    with pytest.raises(ValueError, match=error):
+        new_silence("failed-charge", **args)
+
+
+@pytest.mark.parametrize(
+    ("text", "delta"), [("4h", 4 * H), ("2d", timedelta(days=2)), ("1d12h", 36 * H), ("30m", H / 2)]
+)
+def test_parse_for(text, delta):
+    assert parse_for(text) == delta
+
+
+@pytest.mark.parametrize("text", ["", "4", "-1h", "0h", "4 hours", "1234567h"])
+def test_parse_for_refuses(text):
+    with pytest.raises(ValueError, match="--for"):
+        parse_for(text)
+
+
+# -- quiet hours: windows across midnight and DST, with real zoneinfo ----------------
+
+NIGHT = QuietWindow(BERLIN, time(20, 0), time(8, 0), except_=frozenset({Severity.CRITICAL}))
+WEEKEND_NIGHTS = QuietWindow(BERLIN, time(20, 0), time(8, 0), days=frozenset({5, 6}))
+WEEKEND = QuietWindow(BERLIN, time(0, 0), time(0, 0), days=frozenset({5, 6}))
+OFFICE_BREAK = QuietWindow(BERLIN, time(12, 0), time(13, 0))
+SPRING_GAP = QuietWindow(BERLIN, time(2, 30), time(6, 0))
+
+
+def berlin(*args: int, fold: int = 0) -> datetime:
+    return datetime(*args, tzinfo=BERLIN, fold=fold).astimezone(UTC)
+
+
+# (what, window, now, end or None)
+WINDOWS = [
+    ("evening, across midnight", NIGHT, berlin(2026, 3, 2, 21, 0), berlin(2026, 3, 3, 8, 0)),
+    ("after midnight", NIGHT, berlin(2026, 3, 3, 7, 59), berlin(2026, 3, 3, 8, 0)),
+    ("at the end", NIGHT, berlin(2026, 3, 3, 8, 0), None),
+    ("at the start", NIGHT, berlin(2026, 3, 2, 20, 0), berlin(2026, 3, 3, 8, 0)),
+    ("day time", NIGHT, berlin(2026, 3, 2, 12, 0), None),
+    # DST starts 2026-03-29 02:00 CET -> 03:00 CEST: that night is 11 hours long
+    ("spring forward", NIGHT, berlin(2026, 3, 28, 23, 0), berlin(2026, 3, 29, 8, 0)),
+    # DST ends 2026-10-25 03:00 CEST -> 02:00 CET: that night is 13 hours long
+    ("fall back, first 02:30", NIGHT, berlin(2026, 10, 25, 2, 30), berlin(2026, 10, 25, 8, 0)),
+    (
+        "fall back, second 02:30",
+        NIGHT,
+        berlin(2026, 10, 25, 2, 30, fold=1),
+        berlin(2026, 10, 25, 8, 0),
+    ),
+    ("a start DST skips", SPRING_GAP, berlin(2026, 3, 29, 3, 15), None),
+    ("after a start DST skips", SPRING_GAP, berlin(2026, 3, 29, 3, 45), berlin(2026, 3, 29, 6, 0)),
+    ("friday night is not quiet", WEEKEND_NIGHTS, berlin(2026, 3, 6, 21, 0), None),
+    ("saturday night", WEEKEND_NIGHTS, berlin(2026, 3, 7, 21, 0), berlin(2026, 3, 8, 8, 0)),
+    (
+        "sunday morning (saturday's)",
+        WEEKEND_NIGHTS,
+        berlin(2026, 3, 8, 7, 0),
+        berlin(2026, 3, 8, 8, 0),
+    ),
+    (
+        "monday morning (sunday's)",
+        WEEKEND_NIGHTS,
+        berlin(2026, 3, 9, 7, 0),
+        berlin(2026, 3, 9, 8, 0),
+    ),
+    ("monday night", WEEKEND_NIGHTS, berlin(2026, 3, 9, 21, 0), None),
+    (
+        "the whole weekend is one quiet time",
+        WEEKEND,
+        berlin(2026, 3, 7, 10, 0),
+        berlin(2026, 3, 9, 0, 0),
+    ),
+    ("weekend over", WEEKEND, berlin(2026, 3, 9, 0, 0), None),
+    ("a window within a day", OFFICE_BREAK, berlin(2026, 3, 2, 12, 30), berlin(2026, 3, 2, 13, 0)),
+    ("before a window within a day", OFFICE_BREAK, berlin(2026, 3, 2, 11, 59), None),
+]
+
+
+@pytest.mark.parametrize(
+    ("window", "now", "end"), [row[1:] for row in WINDOWS], ids=[row[0] for row in WINDOWS]
+)
+def test_window_end(window, now, end):
+    assert window_end(window, now) == end
+
+
+def test_dst_nights_are_an_hour_shorter_and_longer():
+    spring = window_end(NIGHT, berlin(2026, 3, 28, 20, 0))
+    autumn = window_end(NIGHT, berlin(2026, 10, 24, 20, 0))
+    assert spring is not None and autumn is not None
+    assert spring - berlin(2026, 3, 28, 20, 0) == timedelta(hours=11)
+    assert autumn - berlin(2026, 10, 24, 20, 0) == timedelta(hours=13)
+
+
+def test_except_severities_go_at_once():
+    night = berlin(2026, 3, 2, 22, 0)
+    assert holds(NIGHT, [event(severity=Severity.CRITICAL)], night) is None
+    assert holds(NIGHT, [event(severity=Severity.WARNING)], night) == berlin(2026, 3, 3, 8, 0)
+    assert holds(NIGHT, [event(severity=Severity.WARNING)], berlin(2026, 3, 2, 12, 0)) is None
+
+
+# -- end to end: the simulator, the outbox, a loopback webhook --------------------------
+
+RULES: list[dict[str, Any]] = [
+    {"name": "failed-charge", "type": "invoice_status", "notify": ["hook"], "severity": "critical"},
+    {
+        "name": "pending-over-budget",
+        "type": "pending_amount",
+        "threshold": 5000,
+        "notify": ["hook"],
+    },
+]
+
+
+def config_for(world: World, fake: FakeWebhook, **notifier: Any) -> Config:
+    data = world.config_data(rules=RULES)
+    data["notifiers"]["hook"] = {"type": "webhook", "url": fake.endpoint, **notifier}
+    return load(yaml.safe_dump(data), filename="e2e.yaml", env={}, base_dir=world.tmp)
+
+
+def kinds(fake: FakeWebhook) -> list[tuple[str, str]]:
+    return [(e["kind"], e["rule"]) for body in fake.accepted for e in body["events"]]
+
+
+async def test_e2e_silence_added_beside_the_running_daemon_holds_the_alert_until_it_ends(
+    world: World, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with FakeWebhook() as fake:
+        config = config_for(world, fake)
+        async with App(config, clock=world.clock) as app:
+            now = world.clock.now()
+            # the daemon holds the state file; the command writes beside it
+            await silence_cmd.add(
+                config,
+                rule="failed-charge",
+                org=PROD,
+                invoice=None,
+                duration="4h",
+                until=None,
+                comment="billing dispute #123",
+                now=now,
+            )
+            await app.run_cycle()
+            assert await app.deliverer.drain(60) == 0
+            assert ("FIRING", "failed-charge") not in kinds(fake)
+            assert ("FIRING", "pending-over-budget") in kinds(fake)
+            silenced = await app.store.outbox.messages(("silenced",))
+            assert [r.summary.split()[:2] for r in silenced] == [["FIRING", "failed-charge"]]
+            assert "silenced by" in (silenced[0].last_error or "")
+            (active,) = await app.store.silences.listing(now)
+            # expired by the command while the daemon runs: no restart
+            await silence_cmd.expire(config, active.id, now=now + timedelta(minutes=5))
+            world.clock.advance(600)
+            await app.deliverer.drain(60)
+            assert kinds(fake).count(("FIRING", "failed-charge")) == 1
+            assert await app.store.outbox.messages(("silenced",)) == []
+    out = capsys.readouterr().out
+    assert "added" in out and "expired" in out
+
+
+async def test_e2e_an_alert_resolved_while_silenced_is_never_sent(world: World) -> None:
+    async with FakeWebhook() as fake:
+        config = config_for(world, fake)
+        async with App(config, clock=world.clock) as app:
+            await silence_cmd.add(
+                config,
+                rule="failed-charge",
+                org=None,
+                invoice=None,
+                duration=None,
+                until=(world.clock.now() + timedelta(hours=2)).isoformat(),
+                comment="dispute",
+                now=world.clock.now(),
+            )
+            await app.run_cycle()
+            await app.deliverer.drain(60)
+            world.sim.set_status(world.sim.scenario.invoice("failed").id, "PAID")
+            world.clock.advance(60)
+            await app.run_cycle()
+            await app.deliverer.drain(60)
+            world.clock.advance(3 * 3600)  # the silence ends
+            await app.deliverer.drain(60)
+            muted = await app.store.outbox.messages(("muted",))
+    assert [k for k in kinds(fake) if k[1] == "failed-charge"] == []
+    assert sorted(r.summary.split()[0] for r in muted) == ["FIRING", "RESOLVED"]
+
+
+async def test_e2e_quiet_hours_hold_messages_and_send_one_summary_when_they_end(
+    world: World,
+) -> None:
+    # The scenario's clock is a Monday, 20:28 in Berlin: inside the window.
+    quiet = {"timezone": "Europe/Berlin", "from": "20:00", "to": "08:00", "except": ["critical"]}
+    async with FakeWebhook() as fake:
+        config = config_for(world, fake, quiet_hours=quiet)
+        async with App(config, clock=world.clock) as app:
+            await app.run_cycle()
+            await app.deliverer.drain(60)
+            at_once = kinds(fake)
+            waiting = await app.store.outbox.messages(("pending",))
+            assert waiting and all("quiet hours until" in (r.last_error or "") for r in waiting)
+            before = len(fake.accepted)
+            # the window ends at 08:00 Berlin; the deliverer is woken every max_backoff
+            for _ in range(14 * 60):
+                world.clock.advance(60)
+                await app.deliverer.deliver_due()
+                if len(fake.accepted) > before:
+                    break
+            end = world.clock.now().astimezone(ZoneInfo("Europe/Berlin"))
+            assert await app.store.outbox.messages(("pending",)) == []
+    assert ("FIRING", "failed-charge") in at_once  # critical: through at once
+    assert all(rule == "failed-charge" for _, rule in at_once)
+    assert len(fake.accepted) == before + 1  # what waited: one summary
+    assert len(fake.accepted[-1]["events"]) == len(waiting)
+    assert (end.hour, end.minute) == (8, 0) or (end.hour, end.minute) == (8, 1)
+
+
+async def test_silence_add_refuses_an_unknown_rule_and_missing_state(world: World) -> None:
+    async with FakeWebhook() as fake:
+        config = config_for(world, fake)
+        args: dict[str, Any] = {
+            "org": None,
+            "invoice": None,
+            "duration": "1h",
+            "until": None,
+            "comment": "x",
+        }
+        with pytest.raises(UsageError, match="no such rule"):
+            await silence_cmd.add(config, rule="nope", **args)
+        from invoice_watch.errors import StateError
+
+        with pytest.raises(StateError, match="no state file"):
+            await silence_cmd.add(config, rule="failed-charge", **args)
