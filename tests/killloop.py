@@ -59,6 +59,16 @@ FAILED_RULE, OVER_RULE = "failed-charge", "pending-over-budget"
 TRIGGERS = ("random moment", "right after a commit", "while Slack receives")
 
 Event = tuple[str, str, str]  # (rule, invoice id, kind)
+# A silence of an invoice that never exists, and quiet hours that let every severity
+# through: the silence and quiet-hours checks run in every daemon, changing nothing.
+SILENCED_INVOICE = "never-listed-invoice"
+QUIET_HOURS = {
+    "timezone": "Europe/Berlin",
+    "from": "00:00",
+    "to": "00:00",
+    "days": ["mon", "tue", "wed", "thu", "fri", "sat", "sun"],
+    "except": ["info", "warning", "critical"],
+}
 
 
 def initial_scenario() -> Scenario:
@@ -197,11 +207,40 @@ class Driver:
             "poll": {"interval": "1s"},
             "state": {"path": str(self.state_path)},
             "delivery": {"max_backoff": "1s", "group_over": 1000},
-            "notifiers": {"slack": {"type": "slack", "webhook_url": slack.webhook_url}},
+            "notifiers": {
+                "slack": {
+                    "type": "slack",
+                    "webhook_url": slack.webhook_url,
+                    # Quiet all week, but for every severity: each message is checked
+                    # against the window and goes at once, as the expectations say.
+                    "quiet_hours": QUIET_HOURS,
+                }
+            },
             "rules": rules,
             "log": {"level": "info", "format": "json"},
         }
         self.config_path.write_text(yaml.safe_dump(config))
+
+    async def add_silence(self) -> list[str]:
+        """``silence add`` beside the running daemon (its state file exists once it has
+        started): a silence of an invoice the scenario never has, so every release of
+        messages applies a silence and nothing the loop expects is silenced. Returns
+        problems (the command failed for 20 s)."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("INVOICE_WATCH", "NOTIFY"))}
+        output = b""
+        for _ in range(40):
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "invoice_watch", "silence", "add",
+                "-c", str(self.config_path), "--rule", FAILED_RULE,
+                "--invoice", SILENCED_INVOICE, "--for", "1d", "--comment", "kill loop",
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT, env=env,
+            )  # fmt: skip
+            output, _ = await process.communicate()
+            if process.returncode == 0:
+                return []
+            await asyncio.sleep(0.5)
+        return [f"silence add failed: {output.decode(errors='replace')[-300:]}"]
 
     async def spawn(self) -> Daemon:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("INVOICE_WATCH", "NOTIFY"))}
@@ -338,6 +377,9 @@ async def check_state(state_path: Path, sim: Simulator) -> list[str]:
         counts = await store.outbox.counts()
         if counts.get("pending") or counts.get("failed"):
             problems.append(f"outbox not empty: {counts}")
+        silences = await store.silences.listing(datetime.now(UTC))
+        if [s.invoice_id for s in silences] != [SILENCED_INVOICE]:
+            problems.append(f"the silence added beside the daemon is not kept: {silences}")
         return problems
     finally:
         await store.close()
@@ -385,9 +427,12 @@ async def kill_loop(
 
         changer = asyncio.create_task(change_every_second())
         killed = 0
+        silence_problems: list[str] = []
         try:
             while killed < kills:
                 daemon = await driver.spawn()
+                if killed == 0:  # beside the first daemon, while it runs
+                    silence_problems = await driver.add_silence()
                 trigger = rng.choice(TRIGGERS)
                 with contextlib.suppress(TimeoutError):
                     await kill_at(daemon, trigger)
@@ -430,6 +475,7 @@ async def kill_loop(
         if len(events) < len(slack.accepted):
             problems.append(f"{len(slack.accepted) - len(events)} unreadable Slack message(s)")
         problems += await check_state(driver.state_path, sim)
+        problems += silence_problems
         if code != 0 or stopped_in > 10:
             problems.append(f"SIGTERM: exit status {code} after {stopped_in:.1f}s")
         for daemon in driver.daemons:
