@@ -165,8 +165,11 @@ OFFICE_BREAK = QuietWindow(BERLIN, time(12, 0), time(13, 0))
 SPRING_GAP = QuietWindow(BERLIN, time(2, 30), time(6, 0))
 
 
-def berlin(*args: int, fold: int = 0) -> datetime:
-    return datetime(*args, tzinfo=BERLIN, fold=fold).astimezone(UTC)
+def berlin(
+    year: int, month: int, day: int, hour: int, minute: int = 0, *, fold: int = 0
+) -> datetime:
+    local = datetime(year, month, day, hour, minute, tzinfo=BERLIN, fold=fold)
+    return local.astimezone(UTC)
 
 
 # (what, window, now, end or None)
@@ -368,3 +371,57 @@ async def test_silence_add_refuses_an_unknown_rule_and_missing_state(world: Worl
 
         with pytest.raises(StateError, match="no state file"):
             await silence_cmd.add(config, rule="failed-charge", **args)
+
+
+# -- check-config: quiet hours validated with line numbers ---------------------------
+
+QUIET_CONFIG = """\
+atlas:
+  auth:
+    public_key: pub
+    private_key: secret
+organizations:
+  - id: 5f1e0c0a9b8d7e6f5a4b3c2d
+notifiers:
+  out:
+    type: console
+    quiet_hours:
+      timezone: {zone}
+      from: {start}
+      to: "08:00"
+      days: {days}
+      except: [critical]
+rules:
+  - name: failed
+    type: invoice_status
+    notify: [out]
+"""
+
+
+@pytest.mark.parametrize(
+    ("zone", "start", "days", "line", "path", "words"),
+    [
+        ("Mars/Olympus", '"20:00"', "[]", 11, "notifiers.out.quiet_hours.timezone", "time zone"),
+        ("Europe/Berlin", "20:00", "[]", 12, "notifiers.out.quiet_hours.from", "in quotes"),
+        ("Europe/Berlin", '"25:00"', "[]", 12, "notifiers.out.quiet_hours.from", "24-hour"),
+        ("Europe/Berlin", '"20:00"', "[sat, funday]", 14, "notifiers.out.quiet_hours.days", ""),
+        ("Europe/Berlin", '"08:00"', "[]", 11, "notifiers.out.quiet_hours", "for ever"),
+    ],
+)
+def test_check_config_names_the_line_of_a_bad_quiet_hours_key(zone, start, days, line, path, words):
+    from invoice_watch.errors import ConfigError
+
+    text = QUIET_CONFIG.format(zone=zone, start=start, days=days)
+    with pytest.raises(ConfigError) as info:
+        load(text, env={})
+    (problem,) = info.value.problems
+    assert problem.path.startswith(path), problem
+    assert problem.line == line, problem
+    assert words in problem.message
+
+
+def test_quiet_hours_config_loads():
+    text = QUIET_CONFIG.format(zone="Europe/Berlin", start='"20:00"', days="[sat, sun]")
+    windows = load(text, env={}).quiet_windows()
+    assert windows["out"].days == frozenset({5, 6})
+    assert windows["out"].except_ == frozenset({Severity.CRITICAL})
