@@ -59,16 +59,6 @@ INVOICE_STATUSES: Final = (
 # seen by the periodic full listing (poll.full_listing_every).
 FINAL_STATUSES: Final = frozenset({"PAID", "FORGIVEN", "FREE", "PREPAID"})
 
-# The cents fields of an invoice that the diff compares.
-AMOUNT_FIELDS: Final = (
-    "amountBilledCents",
-    "amountPaidCents",
-    "creditsCents",
-    "salesTaxCents",
-    "startingBalanceCents",
-    "subtotalCents",
-)
-
 ONCE_DELIVERY_SECONDS: Final = 60.0
 # A cycle holds the messages of the organizations it committed until it ends, to know
 # how many each notifier gets (more than delivery.group_over: one grouped message); a

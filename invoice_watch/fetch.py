@@ -1761,6 +1761,3 @@ def parse_invoice_csv(text: str, max_rows: int | None = None) -> list[LineItem]:
             )
         )
     return items
-
-
-ReadOrgs = Callable[[Sequence[str], Mapping[str, date | None]], Awaitable[dict[str, OrgRead]]]
