@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TextIO, TypeVar
 
 from invoice_watch import sdnotify
+from invoice_watch.atlas.client import AtlasClient
 from invoice_watch.clock import Clock, SystemClock
 from invoice_watch.config import Config, HttpConfig, LogConfig, load_file
 from invoice_watch.config.quantities import config_duration
@@ -65,7 +66,6 @@ from invoice_watch.errors import (
     StateFileGoneError,
     UnstorableError,
 )
-from invoice_watch.fetch import AtlasClient
 from invoice_watch.health import (
     HttpEndpoint,
     InFlight,

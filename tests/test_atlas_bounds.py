@@ -23,8 +23,8 @@ from aiohttp import hdrs, web
 
 from invoice_watch import ops
 from invoice_watch.app import App
+from invoice_watch.atlas.client import AtlasClient, page_cap
 from invoice_watch.config import Config
-from invoice_watch.fetch import AtlasClient, page_cap
 from tests.conftest import ORG_A, base_config, make_config
 from tests.loopback import LoopbackServer
 
@@ -117,7 +117,7 @@ async def test_listing_of_endless_new_pages_stops_at_the_cap_from_total_count(tm
 async def test_listing_without_an_estimate_stops_at_the_hard_maximum(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    monkeypatch.setattr("invoice_watch.fetch.MAX_PAGES", 4)
+    monkeypatch.setattr("invoice_watch.atlas.client.MAX_PAGES", 4)
 
     def page(number: int) -> dict[str, Any]:
         first = number * 1000
@@ -265,7 +265,7 @@ async def test_large_real_page_is_parsed_off_the_event_loop(
     value); one over 1 MiB is parsed in a worker thread, a small one on the loop."""
     import threading
 
-    from invoice_watch import fetch
+    from invoice_watch.atlas import client as fetch
 
     threads: list[bool] = []
     real = fetch.parse_page

@@ -20,15 +20,15 @@ from aiohttp import web
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from invoice_watch.config import Config
-from invoice_watch.errors import FetchError
-from invoice_watch.fetch import (
+from invoice_watch.atlas.client import (
     AtlasClient,
     _pending_items,
     parse_api_error,
     parse_invoice,
     parse_page,
 )
+from invoice_watch.config import Config
+from invoice_watch.errors import FetchError
 from invoice_watch.redact import printable
 from invoice_watch.types import OrgRead, Snapshot
 from tests.conftest import ORG_A, ORG_B, base_config, make_config
@@ -168,7 +168,7 @@ async def test_read_org_unexpected_exception_is_a_failed_read_with_its_traceback
             raise TypeError("'int' object is not iterable")
         return parse_page(org_id, body, known, *more)
 
-    monkeypatch.setattr("invoice_watch.fetch.parse_page", broken)
+    monkeypatch.setattr("invoice_watch.atlas.client.parse_page", broken)
     async with AtlasClient(client_config(tmp_path, listings.url).atlas) as client:
         reads = await client.read_orgs([ORG_A, ORG_B])
     assert reads[ORG_B].ok

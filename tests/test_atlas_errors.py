@@ -1,7 +1,7 @@
 """Atlas errors say what to fix (issue 13 §2): each answer Atlas gives, from the
 simulator (or a loopback server where the simulator has no such answer: a TLS
 certificate nobody trusts), ends in a message naming the fix, from the one table
-:data:`invoice_watch.fetch.FIXES`; 429s are ridden out (Retry-After, longer when they
+:data:`invoice_watch.atlas.client.FIXES`; 429s are ridden out (Retry-After, longer when they
 repeat, and RateLimit-Remaining slows the client before a 429); deprecation headers are
 warned about once per cycle and counted; a retired API version says to upgrade.
 """
@@ -24,10 +24,10 @@ from aiohttp import web
 from aiohttp.client_reqrep import ConnectionKey
 from yarl import URL
 
+from invoice_watch.atlas.client import FIXES, AtlasClient, explain, parse_api_error
 from invoice_watch.clock import FakeClock
 from invoice_watch.config import Config
 from invoice_watch.constants import REQUIRED_ROLE
-from invoice_watch.fetch import FIXES, AtlasClient, explain, parse_api_error
 from invoice_watch.health import Metrics
 from invoice_watch.simulator import Scenario, Simulator
 from tests.conftest import base_config, make_config

@@ -12,10 +12,10 @@ from typing import Any
 import jsonschema  # type: ignore[import-untyped]  # no stubs installed
 import yaml
 
+from invoice_watch.atlas.client import AtlasClient
 from invoice_watch.clock import FakeClock
 from invoice_watch.config import load
 from invoice_watch.constants import V2_CSV_MEDIA_TYPE, V2_MEDIA_TYPE
-from invoice_watch.fetch import AtlasClient
 from invoice_watch.simulator import Simulator
 from tests.test_conformance import declared_media_types, load_spec
 from tests.world import PROD, scenario

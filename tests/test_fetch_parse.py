@@ -7,14 +7,14 @@ from typing import Any
 
 import pytest
 
-from invoice_watch.errors import FetchDataError
-from invoice_watch.fetch import (
+from invoice_watch.atlas.client import (
     Decision,
     Page,
     classify_status,
     parse_invoice,
     parse_invoice_csv,
 )
+from invoice_watch.errors import FetchDataError
 from invoice_watch.redact import printable
 from invoice_watch.types import Invoice, Snapshot
 from tests.conftest import ORG_A, ORG_B
@@ -195,7 +195,7 @@ def pending_body(*line_items: dict[str, Any]) -> bytes:
 def test_pending_line_items_refuse_amounts_that_are_not_int64(cents: Any):
     """Attack 12, A12-2: a 4,300-digit totalPriceCents is that org's FetchDataError,
     never passed on to a message (where json.dumps of it failed the whole commit)."""
-    from invoice_watch.fetch import _pending_items
+    from invoice_watch.atlas.client import _pending_items
 
     body = pending_body({"groupName": "p", "sku": "s", "totalPriceCents": cents})
     with pytest.raises(FetchDataError, match="totalPriceCents` is not an int64") as info:
@@ -204,7 +204,7 @@ def test_pending_line_items_refuse_amounts_that_are_not_int64(cents: Any):
 
 
 def test_pending_line_items_text_is_printable():
-    from invoice_watch.fetch import _pending_items
+    from invoice_watch.atlas.client import _pending_items
 
     body = pending_body(
         {"groupName": "proj\ud800", "sku": "SKU\u0000\u001b[31m", "totalPriceCents": 5000},
@@ -260,7 +260,7 @@ def test_parse_page_with_known_invoices_reads_exactly_what_parse_invoice_reads(f
     valid or not, reads as parse_invoice reads it."""
     import json
 
-    from invoice_watch.fetch import parse_page
+    from invoice_watch.atlas.client import parse_page
 
     stored = parse_invoice(ORG_A, good(created="2026-11-01T00:00:00Z", updated=None))
     key = stored.settled_key()

@@ -20,10 +20,10 @@ from typing import Any
 
 import pytest
 
+from invoice_watch.atlas.client import AtlasClient
 from invoice_watch.clock import FakeClock
 from invoice_watch.config import summary
 from invoice_watch.errors import ConfigError, PermanentNotifyError
-from invoice_watch.fetch import AtlasClient
 from invoice_watch.notify import build_notifiers
 from invoice_watch.proxy import bypassed, masked, proxy_for
 from invoice_watch.simulator import Scenario, Simulator

@@ -1,0 +1,1 @@
+"""Stage 1, fetch: read invoices from the Atlas Administration API."""
