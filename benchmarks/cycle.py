@@ -75,7 +75,7 @@ from typing import Any
 ITEMS_PER_PAGE = 500
 LATENCY = 0.020
 CONCURRENCY = 4  # atlas.max_concurrency, the default
-# What turns a page body into invoices (in invoice_watch.atlas.client), timed as "parse".
+# What turns a page body into invoices (in invoice_watch.atlas.parse), timed as "parse".
 PARSE = "parse_page"
 # What diffs, evaluates, plans and groups (in invoice_watch.app), timed with it.
 WORK = (
@@ -354,11 +354,11 @@ def _time_work() -> list[_Timed]:
     each organization's step (diff), rules and alert planning, grouping, and the
     state file's transactions and caches."""
     from invoice_watch import app
-    from invoice_watch.atlas import client as fetch
+    from invoice_watch.atlas import parse
     from invoice_watch.store.sqlite import SqliteStore
     from invoice_watch.store.sqlite.database import Database
 
-    timers = [_Timed(fetch, PARSE), _TimedStore(Database), _Timed(SqliteStore, "_apply")]
+    timers = [_Timed(parse, PARSE), _TimedStore(Database), _Timed(SqliteStore, "_apply")]
     for name in WORK:
         timers.append(_Timed(app, name))
     timers.append(_Timed(app.CyclePlan, "shared"))  # linked invoices: what others hold

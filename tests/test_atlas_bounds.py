@@ -23,7 +23,8 @@ from aiohttp import hdrs, web
 
 from invoice_watch import ops
 from invoice_watch.app import App
-from invoice_watch.atlas.client import AtlasClient, page_cap
+from invoice_watch.atlas.client import AtlasClient
+from invoice_watch.atlas.paging import page_cap
 from invoice_watch.config import Config
 from tests.conftest import ORG_A, base_config, make_config
 from tests.loopback import LoopbackServer
@@ -117,7 +118,7 @@ async def test_listing_of_endless_new_pages_stops_at_the_cap_from_total_count(tm
 async def test_listing_without_an_estimate_stops_at_the_hard_maximum(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    monkeypatch.setattr("invoice_watch.atlas.client.MAX_PAGES", 4)
+    monkeypatch.setattr("invoice_watch.atlas.paging.MAX_PAGES", 4)
 
     def page(number: int) -> dict[str, Any]:
         first = number * 1000
@@ -265,16 +266,16 @@ async def test_large_real_page_is_parsed_off_the_event_loop(
     value); one over 1 MiB is parsed in a worker thread, a small one on the loop."""
     import threading
 
-    from invoice_watch.atlas import client as fetch
+    from invoice_watch.atlas import parse
 
     threads: list[bool] = []
-    real = fetch.parse_page
+    real = parse.parse_page
 
     def spy(*args: Any) -> Any:
         threads.append(threading.current_thread() is threading.main_thread())
         return real(*args)
 
-    monkeypatch.setattr(fetch, "parse_page", spy)
+    monkeypatch.setattr(parse, "parse_page", spy)
     body_server.body = linked_page(499, 5)  # 2,994 invoices, about 1.1 MB
     assert 2**20 < len(body_server.body) < 2 * 2**20
     read = await read_a(tmp_path, body_server, max_response_size="2MiB")
@@ -380,7 +381,7 @@ async def test_oauth_middleware_adds_the_bearer_only_for_its_own_origin(tmp_path
     async with Elsewhere() as other, Redirecting(other.url) as atlas:
         config = config_for(tmp_path, atlas.url, auth=SERVICE_ACCOUNT)
         async with AtlasClient(config.atlas) as client:
-            session = client._open()
+            session = client._transport.open()
             async with session.get(other.url + "/anything") as resp:
                 assert resp.status == 200
     assert other.authorizations == [None]

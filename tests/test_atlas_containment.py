@@ -20,13 +20,9 @@ from aiohttp import web
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from invoice_watch.atlas.client import (
-    AtlasClient,
-    _pending_items,
-    parse_api_error,
-    parse_invoice,
-    parse_page,
-)
+from invoice_watch.atlas.client import AtlasClient
+from invoice_watch.atlas.errors import parse_api_error
+from invoice_watch.atlas.parse import parse_invoice, parse_page, pending_items
 from invoice_watch.config import Config
 from invoice_watch.errors import FetchError
 from invoice_watch.redact import printable
@@ -168,7 +164,7 @@ async def test_read_org_unexpected_exception_is_a_failed_read_with_its_traceback
             raise TypeError("'int' object is not iterable")
         return parse_page(org_id, body, known, *more)
 
-    monkeypatch.setattr("invoice_watch.atlas.client.parse_page", broken)
+    monkeypatch.setattr("invoice_watch.atlas.parse.parse_page", broken)
     async with AtlasClient(client_config(tmp_path, listings.url).atlas) as client:
         reads = await client.read_orgs([ORG_A, ORG_B])
     assert reads[ORG_B].ok
@@ -453,7 +449,7 @@ def test_parse_page_any_json_is_a_page_or_a_fetch_data_error(body: Any):
 def test_pending_line_items_any_json_are_printable_or_a_fetch_data_error(body: Any):
     raw = json.dumps({"results": [{"id": "2" * 24, "lineItems": body}]}).encode()
     try:
-        found = _pending_items(ORG_A, raw)
+        found = pending_items(ORG_A, raw)
     except FetchError as exc:
         assert_storable(str(exc))
         return

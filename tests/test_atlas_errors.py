@@ -1,7 +1,7 @@
 """Atlas errors say what to fix (issue 13 §2): each answer Atlas gives, from the
 simulator (or a loopback server where the simulator has no such answer: a TLS
 certificate nobody trusts), ends in a message naming the fix, from the one table
-:data:`invoice_watch.atlas.client.FIXES`; 429s are ridden out (Retry-After, longer when they
+:data:`invoice_watch.atlas.errors.FIXES`; 429s are ridden out (Retry-After, longer when they
 repeat, and RateLimit-Remaining slows the client before a 429); deprecation headers are
 warned about once per cycle and counted; a retired API version says to upgrade.
 """
@@ -24,7 +24,8 @@ from aiohttp import web
 from aiohttp.client_reqrep import ConnectionKey
 from yarl import URL
 
-from invoice_watch.atlas.client import FIXES, AtlasClient, explain, parse_api_error
+from invoice_watch.atlas.client import AtlasClient
+from invoice_watch.atlas.errors import FIXES, Explainer, explain, parse_api_error
 from invoice_watch.clock import FakeClock
 from invoice_watch.config import Config
 from invoice_watch.constants import REQUIRED_ROLE
@@ -283,10 +284,10 @@ async def test_https_proxy_url_for_a_plain_http_proxy_says_to_write_http(
 def test_dns_failure_names_the_host(tmp_path: Path):
     """Name resolution is the one answer no loopback server gives (and tests send no
     DNS query): the exception aiohttp raises is built here."""
-    client = AtlasClient(make_config(tmp_path).atlas)
+    explainer = Explainer(make_config(tmp_path).atlas, {}, proxy=None)
     key = ConnectionKey("atlas.invalid", 443, True, True, None, None, None, None)
     exc = aiohttp.ClientConnectorDNSError(key, OSError(-2, "Name or service not known"))
-    kind, fields = client._transport(exc, URL("https://atlas.invalid/x"))
+    kind, fields = explainer.transport(exc, URL("https://atlas.invalid/x"))
     message = explain(kind, **fields)
     assert message.startswith("the host name atlas.invalid does not resolve")
     assert "Name or service not known" in message and "atlas.base_url" in message
@@ -297,10 +298,9 @@ def test_timeout_through_an_https_proxy_url_says_most_proxies_speak_http(tmp_pat
     what to try. (A timeout is built here: a real one takes wall-clock time.)"""
     data = base_config()
     data["atlas"] |= {"proxy": "https://proxy.example:3128"}
-    client = AtlasClient(make_config(tmp_path, data).atlas)
-    client._proxy = "https://proxy.example:3128"
-    kind, fields = client._transport(TimeoutError(), URL("https://cloud.mongodb.com/x"))
-    message = explain(kind, **{**client._fields("x", URL("https://x")), **fields})
+    explainer = Explainer(make_config(tmp_path, data).atlas, {}, "https://proxy.example:3128")
+    kind, fields = explainer.transport(TimeoutError(), URL("https://cloud.mongodb.com/x"))
+    message = explain(kind, **{**explainer.fields("x", URL("https://x")), **fields})
     assert "through the proxy https://proxy.example:3128" in message
     assert "most proxies speak plain HTTP: then write http://" in message
 

@@ -7,13 +7,8 @@ from typing import Any
 
 import pytest
 
-from invoice_watch.atlas.client import (
-    Decision,
-    Page,
-    classify_status,
-    parse_invoice,
-    parse_invoice_csv,
-)
+from invoice_watch.atlas.errors import Decision, classify_status
+from invoice_watch.atlas.parse import Page, parse_invoice, parse_invoice_csv
 from invoice_watch.errors import FetchDataError
 from invoice_watch.redact import printable
 from invoice_watch.types import Invoice, Snapshot
@@ -195,23 +190,23 @@ def pending_body(*line_items: dict[str, Any]) -> bytes:
 def test_pending_line_items_refuse_amounts_that_are_not_int64(cents: Any):
     """Attack 12, A12-2: a 4,300-digit totalPriceCents is that org's FetchDataError,
     never passed on to a message (where json.dumps of it failed the whole commit)."""
-    from invoice_watch.atlas.client import _pending_items
+    from invoice_watch.atlas.parse import pending_items
 
     body = pending_body({"groupName": "p", "sku": "s", "totalPriceCents": cents})
     with pytest.raises(FetchDataError, match="totalPriceCents` is not an int64") as info:
-        _pending_items(ORG_A, body)
+        pending_items(ORG_A, body)
     assert info.value.org_id == ORG_A
 
 
 def test_pending_line_items_text_is_printable():
-    from invoice_watch.atlas.client import _pending_items
+    from invoice_watch.atlas.parse import pending_items
 
     body = pending_body(
         {"groupName": "proj\ud800", "sku": "SKU\u0000\u001b[31m", "totalPriceCents": 5000},
         {"groupName": "x" * 1000, "clusterName": "c\u202e", "totalPriceCents": 1},
         {"totalPriceCents": 2**63 - 1},
     )
-    items = _pending_items(ORG_A, body)["2" * 24]
+    items = pending_items(ORG_A, body)["2" * 24]
     assert [(i.project, i.sku, i.cluster, i.amount_cents) for i in items] == [
         ("proj\\ud800", "SKU\\x00\\x1b[31m", "", 5000),
         ("x" * 119 + "…", "—", "c\\u202e", 1),
@@ -260,7 +255,7 @@ def test_parse_page_with_known_invoices_reads_exactly_what_parse_invoice_reads(f
     valid or not, reads as parse_invoice reads it."""
     import json
 
-    from invoice_watch.atlas.client import parse_page
+    from invoice_watch.atlas.parse import parse_page
 
     stored = parse_invoice(ORG_A, good(created="2026-11-01T00:00:00Z", updated=None))
     key = stored.settled_key()

@@ -23,7 +23,8 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from invoice_watch import ops
 from invoice_watch.app import App
-from invoice_watch.atlas.client import AtlasClient, OAuthMiddleware
+from invoice_watch.atlas.auth import OAuthMiddleware
+from invoice_watch.atlas.client import AtlasClient
 from invoice_watch.config import Config, load, summary
 from invoice_watch.notify import build_notifiers
 from tests.fakes_slack import TOKEN, WEBHOOK_PATH, Reply

@@ -1,0 +1,146 @@
+"""An organization's invoice listing, page by page, and its bounds.
+
+Pages of ``itemsPerPage=500`` sorted by start date ascending (new invoices land on the
+last page, so an invoice created while paging cannot shift another one out of view),
+until a page comes back shorter than asked. Page 1 asks for ``totalCount``; when that
+estimate promises more pages, they are requested together (each within the transport's
+bound on requests in flight, at most :data:`_PAGES_AT_ONCE`), then paging goes on one
+page at a time for as long as the estimate fell short. A full page that lists nothing
+new (a server repeating page 1) ends the listing as a failed read, and so does going past
+:func:`page_cap` pages. A page whose body comes back byte for byte as in the last
+listing is not parsed again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from dataclasses import dataclass
+from datetime import date
+
+from invoice_watch.atlas import parse
+from invoice_watch.atlas.bounds import PARSE_INLINE
+from invoice_watch.atlas.errors import explain
+from invoice_watch.atlas.parse import Page
+from invoice_watch.atlas.transport import Transport
+from invoice_watch.constants import ITEMS_PER_PAGE, MAX_PAGES
+from invoice_watch.errors import FetchDataError, FetchError
+from invoice_watch.types import Invoice, Snapshot
+
+# At most this many pages are requested together on the strength of `totalCount` (an
+# estimate: a wild one must not turn into thousands of requests); paging goes on past it.
+_PAGES_AT_ONCE = 100
+
+# A parsed page with the SHA-256 of the body it came from.
+_Seen = tuple[bytes, Page]
+
+
+def page_cap(total: int | None) -> int:
+    """The most pages a listing may take: what ``totalCount`` promises (one page more
+    for an invoice created while paging) plus a quarter, at least 3 more; at most
+    :data:`~invoice_watch.constants.MAX_PAGES`, which is also the cap when page 1 gave
+    no usable estimate."""
+    if total is None or total < ITEMS_PER_PAGE:  # none, or contradicted by a full page 1
+        return MAX_PAGES
+    promised = total // ITEMS_PER_PAGE + 1
+    return min(MAX_PAGES, promised + max(3, promised // 4))
+
+
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """One organization's listing: its invoices (linked ones included), but the settled
+    ones listed unchanged: their keys; and how many entries were nested in another's
+    ``linkedInvoices``."""
+
+    invoices: list[Invoice]
+    settled: frozenset[int]
+    linked: int
+
+
+class Paging:
+    """Lists organizations' invoices through ``transport``; remembers each one's pages
+    of its last successful listing, by page number (see :meth:`listing`)."""
+
+    def __init__(self, transport: Transport, max_values: int) -> None:
+        self._transport = transport
+        self._max_values = max_values  # JSON values a page may hold (bounds.max_values)
+        self._seen: dict[str, dict[int, _Seen]] = {}
+
+    async def listing(self, org_id: str, from_date: date | None, known: Snapshot) -> Listing:
+        """The organization's listing (``fromDate`` ``from_date``, None: in full).
+
+        ``known``: the invoices as last stored; a live one listed unchanged comes back as
+        that very object, so that it is kept in memory once. A page is parsed again only
+        when its body changed, or when it held an invoice that the snapshot is about to
+        keep settled (so that it is not kept in memory as an object until then).
+        """
+        seen = {1: await self._page(org_id, 1, from_date, known)}
+        first = seen[1][1]
+        cap = page_cap(first.total)
+        if first.full and first.total:
+            promised = min(first.total // ITEMS_PER_PAGE + 1, _PAGES_AT_ONCE, cap)
+            try:
+                async with asyncio.TaskGroup() as group:
+                    tasks = {
+                        number: group.create_task(self._page(org_id, number, from_date, known))
+                        for number in range(2, promised + 1)
+                    }
+            except* Exception as errors:
+                failures = errors.exceptions
+                first_error = next((e for e in failures if isinstance(e, FetchError)), None)
+                raise first_error or failures[0] from None
+            seen.update((number, task.result()) for number, task in tasks.items())
+        listed: set[str | int] = set(first.identity())
+        number = 1
+        while seen[number][1].full:
+            number += 1
+            if number > cap:
+                raise FetchDataError(org_id, explain("page_cap", cap=str(cap)))
+            if number not in seen:
+                seen[number] = await self._page(org_id, number, from_date, known)
+            identity = seen[number][1].identity()
+            if seen[number][1].full and identity <= listed:
+                raise FetchDataError(org_id, explain("repeated_page", page=str(number)))
+            listed |= identity
+        self._seen[org_id] = {
+            number: (digest, page)
+            for number, (digest, page) in seen.items()
+            if not any(invoice.status in known.settles for invoice in page.invoices)
+        }
+        found: dict[str, Invoice] = {}
+        settled: set[int] = set()
+        nested = 0  # a page holds one entry per result, and one per linked invoice in it
+        for _, page in seen.values():
+            for invoice in page.invoices:
+                found[invoice.id] = invoice
+            settled.update(page.settled)
+            nested += len(page.invoices) + len(page.settled) - page.size
+        return Listing(list(found.values()), frozenset(settled), nested)
+
+    async def _page(
+        self, org_id: str, number: int, from_date: date | None, known: Snapshot
+    ) -> _Seen:
+        """One page of the listing; parsed only when its body differs from the one this
+        page had in the last successful listing."""
+        params = {
+            "itemsPerPage": str(ITEMS_PER_PAGE),
+            "pageNum": str(number),
+            "includeCount": "true" if number == 1 else "false",
+            "viewLinkedInvoices": "true",
+            "sortBy": "START_DATE",
+            "orderBy": "asc",
+        }
+        if from_date is not None:
+            params["fromDate"] = from_date.isoformat()
+        body = await self._transport.get(
+            org_id, f"/orgs/{org_id}/invoices", params, endpoint="/orgs/{orgId}/invoices"
+        )
+        digest = hashlib.sha256(body).digest()
+        before = self._seen.get(org_id, {}).get(number)
+        if before is not None and before[0] == digest:
+            return before
+        if len(body) > PARSE_INLINE:  # off the event loop
+            page = await asyncio.to_thread(parse.parse_page, org_id, body, known, self._max_values)
+        else:
+            page = parse.parse_page(org_id, body, known, self._max_values)
+        return digest, page

@@ -1,0 +1,396 @@
+"""Atlas's answers -> :class:`~invoice_watch.types.Invoice` and
+:class:`~invoice_watch.types.LineItem`: the listing's JSON pages, the pending invoices'
+line items, an invoice's CSV. Pure: bytes in, values or a
+:class:`~invoice_watch.errors.FetchDataError` out.
+
+What a server sends leaves this module storable and printable, or not at all: ids and
+``statusName`` have a grammar (an invoice that breaks it is refused as malformed),
+numbers are int64 (else refused), timestamps carry a timezone, line item names are
+escaped (:func:`invoice_watch.redact.printable`), ``linkedInvoices`` are nested at most
+:data:`_MAX_LINK_DEPTH` deep, and an answer of more JSON values than its bound allows is
+refused before it is parsed (:mod:`invoice_watch.atlas.bounds`).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import sys
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from invoice_watch.atlas.bounds import BYTES_PER_VALUE, INT64_MAX, MAX_VALUES, json_values
+from invoice_watch.atlas.errors import explain
+from invoice_watch.constants import INVOICE_STATUSES, ITEMS_PER_PAGE
+from invoice_watch.errors import FetchDataError
+from invoice_watch.safe_text import clip, one_line
+from invoice_watch.types import (
+    AMOUNT_ATTRS,
+    Invoice,
+    LineItem,
+    Snapshot,
+    instant,
+    settled_key,
+)
+
+_HEX24 = re.compile(r"[a-f0-9]{24}")  # fullmatch: `$` would let a trailing newline in
+# Atlas's statusName values (PENDING, CLOSED, FORGIVEN, ...): a status it adds later is
+# kept as is, provided it is one of these words.
+_STATUS = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
+_KNOWN_STATUSES = frozenset(INVOICE_STATUSES)  # the usual ones need no regex
+_INT64_DOLLARS = Decimal(INT64_MAX).scaleb(-2)  # int64 cents, in dollars
+# A line item's project, SKU or cluster name is cut to this length (Atlas allows 64).
+_LABEL = 120
+# Atlas nests linked invoices one level deep; a deeper nesting is refused.
+_MAX_LINK_DEPTH = 8
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """One page of an invoice listing, parsed."""
+
+    size: int  # entries in `results` (linked invoices not counted)
+    total: int | None  # `totalCount`, an estimate, when the API gave one
+    invoices: tuple[Invoice, ...]  # linked invoices flattened in, settled ones excepted
+    settled: tuple[int, ...] = ()  # keys of the snapshot's settled invoices listed unchanged
+
+    @property
+    def full(self) -> bool:
+        return self.size >= ITEMS_PER_PAGE
+
+    def identity(self) -> frozenset[str | int]:
+        """What the page lists: its invoices' ids and its settled keys."""
+        return frozenset([*(i.id for i in self.invoices), *self.settled])
+
+
+def pending_items(
+    org_id: str, body: bytes, max_values: int = MAX_VALUES
+) -> dict[str, list[LineItem]]:
+    """The pending invoices' ``lineItems``, by invoice id (those nested in
+    ``linkedInvoices`` too)."""
+    items: dict[str, list[LineItem]] = {}
+    queue: list[tuple[Any, int]] = [(raw, 0) for raw in _results(org_id, body, max_values)]
+    while queue:
+        entry, depth = queue.pop()
+        if not isinstance(entry, dict):
+            continue
+        linked = entry.get("linkedInvoices")
+        if isinstance(linked, list) and depth < _MAX_LINK_DEPTH:
+            queue.extend((nested, depth + 1) for nested in linked)
+        line_items = entry.get("lineItems")
+        invoice_id = entry.get("id")
+        if isinstance(invoice_id, str) and isinstance(line_items, list):
+            if not _HEX24.fullmatch(invoice_id):
+                continue  # no invoice of the listing has this id: no message asks for it
+            items[invoice_id] = _line_items_json(org_id, invoice_id, line_items)
+    return items
+
+
+def _listing(org_id: str, body: bytes, max_values: int = MAX_VALUES) -> dict[str, Any]:
+    """A list endpoint's answer, checked to hold a `results` list; FetchDataError for
+    an answer of more than ``max_values`` JSON values (:func:`json_values`), before it is
+    parsed."""
+    if len(body) > max_values and (values := json_values(body)) > max_values:
+        raise FetchDataError(
+            org_id,
+            explain(
+                "too_many_values",
+                values=f"{values:,}",
+                cap=f"{max_values:,}",
+                per=str(BYTES_PER_VALUE),
+            ),
+        )
+    try:
+        data = json.loads(body)
+    except ValueError:  # UnicodeDecodeError included
+        raise FetchDataError(org_id, "the API answered with a body that is not JSON") from None
+    except RecursionError:
+        raise FetchDataError(org_id, "the API answered with JSON nested too deeply") from None
+    if isinstance(data, dict) and "content" in data and "status" in data:
+        data = data["content"]  # envelope=true
+    if not isinstance(data, dict) or not isinstance(data.get("results"), list):
+        raise FetchDataError(org_id, "the API answer has no `results` list")
+    return data
+
+
+def _results(org_id: str, body: bytes, max_values: int = MAX_VALUES) -> list[Any]:
+    results: list[Any] = _listing(org_id, body, max_values)["results"]
+    return results
+
+
+def parse_page(
+    org_id: str, body: bytes, known: Snapshot | None = None, max_values: int = MAX_VALUES
+) -> Page:
+    """One page of the organization's invoice listing -> :class:`Page`.
+
+    A live invoice equal to its namesake in ``known`` is returned as that object; a
+    settled one listed unchanged, as its key. FetchDataError for anything malformed,
+    and for more than ``max_values`` JSON values (refused before parsing).
+    """
+    data = _listing(org_id, body, max_values)
+    results = data["results"]
+    total = data.get("totalCount")
+    if type(total) is int and abs(total) > INT64_MAX:
+        raise FetchDataError(org_id, "`totalCount` is not an int64")
+    invoices: list[Invoice] = []
+    settled: list[int] = []
+    for item in results:
+        _flatten(org_id, item, known if known is not None else Snapshot(), invoices, settled)
+    return Page(
+        size=len(results),
+        total=total if type(total) is int else None,
+        invoices=tuple(invoices),
+        settled=tuple(settled),
+    )
+
+
+def _flatten(
+    source_org_id: str,
+    item: Any,
+    known: Snapshot,
+    out: list[Invoice],
+    settled: list[int],
+    depth: int = 0,
+) -> None:
+    """The invoice and, recursively, the linked invoices nested in it, appended to
+    ``out``: the known object when nothing in the item differs from it (checked field by
+    field, without building a new invoice: most of a listing is unchanged), else the
+    item parsed; or to ``settled``, the key of a settled invoice that is unchanged.
+    ``linkedInvoices`` must be a list, nested at most :data:`_MAX_LINK_DEPTH` deep."""
+    before = key = None
+    if type(item) is dict and type(invoice_id := item.get("id")) is str:
+        before = known.live.get(invoice_id)
+        key = known.settled.get(invoice_id)
+    if before is not None and _unchanged(before, item):
+        out.append(before)
+    elif key is not None and _settled_key(item) == key:
+        settled.append(key)
+    else:
+        invoice = parse_invoice(source_org_id, item)
+        out.append(before if before == invoice else invoice)
+    linked = item.get("linkedInvoices")
+    if linked:
+        if type(linked) is not list:
+            raise FetchDataError(
+                source_org_id, f"invoice {item.get('id')!s:.40}: `linkedInvoices` is not a list"
+            )
+        if depth >= _MAX_LINK_DEPTH:
+            raise FetchDataError(source_org_id, "`linkedInvoices` are nested too deeply")
+        for nested in linked:
+            _flatten(source_org_id, nested, known, out, settled, depth + 1)
+
+
+def _unchanged(before: Invoice, item: dict[str, Any]) -> bool:
+    """Whether :func:`parse_invoice` would make of ``item`` an invoice equal to
+    ``before`` (which passed its checks when it was parsed)."""
+    if item.get("statusName") != before.status or item.get("orgId") != before.org_id:
+        return False
+    for api_name, attr in AMOUNT_ATTRS.items():
+        value = item.get(api_name)
+        if value is None:
+            if api_name == "amountBilledCents" or getattr(before, attr) != 0:
+                return False
+        elif type(value) is not int or value != getattr(before, attr):
+            return False
+    return (
+        _same_instant(item.get("startDate"), before.start_date)
+        and _same_instant(item.get("endDate"), before.end_date)
+        and _same_instant(item.get("created"), before.created)
+        and _same_instant(item.get("updated"), before.updated)
+    )
+
+
+def _settled_key(item: dict[str, Any]) -> int | None:
+    """The settled key (:func:`~invoice_watch.types.settled_key`) of the invoice that
+    :func:`parse_invoice` would make of ``item``, or None where it would refuse the item
+    or might (then it is parsed, and what is wrong is reported)."""
+    invoice_id, owner, status = item.get("id"), item.get("orgId"), item.get("statusName")
+    if type(invoice_id) is not str or type(owner) is not str or type(status) is not str:
+        return None
+    amounts = []
+    for api_name in AMOUNT_ATTRS:
+        value = item.get(api_name)
+        if value is None:
+            if api_name == "amountBilledCents":
+                return None
+            value = 0
+        elif type(value) is not int:
+            return None
+        amounts.append(value)
+    start, end = _aware(item.get("startDate")), _aware(item.get("endDate"))
+    created, updated = item.get("created"), item.get("updated")
+    if start is None or end is None:
+        return None
+    if created is not None and (created := _aware(created)) is None:
+        return None
+    if updated is not None and (updated := _aware(updated)) is None:
+        return None
+    return settled_key(invoice_id, owner, status, tuple(amounts), start, end, created, updated)
+
+
+def _aware(value: Any) -> datetime | None:
+    """A timestamp as :func:`parse_invoice` reads it, or None where it would not."""
+    if type(value) is not str:
+        return None
+    try:
+        parsed = instant(value)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo is not None else None
+
+
+def _same_instant(value: Any, known: datetime | None) -> bool:
+    if value is None or known is None:
+        return value is None and known is None
+    return _aware(value) == known  # None (not a timestamp, or naive) never equals it
+
+
+def _timestamp(org_id: str, item: dict[str, Any], key: str, *, required: bool) -> datetime | None:
+    value = item.get(key)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str):
+        raise FetchDataError(org_id, f"invoice {item.get('id')!s:.40}: `{key}` is missing")
+    try:
+        parsed = instant(value)
+    except ValueError:
+        raise FetchDataError(
+            org_id, f"invoice {item.get('id')!s:.40}: `{key}` is not a timestamp"
+        ) from None
+    if parsed.tzinfo is None:
+        raise FetchDataError(org_id, f"invoice {item.get('id')!s:.40}: `{key}` has no timezone")
+    try:
+        parsed.astimezone(UTC)  # later stages work in UTC
+    except OverflowError:
+        raise FetchDataError(
+            org_id, f"invoice {item.get('id')!s:.40}: `{key}` is out of range"
+        ) from None
+    return parsed
+
+
+def parse_invoice(source_org_id: str, item: Any) -> Invoice:
+    """One ``BillingInvoiceMetadata`` object -> :class:`Invoice`, checked field by field.
+
+    The organization id and the status are interned: thousands of invoices share them.
+    """
+    org = source_org_id
+    if not isinstance(item, dict):
+        raise FetchDataError(org, "an entry of `results` is not an object")
+    invoice_id = item.get("id")
+    if not isinstance(invoice_id, str) or not _HEX24.fullmatch(invoice_id):
+        raise FetchDataError(org, f"an invoice id is not 24 hex digits: {invoice_id!r:.40}")
+    owner = item.get("orgId")
+    if not isinstance(owner, str) or not _HEX24.fullmatch(owner):
+        raise FetchDataError(org, f"invoice {invoice_id}: `orgId` is not 24 hex digits")
+    status = item.get("statusName")
+    if not isinstance(status, str) or not status:
+        raise FetchDataError(org, f"invoice {invoice_id}: `statusName` is missing")
+    if status not in _KNOWN_STATUSES and not _STATUS.fullmatch(status):
+        raise FetchDataError(
+            org,
+            f"invoice {invoice_id}: `statusName` {status!r:.40} is not a status name "
+            "(capital letters, digits and _, as PENDING or FAILED)",
+        )
+    amounts: dict[str, int] = {}
+    values: dict[int, int] = {}  # equal amounts (billed and paid, say) share one int
+    for api_name, attr in AMOUNT_ATTRS.items():
+        value = item.get(api_name)
+        if value is None:
+            if api_name == "amountBilledCents":
+                # Reading it as $0 would resolve a pending-amount alert that still holds.
+                raise FetchDataError(org, f"invoice {invoice_id}: `{api_name}` is missing")
+            value = 0
+        elif type(value) is not int or abs(value) > INT64_MAX:  # bool is not an int here
+            raise FetchDataError(org, f"invoice {invoice_id}: `{api_name}` is not an int64")
+        amounts[attr] = values.setdefault(value, value)
+    start = _timestamp(org, item, "startDate", required=True)
+    end = _timestamp(org, item, "endDate", required=True)
+    assert start is not None and end is not None
+    return Invoice(
+        id=invoice_id,
+        org_id=sys.intern(owner),
+        status=sys.intern(status),
+        start_date=start,
+        end_date=end,
+        created=_timestamp(org, item, "created", required=False),
+        updated=_timestamp(org, item, "updated", required=False),
+        source_org_id=source_org_id,
+        **amounts,
+    )
+
+
+def _label(value: object, default: str) -> str:
+    """A line item's project, SKU or cluster name as messages show it: printable and
+    on one line (:func:`~invoice_watch.safe_text.one_line`), at most :data:`_LABEL`
+    characters; ``default`` when empty. Never raises."""
+    if value is None or value == "":
+        return default
+    text = value if isinstance(value, str) else str(value)
+    return clip(one_line(text[: 4 * _LABEL]), _LABEL) or default
+
+
+def _line_items_json(org_id: str, invoice_id: str, raw: list[Any]) -> list[LineItem]:
+    """A pending invoice's ``lineItems``. ``totalPriceCents`` must be an int64 (absent:
+    0); FetchDataError otherwise."""
+    items = []
+    for entry in raw:
+        if not isinstance(entry, dict):
+            continue
+        cents = entry.get("totalPriceCents", 0)
+        if cents is None:
+            cents = 0
+        if type(cents) is not int or abs(cents) > INT64_MAX:
+            raise FetchDataError(
+                org_id,
+                f"invoice {invoice_id}: a line item's `totalPriceCents` is not an int64",
+            )
+        group = entry.get("groupName") or entry.get("groupId")
+        items.append(
+            LineItem(
+                project=_label(group, "—"),
+                sku=_label(entry.get("sku"), "—"),
+                cluster=_label(entry.get("clusterName"), ""),
+                amount_cents=cents,
+            )
+        )
+    return items
+
+
+def csv_items(body: bytes, max_rows: int) -> list[LineItem]:
+    """An invoice's CSV answer (UTF-8, perhaps with a BOM): :func:`parse_invoice_csv`."""
+    return parse_invoice_csv(body.decode("utf-8-sig"), max_rows)
+
+
+def parse_invoice_csv(text: str, max_rows: int | None = None) -> list[LineItem]:
+    """The invoice CSV: a header block, a blank line, then one row per line item.
+    :class:`ValueError` for a malformed one: an amount that is not a number of dollars
+    within int64 cents, or more than ``max_rows`` rows (default: as many as
+    ``atlas.max_response_size``'s default holds values, :data:`MAX_VALUES`)."""
+    limit = MAX_VALUES if max_rows is None else max_rows
+    blocks = re.split(r"\r?\n\r?\n", text, maxsplit=1)
+    if len(blocks) != 2:
+        raise ValueError("no blank line between the header block and the line items")
+    items: list[LineItem] = []
+    for row in csv.DictReader(io.StringIO(blocks[1])):  # one row at a time
+        if len(items) >= limit:
+            raise ValueError(f"more than {limit:,} line items")
+        amount = (row.get("Amount") or "").replace("$", "").replace(",", "").strip()
+        try:
+            dollars = Decimal(amount or "0")
+            if not dollars.is_finite() or abs(dollars) > _INT64_DOLLARS:
+                raise InvalidOperation
+        except InvalidOperation:
+            raise ValueError(f"amount {amount!r:.20} is not a number of dollars") from None
+        items.append(
+            LineItem(
+                project=_label((row.get("Project") or "").strip(), "—"),
+                sku=_label((row.get("SKU") or "").strip(), "—"),
+                cluster=_label((row.get("Cluster") or "").strip(), ""),
+                amount_cents=int((dollars * 100).to_integral_value()),
+            )
+        )
+    return items
