@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import math
 import multiprocessing
@@ -66,7 +67,7 @@ import sqlite3
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -366,18 +367,19 @@ def _time_work() -> list[_Timed]:
 
 
 class _EndOf:
-    """Notes the wall clock when the coroutine method ``obj.name`` returns."""
+    """Notes the wall clock when the async generator method ``obj.name`` hands over its
+    last item (``AtlasClient.read_orgs``: when the last organization's read ended)."""
 
     def __init__(self, obj: Any, name: str) -> None:
         self.wall = 0.0
         self._obj, self._name = obj, name
-        original: Handler = getattr(obj, name)
+        original: Callable[..., AsyncGenerator[Any, None]] = getattr(obj, name)
 
-        async def noted(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return await original(*args, **kwargs)
-            finally:
-                self.wall = time.perf_counter()
+        async def noted(*args: Any, **kwargs: Any) -> AsyncGenerator[Any, None]:
+            async with contextlib.aclosing(original(*args, **kwargs)) as items:
+                async for item in items:
+                    self.wall = time.perf_counter()
+                    yield item
 
         setattr(obj, name, noted)
 

@@ -29,7 +29,15 @@ import threading
 import time
 import traceback
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    Awaitable,
+    Callable,
+    Collection,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from datetime import time as dtime
@@ -1321,7 +1329,9 @@ class App:
                 unchanged.append(step.write)
 
         try:
-            reads = await self.client.read_orgs(org_ids, from_dates, known, on_read=take)
+            listed = self.client.read_orgs(org_ids, from_dates, known)
+            taken_reads = await take_reads(listed, take, config.org_name)
+            reads = {org_id: taken_reads[org_id] for org_id in org_ids}
             if unreadable:
                 raise unreadable[0]
             if later:
@@ -1895,6 +1905,60 @@ class App:
             )
             task.cancel()
             await asyncio.wait({task}, timeout=2)
+
+
+async def take_reads(
+    reads: AsyncGenerator[OrgRead, None],
+    take: Callable[[OrgRead], Awaitable[None]],
+    name: Callable[[str], str] = str,
+) -> dict[str, OrgRead]:
+    """Await ``take`` with each organization's read as :meth:`AtlasClient.read_orgs`
+    hands it back, while the others are still being read, each in a task of its own (one
+    that waits, for an incremental read standing in for a failed full listing or for the
+    state file, holds back no other); returns the reads' outcomes
+    (:meth:`OrgRead.outcome`) by organization, so that no organization's listing is held
+    until the last one is taken.
+
+    Containment: an exception from ``take`` for one organization (a bug) is logged with
+    its traceback and makes that organization's read a failed one, which ``take`` is
+    given again (so that it is recorded as any failed read is); it never stops another
+    organization's. ``name``: an organization's name for the log. When this stops before
+    every read is taken (cancelled, or a ``take`` raising a BaseException), ``reads`` is
+    closed: the reads still under way are cancelled."""
+    outcomes: dict[str, OrgRead] = {}
+
+    async def one(read: OrgRead) -> None:
+        org_id = read.org_id
+        try:
+            await take(read)
+        except Exception as exc:  # this organization fails; the others go on
+            log.error(
+                "%s: taking its read failed unexpectedly; this organization's read counts "
+                "as failed:\n%s",
+                name(org_id),
+                _traceback(exc).rstrip(),
+            )
+            error = (
+                f"organization {org_id}: taking its read failed unexpectedly "
+                f"({_cause(exc)}); the traceback is in the log"
+            )
+            failed = outcomes[org_id] = OrgRead(org_id, error=error, requests=read.requests)
+            try:
+                await take(failed)
+            except Exception as again:
+                log.error(
+                    "%s: recording its failed read failed unexpectedly:\n%s",
+                    name(org_id),
+                    _traceback(again).rstrip(),
+                )
+            return
+        outcomes[org_id] = read.outcome()
+
+    async with contextlib.aclosing(reads), asyncio.TaskGroup() as group:
+        async for read in reads:
+            group.create_task(one(read))
+            del read  # held by its task only, while it is taken
+    return outcomes
 
 
 def _cause(exc: BaseException) -> str:

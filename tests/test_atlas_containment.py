@@ -1,7 +1,8 @@
 """One organization's answer, whatever it holds, fails that organization's read only
 (issue 12 §1, SPEC §10 "Bounds"): the parser and the per-org read turn any body into an
 :class:`OrgRead` (ok, or with an error), never an exception; the other organizations are
-read; an ``on_read`` that raises for one organization makes that one a failed read.
+read; the cycle's ``take`` raising for one organization makes that one a failed read
+(:func:`invoice_watch.app.take_reads`); a caller that stops early cancels the rest.
 
 Bodies come from a hand-made listing server on loopback; hypothesis writes them.
 """
@@ -9,9 +10,10 @@ Bodies come from a hand-made listing server on loopback; hypothesis writes them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from aiohttp import web
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from invoice_watch.app import take_reads
 from invoice_watch.atlas.client import AtlasClient
 from invoice_watch.atlas.errors import parse_api_error
 from invoice_watch.atlas.parse import parse_invoice, parse_page, pending_items
@@ -60,12 +63,26 @@ def linked_chain(depth: int) -> dict[str, Any]:
     return top
 
 
+async def read_all(
+    client: AtlasClient, org_ids: Sequence[str], **kwargs: Any
+) -> dict[str, OrgRead]:
+    """Every organization's read, by organization."""
+    return {read.org_id: read async for read in client.read_orgs(org_ids, **kwargs)}
+
+
+def read_org(task: asyncio.Task[Any]) -> bool:
+    """Whether ``task`` is an organization's read (AtlasClient.read_org)."""
+    return getattr(task.get_coro(), "__qualname__", "") == "AtlasClient.read_org"
+
+
 class Listings(LoopbackServer):
     """The v2 listing, pending, CSV and token endpoints; per org a status and a raw body
-    (default: one invoice of that org), or a callable making the answer."""
+    (default: one invoice of that org), or a callable making the answer; an org in
+    ``held`` is answered once its event is set."""
 
     def __init__(self) -> None:
         self.answers: dict[str, tuple[int, bytes]] = {}
+        self.held: dict[str, asyncio.Event] = {}
         self.pending: dict[str, bytes] = {}
         self.csv: bytes = b""
         app = web.Application()
@@ -76,6 +93,8 @@ class Listings(LoopbackServer):
 
     async def _list(self, request: web.Request) -> web.Response:
         org = request.match_info["org"]
+        if org in self.held:
+            await self.held[org].wait()
         status, body = self.answers.get(
             org, (200, json.dumps({"results": [item(7, org)], "totalCount": 1}).encode())
         )
@@ -138,13 +157,9 @@ async def test_read_orgs_one_org_broken_body_fails_that_org_only(
 ):
     status, body, reason = BROKEN[case]
     listings.answers[ORG_A] = (status, body)
-    taken: list[OrgRead] = []
-
-    async def take(read: OrgRead) -> None:
-        taken.append(read)
-
     async with AtlasClient(client_config(tmp_path, listings.url).atlas) as client:
-        reads = await client.read_orgs([ORG_A, ORG_B], on_read=take)
+        taken = [read async for read in client.read_orgs([ORG_A, ORG_B])]
+    reads = {read.org_id: read for read in taken}
     assert not reads[ORG_A].ok and reads[ORG_B].ok
     assert reason in (reads[ORG_A].error or ""), reads[ORG_A].error
     assert ORG_A in (reads[ORG_A].error or "")
@@ -166,7 +181,7 @@ async def test_read_org_unexpected_exception_is_a_failed_read_with_its_traceback
 
     monkeypatch.setattr("invoice_watch.atlas.parse.parse_page", broken)
     async with AtlasClient(client_config(tmp_path, listings.url).atlas) as client:
-        reads = await client.read_orgs([ORG_A, ORG_B])
+        reads = await read_all(client, [ORG_A, ORG_B])
     assert reads[ORG_B].ok
     error = reads[ORG_A].error or ""
     assert "failed unexpectedly" in error and "TypeError" in error
@@ -174,12 +189,12 @@ async def test_read_org_unexpected_exception_is_a_failed_read_with_its_traceback
     assert "Traceback" in logged.getMessage() and "in broken" in logged.getMessage()
 
 
-async def test_read_orgs_on_read_raising_fails_that_org_through_on_read_again(
+async def test_take_reads_take_raising_fails_that_org_through_take_again(
     tmp_path: Path, listings: Listings, caplog: pytest.LogCaptureFixture
 ):
-    """``on_read`` (the cycle's `take`) raising for org A: A's read becomes a failed
-    read handed to on_read again (so it is recorded like any failed read), with the
-    traceback logged; org B is read and taken; the TaskGroup is never cancelled."""
+    """The cycle's `take` raising for org A: A's read becomes a failed read handed to
+    take again (so it is recorded like any failed read), with the traceback logged; org
+    B is read and taken; the TaskGroup is never cancelled."""
     taken: list[OrgRead] = []
 
     async def take(read: OrgRead) -> None:
@@ -189,7 +204,7 @@ async def test_read_orgs_on_read_raising_fails_that_org_through_on_read_again(
         taken.append(read)
 
     async with AtlasClient(client_config(tmp_path, listings.url).atlas) as client:
-        reads = await client.read_orgs([ORG_A, ORG_B], on_read=take)
+        reads = await take_reads(client.read_orgs([ORG_A, ORG_B]), take)
     assert {r.org_id: r.ok for r in taken} == {ORG_A: False, ORG_B: True}
     assert not reads[ORG_A].ok and "KeyError" in (reads[ORG_A].error or "")
     assert reads[ORG_B].ok
@@ -197,7 +212,7 @@ async def test_read_orgs_on_read_raising_fails_that_org_through_on_read_again(
     assert "Traceback" in logged.getMessage() and "a bug in the cycle" in logged.getMessage()
 
 
-async def test_read_orgs_on_read_failing_twice_still_spares_the_other_org(
+async def test_take_reads_take_failing_twice_still_spares_the_other_org(
     tmp_path: Path, listings: Listings
 ):
     taken: list[str] = []
@@ -208,11 +223,11 @@ async def test_read_orgs_on_read_failing_twice_still_spares_the_other_org(
         taken.append(read.org_id)
 
     async with AtlasClient(client_config(tmp_path, listings.url).atlas) as client:
-        reads = await client.read_orgs([ORG_A, ORG_B], on_read=take)
+        reads = await take_reads(client.read_orgs([ORG_A, ORG_B]), take)
     assert taken == [ORG_B] and not reads[ORG_A].ok
 
 
-async def test_read_orgs_cancellation_still_propagates(tmp_path: Path, listings: Listings):
+async def test_take_reads_cancellation_still_propagates(tmp_path: Path, listings: Listings):
     started = asyncio.Event()
 
     async def take(read: OrgRead) -> None:
@@ -220,11 +235,32 @@ async def test_read_orgs_cancellation_still_propagates(tmp_path: Path, listings:
         await asyncio.sleep(3600)
 
     async with AtlasClient(client_config(tmp_path, listings.url).atlas) as client:
-        task = asyncio.create_task(client.read_orgs([ORG_A, ORG_B], on_read=take))
+        task = asyncio.create_task(take_reads(client.read_orgs([ORG_A, ORG_B]), take))
         await asyncio.wait_for(started.wait(), 10)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+async def test_read_orgs_a_caller_that_stops_early_cancels_the_reads_under_way(
+    tmp_path: Path, listings: Listings
+):
+    """The reads are handed back as they complete; a caller that stops after the first
+    (a `break`, an exception) closes the iterator, and the reads still under way (org B,
+    whose answer never comes) are cancelled, not left running."""
+    listings.held[ORG_B] = asyncio.Event()  # B's answer waits until the end
+    try:
+        async with AtlasClient(client_config(tmp_path, listings.url).atlas) as client:
+            # Well within atlas.timeout (30 s): B's read is not waited for.
+            async with asyncio.timeout(10):
+                async with contextlib.aclosing(client.read_orgs([ORG_A, ORG_B])) as reads:
+                    async for read in reads:
+                        assert read.org_id == ORG_A and read.ok
+                        break
+            reading = [t for t in asyncio.all_tasks() if read_org(t)]
+            assert reading == []
+    finally:
+        listings.held[ORG_B].set()
 
 
 async def test_pending_line_items_with_a_broken_body_is_a_fetch_error(
@@ -488,7 +524,7 @@ def test_read_org_any_json_through_a_real_server_ends_as_an_org_read(
             server.answers[ORG_A] = (status, raw)
             config = client_config(tmp_path, server.url)
             async with AtlasClient(config.atlas) as client:
-                return await client.read_orgs([ORG_A, ORG_B], known={ORG_A: KNOWN})
+                return await read_all(client, [ORG_A, ORG_B], known={ORG_A: KNOWN})
 
     reads = asyncio.run(run())
     assert isinstance(reads[ORG_A], OrgRead) and reads[ORG_B].ok
@@ -537,7 +573,7 @@ async def test_oauth_token_answer_of_any_shape_is_contained(
         sa = {"client_id": "mdb_sa_id_1", "client_secret": "mdb_sa_sk_0123456789"}
         config = client_config(tmp_path, server.url, auth=sa)
         async with AtlasClient(config.atlas) as client:
-            reads = await client.read_orgs([ORG_A, ORG_B])
+            reads = await read_all(client, [ORG_A, ORG_B])
     assert all(read.ok is ok for read in reads.values()), reads
     if not ok:
         assert "the OAuth token endpoint" in (reads[ORG_A].error or "")

@@ -33,6 +33,7 @@ from invoice_watch.health import Metrics
 from invoice_watch.simulator import Scenario, Simulator
 from tests.conftest import base_config, make_config
 from tests.loopback import LoopbackServer
+from tests.test_atlas_containment import read_all
 
 NOW = datetime(2026, 11, 15, 12, 0, tzinfo=UTC)
 PAYER = "5f8a1c2e9b3d4a6f7e0c1b2a"
@@ -375,7 +376,7 @@ async def test_rate_limit_remaining_slows_down_before_a_429(clock: FakeClock, tm
     async with Simulator(scenario(*orgs), clock=clock, rate_limit=(1.0, 2)) as sim:
         config = config_for(sim, tmp_path, retries=5)
         async with AtlasClient(config.atlas, clock=clock) as client:
-            reads = await client.read_orgs(orgs)
+            reads = await read_all(client, orgs)
         assert all(read.ok for read in reads.values())
         assert [r.status for r in sim.requests if r.status == 429] == []
         assert sum(clock.sleeps) >= 3  # it did wait, about a second a request
@@ -395,10 +396,10 @@ async def test_one_429_with_no_token_left_does_not_pace_reads_for_good(
         config = config_for(sim, tmp_path, retries=2, max_concurrency=4)
         async with AtlasClient(config.atlas, clock=clock) as client:
             sim.faults.status(429, org_id=orgs[0], retry_after=1)
-            reads = await client.read_orgs(orgs)
+            reads = await read_all(client, orgs)
             assert all(read.ok for read in reads.values())
             sim.max_in_flight = 0
-            reads = await client.read_orgs(orgs)  # the next cycle
+            reads = await read_all(client, orgs)  # the next cycle
             assert all(read.ok for read in reads.values())
         assert sim.max_in_flight == 4  # before: 1, for good
     [throttled] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -414,11 +415,11 @@ async def test_rate_limit_hint_expires_with_its_window(clock: FakeClock, tmp_pat
         sim.faults.latency = 0.02  # so that requests sent together overlap
         config = config_for(sim, tmp_path, service_account=True, retries=5)
         async with AtlasClient(config.atlas, clock=clock) as client:
-            assert all(r.ok for r in (await client.read_orgs(orgs)).values())
+            assert all(r.ok for r in (await read_all(client, orgs)).values())
             assert sim.requests[-1].status == 200  # it took the bucket's last token
             clock.advance(61)
             sim.max_in_flight = 0
-            assert all(r.ok for r in (await client.read_orgs(orgs)).values())
+            assert all(r.ok for r in (await read_all(client, orgs)).values())
         assert sim.max_in_flight == 4
         assert [r.status for r in sim.requests if r.status == 429] == []
 
@@ -495,7 +496,7 @@ async def test_deprecation_and_sunset_headers_in_every_form(
         data["atlas"] |= {"base_url": gateway.url, "retries": 0}
         config = make_config(tmp_path, data)
         async with AtlasClient(config.atlas, clock=clock, metrics=metrics) as client:
-            assert all(r.ok for r in (await client.read_orgs([PAYER])).values())
+            assert all(r.ok for r in (await read_all(client, [PAYER])).values())
     [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert said in warning, warning
     assert "since true" not in warning and ("before then" in warning) == ("will remove" in said)
@@ -512,7 +513,7 @@ async def test_deprecated_endpoint_is_warned_once_per_cycle_and_counted(
     metrics = Metrics()
     async with AtlasClient(config_for(sim, tmp_path).atlas, metrics=metrics) as client:
         for _ in range(2):  # two cycles
-            reads = await client.read_orgs([PAYER, SECOND])
+            reads = await read_all(client, [PAYER, SECOND])
             assert all(read.ok for read in reads.values())
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 2  # one per cycle, however many requests

@@ -1,7 +1,8 @@
 """The Atlas client a caller uses: :class:`AtlasClient`.
 
-It lists organizations' invoices (:meth:`AtlasClient.read_orgs`, one
-:class:`~invoice_watch.types.OrgRead` per organization) and fetches line items for
+It lists organizations' invoices (:meth:`AtlasClient.read_orgs`: one
+:class:`~invoice_watch.types.OrgRead` per organization, each handed back as it
+completes; the client knows nothing of what the caller does with it) and fetches line items for
 breakdowns (:meth:`AtlasClient.pending_line_items`, :meth:`AtlasClient.invoice_line_items`).
 
 Containment (SPEC §10 "Bounds"): whatever one organization's answers hold, its read ends
@@ -16,7 +17,7 @@ import asyncio
 import contextlib
 import csv
 import random
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from datetime import date
 from typing import TYPE_CHECKING
 
@@ -138,52 +139,44 @@ class AtlasClient:
         org_ids: Sequence[str],
         from_dates: Mapping[str, date | None] | None = None,
         known: Mapping[str, Snapshot] | None = None,
-        on_read: Callable[[OrgRead], Awaitable[None]] | None = None,
-    ) -> dict[str, OrgRead]:
-        """Read every organization concurrently; one failing never blocks the others.
+    ) -> AsyncGenerator[OrgRead, None]:
+        """Read every organization concurrently, and hand each one's read back as soon as
+        it is complete, while the others are still being read: one
+        :class:`~invoice_watch.types.OrgRead` per organization of ``org_ids``, in the
+        order they complete. One failing never blocks the others (see :meth:`read_org`);
+        at most ``atlas.max_concurrency`` requests are in flight. ``from_dates``: each
+        organization's ``fromDate`` (absent or None: a full listing); ``known``: its
+        snapshot (:meth:`read_org`).
 
-        ``on_read`` is awaited with each organization's read as soon as it is complete,
-        while the others are still being read; the reads returned are then their
-        outcomes only (:meth:`OrgRead.outcome`), so that no organization's listing is
-        held until the last one is read. An exception from ``on_read`` for one
-        organization is logged with its traceback and makes that organization's read a
-        failed one, which ``on_read`` is given again (so that it is recorded as any
-        failed read is); it never stops another organization's read. Cancellation
-        propagates.
+        A read handed back is held only by the caller. Closing the iterator before the
+        last read (the caller stops: ``break``, an exception, its cancellation; consume
+        it within :func:`contextlib.aclosing`) cancels the reads still under way.
+        ``Deprecation``/``Sunset`` headers seen are warned about when it ends.
 
         With Digest keys the first request goes alone again: the nonce of the last
         cycle may have gone stale since, and only one request should learn it.
         """
         from_dates = from_dates or {}
         known = known or {}
-        reads: dict[str, OrgRead] = {}
         self._transport.authenticate_again()
-
-        async def one(org_id: str) -> None:
-            read = reads[org_id] = await self.read_org(
-                org_id, from_dates.get(org_id), known.get(org_id)
+        done: asyncio.Queue[asyncio.Task[OrgRead]] = asyncio.Queue()
+        under_way: set[asyncio.Task[OrgRead]] = set()
+        for org_id in org_ids:
+            task = asyncio.create_task(
+                self.read_org(org_id, from_dates.get(org_id), known.get(org_id))
             )
-            if on_read is None:
-                return
-            try:
-                await on_read(read)
-            except Exception as exc:  # this org fails; the others go on
-                error = self._explain.unexpected(org_id, "taking its read", exc)
-                failed = reads[org_id] = OrgRead(org_id, error=str(error), requests=read.requests)
-                try:
-                    await on_read(failed)
-                except Exception as again:
-                    self._explain.unexpected(org_id, "recording its failed read", again)
-                return
-            reads[org_id] = read.outcome()
-
+            task.add_done_callback(done.put_nowait)
+            under_way.add(task)
         try:
-            async with asyncio.TaskGroup() as group:
-                for org_id in org_ids:
-                    group.create_task(one(org_id))
+            while under_way:
+                # No local name keeps a read (nor its task) once it is handed back.
+                yield _taken(under_way, await done.get())
         finally:
+            for task in under_way:
+                task.cancel()
+            if under_way:
+                await asyncio.wait(under_way)
             self._transport.deprecations.report(self._clock.now())
-        return {org_id: reads[org_id] for org_id in org_ids}
 
     # -- line items, for breakdowns --------------------------------------------------
 
@@ -224,3 +217,9 @@ class AtlasClient:
             ) from None
         except Exception as exc:
             raise self._explain.unexpected(org_id, "reading an invoice's CSV", exc) from None
+
+
+def _taken(under_way: set[asyncio.Task[OrgRead]], task: asyncio.Task[OrgRead]) -> OrgRead:
+    """The read of ``task``, which is no longer under way."""
+    under_way.discard(task)
+    return task.result()
