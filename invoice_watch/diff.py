@@ -68,7 +68,7 @@ def diff(
     hidden: Container[str] = frozenset(),
 ) -> Diff:
     """Compare a stored snapshot with a fresh listing of the same organization (ids in
-    ``new`` are unique, as :meth:`AtlasClient.list_invoices` returns them).
+    ``new`` are unique, as :meth:`AtlasClient.read_org` returns them).
 
     ``listed_from``: the listing only covers invoices starting at or after this instant
     (an incremental read with ``fromDate``), so older stored invoices are not "gone".
@@ -84,7 +84,8 @@ def diff(
             result.changed.append(invoice)
             continue
         matched += 1
-        # The client hands back the stored object itself for a page that did not change.
+        # An invoice listed as stored comes as the stored object itself (Snapshot.held,
+        # asked as the listing is parsed); equal copies from elsewhere are unchanged too.
         if before is invoice or before == invoice:
             continue
         result.changed.append(invoice)

@@ -24,6 +24,12 @@ AMOUNT_ATTRS: dict[str, str] = {
 }
 
 
+# What a listing says of an invoice, in the order its settled key reads it: id, orgId,
+# statusName, the cents fields (in AMOUNT_ATTRS order), startDate, endDate, created,
+# updated (see Invoice.listed and Snapshot.held).
+Listed = tuple[str, str, str, tuple[int, ...], datetime, datetime, datetime | None, datetime | None]
+
+
 @dataclass(frozen=True, slots=True)
 class Invoice:
     """One invoice, as listed by the Atlas API (``BillingInvoiceMetadata``).
@@ -51,9 +57,9 @@ class Invoice:
         """The cents fields, keyed by their API names."""
         return {api: getattr(self, attr) for api, attr in AMOUNT_ATTRS.items()}
 
-    def settled_key(self) -> int:
-        """This invoice as a settled snapshot keeps it: see :func:`settled_key`."""
-        return settled_key(
+    def listed(self) -> Listed:
+        """What a listing that shows this invoice says of it (:data:`Listed`)."""
+        return (
             self.id,
             self.org_id,
             self.status,
@@ -70,6 +76,10 @@ class Invoice:
             self.created,
             self.updated,
         )
+
+    def settled_key(self) -> int:
+        """This invoice as a settled snapshot keeps it: see :func:`settled_key`."""
+        return settled_key(*self.listed())
 
 
 # A settled invoice's key: the day its period starts, then a 42-bit fingerprint.
@@ -142,6 +152,20 @@ class Snapshot:
         """The ids, live ones first."""
         yield from self.live
         yield from self.settled
+
+    def held(self, listed: Listed) -> Invoice | int | None:
+        """What this snapshot holds of the invoice a listing shows as ``listed``, when it
+        holds that invoice as listed: the live :class:`Invoice` itself, or a settled
+        one's key; else None (an invoice it does not hold, or one that changed). The one
+        comparison of a listing with the snapshot: the parser asks it for each entry
+        (:func:`invoice_watch.atlas.parse.parse_page`) and builds nothing for one it
+        holds, so the diff finds an unchanged invoice as the stored object itself."""
+        invoice_id = listed[0]
+        before = self.live.get(invoice_id)
+        if before is not None:
+            return before if before.listed() == listed else None
+        key = self.settled.get(invoice_id)
+        return key if key is not None and settled_key(*listed) == key else None
 
     def newest_settled_day(self) -> date | None:
         """The (UTC) day on which the newest settled invoice's period starts."""

@@ -450,7 +450,7 @@ BODIES = st.integers(0, 3).flatmap(lambda k: (JSON, LISTINGS, LISTINGS, ENVELOPE
 
 def known_snapshot() -> Snapshot:
     """A snapshot that knows invoice "1..1" live and "2..2" settled, so that the
-    unchanged-field checks (`_unchanged`, `_settled_key`) are reached too."""
+    comparison of a listed entry with it (`listed_fields`, `Snapshot.held`) is reached too."""
     live = parse_invoice(ORG_A, {**item(0, ORG_A), "id": "1" * 24})
     paid = parse_invoice(ORG_A, {**item(0, ORG_A, "PAID", amountPaidCents=100_00), "id": "2" * 24})
     return Snapshot(settles=frozenset({"PAID"})).updated([live, paid], [])

@@ -24,11 +24,12 @@ from typing import TYPE_CHECKING
 from invoice_watch.atlas import parse
 from invoice_watch.atlas.bounds import PARSE_INLINE, max_values
 from invoice_watch.atlas.paging import Paging
+from invoice_watch.atlas.parse import Known
 from invoice_watch.atlas.transport import BadProxy, Transport
 from invoice_watch.clock import Clock, SystemClock
 from invoice_watch.errors import FetchAuthError, FetchDataError, FetchError, FetchStatusError
 from invoice_watch.safe_text import server_text
-from invoice_watch.types import Invoice, LineItem, OrgRead, Snapshot
+from invoice_watch.types import Invoice, LineItem, OrgRead
 
 if TYPE_CHECKING:
     from invoice_watch.config import AtlasConfig
@@ -104,19 +105,19 @@ class AtlasClient:
 
     async def list_invoices(self, org_id: str, from_date: date | None = None) -> list[Invoice]:
         """Every invoice of the organization (and of its linked organizations)."""
-        return (await self._paging.listing(org_id, from_date, Snapshot())).invoices
+        return (await self._paging.listing(org_id, from_date, None)).invoices
 
     async def read_org(
-        self, org_id: str, from_date: date | None = None, known: Snapshot | None = None
+        self, org_id: str, from_date: date | None = None, known: Known | None = None
     ) -> OrgRead:
         """List one organization's invoices; a failure is reported, never raised (an
         unexpected exception included: it is logged with its traceback). Cancellation
-        propagates. ``known``: its snapshot (see :meth:`Paging.listing`)."""
+        propagates. ``known``: what the caller holds of the listing, its snapshot (see
+        :func:`~invoice_watch.atlas.parse.parse_page`): an invoice it holds as listed
+        comes back as its own object (a settled one: its key, in ``OrgRead.settled``)."""
         before = self.requests_sent
         try:
-            listing = await self._paging.listing(
-                org_id, from_date, known if known is not None else Snapshot()
-            )
+            listing = await self._paging.listing(org_id, from_date, known)
         except FetchError as exc:  # its server text went through server_text()
             refused = isinstance(exc, FetchAuthError | FetchStatusError)
             return OrgRead(
@@ -138,7 +139,7 @@ class AtlasClient:
         self,
         org_ids: Sequence[str],
         from_dates: Mapping[str, date | None] | None = None,
-        known: Mapping[str, Snapshot] | None = None,
+        known: Mapping[str, Known] | None = None,
     ) -> AsyncGenerator[OrgRead, None]:
         """Read every organization concurrently, and hand each one's read back as soon as
         it is complete, while the others are still being read: one

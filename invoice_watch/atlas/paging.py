@@ -8,7 +8,7 @@ bound on requests in flight, at most :data:`_PAGES_AT_ONCE`), then paging goes o
 page at a time for as long as the estimate fell short. A full page that lists nothing
 new (a server repeating page 1) ends the listing as a failed read, and so does going past
 :func:`page_cap` pages. A page whose body comes back byte for byte as in the last
-listing is not parsed again.
+listing is not parsed again, when the caller held all it lists.
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ from datetime import date
 from invoice_watch.atlas import parse
 from invoice_watch.atlas.bounds import PARSE_INLINE
 from invoice_watch.atlas.errors import explain
-from invoice_watch.atlas.parse import Page
+from invoice_watch.atlas.parse import Known, Page
 from invoice_watch.atlas.transport import Transport
 from invoice_watch.constants import ITEMS_PER_PAGE, MAX_PAGES
 from invoice_watch.errors import FetchDataError, FetchError
-from invoice_watch.types import Invoice, Snapshot
+from invoice_watch.types import Invoice
 
 # At most this many pages are requested together on the strength of `totalCount` (an
 # estimate: a wild one must not turn into thousands of requests); paging goes on past it.
@@ -66,13 +66,15 @@ class Paging:
         self._max_values = max_values  # JSON values a page may hold (bounds.max_values)
         self._seen: dict[str, dict[int, _Seen]] = {}
 
-    async def listing(self, org_id: str, from_date: date | None, known: Snapshot) -> Listing:
+    async def listing(self, org_id: str, from_date: date | None, known: Known | None) -> Listing:
         """The organization's listing (``fromDate`` ``from_date``, None: in full).
 
-        ``known``: the invoices as last stored; a live one listed unchanged comes back as
-        that very object, so that it is kept in memory once. A page is parsed again only
-        when its body changed, or when it held an invoice that the snapshot is about to
-        keep settled (so that it is not kept in memory as an object until then).
+        ``known``: what the caller holds of the listing (its snapshot: see
+        :func:`~invoice_watch.atlas.parse.parse_page`); an invoice it holds comes back as
+        its own object, so that it is kept in memory once. A page is parsed again when
+        its body changed, and when the caller did not hold all it lists: the pages
+        remembered hold only the caller's own objects (nothing twice in memory, and no
+        invoice the snapshot keeps settled kept as an object).
         """
         seen = {1: await self._page(org_id, 1, from_date, known)}
         first = seen[1][1]
@@ -103,9 +105,7 @@ class Paging:
                 raise FetchDataError(org_id, explain("repeated_page", page=str(number)))
             listed |= identity
         self._seen[org_id] = {
-            number: (digest, page)
-            for number, (digest, page) in seen.items()
-            if not any(invoice.status in known.settles for invoice in page.invoices)
+            number: (digest, page) for number, (digest, page) in seen.items() if not page.built
         }
         found: dict[str, Invoice] = {}
         settled: set[int] = set()
@@ -118,7 +118,7 @@ class Paging:
         return Listing(list(found.values()), frozenset(settled), nested)
 
     async def _page(
-        self, org_id: str, number: int, from_date: date | None, known: Snapshot
+        self, org_id: str, number: int, from_date: date | None, known: Known | None
     ) -> _Seen:
         """One page of the listing; parsed only when its body differs from the one this
         page had in the last successful listing."""

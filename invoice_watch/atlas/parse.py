@@ -21,21 +21,14 @@ import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import Any, Protocol
 
 from invoice_watch.atlas.bounds import BYTES_PER_VALUE, INT64_MAX, MAX_VALUES, json_values
 from invoice_watch.atlas.errors import explain
 from invoice_watch.constants import INVOICE_STATUSES, ITEMS_PER_PAGE
 from invoice_watch.errors import FetchDataError
 from invoice_watch.safe_text import clip, one_line
-from invoice_watch.types import (
-    AMOUNT_ATTRS,
-    Invoice,
-    LineItem,
-    Snapshot,
-    instant,
-    settled_key,
-)
+from invoice_watch.types import AMOUNT_ATTRS, Invoice, LineItem, Listed, instant
 
 _HEX24 = re.compile(r"[a-f0-9]{24}")  # fullmatch: `$` would let a trailing newline in
 # Atlas's statusName values (PENDING, CLOSED, FORGIVEN, ...): a status it adds later is
@@ -57,6 +50,7 @@ class Page:
     total: int | None  # `totalCount`, an estimate, when the API gave one
     invoices: tuple[Invoice, ...]  # linked invoices flattened in, settled ones excepted
     settled: tuple[int, ...] = ()  # keys of the snapshot's settled invoices listed unchanged
+    built: int = 0  # invoices parsed anew (those the caller did not hold as listed)
 
     @property
     def full(self) -> bool:
@@ -122,13 +116,23 @@ def _results(org_id: str, body: bytes, max_values: int = MAX_VALUES) -> list[Any
     return results
 
 
+class Known(Protocol):
+    """What the caller already holds of the invoices a listing shows (its snapshot,
+    :meth:`~invoice_watch.types.Snapshot.held`): asked for each entry with what the entry
+    says, it answers with its own object when it holds that invoice as listed (the
+    :class:`Invoice` itself, or a settled one's key), else None."""
+
+    def held(self, listed: Listed) -> Invoice | int | None: ...
+
+
 def parse_page(
-    org_id: str, body: bytes, known: Snapshot | None = None, max_values: int = MAX_VALUES
+    org_id: str, body: bytes, known: Known | None = None, max_values: int = MAX_VALUES
 ) -> Page:
     """One page of the organization's invoice listing -> :class:`Page`.
 
-    A live invoice equal to its namesake in ``known`` is returned as that object; a
-    settled one listed unchanged, as its key. FetchDataError for anything malformed,
+    An entry that ``known`` holds as listed comes back as what it holds (an invoice
+    as that very object, a settled one as its key), without an invoice being built
+    for it: most of a listing is unchanged. FetchDataError for anything malformed,
     and for more than ``max_values`` JSON values (refused before parsing).
     """
     data = _listing(org_id, body, max_values)
@@ -138,40 +142,40 @@ def parse_page(
         raise FetchDataError(org_id, "`totalCount` is not an int64")
     invoices: list[Invoice] = []
     settled: list[int] = []
+    built = 0
     for item in results:
-        _flatten(org_id, item, known if known is not None else Snapshot(), invoices, settled)
+        built += _flatten(org_id, item, known, invoices, settled)
     return Page(
         size=len(results),
         total=total if type(total) is int else None,
         invoices=tuple(invoices),
         settled=tuple(settled),
+        built=built,
     )
 
 
 def _flatten(
     source_org_id: str,
     item: Any,
-    known: Snapshot,
+    known: Known | None,
     out: list[Invoice],
     settled: list[int],
     depth: int = 0,
-) -> None:
+) -> int:
     """The invoice and, recursively, the linked invoices nested in it, appended to
-    ``out``: the known object when nothing in the item differs from it (checked field by
-    field, without building a new invoice: most of a listing is unchanged), else the
-    item parsed; or to ``settled``, the key of a settled invoice that is unchanged.
-    ``linkedInvoices`` must be a list, nested at most :data:`_MAX_LINK_DEPTH` deep."""
-    before = key = None
-    if type(item) is dict and type(invoice_id := item.get("id")) is str:
-        before = known.live.get(invoice_id)
-        key = known.settled.get(invoice_id)
-    if before is not None and _unchanged(before, item):
-        out.append(before)
-    elif key is not None and _settled_key(item) == key:
-        settled.append(key)
+    ``out`` (a settled one ``known`` holds: its key, to ``settled``): what ``known``
+    holds of it, else the item parsed. ``linkedInvoices`` must be a list, nested at most
+    :data:`_MAX_LINK_DEPTH` deep. Returns how many invoices were built."""
+    held = None
+    if known is not None and type(item) is dict and (listed := listed_fields(item)):
+        held = known.held(listed)
+    built = 1 if held is None else 0
+    if held is None:
+        out.append(parse_invoice(source_org_id, item))
+    elif isinstance(held, int):
+        settled.append(held)
     else:
-        invoice = parse_invoice(source_org_id, item)
-        out.append(before if before == invoice else invoice)
+        out.append(held)
     linked = item.get("linkedInvoices")
     if linked:
         if type(linked) is not list:
@@ -181,33 +185,16 @@ def _flatten(
         if depth >= _MAX_LINK_DEPTH:
             raise FetchDataError(source_org_id, "`linkedInvoices` are nested too deeply")
         for nested in linked:
-            _flatten(source_org_id, nested, known, out, settled, depth + 1)
+            built += _flatten(source_org_id, nested, known, out, settled, depth + 1)
+    return built
 
 
-def _unchanged(before: Invoice, item: dict[str, Any]) -> bool:
-    """Whether :func:`parse_invoice` would make of ``item`` an invoice equal to
-    ``before`` (which passed its checks when it was parsed)."""
-    if item.get("statusName") != before.status or item.get("orgId") != before.org_id:
-        return False
-    for api_name, attr in AMOUNT_ATTRS.items():
-        value = item.get(api_name)
-        if value is None:
-            if api_name == "amountBilledCents" or getattr(before, attr) != 0:
-                return False
-        elif type(value) is not int or value != getattr(before, attr):
-            return False
-    return (
-        _same_instant(item.get("startDate"), before.start_date)
-        and _same_instant(item.get("endDate"), before.end_date)
-        and _same_instant(item.get("created"), before.created)
-        and _same_instant(item.get("updated"), before.updated)
-    )
-
-
-def _settled_key(item: dict[str, Any]) -> int | None:
-    """The settled key (:func:`~invoice_watch.types.settled_key`) of the invoice that
-    :func:`parse_invoice` would make of ``item``, or None where it would refuse the item
-    or might (then it is parsed, and what is wrong is reported)."""
+def listed_fields(item: dict[str, Any]) -> Listed | None:
+    """What ``item`` says of its invoice (:data:`~invoice_watch.types.Listed`), read as
+    :func:`parse_invoice` reads it but without building an invoice, or None where
+    parse_invoice would refuse the item or might (then it is parsed, and what is wrong
+    is reported). Its id, orgId and statusName are not checked: they equal those of an
+    invoice that passed the checks, or the item is parsed."""
     invoice_id, owner, status = item.get("id"), item.get("orgId"), item.get("statusName")
     if type(invoice_id) is not str or type(owner) is not str or type(status) is not str:
         return None
@@ -229,7 +216,7 @@ def _settled_key(item: dict[str, Any]) -> int | None:
         return None
     if updated is not None and (updated := _aware(updated)) is None:
         return None
-    return settled_key(invoice_id, owner, status, tuple(amounts), start, end, created, updated)
+    return (invoice_id, owner, status, tuple(amounts), start, end, created, updated)
 
 
 def _aware(value: Any) -> datetime | None:
@@ -241,12 +228,6 @@ def _aware(value: Any) -> datetime | None:
     except ValueError:
         return None
     return parsed if parsed.tzinfo is not None else None
-
-
-def _same_instant(value: Any, known: datetime | None) -> bool:
-    if value is None or known is None:
-        return value is None and known is None
-    return _aware(value) == known  # None (not a timestamp, or naive) never equals it
 
 
 def _timestamp(org_id: str, item: dict[str, Any], key: str, *, required: bool) -> datetime | None:
