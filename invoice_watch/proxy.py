@@ -54,6 +54,7 @@ def check_proxy_url(value: str) -> str:
         parts = urlsplit(text)
         port = parts.port
     except ValueError:
+        # Not chained: the cause may quote the URL, and with it the proxy's password.
         raise ValueError(_NOT_A_PROXY) from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(_NOT_A_PROXY)
@@ -211,4 +212,4 @@ def proxy_for(
     try:
         return check_proxy_url(value)
     except ValueError as exc:
-        raise ValueError(f"{name.upper()} {exc}") from None
+        raise ValueError(f"{name.upper()} {exc}") from exc

@@ -197,6 +197,8 @@ class AtlasClient:
         except FetchError:
             raise
         except Exception as exc:  # a body no check foresaw
+            # Not chained: the cause may quote the answer unredacted (it is logged
+            # redacted, with its traceback, by unexpected()).
             raise self._explain.unexpected(org_id, "reading its pending invoices", exc) from None
 
     async def invoice_line_items(self, org_id: str, invoice_id: str) -> list[LineItem]:
@@ -212,6 +214,8 @@ class AtlasClient:
             if len(body) > PARSE_INLINE:  # off the event loop
                 return await asyncio.to_thread(parse.csv_items, body, self._max_values)
             return parse.csv_items(body, self._max_values)
+        # Neither is chained: the cause may quote the CSV as it came, unredacted (the
+        # message holds it redacted; unexpected() logs the traceback redacted).
         except (UnicodeDecodeError, ValueError, csv.Error, ArithmeticError) as exc:
             raise FetchDataError(
                 org_id, f"the invoice CSV is malformed: {server_text(exc, 120)}"

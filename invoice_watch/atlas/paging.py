@@ -90,6 +90,8 @@ class Paging:
             except* Exception as errors:
                 failures = errors.exceptions
                 first_error = next((e for e in failures if isinstance(e, FetchError)), None)
+                # One of the group's own exceptions, raised again as it is (chained to
+                # the group it is in, it would be its own cause).
                 raise first_error or failures[0] from None
             seen.update((number, task.result()) for number, task in tasks.items())
         listed: set[str | int] = set(first.identity())

@@ -100,10 +100,10 @@ def _listing(org_id: str, body: bytes, max_values: int = MAX_VALUES) -> dict[str
         )
     try:
         data = json.loads(body)
-    except ValueError:  # UnicodeDecodeError included
-        raise FetchDataError(org_id, "the API answered with a body that is not JSON") from None
-    except RecursionError:
-        raise FetchDataError(org_id, "the API answered with JSON nested too deeply") from None
+    except ValueError as exc:  # UnicodeDecodeError included
+        raise FetchDataError(org_id, "the API answered with a body that is not JSON") from exc
+    except RecursionError as exc:
+        raise FetchDataError(org_id, "the API answered with JSON nested too deeply") from exc
     if isinstance(data, dict) and "content" in data and "status" in data:
         data = data["content"]  # envelope=true
     if not isinstance(data, dict) or not isinstance(data.get("results"), list):
@@ -239,6 +239,7 @@ def _timestamp(org_id: str, item: dict[str, Any], key: str, *, required: bool) -
     try:
         parsed = instant(value)
     except ValueError:
+        # Not chained: the cause quotes the server's text as it came, unredacted.
         raise FetchDataError(
             org_id, f"invoice {item.get('id')!s:.40}: `{key}` is not a timestamp"
         ) from None
@@ -246,10 +247,10 @@ def _timestamp(org_id: str, item: dict[str, Any], key: str, *, required: bool) -
         raise FetchDataError(org_id, f"invoice {item.get('id')!s:.40}: `{key}` has no timezone")
     try:
         parsed.astimezone(UTC)  # later stages work in UTC
-    except OverflowError:
+    except OverflowError as exc:
         raise FetchDataError(
             org_id, f"invoice {item.get('id')!s:.40}: `{key}` is out of range"
-        ) from None
+        ) from exc
     return parsed
 
 
@@ -364,8 +365,8 @@ def parse_invoice_csv(text: str, max_rows: int | None = None) -> list[LineItem]:
             dollars = Decimal(amount or "0")
             if not dollars.is_finite() or abs(dollars) > _INT64_DOLLARS:
                 raise InvalidOperation
-        except InvalidOperation:
-            raise ValueError(f"amount {amount!r:.20} is not a number of dollars") from None
+        except InvalidOperation as exc:
+            raise ValueError(f"amount {amount!r:.20} is not a number of dollars") from exc
         items.append(
             LineItem(
                 project=_label((row.get("Project") or "").strip(), "—"),

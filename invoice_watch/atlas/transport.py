@@ -168,7 +168,7 @@ class Transport:
         try:
             self.open()
         except BadProxy as exc:
-            raise FetchError(org_id, str(exc)) from None
+            raise FetchError(org_id, str(exc)) from exc
         fields = explainer.fields(org_id, URL(url))
         accept = self._accept(csv_body)
         retries = self._config.retries
@@ -184,14 +184,14 @@ class Transport:
                 refused = explainer.token_refused(
                     exc.status, exc.code, exc.api_error, exc.content_type, fields
                 )
-                raise FetchAuthError(org_id, f"{path}: {refused}") from None
+                raise FetchAuthError(org_id, f"{path}: {refused}") from exc
             except TokenUnavailable as exc:
                 fix = explainer.token_unavailable(exc.content_type, not_oauth=exc.not_oauth)
                 evidence = f"HTTP {exc.status}"
                 retry_after = parse_retry_after(exc.retry_after, self._clock.now())
             except TooLarge as exc:
                 too_large = explain("too_large", limit=size_text(exc.limit))
-                raise FetchDataError(org_id, f"{path}: {too_large}") from None
+                raise FetchDataError(org_id, f"{path}: {too_large}") from exc
             except (aiohttp.ClientError, TimeoutError) as exc:
                 kind, where = explainer.transport(exc, URL(url))
                 fix, evidence = explain(kind, **{**fields, **where}), ""
