@@ -287,3 +287,25 @@ def test_parse_page_with_known_invoices_reads_exactly_what_parse_invoice_reads(f
         assert got == expected and got is not stored
     else:
         assert got is (stored if kept == "live" else key)
+
+
+def test_parse_errors_chain_their_cause_unless_it_quotes_the_server():
+    """errors.py: a FetchError raised for another exception is chained to it (``raise
+    ... from exc``), except where the cause would quote the server's text unredacted."""
+    import json
+
+    from invoice_watch.atlas.parse import parse_page
+
+    with pytest.raises(FetchDataError, match="not JSON") as not_json:
+        parse_page(ORG_A, b"{not json")
+    assert isinstance(not_json.value.__cause__, ValueError)
+    with pytest.raises(FetchDataError, match="out of range") as overflow:
+        parse_invoice(ORG_A, good(startDate="9999-12-31T23:00:00-05:00"))
+    assert isinstance(overflow.value.__cause__, OverflowError)
+    with pytest.raises(ValueError, match="not a number of dollars") as amount:
+        parse_invoice_csv("Invoice,1\n\nProject,Amount\np,$1x\n")
+    assert amount.value.__cause__ is not None
+    body = json.dumps({"results": [good(startDate="token s3cret-value-1234")]}).encode()
+    with pytest.raises(FetchDataError, match="is not a timestamp") as quoted:
+        parse_page(ORG_A, body)
+    assert quoted.value.__cause__ is None and quoted.value.__suppress_context__
