@@ -67,12 +67,15 @@ async def test_client_requests_conform_to_the_spec(tmp_path: Path):
             }
         )
         config = load(text, env={}, base_dir=tmp_path)
+        failed, pending = sim.scenario.invoice("failed"), sim.scenario.invoice("pending")
         async with AtlasClient(config.atlas, clock=FakeClock()) as client:
-            assert await client.list_invoices(PROD)
-            assert await client.list_invoices(PROD, from_date=date(2026, 1, 1)) is not None
+            everything = await client.list_invoices(PROD)
+            assert len(everything) == 3  # PAID, FAILED, PENDING
+            # fromDate: the FAILED invoice's month on (the PAID one, a month earlier, not)
+            since = await client.list_invoices(PROD, from_date=failed.start.date())
+            assert {i.id for i in since} == {failed.id, pending.id}
             assert await client.pending_line_items(PROD)
-            failed = sim.scenario.invoice("failed").id
-            assert await client.invoice_line_items(PROD, failed)
+            assert await client.invoice_line_items(PROD, failed.id)
         requests = [r for r in sim.requests if r.path.startswith("/api/atlas/v2/")]
     assert len(requests) >= 4
     for record in requests:
