@@ -69,10 +69,10 @@ async def test_client_requests_conform_to_the_spec(tmp_path: Path):
         config = load(text, env={}, base_dir=tmp_path)
         failed, pending = sim.scenario.invoice("failed"), sim.scenario.invoice("pending")
         async with AtlasClient(config.atlas, clock=FakeClock()) as client:
-            everything = await client.list_invoices(PROD)
+            everything = (await client.read_org(PROD)).invoices
             assert len(everything) == 3  # PAID, FAILED, PENDING
             # fromDate: the FAILED invoice's month on (the PAID one, a month earlier, not)
-            since = await client.list_invoices(PROD, from_date=failed.start.date())
+            since = (await client.read_org(PROD, failed.start.date())).invoices
             assert {i.id for i in since} == {failed.id, pending.id}
             assert await client.pending_line_items(PROD)
             assert await client.invoice_line_items(PROD, failed.id)

@@ -404,24 +404,24 @@ def invoice(n: int) -> dict[str, Any]:
         (4000, [1, 2, 3, 4, 5, 6, 7, 8, 9]),  # long: pages 5-9 come back empty
     ],
 )
-async def test_list_invoices_of_a_big_org_asks_for_pages_together(
+async def test_read_org_of_a_big_org_asks_for_pages_together(
     tmp_path: Path, claimed: int, pages: list[int]
 ):
     async with Listing(1600, claimed) as server:
         atlas = base_config()["atlas"] | {"base_url": server.url}
         config = make_config(tmp_path, base_config(atlas=atlas))
         async with AtlasClient(config.atlas) as client:
-            invoices = await client.list_invoices(BIG_ORG)
+            invoices = (await client.read_org(BIG_ORG)).invoices
     assert sorted(server.pages) == pages
     assert sorted(i.id for i in invoices) == [f"{n:024x}" for n in range(1600)]
 
 
-async def test_list_invoices_without_a_count_pages_one_after_the_other(tmp_path: Path):
+async def test_read_org_without_a_count_pages_one_after_the_other(tmp_path: Path):
     async with Listing(1000, None) as server:
         atlas = base_config()["atlas"] | {"base_url": server.url}
         config = make_config(tmp_path, base_config(atlas=atlas))
         async with AtlasClient(config.atlas) as client:
-            invoices = await client.list_invoices(BIG_ORG)
+            invoices = (await client.read_org(BIG_ORG)).invoices
     assert server.pages == [1, 2, 3]  # 500, 500, then the short (empty) page
     assert len(invoices) == 1000
 

@@ -29,7 +29,7 @@ from invoice_watch.atlas.transport import BadProxy, Transport
 from invoice_watch.clock import Clock, SystemClock
 from invoice_watch.errors import FetchAuthError, FetchDataError, FetchError, FetchStatusError
 from invoice_watch.safe_text import server_text
-from invoice_watch.types import Invoice, LineItem, OrgRead
+from invoice_watch.types import LineItem, OrgRead
 
 if TYPE_CHECKING:
     from invoice_watch.config import AtlasConfig
@@ -92,20 +92,12 @@ class AtlasClient:
         await self._transport.aclose()
 
     @property
-    def requests_sent(self) -> int:
-        return self._transport.requests_sent
-
-    @property
     def last_request_at(self) -> float | None:
         """When the last request to Atlas started (monotonic seconds), None before the
         first: the sign of progress of a cycle in flight (App's watchdog)."""
         return self._transport.last_request_at
 
     # -- listings --------------------------------------------------------------------
-
-    async def list_invoices(self, org_id: str, from_date: date | None = None) -> list[Invoice]:
-        """Every invoice of the organization (and of its linked organizations)."""
-        return (await self._paging.listing(org_id, from_date, None)).invoices
 
     async def read_org(
         self, org_id: str, from_date: date | None = None, known: Known | None = None
@@ -115,22 +107,27 @@ class AtlasClient:
         propagates. ``known``: what the caller holds of the listing, its snapshot (see
         :func:`~invoice_watch.atlas.parse.parse_page`): an invoice it holds as listed
         comes back as its own object (a settled one: its key, in ``OrgRead.settled``)."""
-        before = self.requests_sent
+        before = self._transport.requests_sent
         try:
             listing = await self._paging.listing(org_id, from_date, known)
         except FetchError as exc:  # its server text went through server_text()
             refused = isinstance(exc, FetchAuthError | FetchStatusError)
             return OrgRead(
-                org_id, error=str(exc), requests=self.requests_sent - before, refused=refused
+                org_id,
+                error=str(exc),
+                requests=self._transport.requests_sent - before,
+                refused=refused,
             )
         except Exception as exc:  # any body whatsoever fails this org only
             error = self._explain.unexpected(org_id, "reading its invoices", exc)
-            return OrgRead(org_id, error=str(error), requests=self.requests_sent - before)
+            return OrgRead(
+                org_id, error=str(error), requests=self._transport.requests_sent - before
+            )
         return OrgRead(
             org_id,
             tuple(listing.invoices),
             listing.settled,
-            requests=self.requests_sent - before,
+            requests=self._transport.requests_sent - before,
             listed=len(listing.invoices) + len(listing.settled),
             linked=listing.linked,
         )
