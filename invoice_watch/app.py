@@ -27,7 +27,6 @@ import random
 import sys
 import threading
 import time
-import traceback
 from collections import defaultdict
 from collections.abc import (
     AsyncGenerator,
@@ -95,6 +94,7 @@ from invoice_watch.rules import (
     settled_statuses,
     wall_age,
 )
+from invoice_watch.safe_text import traceback_text
 from invoice_watch.schedule import PollLoop, PollSchedule
 from invoice_watch.store import (
     AlertState,
@@ -1212,7 +1212,7 @@ class App:
                 "read counts as failed, the others are recorded%s",
                 config.org_name(org_id),
                 cause,
-                "" if isinstance(exc, UnstorableError) else ":\n" + _traceback(exc),
+                "" if isinstance(exc, UnstorableError) else ":\n" + traceback_text(exc),
             )
             decide.withdraw(org_id, part.transitions, part.previous)
             dropped = {id(t) for t in part.transitions}
@@ -1489,7 +1489,7 @@ class App:
                     "no breakdown for %s: %s\n%s",
                     self.config.org_name(org_id),
                     _cause(exc),
-                    _traceback(exc),
+                    traceback_text(exc),
                 )
             return {}
 
@@ -1936,7 +1936,7 @@ async def take_reads(
                 "%s: taking its read failed unexpectedly; this organization's read counts "
                 "as failed:\n%s",
                 name(org_id),
-                _traceback(exc).rstrip(),
+                traceback_text(exc),
             )
             error = (
                 f"organization {org_id}: taking its read failed unexpectedly "
@@ -1949,7 +1949,7 @@ async def take_reads(
                 log.error(
                     "%s: recording its failed read failed unexpectedly:\n%s",
                     name(org_id),
-                    _traceback(again).rstrip(),
+                    traceback_text(again),
                 )
             return
         outcomes[org_id] = read.outcome()
@@ -1964,12 +1964,6 @@ async def take_reads(
 def _cause(exc: BaseException) -> str:
     """An unforeseen exception in one line (its type and message, redacted, clipped)."""
     return redact(f"{type(exc).__name__}: {exc}")[:300]
-
-
-def _traceback(exc: BaseException) -> str:
-    """An unforeseen exception's traceback for the log, redacted and bounded."""
-    text = redact("".join(traceback.format_exception(exc)))
-    return text if len(text) <= 20_000 else text[:10_000] + "\n[…]\n" + text[-10_000:]
 
 
 def _unknown_status_rules(config: Config) -> str:

@@ -83,7 +83,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import traceback
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -101,9 +100,8 @@ from invoice_watch.errors import (
 )
 from invoice_watch.health import Metrics
 from invoice_watch.quiet import QUIET_PREFIX, QuietWindow, holds
-from invoice_watch.redact import redact
 from invoice_watch.retry import backoff, retry_delay
-from invoice_watch.safe_text import one_line, server_text
+from invoice_watch.safe_text import one_line, server_text, traceback_text
 from invoice_watch.store import ERROR_MAX, Delivery, Store, outbox_error, summarize
 from invoice_watch.types import AlertEvent, EventKind, FiringMirror, Notifier
 
@@ -116,16 +114,7 @@ _PRUNE_BATCH = 500  # rows of each kind one prune deletes
 _PRUNE_EVERY = 3600.0  # monotonic seconds between prunes once nothing is left to prune
 _AGED_MAX = 10_000  # creation times of waiting messages one pass keeps the age of
 _TELL_EVERY = 3600.0  # monotonic seconds: at most one WARNING a message in that time
-_TRACEBACK_MAX = 20_000  # characters of an unexpected error's traceback logged
 DEFAULT_RETENTION = timedelta(days=180)
-
-
-def _traceback(exc: BaseException) -> str:
-    """``exc``'s traceback for the log: redacted, printable, bounded."""
-    text = "".join(traceback.format_exception(exc))
-    if len(text) > _TRACEBACK_MAX:
-        text = text[: _TRACEBACK_MAX // 2] + "\n[…]\n" + text[-_TRACEBACK_MAX // 2 :]
-    return redact(text).rstrip()
 
 
 def _to(owed: tuple[str, ...] | None) -> str:
@@ -429,7 +418,7 @@ class Deliverer:
                     "%s: unexpected error while posting the firing alerts again (a bug: "
                     "please report it):\n%s",
                     name,
-                    _traceback(exc),
+                    traceback_text(exc),
                 )
             self._repost_failing.add(name)
             return
@@ -552,7 +541,7 @@ class Deliverer:
                     "%s: unexpected error while sending (a bug: please report it); the "
                     "message is kept and retried:\n%s",
                     what,
-                    _traceback(exc),
+                    traceback_text(exc),
                 )
             return await self._retry_later(delivery, what, error, None, stats, owed, tell=tell)
         await self._record(_Outcome(delivery, what, "sent", self._clock.now()))

@@ -13,11 +13,15 @@ ever), terminal control sequences, bidirectional overrides.
 
 from __future__ import annotations
 
+import traceback
 from collections.abc import Iterable
 
 from invoice_watch.redact import printable, redact
 
-__all__ = ["clip", "one_line", "printable", "server_text", "storable"]
+__all__ = ["clip", "one_line", "printable", "server_text", "storable", "traceback_text"]
+
+# A traceback line longer than this (a message quoting a whole answer) is cut.
+_TRACEBACK_LINE = 2000
 
 
 def clip(text: str, limit: int) -> str:
@@ -48,3 +52,18 @@ def storable(text: str, limit: int) -> str:
     characters. Redaction is the writer's business (:func:`server_text`); this is the
     last guard before SQLite."""
     return clip(printable(text[: 4 * limit]), limit)
+
+
+def traceback_text(exc: BaseException, limit: int = 20_000) -> str:
+    """An unforeseen exception's traceback, fit for the log: each line at most 2,000
+    characters, redacted (no secret, nothing a terminal acts on: :func:`redact`), at
+    most ``limit`` characters (its head and its tail), without a trailing newline."""
+    text = redact(
+        "".join(
+            line if len(line) <= _TRACEBACK_LINE else line[:_TRACEBACK_LINE] + "…\n"
+            for line in traceback.format_exception(exc)
+        )
+    )
+    if len(text) > limit:
+        text = text[: limit // 2] + "\n[…]\n" + text[-limit // 2 :]
+    return text.rstrip()

@@ -21,7 +21,6 @@ import ipaddress
 import json
 import logging
 import re
-import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
@@ -29,7 +28,6 @@ from typing import TYPE_CHECKING, Final
 import aiohttp
 from yarl import URL
 
-from invoice_watch import redact
 from invoice_watch.atlas.bounds import INT64_MAX
 from invoice_watch.constants import (
     API_PREFIXES,
@@ -40,7 +38,7 @@ from invoice_watch.constants import (
 )
 from invoice_watch.errors import FetchDataError
 from invoice_watch.proxy import masked
-from invoice_watch.safe_text import server_text
+from invoice_watch.safe_text import server_text, traceback_text
 
 if TYPE_CHECKING:
     from invoice_watch.config import AtlasConfig
@@ -460,17 +458,11 @@ class Explainer:
     def unexpected(self, org_id: str, doing: str, exc: BaseException) -> FetchDataError:
         """An exception no check foresaw, while ``doing`` something for ``org_id``:
         logged with its traceback (redacted), returned as that org's FetchError."""
-        lines = traceback.format_exception(exc)
-        text = redact.redact(
-            "".join(line if len(line) < 2000 else line[:2000] + "…\n" for line in lines)
-        )
-        if len(text) > 20_000:
-            text = text[:10_000] + "\n[…]\n" + text[-10_000:]
         log.error(
             "%s: %s failed unexpectedly; this organization's read counts as failed:\n%s",
             self.org_label(org_id),
             doing,
-            text.rstrip(),
+            traceback_text(exc),
         )
         cause = server_text(f"{type(exc).__name__}: {exc}", 200)
         return FetchDataError(org_id, explain("unexpected", cause=cause))
