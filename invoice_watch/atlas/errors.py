@@ -29,6 +29,7 @@ import aiohttp
 from yarl import URL
 
 from invoice_watch.atlas.bounds import INT64_MAX
+from invoice_watch.config import DigestAuth
 from invoice_watch.constants import (
     API_PREFIXES,
     LINKED_INVOICES_ROLES,
@@ -307,8 +308,6 @@ class Explainer:
     def __init__(
         self, config: AtlasConfig, org_names: Mapping[str, str], proxy: str | None
     ) -> None:
-        from invoice_watch.config import DigestAuth
-
         digest = isinstance(config.auth, DigestAuth)
         self.credentials = "API key" if digest else "service account"
         self.where = (

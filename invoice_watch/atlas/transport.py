@@ -24,7 +24,12 @@ from aiohttp import hdrs
 from yarl import URL
 
 from invoice_watch import __version__
-from invoice_watch.atlas.auth import OAuthMiddleware, TokenRefused, TokenUnavailable, middleware
+from invoice_watch.atlas.auth import (
+    OAuthMiddleware,
+    TokenRefused,
+    TokenUnavailable,
+    middleware,
+)
 from invoice_watch.atlas.bounds import SMALL_BODY, TooLarge, read_body
 from invoice_watch.atlas.deprecation import Deprecations
 from invoice_watch.atlas.errors import (
@@ -37,6 +42,7 @@ from invoice_watch.atlas.errors import (
 )
 from invoice_watch.atlas.pacing import MAX_RETRY_AFTER, RateLimit
 from invoice_watch.clock import Clock
+from invoice_watch.config import DigestAuth
 from invoice_watch.constants import V2_CSV_MEDIA_TYPE, V2_MEDIA_TYPE
 from invoice_watch.errors import (
     FetchAuthError,
@@ -102,6 +108,7 @@ class Transport:
             self.proxy, self._proxy_error = None, f"{exc}; fix or unset it"
         self.explain = Explainer(config, org_names, self.proxy)
         self._semaphore = asyncio.Semaphore(config.max_concurrency)
+        self._digest = isinstance(config.auth, DigestAuth)
         self._authenticated = False
         self._auth_lock = asyncio.Lock()
         self._session: aiohttp.ClientSession | None = None
@@ -146,7 +153,7 @@ class Transport:
         """With Digest keys, the next request goes alone again: the nonce of the last
         round of requests may have gone stale since, and only one request should learn
         it. (An OAuth token is refreshed by its middleware.)"""
-        if self.explain.credentials == "API key":
+        if self._digest:
             self._authenticated = False
 
     async def get(
