@@ -2,8 +2,9 @@
 
 It lists organizations' invoices (:meth:`AtlasClient.read_orgs`: one
 :class:`~invoice_watch.types.OrgRead` per organization, each handed back as it
-completes; the client knows nothing of what the caller does with it) and fetches line items for
-breakdowns (:meth:`AtlasClient.pending_line_items`, :meth:`AtlasClient.invoice_line_items`).
+completes; the client knows nothing of what the caller does with it) and fetches line
+items for breakdowns (:meth:`AtlasClient.pending_line_items`,
+:meth:`AtlasClient.invoice_line_items`).
 
 Containment (SPEC §10 "Bounds"): whatever one organization's answers hold, its read ends
 as an :class:`~invoice_watch.types.OrgRead`, ok or failed, and never cancels another
