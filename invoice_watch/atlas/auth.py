@@ -32,12 +32,10 @@ from invoice_watch import redact
 from invoice_watch.atlas.bounds import INT64_MAX, SMALL_BODY, read_body
 from invoice_watch.atlas.errors import ApiError, parse_api_error
 from invoice_watch.clock import Clock
-from invoice_watch.config import DigestAuth
 from invoice_watch.constants import OAUTH_TOKEN_PATH
 
 if TYPE_CHECKING:
     from invoice_watch.config import AtlasConfig
-
 
 _TOKEN = re.compile(r"[\x21-\x7e]{1,4096}")
 
@@ -48,6 +46,8 @@ def middleware(
     """The aiohttp client middleware that authenticates every request of ``config``'s
     credentials, and the :class:`OAuthMiddleware` it is (None for Digest), whose tokens
     are forgotten when the session closes."""
+    from invoice_watch.config import DigestAuth  # see Transport.__init__
+
     auth = config.auth
     if isinstance(auth, DigestAuth):
         return aiohttp.DigestAuthMiddleware(auth.public_key, auth.private_key.get()), None

@@ -29,7 +29,6 @@ import aiohttp
 from yarl import URL
 
 from invoice_watch.atlas.bounds import INT64_MAX
-from invoice_watch.config import DigestAuth
 from invoice_watch.constants import (
     API_PREFIXES,
     LINKED_INVOICES_ROLES,
@@ -308,6 +307,8 @@ class Explainer:
     def __init__(
         self, config: AtlasConfig, org_names: Mapping[str, str], proxy: str | None
     ) -> None:
+        from invoice_watch.config import DigestAuth  # see Transport.__init__
+
         digest = isinstance(config.auth, DigestAuth)
         self.credentials = "API key" if digest else "service account"
         self.where = (

