@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any, Literal
 
+from invoice_watch.atlas.bounds import INT64_MAX
+from invoice_watch.atlas.parse import line_item_cents
 from invoice_watch.errors import FetchDataError
 from invoice_watch.safe_text import clip, one_line
 from invoice_watch.types import LineItem
@@ -36,8 +38,7 @@ ITEMS_PER_PAGE = 500  # the spec's maximum
 # `totalCount` says: a month of daily line items of 1,000 clusters with 5 SKUs each.
 MAX_PAGES = 320
 _HEX24 = re.compile(r"[a-f0-9]{24}")
-_INT64_MAX = 2**63 - 1
-_LABEL = 120  # characters of a project, cluster or SKU name (as fetch.py cuts them)
+_LABEL = 120  # characters of a project, cluster or SKU name (as atlas/parse.py cuts them)
 
 SortField = Literal["USAGE_DATES", "BILL_DATES", "TOTAL_PRICE_CENTS"]
 
@@ -121,19 +122,13 @@ def parse_usage_page(
     if not isinstance(data, dict) or not isinstance(data.get("results"), list):
         raise FetchDataError(org_id, "the line item search answer has no `results` list")
     total = data.get("totalCount")
-    if total is not None and (type(total) is not int or not 0 <= total <= _INT64_MAX):
+    if total is not None and (type(total) is not int or not 0 <= total <= INT64_MAX):
         raise FetchDataError(org_id, "the line item search's `totalCount` is not a count")
     items = []
     for entry in data["results"]:
         if not isinstance(entry, dict):
             continue
-        cents = entry.get("totalPriceCents", 0)
-        if cents is None:
-            cents = 0
-        if type(cents) is not int or abs(cents) > _INT64_MAX:
-            raise FetchDataError(
-                org_id, f"invoice {invoice_id}: a line item's `totalPriceCents` is not an int64"
-            )
+        cents = line_item_cents(org_id, invoice_id, entry)
         group = entry.get("groupId")
         project_id = group if isinstance(group, str) and _HEX24.fullmatch(group) else ""
         items.append(

@@ -315,28 +315,32 @@ def _label(value: object, default: str) -> str:
     return clip(one_line(text[: 4 * _LABEL]), _LABEL) or default
 
 
+def line_item_cents(org_id: str, invoice_id: str, entry: dict[str, Any]) -> int:
+    """A line item's ``totalPriceCents`` (absent or null: 0); FetchDataError when it
+    is not an int64."""
+    cents = entry.get("totalPriceCents", 0)
+    if cents is None:
+        return 0
+    if type(cents) is not int or abs(cents) > INT64_MAX:
+        raise FetchDataError(
+            org_id, f"invoice {invoice_id}: a line item's `totalPriceCents` is not an int64"
+        )
+    return cents
+
+
 def _line_items_json(org_id: str, invoice_id: str, raw: list[Any]) -> list[LineItem]:
-    """A pending invoice's ``lineItems``. ``totalPriceCents`` must be an int64 (absent:
-    0); FetchDataError otherwise."""
+    """A pending invoice's ``lineItems`` (:func:`line_item_cents`)."""
     items = []
     for entry in raw:
         if not isinstance(entry, dict):
             continue
-        cents = entry.get("totalPriceCents", 0)
-        if cents is None:
-            cents = 0
-        if type(cents) is not int or abs(cents) > INT64_MAX:
-            raise FetchDataError(
-                org_id,
-                f"invoice {invoice_id}: a line item's `totalPriceCents` is not an int64",
-            )
         group = entry.get("groupName") or entry.get("groupId")
         items.append(
             LineItem(
                 project=_label(group, "—"),
                 sku=_label(entry.get("sku"), "—"),
                 cluster=_label(entry.get("clusterName"), ""),
-                amount_cents=cents,
+                amount_cents=line_item_cents(org_id, invoice_id, entry),
             )
         )
     return items
