@@ -130,7 +130,7 @@ class Metrics:
 # set back since (an NTP fix, a VM restore), so the time says nothing of the daemon.
 FUTURE_TOLERANCE = timedelta(seconds=5)
 # The longest wait before a retry the Atlas client makes on its own: Retry-After is
-# honoured up to this (fetch._MAX_RETRY_AFTER); atlas.max_backoff may be longer.
+# honoured up to this (atlas.pacing.MAX_RETRY_AFTER); atlas.max_backoff may be longer.
 LONGEST_RETRY_AFTER = timedelta(seconds=300)
 
 

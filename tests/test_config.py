@@ -1133,7 +1133,7 @@ async def test_digest_user_name_punctuation_is_escaped_on_the_wire(user: str):
     simulator (urllib's parser) undoes it: each logs in. So `"` and `\\` are refused in
     public_key (BAD_VALUES) as stray characters (no Atlas key has them: 8 lowercase
     letters), not because they break the header. The config is built past validation."""
-    from invoice_watch.fetch import AtlasClient
+    from invoice_watch.atlas.client import AtlasClient
     from invoice_watch.simulator import Simulator
     from tests.world import PROD, scenario
 
@@ -1143,7 +1143,7 @@ async def test_digest_user_name_punctuation_is_escaped_on_the_wire(user: str):
         )
         auth = atlas.auth.model_copy(update={"public_key": user})
         async with AtlasClient(atlas.model_copy(update={"auth": auth, "retries": 0})) as client:
-            assert await client.list_invoices(PROD)
+            assert (await client.read_org(PROD)).invoices
 
 
 BAD_VALUES = [

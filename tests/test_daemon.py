@@ -598,10 +598,10 @@ def test_status_check_sees_a_cycle_in_flight_by_the_reads_it_recorded():
 
 
 def test_the_progress_limit_counts_the_atlas_clients_longest_retry_wait():
-    from invoice_watch import fetch
+    from invoice_watch.atlas.pacing import MAX_RETRY_AFTER
     from invoice_watch.health import LONGEST_RETRY_AFTER
 
-    assert LONGEST_RETRY_AFTER.total_seconds() == fetch._MAX_RETRY_AFTER
+    assert LONGEST_RETRY_AFTER.total_seconds() == MAX_RETRY_AFTER
 
 
 # -- clients that never read their answers (issue 12 §A12-8) ----------------------------
