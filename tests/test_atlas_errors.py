@@ -237,6 +237,33 @@ async def test_token_endpoint_refusal_with_an_atlas_error_code_uses_its_fix(tmp_
     assert "IP_ADDRESS_NOT_ON_ACCESS_LIST" in error
 
 
+@pytest.mark.parametrize(
+    ("status", "body", "says", "not_said"),
+    [
+        # RFC 6749 §5.2: a malformed request is no wrong secret (final attack, NEW-4).
+        (400, {"error": "invalid_request"}, "refused the token request itself", "is wrong"),
+        (400, {"error": "unsupported_grant_type"}, "(a proxy: atlas.proxy", "is wrong"),
+        # Atlas's own refusal of a kind the table does not know: its errorCode, quoted.
+        (
+            403,
+            {"error": 403, "errorCode": "SERVICE_ACCOUNT_DISABLED", "detail": "Disabled."},
+            "with Atlas's SERVICE_ACCOUNT_DISABLED",
+            "is wrong",
+        ),
+        # What a wrong secret looks like still says so.
+        (401, {"error": "invalid_client"}, "client_secret is wrong", "malformed"),
+    ],
+)
+async def test_token_endpoint_refusals_are_explained_by_their_code(
+    tmp_path: Path, status: int, body: dict[str, object], says: str, not_said: str
+):
+    async with Gateway() as gateway:
+        gateway.token = (status, "application/json", json.dumps(body).encode())
+        error = await gateway_error(gateway, tmp_path, service_account=True)
+    assert says in error and not_said not in error, error
+    assert "mdb_sa_sk_01234" not in error
+
+
 @pytest.mark.parametrize("where", ["listing", "token endpoint"])
 async def test_a_waf_page_is_not_atlas_refusing(tmp_path: Path, where: str):
     """A 403 HTML page from a firewall or proxy: not "grant it the role" (nor "the
@@ -334,6 +361,8 @@ def test_every_fix_fills_its_fields():
         "base_url": "https://cloud.mongodb.com/api/atlas/v2",
         "prefix": "/api/atlas/v2",
         "origin": "https://cloud.mongodb.com",
+        "atlas_code": "SERVICE_ACCOUNT_DISABLED",
+        "code": "invalid_request",
     }
     for status, code in FIXES:
         message = explain(status, code, **fields)

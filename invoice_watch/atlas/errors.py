@@ -89,6 +89,20 @@ FIXES: Final[dict[tuple[int | str, str | None], str]] = {
         "client_secret is wrong, or the service account was deleted or its secret expired; "
         "check {where}"
     ),
+    # RFC 6749 §5.2 error codes other than invalid_client / invalid_grant /
+    # unauthorized_client (the "token" row): the request itself was refused as
+    # malformed, which no credential fixes.
+    ("token_request", None): (
+        "the OAuth token endpoint refused the token request itself as malformed ({code}), "
+        "not the service account's credentials: something between this machine and "
+        "Atlas may alter requests (a proxy: atlas.proxy, or HTTPS_PROXY), or "
+        "atlas.base_url names another server; if neither, report it as a bug"
+    ),
+    ("token_atlas", None): (
+        "the OAuth token endpoint refused the service account with Atlas's "
+        "{atlas_code}; check the service account in the Atlas UI (Organization Access "
+        "Manager > Applications > Service Accounts) and {where}"
+    ),
     ("token_not_oauth", None): (
         "the OAuth token endpoint {url} answered with something that is not an OAuth "
         "token ({content_type}): a proxy or a captive portal may be answering in Atlas's "
@@ -211,6 +225,12 @@ class _Fields(dict[str, str]):
 
     def __missing__(self, key: str) -> str:
         return "?"
+
+
+# RFC 6749 §5.2 codes saying the token request was malformed, not that the client's
+# credentials were wrong (invalid_client), or its grant refused (invalid_grant,
+# unauthorized_client).
+_MALFORMED_TOKEN_REQUEST = frozenset({"invalid_request", "unsupported_grant_type", "invalid_scope"})
 
 
 def explain(status: int | str, error_code: str | None = None, **fields: str) -> str:
@@ -441,7 +461,12 @@ class Explainer:
                 content_type=server_text(content_type, 60),
             )
             return f"{fix} (HTTP {status})"
+        if api.code:  # Atlas's own refusal, of a kind the table does not know
+            fix = explain("token_atlas", **{**fields, "atlas_code": api.code})
+            return f"{fix} ({api.evidence(status)})"
         cause = f"HTTP {status}" + (f" {code}" if code else "")
+        if code in _MALFORMED_TOKEN_REQUEST:
+            return f"{explain('token_request', **{**fields, 'code': code})} ({cause})"
         return f"{explain('token', **fields)} ({cause})"
 
     def token_unavailable(self, content_type: str, *, not_oauth: bool) -> str:
