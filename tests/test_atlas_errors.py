@@ -8,6 +8,7 @@ warned about once per cycle and counted; a retired API version says to upgrade.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import socket
@@ -392,21 +393,21 @@ async def test_real_429_body_with_parameters_is_read_and_retry_after_honoured(
         AtlasClient(config_for(sim, tmp_path).atlas, clock=clock) as client,
     ):
         assert (await client.read_org(PAYER)).ok
-        result = await client.read_org(SECOND)
+        result = await client.read_org(PAYER)  # its organization's bucket is empty
     assert not result.ok and "RATE_LIMITED_TOKEN_BUCKET" in (result.error or "")
     assert "lower atlas.max_concurrency" in (result.error or "")
 
 
 async def test_rate_limit_remaining_slows_down_before_a_429(clock: FakeClock, tmp_path: Path):
-    """A token bucket of 2 refilled at 1 a second, six organizations read four at a
-    time: RateLimit-Remaining says when the bucket is empty, the client waits before
-    the next request instead of drawing 429s."""
-    orgs = [PAYER, SECOND, *(f"{n:024x}" for n in range(1, 5))]
-    async with Simulator(scenario(*orgs), clock=clock, rate_limit=(1.0, 2)) as sim:
+    """A token bucket of 2 refilled at 1 a second (one organization's: Atlas's scope
+    for the invoice endpoints), six reads of it four at a time: RateLimit-Remaining
+    says when the bucket is empty, the client waits before the next request instead of
+    drawing 429s."""
+    async with Simulator(scenario(), clock=clock, rate_limit=(1.0, 2)) as sim:
         config = config_for(sim, tmp_path, retries=5)
         async with AtlasClient(config.atlas, clock=clock) as client:
-            reads = await read_all(client, orgs)
-        assert all(read.ok for read in reads.values())
+            reads = await asyncio.gather(*(client.read_org(PAYER) for _ in range(6)))
+        assert all(read.ok for read in reads)
         assert [r.status for r in sim.requests if r.status == 429] == []
         assert sum(clock.sleeps) >= 3  # it did wait, about a second a request
 
@@ -558,3 +559,24 @@ async def test_deprecated_endpoint_is_warned_once_per_cycle_and_counted(
         registry.get_sample_value("invoice_watch_atlas_endpoint_sunset_timestamp_seconds", endpoint)
         == datetime(2027, 10, 1, tzinfo=UTC).timestamp()
     )
+
+
+async def test_one_organizations_429_holds_back_only_its_own_requests():
+    """Atlas's buckets for the invoice endpoints are per organization (its rate-limit
+    documentation: an endpoint set and a scope); a 429 asking org A to wait a minute
+    delays no request of org B (final attack, NEW-5), while A's next request waits."""
+    from invoice_watch.atlas.pacing import RateLimits
+    from invoice_watch.clock import FakeClock
+
+    clock = FakeClock()
+    rates = RateLimits(clock, max_concurrency=4, max_backoff=60.0)
+    base = "https://cloud.mongodb.com/api/atlas/v2/orgs"
+    rates.of(f"{base}/{'a' * 24}/invoices").note(429, {"Retry-After": "60"})
+    async with rates.of(f"{base}/{'b' * 24}/invoices/1").turn():
+        pass
+    async with rates.of("https://cloud.mongodb.com/api/atlas/v2").turn():
+        pass
+    assert clock.sleeps == []
+    async with rates.of(f"{base}/{'a' * 24}/invoices?pageNum=2").turn():
+        pass
+    assert clock.sleeps == [60.0]

@@ -1,13 +1,19 @@
 """Atlas's rate limits, as its answers tell them: when the next request may go.
 
-A 429's ``Retry-After`` (:func:`invoice_watch.retry.parse_retry_after`) holds back every
-request until it has passed. ``RateLimit-Remaining`` (Atlas documents it on 429 answers
-only) is a hint about now: while it says fewer requests are left than may be in flight,
-requests go one at a time, and after an answer that took the last token the next one
-waits a pause first (:data:`PACE_SECONDS`, or as long as the longest ``Retry-After`` so
-far: how long the bucket takes to refill, up to ``atlas.max_backoff``). The hint holds
-until an answer without it, and at most a minute (the window Atlas counts in) or the
-429's ``Retry-After`` when that is longer. Time is the monotonic clock's.
+Atlas keeps a token bucket per endpoint set and *scope* (organization, project, user or
+IP address; https://www.mongodb.com/docs/atlas/api/api-rate-limit/), and the invoice
+endpoints are scoped by organization: so what an answer says holds for the requests of
+its organization (:class:`RateLimits`), and one organization answering 429 delays no
+other organization's reads, nor their alerts. Requests outside ``/orgs/{id}`` share one
+scope. A 429's ``Retry-After`` (:func:`invoice_watch.retry.parse_retry_after`) holds back
+every request of its scope until it has passed. ``RateLimit-Remaining`` (Atlas
+documents it on 429 answers only) is a hint about now: while it says fewer requests are
+left than may be in flight, requests go one at a time, and after an answer that took the
+last token the next one waits a pause first (:data:`PACE_SECONDS`, or as long as the
+longest ``Retry-After`` so far: how long the bucket takes to refill, up to
+``atlas.max_backoff``). The hint holds until an answer without it, and at most a minute
+(the window Atlas counts in) or the 429's ``Retry-After`` when that is longer. Time is
+the monotonic clock's.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import logging
 import re
 from collections.abc import AsyncIterator, Mapping
 from typing import Final
+from urllib.parse import urlsplit
 
 from invoice_watch.clock import Clock
 from invoice_watch.retry import parse_retry_after
@@ -95,3 +102,26 @@ class RateLimit:
             # An answer without the hint: nothing says the bucket is low any more.
             self._remaining = None
             self._pause = PACE_SECONDS
+
+
+_ORG_SCOPE = re.compile(r"/orgs/([^/]{1,64})(?:/|$)")
+
+
+class RateLimits:
+    """A :class:`RateLimit` per rate-limit scope (the module docstring): one per
+    organization a request path names (``/orgs/{id}/...``), one for all other paths.
+    Bounded: the paths are the client's own, so the scopes are the configured
+    organizations (and the orgs they pay for) plus one."""
+
+    def __init__(self, clock: Clock, max_concurrency: int, max_backoff: float) -> None:
+        self._args = (clock, max_concurrency, max_backoff)
+        self._scopes: dict[str, RateLimit] = {}
+
+    def of(self, url: str) -> RateLimit:
+        """The rate limit that holds for a request to ``url``."""
+        match = _ORG_SCOPE.search(urlsplit(url).path)
+        scope = match[1] if match else ""
+        limit = self._scopes.get(scope)
+        if limit is None:
+            limit = self._scopes[scope] = RateLimit(*self._args)
+        return limit

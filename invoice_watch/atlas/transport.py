@@ -40,7 +40,7 @@ from invoice_watch.atlas.errors import (
     parse_api_error,
     size_text,
 )
-from invoice_watch.atlas.pacing import MAX_RETRY_AFTER, RateLimit
+from invoice_watch.atlas.pacing import MAX_RETRY_AFTER, RateLimit, RateLimits
 from invoice_watch.clock import Clock
 from invoice_watch.constants import V2_CSV_MEDIA_TYPE, V2_MEDIA_TYPE
 from invoice_watch.errors import (
@@ -118,7 +118,7 @@ class Transport:
         self._session: aiohttp.ClientSession | None = None
         self._oauth: OAuthMiddleware | None = None
         max_backoff = config.max_backoff.total_seconds()
-        self._rate = RateLimit(clock, config.max_concurrency, max_backoff)
+        self._rates = RateLimits(clock, config.max_concurrency, max_backoff)
         self.deprecations = Deprecations(self.explain.version, metrics)
         self.requests_sent = 0
         self.last_request_at: float | None = None  # monotonic start of the last request
@@ -287,8 +287,11 @@ class Transport:
         self, url: str, params: Mapping[str, str], accept: str, endpoint: str
     ) -> _Answer:
         session = self.open()
-        async with self._semaphore, self._rate.turn():
-            answer = await self._exchange(session, url, params, accept, endpoint)
+        rate = self._rates.of(url)
+        # The rate limit's wait first: a request waiting for its organization's
+        # Retry-After holds no slot another organization's request could use.
+        async with rate.turn(), self._semaphore:
+            answer = await self._exchange(session, url, params, accept, endpoint, rate)
         # Let the request waiting for this slot go out before this answer is parsed.
         await asyncio.sleep(0)
         return answer
@@ -300,8 +303,10 @@ class Transport:
         params: Mapping[str, str],
         accept: str,
         endpoint: str,
+        rate: RateLimit,
     ) -> _Answer:
-        """One request and its answer, its body read within the bounds."""
+        """One request and its answer, its body read within the bounds; what the answer
+        says of the rate limit goes to ``rate`` (its scope's)."""
         self.requests_sent += 1
         self.last_request_at = self._clock.monotonic()
         async with session.get(
@@ -311,7 +316,7 @@ class Transport:
             allow_redirects=False,  # a credential never follows a redirect elsewhere
             proxy=self.proxy,
         ) as resp:
-            self._rate.note(resp.status, resp.headers)
+            rate.note(resp.status, resp.headers)
             self.deprecations.note(endpoint, resp.headers)
             if 200 <= resp.status < 300:
                 body = await read_body(resp, self._config.max_response_size)

@@ -247,7 +247,9 @@ class Simulator:
     Credentials are generated unless given. ``clock`` drives nonce and token expiry, the
     rate limit, ``updated`` timestamps and :meth:`run_timeline`; tests pass a
     ``FakeClock``. ``nonce_lifetime`` is how long a Digest nonce is good for (seconds).
-    ``rate_limit`` is ``(requests per second, burst)``, off when None.
+    ``rate_limit`` is ``(requests per second, burst)`` per organization (Atlas keeps a
+    bucket per endpoint set and scope, and the invoice endpoints' scope is the
+    organization), off when None.
 
     What an operator's Atlas may also answer: ``access_list`` (the API access list of the
     credentials: other client addresses get 403 ``IP_ADDRESS_NOT_ON_ACCESS_LIST``; None
@@ -300,7 +302,10 @@ class Simulator:
             self._clock,
         )
         self._tokens = TokenIssuer(self.client_id, self.client_secret, token_lifetime, self._clock)
-        self._bucket = TokenBucket(*rate_limit, self._clock) if rate_limit else None
+        self._rate_limit_args = rate_limit
+        # A token bucket per organization (Atlas's scope for the invoice endpoints; its
+        # rate-limit documentation), one for the paths that name none.
+        self._buckets: dict[str, TokenBucket] = {}
         self.access_list = access_list
         self.atlas_parameters = atlas_parameters
         self.rate_limit_headers = rate_limit_headers
@@ -509,10 +514,11 @@ class Simulator:
         self, request: web.Request, response: web.StreamResponse
     ) -> None:
         if self.rate_limit_headers == "always" or response.status == 429:
-            if self._bucket is None:
+            bucket = self._bucket(request)
+            if bucket is None:
                 limit = remaining = NOMINAL_RATE_LIMIT
             else:
-                limit, remaining = self._bucket.burst, self._bucket.remaining
+                limit, remaining = bucket.burst, bucket.remaining
             response.headers["RateLimit-Limit"] = str(limit)
             # A 429 means the bucket is empty, whatever refilled since it was checked.
             response.headers["RateLimit-Remaining"] = str(
@@ -690,20 +696,30 @@ class Simulator:
                 "The requested API version was removed. Use a supported API version.",
             )
 
+    def _bucket(self, request: web.Request) -> TokenBucket | None:
+        """The token bucket of the request's scope (its organization), None when the
+        simulator has no rate limit."""
+        if self._rate_limit_args is None:
+            return None
+        scope = request.match_info.get("orgId", "")
+        bucket = self._buckets.get(scope)
+        if bucket is None:
+            bucket = self._buckets[scope] = TokenBucket(*self._rate_limit_args, self._clock)
+        return bucket
+
     def _rate_limit(self, request: web.Request) -> None:
-        if self._bucket is None:
+        bucket = self._bucket(request)
+        if bucket is None:
             return
-        wait = self._bucket.take()
+        wait = bucket.take()
         if wait > 0:
             raise ApiProblem(
                 429,
                 "RATE_LIMITED_TOKEN_BUCKET",
-                f"Resource {request.path} is limited to {self._bucket.burst} requests every "
-                f"{self._bucket.burst / self._bucket.rate:g} seconds.",
+                f"Resource {request.path} is limited to {bucket.burst} requests every "
+                f"{bucket.burst / bucket.rate:g} seconds.",
                 headers={"Retry-After": str(max(1, math.ceil(wait)))},
-                parameters=self._parameters(
-                    request.path, self._bucket.burst, self._bucket.burst / self._bucket.rate
-                ),
+                parameters=self._parameters(request.path, bucket.burst, bucket.burst / bucket.rate),
             )
 
     async def _with_faults(
