@@ -16,9 +16,14 @@ from invoice_watch.store import Store, open_copy, open_store
 from invoice_watch.types import Invoice
 
 # Fixtures test modules share: the SMTP sink (aiosmtpd on 127.0.0.1), the `world` of the
-# end-to-end tests (simulator + fake Slack + SMTP + config builder), and the guard that
-# fails any test whose captured logs show a secret.
-pytest_plugins = ["tests.fakes_smtp", "tests.world", "tests.secret_guard"]
+# end-to-end tests (simulator + fake Slack + SMTP + config builder), the guard that
+# fails any test whose captured logs show a secret, and a throwaway PostgreSQL server.
+pytest_plugins = [
+    "tests.fakes_smtp",
+    "tests.world",
+    "tests.secret_guard",
+    "tests.postgres",
+]
 
 ORG_A = "aaaaaaaaaaaaaaaaaaaaaaaa"
 ORG_B = "bbbbbbbbbbbbbbbbbbbbbbbb"
