@@ -101,6 +101,7 @@ from invoice_watch.store import (
     OrgState,
     OrgWrite,
     Store,
+    location,
     message_parts,
     open_copy,
     open_store,
@@ -1007,9 +1008,9 @@ class App:
         config = self.config
         settles = settled_statuses(config.rules)
         if self.dry_run:
-            store = await open_copy(config.state.path, settles=settles)
+            store = await open_copy(location(config.state), settles=settles)
         else:
-            store = await open_store(config.state.path, settles=settles)
+            store = await open_store(location(config.state), settles=settles)
         self._store = store
         self._stack.push_async_callback(store.close)
         if not self.dry_run:

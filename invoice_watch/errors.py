@@ -74,6 +74,11 @@ class StateFileGoneError(StateError):
     replaced while the daemon ran): the daemon must stop (see Store.check_held)."""
 
 
+class NotLeaderError(StateError):
+    """A replica that does not hold the lease (PostgreSQL, ``ha``) tried to write: its
+    fencing token is not the lease's, so the transaction wrote nothing."""
+
+
 class UnstorableError(InvoiceWatchError):
     """The state file cannot take a value that was read (a string UTF-8 cannot encode, an
     integer beyond 64 bits): the fault is the data's, not the file's, so the cycle fails

@@ -22,7 +22,7 @@ from invoice_watch.config import Config, state_files_elsewhere
 from invoice_watch.constants import INVOICE_STATUSES
 from invoice_watch.errors import StateError, UsageError
 from invoice_watch.health import health, in_flight_from_reads, progress_limit
-from invoice_watch.store import Store, open_store
+from invoice_watch.store import Store, location, open_store
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -49,6 +49,8 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 async def _open(config: Config) -> Store:
     """The daemon's state file, read-only (StateError when missing or unusable, or when
     the default names none while another documented place holds one)."""
+    if config.state.url is not None:
+        return await open_store(location(config.state), exclusive=False)
     if (elsewhere := state_elsewhere(config)) is not None:
         path, _ = elsewhere[0]
         raise StateError(

@@ -58,6 +58,9 @@ APPLY: dict[str, Apply] = {
     "poll.jitter": Apply.SCHEDULE,
     "poll.full_listing_every": Apply.CYCLE,  # FullListings takes it at each cycle
     "state.path": Apply.RESTART,  # the open, locked state file cannot move
+    "state.url": Apply.RESTART,  # nor the database (nor its lease) change under it
+    "state.password": Apply.RESTART,
+    "ha.lease_ttl": Apply.RESTART,
     "delivery.max_age": Apply.DELIVERY,
     "delivery.max_backoff": Apply.DELIVERY,
     "delivery.retention": Apply.DELIVERY,

@@ -12,7 +12,7 @@ import yaml
 
 from invoice_watch import constants, redact
 from invoice_watch.config import Config, load
-from invoice_watch.store import Store, open_copy, open_store
+from invoice_watch.store import StateUrl, Store, open_copy, open_store
 from invoice_watch.types import Invoice
 
 # Fixtures test modules share: the SMTP sink (aiosmtpd on 127.0.0.1), the `world` of the
@@ -73,15 +73,41 @@ def clean_environ(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 class OpenState(Protocol):
     """The ``open_state`` fixture: ``await open_state(path)`` opens a state as the daemon
     does, ``exclusive=False`` as an operator command does, ``copy=True`` as --dry-run
-    does (:func:`~invoice_watch.store.open_copy`); ``path`` None: ``tmp_path/state.db``."""
+    does (:func:`~invoice_watch.store.open_copy`); ``path`` None: ``tmp_path/state.db``.
+    On PostgreSQL every path names the test's one database."""
 
     def __call__(
         self, path: Path | None = None, *, exclusive: bool = True, copy: bool = False
     ) -> Awaitable[Store]: ...
 
 
+Backend = Callable[[Path], "Path | StateUrl"]
+
+
+def where_state_is(request: pytest.FixtureRequest, name: str) -> Backend:
+    """Where a path keeps the state on backend ``name``: the file itself (sqlite), or
+    the test's fresh database (postgresql)."""
+    if name == "sqlite":
+        return lambda path: path
+    url = StateUrl(request.getfixturevalue("postgres_url"))
+    return lambda path: url
+
+
 @pytest.fixture
-async def open_state(tmp_path: Path) -> AsyncIterator[OpenState]:
+def backend(request: pytest.FixtureRequest) -> Backend:
+    """The state backend of ``open_state`` and ``store``: SQLite; a module whose tests
+    every backend must pass overrides it with :func:`every_backend`."""
+    return where_state_is(request, "sqlite")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def every_backend(request: pytest.FixtureRequest) -> Backend:
+    """Each state backend in turn (PostgreSQL: tests/postgres.py's server)."""
+    return where_state_is(request, request.param)
+
+
+@pytest.fixture
+async def open_state(tmp_path: Path, backend: Backend) -> AsyncIterator[OpenState]:
     """Opens states for a test and closes each after it (closing one the test closed
     already does nothing): no test opens and closes a state by hand."""
     opened: list[Store] = []
@@ -89,7 +115,7 @@ async def open_state(tmp_path: Path) -> AsyncIterator[OpenState]:
     async def open_(
         path: Path | None = None, *, exclusive: bool = True, copy: bool = False
     ) -> Store:
-        where = tmp_path / "state.db" if path is None else path
+        where = backend(tmp_path / "state.db" if path is None else path)
         state = await (open_copy(where) if copy else open_store(where, exclusive=exclusive))
         opened.append(state)
         return state
@@ -102,7 +128,7 @@ async def open_state(tmp_path: Path) -> AsyncIterator[OpenState]:
 @pytest.fixture
 async def store(open_state: OpenState) -> Store:
     """A new state, the daemon's (``tmp_path/state.db``), closed after the test: what the
-    store tests take, so that another backend runs them by parametrizing this."""
+    store tests take, on every backend (``backend``)."""
     return await open_state()
 
 

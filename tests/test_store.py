@@ -1,6 +1,7 @@
 """What every state backend does (the Protocols of invoice_watch.store), through the
-`store` and `open_state` fixtures: a cycle's transactions and held messages, grouping,
-the outbox's marks, the snapshot's linked and settled invoices."""
+`store` and `open_state` fixtures, on SQLite and on PostgreSQL: a cycle's transactions
+and held messages, grouping, the outbox's marks, the snapshot's linked and settled
+invoices."""
 
 from __future__ import annotations
 
@@ -13,7 +14,13 @@ import pytest
 from invoice_watch.dedup import Reason, Transition
 from invoice_watch.store import AlertState, OrgWrite, Store
 from invoice_watch.types import AlertEvent, EventKind, Severity
-from tests.conftest import NOW, ORG_A, ORG_B, inv
+from tests.conftest import NOW, ORG_A, ORG_B, Backend, inv
+
+
+@pytest.fixture
+def backend(every_backend: Backend) -> Backend:
+    """Every test here runs on each backend (SQLite, PostgreSQL)."""
+    return every_backend
 
 
 def event(key: str = "k") -> AlertEvent:

@@ -193,8 +193,47 @@ class PollConfig(_Model):
         return self
 
 
+# libpq's sslmode values (https://www.postgresql.org/docs/current/libpq-ssl.html).
+_SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+
+def _check_state_url(value: Secret) -> Secret:
+    """A PostgreSQL URL (``state.url``); its password is a secret, and no message
+    shows the URL."""
+    from urllib.parse import parse_qs, unquote, urlsplit
+
+    try:
+        parts = urlsplit(value.get())
+        parts.port  # noqa: B018 (raises on a bad port)
+    except ValueError:
+        raise ValueError("the URL is not a valid postgresql:// URL") from None
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ValueError(
+            "the URL must start with postgresql:// (for an SQLite file set state.path instead)"
+        )
+    if not parts.hostname:
+        raise ValueError("the URL names no host: postgresql://user@host:5432/dbname")
+    if parts.path.strip("/") == "":
+        raise ValueError("the URL names no database: postgresql://user@host:5432/dbname")
+    for mode in parse_qs(parts.query).get("sslmode", []):
+        if mode not in _SSLMODES:
+            raise ValueError(f"sslmode must be one of {', '.join(_SSLMODES)} (libpq's)")
+    if parts.password:
+        for secret in (parts.password, unquote(parts.password)):
+            Secret(secret)  # registered: redacted from every message
+    return value
+
+
+StateDbUrl = Annotated[Secret, AfterValidator(_check_state_url)]
+
+
 class StateConfig(_Model):
     path: ConfigPath
+    # A PostgreSQL database instead of the file (replicas share it: ``ha``). Its
+    # password inside it (as ``${VAR}``), or in ``password`` / ``password_file``;
+    # ``sslmode``/``sslrootcert`` as libpq names them, in the URL's query.
+    url: StateDbUrl | None = None
+    password: Secret | None = None
     # Where ``path`` came from: "state.path" when the file sets it, else what
     # default_state_path chose (shown by check-config).
     _origin: str = PrivateAttr(default="state.path")
@@ -207,6 +246,35 @@ class StateConfig(_Model):
     def explicit(self) -> bool:
         """Whether the configuration file sets ``state.path`` itself."""
         return self._origin == "state.path"
+
+    @model_validator(mode="after")
+    def _one_password(self) -> StateConfig:
+        from urllib.parse import urlsplit
+
+        if self.password is not None and self.url is None:
+            raise ValueError("password (or password_file) is for state.url; set state.url too")
+        if self.password is not None and self.url is not None and urlsplit(self.url.get()).password:
+            raise ValueError(
+                "the password is in state.url and in password (or password_file): keep one"
+            )
+        return self
+
+
+class HaConfig(_Model):
+    """Replicas sharing one PostgreSQL state (``state.url``): the lease."""
+
+    # How long the leader's lease lasts unless renewed (it renews every third of it);
+    # a standby takes over at most this long after the leader died.
+    lease_ttl: Annotated[
+        Duration, at_most(timedelta(minutes=10), "a dead leader would be replaced too late")
+    ] = timedelta(seconds=30)
+
+    @field_validator("lease_ttl")
+    @classmethod
+    def _long_enough(cls, value: timedelta) -> timedelta:
+        if value < timedelta(seconds=3):
+            raise ValueError("must be at least 3s: the leader renews it every third of it")
+        return value
 
 
 class DeliveryConfig(_Model):
@@ -639,6 +707,7 @@ class Config(_Model):
     usage: UsageConfig = Field(default_factory=UsageConfig)
     reports: Annotated[list[ReportConfig], Field(max_length=100)] = []
     http: HttpConfig | None = None
+    ha: HaConfig = Field(default_factory=HaConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     _source: Path | None = PrivateAttr(default=None)
     _warnings: tuple[ConfigProblem, ...] = PrivateAttr(default=())

@@ -18,8 +18,10 @@ and :class:`~.protocols.UnitOfWork` writes across them in ONE transaction (an
 organization's snapshot, its alert changes and its notifications; retention). The
 rest of invoice_watch sees only :class:`Store` (:mod:`.protocols`) and the plain values
 of :mod:`.records`; how messages are grouped and named is :mod:`.grouping`, how values
-become text :mod:`.encoding`. The backend is :mod:`.sqlite` (a file, WAL, locked by one
-daemon); :func:`open_store` opens it.
+become text :mod:`.encoding`. The backends are :mod:`.sqlite` (a file, WAL, locked by one
+daemon: the default) and :mod:`.postgres` (a database replicas share, written by the
+holder of a lease); :func:`open_store` opens either (:func:`location`: which one a
+configuration names).
 """
 
 from __future__ import annotations
@@ -29,9 +31,11 @@ import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from invoice_watch.config.models import StateConfig
 from invoice_watch.constants import FINAL_STATUSES
 from invoice_watch.store.encoding import ERROR_MAX, outbox_error, owed_of, unstorable
 from invoice_watch.store.grouping import message_parts, summarize
+from invoice_watch.store.postgres.url import StateUrl
 from invoice_watch.store.protocols import (
     AlertChange,
     CycleLog,
@@ -57,8 +61,10 @@ __all__ = [
     "OutboxRow",
     "SilenceRepository",
     "SnapshotRepository",
+    "StateUrl",
     "Store",
     "UnitOfWork",
+    "location",
     "message_parts",
     "open_copy",
     "open_store",
@@ -71,23 +77,38 @@ __all__ = [
 
 
 async def open_store(
-    path: Path | None, *, exclusive: bool = True, settles: frozenset[str] = FINAL_STATUSES
+    where: Path | StateUrl | None,
+    *,
+    exclusive: bool = True,
+    settles: frozenset[str] = FINAL_STATUSES,
 ) -> Store:
-    """The state at ``path`` (None: in memory): the daemon's (``exclusive``: created,
-    migrated and locked) or an operator command's (read only). ``settles``: the invoice
+    """The state at ``where``: an SQLite file (a Path; None: in memory), or a
+    PostgreSQL database (a :class:`~invoice_watch.store.postgres.url.StateUrl`, from
+    ``state.url``: :func:`location`). The daemon's (``exclusive``: created, migrated and,
+    for a file, locked) or an operator command's (read only). ``settles``: the invoice
     statuses the snapshot keeps settled in memory. See
-    :meth:`~invoice_watch.store.sqlite.SqliteStore.open`; a
+    :meth:`~invoice_watch.store.sqlite.SqliteStore.open` and
+    :meth:`~invoice_watch.store.postgres.PostgresStore.connect`; a
     :class:`~invoice_watch.errors.StateError` says what is wrong."""
+    if isinstance(where, StateUrl):
+        from invoice_watch.store.postgres import PostgresStore  # loaded when used
+
+        return await PostgresStore.connect(where, exclusive=exclusive, settles=settles)
     from invoice_watch.store.sqlite import SqliteStore  # the backend, loaded when used
 
-    return await SqliteStore.open(path, exclusive=exclusive, settles=settles)
+    return await SqliteStore.open(where, exclusive=exclusive, settles=settles)
 
 
-async def open_copy(path: Path, *, settles: frozenset[str] = FINAL_STATUSES) -> Store:
-    """A copy in memory of the state at ``path`` (``--dry-run``): read, never written."""
+async def open_copy(where: Path | StateUrl, *, settles: frozenset[str] = FINAL_STATUSES) -> Store:
+    """The state at ``where`` for ``--dry-run``: read, never written (a copy in memory
+    of a file; a database's writes rolled back)."""
+    if isinstance(where, StateUrl):
+        from invoice_watch.store.postgres import PostgresStore
+
+        return await PostgresStore.connect(where, settles=settles, dry_run=True)
     from invoice_watch.store.sqlite import SqliteStore
 
-    return await asyncio.to_thread(SqliteStore.copy, path, settles=settles)
+    return await asyncio.to_thread(SqliteStore.copy, where, settles=settles)
 
 
 @contextlib.asynccontextmanager
@@ -103,3 +124,12 @@ async def silences_writer(path: Path) -> AsyncIterator[SilenceRepository]:
         yield SqliteSilences(db)
     finally:
         await db.close()
+
+
+def location(state: StateConfig) -> Path | StateUrl:
+    """Where the configuration keeps the state: ``state.url`` (PostgreSQL, with
+    ``state.password``) when set, else the file ``state.path``."""
+    if state.url is None:
+        return state.path
+    password = state.password.get() if state.password is not None else None
+    return StateUrl(state.url.get(), password)

@@ -5,23 +5,22 @@ running cycle holds in the outbox.
 
 from __future__ import annotations
 
-import sqlite3
 from datetime import datetime
 
-from invoice_watch.store.sqlite.database import Database
+from invoice_watch.store.sql import SqlConnection, SqlDatabase
 
 
 class SqliteCycleLog:
     """The cycle log (:class:`~invoice_watch.store.protocols.CycleLog`)."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: SqlDatabase) -> None:
         self._db = db
         self._number = 0  # the last number given
 
-    def load(self, conn: sqlite3.Connection) -> None:
+    def load(self, conn: SqlConnection) -> None:
         self._number = conn.execute(  # above every number a held row may carry
-            "SELECT MAX((SELECT COALESCE(MAX(id), 0) FROM cycles), "
-            "(SELECT COALESCE(MAX(cycle), 0) FROM outbox))"
+            "SELECT COALESCE(MAX(n), 0) FROM (SELECT MAX(id) AS n FROM cycles "
+            "UNION ALL SELECT MAX(cycle) FROM outbox) AS numbers"
         ).fetchone()[0]
 
     def number(self) -> int:
@@ -32,7 +31,7 @@ class SqliteCycleLog:
 
     @staticmethod
     def record(
-        conn: sqlite3.Connection,
+        conn: SqlConnection,
         started_at: datetime,
         finished_at: str,
         orgs_ok: int,
@@ -48,7 +47,7 @@ class SqliteCycleLog:
     async def last(self) -> tuple[datetime, int, int] | None:
         """(finished at, orgs ok, orgs failed) of the last committed cycle."""
 
-        def query(conn: sqlite3.Connection) -> tuple[datetime, int, int] | None:
+        def query(conn: SqlConnection) -> tuple[datetime, int, int] | None:
             row = conn.execute(
                 "SELECT finished_at, orgs_ok, orgs_failed FROM cycles ORDER BY id DESC LIMIT 1"
             ).fetchone()
@@ -59,7 +58,7 @@ class SqliteCycleLog:
         return await self._db.read(query, f"state file {self._db.name}")
 
     @staticmethod
-    def prune(conn: sqlite3.Connection, cutoff: str, limit: int) -> int:
+    def prune(conn: SqlConnection, cutoff: str, limit: int) -> int:
         """Delete cycles that finished before ``cutoff``, but the last (``status`` reads
         it), at most ``limit``; returns how many."""
         return conn.execute(

@@ -8,7 +8,6 @@ a resolved alert stays in the file until retention forgets it.
 
 from __future__ import annotations
 
-import sqlite3
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
@@ -17,6 +16,7 @@ from typing import Any
 from invoice_watch.store.encoding import event_json, last_event, with_recipients
 from invoice_watch.store.protocols import AlertChange
 from invoice_watch.store.records import AlertState
+from invoice_watch.store.sql import SqlConnection
 from invoice_watch.types import AlertEvent, Invoice, Snapshot, instant
 
 
@@ -73,7 +73,7 @@ class SqliteNotificationLog:
     def __init__(self) -> None:
         self._firing: dict[str, AlertState] = {}
 
-    def load(self, conn: sqlite3.Connection, snapshot: Callable[[str], Snapshot]) -> None:
+    def load(self, conn: SqlConnection, snapshot: Callable[[str], Snapshot]) -> None:
         """Read the firing alerts (``snapshot``: an organization's, whose invoice ids
         they share)."""
         self._firing = {}
@@ -86,7 +86,7 @@ class SqliteNotificationLog:
     def firing(self) -> dict[str, AlertState]:
         return dict(self._firing)
 
-    def write(self, conn: sqlite3.Connection, transitions: Iterable[AlertChange]) -> dict[int, str]:
+    def write(self, conn: SqlConnection, transitions: Iterable[AlertChange]) -> dict[int, str]:
         """The alerts' rows; returns the JSON of each event written, by ``id(event)``
         (an event is stored as its alert's last event and as an outbox message)."""
         written: dict[int, str] = {}
@@ -102,9 +102,13 @@ class SqliteNotificationLog:
                 yield _alert_row(state, text)
 
         conn.executemany(
-            "INSERT OR REPLACE INTO alerts (key, rule, org_id, source_org_id, invoice_id, "
+            "INSERT INTO alerts (key, rule, org_id, source_org_id, invoice_id, "
             "firing, firing_since, last_notified, resolved_at, last_event) "
-            "VALUES (?,?,?,?,?,?,?,?,?,?)",
+            "VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT (key) DO UPDATE SET "
+            "rule=excluded.rule, org_id=excluded.org_id, source_org_id=excluded.source_org_id, "
+            "invoice_id=excluded.invoice_id, firing=excluded.firing, "
+            "firing_since=excluded.firing_since, last_notified=excluded.last_notified, "
+            "resolved_at=excluded.resolved_at, last_event=excluded.last_event",
             rows(),
         )
         return written
@@ -119,12 +123,12 @@ class SqliteNotificationLog:
                 self._firing.pop(state.key, None)
 
     @staticmethod
-    def prune(conn: sqlite3.Connection, cutoff: str, limit: int) -> int:
+    def prune(conn: SqlConnection, cutoff: str, limit: int) -> int:
         """Delete alerts resolved before ``cutoff``, and notices (one-shot, never
         firing) sent before it (at most ``limit``; a firing alert is never touched: SPEC
         §3, its state does not expire); returns how many."""
         return conn.execute(
-            "DELETE FROM alerts WHERE rowid IN (SELECT rowid FROM alerts "
+            "DELETE FROM alerts WHERE key IN (SELECT key FROM alerts "
             "WHERE firing=0 AND resolved_at < ? LIMIT ?)",
             (cutoff, limit),
         ).rowcount

@@ -12,7 +12,6 @@ delivery reads it a bounded batch at a time.
 
 from __future__ import annotations
 
-import sqlite3
 import sys
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from datetime import datetime
@@ -23,7 +22,7 @@ from invoice_watch.store.encoding import OWED_PREFIX, event_json, outbox_error, 
 from invoice_watch.store.grouping import group_summary, message_parts, summarize
 from invoice_watch.store.protocols import AlertChange
 from invoice_watch.store.records import Delivery, OutboxRow
-from invoice_watch.store.sqlite.database import Database
+from invoice_watch.store.sql import SqlConnection, SqlDatabase
 from invoice_watch.store.sqlite.silences import silence_held
 from invoice_watch.types import Part, events_from_json, instant
 
@@ -37,9 +36,7 @@ def _dt(value: str | None) -> datetime | None:
     return datetime.fromisoformat(value) if value else None
 
 
-def _group(
-    conn: sqlite3.Connection, ids: Sequence[int], sizes: Sequence[int], now: str | None
-) -> None:
+def _group(conn: SqlConnection, ids: Sequence[int], sizes: Sequence[int], now: str | None) -> None:
     """Make the rows ``ids`` (in order) grouped messages of ``sizes`` (at most
     MESSAGE_MAX_EVENTS each): each part led by its first row, pending (due ``now`` when
     given, else when it already was)."""
@@ -61,27 +58,26 @@ def _group(
         conn.execute("UPDATE outbox SET summary=? WHERE id=?", (group_summary(size, part), first))
 
 
-def _part_of(
-    conn: sqlite3.Connection, leader: int, cycle: int | None, notifier: str
-) -> Part | None:
+def _part_of(conn: SqlConnection, leader: int, cycle: int | None, notifier: str) -> Part | None:
     """Which part the grouped message led by ``leader`` is of its cycle's grouped
     messages to ``notifier`` (None: the only one). A cycle's rows are numbered together
     (cycles commit one after another, and nothing else adds rows), so its parts lie
     between the nearest rows of other cycles: found by rowid, without a scan."""
+    tag = cycle or 0  # (cycles are numbered from 1; a row of schema 1 has none)
     before = conn.execute(
-        "SELECT id FROM outbox WHERE id < ? AND cycle IS NOT ? ORDER BY id DESC LIMIT 1",
-        (leader, cycle),
+        "SELECT id FROM outbox WHERE id < ? AND COALESCE(cycle, 0) <> ? ORDER BY id DESC LIMIT 1",
+        (leader, tag),
     ).fetchone()
     after = conn.execute(
-        "SELECT id FROM outbox WHERE id > ? AND cycle IS NOT ? ORDER BY id LIMIT 1",
-        (leader, cycle),
+        "SELECT id FROM outbox WHERE id > ? AND COALESCE(cycle, 0) <> ? ORDER BY id LIMIT 1",
+        (leader, tag),
     ).fetchone()
     leaders = [
         row[0]
         for row in conn.execute(
-            "SELECT id FROM outbox WHERE id > ? AND id < ? AND cycle IS ? AND notifier=? "
-            "AND grp=id ORDER BY id",
-            (before[0] if before else 0, after[0] if after else sys.maxsize, cycle, notifier),
+            "SELECT id FROM outbox WHERE id > ? AND id < ? AND COALESCE(cycle, 0) = ? "
+            "AND notifier=? AND grp=id ORDER BY id",
+            (before[0] if before else 0, after[0] if after else sys.maxsize, tag, notifier),
         )
     ]
     if len(leaders) < 2 or leader not in leaders:
@@ -93,7 +89,7 @@ def _part_of(
 
 
 def hold_events(
-    conn: sqlite3.Connection,
+    conn: SqlConnection,
     cycle: int,
     transitions: Iterable[AlertChange],
     routes: Mapping[str, Sequence[str]],
@@ -121,13 +117,13 @@ def hold_events(
     )
 
 
-def retag_held(conn: sqlite3.Connection, cycle: int, tag: int) -> None:
+def retag_held(conn: SqlConnection, cycle: int, tag: int) -> None:
     """The rows ``cycle`` holds so far are held by ``tag`` now."""
     conn.execute("UPDATE outbox SET cycle=? WHERE state='held' AND cycle=?", (tag, cycle))
 
 
 def release_held(
-    conn: sqlite3.Connection,
+    conn: SqlConnection,
     group_over: int,
     now: str,
     cycle: int | None = None,
@@ -145,38 +141,38 @@ def release_held(
     if only:
         groups = conn.execute(
             "SELECT cycle, notifier, COUNT(*) FROM outbox WHERE state='held' AND "
-            "cycle=? GROUP BY notifier",
+            "cycle=? GROUP BY cycle, notifier ORDER BY notifier",
             (cycle,),
         ).fetchall()
     else:
         groups = conn.execute(
             "SELECT cycle, notifier, COUNT(*) FROM outbox WHERE state='held' "
-            "GROUP BY cycle, notifier"
+            "GROUP BY cycle, notifier ORDER BY cycle, notifier"
         ).fetchall()
     for held_by, notifier, count in groups:
         if cycle is None or held_by == cycle:
             counted += count
-        where = "state='held' AND cycle IS ? AND notifier=?"
+        where = "state='held' AND COALESCE(cycle, 0)=? AND notifier=?"
         due = max(now, _waiting_behind(conn, notifier))
         sizes = message_parts(count, group_over)
         if sizes is None:
             conn.execute(
-                f"UPDATE outbox SET state='pending', next_attempt_at=MAX(next_attempt_at, ?) "
-                f"WHERE {where}",
-                (due, held_by, notifier),
+                "UPDATE outbox SET state='pending', next_attempt_at=CASE WHEN "
+                f"next_attempt_at > ? THEN next_attempt_at ELSE ? END WHERE {where}",
+                (due, due, held_by or 0, notifier),
             )
             continue
         ids = [
             row[0]
             for row in conn.execute(
-                f"SELECT id FROM outbox WHERE {where} ORDER BY id", (held_by, notifier)
+                f"SELECT id FROM outbox WHERE {where} ORDER BY id", (held_by or 0, notifier)
             )
         ]
         _group(conn, ids, sizes, due)
     return counted
 
 
-def _waiting_behind(conn: sqlite3.Connection, notifier: str) -> str:
+def _waiting_behind(conn: SqlConnection, notifier: str) -> str:
     """When the notifier's pending messages that wait for a retry are next tried ('' when
     none does): a message released now waits until then too, so that one notifier's
     messages go in order (a RESOLVED never overtakes its FIRING). A retry owed to some
@@ -189,7 +185,7 @@ def _waiting_behind(conn: sqlite3.Connection, notifier: str) -> str:
     return row[0] or ""
 
 
-def split_oversized(conn: sqlite3.Connection) -> None:
+def split_oversized(conn: SqlConnection) -> None:
     """Split each pending group larger than a message may be into parts (written
     by an earlier version)."""
     oversized = conn.execute(
@@ -205,7 +201,7 @@ def split_oversized(conn: sqlite3.Connection) -> None:
         _group(conn, ids, sizes, None)
 
 
-def prune_done(conn: sqlite3.Connection, cutoff: str, limit: int) -> int:
+def prune_done(conn: SqlConnection, cutoff: str, limit: int) -> int:
     """Delete messages sent or failed before ``cutoff`` (a grouped one whole; at most
     ``limit``); pending and held ones are never touched. Returns how many rows."""
     done = [
@@ -230,7 +226,7 @@ def prune_done(conn: sqlite3.Connection, cutoff: str, limit: int) -> int:
 class SqliteOutbox:
     """The outbox (:class:`~invoice_watch.store.protocols.Outbox`)."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: SqlDatabase) -> None:
         self._db = db
 
     # -- delivery --------------------------------------------------------------------
@@ -243,11 +239,11 @@ class SqliteOutbox:
         skip = sorted(exclude)
         marks = ",".join("?" * len(skip))
 
-        def query(conn: sqlite3.Connection) -> list[Delivery]:
+        def query(conn: SqlConnection) -> list[Delivery]:
             rows = conn.execute(
                 "SELECT id, notifier, events, created_at, attempts, grp, cycle, last_error "
                 f"FROM outbox WHERE state='pending' AND next_attempt_at <= ? AND {_MESSAGE} "
-                f"AND id NOT IN ({marks}) ORDER BY id LIMIT ?",
+                f"{f'AND id NOT IN ({marks}) ' if skip else ''}ORDER BY id LIMIT ?",
                 (now.isoformat(), *skip, limit),
             ).fetchall()
             out = []
@@ -273,7 +269,7 @@ class SqliteOutbox:
         """When the messages waiting (held or pending) were created: each distinct time
         once, oldest first, at most ``limit`` of them."""
 
-        def query(conn: sqlite3.Connection) -> list[datetime]:
+        def query(conn: SqlConnection) -> list[datetime]:
             rows = conn.execute(
                 "SELECT DISTINCT created_at FROM outbox WHERE state IN ('held', 'pending') "
                 f"AND {_MESSAGE} ORDER BY created_at LIMIT ?",
@@ -284,7 +280,7 @@ class SqliteOutbox:
         return await self._read(query)
 
     async def next_attempt_at(self) -> datetime | None:
-        def query(conn: sqlite3.Connection) -> datetime | None:
+        def query(conn: SqlConnection) -> datetime | None:
             row = conn.execute(
                 "SELECT MIN(next_attempt_at) FROM outbox WHERE state='pending'"
             ).fetchone()
@@ -298,7 +294,7 @@ class SqliteOutbox:
         a wall clock that has since been set back (an NTP fix, a VM restore), or before a
         reload shortened ``max_backoff``. Returns how many were brought forward."""
 
-        def run(conn: sqlite3.Connection) -> int:
+        def run(conn: SqlConnection) -> int:
             return conn.execute(
                 "UPDATE outbox SET next_attempt_at=? WHERE state='pending' AND next_attempt_at > ?",
                 (now.isoformat(), latest.isoformat()),
@@ -380,9 +376,11 @@ class SqliteOutbox:
         """Make every pending message for ``notifiers`` due ``now`` (a notifier configured
         again); returns how many."""
         names = sorted(notifiers)
+        if not names:  # (`IN ()` is SQLite's only)
+            return 0
         marks = ",".join("?" * len(names))
 
-        def run(conn: sqlite3.Connection) -> int:
+        def run(conn: SqlConnection) -> int:
             return conn.execute(
                 f"UPDATE outbox SET next_attempt_at=? WHERE state='pending' "
                 f"AND notifier IN ({marks})",
@@ -394,7 +392,7 @@ class SqliteOutbox:
     async def pending_by_notifier(self) -> dict[str, int]:
         """How many messages are pending, per notifier."""
 
-        def query(conn: sqlite3.Connection) -> dict[str, int]:
+        def query(conn: SqlConnection) -> dict[str, int]:
             rows = conn.execute(
                 f"SELECT notifier, COUNT(*) FROM outbox WHERE state='pending' AND {_MESSAGE} "
                 "GROUP BY notifier"
@@ -406,19 +404,19 @@ class SqliteOutbox:
     async def _update(self, *statements: tuple[str, tuple[Any, ...]]) -> None:
         """Run outbox updates in one transaction."""
 
-        def run(conn: sqlite3.Connection) -> None:
+        def run(conn: SqlConnection) -> None:
             for sql, params in statements:
                 conn.execute(sql, params)
 
         await self._db.write(run, "update the outbox")
 
-    async def _read(self, query: Callable[[sqlite3.Connection], T]) -> T:
+    async def _read(self, query: Callable[[SqlConnection], T]) -> T:
         return await self._db.read(query, f"the outbox of state file {self._db.name}")
 
     # -- for the operator ------------------------------------------------------------
 
     async def counts(self) -> dict[str, int]:
-        def query(conn: sqlite3.Connection) -> dict[str, int]:
+        def query(conn: SqlConnection) -> dict[str, int]:
             rows = conn.execute(
                 f"SELECT state, COUNT(*) FROM outbox WHERE {_MESSAGE} GROUP BY state"
             )
@@ -428,9 +426,11 @@ class SqliteOutbox:
 
     async def messages(self, states: Iterable[str], limit: int = 50) -> list[OutboxRow]:
         wanted = tuple(states)
+        if not wanted:
+            return []
         marks = ",".join("?" * len(wanted))
 
-        def query(conn: sqlite3.Connection) -> list[OutboxRow]:
+        def query(conn: SqlConnection) -> list[OutboxRow]:
             rows = conn.execute(
                 "SELECT id, notifier, summary, created_at, state, attempts, next_attempt_at, "
                 f"last_error, done_at FROM outbox WHERE state IN ({marks}) AND {_MESSAGE} "

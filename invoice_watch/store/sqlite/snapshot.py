@@ -12,7 +12,6 @@ reads them back.
 from __future__ import annotations
 
 import functools
-import sqlite3
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
@@ -22,7 +21,7 @@ from invoice_watch.constants import FINAL_STATUSES
 from invoice_watch.safe_text import storable
 from invoice_watch.store.encoding import ERROR_MAX
 from invoice_watch.store.records import OrgState, OrgWrite
-from invoice_watch.store.sqlite.database import Database
+from invoice_watch.store.sql import SqlConnection, SqlDatabase
 from invoice_watch.types import Invoice, Snapshot, instant
 
 _INVOICE_COLUMNS = (
@@ -93,7 +92,7 @@ class SqliteSnapshot:
     """The snapshot (:class:`~invoice_watch.store.protocols.SnapshotRepository`) and its
     cache. ``settles``: the statuses kept settled in memory."""
 
-    def __init__(self, db: Database, settles: frozenset[str] = FINAL_STATUSES) -> None:
+    def __init__(self, db: SqlDatabase, settles: frozenset[str] = FINAL_STATUSES) -> None:
         self._db = db
         self._settles = settles
         self._snapshot: dict[str, Snapshot] = {}
@@ -105,7 +104,7 @@ class SqliteSnapshot:
 
     # -- loading (in the database's thread) ------------------------------------------
 
-    def load(self, conn: sqlite3.Connection) -> None:
+    def load(self, conn: SqlConnection) -> None:
         self._snapshot = self._load_snapshot(conn)
         self._history = {}
         for invoice_id, observed_at, cents in conn.execute(
@@ -124,7 +123,7 @@ class SqliteSnapshot:
                 row[0], _dt(row[1]), _dt(row[2]), _dt(row[3]), row[4], row[5]
             )
 
-    def _load_snapshot(self, conn: sqlite3.Connection) -> dict[str, Snapshot]:
+    def _load_snapshot(self, conn: SqlConnection) -> dict[str, Snapshot]:
         live: dict[str, dict[str, Invoice]] = {}
         settled: dict[str, dict[str, int]] = {}
         payers = self._payers
@@ -172,7 +171,7 @@ class SqliteSnapshot:
         if statuses == self._settles:
             return
 
-        def load(conn: sqlite3.Connection) -> dict[str, Snapshot]:
+        def load(conn: SqlConnection) -> dict[str, Snapshot]:
             self._settles = statuses
             return self._load_snapshot(conn)
 
@@ -184,7 +183,7 @@ class SqliteSnapshot:
         """Invoices as the state file holds them: every one, one configured
         organization's (``org_id``), or some of its (``ids``)."""
 
-        def query(conn: sqlite3.Connection) -> list[Invoice]:
+        def query(conn: SqlConnection) -> list[Invoice]:
             sql = f"SELECT {_INVOICE_COLUMNS} FROM invoices"
             if org_id is None:
                 return [_invoice_from_row(row) for row in conn.execute(sql)]
@@ -204,7 +203,7 @@ class SqliteSnapshot:
 
     # -- writing (in a transaction of the unit of work) ------------------------------
 
-    def write(self, conn: sqlite3.Connection, orgs: Iterable[OrgWrite], now: str) -> None:
+    def write(self, conn: SqlConnection, orgs: Iterable[OrgWrite], now: str) -> None:
         """Organizations' reads: their invoices, amount observations and read state."""
         for org in orgs:
             if not org.ok:
@@ -264,7 +263,8 @@ class SqliteSnapshot:
                     ),
                 )
             conn.executemany(
-                "INSERT OR REPLACE INTO amount_history VALUES (?,?,?)",
+                "INSERT INTO amount_history VALUES (?,?,?) ON CONFLICT (invoice_id, observed_at) "
+                "DO UPDATE SET amount_cents=excluded.amount_cents",
                 [(invoice_id, now, cents) for invoice_id, cents in org.observations],
             )
             count = len(before) + sum(1 for i in org.upserts if i.id not in before) - len(org.gone)
@@ -320,11 +320,12 @@ class SqliteSnapshot:
     # -- retention -------------------------------------------------------------------
 
     @staticmethod
-    def prune(conn: sqlite3.Connection, cutoff: str, limit: int) -> int:
+    def prune(conn: SqlConnection, cutoff: str, limit: int) -> int:
         """Delete amount observations made before ``cutoff`` but each invoice's newest
         one made before (at most ``limit``); returns how many."""
         return conn.execute(
-            "DELETE FROM amount_history WHERE rowid IN (SELECT h.rowid FROM "
+            "DELETE FROM amount_history WHERE (invoice_id, observed_at) IN (SELECT "
+            "h.invoice_id, h.observed_at FROM "
             "amount_history h WHERE h.observed_at < ? AND EXISTS (SELECT 1 FROM "
             "amount_history n WHERE n.invoice_id = h.invoice_id "
             "AND n.observed_at > h.observed_at AND n.observed_at < ?) LIMIT ?)",

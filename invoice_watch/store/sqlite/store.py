@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import sqlite3
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 from invoice_watch.constants import FINAL_STATUSES
 from invoice_watch.store.protocols import AlertChange
 from invoice_watch.store.records import OrgWrite
+from invoice_watch.store.sql import SqlConnection, SqlDatabase
 from invoice_watch.store.sqlite.cycles import SqliteCycleLog
 from invoice_watch.store.sqlite.database import Database, copy_database, open_database
 from invoice_watch.store.sqlite.notification_log import SqliteNotificationLog
@@ -42,9 +42,12 @@ from invoice_watch.store.sqlite.snapshot import SqliteSnapshot
 
 class SqliteStore:
     """The state file. Use :meth:`open` (or :meth:`copy`); ``path=None`` keeps
-    everything in memory."""
+    everything in memory. Its unit of work and repositories run on any
+    :class:`~invoice_watch.store.sql.SqlDatabase`: the PostgreSQL backend
+    (:class:`~invoice_watch.store.postgres.PostgresStore`) is this class on its own
+    database."""
 
-    def __init__(self, db: Database, settles: frozenset[str] = FINAL_STATUSES) -> None:
+    def __init__(self, db: SqlDatabase, settles: frozenset[str] = FINAL_STATUSES) -> None:
         self.database = db
         self._snapshot = SqliteSnapshot(db, settles)
         self._alerts = SqliteNotificationLog()
@@ -75,7 +78,7 @@ class SqliteStore:
     @property
     def path(self) -> Path | None:
         """The state file (None: in memory)."""
-        return self.database.path
+        return self.database.path if isinstance(self.database, Database) else None
 
     # -- opening and closing ---------------------------------------------------------
 
@@ -124,16 +127,20 @@ class SqliteStore:
     @classmethod
     def _loaded(cls, db: Database, settles: frozenset[str]) -> SqliteStore:
         store = cls(db, settles)
-        conn = db.connection
-        store._snapshot.load(conn)
-        store._cycles.load(conn)
-        store._alerts.load(conn, store._snapshot.get)
+        store.load(db.connection)
         return store
+
+    def load(self, conn: SqlConnection) -> None:
+        """Fill the repositories' caches from the database (on its thread)."""
+        self._snapshot.load(conn)
+        self._cycles.load(conn)
+        self._alerts.load(conn, self._snapshot.get)
 
     def check_held(self) -> None:
         """See :meth:`Database.check_held`: the file deleted or replaced under the
         daemon."""
-        self.database.check_held()
+        if isinstance(self.database, Database):
+            self.database.check_held()
 
     async def close(self) -> None:
         await self.database.close()
@@ -189,7 +196,7 @@ class SqliteStore:
         held at its end, and ``released`` by :meth:`release_cycle` before)."""
         now = finished_at.isoformat()
 
-        def run(conn: sqlite3.Connection) -> None:
+        def run(conn: SqlConnection) -> None:
             self._write_part(conn, cycle, orgs, transitions, routes, now)
             events = released + release_held(conn, group_over, now, cycle)
             self._cycles.record(conn, started_at, now, orgs_ok, orgs_failed, events)
@@ -207,7 +214,7 @@ class SqliteStore:
         holds after. Returns how many rows were released."""
         tag = self.begin_cycle()
 
-        def run(conn: sqlite3.Connection) -> int:
+        def run(conn: SqlConnection) -> int:
             retag_held(conn, cycle, tag)
             return release_held(conn, group_over, now.isoformat(), tag, only=True)
 
@@ -220,7 +227,7 @@ class SqliteStore:
         message_parts`). Returns how many rows were held. A pending group larger than a
         message may be (written by an earlier version) is split into parts as well."""
 
-        def run(conn: sqlite3.Connection) -> int:
+        def run(conn: SqlConnection) -> int:
             split_oversized(conn)
             return release_held(conn, group_over, now.isoformat())
 
@@ -228,7 +235,7 @@ class SqliteStore:
 
     def _write_part(
         self,
-        conn: sqlite3.Connection,
+        conn: SqlConnection,
         cycle: int,
         orgs: Sequence[OrgWrite],
         transitions: Sequence[AlertChange],
@@ -270,7 +277,7 @@ class SqliteStore:
         deleted."""
         cutoff = before.isoformat()
 
-        def run(conn: sqlite3.Connection) -> int:
+        def run(conn: SqlConnection) -> int:
             return (
                 prune_done(conn, cutoff, limit)
                 + self._alerts.prune(conn, cutoff, limit)

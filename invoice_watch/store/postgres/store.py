@@ -1,0 +1,68 @@
+"""The PostgreSQL backend's store: the SQLite backend's unit of work and repositories
+(:class:`~invoice_watch.store.sqlite.SqliteStore`: the same statements, the same
+caches, an organization's snapshot, alert changes and notifications in ONE transaction)
+on a :class:`~.database.PgDatabase`.
+
+Replicas share the database; only the holder of the lease (:mod:`.lease`) writes, and a
+replica that takes the lease over reads the caches again (:meth:`PostgresStore.reload`):
+what it cached as a standby is stale.
+"""
+
+from __future__ import annotations
+
+from invoice_watch.constants import FINAL_STATUSES
+from invoice_watch.errors import StateError
+from invoice_watch.store.postgres.database import PgConnection, PgDatabase
+from invoice_watch.store.postgres.url import StateUrl
+from invoice_watch.store.sqlite.store import SqliteStore
+
+
+class PostgresStore(SqliteStore):
+    """The state in a PostgreSQL database. Use :meth:`connect`."""
+
+    database: PgDatabase
+
+    @classmethod
+    async def connect(
+        cls,
+        url: StateUrl,
+        *,
+        exclusive: bool = True,
+        settles: frozenset[str] = FINAL_STATUSES,
+        dry_run: bool = False,
+    ) -> PostgresStore:
+        """Open the state at ``url``. ``exclusive`` (the daemon): create and migrate its
+        tables (a newer schema is refused). Otherwise (operator commands, ``dry_run``)
+        only read it: its schema must be this version's. ``dry_run``: every write is
+        rolled back (the caches alone see it). Every problem is a
+        :class:`~invoice_watch.errors.StateError` saying what to do, never with the
+        password."""
+        import psycopg
+
+        db = PgDatabase(url, rollback_only=dry_run)
+        store = cls(db, settles)
+
+        def opening() -> None:
+            if exclusive and not dry_run:
+                db.migrate()
+            else:
+                db.check_version()
+            store.load(PgConnection(db.connection()))
+
+        try:
+            await db.run(opening)
+        except psycopg.Error as exc:  # (not chained: libpq's text may hold the URL)
+            await db.close()
+            raise StateError(f"cannot use state database {db.name}: {db.reason(exc)}") from None
+        except BaseException:
+            await db.close()
+            raise
+        return store
+
+    async def reload(self) -> None:
+        """Read the caches again from the database (a standby that became the leader:
+        the old leader wrote since)."""
+        await self.database.read(self.load, f"state database {self.database.name}")
+
+    def check_held(self) -> None:
+        """Nothing to check: the lease's fence guards every write."""

@@ -1,0 +1,64 @@
+"""What the SQL repositories (:mod:`.sqlite`'s snapshot, notification log, outbox and
+cycle log) need of a database, so that both backends run the same statements:
+:class:`SqlConnection` (``sqlite3.Connection`` is one; :mod:`.postgres` wraps psycopg's)
+and :class:`SqlDatabase` (its transactions, on the database's own thread).
+
+The statements are written once, in the SQL both SQLite (3.24 or later) and PostgreSQL
+take: ``?`` placeholders (the PostgreSQL connection turns them into ``%s``), upserts as
+``INSERT ... ON CONFLICT ... DO UPDATE``, no ``rowid``, no ``IS ?``. Times are ISO 8601
+text in both (compared as text, as the SQLite file always did).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Protocol, TypeVar
+
+T = TypeVar("T")
+
+
+class SqlCursor(Protocol):
+    """A statement's result."""
+
+    @property
+    def rowcount(self) -> int: ...
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+
+class SqlConnection(Protocol):
+    """A connection, as the repositories use it (``?`` placeholders)."""
+
+    def execute(self, sql: str, parameters: Any = ..., /) -> SqlCursor: ...
+
+    def executemany(self, sql: str, parameters: Iterable[Any], /) -> SqlCursor: ...
+
+
+class SqlDatabase(Protocol):
+    """A database the repositories read and write through, one call at a time."""
+
+    @property
+    def name(self) -> str:
+        """The database as messages name it (never with a password)."""
+        ...
+
+    async def read(self, fn: Callable[[SqlConnection], T], what: str) -> T:
+        """``fn(connection)`` (queries); a database error is a StateError saying it
+        could not read ``what``."""
+        ...
+
+    async def write(self, fn: Callable[[SqlConnection], T], what: str) -> T:
+        """``fn(connection)`` in one transaction; a database error is a StateError
+        saying it could not ``what``."""
+        ...
+
+    async def commit(self, fn: Callable[[SqlConnection], T]) -> T:
+        """A transaction of the cycle: a database error is a StateError, a value it
+        cannot take an UnstorableError; either way nothing is written."""
+        ...
+
+    async def close(self) -> None: ...
