@@ -81,6 +81,7 @@ from invoice_watch.health import (
     liveness,
     progress_limit,
 )
+from invoice_watch.leader import Leadership
 from invoice_watch.redact import printable, redact
 from invoice_watch.reload import Apply, changes
 from invoice_watch.retry import backoff
@@ -100,6 +101,7 @@ from invoice_watch.store import (
     AlertState,
     OrgState,
     OrgWrite,
+    StateUrl,
     Store,
     location,
     message_parts,
@@ -990,6 +992,7 @@ class App:
         # An error that stops the daemon (the state file gone): serve() raises it.
         self.fatal: StateFileGoneError | None = None
         self._stop: asyncio.Event | None = None
+        self.leadership: Leadership | None = None  # replicas on PostgreSQL (leader.py)
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -1013,14 +1016,15 @@ class App:
             store = await open_store(location(config.state), settles=settles)
         self._store = store
         self._stack.push_async_callback(store.close)
-        if not self.dry_run:
+        self.leadership = self._leadership(store)
+        if not self.dry_run and self.leadership is None:
             # Messages of a cycle that a crash cut short (its organizations committed,
             # its end not reached) go out now.
             held = await store.release_held(config.delivery.group_over, self.clock.now())
             if held:
                 log.info("released %d message(s) held by a cycle that did not end", held)
         self._client, self.notifiers = self._connect(config)
-        self._deliverer = Deliverer(
+        self._deliverer = deliverer = Deliverer(
             store,
             self.notifiers,
             clock=self.clock,
@@ -1032,6 +1036,25 @@ class App:
             elapsed=self._elapsed,
             quiet=config.quiet_windows(),
         )
+        if self.leadership is not None:
+            deliverer.may_send = self.leadership.leading
+
+    def _leadership(self, store: Store) -> Leadership | None:
+        """Replicas on a PostgreSQL state: this one's part in the lease (None: an SQLite
+        file, which one daemon locks, or a dry run, which writes nothing)."""
+        url = location(self.config.state)
+        if self.dry_run or not isinstance(url, StateUrl):
+            return None
+        from invoice_watch.store.postgres import PostgresStore
+        from invoice_watch.store.postgres.lease import Lease
+
+        assert isinstance(store, PostgresStore)
+        lease = Lease(url, self.config.ha.lease_ttl, self.clock.monotonic)
+        leadership = Leadership(
+            store, lease, self.clock, self.metrics, self.config.delivery.group_over
+        )
+        self._stack.push_async_callback(leadership.stop)
+        return leadership
 
     def _connect(self, config: Config) -> tuple[AtlasClient, Mapping[str, Notifier]]:
         """The Atlas client and the notifiers for ``config``, closed when the App is."""
@@ -1119,6 +1142,8 @@ class App:
         """The daemon's health (``/healthz``), from its last cycle and the one in flight
         (see :func:`health.health`), times measured on the monotonic clock (a wall-clock
         step cannot make a stale cycle look fresh)."""
+        if self.leadership is not None and not self.leadership.leading():
+            return True, self.leadership.describe()  # a healthy standby
         last = self.last_cycle
         age = None
         if self._finished_at is not None:
@@ -1136,6 +1161,8 @@ class App:
     def liveness(self) -> tuple[bool, str]:
         """Whether the poll loop is alive (the systemd watchdog, ``/livez``; see
         :func:`health.liveness`): Atlas's answers play no part."""
+        if self.leadership is not None and not self.leadership.leading():
+            return True, self.leadership.describe()  # a standby's loop polls nothing
         now = self.clock.monotonic()
         last = self._finished_at if self._finished_at is not None else self._started
         return liveness(
@@ -1583,6 +1610,14 @@ class App:
             return True, task.result()
 
         status = 0
+        if self.leadership is not None and not await self.leadership.step():
+            print(
+                f"error: this run is a {self.leadership.describe()}: another invoice-watch "
+                "replica holds the lease of the state database; `run --once` runs nothing "
+                "while a daemon leads",
+                file=sys.stderr,
+            )
+            return 1
         if not stop.is_set():
             _, result = await bounded(self.run_cycle(baseline=baseline), reserve=2)
             if result is None:
@@ -1640,6 +1675,8 @@ class App:
         return status
 
     async def _scheduled_cycle(self) -> None:
+        if self.leadership is not None and not self.leadership.leading():
+            return  # a standby polls nothing
         try:
             await self.run_cycle()
         except StateFileGoneError as exc:
@@ -1660,6 +1697,10 @@ class App:
         if self.config.http is not None:
             self._http, self.http_port = await self._listen(self.config.http)
         self._serving = True
+        lease = None
+        if self.leadership is not None:
+            await self.leadership.step()  # the first replica up leads from the start
+            lease = asyncio.create_task(self.leadership.run(), name="lease")
         poll = asyncio.create_task(self._poll.run(), name="poll")
         delivery = asyncio.create_task(self.deliverer.run(), name="deliver")
         watchdog = asyncio.create_task(self._watchdog(), name="watchdog")
@@ -1678,6 +1719,9 @@ class App:
             deadline = time.monotonic() + SHUTDOWN_SECONDS - 2
             poll.cancel()
             await asyncio.gather(poll, return_exceptions=True)
+            if lease is not None:  # the lease is kept until the last delivery pass
+                lease.cancel()
+                await asyncio.gather(lease, return_exceptions=True)
             if self._reload_task is not None:  # a parse in its thread is abandoned
                 self._reload_task.cancel()
                 await asyncio.gather(self._reload_task, return_exceptions=True)

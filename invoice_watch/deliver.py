@@ -84,7 +84,7 @@ import asyncio
 import logging
 import random
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Literal
@@ -211,6 +211,9 @@ class Deliverer:
         self._silenced = 0  # messages silenced at the last pass
         # A quiet-hours summary's first message id -> the other messages it carries.
         self._merged: dict[int, tuple[Delivery, ...]] = {}
+        # Whether this process may send now: a replica on a PostgreSQL state only while
+        # it holds the lease (leader.py), checked before every send.
+        self.may_send: Callable[[], bool] = lambda: True
 
     def configure(
         self,
@@ -393,6 +396,8 @@ class Deliverer:
         ]
 
     async def _repost(self, name: str, mirror: FiringMirror) -> None:
+        if not self.may_send():
+            return
         self._repost_at[name] = self._clock.monotonic() + mirror.resend_every
         events = self._firing_for(name)
         if not events:
@@ -514,6 +519,8 @@ class Deliverer:
         if notifier is None:
             return await self._unrouted(delivery, what, stats)
         owed = delivery.owed
+        if not self.may_send():  # (a deposed leader: the new one sends it)
+            return False
         try:
             if owed is None:
                 await notifier.send(delivery.events, part=delivery.part)

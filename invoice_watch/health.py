@@ -70,6 +70,17 @@ class Metrics:
             ["notifier", "outcome"],
             registry=r,
         )
+        self.leader = Gauge(
+            "invoice_watch_leader",
+            "1 while this replica holds the lease (PostgreSQL state, ha), else 0",
+            registry=r,
+        )
+        self.lease_transitions = Counter(
+            "invoice_watch_lease_transitions",
+            "Times this replica became the leader or a standby",
+            ["to"],
+            registry=r,
+        )
         self.outbox_depth = Gauge(
             "invoice_watch_outbox_depth", "Notifications waiting or failed", ["state"], registry=r
         )

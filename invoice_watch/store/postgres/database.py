@@ -189,8 +189,17 @@ class PgDatabase:
         return redact(f"{type(exc).__name__}: {exc}".strip(), self.url.secrets())
 
     async def read(self, fn: Callable[[SqlConnection], T], what: str) -> T:
+        """``fn(connection)`` (queries; see :class:`SqlDatabase`). A connection the
+        server dropped (a restart) fails once: a read is tried again on a new one."""
+
+        def query() -> T:
+            return fn(PgConnection(self.connection()))
+
         try:
-            return await self.run(lambda: fn(PgConnection(self.connection())))
+            try:
+                return await self.run(query)
+            except (psycopg.OperationalError, psycopg.InterfaceError):
+                return await self.run(query)
         except psycopg.Error as exc:  # (not chained: libpq's text may hold the URL)
             raise StateError(f"could not read {what}: {self.reason(exc)}") from None
 

@@ -1,0 +1,135 @@
+"""Leadership among replicas sharing a PostgreSQL state (``state.url``, ``ha``): only
+the holder of the lease (:mod:`invoice_watch.store.postgres.lease`) polls Atlas, writes
+and delivers; the others stand by, healthy, renewing nothing but trying to take it.
+
+:meth:`Leadership.run` renews (or tries to take) the lease every third of
+``ha.lease_ttl``. Taking it over: the state's caches are read again (the old leader
+wrote since), the fencing token is given to the database (every write transaction checks
+it), and the messages a cut-short cycle held are released. Losing it (another replica
+took it, or the database could not be reached until the lease ran out): the token is
+withdrawn, and the replica says why. :meth:`Leadership.leading` is what the cycle and
+delivery check before each cycle and each send: the lease as this process's monotonic
+clock sees it, so a paused process (SIGSTOP) sends nothing once it resumes past its TTL.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from invoice_watch.clock import Clock
+from invoice_watch.errors import StateError
+
+if TYPE_CHECKING:
+    from invoice_watch.health import Metrics
+    from invoice_watch.store.postgres import PostgresStore
+    from invoice_watch.store.postgres.lease import Lease
+
+log = logging.getLogger(__name__)
+
+
+class Leadership:
+    """This replica's part in the lease over ``store``."""
+
+    def __init__(
+        self,
+        store: PostgresStore,
+        lease: Lease,
+        clock: Clock,
+        metrics: Metrics,
+        group_over: int,
+    ) -> None:
+        self.store = store
+        self.lease = lease
+        self._clock = clock
+        self._metrics = metrics
+        self.group_over = group_over
+        self._token: int | None = None  # the token this replica leads with
+        self.why_not: str = "it has not tried to take the lease yet"
+        store.database.fenced = True
+        store.database.token = None
+        metrics.leader.set(0)
+
+    def leading(self) -> bool:
+        """Whether this replica leads now (holds the lease, by its own clock)."""
+        return self._token is not None and self.lease.valid()
+
+    def describe(self) -> str:
+        if self.leading():
+            return f"leader (fencing token {self._token})"
+        return f"standby ({self.why_not})"
+
+    @property
+    def period(self) -> float:
+        """Seconds between renewals: a third of the TTL."""
+        return self.lease.ttl.total_seconds() / 3
+
+    async def step(self) -> bool:
+        """Renew or try to take the lease once; returns whether this replica leads."""
+        import psycopg
+
+        why = "another replica holds the lease"
+        try:
+            token = await self.lease.renew()
+        except psycopg.Error as exc:
+            token = None
+            reason = self.store.database.reason(exc)
+            why = f"cannot reach the state database {self.store.database.name}: {reason}"
+        if token is not None and token != self._token:
+            await self._take(token)
+        elif self._token is not None and not self.lease.valid():
+            self._step_down(why)
+        elif token is None:
+            self.why_not = why
+        return self.leading()
+
+    async def _take(self, token: int) -> None:
+        database = self.store.database
+        database.token = token
+        try:
+            await self.store.reload()
+            held = await self.store.release_held(self.group_over, self._clock.now())
+        except StateError as exc:
+            database.token = None
+            self._token = None
+            self.why_not = f"took the lease but could not read the state: {exc}"
+            log.error("%s; trying again", self.why_not)
+            return
+        self._token = token
+        self._metrics.leader.set(1)
+        self._metrics.lease_transitions.labels(to="leader").inc()
+        log.info(
+            "this replica is the leader now (holder %s, fencing token %d)",
+            self.lease.holder,
+            token,
+        )
+        if held:
+            log.info("released %d message(s) held by a cycle that did not end", held)
+
+    def _step_down(self, why: str) -> None:
+        self.store.database.token = None
+        self._token = None
+        self.why_not = why
+        self._metrics.leader.set(0)
+        self._metrics.lease_transitions.labels(to="standby").inc()
+        log.warning(
+            "this replica is no longer the leader: %s; it polls and delivers nothing until "
+            "it holds the lease again",
+            why,
+        )
+
+    async def run(self) -> None:
+        """Renew or take the lease every :attr:`period` seconds, until cancelled."""
+        while True:
+            try:
+                await self.step()
+            except Exception:  # never let the renewals die: they are the replica's voice
+                log.exception("renewing the lease failed")
+            await self._clock.sleep(self.period)
+
+    async def stop(self) -> None:
+        """Give the lease up (stopping): a standby takes over at once."""
+        if self._token is not None:
+            self._step_down("it is stopping")
+        await self.lease.release()
+        await self.lease.close()
