@@ -356,8 +356,8 @@ def _time_work() -> list[_Timed]:
     state file's transactions and caches."""
     from invoice_watch import app
     from invoice_watch.atlas import parse
-    from invoice_watch.store.sqlite import SqliteStore
     from invoice_watch.store.sqlite.database import Database
+    from invoice_watch.store.sqlite.store import SqliteStore
 
     timers = [_Timed(parse, PARSE), _TimedStore(Database), _Timed(SqliteStore, "_apply")]
     for name in WORK:

@@ -16,8 +16,8 @@ import pytest
 
 from invoice_watch.errors import StateError, StateFileGoneError, StateLockedError
 from invoice_watch.store import OrgWrite
-from invoice_watch.store.sqlite import SqliteStore
 from invoice_watch.store.sqlite.schema import MIGRATIONS, SCHEMA_VERSION
+from invoice_watch.store.sqlite.store import SqliteStore
 from invoice_watch.types import Part
 from tests.conftest import NOW, ORG_A, ORG_B, inv
 from tests.test_store import ROUTES, commit, event, firing

@@ -1,5 +1,5 @@
-"""The PostgreSQL backend's store: the SQLite backend's unit of work and repositories
-(:class:`~invoice_watch.store.sqlite.SqliteStore`: the same statements, the same
+"""The PostgreSQL backend's store: the unit of work and repositories both backends share
+(:class:`~invoice_watch.store.unit_of_work.SqlStore`: the same statements, the same
 caches, an organization's snapshot, alert changes and notifications in ONE transaction)
 on a :class:`~.database.PgDatabase`.
 
@@ -14,10 +14,10 @@ from invoice_watch.constants import FINAL_STATUSES
 from invoice_watch.errors import StateError
 from invoice_watch.store.postgres.database import PgConnection, PgDatabase
 from invoice_watch.store.postgres.url import StateUrl
-from invoice_watch.store.sqlite.store import SqliteStore
+from invoice_watch.store.unit_of_work import SqlStore
 
 
-class PostgresStore(SqliteStore):
+class PostgresStore(SqlStore):
     """The state in a PostgreSQL database. Use :meth:`connect`."""
 
     database: PgDatabase

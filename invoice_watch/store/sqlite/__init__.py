@@ -7,9 +7,11 @@
 - :mod:`.notification_log`: the state per alert (firing ones cached).
 - :mod:`.outbox`: messages held, released (grouped), due, marked, pruned.
 - :mod:`.cycles`: the cycles that ended, and the numbers that tag held messages.
-- :mod:`.store`: :class:`SqliteStore`, the unit of work over all of them.
+- :mod:`.silences`: silences, applied as messages are released.
+- :mod:`.store`: :class:`~.store.SqliteStore`, the unit of work
+  (:class:`~invoice_watch.store.unit_of_work.SqlStore`) on the file.
+
+The repositories' statements run on PostgreSQL too (:mod:`invoice_watch.store.sql`).
+Import the store from :mod:`.store` (this package imports nothing, so that the shared
+unit of work can import the repositories).
 """
-
-from invoice_watch.store.sqlite.store import SqliteStore
-
-__all__ = ["SqliteStore"]

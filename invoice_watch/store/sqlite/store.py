@@ -1,79 +1,22 @@
-"""The SQLite backend's unit of work: one transaction across the repositories.
-
-:class:`SqliteStore` is the state in one SQLite file
-(:class:`~invoice_watch.store.protocols.Store`): the snapshot
-(:mod:`.snapshot`), the notification log (:mod:`.notification_log`), the outbox
-(:mod:`.outbox`) and the cycle log (:mod:`.cycles`) over one
-:class:`~.database.Database`. An organization's snapshot update, its alert-state
-changes and the notifications they cause are written in ONE transaction
-(:meth:`SqliteStore.commit_orgs`, as soon as the cycle has read it; the notifications
-are held until the cycle ends, :meth:`SqliteStore.finish_cycle`, or for at most
-``HOLD_SECONDS`` while it goes on, :meth:`SqliteStore.release_cycle`); delivery reads
-the outbox afterwards. Each repository's cache changes only once the transaction
-committed.
+"""The SQLite backend's store: :class:`~invoice_watch.store.unit_of_work.SqlStore` (the
+unit of work both backends share) on the state file (:class:`~.database.Database`): how
+it is opened, copied for ``--dry-run``, and checked still held.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Mapping, Sequence
-from datetime import datetime
 from pathlib import Path
 
 from invoice_watch.constants import FINAL_STATUSES
-from invoice_watch.store.protocols import AlertChange
-from invoice_watch.store.records import OrgWrite
-from invoice_watch.store.sql import SqlConnection, SqlDatabase
-from invoice_watch.store.sqlite.cycles import SqliteCycleLog
 from invoice_watch.store.sqlite.database import Database, copy_database, open_database
-from invoice_watch.store.sqlite.notification_log import SqliteNotificationLog
-from invoice_watch.store.sqlite.outbox import (
-    SqliteOutbox,
-    hold_events,
-    prune_done,
-    release_held,
-    retag_held,
-    split_oversized,
-)
-from invoice_watch.store.sqlite.silences import SqliteSilences, prune_silences
-from invoice_watch.store.sqlite.snapshot import SqliteSnapshot
+from invoice_watch.store.unit_of_work import SqlStore
 
 
-class SqliteStore:
+class SqliteStore(SqlStore):
     """The state file. Use :meth:`open` (or :meth:`copy`); ``path=None`` keeps
-    everything in memory. Its unit of work and repositories run on any
-    :class:`~invoice_watch.store.sql.SqlDatabase`: the PostgreSQL backend
-    (:class:`~invoice_watch.store.postgres.PostgresStore`) is this class on its own
-    database."""
-
-    def __init__(self, db: SqlDatabase, settles: frozenset[str] = FINAL_STATUSES) -> None:
-        self.database = db
-        self._snapshot = SqliteSnapshot(db, settles)
-        self._alerts = SqliteNotificationLog()
-        self._outbox = SqliteOutbox(db)
-        self._cycles = SqliteCycleLog(db)
-        self._silences = SqliteSilences(db)
-
-    @property
-    def snapshot(self) -> SqliteSnapshot:
-        return self._snapshot
-
-    @property
-    def alerts(self) -> SqliteNotificationLog:
-        return self._alerts
-
-    @property
-    def outbox(self) -> SqliteOutbox:
-        return self._outbox
-
-    @property
-    def cycles(self) -> SqliteCycleLog:
-        return self._cycles
-
-    @property
-    def silences(self) -> SqliteSilences:
-        return self._silences
+    everything in memory."""
 
     @property
     def path(self) -> Path | None:
@@ -130,162 +73,8 @@ class SqliteStore:
         store.load(db.connection)
         return store
 
-    def load(self, conn: SqlConnection) -> None:
-        """Fill the repositories' caches from the database (on its thread)."""
-        self._snapshot.load(conn)
-        self._cycles.load(conn)
-        self._alerts.load(conn, self._snapshot.get)
-
     def check_held(self) -> None:
         """See :meth:`Database.check_held`: the file deleted or replaced under the
         daemon."""
         if isinstance(self.database, Database):
             self.database.check_held()
-
-    async def close(self) -> None:
-        await self.database.close()
-
-    # -- a cycle committed organization by organization ------------------------------
-    #
-    # A cycle that commits each organization's part as soon as it is read (snapshot,
-    # alert state and events of that organization, in one transaction) holds the events
-    # in the outbox (state 'held', tagged with the cycle) until the cycle ends: only
-    # then is it known how many messages each notifier gets, and so whether they go out
-    # one by one or as one grouped message. A cycle that never ends (a crash, a stop)
-    # leaves held rows that :meth:`release_held` releases.
-
-    def begin_cycle(self) -> int:
-        """A number for a new cycle, to tag the rows it holds (unique among them; the
-        ``cycles`` table numbers the cycles that ended on its own)."""
-        return self._cycles.number()
-
-    async def commit_orgs(
-        self,
-        cycle: int,
-        at: datetime,
-        orgs: Sequence[OrgWrite],
-        transitions: Sequence[AlertChange],
-        routes: Mapping[str, Sequence[str]],
-    ) -> None:
-        """One transaction of a running cycle: these organizations' snapshot changes,
-        alert-state changes and their events, held (one row per event and notifier;
-        ``routes``: rule name -> notifier names)."""
-        now = at.isoformat()
-        await self.database.commit(
-            lambda conn: self._write_part(conn, cycle, orgs, transitions, routes, now)
-        )
-        self._apply(orgs, transitions, at)
-
-    async def finish_cycle(
-        self,
-        cycle: int,
-        started_at: datetime,
-        finished_at: datetime,
-        orgs: Sequence[OrgWrite],
-        transitions: Sequence[AlertChange],
-        routes: Mapping[str, Sequence[str]],
-        group_over: int,
-        *,
-        orgs_ok: int,
-        orgs_failed: int,
-        released: int = 0,
-    ) -> None:
-        """The last transaction of a running cycle: what is left to write (``orgs`` and
-        ``transitions``, as in :meth:`commit_orgs`), then every held row is released
-        (see :meth:`release_held`) and the cycle is recorded (with its events: those
-        held at its end, and ``released`` by :meth:`release_cycle` before)."""
-        now = finished_at.isoformat()
-
-        def run(conn: SqlConnection) -> None:
-            self._write_part(conn, cycle, orgs, transitions, routes, now)
-            events = released + release_held(conn, group_over, now, cycle)
-            self._cycles.record(conn, started_at, now, orgs_ok, orgs_failed, events)
-
-        await self.database.commit(run)
-        self._apply(orgs, transitions, finished_at)
-
-    async def release_cycle(self, cycle: int, group_over: int, now: datetime) -> int:
-        """Release the rows ``cycle`` holds so far, while it goes on (its messages are not
-        held longer than :data:`~invoice_watch.constants.HOLD_SECONDS`): per notifier, one
-        by one, or as grouped messages when there are more than ``group_over``, as
-        :meth:`finish_cycle` does with the rows held at its end. The rows released get a
-        tag of their own (a new number, as :meth:`begin_cycle` gives), so that their
-        grouped messages' parts are numbered apart from those of the rows the cycle
-        holds after. Returns how many rows were released."""
-        tag = self.begin_cycle()
-
-        def run(conn: SqlConnection) -> int:
-            retag_held(conn, cycle, tag)
-            return release_held(conn, group_over, now.isoformat(), tag, only=True)
-
-        return await self.database.commit(run)
-
-    async def release_held(self, group_over: int, now: datetime) -> int:
-        """Release the rows held by cycles that never ended (a crash, a stop, a failed
-        commit): per cycle and notifier, one by one, or as grouped messages when there
-        are more than ``group_over`` (:func:`~invoice_watch.store.grouping.
-        message_parts`). Returns how many rows were held. A pending group larger than a
-        message may be (written by an earlier version) is split into parts as well."""
-
-        def run(conn: SqlConnection) -> int:
-            split_oversized(conn)
-            return release_held(conn, group_over, now.isoformat())
-
-        return await self.database.commit(run)
-
-    def _write_part(
-        self,
-        conn: SqlConnection,
-        cycle: int,
-        orgs: Sequence[OrgWrite],
-        transitions: Sequence[AlertChange],
-        routes: Mapping[str, Sequence[str]],
-        now: str,
-    ) -> None:
-        """Organizations' snapshot changes, alert states, and their events held."""
-        self._snapshot.write(conn, orgs, now)
-        written = self._alerts.write(conn, transitions)
-        hold_events(conn, cycle, transitions, routes, now, written)
-
-    def _apply(
-        self, orgs: Sequence[OrgWrite], transitions: Sequence[AlertChange], at: datetime
-    ) -> None:
-        """Bring the caches in line with what was just committed."""
-        self._snapshot.apply(orgs, at)
-        self._alerts.apply(transitions)
-
-    # -- retention -------------------------------------------------------------------
-
-    async def prune(self, before: datetime, *, limit: int = 500) -> int:
-        """Forget what is older than ``before`` (now - ``delivery.retention``) and that
-        nothing needs any more, in one transaction of bounded work (at most ``limit``
-        messages, alerts and cycles; call again while it returns that many):
-
-        - messages sent or failed before (a grouped one whole); pending and held ones
-          are never touched;
-        - alerts resolved before, and notices (one-shot, never firing) sent before: a
-          firing alert is never touched (SPEC §3: its state does not expire), and the
-          cycle reads only firing ones;
-        - cycles that finished before, but the last (``status`` reads it);
-        - amount observations made before, but each invoice's newest one made before:
-          an ``amount_increase`` window within the retention finds the same base
-          (:func:`~invoice_watch.rules.growth`); a longer one sees the retention. (A
-          history ends anyway when its invoice leaves PENDING: only an invoice pending
-          for longer than the retention has any to prune.)
-
-        The snapshot is not: it mirrors what Atlas lists. Returns how many rows were
-        deleted."""
-        cutoff = before.isoformat()
-
-        def run(conn: SqlConnection) -> int:
-            return (
-                prune_done(conn, cutoff, limit)
-                + self._alerts.prune(conn, cutoff, limit)
-                + self._cycles.prune(conn, cutoff, limit)
-                + self._snapshot.prune(conn, cutoff, limit)
-                + prune_silences(conn, cutoff, limit)
-            )
-
-        deleted = await self.database.write(run, "prune the state file")
-        self._snapshot.pruned(before)
-        return deleted
