@@ -17,7 +17,7 @@ from invoice_watch.config import Config
 from invoice_watch.errors import UsageError
 from invoice_watch.ops import table
 from invoice_watch.silences import new_silence, parse_for, parse_until
-from invoice_watch.store import silences_writer
+from invoice_watch.store import location, silences_writer
 from invoice_watch.store.records import Silence
 
 
@@ -71,7 +71,7 @@ async def add(
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    async with silences_writer(config.state.path) as silences:
+    async with silences_writer(location(config.state)) as silences:
         await silences.add(silence)
     print(f"silence {silence.id} added, until {silence.ends_at:%Y-%m-%d %H:%M %Z}", file=out)
     return 0
@@ -83,7 +83,7 @@ async def listing(
     """``silence list``: the silences that have not ended (``--expired``: all kept)."""
     out = out or sys.stdout
     now = now or datetime.now(UTC)
-    async with silences_writer(config.state.path) as silences:
+    async with silences_writer(location(config.state)) as silences:
         found = await silences.listing(now, expired=expired)
     print(silence_rows(found, now) if found else "no silences", file=out)
     return 0
@@ -95,7 +95,7 @@ async def expire(
     """``silence expire ID``: end it now."""
     out = out or sys.stdout
     now = now or datetime.now(UTC)
-    async with silences_writer(config.state.path) as silences:
+    async with silences_writer(location(config.state)) as silences:
         found = await silences.expire(silence_id, now)
     if found is None:
         raise UsageError(f"no silence {silence_id!r}: `silence list --expired` shows them all")

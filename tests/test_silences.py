@@ -253,8 +253,35 @@ RULES: list[dict[str, Any]] = [
 ]
 
 
-def config_for(world: World, fake: FakeWebhook, **notifier: Any) -> Config:
+@pytest.fixture(params=["sqlite", "postgresql"])
+def state(request: pytest.FixtureRequest, tmp_path: Any) -> dict[str, str]:
+    """The end-to-end tests' ``state`` section: a file, then a PostgreSQL database (the
+    ``silence`` commands write beside the leader there too)."""
+    if request.param == "sqlite":
+        return {"path": str(tmp_path / "state.db")}
+    return {"url": request.getfixturevalue("postgres_url")}
+
+
+async def leading(app: App) -> App:
+    """The App, leading when its state is PostgreSQL's (as `run` makes it first)."""
+    if app.leadership is not None:
+        assert await app.leadership.step()
+    return app
+
+
+async def advance(world: World, app: App, seconds: float) -> None:
+    """Time passes; a leader renews its lease meanwhile (as `run` does every third of
+    its TTL; the FakeClock jumps over the renewals)."""
+    world.clock.advance(seconds)
+    await leading(app)
+
+
+def config_for(
+    world: World, fake: FakeWebhook, state: dict[str, str] | None = None, **notifier: Any
+) -> Config:
     data = world.config_data(rules=RULES)
+    if state is not None:
+        data["state"] = state
     data["notifiers"]["hook"] = {"type": "webhook", "url": fake.endpoint, **notifier}
     return load(yaml.safe_dump(data), filename="e2e.yaml", env={}, base_dir=world.tmp)
 
@@ -264,11 +291,12 @@ def kinds(fake: FakeWebhook) -> list[tuple[str, str]]:
 
 
 async def test_e2e_silence_added_beside_the_running_daemon_holds_the_alert_until_it_ends(
-    world: World, capsys: pytest.CaptureFixture[str]
+    world: World, state: dict[str, str], capsys: pytest.CaptureFixture[str]
 ) -> None:
     async with FakeWebhook() as fake:
-        config = config_for(world, fake)
+        config = config_for(world, fake, state)
         async with App(config, clock=world.clock) as app:
+            await leading(app)
             now = world.clock.now()
             # the daemon holds the state file; the command writes beside it
             await silence_cmd.add(
@@ -291,7 +319,7 @@ async def test_e2e_silence_added_beside_the_running_daemon_holds_the_alert_until
             (active,) = await app.store.silences.listing(now)
             # expired by the command while the daemon runs: no restart
             await silence_cmd.expire(config, active.id, now=now + timedelta(minutes=5))
-            world.clock.advance(600)
+            await advance(world, app, 600)
             await app.deliverer.drain(60)
             assert kinds(fake).count(("FIRING", "failed-charge")) == 1
             assert await app.store.outbox.messages(("silenced",)) == []
@@ -299,10 +327,13 @@ async def test_e2e_silence_added_beside_the_running_daemon_holds_the_alert_until
     assert "added" in out and "expired" in out
 
 
-async def test_e2e_an_alert_resolved_while_silenced_is_never_sent(world: World) -> None:
+async def test_e2e_an_alert_resolved_while_silenced_is_never_sent(
+    world: World, state: dict[str, str]
+) -> None:
     async with FakeWebhook() as fake:
-        config = config_for(world, fake)
+        config = config_for(world, fake, state)
         async with App(config, clock=world.clock) as app:
+            await leading(app)
             await silence_cmd.add(
                 config,
                 rule="failed-charge",
@@ -316,10 +347,10 @@ async def test_e2e_an_alert_resolved_while_silenced_is_never_sent(world: World) 
             await app.run_cycle()
             await app.deliverer.drain(60)
             world.sim.set_status(world.sim.scenario.invoice("failed").id, "PAID")
-            world.clock.advance(60)
+            await advance(world, app, 60)
             await app.run_cycle()
             await app.deliverer.drain(60)
-            world.clock.advance(3 * 3600)  # the silence ends
+            await advance(world, app, 3 * 3600)  # the silence ends
             await app.deliverer.drain(60)
             muted = await app.store.outbox.messages(("muted",))
     assert [k for k in kinds(fake) if k[1] == "failed-charge"] == []
@@ -327,13 +358,14 @@ async def test_e2e_an_alert_resolved_while_silenced_is_never_sent(world: World) 
 
 
 async def test_e2e_quiet_hours_hold_messages_and_send_one_summary_when_they_end(
-    world: World,
+    world: World, state: dict[str, str]
 ) -> None:
     # The scenario's clock is a Monday, 20:28 in Berlin: inside the window.
     quiet = {"timezone": "Europe/Berlin", "from": "20:00", "to": "08:00", "except": ["critical"]}
     async with FakeWebhook() as fake:
-        config = config_for(world, fake, quiet_hours=quiet)
+        config = config_for(world, fake, state, quiet_hours=quiet)
         async with App(config, clock=world.clock) as app:
+            await leading(app)
             await app.run_cycle()
             await app.deliverer.drain(60)
             at_once = kinds(fake)
@@ -342,7 +374,7 @@ async def test_e2e_quiet_hours_hold_messages_and_send_one_summary_when_they_end(
             before = len(fake.accepted)
             # the window ends at 08:00 Berlin; the deliverer is woken every max_backoff
             for _ in range(14 * 60):
-                world.clock.advance(60)
+                await advance(world, app, 60)
                 await app.deliverer.deliver_due()
                 if len(fake.accepted) > before:
                     break

@@ -87,14 +87,14 @@ async def open_store(
     ``state.url``: :func:`location`). The daemon's (``exclusive``: created, migrated and,
     for a file, locked) or an operator command's (read only). ``settles``: the invoice
     statuses the snapshot keeps settled in memory. See
-    :meth:`~invoice_watch.store.sqlite.SqliteStore.open` and
+    :meth:`~invoice_watch.store.sqlite.store.SqliteStore.open` and
     :meth:`~invoice_watch.store.postgres.PostgresStore.connect`; a
     :class:`~invoice_watch.errors.StateError` says what is wrong."""
     if isinstance(where, StateUrl):
         from invoice_watch.store.postgres import PostgresStore  # loaded when used
 
         return await PostgresStore.connect(where, exclusive=exclusive, settles=settles)
-    from invoice_watch.store.sqlite import SqliteStore  # the backend, loaded when used
+    from invoice_watch.store.sqlite.store import SqliteStore  # the backend, loaded when used
 
     return await SqliteStore.open(where, exclusive=exclusive, settles=settles)
 
@@ -106,20 +106,31 @@ async def open_copy(where: Path | StateUrl, *, settles: frozenset[str] = FINAL_S
         from invoice_watch.store.postgres import PostgresStore
 
         return await PostgresStore.connect(where, settles=settles, dry_run=True)
-    from invoice_watch.store.sqlite import SqliteStore
+    from invoice_watch.store.sqlite.store import SqliteStore
 
     return await asyncio.to_thread(SqliteStore.copy, where, settles=settles)
 
 
 @contextlib.asynccontextmanager
-async def silences_writer(path: Path) -> AsyncIterator[SilenceRepository]:
-    """The silences of the state at ``path``, writable beside a running daemon (the
-    ``silence`` commands; see :func:`~invoice_watch.store.sqlite.database.open_writer`);
-    closed on leaving. A :class:`~invoice_watch.errors.StateError` says what is wrong."""
-    from invoice_watch.store.sqlite.database import open_writer
+async def silences_writer(where: Path | StateUrl) -> AsyncIterator[SilenceRepository]:
+    """The silences of the state at ``where``, writable beside a running daemon (the
+    ``silence`` commands): an SQLite file opened for one short write (see
+    :func:`~invoice_watch.store.sqlite.database.open_writer`), or a plain short
+    connection to the PostgreSQL database (a standby or the leader alike: a silence is
+    not fenced, the leader reads the table when it releases and delivers). Closed on
+    leaving. A :class:`~invoice_watch.errors.StateError` says what is wrong."""
+    from invoice_watch.store.sql import SqlDatabase
     from invoice_watch.store.sqlite.silences import SqliteSilences
 
-    db = await asyncio.to_thread(open_writer, path)
+    db: SqlDatabase
+    if isinstance(where, StateUrl):
+        from invoice_watch.store.postgres.database import open_writer as open_pg_writer
+
+        db = await open_pg_writer(where)
+    else:
+        from invoice_watch.store.sqlite.database import open_writer
+
+        db = await asyncio.to_thread(open_writer, where)
     try:
         yield SqliteSilences(db)
     finally:

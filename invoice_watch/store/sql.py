@@ -6,7 +6,8 @@ and :class:`SqlDatabase` (its transactions, on the database's own thread).
 The statements are written once, in the SQL both SQLite (3.24 or later) and PostgreSQL
 take: ``?`` placeholders (the PostgreSQL connection turns them into ``%s``), upserts as
 ``INSERT ... ON CONFLICT ... DO UPDATE``, no ``rowid``, no ``IS ?``. Times are ISO 8601
-text in both (compared as text, as the SQLite file always did).
+text in both (compared as text, as the SQLite file always did). The one expression the
+two spell differently, a field of a JSON column, is :func:`json_text`'s.
 """
 
 from __future__ import annotations
@@ -36,6 +37,15 @@ class SqlConnection(Protocol):
     def execute(self, sql: str, parameters: Any = ..., /) -> SqlCursor: ...
 
     def executemany(self, sql: str, parameters: Iterable[Any], /) -> SqlCursor: ...
+
+
+def json_text(conn: SqlConnection, column: str, key: str) -> str:
+    """The SQL expression for ``column[0][key]`` as text (``column`` holds a JSON array of
+    objects, as the outbox's ``events``): SQLite's ``json_extract``, PostgreSQL's
+    ``->``/``->>`` (a connection with ``dialect = "postgresql"``)."""
+    if getattr(conn, "dialect", "sqlite") == "postgresql":
+        return f"(({column})::json -> 0 ->> '{key}')"
+    return f"json_extract({column}, '$[0].{key}')"
 
 
 class SqlDatabase(Protocol):

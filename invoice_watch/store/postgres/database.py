@@ -53,6 +53,8 @@ def _pg(sql: str) -> str:
 class PgConnection:
     """psycopg's connection as :class:`~invoice_watch.store.sql.SqlConnection`."""
 
+    dialect = "postgresql"  # (:func:`~invoice_watch.store.sql.json_text`)
+
     def __init__(self, conn: psycopg.Connection[Any]) -> None:
         self.raw = conn
 
@@ -243,3 +245,20 @@ class PgDatabase:
             self._closed = True
             await asyncio.get_running_loop().run_in_executor(self._thread, self._drop)
             self._thread.shutdown()
+
+
+async def open_writer(url: StateUrl) -> PgDatabase:
+    """The database at ``url`` for one short unfenced write beside the replicas (the
+    ``silence`` commands): not migrated (its schema must be this version's). A
+    :class:`~invoice_watch.errors.StateError` says what is wrong, never with the
+    password."""
+    db = PgDatabase(url)
+    try:
+        await db.run(db.check_version)
+    except psycopg.Error as exc:  # (not chained: libpq's text may hold the URL)
+        await db.close()
+        raise StateError(f"cannot use state database {db.name}: {db.reason(exc)}") from None
+    except BaseException:
+        await db.close()
+        raise
+    return db

@@ -91,7 +91,30 @@ MIGRATIONS: tuple[str, ...] = (
         expires_at TIMESTAMPTZ NOT NULL
     );
     """,
+    # 2: the SQLite file's 5: silences (written by the `silence` commands beside the
+    # leader); an outbox row may be 'silenced' or 'muted'
+    """
+    CREATE TABLE silences (
+        id TEXT PRIMARY KEY,
+        rule TEXT NOT NULL,
+        org_id TEXT,
+        invoice_id TEXT,
+        starts_at TEXT NOT NULL,
+        ends_at TEXT NOT NULL,
+        comment TEXT NOT NULL,
+        created_at TEXT NOT NULL
+    );
+    CREATE INDEX silences_ends ON silences (ends_at);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 # The tables `state copy` moves from an SQLite file, in this order (the lease stays).
-COPIED_TABLES = ("invoices", "amount_history", "orgs", "alerts", "outbox", "cycles")
+COPIED_TABLES = (
+    "invoices",
+    "amount_history",
+    "orgs",
+    "alerts",
+    "outbox",
+    "cycles",
+    "silences",
+)

@@ -1,4 +1,5 @@
-"""Silences in the SQLite state file (``silences``), and what they do to the outbox.
+"""Silences in the state (``silences``), and what they do to the outbox; the statements
+run on both backends (:mod:`invoice_watch.store.sql`).
 
 A silence is written by the ``silence`` commands, also while the daemon runs: they open
 the file read-write for one short transaction (:func:`~.database.open_writer`; WAL
@@ -16,14 +17,13 @@ matches any more pending (a FIRING whose alert still fires) or muted. The decisi
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from invoice_watch.silences import Effect, on_lift, on_release, silencing
 from invoice_watch.store.records import Lifted, Silence
-from invoice_watch.store.sqlite.database import Database
+from invoice_watch.store.sql import SqlConnection, SqlDatabase, json_text
 from invoice_watch.types import AlertEvent, EventKind, events_from_json, instant
 
 T = TypeVar("T")
@@ -51,7 +51,7 @@ def _silence(row: tuple[Any, ...]) -> Silence:
     )
 
 
-def active_silences(conn: sqlite3.Connection, now: datetime) -> list[Silence]:
+def active_silences(conn: SqlConnection, now: datetime) -> list[Silence]:
     """The silences that hold at ``now`` (at most ``_ACTIVE_MAX``, those ending last)."""
     at = _utc(now)
     rows = conn.execute(
@@ -62,19 +62,17 @@ def active_silences(conn: sqlite3.Connection, now: datetime) -> list[Silence]:
     return [_silence(row) for row in rows]
 
 
-def _episode_where() -> str:
-    return (
-        "notifier=? AND json_extract(events, '$[0].key')=? "
-        "AND json_extract(events, '$[0].firing_since')=?"
-    )
+def _episode_where(conn: SqlConnection) -> str:
+    key, since = json_text(conn, "events", "key"), json_text(conn, "events", "firing_since")
+    return f"notifier=? AND {key}=? AND {since}=?"
 
 
-def _firing_silenced(conn: sqlite3.Connection, notifier: str, event: AlertEvent) -> bool:
+def _firing_silenced(conn: SqlConnection, notifier: str, event: AlertEvent) -> bool:
     """Whether the FIRING of ``event``'s episode was silenced for ``notifier`` and never
     sent (its message is silenced or muted)."""
     row = conn.execute(
         "SELECT 1 FROM outbox WHERE state IN ('silenced', 'muted') AND "
-        f"{_episode_where()} AND json_extract(events, '$[0].kind')='FIRING' LIMIT 1",
+        f"{_episode_where(conn)} AND {json_text(conn, 'events', 'kind')}='FIRING' LIMIT 1",
         (notifier, event.key, _iso(event.firing_since)),
     ).fetchone()
     return row is not None
@@ -85,7 +83,7 @@ def _iso(value: datetime | None) -> str | None:
 
 
 def silence_held(
-    conn: sqlite3.Connection, now: datetime, cycle: int | None = None, *, only: bool = False
+    conn: SqlConnection, now: datetime, cycle: int | None = None, *, only: bool = False
 ) -> int:
     """Apply the silences to the held messages about to be released (``cycle``'s
     ``only``, or all): each is one event (held messages are never grouped). Returns how
@@ -126,18 +124,17 @@ def silence_held(
             why = "muted: its FIRING was silenced and never sent"
             conn.execute(
                 "UPDATE outbox SET state='muted', done_at=?, last_error=? WHERE id=? "
-                f"OR (state='silenced' AND {_episode_where()})",
+                f"OR (state='silenced' AND {_episode_where(conn)})",
                 (at, why, row_id, notifier, event.key, _iso(event.firing_since)),
             )
             changed += 1
     return changed
 
 
-def prune_silences(conn: sqlite3.Connection, cutoff: str, limit: int) -> int:
+def prune_silences(conn: SqlConnection, cutoff: str, limit: int) -> int:
     """Forget silences that ended before ``cutoff`` (at most ``limit``)."""
     return conn.execute(
-        "DELETE FROM silences WHERE rowid IN (SELECT rowid FROM silences WHERE ends_at < ? "
-        "LIMIT ?)",
+        "DELETE FROM silences WHERE id IN (SELECT id FROM silences WHERE ends_at < ? LIMIT ?)",
         (cutoff, limit),
     ).rowcount
 
@@ -146,11 +143,11 @@ class SqliteSilences:
     """The silences (:class:`~invoice_watch.store.protocols.SilenceRepository`); not
     cached: the ``silence`` commands write them beside the daemon."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: SqlDatabase) -> None:
         self._db = db
 
     async def add(self, silence: Silence) -> None:
-        def run(conn: sqlite3.Connection) -> None:
+        def run(conn: SqlConnection) -> None:
             conn.execute(
                 f"INSERT INTO silences ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?)",
                 (
@@ -165,10 +162,10 @@ class SqliteSilences:
                 ),
             )
 
-        await self._db.write(run, f"add a silence to state file {self._db.name}")
+        await self._db.write(run, f"add a silence to state {self._db.name}")
 
     async def expire(self, silence_id: str, now: datetime) -> Silence | None:
-        def run(conn: sqlite3.Connection) -> Silence | None:
+        def run(conn: SqlConnection) -> Silence | None:
             row = conn.execute(
                 f"SELECT {_COLUMNS} FROM silences WHERE id=?", (silence_id,)
             ).fetchone()
@@ -180,12 +177,12 @@ class SqliteSilences:
                 return Silence(**{**found.__dict__, "ends_at": now.astimezone(UTC)})
             return found
 
-        return await self._db.write(run, f"expire a silence in state file {self._db.name}")
+        return await self._db.write(run, f"expire a silence in state {self._db.name}")
 
     async def listing(
         self, now: datetime, *, expired: bool = False, limit: int = 100
     ) -> list[Silence]:
-        def query(conn: sqlite3.Connection) -> list[Silence]:
+        def query(conn: SqlConnection) -> list[Silence]:
             if expired:
                 rows = conn.execute(
                     f"SELECT {_COLUMNS} FROM silences ORDER BY ends_at DESC LIMIT ?", (limit,)
@@ -203,7 +200,7 @@ class SqliteSilences:
         """Make each silenced message no silence matches any more pending (a FIRING
         whose alert still fires: due now, its age counted from now) or muted."""
 
-        def run(conn: sqlite3.Connection) -> Lifted:
+        def run(conn: SqlConnection) -> Lifted:
             rows = conn.execute(
                 "SELECT id, events FROM outbox WHERE state='silenced' ORDER BY id LIMIT ?",
                 (_LIFT_MAX,),
@@ -248,7 +245,7 @@ class SqliteSilences:
                     waiting += 1
             return Lifted(sent, muted, waiting)
 
-        return await self._db.write(run, f"lift silences in state file {self._db.name}")
+        return await self._db.write(run, f"lift silences in state {self._db.name}")
 
-    async def _read(self, query: Callable[[sqlite3.Connection], T]) -> T:
-        return await self._db.read(query, f"the silences of state file {self._db.name}")
+    async def _read(self, query: Callable[[SqlConnection], T]) -> T:
+        return await self._db.read(query, f"the silences of state {self._db.name}")
