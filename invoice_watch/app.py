@@ -1148,7 +1148,7 @@ class App:
         age = None
         if self._finished_at is not None:
             age = timedelta(seconds=self.clock.monotonic() - self._finished_at)
-        return health(
+        ok, why = health(
             last.finished_at if last else None,
             last.orgs_ok if last else 0,
             len(last.orgs_failed) if last else 0,
@@ -1157,6 +1157,9 @@ class App:
             age=age,
             in_flight=self._in_flight(),
         )
+        if self.leadership is not None:
+            why = f"{self.leadership.describe()}; {why}"
+        return ok, why
 
     def liveness(self) -> tuple[bool, str]:
         """Whether the poll loop is alive (the systemd watchdog, ``/livez``; see

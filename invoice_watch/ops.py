@@ -134,6 +134,31 @@ def _org_arg(config: Config, org: str | None, stored: set[str]) -> str | None:
     raise UsageError(f"--org {org}: no such organization; known: {', '.join(names)}")
 
 
+async def _lease_line(config: Config, store: Store, now: datetime) -> str | None:
+    """Who leads the replicas of a PostgreSQL state (None: an SQLite file, one daemon)."""
+    if config.state.url is None:
+        return None
+    from invoice_watch.store.postgres import PostgresStore  # psycopg, loaded when used
+
+    assert isinstance(store, PostgresStore)
+    lease = await store.lease_now()
+    if lease is None:
+        return "Lease: no replica has taken it yet (none has run on this database)"
+    holder, token, expires = lease
+    if expires is None:
+        return f"Lease: free (given up by {holder} as it stopped; fencing token {token})"
+    if expires <= now:
+        return (
+            f"Lease: expired {fmt.ago(expires, now)}: no leader (last held by {holder}, "
+            f"fencing token {token}); a standby takes it at its next try"
+        )
+    left = (expires - now).total_seconds()
+    return (
+        f"Lease: leader {holder} (fencing token {token}), expires in {left:.0f}s unless "
+        "renewed; the other replicas are standbys"
+    )
+
+
 async def status(config: Config, *, check: bool = False, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     now = datetime.now(UTC)
@@ -150,6 +175,8 @@ async def status(config: Config, *, check: bool = False, out: TextIO | None = No
             print(("healthy: " if ok else "unhealthy: ") + why, file=out)
             return 0 if ok else 1
         print(f"Health: {'OK' if ok else 'UNHEALTHY'} ({why})\n", file=out)
+        if (lease := await _lease_line(config, store, now)) is not None:
+            print(f"{lease}\n", file=out)
         orgs = {o.org_id: o for o in store.snapshot.org_states()}
         rows = []
         for org in config.organizations:

@@ -7,18 +7,26 @@ from __future__ import annotations
 
 import logging
 from datetime import timedelta
+from typing import Any
 
 import psycopg
 import pytest
+import yaml
 
+from invoice_watch import ops
+from invoice_watch.app import App
 from invoice_watch.clock import FakeClock
+from invoice_watch.config import Config, load
 from invoice_watch.errors import NotLeaderError
 from invoice_watch.health import Metrics
 from invoice_watch.leader import Leadership
 from invoice_watch.store import StateUrl, open_store
 from invoice_watch.store.postgres import PostgresStore
 from invoice_watch.store.postgres.lease import Lease
+from tests.manual_clock import ManualClock
+from tests.test_daemon import eventually, serving, until_cycles
 from tests.test_store import firing
+from tests.world import World
 
 TTL = timedelta(seconds=30)
 
@@ -126,3 +134,77 @@ async def test_ha_a_leader_that_loses_the_database_steps_down_saying_why(
         await a.store.commit_orgs(number, clock.now(), [], [firing("y")], {"failed": ["c"]})
     finally:
         await close(a)
+
+
+# -- a whole daemon on PostgreSQL, against the simulator -------------------------------
+
+
+def pg_config(world: World, url: str, **kw: Any) -> Config:
+    data = world.config_data(**kw)
+    data["state"] = {"url": url}
+    return load(yaml.safe_dump(data), filename="e2e.yaml", env={}, base_dir=world.tmp)
+
+
+async def pass_time(clock: ManualClock, seconds: float) -> None:
+    """``seconds`` pass for a running daemon, in steps no longer than its sleeps (the
+    lease is renewed every third of its TTL, as it is when time passes for real)."""
+    tasks = len(await clock.sleeping())
+    left = seconds
+    while left > 0:
+        step = min(left, *clock.waits())
+        clock.advance(step)
+        left -= step
+        await clock.sleeping(tasks)
+
+
+async def test_ha_a_daemon_on_postgresql_delivers_each_firing_once_and_status_names_it_leader(
+    world: World, postgres_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`run` on a PostgreSQL state end to end (simulator, Slack, SMTP): it takes the
+    lease, polls, delivers each FIRING once over three cycles; `status` names it leader
+    with the lease's expiry; `run --once` beside it exits 1 saying a replica leads; once
+    stopped, the lease is free."""
+    config = pg_config(world, postgres_url, poll={"interval": "10m"})
+    clock = ManualClock(world.clock.now())
+    async with App(config, clock=clock) as app, serving(app):
+        await until_cycles(app, 1)
+        assert app.leadership is not None and app.leadership.leading()
+        await eventually(lambda: len(world.slack.accepted) == len(world.sink.envelopes) == 2)
+        for n in (2, 3):
+            await pass_time(clock, 600)
+            await until_cycles(app, n)
+            assert await app.deliverer.drain(10) == 0
+        assert sorted(world.kinds()) == [
+            ("FIRING", "failed-charge"),
+            ("FIRING", "pending-over-budget"),
+        ]
+        assert len(world.sink.envelopes) == 2
+        ok, why = app.health()
+        assert ok and "leader" in why, why
+
+        capsys.readouterr()
+        assert await ops.status(config) == 0
+        out = capsys.readouterr().out
+        assert f"Lease: leader {app.leadership.lease.holder} (fencing token 1), expires in" in out
+        assert "postgres" not in out.replace(postgres_url, "")  # no URL, no password
+
+        # `run --once` beside the daemon: exits 1, saying so, and touches nothing
+        assert await world.run_once(config) == 1
+        err = capsys.readouterr().err
+        assert "another invoice-watch replica holds the lease" in err
+        assert "`run --once` runs nothing while a daemon leads" in err
+    assert len(world.slack.accepted) == 2
+    assert await ops.status(config) == 0
+    assert "Lease: free (given up by" in capsys.readouterr().out
+
+
+async def test_ha_run_once_takes_the_lease_for_its_cycle_and_gives_it_up(
+    world: World, postgres_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = pg_config(world, postgres_url)
+    assert await world.run_once(config) == 0
+    assert world.kinds().count(("FIRING", "failed-charge")) == 1
+    assert await world.run_once(config) == 0  # the lease given up: the next run leads
+    assert world.kinds().count(("FIRING", "failed-charge")) == 1  # nothing again
+    assert await ops.status(config) == 0
+    assert "Lease: free" in capsys.readouterr().out

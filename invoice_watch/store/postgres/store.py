@@ -10,10 +10,13 @@ what it cached as a standby is stale.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 from invoice_watch.constants import FINAL_STATUSES
 from invoice_watch.errors import StateError
 from invoice_watch.store.postgres.database import PgConnection, PgDatabase
 from invoice_watch.store.postgres.url import StateUrl
+from invoice_watch.store.sql import SqlConnection
 from invoice_watch.store.unit_of_work import SqlStore
 
 
@@ -63,6 +66,23 @@ class PostgresStore(SqlStore):
         """Read the caches again from the database (a standby that became the leader:
         the old leader wrote since)."""
         await self.database.read(self.load, f"state database {self.database.name}")
+
+    async def lease_now(self) -> tuple[str, int, datetime | None] | None:
+        """The lease as the database has it: (holder, fencing token, expiry in UTC, None
+        when its holder gave it up stopping); None when no replica ever took it.
+        ``status`` shows it."""
+
+        def query(conn: SqlConnection) -> tuple[str, int, datetime | None] | None:
+            row = conn.execute(
+                "SELECT holder, token, CASE WHEN expires_at > '-infinity' THEN expires_at "
+                "END FROM lease WHERE name='leader'"
+            ).fetchone()
+            if row is None:
+                return None
+            expires = row[2].astimezone(UTC) if row[2] is not None else None
+            return str(row[0]), int(row[1]), expires
+
+        return await self.database.read(query, f"the lease of {self.database.name}")
 
     def check_held(self) -> None:
         """Nothing to check: the lease's fence guards every write."""
