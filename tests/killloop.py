@@ -48,7 +48,7 @@ from aiohttp import web
 
 from invoice_watch.simulator import Simulator
 from invoice_watch.simulator.scenario import Scenario
-from invoice_watch.store import open_store
+from invoice_watch.store import StateUrl, open_store
 from tests.fakes_slack import FakeSlack, Route
 
 PROD = "5f8a1c2e9b3d4a6f7e0c1b2a"
@@ -177,6 +177,7 @@ class Daemon:
     started: datetime
     cycles: list[datetime] = field(default_factory=list)  # when each "cycle:" was logged
     errors: list[str] = field(default_factory=list)
+    lines: list[dict[str, Any]] = field(default_factory=list)  # its JSON log records
     reader: asyncio.Task[None] | None = None
 
 
@@ -242,8 +243,9 @@ class Driver:
             await asyncio.sleep(0.5)
         return [f"silence add failed: {output.decode(errors='replace')[-300:]}"]
 
-    async def spawn(self) -> Daemon:
+    async def spawn(self, **extra_env: str) -> Daemon:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("INVOICE_WATCH", "NOTIFY"))}
+        env.update(extra_env)
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "invoice_watch", "run", "-c", str(self.config_path),
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
@@ -264,12 +266,17 @@ class Driver:
                 if "Traceback" in line or "Error" in line:
                     daemon.errors.append(line)
                 continue
+            daemon.lines.append(record)
+            self.logged(daemon, record)
             if record.get("level") in ("error", "critical"):
                 daemon.errors.append(record.get("message", line))
             if str(record.get("message", "")).startswith("cycle:"):
                 daemon.cycles.append(datetime.fromisoformat(record["time"]))
                 async with self.progress:
                     self.progress.notify_all()
+
+    def logged(self, daemon: Daemon, record: dict[str, Any]) -> None:
+        """Each JSON log record of ``daemon``, as it comes (for subclasses)."""
 
     async def stop(self, daemon: Daemon, sig: signal.Signals) -> int:
         if daemon.process.returncode is not None:
@@ -344,7 +351,7 @@ def compare(expected: list[Event], delivered: list[Event], kills: int) -> list[s
     return problems
 
 
-async def check_state(state_path: Path, sim: Simulator) -> list[str]:
+async def check_state(state_path: Path | StateUrl, sim: Simulator) -> list[str]:
     store = await open_store(state_path)
     try:
         problems = []

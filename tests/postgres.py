@@ -37,6 +37,12 @@ def pg_bin() -> Path | None:
     return None
 
 
+NOT_INSTALLED = (
+    "PostgreSQL is not installed (no initdb/pg_ctl under /usr/lib/postgresql/*/bin "
+    "or on PATH; set PG_BIN): `apt-get install postgresql` runs these tests"
+)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -80,35 +86,51 @@ class PostgresServer:
         self.start()
 
 
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[PostgresServer]:
-    """One PostgreSQL server for the test run (skipped where none is installed)."""
-    found = pg_bin()
-    if found is None:
-        pytest.skip(
-            "PostgreSQL is not installed (no initdb/pg_ctl under /usr/lib/postgresql/*/bin "
-            "or on PATH; set PG_BIN): `apt-get install postgresql` runs these tests"
-        )
+@contextlib.contextmanager
+def running_server(found: Path) -> Iterator[PostgresServer]:
+    """A new server from the binaries in ``found`` (initdb, start), stopped and removed
+    on leaving: the test run's, or a loop's run outside pytest (tests/failoverloop.py)."""
     as_root = os.geteuid() == 0
     folder = Path(tempfile.mkdtemp(prefix="invoice-watch-pg-"))
     if as_root:
         shutil.chown(folder, "postgres", "postgres")
     server = PostgresServer(found, folder / "data", folder, free_port(), as_root)
-    subprocess.run(
-        server._command(
-            "initdb", "-D", str(server.data), "-U", "postgres", "-A", "trust", "-E", "UTF8",
-            "--no-sync",
-        ),
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )  # fmt: skip
-    server.start()
     try:
-        yield server
+        subprocess.run(
+            server._command(
+                "initdb", "-D", str(server.data), "-U", "postgres", "-A", "trust", "-E",
+                "UTF8", "--no-sync",
+            ),
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )  # fmt: skip
+        server.start()
+        try:
+            yield server
+        finally:
+            server.stop("immediate")
     finally:
-        server.stop("immediate")
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def create_database(server: PostgresServer, name: str) -> str:
+    """A new, empty database on ``server``: its URL."""
+    import psycopg
+
+    with psycopg.connect(server.url(), autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    return server.url(name)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One PostgreSQL server for the test run (skipped where none is installed)."""
+    found = pg_bin()
+    if found is None:
+        pytest.skip(NOT_INSTALLED)
+    with running_server(found) as server:
+        yield server
 
 
 _numbers = itertools.count(1)
@@ -120,9 +142,7 @@ def postgres_url(postgres_server: PostgresServer) -> Iterator[str]:
     import psycopg
 
     name = f"test_{os.getpid()}_{next(_numbers)}"
-    with psycopg.connect(postgres_server.url(), autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    yield postgres_server.url(name)
+    yield create_database(postgres_server, name)
     with (
         contextlib.suppress(psycopg.Error),
         psycopg.connect(postgres_server.url(), autocommit=True) as conn,
