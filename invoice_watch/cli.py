@@ -219,6 +219,25 @@ def _parser() -> argparse.ArgumentParser:
     silence_list.add_argument("--expired", action="store_true", help="ended ones too")
     silence_expire = with_config(silence_verbs.add_parser("expire", help="end a silence now"))
     silence_expire.add_argument("id", help="the silence's id (silence list shows it)")
+    state = with_config(
+        command(
+            "state",
+            "move the state into PostgreSQL",
+            "state copy: copy the state file (state.path) into an empty PostgreSQL database, "
+            "for replicas (README: High availability). Stop the daemon first; nothing is "
+            "alerted again afterwards.",
+        )
+    )
+    state_verbs = state.add_subparsers(dest="verb", metavar="VERB", required=True, help="copy")
+    state_copy = with_config(
+        state_verbs.add_parser("copy", help="copy the state file into PostgreSQL")
+    )
+    state_copy.add_argument(
+        "--to",
+        metavar="URL",
+        help="postgresql://user@host/db (default: the config's state.url; a password in "
+        "PGPASSWORD, not on the command line)",
+    )
     simulate = command(
         "simulate",
         "serve the built-in Atlas simulator",
@@ -472,6 +491,8 @@ def _with_config(args: argparse.Namespace) -> int:
             return asyncio.run(ops.history(config, limit=args.limit))
         if args.command == "silence":
             return asyncio.run(_silence(config, args))
+        if args.command == "state":
+            return asyncio.run(_state_copy(config, args.to))
     except UsageError as exc:  # an unknown organization or status
         _error(f"invoice-watch {args.command}: {exc}")
         return 2
@@ -479,6 +500,29 @@ def _with_config(args: argparse.Namespace) -> int:
         _error(f"invoice-watch: {exc}")
         return 1
     raise AssertionError(args.command)
+
+
+async def _state_copy(config: object, to: str | None) -> int:
+    """``state copy [--to URL]``: the state file into PostgreSQL
+    (:mod:`invoice_watch.store.postgres.copy`)."""
+    from invoice_watch.config import Config
+    from invoice_watch.store import StateUrl, location
+    from invoice_watch.store.postgres.copy import copy_state
+
+    assert isinstance(config, Config)
+    if to is not None:
+        target = StateUrl(to)
+    elif isinstance(where := location(config.state), StateUrl):
+        target = where
+    else:
+        raise UsageError("--to postgresql://... is needed (the config has no state.url)")
+    if not target.display.startswith(("postgresql://", "postgres://")):
+        raise UsageError(f"--to {target.display}: not a postgresql:// URL")
+    counts = await copy_state(config.state.path, target)
+    rows = ", ".join(f"{n} {table}" for table, n in counts.items())
+    print(f"copied {config.state.path} into {target.display}: {rows}")
+    print("now set state.url to it in the config and start the replicas")
+    return 0
 
 
 async def _silence(config: object, args: argparse.Namespace) -> int:

@@ -13,11 +13,11 @@ import psycopg
 import pytest
 import yaml
 
-from invoice_watch import ops
+from invoice_watch import cli, ops
 from invoice_watch.app import App
 from invoice_watch.clock import FakeClock
 from invoice_watch.config import Config, load
-from invoice_watch.errors import NotLeaderError
+from invoice_watch.errors import NotLeaderError, StateError
 from invoice_watch.health import Metrics
 from invoice_watch.leader import Leadership
 from invoice_watch.store import StateUrl, open_store
@@ -208,3 +208,33 @@ async def test_ha_run_once_takes_the_lease_for_its_cycle_and_gives_it_up(
     assert world.kinds().count(("FIRING", "failed-charge")) == 1  # nothing again
     assert await ops.status(config) == 0
     assert "Lease: free" in capsys.readouterr().out
+
+
+# -- moving in: state copy --------------------------------------------------------------
+
+
+async def test_ha_state_copy_moves_an_sqlite_state_in_without_realerting(
+    world: World, postgres_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A daemon on SQLite alerted; the state is copied; the replicas on PostgreSQL go on
+    from there: nothing is sent again, a change is alerted once, the ids go on."""
+    sqlite_config = world.config()
+    assert await world.run_once(sqlite_config) == 0
+    sent = len(world.slack.accepted)
+    assert sent == 2
+    assert await cli._state_copy(sqlite_config, postgres_url) == 0
+    out = capsys.readouterr().out
+    assert "copied" in out and "2 alerts" in out and "4 outbox" in out
+    config = pg_config(world, postgres_url)
+    assert await world.run_once(config) == 0
+    assert len(world.slack.accepted) == sent  # nothing re-sent
+    world.sim.set_status(world.sim.scenario.invoice("failed").id, "PAID")
+    assert await world.run_once(config) == 0
+    assert world.kinds()[sent:] == [("RESOLVED", "failed-charge")]
+    # a database that is not empty is refused, and left as it was
+    with pytest.raises(StateError, match="is not empty"):
+        await cli._state_copy(sqlite_config, postgres_url)
+    # a running daemon's file is refused (its lock)
+    async with App(sqlite_config, clock=world.clock):
+        with pytest.raises(StateError, match=r"in use|locked|another"):
+            await cli._state_copy(sqlite_config, postgres_url)
