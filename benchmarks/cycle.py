@@ -110,6 +110,9 @@ class Case:
     latency_model: str = "round-trip"  # or "sim": Simulator.faults.latency
     peer: bool = True
     history: bool = False  # two orgs with two years of monthly invoices instead
+    # A PostgreSQL server (--backend postgresql): each case gets a database of its own
+    # (``state.url``) instead of the state file.
+    server: Any = None
 
 
 CASES = {
@@ -278,9 +281,10 @@ class NullNotifier:
         return None
 
 
-def _config_text(sim: SimulatorProcess, state: Path) -> str:
+def _config_text(sim: SimulatorProcess, state: Path, url: str | None = None) -> str:
     import yaml
 
+    where = {"url": url} if url is not None else {"path": str(state)}
     return yaml.safe_dump(
         {
             "atlas": {
@@ -289,7 +293,7 @@ def _config_text(sim: SimulatorProcess, state: Path) -> str:
                 "max_concurrency": CONCURRENCY,
             },
             "organizations": [{"id": org_id} for org_id in sim.org_ids],
-            "state": {"path": str(state)},
+            "state": where,
             "notifiers": {"sink": {"type": "console"}},
             "rules": [{**rule, "notify": ["sink"]} for rule in RULES],
         }
@@ -356,10 +360,16 @@ def _time_work() -> list[_Timed]:
     state file's transactions and caches."""
     from invoice_watch import app
     from invoice_watch.atlas import parse
+    from invoice_watch.store.postgres.database import PgDatabase
     from invoice_watch.store.sqlite.database import Database
-    from invoice_watch.store.sqlite.store import SqliteStore
+    from invoice_watch.store.unit_of_work import SqlStore
 
-    timers = [_Timed(parse, PARSE), _TimedStore(Database), _Timed(SqliteStore, "_apply")]
+    timers = [
+        _Timed(parse, PARSE),
+        _TimedStore(Database),
+        _TimedStore(PgDatabase),
+        _Timed(SqlStore, "_apply"),
+    ]
     for name in WORK:
         timers.append(_Timed(app, name))
     timers.append(_Timed(app.CyclePlan, "shared"))  # linked invoices: what others hold
@@ -404,6 +414,8 @@ async def run_cycles(
     rss_start = _rss_mb()
     cycles = []
     async with App(config, notifiers={"sink": NullNotifier()}) as app:
+        if app.leadership is not None:  # PostgreSQL: lead, as `run` does first
+            await app.leadership.step()
         for label in labels:
             figures = CycleFigures(label, rss_start_mb=rss_start)
             if sim is not None:
@@ -516,7 +528,12 @@ def run_case(case: Case, profile: bool = False) -> CaseFigures:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             state = Path(tmp) / "state.db"
-            config_text = _config_text(sim, state)
+            url = None
+            if case.server is not None:
+                from tests.postgres import create_database
+
+                url = create_database(case.server, f"bench_{case.name.replace('-', '_')}")
+            config_text = _config_text(sim, state, url)
             cycles = asyncio.run(run_cycles(config_text, state, CYCLES, sim, profile, case.latency))
             cycles.append(_restart(case, sim, config_text, state, profile))
             # The same requests replayed: those of full listings, and of incremental ones.
@@ -526,7 +543,12 @@ def run_case(case: Case, profile: bool = False) -> CaseFigures:
                 incremental = figures.label in ("2nd", "steady")
                 figures.raw_wall = raw["incremental" if incremental else "full"]
             peer_wall = naive_cycle(sim, Path(tmp) / "peer.db") if case.peer else None
-            daemon = daemon_peak_rss(sim, Path(tmp))
+            # (the daemon's RSS on the state file only)
+            daemon = (
+                daemon_peak_rss(sim, Path(tmp))
+                if url is None
+                else dict.fromkeys([label for label, _ in DAEMON_RUNS], 0.0)
+            )
     finally:
         sim.stop()
     names = dict(zip(sim.org_ids, ("typical", "month-start"), strict=True)) if case.history else {}
@@ -738,6 +760,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-peer", action="store_true", help="skip the naive peer")
     parser.add_argument("--profile", action="store_true", help="cProfile each cycle")
     parser.add_argument(
+        "--backend",
+        choices=("sqlite", "postgresql"),
+        default="sqlite",
+        help="where the state is: an SQLite file (default), or a throwaway PostgreSQL "
+        "server started for the run (Debian's postgresql, as the tests start it)",
+    )
+    parser.add_argument(
         "--latency-model",
         choices=("round-trip", "sim"),
         default="round-trip",
@@ -749,9 +778,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown case {', '.join(unknown)}; cases: {', '.join(CASES)}")
 
+    with contextlib.ExitStack() as stack:
+        server = None
+        if args.backend == "postgresql":
+            from tests.postgres import pg_bin, running_server
+
+            found = pg_bin()
+            if found is None:
+                parser.error("PostgreSQL is not installed (apt-get install postgresql)")
+            server = stack.enter_context(running_server(found))
+        return _run(args, server)
+
+
+def _run(args: argparse.Namespace, server: Any) -> int:
     print(
         f"machine: {machine()}; latency {LATENCY * 1000:.0f} ms ({args.latency_model}), "
-        f"max_concurrency {CONCURRENCY}"
+        f"max_concurrency {CONCURRENCY}; state: {args.backend}"
     )
     print("| " + " | ".join(COLUMNS) + " |")
     print("|" + "---|" * len(COLUMNS))
@@ -764,6 +806,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             CASES[name],
             peer=CASES[name].peer and not args.no_peer,
             latency_model=args.latency_model,
+            server=server,
         )
         results: multiprocessing.queues.Queue[Any] = context.Queue()
         process = context.Process(target=_case_main, args=(case, results, args.profile))

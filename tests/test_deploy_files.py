@@ -195,6 +195,24 @@ def test_compose_restarts_and_allows_graceful_stop(compose: dict[str, Any]) -> N
     assert grace and int(grace.group(1)) > 10, "the daemon may take 10 s to stop"
 
 
+def test_compose_ha_profile_runs_two_replicas_on_one_postgresql(compose: dict[str, Any]) -> None:
+    """The `ha` variant: PostgreSQL and two replicas of one config, the password a
+    secret file on both sides, the replicas started once the database is ready."""
+    services = compose["services"]
+    db = services["postgres"]
+    assert db["profiles"] == ["ha"] and "postgres-password" in db["secrets"]
+    assert db["environment"]["POSTGRES_PASSWORD_FILE"] == "/run/secrets/postgres-password"
+    a, b = services["invoice-watch-a"], services["invoice-watch-b"]
+    assert a == b, "the replicas run the same config"
+    assert a["profiles"] == ["ha"]
+    assert a["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert "postgres-password" in a["secrets"] and "file" in compose["secrets"]["postgres-password"]
+    assert any(v.endswith(f":{CONFIG_PATH}:ro") for v in a["volumes"])
+    assert not any(STATE_DIR in v for v in a["volumes"]), "the state is in PostgreSQL"
+    assert int(a["stop_grace_period"].rstrip("s")) > 10
+    assert not a.get("environment")
+
+
 # --- systemd unit -------------------------------------------------------------------------
 
 

@@ -238,3 +238,23 @@ async def test_ha_state_copy_moves_an_sqlite_state_in_without_realerting(
     async with App(sqlite_config, clock=world.clock):
         with pytest.raises(StateError, match=r"in use|locked|another"):
             await cli._state_copy(sqlite_config, postgres_url)
+
+
+def test_ha_check_config_summary_shows_the_state_url_without_its_password(tmp_path):
+    from invoice_watch.config import summary
+
+    text = yaml.safe_dump(
+        {
+            "atlas": {"auth": {"public_key": "pub", "private_key": "priv"}},
+            "organizations": [{"id": "5f1e0c0a9b8d7e6f5a4b3c2d"}],
+            "state": {"url": "postgresql://iw:${PGPW}@db.example:5432/iw?sslmode=require"},
+            "ha": {"lease_ttl": "10s"},
+            "notifiers": {"out": {"type": "console"}},
+            "rules": [{"name": "failed", "type": "invoice_status", "notify": ["out"]}],
+        }
+    )
+    config = load(text, filename="c.yaml", env={"PGPW": "hunter2-secret"}, base_dir=tmp_path)
+    shown = summary(config)
+    assert "State: postgresql://iw@db.example:5432/iw?sslmode=require (PostgreSQL" in shown
+    assert "lease TTL 10s" in shown
+    assert "hunter2" not in shown

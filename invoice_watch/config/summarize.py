@@ -114,6 +114,21 @@ def _report_line(report: ReportConfig) -> str:
     )
 
 
+def _state_line(config: Config) -> str:
+    """Where the state is: the file, or the PostgreSQL URL without its password (with
+    the lease's TTL: replicas share it)."""
+    if config.state.url is not None:
+        from invoice_watch.store.postgres.url import display
+
+        return (
+            f"State: {display(config.state.url.get())} (PostgreSQL; replicas: lease TTL "
+            f"{duration(config.ha.lease_ttl)})"
+        )
+    return f"State: {config.state.path}" + (
+        "" if config.state.explicit else f" (default: {config.state.origin})"
+    )
+
+
 def summary(config: Config) -> str:
     """A human summary for ``invoice-watch check-config``; secrets show as ``<secret>``."""
     atlas = config.atlas
@@ -133,8 +148,7 @@ def summary(config: Config) -> str:
         *(f"  - {org.display_name} ({org.id})" for org in config.organizations),
         f"Poll: every {duration(config.poll.interval)}, jitter {duration(config.poll.jitter)}, "
         f"full listing every {duration(config.poll.full_listing_every)} and at start",
-        f"State: {config.state.path}"
-        + ("" if config.state.explicit else f" (default: {config.state.origin})"),
+        _state_line(config),
         f"Delivery: give up after {duration(config.delivery.max_age)}, max backoff "
         f"{duration(config.delivery.max_backoff)}, group over {config.delivery.group_over}, "
         f"keep history {duration(config.delivery.retention)}",
