@@ -1054,6 +1054,7 @@ class App:
             store, lease, self.clock, self.metrics, self.config.delivery.group_over
         )
         self._stack.push_async_callback(leadership.stop)
+        leadership.on_lead = self._poll.run_now  # a new leader polls at once
         return leadership
 
     def _connect(self, config: Config) -> tuple[AtlasClient, Mapping[str, Notifier]]:

@@ -1,20 +1,24 @@
 """Leadership among replicas sharing a PostgreSQL state (``state.url``, ``ha``): only
 the holder of the lease (:mod:`invoice_watch.store.postgres.lease`) polls Atlas, writes
 and delivers; the others stand by, healthy, renewing nothing but trying to take it.
-
-:meth:`Leadership.run` renews (or tries to take) the lease every third of
-``ha.lease_ttl``. Taking it over: the state's caches are read again (the old leader
-wrote since), the fencing token is given to the database (every write transaction checks
-it), and the messages a cut-short cycle held are released. Losing it (another replica
-took it, or the database could not be reached until the lease ran out): the token is
-withdrawn, and the replica says why. :meth:`Leadership.leading` is what the cycle and
-delivery check before each cycle and each send: the lease as this process's monotonic
-clock sees it, so a paused process (SIGSTOP) sends nothing once it resumes past its TTL.
+:meth:`Leadership.run` renews the lease every third of ``ha.lease_ttl``; a standby tries
+to take it every :data:`STANDBY_RETRY` seconds (at most), so that it takes over within
+about a second of the lease running out, and a replica that takes it over runs its first
+cycle at once (:attr:`Leadership.on_lead`): a takeover costs the TTL plus about a
+second, not a TTL, a third and a poll interval. Taking it over: the state's caches are
+read again (the old leader wrote since), the fencing token is given to the database
+(every write transaction checks it), and the messages a cut-short cycle held are
+released. Losing it (another replica took it, or the database could not be reached until
+the lease ran out): the token is withdrawn, and the replica says why.
+:meth:`Leadership.leading` is what the cycle and delivery check before each cycle and
+each send: the lease as this process's monotonic clock sees it, so a paused process
+(SIGSTOP) sends nothing once it resumes past its TTL.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from invoice_watch.clock import Clock
@@ -26,6 +30,9 @@ if TYPE_CHECKING:
     from invoice_watch.store.postgres.lease import Lease
 
 log = logging.getLogger(__name__)
+
+# Seconds between a standby's attempts to take the lease (one short statement each).
+STANDBY_RETRY = 1.0
 
 
 class Leadership:
@@ -46,6 +53,8 @@ class Leadership:
         self.group_over = group_over
         self._token: int | None = None  # the token this replica leads with
         self.why_not: str = "it has not tried to take the lease yet"
+        # Called when this replica has taken the lease over (the daemon polls at once).
+        self.on_lead: Callable[[], None] | None = None
         store.database.fenced = True
         store.database.token = None
         metrics.leader.set(0)
@@ -61,8 +70,10 @@ class Leadership:
 
     @property
     def period(self) -> float:
-        """Seconds between renewals: a third of the TTL."""
-        return self.lease.ttl.total_seconds() / 3
+        """Seconds until the next renewal or attempt: a third of the TTL while this
+        replica leads, at most :data:`STANDBY_RETRY` while it stands by."""
+        renew = self.lease.ttl.total_seconds() / 3
+        return renew if self.leading() else min(renew, STANDBY_RETRY)
 
     async def step(self) -> bool:
         """Renew or try to take the lease once; returns whether this replica leads."""
@@ -105,6 +116,8 @@ class Leadership:
         )
         if held:
             log.info("released %d message(s) held by a cycle that did not end", held)
+        if self.on_lead is not None:
+            self.on_lead()
 
     def _step_down(self, why: str) -> None:
         self.store.database.token = None

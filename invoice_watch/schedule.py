@@ -69,6 +69,10 @@ class PollSchedule:
             return 0.0
         return min(max(0.0, due - now), self.interval + self.jitter)
 
+    def at_once(self) -> None:
+        """The next cycle is due at once (a replica that has just taken the lease)."""
+        self._last_start = None
+
     def started(self, at: float) -> None:
         self._last_start = at
         self._delay = self._draw()
@@ -109,6 +113,11 @@ class PollLoop:
         """A reload's poll settings: the wait in progress is measured again, from the
         last cycle's start."""
         self.schedule.configure(interval, jitter)
+        self._changed.set()
+
+    def run_now(self) -> None:
+        """Start the next cycle at once (after the one in flight, if any)."""
+        self.schedule.at_once()
         self._changed.set()
 
     async def run(self) -> None:

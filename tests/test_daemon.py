@@ -97,6 +97,8 @@ def test_schedule_waits_at_most_interval_plus_jitter_and_a_reload_counts_from_th
     assert schedule.wait(1006.0) == 54  # the new interval, from the last start
     schedule.configure(timedelta(hours=1), timedelta(0))
     assert schedule.wait(1006.0) == 3594
+    schedule.at_once()  # a replica that has just taken the lease over polls at once
+    assert schedule.wait(1007.0) == 0
 
 
 # -- wall-clock steps (issue 12 §2) ---------------------------------------------------

@@ -64,8 +64,15 @@ async def test_ha_one_leader_a_takeover_raises_the_token_and_fences_the_old_one(
         assert await a.step()  # a renewal keeps the token
         assert a.lease.token == 1
 
+        # A standby tries again within a second (it takes over about a second after
+        # the lease runs out), the leader renews every third of the TTL.
+        assert b.period == min(1.0, TTL.total_seconds() / 3)
+        assert a.period == TTL.total_seconds() / 3
+        led: list[str] = []
+        b.on_lead = lambda: led.append("b")  # the daemon polls at once (PollLoop.run_now)
         expire(postgres_url)  # a paused: it did not renew in time
         assert await b.step() and b.lease.token == 2
+        assert led == ["b"]
         # b read what a wrote, and released the message a's cut-short cycle held
         assert list(b.store.alerts.firing()) == ["x"]
         assert (await b.store.outbox.counts()) == {"pending": 1}

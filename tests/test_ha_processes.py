@@ -25,7 +25,8 @@ async def test_ha_failover_sigkill_the_leader_loses_nothing(tmp_path: Path, post
     assert outcome.problems == [], f"seed {seed}: python -m tests.failoverloop --seed {seed}"
     assert outcome.kills == 4 and len(outcome.takeovers) == 4
     assert 0 <= outcome.duplicates <= outcome.kills
-    # lease TTL 3s + one renewal period 1s + one poll 1s, and process start-up slack
+    # lease TTL 3s + a standby retry (1 s), the new leader polls at once; slack for a
+    # loaded machine (the measured figures: README, High availability)
     assert max(outcome.takeovers) < 8, outcome.takeovers
 
 
