@@ -1566,7 +1566,7 @@ class App:
         return replace(t, event=with_lines, state=replace(t.state, last_event=with_lines))
 
     def _print_dry_run(self, result: CycleResult) -> None:
-        from invoice_watch.notify.render import text
+        from invoice_watch.notify.render.plain import text
 
         out = self._out
         if not result.messages:

@@ -77,5 +77,5 @@ SERVICE_STATE_PATH: Path = Path("/var/lib/invoice-watch/state.db")
 
 # A grouped message holds at most this many events: a larger group is split into parts,
 # each a message of its own (store.message_parts), and every renderer fits this many in
-# its channel's limits (notify/render.py).
+# its channel's limits (notify/render/).
 MESSAGE_MAX_EVENTS: Final = 40

@@ -19,8 +19,10 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from invoice_watch.config import Config
 from invoice_watch.errors import NotifyError, PermanentNotifyError, RetryableNotifyError
-from invoice_watch.notify import build_notifiers, render
+from invoice_watch.notify import build_notifiers
 from invoice_watch.notify.email import EmailNotifier, TlsMode, classify_smtp_error, group_message_id
+from invoice_watch.notify.render import plain
+from invoice_watch.notify.render.email import email_html
 from tests.fakes_smtp import Sink, StartServer
 from tests.test_notify_render import grouped_events, pending_event, resolved_failed_event
 
@@ -191,12 +193,12 @@ async def test_send_plain_delivers_text_and_html_parts(smtp_server: StartServer)
     assert message["To"] == ", ".join(TO)
     assert message["Date"] == "Sun, 15 Nov 2026 12:00:00 +0000"
     assert message["Message-ID"] == events[0].message_id
-    plain = message.get_body(("plain",))
+    plain_part = message.get_body(("plain",))
     html = message.get_body(("html",))
-    assert plain is not None and html is not None
+    assert plain_part is not None and html is not None
     # SMTP carries CRLF line ends.
-    assert plain.get_content().replace("\r\n", "\n") == render.text(events)
-    assert html.get_content().replace("\r\n", "\n") == render.email_html(events)
+    assert plain_part.get_content().replace("\r\n", "\n") == plain.text(events)
+    assert html.get_content().replace("\r\n", "\n") == email_html(events)
 
 
 async def test_send_starttls_with_auth(smtp_server: StartServer, pki: Pki) -> None:

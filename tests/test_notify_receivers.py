@@ -25,9 +25,13 @@ from invoice_watch.notify import (
     PagerDutyNotifier,
     TeamsNotifier,
     WebhookNotifier,
-    render,
     webhook,
 )
+from invoice_watch.notify.render import facts
+from invoice_watch.notify.render.alertmanager import alertmanager_alert
+from invoice_watch.notify.render.pagerduty import pagerduty_event
+from invoice_watch.notify.render.teams import TEAMS_MAX_BYTES, teams_json, teams_message
+from invoice_watch.notify.render.webhook import WEBHOOK_VERSION, message_id, webhook_body
 from invoice_watch.types import AlertEvent, EventKind, Notifier, Part, Severity
 from tests.fakes_receivers import (
     AM_TOKEN,
@@ -207,7 +211,7 @@ async def test_webhook_posts_the_versioned_body_with_standard_webhooks_headers()
     assert fake.refused == []  # schema-valid, signature verified by standardwebhooks
     body = request.body
     assert body["version"] == 1 and body["type"] == "invoice_watch.notification"
-    assert request.headers["webhook-id"] == body["id"] == render.message_id([pending_event()])
+    assert request.headers["webhook-id"] == body["id"] == message_id([pending_event()])
     assert request.headers[WEBHOOK_HEADER] == WEBHOOK_HEADER_VALUE
     assert request.headers["Content-Type"] == "application/json; charset=utf-8"
     [event] = body["events"]
@@ -277,7 +281,7 @@ def test_webhook_schema_is_shipped_in_the_package_and_is_a_valid_schema() -> Non
     schema = webhook.schema()
     jsonschema.Draft202012Validator.check_schema(schema)
     assert schema["properties"]["version"] == {
-        "const": render.WEBHOOK_VERSION,
+        "const": WEBHOOK_VERSION,
         "description": "The version of this body's schema.",
     }
 
@@ -288,7 +292,7 @@ def test_webhook_every_body_validates_against_the_schema(
     message: tuple[list[AlertEvent], Part | None],
 ) -> None:
     events, part = message
-    body = render.webhook_body(events, part, notifier="hook")
+    body = webhook_body(events, part, notifier="hook")
     validator = jsonschema.Draft202012Validator(
         webhook.schema(), format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER
     )
@@ -327,7 +331,7 @@ async def test_pagerduty_firing_triggers_and_resolved_resolves_the_same_alert() 
     [(Severity.CRITICAL, "critical"), (Severity.WARNING, "warning"), (Severity.INFO, "info")],
 )
 def test_pagerduty_severity_mapping(severity: Severity, expected: str) -> None:
-    event = render.pagerduty_event(pending_event(severity=severity))
+    event = pagerduty_event(pending_event(severity=severity))
     assert event["payload"]["severity"] == expected
 
 
@@ -350,15 +354,15 @@ async def test_pagerduty_a_group_is_one_event_per_alert_in_order() -> None:
 
 def test_pagerduty_a_key_longer_than_pagerduty_takes_is_hashed() -> None:
     event = pending_event(key="r/" + "x" * 300)
-    key = render.pagerduty_event(event)["dedup_key"]
+    key = pagerduty_event(event)["dedup_key"]
     assert key.startswith("sha256:") and len(key) <= 255
-    assert key == render.pagerduty_event(replace(event, kind=EventKind.RESOLVED))["dedup_key"]
+    assert key == pagerduty_event(replace(event, kind=EventKind.RESOLVED))["dedup_key"]
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(any_event())
 def test_pagerduty_every_event_is_one_pagerduty_takes(event: AlertEvent) -> None:
-    body = {"routing_key": ROUTING_KEY, **render.pagerduty_event(event)}
+    body = {"routing_key": ROUTING_KEY, **pagerduty_event(event)}
     jsonschema.validate(body, PAGERDUTY_EVENT)
     assert body["dedup_key"]
 
@@ -393,7 +397,7 @@ async def test_teams_card_carries_the_facts_of_the_slack_message() -> None:
     runs = _runs(card)
     assert runs[0] == "FIRING: pending-over-budget"
     assert event.summary in runs
-    for label, value in render._facts(event) + render._details(event):
+    for label, value in facts.table(event) + facts.details(event):
         assert runs[runs.index(label) + 1] == value, label
     assert "• analytics  " in runs and "$4,000.00 (up $1,200.00)" in runs
     assert card["actions"] == [
@@ -417,9 +421,9 @@ def test_teams_server_text_never_reaches_markdown() -> None:
     event = pending_event(
         summary="[click me](https://evil.example) **now**", org_name="_Acme_ [x](y)"
     )
-    body = json.dumps(render.teams_message([event]))
+    body = json.dumps(teams_message([event]))
     assert '"TextBlock"' not in body and '"FactSet"' not in body
-    assert "[click me](https://evil.example) **now**" in _runs(render.teams_message([event]))
+    assert "[click me](https://evil.example) **now**" in _runs(teams_message([event]))
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -428,8 +432,8 @@ def test_teams_message_fits_28_kb_whatever_the_values(
     message: tuple[list[AlertEvent], Part | None],
 ) -> None:
     events, part = message
-    sent = render.teams_json(render.teams_message(events, part))
-    assert len(sent) <= render.TEAMS_MAX_BYTES
+    sent = teams_json(teams_message(events, part))
+    assert len(sent) <= TEAMS_MAX_BYTES
     assert FakeTeams().problem(Received({}, sent, json.loads(sent))) is None
 
 
@@ -486,7 +490,7 @@ async def test_alertmanager_notice_ends_by_itself_or_is_skipped() -> None:
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(any_event())
 def test_alertmanager_every_alert_is_one_alertmanager_takes(event: AlertEvent) -> None:
-    alerts = [render.alertmanager_alert(event, ends_at=AT + timedelta(minutes=4))]
+    alerts = [alertmanager_alert(event, ends_at=AT + timedelta(minutes=4))]
     received = Received({}, b"", json.loads(json.dumps(alerts)))
     assert FakeAlertmanager().problem(received) is None
 

@@ -22,7 +22,10 @@ from hypothesis import strategies as st
 from invoice_watch import format as fmt
 from invoice_watch.constants import MESSAGE_MAX_EVENTS
 from invoice_watch.format import billing_url
-from invoice_watch.notify import ConsoleNotifier, EmailNotifier, render
+from invoice_watch.notify import ConsoleNotifier, EmailNotifier
+from invoice_watch.notify.render import facts, plain
+from invoice_watch.notify.render.email import SUBJECT_MAX, email_html, email_subject
+from invoice_watch.notify.render.slack import slack_blocks, slack_brief_text, slack_text
 from invoice_watch.types import AlertEvent, BreakdownLine, EventKind, Part, Severity
 from tests.fakes_slack import BLOCK_TEXT_MAX, TEXT_MAX, block_text, slack_problem, units
 
@@ -165,7 +168,7 @@ def as_json(value: object) -> str:
     ],
 )
 def test_text_matches_golden(name: str, events: list[AlertEvent]) -> None:
-    check_golden(name, render.text(events))
+    check_golden(name, plain.text(events))
 
 
 @pytest.mark.parametrize(
@@ -177,7 +180,7 @@ def test_text_matches_golden(name: str, events: list[AlertEvent]) -> None:
     ],
 )
 def test_slack_blocks_matches_golden(name: str, events: list[AlertEvent]) -> None:
-    check_golden(name, as_json(render.slack_blocks(events)))
+    check_golden(name, as_json(slack_blocks(events)))
 
 
 @pytest.mark.parametrize(
@@ -189,14 +192,14 @@ def test_slack_blocks_matches_golden(name: str, events: list[AlertEvent]) -> Non
     ],
 )
 def test_email_html_matches_golden(name: str, events: list[AlertEvent]) -> None:
-    check_golden(name, render.email_html(events))
+    check_golden(name, email_html(events))
 
 
 @pytest.mark.parametrize(
     "event", [pending_event(), resolved_failed_event(), notice_event()], ids=lambda e: e.kind
 )
 def test_text_states_every_fact(event: AlertEvent) -> None:
-    out = render.text([event])
+    out = plain.text([event])
     for fact in (
         event.kind.value,
         event.rule,
@@ -213,24 +216,24 @@ def test_text_states_every_fact(event: AlertEvent) -> None:
 
 
 def test_text_resolved_says_how_long_it_fired() -> None:
-    assert "Fired for:     3h 5m (since 2026-11-15 08:55 UTC)" in render.text(
+    assert "Fired for:     3h 5m (since 2026-11-15 08:55 UTC)" in plain.text(
         [resolved_failed_event()]
     )
 
 
 def test_text_notice_shows_status_change() -> None:
-    assert "Status:        PENDING -> FAILED" in render.text([notice_event()])
+    assert "Status:        PENDING -> FAILED" in plain.text([notice_event()])
 
 
 def test_text_without_invoice_leaves_invoice_facts_out() -> None:
-    out = render.text([poll_failure_event()])
+    out = plain.text([poll_failure_event()])
     assert "Invoice:" not in out and "Amount:" not in out and "Period:" not in out
     assert "Last error:    HTTP 503 from the Atlas API" in out
 
 
 def test_text_grouped_counts_and_lists_each_event() -> None:
     events = grouped_events()
-    out = render.text(events)
+    out = plain.text(events)
     assert out.startswith("12 alerts: 9 FIRING, 3 RESOLVED\n")
     for event in events:
         assert event.invoice_id is None or event.invoice_id in out
@@ -253,7 +256,7 @@ def test_text_grouped_counts_and_lists_each_event() -> None:
     ],
 )
 def test_email_subject_formats(events: list[AlertEvent], subject: str) -> None:
-    assert render.email_subject(events) == subject
+    assert email_subject(events) == subject
 
 
 HOSTILE = '<script>alert("x")</script> & Co'
@@ -268,7 +271,7 @@ def test_email_html_escapes_every_value() -> None:
         billing_url='https://x.test/"><script>',
     )
     for events in ([event], [event, event]):
-        out = render.email_html(events)
+        out = email_html(events)
         assert "<script>" not in out
         assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp; Co" in out
 
@@ -276,14 +279,14 @@ def test_email_html_escapes_every_value() -> None:
 def test_slack_blocks_escape_mrkdwn() -> None:
     event = pending_event(org_name="A <!channel> & B|C", summary="<@U123> pay up & <!here>")
     for events in ([event], [event, event]):
-        out = json.dumps(render.slack_blocks(events))
+        out = json.dumps(slack_blocks(events))
         assert "<!channel>" not in out and "<!here>" not in out and "<@U123>" not in out
         assert "&lt;!channel&gt; &amp; B" in out
 
 
 def test_slack_blocks_emoji_by_state() -> None:
     def header(event: AlertEvent) -> str:
-        text: str = render.slack_blocks([event])[0]["text"]["text"]
+        text: str = slack_blocks([event])[0]["text"]["text"]
         return text
 
     assert header(pending_event(severity=Severity.CRITICAL)).startswith(":rotating_light: FIRING")
@@ -294,7 +297,7 @@ def test_slack_blocks_emoji_by_state() -> None:
 
 
 def test_slack_blocks_has_billing_button() -> None:
-    actions = render.slack_blocks([pending_event()])[-1]
+    actions = slack_blocks([pending_event()])[-1]
     button = actions["elements"][0]
     assert button["text"]["text"] == "Open billing in Atlas"
     assert button["url"] == billing_url("https://cloud.mongodb.com", PROD)
@@ -304,14 +307,14 @@ def test_slack_blocks_more_events_than_a_message_holds_stay_within_limits() -> N
     """The outbox never groups more than MESSAGE_MAX_EVENTS (it splits into parts); a
     renderer given more all the same still fits, and says how many it left out."""
     events = [pending_event(key=str(i), rule="r" * 100) for i in range(2000)]
-    blocks = render.slack_blocks(events)
-    assert slack_problem({"text": render.text(events), "blocks": blocks}) is None
+    blocks = slack_blocks(events)
+    assert slack_problem({"text": plain.text(events), "blocks": blocks}) is None
     assert "…and 1960 more" in blocks[-2]["text"]["text"]
 
 
 def test_slack_blocks_long_names_are_clipped() -> None:
     event = pending_event(rule="x" * 500, summary="y" * 5000)
-    blocks = render.slack_blocks([event])
+    blocks = slack_blocks([event])
     assert len(blocks[0]["text"]["text"]) <= 150 and blocks[0]["text"]["text"].endswith("…")
     assert blocks[1]["text"]["text"] == "y" * 999 + "…"
 
@@ -324,9 +327,9 @@ def test_slack_limits_count_emoji_as_slack_does() -> None:
     one = pending_event(rule=name, org_name=name, summary="💸" * 3000, invoice_id=name)
     many = [replace(one, key=str(i), rule=f"{i}{name}") for i in range(MESSAGE_MAX_EVENTS)]
     for events in ([one], many):
-        body = {"text": render.slack_text(events), "blocks": render.slack_blocks(events)}
+        body = {"text": slack_text(events), "blocks": slack_blocks(events)}
         assert slack_problem(body) is None
-    assert render.units("🚀a") == 3 and render.units("") == 0
+    assert facts.units("🚀a") == 3 and facts.units("") == 0
 
 
 def test_slack_text_escapes_what_a_server_says() -> None:
@@ -336,11 +339,11 @@ def test_slack_text_escapes_what_a_server_says() -> None:
     hostile = "<!channel> log in at <https://evil.example/login|cloud.mongodb.com> & <@U1>"
     event = pending_event(summary=hostile, org_name=hostile, details=(("Error", hostile),))
     for events in ([event], [event, event]):
-        for text in (render.slack_text(events), render.slack_brief_text(events)):
+        for text in (slack_text(events), slack_brief_text(events)):
             assert "<!channel>" not in text and "<https://evil" not in text
             assert "<@U1>" not in text and "<" not in text.replace("&lt;", "")
-        assert "&lt;!channel&gt;" in render.slack_text(events)
-    assert "<!channel>" in render.text([event])  # plain text elsewhere (email, console)
+        assert "&lt;!channel&gt;" in slack_text(events)
+    assert "<!channel>" in plain.text([event])  # plain text elsewhere (email, console)
 
 
 def test_text_shows_control_characters_visibly() -> None:
@@ -351,16 +354,16 @@ def test_text_shows_control_characters_visibly() -> None:
     event = pending_event(summary=hostile, org_name=hostile, details=(("Error", hostile),))
     for events in ([event], [event, event]):
         outputs = [
-            render.text(events),
-            render.slack_text(events),
-            json.dumps(render.slack_blocks(events), ensure_ascii=False),
-            render.email_html(events),
-            render.email_subject(events),
+            plain.text(events),
+            slack_text(events),
+            json.dumps(slack_blocks(events), ensure_ascii=False),
+            email_html(events),
+            email_subject(events),
         ]
         for out in outputs:
             assert not any(c in out for c in "\x1b\x07\u202e\x00\ud800")
             out.encode("utf-8")
-    assert "boom\\x1b[2J\\x1b]0;pwned\\x07\\u202eevil\\x00\\ud800" in render.text([event])
+    assert "boom\\x1b[2J\\x1b]0;pwned\\x07\\u202eevil\\x00\\ud800" in plain.text([event])
 
 
 # -- every message fits its channel, whatever the values --------------------------------
@@ -430,12 +433,12 @@ def test_render_fits_slack_limits_whatever_the_values(
     """Up to MESSAGE_MAX_EVENTS events with values of any length (Slack's limits as the
     fake Slack enforces them), and each fallback form the notifier may send."""
     events, part = message
-    blocks = render.slack_blocks(events, part)
-    text = render.slack_text(events, part)
+    blocks = slack_blocks(events, part)
+    text = slack_text(events, part)
     assert slack_problem({"text": text, "blocks": blocks}) is None
     assert block_text(blocks) <= BLOCK_TEXT_MAX
     assert units(text) <= TEXT_MAX
-    assert slack_problem({"text": render.slack_brief_text(events, part)}) is None
+    assert slack_problem({"text": slack_brief_text(events, part)}) is None
     if part is not None:
         assert str(part) in blocks[0]["text"]["text"] or len(blocks[0]["text"]["text"]) == 150
         assert str(part) in text.splitlines()[0]
@@ -453,7 +456,7 @@ def test_render_fits_email_limits_whatever_the_values(
         "mail", host="127.0.0.1", port=25, from_addr="a@example.com", to=["b@example.com"]
     )
     message_ = mailer.build_message(events, part)
-    assert len(render.email_subject(events, part)) <= render.SUBJECT_MAX
+    assert len(email_subject(events, part)) <= SUBJECT_MAX
     wire = flatten_message(message_, cte_type="8bit")
     assert max(len(line) for line in wire.split(b"\r\n")) <= 998
     for name in ("Subject", "From", "To", "Date", "Message-ID"):
@@ -468,7 +471,7 @@ async def test_console_notifier_separates_messages(capsys: pytest.CaptureFixture
     await notifier.send([])
     rule = "─" * 72 + "\n"
     assert stream.getvalue() == (
-        rule + render.text([pending_event()]) + rule + render.text(grouped_events())
+        rule + plain.text([pending_event()]) + rule + plain.text(grouped_events())
     )
     await ConsoleNotifier("stdout").send([notice_event()])
-    assert capsys.readouterr().out == rule + render.text([notice_event()])
+    assert capsys.readouterr().out == rule + plain.text([notice_event()])

@@ -13,7 +13,9 @@ import pytest
 
 from invoice_watch.config import Config
 from invoice_watch.errors import NotifyError, PermanentNotifyError, RetryableNotifyError
-from invoice_watch.notify import ConsoleNotifier, build_notifiers, render
+from invoice_watch.notify import ConsoleNotifier, build_notifiers
+from invoice_watch.notify.render import plain
+from invoice_watch.notify.render.slack import slack_blocks
 from invoice_watch.notify.slack import (
     SlackBotNotifier,
     SlackWebhookNotifier,
@@ -110,8 +112,8 @@ async def test_webhook_send_posts_blocks_and_fallback_text(slack: FakeSlack) -> 
     await webhook(slack).send(events)
     [request] = slack.received
     assert request.route == "webhook"
-    assert request.body["text"] == render.text(events)
-    assert request.body["blocks"] == render.slack_blocks(events)
+    assert request.body["text"] == plain.text(events)
+    assert request.body["blocks"] == slack_blocks(events)
 
 
 async def test_bot_send_posts_to_channel_with_bearer_token(slack: FakeSlack) -> None:
@@ -121,8 +123,8 @@ async def test_bot_send_posts_to_channel_with_bearer_token(slack: FakeSlack) -> 
     assert request.route == "chat.postMessage"
     assert request.headers["Authorization"] == f"Bearer {TOKEN}"
     assert request.body["channel"] == "#billing"
-    assert request.body["text"] == render.text(events)
-    assert request.body["blocks"] == render.slack_blocks(events)
+    assert request.body["text"] == plain.text(events)
+    assert request.body["blocks"] == slack_blocks(events)
 
 
 async def test_webhook_send_empty_sends_nothing(slack: FakeSlack) -> None:
@@ -198,7 +200,7 @@ async def test_send_refused_for_size_falls_back_to_plain_text(
     await make(slack).send(events, part=part)
     first, second = slack.received
     assert "blocks" in first.body and "blocks" not in second.body
-    assert second.body["text"] == render.text(events, part)
+    assert second.body["text"] == plain.text(events, part)
     assert slack.accepted == [second.body]
     [warning] = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert f"Slack refused the message as blocks ({code}): it was sent as plain text" in warning
@@ -241,7 +243,7 @@ async def test_send_refused_in_every_form_is_retryable_not_failed(slack: FakeSla
     with pytest.raises(RetryableNotifyError, match="msg_too_long"):
         await make(slack).send([pending_event()])
     texts = [r.body["text"] for r in slack.received]
-    assert len(texts) == 3 and texts[2] == render.brief_text([pending_event()])
+    assert len(texts) == 3 and texts[2] == plain.brief_text([pending_event()])
     assert len(texts[2]) < len(texts[1])
     await make(slack).send([pending_event()])  # Slack takes it again: delivered
     assert len(slack.accepted) == 1

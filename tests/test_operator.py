@@ -1344,7 +1344,7 @@ def test_a_message_and_the_invoices_table_show_one_last_day(tmp_path, end, last)
 
     from invoice_watch import format as fmt
     from invoice_watch.dedup import EventFactory
-    from invoice_watch.notify import render
+    from invoice_watch.notify.render import plain
     from invoice_watch.rules import Condition
     from invoice_watch.types import EventKind
     from tests.conftest import make_config
@@ -1361,7 +1361,7 @@ def test_a_message_and_the_invoices_table_show_one_last_day(tmp_path, end, last)
     event = EventFactory(config).event(EventKind.FIRING, rule, condition, invoice.end_date)
     shown = f"2026-10-01 – {last}"
     assert fmt.period(invoice.start_date, invoice.end_date) == shown  # the table's
-    assert shown in render.text([event])  # the message's
+    assert shown in plain.text([event])  # the message's
 
 
 async def test_invoices_table_prints_the_last_day_of_the_period(tmp_path):

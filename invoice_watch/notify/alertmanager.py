@@ -2,10 +2,11 @@
 run, so that invoice alerts go through its routing, silences, inhibitions and receivers.
 
 Each event is a ``postableAlert`` posted to ``<url>/api/v2/alerts`` (Alertmanager's API
-v2, ``api/v2/openapi.yaml``; :func:`invoice_watch.notify.render.alertmanager_alert`):
-the labels ``alertname`` (``AtlasInvoiceStatus``...: the rule's type), ``rule``,
-``org_id``, ``org``, ``invoice_id`` and ``severity`` identify the alert, the text is in
-the annotations, ``startsAt`` is when it began to fire and ``generatorURL`` the
+v2, ``api/v2/openapi.yaml``;
+:func:`invoice_watch.notify.render.alertmanager.alertmanager_alert`): the labels
+``alertname`` (``AtlasInvoiceStatus``...: the rule's type), ``rule``, ``org_id``,
+``org``, ``invoice_id`` and ``severity`` identify the alert, the text is in the
+annotations, ``startsAt`` is when it began to fire and ``generatorURL`` the
 billing page.
 
 Alertmanager ends an alert at its ``endsAt``, and one posted without it after its
@@ -36,8 +37,8 @@ from typing import Any
 import aiohttp
 from aiohttp import hdrs
 
-from invoice_watch.notify import render
 from invoice_watch.notify.http import Receiver
+from invoice_watch.notify.render.alertmanager import alertmanager_alert
 from invoice_watch.types import AlertEvent, EventKind, Part
 
 logger = logging.getLogger(__name__)
@@ -110,7 +111,7 @@ class AlertmanagerNotifier:
         now = self._clock() if self._clock is not None else _now()
         validity = timedelta(seconds=VALIDITY * self.resend_every)
         return [
-            render.alertmanager_alert(event, ends_at=max(now, event.at) + validity)
+            alertmanager_alert(event, ends_at=max(now, event.at) + validity)
             for event in events
             if not (event.kind is EventKind.NOTICE and self.notices == "skip")
         ]

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from typing import TextIO
 
 from invoice_watch.errors import RetryableNotifyError
-from invoice_watch.notify import render
+from invoice_watch.notify.render import plain
 from invoice_watch.types import AlertEvent, Part
 
 SEPARATOR = "─" * 72
@@ -70,7 +70,7 @@ class ConsoleNotifier:
         stream = self._stream or sys.stdout
         if stream is None:  # Python's sys.stdout when the process started with it closed
             raise self._closed("it was closed when invoice-watch started")
-        text = f"{SEPARATOR}\n{render.text(events, part)}"
+        text = f"{SEPARATOR}\n{plain.text(events, part)}"
         encoding = getattr(stream, "encoding", None)
         if encoding is None and self._stream is None:
             # sys.stdout may be a wrapper that does not say (the CLI's): the process's

@@ -41,7 +41,8 @@ from typing import Literal
 import aiosmtplib
 
 from invoice_watch.errors import NotifyError, PermanentNotifyError, RetryableNotifyError
-from invoice_watch.notify import render
+from invoice_watch.notify.render import plain
+from invoice_watch.notify.render.email import email_html, email_subject
 from invoice_watch.safe_text import server_text
 from invoice_watch.types import AlertEvent, Part
 
@@ -132,19 +133,19 @@ class EmailNotifier:
         """The message for ``events``: plain text and HTML parts, stable Message-ID.
 
         Within RFC 5322's limits by construction: the subject is clipped
-        (:data:`render.SUBJECT_MAX`), headers are folded at 78 characters, and a body
-        with a line longer than 78 is sent quoted-printable (``email``'s content manager
-        decides), so no line on the wire exceeds 998; a grouped message holds at most
-        ``MESSAGE_MAX_EVENTS`` events."""
+        (:data:`~invoice_watch.notify.render.email.SUBJECT_MAX`), headers are folded at
+        78 characters, and a body with a line longer than 78 is sent quoted-printable
+        (``email``'s content manager decides), so no line on the wire exceeds 998; a
+        grouped message holds at most ``MESSAGE_MAX_EVENTS`` events."""
         message = EmailMessage()
-        message["Subject"] = render.email_subject(events, part)
+        message["Subject"] = email_subject(events, part)
         message["From"] = self.from_addr
         message["To"] = ", ".join(self.to)
         # The events' time, not the send time: a retried message stays the same message.
         message["Date"] = format_datetime(max(e.at for e in events))
         message["Message-ID"] = group_message_id(events)
-        message.set_content(render.text(events, part))
-        message.add_alternative(render.email_html(events, part), subtype="html")
+        message.set_content(plain.text(events, part))
+        message.add_alternative(email_html(events, part), subtype="html")
         return message
 
     def _tls_context(self) -> ssl.SSLContext:

@@ -3,7 +3,7 @@ request is received", Power Automate), one Adaptive Card per message.
 
 The old Office 365 connectors (MessageCard, what pymsteams sends) are retired, and a
 Workflows webhook takes Adaptive Cards only (LIBRARIES.md): the card is
-:func:`invoice_watch.notify.render.teams_message`, with the same facts as the Slack
+:func:`invoice_watch.notify.render.teams.teams_message`, with the same facts as the Slack
 message, within the size Teams takes (about 28 KB). It is one POST through
 :class:`~invoice_watch.notify.http.Receiver`: any 2xx is sent (the trigger answers 202
 and runs the flow afterwards); 408, 429 (Teams throttles beyond about 4 requests a
@@ -18,8 +18,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from invoice_watch.notify import render
 from invoice_watch.notify.http import Receiver, url_secrets
+from invoice_watch.notify.render.teams import teams_json, teams_message
 from invoice_watch.types import AlertEvent, Part
 
 logger = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ class TeamsNotifier:
     ) -> None:
         if not events:
             return
-        body = render.teams_json(render.teams_message(events, part))
+        body = teams_json(teams_message(events, part))
         reply = await self._receiver.post(body)
         error = self._receiver.judge(reply, json_api=True, hints=_HINTS)
         if error is not None:

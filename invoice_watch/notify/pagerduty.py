@@ -1,11 +1,12 @@
 """The PagerDuty notifier: PagerDuty's Events API v2, one event per alert event.
 
 A FIRING and its REMINDERs are ``trigger`` events and its RESOLVED a ``resolve``, all
-with the alert key as ``dedup_key`` (:func:`invoice_watch.notify.render.pagerduty_event`),
-so that the incident an alert opens closes by itself when it resolves. A NOTICE triggers
-an alert of its own (its key and time), which people resolve, or is skipped
-(``notices: skip``). Severities map one to one (``critical``, ``warning``, ``info``);
-the facts are the event's ``custom_details`` and the billing page its link.
+with the alert key as ``dedup_key``
+(:func:`invoice_watch.notify.render.pagerduty.pagerduty_event`), so that the incident
+an alert opens closes by itself when it resolves. A NOTICE triggers an alert of its own
+(its key and time), which people resolve, or is skipped (``notices: skip``). Severities
+map one to one (``critical``, ``warning``, ``info``); the facts are the event's
+``custom_details`` and the billing page its link.
 
 PagerDuty's own client is synchronous and refuses a plain-http URL (LIBRARIES.md), so
 an event is one POST through :class:`~invoice_watch.notify.http.Receiver` to ``url``
@@ -29,8 +30,8 @@ import logging
 from collections.abc import Sequence
 
 from invoice_watch import constants
-from invoice_watch.notify import render
 from invoice_watch.notify.http import Receiver
+from invoice_watch.notify.render.pagerduty import pagerduty_event
 from invoice_watch.types import AlertEvent, EventKind, Part
 
 logger = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ class PagerDutyNotifier:
         for event in events:
             if event.kind is EventKind.NOTICE and self.notices == "skip":
                 continue
-            body = {"routing_key": self._routing_key, **render.pagerduty_event(event)}
+            body = {"routing_key": self._routing_key, **pagerduty_event(event)}
             reply = await self._receiver.post(json.dumps(body, separators=(",", ":")))
             error = self._receiver.judge(reply, json_api=True, hints=_HINTS)
             if error is not None:

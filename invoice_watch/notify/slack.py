@@ -64,7 +64,6 @@ from urllib.parse import urljoin
 from aiohttp import hdrs
 
 from invoice_watch.errors import NotifyError, PermanentNotifyError, RetryableNotifyError
-from invoice_watch.notify import render
 from invoice_watch.notify.http import (
     REPLY_MAX,
     SNIPPET,
@@ -73,6 +72,7 @@ from invoice_watch.notify.http import (
     json_object,
     url_secrets,
 )
+from invoice_watch.notify.render.slack import slack_blocks, slack_brief_text, slack_text
 from invoice_watch.safe_text import server_text
 from invoice_watch.types import AlertEvent, Part
 
@@ -157,14 +157,15 @@ _FORM_NAMES = ("as blocks", "as plain text", "in its briefest form")  # of _form
 
 def _forms(events: Sequence[AlertEvent], part: Part | None) -> list[dict[str, Any]]:
     """The message in the forms ``send`` tries, in order: Block Kit with its fallback
-    text; plain text; the briefest text (:func:`render.brief_text`). The ``text`` is
-    mrkdwn-escaped (:func:`render.slack_text`): Slack shows it alone when it refuses
-    the blocks, and it may carry a server's text."""
-    text = render.slack_text(events, part)
+    text; plain text; the briefest text
+    (:func:`~invoice_watch.notify.render.plain.brief_text`). The ``text`` is
+    mrkdwn-escaped (:func:`~invoice_watch.notify.render.slack.slack_text`): Slack shows
+    it alone when it refuses the blocks, and it may carry a server's text."""
+    text = slack_text(events, part)
     return [
-        {"text": text, "blocks": render.slack_blocks(events, part)},
+        {"text": text, "blocks": slack_blocks(events, part)},
         {"text": text},
-        {"text": render.slack_brief_text(events, part)},
+        {"text": slack_brief_text(events, part)},
     ]
 
 

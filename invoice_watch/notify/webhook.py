@@ -1,6 +1,6 @@
 """The generic webhook notifier: one JSON POST per message to any HTTP receiver.
 
-The body is documented and versioned: :func:`invoice_watch.notify.render.webhook_body`,
+The body is documented and versioned: :func:`invoice_watch.notify.render.webhook.webhook_body`,
 described by the JSON Schema shipped beside this module (``webhook-v1.schema.json``,
 :func:`schema`; README "Receivers"). The request follows Standard Webhooks 1.0
 (standardwebhooks.com, "Signature scheme"), so a receiver can check it with that
@@ -34,8 +34,8 @@ from importlib import resources
 from typing import Any
 
 from invoice_watch.config.values import signing_key
-from invoice_watch.notify import render
 from invoice_watch.notify.http import Receiver, url_secrets
+from invoice_watch.notify.render.webhook import webhook_body
 from invoice_watch.types import AlertEvent, Part
 
 logger = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ class WebhookNotifier:
     ) -> None:
         if not events:
             return
-        data = render.webhook_body(events, part, notifier=self.name)
+        data = webhook_body(events, part, notifier=self.name)
         # UTF-8 (JSON's own encoding), not ASCII escapes: a non-Latin name is 2 to 4
         # bytes a character, not 6 or 12; the signature covers these very bytes.
         body = json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
