@@ -73,15 +73,10 @@ from invoice_watch.errors import (
     StateFileGoneError,
     UnstorableError,
 )
-from invoice_watch.health import (
-    HttpEndpoint,
-    InFlight,
-    Metrics,
-    health,
-    liveness,
-    progress_limit,
-)
+from invoice_watch.health import InFlight, health, liveness, progress_limit
+from invoice_watch.http_endpoint import HttpEndpoint
 from invoice_watch.leader import Leadership
+from invoice_watch.metrics import Metrics
 from invoice_watch.redact import printable, redact
 from invoice_watch.reload import Apply, changes
 from invoice_watch.retry import backoff

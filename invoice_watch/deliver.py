@@ -98,7 +98,7 @@ from invoice_watch.errors import (
     RetryableNotifyError,
     StateError,
 )
-from invoice_watch.health import Metrics
+from invoice_watch.metrics import Metrics
 from invoice_watch.quiet import QUIET_PREFIX, QuietWindow, holds
 from invoice_watch.retry import backoff, retry_delay
 from invoice_watch.safe_text import one_line, server_text, traceback_text

@@ -25,7 +25,7 @@ from invoice_watch.clock import Clock
 from invoice_watch.errors import StateError
 
 if TYPE_CHECKING:
-    from invoice_watch.health import Metrics
+    from invoice_watch.metrics import Metrics
     from invoice_watch.store.postgres import PostgresStore
     from invoice_watch.store.postgres.lease import Lease
 

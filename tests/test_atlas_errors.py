@@ -30,7 +30,7 @@ from invoice_watch.atlas.errors import FIXES, Explainer, explain, parse_api_erro
 from invoice_watch.clock import FakeClock
 from invoice_watch.config import Config
 from invoice_watch.constants import REQUIRED_ROLE
-from invoice_watch.health import Metrics
+from invoice_watch.metrics import Metrics
 from invoice_watch.simulator import Scenario, Simulator
 from tests.conftest import base_config, make_config
 from tests.loopback import LoopbackServer

@@ -298,7 +298,7 @@ async def test_http_flood_is_bounded_and_the_cycle_and_delivery_go_on(
         flood_logs = [
             r for r in caplog.records[before:] if r.name.startswith(("aiohttp", "asyncio"))
         ]
-        ours = [r for r in caplog.records[before:] if r.name == "invoice_watch.health"]
+        ours = [r for r in caplog.records[before:] if r.name == "invoice_watch.http_endpoint"]
     assert len(flood_logs) <= 2, [r.getMessage() for r in flood_logs]
     assert len(ours) == 1 and "8 connections open (http.max_connections)" in ours[0].getMessage()
 
@@ -693,7 +693,8 @@ async def test_clients_that_never_read_their_answers_are_closed_after_idle_timeo
 
 ENDPOINT = """
 import asyncio, logging, sys, resource
-from invoice_watch.health import HttpEndpoint, Metrics
+from invoice_watch.http_endpoint import HttpEndpoint
+from invoice_watch.metrics import Metrics
 logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(message)s")
 resource.setrlimit(resource.RLIMIT_NOFILE, (512, 512))
 
@@ -849,7 +850,8 @@ async def test_accepts_out_of_open_files_are_logged_once_a_minute(
     """Should the rest of the daemon use up the open files anyway, asyncio logs
     "socket.accept() out of system resource" with a traceback at each retry (every
     second: the attack's 94,186 tracebacks, 51 MB of log in 30 s): one a minute."""
-    from invoice_watch.health import HttpEndpoint, Metrics
+    from invoice_watch.http_endpoint import HttpEndpoint
+    from invoice_watch.metrics import Metrics
 
     now = [0.0]
     endpoint = HttpEndpoint(

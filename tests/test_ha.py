@@ -18,8 +18,8 @@ from invoice_watch.app import App
 from invoice_watch.clock import FakeClock
 from invoice_watch.config import Config, load
 from invoice_watch.errors import NotLeaderError, StateError
-from invoice_watch.health import Metrics
 from invoice_watch.leader import Leadership
+from invoice_watch.metrics import Metrics
 from invoice_watch.store import StateUrl, open_store
 from invoice_watch.store.postgres import PostgresStore
 from invoice_watch.store.postgres.lease import Lease

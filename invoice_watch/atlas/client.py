@@ -34,7 +34,7 @@ from invoice_watch.types import LineItem, OrgRead
 
 if TYPE_CHECKING:
     from invoice_watch.config import AtlasConfig
-    from invoice_watch.health import Metrics
+    from invoice_watch.metrics import Metrics
 
 
 class AtlasClient:

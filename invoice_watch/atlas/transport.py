@@ -56,7 +56,7 @@ from invoice_watch.safe_text import server_text
 
 if TYPE_CHECKING:
     from invoice_watch.config import AtlasConfig
-    from invoice_watch.health import Metrics
+    from invoice_watch.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

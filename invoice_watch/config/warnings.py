@@ -156,10 +156,10 @@ def _path_warnings(config: Config, given: _Given) -> Iterator[_Warning]:
 
 def _http_warnings(config: Config, given: _Given) -> Iterator[_Warning]:
     """``http.max_connections`` above what this machine lets a process open: the
-    daemon holds fewer (health.connection_cap), which check-config says here."""
+    daemon holds fewer (http_endpoint.connection_cap), which check-config says here."""
     if config.http is None:
         return
-    from invoice_watch.health import FD_RESERVE, fd_limits
+    from invoice_watch.http_endpoint import FD_RESERVE, fd_limits
 
     _, hard = fd_limits()
     most = hard - FD_RESERVE - 32  # 32: about what the daemon has open before it listens
