@@ -13,8 +13,9 @@ import psycopg
 import pytest
 import yaml
 
-from invoice_watch import cli, ops
+from invoice_watch import ops
 from invoice_watch.app import App
+from invoice_watch.cli.commands import _state_copy
 from invoice_watch.clock import FakeClock
 from invoice_watch.config import Config, load
 from invoice_watch.errors import NotLeaderError, StateError
@@ -229,7 +230,7 @@ async def test_ha_state_copy_moves_an_sqlite_state_in_without_realerting(
     assert await world.run_once(sqlite_config) == 0
     sent = len(world.slack.accepted)
     assert sent == 2
-    assert await cli._state_copy(sqlite_config, postgres_url) == 0
+    assert await _state_copy(sqlite_config, postgres_url) == 0
     out = capsys.readouterr().out
     assert "copied" in out and "2 alerts" in out and "4 outbox" in out
     config = pg_config(world, postgres_url)
@@ -240,11 +241,11 @@ async def test_ha_state_copy_moves_an_sqlite_state_in_without_realerting(
     assert world.kinds()[sent:] == [("RESOLVED", "failed-charge")]
     # a database that is not empty is refused, and left as it was
     with pytest.raises(StateError, match="is not empty"):
-        await cli._state_copy(sqlite_config, postgres_url)
+        await _state_copy(sqlite_config, postgres_url)
     # a running daemon's file is refused (its lock)
     async with App(sqlite_config, clock=world.clock):
         with pytest.raises(StateError, match=r"in use|locked|another"):
-            await cli._state_copy(sqlite_config, postgres_url)
+            await _state_copy(sqlite_config, postgres_url)
 
 
 def test_ha_check_config_summary_shows_the_state_url_without_its_password(tmp_path):

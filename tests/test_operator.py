@@ -1199,9 +1199,9 @@ def test_a_daemon_on_its_default_state_reloads_after_the_service_state_appears(p
 def test_every_command_and_option_explains_itself():
     import argparse
 
-    from invoice_watch.cli import _parser
+    from invoice_watch.cli.parser import build_parser
 
-    parser = _parser()
+    parser = build_parser()
     (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     helps = {choice.dest: choice.help for choice in commands._choices_actions}
     assert set(helps) == set(commands.choices)

@@ -17,7 +17,7 @@ import yaml
 
 from invoice_watch import ops
 from invoice_watch.app import App
-from invoice_watch.cli import JsonFormatter
+from invoice_watch.cli.logs import JsonFormatter
 from tests.fakes_slack import Reply
 from tests.manual_clock import ManualClock
 from tests.world import ANALYTICS, PROD, World
@@ -180,7 +180,7 @@ def test_json_log_lines():
 
 
 async def test_test_notify_sends_through_each_notifier(world: World, capsys):
-    from invoice_watch.cli import _test_notify
+    from invoice_watch.cli.commands import _test_notify
 
     assert await _test_notify(world.config(), None) == 0
     out = capsys.readouterr().out

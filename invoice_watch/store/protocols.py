@@ -1,6 +1,6 @@
 """The state as the rest of invoice_watch sees it: small Protocols a backend implements.
 
-The cycle (app.py), delivery (deliver.py) and the operator commands (ops.py, cli.py)
+The cycle (app.py), delivery (deliver.py) and the operator commands (ops.py, cli/)
 use these and nothing else: no database type, SQL or file detail passes them. The
 SQLite backend (:mod:`invoice_watch.store.sqlite`) is the embedded one; another
 database (PostgreSQL, issue 17) implements the same Protocols, and the store tests run
