@@ -117,10 +117,8 @@ class AlertmanagerNotifier:
         ]
 
     async def _post(self, alerts: list[dict[str, Any]]) -> None:
-        reply = await self._receiver.post(json.dumps(alerts, separators=(",", ":")), self._headers)
-        error = self._receiver.judge(reply, json_api=True, hints=_HINTS)
-        if error is not None:
-            raise error
+        data = json.dumps(alerts, separators=(",", ":"))
+        await self._receiver.deliver(data, self._headers, json_api=True, hints=_HINTS)
 
     async def send(
         self,

@@ -2,7 +2,8 @@
 same way: Slack (:mod:`.slack`), the generic webhook (:mod:`.webhook`), PagerDuty
 (:mod:`.pagerduty`), Teams (:mod:`.msteams`) and Alertmanager (:mod:`.alertmanager`).
 
-An attempt is one aiohttp POST (:meth:`Receiver.post`):
+An attempt is one aiohttp POST (:meth:`Receiver.post`; :meth:`Receiver.deliver` posts
+and raises what a receiver that answers by its status means):
 
 - redirects are never followed (the message, and the headers that carry a secret,
   would go wherever the redirect points): :meth:`Receiver.redirect` says what it means.
@@ -217,6 +218,20 @@ class Receiver:
         # Raised outside the `except`, without its cause: aiohttp's messages may quote
         # the request URL, which for a webhook is the secret itself.
         raise RetryableNotifyError(error)
+
+    async def deliver(
+        self,
+        data: str | bytes,
+        headers: Mapping[str, str] | None = None,
+        *,
+        json_api: bool,
+        hints: Mapping[int, str] | None = None,
+    ) -> None:
+        """One POST (:meth:`post`) of a receiver that answers by its status: returns
+        when it was delivered, else raises what the answer means (:meth:`judge`)."""
+        error = self.judge(await self.post(data, headers), json_api=json_api, hints=hints)
+        if error is not None:
+            raise error
 
     def quote(self, reply: Reply) -> str:
         """The answer's gist for a message: a page's title, else its first characters,

@@ -63,10 +63,7 @@ class TeamsNotifier:
         if not events:
             return
         body = teams_json(teams_message(events, part))
-        reply = await self._receiver.post(body)
-        error = self._receiver.judge(reply, json_api=True, hints=_HINTS)
-        if error is not None:
-            raise error
+        await self._receiver.deliver(body, json_api=True, hints=_HINTS)
         logger.debug("msteams notifier %r: sent %d event(s)", self.name, len(events))
 
     async def aclose(self) -> None:

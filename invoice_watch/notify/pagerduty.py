@@ -89,10 +89,8 @@ class PagerDutyNotifier:
             if event.kind is EventKind.NOTICE and self.notices == "skip":
                 continue
             body = {"routing_key": self._routing_key, **pagerduty_event(event)}
-            reply = await self._receiver.post(json.dumps(body, separators=(",", ":")))
-            error = self._receiver.judge(reply, json_api=True, hints=_HINTS)
-            if error is not None:
-                raise error
+            data = json.dumps(body, separators=(",", ":"))
+            await self._receiver.deliver(data, json_api=True, hints=_HINTS)
             logger.debug(
                 "pagerduty notifier %r: %s %s", self.name, body["event_action"], body["dedup_key"]
             )

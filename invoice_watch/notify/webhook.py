@@ -117,9 +117,9 @@ class WebhookNotifier:
         }
         if self._key is not None:
             headers["webhook-signature"] = signature(self._key, data["id"], timestamp, body)
-        reply = await self._receiver.post(body, headers)
-        error = self._receiver.judge(
-            reply,
+        await self._receiver.deliver(
+            body,
+            headers,
             json_api=False,
             hints={
                 401: "the receiver refused the request's credentials: check the notifier's "
@@ -128,8 +128,6 @@ class WebhookNotifier:
                 410: "the receiver says it wants no more messages (410 Gone): check url",
             },
         )
-        if error is not None:
-            raise error
         logger.debug("webhook notifier %r: sent %s", self.name, data["id"])
 
     async def aclose(self) -> None:
