@@ -240,6 +240,24 @@ class _Query:
         )
 
 
+def _page_links(
+    request: web.Request, page: int, items_per_page: int, total: int
+) -> list[dict[str, str]]:
+    """A page's ``links`` (Atlas's paginated answers): ``self``, and ``previous`` and
+    ``next`` where there are such pages, each the request's URL at that page."""
+
+    def page_link(number: int, rel: str) -> dict[str, str]:
+        url = request.url.update_query(pageNum=number, itemsPerPage=items_per_page)
+        return {"href": str(url), "rel": rel}
+
+    links = [page_link(page, "self")]
+    if page > 1:
+        links.append(page_link(page - 1, "previous"))
+    if page * items_per_page < total:
+        links.append(page_link(page + 1, "next"))
+    return links
+
+
 class Simulator:
     """The simulator server. It serves and changes ``scenario`` itself (the built-in
     demo when None): give each simulator a scenario of its own.
@@ -591,15 +609,7 @@ class Simulator:
         found = search(invoice, search_query, self._clock.now())
         shown = found[(page - 1) * items_per_page : page * items_per_page]
 
-        def page_link(number: int, rel: str) -> dict[str, str]:
-            url = request.url.update_query(pageNum=number, itemsPerPage=items_per_page)
-            return {"href": str(url), "rel": rel}
-
-        links = [page_link(page, "self")]
-        if page > 1:
-            links.append(page_link(page - 1, "previous"))
-        if page * items_per_page < len(found):
-            links.append(page_link(page + 1, "next"))
+        links = _page_links(request, page, items_per_page, len(found))
         answer: dict[str, Any] = {
             "links": links,
             "results": [item_json(daily) for daily in shown],
@@ -933,15 +943,7 @@ class Simulator:
         total = len(invoices)
         shown = invoices[(page - 1) * items_per_page : page * items_per_page]
 
-        def page_link(number: int, rel: str) -> dict[str, str]:
-            url = request.url.update_query(pageNum=number, itemsPerPage=items_per_page)
-            return {"href": str(url), "rel": rel}
-
-        links = [page_link(page, "self")]
-        if page > 1:
-            links.append(page_link(page - 1, "previous"))
-        if page * items_per_page < total:
-            links.append(page_link(page + 1, "next"))
+        links = _page_links(request, page, items_per_page, total)
         payees = self._payees(org) if view_linked else None
         body: dict[str, Any] = {
             "links": links,
