@@ -227,6 +227,22 @@ class Database:
 # -- opening (in a worker thread) ------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _closed_on_error(
+    conn: sqlite3.Connection, path: Path, *, reader: bool = False
+) -> Iterator[None]:
+    """Close ``conn`` should the block fail; an SQLite error comes out as the
+    :class:`StateError` that says what to do (:func:`files.sqlite_problem`)."""
+    try:
+        yield
+    except BaseException as exc:
+        with contextlib.suppress(Exception):
+            conn.close()
+        if isinstance(exc, sqlite3.Error):
+            raise StateError(files.sqlite_problem(path, exc, reader=reader)) from exc
+        raise
+
+
 def open_database(path: Path | None, *, exclusive: bool, build: Callable[[Database], T]) -> T:
     """Open the state file (``path`` None: a database in memory) and ``build`` on it
     (in this thread, under the same error handling): see
@@ -244,7 +260,7 @@ def open_database(path: Path | None, *, exclusive: bool, build: Callable[[Databa
         if stat.S_IMODE(os.fstat(lock_fd).st_mode) != 0o600:
             os.fchmod(lock_fd, 0o600)
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        try:
+        with _closed_on_error(conn, path):
             db = Database(conn, path, lock_fd)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
@@ -252,12 +268,6 @@ def open_database(path: Path | None, *, exclusive: bool, build: Callable[[Databa
             db.migrate()
             built = build(db)
             db.watch_side_files()
-        except BaseException as exc:
-            with contextlib.suppress(Exception):
-                conn.close()
-            if isinstance(exc, sqlite3.Error):
-                raise StateError(files.sqlite_problem(path, exc)) from exc
-            raise
     except OSError as exc:
         os.close(lock_fd)
         raise StateError(f"cannot use state file {path}: {files.reason(exc)}") from exc
@@ -294,7 +304,7 @@ def open_writer(path: Path) -> Database:
         )
     except sqlite3.Error as exc:
         raise StateError(files.sqlite_problem(path, exc)) from exc
-    try:
+    with _closed_on_error(conn, path):
         conn.execute("PRAGMA busy_timeout=5000")
         conn.execute("PRAGMA synchronous=FULL")
         version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -309,12 +319,6 @@ def open_writer(path: Path) -> Database:
                     "(it migrates the file), then run this command again"
                 )
             )
-    except BaseException as exc:
-        with contextlib.suppress(Exception):
-            conn.close()
-        if isinstance(exc, sqlite3.Error):
-            raise StateError(files.sqlite_problem(path, exc)) from exc
-        raise
     return Database(conn, path, None)
 
 
@@ -330,7 +334,7 @@ def _open_reader(path: Path, build: Callable[[Database], T]) -> T:
         conn = files.connect_read_only(path)
     except sqlite3.Error as exc:
         raise StateError(files.sqlite_problem(path, exc, reader=True)) from exc
-    try:
+    with _closed_on_error(conn, path, reader=True):
         conn.execute("PRAGMA busy_timeout=5000")
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version < SCHEMA_VERSION:
@@ -341,12 +345,6 @@ def _open_reader(path: Path, build: Callable[[Database], T]) -> T:
         db = Database(conn, path, None)
         db.migrate()  # only checks: the version is not older
         return build(db)
-    except BaseException as exc:
-        with contextlib.suppress(Exception):
-            conn.close()
-        if isinstance(exc, sqlite3.Error):
-            raise StateError(files.sqlite_problem(path, exc, reader=True)) from exc
-        raise
 
 
 def copy_database(path: Path, *, build: Callable[[Database], T]) -> T:
