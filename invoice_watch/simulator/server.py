@@ -548,16 +548,23 @@ class Simulator:
             if sunset is not None:
                 response.headers["Sunset"] = format_datetime(sunset.astimezone(UTC), usegmt=True)
 
+    async def _admit(self, request: web.Request) -> RequestRecord:
+        """The checks of every API request, in order: the configured delay, then
+        authentication, the access list, the API version and the rate limit (each raises
+        the answer Atlas gives); returns the request's record."""
+        record: RequestRecord = request[RECORD_KEY]
+        await self._delay()
+        self._authenticate(request, record)
+        self._check_access_list(request)
+        self._check_version()
+        self._rate_limit(request)
+        return record
+
     def _api_handler(
         self, flavor: str, operation: str
     ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         async def handle(request: web.Request) -> web.StreamResponse:
-            record = request[RECORD_KEY]
-            await self._delay()
-            self._authenticate(request, record)
-            self._check_access_list(request)
-            self._check_version()
-            self._rate_limit(request)
+            await self._admit(request)
             return await self._with_faults(
                 request, lambda: self._serve(request, flavor == "v2", operation)
             )
@@ -567,12 +574,7 @@ class Simulator:
     async def _usage(self, request: web.Request) -> web.StreamResponse:
         """``lineItems:search``: the checks of every API request, then the body (at most
         :data:`~invoice_watch.simulator.usage.MAX_BODY_BYTES`), then the answer."""
-        record = request[RECORD_KEY]
-        await self._delay()
-        self._authenticate(request, record)
-        self._check_access_list(request)
-        self._check_version()
-        self._rate_limit(request)
+        record = await self._admit(request)
         body = await request.content.read(MAX_USAGE_BODY + 1)
         record.body = body.decode("utf-8", "replace")
         return await self._with_faults(request, lambda: self._serve_usage(request, body))
