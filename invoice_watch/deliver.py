@@ -94,6 +94,7 @@ from invoice_watch.constants import MESSAGE_MAX_EVENTS
 from invoice_watch.elapsed import Elapsed
 from invoice_watch.errors import (
     NotifyError,
+    NotLeaderError,
     PermanentNotifyError,
     RetryableNotifyError,
     StateError,
@@ -264,6 +265,7 @@ class Deliverer:
                 log.debug("could not make the messages of returned notifiers due: %s", exc)
         await self._lift(now)
         due = await self._store.outbox.due(now, limit=_PASS_LIMIT, exclude=self._unrecorded)
+        due = await self._silence_due(now, due)
         # A notifier whose retry is kept in memory waits for the state file, as the
         # recorded retry would have it wait: its rows go in order, that one first.
         paused = {
@@ -306,6 +308,33 @@ class Deliverer:
                 lifted.sent,
                 lifted.muted,
             )
+
+    async def _silence_due(self, now: datetime, due: list[Delivery]) -> list[Delivery]:
+        """Apply the active silences to the due messages as they are about to be sent
+        (:meth:`SilenceRepository.silence_pending`: a silence added while a message
+        waited holds it too). A notifier whose messages it changed sends none in this
+        pass (its groups may have changed, and its messages go in order): the next
+        pass, due at once, sends the rest."""
+        if not due:
+            return due
+        try:
+            changed = await self._store.silences.silence_pending(now, [d.id for d in due])
+        except NotLeaderError as exc:  # a deposed leader: the new one sends them
+            log.debug("not applying the silences to the due messages: %s", exc)
+            return []
+        except StateError as exc:  # the messages are sent: an alert is never lost
+            log.debug("could not apply the silences to the due messages: %s", exc)
+            return due
+        if not changed:
+            return due
+        self._silenced += sum(changed.values())
+        log.info(
+            "silenced %d waiting message(s) as they were due (%s): recorded, sent when "
+            "their silence ends if their alert still fires",
+            sum(changed.values()),
+            ", ".join(f"{n}: {c}" for n, c in sorted(changed.items())),
+        )
+        return [d for d in due if d.notifier not in changed]
 
     async def _count_unrouted(self) -> None:
         """Set the unrouted gauge: pending messages per notifier no longer configured."""

@@ -13,6 +13,12 @@ outbox message waits (state ``silenced``) and is recorded as such (``history``):
   ``muted``: recorded, never sent);
 - a RESOLVED is sent only if its FIRING was: muted when its FIRING was silenced and not
   sent (whatever the silences say now), sent at once otherwise.
+
+Silences apply at notification time, as Alertmanager's do: to a message as a cycle
+releases it, and again to a pending message as delivery is about to send it
+(:func:`on_delivery`), so that a silence added while a message waits (its receiver down,
+retried for an hour) holds it too. A message already delivered to some of its
+recipients (email's ``to``: owed to the others) counts as sent, and is not silenced.
 """
 
 from __future__ import annotations
@@ -69,6 +75,24 @@ def on_release(
     if event.kind == EventKind.RESOLVED:
         return Effect.MUTE if firing_silenced else Effect.SEND
     return Effect.SILENCE if silencing(event, silences, now) is not None else Effect.SEND
+
+
+def on_delivery(
+    event: AlertEvent,
+    silences: Iterable[Silence],
+    now: datetime,
+    *,
+    firing_silenced: bool,
+    firing_waiting: bool,
+) -> Effect:
+    """What becomes of ``event``'s pending message as delivery is about to send it.
+    ``firing_silenced`` as for :func:`on_release`; ``firing_waiting``: (for a RESOLVED)
+    the FIRING of the same episode waits unsent too. A RESOLVED whose FIRING waits and is
+    silenced now (the same rule, organization and invoice: the silence matches both) is
+    muted with it: an alert that fired and resolved within a silence is not notified."""
+    if event.kind == EventKind.RESOLVED and firing_waiting and not firing_silenced:
+        firing_silenced = silencing(event, silences, now) is not None
+    return on_release(event, silences, now, firing_silenced=firing_silenced)
 
 
 def on_lift(

@@ -17,10 +17,17 @@ from invoice_watch.app import App
 from invoice_watch.config import Config, load
 from invoice_watch.errors import UsageError
 from invoice_watch.quiet import QuietWindow, holds, window_end
-from invoice_watch.silences import Effect, new_silence, on_lift, on_release, parse_for
+from invoice_watch.silences import (
+    Effect,
+    new_silence,
+    on_delivery,
+    on_lift,
+    on_release,
+    parse_for,
+)
 from invoice_watch.store.records import Silence
 from invoice_watch.types import AlertEvent, EventKind, Severity
-from tests.fakes_receivers import FakeWebhook
+from tests.fakes_receivers import Answer, FakeWebhook
 from tests.world import PROD, World
 
 T0 = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
@@ -95,6 +102,45 @@ RELEASE = [
 )
 def test_on_release(event_, silences, now, firing_silenced, effect):
     assert on_release(event_, silences, now, firing_silenced=firing_silenced) == effect
+
+
+# (what, event, silences, firing_silenced, firing_waiting, effect): at delivery time
+DELIVERY = [
+    ("no silence", event(), [], False, False, Effect.SEND),
+    ("silenced while it waited", event(), [silence()], False, False, Effect.SILENCE),
+    ("reminder", event(EventKind.REMINDER), [silence()], False, False, Effect.SILENCE),
+    ("resolved, firing sent", event(EventKind.RESOLVED), [silence()], False, False, Effect.SEND),
+    (
+        "resolved, firing waits, silenced",
+        event(EventKind.RESOLVED),
+        [silence()],
+        False,
+        True,
+        Effect.MUTE,
+    ),
+    ("resolved, firing waits, no silence", event(EventKind.RESOLVED), [], False, True, Effect.SEND),
+    (
+        "resolved, firing waits, other org silenced",
+        event(EventKind.RESOLVED),
+        [silence(org_id="org2")],
+        False,
+        True,
+        Effect.SEND,
+    ),
+    ("resolved, firing silenced", event(EventKind.RESOLVED), [], True, False, Effect.MUTE),
+]
+
+
+@pytest.mark.parametrize(
+    ("event_", "silences", "firing_silenced", "firing_waiting", "effect"),
+    [row[1:] for row in DELIVERY],
+    ids=[row[0] for row in DELIVERY],
+)
+def test_on_delivery(event_, silences, firing_silenced, firing_waiting, effect):
+    got = on_delivery(
+        event_, silences, T0, firing_silenced=firing_silenced, firing_waiting=firing_waiting
+    )
+    assert got == effect
 
 
 # (what, event, silences, now, still_firing, effect)
@@ -277,11 +323,17 @@ async def advance(world: World, app: App, seconds: float) -> None:
 
 
 def config_for(
-    world: World, fake: FakeWebhook, state: dict[str, str] | None = None, **notifier: Any
+    world: World,
+    fake: FakeWebhook,
+    state: dict[str, str] | None = None,
+    delivery: dict[str, Any] | None = None,
+    **notifier: Any,
 ) -> Config:
     data = world.config_data(rules=RULES)
     if state is not None:
         data["state"] = state
+    if delivery:
+        data["delivery"] = delivery
     data["notifiers"]["hook"] = {"type": "webhook", "url": fake.endpoint, **notifier}
     return load(yaml.safe_dump(data), filename="e2e.yaml", env={}, base_dir=world.tmp)
 
@@ -385,6 +437,78 @@ async def test_e2e_quiet_hours_hold_messages_and_send_one_summary_when_they_end(
     assert len(fake.accepted) == before + 1  # what waited: one summary
     assert len(fake.accepted[-1]["events"]) == len(waiting)
     assert (end.hour, end.minute) == (8, 0) or (end.hour, end.minute) == (8, 1)
+
+
+async def add_silence(world: World, config: Config, hours: int = 4) -> None:
+    await silence_cmd.add(
+        config,
+        rule="failed-charge",
+        org=None,
+        invoice=None,
+        duration=f"{hours}h",
+        until=None,
+        comment="billing dispute #123",
+        now=world.clock.now(),
+    )
+
+
+@pytest.mark.parametrize("group_over", [5, 1], ids=["one by one", "grouped"])
+async def test_e2e_a_silence_holds_a_message_that_was_already_waiting_for_its_receiver(
+    world: World, state: dict[str, str], group_over: int
+) -> None:
+    # The receiver is down when the alert fires: its messages wait (retried). An
+    # operator adds a silence meanwhile: when the receiver is back, the silenced alert's
+    # message is not sent (Alertmanager applies silences at notification time), the
+    # others are; it is sent when the silence ends, since the alert still fires.
+    async with FakeWebhook() as fake:
+        config = config_for(world, fake, state, delivery={"group_over": group_over})
+        async with App(config, clock=world.clock) as app:
+            await leading(app)
+            fake.script(Answer(503))
+            await app.run_cycle()
+            await app.deliverer.deliver_due()
+            assert fake.accepted == [] and len(fake.received) == 1
+            waiting = await app.store.outbox.messages(("pending",))
+            assert waiting and max(r.attempts for r in waiting) == 1
+            await add_silence(world, config)
+            await advance(world, app, 3600)  # the receiver is back
+            assert await app.deliverer.drain(60) == 0
+            assert ("FIRING", "failed-charge") not in kinds(fake)
+            assert ("FIRING", "pending-over-budget") in kinds(fake)
+            silenced = await app.store.outbox.messages(("silenced",))
+            assert [r.summary.split()[:2] for r in silenced] == [["FIRING", "failed-charge"]]
+            assert "silenced by" in (silenced[0].last_error or "")
+            await advance(world, app, 4 * 3600)  # the silence ends; the alert still fires
+            await app.deliverer.drain(60)
+            assert await app.store.outbox.messages(("silenced", "pending")) == []
+    assert kinds(fake).count(("FIRING", "failed-charge")) == 1
+    assert kinds(fake)[-1] == ("FIRING", "failed-charge")
+
+
+async def test_e2e_an_alert_resolved_while_its_waiting_message_is_silenced_is_never_sent(
+    world: World, state: dict[str, str]
+) -> None:
+    async with FakeWebhook() as fake:
+        config = config_for(world, fake, state)
+        async with App(config, clock=world.clock) as app:
+            await leading(app)
+            fake.script(*[Answer(503)] * 3)
+            await app.run_cycle()
+            await app.deliverer.deliver_due()
+            await add_silence(world, config, hours=2)
+            world.sim.set_status(world.sim.scenario.invoice("failed").id, "PAID")
+            await advance(world, app, 60)
+            await app.run_cycle()  # its RESOLVED is released while its FIRING waits
+            for _ in range(4):  # the receiver comes back meanwhile
+                await advance(world, app, 600)
+                await app.deliverer.drain(60)
+            await advance(world, app, 3 * 3600)  # the silence ends
+            await app.deliverer.drain(60)
+            muted = await app.store.outbox.messages(("muted",))
+            assert await app.store.outbox.messages(("silenced", "pending")) == []
+    assert [k for k in kinds(fake) if k[1] == "failed-charge"] == []
+    assert ("FIRING", "pending-over-budget") in kinds(fake)
+    assert sorted(r.summary.split()[0] for r in muted) == ["FIRING", "RESOLVED"]
 
 
 async def test_silence_add_refuses_an_unknown_rule_and_missing_state(world: World) -> None:

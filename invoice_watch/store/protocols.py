@@ -211,6 +211,17 @@ class SilenceRepository(Protocol):
         ``expired``, every one kept, the latest ending first."""
         ...
 
+    async def silence_pending(self, now: datetime, ids: Collection[int]) -> dict[str, int]:
+        """Apply the silences active at ``now`` to the pending messages ``ids`` (and the
+        rows grouped with them) that delivery is about to send, as
+        :func:`~invoice_watch.silences.on_delivery` says: silenced ones wait in state
+        ``silenced``, a RESOLVED whose FIRING was or would be silenced is ``muted`` with
+        its episode's unsent messages, and each leaves its grouped message. A message
+        owed to some recipients only (delivered to the others) is left alone. Returns
+        how many rows were silenced or muted, per notifier; reads one indexed row and
+        writes nothing when no silence holds."""
+        ...
+
     async def lift(self, now: datetime) -> Lifted:
         """Each silenced message that no active silence matches at ``now``: pending now
         (a FIRING whose alert still fires in the same episode) or ``muted``

@@ -11,17 +11,22 @@ Releasing a cycle's messages applies the silences (:func:`silence_held`, in the 
 work's transaction, before grouping): a silenced message waits in state ``silenced``,
 a RESOLVED whose FIRING was silenced is ``muted`` (recorded, never sent) with the
 silenced messages of its episode. :meth:`SqliteSilences.lift` makes what no silence
-matches any more pending (a FIRING whose alert still fires) or muted. The decisions are
-:mod:`invoice_watch.silences`'s, pure.
+matches any more pending (a FIRING whose alert still fires) or muted. Delivery applies
+them again to the pending messages it is about to send (:meth:`SqliteSilences.
+silence_pending`: a silence added while a message waits for its receiver holds it too);
+a silenced or muted row leaves its grouped message, whose other rows stay one message.
+The decisions are :mod:`invoice_watch.silences`'s, pure.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from invoice_watch.silences import Effect, on_lift, on_release, silencing
+from invoice_watch.silences import Effect, on_delivery, on_lift, on_release, silencing
+from invoice_watch.store.encoding import OWED_PREFIX
+from invoice_watch.store.grouping import group_summary, summarize
 from invoice_watch.store.records import Lifted, Silence
 from invoice_watch.store.sql import SqlConnection, SqlDatabase, json_text
 from invoice_watch.types import AlertEvent, EventKind, events_from_json, instant
@@ -131,6 +136,111 @@ def silence_held(
     return changed
 
 
+# A pending row not yet delivered to any of its recipients (one owed to some has been
+# notified: it counts as sent).
+_UNSENT = f"(last_error IS NULL OR last_error NOT LIKE '{OWED_PREFIX}%')"
+
+
+def _firing_waiting(conn: SqlConnection, notifier: str, event: AlertEvent) -> bool:
+    """Whether the FIRING of ``event``'s episode waits for ``notifier``, unsent."""
+    row = conn.execute(
+        f"SELECT 1 FROM outbox WHERE state='pending' AND {_UNSENT} AND "
+        f"{_episode_where(conn)} AND {json_text(conn, 'events', 'kind')}='FIRING' LIMIT 1",
+        (notifier, event.key, _iso(event.firing_since)),
+    ).fetchone()
+    return row is not None
+
+
+def _leave_group(conn: SqlConnection, row_id: int) -> None:
+    """Take row ``row_id`` out of the grouped message it is in, if any: its summary is
+    its own event's again, and the group's other rows stay one message, led by the
+    first of them (one left alone is a message of its own)."""
+    row = conn.execute("SELECT grp, events FROM outbox WHERE id=?", (row_id,)).fetchone()
+    if row is None or row[0] is None:
+        return
+    leader, own = row
+    conn.execute(
+        "UPDATE outbox SET grp=NULL, summary=? WHERE id=?",
+        (summarize(events_from_json(own)), row_id),
+    )
+    rest = conn.execute(
+        "SELECT id, events FROM outbox WHERE grp=? ORDER BY id", (leader,)
+    ).fetchall()
+    if not rest:
+        return
+    first = rest[0][0]
+    if len(rest) == 1:
+        summary = summarize(events_from_json(rest[0][1]))
+        conn.execute("UPDATE outbox SET grp=NULL, summary=? WHERE id=?", (summary, first))
+        return
+    conn.execute("UPDATE outbox SET grp=? WHERE grp=?", (first, leader))
+    conn.execute("UPDATE outbox SET summary=? WHERE id=?", (group_summary(len(rest), None), first))
+
+
+def silence_pending(conn: SqlConnection, now: datetime, ids: Collection[int]) -> dict[str, int]:
+    """Apply the silences active at ``now`` to the pending messages ``ids`` (and the
+    rows grouped with them), which delivery is about to send
+    (:func:`~invoice_watch.silences.on_delivery`): a silenced row waits in state
+    ``silenced``, a RESOLVED whose FIRING was or would be silenced is ``muted`` with the
+    unsent messages of its episode; each leaves its grouped message. Returns how many
+    rows were silenced or muted, per notifier. One indexed query when no silence holds."""
+    silences = active_silences(conn, now)
+    if not silences:
+        return {}
+    changed: dict[str, int] = {}
+    at = now.isoformat()
+    for leader in sorted(ids):
+        rows = conn.execute(
+            f"SELECT id, notifier, events FROM outbox WHERE (id=? OR grp=?) AND "
+            f"state='pending' AND {_UNSENT} ORDER BY id",
+            (leader, leader),
+        ).fetchall()
+        for row_id, notifier, text in rows:
+            events = events_from_json(text)
+            if len(events) != 1:  # rows hold one event each; grouping is by rows
+                continue
+            event = events[0]
+            resolved = event.kind == EventKind.RESOLVED
+            effect = on_delivery(
+                event,
+                silences,
+                now,
+                firing_silenced=resolved and _firing_silenced(conn, notifier, event),
+                firing_waiting=resolved and _firing_waiting(conn, notifier, event),
+            )
+            if effect == Effect.SEND:
+                continue
+            if effect == Effect.SILENCE:
+                silence = silencing(event, silences, now)
+                assert silence is not None
+                _leave_group(conn, row_id)
+                conn.execute(
+                    "UPDATE outbox SET state='silenced', last_error=? WHERE id=?",
+                    (f"silenced by {silence.id} until {silence.ends_at.isoformat()}", row_id),
+                )
+                changed[notifier] = changed.get(notifier, 0) + 1
+                continue
+            episode = (notifier, event.key, _iso(event.firing_since))
+            muting = [row_id] + [
+                other
+                for (other,) in conn.execute(
+                    f"SELECT id FROM outbox WHERE (state='silenced' OR (state='pending' AND "
+                    f"{_UNSENT} AND {json_text(conn, 'events', 'kind')}='FIRING')) AND "
+                    f"{_episode_where(conn)} AND id != ? ORDER BY id",
+                    (*episode, row_id),
+                ).fetchall()
+            ]
+            why = "muted: its FIRING was silenced and never sent"
+            for other in muting:
+                _leave_group(conn, other)
+                conn.execute(
+                    "UPDATE outbox SET state='muted', done_at=?, last_error=? WHERE id=?",
+                    (at, why, other),
+                )
+            changed[notifier] = changed.get(notifier, 0) + len(muting)
+    return changed
+
+
 def prune_silences(conn: SqlConnection, cutoff: str, limit: int) -> int:
     """Forget silences that ended before ``cutoff`` (at most ``limit``)."""
     return conn.execute(
@@ -195,6 +305,24 @@ class SqliteSilences:
             return [_silence(row) for row in rows]
 
         return await self._read(query)
+
+    async def silence_pending(self, now: datetime, ids: Collection[int]) -> dict[str, int]:
+        """:func:`silence_pending`, in a transaction of its own; no write at all when no
+        silence holds (the active silences are read first)."""
+        at = _utc(now)
+
+        def any_active(conn: SqlConnection) -> bool:
+            row = conn.execute(
+                "SELECT 1 FROM silences WHERE ends_at > ? AND starts_at <= ? LIMIT 1", (at, at)
+            ).fetchone()
+            return row is not None
+
+        if not ids or not await self._read(any_active):
+            return {}
+        return await self._db.write(
+            lambda conn: silence_pending(conn, now, ids),
+            f"silence pending messages in state {self._db.name}",
+        )
 
     async def lift(self, now: datetime) -> Lifted:
         """Make each silenced message no silence matches any more pending (a FIRING
