@@ -14,6 +14,11 @@ back, an NTP fix or a VM restore) is due at once (:meth:`Outbox.bound_schedule`)
 ``drain``'s budget is measured on the monotonic clock. A wall clock set forward makes
 messages due early, once.
 
+The time a notifier's quiet hours held a message does not count toward its age
+(:func:`~invoice_watch.quiet.quiet_time`, by the wall clock): a window longer than
+``max_age`` (a weekend) delays the messages it holds and never fails them; they get
+what is left of ``max_age`` once it ends.
+
 A message's age (against ``delivery.max_age``) is measured on the monotonic clock too
 (:class:`~invoice_watch.elapsed.Elapsed`), so a wall clock set forward a day never gives
 up a message seconds old, nor does one set back keep it past ``max_age``: exact from
@@ -100,7 +105,7 @@ from invoice_watch.errors import (
     StateError,
 )
 from invoice_watch.metrics import Metrics
-from invoice_watch.quiet import QUIET_PREFIX, QuietWindow, holds
+from invoice_watch.quiet import QUIET_PREFIX, QuietWindow, holds, quiet_time
 from invoice_watch.retry import backoff, retry_delay
 from invoice_watch.safe_text import one_line, server_text, traceback_text
 from invoice_watch.store import ERROR_MAX, Delivery, Store, outbox_error, summarize
@@ -367,8 +372,16 @@ class Deliverer:
         self._ages.sweep()
 
     def _too_old(self, delivery: Delivery) -> bool:
-        """Whether ``delivery`` has waited ``max_age`` (module docstring)."""
-        return self._ages.age(delivery.created_at) >= self._max_age
+        """Whether ``delivery`` has waited ``max_age`` (module docstring), not counting
+        the time its notifier's quiet hours held it (:func:`~invoice_watch.quiet.
+        quiet_time`; none for a message of a severity in ``except``: not held)."""
+        age = self._ages.age(delivery.created_at)
+        if age < self._max_age:
+            return False
+        window = self._quiet.get(delivery.notifier)
+        if window is None or any(e.severity in window.except_ for e in delivery.events):
+            return True
+        return age - quiet_time(window, delivery.created_at, self._clock.now()) >= self._max_age
 
     async def _bound_schedule(self, now: datetime) -> None:
         try:

@@ -8,6 +8,10 @@ crosses midnight and ends the next morning; ``from`` equal to ``to`` is the whol
 Times are wall-clock times in the zone: across a DST change a window is an hour shorter
 or longer, and a ``from`` or ``to`` that a change skips (02:30 on a spring-forward
 night) is read with the offset before the change (so it falls an hour later).
+
+Quiet hours never cost a message: the time a window held it does not count toward
+``delivery.max_age`` (:func:`quiet_time`, subtracted from its age by delivery), so a
+weekend window longer than ``max_age`` delays the messages it holds and fails none.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from datetime import UTC, date, datetime, time, timedelta, tzinfo
 
 from invoice_watch.types import AlertEvent, Severity
 
+# How far back quiet_time looks: beyond max_age's bound (30 days) and a week of windows.
+_QUIET_SCAN = timedelta(days=62)
 # How the last error of a message waiting for quiet hours to end begins.
 QUIET_PREFIX = "quiet hours"
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -81,3 +87,42 @@ def holds(q: QuietWindow, events: Collection[AlertEvent], now: datetime) -> date
     if end is None or any(e.severity in q.except_ for e in events):
         return None
     return end
+
+
+def quiet_time(q: QuietWindow, start: datetime, end: datetime) -> timedelta:
+    """How much of ``start`` .. ``end`` lies inside ``q``'s windows (zero when ``end``
+    is not after ``start``; only the last :data:`_QUIET_SCAN` of it is looked at, so
+    the cost is bounded: about one window a day)."""
+    begin = max(start, end - _QUIET_SCAN)
+    if end <= begin:
+        return timedelta(0)
+    total = timedelta(0)
+    covered = begin  # windows never overlap, but a DST night must not count twice
+    day = begin.astimezone(q.tz).date() - timedelta(days=1)
+    last = end.astimezone(q.tz).date()
+    while day <= last:
+        if not q.days or day.weekday() in q.days:
+            low, high = _window(q, day)
+            low, high = max(low, covered), min(high, end)
+            if high > low:
+                total += high - low
+                covered = high
+        day += timedelta(days=1)
+    return total
+
+
+def longest(q: QuietWindow) -> timedelta:
+    """The longest quiet time ``q`` makes (back-to-back windows are one), by the wall
+    clock in its zone (a DST night is an hour longer)."""
+    nominal = QuietWindow(UTC, q.start, q.end, q.days)
+    monday = datetime(2024, 1, 1, tzinfo=UTC)  # any week: the zone is set aside
+    stretches = []
+    for offset in range(7):
+        day = monday + timedelta(days=offset)
+        if q.days and day.weekday() not in q.days:
+            continue
+        start = datetime.combine(day.date(), q.start, tzinfo=UTC)
+        end = window_end(nominal, start)
+        if end is not None:
+            stretches.append(end - start)
+    return max(stretches, default=timedelta(0))

@@ -16,7 +16,7 @@ from invoice_watch import silence_cmd
 from invoice_watch.app import App
 from invoice_watch.config import Config, load
 from invoice_watch.errors import UsageError
-from invoice_watch.quiet import QuietWindow, holds, window_end
+from invoice_watch.quiet import QuietWindow, holds, longest, quiet_time, window_end
 from invoice_watch.silences import (
     Effect,
     new_silence,
@@ -279,6 +279,38 @@ def test_dst_nights_are_an_hour_shorter_and_longer():
     assert autumn - berlin(2026, 10, 24, 20, 0) == timedelta(hours=13)
 
 
+# (what, window, start, end, quiet time in it)
+QUIET_TIMES = [
+    ("none", NIGHT, berlin(2026, 3, 2, 9, 0), berlin(2026, 3, 2, 19, 0), timedelta(0)),
+    ("a whole night", NIGHT, berlin(2026, 3, 2, 19, 0), berlin(2026, 3, 3, 9, 0), 12 * H),
+    ("from inside", NIGHT, berlin(2026, 3, 3, 7, 0), berlin(2026, 3, 3, 9, 0), H),
+    ("to inside", NIGHT, berlin(2026, 3, 2, 19, 0), berlin(2026, 3, 2, 21, 30), 1.5 * H),
+    ("two nights", NIGHT, berlin(2026, 3, 2, 12, 0), berlin(2026, 3, 4, 12, 0), 24 * H),
+    ("spring forward", NIGHT, berlin(2026, 3, 28, 19, 0), berlin(2026, 3, 29, 9, 0), 11 * H),
+    ("fall back", NIGHT, berlin(2026, 10, 24, 19, 0), berlin(2026, 10, 25, 9, 0), 13 * H),
+    ("a weekend", WEEKEND, berlin(2026, 3, 6, 20, 0), berlin(2026, 3, 9, 8, 0), 48 * H),
+    ("end before start", NIGHT, berlin(2026, 3, 3, 9, 0), berlin(2026, 3, 2, 19, 0), 0 * H),
+    ("only 62 days looked at", NIGHT, T0 - timedelta(days=400), T0, 62 * 12 * H),
+]
+
+
+@pytest.mark.parametrize(
+    ("window", "start", "end", "quiet"),
+    [row[1:] for row in QUIET_TIMES],
+    ids=[row[0] for row in QUIET_TIMES],
+)
+def test_quiet_time(window, start, end, quiet):
+    assert quiet_time(window, start, end) == quiet
+
+
+@pytest.mark.parametrize(
+    ("window", "stretch"),
+    [(NIGHT, 12 * H), (WEEKEND_NIGHTS, 12 * H), (WEEKEND, 48 * H), (OFFICE_BREAK, H)],
+)
+def test_longest(window, stretch):
+    assert longest(window) == stretch
+
+
 def test_except_severities_go_at_once():
     night = berlin(2026, 3, 2, 22, 0)
     assert holds(NIGHT, [event(severity=Severity.CRITICAL)], night) is None
@@ -509,6 +541,36 @@ async def test_e2e_an_alert_resolved_while_its_waiting_message_is_silenced_is_ne
     assert [k for k in kinds(fake) if k[1] == "failed-charge"] == []
     assert ("FIRING", "pending-over-budget") in kinds(fake)
     assert sorted(r.summary.split()[0] for r in muted) == ["FIRING", "RESOLVED"]
+
+
+async def test_e2e_a_quiet_window_longer_than_max_age_loses_nothing(
+    world: World, state: dict[str, str]
+) -> None:
+    # Held all night (11.5 h) with max_age 2 h, across a restart: the receiver failing
+    # once when the window ends must not make the messages fail (an alert lost by
+    # configuration); time held by quiet hours does not count toward max_age.
+    quiet = {"timezone": "Europe/Berlin", "from": "20:00", "to": "08:00"}
+    delivery = {"max_age": "2h"}
+    async with FakeWebhook() as fake:
+        config = config_for(world, fake, state, delivery=delivery, quiet_hours=quiet)
+        async with App(config, clock=world.clock) as app:
+            await leading(app)
+            await app.run_cycle()
+            await app.deliverer.deliver_due()
+            held = await app.store.outbox.messages(("pending",))
+            assert held and fake.received == []
+            await advance(world, app, 5 * 3600)
+            await app.deliverer.deliver_due()
+        fake.script(Answer(503))  # the first request after the window fails
+        async with App(config, clock=world.clock) as app:  # a restart in the window
+            await leading(app)
+            for _ in range(8 * 6):
+                await advance(world, app, 600)
+                await app.deliverer.deliver_due()
+            assert await app.store.outbox.messages(("failed",)) == []
+            assert await app.store.outbox.messages(("pending",)) == []
+    assert len(fake.received) > 1  # the summary failed once, then what it held was sent
+    assert sum(len(body["events"]) for body in fake.accepted) == len(held)
 
 
 async def test_silence_add_refuses_an_unknown_rule_and_missing_state(world: World) -> None:
