@@ -624,6 +624,14 @@ rules:
         ("Europe/Berlin", '"25:00"', "[]", 12, "notifiers.out.quiet_hours.from", "24-hour"),
         ("Europe/Berlin", '"20:00"', "[sat, funday]", 14, "notifiers.out.quiet_hours.days", ""),
         ("Europe/Berlin", '"08:00"', "[]", 11, "notifiers.out.quiet_hours", "for ever"),
+        (
+            "Europe/Berlin",
+            '"08:00"',
+            "[mon, tue, wed, thu, fri, sat, sun]",
+            11,
+            "notifiers.out.quiet_hours",
+            "for ever",
+        ),
     ],
 )
 def test_check_config_names_the_line_of_a_bad_quiet_hours_key(zone, start, days, line, path, words):
@@ -643,3 +651,10 @@ def test_quiet_hours_config_loads():
     windows = load(text, env={}).quiet_windows()
     assert windows["out"].days == frozenset({5, 6})
     assert windows["out"].except_ == frozenset({Severity.CRITICAL})
+
+
+def test_quiet_hours_always_on_load_when_every_severity_goes_through():
+    text = QUIET_CONFIG.format(
+        zone="Europe/Berlin", start='"08:00"', days="[mon, tue, wed, thu, fri, sat, sun]"
+    ).replace("except: [critical]", "except: [info, warning, critical]")
+    assert load(text, env={}).quiet_windows()["out"].days == frozenset(range(7))

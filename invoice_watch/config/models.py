@@ -330,10 +330,12 @@ class QuietHoursConfig(_Model):
 
     @model_validator(mode="after")
     def _not_always(self) -> QuietHoursConfig:
-        if self.from_ == self.to and not self.days:
+        always = self.from_ == self.to and len(set(self.days)) in (0, len(QUIET_DAYS))
+        if always and set(self.except_) != set(Severity):  # all in except: none is held
             raise ValueError(
-                "from equal to to is a whole day: with no days that is quiet for ever; "
-                "name the days (e.g. days: [sat, sun]) or remove quiet_hours"
+                "from equal to to is a whole day: on every day that is quiet for ever "
+                "(nothing would ever be sent); name fewer days (e.g. days: [sat, sun]) or "
+                "remove quiet_hours"
             )
         return self
 
