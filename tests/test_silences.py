@@ -658,3 +658,15 @@ def test_quiet_hours_always_on_load_when_every_severity_goes_through():
         zone="Europe/Berlin", start='"08:00"', days="[mon, tue, wed, thu, fri, sat, sun]"
     ).replace("except: [critical]", "except: [info, warning, critical]")
     assert load(text, env={}).quiet_windows()["out"].days == frozenset(range(7))
+
+
+def test_summary_shows_quiet_hours_and_that_they_do_not_count_toward_max_age():
+    from invoice_watch.config.summarize import summary
+
+    text = QUIET_CONFIG.format(zone="Europe/Berlin", start='"00:00"', days="[sat, sun]")
+    lines = summary(load(text.replace('to: "08:00"', 'to: "00:00"'), env={})).splitlines()
+    (line,) = [line for line in lines if line.startswith("  - out:")]
+    assert line.endswith(
+        "; quiet hours 00:00-00:00 Europe/Berlin on sat, sun, critical at once "
+        "(longest 2d, not counted toward max_age)"
+    )

@@ -27,6 +27,7 @@ from invoice_watch.config.models import (
 from invoice_watch.config.quantities import config_duration as duration
 from invoice_watch.format import usd
 from invoice_watch.proxy import ProxyUrl
+from invoice_watch.quiet import longest
 
 
 def _via(proxy: ProxyUrl | None) -> str:
@@ -78,6 +79,19 @@ def _notifier_line(name: str, notifier: NotifierConfig) -> str:
             f"{notifier.notices}{_via(notifier.proxy)}"
         )
     return f"{name}: console (stdout)"
+
+
+def _quiet(notifier: NotifierConfig) -> str:
+    """``; quiet hours ...`` for a notifier that has them, else nothing."""
+    quiet = notifier.quiet_hours
+    if quiet is None:
+        return ""
+    days = f" on {', '.join(quiet.days)}" if quiet.days else " every day"
+    through = f", {', '.join(quiet.except_)} at once" if quiet.except_ else ""
+    return (
+        f"; quiet hours {quiet.from_:%H:%M}-{quiet.to:%H:%M} {quiet.timezone}{days}{through} "
+        f"(longest {duration(longest(quiet.window()))}, not counted toward max_age)"
+    )
 
 
 def _rule_params(rule: Rule) -> str:
@@ -153,7 +167,7 @@ def summary(config: Config) -> str:
         f"{duration(config.delivery.max_backoff)}, group over {config.delivery.group_over}, "
         f"keep history {duration(config.delivery.retention)}",
         f"Notifiers ({len(config.notifiers)}):",
-        *(f"  - {_notifier_line(name, n)}" for name, n in config.notifiers.items()),
+        *(f"  - {_notifier_line(name, n)}{_quiet(n)}" for name, n in config.notifiers.items()),
         f"Rules ({len(config.rules)}):",
     ]
     for rule in config.rules:
