@@ -69,6 +69,12 @@ Repeated 429s escalate: the wait is the longer of the receiver's ``Retry-After``
 backoff for the attempts made so far, as the Atlas client does, so ``Retry-After: 0``
 answered again and again is not one request a second for ever.
 
+Silences apply at notification time: the due messages are looked at against the active
+silences just before they are sent (:meth:`~invoice_watch.store.protocols.
+SilenceRepository.silence_pending`; one indexed read a pass while none is active), so a
+silence added while a message waited for its receiver holds it too. Silenced messages
+are lifted every pass (sent if their alert still fires, else muted).
+
 A notifier that mirrors what is firing (Alertmanager, :class:`~invoice_watch.types.
 FiringMirror`) is also given, every ``resend_every``, every firing alert whose messages
 go to it (the alert state's last event: what was notified), so that it keeps them
