@@ -78,7 +78,9 @@ are lifted every pass (sent if their alert still fires, else muted).
 A notifier that mirrors what is firing (Alertmanager, :class:`~invoice_watch.types.
 FiringMirror`) is also given, every ``resend_every``, every firing alert whose messages
 go to it (the alert state's last event: what was notified), so that it keeps them
-firing; after a restart too, since they come from the state file. Such a re-post is
+firing; after a restart too, since they come from the state file. An alert whose FIRING
+was never sent to it (a silence holds it, quiet hours do, or its receiver failed) is not
+among them: once its FIRING is sent, it is given again with the others. Such a re-post is
 not a message: it is not in the outbox, and one that fails is tried again at the next
 ``resend_every`` (said once until it works again). It comes before the notifier's due
 messages in a pass, so a RESOLVED always follows the last re-post of its alert.
@@ -430,24 +432,42 @@ class Deliverer:
             if now >= self._repost_at.get(name, 0.0)
         }
 
-    def _firing_for(self, name: str) -> list[AlertEvent]:
+    async def _firing_for(self, name: str) -> list[AlertEvent] | None:
         """The last event of each firing alert whose messages go to notifier ``name``,
-        oldest alert first."""
+        oldest alert first, but for those whose FIRING it was never sent (held by a
+        silence or quiet hours, waiting for its receiver: :meth:`Outbox.unnotified
+        <invoice_watch.store.protocols.Outbox.unnotified>`): a re-post is no way around
+        what holds a message. None when the state cannot say which those are."""
         states = sorted(self._store.alerts.firing().values(), key=lambda s: s.firing_since)
-        return [
-            state.last_event
+        states = [
+            state
             for state in states
             if state.firing
             and name in state.notifiers
             and state.last_event is not None
             and state.last_event.kind in (EventKind.FIRING, EventKind.REMINDER)
         ]
+        if not states:
+            return []
+        try:
+            unsent = await self._store.outbox.unnotified(name)
+        except StateError as exc:
+            log.debug("%s: could not read which firing alerts were sent: %s", name, exc)
+            return None
+        return [
+            state.last_event
+            for state in states
+            if state.last_event is not None and (state.key, state.firing_since) not in unsent
+        ]
 
     async def _repost(self, name: str, mirror: FiringMirror) -> None:
+        """Post what fires to ``mirror`` again (module docstring). When the state cannot
+        be read, none is posted (one that is silenced could be): tried again at the next
+        ``resend_every``, well within the ``endsAt`` the last post gave."""
         if not self.may_send():
             return
         self._repost_at[name] = self._clock.monotonic() + mirror.resend_every
-        events = self._firing_for(name)
+        events = await self._firing_for(name)
         if not events:
             return
         try:

@@ -16,6 +16,7 @@ from invoice_watch import silence_cmd
 from invoice_watch.app import App
 from invoice_watch.config import Config, load
 from invoice_watch.errors import UsageError
+from invoice_watch.notify import alertmanager
 from invoice_watch.quiet import QuietWindow, holds, longest, quiet_time, window_end
 from invoice_watch.silences import (
     Effect,
@@ -27,7 +28,7 @@ from invoice_watch.silences import (
 )
 from invoice_watch.store.records import Silence
 from invoice_watch.types import AlertEvent, EventKind, Severity
-from tests.fakes_receivers import Answer, FakeWebhook
+from tests.fakes_receivers import Answer, FakeAlertmanager, FakeWebhook
 from tests.world import PROD, World
 
 T0 = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
@@ -571,6 +572,45 @@ async def test_e2e_a_quiet_window_longer_than_max_age_loses_nothing(
             assert await app.store.outbox.messages(("pending",)) == []
     assert len(fake.received) > 1  # the summary failed once, then what it held was sent
     assert sum(len(body["events"]) for body in fake.accepted) == len(held)
+
+
+def rules_in(am: FakeAlertmanager) -> dict[str, int]:
+    """How often Alertmanager was given each rule's alert."""
+    return {alert.labels["rule"]: alert.posts for alert in am.alerts.values()}
+
+
+async def test_e2e_alertmanager_is_not_given_a_silenced_alert_again_until_it_is_sent(
+    world: World, state: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Alertmanager is given what fires again every resend_every (from the alert state):
+    # not an alert whose FIRING a silence holds and that was never sent to it; once the
+    # silence ends and the alert still fires, it is sent, then given again.
+    monkeypatch.setattr(alertmanager, "_now", world.clock.now)
+    async with FakeAlertmanager() as am:
+        data = world.config_data(rules=RULES)
+        data["state"] = state
+        data["notifiers"]["hook"] = {"type": "alertmanager", "url": am.url, "resend_every": "1m"}
+        config = load(yaml.safe_dump(data), filename="e2e.yaml", env={}, base_dir=world.tmp)
+        async with App(config, clock=world.clock) as app:
+            await leading(app)
+            await add_silence(world, config, hours=2)
+            await app.run_cycle()
+            await app.deliverer.deliver_due()
+            for _ in range(10):  # ten re-posts of what fires
+                await advance(world, app, 60)
+                await app.deliverer.deliver_due()
+                assert list(rules_in(am)) == ["pending-over-budget"]
+            assert rules_in(am)["pending-over-budget"] >= 10
+            (active,) = await app.store.silences.listing(world.clock.now())
+            await silence_cmd.expire(config, active.id, now=world.clock.now())
+            await advance(world, app, 60)
+            await app.deliverer.deliver_due()  # its FIRING goes out
+            assert rules_in(am).get("failed-charge") == 1
+            for _ in range(3):  # and it is given again with what fires
+                await advance(world, app, 60)
+                await app.deliverer.deliver_due()
+            assert rules_in(am)["failed-charge"] == 4
+    assert am.refused == []
 
 
 async def test_silence_add_refuses_an_unknown_rule_and_missing_state(world: World) -> None:

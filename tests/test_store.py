@@ -433,3 +433,26 @@ async def test_store_postpone_counts_no_attempt_and_make_due_brings_rows_back(st
     due = await store.outbox.due(NOW)
     assert [d.attempts for d in due] == [0, 0]
     assert due[0].last_error == "notifier 'gone' is missing"
+
+
+async def test_store_unnotified_names_the_episodes_whose_firing_was_not_sent(store):
+    # What an Alertmanager re-post leaves out: an alert whose FIRING waits unsent (its
+    # receiver failing, quiet hours, a silence); not one sent, nor one owed to some of
+    # its recipients only (sent to the others).
+    def fired(key: str) -> Transition:
+        transition = firing(key)
+        assert transition.event is not None
+        return replace(transition, event=replace(transition.event, firing_since=NOW))
+
+    number = store.begin_cycle()
+    await store.commit_orgs(
+        number, NOW, [], [fired("a"), fired("b"), fired("c")], {"failed": ["am"]}
+    )
+    await store.finish_cycle(number, NOW, NOW, [], [], {}, 5, orgs_ok=0, orgs_failed=0)
+    assert await store.outbox.unnotified("am") == {("a", NOW), ("b", NOW), ("c", NOW)}
+    sent, owed, waiting = await store.outbox.due(NOW)
+    await store.outbox.mark_sent(sent.id, NOW)
+    await store.outbox.mark_retry(owed.id, NOW, "HTTP 503", ["x@example.com"], hold=False)
+    await store.outbox.postpone(waiting.id, NOW + timedelta(hours=8), "quiet hours until 08:00")
+    assert await store.outbox.unnotified("am") == {("c", NOW)}
+    assert await store.outbox.unnotified("other") == set()

@@ -128,6 +128,13 @@ class Outbox(Protocol):
         """When the next pending message is due (None: none is pending)."""
         ...
 
+    async def unnotified(self, notifier: str, limit: int = 10_000) -> set[tuple[str, datetime]]:
+        """The alert episodes, as (alert key, ``firing_since``), whose FIRING message for
+        ``notifier`` has not been sent: it waits, held by a running cycle, silenced, or
+        pending and delivered to none of its recipients (its receiver failing, quiet
+        hours); at most ``limit`` of them."""
+        ...
+
     async def mark_sent(self, delivery_id: int, now: datetime) -> None: ...
 
     async def mark_retry(

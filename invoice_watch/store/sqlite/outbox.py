@@ -22,7 +22,7 @@ from invoice_watch.store.encoding import OWED_PREFIX, event_json, outbox_error, 
 from invoice_watch.store.grouping import group_summary, message_parts, summarize
 from invoice_watch.store.protocols import AlertChange
 from invoice_watch.store.records import Delivery, OutboxRow
-from invoice_watch.store.sql import SqlConnection, SqlDatabase
+from invoice_watch.store.sql import SqlConnection, SqlDatabase, json_text
 from invoice_watch.store.sqlite.silences import silence_held
 from invoice_watch.types import Part, events_from_json, instant
 
@@ -276,6 +276,24 @@ class SqliteOutbox:
                 (limit,),
             )
             return [when for (text,) in rows if (when := _dt(text)) is not None]
+
+        return await self._read(query)
+
+    async def unnotified(self, notifier: str, limit: int = 10_000) -> set[tuple[str, datetime]]:
+        """The episodes whose FIRING for ``notifier`` waits unsent
+        (:meth:`~invoice_watch.store.protocols.Outbox.unnotified`): rows held, silenced,
+        or pending and owed to none of their recipients yet (``state`` is indexed)."""
+
+        def query(conn: SqlConnection) -> set[tuple[str, datetime]]:
+            key, since = json_text(conn, "events", "key"), json_text(conn, "events", "firing_since")
+            rows = conn.execute(
+                f"SELECT {key}, {since} FROM outbox WHERE state IN ('held', 'silenced', "
+                "'pending') AND notifier=? AND (state != 'pending' OR last_error IS NULL OR "
+                f"last_error NOT LIKE ?) AND {json_text(conn, 'events', 'kind')}='FIRING' "
+                "LIMIT ?",
+                (notifier, OWED_PREFIX + "%", limit),
+            )
+            return {(k, instant(at)) for k, at in rows if k is not None and at is not None}
 
         return await self._read(query)
 
