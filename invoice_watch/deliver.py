@@ -14,6 +14,10 @@ back, an NTP fix or a VM restore) is due at once (:meth:`Outbox.bound_schedule`)
 ``drain``'s budget is measured on the monotonic clock. A wall clock set forward makes
 messages due early, once.
 
+The messages a notifier's quiet hours held go as one summary when the window ends, made
+a grouped message in the outbox before it is sent (:meth:`_summaries`): a summary that
+fails is retried, after a restart too, as that same summary.
+
 The time a notifier's quiet hours held a message does not count toward its age
 (:func:`~invoice_watch.quiet.quiet_time`, by the wall clock): a window longer than
 ``max_age`` (a weekend) delays the messages it holds and never fails them; they get
@@ -224,7 +228,6 @@ class Deliverer:
         self._quiet: Mapping[str, QuietWindow] = quiet or {}
         self._silenced = 0  # messages silenced at the last pass
         # A quiet-hours summary's first message id -> the other messages it carries.
-        self._merged: dict[int, tuple[Delivery, ...]] = {}
         # Whether this process may send now: a replica on a PostgreSQL state only while
         # it holds the lease (leader.py), checked before every send.
         self.may_send: Callable[[], bool] = lambda: True
@@ -506,7 +509,7 @@ class Deliverer:
         if window is not None:
             rows = await self._quiet_hours(window, rows)
         for delivery in rows:
-            if not await self._attempt_merged(delivery, stats):
+            if not await self._attempt(delivery, stats):
                 # The receiver is down or rate-limiting: the rest of this notifier's rows
                 # wait for the next pass instead of hammering it.
                 return
@@ -530,23 +533,30 @@ class Deliverer:
                 await self._store.outbox.postpone(delivery.id, at, why, delivery.owed)
             except StateError as exc:  # looked at again next pass
                 log.debug("%s: could not hold a message for quiet hours: %s", delivery.id, exc)
-        return self._summaries(go)
+        return await self._summaries(go)
 
-    def _summaries(self, rows: list[Delivery]) -> list[Delivery]:
+    async def _summaries(self, rows: list[Delivery]) -> list[Delivery]:
         """``rows``, with those that waited for quiet hours to end (their last error
         says so) joined into summaries of at most MESSAGE_MAX_EVENTS events each, in
-        place of the first of them (:meth:`_attempt_merged` records the others)."""
+        place of the first of them. Each summary is made a grouped message in the
+        outbox before it is sent (:meth:`Outbox.merge <invoice_watch.store.protocols.
+        Outbox.merge>`), so that a retry, after a restart too, is that same summary; one
+        the state cannot record waits for the next pass."""
         out: list[Delivery] = []
         summary: list[Delivery] = []
 
-        def flush() -> None:
+        async def flush() -> None:
             if len(summary) == 1:
                 out.append(summary[0])
             elif summary:
                 first = summary[0]
-                events = [event for d in summary for event in d.events]
-                out.append(replace(first, events=events, part=None))
-                self._merged[first.id] = tuple(summary[1:])
+                try:
+                    await self._store.outbox.merge([d.id for d in summary])
+                except StateError as exc:  # still pending: summarized next pass
+                    log.debug("%s: could not make the quiet hours summary: %s", first.id, exc)
+                else:
+                    events = [event for d in summary for event in d.events]
+                    out.append(replace(first, events=events, part=None))
             summary.clear()
 
         for delivery in rows:
@@ -556,29 +566,10 @@ class Deliverer:
                 continue
             count = sum(len(d.events) for d in summary)
             if summary and count + len(delivery.events) > MESSAGE_MAX_EVENTS:
-                flush()
+                await flush()
             summary.append(delivery)
-        flush()
+        await flush()
         return out
-
-    async def _attempt_merged(self, delivery: Delivery, stats: DeliveryStats) -> bool:
-        """:meth:`_attempt`, for a summary of messages held by quiet hours too: the
-        others get its outcome once it is sent or failed (a retry of the first holds
-        them back with it)."""
-        others = self._merged.pop(delivery.id, ())
-        sent, failed = stats.sent, stats.failed
-        more = await self._attempt(delivery, stats)
-        state: Literal["sent", "failed"] | None = None
-        if stats.sent > sent:
-            state = "sent"
-        elif stats.failed > failed:
-            state = "failed"
-        if state is not None:
-            error = None if state == "sent" else "failed with the summary it was part of"
-            for other in others:
-                what = f"{other.notifier}: {summarize(other.events, other.part)}"
-                await self._record(_Outcome(other, what, state, self._clock.now(), error))
-        return more
 
     async def _attempt(self, delivery: Delivery, stats: DeliveryStats) -> bool:
         """One attempt; True when the notifier may be tried again in this pass."""

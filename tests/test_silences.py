@@ -574,6 +574,41 @@ async def test_e2e_a_quiet_window_longer_than_max_age_loses_nothing(
     assert sum(len(body["events"]) for body in fake.accepted) == len(held)
 
 
+async def test_e2e_a_quiet_hours_summary_that_fails_is_retried_as_the_same_summary(
+    world: World, state: dict[str, str]
+) -> None:
+    # The messages held all night go as one summary when the window ends; the receiver
+    # refuses it once: it is retried as that one summary (across a restart too), not as
+    # the messages it held.
+    quiet = {"timezone": "Europe/Berlin", "from": "20:00", "to": "08:00"}
+    async with FakeWebhook() as fake:
+        config = config_for(world, fake, state, quiet_hours=quiet)
+        async with App(config, clock=world.clock) as app:
+            await leading(app)
+            await app.run_cycle()
+            await app.deliverer.deliver_due()
+            held = await app.store.outbox.messages(("pending",))
+            assert len(held) == 2 and fake.received == []
+            fake.script(Answer(503))
+            for _ in range(14 * 6):  # until the window ends
+                await advance(world, app, 600)
+                await app.deliverer.deliver_due()
+                if fake.received:
+                    break
+            assert len(fake.received) == 1 and fake.accepted == []
+        async with App(config, clock=world.clock) as app:  # a restart before the retry
+            await leading(app)
+            for _ in range(6):
+                await advance(world, app, 600)
+                await app.deliverer.deliver_due()
+            assert await app.store.outbox.messages(("pending",)) == []
+            sent = await app.store.outbox.messages(("sent",))
+    assert len(fake.received) == 2 and len(fake.accepted) == 1
+    assert fake.accepted[0]["events"] == fake.received[0].body["events"]
+    assert len(fake.accepted[0]["events"]) == 2
+    assert sorted(r.state for r in sent) == ["sent"] and "2 alerts" in sent[0].summary
+
+
 def rules_in(am: FakeAlertmanager) -> dict[str, int]:
     """How often Alertmanager was given each rule's alert."""
     return {alert.labels["rule"]: alert.posts for alert in am.alerts.values()}

@@ -135,6 +135,12 @@ class Outbox(Protocol):
         hours); at most ``limit`` of them."""
         ...
 
+    async def merge(self, ids: Sequence[int]) -> None:
+        """Make the pending messages ``ids`` (in order, oldest first; each one of its own
+        or a group's leader) one grouped message led by the first: from then on it is
+        sent, retried and marked as one, after a restart too (a quiet-hours summary)."""
+        ...
+
     async def mark_sent(self, delivery_id: int, now: datetime) -> None: ...
 
     async def mark_retry(

@@ -320,6 +320,28 @@ class SqliteOutbox:
 
         return await self._db.write(run, "update the outbox")
 
+    async def merge(self, ids: Sequence[int]) -> None:
+        """Make the pending messages ``ids`` one grouped message led by the first
+        (:meth:`~invoice_watch.store.protocols.Outbox.merge`): their rows, and those of
+        the groups they lead, follow it (``grp``); its summary counts them."""
+        if len(ids) < 2:
+            return
+        first = ids[0]
+        marks = ",".join("?" * len(ids))
+
+        def run(conn: SqlConnection) -> None:
+            conn.execute(
+                f"UPDATE outbox SET grp=? WHERE state='pending' AND (id IN ({marks}) OR "
+                f"grp IN ({marks}))",
+                (first, *ids, *ids),
+            )
+            (count,) = conn.execute("SELECT COUNT(*) FROM outbox WHERE grp=?", (first,)).fetchone()
+            conn.execute(
+                "UPDATE outbox SET summary=? WHERE id=?", (group_summary(count, None), first)
+            )
+
+        await self._db.write(run, "update the outbox")
+
     async def mark_sent(self, delivery_id: int, now: datetime) -> None:
         await self._update(
             (
