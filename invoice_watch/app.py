@@ -44,6 +44,13 @@ from pathlib import Path
 from typing import TextIO, TypeVar
 
 from invoice_watch import sdnotify
+from invoice_watch.alerts import (
+    Reason,
+    Scope,
+    Transition,
+    plan_holding,
+    plan_resolved,
+)
 from invoice_watch.atlas.client import AtlasClient
 from invoice_watch.clock import Clock, SystemClock
 from invoice_watch.config import Config, HttpConfig, LogConfig, load_file
@@ -54,13 +61,6 @@ from invoice_watch.constants import (
     INVOICE_STATUSES,
     ONCE_DELIVERY_SECONDS,
     SHUTDOWN_SECONDS,
-)
-from invoice_watch.dedup import (
-    Reason,
-    Scope,
-    Transition,
-    plan_holding,
-    plan_resolved,
 )
 from invoice_watch.deliver import Deliverer
 from invoice_watch.diff import Diff, diff, settled_to_load, without_news
@@ -758,7 +758,7 @@ class CyclePlan:
 
     def scope(self, state: AlertState) -> Scope:
         """Whether this cycle evaluated the alert's rule on what the alert is about, and
-        its invoice as it stands now (:class:`~invoice_watch.dedup.Scope`).
+        its invoice as it stands now (:class:`~invoice_watch.alerts.Scope`).
 
         An invoice alert is evaluated by any successful read that lists its invoice:
         the organization whose read fired it, the invoice's own organization, or its

@@ -12,7 +12,6 @@
     │   ├── FetchAuthError       401/403: wrong key or missing role (never retried)
     │   ├── FetchStatusError     any other unexpected HTTP status
     │   └── FetchDataError       the body is not what the API promises
-    ├── RuleError                a rule could not be evaluated
     ├── ListenError              the HTTP endpoint cannot listen on http.listen
     └── NotifyError              a notification could not be sent
         ├── RetryableNotifyError   try again later (maybe after ``retry_after``; for
@@ -111,10 +110,6 @@ class FetchStatusError(FetchError):
 
 class FetchDataError(FetchError):
     """The response body is malformed or does not match the API's schema."""
-
-
-class RuleError(InvoiceWatchError):
-    """A rule could not be evaluated."""
 
 
 class NotifyError(InvoiceWatchError):

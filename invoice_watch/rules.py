@@ -3,7 +3,7 @@
 Data and ``now`` in, :class:`Evaluation` out. State rules (``invoice_status``,
 ``pending_amount``, ``amount_increase``, ``forecast``, ``poll_failure``) report the
 conditions that hold; the one-shot ``status_change`` rule reports notices. Whether a
-condition turns into a message is decided by :mod:`invoice_watch.dedup`.
+condition turns into a message is decided by :mod:`invoice_watch.alerts`.
 
 An organization whose read failed this cycle is not *evaluated* for invoice rules: its
 alerts neither fire nor resolve until it can be read again (only ``poll_failure`` speaks

@@ -1343,7 +1343,7 @@ def test_a_message_and_the_invoices_table_show_one_last_day(tmp_path, end, last)
     from datetime import UTC, datetime
 
     from invoice_watch import format as fmt
-    from invoice_watch.dedup import EventFactory
+    from invoice_watch.alerts import EventFactory
     from invoice_watch.notify.render import plain
     from invoice_watch.rules import Condition
     from invoice_watch.types import EventKind

@@ -30,9 +30,9 @@ from datetime import datetime, timedelta
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from invoice_watch.alerts import Transition
 from invoice_watch.app import CyclePlan, Shared, listing_change, step_org
 from invoice_watch.config import Config, load
-from invoice_watch.dedup import Transition
 from invoice_watch.diff import diff, settled_to_load
 from invoice_watch.rules import settled_statuses
 from invoice_watch.store import AlertState, OrgState, OrgWrite

@@ -15,8 +15,8 @@ from datetime import timedelta
 from pathlib import Path
 
 from invoice_watch import ops
+from invoice_watch.alerts import Reason, Transition
 from invoice_watch.app import App
-from invoice_watch.dedup import Reason, Transition
 from invoice_watch.store import OrgWrite, Store
 from invoice_watch.types import EventKind
 from tests.conftest import NOW, ORG_A, inv

@@ -13,11 +13,11 @@ import yaml
 
 from invoice_watch.app import App
 from invoice_watch.config import load
-from invoice_watch.dedup import plan
 from invoice_watch.rules import OrgView, evaluate
 from invoice_watch.store import AlertState
 from invoice_watch.types import AlertEvent, EventKind, Invoice
 from tests.conftest import NOW, ORG_A, ORG_B, PERIOD_START, inv
+from tests.plans import plan
 from tests.world import ANALYTICS, PROD, World
 
 

@@ -11,7 +11,7 @@ from datetime import timedelta
 
 import pytest
 
-from invoice_watch.dedup import Reason, Transition
+from invoice_watch.alerts import Reason, Transition
 from invoice_watch.store import AlertState, OrgWrite, Store
 from invoice_watch.types import AlertEvent, EventKind, Severity
 from tests.conftest import NOW, ORG_A, ORG_B, Backend, inv

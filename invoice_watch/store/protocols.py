@@ -48,7 +48,7 @@ from invoice_watch.types import AlertEvent, Invoice, Snapshot
 
 class AlertChange(Protocol):
     """A change to one alert's state and the event to send, if any
-    (:class:`~invoice_watch.dedup.Transition` is one)."""
+    (:class:`~invoice_watch.alerts.Transition` is one)."""
 
     @property
     def state(self) -> AlertState: ...

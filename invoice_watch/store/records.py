@@ -35,7 +35,7 @@ class AlertState:
     last_event: AlertEvent | None = None
     # The notifiers its messages went to (its FIRING's, and those its reminders added):
     # a RESOLVED or REMINDER goes to them too, whatever the rule's `notify` says now
-    # (:func:`~invoice_watch.dedup.recipients`); () for an alert stored before they were
+    # (:func:`~invoice_watch.alerts.recipients`); () for an alert stored before they were
     # remembered.
     notifiers: tuple[str, ...] = ()
     # Its rule's send_resolved when it fired: whether a RESOLVED is sent once the rule

@@ -106,7 +106,7 @@ def hold_events(
         text = written.get(id(event))
         events = f"[{text if text is not None else event_json(event)}]"
         summary = summarize((event,))
-        # The notifiers its alert's messages go to (dedup.recipients); the rule's
+        # The notifiers its alert's messages go to (alerts.recipients); the rule's
         # route for a transition made without them.
         notifiers = t.state.notifiers or routes.get(event.rule, ())
         rows.extend((notifier, events, summary, now, now, cycle) for notifier in notifiers)

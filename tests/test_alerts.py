@@ -8,11 +8,12 @@ from typing import Any
 
 import pytest
 
-from invoice_watch.dedup import Reason, decide, plan
+from invoice_watch.alerts import Reason, decide
 from invoice_watch.rules import OrgView, evaluate
 from invoice_watch.store import AlertState
 from invoice_watch.types import EventKind
 from tests.conftest import NOW, ORG_A, inv
+from tests.plans import plan
 
 
 class Lifecycle:

@@ -1,4 +1,4 @@
-"""Stage 4, dedup: the alert lifecycle. Pure.
+"""Stage 4, the alert lifecycle: which alerts fire, remind and resolve. Pure.
 
 Given what holds now (:class:`~invoice_watch.rules.Evaluation`) and the stored alert
 state, decide for each alert whether people must hear about it, and why
@@ -11,7 +11,7 @@ fires again.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, NamedTuple
@@ -155,36 +155,6 @@ class EventFactory:
         )
 
 
-def plan(
-    config: Config,
-    evaluation: Evaluation,
-    states: Mapping[str, AlertState],
-    invoices: Mapping[str, Invoice],
-    now: datetime,
-    *,
-    baseline: bool = False,
-) -> list[Transition]:
-    """Every alert-state change of this cycle, with the events to send.
-
-    ``invoices``: every invoice as it stands now, by id (for RESOLVED messages).
-    ``baseline``: record what fires as notified, but send nothing.
-    """
-    transitions = plan_holding(config, evaluation, states, now, baseline=baseline)
-    held = set(evaluation.holding)
-    transitions += plan_resolved(
-        config,
-        states,
-        held,
-        lambda state: Scope(
-            (state.rule, state.source_org_id) in evaluation.evaluated,
-            invoices.get(state.invoice_id or ""),
-        ),
-        now,
-        baseline=baseline,
-    )
-    return transitions
-
-
 def plan_holding(
     config: Config,
     evaluation: Evaluation,
@@ -194,7 +164,7 @@ def plan_holding(
     baseline: bool = False,
     age: Age | None = None,
 ) -> list[Transition]:
-    """The FIRING, REMINDER and NOTICE half of :func:`plan`: what the conditions that
+    """The FIRING, REMINDER and NOTICE transitions: what the conditions that
     hold (and the notices) of ``evaluation`` change. A cycle can run it organization by
     organization, as each one is read, keeping ``states`` up to date in between.
     ``age``: as for :func:`decide`."""
@@ -248,7 +218,7 @@ def plan_resolved(
     *,
     baseline: bool = False,
 ) -> list[Transition]:
-    """The RESOLVED half of :func:`plan`, once the whole cycle is known: a firing alert
+    """The RESOLVED transitions, once the whole cycle is known: a firing alert
     whose condition no ``held`` key holds any more, and that was evaluated this cycle.
     ``scope`` tells what the cycle knows of an alert (:class:`Scope`: whether a
     successful read evaluated its rule on what it is about, and its invoice as it
@@ -397,7 +367,3 @@ def _resolved_event(
             period_end=last.period_end,
         )
     return event
-
-
-def pending_events(transitions: Sequence[Transition]) -> list[AlertEvent]:
-    return [t.event for t in transitions if t.event is not None]
