@@ -9,13 +9,19 @@ from __future__ import annotations
 
 from collections.abc import Collection, Container, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date
 
 from invoice_watch.types import Invoice, OrgRead, Snapshot, day_number, settled_day
 
 
+def starts_before(invoice: Invoice, day: date) -> bool:
+    """Whether the invoice's period starts before the UTC ``day`` (the first day an
+    incremental read's window covers: :func:`~invoice_watch.listing.incremental_from`)."""
+    return invoice.start_date.astimezone(UTC).date() < day
+
+
 def settled_to_load(
-    snapshot: Snapshot, read: OrgRead, *, listed_from: datetime | None = None
+    snapshot: Snapshot, read: OrgRead, *, listed_from: date | None = None
 ) -> list[str]:
     """Ids of the settled invoices whose stored version the diff of ``read`` needs:
     those it lists changed, and those it no longer lists (those that start before
@@ -25,7 +31,7 @@ def settled_to_load(
     if len(read.settled) + len(changed) == len(settled):
         return changed  # every settled invoice is listed
     listed, changed_ids = read.settled, set(changed)
-    first_day = day_number(listed_from.astimezone(UTC).date()) if listed_from else -1
+    first_day = day_number(listed_from) if listed_from else -1
     return changed + [
         invoice_id
         for invoice_id, key in settled.items()
@@ -64,14 +70,14 @@ def diff(
     old: Mapping[str, Invoice],
     new: Collection[Invoice],
     *,
-    listed_from: datetime | None = None,
+    listed_from: date | None = None,
     hidden: Container[str] = frozenset(),
 ) -> Diff:
     """Compare a stored snapshot with a fresh listing of the same organization (ids in
     ``new`` are unique, as :meth:`AtlasClient.read_org` returns them).
 
-    ``listed_from``: the listing only covers invoices starting at or after this instant
-    (an incremental read with ``fromDate``), so older stored invoices are not "gone".
+    ``listed_from``: the listing only covers invoices starting on this UTC day or later
+    (an incremental read's window), so older stored invoices are not "gone".
     ``hidden``: stored invoices the listing does not show though they exist (linked
     invoices Atlas hides from a role): not "gone" either.
     """
@@ -105,7 +111,7 @@ def diff(
     for invoice_id, invoice in old.items():
         if invoice_id in seen or invoice_id in hidden:
             continue
-        if listed_from is not None and invoice.start_date < listed_from:
+        if listed_from is not None and starts_before(invoice, listed_from):
             continue
         result.gone.append(invoice)
     return result

@@ -4,7 +4,9 @@
 list item or a mapping's name) to how a running daemon takes a new value of it;
 :func:`changes` compares two configurations key by key through that table, and
 :meth:`App.reload <invoice_watch.app.App.reload>` does what the changed keys need, or
-refuses the whole reload, naming the keys, when one of them needs a restart. A setting
+refuses the whole reload, naming the keys, when one of them needs a restart;
+:class:`Reloads` reads the file again on each request (SIGHUP), off the event loop and
+one at a time, and hands the new configuration to it. A setting
 is never silently ignored (issue 14 §2): ``tests/test_reload.py`` walks the pydantic
 models and fails on any key missing from the table, so a new key is classified by one
 line here (``"poll.full_listing_every": Apply.CYCLE,``).
@@ -12,14 +14,33 @@ line here (``"poll.full_listing_every": Apply.CYCLE,``).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import enum
-from collections.abc import Iterator
+import logging
+import threading
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from types import NoneType, UnionType
-from typing import Annotated, Any, Union, get_args, get_origin
+from typing import Annotated, Any, TypeVar, Union, get_args, get_origin
 
 from pydantic import BaseModel
 
+from invoice_watch.clock import Clock
 from invoice_watch.config import Config
+from invoice_watch.config.quantities import config_duration
+from invoice_watch.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+# A reload's read of the configuration file (and its secret files) that takes longer is
+# abandoned, logged, and the running configuration kept (a file on a hung network file
+# system): one stuck read never blocks the reloads after it. Past this many abandoned
+# reads still stuck, reloads are refused until a restart (each holds a thread).
+RELOAD_SECONDS = 30.0
+MAX_STUCK_RELOADS = 4
 
 
 class Apply(enum.Enum):
@@ -224,3 +245,132 @@ def changes(old: Config, new: Config, *, given: bool = False) -> dict[str, Apply
 
 
 _ABSENT = object()
+
+
+class Reloads:
+    """Reads the configuration file again on request and hands it to ``apply`` (the
+    App's reload; it logs what it did). ``source``: the running configuration's file
+    (None: not read from a file); ``load_config`` reads and validates one, timed on
+    ``clock``."""
+
+    def __init__(
+        self,
+        source: Callable[[], Path | None],
+        load_config: Callable[[Path], Config],
+        clock: Clock,
+        apply: Callable[[Config], Awaitable[bool]],
+    ) -> None:
+        self._source = source
+        self._load_config = load_config
+        self._clock = clock
+        self._apply = apply
+        self._task: asyncio.Task[None] | None = None
+        self._wanted = False
+        self._parsing: set[threading.Thread] = set()  # reload reads, maybe stuck
+
+    def request(self) -> asyncio.Task[None]:
+        """Read the config file again and take it (SIGHUP). The file is parsed in a
+        thread, off the event loop (a huge or hostile file cannot freeze the daemon);
+        at most one reload runs at a time, and requests that arrive meanwhile make one
+        more reload once it ends (the file as it is then), whatever their number; a
+        read that takes :data:`RELOAD_SECONDS` is abandoned (logged). Returns the task
+        that takes this request (done once it is taken or refused)."""
+        self._wanted = True
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._reloads(), name="reload")
+        return self._task
+
+    async def cancel(self) -> None:
+        """Stop the reload in progress, if any (a parse in its thread is abandoned)."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _reloads(self) -> None:
+        while self._wanted:
+            self._wanted = False
+            source = self._source()
+            if source is None:
+                log.error("config reload refused: the configuration was not read from a file")
+                return
+            self._parsing = {thread for thread in self._parsing if thread.is_alive()}
+            if len(self._parsing) >= MAX_STUCK_RELOADS:
+                log.error(
+                    "config reload refused: %d earlier reads of %s never finished (a file "
+                    "on a hung network file system?); restart the daemon to read it again",
+                    len(self._parsing),
+                    source,
+                )
+                continue
+            try:
+                config = await self._parse(source)
+            except TimeoutError:
+                log.error(
+                    "config reload abandoned: reading %s has not finished after %s (a file "
+                    "on a hung network file system?); keeping the running configuration%s",
+                    source,
+                    config_duration(RELOAD_SECONDS),
+                    "; reading it again" if self._wanted else "",
+                )
+                continue
+            except ConfigError as exc:
+                for problem in exc.problems:
+                    log.error("config reload refused: %s", problem)
+                log.error("keeping the running configuration")
+                continue
+            except Exception as exc:  # an unreadable file, a bug: the daemon goes on
+                log.error("config reload refused: %s: %s", source, exc)
+                log.error("keeping the running configuration")
+                continue
+            await self._apply(config)
+
+    async def _parse(self, source: Path) -> Config:
+        """The configuration file, read and validated in a thread of its own (off the
+        event loop). Raises TimeoutError when that takes :data:`RELOAD_SECONDS` on the
+        daemon's clock (the thread is left to itself: a daemon thread, holding nothing)."""
+        parse = asyncio.ensure_future(_in_thread(self._load_config, source, self._parsing))
+        timer = asyncio.ensure_future(self._clock.sleep(RELOAD_SECONDS))
+        try:
+            await asyncio.wait({parse, timer}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            timer.cancel()
+            if not parse.done():
+                parse.cancel()
+            await asyncio.gather(timer, parse, return_exceptions=True)
+        if parse.cancelled():
+            raise TimeoutError
+        return parse.result()
+
+
+async def _in_thread(
+    function: Callable[[Path], _T], path: Path, threads: set[threading.Thread]
+) -> _T:
+    """``function(path)`` in a daemon thread, added to ``threads``: the event loop goes
+    on meanwhile, and a thread still parsing at exit does not hold the process
+    (``asyncio.to_thread``'s executor is joined by ``asyncio.run``). Cancelling the
+    wait leaves the thread to end by itself."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[_T] = loop.create_future()
+
+    def settle(result: _T | None, error: BaseException | None) -> None:
+        if future.done():  # cancelled: the daemon is stopping
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+
+    def run() -> None:
+        result: _T | None = None
+        error: BaseException | None = None
+        try:
+            result = function(path)
+        except BaseException as exc:
+            error = exc
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+            loop.call_soon_threadsafe(settle, result, error)
+
+    thread = threading.Thread(target=run, name="config-reload", daemon=True)
+    threads.add(thread)
+    thread.start()
+    return await future

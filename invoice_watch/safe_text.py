@@ -67,3 +67,9 @@ def traceback_text(exc: BaseException, limit: int = 20_000) -> str:
     if len(text) > limit:
         text = text[: limit // 2] + "\n[…]\n" + text[-limit // 2 :]
     return text.rstrip()
+
+
+def exception_line(exc: BaseException) -> str:
+    """An unforeseen exception in one line, for a message or a stored error: its type
+    and message, redacted (:func:`redact`), at most 300 characters."""
+    return redact(f"{type(exc).__name__}: {exc}")[:300]

@@ -25,6 +25,7 @@ from invoice_watch import ops
 from invoice_watch.app import App
 from invoice_watch.atlas.client import AtlasClient
 from invoice_watch.atlas.paging import page_cap
+from invoice_watch.cli.commands import run_once
 from invoice_watch.config import Config
 from tests.conftest import ORG_A, base_config, make_config
 from tests.loopback import LoopbackServer
@@ -429,7 +430,7 @@ async def test_server_text_echoing_credentials_is_redacted_in_logs_stderr_and_st
     async with Echoing(status) as atlas:
         config = config_for(tmp_path, atlas.url, auth=SERVICE_ACCOUNT)
         async with App(config) as app:
-            assert await app.run_once() == 1
+            assert await run_once(app) == 1
         report = io.StringIO()
         assert await ops.status(config, out=report) == 0
     _, err = capsys.readouterr()
@@ -475,7 +476,7 @@ async def test_oauth_access_token_echoed_without_its_prefix_is_redacted(
     async with BareTokenEcho() as atlas:
         config = config_for(tmp_path, atlas.url, auth=SERVICE_ACCOUNT)
         async with App(config) as app:
-            assert await app.run_once() == 1
+            assert await run_once(app) == 1
         report = io.StringIO()
         assert await ops.status(config, out=report) == 0
     token = atlas.issued[0]

@@ -2,7 +2,7 @@
 (issue 12 §1, SPEC §10 "Bounds"): the parser and the per-org read turn any body into an
 :class:`OrgRead` (ok, or with an error), never an exception; the other organizations are
 read; the cycle's ``take`` raising for one organization makes that one a failed read
-(:func:`invoice_watch.app.take_reads`); a caller that stops early cancels the rest.
+(:func:`invoice_watch.cycle.take_reads`); a caller that stops early cancels the rest.
 
 Bodies come from a hand-made listing server on loopback; hypothesis writes them.
 """
@@ -22,11 +22,12 @@ from aiohttp import web
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from invoice_watch.app import take_reads
 from invoice_watch.atlas.client import AtlasClient
 from invoice_watch.atlas.errors import parse_api_error
 from invoice_watch.atlas.parse import parse_invoice, parse_page, pending_items
+from invoice_watch.cli.commands import run_once
 from invoice_watch.config import Config
+from invoice_watch.cycle import take_reads
 from invoice_watch.errors import FetchError
 from invoice_watch.redact import printable
 from invoice_watch.types import OrgRead, Snapshot
@@ -341,7 +342,7 @@ async def test_text_no_log_state_file_or_terminal_can_take_fails_that_org_only(
     listings.answers[ORG_A] = TEXT_FAULTS[case]
     config = client_config(tmp_path, listings.url)
     async with App(config) as app:
-        assert await app.run_once() == 1  # org A unreadable
+        assert await run_once(app) == 1  # org A unreadable
     out, err = capsys.readouterr()
     assert "FIRING" in out and "Analytics" in out  # org B's FAILED invoice
     report = io.StringIO()
@@ -586,20 +587,20 @@ async def test_oauth_token_answer_of_any_shape_is_contained(
 async def test_cycle_error_while_taking_one_org_records_it_as_failed(
     tmp_path: Path, listings: Listings, monkeypatch: pytest.MonkeyPatch
 ):
-    """The App's `take` failing for org A (a bug there): A is recorded as a failed read
+    """The cycle's `take` failing for org A (a bug there): A is recorded as a failed read
     (poll_failure counts from it, `status` shows it), org B is read and alerts, and the
     cycle ends."""
-    from invoice_watch import app as app_module
+    from invoice_watch import cycle as cycle_module
     from invoice_watch.app import App
 
-    real_step = app_module.step_org
+    real_step = cycle_module.step_org  # type: ignore[attr-defined]
 
     def step_org(read: OrgRead, *args: Any, **kwargs: Any) -> Any:
         if read.org_id == ORG_A and read.ok:
             raise ZeroDivisionError("a bug in the diff")
         return real_step(read, *args, **kwargs)
 
-    monkeypatch.setattr(app_module, "step_org", step_org)
+    monkeypatch.setattr(cycle_module, "step_org", step_org)
     config = client_config(tmp_path, listings.url)
     async with App(config) as app:
         result = await app.run_cycle()

@@ -22,9 +22,12 @@ import pytest
 import yaml
 
 from invoice_watch import ops
-from invoice_watch.app import App, CycleResult, FullListings, _phase
+from invoice_watch.app import App
+from invoice_watch.cli.commands import run_once
 from invoice_watch.clock import FakeClock
 from invoice_watch.config import Config, load
+from invoice_watch.cycle import CycleResult
+from invoice_watch.listing import FullListings, _phase
 from invoice_watch.simulator import Scenario, Simulator
 from invoice_watch.types import AlertEvent, EventKind, Part
 from tests.conftest import ORG_A
@@ -164,13 +167,13 @@ async def test_full_listing_at_every_start_a_run_once_sees_a_late_change(
     clock = FakeClock(NOW)
     config = config_of(sim, tmp_path)
     async with App(config, clock=clock, notifiers={"console": Recorder()}) as app:
-        assert await app.run_once() == 0
+        assert await run_once(app) == 0
     from_dates(sim)
     october = forgive(sim, "october")
     clock.advance(timedelta(minutes=15))
     recorder = Recorder()
     async with App(config, clock=clock, notifiers={"console": recorder}) as app:
-        assert await app.run_once() == 0
+        assert await run_once(app) == 0
     assert from_dates(sim) == [None]
     assert sorted((e.kind, e.rule, e.invoice_id) for e in recorder.sent) == [
         (EventKind.FIRING, "watch-forgiven", october),
@@ -269,7 +272,7 @@ async def test_full_listing_that_keeps_failing_gives_way_to_incremental_reads(tm
 
         recorder = Recorder()
         async with App(config, clock=clock, notifiers={"console": recorder}) as app:
-            assert await app.run_once() == 0
+            assert await run_once(app) == 0
         assert atlas.asked == [(ORG_A, None), (ORG_A, "2026-10-31")]
         assert [(e.kind, e.rule) for e in recorder.sent] == [(EventKind.FIRING, "failed-charge")]
 

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from invoice_watch.app import App
+from invoice_watch.cli.commands import run_once
 from invoice_watch.clock import FakeClock
 from invoice_watch.errors import StateError
 from invoice_watch.types import EventKind
@@ -120,7 +121,7 @@ async def test_run_once_with_an_unstorable_listing_exits_1_naming_that_org(
     config = hand_config(tmp_path, atlas.url, rules=RULES)
     recorder = Recorder()
     async with App(config, clock=FakeClock(NOW), notifiers={"console": recorder}) as app:
-        assert await app.run_once() == 1
+        assert await run_once(app) == 1
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
     assert len(errors) == 1 and errors[0].startswith("error: Production: ")
     assert "unexpected error" not in errors[0]
@@ -205,8 +206,7 @@ async def test_cycle_a_breakdown_that_slips_through_the_fetch_still_costs_only_i
     """The fetch refuses numbers outside int64 now; line items it would let through
     that cannot be stored (their sum has more than 4,300 digits), or a bug building the
     breakdown, cost A's breakdown only: both messages go, B's with its breakdown."""
-    from invoice_watch import app as app_module
-    from invoice_watch import rules
+    from invoice_watch import breakdowns, rules
     from invoice_watch.types import LineItem
 
     atlas.invoices[ORG_A] = [invoice(1, ORG_A, "PENDING", MILLION)]
@@ -227,7 +227,7 @@ async def test_cycle_a_breakdown_that_slips_through_the_fetch_still_costs_only_i
             return real_breakdown(lines, *args)
 
         monkeypatch.setattr(app.client, "pending_line_items", items)
-        monkeypatch.setattr(app_module, "breakdown", building)
+        monkeypatch.setattr(breakdowns, "breakdown", building)
         atlas.pending[ORG_A] = pending(ORG_A, 1, [0])
         result = await app.run_cycle()
     assert result.orgs_failed == []

@@ -647,7 +647,7 @@ async def test_clients_that_never_read_their_answers_are_closed_after_idle_timeo
     config = world.config(http=http, poll={"interval": "10m"})
     async with App(config, clock=clock) as app, serving(app):
         await until_cycles(app, 1)
-        port, endpoint = app.http_port, app._http
+        port, endpoint = app.http_port, app.http
         assert port is not None and endpoint is not None and endpoint._runner is not None
         server = endpoint._runner.server
         assert server is not None

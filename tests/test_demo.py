@@ -7,6 +7,7 @@ import io
 from pathlib import Path
 
 from invoice_watch.app import App
+from invoice_watch.cli.commands import run_once
 from invoice_watch.clock import FakeClock
 from invoice_watch.demo import demo_config
 from invoice_watch.notify.console import ConsoleNotifier
@@ -25,7 +26,7 @@ async def test_demo_scenario_fires_and_resolves_both_alerts(tmp_path: Path):
         while t <= last + 2:
             sim.advance_to(t)
             async with App(config, clock=clock, notifiers=notifiers) as app:
-                assert await app.run_once() == 0
+                assert await run_once(app) == 0
             t += 2
             clock.advance(2)
     text = out.getvalue()

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 
 from invoice_watch.constants import FINAL_STATUSES
 from invoice_watch.diff import diff, settled_to_load
@@ -40,7 +40,7 @@ def test_diff_incremental_listing_does_not_make_old_invoices_gone():
     old_invoice = inv(1, status="PAID", start=datetime(2025, 1, 1, tzinfo=UTC))
     recent = inv(2, status="PAID", start=datetime(2026, 10, 1, tzinfo=UTC))
     old = {old_invoice.id: old_invoice, recent.id: recent}
-    result = diff(old, [], listed_from=datetime(2026, 9, 1, tzinfo=UTC))
+    result = diff(old, [], listed_from=date(2026, 9, 1))
     assert [i.id for i in result.gone] == [recent.id]
 
 
@@ -61,5 +61,5 @@ def test_settled_to_load_names_the_settled_invoices_listed_changed_or_no_longer_
     assert settled_to_load(snapshot, read(one, three, changed=(two,))) == [two]
     assert settled_to_load(snapshot, read(one, two)) == [three]
     # an incremental listing from PERIOD_START does not show `three`: not gone
-    assert settled_to_load(snapshot, read(one, two), listed_from=PERIOD_START) == []
-    assert settled_to_load(snapshot, read(two), listed_from=PERIOD_START) == [one]
+    assert settled_to_load(snapshot, read(one, two), listed_from=PERIOD_START.date()) == []
+    assert settled_to_load(snapshot, read(two), listed_from=PERIOD_START.date()) == [one]

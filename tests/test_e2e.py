@@ -20,6 +20,7 @@ import pytest
 
 from invoice_watch import ops
 from invoice_watch.app import App
+from invoice_watch.cli.commands import run_once
 from invoice_watch.config import Config
 from tests.manual_clock import ManualClock
 from tests.world import ANALYTICS, PROD, World
@@ -130,7 +131,7 @@ async def test_e2e_slack_down_keeps_the_message_for_the_next_run(world: World):
 async def test_e2e_baseline_records_without_sending_then_only_changes_alert(world: World):
     config = world.config()
     async with App(config, clock=world.clock) as app:
-        assert await app.run_once(baseline=True) == 0
+        assert await run_once(app, baseline=True) == 0
     assert world.slack.accepted == [] and world.sink.envelopes == []
     world.sim.set_status(world.sim.scenario.invoice("failed").id, "PAID")
     assert await world.run_once(config) == 0
@@ -140,7 +141,7 @@ async def test_e2e_baseline_records_without_sending_then_only_changes_alert(worl
 async def test_e2e_dry_run_prints_and_creates_no_file(world: World, capsys):
     config = world.config()
     async with App(config, clock=world.clock, dry_run=True) as app:
-        assert await app.run_once() == 0
+        assert await run_once(app) == 0
     out = capsys.readouterr().out
     assert "would send to slack" in out and "FIRING: failed-charge" in out
     assert "nothing was sent and nothing was written" in out

@@ -19,11 +19,12 @@ import pytest
 import yaml
 from aiohttp import web
 
-from invoice_watch.app import App, CycleResult
+from invoice_watch.app import App
 from invoice_watch.atlas.client import AtlasClient
 from invoice_watch.clock import FakeClock
 from invoice_watch.config import Config, load
 from invoice_watch.constants import FINAL_STATUSES
+from invoice_watch.cycle import CycleResult
 from invoice_watch.simulator import Scenario, Simulator
 from invoice_watch.types import AlertEvent, EventKind, OrgRead, Snapshot
 from tests.conftest import ORG_A, base_config, make_config

@@ -23,9 +23,10 @@ from typing import Any
 import pytest
 import yaml
 
-from invoice_watch.app import App, CycleResult
+from invoice_watch.app import App
 from invoice_watch.clock import FakeClock
 from invoice_watch.config import Config, load
+from invoice_watch.cycle import CycleResult
 from invoice_watch.simulator import Scenario, Simulator
 from invoice_watch.types import EventKind
 from tests.test_convergence import Recorder
@@ -189,7 +190,7 @@ async def test_linked_invoices_hidden_from_a_billing_viewer_are_warned_about_onc
     async with App(config, clock=clock, notifiers={"console": Recorder()}) as app:
         await app.run_cycle()
     sim.scenario.org(PAYER).billing_viewer = True
-    caplog.set_level(logging.WARNING, logger="invoice_watch.app")
+    caplog.set_level(logging.WARNING, logger="invoice_watch.linked")
     async with App(config, clock=clock, notifiers={"console": Recorder()}) as app:
         assert (await app.run_cycle()).events == []
         clock.advance(timedelta(days=2))  # the next full listings
@@ -218,7 +219,7 @@ async def test_linked_invoices_hidden_from_a_paying_org_alone_keep_their_alerts(
     sim.set_amount(small, 1200_00)
     clock = FakeClock(NOW)
     config = config_of(sim, tmp_path, orgs=(PAYER,))
-    caplog.set_level(logging.WARNING, logger="invoice_watch.app")
+    caplog.set_level(logging.WARNING, logger="invoice_watch.linked")
     async with App(config, clock=clock, notifiers={"console": Recorder()}) as app:
         first = await app.run_cycle()
         assert events(first) == [

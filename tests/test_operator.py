@@ -34,6 +34,7 @@ from typing import Any
 import pytest
 import yaml
 
+from invoice_watch.cli.commands import run_once
 from invoice_watch.store import OrgWrite, open_store
 from tests.conftest import inv
 
@@ -176,7 +177,9 @@ def state_with_hostile_text(place: Place) -> None:
         invoice = inv(1, org=ORG)
         await store.commit_orgs(cycle, NOW, [OrgWrite(ORG, True, upserts=[invoice])], [], {})
         cycle = store.begin_cycle()
-        await store.commit_orgs(cycle, NOW, [OrgWrite(ORG, False, error=HOSTILE)], [], {})
+        await store.commit_orgs(
+            cycle, NOW, [OrgWrite(ORG, False, error=HOSTILE, failing_since=NOW)], [], {}
+        )
         await store.close()
 
     asyncio.run(make())
@@ -1300,7 +1303,7 @@ async def test_simulate_writes_a_config_that_works_and_keeps_its_keys(tmp_path, 
         assert config.state.path == tmp_path / "sim.state.db"
         for _ in range(2):  # the first read starts the timeline: FAILED at t+0
             async with App(config) as app:
-                await app.run_once()
+                await run_once(app)
         assert "FIRING: failed-charge" in capsys.readouterr().out
         assert "t+0s" in out.getvalue()
     finally:

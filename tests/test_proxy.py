@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from invoice_watch.atlas.client import AtlasClient
+from invoice_watch.cli.commands import run_once
 from invoice_watch.clock import FakeClock
 from invoice_watch.config import summary
 from invoice_watch.errors import ConfigError, PermanentNotifyError
@@ -218,7 +219,7 @@ async def test_demo_and_simulate_configs_work_with_a_proxy_in_the_environment(
             write_simulator_config(sim, tmp_path / "sim.yaml")
             config = load_file(tmp_path / "sim.yaml")
         async with App(config) as app:
-            assert await app.run_once() == 0  # every organization read
+            assert await run_once(app) == 0  # every organization read
 
 
 async def test_atlas_proxy_setting_overrides_the_environment_and_keeps_its_password(
@@ -273,7 +274,7 @@ async def test_proxy_user_name_is_never_printed(
             monkeypatch.setenv("HTTP_PROXY", proxy.url.replace("http://", url))
             config = atlas_config(sim, tmp_path, base_url=aliased(sim.base_url))
             async with App(config, clock=FakeClock(NOW)) as app:
-                assert await app.run_once() == 1
+                assert await run_once(app) == 1
             report = io.StringIO()
             assert await ops.status(config, out=report) == 0
             _, err = capsys.readouterr()

@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from invoice_watch.app import App
+from invoice_watch.cli.commands import run_once
 from invoice_watch.config import Config, load
 from invoice_watch.notify import alertmanager
 from tests.fakes_receivers import (
@@ -215,7 +216,7 @@ async def test_e2e_alertmanager_run_once_posts_once_and_does_not_wait(
         App(config_with(world, am_settings(am)), clock=world.clock) as app,
     ):
         start = world.clock.monotonic()
-        assert await app.run_once() == 0
+        assert await run_once(app) == 0
         assert world.clock.monotonic() - start < 30
     assert firing_rules(am, world) == ["failed-charge", "pending-over-budget"]
 
@@ -226,7 +227,7 @@ async def test_e2e_alertmanager_a_baseline_posts_nothing(world: World, am_clock:
     async with FakeAlertmanager() as am:
         config = config_with(world, am_settings(am))
         async with App(config, clock=world.clock) as app:
-            assert await app.run_once(baseline=True) == 0
+            assert await run_once(app, baseline=True) == 0
         async with App(config, clock=world.clock) as app:
             await app.run_cycle()
             world.clock.advance(timedelta(minutes=1))

@@ -62,7 +62,7 @@ def org_warnings(caplog: pytest.LogCaptureFixture, org_name: str) -> list[str]:
     return [
         r.getMessage()
         for r in caplog.records
-        if r.name == "invoice_watch.app"
+        if r.name == "invoice_watch.cycle"
         and r.levelno == logging.WARNING
         and r.getMessage().startswith(org_name)
     ]

@@ -13,11 +13,11 @@ Properties:
   per change, whichever listing shows it first, in whatever order reads end and
   whichever of them fail.
 
-The cycle here is ``App._cycle`` without I/O: each organization through ``step_org``
+The cycle here is ``cycle.Cycle`` without I/O: each organization through ``step_org``
 and ``CyclePlan.org`` (diff, amount history, evaluate, plan), then
 ``CyclePlan.resolved``; the transitions applied as the store does. The snapshot is the
 store's: PAID invoices settled (keys only), their stored versions read when a listing
-changes them or no longer shows them, as the client and ``App._cycle`` do.
+changes them or no longer shows them, as the client and ``cycle.Cycle`` do.
 """
 
 from __future__ import annotations
@@ -31,9 +31,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from invoice_watch.alerts import Transition
-from invoice_watch.app import CyclePlan, Shared, listing_change, step_org
 from invoice_watch.config import Config, load
 from invoice_watch.diff import diff, settled_to_load
+from invoice_watch.linked import Shared
+from invoice_watch.plan import CyclePlan, listing_change, step_org
 from invoice_watch.rules import settled_statuses
 from invoice_watch.store import AlertState, OrgState, OrgWrite
 from invoice_watch.types import EventKind, Invoice, OrgRead, Snapshot
@@ -128,7 +129,7 @@ class Pipeline:
     sent: list[tuple[str, EventKind]] = field(default_factory=list)  # (alert key, kind)
 
     def plan(self, reads: Mapping[str, Listing]) -> tuple[CyclePlan, list[Transition], Writes]:
-        """One cycle up to the commit, as ``App._cycle`` runs it (organization by
+        """One cycle up to the commit, as ``cycle.Cycle`` runs it (organization by
         organization, then the resolutions): what it would write, without writing it."""
         decide = CyclePlan(self.config, self.alerts, payers=self.payers)
         writes: Writes = {}
@@ -162,11 +163,11 @@ class Pipeline:
         self, decide: CyclePlan, read: OrgRead, snapshot: Snapshot, stored: dict[str, Invoice]
     ) -> Shared:
         """What the other organizations hold of this read's linked invoices, the
-        settled copies it names read from the state file, as ``App._cycle`` does."""
+        settled copies it names read from the state file, as ``cycle.Cycle.compare`` does."""
         if not read.ok:
             return Shared()
         change = listing_change(read, snapshot, stored=stored)
-        shared = decide.shared(read.org_id, change.changed, snapshot, self.snapshot_of)
+        shared = decide.linked.shared(read.org_id, change.changed, snapshot, self.snapshot_of)
         for other, ids in shared.load.items():
             shared = shared.loaded(self.stored[other][i] for i in ids)
         return shared
@@ -267,14 +268,14 @@ def test_diff_applied_to_the_old_listing_gives_the_new_one(old, new):
 @given(old=org_a_listing, new=org_a_listing, older=st.sets(st.sampled_from([1, 2, 3])))
 def test_diff_of_an_incremental_listing_keeps_what_it_did_not_cover(old, new, older):
     """Invoices starting before ``listed_from`` that the listing skipped are not gone."""
-    listed_from = PERIOD_START
+    listed_from = PERIOD_START.date()  # (midnight UTC)
     early = PERIOD_START - timedelta(days=60)
     before = by_id(old) | {
         f"{n + 100:024x}": replace(invoice(n, "PAID", 1), id=f"{n + 100:024x}", start_date=early)
         for n in older
     }
     change = diff(before, new, listed_from=listed_from)
-    assert all(i.start_date >= listed_from for i in change.gone)
+    assert all(i.start_date >= PERIOD_START for i in change.gone)
     assert {i.id for i in change.gone} == by_id(old).keys() - by_id(new).keys()
 
 

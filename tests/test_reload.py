@@ -16,9 +16,9 @@ import aiohttp
 import pytest
 import yaml
 
-from invoice_watch.app import MAX_STUCK_RELOADS, RELOAD_SECONDS, App
+from invoice_watch.app import App
 from invoice_watch.config import Config, LogConfig, load_file
-from invoice_watch.reload import APPLY, Apply, changes, keys
+from invoice_watch.reload import APPLY, MAX_STUCK_RELOADS, RELOAD_SECONDS, Apply, changes, keys
 from tests.manual_clock import ManualClock
 from tests.world import World
 

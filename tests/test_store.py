@@ -79,7 +79,7 @@ async def test_store_commit_then_reopen_restores_everything(tmp_path, open_state
             upserts=[inv(1), inv(2, status="FAILED")],
             observations=[(inv(1).id, 100_00)],
         ),
-        OrgWrite(ORG_B, False, error="HTTP 503"),
+        OrgWrite(ORG_B, False, error="HTTP 503", failing_since=NOW),
         transitions=[firing()],
     )
     await store.close()

@@ -433,7 +433,9 @@ async def test_store_a_value_it_cannot_take_is_unstorable_not_a_state_error(
     with pytest.raises(UnstorableError, match="cannot store a value"):
         await commit(store, OrgWrite(ORG_A, True, upserts=[bad]))
     assert list(store.snapshot.get(ORG_A)) == []
-    await commit(store, OrgWrite(ORG_A, False, error="bad status 'FAILED\ud800'"))
+    await commit(
+        store, OrgWrite(ORG_A, False, error="bad status 'FAILED\ud800'", failing_since=NOW)
+    )
     assert store.snapshot.org_state(ORG_A).last_error == "bad status 'FAILED\ud800'"
     await store.close()
     reopened = await open_state(tmp_path / "state.db")

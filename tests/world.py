@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from invoice_watch.app import App
+from invoice_watch.cli.commands import run_once
 from invoice_watch.clock import FakeClock
 from invoice_watch.config import Config, load
 from invoice_watch.simulator import Simulator
@@ -100,7 +101,7 @@ class World:
 
     async def run_once(self, config: Config) -> int:
         async with App(config, clock=self.clock) as app:
-            return await app.run_once()
+            return await run_once(app)
 
     def slack_texts(self) -> list[str]:
         """The ``text`` of every message Slack took, as Slack shows it (mrkdwn's

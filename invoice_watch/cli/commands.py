@@ -13,17 +13,23 @@ import signal
 import socket
 import sys
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING, TextIO
 
 from invoice_watch import format as fmt
 from invoice_watch.cli.logs import setup_logging
 from invoice_watch.cli.streams import OutputError, print_error
 from invoice_watch.errors import ConfigError, InvoiceWatchError, UsageError
 
+if TYPE_CHECKING:  # (imported when used: a command starts without the daemon's modules)
+    from invoice_watch.app import App
+    from invoice_watch.config import Config
+    from invoice_watch.daemon import OnceOutcome
+
 log = logging.getLogger(__name__)
 
 
 def with_config(args: argparse.Namespace) -> int:
-    from invoice_watch.config import Config, find_config_file, load_file, summary
+    from invoice_watch.config import find_config_file, load_file, summary
 
     # Read-only commands need no secret: an operator who may read the state file but
     # not the secrets (LoadCredentialEncrypted=, a missing *_file) can still look.
@@ -129,7 +135,7 @@ async def _run(config: object, args: argparse.Namespace) -> int:
     before anything is opened: SIGTERM or Ctrl-C while it starts stops it as it would a
     moment later (exit 0), and a SIGHUP then is a reload once the daemon runs. Under
     ``--once``, SIGTERM, Ctrl-C and SIGHUP (the terminal closed) end the run as the
-    daemon's stop does (:meth:`App.run_once <invoice_watch.app.App.run_once>`)."""
+    daemon's stop does (:func:`run_once`)."""
     from invoice_watch.app import App
     from invoice_watch.config import Config, LogConfig
 
@@ -159,7 +165,7 @@ async def _run(config: object, args: argparse.Namespace) -> int:
     try:
         async with App(config, dry_run=args.dry_run, configure_logging=configure_logging) as app:
             if args.once:
-                return await app.run_once(baseline=args.baseline, stop=stop)
+                return await run_once(app, baseline=args.baseline, stop=stop)
             running.append(app)
             if reload_asked:
                 app.request_reload()
@@ -170,6 +176,81 @@ async def _run(config: object, args: argparse.Namespace) -> int:
             if previous is not None:  # (None: not set from Python)
                 signal.signal(sig, previous)
     return 0
+
+
+async def run_once(
+    app: App,
+    *,
+    baseline: bool = False,
+    stop: asyncio.Event | None = None,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+) -> int:
+    """``run --once`` on an open App (:func:`invoice_watch.daemon.run_once`), said on
+    ``out`` (a dry run's messages) and ``err`` (what went wrong); returns the exit
+    status: 1 when an organization could not be read or a message is still waiting in
+    the outbox (or failed for good, or its outcome could not be recorded)."""
+    outcome = await app.run_once(baseline=baseline, stop=stop)
+    return once_status(outcome, app.config, out=out, err=err)
+
+
+def once_status(
+    outcome: OnceOutcome, config: Config, *, out: TextIO | None = None, err: TextIO | None = None
+) -> int:
+    """Say what a ``run --once`` did (:class:`~invoice_watch.daemon.OnceOutcome`) and
+    return its exit status (see :func:`run_once`)."""
+    out, err = out or sys.stdout, err or sys.stderr
+    if outcome.standby is not None:
+        print(
+            f"error: this run is a {outcome.standby}: another invoice-watch replica holds "
+            "the lease of the state database; `run --once` runs nothing while a daemon leads",
+            file=err,
+        )
+        return 1
+    status = 0
+    result = outcome.result
+    if outcome.dry_run and result is not None:
+        from invoice_watch.notify.render.plain import text
+
+        if not result.messages:
+            print("dry run: nothing would be sent.", file=out)
+        for notifier, events, part in result.messages:
+            print(f"--- dry run: would send to {notifier} ---", file=out)
+            print(text(events, part), file=out)
+        print("dry run: nothing was sent and nothing was written.", file=out)
+    for org_id, read in (result.reads if result is not None else {}).items():
+        if not read.ok:
+            print(f"error: {config.org_name(org_id)}: {read.error}", file=err)
+            status = 1
+    if outcome.dry_run:
+        return status
+    if outcome.failed:
+        print(
+            f"error: {outcome.failed} notification(s) failed for good (see `invoice-watch status`)",
+            file=err,
+        )
+        status = 1
+    if outcome.pending:
+        why = (
+            "stopped before they could be delivered"
+            if outcome.stopped
+            else "could not be delivered yet"
+        )
+        print(
+            f"error: {outcome.pending} notification(s) {why}; they stay in the outbox for "
+            "the next run (see `invoice-watch status`)",
+            file=err,
+        )
+        status = 1
+    if outcome.unrecorded:
+        print(
+            f"error: the state file {config.state.path} could not record the outcome of "
+            f"{outcome.unrecorded} notification(s) (is its disk full?): those sent may be "
+            "sent again by the next run",
+            file=err,
+        )
+        status = 1
+    return status
 
 
 async def _test_notify(config: object, only: str | None) -> int:

@@ -10,10 +10,13 @@ grouped message (:func:`grouped`), split into parts of at most
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TypeVar
 
 from invoice_watch.constants import MESSAGE_MAX_EVENTS
 from invoice_watch.safe_text import one_line
 from invoice_watch.types import AlertEvent, Part
+
+T = TypeVar("T")
 
 
 def grouped(count: int, group_over: int) -> bool:
@@ -33,6 +36,29 @@ def message_parts(count: int, group_over: int) -> list[int] | None:
     parts = -(-count // MESSAGE_MAX_EVENTS)
     size, extra = divmod(count, parts)
     return [size + 1 if number < extra else size for number in range(parts)]
+
+
+def split(items: Sequence[T], sizes: Sequence[int]) -> list[tuple[Sequence[T], Part | None]]:
+    """``items`` (in order) cut into the grouped messages of ``sizes``
+    (:func:`message_parts`), each with which part it is (None: the only one)."""
+    cut: list[tuple[Sequence[T], Part | None]] = []
+    start = 0
+    for number, size in enumerate(sizes, 1):
+        cut.append(
+            (items[start : start + size], Part(number, len(sizes)) if len(sizes) > 1 else None)
+        )
+        start += size
+    return cut
+
+
+def messages(items: Sequence[T], group_over: int) -> list[tuple[Sequence[T], Part | None]]:
+    """The messages a notifier's ``items`` of one cycle go as: one each, or grouped
+    (:func:`message_parts`, :func:`split`). The one decision of how a cycle's
+    messages go out: the outbox releases its rows so, and a cycle's report says so."""
+    sizes = message_parts(len(items), group_over)
+    if sizes is None:
+        return [(items[n : n + 1], None) for n in range(len(items))]
+    return split(items, sizes)
 
 
 def summarize(events: Sequence[AlertEvent], part: Part | None = None) -> str:

@@ -57,7 +57,8 @@ class OrgState:
 
 @dataclass
 class OrgWrite:
-    """What one organization's read changes in the snapshot."""
+    """What one organization's read changes in the snapshot, as the cycle decided it
+    (:func:`~invoice_watch.plan.step_org`): the store writes it as it is."""
 
     org_id: str
     ok: bool
@@ -65,6 +66,12 @@ class OrgWrite:
     gone: list[str] = field(default_factory=list)
     observations: list[tuple[str, int]] = field(default_factory=list)  # pending amounts seen
     error: str | None = None
+    # A failed read: since when the organization's reads fail (its first failed read's
+    # time, kept while they keep failing).
+    failing_since: datetime | None = None
+    # The organization's invoices in the snapshot once this is written (a failed read:
+    # as they were).
+    invoice_count: int = 0
     # Invoices another configured organization lists too (a linked one: in its own
     # organization's listing and in its payer's), as this read found them changed: that
     # organization's stored copy (``source_org_id``: that organization) is updated with

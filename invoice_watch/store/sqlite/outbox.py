@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 from invoice_watch.constants import MESSAGE_MAX_EVENTS
 from invoice_watch.store.encoding import OWED_PREFIX, event_json, outbox_error, owed_of
-from invoice_watch.store.grouping import group_summary, message_parts, summarize
+from invoice_watch.store.grouping import group_summary, message_parts, split, summarize
 from invoice_watch.store.protocols import AlertChange
 from invoice_watch.store.records import Delivery, OutboxRow
 from invoice_watch.store.sql import SqlConnection, SqlDatabase, json_text
@@ -40,10 +40,7 @@ def _group(conn: SqlConnection, ids: Sequence[int], sizes: Sequence[int], now: s
     """Make the rows ``ids`` (in order) grouped messages of ``sizes`` (at most
     MESSAGE_MAX_EVENTS each): each part led by its first row, pending (due ``now`` when
     given, else when it already was)."""
-    start = 0
-    for number, size in enumerate(sizes, 1):
-        members = ids[start : start + size]
-        start += size
+    for members, part in split(ids, sizes):
         first = members[0]
         marks = ",".join("?" * len(members))
         if now is None:
@@ -54,8 +51,9 @@ def _group(conn: SqlConnection, ids: Sequence[int], sizes: Sequence[int], now: s
                 f"WHERE id IN ({marks})",
                 (first, now, *members),
             )
-        part = Part(number, len(sizes)) if len(sizes) > 1 else None
-        conn.execute("UPDATE outbox SET summary=? WHERE id=?", (group_summary(size, part), first))
+        conn.execute(
+            "UPDATE outbox SET summary=? WHERE id=?", (group_summary(len(members), part), first)
+        )
 
 
 def _part_of(conn: SqlConnection, leader: int, cycle: int | None, notifier: str) -> Part | None:

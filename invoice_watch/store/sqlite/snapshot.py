@@ -35,6 +35,10 @@ def _dt(value: str | None) -> datetime | None:
     return datetime.fromisoformat(value) if value else None
 
 
+def _ts(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
 # Invoices share their period bounds: this remembers the last few thousand conversions
 # (keyed with the UTC offset, which the text shows and equality ignores), so that each is
 # done once; types.instant does the same the other way.
@@ -211,17 +215,15 @@ class SqliteSnapshot:
                     "INSERT INTO orgs (org_id, last_attempt, failing_since, last_error) "
                     "VALUES (?,?,?,?) ON CONFLICT (org_id) DO UPDATE SET "
                     "last_attempt=excluded.last_attempt, "
-                    "failing_since=COALESCE(orgs.failing_since, excluded.failing_since), "
-                    "last_error=excluded.last_error",
+                    "failing_since=excluded.failing_since, last_error=excluded.last_error",
                     (
                         org.org_id,
                         now,
-                        now,
+                        _ts(org.failing_since),
                         None if org.error is None else storable(org.error, ERROR_MAX),
                     ),
                 )
                 continue
-            before = self.get(org.org_id)
             if org.upserts:
                 conn.executemany(
                     f"INSERT INTO invoices ({_INVOICE_COLUMNS}, first_seen, last_changed) "
@@ -238,19 +240,15 @@ class SqliteSnapshot:
                     "updated=excluded.updated, last_changed=excluded.last_changed",
                     ((*_invoice_row(i), now, now) for i in org.upserts),
                 )
-                finished = [
-                    (i.id,) for i in org.upserts if i.status != "PENDING" and i.id in self._history
-                ]
-                conn.executemany("DELETE FROM amount_history WHERE invoice_id=?", finished)
             if org.gone:
                 conn.executemany(
                     "DELETE FROM invoices WHERE source_org_id=? AND id=?",
                     [(org.org_id, g) for g in org.gone],
                 )
-                conn.executemany(
-                    "DELETE FROM amount_history WHERE invoice_id=?",
-                    [(g,) for g in org.gone if not self._listed_elsewhere(org.org_id, g)],
-                )
+            conn.executemany(
+                "DELETE FROM amount_history WHERE invoice_id=?",
+                [(invoice_id,) for invoice_id in self._histories_ended(org)],
+            )
             if org.mirrors:  # only the copies another organization still holds
                 conn.executemany(
                     "UPDATE invoices SET org_id=?, status=?, start_date=?, end_date=?, "
@@ -267,15 +265,27 @@ class SqliteSnapshot:
                 "DO UPDATE SET amount_cents=excluded.amount_cents",
                 [(invoice_id, now, cents) for invoice_id, cents in org.observations],
             )
-            count = len(before) + sum(1 for i in org.upserts if i.id not in before) - len(org.gone)
             conn.execute(
                 "INSERT INTO orgs (org_id, last_attempt, last_success, failing_since, "
                 "last_error, invoice_count) VALUES (?,?,?,NULL,NULL,?) "
                 "ON CONFLICT (org_id) DO UPDATE SET last_attempt=excluded.last_attempt, "
                 "last_success=excluded.last_success, failing_since=NULL, last_error=NULL, "
                 "invoice_count=excluded.invoice_count",
-                (org.org_id, now, now, count),
+                (org.org_id, now, now, org.invoice_count),
             )
+
+    def _histories_ended(self, org: OrgWrite) -> list[str]:
+        """The invoices whose amount history ends with this successful read: those that
+        left PENDING, and those gone that no other configured organization still lists
+        (a linked invoice's history is its payer's as well)."""
+        history = self._history
+        ended = [i.id for i in org.upserts if i.status != "PENDING" and i.id in history]
+        ended += [
+            invoice_id
+            for invoice_id in org.gone
+            if invoice_id in history and not self._listed_elsewhere(org.org_id, invoice_id)
+        ]
+        return ended
 
     def _listed_elsewhere(self, org_id: str, invoice_id: str) -> bool:
         """Whether another configured organization still lists the invoice (a linked
@@ -293,29 +303,24 @@ class SqliteSnapshot:
                     org.org_id,
                     last_attempt=at,
                     last_success=before.last_success,
-                    failing_since=before.failing_since or at,
+                    failing_since=org.failing_since,
                     last_error=org.error,
                     invoice_count=before.invoice_count,
                 )
                 continue
-            current = self._snapshot[org.org_id] = self.get(org.org_id).updated(
-                org.upserts, org.gone
-            )
+            for invoice_id in self._histories_ended(org):
+                self._history.pop(invoice_id, None)
+            self._snapshot[org.org_id] = self.get(org.org_id).updated(org.upserts, org.gone)
             for invoice in org.upserts:
-                if invoice.status != "PENDING":
-                    self._history.pop(invoice.id, None)
                 if invoice.org_id != org.org_id:
                     self._payers[invoice.org_id] = org.org_id
             for mirror in org.mirrors:
                 holder = self._snapshot.get(mirror.source_org_id)
                 if holder is not None and mirror.id in holder:
                     self._snapshot[mirror.source_org_id] = holder.updated([mirror], ())
-            for invoice_id in org.gone:
-                if not self._listed_elsewhere(org.org_id, invoice_id):
-                    self._history.pop(invoice_id, None)
             for invoice_id, cents in org.observations:
                 self._history.setdefault(invoice_id, []).append((at, cents))
-            self._orgs[org.org_id] = OrgState(org.org_id, at, at, None, None, len(current))
+            self._orgs[org.org_id] = OrgState(org.org_id, at, at, None, None, org.invoice_count)
 
     # -- retention -------------------------------------------------------------------
 

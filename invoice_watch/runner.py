@@ -1,0 +1,109 @@
+"""Runs the poll cycle (:class:`~invoice_watch.cycle.Cycle`), one at a time, and owns
+what outlives one cycle: when each organization is next listed in full
+(:class:`~invoice_watch.listing.FullListings`), the monotonic ages of stored times
+(:class:`~invoice_watch.elapsed.Elapsed`), the warning about hidden linked invoices,
+the last cycle's result and when it ended (what health and liveness are judged on),
+and the cycle metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import Callable, Iterable
+
+from invoice_watch import sdnotify
+from invoice_watch.atlas.client import AtlasClient
+from invoice_watch.clock import Clock
+from invoice_watch.config import Config
+from invoice_watch.cycle import Cycle, CycleResult
+from invoice_watch.elapsed import Elapsed
+from invoice_watch.linked import HiddenLinkedWarning
+from invoice_watch.listing import FullListings
+from invoice_watch.metrics import Metrics
+from invoice_watch.store import AlertState, Store
+
+
+class CycleRunner:
+    """One cycle at a time (:attr:`lock`: a reload waits for the cycle in flight)."""
+
+    def __init__(self, config: Config, clock: Clock, metrics: Metrics, rng: random.Random) -> None:
+        self.config = config  # the running configuration (a reload replaces it)
+        self.clock = clock
+        self.metrics = metrics
+        self.lock = asyncio.Lock()
+        # Which organizations list in full at the next cycle: all of them at first.
+        self.full_listings = FullListings(config.poll.full_listing_every, clock, rng)
+        # How long ago stored times were, on the monotonic clock (poll_failure, repeat).
+        self.elapsed = Elapsed(clock)
+        self._warning = HiddenLinkedWarning()
+        self._firing_labels: set[str] = set()  # rules the alerts_firing gauge names
+        self.last: CycleResult | None = None
+        self.finished_at: float | None = None  # monotonic end of the last cycle
+        self.done = asyncio.Event()  # set after every committed cycle
+
+    async def run(
+        self,
+        store: Store,
+        client: AtlasClient,
+        *,
+        baseline: bool = False,
+        delivering: bool = False,
+        wake: Callable[[], None] = lambda: None,
+    ) -> CycleResult:
+        """One cycle (see :class:`~invoice_watch.cycle.Cycle`; ``delivering``, ``wake``
+        as there), recorded; then ``wake`` (delivery). Raises
+        :class:`~invoice_watch.errors.StateFileGoneError` before it starts when the
+        state file was deleted or replaced."""
+        began = time.monotonic()
+        async with self.lock:
+            try:
+                store.check_held()  # deleted or replaced under us: stop
+                cycle = Cycle(
+                    self.config,
+                    store,
+                    client,
+                    self.clock,
+                    elapsed=self.elapsed,
+                    full=self.full_listings,
+                    warning=self._warning,
+                    baseline=baseline,
+                    delivering=delivering,
+                    wake=wake,
+                )
+                result = await cycle.run()
+            except BaseException:
+                self.metrics.cycles.labels(outcome="error").inc()
+                raise
+        self.last = result
+        self.finished_at = self.clock.monotonic()
+        firing = store.alerts.firing()
+        self._record(result, time.monotonic() - began, firing.values())
+        self.done.set()
+        sdnotify.status(
+            f"last cycle {result.finished_at:%H:%M:%S} UTC: {result.orgs_ok} org(s) read, "
+            f"{len(result.orgs_failed)} failed, {len(firing)} alert(s) firing"
+        )
+        wake()
+        return result
+
+    def _record(self, result: CycleResult, seconds: float, alerts: Iterable[AlertState]) -> None:
+        m = self.metrics
+        failed = len(result.orgs_failed)
+        outcome = "ok" if not failed else ("partial" if result.orgs_ok else "failed")
+        m.cycles.labels(outcome=outcome).inc()
+        m.cycle_seconds.observe(seconds)
+        m.orgs_failing.set(failed)
+        m.invoices_seen.set(result.invoices)  # counted by the cycle already
+        m.last_cycle_finished.set(result.finished_at.timestamp())
+        firing: dict[str, int] = {rule.name: 0 for rule in self.config.rules}
+        for alert in alerts:
+            firing[alert.rule] = firing.get(alert.rule, 0) + 1
+        for rule_name in self._firing_labels - firing.keys():  # a rule gone, none firing
+            with contextlib.suppress(KeyError):
+                m.alerts_firing.remove(rule_name)
+        for rule_name, count in firing.items():
+            m.alerts_firing.labels(rule=rule_name).set(count)
+        self._firing_labels = set(firing)
