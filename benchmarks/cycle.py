@@ -81,7 +81,7 @@ PARSE = "parse_page"
 # What diffs, evaluates, plans and groups, timed with it: (module of invoice_watch
 # that calls it, name).
 WORK = (
-    ("cycle", "incremental_from"),
+    ("listing", "incremental_from"),
     ("cycle", "listing_change"),
     ("cycle", "step_org"),
     ("plan", "evaluate"),

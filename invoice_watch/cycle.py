@@ -6,8 +6,8 @@ The walk of one read (:meth:`Cycle.take`), each stage once, in order:
 
 1. the read (:meth:`~invoice_watch.atlas.client.AtlasClient.read_orgs`, taken by
    :func:`take_reads`; a failed full listing read again incrementally,
-   :meth:`Cycle.stand_in`);
-2. compared with the snapshot (:meth:`Cycle.compare`: the store's stored copies it
+   :meth:`~invoice_watch.listing.Windows.stand_in`);
+2. compared with the snapshot (:func:`compare`: the store's stored copies it
    needs, the diff, what other organizations listing the same invoices hold:
    :mod:`invoice_watch.linked`), then :func:`~invoice_watch.plan.step_org`;
 3. the rules and the alert lifecycle (:meth:`~invoice_watch.plan.CyclePlan.org`);
@@ -27,7 +27,7 @@ import contextlib
 import logging
 import time
 from collections import defaultdict
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime
 
@@ -40,13 +40,19 @@ from invoice_watch.constants import HOLD_SECONDS, INVOICE_STATUSES
 from invoice_watch.diff import Diff, settled_to_load
 from invoice_watch.elapsed import Elapsed
 from invoice_watch.errors import StateError, UnstorableError
-from invoice_watch.linked import NOTHING_SHARED, HiddenLinkedWarning, Shared, hidden_linked
-from invoice_watch.listing import FullListings, asked_from, incremental_from
+from invoice_watch.linked import (
+    NOTHING_SHARED,
+    HiddenLinkedWarning,
+    Linked,
+    Shared,
+    hidden_linked,
+)
+from invoice_watch.listing import FullListings, Windows
 from invoice_watch.plan import CyclePlan, listing_change, step_org
 from invoice_watch.redact import printable
 from invoice_watch.safe_text import exception_line, traceback_text
-from invoice_watch.store import OrgWrite, Store, grouping
-from invoice_watch.types import AlertEvent, Invoice, OrgRead, Part
+from invoice_watch.store import OrgWrite, SnapshotRepository, Store, grouping
+from invoice_watch.types import AlertEvent, Invoice, OrgRead, Part, Snapshot
 from invoice_watch.writer import GroupCommit, HeldRelease
 from invoice_watch.writer import Part as CommitPart
 
@@ -92,7 +98,7 @@ def messages(transitions: Iterable[Transition], group_over: int) -> list[Message
 
 @dataclass
 class Compared:
-    """What the snapshot stage makes of one read (:meth:`Cycle.compare`)."""
+    """What the snapshot stage makes of one read (:func:`compare`)."""
 
     read: OrgRead
     stored: dict[str, Invoice] | None = None  # settled invoices read from the store
@@ -122,19 +128,11 @@ class Cycle:
         wake: Callable[[], None] = lambda: None,
     ) -> None:
         self.config, self.store, self.client, self.clock = config, store, client, clock
-        self._elapsed, self._full, self._warning = elapsed, full, warning
+        self._elapsed, self._warning = elapsed, warning
         org_ids = self.org_ids = [org.id for org in config.organizations]
         self._known = {org_id: store.snapshot.get(org_id) for org_id in org_ids}
         full.configure(config.poll.full_listing_every)
-        self._decided_at = clock.monotonic()
-        # Incremental reads, but a full listing at start and once a day (FullListings).
-        self._windows: dict[str, date | None] = {
-            org_id: None if full.due(org_id, self._decided_at) else incremental_from(known)
-            for org_id, known in self._known.items()
-        }
-        self._listed_in_full: list[str] = []  # marked done once the cycle is committed
-        self._full_failed: list[str] = []  # read incrementally instead: tried again later
-        self._instead: dict[str, OrgRead] = {}  # org -> the incremental read that stood in
+        self._windows = Windows(self._known, full, clock.monotonic())
         self._taken: set[str] = set()  # the organizations whose read `take` was given
         self._routes = {rule.name: list(rule.notify) for rule in config.rules}
         self._number = store.begin_cycle()
@@ -169,15 +167,14 @@ class Cycle:
         it held are released then (or when the state file is next opened)."""
         began, started = time.monotonic(), self.clock.now()
         config, store, plan, writer = self.config, self.store, self.plan, self._writer
-        from_dates = {org_id: asked_from(window) for org_id, window in self._windows.items()}
         try:
-            listed = self.client.read_orgs(self.org_ids, from_dates, self._known)
+            listed = self.client.read_orgs(self.org_ids, self._windows.from_dates(), self._known)
             taken = await take_reads(listed, self.take, config.org_name)
             reads = {org_id: taken[org_id] for org_id in self.org_ids}
             if self._unreadable:
                 raise self._unreadable[0]
             await self._commit_later()
-            reads.update(self._instead)
+            reads.update(self._windows.instead)
             await writer.flush()
             for org_id, error in self._contained.items():  # counted as failed reads
                 reads[org_id] = OrgRead(org_id, error=error, requests=reads[org_id].requests)
@@ -209,7 +206,7 @@ class Cycle:
             "cycle: %d orgs read (%d in full), %d failed, %d invoices, %d changes, "
             "%d events, %d messages, %.2fs",
             result.orgs_ok,
-            len(self._listed_in_full),
+            len(self._windows.in_full),
             len(result.orgs_failed),
             result.invoices,
             result.changes,
@@ -223,17 +220,22 @@ class Cycle:
         """One organization's read through the pipeline (see the module's docstring)."""
         org_id = read.org_id
         if org_id in self._taken:  # taking its read raised: it comes again, failed
-            self._instead.pop(org_id, None)
+            self._windows.instead.pop(org_id, None)
         else:
             self._taken.add(org_id)
-            if not read.ok and self._windows[org_id] is None:
-                read = await self.stand_in(read)
-        compared = await self.compare(read)
-        if compared is None:
-            return  # the state file could not be read: this organization waits
-        listed_from = self._windows[org_id]
+            if not read.ok and self._windows.window[org_id] is None:
+                name = self.config.org_name(org_id)
+                read = await self._windows.stand_in(read, self.client.read_org, name)
+        listed_from, known = self._windows.window[org_id], self._known[org_id]
+        try:
+            compared = await compare(
+                read, known, listed_from, self.store.snapshot, self.plan.linked, self._paying
+            )
+        except StateError as exc:
+            self._unreadable.append(exc)  # this organization waits for the next cycle
+            return
         if read.ok and listed_from is None:
-            self._listed_in_full.append(org_id)
+            self._windows.in_full.append(org_id)
         if read.ok:
             self._warning.check(
                 self.config, read, self._payers, compared.hidden, full=listed_from is None
@@ -241,7 +243,7 @@ class Cycle:
         now = self._elapsed.stamp()
         step = step_org(
             read,
-            self._known[org_id],
+            known,
             self.store.snapshot.org_state(org_id),
             self.store.snapshot.history,
             now,
@@ -251,7 +253,7 @@ class Cycle:
             change=compared.change,
             hidden=compared.hidden,
         )
-        self._log_read(step.view.org_id, step.view.diff, step.view.error)
+        log_read(self.config, org_id, step.view.diff, step.view.error)
         transitions, previous = self.plan.org(step, now)
         part = CommitPart(step.write, transitions, previous)
         if any(wants_breakdown(t) for t in transitions) or (
@@ -267,54 +269,6 @@ class Cycle:
             self._outgoing.extend(t for t in transitions if t.event is not None)
         else:
             self._unchanged.append(step.write)
-
-    async def compare(self, read: OrgRead) -> Compared | None:
-        """What the snapshot holds of ``read``, and how the read differs from it: the
-        settled invoices it changed or no longer lists, as the store holds them (kept
-        in memory as keys only), the diff, and what other configured organizations that
-        list the same invoices hold (their settled copies read from the store too).
-        None when the store cannot be read (the cycle then stops with its error)."""
-        if not read.ok:
-            return Compared(read)
-        org_id, known = read.org_id, self._known[read.org_id]
-        listed_from, snapshot = self._windows[org_id], self.store.snapshot
-        stored = None
-        try:
-            if load := settled_to_load(known, read, listed_from=listed_from):
-                stored = {i.id: i for i in await snapshot.stored_invoices(org_id, load)}
-            hidden = hidden_linked(
-                read, known, self._paying, listed_from=listed_from, stored=stored
-            )
-            change = listing_change(
-                read, known, listed_from=listed_from, stored=stored, hidden=hidden
-            )
-            shared = self.plan.linked.shared(org_id, change.changed, known, snapshot.get)
-            for other, ids in shared.load.items():
-                shared = shared.loaded(await snapshot.stored_invoices(other, ids))
-        except StateError as exc:
-            self._unreadable.append(exc)
-            return None
-        return Compared(read, stored, change, shared, hidden)
-
-    async def stand_in(self, failed: OrgRead) -> OrgRead:
-        """A full listing that failed (a timeout on a long history): the organization
-        is read incrementally instead, when it was read before."""
-        org_id = failed.org_id
-        window = incremental_from(self._known[org_id])
-        if window is None or failed.refused:
-            return failed  # nothing can stand in for it: tried again next cycle
-        self._full_failed.append(org_id)
-        self._windows[org_id] = window
-        read = await self.client.read_org(org_id, asked_from(window), self._known[org_id])
-        self._instead[org_id] = read.outcome()
-        if read.ok:  # (a failed one is logged as any failed read is)
-            log.warning(
-                "%s: the full listing failed (%s); the invoices that can still change "
-                "were read instead, and the full listing is tried again later",
-                self.config.org_name(org_id),
-                failed.error,
-            )
-        return read
 
     async def _commit(self, orgs: list[OrgWrite], transitions: list[Transition]) -> None:
         await self.store.commit_orgs(
@@ -341,8 +295,8 @@ class Cycle:
         self.plan.withdraw(org_id)
         dropped = {id(t) for t in part.transitions}
         self._outgoing[:] = [t for t in self._outgoing if id(t) not in dropped]
-        if org_id in self._listed_in_full:
-            self._listed_in_full.remove(org_id)
+        if org_id in self._windows.in_full:
+            self._windows.in_full.remove(org_id)
         error = self._contained[org_id] = f"what Atlas listed could not be recorded: {cause}"
         now = self._elapsed.stamp()
         snapshot = self.store.snapshot
@@ -391,26 +345,36 @@ class Cycle:
                 released=self._hold.released,
             )
         )
-        for org_id in self._listed_in_full:
-            self._full.listed(org_id, self._decided_at)
-        for org_id in self._full_failed:
-            self._full.failed(org_id, self._decided_at)
+        self._windows.done()
 
-    def _log_read(self, org_id: str, change: Diff | None, error: str | None) -> None:
-        config = self.config
-        if change is None:
-            log.warning("%s: %s", config.org_name(org_id), error)
-            return
-        for invoice in (*change.added, *(c.new for c in change.status_changed)):
-            if invoice.status not in INVOICE_STATUSES:  # said once, when it appears
-                log.warning(
-                    "%s: invoice %s has status %r, which invoice-watch does not know: "
-                    "it is kept (and read as an invoice that can still change); %s",
-                    config.org_name(invoice.org_id),
-                    invoice.id,
-                    invoice.status,
-                    _unknown_status_rules(config),
-                )
+
+async def compare(
+    read: OrgRead,
+    known: Snapshot,
+    listed_from: date | None,
+    snapshot: SnapshotRepository,
+    linked: Linked,
+    paying: Collection[str],
+) -> Compared:
+    """The snapshot stage of one read: what the snapshot holds of ``read`` (``known``:
+    its organization's, as the cycle began; ``listed_from``: its window), and how the
+    read differs from it: the settled invoices it changed or no longer lists, read from
+    the store (they are kept in memory as keys only), the diff, and what other
+    configured organizations that list the same invoices hold (``linked``; their
+    settled copies read from the store too). Raises :class:`StateError` when the store
+    cannot be read."""
+    if not read.ok:
+        return Compared(read)
+    org_id = read.org_id
+    stored = None
+    if load := settled_to_load(known, read, listed_from=listed_from):
+        stored = {i.id: i for i in await snapshot.stored_invoices(org_id, load)}
+    hidden = hidden_linked(read, known, paying, listed_from=listed_from, stored=stored)
+    change = listing_change(read, known, listed_from=listed_from, stored=stored, hidden=hidden)
+    shared = linked.shared(org_id, change.changed, known, snapshot.get)
+    for other, ids in shared.load.items():
+        shared = shared.loaded(await snapshot.stored_invoices(other, ids))
+    return Compared(read, stored, change, shared, hidden)
 
 
 async def take_reads(
@@ -465,6 +429,23 @@ async def take_reads(
             group.create_task(one(read))
             del read  # held by its task only, while it is taken
     return outcomes
+
+
+def log_read(config: Config, org_id: str, change: Diff | None, error: str | None) -> None:
+    """A failed read's warning, and one for each invoice in a status unknown so far."""
+    if change is None:
+        log.warning("%s: %s", config.org_name(org_id), error)
+        return
+    for invoice in (*change.added, *(c.new for c in change.status_changed)):
+        if invoice.status not in INVOICE_STATUSES:  # said once, when it appears
+            log.warning(
+                "%s: invoice %s has status %r, which invoice-watch does not know: "
+                "it is kept (and read as an invoice that can still change); %s",
+                config.org_name(invoice.org_id),
+                invoice.id,
+                invoice.status,
+                _unknown_status_rules(config),
+            )
 
 
 def _unknown_status_rules(config: Config) -> str:

@@ -5,21 +5,26 @@ invoices an incremental read no longer lists.
 
 :func:`incremental_from` is an incremental read's window (a UTC day: the diff, the
 settled invoices to load and the linked invoices Atlas hides all take that day, as a
-``date``), :func:`asked_from` the ``fromDate`` it asks for, and :class:`FullListings`
-when an organization is listed in full (the one owner of that schedule).
+``date``), :func:`asked_from` the ``fromDate`` it asks for, :class:`FullListings`
+when an organization is listed in full (the one owner of that schedule), and
+:class:`Windows` what one cycle reads of each organization.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import random
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, date, timedelta
 
 from invoice_watch.clock import Clock
 from invoice_watch.constants import FINAL_STATUSES
 from invoice_watch.retry import backoff
-from invoice_watch.types import Snapshot
+from invoice_watch.types import OrgRead, Snapshot
+
+log = logging.getLogger(__name__)
 
 # How much earlier than the window it needs an incremental read asks Atlas to list
 # (``fromDate``): a server that reads the boundary another way (exclusive, another time
@@ -147,3 +152,58 @@ class FullListings:
         self._done.clear()
         self._retry.clear()
         self._latest.clear()
+
+
+class Windows:
+    """Which read each organization gets in one cycle (``known``: their snapshots as it
+    begins; ``full``: the schedule of full listings): its window (None: a full
+    listing), the one that replaced a failed full listing (:meth:`stand_in`), and, once
+    the cycle is committed, the full listings it did or failed (:meth:`done`)."""
+
+    def __init__(self, known: Mapping[str, Snapshot], full: FullListings, at: float) -> None:
+        self._known, self._full, self._at = known, full, at
+        # Incremental reads, but a full listing at start and once a day (FullListings).
+        self.window: dict[str, date | None] = {
+            org_id: None if full.due(org_id, at) else incremental_from(snapshot)
+            for org_id, snapshot in known.items()
+        }
+        self.in_full: list[str] = []  # committed full listings: marked done at the end
+        self._full_failed: list[str] = []  # read incrementally instead: tried again later
+        self.instead: dict[str, OrgRead] = {}  # org -> the incremental read that stood in
+
+    def from_dates(self) -> dict[str, date | None]:
+        """The ``fromDate`` each organization's read asks for (None: a full listing)."""
+        return {org_id: asked_from(window) for org_id, window in self.window.items()}
+
+    async def stand_in(
+        self,
+        failed: OrgRead,
+        read_org: Callable[[str, date | None, Snapshot], Awaitable[OrgRead]],
+        name: str,
+    ) -> OrgRead:
+        """A full listing that failed (a timeout on a long history): the organization
+        is read incrementally instead (``read_org``), when it was read before."""
+        org_id = failed.org_id
+        window = incremental_from(self._known[org_id])
+        if window is None or failed.refused:
+            return failed  # nothing can stand in for it: tried again next cycle
+        self._full_failed.append(org_id)
+        self.window[org_id] = window
+        read = await read_org(org_id, asked_from(window), self._known[org_id])
+        self.instead[org_id] = read.outcome()
+        if read.ok:  # (a failed one is logged as any failed read is)
+            log.warning(
+                "%s: the full listing failed (%s); the invoices that can still change "
+                "were read instead, and the full listing is tried again later",
+                name,
+                failed.error,
+            )
+        return read
+
+    def done(self) -> None:
+        """The cycle is committed: its full listings are done, those that failed are
+        tried again after a backoff."""
+        for org_id in self.in_full:
+            self._full.listed(org_id, self._at)
+        for org_id in self._full_failed:
+            self._full.failed(org_id, self._at)
