@@ -52,7 +52,7 @@ INVOICE_STATUSES: Final = (
     "INVOICED",
 )
 # An invoice in one of these states is not expected to change again: incremental reads
-# start after the last of them (app.incremental_from), and the snapshot keeps them as
+# start after the last of them (listing.incremental_from), and the snapshot keeps them as
 # keys (types.Snapshot). PREPAID ("Customer has a pre-paid plan so they won't be
 # charged", the official spec's BillingInvoice.statusName) is as final as FREE: nothing
 # is charged, and no move out of it is documented. One that changes all the same is

@@ -95,7 +95,7 @@ class AtlasClient:
     @property
     def last_request_at(self) -> float | None:
         """When the last request to Atlas started (monotonic seconds), None before the
-        first: the sign of progress of a cycle in flight (App's watchdog)."""
+        first: the sign of progress of a cycle in flight (the daemon's watchdog)."""
         return self._transport.last_request_at
 
     # -- listings --------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """The state as the rest of invoice_watch sees it: small Protocols a backend implements.
 
-The cycle (app.py), delivery (deliver.py) and the operator commands (ops.py, cli/)
-use these and nothing else: no database type, SQL or file detail passes them. The
+The cycle (cycle.py), the App (app.py), delivery (deliver.py) and the operator commands
+(ops.py, cli/) use these and nothing else: no database type, SQL or file detail passes
+them. The
 SQLite backend (:mod:`invoice_watch.store.sqlite`) is the embedded one; another
 database (PostgreSQL, issue 17) implements the same Protocols, and the store tests run
 against any backend through the ``store`` fixture.
