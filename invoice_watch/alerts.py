@@ -130,9 +130,22 @@ class EventFactory:
         condition: Condition,
         now: datetime,
         firing_since: datetime | None = None,
+        *,
+        told: AlertEvent | None = None,
     ) -> AlertEvent:
+        """The event of ``kind`` for ``condition``. ``told``: for an invoice no longer
+        listed, the alert's last message, whose facts of the invoice (status, amount,
+        period) the event keeps."""
         invoice = condition.invoice
         org_name, billing_url = self._org(condition.org_id)
+        if told is not None:
+            invoice_id, status, cents = told.invoice_id, told.invoice_status, told.amount_cents
+            start, end = told.period_start, told.period_end
+        elif invoice is not None:
+            invoice_id, status, cents = invoice.id, invoice.status, invoice.amount_billed_cents
+            start, end = invoice.start_date.date(), fmt.end_day(invoice.end_date)
+        else:
+            invoice_id = status = cents = start = end = None
         return AlertEvent(
             kind=kind,
             key=condition.key,
@@ -144,11 +157,11 @@ class EventFactory:
             billing_url=billing_url,
             summary=condition.summary,
             at=now,
-            invoice_id=invoice.id if invoice else None,
-            invoice_status=invoice.status if invoice else None,
-            amount_cents=invoice.amount_billed_cents if invoice else None,
-            period_start=invoice.start_date.date() if invoice else None,
-            period_end=fmt.end_day(invoice.end_date) if invoice else None,
+            invoice_id=invoice_id,
+            invoice_status=status,
+            amount_cents=cents,
+            period_start=start,
+            period_end=end,
             firing_since=firing_since,
             details=condition.details,
             previous_status=condition.previous_status,
@@ -335,10 +348,8 @@ def _resolved_event(
     now: datetime,
     failing_for: timedelta | None = None,
 ) -> AlertEvent:
-    if state.invoice_id and invoice is None and state.last_event is not None:
-        last = state.last_event
-    else:
-        last = None
+    # The invoice gone from the listing: the event keeps the facts of the last message.
+    gone = bool(state.invoice_id) and invoice is None
     condition = Condition(
         key=state.key,
         rule=rule.name,
@@ -355,15 +366,11 @@ def _resolved_event(
         ),
         invoice=invoice,
     )
-    event = factory.event(EventKind.RESOLVED, rule, condition, now, state.firing_since)
-    if last is not None:
-        # The invoice is gone from the listing: keep the facts of the last message.
-        event = replace(
-            event,
-            invoice_id=last.invoice_id,
-            invoice_status=last.invoice_status,
-            amount_cents=last.amount_cents,
-            period_start=last.period_start,
-            period_end=last.period_end,
-        )
-    return event
+    return factory.event(
+        EventKind.RESOLVED,
+        rule,
+        condition,
+        now,
+        state.firing_since,
+        told=state.last_event if gone else None,
+    )

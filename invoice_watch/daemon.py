@@ -67,10 +67,14 @@ class Deadline:
 
 
 class DaemonState(enum.Enum):
-    IDLE = "idle"  # not started (or stopped: it may start again)
+    """Where a :class:`Daemon` is: IDLE -> STARTING -> SERVING -> STOPPING -> STOPPED
+    (a start that fails goes from STARTING to STOPPED). A daemon serves once."""
+
+    IDLE = "idle"
     STARTING = "starting"
     SERVING = "serving"
     STOPPING = "stopping"
+    STOPPED = "stopped"
 
 
 class Daemon:
@@ -113,11 +117,13 @@ class Daemon:
             raise self.fatal
 
     async def start(self, stop: asyncio.Event) -> None:
-        """Listen, then start the poll loop, delivery and the watchdog (idempotent)."""
+        """Listen, then start the poll loop, delivery and the watchdog (idempotent: once
+        started, or stopped, this does nothing). ``stop``: set when a cycle finds the
+        state file gone (:attr:`fatal`)."""
         if self.state is not DaemonState.IDLE:
             return
         app, stack = self._app, self._stack
-        self.state, self._stop, self._deadline = DaemonState.STARTING, stop, Deadline()
+        self.state, self._stop = DaemonState.STARTING, stop
         try:
             if app.config.http is not None:
                 self.http, self.http_port = await self.listen(app.config.http)
@@ -170,7 +176,7 @@ class Daemon:
         try:
             await self._stack.aclose()
         finally:
-            self.state = DaemonState.IDLE
+            self.state = DaemonState.STOPPED
 
     async def _finish_cycle_in_flight(self) -> None:
         task = self.poll.in_flight

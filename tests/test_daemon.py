@@ -82,6 +82,60 @@ def late_cycles(app: App) -> int:
     return int(app.metrics.registry.get_sample_value("invoice_watch_cycles_late_total") or 0)
 
 
+# -- the lifecycle --------------------------------------------------------------------
+
+
+async def test_daemon_start_and_stop_are_idempotent_and_its_state_says_where_it_is(world: World):
+    """A second start is no second poll loop or endpoint, a second stop does nothing,
+    and each step is a DaemonState; leaving the App stops a daemon still serving, and a
+    stopped daemon does not start again."""
+    from invoice_watch.daemon import DaemonState
+
+    def state(app: App) -> DaemonState:
+        return app.daemon.state
+
+    stop = asyncio.Event()
+    config = world.config(http={"listen": "127.0.0.1:0"})
+    async with App(config, clock=ManualClock(world.clock.now())) as app:
+        daemon = app.daemon
+        assert state(app) is DaemonState.IDLE and not daemon.serving
+        await daemon.start(stop)
+        assert state(app) is DaemonState.SERVING
+        endpoint, port = app.http, app.http_port
+        await daemon.start(stop)  # already serving: nothing more
+        assert app.http is endpoint and app.http_port == port
+        await until_cycles(app, 1)
+        assert cycles(app) == 1
+        await daemon.stop()
+        assert state(app) is DaemonState.STOPPED and app.http is None
+        await daemon.stop()
+        await daemon.start(stop)  # a daemon serves once
+        assert state(app) is DaemonState.STOPPED and app.http is None
+    async with App(config, clock=ManualClock(world.clock.now())) as app:
+        await app.daemon.start(stop)
+        await until_cycles(app, 1)
+    assert state(app) is DaemonState.STOPPED and app.http is None  # left: stopped
+    assert not stop.is_set()
+
+
+async def test_run_once_prints_nothing_the_cli_says_what_it_did(
+    world: World, capsys: pytest.CaptureFixture[str]
+):
+    """The App's `run --once` returns what happened and prints nothing; the CLI says it
+    and turns it into the exit status (an organization unreadable: 1)."""
+    from invoice_watch.cli import once_status
+
+    world.sim.scenario.org("Analytics").forbidden = True
+    async with App(world.config(), clock=world.clock) as app:
+        outcome = await app.run_once()
+    assert capsys.readouterr() == ("", "")
+    assert outcome.result is not None and len(outcome.result.orgs_failed) == 1
+    assert outcome.pending == outcome.failed == outcome.unrecorded == 0
+    assert once_status(outcome, app.config) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: Analytics: ") and "Organization Billing Viewer" in err
+
+
 # -- the schedule, alone --------------------------------------------------------------
 
 
