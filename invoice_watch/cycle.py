@@ -202,6 +202,10 @@ class Cycle:
                     store.release_held(config.delivery.group_over, self.clock.now())
                 )
             raise
+        finally:
+            # The writer and the held release call back into this cycle: let go of them,
+            # so that nothing of a cycle outlives it until the garbage collector runs.
+            del self._writer, self._hold
         log.info(
             "cycle: %d orgs read (%d in full), %d failed, %d invoices, %d changes, "
             "%d events, %d messages, %.2fs",
