@@ -424,7 +424,7 @@ async def run_cycles(
             if sim is not None:
                 await sim.acall("reset")
             if label == "full":
-                app.full_listings.force()  # every organization lists in full
+                app.cycles.full_listings.force()  # every organization lists in full
             timers, fetched = _time_work(), _EndOf(app.client, "read_orgs")
             profiler = _start_profile() if profile else None
             cpu0, wall0 = time.process_time(), time.perf_counter()

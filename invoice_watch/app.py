@@ -1,6 +1,7 @@
 """The application, wired: ``async with App(config) as app: await app.serve(stop)``.
 
-:class:`App` opens what invoice_watch runs on and connects its parts: the store
+:class:`App` opens what invoice_watch runs on and connects its parts, each the owner of
+its own state (``app.cycles.last``, ``app.daemon.health()``, ...): the store
 (:func:`~invoice_watch.store.open_store`), the Atlas client, the notifiers and the
 deliverer, the poll cycle (:class:`~invoice_watch.runner.CycleRunner`, one
 :class:`~invoice_watch.cycle.Cycle` at a time), the daemon around it
@@ -25,15 +26,14 @@ from invoice_watch.config import Config, LogConfig, load_file
 from invoice_watch.cycle import CycleResult
 from invoice_watch.daemon import Daemon, OnceOutcome, run_once
 from invoice_watch.deliver import Deliverer
-from invoice_watch.errors import ListenError, StateFileGoneError
+from invoice_watch.errors import ListenError
 from invoice_watch.http_endpoint import HttpEndpoint
-from invoice_watch.leader import Leadership
-from invoice_watch.listing import FullListings
+from invoice_watch.leader import Leadership, lease_over
 from invoice_watch.metrics import Metrics
 from invoice_watch.reload import Apply, Reloads, changes
 from invoice_watch.rules import settled_statuses
 from invoice_watch.runner import CycleRunner
-from invoice_watch.store import StateUrl, Store, location, open_copy, open_store
+from invoice_watch.store import Store, location, open_copy, open_store
 from invoice_watch.types import Notifier
 
 log = logging.getLogger(__name__)
@@ -127,19 +127,13 @@ class App:
     def _leadership(self, store: Store) -> Leadership | None:
         """Replicas on a PostgreSQL state: this one's part in the lease (None: an SQLite
         file, which one daemon locks, or a dry run, which writes nothing)."""
-        url = location(self.config.state)
-        if self.dry_run or not isinstance(url, StateUrl):
+        if self.dry_run:
             return None
-        from invoice_watch.store.postgres import PostgresStore
-        from invoice_watch.store.postgres.lease import Lease
-
-        assert isinstance(store, PostgresStore)
-        lease = Lease(url, self.config.ha.lease_ttl, self.clock.monotonic)
-        leadership = Leadership(
-            store, lease, self.clock, self.metrics, self.config.delivery.group_over
-        )
-        self._stack.push_async_callback(leadership.stop)
-        leadership.on_lead = self.daemon.poll.run_now  # a new leader polls at once
+        config = self.config
+        leadership = lease_over(store, location(config.state), config, self.clock, self.metrics)
+        if leadership is not None:
+            self._stack.push_async_callback(leadership.stop)
+            leadership.on_lead = self.daemon.poll.run_now  # a new leader polls at once
         return leadership
 
     def _new_client(self, config: Config) -> AtlasClient:
@@ -186,35 +180,6 @@ class App:
         assert self._deliverer is not None, "use App inside `async with`"
         return self._deliverer
 
-    # -- what the parts hold, by their owners ----------------------------------------
-
-    @property
-    def full_listings(self) -> FullListings:
-        return self.cycles.full_listings
-
-    @property
-    def last_cycle(self) -> CycleResult | None:
-        return self.cycles.last
-
-    @property
-    def cycle_done(self) -> asyncio.Event:
-        """Set after every committed cycle."""
-        return self.cycles.done
-
-    @property
-    def http_port(self) -> int | None:
-        """The bound port of ``/healthz`` and ``/metrics`` (None: not listening)."""
-        return self.daemon.http_port
-
-    @property
-    def http(self) -> HttpEndpoint | None:
-        return self.daemon.http
-
-    @property
-    def fatal(self) -> StateFileGoneError | None:
-        """The error that stopped the daemon (the state file gone), if one did."""
-        return self.daemon.fatal
-
     # -- entry points ----------------------------------------------------------------
 
     async def run_cycle(self, *, baseline: bool = False) -> CycleResult:
@@ -236,12 +201,6 @@ class App:
     async def serve(self, stop: asyncio.Event) -> None:
         """The daemon until ``stop`` is set (:meth:`~invoice_watch.daemon.Daemon.serve`)."""
         await self.daemon.serve(stop)
-
-    def health(self) -> tuple[bool, str]:
-        return self.daemon.health()
-
-    def liveness(self) -> tuple[bool, str]:
-        return self.daemon.liveness()
 
     def request_reload(self) -> asyncio.Task[None]:
         """Read the config file again and take it (SIGHUP; see
@@ -271,7 +230,7 @@ class App:
             moved: tuple[HttpEndpoint | None, int | None] | None = None
             if Apply.HTTP in kinds and daemon.serving:
                 try:
-                    moved = await daemon.move_http(config.http, self.config.http)
+                    moved = await daemon.endpoint.move(config.http, self.config.http)
                 except ListenError as exc:
                     log.error("config reload refused: %s; keeping the running configuration", exc)
                     return False
@@ -301,7 +260,7 @@ class App:
             if self._client is not old_client and old_client is not None:
                 await old_client.aclose()
             if moved is not None:
-                await daemon.swap_http(moved)
+                await daemon.endpoint.swap(moved)
         log.info(
             "configuration reloaded: %d organization(s), %d rule(s), %d notifier(s)%s",
             len(config.organizations),

@@ -82,7 +82,7 @@ class Daemon:
     deliverer and cycle runner it drives; a reload may replace them)."""
 
     def __init__(self, app: App) -> None:
-        self._app = app
+        self.app = app
         config = app.config
         self.state = DaemonState.IDLE
         self.poll = PollLoop(
@@ -91,8 +91,7 @@ class Daemon:
             self._scheduled_cycle,
             app.metrics.cycles_late,
         )
-        self.http: HttpEndpoint | None = None
-        self.http_port: int | None = None  # bound port of /healthz and /metrics
+        self.endpoint = Endpoint(self)
         self._started = app.clock.monotonic()
         self._stack = contextlib.AsyncExitStack()
         self._deadline = Deadline()
@@ -122,12 +121,12 @@ class Daemon:
         state file gone (:attr:`fatal`)."""
         if self.state is not DaemonState.IDLE:
             return
-        app, stack = self._app, self._stack
+        app, stack = self.app, self._stack
         self.state, self._stop = DaemonState.STARTING, stop
         try:
             if app.config.http is not None:
-                self.http, self.http_port = await self.listen(app.config.http)
-            stack.push_async_callback(self._close_http)
+                await self.endpoint.open(app.config.http)
+            stack.push_async_callback(self.endpoint.close)
             if app.leadership is not None:
                 await app.leadership.step()  # the first replica up leads from the start
         except BaseException:
@@ -195,16 +194,16 @@ class Daemon:
 
     async def _deliver_what_is_due(self, delivery: asyncio.Task[None]) -> None:
         """Deliver what is due in the time left; the rest stays in the outbox."""
-        self._app.deliverer.stop()
+        self.app.deliverer.stop()
         await asyncio.wait({delivery}, timeout=self._deadline.left())
         await _cancel(delivery)
 
     async def _scheduled_cycle(self) -> None:
-        leadership = self._app.leadership
+        leadership = self.app.leadership
         if leadership is not None and not leadership.leading():
             return  # a standby polls nothing
         try:
-            await self._app.run_cycle()
+            await self.app.run_cycle()
         except StateFileGoneError as exc:
             log.error("%s", exc)
             self.fatal = exc
@@ -215,66 +214,13 @@ class Daemon:
         except Exception:
             log.exception("cycle failed")
 
-    # -- the HTTP endpoint -----------------------------------------------------------
-
-    async def listen(self, http: HttpConfig) -> tuple[HttpEndpoint, int]:
-        """An endpoint listening as ``http`` says (:class:`ListenError` when it cannot)."""
-        app = self._app
-        endpoint = HttpEndpoint(
-            app.metrics,
-            self.health,
-            http.host,
-            http.port,
-            max_connections=http.max_connections,
-            idle_timeout=http.idle_timeout.total_seconds(),
-            monotonic=app.clock.monotonic,
-            live=self.liveness,
-        )
-        port = await endpoint.start()
-        log.info("serving /healthz and /metrics on %s:%d", http.host, port)
-        return endpoint, port
-
-    async def move_http(
-        self, http: HttpConfig | None, before: HttpConfig | None
-    ) -> tuple[HttpEndpoint | None, int | None]:
-        """The endpoint of a reload's ``http`` section, listening (None when the section
-        is gone); :meth:`swap_http` then stops the old one. On the address the old one
-        holds, the old one stops first, and starts again if the new one then cannot
-        listen (:class:`ListenError`)."""
-        if http is None:
-            return None, None
-        old = self.http
-        if old is None or before is None or before.listen != http.listen or not http.port:
-            return await self.listen(http)
-        await old.stop()
-        try:
-            return await self.listen(http)
-        except ListenError:
-            try:
-                self.http, self.http_port = await self.listen(before)
-            except ListenError as exc:
-                self.http = self.http_port = None
-                log.error("the HTTP endpoint is down until the next reload or restart: %s", exc)
-            raise
-
-    async def swap_http(self, moved: tuple[HttpEndpoint | None, int | None]) -> None:
-        """Serve on the endpoint :meth:`move_http` made; the old one stops."""
-        old, (self.http, self.http_port) = self.http, moved
-        if old is not None and old is not self.http:
-            await old.stop()
-
-    async def _close_http(self) -> None:
-        endpoint, self.http = self.http, None
-        if endpoint is not None:
-            await endpoint.stop()
-
     # -- health ----------------------------------------------------------------------
 
     def health(self) -> tuple[bool, str]:
         """The daemon's health (``/healthz``), from its last cycle and the one in flight
         (see :func:`health.health`), times measured on the monotonic clock (a wall-clock
         step cannot make a stale cycle look fresh)."""
-        app = self._app
+        app = self.app
         leadership = app.leadership
         if leadership is not None and not leadership.leading():
             return True, leadership.describe()  # a healthy standby
@@ -298,7 +244,7 @@ class Daemon:
     def liveness(self) -> tuple[bool, str]:
         """Whether the poll loop is alive (the systemd watchdog, ``/livez``; see
         :func:`health.liveness`): Atlas's answers play no part."""
-        app = self._app
+        app = self.app
         if app.leadership is not None and not app.leadership.leading():
             return True, app.leadership.describe()  # a standby's loop polls nothing
         now = app.clock.monotonic()
@@ -311,7 +257,7 @@ class Daemon:
     def _in_flight(self) -> InFlight | None:
         """The scheduled cycle running now, with its last sign of progress: a request to
         Atlas starting (on the monotonic clock), or the cycle's own start."""
-        app = self._app
+        app = self.app
         began = self.poll.started_at
         if began is None or not app.started:
             return None
@@ -350,7 +296,72 @@ class Daemon:
                     why,
                 )
             stopped = not alive
-            await self._app.clock.sleep(interval)
+            await self.app.clock.sleep(interval)
+
+
+class Endpoint:
+    """The HTTP endpoint of a daemon (``/healthz``, ``/livez``, ``/metrics``): the one
+    listening (:attr:`http`, on :attr:`port`), started, moved by a reload, closed."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self._daemon = daemon
+        self.http: HttpEndpoint | None = None
+        self.port: int | None = None  # bound port of /healthz and /metrics
+
+    async def open(self, http: HttpConfig) -> None:
+        self.http, self.port = await self.listen(http)
+
+    async def listen(self, http: HttpConfig) -> tuple[HttpEndpoint, int]:
+        """An endpoint listening as ``http`` says (:class:`ListenError` when it cannot)."""
+        daemon = self._daemon
+        app = daemon.app
+        endpoint = HttpEndpoint(
+            app.metrics,
+            daemon.health,
+            http.host,
+            http.port,
+            max_connections=http.max_connections,
+            idle_timeout=http.idle_timeout.total_seconds(),
+            monotonic=app.clock.monotonic,
+            live=daemon.liveness,
+        )
+        port = await endpoint.start()
+        log.info("serving /healthz and /metrics on %s:%d", http.host, port)
+        return endpoint, port
+
+    async def move(
+        self, http: HttpConfig | None, before: HttpConfig | None
+    ) -> tuple[HttpEndpoint | None, int | None]:
+        """The endpoint of a reload's ``http`` section, listening (None when the section
+        is gone); :meth:`swap` then stops the old one. On the address the old one
+        holds, the old one stops first, and starts again if the new one then cannot
+        listen (:class:`ListenError`)."""
+        if http is None:
+            return None, None
+        old = self.http
+        if old is None or before is None or before.listen != http.listen or not http.port:
+            return await self.listen(http)
+        await old.stop()
+        try:
+            return await self.listen(http)
+        except ListenError:
+            try:
+                self.http, self.port = await self.listen(before)
+            except ListenError as exc:
+                self.http = self.port = None
+                log.error("the HTTP endpoint is down until the next reload or restart: %s", exc)
+            raise
+
+    async def swap(self, moved: tuple[HttpEndpoint | None, int | None]) -> None:
+        """Serve on the endpoint :meth:`move` made; the old one stops."""
+        old, (self.http, self.port) = self.http, moved
+        if old is not None and old is not self.http:
+            await old.stop()
+
+    async def close(self) -> None:
+        endpoint, self.http = self.http, None
+        if endpoint is not None:
+            await endpoint.stop()
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:

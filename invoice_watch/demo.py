@@ -258,7 +258,7 @@ async def run_demo(out: TextIO | None = None, time_limit: float = TIME_LIMIT) ->
                         await asyncio.gather(timeline, return_exceptions=True)
                     totals = app.deliverer.totals
                     firing = len(app.store.alerts.firing())
-                    last = app.last_cycle
+                    last = app.cycles.last
                     unread = (
                         [f"{config.org_name(o)}: {last.reads[o].error}" for o in last.orgs_failed]
                         if last is not None

@@ -25,7 +25,11 @@ from invoice_watch.clock import Clock
 from invoice_watch.errors import StateError
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
+    from invoice_watch.config import Config
     from invoice_watch.metrics import Metrics
+    from invoice_watch.store import StateUrl, Store
     from invoice_watch.store.postgres import PostgresStore
     from invoice_watch.store.postgres.lease import Lease
 
@@ -146,3 +150,21 @@ class Leadership:
             self._step_down("it is stopping")
         await self.lease.release()
         await self.lease.close()
+
+
+def lease_over(
+    store: Store, where: Path | StateUrl, config: Config, clock: Clock, metrics: Metrics
+) -> Leadership | None:
+    """This replica's part in the lease when the state is a PostgreSQL database
+    (``where``: :func:`~invoice_watch.store.location` of ``config.state``; ``store``:
+    opened there); None for an SQLite file, which one daemon locks."""
+    from invoice_watch.store import StateUrl
+
+    if not isinstance(where, StateUrl):
+        return None
+    from invoice_watch.store.postgres import PostgresStore
+    from invoice_watch.store.postgres.lease import Lease
+
+    assert isinstance(store, PostgresStore)
+    lease = Lease(where, config.ha.lease_ttl, clock.monotonic)
+    return Leadership(store, lease, clock, metrics, config.delivery.group_over)

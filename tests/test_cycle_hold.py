@@ -95,10 +95,10 @@ async def test_daemon_releases_what_a_cycle_holds_while_a_slow_org_is_read(tmp_p
             assert notifier.messages == []  # held: B may still make it a burst
             clock.advance(1)
             await eventually(lambda: notifier.orgs() == [[ORG_A]])
-            assert app.last_cycle is None  # the cycle still waits for B
+            assert app.cycles.last is None  # the cycle still waits for B
             atlas.gates[ORG_B].set()
             await eventually(lambda: notifier.orgs() == [[ORG_A], [ORG_B]])
-            assert app.last_cycle is not None and app.last_cycle.orgs_failed == []
+            assert app.cycles.last is not None and app.cycles.last.orgs_failed == []
 
 
 async def test_daemon_groups_what_it_releases_early_as_it_groups_at_the_end(tmp_path: Path):

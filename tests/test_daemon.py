@@ -55,8 +55,8 @@ def cycles(app: App) -> int:
 async def until_cycles(app: App, count: int) -> None:
     async with asyncio.timeout(10):
         while cycles(app) < count:
-            app.cycle_done.clear()
-            await app.cycle_done.wait()
+            app.cycles.done.clear()
+            await app.cycles.done.wait()
 
 
 async def eventually(condition: Callable[[], bool]) -> None:
@@ -101,20 +101,20 @@ async def test_daemon_start_and_stop_are_idempotent_and_its_state_says_where_it_
         assert state(app) is DaemonState.IDLE and not daemon.serving
         await daemon.start(stop)
         assert state(app) is DaemonState.SERVING
-        endpoint, port = app.http, app.http_port
+        endpoint, port = app.daemon.endpoint.http, app.daemon.endpoint.port
         await daemon.start(stop)  # already serving: nothing more
-        assert app.http is endpoint and app.http_port == port
+        assert app.daemon.endpoint.http is endpoint and app.daemon.endpoint.port == port
         await until_cycles(app, 1)
         assert cycles(app) == 1
         await daemon.stop()
-        assert state(app) is DaemonState.STOPPED and app.http is None
+        assert state(app) is DaemonState.STOPPED and app.daemon.endpoint.http is None
         await daemon.stop()
         await daemon.start(stop)  # a daemon serves once
-        assert state(app) is DaemonState.STOPPED and app.http is None
+        assert state(app) is DaemonState.STOPPED and app.daemon.endpoint.http is None
     async with App(config, clock=ManualClock(world.clock.now())) as app:
         await app.daemon.start(stop)
         await until_cycles(app, 1)
-    assert state(app) is DaemonState.STOPPED and app.http is None  # left: stopped
+    assert state(app) is DaemonState.STOPPED and app.daemon.endpoint.http is None  # left: stopped
     assert not stop.is_set()
 
 
@@ -123,7 +123,7 @@ async def test_run_once_prints_nothing_the_cli_says_what_it_did(
 ):
     """The App's `run --once` returns what happened and prints nothing; the CLI says it
     and turns it into the exit status (an organization unreadable: 1)."""
-    from invoice_watch.cli import once_status
+    from invoice_watch.cli.commands import once_status
 
     world.sim.scenario.org("Analytics").forbidden = True
     async with App(world.config(), clock=world.clock) as app:
@@ -174,7 +174,7 @@ async def test_poll_keeps_its_interval_when_the_wall_clock_steps_back_and_forth(
             assert cycles(app) == n + 1
             clock.advance(1)
             await until_cycles(app, n + 2)
-            assert app.health()[0], app.health()[1]
+            assert app.daemon.health()[0], app.daemon.health()[1]
 
 
 async def test_health_judges_the_last_cycle_on_the_monotonic_clock(world: World):
@@ -182,11 +182,11 @@ async def test_health_judges_the_last_cycle_on_the_monotonic_clock(world: World)
     clock = FakeClock(world.clock.now())
     async with App(world.config(poll={"interval": "10m"}), clock=clock) as app:
         await app.run_cycle()
-        assert app.health()[0]
+        assert app.daemon.health()[0]
         clock.step(timedelta(days=-2))
-        assert app.health()[0]  # it did finish just now
+        assert app.daemon.health()[0]  # it did finish just now
         clock.advance(timedelta(minutes=21))  # and no cycle since: past 2 x interval
-        ok, why = app.health()
+        ok, why = app.daemon.health()
     assert not ok
     assert (
         why == "the last cycle finished 21m ago (the limit is 20m: 2 x poll.interval, at least 1m)"
@@ -325,7 +325,7 @@ async def test_http_flood_is_bounded_and_the_cycle_and_delivery_go_on(
         before = len(caplog.records)
         flood = []
         for n in range(200):
-            reader, writer = await asyncio.open_connection("127.0.0.1", app.http_port)
+            reader, writer = await asyncio.open_connection("127.0.0.1", app.daemon.endpoint.port)
             if n % 2:
                 writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
             flood.append((reader, writer))
@@ -344,7 +344,7 @@ async def test_http_flood_is_bounded_and_the_cycle_and_delivery_go_on(
             )
         assert all(end == b"" or isinstance(end, ConnectionError) for end in ends)
         async with aiohttp.ClientSession() as session:
-            url = f"http://127.0.0.1:{app.http_port}/healthz"
+            url = f"http://127.0.0.1:{app.daemon.endpoint.port}/healthz"
             async with session.get(url) as resp:
                 assert resp.status == 200
         for _, writer in flood:
@@ -516,8 +516,8 @@ async def test_a_revoked_key_keeps_the_watchdog_fed_and_poll_failure_fires(
             pings = notify_socket.pings()  # read as systemd does (its queue holds 10)
             clock.advance(10)
         await eventually(lambda: ("FIRING", "atlas-down") in world.kinds())
-        healthy, why = app.health()
-        alive, _ = app.liveness()
+        healthy, why = app.daemon.health()
+        alive, _ = app.daemon.liveness()
     assert not healthy and why == "the last cycle could read none of 2 organization(s)"
     assert alive
     assert pings >= 30
@@ -582,10 +582,10 @@ async def test_a_long_cycle_in_flight_is_healthy_alive_and_warned_about_while_it
     http = {"listen": "127.0.0.1:0"}
     async with held_daemon(tmp_path, 70, http=http) as (app, _, clock):
         await clock.sleeping()  # the watchdog, woken by the 70 s, pinged and sleeps
-        healthy, why = app.health()
-        alive, _ = app.liveness()
+        healthy, why = app.daemon.health()
+        alive, _ = app.daemon.liveness()
         async with aiohttp.ClientSession() as session:
-            url = f"http://127.0.0.1:{app.http_port}"
+            url = f"http://127.0.0.1:{app.daemon.endpoint.port}"
             async with session.get(f"{url}/healthz") as resp:
                 healthz = resp.status, await resp.json()
             async with session.get(f"{url}/livez") as resp:
@@ -610,8 +610,8 @@ async def test_a_cycle_that_makes_no_progress_is_unhealthy_and_the_watchdog_stop
     restarts the daemon."""
     async with held_daemon(tmp_path, 12 * 60 + 1) as (app, _, clock):
         await clock.sleeping()
-        healthy, why = app.health()
-        alive, _ = app.liveness()
+        healthy, why = app.daemon.health()
+        alive, _ = app.daemon.liveness()
         pings = notify_socket.pings()
         clock.advance(10)
         await clock.sleeping()
@@ -701,7 +701,7 @@ async def test_clients_that_never_read_their_answers_are_closed_after_idle_timeo
     config = world.config(http=http, poll={"interval": "10m"})
     async with App(config, clock=clock) as app, serving(app):
         await until_cycles(app, 1)
-        port, endpoint = app.http_port, app.http
+        port, endpoint = app.daemon.endpoint.port, app.daemon.endpoint.http
         assert port is not None and endpoint is not None and endpoint._runner is not None
         server = endpoint._runner.server
         assert server is not None

@@ -155,14 +155,14 @@ async def test_e2e_daemon_runs_first_cycle_at_start_and_stops_cleanly(world: Wor
     async with App(config, clock=ManualClock(world.clock.now())) as app:
         daemon = asyncio.create_task(app.serve(stop))
         async with asyncio.timeout(10):  # the first cycle runs at start, not after a timer
-            await app.cycle_done.wait()
+            await app.cycles.done.wait()
         stop.set()
         async with asyncio.timeout(10):
             await daemon
         # What the cycle committed was delivered before the daemon stopped.
         assert len(world.slack.accepted) == 2 and len(world.sink.envelopes) == 2
-        assert app.last_cycle is not None and not app.last_cycle.orgs_failed
-        assert app.health()[0]
+        assert app.cycles.last is not None and not app.cycles.last.orgs_failed
+        assert app.daemon.health()[0]
 
 
 async def test_e2e_no_secret_reaches_the_logs(world: World, caplog, capsys):

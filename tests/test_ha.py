@@ -187,7 +187,7 @@ async def test_ha_a_daemon_on_postgresql_delivers_each_firing_once_and_status_na
             ("FIRING", "pending-over-budget"),
         ]
         assert len(world.sink.envelopes) == 2
-        ok, why = app.health()
+        ok, why = app.daemon.health()
         assert ok and "leader" in why, why
 
         capsys.readouterr()

@@ -281,7 +281,7 @@ async def test_outage_hanging_slack_never_delays_the_poll_cycle(world: World):
         async with App(config, clock=ManualClock(world.clock.now())) as app:
             daemon = asyncio.create_task(app.serve(stop))
             async with asyncio.timeout(10):
-                await app.cycle_done.wait()
+                await app.cycles.done.wait()
                 await hanging.arrived.wait()  # delivery is stuck inside Slack's send
                 await counting(world).wait_for(2)  # ... and email went out anyway
             world.sim.set_status(world.sim.scenario.invoice("failed").id, "PAID")

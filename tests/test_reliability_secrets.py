@@ -120,7 +120,7 @@ async def test_secrets_never_reach_logs_output_or_status_in_the_main_flows(
     async with App(config_of(world, unreachable), clock=ManualClock(world.clock.now())) as app:
         daemon = asyncio.create_task(app.serve(stop))
         async with asyncio.timeout(10):
-            await app.cycle_done.wait()
+            await app.cycles.done.wait()
         stop.set()
         await asyncio.wait_for(daemon, 10)
     assert await ops.status(digest, out=status) == 0

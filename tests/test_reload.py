@@ -96,11 +96,11 @@ async def test_reload_moves_the_http_endpoint_or_is_refused_naming_http_listen(
         daemon = asyncio.create_task(app.serve(stop))
         try:
             async with asyncio.timeout(10):
-                await app.cycle_done.wait()
+                await app.cycles.done.wait()
             assert await healthz(first) == 200
             moved = world.config(http={"listen": f"127.0.0.1:{second}"})
             assert await app.reload(moved)
-            assert app.http_port == second and await healthz(second) == 200
+            assert app.daemon.endpoint.port == second and await healthz(second) == 200
             with pytest.raises(aiohttp.ClientConnectionError):
                 await healthz(first)
             with socket.socket() as busy:  # a port another program holds
@@ -112,7 +112,7 @@ async def test_reload_moves_the_http_endpoint_or_is_refused_naming_http_listen(
                 )
                 assert not await app.reload(refused)
             assert app.config is moved  # nothing of the refused file was taken
-            assert app.http_port == second and await healthz(second) == 200
+            assert app.daemon.endpoint.port == second and await healthz(second) == 200
             # The same address with other limits: stopped, then listening again.
             again = world.config(http={"listen": f"127.0.0.1:{second}", "max_connections": 2})
             assert await app.reload(again)

@@ -29,9 +29,9 @@ async def test_http_healthz_and_metrics_while_running(world: World):
     async with App(config, clock=ManualClock(world.clock.now())) as app:
         daemon = asyncio.create_task(app.serve(stop))
         async with asyncio.timeout(10):
-            await app.cycle_done.wait()
-        assert app.http_port
-        base = f"http://127.0.0.1:{app.http_port}"
+            await app.cycles.done.wait()
+        assert app.daemon.endpoint.port
+        base = f"http://127.0.0.1:{app.daemon.endpoint.port}"
         async with aiohttp.ClientSession() as http:
             async with http.get(f"{base}/healthz") as resp:
                 assert resp.status == 200
@@ -59,12 +59,12 @@ async def test_http_healthz_is_503_when_no_org_can_be_read(world: World):
     async with App(config, clock=ManualClock(world.clock.now())) as app:
         daemon = asyncio.create_task(app.serve(stop))
         async with asyncio.timeout(10):
-            await app.cycle_done.wait()
+            await app.cycles.done.wait()
         async with aiohttp.ClientSession() as http:
-            async with http.get(f"http://127.0.0.1:{app.http_port}/healthz") as resp:
+            async with http.get(f"http://127.0.0.1:{app.daemon.endpoint.port}/healthz") as resp:
                 assert resp.status == 503
                 body = await resp.json()
-            async with http.get(f"http://127.0.0.1:{app.http_port}/metrics") as resp:
+            async with http.get(f"http://127.0.0.1:{app.daemon.endpoint.port}/metrics") as resp:
                 assert "invoice_watch_orgs_failing 2.0" in await resp.text()
         stop.set()
         await asyncio.wait_for(daemon, 10)
@@ -210,7 +210,7 @@ async def test_daemon_speaks_the_systemd_notify_protocol(world: World, tmp_path,
         async with App(world.config(), clock=ManualClock(world.clock.now())) as app:
             daemon = asyncio.create_task(app.serve(stop))
             async with asyncio.timeout(10):
-                await app.cycle_done.wait()
+                await app.cycles.done.wait()
             stop.set()
             await asyncio.wait_for(daemon, 10)
         messages = []
