@@ -236,6 +236,21 @@ def test_without_secrets_a_configuration_loads_whatever_its_secrets_are(tmp_path
     assert problem.path == "organizations.0.id"
 
 
+def test_without_secrets_the_receivers_secret_files_are_not_checked(tmp_path: Path):
+    """A webhook's url_file/secret_file and a PagerDuty routing_key_file: the read-only
+    commands (status --check is the Docker HEALTHCHECK) put placeholders there, which
+    those fields' own checks must not refuse (attack on issue 18)."""
+    receivers = (
+        "  hook:\n    type: webhook\n    url_file: u\n    secret_file: s\n"
+        "  oncall:\n    type: pagerduty\n    routing_key_file: k\n"
+    )
+    text = MINIMAL.replace("{private_key}", "k").replace(
+        "    type: console\n", "    type: console\n" + receivers
+    )
+    cfg = config.load(text, env={}, base_dir=tmp_path, secrets=False)
+    assert not cfg.secrets_read and {"hook", "oncall"} <= set(cfg.notifiers)
+
+
 @pytest.mark.parametrize("command", ["status", "history", "invoices", "check-config"])
 def test_read_only_commands_run_when_a_secret_file_is_unreadable(
     command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -432,3 +447,17 @@ def test_check_config_warns_of_max_connections_above_the_open_files_limit(tmp_pa
         "http.max_connections: warning: 5000 connections are more than a process may open "
         "here (RLIMIT_NOFILE hard limit 512, less 224" in done.stderr
     )
+
+
+def test_a_webhook_signing_secrets_key_is_a_secret_without_its_prefix_too(tmp_path: Path):
+    """A receiver echoing the base64 key of `whsec_<key>` alone (what the Standard
+    Webhooks libraries decode) shows no part of it (attack on issue 18)."""
+    from invoice_watch.redact import redact
+
+    key = "9pmpJk7YteiJ34EbXTfYb5A8CTCyRpPLhVLI3B/87LI="
+    hook = f"  hook:\n    type: webhook\n    url: https://h.test/x\n    secret: whsec_{key}\n"
+    text = MINIMAL.replace("{private_key}", "k").replace(
+        "    type: console\n", "    type: console\n" + hook
+    )
+    config.load(text, env={}, base_dir=tmp_path)
+    assert key not in redact(f"HTTP 503 ('echo {key}')")

@@ -123,7 +123,17 @@ def load_file(
 # What a secret holds when the command reads none (load(secrets=False)): valid for its
 # field, and never sent anywhere (App refuses such a configuration).
 UNREAD_SECRET = "invoice-watch-secret-not-read"
-_UNREAD = {"webhook_url": "https://unread.invalid/invoice-watch-secret-not-read"}
+_UNREAD_URL = "https://unread.invalid/invoice-watch-secret-not-read"
+# Each placeholder passes its field's own checks (a URL; a Standard Webhooks secret:
+# whsec_ and base64 of 24 bytes; a PagerDuty routing key: 32 letters and digits), so
+# that the read-only commands (status --check is the Docker HEALTHCHECK) load any
+# configuration check-config accepts.
+_UNREAD = {
+    "webhook_url": _UNREAD_URL,
+    "url": _UNREAD_URL,
+    "secret": "whsec_" + "A" * 32,
+    "routing_key": "0" * 32,
+}
 
 
 def unread_secret(field: str) -> str:

@@ -195,6 +195,9 @@ def signing_key(secret: str) -> bytes:
 
 def _check_signing_secret(value: Secret) -> Secret:
     signing_key(value.get())
+    # Receivers' libraries use the key without its prefix: a receiver echoing that
+    # part alone must not show it either.
+    redact.register(value.get().removeprefix(_WHSEC))
     return value
 
 
