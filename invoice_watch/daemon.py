@@ -223,7 +223,8 @@ class Daemon:
         app = self.app
         leadership = app.leadership
         if leadership is not None and not leadership.leading():
-            return True, leadership.describe()  # a healthy standby
+            # a standby is healthy when it could take over (leader.py)
+            return leadership.healthy(), leadership.describe()
         cycles = app.cycles
         last, age = cycles.last, None
         if cycles.finished_at is not None:

@@ -1,6 +1,8 @@
 """Leadership among replicas sharing a PostgreSQL state (``state.url``, ``ha``): only
 the holder of the lease (:mod:`invoice_watch.store.postgres.lease`) polls Atlas, writes
-and delivers; the others stand by, healthy, renewing nothing but trying to take it.
+and delivers; the others stand by, renewing nothing but trying to take it: healthy while they could
+take it over (:meth:`Leadership.healthy`), not when they cannot reach the database or
+an expired lease is still locked by its last holder's write transaction.
 :meth:`Leadership.run` renews the lease every third of ``ha.lease_ttl``; a standby tries
 to take it every :data:`STANDBY_RETRY` seconds (at most), so that it takes over within
 about a second of the lease running out, and a replica that takes it over runs its first
@@ -59,13 +61,24 @@ class Leadership:
         self.why_not: str = "it has not tried to take the lease yet"
         # Called when this replica has taken the lease over (the daemon polls at once).
         self.on_lead: Callable[[], None] | None = None
+        # Whether this replica, standing by, could take the lease if it ran out: its
+        # last try reached the database and found the lease held (not stuck).
+        self.standby_ok = False
         store.database.fenced = True
         store.database.token = None
+        store.database.idle_bound = lease.bound
         metrics.leader.set(0)
 
     def leading(self) -> bool:
         """Whether this replica leads now (holds the lease, by its own clock)."""
         return self._token is not None and self.lease.valid()
+
+    def healthy(self) -> bool:
+        """Whether this replica is healthy as far as the lease goes: it leads, or it
+        stands by able to take over (its last try reached the database, and the lease
+        was held, not expired and stuck). A standby that cannot reach the database, or
+        cannot take an expired lease, is not."""
+        return self.leading() or self.standby_ok
 
     def describe(self) -> str:
         if self.leading():
@@ -84,12 +97,17 @@ class Leadership:
         import psycopg
 
         why = "another replica holds the lease"
+        ok = True
         try:
             token = await self.lease.renew()
-        except psycopg.Error as exc:
+        except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled):
             token = None
+            ok, why = await self._locked()
+        except psycopg.Error as exc:
+            token, ok = None, False
             reason = self.store.database.reason(exc)
             why = f"cannot reach the state database {self.store.database.name}: {reason}"
+        self.standby_ok = ok
         if token is not None and token != self._token:
             await self._take(token)
         elif self._token is not None and not self.lease.valid():
@@ -97,6 +115,26 @@ class Leadership:
         elif token is None:
             self.why_not = why
         return self.leading()
+
+    async def _locked(self) -> tuple[bool, str]:
+        """The lease row was locked past :attr:`Lease.bound` (a fenced write transaction
+        holds it): fine while the lease is held; not when it expired, since no replica
+        can take it until the database ends that transaction. (ok, why)"""
+        import psycopg
+
+        try:
+            now = await self.lease.holder_now()
+        except psycopg.Error as exc:
+            reason = self.store.database.reason(exc)
+            return False, f"cannot reach the state database {self.store.database.name}: {reason}"
+        if now is not None and now[2]:
+            return True, "another replica holds the lease (it is writing)"
+        holder = now[0] if now is not None else "?"
+        return False, (
+            f"the lease expired, but a write transaction of its last holder ({holder}) "
+            "still holds the lease row: no replica can take it until the database ends "
+            f"that transaction (invoice-watch has it ended after {self.lease.bound:g}s idle)"
+        )
 
     async def _take(self, token: int) -> None:
         database = self.store.database

@@ -145,17 +145,32 @@ async def _lease_line(config: Config, store: Store, now: datetime) -> str | None
     if lease is None:
         return "Lease: no replica has taken it yet (none has run on this database)"
     holder, token, expires = lease
+    replicas, stuck = await store.replicas()
+    running = (
+        "no replica is running on this database"
+        if replicas == 0
+        else f"{replicas} replica(s) running on this database"
+    )
     if expires is None:
-        return f"Lease: free (given up by {holder} as it stopped; fencing token {token})"
+        return f"Lease: free (given up by {holder} as it stopped; fencing token {token}); {running}"
     if expires <= now:
+        if stuck:
+            takes = (
+                "no replica can take it until the database ends a write transaction "
+                "that still holds the lease row"
+            )
+        elif replicas:
+            takes = "a standby takes it at its next try"
+        else:
+            takes = "no replica is running to take it"
         return (
             f"Lease: expired {fmt.ago(expires, now)}: no leader (last held by {holder}, "
-            f"fencing token {token}); a standby takes it at its next try"
+            f"fencing token {token}); {takes} ({running})"
         )
     left = (expires - now).total_seconds()
     return (
         f"Lease: leader {holder} (fencing token {token}), expires in {left:.0f}s unless "
-        "renewed; the other replicas are standbys"
+        f"renewed; {running} (the leader and its standbys)"
     )
 
 

@@ -266,3 +266,91 @@ def test_ha_check_config_summary_shows_the_state_url_without_its_password(tmp_pa
     assert "State: postgresql://iw@db.example:5432/iw?sslmode=require (PostgreSQL" in shown
     assert "lease TTL 10s" in shown
     assert "hunter2" not in shown
+
+
+# -- a leader paused inside a fenced write transaction (attack-ha 1) ---------------------
+
+
+async def test_ha_a_leader_paused_inside_a_write_transaction_is_replaced_within_ttl_and_a_bound(
+    postgres_url: str, world: World, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A's fenced transaction holds the lease row FOR SHARE and then idles (SIGSTOP, a
+    network cut): the server ends it after the bound (a third of the TTL), so B takes
+    the expired lease within the TTL plus the bound, not after TCP keepalive gives up
+    (hours). Meanwhile B, unable to take an expired lease, is not healthy and says why,
+    and `status` does not claim a standby takes it at its next try."""
+    import asyncio
+    import time
+
+    ttl = timedelta(seconds=3)
+
+    async def short_replica() -> Leadership:
+        store = await open_store(StateUrl(postgres_url))
+        assert isinstance(store, PostgresStore)
+        clock = FakeClock()
+        return Leadership(
+            store, Lease(StateUrl(postgres_url), ttl, clock.monotonic), clock, Metrics(), 5
+        )
+
+    a, b = await short_replica(), await short_replica()
+    try:
+        assert await a.step() and not await b.step()
+        assert b.healthy()  # a standby behind a live leader
+        expire(postgres_url)  # a's lease ran out on the database's clock...
+        # A write transaction that holds the lease row and never ends (a holder without
+        # the bound): B cannot take the expired lease; it says so, unhealthy, and so
+        # does `status`.
+        with psycopg.connect(postgres_url, autocommit=True) as stuck, stuck.transaction():
+            stuck.execute("SELECT 1 FROM lease WHERE name='leader' FOR SHARE")
+            assert not await b.step()
+            assert not b.healthy()
+            assert "still holds the lease row" in b.describe(), b.describe()
+            config = pg_config(world, postgres_url)
+            assert await ops.status(config) == 0
+            out = capsys.readouterr().out
+            assert "no replica can take it until the database ends" in out, out
+            assert "at its next try" not in out
+        # A itself opened a fenced write and stopped in it
+        db = a.store.database
+        paused = db.transaction()
+        await db.run(paused.__enter__)
+        began = time.monotonic()
+        async with asyncio.timeout(3 * ttl.total_seconds()):
+            while not await b.step():
+                assert not b.healthy()
+        took = time.monotonic() - began
+        assert took < ttl.total_seconds() / 3 + 2, took  # the bound, and a retry
+        assert b.lease.token == 2 and b.healthy()
+        # A resumes: its transaction was ended by the server, and it writes nothing
+        with pytest.raises(psycopg.errors.IdleInTransactionSessionTimeout):
+            await db.run(lambda: paused.__exit__(None, None, None))
+        with pytest.raises((NotLeaderError, StateError)):
+            await a.store.commit_orgs(a.store.begin_cycle(), FakeClock().now(), [], [], {})
+    finally:
+        await close(a, b)
+
+
+async def test_ha_a_standby_that_cannot_reach_the_database_is_unhealthy(
+    world: World, postgres_server, postgres_url: str
+) -> None:
+    """/healthz of a standby: healthy behind a live leader; unhealthy (and saying why)
+    when it cannot reach the database, since it could not take over."""
+    config = pg_config(world, postgres_url, poll={"interval": "10m"})
+    leader = await replica(postgres_url, FakeClock())
+    try:
+        assert await leader.step()
+        async with App(config, clock=ManualClock(world.clock.now())) as app:
+            assert app.leadership is not None
+            assert not await app.leadership.step()
+            ok, why = app.health()
+            assert ok and why.startswith("standby"), why
+            postgres_server.stop("fast")
+            try:
+                assert not await app.leadership.step()
+                ok, why = app.health()
+            finally:
+                postgres_server.start()
+            assert not ok, why
+            assert "cannot reach the state database" in why
+    finally:
+        await close(leader)

@@ -78,6 +78,10 @@ class PgDatabase:
         # fencing token (None: it does not hold it, and writes nothing).
         self.fenced = False
         self.token: int | None = None
+        # Seconds a fenced transaction may stay idle (its process paused, its network
+        # cut) before the server ends it and frees the lease row (None: no bound).
+        self.idle_bound: float | None = None
+        self._bounded: psycopg.Connection[Any] | None = None  # the session it is set on
         self._conn: psycopg.Connection[Any] | None = None
         self._lock = asyncio.Lock()
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="state-db")
@@ -115,6 +119,8 @@ class PgDatabase:
         if self.fenced and self.token is None:
             raise NotLeaderError("this replica does not hold the lease: it writes nothing")
         conn = self.connection()
+        if self.fenced and self.idle_bound is not None and self._bounded is not conn:
+            self._bound(conn, self.idle_bound)
         with conn.transaction():
             if self.fenced:
                 row = conn.execute(
@@ -129,6 +135,18 @@ class PgDatabase:
             yield PgConnection(conn)
             if self.rollback_only:
                 raise psycopg.Rollback()
+
+    def _bound(self, conn: psycopg.Connection[Any], seconds: float) -> None:
+        """``idle_in_transaction_session_timeout`` on this session: a fenced transaction
+        holds the lease row (``FOR SHARE``) and so blocks every takeover; a holder paused
+        or cut off inside one is ended by the server after ``seconds``, not after TCP
+        keepalive gives up (hours), so a standby takes over within the lease TTL plus
+        ``seconds``."""
+        conn.execute(
+            "SELECT set_config('idle_in_transaction_session_timeout', %s, false)",
+            (str(max(1, round(seconds * 1000))),),
+        )
+        self._bounded = conn
 
     def migrate(self) -> None:
         """Bring the schema up to :data:`SCHEMA_VERSION` (one migration at a time, each
@@ -182,7 +200,11 @@ class PgDatabase:
                 raise StateError(f"state database {self.name} is closed")
             try:
                 return await asyncio.get_running_loop().run_in_executor(self._thread, fn)
-            except (psycopg.OperationalError, psycopg.InterfaceError):
+            except (
+                psycopg.OperationalError,
+                psycopg.InterfaceError,
+                psycopg.errors.IdleInTransactionSessionTimeout,  # (the session was ended)
+            ):
                 self._drop()
                 raise
 

@@ -13,7 +13,14 @@ paused process (SIGSTOP) whose lease ran out finds :meth:`valid` false the momen
 resumes, before it sends anything; and every write it would still attempt is refused
 by the fence (:mod:`.database`).
 
-The lease has its own connection, so that a renewal never waits behind the state's.
+The lease has its own connection, so that a renewal never waits behind the state's
+(only for the lease row, which a fenced write transaction holds ``FOR SHARE``). Both
+waits are bounded by :attr:`Lease.bound` (a third of the TTL), on the server: the
+renewal's lock wait (``lock_timeout``: a standby tries again, and says why it could not
+take an expired lease) and a fenced transaction left idle by a paused or cut-off holder
+(``idle_in_transaction_session_timeout`` on the state's session, set by
+:class:`~invoice_watch.leader.Leadership`): a takeover costs at most the TTL plus
+:attr:`Lease.bound` and a standby's retry.
 """
 
 from __future__ import annotations
@@ -37,6 +44,8 @@ ACQUIRE = (
     "WHERE l.expires_at < now() OR l.holder = EXCLUDED.holder RETURNING token"
 )
 RELEASE = "UPDATE lease SET expires_at = '-infinity' WHERE name = 'leader' AND holder = %s"
+# The application_name of every replica's lease session (``status`` counts them).
+LEASE_APPLICATION = "invoice-watch lease"
 HOLDER = "SELECT holder, token, expires_at, expires_at > now() FROM lease WHERE name = 'leader'"
 
 
@@ -58,6 +67,12 @@ class Lease:
         self._conn: Any = None  # psycopg.AsyncConnection
 
     @property
+    def bound(self) -> float:
+        """Seconds a lease statement waits for the lease row, and a fenced transaction
+        may stay idle: a third of the TTL (the TTL is at least 3 s)."""
+        return self.ttl.total_seconds() / 3
+
+    @property
     def margin(self) -> float:
         """Seconds the leader's own view ends before the database's expiry."""
         return min(1.0, self.ttl.total_seconds() / 10)
@@ -74,8 +89,11 @@ class Lease:
                 self.url.conninfo(),
                 autocommit=True,
                 connect_timeout=CONNECT_TIMEOUT,
-                options="-c TimeZone=UTC -c statement_timeout=10000",
-                application_name="invoice-watch lease",
+                options=(
+                    "-c TimeZone=UTC -c statement_timeout=10000 "
+                    f"-c lock_timeout={max(1, round(self.bound * 1000))}"
+                ),
+                application_name=LEASE_APPLICATION,
             )
         return self._conn
 
@@ -90,6 +108,8 @@ class Lease:
             conn = await self._connection()
             cursor = await conn.execute(ACQUIRE, {"holder": self.holder, "ttl": self.ttl})
             row = await cursor.fetchone()
+        except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled):
+            raise  # the row is locked (a fenced transaction): the connection is fine
         except psycopg.Error:
             await self._drop()
             raise
@@ -102,9 +122,17 @@ class Lease:
         return self.token
 
     async def holder_now(self) -> tuple[str, int, bool] | None:
-        """(holder, token, unexpired) of the lease as the database has it."""
-        conn = await self._connection()
-        row = await (await conn.execute(HOLDER)).fetchone()
+        """(holder, token, unexpired) of the lease as the database has it (a plain
+        read: it never waits for the row's lock). A database error is raised, the
+        connection dropped."""
+        import psycopg
+
+        try:
+            conn = await self._connection()
+            row = await (await conn.execute(HOLDER)).fetchone()
+        except psycopg.Error:
+            await self._drop()
+            raise
         return None if row is None else (str(row[0]), int(row[1]), bool(row[3]))
 
     async def release(self) -> None:

@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from invoice_watch.constants import FINAL_STATUSES
 from invoice_watch.errors import StateError
 from invoice_watch.store.postgres.database import PgConnection, PgDatabase
+from invoice_watch.store.postgres.lease import LEASE_APPLICATION
 from invoice_watch.store.postgres.url import StateUrl
 from invoice_watch.store.sql import SqlConnection
 from invoice_watch.store.unit_of_work import SqlStore
@@ -81,6 +82,28 @@ class PostgresStore(SqlStore):
                 return None
             expires = row[2].astimezone(UTC) if row[2] is not None else None
             return str(row[0]), int(row[1]), expires
+
+        return await self.database.read(query, f"the lease of {self.database.name}")
+
+    async def replicas(self) -> tuple[int, bool]:
+        """(how many replicas are connected to the lease now: their lease sessions in
+        ``pg_stat_activity``; whether the lease row is locked by a write transaction,
+        so that no replica could take it now). ``status`` shows them. The lock is
+        probed with ``NOWAIT`` in a statement of its own: it waits for nothing and is
+        released at once."""
+        import psycopg
+
+        def query(conn: SqlConnection) -> tuple[int, bool]:
+            row = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND application_name = ?",
+                (LEASE_APPLICATION,),
+            ).fetchone()
+            try:
+                conn.execute("SELECT 1 FROM lease WHERE name='leader' FOR NO KEY UPDATE NOWAIT")
+            except psycopg.errors.LockNotAvailable:
+                return int(row[0]), True
+            return int(row[0]), False
 
         return await self.database.read(query, f"the lease of {self.database.name}")
 
