@@ -148,3 +148,62 @@ def postgres_url(postgres_server: PostgresServer) -> Iterator[str]:
         psycopg.connect(postgres_server.url(), autocommit=True) as conn,
     ):
         conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@dataclass
+class PasswordRole:
+    """A role that must give its password (scram-sha-256), unlike ``postgres`` (trust):
+    ``url`` has no password in it."""
+
+    name: str
+    password: str
+    url: str
+
+
+def password_role(server: PostgresServer, dbname: str, name: str, password: str) -> PasswordRole:
+    """Create ``name`` with ``password``, owner of ``dbname``, and make the server ask it
+    for its password (a ``pg_hba.conf`` line for that role alone, before the others)."""
+    import psycopg
+
+    hba = server.data / "pg_hba.conf"
+    line = f"host all {name} 127.0.0.1/32 scram-sha-256\n"
+    text = hba.read_text()
+    if line not in text:
+        hba.write_text(line + text)
+    with psycopg.connect(server.url(dbname), autocommit=True) as conn:
+        conn.execute("SET password_encryption = 'scram-sha-256'")
+        conn.execute(
+            psycopg.sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
+                psycopg.sql.Identifier(name), psycopg.sql.Literal(password)
+            )
+        )
+        conn.execute(
+            psycopg.sql.SQL("ALTER DATABASE {} OWNER TO {}").format(
+                psycopg.sql.Identifier(dbname), psycopg.sql.Identifier(name)
+            )
+        )
+        conn.execute(
+            psycopg.sql.SQL("GRANT ALL ON SCHEMA public TO {}").format(psycopg.sql.Identifier(name))
+        )
+        conn.execute("SELECT pg_reload_conf()")
+    return PasswordRole(name, password, f"postgresql://{name}@127.0.0.1:{server.port}/{dbname}")
+
+
+_roles = itertools.count(1)
+
+
+@pytest.fixture
+def postgres_role(postgres_server: PostgresServer, postgres_url: str) -> Iterator[PasswordRole]:
+    """The test's database, owned by a new role that must give its password, one with
+    every character a URL reserves (dropped after the test)."""
+    import psycopg
+
+    dbname = postgres_url.rsplit("/", 1)[1]
+    name = f"iw_{os.getpid()}_{next(_roles)}"
+    yield password_role(postgres_server, dbname, name, "S3cr3t-P@ss/wo#rd%:?+x")
+    with (
+        contextlib.suppress(psycopg.Error),
+        psycopg.connect(postgres_server.url(), autocommit=True) as conn,
+    ):
+        conn.execute(f"DROP DATABASE IF EXISTS {dbname} WITH (FORCE)")
+        conn.execute(f"DROP ROLE IF EXISTS {name}")

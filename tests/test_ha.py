@@ -5,6 +5,7 @@ view of its lease runs on a FakeClock."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from datetime import timedelta
 from typing import Any
@@ -279,7 +280,6 @@ async def test_ha_a_leader_paused_inside_a_write_transaction_is_replaced_within_
     the expired lease within the TTL plus the bound, not after TCP keepalive gives up
     (hours). Meanwhile B, unable to take an expired lease, is not healthy and says why,
     and `status` does not claim a standby takes it at its next try."""
-    import asyncio
     import time
 
     ttl = timedelta(seconds=3)
@@ -354,3 +354,43 @@ async def test_ha_a_standby_that_cannot_reach_the_database_is_unhealthy(
             assert "cannot reach the state database" in why
     finally:
         await close(leader)
+
+
+# -- the read-only commands on a PostgreSQL state with a password (attack-ha 2, 6) ------
+
+
+async def test_ha_status_history_invoices_read_the_state_password_file_and_need_no_listen(
+    world: World,
+    postgres_role: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The README's recipe: the password in ``state.password_file``, a distinct
+    ``http.listen`` per replica through ``${LISTEN}``. The read-only commands (which
+    read no other secret) read the state's password, and need no ``${LISTEN}``."""
+    (world.tmp / "pgpw").write_text(postgres_role.password + "\n")
+    data = world.config_data()
+    data["state"] = {"url": postgres_role.url, "password_file": "pgpw"}
+    data["http"] = {"listen": "${LISTEN}"}
+    path = world.tmp / "ha.yaml"
+    path.write_text(yaml.safe_dump(data))
+    config = load(
+        path.read_text(), filename=str(path), env={"LISTEN": "127.0.0.1:0"}, base_dir=world.tmp
+    )
+    assert await world.run_once(config) == 0  # the daemon's way: migrates the schema
+
+    monkeypatch.delenv("LISTEN", raising=False)
+    for command in (["status"], ["history"], ["invoices"], ["status", "--check"]):
+        capsys.readouterr()
+        code = await asyncio.to_thread(cli.main, [*command, "-c", str(path)])
+        out, err = capsys.readouterr()
+        assert code == 0, (command, err)
+        assert "password authentication failed" not in err
+        assert postgres_role.password not in out + err
+    assert "Lease: free" in (await asyncio.to_thread(_status, path, capsys))
+
+
+def _status(path: Any, capsys: pytest.CaptureFixture[str]) -> str:
+    capsys.readouterr()
+    cli.main(["status", "-c", str(path)])
+    return capsys.readouterr().out

@@ -61,14 +61,21 @@ def load(
     ``secrets=False`` (the read-only commands: ``status``, ``history``, ``invoices``)
     reads no ``<secret>_file`` and no ``ca_file``, and takes a secret whose ``${VAR}``
     is unset: each secret is then a placeholder (:attr:`Config.secrets_read` is False),
-    so that an operator who may read the state file but not the secrets can still look.
+    so that an operator who may read the state file but not the secrets can still look;
+    but the state's own (``state.url``, ``state.password`` / ``password_file``: a
+    PostgreSQL state's password) are read, as those commands need them, and an unset
+    ``${VAR}`` in ``http.listen`` (which they never use) is taken as well.
     Top-level keys starting with ``x-`` are ignored (extension fields, as Docker Compose
     has them: a place for anchors).
     """
     where = Locations(filename)
     env = os.environ if env is None else env
     folder = base_dir or Path()
+    # (A read-only command still reads the state's own secrets, which it needs to open
+    # a PostgreSQL state, and takes an unset ${VAR} in a key it never uses: http.listen.)
     unread = None if secrets else {name: unread_secret(name) for name in SECRET_FIELDS}
+    if unread is not None:
+        unread["listen"] = UNREAD_LISTEN
     data = read(text, where, env, unread=unread)
     for key in [key for key in data if key.startswith(EXTENSION_PREFIX)]:
         del data[key]
@@ -123,6 +130,7 @@ def load_file(
 # What a secret holds when the command reads none (load(secrets=False)): valid for its
 # field, and never sent anywhere (App refuses such a configuration).
 UNREAD_SECRET = "invoice-watch-secret-not-read"
+UNREAD_LISTEN = "127.0.0.1:0"  # http.listen's, for the read-only commands (never bound)
 _UNREAD_URL = "https://unread.invalid/invoice-watch-secret-not-read"
 # Each placeholder passes its field's own checks (a URL; a Standard Webhooks secret:
 # whsec_ and base64 of 24 bytes; a PagerDuty routing key: 32 letters and digits), so
@@ -172,7 +180,7 @@ class _SecretFiles:
             value = data.pop(key)
             self.where.marks[secret_loc] = self.where.marks[file_loc]
             self.where.key_marks[secret_loc] = mark
-            if not self.read:
+            if not self.read and loc[:1] != ("state",):  # (the state's is needed)
                 data[name] = unread_secret(name)
                 continue
             text = self._read(value, file_loc)

@@ -299,7 +299,7 @@ class _Builder:
             try:
                 value = interpolate(node.value, self.env, limit=MAX_CONFIG_BYTES)
             except InterpolationError as exc:
-                if loc and str(loc[-1]) in self.unread:
+                if loc and str(loc[-1]) in self.unread and loc[0] != "state":
                     return _Scalar(self.unread[str(loc[-1])], broken=False)
                 self.where.report(node.start_mark, loc, str(exc))
                 self.where.set_broken(loc)
