@@ -394,3 +394,53 @@ def _status(path: Any, capsys: pytest.CaptureFixture[str]) -> str:
     capsys.readouterr()
     cli.main(["status", "-c", str(path)])
     return capsys.readouterr().out
+
+
+# -- a password with URL characters in ${VAR} inside state.url (attack-ha 3) -----------
+
+
+async def test_ha_a_password_with_url_characters_in_a_variable_is_percent_encoded_and_never_shown(
+    world: World, postgres_role: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``state.url: postgresql://user:${PGPW}@host/db`` with a password a password
+    manager gives (``@ / # % : ? +``): the value is percent-encoded into the URL, so
+    the daemon connects; no part of it shows in the summary or in an error."""
+    from invoice_watch.config import summary
+    from invoice_watch.errors import ConfigError
+
+    password = postgres_role.password
+    assert all(c in password for c in "@/#%:?+")
+    template = postgres_role.url.replace("@", ":${PGPW}@", 1)
+    data = world.config_data()
+    data["state"] = {"url": template}
+    text = yaml.safe_dump(data)
+    config = load(text, filename="ha.yaml", env={"PGPW": password}, base_dir=world.tmp)
+    shown = summary(config)
+    assert f"State: {postgres_role.url} (PostgreSQL" in shown, shown
+    assert await world.run_once(config) == 0  # it connected with the right password
+    assert await ops.status(config) == 0
+
+    # the wrong password (same characters): a clear error that shows none of it
+    wrong = load(text, filename="ha.yaml", env={"PGPW": password + "@x"}, base_dir=world.tmp)
+    with pytest.raises(StateError) as caught:
+        await open_store(StateUrl(wrong.state.url.get() if wrong.state.url else ""))
+    message = str(caught.value)
+    assert "password authentication failed" in message, message
+    for piece in ("S3cr3t", "ss/wo", "rd%", "wo#rd", "@x@"):
+        assert piece not in message and piece not in caplog.text
+
+    # a URL written with the raw password: refused, saying how, and showing none of it
+    raw = world.config_data()
+    for bad in (
+        postgres_role.url.replace("@", ":Hunter2@Vault@", 1),
+        postgres_role.url.replace("@", ":S3cr3t-P@ss/word@", 1),
+        postgres_role.url.replace("@", ":pa#ss%word@", 1),
+        postgres_role.url.replace("@", ":pa:ss?wd@", 1),
+    ):
+        raw["state"] = {"url": bad}
+        with pytest.raises(ConfigError) as refused:
+            load(yaml.safe_dump(raw), filename="ha.yaml", env={}, base_dir=world.tmp)
+        said = str(refused.value)
+        assert "percent-encode" in said and "state.password_file" in said, said
+        for piece in ("Vault", "Hunter2", "ss/word", "S3cr3t", "pa#ss", "ss?wd"):
+            assert piece not in said, said

@@ -7,7 +7,8 @@ and ``$$`` for a literal ``$``; a ``$`` before anything else stays as it is.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from urllib.parse import quote
 
 _VARIABLE = re.compile(
     r"\$(?:(?P<dollar>\$)|\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}"
@@ -19,10 +20,17 @@ class InterpolationError(Exception):
     """A ``${...}`` that cannot be replaced; the message says what to set or write."""
 
 
-def interpolate(text: str, env: Mapping[str, str], *, limit: int | None = None) -> str:
+def interpolate(
+    text: str,
+    env: Mapping[str, str],
+    *,
+    limit: int | None = None,
+    encode: Callable[[str], str] | None = None,
+) -> str:
     """``text`` with every ``${...}`` replaced from ``env``; raises InterpolationError,
     also when the result would be longer than ``limit`` characters (a value that names
-    a long variable thousands of times), before building it."""
+    a long variable thousands of times), before building it. ``encode``: applied to
+    each value put in (a URL's percent-encoding)."""
 
     def substitute(m: re.Match[str]) -> str:
         if m["dollar"]:
@@ -49,7 +57,10 @@ def interpolate(text: str, env: Mapping[str, str], *, limit: int | None = None) 
     parts: list[str] = []
     size = end = 0
     for m in _VARIABLE.finditer(text):
-        for part in (text[end : m.start()], substitute(m)):
+        value = substitute(m)
+        if encode is not None and not m["dollar"]:
+            value = encode(value)
+        for part in (text[end : m.start()], value):
             size += len(part)
             parts.append(part)
         end = m.end()
@@ -65,3 +76,23 @@ def interpolate(text: str, env: Mapping[str, str], *, limit: int | None = None) 
 def variables(text: str) -> list[str]:
     """The names of the variables that ``text`` refers to, in order."""
     return [m["name"] for m in _VARIABLE.finditer(text) if m["name"]]
+
+
+def interpolate_url(text: str, env: Mapping[str, str], *, limit: int | None = None) -> str:
+    """A URL (``scheme://user:password@host/...``) with every ``${...}`` replaced, those
+    in its user info (before the authority's ``@``) percent-encoded (RFC 3986 §3.2.1):
+    a password with ``@``, ``/``, ``#``, ``%``, ``:``, ``?`` or ``+`` in a variable is
+    given as it is, and never read as a host or a path."""
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        return interpolate(text, env, limit=limit)
+    # The authority ends at the template's first /, ? or # (a ${...}'s value is not
+    # looked at); the user info at its last @.
+    masked = _VARIABLE.sub(lambda m: "x" * len(m[0]), rest)
+    end = min((i for i in (masked.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    at = masked.rfind("@", 0, end)
+    if at < 0:
+        return interpolate(text, env, limit=limit)
+    head = interpolate(rest[:at], env, limit=limit, encode=lambda v: quote(v, safe=""))
+    tail = interpolate(rest[at + 1 :], env, limit=limit)
+    return f"{scheme}://{head}@{tail}"

@@ -202,17 +202,29 @@ def _check_state_url(value: Secret) -> Secret:
     shows the URL."""
     from urllib.parse import parse_qs, unquote, urlsplit
 
+    encode = (
+        "percent-encode the user and password in it (@ is %40, / is %2F, # is %23, "
+        "% is %25, : is %3A, ? is %3F, + is %2B; a ${VAR} there is encoded for you), "
+        "or put the password in state.password_file"
+    )
     try:
         parts = urlsplit(value.get())
         parts.port  # noqa: B018 (raises on a bad port)
     except ValueError:
-        raise ValueError("the URL is not a valid postgresql:// URL") from None
+        raise ValueError(f"the URL is not a valid postgresql:// URL: {encode}") from None
+    if "@" in parts.netloc.rpartition("@")[0]:  # libpq would split at the first one
+        raise ValueError(f"the URL's user or password has an @: {encode}")
+    if "@" in parts.path + parts.fragment:  # a password with / or # cut the URL short
+        raise ValueError(f"the URL has an @ after its host: {encode}")
     if parts.scheme not in ("postgresql", "postgres"):
         raise ValueError(
             "the URL must start with postgresql:// (for an SQLite file set state.path instead)"
         )
     if not parts.hostname:
-        raise ValueError("the URL names no host: postgresql://user@host:5432/dbname")
+        raise ValueError(
+            f"the URL names no host: postgresql://user@host:5432/dbname (if a password "
+            f"in it has / ? or #: {encode})"
+        )
     if parts.path.strip("/") == "":
         raise ValueError("the URL names no database: postgresql://user@host:5432/dbname")
     for mode in parse_qs(parts.query).get("sslmode", []):

@@ -20,7 +20,12 @@ from yaml.constructor import SafeConstructor
 from yaml.error import Mark, MarkedYAMLError
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from invoice_watch.config.interpolation import InterpolationError, interpolate, variables
+from invoice_watch.config.interpolation import (
+    InterpolationError,
+    interpolate,
+    interpolate_url,
+    variables,
+)
 from invoice_watch.config.locations import Loc, Locations, located
 from invoice_watch.config.values import control_problem
 from invoice_watch.errors import ConfigError, ConfigProblem
@@ -297,7 +302,9 @@ class _Builder:
     def _scalar(self, node: ScalarNode, loc: Loc) -> _Scalar:
         if "$" in node.value:
             try:
-                value = interpolate(node.value, self.env, limit=MAX_CONFIG_BYTES)
+                # (state.url: a password in its user info is percent-encoded)
+                fill = interpolate_url if loc == ("state", "url") else interpolate
+                value = fill(node.value, self.env, limit=MAX_CONFIG_BYTES)
             except InterpolationError as exc:
                 if loc and str(loc[-1]) in self.unread and loc[0] != "state":
                     return _Scalar(self.unread[str(loc[-1])], broken=False)
