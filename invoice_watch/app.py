@@ -123,6 +123,7 @@ class App:
         )
         if self.leadership is not None:
             deliverer.may_send = self.leadership.leading
+            self.leadership.on_step_down = deliverer.drop_unrecorded
 
     def _leadership(self, store: Store) -> Leadership | None:
         """Replicas on a PostgreSQL state: this one's part in the lease (None: an SQLite

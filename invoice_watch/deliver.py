@@ -198,6 +198,8 @@ class Deliverer:
         docstring); ``quiet``: the notifiers' quiet hours, by name."""
         self._metrics = metrics or Metrics()
         self._store = store
+        # "state file" (SQLite) or "state database" (PostgreSQL), as messages name it
+        self._state: str = getattr(getattr(store, "database", None), "kind", "state file")
         self._notifiers = notifiers
         self._clock = clock
         # The messages' ages, on the monotonic clock, for as long as they wait.
@@ -733,6 +735,16 @@ class Deliverer:
             return
         try:
             await self._write(outcome)
+        except NotLeaderError as exc:  # deposed while it sent: the new leader owns it
+            self._told.pop(outcome.delivery.id, None)
+            log.warning(
+                "%s: %s, but this replica is no longer the leader and cannot record it "
+                "(%s): the new leader owns the outbox and may send it a second time",
+                outcome.what,
+                _DONE[outcome.state],
+                exc,
+            )
+            return
         except StateError as exc:
             told = bool(self._unrecorded)  # another notifier's write failed meanwhile
             self._write_failed()
@@ -740,14 +752,33 @@ class Deliverer:
             if told:
                 return
             log.error(
-                "%s: %s, but the state file cannot record it (%s). Kept in memory: it is "
+                "%s: %s, but the %s cannot record it (%s). Kept in memory: it is "
                 "not attempted again, and the write is retried with backoff (see the "
-                "invoice_watch_outbox_unrecorded metric); only a stop before the state "
-                "file is writable again can send it twice",
+                "invoice_watch_outbox_unrecorded metric); only a stop before the %s "
+                "is writable again can send it twice",
                 outcome.what,
                 _DONE[outcome.state],
+                self._state,
                 exc,
+                self._state,
             )
+
+    def drop_unrecorded(self) -> None:
+        """This replica stepped down (leader.py): the outcomes it kept in memory are
+        forgotten, since the new leader owns the outbox (and sends those messages again:
+        a failover's duplicates). Said once, when there were any."""
+        if not self._unrecorded:
+            return
+        count = len(self._unrecorded)
+        self._unrecorded.clear()
+        self._write_failures = 0
+        self._metrics.outbox_unrecorded.set(0)
+        log.warning(
+            "this replica is no longer the leader: %d delivery outcome(s) it could not "
+            "record are dropped; the new leader owns the outbox and may send those "
+            "messages a second time",
+            count,
+        )
 
     def _keep(self, outcome: _Outcome) -> None:
         self._unrecorded[outcome.delivery.id] = outcome
@@ -770,32 +801,37 @@ class Deliverer:
                 await self._write(outcome)
             except StateError as exc:
                 self._write_failed()
-                log.debug("state file still refuses delivery outcomes: %s", exc)
+                log.debug("%s still refuses delivery outcomes: %s", self._state, exc)
                 return
             del self._unrecorded[row]
             self._metrics.outbox_unrecorded.set(len(self._unrecorded))
         self._write_failures = 0
         log.warning(
-            "the state file is writable again: recorded %d delivery outcome(s) kept in memory",
+            "the %s is writable again: recorded %d delivery outcome(s) kept in memory",
+            self._state,
             count,
         )
 
     # -- retention -------------------------------------------------------------------
 
     async def _prune(self) -> None:
-        if self._clock.monotonic() < self._prune_at:
-            return
+        if self._clock.monotonic() < self._prune_at or not self.may_send():
+            return  # (a standby prunes nothing: the leader does)
         before = self._clock.now() - self._retention
         try:
             deleted = await self._store.prune(before, limit=_PRUNE_BATCH)
+        except NotLeaderError:  # deposed meanwhile: the new leader prunes
+            deleted = 0
         except StateError as exc:
-            log.warning("could not prune the state file: %s", exc)
+            log.warning("could not prune the %s: %s", self._state, exc)
             deleted = 0
         # A full batch may leave more: the next pass goes on, else in an hour.
         more = deleted >= _PRUNE_BATCH
         self._prune_at = self._clock.monotonic() + (0.0 if more else _PRUNE_EVERY)
         if deleted:
-            log.info("pruned %d row(s) older than %s from the state file", deleted, self._retention)
+            log.info(
+                "pruned %d row(s) older than %s from the %s", deleted, self._retention, self._state
+            )
 
     # -- loops -----------------------------------------------------------------------
 
@@ -866,10 +902,11 @@ class Deliverer:
             if last_pass:
                 if self._unrecorded:
                     log.error(
-                        "stopping with %d delivery outcome(s) the state file could not "
+                        "stopping with %d delivery outcome(s) the %s could not "
                         "record: the messages among them that were sent may be sent again "
                         "at the next start",
                         len(self._unrecorded),
+                        self._state,
                     )
                 return
             await self._wait(wait)

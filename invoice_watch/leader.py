@@ -61,6 +61,9 @@ class Leadership:
         self.why_not: str = "it has not tried to take the lease yet"
         # Called when this replica has taken the lease over (the daemon polls at once).
         self.on_lead: Callable[[], None] | None = None
+        # Called when this replica stops leading, or leads anew: what it kept in memory
+        # of its outbox is the new leader's (the daemon's Deliverer.drop_unrecorded).
+        self.on_step_down: Callable[[], None] | None = None
         # Whether this replica, standing by, could take the lease if it ran out: its
         # last try reached the database and found the lease held (not stuck).
         self.standby_ok = False
@@ -137,6 +140,8 @@ class Leadership:
         )
 
     async def _take(self, token: int) -> None:
+        if self.on_step_down is not None:  # (a lease of its own before: not this one)
+            self.on_step_down()
         database = self.store.database
         database.token = token
         try:
@@ -167,6 +172,8 @@ class Leadership:
         self.why_not = why
         self._metrics.leader.set(0)
         self._metrics.lease_transitions.labels(to="standby").inc()
+        if self.on_step_down is not None:
+            self.on_step_down()
         log.warning(
             "this replica is no longer the leader: %s; it polls and delivers nothing until "
             "it holds the lease again",

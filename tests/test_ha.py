@@ -444,3 +444,107 @@ async def test_ha_a_password_with_url_characters_in_a_variable_is_percent_encode
         assert "percent-encode" in said and "state.password_file" in said, said
         for piece in ("Vault", "Hunter2", "ss/word", "S3cr3t", "pa#ss", "ss?wd"):
             assert piece not in said, said
+
+
+# -- a deposed leader's send in flight (attack-ha 5) ------------------------------------
+
+
+class _Hook:
+    """A notifier that runs ``during`` while it sends (the lease taken, the database
+    stopped), and takes every message."""
+
+    name = "c"
+
+    def __init__(self) -> None:
+        self.sent: list[Any] = []
+        self.during: Any = None
+
+    async def send(self, events: Any, *, part: Any = None, recipients: Any = None) -> None:
+        self.sent.append(events)
+        if self.during is not None:
+            during, self.during = self.during, None
+            await during()
+
+
+async def test_ha_a_send_in_flight_when_the_leader_is_deposed_says_so_once_and_keeps_no_mark(
+    postgres_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A's send is in flight when B takes the lease: its mark is refused by the fence;
+    one WARNING says the new leader may send it a second time (no "state file", no
+    "fencing token None", no retry promised), and nothing is kept as unrecorded. B's own
+    mark that the database refused (its connection cut) is kept, then dropped when B steps
+    down: the unrecorded gauge goes back to 0, said once."""
+    from invoice_watch.deliver import Deliverer
+
+    caplog.set_level(logging.INFO)
+    clock_a, clock_b = FakeClock(), FakeClock()
+    a, b = await replica(postgres_url, clock_a), await replica(postgres_url, clock_b)
+    hook_a, hook_b = _Hook(), _Hook()
+    metrics_a, metrics_b = Metrics(), Metrics()
+
+    def deliverer(r: Leadership, hook: _Hook, clock: FakeClock, metrics: Metrics) -> Deliverer:
+        d = Deliverer(
+            r.store,
+            {"c": hook},
+            clock=clock,
+            max_age=timedelta(days=1),
+            max_backoff=timedelta(minutes=5),
+            metrics=metrics,
+        )
+        d.may_send = r.leading
+        r.on_step_down = d.drop_unrecorded
+        return d
+
+    deliver_a = deliverer(a, hook_a, clock_a, metrics_a)
+    deliver_b = deliverer(b, hook_b, clock_b, metrics_b)
+    try:
+        assert await a.step() and not await b.step()
+        number = a.store.begin_cycle()
+        await a.store.commit_orgs(number, clock_a.now(), [], [firing("x")], {"failed": ["c"]})
+        assert await a.store.release_held(5, clock_a.now()) == 1
+
+        async def b_takes_over() -> None:
+            expire(postgres_url)
+            assert await b.step()
+
+        hook_a.during = b_takes_over
+        caplog.clear()
+        await deliver_a.deliver_due()
+        assert len(hook_a.sent) == 1
+        said = [r for r in caplog.records if "cannot record it" in r.getMessage()]
+        assert len(said) == 1 and said[0].levelno == logging.WARNING, caplog.text
+        message = said[0].getMessage()
+        assert "no longer the leader" in message and "a second time" in message, message
+        for wrong in ("state file", "token None", "retried with backoff", "only a stop"):
+            assert wrong not in caplog.text, caplog.text
+        assert deliver_a.unrecorded == 0
+        assert metrics_a.outbox_unrecorded._value.get() == 0
+
+        # B sends it again (the failover's duplicate); its connection is cut under the mark
+        def cut() -> None:
+            with psycopg.connect(postgres_url, autocommit=True) as conn:
+                conn.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND application_name = 'invoice-watch'"
+                )
+
+        async def connection_cut() -> None:
+            await asyncio.to_thread(cut)
+
+        hook_b.during = connection_cut
+        caplog.clear()
+        await deliver_b.deliver_due()
+        assert len(hook_b.sent) == 1
+        assert deliver_b.unrecorded == 1 and metrics_b.outbox_unrecorded._value.get() == 1
+        assert "the state database cannot record it" in caplog.text, caplog.text
+        assert "state file" not in caplog.text
+        # A takes the lease back; B steps down: its kept mark is the new leader's
+        expire(postgres_url)
+        assert await a.step()
+        clock_b.advance(TTL.total_seconds())
+        caplog.clear()
+        assert not await b.step()
+        assert deliver_b.unrecorded == 0 and metrics_b.outbox_unrecorded._value.get() == 0
+        assert caplog.text.count("could not record are dropped") == 1, caplog.text
+    finally:
+        await close(a, b)

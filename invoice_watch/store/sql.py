@@ -56,6 +56,12 @@ class SqlDatabase(Protocol):
         """The database as messages name it (never with a password)."""
         ...
 
+    @property
+    def kind(self) -> str:
+        """What it is, as messages say before :attr:`name`: "state file" (SQLite) or
+        "state database" (PostgreSQL)."""
+        ...
+
     async def read(self, fn: Callable[[SqlConnection], T], what: str) -> T:
         """``fn(connection)`` (queries); a database error is a StateError saying it
         could not read ``what``."""

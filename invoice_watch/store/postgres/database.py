@@ -71,6 +71,8 @@ class PgDatabase:
     """The state's database at ``url``. ``rollback_only`` (``--dry-run``): every write
     transaction is rolled back, the caches alone see it."""
 
+    kind = "state database"  # how messages name it, before :attr:`name`
+
     def __init__(self, url: StateUrl, *, rollback_only: bool = False) -> None:
         self.url = url
         self.rollback_only = rollback_only
@@ -116,7 +118,8 @@ class PgDatabase:
     def transaction(self) -> Iterator[PgConnection]:
         """One transaction, fenced when :attr:`fenced`; rolled back on any error (and
         always when :attr:`rollback_only`)."""
-        if self.fenced and self.token is None:
+        token = self.token  # (withdrawn meanwhile on the loop's thread: this one is checked)
+        if self.fenced and token is None:
             raise NotLeaderError("this replica does not hold the lease: it writes nothing")
         conn = self.connection()
         if self.fenced and self.idle_bound is not None and self._bounded is not conn:
@@ -125,11 +128,11 @@ class PgDatabase:
             if self.fenced:
                 row = conn.execute(
                     "SELECT 1 FROM lease WHERE name='leader' AND token=%s FOR SHARE",
-                    (self.token,),
+                    (token,),
                 ).fetchone()
                 if row is None:
                     raise NotLeaderError(
-                        f"another replica took the lease (this one's fencing token {self.token} "
+                        f"another replica took the lease (this one's fencing token {token} "
                         "is no longer the lease's): this replica writes nothing"
                     )
             yield PgConnection(conn)

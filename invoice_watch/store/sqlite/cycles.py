@@ -55,7 +55,7 @@ class SqliteCycleLog:
                 return None
             return datetime.fromisoformat(row[0]), row[1], row[2]
 
-        return await self._db.read(query, f"state file {self._db.name}")
+        return await self._db.read(query, f"{self._db.kind} {self._db.name}")
 
     @staticmethod
     def prune(conn: SqlConnection, cutoff: str, limit: int) -> int:

@@ -34,6 +34,7 @@ T = TypeVar("T")
 
 
 class Database:
+    kind = "state file"  # how messages name it, before :attr:`name`
     """The state file's connection (``path`` None: in memory). Open it with
     :func:`open_database` or :func:`copy_database`."""
 

@@ -449,7 +449,7 @@ class SqliteOutbox:
         await self._db.write(run, "update the outbox")
 
     async def _read(self, query: Callable[[SqlConnection], T]) -> T:
-        return await self._db.read(query, f"the outbox of state file {self._db.name}")
+        return await self._db.read(query, f"the outbox of {self._db.kind} {self._db.name}")
 
     # -- for the operator ------------------------------------------------------------
 

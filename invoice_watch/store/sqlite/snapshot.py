@@ -179,7 +179,7 @@ class SqliteSnapshot:
             self._settles = statuses
             return self._load_snapshot(conn)
 
-        self._snapshot = await self._db.read(load, f"state file {self._db.name}")
+        self._snapshot = await self._db.read(load, f"{self._db.kind} {self._db.name}")
 
     async def stored_invoices(
         self, org_id: str | None = None, ids: Sequence[str] | None = None
@@ -203,7 +203,7 @@ class SqliteSnapshot:
                 found.extend(_invoice_from_row(row) for row in rows)
             return found
 
-        return await self._db.read(query, f"state file {self._db.name}")
+        return await self._db.read(query, f"{self._db.kind} {self._db.name}")
 
     # -- writing (in a transaction of the unit of work) ------------------------------
 
