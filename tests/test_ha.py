@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -25,6 +26,7 @@ from invoice_watch.metrics import Metrics
 from invoice_watch.store import StateUrl, open_store
 from invoice_watch.store.postgres import PostgresStore
 from invoice_watch.store.postgres.lease import Lease
+from invoice_watch.types import AlertEvent, Part
 from tests.manual_clock import ManualClock
 from tests.test_daemon import eventually, serving, until_cycles
 from tests.test_store import firing
@@ -459,11 +461,20 @@ class _Hook:
         self.sent: list[Any] = []
         self.during: Any = None
 
-    async def send(self, events: Any, *, part: Any = None, recipients: Any = None) -> None:
+    async def send(
+        self,
+        events: Sequence[AlertEvent],
+        *,
+        part: Part | None = None,
+        recipients: Sequence[str] | None = None,
+    ) -> None:
         self.sent.append(events)
         if self.during is not None:
             during, self.during = self.during, None
             await during()
+
+    async def aclose(self) -> None:
+        pass
 
 
 async def test_ha_a_send_in_flight_when_the_leader_is_deposed_says_so_once_and_keeps_no_mark(
