@@ -15,7 +15,7 @@ import psycopg
 import pytest
 import yaml
 
-from invoice_watch import ops
+from invoice_watch import cli, ops
 from invoice_watch.app import App
 from invoice_watch.cli.commands import _state_copy
 from invoice_watch.clock import FakeClock
@@ -559,3 +559,62 @@ async def test_ha_a_send_in_flight_when_the_leader_is_deposed_says_so_once_and_k
         assert caplog.text.count("could not record are dropped") == 1, caplog.text
     finally:
         await close(a, b)
+
+
+# -- smaller things (attack-ha 6) -------------------------------------------------------
+
+
+async def test_ha_libpq_errors_are_one_line_and_a_standby_prunes_nothing_silently(
+    postgres_server, postgres_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """libpq's errors span lines (``Connection refused`` then ``Is the server running
+    ...``): every message that carries one is one line. A standby's delivery pass
+    prunes nothing and says nothing about it."""
+    from invoice_watch.deliver import Deliverer
+    from tests.postgres import free_port
+
+    with pytest.raises(StateError) as caught:
+        await open_store(StateUrl(f"postgresql://postgres@127.0.0.1:{free_port()}/x"))
+    assert "Connection refused" in str(caught.value)
+    assert "\n" not in str(caught.value), str(caught.value)
+
+    caplog.set_level(logging.INFO)
+    a, b = await replica(postgres_url, FakeClock()), await replica(postgres_url, FakeClock())
+    try:
+        assert await a.step() and not await b.step()
+        standby = Deliverer(
+            b.store,
+            {"c": _Hook()},
+            clock=FakeClock(),
+            max_age=timedelta(days=1),
+            max_backoff=timedelta(minutes=5),
+        )
+        standby.may_send = b.leading
+        caplog.clear()
+        await standby.deliver_due()
+        assert "prune" not in caplog.text and "state file" not in caplog.text, caplog.text
+        postgres_server.stop("fast")
+        try:
+            assert not await b.step()  # (a stale connection first: AdminShutdown)
+            assert not await b.step()
+        finally:
+            postgres_server.start()
+        assert "\n" not in b.describe() and "Is the server running" in b.describe()
+    finally:
+        await close(a, b)
+
+
+async def test_ha_state_copy_warns_of_a_password_in_the_url_on_the_command_line(
+    world: World, postgres_role: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from urllib.parse import quote
+
+    sqlite_config = world.config()
+    assert await world.run_once(sqlite_config) == 0
+    capsys.readouterr()
+    url = postgres_role.url.replace("@", f":{quote(postgres_role.password, safe='')}@", 1)
+    assert await _state_copy(sqlite_config, url) == 0
+    out, err = capsys.readouterr()
+    assert "`ps` shows" in err and "PGPASSWORD" in err, err
+    assert postgres_role.password not in out + err
+    assert quote(postgres_role.password, safe="") not in out + err

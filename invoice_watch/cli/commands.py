@@ -96,6 +96,13 @@ async def _state_copy(config: object, to: str | None) -> int:
     assert isinstance(config, Config)
     if to is not None:
         target = StateUrl(to)
+        if target.secrets():  # (the URL on a command line: `ps` shows it to every user)
+            print(
+                "warning: --to has a password in it, which `ps` shows to every user of "
+                "this host while the copy runs; give it in PGPASSWORD (or set state.url "
+                "with state.password_file in the config and leave --to out)",
+                file=sys.stderr,
+            )
     elif isinstance(where := location(config.state), StateUrl):
         target = where
     else:

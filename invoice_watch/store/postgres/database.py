@@ -30,6 +30,7 @@ import psycopg
 
 from invoice_watch.errors import NotLeaderError, StateError, UnstorableError
 from invoice_watch.redact import redact
+from invoice_watch.safe_text import one_line
 from invoice_watch.store.postgres.schema import MIGRATIONS, SCHEMA_VERSION
 from invoice_watch.store.postgres.url import StateUrl
 from invoice_watch.store.sql import SqlConnection, SqlCursor
@@ -212,8 +213,9 @@ class PgDatabase:
                 raise
 
     def reason(self, exc: BaseException) -> str:
-        """An error's text, never with the password."""
-        return redact(f"{type(exc).__name__}: {exc}".strip(), self.url.secrets())
+        """An error's text on one line (libpq's span several: ``...refused`` then
+        ``Is the server running...``), never with the password."""
+        return one_line(redact(f"{type(exc).__name__}: {exc}", self.url.secrets()))
 
     async def read(self, fn: Callable[[SqlConnection], T], what: str) -> T:
         """``fn(connection)`` (queries; see :class:`SqlDatabase`). A connection the
