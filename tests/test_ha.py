@@ -344,12 +344,12 @@ async def test_ha_a_standby_that_cannot_reach_the_database_is_unhealthy(
         async with App(config, clock=ManualClock(world.clock.now())) as app:
             assert app.leadership is not None
             assert not await app.leadership.step()
-            ok, why = app.health()
+            ok, why = app.daemon.health()
             assert ok and why.startswith("standby"), why
             postgres_server.stop("fast")
             try:
                 assert not await app.leadership.step()
-                ok, why = app.health()
+                ok, why = app.daemon.health()
             finally:
                 postgres_server.start()
             assert not ok, why
