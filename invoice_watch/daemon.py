@@ -236,6 +236,7 @@ class Daemon:
             app.clock.now(),
             age=age,
             in_flight=self._in_flight(),
+            unrecorded=cycles.unrecorded,
         )
         if leadership is not None:
             why = f"{leadership.describe()}; {why}"

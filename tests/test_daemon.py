@@ -628,6 +628,68 @@ async def test_a_cycle_that_makes_no_progress_is_unhealthy_and_the_watchdog_stop
     ]
 
 
+async def test_cycles_that_run_but_are_not_recorded_are_no_progress_for_healthz(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """AD-2: the state file refuses the cycle's writes ("database is locked": another
+    process holds its write lock), and the next cycle is in flight: /healthz said 200
+    "a cycle has been running..." for as long as cycles kept failing. 2 x interval after
+    the last recorded cycle it is 503, saying why; /livez (the loop runs) stays 200.
+    The store's write raises the StateError a held lock gives (a real lock costs three
+    of SQLite's 5 s busy_timeout per cycle, in real time)."""
+    from invoice_watch.errors import StateError
+
+    clock = ManualClock()
+    async with HeldAtlas(clock, 70, hold_from=3) as atlas:
+        data = base_config(
+            atlas={**base_config()["atlas"], "base_url": atlas.url},
+            organizations=[{"id": SLOW_ORG}],
+            poll={"interval": "2s"},
+            http={"listen": "127.0.0.1:0"},
+        )
+        async with App(make_config(tmp_path, data), clock=clock) as app, serving(app):
+            await until_cycles(app, 1)
+            finish = app.store.finish_cycle
+
+            refused = asyncio.Event()
+
+            async def locked(*args: Any, **kwargs: Any) -> None:
+                refused.set()
+                raise StateError("could not write state file state.db: database is locked")
+
+            monkeypatch.setattr(app.store, "finish_cycle", locked)
+            await clock.sleeping()
+            clock.advance(2)
+            async with asyncio.timeout(10):
+                await refused.wait()  # the second cycle fails: not recorded
+            monkeypatch.setattr(app.store, "finish_cycle", finish)
+            await clock.sleeping()
+            clock.advance(2)  # the third starts, and is held 70 s into it
+            async with asyncio.timeout(10):
+                await atlas.holding.wait()
+            try:
+                async with aiohttp.ClientSession() as session:
+                    url = f"http://127.0.0.1:{app.daemon.endpoint.port}"
+                    async with session.get(f"{url}/healthz") as resp:
+                        healthz = resp.status, (await resp.json())["reason"]
+                    async with session.get(f"{url}/livez") as resp:
+                        livez = resp.status
+            finally:
+                atlas.release.set()
+            await until_cycles(app, 3)
+            recovered = app.daemon.health()
+    assert (healthz, livez) == (
+        (
+            503,
+            "the last cycle recorded finished 1m14s ago (the limit is 1m: 2 x poll.interval, "
+            "at least 1m); the last cycle ended unrecorded: could not write state file "
+            "state.db: database is locked",
+        ),
+        200,
+    )
+    assert recovered[0], recovered
+
+
 def test_status_check_sees_a_cycle_in_flight_by_the_reads_it_recorded():
     """`status --check` (another process) reads the state file: a read recorded after
     the last cycle finished is a cycle in flight, healthy while recent."""
