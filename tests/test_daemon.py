@@ -357,6 +357,77 @@ async def test_http_flood_is_bounded_and_the_cycle_and_delivery_go_on(
     assert len(ours) == 1 and "8 connections open (http.max_connections)" in ours[0].getMessage()
 
 
+async def keep_alive_get(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str
+) -> int:
+    """One GET on a kept-alive connection, its answer read whole; returns its status."""
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    await reader.readexactly(length)
+    return int(head.split(b" ", 2)[1])
+
+
+async def test_keep_alive_clients_filling_the_cap_never_keep_the_probes_out():
+    """AD-3: ordinary keep-alive clients (scrapers: a GET /metrics now and then, each
+    answer read) hold every one of http.max_connections, and never idle for
+    idle_timeout: /healthz and /livez were refused for as long as they ran. A new
+    connection now closes the one idle the longest; that client reconnects. A client in
+    the middle of a request is not closed, nor one that never completed a request (a
+    flood: those hold the cap until idle_timeout, as before)."""
+    from invoice_watch.http_endpoint import HttpEndpoint
+    from invoice_watch.metrics import Metrics
+
+    now = [0.0]
+    metrics = Metrics()
+    endpoint = HttpEndpoint(
+        metrics, lambda: (True, "ok"), "127.0.0.1", 0,
+        max_connections=4, idle_timeout=600.0, monotonic=lambda: now[0],
+        live=lambda: (True, "alive"),
+    )  # fmt: skip
+    port = await endpoint.start()
+    clients = []
+    try:
+        for n in range(4):
+            now[0] = float(n)
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            assert await keep_alive_get(reader, writer, "/metrics") == 200
+            clients.append((reader, writer))
+        now[0] = 10.0
+        assert await keep_alive_get(*clients[0], "/metrics") == 200  # used lately
+        statuses = []
+        for path in ("/healthz", "/livez"):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            statuses.append(await keep_alive_get(reader, writer, path))
+            clients.append((reader, writer))
+        async with asyncio.timeout(5):  # the two idle the longest were closed
+            assert await clients[1][0].read() == b""
+            assert await clients[2][0].read() == b""
+        assert await keep_alive_get(*clients[0], "/metrics") == 200
+        assert await keep_alive_get(*clients[3], "/metrics") == 200
+        # Connections that complete no request (a flood) are not idle keep-alive ones:
+        # once they hold the cap, a new one is refused at once (until idle_timeout).
+        for _, writer in clients:
+            writer.close()
+        assert endpoint._runner is not None and endpoint._runner.server is not None
+        server = endpoint._runner.server
+        await eventually(lambda: not server.connections)
+        clients = [await asyncio.open_connection("127.0.0.1", port) for _ in range(5)]
+        async with asyncio.timeout(5):
+            assert await clients[4][0].read() == b""
+        assert len(server.connections) == 4
+    finally:
+        for _, writer in clients:
+            writer.close()
+        await endpoint.stop()
+    assert statuses == [200, 200]
+    assert metrics.registry.get_sample_value("invoice_watch_http_connections_evicted_total") == 2
+
+
 # -- http.listen errors (issue 14 §1) --------------------------------------------------
 
 
@@ -829,7 +900,8 @@ async def main():
             sys.stdin.readline()
             continue
         held = len(endpoint._runner.server.connections)  # any other line: the counts
-        print(held, int(metrics.http_refused._value.get()), flush=True)
+        closed = metrics.http_refused._value.get() + metrics.http_evicted._value.get()
+        print(held, int(closed), flush=True)
     await endpoint.stop()
 
 asyncio.run(main())
@@ -853,7 +925,8 @@ class EndpointProcess:
         self.log = ""
 
     def counts(self) -> tuple[int, int]:
-        """Connections held now, and refused so far."""
+        """Connections held now, and closed so far to stay at the cap (refused, or an
+        idle one evicted for a new one)."""
         self._send("\n")
         held, refused = map(int, self._line().split())
         return held, refused
@@ -901,9 +974,10 @@ def test_max_connections_above_the_open_files_limit_is_capped_below_it():
     """A daemon allowed 512 open files (soft and hard) and `max_connections: 5000`, as
     the attack's `ulimit -n 1024` with 1,100 connections: the cap is lowered below the
     limit (and said), and of 600 connections kept open (each answered once, so that the
-    server has taken it before the next comes) `cap` are held and the rest closed at
-    once, never an `accept() out of system resource` storm (the cap did not count the
-    descriptors the rest of the daemon needs)."""
+    server has taken it before the next comes) `cap` are held and the rest closed (each
+    new one past the cap closes the one idle the longest), never an `accept() out of
+    system resource` storm (the cap did not count the descriptors the rest of the daemon
+    needs)."""
     clients: list[socket.socket] = []
     held = closed = 0
     try:
@@ -927,7 +1001,7 @@ def test_max_connections_above_the_open_files_limit_is_capped_below_it():
     finally:
         for sock in clients:
             sock.close()
-    assert (held, closed) == (cap, 600 - cap)
+    assert (held, closed) == (600, 0)  # the idle ones made room for each new one
     assert "http.max_connections 5000 is more than this process can hold" in endpoint.log
     assert f"so at most {cap} connections are held" in endpoint.log
     assert "out of system resource" not in endpoint.log
@@ -937,7 +1011,8 @@ def test_max_connections_above_the_open_files_limit_is_capped_below_it():
 def test_a_burst_of_connections_is_held_to_the_cap():
     """90 connections held, then 30 more arriving at once, with a cap of 100: asyncio
     accepts a batch before any of it counts as open, so the cap was overshot by up to a
-    batch (120 held; and up to 100 descriptors more than the cap: the listen backlog)."""
+    batch (120 held; and up to 100 descriptors more than the cap: the listen backlog).
+    The 30 new ones now close the 20 idle the longest to make room (AD-3)."""
     clients: list[socket.socket] = []
     try:
         with endpoint_process(100) as endpoint:
@@ -951,8 +1026,10 @@ def test_a_burst_of_connections_is_held_to_the_cap():
                 clients.append(socket.create_connection(("127.0.0.1", endpoint.port), timeout=5))
             endpoint.release()
             deadline = time.monotonic() + 10
-            while sum(counts := endpoint.counts()) < 120 and time.monotonic() < deadline:
-                pass  # the server's accepts: no event of theirs reaches this process
+            # The server's accepts: no event of theirs reaches this process. An idle
+            # connection closed for a new one is gone in the loop's next round.
+            while (counts := endpoint.counts()) != (100, 20) and time.monotonic() < deadline:
+                pass
             assert endpoint.cap == 100 and counts == (100, 20)
     finally:
         for sock in clients:
