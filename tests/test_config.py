@@ -844,6 +844,44 @@ def test_load_deep_nesting_is_a_problem_not_a_recursion_error(text: str):
     assert problem.line >= 1
 
 
+def nested_through_aliases(anchors: int, levels: int, *, mapping: bool = False) -> str:
+    """AD-4: ``anchors`` top-level anchors of ``levels`` levels each, every one holding
+    an alias of the one before: each under MAX_DEPTH, together ``anchors * levels``."""
+    lines = []
+    for n in range(anchors):
+        inner = f"*l{n - 1}" if n else "1"
+        if mapping:
+            value = "{a: " * levels + inner + "}" * levels
+        else:
+            value = "[" * levels + inner + "]" * levels
+        lines.append(f"x-l{n}: &l{n} {value}")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("mapping", [False, True], ids=["sequences", "mappings"])
+def test_load_nesting_through_aliases_is_one_problem_at_its_line(tmp_path: Path, mapping: bool):
+    """Ten anchors of 60 levels (2 KB): each under the bound, 600 deep through aliases,
+    which ended in a RecursionError ("This is a bug"). One problem at the alias that
+    goes past 64 levels, as for nesting written out."""
+    path = tmp_path / "deep.yaml"
+    path.write_text(
+        nested_through_aliases(10, 60, mapping=mapping) + MINIMAL.format(private_key="p")
+    )
+
+    with pytest.raises(ConfigError) as info:
+        config.load_file(path, env={})
+
+    (problem,) = info.value.problems
+    assert problem.line == 2  # where *l0 is nested 61 levels in
+    assert "nested more than 64 levels deep through aliases" in problem.message
+
+
+def test_load_nesting_through_aliases_within_the_bound_loads():
+    text = nested_through_aliases(2, 30) + MINIMAL.format(private_key="p")
+
+    assert config.load(text, env={}).organizations
+
+
 def test_load_secret_file_endless_device_is_refused():
     text = MINIMAL.replace("private_key: {private_key}", "private_key_file: /dev/zero")
 

@@ -50,20 +50,24 @@ class _BoundExceeded(Exception):
 
 class _BoundedLoader(yaml.SafeLoader):
     """``yaml.SafeLoader`` (pure Python: the C loader has no hook) composing a node tree
-    whose walk is bounded: each node's size with aliases expanded is memoized by node
-    id (so counting is linear), and composing stops past ``MAX_EXPANDED_NODES`` or
-    ``MAX_DEPTH``. Source: PyYAML 6.0.4 ``Composer.compose_node``; LIBRARIES.md "merge
+    whose walk is bounded: each node's size and height with aliases expanded are
+    memoized by node id (so counting is linear), and composing stops past
+    ``MAX_EXPANDED_NODES`` or ``MAX_DEPTH``, the depth counted through aliases (ten
+    anchors of 60 levels, each holding the one before, are 600 levels for whatever walks
+    the data: a RecursionError). Source: PyYAML 6.0.4 ``Composer.compose_node``; LIBRARIES.md "merge
     keys and alias bombs"."""
 
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
         self.sizes: dict[int, int] = {}  # id(collection node) -> nodes once expanded
+        # id(collection node) -> collections nested in it and itself, aliases expanded
+        self.heights: dict[int, int] = {}
         self.depth = 0
 
     def compose_node(self, parent: Node | None, index: int) -> Node | None:
         alias = self.check_event(yaml.AliasEvent)
+        mark: Mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
         if self.depth >= MAX_DEPTH:
-            mark: Mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
             raise _BoundExceeded(
                 mark,
                 f"values nested more than {MAX_DEPTH} levels deep; a configuration "
@@ -76,19 +80,34 @@ class _BoundedLoader(yaml.SafeLoader):
             self.depth -= 1
         if node is None:
             return None
+        heights = self.heights
         if alias:  # an anchored node, counted already (unless it holds this alias)
             size = self.sizes.get(id(node), 1)
+            height = heights.get(id(node), 0)
         elif isinstance(node, SequenceNode):
             size = 1 + sum(self.sizes.get(id(item), 1) for item in node.value)
             self.sizes[id(node)] = size
+            height = heights[id(node)] = 1 + max(
+                (heights.get(id(item), 0) for item in node.value), default=0
+            )
         elif isinstance(node, MappingNode):
             size = 1 + sum(
                 self.sizes.get(id(key), 1) + self.sizes.get(id(value), 1)
                 for key, value in node.value
             )
             self.sizes[id(node)] = size
+            height = heights[id(node)] = 1 + max(
+                (max(heights.get(id(k), 0), heights.get(id(v), 0)) for k, v in node.value),
+                default=0,
+            )
         else:
             return node
+        if self.depth + height > MAX_DEPTH:  # nested through aliases (*name)
+            raise _BoundExceeded(
+                mark if alias else node.start_mark,
+                f"values nested more than {MAX_DEPTH} levels deep through aliases (*name); "
+                "a configuration needs about 5: use fewer aliases of nested values",
+            )
         if size > MAX_EXPANDED_NODES:
             raise _BoundExceeded(
                 node.start_mark,
