@@ -673,6 +673,29 @@ async def test_a_long_cycle_in_flight_is_healthy_alive_and_warned_about_while_it
     assert "watching 1 organization(s) every 2s" in caplog.messages  # was "every 0:00:02"
 
 
+async def test_status_check_judges_a_long_cycle_in_flight_as_healthz_does(
+    tmp_path: Path, notify_socket: NotifySocket
+):
+    """AD-5: 70 s into a cycle whose read has written nothing yet (Atlas slow, or 429s
+    retried), with a 2 s interval: /healthz said healthy, `status --check` (the Docker
+    HEALTHCHECK, another process reading the state file) "the last cycle finished 1m12s
+    ago (the limit is 1m)", exit 1. The daemon records the cycle's progress in the state
+    file while it runs: both say healthy, by the same last request to Atlas."""
+    import io
+
+    async with held_daemon(tmp_path, 70) as (app, _, clock):
+        await clock.sleeping(2)  # the heartbeat and watchdog, woken by the 70 s, sleep again
+        healthy, _ = app.daemon.health()
+        out = io.StringIO()
+        code = await ops.status(app.config, check=True, out=out, now=clock.now())
+    assert healthy
+    assert (code, out.getvalue()) == (
+        0,
+        "healthy: a cycle has been running, an organization read 1m10s ago; the last "
+        "cycle finished 1m12s ago: 1 read, 0 failed\n",
+    )
+
+
 async def test_a_cycle_that_makes_no_progress_is_unhealthy_and_the_watchdog_stops(
     tmp_path: Path, notify_socket: NotifySocket, caplog: pytest.LogCaptureFixture
 ):
