@@ -882,6 +882,55 @@ def test_load_nesting_through_aliases_within_the_bound_loads():
     assert config.load(text, env={}).organizations
 
 
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        ("0100", "`0100` has a leading 0, which YAML reads as an octal number (64): write the "
+         "decimal number 100"),
+        ("010", "`010` has a leading 0, which YAML reads as an octal number (8): write the "
+         "decimal number 10"),
+        ("08", "`08` has a leading 0, which YAML reads as an octal number: write the decimal "
+         "number 8"),
+        ("0x1388", "`0x1388` is a hexadecimal number (5000) in YAML: write the decimal number "
+         "5000"),
+        ("0b1010", "`0b1010` is a binary number (10) in YAML"),
+        ("1:23:20", "`1:23:20` is a base-60 number in YAML 1.1 (1:04 is 64): write the decimal "
+         "number"),
+    ],
+    ids=["octal", "octal-small", "leading-zero", "hex", "binary", "base-60"],
+)  # fmt: skip
+@pytest.mark.parametrize("key", ["threshold", "repeat_count"])
+def test_load_yaml_1_1_numbers_are_refused_at_their_line(value: str, says: str, key: str):
+    """AD-7: `threshold: 0100` alerted over $64.00 (octal), `retries: 010` made 8 and
+    `08` made 8, `0x1388` and `1:23:20` made 5000, all silently. Each is one problem at
+    its line, saying which decimal to write."""
+    text = MINIMAL.format(private_key="p") + (
+        "  - name: pending\n"
+        "    type: pending_amount\n"
+        f"    threshold: {value if key == 'threshold' else 100}\n"
+        "    notify: [out]\n"
+    )
+    if key == "repeat_count":  # a count: atlas.retries
+        text = text.replace("  auth:\n", f"  retries: {value}\n  auth:\n")
+
+    (problem,) = problems_of(text)
+
+    assert problem.line == (16 if key == "threshold" else 2)
+    assert problem.path == ("rules.1.threshold" if key == "threshold" else "atlas.retries")
+    assert problem.message.startswith(says)
+
+
+def test_load_decimal_numbers_and_quoted_texts_that_look_like_numbers_are_taken():
+    text = MINIMAL.format(private_key="p").replace("  auth:\n", "  retries: 1_0\n  auth:\n")
+    text += "  - name: pending\n    type: pending_amount\n    threshold: 0.50\n    notify: [out]\n"
+    text = text.replace("name: failed", 'name: "0100"')
+
+    cfg = config.load(text, env={})
+
+    assert cfg.atlas.retries == 10 and cfg.rules[0].name == "0100"
+    assert isinstance(cfg.rules[1], PendingAmountRule) and cfg.rules[1].threshold_cents == 50
+
+
 def test_load_secret_file_endless_device_is_refused():
     text = MINIMAL.replace("private_key: {private_key}", "private_key_file: /dev/zero")
 

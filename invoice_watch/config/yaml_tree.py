@@ -10,6 +10,7 @@ value's mark in a :class:`~invoice_watch.config.locations.Locations` and reports
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
@@ -37,6 +38,7 @@ MAX_EXPANDED_BYTES = 4 * MAX_CONFIG_BYTES
 MAX_DEPTH = 64  # collections nested in each other
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 _FLOAT_TAG = "tag:yaml.org,2002:float"
+_STR_TAG = "tag:yaml.org,2002:str"
 _TYPED_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("null", "bool", "int")}
 
 
@@ -186,6 +188,45 @@ def _yaml_problem(exc: yaml.YAMLError, text: str, filename: str) -> list[ConfigP
     return [located(filename, mark, (), message + "; check indentation and quotes")]
 
 
+# Plain scalars YAML 1.1 (PyYAML) reads as numbers other than the decimal one they look
+# like (AD-7): octal (0100 is 64), hexadecimal, binary, base 60 (1:23:20 is 5000, and
+# 22:00 is 1320); and a leading 0 that is not octal (08: text), which an int field
+# takes as 8. Up to 12 digits: a 24-digit Atlas id may start with 0.
+_LEADING_ZERO = re.compile(r"[-+]?0[0-9_]{1,12}")
+_INT_TAG = "tag:yaml.org,2002:int"
+
+
+def _number_problem(text: str, tag: str) -> str | None:
+    """Why a plain scalar (resolved to ``tag``) must be written otherwise: a number YAML
+    1.1 does not read as the decimal it looks like; None for the rest."""
+    if tag not in (_INT_TAG, _FLOAT_TAG) and not (
+        tag == _STR_TAG and _LEADING_ZERO.fullmatch(text)
+    ):
+        return None
+    digits = text.replace("_", "")
+    if ":" in text:
+        return (
+            f"`{text}` is a base-60 number in YAML 1.1 (1:04 is 64): write the decimal "
+            'number, or put the value in quotes if it is text (a time: "22:00")'
+        )
+    unsigned = digits.lstrip("+-")
+    for prefix, kind, base in (("0x", "a hexadecimal", 16), ("0b", "a binary", 2)):
+        if unsigned.startswith(prefix):
+            value = int(digits.replace(prefix, "", 1), base)
+            return (
+                f"`{text}` is {kind} number ({value}) in YAML: write the decimal number "
+                f"{value}, or put the value in quotes if it is text"
+            )
+    if _LEADING_ZERO.fullmatch(text):
+        decimal = ("-" if digits.startswith("-") else "") + (unsigned.lstrip("0") or "0")
+        octal = "" if tag == _STR_TAG else f" ({int(digits, 8)})"
+        return (
+            f"`{text}` has a leading 0, which YAML reads as an octal number{octal}: write "
+            f"the decimal number {decimal}, or put the value in quotes if it is text"
+        )
+    return None
+
+
 @dataclass
 class _Scalar:
     """A scalar node's value, built once however many aliases refer to it."""
@@ -333,6 +374,12 @@ class _Builder:
             return _Scalar(value, broken=False)
         if problem := control_problem(node.value):
             self.where.report(node.start_mark, loc, f"the value {problem}")
+            self.where.set_broken(loc)
+            return _Scalar(node.value, broken=True)
+        extension = bool(loc) and str(loc[0]).startswith("x-")  # ignored fields
+        problem = None if extension or node.style else _number_problem(node.value, node.tag)
+        if problem:
+            self.where.report(node.start_mark, loc, problem)
             self.where.set_broken(loc)
             return _Scalar(node.value, broken=True)
         return _Scalar(self._construct(node), broken=False)
