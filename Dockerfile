@@ -51,8 +51,9 @@ VOLUME /var/lib/invoice-watch
 USER 10001:10001
 WORKDIR /var/lib/invoice-watch
 
-# Healthy while the last poll cycle finished recently and read at least one organization.
-# The first cycle may retry for a few minutes, hence the start period.
+# Healthy while the last poll cycle finished recently and read at least one organization,
+# or the cycle running makes progress (the daemon records it in the state file): the same
+# judgement as /healthz. The first cycle may retry for a few minutes, hence the start period.
 HEALTHCHECK --interval=60s --timeout=30s --start-period=5m --retries=3 \
     CMD ["invoice-watch", "status", "--check"]
 

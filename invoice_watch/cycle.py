@@ -144,7 +144,7 @@ class Cycle:
             store.alerts.firing(),
             baseline=baseline,
             payers=self._payers,
-            age=elapsed.age,
+            age=elapsed,
         )
         self._unchanged: list[OrgWrite] = []  # written with the last transaction
         self._later: list[CommitPart] = []  # committed once their breakdowns are added

@@ -40,6 +40,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
+# How often a running cycle's progress is recorded in the state file, for `status
+# --check` (Daemon._heartbeats): well under health.progress_limit (12 min by default).
+HEARTBEAT_SECONDS = 30.0
 
 
 class Deadline:
@@ -202,6 +205,7 @@ class Daemon:
         leadership = self.app.leadership
         if leadership is not None and not leadership.leading():
             return  # a standby polls nothing
+        heartbeat = asyncio.create_task(self._heartbeats(), name="heartbeat")
         try:
             await self.app.run_cycle()
         except StateFileGoneError as exc:
@@ -213,6 +217,37 @@ class Daemon:
             log.error("cycle not recorded: %s", exc)
         except Exception:
             log.exception("cycle failed")
+        finally:
+            heartbeat.cancel()
+            await asyncio.gather(heartbeat, return_exceptions=True)
+
+    async def _heartbeats(self) -> None:
+        """While a scheduled cycle runs (this task lives as long as it does), every
+        :data:`HEARTBEAT_SECONDS`, record the progress of the cycle in flight (its last
+        request to Atlas starting, as :meth:`_in_flight` sees it) in the state file,
+        when there is news: ``status --check`` (the Docker HEALTHCHECK, another process)
+        then judges a long cycle that makes progress (429s, a slow first read: reads
+        that have written nothing yet) as ``/healthz`` does, healthy, and a stuck one as
+        unhealthy (AD-5). A write the state file refuses is left to the cycle's own
+        writes to report."""
+        app = self.app
+        recorded: float | None = None
+        while True:
+            await app.clock.sleep(HEARTBEAT_SECONDS)
+            began = self.poll.started_at
+            if began is None or not app.started:
+                continue
+            last = app.client.last_request_at
+            progress = began if last is None else max(last, began)
+            if recorded is not None and progress <= recorded:
+                continue
+            ago = timedelta(seconds=max(0.0, app.clock.monotonic() - progress))
+            try:
+                await app.store.heartbeat(app.clock.now() - ago)
+            except StateError as exc:
+                log.debug("the running cycle's progress was not recorded: %s", exc)
+                continue
+            recorded = progress
 
     # -- health ----------------------------------------------------------------------
 
@@ -237,6 +272,7 @@ class Daemon:
             app.clock.now(),
             age=age,
             in_flight=self._in_flight(),
+            unrecorded=cycles.unrecorded,
         )
         if leadership is not None:
             why = f"{leadership.describe()}; {why}"

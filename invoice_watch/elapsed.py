@@ -9,6 +9,13 @@ knew the time: a time it made itself (:meth:`Elapsed.stamp`) is 0 s old then; a 
 read from the state file is as old as the wall clock says when first asked, and a time
 in the future counts as now (logged once). From then on only monotonic time counts.
 
+Such a clamped age is a lower bound, not a measure: the rules may wait on it (a new
+FIRING comes late) but never decide from it that a condition stopped holding
+(:meth:`Elapsed.clamped`; a firing ``poll_failure`` does not resolve as "failing for 0s",
+an ``amount_increase`` neither fires nor resolves on growth it cannot place in its
+window). :meth:`Elapsed.behind` says the wall clock reads earlier than a stored time,
+for a rule that must read the wall clock itself (``forecast``, against Atlas's period).
+
 A second user with a memory of its own (the deliverer keeps a message's age for as long
 as it is pending, longer than two cycles) learns a time from the cycle's
 (``origin``): a time the cycle stamped is then exact there too.
@@ -38,6 +45,27 @@ class Elapsed:
         self._known: dict[datetime, tuple[float, float, int]] = {}
         self._sweeps = 0
         self._warned = False
+        self._clamped: set[datetime] = set()  # stored times found in the future
+        self._latest_future: datetime | None = None  # the latest of them
+
+    def __call__(self, when: datetime) -> timedelta:
+        """:meth:`age`: an Elapsed is an :data:`~invoice_watch.rules.Age`."""
+        return self.age(when)
+
+    def clamped(self, when: datetime) -> bool:
+        """Whether ``when`` was in the future when first asked about (a restart with the
+        wall clock set back): its :meth:`age` counts from then, a lower bound only."""
+        if when in self._clamped:
+            return True
+        return self._origin is not None and self._origin.clamped(when)
+
+    def behind(self) -> bool:
+        """Whether the wall clock reads earlier than a stored time found in the future
+        (until it catches up): what it says of durations is then not to be trusted."""
+        latest = self._latest_future
+        if latest is None and self._origin is not None:
+            return self._origin.behind()
+        return latest is not None and self._clock.now() < latest
 
     def stamp(self) -> datetime:
         """The wall-clock time now, known from now on to be 0 s old at this monotonic
@@ -65,6 +93,9 @@ class Elapsed:
                         when.isoformat(timespec="seconds"),
                     )
                 seconds = 0.0
+                self._clamped.add(when)
+                if self._latest_future is None or when > self._latest_future:
+                    self._latest_future = when
             known = (seconds, monotonic, self._sweeps)
         self._known[when] = (known[0], known[1], self._sweeps)
         return timedelta(seconds=known[0] + max(0.0, monotonic - known[1]))
@@ -74,3 +105,4 @@ class Elapsed:
         self._sweeps += 1
         oldest = self._sweeps - 2
         self._known = {when: known for when, known in self._known.items() if known[2] >= oldest}
+        self._clamped &= self._known.keys()

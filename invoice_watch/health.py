@@ -2,8 +2,9 @@
 and ``status --check`` are told. Two judgments, kept apart (issue 14 §1):
 
 - :func:`health`, healthy: the daemon watches (SPEC §8: its last cycle read at least
-  one organization, and finished lately or a cycle in flight makes progress), shared
-  by ``/healthz`` and ``status --check``;
+  one organization, and finished lately or a cycle in flight makes progress; cycles
+  that run but cannot be recorded are no progress), shared by ``/healthz`` and
+  ``status --check``;
 - :func:`liveness`, alive: its poll loop runs (cycles finish, or the one in flight
   makes progress), whatever Atlas answers: the systemd watchdog and ``/livez``. A
   restart cannot mend a revoked key or an Atlas outage, and restarts in a loop would
@@ -79,7 +80,9 @@ def in_flight_from_reads(
     """A cycle in flight as another process sees it in the state file (``status
     --check``): an organization's read recorded after the last cycle finished. The
     daemon records a read that changed something, or failed, as soon as it is done;
-    one that changed nothing, with the cycle's end."""
+    one that changed nothing, with the cycle's end; and while a cycle runs, its last
+    sign of progress (a request to Atlas starting) every 30 s (``Daemon._heartbeats``), so
+    that a long cycle that makes progress is judged as ``/healthz`` judges it."""
     latest = max((at for at in reads if at and (finished is None or at > finished)), default=None)
     if latest is None:
         return None
@@ -97,6 +100,7 @@ def health(
     *,
     age: timedelta | None = None,
     in_flight: InFlight | None = None,
+    unrecorded: str | None = None,
 ) -> tuple[bool, str]:
     """Healthy while the last cycle read at least one organization and finished within
     2 x ``poll.interval`` (at least 60 s; SPEC §8), or a cycle in flight since then
@@ -109,15 +113,24 @@ def health(
     future is unhealthy: the wall clock was set back since, and the time can no longer
     show that the daemon still polls. ``in_flight``: the cycle running now, if any.
 
+    ``unrecorded``: why the last cycle that ended failed to be recorded (the state file
+    refused it: "database is locked", a full disk; or it failed), when one did since the
+    last cycle recorded. Cycles that run but are not recorded are no progress: nothing is
+    evaluated, committed or delivered. A cycle in flight then does not stand in for the
+    recorded one, and 2 x ``poll.interval`` after the last recorded cycle the daemon is
+    unhealthy, saying why (the daemon's liveness, :func:`liveness`, stays up: a restart
+    mends no locked or full disk).
+
     Whether Atlas answers is part of health (a daemon that reads nothing watches
     nothing), not of liveness (:func:`liveness`, the watchdog's).
     """
     if in_flight is not None and in_flight.stuck:
         return False, in_flight.text()
+    failing = f"; the last cycle ended unrecorded: {unrecorded}" if unrecorded else ""
     if finished is None:
         if in_flight is not None:
-            return False, f"no cycle has finished yet: {in_flight.text()}"
-        return False, "no cycle has finished yet"
+            return False, f"no cycle has finished yet: {in_flight.text()}{failing}"
+        return False, f"no cycle has finished yet{failing}"
     limit = cycle_limit(interval)
     if age is None:
         age = now - finished
@@ -127,9 +140,12 @@ def health(
                 "clock was set back since; healthy again once a cycle finishes"
             )
     ago = f"{config_duration(max(age, timedelta(0)))} ago"
-    if age > limit and in_flight is None:
+    if age > limit and (in_flight is None or unrecorded):
         return False, (
-            f"the last cycle finished {ago} (the limit is {config_duration(limit)}: 2 x "
+            f"the last cycle recorded finished {ago} (the limit is {config_duration(limit)}: "
+            f"2 x poll.interval, at least 1m){failing}"
+            if unrecorded
+            else f"the last cycle finished {ago} (the limit is {config_duration(limit)}: 2 x "
             "poll.interval, at least 1m)"
         )
     if orgs_ok == 0:

@@ -189,9 +189,14 @@ class HttpEndpoint:
     bounded:
 
     - at most ``max_connections`` connections at once (and fewer when the open files
-      limit is lower, :func:`connection_cap`): beyond, a new connection is closed as
-      soon as it is accepted (so a flood holds at most that many file descriptors, and
-      never those the Atlas client, Slack or SMTP need);
+      limit is lower, :func:`connection_cap`): beyond, the keep-alive connection idle
+      the longest (it was answered, and waits for its client's next request) is closed
+      to make room for the new one, so that ordinary keep-alive clients (scrapers) can
+      never keep ``/healthz`` and ``/livez`` out (AD-3; a keep-alive client reconnects
+      when its idle connection is closed, RFC 9112 §9.6). With none idle (every
+      connection is in a request, or has not completed one: a flood, slowloris), the
+      new connection is closed as soon as it is accepted (so a flood holds at most that
+      many file descriptors, and never those the Atlas client, Slack or SMTP need);
     - a connection that has not completed a request within ``idle_timeout`` of its start
       or of its last answer is closed (the slowloris bound: aiohttp's ``keepalive_timeout``
       runs from the connection's start too), and header lines, fields and counts are
@@ -236,6 +241,10 @@ class HttpEndpoint:
         self._server: asyncio.Server | None = None
         self._watch: asyncio.Task[None] | None = None
         self._blocked: dict[asyncio.BaseProtocol, float] = {}  # writing since (monotonic)
+        # Connections that completed a request: when the last one ended (monotonic), and
+        # how many of their requests are being handled now.
+        self._answered: dict[object, float] = {}
+        self._busy: dict[object, int] = {}
 
     @property
     def max_connections(self) -> int:
@@ -248,8 +257,10 @@ class HttpEndpoint:
         from aiohttp import web
 
         self._cap = connection_cap(self._requested)
+        app = make_http_app(self._metrics, self._probe, self._live)
+        app.middlewares.append(self._tracker())
         runner = web.AppRunner(
-            make_http_app(self._metrics, self._probe, self._live),
+            app,
             access_log=None,
             keepalive_timeout=self._idle_timeout,
             max_line_size=4096,
@@ -272,7 +283,9 @@ class HttpEndpoint:
         starting: set[asyncio.BaseProtocol] = set()
 
         def protocol() -> asyncio.BaseProtocol:
-            if len(handler.connections) + len(starting) < self._cap:
+            if len(handler.connections) + len(starting) < self._cap or self._evict(
+                handler.connections
+            ):
                 made = handler()
                 starting.add(made)
                 # connection_made runs in the loop's next round (the transport schedules
@@ -305,6 +318,63 @@ class HttpEndpoint:
         bound: int = self._server.sockets[0].getsockname()[1]
         return bound
 
+    def _tracker(self) -> Callable[..., Awaitable[web.StreamResponse]]:
+        """A middleware that notes, per connection, the requests being handled and when
+        the last one ended: what :meth:`_evict` needs to tell an idle connection."""
+        from aiohttp import web
+
+        busy, answered, monotonic = self._busy, self._answered, self._monotonic
+
+        @web.middleware
+        async def track(
+            request: web.Request,
+            handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+        ) -> web.StreamResponse:
+            connection = request.protocol
+            busy[connection] = busy.get(connection, 0) + 1
+            try:
+                return await handler(request)
+            finally:
+                left = busy.pop(connection) - 1
+                if left:
+                    busy[connection] = left
+                answered[connection] = monotonic()
+
+        return track
+
+    def _evict(self, connections: list[web.RequestHandler]) -> bool:
+        """Close the connection idle the longest among ``connections`` that were
+        answered and wait for their next request (none in hand, nothing left to send),
+        to make room for a new one; False when none is idle."""
+        oldest: web.RequestHandler | None = None
+        since = 0.0
+        for connection in connections:
+            ended = self._answered.get(connection)
+            transport = connection.transport
+            if (
+                ended is None
+                or connection in self._busy
+                or transport is None
+                or transport.is_closing()
+                or transport.get_write_buffer_size()
+            ):
+                continue
+            if oldest is None or ended < since:
+                oldest, since = connection, ended
+        if oldest is None:
+            return False
+        self._answered.pop(oldest, None)
+        oldest.force_close()
+        self._metrics.http_evicted.inc()
+        if self._refusals.ready():
+            log.warning(
+                "http.listen: %d connections open (http.max_connections): the keep-alive "
+                "connection idle the longest is closed for each new one (its client "
+                "reconnects); the poll cycle and delivery are not affected",
+                self._cap,
+            )
+        return True
+
     async def _watch_writes(self, handler: web.Server) -> None:
         """Close the connections whose answers have waited unsent for ``idle_timeout``."""
         period = min(STALL_CHECK_SECONDS, max(0.05, self._idle_timeout / 4))
@@ -330,6 +400,10 @@ class HttpEndpoint:
                 del blocked[connection]
                 closed += 1
         self._blocked = blocked
+        if len(self._answered) > len(connections):  # forget the connections gone
+            alive = set(connections)
+            for gone in [c for c in self._answered if c not in alive]:
+                del self._answered[gone]
         if closed:
             self._metrics.http_stalled.inc(closed)
             if self._stalls.ready():

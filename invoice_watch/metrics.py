@@ -63,6 +63,12 @@ class Metrics:
             "its answers for http.idle_timeout",
             registry=r,
         )
+        self.http_evicted = Counter(
+            "invoice_watch_http_connections_evicted",
+            "Idle keep-alive connections to /healthz and /metrics closed to make room for a "
+            "new one: http.max_connections were open",
+            registry=r,
+        )
         self.atlas_deprecations = Counter(
             "invoice_watch_atlas_deprecation_warnings",
             "Cycles in which Atlas marked an endpoint deprecated (Deprecation/Sunset headers)",

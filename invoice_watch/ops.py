@@ -174,9 +174,15 @@ async def _lease_line(config: Config, store: Store, now: datetime) -> str | None
     )
 
 
-async def status(config: Config, *, check: bool = False, out: TextIO | None = None) -> int:
+async def status(
+    config: Config, *, check: bool = False, out: TextIO | None = None, now: datetime | None = None
+) -> int:
+    """``status`` (``--check``: the health line only, exit 1 when unhealthy). Health is
+    judged from the state file as the daemon's ``/healthz`` judges it: a cycle in
+    flight is seen by the progress the daemon records while it runs (its requests to
+    Atlas, every 30 s) and by its reads. ``now``: the wall clock's, unless given."""
     out = out or sys.stdout
-    now = datetime.now(UTC)
+    now = now or datetime.now(UTC)
     store = await _open(config)
     try:
         finished, orgs_ok, orgs_failed = await store.cycles.last() or (None, 0, 0)

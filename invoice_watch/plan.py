@@ -314,7 +314,7 @@ class CyclePlan:
         self._counted[org_id] = (invoices_before + count, changes_before + changes)
         self.invoices += count
         self.changes += changes
-        for key in evaluation.holding:
+        for key in (*evaluation.holding, *evaluation.undecided):  # undecided: not resolved
             self.held.setdefault(key, set()).add(org_id)
         self.evaluated.update(evaluation.evaluated)
         previous = {t.state.key: self.states.get(t.state.key) for t in transitions}

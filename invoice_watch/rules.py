@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from invoice_watch import format as fmt
 from invoice_watch.constants import FINAL_STATUSES
 from invoice_watch.diff import Diff
+from invoice_watch.elapsed import Elapsed
 from invoice_watch.types import AlertEvent, BreakdownLine, Invoice, LineItem
 
 if TYPE_CHECKING:
@@ -87,6 +88,10 @@ class Evaluation:
     # (rule name, configured org id) pairs that were evaluated this cycle: an alert in
     # such a scope that no longer holds has resolved.
     evaluated: set[tuple[str, str]] = field(default_factory=set)
+    # Keys whose condition cannot be decided now (a stored time's age is only a lower
+    # bound after a restart with the wall clock set back, :meth:`Elapsed.clamped`): an
+    # alert firing stays firing, one not firing does not fire yet.
+    undecided: set[str] = field(default_factory=set)
 
 
 def settled_statuses(rules: Sequence[Rule]) -> frozenset[str]:
@@ -110,6 +115,21 @@ def alert_key(rule: str, org_id: str, invoice_id: str | None = None) -> str:
 
 def _applies(rule: Rule, org_id: str) -> bool:
     return rule.orgs is None or org_id in rule.orgs
+
+
+def _clamped(age: Age, when: datetime) -> bool:
+    """Whether ``age(when)``, asked before, is only a lower bound (:meth:`Elapsed.clamped`)."""
+    return isinstance(age, Elapsed) and age.clamped(when)
+
+
+def _clock_behind(age: Age, history: History) -> bool:
+    """Whether the wall clock is known to read earlier than a stored time (``history``'s
+    observations, asked about here, or another time asked about before)."""
+    if not isinstance(age, Elapsed):
+        return False
+    for observed_at, _ in history:
+        age(observed_at)
+    return age.behind()
 
 
 def growth(
@@ -172,8 +192,10 @@ def evaluate(
                 if not _applies(rule, invoice.org_id):
                     continue
                 condition = _check(rule, view, invoice, history.get(invoice.id, ()), now, age)
-                if condition is not None:
+                if isinstance(condition, Condition):
                     result.holding[condition.key] = condition
+                elif condition is UNDECIDED:
+                    result.undecided.add(alert_key(rule.name, invoice.org_id, invoice.id))
     return result
 
 
@@ -191,9 +213,16 @@ def _condition(
     )
 
 
+class _Undecided:
+    """A condition that cannot be decided now (see :attr:`Evaluation.undecided`)."""
+
+
+UNDECIDED = _Undecided()
+
+
 def _check(
     rule: Rule, view: OrgView, invoice: Invoice, history: History, now: datetime, age: Age
-) -> Condition | None:
+) -> Condition | _Undecided | None:
     if rule.type == "invoice_status":
         return _invoice_status(rule, view, invoice)
     if invoice.status != PENDING:
@@ -205,7 +234,12 @@ def _check(
             return None
         return _amount_increase(rule, view, invoice, history, now, age)
     if rule.type == "forecast":
-        return _forecast(rule, view, invoice, now)
+        condition = _forecast(rule, view, invoice, now)
+        if condition is None and _clock_behind(age, history):
+            # The wall clock reads earlier than it did: the period looks younger than it
+            # is (min_elapsed not reached yet), which is no reason to resolve.
+            return UNDECIDED
+        return condition
     return None
 
 
@@ -243,7 +277,12 @@ def _amount_increase(
     history: History,
     now: datetime,
     age: Age,
-) -> Condition | None:
+) -> Condition | _Undecided | None:
+    if any(age(at) < rule.window and _clamped(age, at) for at, _ in history):
+        # An observation stored "in the future" may or may not be within the window
+        # (restart with the clock set back): no growth can be placed in it until the
+        # window has passed on the monotonic clock.
+        return UNDECIDED
     base, grew = growth(history, invoice.amount_billed_cents, now, rule.window, age)
     over_amount = rule.threshold_cents is not None and grew > rule.threshold_cents
     over_percent = rule.percent is not None and base > 0 and grew * 100 > rule.percent * base
@@ -311,9 +350,13 @@ def _poll_failure(rule: PollFailureRule, view: OrgView, age: Age, result: Evalua
     if view.ok or view.failing_since is None:
         return
     failing_for = age(view.failing_since)
-    if failing_for < rule.after:
-        return
     key = alert_key(rule.name, view.org_id)
+    if failing_for < rule.after:
+        if _clamped(age, view.failing_since):
+            # Failing since a time "in the future" (a restart with the clock set back):
+            # at least this long, maybe longer. A new FIRING waits; one firing stays.
+            result.undecided.add(key)
+        return
     result.holding[key] = Condition(
         key=key,
         rule=rule.name,

@@ -20,9 +20,11 @@ from invoice_watch.clock import Clock
 from invoice_watch.config import Config
 from invoice_watch.cycle import Cycle, CycleResult
 from invoice_watch.elapsed import Elapsed
+from invoice_watch.errors import StateError
 from invoice_watch.linked import HiddenLinkedWarning
 from invoice_watch.listing import FullListings
 from invoice_watch.metrics import Metrics
+from invoice_watch.redact import redact
 from invoice_watch.store import AlertState, Store
 
 
@@ -42,6 +44,8 @@ class CycleRunner:
         self._firing_labels: set[str] = set()  # rules the alerts_firing gauge names
         self.last: CycleResult | None = None
         self.finished_at: float | None = None  # monotonic end of the last cycle
+        # Why the cycles since the last one recorded were not (health: no progress).
+        self.unrecorded: str | None = None
         self.done = asyncio.Event()  # set after every committed cycle
 
     async def run(
@@ -74,9 +78,14 @@ class CycleRunner:
                     wake=wake,
                 )
                 result = await cycle.run()
-            except BaseException:
+            except BaseException as exc:
                 self.metrics.cycles.labels(outcome="error").inc()
+                if isinstance(exc, StateError):
+                    self.unrecorded = str(exc)
+                elif isinstance(exc, Exception):
+                    self.unrecorded = redact(f"{type(exc).__name__}: {exc}")[:300]
                 raise
+        self.unrecorded = None
         self.last = result
         self.finished_at = self.clock.monotonic()
         firing = store.alerts.firing()

@@ -844,6 +844,93 @@ def test_load_deep_nesting_is_a_problem_not_a_recursion_error(text: str):
     assert problem.line >= 1
 
 
+def nested_through_aliases(anchors: int, levels: int, *, mapping: bool = False) -> str:
+    """AD-4: ``anchors`` top-level anchors of ``levels`` levels each, every one holding
+    an alias of the one before: each under MAX_DEPTH, together ``anchors * levels``."""
+    lines = []
+    for n in range(anchors):
+        inner = f"*l{n - 1}" if n else "1"
+        if mapping:
+            value = "{a: " * levels + inner + "}" * levels
+        else:
+            value = "[" * levels + inner + "]" * levels
+        lines.append(f"x-l{n}: &l{n} {value}")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("mapping", [False, True], ids=["sequences", "mappings"])
+def test_load_nesting_through_aliases_is_one_problem_at_its_line(tmp_path: Path, mapping: bool):
+    """Ten anchors of 60 levels (2 KB): each under the bound, 600 deep through aliases,
+    which ended in a RecursionError ("This is a bug"). One problem at the alias that
+    goes past 64 levels, as for nesting written out."""
+    path = tmp_path / "deep.yaml"
+    path.write_text(
+        nested_through_aliases(10, 60, mapping=mapping) + MINIMAL.format(private_key="p")
+    )
+
+    with pytest.raises(ConfigError) as info:
+        config.load_file(path, env={})
+
+    (problem,) = info.value.problems
+    assert problem.line == 2  # where *l0 is nested 61 levels in
+    assert "nested more than 64 levels deep through aliases" in problem.message
+
+
+def test_load_nesting_through_aliases_within_the_bound_loads():
+    text = nested_through_aliases(2, 30) + MINIMAL.format(private_key="p")
+
+    assert config.load(text, env={}).organizations
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        ("0100", "`0100` has a leading 0, which YAML reads as an octal number (64): write the "
+         "decimal number 100"),
+        ("010", "`010` has a leading 0, which YAML reads as an octal number (8): write the "
+         "decimal number 10"),
+        ("08", "`08` has a leading 0, which YAML reads as an octal number: write the decimal "
+         "number 8"),
+        ("0x1388", "`0x1388` is a hexadecimal number (5000) in YAML: write the decimal number "
+         "5000"),
+        ("0b1010", "`0b1010` is a binary number (10) in YAML"),
+        ("1:23:20", "`1:23:20` is a base-60 number in YAML 1.1 (1:04 is 64): write the decimal "
+         "number"),
+    ],
+    ids=["octal", "octal-small", "leading-zero", "hex", "binary", "base-60"],
+)  # fmt: skip
+@pytest.mark.parametrize("key", ["threshold", "repeat_count"])
+def test_load_yaml_1_1_numbers_are_refused_at_their_line(value: str, says: str, key: str):
+    """AD-7: `threshold: 0100` alerted over $64.00 (octal), `retries: 010` made 8 and
+    `08` made 8, `0x1388` and `1:23:20` made 5000, all silently. Each is one problem at
+    its line, saying which decimal to write."""
+    text = MINIMAL.format(private_key="p") + (
+        "  - name: pending\n"
+        "    type: pending_amount\n"
+        f"    threshold: {value if key == 'threshold' else 100}\n"
+        "    notify: [out]\n"
+    )
+    if key == "repeat_count":  # a count: atlas.retries
+        text = text.replace("  auth:\n", f"  retries: {value}\n  auth:\n")
+
+    (problem,) = problems_of(text)
+
+    assert problem.line == (16 if key == "threshold" else 2)
+    assert problem.path == ("rules.1.threshold" if key == "threshold" else "atlas.retries")
+    assert problem.message.startswith(says)
+
+
+def test_load_decimal_numbers_and_quoted_texts_that_look_like_numbers_are_taken():
+    text = MINIMAL.format(private_key="p").replace("  auth:\n", "  retries: 1_0\n  auth:\n")
+    text += "  - name: pending\n    type: pending_amount\n    threshold: 0.50\n    notify: [out]\n"
+    text = text.replace("name: failed", 'name: "0100"')
+
+    cfg = config.load(text, env={})
+
+    assert cfg.atlas.retries == 10 and cfg.rules[0].name == "0100"
+    assert isinstance(cfg.rules[1], PendingAmountRule) and cfg.rules[1].threshold_cents == 50
+
+
 def test_load_secret_file_endless_device_is_refused():
     text = MINIMAL.replace("private_key: {private_key}", "private_key_file: /dev/zero")
 

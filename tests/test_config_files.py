@@ -210,6 +210,45 @@ def test_an_empty_secret_file_names_the_file(tmp_path: Path):
     )
 
 
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        (b"\xef\xbb\xbfkey-123\n", "starts with a byte order mark (U+FEFF, as Notepad writes)"),
+        (b"  \n", "holds only white space"),
+        (b" key-123\n", "starts with white space; remove it"),
+        (b"key-123 \n", "ends with white space; remove it"),
+        (b"key-123\xc2\xa0", "ends with white space; remove it"),  # a no-break space
+        (b"key\xe2\x80\x8b-123", "contains the invisible character U+200B; remove it"),
+    ],
+    ids=["bom", "spaces-only", "leading-space", "trailing-space", "nbsp", "zero-width"],
+)
+def test_a_secret_file_with_invisible_extras_is_refused_naming_the_file(
+    tmp_path: Path, content: bytes, says: str
+):
+    """AD-6: a BOM (Notepad), white space around the secret or an invisible character
+    passed check-config, then Atlas refused every read ("the API key is wrong or was
+    revoked"). Refused at once, naming the file, as such characters are in inline
+    values."""
+    secret = tmp_path / "atlas-private-key"
+    secret.write_bytes(content)
+    text = MINIMAL.replace("private_key: {private_key}", "private_key_file: atlas-private-key")
+
+    (problem,) = problems_of(text, base_dir=tmp_path)
+
+    assert problem.path == "atlas.auth.private_key_file"
+    assert problem.message.startswith(f"the content of {secret} {says}")
+    assert "key-123" not in problem.message
+
+
+def test_a_secret_file_with_inner_spaces_and_one_newline_is_taken(tmp_path: Path):
+    (tmp_path / "smtp-password").write_text("correct horse battery staple\n")
+    text = MINIMAL.replace("private_key: {private_key}", "private_key_file: smtp-password")
+
+    cfg = config.load(text, env={}, base_dir=tmp_path)
+
+    assert cfg.atlas.auth.private_key.get() == "correct horse battery staple"  # type: ignore[union-attr]
+
+
 # --- the read-only commands read no secret (issue 14 §A14-9) ---------------------------
 
 

@@ -2,6 +2,8 @@
 ``poll_failure`` (failing since), ``repeat`` reminders (last notified) and
 ``amount_increase`` windows (observed at) count time that passed on the monotonic clock,
 not what the wall clock says; a stored time in the future counts as now, logged once.
+Such an age is a lower bound (AD-1): it may delay a new FIRING, never resolve one that
+fires (poll_failure, amount_increase, forecast after a restart with the clock set back).
 
 The App's real cycle against a hand-made Atlas on loopback; time is a FakeClock, whose
 ``step`` sets the wall clock without time passing.
@@ -149,3 +151,76 @@ def test_elapsed_forgets_times_no_cycle_asks_about():
     for _ in range(3):
         elapsed.sweep()
     assert elapsed.age(stamped) == timedelta(0)  # forgotten: now from the wall clock
+
+
+async def test_a_restart_with_the_clock_set_back_keeps_a_firing_poll_failure_firing(
+    tmp_path: Path, atlas: HandAtlas
+):
+    """AD-1: org A fails and atlas-down fires (after 1h). The daemon restarts with the
+    wall clock set two days back: the stored failure lies in the future and counts from
+    now, which may delay a new FIRING but never resolves the one already firing (no
+    false RESOLVED, no second FIRING an hour later); it resolves once org A is read."""
+    atlas.answers[ORG_A] = (500, b'{"detail": "down"}')
+    clock = FakeClock(NOW)
+    config = hand_config(tmp_path, atlas.url)
+    async with App(config, clock=clock, notifiers={"console": Recorder()}) as app:
+        await app.run_cycle()
+        clock.advance(timedelta(minutes=61))
+        assert kinds((await app.run_cycle()).events) == [(EventKind.FIRING, "atlas-down")]
+    clock.step(-DAYS_2)
+    async with App(config, clock=clock, notifiers={"console": Recorder()}) as app:
+        assert (await app.run_cycle()).events == []  # not "failing for 0s": RESOLVED
+        for _ in range(3):
+            clock.advance(timedelta(minutes=31))
+            assert (await app.run_cycle()).events == []  # nor FIRING a second time
+        del atlas.answers[ORG_A]
+        clock.advance(timedelta(minutes=5))
+        assert kinds((await app.run_cycle()).events) == [(EventKind.RESOLVED, "atlas-down")]
+
+
+async def test_a_restart_with_the_clock_set_back_neither_fires_nor_resolves_amount_increase(
+    tmp_path: Path, atlas: HandAtlas
+):
+    """AD-1, amount_increase: the observations of the last two days lie in the future
+    after a restart with the clock set two days back. Growth over those days is not
+    growth "within the 1h window" (no false FIRING), and the window's alert that fired
+    does not resolve for want of a base: both wait until the window has passed."""
+    rules: list[dict[str, Any]] = [
+        {"name": "jump", "type": "amount_increase", "threshold": 200, "window": "1h"}
+    ]
+    rules[0]["notify"] = ["console"]
+    clock = FakeClock(NOW)
+    config = hand_config(tmp_path, atlas.url, rules=rules)
+    amount = 1000_00
+    atlas.invoices[ORG_A] = [invoice(1, ORG_A, "PENDING", amount)]
+    async with App(config, clock=clock, notifiers={"console": Recorder()}) as app:
+        for _ in range(12):  # $100 every 4 h for two days: never $200 within an hour
+            clock.advance(timedelta(hours=4))
+            amount += 100_00
+            atlas.invoices[ORG_A] = [invoice(1, ORG_A, "PENDING", amount)]
+            assert (await app.run_cycle()).events == []
+    clock.step(-DAYS_2 - timedelta(hours=1))
+    async with App(config, clock=clock, notifiers={"console": Recorder()}) as app:
+        assert (await app.run_cycle()).events == []  # not $1,200 "within 1h"
+        clock.advance(timedelta(minutes=61))
+        assert (await app.run_cycle()).events == []
+
+
+async def test_a_restart_with_the_clock_set_back_does_not_resolve_a_firing_forecast(
+    tmp_path: Path, atlas: HandAtlas
+):
+    """AD-1, forecast: it fired 15 days into the period (min_elapsed 14d). After a
+    restart with the wall clock set two days back the period looks 13 days old, under
+    min_elapsed: no reason to resolve while the clock reads earlier than the state file."""
+    rules: list[dict[str, Any]] = [
+        {"name": "budget", "type": "forecast", "budget": 1000, "min_elapsed": "14d"}
+    ]
+    rules[0]["notify"] = ["console"]
+    clock = FakeClock(NOW)  # 14.5 days into November
+    config = hand_config(tmp_path, atlas.url, rules=rules)
+    atlas.invoices[ORG_A] = [invoice(1, ORG_A, "PENDING", 900_00)]
+    async with App(config, clock=clock, notifiers={"console": Recorder()}) as app:
+        assert kinds((await app.run_cycle()).events) == [(EventKind.FIRING, "budget")]
+    clock.step(-DAYS_2)
+    async with App(config, clock=clock, notifiers={"console": Recorder()}) as app:
+        assert (await app.run_cycle()).events == []

@@ -357,6 +357,77 @@ async def test_http_flood_is_bounded_and_the_cycle_and_delivery_go_on(
     assert len(ours) == 1 and "8 connections open (http.max_connections)" in ours[0].getMessage()
 
 
+async def keep_alive_get(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str
+) -> int:
+    """One GET on a kept-alive connection, its answer read whole; returns its status."""
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    await reader.readexactly(length)
+    return int(head.split(b" ", 2)[1])
+
+
+async def test_keep_alive_clients_filling_the_cap_never_keep_the_probes_out():
+    """AD-3: ordinary keep-alive clients (scrapers: a GET /metrics now and then, each
+    answer read) hold every one of http.max_connections, and never idle for
+    idle_timeout: /healthz and /livez were refused for as long as they ran. A new
+    connection now closes the one idle the longest; that client reconnects. A client in
+    the middle of a request is not closed, nor one that never completed a request (a
+    flood: those hold the cap until idle_timeout, as before)."""
+    from invoice_watch.http_endpoint import HttpEndpoint
+    from invoice_watch.metrics import Metrics
+
+    now = [0.0]
+    metrics = Metrics()
+    endpoint = HttpEndpoint(
+        metrics, lambda: (True, "ok"), "127.0.0.1", 0,
+        max_connections=4, idle_timeout=600.0, monotonic=lambda: now[0],
+        live=lambda: (True, "alive"),
+    )  # fmt: skip
+    port = await endpoint.start()
+    clients = []
+    try:
+        for n in range(4):
+            now[0] = float(n)
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            assert await keep_alive_get(reader, writer, "/metrics") == 200
+            clients.append((reader, writer))
+        now[0] = 10.0
+        assert await keep_alive_get(*clients[0], "/metrics") == 200  # used lately
+        statuses = []
+        for path in ("/healthz", "/livez"):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            statuses.append(await keep_alive_get(reader, writer, path))
+            clients.append((reader, writer))
+        async with asyncio.timeout(5):  # the two idle the longest were closed
+            assert await clients[1][0].read() == b""
+            assert await clients[2][0].read() == b""
+        assert await keep_alive_get(*clients[0], "/metrics") == 200
+        assert await keep_alive_get(*clients[3], "/metrics") == 200
+        # Connections that complete no request (a flood) are not idle keep-alive ones:
+        # once they hold the cap, a new one is refused at once (until idle_timeout).
+        for _, writer in clients:
+            writer.close()
+        assert endpoint._runner is not None and endpoint._runner.server is not None
+        server = endpoint._runner.server
+        await eventually(lambda: not server.connections)
+        clients = [await asyncio.open_connection("127.0.0.1", port) for _ in range(5)]
+        async with asyncio.timeout(5):
+            assert await clients[4][0].read() == b""
+        assert len(server.connections) == 4
+    finally:
+        for _, writer in clients:
+            writer.close()
+        await endpoint.stop()
+    assert statuses == [200, 200]
+    assert metrics.registry.get_sample_value("invoice_watch_http_connections_evicted_total") == 2
+
+
 # -- http.listen errors (issue 14 §1) --------------------------------------------------
 
 
@@ -602,6 +673,29 @@ async def test_a_long_cycle_in_flight_is_healthy_alive_and_warned_about_while_it
     assert "watching 1 organization(s) every 2s" in caplog.messages  # was "every 0:00:02"
 
 
+async def test_status_check_judges_a_long_cycle_in_flight_as_healthz_does(
+    tmp_path: Path, notify_socket: NotifySocket
+):
+    """AD-5: 70 s into a cycle whose read has written nothing yet (Atlas slow, or 429s
+    retried), with a 2 s interval: /healthz said healthy, `status --check` (the Docker
+    HEALTHCHECK, another process reading the state file) "the last cycle finished 1m12s
+    ago (the limit is 1m)", exit 1. The daemon records the cycle's progress in the state
+    file while it runs: both say healthy, by the same last request to Atlas."""
+    import io
+
+    async with held_daemon(tmp_path, 70) as (app, _, clock):
+        await clock.sleeping(2)  # the heartbeat and watchdog, woken by the 70 s, sleep again
+        healthy, _ = app.daemon.health()
+        out = io.StringIO()
+        code = await ops.status(app.config, check=True, out=out, now=clock.now())
+    assert healthy
+    assert (code, out.getvalue()) == (
+        0,
+        "healthy: a cycle has been running, an organization read 1m10s ago; the last "
+        "cycle finished 1m12s ago: 1 read, 0 failed\n",
+    )
+
+
 async def test_a_cycle_that_makes_no_progress_is_unhealthy_and_the_watchdog_stops(
     tmp_path: Path, notify_socket: NotifySocket, caplog: pytest.LogCaptureFixture
 ):
@@ -626,6 +720,68 @@ async def test_a_cycle_that_makes_no_progress_is_unhealthy_and_the_watchdog_stop
         f"not pinging systemd's watchdog: {why}; systemd restarts the daemon once "
         "WatchdogSec passes"
     ]
+
+
+async def test_cycles_that_run_but_are_not_recorded_are_no_progress_for_healthz(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """AD-2: the state file refuses the cycle's writes ("database is locked": another
+    process holds its write lock), and the next cycle is in flight: /healthz said 200
+    "a cycle has been running..." for as long as cycles kept failing. 2 x interval after
+    the last recorded cycle it is 503, saying why; /livez (the loop runs) stays 200.
+    The store's write raises the StateError a held lock gives (a real lock costs three
+    of SQLite's 5 s busy_timeout per cycle, in real time)."""
+    from invoice_watch.errors import StateError
+
+    clock = ManualClock()
+    async with HeldAtlas(clock, 70, hold_from=3) as atlas:
+        data = base_config(
+            atlas={**base_config()["atlas"], "base_url": atlas.url},
+            organizations=[{"id": SLOW_ORG}],
+            poll={"interval": "2s"},
+            http={"listen": "127.0.0.1:0"},
+        )
+        async with App(make_config(tmp_path, data), clock=clock) as app, serving(app):
+            await until_cycles(app, 1)
+            finish = app.store.finish_cycle
+
+            refused = asyncio.Event()
+
+            async def locked(*args: Any, **kwargs: Any) -> None:
+                refused.set()
+                raise StateError("could not write state file state.db: database is locked")
+
+            monkeypatch.setattr(app.store, "finish_cycle", locked)
+            await clock.sleeping()
+            clock.advance(2)
+            async with asyncio.timeout(10):
+                await refused.wait()  # the second cycle fails: not recorded
+            monkeypatch.setattr(app.store, "finish_cycle", finish)
+            await clock.sleeping()
+            clock.advance(2)  # the third starts, and is held 70 s into it
+            async with asyncio.timeout(10):
+                await atlas.holding.wait()
+            try:
+                async with aiohttp.ClientSession() as session:
+                    url = f"http://127.0.0.1:{app.daemon.endpoint.port}"
+                    async with session.get(f"{url}/healthz") as resp:
+                        healthz = resp.status, (await resp.json())["reason"]
+                    async with session.get(f"{url}/livez") as resp:
+                        livez = resp.status
+            finally:
+                atlas.release.set()
+            await until_cycles(app, 3)
+            recovered = app.daemon.health()
+    assert (healthz, livez) == (
+        (
+            503,
+            "the last cycle recorded finished 1m14s ago (the limit is 1m: 2 x poll.interval, "
+            "at least 1m); the last cycle ended unrecorded: could not write state file "
+            "state.db: database is locked",
+        ),
+        200,
+    )
+    assert recovered[0], recovered
 
 
 def test_status_check_sees_a_cycle_in_flight_by_the_reads_it_recorded():
@@ -767,7 +923,8 @@ async def main():
             sys.stdin.readline()
             continue
         held = len(endpoint._runner.server.connections)  # any other line: the counts
-        print(held, int(metrics.http_refused._value.get()), flush=True)
+        closed = metrics.http_refused._value.get() + metrics.http_evicted._value.get()
+        print(held, int(closed), flush=True)
     await endpoint.stop()
 
 asyncio.run(main())
@@ -791,7 +948,8 @@ class EndpointProcess:
         self.log = ""
 
     def counts(self) -> tuple[int, int]:
-        """Connections held now, and refused so far."""
+        """Connections held now, and closed so far to stay at the cap (refused, or an
+        idle one evicted for a new one)."""
         self._send("\n")
         held, refused = map(int, self._line().split())
         return held, refused
@@ -839,9 +997,10 @@ def test_max_connections_above_the_open_files_limit_is_capped_below_it():
     """A daemon allowed 512 open files (soft and hard) and `max_connections: 5000`, as
     the attack's `ulimit -n 1024` with 1,100 connections: the cap is lowered below the
     limit (and said), and of 600 connections kept open (each answered once, so that the
-    server has taken it before the next comes) `cap` are held and the rest closed at
-    once, never an `accept() out of system resource` storm (the cap did not count the
-    descriptors the rest of the daemon needs)."""
+    server has taken it before the next comes) `cap` are held and the rest closed (each
+    new one past the cap closes the one idle the longest), never an `accept() out of
+    system resource` storm (the cap did not count the descriptors the rest of the daemon
+    needs)."""
     clients: list[socket.socket] = []
     held = closed = 0
     try:
@@ -865,7 +1024,7 @@ def test_max_connections_above_the_open_files_limit_is_capped_below_it():
     finally:
         for sock in clients:
             sock.close()
-    assert (held, closed) == (cap, 600 - cap)
+    assert (held, closed) == (600, 0)  # the idle ones made room for each new one
     assert "http.max_connections 5000 is more than this process can hold" in endpoint.log
     assert f"so at most {cap} connections are held" in endpoint.log
     assert "out of system resource" not in endpoint.log
@@ -875,7 +1034,8 @@ def test_max_connections_above_the_open_files_limit_is_capped_below_it():
 def test_a_burst_of_connections_is_held_to_the_cap():
     """90 connections held, then 30 more arriving at once, with a cap of 100: asyncio
     accepts a batch before any of it counts as open, so the cap was overshot by up to a
-    batch (120 held; and up to 100 descriptors more than the cap: the listen backlog)."""
+    batch (120 held; and up to 100 descriptors more than the cap: the listen backlog).
+    The 30 new ones now close the 20 idle the longest to make room (AD-3)."""
     clients: list[socket.socket] = []
     try:
         with endpoint_process(100) as endpoint:
@@ -889,8 +1049,10 @@ def test_a_burst_of_connections_is_held_to_the_cap():
                 clients.append(socket.create_connection(("127.0.0.1", endpoint.port), timeout=5))
             endpoint.release()
             deadline = time.monotonic() + 10
-            while sum(counts := endpoint.counts()) < 120 and time.monotonic() < deadline:
-                pass  # the server's accepts: no event of theirs reaches this process
+            # The server's accepts: no event of theirs reaches this process. An idle
+            # connection closed for a new one is gone in the loop's next round.
+            while (counts := endpoint.counts()) != (100, 20) and time.monotonic() < deadline:
+                pass
             assert endpoint.cap == 100 and counts == (100, 20)
     finally:
         for sock in clients:

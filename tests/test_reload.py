@@ -290,6 +290,28 @@ async def test_a_reload_of_a_config_naming_a_fifo_is_refused_at_once_and_the_nex
     assert f"atlas.auth.private_key_file: cannot read {fifo}: not a regular file" in refused[0]
 
 
+async def test_a_reload_of_values_nested_through_aliases_is_refused_at_its_line(
+    world: World, caplog: pytest.LogCaptureFixture
+):
+    """AD-4 on SIGHUP: ten anchors of 60 levels nested through aliases were "config
+    reload refused: FILE: maximum recursion depth exceeded", no line or setting named.
+    Now one problem at its file:line; the running configuration stays."""
+    from tests.test_config import nested_through_aliases
+
+    path = world.write_config()
+    clock = ManualClock(world.clock.now())
+    async with App(load_file(path), clock=clock) as app:
+        path.write_text(nested_through_aliases(10, 60) + path.read_text())
+        await asyncio.wait_for(app.request_reload(), 10)
+        assert app.config.source == path
+    refused = [m for m in caplog.messages if m.startswith("config reload refused")]
+    assert refused == [
+        f"config reload refused: {path}:2:71: values nested more than 64 levels deep "
+        "through aliases (*name); a configuration needs about 5: use fewer aliases of "
+        "nested values"
+    ]
+
+
 # -- what a reload says (issue 14 §3, §10) ------------------------------------------------
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import os
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -218,7 +219,7 @@ class _SecretFiles:
                 loc, f"{path} is empty: write the secret into it (one trailing newline is fine)"
             )
             return None
-        if problem := control_problem(text):
+        if problem := control_problem(text) or _invisible_problem(text):
             self.where.report_at(
                 loc, f"the content of {path} {problem} (one trailing newline is dropped)"
             )
@@ -240,6 +241,28 @@ class _SecretFiles:
             f"no such file, nor {kept} (the systemd setup's credentials folder); create "
             "it, readable by the daemon's user only, or give the file's full path"
         )
+
+
+def _invisible_problem(text: str) -> str | None:
+    """What is wrong with a secret file's text that looks right in an editor (AD-6): a
+    byte order mark (Notepad writes one), an invisible format character (U+200B...),
+    white space around it; no Atlas key, token, URL or password generated for a
+    service has them, and the service would refuse the secret with a misleading cause
+    ("revoked"). None when there is none."""
+    if text.startswith("\ufeff"):
+        return (
+            "starts with a byte order mark (U+FEFF, as Notepad writes); save the file as "
+            "UTF-8 without BOM"
+        )
+    if not text.strip():
+        return "holds only white space; write the secret into it"
+    if text != text.strip():
+        where = "starts" if text[0].isspace() else "ends"
+        return f"{where} with white space; remove it"
+    for char in text:
+        if unicodedata.category(char) == "Cf":
+            return f"contains the invisible character U+{ord(char):04X}; remove it"
+    return None
 
 
 def _add_defaults(data: dict[str, Any], env: Mapping[str, str], base_dir: Path) -> str:

@@ -10,6 +10,7 @@ value's mark in a :class:`~invoice_watch.config.locations.Locations` and reports
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
@@ -42,6 +43,7 @@ MAX_EXPANDED_BYTES = 4 * MAX_CONFIG_BYTES
 MAX_DEPTH = 64  # collections nested in each other
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 _FLOAT_TAG = "tag:yaml.org,2002:float"
+_STR_TAG = "tag:yaml.org,2002:str"
 _TYPED_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("null", "bool", "int")}
 
 
@@ -55,20 +57,24 @@ class _BoundExceeded(Exception):
 
 class _BoundedLoader(yaml.SafeLoader):
     """``yaml.SafeLoader`` (pure Python: the C loader has no hook) composing a node tree
-    whose walk is bounded: each node's size with aliases expanded is memoized by node
-    id (so counting is linear), and composing stops past ``MAX_EXPANDED_NODES`` or
-    ``MAX_DEPTH``. Source: PyYAML 6.0.4 ``Composer.compose_node``; LIBRARIES.md "merge
+    whose walk is bounded: each node's size and height with aliases expanded are
+    memoized by node id (so counting is linear), and composing stops past
+    ``MAX_EXPANDED_NODES`` or ``MAX_DEPTH``, the depth counted through aliases (ten
+    anchors of 60 levels, each holding the one before, are 600 levels for whatever walks
+    the data: a RecursionError). Source: PyYAML 6.0.4 ``Composer.compose_node``; LIBRARIES.md "merge
     keys and alias bombs"."""
 
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
         self.sizes: dict[int, int] = {}  # id(collection node) -> nodes once expanded
+        # id(collection node) -> collections nested in it and itself, aliases expanded
+        self.heights: dict[int, int] = {}
         self.depth = 0
 
     def compose_node(self, parent: Node | None, index: int) -> Node | None:
         alias = self.check_event(yaml.AliasEvent)
+        mark: Mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
         if self.depth >= MAX_DEPTH:
-            mark: Mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
             raise _BoundExceeded(
                 mark,
                 f"values nested more than {MAX_DEPTH} levels deep; a configuration "
@@ -81,19 +87,34 @@ class _BoundedLoader(yaml.SafeLoader):
             self.depth -= 1
         if node is None:
             return None
+        heights = self.heights
         if alias:  # an anchored node, counted already (unless it holds this alias)
             size = self.sizes.get(id(node), 1)
+            height = heights.get(id(node), 0)
         elif isinstance(node, SequenceNode):
             size = 1 + sum(self.sizes.get(id(item), 1) for item in node.value)
             self.sizes[id(node)] = size
+            height = heights[id(node)] = 1 + max(
+                (heights.get(id(item), 0) for item in node.value), default=0
+            )
         elif isinstance(node, MappingNode):
             size = 1 + sum(
                 self.sizes.get(id(key), 1) + self.sizes.get(id(value), 1)
                 for key, value in node.value
             )
             self.sizes[id(node)] = size
+            height = heights[id(node)] = 1 + max(
+                (max(heights.get(id(k), 0), heights.get(id(v), 0)) for k, v in node.value),
+                default=0,
+            )
         else:
             return node
+        if self.depth + height > MAX_DEPTH:  # nested through aliases (*name)
+            raise _BoundExceeded(
+                mark if alias else node.start_mark,
+                f"values nested more than {MAX_DEPTH} levels deep through aliases (*name); "
+                "a configuration needs about 5: use fewer aliases of nested values",
+            )
         if size > MAX_EXPANDED_NODES:
             raise _BoundExceeded(
                 node.start_mark,
@@ -170,6 +191,45 @@ def _yaml_problem(exc: yaml.YAMLError, text: str, filename: str) -> list[ConfigP
     if isinstance(exc, MarkedYAMLError) and exc.context and exc.context_mark:
         message += f" ({exc.context} at line {exc.context_mark.line + 1})"
     return [located(filename, mark, (), message + "; check indentation and quotes")]
+
+
+# Plain scalars YAML 1.1 (PyYAML) reads as numbers other than the decimal one they look
+# like (AD-7): octal (0100 is 64), hexadecimal, binary, base 60 (1:23:20 is 5000, and
+# 22:00 is 1320); and a leading 0 that is not octal (08: text), which an int field
+# takes as 8. Up to 12 digits: a 24-digit Atlas id may start with 0.
+_LEADING_ZERO = re.compile(r"[-+]?0[0-9_]{1,12}")
+_INT_TAG = "tag:yaml.org,2002:int"
+
+
+def _number_problem(text: str, tag: str) -> str | None:
+    """Why a plain scalar (resolved to ``tag``) must be written otherwise: a number YAML
+    1.1 does not read as the decimal it looks like; None for the rest."""
+    if tag not in (_INT_TAG, _FLOAT_TAG) and not (
+        tag == _STR_TAG and _LEADING_ZERO.fullmatch(text)
+    ):
+        return None
+    digits = text.replace("_", "")
+    if ":" in text:
+        return (
+            f"`{text}` is a base-60 number in YAML 1.1 (1:04 is 64): write the decimal "
+            'number, or put the value in quotes if it is text (a time: "22:00")'
+        )
+    unsigned = digits.lstrip("+-")
+    for prefix, kind, base in (("0x", "a hexadecimal", 16), ("0b", "a binary", 2)):
+        if unsigned.startswith(prefix):
+            value = int(digits.replace(prefix, "", 1), base)
+            return (
+                f"`{text}` is {kind} number ({value}) in YAML: write the decimal number "
+                f"{value}, or put the value in quotes if it is text"
+            )
+    if _LEADING_ZERO.fullmatch(text):
+        decimal = ("-" if digits.startswith("-") else "") + (unsigned.lstrip("0") or "0")
+        octal = "" if tag == _STR_TAG else f" ({int(digits, 8)})"
+        return (
+            f"`{text}` has a leading 0, which YAML reads as an octal number{octal}: write "
+            f"the decimal number {decimal}, or put the value in quotes if it is text"
+        )
+    return None
 
 
 @dataclass
@@ -321,6 +381,12 @@ class _Builder:
             return _Scalar(value, broken=False)
         if problem := control_problem(node.value):
             self.where.report(node.start_mark, loc, f"the value {problem}")
+            self.where.set_broken(loc)
+            return _Scalar(node.value, broken=True)
+        extension = bool(loc) and str(loc[0]).startswith("x-")  # ignored fields
+        problem = None if extension or node.style else _number_problem(node.value, node.tag)
+        if problem:
+            self.where.report(node.start_mark, loc, problem)
             self.where.set_broken(loc)
             return _Scalar(node.value, broken=True)
         return _Scalar(self._construct(node), broken=False)

@@ -256,6 +256,11 @@ class UnitOfWork(Protocol):
         """A number for a new cycle, to tag the messages it holds."""
         ...
 
+    async def heartbeat(self, at: datetime) -> None:
+        """A running cycle made progress at ``at`` (a request to Atlas started): what
+        another process (``status --check``) judges a cycle in flight by."""
+        ...
+
     async def commit_orgs(
         self,
         cycle: int,

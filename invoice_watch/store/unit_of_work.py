@@ -98,6 +98,24 @@ class SqlStore:
         ``cycles`` table numbers the cycles that ended on its own)."""
         return self._cycles.number()
 
+    async def heartbeat(self, at: datetime) -> None:
+        """A running cycle made progress at ``at`` (a request to Atlas started; AD-5):
+        recorded as the organizations' ``last_attempt`` (a read under way; only health
+        reads it), so that ``status --check``, another process, sees the cycle in
+        flight as the daemon's ``/healthz`` does
+        (:func:`~invoice_watch.health.in_flight_from_reads`), also while a read retries
+        and has written nothing else. Never moves a time back; the cache is left to the
+        cycle's commits."""
+        stamp = at.isoformat()
+
+        def run(conn: SqlConnection) -> None:
+            conn.execute(
+                "UPDATE orgs SET last_attempt=? WHERE last_attempt IS NULL OR last_attempt < ?",
+                (stamp, stamp),
+            )
+
+        await self.database.write(run, "record the running cycle's progress")
+
     async def commit_orgs(
         self,
         cycle: int,
