@@ -51,10 +51,12 @@ from tests.killloop import (
     Event,
     Timeline,
     WatchedSlack,
+    change_every_second,
     check_state,
     compare,
     delivered,
     initial_scenario,
+    kill_at,
 )
 from tests.postgres import PostgresServer, create_database, free_port, pg_bin, running_server
 
@@ -208,39 +210,18 @@ async def failover_loop(
         driver.write_config(sim, slack)
         timeline = Timeline(sim, rng)
 
-        async def change_every_second() -> None:
-            last = datetime.now(UTC)
-            while True:
-                await asyncio.sleep(1.0)
-                await driver.wait_observed(last)
-                say(f"change: {timeline.change()}")
-                last = datetime.now(UTC)
-
-        async def kill_at(daemon: Daemon, trigger: str) -> None:
-            if trigger == "random moment":
-                await asyncio.sleep(rng.uniform(0.2, 3.0))
-                return
-            seen = len(daemon.cycles)
-            slack.arrived.clear()
-            async with asyncio.timeout(6):
-                if trigger == "right after a commit":
-                    async with driver.progress:
-                        await driver.progress.wait_for(lambda: len(daemon.cycles) > seen)
-                else:
-                    await slack.arrived.wait()
-
         await driver.spawn()
         await driver.wait_leader()
         await driver.spawn()  # the standby
         problems += await driver.add_silence()  # beside the replicas
-        changer = asyncio.create_task(change_every_second())
+        changer = asyncio.create_task(change_every_second(driver, timeline, say))
         killed = 0
         try:
             while killed < kills:
                 leader = await driver.wait_leader()
                 trigger = rng.choice(TRIGGERS)
                 with contextlib.suppress(TimeoutError):
-                    await kill_at(leader, trigger)
+                    await kill_at(driver, slack, rng, leader, trigger)
                 mark, began = len(sim.requests), time.monotonic()
                 await driver.stop(leader, signal.SIGKILL)
                 killed += 1

@@ -392,6 +392,37 @@ async def check_state(state_path: Path | StateUrl, sim: Simulator) -> list[str]:
         await store.close()
 
 
+async def change_every_second(
+    driver: Driver, timeline: Timeline, say: Callable[[str], None]
+) -> None:
+    """Change the scenario once a second, each change once a daemon has observed the
+    one before, until cancelled."""
+    last = datetime.now(UTC)
+    while True:
+        await asyncio.sleep(1.0)
+        await driver.wait_observed(last)
+        say(f"change: {timeline.change()}")  # no await inside: a change is atomic
+        last = datetime.now(UTC)
+
+
+async def kill_at(
+    driver: Driver, slack: WatchedSlack, rng: random.Random, daemon: Daemon, trigger: str
+) -> None:
+    """Wait for the moment ``trigger`` names (at most 6 s): a random one, right after
+    ``daemon`` committed a cycle, or while Slack receives a message."""
+    if trigger == "random moment":
+        await asyncio.sleep(rng.uniform(0.2, 3.0))
+        return
+    seen = len(daemon.cycles)
+    slack.arrived.clear()
+    async with asyncio.timeout(6):
+        if trigger == "right after a commit":
+            async with driver.progress:
+                await driver.progress.wait_for(lambda: len(daemon.cycles) > seen)
+        else:
+            await slack.arrived.wait()
+
+
 async def kill_loop(
     workdir: Path,
     *,
@@ -411,28 +442,7 @@ async def kill_loop(
         driver.write_config(sim, slack)
         timeline = Timeline(sim, rng)
 
-        async def change_every_second() -> None:
-            last = datetime.now(UTC)
-            while True:
-                await asyncio.sleep(1.0)
-                await driver.wait_observed(last)
-                say(f"change: {timeline.change()}")  # no await inside: a change is atomic
-                last = datetime.now(UTC)
-
-        async def kill_at(daemon: Daemon, trigger: str) -> None:
-            if trigger == "random moment":
-                await asyncio.sleep(rng.uniform(0.2, 3.0))
-                return
-            seen = len(daemon.cycles)
-            slack.arrived.clear()
-            async with asyncio.timeout(6):
-                if trigger == "right after a commit":
-                    async with driver.progress:
-                        await driver.progress.wait_for(lambda: len(daemon.cycles) > seen)
-                else:
-                    await slack.arrived.wait()
-
-        changer = asyncio.create_task(change_every_second())
+        changer = asyncio.create_task(change_every_second(driver, timeline, say))
         killed = 0
         silence_problems: list[str] = []
         try:
@@ -442,7 +452,7 @@ async def kill_loop(
                     silence_problems = await driver.add_silence()
                 trigger = rng.choice(TRIGGERS)
                 with contextlib.suppress(TimeoutError):
-                    await kill_at(daemon, trigger)
+                    await kill_at(driver, slack, rng, daemon, trigger)
                 await driver.stop(daemon, signal.SIGKILL)
                 killed += 1
                 triggers[trigger] += 1
