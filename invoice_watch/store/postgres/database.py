@@ -196,6 +196,19 @@ class PgDatabase:
 
     # -- statements, on the database's thread ----------------------------------------
 
+    async def open_with(self, fn: Callable[[], T]) -> T:
+        """``fn`` (checking or migrating the database: its opening) run as :meth:`run`
+        does; when it fails the database is closed, and a psycopg error becomes a
+        :class:`~invoice_watch.errors.StateError` naming it, never with the password."""
+        try:
+            return await self.run(fn)
+        except psycopg.Error as exc:  # (not chained: libpq's text may hold the URL)
+            await self.close()
+            raise StateError(f"cannot use state database {self.name}: {self.reason(exc)}") from None
+        except BaseException:
+            await self.close()
+            raise
+
     async def run(self, fn: Callable[[], T]) -> T:
         """``fn`` on the database's thread, one at a time; a connection that failed is
         dropped (the next call opens a new one)."""
@@ -280,12 +293,5 @@ async def open_writer(url: StateUrl) -> PgDatabase:
     :class:`~invoice_watch.errors.StateError` says what is wrong, never with the
     password."""
     db = PgDatabase(url)
-    try:
-        await db.run(db.check_version)
-    except psycopg.Error as exc:  # (not chained: libpq's text may hold the URL)
-        await db.close()
-        raise StateError(f"cannot use state database {db.name}: {db.reason(exc)}") from None
-    except BaseException:
-        await db.close()
-        raise
+    await db.open_with(db.check_version)
     return db

@@ -13,7 +13,6 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from invoice_watch.constants import FINAL_STATUSES
-from invoice_watch.errors import StateError
 from invoice_watch.store.postgres.database import PgConnection, PgDatabase
 from invoice_watch.store.postgres.lease import LEASE_APPLICATION
 from invoice_watch.store.postgres.url import StateUrl
@@ -41,7 +40,6 @@ class PostgresStore(SqlStore):
         rolled back (the caches alone see it). Every problem is a
         :class:`~invoice_watch.errors.StateError` saying what to do, never with the
         password."""
-        import psycopg
 
         db = PgDatabase(url, rollback_only=dry_run)
         store = cls(db, settles)
@@ -53,14 +51,7 @@ class PostgresStore(SqlStore):
                 db.check_version()
             store.load(PgConnection(db.connection()))
 
-        try:
-            await db.run(opening)
-        except psycopg.Error as exc:  # (not chained: libpq's text may hold the URL)
-            await db.close()
-            raise StateError(f"cannot use state database {db.name}: {db.reason(exc)}") from None
-        except BaseException:
-            await db.close()
-            raise
+        await db.open_with(opening)
         return store
 
     async def reload(self) -> None:
