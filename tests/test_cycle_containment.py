@@ -158,7 +158,7 @@ async def test_cycle_a_bug_an_orgs_data_triggers_in_the_commit_is_that_orgs_fail
     """Whatever the commit of one organization's part raises (here: a bug writing its
     invoices, as a value the fetch lets through would make), that organization's read
     counts as failed and the others commit; the error is logged with its traceback."""
-    from invoice_watch.store.sqlite import snapshot
+    from invoice_watch.store.sql import snapshot
 
     atlas.invoices[ORG_A] = [invoice(1, ORG_A, "PENDING", MILLION)]
     real = snapshot._invoice_row

@@ -120,7 +120,7 @@ async def silences_writer(where: Path | StateUrl) -> AsyncIterator[SilenceReposi
     not fenced, the leader reads the table when it releases and delivers). Closed on
     leaving. A :class:`~invoice_watch.errors.StateError` says what is wrong."""
     from invoice_watch.store.sql import SqlDatabase
-    from invoice_watch.store.sqlite.silences import SqliteSilences
+    from invoice_watch.store.sql.silences import SqlSilences
 
     db: SqlDatabase
     if isinstance(where, StateUrl):
@@ -132,7 +132,7 @@ async def silences_writer(where: Path | StateUrl) -> AsyncIterator[SilenceReposi
 
         db = await asyncio.to_thread(open_writer, where)
     try:
-        yield SqliteSilences(db)
+        yield SqlSilences(db)
     finally:
         await db.close()
 

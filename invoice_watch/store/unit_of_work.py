@@ -2,9 +2,9 @@
 
 :class:`SqlStore` is the state (:class:`~invoice_watch.store.protocols.Store`) over any
 :class:`~invoice_watch.store.sql.SqlDatabase`: the snapshot
-(:mod:`.sqlite.snapshot`), the notification log (:mod:`.sqlite.notification_log`), the
-outbox (:mod:`.sqlite.outbox`), the cycle log (:mod:`.sqlite.cycles`) and the silences
-(:mod:`.sqlite.silences`), whose statements run on both databases (:mod:`.sql`). An
+(:mod:`.sql.snapshot`), the notification log (:mod:`.sql.notification_log`), the
+outbox (:mod:`.sql.outbox`), the cycle log (:mod:`.sql.cycles`) and the silences
+(:mod:`.sql.silences`), whose statements run on both databases (:mod:`.sql`). An
 organization's snapshot update, its alert-state changes and the notifications they cause
 are written in ONE transaction (:meth:`SqlStore.commit_orgs`, as soon as the cycle has
 read it; the notifications are held until the cycle ends, :meth:`SqlStore.finish_cycle`,
@@ -13,7 +13,7 @@ delivery reads the outbox afterwards. Each repository's cache changes only once 
 transaction committed.
 
 The backends subclass it with how they open their database:
-:class:`~invoice_watch.store.sqlite.SqliteStore` (a file) and
+:class:`~invoice_watch.store.sqlite.store.SqliteStore` (a file) and
 :class:`~invoice_watch.store.postgres.PostgresStore` (a server, replicas, a lease).
 """
 
@@ -26,18 +26,18 @@ from invoice_watch.constants import FINAL_STATUSES
 from invoice_watch.store.protocols import AlertChange
 from invoice_watch.store.records import OrgWrite
 from invoice_watch.store.sql import SqlConnection, SqlDatabase
-from invoice_watch.store.sqlite.cycles import SqliteCycleLog
-from invoice_watch.store.sqlite.notification_log import SqliteNotificationLog
-from invoice_watch.store.sqlite.outbox import (
-    SqliteOutbox,
+from invoice_watch.store.sql.cycles import SqlCycleLog
+from invoice_watch.store.sql.notification_log import SqlNotificationLog
+from invoice_watch.store.sql.outbox import (
+    SqlOutbox,
     hold_events,
     prune_done,
     release_held,
     retag_held,
     split_oversized,
 )
-from invoice_watch.store.sqlite.silences import SqliteSilences, prune_silences
-from invoice_watch.store.sqlite.snapshot import SqliteSnapshot
+from invoice_watch.store.sql.silences import SqlSilences, prune_silences
+from invoice_watch.store.sql.snapshot import SqlSnapshot
 
 
 class SqlStore:
@@ -46,30 +46,30 @@ class SqlStore:
 
     def __init__(self, db: SqlDatabase, settles: frozenset[str] = FINAL_STATUSES) -> None:
         self.database = db
-        self._snapshot = SqliteSnapshot(db, settles)
-        self._alerts = SqliteNotificationLog()
-        self._outbox = SqliteOutbox(db)
-        self._cycles = SqliteCycleLog(db)
-        self._silences = SqliteSilences(db)
+        self._snapshot = SqlSnapshot(db, settles)
+        self._alerts = SqlNotificationLog()
+        self._outbox = SqlOutbox(db)
+        self._cycles = SqlCycleLog(db)
+        self._silences = SqlSilences(db)
 
     @property
-    def snapshot(self) -> SqliteSnapshot:
+    def snapshot(self) -> SqlSnapshot:
         return self._snapshot
 
     @property
-    def alerts(self) -> SqliteNotificationLog:
+    def alerts(self) -> SqlNotificationLog:
         return self._alerts
 
     @property
-    def outbox(self) -> SqliteOutbox:
+    def outbox(self) -> SqlOutbox:
         return self._outbox
 
     @property
-    def cycles(self) -> SqliteCycleLog:
+    def cycles(self) -> SqlCycleLog:
         return self._cycles
 
     @property
-    def silences(self) -> SqliteSilences:
+    def silences(self) -> SqlSilences:
         return self._silences
 
     def load(self, conn: SqlConnection) -> None:

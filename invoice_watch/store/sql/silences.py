@@ -10,9 +10,9 @@ at every delivery pass: no restart, no cache to refresh.
 Releasing a cycle's messages applies the silences (:func:`silence_held`, in the unit of
 work's transaction, before grouping): a silenced message waits in state ``silenced``,
 a RESOLVED whose FIRING was silenced is ``muted`` (recorded, never sent) with the
-silenced messages of its episode. :meth:`SqliteSilences.lift` makes what no silence
+silenced messages of its episode. :meth:`SqlSilences.lift` makes what no silence
 matches any more pending (a FIRING whose alert still fires) or muted. Delivery applies
-them again to the pending messages it is about to send (:meth:`SqliteSilences.
+them again to the pending messages it is about to send (:meth:`SqlSilences.
 silence_pending`: a silence added while a message waits for its receiver holds it too);
 a silenced or muted row leaves its grouped message, whose other rows stay one message.
 The decisions are :mod:`invoice_watch.silences`'s, pure.
@@ -249,7 +249,7 @@ def prune_silences(conn: SqlConnection, cutoff: str, limit: int) -> int:
     ).rowcount
 
 
-class SqliteSilences:
+class SqlSilences:
     """The silences (:class:`~invoice_watch.store.protocols.SilenceRepository`); not
     cached: the ``silence`` commands write them beside the daemon."""
 

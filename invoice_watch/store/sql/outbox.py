@@ -5,7 +5,7 @@ it ends, or while it runs: per notifier one by one, or, above ``group_over``, as
 messages (:func:`~invoice_watch.store.grouping.message_parts`), each led by its first row
 (``grp`` = the leader's id) so that grouping rewrites nothing. The unit of work does this
 in its transactions (:func:`hold_events`, :func:`release_held`). Delivery reads the due
-messages (:class:`SqliteOutbox`), and marks each sent, failed, or to be retried;
+messages (:class:`SqlOutbox`), and marks each sent, failed, or to be retried;
 retention deletes those done long ago (:func:`prune_done`). The outbox is not cached:
 delivery reads it a bounded batch at a time.
 """
@@ -23,7 +23,7 @@ from invoice_watch.store.grouping import group_summary, message_parts, split, su
 from invoice_watch.store.protocols import AlertChange
 from invoice_watch.store.records import Delivery, OutboxRow
 from invoice_watch.store.sql import SqlConnection, SqlDatabase, json_text
-from invoice_watch.store.sqlite.silences import silence_held
+from invoice_watch.store.sql.silences import silence_held
 from invoice_watch.types import Part, events_from_json, instant
 
 T = TypeVar("T")
@@ -221,7 +221,7 @@ def prune_done(conn: SqlConnection, cutoff: str, limit: int) -> int:
     return deleted
 
 
-class SqliteOutbox:
+class SqlOutbox:
     """The outbox (:class:`~invoice_watch.store.protocols.Outbox`)."""
 
     def __init__(self, db: SqlDatabase) -> None:

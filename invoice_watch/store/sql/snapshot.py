@@ -3,9 +3,9 @@ listed (``invoices``, one row per organization that lists it), the pending amoun
 (``amount_history``), and each organization's read state (``orgs``).
 
 Cached in memory from the opening on, and updated only once a transaction committed
-(:meth:`SqliteSnapshot.apply`): the cycle reads it per invoice. Of the settled invoices
+(:meth:`SqlSnapshot.apply`): the cycle reads it per invoice. Of the settled invoices
 (final, and watched by no rule) only a key each is kept in memory, the file keeping them
-whole (:class:`~invoice_watch.types.Snapshot`); :meth:`SqliteSnapshot.stored_invoices`
+whole (:class:`~invoice_watch.types.Snapshot`); :meth:`SqlSnapshot.stored_invoices`
 reads them back.
 """
 
@@ -92,7 +92,7 @@ def _invoice_from_row(row: Sequence[Any]) -> Invoice:
     )
 
 
-class SqliteSnapshot:
+class SqlSnapshot:
     """The snapshot (:class:`~invoice_watch.store.protocols.SnapshotRepository`) and its
     cache. ``settles``: the statuses kept settled in memory."""
 

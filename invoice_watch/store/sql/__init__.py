@@ -1,5 +1,11 @@
-"""What the SQL repositories (:mod:`.sqlite`'s snapshot, notification log, outbox and
-cycle log) need of a database, so that both backends run the same statements:
+"""The SQL repositories both backends share, and what they need of a database.
+
+The repositories, one module each, run the same statements on SQLite and PostgreSQL:
+:mod:`.snapshot` (invoices, amount history, organizations' read state, cached),
+:mod:`.notification_log` (the state per alert, firing ones cached), :mod:`.outbox`
+(messages held, released (grouped), due, marked, pruned), :mod:`.cycles` (the cycles that
+ended, the numbers that tag held messages) and :mod:`.silences` (silences, applied as
+messages are released). What they need of a database, so that both backends run them:
 :class:`SqlConnection` (``sqlite3.Connection`` is one; :mod:`.postgres` wraps psycopg's)
 and :class:`SqlDatabase` (its transactions, on the database's own thread).
 

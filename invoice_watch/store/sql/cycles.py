@@ -10,7 +10,7 @@ from datetime import datetime
 from invoice_watch.store.sql import SqlConnection, SqlDatabase
 
 
-class SqliteCycleLog:
+class SqlCycleLog:
     """The cycle log (:class:`~invoice_watch.store.protocols.CycleLog`)."""
 
     def __init__(self, db: SqlDatabase) -> None:

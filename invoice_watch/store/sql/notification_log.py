@@ -2,7 +2,7 @@
 state (:class:`~invoice_watch.store.records.AlertState`) and the last event sent for it.
 
 Firing alerts are cached in memory from the opening on (the cycle reads them), and the
-cache changes only once a transaction committed (:meth:`SqliteNotificationLog.apply`);
+cache changes only once a transaction committed (:meth:`SqlNotificationLog.apply`);
 a resolved alert stays in the file until retention forgets it.
 """
 
@@ -66,7 +66,7 @@ def _alert_from_row(row: Sequence[Any], invoice_ids: Mapping[str, Invoice]) -> A
     )
 
 
-class SqliteNotificationLog:
+class SqlNotificationLog:
     """The notification log (:class:`~invoice_watch.store.protocols.NotificationLog`)
     and its cache of firing alerts."""
 
