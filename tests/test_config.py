@@ -1469,7 +1469,7 @@ def _duration_bounds() -> dict[str, timedelta]:
         for name, model in MODELS.items()
         for key, info in model.model_fields.items()
         for meta in [*info.metadata, *(m for a in get_args(info.annotation) for m in get_args(a))]
-        if isinstance(getattr(meta, "func", None), quantities._AtMost)
+        if isinstance(getattr(meta, "func", None), quantities._Bound) and not meta.func.lower
     }
 
 

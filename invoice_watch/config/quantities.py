@@ -1,8 +1,8 @@
 """The quantities of the configuration, each with its unit: durations (``90s``, ``15m``,
 ``1h``, ``1d`` or ``1h30m`` in the file, ``timedelta`` in the models, each field with its
-own upper bound, :func:`at_most`), sizes (``64MiB`` in the file, bytes in the models),
-money (USD in the file, integer cents in the models, without float arithmetic) and plain
-numbers (:data:`Whole`, :data:`Number`).
+own upper bound, :func:`at_most`, some with a lower one, :func:`at_least`), sizes
+(``64MiB`` in the file, bytes in the models), money (USD in the file, integer cents in
+the models, without float arithmetic) and plain numbers (:data:`Whole`, :data:`Number`).
 
 Digits are ASCII ``[0-9]`` everywhere: ``\\d`` and ``int()`` also take other scripts'
 digits (``５s`` would be 5 seconds), and a YAML ``true`` is no number (pydantic's lax
@@ -90,21 +90,39 @@ DurationOrZero = Annotated[timedelta, BeforeValidator(_parse_duration)]
 
 
 @dataclass(frozen=True)
-class _AtMost:
-    """A duration field's upper bound; ``why`` completes "must be at most LIMIT: "."""
+class _Bound:
+    """A duration field's bound, upper or lower; ``why`` completes "must be at most
+    LIMIT: " (or "at least")."""
 
     limit: timedelta
     why: str
+    lower: bool = False
 
     def __call__(self, value: timedelta) -> timedelta:
-        if value > self.limit:
-            raise ValueError(f"must be at most {config_duration(self.limit)}: {self.why}")
+        if value < self.limit if self.lower else value > self.limit:
+            side = "least" if self.lower else "most"
+            raise ValueError(f"must be at {side} {config_duration(self.limit)}: {self.why}")
         return value
 
 
 def at_most(limit: timedelta, why: str) -> AfterValidator:
     """The upper bound of one duration field: ``Annotated[Duration, at_most(limit, why)]``."""
-    return AfterValidator(_AtMost(limit, why))
+    return AfterValidator(_Bound(limit, why))
+
+
+def at_least(limit: timedelta, why: str) -> AfterValidator:
+    """A lower bound of one duration field above :data:`Duration`'s one second:
+    ``Annotated[Duration, at_least(limit, why), at_most(...)]``."""
+    return AfterValidator(_Bound(limit, why, lower=True))
+
+
+# The timeout of one request or SMTP conversation (Atlas, every notifier).
+RequestTimeout = Annotated[
+    Duration,
+    at_most(
+        timedelta(minutes=10), "one request or conversation that has not answered by then will not"
+    ),
+]
 
 
 _SIZE = re.compile(r"([0-9]+) *([KMG]i?B|B)?", re.IGNORECASE)

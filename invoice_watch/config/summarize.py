@@ -6,25 +6,29 @@ secrets show as ``<secret>`` and a proxy's password masked.
 from __future__ import annotations
 
 from invoice_watch.config.models import (
-    AlertmanagerNotifierConfig,
-    AmountIncreaseRule,
     Config,
     DigestAuth,
+    ReportConfig,
+)
+from invoice_watch.config.notifiers import (
+    AlertmanagerNotifierConfig,
     EmailNotifierConfig,
-    ForecastRule,
-    InvoiceStatusRule,
     NotifierConfig,
     PagerDutyNotifierConfig,
-    PendingAmountRule,
-    ReportConfig,
-    Rule,
     SlackNotifierConfig,
-    StatusChangeRule,
     TeamsNotifierConfig,
-    UsageAnomalyRule,
     WebhookNotifierConfig,
 )
 from invoice_watch.config.quantities import config_duration as duration
+from invoice_watch.config.rules import (
+    AmountIncreaseRule,
+    ForecastRule,
+    InvoiceStatusRule,
+    PendingAmountRule,
+    Rule,
+    StatusChangeRule,
+    UsageAnomalyRule,
+)
 from invoice_watch.format import usd
 from invoice_watch.proxy import ProxyUrl
 from invoice_watch.quiet import longest

@@ -1,7 +1,7 @@
 """The text values of the configuration, each checked for what its consumer accepts:
 :class:`Secret`, and the ``Annotated`` types the models use for names, HTTP and SMTP
 logins, host names, URLs, email addresses, Slack channels, organization ids, invoice
-statuses, paths and ``http.listen``.
+statuses, time zones, paths and ``http.listen``.
 
 Every text value reaches a log line, and most reach an HTTP or SMTP header, so none may
 hold a control character (a CR/LF from ``${VAR}`` would crash or inject a header).
@@ -24,6 +24,7 @@ from pydantic_core import core_schema
 from yarl import URL
 
 from invoice_watch import constants, redact
+from invoice_watch.report.schedule import zone
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
@@ -413,6 +414,15 @@ def _check_status(value: str) -> str:
 
 
 InvoiceStatus = Annotated[str, AfterValidator(_check_status)]
+
+
+def _check_zone(value: str) -> str:
+    zone(value)
+    return value
+
+
+# An IANA time zone name (``Europe/Paris``, ``UTC``): quiet hours, report schedules.
+TimeZoneName = Annotated[str, AfterValidator(_check_zone)]
 
 
 def _resolve_path(value: Path, info: ValidationInfo) -> Path:

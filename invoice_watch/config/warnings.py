@@ -18,19 +18,23 @@ from yarl import URL
 from invoice_watch import constants
 from invoice_watch.config.locations import Loc, Locations, in_file_order, located
 from invoice_watch.config.models import (
-    AlertmanagerNotifierConfig,
     Config,
+)
+from invoice_watch.config.notifiers import (
+    AlertmanagerNotifierConfig,
     EmailNotifierConfig,
-    ForecastRule,
-    InvoiceStatusRule,
     PagerDutyNotifierConfig,
     SlackNotifierConfig,
-    StatusChangeRule,
     TeamsNotifierConfig,
-    UsageAnomalyRule,
     WebhookNotifierConfig,
 )
 from invoice_watch.config.quantities import config_duration as duration
+from invoice_watch.config.rules import (
+    ForecastRule,
+    InvoiceStatusRule,
+    StatusChangeRule,
+    UsageAnomalyRule,
+)
 from invoice_watch.errors import ConfigProblem
 
 _Warning = tuple[Loc, str]
