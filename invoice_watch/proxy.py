@@ -28,13 +28,10 @@ from __future__ import annotations
 import ipaddress
 import os
 from collections.abc import Mapping
-from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from pydantic import GetCoreSchemaHandler
-from pydantic_core import core_schema
-
 from invoice_watch import redact
+from invoice_watch.concealed import Concealed
 
 _NOT_A_PROXY = "is not a proxy URL: write it like http://proxy.example.com:3128"
 
@@ -82,44 +79,26 @@ def masked(url: str) -> str:
     return parts._replace(netloc=f"{redact.REDACTED}@{host}").geturl()
 
 
-class ProxyUrl:
+class ProxyUrl(Concealed):
     """A configured proxy URL (``atlas.proxy``, ``notifiers.<name>.proxy``), checked by
-    :func:`check_proxy_url`. ``url`` is the URL to use; ``repr``, ``str`` and dumps show
-    it with its password masked. Usable as a pydantic field type (from ``str``)."""
+    :func:`check_proxy_url`. ``url`` is the URL to use; ``repr``, ``str`` and JSON dumps
+    show it with its user info masked. Usable as a pydantic field type (from ``str``)."""
 
-    __slots__ = ("url",)
+    __slots__ = ()
+    _expected = "expected a proxy URL like http://proxy.example.com:3128"
 
     def __init__(self, value: str) -> None:
-        self.url = check_proxy_url(value)
+        super().__init__(check_proxy_url(value))
 
-    def __repr__(self) -> str:
-        return repr(masked(self.url))
+    @property
+    def url(self) -> str:
+        return self._value
 
     def __str__(self) -> str:
-        return masked(self.url)
+        return masked(self._value)
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, ProxyUrl) and other.url == self.url
-
-    def __hash__(self) -> int:
-        return hash(self.url)
-
-    @classmethod
-    def __get_pydantic_core_schema__(
-        cls, source: type[Any], handler: GetCoreSchemaHandler
-    ) -> core_schema.CoreSchema:
-        return core_schema.no_info_plain_validator_function(
-            cls._validate,
-            serialization=core_schema.plain_serializer_function_ser_schema(str),
-        )
-
-    @classmethod
-    def _validate(cls, value: object) -> ProxyUrl:
-        if isinstance(value, ProxyUrl):
-            return value
-        if not isinstance(value, str):
-            raise ValueError("expected a proxy URL like http://proxy.example.com:3128")
-        return cls(value)
+    def __repr__(self) -> str:
+        return repr(masked(self._value))
 
 
 def _env(environ: Mapping[str, str], name: str) -> str | None:

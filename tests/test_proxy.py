@@ -23,7 +23,7 @@ import pytest
 from invoice_watch.atlas.client import AtlasClient
 from invoice_watch.cli.commands import run_once
 from invoice_watch.clock import FakeClock
-from invoice_watch.config import summary
+from invoice_watch.config import AtlasConfig, summary
 from invoice_watch.errors import ConfigError, PermanentNotifyError
 from invoice_watch.notify import build_notifiers
 from invoice_watch.proxy import bypassed, masked, proxy_for
@@ -128,6 +128,22 @@ def test_proxy_for_reads_the_scheme_variable_lowercase_first():
 )
 def test_masked_hides_the_whole_user_info(url: str, shown: str):
     assert masked(url) == shown
+
+
+def test_a_proxy_shows_no_credential_and_its_dump_loads_again():
+    """A proxy URL is concealed as a secret is (:mod:`invoice_watch.concealed`): its repr,
+    str and JSON dump mask the user info; a Python dump keeps the value, so that
+    validating the dump again gives the same configuration (it held the masked URL,
+    which loaded as another proxy, with `<secret>` as its user)."""
+    url = f"http://relay:{PROXY_PASSWORD}@proxy.example.com:3128"
+    auth = {"public_key": "abcdefgh", "private_key": "0123456789abcdef"}
+    atlas = AtlasConfig(auth=auth, proxy=url)
+    assert atlas.proxy is not None and atlas.proxy.url == url
+    dumped = atlas.model_dump()
+    shown = repr(atlas) + str(atlas) + str(dumped) + atlas.model_dump_json() + str(atlas.proxy)
+    assert PROXY_PASSWORD not in shown and "relay" not in shown
+    assert "http://<secret>@proxy.example.com:3128" in atlas.model_dump_json()
+    assert AtlasConfig.model_validate(dumped) == atlas
 
 
 @pytest.mark.parametrize(

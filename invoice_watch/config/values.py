@@ -17,13 +17,13 @@ import functools
 import ipaddress
 import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
-from pydantic import AfterValidator, GetCoreSchemaHandler, ValidationInfo
-from pydantic_core import core_schema
+from pydantic import AfterValidator, ValidationInfo
 from yarl import URL
 
 from invoice_watch import constants, redact
+from invoice_watch.concealed import Concealed
 from invoice_watch.report.schedule import zone
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
@@ -52,50 +52,29 @@ def _text(value: str) -> str:
     return value
 
 
-class Secret:
+class Secret(Concealed):
     """A secret string: ``get()`` returns it; ``repr``, ``str`` and JSON dumps show
     ``<secret>``. Compares by value. Usable as a pydantic field type (from ``str``)."""
 
-    __slots__ = ("_value",)
+    __slots__ = ()
 
     def __init__(self, value: str) -> None:
-        self._value = value
+        super().__init__(value)
         redact.register(value)  # so that no server can echo it into a log
 
     def get(self) -> str:
         return self._value
 
-    def __repr__(self) -> str:
-        return "<secret>"
-
-    __str__ = __repr__
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and other._value == self._value
-
-    def __hash__(self) -> int:
-        return hash(self._value)
+    def __str__(self) -> str:
+        return redact.REDACTED
 
     @classmethod
-    def __get_pydantic_core_schema__(
-        cls, source: type[Any], handler: GetCoreSchemaHandler
-    ) -> core_schema.CoreSchema:
-        return core_schema.no_info_plain_validator_function(
-            cls._validate,
-            serialization=core_schema.plain_serializer_function_ser_schema(repr, when_used="json"),
-        )
-
-    @classmethod
-    def _validate(cls, value: object) -> Secret:
-        if isinstance(value, Secret):
-            return value
-        if not isinstance(value, str):
-            raise ValueError("expected a text value (quote it)")
-        if not value:
+    def _from_text(cls, text: str) -> Secret:
+        if not text:
             raise ValueError("the secret is empty; set it, or use `<key>_file: path`")
-        if problem := control_problem(value):  # never the value itself: it is a secret
+        if problem := control_problem(text):  # never the value itself: it is a secret
             raise ValueError(f"the secret {problem}")
-        return cls(value)
+        return cls(text)
 
 
 MAX_NAME = 200
