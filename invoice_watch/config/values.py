@@ -99,13 +99,15 @@ _HEADER_TOKEN = re.compile(r"[!#-9;-\[\]-~]{1,256}")
 
 
 def _matching(pattern: re.Pattern[str], problem: str) -> AfterValidator:
-    """A check that the whole text matches ``pattern``; else the error is the quoted
-    value followed by ``problem``."""
+    """A check that the whole text (of a :class:`Secret` too) matches ``pattern``; else
+    the error is the quoted value followed by ``problem``, or for a secret ``problem``
+    alone: it never quotes a secret."""
 
-    def check(value: str) -> str:
-        _text(value)
-        if not pattern.fullmatch(value):
-            raise ValueError(f"`{value}` {problem}")
+    def check(value: str | Secret) -> str | Secret:
+        secret = isinstance(value, Secret)
+        text = value.get() if isinstance(value, Secret) else _text(value)
+        if not pattern.fullmatch(text):
+            raise ValueError(problem if secret else f"`{text}` {problem}")
         return value
 
     return AfterValidator(check)
@@ -135,17 +137,15 @@ SmtpLogin = Annotated[str, AfterValidator(_check_smtp_login)]
 _BEARER = re.compile(r"[A-Za-z0-9._~+/-]{1,1024}=*")  # b64token, RFC 6750 §2.1
 
 
-def _check_bearer(value: Secret) -> Secret:
-    if not _BEARER.fullmatch(value.get()):
-        raise ValueError(
-            "the token cannot be sent as `Authorization: Bearer`: it holds a space, a "
-            "quote or another character tokens never have; copy it again"
-        )
-    return value
-
-
 # A secret sent as ``Authorization: Bearer <token>`` (Slack).
-BearerToken = Annotated[Secret, AfterValidator(_check_bearer)]
+BearerToken = Annotated[
+    Secret,
+    _matching(
+        _BEARER,
+        "the token cannot be sent as `Authorization: Bearer`: it holds a space, a "
+        "quote or another character tokens never have; copy it again",
+    ),
+]
 
 _WHSEC = "whsec_"
 _WHSEC_BYTES = (24, 64)  # Standard Webhooks 1.0, "Signature scheme": 192 to 512 bits
@@ -187,17 +187,15 @@ SigningSecret = Annotated[Secret, AfterValidator(_check_signing_secret)]
 _ROUTING_KEY = re.compile(r"[A-Za-z0-9]{32}")
 
 
-def _check_routing_key(value: Secret) -> Secret:
-    if not _ROUTING_KEY.fullmatch(value.get()):
-        raise ValueError(
-            "a PagerDuty routing key is the 32 letters and digits of an Events API v2 "
-            "integration's Integration Key (Service > Integrations); copy it again"
-        )
-    return value
-
-
 # PagerDuty's Events API v2 integration key (``routing_key``).
-RoutingKey = Annotated[Secret, AfterValidator(_check_routing_key)]
+RoutingKey = Annotated[
+    Secret,
+    _matching(
+        _ROUTING_KEY,
+        "a PagerDuty routing key is the 32 letters and digits of an Events API v2 "
+        "integration's Integration Key (Service > Integrations); copy it again",
+    ),
+]
 
 # RFC 9110 §5.6.2: a field name is a token.
 _FIELD_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}")
