@@ -55,15 +55,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    def command(name: str, summary: str, description: str) -> argparse.ArgumentParser:
-        return commands.add_parser(
-            name,
-            help=summary,
-            description=description,
-            epilog=EPILOG,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         # SUPPRESS: when not given here, the value given before the command stands
         p.add_argument(
@@ -71,13 +62,24 @@ def build_parser() -> argparse.ArgumentParser:
         )
         return p
 
-    run = with_config(
-        command(
-            "run",
-            "run the daemon",
-            "Run the daemon: poll every poll.interval, send alerts, until SIGTERM or Ctrl-C. "
-            "SIGHUP rereads the config. One daemon per state file.",
+    def command(
+        name: str, summary: str, description: str, *, config: bool = True
+    ) -> argparse.ArgumentParser:
+        """A command, with ``-c FILE`` after it too when it reads the config."""
+        p = commands.add_parser(
+            name,
+            help=summary,
+            description=description,
+            epilog=EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
         )
+        return with_config(p) if config else p
+
+    run = command(
+        "run",
+        "run the daemon",
+        "Run the daemon: poll every poll.interval, send alerts, until SIGTERM or Ctrl-C. "
+        "SIGHUP rereads the config. One daemon per state file.",
     )
     run.add_argument(
         "--once", action="store_true", help="run one cycle, deliver (up to 60 s), exit"
@@ -92,43 +94,35 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with --once: record the snapshot, mark current alerts notified, send nothing",
     )
-    with_config(
-        command(
-            "check-config",
-            "validate the config and summarize it",
-            "Validate the config file: every problem at once as FILE:LINE:COL: path: "
-            "message (exit 2), else a summary with secrets masked.",
-        )
+    command(
+        "check-config",
+        "validate the config and summarize it",
+        "Validate the config file: every problem at once as FILE:LINE:COL: path: "
+        "message (exit 2), else a summary with secrets masked.",
     )
-    notify = with_config(
-        command(
-            "test-notify",
-            "send a test message",
-            "Send a test message through every notifier, or the one named.",
-        )
+    notify = command(
+        "test-notify",
+        "send a test message",
+        "Send a test message through every notifier, or the one named.",
     )
     notify.add_argument(
         "notifier", nargs="?", metavar="NOTIFIER", help="a notifier's name (default: all)"
     )
-    status = with_config(
-        command(
-            "status",
-            "show polls, alerts and the outbox",
-            "Show the daemon's health, the last read of each organization, the firing "
-            "alerts and the notifications not delivered yet, from its state file.",
-        )
+    status = command(
+        "status",
+        "show polls, alerts and the outbox",
+        "Show the daemon's health, the last read of each organization, the firing "
+        "alerts and the notifications not delivered yet, from its state file.",
     )
     status.add_argument(
         "--check",
         action="store_true",
         help="print one line and exit 1 unless the daemon is healthy (for HEALTHCHECK)",
     )
-    invoices = with_config(
-        command(
-            "invoices",
-            "the snapshot as a table",
-            "List the invoices of the snapshot (as last read from Atlas), newest first.",
-        )
+    invoices = command(
+        "invoices",
+        "the snapshot as a table",
+        "List the invoices of the snapshot (as last read from Atlas), newest first.",
     )
     invoices.add_argument(
         "--org", metavar="ORG", help="only this organization (its id or configured name)"
@@ -138,12 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="STATUS",
         help=f"only invoices in this status, one of {', '.join(INVOICE_STATUSES)}",
     )
-    history = with_config(
-        command(
-            "history",
-            "notifications sent, newest first",
-            "List the notifications sent, failed or waiting, newest first.",
-        )
+    history = command(
+        "history",
+        "notifications sent, newest first",
+        "List the notifications sent, failed or waiting, newest first.",
     )
     history.add_argument(
         "--limit",
@@ -152,14 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help=f"show the N newest (default: 50, at most {MAX_HISTORY})",
     )
-    silence = with_config(
-        command(
-            "silence",
-            "pause an alert's notifications for a while",
-            "Add, list or expire silences. A silenced alert is recorded (history shows "
-            "it) and, if it still fires when the silence ends, notified then. The daemon "
-            "needs no restart.",
-        )
+    silence = command(
+        "silence",
+        "pause an alert's notifications for a while",
+        "Add, list or expire silences. A silenced alert is recorded (history shows "
+        "it) and, if it still fires when the silence ends, notified then. The daemon "
+        "needs no restart.",
     )
     silence_verbs = silence.add_subparsers(
         dest="verb", metavar="VERB", required=True, help="add, list or expire"
@@ -176,14 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     silence_list.add_argument("--expired", action="store_true", help="ended ones too")
     silence_expire = with_config(silence_verbs.add_parser("expire", help="end a silence now"))
     silence_expire.add_argument("id", help="the silence's id (silence list shows it)")
-    state = with_config(
-        command(
-            "state",
-            "move the state into PostgreSQL",
-            "state copy: copy the state file (state.path) into an empty PostgreSQL database, "
-            "for replicas (README: High availability). Stop the daemon first; nothing is "
-            "alerted again afterwards.",
-        )
+    state = command(
+        "state",
+        "move the state into PostgreSQL",
+        "state copy: copy the state file (state.path) into an empty PostgreSQL database, "
+        "for replicas (README: High availability). Stop the daemon first; nothing is "
+        "alerted again afterwards.",
     )
     state_verbs = state.add_subparsers(dest="verb", metavar="VERB", required=True, help="copy")
     state_copy = with_config(
@@ -201,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Serve the built-in Atlas simulator (Digest and OAuth, paging, 429s) until Ctrl-C, "
         "and print what a config needs to use it. Its timeline of changes starts with the "
         "first request.",
+        config=False,
     )
     simulate.add_argument(
         "--host",
@@ -229,5 +218,6 @@ def build_parser() -> argparse.ArgumentParser:
         "see alerts fire and resolve (no credentials needed)",
         "Run the simulator and the daemon together: alerts fire and resolve on the console "
         "in under a minute, then it exits.",
+        config=False,
     )
     return parser
