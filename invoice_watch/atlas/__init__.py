@@ -7,8 +7,10 @@ The package knows Atlas and HTTP, and nothing of the stages after it. One module
 - ``paging``: an organization's listing, page by page, and its caps; the pages of the
   last listing (a body that comes back the same is not parsed again).
 - ``parse``: JSON and CSV answers -> ``Invoice``/``LineItem``, checked field by field.
-- ``transport``: one GET and its retries: the aiohttp session, the bound on requests in
-  flight, ``Retry-After`` and backoff (:mod:`invoice_watch.retry`), redirects refused.
+- ``transport``: one GET and its retries: the proxy, ``Retry-After`` and backoff
+  (:mod:`invoice_watch.retry`), what each answer means.
+- ``connection``: one request over the aiohttp session: the bound on requests in
+  flight, the first request alone until one is authenticated, redirects refused.
 - ``auth``: HTTP Digest keys, or an OAuth service account's bearer token.
 - ``pacing``: Atlas's rate limits (a 429's ``Retry-After``, ``RateLimit-Remaining``).
 - ``deprecation``: ``Deprecation``/``Sunset`` headers, warned about and counted.
