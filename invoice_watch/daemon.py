@@ -2,8 +2,9 @@
 
 :class:`Daemon` runs the cycle on its interval (:class:`~invoice_watch.schedule.PollLoop`,
 timed on the injected clock's monotonic time, first one at start), delivery as its own
-task, systemd's watchdog (:meth:`Daemon.liveness`), and the HTTP endpoint (``/healthz``,
-``/livez``, ``/metrics``). Its state is one :class:`DaemonState`; :meth:`Daemon.start`
+task, systemd's watchdog and the heartbeats of a cycle in flight (its signs of life:
+:mod:`invoice_watch.vitals`), and the HTTP endpoint (``/healthz``, ``/livez``,
+``/metrics``). Its state is one :class:`DaemonState`; :meth:`Daemon.start`
 and :meth:`Daemon.stop` are idempotent, and what start opened, one exit stack closes in
 reverse order within one time bound (:class:`Deadline`, :data:`~invoice_watch.
 constants.SHUTDOWN_SECONDS`): no new cycle starts, the cycle in flight finishes (or
@@ -21,7 +22,6 @@ import logging
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import TYPE_CHECKING, TypeVar
 
 from invoice_watch import sdnotify
@@ -30,9 +30,9 @@ from invoice_watch.config.quantities import config_duration
 from invoice_watch.constants import ONCE_DELIVERY_SECONDS, SHUTDOWN_SECONDS
 from invoice_watch.cycle import CycleResult
 from invoice_watch.errors import ListenError, StateError, StateFileGoneError
-from invoice_watch.health import InFlight, health, liveness, progress_limit
 from invoice_watch.http_endpoint import HttpEndpoint
 from invoice_watch.schedule import PollLoop, PollSchedule
+from invoice_watch.vitals import Vitals
 
 if TYPE_CHECKING:
     from invoice_watch.app import App
@@ -40,9 +40,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
-# How often a running cycle's progress is recorded in the state file, for `status
-# --check` (Daemon._heartbeats): well under health.progress_limit (12 min by default).
-HEARTBEAT_SECONDS = 30.0
 
 
 class Deadline:
@@ -95,7 +92,7 @@ class Daemon:
             app.metrics.cycles_late,
         )
         self.endpoint = Endpoint(self)
-        self._started = app.clock.monotonic()
+        self.vitals = Vitals(app, self.poll)
         self._stack = contextlib.AsyncExitStack()
         self._deadline = Deadline()
         self._stop: asyncio.Event | None = None
@@ -140,7 +137,7 @@ class Daemon:
             lease = asyncio.create_task(app.leadership.run(), name="lease")
         poll = asyncio.create_task(self.poll.run(), name="poll")
         delivery = asyncio.create_task(app.deliverer.run(), name="deliver")
-        watchdog = asyncio.create_task(self._watchdog(), name="watchdog")
+        watchdog = asyncio.create_task(self.vitals.watchdog(), name="watchdog")
         # Closed in reverse: the poll loop, the lease's renewals (the lease itself is
         # kept until the App closes, after the last delivery pass), a reload (a parse in
         # its thread is abandoned), the cycle in flight, delivery, the watchdog, the
@@ -153,7 +150,7 @@ class Daemon:
             stack.push_async_callback(_cancel, lease)
         stack.push_async_callback(_cancel, poll)
         self.state = DaemonState.SERVING
-        self._started = app.clock.monotonic()
+        self.vitals.since = app.clock.monotonic()
         organizations = len(app.config.organizations)
         sdnotify.ready(f"watching {organizations} organization(s)")
         log.info(
@@ -205,7 +202,7 @@ class Daemon:
         leadership = self.app.leadership
         if leadership is not None and not leadership.leading():
             return  # a standby polls nothing
-        heartbeat = asyncio.create_task(self._heartbeats(), name="heartbeat")
+        heartbeat = asyncio.create_task(self.vitals.heartbeats(), name="heartbeat")
         try:
             await self.app.run_cycle()
         except StateFileGoneError as exc:
@@ -221,119 +218,13 @@ class Daemon:
             heartbeat.cancel()
             await asyncio.gather(heartbeat, return_exceptions=True)
 
-    async def _heartbeats(self) -> None:
-        """While a scheduled cycle runs (this task lives as long as it does), every
-        :data:`HEARTBEAT_SECONDS`, record the progress of the cycle in flight (its last
-        request to Atlas starting, as :meth:`_in_flight` sees it) in the state file,
-        when there is news: ``status --check`` (the Docker HEALTHCHECK, another process)
-        then judges a long cycle that makes progress (429s, a slow first read: reads
-        that have written nothing yet) as ``/healthz`` does, healthy, and a stuck one as
-        unhealthy (AD-5). A write the state file refuses is left to the cycle's own
-        writes to report."""
-        app = self.app
-        recorded: float | None = None
-        while True:
-            await app.clock.sleep(HEARTBEAT_SECONDS)
-            began = self.poll.started_at
-            if began is None or not app.started:
-                continue
-            last = app.client.last_request_at
-            progress = began if last is None else max(last, began)
-            if recorded is not None and progress <= recorded:
-                continue
-            ago = timedelta(seconds=max(0.0, app.clock.monotonic() - progress))
-            try:
-                await app.store.heartbeat(app.clock.now() - ago)
-            except StateError as exc:
-                log.debug("the running cycle's progress was not recorded: %s", exc)
-                continue
-            recorded = progress
-
-    # -- health ----------------------------------------------------------------------
-
     def health(self) -> tuple[bool, str]:
-        """The daemon's health (``/healthz``), from its last cycle and the one in flight
-        (see :func:`health.health`), times measured on the monotonic clock (a wall-clock
-        step cannot make a stale cycle look fresh)."""
-        app = self.app
-        leadership = app.leadership
-        if leadership is not None and not leadership.leading():
-            # a standby is healthy when it could take over (leader.py)
-            return leadership.healthy(), leadership.describe()
-        cycles = app.cycles
-        last, age = cycles.last, None
-        if cycles.finished_at is not None:
-            age = timedelta(seconds=app.clock.monotonic() - cycles.finished_at)
-        ok, why = health(
-            last.finished_at if last else None,
-            last.orgs_ok if last else 0,
-            len(last.orgs_failed) if last else 0,
-            app.config.poll.interval,
-            app.clock.now(),
-            age=age,
-            in_flight=self._in_flight(),
-            unrecorded=cycles.unrecorded,
-        )
-        if leadership is not None:
-            why = f"{leadership.describe()}; {why}"
-        return ok, why
+        """The daemon's health, ``/healthz`` (:meth:`.Vitals.health`)."""
+        return self.vitals.health()
 
     def liveness(self) -> tuple[bool, str]:
-        """Whether the poll loop is alive (the systemd watchdog, ``/livez``; see
-        :func:`health.liveness`): Atlas's answers play no part."""
-        app = self.app
-        if app.leadership is not None and not app.leadership.leading():
-            return True, app.leadership.describe()  # a standby's loop polls nothing
-        now = app.clock.monotonic()
-        finished = app.cycles.finished_at
-        last = finished if finished is not None else self._started
-        return liveness(
-            timedelta(seconds=max(0.0, now - last)), app.config.poll.interval, self._in_flight()
-        )
-
-    def _in_flight(self) -> InFlight | None:
-        """The scheduled cycle running now, with its last sign of progress: a request to
-        Atlas starting (on the monotonic clock), or the cycle's own start."""
-        app = self.app
-        began = self.poll.started_at
-        if began is None or not app.started:
-            return None
-        now = app.clock.monotonic()
-        last = app.client.last_request_at
-        progress = began if last is None else max(last, began)
-        atlas = app.config.atlas
-        return InFlight(
-            progress=timedelta(seconds=max(0.0, now - progress)),
-            what="the last request to Atlas started",
-            limit=progress_limit(atlas.timeout, atlas.max_backoff),
-            running=timedelta(seconds=max(0.0, now - began)),
-        )
-
-    async def _watchdog(self) -> None:
-        """Ping systemd's watchdog while the poll loop is alive (:meth:`liveness`):
-        cycles finish, or the one in flight makes progress. Not while Atlas answers: a
-        revoked key or an Atlas outage would get the daemon killed every WatchdogSec
-        until the unit's start limit leaves it failed, and poll_failure would never
-        fire (issue 14 §1). Judged on the monotonic clock, so a wall-clock step neither
-        stops the pings of a daemon that polls nor keeps pinging for one that stopped."""
-        interval = sdnotify.watchdog_interval()
-        if interval is None:
-            return
-        stopped = False
-        while True:
-            alive, why = self.liveness()
-            if alive:
-                sdnotify.watchdog()
-                if stopped:
-                    log.info("pinging systemd's watchdog again: %s", why)
-            elif not stopped:
-                log.error(
-                    "not pinging systemd's watchdog: %s; systemd restarts the daemon once "
-                    "WatchdogSec passes",
-                    why,
-                )
-            stopped = not alive
-            await self.app.clock.sleep(interval)
+        """Whether the poll loop is alive, ``/livez`` (:meth:`.Vitals.liveness`)."""
+        return self.vitals.liveness()
 
 
 class Endpoint:

@@ -81,7 +81,7 @@ def in_flight_from_reads(
     --check``): an organization's read recorded after the last cycle finished. The
     daemon records a read that changed something, or failed, as soon as it is done;
     one that changed nothing, with the cycle's end; and while a cycle runs, its last
-    sign of progress (a request to Atlas starting) every 30 s (``Daemon._heartbeats``), so
+    sign of progress (a request to Atlas starting) every 30 s (``Vitals.heartbeats``), so
     that a long cycle that makes progress is judged as ``/healthz`` judges it."""
     latest = max((at for at in reads if at and (finished is None or at > finished)), default=None)
     if latest is None:
