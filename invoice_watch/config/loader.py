@@ -10,7 +10,8 @@ together as one :class:`~invoice_watch.errors.ConfigError`::
       -> `<secret>_file` keys read into their secret field (paths.secret_file_path)
       -> empty sections mean their defaults; the default state path (paths.py)
       -> cross-references (notify names, duplicate rule and report names, org ids)
-      -> pydantic validation (models.py), each error located (locations.py)
+      -> pydantic validation (models.py, notifiers.py, rules.py), each error located
+         (locations.py)
       -> the warnings of a valid configuration (warnings.py)
 
 Relative paths resolve against the configuration file's folder.

@@ -55,7 +55,7 @@ def build_notifier(name: str, config: NotifierConfig) -> Notifier:
     if config.type == "slack":
         if config.webhook_url is not None:
             return SlackWebhookNotifier(name, config.webhook_url.get(), proxy=proxy)
-        # config/models.py guarantees a token (with a channel) when there is no webhook_url.
+        # config/notifiers.py guarantees a token (with a channel) when there is no webhook_url.
         assert config.token is not None and config.channel is not None
         return SlackBotNotifier(
             name, config.token.get(), config.channel, config.api_url, proxy=proxy
