@@ -51,6 +51,15 @@ class ManualClock(FakeClock):
         over, or cancelled, but whose task has not run since)."""
         return sorted(s.end - self.monotonic() for s in self._sleepers if s.waiting)
 
+    def waits_of(self, task_name: str) -> list[float]:
+        """:meth:`waits` of the tasks named ``task_name`` alone (several tasks may sleep
+        as long: the release of held messages and a cycle's heartbeat both wait 30 s)."""
+        return sorted(
+            s.end - self.monotonic()
+            for s in self._sleepers
+            if s.waiting and s.task.get_name() == task_name
+        )
+
     async def sleeping(self, count: int = 1) -> list[float]:
         """Let the other tasks run until at least ``count`` of them sleep and every sleep
         that is over has returned (at most 10 s of real time: a test that waits longer

@@ -89,7 +89,7 @@ async def test_daemon_releases_what_a_cycle_holds_while_a_slow_org_is_read(tmp_p
             App(config, clock=clock, notifiers={"console": notifier}) as app,
             serving(app),
         ):
-            await eventually(lambda: HOLD_SECONDS in clock.waits())
+            await eventually(lambda: HOLD_SECONDS in clock.waits_of("release-held"))
             clock.advance(HOLD_SECONDS - 1)
             await asyncio.sleep(0.05)
             assert notifier.messages == []  # held: B may still make it a burst
@@ -115,7 +115,7 @@ async def test_daemon_groups_what_it_releases_early_as_it_groups_at_the_end(tmp_
             App(config, clock=clock, notifiers={"console": notifier}) as app,
             serving(app),
         ):
-            await eventually(lambda: HOLD_SECONDS in clock.waits())
+            await eventually(lambda: HOLD_SECONDS in clock.waits_of("release-held"))
             clock.advance(HOLD_SECONDS)
             await eventually(lambda: len(notifier.messages) == 1)
             assert notifier.orgs() == [[ORG_A] * 6]
@@ -139,4 +139,4 @@ async def test_daemon_cycle_that_ends_within_the_bound_groups_its_whole_burst(tm
         ):
             await eventually(lambda: len(notifier.messages) == 1)
             assert notifier.orgs() == [[ORG_A] * 3 + [ORG_B] * 3]
-            assert HOLD_SECONDS not in clock.waits()  # no release timer left behind
+            assert not clock.waits_of("release-held")  # no release timer left behind
