@@ -194,7 +194,7 @@ def plan_holding(
             new_state = _new_state(condition, event, now, firing=True, rule=rule, config=config)
             if baseline:
                 # No message went anywhere: no notifier has it yet (a mirror such as
-                # Alertmanager learns of it with its first message, deliver.py).
+                # Alertmanager learns of it with its first message, deliver/mirrors.py).
                 baselined = replace(new_state, notifiers=())
                 transitions.append(Transition(baselined, None, Reason.BASELINE))
             else:

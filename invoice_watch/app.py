@@ -25,7 +25,7 @@ from invoice_watch.clock import Clock, SystemClock
 from invoice_watch.config import Config, LogConfig, load_file
 from invoice_watch.cycle import CycleResult
 from invoice_watch.daemon import Daemon, OnceOutcome, run_once
-from invoice_watch.deliver import Deliverer
+from invoice_watch.deliver.deliverer import Deliverer
 from invoice_watch.errors import ListenError
 from invoice_watch.http_endpoint import HttpEndpoint
 from invoice_watch.leader import Leadership, lease_over

@@ -76,7 +76,7 @@ class Metrics:
             "When Atlas says it will remove a deprecated endpoint (Unix time; 0: no date yet)",
             "endpoint",
         )
-        # Messages for a notifier a reload (or an edit) removed or renamed (deliver.py).
+        # Messages for a notifier a reload (or an edit) removed or renamed (deliver/unrouted.py).
         self.outbox_unrouted = gauge(
             "invoice_watch_outbox_unrouted",
             "Pending notifications whose notifier is no longer configured (kept until max_age)",

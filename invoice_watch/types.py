@@ -414,7 +414,7 @@ class Notifier(Protocol):
 class FiringMirror(Protocol):
     """A notifier that mirrors what is firing (Alertmanager), besides the messages the
     outbox gives it: the deliverer posts it every firing alert whose messages go to it,
-    every ``resend_every`` seconds (``repost``, :mod:`invoice_watch.deliver`), so that
+    every ``resend_every`` seconds (``repost``, :mod:`invoice_watch.deliver.mirrors`), so that
     the receiver keeps them firing. ``repost`` raises as ``send`` does."""
 
     name: str

@@ -165,7 +165,7 @@ async def test_poll_keeps_its_interval_when_the_wall_clock_steps_back_and_forth(
     clock = ManualClock(world.clock.now())
     async with App(world.config(poll={"interval": "10m"}), clock=clock) as app, serving(app):
         await until_cycles(app, 1)  # the first cycle at start
-        # Delivered first: the outbox's own waits are deliver.py's, not this test's.
+        # Delivered first: the outbox's own waits are deliver/'s, not this test's.
         await eventually(lambda: len(world.slack.accepted) == len(world.sink.envelopes) == 2)
         for n, step in enumerate((timedelta(days=-2), timedelta(days=2), -timedelta(hours=1))):
             clock.step(step)

@@ -485,7 +485,7 @@ async def test_ha_a_send_in_flight_when_the_leader_is_deposed_says_so_once_and_k
     "fencing token None", no retry promised), and nothing is kept as unrecorded. B's own
     mark that the database refused (its connection cut) is kept, then dropped when B steps
     down: the unrecorded gauge goes back to 0, said once."""
-    from invoice_watch.deliver import Deliverer
+    from invoice_watch.deliver.deliverer import Deliverer
 
     caplog.set_level(logging.INFO)
     clock_a, clock_b = FakeClock(), FakeClock()
@@ -570,7 +570,7 @@ async def test_ha_libpq_errors_are_one_line_and_a_standby_prunes_nothing_silentl
     """libpq's errors span lines (``Connection refused`` then ``Is the server running
     ...``): every message that carries one is one line. A standby's delivery pass
     prunes nothing and says nothing about it."""
-    from invoice_watch.deliver import Deliverer
+    from invoice_watch.deliver.deliverer import Deliverer
     from tests.postgres import free_port
 
     with pytest.raises(StateError) as caught:

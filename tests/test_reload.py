@@ -149,7 +149,7 @@ async def test_reload_applies_what_changed_and_only_that(world: World):
         assert app.client is not client and app.client._config.timeout.total_seconds() == 5
         assert app.notifiers is notifiers  # unchanged
         assert applied == [LogConfig(level="debug", format="json")]
-        assert app.deliverer._max_age.total_seconds() == 7200  # no public view of it
+        assert app.deliverer.limits.max_age.total_seconds() == 7200
 
 
 async def test_a_reload_parses_off_the_event_loop_and_a_storm_makes_one_more(world: World):

@@ -13,7 +13,7 @@ Alertmanager ends an alert at its ``endsAt``, and one posted without it after it
 ``resolve_timeout``: a firing alert must be posted again before then, as Prometheus
 does. So a FIRING (or REMINDER) says ``endsAt`` = now + 4 x ``resend_every``, and while
 the alert fires the deliverer posts it again every ``resend_every``
-(:meth:`AlertmanagerNotifier.repost`, driven by :mod:`invoice_watch.deliver` from the
+(:meth:`AlertmanagerNotifier.repost`, driven by :mod:`invoice_watch.deliver.mirrors` from the
 alert state, so a restart picks it up). A RESOLVED says ``endsAt`` = when it resolved:
 Alertmanager resolves it at once. Should invoice-watch stop, its alerts end in
 Alertmanager 4 x ``resend_every`` later, as a stopped Prometheus's do. A NOTICE (a

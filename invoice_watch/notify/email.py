@@ -238,7 +238,7 @@ class EmailNotifier:
             )
         if not later:
             return None
-        # The same words at every attempt for the same answers: logged once (deliver.py).
+        # The same words at every attempt for the same answers: logged once (deliver/telling.py).
         replies = "; ".join(f"{r}: {answers[r][0]} {answers[r][1]}" for r in later)
         text = server_text(
             f"refused for now by {replies}; retried for "
