@@ -1,7 +1,9 @@
 """The notifiers (Slack, email, console, webhook, PagerDuty, Teams, Alertmanager) and the
 one factory that builds them from the ``notifiers:`` section of the configuration.
-Rendering lives in :mod:`.render`; one HTTP POST and the reading of its answer, shared by
-every HTTP notifier, in :mod:`.http`."""
+Rendering lives in :mod:`.render`; what every notifier does alike (``send`` of no events,
+``aclose``) in :mod:`.base`; one HTTP POST and the reading of its answer, shared by every
+HTTP notifier, and the base they are built on (:class:`.http.HttpNotifier`), in
+:mod:`.http`."""
 
 from __future__ import annotations
 

@@ -37,7 +37,8 @@ from typing import Any
 import aiohttp
 from aiohttp import hdrs
 
-from invoice_watch.notify.http import Receiver
+from invoice_watch.notify.base import Recipients
+from invoice_watch.notify.http import HttpNotifier
 from invoice_watch.notify.render.alertmanager import alertmanager_alert
 from invoice_watch.types import AlertEvent, EventKind, Part
 
@@ -61,8 +62,10 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-class AlertmanagerNotifier:
+class AlertmanagerNotifier(HttpNotifier):
     """Posts alerts to an Alertmanager (module docstring)."""
+
+    kind, label = "alertmanager", "Alertmanager"
 
     def __init__(
         self,
@@ -78,7 +81,6 @@ class AlertmanagerNotifier:
         proxy: str | None = None,
         clock: Callable[[], datetime] | None = None,
     ) -> None:
-        self.name = name
         self.resend_every = resend_every
         self.notices = notices
         self._clock = clock
@@ -90,16 +92,8 @@ class AlertmanagerNotifier:
             self._headers[hdrs.AUTHORIZATION] = basic
         secrets = [s for s in (token, password) if s]
         self._login = "token" if token else f"user {username}" if username else None
-        self._receiver = Receiver(
-            kind="alertmanager",
-            label="Alertmanager",
-            name=name,
-            url=url.rstrip("/") + API_PATH,
-            setting="url",
-            timeout=timeout,
-            proxy=proxy,
-            secrets=secrets,
-        )
+        url = url.rstrip("/") + API_PATH
+        super().__init__(name, url, timeout=timeout, proxy=proxy, secrets=secrets)
 
     def __repr__(self) -> str:
         login = f", {self._login}, <secret>" if self._login else ""
@@ -120,12 +114,8 @@ class AlertmanagerNotifier:
         data = json.dumps(alerts, separators=(",", ":"))
         await self._receiver.deliver(data, self._headers, json_api=True, hints=_HINTS)
 
-    async def send(
-        self,
-        events: Sequence[AlertEvent],
-        *,
-        part: Part | None = None,
-        recipients: Sequence[str] | None = None,  # one destination: does not apply
+    async def _send(
+        self, events: Sequence[AlertEvent], part: Part | None, recipients: Recipients
     ) -> None:
         alerts = self._alerts(events)
         if alerts:
@@ -141,6 +131,3 @@ class AlertmanagerNotifier:
             if alerts:
                 await self._post(alerts)
         logger.debug("alertmanager notifier %r: posted %d alert(s) again", self.name, len(events))
-
-    async def aclose(self) -> None:
-        """Nothing to close: each attempt opens and closes its own connection."""

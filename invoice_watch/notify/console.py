@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from typing import TextIO
 
 from invoice_watch.errors import RetryableNotifyError
+from invoice_watch.notify.base import BaseNotifier, Recipients
 from invoice_watch.notify.render import plain
 from invoice_watch.types import AlertEvent, Part
 
@@ -46,7 +47,7 @@ def _fit(text: str, encoding: str) -> str:
     return text.encode(encoding, "backslashreplace").decode(encoding)
 
 
-class ConsoleNotifier:
+class ConsoleNotifier(BaseNotifier):
     """Writes every message to ``stream`` (stdout when not given), each after a rule."""
 
     def __init__(self, name: str, stream: TextIO | None = None) -> None:
@@ -56,16 +57,10 @@ class ConsoleNotifier:
     def __repr__(self) -> str:
         return f"ConsoleNotifier(name={self.name!r})"
 
-    async def send(
-        self,
-        events: Sequence[AlertEvent],
-        *,
-        part: Part | None = None,
-        recipients: Sequence[str] | None = None,
+    async def _send(
+        self, events: Sequence[AlertEvent], part: Part | None, recipients: Recipients
     ) -> None:
         """Print the message (one destination: ``recipients`` does not apply)."""
-        if not events:
-            return
         # Looked up at each send, so a redirected sys.stdout (tests, --dry-run) is honoured.
         stream = self._stream or sys.stdout
         if stream is None:  # Python's sys.stdout when the process started with it closed
@@ -103,6 +98,3 @@ class ConsoleNotifier:
             "standard output can be written again",
             retry_after=_CLOSED_RETRY,
         )
-
-    async def aclose(self) -> None:
-        """Nothing to close: the stream belongs to the caller."""

@@ -41,6 +41,7 @@ from typing import Literal
 import aiosmtplib
 
 from invoice_watch.errors import NotifyError, PermanentNotifyError, RetryableNotifyError
+from invoice_watch.notify.base import BaseNotifier, Recipients
 from invoice_watch.notify.render import plain
 from invoice_watch.notify.render.email import email_html, email_subject
 from invoice_watch.safe_text import server_text
@@ -93,7 +94,7 @@ def group_message_id(events: Sequence[AlertEvent]) -> str:
     return f"<group-{digest.hexdigest()[:32]}@invoice-watch>"
 
 
-class EmailNotifier:
+class EmailNotifier(BaseNotifier):
     """Sends alert mail through one SMTP server to a fixed list of recipients."""
 
     def __init__(
@@ -155,17 +156,11 @@ class EmailNotifier:
             context.load_verify_locations(cafile=self.ca_file)
         return context
 
-    async def send(
-        self,
-        events: Sequence[AlertEvent],
-        *,
-        part: Part | None = None,
-        recipients: Sequence[str] | None = None,
+    async def _send(
+        self, events: Sequence[AlertEvent], part: Part | None, recipients: Recipients
     ) -> None:
         """Send the message to ``recipients`` (those of ``to`` still owed it; None: all
         of ``to``): see the module docstring for what each recipient's answer does."""
-        if not events:
-            return
         to = self.to
         if recipients is not None:
             owed = set(recipients)
@@ -285,6 +280,3 @@ class EmailNotifier:
         """The password: :func:`~invoice_watch.redact.redact` removes its base64 forms
         too, alone (AUTH LOGIN) or within another (AUTH PLAIN), which a server may echo."""
         return [self._password] if self._password else []
-
-    async def aclose(self) -> None:
-        """Nothing to close: each ``send`` opens and closes its own connection."""

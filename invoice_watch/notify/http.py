@@ -23,6 +23,10 @@ and raises what a receiver that answers by its status means):
 2xx sent; 408, 429 and 5xx retried (with the receiver's ``Retry-After``, RFC 9110,
 through :func:`invoice_watch.retry.parse_retry_after`); any other status permanent.
 
+:class:`HttpNotifier` is what the HTTP notifiers are built on: its name and its
+:class:`Receiver`, made from what the notifier says it is (``kind``, ``label``,
+``setting``).
+
 Every text taken from an answer goes through :func:`invoice_watch.safe_text.server_text`
 (the receiver's secrets removed, control characters escaped, bounded) before it is put in
 an error, which is then logged and stored as it is.
@@ -36,7 +40,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cached_property
-from typing import Any
+from typing import Any, ClassVar
 
 import aiohttp
 from aiohttp import hdrs
@@ -44,6 +48,7 @@ from yarl import URL
 
 from invoice_watch import __version__
 from invoice_watch.errors import NotifyError, PermanentNotifyError, RetryableNotifyError
+from invoice_watch.notify.base import BaseNotifier
 from invoice_watch.proxy import masked, proxy_for
 from invoice_watch.retry import parse_retry_after
 from invoice_watch.safe_text import server_text
@@ -378,3 +383,45 @@ class Receiver:
         else:
             detail = f"the connection to {host}:{port}{via} broke off ({cause})"
         return f"{self.who}: {self.label} unreachable: {detail}"
+
+
+class HttpNotifier(BaseNotifier):
+    """A notifier that posts to one receiver's ``url`` through its :class:`Receiver`
+    (``self._receiver``). Subclasses name it: ``kind`` (the notifier type, in
+    messages), ``label`` (the receiver), ``setting`` (the config key of ``url``); and
+    say how a message goes (:meth:`BaseNotifier._send`). ``secrets``: what no message
+    may show (:class:`Receiver`); None when the URL is the secret (a webhook's, which
+    holds its token): it, and the parts of it an answer may echo (:func:`url_secrets`),
+    and then the repr shows ``<secret>`` in its place."""
+
+    kind: ClassVar[str]
+    label: ClassVar[str]
+    setting: ClassVar[str] = "url"
+
+    def __init__(
+        self,
+        name: str,
+        url: str,
+        *,
+        timeout: float,
+        proxy: str | None,
+        secrets: Sequence[str] | None = None,
+    ) -> None:
+        self.name = name
+        self._secret_url = secrets is None
+        if secrets is None:
+            secrets = url_secrets(url)
+        self._receiver = Receiver(
+            kind=self.kind,
+            label=self.label,
+            name=name,
+            url=url,
+            setting=self.setting,
+            timeout=timeout,
+            proxy=proxy,
+            secrets=secrets,
+        )
+
+    def __repr__(self) -> str:
+        url = "<secret>" if self._secret_url else repr(self._receiver.url)
+        return f"{type(self).__name__}(name={self.name!r}, {self.setting}={url})"

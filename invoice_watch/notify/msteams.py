@@ -18,7 +18,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from invoice_watch.notify.http import Receiver, url_secrets
+from invoice_watch.notify.base import Recipients
+from invoice_watch.notify.http import HttpNotifier
 from invoice_watch.notify.render.teams import teams_json, teams_message
 from invoice_watch.types import AlertEvent, Part
 
@@ -32,39 +33,19 @@ _HINTS = {
 }
 
 
-class TeamsNotifier:
+class TeamsNotifier(HttpNotifier):
     """Posts each message to a Teams Workflows webhook as an Adaptive Card."""
+
+    kind, label, setting = "msteams", "Teams", "webhook_url"
 
     def __init__(
         self, name: str, webhook_url: str, *, timeout: float = 10, proxy: str | None = None
     ) -> None:
-        self.name = name
-        self._receiver = Receiver(
-            kind="msteams",
-            label="Teams",
-            name=name,
-            url=webhook_url,
-            setting="webhook_url",
-            timeout=timeout,
-            proxy=proxy,
-            secrets=url_secrets(webhook_url),
-        )
+        super().__init__(name, webhook_url, timeout=timeout, proxy=proxy)  # URL: the secret
 
-    def __repr__(self) -> str:
-        return f"TeamsNotifier(name={self.name!r}, webhook_url=<secret>)"
-
-    async def send(
-        self,
-        events: Sequence[AlertEvent],
-        *,
-        part: Part | None = None,
-        recipients: Sequence[str] | None = None,  # one destination: does not apply
+    async def _send(
+        self, events: Sequence[AlertEvent], part: Part | None, recipients: Recipients
     ) -> None:
-        if not events:
-            return
         body = teams_json(teams_message(events, part))
         await self._receiver.deliver(body, json_api=True, hints=_HINTS)
         logger.debug("msteams notifier %r: sent %d event(s)", self.name, len(events))
-
-    async def aclose(self) -> None:
-        """Nothing to close: each attempt opens and closes its own connection."""

@@ -30,7 +30,8 @@ import logging
 from collections.abc import Sequence
 
 from invoice_watch import constants
-from invoice_watch.notify.http import Receiver
+from invoice_watch.notify.base import Recipients
+from invoice_watch.notify.http import HttpNotifier
 from invoice_watch.notify.render.pagerduty import pagerduty_event
 from invoice_watch.types import AlertEvent, EventKind, Part
 
@@ -45,8 +46,10 @@ _HINTS = {
 }
 
 
-class PagerDutyNotifier:
+class PagerDutyNotifier(HttpNotifier):
     """Sends each event to PagerDuty's Events API v2 (module docstring)."""
+
+    kind, label = "pagerduty", "PagerDuty"
 
     def __init__(
         self,
@@ -58,19 +61,9 @@ class PagerDutyNotifier:
         timeout: float = 10,
         proxy: str | None = None,
     ) -> None:
-        self.name = name
         self.notices = notices
         self._routing_key = routing_key
-        self._receiver = Receiver(
-            kind="pagerduty",
-            label="PagerDuty",
-            name=name,
-            url=url,
-            setting="url",
-            timeout=timeout,
-            proxy=proxy,
-            secrets=[routing_key],
-        )
+        super().__init__(name, url, timeout=timeout, proxy=proxy, secrets=[routing_key])
 
     def __repr__(self) -> str:
         return (
@@ -78,12 +71,8 @@ class PagerDutyNotifier:
             "routing_key=<secret>)"
         )
 
-    async def send(
-        self,
-        events: Sequence[AlertEvent],
-        *,
-        part: Part | None = None,
-        recipients: Sequence[str] | None = None,  # one destination: does not apply
+    async def _send(
+        self, events: Sequence[AlertEvent], part: Part | None, recipients: Recipients
     ) -> None:
         for event in events:
             if event.kind is EventKind.NOTICE and self.notices == "skip":
@@ -94,6 +83,3 @@ class PagerDutyNotifier:
             logger.debug(
                 "pagerduty notifier %r: %s %s", self.name, body["event_action"], body["dedup_key"]
             )
-
-    async def aclose(self) -> None:
-        """Nothing to close: each attempt opens and closes its own connection."""

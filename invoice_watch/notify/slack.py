@@ -64,13 +64,13 @@ from urllib.parse import urljoin
 from aiohttp import hdrs
 
 from invoice_watch.errors import NotifyError, PermanentNotifyError, RetryableNotifyError
+from invoice_watch.notify.base import Recipients
 from invoice_watch.notify.http import (
     REPLY_MAX,
     SNIPPET,
-    Receiver,
+    HttpNotifier,
     Reply,
     json_object,
-    url_secrets,
 )
 from invoice_watch.notify.render.slack import slack_blocks, slack_brief_text, slack_text
 from invoice_watch.safe_text import server_text
@@ -169,33 +169,11 @@ def _forms(events: Sequence[AlertEvent], part: Part | None) -> list[dict[str, An
     ]
 
 
-class _SlackNotifier:
+class _SlackNotifier(HttpNotifier):
     """One POST per attempt to ``url`` and what its answer means (module docstring).
     Subclasses say what the body is and how Slack's own answer reads."""
 
-    setting = "webhook_url"  # the config key of the address, for messages
-
-    def __init__(
-        self,
-        name: str,
-        url: str,
-        *,
-        timeout: float,
-        proxy: str | None,
-        secrets: Sequence[str],
-    ) -> None:
-        self.name = name
-        self._secrets = tuple(secrets)
-        self._receiver = Receiver(
-            kind="slack",
-            label="Slack",
-            name=name,
-            url=url,
-            setting=self.setting,
-            timeout=timeout,
-            proxy=proxy,
-            secrets=secrets,
-        )
+    kind, label, setting = "slack", "Slack", "webhook_url"
 
     # -- what subclasses say ------------------------------------------------------------
 
@@ -211,16 +189,10 @@ class _SlackNotifier:
 
     # -- sending ------------------------------------------------------------------------
 
-    async def send(
-        self,
-        events: Sequence[AlertEvent],
-        *,
-        part: Part | None = None,
-        recipients: Sequence[str] | None = None,
+    async def _send(
+        self, events: Sequence[AlertEvent], part: Part | None, recipients: Recipients
     ) -> None:
         """Post the message (one destination: ``recipients`` does not apply)."""
-        if not events:
-            return
         if self._receiver.proxy_problem is not None:
             raise PermanentNotifyError(self._receiver.proxy_problem)
         refusals: list[str] = []  # "as blocks (invalid_blocks)", ...: Slack's, per form
@@ -318,12 +290,7 @@ class SlackWebhookNotifier(_SlackNotifier):
     def __init__(
         self, name: str, webhook_url: str, *, timeout: float = 10, proxy: str | None = None
     ) -> None:
-        # The URL is the secret; its path alone is too (an answer may echo it).
-        secrets = url_secrets(webhook_url)
-        super().__init__(name, webhook_url, timeout=timeout, proxy=proxy, secrets=secrets)
-
-    def __repr__(self) -> str:
-        return f"SlackWebhookNotifier(name={self.name!r}, webhook_url=<secret>)"
+        super().__init__(name, webhook_url, timeout=timeout, proxy=proxy)  # URL: the secret
 
     def _slack_says(self, reply: Reply) -> _SlackSays | None:
         """A webhook answers ``ok``, or an error code such as ``no_service``, as text."""
@@ -335,9 +302,6 @@ class SlackWebhookNotifier(_SlackNotifier):
         if _ERROR_CODE.fullmatch(text):
             return _SlackSays(ok=False, code=text)
         return None
-
-    async def aclose(self) -> None:
-        """Nothing to close: each attempt opens and closes its own connection."""
 
 
 class SlackBotNotifier(_SlackNotifier):
@@ -385,8 +349,5 @@ class SlackBotNotifier(_SlackNotifier):
         error = data.get("error")
         if isinstance(error, str) and _ERROR_CODE.fullmatch(error):
             return _SlackSays(ok, error)
-        odd = "" if error is None else server_text(error, SNIPPET, secrets=self._secrets)
+        odd = "" if error is None else server_text(error, SNIPPET, secrets=self._receiver.secrets)
         return _SlackSays(ok, None, f"'{odd}'" if odd else "")
-
-    async def aclose(self) -> None:
-        """Nothing to close: each attempt opens and closes its own connection."""

@@ -34,13 +34,21 @@ from importlib import resources
 from typing import Any
 
 from invoice_watch.config.values import signing_key
-from invoice_watch.notify.http import Receiver, url_secrets
+from invoice_watch.notify.base import Recipients
+from invoice_watch.notify.http import HttpNotifier, url_secrets
 from invoice_watch.notify.render.webhook import webhook_body
 from invoice_watch.types import AlertEvent, Part
 
 logger = logging.getLogger(__name__)
 
 SCHEMA_FILE = "webhook-v1.schema.json"
+
+_HINTS = {
+    401: "the receiver refused the request's credentials: check the notifier's headers (and "
+    "secret)",
+    403: "the receiver refused the request: check the notifier's headers and secret",
+    410: "the receiver says it wants no more messages (410 Gone): check url",
+}
 
 
 @cache
@@ -59,8 +67,10 @@ def signature(key: bytes, message_id: str, timestamp: int, body: bytes) -> str:
     return "v1," + base64.b64encode(digest).decode("ascii")
 
 
-class WebhookNotifier:
+class WebhookNotifier(HttpNotifier):
     """POSTs each message to ``url`` (module docstring)."""
+
+    kind, label = "webhook", "the receiver"
 
     def __init__(
         self,
@@ -73,38 +83,22 @@ class WebhookNotifier:
         proxy: str | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.name = name
         self._key = signing_key(secret) if secret is not None else None
         self._headers = dict(headers or {})
         self._clock = clock
         secrets = [*url_secrets(url), *self._headers.values()]
         if secret is not None:
             secrets.append(secret)
-        self._receiver = Receiver(
-            kind="webhook",
-            label="the receiver",
-            name=name,
-            url=url,
-            setting="url",
-            timeout=timeout,
-            proxy=proxy,
-            secrets=secrets,
-        )
+        super().__init__(name, url, timeout=timeout, proxy=proxy, secrets=secrets)
 
     def __repr__(self) -> str:
         signed = ", secret=<secret>" if self._key is not None else ""
         headers = f", headers={sorted(self._headers)}" if self._headers else ""
         return f"WebhookNotifier(name={self.name!r}, url=<secret>{signed}{headers})"
 
-    async def send(
-        self,
-        events: Sequence[AlertEvent],
-        *,
-        part: Part | None = None,
-        recipients: Sequence[str] | None = None,  # one destination: does not apply
+    async def _send(
+        self, events: Sequence[AlertEvent], part: Part | None, recipients: Recipients
     ) -> None:
-        if not events:
-            return
         data = webhook_body(events, part, notifier=self.name)
         # UTF-8 (JSON's own encoding), not ASCII escapes: a non-Latin name is 2 to 4
         # bytes a character, not 6 or 12; the signature covers these very bytes.
@@ -117,18 +111,5 @@ class WebhookNotifier:
         }
         if self._key is not None:
             headers["webhook-signature"] = signature(self._key, data["id"], timestamp, body)
-        await self._receiver.deliver(
-            body,
-            headers,
-            json_api=False,
-            hints={
-                401: "the receiver refused the request's credentials: check the notifier's "
-                "headers (and secret)",
-                403: "the receiver refused the request: check the notifier's headers and secret",
-                410: "the receiver says it wants no more messages (410 Gone): check url",
-            },
-        )
+        await self._receiver.deliver(body, headers, json_api=False, hints=_HINTS)
         logger.debug("webhook notifier %r: sent %s", self.name, data["id"])
-
-    async def aclose(self) -> None:
-        """Nothing to close: each attempt opens and closes its own connection."""
