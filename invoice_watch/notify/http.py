@@ -284,13 +284,7 @@ class Receiver:
         if status == 407:
             return self.refused(reply, head, self.proxy_wants_credentials())
         if reply.success:
-            if not (json_api and reply.page):
-                return None
-            return RetryableNotifyError(
-                f"{head} {reply.content_type} ({self.quote(reply)}): {self.not_ours}; the "
-                f"message did not reach {self.label}. Check {self.where} and the network's "
-                f"proxy (notifiers.{self.name}.proxy, HTTPS_PROXY/HTTP_PROXY)"
-            )
+            return self.page_in_the_way(reply, head) if json_api and reply.page else None
         head += f" {reply.content_type} ({self.quote(reply)})"
         if reply.page:
             head += f": {self.not_ours}"
@@ -300,6 +294,16 @@ class Receiver:
         elif not hint and 400 <= status < 500 and status not in (408, 429):
             hint = f"{self.label} refused the message; check {self.where} and its settings"
         return self.refused(reply, head, hint)
+
+    def page_in_the_way(self, reply: Reply, head: str) -> RetryableNotifyError:
+        """The error for a 2xx page in place of the receiver's answer (``head``: what
+        happened): a proxy's or a captive portal's, so the message did not get there
+        and is retried."""
+        return RetryableNotifyError(
+            f"{head} {reply.content_type} ({self.quote(reply)}): {self.not_ours}; the "
+            f"message did not reach {self.label}. Check {self.where} and the network's "
+            f"proxy (notifiers.{self.name}.proxy, HTTPS_PROXY/HTTP_PROXY)"
+        )
 
     def redirect(self, reply: Reply) -> NotifyError:
         """A redirect, never followed: to another host something is in the way (retried);

@@ -258,12 +258,7 @@ class _SlackNotifier(HttpNotifier):
                 head += f" {reply.content_type} ({receiver.quote(reply)}): {receiver.not_ours}"
             return _Outcome(self._refused(reply, head, None))
         if reply.page:
-            message = (
-                f"{head} {reply.content_type} ({receiver.quote(reply)}): {receiver.not_ours}; "
-                f"the message did not reach Slack. Check {receiver.where} and the network's "
-                f"proxy (notifiers.{name}.proxy, HTTPS_PROXY/HTTP_PROXY)"
-            )
-            return _Outcome(RetryableNotifyError(message))
+            return _Outcome(receiver.page_in_the_way(reply, head))
         what = reply.cut or f"{reply.content_type}, {len(reply.body)} bytes"
         doubt = (
             f"HTTP {status} with an answer that is not Slack's ({what}: {receiver.quote(reply)})"
