@@ -132,6 +132,16 @@ async def test_receiver_takes_every_kind_of_message(receiver: tuple[_Fake, Notif
     assert fake.accepted
 
 
+async def test_receiver_a_message_of_no_events_posts_nothing(
+    receiver: tuple[_Fake, Notifier],
+) -> None:
+    """``send`` of no events is nothing to send (the one ``BaseNotifier.send``): no
+    request reaches the service, and nothing is raised."""
+    fake, notifier = receiver
+    await notifier.send([])
+    assert fake.accepted == [] and fake.refused == []
+
+
 @pytest.mark.parametrize("status", [429, 503])
 async def test_receiver_429_and_5xx_are_retried_with_retry_after(
     receiver: tuple[_Fake, Notifier], status: int

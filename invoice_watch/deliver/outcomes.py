@@ -13,6 +13,8 @@ gauge (each failed write counts in ``invoice_watch_outbox_write_errors_total``).
 process that ends before the state is writable again can send such a message twice
 (once more, at its next start), as a crash between a send and its mark can. A replica
 that steps down forgets them (:meth:`Recorder.drop`): the new leader owns the outbox.
+The outbox's columns are made storable as they are written (``invoice_watch.store``), so
+no character a receiver sends (in an error text) can make a mark fail.
 
 Owns those kept outcomes (by outbox id, oldest first), the count of writes failed in a
 row, and the monotonic time (seconds) of the next write of them.
