@@ -269,7 +269,7 @@ class DeliveryConfig(Model):
     max_backoff: _BackoffCap = timedelta(seconds=60)
     group_over: Whole = Field(5, ge=1, le=10_000)
     # Sent and failed notifications, resolved alerts, cycle records and amount observations
-    # older than this are pruned from the state file (deliver.py, Store.prune); pending
+    # older than this are pruned from the state file (deliver/retention.py, Store.prune); pending
     # messages and firing alerts never are.
     retention: Annotated[
         Duration, at_most(timedelta(days=3650), "ten years of history is plenty")
