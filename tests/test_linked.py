@@ -302,3 +302,42 @@ async def test_linked_invoice_news_is_committed_before_the_listing_it_made_no_ne
         grew = await app.run_cycle()
         assert (EventKind.FIRING, "over", small) in events(grew)
         assert committed == [PAYER, LINKED]
+
+
+async def test_linked_read_reads_the_store_once_for_its_own_and_its_payers_settled_copies(
+    sim: Simulator, tmp_path: Path
+):
+    """Analytics holds its old PAID invoice (settled: kept in memory as a key); Production
+    alone holds a later one, listed while Analytics's reads failed. Atlas forgives both,
+    and Production's reads fail: Analytics's read needs its own stored copy of the old
+    one (the diff) and Production's of the later one (what is news). Both come from one
+    read of the store, made before the diff (issue 15, item 3): one NOTICE each."""
+    old = sim.scenario.invoice("old").id
+    clock = FakeClock(NOW)
+    async with App(config_of(sim, tmp_path), clock=clock, notifiers={"console": Recorder()}) as app:
+        await app.run_cycle()
+    late = sim.scenario.add_invoice(LINKED, period=-2, status="PAID", amount_cents=50_00).id
+    fail_reads_of(sim, LINKED, times=2)  # the start's full listing and its stand-in
+    async with App(config_of(sim, tmp_path), clock=clock, notifiers={"console": Recorder()}) as app:
+        assert (await app.run_cycle()).orgs_failed == [LINKED]
+        assert late in app.store.snapshot.get(PAYER).settled
+        assert late not in app.store.snapshot.get(LINKED)
+    sim.set_status(old, "FORGIVEN")
+    sim.set_status(late, "FORGIVEN")
+    fail_reads_of(sim, PAYER, times=2)
+    async with App(config_of(sim, tmp_path), clock=clock, notifiers={"console": Recorder()}) as app:
+        reads: list[str] = []
+        database: Any = app.store.database  # type: ignore[attr-defined]
+        read = database.read
+
+        async def counted(fn: Any, what: str) -> Any:
+            reads.append(what)
+            return await read(fn, what)
+
+        database.read = counted
+        result = await app.run_cycle()
+        assert result.orgs_failed == [PAYER]
+        assert sorted((e.kind, e.rule, e.invoice_id, e.previous_status) for e in result.events) == [
+            (EventKind.NOTICE, "moves", invoice_id, "PAID") for invoice_id in sorted((old, late))
+        ]
+        assert len(reads) == 1

@@ -5,8 +5,8 @@ listed (``invoices``, one row per organization that lists it), the pending amoun
 Cached in memory from the opening on, and updated only once a transaction committed
 (:meth:`SqlSnapshot.apply`): the cycle reads it per invoice. Of the settled invoices
 (final, and watched by no rule) only a key each is kept in memory, the file keeping them
-whole (:class:`~invoice_watch.types.Snapshot`); :meth:`SqlSnapshot.stored_invoices`
-reads them back.
+whole (:class:`~invoice_watch.types.Snapshot`); :meth:`SqlSnapshot.stored_copies`
+reads those a read needs back, in one read.
 """
 
 from __future__ import annotations
@@ -90,6 +90,20 @@ def _invoice_from_row(row: Sequence[Any]) -> Invoice:
         created=instant(row[12]) if row[12] else None,
         updated=instant(row[13]) if row[13] else None,
     )
+
+
+def _select(conn: SqlConnection, org_id: str, ids: Sequence[str]) -> list[Invoice]:
+    """The invoices ``ids`` of ``org_id``'s listing that the state file holds."""
+    found: list[Invoice] = []
+    for start in range(0, len(ids), 500):
+        chunk = ids[start : start + 500]
+        rows = conn.execute(
+            f"SELECT {_INVOICE_COLUMNS} FROM invoices WHERE source_org_id=? "
+            f"AND id IN ({','.join('?' * len(chunk))})",
+            (org_id, *chunk),
+        )
+        found.extend(_invoice_from_row(row) for row in rows)
+    return found
 
 
 class SqlSnapshot:
@@ -191,17 +205,25 @@ class SqlSnapshot:
             sql = f"SELECT {_INVOICE_COLUMNS} FROM invoices"
             if org_id is None:
                 return [_invoice_from_row(row) for row in conn.execute(sql)]
-            sql += " WHERE source_org_id=?"
             if ids is None:
-                return [_invoice_from_row(row) for row in conn.execute(sql, (org_id,))]
-            found: list[Invoice] = []
-            for start in range(0, len(ids), 500):
-                chunk = ids[start : start + 500]
-                rows = conn.execute(
-                    f"{sql} AND id IN ({','.join('?' * len(chunk))})", (org_id, *chunk)
-                )
-                found.extend(_invoice_from_row(row) for row in rows)
-            return found
+                rows = conn.execute(f"{sql} WHERE source_org_id=?", (org_id,))
+                return [_invoice_from_row(row) for row in rows]
+            return _select(conn, org_id, ids)
+
+        return await self._db.read(query, f"{self._db.kind} {self._db.name}")
+
+    async def stored_copies(
+        self, wanted: Mapping[str, Sequence[str]]
+    ) -> dict[str, dict[str, Invoice]]:
+        """Some invoices of several organizations as the state file holds them, in one
+        read: organization -> invoice ids in, organization -> id -> invoice out (one
+        it does not hold left out)."""
+
+        def query(conn: SqlConnection) -> dict[str, dict[str, Invoice]]:
+            return {
+                org_id: {i.id: i for i in _select(conn, org_id, ids)}
+                for org_id, ids in wanted.items()
+            }
 
         return await self._db.read(query, f"{self._db.kind} {self._db.name}")
 
