@@ -18,7 +18,8 @@ The walk of one read (:meth:`Cycle.take`), each stage once, in order:
 
 Then, once: the RESOLVED transitions, and the store's last transaction
 (:meth:`~invoice_watch.store.UnitOfWork.finish_cycle`), which releases the cycle's
-messages, grouped as :func:`~invoice_watch.store.grouping.messages` says.
+messages, grouped as :func:`~invoice_watch.store.grouping.messages` says (the cycle's
+result reports them so: :func:`~invoice_watch.store.grouping.cycle_messages`).
 """
 
 from __future__ import annotations
@@ -27,8 +28,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import defaultdict
-from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Iterable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Collection
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime
 
@@ -79,22 +79,6 @@ class CycleResult:
     @property
     def orgs_ok(self) -> int:
         return len(self.reads) - len(self.orgs_failed)
-
-
-def messages(transitions: Iterable[Transition], group_over: int) -> list[Message]:
-    """The outbox messages of a cycle's transitions, per notifier its alert's messages
-    go to (``state.notifiers``), one by one or grouped as the store releases them
-    (:func:`~invoice_watch.store.grouping.messages`)."""
-    per_notifier: dict[str, list[AlertEvent]] = defaultdict(list)
-    for t in transitions:
-        if t.event is not None:
-            for name in t.state.notifiers:
-                per_notifier[name].append(t.event)
-    return [
-        (name, list(events), part)
-        for name, batch in per_notifier.items()
-        for events, part in grouping.messages(batch, group_over)
-    ]
 
 
 @dataclass
@@ -187,7 +171,7 @@ class Cycle:
                 self.clock.now(),
                 reads,
                 [t.event for t in outgoing if t.event is not None],
-                messages(outgoing, config.delivery.group_over),
+                grouping.cycle_messages(outgoing, self._routes, config.delivery.group_over),
                 invoices=plan.invoices,
                 changes=plan.changes,
             )

@@ -19,7 +19,13 @@ from typing import Any, TypeVar
 
 from invoice_watch.constants import MESSAGE_MAX_EVENTS
 from invoice_watch.store.encoding import OWED_PREFIX, event_json, outbox_error, owed_of
-from invoice_watch.store.grouping import group_summary, message_parts, split, summarize
+from invoice_watch.store.grouping import (
+    group_summary,
+    message_parts,
+    notifiers,
+    split,
+    summarize,
+)
 from invoice_watch.store.protocols import AlertChange
 from invoice_watch.store.records import Delivery, OutboxRow
 from invoice_watch.store.sql import SqlConnection, SqlDatabase, json_text
@@ -104,10 +110,7 @@ def hold_events(
         text = written.get(id(event))
         events = f"[{text if text is not None else event_json(event)}]"
         summary = summarize((event,))
-        # The notifiers its alert's messages go to (alerts.recipients); the rule's
-        # route for a transition made without them.
-        notifiers = t.state.notifiers or routes.get(event.rule, ())
-        rows.extend((notifier, events, summary, now, now, cycle) for notifier in notifiers)
+        rows.extend((name, events, summary, now, now, cycle) for name in notifiers(t, routes))
     conn.executemany(
         "INSERT INTO outbox (notifier, events, summary, created_at, next_attempt_at, "
         "state, cycle) VALUES (?,?,?,?,?,'held',?)",
