@@ -44,23 +44,24 @@ def user_name(uid: int) -> str:
         return f"uid {uid}"
 
 
+# What an OS error means for the state file, and what to do about it, by errno.
+_REASONS = {
+    errno.ENOSPC: "the disk is full: free some space on it",
+    errno.EDQUOT: "the disk quota of this user is exhausted",
+    errno.EROFS: "the file system is read-only: point state.path at a writable one",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: check state.path",
+    errno.EEXIST: "a file of that name is in the way of a folder: check state.path",
+    errno.ELOOP: "it is a symbolic link, which invoice-watch does not follow",
+}
+
+
 def reason(exc: OSError) -> str:
     """An OS error in words, with what to do about it when the error says."""
     code = exc.errno
     if code in (errno.EACCES, errno.EPERM):
         return f"permission denied for {user_name(os.geteuid())}: run as the user that owns it"
-    if code == errno.ENOSPC:
-        return "the disk is full: free some space on it"
-    if code == errno.EDQUOT:
-        return "the disk quota of this user is exhausted"
-    if code == errno.EROFS:
-        return "the file system is read-only: point state.path at a writable one"
-    if code == errno.ENOTDIR:
-        return "a part of the path is a file, not a folder: check state.path"
-    if code == errno.EEXIST:
-        return "a file of that name is in the way of a folder: check state.path"
-    if code == errno.ELOOP:
-        return "it is a symbolic link, which invoice-watch does not follow"
+    if code in _REASONS:
+        return _REASONS[code]
     return exc.strerror or str(exc)
 
 
