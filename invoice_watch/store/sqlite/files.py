@@ -70,12 +70,9 @@ def existing(path: Path) -> os.stat_result | None:
     StateError when it cannot be looked at, is a symbolic link (never followed: a link
     would have invoice-watch chmod and write a file elsewhere), or is not a regular
     file."""
-    try:
-        info = os.lstat(path)
-    except FileNotFoundError:
+    info = _lstat(path, "reach")
+    if info is None:
         return None
-    except OSError as exc:
-        raise StateError(f"cannot reach state file {path}: {reason(exc)}") from exc
     if stat.S_ISLNK(info.st_mode):
         try:
             target = f" (to {os.readlink(path)})"
@@ -247,10 +244,16 @@ def sqlite_problem(path: Path, exc: sqlite3.Error, *, reader: bool = False) -> s
 
 def identity(path: Path) -> tuple[int, int] | None:
     """(st_dev, st_ino) of the file at ``path``, None when there is none."""
+    info = _lstat(path, "check")
+    return None if info is None else (info.st_dev, info.st_ino)
+
+
+def _lstat(path: Path, verb: str) -> os.stat_result | None:
+    """``lstat`` of ``path``, None when there is none; a StateError saying it cannot
+    ``verb`` the state file ("reach", "check") and why."""
     try:
-        info = os.lstat(path)
+        return os.lstat(path)
     except FileNotFoundError:
         return None
     except OSError as exc:
-        raise StateError(f"cannot check state file {path}: {reason(exc)}") from exc
-    return info.st_dev, info.st_ino
+        raise StateError(f"cannot {verb} state file {path}: {reason(exc)}") from exc
