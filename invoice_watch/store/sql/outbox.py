@@ -235,8 +235,6 @@ class SqlOutbox:
     async def due(
         self, now: datetime, limit: int = 100, *, exclude: Collection[int] = ()
     ) -> list[Delivery]:
-        """The pending messages due at ``now``, oldest first, but for those ``exclude``
-        names (by id: messages whose outcome is not recorded yet)."""
         skip = sorted(exclude)
         marks = ",".join("?" * len(skip))
 
@@ -267,9 +265,6 @@ class SqlOutbox:
         return await self._read(query)
 
     async def waiting_since(self, limit: int = 10_000) -> list[datetime]:
-        """When the messages waiting (held or pending) were created: each distinct time
-        once, oldest first, at most ``limit`` of them."""
-
         def query(conn: SqlConnection) -> list[datetime]:
             rows = conn.execute(
                 "SELECT DISTINCT created_at FROM outbox WHERE state IN ('held', 'pending') "
@@ -404,7 +399,6 @@ class SqlOutbox:
     async def mark_failed(
         self, delivery_id: int, now: datetime, error: str, owed: Sequence[str] | None = None
     ) -> None:
-        """Mark the message failed (for the recipients ``owed`` only, when some got it)."""
         await self._update(
             (
                 "UPDATE outbox SET state='failed', attempts=attempts+1, done_at=?, "

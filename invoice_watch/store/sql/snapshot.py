@@ -239,7 +239,6 @@ class SqlSnapshot:
         return self._payers
 
     def invoice_count(self) -> int:
-        """Invoices in the snapshot (one listed by two configured organizations twice)."""
         return sum(len(snapshot) for snapshot in self._snapshot.values())
 
     async def settle(self, statuses: frozenset[str]) -> None:
@@ -257,9 +256,6 @@ class SqlSnapshot:
     async def stored_invoices(
         self, org_id: str | None = None, ids: Sequence[str] | None = None
     ) -> list[Invoice]:
-        """Invoices as the state file holds them: every one, one configured
-        organization's (``org_id``), or some of its (``ids``)."""
-
         def query(conn: SqlConnection) -> list[Invoice]:
             sql = f"SELECT {_INVOICE_COLUMNS} FROM invoices"
             if org_id is None:
@@ -274,10 +270,6 @@ class SqlSnapshot:
     async def stored_copies(
         self, wanted: Mapping[str, Sequence[str]]
     ) -> dict[str, dict[str, Invoice]]:
-        """Some invoices of several organizations as the state file holds them, in one
-        read: organization -> invoice ids in, organization -> id -> invoice out (one
-        it does not hold left out)."""
-
         def query(conn: SqlConnection) -> dict[str, dict[str, Invoice]]:
             return {
                 org_id: {i.id: i for i in _select(conn, org_id, ids)}
