@@ -357,9 +357,10 @@ async def compare(
     needs those the read changed or no longer lists
     (:func:`~invoice_watch.diff.settled_to_load`), the news the other organizations'
     copies of the linked invoices this one holds no copy of
-    (:meth:`~invoice_watch.linked.Linked.to_load`). The rest is pure. Only when another
-    organization's commit changed what it holds of those invoices while this read
-    waited is the store read again, for the copies the first read could not name."""
+    (:meth:`~invoice_watch.linked.Linked.to_load`). The rest is pure. Only when, while
+    this read waited for the store, another organization's read or commit of this cycle
+    gave it a settled copy of an invoice this one lists for the first time (the first
+    read could not name it) is the store read again, for those copies alone."""
     if not read.ok:
         return Compared(read)
     org_id = read.org_id

@@ -15,10 +15,10 @@ Through the real App and AtlasClient against the simulator on loopback (its
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import yaml
@@ -26,9 +26,12 @@ import yaml
 from invoice_watch.app import App
 from invoice_watch.clock import FakeClock
 from invoice_watch.config import Config, load
-from invoice_watch.cycle import CycleResult
+from invoice_watch.constants import FINAL_STATUSES
+from invoice_watch.cycle import CycleResult, compare
+from invoice_watch.linked import Linked
 from invoice_watch.simulator import Scenario, Simulator
-from invoice_watch.types import EventKind
+from invoice_watch.types import EventKind, Invoice, OrgRead, Snapshot
+from tests.conftest import ORG_A, ORG_B, inv
 from tests.test_convergence import Recorder
 
 PAYER = "5f8a1c2e9b3d4a6f7e0c0016"
@@ -341,3 +344,67 @@ async def test_linked_read_reads_the_store_once_for_its_own_and_its_payers_settl
             (EventKind.NOTICE, "moves", invoice_id, "PAID") for invoice_id in sorted((old, late))
         ]
         assert len(reads) == 1
+
+
+class _Snapshots:
+    """A snapshot repository for :func:`compare` alone: ``snapshots`` by organization,
+    ``stored`` the invoices the database holds (organization -> id -> invoice);
+    ``meanwhile`` runs while the first read waits (another organization's commit)."""
+
+    def __init__(
+        self,
+        snapshots: dict[str, Snapshot],
+        stored: dict[str, dict[str, Invoice]],
+        meanwhile: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.snapshots, self.stored, self.meanwhile = snapshots, stored, meanwhile
+        self.reads: list[dict[str, list[str]]] = []
+
+    def get(self, org_id: str) -> Snapshot:
+        return self.snapshots.get(org_id, Snapshot(settles=FINAL_STATUSES))
+
+    async def stored_copies(self, wanted: Mapping[str, Sequence[str]]) -> dict[str, Any]:
+        self.reads.append({org_id: list(ids) for org_id, ids in wanted.items()})
+        if len(self.reads) == 1:
+            self.meanwhile()
+        held = self.stored
+        return {
+            o: {i: held[o][i] for i in ids if i in held.get(o, {})} for o, ids in wanted.items()
+        }
+
+
+def _settled(*invoices: Invoice) -> Snapshot:
+    return Snapshot({}, {i.id: i.settled_key() for i in invoices}, FINAL_STATUSES)
+
+
+@pytest.mark.parametrize("committed", ["before", "while it waits"])
+async def test_compare_reads_the_store_once_unless_a_copy_is_committed_while_it_waits(
+    committed: str,
+):
+    """ORG_A (linked to ORG_B, its payer) holds invoice 1 settled and no copy of invoice
+    2, which its read lists for the first time; Atlas forgave both. The stored copy of 1
+    (the diff) and ORG_B's of 2 (the news: PAID -> FORGIVEN) come from one read made
+    before the diff. Only when ORG_B's copy is committed while that read waits is the
+    store read again, for it alone."""
+    paid, forgiven = inv(1, status="PAID"), inv(1, status="FORGIVEN")
+    theirs, listed = inv(2, status="PAID", source=ORG_B), inv(2, status="FORGIVEN")
+    snapshots = {ORG_A: _settled(paid)}
+    if committed == "before":
+        snapshots[ORG_B] = _settled(theirs)
+
+    def commit() -> None:
+        snapshots[ORG_B] = _settled(theirs)
+
+    repo = _Snapshots(snapshots, {ORG_A: {paid.id: paid}, ORG_B: {theirs.id: theirs}}, commit)
+    linked = Linked(frozenset({ORG_A, ORG_B}), {ORG_A: ORG_B}, FINAL_STATUSES)
+    read = OrgRead(ORG_A, invoices=(forgiven, listed), listed=2)
+    compared = await compare(read, snapshots[ORG_A], None, cast(Any, repo), linked, {ORG_B})
+    if committed == "before":
+        assert repo.reads == [{ORG_B: [theirs.id], ORG_A: [paid.id]}]
+    else:
+        assert repo.reads == [{ORG_A: [paid.id]}, {ORG_B: [theirs.id]}]
+    assert compared.stored == {paid.id: paid}
+    assert compared.shared.baseline == {theirs.id: theirs}
+    assert compared.shared.mirror == {theirs.id: (ORG_B,)}
+    assert compared.change is not None
+    assert [(c.old, c.new) for c in compared.change.status_changed] == [(paid, forgiven)]
