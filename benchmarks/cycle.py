@@ -87,7 +87,7 @@ WORK = (
     ("plan", "evaluate"),
     ("plan", "plan_holding"),
     ("plan", "plan_resolved"),
-    ("cycle", "messages"),
+    ("store.grouping", "cycle_messages"),
 )
 CYCLES = ("cold", "2nd", "steady", "full")
 RULES: list[dict[str, Any]] = [
@@ -376,6 +376,7 @@ def _time_work() -> list[_Timed]:
     for module, name in WORK:
         timers.append(_Timed(importlib.import_module(f"invoice_watch.{module}"), name))
     timers.append(_Timed(Linked, "shared"))  # linked invoices: what others hold
+    timers.append(_Timed(Linked, "to_load"))  # and which of their copies to read
     return timers
 
 

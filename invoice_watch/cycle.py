@@ -7,9 +7,10 @@ The walk of one read (:meth:`Cycle.take`), each stage once, in order:
 1. the read (:meth:`~invoice_watch.atlas.client.AtlasClient.read_orgs`, taken by
    :func:`take_reads`; a failed full listing read again incrementally,
    :meth:`~invoice_watch.listing.Windows.stand_in`);
-2. compared with the snapshot (:func:`compare`: the store's stored copies it
-   needs, the diff, what other organizations listing the same invoices hold:
-   :mod:`invoice_watch.linked`), then :func:`~invoice_watch.plan.step_org`;
+2. compared with the snapshot (:func:`compare`: the settled invoices it needs whole,
+   read from the store in one read before the diff; the diff; what other
+   organizations listing the same invoices hold: :mod:`invoice_watch.linked`), then
+   :func:`~invoice_watch.plan.step_org`;
 3. the rules and the alert lifecycle (:meth:`~invoice_watch.plan.CyclePlan.org`);
 4. the store's unit of work (:class:`~invoice_watch.writer.GroupCommit`), or, for a
    message that shows a breakdown, once the line items are fetched
@@ -17,7 +18,8 @@ The walk of one read (:meth:`Cycle.take`), each stage once, in order:
 
 Then, once: the RESOLVED transitions, and the store's last transaction
 (:meth:`~invoice_watch.store.UnitOfWork.finish_cycle`), which releases the cycle's
-messages, grouped as :func:`~invoice_watch.store.grouping.messages` says.
+messages, grouped as :func:`~invoice_watch.store.grouping.messages` says (the cycle's
+result reports them so: :func:`~invoice_watch.store.grouping.cycle_messages`).
 """
 
 from __future__ import annotations
@@ -26,8 +28,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import defaultdict
-from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Iterable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Collection
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime
 
@@ -78,22 +79,6 @@ class CycleResult:
     @property
     def orgs_ok(self) -> int:
         return len(self.reads) - len(self.orgs_failed)
-
-
-def messages(transitions: Iterable[Transition], group_over: int) -> list[Message]:
-    """The outbox messages of a cycle's transitions, per notifier its alert's messages
-    go to (``state.notifiers``), one by one or grouped as the store releases them
-    (:func:`~invoice_watch.store.grouping.messages`)."""
-    per_notifier: dict[str, list[AlertEvent]] = defaultdict(list)
-    for t in transitions:
-        if t.event is not None:
-            for name in t.state.notifiers:
-                per_notifier[name].append(t.event)
-    return [
-        (name, list(events), part)
-        for name, batch in per_notifier.items()
-        for events, part in grouping.messages(batch, group_over)
-    ]
 
 
 @dataclass
@@ -186,7 +171,7 @@ class Cycle:
                 self.clock.now(),
                 reads,
                 [t.event for t in outgoing if t.event is not None],
-                messages(outgoing, config.delivery.group_over),
+                grouping.cycle_messages(outgoing, self._routes, config.delivery.group_over),
                 invoices=plan.invoices,
                 changes=plan.changes,
             )
@@ -362,22 +347,37 @@ async def compare(
 ) -> Compared:
     """The snapshot stage of one read: what the snapshot holds of ``read`` (``known``:
     its organization's, as the cycle began; ``listed_from``: its window), and how the
-    read differs from it: the settled invoices it changed or no longer lists, read from
-    the store (they are kept in memory as keys only), the diff, and what other
-    configured organizations that list the same invoices hold (``linked``; their
-    settled copies read from the store too). Raises :class:`StateError` when the store
-    cannot be read."""
+    read differs from it (the diff, and what other configured organizations that list
+    the same invoices hold: ``linked``). Raises :class:`StateError` when the store
+    cannot be read.
+
+    The store is read once, before the diff (:meth:`~invoice_watch.store.
+    SnapshotRepository.stored_copies`), and only when the read needs a settled
+    invoice whole: settled invoices are kept in memory as keys only, and the diff
+    needs those the read changed or no longer lists
+    (:func:`~invoice_watch.diff.settled_to_load`), the news the other organizations'
+    copies of the linked invoices this one holds no copy of
+    (:meth:`~invoice_watch.linked.Linked.to_load`). The rest is pure. Only when, while
+    this read waited for the store, another organization's read or commit of this cycle
+    gave it a settled copy of an invoice this one lists for the first time (the first
+    read could not name it) is the store read again, for those copies alone."""
     if not read.ok:
         return Compared(read)
     org_id = read.org_id
-    stored = None
-    if load := settled_to_load(known, read, listed_from=listed_from):
-        stored = {i.id: i for i in await snapshot.stored_invoices(org_id, load)}
+    wanted: dict[str, list[str]] = linked.to_load(read, known, snapshot.get)
+    if own := settled_to_load(known, read, listed_from=listed_from):
+        wanted[org_id] = own
+    copies = await snapshot.stored_copies(wanted) if wanted else {}
+    stored = copies.get(org_id)
     hidden = hidden_linked(read, known, paying, listed_from=listed_from, stored=stored)
     change = listing_change(read, known, listed_from=listed_from, stored=stored, hidden=hidden)
-    shared = linked.shared(org_id, change.changed, known, snapshot.get)
-    for other, ids in shared.load.items():
-        shared = shared.loaded(await snapshot.stored_invoices(other, ids))
+    shared = linked.shared(org_id, change.changed, known, snapshot.get, copies)
+    if shared.load:  # named by no read before: see above
+        shared = shared.loaded(
+            invoice
+            for found in (await snapshot.stored_copies(shared.load)).values()
+            for invoice in found.values()
+        )
     return Compared(read, stored, change, shared, hidden)
 
 

@@ -124,12 +124,40 @@ class Linked:
         self._listed: dict[str, tuple[Invoice, bool, str]] = {}
         self.hidden: set[str] = set()  # invoices a read did not show: Atlas hid them
 
+    def to_load(
+        self, read: OrgRead, own: Snapshot, snapshot_of: Callable[[str], Snapshot]
+    ) -> dict[str, list[str]]:
+        """The other organizations' settled copies that :meth:`shared` may compare a
+        successful ``read`` with (``own``, ``snapshot_of`` as there), to read from the
+        state file before the diff (settled invoices are kept in memory as keys only):
+        organization -> ids. Those of the invoices this organization holds no copy of
+        that the other one (its payer, or the linked organization whose invoice it is)
+        holds settled in another version. Usually none; costs nothing for an
+        organization not known to be linked whose listing nests no linked invoice."""
+        org_id = read.org_id
+        payer = self._payer.get(org_id)
+        load: dict[str, list[str]] = {}
+        if payer is None and not read.linked:
+            return load
+        for invoice in read.invoices:
+            owner = invoice.org_id
+            if owner == org_id and payer is None:
+                continue
+            other = payer if owner == org_id else owner
+            if other not in self._configured or invoice.id in own:
+                continue
+            key = snapshot_of(other).settled.get(invoice.id)
+            if key is not None and key != invoice.settled_key():
+                load.setdefault(other, []).append(invoice.id)
+        return load
+
     def shared(
         self,
         org_id: str,
         changed: Iterable[Invoice],
         own: Snapshot,
         snapshot_of: Callable[[str], Snapshot],
+        copies: Mapping[str, Mapping[str, Invoice]] | None = None,
     ) -> Shared:
         """What the other configured organizations that list some invoices of a read of
         ``org_id`` (its payer, or the linked organization whose invoice it is) already
@@ -139,7 +167,9 @@ class Linked:
         the same version earlier in this cycle, or holds it already (no news), which of
         their copies are out of date (updated with this read's), and, for an invoice this
         organization holds no copy of, the other's copy to compare this read with (its
-        first read, or a payer that did not list its linked invoices before). Call it
+        first read, or a payer that did not list its linked invoices before; a settled
+        copy is taken from ``copies``, organization -> id -> invoice, as read for
+        :meth:`to_load`, else named in :attr:`Shared.load`). Call it
         once per read, in the order reads are taken: what each read found changed is
         remembered once its step is planned (:meth:`took`; of an organization not known
         to be linked yet, as in a first cycle, the invoices that can still change: a
@@ -193,6 +223,8 @@ class Linked:
                     else:
                         mirror[invoice_id] = (other,)
                         if not held:  # compared with the other's copy, none being here
+                            if copy is None and copies is not None:
+                                copy = copies.get(other, {}).get(invoice_id)
                             if copy is not None:
                                 baseline[invoice_id] = copy
                             else:

@@ -15,10 +15,10 @@ Through the real App and AtlasClient against the simulator on loopback (its
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import yaml
@@ -26,9 +26,12 @@ import yaml
 from invoice_watch.app import App
 from invoice_watch.clock import FakeClock
 from invoice_watch.config import Config, load
-from invoice_watch.cycle import CycleResult
+from invoice_watch.constants import FINAL_STATUSES
+from invoice_watch.cycle import CycleResult, compare
+from invoice_watch.linked import Linked
 from invoice_watch.simulator import Scenario, Simulator
-from invoice_watch.types import EventKind
+from invoice_watch.types import EventKind, Invoice, OrgRead, Snapshot
+from tests.conftest import ORG_A, ORG_B, inv
 from tests.test_convergence import Recorder
 
 PAYER = "5f8a1c2e9b3d4a6f7e0c0016"
@@ -302,3 +305,106 @@ async def test_linked_invoice_news_is_committed_before_the_listing_it_made_no_ne
         grew = await app.run_cycle()
         assert (EventKind.FIRING, "over", small) in events(grew)
         assert committed == [PAYER, LINKED]
+
+
+async def test_linked_read_reads_the_store_once_for_its_own_and_its_payers_settled_copies(
+    sim: Simulator, tmp_path: Path
+):
+    """Analytics holds its old PAID invoice (settled: kept in memory as a key); Production
+    alone holds a later one, listed while Analytics's reads failed. Atlas forgives both,
+    and Production's reads fail: Analytics's read needs its own stored copy of the old
+    one (the diff) and Production's of the later one (what is news). Both come from one
+    read of the store, made before the diff (issue 15, item 3): one NOTICE each."""
+    old = sim.scenario.invoice("old").id
+    clock = FakeClock(NOW)
+    async with App(config_of(sim, tmp_path), clock=clock, notifiers={"console": Recorder()}) as app:
+        await app.run_cycle()
+    late = sim.scenario.add_invoice(LINKED, period=-2, status="PAID", amount_cents=50_00).id
+    fail_reads_of(sim, LINKED, times=2)  # the start's full listing and its stand-in
+    async with App(config_of(sim, tmp_path), clock=clock, notifiers={"console": Recorder()}) as app:
+        assert (await app.run_cycle()).orgs_failed == [LINKED]
+        assert late in app.store.snapshot.get(PAYER).settled
+        assert late not in app.store.snapshot.get(LINKED)
+    sim.set_status(old, "FORGIVEN")
+    sim.set_status(late, "FORGIVEN")
+    fail_reads_of(sim, PAYER, times=2)
+    async with App(config_of(sim, tmp_path), clock=clock, notifiers={"console": Recorder()}) as app:
+        reads: list[str] = []
+        database: Any = app.store.database  # type: ignore[attr-defined]
+        read = database.read
+
+        async def counted(fn: Any, what: str) -> Any:
+            reads.append(what)
+            return await read(fn, what)
+
+        database.read = counted
+        result = await app.run_cycle()
+        assert result.orgs_failed == [PAYER]
+        assert sorted((e.kind, e.rule, e.invoice_id, e.previous_status) for e in result.events) == [
+            (EventKind.NOTICE, "moves", invoice_id, "PAID") for invoice_id in sorted((old, late))
+        ]
+        assert len(reads) == 1
+
+
+class _Snapshots:
+    """A snapshot repository for :func:`compare` alone: ``snapshots`` by organization,
+    ``stored`` the invoices the database holds (organization -> id -> invoice);
+    ``meanwhile`` runs while the first read waits (another organization's commit)."""
+
+    def __init__(
+        self,
+        snapshots: dict[str, Snapshot],
+        stored: dict[str, dict[str, Invoice]],
+        meanwhile: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.snapshots, self.stored, self.meanwhile = snapshots, stored, meanwhile
+        self.reads: list[dict[str, list[str]]] = []
+
+    def get(self, org_id: str) -> Snapshot:
+        return self.snapshots.get(org_id, Snapshot(settles=FINAL_STATUSES))
+
+    async def stored_copies(self, wanted: Mapping[str, Sequence[str]]) -> dict[str, Any]:
+        self.reads.append({org_id: list(ids) for org_id, ids in wanted.items()})
+        if len(self.reads) == 1:
+            self.meanwhile()
+        held = self.stored
+        return {
+            o: {i: held[o][i] for i in ids if i in held.get(o, {})} for o, ids in wanted.items()
+        }
+
+
+def _settled(*invoices: Invoice) -> Snapshot:
+    return Snapshot({}, {i.id: i.settled_key() for i in invoices}, FINAL_STATUSES)
+
+
+@pytest.mark.parametrize("committed", ["before", "while it waits"])
+async def test_compare_reads_the_store_once_unless_a_copy_is_committed_while_it_waits(
+    committed: str,
+):
+    """ORG_A (linked to ORG_B, its payer) holds invoice 1 settled and no copy of invoice
+    2, which its read lists for the first time; Atlas forgave both. The stored copy of 1
+    (the diff) and ORG_B's of 2 (the news: PAID -> FORGIVEN) come from one read made
+    before the diff. Only when ORG_B's copy is committed while that read waits is the
+    store read again, for it alone."""
+    paid, forgiven = inv(1, status="PAID"), inv(1, status="FORGIVEN")
+    theirs, listed = inv(2, status="PAID", source=ORG_B), inv(2, status="FORGIVEN")
+    snapshots = {ORG_A: _settled(paid)}
+    if committed == "before":
+        snapshots[ORG_B] = _settled(theirs)
+
+    def commit() -> None:
+        snapshots[ORG_B] = _settled(theirs)
+
+    repo = _Snapshots(snapshots, {ORG_A: {paid.id: paid}, ORG_B: {theirs.id: theirs}}, commit)
+    linked = Linked(frozenset({ORG_A, ORG_B}), {ORG_A: ORG_B}, FINAL_STATUSES)
+    read = OrgRead(ORG_A, invoices=(forgiven, listed), listed=2)
+    compared = await compare(read, snapshots[ORG_A], None, cast(Any, repo), linked, {ORG_B})
+    if committed == "before":
+        assert repo.reads == [{ORG_B: [theirs.id], ORG_A: [paid.id]}]
+    else:
+        assert repo.reads == [{ORG_A: [paid.id]}, {ORG_B: [theirs.id]}]
+    assert compared.stored == {paid.id: paid}
+    assert compared.shared.baseline == {theirs.id: theirs}
+    assert compared.shared.mirror == {theirs.id: (ORG_B,)}
+    assert compared.change is not None
+    assert [(c.old, c.new) for c in compared.change.status_changed] == [(paid, forgiven)]

@@ -12,8 +12,8 @@ from datetime import timedelta
 import pytest
 
 from invoice_watch.alerts import Reason, Transition
-from invoice_watch.store import AlertState, OrgWrite, Store
-from invoice_watch.types import AlertEvent, EventKind, Severity
+from invoice_watch.store import AlertState, OrgWrite, Store, grouping
+from invoice_watch.types import AlertEvent, EventKind, Part, Severity
 from tests.conftest import NOW, ORG_A, ORG_B, Backend, inv
 
 
@@ -456,3 +456,30 @@ async def test_store_unnotified_names_the_episodes_whose_firing_was_not_sent(sto
     await store.outbox.postpone(waiting.id, NOW + timedelta(hours=8), "quiet hours until 08:00")
     assert await store.outbox.unnotified("am") == {("c", NOW)}
     assert await store.outbox.unnotified("other") == set()
+
+
+async def test_store_a_cycle_reports_the_messages_its_outbox_releases(store):
+    """What a cycle says it sends (``run --once``, a dry run: grouping.cycle_messages)
+    is what its outbox releases: the same notifiers (the alert's, else the rule's route),
+    events, grouping and parts (issue 15, item 8: grouping decided in one place)."""
+    transitions = [firing(f"k{n:02d}") for n in range(45)]
+    routed = replace(transitions[0], state=replace(transitions[0].state, notifiers=("email",)))
+    transitions[0] = routed
+    routes = {"failed": ["slack"]}
+    number = store.begin_cycle()
+    await store.commit_orgs(number, NOW, [], transitions[:20], routes)
+    await store.commit_orgs(number, NOW, [], transitions[20:], routes)
+    await store.finish_cycle(number, NOW, NOW, [], [], routes, 5, orgs_ok=1, orgs_failed=0)
+    released = sorted(
+        (d.notifier, [e.key for e in d.events], d.part) for d in await store.outbox.due(NOW)
+    )
+    reported = sorted(
+        (name, [e.key for e in events], part)
+        for name, events, part in grouping.cycle_messages(transitions, routes, 5)
+    )
+    assert reported == released
+    assert [(name, len(keys), part) for name, keys, part in released] == [
+        ("email", 1, None),
+        ("slack", 22, Part(1, 2)),
+        ("slack", 22, Part(2, 2)),
+    ]

@@ -1,22 +1,36 @@
 """How a cycle's messages to one notifier go out (flood control), and how a message is
 named in the outbox: pure, the same for every backend.
 
-More than ``delivery.group_over`` messages of one cycle for one notifier go as one
-grouped message (:func:`grouped`), split into parts of at most
+A transition's event goes to its alert's notifiers (:func:`notifiers`). More than
+``delivery.group_over`` messages of one cycle for one notifier go as one grouped message
+(:func:`grouped`), split into parts of at most
 :data:`~invoice_watch.constants.MESSAGE_MAX_EVENTS` events when too many for one
-(:func:`message_parts`); each message's summary is :func:`summarize`'s.
+(:func:`message_parts`); each message's summary is :func:`summarize`'s. The outbox
+releases a cycle's rows so, and a cycle reports its messages so
+(:func:`cycle_messages`: what ``run --once`` says, a dry run's messages).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TypeVar
 
 from invoice_watch.constants import MESSAGE_MAX_EVENTS
 from invoice_watch.safe_text import one_line
+from invoice_watch.store.protocols import AlertChange
 from invoice_watch.types import AlertEvent, Part
 
 T = TypeVar("T")
+
+
+def notifiers(change: AlertChange, routes: Mapping[str, Sequence[str]]) -> Sequence[str]:
+    """The notifiers a transition's event goes to: its alert's (``state.notifiers``:
+    :func:`~invoice_watch.alerts.recipients`), else, for a transition made without
+    them, its rule's route (``routes``: rule name -> notifier names)."""
+    event = change.event
+    if event is None:
+        return ()
+    return change.state.notifiers or routes.get(event.rule, ())
 
 
 def grouped(count: int, group_over: int) -> bool:
@@ -59,6 +73,24 @@ def messages(items: Sequence[T], group_over: int) -> list[tuple[Sequence[T], Par
     if sizes is None:
         return [(items[n : n + 1], None) for n in range(len(items))]
     return split(items, sizes)
+
+
+def cycle_messages(
+    changes: Iterable[AlertChange], routes: Mapping[str, Sequence[str]], group_over: int
+) -> list[tuple[str, list[AlertEvent], Part | None]]:
+    """A cycle's messages, as the outbox releases them: per notifier (:func:`notifiers`,
+    in the order they first come), its events one by one or grouped
+    (:func:`messages`), as (notifier, events, which part)."""
+    per_notifier: dict[str, list[AlertEvent]] = {}
+    for change in changes:
+        if change.event is not None:
+            for name in notifiers(change, routes):
+                per_notifier.setdefault(name, []).append(change.event)
+    return [
+        (name, list(events), part)
+        for name, batch in per_notifier.items()
+        for events, part in messages(batch, group_over)
+    ]
 
 
 def summarize(events: Sequence[AlertEvent], part: Part | None = None) -> str:

@@ -93,6 +93,14 @@ class SnapshotRepository(Protocol):
         configured organization's (``org_id``), or some of its (``ids``)."""
         ...
 
+    async def stored_copies(
+        self, wanted: Mapping[str, Sequence[str]]
+    ) -> dict[str, dict[str, Invoice]]:
+        """Some invoices of several configured organizations as the database holds them,
+        settled ones whole, in one read: organization -> ids in, organization -> id ->
+        invoice out (those it does not hold left out)."""
+        ...
+
     async def settle(self, statuses: frozenset[str]) -> None:
         """Keep invoices of these statuses settled in memory from now on (a reload
         changed what the rules watch)."""

@@ -28,12 +28,12 @@ from typing import Any, TypeVar
 
 import psycopg
 
-from invoice_watch.errors import NotLeaderError, StateError, UnstorableError
+from invoice_watch.errors import NotLeaderError, StateError
 from invoice_watch.redact import redact
 from invoice_watch.safe_text import one_line
 from invoice_watch.store.postgres.schema import MIGRATIONS, SCHEMA_VERSION
 from invoice_watch.store.postgres.url import StateUrl
-from invoice_watch.store.sql import SqlConnection, SqlCursor
+from invoice_watch.store.sql import SqlConnection, SqlCursor, Transactions
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class PgConnection:
         return cursor
 
 
-class PgDatabase:
+class PgDatabase(Transactions[PgConnection]):
     """The state's database at ``url``. ``rollback_only`` (``--dry-run``): every write
     transaction is rolled back, the caches alone see it."""
 
@@ -246,37 +246,21 @@ class PgDatabase:
             raise StateError(f"could not read {what}: {self.reason(exc)}") from None
 
     async def write(self, fn: Callable[[SqlConnection], T], what: str) -> T:
-        def run() -> T:
-            with self.transaction() as conn:
-                return fn(conn)
-
         try:
-            return await self.run(run)
+            return await self.in_transaction(fn)
         except psycopg.Error as exc:
             raise StateError(f"could not {what}: {self.reason(exc)}") from None
 
     async def commit(self, fn: Callable[[SqlConnection], T]) -> T:
         """A transaction of the cycle (see :meth:`SqlDatabase.commit`)."""
-
-        def run() -> T:
-            with self.transaction() as conn:
-                return fn(conn)
-
         try:
-            return await self.run(run)
+            return await self.in_transaction(fn)
         except psycopg.DataError as exc:
-            raise UnstorableError(
-                f"the state database cannot store a value: {self.reason(exc)}"
-            ) from None
+            raise self.unstorable(self.reason(exc)) from None
         except psycopg.Error as exc:
-            raise StateError(
-                f"could not write state database {self.name}: {self.reason(exc)}; nothing "
-                "of this cycle was recorded (it will be evaluated again)"
-            ) from None
+            raise self.not_written(self.reason(exc)) from None
         except (ValueError, OverflowError, TypeError) as exc:  # from psycopg or json
-            raise UnstorableError(
-                f"the state database cannot store a value: {self.reason(exc)}"
-            ) from exc
+            raise self.unstorable(self.reason(exc)) from exc
 
     async def close(self) -> None:
         async with self._lock:

@@ -7,7 +7,8 @@ The repositories, one module each, run the same statements on SQLite and Postgre
 ended, the numbers that tag held messages) and :mod:`.silences` (silences, applied as
 messages are released). What they need of a database, so that both backends run them:
 :class:`SqlConnection` (``sqlite3.Connection`` is one; :mod:`.postgres` wraps psycopg's)
-and :class:`SqlDatabase` (its transactions, on the database's own thread).
+and :class:`SqlDatabase` (its transactions, on the database's own thread; both
+backends' run a transaction as :class:`Transactions` does).
 
 The statements are written once, in the SQL both SQLite (3.24 or later) and PostgreSQL
 take: ``?`` placeholders (the PostgreSQL connection turns them into ``%s``), upserts as
@@ -18,10 +19,15 @@ two spell differently, a field of a JSON column, is :func:`json_text`'s.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Protocol, TypeVar
+from contextlib import AbstractContextManager
+from typing import Any, Generic, Protocol, TypeVar
+
+from invoice_watch.errors import StateError, UnstorableError
 
 T = TypeVar("T")
+C = TypeVar("C")
 
 
 class SqlCursor(Protocol):
@@ -84,3 +90,45 @@ class SqlDatabase(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+class Transactions(ABC, Generic[C]):
+    """How both backends' databases run a transaction: :meth:`in_transaction`, over
+    their own :meth:`transaction` (a connection of type ``C``, committed or rolled back)
+    and :meth:`run` (a call on the database's thread, one at a time); and what a
+    transaction of the cycle that failed means (:meth:`unstorable`,
+    :meth:`not_written`: :meth:`SqlDatabase.commit`)."""
+
+    kind: str  # as messages say it before the name (see SqlDatabase.kind)
+
+    @property
+    @abstractmethod
+    def name(self) -> str: ...
+
+    @abstractmethod
+    def transaction(self) -> AbstractContextManager[C]: ...
+
+    @abstractmethod
+    async def run(self, fn: Callable[[], T]) -> T: ...
+
+    async def in_transaction(self, fn: Callable[[C], T]) -> T:
+        """``fn(connection)`` in one transaction, on the database's thread; the
+        database's own errors pass (each backend says what they mean)."""
+
+        def run() -> T:
+            with self.transaction() as conn:
+                return fn(conn)
+
+        return await self.run(run)
+
+    def unstorable(self, reason: str) -> UnstorableError:
+        """A value of a read that the database cannot take (``reason``: the error, as
+        the backend may show it)."""
+        return UnstorableError(f"the {self.kind} cannot store a value: {reason}")
+
+    def not_written(self, reason: str) -> StateError:
+        """A transaction of the cycle that the database refused."""
+        return StateError(
+            f"could not write {self.kind} {self.name}: {reason}; nothing of this cycle "
+            "was recorded (it will be evaluated again)"
+        )

@@ -19,7 +19,13 @@ from typing import Any, TypeVar
 
 from invoice_watch.constants import MESSAGE_MAX_EVENTS
 from invoice_watch.store.encoding import OWED_PREFIX, event_json, outbox_error, owed_of
-from invoice_watch.store.grouping import group_summary, message_parts, split, summarize
+from invoice_watch.store.grouping import (
+    group_summary,
+    message_parts,
+    notifiers,
+    split,
+    summarize,
+)
 from invoice_watch.store.protocols import AlertChange
 from invoice_watch.store.records import Delivery, OutboxRow
 from invoice_watch.store.sql import SqlConnection, SqlDatabase, json_text
@@ -104,10 +110,7 @@ def hold_events(
         text = written.get(id(event))
         events = f"[{text if text is not None else event_json(event)}]"
         summary = summarize((event,))
-        # The notifiers its alert's messages go to (alerts.recipients); the rule's
-        # route for a transition made without them.
-        notifiers = t.state.notifiers or routes.get(event.rule, ())
-        rows.extend((notifier, events, summary, now, now, cycle) for notifier in notifiers)
+        rows.extend((name, events, summary, now, now, cycle) for name in notifiers(t, routes))
     conn.executemany(
         "INSERT INTO outbox (notifier, events, summary, created_at, next_attempt_at, "
         "state, cycle) VALUES (?,?,?,?,?,'held',?)",
@@ -232,8 +235,6 @@ class SqlOutbox:
     async def due(
         self, now: datetime, limit: int = 100, *, exclude: Collection[int] = ()
     ) -> list[Delivery]:
-        """The pending messages due at ``now``, oldest first, but for those ``exclude``
-        names (by id: messages whose outcome is not recorded yet)."""
         skip = sorted(exclude)
         marks = ",".join("?" * len(skip))
 
@@ -264,9 +265,6 @@ class SqlOutbox:
         return await self._read(query)
 
     async def waiting_since(self, limit: int = 10_000) -> list[datetime]:
-        """When the messages waiting (held or pending) were created: each distinct time
-        once, oldest first, at most ``limit`` of them."""
-
         def query(conn: SqlConnection) -> list[datetime]:
             rows = conn.execute(
                 "SELECT DISTINCT created_at FROM outbox WHERE state IN ('held', 'pending') "
@@ -401,7 +399,6 @@ class SqlOutbox:
     async def mark_failed(
         self, delivery_id: int, now: datetime, error: str, owed: Sequence[str] | None = None
     ) -> None:
-        """Mark the message failed (for the recipients ``owed`` only, when some got it)."""
         await self._update(
             (
                 "UPDATE outbox SET state='failed', attempts=attempts+1, done_at=?, "

@@ -5,8 +5,9 @@ listed (``invoices``, one row per organization that lists it), the pending amoun
 Cached in memory from the opening on, and updated only once a transaction committed
 (:meth:`SqlSnapshot.apply`): the cycle reads it per invoice. Of the settled invoices
 (final, and watched by no rule) only a key each is kept in memory, the file keeping them
-whole (:class:`~invoice_watch.types.Snapshot`); :meth:`SqlSnapshot.stored_invoices`
-reads them back.
+whole (:class:`~invoice_watch.types.Snapshot`); :meth:`SqlSnapshot.stored_copies`
+reads those a read needs back, in one read. Each organization's read state is
+:class:`OrgReads`'s, which the snapshot writes and applies with its invoices.
 """
 
 from __future__ import annotations
@@ -92,6 +93,85 @@ def _invoice_from_row(row: Sequence[Any]) -> Invoice:
     )
 
 
+def _select(conn: SqlConnection, org_id: str, ids: Sequence[str]) -> list[Invoice]:
+    """The invoices ``ids`` of ``org_id``'s listing that the state file holds."""
+    found: list[Invoice] = []
+    for start in range(0, len(ids), 500):
+        chunk = ids[start : start + 500]
+        rows = conn.execute(
+            f"SELECT {_INVOICE_COLUMNS} FROM invoices WHERE source_org_id=? "
+            f"AND id IN ({','.join('?' * len(chunk))})",
+            (org_id, *chunk),
+        )
+        found.extend(_invoice_from_row(row) for row in rows)
+    return found
+
+
+class OrgReads:
+    """Each configured organization's read state (``orgs``: when it was last read,
+    last read successfully, failing since, why, its invoice count), cached: part of
+    the snapshot, which writes and applies it with the organization's invoices."""
+
+    def __init__(self) -> None:
+        self._orgs: dict[str, OrgState] = {}
+
+    def load(self, conn: SqlConnection) -> None:
+        self._orgs = {
+            row[0]: OrgState(row[0], _dt(row[1]), _dt(row[2]), _dt(row[3]), row[4], row[5])
+            for row in conn.execute(
+                "SELECT org_id, last_attempt, last_success, failing_since, last_error, "
+                "invoice_count FROM orgs"
+            )
+        }
+
+    def get(self, org_id: str) -> OrgState:
+        return self._orgs.get(org_id) or OrgState(org_id)
+
+    def all(self) -> list[OrgState]:
+        return sorted(self._orgs.values(), key=lambda o: o.org_id)
+
+    @staticmethod
+    def write(conn: SqlConnection, org: OrgWrite, now: str) -> None:
+        """An organization's read: a failed one keeps its last success and count."""
+        if not org.ok:
+            conn.execute(
+                "INSERT INTO orgs (org_id, last_attempt, failing_since, last_error) "
+                "VALUES (?,?,?,?) ON CONFLICT (org_id) DO UPDATE SET "
+                "last_attempt=excluded.last_attempt, "
+                "failing_since=excluded.failing_since, last_error=excluded.last_error",
+                (
+                    org.org_id,
+                    now,
+                    _ts(org.failing_since),
+                    None if org.error is None else storable(org.error, ERROR_MAX),
+                ),
+            )
+            return
+        conn.execute(
+            "INSERT INTO orgs (org_id, last_attempt, last_success, failing_since, "
+            "last_error, invoice_count) VALUES (?,?,?,NULL,NULL,?) "
+            "ON CONFLICT (org_id) DO UPDATE SET last_attempt=excluded.last_attempt, "
+            "last_success=excluded.last_success, failing_since=NULL, last_error=NULL, "
+            "invoice_count=excluded.invoice_count",
+            (org.org_id, now, now, org.invoice_count),
+        )
+
+    def apply(self, org: OrgWrite, at: datetime) -> None:
+        """Bring the cache in line with :meth:`write`'s commit."""
+        if org.ok:
+            self._orgs[org.org_id] = OrgState(org.org_id, at, at, None, None, org.invoice_count)
+            return
+        before = self.get(org.org_id)
+        self._orgs[org.org_id] = OrgState(
+            org.org_id,
+            last_attempt=at,
+            last_success=before.last_success,
+            failing_since=org.failing_since,
+            last_error=org.error,
+            invoice_count=before.invoice_count,
+        )
+
+
 class SqlSnapshot:
     """The snapshot (:class:`~invoice_watch.store.protocols.SnapshotRepository`) and its
     cache. ``settles``: the statuses kept settled in memory."""
@@ -101,7 +181,7 @@ class SqlSnapshot:
         self._settles = settles
         self._snapshot: dict[str, Snapshot] = {}
         self._history: dict[str, list[tuple[datetime, int]]] = {}
-        self._orgs: dict[str, OrgState] = {}
+        self._reads = OrgReads()
         # Linked organization -> the configured organization whose listing showed its
         # invoices nested (its payer), as the snapshot has ever held them.
         self._payers: dict[str, str] = {}
@@ -118,14 +198,7 @@ class SqlSnapshot:
             at = _dt(observed_at)
             assert at is not None
             self._history.setdefault(invoice_id, []).append((at, cents))
-        self._orgs = {}
-        for row in conn.execute(
-            "SELECT org_id, last_attempt, last_success, failing_since, last_error, "
-            "invoice_count FROM orgs"
-        ):
-            self._orgs[row[0]] = OrgState(
-                row[0], _dt(row[1]), _dt(row[2]), _dt(row[3]), row[4], row[5]
-            )
+        self._reads.load(conn)
 
     def _load_snapshot(self, conn: SqlConnection) -> dict[str, Snapshot]:
         live: dict[str, dict[str, Invoice]] = {}
@@ -151,10 +224,10 @@ class SqlSnapshot:
         return snapshot if snapshot is not None else Snapshot(settles=self._settles)
 
     def org_state(self, org_id: str) -> OrgState:
-        return self._orgs.get(org_id) or OrgState(org_id)
+        return self._reads.get(org_id)
 
     def org_states(self) -> list[OrgState]:
-        return sorted(self._orgs.values(), key=lambda o: o.org_id)
+        return self._reads.all()
 
     def history(self, invoice_id: str) -> list[tuple[datetime, int]]:
         return self._history.get(invoice_id, [])
@@ -166,7 +239,6 @@ class SqlSnapshot:
         return self._payers
 
     def invoice_count(self) -> int:
-        """Invoices in the snapshot (one listed by two configured organizations twice)."""
         return sum(len(snapshot) for snapshot in self._snapshot.values())
 
     async def settle(self, statuses: frozenset[str]) -> None:
@@ -184,24 +256,25 @@ class SqlSnapshot:
     async def stored_invoices(
         self, org_id: str | None = None, ids: Sequence[str] | None = None
     ) -> list[Invoice]:
-        """Invoices as the state file holds them: every one, one configured
-        organization's (``org_id``), or some of its (``ids``)."""
-
         def query(conn: SqlConnection) -> list[Invoice]:
             sql = f"SELECT {_INVOICE_COLUMNS} FROM invoices"
             if org_id is None:
                 return [_invoice_from_row(row) for row in conn.execute(sql)]
-            sql += " WHERE source_org_id=?"
             if ids is None:
-                return [_invoice_from_row(row) for row in conn.execute(sql, (org_id,))]
-            found: list[Invoice] = []
-            for start in range(0, len(ids), 500):
-                chunk = ids[start : start + 500]
-                rows = conn.execute(
-                    f"{sql} AND id IN ({','.join('?' * len(chunk))})", (org_id, *chunk)
-                )
-                found.extend(_invoice_from_row(row) for row in rows)
-            return found
+                rows = conn.execute(f"{sql} WHERE source_org_id=?", (org_id,))
+                return [_invoice_from_row(row) for row in rows]
+            return _select(conn, org_id, ids)
+
+        return await self._db.read(query, f"{self._db.kind} {self._db.name}")
+
+    async def stored_copies(
+        self, wanted: Mapping[str, Sequence[str]]
+    ) -> dict[str, dict[str, Invoice]]:
+        def query(conn: SqlConnection) -> dict[str, dict[str, Invoice]]:
+            return {
+                org_id: {i.id: i for i in _select(conn, org_id, ids)}
+                for org_id, ids in wanted.items()
+            }
 
         return await self._db.read(query, f"{self._db.kind} {self._db.name}")
 
@@ -210,69 +283,50 @@ class SqlSnapshot:
     def write(self, conn: SqlConnection, orgs: Iterable[OrgWrite], now: str) -> None:
         """Organizations' reads: their invoices, amount observations and read state."""
         for org in orgs:
-            if not org.ok:
-                conn.execute(
-                    "INSERT INTO orgs (org_id, last_attempt, failing_since, last_error) "
-                    "VALUES (?,?,?,?) ON CONFLICT (org_id) DO UPDATE SET "
-                    "last_attempt=excluded.last_attempt, "
-                    "failing_since=excluded.failing_since, last_error=excluded.last_error",
-                    (
-                        org.org_id,
-                        now,
-                        _ts(org.failing_since),
-                        None if org.error is None else storable(org.error, ERROR_MAX),
-                    ),
-                )
-                continue
-            if org.upserts:
-                conn.executemany(
-                    f"INSERT INTO invoices ({_INVOICE_COLUMNS}, first_seen, last_changed) "
-                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
-                    "ON CONFLICT (source_org_id, id) DO UPDATE SET org_id=excluded.org_id, "
-                    "status=excluded.status, "
-                    "start_date=excluded.start_date, end_date=excluded.end_date, "
-                    "amount_billed_cents=excluded.amount_billed_cents, "
-                    "amount_paid_cents=excluded.amount_paid_cents, "
-                    "credits_cents=excluded.credits_cents, "
-                    "sales_tax_cents=excluded.sales_tax_cents, "
-                    "starting_balance_cents=excluded.starting_balance_cents, "
-                    "subtotal_cents=excluded.subtotal_cents, created=excluded.created, "
-                    "updated=excluded.updated, last_changed=excluded.last_changed",
-                    ((*_invoice_row(i), now, now) for i in org.upserts),
-                )
-            if org.gone:
-                conn.executemany(
-                    "DELETE FROM invoices WHERE source_org_id=? AND id=?",
-                    [(org.org_id, g) for g in org.gone],
-                )
+            if org.ok:
+                self._write_invoices(conn, org, now)
+            self._reads.write(conn, org, now)
+
+    def _write_invoices(self, conn: SqlConnection, org: OrgWrite, now: str) -> None:
+        """A successful read's invoices and amount observations."""
+        if org.upserts:
             conn.executemany(
-                "DELETE FROM amount_history WHERE invoice_id=?",
-                [(invoice_id,) for invoice_id in self._histories_ended(org)],
+                f"INSERT INTO invoices ({_INVOICE_COLUMNS}, first_seen, last_changed) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+                "ON CONFLICT (source_org_id, id) DO UPDATE SET org_id=excluded.org_id, "
+                "status=excluded.status, "
+                "start_date=excluded.start_date, end_date=excluded.end_date, "
+                "amount_billed_cents=excluded.amount_billed_cents, "
+                "amount_paid_cents=excluded.amount_paid_cents, "
+                "credits_cents=excluded.credits_cents, "
+                "sales_tax_cents=excluded.sales_tax_cents, "
+                "starting_balance_cents=excluded.starting_balance_cents, "
+                "subtotal_cents=excluded.subtotal_cents, created=excluded.created, "
+                "updated=excluded.updated, last_changed=excluded.last_changed",
+                ((*_invoice_row(i), now, now) for i in org.upserts),
             )
-            if org.mirrors:  # only the copies another organization still holds
-                conn.executemany(
-                    "UPDATE invoices SET org_id=?, status=?, start_date=?, end_date=?, "
-                    "amount_billed_cents=?, amount_paid_cents=?, credits_cents=?, "
-                    "sales_tax_cents=?, starting_balance_cents=?, subtotal_cents=?, "
-                    "created=?, updated=?, last_changed=? WHERE source_org_id=? AND id=?",
-                    (
-                        (row[1], *row[3:], now, row[2], row[0])
-                        for row in map(_invoice_row, org.mirrors)
-                    ),
-                )
+        if org.gone:
             conn.executemany(
-                "INSERT INTO amount_history VALUES (?,?,?) ON CONFLICT (invoice_id, observed_at) "
-                "DO UPDATE SET amount_cents=excluded.amount_cents",
-                [(invoice_id, now, cents) for invoice_id, cents in org.observations],
+                "DELETE FROM invoices WHERE source_org_id=? AND id=?",
+                [(org.org_id, g) for g in org.gone],
             )
-            conn.execute(
-                "INSERT INTO orgs (org_id, last_attempt, last_success, failing_since, "
-                "last_error, invoice_count) VALUES (?,?,?,NULL,NULL,?) "
-                "ON CONFLICT (org_id) DO UPDATE SET last_attempt=excluded.last_attempt, "
-                "last_success=excluded.last_success, failing_since=NULL, last_error=NULL, "
-                "invoice_count=excluded.invoice_count",
-                (org.org_id, now, now, org.invoice_count),
+        conn.executemany(
+            "DELETE FROM amount_history WHERE invoice_id=?",
+            [(invoice_id,) for invoice_id in self._histories_ended(org)],
+        )
+        if org.mirrors:  # only the copies another organization still holds
+            conn.executemany(
+                "UPDATE invoices SET org_id=?, status=?, start_date=?, end_date=?, "
+                "amount_billed_cents=?, amount_paid_cents=?, credits_cents=?, "
+                "sales_tax_cents=?, starting_balance_cents=?, subtotal_cents=?, "
+                "created=?, updated=?, last_changed=? WHERE source_org_id=? AND id=?",
+                ((row[1], *row[3:], now, row[2], row[0]) for row in map(_invoice_row, org.mirrors)),
             )
+        conn.executemany(
+            "INSERT INTO amount_history VALUES (?,?,?) ON CONFLICT (invoice_id, observed_at) "
+            "DO UPDATE SET amount_cents=excluded.amount_cents",
+            [(invoice_id, now, cents) for invoice_id, cents in org.observations],
+        )
 
     def _histories_ended(self, org: OrgWrite) -> list[str]:
         """The invoices whose amount history ends with this successful read: those that
@@ -297,16 +351,8 @@ class SqlSnapshot:
     def apply(self, orgs: Iterable[OrgWrite], at: datetime) -> None:
         """Bring the cache in line with what was just committed."""
         for org in orgs:
-            before = self._orgs.get(org.org_id) or OrgState(org.org_id)
+            self._reads.apply(org, at)
             if not org.ok:
-                self._orgs[org.org_id] = OrgState(
-                    org.org_id,
-                    last_attempt=at,
-                    last_success=before.last_success,
-                    failing_since=org.failing_since,
-                    last_error=org.error,
-                    invoice_count=before.invoice_count,
-                )
                 continue
             for invoice_id in self._histories_ended(org):
                 self._history.pop(invoice_id, None)
@@ -320,7 +366,6 @@ class SqlSnapshot:
                     self._snapshot[mirror.source_org_id] = holder.updated([mirror], ())
             for invoice_id, cents in org.observations:
                 self._history.setdefault(invoice_id, []).append((at, cents))
-            self._orgs[org.org_id] = OrgState(org.org_id, at, at, None, None, org.invoice_count)
 
     # -- retention -------------------------------------------------------------------
 

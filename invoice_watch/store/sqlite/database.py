@@ -24,7 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
-from invoice_watch.errors import StateError, StateFileGoneError, UnstorableError
+from invoice_watch.errors import StateError, StateFileGoneError
+from invoice_watch.store.sql import Transactions
 from invoice_watch.store.sqlite import files
 from invoice_watch.store.sqlite.schema import MIGRATIONS, OUR_TABLES, SCHEMA_VERSION
 
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class Database:
+class Database(Transactions[sqlite3.Connection]):
     kind = "state file"  # how messages name it, before :attr:`name`
     """The state file's connection (``path`` None: in memory). Open it with
     :func:`open_database` or :func:`copy_database`."""
@@ -121,13 +122,8 @@ class Database:
     async def write(self, fn: Callable[[sqlite3.Connection], T], what: str) -> T:
         """``fn(connection)`` in one transaction; an SQLite error is a StateError saying
         it could not ``what`` (e.g. "update the outbox")."""
-
-        def run() -> T:
-            with self.transaction() as conn:
-                return fn(conn)
-
         try:
-            return await self.run(run)
+            return await self.in_transaction(fn)
         except sqlite3.Error as exc:
             raise StateError(f"could not {what}: {exc}") from exc
 
@@ -138,28 +134,18 @@ class Database:
         beyond 64 bits, a string over SQLite's size limit) is an
         :class:`UnstorableError`, which the cycle keeps to the organization whose data it
         is. Either way the transaction is rolled back."""
-
-        def run() -> T:
-            with self.transaction() as conn:
-                return fn(conn)
-
         try:
-            return await self.run(run)
+            return await self.in_transaction(fn)
         except (sqlite3.DataError, sqlite3.InterfaceError) as exc:
-            raise UnstorableError(f"the state file cannot store a value: {exc}") from exc
+            raise self.unstorable(str(exc)) from exc
         except sqlite3.ProgrammingError as exc:
             if "binding" not in str(exc):  # e.g. the connection was closed
                 raise StateError(f"could not write state file {self.name}: {exc}") from exc
-            raise UnstorableError(f"the state file cannot store a value: {exc}") from exc
+            raise self.unstorable(str(exc)) from exc
         except sqlite3.Error as exc:
-            raise StateError(
-                f"could not write state file {self.name}: {exc}; nothing of "
-                "this cycle was recorded (it will be evaluated again)"
-            ) from exc
+            raise self.not_written(str(exc)) from exc
         except (ValueError, OverflowError, TypeError) as exc:  # from sqlite3 or json
-            raise UnstorableError(
-                f"the state file cannot store a value: {type(exc).__name__}: {exc}"
-            ) from exc
+            raise self.unstorable(f"{type(exc).__name__}: {exc}") from exc
 
     # -- the file it holds -----------------------------------------------------------
 

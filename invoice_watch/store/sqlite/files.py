@@ -44,23 +44,24 @@ def user_name(uid: int) -> str:
         return f"uid {uid}"
 
 
+# What an OS error means for the state file, and what to do about it, by errno.
+_REASONS = {
+    errno.ENOSPC: "the disk is full: free some space on it",
+    errno.EDQUOT: "the disk quota of this user is exhausted",
+    errno.EROFS: "the file system is read-only: point state.path at a writable one",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: check state.path",
+    errno.EEXIST: "a file of that name is in the way of a folder: check state.path",
+    errno.ELOOP: "it is a symbolic link, which invoice-watch does not follow",
+}
+
+
 def reason(exc: OSError) -> str:
     """An OS error in words, with what to do about it when the error says."""
     code = exc.errno
     if code in (errno.EACCES, errno.EPERM):
         return f"permission denied for {user_name(os.geteuid())}: run as the user that owns it"
-    if code == errno.ENOSPC:
-        return "the disk is full: free some space on it"
-    if code == errno.EDQUOT:
-        return "the disk quota of this user is exhausted"
-    if code == errno.EROFS:
-        return "the file system is read-only: point state.path at a writable one"
-    if code == errno.ENOTDIR:
-        return "a part of the path is a file, not a folder: check state.path"
-    if code == errno.EEXIST:
-        return "a file of that name is in the way of a folder: check state.path"
-    if code == errno.ELOOP:
-        return "it is a symbolic link, which invoice-watch does not follow"
+    if code in _REASONS:
+        return _REASONS[code]
     return exc.strerror or str(exc)
 
 
@@ -69,12 +70,9 @@ def existing(path: Path) -> os.stat_result | None:
     StateError when it cannot be looked at, is a symbolic link (never followed: a link
     would have invoice-watch chmod and write a file elsewhere), or is not a regular
     file."""
-    try:
-        info = os.lstat(path)
-    except FileNotFoundError:
+    info = _lstat(path, "reach")
+    if info is None:
         return None
-    except OSError as exc:
-        raise StateError(f"cannot reach state file {path}: {reason(exc)}") from exc
     if stat.S_ISLNK(info.st_mode):
         try:
             target = f" (to {os.readlink(path)})"
@@ -246,10 +244,16 @@ def sqlite_problem(path: Path, exc: sqlite3.Error, *, reader: bool = False) -> s
 
 def identity(path: Path) -> tuple[int, int] | None:
     """(st_dev, st_ino) of the file at ``path``, None when there is none."""
+    info = _lstat(path, "check")
+    return None if info is None else (info.st_dev, info.st_ino)
+
+
+def _lstat(path: Path, verb: str) -> os.stat_result | None:
+    """``lstat`` of ``path``, None when there is none; a StateError saying it cannot
+    ``verb`` the state file ("reach", "check") and why."""
     try:
-        info = os.lstat(path)
+        return os.lstat(path)
     except FileNotFoundError:
         return None
     except OSError as exc:
-        raise StateError(f"cannot check state file {path}: {reason(exc)}") from exc
-    return info.st_dev, info.st_ino
+        raise StateError(f"cannot {verb} state file {path}: {reason(exc)}") from exc
