@@ -177,7 +177,7 @@ def _waiting_behind(conn: SqlConnection, notifier: str) -> str:
     """When the notifier's pending messages that wait for a retry are next tried ('' when
     none does): a message released now waits until then too, so that one notifier's
     messages go in order (a RESOLVED never overtakes its FIRING). A retry owed to some
-    recipients only holds up nothing (deliver.py)."""
+    recipients only holds up nothing (deliver/)."""
     row = conn.execute(
         "SELECT MAX(next_attempt_at) FROM outbox WHERE notifier=? AND state='pending' "
         "AND attempts > 0 AND (last_error IS NULL OR last_error NOT LIKE ?)",
