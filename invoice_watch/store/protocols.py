@@ -2,10 +2,9 @@
 
 The cycle (cycle.py), the App (app.py), delivery (deliver/) and the operator commands
 (ops.py, cli/) use these and nothing else: no database type, SQL or file detail passes
-them. The
-SQLite backend (:mod:`invoice_watch.store.sqlite`) is the embedded one; PostgreSQL
-(:mod:`invoice_watch.store.postgres`, for replicas) implements the same Protocols, and the store tests run
-against any backend through the ``store`` fixture.
+them. The SQLite backend (:mod:`invoice_watch.store.sqlite`) is the embedded one;
+PostgreSQL (:mod:`invoice_watch.store.postgres`, for replicas) implements the same
+Protocols, and the store tests run against any backend through the ``store`` fixture.
 
 - :class:`SnapshotRepository`: what Atlas last listed per configured organization
   (invoices), the pending amounts seen (amount history), and each organization's read
