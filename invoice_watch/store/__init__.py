@@ -45,6 +45,7 @@ from invoice_watch.store.protocols import (
     SnapshotRepository,
     Store,
     UnitOfWork,
+    UsageRepository,
 )
 from invoice_watch.store.records import AlertState, Delivery, OrgState, OrgWrite, OutboxRow
 
@@ -64,6 +65,7 @@ __all__ = [
     "StateUrl",
     "Store",
     "UnitOfWork",
+    "UsageRepository",
     "location",
     "message_parts",
     "open_copy",

@@ -16,6 +16,8 @@ Protocols, and the store tests run against any backend through the ``store`` fix
 - :class:`CycleLog`: the cycles that ended, for ``status`` and the health check.
 - :class:`SilenceRepository`: the silences (issue 18), written by the ``silence``
   commands also while the daemon runs, and their lifting.
+- :class:`UsageRepository`: each organization's line items (daily usage) for this
+  billing period and the one before, and when they were last fetched (issue 19).
 - :class:`UnitOfWork`: what spans them in ONE transaction: an organization's snapshot
   update, its alert changes and the messages they cause (held until the cycle ends, or
   released while it runs), the release of held messages, and retention.
@@ -31,7 +33,7 @@ database cannot take is an :class:`~invoice_watch.errors.UnstorableError`.
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from datetime import datetime
+from datetime import date, datetime
 from typing import Protocol
 
 from invoice_watch.store.records import (
@@ -41,9 +43,11 @@ from invoice_watch.store.records import (
     OrgState,
     OrgWrite,
     OutboxRow,
+    PeriodUsage,
     Silence,
+    UsageRead,
 )
-from invoice_watch.types import AlertEvent, Invoice, Snapshot
+from invoice_watch.types import AlertEvent, Invoice, LineItem, Snapshot
 
 
 class AlertChange(Protocol):
@@ -250,6 +254,50 @@ class SilenceRepository(Protocol):
         ...
 
 
+class UsageRepository(Protocol):
+    """The line items held per configured organization: its pending invoice's daily
+    usage (``lineItems:search``, or the CSV) for this billing period and the one before
+    (:data:`~invoice_watch.store.sql.usage.KEEP_PERIODS`), fetched at most once per
+    ``usage.refresh``, and when that was. :meth:`read_state` and
+    :meth:`project_totals` are cached (no I/O); the line items are read from the
+    database (:meth:`periods`)."""
+
+    def read_state(self, org_id: str) -> UsageRead | None:
+        """When the organization's line items were last fetched or tried (None:
+        never), as recorded: a restart reads it back."""
+        ...
+
+    def project_totals(self, org_id: str) -> Mapping[tuple[str, str], int]:
+        """(project id, project name) -> cents of the line items last fetched of the
+        pending invoice (month to date per project); empty when none are held."""
+        ...
+
+    async def periods(self, org_id: str, count: int = 2) -> list[PeriodUsage]:
+        """The line items held of the organization's last ``count`` billing periods,
+        newest first (this period, then the one before), each oldest day first."""
+        ...
+
+    async def record(
+        self,
+        org_id: str,
+        invoice_id: str,
+        period_start: date,
+        items: Sequence[LineItem],
+        source: str,
+        at: datetime,
+        *,
+        current: bool = True,
+    ) -> None:
+        """Replace the line items held of one invoice (``source``: "search" or "csv";
+        ``current``: the pending invoice's, whose fetch time this is; otherwise a past
+        period's), forgetting periods older than those kept."""
+        ...
+
+    async def record_failure(self, org_id: str, at: datetime, error: str) -> None:
+        """A fetch failed ``at``: the line items held stay, the attempt is recorded."""
+        ...
+
+
 class UnitOfWork(Protocol):
     """What is written in ONE transaction across the repositories. Each organization's
     part of a cycle (its snapshot changes, its alerts' changes and the messages they
@@ -335,6 +383,9 @@ class Store(UnitOfWork, Protocol):
 
     @property
     def silences(self) -> SilenceRepository: ...
+
+    @property
+    def usage(self) -> UsageRepository: ...
 
     def check_held(self) -> None:
         """Raise :class:`~invoice_watch.errors.StateFileGoneError` when what this

@@ -8,6 +8,7 @@ nothing in them names a database.
 - :class:`OrgWrite`: what one organization's read changes in the snapshot.
 - :class:`Delivery`: one outbox message due; :class:`OutboxRow`: one as the operator
   commands list it.
+- :class:`UsageRead`, :class:`PeriodUsage`: line items fetched, per organization.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from invoice_watch.types import AlertEvent, Invoice, Part
+from invoice_watch.types import AlertEvent, Invoice, LineItem, Part
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,3 +143,33 @@ class Lifted:
     sent: int = 0
     muted: int = 0
     waiting: int = 0
+
+
+@dataclass(frozen=True)
+class UsageRead:
+    """When one configured organization's line items were last fetched
+    (:class:`~invoice_watch.store.protocols.UsageRepository`): the invoice they are of
+    (``invoice_id``, its period's first day ``period_start``, ISO date), how
+    (``source``: "search", ``lineItems:search``; "csv", the invoice CSV), when the last
+    fetch that worked ended (``fetched_at``; None: none has yet) and when the last one
+    was tried (``attempted_at``), with its error when it failed (``last_error``)."""
+
+    org_id: str
+    attempted_at: datetime
+    fetched_at: datetime | None = None
+    invoice_id: str | None = None
+    period_start: str | None = None
+    source: str | None = None
+    last_error: str | None = None
+
+
+@dataclass(frozen=True)
+class PeriodUsage:
+    """The line items held of one billing period of an organization: its pending (or
+    last) invoice's, each a day of one SKU of one cluster (``usage_date`` None: a line
+    of the whole period, from a CSV without the Usage Date column)."""
+
+    org_id: str
+    invoice_id: str
+    period_start: str  # ISO date, the invoice's startDate's day
+    items: tuple[LineItem, ...]

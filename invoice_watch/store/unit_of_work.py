@@ -3,8 +3,9 @@
 :class:`SqlStore` is the state (:class:`~invoice_watch.store.protocols.Store`) over any
 :class:`~invoice_watch.store.sql.SqlDatabase`: the snapshot
 (:mod:`.sql.snapshot`), the notification log (:mod:`.sql.notification_log`), the
-outbox (:mod:`.sql.outbox`), the cycle log (:mod:`.sql.cycles`) and the silences
-(:mod:`.sql.silences`), whose statements run on both databases (:mod:`.sql`). An
+outbox (:mod:`.sql.outbox`), the cycle log (:mod:`.sql.cycles`), the silences
+(:mod:`.sql.silences`) and the line items (:mod:`.sql.usage`), whose statements run on
+both databases (:mod:`.sql`). An
 organization's snapshot update, its alert-state changes and the notifications they cause
 are written in ONE transaction (:meth:`SqlStore.commit_orgs`, as soon as the cycle has
 read it; the notifications are held until the cycle ends, :meth:`SqlStore.finish_cycle`,
@@ -38,6 +39,7 @@ from invoice_watch.store.sql.outbox import (
 )
 from invoice_watch.store.sql.silences import SqlSilences, prune_silences
 from invoice_watch.store.sql.snapshot import SqlSnapshot
+from invoice_watch.store.sql.usage import SqlUsage
 
 
 class SqlStore:
@@ -51,6 +53,7 @@ class SqlStore:
         self._outbox = SqlOutbox(db)
         self._cycles = SqlCycleLog(db)
         self._silences = SqlSilences(db)
+        self._usage = SqlUsage(db)
 
     @property
     def snapshot(self) -> SqlSnapshot:
@@ -72,11 +75,16 @@ class SqlStore:
     def silences(self) -> SqlSilences:
         return self._silences
 
+    @property
+    def usage(self) -> SqlUsage:
+        return self._usage
+
     def load(self, conn: SqlConnection) -> None:
         """Fill the repositories' caches from the database (on its thread)."""
         self._snapshot.load(conn)
         self._cycles.load(conn)
         self._alerts.load(conn, self._snapshot.get)
+        self._usage.load(conn)
 
     def check_held(self) -> None:
         """What the backend checks before a cycle writes (see the subclasses)."""

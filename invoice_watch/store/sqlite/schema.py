@@ -51,8 +51,52 @@ MIGRATIONS: tuple[str, ...] = (
     f"""
 {tables.SILENCES}
     """,
+    # 6: the pending invoice's daily line items (``lineItems:search`` or the CSV), kept
+    # per organization for this billing period and the one before, with when they were
+    # last fetched (a restart does not fetch them early); and when each report was last
+    # due (reports go through the outbox once per schedule)
+    """
+    CREATE TABLE line_items (
+        org_id TEXT NOT NULL,
+        invoice_id TEXT NOT NULL,
+        period_start TEXT NOT NULL,
+        usage_date TEXT,
+        project_id TEXT NOT NULL,
+        project TEXT NOT NULL,
+        cluster TEXT NOT NULL,
+        sku TEXT NOT NULL,
+        amount_cents INTEGER NOT NULL
+    );
+    CREATE INDEX line_items_by_org ON line_items (org_id, period_start);
+    CREATE TABLE line_item_reads (
+        org_id TEXT PRIMARY KEY,
+        invoice_id TEXT,
+        period_start TEXT,
+        source TEXT,
+        fetched_at TEXT,
+        attempted_at TEXT NOT NULL,
+        last_error TEXT
+    );
+    CREATE TABLE report_runs (
+        report TEXT NOT NULL,
+        scope TEXT NOT NULL,
+        last_due TEXT NOT NULL,
+        PRIMARY KEY (report, scope)
+    );
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 # The tables of every version: a file at version 0 holding any other is another
 # program's.
-OUR_TABLES = {"invoices", "amount_history", "orgs", "alerts", "outbox", "cycles", "silences"}
+OUR_TABLES = {
+    "invoices",
+    "amount_history",
+    "orgs",
+    "alerts",
+    "outbox",
+    "cycles",
+    "silences",
+    "line_items",
+    "line_item_reads",
+    "report_runs",
+}

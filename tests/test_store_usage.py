@@ -1,0 +1,97 @@
+"""The line items the state keeps (store.UsageRepository, issue 19), on SQLite and on
+PostgreSQL: replaced per invoice, two billing periods kept, the fetch time read back
+after a restart, a failed fetch keeping what is held."""
+
+from __future__ import annotations
+
+from datetime import date, timedelta
+
+import pytest
+
+from invoice_watch.types import LineItem
+from tests.conftest import NOW, ORG_A, ORG_B, Backend, OpenState
+
+P1 = "5f1e00000000000000000001"
+
+
+@pytest.fixture
+def backend(every_backend: Backend) -> Backend:
+    """Every test here runs on each backend (SQLite, PostgreSQL)."""
+    return every_backend
+
+
+def day_items(start: date, days: int, cents: int = 100) -> list[LineItem]:
+    return [
+        LineItem("Web", "ATLAS_AWS_INSTANCE_M10", "c0", cents, P1, start + timedelta(days=n))
+        for n in range(days)
+    ]
+
+
+async def test_usage_line_items_are_kept_per_period_and_read_back_after_a_restart(
+    open_state: OpenState,
+) -> None:
+    store = await open_state()
+    usage = store.usage
+    assert usage.read_state(ORG_A) is None and usage.project_totals(ORG_A) == {}
+    assert await usage.periods(ORG_A) == []
+    await usage.record(
+        ORG_A,
+        "inv-oct",
+        date(2026, 10, 1),
+        day_items(date(2026, 10, 1), 31),
+        "search",
+        NOW,
+        current=False,
+    )
+    await usage.record(
+        ORG_A, "inv-nov", date(2026, 11, 1), day_items(date(2026, 11, 1), 5), "search", NOW
+    )
+    # a newer fetch of the same invoice replaces its line items
+    later = NOW + timedelta(hours=6)
+    await usage.record(
+        ORG_A, "inv-nov", date(2026, 11, 1), day_items(date(2026, 11, 1), 6, 200), "csv", later
+    )
+    periods = await usage.periods(ORG_A)
+    assert [(p.invoice_id, p.period_start, len(p.items)) for p in periods] == [
+        ("inv-nov", "2026-11-01", 6),
+        ("inv-oct", "2026-10-01", 31),
+    ]
+    assert periods[0].items[0].usage_date == date(2026, 11, 1)
+    assert usage.project_totals(ORG_A) == {(P1, "Web"): 1200}
+    await store.close()
+
+    again = await open_state()
+    read = again.usage.read_state(ORG_A)
+    assert read is not None
+    assert (read.fetched_at, read.attempted_at, read.invoice_id, read.source) == (
+        later,
+        later,
+        "inv-nov",
+        "csv",
+    )
+    assert again.usage.project_totals(ORG_A) == {(P1, "Web"): 1200}
+    assert again.usage.read_state(ORG_B) is None
+
+
+async def test_usage_keeps_two_periods_and_a_failure_keeps_what_is_held(
+    open_state: OpenState,
+) -> None:
+    store = await open_state()
+    usage = store.usage
+    for month in (9, 10, 11):
+        start = date(2026, month, 1)
+        await usage.record(ORG_A, f"inv-{month}", start, day_items(start, 3), "search", NOW)
+    assert [p.invoice_id for p in await usage.periods(ORG_A, 5)] == ["inv-11", "inv-10"]
+    failed_at = NOW + timedelta(hours=1)
+    await usage.record_failure(ORG_A, failed_at, "HTTP 500 from Atlas")
+    await usage.record_failure(ORG_B, failed_at, "HTTP 500 from Atlas")
+    read = usage.read_state(ORG_A)
+    assert read is not None and read.fetched_at == NOW and read.attempted_at == failed_at
+    assert read.last_error == "HTTP 500 from Atlas"
+    assert len((await usage.periods(ORG_A))[0].items) == 3
+    await store.close()
+    again = await open_state()
+    b = again.usage.read_state(ORG_B)
+    assert b is not None and b.fetched_at is None and b.attempted_at == failed_at
+    a = again.usage.read_state(ORG_A)
+    assert a is not None and a.fetched_at == NOW and a.last_error == "HTTP 500 from Atlas"
