@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from datetime import date
 from typing import Any
 
 import pytest
@@ -135,6 +136,15 @@ def test_parse_invoice_csv_reads_line_items():
         "orders",
         101296,
     )
+
+
+def test_parse_invoice_csv_reads_the_usage_date_and_project_id():
+    """The CSV is the daily usage where lineItems:search is not served (v1, Cloud
+    Manager): its Usage Date column is each line's day, its Project ID the project's."""
+    [item] = parse_invoice_csv(CSV)
+    assert (item.usage_date, item.project_id) == (date(2024, 6, 1), "666acb8787ba43606905dca0")
+    undated = CSV.replace("06/02/2024,06/01/2024,", "06/02/2024,,")
+    assert parse_invoice_csv(undated)[0].usage_date is None
 
 
 def test_parse_invoice_csv_of_the_spec_example_has_no_items():

@@ -1,6 +1,6 @@
 """The simulator's ``lineItems:search`` (v2, 2024-08-05) against the official Atlas OpenAPI
 spec, the daily line items it derives from a scenario, and their parsing into
-``LineItem`` s (invoice_watch.usage) down to a usage_anomaly verdict (issue 19 §1)."""
+``LineItem`` s (invoice_watch.atlas.usage) down to a usage_anomaly verdict (issue 19 §1)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import aiohttp
 import jsonschema  # type: ignore[import-untyped]  # no stubs installed
 import pytest
 
-from invoice_watch import anomaly, usage
+from invoice_watch import anomaly
+from invoice_watch.atlas import usage
 from invoice_watch.clock import FakeClock
 from invoice_watch.constants import USAGE_MEDIA_TYPE, V2_MEDIA_TYPE
 from invoice_watch.errors import FetchDataError

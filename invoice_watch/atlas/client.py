@@ -4,7 +4,8 @@ It lists organizations' invoices (:meth:`AtlasClient.read_orgs`: one
 :class:`~invoice_watch.types.OrgRead` per organization, each handed back as it
 completes; the client knows nothing of what the caller does with it) and fetches line
 items for breakdowns (:meth:`AtlasClient.pending_line_items`,
-:meth:`AtlasClient.invoice_line_items`).
+:meth:`AtlasClient.invoice_line_items`) and an invoice's daily usage
+(:meth:`AtlasClient.usage_line_items`: ``lineItems:search``, else the CSV).
 
 Containment (SPEC §10 "Bounds"): whatever one organization's answers hold, its read ends
 as an :class:`~invoice_watch.types.OrgRead`, ok or failed, and never cancels another
@@ -27,6 +28,7 @@ from invoice_watch.atlas.bounds import PARSE_INLINE, max_values
 from invoice_watch.atlas.paging import Paging
 from invoice_watch.atlas.parse import Known
 from invoice_watch.atlas.transport import BadProxy, Transport
+from invoice_watch.atlas.usage import UsageFetch, UsageReader
 from invoice_watch.clock import Clock, SystemClock
 from invoice_watch.errors import FetchAuthError, FetchDataError, FetchError, FetchStatusError
 from invoice_watch.safe_text import server_text
@@ -77,6 +79,7 @@ class AtlasClient:
         self._explain = self._transport.explain
         self._max_values = max_values(config.max_response_size)
         self._paging = Paging(self._transport, self._max_values)
+        self._usage = UsageReader(self._transport, config.api, self.invoice_line_items)
 
     def __repr__(self) -> str:
         return f"AtlasClient(base_url={self._explain.base!r}, api={self._config.api!r})"
@@ -220,6 +223,19 @@ class AtlasClient:
             ) from None
         except Exception as exc:
             raise self._explain.unexpected(org_id, "reading an invoice's CSV", exc) from None
+
+    async def usage_line_items(
+        self, org_id: str, invoice_id: str, names: Mapping[str, str] | None = None
+    ) -> UsageFetch:
+        """An invoice's daily line items (``lineItems:search``, v2; else, or where it
+        answers 404/406/415, the CSV's Usage Date column: :mod:`~invoice_watch.atlas.
+        usage`); ``names``: project id -> name. Raises FetchError only."""
+        try:
+            return await self._usage.fetch(org_id, invoice_id, names)
+        except FetchError:
+            raise
+        except Exception as exc:  # a body no check foresaw
+            raise self._explain.unexpected(org_id, "reading an invoice's line items", exc) from None
 
 
 def _taken(under_way: set[asyncio.Task[OrgRead]], task: asyncio.Task[OrgRead]) -> OrgRead:

@@ -41,6 +41,15 @@ class Answer:
     content_type: str = "application/json"
 
 
+@dataclass(frozen=True, slots=True)
+class Body:
+    """A request body (JSON, already encoded) and its media type (``lineItems:search``:
+    a GET with a body)."""
+
+    data: bytes
+    media_type: str
+
+
 class Connection:
     """GET requests to one Atlas, through one long-lived aiohttp session.
 
@@ -111,26 +120,39 @@ class Connection:
         if self._digest:
             self._authenticated = False
 
-    async def send(self, url: str, params: Mapping[str, str], accept: str, endpoint: str) -> Answer:
-        """Send one request; the first ones go alone until one is authenticated."""
+    async def send(
+        self,
+        url: str,
+        params: Mapping[str, str],
+        accept: str,
+        endpoint: str,
+        body: Body | None = None,
+    ) -> Answer:
+        """Send one request (``body``: its body and media type, sent as
+        ``Content-Type``); the first ones go alone until one is authenticated."""
         if not self._authenticated:
             async with self._auth_lock:
                 if not self._authenticated:  # else another request did it while we waited
-                    answer = await self._send_once(url, params, accept, endpoint)
+                    answer = await self._send_once(url, params, accept, endpoint, body)
                     if answer.status not in (401, 403):
                         self._authenticated = True
                     return answer
-        return await self._send_once(url, params, accept, endpoint)
+        return await self._send_once(url, params, accept, endpoint, body)
 
     async def _send_once(
-        self, url: str, params: Mapping[str, str], accept: str, endpoint: str
+        self,
+        url: str,
+        params: Mapping[str, str],
+        accept: str,
+        endpoint: str,
+        body: Body | None = None,
     ) -> Answer:
         session = self.open()
         rate = self._rates.of(url)
         # The rate limit's wait first: a request waiting for its organization's
         # Retry-After holds no slot another organization's request could use.
         async with rate.turn(), self._semaphore:
-            answer = await self._exchange(session, url, params, accept, endpoint, rate)
+            answer = await self._exchange(session, url, params, accept, endpoint, rate, body)
         # Let the request waiting for this slot go out before this answer is parsed.
         await asyncio.sleep(0)
         return answer
@@ -143,15 +165,20 @@ class Connection:
         accept: str,
         endpoint: str,
         rate: RateLimit,
+        request_body: Body | None = None,
     ) -> Answer:
         """One request and its answer, its body read within the bounds; what the answer
         says of the rate limit goes to ``rate`` (its scope's)."""
         self.requests_sent += 1
         self.last_request_at = self._clock.monotonic()
+        headers = {hdrs.ACCEPT: accept}
+        if request_body is not None:
+            headers[hdrs.CONTENT_TYPE] = request_body.media_type
         async with session.get(
             url,
             params=params,
-            headers={hdrs.ACCEPT: accept},
+            headers=headers,
+            data=request_body.data if request_body is not None else None,
             allow_redirects=False,  # a credential never follows a redirect elsewhere
             proxy=self.proxy,
         ) as resp:

@@ -19,7 +19,7 @@ import json
 import re
 import sys
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any, Protocol
 
@@ -335,12 +335,14 @@ def _line_items_json(org_id: str, invoice_id: str, raw: list[Any]) -> list[LineI
         if not isinstance(entry, dict):
             continue
         group = entry.get("groupName") or entry.get("groupId")
+        group_id = entry.get("groupId")
         items.append(
             LineItem(
                 project=_label(group, "—"),
                 sku=_label(entry.get("sku"), "—"),
                 cluster=_label(entry.get("clusterName"), ""),
                 amount_cents=line_item_cents(org_id, invoice_id, entry),
+                project_id=group_id if isinstance(group_id, str) and _is_hex24(group_id) else "",
             )
         )
     return items
@@ -371,12 +373,32 @@ def parse_invoice_csv(text: str, max_rows: int | None = None) -> list[LineItem]:
                 raise InvalidOperation
         except InvalidOperation as exc:
             raise ValueError(f"amount {amount!r:.20} is not a number of dollars") from exc
+        project_id = (row.get("Project ID") or "").strip()
         items.append(
             LineItem(
                 project=_label((row.get("Project") or "").strip(), "—"),
                 sku=_label((row.get("SKU") or "").strip(), "—"),
                 cluster=_label((row.get("Cluster") or "").strip(), ""),
                 amount_cents=int((dollars * 100).to_integral_value()),
+                project_id=project_id if _is_hex24(project_id) else "",
+                usage_date=_usage_date(row.get("Usage Date")),
             )
         )
     return items
+
+
+def _is_hex24(value: str) -> bool:
+    """A project's id as Atlas writes it (``groupId``: 24 lowercase hex digits)."""
+    return len(value) == 24 and all(c in "0123456789abcdef" for c in value)
+
+
+def _usage_date(value: str | None) -> date | None:
+    """The CSV's ``Usage Date`` (``MM/DD/YYYY``, the day the usage was of); None when
+    absent or not such a date (a line of the whole period)."""
+    text = (value or "").strip()
+    if len(text) != 10:
+        return None
+    try:
+        return datetime.strptime(text, "%m/%d/%Y").date()
+    except ValueError:
+        return None

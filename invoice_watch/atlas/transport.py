@@ -23,7 +23,7 @@ from yarl import URL
 
 from invoice_watch.atlas.auth import TokenRefused, TokenUnavailable
 from invoice_watch.atlas.bounds import TooLarge
-from invoice_watch.atlas.connection import Connection
+from invoice_watch.atlas.connection import Body, Connection
 from invoice_watch.atlas.deprecation import Deprecations
 from invoice_watch.atlas.errors import (
     Decision,
@@ -122,11 +122,13 @@ class Transport:
         *,
         endpoint: str,
         csv_body: bool = False,
+        json_body: Body | None = None,
     ) -> bytes:
         """GET with retries; returns the body of a 2xx answer or raises FetchError whose
         message says what to fix (:data:`~.errors.FIXES`). ``path`` follows the API's
         prefix; ``endpoint``: its template (``/orgs/{orgId}/invoices``), for
-        deprecation warnings."""
+        deprecation warnings. ``json_body``: a request body and its media type (sent as
+        ``Content-Type`` and ``Accept``: ``lineItems:search``, a GET with a body)."""
         explainer = self.explain
         url = f"{explainer.base}{explainer.prefix}{path}"
         endpoint = explainer.prefix + endpoint
@@ -135,7 +137,7 @@ class Transport:
         except BadProxy as exc:
             raise FetchError(org_id, str(exc)) from exc
         fields = explainer.fields(org_id, URL(url))
-        accept = self._accept(csv_body)
+        accept = json_body.media_type if json_body is not None else self._accept(csv_body)
         retries = self._config.retries
         cap = self._config.max_backoff.total_seconds()
         fix = evidence = ""
@@ -144,7 +146,7 @@ class Transport:
         for attempt in range(retries + 1):
             retry_after: float | None = None
             try:
-                answer = await self._connection.send(url, params, accept, endpoint)
+                answer = await self._connection.send(url, params, accept, endpoint, json_body)
             except TokenRefused as exc:
                 refused = explainer.token_refused(
                     exc.status, exc.code, exc.api_error, exc.content_type, fields

@@ -1,6 +1,6 @@
 """What a spend report says (issue 19 §2), built from what the daemon already holds: the
 organizations' pending invoices, their daily line items (this period's and last
-period's, from ``lineItems:search``: :mod:`invoice_watch.usage`), the ``forecast``
+period's, from ``lineItems:search``: :mod:`invoice_watch.atlas.usage`), the ``forecast``
 rules and the firing alerts. Pure: data and ``now`` in, :class:`ReportData` out; no
 I/O, no matplotlib.
 

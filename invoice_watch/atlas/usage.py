@@ -1,7 +1,8 @@
 """Daily usage of an invoice from Atlas's ``lineItems:search`` (v2 only, resource
-version 2024-08-05): the request it takes and its answer as :class:`LineItem` s. Pure:
-JSON in, line items out; the HTTP client that sends the request and walks the pages
-is the fetch stage's.
+version 2024-08-05), or from its CSV where that operation is not there: the request,
+its answers as :class:`LineItem` s (:func:`search_body`, :func:`parse_usage_page`:
+pure, JSON in, line items out) and the fetch (:class:`UsageReader`, on the client's
+transport: paged, bounded, its errors those of every other read).
 
 The operation (``searchInvoiceLineItems``, ``../shared/atlas-openapi``): ``GET
 {prefix}/orgs/{orgId}/invoices/{invoiceId}/lineItems:search`` with ``Accept`` and
@@ -15,28 +16,41 @@ The operation (``searchInvoiceLineItems``, ``../shared/atlas-openapi``): ``GET
 ``names`` (project id -> name, e.g. from the pending invoice's ``lineItems``).
 
 v1.0 and Cloud Manager have no such operation: their daily usage is the invoice CSV's
-``Usage Date`` column (the fallback).
+``Usage Date`` column (the fallback, also taken when the v2 operation answers 404, 406
+or 415: an Atlas that does not serve resource version 2024-08-05 yet).
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import re
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from invoice_watch.atlas.bounds import INT64_MAX
+from invoice_watch.atlas.bounds import INT64_MAX, PARSE_INLINE
+from invoice_watch.atlas.connection import Body
 from invoice_watch.atlas.parse import line_item_cents
-from invoice_watch.errors import FetchDataError
+from invoice_watch.constants import USAGE_MEDIA_TYPE
+from invoice_watch.errors import FetchDataError, FetchStatusError
 from invoice_watch.safe_text import clip, one_line
 from invoice_watch.types import LineItem
+
+if TYPE_CHECKING:
+    from invoice_watch.atlas.transport import Transport
 
 PATH = "/orgs/{orgId}/invoices/{invoiceId}/lineItems:search"
 ITEMS_PER_PAGE = 500  # the spec's maximum
 # A search never runs past this many pages (500 line items each), whatever
 # `totalCount` says: a month of daily line items of 1,000 clusters with 5 SKUs each.
 MAX_PAGES = 320
+MAX_ITEMS = MAX_PAGES * ITEMS_PER_PAGE
+# What an Atlas without the v2 operation (or its resource version) answers it: the CSV
+# is read instead.
+UNSUPPORTED = frozenset({404, 406, 415})
+Source = Literal["search", "csv"]
 _HEX24 = re.compile(r"[a-f0-9]{24}")
 _LABEL = 120  # characters of a project, cluster or SKU name (as atlas/parse.py cuts them)
 
@@ -148,3 +162,82 @@ def parse_usage_page(
     if not has_next and total is not None:
         has_next = page_num * items_per_page < total and len(data["results"]) > 0
     return UsagePage(tuple(items), total, has_next)
+
+
+@dataclass(frozen=True)
+class UsageFetch:
+    """An invoice's line items as fetched, and how: ``search`` (``lineItems:search``,
+    daily) or ``csv`` (the invoice CSV; daily where it has the Usage Date column)."""
+
+    items: tuple[LineItem, ...]
+    source: Source
+
+
+CsvReader = Callable[[str, str], Awaitable[list[LineItem]]]
+
+
+class UsageReader:
+    """Fetches an invoice's daily line items on the client's ``transport``: every page
+    of ``lineItems:search`` (v2), else the CSV (``csv``: the client's reader of
+    ``/invoices/{id}/csv``). An Atlas that answers the search 404, 406 or 415 is read
+    through the CSV from then on (for this reader's life)."""
+
+    def __init__(self, transport: Transport, api: str, csv: CsvReader) -> None:
+        self._transport = transport
+        self._csv = csv
+        self.search_supported = api == "v2"
+
+    async def fetch(
+        self, org_id: str, invoice_id: str, names: Mapping[str, str] | None = None
+    ) -> UsageFetch:
+        """The invoice's line items (``names``: project id -> name). Raises FetchError
+        only, as the other reads do (:mod:`~invoice_watch.atlas.errors`)."""
+        if self.search_supported:
+            try:
+                return UsageFetch(await self.search(org_id, invoice_id, names), "search")
+            except FetchStatusError as exc:
+                if exc.status not in UNSUPPORTED:
+                    raise
+                self.search_supported = False
+        return UsageFetch(tuple(await self._csv(org_id, invoice_id)), "csv")
+
+    async def search(
+        self, org_id: str, invoice_id: str, names: Mapping[str, str] | None = None
+    ) -> tuple[LineItem, ...]:
+        """Every page of the invoice's ``lineItems:search``, at most :data:`MAX_PAGES`
+        (FetchDataError past it)."""
+        body = Body(json.dumps(search_body()).encode(), USAGE_MEDIA_TYPE)
+        path = PATH.format(orgId=org_id, invoiceId=invoice_id)
+        items: list[LineItem] = []
+        for page_num in range(1, MAX_PAGES + 1):
+            raw = await self._transport.get(
+                org_id,
+                path,
+                {"itemsPerPage": str(ITEMS_PER_PAGE), "pageNum": str(page_num)},
+                endpoint=PATH,
+                json_body=body,
+            )
+            page = await _parse(org_id, invoice_id, raw, page_num, names)
+            items.extend(page.items)
+            if not page.has_next or not page.items:
+                return tuple(items)
+        raise FetchDataError(
+            org_id,
+            f"invoice {invoice_id}: the line item search goes on past {MAX_PAGES} pages "
+            f"({MAX_ITEMS:,} line items); the line items were not read",
+        )
+
+
+async def _parse(
+    org_id: str, invoice_id: str, raw: bytes, page_num: int, names: Mapping[str, str] | None
+) -> UsagePage:
+    def run() -> UsagePage:
+        try:
+            data = json.loads(raw)
+        except (ValueError, RecursionError):
+            raise FetchDataError(org_id, "the line item search answer is not JSON") from None
+        return parse_usage_page(org_id, invoice_id, data, page_num=page_num, names=names)
+
+    if len(raw) > PARSE_INLINE:  # off the event loop
+        return await asyncio.to_thread(run)
+    return run()
