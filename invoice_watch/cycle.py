@@ -28,11 +28,12 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Collection
+from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime
 
 from invoice_watch.alerts import Transition
+from invoice_watch.anomaly import Detection
 from invoice_watch.atlas.client import AtlasClient
 from invoice_watch.breakdowns import add_breakdowns, wants_breakdown
 from invoice_watch.clock import Clock
@@ -111,6 +112,7 @@ class Cycle:
         baseline: bool = False,
         delivering: bool = False,
         wake: Callable[[], None] = lambda: None,
+        usage: Callable[[str], Mapping[str, Detection]] = lambda org_id: {},
     ) -> None:
         self.config, self.store, self.client, self.clock = config, store, client, clock
         self._elapsed, self._warning = elapsed, warning
@@ -138,6 +140,7 @@ class Cycle:
         self._unreadable: list[StateError] = []  # the state file, for a settled invoice
         self._contained: dict[str, str] = {}  # org -> why its part could not be committed
         self._delivering = delivering
+        self._usage = usage  # an organization's usage_anomaly verdicts (usage_watch.py)
         self._hold = HeldRelease(
             lambda: store.release_cycle(self._number, config.delivery.group_over, clock.now()),
             clock,
@@ -243,6 +246,8 @@ class Cycle:
             hidden=compared.hidden,
         )
         log_read(self.config, org_id, step.view.diff, step.view.error)
+        if read.ok and (usage := self._usage(org_id)):
+            step = replace(step, view=replace(step.view, usage=usage))
         transitions, previous = self.plan.org(step, now)
         part = CommitPart(step.write, transitions, previous)
         if any(wants_breakdown(t) for t in transitions) or (

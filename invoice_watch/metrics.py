@@ -91,6 +91,12 @@ class Metrics:
             "invoice_watch_outbox_write_errors",
             "Writes of a delivery outcome the state file refused",
         )
+        self.line_item_failures = counter(
+            "invoice_watch_line_item_fetch_failures",
+            "Fetches of an organization's line items (lineItems:search or the CSV) that "
+            "failed; the invoices were read, the line items held stay in use",
+            "org",
+        )
         self.last_cycle_finished = gauge(
             "invoice_watch_last_cycle_timestamp_seconds", "When the last cycle finished (Unix time)"
         )

@@ -135,7 +135,8 @@ APPLY: dict[str, Apply] = {
     "rules.*.baseline": Apply.RULES,
     "rules.*.min_increase": Apply.RULES,
     "rules.*.sensitivity": Apply.RULES,
-    # usage.* and reports.*: checked, not acted on yet (issue 19); read when they are
+    # usage.refresh: read by the line items stage after each cycle (usage_watch.py);
+    # reports.*: checked, not acted on yet (issue 19 §2)
     "usage.refresh": Apply.CYCLE,
     "reports.*.name": Apply.CYCLE,
     "reports.*.schedule": Apply.CYCLE,

@@ -18,6 +18,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from invoice_watch import format as fmt
+from invoice_watch.anomaly import Anomaly, Detection
 from invoice_watch.constants import FINAL_STATUSES
 from invoice_watch.diff import Diff
 from invoice_watch.elapsed import Elapsed
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
         PollFailureRule,
         Rule,
         StatusChangeRule,
+        UsageAnomalyRule,
     )
 
 PENDING = "PENDING"
@@ -65,6 +67,9 @@ class OrgView:
     # First failed read after the last success, while reads keep failing.
     failing_since: datetime | None = None
     error: str | None = None
+    # usage_anomaly rule name -> its verdict on the organization's line items
+    # (invoice_watch.usage_watch); a rule without one is not evaluated on this read.
+    usage: Mapping[str, Detection] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -183,6 +188,9 @@ def evaluate(
                 _poll_failure(rule, view, age, result)
                 continue
             if not view.ok:
+                continue
+            if rule.type == "usage_anomaly":
+                _usage_anomaly(rule, view, result)
                 continue
             result.evaluated.add((rule.name, view.org_id))
             if rule.type == "status_change":
@@ -371,6 +379,70 @@ def _poll_failure(rule: PollFailureRule, view: OrgView, age: Age, result: Evalua
     )
 
 
+def usage_key(rule: str, org_id: str, by: str, dimension: str) -> str:
+    """A usage_anomaly alert's identity: rule, organization, and the project, cluster or
+    SKU (``by``) whose daily spend it is about."""
+    return f"{rule}/{org_id}/{by}:{dimension}"
+
+
+def _usage_anomaly(rule: UsageAnomalyRule, view: OrgView, result: Evaluation) -> None:
+    """The anomalies of the organization's latest posted day of usage (``view.usage``:
+    :func:`~invoice_watch.anomaly.detect`'s verdict). Evaluated only when a verdict was
+    reached (line items held, enough days of them, recent): otherwise its alerts neither
+    fire nor resolve; an organization the rule no longer covers is evaluated (its alerts
+    resolve)."""
+    if not _applies(rule, view.org_id):
+        result.evaluated.add((rule.name, view.org_id))
+        return
+    detection = view.usage.get(rule.name)
+    if detection is None or detection.day is None:
+        return
+    result.evaluated.add((rule.name, view.org_id))
+    for anomaly in detection.holding.values():
+        key = usage_key(rule.name, view.org_id, rule.by, anomaly.key)
+        result.holding[key] = Condition(
+            key=key,
+            rule=rule.name,
+            org_id=view.org_id,
+            source_org_id=view.org_id,
+            summary=anomaly.summary(),
+            details=usage_details(anomaly),
+        )
+
+
+def usage_details(anomaly: Anomaly) -> tuple[tuple[str, str], ...]:
+    """What a usage_anomaly message shows: the project (name and id), cluster and SKU,
+    the day, its amount against the usual, and the top contributors."""
+    dimension = anomaly.dimension
+    details: list[tuple[str, str]] = [("Dimension", dimension.label)]
+    if dimension.project or dimension.project_id:
+        project = dimension.project or dimension.project_id
+        if dimension.project_id and dimension.project_id != project:
+            project = f"{project} ({dimension.project_id})"
+        details.append(("Project", project))
+    if dimension.cluster:
+        details.append(("Cluster", dimension.cluster))
+    if dimension.sku:
+        details.append(("SKU", dimension.sku))
+    details += [
+        ("Usage day", anomaly.day.isoformat()),
+        ("Spend that day", fmt.usd(anomaly.amount_cents)),
+        ("Usual", f"{fmt.usd(anomaly.baseline_cents)} a day ({anomaly.history_days} days)"),
+        ("Threshold", fmt.usd(anomaly.threshold_cents)),
+    ]
+    if anomaly.contributors:
+        details.append(
+            (
+                "Top contributors",
+                "; ".join(
+                    f"{c.name}: {fmt.usd(c.amount_cents)} (usually {fmt.usd(c.baseline_cents)})"
+                    for c in anomaly.contributors
+                ),
+            )
+        )
+    return tuple(details)
+
+
 def resolution_summary(
     rule: Rule,
     invoice: Invoice | None,
@@ -407,6 +479,15 @@ def resolution_summary(
                 f"to be read for {fmt.duration(failing_for)}, not that long yet."
             )
         return "Invoices can be read again."
+    if rule.type == "usage_anomaly":
+        said = dict(fired.details) if fired is not None else {}
+        what = said.get("Dimension", "the daily spend")
+        usual = said.get("Usual")
+        return (
+            f"The daily spend of {what} is back under the anomaly threshold"
+            + (f" (it was {said.get('Spend that day')} against a usual {usual})" if usual else "")
+            + "."
+        )
     if invoice is None:
         return "The invoice is no longer listed by Atlas."
     said = dict(fired.details) if fired is not None else {}

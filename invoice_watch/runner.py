@@ -3,7 +3,8 @@ what outlives one cycle: when each organization is next listed in full
 (:class:`~invoice_watch.listing.FullListings`), the monotonic ages of stored times
 (:class:`~invoice_watch.elapsed.Elapsed`), the warning about hidden linked invoices,
 the last cycle's result and when it ended (what health and liveness are judged on),
-and the cycle metrics.
+the cycle metrics, and the line items stage run after each cycle
+(:class:`~invoice_watch.usage_watch.UsageWatch`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from invoice_watch.listing import FullListings
 from invoice_watch.metrics import Metrics
 from invoice_watch.redact import redact
 from invoice_watch.store import AlertState, Store
+from invoice_watch.usage_watch import UsageWatch
 
 
 class CycleRunner:
@@ -47,6 +49,7 @@ class CycleRunner:
         # Why the cycles since the last one recorded were not (health: no progress).
         self.unrecorded: str | None = None
         self.done = asyncio.Event()  # set after every committed cycle
+        self.usage = UsageWatch(metrics)  # line items: fetched, judged (usage_anomaly)
 
     async def run(
         self,
@@ -76,6 +79,7 @@ class CycleRunner:
                     baseline=baseline,
                     delivering=delivering,
                     wake=wake,
+                    usage=self.usage.detections,
                 )
                 result = await cycle.run()
             except BaseException as exc:
@@ -96,6 +100,8 @@ class CycleRunner:
             f"{len(result.orgs_failed)} failed, {len(firing)} alert(s) firing"
         )
         wake()
+        async with self.lock:  # after the cycle: its messages are out already
+            await self.usage.after_cycle(self.config, store, client, self.elapsed, self.clock.now())
         return result
 
     def _record(self, result: CycleResult, seconds: float, alerts: Iterable[AlertState]) -> None:

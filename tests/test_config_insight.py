@@ -176,14 +176,15 @@ def test_bad_insight_setting_is_one_problem_at_its_line(
     assert message in got_message
 
 
+def test_load_usage_anomaly_rule_is_acted_on_and_warns_nothing():
+    """usage_anomaly rules are evaluated (the line items stage, usage_watch.py): the
+    warning that they never fire is gone."""
+    assert load("  - {name: s, type: usage_anomaly, notify: [out]}\n").warnings == ()
+
+
 @pytest.mark.parametrize(
     ("extra", "path", "fragment"),
     [
-        (
-            "  - {name: s, type: usage_anomaly, notify: [out]}\n",
-            "rules.1.type",
-            "not evaluated by this release yet",
-        ),
         (
             "reports:\n  - {name: r, schedule: 'mon 09:00', notify: [out]}\n",
             "reports.0.schedule",

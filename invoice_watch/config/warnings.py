@@ -33,7 +33,6 @@ from invoice_watch.config.rules import (
     ForecastRule,
     InvoiceStatusRule,
     StatusChangeRule,
-    UsageAnomalyRule,
 )
 from invoice_watch.errors import ConfigProblem
 
@@ -255,16 +254,8 @@ def _rule_warnings(config: Config, given: _Given) -> Iterator[_Warning]:
 
 
 def _insight_warnings(config: Config, given: _Given) -> Iterator[_Warning]:
-    """usage_anomaly rules and reports are checked, but this release does not act on
-    them yet (issue 19: the daemon does not read daily line items nor send reports)."""
+    """Reports are checked, but this release does not send them yet (issue 19 §2)."""
     listed = {org.id for org in config.organizations}
-    for i, rule in enumerate(config.rules):
-        if isinstance(rule, UsageAnomalyRule) and rule.enabled:
-            yield (
-                ("rules", i, "type"),
-                "usage_anomaly rules are checked but not evaluated by this release yet "
-                "(daily line items are not read): this rule never fires",
-            )
     for i, report in enumerate(config.reports):
         if report.enabled:
             yield (

@@ -1,0 +1,274 @@
+"""The line items stage (issue 19): each organization's daily usage, fetched at most once
+per ``usage.refresh``, kept in the state, and judged by the ``usage_anomaly`` rules.
+
+Run by the :class:`~invoice_watch.runner.CycleRunner` after each cycle
+(:meth:`UsageWatch.after_cycle`), never inside one: a cycle's listings never wait for
+line items nor compete with them for Atlas's rate limit, and a cycle with no line items
+due costs nothing more than a look at a few cached times.
+
+- **Which organizations**: those some enabled ``usage_anomaly`` rule covers, or some
+  enabled report (:func:`wanted`). Others are never fetched.
+- **When**: when the organization's line items were last fetched ``usage.refresh``
+  (default 6 h) ago or more, as the state records it (a restart does not fetch early),
+  measured on the monotonic clock (:class:`~invoice_watch.elapsed.Elapsed`: a wall
+  clock set back fetches no sooner); after a failed fetch, again after
+  :data:`RETRY_AFTER` (at most ``usage.refresh``).
+- **What**: the organization's own PENDING invoice (as the snapshot holds it), through
+  :meth:`~invoice_watch.atlas.client.AtlasClient.usage_line_items`
+  (``lineItems:search``, else the CSV), project names from the pending invoice's
+  ``lineItems``; and, once, the period before's invoice when the snapshot still holds it
+  whole (a baseline that reaches back past the 1st, a report's "last month").
+- **A failure** never fails the invoice read (that cycle is over): it is logged once per
+  organization while it lasts (again only when its cause changes), counted
+  (``invoice_watch_line_item_fetch_failures_total``), recorded, and the line items held
+  stay in use.
+- **The verdicts**: per ``usage_anomaly`` rule and organization,
+  :func:`~invoice_watch.anomaly.detect` over the line items held (this period and the
+  one before), computed again only when the line items, the rule or the UTC day
+  changed. The next cycles' reads carry them to the rules (:attr:`OrgView.usage
+  <invoice_watch.rules.OrgView.usage>`): alerts fire, remind and resolve there, as any
+  other rule's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
+
+from invoice_watch import anomaly
+from invoice_watch import format as fmt
+from invoice_watch.anomaly import Detection
+from invoice_watch.errors import FetchError, StateError
+from invoice_watch.redact import printable
+from invoice_watch.safe_text import exception_line, traceback_text
+from invoice_watch.types import Invoice, LineItem
+
+if TYPE_CHECKING:
+    from invoice_watch.atlas.client import AtlasClient
+    from invoice_watch.config import Config, UsageAnomalyRule
+    from invoice_watch.metrics import Metrics
+    from invoice_watch.rules import Age
+    from invoice_watch.store import Store
+    from invoice_watch.store.records import UsageRead
+
+log = logging.getLogger(__name__)
+
+# After a failed fetch, the next one is tried this much later (at most usage.refresh).
+RETRY_AFTER = timedelta(hours=1)
+# Organizations whose line items are fetched together.
+CONCURRENCY = 4
+
+
+def _anomaly_rules(config: Config) -> list[UsageAnomalyRule]:
+    return [r for r in config.rules if r.enabled and r.type == "usage_anomaly"]
+
+
+def wanted(config: Config) -> list[str]:
+    """The configured organizations whose line items something needs: an enabled
+    ``usage_anomaly`` rule covering it, or an enabled report."""
+    rules = _anomaly_rules(config)
+    reports = [r for r in config.reports if r.enabled]
+    found = []
+    for org in config.organizations:
+        if any(r.orgs is None or org.id in r.orgs for r in rules) or any(
+            r.orgs is None or org.id in r.orgs for r in reports
+        ):
+            found.append(org.id)
+    return found
+
+
+def pending_invoice(invoices: Mapping[str, Invoice], org_id: str) -> Invoice | None:
+    """The organization's own PENDING invoice (the latest period's, if several)."""
+    pending = [i for i in invoices.values() if i.status == "PENDING" and i.org_id == org_id]
+    return max(pending, key=lambda i: (i.start_date, i.id), default=None)
+
+
+def previous_invoice(invoices: Mapping[str, Invoice], current: Invoice) -> Invoice | None:
+    """The organization's own invoice of the period before ``current``'s, when held."""
+    before = [
+        i
+        for i in invoices.values()
+        if i.org_id == current.org_id and i.start_date < current.start_date and i.id != current.id
+    ]
+    return max(before, key=lambda i: (i.start_date, i.id), default=None)
+
+
+class UsageWatch:
+    """What outlives a cycle of the line items stage: the verdicts, what was logged."""
+
+    def __init__(self, metrics: Metrics | None = None) -> None:
+        self._metrics = metrics
+        # (rule name, org id) -> (what it was computed from, the verdict)
+        self._verdicts: dict[tuple[str, str], tuple[object, Detection]] = {}
+        self._logged: dict[str, str] = {}  # org -> the failure last logged
+        self._past: set[tuple[str, str]] = set()  # (org, invoice) of past periods read
+        self.fetches = 0  # fetches that worked, since the start
+        self._refresh = timedelta(hours=6)
+
+    def detections(self, org_id: str) -> dict[str, Detection]:
+        """The verdicts on the organization's line items, by usage_anomaly rule name."""
+        return {
+            rule: verdict for (rule, org), (_, verdict) in self._verdicts.items() if org == org_id
+        }
+
+    def due(self, config: Config, store: Store, age: Age) -> list[str]:
+        """The organizations whose line items are due now (see the module)."""
+        refresh = config.usage.refresh
+        return [
+            org_id
+            for org_id in wanted(config)
+            if _is_due(store.usage.read_state(org_id), refresh, age)
+        ]
+
+    async def after_cycle(
+        self, config: Config, store: Store, client: AtlasClient, age: Age, now: datetime
+    ) -> None:
+        """Fetch the line items due, then judge them (see the module). Never raises but
+        for cancellation: a failure is logged and counted."""
+        self._refresh = config.usage.refresh
+        try:
+            due = self.due(config, store, age)
+            if due:
+                limit = asyncio.Semaphore(CONCURRENCY)
+
+                async def one(org_id: str) -> None:
+                    async with limit:
+                        await self._fetch(config, store, client, org_id, now)
+
+                await asyncio.gather(*(one(org_id) for org_id in due))
+            await self._judge(config, store, now)
+        except StateError as exc:
+            log.warning("line items: the state could not be read or written: %s", exc)
+        except Exception as exc:  # a bug: never the cycle's
+            log.error("line items: failed unexpectedly:\n%s", traceback_text(exc))
+
+    async def _fetch(
+        self, config: Config, store: Store, client: AtlasClient, org_id: str, now: datetime
+    ) -> None:
+        invoices = store.snapshot.get(org_id).live
+        pending = pending_invoice(invoices, org_id)
+        if pending is None:
+            return  # nothing to read yet (no pending invoice listed)
+        name = config.org_name(org_id)
+        try:
+            names = await self._names(client, org_id)
+            fetched = await client.usage_line_items(org_id, pending.id, names)
+            await store.usage.record(
+                org_id, pending.id, pending.start_date.date(), fetched.items, fetched.source, now
+            )
+        except (FetchError, ValueError) as exc:
+            await self._failed(store, org_id, name, now, printable(str(exc)))
+            return
+        except StateError:
+            raise
+        except Exception as exc:  # a bug: this organization's line items only
+            log.error(
+                "%s: reading its line items failed unexpectedly:\n%s", name, traceback_text(exc)
+            )
+            await self._failed(store, org_id, name, now, exception_line(exc))
+            return
+        self.fetches += 1
+        if self._logged.pop(org_id, None) is not None:
+            log.info("%s: line items read again (%d)", name, len(fetched.items))
+        else:
+            log.info("%s: %d line items read (%s)", name, len(fetched.items), fetched.source)
+        before = previous_invoice(invoices, pending)
+        if before is not None and (org_id, before.id) not in self._past:
+            self._past.add((org_id, before.id))
+            held = {p.invoice_id for p in await store.usage.periods(org_id)}
+            if before.id not in held:
+                try:
+                    past = await client.usage_line_items(org_id, before.id, names)
+                    await store.usage.record(
+                        org_id,
+                        before.id,
+                        before.start_date.date(),
+                        past.items,
+                        past.source,
+                        now,
+                        current=False,
+                    )
+                except (FetchError, ValueError) as exc:
+                    log.info("%s: the last period's line items were not read: %s", name, exc)
+
+    @staticmethod
+    async def _names(client: AtlasClient, org_id: str) -> dict[str, str]:
+        """Project id -> name, from the pending invoice's ``lineItems`` (empty when that
+        cannot be read: the ids are shown then)."""
+        try:
+            pending = await client.pending_line_items(org_id)
+        except FetchError:
+            return {}
+        return {
+            item.project_id: item.project
+            for items in pending.values()
+            for item in items
+            if item.project_id and item.project != item.project_id
+        }
+
+    @property
+    def _retry(self) -> timedelta:
+        return min(RETRY_AFTER, self._refresh)
+
+    async def _failed(
+        self, store: Store, org_id: str, name: str, now: datetime, error: str
+    ) -> None:
+        if self._metrics is not None:
+            self._metrics.line_item_failures.labels(org=org_id).inc()
+        if self._logged.get(org_id) != error:
+            self._logged[org_id] = error
+            log.warning(
+                "%s: its line items could not be read (the invoices were; the line items "
+                "held stay in use, tried again in %s): %s",
+                name,
+                fmt.duration(self._retry),
+                error,
+            )
+        await store.usage.record_failure(org_id, now, error)
+
+    async def _judge(self, config: Config, store: Store, now: datetime) -> None:
+        """The verdict of each usage_anomaly rule on each organization it covers whose
+        line items are held, computed again when its inputs changed."""
+        kept: dict[tuple[str, str], tuple[object, Detection]] = {}
+        items_of: dict[str, list[LineItem]] = {}
+        for rule in _anomaly_rules(config):
+            params = anomaly.Params(rule.baseline, rule.min_increase_cents, rule.sensitivity)
+            for org in config.organizations:
+                org_id = org.id
+                if rule.orgs is not None and org_id not in rule.orgs:
+                    continue
+                read = store.usage.read_state(org_id)
+                if read is None or read.fetched_at is None:
+                    continue
+                inputs = (rule.by, params, read.fetched_at, read.invoice_id, now.date())
+                before = self._verdicts.get((rule.name, org_id))
+                if before is not None and before[0] == inputs:
+                    kept[(rule.name, org_id)] = before
+                    continue
+                if org_id not in items_of:
+                    periods = await store.usage.periods(org_id)
+                    items_of[org_id] = [item for p in periods for item in p.items]
+                verdict = await asyncio.to_thread(_detect, now, items_of[org_id], rule, params)
+                if verdict.day is None:
+                    log.debug("%s: %s: %s", rule.name, config.org_name(org_id), verdict.reason)
+                kept[(rule.name, org_id)] = (inputs, verdict)
+        self._verdicts = kept
+
+
+def _is_due(read: UsageRead | None, refresh: timedelta, age: Age) -> bool:
+    """Never fetched, fetched ``refresh`` ago, or failed :data:`RETRY_AFTER` ago (at most
+    ``refresh``)."""
+    if read is None:
+        return True
+    if read.last_error is not None:
+        return age(read.attempted_at) >= min(RETRY_AFTER, refresh)
+    return read.fetched_at is None or age(read.fetched_at) >= refresh
+
+
+def _detect(
+    now: datetime, items: list[LineItem], rule: UsageAnomalyRule, params: anomaly.Params
+) -> Detection:
+    return anomaly.detect(now, anomaly.series(items, rule.by), params)

@@ -1,0 +1,176 @@
+"""The usage_anomaly rule end to end against the simulator (issue 19 §1): the demo
+scenario's spike (yesterday, the `orders` cluster's M40 at 5 times its usual day) fires
+one alert keyed by rule, organization and cluster, delivered through the outbox, and
+resolves once a later day is back to normal; line items are fetched at most once per
+`usage.refresh` across polls (and across a restart); a failing `lineItems:search` never
+fails the invoice read; the CSV is read where the search is not served."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from invoice_watch.app import App
+from invoice_watch.clock import FakeClock
+from invoice_watch.config import Config, load
+from invoice_watch.simulator import Simulator, demo_scenario
+from invoice_watch.types import EventKind
+from tests.test_convergence import Recorder
+
+NOW = datetime(2026, 11, 21, 9, 0, tzinfo=UTC)  # a Saturday: usage up to Friday the 20th
+PROD = "5f8a1c2e9b3d4a6f7e0c1b2a"
+ANALYTICS = "6a7b8c9d0e1f2a3b4c5d6e7f"
+SEARCH = "lineItems:search"
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(NOW)
+
+
+@pytest.fixture
+async def sim(clock: FakeClock) -> AsyncIterator[Simulator]:
+    scenario = demo_scenario(now=NOW)
+    # The spike on a fixed day (the 20th), not "the latest day": a day later, the latest
+    # day is a usual one again.
+    for item in scenario.invoice("prod-pending").line_items:
+        if item.spike_day is not None:
+            item.spike_day = 20
+    async with Simulator(scenario, clock=clock) as simulator:
+        yield simulator
+
+
+def config_of(sim: Simulator, tmp: Path, **extra: Any) -> Config:
+    data = {
+        "atlas": {
+            "base_url": sim.base_url,
+            "auth": {"public_key": sim.public_key, "private_key": sim.private_key},
+            "retries": 0,
+        },
+        "organizations": [
+            {"id": PROD, "name": "Production"},
+            {"id": ANALYTICS, "name": "Analytics"},
+        ],
+        "state": {"path": str(tmp / "state.db")},
+        "poll": {"interval": "15m"},
+        "notifiers": {"console": {"type": "console"}},
+        "rules": [
+            {"name": "spend-spike", "type": "usage_anomaly", "by": "cluster", "min_increase": 50,
+             "notify": ["console"]},
+        ],
+        **extra,
+    }  # fmt: skip
+    return load(yaml.safe_dump(data), filename="usage.yaml", env={}, base_dir=tmp)
+
+
+def searches(sim: Simulator) -> int:
+    return sum(1 for r in sim.requests if r.path.endswith(SEARCH))
+
+
+def csvs(sim: Simulator) -> int:
+    return sum(1 for r in sim.requests if r.path.endswith("/csv"))
+
+
+async def cycle(app: App, recorder: Recorder) -> list[tuple[EventKind, str]]:
+    """One cycle, then delivery; the (kind, key) of what the notifier got."""
+    before = len(recorder.sent)
+    await app.run_cycle()
+    await app.deliverer.drain(0)
+    return [(e.kind, e.key) for e in recorder.sent[before:]]
+
+
+async def test_e2e_usage_anomaly_fires_on_the_demo_spike_and_resolves_when_it_falls_back(
+    sim: Simulator, clock: FakeClock, tmp_path: Path
+) -> None:
+    recorder = Recorder()
+    config = config_of(sim, tmp_path)
+    project_id = sim.scenario.invoice("prod-pending").line_items[0].project_id
+    key = f"spend-spike/{PROD}/cluster:{project_id}/orders"
+    async with App(config, clock=clock, notifiers={"console": recorder}) as app:
+        assert await cycle(app, recorder) == []  # the invoices first; line items after
+        fetched = searches(sim)
+        assert fetched >= 2  # both organizations' pending invoices (and last month's)
+        sent = await cycle(app, recorder)
+        assert [k for k in sent if k[1].startswith("spend-spike/")] == [(EventKind.FIRING, key)]
+        [firing] = [e for e in recorder.sent if e.key == key]
+        assert firing.rule_type == "usage_anomaly"
+        details = dict(firing.details)
+        assert details["Cluster"] == "orders"
+        assert details["Project"].endswith(")") and "(" in details["Project"]  # name (id)
+        assert details["Usage day"] == "2026-11-20"
+        assert details["Top contributors"].startswith("ATLAS AWS Instance M40: ")
+        assert "Unusual spend: cluster orders of project" in firing.summary
+        for _ in range(4):  # an hour of polls: no line item fetched again, nothing sent
+            clock.advance(timedelta(minutes=15))
+            assert await cycle(app, recorder) == []
+        assert searches(sim) == fetched
+
+    # A restart within usage.refresh fetches nothing (the time is in the state).
+    clock.advance(timedelta(minutes=15))
+    async with App(config, clock=clock, notifiers={"console": recorder}) as app:
+        assert await cycle(app, recorder) == []
+        assert searches(sim) == fetched
+        # A day later the line items are due again; the 21st is a usual day.
+        clock.advance(timedelta(days=1))
+        assert await cycle(app, recorder) == []
+        assert searches(sim) > fetched
+        assert await cycle(app, recorder) == [(EventKind.RESOLVED, key)]
+        resolved = recorder.sent[-1]
+        assert "back under the anomaly threshold" in resolved.summary
+        assert "cluster orders" in resolved.summary
+
+
+async def test_e2e_a_failing_line_item_search_never_fails_the_invoice_read(
+    sim: Simulator, clock: FakeClock, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    recorder = Recorder()
+    config = config_of(sim, tmp_path)
+    sim.faults.status(500, path=f"*/{SEARCH}", times=1000)
+    caplog.set_level(logging.INFO)
+    async with App(config, clock=clock, notifiers={"console": recorder}) as app:
+        result = await app.run_cycle()
+        assert result.orgs_failed == [] and result.orgs_ok == 2
+        read = app.store.usage.read_state(PROD)
+        assert read is not None and read.fetched_at is None and "500" in (read.last_error or "")
+        failures = app.metrics.registry.get_sample_value(
+            "invoice_watch_line_item_fetch_failures_total", {"org": PROD}
+        )
+        assert failures == 1
+        tried = searches(sim)
+        for _ in range(3):  # polls within the hour after a failure try nothing again
+            clock.advance(timedelta(minutes=15))
+            assert (await app.run_cycle()).orgs_failed == []
+        assert searches(sim) == tried
+        clock.advance(timedelta(minutes=20))
+        await app.run_cycle()
+        assert searches(sim) > tried  # tried again after an hour
+    warned = [r for r in caplog.records if "line items could not be read" in r.getMessage()]
+    assert len(warned) == 2  # once per organization, not once per attempt
+
+
+@pytest.mark.parametrize("status", [404, 406, 415])
+async def test_e2e_line_items_come_from_the_csv_where_the_search_is_not_served(
+    sim: Simulator, clock: FakeClock, tmp_path: Path, status: int
+) -> None:
+    recorder = Recorder()
+    config = config_of(sim, tmp_path)
+    sim.faults.status(status, path=f"*/{SEARCH}", times=1000)
+    async with App(config, clock=clock, notifiers={"console": recorder}) as app:
+        result = await app.run_cycle()
+        assert result.orgs_failed == []
+        read = app.store.usage.read_state(PROD)
+        assert read is not None and read.source == "csv" and read.last_error is None
+        [period, *_] = await app.store.usage.periods(PROD)
+        assert period.items and all(item.usage_date is not None for item in period.items)
+        assert csvs(sim) >= 1
+        # the search is not asked again: this Atlas does not serve it
+        tried = searches(sim)
+        clock.advance(timedelta(hours=7))
+        await app.run_cycle()
+        assert searches(sim) == tried
