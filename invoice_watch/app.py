@@ -101,6 +101,7 @@ class App:
             store = await open_store(location(config.state), settles=settles)
         self._store = store
         self._stack.push_async_callback(store.close)
+        self.metrics.billing.bind(lambda: (self.config, store, self.clock.now()))
         self.leadership = self._leadership(store)
         if not self.dry_run and self.leadership is None:
             # Messages of a cycle that a crash cut short (its organizations committed,

@@ -1,10 +1,14 @@
 """The daemon's Prometheus metrics (served at ``/metrics`` by
 :mod:`invoice_watch.http_endpoint`): :class:`Metrics` holds the series in a private
-registry, so that tests and two daemons in one process never collide."""
+registry, so that tests and two daemons in one process never collide. The billing
+gauges (pending, month to date, forecast, budget, last read) are computed at each scrape
+(:mod:`invoice_watch.billing_metrics`)."""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from invoice_watch.billing_metrics import BillingCollector
 
 
 class Metrics:
@@ -97,6 +101,8 @@ class Metrics:
             "failed; the invoices were read, the line items held stay in use",
             "org",
         )
+        self.billing = BillingCollector()  # bound to the state by the App
+        r.register(self.billing)
         self.last_cycle_finished = gauge(
             "invoice_watch_last_cycle_timestamp_seconds", "When the last cycle finished (Unix time)"
         )
