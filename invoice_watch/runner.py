@@ -68,6 +68,7 @@ class CycleRunner:
         async with self.lock:
             try:
                 store.check_held()  # deleted or replaced under us: stop
+                await self.usage.before_cycle(self.config, store, self.clock.now())
                 cycle = Cycle(
                     self.config,
                     store,

@@ -22,7 +22,8 @@ due costs nothing more than a look at a few cached times.
   organization while it lasts (again only when its cause changes), counted
   (``invoice_watch_line_item_fetch_failures_total``), recorded, and the line items held
   stay in use.
-- **The verdicts**: per ``usage_anomaly`` rule and organization,
+- **The verdicts**: per ``usage_anomaly`` rule and organization (before each cycle too,
+  :meth:`UsageWatch.before_cycle`: a restart judges what the state holds),
   :func:`~invoice_watch.anomaly.detect` over the line items held (this period and the
   one before), computed again only when the line items, the rule or the UTC day
   changed. The next cycles' reads carry them to the rules (:attr:`OrgView.usage
@@ -122,6 +123,21 @@ class UsageWatch:
             for org_id in wanted(config)
             if _is_due(store.usage.read_state(org_id), refresh, age)
         ]
+
+    async def before_cycle(self, config: Config, store: Store, now: datetime) -> None:
+        """The verdicts brought up to date with the line items held (a start: those a
+        previous process fetched, so that ``run --once`` judges them too; a new UTC
+        day; a reloaded rule) before a cycle reads; costs a look at a few cached times
+        when nothing changed. Never raises but for cancellation."""
+        if not _anomaly_rules(config):
+            self._verdicts = {}
+            return
+        try:
+            await self._judge(config, store, now)
+        except StateError as exc:
+            log.warning("line items: the state could not be read: %s", exc)
+        except Exception as exc:  # a bug: never the cycle's
+            log.error("line items: judging them failed unexpectedly:\n%s", traceback_text(exc))
 
     async def after_cycle(
         self, config: Config, store: Store, client: AtlasClient, age: Age, now: datetime

@@ -20,6 +20,7 @@ from invoice_watch.app import App
 from invoice_watch.clock import FakeClock
 from invoice_watch.config import Config, load
 from invoice_watch.simulator import Simulator, demo_scenario
+from invoice_watch.store.records import Silence
 from invoice_watch.types import EventKind
 from tests.test_convergence import Recorder
 
@@ -174,3 +175,37 @@ async def test_e2e_line_items_come_from_the_csv_where_the_search_is_not_served(
         clock.advance(timedelta(hours=7))
         await app.run_cycle()
         assert searches(sim) == tried
+
+
+async def test_e2e_run_once_judges_the_line_items_an_earlier_run_fetched(
+    sim: Simulator, clock: FakeClock, tmp_path: Path
+) -> None:
+    """`run --once` from cron: each run is a new process. The line items the first run
+    fetched (after its cycle) are judged by the second before its cycle: it fires."""
+    recorder = Recorder()
+    config = config_of(sim, tmp_path)
+    async with App(config, clock=clock, notifiers={"console": recorder}) as app:
+        await app.run_once()
+    assert recorder.sent == []
+    clock.advance(timedelta(minutes=15))
+    async with App(config, clock=clock, notifiers={"console": recorder}) as app:
+        await app.run_once()
+    assert [(e.kind, e.rule) for e in recorder.sent] == [(EventKind.FIRING, "spend-spike")]
+
+
+async def test_e2e_a_silence_on_the_usage_anomaly_rule_holds_its_firing(
+    sim: Simulator, clock: FakeClock, tmp_path: Path
+) -> None:
+    """Silences apply to usage_anomaly alerts as to any: a silence of the rule for the
+    organization keeps the FIRING from the notifier, and it goes out once lifted."""
+    recorder = Recorder()
+    config = config_of(sim, tmp_path)
+    async with App(config, clock=clock, notifiers={"console": recorder}) as app:
+        await app.store.silences.add(
+            Silence("s1", "spend-spike", PROD, None, NOW, NOW + timedelta(hours=1), "known", NOW)
+        )
+        await cycle(app, recorder)
+        assert await cycle(app, recorder) == []  # held by the silence
+        clock.advance(timedelta(hours=1, minutes=1))
+        sent = await cycle(app, recorder)
+        assert [kind for kind, key in sent if key.startswith("spend-spike/")] == [EventKind.FIRING]
