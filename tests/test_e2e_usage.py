@@ -65,8 +65,8 @@ def config_of(sim: Simulator, tmp: Path, **extra: Any) -> Config:
             {"name": "spend-spike", "type": "usage_anomaly", "by": "cluster", "min_increase": 50,
              "notify": ["console"]},
         ],
-        **extra,
     }  # fmt: skip
+    data.update(extra)
     return load(yaml.safe_dump(data), filename="usage.yaml", env={}, base_dir=tmp)
 
 
@@ -209,3 +209,20 @@ async def test_e2e_a_silence_on_the_usage_anomaly_rule_holds_its_firing(
         clock.advance(timedelta(hours=1, minutes=1))
         sent = await cycle(app, recorder)
         assert [kind for kind, key in sent if key.startswith("spend-spike/")] == [EventKind.FIRING]
+
+
+@pytest.mark.parametrize(
+    ("rule", "fetched"),
+    [
+        ({"orgs": [PROD]}, {PROD}),  # only the organizations a rule covers
+        ({"enabled": False}, set()),  # a disabled rule needs none
+    ],
+)
+async def test_e2e_line_items_are_read_only_for_organizations_something_needs(
+    sim: Simulator, clock: FakeClock, tmp_path: Path, rule: dict[str, Any], fetched: set[str]
+) -> None:
+    spike = {"name": "spend-spike", "type": "usage_anomaly", "notify": ["console"], **rule}
+    config = config_of(sim, tmp_path, rules=[spike])
+    async with App(config, clock=clock, notifiers={"console": Recorder()}) as app:
+        await app.run_cycle()
+    assert {r.org_id for r in sim.requests if r.path.endswith(SEARCH)} == fetched
