@@ -31,9 +31,9 @@ import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime
+from typing import TYPE_CHECKING
 
 from invoice_watch.alerts import Transition
-from invoice_watch.anomaly import Detection
 from invoice_watch.atlas.client import AtlasClient
 from invoice_watch.breakdowns import add_breakdowns, wants_breakdown
 from invoice_watch.clock import Clock
@@ -57,6 +57,9 @@ from invoice_watch.store import OrgWrite, SnapshotRepository, Store, grouping
 from invoice_watch.types import AlertEvent, Invoice, OrgRead, Part, Snapshot
 from invoice_watch.writer import GroupCommit, HeldRelease
 from invoice_watch.writer import Part as CommitPart
+
+if TYPE_CHECKING:
+    from invoice_watch.anomaly import Detection
 
 log = logging.getLogger(__name__)
 

@@ -18,13 +18,13 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from invoice_watch import format as fmt
-from invoice_watch.anomaly import Anomaly, Detection
 from invoice_watch.constants import FINAL_STATUSES
 from invoice_watch.diff import Diff
 from invoice_watch.elapsed import Elapsed
 from invoice_watch.types import AlertEvent, BreakdownLine, Invoice, LineItem
 
 if TYPE_CHECKING:
+    from invoice_watch.anomaly import Anomaly, Detection
     from invoice_watch.config import (
         AmountIncreaseRule,
         ForecastRule,

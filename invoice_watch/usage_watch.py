@@ -39,15 +39,15 @@ from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
-from invoice_watch import anomaly
 from invoice_watch import format as fmt
-from invoice_watch.anomaly import Detection
 from invoice_watch.errors import FetchError, StateError
 from invoice_watch.redact import printable
 from invoice_watch.safe_text import exception_line, traceback_text
 from invoice_watch.types import Invoice, LineItem
 
 if TYPE_CHECKING:
+    from invoice_watch import anomaly
+    from invoice_watch.anomaly import Detection
     from invoice_watch.atlas.client import AtlasClient
     from invoice_watch.config import Config, UsageAnomalyRule
     from invoice_watch.metrics import Metrics
@@ -248,6 +248,8 @@ class UsageWatch:
     async def _judge(self, config: Config, store: Store, now: datetime) -> None:
         """The verdict of each usage_anomaly rule on each organization it covers whose
         line items are held, computed again when its inputs changed."""
+        from invoice_watch import anomaly  # loaded once a usage_anomaly rule is
+
         kept: dict[tuple[str, str], tuple[object, Detection]] = {}
         items_of: dict[str, list[LineItem]] = {}
         for rule in _anomaly_rules(config):
@@ -287,4 +289,6 @@ def _is_due(read: UsageRead | None, refresh: timedelta, age: Age) -> bool:
 def _detect(
     now: datetime, items: list[LineItem], rule: UsageAnomalyRule, params: anomaly.Params
 ) -> Detection:
+    from invoice_watch import anomaly
+
     return anomaly.detect(now, anomaly.series(items, rule.by), params)
