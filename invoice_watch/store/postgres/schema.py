@@ -42,34 +42,10 @@ MIGRATIONS: tuple[str, ...] = (
 {tables.SILENCES}
     """,
     # 3: the SQLite file's 6: line items and when they were fetched, report runs
-    """
-    CREATE TABLE line_items (
-        org_id TEXT NOT NULL,
-        invoice_id TEXT NOT NULL,
-        period_start TEXT NOT NULL,
-        usage_date TEXT,
-        project_id TEXT NOT NULL,
-        project TEXT NOT NULL,
-        cluster TEXT NOT NULL,
-        sku TEXT NOT NULL,
-        amount_cents BIGINT NOT NULL
-    );
-    CREATE INDEX line_items_by_org ON line_items (org_id, period_start);
-    CREATE TABLE line_item_reads (
-        org_id TEXT PRIMARY KEY,
-        invoice_id TEXT,
-        period_start TEXT,
-        source TEXT,
-        fetched_at TEXT,
-        attempted_at TEXT NOT NULL,
-        last_error TEXT
-    );
-    CREATE TABLE report_runs (
-        report TEXT NOT NULL,
-        scope TEXT NOT NULL,
-        last_due TEXT NOT NULL,
-        PRIMARY KEY (report, scope)
-    );
+    f"""
+{tables.line_items(_INTEGER)}
+{tables.LINE_ITEM_READS}
+{tables.REPORT_RUNS}
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -121,3 +121,40 @@ SILENCES = """    CREATE TABLE silences (
         created_at TEXT NOT NULL
     );
     CREATE INDEX silences_ends ON silences (ends_at);"""
+
+
+def line_items(integer: str) -> str:
+    """The daily line items of each configured organization's invoices (this billing
+    period and the one before), and their index by organization and period."""
+    return f"""    CREATE TABLE line_items (
+        org_id TEXT NOT NULL,
+        invoice_id TEXT NOT NULL,
+        period_start TEXT NOT NULL,
+        usage_date TEXT,
+        project_id TEXT NOT NULL,
+        project TEXT NOT NULL,
+        cluster TEXT NOT NULL,
+        sku TEXT NOT NULL,
+        amount_cents {integer} NOT NULL
+    );
+    CREATE INDEX line_items_by_org ON line_items (org_id, period_start);"""
+
+
+# When each configured organization's line items were last fetched, or tried.
+LINE_ITEM_READS = """    CREATE TABLE line_item_reads (
+        org_id TEXT PRIMARY KEY,
+        invoice_id TEXT,
+        period_start TEXT,
+        source TEXT,
+        fetched_at TEXT,
+        attempted_at TEXT NOT NULL,
+        last_error TEXT
+    );"""
+
+# When each report (per scope: an organization, or all) was last due.
+REPORT_RUNS = """    CREATE TABLE report_runs (
+        report TEXT NOT NULL,
+        scope TEXT NOT NULL,
+        last_due TEXT NOT NULL,
+        PRIMARY KEY (report, scope)
+    );"""
