@@ -17,7 +17,8 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, NamedTuple
 
 from invoice_watch import format as fmt
-from invoice_watch.rules import Age, Condition, Evaluation, resolution_summary, wall_age
+from invoice_watch.resolution import resolution_summary
+from invoice_watch.rules import Age, Condition, Evaluation, wall_age
 from invoice_watch.store.records import AlertState
 from invoice_watch.types import AlertEvent, EventKind, Invoice
 

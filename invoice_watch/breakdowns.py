@@ -20,10 +20,10 @@ from invoice_watch.atlas.client import AtlasClient
 from invoice_watch.config import Config
 from invoice_watch.errors import FetchError
 from invoice_watch.redact import printable
-from invoice_watch.rules import BREAKDOWN_RULES, breakdown
+from invoice_watch.rules import BREAKDOWN_RULES
 from invoice_watch.safe_text import exception_line, traceback_text
 from invoice_watch.store import AlertState, unstorable
-from invoice_watch.types import EventKind, LineItem
+from invoice_watch.types import BreakdownLine, EventKind, LineItem
 
 log = logging.getLogger(__name__)
 
@@ -106,3 +106,25 @@ def _with_breakdown(t: Transition, items: list[LineItem], before: AlertState | N
         )
         return t
     return replace(t, event=with_lines, state=replace(t.state, last_event=with_lines))
+
+
+def breakdown(
+    items: Sequence[LineItem],
+    previous: Sequence[BreakdownLine] = (),
+    top: int = 3,
+) -> tuple[BreakdownLine, ...]:
+    """The ``top`` projects and SKUs by amount; with ``previous`` (the breakdown of the
+    last message about this alert), how much each grew since."""
+    before = {(line.dimension, line.name): line.amount_cents for line in previous}
+    lines: list[BreakdownLine] = []
+    for dimension in ("project", "sku"):
+        totals: dict[str, int] = {}
+        for item in items:
+            name = item.project if dimension == "project" else item.sku
+            totals[name] = totals.get(name, 0) + item.amount_cents
+        ranked = sorted(totals.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
+        for name, cents in ranked:
+            old = before.get((dimension, name))
+            growth_cents = cents - old if previous and old is not None else None
+            lines.append(BreakdownLine(dimension, name, cents, growth_cents))
+    return tuple(lines)

@@ -3,7 +3,9 @@
 Data and ``now`` in, :class:`Evaluation` out. State rules (``invoice_status``,
 ``pending_amount``, ``amount_increase``, ``forecast``, ``poll_failure``) report the
 conditions that hold; the one-shot ``status_change`` rule reports notices. Whether a
-condition turns into a message is decided by :mod:`invoice_watch.alerts`.
+condition turns into a message is decided by :mod:`invoice_watch.alerts`; what a
+RESOLVED says, by :mod:`invoice_watch.resolution`; an amount's breakdown, by
+:mod:`invoice_watch.breakdowns`.
 
 An organization whose read failed this cycle is not *evaluated* for invoice rules: its
 alerts neither fire nor resolve until it can be read again (only ``poll_failure`` speaks
@@ -21,7 +23,7 @@ from invoice_watch import format as fmt
 from invoice_watch.constants import FINAL_STATUSES
 from invoice_watch.diff import Diff
 from invoice_watch.elapsed import Elapsed
-from invoice_watch.types import AlertEvent, BreakdownLine, Invoice, LineItem
+from invoice_watch.types import Invoice
 
 if TYPE_CHECKING:
     from invoice_watch.anomaly import Anomaly, Detection
@@ -118,7 +120,7 @@ def alert_key(rule: str, org_id: str, invoice_id: str | None = None) -> str:
     return f"{rule}/{org_id}/{invoice_id}" if invoice_id else f"{rule}/{org_id}"
 
 
-def _applies(rule: Rule, org_id: str) -> bool:
+def applies(rule: Rule, org_id: str) -> bool:
     return rule.orgs is None or org_id in rule.orgs
 
 
@@ -197,7 +199,7 @@ def evaluate(
                 _status_change(rule, view, result)
                 continue
             for invoice in view.invoices.values():
-                if not _applies(rule, invoice.org_id):
+                if not applies(rule, invoice.org_id):
                     continue
                 condition = _check(rule, view, invoice, history.get(invoice.id, ()), now, age)
                 if isinstance(condition, Condition):
@@ -297,7 +299,7 @@ def _amount_increase(
     if not (over_amount or over_percent):
         return None
     percent = f" ({grew * 100 / base:.1f}%)" if base > 0 else ""
-    details = [("Growth", f"{fmt.usd(grew)}{percent}"), *_increase_limits(rule)]
+    details = [("Growth", f"{fmt.usd(grew)}{percent}"), *increase_limits(rule)]
     return _condition(
         rule,
         view,
@@ -336,7 +338,7 @@ def _status_change(rule: StatusChangeRule, view: OrgView, result: Evaluation) ->
             continue
         if rule.to_statuses is not None and new not in rule.to_statuses:
             continue
-        if not _applies(rule, new_org := change.new.org_id):
+        if not applies(rule, new_org := change.new.org_id):
             continue
         result.notices.append(
             Condition(
@@ -353,7 +355,7 @@ def _status_change(rule: StatusChangeRule, view: OrgView, result: Evaluation) ->
 
 def _poll_failure(rule: PollFailureRule, view: OrgView, age: Age, result: Evaluation) -> None:
     result.evaluated.add((rule.name, view.org_id))  # an org it no longer covers resolves
-    if not _applies(rule, view.org_id):
+    if not applies(rule, view.org_id):
         return
     if view.ok or view.failing_since is None:
         return
@@ -391,7 +393,7 @@ def _usage_anomaly(rule: UsageAnomalyRule, view: OrgView, result: Evaluation) ->
     reached (line items held, enough days of them, recent): otherwise its alerts neither
     fire nor resolve; an organization the rule no longer covers is evaluated (its alerts
     resolve)."""
-    if not _applies(rule, view.org_id):
+    if not applies(rule, view.org_id):
         result.evaluated.add((rule.name, view.org_id))
         return
     detection = view.usage.get(rule.name)
@@ -443,124 +445,7 @@ def usage_details(anomaly: Anomaly) -> tuple[tuple[str, str], ...]:
     return tuple(details)
 
 
-def resolution_summary(
-    rule: Rule,
-    invoice: Invoice | None,
-    fired: AlertEvent | None,
-    now: datetime,
-    *,
-    org_id: str | None = None,
-    org_name: str | None = None,
-    failing_for: timedelta | None = None,
-) -> str:
-    """What a RESOLVED message says happened, and why the alert resolved: from the
-    invoice as it is now, ``rule`` as configured now, and ``fired``, the alert's last
-    message (the amount and the limits it named). A reload may have changed the rule
-    since it fired: then the message says the rule changed (its type, the organizations
-    it covers, its limits), not that the amount fell. ``org_id``: the alert's
-    organization (the invoice's own, or the one poll_failure watches), ``org_name`` its
-    name; ``failing_for``: for poll_failure, how long that organization has been failing
-    (None: it was read)."""
-    org = org_name or org_id or "this organization"
-    if fired is not None and fired.rule_type and fired.rule_type != rule.type:
-        return (
-            f"The rule {rule.name} is now a {rule.type} rule (it was {fired.rule_type}): "
-            "this alert of the old rule ends."
-        )
-    if org_id is not None and not _applies(rule, org_id):
-        return (
-            f"The rule no longer covers {org} (its `orgs` changed): this alert ends"
-            f"{_as_it_stands(invoice)}."
-        )
-    if rule.type == "poll_failure":
-        if failing_for is not None:
-            return (
-                f"The rule's `after` is now {fmt.duration(rule.after)}: {org} has failed "
-                f"to be read for {fmt.duration(failing_for)}, not that long yet."
-            )
-        return "Invoices can be read again."
-    if rule.type == "usage_anomaly":
-        said = dict(fired.details) if fired is not None else {}
-        what = said.get("Dimension", "the daily spend")
-        usual = said.get("Usual")
-        return (
-            f"The daily spend of {what} is back under the anomaly threshold"
-            + (f" (it was {said.get('Spend that day')} against a usual {usual})" if usual else "")
-            + "."
-        )
-    if invoice is None:
-        return "The invoice is no longer listed by Atlas."
-    said = dict(fired.details) if fired is not None else {}
-    if rule.type == "invoice_status":
-        if fired is not None and fired.invoice_status == invoice.status:
-            return (
-                f"The rule no longer watches {invoice.status} invoices (its statuses "
-                f"changed); invoice {invoice.id} is still {invoice.status}."
-            )
-        return f"Invoice {invoice.id} is now {invoice.status}."
-    if invoice.status != PENDING:
-        return f"Invoice {invoice.id} is now {invoice.status}: the period is closed."
-    amount = invoice.amount_billed_cents
-    if rule.type == "pending_amount":
-        limit = fmt.usd(rule.threshold_cents)
-        before = fmt.parse_usd(said.get("Threshold", ""))
-        if before is not None and before != rule.threshold_cents and amount > before:
-            return (
-                f"The rule's threshold changed from {fmt.usd(before)} to {limit}: the pending "
-                f"invoice ({fmt.usd(amount)}) is under the new one{_was(fired, amount)}."
-            )
-        return f"Pending invoice is {fmt.usd(amount)}, back under the {limit} threshold."
-    if rule.type == "forecast":
-        budget = fmt.usd(rule.budget_cents)
-        if now - invoice.start_date < rule.min_elapsed:
-            return (
-                f"The rule now forecasts only after {fmt.duration(rule.min_elapsed)} of the "
-                "period (its min_elapsed changed)."
-            )
-        projected = forecast(invoice, now)
-        before = fmt.parse_usd(said.get("Budget", ""))
-        pace = f" ({fmt.usd(projected)} at this pace)" if projected is not None else ""
-        if (
-            before is not None
-            and before != rule.budget_cents
-            and projected is not None
-            and projected > before
-        ):
-            return (
-                f"The rule's budget changed from {fmt.usd(before)} to {budget}: the forecast "
-                f"for this period{pace} is under the new one."
-            )
-        return f"The forecast for this period{pace} is back under the {budget} budget."
-    if rule.type == "amount_increase":
-        limits = dict(_increase_limits(rule))
-        if fired is not None and {k: said.get(k) for k in limits} != limits:
-            return (
-                f"The rule's limits changed ({_limits_text(said)} -> {_limits_text(limits)}): "
-                "the growth within the window is not over the new ones."
-            )
-        return "The growth within the window is back under the threshold."
-    return "The condition no longer holds."
-
-
-def _as_it_stands(invoice: Invoice | None) -> str:
-    """``, though invoice X is still FAILED ($1.00)``: the invoice now, for a message
-    whose alert ended for another reason than the invoice."""
-    if invoice is None:
-        return ""
-    return (
-        f", though invoice {invoice.id} is still {invoice.status} "
-        f"({fmt.usd(invoice.amount_billed_cents)})"
-    )
-
-
-def _was(fired: AlertEvent | None, amount: int) -> str:
-    """``, though it rose from $X`` when the amount grew since the alert's message."""
-    if fired is None or fired.amount_cents is None or amount <= fired.amount_cents:
-        return ""
-    return f", though it rose from {fmt.usd(fired.amount_cents)}"
-
-
-def _increase_limits(rule: AmountIncreaseRule) -> list[tuple[str, str]]:
+def increase_limits(rule: AmountIncreaseRule) -> list[tuple[str, str]]:
     """An ``amount_increase`` rule's limits as its messages' details name them."""
     limits = [("Window", fmt.duration(rule.window))]
     if rule.threshold_cents is not None:
@@ -568,30 +453,3 @@ def _increase_limits(rule: AmountIncreaseRule) -> list[tuple[str, str]]:
     if rule.percent is not None:
         limits.append(("Threshold %", f"{rule.percent:g}%"))
     return limits
-
-
-def _limits_text(limits: Mapping[str, str]) -> str:
-    over = [limits[k] for k in ("Threshold", "Threshold %") if limits.get(k)]
-    return f"over {' or '.join(over) or 'nothing'} within {limits.get('Window', '?')}"
-
-
-def breakdown(
-    items: Sequence[LineItem],
-    previous: Sequence[BreakdownLine] = (),
-    top: int = 3,
-) -> tuple[BreakdownLine, ...]:
-    """The ``top`` projects and SKUs by amount; with ``previous`` (the breakdown of the
-    last message about this alert), how much each grew since."""
-    before = {(line.dimension, line.name): line.amount_cents for line in previous}
-    lines: list[BreakdownLine] = []
-    for dimension in ("project", "sku"):
-        totals: dict[str, int] = {}
-        for item in items:
-            name = item.project if dimension == "project" else item.sku
-            totals[name] = totals.get(name, 0) + item.amount_cents
-        ranked = sorted(totals.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
-        for name, cents in ranked:
-            old = before.get((dimension, name))
-            growth_cents = cents - old if previous and old is not None else None
-            lines.append(BreakdownLine(dimension, name, cents, growth_cents))
-    return tuple(lines)

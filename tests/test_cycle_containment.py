@@ -206,14 +206,14 @@ async def test_cycle_a_breakdown_that_slips_through_the_fetch_still_costs_only_i
     """The fetch refuses numbers outside int64 now; line items it would let through
     that cannot be stored (their sum has more than 4,300 digits), or a bug building the
     breakdown, cost A's breakdown only: both messages go, B's with its breakdown."""
-    from invoice_watch import breakdowns, rules
+    from invoice_watch import breakdowns
     from invoice_watch.types import LineItem
 
     atlas.invoices[ORG_A] = [invoice(1, ORG_A, "PENDING", MILLION)]
     config = hand_config(tmp_path, atlas.url, rules=RULES)
     async with App(config, clock=FakeClock(NOW), notifiers={"console": Recorder()}) as app:
         real_items = app.client.pending_line_items
-        real_breakdown = rules.breakdown
+        real_breakdown = breakdowns.breakdown
 
         async def items(org_id: str) -> dict[str, list[LineItem]]:
             if org_id == ORG_A and fault == "unstorable line items":

@@ -209,7 +209,7 @@ def test_resolved_when_orgs_no_longer_cover_an_org_says_so_for_every_rule_type(
 ):
     """Whatever the rule's type, an alert of an organization its `orgs` no longer names
     ends saying so (every type but status_change, whose notices never resolve)."""
-    from invoice_watch.rules import resolution_summary
+    from invoice_watch.resolution import resolution_summary
 
     config = config_factory(rules=one({**rule, "orgs": [ORG_B]}))
     (configured,) = config.rules
@@ -223,7 +223,7 @@ def test_resolved_when_orgs_no_longer_cover_an_org_says_so_for_every_rule_type(
 
 
 def test_resolved_poll_failure_whose_after_was_raised_says_it_still_fails(config_factory: Any):
-    from invoice_watch.rules import resolution_summary
+    from invoice_watch.resolution import resolution_summary
 
     (rule,) = config_factory(rules=one({"type": "poll_failure", "after": "2h"})).rules
     summary = resolution_summary(

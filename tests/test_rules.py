@@ -188,7 +188,7 @@ def test_alert_keys_are_stable_per_rule_org_and_invoice():
 
 
 def test_breakdown_top_three_projects_and_skus_with_growth():
-    from invoice_watch.rules import breakdown
+    from invoice_watch.breakdowns import breakdown
     from invoice_watch.types import LineItem
 
     items = [

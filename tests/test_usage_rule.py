@@ -8,7 +8,8 @@ from __future__ import annotations
 from datetime import UTC, date, datetime
 
 from invoice_watch.anomaly import Anomaly, Contributor, Detection, Dimension
-from invoice_watch.rules import OrgView, evaluate, resolution_summary
+from invoice_watch.resolution import resolution_summary
+from invoice_watch.rules import OrgView, evaluate
 from tests.conftest import ORG_A, ORG_B
 from tests.test_config_insight import load
 
