@@ -365,7 +365,12 @@ def _date(value: str) -> date:
 
 
 def events_from_json(text: str) -> list[AlertEvent]:
-    return [AlertEvent.from_json(item) for item in json.loads(text)]
+    """The events of an outbox row's ``events`` text: none for a report's (a JSON
+    object, :mod:`invoice_watch.report.outbox`), which no alert's handling touches."""
+    items = json.loads(text)
+    if not isinstance(items, list):
+        return []
+    return [AlertEvent.from_json(item) for item in items]
 
 
 @dataclass(frozen=True, slots=True)

@@ -69,7 +69,7 @@ async def summaries(context: Context, rows: list[Delivery]) -> list[Delivery]:
 
     for delivery in rows:
         waited = (delivery.last_error or "").startswith(QUIET_PREFIX)
-        if not waited or delivery.owed is not None:
+        if not waited or delivery.owed is not None or delivery.report is not None:
             out.append(delivery)
             continue
         count = sum(len(d.events) for d in summary)

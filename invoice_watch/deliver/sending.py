@@ -50,6 +50,7 @@ from invoice_watch.deliver.stats import DeliveryStats, count
 from invoice_watch.deliver.telling import FailureWarnings
 from invoice_watch.deliver.unrouted import Unrouted
 from invoice_watch.errors import PermanentNotifyError, RetryableNotifyError
+from invoice_watch.report.outbox import send_report
 from invoice_watch.retry import backoff, retry_delay
 from invoice_watch.safe_text import one_line, server_text, traceback_text
 from invoice_watch.store import ERROR_MAX, Delivery, summarize
@@ -66,7 +67,9 @@ def owed_to(owed: Owed) -> str:
 async def dispatch(notifier: Notifier, delivery: Delivery, owed: Owed) -> None:
     """Give ``delivery`` to its ``notifier``, for the recipients ``owed`` (None: all of
     them): returns when it was sent, raises what the notifier raises."""
-    if owed is None:
+    if delivery.report is not None:  # a report (issue 19 §2) rather than alerts
+        await send_report(notifier, delivery.report, recipients=owed)
+    elif owed is None:
         await notifier.send(delivery.events, part=delivery.part)
     else:  # some of the notifier's recipients have it already
         await notifier.send(delivery.events, part=delivery.part, recipients=owed)
@@ -103,7 +106,10 @@ class Sender:
     async def attempt(self, delivery: Delivery, stats: DeliveryStats) -> bool:
         """One attempt; True when the notifier may be tried again in this pass."""
         context = self.context
-        what = one_line(f"{delivery.notifier}: {summarize(delivery.events, delivery.part)}")
+        report = delivery.report.summary if delivery.report is not None else None
+        what = one_line(
+            f"{delivery.notifier}: {report or summarize(delivery.events, delivery.part)}"
+        )
         notifier = context.notifiers.get(delivery.notifier)
         if notifier is None:
             return await self._unrouted_attempt(delivery, what, stats)

@@ -25,6 +25,7 @@ from typing import TextIO
 from invoice_watch.errors import RetryableNotifyError
 from invoice_watch.notify.base import BaseNotifier, Recipients
 from invoice_watch.notify.render import plain
+from invoice_watch.report.outbox import ReportMessage
 from invoice_watch.types import AlertEvent, Part
 
 SEPARATOR = "─" * 72
@@ -61,11 +62,21 @@ class ConsoleNotifier(BaseNotifier):
         self, events: Sequence[AlertEvent], part: Part | None, recipients: Recipients
     ) -> None:
         """Print the message (one destination: ``recipients`` does not apply)."""
+        self._write(plain.text(events, part))
+
+    async def send_report(
+        self, msg: ReportMessage, *, recipients: Sequence[str] | None = None
+    ) -> None:
+        """Print a report's text summary (:mod:`invoice_watch.report.outbox`)."""
+        self._write(msg.text)
+
+    def _write(self, message: str) -> None:
+        """Write ``message`` after the rule; an error the outbox retries when it cannot."""
         # Looked up at each send, so a redirected sys.stdout (tests, --dry-run) is honoured.
         stream = self._stream or sys.stdout
         if stream is None:  # Python's sys.stdout when the process started with it closed
             raise self._closed("it was closed when invoice-watch started")
-        text = f"{SEPARATOR}\n{plain.text(events, part)}"
+        text = f"{SEPARATOR}\n{message}"
         encoding = getattr(stream, "encoding", None)
         if encoding is None and self._stream is None:
             # sys.stdout may be a wrapper that does not say (the CLI's): the process's

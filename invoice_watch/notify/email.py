@@ -32,7 +32,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from email.message import EmailMessage
 from email.utils import format_datetime
 from pathlib import Path
@@ -44,6 +44,7 @@ from invoice_watch.errors import NotifyError, PermanentNotifyError, RetryableNot
 from invoice_watch.notify.base import BaseNotifier, Recipients
 from invoice_watch.notify.render import plain
 from invoice_watch.notify.render.email import email_html, email_subject
+from invoice_watch.report.outbox import ReportMessage, report_email
 from invoice_watch.safe_text import server_text
 from invoice_watch.types import AlertEvent, Part
 
@@ -161,6 +162,21 @@ class EmailNotifier(BaseNotifier):
     ) -> None:
         """Send the message to ``recipients`` (those of ``to`` still owed it; None: all
         of ``to``): see the module docstring for what each recipient's answer does."""
+        await self._mail(lambda to: self.build_message(events, part), recipients)
+
+    async def send_report(
+        self, msg: ReportMessage, *, recipients: Sequence[str] | None = None
+    ) -> None:
+        """Send a report (:mod:`invoice_watch.report.outbox`): its HTML with the chart
+        inline, and its text; ``recipients`` as for :meth:`send`."""
+        await self._mail(
+            lambda to: report_email(msg, from_addr=self.from_addr, to=self.to), recipients
+        )
+
+    async def _mail(
+        self, build: Callable[[list[str]], EmailMessage], recipients: Sequence[str] | None
+    ) -> None:
+        """Send the message ``build`` makes to ``recipients`` (module docstring)."""
         to = self.to
         if recipients is not None:
             owed = set(recipients)
@@ -173,7 +189,7 @@ class EmailNotifier(BaseNotifier):
                     ", ".join(recipients),
                 )
                 return
-        message = self.build_message(events, part)
+        message = build(to)
         if self.tls == "none":
             context = None
         else:

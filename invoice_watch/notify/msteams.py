@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from invoice_watch.notify.base import Recipients
 from invoice_watch.notify.http import HttpNotifier
 from invoice_watch.notify.render.teams import teams_json, teams_message
+from invoice_watch.report.outbox import ReportMessage, teams_summary
 from invoice_watch.types import AlertEvent, Part
 
 logger = logging.getLogger(__name__)
@@ -49,3 +50,9 @@ class TeamsNotifier(HttpNotifier):
         body = teams_json(teams_message(events, part))
         await self._receiver.deliver(body, json_api=True, hints=_HINTS)
         logger.debug("msteams notifier %r: sent %d event(s)", self.name, len(events))
+
+    async def send_report(
+        self, msg: ReportMessage, *, recipients: Sequence[str] | None = None
+    ) -> None:
+        """Post a report's text summary as a card (a Workflows webhook takes no file)."""
+        await self._receiver.deliver(teams_json(teams_summary(msg)), json_api=True, hints=_HINTS)

@@ -58,9 +58,11 @@ import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, NamedTuple
 from urllib.parse import urljoin
 
+import aiohttp
 from aiohttp import hdrs
 
 from invoice_watch.errors import NotifyError, PermanentNotifyError, RetryableNotifyError
@@ -73,7 +75,10 @@ from invoice_watch.notify.http import (
     json_object,
 )
 from invoice_watch.notify.render.slack import slack_blocks, slack_brief_text, slack_text
-from invoice_watch.safe_text import server_text
+from invoice_watch.report.message import CHART_FILENAME
+from invoice_watch.report.outbox import ReportMessage, slack_escape, slack_summary
+from invoice_watch.retry import parse_retry_after
+from invoice_watch.safe_text import clip, server_text
 from invoice_watch.types import AlertEvent, Part
 
 __all__ = ["REPLY_MAX", "SlackBotNotifier", "SlackWebhookNotifier", "classify_slack_status"]
@@ -152,6 +157,8 @@ class _Outcome:
     doubt: str | None = None
 
 
+_CHART_OWED = "chart:"  # a report whose chart alone is still owed (SlackBotNotifier)
+
 _FORM_NAMES = ("as blocks", "as plain text", "in its briefest form")  # of _forms, in order
 
 
@@ -167,6 +174,13 @@ def _forms(events: Sequence[AlertEvent], part: Part | None) -> list[dict[str, An
         {"text": text},
         {"text": slack_brief_text(events, part)},
     ]
+
+
+def _report_forms(msg: ReportMessage) -> list[dict[str, Any]]:
+    """A report's summary in the forms :meth:`_SlackNotifier._send_forms` tries."""
+    text, blocks = slack_summary(msg)
+    brief = slack_escape(f"{msg.title}: " + "; ".join(f"{k}: {v}" for k, v in msg.facts[:2]))
+    return [{"text": text, "blocks": blocks}, {"text": text}, {"text": brief}]
 
 
 class _SlackNotifier(HttpNotifier):
@@ -193,11 +207,24 @@ class _SlackNotifier(HttpNotifier):
         self, events: Sequence[AlertEvent], part: Part | None, recipients: Recipients
     ) -> None:
         """Post the message (one destination: ``recipients`` does not apply)."""
+        await self._send_forms(_forms(events, part))
+        logger.debug("slack notifier %r: sent %d event(s)", self.name, len(events))
+
+    async def send_report(
+        self, msg: ReportMessage, *, recipients: Sequence[str] | None = None
+    ) -> None:
+        """Post a report's summary (Block Kit, with its text as fallback): a webhook
+        cannot carry the chart (:mod:`invoice_watch.report.outbox`)."""
+        await self._send_forms(_report_forms(msg))
+
+    async def _send_forms(self, forms: list[dict[str, Any]]) -> Reply:
+        """Post the first of ``forms`` Slack takes (module docstring); its answer."""
         if self._receiver.proxy_problem is not None:
             raise PermanentNotifyError(self._receiver.proxy_problem)
         refusals: list[str] = []  # "as blocks (invalid_blocks)", ...: Slack's, per form
-        for form, how in zip(_forms(events, part), _FORM_NAMES, strict=True):
-            outcome = self._judge(await self._post(self._payload(form)))
+        for form, how in zip(forms, _FORM_NAMES, strict=True):
+            reply = await self._post(self._payload(form))
+            outcome = self._judge(reply)
             if outcome.code not in _REFUSED_FORM:
                 break
             refusals.append(f"{how} ({outcome.code})")
@@ -225,7 +252,7 @@ class _SlackNotifier(HttpNotifier):
                 self.name,
                 outcome.doubt,
             )
-        logger.debug("slack notifier %r: sent %d event(s)", self.name, len(events))
+        return reply
 
     async def _post(self, payload: dict[str, Any]) -> Reply:
         """One POST; its answer, or :class:`RetryableNotifyError` when none came."""
@@ -317,6 +344,7 @@ class SlackBotNotifier(_SlackNotifier):
         base = api_url if api_url.endswith("/") else api_url + "/"
         self._token = token
         self.channel = channel
+        self._base, self._timeout, self._proxy = base, timeout, proxy
         super().__init__(
             name,
             urljoin(base, "chat.postMessage"),
@@ -327,6 +355,80 @@ class SlackBotNotifier(_SlackNotifier):
 
     def __repr__(self) -> str:
         return f"SlackBotNotifier(name={self.name!r}, channel={self.channel!r}, token=<secret>)"
+
+    async def send_report(
+        self, msg: ReportMessage, *, recipients: Sequence[str] | None = None
+    ) -> None:
+        """Post a report's Block Kit summary, then upload its chart to the same channel
+        with slack-sdk's ``files_upload_v2`` (three calls: ``files.getUploadURLExternal``,
+        the upload URL, ``files.completeUploadExternal``; LIBRARIES.md). When the summary
+        went and the upload did not, the upload alone is owed (``recipients`` of the next
+        attempt: ``chart:<channel id>``), so a retry never posts the summary twice."""
+        owed = [r for r in recipients or () if r.startswith(_CHART_OWED)]
+        if owed:
+            channel = owed[0].removeprefix(_CHART_OWED)
+        else:
+            reply = await self._send_forms(_report_forms(msg))
+            answer = json_object(reply.body) if reply.cut is None else None
+            found = answer.get("channel") if answer is not None else None
+            # completeUploadExternal takes a channel id; chat.postMessage answers it.
+            channel = found if isinstance(found, str) and found else self.channel
+        if msg.chart is None:
+            return
+        try:
+            await self._upload(msg, channel)
+        except RetryableNotifyError as exc:
+            raise RetryableNotifyError(
+                f"{exc} (the summary was posted: only the chart is sent again)",
+                retry_after=exc.retry_after,
+                owed=(_CHART_OWED + channel,),
+            ) from None
+        except PermanentNotifyError as exc:
+            logger.error(
+                "slack notifier %r: the report's summary was posted, its chart not: %s",
+                self.name,
+                exc,
+            )
+
+    async def _upload(self, msg: ReportMessage, channel: str) -> None:
+        """Upload the chart; a Slack refusal or a failed connection as a NotifyError."""
+        from slack_sdk.errors import SlackApiError, SlackClientError
+        from slack_sdk.web.async_client import AsyncWebClient
+
+        assert msg.chart is not None
+        client = AsyncWebClient(
+            token=self._token,
+            base_url=self._base,
+            timeout=max(1, round(self._timeout)),
+            proxy=self._proxy,
+            retry_handlers=[],  # the outbox retries, with its backoff
+        )
+        where = f"slack notifier {self.name!r}: uploading the report's chart"
+        try:
+            await client.files_upload_v2(
+                channel=channel,
+                content=msg.chart,
+                filename=CHART_FILENAME,
+                title=clip(msg.title, 250),
+                alt_txt="Cumulative spend this billing period against the last one",
+            )
+        except SlackApiError as exc:
+            status = exc.response.status_code
+            code = exc.response.get("error") if isinstance(exc.response.data, dict) else None
+            code = code if isinstance(code, str) and _ERROR_CODE.fullmatch(code) else None
+            kind = classify_slack_status(status, code) or PermanentNotifyError
+            message = f"{where}: HTTP {status}" + (f" {code}" if code else "")
+            if hint := _HINTS.get(code or ""):
+                message += f": {hint}"
+            if kind is RetryableNotifyError:
+                wait = parse_retry_after(exc.response.headers.get("Retry-After"), datetime.now(UTC))
+                raise RetryableNotifyError(message, retry_after=wait) from None
+            raise PermanentNotifyError(message) from None
+        except (SlackClientError, aiohttp.ClientError, TimeoutError, OSError) as exc:
+            text = server_text(
+                f"{type(exc).__name__}: {exc}", SNIPPET, secrets=self._receiver.secrets
+            )
+            raise RetryableNotifyError(f"{where}: {text}") from None
 
     def _payload(self, form: dict[str, Any]) -> dict[str, Any]:
         return {"channel": self.channel, **form}

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from datetime import date, datetime
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from invoice_watch.store.records import (
     AlertState,
@@ -48,6 +48,9 @@ from invoice_watch.store.records import (
     UsageRead,
 )
 from invoice_watch.types import AlertEvent, Invoice, LineItem, Snapshot
+
+if TYPE_CHECKING:
+    from invoice_watch.report.scheduler import RunsStore
 
 
 class AlertChange(Protocol):
@@ -386,6 +389,11 @@ class Store(UnitOfWork, Protocol):
 
     @property
     def usage(self) -> UsageRepository: ...
+
+    @property
+    def reports(self) -> RunsStore:
+        """When each report was last due (``report_runs``), and due reports enqueued."""
+        ...
 
     def check_held(self) -> None:
         """Raise :class:`~invoice_watch.errors.StateFileGoneError` when what this

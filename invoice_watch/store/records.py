@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from invoice_watch.report.outbox import ReportMessage
 from invoice_watch.types import AlertEvent, Invoice, LineItem, Part
 
 
@@ -90,7 +91,8 @@ class Delivery:
     part it is of a group split for size (None when whole), ``last_error`` what its last
     attempt met (as stored: :func:`~invoice_watch.store.encoding.outbox_error`), ``owed``
     the recipients within the notifier still owed it when an attempt reached only some
-    (None: all of them)."""
+    (None: all of them). A report (issue 19 §2) is a message with no events and its
+    ``report``."""
 
     id: int
     notifier: str
@@ -100,6 +102,7 @@ class Delivery:
     part: Part | None = None
     last_error: str | None = None
     owed: tuple[str, ...] | None = None
+    report: ReportMessage | None = None
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ from invoice_watch.store.sql.outbox import (
     retag_held,
     split_oversized,
 )
+from invoice_watch.store.sql.reports import SqlReportRuns
 from invoice_watch.store.sql.silences import SqlSilences, prune_silences
 from invoice_watch.store.sql.snapshot import SqlSnapshot
 from invoice_watch.store.sql.usage import SqlUsage
@@ -54,6 +55,7 @@ class SqlStore:
         self._cycles = SqlCycleLog(db)
         self._silences = SqlSilences(db)
         self._usage = SqlUsage(db)
+        self.reports = SqlReportRuns(db)  # report_runs (issue 19 §2)
 
     @property
     def snapshot(self) -> SqlSnapshot:

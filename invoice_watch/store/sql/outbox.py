@@ -18,6 +18,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from invoice_watch.constants import MESSAGE_MAX_EVENTS
+from invoice_watch.report.outbox import ReportMessage, is_report_json
 from invoice_watch.store.encoding import OWED_PREFIX, event_json, outbox_error, owed_of
 from invoice_watch.store.grouping import (
     group_summary,
@@ -249,6 +250,13 @@ class SqlOutbox:
             for row in rows:
                 created = _dt(row[3])
                 assert created is not None
+                if is_report_json(row[2]):  # a report: never grouped, never owed a part
+                    report = ReportMessage.from_json(row[2])
+                    owed = owed_of(row[7])
+                    out.append(
+                        Delivery(row[0], row[1], [], created, row[4], None, row[7], owed, report)
+                    )
+                    continue
                 events = events_from_json(row[2])
                 part = None
                 if row[5] is not None:  # a group: its leader's events, then the others'
