@@ -31,6 +31,7 @@ from invoice_watch.http_endpoint import HttpEndpoint
 from invoice_watch.leader import Leadership, lease_over
 from invoice_watch.metrics import Metrics
 from invoice_watch.reload import Apply, Reloads, changes
+from invoice_watch.report.scheduler import Reporter
 from invoice_watch.rules import settled_statuses
 from invoice_watch.runner import CycleRunner
 from invoice_watch.store import Store, location, open_copy, open_store
@@ -75,6 +76,7 @@ class App:
         self.reloads = Reloads(lambda: self.config.source, load_config, self.clock, self.reload)
         self.daemon = Daemon(self)
         self.leadership: Leadership | None = None  # replicas on PostgreSQL (leader.py)
+        self.reporter: Reporter | None = None  # reports on their schedules (once open)
 
     # -- opening and closing ---------------------------------------------------------
 
@@ -125,6 +127,23 @@ class App:
         if self.leadership is not None:
             deliverer.may_send = self.leadership.leading
             self.leadership.on_step_down = deliverer.drop_unrecorded
+        self.reporter = self._new_reporter()
+
+    def _new_reporter(self) -> Reporter:
+        """The reports on their schedules (issue 19 §2), with the chart's cache beside
+        the state (or systemd's ``CacheDirectory=``)."""
+        from invoice_watch.report.chart import cache_dir
+
+        leadership = self.leadership
+        return Reporter(
+            lambda: self.config,
+            lambda: self.store,
+            lambda: self.store.reports,
+            self.clock,
+            cache=cache_dir(self.config.state.path),
+            leading=leadership.leading if leadership is not None else lambda: True,
+            on_enqueued=self.deliverer.wake.set,
+        )
 
     def _leadership(self, store: Store) -> Leadership | None:
         """Replicas on a PostgreSQL state: this one's part in the lease (None: an SQLite

@@ -138,6 +138,9 @@ class Daemon:
         poll = asyncio.create_task(self.poll.run(), name="poll")
         delivery = asyncio.create_task(app.deliverer.run(), name="deliver")
         watchdog = asyncio.create_task(self.vitals.watchdog(), name="watchdog")
+        reports = None
+        if app.reporter is not None and not app.dry_run:
+            reports = asyncio.create_task(app.reporter.run(), name="reports")
         # Closed in reverse: the poll loop, the lease's renewals (the lease itself is
         # kept until the App closes, after the last delivery pass), a reload (a parse in
         # its thread is abandoned), the cycle in flight, delivery, the watchdog, the
@@ -149,6 +152,8 @@ class Daemon:
         if lease is not None:
             stack.push_async_callback(_cancel, lease)
         stack.push_async_callback(_cancel, poll)
+        if reports is not None:  # (a report being drawn is made again at the next start)
+            stack.push_async_callback(_cancel, reports)
         self.state = DaemonState.SERVING
         self.vitals.since = app.clock.monotonic()
         organizations = len(app.config.organizations)
