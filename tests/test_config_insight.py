@@ -182,24 +182,32 @@ def test_load_usage_anomaly_rule_is_acted_on_and_warns_nothing():
     assert load("  - {name: s, type: usage_anomaly, notify: [out]}\n").warnings == ()
 
 
-@pytest.mark.parametrize(
-    ("extra", "path", "fragment"),
-    [
-        (
-            "reports:\n  - {name: r, schedule: 'mon 09:00', notify: [out]}\n",
-            "reports.0.schedule",
-            "not sent by this release yet",
-        ),
-    ],
-)
-def test_load_warns_that_insight_is_checked_but_not_acted_on_yet(
-    extra: str, path: str, fragment: str
-):
-    cfg = load(extra)
+def test_an_enabled_report_is_acted_on_so_load_does_not_warn_about_it():
+    cfg = load("reports:\n  - {name: r, schedule: 'mon 09:00', notify: [out]}\n")
 
-    (warning,) = cfg.warnings
-    assert (warning.path, warning.line) == (path, line_of(extra, "{name: "))
-    assert fragment in warning.message
+    assert not cfg.warnings
+
+
+def test_a_report_to_a_notifier_that_cannot_carry_one_is_a_problem_at_its_line():
+    extra = (
+        "  - {name: page, type: invoice_status, notify: [pd]}\n"
+        "reports:\n"
+        "  - name: r\n"
+        "    schedule: 'mon 09:00'\n"
+        "    notify:\n"
+        "      - out\n"
+        "      - pd\n"
+    )
+    text = BASE.replace(
+        "notifiers:\n",
+        "notifiers:\n  pd:\n    type: pagerduty\n    routing_key: " + "r" * 32 + "\n",
+    )
+    with pytest.raises(ConfigError) as raised:
+        config.load(text + extra, filename="c.yaml", env={})
+    ((line, path, message),) = [(p.line, p.path, p.message) for p in raised.value.problems]
+    assert path == "reports.0.notify.1"
+    assert line == (text + extra).splitlines().index("      - pd") + 1
+    assert "cannot carry a report" in message and "(pagerduty)" in message
 
 
 def test_load_warns_of_a_report_org_that_is_not_configured():

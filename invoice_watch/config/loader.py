@@ -37,6 +37,7 @@ from invoice_watch.config.values import control_problem
 from invoice_watch.config.warnings import find_warnings
 from invoice_watch.config.yaml_tree import MAX_CONFIG_BYTES, read, too_large
 from invoice_watch.errors import ConfigError
+from invoice_watch.report.outbox import REPORT_NOTIFIER_TYPES
 
 # The fields that hold secrets; each also accepts `<field>_file: path`.
 SECRET_FIELDS = (
@@ -292,6 +293,27 @@ def _check_references(data: dict[str, Any], where: Locations) -> None:
     known = sorted(notifiers) if isinstance(notifiers, dict) and notifiers else None
     for section, kind in (("rules", "rule"), ("reports", "report")):
         _check_section(data.get(section), section, kind, known, where)
+    if isinstance(notifiers, dict):
+        _check_report_targets(data.get("reports"), notifiers, where)
+
+
+def _check_report_targets(reports: Any, notifiers: dict[str, Any], where: Locations) -> None:
+    """A report goes to notifiers that carry one (:data:`~invoice_watch.report.outbox.
+    REPORT_NOTIFIER_TYPES`): webhook, PagerDuty and Alertmanager take alerts only."""
+    for i, entry in enumerate(reports if isinstance(reports, list) else []):
+        notify = entry.get("notify") if isinstance(entry, dict) else None
+        for j, target in enumerate(notify if isinstance(notify, list) else []):
+            loc = ("reports", i, "notify", j)
+            found = notifiers.get(target) if isinstance(target, str) else None
+            kind = found.get("type") if isinstance(found, dict) else None
+            if loc in where.broken or not isinstance(kind, str):
+                continue
+            if kind not in REPORT_NOTIFIER_TYPES:
+                where.report_at(
+                    loc,
+                    f"notifier `{target}` ({kind}) cannot carry a report: reports go to "
+                    f"{', '.join(sorted(REPORT_NOTIFIER_TYPES))} notifiers",
+                )
 
 
 def _check_section(

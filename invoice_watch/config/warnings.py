@@ -254,14 +254,9 @@ def _rule_warnings(config: Config, given: _Given) -> Iterator[_Warning]:
 
 
 def _insight_warnings(config: Config, given: _Given) -> Iterator[_Warning]:
-    """Reports are checked, but this release does not send them yet (issue 19 §2)."""
+    """A report names organizations that are configured (issue 19 §2)."""
     listed = {org.id for org in config.organizations}
     for i, report in enumerate(config.reports):
-        if report.enabled:
-            yield (
-                ("reports", i, "schedule"),
-                "reports are checked but not sent by this release yet: this one is never sent",
-            )
         for j, org_id in enumerate(report.orgs or []):
             if org_id not in listed:
                 yield (
