@@ -418,7 +418,9 @@ class SlackBotNotifier(_SlackNotifier):
             code = code if isinstance(code, str) and _ERROR_CODE.fullmatch(code) else None
             kind = classify_slack_status(status, code) or PermanentNotifyError
             message = f"{where}: HTTP {status}" + (f" {code}" if code else "")
-            if hint := _HINTS.get(code or ""):
+            if code == "missing_scope":
+                message += ": the app lacks the files:write scope; add it and reinstall the app"
+            elif hint := _HINTS.get(code or ""):
                 message += f": {hint}"
             if kind is RetryableNotifyError:
                 wait = parse_retry_after(exc.response.headers.get("Retry-After"), datetime.now(UTC))
