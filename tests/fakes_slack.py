@@ -29,7 +29,13 @@ from aiohttp import web
 
 from tests.loopback import LoopbackServer
 
-Route = Literal["webhook", "chat.postMessage"]
+Route = Literal[
+    "webhook",
+    "chat.postMessage",
+    "files.getUploadURLExternal",
+    "upload",
+    "files.completeUploadExternal",
+]
 
 WEBHOOK_PATH = "/services/T000/B000/XXXX"
 TOKEN = "xoxb-0000-fake-token"
@@ -175,6 +181,13 @@ class FakeSlack(LoopbackServer):
         app = web.Application()
         app.router.add_post(WEBHOOK_PATH, self._webhook)
         app.router.add_post("/api/chat.postMessage", self._post_message)
+        # files_upload_v2 (slack-sdk): getUploadURLExternal, the upload URL, complete.
+        app.router.add_post("/api/files.getUploadURLExternal", self._upload_url)
+        app.router.add_post("/upload/{file_id}", self._upload)
+        app.router.add_post("/api/files.completeUploadExternal", self._complete_upload)
+        self.uploads: dict[str, bytes] = {}  # file id -> bytes uploaded
+        self.files: list[dict[str, Any]] = []  # completed uploads: id, title, channel_id, bytes
+        self.upload_replies: deque[int] = deque()  # scripted statuses of the upload URL
         super().__init__(app)
 
     @property
@@ -244,3 +257,56 @@ class FakeSlack(LoopbackServer):
                 self.accepted.append(body)
             answer = {"ok": True, "channel": "C0000000000", "ts": "1700000000.000100"}
         return web.json_response(answer, status=reply.status, headers=reply.headers)
+
+    # -- files_upload_v2 -------------------------------------------------------------
+
+    def _authorized(self, request: web.Request) -> bool:
+        return request.headers.get("Authorization") == f"Bearer {self.token}"
+
+    async def _upload_url(self, request: web.Request) -> web.Response:
+        """``files.getUploadURLExternal``: ``filename`` and ``length`` in the query."""
+        self.received.append(Received("files.getUploadURLExternal", dict(request.headers),
+                                      dict(request.query)))  # fmt: skip
+        if not self._authorized(request):
+            return web.json_response({"ok": False, "error": "invalid_auth"})
+        if not request.query.get("filename") or not request.query.get("length", "").isdigit():
+            return web.json_response({"ok": False, "error": "invalid_arguments"})
+        file_id = f"F{len(self.uploads) + 1:010d}"
+        self.uploads[file_id] = b""
+        url = f"{self.base_url}/upload/{file_id}?length={request.query['length']}"
+        return web.json_response({"ok": True, "file_id": file_id, "upload_url": url})
+
+    async def _upload(self, request: web.Request) -> web.Response:
+        """The upload URL: the raw bytes, no Authorization."""
+        data = await request.read()
+        self.received.append(Received("upload", dict(request.headers), {"length": len(data)}))
+        status = self.upload_replies.popleft() if self.upload_replies else 200
+        if status != 200:
+            return web.Response(status=status, text="upload failed")
+        file_id = request.match_info["file_id"]
+        if file_id not in self.uploads or "Authorization" in request.headers:
+            return web.Response(status=400, text="bad upload")
+        if str(len(data)) != request.query.get("length"):
+            return web.Response(status=400, text="length differs")
+        self.uploads[file_id] = data
+        return web.Response(text="OK - " + str(len(data)))
+
+    async def _complete_upload(self, request: web.Request) -> web.Response:
+        """``files.completeUploadExternal``: ``files`` (JSON), ``channel_id``, ... in
+        the query."""
+        query = dict(request.query)
+        self.received.append(Received("files.completeUploadExternal", dict(request.headers), query))
+        if not self._authorized(request):
+            return web.json_response({"ok": False, "error": "invalid_auth"})
+        files = json.loads(query.get("files", "[]"))
+        channel = query.get("channel_id", "")
+        if not channel.startswith("C"):  # an id, not a name
+            return web.json_response({"ok": False, "error": "invalid_channel"})
+        done = []
+        for item in files:
+            data = self.uploads.get(item.get("id", ""))
+            if not data:
+                return web.json_response({"ok": False, "error": "file_not_found"})
+            self.files.append({**item, "channel_id": channel, "bytes": data})
+            done.append({"id": item["id"], "title": item.get("title")})
+        return web.json_response({"ok": True, "files": done})

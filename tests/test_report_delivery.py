@@ -1,0 +1,192 @@
+"""Reports end to end (issue 19 §2): on their schedule (FakeClock), through the outbox,
+to aiosmtpd (HTML with the chart inline by cid, and text) and the fake Slack (a bot's
+Block Kit summary with the chart uploaded by files_upload_v2; a webhook's text summary),
+sent once per due time across restarts, never twice. No golden images: the PNG is
+checked by decoding it."""
+
+from __future__ import annotations
+
+import io
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import yaml
+from PIL import Image
+
+from invoice_watch.app import App
+from invoice_watch.config import Config, load
+from invoice_watch.report.chart import SIZE
+from invoice_watch.report.message import CHART_CID
+from tests.fakes_slack import TOKEN
+from tests.world import ANALYTICS, PROD, World
+
+
+def config_with_reports(world: World, reports: list[dict[str, Any]], **notifiers: Any) -> Config:
+    data = world.config_data()
+    data["notifiers"]["bot"] = {
+        "type": "slack",
+        "token": TOKEN,
+        "channel": "#finops",
+        "api_url": world.slack.api_url,
+    }
+    data["notifiers"].update(notifiers)
+    data["reports"] = reports
+    return load(yaml.safe_dump(data), filename="e2e.yaml", env={}, base_dir=world.tmp)
+
+
+def daily_in(world: World, hours: int) -> str:
+    """A daily schedule ``hours`` from the world's now (UTC), on the minute."""
+    at = world.clock.now() + timedelta(hours=hours)
+    return f"daily {at:%H:%M}"
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()  # decodes it whole: a broken PNG raises
+        assert image.format == "PNG"
+        return image.size
+
+
+async def test_a_report_missed_while_down_is_sent_once_after_the_restart_never_twice(
+    world: World,
+):
+    """Due at 09:00 while the daemon is down: the next start enqueues it once (its
+    report_runs row and its outbox rows in one transaction), delivery sends it by email
+    with the chart inline (cid) and to Slack with the chart uploaded; looking again, or
+    starting once more, sends nothing."""
+    reports = [{"name": "weekly", "schedule": daily_in(world, 1), "notify": ["mail", "bot"],
+                "orgs": [PROD]}]  # fmt: skip
+    config = config_with_reports(world, reports)
+    assert await world.run_once(config) == 0  # the invoices are in the state
+    async with App(config, clock=world.clock) as app:
+        assert app.reporter is not None
+        assert await app.reporter.look() == 0  # first seen: waits for its first time
+    mails = len(world.sink.envelopes)
+    world.clock.advance(2 * 3600)  # the daemon was down when the report was due
+    async with App(config, clock=world.clock) as app:
+        assert app.reporter is not None
+        assert await app.reporter.look() == 1
+        assert await app.reporter.look() == 0  # the same due time: never twice
+        stats = await app.deliverer.deliver_due()
+        assert (stats.sent, stats.failed) == (2, 0)
+    async with App(config, clock=world.clock) as app:  # another restart
+        assert app.reporter is not None
+        assert await app.reporter.look() == 0
+        assert (await app.deliverer.deliver_due()).sent == 0
+
+    assert len(world.sink.envelopes) == mails + 1
+    mail = world.sink.message()
+    assert "Spend report: Production" in mail["Subject"]
+    text = mail.get_body(("plain",))
+    html = mail.get_body(("html",))
+    assert text is not None and "Spend to date" in text.get_content()
+    assert html is not None and f'src="cid:{CHART_CID}"' in html.get_content()
+    images = [part for part in mail.walk() if part.get_content_type() == "image/png"]
+    assert len(images) == 1
+    assert images[0]["Content-ID"] == f"<{CHART_CID}>"
+    assert images[0].get_content_disposition() == "inline"
+    png = images[0].get_content()
+    assert png_size(png) == SIZE
+
+    summaries = [b for b in world.slack.accepted if b.get("channel") == "#finops"]
+    assert len(summaries) == 1
+    assert summaries[0]["blocks"][0]["type"] == "header"
+    assert "Spend report: Production" in summaries[0]["text"]
+    assert len(world.slack.files) == 1
+    assert world.slack.files[0]["channel_id"].startswith("C")  # the id Slack answered
+    assert world.slack.files[0]["bytes"] == png
+    routes = [r.route for r in world.slack.received if r.route != "webhook"]
+    assert routes[-4:] == [
+        "chat.postMessage",
+        "files.getUploadURLExternal",
+        "upload",
+        "files.completeUploadExternal",
+    ]
+
+
+async def test_a_failed_chart_upload_retries_the_upload_alone(world: World):
+    """The summary went, the upload URL answered 500: the next attempt uploads the
+    chart only (the summary is not posted twice)."""
+    reports = [{"name": "daily", "schedule": daily_in(world, 1), "notify": ["bot"],
+                "orgs": [ANALYTICS]}]  # fmt: skip
+    config = config_with_reports(world, reports)
+    async with App(config, clock=world.clock) as app:
+        assert app.reporter is not None
+        await app.reporter.look()
+        world.clock.advance(3600 + 60)
+        assert await app.reporter.look() == 1
+        world.slack.upload_replies.append(500)
+        stats = await app.deliverer.deliver_due()
+        assert (stats.sent, stats.retried) == (0, 1)
+        assert world.slack.files == []
+        world.clock.advance(3600)
+        stats = await app.deliverer.deliver_due()
+        assert stats.sent == 1
+    posts = [r for r in world.slack.received if r.route == "chat.postMessage"]
+    assert len(posts) == 1
+    assert len(world.slack.files) == 1
+    assert png_size(world.slack.files[0]["bytes"]) == SIZE
+
+
+async def test_a_combined_report_goes_as_text_to_a_slack_webhook(world: World):
+    """A webhook cannot carry a file: the summary (blocks and text) goes, one message
+    for both organizations (``combined``)."""
+    reports = [{"name": "all", "schedule": daily_in(world, 1), "notify": ["slack"],
+                "combined": True}]  # fmt: skip
+    config = config_with_reports(world, reports)
+    async with App(config, clock=world.clock) as app:
+        assert app.reporter is not None
+        await app.reporter.look()
+        before = len(world.slack.accepted)
+        world.clock.advance(3600 + 60)
+        assert await app.reporter.look() == 1
+        assert (await app.deliverer.deliver_due()).sent == 1
+    body = world.slack.accepted[before]
+    assert "Spend report: 2 organizations" in body["text"]
+    assert world.slack.files == []
+
+
+async def test_reports_that_are_not_due_never_import_matplotlib(world: World, tmp_path):
+    """The daemon's idle memory does not grow because reports exist: looking at
+    schedules that are not due imports no matplotlib (a fresh interpreter)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    path = world.write_config(
+        reports=[{"name": "weekly", "schedule": "mon 09:00", "notify": ["mail"]}]
+    )
+    script = textwrap.dedent(
+        f"""
+        import asyncio, sys
+        from invoice_watch.app import App
+        from invoice_watch.config import load_file
+        async def main():
+            async with App(load_file({str(path)!r})) as app:
+                await app.reporter.look()
+                await app.reporter.look()
+        asyncio.run(main())
+        print("matplotlib" in sys.modules)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("kind", ["pagerduty", "webhook"])
+def test_check_config_refuses_a_report_to_a_notifier_that_cannot_carry_one(world: World, kind: str):
+    data = world.config_data()
+    data["notifiers"]["pd"] = (
+        {"type": "pagerduty", "routing_key": "r" * 32}
+        if kind == "pagerduty"
+        else {"type": "webhook", "url": "https://hooks.example.com/x"}
+    )
+    data["reports"] = [{"name": "weekly", "schedule": "mon 09:00", "notify": ["mail", "pd"]}]
+    with pytest.raises(Exception) as caught:
+        load(yaml.safe_dump(data), filename="e2e.yaml", env={}, base_dir=world.tmp)
+    assert "cannot carry a report" in str(caught.value)
+    assert "e2e.yaml:" in str(caught.value)
