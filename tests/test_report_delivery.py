@@ -190,3 +190,93 @@ def test_check_config_refuses_a_report_to_a_notifier_that_cannot_carry_one(world
         load(yaml.safe_dump(data), filename="e2e.yaml", env={}, base_dir=world.tmp)
     assert "cannot carry a report" in str(caught.value)
     assert "e2e.yaml:" in str(caught.value)
+
+
+# -- invoice-watch report ------------------------------------------------------------
+
+
+async def _main(*argv: str) -> int:
+    import asyncio
+
+    from invoice_watch.cli import main
+
+    return await asyncio.to_thread(main, list(argv))
+
+
+async def test_report_out_writes_the_html_with_the_chart_embedded_and_the_png(
+    world: World, capsys: pytest.CaptureFixture[str]
+):
+    import base64
+    import re
+
+    path = world.write_config()
+    assert await world.run_once(world.config()) == 0
+    capsys.readouterr()
+    html, png = world.tmp / "r.html", world.tmp / "r.png"
+    assert await _main("report", "-c", str(path), "--out", str(html)) == 0
+    assert await _main("report", "-c", str(path), "--org", "Production", "--out", str(png)) == 0
+    out = capsys.readouterr().out
+    assert f"to {html}" in out and f"to {png}" in out
+    page = html.read_text()
+    assert "Spend report: 2 organizations" in page and "cid:" not in page
+    found = re.search(r'src="data:image/png;base64,([^"]+)"', page)
+    assert found is not None
+    assert png_size(base64.b64decode(found.group(1))) == SIZE
+    assert png_size(png.read_bytes()) == SIZE
+
+
+async def test_report_send_mails_it_now_with_the_chart_inline(
+    world: World, capsys: pytest.CaptureFixture[str]
+):
+    path = world.write_config()
+    assert await world.run_once(world.config()) == 0
+    before = len(world.sink.envelopes)
+    assert await _main("report", "-c", str(path), "--org", PROD, "--send", "mail") == 0
+    assert "mail: sent Spend report: Production" in capsys.readouterr().out
+    assert len(world.sink.envelopes) == before + 1
+    mail = world.sink.message()
+    (image,) = [part for part in mail.walk() if part.get_content_type() == "image/png"]
+    assert image["Content-ID"] == f"<{CHART_CID}>"
+    assert png_size(image.get_content()) == SIZE
+
+
+async def test_report_prints_the_text_summary_by_default(
+    world: World, capsys: pytest.CaptureFixture[str]
+):
+    path = world.write_config()
+    assert await world.run_once(world.config()) == 0
+    capsys.readouterr()
+    assert await _main("report", "-c", str(path), "--org", ANALYTICS) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Spend report: Analytics\n")
+    assert "Pending invoice (billed so far): $700.00" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "status", "says"),
+    [
+        (("--send", "nosuch"), 2, "no notifier of that name"),
+        (("--out", "r.pdf"), 2, "write FILE.html"),
+        (("--org", "nosuch"), 2, "no such organization"),
+        (("--out", "r.html", "--send", "mail"), 2, "exclude each other"),
+        (("--out", "missing-folder/r.html"), 1, "cannot write"),
+    ],
+)
+async def test_report_refuses_bad_arguments_in_one_line_without_a_traceback(
+    world: World, capsys: pytest.CaptureFixture[str], args: tuple[str, ...], status: int, says: str
+):
+    path = world.write_config()
+    assert await world.run_once(world.config()) == 0
+    capsys.readouterr()
+    argv = [a.replace("missing-folder", str(world.tmp / "missing-folder")) for a in args]
+    assert await _main("report", "-c", str(path), *argv) == status
+    err = capsys.readouterr().err
+    assert says in err
+    assert "Traceback" not in err
+
+
+async def test_report_without_a_state_says_so(world: World, capsys: pytest.CaptureFixture[str]):
+    path = world.write_config()
+    assert await _main("report", "-c", str(path)) == 1
+    err = capsys.readouterr().err
+    assert "state" in err and "Traceback" not in err

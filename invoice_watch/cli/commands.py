@@ -33,7 +33,9 @@ def with_config(args: argparse.Namespace) -> int:
 
     # Read-only commands need no secret: an operator who may read the state file but
     # not the secrets (LoadCredentialEncrypted=, a missing *_file) can still look.
-    secrets = args.command not in ("status", "history", "invoices")
+    secrets = args.command not in ("status", "history", "invoices") and not (
+        args.command == "report" and args.send is None
+    )
     try:
         config: Config = load_file(find_config_file(args.config, os.environ), secrets=secrets)
     except ConfigError as exc:
@@ -75,6 +77,8 @@ def with_config(args: argparse.Namespace) -> int:
             return asyncio.run(ops.history(config, limit=args.limit))
         if args.command == "silence":
             return asyncio.run(_silence(config, args))
+        if args.command == "report":
+            return asyncio.run(_report(config, args))
         if args.command == "state":
             return asyncio.run(_state_copy(config, args.to))
     except UsageError as exc:  # an unknown organization or status
@@ -84,6 +88,18 @@ def with_config(args: argparse.Namespace) -> int:
         print_error(f"invoice-watch: {exc}")
         return 1
     raise AssertionError(args.command)
+
+
+async def _report(config: Config, args: argparse.Namespace) -> int:
+    """``report [--org ID] [--out FILE] [--send NOTIFIER]``: :mod:`invoice_watch.report.now`."""
+    from pathlib import Path
+
+    from invoice_watch.report.now import make_report
+
+    if args.out is not None and args.send is not None:
+        raise UsageError("--out and --send exclude each other: make one, then the other")
+    out = Path(args.out) if args.out is not None else None
+    return await make_report(config, org=args.org, out=out, send=args.send)
 
 
 async def _state_copy(config: object, to: str | None) -> int:

@@ -144,6 +144,21 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help=f"show the N newest (default: 50, at most {MAX_HISTORY})",
     )
+    report = command(
+        "report",
+        "make a spend report now",
+        "Make a spend report now from the state (what the daemon last read): month "
+        "to date, last month, the forecast against the budget, the top projects and "
+        "SKUs, the firing alerts and a chart. Prints its text, or writes it to a file "
+        "(--out), or sends it through a notifier (--send).",
+    )
+    report.add_argument(
+        "--org", metavar="ID", help="only this organization (its id or name; default: all)"
+    )
+    report.add_argument(
+        "--out", metavar="FILE", help="write FILE.html (the report) or FILE.png (its chart)"
+    )
+    report.add_argument("--send", metavar="NOTIFIER", help="send it through this notifier")
     silence = command(
         "silence",
         "pause an alert's notifications for a while",
