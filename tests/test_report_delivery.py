@@ -170,8 +170,15 @@ async def test_reports_that_are_not_due_never_import_matplotlib(world: World, tm
         print("matplotlib" in sys.modules)
         """
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    import asyncio
+
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
