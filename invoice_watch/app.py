@@ -31,7 +31,7 @@ from invoice_watch.http_endpoint import HttpEndpoint
 from invoice_watch.leader import Leadership, lease_over
 from invoice_watch.metrics import Metrics
 from invoice_watch.reload import Apply, Reloads, changes
-from invoice_watch.report.scheduler import Reporter
+from invoice_watch.report.scheduler import NoUsage, Reporter, UsageSource
 from invoice_watch.rules import settled_statuses
 from invoice_watch.runner import CycleRunner
 from invoice_watch.store import Store, location, open_copy, open_store
@@ -128,6 +128,10 @@ class App:
             deliverer.may_send = self.leadership.leading
             self.leadership.on_step_down = deliverer.drop_unrecorded
         self.reporter = self._new_reporter()
+
+    def reporter_usage(self) -> UsageSource:
+        """The daily line items the reports read (the state's)."""
+        return self.reporter.usage if self.reporter is not None else NoUsage()
 
     def _new_reporter(self) -> Reporter:
         """The reports on their schedules (issue 19 §2), with the chart's cache beside

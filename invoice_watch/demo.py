@@ -203,6 +203,30 @@ class _Watched(io.TextIOBase):
         return False
 
 
+REPORT_FILE = "invoice-watch-demo-report.html"
+
+
+async def demo_report(app: App) -> tuple[str, str]:
+    """The spend report of the demo's organizations as the daemon left them: its text,
+    and where its HTML (the chart embedded) was written (in the system's temporary
+    folder, replaced at each demo), or why it was not."""
+    from invoice_watch.report.chart import cache_dir
+    from invoice_watch.report.now import standalone_html
+    from invoice_watch.report.outbox import make_message
+    from invoice_watch.report.scheduler import SCOPE_ALL, draw, report_data
+
+    config, now = app.config, app.clock.now()
+    data = await report_data(config, app.store, app.reporter_usage(), config.organizations, now)
+    chart = await draw(data, cache_dir(config.state.path))
+    msg = make_message(data, chart, report="demo", scope=SCOPE_ALL, due=now)
+    path = Path(tempfile.gettempdir()) / REPORT_FILE
+    try:
+        path.write_text(standalone_html(msg), encoding="utf-8")
+    except OSError as exc:
+        return msg.text, f"its HTML not written: {path}: {exc.strerror or exc}"
+    return msg.text, f"the HTML with its chart: {path}"
+
+
 async def run_demo(out: TextIO | None = None, time_limit: float = TIME_LIMIT) -> int:
     """Run the demo; returns its exit status. Raises the OSError of a failed write to
     ``out`` (stdout by default) as soon as it happens: the demo has no one to show to.
@@ -258,6 +282,7 @@ async def run_demo(out: TextIO | None = None, time_limit: float = TIME_LIMIT) ->
                         await asyncio.gather(timeline, return_exceptions=True)
                     totals = app.deliverer.totals
                     firing = len(app.store.alerts.firing())
+                    report = await demo_report(app)
                     last = app.cycles.last
                     unread = (
                         [f"{config.org_name(o)}: {last.reads[o].error}" for o in last.orgs_failed]
@@ -280,5 +305,11 @@ async def run_demo(out: TextIO | None = None, time_limit: float = TIME_LIMIT) ->
         f"done: {totals.sent} notification(s) sent, {totals.failed} failed, "
         f"{firing} alert(s) still firing"
     )
+    text, where = report
+    say(f"a spend report, as `invoice-watch report` makes one ({where}):")
+    for line in text.rstrip("\n").split("\n"):
+        print(f"    {line}".rstrip(), file=watched, flush=True)
+    if watched.failed is not None:
+        raise watched.failed
     say("next: copy config.example.yaml, add your API key, and run `invoice-watch run --once`")
     return 0 if totals.failed == 0 else 1

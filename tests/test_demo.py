@@ -66,3 +66,33 @@ async def test_a_demo_that_shows_no_alert_says_why_and_exits_1(monkeypatch):
     ), text
     assert "Production: " in text.splitlines()[-1]
     assert "next: copy config.example.yaml" not in text
+
+
+async def test_the_demo_shows_a_spend_report_and_writes_its_html(tmp_path: Path, monkeypatch):
+    """After its alerts, the demo prints a report's text and writes its HTML (the chart
+    embedded) in the temporary folder, saying where."""
+    import base64
+    import re
+    import tempfile
+
+    from PIL import Image
+
+    from invoice_watch.demo import REPORT_FILE, demo_report
+    from invoice_watch.report.chart import SIZE
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    scenario = demo_scenario()
+    async with Simulator(scenario) as sim:
+        config = demo_config(sim, tmp_path, slack_webhook=None)
+        notifiers = {"console": ConsoleNotifier("console", io.StringIO())}
+        async with App(config, clock=FakeClock(scenario.now), notifiers=notifiers) as app:
+            assert await run_once(app) == 0
+            text, where = await demo_report(app)
+    assert text.startswith("Spend report: 2 organizations\n")
+    assert "Pending invoice (billed so far): $" in text
+    path = tmp_path / REPORT_FILE
+    assert str(path) in where
+    found = re.search(r'src="data:image/png;base64,([^"]+)"', path.read_text())
+    assert found is not None
+    with Image.open(io.BytesIO(base64.b64decode(found.group(1)))) as image:
+        assert image.size == SIZE
