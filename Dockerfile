@@ -34,8 +34,11 @@ RUN groupadd --system --gid 10001 invoice-watch \
 # The config is mounted read-only at $INVOICE_WATCH_CONFIG; the SQLite state lives in
 # $STATE_DIRECTORY (state.db), which is a volume so it survives the container. The config
 # names it too (`state: {path: /var/lib/invoice-watch/state.db}`, as under systemd).
+# matplotlib (report charts) keeps its font cache on the volume too: built once, not at
+# every start, and no warning that $HOME (none) is not writable.
 ENV PATH=/opt/invoice-watch/bin:$PATH \
     STATE_DIRECTORY=/var/lib/invoice-watch \
+    MPLCONFIGDIR=/var/lib/invoice-watch/matplotlib-cache \
     INVOICE_WATCH_CONFIG=/etc/invoice-watch/config.yaml \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1

@@ -120,6 +120,14 @@ def test_dockerfile_keeps_state_on_a_volume(final_stage: list[tuple[str, str]]) 
     assert env_of(final_stage)["STATE_DIRECTORY"] == STATE_DIR
 
 
+def test_dockerfile_keeps_the_chart_font_cache_on_the_volume(
+    final_stage: list[tuple[str, str]],
+) -> None:
+    """matplotlib's cache (report charts) in a folder the service writes and keeps,
+    as LIBRARIES.md says: not rebuilt at every start, no warning on stderr."""
+    assert env_of(final_stage)["MPLCONFIGDIR"].startswith(STATE_DIR + "/")
+
+
 def test_dockerfile_sets_environment(final_stage: list[tuple[str, str]]) -> None:
     env = env_of(final_stage)
     assert env["INVOICE_WATCH_CONFIG"] == CONFIG_PATH
@@ -254,6 +262,8 @@ def test_unit_parser_keeps_repeated_keys() -> None:
         ("DynamicUser", "yes"),
         ("StateDirectory", "invoice-watch"),
         ("StateDirectoryMode", "0700"),
+        ("CacheDirectory", "invoice-watch"),  # matplotlib's font cache (report charts)
+        ("CacheDirectoryMode", "0700"),
         ("ConfigurationDirectory", "invoice-watch"),
         ("UMask", "0077"),
         ("ProtectSystem", "strict"),
