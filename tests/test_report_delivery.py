@@ -287,3 +287,38 @@ async def test_report_without_a_state_says_so(world: World, capsys: pytest.Captu
     assert await _main("report", "-c", str(path)) == 1
     err = capsys.readouterr().err
     assert "state" in err and "Traceback" not in err
+
+
+async def test_the_daemon_sends_a_report_when_its_clock_reaches_the_schedule(world: World):
+    """The daemon's own task: it looks at the schedule on the injected clock (never
+    sleeping past it, nor more than LOOK_EVERY), enqueues the report when due and wakes
+    delivery, which mails it."""
+    import asyncio
+
+    from invoice_watch.report.scheduler import LOOK_EVERY
+    from tests.manual_clock import ManualClock
+    from tests.test_daemon import eventually, serving, until_cycles
+
+    clock = ManualClock(world.clock.now())
+    at = clock.now() + timedelta(minutes=10)
+    reports = [{"name": "daily", "schedule": f"daily {at:%H:%M}", "notify": ["mail"],
+                "orgs": [PROD]}]  # fmt: skip
+    data = world.config_data(poll={"interval": "1d"})
+    data["reports"] = reports
+    config = load(yaml.safe_dump(data), filename="e2e.yaml", env={}, base_dir=world.tmp)
+    async with App(config, clock=clock) as app, serving(app):
+        await until_cycles(app, 1)
+        await eventually(lambda: len(world.sink.envelopes) == 2)  # the cycle's alerts
+        # The poll loop waits a day, the reports' task LOOK_EVERY at most.
+        assert await clock.sleeping(2) == [LOOK_EVERY, 86400.0]
+        assert app.reporter is not None and app.reporter.enqueued == 0
+        for _ in range(3):  # 15 minutes, a look at most every LOOK_EVERY
+            clock.advance(LOOK_EVERY)
+            await clock.sleeping(2)
+        await eventually(lambda: len(world.sink.envelopes) == 3)
+        assert app.reporter.enqueued == 1
+        clock.advance(LOOK_EVERY)
+        await clock.sleeping(2)
+        await asyncio.sleep(0.05)
+    assert len(world.sink.envelopes) == 3
+    assert "Spend report: Production" in world.sink.message()["Subject"]
