@@ -1,0 +1,80 @@
+"""report_runs and report messages in the outbox, on every backend (issue 19 §2): a
+report due is enqueued once per due time, in the transaction that records it; the
+outbox gives it back whole; silences and alert handling leave it alone."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from invoice_watch.report.outbox import ReportMessage
+from invoice_watch.store import Store
+from invoice_watch.store.records import Silence
+from tests.conftest import Backend
+
+PROD = "5f8a1c2e9b3d4a6f7e0c1b2a"
+T0 = datetime(2026, 11, 23, 8, 0, tzinfo=UTC)
+T1 = T0 + timedelta(days=7)
+NOW = T1 + timedelta(hours=3)
+
+
+@pytest.fixture
+def backend(every_backend: Backend) -> Backend:
+    return every_backend
+
+
+def message(due: datetime = T1, chart: bytes | None = b"\x89PNG\r\n\x1a\n...") -> ReportMessage:
+    return ReportMessage(
+        report="weekly",
+        scope=PROD,
+        due=due,
+        title="Spend report: Production",
+        subject="[invoice-watch] Spend report: Production (2026-11-30)",
+        facts=(("Spend to date", "$1.00 (day 1 of 30)"),),
+        text="Spend report: Production\n",
+        html="<p>report</p>",
+        chart=chart,
+    )
+
+
+async def test_a_due_report_is_enqueued_once_per_due_time(store: Store):
+    runs = store.reports
+    assert await runs.last_due() == {}
+    assert await runs.start("weekly", PROD, T0) == T0
+    assert await runs.start("weekly", PROD, T1) == T0  # a row that exists is kept
+    msg = message()
+    args = (["mail", "bot"], msg.to_json(), msg.summary, NOW)
+    assert await runs.enqueue("weekly", PROD, T1, *args)
+    assert not await runs.enqueue("weekly", PROD, T1, *args)  # the same time: never twice
+    assert not await runs.enqueue("weekly", PROD, T0, *args)  # an older one neither
+    assert await runs.last_due() == {("weekly", PROD): T1}
+
+    due = await store.outbox.due(NOW)
+    assert [(d.notifier, d.events, d.report) for d in due] == [("mail", [], msg), ("bot", [], msg)]
+    assert (await store.outbox.counts()) == {"pending": 2}
+    assert [row.summary for row in await store.outbox.messages(["pending"])] == [msg.summary] * 2
+
+
+async def test_silences_and_alert_handling_leave_a_report_alone(store: Store):
+    """A silence active while a report is due: the report is not looked at as an alert
+    (its events column is an object, not events), and goes."""
+    msg = message(chart=None)
+    assert await store.reports.enqueue(
+        "weekly", PROD, T1, ["mail"], msg.to_json(), msg.summary, NOW
+    )
+    await store.silences.add(
+        Silence("s1", "weekly", None, None, T0, NOW + timedelta(days=1), "maintenance", T0)
+    )
+    (due,) = await store.outbox.due(NOW)
+    assert await store.silences.silence_pending(NOW, [due.id]) == {}
+    assert await store.outbox.unnotified("mail") == set()
+    await store.outbox.mark_sent(due.id, NOW)
+    assert (await store.outbox.counts()) == {"sent": 1}
+
+
+def test_a_report_message_survives_its_json():
+    msg = message()
+    assert ReportMessage.from_json(msg.to_json()) == msg
+    with pytest.raises(ValueError, match="not a stored report"):
+        ReportMessage.from_json('{"report": {"scope": 1}}')
