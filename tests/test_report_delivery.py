@@ -322,3 +322,31 @@ async def test_the_daemon_sends_a_report_when_its_clock_reaches_the_schedule(wor
         await asyncio.sleep(0.05)
     assert len(world.sink.envelopes) == 3
     assert "Spend report: Production" in world.sink.message()["Subject"]
+
+
+async def test_report_send_to_teams_and_the_console_is_the_text_summary(
+    world: World, capsys: pytest.CaptureFixture[str]
+):
+    """Teams (a Workflows webhook takes no file) gets an Adaptive Card of the summary;
+    the console prints it."""
+    from tests.fakes_receivers import FakeTeams
+
+    async with FakeTeams() as teams:
+        data = world.config_data()
+        data["notifiers"]["teams"] = {"type": "msteams", "webhook_url": teams.webhook_url}
+        data["notifiers"]["out"] = {"type": "console"}
+        path = world.tmp / "config.yaml"
+        path.write_text(yaml.safe_dump(data))
+        assert await world.run_once(world.config()) == 0
+        capsys.readouterr()
+        assert await _main("report", "-c", str(path), "--org", PROD, "--send", "teams") == 0
+        assert await _main("report", "-c", str(path), "--org", PROD, "--send", "out") == 0
+    assert teams.refused == []
+    (card,) = teams.accepted
+    runs = [run["text"] for block in card["attachments"][0]["content"]["body"]
+            for run in block["inlines"]]  # fmt: skip
+    assert runs[0] == "Spend report: Production"
+    assert "Pending invoice (billed so far): $6,000.00" in runs[1]
+    out = capsys.readouterr().out
+    assert "Spend report: Production\nBilling period" in out
+    assert "teams: sent" in out and "out: sent" in out
