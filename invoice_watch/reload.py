@@ -136,7 +136,7 @@ APPLY: dict[str, Apply] = {
     "rules.*.min_increase": Apply.RULES,
     "rules.*.sensitivity": Apply.RULES,
     # usage.refresh: read by the line items stage after each cycle (usage_watch.py);
-    # reports.*: checked, not acted on yet (issue 19 §2)
+    # reports.*: the reports' task looks at them again at once (report/scheduler.py)
     "usage.refresh": Apply.CYCLE,
     "reports.*.name": Apply.CYCLE,
     "reports.*.schedule": Apply.CYCLE,
