@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import html
+from collections.abc import Sequence
+from datetime import datetime
 from email.message import EmailMessage
 from email.utils import format_datetime
 
@@ -190,15 +192,40 @@ def email(
 ) -> EmailMessage:
     """The report as an email (see the module docstring); ``report_id`` (the report's
     name and the time it is for) makes its Message-ID, the same for a resend."""
+    digest = hashlib.sha256(report_id.encode()).hexdigest()[:32]
+    return mime(
+        subject=subject(data),
+        from_addr=from_addr,
+        to=to,
+        date=data.now,
+        message_id=f"<report-{digest}@invoice-watch>",
+        text_body=text(data),
+        html=html_body(data, chart=chart_png is not None),
+        chart_png=chart_png,
+    )
+
+
+def mime(
+    *,
+    subject: str,
+    from_addr: str,
+    to: Sequence[str],
+    date: datetime,
+    message_id: str,
+    text_body: str,
+    html: str,
+    chart_png: bytes | None,
+) -> EmailMessage:
+    """The email of a report made (the module docstring's structure): ``html`` shows
+    ``chart_png`` (when given) by ``cid:``."""
     message = EmailMessage()
-    message["Subject"] = subject(data)
+    message["Subject"] = subject
     message["From"] = from_addr
     message["To"] = ", ".join(to)
-    message["Date"] = format_datetime(data.now)
-    digest = hashlib.sha256(report_id.encode()).hexdigest()[:32]
-    message["Message-ID"] = f"<report-{digest}@invoice-watch>"
-    message.set_content(text(data))
-    message.add_alternative(html_body(data, chart=chart_png is not None), subtype="html")
+    message["Date"] = format_datetime(date)
+    message["Message-ID"] = message_id
+    message.set_content(text_body)
+    message.add_alternative(html, subtype="html")
     if chart_png is not None:
         *_, html_part = message.iter_parts()
         html_part.add_related(

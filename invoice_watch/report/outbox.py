@@ -24,7 +24,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from email.message import EmailMessage
-from email.utils import format_datetime
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from invoice_watch.errors import PermanentNotifyError
@@ -134,29 +133,20 @@ def make_message(
 
 def report_email(msg: ReportMessage, *, from_addr: str, to: Sequence[str]) -> EmailMessage:
     """The report as an email: ``multipart/alternative`` of the text and a
-    ``multipart/related`` of the HTML and the chart inline (``cid:``, RFC 2392), as
-    :func:`invoice_watch.report.message.email` makes it."""
-    from invoice_watch.report.message import CHART_CID, CHART_FILENAME
+    ``multipart/related`` of the HTML and the chart inline (``cid:``, RFC 2392):
+    :func:`invoice_watch.report.message.mime`."""
+    from invoice_watch.report.message import mime
 
-    email = EmailMessage()
-    email["Subject"] = msg.subject
-    email["From"] = from_addr
-    email["To"] = ", ".join(to)
-    email["Date"] = format_datetime(msg.due)
-    email["Message-ID"] = msg.message_id
-    email.set_content(msg.text)
-    email.add_alternative(msg.html, subtype="html")
-    if msg.chart is not None:
-        *_, html_part = email.iter_parts()
-        html_part.add_related(
-            msg.chart,
-            maintype="image",
-            subtype="png",
-            cid=f"<{CHART_CID}>",
-            filename=CHART_FILENAME,
-            disposition="inline",
-        )
-    return email
+    return mime(
+        subject=msg.subject,
+        from_addr=from_addr,
+        to=to,
+        date=msg.due,
+        message_id=msg.message_id,
+        text_body=msg.text,
+        html=msg.html,
+        chart_png=msg.chart,
+    )
 
 
 @runtime_checkable
