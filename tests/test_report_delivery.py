@@ -350,3 +350,22 @@ async def test_report_send_to_teams_and_the_console_is_the_text_summary(
     out = capsys.readouterr().out
     assert "Spend report: Production\nBilling period" in out
     assert "teams: sent" in out and "out: sent" in out
+
+
+async def test_the_chart_upload_goes_direct_to_loopback_whatever_https_proxy_says(
+    world: World, monkeypatch: pytest.MonkeyPatch
+):
+    """The upload takes the notifiers' proxy rule (loopback direct, NO_PROXY honoured),
+    not slack-sdk's own reading of HTTPS_PROXY/HTTP_PROXY."""
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    reports = [{"name": "daily", "schedule": daily_in(world, 1), "notify": ["bot"],
+                "orgs": [PROD]}]  # fmt: skip
+    config = config_with_reports(world, reports)
+    async with App(config, clock=world.clock) as app:
+        assert app.reporter is not None
+        await app.reporter.look()
+        world.clock.advance(3600 + 60)
+        assert await app.reporter.look() == 1
+        assert (await app.deliverer.deliver_due()).sent == 1
+    assert len(world.slack.files) == 1

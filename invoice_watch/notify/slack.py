@@ -344,7 +344,7 @@ class SlackBotNotifier(_SlackNotifier):
         base = api_url if api_url.endswith("/") else api_url + "/"
         self._token = token
         self.channel = channel
-        self._base, self._timeout, self._proxy = base, timeout, proxy
+        self._base, self._timeout = base, timeout
         super().__init__(
             name,
             urljoin(base, "chat.postMessage"),
@@ -400,9 +400,11 @@ class SlackBotNotifier(_SlackNotifier):
             token=self._token,
             base_url=self._base,
             timeout=max(1, round(self._timeout)),
-            proxy=self._proxy,
             retry_handlers=[],  # the outbox retries, with its backoff
         )
+        # Our proxy, as every notifier's (NO_PROXY honoured, loopback direct): slack-sdk
+        # would read HTTPS_PROXY without NO_PROXY when given none.
+        client.proxy = self._receiver.proxy
         where = f"slack notifier {self.name!r}: uploading the report's chart"
         try:
             await client.files_upload_v2(
