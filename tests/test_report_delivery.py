@@ -369,3 +369,22 @@ async def test_the_chart_upload_goes_direct_to_loopback_whatever_https_proxy_say
         assert await app.reporter.look() == 1
         assert (await app.deliverer.deliver_due()).sent == 1
     assert len(world.slack.files) == 1
+
+
+async def test_a_wall_clock_set_back_after_a_report_never_sends_it_again(world: World):
+    """Sent at 09:00; an NTP fix sets the clock back two hours (09:00 comes again): the
+    stored due time says it went, so it is not sent twice."""
+    reports = [{"name": "daily", "schedule": daily_in(world, 1), "notify": ["mail"],
+                "orgs": [PROD]}]  # fmt: skip
+    config = config_with_reports(world, reports)
+    async with App(config, clock=world.clock) as app:
+        assert app.reporter is not None
+        await app.reporter.look()
+        world.clock.advance(3600 + 60)
+        assert await app.reporter.look() == 1
+        world.clock.step(timedelta(hours=-2))
+        assert await app.reporter.look() == 0
+        world.clock.advance(2 * 3600)  # 09:00 passes again on the wall clock
+        assert await app.reporter.look() == 0
+        world.clock.advance(24 * 3600)  # the next day's is due
+        assert await app.reporter.look() == 1
