@@ -273,6 +273,8 @@ class App:
                     quiet=config.quiet_windows(),
                 )
             self.config = self.cycles.config = config
+            if self.reporter is not None:  # its schedules are looked at again now
+                self.reporter.reconfigured.set()
             if Apply.RULES in kinds:  # what the rules watch may have changed
                 await self.store.snapshot.settle(settled_statuses(config.rules))
             if Apply.SCHEDULE in kinds:

@@ -13,7 +13,9 @@ outbox with its due instant recorded in ``report_runs``, in one transaction
 like an alert, a restart never loses it nor sends it twice. Times missed while the daemon
 was down give one report when it comes back (the latest of them,
 :meth:`~invoice_watch.report.schedule.ReportSchedule.due`), and a report seen for the
-first time waits for its first time. A standby replica sends none (``leading``).
+first time waits for its first time. A standby replica sends none (``leading``). With no
+report enabled the task waits for a configuration reload, with no timer; a reload looks
+at the schedules again at once.
 
 A report that cannot be built (the state unreadable) is tried again at the next look; a
 chart that cannot be drawn leaves the report without it (the text and figures still go).
@@ -21,6 +23,7 @@ chart that cannot be drawn leaves the report without it (the text and figures st
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
@@ -160,6 +163,8 @@ class Reporter:
         self._leading = leading
         self._on_enqueued = on_enqueued
         self.enqueued = 0  # reports put in the outbox by this process
+        # Set by a configuration reload: the schedules are looked at again at once.
+        self.reconfigured = asyncio.Event()
 
     def _reports(self) -> list[ReportConfig]:
         return [report for report in self._config().reports if report.enabled]
@@ -231,12 +236,24 @@ class Reporter:
         return max(1.0, min(LOOK_EVERY, (min(times) - now) / timedelta(seconds=1)))
 
     async def run(self) -> None:
-        """Look at the schedules until cancelled; a state error waits for the next look."""
+        """Look at the schedules until cancelled; a state error waits for the next look.
+        With no report enabled, it waits for a reload (no timer at all)."""
         while True:
+            self.reconfigured.clear()
+            if not self._reports():
+                await self.reconfigured.wait()
+                continue
             try:
                 await self.look()
             except StateError as exc:
                 log.error("reports: %s; tried again at the next look", exc)
             except Exception:  # a bug must not stop the reports for good
                 log.exception("reports: unexpected error; tried again at the next look")
-            await self._clock.sleep(self.wait())
+            sleep = asyncio.ensure_future(self._clock.sleep(self.wait()))
+            reload = asyncio.ensure_future(self.reconfigured.wait())
+            try:
+                await asyncio.wait({sleep, reload}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiter in (sleep, reload):
+                    waiter.cancel()
+                await asyncio.gather(sleep, reload, return_exceptions=True)
