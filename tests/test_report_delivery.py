@@ -388,3 +388,24 @@ async def test_a_wall_clock_set_back_after_a_report_never_sends_it_again(world: 
         assert await app.reporter.look() == 0
         world.clock.advance(24 * 3600)  # the next day's is due
         assert await app.reporter.look() == 1
+
+
+async def test_without_reports_no_timer_runs_and_a_reload_that_adds_one_is_looked_at(
+    world: World,
+):
+    from invoice_watch.report.scheduler import LOOK_EVERY
+    from tests.manual_clock import ManualClock
+    from tests.test_daemon import serving, until_cycles
+
+    clock = ManualClock(world.clock.now())
+    data = world.config_data(poll={"interval": "1d"})
+    async with App(load(yaml.safe_dump(data), filename="e2e.yaml", env={}, base_dir=world.tmp),
+                   clock=clock) as app, serving(app):  # fmt: skip
+        await until_cycles(app, 1)
+        assert await clock.sleeping(1) == [86400.0]  # the poll loop's only
+        at = clock.now() + timedelta(minutes=10)
+        data["reports"] = [{"name": "daily", "schedule": f"daily {at:%H:%M}", "notify": ["mail"]}]
+        assert await app.reload(
+            load(yaml.safe_dump(data), filename="e2e.yaml", env={}, base_dir=world.tmp)
+        )
+        assert await clock.sleeping(2) == [LOOK_EVERY, 86400.0]
