@@ -1,8 +1,9 @@
 """Sending a notifier's due messages, in order, and deciding what each attempt's
 outcome is: sent, retried later (when), or failed.
 
-:func:`dispatch` is the one place a message reaches its notifier (``Notifier.send``):
-a new kind of message changes it alone. :class:`Sender` makes the attempts.
+:func:`dispatch` is the one place a message reaches its notifier (``Notifier.send``;
+a report, the other kind, ``send_report``: :mod:`invoice_watch.report.outbox`): a new
+kind of message changes it alone. :class:`Sender` makes the attempts.
 
 Order: each outbox row is one message for one notifier. A notifier's rows go in order,
 oldest first, and the first that fails stops them for the pass: the others wait behind
