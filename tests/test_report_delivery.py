@@ -81,6 +81,9 @@ async def test_a_report_missed_while_down_is_sent_once_after_the_restart_never_t
     text = mail.get_body(("plain",))
     html = mail.get_body(("html",))
     assert text is not None and "Spend to date" in text.get_content()
+    # The daily line items the line items stage read (the report covers PROD).
+    assert "Top SKUs:" in text.get_content()
+    assert "Top SKUs: none yet" not in text.get_content()
     assert html is not None and f'src="cid:{CHART_CID}"' in html.get_content()
     images = [part for part in mail.walk() if part.get_content_type() == "image/png"]
     assert len(images) == 1

@@ -27,7 +27,7 @@ from invoice_watch.report.message import CHART_CID
 from invoice_watch.report.outbox import REPORT_NOTIFIER_TYPES, ReportMessage, send_report
 from invoice_watch.report.scheduler import (
     SCOPE_ALL,
-    NoUsage,
+    StateUsage,
     UsageSource,
     draw,
     pending_invoice,
@@ -90,7 +90,7 @@ async def make_report(
                     f"({known.id}) yet: has the daemon read it? (`invoice-watch run --once`)",
                     file=stderr,
                 )
-        data = await report_data(config, store, usage or NoUsage(), orgs, now)
+        data = await report_data(config, store, usage or StateUsage(lambda: store), orgs, now)
     finally:
         await store.close()
     from invoice_watch.report.chart import cache_dir

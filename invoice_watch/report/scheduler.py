@@ -5,15 +5,15 @@
 the next time one is due (waiting at most :data:`LOOK_EVERY` at a time, so a wall clock
 stepped forward or back is noticed). A report due for a scope (an organization, or
 :data:`SCOPE_ALL` for a ``combined`` one) is built from the state (the organization's
-pending invoice, its daily line items from a :class:`UsageSource`, the ``forecast``
-rules, the firing alerts), its chart drawn in a worker thread (matplotlib is imported
-then, and only then: a daemon whose reports are not due never loads it), and put in the
-outbox with its due instant recorded in ``report_runs``, in one transaction
-(:class:`~invoice_watch.store.sql.reports.SqlReportRuns`): delivery sends and retries it
-like an alert, a restart never loses it nor sends it twice. Times missed while the daemon
-was down give one report when it comes back (the latest of them,
-:meth:`~invoice_watch.report.schedule.ReportSchedule.due`), and a report seen for the
-first time waits for its first time. A standby replica sends none (``leading``). With no
+pending invoice, its daily line items as the state holds them (:class:`StateUsage`),
+the ``forecast`` rules, the firing alerts), its chart drawn in a worker thread
+(matplotlib is imported then, and only then: a daemon whose reports are not due never
+loads it), and put in the outbox with its due instant recorded in ``report_runs``, in
+one transaction (:class:`~invoice_watch.store.sql.reports.SqlReportRuns`): delivery
+sends and retries it like an alert, a restart never loses it nor sends it twice. Times
+missed while the daemon was down give one report when it comes back (the latest of
+them, :meth:`~invoice_watch.report.schedule.ReportSchedule.due`), and a report seen for
+the first time waits for its first time. A standby replica sends none (``leading``). With no
 report enabled the task waits for a configuration reload, with no timer; a reload looks
 at the schedules again at once.
 
@@ -59,6 +59,19 @@ class NoUsage:
 
     async def line_items(self, org_id: str) -> Sequence[LineItem]:
         return ()
+
+
+class StateUsage:
+    """The daily line items the state holds (the line items stage,
+    :mod:`invoice_watch.usage_watch`, keeps this period's and the last's of every
+    organization an enabled report covers): ``store`` gives the state."""
+
+    def __init__(self, store: Callable[[], Store]) -> None:
+        self._store = store
+
+    async def line_items(self, org_id: str) -> Sequence[LineItem]:
+        periods = await self._store().usage.periods(org_id, 2)
+        return [item for period in periods for item in period.items]
 
 
 class RunsStore(Protocol):
@@ -158,7 +171,7 @@ class Reporter:
         self._store = store
         self._runs = runs
         self._clock = clock
-        self.usage: UsageSource = usage or NoUsage()
+        self.usage: UsageSource = usage or StateUsage(store)
         self._cache = cache
         self._leading = leading
         self._on_enqueued = on_enqueued
