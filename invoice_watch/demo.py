@@ -85,6 +85,10 @@ def demo_config(sim: Simulator, state_dir: Path, slack_webhook: str | None) -> C
         sim, state_path=str(state_dir / "demo.db"), interval=INTERVAL, notifiers=notifiers
     )
     data["log"] = {"level": "warning"}
+    # A weekly report: not due within the demo (it waits for its first Monday), but the
+    # daemon reads the daily line items of the organizations it covers, which the
+    # report shown at the end (demo_report) draws.
+    data["reports"] = [{"name": "weekly-spend", "schedule": "mon 09:00", "notify": ["console"]}]
     return load(yaml.safe_dump(data), filename="<demo>", env={}, base_dir=state_dir)
 
 

@@ -90,6 +90,8 @@ async def test_the_demo_shows_a_spend_report_and_writes_its_html(tmp_path: Path,
             text, where = await demo_report(app)
     assert text.startswith("Spend report: 2 organizations\n")
     assert "Pending invoice (billed so far): $" in text
+    # The daily line items the daemon read for the organizations a report covers.
+    assert "Top projects:\n  Production Project: $" in text
     path = tmp_path / REPORT_FILE
     assert str(path) in where
     found = re.search(r'src="data:image/png;base64,([^"]+)"', path.read_text())
