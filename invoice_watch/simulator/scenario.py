@@ -389,11 +389,21 @@ class Scenario:
 
     @classmethod
     def generate(
-        cls, orgs: int, invoices_per_org: int, seed: int = 0, now: datetime | None = None
+        cls,
+        orgs: int,
+        invoices_per_org: int,
+        seed: int = 0,
+        now: datetime | None = None,
+        *,
+        monthly: bool = False,
     ) -> Scenario:
         """A big deterministic scenario for benchmarks: per org, one PENDING invoice for
         the current month and older ones (mostly PAID, some FAILED or CLOSED), each with
-        one to four line items, some with sales tax or a starting balance."""
+        one to four line items, some with sales tax or a starting balance.
+
+        ``monthly``: the statuses real organizations have, month after month: this
+        month's PENDING, last month's CLOSED in one org of 5 (not paid yet) or FAILED in
+        one of 30 (its charge failed), every older one PAID."""
         rng = random.Random(seed)
         scenario = cls(now=now)
         skus = [
@@ -408,6 +418,9 @@ class Scenario:
             for age in range(invoices_per_org):
                 if age == 0:
                     status = "PENDING"
+                elif monthly:
+                    draw = rng.random() if age == 1 else 1.0
+                    status = "FAILED" if draw < 1 / 30 else "CLOSED" if draw < 0.2 else "PAID"
                 else:
                     status = rng.choices(["PAID", "FAILED", "CLOSED"], weights=[90, 5, 5])[0]
                 items = [
