@@ -1,53 +1,52 @@
-"""Benchmark of one poll cycle, cold and steady (issue 7).
+"""Benchmark of the poll cycle, measured against what the machine allows (issues 7, 16).
 
-    pip install -e '.[bench]'                     # adds `requests`, for the naive peer
-    python -m benchmarks.cycle                    # every case, about 2.5 minutes
-    python -m benchmarks.cycle reference --no-peer
+    pip install -e '.[bench]'                     # adds `requests`, for the peer
+    python -m benchmarks.cycle reference          # the reference point, about 3 minutes
+    python -m benchmarks.cycle                    # every case (the scaling table too)
 
-Each case runs in a process of its own (so that its peak RSS is its own) against the
-Atlas simulator in another process (so that the server's CPU is not counted as ours, as
-a real server's would not be). Every request takes a fixed round trip of 20 ms: the
-simulator's answer leaves 20 ms after the request arrived, its own processing included
-(``--latency-model sim`` uses ``Simulator.faults.latency`` instead, which sleeps before
-processing; see README.md). Through the real App, AtlasClient and SQLite store (a
-file, WAL, synchronous=FULL) it runs, on one App:
+Each case runs in a process of its own against the Atlas simulator in another process
+(so that the server's CPU is not counted as ours, as a real server's would not be).
+Every request takes a fixed round trip (20 ms): the simulator's answer leaves 20 ms
+after the request arrived, its own processing included (``--latency-model sim`` uses
+``Simulator.faults.latency`` instead, which sleeps before processing). The data are
+monthly invoices as real organizations have them (``Scenario.generate(monthly=True)``:
+this month's PENDING, last month's sometimes CLOSED or FAILED, every older one PAID).
 
-- cold: a cycle on an empty state file (full listings);
+Through the real App, AtlasClient and SQLite store (a file, WAL, synchronous=FULL), at
+``--concurrency`` requests in flight (``atlas.max_concurrency``, default 8), it runs
+``--pairs`` times (default 5), each time on a fresh state file:
+
+- cold: a cycle on the empty state file (full listings);
 - 2nd: the first incremental cycle (its ``fromDate`` is new, so every page is parsed);
 - steady: a cycle with nothing changed since the one before;
-- full: the full reconciliation listing, every organization at once (as at a start;
-  the daemon spreads them over ``poll.full_listing_every``), nothing changed;
-- restart: a new process on the same state file (a daemon restart, or the next
-  ``run --once``): it loads the snapshot and runs one cycle, nothing changed (a start
-  lists in full).
+- full: the full reconciliation listing, every organization at once;
+- restart: a new process on the same state file, one cycle (a start lists in full).
 
-For each it prints:
+Each cycle is followed at once by the bare aiohttp replay of its own requests (Digest
+primed, the same concurrency, the same simulator): a pair. Its ratio is
+cycle wall / max(theoretical floor, replay wall); the theoretical floor is
+max(ceil(pages / concurrency), the longest organization's 1 + ceil((pages - 1) /
+concurrency)) round trips (page 1 first, to learn ``totalCount``), pages being what
+the paging rule needs (per org floor(listed / 500) + 1). Min / median / max over the
+pairs, of that and of:
 
-- wall / floor, floor = ceil(pages needed / max_concurrency) x latency, pages needed
-  being what the paging rule needs (per org, floor(listed / 500) + 1: paging stops at the
-  first page shorter than 500) for the ``fromDate`` the cycle asked for;
-- raw / floor: the same requests replayed by a bare aiohttp loop (4 at a time, already
-  authenticated, bodies read and dropped): what this machine and harness allow at best;
-- reads s: when the last organization's read ended (each organization is diffed,
-  evaluated and committed as soon as it is read, so this includes all but the cycle's
-  last transaction);
-- sim CPU s: the simulator's CPU time in the cycle (it serves from one process: a floor
-  of its own when larger than the network's);
 - requests / pages: every request the simulator received (401 challenges, retries and
   breakdown fetches included) over the pages needed;
-- CPU per 100k invoices (of the snapshot), of our process: the whole cycle (HTTP client
-  included), and the parse + diff + rules + commit part (each function of it timed with
-  the CPU clock of the thread it runs in: the event loop's, the state file's);
-- peak RSS of the process when the cycle ended (VmHWM in /proc/self/status, the
-  figure ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` gives; cold, 2nd and steady share
-  a process, so only a higher peak shows), and its RSS after imports; and, per case, the
-  peak RSS of the daemon itself (``python -m invoice_watch run``, see
-  :func:`daemon_peak_rss`);
-- the naive peer's wall time for the same cycle (one org after another, one page after
-  another, ``requests`` with HTTPDigestAuth, full listings, every row rewritten; its
-  cycle is the same every time) and how many times slower it is than ours;
-- for the "history" case, the bytes of a steady (incremental) listing against a full
-  one, per org.
+- CPU per 100k invoices (of the snapshot): the whole cycle (the process's CPU time
+  during it: HTTP client, Digest, asyncio, parse, diff, rules, commit, the state file's
+  thread), and the parse + diff + rules + commit subset (each function timed with the
+  CPU clock of the thread it runs in);
+- the steady listing's bytes over the full listing's (the incremental read's share).
+
+Then whole processes, ``--pairs`` times each: ``python -m invoice_watch run --once`` on
+a fresh state file (cold) and on the state it left (steady: imports, config load, state
+open and snapshot load included), each followed by a bare python process that imports
+aiohttp, primes Digest, lists and json-decodes the same pages at the same concurrency:
+wall, CPU (user + sys, from ``os.wait4``) and peak RSS (``ru_maxrss``) of each, and the
+ratios. Then the daemon's peak RSS (``python -m invoice_watch run``, fresh state, 4
+cycles; restarted, 2 cycles), and the peer: what a user would write with ``requests`` +
+``HTTPDigestAuth`` and a pool of 4 threads (full listings, rows into SQLite), its wall
+over our steady cycle's. The machine (cores, load average) is printed with each case.
 """
 
 from __future__ import annotations
@@ -56,18 +55,22 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import json
 import math
 import multiprocessing
 import multiprocessing.connection
 import multiprocessing.queues
 import os
 import platform
-import resource
 import sqlite3
+import statistics
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -75,7 +78,10 @@ from typing import Any
 
 ITEMS_PER_PAGE = 500
 LATENCY = 0.020
-CONCURRENCY = 4  # atlas.max_concurrency, the default
+CONCURRENCY = 8  # the reference point's
+PAIRS = 5
+PEER_THREADS = 4
+ACCEPT = "application/vnd.atlas.2023-01-01+json"
 # What turns a page body into invoices (in invoice_watch.atlas.parse), timed as "parse".
 PARSE = "parse_page"
 # What diffs, evaluates, plans and groups, timed with it: (module of invoice_watch
@@ -98,6 +104,17 @@ RULES: list[dict[str, Any]] = [
     {"name": "month-forecast", "type": "forecast", "budget": 50000},
     {"name": "atlas-unreachable", "type": "poll_failure"},
 ]
+# The targets of issue 16, at the reference point (paired medians).
+TARGETS = {
+    "cold": 1.2,  # cycle / max(floor, replay)
+    "steady": 1.1,
+    "steady_cpu": 0.8,  # whole cycle, CPU s per 100k invoices
+    "requests": 1.01,  # requests / pages
+    "incremental": 0.10,  # steady listing bytes / full listing bytes
+    "rss": 80.0,  # MB, the daemon on a fresh state
+    "once_steady": 1.5,  # run --once CPU / bare process CPU
+    "once_cold": 2.0,
+}
 
 Handler = Callable[[Any], Awaitable[Any]]
 
@@ -110,7 +127,9 @@ class Case:
     latency: float = LATENCY
     latency_model: str = "round-trip"  # or "sim": Simulator.faults.latency
     peer: bool = True
-    history: bool = False  # two orgs with two years of monthly invoices instead
+    concurrency: int = CONCURRENCY
+    pairs: int = PAIRS
+    processes: bool = True  # run --once, the daemon
     # A PostgreSQL server (--backend postgresql): each case gets a database of its own
     # (``state.url``) instead of the state file.
     server: Any = None
@@ -120,33 +139,18 @@ CASES = {
     case.name: case
     for case in (
         Case("reference", 300, 60),
-        Case("large", 10, 10_000),
-        Case("one-big", 1, 10_000, latency=0.100),  # a far region: the network dominates
+        Case("large", 10, 10_000),  # 100k invoices: the memory target
         Case("orgs-10", 10, 60),
         Case("orgs-100", 100, 60),
         Case("orgs-1000", 1000, 60),
-        Case("history", 2, 24, history=True),
+        Case("one-1k", 1, 1_000),
+        Case("one-10k", 1, 10_000),
+        Case("one-50k", 1, 50_000),
     )
 }
 
 
 # ---- the simulator, in a process of its own ------------------------------------------
-
-
-def _history_scenario() -> Any:
-    """Two orgs with two years of monthly invoices: "typical" (older ones all PAID) and
-    "month-start" (last month's invoice still CLOSED, as in the first days of a month)."""
-    from invoice_watch.simulator import Scenario
-
-    scenario = Scenario()
-    for name in ("typical", "month-start"):
-        scenario.add_org(name)
-        for age in range(24):
-            status = "PENDING" if age == 0 else "PAID"
-            if age == 1 and name == "month-start":
-                status = "CLOSED"
-            scenario.add_invoice(name, period=-age, status=status, amount_cents=1000_00 + age)
-    return scenario
 
 
 def _simulator_main(conn: multiprocessing.connection.Connection, case: Case) -> None:
@@ -159,10 +163,9 @@ async def _serve_simulator(conn: multiprocessing.connection.Connection, case: Ca
     from invoice_watch.simulator import Scenario, Simulator
     from invoice_watch.simulator.server import RECORD_KEY
 
-    if case.history:
-        scenario = _history_scenario()
-    else:
-        scenario = Scenario.generate(orgs=case.orgs, invoices_per_org=case.invoices_per_org)
+    scenario = Scenario.generate(
+        orgs=case.orgs, invoices_per_org=case.invoices_per_org, monthly=True
+    )
     loop = asyncio.get_running_loop()
     sizes: dict[int, int] = {}  # id(request record) -> body bytes
 
@@ -206,12 +209,13 @@ async def _serve_simulator(conn: multiprocessing.connection.Connection, case: Ca
                 return
 
 
-def _pages_needed(scenario: Any, from_dates: dict[str, str | None]) -> int:
-    pages = 0
+def _pages_needed(scenario: Any, from_dates: dict[str, str | None]) -> list[int]:
+    """The pages each organization's read needs for the ``fromDate`` it asked."""
+    pages = []
     for org_id, from_date in from_dates.items():
         start = datetime.fromisoformat(from_date).replace(tzinfo=UTC) if from_date else None
         listed = sum(1 for i in scenario.invoices_of(org_id) if start is None or i.start >= start)
-        pages += listed // ITEMS_PER_PAGE + 1
+        pages.append(listed // ITEMS_PER_PAGE + 1)
     return pages
 
 
@@ -237,39 +241,59 @@ class SimulatorProcess:
         self._process.join(10)
 
 
-# ---- our cycles ----------------------------------------------------------------------
+# ---- figures -------------------------------------------------------------------------
+
+Request = tuple[str, list[tuple[str, str]]]  # path, query
 
 
 @dataclass
 class CycleFigures:
+    """One cycle and the replay of its requests: a pair."""
+
     label: str
     invoices: int = 0
     wall: float = 0.0
     fetch_wall: float = 0.0
     floor: float = 0.0
-    raw_wall: float = 0.0
+    replay_wall: float = 0.0
     sim_cpu: float = 0.0
     requests: int = 0
     pages: int = 0
     challenges: int = 0
+    listed_bytes: int = 0
     cpu_cycle: float = 0.0
     cpu_work: float = 0.0  # parse + diff + rules + commit
-    rss_start_mb: float = 0.0  # after imports, before the App opens
-    rss_peak_mb: float = 0.0
-    replay: list[tuple[str, list[tuple[str, str]]]] = field(default_factory=list)
-    bytes_by_org: dict[str, int] = field(default_factory=dict)
+    replay: list[Request] = field(default_factory=list)
 
     def per_100k(self, seconds: float) -> float:
         return seconds / max(self.invoices, 1) * 100_000
+
+    @property
+    def ratio(self) -> float:
+        return self.wall / max(self.floor, self.replay_wall)
+
+
+@dataclass
+class ProcessFigures:
+    """``run --once`` (ours) and the bare process on the same requests."""
+
+    label: str
+    wall: float
+    cpu: float
+    rss_mb: float
+    bare_wall: float
+    bare_cpu: float
+    bare_rss_mb: float
 
 
 @dataclass
 class CaseFigures:
     case: Case
     cycles: list[CycleFigures]
+    once: list[ProcessFigures] = field(default_factory=list)
     peer_wall: float | None = None
-    org_names: dict[str, str] = field(default_factory=dict)
     daemon_rss: dict[str, float] = field(default_factory=dict)  # see daemon_peak_rss
+    load: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
 
 class NullNotifier:
@@ -282,7 +306,9 @@ class NullNotifier:
         return None
 
 
-def _config_text(sim: SimulatorProcess, state: Path, url: str | None = None) -> str:
+def _config_text(
+    sim: SimulatorProcess, state: Path, concurrency: int, url: str | None = None
+) -> str:
     import yaml
 
     where = {"url": url} if url is not None else {"path": str(state)}
@@ -291,7 +317,7 @@ def _config_text(sim: SimulatorProcess, state: Path, url: str | None = None) -> 
             "atlas": {
                 "base_url": sim.base_url,
                 "auth": {"public_key": sim.public_key, "private_key": sim.private_key},
-                "max_concurrency": CONCURRENCY,
+                "max_concurrency": concurrency,
             },
             "organizations": [{"id": org_id} for org_id in sim.org_ids],
             "state": where,
@@ -299,15 +325,6 @@ def _config_text(sim: SimulatorProcess, state: Path, url: str | None = None) -> 
             "rules": [{**rule, "notify": ["sink"]} for rule in RULES],
         }
     )
-
-
-def _rss_mb() -> float:
-    """Peak RSS of this process: VmHWM, which getrusage's ru_maxrss also reports, except
-    that in a spawned child ru_maxrss counts the parent's pages from before the exec."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 class _Timed:
@@ -407,21 +424,21 @@ async def run_cycles(
     labels: Sequence[str],
     sim: SimulatorProcess | None,
     profile: bool,
-    latency: float = LATENCY,
+    case: Case,
 ) -> list[CycleFigures]:
-    """Run one cycle per label on one App; ``sim`` is reset before each when given (else
-    the caller does it)."""
+    """Run one cycle per label on one App; with ``sim``, each is a pair (the simulator
+    reset before it, its requests replayed at once after it); without, the caller does
+    both."""
     from invoice_watch.app import App
     from invoice_watch.config import load
 
     config = load(config_text, filename="bench.yaml", env={}, base_dir=state.parent)
-    rss_start = _rss_mb()
     cycles = []
     async with App(config, notifiers={"sink": NullNotifier()}) as app:
         if app.leadership is not None:  # PostgreSQL: lead, as `run` does first
             await app.leadership.step()
         for label in labels:
-            figures = CycleFigures(label, rss_start_mb=rss_start)
+            figures = CycleFigures(label)
             if sim is not None:
                 await sim.acall("reset")
             if label == "full":
@@ -441,20 +458,17 @@ async def run_cycles(
             figures.fetch_wall = fetched.wall - wall0
             figures.cpu_work = sum(timer.cpu for timer in timers)
             figures.invoices = app.store.snapshot.invoice_count()
-            figures.rss_peak_mb = _rss_mb()
             if sim is not None:
                 records, sim_cpu = await sim.acall("requests")
-                _count_requests(figures, records, sim_cpu, sim, latency)
+                await _count_requests(figures, records, sim_cpu, sim, case)
+                figures.replay_wall = await raw_fetch(sim, figures.replay, case.concurrency)
+                figures.replay = []
             cycles.append(figures)
     return cycles
 
 
-def _count_requests(
-    figures: CycleFigures,
-    records: list[Any],
-    sim_cpu: float,
-    sim: SimulatorProcess,
-    latency: float,
+async def _count_requests(
+    figures: CycleFigures, records: list[Any], sim_cpu: float, sim: SimulatorProcess, case: Case
 ) -> None:
     figures.sim_cpu = sim_cpu
     from_dates: dict[str, str | None] = {}
@@ -463,23 +477,24 @@ def _count_requests(
         figures.challenges += challenge
         if path.endswith("/invoices") and org_id is not None:
             from_dates.setdefault(org_id, (query.get("fromDate") or [None])[0])
-            figures.bytes_by_org[org_id] = figures.bytes_by_org.get(org_id, 0) + size
+            figures.listed_bytes += size
         if status == 200:
             figures.replay.append((path, [(k, v) for k, vs in query.items() for v in vs]))
-    figures.pages = sim.call("pages", from_dates)
-    figures.floor = math.ceil(figures.pages / CONCURRENCY) * latency
+    pages: list[int] = await sim.acall("pages", from_dates)
+    figures.pages = sum(pages)
+    c = case.concurrency
+    rounds = max([math.ceil(sum(pages) / c), *(1 + math.ceil((n - 1) / c) for n in pages)])
+    figures.floor = rounds * case.latency
 
 
-async def raw_fetch(
-    sim: SimulatorProcess, requests: list[tuple[str, list[tuple[str, str]]]]
-) -> float:
-    """The wall time of the same requests sent by a bare aiohttp loop: 4 at a time,
-    authenticated beforehand, bodies read and dropped."""
+async def raw_fetch(sim: SimulatorProcess, requests: list[Request], concurrency: int) -> float:
+    """The wall time of the same requests sent by a bare aiohttp loop: ``concurrency`` at
+    a time, Digest primed beforehand, bodies read and dropped."""
     import aiohttp
 
     auth = aiohttp.DigestAuthMiddleware(sim.public_key, sim.private_key)
-    connector = aiohttp.TCPConnector(limit=CONCURRENCY)
-    headers = {"Accept": "application/vnd.atlas.2023-01-01+json"}
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    headers = {"Accept": ACCEPT}
     async with aiohttp.ClientSession(middlewares=(auth,), connector=connector) as session:
         path, params = requests[0]
         async with session.get(sim.base_url + path, params=params, headers=headers) as answer:
@@ -492,7 +507,7 @@ async def raw_fetch(
                     await r.read()
 
         started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
         return time.perf_counter() - started
 
 
@@ -522,41 +537,42 @@ def _case_main(case: Case, results: multiprocessing.queues.Queue[Any], profile: 
 
 
 def _restart_main(
-    config_text: str, state: Path, results: multiprocessing.queues.Queue[Any], profile: bool
+    config_text: str,
+    state: Path,
+    results: multiprocessing.queues.Queue[Any],
+    profile: bool,
+    case: Case,
 ) -> None:
-    results.put(asyncio.run(run_cycles(config_text, state, ["restart"], None, profile))[0])
+    results.put(asyncio.run(run_cycles(config_text, state, ["restart"], None, profile, case))[0])
 
 
 def run_case(case: Case, profile: bool = False) -> CaseFigures:
     sim = SimulatorProcess(case)
+    figures = CaseFigures(case, [])
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            state = Path(tmp) / "state.db"
-            url = None
-            if case.server is not None:
-                from tests.postgres import create_database
+            for n in range(case.pairs):
+                state = Path(tmp) / f"state-{n}.db"
+                url = None
+                if case.server is not None:
+                    from tests.postgres import create_database
 
-                url = create_database(case.server, f"bench_{case.name.replace('-', '_')}")
-            config_text = _config_text(sim, state, url)
-            cycles = asyncio.run(run_cycles(config_text, state, CYCLES, sim, profile, case.latency))
-            cycles.append(_restart(case, sim, config_text, state, profile))
-            # The same requests replayed: those of full listings, and of incremental ones.
-            raw = {"full": asyncio.run(raw_fetch(sim, cycles[-1].replay))}
-            raw["incremental"] = asyncio.run(raw_fetch(sim, cycles[2].replay))
-            for figures in cycles:
-                incremental = figures.label in ("2nd", "steady")
-                figures.raw_wall = raw["incremental" if incremental else "full"]
-            peer_wall = naive_cycle(sim, Path(tmp) / "peer.db") if case.peer else None
-            # (the daemon's RSS on the state file only)
-            daemon = (
-                daemon_peak_rss(sim, Path(tmp))
-                if url is None
-                else dict.fromkeys([label for label, _ in DAEMON_RUNS], 0.0)
-            )
+                    name = f"bench_{case.name.replace('-', '_')}_{n}"
+                    url = create_database(case.server, name)
+                config_text = _config_text(sim, state, case.concurrency, url)
+                figures.cycles += asyncio.run(
+                    run_cycles(config_text, state, CYCLES, sim, profile, case)
+                )
+                figures.cycles.append(_restart(case, sim, config_text, state, profile))
+            if case.processes and case.server is None:
+                figures.once = run_once_pairs(sim, Path(tmp), case)
+                figures.daemon_rss = daemon_peak_rss(sim, Path(tmp), case)
+            if case.peer:
+                figures.peer_wall = peer_cycle(sim, Path(tmp) / "peer.db")
     finally:
         sim.stop()
-    names = dict(zip(sim.org_ids, ("typical", "month-start"), strict=True)) if case.history else {}
-    return CaseFigures(case, cycles, peer_wall, names, daemon)
+    figures.load = os.getloadavg()
+    return figures
 
 
 def _restart(
@@ -564,14 +580,112 @@ def _restart(
 ) -> CycleFigures:
     context = multiprocessing.get_context("spawn")
     results: multiprocessing.queues.Queue[Any] = context.Queue()
-    process = context.Process(target=_restart_main, args=(config_text, state, results, profile))
+    process = context.Process(
+        target=_restart_main, args=(config_text, state, results, profile, case)
+    )
     sim.call("reset")
     process.start()
     figures: CycleFigures = results.get()
     process.join()
     records, sim_cpu = sim.call("requests")
-    _count_requests(figures, records, sim_cpu, sim, case.latency)
+
+    async def pair() -> None:
+        await _count_requests(figures, records, sim_cpu, sim, case)
+        figures.replay_wall = await raw_fetch(sim, figures.replay, case.concurrency)
+        figures.replay = []
+
+    asyncio.run(pair())
     return figures
+
+
+# ---- whole processes: run --once and the bare client ---------------------------------
+
+BARE_CLIENT = """
+import asyncio, json, sys
+import aiohttp
+
+async def main(base, user, password, concurrency, path, accept):
+    with open(path) as f:
+        requests = json.load(f)
+    headers = {"Accept": accept}
+    auth = aiohttp.DigestAuthMiddleware(user, password)
+    connector = aiohttp.TCPConnector(limit=int(concurrency))
+    async with aiohttp.ClientSession(middlewares=(auth,), connector=connector) as session:
+        first, params = requests[0]
+        async with session.get(base + first, params=params, headers=headers) as answer:
+            await answer.read()
+        queue = iter(requests)
+
+        async def worker():
+            for path, params in queue:
+                async with session.get(base + path, params=params, headers=headers) as answer:
+                    json.loads(await answer.read())
+
+        await asyncio.gather(*(worker() for _ in range(int(concurrency))))
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+# Runs a command and reports its wall time, exit status, CPU (user + sys) and peak RSS
+# (os.wait4). A small process of its own: a child's ru_maxrss counts the memory of the
+# process it was forked from until its exec (ours holds the harness and the App).
+LAUNCHER = """
+import json, os, sys, time
+started = time.perf_counter()
+actions = [(os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0)]
+pid = os.posix_spawn(sys.argv[1], sys.argv[1:], os.environ, file_actions=actions)
+_, status, usage = os.wait4(pid, 0)
+print(json.dumps([time.perf_counter() - started, os.waitstatus_to_exitcode(status),
+                  usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024]))
+"""
+
+
+def _measure(command: list[str]) -> tuple[float, float, float]:
+    """Wall s, CPU s (user + sys) and peak RSS MB of a child process run to its end."""
+    launcher = [sys.executable, "-S", "-c", LAUNCHER, *command]
+    done = subprocess.run(launcher, capture_output=True, text=True, check=False, timeout=600)
+    wall, code, cpu, rss = json.loads(done.stdout)
+    assert code == 0, f"{command[:5]} exited {code}: {done.stderr[-2000:]}"
+    return wall, cpu, rss
+
+
+def run_once_pairs(sim: SimulatorProcess, tmp: Path, case: Case) -> list[ProcessFigures]:
+    """``run --once`` on a fresh state file (cold) then on the state it left (steady),
+    ``case.pairs`` times, each followed by the bare client on its requests."""
+    out = []
+    for n in range(case.pairs):
+        state = tmp / f"once-{n}.db"
+        path = tmp / f"once-{n}.yaml"
+        path.write_text(_config_text(sim, state, case.concurrency))
+        for label in ("cold", "steady"):
+            sim.call("reset")
+            ours = _measure(
+                [sys.executable, "-m", "invoice_watch", "run", "--once", "-c", str(path)]
+            )
+            records, _ = sim.call("requests")
+            replay = [
+                (p, [(k, v) for k, vs in q.items() for v in vs])
+                for p, q, _org, status, _c, _s in records
+                if status == 200
+            ]
+            requests = tmp / "requests.json"
+            requests.write_text(json.dumps(replay))
+            bare = _measure(
+                [
+                    sys.executable,
+                    "-c",
+                    BARE_CLIENT,
+                    sim.base_url,
+                    sim.public_key,
+                    sim.private_key,
+                    str(case.concurrency),
+                    str(requests),
+                    ACCEPT,
+                ]
+            )
+            out.append(ProcessFigures(label, *ours, *bare))
+    return out
 
 
 # ---- the daemon itself ---------------------------------------------------------------
@@ -579,18 +693,17 @@ def _restart(
 DAEMON_RUNS = (("fresh", 4), ("restarted", 2))  # (state file, cycles to wait for)
 
 
-def daemon_peak_rss(sim: SimulatorProcess, tmp: Path) -> dict[str, float]:
+def daemon_peak_rss(sim: SimulatorProcess, tmp: Path, case: Case) -> dict[str, float]:
     """Peak RSS (MB) of the product itself, ``python -m invoice_watch run``, a process of
     its own (nothing of this harness in it), polling every second: on a fresh state file
     for 4 cycles (cold, then steady ones, delivering the cold cycle's messages to the
     console), then restarted on that file for 2 more. VmHWM is read from /proc until the
     process exits (SIGTERM after the last cycle)."""
     import signal
-    import subprocess
 
     import yaml
 
-    config = yaml.safe_load(_config_text(sim, tmp / "daemon.db"))
+    config = yaml.safe_load(_config_text(sim, tmp / "daemon.db", case.concurrency))
     config["poll"] = {"interval": "1s"}
     path = tmp / "daemon.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -631,15 +744,53 @@ def _hwm_mb(status: Path) -> float:
     return 0.0
 
 
-# ---- the naive peer ------------------------------------------------------------------
+# ---- the peer ------------------------------------------------------------------------
 
 
-def naive_cycle(sim: SimulatorProcess, db: Path) -> float:
-    """One cycle as a naive client would run it: one org after another, one page after
-    another, with ``requests`` and HTTPDigestAuth, every invoice rewritten. Returns its
-    wall time."""
+def peer_cycle(sim: SimulatorProcess, db: Path, threads: int = PEER_THREADS) -> float:
+    """One cycle as a user would write it: ``requests`` with HTTPDigestAuth, a pool of
+    ``threads`` threads (one session each), one organization per task, its pages one
+    after another, every invoice rewritten into SQLite. Returns its wall time."""
     import requests
     from requests.auth import HTTPDigestAuth
+
+    local = threading.local()
+    sessions: list[requests.Session] = []
+
+    def session() -> requests.Session:
+        found: requests.Session | None = getattr(local, "session", None)
+        if found is None:
+            found = local.session = requests.Session()
+            found.auth = HTTPDigestAuth(sim.public_key, sim.private_key)
+            found.headers["Accept"] = ACCEPT
+            sessions.append(found)
+        return found
+
+    def list_org(org_id: str) -> list[tuple[Any, ...]]:
+        rows: list[tuple[Any, ...]] = []
+        page = 1
+        while True:
+            response = session().get(
+                f"{sim.base_url}/api/atlas/v2/orgs/{org_id}/invoices",
+                params={"itemsPerPage": ITEMS_PER_PAGE, "pageNum": page},
+                timeout=30,
+            )
+            response.raise_for_status()
+            results = response.json()["results"]
+            rows.extend(
+                (
+                    i["id"],
+                    i["orgId"],
+                    i["statusName"],
+                    i["startDate"],
+                    i["endDate"],
+                    i["amountBilledCents"],
+                )
+                for i in results
+            )
+            if len(results) < ITEMS_PER_PAGE:
+                return rows
+            page += 1
 
     started = time.perf_counter()
     conn = sqlite3.connect(db)
@@ -647,95 +798,171 @@ def naive_cycle(sim: SimulatorProcess, db: Path) -> float:
         "CREATE TABLE IF NOT EXISTS invoices (id TEXT PRIMARY KEY, org_id TEXT, status TEXT, "
         "start_date TEXT, end_date TEXT, amount_billed_cents INTEGER)"
     )
-    with requests.Session() as session:
-        session.auth = HTTPDigestAuth(sim.public_key, sim.private_key)
-        session.headers["Accept"] = "application/vnd.atlas.2023-01-01+json"
-        for org_id in sim.org_ids:
-            rows: list[tuple[Any, ...]] = []
-            page = 1
-            while True:
-                response = session.get(
-                    f"{sim.base_url}/api/atlas/v2/orgs/{org_id}/invoices",
-                    params={"itemsPerPage": ITEMS_PER_PAGE, "pageNum": page},
-                    timeout=30,
-                )
-                response.raise_for_status()
-                results = response.json()["results"]
-                rows.extend(
-                    (
-                        item["id"],
-                        item["orgId"],
-                        item["statusName"],
-                        item["startDate"],
-                        item["endDate"],
-                        item["amountBilledCents"],
-                    )
-                    for item in results
-                )
-                if len(results) < ITEMS_PER_PAGE:
-                    break
-                page += 1
+    with ThreadPoolExecutor(threads) as pool:
+        for rows in pool.map(list_org, sim.org_ids):
             conn.executemany("INSERT OR REPLACE INTO invoices VALUES (?,?,?,?,?,?)", rows)
             conn.commit()
     conn.close()
-    return time.perf_counter() - started
+    wall = time.perf_counter() - started
+    for each in sessions:
+        each.close()
+    return wall
 
 
 # ---- report --------------------------------------------------------------------------
 
+
+def _spread(values: Sequence[float], fmt: str = ".2f") -> str:
+    """min / median / max."""
+    if not values:
+        return "-"
+    return "/".join(format(v, fmt) for v in (min(values), statistics.median(values), max(values)))
+
+
+def _median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else math.nan
+
+
 COLUMNS = (
-    "case",
     "cycle",
+    "pairs",
     "invoices",
     "wall s",
-    "reads s",
     "floor s",
-    "wall/floor",
-    "raw/floor",
-    "sim CPU s",
+    "replay/floor",
+    "cycle/max(floor,replay)",
     "requests/pages (401s)",
-    "CPU s/100k cycle",
+    "CPU s/100k whole cycle",
     "CPU s/100k parse+diff+rules+commit",
-    "peak RSS MB (at start)",
-    "naive s",
-    "naive/ours",
+    "listed bytes / full listing's",
 )
 
 
 def report_lines(figures: CaseFigures) -> list[str]:
-    case, peer = figures.case, figures.peer_wall
-    lines = []
-    for c in figures.cycles:
+    """The case's figures, min/median/max over its pairs."""
+    case = figures.case
+    load = ", ".join(f"{x:.1f}" for x in figures.load)
+    lines = [
+        f"### {case.name}: {case.orgs:,} organizations x {case.invoices_per_org:,} invoices, "
+        f"{case.latency * 1000:.0f} ms round trip, concurrency {case.concurrency} "
+        f"(load average at its end {load})",
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "---|" * len(COLUMNS),
+    ]
+    full = [c.listed_bytes for c in figures.cycles if c.label == "full"]
+    for label in (*CYCLES, "restart"):
+        cs = [c for c in figures.cycles if c.label == label]
+        if not cs:
+            continue
+        requests = [c.requests / c.pages for c in cs]
+        share = [c.listed_bytes / f for c, f in zip(cs, full, strict=False) if f]
         cells = [
-            f"{case.name} {case.orgs}x{case.invoices_per_org}"
-            + (f" at {case.latency * 1000:.0f} ms" if case.latency != LATENCY else ""),
-            c.label,
-            f"{c.invoices:,}",
-            f"{c.wall:.3f}",
-            f"{c.fetch_wall:.3f}",
-            f"{c.floor:.3f}",
-            f"{c.wall / c.floor:.2f}",
-            f"{c.raw_wall / c.floor:.2f}",
-            f"{c.sim_cpu:.2f}",
-            f"{c.requests}/{c.pages} = {c.requests / c.pages:.3f} ({c.challenges})",
-            f"{c.per_100k(c.cpu_cycle):.2f}",
-            f"{c.per_100k(c.cpu_work):.2f}",
-            f"{c.rss_peak_mb:.0f} ({c.rss_start_mb:.0f})",
-            f"{peer:.2f}" if peer is not None else "-",
-            f"{peer / c.wall:.1f}x" if peer is not None else "-",
+            label,
+            str(len(cs)),
+            f"{cs[0].invoices:,}",
+            _spread([c.wall for c in cs], ".3f"),
+            f"{_median([c.floor for c in cs]):.3f}",
+            _spread([c.replay_wall / c.floor for c in cs]),
+            _spread([c.ratio for c in cs]),
+            f"{_spread(requests, '.3f')} ({max(c.challenges for c in cs)})",
+            _spread([c.per_100k(c.cpu_cycle) for c in cs]),
+            _spread([c.per_100k(c.cpu_work) for c in cs]),
+            _spread(share, ".1%"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    for label in ("cold", "steady"):
+        ps = [p for p in figures.once if p.label == label]
+        if not ps:
+            continue
+        lines.append(
+            f"- `run --once` {label} ({len(ps)} pairs, min/median/max): wall "
+            f"{_spread([p.wall for p in ps])} s, CPU {_spread([p.cpu for p in ps])} s, "
+            f"peak RSS {_spread([p.rss_mb for p in ps], '.0f')} MB; the bare client: wall "
+            f"{_spread([p.bare_wall for p in ps])} s, CPU {_spread([p.bare_cpu for p in ps])}"
+            f" s, peak RSS {_spread([p.bare_rss_mb for p in ps], '.0f')} MB; CPU ratio "
+            f"**{_spread([p.cpu / p.bare_cpu for p in ps])}**, wall ratio "
+            f"{_spread([p.wall / p.bare_wall for p in ps])}"
+        )
+    if figures.daemon_rss:
+        lines.append(
+            "- the daemon's peak RSS (`python -m invoice_watch run`): "
+            + ", ".join(
+                f"{label} ({cycles} cycles) {figures.daemon_rss[label]:.0f} MB"
+                for label, cycles in DAEMON_RUNS
+            )
+        )
+    steady = [c.wall for c in figures.cycles if c.label == "steady"]
+    if figures.peer_wall is not None and steady:
+        lines.append(
+            f"- the peer (`requests` + HTTPDigestAuth, {PEER_THREADS} threads, full "
+            f"listings): {figures.peer_wall:.3f} s = **{figures.peer_wall / _median(steady):.2f}x**"
+            " our steady cycle (median)"
+        )
     return lines
 
 
-def history_lines(figures: CaseFigures) -> list[str]:
-    cold, steady = figures.cycles[0], figures.cycles[2]
-    lines = []
-    for org_id, name in figures.org_names.items():
-        full, incremental = cold.bytes_by_org[org_id], steady.bytes_by_org[org_id]
+def target_lines(figures: CaseFigures) -> list[str]:
+    """The targets of issue 16, measured (min/median/max), met or not (on the median)."""
+    cs = figures.cycles
+
+    def of(label: str, value: Callable[[CycleFigures], float]) -> list[float]:
+        return [value(c) for c in cs if c.label == label]
+
+    full = of("full", lambda c: c.listed_bytes)
+    steady_bytes = of("steady", lambda c: c.listed_bytes)
+    once = {
+        label: [p.cpu / p.bare_cpu for p in figures.once if p.label == label]
+        for label in ("cold", "steady")
+    }
+    rows: list[tuple[str, list[float], float, str]] = [
+        ("cold cycle / max(floor, replay)", of("cold", lambda c: c.ratio), TARGETS["cold"], ".2f"),
+        (
+            "steady cycle / max(floor, replay)",
+            of("steady", lambda c: c.ratio),
+            TARGETS["steady"],
+            ".2f",
+        ),
+        (
+            "whole steady cycle CPU s/100k",
+            of("steady", lambda c: c.per_100k(c.cpu_cycle)),
+            TARGETS["steady_cpu"],
+            ".2f",
+        ),
+        (
+            "requests/pages (every cycle)",
+            [c.requests / c.pages for c in cs],
+            TARGETS["requests"],
+            ".3f",
+        ),
+        (
+            "incremental listing / full listing (bytes)",
+            [s / f for s, f in zip(steady_bytes, full, strict=False) if f],
+            TARGETS["incremental"],
+            ".3f",
+        ),
+        ("`run --once` CPU / bare client's, steady", once["steady"], TARGETS["once_steady"], ".2f"),
+        ("`run --once` CPU / bare client's, cold", once["cold"], TARGETS["once_cold"], ".2f"),
+    ]
+    if figures.daemon_rss:
+        rows.append(
+            (
+                "daemon peak RSS MB, fresh state",
+                [figures.daemon_rss["fresh"]],
+                TARGETS["rss"],
+                ".0f",
+            )
+        )
+    lines = [f"Targets ({figures.case.name}; met = median within the target):", ""]
+    lines += ["| target | limit | min/median/max | met |", "|---|---|---|---|"]
+    for name, values, limit, fmt in rows:
+        if name.startswith("requests"):
+            met = max(values) <= limit if values else False  # every cycle, not the median
+        else:
+            met = _median(values) <= limit
         lines.append(
-            f"- {name} (24 monthly invoices): full listing {full:,} bytes, steady "
-            f"(incremental) listing {incremental:,} bytes = {incremental / full:.1%}"
+            f"| {name} | {limit:{fmt}} | {_spread(values, fmt)} | {'yes' if met else '**no**'} |"
         )
     return lines
 
@@ -749,19 +976,36 @@ def machine() -> str:
         ),
         platform.processor() or "unknown CPU",
     )
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     return (
-        f"{os.cpu_count()} CPUs ({cpu}), Python {platform.python_version()}, "
-        f"{platform.system()} {platform.release()}"
+        f"{os.cpu_count()} cores ({cpu}), load average {load}, Python "
+        f"{platform.python_version()}, {platform.system()} {platform.release()}"
     )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.cycle",
-        description="Benchmark one poll cycle, cold and steady (see benchmarks/README.md).",
+        description="Benchmark the poll cycle against what the machine allows "
+        "(see benchmarks/README.md).",
     )
     parser.add_argument("cases", nargs="*", metavar="CASE", help=f"of {', '.join(CASES)}")
-    parser.add_argument("--no-peer", action="store_true", help="skip the naive peer")
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=CONCURRENCY,
+        help=f"requests in flight (atlas.max_concurrency), ours and the replay's "
+        f"(default {CONCURRENCY}, the reference point's)",
+    )
+    parser.add_argument(
+        "--pairs", type=int, default=PAIRS, help=f"pairs per cycle (default {PAIRS})"
+    )
+    parser.add_argument("--no-peer", action="store_true", help="skip the requests peer")
+    parser.add_argument(
+        "--no-processes",
+        action="store_true",
+        help="skip the whole processes (run --once, the bare client, the daemon)",
+    )
     parser.add_argument("--profile", action="store_true", help="cProfile each cycle")
     parser.add_argument(
         "--backend",
@@ -781,6 +1025,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [name for name in args.cases if name not in CASES]
     if unknown:
         parser.error(f"unknown case {', '.join(unknown)}; cases: {', '.join(CASES)}")
+    if args.concurrency < 1 or args.pairs < 1:
+        parser.error("--concurrency and --pairs are at least 1")
 
     with contextlib.ExitStack() as stack:
         server = None
@@ -796,20 +1042,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, server: Any) -> int:
     print(
-        f"machine: {machine()}; latency {LATENCY * 1000:.0f} ms ({args.latency_model}), "
-        f"max_concurrency {CONCURRENCY}; state: {args.backend}"
+        f"machine: {machine()}; latency {LATENCY * 1000:.0f} ms ({args.latency_model}); "
+        f"state: {args.backend}\n",
+        flush=True,
     )
-    print("| " + " | ".join(COLUMNS) + " |")
-    print("|" + "---|" * len(COLUMNS))
     context = multiprocessing.get_context("spawn")
-    history: list[str] = []
-    daemon_rss: list[str] = []
     started = time.perf_counter()
     for name in args.cases or list(CASES):
         case = dataclasses.replace(
             CASES[name],
             peer=CASES[name].peer and not args.no_peer,
+            processes=CASES[name].processes and not args.no_processes,
             latency_model=args.latency_model,
+            concurrency=args.concurrency,
+            pairs=args.pairs,
             server=server,
         )
         results: multiprocessing.queues.Queue[Any] = context.Queue()
@@ -819,21 +1065,15 @@ def _run(args: argparse.Namespace, server: Any) -> int:
         process.join()
         for line in report_lines(figures):
             print(line, flush=True)
-        daemon_rss.append(
-            f"- {case.name}: "
-            + ", ".join(
-                f"{label} ({cycles} cycles) {figures.daemon_rss[label]:.0f} MB"
-                for label, cycles in DAEMON_RUNS
-            )
-        )
-        if case.history:
-            history.extend(history_lines(figures))
-    print("peak RSS of the daemon (`python -m invoice_watch run`, polling every second):")
-    for line in daemon_rss:
-        print(line)
-    for line in history:
-        print(line)
-    print(f"({time.perf_counter() - started:.0f} s)")
+        if name == "reference":
+            print()
+            for line in target_lines(figures):
+                print(line, flush=True)
+        print()
+    print(
+        f"({time.perf_counter() - started:.0f} s; load average now "
+        f"{', '.join(f'{x:.1f}' for x in os.getloadavg())})"
+    )
     return 0
 
 
