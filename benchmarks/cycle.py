@@ -256,6 +256,7 @@ class CycleFigures:
     fetch_wall: float = 0.0
     floor: float = 0.0
     replay_wall: float = 0.0
+    replay_cpu: float = 0.0  # the replay's CPU (process time)
     sim_cpu: float = 0.0
     requests: int = 0
     pages: int = 0
@@ -461,7 +462,9 @@ async def run_cycles(
             if sim is not None:
                 records, sim_cpu = await sim.acall("requests")
                 await _count_requests(figures, records, sim_cpu, sim, case)
-                figures.replay_wall = await raw_fetch(sim, figures.replay, case.concurrency)
+                figures.replay_wall, figures.replay_cpu = await raw_fetch(
+                    sim, figures.replay, case.concurrency
+                )
                 figures.replay = []
             cycles.append(figures)
     return cycles
@@ -487,9 +490,11 @@ async def _count_requests(
     figures.floor = rounds * case.latency
 
 
-async def raw_fetch(sim: SimulatorProcess, requests: list[Request], concurrency: int) -> float:
-    """The wall time of the same requests sent by a bare aiohttp loop: ``concurrency`` at
-    a time, Digest primed beforehand, bodies read and dropped."""
+async def raw_fetch(
+    sim: SimulatorProcess, requests: list[Request], concurrency: int
+) -> tuple[float, float]:
+    """The wall and CPU time of the same requests sent by a bare aiohttp loop:
+    ``concurrency`` at a time, Digest primed beforehand, bodies read and dropped."""
     import aiohttp
 
     auth = aiohttp.DigestAuthMiddleware(sim.public_key, sim.private_key)
@@ -506,9 +511,9 @@ async def raw_fetch(sim: SimulatorProcess, requests: list[Request], concurrency:
                 async with session.get(sim.base_url + path, params=params, headers=headers) as r:
                     await r.read()
 
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return time.perf_counter() - started
+        return time.perf_counter() - started, time.process_time() - cpu
 
 
 def _start_profile() -> Any:
@@ -591,7 +596,9 @@ def _restart(
 
     async def pair() -> None:
         await _count_requests(figures, records, sim_cpu, sim, case)
-        figures.replay_wall = await raw_fetch(sim, figures.replay, case.concurrency)
+        figures.replay_wall, figures.replay_cpu = await raw_fetch(
+            sim, figures.replay, case.concurrency
+        )
         figures.replay = []
 
     asyncio.run(pair())
@@ -833,6 +840,7 @@ COLUMNS = (
     "cycle/max(floor,replay)",
     "requests/pages (401s)",
     "CPU s/100k whole cycle",
+    "CPU s/100k replay",
     "CPU s/100k parse+diff+rules+commit",
     "listed bytes / full listing's",
 )
@@ -867,6 +875,7 @@ def report_lines(figures: CaseFigures) -> list[str]:
             _spread([c.ratio for c in cs]),
             f"{_spread(requests, '.3f')} ({max(c.challenges for c in cs)})",
             _spread([c.per_100k(c.cpu_cycle) for c in cs]),
+            _spread([c.per_100k(c.replay_cpu) for c in cs]),
             _spread([c.per_100k(c.cpu_work) for c in cs]),
             _spread(share, ".1%"),
         ]
