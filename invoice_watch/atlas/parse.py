@@ -14,6 +14,7 @@ refused before it is parsed (:mod:`invoice_watch.atlas.bounds`).
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import re
@@ -236,22 +237,38 @@ def _timestamp(org_id: str, item: dict[str, Any], key: str, *, required: bool) -
         return None
     if not isinstance(value, str):
         raise FetchDataError(org_id, f"invoice {item.get('id')!s:.40}: `{key}` is missing")
+    checked = _checked_instant(value)
+    if type(checked) is datetime:
+        return checked
+    problem = f"invoice {item.get('id')!s:.40}: `{key}` {checked}"
+    if checked == _OUT_OF_RANGE:  # chained to the OverflowError (it quotes nothing)
+        try:
+            instant(value).astimezone(UTC)
+        except OverflowError as exc:
+            raise FetchDataError(org_id, problem) from exc
+    # Not chained: a ValueError's text quotes the server's as it came, unredacted.
+    raise FetchDataError(org_id, problem) from None
+
+
+@functools.lru_cache(maxsize=4096)
+def _checked_instant(value: str) -> datetime | str:
+    """The timestamp ``value`` as :func:`parse_invoice` takes it (:func:`instant`), or
+    what is wrong with it. Remembered: a listing's invoices share their period bounds, so
+    the same few values come back page after page (checked once each)."""
     try:
         parsed = instant(value)
     except ValueError:
-        # Not chained: the cause quotes the server's text as it came, unredacted.
-        raise FetchDataError(
-            org_id, f"invoice {item.get('id')!s:.40}: `{key}` is not a timestamp"
-        ) from None
+        return "is not a timestamp"
     if parsed.tzinfo is None:
-        raise FetchDataError(org_id, f"invoice {item.get('id')!s:.40}: `{key}` has no timezone")
+        return "has no timezone"
     try:
         parsed.astimezone(UTC)  # later stages work in UTC
-    except OverflowError as exc:
-        raise FetchDataError(
-            org_id, f"invoice {item.get('id')!s:.40}: `{key}` is out of range"
-        ) from exc
+    except OverflowError:
+        return _OUT_OF_RANGE
     return parsed
+
+
+_OUT_OF_RANGE = "is out of range"
 
 
 def parse_invoice(source_org_id: str, item: Any) -> Invoice:
