@@ -11,7 +11,7 @@ from collections.abc import Collection, Container, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date
 
-from invoice_watch.types import Invoice, OrgRead, Snapshot, day_number, settled_day
+from invoice_watch.types import Invoice, OrgRead, Snapshot, day_number, first_key_of
 
 
 def starts_before(invoice: Invoice, day: date) -> bool:
@@ -31,11 +31,12 @@ def settled_to_load(
     if len(read.settled) + len(changed) == len(settled):
         return changed  # every settled invoice is listed
     listed, changed_ids = read.settled, set(changed)
-    first_day = day_number(listed_from) if listed_from else -1
+    # The window first (most settled invoices are older): one int comparison each.
+    lowest = first_key_of(day_number(listed_from)) if listed_from else -1
     return changed + [
         invoice_id
         for invoice_id, key in settled.items()
-        if key not in listed and invoice_id not in changed_ids and settled_day(key) >= first_day
+        if key >= lowest and key not in listed and invoice_id not in changed_ids
     ]
 
 

@@ -118,6 +118,13 @@ def settled_day(key: int) -> int:
     return key >> _FINGERPRINT_BITS
 
 
+def first_key_of(day: int) -> int:
+    """The smallest settled key of an invoice whose period starts on ``day`` (as
+    :func:`day_number` counts): ``settled_day(key) >= day`` exactly when ``key >=
+    first_key_of(day)``, one int comparison."""
+    return day << _FINGERPRINT_BITS
+
+
 def day_number(day: date) -> int:
     """Days from 0001-01-01 to ``day``: how :func:`settled_day` counts."""
     return day.toordinal() - 1

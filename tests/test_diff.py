@@ -2,6 +2,8 @@ from __future__ import annotations
 
 from datetime import UTC, date, datetime, timedelta
 
+import pytest
+
 from invoice_watch.constants import FINAL_STATUSES
 from invoice_watch.diff import diff, settled_to_load
 from invoice_watch.types import OrgRead, Snapshot
@@ -63,3 +65,17 @@ def test_settled_to_load_names_the_settled_invoices_listed_changed_or_no_longer_
     # an incremental listing from PERIOD_START does not show `three`: not gone
     assert settled_to_load(snapshot, read(one, two), listed_from=PERIOD_START.date()) == []
     assert settled_to_load(snapshot, read(two), listed_from=PERIOD_START.date()) == [one]
+
+
+@pytest.mark.parametrize("day", [0, 1, 738_000, 738_001, 3_652_058])
+def test_first_key_of_a_day_orders_settled_keys_as_their_days(day):
+    """settled_to_load checks the window with one int comparison: a settled key is at
+    least first_key_of(day) exactly when the day it holds is at least ``day``."""
+    from invoice_watch.types import _FINGERPRINT_MASK, first_key_of, settled_day
+
+    for key_day in (day - 1, day, day + 1):
+        if key_day < 0:
+            continue
+        for fingerprint in (0, 1, _FINGERPRINT_MASK):
+            key = (key_day << 42) | fingerprint
+            assert (key >= first_key_of(day)) == (settled_day(key) >= day)
