@@ -25,6 +25,11 @@ from invoice_watch.atlas.deprecation import Deprecations
 from invoice_watch.atlas.pacing import RateLimit, RateLimits
 from invoice_watch.clock import Clock
 
+# An answer longer than this (bytes) lets the request waiting for its slot go out before
+# it is parsed (about 1 ms a 100 invoices); a shorter one is parsed at once, sparing
+# the event loop a turn per request (about 5 % of a steady cycle's CPU).
+YIELD_BEFORE_PARSING = 64 * 1024
+
 if TYPE_CHECKING:
     from invoice_watch.config import AtlasConfig
 
@@ -153,8 +158,9 @@ class Connection:
         # Retry-After holds no slot another organization's request could use.
         async with rate.turn(), self._semaphore:
             answer = await self._exchange(session, url, params, accept, endpoint, rate, body)
-        # Let the request waiting for this slot go out before this answer is parsed.
-        await asyncio.sleep(0)
+        if len(answer.body) > YIELD_BEFORE_PARSING:
+            # Let the request waiting for this slot go out before this answer is parsed.
+            await asyncio.sleep(0)
         return answer
 
     async def _exchange(
