@@ -227,6 +227,11 @@ class SimulatorProcess:
         self._conn, child = context.Pipe()
         self._process = context.Process(target=_simulator_main, args=(child, case), daemon=True)
         self._process.start()
+        child.close()  # the simulator's end: its exit is then an EOF here
+        # Bounded: a simulator that fails to start (its traceback is above) is said so.
+        if not self._conn.poll(300):
+            self._process.kill()
+            raise RuntimeError("the simulator did not start within 300 s")
         self.base_url, self.public_key, self.private_key, self.org_ids = self._conn.recv()
 
     def call(self, command: str, argument: Any = None) -> Any:
@@ -957,7 +962,7 @@ def target_lines(figures: CaseFigures) -> list[str]:
     if figures.daemon_rss:
         rows.append(
             (
-                "daemon peak RSS MB, fresh state",
+                "daemon peak RSS MB, fresh state (this case; the target is at 100k: `large`)",
                 [figures.daemon_rss["fresh"]],
                 TARGETS["rss"],
                 ".0f",
