@@ -217,11 +217,12 @@ async def demo_report(app: App) -> tuple[str, str]:
     from invoice_watch.report.chart import cache_dir
     from invoice_watch.report.now import standalone_html
     from invoice_watch.report.outbox import make_message
-    from invoice_watch.report.scheduler import SCOPE_ALL, draw, report_data
+    from invoice_watch.report.render import Renderer
+    from invoice_watch.report.scheduler import SCOPE_ALL, report_data
 
     config, now = app.config, app.clock.now()
     data = await report_data(config, app.store, app.reporter_usage(), config.organizations, now)
-    chart = await draw(data, cache_dir(config.state.path))
+    chart = await Renderer().draw(data, cache_dir(config.state.path))
     msg = make_message(data, chart, report="demo", scope=SCOPE_ALL, due=now)
     path = Path(tempfile.gettempdir()) / REPORT_FILE
     try:

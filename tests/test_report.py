@@ -22,7 +22,7 @@ from PIL import Image
 
 from invoice_watch.config import ForecastRule
 from invoice_watch.format import usd
-from invoice_watch.report import chart, message
+from invoice_watch.report import chart, message, render
 from invoice_watch.report.data import OrgSpend, ReportData, build_report
 from invoice_watch.simulator import demo_scenario
 from invoice_watch.simulator.usage import daily_items
@@ -288,7 +288,7 @@ def test_chart_png_of_an_empty_report_and_of_names_with_dollars():
         assert decoded.size == chart.SIZE
 
 
-async def test_render_chart_draws_off_the_event_loop(report: ReportData):
+async def test_render_chart_draws_in_a_child_process_off_the_event_loop(report: ReportData):
     ticks = 0
     done = asyncio.Event()
 
@@ -300,13 +300,134 @@ async def test_render_chart_draws_off_the_event_loop(report: ReportData):
 
     task = asyncio.create_task(ticker())
     try:
-        png = await chart.render_chart(report)
+        png = await render.render_chart(report)
     finally:
         done.set()
         await task
     with Image.open(io.BytesIO(png)) as decoded:
         assert decoded.size == chart.SIZE
     assert ticks >= 3  # the loop kept running while the chart was drawn
+
+
+def _children() -> list[str]:
+    """The process ids of this process's children (Linux; [] elsewhere)."""
+    found = Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
+    return found.read_text().split() if found.exists() else []
+
+
+def _child(code: str) -> tuple[str, ...]:
+    return (sys.executable, "-c", textwrap.dedent(code))
+
+
+@pytest.mark.parametrize(
+    ("command", "bounds", "says"),
+    [
+        (
+            _child("""
+                import sys
+                print("Traceback (most recent call last):", file=sys.stderr)
+                print("RuntimeError: no fonts here", file=sys.stderr)
+                sys.exit(3)
+            """),
+            {},
+            "the chart's renderer exited with status 3: RuntimeError: no fonts here",
+        ),
+        (
+            _child("import os, signal; os.kill(os.getpid(), signal.SIGKILL)"),
+            {},
+            "the chart's renderer was killed by SIGKILL",
+        ),
+        (
+            _child("import sys, time; sys.stdin.read(); time.sleep(60)"),
+            {"time_limit": 0.5},
+            "the chart's renderer did not finish within 0.5 s and was killed",
+        ),
+        (
+            _child("import sys; sys.stdout.buffer.write(b'\\x89PNG' * 10**6)"),
+            {"limit": 1000},
+            "the chart's renderer wrote more than 1,000 bytes",
+        ),
+        (_child("print('hello')"), {}, "the chart's renderer wrote no PNG (6 bytes)"),
+        (("/nonexistent/python",), {}, "the chart's renderer could not start: "),
+    ],
+    ids=["crash", "signal", "hang", "too-big", "not-png", "not-started"],
+)
+async def test_render_chart_that_fails_says_why_in_one_line_and_leaves_no_child(
+    report: ReportData, command: tuple[str, ...], bounds: dict[str, float], says: str
+):
+    import time
+
+    began = time.monotonic()
+    with pytest.raises(render.ChartError) as caught:
+        await render.render_chart(report, command=command, **bounds)  # type: ignore[arg-type]
+
+    assert str(caught.value).startswith(says)
+    assert "\n" not in str(caught.value)
+    assert time.monotonic() - began < 30  # the hang was cut at its time limit
+    assert _children() == []  # every child killed and reaped: no zombie left
+
+
+async def test_a_render_cancelled_kills_and_reaps_its_child(report: ReportData):
+    """The daemon stopping while a chart is drawn leaves no child process behind."""
+    hang = _child("import sys, time; sys.stdin.read(); time.sleep(60)")
+    task = asyncio.create_task(render.render_chart(report, command=hang))
+    for _ in range(1000):  # until the child runs (bounded: 10 s)
+        if _children():
+            break
+        await asyncio.sleep(0.01)
+    assert _children() != []
+
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert _children() == []
+
+
+async def test_renderer_draw_logs_one_warning_and_gives_none(
+    report: ReportData, caplog: pytest.LogCaptureFixture
+):
+    renderer = render.Renderer(command=_child("import sys; sys.exit('cairo: out of memory')"))
+
+    assert await renderer.draw(report, None) is None
+    (record,) = [r for r in caplog.records if r.name == render.__name__]
+    assert record.levelname == "WARNING" and record.exc_info is None
+    assert record.getMessage() == (
+        "the report's chart could not be drawn (the report goes without it): "
+        "the chart's renderer exited with status 1: cairo: out of memory"
+    )
+
+
+def test_the_chart_child_refuses_bad_input_in_one_line_without_a_traceback():
+    done = subprocess.run(
+        [sys.executable, "-m", "invoice_watch.report.chart"],
+        input=b'{"title": "x"}',
+        capture_output=True,
+        timeout=60,
+        cwd=ROOT,
+        check=False,
+    )
+
+    assert done.returncode == 1 and done.stdout == b""
+    assert done.stderr.decode() == "ValueError: not a chart's data: KeyError: 'cache'\n"
+
+
+async def test_the_child_keeps_matplotlib_cache_where_we_say_when_home_is_not_writable(
+    report: ReportData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """MPLCONFIGDIR reaches the child: the folder of cache_dir (made 0700) holds
+    matplotlib's font cache, and nothing is written to a home that cannot be."""
+    monkeypatch.delenv("MPLCONFIGDIR", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
+    (tmp_path / "home").mkdir(mode=0o500)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    folder = chart.cache_dir(tmp_path / "state" / "state.db", {})
+
+    png = await render.render_chart(report, folder)
+
+    assert png.startswith(b"\x89PNG")
+    assert oct(folder.stat().st_mode & 0o777) == "0o700"
+    assert list(folder.glob("fontlist-*.json"))  # matplotlib's font cache, there
 
 
 def _python(code: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:

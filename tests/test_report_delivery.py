@@ -187,6 +187,113 @@ async def test_reports_that_are_not_due_never_import_matplotlib(world: World, tm
     assert done.stdout.strip() == "False"
 
 
+async def test_a_report_the_daemon_sends_leaves_no_matplotlib_in_it(world: World):
+    """The daemon's memory does not grow because a report went: its chart is drawn in a
+    child process, and matplotlib (~56 MiB, for good once imported) never enters the
+    daemon's. A fresh interpreter runs the daemon (App) through a poll, a report due
+    and its delivery; the mail it sent has the chart."""
+    import asyncio
+    import json
+    import subprocess
+    import sys
+    import textwrap
+
+    report = {"name": "daily", "schedule": daily_in(world, 1), "notify": ["mail"], "orgs": [PROD]}
+    path = world.write_config(reports=[report])
+    script = textwrap.dedent(
+        f"""
+        import asyncio, json, sys
+        from datetime import datetime
+        from invoice_watch.app import App
+        from invoice_watch.cli.commands import run_once
+        from invoice_watch.clock import FakeClock
+        from invoice_watch.config import load_file
+        async def main():
+            clock = FakeClock(datetime.fromisoformat({world.clock.now().isoformat()!r}))
+            async with App(load_file({str(path)!r}), clock=clock) as app:
+                await run_once(app)
+                await app.reporter.look()
+                clock.advance(3600 + 60)
+                enqueued = await app.reporter.look()
+                sent = (await app.deliverer.deliver_due()).sent
+            return enqueued, sent
+        enqueued, sent = asyncio.run(main())
+        print(json.dumps([enqueued, sent, "matplotlib" in sys.modules]))
+        """
+    )
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+    assert done.returncode == 0, done.stderr
+    enqueued, sent, loaded = json.loads(done.stdout.splitlines()[-1])
+    assert (enqueued, sent) == (1, 1)
+    assert loaded is False, "matplotlib was imported in the daemon's process"
+    mail = world.sink.message()
+    assert "Spend report: Production" in mail["Subject"]
+    (image,) = [part for part in mail.walk() if part.get_content_type() == "image/png"]
+    assert png_size(image.get_content()) == SIZE
+
+
+@pytest.mark.parametrize(
+    ("code", "why"),
+    [
+        ("import sys; sys.exit('Fatal Python error: Segmentation fault')",
+         "exited with status 1: Fatal Python error: Segmentation fault"),
+        ("import sys, time; sys.stdin.read(); time.sleep(60)",
+         "did not finish within 0.5 s and was killed"),
+    ],
+    ids=["crash", "hang"],
+)  # fmt: skip
+async def test_a_chart_that_cannot_be_drawn_still_sends_the_report_saying_so(
+    world: World, caplog: pytest.LogCaptureFixture, code: str, why: str
+):
+    """The chart's child crashes or hangs (killed at its time limit): the report is
+    enqueued and mailed all the same, text and HTML, without an image, saying the chart
+    could not be drawn; one WARNING says why, with no traceback."""
+    import logging
+    import sys
+
+    from invoice_watch.report.message import NO_CHART
+    from invoice_watch.report.render import Renderer
+
+    caplog.set_level(logging.INFO)
+    reports = [{"name": "daily", "schedule": daily_in(world, 1), "notify": ["mail", "bot"],
+                "orgs": [PROD]}]  # fmt: skip
+    config = config_with_reports(world, reports)
+    assert await world.run_once(config) == 0
+    async with App(config, clock=world.clock) as app:
+        assert app.reporter is not None
+        app.reporter.renderer = Renderer(command=(sys.executable, "-c", code), timeout=0.5)
+        await app.reporter.look()
+        world.clock.advance(3600 + 60)
+        assert await app.reporter.look() == 1
+        stats = await app.deliverer.deliver_due()
+        assert (stats.sent, stats.failed) == (2, 0)
+
+    mail = world.sink.message()
+    assert "Spend report: Production" in mail["Subject"]
+    assert [part for part in mail.walk() if part.get_content_type() == "image/png"] == []
+    text, html = mail.get_body(("plain",)), mail.get_body(("html",))
+    assert text is not None and NO_CHART in text.get_content()
+    assert "Spend to date" in text.get_content()
+    assert html is not None and NO_CHART in html.get_content() and "cid:" not in html.get_content()
+    assert world.slack.files == []  # the bot posted the summary alone
+    (summary,) = [b for b in world.slack.accepted if b.get("channel") == "#finops"]
+    assert NO_CHART in summary["text"]
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [r.getMessage() for r in warnings] == [
+        f"the report's chart could not be drawn (the report goes without it): "
+        f"the chart's renderer {why}"
+    ]
+    assert all(r.exc_info is None for r in caplog.records)
+
+
 @pytest.mark.parametrize("kind", ["pagerduty", "webhook"])
 def test_check_config_refuses_a_report_to_a_notifier_that_cannot_carry_one(world: World, kind: str):
     data = world.config_data()

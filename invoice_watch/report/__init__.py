@@ -5,11 +5,13 @@ schedule, with a chart.
                  in a time zone (pure)
     data.py      what a report says: month to date, the same point last month, the
                  forecast against the budget, top projects and SKUs, firing alerts (pure)
-    chart.py     the chart, a PNG drawn with matplotlib (Agg), imported only when a
-                 report is drawn, and drawn off the event loop
+    chart.py     the chart, a PNG drawn with matplotlib (Agg), imported only by the
+                 process that draws it (``python -m invoice_watch.report.chart``)
+    render.py    that child process, started, bounded (time, PNG size) and read for
+                 each chart: the daemon never imports matplotlib
     message.py   the email (HTML with the chart inline, by cid, and plain text) and the
                  text summary
 
-Importing this package (or schedule.py and data.py) never imports matplotlib: a daemon
-whose reports are not due pays nothing for them.
+Importing this package (or any of its modules) never imports matplotlib: the daemon's
+memory does not grow because reports exist, due or not.
 """

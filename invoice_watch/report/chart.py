@@ -4,30 +4,116 @@ drawn by matplotlib's Agg canvas (no pyplot, no display, no system fonts: the wh
 DejaVu fonts).
 
 matplotlib costs about a second of CPU and 56 MiB to import (``../shared/LIBRARIES.md``),
-so it is imported only here, inside :func:`chart_png`, the first time a report is
-drawn: a daemon whose reports are never due never loads it. Before that import, its
-cache folder is set (``MPLCONFIGDIR``, unless the environment sets it): without one
-and with a home folder the service cannot write, every start would warn on stderr and
-rebuild the font cache. A render takes 0.15–0.3 s of CPU: :func:`render_chart` draws off
-the event loop, in a worker thread.
+and once imported it stays: the daemon never imports it. It draws in a short-lived child
+process, ``python -m invoice_watch.report.chart`` (:func:`main`: :class:`ChartData` as
+JSON on standard input, the PNG on standard output), that
+:mod:`invoice_watch.report.render` starts, bounds and reads. :func:`chart_png` draws in
+the calling process (the child, and tests). Before matplotlib's import, its cache folder
+is set (``MPLCONFIGDIR``, unless the environment sets it): without one and with a home
+folder the service cannot write, every render would warn on stderr and rebuild the font
+cache. A render takes 0.15–0.3 s of CPU, plus about a second to import matplotlib.
 """
 
 from __future__ import annotations
 
-import asyncio
 import io
+import json
 import os
-import threading
+import sys
 from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from invoice_watch.format import usd
-from invoice_watch.report.data import ReportData
 
 SIZE = (900, 400)  # pixels: 9 x 4 inches at 100 dpi
 _DPI = 100
-_setup = threading.Lock()
+INPUT_MAX = 1024 * 1024  # bytes of JSON the child reads: a chart's is about 2 KB
+
+
+class ChartInput(Protocol):
+    """What the chart draws (a :class:`~invoice_watch.report.data.ReportData` is one)."""
+
+    @property
+    def title(self) -> str: ...
+    @property
+    def period_start(self) -> date: ...
+    @property
+    def period_days(self) -> int: ...
+    @property
+    def cumulative(self) -> tuple[int, ...]: ...
+    @property
+    def last_cumulative(self) -> tuple[int, ...]: ...
+    @property
+    def forecast_cents(self) -> int | None: ...
+    @property
+    def budget_cents(self) -> int | None: ...
+
+
+@dataclass(frozen=True)
+class ChartData:
+    """What the chart draws of a report (:class:`ChartInput`), as the child process gets
+    it: cents, the period's first day and its length in days."""
+
+    title: str
+    period_start: date
+    period_days: int
+    cumulative: tuple[int, ...]
+    last_cumulative: tuple[int, ...]
+    forecast_cents: int | None
+    budget_cents: int | None
+
+    @classmethod
+    def of(cls, data: ChartInput) -> ChartData:
+        return cls(
+            title=data.title,
+            period_start=data.period_start,
+            period_days=data.period_days,
+            cumulative=tuple(data.cumulative),
+            last_cumulative=tuple(data.last_cumulative),
+            forecast_cents=data.forecast_cents,
+            budget_cents=data.budget_cents,
+        )
+
+    def to_json(self, folder: Path | None = None) -> str:
+        """The child's input: these fields, and ``cache``, the folder of
+        :func:`cache_dir` (or null)."""
+        return json.dumps(
+            {
+                "title": self.title,
+                "period_start": self.period_start.isoformat(),
+                "period_days": self.period_days,
+                "cumulative": list(self.cumulative),
+                "last_cumulative": list(self.last_cumulative),
+                "forecast_cents": self.forecast_cents,
+                "budget_cents": self.budget_cents,
+                "cache": None if folder is None else str(folder),
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> tuple[ChartData, Path | None]:
+        """What :meth:`to_json` wrote; :class:`ValueError` when ``text`` is not that."""
+        try:
+            body = json.loads(text)
+            cache = body["cache"]
+            return cls(
+                title=str(body["title"]),
+                period_start=date.fromisoformat(body["period_start"]),
+                period_days=int(body["period_days"]),
+                cumulative=tuple(int(v) for v in body["cumulative"]),
+                last_cumulative=tuple(int(v) for v in body["last_cumulative"]),
+                forecast_cents=_cents(body["forecast_cents"]),
+                budget_cents=_cents(body["budget_cents"]),
+            ), None if cache is None else Path(str(cache))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"not a chart's data: {type(exc).__name__}: {exc}") from None
+
+
+def _cents(value: Any) -> int | None:
+    return None if value is None else int(value)
 
 
 def cache_dir(state_path: Path, env: Mapping[str, str] | None = None) -> Path:
@@ -41,12 +127,12 @@ def cache_dir(state_path: Path, env: Mapping[str, str] | None = None) -> Path:
 
 def _configure(folder: Path | None) -> None:
     """Point matplotlib's config and cache at ``folder`` before its first import (a
-    later import reads it; once imported, the setting is the one it read)."""
-    with _setup:
-        if folder is None or "MPLCONFIGDIR" in os.environ:
-            return
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.environ["MPLCONFIGDIR"] = str(folder)
+    later import reads it; once imported, the setting is the one it read). Called in
+    the process that draws (the child), never in the daemon."""
+    if folder is None or "MPLCONFIGDIR" in os.environ:
+        return
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.environ["MPLCONFIGDIR"] = str(folder)
 
 
 def _plain(text: str) -> str:
@@ -58,10 +144,11 @@ def _dollars(cents: float, _position: Any = None) -> str:
     return _plain(usd(round(cents)).removesuffix(".00"))
 
 
-def chart_png(data: ReportData, folder: Path | None = None) -> bytes:
-    """The chart of ``data`` as PNG bytes (:data:`SIZE`). Imports matplotlib (its cache
-    in ``folder``, see :func:`cache_dir`) on first use. Blocking: call it off the event
-    loop (:func:`render_chart`)."""
+def chart_png(data: ChartInput, folder: Path | None = None) -> bytes:
+    """The chart of ``data`` as PNG bytes (:data:`SIZE`), drawn in this process: imports
+    matplotlib (its cache in ``folder``, see :func:`cache_dir`) on first use, and
+    blocks. The daemon draws in a child process instead
+    (:func:`invoice_watch.report.render.render_chart`)."""
     _configure(folder)
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -110,7 +197,24 @@ def chart_png(data: ReportData, folder: Path | None = None) -> bytes:
     return out.getvalue()
 
 
-async def render_chart(data: ReportData, folder: Path | None = None) -> bytes:
-    """:func:`chart_png` in a worker thread: the event loop (health checks, signals, the
-    poll cycle) goes on while matplotlib imports and draws."""
-    return await asyncio.to_thread(chart_png, data, folder)
+def main() -> int:
+    """The child process (``python -m invoice_watch.report.chart``): :class:`ChartData`
+    as JSON (:meth:`ChartData.to_json`, at most :data:`INPUT_MAX` bytes) on standard
+    input, the PNG on standard output; exit status 0, or 1 with one line on standard
+    error saying why not."""
+    try:
+        text = sys.stdin.buffer.read(INPUT_MAX + 1)
+        if len(text) > INPUT_MAX:
+            raise ValueError(f"more than {INPUT_MAX} bytes of input")
+        data, folder = ChartData.from_json(text)
+        png = chart_png(data, folder)
+        sys.stdout.buffer.write(png)
+        sys.stdout.buffer.flush()
+    except Exception as exc:  # one line for the daemon's log, no traceback
+        print(" ".join(f"{type(exc).__name__}: {exc}".split())[:500], file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -97,9 +97,12 @@ def _table(title: str, rows: tuple[Change, ...]) -> list[str]:
     return lines
 
 
-def text(data: ReportData) -> str:
+NO_CHART = "No chart: it could not be drawn."
+
+
+def text(data: ReportData, *, chart_failed: bool = False) -> str:
     """The report as plain text (the email's text part; the summary for channels that
-    cannot carry the chart)."""
+    cannot carry the chart); ``chart_failed``: it says the chart could not be drawn."""
     lines = [
         one_line(data.title),
         f"Billing period {period(data.period_start, data.period_end)}, as of "
@@ -122,6 +125,8 @@ def text(data: ReportData) -> str:
             )
     else:
         lines.append("Firing alerts: none")
+    if chart_failed:
+        lines.append(NO_CHART)
     lines += [f"Billing: {url}" for url in data.billing_urls]
     return "\n".join(lines) + "\n"
 
@@ -157,7 +162,7 @@ def html_body(data: ReportData, *, chart: bool = True) -> str:
         f'<p><img src="cid:{CHART_CID}" alt="Cumulative spend this period against last '
         f'period" width="900" height="400"></p>'
         if chart
-        else "<p><em>No chart: it could not be drawn.</em></p>"
+        else f"<p><em>{NO_CHART}</em></p>"
     )
     if data.firing:
         items = "".join(
@@ -199,7 +204,7 @@ def email(
         to=to,
         date=data.now,
         message_id=f"<report-{digest}@invoice-watch>",
-        text_body=text(data),
+        text_body=text(data, chart_failed=chart_png is None),
         html=html_body(data, chart=chart_png is not None),
         chart_png=chart_png,
     )

@@ -29,7 +29,6 @@ from invoice_watch.report.scheduler import (
     SCOPE_ALL,
     StateUsage,
     UsageSource,
-    draw,
     pending_invoice,
     report_data,
 )
@@ -95,11 +94,12 @@ async def make_report(
         await store.close()
     from invoice_watch.report.chart import cache_dir
     from invoice_watch.report.outbox import make_message
+    from invoice_watch.report.render import Renderer
 
     drawn = out is not None or send is not None  # the text alone needs no chart
-    chart = await draw(data, cache_dir(config.state.path)) if drawn else None
+    chart = await Renderer().draw(data, cache_dir(config.state.path)) if drawn else None
     scope = orgs[0].id if len(orgs) == 1 else SCOPE_ALL
-    msg = make_message(data, chart, report="now", scope=scope, due=now)
+    msg = make_message(data, chart, report="now", scope=scope, due=now, drawn=drawn)
     if out is not None:
         return _write(msg, out, stdout, stderr)
     if send is not None:

@@ -110,14 +110,23 @@ def is_report_json(text: str) -> bool:
 
 
 def make_message(
-    data: ReportData, chart: bytes | None, *, report: str, scope: str, due: datetime
+    data: ReportData,
+    chart: bytes | None,
+    *,
+    report: str,
+    scope: str,
+    due: datetime,
+    drawn: bool = True,
 ) -> ReportMessage:
     """The message of the report ``report`` for ``scope`` due at ``due``, from its data
-    and chart (:mod:`invoice_watch.report.message` writes the text and HTML)."""
+    and chart (:mod:`invoice_watch.report.message` writes the text and HTML). With
+    ``drawn`` (a chart was asked for) and no ``chart``, the text and HTML say it could
+    not be drawn."""
     from invoice_watch.report import message
 
     if chart is not None and len(chart) > CHART_MAX:
         chart = None
+    failed = drawn and chart is None
     return ReportMessage(
         report=report,
         scope=scope,
@@ -125,7 +134,7 @@ def make_message(
         title=one_line(data.title),
         subject=message.subject(data),
         facts=tuple(message.facts(data)),
-        text=clip(message.text(data), _TEXT_MAX),
+        text=clip(message.text(data, chart_failed=failed), _TEXT_MAX),
         html=clip(message.html_body(data, chart=chart is not None), _TEXT_MAX),
         chart=chart,
     )

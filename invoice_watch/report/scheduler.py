@@ -6,19 +6,22 @@ the next time one is due (waiting at most :data:`LOOK_EVERY` at a time, so a wal
 stepped forward or back is noticed). A report due for a scope (an organization, or
 :data:`SCOPE_ALL` for a ``combined`` one) is built from the state (the organization's
 pending invoice, its daily line items as the state holds them (:class:`StateUsage`),
-the ``forecast`` rules, the firing alerts), its chart drawn in a worker thread
-(matplotlib is imported then, and only then: a daemon whose reports are not due never
-loads it), and put in the outbox with its due instant recorded in ``report_runs``, in
-one transaction (:class:`~invoice_watch.store.sql.reports.SqlReportRuns`): delivery
-sends and retries it like an alert, a restart never loses it nor sends it twice. Times
-missed while the daemon was down give one report when it comes back (the latest of
-them, :meth:`~invoice_watch.report.schedule.ReportSchedule.due`), and a report seen for
-the first time waits for its first time. A standby replica sends none (``leading``). With no
+the ``forecast`` rules, the firing alerts), its chart drawn in a short-lived child
+process (:mod:`invoice_watch.report.render`: the daemon never imports matplotlib, so
+its memory does not grow because reports exist), and put in the outbox with its due
+instant recorded in ``report_runs``, in one transaction
+(:class:`~invoice_watch.store.sql.reports.SqlReportRuns`): delivery sends and retries it
+like an alert, a restart never loses it nor sends it twice. Times missed while the
+daemon was down give one report when it comes back (the latest of them,
+:meth:`~invoice_watch.report.schedule.ReportSchedule.due`), and a report seen for the
+first time waits for its first time. A standby replica sends none (``leading``). With no
 report enabled the task waits for a configuration reload, with no timer; a reload looks
 at the schedules again at once.
 
 A report that cannot be built (the state unreadable) is tried again at the next look; a
-chart that cannot be drawn leaves the report without it (the text and figures still go).
+chart that cannot be drawn (the child failed, or took longer than its timeout) leaves
+the report without it: one WARNING says why, and the text and HTML go, saying there is
+no chart.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from invoice_watch.errors import StateError
 from invoice_watch.format import billing_url
 from invoice_watch.report.data import OrgSpend, ReportData, build_report
 from invoice_watch.report.outbox import ReportMessage, make_message
+from invoice_watch.report.render import Renderer
 from invoice_watch.types import Invoice, LineItem
 
 if TYPE_CHECKING:
@@ -139,21 +143,11 @@ async def report_data(
     return build_report(spends, now, rules=config.rules, firing=firing)
 
 
-async def draw(data: ReportData, cache: Path | None) -> bytes | None:
-    """The chart, drawn in a worker thread; None (logged) when it cannot be."""
-    from invoice_watch.report.chart import render_chart
-
-    try:
-        return await render_chart(data, cache)
-    except Exception:  # the figures and text still go
-        log.exception("the report's chart could not be drawn; the report goes without it")
-        return None
-
-
 class Reporter:
     """Sends the configured reports on their schedules (module docstring).
     ``config``: the current configuration (a reload changes it); ``runs``: the
-    ``report_runs`` table; ``leading``: whether this process sends (HA)."""
+    ``report_runs`` table; ``leading``: whether this process sends (HA); ``renderer``
+    draws the charts (a child process each)."""
 
     def __init__(
         self,
@@ -173,6 +167,7 @@ class Reporter:
         self._clock = clock
         self.usage: UsageSource = usage or StateUsage(store)
         self._cache = cache
+        self.renderer = Renderer()
         self._leading = leading
         self._on_enqueued = on_enqueued
         self.enqueued = 0  # reports put in the outbox by this process
@@ -236,7 +231,7 @@ class Reporter:
     ) -> ReportMessage:
         """The report ``report`` for ``scope`` due at ``due``, as of ``now``."""
         data = await report_data(config, self._store(), self.usage, orgs, now)
-        chart = await draw(data, self._cache)
+        chart = await self.renderer.draw(data, self._cache)
         return make_message(data, chart, report=report.name, scope=scope, due=due)
 
     def wait(self) -> float:
