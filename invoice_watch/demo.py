@@ -5,8 +5,10 @@ The demo starts the built-in Atlas simulator on a free loopback port, runs the r
 daemon against it (Digest auth, a 2 s poll interval, a throw-away state file) with the
 console notifier (and Slack too when ``SLACK_WEBHOOK_URL`` is set), plays the demo
 scenario so a charge FAILS and is paid, and a pending invoice crosses $5,000 and drops
-back, then exits 0 by itself (1, saying why, when it could show no alert). A reader
-that closes its output (``| head``) ends it at once.
+back, while a ``usage_anomaly`` rule points at the cluster whose daily spend spiked
+yesterday (it stays firing: yesterday stays the latest day of usage), then shows a
+spend report and exits 0 by itself (1, saying why, when it could show no alert). A
+reader that closes its output (``| head``) ends it at once.
 """
 
 from __future__ import annotations
@@ -38,6 +40,16 @@ TIME_LIMIT = 55.0
 INTERVAL = "2s"
 # `simulate --write-config`: a poll interval short enough to watch the timeline play.
 SIMULATOR_INTERVAL = "5s"
+# The usage_anomaly rule: the demo scenario's `orders` cluster spent 5 times its usual
+# yesterday, so it fires at the second poll (the first reads the line items) and stays.
+SPIKE_RULE = "usage-spike"
+# The end of that config: /metrics, off unless uncommented (the port may be taken).
+METRICS_HINT = """\
+# /metrics with the billing gauges (pending amount, month to date per organization and
+# project, forecast): uncomment, then `curl -s http://127.0.0.1:8934/metrics | grep _usd`
+# http:
+#   listen: 127.0.0.1:8934
+"""
 # The first line of a config `simulate --write-config` wrote: only such a file is
 # overwritten, and its keys are kept (so that a config keeps working across restarts).
 WRITTEN_BY = "# Written by `invoice-watch simulate --write-config`"
@@ -47,7 +59,8 @@ def simulator_config_data(
     sim: Simulator, *, state_path: str, interval: str, notifiers: dict[str, Any]
 ) -> dict[str, Any]:
     """A configuration watching every organization of ``sim`` with its API key: a FAILED
-    charge and a pending invoice over $5,000 alert through ``notifiers``."""
+    charge, a pending invoice over $5,000 and a cluster's day of unusual spend (over its
+    usual by $100 or more) alert through ``notifiers``."""
     org_names = {org.id: org.name for org in sim.scenario.orgs}
     return {
         "atlas": {
@@ -71,6 +84,13 @@ def simulator_config_data(
                 "name": "pending-over-budget",
                 "type": "pending_amount",
                 "threshold": 5000,
+                "notify": list(notifiers),
+            },
+            {
+                "name": SPIKE_RULE,
+                "type": "usage_anomaly",
+                "by": "cluster",
+                "min_increase": 100,
                 "notify": list(notifiers),
             },
         ],
@@ -134,8 +154,10 @@ def written_keys(path: Path) -> dict[str, str]:
 def write_simulator_config(sim: Simulator, path: Path) -> None:
     """Write a ready config for ``sim`` to ``path`` (mode 0600, replaced atomically):
     the console notifier, the simulator's key pair and organizations, a state file of
-    its own beside it, a 5 s poll interval. An OSError names ``path`` (not the temporary
-    file beside it that is renamed onto it)."""
+    its own beside it, a 5 s poll interval, the rules of :func:`simulator_config_data`
+    (a usage_anomaly one included), and ``http:`` for /metrics commented out. An
+    OSError names ``path`` (not the temporary file beside it that is renamed onto
+    it)."""
     data = simulator_config_data(
         sim,
         state_path=f"{path.stem}.state.db",
@@ -146,7 +168,10 @@ def write_simulator_config(sim: Simulator, path: Path) -> None:
         f"{WRITTEN_BY} for the simulator at {sim.base_url}.\n"
         f"# Run it: invoice-watch run -c {path}\n"
         "# Its keys are kept when simulate writes this file again; edit a copy.\n"
+        f"# Spend insight: the {SPIKE_RULE} rule fires at the second poll (a cluster's day of\n"
+        f"# unusual spend); `invoice-watch report -c {path}` prints a spend report.\n"
         + yaml.safe_dump(data, sort_keys=False)
+        + METRICS_HINT
     )
     folder = path.absolute().parent
     temporary: str | None = None
@@ -255,7 +280,8 @@ async def run_demo(out: TextIO | None = None, time_limit: float = TIME_LIMIT) ->
             say(f"Atlas simulator serving {len(sim.org_ids)} organizations at {sim.base_url}")
             say(
                 "watching them every 2 s: a FAILED charge and a pending invoice over "
-                "$5,000 raise alerts; they resolve when paid / back under budget"
+                "$5,000 raise alerts; they resolve when paid / back under budget. A "
+                "cluster whose daily spend spiked yesterday raises one too"
             )
             try:
                 async with App(config, notifiers=notifiers) as app:
@@ -272,10 +298,15 @@ async def run_demo(out: TextIO | None = None, time_limit: float = TIME_LIMIT) ->
                             if watched.failed is not None:
                                 raise watched.failed
                             elapsed = time.monotonic() - began
+                            # The spike stays the latest day of usage: its alert
+                            # fires on; the others resolve.
                             settled = (
                                 timeline.done()
                                 and elapsed > last_step + 4
-                                and not app.store.alerts.firing()
+                                and all(
+                                    alert.rule == SPIKE_RULE
+                                    for alert in app.store.alerts.firing().values()
+                                )
                                 and not (await app.store.outbox.counts()).get("pending")
                             )
                             if settled:
