@@ -5,21 +5,20 @@ it ends, or while it runs: per notifier one by one, or, above ``group_over``, as
 messages (:func:`~invoice_watch.store.grouping.message_parts`), each led by its first row
 (``grp`` = the leader's id) so that grouping rewrites nothing. The unit of work does this
 in its transactions (:func:`hold_events`, :func:`release_held`). Delivery reads the due
-messages (:class:`SqlOutbox`), and marks each sent, failed, or to be retried;
-retention deletes those done long ago (:func:`prune_done`). The outbox is not cached:
-delivery reads it a bounded batch at a time.
+messages (the queries are :mod:`invoice_watch.store.sql.outbox_reads`), and marks each
+sent, failed, or to be retried (:class:`SqlOutbox`); retention deletes those done long
+ago (:func:`prune_done`). The outbox is not cached: delivery reads it a bounded batch at
+a time.
 """
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any
 
 from invoice_watch.constants import MESSAGE_MAX_EVENTS
-from invoice_watch.report.outbox import ReportMessage, is_report_json
-from invoice_watch.store.encoding import OWED_PREFIX, event_json, outbox_error, owed_of
+from invoice_watch.store.encoding import OWED_PREFIX, event_json, outbox_error
 from invoice_watch.store.grouping import (
     group_summary,
     message_parts,
@@ -28,19 +27,10 @@ from invoice_watch.store.grouping import (
     summarize,
 )
 from invoice_watch.store.protocols import AlertChange
-from invoice_watch.store.records import Delivery, OutboxRow
-from invoice_watch.store.sql import SqlConnection, SqlDatabase, json_text
+from invoice_watch.store.sql import SqlConnection
+from invoice_watch.store.sql.outbox_reads import MESSAGE_ROWS, SqlOutboxReads
 from invoice_watch.store.sql.silences import silence_held
-from invoice_watch.types import Part, events_from_json, instant
-
-T = TypeVar("T")
-
-# A row that is a message of its own, or leads a group (the others follow it).
-_MESSAGE = "(grp IS NULL OR grp = id)"
-
-
-def _dt(value: str | None) -> datetime | None:
-    return datetime.fromisoformat(value) if value else None
+from invoice_watch.types import instant
 
 
 def _group(conn: SqlConnection, ids: Sequence[int], sizes: Sequence[int], now: str | None) -> None:
@@ -61,33 +51,6 @@ def _group(conn: SqlConnection, ids: Sequence[int], sizes: Sequence[int], now: s
         conn.execute(
             "UPDATE outbox SET summary=? WHERE id=?", (group_summary(len(members), part), first)
         )
-
-
-def _part_of(conn: SqlConnection, leader: int, cycle: int | None, notifier: str) -> Part | None:
-    """Which part the grouped message led by ``leader`` is of its cycle's grouped
-    messages to ``notifier`` (None: the only one). A cycle's rows are numbered together
-    (cycles commit one after another, and nothing else adds rows), so its parts lie
-    between the nearest rows of other cycles: found by rowid, without a scan."""
-    tag = cycle or 0  # (cycles are numbered from 1; a row of schema 1 has none)
-    before = conn.execute(
-        "SELECT id FROM outbox WHERE id < ? AND COALESCE(cycle, 0) <> ? ORDER BY id DESC LIMIT 1",
-        (leader, tag),
-    ).fetchone()
-    after = conn.execute(
-        "SELECT id FROM outbox WHERE id > ? AND COALESCE(cycle, 0) <> ? ORDER BY id LIMIT 1",
-        (leader, tag),
-    ).fetchone()
-    leaders = [
-        row[0]
-        for row in conn.execute(
-            "SELECT id FROM outbox WHERE id > ? AND id < ? AND COALESCE(cycle, 0) = ? "
-            "AND notifier=? AND grp=id ORDER BY id",
-            (before[0] if before else 0, after[0] if after else sys.maxsize, tag, notifier),
-        )
-    ]
-    if len(leaders) < 2 or leader not in leaders:
-        return None
-    return Part(leaders.index(leader) + 1, len(leaders))
 
 
 # -- written in a transaction of the unit of work -------------------------------------
@@ -210,7 +173,7 @@ def prune_done(conn: SqlConnection, cutoff: str, limit: int) -> int:
         row[0]
         for row in conn.execute(
             "SELECT id FROM outbox WHERE state IN ('sent', 'failed', 'muted') "
-            f"AND next_attempt_at < ? AND done_at < ? AND {_MESSAGE} LIMIT ?",
+            f"AND next_attempt_at < ? AND done_at < ? AND {MESSAGE_ROWS} LIMIT ?",
             (cutoff, cutoff, limit),
         )
     ]
@@ -225,90 +188,10 @@ def prune_done(conn: SqlConnection, cutoff: str, limit: int) -> int:
     return deleted
 
 
-class SqlOutbox:
-    """The outbox (:class:`~invoice_watch.store.protocols.Outbox`)."""
-
-    def __init__(self, db: SqlDatabase) -> None:
-        self._db = db
-
-    # -- delivery --------------------------------------------------------------------
-
-    async def due(
-        self, now: datetime, limit: int = 100, *, exclude: Collection[int] = ()
-    ) -> list[Delivery]:
-        skip = sorted(exclude)
-        marks = ",".join("?" * len(skip))
-
-        def query(conn: SqlConnection) -> list[Delivery]:
-            rows = conn.execute(
-                "SELECT id, notifier, events, created_at, attempts, grp, cycle, last_error "
-                f"FROM outbox WHERE state='pending' AND next_attempt_at <= ? AND {_MESSAGE} "
-                f"{f'AND id NOT IN ({marks}) ' if skip else ''}ORDER BY id LIMIT ?",
-                (now.isoformat(), *skip, limit),
-            ).fetchall()
-            out = []
-            for row in rows:
-                created = _dt(row[3])
-                assert created is not None
-                if is_report_json(row[2]):  # a report: never grouped, never owed a part
-                    report = ReportMessage.from_json(row[2])
-                    owed = owed_of(row[7])
-                    out.append(
-                        Delivery(row[0], row[1], [], created, row[4], None, row[7], owed, report)
-                    )
-                    continue
-                events = events_from_json(row[2])
-                part = None
-                if row[5] is not None:  # a group: its leader's events, then the others'
-                    for (more,) in conn.execute(
-                        "SELECT events FROM outbox WHERE grp=? AND id!=? ORDER BY id",
-                        (row[0], row[0]),
-                    ):
-                        events.extend(events_from_json(more))
-                    part = _part_of(conn, row[0], row[6], row[1])
-                owed = owed_of(row[7])
-                out.append(Delivery(row[0], row[1], events, created, row[4], part, row[7], owed))
-            return out
-
-        return await self._read(query)
-
-    async def waiting_since(self, limit: int = 10_000) -> list[datetime]:
-        def query(conn: SqlConnection) -> list[datetime]:
-            rows = conn.execute(
-                "SELECT DISTINCT created_at FROM outbox WHERE state IN ('held', 'pending') "
-                f"AND {_MESSAGE} ORDER BY created_at LIMIT ?",
-                (limit,),
-            )
-            return [when for (text,) in rows if (when := _dt(text)) is not None]
-
-        return await self._read(query)
-
-    async def unnotified(self, notifier: str, limit: int = 10_000) -> set[tuple[str, datetime]]:
-        """The episodes whose FIRING for ``notifier`` waits unsent
-        (:meth:`~invoice_watch.store.protocols.Outbox.unnotified`): rows held, silenced,
-        or pending and owed to none of their recipients yet (``state`` is indexed)."""
-
-        def query(conn: SqlConnection) -> set[tuple[str, datetime]]:
-            key, since = json_text(conn, "events", "key"), json_text(conn, "events", "firing_since")
-            rows = conn.execute(
-                f"SELECT {key}, {since} FROM outbox WHERE state IN ('held', 'silenced', "
-                "'pending') AND notifier=? AND (state != 'pending' OR last_error IS NULL OR "
-                f"last_error NOT LIKE ?) AND {json_text(conn, 'events', 'kind')}='FIRING' "
-                "LIMIT ?",
-                (notifier, OWED_PREFIX + "%", limit),
-            )
-            return {(k, instant(at)) for k, at in rows if k is not None and at is not None}
-
-        return await self._read(query)
-
-    async def next_attempt_at(self) -> datetime | None:
-        def query(conn: SqlConnection) -> datetime | None:
-            row = conn.execute(
-                "SELECT MIN(next_attempt_at) FROM outbox WHERE state='pending'"
-            ).fetchone()
-            return _dt(row[0]) if row else None
-
-        return await self._read(query)
+class SqlOutbox(SqlOutboxReads):
+    """The outbox (:class:`~invoice_watch.store.protocols.Outbox`): the queries of
+    :class:`~invoice_watch.store.sql.outbox_reads.SqlOutboxReads`, and the writes of
+    delivery (the marks of an attempt, a retry's schedule, merged messages)."""
 
     async def bound_schedule(self, now: datetime, latest: datetime) -> int:
         """Make every pending message scheduled after ``latest`` due ``now``: a retry is
@@ -432,18 +315,6 @@ class SqlOutbox:
 
         return await self._db.write(run, "update the outbox")
 
-    async def pending_by_notifier(self) -> dict[str, int]:
-        """How many messages are pending, per notifier."""
-
-        def query(conn: SqlConnection) -> dict[str, int]:
-            rows = conn.execute(
-                f"SELECT notifier, COUNT(*) FROM outbox WHERE state='pending' AND {_MESSAGE} "
-                "GROUP BY notifier"
-            )
-            return {notifier: count for notifier, count in rows}
-
-        return await self._read(query)
-
     async def _update(self, *statements: tuple[str, tuple[Any, ...]]) -> None:
         """Run outbox updates in one transaction."""
 
@@ -452,41 +323,3 @@ class SqlOutbox:
                 conn.execute(sql, params)
 
         await self._db.write(run, "update the outbox")
-
-    async def _read(self, query: Callable[[SqlConnection], T]) -> T:
-        return await self._db.read(query, f"the outbox of {self._db.kind} {self._db.name}")
-
-    # -- for the operator ------------------------------------------------------------
-
-    async def counts(self) -> dict[str, int]:
-        def query(conn: SqlConnection) -> dict[str, int]:
-            rows = conn.execute(
-                f"SELECT state, COUNT(*) FROM outbox WHERE {_MESSAGE} GROUP BY state"
-            )
-            return {state: count for state, count in rows}
-
-        return await self._read(query)
-
-    async def messages(self, states: Iterable[str], limit: int = 50) -> list[OutboxRow]:
-        wanted = tuple(states)
-        if not wanted:
-            return []
-        marks = ",".join("?" * len(wanted))
-
-        def query(conn: SqlConnection) -> list[OutboxRow]:
-            rows = conn.execute(
-                "SELECT id, notifier, summary, created_at, state, attempts, next_attempt_at, "
-                f"last_error, done_at FROM outbox WHERE state IN ({marks}) AND {_MESSAGE} "
-                "ORDER BY id DESC LIMIT ?",
-                (*wanted, limit),
-            ).fetchall()
-            result = []
-            for r in rows:
-                created, next_at = _dt(r[3]), _dt(r[6])
-                assert created is not None and next_at is not None
-                result.append(
-                    OutboxRow(r[0], r[1], r[2], created, r[4], r[5], next_at, r[7], _dt(r[8]))
-                )
-            return result
-
-        return await self._read(query)
