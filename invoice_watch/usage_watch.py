@@ -248,11 +248,15 @@ class UsageWatch:
     async def _judge(self, config: Config, store: Store, now: datetime) -> None:
         """The verdict of each usage_anomaly rule on each organization it covers whose
         line items are held, computed again when its inputs changed."""
-        from invoice_watch import anomaly  # loaded once a usage_anomaly rule is
+        rules = _anomaly_rules(config)
+        if not rules:  # the detector's module is imported only where a rule uses it
+            self._verdicts = {}
+            return
+        from invoice_watch import anomaly
 
         kept: dict[tuple[str, str], tuple[object, Detection]] = {}
         items_of: dict[str, list[LineItem]] = {}
-        for rule in _anomaly_rules(config):
+        for rule in rules:
             params = anomaly.Params(rule.baseline, rule.min_increase_cents, rule.sensitivity)
             for org in config.organizations:
                 org_id = org.id
