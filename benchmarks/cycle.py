@@ -575,6 +575,7 @@ def run_case(case: Case, profile: bool = False) -> CaseFigures:
                 )
                 figures.cycles.append(_restart(case, sim, config_text, state, profile))
             if case.processes and case.server is None:
+                compile_product()
                 figures.once = run_once_pairs(sim, Path(tmp), case)
                 figures.daemon_rss = daemon_peak_rss(sim, Path(tmp), case)
             if case.peer:
@@ -660,6 +661,20 @@ def _measure(command: list[str]) -> tuple[float, float, float]:
     wall, code, cpu, rss = json.loads(done.stdout)
     assert code == 0, f"{command[:5]} exited {code}: {done.stderr[-2000:]}"
     return wall, cpu, rss
+
+
+def compile_product() -> None:
+    """Write the product's bytecode (``__pycache__``) before the whole processes run, as
+    an installed product has it: pip compiles a wheel's modules when it installs them,
+    an editable install at their first import. Where ``PYTHONDONTWRITEBYTECODE`` is set
+    (or the tree is read-only) every start would compile the product's ~150 modules
+    again, about 0.14 s of CPU that no installed copy pays (the bare client's aiohttp is
+    compiled: pip did it)."""
+    import compileall
+
+    import invoice_watch
+
+    compileall.compile_dir(str(Path(invoice_watch.__file__).parent), quiet=1)
 
 
 def run_once_pairs(sim: SimulatorProcess, tmp: Path, case: Case) -> list[ProcessFigures]:
