@@ -5,6 +5,7 @@ after a restart, a failed fetch keeping what is held."""
 from __future__ import annotations
 
 from datetime import date, timedelta
+from typing import Any
 
 import pytest
 
@@ -95,3 +96,38 @@ async def test_usage_keeps_two_periods_and_a_failure_keeps_what_is_held(
     assert b is not None and b.fetched_at is None and b.attempted_at == failed_at
     a = again.usage.read_state(ORG_A)
     assert a is not None and a.fetched_at == NOW and a.last_error == "HTTP 500 from Atlas"
+
+
+async def test_usage_refuses_an_amount_whose_sums_could_overflow_and_opens_a_state_holding_one(
+    open_state: OpenState,
+) -> None:
+    """Two line items of an int64's largest amount once made SUM(amount_cents) overflow
+    when the state was opened (SQLite: "integer overflow"), a StateError for every
+    command: such an item is refused now, and a state that holds one still opens (its
+    sums leave it out)."""
+    from invoice_watch.atlas.bounds import INT64_MAX
+    from invoice_watch.store.sql.usage import MAX_ITEM_CENTS
+
+    store = await open_state()
+    huge = day_items(date(2026, 11, 1), 2, INT64_MAX)
+    with pytest.raises(ValueError, match="more than USD"):
+        await store.usage.record(ORG_A, "inv-nov", date(2026, 11, 1), huge, "search", NOW)
+    assert store.usage.read_state(ORG_A) is None
+    await store.usage.record(
+        ORG_A, "inv-nov", date(2026, 11, 1), day_items(date(2026, 11, 1), 3, 100), "search", NOW
+    )
+
+    def legacy(conn: Any) -> None:  # what a state written before the bound may hold
+        conn.execute(
+            "UPDATE line_items SET amount_cents=? WHERE org_id=? AND usage_date<>?",
+            (INT64_MAX, ORG_A, "2026-11-01"),
+        )
+
+    from invoice_watch.store.unit_of_work import SqlStore
+
+    assert isinstance(store, SqlStore)
+    await store.database.write(legacy, "a state written before the bound")
+    await store.close()
+    again = await open_state()
+    assert again.usage.project_totals(ORG_A) == {(P1, "Web"): 100}
+    assert MAX_ITEM_CENTS * 160_000 < INT64_MAX

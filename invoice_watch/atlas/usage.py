@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import TYPE_CHECKING, Any, Literal
@@ -55,6 +55,34 @@ _HEX24 = re.compile(r"[a-f0-9]{24}")
 _LABEL = 120  # characters of a project, cluster or SKU name (as atlas/parse.py cuts them)
 
 SortField = Literal["USAGE_DATES", "BILL_DATES", "TOTAL_PRICE_CENTS"]
+
+# The most one line item (one day of one SKU of one cluster) may amount to, either
+# sign: USD 100 billion; and the most the line items of one invoice may add up to, their
+# amounts taken without sign: USD 10 trillion. Larger is no bill but a broken answer:
+# refused, so that no sum the state or a report takes of them can overflow an int64
+# (MAX_ITEMS items of MAX_ITEM_CENTS each stay far below INT64_MAX).
+MAX_ITEM_CENTS = 10**13
+MAX_INVOICE_CENTS = 10**15
+
+
+def check_amounts(org_id: str, invoice_id: str, items: Sequence[LineItem]) -> None:
+    """FetchDataError when a line item's amount is over :data:`MAX_ITEM_CENTS`, or all
+    of them (without sign) over :data:`MAX_INVOICE_CENTS`: the answer is refused."""
+    total = 0
+    for item in items:
+        if abs(item.amount_cents) > MAX_ITEM_CENTS:
+            raise FetchDataError(
+                org_id,
+                f"invoice {invoice_id}: a line item amounts to more than "
+                f"USD {MAX_ITEM_CENTS // 100:,}; the line items were not read",
+            )
+        total += abs(item.amount_cents)
+    if total > MAX_INVOICE_CENTS:
+        raise FetchDataError(
+            org_id,
+            f"invoice {invoice_id}: the line items add up to more than "
+            f"USD {MAX_INVOICE_CENTS // 100:,}; the line items were not read",
+        )
 
 
 def search_body(
@@ -191,15 +219,21 @@ class UsageReader:
         self, org_id: str, invoice_id: str, names: Mapping[str, str] | None = None
     ) -> UsageFetch:
         """The invoice's line items (``names``: project id -> name). Raises FetchError
-        only, as the other reads do (:mod:`~invoice_watch.atlas.errors`)."""
+        only, as the other reads do (:mod:`~invoice_watch.atlas.errors`); amounts out
+        of bounds too (:func:`check_amounts`)."""
         if self.search_supported:
             try:
-                return UsageFetch(await self.search(org_id, invoice_id, names), "search")
+                items = await self.search(org_id, invoice_id, names)
             except FetchStatusError as exc:
                 if exc.status not in UNSUPPORTED:
                     raise
                 self.search_supported = False
-        return UsageFetch(tuple(await self._csv(org_id, invoice_id)), "csv")
+            else:
+                check_amounts(org_id, invoice_id, items)
+                return UsageFetch(items, "search")
+        items = tuple(await self._csv(org_id, invoice_id))
+        check_amounts(org_id, invoice_id, items)
+        return UsageFetch(items, "csv")
 
     async def search(
         self, org_id: str, invoice_id: str, names: Mapping[str, str] | None = None

@@ -27,6 +27,11 @@ KEEP_PERIODS = 2
 # Line items one period may hold (a month of daily line items of 1,000 clusters with 5
 # SKUs each): more are refused, not stored.
 MAX_ITEMS = 160_000
+# The most one line item held may amount to, either sign (USD 100 billion; as
+# atlas/usage.py refuses larger): MAX_ITEMS of them sum far below an int64, so that the
+# SUM below never overflows (SQLite raises on it). Rows over it (a state written before
+# the bound) are left out of the sums.
+MAX_ITEM_CENTS = 10**13
 _LABEL = 200  # characters of a project, cluster or SKU name kept
 
 ProjectTotals = Mapping[tuple[str, str], int]  # (project id, project name) -> cents
@@ -88,7 +93,9 @@ class SqlUsage:
         for org_id, project_id, project, cents in conn.execute(
             "SELECT l.org_id, l.project_id, l.project, SUM(l.amount_cents) FROM line_items l "
             "JOIN line_item_reads r ON r.org_id = l.org_id AND r.invoice_id = l.invoice_id "
-            "GROUP BY l.org_id, l.project_id, l.project"
+            "WHERE l.amount_cents BETWEEN ? AND ? "
+            "GROUP BY l.org_id, l.project_id, l.project",
+            (-MAX_ITEM_CENTS, MAX_ITEM_CENTS),
         ):
             totals.setdefault(org_id, {})[(project_id, project)] = int(cents)
         self._totals = totals
@@ -149,9 +156,14 @@ class SqlUsage:
         ``source``: they replace those held of that invoice, in one transaction, and
         periods older than :data:`KEEP_PERIODS` are forgotten. ``current``: the pending
         invoice's (the fetch time and the cached totals move); otherwise a past
-        period's, read once. ValueError for more than :data:`MAX_ITEMS` items."""
+        period's, read once. ValueError for more than :data:`MAX_ITEMS` items, or one
+        over :data:`MAX_ITEM_CENTS` (either sign)."""
         if len(items) > MAX_ITEMS:
             raise ValueError(f"{len(items)} line items, more than the {MAX_ITEMS} kept")
+        if any(abs(item.amount_cents) > MAX_ITEM_CENTS for item in items):
+            raise ValueError(
+                f"a line item amounts to more than USD {MAX_ITEM_CENTS // 100:,}; not kept"
+            )
         start = period_start.isoformat()
         stamp = at.isoformat()
         rows = [
