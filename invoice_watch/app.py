@@ -92,7 +92,10 @@ class App:
         try:
             await self.daemon.stop()
         finally:
-            await self._stack.aclose()
+            try:
+                await self.cycles.cancel_line_items(close=True)  # before client and store
+            finally:
+                await self._stack.aclose()
 
     async def _start(self) -> None:
         config = self.config
@@ -261,6 +264,7 @@ class App:
                     return False
             old_client, old_notifiers, old_config = self._client, self.notifiers, self.config
             if Apply.ATLAS in kinds:
+                await self.cycles.cancel_line_items()  # it reads on the old client
                 self._client = self._new_client(config)
             if Apply.NOTIFIERS in kinds:
                 self.notifiers = self._new_notifiers(config)

@@ -1,10 +1,12 @@
 """The line items stage (issue 19): each organization's daily usage, fetched at most once
 per ``usage.refresh``, kept in the state, and judged by the ``usage_anomaly`` rules.
 
-Run by the :class:`~invoice_watch.runner.CycleRunner` after each cycle
-(:meth:`UsageWatch.after_cycle`), never inside one: a cycle's listings never wait for
-line items nor compete with them for Atlas's rate limit, and a cycle with no line items
-due costs nothing more than a look at a few cached times.
+Started by the :class:`~invoice_watch.runner.CycleRunner` after each cycle
+(:meth:`UsageWatch.after_cycle`), as its own task outside the cycle lock, never inside
+one: a cycle's listings never wait for line items nor compete with them for Atlas's
+rate limit, a slow ``lineItems:search`` delays no poll, reload or delivery, and a cycle
+with no line items due costs nothing more than a look at a few cached times. Each
+organization's fetch is bounded (:data:`FETCH_SECONDS`: past it, a failed fetch).
 
 - **Which organizations**: those some enabled ``usage_anomaly`` rule covers, or some
   enabled report (:func:`wanted`). Others are never fetched.
@@ -61,6 +63,9 @@ log = logging.getLogger(__name__)
 RETRY_AFTER = timedelta(hours=1)
 # Organizations whose line items are fetched together.
 CONCURRENCY = 4
+# One organization's fetch (its pending invoice's line items, then the period
+# before's) takes at most this long (seconds): past it, it counts as failed.
+FETCH_SECONDS = 600.0
 
 
 def _anomaly_rules(config: Config) -> list[UsageAnomalyRule]:
@@ -107,6 +112,7 @@ class UsageWatch:
         self._logged: dict[str, str] = {}  # org -> the failure last logged
         self._past: set[tuple[str, str]] = set()  # (org, invoice) of past periods read
         self.fetches = 0  # fetches that worked, since the start
+        self.fetch_seconds = FETCH_SECONDS  # one organization's fetch, at most
         self._refresh = timedelta(hours=6)
 
     def detections(self, org_id: str) -> dict[str, Detection]:
@@ -170,11 +176,16 @@ class UsageWatch:
             return  # nothing to read yet (no pending invoice listed)
         name = config.org_name(org_id)
         try:
-            names = await self._names(client, org_id)
-            fetched = await client.usage_line_items(org_id, pending.id, names)
+            async with asyncio.timeout(self.fetch_seconds):
+                names = await self._names(client, org_id)
+                fetched = await client.usage_line_items(org_id, pending.id, names)
             await store.usage.record(
                 org_id, pending.id, pending.start_date.date(), fetched.items, fetched.source, now
             )
+        except TimeoutError:
+            error = f"not read within {fmt.duration(timedelta(seconds=self.fetch_seconds))}"
+            await self._failed(store, org_id, name, now, error)
+            return
         except (FetchError, ValueError) as exc:
             await self._failed(store, org_id, name, now, printable(str(exc)))
             return
@@ -197,7 +208,8 @@ class UsageWatch:
             held = {p.invoice_id for p in await store.usage.periods(org_id)}
             if before.id not in held:
                 try:
-                    past = await client.usage_line_items(org_id, before.id, names)
+                    async with asyncio.timeout(self.fetch_seconds):
+                        past = await client.usage_line_items(org_id, before.id, names)
                     await store.usage.record(
                         org_id,
                         before.id,
@@ -207,8 +219,12 @@ class UsageWatch:
                         now,
                         current=False,
                     )
-                except (FetchError, ValueError) as exc:
-                    log.info("%s: the last period's line items were not read: %s", name, exc)
+                except (FetchError, ValueError, TimeoutError) as exc:
+                    log.info(
+                        "%s: the last period's line items were not read: %s",
+                        name,
+                        exc or "timed out",
+                    )
 
     @staticmethod
     async def _names(client: AtlasClient, org_id: str) -> dict[str, str]:

@@ -88,6 +88,7 @@ async def metrics_text(sim: Simulator, clock: FakeClock, tmp_path: Path) -> Asyn
     config = config_of_rules(sim, tmp_path)
     async with App(config, clock=clock, notifiers={"console": Recorder()}) as app:
         await app.run_cycle()
+        assert await app.cycles.line_items_done(within=30)
         yield await scrape(app)
 
 
@@ -133,6 +134,7 @@ async def test_metrics_projects_beyond_the_top_n_are_one_other_series(
         config = config_of_rules(sim, tmp_path)
         async with App(config, clock=clock, notifiers={"console": Recorder()}) as app:
             await app.run_cycle()
+            assert await app.cycles.line_items_done(within=30)
             got = samples(await scrape(app))
     projects = {
         dict(labels)["project"]: value

@@ -7,6 +7,7 @@ fails the invoice read; the CSV is read where the search is not served."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -19,6 +20,7 @@ import yaml
 from invoice_watch.app import App
 from invoice_watch.clock import FakeClock
 from invoice_watch.config import Config, load
+from invoice_watch.cycle import CycleResult
 from invoice_watch.simulator import Simulator, demo_scenario
 from invoice_watch.store.records import Silence
 from invoice_watch.types import EventKind
@@ -78,10 +80,18 @@ def csvs(sim: Simulator) -> int:
     return sum(1 for r in sim.requests if r.path.endswith("/csv"))
 
 
+async def run_cycle(app: App) -> CycleResult:
+    """One cycle, and the line items stage it started (its own task) to its end."""
+    result = await app.run_cycle()
+    assert await app.cycles.line_items_done(within=30)
+    return result
+
+
 async def cycle(app: App, recorder: Recorder) -> list[tuple[EventKind, str]]:
-    """One cycle, then delivery; the (kind, key) of what the notifier got."""
+    """One cycle (its line items stage too), then delivery; the (kind, key) of what the
+    notifier got."""
     before = len(recorder.sent)
-    await app.run_cycle()
+    await run_cycle(app)
     await app.deliverer.drain(0)
     return [(e.kind, e.key) for e in recorder.sent[before:]]
 
@@ -135,7 +145,7 @@ async def test_e2e_a_failing_line_item_search_never_fails_the_invoice_read(
     sim.faults.status(500, path=f"*/{SEARCH}", times=1000)
     caplog.set_level(logging.INFO)
     async with App(config, clock=clock, notifiers={"console": recorder}) as app:
-        result = await app.run_cycle()
+        result = await run_cycle(app)
         assert result.orgs_failed == [] and result.orgs_ok == 2
         read = app.store.usage.read_state(PROD)
         assert read is not None and read.fetched_at is None and "500" in (read.last_error or "")
@@ -146,10 +156,10 @@ async def test_e2e_a_failing_line_item_search_never_fails_the_invoice_read(
         tried = searches(sim)
         for _ in range(3):  # polls within the hour after a failure try nothing again
             clock.advance(timedelta(minutes=15))
-            assert (await app.run_cycle()).orgs_failed == []
+            assert (await run_cycle(app)).orgs_failed == []
         assert searches(sim) == tried
         clock.advance(timedelta(minutes=20))
-        await app.run_cycle()
+        await run_cycle(app)
         assert searches(sim) > tried  # tried again after an hour
     warned = [r for r in caplog.records if "line items could not be read" in r.getMessage()]
     assert len(warned) == 2  # once per organization, not once per attempt
@@ -163,7 +173,7 @@ async def test_e2e_line_items_come_from_the_csv_where_the_search_is_not_served(
     config = config_of(sim, tmp_path)
     sim.faults.status(status, path=f"*/{SEARCH}", times=1000)
     async with App(config, clock=clock, notifiers={"console": recorder}) as app:
-        result = await app.run_cycle()
+        result = await run_cycle(app)
         assert result.orgs_failed == []
         read = app.store.usage.read_state(PROD)
         assert read is not None and read.source == "csv" and read.last_error is None
@@ -173,7 +183,7 @@ async def test_e2e_line_items_come_from_the_csv_where_the_search_is_not_served(
         # the search is not asked again: this Atlas does not serve it
         tried = searches(sim)
         clock.advance(timedelta(hours=7))
-        await app.run_cycle()
+        await run_cycle(app)
         assert searches(sim) == tried
 
 
@@ -224,5 +234,55 @@ async def test_e2e_line_items_are_read_only_for_organizations_something_needs(
     spike = {"name": "spend-spike", "type": "usage_anomaly", "notify": ["console"], **rule}
     config = config_of(sim, tmp_path, rules=[spike])
     async with App(config, clock=clock, notifiers={"console": Recorder()}) as app:
-        await app.run_cycle()
+        await run_cycle(app)
     assert {r.org_id for r in sim.requests if r.path.endswith(SEARCH)} == fetched
+
+
+async def test_e2e_a_hanging_line_item_search_delays_no_cycle_reload_or_stop(
+    sim: Simulator, clock: FakeClock, tmp_path: Path
+) -> None:
+    """The line items stage is its own task, outside the cycle lock: while
+    `lineItems:search` hangs, a cycle ends at once, the next one too, a reload is taken
+    and closing the App cancels the stage (it was once awaited under the lock, after the
+    cycle: every poll and reload waited for it)."""
+    sim.faults.hang(path=f"*/{SEARCH}", times=1000)
+    config = config_of(sim, tmp_path)
+    async with App(config, clock=clock, notifiers={"console": Recorder()}) as app:
+        first = await asyncio.wait_for(app.run_cycle(), 10)  # a guard, not a timer
+        assert first.orgs_ok == 2
+        stage = app.cycles.line_items
+        assert stage is not None and not stage.done()
+        clock.advance(timedelta(minutes=15))
+        assert (await asyncio.wait_for(app.run_cycle(), 10)).orgs_ok == 2
+        assert app.cycles.line_items is stage  # one at a time
+        assert await asyncio.wait_for(app.reload(config_of(sim, tmp_path)), 10)
+        assert not await app.cycles.line_items_done(within=0)
+    assert stage.cancelled()
+    assert app.store.usage.read_state(PROD) is None  # nothing recorded: fetched later
+
+
+async def test_e2e_run_once_delivers_without_waiting_for_line_items_and_a_stop_cancels_them(
+    sim: Simulator, clock: FakeClock, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`run --once` while `lineItems:search` hangs: its cycle's FIRING is delivered, and
+    a stop then cancels the line items without calling the finished cycle stopped."""
+    sim.faults.hang(path=f"*/{SEARCH}", times=1000)
+    recorder = Recorder()
+    rules = [
+        {"name": "pending-over", "type": "pending_amount", "threshold": 1,
+         "notify": ["console"]},
+        {"name": "spend-spike", "type": "usage_anomaly", "notify": ["console"]},
+    ]  # fmt: skip
+    config = config_of(sim, tmp_path, rules=rules)
+    stop = asyncio.Event()
+    async with App(config, clock=clock, notifiers={"console": recorder}) as app:
+        once = asyncio.create_task(app.run_once(stop=stop))
+        while not (recorder.sent and searches(sim)):  # delivered; the search under way
+            await asyncio.sleep(0.01)
+            assert not once.done()
+        stop.set()
+        outcome = await asyncio.wait_for(once, 10)
+    assert outcome.result is not None and outcome.result.orgs_ok == 2
+    assert {e.rule for e in recorder.sent} == {"pending-over"}
+    assert outcome.stopped and outcome.pending == 0
+    assert not [r for r in caplog.records if "stopped before it ended" in r.getMessage()]
