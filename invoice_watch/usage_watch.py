@@ -18,8 +18,10 @@ organization's fetch is bounded (:data:`FETCH_SECONDS`: past it, a failed fetch)
 - **What**: the organization's own PENDING invoice (as the snapshot holds it), through
   :meth:`~invoice_watch.atlas.client.AtlasClient.usage_line_items`
   (``lineItems:search``, else the CSV), project names from the pending invoice's
-  ``lineItems``; and, once, the period before's invoice when the snapshot still holds it
-  whole (a baseline that reaches back past the 1st, a report's "last month").
+  ``lineItems``; and the period before's invoice when the snapshot still holds it and
+  the state does not hold its line items yet (a baseline that reaches back past the
+  1st, a report's "last month"): once it was read; a failure is tried again at the
+  organization's next fetch.
 - **A failure** never fails the invoice read (that cycle is over): it is logged once per
   organization while it lasts (again only when its cause changes), counted
   (``invoice_watch_line_item_fetch_failures_total``), recorded, and the line items held
@@ -204,9 +206,10 @@ class UsageWatch:
             log.info("%s: %d line items read (%s)", name, len(fetched.items), fetched.source)
         before = previous_invoice(invoices, pending)
         if before is not None and (org_id, before.id) not in self._past:
-            self._past.add((org_id, before.id))
             held = {p.invoice_id for p in await store.usage.periods(org_id)}
-            if before.id not in held:
+            if before.id in held:
+                self._past.add((org_id, before.id))
+            else:
                 try:
                     async with asyncio.timeout(self.fetch_seconds):
                         past = await client.usage_line_items(org_id, before.id, names)
@@ -219,6 +222,7 @@ class UsageWatch:
                         now,
                         current=False,
                     )
+                    self._past.add((org_id, before.id))  # a failure: tried at the next fetch
                 except (FetchError, ValueError, TimeoutError) as exc:
                     log.info(
                         "%s: the last period's line items were not read: %s",

@@ -169,9 +169,13 @@ async def test_e2e_a_failing_line_item_search_never_fails_the_invoice_read(
 async def test_e2e_line_items_come_from_the_csv_where_the_search_is_not_served(
     sim: Simulator, clock: FakeClock, tmp_path: Path, status: int
 ) -> None:
+    """The fallback is per organization and for a while: one organization's search
+    answering 404/406/415 reads THAT organization's CSV (the other's search goes on),
+    and its next refresh tries the search again (it once switched every organization
+    to the CSV until a restart)."""
     recorder = Recorder()
     config = config_of(sim, tmp_path)
-    sim.faults.status(status, path=f"*/{SEARCH}", times=1000)
+    sim.faults.status(status, path=f"*/{SEARCH}", org_id=PROD, times=1000)
     async with App(config, clock=clock, notifiers={"console": recorder}) as app:
         result = await run_cycle(app)
         assert result.orgs_failed == []
@@ -180,11 +184,38 @@ async def test_e2e_line_items_come_from_the_csv_where_the_search_is_not_served(
         [period, *_] = await app.store.usage.periods(PROD)
         assert period.items and all(item.usage_date is not None for item in period.items)
         assert csvs(sim) >= 1
-        # the search is not asked again: this Atlas does not serve it
+        other = app.store.usage.read_state(ANALYTICS)
+        assert other is not None and other.source == "search"
         tried = searches(sim)
+        clock.advance(timedelta(minutes=15))
+        await run_cycle(app)
+        assert searches(sim) == tried  # nothing due
+        sim.faults.clear()
+        clock.advance(timedelta(hours=7))  # the next refresh: the search is tried again
+        await run_cycle(app)
+        read = app.store.usage.read_state(PROD)
+        assert read is not None and read.source == "search"
+
+
+async def test_e2e_last_months_line_items_failing_once_are_read_at_the_next_refresh(
+    sim: Simulator, clock: FakeClock, tmp_path: Path
+) -> None:
+    """The period before's line items (a baseline over the 1st) failing once are tried
+    again at the organization's next fetch (they were once never tried again in that
+    process)."""
+    last_month = sim.scenario.invoice("prod-last-month").id
+    sim.faults.status(500, path=f"*/{last_month}/{SEARCH}", times=1)
+    config = config_of(sim, tmp_path)
+    async with App(config, clock=clock, notifiers={"console": Recorder()}) as app:
+        await run_cycle(app)
+        assert [p.invoice_id for p in await app.store.usage.periods(PROD)] != [
+            sim.scenario.invoice("prod-pending").id,
+            last_month,
+        ]
         clock.advance(timedelta(hours=7))
         await run_cycle(app)
-        assert searches(sim) == tried
+        held = [p.invoice_id for p in await app.store.usage.periods(PROD)]
+        assert held == [sim.scenario.invoice("prod-pending").id, last_month]
 
 
 async def test_e2e_run_once_judges_the_line_items_an_earlier_run_fetched(

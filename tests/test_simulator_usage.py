@@ -530,3 +530,14 @@ def test_line_item_amounts_whose_sums_could_overflow_are_refused(amounts: list[i
     with pytest.raises(FetchDataError, match="line items were not read"):
         usage.check_amounts("org", "inv", page.items)
     usage.check_amounts("org", "inv", page.items[:0])  # none: fine
+
+
+@pytest.mark.parametrize(
+    "when", ["9999-12-31T23:59:59-05:00", "0001-01-01T00:00:00+01:00", "2026-13-01T00:00:00Z"]
+)
+def test_a_usage_date_out_of_range_is_a_data_error(when: str) -> None:
+    """A `usageDate` whose UTC day is out of range is a plain FetchDataError (it was an
+    OverflowError, logged as an unexpected failure with its traceback)."""
+    answer = {"results": [{"usageDate": when, "totalPriceCents": 1}], "totalCount": 1}
+    with pytest.raises(FetchDataError, match="usageDate"):
+        usage.parse_usage_page("org", "inv", answer)

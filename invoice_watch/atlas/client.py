@@ -79,7 +79,9 @@ class AtlasClient:
         self._explain = self._transport.explain
         self._max_values = max_values(config.max_response_size)
         self._paging = Paging(self._transport, self._max_values)
-        self._usage = UsageReader(self._transport, config.api, self.invoice_line_items)
+        self._usage = UsageReader(
+            self._transport, config.api, self.invoice_line_items, self._clock.monotonic
+        )
 
     def __repr__(self) -> str:
         return f"AtlasClient(base_url={self._explain.base!r}, api={self._config.api!r})"

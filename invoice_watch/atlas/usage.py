@@ -50,6 +50,10 @@ MAX_ITEMS = MAX_PAGES * ITEMS_PER_PAGE
 # What an Atlas without the v2 operation (or its resource version) answers it: the CSV
 # is read instead.
 UNSUPPORTED = frozenset({404, 406, 415})
+# How long (seconds) an organization whose search answered one of them is read through
+# the CSV before the search is tried again: less than usage.refresh's default (6 h),
+# so that its next refresh tries the search again.
+FALLBACK_SECONDS = 3600.0
 Source = Literal["search", "csv"]
 _HEX24 = re.compile(r"[a-f0-9]{24}")
 _LABEL = 120  # characters of a project, cluster or SKU name (as atlas/parse.py cuts them)
@@ -125,16 +129,22 @@ def _label(value: object, default: str) -> str:
 
 
 def _day(org_id: str, invoice_id: str, value: object) -> date:
-    """``usageDate`` (ISO 8601 date-time, UTC; a bare date accepted) -> its UTC day."""
+    """``usageDate`` (ISO 8601 date-time, UTC; a bare date accepted) -> its UTC day.
+    FetchDataError when it is none, or out of range (a UTC day past year 9999)."""
     if isinstance(value, str) and len(value) <= 40:
         try:
             when = datetime.fromisoformat(value.replace("Z", "+00:00"))
         except ValueError:
             pass
         else:
-            if when.tzinfo is not None:
+            if when.tzinfo is None:
+                return when.date()
+            try:
                 return when.astimezone(UTC).date()
-            return when.date()
+            except OverflowError:
+                raise FetchDataError(
+                    org_id, f"invoice {invoice_id}: a line item's `usageDate` is out of range"
+                ) from None
     raise FetchDataError(
         org_id, f"invoice {invoice_id}: a line item's `usageDate` is not an ISO 8601 timestamp"
     )
@@ -207,13 +217,31 @@ CsvReader = Callable[[str, str], Awaitable[list[LineItem]]]
 class UsageReader:
     """Fetches an invoice's daily line items on the client's ``transport``: every page
     of ``lineItems:search`` (v2), else the CSV (``csv``: the client's reader of
-    ``/invoices/{id}/csv``). An Atlas that answers the search 404, 406 or 415 is read
-    through the CSV from then on (for this reader's life)."""
+    ``/invoices/{id}/csv``). Where the search answers 404, 406 or 415 (an Atlas without
+    it, or a 404 of that one invoice), THAT organization is read through the CSV for
+    :data:`FALLBACK_SECONDS` (``monotonic``: the clock's), then the search is tried
+    again; other organizations are not touched."""
 
-    def __init__(self, transport: Transport, api: str, csv: CsvReader) -> None:
+    def __init__(
+        self, transport: Transport, api: str, csv: CsvReader, monotonic: Callable[[], float]
+    ) -> None:
         self._transport = transport
         self._csv = csv
-        self.search_supported = api == "v2"
+        self._monotonic = monotonic
+        self.search_served = api == "v2"
+        self._csv_until: dict[str, float] = {}  # org -> monotonic end of its fallback
+
+    def search_supported(self, org_id: str) -> bool:
+        """Whether the organization's line items are read with the search now."""
+        if not self.search_served:
+            return False
+        until = self._csv_until.get(org_id)
+        if until is None:
+            return True
+        if self._monotonic() >= until:
+            del self._csv_until[org_id]
+            return True
+        return False
 
     async def fetch(
         self, org_id: str, invoice_id: str, names: Mapping[str, str] | None = None
@@ -221,13 +249,13 @@ class UsageReader:
         """The invoice's line items (``names``: project id -> name). Raises FetchError
         only, as the other reads do (:mod:`~invoice_watch.atlas.errors`); amounts out
         of bounds too (:func:`check_amounts`)."""
-        if self.search_supported:
+        if self.search_supported(org_id):
             try:
                 items = await self.search(org_id, invoice_id, names)
             except FetchStatusError as exc:
                 if exc.status not in UNSUPPORTED:
                     raise
-                self.search_supported = False
+                self._csv_until[org_id] = self._monotonic() + FALLBACK_SECONDS
             else:
                 check_amounts(org_id, invoice_id, items)
                 return UsageFetch(items, "search")
