@@ -14,7 +14,9 @@ organization's fetch is bounded (:data:`FETCH_SECONDS`: past it, a failed fetch)
   (default 6 h) ago or more, as the state records it (a restart does not fetch early),
   measured on the monotonic clock (:class:`~invoice_watch.elapsed.Elapsed`: a wall
   clock set back fetches no sooner); after a failed fetch, again after
-  :data:`RETRY_AFTER` (at most ``usage.refresh``).
+  :data:`RETRY_AFTER` (at most ``usage.refresh``); after one refused for more line items
+  than are kept, after ``usage.refresh`` and at least :data:`TOO_MANY_RETRY` (in this
+  process: a restart tries once more after :data:`RETRY_AFTER`).
 - **What**: the organization's own PENDING invoice (as the snapshot holds it), through
   :meth:`~invoice_watch.atlas.client.AtlasClient.usage_line_items`
   (``lineItems:search``, else the CSV), project names from the pending invoice's
@@ -44,6 +46,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from invoice_watch import format as fmt
+from invoice_watch.atlas.usage import TooManyLineItems
 from invoice_watch.errors import FetchError, StateError
 from invoice_watch.redact import printable
 from invoice_watch.safe_text import exception_line, traceback_text
@@ -63,6 +66,9 @@ log = logging.getLogger(__name__)
 
 # After a failed fetch, the next one is tried this much later (at most usage.refresh).
 RETRY_AFTER = timedelta(hours=1)
+# After a fetch refused for more line items than are kept (TooManyLineItems), the next
+# is tried this much later at least (usage.refresh when longer).
+TOO_MANY_RETRY = timedelta(days=1)
 # Organizations whose line items are fetched together.
 CONCURRENCY = 4
 # One organization's fetch (its pending invoice's line items, then the period
@@ -115,6 +121,9 @@ class UsageWatch:
         self._past: set[tuple[str, str]] = set()  # (org, invoice) of past periods read
         self.fetches = 0  # fetches that worked, since the start
         self.fetch_seconds = FETCH_SECONDS  # one organization's fetch, at most
+        # org -> how long after its last failure it is tried again, when longer than
+        # RETRY_AFTER (its period has more line items than are kept)
+        self._backoff: dict[str, timedelta] = {}
         self._refresh = timedelta(hours=6)
 
     def detections(self, org_id: str) -> dict[str, Detection]:
@@ -129,7 +138,7 @@ class UsageWatch:
         return [
             org_id
             for org_id in wanted(config)
-            if _is_due(store.usage.read_state(org_id), refresh, age)
+            if _is_due(store.usage.read_state(org_id), refresh, age, self._backoff.get(org_id))
         ]
 
     async def before_cycle(self, config: Config, store: Store, now: datetime) -> None:
@@ -188,6 +197,12 @@ class UsageWatch:
             error = f"not read within {fmt.duration(timedelta(seconds=self.fetch_seconds))}"
             await self._failed(store, org_id, name, now, error)
             return
+        except TooManyLineItems as exc:
+            # Not worth trying every hour (hundreds of requests against the rate limit
+            # the invoice reads share): at the next refresh, at least a day later.
+            self._backoff[org_id] = max(config.usage.refresh, TOO_MANY_RETRY)
+            await self._failed(store, org_id, name, now, printable(str(exc)))
+            return
         except (FetchError, ValueError) as exc:
             await self._failed(store, org_id, name, now, printable(str(exc)))
             return
@@ -200,6 +215,7 @@ class UsageWatch:
             await self._failed(store, org_id, name, now, exception_line(exc))
             return
         self.fetches += 1
+        self._backoff.pop(org_id, None)
         if self._logged.pop(org_id, None) is not None:
             log.info("%s: line items read again (%d)", name, len(fetched.items))
         else:
@@ -245,9 +261,8 @@ class UsageWatch:
             if item.project_id and item.project != item.project_id
         }
 
-    @property
-    def _retry(self) -> timedelta:
-        return min(RETRY_AFTER, self._refresh)
+    def _retry(self, org_id: str) -> timedelta:
+        return self._backoff.get(org_id) or min(RETRY_AFTER, self._refresh)
 
     async def _failed(
         self, store: Store, org_id: str, name: str, now: datetime, error: str
@@ -260,7 +275,7 @@ class UsageWatch:
                 "%s: its line items could not be read (the invoices were; the line items "
                 "held stay in use, tried again in %s): %s",
                 name,
-                fmt.duration(self._retry),
+                fmt.duration(self._retry(org_id)),
                 error,
             )
         await store.usage.record_failure(org_id, now, error)
@@ -296,13 +311,15 @@ class UsageWatch:
         self._verdicts = kept
 
 
-def _is_due(read: UsageRead | None, refresh: timedelta, age: Age) -> bool:
-    """Never fetched, fetched ``refresh`` ago, or failed :data:`RETRY_AFTER` ago (at most
-    ``refresh``)."""
+def _is_due(
+    read: UsageRead | None, refresh: timedelta, age: Age, retry: timedelta | None = None
+) -> bool:
+    """Never fetched, fetched ``refresh`` ago, or failed ``retry`` ago (default
+    :data:`RETRY_AFTER`, at most ``refresh``)."""
     if read is None:
         return True
     if read.last_error is not None:
-        return age(read.attempted_at) >= min(RETRY_AFTER, refresh)
+        return age(read.attempted_at) >= (retry or min(RETRY_AFTER, refresh))
     return read.fetched_at is None or age(read.fetched_at) >= refresh
 
 

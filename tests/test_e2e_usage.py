@@ -317,3 +317,63 @@ async def test_e2e_run_once_delivers_without_waiting_for_line_items_and_a_stop_c
     assert {e.rule for e in recorder.sent} == {"pending-over"}
     assert outcome.stopped and outcome.pending == 0
     assert not [r for r in caplog.records if "stopped before it ended" in r.getMessage()]
+
+
+async def test_e2e_an_organization_over_the_page_cap_is_tried_again_a_day_later_not_hourly(
+    sim: Simulator, clock: FakeClock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    """A period with more line items than a search is read for (MAX_PAGES) is no
+    transient failure: tried again a day later (usage.refresh when longer), one
+    WARNING, not 320 requests every hour."""
+    from invoice_watch.atlas import usage
+
+    monkeypatch.setattr(usage, "ITEMS_PER_PAGE", 10)
+    monkeypatch.setattr(usage, "MAX_PAGES", 2)
+    config = config_of(sim, tmp_path)
+
+    def tried() -> int:
+        return sum(1 for r in sim.requests if r.path.endswith(SEARCH) and r.org_id == PROD)
+
+    async with App(config, clock=clock, notifiers={"console": Recorder()}) as app:
+        await run_cycle(app)
+        read = app.store.usage.read_state(PROD)
+        assert read is not None and "past 2 pages" in (read.last_error or "")
+        before = tried()
+        for _ in range(23):  # a day of hourly polls: not tried again
+            clock.advance(timedelta(hours=1))
+            await run_cycle(app)
+        assert tried() == before
+        clock.advance(timedelta(hours=1, minutes=1))
+        await run_cycle(app)
+        assert tried() > before
+    warned = [
+        r for r in caplog.records
+        if r.levelno >= logging.WARNING and "past 2 pages" in r.getMessage()
+        and PROD in r.getMessage()
+    ]  # fmt: skip
+    assert len(warned) == 1
+
+
+@pytest.mark.parametrize("status", [500, 429])
+async def test_e2e_line_item_search_retries_are_not_a_warning_each(
+    sim: Simulator, clock: FakeClock, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    status: int,
+) -> None:  # fmt: skip
+    """The transport's retries of `lineItems:search` are logged at DEBUG: the line items
+    stage says the outcome once while it lasts (each hourly attempt once added a
+    WARNING per retry)."""
+    sim.faults.status(status, path=f"*/{SEARCH}", times=10_000)
+    atlas = {"base_url": sim.base_url, "retries": 2, "max_backoff": "1s",
+             "auth": {"public_key": sim.public_key, "private_key": sim.private_key}}  # fmt: skip
+    config = config_of(sim, tmp_path, atlas=atlas)
+    caplog.set_level(logging.INFO)
+    async with App(config, clock=clock, notifiers={"console": Recorder()}) as app:
+        for _ in range(6):
+            await run_cycle(app)
+            clock.advance(timedelta(hours=1, minutes=1))
+    warned = [
+        r.getMessage() for r in caplog.records
+        if r.levelno >= logging.WARNING and SEARCH in r.getMessage()
+    ]  # fmt: skip
+    assert len(warned) == 2, warned  # once per organization

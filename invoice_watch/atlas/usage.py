@@ -111,6 +111,11 @@ def search_body(
     return {"filters": filters, "sortField": sort_field, "sortOrder": "ASCENDING"}
 
 
+class TooManyLineItems(FetchDataError):
+    """The search goes on past :data:`MAX_PAGES`: more line items than are kept. Not
+    worth trying again soon (the line items stage backs off)."""
+
+
 @dataclass(frozen=True)
 class UsagePage:
     """One page of a search: its line items, ``totalCount`` (None when absent), and
@@ -267,7 +272,7 @@ class UsageReader:
         self, org_id: str, invoice_id: str, names: Mapping[str, str] | None = None
     ) -> tuple[LineItem, ...]:
         """Every page of the invoice's ``lineItems:search``, at most :data:`MAX_PAGES`
-        (FetchDataError past it)."""
+        (:class:`TooManyLineItems` past it)."""
         body = Body(json.dumps(search_body()).encode(), USAGE_MEDIA_TYPE)
         path = PATH.format(orgId=org_id, invoiceId=invoice_id)
         items: list[LineItem] = []
@@ -278,12 +283,13 @@ class UsageReader:
                 {"itemsPerPage": str(ITEMS_PER_PAGE), "pageNum": str(page_num)},
                 endpoint=PATH,
                 json_body=body,
+                quiet=True,  # the line items stage logs the outcome once while it lasts
             )
             page = await _parse(org_id, invoice_id, raw, page_num, names)
             items.extend(page.items)
             if not page.has_next or not page.items:
                 return tuple(items)
-        raise FetchDataError(
+        raise TooManyLineItems(
             org_id,
             f"invoice {invoice_id}: the line item search goes on past {MAX_PAGES} pages "
             f"({MAX_ITEMS:,} line items); the line items were not read",
