@@ -304,6 +304,14 @@ class UsageWatch:
                 if org_id not in items_of:
                     periods = await store.usage.periods(org_id)
                     items_of[org_id] = [item for p in periods for item in p.items]
+                if read.fetched_at > now:  # the wall clock was set back: judge nothing
+                    verdict = anomaly.Detection(
+                        None,
+                        reason=f"the wall clock reads earlier than the line items' fetch "
+                        f"({read.fetched_at.isoformat(timespec='seconds')})",
+                    )
+                    kept[(rule.name, org_id)] = (inputs, verdict)
+                    continue
                 verdict = await asyncio.to_thread(_detect, now, items_of[org_id], rule, params)
                 if verdict.day is None:
                     log.debug("%s: %s: %s", rule.name, config.org_name(org_id), verdict.reason)

@@ -377,3 +377,23 @@ async def test_e2e_line_item_search_retries_are_not_a_warning_each(
         if r.levelno >= logging.WARNING and SEARCH in r.getMessage()
     ]  # fmt: skip
     assert len(warned) == 2, warned  # once per organization
+
+
+async def test_e2e_a_wall_clock_set_back_neither_resolves_nor_fires_the_anomaly_again(
+    sim: Simulator, clock: FakeClock, tmp_path: Path
+) -> None:
+    """The wall clock set back two days after a FIRING (an NTP fix, a VM restore): no
+    RESOLVED (it once judged an older day), and no second FIRING once it is put right."""
+    recorder = Recorder()
+    config = config_of(sim, tmp_path)
+    async with App(config, clock=clock, notifiers={"console": recorder}) as app:
+        await cycle(app, recorder)
+        sent = await cycle(app, recorder)
+        assert [kind for kind, key in sent if key.startswith("spend-spike/")] == [EventKind.FIRING]
+        clock.step(timedelta(days=-2))
+        for _ in range(3):
+            clock.advance(timedelta(minutes=15))
+            assert await cycle(app, recorder) == []
+        clock.step(timedelta(days=2))
+        clock.advance(timedelta(minutes=15))
+        assert await cycle(app, recorder) == []
