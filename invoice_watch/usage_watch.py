@@ -10,8 +10,10 @@ organization's fetch is bounded (:data:`FETCH_SECONDS`: past it, a failed fetch)
 
 - **Which organizations**: those some enabled ``usage_anomaly`` rule covers, or some
   enabled report (:func:`wanted`). Others are never fetched.
-- **When**: when the organization's line items were last fetched ``usage.refresh``
-  (default 6 h) ago or more, as the state records it (a restart does not fetch early),
+- **When**: when the organization's pending invoice is not the one whose line items
+  are held (a new period, a re-issued invoice: at once), or its line items were last
+  fetched ``usage.refresh`` (default 6 h) ago or more, as the state records it (a
+  restart does not fetch early),
   measured on the monotonic clock (:class:`~invoice_watch.elapsed.Elapsed`: a wall
   clock set back fetches no sooner); after a failed fetch, again after
   :data:`RETRY_AFTER` (at most ``usage.refresh``); after one refused for more line items
@@ -135,11 +137,14 @@ class UsageWatch:
     def due(self, config: Config, store: Store, age: Age) -> list[str]:
         """The organizations whose line items are due now (see the module)."""
         refresh = config.usage.refresh
-        return [
-            org_id
-            for org_id in wanted(config)
-            if _is_due(store.usage.read_state(org_id), refresh, age, self._backoff.get(org_id))
-        ]
+        found = []
+        for org_id in wanted(config):
+            read = store.usage.read_state(org_id)
+            if _is_due(read, refresh, age, self._backoff.get(org_id)) or _new_period(
+                read, store, org_id
+            ):
+                found.append(org_id)
+        return found
 
     async def before_cycle(self, config: Config, store: Store, now: datetime) -> None:
         """The verdicts brought up to date with the line items held (a start: those a
@@ -162,6 +167,9 @@ class UsageWatch:
         """Fetch the line items due, then judge them (see the module). Never raises but
         for cancellation: a failure is logged and counted."""
         self._refresh = config.usage.refresh
+        if self._metrics is not None:  # each watched organization's counter from 0
+            for org_id in wanted(config):
+                self._metrics.line_item_failures.labels(org=org_id)
         try:
             due = self.due(config, store, age)
             if due:
@@ -329,6 +337,17 @@ def _is_due(
     if read.last_error is not None:
         return age(read.attempted_at) >= (retry or min(RETRY_AFTER, refresh))
     return read.fetched_at is None or age(read.fetched_at) >= refresh
+
+
+def _new_period(read: UsageRead | None, store: Store, org_id: str) -> bool:
+    """Whether the line items last fetched are of an invoice that is no longer the
+    organization's pending one (a new billing period began, or the invoice was
+    re-issued): due at once, unless the last try failed (then :func:`_is_due`'s retry
+    holds)."""
+    if read is None or read.fetched_at is None or read.last_error is not None:
+        return False
+    pending = pending_invoice(store.snapshot.get(org_id).live, org_id)
+    return pending is not None and pending.id != read.invoice_id
 
 
 def _detect(
