@@ -213,13 +213,17 @@ class Detection:
     """The verdict of one organization's series. ``day`` None: nothing was judged
     (``reason`` says why), and no alert fires or resolves. ``holding``: every dimension
     anomalous on ``day``, by key; ``fired``: those not already firing; ``resolved``:
-    firing keys back to normal on ``day``."""
+    firing keys back to normal on ``day``; ``below``: every dimension not anomalous on
+    ``day``, by key (its amount that day and threshold)."""
 
     day: date | None
     holding: Mapping[str, Anomaly] = field(default_factory=dict)
     fired: tuple[Anomaly, ...] = ()
     resolved: tuple[Recovery, ...] = ()
     reason: str | None = None
+    # Every other dimension's facts on ``day`` (under its threshold), by key: what a
+    # RESOLVED message says of it.
+    below: Mapping[str, Recovery] = field(default_factory=dict)
 
 
 # ---- series from line items ------------------------------------------------------------
@@ -428,4 +432,16 @@ def detect(
                 one_series.dimension if one_series is not None else None,
             )
         )
-    return Detection(day, holding, fired, tuple(resolved))
+    below = {
+        key: Recovery(
+            key,
+            day,
+            all_series[key].days.get(day, 0),
+            verdict.threshold_cents,
+            verdict.baseline_cents,
+            all_series[key].dimension,
+        )
+        for key, verdict in verdicts.items()
+        if key not in holding
+    }
+    return Detection(day, holding, fired, tuple(resolved), below=below)

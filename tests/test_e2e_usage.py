@@ -397,3 +397,36 @@ async def test_e2e_a_wall_clock_set_back_neither_resolves_nor_fires_the_anomaly_
         clock.step(timedelta(days=2))
         clock.advance(timedelta(minutes=15))
         assert await cycle(app, recorder) == []
+
+
+async def test_e2e_usage_alerts_name_their_dimension_in_logs_status_and_resolved(
+    sim: Simulator, clock: FakeClock, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """A usage_anomaly alert is told apart from the rule's others: the delivery log and
+    `status` name its cluster; the FIRING names project and cluster once; the RESOLVED
+    says the later day's amount and date (Recovery.summary)."""
+    from invoice_watch import ops
+
+    recorder = Recorder()
+    config = config_of(sim, tmp_path)
+    project_id = sim.scenario.invoice("prod-pending").line_items[0].project_id
+    subject = f"cluster {project_id}/orders"
+    caplog.set_level(logging.INFO)
+    async with App(config, clock=clock, notifiers={"console": recorder}) as app:
+        await cycle(app, recorder)
+        await cycle(app, recorder)
+        [firing] = [e for e in recorder.sent if e.rule == "spend-spike"]
+        names = [name for name, _ in firing.details]
+        assert "Dimension" not in names and names.count("Cluster") == 1
+        delivered = [r.getMessage() for r in caplog.records if "delivered" in r.getMessage()]
+        assert any(f"FIRING spend-spike Production {subject}" in m for m in delivered), delivered
+        capsys.readouterr()
+        assert await ops.status(config) == 0
+        assert subject in capsys.readouterr().out
+        clock.advance(timedelta(days=1))
+        await cycle(app, recorder)
+        await cycle(app, recorder)
+    [resolved] = [e for e in recorder.sent if e.kind is EventKind.RESOLVED]
+    assert "on 2026-11-21, back under $" in resolved.summary, resolved.summary
+    assert "cluster orders of project" in resolved.summary
