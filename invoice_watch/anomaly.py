@@ -249,17 +249,20 @@ def _part_of(item: LineItem, by: By) -> str:
 
 
 def series(items: Iterable[LineItem], by: By) -> dict[str, DailySeries]:
-    """The daily series of every dimension the line items show, by key. Items without a
-    ``usage_date`` (a whole period's lines) are left out."""
+    """The daily series of every dimension the line items show, by key, named as its
+    latest line item names it (a project renamed mid-period: its new name). Items
+    without a ``usage_date`` (a whole period's lines) are left out."""
     days: dict[str, dict[date, int]] = {}
     parts: dict[str, dict[str, dict[date, int]]] = {}
     dimensions: dict[str, Dimension] = {}
+    named_on: dict[str, date] = {}  # key -> the day its dimension's names are of
     for item in items:
         if item.usage_date is None:
             continue
         dimension = dimension_of(item, by)
         key = dimension.key
-        dimensions.setdefault(key, dimension)
+        if key not in named_on or item.usage_date >= named_on[key]:  # the latest name
+            dimensions[key], named_on[key] = dimension, item.usage_date
         per_day = days.setdefault(key, {})
         per_day[item.usage_date] = per_day.get(item.usage_date, 0) + item.amount_cents
         part = parts.setdefault(key, {}).setdefault(_part_of(item, by), {})

@@ -411,3 +411,15 @@ def test_params_refuse_what_detection_cannot_use():
         Params(min_increase_cents=-1)
     with pytest.raises(ValueError, match="sensitivity"):
         Params(sensitivity="extreme")  # type: ignore[arg-type]
+
+
+def test_series_names_a_dimension_as_its_latest_line_item_does():
+    """A project renamed mid-period: its series bears the new name, whatever the order
+    of the line items (this period's are read before last period's)."""
+    items = [  # as the state gives them: this period oldest day first, then the last
+        LineItem("Old name", "M10", "c0", 100, "p1", LAST - timedelta(days=3)),
+        LineItem("New name", "M10", "c0", 100, "p1", LAST),
+        LineItem("Old name", "M10", "c0", 100, "p1", LAST - timedelta(days=40)),
+    ]
+    [one] = series(items, "project").values()
+    assert one.dimension.project == "New name"

@@ -131,3 +131,21 @@ async def test_usage_refuses_an_amount_whose_sums_could_overflow_and_opens_a_sta
     again = await open_state()
     assert again.usage.project_totals(ORG_A) == {(P1, "Web"): 100}
     assert MAX_ITEM_CENTS * 160_000 < INT64_MAX
+
+
+async def test_usage_a_project_renamed_mid_period_is_one_project_of_its_latest_name(
+    open_state: OpenState,
+) -> None:
+    """Month to date per project is keyed by the project's id, named as its latest day
+    names it (a rename once split it in two), before and after a restart."""
+    store = await open_state()
+    items = [
+        LineItem("Old name" if n < 3 else "New name", "M10", "c0", 100, P1,
+                 date(2026, 11, 1) + timedelta(days=n))
+        for n in range(5)
+    ]  # fmt: skip
+    await store.usage.record(ORG_A, "inv-nov", date(2026, 11, 1), items, "csv", NOW)
+    assert store.usage.project_totals(ORG_A) == {(P1, "New name"): 500}
+    await store.close()
+    again = await open_state()
+    assert again.usage.project_totals(ORG_A) == {(P1, "New name"): 500}

@@ -64,12 +64,35 @@ def _item_from_row(row: Sequence[Any]) -> LineItem:
     )
 
 
+def _merged(rows: Sequence[tuple[str, str, str | None, int]]) -> dict[tuple[str, str], int]:
+    """(project id, name, usage day, cents) -> cents per project, one entry per project
+    id (the name of its latest day: a project renamed mid-period is one project); a
+    line item without a project id is a project of its name."""
+    cents: dict[str, int] = {}
+    named: dict[str, tuple[str, str]] = {}  # id -> (day, name)
+    for project_id, project, day, amount in rows:
+        key = project_id or f"name:{project}"
+        cents[key] = cents.get(key, 0) + amount
+        if key not in named or (day or "") >= named[key][0]:
+            named[key] = (day or "", project)
+    return {
+        (key if not key.startswith("name:") else "", named[key][1]): total
+        for key, total in cents.items()
+    }
+
+
 def _totals(items: Sequence[LineItem]) -> dict[tuple[str, str], int]:
-    totals: dict[tuple[str, str], int] = {}
-    for item in items:
-        key = (item.project_id, item.project)
-        totals[key] = totals.get(key, 0) + item.amount_cents
-    return totals
+    return _merged(
+        [
+            (
+                item.project_id,
+                item.project,
+                item.usage_date.isoformat() if item.usage_date else None,
+                item.amount_cents,
+            )
+            for item in items
+        ]
+    )
 
 
 class SqlUsage:
@@ -89,16 +112,17 @@ class SqlUsage:
                 "last_error FROM line_item_reads"
             )
         }
-        totals: dict[str, dict[tuple[str, str], int]] = {}
-        for org_id, project_id, project, cents in conn.execute(
-            "SELECT l.org_id, l.project_id, l.project, SUM(l.amount_cents) FROM line_items l "
+        rows: dict[str, list[tuple[str, str, str | None, int]]] = {}
+        for org_id, project_id, project, day, cents in conn.execute(
+            "SELECT l.org_id, l.project_id, l.project, MAX(l.usage_date), "
+            "SUM(l.amount_cents) FROM line_items l "
             "JOIN line_item_reads r ON r.org_id = l.org_id AND r.invoice_id = l.invoice_id "
             "WHERE l.amount_cents BETWEEN ? AND ? "
             "GROUP BY l.org_id, l.project_id, l.project",
             (-MAX_ITEM_CENTS, MAX_ITEM_CENTS),
         ):
-            totals.setdefault(org_id, {})[(project_id, project)] = int(cents)
-        self._totals = totals
+            rows.setdefault(org_id, []).append((project_id, project, day, int(cents)))
+        self._totals = {org_id: _merged(found) for org_id, found in rows.items()}
 
     # -- cached reads ------------------------------------------------------------------
 
