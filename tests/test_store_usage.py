@@ -149,3 +149,21 @@ async def test_usage_a_project_renamed_mid_period_is_one_project_of_its_latest_n
     await store.close()
     again = await open_state()
     assert again.usage.project_totals(ORG_A) == {(P1, "New name"): 500}
+
+
+async def test_usage_a_reissued_invoice_of_the_period_replaces_the_old_copy(
+    open_state: OpenState,
+) -> None:
+    """A pending invoice re-issued in its period (a new id, the same start): its line
+    items replace the old copy's (both were kept: the days doubled and last month's
+    period fell out of the two kept)."""
+    store = await open_state()
+    usage = store.usage
+    oct_items = day_items(date(2026, 10, 1), 31)
+    await usage.record(ORG_A, "inv-oct", date(2026, 10, 1), oct_items, "search", NOW, current=False)
+    nov = day_items(date(2026, 11, 1), 5)
+    await usage.record(ORG_A, "inv-nov", date(2026, 11, 1), nov, "search", NOW)
+    await usage.record(ORG_A, "inv-nov-2", date(2026, 11, 1), nov, "search", NOW)
+    periods = await usage.periods(ORG_A)
+    assert [(p.invoice_id, len(p.items)) for p in periods] == [("inv-nov-2", 5), ("inv-oct", 31)]
+    assert usage.project_totals(ORG_A) == {(P1, "Web"): 500}

@@ -177,7 +177,8 @@ class SqlUsage:
         current: bool = True,
     ) -> None:
         """The line items of one invoice of the organization, fetched ``at`` by
-        ``source``: they replace those held of that invoice, in one transaction, and
+        ``source``: they replace those held of that invoice and of any other invoice of
+        the same billing period (a pending invoice re-issued), in one transaction, and
         periods older than :data:`KEEP_PERIODS` are forgotten. ``current``: the pending
         invoice's (the fetch time and the cached totals move); otherwise a past
         period's, read once. ValueError for more than :data:`MAX_ITEMS` items, or one
@@ -206,8 +207,9 @@ class SqlUsage:
         ]
 
         def run(conn: SqlConnection) -> None:
-            conn.execute(
-                "DELETE FROM line_items WHERE org_id=? AND invoice_id=?", (org_id, invoice_id)
+            conn.execute(  # and another invoice's of the same period: a re-issued one
+                "DELETE FROM line_items WHERE org_id=? AND (invoice_id=? OR period_start=?)",
+                (org_id, invoice_id, start),
             )
             conn.executemany(
                 "INSERT INTO line_items (org_id, invoice_id, period_start, usage_date, "
