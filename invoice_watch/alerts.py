@@ -49,6 +49,9 @@ class Scope(NamedTuple):
     # For a poll_failure alert: how long its organization has been failing (None: it
     # was read this cycle).
     failing_for: timedelta | None = None
+    # For a usage_anomaly alert: what the verdict evaluated says of its dimension's day
+    # (its amount, the threshold it is under), for the RESOLVED message.
+    recovery: str | None = None
 
 
 def recipients(config: Config, rule: Rule | None, state: AlertState | None) -> tuple[str, ...]:
@@ -270,7 +273,7 @@ def plan_resolved(
         if reason is Reason.RESOLVED and not baseline:
             now_invoice = known.invoice if state.invoice_id else None
             resolved_event = _resolved_event(
-                factory, stored_rule, state, now_invoice, now, known.failing_for
+                factory, stored_rule, state, now_invoice, now, known.failing_for, known.recovery
             )
         transitions.append(Transition(resolved, resolved_event, reason))
     return transitions
@@ -348,6 +351,7 @@ def _resolved_event(
     invoice: Invoice | None,
     now: datetime,
     failing_for: timedelta | None = None,
+    recovery: str | None = None,
 ) -> AlertEvent:
     # The invoice gone from the listing: the event keeps the facts of the last message.
     gone = bool(state.invoice_id) and invoice is None
@@ -364,6 +368,7 @@ def _resolved_event(
             org_id=state.org_id,
             org_name=factory.org_name(state.org_id),
             failing_for=failing_for,
+            recovery=recovery,
         ),
         invoice=invoice,
     )

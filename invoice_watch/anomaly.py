@@ -3,9 +3,17 @@ unusually much on their latest day of usage, and what drove it. Pure: ``now`` an
 daily series in, verdicts out (issue 19 §1).
 
 Each dimension (``by: project | cluster | sku``) has a daily series of cents, built from
-the daily line items of ``lineItems:search`` (:func:`series`). The day judged is the
-latest day any dimension has usage for (Atlas posts a day's charges the next day): a
-*posted* day. Its amount is compared with the dimension's own recent past, robustly:
+the daily line items of ``lineItems:search`` (:func:`series`). The day judged is a
+complete *posted* day (Atlas posts a day's charges the next day, not all at once): the
+latest day before today's UTC day (today's usage is still coming in: never judged) that
+any dimension has usage for, when every part (the finest line items: cluster and SKU of
+a project, project and cluster of a SKU) that had a line item on the posted day before
+it has one on it too; otherwise that day is still being posted and the posted day
+before it is judged (a part that stopped for good delays the judgement by one day
+only: the next day is complete against it). A usage day later than ``now``'s means the
+wall clock was set back: nothing is judged until it catches up (a clock step never
+makes an anomaly resolve, :mod:`~invoice_watch.elapsed`). Its amount is compared with
+the dimension's own recent past, robustly:
 
 - the **window** is the posted days among the ``baseline`` calendar days before it (a
   day with no line items at all was not posted, or not fetched: it is left out, never
@@ -205,13 +213,17 @@ class Detection:
     """The verdict of one organization's series. ``day`` None: nothing was judged
     (``reason`` says why), and no alert fires or resolves. ``holding``: every dimension
     anomalous on ``day``, by key; ``fired``: those not already firing; ``resolved``:
-    firing keys back to normal on ``day``."""
+    firing keys back to normal on ``day``; ``below``: every dimension not anomalous on
+    ``day``, by key (its amount that day and threshold)."""
 
     day: date | None
     holding: Mapping[str, Anomaly] = field(default_factory=dict)
     fired: tuple[Anomaly, ...] = ()
     resolved: tuple[Recovery, ...] = ()
     reason: str | None = None
+    # Every other dimension's facts on ``day`` (under its threshold), by key: what a
+    # RESOLVED message says of it.
+    below: Mapping[str, Recovery] = field(default_factory=dict)
 
 
 # ---- series from line items ------------------------------------------------------------
@@ -237,17 +249,20 @@ def _part_of(item: LineItem, by: By) -> str:
 
 
 def series(items: Iterable[LineItem], by: By) -> dict[str, DailySeries]:
-    """The daily series of every dimension the line items show, by key. Items without a
-    ``usage_date`` (a whole period's lines) are left out."""
+    """The daily series of every dimension the line items show, by key, named as its
+    latest line item names it (a project renamed mid-period: its new name). Items
+    without a ``usage_date`` (a whole period's lines) are left out."""
     days: dict[str, dict[date, int]] = {}
     parts: dict[str, dict[str, dict[date, int]]] = {}
     dimensions: dict[str, Dimension] = {}
+    named_on: dict[str, date] = {}  # key -> the day its dimension's names are of
     for item in items:
         if item.usage_date is None:
             continue
         dimension = dimension_of(item, by)
         key = dimension.key
-        dimensions.setdefault(key, dimension)
+        if key not in named_on or item.usage_date >= named_on[key]:  # the latest name
+            dimensions[key], named_on[key] = dimension, item.usage_date
         per_day = days.setdefault(key, {})
         per_day[item.usage_date] = per_day.get(item.usage_date, 0) + item.amount_cents
         part = parts.setdefault(key, {}).setdefault(_part_of(item, by), {})
@@ -340,6 +355,17 @@ def _contributors(one: DailySeries, day: date, window: list[date]) -> tuple[Cont
     return tuple(ranked[:TOP_CONTRIBUTORS])
 
 
+def _complete(all_series: Iterable[DailySeries], day: date, before: date) -> bool:
+    """Whether ``day`` looks fully posted: every part of every series (its finest line
+    items: cluster and SKU of a project, ...) that has a line item on ``before`` has one
+    on ``day`` too."""
+    for one in all_series:
+        for per_day in one.parts.values() or (one.days,):
+            if before in per_day and day not in per_day:
+                return False
+    return True
+
+
 def detect(
     now: datetime,
     all_series: Mapping[str, DailySeries],
@@ -358,10 +384,20 @@ def detect(
     """
     days = set(posted) if posted is not None else posted_days(all_series.values())
     today = now.date()
-    days = {d for d in days if d <= today}
+    ahead = [d for d in days if d > today]
+    if ahead:  # the wall clock was set back: no day is judged from it (elapsed.py)
+        return Detection(
+            None,
+            reason=f"the wall clock reads {today.isoformat()}, earlier than the usage day "
+            f"{max(ahead).isoformat()} held: nothing is judged until it catches up",
+        )
+    days = {d for d in days if d < today}  # today's usage is still coming in
     if not days:
         return Detection(None, reason="no daily line items yet")
     day = max(days)
+    before = max((d for d in days if d < day), default=None)
+    if before is not None and not _complete(all_series.values(), day, before):
+        day = before  # the latest day is still being posted: the one before is judged
     if (today - day).days > MAX_AGE_DAYS:
         return Detection(
             None,
@@ -399,4 +435,16 @@ def detect(
                 one_series.dimension if one_series is not None else None,
             )
         )
-    return Detection(day, holding, fired, tuple(resolved))
+    below = {
+        key: Recovery(
+            key,
+            day,
+            all_series[key].days.get(day, 0),
+            verdict.threshold_cents,
+            verdict.baseline_cents,
+            all_series[key].dimension,
+        )
+        for key, verdict in verdicts.items()
+        if key not in holding
+    }
+    return Detection(day, holding, fired, tuple(resolved), below=below)

@@ -18,6 +18,7 @@ import contextlib
 import logging
 import random
 from collections.abc import Callable, Mapping
+from datetime import datetime
 from pathlib import Path
 
 from invoice_watch.atlas.client import AtlasClient
@@ -92,7 +93,10 @@ class App:
         try:
             await self.daemon.stop()
         finally:
-            await self._stack.aclose()
+            try:
+                await self.cycles.cancel_line_items(close=True)  # before client and store
+            finally:
+                await self._stack.aclose()
 
     async def _start(self) -> None:
         config = self.config
@@ -103,7 +107,7 @@ class App:
             store = await open_store(location(config.state), settles=settles)
         self._store = store
         self._stack.push_async_callback(store.close)
-        self.metrics.billing.bind(lambda: (self.config, store, self.clock.now()))
+        self.metrics.billing.bind(self._billing_source)
         self.leadership = self._leadership(store)
         if not self.dry_run and self.leadership is None:
             # Messages of a cycle that a crash cut short (its organizations committed,
@@ -148,6 +152,15 @@ class App:
             leading=leadership.leading if leadership is not None else lambda: True,
             on_enqueued=self.deliverer.wake.set,
         )
+
+    def _billing_source(self) -> tuple[Config, Store, datetime] | None:
+        """What the billing gauges are read from at a scrape: nothing on a standby
+        replica (its snapshot is not kept up to date: :mod:`~invoice_watch.billing_metrics`)."""
+        if self._store is None:
+            return None
+        if self.leadership is not None and not self.leadership.leading():
+            return None
+        return self.config, self._store, self.clock.now()
 
     def _leadership(self, store: Store) -> Leadership | None:
         """Replicas on a PostgreSQL state: this one's part in the lease (None: an SQLite
@@ -261,6 +274,7 @@ class App:
                     return False
             old_client, old_notifiers, old_config = self._client, self.notifiers, self.config
             if Apply.ATLAS in kinds:
+                await self.cycles.cancel_line_items()  # it reads on the old client
                 self._client = self._new_client(config)
             if Apply.NOTIFIERS in kinds:
                 self.notifiers = self._new_notifiers(config)

@@ -22,7 +22,16 @@ gauge                                                               labels
   budget
 ``invoice_watch_last_successful_read_timestamp_seconds``: when the    ``org``
   organization's invoices were last read (Unix time)
+``invoice_watch_line_items_fetched_timestamp_seconds``: when the      ``org``
+  organization's line items were last fetched (Unix time;
+  organizations whose line items are read)
 =================================================================  ==================
+
+The month-to-date gauges are those of the organization's current PENDING invoice only:
+line items of a period that closed (the next one's not fetched yet) are no month to
+date. A standby replica (HA: another one holds the lease) exports none of these gauges
+(its ``source`` gives None): its snapshot is not kept up to date, and a dashboard that
+sums the replicas counts each organization once.
 
 ``org`` is the configured organization's id; ``org_name`` is its name, on every series
 that has ``org``. Label sets are bounded: the configured organizations, the forecast
@@ -48,7 +57,7 @@ TOP_PROJECTS = 10
 OTHER = "other"
 
 # What the gauges are read from, at each scrape: (configuration, state, now); None
-# before the state is open.
+# before the state is open, and on a standby replica.
 Source = Callable[[], "tuple[Config, Store, datetime] | None"]
 
 
@@ -97,6 +106,11 @@ class BillingCollector(Collector):
             "When the organization's invoices were last read (Unix time)",
             labels=org_labels,
         )
+        fetched = GaugeMetricFamily(
+            "invoice_watch_line_items_fetched_timestamp_seconds",
+            "When the organization's daily line items were last fetched (Unix time)",
+            labels=org_labels,
+        )
         for org in config.organizations:
             labels = [org.id, org.display_name]
             live = store.snapshot.get(org.id).live
@@ -109,7 +123,11 @@ class BillingCollector(Collector):
             state = store.snapshot.org_state(org.id)
             if state.last_success is not None:
                 last_read.add_metric(labels, state.last_success.timestamp())
-            totals = store.usage.project_totals(org.id)
+            read = store.usage.read_state(org.id)
+            if read is not None and read.fetched_at is not None:
+                fetched.add_metric(labels, read.fetched_at.timestamp())
+            current = read is not None and any(i.id == read.invoice_id for i in own)
+            totals = store.usage.project_totals(org.id) if current else {}
             if totals:
                 mtd.add_metric(labels, sum(totals.values()) / 100)
                 ranked = sorted(totals.items(), key=lambda kv: (-kv[1], kv[0]))
@@ -126,4 +144,4 @@ class BillingCollector(Collector):
         for rule in config.rules:
             if rule.enabled and rule.type == "forecast":
                 budgets.add_metric([rule.name], rule.budget_cents / 100)
-        yield from (pending, mtd, projects, forecasts, budgets, last_read)
+        yield from (pending, mtd, projects, forecasts, budgets, last_read, fetched)

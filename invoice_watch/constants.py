@@ -60,6 +60,10 @@ INVOICE_STATUSES: Final = (
 FINAL_STATUSES: Final = frozenset({"PAID", "FORGIVEN", "FREE", "PREPAID"})
 
 ONCE_DELIVERY_SECONDS: Final = 60.0
+# `run --once` waits at most this long (seconds), after its delivery, for the line
+# items stage its cycle started (issue 19); what it had not read then is read by a later
+# run.
+ONCE_LINE_ITEMS_SECONDS: Final = 60.0
 # A cycle holds the messages of the organizations it committed until it ends, to know
 # how many each notifier gets (more than delivery.group_over: one grouped message); a
 # message is held at most this long (seconds) after its organization was committed:

@@ -27,7 +27,11 @@ from typing import TYPE_CHECKING, TypeVar
 from invoice_watch import sdnotify
 from invoice_watch.config import HttpConfig
 from invoice_watch.config.quantities import config_duration
-from invoice_watch.constants import ONCE_DELIVERY_SECONDS, SHUTDOWN_SECONDS
+from invoice_watch.constants import (
+    ONCE_DELIVERY_SECONDS,
+    ONCE_LINE_ITEMS_SECONDS,
+    SHUTDOWN_SECONDS,
+)
 from invoice_watch.cycle import CycleResult
 from invoice_watch.errors import ListenError, StateError, StateFileGoneError
 from invoice_watch.http_endpoint import HttpEndpoint
@@ -141,7 +145,8 @@ class Daemon:
         reports = None
         if app.reporter is not None and not app.dry_run:
             reports = asyncio.create_task(app.reporter.run(), name="reports")
-        # Closed in reverse: the poll loop, the lease's renewals (the lease itself is
+        # Closed in reverse: the line items stage (cancelled: none starts any more), the
+        # poll loop, the lease's renewals (the lease itself is
         # kept until the App closes, after the last delivery pass), a reload (a parse in
         # its thread is abandoned), the cycle in flight, delivery, the watchdog, the
         # endpoint.
@@ -154,6 +159,7 @@ class Daemon:
         stack.push_async_callback(_cancel, poll)
         if reports is not None:  # (a report being drawn is made again at the next start)
             stack.push_async_callback(_cancel, reports)
+        stack.push_async_callback(app.cycles.cancel_line_items, close=True)
         self.state = DaemonState.SERVING
         self.vitals.since = app.clock.monotonic()
         organizations = len(app.config.organizations)
@@ -321,7 +327,10 @@ async def run_once(
     app: App, *, baseline: bool = False, stop: asyncio.Event | None = None
 ) -> OnceOutcome:
     """``run --once``: one cycle, then deliver for up to
-    :data:`~invoice_watch.constants.ONCE_DELIVERY_SECONDS`.
+    :data:`~invoice_watch.constants.ONCE_DELIVERY_SECONDS`, while the line items stage
+    the cycle started runs beside (then waited for up to
+    :data:`~invoice_watch.constants.ONCE_LINE_ITEMS_SECONDS` more, cancelled by a stop:
+    never part of the cycle's result).
 
     ``stop`` (SIGTERM, Ctrl-C or SIGHUP) ends it as the daemon's stop does: the cycle
     in flight finishes or is cut short (what it committed stays committed), and what is
@@ -360,7 +369,21 @@ async def run_once(
                 "the cycle was stopped before it ended; the organizations it had not "
                 "committed are read by the next run"
             )
+
+    async def line_items() -> None:
+        """The line items stage the cycle started: waited for, bounded; a stop or the
+        bound cancels it (a later run reads what it had not)."""
+        if not stop.is_set():
+            done = await bounded(app.cycles.line_items_done(ONCE_LINE_ITEMS_SECONDS), None)
+            if done is False:
+                log.warning(
+                    "line items: not read within %.0fs; a later run reads them",
+                    ONCE_LINE_ITEMS_SECONDS,
+                )
+        await app.cycles.cancel_line_items()
+
     if app.dry_run:
+        await line_items()
         return OnceOutcome(result, stopped=stop.is_set(), dry_run=True)
     deliverer = app.deliverer
     failed_before = deliverer.totals.failed
@@ -373,6 +396,7 @@ async def run_once(
         if pending is None:
             pending = (await app.store.outbox.counts()).get("pending", 0)
     assert pending is not None
+    await line_items()
     return OnceOutcome(
         result,
         stopped=stop.is_set(),

@@ -23,6 +23,7 @@ from invoice_watch.constants import INVOICE_STATUSES
 from invoice_watch.errors import StateError, UsageError
 from invoice_watch.health import health, in_flight_from_reads, progress_limit
 from invoice_watch.store import Store, location, open_store
+from invoice_watch.types import usage_subject
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -219,12 +220,13 @@ async def status(
                 [
                     a.rule,
                     config.org_name(a.org_id),
-                    a.invoice_id or "—",
+                    a.invoice_id or usage_subject(a.key, a.rule, a.org_id) or "—",
                     fmt.ago(a.firing_since, now),
                 ]
                 for a in firing
             ]
-            print(table(["Rule", "Organization", "Invoice", "Since"], rows), file=out)
+            header = ["Rule", "Organization", "Invoice or dimension", "Since"]
+            print(table(header, rows), file=out)
         # held: written by a cycle that has not ended (or was cut short: they go out at
         # the end of the next cycle, or when the daemon next starts)
         silences = await store.silences.listing(now)

@@ -14,14 +14,26 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta
+from typing import TYPE_CHECKING
 
 from invoice_watch.alerts import Reason, Scope, Transition, plan_holding, plan_resolved
 from invoice_watch.config import Config
 from invoice_watch.diff import Diff, diff, without_news
 from invoice_watch.linked import NOTHING_SHARED, Linked, Shared
-from invoice_watch.rules import Age, History, OrgView, evaluate, settled_statuses, wall_age
+from invoice_watch.rules import (
+    Age,
+    History,
+    OrgView,
+    evaluate,
+    settled_statuses,
+    usage_recovery,
+    wall_age,
+)
 from invoice_watch.store import AlertState, OrgState, OrgWrite
 from invoice_watch.types import Invoice, OrgRead, Snapshot
+
+if TYPE_CHECKING:
+    from invoice_watch.anomaly import Detection
 
 
 def _observed(history: History, cents: int) -> bool:
@@ -253,6 +265,8 @@ class CyclePlan:
         # Keys of the conditions that hold -> the organizations whose reads hold them.
         self.held: dict[str, set[str]] = {}
         self.evaluated: set[tuple[str, str]] = set()  # (rule, configured org) scopes
+        # (rule, org) -> the usage_anomaly verdict evaluated (RESOLVED messages)
+        self.usage: dict[tuple[str, str], Detection] = {}
         self.read_ok: set[str] = set()  # configured organizations read this cycle
         # What a resolution may look up, per configured organization: its live invoices
         # and those of the alerts firing (an invoice may have settled this cycle).
@@ -317,6 +331,7 @@ class CyclePlan:
         for key in (*evaluation.holding, *evaluation.undecided):  # undecided: not resolved
             self.held.setdefault(key, set()).add(org_id)
         self.evaluated.update(evaluation.evaluated)
+        self.usage.update(evaluation.usage)
         previous = {t.state.key: self.states.get(t.state.key) for t in transitions}
         self.states.plan(transitions, org_id)
         return transitions, previous
@@ -330,6 +345,7 @@ class CyclePlan:
         self.read_ok.discard(org_id)
         self.failing.pop(org_id, None)
         self.evaluated = {scope for scope in self.evaluated if scope[1] != org_id}
+        self.usage = {scope: d for scope, d in self.usage.items() if scope[1] != org_id}
         for key in [key for key, orgs in self.held.items() if org_id in orgs]:
             self.held[key].discard(org_id)
             if not self.held[key]:
@@ -367,9 +383,13 @@ class CyclePlan:
         if linked.unconfigured(state):
             return Scope(False, unconfigured=True)
         if not state.invoice_id:
+            detection = self.usage.get((state.rule, state.source_org_id))
             return Scope(
                 (state.rule, state.source_org_id) in self.evaluated,
                 failing_for=self.failing.get(state.source_org_id),
+                recovery=usage_recovery(detection, state.key, state.rule, state.source_org_id)
+                if detection is not None
+                else None,
             )
         for org_id in linked.readers(state):
             if org_id not in self.read_ok:

@@ -29,6 +29,7 @@ def resolution_summary(
     org_id: str | None = None,
     org_name: str | None = None,
     failing_for: timedelta | None = None,
+    recovery: str | None = None,
 ) -> str:
     """What a RESOLVED message says happened, and why the alert resolved: from the
     invoice as it is now, ``rule`` as configured now, and ``fired``, the alert's last
@@ -37,7 +38,8 @@ def resolution_summary(
     it covers, its limits), not that the amount fell. ``org_id``: the alert's
     organization (the invoice's own, or the one poll_failure watches), ``org_name`` its
     name; ``failing_for``: for poll_failure, how long that organization has been failing
-    (None: it was read)."""
+    (None: it was read); ``recovery``: for usage_anomaly, what the verdict says of the
+    dimension's latest judged day (:func:`~invoice_watch.rules.usage_recovery`)."""
     org = org_name or org_id or "this organization"
     if fired is not None and fired.rule_type and fired.rule_type != rule.type:
         return (
@@ -58,13 +60,12 @@ def resolution_summary(
         return "Invoices can be read again."
     if rule.type == "usage_anomaly":
         said = dict(fired.details) if fired is not None else {}
-        what = said.get("Dimension", "the daily spend")
+        what = said.get("Dimension") or _dimension_said(said)
         usual = said.get("Usual")
-        return (
-            f"The daily spend of {what} is back under the anomaly threshold"
-            + (f" (it was {said.get('Spend that day')} against a usual {usual})" if usual else "")
-            + "."
-        )
+        was = f" (it was {said.get('Spend that day')} against a usual {usual})" if usual else ""
+        if recovery is not None:
+            return f"The daily spend is back under the anomaly threshold{was}: {recovery}"
+        return f"The daily spend of {what} is back under the anomaly threshold{was}."
     if invoice is None:
         return "The invoice is no longer listed by Atlas."
     said = dict(fired.details) if fired is not None else {}
@@ -117,6 +118,12 @@ def resolution_summary(
             )
         return "The growth within the window is back under the threshold."
     return "The condition no longer holds."
+
+
+def _dimension_said(said: Mapping[str, str]) -> str:
+    """The project, cluster or SKU a usage_anomaly FIRING's details named."""
+    named = [f"{k.lower()} {said[k]}" for k in ("Cluster", "SKU", "Project") if said.get(k)]
+    return " of ".join(named) or "the dimension"
 
 
 def _as_it_stands(invoice: Invoice | None) -> str:

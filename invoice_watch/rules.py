@@ -99,6 +99,9 @@ class Evaluation:
     # bound after a restart with the wall clock set back, :meth:`Elapsed.clamped`): an
     # alert firing stays firing, one not firing does not fire yet.
     undecided: set[str] = field(default_factory=set)
+    # (rule name, org id) -> the usage_anomaly verdict evaluated (what a RESOLVED of
+    # one of its alerts says of the dimension's day: :func:`usage_recovery`).
+    usage: dict[tuple[str, str], Detection] = field(default_factory=dict)
 
 
 def settled_statuses(rules: Sequence[Rule]) -> frozenset[str]:
@@ -400,6 +403,7 @@ def _usage_anomaly(rule: UsageAnomalyRule, view: OrgView, result: Evaluation) ->
     if detection is None or detection.day is None:
         return
     result.evaluated.add((rule.name, view.org_id))
+    result.usage[(rule.name, view.org_id)] = detection
     for anomaly in detection.holding.values():
         key = usage_key(rule.name, view.org_id, rule.by, anomaly.key)
         result.holding[key] = Condition(
@@ -412,11 +416,27 @@ def _usage_anomaly(rule: UsageAnomalyRule, view: OrgView, result: Evaluation) ->
         )
 
 
+def usage_recovery(detection: Detection, key: str, rule: str, org_id: str) -> str | None:
+    """What the verdict ``detection`` says of the dimension of the usage_anomaly alert
+    ``key`` on the day it judged (:meth:`~invoice_watch.anomaly.Recovery.summary`: its
+    amount that day and the threshold it is under); None when it says nothing of it."""
+    prefix = f"{rule}/{org_id}/"
+    if detection.day is None or not key.startswith(prefix):
+        return None
+    _, sep, dimension = key[len(prefix) :].partition(":")
+    if not sep:
+        return None
+    recovery = detection.below.get(dimension)
+    if recovery is None:  # no line item of it any more
+        return f"{dimension} had no spend on {detection.day.isoformat()}."
+    return recovery.summary()
+
+
 def usage_details(anomaly: Anomaly) -> tuple[tuple[str, str], ...]:
     """What a usage_anomaly message shows: the project (name and id), cluster and SKU,
     the day, its amount against the usual, and the top contributors."""
     dimension = anomaly.dimension
-    details: list[tuple[str, str]] = [("Dimension", dimension.label)]
+    details: list[tuple[str, str]] = []  # the summary names the dimension (its label)
     if dimension.project or dimension.project_id:
         project = dimension.project or dimension.project_id
         if dimension.project_id and dimension.project_id != project:

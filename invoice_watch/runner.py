@@ -3,8 +3,16 @@ what outlives one cycle: when each organization is next listed in full
 (:class:`~invoice_watch.listing.FullListings`), the monotonic ages of stored times
 (:class:`~invoice_watch.elapsed.Elapsed`), the warning about hidden linked invoices,
 the last cycle's result and when it ended (what health and liveness are judged on),
-the cycle metrics, and the line items stage run after each cycle
+the cycle metrics, and the line items stage started after each cycle
 (:class:`~invoice_watch.usage_watch.UsageWatch`).
+
+The line items stage runs as its own task (:attr:`CycleRunner.line_items`), outside
+:attr:`CycleRunner.lock`: a slow or hanging ``lineItems:search`` never delays the next
+poll, a reload or ``run --once``'s delivery. One at a time: a cycle that ends while the
+last one is still under way starts none. Each organization's fetch is bounded in time
+(:data:`~invoice_watch.usage_watch.FETCH_SECONDS`); a stop or a reload that replaces the
+Atlas client cancels it (:meth:`CycleRunner.cancel_line_items`): what it had not
+recorded is fetched again later, the cycle it followed is not touched.
 """
 
 from __future__ import annotations
@@ -50,6 +58,8 @@ class CycleRunner:
         self.unrecorded: str | None = None
         self.done = asyncio.Event()  # set after every committed cycle
         self.usage = UsageWatch(metrics)  # line items: fetched, judged (usage_anomaly)
+        self.line_items: asyncio.Task[None] | None = None  # the stage under way, if any
+        self._line_items_closed = False  # stopping: no stage starts any more
 
     async def run(
         self,
@@ -101,9 +111,38 @@ class CycleRunner:
             f"{len(result.orgs_failed)} failed, {len(firing)} alert(s) firing"
         )
         wake()
-        async with self.lock:  # after the cycle: its messages are out already
-            await self.usage.after_cycle(self.config, store, client, self.elapsed, self.clock.now())
+        self._start_line_items(store, client)  # after the cycle: its messages are out
         return result
+
+    def _start_line_items(self, store: Store, client: AtlasClient) -> None:
+        """The line items stage, as its own task, unless one is under way or the
+        runner is stopping."""
+        if self._line_items_closed or (self.line_items is not None and not self.line_items.done()):
+            return
+        self.line_items = asyncio.create_task(
+            self.usage.after_cycle(self.config, store, client, self.elapsed, self.clock.now()),
+            name="line items",
+        )
+
+    async def line_items_done(self, within: float | None = None) -> bool:
+        """Wait for the line items stage under way (if any) to end, at most ``within``
+        seconds (None: no bound). Whether none is under way now."""
+        task = self.line_items
+        if task is None or task.done():
+            return True
+        await asyncio.wait({task}, timeout=within)
+        return task.done()
+
+    async def cancel_line_items(self, *, close: bool = False) -> None:
+        """Cancel the line items stage under way (a stop; a reload that replaces the
+        Atlas client): what it had not recorded is fetched again later. ``close``:
+        none starts any more (the runner is stopping)."""
+        if close:
+            self._line_items_closed = True
+        task, self.line_items = self.line_items, None
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
     def _record(self, result: CycleResult, seconds: float, alerts: Iterable[AlertState]) -> None:
         m = self.metrics

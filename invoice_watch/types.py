@@ -466,3 +466,19 @@ class OrgRead:
             linked=self.linked,
             refused=self.refused,
         )
+
+
+USAGE_BY = ("project", "cluster", "sku")
+
+
+def usage_subject(key: str, rule: str, org_id: str) -> str | None:
+    """What a ``usage_anomaly`` alert is about, from its key
+    (:func:`~invoice_watch.rules.usage_key`: ``rule/org/by:dimension``): ``cluster
+    5f1e…/orders``, ``sku ATLAS_AWS_INSTANCE_M40``; None for another alert's key."""
+    prefix = f"{rule}/{org_id}/"
+    if not key.startswith(prefix):
+        return None
+    by, sep, dimension = key[len(prefix) :].partition(":")
+    if not sep or by not in USAGE_BY or not dimension:
+        return None
+    return f"{by} {dimension}"

@@ -1,23 +1,31 @@
 """The line items stage (issue 19): each organization's daily usage, fetched at most once
 per ``usage.refresh``, kept in the state, and judged by the ``usage_anomaly`` rules.
 
-Run by the :class:`~invoice_watch.runner.CycleRunner` after each cycle
-(:meth:`UsageWatch.after_cycle`), never inside one: a cycle's listings never wait for
-line items nor compete with them for Atlas's rate limit, and a cycle with no line items
-due costs nothing more than a look at a few cached times.
+Started by the :class:`~invoice_watch.runner.CycleRunner` after each cycle
+(:meth:`UsageWatch.after_cycle`), as its own task outside the cycle lock, never inside
+one: a cycle's listings never wait for line items nor compete with them for Atlas's
+rate limit, a slow ``lineItems:search`` delays no poll, reload or delivery, and a cycle
+with no line items due costs nothing more than a look at a few cached times. Each
+organization's fetch is bounded (:data:`FETCH_SECONDS`: past it, a failed fetch).
 
 - **Which organizations**: those some enabled ``usage_anomaly`` rule covers, or some
   enabled report (:func:`wanted`). Others are never fetched.
-- **When**: when the organization's line items were last fetched ``usage.refresh``
-  (default 6 h) ago or more, as the state records it (a restart does not fetch early),
+- **When**: when the organization's pending invoice is not the one whose line items
+  are held (a new period, a re-issued invoice: at once), or its line items were last
+  fetched ``usage.refresh`` (default 6 h) ago or more, as the state records it (a
+  restart does not fetch early),
   measured on the monotonic clock (:class:`~invoice_watch.elapsed.Elapsed`: a wall
   clock set back fetches no sooner); after a failed fetch, again after
-  :data:`RETRY_AFTER` (at most ``usage.refresh``).
+  :data:`RETRY_AFTER` (at most ``usage.refresh``); after one refused for more line items
+  than are kept, after ``usage.refresh`` and at least :data:`TOO_MANY_RETRY` (in this
+  process: a restart tries once more after :data:`RETRY_AFTER`).
 - **What**: the organization's own PENDING invoice (as the snapshot holds it), through
   :meth:`~invoice_watch.atlas.client.AtlasClient.usage_line_items`
   (``lineItems:search``, else the CSV), project names from the pending invoice's
-  ``lineItems``; and, once, the period before's invoice when the snapshot still holds it
-  whole (a baseline that reaches back past the 1st, a report's "last month").
+  ``lineItems``; and the period before's invoice when the snapshot still holds it and
+  the state does not hold its line items yet (a baseline that reaches back past the
+  1st, a report's "last month"): once it was read; a failure is tried again at the
+  organization's next fetch.
 - **A failure** never fails the invoice read (that cycle is over): it is logged once per
   organization while it lasts (again only when its cause changes), counted
   (``invoice_watch_line_item_fetch_failures_total``), recorded, and the line items held
@@ -40,6 +48,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from invoice_watch import format as fmt
+from invoice_watch.atlas.usage import TooManyLineItems
 from invoice_watch.errors import FetchError, StateError
 from invoice_watch.redact import printable
 from invoice_watch.safe_text import exception_line, traceback_text
@@ -59,8 +68,14 @@ log = logging.getLogger(__name__)
 
 # After a failed fetch, the next one is tried this much later (at most usage.refresh).
 RETRY_AFTER = timedelta(hours=1)
+# After a fetch refused for more line items than are kept (TooManyLineItems), the next
+# is tried this much later at least (usage.refresh when longer).
+TOO_MANY_RETRY = timedelta(days=1)
 # Organizations whose line items are fetched together.
 CONCURRENCY = 4
+# One organization's fetch (its pending invoice's line items, then the period
+# before's) takes at most this long (seconds): past it, it counts as failed.
+FETCH_SECONDS = 600.0
 
 
 def _anomaly_rules(config: Config) -> list[UsageAnomalyRule]:
@@ -107,6 +122,10 @@ class UsageWatch:
         self._logged: dict[str, str] = {}  # org -> the failure last logged
         self._past: set[tuple[str, str]] = set()  # (org, invoice) of past periods read
         self.fetches = 0  # fetches that worked, since the start
+        self.fetch_seconds = FETCH_SECONDS  # one organization's fetch, at most
+        # org -> how long after its last failure it is tried again, when longer than
+        # RETRY_AFTER (its period has more line items than are kept)
+        self._backoff: dict[str, timedelta] = {}
         self._refresh = timedelta(hours=6)
 
     def detections(self, org_id: str) -> dict[str, Detection]:
@@ -118,11 +137,14 @@ class UsageWatch:
     def due(self, config: Config, store: Store, age: Age) -> list[str]:
         """The organizations whose line items are due now (see the module)."""
         refresh = config.usage.refresh
-        return [
-            org_id
-            for org_id in wanted(config)
-            if _is_due(store.usage.read_state(org_id), refresh, age)
-        ]
+        found = []
+        for org_id in wanted(config):
+            read = store.usage.read_state(org_id)
+            if _is_due(read, refresh, age, self._backoff.get(org_id)) or _new_period(
+                read, store, org_id
+            ):
+                found.append(org_id)
+        return found
 
     async def before_cycle(self, config: Config, store: Store, now: datetime) -> None:
         """The verdicts brought up to date with the line items held (a start: those a
@@ -145,6 +167,9 @@ class UsageWatch:
         """Fetch the line items due, then judge them (see the module). Never raises but
         for cancellation: a failure is logged and counted."""
         self._refresh = config.usage.refresh
+        if self._metrics is not None:  # each watched organization's counter from 0
+            for org_id in wanted(config):
+                self._metrics.line_item_failures.labels(org=org_id)
         try:
             due = self.due(config, store, age)
             if due:
@@ -170,11 +195,22 @@ class UsageWatch:
             return  # nothing to read yet (no pending invoice listed)
         name = config.org_name(org_id)
         try:
-            names = await self._names(client, org_id)
-            fetched = await client.usage_line_items(org_id, pending.id, names)
+            async with asyncio.timeout(self.fetch_seconds):
+                names = await self._names(client, org_id)
+                fetched = await client.usage_line_items(org_id, pending.id, names)
             await store.usage.record(
                 org_id, pending.id, pending.start_date.date(), fetched.items, fetched.source, now
             )
+        except TimeoutError:
+            error = f"not read within {fmt.duration(timedelta(seconds=self.fetch_seconds))}"
+            await self._failed(store, org_id, name, now, error)
+            return
+        except TooManyLineItems as exc:
+            # Not worth trying every hour (hundreds of requests against the rate limit
+            # the invoice reads share): at the next refresh, at least a day later.
+            self._backoff[org_id] = max(config.usage.refresh, TOO_MANY_RETRY)
+            await self._failed(store, org_id, name, now, printable(str(exc)))
+            return
         except (FetchError, ValueError) as exc:
             await self._failed(store, org_id, name, now, printable(str(exc)))
             return
@@ -187,17 +223,20 @@ class UsageWatch:
             await self._failed(store, org_id, name, now, exception_line(exc))
             return
         self.fetches += 1
+        self._backoff.pop(org_id, None)
         if self._logged.pop(org_id, None) is not None:
             log.info("%s: line items read again (%d)", name, len(fetched.items))
         else:
             log.info("%s: %d line items read (%s)", name, len(fetched.items), fetched.source)
         before = previous_invoice(invoices, pending)
         if before is not None and (org_id, before.id) not in self._past:
-            self._past.add((org_id, before.id))
             held = {p.invoice_id for p in await store.usage.periods(org_id)}
-            if before.id not in held:
+            if before.id in held:
+                self._past.add((org_id, before.id))
+            else:
                 try:
-                    past = await client.usage_line_items(org_id, before.id, names)
+                    async with asyncio.timeout(self.fetch_seconds):
+                        past = await client.usage_line_items(org_id, before.id, names)
                     await store.usage.record(
                         org_id,
                         before.id,
@@ -207,8 +246,13 @@ class UsageWatch:
                         now,
                         current=False,
                     )
-                except (FetchError, ValueError) as exc:
-                    log.info("%s: the last period's line items were not read: %s", name, exc)
+                    self._past.add((org_id, before.id))  # a failure: tried at the next fetch
+                except (FetchError, ValueError, TimeoutError) as exc:
+                    log.info(
+                        "%s: the last period's line items were not read: %s",
+                        name,
+                        exc or "timed out",
+                    )
 
     @staticmethod
     async def _names(client: AtlasClient, org_id: str) -> dict[str, str]:
@@ -225,9 +269,8 @@ class UsageWatch:
             if item.project_id and item.project != item.project_id
         }
 
-    @property
-    def _retry(self) -> timedelta:
-        return min(RETRY_AFTER, self._refresh)
+    def _retry(self, org_id: str) -> timedelta:
+        return self._backoff.get(org_id) or min(RETRY_AFTER, self._refresh)
 
     async def _failed(
         self, store: Store, org_id: str, name: str, now: datetime, error: str
@@ -240,7 +283,7 @@ class UsageWatch:
                 "%s: its line items could not be read (the invoices were; the line items "
                 "held stay in use, tried again in %s): %s",
                 name,
-                fmt.duration(self._retry),
+                fmt.duration(self._retry(org_id)),
                 error,
             )
         await store.usage.record_failure(org_id, now, error)
@@ -273,6 +316,14 @@ class UsageWatch:
                 if org_id not in items_of:
                     periods = await store.usage.periods(org_id)
                     items_of[org_id] = [item for p in periods for item in p.items]
+                if read.fetched_at > now:  # the wall clock was set back: judge nothing
+                    verdict = anomaly.Detection(
+                        None,
+                        reason=f"the wall clock reads earlier than the line items' fetch "
+                        f"({read.fetched_at.isoformat(timespec='seconds')})",
+                    )
+                    kept[(rule.name, org_id)] = (inputs, verdict)
+                    continue
                 verdict = await asyncio.to_thread(_detect, now, items_of[org_id], rule, params)
                 if verdict.day is None:
                     log.debug("%s: %s: %s", rule.name, config.org_name(org_id), verdict.reason)
@@ -280,14 +331,27 @@ class UsageWatch:
         self._verdicts = kept
 
 
-def _is_due(read: UsageRead | None, refresh: timedelta, age: Age) -> bool:
-    """Never fetched, fetched ``refresh`` ago, or failed :data:`RETRY_AFTER` ago (at most
-    ``refresh``)."""
+def _is_due(
+    read: UsageRead | None, refresh: timedelta, age: Age, retry: timedelta | None = None
+) -> bool:
+    """Never fetched, fetched ``refresh`` ago, or failed ``retry`` ago (default
+    :data:`RETRY_AFTER`, at most ``refresh``)."""
     if read is None:
         return True
     if read.last_error is not None:
-        return age(read.attempted_at) >= min(RETRY_AFTER, refresh)
+        return age(read.attempted_at) >= (retry or min(RETRY_AFTER, refresh))
     return read.fetched_at is None or age(read.fetched_at) >= refresh
+
+
+def _new_period(read: UsageRead | None, store: Store, org_id: str) -> bool:
+    """Whether the line items last fetched are of an invoice that is no longer the
+    organization's pending one (a new billing period began, or the invoice was
+    re-issued): due at once, unless the last try failed (then :func:`_is_due`'s retry
+    holds)."""
+    if read is None or read.fetched_at is None or read.last_error is not None:
+        return False
+    pending = pending_invoice(store.snapshot.get(org_id).live, org_id)
+    return pending is not None and pending.id != read.invoice_id
 
 
 def _detect(

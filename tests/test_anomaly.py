@@ -263,15 +263,42 @@ def test_detect_without_line_items_judges_nothing():
     assert detection.reason == "no daily line items yet"
 
 
-def test_detect_ignores_days_after_now():
+def test_detect_never_judges_todays_partial_day_nor_from_a_clock_set_back():
+    """Today's UTC day is still being posted: never judged (a line item dated today once
+    made a spike still going on resolve). A usage day after `now` means the wall clock
+    was set back: nothing is judged (it once judged an earlier day, resolving the
+    alert, then fired it again when the clock was put right)."""
     amounts = with_last([1000] * DAYS, 3000)
     all_series = {"a": project("a", amounts)}
 
-    detection = detect(datetime(2026, 11, 20, 0, 0, tzinfo=UTC), all_series, Params())
+    assert detect(NOW, all_series, Params()).day == LAST
+    today = detect(datetime(2026, 11, 20, 23, 0, tzinfo=UTC), all_series, Params())
+    assert today.day == LAST - timedelta(days=1) and today.holding == {}
+    set_back = detect(datetime(2026, 11, 19, 12, 0, tzinfo=UTC), all_series, Params())
+    assert set_back.day is None and "wall clock" in (set_back.reason or "")
 
-    assert detection.day == LAST  # the day of `now` itself may be judged...
-    earlier = detect(datetime(2026, 11, 19, 12, 0, tzinfo=UTC), all_series, Params())
-    assert earlier.day == LAST - timedelta(days=1) and earlier.holding == {}  # ...not later
+
+def test_detect_judges_the_day_before_a_partly_posted_latest_day():
+    """The latest day is judged only once every part seen the day before has posted:
+    while the spiking cluster's line items for the 21st have not come (the others'
+    have), the 20th (its spike) is still judged: no RESOLVED, then FIRING again."""
+    items = [
+        LineItem("Web", sku, cluster, cents * 100, "p1", LAST - timedelta(days=n))
+        for n in range(DAYS)
+        for cluster, sku, cents in (("orders", "M40", 3000 if n == 0 else 1000),
+                                    ("web", "M10", 200))
+    ]  # fmt: skip
+    partial = [LineItem("Web", "M10", "web", 200_00, "p1", LAST + timedelta(days=1))]
+    later = NOW + timedelta(days=1)
+    spike = detect(NOW, series(items, "cluster"), Params())
+    assert set(spike.holding) == {"p1/orders"}
+
+    still = detect(later, series(items + partial, "cluster"), Params(), firing={"p1/orders"})
+    assert still.day == LAST and set(still.holding) == {"p1/orders"} and still.resolved == ()
+
+    posted = [*partial, LineItem("Web", "M40", "orders", 1000_00, "p1", LAST + timedelta(days=1))]
+    back = detect(later, series(items + posted, "cluster"), Params(), firing={"p1/orders"})
+    assert back.day == LAST + timedelta(days=1) and [r.key for r in back.resolved] == ["p1/orders"]
 
 
 # ---- firing and resolving --------------------------------------------------------------
@@ -384,3 +411,15 @@ def test_params_refuse_what_detection_cannot_use():
         Params(min_increase_cents=-1)
     with pytest.raises(ValueError, match="sensitivity"):
         Params(sensitivity="extreme")  # type: ignore[arg-type]
+
+
+def test_series_names_a_dimension_as_its_latest_line_item_does():
+    """A project renamed mid-period: its series bears the new name, whatever the order
+    of the line items (this period's are read before last period's)."""
+    items = [  # as the state gives them: this period oldest day first, then the last
+        LineItem("Old name", "M10", "c0", 100, "p1", LAST - timedelta(days=3)),
+        LineItem("New name", "M10", "c0", 100, "p1", LAST),
+        LineItem("Old name", "M10", "c0", 100, "p1", LAST - timedelta(days=40)),
+    ]
+    [one] = series(items, "project").values()
+    assert one.dimension.project == "New name"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import aiohttp
@@ -88,6 +89,7 @@ async def metrics_text(sim: Simulator, clock: FakeClock, tmp_path: Path) -> Asyn
     config = config_of_rules(sim, tmp_path)
     async with App(config, clock=clock, notifiers={"console": Recorder()}) as app:
         await app.run_cycle()
+        assert await app.cycles.line_items_done(within=30)
         yield await scrape(app)
 
 
@@ -103,6 +105,10 @@ async def test_metrics_billing_gauges_from_the_snapshot_and_line_items(
     )
     assert got[("invoice_watch_budget_usd", (("rule", "budget"),))] == 4000.0
     assert got[("invoice_watch_last_successful_read_timestamp_seconds", prod)] == NOW.timestamp()
+    # the line items' age, and a failure counter at 0 for each watched organization
+    assert got[("invoice_watch_line_items_fetched_timestamp_seconds", prod)] == NOW.timestamp()
+    for org in (PROD, ANALYTICS):
+        assert got[("invoice_watch_line_item_fetch_failures_total", (("org", org),))] == 0
     per_project = {
         dict(labels)["project"]: value
         for (name, labels), value in got.items()
@@ -133,6 +139,7 @@ async def test_metrics_projects_beyond_the_top_n_are_one_other_series(
         config = config_of_rules(sim, tmp_path)
         async with App(config, clock=clock, notifiers={"console": Recorder()}) as app:
             await app.run_cycle()
+            assert await app.cycles.line_items_done(within=30)
             got = samples(await scrape(app))
     projects = {
         dict(labels)["project"]: value
@@ -167,3 +174,39 @@ async def test_grafana_dashboard_queries_only_metrics_that_metrics_serves(
     }
     queried |= set(re.findall(r"\binvoice_watch_[a-z_]+", json.dumps(dashboard["templating"])))
     assert queried and queried <= served, sorted(queried - served)
+    assert "invoice_watch_line_items_fetched_timestamp_seconds" in queried  # their age
+
+
+@pytest.mark.parametrize("fails", [False, True])
+async def test_metrics_a_new_period_makes_the_line_items_due_at_once_and_no_closed_month_to_date(
+    tmp_path: Path, fails: bool
+) -> None:
+    """The period rolls over (the pending invoice closes, a new one is listed): its line
+    items are fetched at the next cycle, not up to usage.refresh later; and while they
+    are not held (that fetch failed), the month-to-date gauges do not show the closed
+    period's total as this month's."""
+    start = datetime(2026, 11, 30, 23, 0, tzinfo=UTC)
+    clock = FakeClock(start)
+    async with Simulator(demo_scenario(now=start), clock=clock) as sim:
+        config = config_of_rules(sim, tmp_path)
+        async with App(config, clock=clock, notifiers={"console": Recorder()}) as app:
+            await app.run_cycle()
+            assert await app.cycles.line_items_done(within=30)
+            old = sim.scenario.invoice("prod-pending")
+            clock.advance(timedelta(hours=1, minutes=30))
+            sim.scenario.set_status(old.id, "CLOSED", clock.now())
+            sim.scenario.add_invoice(PROD, period=clock.now(), amount_cents=1500)
+            if fails:
+                sim.faults.status(500, path="*/lineItems:search", org_id=PROD, times=100)
+            await app.run_cycle()  # lists the new pending invoice
+            assert await app.cycles.line_items_done(within=30)
+            read = app.store.usage.read_state(PROD)
+            assert read is not None
+            got = samples(await scrape(app))
+            mtd = ("invoice_watch_month_to_date_usd", (("org", PROD), ("org_name", "Production")))
+            if fails:
+                assert read.invoice_id == old.id and read.last_error is not None
+                assert mtd not in got  # the closed period's line items: no month to date
+            else:
+                assert read.invoice_id != old.id and read.last_error is None  # at once
+                assert mtd in got

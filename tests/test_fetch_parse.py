@@ -319,3 +319,12 @@ def test_parse_errors_chain_their_cause_unless_it_quotes_the_server():
     with pytest.raises(FetchDataError, match="is not a timestamp") as quoted:
         parse_page(ORG_A, body)
     assert quoted.value.__cause__ is None and quoted.value.__suppress_context__
+
+
+def test_parse_invoice_csv_takes_an_iso_usage_date_and_skips_a_total_row():
+    """An ISO 8601 Usage Date (2024-06-01) is the day too (it fell out of the daily
+    series, silently); a trailing Total row is no line item (it was counted as one)."""
+    iso = CSV.replace("06/02/2024,06/01/2024,", "2024-06-02,2024-06-01,")
+    total = iso + ',,,,,,,,,,,,,,,,Total,,"$1,012.96"\n'
+    [item] = parse_invoice_csv(total)
+    assert (item.usage_date, item.amount_cents) == (date(2024, 6, 1), 101296)

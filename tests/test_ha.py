@@ -618,3 +618,24 @@ async def test_ha_state_copy_warns_of_a_password_in_the_url_on_the_command_line(
     assert "`ps` shows" in err and "PGPASSWORD" in err, err
     assert postgres_role.password not in out + err
     assert quote(postgres_role.password, safe="") not in out + err
+
+
+async def test_ha_a_standby_exports_no_billing_gauges(world: World, postgres_url: str) -> None:
+    """Only the replica holding the lease exports the billing gauges: a standby's
+    snapshot is not kept up to date (it once exported a stale pending amount and a
+    frozen last read, firing `time() - ..._last_successful_read... > 7200` for a healthy
+    standby and doubling a dashboard's sums)."""
+    from prometheus_client import generate_latest
+
+    config = pg_config(world, postgres_url)
+    async with App(config, clock=FakeClock(world.clock.now())) as leader:
+        assert leader.leadership is not None and await leader.leadership.step()
+        await leader.run_cycle()
+        async with App(config, clock=FakeClock(world.clock.now())) as standby:
+            assert standby.leadership is not None and not await standby.leadership.step()
+            served = generate_latest(standby.metrics.registry).decode()
+            assert "invoice_watch_pending_amount_usd{" not in served
+            assert "invoice_watch_last_successful_read_timestamp_seconds{" not in served
+            led = generate_latest(leader.metrics.registry).decode()
+            assert "invoice_watch_pending_amount_usd{" in led
+            assert "invoice_watch_last_successful_read_timestamp_seconds{" in led

@@ -503,3 +503,41 @@ def test_parse_usage_page_says_whether_a_next_page_exists(
     answer: dict[str, Any], page: int, has_next: bool
 ) -> None:
     assert usage.parse_usage_page("o", "i", answer, page_num=page).has_next is has_next
+
+
+@pytest.mark.parametrize(
+    "amounts",
+    [
+        [2**63 - 1, 2**63 - 1],  # each an int64, their sum none
+        [usage.MAX_ITEM_CENTS + 1],
+        [-usage.MAX_ITEM_CENTS - 1],
+        [usage.MAX_ITEM_CENTS] * (usage.MAX_INVOICE_CENTS // usage.MAX_ITEM_CENTS + 1),
+    ],
+)
+def test_line_item_amounts_whose_sums_could_overflow_are_refused(amounts: list[int]) -> None:
+    """An answer whose amounts (each a valid int64) could add up past an int64 in the
+    state's sums is refused as that organization's line items' FetchDataError."""
+    day = date(2026, 11, 20)
+    answer = {
+        "results": [
+            {"usageDate": f"{day}T00:00:00Z", "groupId": "5f8a1c2e9b3d4a6f7e0c1b21",
+             "clusterName": "orders", "description": "M40", "totalPriceCents": cents}
+            for cents in amounts
+        ],
+        "totalCount": len(amounts),
+    }  # fmt: skip
+    page = usage.parse_usage_page("org", "inv", answer)  # each one is an int64
+    with pytest.raises(FetchDataError, match="line items were not read"):
+        usage.check_amounts("org", "inv", page.items)
+    usage.check_amounts("org", "inv", page.items[:0])  # none: fine
+
+
+@pytest.mark.parametrize(
+    "when", ["9999-12-31T23:59:59-05:00", "0001-01-01T00:00:00+01:00", "2026-13-01T00:00:00Z"]
+)
+def test_a_usage_date_out_of_range_is_a_data_error(when: str) -> None:
+    """A `usageDate` whose UTC day is out of range is a plain FetchDataError (it was an
+    OverflowError, logged as an unexpected failure with its traceback)."""
+    answer = {"results": [{"usageDate": when, "totalPriceCents": 1}], "totalCount": 1}
+    with pytest.raises(FetchDataError, match="usageDate"):
+        usage.parse_usage_page("org", "inv", answer)

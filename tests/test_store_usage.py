@@ -5,6 +5,7 @@ after a restart, a failed fetch keeping what is held."""
 from __future__ import annotations
 
 from datetime import date, timedelta
+from typing import Any
 
 import pytest
 
@@ -95,3 +96,74 @@ async def test_usage_keeps_two_periods_and_a_failure_keeps_what_is_held(
     assert b is not None and b.fetched_at is None and b.attempted_at == failed_at
     a = again.usage.read_state(ORG_A)
     assert a is not None and a.fetched_at == NOW and a.last_error == "HTTP 500 from Atlas"
+
+
+async def test_usage_refuses_an_amount_whose_sums_could_overflow_and_opens_a_state_holding_one(
+    open_state: OpenState,
+) -> None:
+    """Two line items of an int64's largest amount once made SUM(amount_cents) overflow
+    when the state was opened (SQLite: "integer overflow"), a StateError for every
+    command: such an item is refused now, and a state that holds one still opens (its
+    sums leave it out)."""
+    from invoice_watch.atlas.bounds import INT64_MAX
+    from invoice_watch.store.sql.usage import MAX_ITEM_CENTS
+
+    store = await open_state()
+    huge = day_items(date(2026, 11, 1), 2, INT64_MAX)
+    with pytest.raises(ValueError, match="more than USD"):
+        await store.usage.record(ORG_A, "inv-nov", date(2026, 11, 1), huge, "search", NOW)
+    assert store.usage.read_state(ORG_A) is None
+    await store.usage.record(
+        ORG_A, "inv-nov", date(2026, 11, 1), day_items(date(2026, 11, 1), 3, 100), "search", NOW
+    )
+
+    def legacy(conn: Any) -> None:  # what a state written before the bound may hold
+        conn.execute(
+            "UPDATE line_items SET amount_cents=? WHERE org_id=? AND usage_date<>?",
+            (INT64_MAX, ORG_A, "2026-11-01"),
+        )
+
+    from invoice_watch.store.unit_of_work import SqlStore
+
+    assert isinstance(store, SqlStore)
+    await store.database.write(legacy, "a state written before the bound")
+    await store.close()
+    again = await open_state()
+    assert again.usage.project_totals(ORG_A) == {(P1, "Web"): 100}
+    assert MAX_ITEM_CENTS * 160_000 < INT64_MAX
+
+
+async def test_usage_a_project_renamed_mid_period_is_one_project_of_its_latest_name(
+    open_state: OpenState,
+) -> None:
+    """Month to date per project is keyed by the project's id, named as its latest day
+    names it (a rename once split it in two), before and after a restart."""
+    store = await open_state()
+    items = [
+        LineItem("Old name" if n < 3 else "New name", "M10", "c0", 100, P1,
+                 date(2026, 11, 1) + timedelta(days=n))
+        for n in range(5)
+    ]  # fmt: skip
+    await store.usage.record(ORG_A, "inv-nov", date(2026, 11, 1), items, "csv", NOW)
+    assert store.usage.project_totals(ORG_A) == {(P1, "New name"): 500}
+    await store.close()
+    again = await open_state()
+    assert again.usage.project_totals(ORG_A) == {(P1, "New name"): 500}
+
+
+async def test_usage_a_reissued_invoice_of_the_period_replaces_the_old_copy(
+    open_state: OpenState,
+) -> None:
+    """A pending invoice re-issued in its period (a new id, the same start): its line
+    items replace the old copy's (both were kept: the days doubled and last month's
+    period fell out of the two kept)."""
+    store = await open_state()
+    usage = store.usage
+    oct_items = day_items(date(2026, 10, 1), 31)
+    await usage.record(ORG_A, "inv-oct", date(2026, 10, 1), oct_items, "search", NOW, current=False)
+    nov = day_items(date(2026, 11, 1), 5)
+    await usage.record(ORG_A, "inv-nov", date(2026, 11, 1), nov, "search", NOW)
+    await usage.record(ORG_A, "inv-nov-2", date(2026, 11, 1), nov, "search", NOW)
+    periods = await usage.periods(ORG_A)
+    assert [(p.invoice_id, len(p.items)) for p in periods] == [("inv-nov-2", 5), ("inv-oct", 31)]
+    assert usage.project_totals(ORG_A) == {(P1, "Web"): 500}

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
+import functools
 import random
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from datetime import date
@@ -79,7 +80,12 @@ class AtlasClient:
         self._explain = self._transport.explain
         self._max_values = max_values(config.max_response_size)
         self._paging = Paging(self._transport, self._max_values)
-        self._usage = UsageReader(self._transport, config.api, self.invoice_line_items)
+        self._usage = UsageReader(
+            self._transport,
+            config.api,
+            functools.partial(self.invoice_line_items, quiet=True),
+            self._clock.monotonic,
+        )
 
     def __repr__(self) -> str:
         return f"AtlasClient(base_url={self._explain.base!r}, api={self._config.api!r})"
@@ -202,14 +208,18 @@ class AtlasClient:
             # redacted, with its traceback, by unexpected()).
             raise self._explain.unexpected(org_id, "reading its pending invoices", exc) from None
 
-    async def invoice_line_items(self, org_id: str, invoice_id: str) -> list[LineItem]:
-        """Line items of one invoice, from its CSV. Raises FetchError only."""
+    async def invoice_line_items(
+        self, org_id: str, invoice_id: str, *, quiet: bool = False
+    ) -> list[LineItem]:
+        """Line items of one invoice, from its CSV (``quiet``: retries logged at DEBUG,
+        :meth:`Transport.get`). Raises FetchError only."""
         body = await self._transport.get(
             org_id,
             f"/orgs/{org_id}/invoices/{invoice_id}/csv",
             {},
             endpoint="/orgs/{orgId}/invoices/{invoiceId}/csv",
             csv_body=True,
+            quiet=quiet,
         )
         try:
             if len(body) > PARSE_INLINE:  # off the event loop

@@ -19,6 +19,7 @@ import io
 import json
 import re
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal, InvalidOperation
@@ -381,6 +382,8 @@ def parse_invoice_csv(text: str, max_rows: int | None = None) -> list[LineItem]:
         raise ValueError("no blank line between the header block and the line items")
     items: list[LineItem] = []
     for row in csv.DictReader(io.StringIO(blocks[1])):  # one row at a time
+        if _is_total(row):
+            continue  # a sum of the rows above, not a line item
         if len(items) >= limit:
             raise ValueError(f"more than {limit:,} line items")
         amount = (row.get("Amount") or "").replace("$", "").replace(",", "").strip()
@@ -409,13 +412,29 @@ def _is_hex24(value: str) -> bool:
     return len(value) == 24 and all(c in "0123456789abcdef" for c in value)
 
 
+_TOTALS = frozenset({"total", "subtotal", "grand total", "total:", "subtotal:"})
+
+
+def _is_total(row: Mapping[str | None, Any]) -> bool:
+    """A row that sums the others (``,,,Total,$5.00``): no SKU, and a cell that says
+    Total or Subtotal."""
+    if (row.get("SKU") or "").strip():
+        return False
+    return any(
+        isinstance(value, str) and value.strip().lower() in _TOTALS for value in row.values()
+    )
+
+
 def _usage_date(value: str | None) -> date | None:
-    """The CSV's ``Usage Date`` (``MM/DD/YYYY``, the day the usage was of); None when
-    absent or not such a date (a line of the whole period)."""
+    """The CSV's ``Usage Date`` (``MM/DD/YYYY``, the day the usage was of; an ISO 8601
+    ``YYYY-MM-DD`` too); None when absent or not such a date (a line of the whole
+    period)."""
     text = (value or "").strip()
     if len(text) != 10:
         return None
-    try:
-        return datetime.strptime(text, "%m/%d/%Y").date()
-    except ValueError:
-        return None
+    for form in ("%m/%d/%Y", "%Y-%m-%d"):
+        try:
+            return datetime.strptime(text, form).date()
+        except ValueError:
+            continue
+    return None

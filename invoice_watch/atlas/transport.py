@@ -123,12 +123,15 @@ class Transport:
         endpoint: str,
         csv_body: bool = False,
         json_body: Body | None = None,
+        quiet: bool = False,
     ) -> bytes:
         """GET with retries; returns the body of a 2xx answer or raises FetchError whose
         message says what to fix (:data:`~.errors.FIXES`). ``path`` follows the API's
         prefix; ``endpoint``: its template (``/orgs/{orgId}/invoices``), for
         deprecation warnings. ``json_body``: a request body and its media type (sent as
-        ``Content-Type`` and ``Accept``: ``lineItems:search``, a GET with a body)."""
+        ``Content-Type`` and ``Accept``: ``lineItems:search``, a GET with a body).
+        ``quiet``: each retry is logged at DEBUG, not WARNING (a caller that logs the
+        outcome once while it lasts: the line items stage)."""
         explainer = self.explain
         url = f"{explainer.base}{explainer.prefix}{path}"
         endpoint = explainer.prefix + endpoint
@@ -205,7 +208,8 @@ class Transport:
                 # out), as Atlas's documentation advises.
                 more = backoff(throttled - 2, base=_BACKOFF_BASE, cap=cap, rng=self._rng)
                 delay = min(delay + more, MAX_RETRY_AFTER)
-            log.warning(
+            log.log(
+                logging.DEBUG if quiet else logging.WARNING,
                 "%s: %s: %s; retry %d of %d in %.1fs",
                 explainer.org_label(org_id),
                 path,

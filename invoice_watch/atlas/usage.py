@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import TYPE_CHECKING, Any, Literal
@@ -50,11 +50,43 @@ MAX_ITEMS = MAX_PAGES * ITEMS_PER_PAGE
 # What an Atlas without the v2 operation (or its resource version) answers it: the CSV
 # is read instead.
 UNSUPPORTED = frozenset({404, 406, 415})
+# How long (seconds) an organization whose search answered one of them is read through
+# the CSV before the search is tried again: less than usage.refresh's default (6 h),
+# so that its next refresh tries the search again.
+FALLBACK_SECONDS = 3600.0
 Source = Literal["search", "csv"]
 _HEX24 = re.compile(r"[a-f0-9]{24}")
 _LABEL = 120  # characters of a project, cluster or SKU name (as atlas/parse.py cuts them)
 
 SortField = Literal["USAGE_DATES", "BILL_DATES", "TOTAL_PRICE_CENTS"]
+
+# The most one line item (one day of one SKU of one cluster) may amount to, either
+# sign: USD 100 billion; and the most the line items of one invoice may add up to, their
+# amounts taken without sign: USD 10 trillion. Larger is no bill but a broken answer:
+# refused, so that no sum the state or a report takes of them can overflow an int64
+# (MAX_ITEMS items of MAX_ITEM_CENTS each stay far below INT64_MAX).
+MAX_ITEM_CENTS = 10**13
+MAX_INVOICE_CENTS = 10**15
+
+
+def check_amounts(org_id: str, invoice_id: str, items: Sequence[LineItem]) -> None:
+    """FetchDataError when a line item's amount is over :data:`MAX_ITEM_CENTS`, or all
+    of them (without sign) over :data:`MAX_INVOICE_CENTS`: the answer is refused."""
+    total = 0
+    for item in items:
+        if abs(item.amount_cents) > MAX_ITEM_CENTS:
+            raise FetchDataError(
+                org_id,
+                f"invoice {invoice_id}: a line item amounts to more than "
+                f"USD {MAX_ITEM_CENTS // 100:,}; the line items were not read",
+            )
+        total += abs(item.amount_cents)
+    if total > MAX_INVOICE_CENTS:
+        raise FetchDataError(
+            org_id,
+            f"invoice {invoice_id}: the line items add up to more than "
+            f"USD {MAX_INVOICE_CENTS // 100:,}; the line items were not read",
+        )
 
 
 def search_body(
@@ -79,6 +111,11 @@ def search_body(
     return {"filters": filters, "sortField": sort_field, "sortOrder": "ASCENDING"}
 
 
+class TooManyLineItems(FetchDataError):
+    """The search goes on past :data:`MAX_PAGES`: more line items than are kept. Not
+    worth trying again soon (the line items stage backs off)."""
+
+
 @dataclass(frozen=True)
 class UsagePage:
     """One page of a search: its line items, ``totalCount`` (None when absent), and
@@ -97,16 +134,22 @@ def _label(value: object, default: str) -> str:
 
 
 def _day(org_id: str, invoice_id: str, value: object) -> date:
-    """``usageDate`` (ISO 8601 date-time, UTC; a bare date accepted) -> its UTC day."""
+    """``usageDate`` (ISO 8601 date-time, UTC; a bare date accepted) -> its UTC day.
+    FetchDataError when it is none, or out of range (a UTC day past year 9999)."""
     if isinstance(value, str) and len(value) <= 40:
         try:
             when = datetime.fromisoformat(value.replace("Z", "+00:00"))
         except ValueError:
             pass
         else:
-            if when.tzinfo is not None:
+            if when.tzinfo is None:
+                return when.date()
+            try:
                 return when.astimezone(UTC).date()
-            return when.date()
+            except OverflowError:
+                raise FetchDataError(
+                    org_id, f"invoice {invoice_id}: a line item's `usageDate` is out of range"
+                ) from None
     raise FetchDataError(
         org_id, f"invoice {invoice_id}: a line item's `usageDate` is not an ISO 8601 timestamp"
     )
@@ -179,33 +222,57 @@ CsvReader = Callable[[str, str], Awaitable[list[LineItem]]]
 class UsageReader:
     """Fetches an invoice's daily line items on the client's ``transport``: every page
     of ``lineItems:search`` (v2), else the CSV (``csv``: the client's reader of
-    ``/invoices/{id}/csv``). An Atlas that answers the search 404, 406 or 415 is read
-    through the CSV from then on (for this reader's life)."""
+    ``/invoices/{id}/csv``). Where the search answers 404, 406 or 415 (an Atlas without
+    it, or a 404 of that one invoice), THAT organization is read through the CSV for
+    :data:`FALLBACK_SECONDS` (``monotonic``: the clock's), then the search is tried
+    again; other organizations are not touched."""
 
-    def __init__(self, transport: Transport, api: str, csv: CsvReader) -> None:
+    def __init__(
+        self, transport: Transport, api: str, csv: CsvReader, monotonic: Callable[[], float]
+    ) -> None:
         self._transport = transport
         self._csv = csv
-        self.search_supported = api == "v2"
+        self._monotonic = monotonic
+        self.search_served = api == "v2"
+        self._csv_until: dict[str, float] = {}  # org -> monotonic end of its fallback
+
+    def search_supported(self, org_id: str) -> bool:
+        """Whether the organization's line items are read with the search now."""
+        if not self.search_served:
+            return False
+        until = self._csv_until.get(org_id)
+        if until is None:
+            return True
+        if self._monotonic() >= until:
+            del self._csv_until[org_id]
+            return True
+        return False
 
     async def fetch(
         self, org_id: str, invoice_id: str, names: Mapping[str, str] | None = None
     ) -> UsageFetch:
         """The invoice's line items (``names``: project id -> name). Raises FetchError
-        only, as the other reads do (:mod:`~invoice_watch.atlas.errors`)."""
-        if self.search_supported:
+        only, as the other reads do (:mod:`~invoice_watch.atlas.errors`); amounts out
+        of bounds too (:func:`check_amounts`)."""
+        if self.search_supported(org_id):
             try:
-                return UsageFetch(await self.search(org_id, invoice_id, names), "search")
+                items = await self.search(org_id, invoice_id, names)
             except FetchStatusError as exc:
                 if exc.status not in UNSUPPORTED:
                     raise
-                self.search_supported = False
-        return UsageFetch(tuple(await self._csv(org_id, invoice_id)), "csv")
+                self._csv_until[org_id] = self._monotonic() + FALLBACK_SECONDS
+            else:
+                check_amounts(org_id, invoice_id, items)
+                return UsageFetch(items, "search")
+        items = tuple(await self._csv(org_id, invoice_id))
+        check_amounts(org_id, invoice_id, items)
+        return UsageFetch(items, "csv")
 
     async def search(
         self, org_id: str, invoice_id: str, names: Mapping[str, str] | None = None
     ) -> tuple[LineItem, ...]:
         """Every page of the invoice's ``lineItems:search``, at most :data:`MAX_PAGES`
-        (FetchDataError past it)."""
+        (:class:`TooManyLineItems` past it)."""
         body = Body(json.dumps(search_body()).encode(), USAGE_MEDIA_TYPE)
         path = PATH.format(orgId=org_id, invoiceId=invoice_id)
         items: list[LineItem] = []
@@ -216,12 +283,13 @@ class UsageReader:
                 {"itemsPerPage": str(ITEMS_PER_PAGE), "pageNum": str(page_num)},
                 endpoint=PATH,
                 json_body=body,
+                quiet=True,  # the line items stage logs the outcome once while it lasts
             )
             page = await _parse(org_id, invoice_id, raw, page_num, names)
             items.extend(page.items)
             if not page.has_next or not page.items:
                 return tuple(items)
-        raise FetchDataError(
+        raise TooManyLineItems(
             org_id,
             f"invoice {invoice_id}: the line item search goes on past {MAX_PAGES} pages "
             f"({MAX_ITEMS:,} line items); the line items were not read",

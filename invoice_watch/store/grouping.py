@@ -18,7 +18,7 @@ from typing import TypeVar
 from invoice_watch.constants import MESSAGE_MAX_EVENTS
 from invoice_watch.safe_text import one_line
 from invoice_watch.store.protocols import AlertChange
-from invoice_watch.types import AlertEvent, Part
+from invoice_watch.types import AlertEvent, Part, usage_subject
 
 T = TypeVar("T")
 
@@ -102,6 +102,8 @@ def summarize(events: Sequence[AlertEvent], part: Part | None = None) -> str:
         parts = [str(e.kind), e.rule, e.org_name]
         if e.invoice_id:
             parts.append(e.invoice_id)
+        elif subject := usage_subject(e.key, e.rule, e.org_id):
+            parts.append(subject)  # which project, cluster or SKU
         return one_line(" ".join(parts))
     return group_summary(len(events), part)
 

@@ -27,6 +27,11 @@ KEEP_PERIODS = 2
 # Line items one period may hold (a month of daily line items of 1,000 clusters with 5
 # SKUs each): more are refused, not stored.
 MAX_ITEMS = 160_000
+# The most one line item held may amount to, either sign (USD 100 billion; as
+# atlas/usage.py refuses larger): MAX_ITEMS of them sum far below an int64, so that the
+# SUM below never overflows (SQLite raises on it). Rows over it (a state written before
+# the bound) are left out of the sums.
+MAX_ITEM_CENTS = 10**13
 _LABEL = 200  # characters of a project, cluster or SKU name kept
 
 ProjectTotals = Mapping[tuple[str, str], int]  # (project id, project name) -> cents
@@ -59,12 +64,35 @@ def _item_from_row(row: Sequence[Any]) -> LineItem:
     )
 
 
+def _merged(rows: Sequence[tuple[str, str, str | None, int]]) -> dict[tuple[str, str], int]:
+    """(project id, name, usage day, cents) -> cents per project, one entry per project
+    id (the name of its latest day: a project renamed mid-period is one project); a
+    line item without a project id is a project of its name."""
+    cents: dict[str, int] = {}
+    named: dict[str, tuple[str, str]] = {}  # id -> (day, name)
+    for project_id, project, day, amount in rows:
+        key = project_id or f"name:{project}"
+        cents[key] = cents.get(key, 0) + amount
+        if key not in named or (day or "") >= named[key][0]:
+            named[key] = (day or "", project)
+    return {
+        (key if not key.startswith("name:") else "", named[key][1]): total
+        for key, total in cents.items()
+    }
+
+
 def _totals(items: Sequence[LineItem]) -> dict[tuple[str, str], int]:
-    totals: dict[tuple[str, str], int] = {}
-    for item in items:
-        key = (item.project_id, item.project)
-        totals[key] = totals.get(key, 0) + item.amount_cents
-    return totals
+    return _merged(
+        [
+            (
+                item.project_id,
+                item.project,
+                item.usage_date.isoformat() if item.usage_date else None,
+                item.amount_cents,
+            )
+            for item in items
+        ]
+    )
 
 
 class SqlUsage:
@@ -84,14 +112,17 @@ class SqlUsage:
                 "last_error FROM line_item_reads"
             )
         }
-        totals: dict[str, dict[tuple[str, str], int]] = {}
-        for org_id, project_id, project, cents in conn.execute(
-            "SELECT l.org_id, l.project_id, l.project, SUM(l.amount_cents) FROM line_items l "
+        rows: dict[str, list[tuple[str, str, str | None, int]]] = {}
+        for org_id, project_id, project, day, cents in conn.execute(
+            "SELECT l.org_id, l.project_id, l.project, MAX(l.usage_date), "
+            "SUM(l.amount_cents) FROM line_items l "
             "JOIN line_item_reads r ON r.org_id = l.org_id AND r.invoice_id = l.invoice_id "
-            "GROUP BY l.org_id, l.project_id, l.project"
+            "WHERE l.amount_cents BETWEEN ? AND ? "
+            "GROUP BY l.org_id, l.project_id, l.project",
+            (-MAX_ITEM_CENTS, MAX_ITEM_CENTS),
         ):
-            totals.setdefault(org_id, {})[(project_id, project)] = int(cents)
-        self._totals = totals
+            rows.setdefault(org_id, []).append((project_id, project, day, int(cents)))
+        self._totals = {org_id: _merged(found) for org_id, found in rows.items()}
 
     # -- cached reads ------------------------------------------------------------------
 
@@ -146,12 +177,18 @@ class SqlUsage:
         current: bool = True,
     ) -> None:
         """The line items of one invoice of the organization, fetched ``at`` by
-        ``source``: they replace those held of that invoice, in one transaction, and
+        ``source``: they replace those held of that invoice and of any other invoice of
+        the same billing period (a pending invoice re-issued), in one transaction, and
         periods older than :data:`KEEP_PERIODS` are forgotten. ``current``: the pending
         invoice's (the fetch time and the cached totals move); otherwise a past
-        period's, read once. ValueError for more than :data:`MAX_ITEMS` items."""
+        period's, read once. ValueError for more than :data:`MAX_ITEMS` items, or one
+        over :data:`MAX_ITEM_CENTS` (either sign)."""
         if len(items) > MAX_ITEMS:
             raise ValueError(f"{len(items)} line items, more than the {MAX_ITEMS} kept")
+        if any(abs(item.amount_cents) > MAX_ITEM_CENTS for item in items):
+            raise ValueError(
+                f"a line item amounts to more than USD {MAX_ITEM_CENTS // 100:,}; not kept"
+            )
         start = period_start.isoformat()
         stamp = at.isoformat()
         rows = [
@@ -170,8 +207,9 @@ class SqlUsage:
         ]
 
         def run(conn: SqlConnection) -> None:
-            conn.execute(
-                "DELETE FROM line_items WHERE org_id=? AND invoice_id=?", (org_id, invoice_id)
+            conn.execute(  # and another invoice's of the same period: a re-issued one
+                "DELETE FROM line_items WHERE org_id=? AND (invoice_id=? OR period_start=?)",
+                (org_id, invoice_id, start),
             )
             conn.executemany(
                 "INSERT INTO line_items (org_id, invoice_id, period_start, usage_date, "
