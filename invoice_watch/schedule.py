@@ -106,6 +106,7 @@ class PollLoop:
         self._changed = asyncio.Event()
         self._late = False  # cycles run late: warned about
         self._warned_during = False  # ... during the cycle in flight
+        self._stopped = False  # run() has ended (cancelled: the daemon stops)
         self.in_flight: asyncio.Task[None] | None = None
         self.started_at: float | None = None  # monotonic start of the cycle in flight
 
@@ -121,6 +122,12 @@ class PollLoop:
         self._changed.set()
 
     async def run(self) -> None:
+        try:
+            await self._run()
+        finally:
+            self._stopped = True  # no next cycle starts: the one in flight is not late
+
+    async def _run(self) -> None:
         clock, schedule = self._clock, self.schedule
         while True:
             self._changed.clear()
@@ -141,9 +148,11 @@ class PollLoop:
             self.in_flight = asyncio.create_task(self._cycle(), name="cycle")
             self.in_flight.add_done_callback(functools.partial(self._ended, began))
 
-    def _ended(self, began: float, _: asyncio.Task[None]) -> None:
+    def _ended(self, began: float, task: asyncio.Task[None]) -> None:
         """The cycle in flight ended (its task's done callback)."""
         self.in_flight = self.started_at = None
+        if task.cancelled() or self._stopped:
+            return  # a stop: no next cycle starts, so this one is not late
         self._check_late(began, self._clock.monotonic())
 
     def _warn_late(self) -> None:

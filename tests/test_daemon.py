@@ -28,12 +28,14 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from invoice_watch import daemon as daemon_module
 from invoice_watch import ops
 from invoice_watch.app import App
 from invoice_watch.clock import FakeClock
 from invoice_watch.health import health, in_flight_from_reads, progress_limit
 from invoice_watch.schedule import PollSchedule
-from tests.conftest import base_config, make_config
+from tests.conftest import ORG_B, base_config, make_config
+from tests.hand_atlas import HandAtlas, hand_config
 from tests.loopback import LoopbackServer
 from tests.manual_clock import ManualClock
 from tests.world import World
@@ -302,6 +304,36 @@ async def test_a_cycle_slower_than_the_interval_is_explained_once_and_the_next_s
     assert "the late poll cycle took 2.5s (poll.interval 2s)" in caplog.messages
     assert "poll cycles fit in poll.interval (2s) again: the last took 0.5s" in caplog.messages
     assert not any("maximum number of running instances" in m for m in caplog.messages)
+
+
+async def test_a_cycle_stopped_by_a_stop_past_its_interval_is_not_late(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+):
+    """A stop (SIGTERM) while a cycle hangs: the cycle is stopped once the stop's budget
+    is spent (real time: 0.1 s here), after its interval passed on the clock. No next
+    cycle starts, so it is not late: no late-cycle warning, no "the late poll cycle
+    took" line, invoice_watch_cycles_late_total stays 0 (all three came before)."""
+    monkeypatch.setattr(daemon_module, "SHUTDOWN_SECONDS", 4.0)  # the cycle's budget: 0.1 s
+    caplog.set_level(logging.INFO)
+    clock = ManualClock()
+    async with HandAtlas() as atlas:
+        atlas.gates[ORG_B] = asyncio.Event()  # never set: B's listing hangs
+        config = hand_config(tmp_path, atlas.url, poll={"interval": "2s"})
+        async with App(config, clock=clock) as app:
+            stop = asyncio.Event()
+            daemon = asyncio.create_task(app.serve(stop))
+            await eventually(lambda: any(org == ORG_B for org, _ in atlas.asked))
+            (poll,) = [t for t in asyncio.all_tasks() if t.get_name() == "poll"]
+            stop.set()
+            await eventually(poll.done)  # no next cycle starts ...
+            clock.advance(3)  # ... when the hanging one's interval has passed
+            await asyncio.wait_for(daemon, 15)
+            late = late_cycles(app)
+        atlas.gates[ORG_B].set()  # the server closes without waiting for the listing
+    assert any("did not finish in" in m for m in caplog.messages)
+    assert not any("still running at the start of the next" in m for m in caplog.messages)
+    assert not any("the late poll cycle took" in m for m in caplog.messages)
+    assert late == 0
 
 
 # -- the HTTP endpoint: bounded, and apart from the cycle (issue 12 §3) ---------------
