@@ -27,6 +27,7 @@ from invoice_watch.notify import (
     WebhookNotifier,
     webhook,
 )
+from invoice_watch.notify.http import HttpNotifier
 from invoice_watch.notify.render import facts
 from invoice_watch.notify.render.alertmanager import alertmanager_alert
 from invoice_watch.notify.render.pagerduty import pagerduty_event
@@ -207,6 +208,8 @@ async def test_receiver_unreachable_names_host_port_and_setting(
     with pytest.raises(RetryableNotifyError) as raised:
         await notifier.send([pending_event()])
     message = str(raised.value)
+    assert isinstance(notifier, HttpNotifier)
+    assert f"'{notifier.name}': {notifier.label} is unreachable: " in message  # a sentence
     assert f"127.0.0.1:{closed_port}: connection refused" in message
     assert f"notifiers.{notifier.name}." in message
 

@@ -300,7 +300,7 @@ async def test_send_connection_refused_is_retryable(closed_port: int, kind: str)
         if kind == "webhook"
         else SlackBotNotifier("b", TOKEN, "#billing", base + "/api/")
     )
-    with pytest.raises(RetryableNotifyError, match="Slack unreachable"):
+    with pytest.raises(RetryableNotifyError, match="Slack is unreachable"):
         await notifier.send([pending_event()])
 
 
@@ -312,7 +312,7 @@ async def test_webhook_send_connection_dropped_is_retryable() -> None:
     port = server.sockets[0].getsockname()[1]
     try:
         notifier = SlackWebhookNotifier("w", f"http://127.0.0.1:{port}/services/T000/B000/XXXX")
-        closed = r"Slack unreachable: 127.0.0.1:\d+ closed the connection without answering"
+        closed = r"Slack is unreachable: 127.0.0.1:\d+ closed the connection without answering"
         with pytest.raises(RetryableNotifyError, match=closed):
             await notifier.send([pending_event()])
     finally:

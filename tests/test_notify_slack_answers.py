@@ -307,7 +307,7 @@ async def unreachable(notifier: Notifier) -> str:
     with pytest.raises(RetryableNotifyError) as info:
         await notifier.send([pending_event()])
     message = str(info.value)
-    assert "Slack unreachable: " in message and WEBHOOK_PATH not in message
+    assert "Slack is unreachable: " in message and WEBHOOK_PATH not in message
     return message
 
 

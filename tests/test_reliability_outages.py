@@ -154,7 +154,7 @@ async def test_outage_slack_connection_refused_keeps_messages_until_it_is_back(w
         await app.run_cycle()
         assert await app.deliverer.drain(60) == 2  # still pending, not failed
     status = await status_text(down)
-    assert "Undelivered notifications: 2" in status and "Slack unreachable" in status
+    assert "Undelivered notifications: 2" in status and "Slack is unreachable" in status
     assert "PENDING" in status and "FAILED" not in status
 
     world.clock.advance(timedelta(minutes=30))  # Slack is reachable again

@@ -149,7 +149,7 @@ class Receiver:
     notifier's words, what went wrong.
 
     ``kind`` names the notifier type in messages (``slack notifier 'ops'``), ``label``
-    the receiver (``Slack unreachable``), ``setting`` the config key of the address,
+    the receiver (``Slack is unreachable``), ``setting`` the config key of the address,
     ``secrets`` the values no message may show beyond the registered ones (a webhook's
     URL and its path, which an answer may echo)."""
 
@@ -386,7 +386,7 @@ class Receiver:
             detail = f"the answer from {host}:{port}{via} is not valid HTTP ({type(exc).__name__})"
         else:
             detail = f"the connection to {host}:{port}{via} broke off ({cause})"
-        return f"{self.who}: {self.label} unreachable: {detail}"
+        return f"{self.who}: {self.label} is unreachable: {detail}"
 
 
 class HttpNotifier(BaseNotifier):
