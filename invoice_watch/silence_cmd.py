@@ -15,6 +15,7 @@ from typing import TextIO
 
 from invoice_watch.config import Config
 from invoice_watch.errors import UsageError
+from invoice_watch.format import ago
 from invoice_watch.ops import table
 from invoice_watch.silences import new_silence, parse_for, parse_until
 from invoice_watch.store import location, silences_writer
@@ -24,9 +25,7 @@ from invoice_watch.store.records import Silence
 def _ends(silence: Silence, now: datetime) -> str:
     if silence.ends_at <= now:
         return f"ended {silence.ends_at:%Y-%m-%d %H:%M}Z"
-    left = silence.ends_at - now
-    hours, rest = divmod(int(left.total_seconds()), 3600)
-    return f"{silence.ends_at:%Y-%m-%d %H:%M}Z (in {hours}h{rest // 60:02d}m)"
+    return f"{silence.ends_at:%Y-%m-%d %H:%M}Z ({ago(silence.ends_at, now)})"
 
 
 def silence_rows(silences: list[Silence], now: datetime) -> str:

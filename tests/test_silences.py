@@ -745,3 +745,16 @@ def test_summary_shows_quiet_hours_and_that_they_do_not_count_toward_max_age():
         "; quiet hours 00:00-00:00 Europe/Berlin on sat, sun, critical at once "
         "(longest 2d, not counted toward max_age)"
     )
+
+
+@pytest.mark.parametrize(
+    ("left", "shown"),
+    [(timedelta(seconds=50), "(in 50s)"), (timedelta(hours=26, minutes=3), "(in 1d 2h)")],
+)
+def test_silence_list_says_when_a_silence_ends_to_the_second_under_a_minute(
+    left: timedelta, shown: str
+):
+    """50 s left read "(in 0h00m)": the ends column says it as every table does."""
+    now = datetime(2026, 11, 15, 12, 0, tzinfo=UTC)
+    silence = Silence("s1", "failed-charge", None, None, now, now + left, "", now)
+    assert shown in silence_cmd.silence_rows([silence], now)
