@@ -131,7 +131,7 @@ def written_keys(path: Path) -> dict[str, str]:
             if exc.kind == "a folder"
             else ("name a regular file")
         )
-        raise UsageError(f"--write-config {path}: it is {exc.kind}, not a file; {fix}") from None
+        raise UsageError(f"--write-config {path}: it is {exc.kind}, not a file; {fix}") from exc
     except FileTooLarge:
         raw = b""  # not one simulate wrote
     except OSError as exc:
@@ -184,7 +184,7 @@ def write_simulator_config(sim: Simulator, path: Path) -> None:
         if temporary is not None:
             with contextlib.suppress(OSError):
                 os.unlink(temporary)
-        raise OSError(exc.errno, exc.strerror, str(path)) from None
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
     except BaseException:
         if temporary is not None:
             with contextlib.suppress(OSError):

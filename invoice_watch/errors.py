@@ -18,9 +18,16 @@
         │                          the recipients ``owed`` only, when some got it)
         └── PermanentNotifyError   retrying cannot help (bad token, SMTP 5xx)
 
-Third-party exceptions (aiohttp, slack-sdk, aiosmtplib, sqlite3) are converted where our
-code calls the library, with ``raise ... from exc``; they never cross a module boundary.
-Messages say what to do about the problem, and never contain a secret.
+Third-party exceptions (aiohttp, slack-sdk, aiosmtplib, sqlite3, psycopg) are converted
+where our code calls the library, with ``raise ... from exc``; they never cross a module
+boundary. Messages say what to do about the problem, and never contain a secret.
+
+``raise ... from None`` is allowed in one case only: the cause's text may carry a secret
+or data we redact (a URL with its password, a config line, a server's answer as it
+came), and a traceback (the daemon logs one for an unexpected failure) would show it.
+Such a site says so in a comment above it (``# Not chained: ...``); every other
+conversion chains its cause. The CLI prints an error's message, never its cause or a
+traceback, so chaining changes no output.
 """
 
 from __future__ import annotations

@@ -312,7 +312,7 @@ class HttpEndpoint:
             logging.getLogger("aiohttp.server").removeFilter(self._throttle)
             logging.getLogger("asyncio").removeFilter(self._accept_throttle)
             await runner.cleanup()
-            raise listen_error(self.host, self.port, exc) from None
+            raise listen_error(self.host, self.port, exc) from exc
         self._runner = runner
         self._watch = asyncio.create_task(self._watch_writes(handler), name="http-stalls")
         bound: int = self._server.sockets[0].getsockname()[1]

@@ -69,7 +69,7 @@ async def add(
             until=parse_until(until) if until is not None else None,
         )
     except ValueError as exc:
-        raise UsageError(str(exc)) from None
+        raise UsageError(str(exc)) from exc
     async with silences_writer(location(config.state)) as silences:
         await silences.add(silence)
     print(f"silence {silence.id} added, until {silence.ends_at:%Y-%m-%d %H:%M %Z}", file=out)

@@ -165,11 +165,11 @@ def parse_until(text: str) -> datetime:
     ``...Z``); :class:`ValueError` otherwise."""
     try:
         when = datetime.fromisoformat(text.strip())
-    except ValueError:
+    except ValueError as exc:
         raise ValueError(
             f"--until {text!r}: use an ISO 8601 time with its offset, e.g. "
             "2025-07-01T08:00+02:00 or 2025-07-01T06:00Z"
-        ) from None
+        ) from exc
     if when.tzinfo is None:
         raise ValueError(f"--until {text!r} needs an offset, e.g. +02:00 or Z")
     return when

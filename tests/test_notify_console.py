@@ -83,6 +83,8 @@ async def test_console_a_closed_output_keeps_the_message(
         await ConsoleNotifier("out").send([pending_event()])
     assert "standard output is closed" in str(info.value)
     assert "stays in the outbox and goes out at the next run" in str(info.value)
+    if kind != "none":  # chained to the OSError or ValueError (errors.py)
+        assert isinstance(info.value.__cause__, OSError | ValueError)
     if kind == "broken pipe":
         with pytest.raises(OSError):
             stream.close()  # its buffer cannot be flushed either

@@ -25,6 +25,7 @@ from invoice_watch.silences import (
     on_lift,
     on_release,
     parse_for,
+    parse_until,
 )
 from invoice_watch.store.records import Silence
 from invoice_watch.types import AlertEvent, EventKind, Severity
@@ -758,3 +759,10 @@ def test_silence_list_says_when_a_silence_ends_to_the_second_under_a_minute(
     now = datetime(2026, 11, 15, 12, 0, tzinfo=UTC)
     silence = Silence("s1", "failed-charge", None, None, now, now + left, "", now)
     assert shown in silence_cmd.silence_rows([silence], now)
+
+
+def test_a_bad_until_says_what_to_write_and_is_chained_to_its_cause():
+    """errors.py: a conversion chains its cause unless that could show a secret."""
+    with pytest.raises(ValueError, match="use an ISO 8601 time with its offset") as raised:
+        parse_until("tomorrow")
+    assert isinstance(raised.value.__cause__, ValueError)

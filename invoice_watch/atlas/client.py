@@ -245,6 +245,7 @@ class AtlasClient:
         except FetchError:
             raise
         except Exception as exc:  # a body no check foresaw
+            # Not chained: as for the pending invoices (unexpected() logs it redacted).
             raise self._explain.unexpected(org_id, "reading an invoice's line items", exc) from None
 
 

@@ -373,6 +373,6 @@ def demo() -> int:
         raise
     except OSError as exc:  # no temporary folder, no loopback port
         if exc.errno == errno.EPIPE:  # the demo saw its reader go (see demo._Watched)
-            raise OutputError(exc.errno, exc.strerror) from None
+            raise OutputError(exc.errno, exc.strerror) from exc
         print_error(f"invoice-watch demo: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "))
         return 1

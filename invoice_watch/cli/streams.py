@@ -40,7 +40,7 @@ class Output(io.TextIOBase):
         except OutputError:
             raise
         except OSError as exc:
-            raise OutputError(exc.errno, exc.strerror) from None
+            raise OutputError(exc.errno, exc.strerror) from exc
         return len(text)
 
     def flush(self) -> None:
@@ -49,7 +49,7 @@ class Output(io.TextIOBase):
         try:
             self._stream.flush()
         except OSError as exc:
-            raise OutputError(exc.errno, exc.strerror) from None
+            raise OutputError(exc.errno, exc.strerror) from exc
 
     def writable(self) -> bool:
         return True

@@ -189,6 +189,7 @@ def _check_state_url(value: Secret) -> Secret:
         parts = urlsplit(value.get())
         parts.port  # noqa: B018 (raises on a bad port)
     except ValueError:
+        # Not chained: the cause may quote the URL, and with it the password.
         raise ValueError(f"the URL is not a valid postgresql:// URL: {encode}") from None
     if "@" in parts.netloc.rpartition("@")[0]:  # libpq would split at the first one
         raise ValueError(f"the URL's user or password has an @: {encode}")

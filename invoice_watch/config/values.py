@@ -165,8 +165,8 @@ def signing_key(secret: str) -> bytes:
         raise ValueError(f"the secret {_NOT_WHSEC}")
     try:
         key = base64.b64decode(body + "=" * (-len(body) % 4), validate=True)
-    except ValueError:
-        raise ValueError(f"the secret {_NOT_WHSEC}") from None
+    except ValueError as exc:  # (binascii's text never quotes the data)
+        raise ValueError(f"the secret {_NOT_WHSEC}") from exc
     low, high = _WHSEC_BYTES
     if not low <= len(key) <= high:
         raise ValueError(f"the secret holds {len(key)} bytes and {_NOT_WHSEC}")

@@ -92,13 +92,13 @@ class ConsoleNotifier(BaseNotifier):
             stream.flush()
         except OSError as exc:
             if exc.errno in _CLOSED:
-                raise self._closed(exc.strerror or str(exc)) from None
+                raise self._closed(exc.strerror or str(exc)) from exc
             raise RetryableNotifyError(
                 f"cannot write to standard output: {exc.strerror or exc}; the message "
                 "stays in the outbox and is retried"
-            ) from None
+            ) from exc
         except ValueError as exc:  # "I/O operation on closed file"
-            raise self._closed(str(exc)) from None
+            raise self._closed(str(exc)) from exc
 
     def _closed(self, why: str) -> RetryableNotifyError:
         # A closed output stays closed for this process: the longest wait (the outbox

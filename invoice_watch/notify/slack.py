@@ -382,7 +382,7 @@ class SlackBotNotifier(_SlackNotifier):
                 f"{exc} (the summary was posted: only the chart is sent again)",
                 retry_after=exc.retry_after,
                 owed=(_CHART_OWED + channel,),
-            ) from None
+            ) from exc
         except PermanentNotifyError as exc:
             logger.error(
                 "slack notifier %r: the report's summary was posted, its chart not: %s",
@@ -424,6 +424,7 @@ class SlackBotNotifier(_SlackNotifier):
                 message += ": the app lacks the files:write scope; add it and reinstall the app"
             elif hint := _HINTS.get(code or ""):
                 message += f": {hint}"
+            # Not chained: the cause quotes Slack's whole answer, unredacted.
             if kind is RetryableNotifyError:
                 wait = parse_retry_after(exc.response.headers.get("Retry-After"), datetime.now(UTC))
                 raise RetryableNotifyError(message, retry_after=wait) from None
@@ -432,6 +433,8 @@ class SlackBotNotifier(_SlackNotifier):
             text = server_text(
                 f"{type(exc).__name__}: {exc}", SNIPPET, secrets=self._receiver.secrets
             )
+            # Not chained: the cause's text is the library's, unredacted (the message's
+            # is redacted).
             raise RetryableNotifyError(f"{where}: {text}") from None
 
     def _payload(self, form: dict[str, Any]) -> dict[str, Any]:

@@ -248,13 +248,14 @@ class PgDatabase(Transactions[PgConnection]):
     async def write(self, fn: Callable[[SqlConnection], T], what: str) -> T:
         try:
             return await self.in_transaction(fn)
-        except psycopg.Error as exc:
+        except psycopg.Error as exc:  # (not chained: libpq's text may hold the URL)
             raise StateError(f"could not {what}: {self.reason(exc)}") from None
 
     async def commit(self, fn: Callable[[SqlConnection], T]) -> T:
         """A transaction of the cycle (see :meth:`SqlDatabase.commit`)."""
         try:
             return await self.in_transaction(fn)
+        # Neither is chained: libpq's text may hold the URL.
         except psycopg.DataError as exc:
             raise self.unstorable(self.reason(exc)) from None
         except psycopg.Error as exc:
