@@ -91,7 +91,6 @@ class OAuthMiddleware:
         # Tokens registered for redaction, newest last: the one in use and the one
         # before it (an answer to a request sent with it may still echo it).
         self._redacted: deque[str] = deque()
-        self.token_requests = 0
 
     def __repr__(self) -> str:
         return f"OAuthMiddleware(token_url={self._token_url!r}, token=<secret>)"
@@ -108,7 +107,6 @@ class OAuthMiddleware:
             if self._valid() and self._token != stale:
                 assert self._token is not None
                 return self._token
-            self.token_requests += 1
             async with session.post(
                 self._token_url,
                 data={"grant_type": "client_credentials"},

@@ -3,9 +3,9 @@
 It lists organizations' invoices (:meth:`AtlasClient.read_orgs`: one
 :class:`~invoice_watch.types.OrgRead` per organization, each handed back as it
 completes; the client knows nothing of what the caller does with it) and fetches line
-items for breakdowns (:meth:`AtlasClient.pending_line_items`,
-:meth:`AtlasClient.invoice_line_items`) and an invoice's daily usage
-(:meth:`AtlasClient.usage_line_items`: ``lineItems:search``, else the CSV).
+items for breakdowns (:meth:`AtlasClient.pending_line_items`) and an invoice's daily
+usage (:meth:`AtlasClient.usage_line_items`: ``lineItems:search``, else the CSV,
+:meth:`AtlasClient.invoice_line_items`).
 
 Containment (SPEC §10 "Bounds"): whatever one organization's answers hold, its read ends
 as an :class:`~invoice_watch.types.OrgRead`, ok or failed, and never cancels another
@@ -212,7 +212,8 @@ class AtlasClient:
         self, org_id: str, invoice_id: str, *, quiet: bool = False
     ) -> list[LineItem]:
         """Line items of one invoice, from its CSV (``quiet``: retries logged at DEBUG,
-        :meth:`Transport.get`). Raises FetchError only."""
+        :meth:`Transport.get`; what :meth:`usage_line_items` falls back on). Raises
+        FetchError only."""
         body = await self._transport.get(
             org_id,
             f"/orgs/{org_id}/invoices/{invoice_id}/csv",

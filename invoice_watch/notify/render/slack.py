@@ -41,8 +41,6 @@ class SlackLimits:
     section: int = 3000
     fields: int = 10
     field: int = 2000
-    context_elements: int = 10
-    button_text: int = 75
     url: int = 3000
     block_text: int = 12_000
     text: int = 40_000  # the top-level `text` (msg_too_long)

@@ -12,12 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
-SCHEMES = ("postgresql", "postgres")
-
-
-def is_postgres_url(value: str) -> bool:
-    return urlsplit(value).scheme in SCHEMES
-
 
 def display(url: str) -> str:
     """``url`` without its password (and without any ``password=`` parameter)."""
