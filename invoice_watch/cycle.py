@@ -18,8 +18,9 @@ The walk of one read (:meth:`Cycle.take`), each stage once, in order:
 
 Then, once: the RESOLVED transitions, and the store's last transaction
 (:meth:`~invoice_watch.store.UnitOfWork.finish_cycle`), which releases the cycle's
-messages, grouped as :func:`~invoice_watch.store.grouping.messages` says (the cycle's
-result reports them so: :func:`~invoice_watch.store.grouping.cycle_messages`).
+messages, grouped as :func:`~invoice_watch.store.grouping.messages` says; the cycle's
+result counts the messages the outbox released for it, while it ran (the held release)
+and at its end (``CycleResult.released``, the "N messages" of its log line).
 """
 
 from __future__ import annotations
@@ -75,6 +76,9 @@ class CycleResult:
     messages: list[Message] = field(default_factory=list)
     invoices: int = 0
     changes: int = 0
+    # The messages the outbox released for the cycle (while it ran and at its end; None
+    # until it ended); ``messages``: its events as grouped all at once (a dry run's).
+    released: int | None = None
 
     @property
     def orgs_failed(self) -> list[str]:
@@ -181,7 +185,7 @@ class Cycle:
                 invoices=plan.invoices,
                 changes=plan.changes,
             )
-            await self._finish(result, resolved)
+            result.released = await self._finish(result, resolved)
         except BaseException:
             writer.close()
             with contextlib.suppress(Exception):
@@ -206,7 +210,7 @@ class Cycle:
             result.invoices,
             result.changes,
             len(result.events),
-            len(result.messages),
+            result.released,
             time.monotonic() - began,
         )
         return result
@@ -322,13 +326,14 @@ class Cycle:
             self._writer.add(replace(part, transitions=mine))
             self._outgoing.extend(t for t in mine if t.event is not None)
 
-    async def _finish(self, result: CycleResult, resolved: list[Transition]) -> None:
-        """The cycle's last transaction, then the full listings it did are marked."""
+    async def _finish(self, result: CycleResult, resolved: list[Transition]) -> int:
+        """The cycle's last transaction, then the full listings it did are marked; the
+        messages the outbox released for the cycle."""
         failed = len(result.orgs_failed)
         await self._hold.stop()
         # Shielded: once the transaction has begun it completes even if the daemon is
         # told to stop; it is atomic either way.
-        await asyncio.shield(
+        released = await asyncio.shield(
             self.store.finish_cycle(
                 self._number,
                 result.started_at,
@@ -343,6 +348,7 @@ class Cycle:
             )
         )
         self._windows.done()
+        return released
 
 
 async def compare(

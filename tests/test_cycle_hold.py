@@ -13,11 +13,14 @@ Atlas on loopback, whose slow organization answers when the test lets it.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from invoice_watch.app import App
 from invoice_watch.constants import HOLD_SECONDS
@@ -140,3 +143,32 @@ async def test_daemon_cycle_that_ends_within_the_bound_groups_its_whole_burst(tm
             await eventually(lambda: len(notifier.messages) == 1)
             assert notifier.orgs() == [[ORG_A] * 3 + [ORG_B] * 3]
             assert not clock.waits_of("release-held")  # no release timer left behind
+
+
+async def test_daemon_cycle_counts_the_messages_released_while_it_ran_and_at_its_end(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    """2 FAILED invoices of A released HOLD_SECONDS in (two messages), 2 of B at the end
+    (two more), group_over 3: the cycle's line and result say 4 messages (they said 1:
+    the 4 events grouped as if released together)."""
+    caplog.set_level(logging.INFO, logger="invoice_watch.cycle")
+    async with HandAtlas() as atlas:
+        atlas.invoices[ORG_A] = failed(1, 2, ORG_A)
+        atlas.invoices[ORG_B] = failed(11, 2, ORG_B)
+        atlas.gates[ORG_B] = asyncio.Event()
+        clock = ManualClock(NOW)
+        notifier = Batches()
+        config = hand_config(tmp_path, atlas.url, delivery={"group_over": 3})
+        async with (
+            App(config, clock=clock, notifiers={"console": notifier}) as app,
+            serving(app),
+        ):
+            await eventually(lambda: HOLD_SECONDS in clock.waits_of("release-held"))
+            clock.advance(HOLD_SECONDS)
+            await eventually(lambda: len(notifier.messages) == 2)
+            atlas.gates[ORG_B].set()
+            await eventually(lambda: len(notifier.messages) == 4)
+            await eventually(lambda: app.cycles.last is not None)
+            assert app.cycles.last is not None and app.cycles.last.released == 4
+    [line] = [m for m in caplog.messages if m.startswith("cycle: ")]
+    assert ", 4 events, 4 messages, " in line

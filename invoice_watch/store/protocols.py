@@ -345,10 +345,12 @@ class UnitOfWork(Protocol):
         orgs_ok: int,
         orgs_failed: int,
         released: int = 0,
-    ) -> None:
+    ) -> int:
         """The cycle's last transaction: what is left to write (as :meth:`commit_orgs`),
         every held message released (grouped above ``group_over``), and the cycle
-        recorded with its events (those held at its end, and ``released`` before)."""
+        recorded with its events (those held at its end, and ``released`` before).
+        Returns how many messages the outbox released for the cycle: at its end and by
+        :meth:`release_cycle` (a grouped message counts once, a silenced one not)."""
         ...
 
     async def release_cycle(self, cycle: int, group_over: int, now: datetime) -> int:

@@ -34,6 +34,7 @@ from invoice_watch.store.sql.outbox import (
     hold_events,
     prune_done,
     release_held,
+    released_messages,
     retag_held,
     split_oversized,
 )
@@ -56,6 +57,8 @@ class SqlStore:
         self._silences = SqlSilences(db)
         self._usage = SqlUsage(db)
         self.reports = SqlReportRuns(db)  # report_runs (issue 19 §2)
+        # cycle -> the messages its release_cycle() calls released (finish_cycle's count)
+        self._released: dict[int, int] = {}
 
     @property
     def snapshot(self) -> SqlSnapshot:
@@ -156,20 +159,24 @@ class SqlStore:
         orgs_ok: int,
         orgs_failed: int,
         released: int = 0,
-    ) -> None:
+    ) -> int:
         """The last transaction of a running cycle: what is left to write (``orgs`` and
         ``transitions``, as in :meth:`commit_orgs`), then every held row is released
         (see :meth:`release_held`) and the cycle is recorded (with its events: those
-        held at its end, and ``released`` by :meth:`release_cycle` before)."""
+        held at its end, and ``released`` by :meth:`release_cycle` before). Returns how
+        many messages the cycle's rows went out as: those its end released and those
+        :meth:`release_cycle` did (:func:`~.sql.outbox.released_messages`)."""
         now = finished_at.isoformat()
 
-        def run(conn: SqlConnection) -> None:
+        def run(conn: SqlConnection) -> int:
             self._write_part(conn, cycle, orgs, transitions, routes, now)
             events = released + release_held(conn, group_over, now, cycle)
             self._cycles.record(conn, started_at, now, orgs_ok, orgs_failed, events)
+            return released_messages(conn, cycle)
 
-        await self.database.commit(run)
+        messages = await self.database.commit(run)
         self._apply(orgs, transitions, finished_at)
+        return self._released.pop(cycle, 0) + messages
 
     async def release_cycle(self, cycle: int, group_over: int, now: datetime) -> int:
         """Release the rows ``cycle`` holds so far, while it goes on (its messages are not
@@ -181,11 +188,14 @@ class SqlStore:
         holds after. Returns how many rows were released."""
         tag = self.begin_cycle()
 
-        def run(conn: SqlConnection) -> int:
+        def run(conn: SqlConnection) -> tuple[int, int]:
             retag_held(conn, cycle, tag)
-            return release_held(conn, group_over, now.isoformat(), tag, only=True)
+            rows = release_held(conn, group_over, now.isoformat(), tag, only=True)
+            return rows, released_messages(conn, tag)
 
-        return await self.database.commit(run)
+        rows, messages = await self.database.commit(run)
+        self._released[cycle] = self._released.get(cycle, 0) + messages
+        return rows
 
     async def release_held(self, group_over: int, now: datetime) -> int:
         """Release the rows held by cycles that never ended (a crash, a stop, a failed

@@ -137,6 +137,16 @@ def release_held(
     return counted
 
 
+def released_messages(conn: SqlConnection, cycle: int) -> int:
+    """How many messages the rows ``cycle`` released went out as (a grouped message
+    counts once; a silenced row not at all): call it in the releasing transaction."""
+    row = conn.execute(
+        "SELECT COUNT(*) FROM outbox WHERE cycle=? AND state='pending' AND (grp IS NULL OR grp=id)",
+        (cycle,),
+    ).fetchone()
+    return int(row[0])
+
+
 def _waiting_behind(conn: SqlConnection, notifier: str) -> str:
     """When the notifier's pending messages that wait for a retry are next tried ('' when
     none does): a message released now waits until then too, so that one notifier's
