@@ -519,3 +519,41 @@ async def test_without_reports_no_timer_runs_and_a_reload_that_adds_one_is_looke
             load(yaml.safe_dump(data), filename="e2e.yaml", env={}, base_dir=world.tmp)
         )
         assert await clock.sleeping(2) == [LOOK_EVERY, 86400.0]
+
+
+async def test_a_due_time_recorded_while_the_clock_was_a_year_ahead_is_capped_at_now(
+    world: World, caplog: pytest.LogCaptureFixture
+):
+    """The clock steps a year ahead (the report goes, recorded as due in a year), then is
+    corrected: the report goes again at its next time, with one warning, not in a year.
+    A report first seen while the clock is ahead is not held back either."""
+    reports = [{"name": "daily", "schedule": daily_in(world, 1), "notify": ["mail"],
+                "orgs": [PROD]}]  # fmt: skip
+    config = config_with_reports(world, reports)
+    t0 = world.clock.now()
+    async with App(config, clock=world.clock) as app:
+        assert app.reporter is not None
+        assert await app.reporter.look() == 0
+        world.clock.step(timedelta(days=365))
+        assert await app.reporter.look() == 1
+        world.clock.set(t0 + timedelta(minutes=30))  # corrected
+        assert await app.reporter.look() == 0
+        assert await app.reporter.look() == 0
+        world.clock.advance(3600)  # the next time (t0 + 1 h)
+        assert await app.reporter.look() == 1
+        world.clock.advance(24 * 3600)
+        assert await app.reporter.look() == 1
+    warnings = [r for r in caplog.records if "the wall clock was wrong" in r.getMessage()]
+    assert len(warnings) == 1
+
+    world.clock.step(timedelta(days=365))  # a new report seen while the clock is ahead
+    t1 = world.clock.now()
+    reports = [{"name": "new", "schedule": daily_in(world, 1), "notify": ["mail"],
+                "orgs": [PROD]}]  # fmt: skip
+    async with App(config_with_reports(world, reports), clock=world.clock) as app:
+        assert app.reporter is not None
+        assert await app.reporter.look() == 0
+        world.clock.set(t1 - timedelta(days=365))
+        assert await app.reporter.look() == 0
+        world.clock.advance(3600 + 60)
+        assert await app.reporter.look() == 1

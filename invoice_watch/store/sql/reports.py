@@ -59,6 +59,31 @@ class SqlReportRuns:
 
         return await self._db.write(run, f"record the report {report!r}")
 
+    async def move(self, report: str, scope: str, old: datetime, new: datetime) -> datetime:
+        """Set the last due instant of a (report, scope) from ``old`` to ``new`` (a
+        clock fault or a changed schedule, :class:`~invoice_watch.report.scheduler.
+        Reporter`), only if it still is ``old`` (another process may have moved it
+        first); the stored one."""
+
+        def run(conn: SqlConnection) -> datetime:
+            conn.execute(
+                "UPDATE report_runs SET last_due=? WHERE report=? AND scope=? AND last_due=?",
+                (new.isoformat(), report, scope, old.isoformat()),
+            )
+            last = _last(conn, report, scope)
+            return new if last is None else last
+
+        return await self._db.write(run, f"record the report {report!r}")
+
+    async def forget(self, keys: Sequence[tuple[str, str]]) -> None:
+        """Delete the rows of these (report, scope)s (a report removed or disabled, an
+        organization it no longer covers): seen again, it waits for its first time."""
+
+        def run(conn: SqlConnection) -> None:
+            conn.executemany("DELETE FROM report_runs WHERE report=? AND scope=?", list(keys))
+
+        await self._db.write(run, "forget reports no longer configured")
+
     async def enqueue(
         self,
         report: str,
