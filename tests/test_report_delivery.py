@@ -557,3 +557,33 @@ async def test_a_due_time_recorded_while_the_clock_was_a_year_ahead_is_capped_at
         assert await app.reporter.look() == 0
         world.clock.advance(3600 + 60)
         assert await app.reporter.look() == 1
+
+
+async def test_a_changed_schedule_or_a_re_enabled_report_waits_for_its_next_time(world: World):
+    """Sent at T+1h; restarted at T+3h with the time moved to T+2h (past today): nothing
+    goes before tomorrow's T+2h. Disabled for a week, then enabled again: nothing stale
+    goes at once either."""
+    t = world.clock.now()
+    first = [{"name": "d", "schedule": daily_in(world, 1), "notify": ["mail"], "orgs": [PROD]}]
+    async with App(config_with_reports(world, first), clock=world.clock) as app:
+        assert app.reporter is not None
+        await app.reporter.look()
+        world.clock.advance(3600 + 60)
+        assert await app.reporter.look() == 1
+    world.clock.advance(2 * 3600)
+    moved = [{**first[0], "schedule": f"daily {t + timedelta(hours=2):%H:%M}"}]
+    async with App(config_with_reports(world, moved), clock=world.clock) as app:
+        assert app.reporter is not None
+        assert await app.reporter.look() == 0
+        world.clock.advance(23 * 3600)  # past tomorrow's T+2h
+        assert await app.reporter.look() == 1
+
+    disabled = [{**moved[0], "enabled": False}, {**first[0], "name": "other"}]
+    async with App(config_with_reports(world, disabled), clock=world.clock) as app:
+        assert app.reporter is not None
+        await app.reporter.look()
+        world.clock.advance(7 * 24 * 3600)
+        assert await app.reporter.look() == 1  # "other" only
+    async with App(config_with_reports(world, moved), clock=world.clock) as app:
+        assert app.reporter is not None
+        assert await app.reporter.look() == 0

@@ -17,9 +17,13 @@ daemon was down give one report when it comes back (the latest of them,
 first time waits for its first time. A last due time recorded later than the next time
 the schedule gives is a wall-clock fault (stepped forward, then corrected; or a report
 first seen while the clock was ahead): it is capped at now, with a warning, and the
-report goes again at its next time. A standby replica sends none (``leading``). With no
-report enabled the task waits for a configuration reload, with no timer; a reload looks
-at the schedules again at once.
+report goes again at its next time. A changed schedule (the last due time is not one of
+its times) waits for its next time too, as does a report re-enabled or an organization
+added back (the rows of what no enabled report covers are forgotten). A change whose new
+schedule holds the last due time (``mon 09:00`` to ``daily 09:00``) is not noticed: its
+times since then count as missed, one report goes. A standby replica sends none
+(``leading``). With no report enabled the task waits for a configuration reload, with no
+timer; a reload looks at the schedules again at once.
 
 A report that cannot be built (the state unreadable) is tried again at the next look; a
 chart that cannot be drawn (the child failed, or took longer than its timeout) leaves
@@ -199,6 +203,13 @@ class Reporter:
         config, runs = self._config(), self._runs()
         now = self._clock.now()
         known = await runs.last_due()
+        covered = {
+            (report.name, scope) for report in reports for scope, _ in scopes(report, config)
+        }
+        if gone := sorted(set(known) - covered):
+            # Disabled, removed, or an organization no longer covered: seen again, it
+            # waits for its first time rather than sending one weeks stale at once.
+            await runs.forget(gone)
         count = 0
         for report in reports:
             schedule = report.when
@@ -217,6 +228,18 @@ class Reporter:
                         report.name,
                         scope_name(scope),
                         f"{since:%Y-%m-%d %H:%M}",
+                        f"{schedule.next_after(now):%Y-%m-%d %H:%M}",
+                    )
+                    since = await runs.move(report.name, scope, since, schedule.latest_at(now))
+                elif schedule.latest_at(since) != since:
+                    # Not a time of this schedule: the schedule was changed. It waits for
+                    # its next time, as a new report does, rather than count the times
+                    # of the new schedule since the last report as missed.
+                    log.info(
+                        "report %s (%s): schedule changed to %s; first due %s UTC",
+                        report.name,
+                        scope_name(scope),
+                        schedule,
                         f"{schedule.next_after(now):%Y-%m-%d %H:%M}",
                     )
                     since = await runs.move(report.name, scope, since, schedule.latest_at(now))
