@@ -488,6 +488,33 @@ def test_chart_sets_matplotlib_cache_folder_when_home_is_not_writable(tmp_path: 
     assert folder.is_dir() and oct(folder.stat().st_mode & 0o777) == "0o700"
 
 
+def test_an_unusable_cache_folder_falls_back_to_a_private_temporary_one(tmp_path: Path):
+    """``CACHE_DIRECTORY=/dev/null``: the chart is drawn all the same, with one warning
+    and no traceback; the temporary folder is private."""
+    env = {k: v for k, v in os.environ.items() if k != "MPLCONFIGDIR"}
+    result = _python(
+        """
+        import os, tempfile
+        from pathlib import Path
+        from invoice_watch.report import chart
+        from tests.test_report import NOW, build_report, spend
+        folder = chart.cache_dir(Path("/x/state.db"), {"CACHE_DIRECTORY": "/dev/null"})
+        report = build_report([spend()], NOW)
+        assert chart.chart_png(report, folder).startswith(b"\\x89PNG")
+        assert chart.chart_png(report, folder).startswith(b"\\x89PNG")
+        used = Path(os.environ["MPLCONFIGDIR"])
+        print(oct(used.stat().st_mode & 0o777), used.parent == Path(tempfile.gettempdir()))
+        """,
+        env,
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["0o700", "True"]
+    assert "Traceback" not in result.stderr
+    assert result.stderr.count("cannot be used") == 1
+    assert "/dev/null/matplotlib" in result.stderr
+
+
 def test_cache_dir_prefers_systemd_cache_directory():
     state = Path("/var/lib/invoice-watch/state.db")
 
