@@ -587,3 +587,23 @@ async def test_a_changed_schedule_or_a_re_enabled_report_waits_for_its_next_time
     async with App(config_with_reports(world, moved), clock=world.clock) as app:
         assert app.reporter is not None
         assert await app.reporter.look() == 0
+
+
+async def test_report_send_says_the_summary_went_when_only_the_chart_failed(
+    world: World, capsys: pytest.CaptureFixture[str]
+):
+    """``report --send bot``: chat.postMessage took the summary, the upload answered
+    503. The CLI queues nothing: it says the summary was posted and the chart not,
+    without "not sent" nor a promise to send the chart again."""
+    data = world.config_data()
+    data["notifiers"]["bot"] = {"type": "slack", "token": TOKEN, "channel": "#finops",
+                                "api_url": world.slack.api_url}  # fmt: skip
+    path = world.tmp / "bot.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert await world.run_once(world.config()) == 0
+    world.slack.upload_replies.append(503)
+    assert await _main("report", "-c", str(path), "--org", PROD, "--send", "bot") == 1
+    err = capsys.readouterr().err
+    assert "bot: the summary was posted, the chart was not: " in err
+    assert "not sent" not in err and "sent again" not in err and "Traceback" not in err
+    assert len([r for r in world.slack.received if r.route == "chat.postMessage"]) == 1

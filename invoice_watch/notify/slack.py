@@ -326,6 +326,23 @@ class SlackWebhookNotifier(_SlackNotifier):
         return None
 
 
+class ChartOwedError(RetryableNotifyError):
+    """A report's summary was posted, its chart upload failed for now (``reason``):
+    the next attempt uploads the chart alone (``owed``). ``invoice-watch report --send``,
+    which queues nothing, says so as it is."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: float | None,
+        owed: tuple[str, ...],
+        reason: str,
+    ) -> None:
+        super().__init__(message, retry_after=retry_after, owed=owed)
+        self.reason = reason
+
+
 class SlackBotNotifier(_SlackNotifier):
     """Posts with a bot token through the Web API's ``chat.postMessage``."""
 
@@ -378,10 +395,11 @@ class SlackBotNotifier(_SlackNotifier):
         try:
             await self._upload(msg, channel)
         except RetryableNotifyError as exc:
-            raise RetryableNotifyError(
+            raise ChartOwedError(
                 f"{exc} (the summary was posted: only the chart is sent again)",
                 retry_after=exc.retry_after,
                 owed=(_CHART_OWED + channel,),
+                reason=str(exc),
             ) from None
         except PermanentNotifyError as exc:
             logger.error(
