@@ -607,3 +607,34 @@ async def test_report_send_says_the_summary_went_when_only_the_chart_failed(
     assert "bot: the summary was posted, the chart was not: " in err
     assert "not sent" not in err and "sent again" not in err and "Traceback" not in err
     assert len([r for r in world.slack.received if r.route == "chat.postMessage"]) == 1
+
+
+async def test_an_ambiguous_post_answer_still_gets_the_chart_to_the_channel_by_its_id(
+    world: World, caplog: pytest.LogCaptureFixture
+):
+    """chat.postMessage answers 200 with an empty body (the summary counts delivered,
+    but no channel id came back): the channel's id is looked up by its name
+    (conversations.list) and the chart goes there. A name no channel has: the chart's
+    failure is an ERROR saying what to set, never silent."""
+    from tests.fakes_slack import Reply
+
+    reports = [{"name": "daily", "schedule": daily_in(world, 1), "notify": ["bot"],
+                "orgs": [PROD]}]  # fmt: skip
+    config = config_with_reports(world, reports)
+    async with App(config, clock=world.clock) as app:
+        assert app.reporter is not None
+        await app.reporter.look()
+        world.clock.advance(3600 + 60)
+        assert await app.reporter.look() == 1
+        world.slack.script_api(Reply(200, body=b"", content_type="text/plain"))
+        assert (await app.deliverer.deliver_due()).sent == 1
+        assert [f["channel_id"] for f in world.slack.files] == ["C0000000000"]
+
+        world.slack.channels.clear()
+        world.clock.advance(24 * 3600)
+        assert await app.reporter.look() == 1
+        world.slack.script_api(Reply(200, body=b"", content_type="text/plain"))
+        await app.deliverer.deliver_due()
+    assert len(world.slack.files) == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any("no channel the app sees is named 'finops'" in e for e in errors), errors
