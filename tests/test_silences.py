@@ -197,7 +197,7 @@ def test_parse_for(text, delta):
     assert parse_for(text) == delta
 
 
-@pytest.mark.parametrize("text", ["", "4", "-1h", "0h", "4 hours", "1234567h"])
+@pytest.mark.parametrize("text", ["", "4", "-1h", "0h", "4 hours", "1234567h", "\u0663h"])
 def test_parse_for_refuses(text):
     with pytest.raises(ValueError, match="--for"):
         parse_for(text)
@@ -745,3 +745,16 @@ def test_summary_shows_quiet_hours_and_that_they_do_not_count_toward_max_age():
         "; quiet hours 00:00-00:00 Europe/Berlin on sat, sun, critical at once "
         "(longest 2d, not counted toward max_age)"
     )
+
+
+def test_quiet_hours_times_take_ascii_digits_only():
+    """Digits are ASCII everywhere (config/quantities.py): "٠٩:٠٠" (Arabic-Indic) is
+    not 09:00."""
+    from invoice_watch.config.notifiers import QuietHoursConfig
+
+    ok = QuietHoursConfig.model_validate({"timezone": "UTC", "from": "20:00", "to": "07:00"})
+    assert ok.from_.hour == 20
+    with pytest.raises(ValueError, match="24-hour time"):
+        QuietHoursConfig.model_validate(
+            {"timezone": "UTC", "from": "\u0662\u0660:00", "to": "07:00"}
+        )
