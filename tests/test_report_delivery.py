@@ -639,3 +639,25 @@ async def test_an_ambiguous_post_answer_still_gets_the_chart_to_the_channel_by_i
     assert len(world.slack.files) == 1
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert any("no channel the app sees is named 'finops'" in e for e in errors), errors
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["report", "--org", PROD, "--org", ANALYTICS],
+        ["report", "--send", "mail", "--send", "bot"],
+        ["invoices", "--status", "PENDING", "--status", "PAID"],
+        ["silence", "add", "--rule", "r", "--for", "1h", "--org", PROD, "--org", ANALYTICS],
+    ],
+)
+def test_an_option_given_twice_is_a_usage_error_not_the_last_one_kept(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+):
+    """argparse keeps the last of a repeated option silently: ``report --org A --org B``
+    would report on B alone."""
+    from invoice_watch.cli.parser import build_parser
+
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(argv)
+    assert exited.value.code == 2
+    assert "given twice" in capsys.readouterr().err
