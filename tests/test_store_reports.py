@@ -104,3 +104,10 @@ async def test_two_writers_racing_enqueue_a_due_report_once(
         assert sorted(both) == [False, True]
         wins += 1
     assert (await a.outbox.counts()) == {"pending": wins}
+
+
+def test_a_combined_reports_summary_says_all_organizations_not_a_star():
+    """``history`` and ``status`` show the summary: the combined scope reads as words."""
+    assert message().summary == f"REPORT weekly ({PROD}) 2026-11-30 08:00Z"
+    combined = ReportMessage(**{**message().__dict__, "scope": "*"})
+    assert combined.summary == "REPORT weekly (all organizations) 2026-11-30 08:00Z"
