@@ -578,7 +578,7 @@ async def test_a_changed_schedule_or_a_re_enabled_report_waits_for_its_next_time
         world.clock.advance(23 * 3600)  # past tomorrow's T+2h
         assert await app.reporter.look() == 1
 
-    disabled = [{**moved[0], "enabled": False}, {**first[0], "name": "other"}]
+    disabled: list[dict[str, Any]] = [{**moved[0], "enabled": False}, {**first[0], "name": "other"}]
     async with App(config_with_reports(world, disabled), clock=world.clock) as app:
         assert app.reporter is not None
         await app.reporter.look()

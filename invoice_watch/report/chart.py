@@ -16,8 +16,8 @@ cache. A render takes 0.15–0.3 s of CPU, plus about a second to import matplot
 
 from __future__ import annotations
 
-import io
 import atexit
+import io
 import json
 import logging
 import os
@@ -118,6 +118,7 @@ class ChartData:
 
 def _cents(value: Any) -> int | None:
     return None if value is None else int(value)
+
 
 log = logging.getLogger(__name__)
 
