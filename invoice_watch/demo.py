@@ -237,8 +237,8 @@ REPORT_FILE = "invoice-watch-demo-report.html"
 
 async def demo_report(app: App) -> tuple[str, str]:
     """The spend report of the demo's organizations as the daemon left them: its text,
-    and where its HTML (the chart embedded) was written (in the system's temporary
-    folder, replaced at each demo), or why it was not."""
+    and where its HTML (the chart embedded) was written (a new private file in the
+    system's temporary folder, kept for the user to open), or why it was not."""
     from invoice_watch.report.chart import cache_dir
     from invoice_watch.report.now import standalone_html
     from invoice_watch.report.outbox import make_message
@@ -249,12 +249,17 @@ async def demo_report(app: App) -> tuple[str, str]:
     data = await report_data(config, app.store, app.reporter_usage(), config.organizations, now)
     chart = await Renderer().draw(data, cache_dir(config.state.path))
     msg = make_message(data, chart, report="demo", scope=SCOPE_ALL, due=now)
-    path = Path(tempfile.gettempdir()) / REPORT_FILE
+    # A fresh private file (0600, O_EXCL: never a file or symlink someone else put at a
+    # fixed name in the shared temporary folder), kept for the user to open.
+    prefix, suffix = REPORT_FILE.removesuffix(".html") + "-", ".html"
     try:
-        path.write_text(standalone_html(msg), encoding="utf-8")
+        fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix)
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            file.write(standalone_html(msg))
     except OSError as exc:
-        return msg.text, f"its HTML not written: {path}: {exc.strerror or exc}"
-    return msg.text, f"the HTML with its chart: {path}"
+        where = Path(tempfile.gettempdir())
+        return msg.text, f"its HTML not written in {where}: {exc.strerror or exc}"
+    return msg.text, f"the HTML with its chart: {name}"
 
 
 async def run_demo(out: TextIO | None = None, time_limit: float = TIME_LIMIT) -> int:

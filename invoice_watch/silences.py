@@ -35,7 +35,7 @@ from invoice_watch.types import AlertEvent, EventKind
 # A silence longer than a year is a rule change, not a pause.
 MAX_SILENCE = timedelta(days=366)
 COMMENT_MAX = 500
-_FOR = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?")
+_FOR = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?", re.ASCII)  # 0-9 only
 
 
 class Effect(enum.StrEnum):

@@ -35,6 +35,7 @@ Route = Literal[
     "files.getUploadURLExternal",
     "upload",
     "files.completeUploadExternal",
+    "conversations.list",
 ]
 
 WEBHOOK_PATH = "/services/T000/B000/XXXX"
@@ -185,6 +186,9 @@ class FakeSlack(LoopbackServer):
         app.router.add_post("/api/files.getUploadURLExternal", self._upload_url)
         app.router.add_post("/upload/{file_id}", self._upload)
         app.router.add_post("/api/files.completeUploadExternal", self._complete_upload)
+        # Finding a channel's id by its name (the upload takes an id).
+        app.router.add_get("/api/conversations.list", self._conversations)
+        self.channels = {"finops": "C0000000000"}  # name -> id of the channels the app sees
         self.uploads: dict[str, bytes] = {}  # file id -> bytes uploaded
         self.files: list[dict[str, Any]] = []  # completed uploads: id, title, channel_id, bytes
         self.upload_replies: deque[int] = deque()  # scripted statuses of the upload URL
@@ -290,6 +294,17 @@ class FakeSlack(LoopbackServer):
             return web.Response(status=400, text="length differs")
         self.uploads[file_id] = data
         return web.Response(text="OK - " + str(len(data)))
+
+    async def _conversations(self, request: web.Request) -> web.Response:
+        """``conversations.list``: one page of every channel (no cursor)."""
+        query = dict(request.query)
+        self.received.append(Received("conversations.list", dict(request.headers), query))
+        if not self._authorized(request):
+            return web.json_response({"ok": False, "error": "invalid_auth"})
+        channels = [{"id": i, "name": n} for n, i in self.channels.items()]
+        return web.json_response(
+            {"ok": True, "channels": channels, "response_metadata": {"next_cursor": ""}}
+        )
 
     async def _complete_upload(self, request: web.Request) -> web.Response:
         """``files.completeUploadExternal``: ``files`` (JSON), ``channel_id``, ... in

@@ -1685,3 +1685,26 @@ def test_run_logs_the_warnings_once_at_start(tmp_path: Path, capsys: pytest.Capt
     assert len(warnings) == 1
     assert "WARNING" in warnings[0]
     assert f"{path}:20:13: rules.1.repeat: warning: repeat 5m is shorter" in warnings[0]
+
+
+@pytest.mark.parametrize("section", ["rules", "reports"])
+def test_a_notifier_listed_twice_in_notify_is_a_problem_at_its_line(section: str):
+    """``notify: [out, out]`` would send every alert or report twice: refused at the
+    second one's line."""
+    text = MINIMAL.format(private_key="priv").replace(
+        "notify: [out]", "notify:\n      - out\n      - out"
+    )
+    if section == "reports":
+        text += (
+            "reports:\n  - name: weekly\n    schedule: mon 09:00\n"
+            "    notify:\n      - out\n      - out\n"
+        )
+        text = text.replace("notify:\n      - out\n      - out\nreports", "notify: [out]\nreports")
+    (problem,) = problems_of(text)
+    lines = text.splitlines()
+    second = max(i for i, line in enumerate(lines) if line.strip() == "- out") + 1
+    assert (problem.line, problem.path) == (second, f"{section}.0.notify.1")
+    assert problem.message == (
+        f"duplicate notifier `out` in `notify` (first at line {second - 1}); "
+        "list each notifier once"
+    )

@@ -118,6 +118,9 @@ async def test_the_demo_shows_a_spend_report_and_writes_its_html(tmp_path: Path,
     from invoice_watch.report.chart import SIZE
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    victim = tmp_path / "victim"
+    victim.write_text("keep")
+    (tmp_path / REPORT_FILE).symlink_to(victim)  # planted at the old fixed name
     scenario = demo_scenario()
     async with Simulator(scenario) as sim:
         config = demo_config(sim, tmp_path, slack_webhook=None)
@@ -129,8 +132,11 @@ async def test_the_demo_shows_a_spend_report_and_writes_its_html(tmp_path: Path,
     assert "Pending invoice (billed so far): $" in text
     # The daily line items the daemon read for the organizations a report covers.
     assert "Top projects:\n  Production Project: $" in text
-    path = tmp_path / REPORT_FILE
-    assert str(path) in where
+    shown = where.removeprefix("the HTML with its chart: ")
+    path = tmp_path / shown.removeprefix(f"{tmp_path}/")
+    assert str(path) == shown and path.name.endswith(".html")
+    assert oct(path.stat().st_mode & 0o777) == "0o600"  # a private new file
+    assert victim.read_text() == "keep"  # no symlink followed
     found = re.search(r'src="data:image/png;base64,([^"]+)"', path.read_text())
     assert found is not None
     with Image.open(io.BytesIO(base64.b64decode(found.group(1)))) as image:

@@ -488,6 +488,33 @@ def test_chart_sets_matplotlib_cache_folder_when_home_is_not_writable(tmp_path: 
     assert folder.is_dir() and oct(folder.stat().st_mode & 0o777) == "0o700"
 
 
+def test_an_unusable_cache_folder_falls_back_to_a_private_temporary_one(tmp_path: Path):
+    """``CACHE_DIRECTORY=/dev/null``: the chart is drawn all the same, with one warning
+    and no traceback; the temporary folder is private."""
+    env = {k: v for k, v in os.environ.items() if k != "MPLCONFIGDIR"}
+    result = _python(
+        """
+        import os, tempfile
+        from pathlib import Path
+        from invoice_watch.report import chart
+        from tests.test_report import NOW, build_report, spend
+        folder = chart.cache_dir(Path("/x/state.db"), {"CACHE_DIRECTORY": "/dev/null"})
+        report = build_report([spend()], NOW)
+        assert chart.chart_png(report, folder).startswith(b"\\x89PNG")
+        assert chart.chart_png(report, folder).startswith(b"\\x89PNG")
+        used = Path(os.environ["MPLCONFIGDIR"])
+        print(oct(used.stat().st_mode & 0o777), used.parent == Path(tempfile.gettempdir()))
+        """,
+        env,
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["0o700", "True"]
+    assert "Traceback" not in result.stderr
+    assert result.stderr.count("cannot be used") == 1
+    assert "/dev/null/matplotlib" in result.stderr
+
+
 def test_cache_dir_prefers_systemd_cache_directory():
     state = Path("/var/lib/invoice-watch/state.db")
 
@@ -495,3 +522,34 @@ def test_cache_dir_prefers_systemd_cache_directory():
         "/var/cache/invoice-watch/matplotlib"
     )
     assert chart.cache_dir(state, {}) == Path("/var/lib/invoice-watch/matplotlib-cache")
+
+
+def test_a_report_without_line_items_says_so_per_organization():
+    """The state holds the pending invoice but no daily line items: the report names
+    the organization in a note instead of showing "$0.00" as if nothing was spent."""
+    pending, _ = demo_items(PROD)
+    bare = OrgSpend(PROD, "Production", pending, ())
+    report = build_report([bare, spend(ANALYTICS, "Analytics")], NOW)
+    assert report.no_items == ("Production",)
+    body = message.text(report)
+    assert "Note: no daily line items yet for Production: spend to date counts none" in body
+    assert "Analytics:" not in body.split("Note:")[1].splitlines()[0]
+    assert "no daily line items" not in message.text(build_report([spend()], NOW))
+
+
+def test_a_report_forecasts_nothing_before_the_forecast_rules_min_elapsed():
+    """A monthly report on day 1 at 09:00: nine hours extrapolated to a month would be
+    "over budget" every month. Like the forecast rule, the report waits min_elapsed."""
+    day1 = datetime(2026, 11, 1, 9, 0, tzinfo=UTC)
+    pending, items = demo_items(PROD)
+    early = OrgSpend(PROD, "Production", pending, items)
+    report = build_report([early], day1, rules=[budget_rule("$10")])
+    assert report.forecast_cents is None and report.too_early == timedelta(days=3)
+    body = message.text(report)
+    assert "Forecast to period end: too early to forecast (the period has run less than 3d)" in body
+    assert "over)" not in body
+    short = ForecastRule.model_validate(
+        {"name": "b", "type": "forecast", "budget": "$10", "notify": ["x"], "min_elapsed": "6h"}
+    )
+    assert build_report([early], day1, rules=[short]).forecast_cents is not None
+    assert build_report([spend()], NOW, rules=[budget_rule("$10")]).too_early is None

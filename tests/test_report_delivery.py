@@ -519,3 +519,145 @@ async def test_without_reports_no_timer_runs_and_a_reload_that_adds_one_is_looke
             load(yaml.safe_dump(data), filename="e2e.yaml", env={}, base_dir=world.tmp)
         )
         assert await clock.sleeping(2) == [LOOK_EVERY, 86400.0]
+
+
+async def test_a_due_time_recorded_while_the_clock_was_a_year_ahead_is_capped_at_now(
+    world: World, caplog: pytest.LogCaptureFixture
+):
+    """The clock steps a year ahead (the report goes, recorded as due in a year), then is
+    corrected: the report goes again at its next time, with one warning, not in a year.
+    A report first seen while the clock is ahead is not held back either."""
+    reports = [{"name": "daily", "schedule": daily_in(world, 1), "notify": ["mail"],
+                "orgs": [PROD]}]  # fmt: skip
+    config = config_with_reports(world, reports)
+    t0 = world.clock.now()
+    async with App(config, clock=world.clock) as app:
+        assert app.reporter is not None
+        assert await app.reporter.look() == 0
+        world.clock.step(timedelta(days=365))
+        assert await app.reporter.look() == 1
+        world.clock.set(t0 + timedelta(minutes=30))  # corrected
+        assert await app.reporter.look() == 0
+        assert await app.reporter.look() == 0
+        world.clock.advance(3600)  # the next time (t0 + 1 h)
+        assert await app.reporter.look() == 1
+        world.clock.advance(24 * 3600)
+        assert await app.reporter.look() == 1
+    warnings = [r for r in caplog.records if "the wall clock was wrong" in r.getMessage()]
+    assert len(warnings) == 1
+
+    world.clock.step(timedelta(days=365))  # a new report seen while the clock is ahead
+    t1 = world.clock.now()
+    reports = [{"name": "new", "schedule": daily_in(world, 1), "notify": ["mail"],
+                "orgs": [PROD]}]  # fmt: skip
+    async with App(config_with_reports(world, reports), clock=world.clock) as app:
+        assert app.reporter is not None
+        assert await app.reporter.look() == 0
+        world.clock.set(t1 - timedelta(days=365))
+        assert await app.reporter.look() == 0
+        world.clock.advance(3600 + 60)
+        assert await app.reporter.look() == 1
+
+
+async def test_a_changed_schedule_or_a_re_enabled_report_waits_for_its_next_time(world: World):
+    """Sent at T+1h; restarted at T+3h with the time moved to T+2h (past today): nothing
+    goes before tomorrow's T+2h. Disabled for a week, then enabled again: nothing stale
+    goes at once either."""
+    t = world.clock.now()
+    first = [{"name": "d", "schedule": daily_in(world, 1), "notify": ["mail"], "orgs": [PROD]}]
+    async with App(config_with_reports(world, first), clock=world.clock) as app:
+        assert app.reporter is not None
+        await app.reporter.look()
+        world.clock.advance(3600 + 60)
+        assert await app.reporter.look() == 1
+    world.clock.advance(2 * 3600)
+    moved = [{**first[0], "schedule": f"daily {t + timedelta(hours=2):%H:%M}"}]
+    async with App(config_with_reports(world, moved), clock=world.clock) as app:
+        assert app.reporter is not None
+        assert await app.reporter.look() == 0
+        world.clock.advance(23 * 3600)  # past tomorrow's T+2h
+        assert await app.reporter.look() == 1
+
+    disabled: list[dict[str, Any]] = [{**moved[0], "enabled": False}, {**first[0], "name": "other"}]
+    async with App(config_with_reports(world, disabled), clock=world.clock) as app:
+        assert app.reporter is not None
+        await app.reporter.look()
+        world.clock.advance(7 * 24 * 3600)
+        assert await app.reporter.look() == 1  # "other" only
+    async with App(config_with_reports(world, moved), clock=world.clock) as app:
+        assert app.reporter is not None
+        assert await app.reporter.look() == 0
+
+
+async def test_report_send_says_the_summary_went_when_only_the_chart_failed(
+    world: World, capsys: pytest.CaptureFixture[str]
+):
+    """``report --send bot``: chat.postMessage took the summary, the upload answered
+    503. The CLI queues nothing: it says the summary was posted and the chart not,
+    without "not sent" nor a promise to send the chart again."""
+    data = world.config_data()
+    data["notifiers"]["bot"] = {"type": "slack", "token": TOKEN, "channel": "#finops",
+                                "api_url": world.slack.api_url}  # fmt: skip
+    path = world.tmp / "bot.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert await world.run_once(world.config()) == 0
+    world.slack.upload_replies.append(503)
+    assert await _main("report", "-c", str(path), "--org", PROD, "--send", "bot") == 1
+    err = capsys.readouterr().err
+    assert "bot: the summary was posted, the chart was not: " in err
+    assert "not sent" not in err and "sent again" not in err and "Traceback" not in err
+    assert "fontManager" not in err and "INFO" not in err  # matplotlib's own INFO lines
+    assert len([r for r in world.slack.received if r.route == "chat.postMessage"]) == 1
+
+
+async def test_an_ambiguous_post_answer_still_gets_the_chart_to_the_channel_by_its_id(
+    world: World, caplog: pytest.LogCaptureFixture
+):
+    """chat.postMessage answers 200 with an empty body (the summary counts delivered,
+    but no channel id came back): the channel's id is looked up by its name
+    (conversations.list) and the chart goes there. A name no channel has: the chart's
+    failure is an ERROR saying what to set, never silent."""
+    from tests.fakes_slack import Reply
+
+    reports = [{"name": "daily", "schedule": daily_in(world, 1), "notify": ["bot"],
+                "orgs": [PROD]}]  # fmt: skip
+    config = config_with_reports(world, reports)
+    async with App(config, clock=world.clock) as app:
+        assert app.reporter is not None
+        await app.reporter.look()
+        world.clock.advance(3600 + 60)
+        assert await app.reporter.look() == 1
+        world.slack.script_api(Reply(200, body=b"", content_type="text/plain"))
+        assert (await app.deliverer.deliver_due()).sent == 1
+        assert [f["channel_id"] for f in world.slack.files] == ["C0000000000"]
+
+        world.slack.channels.clear()
+        world.clock.advance(24 * 3600)
+        assert await app.reporter.look() == 1
+        world.slack.script_api(Reply(200, body=b"", content_type="text/plain"))
+        await app.deliverer.deliver_due()
+    assert len(world.slack.files) == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any("no channel the app sees is named 'finops'" in e for e in errors), errors
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["report", "--org", PROD, "--org", ANALYTICS],
+        ["report", "--send", "mail", "--send", "bot"],
+        ["invoices", "--status", "PENDING", "--status", "PAID"],
+        ["silence", "add", "--rule", "r", "--for", "1h", "--org", PROD, "--org", ANALYTICS],
+    ],
+)
+def test_an_option_given_twice_is_a_usage_error_not_the_last_one_kept(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+):
+    """argparse keeps the last of a repeated option silently: ``report --org A --org B``
+    would report on B alone."""
+    from invoice_watch.cli.parser import build_parser
+
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(argv)
+    assert exited.value.code == 2
+    assert "given twice" in capsys.readouterr().err

@@ -52,6 +52,8 @@ def test_parse_schedule_reads_each_form(
         ("every day at 9", "invalid schedule"),
         ("daily 08:00\n", "invalid schedule"),
         ("daily\t08:00", "invalid schedule"),
+        ("monthly \u0663 09:00", "1..31"),  # ARABIC-INDIC DIGIT THREE: ASCII digits only
+        ("daily \u0660\u0669:00", "invalid schedule"),
     ],
 )
 def test_parse_schedule_says_what_to_write(text: str, fragment: str):
@@ -67,7 +69,20 @@ def test_zone_knows_iana_names(name: str):
 
 
 @pytest.mark.parametrize(
-    "name", ["Mars/Olympus", "europe/berlin", "", "/etc/passwd", "../x", "Europe/Berlin\n"]
+    "name",
+    [
+        "Mars/Olympus",
+        "europe/berlin",
+        "",
+        "/etc/passwd",
+        "../x",
+        "Europe/Berlin\n",
+        # Files of the zone database that are not zones: the host's, a template, leap seconds.
+        "localtime",
+        "posixrules",
+        "right/UTC",
+        "posix/Europe/Berlin",
+    ],
 )
 def test_zone_refuses_unknown_names_saying_what_to_use(name: str):
     with pytest.raises(ValueError, match="IANA name like Europe/Berlin"):

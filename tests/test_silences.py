@@ -198,7 +198,7 @@ def test_parse_for(text, delta):
     assert parse_for(text) == delta
 
 
-@pytest.mark.parametrize("text", ["", "4", "-1h", "0h", "4 hours", "1234567h"])
+@pytest.mark.parametrize("text", ["", "4", "-1h", "0h", "4 hours", "1234567h", "\u0663h"])
 def test_parse_for_refuses(text):
     with pytest.raises(ValueError, match="--for"):
         parse_for(text)
@@ -766,3 +766,16 @@ def test_a_bad_until_says_what_to_write_and_is_chained_to_its_cause():
     with pytest.raises(ValueError, match="use an ISO 8601 time with its offset") as raised:
         parse_until("tomorrow")
     assert isinstance(raised.value.__cause__, ValueError)
+
+
+def test_quiet_hours_times_take_ascii_digits_only():
+    """Digits are ASCII everywhere (config/quantities.py): "٠٩:٠٠" (Arabic-Indic) is
+    not 09:00."""
+    from invoice_watch.config.notifiers import QuietHoursConfig
+
+    ok = QuietHoursConfig.model_validate({"timezone": "UTC", "from": "20:00", "to": "07:00"})
+    assert ok.from_.hour == 20
+    with pytest.raises(ValueError, match="24-hour time"):
+        QuietHoursConfig.model_validate(
+            {"timezone": "UTC", "from": "\u0662\u0660:00", "to": "07:00"}
+        )

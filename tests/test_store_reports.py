@@ -4,14 +4,16 @@ outbox gives it back whole; silences and alert handling leave it alone."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
 from invoice_watch.report.outbox import ReportMessage
 from invoice_watch.store import Store
 from invoice_watch.store.records import Silence
-from tests.conftest import Backend
+from tests.conftest import Backend, OpenState
 
 PROD = "5f8a1c2e9b3d4a6f7e0c1b2a"
 T0 = datetime(2026, 11, 23, 8, 0, tzinfo=UTC)
@@ -78,3 +80,34 @@ def test_a_report_message_survives_its_json():
     assert ReportMessage.from_json(msg.to_json()) == msg
     with pytest.raises(ValueError, match="not a stored report"):
         ReportMessage.from_json('{"report": {"scope": 1}}')
+
+
+async def test_two_writers_racing_enqueue_a_due_report_once(
+    open_state: OpenState, backend: Backend, tmp_path: Path
+):
+    """Two processes (no leadership between them) enqueue the same due time at once on
+    PostgreSQL (READ COMMITTED): the conditional upsert lets exactly one write it.
+    (SQLite has one writer at a time and one daemon per file.)"""
+    if isinstance(backend(tmp_path), Path):
+        pytest.skip("SQLite: one process writes a state file")
+    a = await open_state()
+    b = await open_state()
+    await a.reports.start("weekly", PROD, T0)
+    msg = message()
+    wins = 0
+    for day in range(10):
+        due = T1 + timedelta(days=day)
+        both = await asyncio.gather(
+            a.reports.enqueue("weekly", PROD, due, ["mail"], msg.to_json(), msg.summary, NOW),
+            b.reports.enqueue("weekly", PROD, due, ["mail"], msg.to_json(), msg.summary, NOW),
+        )
+        assert sorted(both) == [False, True]
+        wins += 1
+    assert (await a.outbox.counts()) == {"pending": wins}
+
+
+def test_a_combined_reports_summary_says_all_organizations_not_a_star():
+    """``history`` and ``status`` show the summary: the combined scope reads as words."""
+    assert message().summary == f"REPORT weekly ({PROD}) 2026-11-30 08:00Z"
+    combined = ReportMessage(**{**message().__dict__, "scope": "*"})
+    assert combined.summary == "REPORT weekly (all organizations) 2026-11-30 08:00Z"

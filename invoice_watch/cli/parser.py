@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from typing import Any
 
 from invoice_watch import __version__
 from invoice_watch.constants import INVOICE_STATUSES
@@ -38,6 +39,26 @@ def _bounded_int(low: int, high: int) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+class _Once(argparse.Action):
+    """Store an option's value, refusing a second one (argparse keeps the last
+    silently: ``report --org A --org B`` would report on B alone)."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        seen = f"_given_{self.dest}"
+        if getattr(namespace, seen, False):
+            raise argparse.ArgumentError(
+                self, f"given twice ({getattr(namespace, self.dest)}, then {values}): give it once"
+            )
+        setattr(namespace, seen, True)
+        setattr(namespace, self.dest, values)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,10 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
         "List the invoices of the snapshot (as last read from Atlas), newest first.",
     )
     invoices.add_argument(
-        "--org", metavar="ORG", help="only this organization (its id or configured name)"
+        "--org",
+        action=_Once,
+        metavar="ORG",
+        help="only this organization (its id or configured name)",
     )
     invoices.add_argument(
         "--status",
+        action=_Once,
         metavar="STATUS",
         help=f"only invoices in this status, one of {', '.join(INVOICE_STATUSES)}",
     )
@@ -153,12 +178,20 @@ def build_parser() -> argparse.ArgumentParser:
         "(--out), or sends it through a notifier (--send).",
     )
     report.add_argument(
-        "--org", metavar="ID", help="only this organization (its id or name; default: all)"
+        "--org",
+        action=_Once,
+        metavar="ID",
+        help="only this organization (its id or name; default: all)",
     )
     report.add_argument(
-        "--out", metavar="FILE", help="write FILE.html (the report) or FILE.png (its chart)"
+        "--out",
+        action=_Once,
+        metavar="FILE",
+        help="write FILE.html (the report) or FILE.png (its chart)",
     )
-    report.add_argument("--send", metavar="NOTIFIER", help="send it through this notifier")
+    report.add_argument(
+        "--send", action=_Once, metavar="NOTIFIER", help="send it through this notifier"
+    )
     silence = command(
         "silence",
         "pause an alert's notifications for a while",
@@ -171,8 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     silence_add = with_config(silence_verbs.add_parser("add", help="add a silence"))
     silence_add.add_argument("--rule", required=True, help="the rule whose alerts to silence")
-    silence_add.add_argument("--org", metavar="ID", help="only this organization's")
-    silence_add.add_argument("--invoice", metavar="ID", help="only this invoice's")
+    silence_add.add_argument("--org", action=_Once, metavar="ID", help="only this organization's")
+    silence_add.add_argument("--invoice", action=_Once, metavar="ID", help="only this invoice's")
     lasting = silence_add.add_mutually_exclusive_group(required=True)
     lasting.add_argument("--for", dest="duration", metavar="DURATION", help="e.g. 4h, 2d")
     lasting.add_argument("--until", metavar="TIME", help="e.g. 2025-07-01T08:00+02:00")

@@ -319,7 +319,8 @@ def _check_report_targets(reports: Any, notifiers: dict[str, Any], where: Locati
 def _check_section(
     entries: Any, section: str, kind: str, known: list[str] | None, where: Locations
 ) -> None:
-    """Unique names and known notifiers in the entries of ``section`` (rules, reports)."""
+    """Unique names and known notifiers, each listed once in ``notify``, in the entries of
+    ``section`` (rules, reports)."""
     names: dict[str, int] = {}
     for i, entry in enumerate(entries if isinstance(entries, list) else []):
         if not isinstance(entry, dict):
@@ -329,10 +330,17 @@ def _check_section(
             what, fix = f"{kind} name `{name}`", f"{kind} names must be unique"
             _check_unique(where, names, name, (section, i, "name"), what, fix)
         notify = entry.get("notify")
+        targets: dict[str, int] = {}  # a name listed twice would send twice
         for j, target in enumerate(notify if isinstance(notify, list) else []):
             target_loc = (section, i, "notify", j)
             if target_loc in where.broken:
                 continue
+            if isinstance(target, str) and target in targets:
+                what, fix = f"notifier `{target}` in `notify`", "list each notifier once"
+                _check_unique(where, targets, target, target_loc, what, fix)
+                continue
+            if isinstance(target, str):
+                targets[target] = where.marks[target_loc].line + 1
             if known is not None and isinstance(target, str) and target not in known:
                 where.report_at(
                     target_loc,

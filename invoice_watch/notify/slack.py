@@ -158,6 +158,9 @@ class _Outcome:
 
 
 _CHART_OWED = "chart:"  # a report whose chart alone is still owed (SlackBotNotifier)
+# A conversation id (public C…, private G…, direct D…), as completeUploadExternal takes.
+_CHANNEL_ID = re.compile(r"[CGD][A-Z0-9]{6,}")
+_LIST_PAGES = 10  # conversations.list pages (of 1000) read at most to find a channel by name
 
 _FORM_NAMES = ("as blocks", "as plain text", "in its briefest form")  # of _forms, in order
 
@@ -326,6 +329,23 @@ class SlackWebhookNotifier(_SlackNotifier):
         return None
 
 
+class ChartOwedError(RetryableNotifyError):
+    """A report's summary was posted, its chart upload failed for now (``reason``):
+    the next attempt uploads the chart alone (``owed``). ``invoice-watch report --send``,
+    which queues nothing, says so as it is."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: float | None,
+        owed: tuple[str, ...],
+        reason: str,
+    ) -> None:
+        super().__init__(message, retry_after=retry_after, owed=owed)
+        self.reason = reason
+
+
 class SlackBotNotifier(_SlackNotifier):
     """Posts with a bot token through the Web API's ``chat.postMessage``."""
 
@@ -363,7 +383,9 @@ class SlackBotNotifier(_SlackNotifier):
         with slack-sdk's ``files_upload_v2`` (three calls: ``files.getUploadURLExternal``,
         the upload URL, ``files.completeUploadExternal``; LIBRARIES.md). When the summary
         went and the upload did not, the upload alone is owed (``recipients`` of the next
-        attempt: ``chart:<channel id>``), so a retry never posts the summary twice."""
+        attempt: ``chart:<channel id>``), so a retry never posts the summary twice. When
+        the summary's answer gave no channel id (an ambiguous answer, counted delivered)
+        and ``channel`` is a name, its id is looked up (``conversations.list``)."""
         owed = [r for r in recipients or () if r.startswith(_CHART_OWED)]
         if owed:
             channel = owed[0].removeprefix(_CHART_OWED)
@@ -378,11 +400,12 @@ class SlackBotNotifier(_SlackNotifier):
         try:
             await self._upload(msg, channel)
         except RetryableNotifyError as exc:
-            raise RetryableNotifyError(
+            raise ChartOwedError(
                 f"{exc} (the summary was posted: only the chart is sent again)",
                 retry_after=exc.retry_after,
                 owed=(_CHART_OWED + channel,),
-            ) from exc
+                reason=str(exc),
+            ) from exc  # our own error, already redacted
         except PermanentNotifyError as exc:
             logger.error(
                 "slack notifier %r: the report's summary was posted, its chart not: %s",
@@ -407,6 +430,8 @@ class SlackBotNotifier(_SlackNotifier):
         client.proxy = self._receiver.proxy
         where = f"slack notifier {self.name!r}: uploading the report's chart"
         try:
+            if not _CHANNEL_ID.fullmatch(channel):
+                channel = await self._channel_id(client, channel, where)
             await client.files_upload_v2(
                 channel=channel,
                 content=msg.chart,
@@ -421,7 +446,11 @@ class SlackBotNotifier(_SlackNotifier):
             kind = classify_slack_status(status, code) or PermanentNotifyError
             message = f"{where}: HTTP {status}" + (f" {code}" if code else "")
             if code == "missing_scope":
-                message += ": the app lacks the files:write scope; add it and reinstall the app"
+                message += (
+                    ": the app lacks the files:write scope (or channels:read and groups:read "
+                    "to find a channel given by name); add it and reinstall the app, or set "
+                    "`channel` to the channel's id"
+                )
             elif hint := _HINTS.get(code or ""):
                 message += f": {hint}"
             # Not chained: the cause quotes Slack's whole answer, unredacted.
@@ -436,6 +465,34 @@ class SlackBotNotifier(_SlackNotifier):
             # Not chained: the cause's text is the library's, unredacted (the message's
             # is redacted).
             raise RetryableNotifyError(f"{where}: {text}") from None
+
+    async def _channel_id(self, client: Any, name: str, where: str) -> str:
+        """The id of the channel named ``name`` (``#finops`` or ``finops``), from
+        ``conversations.list`` (bounded: :data:`_LIST_PAGES` pages): what the upload
+        needs when chat.postMessage's answer gave no id (an ambiguous answer).
+        PermanentNotifyError when no channel the app sees has that name."""
+        wanted = name.removeprefix("#")
+        cursor = None
+        for _ in range(_LIST_PAGES):
+            page = await client.conversations_list(
+                cursor=cursor,
+                exclude_archived=True,
+                limit=1000,
+                types="public_channel,private_channel",
+            )
+            for found in page.get("channels") or ():
+                if isinstance(found, dict) and found.get("name") == wanted:
+                    ident = found.get("id")
+                    if isinstance(ident, str) and _CHANNEL_ID.fullmatch(ident):
+                        return ident
+            cursor = (page.get("response_metadata") or {}).get("next_cursor")
+            if not cursor:
+                break
+        raise PermanentNotifyError(
+            f"{where}: chat.postMessage's answer gave no channel id, and no channel the "
+            f"app sees is named {wanted!r} (conversations.list): set `channel` to the "
+            "channel's id (C…)"
+        )
 
     def _payload(self, form: dict[str, Any]) -> dict[str, Any]:
         return {"channel": self.channel, **form}

@@ -16,10 +16,14 @@ cache. A render takes 0.15–0.3 s of CPU, plus about a second to import matplot
 
 from __future__ import annotations
 
+import atexit
 import io
 import json
+import logging
 import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import date
@@ -116,6 +120,9 @@ def _cents(value: Any) -> int | None:
     return None if value is None else int(value)
 
 
+log = logging.getLogger(__name__)
+
+
 def cache_dir(state_path: Path, env: Mapping[str, str] | None = None) -> Path:
     """Where matplotlib keeps its font cache: ``$CACHE_DIRECTORY/matplotlib`` (systemd
     ``CacheDirectory=``) when set, else ``matplotlib-cache`` beside the state file (the
@@ -128,10 +135,30 @@ def cache_dir(state_path: Path, env: Mapping[str, str] | None = None) -> Path:
 def _configure(folder: Path | None) -> None:
     """Point matplotlib's config and cache at ``folder`` before its first import (a
     later import reads it; once imported, the setting is the one it read). Called in
-    the process that draws (the child), never in the daemon."""
+    the process that draws (the child), never in the daemon. A folder that cannot be
+    made or written (``CACHE_DIRECTORY=/dev/null``) gives a private temporary one
+    instead (removed when the process ends), with one warning: the chart is still
+    drawn, never a traceback."""
+    # matplotlib's INFO ("generated new fontManager") is noise on our stderr.
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
     if folder is None or "MPLCONFIGDIR" in os.environ:
         return
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise PermissionError(f"{folder} is not writable")
+    except OSError as exc:
+        # Setting MPLCONFIGDIR makes this the only warning: later calls return above.
+        fallback = tempfile.mkdtemp(prefix="invoice-watch-matplotlib-")  # 0700
+        atexit.register(shutil.rmtree, fallback, ignore_errors=True)
+        log.warning(
+            "matplotlib's cache folder %s cannot be used (%s); using %s, rebuilt at "
+            "each start: set CACHE_DIRECTORY or MPLCONFIGDIR to a writable folder",
+            folder,
+            exc.strerror or exc,
+            fallback,
+        )
+        folder = Path(fallback)
     os.environ["MPLCONFIGDIR"] = str(folder)
 
 

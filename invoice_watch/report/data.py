@@ -9,7 +9,10 @@ draws and the top lists split); "the same point last month" is last period's dai
 line items over as many days as this period has so far. The pending invoice's billed
 amount (which includes tax) and its linear forecast are Atlas's figures, as the
 ``pending_amount`` and ``forecast`` rules see them; the budget is the tightest
-``forecast`` rule covering the organization.
+``forecast`` rule covering the organization. Like that rule, a report forecasts nothing
+before the period has run ``min_elapsed`` (it says "too early to forecast"): a monthly
+report on day 1 would extrapolate a few hours. An organization with no daily line item
+in the period is named in a note (spend to date counts none for it).
 """
 
 from __future__ import annotations
@@ -97,6 +100,10 @@ class ReportData:
     cumulative: tuple[int, ...]
     last_cumulative: tuple[int, ...]
     billing_urls: tuple[str, ...] = ()
+    # Organizations with no daily line items in this period (their spend counts none).
+    no_items: tuple[str, ...] = ()
+    # The forecast is left out: the period began less than ``min_elapsed`` ago.
+    too_early: timedelta | None = None
 
     @property
     def period_days(self) -> int:
@@ -196,6 +203,23 @@ def _budget(orgs: Sequence[OrgSpend], rules: Sequence[Any]) -> tuple[int | None,
     return total, tuple(dict.fromkeys(names))
 
 
+def _min_elapsed(orgs: Sequence[OrgSpend], rules: Sequence[Any]) -> timedelta:
+    """How long a period must have run before the report forecasts it: the longest
+    ``min_elapsed`` of the enabled ``forecast`` rules covering the organizations (the
+    rule's default, 3 days, when none does), as the ``forecast`` rule itself waits."""
+    from invoice_watch.config.rules import ForecastRule
+
+    found = [
+        rule.min_elapsed
+        for rule in rules
+        if rule.type == "forecast"
+        and rule.enabled
+        and any(_covers(rule, org.org_id) for org in orgs)
+    ]
+    default: timedelta = ForecastRule.model_fields["min_elapsed"].default
+    return max(found, default=default)
+
+
 def build_report(
     orgs: Sequence[OrgSpend],
     now: datetime,
@@ -230,6 +254,10 @@ def build_report(
         if pendings and len(pendings) == len(orgs) and None not in forecasts
         else None
     )
+    early = _min_elapsed(orgs, rules)
+    too_early = early if any(now - p.start_date < early for p in pendings) else None
+    if too_early is not None:  # a day's spend extrapolated to a month says nothing
+        projected = None
     budget, budget_rules = _budget(orgs, rules)
     ids = {org.org_id for org in orgs}
     alerts = sorted(
@@ -267,4 +295,10 @@ def build_report(
         if last_known
         else (),
         billing_urls=tuple(org.billing_url for org in orgs if org.billing_url),
+        no_items=tuple(
+            org.org_name
+            for org in orgs
+            if not any(i.usage_date is not None and start <= i.usage_date < end for i in org.items)
+        ),
+        too_early=too_early,
     )

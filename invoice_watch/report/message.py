@@ -21,7 +21,7 @@ from datetime import datetime
 from email.message import EmailMessage
 from email.utils import format_datetime
 
-from invoice_watch.format import period, usd
+from invoice_watch.format import duration, period, usd
 from invoice_watch.report.data import Change, ReportData
 from invoice_watch.safe_text import clip, one_line
 
@@ -70,6 +70,13 @@ def facts(data: ReportData) -> list[tuple[str, str]]:
         rows.append(("Pending invoice (billed so far)", usd(data.billed_cents)))
     if data.forecast_cents is not None:
         rows.append(("Forecast to period end", usd(data.forecast_cents)))
+    elif data.too_early is not None:
+        rows.append(
+            (
+                "Forecast to period end",
+                f"too early to forecast (the period has run less than {duration(data.too_early)})",
+            )
+        )
     if data.budget_cents is not None:
         verdict = ""
         if data.forecast_cents is not None:
@@ -77,6 +84,15 @@ def facts(data: ReportData) -> list[tuple[str, str]]:
             verdict = f", forecast {usd(gap)} over" if gap > 0 else f", forecast {usd(-gap)} under"
         rules = ", ".join(_name(r) for r in data.budget_rules)
         rows.append(("Budget", f"{usd(data.budget_cents)} ({rules}{verdict})"))
+    if data.no_items:
+        rows.append(
+            (
+                "Note",
+                f"no daily line items yet for {', '.join(_name(n) for n in data.no_items)}: "
+                "spend to date counts none (they are read only for organizations a report "
+                "or usage_anomaly rule covers)",
+            )
+        )
     return rows
 
 

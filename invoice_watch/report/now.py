@@ -130,10 +130,18 @@ async def _send(
     config: Config, name: str, msg: ReportMessage, stdout: TextIO, stderr: TextIO
 ) -> int:
     from invoice_watch.notify import build_notifier
+    from invoice_watch.notify.slack import ChartOwedError
 
     notifier = build_notifier(name, config.notifiers[name])
     try:
         await send_report(notifier, msg)
+    except ChartOwedError as exc:  # nothing is queued here: no retry to promise
+        print(
+            f"invoice-watch report: {name}: the summary was posted, the chart was not: "
+            f"{exc.reason}",
+            file=stderr,
+        )
+        return 1
     except NotifyError as exc:
         print(f"invoice-watch report: {name}: not sent: {exc}", file=stderr)
         return 1

@@ -65,7 +65,8 @@ class ReportMessage:
     @property
     def summary(self) -> str:
         """One line naming it (``status``, ``history``, logs)."""
-        return one_line(f"REPORT {self.report} {self.scope} {self.due:%Y-%m-%d %H:%M}Z")
+        scope = "all organizations" if self.scope == "*" else self.scope  # SCOPE_ALL
+        return one_line(f"REPORT {self.report} ({scope}) {self.due:%Y-%m-%d %H:%M}Z")
 
     def to_json(self) -> str:
         """The outbox's ``events`` text of this report: ``{"report": {...}}``."""

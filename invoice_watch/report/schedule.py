@@ -29,7 +29,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _FULL_WEEKDAYS = tuple(calendar.day_name[i].lower() for i in range(7))
-_TIME = re.compile(r"([01]?\d|2[0-3]):([0-5]\d)")
+_TIME = re.compile(r"([01]?[0-9]|2[0-3]):([0-5][0-9])")  # ASCII digits only
 HELP = 'write "daily 08:00", "mon 09:00" (mon..sun) or "monthly 1 09:00" (day 1..31)'
 # The farthest apart two times of a valid schedule can be (a month), with room.
 _SEARCH_DAYS = 70
@@ -41,7 +41,10 @@ def zone(name: str) -> tzinfo:
     if name in ("UTC", "Etc/UTC", "Z"):
         return UTC  # works without any zone database
     plausible = name.isprintable() and 0 < len(name) <= 64 and ".." not in name
-    if not plausible or name.startswith(("/", ".")):
+    # Files of the zone database that are not IANA zones: the host's own zone (it
+    # changes with the host), the POSIX rules template, and the leap-second variants.
+    odd = name in ("localtime", "posixrules", "Factory") or name.startswith(("right/", "posix/"))
+    if not plausible or odd or name.startswith(("/", ".")):
         raise ValueError(f"unknown time zone {name!r}; use an IANA name like Europe/Berlin")
     try:
         return ZoneInfo(name)
@@ -132,7 +135,7 @@ def parse_schedule(text: str, timezone: str = "UTC") -> ReportSchedule:
         weekday = WEEKDAYS.index(kind[:3])
         return ReportSchedule("weekly", at, tz, weekday=weekday)
     if len(words) == 3 and kind == "monthly":
-        if not words[1].isdigit() or not 1 <= int(words[1]) <= 31:
+        if not (words[1].isascii() and words[1].isdigit()) or not 1 <= int(words[1]) <= 31:
             raise ValueError(
                 f"invalid schedule {text!r}: the day of the month is 1..31 "
                 "(31 runs on the last day of shorter months)"

@@ -14,9 +14,16 @@ instant recorded in ``report_runs``, in one transaction
 like an alert, a restart never loses it nor sends it twice. Times missed while the
 daemon was down give one report when it comes back (the latest of them,
 :meth:`~invoice_watch.report.schedule.ReportSchedule.due`), and a report seen for the
-first time waits for its first time. A standby replica sends none (``leading``). With no
-report enabled the task waits for a configuration reload, with no timer; a reload looks
-at the schedules again at once.
+first time waits for its first time. A last due time recorded later than the next time
+the schedule gives is a wall-clock fault (stepped forward, then corrected; or a report
+first seen while the clock was ahead): it is capped at now, with a warning, and the
+report goes again at its next time. A changed schedule (the last due time is not one of
+its times) waits for its next time too, as does a report re-enabled or an organization
+added back (the rows of what no enabled report covers are forgotten). A change whose new
+schedule holds the last due time (``mon 09:00`` to ``daily 09:00``) is not noticed: its
+times since then count as missed, one report goes. A standby replica sends none
+(``leading``). With no report enabled the task waits for a configuration reload, with no
+timer; a reload looks at the schedules again at once.
 
 A report that cannot be built (the state unreadable) is tried again at the next look; a
 chart that cannot be drawn (the child failed, or took longer than its timeout) leaves
@@ -86,6 +93,10 @@ class RunsStore(Protocol):
 
     async def start(self, report: str, scope: str, since: datetime) -> datetime: ...
 
+    async def move(self, report: str, scope: str, old: datetime, new: datetime) -> datetime: ...
+
+    async def forget(self, keys: Sequence[tuple[str, str]]) -> None: ...
+
     async def enqueue(
         self,
         report: str,
@@ -96,6 +107,11 @@ class RunsStore(Protocol):
         summary: str,
         now: datetime,
     ) -> bool: ...
+
+
+def scope_name(scope: str) -> str:
+    """A scope as a log line says it."""
+    return "all organizations" if scope == SCOPE_ALL else scope
 
 
 def pending_invoice(store: Store, org_id: str) -> Invoice | None:
@@ -187,6 +203,13 @@ class Reporter:
         config, runs = self._config(), self._runs()
         now = self._clock.now()
         known = await runs.last_due()
+        covered = {
+            (report.name, scope) for report in reports for scope, _ in scopes(report, config)
+        }
+        if gone := sorted(set(known) - covered):
+            # Disabled, removed, or an organization no longer covered: seen again, it
+            # waits for its first time rather than sending one weeks stale at once.
+            await runs.forget(gone)
         count = 0
         for report in reports:
             schedule = report.when
@@ -194,6 +217,32 @@ class Reporter:
                 since = known.get((report.name, scope))
                 if since is None:  # a new report waits for its first time
                     since = await runs.start(report.name, scope, schedule.latest_at(now))
+                elif since > schedule.next_after(now):
+                    # Recorded while the wall clock read later than it does now (stepped
+                    # forward, then corrected): no report was really due then. Capped at
+                    # now, so the report goes again at its next time, not in a year.
+                    log.warning(
+                        "report %s (%s) was last due %s UTC, after the next time it is due "
+                        "(%s UTC): the wall clock was wrong then or is now; it goes again "
+                        "at its next time",
+                        report.name,
+                        scope_name(scope),
+                        f"{since:%Y-%m-%d %H:%M}",
+                        f"{schedule.next_after(now):%Y-%m-%d %H:%M}",
+                    )
+                    since = await runs.move(report.name, scope, since, schedule.latest_at(now))
+                elif schedule.latest_at(since) != since:
+                    # Not a time of this schedule: the schedule was changed. It waits for
+                    # its next time, as a new report does, rather than count the times
+                    # of the new schedule since the last report as missed.
+                    log.info(
+                        "report %s (%s): schedule changed to %s; first due %s UTC",
+                        report.name,
+                        scope_name(scope),
+                        schedule,
+                        f"{schedule.next_after(now):%Y-%m-%d %H:%M}",
+                    )
+                    since = await runs.move(report.name, scope, since, schedule.latest_at(now))
                 due = schedule.due(since, now)
                 if due is None:
                     continue
@@ -211,7 +260,7 @@ class Reporter:
                     log.info(
                         "report %s (%s) due %s UTC: in the outbox for %s",
                         report.name,
-                        "all organizations" if scope == SCOPE_ALL else scope,
+                        scope_name(scope),
                         f"{due:%Y-%m-%d %H:%M}",
                         ", ".join(report.notify),
                     )

@@ -6,8 +6,9 @@ A row per (report, scope) holds the last instant the report was due for that sco
 first time gets its row without a message (:meth:`SqlReportRuns.start`: it waits for its
 first time, it does not send the one just past). When a report is due, its messages (one
 per notifier, ``pending``) are inserted and ``last_due`` moved forward in ONE transaction
-(:meth:`SqlReportRuns.enqueue`), and only if ``last_due`` is still before that instant:
-a restart, a second evaluation, or two replicas racing enqueue it once. Delivery then
+(:meth:`SqlReportRuns.enqueue`), and only if ``last_due`` is still before that instant
+(one conditional upsert, the database's decision): a restart, a second evaluation, or
+two replicas racing enqueue it once. Delivery then
 sends and retries it like any outbox message.
 """
 
@@ -59,6 +60,31 @@ class SqlReportRuns:
 
         return await self._db.write(run, f"record the report {report!r}")
 
+    async def move(self, report: str, scope: str, old: datetime, new: datetime) -> datetime:
+        """Set the last due instant of a (report, scope) from ``old`` to ``new`` (a
+        clock fault or a changed schedule, :class:`~invoice_watch.report.scheduler.
+        Reporter`), only if it still is ``old`` (another process may have moved it
+        first); the stored one."""
+
+        def run(conn: SqlConnection) -> datetime:
+            conn.execute(
+                "UPDATE report_runs SET last_due=? WHERE report=? AND scope=? AND last_due=?",
+                (new.isoformat(), report, scope, old.isoformat()),
+            )
+            last = _last(conn, report, scope)
+            return new if last is None else last
+
+        return await self._db.write(run, f"record the report {report!r}")
+
+    async def forget(self, keys: Sequence[tuple[str, str]]) -> None:
+        """Delete the rows of these (report, scope)s (a report removed or disabled, an
+        organization it no longer covers): seen again, it waits for its first time."""
+
+        def run(conn: SqlConnection) -> None:
+            conn.executemany("DELETE FROM report_runs WHERE report=? AND scope=?", list(keys))
+
+        await self._db.write(run, "forget reports no longer configured")
+
     async def enqueue(
         self,
         report: str,
@@ -75,14 +101,19 @@ class SqlReportRuns:
         stamp, at = due.isoformat(), now.isoformat()
 
         def run(conn: SqlConnection) -> bool:
-            last = _last(conn, report, scope)
-            if last is not None and last >= due:
-                return False
-            conn.execute(
+            # One conditional upsert, so the database itself decides: under READ
+            # COMMITTED two writers that both read an older last_due would both enqueue;
+            # here the second one's row lock waits, then its WHERE sees the first's due
+            # and writes nothing. (Stamps are UTC ISO 8601 on the minute: text order is
+            # time order.)
+            written = conn.execute(
                 "INSERT INTO report_runs (report, scope, last_due) VALUES (?,?,?) "
-                "ON CONFLICT (report, scope) DO UPDATE SET last_due=excluded.last_due",
+                "ON CONFLICT (report, scope) DO UPDATE SET last_due=excluded.last_due "
+                "WHERE report_runs.last_due < excluded.last_due",
                 (report, scope, stamp),
-            )
+            ).rowcount
+            if written != 1:
+                return False
             conn.executemany(
                 "INSERT INTO outbox (notifier, events, summary, created_at, next_attempt_at, "
                 "state) VALUES (?,?,?,?,?,'pending')",
