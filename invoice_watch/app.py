@@ -6,7 +6,8 @@ its own state (``app.cycles.last``, ``app.daemon.health()``, ...): the store
 deliverer, the poll cycle (:class:`~invoice_watch.runner.CycleRunner`, one
 :class:`~invoice_watch.cycle.Cycle` at a time), the daemon around it
 (:class:`~invoice_watch.daemon.Daemon`) and configuration reloads
-(:class:`~invoice_watch.reload.Reloads`, applied by :meth:`App.reload`); everything it
+(:class:`~invoice_watch.reload.Reloads`, applied by
+:class:`~invoice_watch.reconfigure.Reconfigure` through :meth:`App.reload`); everything it
 opened closes, in reverse order, when it is left. Signals, printing and exit statuses
 are the CLI's business (:mod:`invoice_watch.cli`), so tests embed the App.
 """
@@ -27,11 +28,10 @@ from invoice_watch.config import Config, LogConfig, load_file
 from invoice_watch.cycle import CycleResult
 from invoice_watch.daemon import Daemon, OnceOutcome, run_once
 from invoice_watch.deliver.deliverer import Deliverer
-from invoice_watch.errors import ListenError
-from invoice_watch.http_endpoint import HttpEndpoint
 from invoice_watch.leader import Leadership, lease_over
 from invoice_watch.metrics import Metrics
-from invoice_watch.reload import Apply, Reloads, changes
+from invoice_watch.reconfigure import Reconfigure, delivery_limits
+from invoice_watch.reload import Reloads
 from invoice_watch.report.scheduler import NoUsage, Reporter, UsageSource
 from invoice_watch.rules import settled_statuses
 from invoice_watch.runner import CycleRunner
@@ -66,7 +66,6 @@ class App:
         self.rng = rng or random.Random()
         self._notifiers_given = notifiers
         self.dry_run = dry_run
-        self._configure_logging = configure_logging
         self._stack = contextlib.AsyncExitStack()
         self._store: Store | None = None
         self._client: AtlasClient | None = None
@@ -75,6 +74,7 @@ class App:
         self.metrics = Metrics()
         self.cycles = CycleRunner(config, self.clock, self.metrics, self.rng)
         self.reloads = Reloads(lambda: self.config.source, load_config, self.clock, self.reload)
+        self._reconfigure = Reconfigure(self, configure_logging)
         self.daemon = Daemon(self)
         self.leadership: Leadership | None = None  # replicas on PostgreSQL (leader.py)
         self.reporter: Reporter | None = None  # reports on their schedules (once open)
@@ -115,18 +115,15 @@ class App:
             held = await store.release_held(config.delivery.group_over, self.clock.now())
             if held:
                 log.info("released %d message(s) held by a cycle that did not end", held)
-        self._client, self.notifiers = self._new_client(config), self._new_notifiers(config)
+        self._client, self.notifiers = self._new_client(config), self.new_notifiers(config)
         self._deliverer = deliverer = Deliverer(
             store,
             self.notifiers,
             clock=self.clock,
-            max_age=config.delivery.max_age,
-            max_backoff=config.delivery.max_backoff,
-            retention=config.delivery.retention,
             rng=self.rng,
             metrics=self.metrics,
             elapsed=self.cycles.elapsed,
-            quiet=config.quiet_windows(),
+            **delivery_limits(config),
         )
         if self.leadership is not None:
             deliverer.may_send = self.leadership.leading
@@ -186,7 +183,13 @@ class App:
         self._stack.push_async_callback(client.aclose)
         return client
 
-    def _new_notifiers(self, config: Config) -> Mapping[str, Notifier]:
+    def replace_client(self, config: Config) -> AtlasClient | None:
+        """Use a new Atlas client for ``config`` (a reload); returns the one it
+        replaces (None before start), for the caller to close."""
+        old, self._client = self._client, self._new_client(config)
+        return old
+
+    def new_notifiers(self, config: Config) -> Mapping[str, Notifier]:
         """The notifiers for ``config`` (those given to the App, if any), closed when
         the App is."""
         if self._notifiers_given is not None:
@@ -246,77 +249,10 @@ class App:
         return self.reloads.request()
 
     async def reload(self, config: Config) -> bool:
-        """Take a new configuration between cycles. Each changed setting is applied as
-        :data:`invoice_watch.reload.APPLY` says; when one needs a restart (``state.path``),
-        or the new ``http.listen`` cannot be used, nothing changes and the reload is
-        refused, naming the setting. Returns whether the configuration was taken; logs
-        the keys the files changed, and the new configuration's warnings."""
-        if not config.secrets_read:
-            raise ValueError("a configuration loaded without its secrets cannot run")
-        changed = changes(self.config, config)
-        restart = [key for key, how in changed.items() if how is Apply.RESTART]
-        if restart:
-            log.error(
-                "config reload refused: %s changed, which takes a restart; keeping the "
-                "running configuration",
-                ", ".join(restart),
-            )
-            return False
-        kinds = set(changed.values())
-        daemon = self.daemon
-        async with self.cycles.lock:
-            moved: tuple[HttpEndpoint | None, int | None] | None = None
-            if Apply.HTTP in kinds and daemon.serving:
-                try:
-                    moved = await daemon.endpoint.move(config.http, self.config.http)
-                except ListenError as exc:
-                    log.error("config reload refused: %s; keeping the running configuration", exc)
-                    return False
-            old_client, old_notifiers, old_config = self._client, self.notifiers, self.config
-            if Apply.ATLAS in kinds:
-                await self.cycles.cancel_line_items()  # it reads on the old client
-                self._client = self._new_client(config)
-            if Apply.NOTIFIERS in kinds:
-                self.notifiers = self._new_notifiers(config)
-            if kinds & {Apply.NOTIFIERS, Apply.DELIVERY}:
-                self.deliverer.configure(
-                    self.notifiers,
-                    max_age=config.delivery.max_age,
-                    max_backoff=config.delivery.max_backoff,
-                    retention=config.delivery.retention,
-                    quiet=config.quiet_windows(),
-                )
-            self.config = self.cycles.config = config
-            if self.reporter is not None:  # its schedules are looked at again now
-                self.reporter.reconfigured.set()
-            if Apply.RULES in kinds:  # what the rules watch may have changed
-                await self.store.snapshot.settle(settled_statuses(config.rules))
-            if Apply.SCHEDULE in kinds:
-                daemon.poll.configure(config.poll.interval, config.poll.jitter)
-            if Apply.LOGGING in kinds and self._configure_logging is not None:
-                self._configure_logging(config.log)
-            if self.notifiers is not old_notifiers:
-                for notifier in old_notifiers.values():
-                    await notifier.aclose()
-            if self._client is not old_client and old_client is not None:
-                await old_client.aclose()
-            if moved is not None:
-                await daemon.endpoint.swap(moved)
-        log.info(
-            "configuration reloaded: %d organization(s), %d rule(s), %d notifier(s)%s",
-            len(config.organizations),
-            len(config.rules),
-            len(config.notifiers),
-            _changed_text(list(changes(old_config, config, given=True))),
-        )
-        for warning in config.warnings:
-            log.warning("%s", warning)
-        return True
-
-
-def _changed_text(keys: list[str], most: int = 10) -> str:
-    """``; changed: a, b`` for the reload's log line, at most ``most`` keys named."""
-    if not keys:
-        return "; nothing changed"
-    more = f" and {len(keys) - most} more" if len(keys) > most else ""
-    return f"; changed: {', '.join(keys[:most])}{more}"
+        """Take a new configuration between cycles
+        (:meth:`~invoice_watch.reconfigure.Reconfigure.apply`): each changed setting is
+        applied as :data:`invoice_watch.reload.APPLY` says; when one needs a restart
+        (``state.path``), or the new ``http.listen`` cannot be used, nothing changes and
+        the reload is refused, naming the setting. Returns whether the configuration was
+        taken. Raises ValueError for a configuration loaded without its secrets."""
+        return await self._reconfigure.apply(config)

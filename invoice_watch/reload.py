@@ -3,7 +3,8 @@
 :data:`APPLY` maps every key of the config model (as written in the file, ``*`` for a
 list item or a mapping's name) to how a running daemon takes a new value of it;
 :func:`changes` compares two configurations key by key through that table, and
-:meth:`App.reload <invoice_watch.app.App.reload>` does what the changed keys need, or
+:class:`~invoice_watch.reconfigure.Reconfigure` (behind
+:meth:`App.reload <invoice_watch.app.App.reload>`) does what the changed keys need, or
 refuses the whole reload, naming the keys, when one of them needs a restart;
 :class:`Reloads` reads the file again on each request (SIGHUP), off the event loop and
 one at a time, and hands the new configuration to it. A setting
@@ -250,9 +251,9 @@ _ABSENT = object()
 
 class Reloads:
     """Reads the configuration file again on request and hands it to ``apply`` (the
-    App's reload; it logs what it did). ``source``: the running configuration's file
-    (None: not read from a file); ``load_config`` reads and validates one, timed on
-    ``clock``."""
+    App's reload, :class:`~invoice_watch.reconfigure.Reconfigure`; it logs what it
+    did). ``source``: the running configuration's file (None: not read from a file);
+    ``load_config`` reads and validates one, timed on ``clock``."""
 
     def __init__(
         self,
