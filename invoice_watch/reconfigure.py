@@ -86,8 +86,9 @@ class Running(Protocol):
 
 class Reconfigure:
     """Applies a new configuration to the ``running`` daemon, between two cycles (under
-    its cycle lock), each changed setting as :data:`APPLY` says. ``configure_logging``
-    takes a new ``log`` section (None: logging is left alone, as an embedded App does)."""
+    its cycle lock), each changed setting as :data:`~invoice_watch.reload.APPLY` says.
+    ``configure_logging`` takes a new ``log`` section (None: logging is left alone, as
+    an embedded App does)."""
 
     def __init__(
         self, running: Running, configure_logging: Callable[[LogConfig], None] | None = None
