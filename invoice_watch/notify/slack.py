@@ -58,11 +58,9 @@ import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, NamedTuple
 from urllib.parse import urljoin
 
-import aiohttp
 from aiohttp import hdrs
 
 from invoice_watch.errors import NotifyError, PermanentNotifyError, RetryableNotifyError
@@ -75,10 +73,8 @@ from invoice_watch.notify.http import (
     json_object,
 )
 from invoice_watch.notify.render.slack import slack_blocks, slack_brief_text, slack_text
-from invoice_watch.report.message import CHART_FILENAME
 from invoice_watch.report.outbox import ReportMessage, slack_escape, slack_summary
-from invoice_watch.retry import parse_retry_after
-from invoice_watch.safe_text import clip, server_text
+from invoice_watch.safe_text import server_text
 from invoice_watch.types import AlertEvent, Part
 
 __all__ = ["REPLY_MAX", "SlackBotNotifier", "SlackWebhookNotifier", "classify_slack_status"]
@@ -159,8 +155,6 @@ class _Outcome:
 
 _CHART_OWED = "chart:"  # a report whose chart alone is still owed (SlackBotNotifier)
 # A conversation id (public C…, private G…, direct D…), as completeUploadExternal takes.
-_CHANNEL_ID = re.compile(r"[CGD][A-Z0-9]{6,}")
-_LIST_PAGES = 10  # conversations.list pages (of 1000) read at most to find a channel by name
 
 _FORM_NAMES = ("as blocks", "as plain text", "in its briefest form")  # of _forms, in order
 
@@ -397,8 +391,18 @@ class SlackBotNotifier(_SlackNotifier):
             channel = found if isinstance(found, str) and found else self.channel
         if msg.chart is None:
             return
+        from invoice_watch.notify.slack_files import ChartUpload
+
+        upload = ChartUpload(
+            self.name,
+            self._token,
+            self._base,
+            self._timeout,
+            self._receiver.proxy,
+            self._receiver.secrets,
+        )
         try:
-            await self._upload(msg, channel)
+            await upload.send(msg, channel)
         except RetryableNotifyError as exc:
             raise ChartOwedError(
                 f"{exc} (the summary was posted: only the chart is sent again)",
@@ -412,87 +416,6 @@ class SlackBotNotifier(_SlackNotifier):
                 self.name,
                 exc,
             )
-
-    async def _upload(self, msg: ReportMessage, channel: str) -> None:
-        """Upload the chart; a Slack refusal or a failed connection as a NotifyError."""
-        from slack_sdk.errors import SlackApiError, SlackClientError
-        from slack_sdk.web.async_client import AsyncWebClient
-
-        assert msg.chart is not None
-        client = AsyncWebClient(
-            token=self._token,
-            base_url=self._base,
-            timeout=max(1, round(self._timeout)),
-            retry_handlers=[],  # the outbox retries, with its backoff
-        )
-        # Our proxy, as every notifier's (NO_PROXY honoured, loopback direct): slack-sdk
-        # would read HTTPS_PROXY without NO_PROXY when given none.
-        client.proxy = self._receiver.proxy
-        where = f"slack notifier {self.name!r}: uploading the report's chart"
-        try:
-            if not _CHANNEL_ID.fullmatch(channel):
-                channel = await self._channel_id(client, channel, where)
-            await client.files_upload_v2(
-                channel=channel,
-                content=msg.chart,
-                filename=CHART_FILENAME,
-                title=clip(msg.title, 250),
-                alt_txt="Cumulative spend this billing period against the last one",
-            )
-        except SlackApiError as exc:
-            status = exc.response.status_code
-            code = exc.response.get("error") if isinstance(exc.response.data, dict) else None
-            code = code if isinstance(code, str) and _ERROR_CODE.fullmatch(code) else None
-            kind = classify_slack_status(status, code) or PermanentNotifyError
-            message = f"{where}: HTTP {status}" + (f" {code}" if code else "")
-            if code == "missing_scope":
-                message += (
-                    ": the app lacks the files:write scope (or channels:read and groups:read "
-                    "to find a channel given by name); add it and reinstall the app, or set "
-                    "`channel` to the channel's id"
-                )
-            elif hint := _HINTS.get(code or ""):
-                message += f": {hint}"
-            # Not chained: the cause quotes Slack's whole answer, unredacted.
-            if kind is RetryableNotifyError:
-                wait = parse_retry_after(exc.response.headers.get("Retry-After"), datetime.now(UTC))
-                raise RetryableNotifyError(message, retry_after=wait) from None
-            raise PermanentNotifyError(message) from None
-        except (SlackClientError, aiohttp.ClientError, TimeoutError, OSError) as exc:
-            text = server_text(
-                f"{type(exc).__name__}: {exc}", SNIPPET, secrets=self._receiver.secrets
-            )
-            # Not chained: the cause's text is the library's, unredacted (the message's
-            # is redacted).
-            raise RetryableNotifyError(f"{where}: {text}") from None
-
-    async def _channel_id(self, client: Any, name: str, where: str) -> str:
-        """The id of the channel named ``name`` (``#finops`` or ``finops``), from
-        ``conversations.list`` (bounded: :data:`_LIST_PAGES` pages): what the upload
-        needs when chat.postMessage's answer gave no id (an ambiguous answer).
-        PermanentNotifyError when no channel the app sees has that name."""
-        wanted = name.removeprefix("#")
-        cursor = None
-        for _ in range(_LIST_PAGES):
-            page = await client.conversations_list(
-                cursor=cursor,
-                exclude_archived=True,
-                limit=1000,
-                types="public_channel,private_channel",
-            )
-            for found in page.get("channels") or ():
-                if isinstance(found, dict) and found.get("name") == wanted:
-                    ident = found.get("id")
-                    if isinstance(ident, str) and _CHANNEL_ID.fullmatch(ident):
-                        return ident
-            cursor = (page.get("response_metadata") or {}).get("next_cursor")
-            if not cursor:
-                break
-        raise PermanentNotifyError(
-            f"{where}: chat.postMessage's answer gave no channel id, and no channel the "
-            f"app sees is named {wanted!r} (conversations.list): set `channel` to the "
-            "channel's id (C…)"
-        )
 
     def _payload(self, form: dict[str, Any]) -> dict[str, Any]:
         return {"channel": self.channel, **form}
