@@ -221,6 +221,9 @@ class Detection:
     fired: tuple[Anomaly, ...] = ()
     resolved: tuple[Recovery, ...] = ()
     reason: str | None = None
+    # ``day`` None because the history is still short (no posted day yet, fewer than
+    # :func:`min_history`): the normal first days of a fresh install, not a fault.
+    startup: bool = False
     # Every other dimension's facts on ``day`` (under its threshold), by key: what a
     # RESOLVED message says of it.
     below: Mapping[str, Recovery] = field(default_factory=dict)
@@ -393,7 +396,7 @@ def detect(
         )
     days = {d for d in days if d < today}  # today's usage is still coming in
     if not days:
-        return Detection(None, reason="no daily line items yet")
+        return Detection(None, reason="no daily line items yet", startup=True)
     day = max(days)
     before = max((d for d in days if d < day), default=None)
     if before is not None and not _complete(all_series.values(), day, before):
@@ -412,6 +415,7 @@ def detect(
             None,
             reason=f"{len(window)} day(s) of usage before {day.isoformat()}; "
             f"at least {needed} are needed",
+            startup=True,
         )
     holding: dict[str, Anomaly] = {}
     verdicts: dict[str, _Verdict] = {}

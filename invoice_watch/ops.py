@@ -213,6 +213,7 @@ async def status(
                 ]
             )
         print(table(["Organization", "Id", "Last read", "Invoices", "State"], rows), file=out)
+        await _usage_lines(config, store, now, out)
         firing = sorted(store.alerts.firing().values(), key=lambda a: a.firing_since)
         print(f"\nFiring alerts: {len(firing)}", file=out)
         if firing:
@@ -256,6 +257,20 @@ async def status(
         return 0
     finally:
         await store.close()
+
+
+async def _usage_lines(config: Config, store: Store, now: datetime, out: TextIO) -> None:
+    """Each enabled usage_anomaly rule that cannot judge an organization, and why (as
+    the daemon would judge the line items the state holds now)."""
+    if not any(r.enabled and r.type == "usage_anomaly" for r in config.rules):
+        return
+    from invoice_watch.usage_watch import cannot_judge
+
+    gaps = await cannot_judge(config, store, now)
+    print(f"\nUsage anomaly rules that cannot judge an organization: {len(gaps)}", file=out)
+    if gaps:
+        rows = [[rule, config.org_name(org_id), why] for rule, org_id, why in gaps]
+        print(table(["Rule", "Organization", "Why"], rows), file=out)
 
 
 async def invoices(

@@ -120,6 +120,9 @@ class UsageWatch:
         # (rule name, org id) -> (what it was computed from, the verdict)
         self._verdicts: dict[tuple[str, str], tuple[object, Detection]] = {}
         self._logged: dict[str, str] = {}  # org -> the failure last logged
+        # (rule name, org id) -> whether the rule cannot judge it for a fault (True: a
+        # WARNING was logged) or for a short history (False: an INFO)
+        self._unjudged: dict[tuple[str, str], bool] = {}
         self._past: set[tuple[str, str]] = set()  # (org, invoice) of past periods read
         self.fetches = 0  # fetches that worked, since the start
         self.fetch_seconds = FETCH_SECONDS  # one organization's fetch, at most
@@ -290,45 +293,155 @@ class UsageWatch:
 
     async def _judge(self, config: Config, store: Store, now: datetime) -> None:
         """The verdict of each usage_anomaly rule on each organization it covers whose
-        line items are held, computed again when its inputs changed."""
+        line items are held, computed again when its inputs changed; a rule that cannot
+        judge an organization said once (:meth:`_note`)."""
         rules = _anomaly_rules(config)
         if not rules:  # the detector's module is imported only where a rule uses it
             self._verdicts = {}
+            self._unjudged = {}
             return
         from invoice_watch import anomaly
 
         kept: dict[tuple[str, str], tuple[object, Detection]] = {}
         items_of: dict[str, list[LineItem]] = {}
+        covered: set[tuple[str, str]] = set()
         for rule in rules:
             params = anomaly.Params(rule.baseline, rule.min_increase_cents, rule.sensitivity)
             for org in config.organizations:
                 org_id = org.id
                 if rule.orgs is not None and org_id not in rule.orgs:
                     continue
+                key = (rule.name, org_id)
+                covered.add(key)
                 read = store.usage.read_state(org_id)
                 if read is None or read.fetched_at is None:
+                    self._note(key, config, not_read(read, detail=False))
                     continue
                 inputs = (rule.by, params, read.fetched_at, read.invoice_id, now.date())
-                before = self._verdicts.get((rule.name, org_id))
+                before = self._verdicts.get(key)
                 if before is not None and before[0] == inputs:
-                    kept[(rule.name, org_id)] = before
+                    kept[key] = before
+                    self._note(key, config, unjudged(read, before[1], detail=False))
                     continue
                 if org_id not in items_of:
                     periods = await store.usage.periods(org_id)
                     items_of[org_id] = [item for p in periods for item in p.items]
-                if read.fetched_at > now:  # the wall clock was set back: judge nothing
-                    verdict = anomaly.Detection(
-                        None,
-                        reason=f"the wall clock reads earlier than the line items' fetch "
-                        f"({read.fetched_at.isoformat(timespec='seconds')})",
-                    )
-                    kept[(rule.name, org_id)] = (inputs, verdict)
-                    continue
-                verdict = await asyncio.to_thread(_detect, now, items_of[org_id], rule, params)
-                if verdict.day is None:
-                    log.debug("%s: %s: %s", rule.name, config.org_name(org_id), verdict.reason)
-                kept[(rule.name, org_id)] = (inputs, verdict)
+                verdict = await asyncio.to_thread(judge, now, read, items_of[org_id], rule, params)
+                kept[key] = (inputs, verdict)
+                self._note(key, config, unjudged(read, verdict, detail=False))
         self._verdicts = kept
+        self._unjudged = {k: v for k, v in self._unjudged.items() if k in covered}
+
+    def _note(self, key: tuple[str, str], config: Config, gap: tuple[str, bool] | None) -> None:
+        """Log once that a rule cannot judge an organization (WARNING, or INFO for the
+        normal first days: fewer days of usage than the rule needs, line items not
+        read yet), again only when that becomes a WARNING, and once (INFO) when it can
+        judge again: never once per cycle."""
+        rule, org_id = key
+        name = config.org_name(org_id)
+        was = self._unjudged.get(key)
+        if gap is None:
+            if was is not None:
+                del self._unjudged[key]
+                log.info("%s: %s: usage judged again", rule, name)
+            return
+        why, warn = gap
+        if was is None or (warn and not was):
+            self._unjudged[key] = warn
+            if warn:
+                log.warning(
+                    "%s: %s: cannot judge its usage (no usage anomaly fires or resolves "
+                    "until it can): %s",
+                    rule,
+                    name,
+                    why,
+                )
+            else:
+                log.info("%s: %s: usage not judged yet: %s", rule, name, why)
+
+
+def not_read(read: UsageRead | None, *, detail: bool = True) -> tuple[str, bool]:
+    """Why no line items are held to judge (``read``: the organization's fetch state,
+    its ``fetched_at`` None), and whether that is a fault (a fetch failed) rather than
+    the normal start-up. ``detail``: with the fetch's error (a log line leaves it to the
+    fetch's own WARNING)."""
+    if read is None or read.last_error is None:
+        return "its line items have not been read yet", False
+    return (
+        f"its line items have never been read; the last try "
+        f"({read.attempted_at.isoformat(timespec='seconds')}) failed{_error(read, detail)}",
+        True,
+    )
+
+
+def _error(read: UsageRead, detail: bool) -> str:
+    return f": {read.last_error}" if detail else " (logged when it did)"
+
+
+def unjudged(
+    read: UsageRead, verdict: Detection, *, detail: bool = True
+) -> tuple[str, bool] | None:
+    """Why ``verdict`` judged nothing, and whether that is a fault (line items stopped
+    coming, the wall clock, fetches failing) rather than the normal start-up (a short
+    history); None when it judged a day. ``detail``: as :func:`not_read`'s."""
+    if verdict.day is not None:
+        return None
+    why, warn = verdict.reason or "nothing judged", not verdict.startup
+    if read.last_error is not None:
+        why += f"; the last fetch of its line items failed{_error(read, detail)}"
+        warn = True
+    return why, warn
+
+
+def judge(
+    now: datetime,
+    read: UsageRead,
+    items: list[LineItem],
+    rule: UsageAnomalyRule,
+    params: anomaly.Params,
+) -> Detection:
+    """A usage_anomaly rule's verdict on an organization's line items held (``read``:
+    its fetch state, line items fetched)."""
+    from invoice_watch import anomaly
+
+    if read.fetched_at is not None and read.fetched_at > now:
+        # the wall clock was set back: judge nothing
+        return anomaly.Detection(
+            None,
+            reason=f"the wall clock reads earlier than the line items' fetch "
+            f"({read.fetched_at.isoformat(timespec='seconds')})",
+        )
+    return anomaly.detect(now, anomaly.series(items, rule.by), params)
+
+
+async def cannot_judge(config: Config, store: Store, now: datetime) -> list[tuple[str, str, str]]:
+    """(rule, organization id, why) of each enabled usage_anomaly rule that cannot judge
+    an organization it covers, from the state alone (``status``: read-only, beside a
+    daemon)."""
+    rules = _anomaly_rules(config)
+    if not rules:
+        return []
+    from invoice_watch import anomaly
+
+    found = []
+    items_of: dict[str, list[LineItem]] = {}
+    for rule in rules:
+        params = anomaly.Params(rule.baseline, rule.min_increase_cents, rule.sensitivity)
+        for org in config.organizations:
+            if rule.orgs is not None and org.id not in rule.orgs:
+                continue
+            read = store.usage.read_state(org.id)
+            gap: tuple[str, bool] | None
+            if read is None or read.fetched_at is None:
+                gap = not_read(read)
+            else:
+                if org.id not in items_of:
+                    periods = await store.usage.periods(org.id)
+                    items_of[org.id] = [item for p in periods for item in p.items]
+                gap = unjudged(read, judge(now, read, items_of[org.id], rule, params))
+            if gap is not None:
+                found.append((rule.name, org.id, gap[0]))
+    return found
 
 
 def _is_due(
@@ -352,11 +465,3 @@ def _new_period(read: UsageRead | None, store: Store, org_id: str) -> bool:
         return False
     pending = pending_invoice(store.snapshot.get(org_id).live, org_id)
     return pending is not None and pending.id != read.invoice_id
-
-
-def _detect(
-    now: datetime, items: list[LineItem], rule: UsageAnomalyRule, params: anomaly.Params
-) -> Detection:
-    from invoice_watch import anomaly
-
-    return anomaly.detect(now, anomaly.series(items, rule.by), params)

@@ -8,6 +8,7 @@ fails the invoice read; the CSV is read where the search is not served."""
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -163,6 +164,17 @@ async def test_e2e_a_failing_line_item_search_never_fails_the_invoice_read(
         assert searches(sim) > tried  # tried again after an hour
     warned = [r for r in caplog.records if "line items could not be read" in r.getMessage()]
     assert len(warned) == 2  # once per organization, not once per attempt
+    # The rule cannot judge either organization: one WARNING each, and `status` says why.
+    unjudged = [r for r in caplog.records if "cannot judge its usage" in r.getMessage()]
+    assert [r.levelno for r in unjudged] == [logging.WARNING] * 2
+    from invoice_watch import ops
+
+    out = io.StringIO()
+    assert await ops.status(config, out=out, now=clock.now()) == 0
+    text = out.getvalue()
+    assert "Usage anomaly rules that cannot judge an organization: 2" in text, text
+    rows = [line for line in text.splitlines() if line.startswith("spend-spike ")]
+    assert len(rows) == 2 and all("never been read" in row and "500" in row for row in rows)
 
 
 @pytest.mark.parametrize("status", [404, 406, 415])
