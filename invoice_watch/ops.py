@@ -214,6 +214,7 @@ async def status(
             )
         print(table(["Organization", "Id", "Last read", "Invoices", "State"], rows), file=out)
         await _usage_lines(config, store, now, out)
+        await _report_lines(config, store, now, out)
         firing = sorted(store.alerts.firing().values(), key=lambda a: a.firing_since)
         print(f"\nFiring alerts: {len(firing)}", file=out)
         if firing:
@@ -271,6 +272,41 @@ async def _usage_lines(config: Config, store: Store, now: datetime, out: TextIO)
     if gaps:
         rows = [[rule, config.org_name(org_id), why] for rule, org_id, why in gaps]
         print(table(["Rule", "Organization", "Why"], rows), file=out)
+
+
+async def _report_lines(config: Config, store: Store, now: datetime, out: TextIO) -> None:
+    """Each enabled report's scopes: the next time it is due, and the last (from
+    ``report_runs``: when the daemon last put it in the outbox, or, before its first
+    report, the schedule's time before the daemon first saw it)."""
+    reports = [r for r in config.reports if r.enabled]
+    if not reports:
+        return
+    from invoice_watch.report.scheduler import SCOPE_ALL, scope_name, scopes
+
+    last = await store.reports.last_due()
+    rows = []
+    for report in reports:
+        schedule = report.when
+        for scope, _ in scopes(report, config):
+            since = last.get((report.name, scope))
+            missed = schedule.due(since, now) if since is not None else None
+            if missed is not None:
+                upcoming = f"now (due {missed:%Y-%m-%d %H:%M} UTC; the daemon has not sent it)"
+            else:
+                nxt = schedule.next_after(now)
+                upcoming = f"{nxt:%Y-%m-%d %H:%M} UTC (in {fmt.duration(nxt - now)})"
+            name = scope_name(scope) if scope == SCOPE_ALL else config.org_name(scope)
+            rows.append(
+                [
+                    report.name,
+                    name,
+                    str(schedule),
+                    upcoming,
+                    f"{since:%Y-%m-%d %H:%M} UTC" if since is not None else "never (not seen yet)",
+                ]
+            )
+    print(f"\nReports: {len(rows)}", file=out)
+    print(table(["Report", "Scope", "Schedule", "Next due", "Last due"], rows), file=out)
 
 
 async def invoices(

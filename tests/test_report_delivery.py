@@ -661,3 +661,48 @@ def test_an_option_given_twice_is_a_usage_error_not_the_last_one_kept(
         build_parser().parse_args(argv)
     assert exited.value.code == 2
     assert "given twice" in capsys.readouterr().err
+
+
+async def test_status_shows_each_reports_next_and_last_due_time_read_only(world: World):
+    """`status` gives, per enabled report and scope, its schedule, when it is next due
+    (now, when a due time passed while the daemon was down) and the last due time
+    report_runs holds; it writes nothing (it runs beside a daemon)."""
+    from invoice_watch import ops
+
+    reports: list[dict[str, Any]] = [
+        {"name": "daily", "schedule": daily_in(world, 1), "notify": ["mail"], "orgs": [PROD]},
+        {"name": "weekly", "schedule": "mon 09:00", "notify": ["mail"]},
+        {"name": "off", "schedule": "mon 09:00", "notify": ["mail"], "enabled": False},
+    ]
+    config = config_with_reports(world, reports)
+    assert await world.run_once(config) == 0
+    due = world.clock.now().replace(second=0, microsecond=0) + timedelta(hours=1)
+
+    async def status() -> str:
+        out = io.StringIO()
+        assert await ops.status(config, out=out, now=world.clock.now()) == 0
+        return out.getvalue()
+
+    async with App(config, clock=world.clock) as app:
+        assert app.reporter is not None
+        await app.reporter.look()  # first seen: each scope waits for its first time
+        runs = await app.store.reports.last_due()
+    text = await status()
+    assert "Reports: 3" in text  # daily (Production), weekly (each organization)
+    [daily] = [line for line in text.splitlines() if line.startswith("daily ")]
+    assert "Production" in daily and f"{due:%Y-%m-%d %H:%M} UTC (in " in daily, daily
+    assert f"{runs[('daily', PROD)]:%Y-%m-%d %H:%M} UTC" in daily
+    weekly = [line for line in text.splitlines() if line.startswith("weekly ")]
+    assert len(weekly) == 2 and any("Analytics" in line for line in weekly), weekly
+    assert not any(line.startswith("off ") for line in text.splitlines())
+
+    world.clock.advance(2 * 3600)  # the daemon is down when the report is due
+    [daily] = [line for line in (await status()).splitlines() if line.startswith("daily ")]
+    assert f"now (due {due:%Y-%m-%d %H:%M} UTC" in daily, daily
+    async with App(config, clock=world.clock) as app:
+        assert app.reporter is not None
+        assert await app.reporter.look() == 1
+    [daily] = [line for line in (await status()).splitlines() if line.startswith("daily ")]
+    tomorrow = due + timedelta(days=1)
+    assert f"{tomorrow:%Y-%m-%d %H:%M} UTC (in" in daily, daily
+    assert daily.rstrip().endswith(f"{due:%Y-%m-%d %H:%M} UTC"), daily  # last enqueued
