@@ -37,6 +37,12 @@ organization's fetch is bounded (:data:`FETCH_SECONDS`: past it, a failed fetch)
   changed. The next cycles' reads carry them to the rules (:attr:`OrgView.usage
   <invoice_watch.rules.OrgView.usage>`): alerts fire, remind and resolve there, as any
   other rule's.
+- **Cannot judge**: a rule that cannot judge an organization says so once (per rule
+  and organization, in this process): INFO for the normal first days (line items not
+  read yet, too short a history), WARNING when it is a fault (the latest usage day too
+  old, line items never read because fetches fail, the wall clock behind them; once
+  more if a first-days INFO becomes one), INFO when it judges again. ``status`` lists
+  them from the state (:func:`cannot_judge`).
 """
 
 from __future__ import annotations
