@@ -328,3 +328,15 @@ def test_parse_invoice_csv_takes_an_iso_usage_date_and_skips_a_total_row():
     total = iso + ',,,,,,,,,,,,,,,,Total,,"$1,012.96"\n'
     [item] = parse_invoice_csv(total)
     assert (item.usage_date, item.amount_cents) == (date(2024, 6, 1), 101296)
+
+
+@pytest.mark.parametrize(
+    "usage_date",
+    ["6/1/2024", "2024/06/01", "2024-06-01T00:00:00Z", "2024-06-01T03:00:00+02:00"],
+)
+def test_parse_invoice_csv_takes_every_usual_spelling_of_the_usage_date(usage_date: str):
+    """A Usage Date unpadded, with slashes, or as a timestamp (its UTC day) is the day
+    too: such a row fell out of the daily series silently (re-attack of issue 19)."""
+    text = CSV.replace("06/02/2024,06/01/2024,", f"06/02/2024,{usage_date},")
+    [item] = parse_invoice_csv(text)
+    assert item.usage_date == date(2024, 6, 1)

@@ -426,15 +426,19 @@ def _is_total(row: Mapping[str | None, Any]) -> bool:
 
 
 def _usage_date(value: str | None) -> date | None:
-    """The CSV's ``Usage Date`` (``MM/DD/YYYY``, the day the usage was of; an ISO 8601
-    ``YYYY-MM-DD`` too); None when absent or not such a date (a line of the whole
-    period)."""
+    """The CSV's ``Usage Date``: the day the usage was of, as ``MM/DD/YYYY`` (its
+    digits padded or not), ``YYYY-MM-DD``, ``YYYY/MM/DD``, or an ISO 8601 timestamp
+    (its UTC day); None when absent or not a date (a line of the whole period)."""
     text = (value or "").strip()
-    if len(text) != 10:
+    if not text or len(text) > 40:
         return None
-    for form in ("%m/%d/%Y", "%Y-%m-%d"):
+    for form in ("%m/%d/%Y", "%Y-%m-%d", "%Y/%m/%d"):
         try:
             return datetime.strptime(text, form).date()
         except ValueError:
             continue
-    return None
+    try:
+        stamp = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return (stamp.astimezone(UTC) if stamp.tzinfo is not None else stamp).date()
