@@ -176,7 +176,11 @@ class Daemon:
         if self.state is not DaemonState.SERVING:
             return
         sdnotify.stopping()
-        log.info("stopping: no new cycle starts; finishing the cycle in flight")
+        task = self.poll.in_flight
+        if task is not None and not task.done():
+            log.info("stopping: no new cycle starts; finishing the cycle in flight")
+        else:
+            log.info("stopping: no new cycle starts (none is in flight)")
         await self._close()
         log.info("stopped")
 

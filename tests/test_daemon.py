@@ -336,6 +336,25 @@ async def test_a_cycle_stopped_by_a_stop_past_its_interval_is_not_late(
     assert late == 0
 
 
+async def test_a_stop_between_cycles_says_none_is_in_flight(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    """A stop while no cycle runs (between two, or while line items or a chart are
+    being made) does not say it finishes "the cycle in flight" (re-attack of issue 19)."""
+    caplog.set_level(logging.INFO)
+    clock = ManualClock()
+    async with HandAtlas() as atlas:
+        config = hand_config(tmp_path, atlas.url)
+        async with App(config, clock=clock) as app:
+            stop = asyncio.Event()
+            daemon = asyncio.create_task(app.serve(stop))
+            await eventually(lambda: app.cycles.last is not None)
+            stop.set()
+            await asyncio.wait_for(daemon, 15)
+    stopping = [m for m in caplog.messages if m.startswith("stopping:")]
+    assert stopping == ["stopping: no new cycle starts (none is in flight)"]
+
+
 # -- the HTTP endpoint: bounded, and apart from the cycle (issue 12 §3) ---------------
 
 
