@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from invoice_watch.clock import Clock
     from invoice_watch.config import Config, OrgConfig, ReportConfig
     from invoice_watch.store import Store
+    from invoice_watch.store.protocols import ReportRunRepository
 
 log = logging.getLogger(__name__)
 
@@ -83,30 +84,6 @@ class StateUsage:
     async def line_items(self, org_id: str) -> Sequence[LineItem]:
         periods = await self._store().usage.periods(org_id, 2)
         return [item for period in periods for item in period.items]
-
-
-class RunsStore(Protocol):
-    """What the reporter needs of ``report_runs`` (:class:`~invoice_watch.store.sql.
-    reports.SqlReportRuns`)."""
-
-    async def last_due(self) -> dict[tuple[str, str], datetime]: ...
-
-    async def start(self, report: str, scope: str, since: datetime) -> datetime: ...
-
-    async def move(self, report: str, scope: str, old: datetime, new: datetime) -> datetime: ...
-
-    async def forget(self, keys: Sequence[tuple[str, str]]) -> None: ...
-
-    async def enqueue(
-        self,
-        report: str,
-        scope: str,
-        due: datetime,
-        notifiers: Sequence[str],
-        message: str,
-        summary: str,
-        now: datetime,
-    ) -> bool: ...
 
 
 def scope_name(scope: str) -> str:
@@ -169,7 +146,7 @@ class Reporter:
         self,
         config: Callable[[], Config],
         store: Callable[[], Store],
-        runs: Callable[[], RunsStore],
+        runs: Callable[[], ReportRunRepository],
         clock: Clock,
         *,
         usage: UsageSource | None = None,

@@ -18,6 +18,8 @@ Protocols, and the store tests run against any backend through the ``store`` fix
   commands also while the daemon runs, and their lifting.
 - :class:`UsageRepository`: each organization's line items (daily usage) for this
   billing period and the one before, and when they were last fetched (issue 19).
+- :class:`ReportRunRepository`: when each report was last due, and due reports
+  enqueued once (issue 19 §2).
 - :class:`UnitOfWork`: what spans them in ONE transaction: an organization's snapshot
   update, its alert changes and the messages they cause (held until the cycle ends, or
   released while it runs), the release of held messages, and retention.
@@ -34,7 +36,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from datetime import date, datetime
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from invoice_watch.store.records import (
     AlertState,
@@ -48,9 +50,6 @@ from invoice_watch.store.records import (
     UsageRead,
 )
 from invoice_watch.types import AlertEvent, Invoice, LineItem, Snapshot
-
-if TYPE_CHECKING:
-    from invoice_watch.report.scheduler import RunsStore
 
 
 class AlertChange(Protocol):
@@ -301,6 +300,31 @@ class UsageRepository(Protocol):
         ...
 
 
+class ReportRunRepository(Protocol):
+    """When each report (and scope) was last due, and due reports enqueued in the
+    outbox once per due time (``report_runs``; :class:`~invoice_watch.store.sql.reports.
+    SqlReportRuns`), for :class:`~invoice_watch.report.scheduler.Reporter`."""
+
+    async def last_due(self) -> dict[tuple[str, str], datetime]: ...
+
+    async def start(self, report: str, scope: str, since: datetime) -> datetime: ...
+
+    async def move(self, report: str, scope: str, old: datetime, new: datetime) -> datetime: ...
+
+    async def forget(self, keys: Sequence[tuple[str, str]]) -> None: ...
+
+    async def enqueue(
+        self,
+        report: str,
+        scope: str,
+        due: datetime,
+        notifiers: Sequence[str],
+        message: str,
+        summary: str,
+        now: datetime,
+    ) -> bool: ...
+
+
 class UnitOfWork(Protocol):
     """What is written in ONE transaction across the repositories. Each organization's
     part of a cycle (its snapshot changes, its alerts' changes and the messages they
@@ -393,7 +417,7 @@ class Store(UnitOfWork, Protocol):
     def usage(self) -> UsageRepository: ...
 
     @property
-    def reports(self) -> RunsStore:
+    def reports(self) -> ReportRunRepository:
         """When each report was last due (``report_runs``), and due reports enqueued."""
         ...
 
