@@ -48,8 +48,9 @@ organization's fetch is bounded (:data:`FETCH_SECONDS`: past it, a failed fetch)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
@@ -163,12 +164,8 @@ class UsageWatch:
         if not _anomaly_rules(config):
             self._verdicts = {}
             return
-        try:
+        with _contained("read", "judging them "):
             await self._judge(config, store, now)
-        except StateError as exc:
-            log.warning("line items: the state could not be read: %s", exc)
-        except Exception as exc:  # a bug: never the cycle's
-            log.error("line items: judging them failed unexpectedly:\n%s", traceback_text(exc))
 
     async def after_cycle(
         self, config: Config, store: Store, client: AtlasClient, age: Age, now: datetime
@@ -179,7 +176,7 @@ class UsageWatch:
         if self._metrics is not None:  # each watched organization's counter from 0
             for org_id in wanted(config):
                 self._metrics.line_item_failures.labels(org=org_id)
-        try:
+        with _contained("read or written", ""):
             due = self.due(config, store, age)
             if due:
                 limit = asyncio.Semaphore(CONCURRENCY)
@@ -190,10 +187,6 @@ class UsageWatch:
 
                 await asyncio.gather(*(one(org_id) for org_id in due))
             await self._judge(config, store, now)
-        except StateError as exc:
-            log.warning("line items: the state could not be read or written: %s", exc)
-        except Exception as exc:  # a bug: never the cycle's
-            log.error("line items: failed unexpectedly:\n%s", traceback_text(exc))
 
     async def _fetch(
         self, config: Config, store: Store, client: AtlasClient, org_id: str, now: datetime
@@ -471,3 +464,16 @@ def _new_period(read: UsageRead | None, store: Store, org_id: str) -> bool:
         return False
     pending = pending_invoice(store.snapshot.get(org_id).live, org_id)
     return pending is not None and pending.id != read.invoice_id
+
+
+@contextlib.contextmanager
+def _contained(state: str, doing: str) -> Iterator[None]:
+    """A failure of the line items' stage is logged (the state's ``could not be <state>``;
+    a bug's traceback, ``<doing>failed unexpectedly``), never the cycle's; only a
+    cancellation goes through."""
+    try:
+        yield
+    except StateError as exc:
+        log.warning("line items: the state could not be %s: %s", state, exc)
+    except Exception as exc:  # a bug: never the cycle's
+        log.error("line items: %sfailed unexpectedly:\n%s", doing, traceback_text(exc))
