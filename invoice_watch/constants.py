@@ -17,6 +17,11 @@ V2_MEDIA_TYPE: Final = f"application/vnd.atlas.{V2_API_VERSION}+json"
 V2_CSV_MEDIA_TYPE: Final = f"application/vnd.atlas.{V2_API_VERSION}+csv"
 # `lineItems:search` (daily usage of an invoice) exists from this resource version on: its
 # request body and its answer are both of this media type (v2 flavor only).
+# The most one line item (one day of one SKU of one cluster) may amount to, either sign:
+# USD 100 billion. Larger is no bill but a broken answer: refused by the fetch
+# (atlas/usage.py) and by the state (store/sql/usage.py), so that no sum of line items
+# the state or a report takes can overflow an int64.
+LINE_ITEM_MAX_CENTS: Final = 10**13
 USAGE_API_VERSION: Final = "2024-08-05"
 USAGE_MEDIA_TYPE: Final = f"application/vnd.atlas.{USAGE_API_VERSION}+json"
 

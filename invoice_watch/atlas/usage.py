@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from invoice_watch.atlas.bounds import INT64_MAX, PARSE_INLINE
 from invoice_watch.atlas.connection import Body
 from invoice_watch.atlas.parse import line_item_cents
-from invoice_watch.constants import USAGE_MEDIA_TYPE
+from invoice_watch.constants import LINE_ITEM_MAX_CENTS, USAGE_MEDIA_TYPE
 from invoice_watch.errors import FetchDataError, FetchStatusError
 from invoice_watch.safe_text import clip, one_line
 from invoice_watch.types import LineItem
@@ -65,7 +65,7 @@ SortField = Literal["USAGE_DATES", "BILL_DATES", "TOTAL_PRICE_CENTS"]
 # amounts taken without sign: USD 10 trillion. Larger is no bill but a broken answer:
 # refused, so that no sum the state or a report takes of them can overflow an int64
 # (MAX_ITEMS items of MAX_ITEM_CENTS each stay far below INT64_MAX).
-MAX_ITEM_CENTS = 10**13
+MAX_ITEM_CENTS = LINE_ITEM_MAX_CENTS  # the state refuses larger too
 MAX_INVOICE_CENTS = 10**15
 
 

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from datetime import date, datetime
 from typing import Any
 
+from invoice_watch.constants import LINE_ITEM_MAX_CENTS
 from invoice_watch.safe_text import storable
 from invoice_watch.store.encoding import ERROR_MAX
 from invoice_watch.store.records import PeriodUsage, UsageRead
@@ -27,11 +28,10 @@ KEEP_PERIODS = 2
 # Line items one period may hold (a month of daily line items of 1,000 clusters with 5
 # SKUs each): more are refused, not stored.
 MAX_ITEMS = 160_000
-# The most one line item held may amount to, either sign (USD 100 billion; as
-# atlas/usage.py refuses larger): MAX_ITEMS of them sum far below an int64, so that the
-# SUM below never overflows (SQLite raises on it). Rows over it (a state written before
-# the bound) are left out of the sums.
-MAX_ITEM_CENTS = 10**13
+# The most one line item held may amount to, either sign (the fetch's bound too):
+# MAX_ITEMS of them sum far below an int64, so that the SUM below never overflows (SQLite
+# raises on it). Rows over it (a state written before the bound) are left out of the sums.
+MAX_ITEM_CENTS = LINE_ITEM_MAX_CENTS
 _LABEL = 200  # characters of a project, cluster or SKU name kept
 
 ProjectTotals = Mapping[tuple[str, str], int]  # (project id, project name) -> cents
