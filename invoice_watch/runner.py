@@ -28,6 +28,7 @@ from invoice_watch.atlas.client import AtlasClient
 from invoice_watch.clock import Clock
 from invoice_watch.config import Config
 from invoice_watch.cycle import Cycle, CycleResult
+from invoice_watch.deliver.stats import publish_depth
 from invoice_watch.elapsed import Elapsed
 from invoice_watch.errors import StateError
 from invoice_watch.linked import HiddenLinkedWarning
@@ -105,6 +106,11 @@ class CycleRunner:
         self.finished_at = self.clock.monotonic()
         firing = store.alerts.firing()
         self._record(result, time.monotonic() - began, firing.values())
+        # The outbox gauge follows the messages this cycle enqueued at once, not after
+        # the next delivery pass (a scrape in between, or a hung receiver, saw none).
+        # Not recorded when the read fails: the delivery pass reports the state's error.
+        with contextlib.suppress(StateError):
+            await publish_depth(store, self.metrics)
         self.done.set()
         sdnotify.status(
             f"last cycle {result.finished_at:%H:%M:%S} UTC: {result.orgs_ok} org(s) read, "

@@ -51,6 +51,19 @@ async def test_http_healthz_and_metrics_while_running(world: World):
         assert series in metrics
 
 
+async def test_outbox_depth_is_published_when_a_cycle_enqueues(world: World):
+    # The gauge follows the outbox as soon as a cycle commits its messages, not only
+    # after a delivery pass (a scrape in between, or a receiver that hangs, saw none).
+    async with App(world.config(), clock=ManualClock(world.clock.now())) as app:
+        await app.run_cycle()  # no delivery runs: the messages stay pending
+        pending = await app.store.outbox.counts()
+        value = app.metrics.registry.get_sample_value(
+            "invoice_watch_outbox_depth", {"state": "pending"}
+        )
+    assert pending.get("pending", 0) > 0
+    assert value == pending["pending"]
+
+
 async def test_http_healthz_is_503_when_no_org_can_be_read(world: World):
     world.sim.faults.status(503, times=1000, path="/api/atlas/v2/orgs/*/invoices")
     atlas = {**world.config_data()["atlas"], "retries": 0}
