@@ -139,6 +139,8 @@ def parse_page(
     """
     data = _listing(org_id, body, max_values)
     results = data["results"]
+    if known is not None and not known:  # holds nothing (a cold cycle's snapshot): no
+        known = None  # entry is compared with it (listed_fields: 2 us of an invoice's 9)
     total = data.get("totalCount")
     if type(total) is int and abs(total) > INT64_MAX:
         raise FetchDataError(org_id, "`totalCount` is not an int64")
