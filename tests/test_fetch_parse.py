@@ -99,6 +99,60 @@ def test_parse_invoice_rejects_malformed_items(item, message):
     assert info.value.org_id == ORG_A
 
 
+def complete(**overrides: Any) -> dict[str, Any]:
+    """An entry as Atlas sends it, every amount there: what the parser checks at least
+    cost (``good()`` lacks four amounts, which the parser reads as 0 the long way)."""
+    amounts = {"creditsCents": 0, "salesTaxCents": 0, "startingBalanceCents": 0}
+    return good(
+        **{**amounts, "subtotalCents": 1234, "updated": "2026-11-02T00:00:00Z", **overrides}
+    )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"id": "1" * 23 + "G"}, "not 24 hex"),
+        ({"orgId": ORG_A.upper()}, "orgId"),
+        ({"orgId": ORG_A + "0"}, "orgId"),
+        ({"orgId": 12}, "orgId"),
+        ({"statusName": ""}, "statusName` is missing"),
+        ({"statusName": ["PAID"]}, "statusName` is missing"),
+        ({"statusName": "paid"}, "not a status name"),
+        ({"amountBilledCents": None}, "amountBilledCents` is missing"),
+        ({"amountPaidCents": False}, "amountPaidCents` is not an int64"),
+        ({"creditsCents": "0"}, "creditsCents` is not an int64"),
+        ({"salesTaxCents": 2**63}, "salesTaxCents` is not an int64"),
+        ({"subtotalCents": -(2**63)}, "subtotalCents` is not an int64"),
+        ({"startingBalanceCents": 1.0}, "startingBalanceCents` is not an int64"),
+        ({"startDate": 20261101}, "startDate` is missing"),
+        ({"created": "2026-11-01T00:00:00"}, "created` has no timezone"),
+        ({"updated": "later"}, "updated` is not a timestamp"),
+        ({"updated": "0001-01-01T00:00:00+01:00"}, "updated` is out of range"),
+    ],
+)
+def test_parse_invoice_refuses_in_a_complete_entry_what_it_refuses_in_any(overrides, message):
+    """An entry with every field there takes the parser's quick path (the amounts read
+    at once, the timestamps remembered): each check still holds there, with its words."""
+    assert parse_invoice(ORG_A, complete()).subtotal_cents == 1234  # the quick path takes it
+    with pytest.raises(FetchDataError, match=message) as info:
+        parse_invoice(ORG_A, complete(**overrides))
+    assert info.value.org_id == ORG_A
+
+
+def test_parse_invoice_reads_a_complete_entry_as_the_long_way_does():
+    """The quick path and the long one (an amount absent or null: read as 0) build the
+    same invoice; int64's bounds are taken, equal amounts share one int."""
+    big = 2**63 - 1
+    quick = parse_invoice(ORG_A, complete(amountBilledCents=big, amountPaidCents=big))
+    slow = parse_invoice(
+        ORG_A,
+        complete(amountBilledCents=big, amountPaidCents=big, creditsCents=None, salesTaxCents=...),
+    )
+    assert quick == slow and quick.amount_paid_cents is quick.amount_billed_cents
+    assert parse_invoice(ORG_A, complete(amountBilledCents=-big)).amount_billed_cents == -big
+    assert quick.updated is not None and quick.updated.isoformat() == "2026-11-02T00:00:00+00:00"
+
+
 def test_parse_invoice_error_text_is_storable_and_printable():
     """The message that refuses a bad statusName quotes it escaped: it is stored (the
     org's last error) and printed by `status`."""
@@ -297,6 +351,32 @@ def test_parse_page_with_known_invoices_reads_exactly_what_parse_invoice_reads(f
         assert got == expected and got is not stored
     else:
         assert got is (stored if kept == "live" else key)
+
+
+def test_parse_page_asks_nothing_of_a_snapshot_that_holds_nothing():
+    """A cold cycle's snapshot holds nothing: its entries are built without being read
+    for comparison first; a snapshot holding one is asked about each entry."""
+    import json
+
+    from invoice_watch.atlas.parse import parse_page
+
+    class Empty:
+        asked = 0
+
+        def __len__(self) -> int:
+            return 0
+
+        def held(self, listed: Any) -> None:
+            self.asked += 1
+
+    class Holding(Empty):
+        def __len__(self) -> int:
+            return 1
+
+    body = json.dumps({"results": [complete(), complete(id="2" * 24)]}).encode()
+    empty, holding = Empty(), Holding()
+    assert parse_page(ORG_A, body, empty).built == 2 and empty.asked == 0
+    assert parse_page(ORG_A, body, holding).built == 2 and holding.asked == 2
 
 
 def test_parse_errors_chain_their_cause_unless_it_quotes_the_server():
