@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from datetime import timedelta
+from datetime import timedelta, timezone
 from typing import Any
 
 import pytest
@@ -95,6 +95,25 @@ async def test_store_commit_then_reopen_restores_everything(tmp_path, open_state
     assert again.snapshot.org_state(ORG_A).last_success == NOW
     due = await again.outbox.due(NOW)
     assert [d.events for d in due] == [[event()]]
+
+
+def test_store_writes_each_timestamp_as_its_own_text():
+    """A timestamp is stored as it came, its offset included (equal instants at two
+    offsets are two texts), however many a cycle writes (more than it remembers)."""
+    from invoice_watch.store.sql.snapshot import _ISO, _invoice_row
+
+    plus_two = NOW.astimezone(timezone(timedelta(hours=2)))
+    assert plus_two == NOW
+    row = _invoice_row(inv(1, start=NOW, end=plus_two))
+    assert row[4:6] == ("2026-11-15T12:00:00+00:00", "2026-11-15T14:00:00+02:00")
+    times = [NOW + timedelta(seconds=n) for n in range(5000)]
+    for _ in range(2):  # the first ones forgotten by the second round
+        for n, at in enumerate(times):
+            assert _invoice_row(inv(n, start=at, end=plus_two))[4:6] == (
+                at.isoformat(),
+                "2026-11-15T14:00:00+02:00",
+            )
+    assert len(_ISO) <= 4096
 
 
 async def test_store_mark_retry_defers_the_notifiers_other_rows(store):
