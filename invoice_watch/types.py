@@ -82,8 +82,10 @@ class Invoice:
         return settled_key(*self.listed())
 
 
-# A settled invoice's key: the day its period starts, then a 42-bit fingerprint.
-_FINGERPRINT_BITS = 42
+# A settled invoice's key: the day its period starts, then a 40-bit fingerprint. Days to
+# this century's take 20 bits: a key under 2**60 is two of CPython's 30-bit int digits,
+# 32 bytes (42 bits made it three, 48 bytes): 1.6 MB less for 100k settled invoices.
+_FINGERPRINT_BITS = 40
 _FINGERPRINT_MASK = (1 << _FINGERPRINT_BITS) - 1
 _DAY_ONE = datetime(1, 1, 1, tzinfo=UTC)
 
@@ -102,9 +104,9 @@ def settled_key(
     change and that no rule watches): one int instead of an :class:`Invoice`.
 
     Its high bits are the day the invoice's period starts (UTC, so that an incremental
-    listing's window applies to it), its low 42 bits a fingerprint of every field
+    listing's window applies to it), its low 40 bits a fingerprint of every field
     (``amounts`` in :data:`AMOUNT_ATTRS` order): two invoices that are equal have the
-    same key; two that differ have the same key once in 4 * 10^12. The fingerprint is
+    same key; two that differ have the same key once in 10^12. The fingerprint is
     Python's ``hash``, so keys are only ever compared within one process (the state
     file keeps the invoices themselves).
     """
