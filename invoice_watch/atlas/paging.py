@@ -109,15 +109,20 @@ class Paging:
         self._seen[org_id] = {
             number: (digest, page) for number, (digest, page) in seen.items() if not page.built
         }
-        found: dict[str, Invoice] = {}
-        settled: set[int] = set()
-        nested = 0  # a page holds one entry per result, and one per linked invoice in it
-        for _, page in seen.values():
-            for invoice in page.invoices:
-                found[invoice.id] = invoice
-            settled.update(page.settled)
-            nested += len(page.invoices) + len(page.settled) - page.size
-        return Listing(list(found.values()), frozenset(settled), nested)
+        pages = [page for _, page in seen.values()]
+        # An entry on two pages (the listing moved while it was paged) is kept once. The
+        # pages are assembled without a dictionary of every invoice when no entry is, and
+        # the settled keys without a set copied into the frozenset: at 50,000 invoices
+        # about 5 MB less at once, while the whole listing is held.
+        repeated = len(listed) < sum(len(p.invoices) + len(p.settled) for p in pages)
+        del seen, listed
+        invoices = [invoice for page in pages for invoice in page.invoices]
+        if repeated:
+            invoices = list({invoice.id: invoice for invoice in invoices}.values())
+        settled = frozenset(key for page in pages for key in page.settled)
+        # A page holds one entry per result, and one per linked invoice in it.
+        nested = sum(len(p.invoices) + len(p.settled) - p.size for p in pages)
+        return Listing(invoices, settled, nested)
 
     async def _page(
         self, org_id: str, number: int, from_date: date | None, known: Known | None
