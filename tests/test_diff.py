@@ -71,11 +71,23 @@ def test_settled_to_load_names_the_settled_invoices_listed_changed_or_no_longer_
 def test_first_key_of_a_day_orders_settled_keys_as_their_days(day):
     """settled_to_load checks the window with one int comparison: a settled key is at
     least first_key_of(day) exactly when the day it holds is at least ``day``."""
-    from invoice_watch.types import _FINGERPRINT_MASK, first_key_of, settled_day
+    from invoice_watch.types import _FINGERPRINT_BITS, _FINGERPRINT_MASK, first_key_of, settled_day
 
     for key_day in (day - 1, day, day + 1):
         if key_day < 0:
             continue
         for fingerprint in (0, 1, _FINGERPRINT_MASK):
-            key = (key_day << 42) | fingerprint
+            key = (key_day << _FINGERPRINT_BITS) | fingerprint
             assert (key >= first_key_of(day)) == (settled_day(key) >= day)
+
+
+def test_a_settled_key_of_this_era_fits_in_two_int_digits():
+    """The snapshot keeps one int per settled invoice (100,000 of them at the memory
+    target): for a period starting before 2500 it is under 2**60, two of CPython's
+    30-bit digits (32 bytes; 42 fingerprint bits made it three digits, 48 bytes)."""
+    import sys
+
+    paid = inv(1, status="PAID", start=datetime(2499, 12, 1, tzinfo=UTC))
+    key = paid.settled_key()
+    assert key.bit_length() <= 60
+    assert sys.getsizeof(key) == sys.getsizeof(2**59)
