@@ -1,0 +1,65 @@
+"""What a cycle holds in memory (issue 16: the daemon's peak RSS at 100,000 invoices):
+one organization's cold cycle through the simulator, measured with tracemalloc (Python's
+own allocations, the simulator's included: it runs in this process), per invoice.
+
+An organization's listing is held whole until its one transaction commits (README,
+Guarantees), as :class:`~invoice_watch.types.Invoice` objects: about 320 bytes an
+invoice (the object, its id, its amounts), then the snapshot keeps a settled invoice as
+its id and a key (about 150 bytes). These bounds catch a listing held twice or kept as
+objects, or its pages' JSON kept (about 1,200 bytes an invoice), not a few bytes more.
+"""
+
+from __future__ import annotations
+
+import gc
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from invoice_watch.app import App
+from invoice_watch.clock import FakeClock
+from invoice_watch.config import load
+from invoice_watch.simulator import Scenario, Simulator
+from tests.test_incremental import NOW, Silent
+
+INVOICES = 6000
+# What the cycle may hold at its peak, and keep after it: so much per invoice listed
+# (bytes), and so much that does not grow with the listing (a page and its JSON being
+# rendered by the simulator and parsed, the timestamp caches of the parser and of the
+# state file). Measured at 6,000 and 12,000 invoices: 4.2 MB + 372 B an invoice at the
+# peak, 3.3 MB + 153 B kept.
+PEAK_PER_INVOICE, PEAK_FIXED = 500, 4.5 * 2**20
+KEPT_PER_INVOICE, KEPT_FIXED = 200, 3.75 * 2**20
+
+
+async def test_a_cold_listing_is_held_once_and_kept_as_keys(tmp_path: Path):
+    scenario = Scenario.generate(orgs=1, invoices_per_org=INVOICES, now=NOW, monthly=True)
+    async with Simulator(scenario, clock=FakeClock(NOW)) as sim:
+        data: dict[str, Any] = {
+            "atlas": {
+                "base_url": sim.base_url,
+                "auth": {"public_key": sim.public_key, "private_key": sim.private_key},
+            },
+            "organizations": [{"id": org_id} for org_id in sim.org_ids],
+            "state": {"path": str(tmp_path / "state.db")},
+            "notifiers": {"console": {"type": "console"}},
+            "rules": [{"name": "failed-charge", "type": "invoice_status", "notify": ["console"]}],
+        }
+        config = load(yaml.safe_dump(data), filename="memory.yaml", env={}, base_dir=tmp_path)
+        async with App(config, clock=FakeClock(NOW), notifiers={"console": Silent()}) as app:
+            gc.collect()
+            tracemalloc.start()
+            try:
+                before = tracemalloc.get_traced_memory()[0]
+                result = await app.run_cycle()
+                del result
+                gc.collect()
+                after, peak = tracemalloc.get_traced_memory()
+            finally:
+                tracemalloc.stop()
+            assert len(app.store.snapshot.get(sim.org_ids[0])) == INVOICES
+    held, kept = peak - before, after - before
+    assert held <= PEAK_FIXED + INVOICES * PEAK_PER_INVOICE, f"held at the peak: {held:,} B"
+    assert kept <= KEPT_FIXED + INVOICES * KEPT_PER_INVOICE, f"kept: {kept:,} B"
