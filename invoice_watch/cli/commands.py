@@ -163,6 +163,10 @@ async def _run(config: object, args: argparse.Namespace) -> int:
     from invoice_watch.config import Config, LogConfig
 
     assert isinstance(config, Config)
+    if not args.once:
+        from invoice_watch.allocator import one_arena
+
+        one_arena()  # before any thread: the daemon's peak memory (allocator.py)
 
     def configure_logging(settings: LogConfig) -> None:
         setup_logging(settings.level, settings.format)
