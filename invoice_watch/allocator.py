@@ -7,11 +7,11 @@ transactions run in a thread of their own (:mod:`invoice_watch.store.sqlite.data
 and glibc gives each thread an arena of its own, whose free memory no other thread's
 allocations use; and once a mapped block (a page's body, its JSON text) is freed,
 glibc raises the size under which blocks come from the heap, where what is freed stays
-in the process. Measured with ``python -m benchmarks.cycle one-50k --pairs 1 --no-peer``
-(the same code, the allocator set by environment variables): the daemon's peak RSS
-80 -> 78 MB fresh, 73 -> 69 MB restarted.
+in the process. Measured with ``python -m benchmarks.cycle one-50k --pairs 1 --no-peer``:
+the daemon's peak RSS 80 -> 78 MB fresh, 73 -> 71 MB restarted (``large``: 79 MB
+either way; benchmarks/README.md, "Memory").
 
-Only where the C library is glibc (the Debian-based image, most Linux distributions);
+Only where the C library is glibc (most Linux distributions, the python:3.11-slim image);
 elsewhere (musl, macOS) nothing is set. ``MALLOC_ARENA_MAX`` and
 ``MALLOC_MMAP_THRESHOLD_`` in the environment are not overridden.
 """
