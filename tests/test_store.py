@@ -362,6 +362,34 @@ async def test_store_keeps_settled_invoices_as_keys_in_memory_and_whole_in_the_f
     await copy.close()
 
 
+async def test_store_reads_each_settled_key_from_the_file_as_the_invoice_makes_it(
+    tmp_path, open_state
+):
+    """A start reads the settled invoices' keys from their rows without building the
+    invoices: each is the invoice's own key, every field counted (a listing that shows
+    the invoice unchanged finds it held; one field changed, not)."""
+    path = tmp_path / "state.db"
+    stamped = replace(
+        inv(3, status="PAID", credits_cents=7, sales_tax_cents=3, subtotal_cents=90_00),
+        amount_paid_cents=100_00,
+        starting_balance_cents=-5,
+        created=NOW - timedelta(days=40),
+        updated=NOW,
+    )
+    linked = inv(4, org=ORG_B, status="PAID", source=ORG_A)  # a payer's listing shows it
+    store = await open_state(path)
+    await commit(store, OrgWrite(ORG_A, True, upserts=[stamped, linked]))
+    await store.close()
+
+    store = await open_state(path)
+    snapshot = store.snapshot.get(ORG_A)
+    assert snapshot.settled == {stamped.id: stamped.settled_key(), linked.id: linked.settled_key()}
+    assert snapshot.held(stamped.listed()) == stamped.settled_key()
+    assert snapshot.held(replace(stamped, updated=NOW + timedelta(1)).listed()) is None
+    assert store.snapshot.payers() == {ORG_B: ORG_A}
+    await store.close()
+
+
 async def test_store_a_group_larger_than_a_message_goes_as_parts_in_order(store):
     """120 messages of one cycle for one notifier: three grouped messages of 40, each a
     message of its own (sent, retried and marked on its own), in order, each knowing
