@@ -844,6 +844,22 @@ def test_load_deep_nesting_is_a_problem_not_a_recursion_error(text: str):
     assert problem.line >= 1
 
 
+@pytest.mark.parametrize(
+    "text",
+    ['atlas: {base_url: "\\udc80"}\n', "atlas: {base_url: '${BAD}'}\n"],
+    ids=["escape", "var"],
+)
+def test_load_a_lone_surrogate_is_a_problem_at_its_line_not_a_traceback(text: str):
+    """A YAML escape or a ${VAR} (an undecodable byte in the environment, as Python
+    decodes it) can make a lone surrogate, which no field can encode: a problem at its
+    line (validating it raised UnicodeEncodeError: "This is a bug")."""
+    (problem,) = [
+        p for p in problems_of(text, env={"BAD": "x\udc80"}) if p.path == "atlas.base_url"
+    ]
+    assert problem.line == 1
+    assert "lone surrogate U+DC80" in problem.message
+
+
 def nested_through_aliases(anchors: int, levels: int, *, mapping: bool = False) -> str:
     """AD-4: ``anchors`` top-level anchors of ``levels`` levels each, every one holding
     an alias of the one before: each under MAX_DEPTH, together ``anchors * levels``."""

@@ -26,7 +26,9 @@ from invoice_watch import constants, redact
 from invoice_watch.concealed import Concealed
 from invoice_watch.report.schedule import zone
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# (and lone surrogates, which a YAML escape "\ud800" or an undecodable ${VAR} makes:
+# no text, and the models' encoding of them failed with a traceback)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 _LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
 
 
@@ -41,6 +43,8 @@ def control_problem(value: str) -> str | None:
         if char in _LINE_BREAKS
         else "a tab"
         if char == "\t"
+        else f"the lone surrogate U+{ord(char):04X}, which is no character"
+        if "\ud800" <= char <= "\udfff"
         else f"the control character U+{ord(char):04X}"
     )
     return f"contains {what}; remove it"
