@@ -8,6 +8,7 @@ and error, :mod:`.logs` sets up logging."""
 from __future__ import annotations
 
 import errno
+import gc
 import logging
 import sys
 from collections.abc import Sequence
@@ -78,6 +79,8 @@ def _main(argv: Sequence[str] | None) -> int:
         parser.error("--dry-run and --baseline go with --once")
     if args.command == "run" and args.dry_run and args.baseline:
         parser.error("--dry-run and --baseline exclude each other")
+    if args.command != "run":
+        gc.enable()  # (disabled while a start imports: see commands.started)
     if args.command == "simulate":
         return simulate(args)
     if args.command == "demo":
