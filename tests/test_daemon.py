@@ -228,6 +228,11 @@ async def test_sighup_storm_does_not_postpone_cycles(world: World):
     async with App(load_file(path), clock=clock) as app, serving(app):
         await until_cycles(app, 1)
         for _ in range(10):  # 60 s
+            # Time moves only between cycles: a cycle's I/O on loopback takes real time,
+            # and its heartbeat sleeps while it runs (moving the clock then made a cycle
+            # overrun its interval, a late cycle: fewer than 6 in 60 s).
+            await clock.sleeping()  # a cycle due has started
+            await eventually(lambda: app.daemon.poll.in_flight is None)
             await clock.sleeping()
             clock.advance(6)
             await app.request_reload()  # the SIGHUP handler's call
