@@ -36,8 +36,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True, slots=True)
 class Answer:
-    """One answer: its status, its body (bounded: :mod:`.bounds`) and the headers the
-    retry loop reads."""
+    """One answer: its status, its body (bounded: :mod:`.bounds`) and, of an answer that
+    is not a 2xx, the headers the retry loop reads."""
 
     status: int
     body: bytes
@@ -97,9 +97,9 @@ class Connection:
             auth, self._oauth = middleware(self._config, self._clock, self.proxy)
             seconds = self._config.timeout.total_seconds()
             self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(
-                    total=seconds, connect=min(10.0, seconds), sock_read=seconds
-                ),
+                # `total` bounds the whole request, its body included: a `sock_read` as
+                # long could never end one first, and would cost a timer reset per chunk.
+                timeout=aiohttp.ClientTimeout(total=seconds, connect=min(10.0, seconds)),
                 connector=aiohttp.TCPConnector(
                     limit=self._config.max_concurrency,
                     limit_per_host=self._config.max_concurrency,
@@ -188,14 +188,14 @@ class Connection:
             allow_redirects=False,  # a credential never follows a redirect elsewhere
             proxy=self.proxy,
         ) as resp:
-            rate.note(resp.status, resp.headers)
+            status = resp.status
+            rate.note(status, resp.headers)
             self.deprecations.note(endpoint, resp.headers)
-            if 200 <= resp.status < 300:
-                body = await read_body(resp, self._config.max_response_size)
-            else:
-                body = await read_body(resp, SMALL_BODY, truncate=True)
+            if 200 <= status < 300:  # only the body: the rest is read for other answers
+                return Answer(status, await read_body(resp, self._config.max_response_size), None)
+            body = await read_body(resp, SMALL_BODY, truncate=True)
             return Answer(
-                resp.status,
+                status,
                 body,
                 resp.headers.get(hdrs.RETRY_AFTER),
                 resp.headers.get(hdrs.LOCATION),

@@ -94,7 +94,7 @@ class Paging:
                 # the group it is in, it would be its own cause).
                 raise first_error or failures[0] from None
             seen.update((number, task.result()) for number, task in tasks.items())
-        listed: set[str | int] = set(first.identity())
+        listed: set[str | int] = set(first.identity()) if first.full else set()
         number = 1
         while seen[number][1].full:
             number += 1

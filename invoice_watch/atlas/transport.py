@@ -139,7 +139,10 @@ class Transport:
             self.open()
         except BadProxy as exc:
             raise FetchError(org_id, str(exc)) from exc
-        fields = explainer.fields(org_id, URL(url))
+
+        def fields() -> dict[str, str]:  # what a message may name: for a failure only
+            return explainer.fields(org_id, URL(url))
+
         accept = json_body.media_type if json_body is not None else self._accept(csv_body)
         retries = self._config.retries
         cap = self._config.max_backoff.total_seconds()
@@ -152,7 +155,7 @@ class Transport:
                 answer = await self._connection.send(url, params, accept, endpoint, json_body)
             except TokenRefused as exc:
                 refused = explainer.token_refused(
-                    exc.status, exc.code, exc.api_error, exc.content_type, fields
+                    exc.status, exc.code, exc.api_error, exc.content_type, fields()
                 )
                 raise FetchAuthError(org_id, f"{path}: {refused}") from exc
             except TokenUnavailable as exc:
@@ -164,7 +167,7 @@ class Transport:
                 raise FetchDataError(org_id, f"{path}: {too_large}") from exc
             except (aiohttp.ClientError, TimeoutError) as exc:
                 kind, where = explainer.transport(exc, URL(url))
-                fix, evidence = explain(kind, **{**fields, **where}), ""
+                fix, evidence = explain(kind, **{**fields(), **where}), ""
                 timed_out = kind == "timeout"
             else:
                 decision = classify_status(answer.status)
@@ -185,7 +188,12 @@ class Transport:
                 error = parse_api_error(answer.body)
                 evidence = error.evidence(answer.status)
                 fix = explainer.answer(
-                    answer.status, error, answer.content_type, fields, url=url, throttled=throttled
+                    answer.status,
+                    error,
+                    answer.content_type,
+                    fields(),
+                    url=url,
+                    throttled=throttled,
                 )
                 if decision is Decision.AUTH:
                     raise FetchAuthError(org_id, f"{path}: {fix} ({evidence})")
