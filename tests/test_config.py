@@ -261,6 +261,19 @@ def test_config_org_name_uses_name_else_id():
     assert cfg.org_name("70a1b2c3d4e5f60718293a4b") == "70a1b2c3d4e5f60718293a4b"
 
 
+def test_config_org_name_of_a_copy_with_other_organizations():
+    """org_name looks names up in an index made once (not a scan per call, quadratic
+    over a cycle's organizations): a copy with other organizations has its own."""
+    cfg = load_minimal()
+    org_id = cfg.organizations[0].id
+    assert cfg.org_name(org_id) == cfg.organizations[0].display_name  # the index is made
+    renamed = cfg.organizations[0].model_copy(update={"name": "Renamed"})
+    copy = cfg.model_copy(update={"organizations": [renamed]})
+
+    assert copy.org_name(org_id) == "Renamed"
+    assert cfg.org_name(org_id) != "Renamed"
+
+
 # --- interpolation -------------------------------------------------------------------
 
 

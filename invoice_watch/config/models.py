@@ -369,6 +369,8 @@ class Config(Model):
     _source: Path | None = PrivateAttr(default=None)
     _warnings: tuple[ConfigProblem, ...] = PrivateAttr(default=())
     _secrets_read: bool = PrivateAttr(default=True)
+    # org_name's index: the organizations list it was made of, and id -> name.
+    _org_names: tuple[list[OrgConfig], dict[str, str]] | None = PrivateAttr(default=None)
 
     @property
     def source(self) -> Path | None:
@@ -397,7 +399,8 @@ class Config(Model):
 
     def org_name(self, org_id: str) -> str:
         """The display name of a configured organization, else the id itself."""
-        for org in self.organizations:
-            if org.id == org_id:
-                return org.display_name
-        return org_id
+        names = self._org_names
+        if names is None or names[0] is not self.organizations:  # (a model_copy's own)
+            by_id = {org.id: org.display_name for org in reversed(self.organizations)}
+            names = self._org_names = (self.organizations, by_id)  # not a scan per call
+        return names[1].get(org_id, org_id)
