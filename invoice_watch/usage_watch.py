@@ -94,6 +94,8 @@ def wanted(config: Config) -> list[str]:
     ``usage_anomaly`` rule covering it, or an enabled report."""
     rules = _anomaly_rules(config)
     reports = [r for r in config.reports if r.enabled]
+    if not (rules or reports):
+        return []  # (asked twice a cycle: no scan of the organizations)
     found = []
     for org in config.organizations:
         if any(r.orgs is None or org.id in r.orgs for r in rules) or any(
@@ -126,6 +128,7 @@ class UsageWatch:
         self._metrics = metrics
         # (rule name, org id) -> (what it was computed from, the verdict)
         self._verdicts: dict[tuple[str, str], tuple[object, Detection]] = {}
+        self._by_org: dict[str, dict[str, Detection]] = {}  # org -> rule -> its verdict
         self._logged: dict[str, str] = {}  # org -> the failure last logged
         # (rule name, org id) -> whether the rule cannot judge it for a fault (True: a
         # WARNING was logged) or for a short history (False: an INFO)
@@ -140,9 +143,15 @@ class UsageWatch:
 
     def detections(self, org_id: str) -> dict[str, Detection]:
         """The verdicts on the organization's line items, by usage_anomaly rule name."""
-        return {
-            rule: verdict for (rule, org), (_, verdict) in self._verdicts.items() if org == org_id
-        }
+        return dict(self._by_org.get(org_id, {}))
+
+    def _keep(self, verdicts: dict[tuple[str, str], tuple[object, Detection]]) -> None:
+        """Keep these verdicts, indexed by organization too: :meth:`detections` is asked
+        once per organization and cycle (a scan of every verdict would be quadratic)."""
+        self._verdicts = verdicts
+        self._by_org = {}
+        for (rule, org_id), (_, verdict) in verdicts.items():
+            self._by_org.setdefault(org_id, {})[rule] = verdict
 
     def due(self, config: Config, store: Store, age: Age) -> list[str]:
         """The organizations whose line items are due now (see the module)."""
@@ -162,7 +171,7 @@ class UsageWatch:
         day; a reloaded rule) before a cycle reads; costs a look at a few cached times
         when nothing changed. Never raises but for cancellation."""
         if not _anomaly_rules(config):
-            self._verdicts = {}
+            self._keep({})
             return
         with _contained("read", "judging them "):
             await self._judge(config, store, now)
@@ -296,7 +305,7 @@ class UsageWatch:
         judge an organization said once (:meth:`_note`)."""
         rules = _anomaly_rules(config)
         if not rules:  # the detector's module is imported only where a rule uses it
-            self._verdicts = {}
+            self._keep({})
             self._unjudged = {}
             return
         from invoice_watch import anomaly
@@ -328,7 +337,7 @@ class UsageWatch:
                 verdict = await asyncio.to_thread(judge, now, read, items_of[org_id], rule, params)
                 kept[key] = (inputs, verdict)
                 self._note(key, config, unjudged(read, verdict, detail=False))
-        self._verdicts = kept
+        self._keep(kept)
         self._unjudged = {k: v for k, v in self._unjudged.items() if k in covered}
 
     def _note(self, key: tuple[str, str], config: Config, gap: tuple[str, bool] | None) -> None:
