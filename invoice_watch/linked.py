@@ -296,8 +296,10 @@ class HiddenLinkedWarning:
         if read.linked:
             self._said.discard(org_id)  # said again if they vanish again
             return
+        if org_id in self._said or not (hidden or full):
+            return  # (before the scan of every payer below: most reads end here)
         linked = sorted(linked for linked, payer in payers.items() if payer == org_id)
-        if not (hidden or (full and linked)) or org_id in self._said:
+        if not (hidden or linked):
             return
         self._said.add(org_id)
         log.warning(
