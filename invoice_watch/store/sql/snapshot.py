@@ -158,30 +158,36 @@ class OrgReads:
         return sorted(self._orgs.values(), key=lambda o: o.org_id)
 
     @staticmethod
-    def write(conn: SqlConnection, org: OrgWrite, now: str) -> None:
-        """An organization's read: a failed one keeps its last success and count."""
-        if not org.ok:
-            conn.execute(
+    def write(conn: SqlConnection, orgs: Sequence[OrgWrite], now: str) -> None:
+        """Organizations' reads (a failed one keeps its last success and count): one
+        statement for the successful ones, one for the failed ones, not one per
+        organization (every cycle writes the read time of every organization)."""
+        failed = [org for org in orgs if not org.ok]
+        if failed:
+            conn.executemany(
                 "INSERT INTO orgs (org_id, last_attempt, failing_since, last_error) "
                 "VALUES (?,?,?,?) ON CONFLICT (org_id) DO UPDATE SET "
                 "last_attempt=excluded.last_attempt, "
                 "failing_since=excluded.failing_since, last_error=excluded.last_error",
-                (
-                    org.org_id,
-                    now,
-                    _ts(org.failing_since),
-                    None if org.error is None else storable(org.error, ERROR_MAX),
-                ),
+                [
+                    (
+                        org.org_id,
+                        now,
+                        _ts(org.failing_since),
+                        None if org.error is None else storable(org.error, ERROR_MAX),
+                    )
+                    for org in failed
+                ],
             )
-            return
-        conn.execute(
-            "INSERT INTO orgs (org_id, last_attempt, last_success, failing_since, "
-            "last_error, invoice_count) VALUES (?,?,?,NULL,NULL,?) "
-            "ON CONFLICT (org_id) DO UPDATE SET last_attempt=excluded.last_attempt, "
-            "last_success=excluded.last_success, failing_since=NULL, last_error=NULL, "
-            "invoice_count=excluded.invoice_count",
-            (org.org_id, now, now, org.invoice_count),
-        )
+        if len(failed) < len(orgs):
+            conn.executemany(
+                "INSERT INTO orgs (org_id, last_attempt, last_success, failing_since, "
+                "last_error, invoice_count) VALUES (?,?,?,NULL,NULL,?) "
+                "ON CONFLICT (org_id) DO UPDATE SET last_attempt=excluded.last_attempt, "
+                "last_success=excluded.last_success, failing_since=NULL, last_error=NULL, "
+                "invoice_count=excluded.invoice_count",
+                [(org.org_id, now, now, org.invoice_count) for org in orgs if org.ok],
+            )
 
     def apply(self, org: OrgWrite, at: datetime) -> None:
         """Bring the cache in line with :meth:`write`'s commit."""
@@ -309,10 +315,11 @@ class SqlSnapshot:
 
     def write(self, conn: SqlConnection, orgs: Iterable[OrgWrite], now: str) -> None:
         """Organizations' reads: their invoices, amount observations and read state."""
+        orgs = list(orgs)
         for org in orgs:
-            if org.ok:
+            if org.ok and org.changes_snapshot:  # else nothing of its invoices to write
                 self._write_invoices(conn, org, now)
-            self._reads.write(conn, org, now)
+        self._reads.write(conn, orgs, now)
 
     def _write_invoices(self, conn: SqlConnection, org: OrgWrite, now: str) -> None:
         """A successful read's invoices and amount observations."""
