@@ -353,6 +353,55 @@ async def test_steady_cycles_draw_one_digest_challenge_each_even_with_a_stale_no
             assert challenges == [1, 0, 1, 0]
 
 
+class _Counted:
+    """A connection that counts the statements it is given (``execute`` and
+    ``executemany`` calls, whatever their rows)."""
+
+    def __init__(self, conn: Any, calls: list[str]) -> None:
+        self._conn, self._calls = conn, calls
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        self._calls.append(sql)
+        return self._conn.execute(sql, *args)
+
+    def executemany(self, sql: str, rows: Any) -> Any:
+        self._calls.append(sql)
+        return self._conn.executemany(sql, rows)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+
+async def test_a_steady_cycle_writes_its_read_times_in_one_statement_and_no_invoices(
+    tmp_path: Path,
+):
+    """Nothing changed at 8 organizations: the cycle's last transaction writes their
+    read times in one statement, not one (and two empty ones for their invoices' amount
+    histories) per organization."""
+    scenario = Scenario(now=NOW)
+    orgs = [f"{n:024x}" for n in range(1, 9)]
+    for org in orgs:
+        scenario.add_org(f"Org {org[-1]}", id=org)
+        scenario.add_invoice(org, period=0, status="PENDING", amount_cents=10_00)
+    async with Simulator(scenario, clock=FakeClock(NOW)) as sim:
+        config = app_config(sim, tmp_path, orgs)
+        async with App(config, clock=FakeClock(NOW), notifiers={"console": Silent()}) as app:
+            await app.run_cycle()
+            database: Any = app.store.database  # type: ignore[attr-defined]
+            commit = database.commit
+            statements: list[str] = []
+
+            async def counted(fn: Any) -> Any:
+                return await commit(lambda conn: fn(_Counted(conn, statements)))
+
+            database.commit = counted
+            result = await app.run_cycle()
+            assert result.changes == 0 and not result.orgs_failed
+            assert len([sql for sql in statements if "INTO orgs" in sql]) == 1
+            assert not [sql for sql in statements if "invoices" in sql or "amount_history" in sql]
+            assert app.store.snapshot.org_state(orgs[-1]).last_success is not None
+
+
 # -- a big organization: pages requested together, totalCount only an estimate -----------
 
 BIG_ORG = "abcdefabcdefabcdefabcdef"
