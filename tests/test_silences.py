@@ -5,7 +5,9 @@ and a loopback webhook, with the ``silence`` commands writing beside a running d
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, time, timedelta
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -30,7 +32,8 @@ from invoice_watch.silences import (
 from invoice_watch.store.records import Silence
 from invoice_watch.types import AlertEvent, EventKind, Severity
 from tests.fakes_receivers import Answer, FakeAlertmanager, FakeWebhook
-from tests.world import PROD, World
+from tests.fakes_smtp import StartServer
+from tests.world import PROD, World, open_world
 
 T0 = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
 BERLIN = ZoneInfo("Europe/Berlin")
@@ -443,14 +446,26 @@ async def test_e2e_an_alert_resolved_while_silenced_is_never_sent(
     assert sorted(r.summary.split()[0] for r in muted) == ["FIRING", "RESOLVED"]
 
 
+# A Monday, 20:28 in Berlin (CET): inside the 20:00-08:00 windows below, whatever the
+# time the tests run at (with the real time, they failed in the morning and the day).
+MONDAY_EVENING = datetime(2026, 11, 30, 19, 28, tzinfo=UTC)
+
+
+@pytest.fixture
+async def night(tmp_path: Path, smtp_server: StartServer) -> AsyncIterator[World]:
+    """The world, its clock at :data:`MONDAY_EVENING`."""
+    async with open_world(tmp_path, smtp_server, MONDAY_EVENING) as world:
+        yield world
+
+
 async def test_e2e_quiet_hours_hold_messages_and_send_one_summary_when_they_end(
-    world: World, state: dict[str, str]
+    night: World, state: dict[str, str]
 ) -> None:
-    # The scenario's clock is a Monday, 20:28 in Berlin: inside the window.
+    # The clock starts on a Monday, 20:28 in Berlin: inside the window.
     quiet = {"timezone": "Europe/Berlin", "from": "20:00", "to": "08:00", "except": ["critical"]}
     async with FakeWebhook() as fake:
-        config = config_for(world, fake, state, quiet_hours=quiet)
-        async with App(config, clock=world.clock) as app:
+        config = config_for(night, fake, state, quiet_hours=quiet)
+        async with App(config, clock=night.clock) as app:
             await leading(app)
             await app.run_cycle()
             await app.deliverer.drain(60)
@@ -460,11 +475,11 @@ async def test_e2e_quiet_hours_hold_messages_and_send_one_summary_when_they_end(
             before = len(fake.accepted)
             # the window ends at 08:00 Berlin; the deliverer is woken every max_backoff
             for _ in range(14 * 60):
-                await advance(world, app, 60)
+                await advance(night, app, 60)
                 await app.deliverer.deliver_due()
                 if len(fake.accepted) > before:
                     break
-            end = world.clock.now().astimezone(ZoneInfo("Europe/Berlin"))
+            end = night.clock.now().astimezone(ZoneInfo("Europe/Berlin"))
             assert await app.store.outbox.messages(("pending",)) == []
     assert ("FIRING", "failed-charge") in at_once  # critical: through at once
     assert all(rule == "failed-charge" for _, rule in at_once)
@@ -546,7 +561,7 @@ async def test_e2e_an_alert_resolved_while_its_waiting_message_is_silenced_is_ne
 
 
 async def test_e2e_a_quiet_window_longer_than_max_age_loses_nothing(
-    world: World, state: dict[str, str]
+    night: World, state: dict[str, str]
 ) -> None:
     # Held all night (11.5 h) with max_age 2 h, across a restart: the receiver failing
     # once when the window ends must not make the messages fail (an alert lost by
@@ -554,20 +569,20 @@ async def test_e2e_a_quiet_window_longer_than_max_age_loses_nothing(
     quiet = {"timezone": "Europe/Berlin", "from": "20:00", "to": "08:00"}
     delivery = {"max_age": "2h"}
     async with FakeWebhook() as fake:
-        config = config_for(world, fake, state, delivery=delivery, quiet_hours=quiet)
-        async with App(config, clock=world.clock) as app:
+        config = config_for(night, fake, state, delivery=delivery, quiet_hours=quiet)
+        async with App(config, clock=night.clock) as app:
             await leading(app)
             await app.run_cycle()
             await app.deliverer.deliver_due()
             held = await app.store.outbox.messages(("pending",))
             assert held and fake.received == []
-            await advance(world, app, 5 * 3600)
+            await advance(night, app, 5 * 3600)
             await app.deliverer.deliver_due()
         fake.script(Answer(503))  # the first request after the window fails
-        async with App(config, clock=world.clock) as app:  # a restart in the window
+        async with App(config, clock=night.clock) as app:  # a restart in the window
             await leading(app)
             for _ in range(8 * 6):
-                await advance(world, app, 600)
+                await advance(night, app, 600)
                 await app.deliverer.deliver_due()
             assert await app.store.outbox.messages(("failed",)) == []
             assert await app.store.outbox.messages(("pending",)) == []
@@ -576,15 +591,15 @@ async def test_e2e_a_quiet_window_longer_than_max_age_loses_nothing(
 
 
 async def test_e2e_a_quiet_hours_summary_that_fails_is_retried_as_the_same_summary(
-    world: World, state: dict[str, str]
+    night: World, state: dict[str, str]
 ) -> None:
     # The messages held all night go as one summary when the window ends; the receiver
     # refuses it once: it is retried as that one summary (across a restart too), not as
     # the messages it held.
     quiet = {"timezone": "Europe/Berlin", "from": "20:00", "to": "08:00"}
     async with FakeWebhook() as fake:
-        config = config_for(world, fake, state, quiet_hours=quiet)
-        async with App(config, clock=world.clock) as app:
+        config = config_for(night, fake, state, quiet_hours=quiet)
+        async with App(config, clock=night.clock) as app:
             await leading(app)
             await app.run_cycle()
             await app.deliverer.deliver_due()
@@ -592,15 +607,15 @@ async def test_e2e_a_quiet_hours_summary_that_fails_is_retried_as_the_same_summa
             assert len(held) == 2 and fake.received == []
             fake.script(Answer(503))
             for _ in range(14 * 6):  # until the window ends
-                await advance(world, app, 600)
+                await advance(night, app, 600)
                 await app.deliverer.deliver_due()
                 if fake.received:
                     break
             assert len(fake.received) == 1 and fake.accepted == []
-        async with App(config, clock=world.clock) as app:  # a restart before the retry
+        async with App(config, clock=night.clock) as app:  # a restart before the retry
             await leading(app)
             for _ in range(6):
-                await advance(world, app, 600)
+                await advance(night, app, 600)
                 await app.deliverer.deliver_due()
             assert await app.store.outbox.messages(("pending",)) == []
             sent = await app.store.outbox.messages(("sent",))

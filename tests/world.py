@@ -7,6 +7,8 @@ Registered in conftest (``pytest_plugins``), so any test can ask for ``world``.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import datetime
 from html import unescape
 from pathlib import Path
 from typing import Any
@@ -28,8 +30,10 @@ ANALYTICS = "6a7b8c9d0e1f2a3b4c5d6e7f"
 SMTP_PASSWORD = "smtp-passw0rd-never-logged"
 
 
-def scenario() -> Scenario:
-    s = Scenario()
+def scenario(now: datetime | None = None) -> Scenario:
+    """The world's organizations and invoices, their periods relative to ``now``
+    (default: the real time, UTC)."""
+    s = Scenario(now)
     s.add_org("Production", id=PROD)
     s.add_org("Analytics", id=ANALYTICS)
     s.add_invoice("Production", period=-2, status="PAID", amount_cents=3900_00)
@@ -117,9 +121,19 @@ class World:
         return out
 
 
-@pytest.fixture
-async def world(tmp_path: Path, smtp_server: StartServer) -> AsyncIterator[World]:
+@asynccontextmanager
+async def open_world(
+    tmp_path: Path, smtp_server: StartServer, now: datetime | None = None
+) -> AsyncIterator[World]:
+    """A :class:`World` whose clock starts at ``now`` (default: the real time; a test
+    whose outcome depends on the time of day or the date gives one)."""
     sink = Sink()
     port = await smtp_server(sink)
-    async with Simulator(scenario()) as sim, FakeSlack() as slack:
+    async with Simulator(scenario(now)) as sim, FakeSlack() as slack:
         yield World(sim, slack, sink, port, tmp_path)
+
+
+@pytest.fixture
+async def world(tmp_path: Path, smtp_server: StartServer) -> AsyncIterator[World]:
+    async with open_world(tmp_path, smtp_server) as world:
+        yield world
