@@ -17,8 +17,26 @@ from datetime import datetime
 
 from invoice_watch.types import Invoice
 
-# Each slot's setter (its member descriptor's __set__), in the order of Invoice's fields
-# (a field added to Invoice fails this unpacking at import: add it here and below).
+_FIELDS = (
+    "id",
+    "org_id",
+    "status",
+    "start_date",
+    "end_date",
+    "amount_billed_cents",
+    "amount_paid_cents",
+    "credits_cents",
+    "sales_tax_cents",
+    "starting_balance_cents",
+    "subtotal_cents",
+    "created",
+    "updated",
+    "source_org_id",
+)
+if tuple(Invoice.__slots__) != _FIELDS:  # a field added, removed or moved: say so at import
+    raise RuntimeError(f"fast_invoice is out of date with Invoice's fields {Invoice.__slots__}")
+
+# Each slot's setter (its member descriptor's __set__), by the names above.
 (
     _set_id,
     _set_org_id,
@@ -34,7 +52,7 @@ from invoice_watch.types import Invoice
     _set_created,
     _set_updated,
     _set_source_org_id,
-) = (vars(Invoice)[name].__set__ for name in Invoice.__slots__)
+) = (vars(Invoice)[name].__set__ for name in _FIELDS)
 
 
 def new_invoice(
