@@ -35,7 +35,6 @@ from invoice_watch.config import (
     StatusChangeRule,
     interpolation,
     quantities,
-    yaml_tree,
 )
 from invoice_watch.errors import ConfigError, ConfigProblem
 from invoice_watch.proxy import ProxyUrl
@@ -856,66 +855,6 @@ def test_load_deep_nesting_is_a_problem_not_a_recursion_error(text: str):
 
     assert "nested more than 64 levels deep" in problem.message
     assert problem.line >= 1
-
-
-def composed(node: yaml.Node | None, within: frozenset[int] = frozenset()) -> object:
-    """A node tree as comparable data: tags, values, styles and marks (an alias of a
-    node it is within: its line)."""
-    if node is None or id(node) in within:
-        return None if node is None else ("alias", node.start_mark.line)
-    within |= {id(node)}
-    where = (node.tag, node.start_mark.line, node.start_mark.column, node.end_mark.line)
-    if isinstance(node, yaml.ScalarNode):
-        return (*where, node.value, node.style or None, node.end_mark.column)
-    if isinstance(node, yaml.SequenceNode):
-        return (*where, [composed(item, within) for item in node.value])
-    return (*where, [(composed(k, within), composed(v, within)) for k, v in node.value])
-
-
-def compose_with(loader: type[yaml_tree._BoundedComposer], text: str) -> object:
-    """``text`` composed by ``loader``: its tree, or the name of its error."""
-    composer = loader(text)  # type: ignore[call-arg]
-    try:
-        return composed(composer.get_single_node())
-    except yaml.YAMLError as exc:
-        return type(exc).__name__
-    finally:
-        composer.dispose()
-
-
-@pytest.mark.parametrize("path", [*sorted(DATA.glob("conf.*.yml")), EXAMPLE], ids=lambda p: p.name)
-def test_load_libyaml_composes_each_file_as_pyyaml_does(path: Path):
-    """libyaml's parser composes a configuration (a 300-organization one in 7 ms of CPU
-    instead of 32): the same tree, values and marks as PyYAML's own, or an error with
-    both (then said by PyYAML's: the corpus's expected messages)."""
-    text = path.read_text()
-    assert compose_with(yaml_tree._BoundedCLoader, text) == compose_with(
-        yaml_tree._BoundedLoader, text
-    )
-
-
-@pytest.mark.parametrize("text", ["a:\tb\n", "a: b\t\n"], ids=["after-colon", "trailing"])
-def test_load_a_tab_libyaml_would_take_is_refused_as_before(text: str):
-    """PyYAML refuses a tab after a value, libyaml takes it: a text with a tab is
-    composed by PyYAML's parser, so that it is refused as it always was."""
-    assert isinstance(compose_with(yaml_tree._BoundedLoader, text), str)
-    assert not isinstance(compose_with(yaml_tree._BoundedCLoader, text), str)
-
-    (problem,) = problems_of(text)
-    assert problem.message.startswith("invalid YAML: found character '\\t'")
-
-
-def test_load_text_libyaml_refuses_but_pyyaml_reads_is_read():
-    """A document libyaml refuses is composed again by PyYAML's parser, whose verdict
-    stands (here an escape libyaml does not take)."""
-    text = 'atlas: {auth: {public_key: "\\ud800"}}\n'
-    assert compose_with(yaml_tree._BoundedCLoader, text) == "ScannerError"
-
-    problems = problems_of(text)
-    assert not any("invalid YAML" in p.message for p in problems)
-    (surrogate,) = [p for p in problems if p.path == "atlas.auth.public_key"]
-    assert surrogate.line == 1
-    assert "the lone surrogate U+D800" in surrogate.message
 
 
 @pytest.mark.parametrize(

@@ -14,20 +14,12 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
-from yaml.composer import Composer
 from yaml.constructor import SafeConstructor
 from yaml.error import Mark, MarkedYAMLError
-from yaml.events import Event
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
-from yaml.resolver import Resolver
-
-try:
-    from yaml._yaml import CParser
-except ImportError:  # PyYAML built without libyaml: its own parser alone
-    CParser = None  # type: ignore[assignment,misc]
 
 from invoice_watch.config.interpolation import (
     InterpolationError,
@@ -63,23 +55,17 @@ class _BoundExceeded(Exception):
         super().__init__(message)
 
 
-class _BoundedComposer(Composer):
-    """PyYAML's composer (pure Python: the C loader's has no hook) composing a node tree
+class _BoundedLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` (pure Python: the C loader has no hook) composing a node tree
     whose walk is bounded: each node's size and height with aliases expanded are
     memoized by node id (so counting is linear), and composing stops past
     ``MAX_EXPANDED_NODES`` or ``MAX_DEPTH``, the depth counted through aliases (ten
     anchors of 60 levels, each holding the one before, are 600 levels for whatever walks
     the data: a RecursionError). Source: PyYAML 6.0.4 ``Composer.compose_node``; LIBRARIES.md "merge
-    keys and alias bombs". Its events come from :class:`_BoundedLoader` (PyYAML's
-    parser) or :class:`_BoundedCLoader` (libyaml's)."""
+    keys and alias bombs"."""
 
-    if TYPE_CHECKING:  # (the parser's, in either loader)
-
-        def check_event(self, *choices: Any) -> bool: ...
-        def peek_event(self) -> Event: ...
-        def dispose(self) -> None: ...
-
-    def bound(self) -> None:
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
         self.sizes: dict[int, int] = {}  # id(collection node) -> nodes once expanded
         # id(collection node) -> collections nested in it and itself, aliases expanded
         self.heights: dict[int, int] = {}
@@ -87,8 +73,7 @@ class _BoundedComposer(Composer):
 
     def compose_node(self, parent: Node | None, index: int) -> Node | None:
         alias = self.check_event(yaml.AliasEvent)
-        # (libyaml's events bring its own Mark class: the same line and column)
-        mark: Mark = self.peek_event().start_mark  # type: ignore[assignment]
+        mark: Mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
         if self.depth >= MAX_DEPTH:
             raise _BoundExceeded(
                 mark,
@@ -139,55 +124,11 @@ class _BoundedComposer(Composer):
         return node
 
 
-class _BoundedLoader(_BoundedComposer, yaml.SafeLoader):
-    """The bounded composer on PyYAML's own (pure Python) scanner and parser."""
-
-    def __init__(self, stream: str) -> None:
-        super().__init__(stream)
-        self.bound()
-
-
-if CParser is not None:
-
-    class _BoundedCLoader(_BoundedComposer, CParser, SafeConstructor, Resolver):
-        """The bounded composer on libyaml's scanner and parser (``yaml.CParser``'s events),
-        as ``yaml.CSafeLoader`` is but for the composer: a 300-organization configuration
-        composes in 7 ms of CPU instead of 32. libyaml reads a few documents PyYAML refuses
-        (a tab after a value, a BOM inside one: see :func:`_compose`)."""
-
-        def __init__(self, stream: str) -> None:
-            CParser.__init__(self, stream)
-            Composer.__init__(self)
-            SafeConstructor.__init__(self)
-            Resolver.__init__(self)
-            self.bound()
-
-
-# What libyaml reads otherwise than PyYAML (a tab after a value: refused by PyYAML,
-# taken by libyaml; a BOM inside the text: kept by PyYAML, dropped by libyaml).
-_PYYAML_ONLY = re.compile("[\t\ufeff]")
-
-
 def _compose(text: str, filename: str) -> Node | None:
-    """The node tree of ``text``; raises ConfigError past a bound or on invalid YAML.
-
-    libyaml's parser composes it (:class:`_BoundedCLoader`), unless the text holds what
-    libyaml reads otherwise than PyYAML; a document it refuses is composed again by
-    PyYAML's, so that every problem is said as PyYAML says it (the same tree and marks
-    otherwise: each example configuration of the tests composes alike)."""
+    """The node tree of ``text``; raises ConfigError past a bound or on invalid YAML."""
     size = len(text.encode("utf-8")) if len(text) <= MAX_CONFIG_BYTES else len(text)
     if size > MAX_CONFIG_BYTES:
         raise ConfigError([too_large(filename)])
-    if CParser is not None and not _PYYAML_ONLY.search(text):
-        loader: _BoundedComposer = _BoundedCLoader(text)
-        try:
-            return loader.get_single_node()
-        except _BoundExceeded as exc:
-            raise ConfigError([located(filename, exc.mark, (), str(exc))]) from exc
-        except (yaml.YAMLError, ValueError):  # (ValueError: text libyaml cannot encode)
-            pass  # said by PyYAML's parser, below
-        finally:
-            loader.dispose()
     loader = _BoundedLoader(text)
     try:
         return loader.get_single_node()
