@@ -873,6 +873,31 @@ def test_load_a_lone_surrogate_is_a_problem_at_its_line_not_a_traceback(text: st
     assert "lone surrogate U+DC80" in problem.message
 
 
+@pytest.mark.parametrize(
+    ("where", "char", "line", "column"),
+    [
+        ("a comment", "\x00", 11, 3),
+        ("a value", "\x7f", 9, 18),
+        ("a value", "\ufffe", 9, 18),
+        ("a comment", "\x9b", 11, 3),
+    ],
+)
+def test_load_a_character_yaml_refuses_is_a_problem_at_its_line(
+    where: str, char: str, line: int, column: int
+):
+    """A control character anywhere in the file, a comment included, is refused by
+    PyYAML's reader as the loader is made: a problem at its line and column (it was
+    "unexpected error: ReaderError ... This is a bug", exit 1)."""
+    text = MINIMAL.format(private_key="priv")
+    if where == "a comment":
+        text = text.replace("rules:\n", f"rules:\n# {char} oops\n")
+    else:
+        text = text.replace("type: console", f"type: console{char}")
+    (problem,) = problems_of(text)
+    assert (problem.line, problem.column) == (line, column)
+    assert f"U+{ord(char):04X} is not allowed" in problem.message
+
+
 def nested_through_aliases(anchors: int, levels: int, *, mapping: bool = False) -> str:
     """AD-4: ``anchors`` top-level anchors of ``levels`` levels each, every one holding
     an alias of the one before: each under MAX_DEPTH, together ``anchors * levels``."""

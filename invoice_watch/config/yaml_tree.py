@@ -20,6 +20,7 @@ import yaml
 from yaml.constructor import SafeConstructor
 from yaml.error import Mark, MarkedYAMLError
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+from yaml.reader import ReaderError
 
 from invoice_watch.config.interpolation import (
     InterpolationError,
@@ -129,7 +130,13 @@ def _compose(text: str, filename: str) -> Node | None:
     size = len(text.encode("utf-8")) if len(text) <= MAX_CONFIG_BYTES else len(text)
     if size > MAX_CONFIG_BYTES:
         raise ConfigError([too_large(filename)])
-    loader = _BoundedLoader(text)
+    try:
+        # PyYAML's reader checks every character as the loader is made: a control
+        # character anywhere, a comment included, is refused here (a ReaderError).
+        loader = _BoundedLoader(text)
+    except ReaderError as exc:
+        # Not chained: its message quotes the character's context, which may be a secret.
+        raise ConfigError([_unacceptable(exc, text, filename)]) from None
     try:
         return loader.get_single_node()
     except _BoundExceeded as exc:
@@ -139,6 +146,24 @@ def _compose(text: str, filename: str) -> Node | None:
         raise ConfigError(_yaml_problem(exc, text, filename)) from None
     finally:
         loader.dispose()
+
+
+def _unacceptable(exc: ReaderError, text: str, filename: str) -> ConfigProblem:
+    """A character YAML does not allow in a document (YAML 1.1 §5.1: control
+    characters but tab, line feed and carriage return; U+FFFE, U+FFFF), at its line and
+    column (PyYAML's ReaderError gives only its offset)."""
+    at = exc.position
+    line = text.count("\n", 0, at) + 1
+    column = at - text.rfind("\n", 0, at)
+    code = exc.character if isinstance(exc.character, int) else ord(exc.character[:1] or "\0")
+    return ConfigProblem(
+        filename,
+        line,
+        column,
+        "",
+        f"invalid YAML: the character U+{code:04X} is not allowed in a YAML file "
+        "(a control character or a noncharacter, even in a comment); remove it",
+    )
 
 
 def read(
