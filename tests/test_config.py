@@ -898,6 +898,17 @@ def test_load_a_character_yaml_refuses_is_a_problem_at_its_line(
     assert f"U+{ord(char):04X} is not allowed" in problem.message
 
 
+def test_load_an_escaped_surrogate_pair_is_the_character_it_encodes():
+    """JSON's way to write an emoji, two 16-bit escapes, is read as the emoji; a lone
+    surrogate stays a problem (test_load_a_lone_surrogate_...)."""
+    text = MINIMAL.format(private_key="priv").replace(
+        "  - id: 5f1e0c0a9b8d7e6f5a4b3c2d\n",
+        '  - id: 5f1e0c0a9b8d7e6f5a4b3c2d\n    name: "\\ud83d\\ude00 Prod"\n',
+    )
+    cfg = config.load(text, env={})
+    assert cfg.organizations[0].name == "\U0001f600 Prod"
+
+
 def nested_through_aliases(anchors: int, levels: int, *, mapping: bool = False) -> str:
     """AD-4: ``anchors`` top-level anchors of ``levels`` levels each, every one holding
     an alias of the one before: each under MAX_DEPTH, together ``anchors * levels``."""

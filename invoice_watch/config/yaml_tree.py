@@ -195,6 +195,22 @@ def too_large(filename: str) -> ConfigProblem:
     return located(filename, None, (), message)
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _paired(text: str) -> str:
+    """``text`` with each surrogate pair made the one character it encodes: a YAML
+    escape is 16 bits (``"\\ud83d\\ude00"``, as JSON writes an emoji), and PyYAML
+    leaves the pair as two code points. A lone surrogate stays (the value is refused,
+    :func:`~invoice_watch.config.values.control_problem`)."""
+    if _SURROGATE.search(text) is None:
+        return text
+    try:
+        return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le")
+    except UnicodeDecodeError:  # a lone surrogate among them
+        return text
+
+
 def _yaml_problem(exc: yaml.YAMLError, text: str, filename: str) -> list[ConfigProblem]:
     """YAML syntax errors: tabs in indentation get their own message, one per line."""
     tabbed = [
@@ -385,6 +401,7 @@ class _Builder:
         return pairs
 
     def _scalar(self, node: ScalarNode, loc: Loc) -> _Scalar:
+        node.value = _paired(node.value)
         if "$" in node.value:
             try:
                 # (state.url: a password in its user info is percent-encoded)
