@@ -283,9 +283,11 @@ class HttpEndpoint:
         starting: set[asyncio.BaseProtocol] = set()
 
         def protocol() -> asyncio.BaseProtocol:
-            if len(handler.connections) + len(starting) < self._cap or self._evict(
-                handler.connections
-            ):
+            # A protocol stays in `starting` a round after its connection_made put it in
+            # handler.connections: counted once (counted twice, a second client arriving
+            # in that round was refused below the cap).
+            opening = sum(1 for made in starting if made not in handler.connections)
+            if len(handler.connections) + opening < self._cap or self._evict(handler.connections):
                 made = handler()
                 starting.add(made)
                 # connection_made runs in the loop's next round (the transport schedules
