@@ -79,7 +79,7 @@ class Invoice:
 
     def settled_key(self) -> int:
         """This invoice as a settled snapshot keeps it: see :func:`settled_key`."""
-        return settled_key(*self.listed())
+        return settled_key(self.listed())
 
 
 # A settled invoice's key: the day its period starts, then a 40-bit fingerprint. Days to
@@ -90,28 +90,21 @@ _FINGERPRINT_MASK = (1 << _FINGERPRINT_BITS) - 1
 _DAY_ONE = datetime(1, 1, 1, tzinfo=UTC)
 
 
-def settled_key(
-    invoice_id: str,
-    org_id: str,
-    status: str,
-    amounts: tuple[int, ...],
-    start: datetime,
-    end: datetime,
-    created: datetime | None,
-    updated: datetime | None,
-) -> int:
+def settled_key(listed: Listed) -> int:
     """What the snapshot keeps in memory of a settled invoice (one that can no longer
     change and that no rule watches): one int instead of an :class:`Invoice`.
+    ``listed``: what a listing says of it (:data:`Listed`, as :meth:`Invoice.listed`
+    gives it).
 
     Its high bits are the day the invoice's period starts (UTC, so that an incremental
     listing's window applies to it), its low 40 bits a fingerprint of every field
     (``amounts`` in :data:`AMOUNT_ATTRS` order): two invoices that are equal have the
     same key; two that differ have the same key once in 10^12. The fingerprint is
     Python's ``hash``, so keys are only ever compared within one process (the state
-    file keeps the invoices themselves).
+    file keeps the invoices themselves). The tuple is hashed as it is: a start computes
+    the key of every invoice it lists and of every settled one it loads.
     """
-    fingerprint = hash((invoice_id, org_id, status, amounts, start, end, created, updated))
-    return ((start - _DAY_ONE).days << _FINGERPRINT_BITS) | (fingerprint & _FINGERPRINT_MASK)
+    return ((listed[4] - _DAY_ONE).days << _FINGERPRINT_BITS) | (hash(listed) & _FINGERPRINT_MASK)
 
 
 def settled_day(key: int) -> int:
@@ -174,7 +167,7 @@ class Snapshot:
         if before is not None:
             return before if before.listed() == listed else None
         key = self.settled.get(invoice_id)
-        return key if key is not None and settled_key(*listed) == key else None
+        return key if key is not None and settled_key(listed) == key else None
 
     def newest_settled_day(self) -> date | None:
         """The (UTC) day on which the newest settled invoice's period starts."""

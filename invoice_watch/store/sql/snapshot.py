@@ -109,14 +109,16 @@ def _settled_key_of_row(row: Sequence[Any]) -> int:
     building the invoice: a start keeps most of the snapshot so (18,000 rows: 0.12 ->
     0.02 s of CPU)."""
     return settled_key(
-        row[0],
-        row[1],
-        row[3],
-        tuple(row[6:12]),
-        instant(row[4]),
-        instant(row[5]),
-        instant(row[12]) if row[12] else None,
-        instant(row[13]) if row[13] else None,
+        (
+            row[0],
+            row[1],
+            row[3],
+            tuple(row[6:12]),
+            instant(row[4]),
+            instant(row[5]),
+            instant(row[12]) if row[12] else None,
+            instant(row[13]) if row[13] else None,
+        )
     )
 
 
