@@ -7,8 +7,18 @@ from typing import Any
 
 import pytest
 
+from invoice_watch.constants import INVOICE_STATUSES
 from invoice_watch.diff import diff
-from invoice_watch.rules import OrgView, alert_key, evaluate, forecast, growth
+from invoice_watch.rules import (
+    UNDECIDED,
+    Condition,
+    OrgView,
+    _check,
+    alert_key,
+    evaluate,
+    forecast,
+    growth,
+)
 from tests.conftest import NOW, ORG_A, ORG_B, PERIOD_START, inv
 
 
@@ -114,6 +124,34 @@ def test_amount_increase_edges(config_factory, rule, base, current, fires):
     history = {inv(1).id: [(NOW - timedelta(hours=25), base), (NOW, current)]}
     result = evaluate(rules, [view(inv(1, cents=current))], history, NOW)
     assert bool(result.holding) is fires
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        {"type": "invoice_status"},
+        {"type": "invoice_status", "statuses": ["CLOSED", "PAID", "FORGIVEN"]},
+        {"type": "pending_amount", "threshold": 1},
+        {"type": "amount_increase", "threshold": 1},
+        {"type": "forecast", "budget": 1},
+    ],
+)
+def test_a_rule_passes_over_only_invoices_it_cannot_hold_for(config_factory, rule):
+    """evaluate asks a rule about the invoices of the statuses it looks at only (a
+    start's views hold every invoice listed): what it holds is what asking the rule
+    about every invoice of every status holds."""
+    rules = rules_of(config_factory, {"name": "r", **rule})
+    invoices = [inv(n, status=s, cents=9_000_000_00) for n, s in enumerate(INVOICE_STATUSES)]
+    history = {i.id: [(NOW - timedelta(days=2), 0), (NOW, 9_000_000_00)] for i in invoices}
+    now = PERIOD_START + timedelta(days=10)
+    seen = view(*invoices, old=[])
+    asked = [_check(rules[0], seen, i, history[i.id], now, lambda at: now - at) for i in invoices]
+    result = evaluate(rules, [seen], history, now)
+    holding = [c.key for c in asked if isinstance(c, Condition)]
+    assert holding  # (the case is one where the rule holds for some)
+    assert list(result.holding) == holding
+    undecided = [i for i, c in zip(invoices, asked, strict=True) if c is UNDECIDED]
+    assert result.undecided == {alert_key("r", ORG_A, i.id) for i in undecided}
 
 
 def test_amount_increase_waits_for_the_second_poll(config_factory):
