@@ -32,7 +32,8 @@ import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime
-from typing import TYPE_CHECKING
+from functools import partial
+from typing import TYPE_CHECKING, Protocol
 
 from invoice_watch.alerts import Transition
 from invoice_watch.atlas.client import AtlasClient
@@ -63,6 +64,16 @@ if TYPE_CHECKING:
     from invoice_watch.anomaly import Detection
 
 log = logging.getLogger(__name__)
+
+# What processes a read in the task that read it (AtlasClient.read_orgs's `then`).
+Then = Callable[[OrgRead], Awaitable[OrgRead]]
+
+
+class ReadOrgs(Protocol):
+    """:meth:`AtlasClient.read_orgs` with its organizations given (``then`` left)."""
+
+    def __call__(self, *, then: Then) -> AsyncGenerator[OrgRead, None]: ...
+
 
 Message = tuple[str, list[AlertEvent], Part | None]  # notifier, events, which part
 
@@ -163,7 +174,8 @@ class Cycle:
         began, started = time.monotonic(), self.clock.now()
         config, store, plan, writer = self.config, self.store, self.plan, self._writer
         try:
-            listed = self.client.read_orgs(self.org_ids, self._windows.from_dates(), self._known)
+            from_dates = self._windows.from_dates()
+            listed = partial(self.client.read_orgs, self.org_ids, from_dates, self._known)
             taken = await take_reads(listed, self.take, config.org_name)
             reads = {org_id: taken[org_id] for org_id in self.org_ids}
             if self._unreadable:
@@ -396,26 +408,27 @@ async def compare(
 
 
 async def take_reads(
-    reads: AsyncGenerator[OrgRead, None],
+    read_orgs: ReadOrgs,
     take: Callable[[OrgRead], Awaitable[None]],
     name: Callable[[str], str] = str,
 ) -> dict[str, OrgRead]:
-    """Await ``take`` with each organization's read as :meth:`AtlasClient.read_orgs`
-    hands it back, while the others are still being read, each in a task of its own (one
-    that waits, for an incremental read standing in for a failed full listing or for the
-    state file, holds back no other); returns the reads' outcomes
-    (:meth:`OrgRead.outcome`) by organization, so that no organization's listing is held
-    until the last one is taken.
+    """Await ``take`` with each organization's read as soon as it is read, while the
+    others are still being read, in the task that read it (``read_orgs(then=...)``:
+    :meth:`AtlasClient.read_orgs` with ``then``; one that waits, for an incremental
+    read standing in for a failed full listing or for the state file, holds back no
+    other); returns the reads' outcomes (:meth:`OrgRead.outcome`) by organization, so
+    that no organization's listing is held until the last one is taken. One task per
+    organization, not one to read and one to take (a steady reference cycle: 2.7% fewer
+    instructions, 300 tasks fewer).
 
     Containment: an exception from ``take`` for one organization (a bug) is logged with
     its traceback and makes that organization's read a failed one, which ``take`` is
     given again (so that it is recorded as any failed read is); it never stops another
     organization's. ``name``: an organization's name for the log. When this stops before
-    every read is taken (cancelled, or a ``take`` raising a BaseException), ``reads`` is
-    closed: the reads still under way are cancelled."""
-    outcomes: dict[str, OrgRead] = {}
+    every read is taken (cancelled, or a ``take`` raising a BaseException), the reads
+    still under way are cancelled (as the others' takes are)."""
 
-    async def one(read: OrgRead) -> None:
+    async def one(read: OrgRead) -> OrgRead:
         org_id = read.org_id
         try:
             await take(read)
@@ -430,7 +443,7 @@ async def take_reads(
                 f"organization {org_id}: taking its read failed unexpectedly "
                 f"({exception_line(exc)}); the traceback is in the log"
             )
-            failed = outcomes[org_id] = OrgRead(org_id, error=error, requests=read.requests)
+            failed = OrgRead(org_id, error=error, requests=read.requests)
             try:
                 await take(failed)
             except Exception as again:
@@ -439,14 +452,11 @@ async def take_reads(
                     name(org_id),
                     traceback_text(again),
                 )
-            return
-        outcomes[org_id] = read.outcome()
+            return failed
+        return read.outcome()
 
-    async with contextlib.aclosing(reads), asyncio.TaskGroup() as group:
-        async for read in reads:
-            group.create_task(one(read))
-            del read  # held by its task only, while it is taken
-    return outcomes
+    async with contextlib.aclosing(read_orgs(then=one)) as reads:
+        return {outcome.org_id: outcome async for outcome in reads}
 
 
 def log_read(config: Config, org_id: str, change: Diff | None, error: str | None) -> None:

@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -205,7 +206,7 @@ async def test_take_reads_take_raising_fails_that_org_through_take_again(
         taken.append(read)
 
     async with AtlasClient(client_config(tmp_path, listings.url).atlas) as client:
-        reads = await take_reads(client.read_orgs([ORG_A, ORG_B]), take)
+        reads = await take_reads(partial(client.read_orgs, [ORG_A, ORG_B]), take)
     assert {r.org_id: r.ok for r in taken} == {ORG_A: False, ORG_B: True}
     assert not reads[ORG_A].ok and "KeyError" in (reads[ORG_A].error or "")
     assert reads[ORG_B].ok
@@ -224,7 +225,7 @@ async def test_take_reads_take_failing_twice_still_spares_the_other_org(
         taken.append(read.org_id)
 
     async with AtlasClient(client_config(tmp_path, listings.url).atlas) as client:
-        reads = await take_reads(client.read_orgs([ORG_A, ORG_B]), take)
+        reads = await take_reads(partial(client.read_orgs, [ORG_A, ORG_B]), take)
     assert taken == [ORG_B] and not reads[ORG_A].ok
 
 
@@ -236,7 +237,7 @@ async def test_take_reads_cancellation_still_propagates(tmp_path: Path, listings
         await asyncio.sleep(3600)
 
     async with AtlasClient(client_config(tmp_path, listings.url).atlas) as client:
-        task = asyncio.create_task(take_reads(client.read_orgs([ORG_A, ORG_B]), take))
+        task = asyncio.create_task(take_reads(partial(client.read_orgs, [ORG_A, ORG_B]), take))
         await asyncio.wait_for(started.wait(), 10)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):

@@ -20,7 +20,7 @@ import contextlib
 import csv
 import functools
 import random
-from collections.abc import AsyncGenerator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from datetime import date
 from typing import TYPE_CHECKING
 
@@ -147,6 +147,8 @@ class AtlasClient:
         org_ids: Sequence[str],
         from_dates: Mapping[str, date | None] | None = None,
         known: Mapping[str, Known] | None = None,
+        *,
+        then: Callable[[OrgRead], Awaitable[OrgRead]] | None = None,
     ) -> AsyncGenerator[OrgRead, None]:
         """Read every organization concurrently, and hand each one's read back as soon as
         it is complete, while the others are still being read: one
@@ -154,7 +156,10 @@ class AtlasClient:
         order they complete. One failing never blocks the others (see :meth:`read_org`);
         at most ``atlas.max_concurrency`` requests are in flight. ``from_dates``: each
         organization's ``fromDate`` (absent or None: a full listing); ``known``: its
-        snapshot (:meth:`read_org`).
+        snapshot (:meth:`read_org`). ``then``: awaited with each read in the task that
+        read it, and what it returns handed back instead (the cycle's processing of a
+        read: one task per organization, not a second one to process it; what it
+        raises is raised here, as its read's own would be).
 
         A read handed back is held only by the caller. Closing the iterator before the
         last read (the caller stops: ``break``, an exception, its cancellation; consume
@@ -170,9 +175,8 @@ class AtlasClient:
         done: asyncio.Queue[asyncio.Task[OrgRead]] = asyncio.Queue()
         under_way: set[asyncio.Task[OrgRead]] = set()
         for org_id in org_ids:
-            task = asyncio.create_task(
-                self.read_org(org_id, from_dates.get(org_id), known.get(org_id))
-            )
+            read = self.read_org(org_id, from_dates.get(org_id), known.get(org_id))
+            task = asyncio.create_task(read if then is None else _then(read, then))
             task.add_done_callback(done.put_nowait)
             under_way.add(task)
         try:
@@ -248,6 +252,10 @@ class AtlasClient:
         except Exception as exc:  # a body no check foresaw
             # Not chained: as for the pending invoices (unexpected() logs it redacted).
             raise self._explain.unexpected(org_id, "reading an invoice's line items", exc) from None
+
+
+async def _then(read: Awaitable[OrgRead], then: Callable[[OrgRead], Awaitable[OrgRead]]) -> OrgRead:
+    return await then(await read)
 
 
 def _taken(under_way: set[asyncio.Task[OrgRead]], task: asyncio.Task[OrgRead]) -> OrgRead:
