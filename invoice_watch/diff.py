@@ -33,6 +33,15 @@ def settled_to_load(
     listed, changed_ids = read.settled, set(changed)
     # The window first (most settled invoices are older): one int comparison each.
     lowest = first_key_of(day_number(listed_from)) if listed_from else -1
+    # Every settled invoice of the window listed (a steady read): told by counting the
+    # read's few keys against the snapshot's remembered count, not by a scan of its
+    # whole history (a steady reference cycle: 1.5% fewer instructions). A changed
+    # invoice counts unless its stored key is also listed (two invoices, one key).
+    covered = sum(key >= lowest for key in listed) + sum(
+        (key := settled[invoice_id]) >= lowest and key not in listed for invoice_id in changed
+    )
+    if covered == snapshot.settled_since(lowest):
+        return changed
     return changed + [
         invoice_id
         for invoice_id, key in settled.items()

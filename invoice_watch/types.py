@@ -143,9 +143,18 @@ class Snapshot:
     live: dict[str, Invoice] = field(default_factory=dict)
     settled: dict[str, int] = field(default_factory=dict)
     settles: frozenset[str] = frozenset()
+    _since: dict[int, int] = field(default_factory=dict, compare=False, repr=False)
 
     def __len__(self) -> int:
         return len(self.live) + len(self.settled)
+
+    def settled_since(self, lowest: int) -> int:
+        """How many settled invoices have a key of ``lowest`` or more (remembered: a
+        snapshot never changes, and a steady read asks the same each cycle)."""
+        count = self._since.get(lowest)
+        if count is None:
+            count = self._since[lowest] = sum(key >= lowest for key in self.settled.values())
+        return count
 
     def __contains__(self, invoice_id: object) -> bool:
         return invoice_id in self.live or invoice_id in self.settled

@@ -67,6 +67,43 @@ def test_settled_to_load_names_the_settled_invoices_listed_changed_or_no_longer_
     assert settled_to_load(snapshot, read(two), listed_from=PERIOD_START.date()) == [one]
 
 
+def test_settled_to_load_by_count_names_what_a_scan_of_the_snapshot_names():
+    """A steady read is found whole by counting its keys against the snapshot's count of
+    the window (no scan of the history): the same ids as the scan, for every subset of
+    settled invoices listed, changed or missing, two invoices sharing a key included."""
+    import itertools
+
+    from invoice_watch.types import day_number, first_key_of
+
+    early = PERIOD_START - timedelta(days=90)
+    paid = [inv(n, status="PAID", start=early if n < 3 else PERIOD_START) for n in range(1, 6)]
+    settled = {i.id: i.settled_key() for i in paid}
+    settled[paid[4].id] = settled[paid[3].id]  # a fingerprint shared by two invoices
+    snapshot = Snapshot({}, settled, FINAL_STATUSES)
+
+    def scanned(read: OrgRead, lowest: int) -> list[str]:
+        changed = [i.id for i in read.invoices if i.id in settled]
+        return changed + [
+            i
+            for i, key in settled.items()
+            if key >= lowest and key not in read.settled and i not in changed
+        ]
+
+    for listed_from in (None, PERIOD_START.date()):
+        lowest = first_key_of(day_number(listed_from)) if listed_from else -1
+        for fates in itertools.product(("listed", "changed", "missing"), repeat=len(paid)):
+            keys = frozenset(
+                settled[i.id] for i, f in zip(paid, fates, strict=True) if f == "listed"
+            )
+            changes = tuple(
+                inv(n + 1, status="FAILED") for n, f in enumerate(fates) if f == "changed"
+            )
+            read = OrgRead(ORG_A, changes, keys)
+            assert settled_to_load(snapshot, read, listed_from=listed_from) == scanned(
+                read, lowest
+            ), (listed_from, fates)
+
+
 @pytest.mark.parametrize("day", [0, 1, 738_000, 738_001, 3_652_058])
 def test_first_key_of_a_day_orders_settled_keys_as_their_days(day):
     """settled_to_load checks the window with one int comparison: a settled key is at
