@@ -11,6 +11,7 @@ import sys
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
+from itertools import count
 from typing import Any, Protocol, runtime_checkable
 
 # API field name -> Invoice attribute, for the cents fields the diff compares.
@@ -138,11 +139,13 @@ class Snapshot:
     (:func:`~invoice_watch.diff.settled_to_load`). ``settles``: the statuses kept settled.
 
     Never changed in place (a cycle may still be looking at it): see :meth:`updated`.
+    ``generation``: which ``settled`` this is, one number each (atlas.paging's pages).
     """
 
     live: dict[str, Invoice] = field(default_factory=dict)
     settled: dict[str, int] = field(default_factory=dict)
     settles: frozenset[str] = frozenset()
+    generation: int = field(default_factory=functools.partial(next, count()), compare=False)
     _since: dict[int, int] = field(default_factory=dict, compare=False, repr=False)
 
     def __len__(self) -> int:
@@ -203,6 +206,8 @@ class Snapshot:
         for invoice_id in gone:
             live.pop(invoice_id, None)
             settled.pop(invoice_id, None)
+        if settled is self.settled:
+            return Snapshot(live, settled, self.settles, self.generation, self._since)
         return Snapshot(live, settled, self.settles)
 
 

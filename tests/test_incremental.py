@@ -316,6 +316,27 @@ async def test_settled_follows_the_rules_a_rule_on_paid_sees_paid_invoices(
         assert result.changes == 0
 
 
+async def test_a_reload_that_watches_paid_invoices_again_parses_pages_it_had_kept(
+    sim: Simulator, tmp_path: Path
+):
+    """A page whose body comes back byte for byte is not parsed again, but only when the
+    snapshot holds its settled invoices as when it was parsed: after a reload that makes
+    PAID invoices live, the page kept lists them as keys of invoices the snapshot no
+    longer keeps settled (they went missing: 13 "gone", deleted from the state file)."""
+    config = app_config(sim, tmp_path)
+    async with App(config, clock=FakeClock(NOW), notifiers={"console": Silent()}) as app:
+        for _ in range(3):  # full, then an incremental page parsed, then one kept
+            await app.run_cycle()
+        paid_rule = {"name": "paid", "type": "invoice_status", "statuses": ["PAID"]}
+        watching = app_config(sim, tmp_path, rules=[*RULES, {**paid_rule, "notify": ["console"]}])
+        assert await app.reload(watching)
+        result = await app.run_cycle()
+        assert result.changes == 0
+        assert len(app.store.snapshot.get(ORG)) == 24
+        assert len(by_kind(result, EventKind.FIRING)) == 22
+        assert len(await app.store.snapshot.stored_invoices(ORG)) == 24
+
+
 def record_reads(app: App) -> list[OrgRead]:
     """Every organization's read, as the client hands it to the cycle (the cycle's
     result keeps only their outcomes)."""

@@ -64,7 +64,9 @@ class Paging:
     def __init__(self, transport: Transport, max_values: int) -> None:
         self._transport = transport
         self._max_values = max_values  # JSON values a page may hold (bounds.max_values)
-        self._seen: dict[str, dict[int, _Seen]] = {}
+        # By organization: the generation of the snapshot its pages were parsed against
+        # (their settled keys are that snapshot's), and the pages by number.
+        self._seen: dict[str, tuple[int | None, dict[int, _Seen]]] = {}
 
     async def listing(self, org_id: str, from_date: date | None, known: Known | None) -> Listing:
         """The organization's listing (``fromDate`` ``from_date``, None: in full).
@@ -106,9 +108,10 @@ class Paging:
             if seen[number][1].full and identity <= listed:
                 raise FetchDataError(org_id, explain("repeated_page", page=str(number)))
             listed |= identity
-        self._seen[org_id] = {
-            number: (digest, page) for number, (digest, page) in seen.items() if not page.built
-        }
+        self._seen[org_id] = (
+            _generation(known),
+            {number: (digest, page) for number, (digest, page) in seen.items() if not page.built},
+        )
         pages = [page for _, page in seen.values()]
         # An entry on two pages (the listing moved while it was paged) is kept once. The
         # pages are assembled without a dictionary of every invoice when no entry is, and
@@ -143,11 +146,24 @@ class Paging:
             org_id, f"/orgs/{org_id}/invoices", params, endpoint="/orgs/{orgId}/invoices"
         )
         digest = hashlib.sha256(body).digest()
-        before = self._seen.get(org_id, {}).get(number)
-        if before is not None and before[0] == digest:
+        generation, pages = self._seen.get(org_id, (None, {}))
+        before = pages.get(number)
+        # Parsed against another snapshot's settled invoices (loaded again: a reload that
+        # changed which statuses are settled, or one changed since), its keys may not be
+        # this one's: a settled invoice the snapshot now holds live would go missing.
+        same = generation is not None and generation == _generation(known)
+        if before is not None and before[0] == digest and same:
             return before
         if len(body) > PARSE_INLINE:  # off the event loop
             page = await asyncio.to_thread(parse.parse_page, org_id, body, known, self._max_values)
         else:
             page = parse.parse_page(org_id, body, known, self._max_values)
         return digest, page
+
+
+def _generation(known: Known | None) -> int | None:
+    """Which settled invoices ``known`` holds (:attr:`~invoice_watch.types.Snapshot.
+    generation`; None: no snapshot, or one that does not tell, whose pages are parsed
+    every time)."""
+    generation: int | None = getattr(known, "generation", None)
+    return generation
