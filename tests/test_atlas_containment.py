@@ -609,3 +609,38 @@ async def test_cycle_error_while_taking_one_org_records_it_as_failed(
         assert [e.invoice_id for e in result.events] == [f"{7:024x}"]  # B's FAILED invoice
         state = app.store.snapshot.org_state(ORG_A)
         assert state.failing_since is not None and "ZeroDivisionError" in (state.last_error or "")
+
+
+async def test_until_one_is_authenticated_requests_go_one_at_a_time(tmp_path: Path):
+    """Until a request is answered without a 401, requests go alone, one after another
+    (each may learn a nonce): never two at once, whether the one alone was refused or
+    its connection broke; once one is answered, the others go together."""
+    orgs = [f"{n:024x}" for n in range(1, 9)]
+    in_flight, answers, together = [0], [0], [0]  # together: the most at once
+    overlapping: list[int] = []  # requests that went while the one alone was unanswered
+
+    async def listing(request: web.Request) -> web.Response:
+        in_flight[0] += 1
+        if answers[0] < 4 and in_flight[0] > 1:  # before the first 200
+            overlapping.append(answers[0])
+        together[0] = max(together[0], in_flight[0])
+        for _ in range(20):  # loop turns for any other request to come in meanwhile
+            await asyncio.sleep(0)
+        in_flight[0] -= 1
+        answers[0] += 1
+        if answers[0] == 1:  # the first one's connection breaks
+            assert request.transport is not None
+            request.transport.abort()
+        body = json.dumps({"results": [], "totalCount": 0}).encode()
+        status = 401 if answers[0] <= 3 else 200
+        return web.Response(status=status, body=body, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get("/api/atlas/v2/orgs/{org}/invoices", listing)
+    async with LoopbackServer(app) as server:
+        config = client_config(tmp_path, server.url)
+        async with AtlasClient(config.atlas) as client:
+            reads = await read_all(client, orgs)
+    assert overlapping == []
+    assert 0 < sum(not read.ok for read in reads.values()) <= 3
+    assert together[0] > 1  # once one was answered, the others went together
