@@ -104,6 +104,21 @@ def test_settled_to_load_by_count_names_what_a_scan_of_the_snapshot_names():
             ), (listed_from, fates)
 
 
+def test_a_snapshot_keeps_its_generation_while_its_settled_invoices_stay_the_same():
+    """A page kept from the last listing is reused against a snapshot of the same
+    generation only (atlas.paging): a live invoice's change keeps it (the pages that do
+    not list that invoice need no new parse); a settled one's change, or a snapshot
+    loaded again, is another."""
+    snapshot = Snapshot(settles=FINAL_STATUSES).updated([inv(1, status="PAID"), inv(2)], [])
+    pending_changed = snapshot.updated([inv(2, cents=5)], [])
+    assert pending_changed.generation == snapshot.generation
+    assert pending_changed.settled_since(-1) == 1
+    assert snapshot.updated([inv(3, status="PAID")], []).generation != snapshot.generation
+    assert snapshot.updated([], [inv(1).id]).generation != snapshot.generation
+    again = Snapshot(dict(snapshot.live), dict(snapshot.settled), FINAL_STATUSES)
+    assert again.generation != snapshot.generation and again == snapshot
+
+
 @pytest.mark.parametrize("day", [0, 1, 738_000, 738_001, 3_652_058])
 def test_first_key_of_a_day_orders_settled_keys_as_their_days(day):
     """settled_to_load checks the window with one int comparison: a settled key is at
