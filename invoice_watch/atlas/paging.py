@@ -8,7 +8,8 @@ bound on requests in flight, at most :data:`_PAGES_AT_ONCE`), then paging goes o
 page at a time for as long as the estimate fell short. A full page that lists nothing
 new (a server repeating page 1) ends the listing as a failed read, and so does going past
 :func:`page_cap` pages. A page whose body comes back byte for byte as in the last
-listing is not parsed again, when the caller held all it lists.
+listing is not parsed again, when the caller held all it lists and holds the same
+settled invoices still (:attr:`~invoice_watch.types.Snapshot.generation`).
 """
 
 from __future__ import annotations
