@@ -353,7 +353,11 @@ async def test_a_stop_between_cycles_says_none_is_in_flight(
         async with App(config, clock=clock) as app:
             stop = asyncio.Event()
             daemon = asyncio.create_task(app.serve(stop))
-            await eventually(lambda: app.cycles.last is not None)
+            # Between cycles: the first one recorded and its task ended (its epilogue,
+            # the outbox gauge and the heartbeat's end, runs after it is recorded).
+            await eventually(
+                lambda: app.cycles.last is not None and app.daemon.poll.in_flight is None
+            )
             stop.set()
             await asyncio.wait_for(daemon, 15)
     stopping = [m for m in caplog.messages if m.startswith("stopping:")]
