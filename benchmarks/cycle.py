@@ -148,6 +148,7 @@ CASES = {
         Case("one-1k", 1, 1_000),
         Case("one-10k", 1, 10_000),
         Case("one-50k", 1, 50_000),
+        Case("one-100k", 1, 100_000),  # 100k invoices in one organization: the memory target
     )
 }
 
