@@ -174,8 +174,8 @@ class Cycle:
         began, started = time.monotonic(), self.clock.now()
         config, store, plan, writer = self.config, self.store, self.plan, self._writer
         try:
-            from_dates = self._windows.from_dates()
-            listed = partial(self.client.read_orgs, self.org_ids, from_dates, self._known)
+            from_dates, stage = self._windows.from_dates(), store.staging.stages(self._known, self._payers)
+            listed = partial(self.client.read_orgs, self.org_ids, from_dates, self._known, stage)
             taken = await take_reads(listed, self.take, config.org_name)
             reads = {org_id: taken[org_id] for org_id in self.org_ids}
             if self._unreadable:

@@ -173,9 +173,15 @@ def step_org(
         ]
         if mirrors
         else [],
-        invoice_count=len(snapshot) + len(change.added) - len(change.gone),
+        staged=read.staged,
+        invoice_count=len(snapshot) + len(change.added) + _staged(read) - len(change.gone),
     )
     return OrgStep(view, write, history, shared.listed, hidden)
+
+
+def _staged(read: OrgRead) -> int:
+    """How many invoices ``read`` staged (new to the snapshot, and settled)."""
+    return len(read.staged.keys) if read.staged is not None else 0
 
 
 _MISSING = object()
@@ -307,6 +313,8 @@ class CyclePlan:
         changes = 0
         if view.diff is not None:
             changes = len(view.diff.changed) + len(view.diff.gone)
+            if step.write.staged is not None:  # added, as settled invoices' keys
+                changes += len(step.write.staged.keys)
             if any(i.status in self._settles for i in view.diff.changed):
                 invoices_of = {
                     invoice_id: invoice

@@ -12,7 +12,10 @@ from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from itertools import count
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from invoice_watch.atlas.paging import Staged
 
 # API field name -> Invoice attribute, for the cents fields the diff compares.
 AMOUNT_ATTRS: dict[str, str] = {
@@ -187,13 +190,22 @@ class Snapshot:
             return None
         return date.fromordinal(settled_day(max(self.settled.values())) + 1)
 
-    def updated(self, upserts: Collection[Invoice], gone: Collection[str]) -> Snapshot:
-        """A new snapshot: this one once ``upserts`` are stored and ``gone`` deleted."""
-        if not upserts and not gone:
+    def updated(
+        self,
+        upserts: Collection[Invoice],
+        gone: Collection[str],
+        staged: dict[str, int] | None = None,
+    ) -> Snapshot:
+        """A new snapshot: this one once ``staged`` (settled invoices new to it, id ->
+        key: :class:`Staged`) are added, then ``upserts`` stored and ``gone`` deleted."""
+        if not upserts and not gone and not staged:
             return self
         live, settled = dict(self.live), self.settled
-        if any(i.status in self.settles or i.id in settled for i in upserts) or any(
-            invoice_id in settled for invoice_id in gone
+        if staged:  # a first listing's staged keys become the snapshot's, not copied
+            settled = {**settled, **staged} if settled else staged
+        if (settled is self.settled or settled is staged) and (
+            any(i.status in self.settles or i.id in settled for i in upserts)
+            or any(invoice_id in settled for invoice_id in gone)
         ):
             settled = dict(settled)
         for invoice in upserts:
@@ -452,6 +464,8 @@ class OrgRead:
     # Every invoice listed, but the settled ones listed unchanged: their keys.
     invoices: tuple[Invoice, ...] = ()
     settled: frozenset[int] = frozenset()
+    # The settled invoices new to the snapshot that a long listing staged (None: none).
+    staged: Staged | None = None
     error: str | None = None
     requests: int = 0
     listed: int = 0  # invoices listed (linked ones included)

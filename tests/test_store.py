@@ -550,6 +550,9 @@ class _QueriesOnly:
     async def commit(self, fn: Any) -> Any:
         raise AssertionError("a query committed a transaction")
 
+    async def scratch(self, fn: Any, what: str) -> Any:
+        raise AssertionError(f"a query staged rows: {what}")
+
     async def close(self) -> None:
         raise AssertionError("a query closed the database")
 

@@ -26,12 +26,18 @@ from typing import TYPE_CHECKING
 
 from invoice_watch.atlas import parse
 from invoice_watch.atlas.bounds import PARSE_INLINE, max_values
-from invoice_watch.atlas.paging import Paging
+from invoice_watch.atlas.paging import Paging, Stage
 from invoice_watch.atlas.parse import Known
 from invoice_watch.atlas.transport import BadProxy, Transport
 from invoice_watch.atlas.usage import UsageFetch, UsageReader
 from invoice_watch.clock import Clock, SystemClock
-from invoice_watch.errors import FetchAuthError, FetchDataError, FetchError, FetchStatusError
+from invoice_watch.errors import (
+    FetchAuthError,
+    FetchDataError,
+    FetchError,
+    FetchStatusError,
+    StateError,
+)
 from invoice_watch.safe_text import server_text
 from invoice_watch.types import LineItem, OrgRead
 
@@ -110,16 +116,25 @@ class AtlasClient:
     # -- listings --------------------------------------------------------------------
 
     async def read_org(
-        self, org_id: str, from_date: date | None = None, known: Known | None = None
+        self,
+        org_id: str,
+        from_date: date | None = None,
+        known: Known | None = None,
+        stage: Stage | None = None,
     ) -> OrgRead:
         """List one organization's invoices; a failure is reported, never raised (an
         unexpected exception included: it is logged with its traceback). Cancellation
         propagates. ``known``: what the caller holds of the listing, its snapshot (see
         :func:`~invoice_watch.atlas.parse.parse_page`): an invoice it holds as listed
-        comes back as its own object (a settled one: its key, in ``OrgRead.settled``)."""
+        comes back as its own object (a settled one: its key, in ``OrgRead.settled``).
+        ``stage``: where a long listing puts what the caller need not hold
+        (:class:`~invoice_watch.atlas.paging.Stage`; its errors of the state file, a
+        :class:`StateError`, are raised)."""
         before = self._transport.requests_sent
         try:
-            listing = await self._paging.listing(org_id, from_date, known)
+            listing = await self._paging.listing(org_id, from_date, known, stage)
+        except StateError:
+            raise  # the state file (a stage's): the caller's, as for its commits
         except FetchError as exc:  # its server text went through server_text()
             refused = isinstance(exc, FetchAuthError | FetchStatusError)
             return OrgRead(
@@ -137,8 +152,11 @@ class AtlasClient:
             org_id,
             tuple(listing.invoices),
             listing.settled,
+            listing.staged,
             requests=self._transport.requests_sent - before,
-            listed=len(listing.invoices) + len(listing.settled),
+            listed=len(listing.invoices)
+            + len(listing.settled)
+            + (len(listing.staged.keys) if listing.staged else 0),
             linked=listing.linked,
         )
 
@@ -147,6 +165,7 @@ class AtlasClient:
         org_ids: Sequence[str],
         from_dates: Mapping[str, date | None] | None = None,
         known: Mapping[str, Known] | None = None,
+        stage: Callable[[str], Stage | None] | None = None,
         *,
         then: Callable[[OrgRead], Awaitable[OrgRead]] | None = None,
     ) -> AsyncGenerator[OrgRead, None]:
@@ -156,7 +175,8 @@ class AtlasClient:
         order they complete. One failing never blocks the others (see :meth:`read_org`);
         at most ``atlas.max_concurrency`` requests are in flight. ``from_dates``: each
         organization's ``fromDate`` (absent or None: a full listing); ``known``: its
-        snapshot (:meth:`read_org`). ``then``: awaited with each read in the task that
+        snapshot, ``stage``: its :class:`~invoice_watch.atlas.paging.Stage` (both:
+        :meth:`read_org`). ``then``: awaited with each read in the task that
         read it, and what it returns handed back instead (the cycle's processing of a
         read: one task per organization, not a second one to process it; what it
         raises is raised here, as its read's own would be).
@@ -175,7 +195,8 @@ class AtlasClient:
         done: asyncio.Queue[asyncio.Task[OrgRead]] = asyncio.Queue()
         under_way: set[asyncio.Task[OrgRead]] = set()
         for org_id in org_ids:
-            read = self.read_org(org_id, from_dates.get(org_id), known.get(org_id))
+            staging = stage(org_id) if stage is not None else None
+            read = self.read_org(org_id, from_dates.get(org_id), known.get(org_id), staging)
             task = asyncio.create_task(read if then is None else _then(read, then))
             task.add_done_callback(done.put_nowait)
             under_way.add(task)

@@ -9,15 +9,20 @@ page at a time for as long as the estimate fell short. A full page that lists no
 new (a server repeating page 1) ends the listing as a failed read, and so does going past
 :func:`page_cap` pages. A page whose body comes back byte for byte as in the last
 listing is not parsed again, when the caller held all it lists and holds the same
-settled invoices still (:attr:`~invoice_watch.types.Snapshot.generation`).
+settled invoices still (:attr:`~invoice_watch.types.Snapshot.generation`). The pages
+after the first can hand what the caller need not hold to a :class:`Stage` as they are
+parsed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections.abc import Collection
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import date
+from typing import Protocol
 
 from invoice_watch.atlas import parse
 from invoice_watch.atlas.bounds import PARSE_INLINE
@@ -36,6 +41,11 @@ _PAGES_AT_ONCE = 100
 _Seen = tuple[bytes, Page]
 
 
+def _entries(page: Page) -> int:
+    """Invoices the page lists (linked ones included)."""
+    return len(page.invoices) + len(page.settled) + len(page.staged)
+
+
 def page_cap(total: int | None) -> int:
     """The most pages a listing may take: what ``totalCount`` promises (one page more
     for an invoice created while paging) plus a quarter, at least 3 more; at most
@@ -48,14 +58,52 @@ def page_cap(total: int | None) -> int:
 
 
 @dataclass(frozen=True, slots=True)
+class Staged:
+    """A listing's settled invoices that its organization's snapshot did not hold,
+    written to the store's staging area as its pages arrived (a listing of more than one
+    page: :mod:`invoice_watch.store.sql.staging`) instead of being held as
+    :class:`Invoice` objects until the organization's commit, which moves them into the
+    snapshot. ``listing``: the staging area's tag of its rows; ``keys``: id -> settled
+    key (:func:`settled_key`), what the snapshot keeps of each; ``rows``: how many rows
+    the move must find (an id listed twice was staged once)."""
+
+    listing: int
+    keys: dict[str, int]
+    rows: int
+
+
+@dataclass(frozen=True, slots=True)
 class Listing:
     """One organization's listing: its invoices (linked ones included), but the settled
-    ones listed unchanged: their keys; and how many entries were nested in another's
-    ``linkedInvoices``."""
+    ones listed unchanged: their keys, and those a :class:`Stage` took; and how many
+    entries were nested in another's ``linkedInvoices``."""
 
     invoices: list[Invoice]
     settled: frozenset[int]
     linked: int
+    staged: Staged | None = None
+
+
+class Stage(Protocol):
+    """Where a listing of more than one page puts, as each page after the first is
+    parsed, the invoices its caller need not hold (new settled ones: the store's staging
+    area, :mod:`invoice_watch.store.sql.staging`), so that a listing's memory does not
+    grow with its size."""
+
+    def turn(self) -> AbstractAsyncContextManager[object]:
+        """Held by a page after the first from its request until it is staged: a few
+        pages at once, whatever the listings, so that pages the network brings faster
+        than the state's database takes them do not pile up in memory."""
+        ...
+
+    async def page(self, page: Page) -> Page:
+        """``page`` without the invoices staged (their ids in :attr:`Page.staged`)."""
+        ...
+
+    def done(self, kept: Collection[str]) -> Staged | None:
+        """What was staged, but the ids in ``kept`` (listed twice, and kept as an
+        invoice the second time); None when nothing was."""
+        ...
 
 
 class Paging:
@@ -69,7 +117,13 @@ class Paging:
         # (their settled keys are that snapshot's), and the pages by number.
         self._seen: dict[str, tuple[int | None, dict[int, _Seen]]] = {}
 
-    async def listing(self, org_id: str, from_date: date | None, known: Known | None) -> Listing:
+    async def listing(
+        self,
+        org_id: str,
+        from_date: date | None,
+        known: Known | None,
+        stage: Stage | None = None,
+    ) -> Listing:
         """The organization's listing (``fromDate`` ``from_date``, None: in full).
 
         ``known``: what the caller holds of the listing (its snapshot: see
@@ -77,7 +131,8 @@ class Paging:
         its own object, so that it is kept in memory once. A page is parsed again when
         its body changed, and when the caller did not hold all it lists: the pages
         remembered hold only the caller's own objects (nothing twice in memory, and no
-        invoice the snapshot keeps settled kept as an object).
+        invoice the snapshot keeps settled kept as an object). ``stage``: where the
+        pages after the first put what the caller need not hold (:class:`Stage`).
         """
         seen = {1: await self._page(org_id, 1, from_date, known)}
         first = seen[1][1]
@@ -87,7 +142,9 @@ class Paging:
             try:
                 async with asyncio.TaskGroup() as group:
                     tasks = {
-                        number: group.create_task(self._page(org_id, number, from_date, known))
+                        number: group.create_task(
+                            self._page(org_id, number, from_date, known, stage)
+                        )
                         for number in range(2, promised + 1)
                     }
             except* Exception as errors:
@@ -104,7 +161,7 @@ class Paging:
             if number > cap:
                 raise FetchDataError(org_id, explain("page_cap", cap=str(cap)))
             if number not in seen:
-                seen[number] = await self._page(org_id, number, from_date, known)
+                seen[number] = await self._page(org_id, number, from_date, known, stage)
             identity = seen[number][1].identity()
             if seen[number][1].full and identity <= listed:
                 raise FetchDataError(org_id, explain("repeated_page", page=str(number)))
@@ -118,21 +175,40 @@ class Paging:
         # pages are assembled without a dictionary of every invoice when no entry is, and
         # the settled keys without a set copied into the frozenset: at 50,000 invoices
         # about 5 MB less at once, while the whole listing is held.
-        repeated = len(listed) < sum(len(p.invoices) + len(p.settled) for p in pages)
+        repeated = len(listed) < sum(_entries(p) for p in pages)
         del seen, listed
         invoices = [invoice for page in pages for invoice in page.invoices]
         if repeated:
             invoices = list({invoice.id: invoice for invoice in invoices}.values())
         settled = frozenset(key for page in pages for key in page.settled)
+        staged = None
+        if stage is not None:
+            staged = stage.done({i.id for i in invoices} if repeated else ())
         # A page holds one entry per result, and one per linked invoice in it.
-        nested = sum(len(p.invoices) + len(p.settled) - p.size for p in pages)
-        return Listing(invoices, settled, nested)
+        nested = sum(_entries(p) - p.size for p in pages)
+        return Listing(invoices, settled, nested, staged)
 
     async def _page(
-        self, org_id: str, number: int, from_date: date | None, known: Known | None
+        self,
+        org_id: str,
+        number: int,
+        from_date: date | None,
+        known: Known | None,
+        stage: Stage | None = None,
     ) -> _Seen:
         """One page of the listing; parsed only when its body differs from the one this
-        page had in the last successful listing."""
+        page had in the last successful listing; staged (``stage``) after the first."""
+        if stage is None or number == 1:  # (page 1 alone: a page's size)
+            return await self._fetch(org_id, number, from_date, known)
+        async with stage.turn():
+            digest, page = await self._fetch(org_id, number, from_date, known)
+            if page.built:
+                page = await stage.page(page)
+            return digest, page
+
+    async def _fetch(
+        self, org_id: str, number: int, from_date: date | None, known: Known | None
+    ) -> _Seen:
         params = {
             "itemsPerPage": str(ITEMS_PER_PAGE),
             "pageNum": str(number),

@@ -55,14 +55,15 @@ class Page:
     invoices: tuple[Invoice, ...]  # linked invoices flattened in, settled ones excepted
     settled: tuple[int, ...] = ()  # keys of the snapshot's settled invoices listed unchanged
     built: int = 0  # invoices parsed anew (those the caller did not hold as listed)
+    staged: tuple[str, ...] = ()  # ids of those a paging.Stage took
 
     @property
     def full(self) -> bool:
         return self.size >= ITEMS_PER_PAGE
 
     def identity(self) -> frozenset[str | int]:
-        """What the page lists: its invoices' ids and its settled keys."""
-        return frozenset([*(i.id for i in self.invoices), *self.settled])
+        """What the page lists: its invoices' ids, its settled keys, its staged ids."""
+        return frozenset([*(i.id for i in self.invoices), *self.settled, *self.staged])
 
 
 def pending_items(

@@ -34,9 +34,9 @@ database cannot take is an :class:`~invoice_watch.errors.UnstorableError`.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from datetime import date, datetime
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from invoice_watch.store.records import (
     AlertState,
@@ -50,6 +50,9 @@ from invoice_watch.store.records import (
     UsageRead,
 )
 from invoice_watch.types import AlertEvent, Invoice, LineItem, Snapshot
+
+if TYPE_CHECKING:
+    from invoice_watch.atlas.paging import Stage
 
 
 class AlertChange(Protocol):
@@ -395,6 +398,18 @@ class UnitOfWork(Protocol):
         ...
 
 
+class Staging(Protocol):
+    """Where a long listing's new settled invoices wait for their organization's commit
+    (:mod:`invoice_watch.store.sql.staging`)."""
+
+    def stages(
+        self, known: Mapping[str, Snapshot], payers: Mapping[str, str]
+    ) -> Callable[[str], Stage | None]:
+        """Each organization's stage in a cycle (None: not staged), by its id; ``known``:
+        the organizations' snapshots as it began, ``payers``: linked -> payer."""
+        ...
+
+
 class Store(UnitOfWork, Protocol):
     """The state: its repositories, the unit of work over them, and its own life."""
 
@@ -419,6 +434,12 @@ class Store(UnitOfWork, Protocol):
     @property
     def reports(self) -> ReportRunRepository:
         """When each report was last due (``report_runs``), and due reports enqueued."""
+        ...
+
+    @property
+    def staging(self) -> Staging:
+        """Where a long listing's new settled invoices wait for their organization's
+        commit (:mod:`invoice_watch.store.sql.staging`)."""
         ...
 
     def check_held(self) -> None:

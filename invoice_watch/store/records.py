@@ -15,9 +15,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from invoice_watch.report.outbox import ReportMessage
 from invoice_watch.types import AlertEvent, Invoice, LineItem, Part
+
+if TYPE_CHECKING:
+    from invoice_watch.atlas.paging import Staged
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,10 +83,13 @@ class OrgWrite:
     # organization's stored copy (``source_org_id``: that organization) is updated with
     # it, when it still holds one, so that the next read through it is no news.
     mirrors: list[Invoice] = field(default_factory=list)
+    # Settled invoices new to the snapshot, staged as the listing was read: moved into
+    # it with the rest (:mod:`invoice_watch.store.sql.staging`).
+    staged: Staged | None = None
 
     @property
     def changes_snapshot(self) -> bool:
-        return bool(self.upserts or self.gone or self.observations or self.mirrors)
+        return bool(self.upserts or self.gone or self.observations or self.mirrors or self.staged)
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ from invoice_watch.store.sql.outbox import (
 from invoice_watch.store.sql.reports import SqlReportRuns
 from invoice_watch.store.sql.silences import SqlSilences, prune_silences
 from invoice_watch.store.sql.snapshot import SqlSnapshot
+from invoice_watch.store.sql.staging import SqlStaging
 from invoice_watch.store.sql.usage import SqlUsage
 
 
@@ -57,6 +58,7 @@ class SqlStore:
         self._silences = SqlSilences(db)
         self._usage = SqlUsage(db)
         self.reports = SqlReportRuns(db)  # report_runs (issue 19 §2)
+        self.staging = SqlStaging(db, self._alerts.firing)  # long listings' new settled invoices
         # cycle -> the messages its release_cycle() calls released (finish_cycle's count)
         self._released: dict[int, int] = {}
 

@@ -263,6 +263,26 @@ class PgDatabase(Transactions[PgConnection]):
         except (ValueError, OverflowError, TypeError) as exc:  # from psycopg or json
             raise self.unstorable(self.reason(exc)) from exc
 
+    async def scratch(self, fn: Callable[[SqlConnection], T], what: str) -> T:
+        """``fn(connection)`` on the session's temporary tables (see
+        :class:`~invoice_watch.store.sql.SqlDatabase`): a transaction neither fenced
+        (it writes nothing another session sees) nor rolled back by a dry run."""
+
+        def run() -> T:
+            conn = self.connection()
+            with conn.transaction():
+                return fn(PgConnection(conn))
+
+        try:
+            return await self.run(run)
+        # Neither is chained: libpq's text may hold the URL.
+        except psycopg.DataError as exc:
+            raise self.unstorable(self.reason(exc)) from None
+        except psycopg.Error as exc:
+            raise StateError(f"could not {what}: {self.reason(exc)}") from None
+        except (ValueError, OverflowError, TypeError) as exc:
+            raise self.unstorable(self.reason(exc)) from exc
+
     async def close(self) -> None:
         async with self._lock:
             if self._closed:

@@ -89,6 +89,14 @@ class SqlDatabase(Protocol):
         cannot take an UnstorableError; either way nothing is written."""
         ...
 
+    async def scratch(self, fn: Callable[[SqlConnection], T], what: str) -> T:
+        """``fn(connection)`` in a transaction of its own that writes only the
+        connection's temporary tables (:mod:`.staging`): neither fenced nor rolled back
+        by a dry run, as it writes nothing of the state. A value it cannot take is an
+        UnstorableError, any other database error a StateError saying it could not
+        ``what``."""
+        ...
+
     async def close(self) -> None: ...
 
 

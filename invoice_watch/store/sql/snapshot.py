@@ -21,7 +21,7 @@ from invoice_watch.constants import FINAL_STATUSES
 from invoice_watch.safe_text import storable
 from invoice_watch.store.encoding import ERROR_MAX
 from invoice_watch.store.records import OrgState, OrgWrite
-from invoice_watch.store.sql import SqlConnection, SqlDatabase
+from invoice_watch.store.sql import SqlConnection, SqlDatabase, staging
 from invoice_watch.types import Invoice, Snapshot, instant, settled_key
 
 _INVOICE_COLUMNS = (
@@ -324,7 +324,10 @@ class SqlSnapshot:
         self._reads.write(conn, orgs, now)
 
     def _write_invoices(self, conn: SqlConnection, org: OrgWrite, now: str) -> None:
-        """A successful read's invoices and amount observations."""
+        """A successful read's invoices (those it staged first, moved) and amount
+        observations."""
+        if org.staged is not None:
+            staging.move(conn, org.org_id, org.staged, now)
         if org.upserts:
             conn.executemany(
                 f"INSERT INTO invoices ({_INVOICE_COLUMNS}, first_seen, last_changed) "
@@ -392,7 +395,8 @@ class SqlSnapshot:
                 continue
             for invoice_id in self._histories_ended(org):
                 self._history.pop(invoice_id, None)
-            self._snapshot[org.org_id] = self.get(org.org_id).updated(org.upserts, org.gone)
+            staged = org.staged.keys if org.staged is not None else None
+            self._snapshot[org.org_id] = self.get(org.org_id).updated(org.upserts, org.gone, staged)
             for invoice in org.upserts:
                 if invoice.org_id != org.org_id:
                     self._payers[invoice.org_id] = org.org_id

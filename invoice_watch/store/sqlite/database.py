@@ -49,6 +49,7 @@ class Database(Transactions[sqlite3.Connection]):
         self._side_files: dict[str, tuple[int, int]] = {}
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="state-file")
         self._closed = False
+        self._scratch = False  # temp_store set (scratch)
 
     @property
     def name(self) -> str:
@@ -146,6 +147,38 @@ class Database(Transactions[sqlite3.Connection]):
             raise self.not_written(str(exc)) from exc
         except (ValueError, OverflowError, TypeError) as exc:  # from sqlite3 or json
             raise self.unstorable(f"{type(exc).__name__}: {exc}") from exc
+
+    async def scratch(self, fn: Callable[[sqlite3.Connection], T], what: str) -> T:
+        """``fn(connection)`` on the connection's temporary tables (see
+        :class:`~invoice_watch.store.sql.SqlDatabase`): ``BEGIN`` (deferred), so the
+        state file itself is not locked for writing, and kept in a file of SQLite's
+        (``temp_store=FILE``), never in memory, whatever the build's default, with a
+        small page cache."""
+
+        def run() -> T:
+            conn = self.connection
+            if not self._scratch:
+                conn.execute("PRAGMA temp_store=FILE")  # (drops temporary tables: first)
+                # Its rows are written once and read once: a page cache of 256 KiB, not
+                # the default 2 MB that stayed in memory after the first long listing.
+                conn.execute("PRAGMA temp.cache_size=-256")
+                self._scratch = True
+            conn.execute("BEGIN")
+            try:
+                result = fn(conn)
+                conn.execute("COMMIT")
+                return result
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+        try:
+            return await self.run(run)
+        except (sqlite3.DataError, sqlite3.InterfaceError, ValueError, OverflowError) as exc:
+            raise self.unstorable(str(exc)) from exc
+        except sqlite3.Error as exc:
+            raise StateError(f"could not {what}: {exc}") from exc
 
     # -- the file it holds -----------------------------------------------------------
 
