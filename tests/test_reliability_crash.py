@@ -13,6 +13,7 @@ import asyncio
 import os
 import random
 import signal
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -20,9 +21,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from invoice_watch.store import open_store
 from tests.killloop import kill_loop
 from tests.test_reliability_outages import HangingSlack
-from tests.world import World
+from tests.world import PROD, World
 
 pytestmark = pytest.mark.slow
 
@@ -62,6 +64,47 @@ async def test_crash_sigkill_at_random_moments_loses_nothing(tmp_path: Path):
     assert outcome.problems == [], f"seed {seed}: python -m tests.killloop --seed {seed}"
     assert outcome.kills == 10 and len(outcome.changes) >= 5
     assert 0 <= outcome.duplicates <= outcome.kills
+
+
+async def test_crash_sigkill_while_a_big_organization_is_staged_loses_and_duplicates_nothing(
+    world: World,
+):
+    """An organization of more pages than the requests in flight: its settled invoices
+    wait for its commit in the staging area (invoice_watch.store.sql.staging). Killed
+    once some are staged, the daemon committed nothing of that organization; restarted,
+    it lists it again, its snapshot ends equal to Atlas, every alert goes out once."""
+    sim = world.sim
+    for month in range(3, 3003):  # 3,000 more PAID invoices: 7 pages of 500
+        sim.add_invoice(PROD, period=-month, status="PAID", amount_cents=month * 10)
+    sim.faults.latency = 0.3  # 2 requests at a time: the pages arrive over about 1.5 s
+    data = world.config_data(log={"level": "debug"})
+    data["atlas"]["max_concurrency"] = 2
+    path = world.tmp / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    daemon = await start_daemon(path)
+    await wait_for_line(daemon, "invoices listed staged until its commit")
+    daemon.kill()
+    await daemon.wait()
+    with sqlite3.connect(world.tmp / "state.db") as conn:  # nothing of it was committed
+        ((count,),) = conn.execute("SELECT count(*) FROM invoices WHERE source_org_id=?", (PROD,))
+    assert count == 0 and world.slack.accepted == []
+
+    sim.faults.latency = 0.0
+    daemon = await start_daemon(path)
+    await wait_for_line(daemon, " cycle: ")
+    code, _, rest = await sigterm(daemon)
+    assert code == 0, rest
+    store = await open_store(world.tmp / "state.db")
+    try:
+        stored = {(i.id, i.org_id, i.status, i.amount_billed_cents, i.amount_paid_cents)
+                  for i in await store.snapshot.stored_invoices()}  # fmt: skip
+        assert (await store.outbox.counts()).get("pending") is None
+    finally:
+        await store.close()
+    listed = {(i.id, i.org_id, i.status, i.amount_billed_cents, i.amount_paid_cents)
+              for i in sim.scenario.invoices}  # fmt: skip
+    assert stored == listed and len(stored) == 3005
+    assert sorted(world.kinds()) == [("FIRING", "failed-charge"), ("FIRING", "pending-over-budget")]
 
 
 async def test_crash_sigterm_mid_cycle_finishes_it_and_exits_0(world: World):
