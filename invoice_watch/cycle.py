@@ -157,8 +157,7 @@ class Cycle:
         self._outgoing: list[Transition] = []  # those with an event, in the order they came
         self._unreadable: list[StateError] = []  # the state file, for a settled invoice
         self._contained: dict[str, str] = {}  # org -> why its part could not be committed
-        self._delivering = delivering
-        self._usage = usage  # an organization's usage_anomaly verdicts (usage_watch.py)
+        self._delivering, self._usage = delivering, usage  # usage: usage_watch.py's verdicts
         self._hold = HeldRelease(
             lambda: store.release_cycle(self._number, config.delivery.group_over, clock.now()),
             clock,
@@ -174,7 +173,8 @@ class Cycle:
         began, started = time.monotonic(), self.clock.now()
         config, store, plan, writer = self.config, self.store, self.plan, self._writer
         try:
-            from_dates, stage = self._windows.from_dates(), store.staging.stages(self._known, self._payers)
+            from_dates = self._windows.from_dates()
+            stage = store.staging.stages(self._known, self._payers)
             listed = partial(self.client.read_orgs, self.org_ids, from_dates, self._known, stage)
             taken = await take_reads(listed, self.take, config.org_name)
             reads = {org_id: taken[org_id] for org_id in self.org_ids}

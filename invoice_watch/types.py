@@ -9,7 +9,7 @@ import hashlib
 import json
 import sys
 from collections.abc import Collection, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime
 from itertools import count
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -481,14 +481,7 @@ class OrgRead:
     def outcome(self) -> OrgRead:
         """This read without what it listed (once that is taken): ok or not, why,
         requests sent, how many invoices it listed (and how many of them linked)."""
-        return OrgRead(
-            self.org_id,
-            error=self.error,
-            requests=self.requests,
-            listed=self.listed,
-            linked=self.linked,
-            refused=self.refused,
-        )
+        return replace(self, invoices=(), settled=frozenset(), staged=None)
 
 
 USAGE_BY = ("project", "cluster", "sku")
