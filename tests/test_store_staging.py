@@ -6,13 +6,16 @@ part, never half of it."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 
+from invoice_watch.atlas.client import AtlasClient
 from invoice_watch.atlas.parse import Page
-from invoice_watch.errors import UnstorableError
+from invoice_watch.errors import StateError, UnstorableError
 from invoice_watch.store import OrgWrite, Store
 from invoice_watch.types import Invoice
 from tests.conftest import NOW, ORG_A, ORG_B, Backend, OpenState, inv
@@ -155,3 +158,54 @@ async def test_staging_an_invoice_a_firing_alert_is_about_is_not_staged(store: S
     async with stage.turn():
         page = await stage.page(Page(2, None, (paid(1), paid(2))))
     assert page.invoices == (paid(1),) and page.staged == (paid(2).id,)
+
+
+async def test_staging_a_staging_area_gone_with_its_connection_fails_the_organizations_part(
+    store: Store,
+):
+    """The connection opened again between the staging and the commit (PostgreSQL, after
+    a lost connection): the new one has no staging area at all. The move refuses the
+    organization's part as rows lost (UnstorableError: its read counts as failed, the
+    others commit), not as an error of the state's database that fails the whole cycle
+    (it did: "no such table" / "relation does not exist")."""
+    stage = store.staging.stages({ORG_A: store.snapshot.get(ORG_A)}, {})(ORG_A)
+    assert stage is not None
+    async with stage.turn():
+        await stage.page(Page(2, None, (paid(1), paid(2))))
+    staged = stage.done(())
+    assert staged is not None
+
+    def gone(conn: object) -> None:
+        conn.execute("DROP TABLE staged_invoices")  # type: ignore[attr-defined]
+
+    await store.database.scratch(gone, "drop the staging area")  # type: ignore[attr-defined]
+    write = OrgWrite(ORG_A, ok=True, upserts=[inv(3, cents=1)], staged=staged)
+    with pytest.raises(UnstorableError, match="no longer there"):
+        await store.commit_orgs(store.begin_cycle(), NOW, [write], [], {})
+    assert await store.snapshot.stored_invoices(ORG_A) == []
+
+
+async def test_staging_an_error_of_the_staging_area_fails_that_organizations_read_only(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The staging area's database refusing a page (a full disk under SQLite's temporary
+    files, which need not be the state file's) fails the read of the organization whose
+    listing it was, as any failed read: the others are read and handed back (it raised a
+    StateError out of read_orgs, which failed the whole cycle)."""
+    from tests.test_atlas_containment import Listings, client_config, item
+
+    def full(*args: object) -> None:
+        raise StateError("could not stage the invoices listed: database or disk is full")
+
+    monkeypatch.setattr(store.database, "scratch", full)  # type: ignore[attr-defined]
+    results = [item(n, ORG_A, status="PAID") for n in range(500)]
+    async with Listings() as listings:
+        # A full page 1 promising a second one: page 2 goes through the stage.
+        body = json.dumps({"results": results, "totalCount": 600}).encode()
+        listings.answers[ORG_A] = (200, body)
+        stages = store.staging.stages({org: store.snapshot.get(org) for org in (ORG_A, ORG_B)}, {})
+        async with AtlasClient(client_config(tmp_path, listings.url).atlas) as client:
+            reads = {r.org_id: r async for r in client.read_orgs([ORG_A, ORG_B], stage=stages)}
+    assert reads[ORG_B].ok
+    assert not reads[ORG_A].ok
+    assert "disk is full" in (reads[ORG_A].error or "")

@@ -128,13 +128,18 @@ class AtlasClient:
         :func:`~invoice_watch.atlas.parse.parse_page`): an invoice it holds as listed
         comes back as its own object (a settled one: its key, in ``OrgRead.settled``).
         ``stage``: where a long listing puts what the caller need not hold
-        (:class:`~invoice_watch.atlas.paging.Stage`; its errors of the state file, a
-        :class:`StateError`, are raised)."""
+        (:class:`~invoice_watch.atlas.paging.Stage`; its database refusing, a
+        :class:`StateError`, fails this organization's read, as any failure)."""
         before = self._transport.requests_sent
         try:
             listing = await self._paging.listing(org_id, from_date, known, stage)
-        except StateError:
-            raise  # the state file (a stage's): the caller's, as for its commits
+        except StateError as exc:  # the staging area's: this listing's, not the others'
+            return OrgRead(
+                org_id,
+                error=f"organization {org_id}: its listing could not wait for its commit in "
+                f"the staging area ({exc}); it is read again next cycle",
+                requests=self._transport.requests_sent - before,
+            )
         except FetchError as exc:  # its server text went through server_text()
             refused = isinstance(exc, FetchAuthError | FetchStatusError)
             return OrgRead(

@@ -103,7 +103,9 @@ class StagedRowsLost(UnstorableError):
 
 def move(conn: SqlConnection, org_id: str, staged: Staged, now: str) -> None:
     """The staged rows of ``staged`` into ``invoices`` (in the caller's transaction),
-    then out of the staging area; :class:`StagedRowsLost` when some are missing."""
+    then out of the staging area; :class:`StagedRowsLost` when some are missing (the
+    whole area too: a connection opened again since has none, created empty here)."""
+    conn.execute(_CREATE)
     moved = conn.execute(MOVE, (now, now, staged.listing)).rowcount
     if moved != staged.rows:
         raise StagedRowsLost(
