@@ -461,9 +461,9 @@ class OrgRead:
     """The outcome of reading one configured organization in one cycle."""
 
     org_id: str
-    # Every invoice listed, but the settled ones listed unchanged: their keys.
+    # Every invoice listed, but the settled ones listed unchanged: their keys, ascending.
     invoices: tuple[Invoice, ...] = ()
-    settled: frozenset[int] = frozenset()
+    settled: Sequence[int] = ()
     # The settled invoices new to the snapshot that a long listing staged (None: none).
     staged: Staged | None = None
     error: str | None = None
@@ -481,7 +481,7 @@ class OrgRead:
     def outcome(self) -> OrgRead:
         """This read without what it listed (once that is taken): ok or not, why,
         requests sent, how many invoices it listed (and how many of them linked)."""
-        return replace(self, invoices=(), settled=frozenset(), staged=None)
+        return replace(self, invoices=(), settled=(), staged=None)
 
 
 USAGE_BY = ("project", "cluster", "sku")

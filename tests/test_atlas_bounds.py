@@ -27,6 +27,8 @@ from invoice_watch.atlas.client import AtlasClient
 from invoice_watch.atlas.paging import page_cap
 from invoice_watch.cli.commands import run_once
 from invoice_watch.config import Config
+from invoice_watch.constants import FINAL_STATUSES
+from invoice_watch.types import Snapshot
 from tests.conftest import ORG_A, base_config, make_config
 from tests.loopback import LoopbackServer
 
@@ -84,6 +86,38 @@ async def test_listing_that_repeats_page_one_forever_stops_as_a_failed_read(tmp_
         read = await read_a(tmp_path, server)
     assert not read.ok and "page 2 of the listing repeats" in (read.error or "")
     assert len(server.pages) <= 3  # pages 2 and 3 asked together on the estimate
+
+
+async def test_a_listing_of_settled_keys_tells_a_repeat_and_counts_a_key_on_two_pages_once(
+    tmp_path: Path,
+):
+    """A snapshot that holds every invoice listed as settled (a restart's first listing)
+    has them listed as its keys: an invoice on two pages (the listing moved while it was
+    paged) is one key of the read, and a server repeating page 1 still ends the listing
+    at page 2 as a failed read."""
+    pages = {1: range(0, 500), 2: range(499, 999), 3: range(999, 1003)}
+
+    def page(number: int) -> dict[str, Any]:
+        return {"results": [invoice(n) for n in pages.get(number, ())], "totalCount": 1004}
+
+    async with Pager(page) as server:
+        config = config_for(tmp_path, server.url)
+        async with AtlasClient(config.atlas) as client:
+            empty = Snapshot(settles=FINAL_STATUSES)
+            known = empty.updated((await client.read_org(ORG_A, None, empty)).invoices, [])
+        assert len(known.settled) == 1003
+        async with AtlasClient(config.atlas) as client:  # a restart: every page parsed
+            read = await client.read_org(ORG_A, None, known)
+    assert read.ok and not read.invoices
+    assert list(read.settled) == sorted(known.settled.values())
+
+    full = {"results": [invoice(n) for n in range(500)], "totalCount": 1200}
+    async with (
+        Pager(lambda number: full) as server,
+        AtlasClient(config_for(tmp_path, server.url).atlas) as client,
+    ):
+        read = await client.read_org(ORG_A, None, known)
+    assert not read.ok and "page 2 of the listing repeats" in (read.error or "")
 
 
 async def test_listing_with_a_links_self_that_differs_is_still_a_repeat(tmp_path: Path):

@@ -56,7 +56,7 @@ def test_settled_to_load_names_the_settled_invoices_listed_changed_or_no_longer_
 
     def read(*listed: str, changed: tuple[str, ...] = ()) -> OrgRead:
         changes = tuple(inv(int(i, 16), status="FAILED") for i in changed)
-        return OrgRead(ORG_A, (inv(4), *changes), frozenset(keys[i] for i in listed))
+        return OrgRead(ORG_A, (inv(4), *changes), sorted({keys[i] for i in listed}))
 
     one, two, three = (i.id for i in paid)
     assert settled_to_load(snapshot, read(one, two, three)) == []
@@ -92,8 +92,8 @@ def test_settled_to_load_by_count_names_what_a_scan_of_the_snapshot_names():
     for listed_from in (None, PERIOD_START.date()):
         lowest = first_key_of(day_number(listed_from)) if listed_from else -1
         for fates in itertools.product(("listed", "changed", "missing"), repeat=len(paid)):
-            keys = frozenset(
-                settled[i.id] for i, f in zip(paid, fates, strict=True) if f == "listed"
+            keys = sorted(
+                {settled[i.id] for i, f in zip(paid, fates, strict=True) if f == "listed"}
             )
             changes = tuple(
                 inv(n + 1, status="FAILED") for n, f in enumerate(fates) if f == "changed"

@@ -227,7 +227,7 @@ def as_listed(org: str, snapshot: Snapshot, listing: Sequence[Invoice]) -> OrgRe
     """The read the client makes of ``listing``: a settled invoice listed unchanged
     as its key, every other one as an invoice."""
     keys = {i.id: i.settled_key() for i in listing}
-    settled = frozenset(k for i, k in keys.items() if snapshot.settled.get(i) == k)
+    settled = sorted({k for i, k in keys.items() if snapshot.settled.get(i) == k})
     invoices = tuple(i for i in listing if snapshot.settled.get(i.id) != keys[i.id])
     return OrgRead(org, invoices, settled, listed=len(listing))
 

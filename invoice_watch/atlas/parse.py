@@ -61,10 +61,6 @@ class Page:
     def full(self) -> bool:
         return self.size >= ITEMS_PER_PAGE
 
-    def identity(self) -> frozenset[str | int]:
-        """What the page lists: its invoices' ids, its settled keys, its staged ids."""
-        return frozenset([*(i.id for i in self.invoices), *self.settled, *self.staged])
-
 
 def pending_items(
     org_id: str, body: bytes, max_values: int = MAX_VALUES
