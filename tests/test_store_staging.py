@@ -105,13 +105,19 @@ async def test_staging_a_linked_organization_and_what_the_snapshot_holds_are_not
     assert page.invoices == (changed, nested, listed[3])
 
 
+@pytest.mark.parametrize(
+    "loss", ["DELETE FROM staged_invoices", "DROP TABLE staged_invoices"], ids=["rows", "table"]
+)
 async def test_staging_rows_the_connection_lost_fail_the_organizations_part_whole(
-    store: Store,
+    store: Store, loss: str
 ):
     """A move that finds fewer rows than were staged (a connection opened again since:
     its temporary table went with the old one) refuses the organization's part, as a
-    value the database cannot take: nothing of it is written, the next cycle reads it
-    again."""
+    value the database cannot take (UnstorableError: its read counts as failed, the
+    others commit): nothing of it is written, the next cycle reads it again. Also when
+    the new connection has no staging area at all (``table``: that failed the whole
+    cycle, as an error of the state's database: "no such table" / "relation does not
+    exist")."""
     stage = store.staging.stages({ORG_A: store.snapshot.get(ORG_A)}, {})(ORG_A)
     assert stage is not None
     async with stage.turn():
@@ -120,7 +126,7 @@ async def test_staging_rows_the_connection_lost_fail_the_organizations_part_whol
     assert staged is not None
 
     def lose(conn: object) -> None:
-        conn.execute("DELETE FROM staged_invoices")  # type: ignore[attr-defined]
+        conn.execute(loss)  # type: ignore[attr-defined]
 
     await store.database.scratch(lose, "lose the staged rows")  # type: ignore[attr-defined]
     write = OrgWrite(ORG_A, ok=True, upserts=[inv(3, cents=1)], staged=staged)
@@ -158,31 +164,6 @@ async def test_staging_an_invoice_a_firing_alert_is_about_is_not_staged(store: S
     async with stage.turn():
         page = await stage.page(Page(2, None, (paid(1), paid(2))))
     assert page.invoices == (paid(1),) and page.staged == (paid(2).id,)
-
-
-async def test_staging_a_staging_area_gone_with_its_connection_fails_the_organizations_part(
-    store: Store,
-):
-    """The connection opened again between the staging and the commit (PostgreSQL, after
-    a lost connection): the new one has no staging area at all. The move refuses the
-    organization's part as rows lost (UnstorableError: its read counts as failed, the
-    others commit), not as an error of the state's database that fails the whole cycle
-    (it did: "no such table" / "relation does not exist")."""
-    stage = store.staging.stages({ORG_A: store.snapshot.get(ORG_A)}, {})(ORG_A)
-    assert stage is not None
-    async with stage.turn():
-        await stage.page(Page(2, None, (paid(1), paid(2))))
-    staged = stage.done(())
-    assert staged is not None
-
-    def gone(conn: object) -> None:
-        conn.execute("DROP TABLE staged_invoices")  # type: ignore[attr-defined]
-
-    await store.database.scratch(gone, "drop the staging area")  # type: ignore[attr-defined]
-    write = OrgWrite(ORG_A, ok=True, upserts=[inv(3, cents=1)], staged=staged)
-    with pytest.raises(UnstorableError, match="no longer there"):
-        await store.commit_orgs(store.begin_cycle(), NOW, [write], [], {})
-    assert await store.snapshot.stored_invoices(ORG_A) == []
 
 
 async def test_staging_an_error_of_the_staging_area_fails_that_organizations_read_only(
