@@ -1,5 +1,6 @@
 """The ``invoice-watch`` script and ``python -m invoice_watch``: the command line
-(:func:`invoice_watch.cli.main`), quiet under Ctrl-C and SIGTERM from its first instant.
+(:func:`invoice_watch.cli.main`), quiet under Ctrl-C and SIGTERM from its first instant,
+and a SIGHUP then kept for the command (:mod:`invoice_watch.hangup`).
 
 This module imports nothing heavy, so that a signal that comes while the command line is
 still being imported ends it as it would a moment later: exit 0, no traceback (SPEC §7:
@@ -12,6 +13,8 @@ import gc
 import signal
 import sys
 from types import FrameType
+
+from invoice_watch import hangup
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
@@ -35,6 +38,7 @@ def main() -> int:
     gc.disable()
     try:
         signal.signal(signal.SIGTERM, _terminate)
+        hangup.keep()
         from invoice_watch.cli import main as command_line
 
         status = command_line()

@@ -788,6 +788,30 @@ CASES: dict[str, Case] = {
         0,
         prelude=signal_while_importing("invoice_watch.app", signal.SIGTERM),
     ),
+    # A SIGHUP (a reload sent right after a restart) before `run` takes the signal: the
+    # daemon runs on (it ended silently, exit 129: attack r6), and stops on SIGTERM.
+    "run/hung-up-while-starting": Case(
+        ("run", *CONFIG),
+        0,
+        setup=hanging_atlas,
+        prelude=signal_while_importing("invoice_watch.app", signal.SIGHUP),
+        interrupt_when="connect",
+        sends=signal.SIGTERM,
+    ),
+    # `run --once` takes it as the terminal closing: the run stops, exit 0.
+    "run-once/hung-up-while-starting": Case(
+        ("run", "--once", *CONFIG),
+        0,
+        setup=hanging_atlas,
+        prelude=signal_while_importing("invoice_watch.app", signal.SIGHUP),
+        quick=10,
+    ),
+    # Any other command keeps SIGHUP's default: the terminal closed ends it.
+    "status/hung-up-while-importing": Case(
+        ("status", *CONFIG),
+        -signal.SIGHUP,
+        prelude=signal_while_importing("invoice_watch.redact", signal.SIGHUP),
+    ),
     # -- the daemon helper's part of issue 14 §1: `http.listen` errors (app.py/health.py) --
     "run/http-listen-port-privileged": Case(
         ("run", *CONFIG),

@@ -13,6 +13,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from invoice_watch import hangup
 from invoice_watch.cli.commands import demo, simulate, with_config
 from invoice_watch.cli.parser import build_parser
 from invoice_watch.cli.streams import (
@@ -81,6 +82,7 @@ def _main(argv: Sequence[str] | None) -> int:
         parser.error("--dry-run and --baseline exclude each other")
     if args.command != "run":
         gc.enable()  # (disabled while a start imports: see commands.started)
+        hangup.restore()  # only `run` takes a SIGHUP that came while it started
     if args.command == "simulate":
         return simulate(args)
     if args.command == "demo":

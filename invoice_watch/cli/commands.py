@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, TextIO
 
 from invoice_watch import format as fmt
+from invoice_watch import hangup
 from invoice_watch.cli.logs import setup_logging
 from invoice_watch.cli.streams import OutputError, print_error
 from invoice_watch.errors import ConfigError, InvoiceWatchError, UsageError
@@ -157,7 +158,8 @@ async def _silence(config: object, args: argparse.Namespace) -> int:
 async def _run(config: object, args: argparse.Namespace) -> int:
     """``run``: the daemon, or one cycle (``--once``). Its signal handlers are in place
     before anything is opened: SIGTERM or Ctrl-C while it starts stops it as it would a
-    moment later (exit 0), and a SIGHUP then is a reload once the daemon runs. Under
+    moment later (exit 0), and a SIGHUP then (kept from the first instant:
+    :mod:`invoice_watch.hangup`) is a reload once the daemon runs. Under
     ``--once``, SIGTERM, Ctrl-C and SIGHUP (the terminal closed) end the run as the
     daemon's stop does (:func:`run_once`)."""
     from invoice_watch.app import App
@@ -190,6 +192,8 @@ async def _run(config: object, args: argparse.Namespace) -> int:
     before = {sig: signal.getsignal(sig) for sig in handlers}
     for sig, handler in handlers.items():
         loop.add_signal_handler(sig, handler)
+    if hangup.take():  # one came while the command started (kept by __main__)
+        hang_up()
     try:
         async with App(config, dry_run=args.dry_run, configure_logging=configure_logging) as app:
             started(collect=not args.once)
