@@ -190,3 +190,29 @@ async def test_staging_an_error_of_the_staging_area_fails_that_organizations_rea
     assert reads[ORG_B].ok
     assert not reads[ORG_A].ok
     assert "disk is full" in (reads[ORG_A].error or "")
+
+
+async def test_staging_space_of_what_cycles_left_is_given_back(store: Store, backend: Backend):
+    """Rows staged cycle after cycle and never moved (a big organization's listing that
+    fails halfway each cycle) take the space of one cycle's, not of every row ever
+    staged: on PostgreSQL the leftovers' DELETE left them dead in the session's
+    temporary table, which autovacuum never visits (it grew by about 8 MB in 12
+    cycles of 3,000 rows)."""
+    sizes: list[int] = []
+
+    def size(conn: object) -> None:
+        if getattr(conn, "dialect", "sqlite") == "postgresql":
+            [(total,)] = conn.execute(  # type: ignore[attr-defined]
+                "SELECT pg_total_relation_size('staged_invoices')"
+            ).fetchall()
+        else:
+            [(total,)] = conn.execute(  # type: ignore[attr-defined]
+                "SELECT count(*) FROM staged_invoices"
+            ).fetchall()
+        sizes.append(int(total))
+
+    for _ in range(8):
+        await stage_pages(store, ORG_A, [paid(n) for n in range(500)])
+        await store.database.scratch(size, "measure the staging area")  # type: ignore[attr-defined]
+    # From the second cycle on, the same: one cycle's rows.
+    assert max(sizes[1:]) <= sizes[1] * 1.5, sizes

@@ -158,7 +158,12 @@ class SqlStaging:
         def insert(conn: SqlConnection) -> None:
             conn.execute(_CREATE)
             if empty:
-                conn.execute("DELETE FROM staged_invoices")
+                # PostgreSQL's TRUNCATE gives the table's space back: a DELETE leaves its
+                # rows dead, and autovacuum never visits a temporary table (the session's
+                # table grew by every row ever staged: 8 MB after 12 cycles of 3,000).
+                # SQLite's DELETE without WHERE truncates too.
+                pg = getattr(conn, "dialect", "sqlite") == "postgresql"
+                conn.execute("TRUNCATE staged_invoices" if pg else "DELETE FROM staged_invoices")
             conn.executemany(_INSERT, ((listing, *snapshot._invoice_row(i)) for i in invoices))
 
         await self._db.scratch(insert, "stage the invoices listed")
