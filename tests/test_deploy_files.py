@@ -449,3 +449,14 @@ def test_readme_says_a_changed_secret_needs_a_restart_under_systemd() -> None:
     text = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
     assert "A changed **secret** needs `systemctl restart invoice-watch`" in text
     assert "Every setting takes effect on reload" not in text
+
+
+def test_sqlite_temporary_files_go_to_the_state_folder(
+    unit: dict[str, dict[str, list[str]]], final_stage: list[tuple[str, str]]
+) -> None:
+    """A big organization's first listing is staged in SQLite's temporary files until
+    its commit (README Guarantees): on the state's disk, not in a /tmp that may be a
+    tmpfs (the read-only container's is: memory, which the staging saves)."""
+    assert "SQLITE_TMPDIR=/var/lib/invoice-watch" in unit["Service"]["Environment"]
+    env = " ".join(args for instruction, args in final_stage if instruction == "ENV")
+    assert "SQLITE_TMPDIR=/var/lib/invoice-watch" in env
