@@ -47,7 +47,8 @@ def main() -> int:
     finally:
         gc.enable()  # (a start that ended early: its caller may go on)
     # The status is known: a signal now (while Python flushes and exits) changes nothing.
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    # (SIGHUP too: Python's exit sets a signal its handler took back to its default.)
+    for signum in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM)):
         signal.signal(signum, signal.SIG_IGN)
     return status
 

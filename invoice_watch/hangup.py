@@ -4,10 +4,12 @@ SIGHUP's default action ends a process. ``invoice-watch run`` takes the signal i
 (a reload: SPEC §7) only once its imports and config are done, a second or more into a
 start (more on a loaded machine); a SIGHUP before that (a reload sent right after a
 restart) ended the daemon silently, exit 129. :mod:`invoice_watch.__main__` calls
-:func:`keep` first thing, so that such a SIGHUP is kept; the command then takes it
+:func:`keep` first thing (the interpreter's own start, about 30 ms, stays uncovered:
+no Python runs yet), so that such a SIGHUP is kept; the command then takes it
 (:func:`take`: ``run`` reloads once it runs, ``run --once`` stops), or, when it does not
 reload, gives the signal its default action back (:func:`restore`: a SIGHUP kept
-meanwhile ends it then, as the terminal closing would have).
+meanwhile ends it then, as the terminal closing would have). A SIGHUP the process
+started with ignored (``nohup``) stays ignored.
 
 This module imports nothing heavy (it runs before the command line is imported).
 """
@@ -27,8 +29,8 @@ def _keep(signum: int, frame: FrameType | None) -> None:
 
 def keep() -> None:
     """From now on a SIGHUP is kept (see :func:`take`) instead of ending the process
-    (nothing where the platform has no SIGHUP)."""
-    if hasattr(signal, "SIGHUP"):
+    (nothing where the platform has no SIGHUP, or where it is ignored: ``nohup``)."""
+    if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) is signal.SIG_DFL:
         signal.signal(signal.SIGHUP, _keep)
 
 
@@ -40,8 +42,9 @@ def take() -> bool:
 
 
 def restore() -> None:
-    """SIGHUP's default action again, for a command that does not reload; a SIGHUP kept
-    meanwhile ends the process now, as it would have when it came."""
+    """SIGHUP's action as the process started (its default, unless ignored) again, for a
+    command that does not reload; a SIGHUP kept meanwhile ends the process now, as it
+    would have when it came."""
     if not hasattr(signal, "SIGHUP") or signal.getsignal(signal.SIGHUP) is not _keep:
         return
     signal.signal(signal.SIGHUP, signal.SIG_DFL)

@@ -1569,3 +1569,28 @@ async def test_tables_escape_what_a_terminal_acts_on_whatever_the_stream(tmp_pat
         assert await command(config, out=out) == 0
         place.output = out.getvalue().encode()
         nothing_a_terminal_acts_on(place)
+
+
+@pytest.mark.parametrize("argv", [("simulate", "--port", "0")], ids=["simulate"])
+def test_a_command_started_with_sighup_ignored_keeps_it_ignored(argv: tuple[str, ...]) -> None:
+    """Under ``nohup`` (SIGHUP ignored as the process starts) a command runs on when the
+    terminal closes, as it did before SIGHUP was kept while a command starts: keeping
+    it replaced the ignored action, and the command then got SIGHUP's default (exit 129:
+    attack on hangup.py). A SIGHUP, then a SIGTERM: the command ends on the second, 0."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "invoice_watch", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),  # as nohup does
+    )
+    try:
+        assert proc.stdout is not None
+        _wait_for(proc.stdout, "listening")
+        proc.send_signal(signal.SIGHUP)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(EXIT_TIMEOUT) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
