@@ -8,10 +8,11 @@ is ever diffed, so a failed read can never make invoices "disappear".
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Collection, Container, Mapping, Sequence
+from collections.abc import Collection, Container, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date
 
+from invoice_watch.atlas.paging import holds
 from invoice_watch.types import Invoice, OrgRead, Snapshot, day_number, first_key_of
 
 
@@ -40,21 +41,15 @@ def settled_to_load(
     # invoice counts unless its stored key is also listed (two invoices, one key).
     covered = len(listed) - bisect_left(listed, lowest)
     covered += sum(
-        (key := settled[invoice_id]) >= lowest and not _has(listed, key) for invoice_id in changed
+        (key := settled[invoice_id]) >= lowest and not holds(listed, key) for invoice_id in changed
     )
     if covered == snapshot.settled_since(lowest):
         return changed
     return changed + [
         invoice_id
         for invoice_id, key in settled.items()
-        if key >= lowest and not _has(listed, key) and invoice_id not in changed_ids
+        if key >= lowest and not holds(listed, key) and invoice_id not in changed_ids
     ]
-
-
-def _has(ascending: Sequence[int], key: int) -> bool:
-    """Whether ``key`` is in ``ascending`` (a read's settled keys), by bisection."""
-    at = bisect_left(ascending, key)
-    return at < len(ascending) and ascending[at] == key
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,7 @@ from datetime import date, datetime, timedelta
 from typing import TYPE_CHECKING
 
 from invoice_watch.alerts import Reason, Scope, Transition, plan_holding, plan_resolved
+from invoice_watch.atlas.paging import staged_count
 from invoice_watch.config import Config
 from invoice_watch.diff import Diff, diff, without_news
 from invoice_watch.linked import NOTHING_SHARED, Linked, Shared
@@ -174,14 +175,12 @@ def step_org(
         if mirrors
         else [],
         staged=read.staged,
-        invoice_count=len(snapshot) + len(change.added) + _staged(read) - len(change.gone),
+        invoice_count=len(snapshot)
+        + len(change.added)
+        + staged_count(read.staged)
+        - len(change.gone),
     )
     return OrgStep(view, write, history, shared.listed, hidden)
-
-
-def _staged(read: OrgRead) -> int:
-    """How many invoices ``read`` staged (new to the snapshot, and settled)."""
-    return len(read.staged.keys) if read.staged is not None else 0
 
 
 _MISSING = object()
@@ -313,8 +312,7 @@ class CyclePlan:
         changes = 0
         if view.diff is not None:
             changes = len(view.diff.changed) + len(view.diff.gone)
-            if step.write.staged is not None:  # added, as settled invoices' keys
-                changes += len(step.write.staged.keys)
+            changes += staged_count(step.write.staged)  # added, as settled invoices' keys
             if any(i.status in self._settles for i in view.diff.changed):
                 invoices_of = {
                     invoice_id: invoice

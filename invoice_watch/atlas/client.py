@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 from invoice_watch.atlas import parse
 from invoice_watch.atlas.bounds import PARSE_INLINE, max_values
-from invoice_watch.atlas.paging import Paging, Stage
+from invoice_watch.atlas.paging import Paging, Stage, staged_count
 from invoice_watch.atlas.parse import Known
 from invoice_watch.atlas.transport import BadProxy, Transport
 from invoice_watch.atlas.usage import UsageFetch, UsageReader
@@ -159,9 +159,7 @@ class AtlasClient:
             listing.settled,
             listing.staged,
             requests=self._transport.requests_sent - before,
-            listed=len(listing.invoices)
-            + len(listing.settled)
-            + (len(listing.staged.keys) if listing.staged else 0),
+            listed=len(listing.invoices) + len(listing.settled) + staged_count(listing.staged),
             linked=listing.linked,
         )
 

@@ -21,7 +21,7 @@ import bisect
 import hashlib
 import itertools
 import operator
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import date
@@ -68,7 +68,7 @@ class _Listed:
         if not page.settled:
             return len(ids) > before
         keys = sorted(page.settled)
-        new = len(ids) > before or not all(_holds(held, key) for key in keys)
+        new = len(ids) > before or not all(holds(held, key) for key in keys)
         # Pages list invoices by start date, the keys' high bits: a page's keys come after
         # the last one's but for those of a day the two share, merged here.
         if held and keys[0] < held[-1]:
@@ -85,7 +85,10 @@ class _Listed:
         return len(self.ids) + len(keys) - twice
 
 
-def _holds(ascending: list[int], key: int) -> bool:
+def holds(ascending: Sequence[int], key: int) -> bool:
+    """Whether ``key`` is in ``ascending`` (settled keys in ascending order, as a
+    :class:`Listing` and an :class:`~invoice_watch.types.OrgRead` hold them), by
+    bisection."""
     at = bisect.bisect_left(ascending, key)
     return at < len(ascending) and ascending[at] == key
 
@@ -114,6 +117,11 @@ class Staged:
     listing: int
     keys: dict[str, int]
     rows: int
+
+
+def staged_count(staged: Staged | None) -> int:
+    """How many invoices a listing staged (new to the snapshot, settled): 0 for None."""
+    return len(staged.keys) if staged is not None else 0
 
 
 @dataclass(frozen=True, slots=True)
