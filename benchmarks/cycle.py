@@ -43,10 +43,13 @@ a fresh state file (cold) and on the state it left (steady: imports, config load
 open and snapshot load included), each followed by a bare python process that imports
 aiohttp, primes Digest, lists and json-decodes the same pages at the same concurrency:
 wall, CPU (user + sys, from ``os.wait4``) and peak RSS (``ru_maxrss``) of each, and the
-ratios. Then the daemon's peak RSS (``python -m invoice_watch run``, fresh state, 4
-cycles; restarted, 2 cycles), and the peer: what a user would write with ``requests`` +
-``HTTPDigestAuth`` and a pool of 4 threads (full listings, rows into SQLite), its wall
-over our steady cycle's. The machine (cores, load average) is printed with each case.
+ratios; and the CPU of that bare process after what every start of ours does before its
+first request (the config imported, read and validated; the state's rows fetched), to
+show how much of the ratio that start alone takes. Then the daemon's peak RSS (``python
+-m invoice_watch run``, fresh state, 4 cycles; restarted, 2 cycles), and the peer: what
+a user would write with ``requests`` + ``HTTPDigestAuth`` and a pool of 4 threads (full
+listings, rows into SQLite), its wall over our steady cycle's. The machine (cores, load
+average) is printed with each case.
 """
 
 from __future__ import annotations
@@ -292,6 +295,8 @@ class ProcessFigures:
     bare_wall: float
     bare_cpu: float
     bare_rss_mb: float
+    # The bare client after what every start does before its first request (START).
+    start_cpu: float = math.nan
 
 
 @dataclass
@@ -648,6 +653,29 @@ asyncio.run(main(*sys.argv[1:]))
 """
 
 
+# The bare client, after what every start of ours does before its first request: the
+# config's models imported, its file read and validated (`load_file`, PyYAML + pydantic),
+# and on a state file the invoices' rows fetched as tuples (nothing built of them), the
+# garbage collector off meanwhile as `python -m invoice_watch` has it. Not a product:
+# what is left between it and `run --once` is the rest of ours (the state's snapshot,
+# the cycle's parse, diff, rules and commit, delivery, the imports beyond the config).
+START = (
+    """
+import gc, sqlite3, sys
+gc.disable()
+from invoice_watch.config import load_file
+load_file(sys.argv.pop(1))
+state = sys.argv.pop(1)
+if state:
+    connection = sqlite3.connect(f"file:{state}?mode=ro", uri=True)
+    connection.execute("SELECT * FROM invoices").fetchall()
+    connection.close()
+gc.enable()
+"""
+    + BARE_CLIENT
+)
+
+
 # Runs a command and reports its wall time, exit status, CPU (user + sys) and peak RSS
 # (os.wait4). A small process of its own: a child's ru_maxrss counts the memory of the
 # process it was forked from until its exec (ours holds the harness and the App).
@@ -706,20 +734,19 @@ def run_once_pairs(sim: SimulatorProcess, tmp: Path, case: Case) -> list[Process
             ]
             requests = tmp / "requests.json"
             requests.write_text(json.dumps(replay))
-            bare = _measure(
-                [
-                    sys.executable,
-                    "-c",
-                    BARE_CLIENT,
-                    sim.base_url,
-                    sim.public_key,
-                    sim.private_key,
-                    str(case.concurrency),
-                    str(requests),
-                    ACCEPT,
-                ]
-            )
-            out.append(ProcessFigures(label, *ours, *bare))
+            listing = [
+                sim.base_url,
+                sim.public_key,
+                sim.private_key,
+                str(case.concurrency),
+                str(requests),
+                ACCEPT,
+            ]
+            bare = _measure([sys.executable, "-c", BARE_CLIENT, *listing])
+            # (cold: the state file did not exist before `run --once` made it)
+            held = str(state) if label == "steady" else ""
+            start = _measure([sys.executable, "-c", START, str(path), held, *listing])
+            out.append(ProcessFigures(label, *ours, *bare, start_cpu=start[1]))
     return out
 
 
@@ -921,6 +948,11 @@ def report_lines(figures: CaseFigures) -> list[str]:
             f" s, peak RSS {_spread([p.bare_rss_mb for p in ps], '.0f')} MB; CPU ratio "
             f"**{_spread([p.cpu / p.bare_cpu for p in ps])}**, wall ratio "
             f"{_spread([p.wall / p.bare_wall for p in ps])}"
+        )
+        lines.append(
+            f"  - the bare client after a start's config{' and state rows' * (label == 'steady')}"
+            f" (`START`): CPU {_spread([p.start_cpu for p in ps])} s, "
+            f"{_spread([p.start_cpu / p.bare_cpu for p in ps])}x the bare client's"
         )
     if figures.daemon_rss:
         lines.append(
