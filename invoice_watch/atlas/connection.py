@@ -11,12 +11,14 @@ are never followed: no credential leaves ``atlas.base_url``'s origin.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import hdrs
+from yarl import URL
 
 from invoice_watch import __version__
 from invoice_watch.atlas.auth import OAuthMiddleware, middleware
@@ -29,6 +31,10 @@ from invoice_watch.clock import Clock
 # it is parsed (about 1 ms a 100 invoices); a shorter one is parsed at once, sparing
 # the event loop a turn per request (about 5 % of a steady cycle's CPU).
 YIELD_BEFORE_PARSING = 64 * 1024
+# Request URLs kept from one cycle to the next (:func:`request_url`): a steady cycle asks
+# the same one page of each organization again. Beyond this many, the least recently
+# used go (one URL, its parts and what aiohttp asks of it: about 2 KB).
+URLS_KEPT = 1024
 
 if TYPE_CHECKING:
     from invoice_watch.config import AtlasConfig
@@ -190,8 +196,7 @@ class Connection:
         if request_body is not None:
             headers[hdrs.CONTENT_TYPE] = request_body.media_type
         async with session.get(
-            url,
-            params=params,
+            request_url(url, tuple(params.items())),
             headers=headers,
             data=request_body.data if request_body is not None else None,
             allow_redirects=False,  # a credential never follows a redirect elsewhere
@@ -210,3 +215,14 @@ class Connection:
                 resp.headers.get(hdrs.LOCATION),
                 resp.content_type,
             )
+
+
+@functools.lru_cache(maxsize=URLS_KEPT)
+def request_url(url: str, query: tuple[tuple[str, str], ...]) -> URL:
+    """``url`` with ``query``, as aiohttp builds it from a URL string and its ``params``;
+    the same object each time it is asked again, as each steady cycle does for every
+    organization (yarl's own cache of parsed URLs holds 128: fewer than a cycle's
+    organizations). aiohttp encodes the query and works out the host, port and path of a
+    new URL object at every request, and keeps them on the object: reused, a steady
+    reference cycle costs about 5 % fewer instructions."""
+    return URL(url).with_query(query)
