@@ -112,3 +112,6 @@ def test_a_request_url_is_the_one_aiohttp_builds_and_is_kept():
     assert str(url).endswith("?itemsPerPage=500&pageNum=2&fromDate=2026-10-01&q=a+b%26c/%C3%A9")
     assert request_url(base, tuple(params.items())) is url
     assert request_url(f"{base}/pending", ()) == URL(f"{base}/pending")
+    # A query the URL string has already is kept, the params added after it (aiohttp's).
+    kept = request_url(f"{base}?envelope=false", (("pageNum", "1"),))
+    assert str(kept).endswith("/invoices?envelope=false&pageNum=1")
