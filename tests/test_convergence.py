@@ -205,6 +205,28 @@ async def test_full_listing_converges_amounts_and_removals_of_old_invoices(
         assert len(await app.store.snapshot.stored_invoices(ORG)) == 3
 
 
+async def test_full_listing_sees_an_invoice_issued_late_for_an_earlier_month(
+    sim: Simulator, tmp_path: Path
+):
+    """A new invoice dated before the oldest one that can still change (issued late, for
+    September, FAILED at once) is outside every incremental read's window
+    (``fromDate``): the next full listing sees it, and it alerts then (found by a soak
+    attack; the README names this case in the convergence bound)."""
+    clock = FakeClock(NOW)
+    config = config_of(sim, tmp_path, full_listing_every="6h")
+    async with App(config, clock=clock, notifiers={"console": Recorder()}) as app:
+        await app.run_cycle()
+        late = sim.add_invoice(ORG, period=-2, status="FAILED", amount_cents=900_00)
+        for _ in range(4):
+            clock.advance(timedelta(minutes=15))
+            assert (await app.run_cycle()).events == []  # incremental: not listed
+        assert set(from_dates(sim)) == {None, "2026-10-31"}
+        clock.advance(timedelta(hours=6))
+        result = await app.run_cycle()
+        assert from_dates(sim) == [None]
+        assert events(result) == [(EventKind.FIRING, "failed-charge", late, None)]
+
+
 async def test_full_listing_is_timed_on_the_monotonic_clock(sim: Simulator, tmp_path: Path):
     """A wall-clock step (an NTP fix, a VM restore) neither postpones the full listing
     nor brings it forward: only time that passes does."""

@@ -1020,3 +1020,18 @@ def test_load_scenario_reports_problems(tmp_path: Path, text: str, message: str)
 def test_load_scenario_missing_file_names_it(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="cannot read scenario"):
         load_scenario(tmp_path / "missing.yaml")
+
+
+def test_a_new_invoice_never_gets_the_id_of_one_removed() -> None:
+    """Atlas never gives a new invoice an id it used before: an invoice added after one
+    of the same organization and month was removed gets an id of its own (it got the
+    removed one's, so a product under test saw two invoices as one)."""
+    scenario = Scenario(now=datetime(2026, 11, 15, tzinfo=UTC))
+    scenario.add_org("Production", id="5f8a1c2e9b3d4a6f7e0c1b2a")
+    first = scenario.add_invoice("Production", period=-1, status="FAILED")
+    scenario.remove(first.id)
+    second = scenario.add_invoice("Production", period=-1, status="FAILED")
+    assert second.id != first.id
+    scenario.remove(second.id)
+    scenario.add(first)  # a caller may still put an invoice back under its own id
+    assert scenario.invoice(first.id) is first

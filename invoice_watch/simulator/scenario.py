@@ -268,6 +268,9 @@ class Scenario:
         self._invoices: dict[str, ScenarioInvoice] = {}  # by id, in order of addition
         self._invoice_names: dict[str, ScenarioInvoice] = {}
         self._by_org: dict[str, list[ScenarioInvoice]] = {}
+        # Ids of invoices removed: never given to a new invoice (Atlas never reuses one),
+        # though a caller may add an invoice back under its own id.
+        self._removed: set[str] = set()
 
     @property
     def invoices(self) -> list[ScenarioInvoice]:
@@ -496,12 +499,13 @@ class Scenario:
 
     def _free_invoice_id(self, org_id: str, label: str) -> str:
         scheduled = {step.invoice_id for step in self.timeline}
+        taken = (self._invoices, self._removed, scheduled)
         n = 0
-        while (candidate := stable_id("invoice", org_id, label, str(n))) in self._invoices or (
-            candidate in scheduled
-        ):
+        while True:
+            candidate = stable_id("invoice", org_id, label, str(n))
+            if not any(candidate in ids for ids in taken):
+                return candidate
             n += 1
-        return candidate
 
     def _period_start(self, period: int | str | datetime) -> datetime:
         if isinstance(period, datetime):
@@ -530,6 +534,7 @@ class Scenario:
     def remove(self, invoice_id: str) -> ScenarioInvoice:
         invoice = self.invoice(invoice_id)
         del self._invoices[invoice.id]
+        self._removed.add(invoice.id)
         self._by_org[invoice.org_id].remove(invoice)
         if invoice.name is not None:
             del self._invoice_names[invoice.name]
