@@ -112,11 +112,14 @@ class Staged:
     :class:`Invoice` objects until the organization's commit, which moves them into the
     snapshot. ``listing``: the staging area's tag of its rows; ``keys``: id -> settled
     key (:func:`settled_key`), what the snapshot keeps of each; ``rows``: how many rows
-    the move must find (an id listed twice was staged once)."""
+    the move must find (an id listed twice was staged once); ``linked``: the other
+    organizations whose invoices, nested in this listing (``linkedInvoices``), were
+    staged: its organization pays for them."""
 
     listing: int
     keys: dict[str, int]
     rows: int
+    linked: frozenset[str] = frozenset()
 
 
 def staged_count(staged: Staged | None) -> int:

@@ -58,7 +58,8 @@ class SqlStore:
         self._silences = SqlSilences(db)
         self._usage = SqlUsage(db)
         self.reports = SqlReportRuns(db)  # report_runs (issue 19 §2)
-        self.staging = SqlStaging(db, self._alerts.firing)  # long listings' new settled invoices
+        # Long listings' new settled invoices.
+        self.staging = SqlStaging(db, self._alerts.firing, self._snapshot.history)
         # cycle -> the messages its release_cycle() calls released (finish_cycle's count)
         self._released: dict[int, int] = {}
 

@@ -397,6 +397,9 @@ class SqlSnapshot:
                 self._history.pop(invoice_id, None)
             staged = org.staged.keys if org.staged is not None else None
             self._snapshot[org.org_id] = self.get(org.org_id).updated(org.upserts, org.gone, staged)
+            if org.staged is not None:  # nested invoices it staged: it pays for theirs
+                for linked in org.staged.linked:
+                    self._payers[linked] = org.org_id
             for invoice in org.upserts:
                 if invoice.org_id != org.org_id:
                     self._payers[invoice.org_id] = org.org_id

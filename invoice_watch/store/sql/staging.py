@@ -21,15 +21,21 @@ connection was opened again meanwhile (PostgreSQL, after a lost connection), the
 finds fewer rows than it expects and the organization's part is refused
 (:class:`StagedRowsLost`): its read counts as failed and the next cycle reads it again.
 
-Which invoices are staged (:meth:`SqlStaging.stages`): those listed by their own
-organization (not a linked one's, nested in its payer's listing), in a status the
-snapshot keeps settled (no rule looks at them), whose id the organization's snapshot
-does not hold (so that they are added, never compared) and that no firing alert is
-about (its resolution reads the invoice), of an organization not known to be linked to
-a payer (whose listing another organization's compares with its own). What
-changes for the rest of the cycle: nothing it decides (the rules never see a settled
-invoice; :mod:`invoice_watch.linked` compares only those that can change or are
-linked), only that these invoices reach the snapshot as keys.
+Which invoices are staged (:meth:`SqlStaging.stages`): those in a status the snapshot
+keeps settled (no rule looks at them), whose id the listing organization's snapshot
+does not hold (so that they are added, never compared), that no firing alert is about
+(its resolution reads the invoice) and that have no amount history (an upsert of a
+settled invoice ends it), listed by an organization not known to be linked to a payer
+(whose listing another organization's compares with its own); its own invoices, and
+those of its linked organizations nested in its listing (``linkedInvoices``, a payer's)
+when that organization is not configured: no other read of the cycle lists or compares
+them. A configured linked organization's invoices nested in its payer's listing are
+held as invoices until the commit (its own read compares with them). What changes for
+the rest of the cycle: nothing it decides (the rules never see a settled invoice;
+:mod:`invoice_watch.linked` compares only those that can change or are linked to a
+configured organization; the payer is known to pay for those it staged,
+:attr:`~invoice_watch.atlas.paging.Staged.linked`), only that these invoices reach the
+snapshot as keys.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import replace
 
 from invoice_watch.atlas.paging import Staged
@@ -119,9 +125,15 @@ def move(conn: SqlConnection, org_id: str, staged: Staged, now: str) -> None:
 class SqlStaging:
     """The staging area of the state's database (see the module's docstring)."""
 
-    def __init__(self, db: SqlDatabase, firing: Callable[[], Mapping[str, AlertState]]) -> None:
+    def __init__(
+        self,
+        db: SqlDatabase,
+        firing: Callable[[], Mapping[str, AlertState]],
+        history: Callable[[str], Sequence[object]] = lambda invoice_id: (),
+    ) -> None:
         self._db = db
         self._firing = firing  # the firing alerts (the notification log's)
+        self._history = history  # an invoice's amount history (the snapshot's)
         self._listings = itertools.count(1)
         self._used = False  # rows were staged (some may be left)
         self._empty_first = False  # at the cycle's first put
@@ -132,17 +144,27 @@ class SqlStaging:
     def stages(
         self, known: Mapping[str, Snapshot], payers: Mapping[str, str]
     ) -> Callable[[str], ListingStage | None]:
-        """Each organization's stage in a cycle, by its id (``known``: the snapshots as
-        the cycle began; ``payers``: linked organization -> payer): None for one known
-        to be linked to a payer. Called as a cycle begins."""
+        """Each organization's stage in a cycle, by its id (``known``: the configured
+        organizations' snapshots as the cycle began, by id; ``payers``: linked
+        organization -> payer): None for one known to be linked to a payer. Called as a
+        cycle begins."""
 
         self._empty_first = self._used  # (see put)
         alerted = frozenset(a.invoice_id for a in self._firing().values() if a.invoice_id)
+        configured = known.keys()  # a nested invoice of one of these is never staged
 
         def stage(org_id: str) -> ListingStage | None:
             if org_id in payers:
                 return None
-            return ListingStage(self, next(self._listings), org_id, known[org_id], alerted)
+            return ListingStage(
+                self,
+                next(self._listings),
+                org_id,
+                known[org_id],
+                alerted,
+                configured,
+                self._history,
+            )
 
         return stage
 
@@ -180,32 +202,44 @@ class ListingStage:
         org_id: str,
         known: Snapshot,
         alerted: Collection[str],
+        configured: Collection[str] = (),
+        history: Callable[[str], Sequence[object]] = lambda invoice_id: (),
     ) -> None:
         self._staging = staging
         self._listing = listing
         self._org_id = org_id
         self._known = known
         self._alerted = alerted  # invoices with a firing alert: a resolution reads them
+        self._configured = configured  # the configured organizations
+        self._history = history  # an invoice's amount history: an upsert may end it
         self._keys: dict[str, int] = {}
+        self._linked: set[str] = set()  # the organizations whose nested invoices it staged
 
     def turn(self) -> asyncio.Semaphore:
         return self._staging.turns
 
     async def page(self, page: Page) -> Page:
         org_id, known, settles, keys = self._org_id, self._known, self._known.settles, self._keys
+        alerted, configured, history = self._alerted, self._configured, self._history
         staged, kept = [], []
         for invoice in page.invoices:
             # An id listed twice (the listing moved while it was paged) is staged once;
-            # the second time it stays an invoice, which the commit writes after.
+            # the second time it stays an invoice, which the commit writes after. A
+            # linked organization's invoice nested in this listing is staged when that
+            # organization is not configured (no other read lists or compares it).
+            owner = invoice.org_id
             if (
                 invoice.status in settles
-                and invoice.org_id == org_id
                 and invoice.id not in known
                 and invoice.id not in keys
-                and invoice.id not in self._alerted
+                and invoice.id not in alerted
+                and (owner == org_id or owner not in configured)
+                and not history(invoice.id)
             ):
                 keys[invoice.id] = invoice.settled_key()
                 staged.append(invoice)
+                if owner != org_id:
+                    self._linked.add(owner)
             else:
                 kept.append(invoice)
         if not staged:
@@ -224,4 +258,4 @@ class ListingStage:
         rows = len(keys)
         for invoice_id in kept:  # listed twice, the second time kept whole: that one
             keys.pop(invoice_id, None)
-        return Staged(self._listing, keys, rows)
+        return Staged(self._listing, keys, rows, frozenset(self._linked))
