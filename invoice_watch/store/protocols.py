@@ -406,7 +406,8 @@ class Staging(Protocol):
         self, known: Mapping[str, Snapshot], payers: Mapping[str, str]
     ) -> Callable[[str], Stage | None]:
         """Each organization's stage in a cycle (None: not staged), by its id; ``known``:
-        the organizations' snapshots as it began, ``payers``: linked -> payer."""
+        the configured organizations' snapshots as it began (by id: which organizations
+        are configured), ``payers``: linked -> payer."""
         ...
 
 
