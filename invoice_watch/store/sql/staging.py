@@ -221,17 +221,25 @@ class ListingStage:
     async def page(self, page: Page) -> Page:
         org_id, known, settles, keys = self._org_id, self._known, self._known.settles, self._keys
         alerted, configured, history = self._alerted, self._configured, self._history
-        staged, kept = [], []
+        staged, kept, again = [], [], []
         for invoice in page.invoices:
-            # An id listed twice (the listing moved while it was paged) is staged once;
-            # the second time it stays an invoice, which the commit writes after. A
-            # linked organization's invoice nested in this listing is staged when that
-            # organization is not configured (no other read lists or compares it).
+            # An id listed twice is staged once: listed again as staged (the same
+            # settled key: every field alike), it is dropped as staged already (a linked
+            # invoice is nested under each of its payer's invoices of its period);
+            # listed otherwise (the listing moved while it was paged), it stays an
+            # invoice, which the commit writes after. A linked organization's invoice
+            # nested in this listing is staged when that organization is not configured
+            # (no other read lists or compares it).
+            if invoice.id in keys:
+                if keys[invoice.id] == invoice.settled_key():
+                    again.append(invoice.id)
+                else:
+                    kept.append(invoice)
+                continue
             owner = invoice.org_id
             if (
                 invoice.status in settles
                 and invoice.id not in known
-                and invoice.id not in keys
                 and invoice.id not in alerted
                 and (owner == org_id or owner not in configured)
                 and not history(invoice.id)
@@ -242,14 +250,18 @@ class ListingStage:
                     self._linked.add(owner)
             else:
                 kept.append(invoice)
-        if not staged:
+        if not staged and not again:
             return page
-        try:
-            await self._staging.put(self._listing, staged)
-        except UnstorableError as exc:  # what its data holds: this organization's read
-            raise FetchDataError(org_id, f"what Atlas listed could not be recorded: {exc}") from exc
-        log.debug("%s: %d invoices listed staged until its commit", org_id, len(staged))
-        return replace(page, invoices=tuple(kept), staged=tuple(i.id for i in staged))
+        if staged:
+            try:
+                await self._staging.put(self._listing, staged)
+            except UnstorableError as exc:  # what its data holds: this organization's read
+                raise FetchDataError(
+                    org_id, f"what Atlas listed could not be recorded: {exc}"
+                ) from exc
+            log.debug("%s: %d invoices listed staged until its commit", org_id, len(staged))
+        ids = (*(i.id for i in staged), *again)
+        return replace(page, invoices=tuple(kept), staged=ids)
 
     def done(self, kept: Collection[str]) -> Staged | None:
         keys = self._keys
