@@ -138,7 +138,7 @@ class SqlStaging:
         self,
         db: SqlDatabase,
         firing: Callable[[], Mapping[str, AlertState]],
-        history: Callable[[str], Sequence[object]] = lambda invoice_id: (),
+        history: Callable[[str], Sequence[object]],
     ) -> None:
         self._db = db
         self._firing = firing  # the firing alerts (the notification log's)
@@ -211,8 +211,8 @@ class ListingStage:
         org_id: str,
         known: Snapshot,
         alerted: Collection[str],
-        configured: Collection[str] = (),
-        history: Callable[[str], Sequence[object]] = lambda invoice_id: (),
+        configured: Collection[str],
+        history: Callable[[str], Sequence[object]],
     ) -> None:
         self._staging = staging
         self._listing = listing
